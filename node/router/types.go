@@ -1,0 +1,71 @@
+package router
+
+import (
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Handler receives a query's events as they arrive: Accepted, Chunk, Media
+// and Embedding. Done and Error end the query and come back from Query
+// instead. A non-nil return cancels the query.
+type Handler func(*pb.Event) error
+
+// Result is how a query ended when it succeeded.
+type Result struct {
+	Peer     peer.ID  // the worker that answered
+	Local    bool     // answered by this node's own worker, no network hop
+	Attempts int      // workers tried, including the one that answered
+	Done     *pb.Done // the worker's Done event
+	TTFTMs   uint32   // time to first output as seen by the router
+	TotalMs  uint32   // total time as seen by the router
+}
+
+// ModelView is one model the swarm serves.
+type ModelView struct {
+	Name  string   `json:"name"`
+	Types []string `json:"types"`
+	Peers int      `json:"peers"`
+}
+
+// ModelStat is a model as a peer announces it.
+type ModelStat struct {
+	Name           string   `json:"name"`
+	Types          []string `json:"types"`
+	Backend        string   `json:"backend,omitempty"`
+	ContextLength  uint32   `json:"context_length,omitempty"`
+	TokensPerSec   float32  `json:"tokens_per_sec,omitempty"`
+	P50TTFTMs      uint32   `json:"p50_ttft_ms,omitempty"`
+	JoulesPerToken float32  `json:"joules_per_token,omitempty"`
+}
+
+// GPUView is a GPU as a peer announces it.
+type GPUView struct {
+	Name        string `json:"name"`
+	UUID        string `json:"uuid,omitempty"`
+	VRAMTotal   uint64 `json:"vram_total_bytes"`
+	VRAMFree    uint64 `json:"vram_free_bytes"`
+	UtilPercent uint32 `json:"util_percent"`
+	PowerMW     uint32 `json:"power_mw"`
+}
+
+// PeerView is one worker of the peer table as people and the bridge see it.
+// It never holds network addresses.
+type PeerView struct {
+	Peer           string      `json:"peer"`
+	Self           bool        `json:"self"`
+	Version        string      `json:"version"`
+	Roles          []string    `json:"roles"`
+	Models         []ModelStat `json:"models"`
+	GPUs           []GPUView   `json:"gpus"`
+	InFlight       uint32      `json:"in_flight"`
+	MaxConcurrency uint32      `json:"max_concurrency"`
+	Queued         uint32      `json:"queued"`
+	LocalInFlight  int         `json:"local_in_flight"` // our queries to it now
+	Health         uint32      `json:"health"`          // announced, 0..100
+	LocalHealth    float64     `json:"local_health"`    // from our own outcomes, 0..100
+	Breaker        string      `json:"breaker"`         // closed, open, half-open
+	Draining       bool        `json:"draining"`
+	RTTMs          float64     `json:"rtt_ms"`
+	AgeMs          int64       `json:"age_ms"` // since its last announcement
+}

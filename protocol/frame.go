@@ -1,0 +1,106 @@
+package protocol
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/multiformats/go-varint"
+	"google.golang.org/protobuf/proto"
+)
+
+// Frame size limits. A frame is an unsigned varint length followed by that
+// many bytes of protobuf. Readers reject a length above their limit before
+// allocating anything.
+const (
+	// MaxRequestFrame bounds a QueryRequest, which may carry media
+	// (images for vision, audio for speech-to-text).
+	MaxRequestFrame = 8 << 20
+	// MaxEventFrame bounds one Event; Media events are the large ones.
+	MaxEventFrame = 8 << 20
+	// MaxChunkText bounds the text of one Chunk event.
+	MaxChunkText = 64 << 10
+	// MaxAnnounce bounds an announcement on the gossip topic.
+	MaxAnnounce = 16 << 10
+)
+
+// ErrFrameTooLarge is wrapped by reads of a frame over the limit.
+var ErrFrameTooLarge = errors.New("frame too large")
+
+// ErrMalformedFrame is wrapped by reads of a bad varint or protobuf body.
+var ErrMalformedFrame = errors.New("malformed frame")
+
+// FrameReader reads length-delimited protobuf frames with a size limit.
+type FrameReader struct {
+	r   *bufio.Reader
+	max int
+	buf []byte
+}
+
+// NewFrameReader wraps r; frames longer than max bytes are refused.
+func NewFrameReader(r io.Reader, max int) *FrameReader {
+	return &FrameReader{r: bufio.NewReaderSize(r, 4096), max: max}
+}
+
+// Read reads the next frame into m. It returns io.EOF only on a clean end
+// between frames; a frame cut short is io.ErrUnexpectedEOF.
+func (fr *FrameReader) Read(m proto.Message) error {
+	n, err := varint.ReadUvarint(fr.r)
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			return io.EOF
+		}
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return io.ErrUnexpectedEOF
+		}
+		// go-varint reports overflow and non-minimal encodings.
+		if errors.Is(err, varint.ErrOverflow) || errors.Is(err, varint.ErrNotMinimal) {
+			return fmt.Errorf("%w: bad length prefix: %v", ErrMalformedFrame, err)
+		}
+		return err
+	}
+	if n > uint64(fr.max) {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, n, fr.max)
+	}
+	// Reuse the buffer for small frames; let large ones go after use so a
+	// single big frame does not pin memory for the life of the stream.
+	var buf []byte
+	if n <= 64<<10 {
+		if cap(fr.buf) < int(n) {
+			fr.buf = make([]byte, 64<<10)
+		}
+		buf = fr.buf[:n]
+	} else {
+		buf = make([]byte, n)
+	}
+	if _, err := io.ReadFull(fr.r, buf); err != nil {
+		if errors.Is(err, io.EOF) {
+			return io.ErrUnexpectedEOF
+		}
+		return err
+	}
+	if err := proto.Unmarshal(buf, m); err != nil {
+		return fmt.Errorf("%w: %v", ErrMalformedFrame, err)
+	}
+	return nil
+}
+
+// AppendFrame appends the framed encoding of m to b.
+func AppendFrame(b []byte, m proto.Message) ([]byte, error) {
+	size := proto.Size(m)
+	var lp [varint.MaxLenUvarint63]byte
+	b = append(b, lp[:varint.PutUvarint(lp[:], uint64(size))]...)
+	return proto.MarshalOptions{}.MarshalAppend(b, m)
+}
+
+// WriteFrame writes m as one frame with a single Write call, so that a
+// frame is never interleaved or half-written by this side.
+func WriteFrame(w io.Writer, m proto.Message) error {
+	b, err := AppendFrame(make([]byte, 0, proto.Size(m)+varint.MaxLenUvarint63), m)
+	if err != nil {
+		return fmt.Errorf("marshal frame: %w", err)
+	}
+	_, err = w.Write(b)
+	return err
+}

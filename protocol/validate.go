@@ -1,0 +1,292 @@
+package protocol
+
+import (
+	"regexp"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Field limits enforced by validation. docs/protocol.md lists the same.
+const (
+	IDLen           = 16
+	MaxModelName    = 128
+	MaxMessages     = 256
+	MaxAttachments  = 8
+	MaxMime         = 128
+	MaxStops        = 8
+	MaxStopLen      = 64
+	MaxMaxTokens    = 1 << 20
+	MaxInputs       = 256
+	MaxPriority     = 10
+	MaxAnnModels    = 256
+	MaxAnnGPUs      = 16
+	MaxAnnRoles     = 8
+	MaxVersionLen   = 64
+	MinAnnounceTTL  = time.Second
+	MaxAnnounceTTL  = 10 * time.Minute
+	MaxClockSkew    = 30 * time.Second
+	MaxEmbeddingDim = 1 << 16
+)
+
+var sizeRe = regexp.MustCompile(`^[1-9][0-9]{0,3}x[1-9][0-9]{0,3}$`)
+
+func badRequest(format string, args ...any) *Error { return Errorf(CodeBadRequest, format, args...) }
+
+// ValidateModelName checks a model name: 1-128 bytes, no control characters.
+func ValidateModelName(name string) error {
+	if name == "" {
+		return badRequest("model is required")
+	}
+	if len(name) > MaxModelName {
+		return badRequest("model name is %d bytes, limit %d", len(name), MaxModelName)
+	}
+	if strings.IndexFunc(name, unicode.IsControl) >= 0 {
+		return badRequest("model name contains control characters")
+	}
+	return nil
+}
+
+func validateAttachment(where string, a *pb.Attachment) error {
+	if a.GetMime() == "" || len(a.GetMime()) > MaxMime || strings.ContainsAny(a.GetMime(), " \r\n") {
+		return badRequest("%s: attachment mime %q is invalid", where, a.GetMime())
+	}
+	if len(a.GetData()) == 0 {
+		return badRequest("%s: attachment of type %s is empty", where, a.GetMime())
+	}
+	return nil
+}
+
+// hasAttachment reports whether any attachment (request- or message-level)
+// has a mime type with the given prefix.
+func hasAttachment(r *pb.QueryRequest, prefix string) bool {
+	for _, a := range r.GetAttachments() {
+		if strings.HasPrefix(a.GetMime(), prefix) {
+			return true
+		}
+	}
+	for _, m := range r.GetMessages() {
+		for _, a := range m.GetAttachments() {
+			if strings.HasPrefix(a.GetMime(), prefix) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// ValidateRequest checks every field of a query request and returns a
+// BAD_REQUEST error naming the first problem.
+func ValidateRequest(r *pb.QueryRequest) error {
+	if r == nil {
+		return badRequest("empty request")
+	}
+	if len(r.GetId()) != IDLen {
+		return badRequest("id must be %d bytes, got %d", IDLen, len(r.GetId()))
+	}
+	t := r.GetType()
+	if t <= pb.QueryType_QUERY_TYPE_UNSPECIFIED || int(t) >= len(typeNames) {
+		return badRequest("unknown query type %d", t)
+	}
+	if err := ValidateModelName(r.GetModel()); err != nil {
+		return err
+	}
+	if len(r.GetMessages()) > MaxMessages {
+		return badRequest("%d messages, limit %d", len(r.GetMessages()), MaxMessages)
+	}
+	for i, m := range r.GetMessages() {
+		switch m.GetRole() {
+		case "system", "user", "assistant", "tool":
+		default:
+			return badRequest("messages[%d]: unknown role %q", i, m.GetRole())
+		}
+		if len(m.GetAttachments()) > MaxAttachments {
+			return badRequest("messages[%d]: %d attachments, limit %d", i, len(m.GetAttachments()), MaxAttachments)
+		}
+		for _, a := range m.GetAttachments() {
+			if err := validateAttachment("messages", a); err != nil {
+				return err
+			}
+		}
+	}
+	if len(r.GetAttachments()) > MaxAttachments {
+		return badRequest("%d attachments, limit %d", len(r.GetAttachments()), MaxAttachments)
+	}
+	for _, a := range r.GetAttachments() {
+		if err := validateAttachment("request", a); err != nil {
+			return err
+		}
+	}
+	if len(r.GetInputs()) > MaxInputs {
+		return badRequest("%d inputs, limit %d", len(r.GetInputs()), MaxInputs)
+	}
+	if err := validateParams(r.GetParams()); err != nil {
+		return err
+	}
+	if r.GetDeadlineUnixMs() < 0 {
+		return badRequest("negative deadline")
+	}
+	if p := r.GetPriority(); p < -MaxPriority || p > MaxPriority {
+		return badRequest("priority %d out of range [-%d, %d]", p, MaxPriority, MaxPriority)
+	}
+	return validateInputForType(r)
+}
+
+func hasText(r *pb.QueryRequest) bool {
+	if strings.TrimSpace(r.GetPrompt()) != "" {
+		return true
+	}
+	for _, m := range r.GetMessages() {
+		if strings.TrimSpace(m.GetContent()) != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// validateInputForType checks that the request carries the input its type
+// needs, so that a worker never starts a backend call that must fail.
+func validateInputForType(r *pb.QueryRequest) error {
+	switch r.GetType() {
+	case pb.QueryType_QUERY_TYPE_CHAT, pb.QueryType_QUERY_TYPE_IMAGINE, pb.QueryType_QUERY_TYPE_TTS:
+		if !hasText(r) {
+			return badRequest("%s query needs a prompt or messages", TypeName(r.GetType()))
+		}
+	case pb.QueryType_QUERY_TYPE_VISION:
+		if !hasAttachment(r, "image/") {
+			return badRequest("vision query needs an image attachment")
+		}
+	case pb.QueryType_QUERY_TYPE_STT:
+		if !hasAttachment(r, "audio/") && !hasAttachment(r, "video/webm") {
+			return badRequest("stt query needs an audio attachment")
+		}
+	case pb.QueryType_QUERY_TYPE_EMBED:
+		if len(r.GetInputs()) == 0 && strings.TrimSpace(r.GetPrompt()) == "" {
+			return badRequest("embed query needs inputs or a prompt")
+		}
+	}
+	return nil
+}
+
+func validateParams(p *pb.Params) error {
+	if p == nil {
+		return nil
+	}
+	if p.GetMaxTokens() > MaxMaxTokens {
+		return badRequest("max_tokens %d over limit %d", p.GetMaxTokens(), MaxMaxTokens)
+	}
+	if p.Temperature != nil && (p.GetTemperature() < 0 || p.GetTemperature() > 2 || p.GetTemperature() != p.GetTemperature()) {
+		return badRequest("temperature %v out of range [0, 2]", p.GetTemperature())
+	}
+	if p.TopP != nil && (p.GetTopP() < 0 || p.GetTopP() > 1 || p.GetTopP() != p.GetTopP()) {
+		return badRequest("top_p %v out of range [0, 1]", p.GetTopP())
+	}
+	if len(p.GetStop()) > MaxStops {
+		return badRequest("%d stop sequences, limit %d", len(p.GetStop()), MaxStops)
+	}
+	for _, s := range p.GetStop() {
+		if s == "" || len(s) > MaxStopLen {
+			return badRequest("stop sequence must be 1-%d bytes", MaxStopLen)
+		}
+	}
+	if p.GetSize() != "" && !sizeRe.MatchString(p.GetSize()) {
+		return badRequest("size %q must be WIDTHxHEIGHT, each 1-9999", p.GetSize())
+	}
+	if len(p.GetVoice()) > 64 || len(p.GetFormat()) > 32 {
+		return badRequest("voice or format too long")
+	}
+	return nil
+}
+
+// ValidateEvent checks an event received from a worker.
+func ValidateEvent(e *pb.Event) error {
+	switch k := e.GetKind().(type) {
+	case *pb.Event_Accepted:
+	case *pb.Event_Chunk:
+		if len(k.Chunk.GetText()) > MaxChunkText {
+			return badRequest("chunk of %d bytes, limit %d", len(k.Chunk.GetText()), MaxChunkText)
+		}
+	case *pb.Event_Media:
+		if k.Media.GetMime() == "" || len(k.Media.GetMime()) > MaxMime {
+			return badRequest("media event without a valid mime type")
+		}
+	case *pb.Event_Embedding:
+		if len(k.Embedding.GetVector()) > MaxEmbeddingDim {
+			return badRequest("embedding of dimension %d, limit %d", len(k.Embedding.GetVector()), MaxEmbeddingDim)
+		}
+	case *pb.Event_Done:
+	case *pb.Event_Error:
+		if _, ok := pb.ErrorCode_name[int32(k.Error.GetCode())]; !ok || k.Error.GetCode() == pb.ErrorCode_ERROR_CODE_UNSPECIFIED {
+			return badRequest("error event with unknown code %d", k.Error.GetCode())
+		}
+	default:
+		return badRequest("event with no kind")
+	}
+	return nil
+}
+
+// ValidateAnnounce checks an announcement against now; it does not judge
+// sequence numbers, which need per-peer state.
+func ValidateAnnounce(a *pb.Announce, now time.Time) error {
+	if a.GetSeq() == 0 {
+		return badRequest("announce seq must be > 0")
+	}
+	t := time.UnixMilli(a.GetTimeUnixMs())
+	if t.After(now.Add(MaxClockSkew)) {
+		return badRequest("announce is dated %s in the future", t.Sub(now).Round(time.Millisecond))
+	}
+	ttl := time.Duration(a.GetTtlMs()) * time.Millisecond
+	if ttl < MinAnnounceTTL || ttl > MaxAnnounceTTL {
+		return badRequest("announce ttl %s out of range [%s, %s]", ttl, MinAnnounceTTL, MaxAnnounceTTL)
+	}
+	if len(a.GetRoles()) > MaxAnnRoles {
+		return badRequest("%d roles, limit %d", len(a.GetRoles()), MaxAnnRoles)
+	}
+	for _, r := range a.GetRoles() {
+		if r == "" || len(r) > 32 {
+			return badRequest("invalid role %q", r)
+		}
+	}
+	if len(a.GetVersion()) > MaxVersionLen {
+		return badRequest("version too long")
+	}
+	if len(a.GetModels()) > MaxAnnModels {
+		return badRequest("%d models, limit %d", len(a.GetModels()), MaxAnnModels)
+	}
+	for _, m := range a.GetModels() {
+		if err := ValidateModelName(m.GetName()); err != nil {
+			return err
+		}
+		if len(m.GetTypes()) == 0 || len(m.GetTypes()) > len(typeNames)-1 {
+			return badRequest("model %q announces %d types", m.GetName(), len(m.GetTypes()))
+		}
+		for _, t := range m.GetTypes() {
+			if t <= 0 || int(t) >= len(typeNames) {
+				return badRequest("model %q announces unknown type %d", m.GetName(), t)
+			}
+		}
+		if m.GetTokensPerSec() < 0 || m.GetJoulesPerToken() < 0 || m.GetTokensPerSec() != m.GetTokensPerSec() || m.GetJoulesPerToken() != m.GetJoulesPerToken() {
+			return badRequest("model %q announces invalid figures", m.GetName())
+		}
+		if len(m.GetBackend()) > 32 {
+			return badRequest("backend name too long")
+		}
+	}
+	if len(a.GetGpus()) > MaxAnnGPUs {
+		return badRequest("%d gpus, limit %d", len(a.GetGpus()), MaxAnnGPUs)
+	}
+	for _, g := range a.GetGpus() {
+		if len(g.GetName()) > 128 || len(g.GetUuid()) > 128 || g.GetUtilPercent() > 100 {
+			return badRequest("invalid gpu entry")
+		}
+	}
+	if a.GetHealth() > 100 {
+		return badRequest("health %d over 100", a.GetHealth())
+	}
+	if l := a.GetLoad(); l != nil && l.GetMaxConcurrency() == 0 && len(a.GetModels()) > 0 {
+		return badRequest("worker with models announces max_concurrency 0")
+	}
+	return nil
+}
