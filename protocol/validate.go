@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"math"
 	"regexp"
 	"strings"
 	"time"
@@ -267,7 +268,9 @@ func ValidateAnnounce(a *pb.Announce, now time.Time) error {
 				return badRequest("model %q announces unknown type %d", m.GetName(), t)
 			}
 		}
-		if m.GetTokensPerSec() < 0 || m.GetJoulesPerToken() < 0 || m.GetTokensPerSec() != m.GetTokensPerSec() || m.GetJoulesPerToken() != m.GetJoulesPerToken() {
+		// Routing divides and compares by these: NaN and Inf would let one
+		// peer attract (or poison) every score.
+		if !finiteNonNeg(m.GetTokensPerSec()) || !finiteNonNeg(m.GetJoulesPerToken()) {
 			return badRequest("model %q announces invalid figures", m.GetName())
 		}
 		if len(m.GetBackend()) > 32 {
@@ -285,8 +288,14 @@ func ValidateAnnounce(a *pb.Announce, now time.Time) error {
 	if a.GetHealth() > 100 {
 		return badRequest("health %d over 100", a.GetHealth())
 	}
-	if l := a.GetLoad(); l != nil && l.GetMaxConcurrency() == 0 && len(a.GetModels()) > 0 {
+	// A missing load reads as max_concurrency 0, which routing cannot use.
+	if len(a.GetModels()) > 0 && a.GetLoad().GetMaxConcurrency() == 0 {
 		return badRequest("worker with models announces max_concurrency 0")
 	}
 	return nil
+}
+
+// finiteNonNeg reports whether f is a finite number >= 0.
+func finiteNonNeg(f float32) bool {
+	return f >= 0 && !math.IsInf(float64(f), 1)
 }
