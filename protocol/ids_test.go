@@ -1,0 +1,66 @@
+package protocol
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestProtocolIDs(t *testing.T) {
+	tests := []struct {
+		swarm                       string
+		query, topic, dht, modelKey string
+	}{
+		{"", "/mtor/query/1.0.0", "/mtor/mtor/announce/1", "/mtor/mtor", "/mtor/mtor/model/llama3"},
+		{DefaultSwarm, "/mtor/query/1.0.0", "/mtor/mtor/announce/1", "/mtor/mtor", "/mtor/mtor/model/llama3"},
+		{"lab-7", "/mtor/lab-7/query/1.0.0", "/mtor/lab-7/announce/1", "/mtor/lab-7", "/mtor/lab-7/model/llama3"},
+	}
+	for _, tc := range tests {
+		if got := string(QueryProtocol(tc.swarm)); got != tc.query {
+			t.Errorf("QueryProtocol(%q) = %q, want %q", tc.swarm, got, tc.query)
+		}
+		if got := AnnounceTopic(tc.swarm); got != tc.topic {
+			t.Errorf("AnnounceTopic(%q) = %q, want %q", tc.swarm, got, tc.topic)
+		}
+		if got := string(DHTPrefix(tc.swarm)); got != tc.dht {
+			t.Errorf("DHTPrefix(%q) = %q, want %q", tc.swarm, got, tc.dht)
+		}
+		if got := ModelKey(tc.swarm, "llama3"); got != tc.modelKey {
+			t.Errorf("ModelKey(%q) = %q, want %q", tc.swarm, got, tc.modelKey)
+		}
+	}
+	if !strings.HasSuffix(string(QueryProtocol("x")), "/"+Version) {
+		t.Errorf("query protocol does not carry the version %s", Version)
+	}
+}
+
+// TestSwarmsDoNotCollide checks that two different valid swarm names never
+// share a protocol ID, topic or DHT prefix.
+func TestSwarmsDoNotCollide(t *testing.T) {
+	names := []string{DefaultSwarm, "query", "a", "a.b", "a-b", "a_b", "0", strings.Repeat("z", 32)}
+	seen := map[string]string{}
+	for _, n := range names {
+		if err := ValidateSwarm(n); err != nil {
+			t.Fatalf("ValidateSwarm(%q) = %v", n, err)
+		}
+		for _, id := range []string{string(QueryProtocol(n)), AnnounceTopic(n), string(DHTPrefix(n))} {
+			if prev, ok := seen[id]; ok {
+				t.Errorf("%q is used by swarms %q and %q", id, prev, n)
+			}
+			seen[id] = n
+		}
+	}
+}
+
+func TestValidateSwarm(t *testing.T) {
+	for _, ok := range []string{"mtor", "a", "0lab", "lab.eu-1_x", strings.Repeat("a", 32)} {
+		if err := ValidateSwarm(ok); err != nil {
+			t.Errorf("ValidateSwarm(%q) = %v, want nil", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "Lab", "-lab", ".lab", "_lab", "lab/x", "lab x", "lab\n", "läb",
+		strings.Repeat("a", 33), "../x", "a/../b"} {
+		if err := ValidateSwarm(bad); err == nil {
+			t.Errorf("ValidateSwarm(%q) = nil, want an error", bad)
+		}
+	}
+}
