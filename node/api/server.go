@@ -1,0 +1,425 @@
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+var log = logging.Logger("mtor/api")
+
+// DefaultAddr is where the control API listens unless told otherwise.
+const DefaultAddr = "127.0.0.1:5050"
+
+// Limits and defaults of the server.
+const (
+	// DefaultMaxBody bounds a query body: the largest request frame plus
+	// base64's growth and some JSON.
+	DefaultMaxBody = protocol.MaxRequestFrame*4/3 + 64<<10
+	// DefaultQueryTimeout is a query's deadline when the client names none.
+	DefaultQueryTimeout = 2 * time.Minute
+	// MaxQueryTimeout caps timeout_ms.
+	MaxQueryTimeout = 30 * time.Minute
+	// writeTimeout bounds each write to a client; a client that stops
+	// reading for this long is dropped and its query cancelled.
+	writeTimeout = 30 * time.Second
+)
+
+// Node is what the API needs to know about the node it serves.
+type Node interface {
+	ID() peer.ID
+	SwarmName() string
+	Addrs() []multiaddr.Multiaddr
+	JoinLine() string
+}
+
+// Router is the part of the router the API uses; *router.Router has it.
+type Router interface {
+	Query(ctx context.Context, req *pb.QueryRequest, h router.Handler) (*router.Result, error)
+	Peers() []router.PeerView
+	Models() []router.ModelView
+}
+
+// Server is the control API's HTTP server.
+type Server struct {
+	node           Node
+	router         Router
+	version        string
+	allowRemote    bool
+	maxBody        int64
+	defaultTimeout time.Duration
+	http           *http.Server
+}
+
+// Option configures a Server.
+type Option func(*Server)
+
+// WithAllowRemote lets clients from non-loopback addresses in. Only for an
+// API the operator bound to a non-loopback address on purpose.
+func WithAllowRemote(on bool) Option { return func(s *Server) { s.allowRemote = on } }
+
+// WithVersion sets the version reported by /v1/id.
+func WithVersion(v string) Option { return func(s *Server) { s.version = v } }
+
+// WithMaxBody bounds request bodies (bytes).
+func WithMaxBody(n int64) Option { return func(s *Server) { s.maxBody = n } }
+
+// WithDefaultQueryTimeout sets the deadline of queries that name none.
+func WithDefaultQueryTimeout(d time.Duration) Option {
+	return func(s *Server) { s.defaultTimeout = d }
+}
+
+// NewServer builds the API for a node and its router.
+func NewServer(n Node, r Router, opts ...Option) *Server {
+	s := &Server{
+		node:           n,
+		router:         r,
+		version:        "dev",
+		maxBody:        DefaultMaxBody,
+		defaultTimeout: DefaultQueryTimeout,
+	}
+	for _, o := range opts {
+		o(s)
+	}
+	s.http = &http.Server{
+		Handler:           s.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       time.Minute, // the whole request, body included
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		// No WriteTimeout: query streams live long; every write sets
+		// its own deadline instead.
+	}
+	return s
+}
+
+// Serve serves the API on ln until Shutdown. It returns nil after Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	err := s.http.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Shutdown stops accepting connections and waits for running requests
+// (query streams included) until ctx ends; then it closes the rest, which
+// cancels their queries.
+func (s *Server) Shutdown(ctx context.Context) error {
+	err := s.http.Shutdown(ctx)
+	if err != nil {
+		_ = s.http.Close()
+	}
+	return err
+}
+
+// Handler is the API as an http.Handler, with its access checks.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/id", s.handleID)
+	mux.HandleFunc("GET /v1/peers", s.handlePeers)
+	mux.HandleFunc("GET /v1/models", s.handleModels)
+	mux.HandleFunc("POST /v1/query", s.handleQuery)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, protocol.Errorf(protocol.CodeBadRequest, "no such endpoint: %s %s", r.Method, r.URL.Path))
+	})
+	return s.guard(mux)
+}
+
+// guard refuses what the control API must never serve: clients from other
+// machines (unless allowed), and browsers. A web page could otherwise
+// reach 127.0.0.1:5050 from the user's own browser (cross-site requests,
+// DNS rebinding); the CLI never sends an Origin header and always names
+// the loopback address it dials.
+func (s *Server) guard(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.allowRemote {
+			if !loopbackAddr(r.RemoteAddr) {
+				writeError(w, http.StatusForbidden, protocol.Errorf(protocol.CodeBadRequest,
+					"the control API serves only this machine (client %s)", r.RemoteAddr))
+				return
+			}
+			if !loopbackHost(r.Host) {
+				writeError(w, http.StatusForbidden, protocol.Errorf(protocol.CodeBadRequest,
+					"host %q is not a loopback address", r.Host))
+				return
+			}
+		}
+		if r.Header.Get("Origin") != "" || r.Header.Get("Sec-Fetch-Site") == "cross-site" {
+			writeError(w, http.StatusForbidden, protocol.Errorf(protocol.CodeBadRequest,
+				"browsers are not served by the control API; use the bridge (--bridge)"))
+			return
+		}
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(writeTimeout))
+		next.ServeHTTP(w, r)
+	})
+}
+
+func loopbackAddr(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		host = hostport
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+func loopbackHost(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		host = hostport
+	}
+	host = strings.Trim(host, "[]")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+func (s *Server) handleID(w http.ResponseWriter, r *http.Request) {
+	addrs := s.node.Addrs()
+	info := IDInfo{
+		Peer:    s.node.ID().String(),
+		Swarm:   s.node.SwarmName(),
+		Version: s.version,
+		Addrs:   make([]string, 0, len(addrs)),
+		Join:    s.node.JoinLine(),
+	}
+	for _, a := range addrs {
+		info.Addrs = append(info.Addrs, a.String())
+	}
+	writeJSON(w, http.StatusOK, info)
+}
+
+func (s *Server) handlePeers(w http.ResponseWriter, r *http.Request) {
+	peers := s.router.Peers()
+	if peers == nil {
+		peers = []router.PeerView{}
+	}
+	writeJSON(w, http.StatusOK, peers)
+}
+
+func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
+	models := s.router.Models()
+	if models == nil {
+		models = []router.ModelView{}
+	}
+	writeJSON(w, http.StatusOK, models)
+}
+
+func (s *Server) handleQuery(w http.ResponseWriter, r *http.Request) {
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
+		writeError(w, http.StatusUnsupportedMediaType, protocol.Errorf(protocol.CodeBadRequest, "Content-Type must be application/json"))
+		return
+	}
+	var q QueryRequest
+	if status, err := decodeBody(w, r, s.maxBody, &q); err != nil {
+		writeError(w, status, protocol.AsError(err))
+		return
+	}
+	req, timeout, err := s.toProto(&q)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, protocol.AsError(err))
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), timeout)
+	defer cancel()
+
+	out := &eventWriter{w: w, rc: http.NewResponseController(w)}
+	res, err := s.router.Query(ctx, req, func(ev *pb.Event) error {
+		if e := eventFromProto(ev); e != nil {
+			return out.write(e)
+		}
+		return nil
+	})
+	if err != nil {
+		pe := protocol.AsError(err)
+		if r.Context().Err() != nil {
+			log.Debugw("query cancelled by the client", "model", q.Model)
+			return
+		}
+		log.Debugw("query failed", "model", q.Model, "err", pe)
+		_ = out.write(&Event{Event: EventError, ErrorEvent: errorEvent(pe)})
+		return
+	}
+	_ = out.write(&Event{Event: EventDone, DoneEvent: doneEvent(res)})
+}
+
+// toProto turns the JSON request into a wire request with a fresh id and
+// an absolute deadline, validated as a worker would.
+func (s *Server) toProto(q *QueryRequest) (*pb.QueryRequest, time.Duration, error) {
+	typ := pb.QueryType_QUERY_TYPE_CHAT
+	if q.Type != "" {
+		t, err := protocol.ParseType(q.Type)
+		if err != nil {
+			return nil, 0, err
+		}
+		typ = t
+	}
+	timeout := s.defaultTimeout
+	switch {
+	case q.TimeoutMs < 0:
+		return nil, 0, protocol.Errorf(protocol.CodeBadRequest, "timeout_ms must not be negative")
+	case q.TimeoutMs > 0:
+		timeout = time.Duration(q.TimeoutMs) * time.Millisecond
+		if timeout > MaxQueryTimeout {
+			return nil, 0, protocol.Errorf(protocol.CodeBadRequest, "timeout_ms %d over the limit of %d", q.TimeoutMs, MaxQueryTimeout.Milliseconds())
+		}
+	}
+	id := make([]byte, protocol.IDLen)
+	if _, err := rand.Read(id); err != nil {
+		return nil, 0, fmt.Errorf("query id: %w", err)
+	}
+	req := &pb.QueryRequest{
+		Id:             id,
+		Type:           typ,
+		Model:          q.Model,
+		Prompt:         q.Prompt,
+		Attachments:    attachmentsToProto(q.Attachments),
+		Inputs:         q.Inputs,
+		Priority:       q.Priority,
+		DeadlineUnixMs: time.Now().Add(timeout).UnixMilli(),
+	}
+	for _, m := range q.Messages {
+		req.Messages = append(req.Messages, &pb.Message{Role: m.Role, Content: m.Content, Attachments: attachmentsToProto(m.Attachments)})
+	}
+	if p := q.Params; p != nil {
+		req.Params = &pb.Params{
+			MaxTokens: p.MaxTokens, Temperature: p.Temperature, TopP: p.TopP, Stop: p.Stop,
+			Seed: p.Seed, Size: p.Size, Voice: p.Voice, Format: p.Format,
+		}
+	}
+	if err := protocol.ValidateRequest(req); err != nil {
+		return nil, 0, err
+	}
+	return req, timeout, nil
+}
+
+func attachmentsToProto(as []Attachment) []*pb.Attachment {
+	var out []*pb.Attachment
+	for _, a := range as {
+		out = append(out, &pb.Attachment{Mime: a.MIME, Data: a.Data})
+	}
+	return out
+}
+
+// eventFromProto converts the streamed events; Done and Error come back
+// from Router.Query instead and are ignored here.
+func eventFromProto(ev *pb.Event) *Event {
+	switch k := ev.GetKind().(type) {
+	case *pb.Event_Accepted:
+		return &Event{Event: EventAccepted, AcceptedEvent: &AcceptedEvent{QueuePosition: k.Accepted.GetQueuePosition()}}
+	case *pb.Event_Chunk:
+		return &Event{Event: EventChunk, ChunkEvent: &ChunkEvent{Text: k.Chunk.GetText()}}
+	case *pb.Event_Media:
+		return &Event{Event: EventMedia, MediaEvent: &MediaEvent{MIME: k.Media.GetMime(), Data: k.Media.GetData()}}
+	case *pb.Event_Embedding:
+		return &Event{Event: EventEmbedding, EmbeddingEvent: &EmbeddingEvent{Index: k.Embedding.GetIndex(), Vector: k.Embedding.GetVector()}}
+	}
+	return nil
+}
+
+func doneEvent(res *router.Result) *DoneEvent {
+	d := res.Done
+	return &DoneEvent{
+		Peer:     res.Peer.String(),
+		Local:    res.Local,
+		Attempts: res.Attempts,
+		Model:    d.GetModel(),
+		Usage: Usage{
+			PromptTokens:     d.GetUsage().GetPromptTokens(),
+			CompletionTokens: d.GetUsage().GetCompletionTokens(),
+		},
+		TTFTMs:        res.TTFTMs,
+		TotalMs:       res.TotalMs,
+		QueueMs:       d.GetTiming().GetQueueMs(),
+		WorkerTTFTMs:  d.GetTiming().GetTtftMs(),
+		WorkerTotalMs: d.GetTiming().GetTotalMs(),
+		EnergyMJ:      d.GetEnergyMj(),
+		WorkerVersion: d.GetWorkerVersion(),
+	}
+}
+
+// eventWriter writes NDJSON events, flushing each so that tokens reach the
+// client as they are made. The status line goes out with the first event.
+type eventWriter struct {
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	started bool
+}
+
+func (e *eventWriter) write(ev *Event) error {
+	if !e.started {
+		h := e.w.Header()
+		h.Set("Content-Type", "application/x-ndjson")
+		h.Set("Cache-Control", "no-store")
+		h.Set("X-Content-Type-Options", "nosniff")
+		e.w.WriteHeader(http.StatusOK)
+		e.started = true
+	}
+	_ = e.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	b, err := json.Marshal(ev)
+	if err != nil {
+		return fmt.Errorf("encode event: %w", err)
+	}
+	if _, err := e.w.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("write event: %w", err)
+	}
+	if err := e.rc.Flush(); err != nil {
+		return fmt.Errorf("flush event: %w", err)
+	}
+	return nil
+}
+
+// decodeBody reads one JSON value, refusing unknown fields, trailing data
+// and bodies over max. It returns the HTTP status for a failure.
+func decodeBody(w http.ResponseWriter, r *http.Request, max int64, v any) (int, error) {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, max))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return http.StatusRequestEntityTooLarge, protocol.Errorf(protocol.CodeTooLarge, "request body over %d bytes", mbe.Limit)
+		}
+		return http.StatusBadRequest, protocol.Errorf(protocol.CodeBadRequest, "invalid JSON body: %v", err)
+	}
+	if err := dec.Decode(&struct{}{}); !errors.Is(err, io.EOF) {
+		return http.StatusBadRequest, protocol.Errorf(protocol.CodeBadRequest, "invalid JSON body: trailing data after the request object")
+	}
+	return 0, nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		log.Errorw("encode response", "err", err)
+		status, b = http.StatusInternalServerError, []byte(`{"error":{"code":"INTERNAL","message":"encode response"}}`)
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}
+
+func writeError(w http.ResponseWriter, status int, e *protocol.Error) {
+	writeJSON(w, status, ErrorBody{Error: *errorEvent(e)})
+}
