@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/multiformats/go-varint"
 	"google.golang.org/protobuf/proto"
@@ -40,6 +41,9 @@ type FrameReader struct {
 
 // NewFrameReader wraps r; frames longer than max bytes are refused.
 func NewFrameReader(r io.Reader, max int) *FrameReader {
+	if max < 0 {
+		max = 0 // a negative limit would pass every length as uint64
+	}
 	return &FrameReader{r: bufio.NewReaderSize(r, 4096), max: max}
 }
 
@@ -63,27 +67,49 @@ func (fr *FrameReader) Read(m proto.Message) error {
 	if n > uint64(fr.max) {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, n, fr.max)
 	}
-	// Reuse the buffer for small frames; let large ones go after use so a
-	// single big frame does not pin memory for the life of the stream.
-	var buf []byte
-	if n <= 64<<10 {
-		if cap(fr.buf) < int(n) {
-			fr.buf = make([]byte, 64<<10)
-		}
-		buf = fr.buf[:n]
-	} else {
-		buf = make([]byte, n)
-	}
-	if _, err := io.ReadFull(fr.r, buf); err != nil {
-		if errors.Is(err, io.EOF) {
-			return io.ErrUnexpectedEOF
-		}
+	buf, err := fr.readBody(int(n))
+	if err != nil {
 		return err
 	}
 	if err := proto.Unmarshal(buf, m); err != nil {
 		return fmt.Errorf("%w: %v", ErrMalformedFrame, err)
 	}
 	return nil
+}
+
+// smallFrame is the size up to which frame bodies share one reused buffer.
+const smallFrame = 64 << 10
+
+// readBody reads an n-byte frame body. Small frames reuse one buffer (no
+// aliasing: proto.Unmarshal copies bytes and strings). Large ones get a
+// buffer that grows with the bytes actually received, so a peer that
+// claims a large frame and then stalls pins about what it sent, not the
+// claim; large buffers are dropped after use so one big frame does not pin
+// memory for the life of the stream.
+func (fr *FrameReader) readBody(n int) ([]byte, error) {
+	var buf []byte
+	if n <= smallFrame {
+		if cap(fr.buf) < n {
+			fr.buf = make([]byte, min(smallFrame, fr.max))
+		}
+		buf = fr.buf[:0]
+	} else {
+		buf = make([]byte, 0, smallFrame)
+	}
+	for len(buf) < n {
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, min(len(buf), n-len(buf)))
+		}
+		k, err := io.ReadFull(fr.r, buf[len(buf):min(cap(buf), n)])
+		buf = buf[:len(buf)+k]
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return nil, io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	return buf, nil
 }
 
 // AppendFrame appends the framed encoding of m to b.
