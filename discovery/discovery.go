@@ -1,0 +1,401 @@
+// Package discovery is how mtor nodes find each other and what they know of
+// each other: joining through bootstrap peers or mDNS, a private Kademlia
+// DHT with provider records per model, the gossipsub announce topic with
+// its validator, and the peer table fed by it.
+package discovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	logging "github.com/ipfs/go-log/v2"
+	dht "github.com/libp2p/go-libp2p-kad-dht"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
+	"github.com/multiformats/go-multihash"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+var log = logging.Logger("mtor/discovery")
+
+// bootstrapTag protects join peers in the connection manager.
+const bootstrapTag = "mtor-bootstrap"
+
+const (
+	defaultFindLimit = 20
+	maxFindLimit     = 100
+	subBuffer        = 256 // gossipsub subscription buffer, in messages
+	connEventBuffer  = 256
+)
+
+// Discovery runs the DHT, the announce topic and the peer table of one host.
+type Discovery struct {
+	h     host.Host
+	cfg   config
+	dht   *dht.IpfsDHT
+	ps    *pubsub.PubSub
+	topic *pubsub.Topic
+	sub   *pubsub.Subscription
+	val   *announceValidator
+	table *PeerTable
+	mdns  interface{ Close() error }
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	pubMu   sync.Mutex // orders stamping and publishing, so seqs leave in order
+	lastSeq uint64
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New starts discovery on h: the DHT, gossipsub with the announce topic and
+// its validator, the peer table with its sweeper, RTT pings, mDNS when
+// enabled, and a background Bootstrap. Everything stops on Close or when
+// ctx ends.
+func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
+	cfg := defaults()
+	for _, o := range opts {
+		if err := o(&cfg); err != nil {
+			return nil, fmt.Errorf("discovery option: %w", err)
+		}
+	}
+	d := &Discovery{
+		h:     h,
+		cfg:   cfg,
+		val:   newAnnounceValidator(cfg.maxEntries, cfg.now),
+		table: newPeerTable(h.ID(), cfg.maxEntries, cfg.now),
+	}
+	d.ctx, d.cancel = context.WithCancel(ctx)
+	ok := false
+	defer func() {
+		if !ok {
+			_ = d.Close()
+		}
+	}()
+
+	var err error
+	d.dht, err = dht.New(h,
+		dht.ProtocolPrefix(protocol.DHTPrefix(cfg.swarm)),
+		dht.Mode(cfg.dhtMode),
+		dht.BootstrapPeers(cfg.bootstrap...),
+		// We only use provider records; refusing values removes an
+		// unneeded way to store data on our nodes.
+		dht.DisableValues(),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("start dht: %w", err)
+	}
+
+	d.ps, err = pubsub.NewGossipSub(d.ctx, h,
+		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
+		pubsub.WithMaxMessageSize(DefaultMaxPubSubMessage),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("start gossipsub: %w", err)
+	}
+	topicName := protocol.AnnounceTopic(cfg.swarm)
+	// Inline: the check is cheap, and goroutine-free validation cannot be
+	// throttled into dropping messages.
+	if err := d.ps.RegisterTopicValidator(topicName, d.val.validate, pubsub.WithValidatorInline(true)); err != nil {
+		return nil, fmt.Errorf("register announce validator: %w", err)
+	}
+	if d.topic, err = d.ps.Join(topicName); err != nil {
+		return nil, fmt.Errorf("join %s: %w", topicName, err)
+	}
+	if d.sub, err = d.topic.Subscribe(pubsub.WithBufferSize(subBuffer)); err != nil {
+		return nil, fmt.Errorf("subscribe %s: %w", topicName, err)
+	}
+
+	connSub, err := h.EventBus().Subscribe(new(event.EvtPeerConnectednessChanged), eventbus.BufSize(connEventBuffer), eventbus.Name("mtor/discovery"))
+	if err != nil {
+		return nil, fmt.Errorf("subscribe to connectedness events: %w", err)
+	}
+
+	d.goRun(d.readLoop)
+	d.goRun(func() { d.disconnectLoop(connSub) })
+	d.goRun(d.sweepLoop)
+	if cfg.pingInterval > 0 {
+		d.goRun(d.pingLoop)
+	}
+	if cfg.mdns {
+		m, err := d.startMDNS()
+		if err != nil {
+			// A host without a multicast interface still works through
+			// join peers; say so and go on.
+			log.Warnw("mDNS not started", "err", err)
+		} else {
+			d.mdns = m
+		}
+	}
+	d.goRun(func() {
+		if err := d.Bootstrap(d.ctx); err != nil && d.ctx.Err() == nil {
+			log.Warnw("bootstrap", "err", err)
+		}
+	})
+	ok = true
+	log.Infow("discovery started", "swarm", cfg.swarm, "topic", topicName, "dht", protocol.DHTPrefix(cfg.swarm), "bootstrap", len(cfg.bootstrap), "mdns", cfg.mdns)
+	return d, nil
+}
+
+func (d *Discovery) goRun(f func()) {
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		f()
+	}()
+}
+
+// Swarm is the swarm name this discovery runs in.
+func (d *Discovery) Swarm() string { return d.cfg.swarm }
+
+// Table is the peer table.
+func (d *Discovery) Table() *PeerTable { return d.table }
+
+// DHT is the swarm's Kademlia DHT, for use as a content router.
+func (d *Discovery) DHT() *dht.IpfsDHT { return d.dht }
+
+// PubSub is the host's gossipsub instance; a host should have only one.
+func (d *Discovery) PubSub() *pubsub.PubSub { return d.ps }
+
+// Publish stamps a with the next seq, the current time and the configured
+// TTL, puts it in the table as this node's entry at once, and gossips it.
+// a is modified; the caller must not modify it afterwards.
+func (d *Discovery) Publish(ctx context.Context, a *pb.Announce) error {
+	if a == nil {
+		return errors.New("publish: nil announce")
+	}
+	d.pubMu.Lock()
+	defer d.pubMu.Unlock()
+	now := d.cfg.now()
+	// Seeded from the clock so that a restarted node, whose seq would
+	// otherwise start again at 1, is not ignored as stale by its peers.
+	seq := max(d.lastSeq+1, uint64(now.UnixMilli())*1000)
+	a.Seq = seq
+	a.TimeUnixMs = now.UnixMilli()
+	a.TtlMs = uint32(d.cfg.announceTTL / time.Millisecond)
+	if err := protocol.ValidateAnnounce(a, now); err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
+	data, err := proto.Marshal(a)
+	if err != nil {
+		return fmt.Errorf("publish: marshal announce: %w", err)
+	}
+	if len(data) > protocol.MaxAnnounce {
+		return fmt.Errorf("publish: announce of %d bytes over limit %d", len(data), protocol.MaxAnnounce)
+	}
+	d.lastSeq = seq
+	d.table.upsert(d.h.ID(), a, now)
+	if err := d.topic.Publish(ctx, data); err != nil {
+		return fmt.Errorf("publish announce: %w", err)
+	}
+	return nil
+}
+
+// modelCID is the DHT key of a model: a raw CID of the sha256 of
+// protocol.ModelKey(swarm, model).
+func modelCID(swarm, model string) (cid.Cid, error) {
+	mh, err := multihash.Sum([]byte(protocol.ModelKey(swarm, model)), multihash.SHA2_256, -1)
+	if err != nil {
+		return cid.Undef, fmt.Errorf("hash model key: %w", err)
+	}
+	return cid.NewCidV1(cid.Raw, mh), nil
+}
+
+// Provide announces in the DHT that this node serves model. Records expire
+// (48 h in kad-dht); call it again periodically.
+func (d *Discovery) Provide(ctx context.Context, model string) error {
+	if err := protocol.ValidateModelName(model); err != nil {
+		return err
+	}
+	c, err := modelCID(d.cfg.swarm, model)
+	if err != nil {
+		return err
+	}
+	if err := d.dht.Provide(ctx, c, true); err != nil {
+		return fmt.Errorf("provide %q: %w", model, err)
+	}
+	return nil
+}
+
+// FindProviders looks up in the DHT up to limit peers (default 20, at most
+// 100) that provide model, other than this node. It returns what it found
+// when ctx ends, with ctx's error only if it found nothing.
+func (d *Discovery) FindProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error) {
+	if err := protocol.ValidateModelName(model); err != nil {
+		return nil, err
+	}
+	if limit <= 0 {
+		limit = defaultFindLimit
+	}
+	limit = min(limit, maxFindLimit)
+	c, err := modelCID(d.cfg.swarm, model)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var out []peer.AddrInfo
+	// Ask for one more than limit: our own record may be among them.
+	for ai := range d.dht.FindProvidersAsync(ctx, c, limit+1) {
+		if ai.ID == d.h.ID() {
+			continue
+		}
+		out = append(out, ai)
+		if len(out) == limit {
+			break
+		}
+	}
+	if len(out) == 0 && ctx.Err() != nil {
+		return nil, fmt.Errorf("find providers of %q: %w", model, ctx.Err())
+	}
+	return out, nil
+}
+
+// Bootstrap dials the join peers (concurrently, each with the dial
+// timeout) and bootstraps the DHT. Unreachable peers are logged; it fails
+// only when there were join peers and none could be reached.
+func (d *Discovery) Bootstrap(ctx context.Context) error {
+	peers := d.cfg.bootstrap
+	var (
+		mu      sync.Mutex
+		reached int
+		errs    []error
+		wg      sync.WaitGroup
+		sem     = make(chan struct{}, maxDialConcurrency)
+	)
+	for _, ai := range peers {
+		if ai.ID == d.h.ID() {
+			continue
+		}
+		d.h.ConnManager().Protect(ai.ID, bootstrapTag)
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return ctx.Err()
+		}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			dctx, cancel := context.WithTimeout(ctx, d.cfg.dialTimeout)
+			defer cancel()
+			err := d.h.Connect(dctx, ai)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				log.Infow("join peer unreachable", "peer", ai.ID, "err", err)
+				errs = append(errs, fmt.Errorf("%s: %w", ai.ID, err))
+				return
+			}
+			reached++
+		}()
+	}
+	wg.Wait()
+	if err := d.dht.Bootstrap(ctx); err != nil {
+		return fmt.Errorf("bootstrap dht: %w", err)
+	}
+	if len(errs) > 0 && reached == 0 {
+		return fmt.Errorf("no join peer reachable: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// readLoop moves accepted announcements into the table. Our own come back
+// here too and are no-ops, Publish having inserted them already.
+func (d *Discovery) readLoop() {
+	for {
+		msg, err := d.sub.Next(d.ctx)
+		if err != nil {
+			return // cancelled or subscription closed
+		}
+		a, ok := msg.ValidatorData.(*pb.Announce)
+		if !ok {
+			continue // cannot happen: our validator sets it on accept
+		}
+		d.table.upsert(msg.GetFrom(), a, d.cfg.now())
+	}
+}
+
+// disconnectLoop drops a peer from the table as soon as the host has no
+// connection left to it, rather than waiting for its TTL.
+func (d *Discovery) disconnectLoop(sub event.Subscription) {
+	defer sub.Close()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case e, ok := <-sub.Out():
+			if !ok {
+				return
+			}
+			ev := e.(event.EvtPeerConnectednessChanged)
+			if ev.Connectedness != network.NotConnected || ev.Peer == d.h.ID() {
+				continue
+			}
+			// Events are delivered asynchronously: make sure no new
+			// connection came up since.
+			if d.h.Network().Connectedness(ev.Peer) == network.Connected {
+				continue
+			}
+			if d.table.remove(ev.Peer, ReasonDisconnected) {
+				log.Debugw("peer left", "peer", ev.Peer, "reason", ReasonDisconnected)
+			}
+		}
+	}
+}
+
+func (d *Discovery) sweepLoop() {
+	t := time.NewTicker(d.cfg.sweepInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+			if n := d.table.sweep(d.cfg.now()); n > 0 {
+				log.Debugw("expired peers removed", "count", n)
+			}
+		}
+	}
+}
+
+// Close stops discovery: mDNS, the topic, gossipsub, the DHT and the
+// table's subscriptions. It does not close the host.
+func (d *Discovery) Close() error {
+	d.closeOnce.Do(func() {
+		d.cancel()
+		var errs []error
+		if d.mdns != nil {
+			errs = append(errs, d.mdns.Close())
+		}
+		if d.sub != nil {
+			d.sub.Cancel()
+		}
+		if d.topic != nil {
+			if err := d.topic.Close(); err != nil && !errors.Is(err, context.Canceled) {
+				log.Debugw("close topic", "err", err)
+			}
+		}
+		if d.dht != nil {
+			errs = append(errs, d.dht.Close())
+		}
+		d.wg.Wait()
+		d.table.close()
+		d.closeErr = errors.Join(errs...)
+	})
+	return d.closeErr
+}
