@@ -1,0 +1,476 @@
+// Package router sends each query to the best-scoring capable worker,
+// streams its events back, and fails over to the next candidate when a
+// worker is busy, unreachable or fails before its first output.
+package router
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"math"
+	mrand "math/rand/v2"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+
+	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+var log = logging.Logger("mtor/router")
+
+// Defaults.
+const (
+	DefaultDeadline    = 120 * time.Second
+	DefaultMaxAttempts = 4
+	DialTimeout        = 10 * time.Second
+	// IdleTimeout bounds the silence between two events of a stream.
+	IdleTimeout = 60 * time.Second
+	// Score inputs used until a peer has measured figures.
+	defaultTTFT    = 100 * time.Millisecond
+	defaultService = time.Second
+	providerWait   = 5 * time.Second
+)
+
+// Candidate is a worker known from the peer table.
+type Candidate struct {
+	Peer     peer.ID
+	Announce *pb.Announce
+	RTT      time.Duration
+	Received time.Time
+}
+
+// Table lists the workers the router may use.
+type Table interface {
+	Candidates() []Candidate
+}
+
+// Providers finds workers of a model in the DHT when the table has none.
+type Providers interface {
+	FindProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error)
+}
+
+// Local is this node's own worker, called without a network hop.
+type Local interface {
+	Serve(ctx context.Context, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error)
+}
+
+// peerState is what this router has observed of one worker.
+type peerState struct {
+	inflight int
+	tracker  *health.Tracker
+	ttft     float64 // EWMA, ms, as seen from here (network included)
+	service  float64 // EWMA, ms, total time of a query
+}
+
+// Router routes queries. It is safe for concurrent use.
+type Router struct {
+	h           host.Host
+	proto       libp2pproto.ID
+	table       Table
+	providers   Providers
+	local       Local
+	deadline    time.Duration
+	maxAttempts int
+	idle        time.Duration
+	trackerOpts []health.Option
+
+	mu    sync.Mutex
+	peers map[peer.ID]*peerState
+	rng   *mrand.Rand
+}
+
+// Option configures a Router.
+type Option func(*Router)
+
+// WithProviders enables DHT lookups for models missing from the table.
+func WithProviders(p Providers) Option { return func(r *Router) { r.providers = p } }
+
+// WithLocal lets the router answer with this node's worker.
+func WithLocal(l Local) Option { return func(r *Router) { r.local = l } }
+
+// WithDefaultDeadline is used for queries without a deadline.
+func WithDefaultDeadline(d time.Duration) Option { return func(r *Router) { r.deadline = d } }
+
+// WithMaxAttempts bounds how many workers one query tries.
+func WithMaxAttempts(n int) Option { return func(r *Router) { r.maxAttempts = n } }
+
+// WithIdleTimeout bounds the silence between events of a stream.
+func WithIdleTimeout(d time.Duration) Option { return func(r *Router) { r.idle = d } }
+
+// WithHealthOptions configures the per-peer health trackers.
+func WithHealthOptions(opts ...health.Option) Option {
+	return func(r *Router) { r.trackerOpts = opts }
+}
+
+// WithSeed makes peer choice reproducible, for tests.
+func WithSeed(seed uint64) Option {
+	return func(r *Router) { r.rng = mrand.New(mrand.NewPCG(seed, seed)) }
+}
+
+// New builds a router that reaches workers over h with the query protocol.
+func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router {
+	var s [16]byte
+	_, _ = rand.Read(s[:])
+	r := &Router{
+		h: h, proto: proto, table: table,
+		deadline:    DefaultDeadline,
+		maxAttempts: DefaultMaxAttempts,
+		idle:        IdleTimeout,
+		peers:       map[peer.ID]*peerState{},
+		rng:         mrand.New(mrand.NewPCG(binaryU64(s[:8]), binaryU64(s[8:]))),
+	}
+	for _, o := range opts {
+		o(r)
+	}
+	return r
+}
+
+func binaryU64(b []byte) uint64 {
+	var v uint64
+	for _, x := range b {
+		v = v<<8 | uint64(x)
+	}
+	return v
+}
+
+func (r *Router) state(p peer.ID) *peerState {
+	st := r.peers[p]
+	if st == nil {
+		st = &peerState{tracker: health.New(r.trackerOpts...)}
+		r.peers[p] = st
+	}
+	return st
+}
+
+// scored is a candidate with its expected time to first token.
+type scored struct {
+	Candidate
+	score float64
+}
+
+// modelInfo finds the announced model entry serving t.
+func modelInfo(a *pb.Announce, model string, t pb.QueryType) *pb.ModelInfo {
+	for _, m := range a.GetModels() {
+		if m.GetName() == model && slices.Contains(m.GetTypes(), t) {
+			return m
+		}
+	}
+	return nil
+}
+
+// rank scores every capable, available candidate, best first.
+func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool) {
+	cands := r.table.Candidates()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range cands {
+		mi := modelInfo(c.Announce, model, t)
+		if mi == nil {
+			continue
+		}
+		known = true
+		if c.Announce.GetDraining() {
+			continue
+		}
+		st := r.state(c.Peer)
+		if !st.tracker.Available() {
+			continue
+		}
+		ranked = append(ranked, scored{c, r.score(c, mi, st)})
+	}
+	sort.Slice(ranked, func(i, j int) bool { return ranked[i].score < ranked[j].score })
+	return ranked, known
+}
+
+// score is the expected time to first token in ms, divided by health: a
+// queue wait from load and concurrency, the measured TTFT, and the RTT.
+func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState) float64 {
+	load := c.Announce.GetLoad()
+	maxC := float64(max(load.GetMaxConcurrency(), 1))
+	// Our own in-flight count is fresher than the announcement, which may
+	// already include it: take the larger rather than the sum.
+	occ := math.Max(float64(load.GetInFlight()+load.GetQueued()), float64(st.inflight))
+	ttft := st.ttft
+	if ttft == 0 {
+		ttft = float64(mi.GetP50TtftMs())
+	}
+	if ttft == 0 {
+		ttft = float64(defaultTTFT.Milliseconds())
+	}
+	svc := st.service
+	if svc == 0 {
+		svc = float64(defaultService.Milliseconds())
+	}
+	wait := 0.0
+	if occ >= maxC {
+		wait = (occ - maxC + 1) / maxC * svc
+	}
+	est := float64(c.RTT.Milliseconds()) + ttft*(1+occ/maxC) + wait
+	h := math.Min(float64(c.Announce.GetHealth()), st.tracker.Score()) / 100
+	return est / math.Max(h, 0.05)
+}
+
+// choose picks between the two best by random choice, so that a burst of
+// queries does not pile onto one peer before its load shows; a clearly
+// better first choice always wins.
+func (r *Router) choose(ranked []scored) int {
+	if len(ranked) < 2 || ranked[1].score > 2*ranked[0].score {
+		return 0
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.rng.IntN(2)
+}
+
+// NewID returns a random 16-byte query id.
+func NewID() []byte {
+	id := make([]byte, protocol.IDLen)
+	_, _ = rand.Read(id)
+	return id
+}
+
+// Query routes req and streams its events to h. See the package doc.
+func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*Result, error) {
+	start := time.Now()
+	if len(req.GetId()) == 0 {
+		req.Id = NewID()
+	}
+	if req.GetDeadlineUnixMs() == 0 {
+		req.DeadlineUnixMs = start.Add(r.deadline).UnixMilli()
+	}
+	if err := protocol.ValidateRequest(req); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithDeadline(ctx, time.UnixMilli(req.GetDeadlineUnixMs()))
+	defer cancel()
+
+	ranked, known := r.rank(req.GetModel(), req.GetType())
+	if len(ranked) == 0 && !known && r.providers != nil {
+		ranked = r.fromProviders(ctx, req.GetModel())
+	}
+	if len(ranked) == 0 {
+		if known {
+			return nil, protocol.Errorf(protocol.CodeUnsupported, "no available peer serves model %q for %s right now (all draining or failing)", req.GetModel(), protocol.TypeName(req.GetType()))
+		}
+		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s", req.GetModel(), protocol.TypeName(req.GetType()))
+	}
+
+	var lastErr *protocol.Error
+	busy := 0
+	attempts := 0
+	for len(ranked) > 0 && attempts < r.maxAttempts {
+		i := r.choose(ranked)
+		c := ranked[i]
+		ranked = slices.Delete(ranked, i, i+1)
+		attempts++
+		res, started, err := r.attempt(ctx, c.Peer, req, h)
+		if err == nil {
+			res.Attempts = attempts
+			res.TotalMs = uint32(time.Since(start).Milliseconds())
+			return res, nil
+		}
+		lastErr = protocol.AsError(err)
+		if lastErr.Code == protocol.CodeBusy {
+			busy++
+		}
+		if started || !lastErr.Retryable || ctx.Err() != nil {
+			break
+		}
+		log.Debugw("retrying on next candidate", "peer", c.Peer, "err", lastErr)
+	}
+	if ctx.Err() != nil {
+		return nil, ctxErr(ctx)
+	}
+	if busy == attempts {
+		return nil, protocol.Errorf(protocol.CodeBusy, "swarm busy: %d capable peer(s) tried, all busy", attempts)
+	}
+	return nil, lastErr
+}
+
+// fromProviders turns DHT providers of a model into candidates with
+// default figures; the first attempt will tell whether they serve it.
+func (r *Router) fromProviders(ctx context.Context, model string) []scored {
+	pctx, cancel := context.WithTimeout(ctx, providerWait)
+	defer cancel()
+	infos, err := r.providers.FindProviders(pctx, model, 8)
+	if err != nil {
+		log.Debugw("provider lookup failed", "model", model, "err", err)
+		return nil
+	}
+	var out []scored
+	for _, ai := range infos {
+		if ai.ID == r.h.ID() && r.local == nil {
+			continue
+		}
+		if len(ai.Addrs) > 0 {
+			r.h.Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.TempAddrTTL)
+		}
+		out = append(out, scored{Candidate: Candidate{Peer: ai.ID}, score: float64(len(out))})
+	}
+	return out
+}
+
+func ctxErr(ctx context.Context) *protocol.Error {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return protocol.Errorf(protocol.CodeTimeout, "query deadline exceeded")
+	}
+	return protocol.Errorf(protocol.CodeCancelled, "query cancelled")
+}
+
+// attempt runs the query on one peer. started reports whether output
+// reached the handler, after which a retry would duplicate it.
+func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h Handler) (*Result, bool, error) {
+	r.mu.Lock()
+	st := r.state(p)
+	if !st.tracker.Allow() {
+		r.mu.Unlock()
+		return nil, false, protocol.Errorf(protocol.CodeBackendError, "peer %s circuit open", p.ShortString())
+	}
+	st.inflight++
+	r.mu.Unlock()
+	start := time.Now()
+	var first time.Time
+	started := false
+	wrap := func(ev *pb.Event) error {
+		if _, ok := ev.GetKind().(*pb.Event_Accepted); !ok && !started {
+			started = true
+			first = time.Now()
+		}
+		return h(ev)
+	}
+	var done *pb.Done
+	var err error
+	local := p == r.h.ID() && r.local != nil
+	if local {
+		done, err = r.local.Serve(ctx, req, wrap)
+	} else {
+		done, err = r.remote(ctx, p, req, wrap)
+	}
+	end := time.Now()
+	r.mu.Lock()
+	st.inflight--
+	r.recordLocked(st, err, first, start, end)
+	r.mu.Unlock()
+	if err != nil {
+		return nil, started, err
+	}
+	if first.IsZero() {
+		first = end
+	}
+	return &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds())}, started, nil
+}
+
+func (r *Router) recordLocked(st *peerState, err error, first, start, end time.Time) {
+	if err == nil {
+		if !first.IsZero() {
+			st.ttft = ewma(st.ttft, float64(first.Sub(start).Milliseconds()))
+		}
+		st.service = ewma(st.service, float64(end.Sub(start).Milliseconds()))
+		st.tracker.Record(health.Success)
+		return
+	}
+	switch protocol.AsError(err).Code {
+	case protocol.CodeBackendError, protocol.CodeInternal:
+		st.tracker.Record(health.Failure)
+	case protocol.CodeTimeout:
+		st.tracker.Record(health.Timeout)
+	}
+}
+
+func ewma(old, v float64) float64 {
+	if old == 0 {
+		return v
+	}
+	return old + 0.2*(v-old)
+}
+
+// remote runs the query over a libp2p stream.
+func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error) {
+	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
+	s, err := r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
+	cancel()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctxErr(ctx)
+		}
+		return nil, protocol.Errorf(protocol.CodeBackendError, "cannot open a stream to %s: %v", p.ShortString(), err)
+	}
+	// Cancelling the query resets the stream, which the worker sees at once.
+	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
+	defer stop()
+	dl, _ := ctx.Deadline()
+	_ = s.SetWriteDeadline(dl)
+	if err := protocol.WriteFrame(s, req); err != nil {
+		_ = s.Reset()
+		return nil, r.streamErr(ctx, p, fmt.Errorf("sending request: %w", err))
+	}
+	_ = s.CloseWrite()
+	fr := protocol.NewFrameReader(s, protocol.MaxEventFrame)
+	started := false
+	for {
+		// Before the first output the worker may be queueing for as long as
+		// the deadline allows; after it, silence means a stuck worker.
+		rdl := dl
+		if started {
+			rdl = earliest(dl, time.Now().Add(r.idle))
+		}
+		_ = s.SetReadDeadline(rdl)
+		var ev pb.Event
+		if err := fr.Read(&ev); err != nil {
+			_ = s.Reset()
+			return nil, r.streamErr(ctx, p, err)
+		}
+		if err := protocol.ValidateEvent(&ev); err != nil {
+			_ = s.Reset()
+			return nil, protocol.Errorf(protocol.CodeBackendError, "peer %s sent an invalid event: %v", p.ShortString(), err)
+		}
+		switch k := ev.GetKind().(type) {
+		case *pb.Event_Done:
+			_ = s.Close()
+			return k.Done, nil
+		case *pb.Event_Error:
+			_ = s.Close()
+			return nil, protocol.FromProto(k.Error)
+		case *pb.Event_Accepted:
+			if err := emit(&ev); err != nil {
+				_ = s.Reset()
+				return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
+			}
+		default:
+			started = true
+			if err := emit(&ev); err != nil {
+				_ = s.Reset()
+				return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
+			}
+		}
+	}
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func (r *Router) streamErr(ctx context.Context, p peer.ID, err error) error {
+	if ctx.Err() != nil {
+		return ctxErr(ctx)
+	}
+	var te interface{ Timeout() bool }
+	if errors.As(err, &te) && te.Timeout() {
+		return protocol.Errorf(protocol.CodeTimeout, "peer %s went silent: %v", p.ShortString(), err)
+	}
+	return protocol.Errorf(protocol.CodeBackendError, "stream to %s failed before the end: %v", p.ShortString(), err)
+}

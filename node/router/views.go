@@ -1,0 +1,101 @@
+package router
+
+import (
+	"sort"
+	"time"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Peers is the peer table as people see it: no addresses.
+func (r *Router) Peers() []PeerView {
+	cands := r.table.Candidates()
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]PeerView, 0, len(cands))
+	for _, c := range cands {
+		a := c.Announce
+		st := r.state(c.Peer)
+		v := PeerView{
+			Peer:           c.Peer.String(),
+			Self:           c.Peer == r.h.ID(),
+			Version:        a.GetVersion(),
+			Roles:          a.GetRoles(),
+			Models:         []ModelStat{},
+			GPUs:           []GPUView{},
+			InFlight:       a.GetLoad().GetInFlight(),
+			MaxConcurrency: a.GetLoad().GetMaxConcurrency(),
+			Queued:         a.GetLoad().GetQueued(),
+			LocalInFlight:  st.inflight,
+			Health:         a.GetHealth(),
+			LocalHealth:    st.tracker.Score(),
+			Breaker:        st.tracker.State().String(),
+			Draining:       a.GetDraining(),
+			RTTMs:          float64(c.RTT.Microseconds()) / 1000,
+			AgeMs:          now.Sub(c.Received).Milliseconds(),
+		}
+		for _, m := range a.GetModels() {
+			v.Models = append(v.Models, ModelStat{
+				Name: m.GetName(), Types: typeNames(m.GetTypes()), Backend: m.GetBackend(),
+				ContextLength: m.GetContextLength(), TokensPerSec: m.GetTokensPerSec(),
+				P50TTFTMs: m.GetP50TtftMs(), JoulesPerToken: m.GetJoulesPerToken(),
+			})
+		}
+		for _, g := range a.GetGpus() {
+			v.GPUs = append(v.GPUs, GPUView{
+				Name: g.GetName(), UUID: g.GetUuid(), VRAMTotal: g.GetVramTotalBytes(),
+				VRAMFree: g.GetVramFreeBytes(), UtilPercent: g.GetUtilPercent(), PowerMW: g.GetPowerMw(),
+			})
+		}
+		out = append(out, v)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
+	return out
+}
+
+// Models lists every model served by a peer that is not draining, with
+// the union of its types and the number of peers serving it.
+func (r *Router) Models() []ModelView {
+	type agg struct {
+		types map[pb.QueryType]bool
+		peers int
+	}
+	byName := map[string]*agg{}
+	for _, c := range r.table.Candidates() {
+		if c.Announce.GetDraining() {
+			continue
+		}
+		for _, m := range c.Announce.GetModels() {
+			a := byName[m.GetName()]
+			if a == nil {
+				a = &agg{types: map[pb.QueryType]bool{}}
+				byName[m.GetName()] = a
+			}
+			a.peers++
+			for _, t := range m.GetTypes() {
+				a.types[t] = true
+			}
+		}
+	}
+	out := make([]ModelView, 0, len(byName))
+	for name, a := range byName {
+		var ts []pb.QueryType
+		for t := range a.types {
+			ts = append(ts, t)
+		}
+		sort.Slice(ts, func(i, j int) bool { return ts[i] < ts[j] })
+		out = append(out, ModelView{Name: name, Types: typeNames(ts), Peers: a.peers})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func typeNames(ts []pb.QueryType) []string {
+	out := make([]string, len(ts))
+	for i, t := range ts {
+		out[i] = protocol.TypeName(t)
+	}
+	return out
+}

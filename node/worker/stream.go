@@ -1,0 +1,113 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"io"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Stream deadlines.
+const (
+	// RequestReadTimeout bounds how long a client may take to send its
+	// request; a stream that never sends is answered TIMEOUT and closed.
+	RequestReadTimeout = 10 * time.Second
+	// WriteTimeout bounds each event write, refreshed per event, so a
+	// client that stops reading cannot hold a slot.
+	WriteTimeout = 30 * time.Second
+	// maxTrailing is how much a client may send after its request before
+	// the stream counts as abusive and the query is cancelled.
+	maxTrailing = 4 << 10
+)
+
+// HandleStream is the libp2p handler of the query protocol.
+func (w *Worker) HandleStream(s network.Stream) {
+	if err := s.Scope().ReserveMemory(64<<10, network.ReservationPriorityAlways); err != nil {
+		log.Debugw("refusing stream: resource limit", "peer", s.Conn().RemotePeer(), "err", err)
+		_ = s.SetWriteDeadline(time.Now().Add(time.Second))
+		_ = protocol.WriteFrame(s, errEvent(protocol.Errorf(protocol.CodeBusy, "worker out of resources")))
+		_ = s.Reset()
+		return
+	}
+	defer s.Scope().ReleaseMemory(64 << 10)
+
+	_ = s.SetReadDeadline(time.Now().Add(RequestReadTimeout))
+	fr := protocol.NewFrameReader(s, protocol.MaxRequestFrame)
+	var req pb.QueryRequest
+	if err := fr.Read(&req); err != nil {
+		perr := readError(err)
+		log.Debugw("bad request stream", "peer", s.Conn().RemotePeer(), "err", err)
+		_ = s.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		if protocol.WriteFrame(s, errEvent(perr)) != nil {
+			_ = s.Reset()
+			return
+		}
+		_ = s.Close()
+		return
+	}
+	_ = s.SetReadDeadline(time.Time{})
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// A reset from the client (or data it should not send) cancels the
+	// backend call at once.
+	go watchReset(s, cancel)
+
+	emit := func(ev *pb.Event) error {
+		_ = s.SetWriteDeadline(time.Now().Add(WriteTimeout))
+		return protocol.WriteFrame(s, ev)
+	}
+	done, err := w.Serve(ctx, &req, emit)
+	var last *pb.Event
+	if err != nil {
+		last = errEvent(protocol.AsError(err))
+	} else {
+		last = &pb.Event{Kind: &pb.Event_Done{Done: done}}
+	}
+	if emit(last) != nil {
+		_ = s.Reset()
+		return
+	}
+	_ = s.Close()
+}
+
+// watchReset reads past the request until the stream ends. A clean EOF is
+// the client's close-write and changes nothing; an error (reset) or too
+// many trailing bytes cancels the query.
+func watchReset(s network.Stream, cancel context.CancelFunc) {
+	n, err := io.Copy(io.Discard, io.LimitReader(s, maxTrailing+1))
+	if err != nil || n > maxTrailing {
+		cancel()
+	}
+}
+
+func errEvent(e *protocol.Error) *pb.Event {
+	return &pb.Event{Kind: &pb.Event_Error{Error: e.Proto()}}
+}
+
+// readError types a failure to read the request frame.
+func readError(err error) *protocol.Error {
+	switch {
+	case errors.Is(err, protocol.ErrFrameTooLarge):
+		return protocol.Errorf(protocol.CodeTooLarge, "request %v", err)
+	case errors.Is(err, protocol.ErrMalformedFrame):
+		return protocol.Errorf(protocol.CodeBadRequest, "request is not a valid QueryRequest frame: %v", err)
+	case isTimeout(err):
+		return protocol.Errorf(protocol.CodeTimeout, "no request within %s", RequestReadTimeout)
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return protocol.Errorf(protocol.CodeBadRequest, "stream ended before a complete request")
+	}
+	return protocol.Errorf(protocol.CodeBadRequest, "reading request: %v", err)
+}
+
+// isTimeout matches deadline errors of every transport (yamux's does not
+// wrap os.ErrDeadlineExceeded, QUIC's does).
+func isTimeout(err error) bool {
+	var te interface{ Timeout() bool }
+	return errors.As(err, &te) && te.Timeout()
+}

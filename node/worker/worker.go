@@ -1,0 +1,476 @@
+// Package worker serves queries on this node: it reads a query from a
+// libp2p stream (or takes it in-process from the router), admits it under
+// bounded concurrency, calls the backend and streams events back.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+var log = logging.Logger("mtor/worker")
+
+// Defaults for admission and deadlines. docs/protocol.md states the same.
+const (
+	DefaultMaxConcurrency = 4
+	DefaultMaxQueue       = 64
+	DefaultDeadline       = 120 * time.Second
+	MaxDeadline           = 10 * time.Minute
+)
+
+// EnergyMeter measures the GPU energy of one query: Begin starts a
+// measurement, the returned func ends it.
+type EnergyMeter interface {
+	Begin() (end func() (mJ uint64, ok bool))
+}
+
+// ModelCap is one servable model with its measured figures.
+type ModelCap struct {
+	Name           string
+	Types          []pb.QueryType
+	ContextLength  uint32
+	Backend        string
+	TokensPerSec   float32
+	P50TTFTMs      uint32
+	JoulesPerToken float32
+}
+
+// served is one model of one backend.
+type served struct {
+	b     *bound
+	model backend.Model
+}
+
+// bound is a backend with its health.
+type bound struct {
+	backend.Backend
+	health *health.Tracker
+}
+
+// Worker serves queries with its backends.
+type Worker struct {
+	backends []*bound
+	adm      *admission
+	version  string
+	meter    EnergyMeter
+	defDL    time.Duration
+	onChange func()
+
+	draining atomic.Bool
+	inflight sync.WaitGroup
+
+	mu     sync.RWMutex
+	models map[string][]served // by model name; refreshed from the backends
+	stats  map[string]*modelStats
+}
+
+// Option configures a Worker.
+type Option func(*Worker)
+
+// WithMaxConcurrency bounds queries running at once.
+func WithMaxConcurrency(n int) Option {
+	return func(w *Worker) {
+		if n > 0 {
+			w.adm.max = n
+		}
+	}
+}
+
+// WithMaxQueue bounds queries waiting for a slot; more are BUSY.
+func WithMaxQueue(n int) Option {
+	return func(w *Worker) {
+		if n >= 0 {
+			w.adm.maxQueue = n
+		}
+	}
+}
+
+// WithVersion sets the version reported in Done.
+func WithVersion(v string) Option { return func(w *Worker) { w.version = v } }
+
+// WithEnergyMeter measures GPU energy per query.
+func WithEnergyMeter(m EnergyMeter) Option { return func(w *Worker) { w.meter = m } }
+
+// WithDefaultDeadline is used for requests without a deadline.
+func WithDefaultDeadline(d time.Duration) Option { return func(w *Worker) { w.defDL = d } }
+
+// WithOnChange is called (without locks held) when load or models change,
+// so the announcer can publish promptly.
+func WithOnChange(f func()) Option { return func(w *Worker) { w.onChange = f } }
+
+// New builds a worker. Call Refresh to learn the backends' models.
+func New(backends []backend.Backend, opts ...Option) *Worker {
+	w := &Worker{
+		adm:      newAdmission(DefaultMaxConcurrency, DefaultMaxQueue),
+		version:  "dev",
+		defDL:    DefaultDeadline,
+		onChange: func() {},
+		models:   map[string][]served{},
+		stats:    map[string]*modelStats{},
+	}
+	for _, b := range backends {
+		w.backends = append(w.backends, &bound{Backend: b, health: health.New()})
+	}
+	for _, o := range opts {
+		o(w)
+	}
+	return w
+}
+
+// Refresh probes every backend and reloads its model list. A model that
+// disappears from its backend disappears from the worker; a backend whose
+// probe fails loses health and, after repeated failures, its models.
+func (w *Worker) Refresh(ctx context.Context) {
+	type result struct {
+		b      *bound
+		models []backend.Model
+		err    error
+	}
+	results := make([]result, len(w.backends))
+	var wg sync.WaitGroup
+	for i, b := range w.backends {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			err := b.Probe(pctx)
+			var ms []backend.Model
+			if err == nil {
+				ms, err = b.Models(pctx)
+			}
+			results[i] = result{b, ms, err}
+		}()
+	}
+	wg.Wait()
+	next := map[string][]served{}
+	for _, r := range results {
+		if r.err != nil {
+			r.b.health.Record(health.Failure)
+			log.Warnw("backend probe failed", "backend", r.b.Name(), "err", r.err)
+		} else {
+			r.b.health.Record(health.Success)
+		}
+		if r.err != nil || !r.b.health.Available() {
+			continue
+		}
+		for _, m := range r.models {
+			if protocol.ValidateModelName(m.Name) != nil || len(m.Types) == 0 {
+				continue
+			}
+			next[m.Name] = append(next[m.Name], served{b: r.b, model: m})
+		}
+	}
+	w.mu.Lock()
+	changed := !sameModels(w.models, next)
+	w.models = next
+	for name := range next {
+		if w.stats[name] == nil {
+			w.stats[name] = &modelStats{}
+		}
+	}
+	w.mu.Unlock()
+	if changed {
+		w.onChange()
+	}
+}
+
+func sameModels(a, b map[string][]served) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, va := range a {
+		vb := b[k]
+		if len(va) != len(vb) {
+			return false
+		}
+		for i := range va {
+			if va[i].b != vb[i].b || fmt.Sprint(va[i].model.Types) != fmt.Sprint(vb[i].model.Types) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// Capabilities lists the models this worker can serve now with their
+// measured figures, for announcements.
+func (w *Worker) Capabilities() []ModelCap {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	out := make([]ModelCap, 0, len(w.models))
+	for name, ss := range w.models {
+		c := ModelCap{Name: name, Backend: ss[0].b.Kind(), ContextLength: ss[0].model.ContextLength}
+		seen := map[pb.QueryType]bool{}
+		for _, s := range ss {
+			for _, t := range s.model.Types {
+				if !seen[t] {
+					seen[t] = true
+					c.Types = append(c.Types, t)
+				}
+			}
+		}
+		c.TokensPerSec, c.P50TTFTMs, c.JoulesPerToken = w.stats[name].snapshot()
+		out = append(out, c)
+	}
+	return out
+}
+
+// Load reports running and queued queries and the limits.
+func (w *Worker) Load() (running, queued, maxConcurrency, maxQueue int) {
+	r, q := w.adm.load()
+	return r, q, w.adm.max, w.adm.maxQueue
+}
+
+// Health is the mean health score of the backends, 0..100 (100 with none).
+func (w *Worker) Health() uint32 {
+	if len(w.backends) == 0 {
+		return 100
+	}
+	var sum float64
+	for _, b := range w.backends {
+		sum += b.health.Score()
+	}
+	return uint32(sum / float64(len(w.backends)))
+}
+
+// Drain makes the worker refuse new queries with BUSY.
+func (w *Worker) Drain() { w.draining.Store(true) }
+
+// Draining reports whether Drain was called.
+func (w *Worker) Draining() bool { return w.draining.Load() }
+
+// Wait blocks until queries in flight have ended or ctx is done.
+func (w *Worker) Wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { w.inflight.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// pick returns a backend serving model for type t whose breaker allows a
+// call, preferring the healthiest.
+func (w *Worker) pick(model string, t pb.QueryType) (*bound, *modelStats, error) {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	var best *bound
+	found := false
+	for _, s := range w.models[model] {
+		if !s.model.HasType(t) {
+			continue
+		}
+		found = true
+		if s.b.health.Available() && (best == nil || s.b.health.Score() > best.health.Score()) {
+			best = s.b
+		}
+	}
+	switch {
+	case !found:
+		return nil, nil, protocol.Errorf(protocol.CodeUnsupported, "this worker does not serve model %q for %s", model, protocol.TypeName(t))
+	case best == nil || !best.health.Allow():
+		return nil, nil, protocol.Errorf(protocol.CodeBackendError, "backend for model %q is failing (circuit open)", model)
+	}
+	return best, w.stats[model], nil
+}
+
+// Emit receives the events of a query before its end.
+type Emit func(*pb.Event) error
+
+// Serve answers one query in-process: it emits Accepted and the output
+// events, and returns the Done event or a typed error. Nothing is emitted
+// after it returns.
+func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*pb.Done, error) {
+	start := time.Now()
+	if err := protocol.ValidateRequest(req); err != nil {
+		return nil, err
+	}
+	if w.draining.Load() {
+		return nil, protocol.Errorf(protocol.CodeBusy, "worker is shutting down")
+	}
+	w.inflight.Add(1)
+	defer w.inflight.Done()
+
+	dl := start.Add(w.defDL)
+	if ms := req.GetDeadlineUnixMs(); ms > 0 {
+		dl = time.UnixMilli(ms)
+		if dl.Sub(start) > MaxDeadline {
+			dl = start.Add(MaxDeadline)
+		}
+	}
+	if !dl.After(start) {
+		return nil, protocol.Errorf(protocol.CodeTimeout, "deadline passed before the query started")
+	}
+	ctx, cancel := context.WithDeadline(ctx, dl)
+	defer cancel()
+
+	b, stats, err := w.pick(req.GetModel(), req.GetType())
+	if err != nil {
+		return nil, err
+	}
+	t, pos, err := w.adm.enter(req.GetPriority())
+	if err != nil {
+		return nil, err
+	}
+	w.onChange()
+	if err := emit(&pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: uint32(pos)}}}); err != nil {
+		if w.adm.wait(canceled(), t) == nil {
+			w.adm.release()
+		}
+		return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
+	}
+	if err := w.adm.wait(ctx, t); err != nil {
+		w.onChange()
+		return nil, ctxError(ctx, "waiting in the queue")
+	}
+	defer func() { w.adm.release(); w.onChange() }()
+	admitted := time.Now()
+
+	var end func() (uint64, bool)
+	if w.meter != nil {
+		end = w.meter.Begin()
+	}
+	s := &sink{emit: emit, ctx: ctx}
+	usage, err := b.Run(ctx, req, s)
+	var energy uint64
+	if end != nil {
+		energy, _ = end()
+	}
+	finished := time.Now()
+	if err != nil {
+		perr := mapBackendError(ctx, err)
+		switch perr.Code {
+		case protocol.CodeBackendError, protocol.CodeInternal:
+			b.health.Record(health.Failure)
+		case protocol.CodeTimeout:
+			b.health.Record(health.Timeout)
+		}
+		return nil, perr
+	}
+	b.health.Record(health.Success)
+	tokens := usage.CompletionTokens
+	if tokens == 0 {
+		tokens = s.chunks
+	}
+	ttft := finished.Sub(admitted)
+	if !s.first.IsZero() {
+		ttft = s.first.Sub(admitted)
+	}
+	stats.record(ttft, finished.Sub(admitted), tokens, energy)
+	return &pb.Done{
+		Usage: &pb.Usage{PromptTokens: usage.PromptTokens, CompletionTokens: tokens},
+		Timing: &pb.Timing{
+			QueueMs: uint32(admitted.Sub(start).Milliseconds()),
+			TtftMs:  uint32(s.firstOr(finished).Sub(start).Milliseconds()),
+			TotalMs: uint32(finished.Sub(start).Milliseconds()),
+		},
+		EnergyMj:      energy,
+		WorkerVersion: w.version,
+		Model:         req.GetModel(),
+	}, nil
+}
+
+func canceled() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}
+
+// ctxError is the typed error for a context that ended.
+func ctxError(ctx context.Context, doing string) *protocol.Error {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return protocol.Errorf(protocol.CodeTimeout, "deadline exceeded while %s", doing)
+	}
+	return protocol.Errorf(protocol.CodeCancelled, "cancelled while %s", doing)
+}
+
+// mapBackendError types a backend's error; a context end wins over
+// whatever the backend made of it.
+func mapBackendError(ctx context.Context, err error) *protocol.Error {
+	if ctx.Err() != nil {
+		return ctxError(ctx, "running the backend")
+	}
+	var pe *protocol.Error
+	if errors.As(err, &pe) {
+		return pe
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return protocol.Errorf(protocol.CodeTimeout, "backend timed out: %v", err)
+	}
+	return protocol.Errorf(protocol.CodeBackendError, "backend failed: %v", err)
+}
+
+// sink turns backend output into events, splitting oversized text and
+// refusing oversized media.
+type sink struct {
+	emit   Emit
+	ctx    context.Context
+	first  time.Time
+	chunks uint32
+}
+
+func (s *sink) mark() {
+	if s.first.IsZero() {
+		s.first = time.Now()
+	}
+}
+
+func (s *sink) firstOr(t time.Time) time.Time {
+	if s.first.IsZero() {
+		return t
+	}
+	return s.first
+}
+
+func (s *sink) Chunk(text string) error {
+	if text == "" {
+		return nil
+	}
+	s.mark()
+	s.chunks++
+	for len(text) > 0 {
+		n := min(len(text), protocol.MaxChunkText)
+		// Do not cut a UTF-8 sequence in two.
+		for n < len(text) && n > 0 && text[n]&0xC0 == 0x80 {
+			n--
+		}
+		if err := s.emit(&pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: text[:n]}}}); err != nil {
+			return err
+		}
+		text = text[n:]
+	}
+	return nil
+}
+
+// maxMedia leaves room for the frame's other fields.
+const maxMedia = protocol.MaxEventFrame - 1024
+
+func (s *sink) Media(mime string, data []byte) error {
+	if len(data) > maxMedia {
+		return protocol.Errorf(protocol.CodeTooLarge, "backend produced %d bytes of %s, limit %d", len(data), mime, maxMedia)
+	}
+	s.mark()
+	return s.emit(&pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: mime, Data: data}}})
+}
+
+func (s *sink) Embedding(index int, vector []float32) error {
+	if len(vector) > protocol.MaxEmbeddingDim {
+		return protocol.Errorf(protocol.CodeTooLarge, "embedding of dimension %d, limit %d", len(vector), protocol.MaxEmbeddingDim)
+	}
+	s.mark()
+	return s.emit(&pb.Event{Kind: &pb.Event_Embedding{Embedding: &pb.Embedding{Index: uint32(index), Vector: vector}}})
+}
