@@ -234,7 +234,7 @@ func (s *Server) handleQuery(w http.ResponseWriter, r *http.Request) {
 		writeError(w, status, protocol.AsError(err))
 		return
 	}
-	req, timeout, err := s.toProto(&q)
+	req, timeout, err := q.Proto(s.defaultTimeout)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, protocol.AsError(err))
 		return
@@ -243,28 +243,43 @@ func (s *Server) handleQuery(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 
 	out := &eventWriter{w: w, rc: http.NewResponseController(w)}
-	res, err := s.router.Query(ctx, req, func(ev *pb.Event) error {
-		if e := eventFromProto(ev); e != nil {
-			return out.write(e)
-		}
-		return nil
-	})
+	done, err := Run(ctx, s.router, req, out.write)
 	if err != nil {
-		pe := protocol.AsError(err)
 		if r.Context().Err() != nil {
 			log.Debugw("query cancelled by the client", "model", q.Model)
 			return
 		}
+		pe := protocol.AsError(err)
 		log.Debugw("query failed", "model", q.Model, "err", pe)
 		_ = out.write(&Event{Event: EventError, ErrorEvent: errorEvent(pe)})
 		return
 	}
-	_ = out.write(&Event{Event: EventDone, DoneEvent: doneEvent(res)})
+	_ = out.write(&Event{Event: EventDone, DoneEvent: done})
 }
 
-// toProto turns the JSON request into a wire request with a fresh id and
-// an absolute deadline, validated as a worker would.
-func (s *Server) toProto(q *QueryRequest) (*pb.QueryRequest, time.Duration, error) {
+// Run sends a wire request through r, as POST /v1/query does, calling
+// onEvent for each streamed event. It returns the done event or a
+// *protocol.Error. A non-nil return from onEvent cancels the query.
+func Run(ctx context.Context, r Router, req *pb.QueryRequest, onEvent func(*Event) error) (*DoneEvent, error) {
+	res, err := r.Query(ctx, req, func(ev *pb.Event) error {
+		if e := eventFromProto(ev); e != nil && onEvent != nil {
+			return onEvent(e)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, protocol.AsError(err)
+	}
+	if res == nil || res.Done == nil {
+		return nil, protocol.Errorf(protocol.CodeInternal, "the router returned no result")
+	}
+	return doneEvent(res), nil
+}
+
+// Proto turns the JSON request into a wire request with a fresh id and an
+// absolute deadline, validated as a worker would. It also returns the
+// query's timeout: timeout_ms, or defaultTimeout when that is 0.
+func (q *QueryRequest) Proto(defaultTimeout time.Duration) (*pb.QueryRequest, time.Duration, error) {
 	typ := pb.QueryType_QUERY_TYPE_CHAT
 	if q.Type != "" {
 		t, err := protocol.ParseType(q.Type)
@@ -273,7 +288,7 @@ func (s *Server) toProto(q *QueryRequest) (*pb.QueryRequest, time.Duration, erro
 		}
 		typ = t
 	}
-	timeout := s.defaultTimeout
+	timeout := defaultTimeout
 	switch {
 	case q.TimeoutMs < 0:
 		return nil, 0, protocol.Errorf(protocol.CodeBadRequest, "timeout_ms must not be negative")
