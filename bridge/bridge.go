@@ -1,0 +1,205 @@
+// Package bridge is the HTTP face of a node: the OpenAI-compatible API under
+// /v1, the swarm view /api/swarm, /metrics, /healthz, and it mounts the
+// WebSocket (/ws, package bridge/ws) and the web UI (/, package
+// bridge/webui). It talks to the swarm only through the Swarm interface and
+// never shows a network address.
+package bridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Swarm is what the bridge needs of the node; *router.Router satisfies it.
+type Swarm interface {
+	// Query routes req to the best capable peer and streams its events to
+	// h. It returns the Result or a *protocol.Error. Cancelling ctx cancels
+	// the query at the worker.
+	Query(ctx context.Context, req *pb.QueryRequest, h router.Handler) (*router.Result, error)
+	// Peers is the peer table, without network addresses.
+	Peers() []router.PeerView
+	// Models is every model the swarm serves, with its types.
+	Models() []router.ModelView
+}
+
+// Server limits for the http.Server that Serve runs.
+const (
+	readHeaderTimeout = 10 * time.Second
+	idleTimeout       = 2 * time.Minute
+	maxHeaderBytes    = 64 << 10
+)
+
+// Server is the bridge.
+type Server struct {
+	cfg     config
+	swarm   Swarm // instrumented
+	log     *logging.ZapEventLogger
+	keys    *keySet
+	cors    *corsPolicy
+	metrics *metrics
+	reg     *prometheus.Registry
+	handler http.Handler
+	started time.Time
+
+	// base is the parent of every request context; cancelling it ends
+	// streams and WebSockets that outlive the shutdown grace.
+	base       context.Context
+	cancelBase context.CancelFunc
+
+	mu  sync.Mutex
+	srv *http.Server
+}
+
+// New builds a bridge in front of s.
+func New(s Swarm, opts ...Option) (*Server, error) {
+	if s == nil {
+		return nil, errors.New("bridge: nil swarm")
+	}
+	cfg := config{
+		maxBody:       DefaultMaxBody,
+		maxMedia:      DefaultMaxMedia,
+		queryTimeout:  DefaultQueryTimeout,
+		retryAfter:    DefaultRetryAfter,
+		shutdownGrace: DefaultShutdownGrace,
+		log:           logging.Logger("mtor/bridge"),
+	}
+	for _, o := range opts {
+		if err := o(&cfg); err != nil {
+			return nil, fmt.Errorf("bridge: %w", err)
+		}
+	}
+	if cfg.maxMedia > cfg.maxBody {
+		cfg.maxMedia = cfg.maxBody
+	}
+	reg := cfg.registry
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	srv := &Server{
+		cfg:     cfg,
+		log:     cfg.log,
+		keys:    newKeySet(cfg.keys),
+		cors:    newCORSPolicy(cfg.corsOrigins),
+		reg:     reg,
+		started: time.Now(),
+	}
+	srv.base, srv.cancelBase = context.WithCancel(context.Background())
+	wsConns := func() int { return 0 }
+	m, err := newMetrics(reg, s, func() int { return wsConns() })
+	if err != nil {
+		return nil, fmt.Errorf("bridge: metrics: %w", err)
+	}
+	srv.metrics = m
+	srv.swarm = &instrumented{Swarm: s, m: m}
+	mux := http.NewServeMux()
+	srv.routes(mux)
+	wsHandler, conns := srv.mountUI(mux)
+	if conns != nil {
+		wsConns = conns
+	}
+	_ = wsHandler
+	srv.handler = mux
+	return srv, nil
+}
+
+// routes mounts everything but /ws and /.
+func (s *Server) routes(mux *http.ServeMux) {
+	v1 := http.NewServeMux()
+	v1.HandleFunc("GET /v1/models", s.handleModels)
+	v1.HandleFunc("GET /v1/models/{id...}", s.handleModel)
+	v1.HandleFunc("POST /v1/chat/completions", s.handleChat)
+	v1.HandleFunc("POST /v1/embeddings", s.handleEmbeddings)
+	v1.HandleFunc("POST /v1/images/generations", s.handleImages)
+	v1.HandleFunc("POST /v1/audio/transcriptions", s.handleTranscription)
+	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
+	v1.HandleFunc("/v1/", s.handleUnknown)
+	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(v1)))
+	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
+	mux.HandleFunc("/healthz", s.handleHealth)
+	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
+}
+
+// Handler is the bridge's whole HTTP surface.
+func (s *Server) Handler() http.Handler { return s.handler }
+
+// Swarm is the instrumented swarm the bridge queries through.
+func (s *Server) Swarm() Swarm { return s.swarm }
+
+// ListenAndServe listens on addr and serves until ctx ends.
+func (s *Server) ListenAndServe(ctx context.Context, addr string) error {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return fmt.Errorf("bridge: listen %s: %w", addr, err)
+	}
+	return s.Serve(ctx, ln)
+}
+
+// Serve serves on ln until ctx ends, then shuts down gracefully: requests in
+// flight get the shutdown grace to finish before they are cancelled.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	hs := &http.Server{
+		Handler:           s.handler,
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		BaseContext:       func(net.Listener) context.Context { return s.base },
+		ErrorLog:          nil,
+	}
+	s.mu.Lock()
+	if s.srv != nil {
+		s.mu.Unlock()
+		ln.Close()
+		return errors.New("bridge: already serving")
+	}
+	s.srv = hs
+	s.mu.Unlock()
+	s.log.Infow("bridge serving", "addr", ln.Addr().String())
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	select {
+	case err := <-errc:
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return fmt.Errorf("bridge: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.shutdownGrace)
+	defer cancel()
+	err := s.Shutdown(sctx)
+	<-errc
+	return err
+}
+
+// Shutdown stops accepting requests, waits for those in flight until ctx
+// ends, then cancels the rest (their queries are cancelled at the workers)
+// and closes every connection, WebSockets included.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	hs := s.srv
+	s.mu.Unlock()
+	if hs == nil {
+		s.cancelBase()
+		return nil
+	}
+	err := hs.Shutdown(ctx)
+	s.cancelBase() // hijacked connections (WebSockets) are not tracked by Shutdown
+	if err != nil {
+		_ = hs.Close()
+		return fmt.Errorf("bridge: shutdown: %w", err)
+	}
+	return nil
+}

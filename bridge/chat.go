@@ -1,0 +1,254 @@
+package bridge
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// maxAnswer bounds a non-streamed answer held in memory.
+const maxAnswer = 16 << 20
+
+type chatMessageOut struct {
+	Role    string  `json:"role"`
+	Content string  `json:"content"`
+	Refusal *string `json:"refusal"`
+}
+
+type chatChoice struct {
+	Index        int            `json:"index"`
+	Message      chatMessageOut `json:"message"`
+	Logprobs     any            `json:"logprobs"`
+	FinishReason string         `json:"finish_reason"`
+}
+
+type chatCompletion struct {
+	ID                string       `json:"id"`
+	Object            string       `json:"object"`
+	Created           int64        `json:"created"`
+	Model             string       `json:"model"`
+	Choices           []chatChoice `json:"choices"`
+	Usage             usage        `json:"usage"`
+	SystemFingerprint *string      `json:"system_fingerprint"`
+	Mtor              *mtorInfo    `json:"mtor,omitempty"`
+}
+
+type chunkDelta struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+type chunkChoice struct {
+	Index        int        `json:"index"`
+	Delta        chunkDelta `json:"delta"`
+	Logprobs     any        `json:"logprobs"`
+	FinishReason *string    `json:"finish_reason"`
+}
+
+// chatChunk is one SSE event of a streamed completion, in OpenAI's format.
+type chatChunk struct {
+	ID                string        `json:"id"`
+	Object            string        `json:"object"`
+	Created           int64         `json:"created"`
+	Model             string        `json:"model"`
+	SystemFingerprint *string       `json:"system_fingerprint"`
+	Choices           []chunkChoice `json:"choices"`
+	Usage             any           `json:"usage,omitempty"` // null on every chunk but the last when usage is asked for
+	Mtor              *mtorInfo     `json:"mtor,omitempty"`
+}
+
+// finishReason is "length" when the answer used up max_tokens.
+func finishReason(q *pb.QueryRequest, res *router.Result) string {
+	if m := q.GetParams().GetMaxTokens(); m > 0 && res.Done.GetUsage().GetCompletionTokens() >= m {
+		return "length"
+	}
+	return "stop"
+}
+
+func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
+	var req chatRequest
+	if err := decodeJSON(w, r, s.cfg.maxBody, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	q, aerr := chatToQuery(&req, limits{maxMedia: s.cfg.maxMedia})
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	if aerr := s.checkModel(q.Model, q.Type); aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	id := "chatcmpl-" + hex.EncodeToString(q.Id)
+	created := time.Now().Unix()
+	if req.Stream {
+		s.streamChat(w, r, q, id, created, req.StreamOptions != nil && req.StreamOptions.IncludeUsage)
+		return
+	}
+	var text strings.Builder
+	var overflow *apiError
+	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
+		if c := ev.GetChunk(); c != nil {
+			if text.Len()+len(c.GetText()) > maxAnswer {
+				overflow = tooLarge("", "The answer is longer than %d bytes; use stream: true.", maxAnswer)
+				return overflow
+			}
+			text.WriteString(c.GetText())
+		}
+		return nil
+	})
+	if overflow != nil {
+		aerr = overflow
+	}
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	w.Header().Set(peerHeader, res.Peer.String())
+	writeJSON(w, http.StatusOK, chatCompletion{
+		ID:      id,
+		Object:  "chat.completion",
+		Created: created,
+		Model:   q.Model,
+		Choices: []chatChoice{{
+			Message:      chatMessageOut{Role: "assistant", Content: text.String()},
+			FinishReason: finishReason(q, res),
+		}},
+		Usage: usageOf(res),
+		Mtor:  infoOf(res),
+	})
+}
+
+// sse writes server-sent events. Headers go out with the first event, so
+// that a query refused before any worker accepted it still gets its proper
+// HTTP status; each write has its own deadline so that a stalled reader
+// cancels the query instead of holding it.
+type sse struct {
+	mu      sync.Mutex
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	started bool
+}
+
+func newSSE(w http.ResponseWriter) *sse {
+	return &sse{w: w, rc: http.NewResponseController(w)}
+}
+
+func (e *sse) start() {
+	if e.started {
+		return
+	}
+	e.started = true
+	h := e.w.Header()
+	h.Set("Content-Type", "text/event-stream; charset=utf-8")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no") // tell reverse proxies not to buffer
+	h.Set("Trailer", peerHeader)
+	e.w.WriteHeader(http.StatusOK)
+}
+
+func (e *sse) write(data []byte) error {
+	_ = e.rc.SetWriteDeadline(time.Now().Add(defaultWriteTimeout))
+	if _, err := e.w.Write(data); err != nil {
+		return err
+	}
+	return e.rc.Flush()
+}
+
+// event sends one "data: <json>" event.
+func (e *sse) event(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.start()
+	return e.write([]byte("data: " + string(b) + "\n\n"))
+}
+
+func (e *sse) done() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.start()
+	return e.write([]byte("data: [DONE]\n\n"))
+}
+
+func (e *sse) isStarted() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.started
+}
+
+func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryRequest, id string, created int64, includeUsage bool) {
+	out := newSSE(w)
+	var usageField any
+	if includeUsage {
+		usageField = json.RawMessage("null")
+	}
+	chunk := func(d chunkDelta, finish *string) chatChunk {
+		return chatChunk{ID: id, Object: "chat.completion.chunk", Created: created, Model: q.Model, Usage: usageField,
+			Choices: []chunkChoice{{Delta: d, FinishReason: finish}}}
+	}
+	empty := ""
+	roleSent := false
+	sendRole := func() error {
+		if roleSent {
+			return nil
+		}
+		roleSent = true
+		return out.event(chunk(chunkDelta{Role: "assistant", Content: &empty}, nil))
+	}
+	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
+		switch k := ev.GetKind().(type) {
+		case *pb.Event_Accepted:
+			return sendRole()
+		case *pb.Event_Chunk:
+			if err := sendRole(); err != nil {
+				return err
+			}
+			text := k.Chunk.GetText()
+			if text == "" {
+				return nil
+			}
+			return out.event(chunk(chunkDelta{Content: &text}, nil))
+		}
+		return nil
+	})
+	if aerr != nil {
+		if !out.isStarted() {
+			writeError(w, aerr)
+			return
+		}
+		if aerr.Status != statusClientClosed {
+			// The status line is gone: OpenAI's clients read an error event.
+			_ = out.event(aerr.body())
+		}
+		return
+	}
+	if err := sendRole(); err != nil {
+		return
+	}
+	reason := finishReason(q, res)
+	last := chunk(chunkDelta{}, &reason)
+	last.Mtor = infoOf(res)
+	if err := out.event(last); err != nil {
+		return
+	}
+	if includeUsage {
+		u := usageOf(res)
+		final := chatChunk{ID: id, Object: "chat.completion.chunk", Created: created, Model: q.Model, Choices: []chunkChoice{}, Usage: u}
+		if err := out.event(final); err != nil {
+			return
+		}
+	}
+	w.Header().Set(peerHeader, res.Peer.String()) // trailer
+	_ = out.done()
+}

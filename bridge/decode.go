@@ -1,0 +1,147 @@
+package bridge
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+	"time"
+)
+
+// limitBody bounds r's body at max bytes and its reading at
+// defaultBodyTimeout, so that a slow upload cannot hold a handler forever.
+// The returned func lifts the read deadline again: it must not outlive the
+// body, or it would cut the connection under a long SSE stream.
+func limitBody(w http.ResponseWriter, r *http.Request, max int64) func() {
+	r.Body = http.MaxBytesReader(w, r.Body, max)
+	rc := http.NewResponseController(w)
+	if rc.SetReadDeadline(time.Now().Add(defaultBodyTimeout)) != nil {
+		return func() {}
+	}
+	return func() { _ = rc.SetReadDeadline(time.Time{}) }
+}
+
+// bodyError maps a failed body read.
+func bodyError(err error, max int64) *apiError {
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		return tooLarge("", "Request body is larger than the limit of %d bytes.", max)
+	}
+	var ne interface{ Timeout() bool }
+	if errors.As(err, &ne) && ne.Timeout() {
+		return &apiError{Status: http.StatusRequestTimeout, Type: typeInvalidRequest, Code: "request_timeout", Message: "Reading the request body took too long."}
+	}
+	return badRequest("", "invalid_body", "Reading the request body failed: %v", err)
+}
+
+// decodeJSON reads r's body (at most max bytes) into v. Unknown fields are
+// ignored, as OpenAI clients send extras; a known field of the wrong type,
+// invalid JSON, an empty body or trailing data is a 400 naming the problem.
+func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, v any) *apiError {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
+			return badRequest("", "invalid_content_type", "Content-Type must be application/json, not %q.", ct)
+		}
+	}
+	done := limitBody(w, r, max)
+	defer done()
+	dec := json.NewDecoder(r.Body)
+	if err := dec.Decode(v); err != nil {
+		return jsonError(err, max)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		if err != nil && !isSyntax(err) {
+			return jsonError(err, max)
+		}
+		return badRequest("", "invalid_json", "Request body has data after the JSON value.")
+	}
+	return nil
+}
+
+func isSyntax(err error) bool {
+	var se *json.SyntaxError
+	return errors.As(err, &se)
+}
+
+// jsonError maps a decoding error to a 400 (or 413 when over the limit).
+func jsonError(err error, max int64) *apiError {
+	var (
+		se  *json.SyntaxError
+		te  *json.UnmarshalTypeError
+		mbe *http.MaxBytesError
+	)
+	switch {
+	case errors.As(err, &mbe):
+		return bodyError(err, max)
+	case errors.Is(err, io.EOF):
+		return badRequest("", "invalid_json", "Request body is empty; expected a JSON object.")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return badRequest("", "invalid_json", "Request body is not valid JSON: it ends too early.")
+	case errors.As(err, &se):
+		return badRequest("", "invalid_json", "Request body is not valid JSON at byte %d: %v.", se.Offset, se)
+	case errors.As(err, &te):
+		if te.Field == "" {
+			return badRequest("", "invalid_type", "Request body must be a JSON object, not %s.", te.Value)
+		}
+		return badRequest(te.Field, "invalid_type", "Invalid type for %q: expected %s, got %s.", te.Field, jsonKind(te.Type.String()), te.Value)
+	case errors.As(err, new(*fieldError)):
+		var fe *fieldError
+		errors.As(err, &fe)
+		return badRequest(fe.field, "invalid_type", "Invalid value for %q: %s.", fe.field, fe.msg)
+	}
+	return bodyError(err, max)
+}
+
+// jsonKind names a Go type as a JSON client thinks of it.
+func jsonKind(goType string) string {
+	t := strings.TrimPrefix(goType, "*")
+	switch {
+	case t == "string":
+		return "a string"
+	case t == "bool":
+		return "a boolean"
+	case strings.HasPrefix(t, "int") || strings.HasPrefix(t, "uint"):
+		return "an integer"
+	case strings.HasPrefix(t, "float"):
+		return "a number"
+	case strings.HasPrefix(t, "[]"):
+		return "an array"
+	case strings.HasPrefix(t, "map["):
+		return "an object"
+	}
+	return "an object"
+}
+
+// fieldError is a field whose value is of the right JSON type but not
+// acceptable, or of a type a custom decoder rejects.
+type fieldError struct {
+	field, msg string
+}
+
+func (e *fieldError) Error() string { return fmt.Sprintf("%s: %s", e.field, e.msg) }
+
+// stringOrArray decodes a JSON string or array of strings; null or absent
+// is nil.
+func stringOrArray(raw json.RawMessage, field string) ([]string, *apiError) {
+	if isNull(raw) {
+		return nil, nil
+	}
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		return []string{s}, nil
+	}
+	var arr []string
+	if err := json.Unmarshal(raw, &arr); err == nil {
+		return arr, nil
+	}
+	return nil, badRequest(field, "invalid_type", "Invalid type for %q: expected a string or an array of strings.", field)
+}
+
+func isNull(raw json.RawMessage) bool {
+	s := strings.TrimSpace(string(raw))
+	return s == "" || s == "null"
+}

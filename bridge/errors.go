@@ -1,0 +1,147 @@
+package bridge
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"regexp"
+	"strconv"
+	"time"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// OpenAI's error types.
+const (
+	typeInvalidRequest = "invalid_request_error"
+	typeAuth           = "authentication_error"
+	typePermission     = "permission_error"
+	typeNotFound       = "not_found_error"
+	typeRateLimit      = "rate_limit_error"
+	typeServer         = "server_error"
+)
+
+// statusClientClosed is nginx's code for a client that went away; nobody
+// reads it, but metrics and logs tell it apart from a server failure.
+const statusClientClosed = 499
+
+// apiError is an error as an OpenAI client reads it:
+// {"error":{"message","type","param","code"}} with an HTTP status.
+type apiError struct {
+	Status     int
+	Message    string
+	Type       string
+	Param      string
+	Code       string
+	RetryAfter time.Duration // sets Retry-After when > 0
+}
+
+func (e *apiError) Error() string { return fmt.Sprintf("%d %s: %s", e.Status, e.Code, e.Message) }
+
+// errorBody is the JSON form; param and code are null when empty, as OpenAI
+// sends them.
+type errorBody struct {
+	Error struct {
+		Message string  `json:"message"`
+		Type    string  `json:"type"`
+		Param   *string `json:"param"`
+		Code    *string `json:"code"`
+	} `json:"error"`
+}
+
+func (e *apiError) body() errorBody {
+	var b errorBody
+	b.Error.Message = e.Message
+	b.Error.Type = e.Type
+	if e.Param != "" {
+		p := e.Param
+		b.Error.Param = &p
+	}
+	if e.Code != "" {
+		c := e.Code
+		b.Error.Code = &c
+	}
+	return b
+}
+
+func badRequest(param, code, format string, args ...any) *apiError {
+	return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: param, Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+func tooLarge(param, format string, args ...any) *apiError {
+	return &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Param: param, Code: "request_too_large", Message: fmt.Sprintf(format, args...)}
+}
+
+func modelNotFound(model string) *apiError {
+	return &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Param: "model", Code: "model_not_found",
+		Message: fmt.Sprintf("The model %q is not served by any peer of this swarm (GET /v1/models lists what is).", model)}
+}
+
+// fromProtocol maps a swarm error to its HTTP form (BRIDGE.md's table).
+// Messages are scrubbed of anything that looks like a network address,
+// since worker errors may quote one.
+func fromProtocol(err error, retryAfter time.Duration) *apiError {
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return ae
+	}
+	pe := protocol.AsError(err)
+	msg := scrubAddresses(pe.Message)
+	switch pe.Code {
+	case pb.ErrorCode_ERROR_CODE_BAD_REQUEST:
+		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "bad_request", Message: msg}
+	case pb.ErrorCode_ERROR_CODE_TOO_LARGE:
+		return &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Code: "request_too_large", Message: msg}
+	case pb.ErrorCode_ERROR_CODE_BUSY:
+		return &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit, Code: "swarm_busy", RetryAfter: retryAfter,
+			Message: "Every peer that serves this model is busy; retry later. (" + msg + ")"}
+	case pb.ErrorCode_ERROR_CODE_UNSUPPORTED:
+		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: "no_capable_peer",
+			Message: "No peer of the swarm can answer this query now. (" + msg + ")"}
+	case pb.ErrorCode_ERROR_CODE_TIMEOUT:
+		return &apiError{Status: http.StatusGatewayTimeout, Type: typeServer, Code: "timeout", Message: msg}
+	case pb.ErrorCode_ERROR_CODE_CANCELLED:
+		return &apiError{Status: statusClientClosed, Type: typeInvalidRequest, Code: "cancelled", Message: msg}
+	case pb.ErrorCode_ERROR_CODE_BACKEND_ERROR:
+		return &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "backend_error", Message: msg}
+	}
+	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: msg}
+}
+
+// addrRe matches URLs, multiaddrs, IPv4 with optional port and bracketed
+// IPv6: the forms in which a network address shows up in error text.
+var addrRe = regexp.MustCompile(`[a-zA-Z][a-zA-Z0-9+.-]*://[^\s"']+|/(?:ip4|ip6|dns|dns4|dns6|dnsaddr|unix)/[^\s"']+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F:.%]+\](?::\d+)?`)
+
+func scrubAddresses(s string) string { return addrRe.ReplaceAllString(s, "[address]") }
+
+// writeError sends e in OpenAI's shape.
+func writeError(w http.ResponseWriter, e *apiError) {
+	h := w.Header()
+	if e.RetryAfter > 0 {
+		secs := int((e.RetryAfter + time.Second - 1) / time.Second)
+		h.Set("Retry-After", strconv.Itoa(secs))
+		h.Set("Retry-After-Ms", strconv.FormatInt(e.RetryAfter.Milliseconds(), 10))
+	}
+	if e.Status == http.StatusUnauthorized {
+		h.Set("WWW-Authenticate", `Bearer realm="mtor"`)
+	}
+	h.Del("Content-Length")
+	h.Del("X-Mtor-Peer")
+	writeJSON(w, e.Status, e.body())
+}
+
+// writeJSON sends v with status.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status = http.StatusInternalServerError
+		b = []byte(`{"error":{"message":"encoding the response failed","type":"server_error","param":null,"code":"internal_error"}}`)
+	}
+	b = append(b, '\n')
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}

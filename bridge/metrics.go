@@ -1,0 +1,116 @@
+package bridge
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// metrics are the bridge's Prometheus series.
+type metrics struct {
+	queries  *prometheus.CounterVec   // type, model, outcome
+	duration *prometheus.HistogramVec // type
+	ttft     *prometheus.HistogramVec // type
+	inFlight prometheus.Gauge
+}
+
+func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int) (*metrics, error) {
+	m := &metrics{
+		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mtor_bridge_queries_total",
+			Help: "Queries the bridge sent to the swarm, by query type, model and outcome (ok or the error code).",
+		}, []string{"type", "model", "outcome"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "mtor_bridge_query_duration_seconds",
+			Help:    "Time from sending a query to the swarm until it ended, by query type.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 12), // 10 ms .. ~10 min
+		}, []string{"type"}),
+		ttft: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "mtor_bridge_ttft_seconds",
+			Help:    "Time from sending a query until its first output (token, media or embedding), by query type.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2.5, 11), // 5 ms .. ~8 min
+		}, []string{"type"}),
+		inFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "mtor_bridge_in_flight",
+			Help: "Queries the bridge is running now.",
+		}),
+	}
+	cs := []prometheus.Collector{
+		m.queries, m.duration, m.ttft, m.inFlight,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mtor_swarm_peers",
+			Help: "Worker peers in this node's peer table.",
+		}, func() float64 { return float64(len(s.Peers())) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mtor_bridge_connections",
+			Help: "Open WebSocket connections.",
+		}, func() float64 { return float64(conns()) }),
+	}
+	for _, c := range cs {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	// A registry shared with the node may carry these already.
+	for _, c := range []prometheus.Collector{
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	} {
+		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// instrumented wraps a Swarm so that every query through it, from the
+// OpenAI API or the WebSocket, is counted and timed.
+type instrumented struct {
+	Swarm
+	m *metrics
+}
+
+// Query implements Swarm.
+func (s *instrumented) Query(ctx context.Context, req *pb.QueryRequest, h router.Handler) (*router.Result, error) {
+	typ := protocol.TypeName(req.GetType())
+	s.m.inFlight.Inc()
+	defer s.m.inFlight.Dec()
+	start := time.Now()
+	first := false
+	res, err := s.Swarm.Query(ctx, req, func(ev *pb.Event) error {
+		switch ev.GetKind().(type) {
+		case *pb.Event_Chunk, *pb.Event_Media, *pb.Event_Embedding:
+			if !first {
+				first = true
+				s.m.ttft.WithLabelValues(typ).Observe(time.Since(start).Seconds())
+			}
+		}
+		return h(ev)
+	})
+	s.m.duration.WithLabelValues(typ).Observe(time.Since(start).Seconds())
+	outcome := "ok"
+	if err != nil {
+		outcome = strings.ToLower(protocol.CodeName(protocol.AsError(err).Code))
+	}
+	s.m.queries.WithLabelValues(typ, s.modelLabel(req.GetModel()), outcome).Inc()
+	return res, err
+}
+
+// modelLabel keeps the model label's cardinality bounded by what the swarm
+// serves: any other name a client sends is "other".
+func (s *instrumented) modelLabel(name string) string {
+	for _, m := range s.Swarm.Models() {
+		if m.Name == name {
+			return name
+		}
+	}
+	return "other"
+}

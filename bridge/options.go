@@ -1,0 +1,190 @@
+package bridge
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Defaults for the options.
+const (
+	DefaultMaxBody       = 16 << 20 // whole request body, media included
+	DefaultMaxMedia      = 7 << 20  // decoded media per request; the request frame is 8 MiB
+	DefaultQueryTimeout  = 5 * time.Minute
+	DefaultRetryAfter    = 2 * time.Second
+	DefaultShutdownGrace = 10 * time.Second
+	defaultBodyTimeout   = time.Minute      // reading one request body
+	defaultWriteTimeout  = 30 * time.Second // writing one SSE event or response
+	maxKeyFile           = 1 << 20
+)
+
+type config struct {
+	keys          []string
+	corsOrigins   []string
+	maxBody       int64
+	maxMedia      int64
+	registry      *prometheus.Registry
+	queryTimeout  time.Duration
+	retryAfter    time.Duration
+	shutdownGrace time.Duration
+	selfID        string
+	log           *logging.ZapEventLogger
+}
+
+// Option configures a Server.
+type Option func(*config) error
+
+// WithAPIKeys requires one of keys as "Authorization: Bearer <key>" on /v1/*
+// and /ws. Without keys (the default) the API is open.
+func WithAPIKeys(keys []string) Option {
+	return func(c *config) error {
+		for i, k := range keys {
+			if k == "" || strings.ContainsAny(k, " \t\r\n") {
+				return fmt.Errorf("api key %d: empty or contains white space", i)
+			}
+		}
+		c.keys = append(c.keys, keys...)
+		return nil
+	}
+}
+
+// WithAPIKeyFile reads API keys from path, one a line; blank lines and lines
+// starting with # are skipped. A file without keys is an error, so that a
+// mistake never leaves the API open by accident.
+func WithAPIKeyFile(path string) Option {
+	return func(c *config) error {
+		f, err := os.Open(path)
+		if err != nil {
+			return fmt.Errorf("api key file: %w", err)
+		}
+		defer f.Close()
+		var keys []string
+		sc := bufio.NewScanner(f)
+		sc.Buffer(make([]byte, 4096), maxKeyFile)
+		for sc.Scan() {
+			line := strings.TrimSpace(sc.Text())
+			if line == "" || strings.HasPrefix(line, "#") {
+				continue
+			}
+			keys = append(keys, line)
+		}
+		if err := sc.Err(); err != nil {
+			return fmt.Errorf("api key file %s: %w", path, err)
+		}
+		if len(keys) == 0 {
+			return fmt.Errorf("api key file %s holds no keys", path)
+		}
+		return WithAPIKeys(keys)(c)
+	}
+}
+
+// WithCORSOrigins allows cross-origin browser requests from these origins
+// (scheme://host[:port]); "*" allows any. Same-origin requests are always
+// allowed; requests from any other origin get 403.
+func WithCORSOrigins(origins []string) Option {
+	return func(c *config) error {
+		for _, o := range origins {
+			if o == "" {
+				return errors.New("empty CORS origin")
+			}
+		}
+		c.corsOrigins = append(c.corsOrigins, origins...)
+		return nil
+	}
+}
+
+// WithMaxBody bounds every request body (JSON or multipart, media
+// included); larger ones get 413.
+func WithMaxBody(n int64) Option {
+	return func(c *config) error {
+		if n <= 0 {
+			return fmt.Errorf("max body %d must be > 0", n)
+		}
+		c.maxBody = n
+		return nil
+	}
+}
+
+// WithMaxMedia bounds the decoded media (images, audio) of one request;
+// more gets 413.
+func WithMaxMedia(n int64) Option {
+	return func(c *config) error {
+		if n <= 0 {
+			return fmt.Errorf("max media %d must be > 0", n)
+		}
+		c.maxMedia = n
+		return nil
+	}
+}
+
+// WithRegistry registers the bridge's metrics (and the Go and process
+// collectors, unless already there) in reg instead of a registry of its own.
+func WithRegistry(reg *prometheus.Registry) Option {
+	return func(c *config) error {
+		if reg == nil {
+			return errors.New("nil registry")
+		}
+		c.registry = reg
+		return nil
+	}
+}
+
+// WithQueryTimeout bounds each query from request to last event.
+func WithQueryTimeout(d time.Duration) Option {
+	return func(c *config) error {
+		if d <= 0 {
+			return fmt.Errorf("query timeout %s must be > 0", d)
+		}
+		c.queryTimeout = d
+		return nil
+	}
+}
+
+// WithRetryAfter is the Retry-After a client gets when the swarm is busy.
+func WithRetryAfter(d time.Duration) Option {
+	return func(c *config) error {
+		if d < time.Second {
+			return fmt.Errorf("retry-after %s must be at least 1s", d)
+		}
+		c.retryAfter = d
+		return nil
+	}
+}
+
+// WithShutdownGrace is how long Serve waits for requests in flight when its
+// context ends before it cancels them.
+func WithShutdownGrace(d time.Duration) Option {
+	return func(c *config) error {
+		if d < 0 {
+			return fmt.Errorf("shutdown grace %s must be >= 0", d)
+		}
+		c.shutdownGrace = d
+		return nil
+	}
+}
+
+// WithSelfID is this node's peer ID as /api/swarm reports it under "self".
+// Without it, the peer the swarm marks Self is used, if any.
+func WithSelfID(id string) Option {
+	return func(c *config) error {
+		c.selfID = id
+		return nil
+	}
+}
+
+// WithLogger replaces the "mtor/bridge" logger.
+func WithLogger(l *logging.ZapEventLogger) Option {
+	return func(c *config) error {
+		if l == nil {
+			return errors.New("nil logger")
+		}
+		c.log = l
+		return nil
+	}
+}

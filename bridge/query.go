@@ -1,0 +1,124 @@
+package bridge
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// peerHeader names the peer that answered; peer IDs are public, addresses
+// never leave the bridge.
+const peerHeader = "X-Mtor-Peer"
+
+// mtorInfo is the "mtor" extension object of responses: who answered and
+// how fast. OpenAI clients ignore it.
+type mtorInfo struct {
+	Peer          string `json:"peer"`
+	Local         bool   `json:"local,omitempty"`
+	Attempts      int    `json:"attempts"`
+	TTFTMs        uint32 `json:"ttft_ms"`
+	TotalMs       uint32 `json:"total_ms"`
+	QueueMs       uint32 `json:"queue_ms"`
+	WorkerTTFTMs  uint32 `json:"worker_ttft_ms"`
+	WorkerTotalMs uint32 `json:"worker_total_ms"`
+	EnergyMJ      uint64 `json:"energy_mj,omitempty"`
+	WorkerVersion string `json:"worker_version,omitempty"`
+}
+
+func infoOf(res *router.Result) *mtorInfo {
+	if res == nil {
+		return nil
+	}
+	d := res.Done
+	return &mtorInfo{
+		Peer:          res.Peer.String(),
+		Local:         res.Local,
+		Attempts:      res.Attempts,
+		TTFTMs:        res.TTFTMs,
+		TotalMs:       res.TotalMs,
+		QueueMs:       d.GetTiming().GetQueueMs(),
+		WorkerTTFTMs:  d.GetTiming().GetTtftMs(),
+		WorkerTotalMs: d.GetTiming().GetTotalMs(),
+		EnergyMJ:      d.GetEnergyMj(),
+		WorkerVersion: d.GetWorkerVersion(),
+	}
+}
+
+// usage is OpenAI's token accounting.
+type usage struct {
+	PromptTokens     uint32 `json:"prompt_tokens"`
+	CompletionTokens uint32 `json:"completion_tokens"`
+	TotalTokens      uint32 `json:"total_tokens"`
+}
+
+func usageOf(res *router.Result) usage {
+	u := res.Done.GetUsage()
+	return usage{PromptTokens: u.GetPromptTokens(), CompletionTokens: u.GetCompletionTokens(), TotalTokens: u.GetPromptTokens() + u.GetCompletionTokens()}
+}
+
+// checkModel answers 404 for a model no peer serves and 400 for a model
+// that does not serve query type t.
+func (s *Server) checkModel(name string, t pb.QueryType) *apiError {
+	for _, m := range s.swarm.Models() {
+		if m.Name != name {
+			continue
+		}
+		if slices.Contains(m.Types, protocol.TypeName(t)) {
+			return nil
+		}
+		return badRequest("model", "model_type_unsupported", "The model %q does not serve %s queries (it serves %s).", name, protocol.TypeName(t), strings.Join(m.Types, ", "))
+	}
+	return modelNotFound(name)
+}
+
+// defaultModel is the first model (by name) that serves t, for endpoints
+// where OpenAI makes the model optional.
+func (s *Server) defaultModel(t pb.QueryType) (string, *apiError) {
+	var names []string
+	for _, m := range s.swarm.Models() {
+		if slices.Contains(m.Types, protocol.TypeName(t)) {
+			names = append(names, m.Name)
+		}
+	}
+	if len(names) == 0 {
+		return "", &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: "no_capable_peer",
+			Message: fmt.Sprintf("No peer of the swarm serves %s queries.", protocol.TypeName(t))}
+	}
+	slices.Sort(names)
+	return names[0], nil
+}
+
+// query validates q, gives it the bridge's deadline and runs it through the
+// swarm with ctx, the request's context: a client that goes away cancels
+// the query at the worker.
+func (s *Server) query(ctx context.Context, q *pb.QueryRequest, h router.Handler) (*router.Result, *apiError) {
+	if err := checkFrame(q); err != nil {
+		return nil, err
+	}
+	if err := protocol.ValidateRequest(q); err != nil {
+		return nil, fromProtocol(err, 0)
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.queryTimeout)
+	defer cancel()
+	if dl, ok := ctx.Deadline(); ok {
+		q.DeadlineUnixMs = dl.UnixMilli()
+	}
+	start := time.Now()
+	res, err := s.swarm.Query(ctx, q, h)
+	if err != nil {
+		ae := fromProtocol(err, s.cfg.retryAfter)
+		s.log.Debugw("query failed", "type", protocol.TypeName(q.GetType()), "model", q.GetModel(), "status", ae.Status, "err", err, "after", time.Since(start))
+		return nil, ae
+	}
+	if res == nil {
+		return nil, &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: "The swarm returned no result."}
+	}
+	return res, nil
+}

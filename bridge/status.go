@@ -1,0 +1,44 @@
+package bridge
+
+import (
+	"net/http"
+
+	"github.com/mtor-swarm/mtor/node/router"
+)
+
+// swarmView is GET /api/swarm: the peer table and models, never addresses.
+type swarmView struct {
+	Peers  []router.PeerView  `json:"peers"`
+	Models []router.ModelView `json:"models"`
+	Self   string             `json:"self"`
+}
+
+func (s *Server) handleSwarm(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		writeError(w, &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed", Message: "Use GET."})
+		return
+	}
+	v := swarmView{Peers: s.swarm.Peers(), Models: s.swarm.Models(), Self: s.cfg.selfID}
+	if v.Peers == nil {
+		v.Peers = []router.PeerView{}
+	}
+	if v.Models == nil {
+		v.Models = []router.ModelView{}
+	}
+	if v.Self == "" {
+		for _, p := range v.Peers {
+			if p.Self {
+				v.Self = p.Peer
+				break
+			}
+		}
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "peers": len(s.swarm.Peers())})
+}
