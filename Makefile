@@ -1,0 +1,70 @@
+# mtor: one binary, one swarm. `make help` lists the targets.
+
+GO        ?= go
+BIN       ?= bin/mtor
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -X main.version=$(VERSION)
+# The whole suite stays well inside this on a 2-core machine.
+TEST_TIMEOUT ?= 25m
+TEST_FLAGS   ?=
+FUZZTIME     ?= 15s
+# Node.js packages the tests use (a real inference engine, the openai
+# client, a headless browser driver), each with a committed lockfile.
+NPM_DIRS  := test/engine bridge/e2e
+
+.PHONY: all build test npm-deps demo bench proto lint fuzz clean help
+
+all: build
+
+help:
+	@echo "make build   build $(BIN)"
+	@echo "make test    run the whole test suite (needs Go, Node.js/npm, chromium)"
+	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
+	@echo "make bench   swarm vs in-process latency and throughput (docs/benchmarks.md)"
+	@echo "make proto   regenerate protocol/pb from protocol/pb/mtor.proto"
+	@echo "make lint    gofmt check and go vet"
+	@echo "make fuzz    run every fuzz target for FUZZTIME ($(FUZZTIME))"
+
+build:
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/mtor
+
+# npm ci only where the packages are missing, so that repeated runs are fast
+# and .ci/run (which always runs npm ci) is not repeated.
+npm-deps:
+	@for d in $(NPM_DIRS); do \
+		if [ -f $$d/package-lock.json ] && [ ! -d $$d/node_modules ]; then \
+			echo "npm ci in $$d"; \
+			(cd $$d && npm ci --no-audit --no-fund --loglevel=error) || exit 1; \
+		fi; \
+	done
+
+test: npm-deps
+	$(GO) test ./... -count=1 -timeout $(TEST_TIMEOUT) $(TEST_FLAGS)
+
+demo: build
+	./scripts/demo.sh ./$(BIN)
+
+bench: build
+	./$(BIN) bench
+	$(GO) test -run '^$$' -bench . -benchmem ./protocol/... ./node/...
+
+proto:
+	protoc -I protocol/pb --go_out=protocol/pb --go_opt=paths=source_relative protocol/pb/mtor.proto
+
+lint:
+	@out=$$(find . -name '*.go' -not -path '*/node_modules/*' -not -path './.git/*' | xargs gofmt -l); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Every Fuzz* target of every package, one after the other (go test allows
+# one -fuzz target per run).
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+			echo "fuzz $$pkg $$f ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+clean:
+	rm -rf bin
