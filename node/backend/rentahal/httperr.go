@@ -1,3 +1,7 @@
+// HTTP failure mapping to typed protocol errors. The same rules live in
+// node/backend/a1111/httperr.go; keep them in step (or move both into a shared
+// package).
+
 package rentahal
 
 import (
