@@ -292,11 +292,10 @@ func (q *QueryRequest) Proto(defaultTimeout time.Duration) (*pb.QueryRequest, ti
 	switch {
 	case q.TimeoutMs < 0:
 		return nil, 0, protocol.Errorf(protocol.CodeBadRequest, "timeout_ms must not be negative")
+	case q.TimeoutMs > MaxQueryTimeout.Milliseconds():
+		return nil, 0, protocol.Errorf(protocol.CodeBadRequest, "timeout_ms %d over the limit of %d", q.TimeoutMs, MaxQueryTimeout.Milliseconds())
 	case q.TimeoutMs > 0:
 		timeout = time.Duration(q.TimeoutMs) * time.Millisecond
-		if timeout > MaxQueryTimeout {
-			return nil, 0, protocol.Errorf(protocol.CodeBadRequest, "timeout_ms %d over the limit of %d", q.TimeoutMs, MaxQueryTimeout.Milliseconds())
-		}
 	}
 	id := make([]byte, protocol.IDLen)
 	if _, err := rand.Read(id); err != nil {
