@@ -40,6 +40,7 @@ const (
 	defaultTTFT    = 100 * time.Millisecond
 	defaultService = time.Second
 	providerWait   = 5 * time.Second
+	protectTag     = "mtor-query"
 )
 
 // Candidate is a worker known from the peer table.
@@ -284,10 +285,20 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		if lastErr.Code == protocol.CodeBusy {
 			busy++
 		}
-		if started || !lastErr.Retryable || ctx.Err() != nil {
+		if !lastErr.Retryable || ctx.Err() != nil {
 			break
 		}
-		log.Debugw("retrying on next candidate", "peer", c.Peer, "err", lastErr)
+		if started {
+			// Output already reached the caller: only a caller that can
+			// discard it may have the query run again elsewhere.
+			if !restartable(ctx) || len(ranked) == 0 || attempts >= r.maxAttempts {
+				break
+			}
+			if err := h(nil); err != nil {
+				return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
+			}
+		}
+		log.Debugw("retrying on next candidate", "peer", c.Peer, "started", started, "err", lastErr)
 	}
 	if ctx.Err() != nil {
 		return nil, ctxErr(ctx)
@@ -338,6 +349,10 @@ func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h
 		return nil, false, protocol.Errorf(protocol.CodeBackendError, "peer %s circuit open", p.ShortString())
 	}
 	st.inflight++
+	if st.inflight == 1 {
+		// Keep the connection while queries are open on it.
+		r.h.ConnManager().Protect(p, protectTag)
+	}
 	r.mu.Unlock()
 	start := time.Now()
 	var first time.Time
@@ -360,6 +375,9 @@ func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h
 	end := time.Now()
 	r.mu.Lock()
 	st.inflight--
+	if st.inflight == 0 {
+		r.h.ConnManager().Unprotect(p, protectTag)
+	}
 	r.recordLocked(st, err, first, start, end)
 	r.mu.Unlock()
 	if err != nil {
@@ -473,4 +491,20 @@ func (r *Router) streamErr(ctx context.Context, p peer.ID, err error) error {
 		return protocol.Errorf(protocol.CodeTimeout, "peer %s went silent: %v", p.ShortString(), err)
 	}
 	return protocol.Errorf(protocol.CodeBackendError, "stream to %s failed before the end: %v", p.ShortString(), err)
+}
+
+type restartKey struct{}
+
+// WithRestart marks a query's context as restartable: if a worker dies
+// after output has reached the handler, the router calls the handler with
+// a nil event (discard everything received so far) and runs the query
+// again on the next candidate. Callers that cannot take output back (a
+// stream already shown to a person) leave it off and get the error.
+func WithRestart(ctx context.Context) context.Context {
+	return context.WithValue(ctx, restartKey{}, true)
+}
+
+func restartable(ctx context.Context) bool {
+	v, _ := ctx.Value(restartKey{}).(bool)
+	return v
 }

@@ -1,0 +1,170 @@
+package node
+
+import (
+	"context"
+	"math/rand/v2"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Announce timing: a slow heartbeat with jitter, and on change at most
+// every minSpacing so a burst of queries does not flood the topic.
+const (
+	DefaultAnnounceInterval = 10 * time.Second
+	minSpacing              = 500 * time.Millisecond
+	reprovideInterval       = 30 * time.Minute
+)
+
+// publisher is what the announcer needs of discovery.
+type publisher interface {
+	Publish(ctx context.Context, a *pb.Announce) error
+	Provide(ctx context.Context, model string) error
+}
+
+// GPUSource reports the GPUs of this machine for announcements.
+type GPUSource interface {
+	GPUs() []*pb.GPU
+}
+
+// announcer publishes this node's announcement.
+type announcer struct {
+	pub      publisher
+	w        *worker.Worker
+	gpus     GPUSource
+	roles    []string
+	version  string
+	interval time.Duration
+
+	kick chan struct{}
+
+	mu       sync.Mutex
+	last     *pb.Announce // content of the last publish, without seq/time
+	provided map[string]time.Time
+}
+
+func newAnnouncer(pub publisher, w *worker.Worker, gpus GPUSource, roles []string, version string, interval time.Duration) *announcer {
+	return &announcer{
+		pub: pub, w: w, gpus: gpus, roles: roles, version: version, interval: interval,
+		kick:     make(chan struct{}, 1),
+		provided: map[string]time.Time{},
+	}
+}
+
+// changed asks for a prompt publish; it never blocks.
+func (a *announcer) changed() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// build assembles the announcement from the worker's state.
+func (a *announcer) build() *pb.Announce {
+	running, queued, maxC, maxQ := a.w.Load()
+	ann := &pb.Announce{
+		Roles:    a.roles,
+		Version:  a.version,
+		Health:   a.w.Health(),
+		Draining: a.w.Draining(),
+		Load: &pb.Load{
+			InFlight: uint32(running), Queued: uint32(queued),
+			MaxConcurrency: uint32(maxC), MaxQueue: uint32(maxQ),
+		},
+	}
+	caps := a.w.Capabilities()
+	sort.Slice(caps, func(i, j int) bool { return caps[i].Name < caps[j].Name })
+	for _, c := range caps {
+		types := slices.Clone(c.Types)
+		slices.Sort(types)
+		ann.Models = append(ann.Models, &pb.ModelInfo{
+			Name: c.Name, Types: types, ContextLength: c.ContextLength,
+			TokensPerSec: c.TokensPerSec, P50TtftMs: c.P50TTFTMs,
+			JoulesPerToken: c.JoulesPerToken, Backend: c.Backend,
+		})
+	}
+	if a.gpus != nil {
+		ann.Gpus = a.gpus.GPUs()
+	}
+	return ann
+}
+
+// publish sends the announcement if it changed or force is set, and
+// provides newly served models in the DHT.
+func (a *announcer) publish(ctx context.Context, force bool) {
+	ann := a.build()
+	a.mu.Lock()
+	same := a.last != nil && proto.Equal(a.last, ann)
+	if same && !force {
+		a.mu.Unlock()
+		return
+	}
+	a.last = proto.Clone(ann).(*pb.Announce)
+	var toProvide []string
+	now := time.Now()
+	if !ann.GetDraining() {
+		for _, m := range ann.GetModels() {
+			if t, ok := a.provided[m.GetName()]; !ok || now.Sub(t) > reprovideInterval {
+				a.provided[m.GetName()] = now
+				toProvide = append(toProvide, m.GetName())
+			}
+		}
+	}
+	a.mu.Unlock()
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	if err := a.pub.Publish(pctx, ann); err != nil && ctx.Err() == nil {
+		log.Warnw("publish announcement", "err", err)
+	}
+	cancel()
+	for _, m := range toProvide {
+		go func() {
+			pctx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer cancel()
+			if err := a.pub.Provide(pctx, m); err != nil && ctx.Err() == nil {
+				log.Debugw("provide model", "model", m, "err", err)
+				a.mu.Lock()
+				delete(a.provided, m)
+				a.mu.Unlock()
+			}
+		}()
+	}
+}
+
+// run publishes on change (spaced) and on a jittered heartbeat until ctx ends.
+func (a *announcer) run(ctx context.Context) {
+	a.publish(ctx, true)
+	timer := time.NewTimer(a.jitter())
+	defer timer.Stop()
+	var lastKick time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+			a.publish(ctx, true)
+			timer.Reset(a.jitter())
+		case <-a.kick:
+			if wait := minSpacing - time.Since(lastKick); wait > 0 {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(wait):
+				}
+			}
+			lastKick = time.Now()
+			a.publish(ctx, false)
+		}
+	}
+}
+
+// jitter is the interval ±20%, so nodes started together drift apart.
+func (a *announcer) jitter() time.Duration {
+	f := 0.8 + 0.4*rand.Float64()
+	return time.Duration(float64(a.interval) * f)
+}

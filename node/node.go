@@ -1,0 +1,401 @@
+// Package node is one mtor node: a libp2p host with discovery, a worker
+// serving its backends, a router sending queries to the best peer, and an
+// announcer telling the swarm what it can do. Every node runs the same
+// code; flags switch roles on.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/discovery"
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+var log = logging.Logger("mtor/node")
+
+// Defaults for a node.
+const (
+	DefaultGracePeriod  = 30 * time.Second
+	healthProbeInterval = 10 * time.Second
+)
+
+// DefaultListenAddrs are used when none are given.
+func DefaultListenAddrs() []string {
+	return []string{"/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"}
+}
+
+type config struct {
+	dataDir          string
+	key              crypto.PrivKey
+	listen           []string
+	join             []string
+	swarm            string
+	backends         []backend.Backend
+	mdns             bool
+	relay            bool
+	roles            []string
+	version          string
+	maxConcurrency   int
+	maxQueue         int
+	announceInterval time.Duration
+	grace            time.Duration
+	gpus             GPUSource
+	meter            worker.EnergyMeter
+	routerOpts       []router.Option
+	discoveryOpts    []discovery.Option
+}
+
+// Option configures a node.
+type Option func(*config) error
+
+// WithDataDir sets where the identity is kept.
+func WithDataDir(dir string) Option { return func(c *config) error { c.dataDir = dir; return nil } }
+
+// WithIdentity uses key instead of the data dir's identity (tests).
+func WithIdentity(key crypto.PrivKey) Option {
+	return func(c *config) error { c.key = key; return nil }
+}
+
+// WithListenAddrs sets the listen multiaddrs.
+func WithListenAddrs(addrs ...string) Option {
+	return func(c *config) error { c.listen = append(c.listen, addrs...); return nil }
+}
+
+// WithJoin adds --join values: multiaddrs with /p2p/ID, or join tokens.
+func WithJoin(args ...string) Option {
+	return func(c *config) error { c.join = append(c.join, args...); return nil }
+}
+
+// WithSwarm names the swarm; a join token's swarm must agree.
+func WithSwarm(name string) Option {
+	return func(c *config) error {
+		if err := protocol.ValidateSwarm(name); err != nil {
+			return err
+		}
+		c.swarm = name
+		return nil
+	}
+}
+
+// WithBackends sets the model servers this node works for.
+func WithBackends(bs ...backend.Backend) Option {
+	return func(c *config) error { c.backends = append(c.backends, bs...); return nil }
+}
+
+// WithMDNS turns LAN discovery on or off (default on).
+func WithMDNS(on bool) Option { return func(c *config) error { c.mdns = on; return nil } }
+
+// WithRelayService serves circuit relay v2 for NAT'd peers.
+func WithRelayService(on bool) Option { return func(c *config) error { c.relay = on; return nil } }
+
+// WithRoles adds announced roles (bridge, bootstrap, ...).
+func WithRoles(roles ...string) Option {
+	return func(c *config) error { c.roles = append(c.roles, roles...); return nil }
+}
+
+// WithVersion sets the announced version.
+func WithVersion(v string) Option { return func(c *config) error { c.version = v; return nil } }
+
+// WithMaxConcurrency bounds queries this worker runs at once.
+func WithMaxConcurrency(n int) Option {
+	return func(c *config) error {
+		if n < 1 {
+			return fmt.Errorf("max concurrency %d: must be at least 1", n)
+		}
+		c.maxConcurrency = n
+		return nil
+	}
+}
+
+// WithMaxQueue bounds queries waiting for a slot.
+func WithMaxQueue(n int) Option {
+	return func(c *config) error {
+		if n < 0 {
+			return fmt.Errorf("max queue %d: must not be negative", n)
+		}
+		c.maxQueue = n
+		return nil
+	}
+}
+
+// WithAnnounceInterval sets the heartbeat; entries expire after 3 of them.
+func WithAnnounceInterval(d time.Duration) Option {
+	return func(c *config) error {
+		if d < 100*time.Millisecond || d > 3*time.Minute {
+			return fmt.Errorf("announce interval %s out of range [100ms, 3m]", d)
+		}
+		c.announceInterval = d
+		return nil
+	}
+}
+
+// WithGracePeriod bounds how long Shutdown waits for queries in flight.
+func WithGracePeriod(d time.Duration) Option {
+	return func(c *config) error { c.grace = d; return nil }
+}
+
+// WithGPU adds GPU telemetry to announcements and energy to queries.
+func WithGPU(g GPUSource, m worker.EnergyMeter) Option {
+	return func(c *config) error { c.gpus, c.meter = g, m; return nil }
+}
+
+// WithRouterOptions passes options to the router.
+func WithRouterOptions(opts ...router.Option) Option {
+	return func(c *config) error { c.routerOpts = append(c.routerOpts, opts...); return nil }
+}
+
+// WithDiscoveryOptions passes options to discovery.
+func WithDiscoveryOptions(opts ...discovery.Option) Option {
+	return func(c *config) error { c.discoveryOpts = append(c.discoveryOpts, opts...); return nil }
+}
+
+// Node is a running mtor node.
+type Node struct {
+	cfg    config
+	h      host.Host
+	disc   *discovery.Discovery
+	worker *worker.Worker
+	router *router.Router
+	ann    *announcer
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New starts a node: host, discovery, worker, router and announcer.
+func New(ctx context.Context, opts ...Option) (*Node, error) {
+	cfg := config{
+		mdns:             true,
+		version:          "dev",
+		maxConcurrency:   worker.DefaultMaxConcurrency,
+		maxQueue:         worker.DefaultMaxQueue,
+		announceInterval: DefaultAnnounceInterval,
+		grace:            DefaultGracePeriod,
+	}
+	for _, o := range opts {
+		if err := o(&cfg); err != nil {
+			return nil, err
+		}
+	}
+	if len(cfg.listen) == 0 {
+		cfg.listen = DefaultListenAddrs()
+	}
+	swarm, boot, err := parseJoins(cfg.swarm, cfg.join)
+	if err != nil {
+		return nil, err
+	}
+	cfg.swarm = swarm
+	if cfg.key == nil {
+		if cfg.dataDir == "" {
+			return nil, errors.New("no data dir and no identity given")
+		}
+		if cfg.key, err = LoadOrCreateIdentity(cfg.dataDir); err != nil {
+			return nil, err
+		}
+	}
+	roles := cfg.roles
+	if len(cfg.backends) > 0 {
+		roles = append([]string{"worker"}, roles...)
+	}
+	if cfg.relay {
+		roles = append(roles, "relay")
+	}
+
+	qproto := protocol.QueryProtocol(swarm)
+	h, err := newHost(hostConfig{key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay})
+	if err != nil {
+		return nil, err
+	}
+	for _, ai := range boot {
+		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
+	}
+	n := &Node{cfg: cfg, h: h}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+
+	dopts := append([]discovery.Option{
+		discovery.WithSwarm(swarm),
+		discovery.WithBootstrap(boot),
+		discovery.WithMDNS(cfg.mdns),
+		discovery.WithAnnounceTTL(3 * cfg.announceInterval),
+	}, cfg.discoveryOpts...)
+	if n.disc, err = discovery.New(n.ctx, h, dopts...); err != nil {
+		n.cancel()
+		h.Close()
+		return nil, fmt.Errorf("start discovery: %w", err)
+	}
+
+	wopts := []worker.Option{
+		worker.WithMaxConcurrency(cfg.maxConcurrency),
+		worker.WithMaxQueue(cfg.maxQueue),
+		worker.WithVersion(cfg.version),
+		worker.WithOnChange(func() {
+			if n.ann != nil {
+				n.ann.changed()
+			}
+		}),
+	}
+	if cfg.meter != nil {
+		wopts = append(wopts, worker.WithEnergyMeter(cfg.meter))
+	}
+	n.worker = worker.New(cfg.backends, wopts...)
+	n.worker.Refresh(ctx)
+	h.SetStreamHandler(qproto, n.worker.HandleStream)
+
+	ropts := []router.Option{router.WithProviders(n.disc)}
+	if len(cfg.backends) > 0 {
+		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
+	}
+	n.router = router.New(h, qproto, tableAdapter{n.disc.Table()}, append(ropts, cfg.routerOpts...)...)
+	n.ann = newAnnouncer(n.disc, n.worker, cfg.gpus, roles, cfg.version, cfg.announceInterval)
+
+	n.goRun(func() { n.ann.run(n.ctx) })
+	n.goRun(n.probeLoop)
+	log.Infow("node started", "peer", h.ID(), "swarm", swarm, "backends", len(cfg.backends), "roles", roles)
+	return n, nil
+}
+
+func (n *Node) goRun(f func()) {
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); f() }()
+}
+
+// probeLoop refreshes backend health and model lists.
+func (n *Node) probeLoop() {
+	t := time.NewTicker(healthProbeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+			n.worker.Refresh(n.ctx)
+		}
+	}
+}
+
+// parseJoins resolves --join values and the swarm name they imply.
+func parseJoins(swarm string, joins []string) (string, []peer.AddrInfo, error) {
+	var boot []peer.AddrInfo
+	tokenSwarm := ""
+	for _, j := range joins {
+		s, infos, err := discovery.ParseJoin(j)
+		if err != nil {
+			return "", nil, fmt.Errorf("--join %q: %w", j, err)
+		}
+		if s != "" {
+			if tokenSwarm != "" && tokenSwarm != s {
+				return "", nil, fmt.Errorf("join tokens name different swarms: %q and %q", tokenSwarm, s)
+			}
+			tokenSwarm = s
+		}
+		boot = append(boot, infos...)
+	}
+	switch {
+	case swarm == "" && tokenSwarm == "":
+		swarm = protocol.DefaultSwarm
+	case swarm == "":
+		swarm = tokenSwarm
+	case tokenSwarm != "" && tokenSwarm != swarm:
+		return "", nil, fmt.Errorf("--swarm %q but the join token is for swarm %q", swarm, tokenSwarm)
+	}
+	return swarm, boot, nil
+}
+
+// ID is the node's peer ID.
+func (n *Node) ID() peer.ID { return n.h.ID() }
+
+// Host is the libp2p host.
+func (n *Node) Host() host.Host { return n.h }
+
+// SwarmName is the swarm this node belongs to.
+func (n *Node) SwarmName() string { return n.cfg.swarm }
+
+// Router routes queries into the swarm.
+func (n *Node) Router() *router.Router { return n.router }
+
+// Worker is this node's worker.
+func (n *Node) Worker() *worker.Worker { return n.worker }
+
+// Discovery is this node's discovery.
+func (n *Node) Discovery() *discovery.Discovery { return n.disc }
+
+// Backends lists the configured backends.
+func (n *Node) Backends() []backend.Backend { return n.cfg.backends }
+
+// Addrs are the node's listen addresses ending in /p2p/<id>.
+func (n *Node) Addrs() []ma.Multiaddr {
+	addrs, err := peer.AddrInfoToP2pAddrs(&peer.AddrInfo{ID: n.h.ID(), Addrs: n.h.Addrs()})
+	if err != nil {
+		return nil
+	}
+	return addrs
+}
+
+// JoinLine is a join token for this node: its swarm and addresses.
+func (n *Node) JoinLine() string {
+	return discovery.EncodeJoinToken(n.cfg.swarm, []peer.AddrInfo{{ID: n.h.ID(), Addrs: n.h.Addrs()}})
+}
+
+// Shutdown stops gracefully: it announces that it is draining, refuses new
+// queries with BUSY, waits for queries in flight up to the grace period
+// (or ctx), then closes.
+func (n *Node) Shutdown(ctx context.Context) error {
+	n.worker.Drain()
+	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	n.ann.publish(pctx, true)
+	cancel()
+	wctx, cancel := context.WithTimeout(ctx, n.cfg.grace)
+	defer cancel()
+	if err := n.worker.Wait(wctx); err != nil {
+		log.Warnw("grace period over with queries in flight; closing", "err", err)
+	}
+	return n.Close()
+}
+
+// Close stops the node at once.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		n.cancel()
+		n.h.RemoveStreamHandler(protocol.QueryProtocol(n.cfg.swarm))
+		err := n.disc.Close()
+		n.wg.Wait()
+		n.closeErr = errors.Join(err, n.h.Close())
+	})
+	return n.closeErr
+}
+
+// tableAdapter shows the discovery peer table to the router.
+type tableAdapter struct{ t *discovery.PeerTable }
+
+func (a tableAdapter) Candidates() []router.Candidate {
+	snap := a.t.Snapshot()
+	out := make([]router.Candidate, len(snap))
+	for i, e := range snap {
+		out[i] = router.Candidate{Peer: e.Peer, Announce: e.Announce, RTT: e.RTT, Received: e.Received}
+	}
+	return out
+}
+
+// localWorker adapts the worker to the router's Local interface.
+type localWorker struct{ w *worker.Worker }
+
+func (l localWorker) Serve(ctx context.Context, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error) {
+	return l.w.Serve(ctx, req, emit)
+}
