@@ -1,0 +1,143 @@
+package bridge
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// longPrompt makes the slow demo model talk for minutes, so that only a
+// cancellation can end the call before the test's timeout.
+func longPrompt(marker string) string {
+	return marker + " " + strings.Repeat("word ", 5000)
+}
+
+// assertCancelled checks that the worker's backend call for marker ended
+// because its context was cancelled, and that the worker is idle again.
+func assertCancelled(t *testing.T, sw *localSwarm, marker string) {
+	t.Helper()
+	e := sw.waitEnd(t, marker)
+	if !errors.Is(e.ctxErr, context.Canceled) || e.err == nil {
+		t.Errorf("backend call ended with err=%v ctx=%v, want a cancelled context", e.err, e.ctxErr)
+	}
+	sw.waitIdle(t)
+}
+
+func TestStreamDisconnectCancelsWorker(t *testing.T) {
+	sw := newLocalSwarm(t)
+	_, base := startBridge(t, sw)
+	const marker = "DISCONNECT-STREAM"
+	body := `{"model":"slow","stream":true,"messages":[{"role":"user","content":"` + longPrompt(marker) + `"}]}`
+	req, _ := http.NewRequest("POST", base+"/v1/chat/completions", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Read until the first content delta, then hang up.
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), `"content":"[demo`) {
+			break
+		}
+	}
+	if sc.Err() != nil {
+		t.Fatal(sc.Err())
+	}
+	resp.Body.Close()
+	assertCancelled(t, sw, marker)
+}
+
+func TestRequestDisconnectCancelsWorker(t *testing.T) {
+	sw := newLocalSwarm(t)
+	_, base := startBridge(t, sw)
+	const marker = "DISCONNECT-PLAIN"
+	ctx, cancel := context.WithCancel(context.Background())
+	body := `{"model":"slow","messages":[{"role":"user","content":"` + longPrompt(marker) + `"}]}`
+	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/chat/completions", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	errc := make(chan error, 1)
+	go func() {
+		resp, err := client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		errc <- err
+	}()
+	sw.waitStart(t, marker)
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Errorf("client: %v", err)
+	}
+	assertCancelled(t, sw, marker)
+}
+
+func TestShutdown(t *testing.T) {
+	sw := newLocalSwarm(t)
+	b, err := New(sw, WithShutdownGrace(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := "http://" + ln.Addr().String()
+	ctx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- b.Serve(ctx, ln) }()
+
+	// A query in flight when shutdown begins finishes within the grace.
+	const marker = "GRACEFUL"
+	done := make(chan int, 1)
+	go func() {
+		resp, err := client.Post(base+"/v1/chat/completions", "application/json",
+			strings.NewReader(`{"model":"slow","messages":[{"role":"user","content":"`+marker+` a b c"}]}`))
+		if err != nil {
+			done <- 0
+			return
+		}
+		resp.Body.Close()
+		done <- resp.StatusCode
+	}()
+	sw.waitStart(t, marker)
+	stop()
+	if code := <-done; code != http.StatusOK {
+		t.Errorf("in-flight query during shutdown: status %d", code)
+	}
+	if err := <-served; err != nil {
+		t.Errorf("Serve: %v", err)
+	}
+	if _, err := client.Get(base + "/healthz"); err == nil {
+		t.Errorf("still serving after shutdown")
+	}
+
+	// A stream outliving the grace is cancelled at the worker.
+	sw2 := newLocalSwarm(t)
+	b2, _ := New(sw2, WithShutdownGrace(0))
+	ln2, _ := net.Listen("tcp", "127.0.0.1:0")
+	ctx2, stop2 := context.WithCancel(context.Background())
+	served2 := make(chan error, 1)
+	go func() { served2 <- b2.Serve(ctx2, ln2) }()
+	const marker2 = "CUT-BY-SHUTDOWN"
+	go func() {
+		resp, err := client.Post("http://"+ln2.Addr().String()+"/v1/chat/completions", "application/json",
+			strings.NewReader(`{"model":"slow","stream":true,"messages":[{"role":"user","content":"`+longPrompt(marker2)+`"}]}`))
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}()
+	sw2.waitStart(t, marker2)
+	stop2()
+	if err := <-served2; err == nil {
+		t.Errorf("Serve returned nil although a stream was cut")
+	}
+	assertCancelled(t, sw2, marker2)
+}

@@ -1,0 +1,113 @@
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mtor-swarm/mtor/protocol"
+)
+
+func TestFromProtocol(t *testing.T) {
+	tests := []struct {
+		err    error
+		status int
+		code   string
+	}{
+		{protocol.Errorf(protocol.CodeBadRequest, "x"), 400, "bad_request"},
+		{protocol.Errorf(protocol.CodeTooLarge, "x"), 413, "request_too_large"},
+		{protocol.Errorf(protocol.CodeBusy, "x"), 429, "swarm_busy"},
+		{protocol.Errorf(protocol.CodeUnsupported, "x"), 503, "no_capable_peer"},
+		{protocol.Errorf(protocol.CodeTimeout, "x"), 504, "timeout"},
+		{protocol.Errorf(protocol.CodeCancelled, "x"), 499, "cancelled"},
+		{protocol.Errorf(protocol.CodeBackendError, "x"), 502, "backend_error"},
+		{protocol.Errorf(protocol.CodeInternal, "x"), 500, "internal_error"},
+		{context.DeadlineExceeded, 504, "timeout"},
+		{fmt.Errorf("wrapped: %w", protocol.Errorf(protocol.CodeBusy, "x")), 429, "swarm_busy"},
+		{fmt.Errorf("plain"), 500, "internal_error"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.code, func(t *testing.T) {
+			e := fromProtocol(tc.err, 3*time.Second)
+			if e.Status != tc.status || e.Code != tc.code {
+				t.Errorf("%v -> %d %s, want %d %s", tc.err, e.Status, e.Code, tc.status, tc.code)
+			}
+			if (e.Status == 429) != (e.RetryAfter == 3*time.Second) {
+				t.Errorf("retry-after %s on %d", e.RetryAfter, e.Status)
+			}
+		})
+	}
+}
+
+func TestScrubAddresses(t *testing.T) {
+	tests := map[string]string{
+		"backend failed: Post \"http://10.0.0.5:11434/api/chat\": refused": "backend failed: Post \"[address]\": refused",
+		"dial /ip4/192.168.1.2/tcp/4001/p2p/12D3Koo failed":                   "dial [address] failed",
+		"connect 172.16.0.1:8080 timed out":                                   "connect [address] timed out",
+		"connect [fe80::1]:80 refused":                                        "connect [address] refused",
+		"model \"llama3:8b\" is not loaded":                                   "model \"llama3:8b\" is not loaded",
+	}
+	for in, want := range tests {
+		if got := scrubAddresses(in); got != want {
+			t.Errorf("scrub(%q) = %q, want %q", in, got, want)
+		}
+	}
+	if e := fromProtocol(protocol.Errorf(protocol.CodeBackendError, "ollama http://127.0.0.1:11434 down"), 0); strings.Contains(e.Message, "127.0.0.1") {
+		t.Errorf("address leaked: %q", e.Message)
+	}
+}
+
+func TestWriteErrorShape(t *testing.T) {
+	rec := httptest.NewRecorder()
+	writeError(rec, &apiError{Status: 429, Type: typeRateLimit, Code: "swarm_busy", Message: "busy", RetryAfter: 1500 * time.Millisecond})
+	if rec.Code != 429 || rec.Header().Get("Retry-After") != "2" || rec.Header().Get("Retry-After-Ms") != "1500" {
+		t.Errorf("status %d headers %v", rec.Code, rec.Header())
+	}
+	assertErrorShape(t, rec.Body.Bytes(), "swarm_busy")
+	rec = httptest.NewRecorder()
+	writeError(rec, badRequest("", "", "x"))
+	var raw map[string]map[string]any
+	if err := json.Unmarshal(rec.Body.Bytes(), &raw); err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := raw["error"]["param"]; !ok || v != nil {
+		t.Errorf("param should be null, got %v", raw)
+	}
+	if v, ok := raw["error"]["code"]; !ok || v != nil {
+		t.Errorf("code should be null, got %v", raw)
+	}
+}
+
+// assertErrorShape checks OpenAI's error object: exactly message, type,
+// param and code under "error", with the given code.
+func assertErrorShape(t *testing.T, body []byte, code string) map[string]any {
+	t.Helper()
+	var raw map[string]map[string]any
+	if err := json.Unmarshal(body, &raw); err != nil {
+		t.Fatalf("error body is not JSON: %v: %s", err, body)
+	}
+	e, ok := raw["error"]
+	if !ok || len(raw) != 1 {
+		t.Fatalf("error body %s: want one key \"error\"", body)
+	}
+	for _, k := range []string{"message", "type", "param", "code"} {
+		if _, ok := e[k]; !ok {
+			t.Errorf("error body %s lacks %q", body, k)
+		}
+	}
+	if len(e) != 4 {
+		t.Errorf("error body %s has extra keys", body)
+	}
+	if m, _ := e["message"].(string); m == "" {
+		t.Errorf("error body %s has no message", body)
+	}
+	if code != "" && e["code"] != code {
+		t.Errorf("error code %v, want %q (body %s)", e["code"], code, body)
+	}
+	return e
+}
+
