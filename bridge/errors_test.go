@@ -46,10 +46,10 @@ func TestFromProtocol(t *testing.T) {
 func TestScrubAddresses(t *testing.T) {
 	tests := map[string]string{
 		"backend failed: Post \"http://10.0.0.5:11434/api/chat\": refused": "backend failed: Post \"[address]\": refused",
-		"dial /ip4/192.168.1.2/tcp/4001/p2p/12D3Koo failed":                   "dial [address] failed",
-		"connect 172.16.0.1:8080 timed out":                                   "connect [address] timed out",
-		"connect [fe80::1]:80 refused":                                        "connect [address] refused",
-		"model \"llama3:8b\" is not loaded":                                   "model \"llama3:8b\" is not loaded",
+		"dial /ip4/192.168.1.2/tcp/4001/p2p/12D3Koo failed":                "dial [address] failed",
+		"connect 172.16.0.1:8080 timed out":                                "connect [address] timed out",
+		"connect [fe80::1]:80 refused":                                     "connect [address] refused",
+		"model \"llama3:8b\" is not loaded":                                "model \"llama3:8b\" is not loaded",
 	}
 	for in, want := range tests {
 		if got := scrubAddresses(in); got != want {
@@ -110,4 +110,3 @@ func assertErrorShape(t *testing.T, body []byte, code string) map[string]any {
 	}
 	return e
 }
-
