@@ -103,6 +103,10 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	d.ps, err = pubsub.NewGossipSub(d.ctx, h,
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
 		pubsub.WithMaxMessageSize(DefaultMaxPubSubMessage),
+		// Send our own announcements to every topic peer, not only the
+		// mesh: they are small and rare, and without this one published
+		// before the mesh has formed is lost to the peers grafted later.
+		pubsub.WithFloodPublish(true),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("start gossipsub: %w", err)

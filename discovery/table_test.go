@@ -1,0 +1,207 @@
+package discovery
+
+import (
+	"sync"
+	"testing"
+	"time"
+
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// manualClock is a settable clock for table tests that exercise expiry
+// without waiting.
+type manualClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *manualClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *manualClock) add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+func ann(seq uint64, ttl time.Duration) *pb.Announce {
+	return &pb.Announce{Seq: seq, TtlMs: uint32(ttl / time.Millisecond)}
+}
+
+func recv(t *testing.T, ch <-chan Event) Event {
+	t.Helper()
+	select {
+	case ev, ok := <-ch:
+		if !ok {
+			t.Fatal("event channel closed")
+		}
+		return ev
+	default:
+		t.Fatal("no event pending")
+	}
+	return Event{}
+}
+
+func noEvent(t *testing.T, ch <-chan Event) {
+	t.Helper()
+	select {
+	case ev := <-ch:
+		t.Fatalf("unexpected event %+v", ev)
+	default:
+	}
+}
+
+func TestTableLifecycle(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	self, a, b := testPeerID(t), testPeerID(t), testPeerID(t)
+	tab := newPeerTable(self, 10, clk.now)
+	ch, cancel := tab.Subscribe(16)
+	defer cancel()
+
+	if !tab.upsert(a, ann(5, 10*time.Second), clk.now()) {
+		t.Fatal("first announce not recorded")
+	}
+	if ev := recv(t, ch); ev.Kind != Join || ev.Peer != a {
+		t.Fatalf("event %+v, want join of a", ev)
+	}
+	// Same and older seq change nothing: reordering cannot roll back.
+	if tab.upsert(a, ann(5, time.Minute), clk.now()) || tab.upsert(a, ann(4, time.Minute), clk.now()) {
+		t.Fatal("stale announce applied")
+	}
+	noEvent(t, ch)
+	clk.add(time.Second)
+	if !tab.upsert(a, ann(6, 10*time.Second), clk.now()) {
+		t.Fatal("newer announce not applied")
+	}
+	if ev := recv(t, ch); ev.Kind != Update || ev.Peer != a {
+		t.Fatalf("event %+v, want update of a", ev)
+	}
+	e, ok := tab.Get(a)
+	if !ok || e.Announce.GetSeq() != 6 || !e.Expires.Equal(clk.now().Add(10*time.Second)) || e.Self {
+		t.Fatalf("entry %+v", e)
+	}
+
+	tab.upsert(self, ann(1, 3*time.Second), clk.now())
+	tab.upsert(b, ann(1, 20*time.Second), clk.now())
+	recv(t, ch)
+	recv(t, ch)
+	snap := tab.Snapshot()
+	if len(snap) != 3 {
+		t.Fatalf("snapshot has %d entries, want 3", len(snap))
+	}
+	for i := 1; i < len(snap); i++ {
+		if snap[i-1].Peer >= snap[i].Peer {
+			t.Fatalf("snapshot not sorted by peer: %s then %s", snap[i-1].Peer, snap[i].Peer)
+		}
+	}
+	if e, _ := tab.Get(self); !e.Self {
+		t.Fatal("own entry not marked Self")
+	}
+
+	// After 5 s: self (3 s ttl) has expired; Snapshot and Get hide it at
+	// once, the sweep removes it with a Leave.
+	clk.add(5 * time.Second)
+	if _, ok := tab.Get(self); ok {
+		t.Fatal("Get returned an expired entry")
+	}
+	if len(tab.Snapshot()) != 2 {
+		t.Fatalf("snapshot shows expired entries: %v", tab.Snapshot())
+	}
+	if n := tab.sweep(clk.now()); n != 1 {
+		t.Fatalf("sweep removed %d, want 1", n)
+	}
+	if ev := recv(t, ch); ev.Kind != Leave || ev.Peer != self || ev.Reason != ReasonExpired {
+		t.Fatalf("event %+v, want leave of self, expired", ev)
+	}
+
+	if !tab.remove(b, ReasonDisconnected) || tab.remove(b, ReasonDisconnected) {
+		t.Fatal("remove should succeed once")
+	}
+	if ev := recv(t, ch); ev.Kind != Leave || ev.Peer != b || ev.Reason != ReasonDisconnected {
+		t.Fatalf("event %+v, want leave of b, disconnected", ev)
+	}
+
+	tab.setRTT(a, 3*time.Millisecond)
+	if e, _ := tab.Get(a); e.RTT != 3*time.Millisecond {
+		t.Fatalf("rtt = %s", e.RTT)
+	}
+	noEvent(t, ch)
+}
+
+func TestTableFull(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	self := testPeerID(t)
+	tab := newPeerTable(self, 2, clk.now)
+	p1, p2, p3 := testPeerID(t), testPeerID(t), testPeerID(t)
+	tab.upsert(p1, ann(1, time.Minute), clk.now())
+	tab.upsert(p2, ann(1, time.Minute), clk.now())
+	if tab.upsert(p3, ann(1, time.Minute), clk.now()) {
+		t.Fatal("a new peer was added to a full table")
+	}
+	if !tab.upsert(p1, ann(2, time.Minute), clk.now()) {
+		t.Fatal("a known peer could not update in a full table")
+	}
+	// Our own entry always fits: the router must be able to use itself.
+	if !tab.upsert(self, ann(1, time.Minute), clk.now()) {
+		t.Fatal("self not added to a full table")
+	}
+	tab.remove(p2, ReasonDisconnected)
+	tab.remove(self, ReasonDisconnected)
+	if !tab.upsert(p3, ann(1, time.Minute), clk.now()) {
+		t.Fatal("no room after removals")
+	}
+	if tab.Len() != 2 {
+		t.Fatalf("len = %d, want 2", tab.Len())
+	}
+}
+
+func TestTableSlowSubscriberNeverBlocks(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	tab := newPeerTable(testPeerID(t), 100, clk.now)
+	slow, cancelSlow := tab.Subscribe(2)
+	defer cancelSlow()
+	fast, cancelFast := tab.Subscribe(100)
+	defer cancelFast()
+	p := testPeerID(t)
+	// 50 changes; nobody reads the slow channel. This returning at all
+	// is the point: a blocked send would hang here.
+	for i := uint64(1); i <= 50; i++ {
+		tab.upsert(p, ann(i, time.Minute), clk.now())
+	}
+	if len(slow) != 2 {
+		t.Fatalf("slow subscriber holds %d events, want its buffer of 2", len(slow))
+	}
+	if len(fast) != 50 {
+		t.Fatalf("fast subscriber holds %d events, want 50", len(fast))
+	}
+	if ev := <-slow; ev.Kind != Join {
+		t.Fatalf("slow subscriber's first event %+v, want the join", ev)
+	}
+
+	cancelSlow()
+	cancelSlow() // idempotent
+	tab.close()
+	for range fast {
+	}
+	// Subscribing to a closed table yields a closed channel.
+	ch, cancel := tab.Subscribe(1)
+	defer cancel()
+	if _, ok := <-ch; ok {
+		t.Fatal("subscription to a closed table delivered an event")
+	}
+	if tab.upsert(testPeerID(t), ann(1, time.Minute), clk.now()) {
+		t.Fatal("closed table accepted an entry")
+	}
+}
+
+func TestEventKindString(t *testing.T) {
+	for k, want := range map[EventKind]string{Join: "join", Update: "update", Leave: "leave", 0: "unknown"} {
+		if k.String() != want {
+			t.Errorf("%d.String() = %q, want %q", k, k.String(), want)
+		}
+	}
+}
