@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
