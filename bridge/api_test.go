@@ -713,3 +713,26 @@ func TestModelLabelBounded(t *testing.T) {
 		t.Errorf("metrics:\n%s", m)
 	}
 }
+
+func TestOptionsRefused(t *testing.T) {
+	sw := &fakeSwarm{}
+	for name, opt := range map[string]Option{
+		"origin without scheme": WithCORSOrigins([]string{"app.example"}),
+		"origin with path":      WithCORSOrigins([]string{"https://app.example/x"}),
+		"zero body":             WithMaxBody(0),
+		"negative media":        WithMaxMedia(-1),
+		"zero timeout":          WithQueryTimeout(0),
+		"sub-second retry":      WithRetryAfter(time.Millisecond),
+		"nil registry":          WithRegistry(nil),
+	} {
+		if _, err := New(sw, opt); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := New(nil); err == nil {
+		t.Error("nil swarm accepted")
+	}
+	if _, err := New(sw, WithCORSOrigins([]string{"*", "http://127.0.0.1:3000", "https://app.example/"})); err != nil {
+		t.Errorf("good origins refused: %v", err)
+	}
+}

@@ -3,7 +3,6 @@ package bridge
 import (
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"mime"
 	"net/http"
@@ -88,10 +87,6 @@ func jsonError(err error, max int64) *apiError {
 			return badRequest("", "invalid_type", "Request body must be a JSON object, not %s.", te.Value)
 		}
 		return badRequest(te.Field, "invalid_type", "Invalid type for %q: expected %s, got %s.", te.Field, jsonKind(te.Type.String()), te.Value)
-	case errors.As(err, new(*fieldError)):
-		var fe *fieldError
-		errors.As(err, &fe)
-		return badRequest(fe.field, "invalid_type", "Invalid value for %q: %s.", fe.field, fe.msg)
 	}
 	return bodyError(err, max)
 }
@@ -115,14 +110,6 @@ func jsonKind(goType string) string {
 	}
 	return "an object"
 }
-
-// fieldError is a field whose value is of the right JSON type but not
-// acceptable, or of a type a custom decoder rejects.
-type fieldError struct {
-	field, msg string
-}
-
-func (e *fieldError) Error() string { return fmt.Sprintf("%s: %s", e.field, e.msg) }
 
 // stringOrArray decodes a JSON string or array of strings; null or absent
 // is nil.

@@ -16,9 +16,6 @@ import (
 // OpenAI's error types.
 const (
 	typeInvalidRequest = "invalid_request_error"
-	typeAuth           = "authentication_error"
-	typePermission     = "permission_error"
-	typeNotFound       = "not_found_error"
 	typeRateLimit      = "rate_limit_error"
 	typeServer         = "server_error"
 )

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -90,8 +91,12 @@ func WithAPIKeyFile(path string) Option {
 func WithCORSOrigins(origins []string) Option {
 	return func(c *config) error {
 		for _, o := range origins {
-			if o == "" {
-				return errors.New("empty CORS origin")
+			if o == "*" {
+				continue
+			}
+			u, err := url.Parse(o)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+				return fmt.Errorf("CORS origin %q: want scheme://host[:port] or *", o)
 			}
 		}
 		c.corsOrigins = append(c.corsOrigins, origins...)
