@@ -1,0 +1,339 @@
+package ws
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+	"github.com/google/uuid"
+	logging "github.com/ipfs/go-log/v2"
+	"golang.org/x/time/rate"
+)
+
+// conn is one client. Its read loop runs on the HTTP handler's goroutine;
+// a writer goroutine drains a bounded queue; each query runs on its own
+// goroutine, at most maxQueries at a time.
+type conn struct {
+	s        *Server
+	ws       *websocket.Conn
+	rawText  bool // ?format=text: query_result text is sent as is, not HTML-escaped
+	limiter  *rate.Limiter
+	uploads  *uploads
+	ctx      context.Context
+	cancel   context.CancelFunc
+	sendq    chan []byte
+	queued   atomic.Int64 // bytes in sendq
+	maxQueue atomic.Int64 // most bytes ever in sendq, for tests
+	closing  sync.Once
+	wg       sync.WaitGroup // query goroutines
+
+	sem chan struct{} // running queries
+
+	mu       sync.Mutex
+	user     userInfo
+	queries  map[string]*running
+	waiting  int
+	history  []historyEntry // newest last
+	querySeq uint64
+}
+
+type running struct {
+	cancel        context.CancelFunc
+	userCancelled atomic.Bool
+}
+
+const userGUIDCookie = "user_guid"
+
+// guidFromCookie returns the user_guid cookie when it holds a UUID, else a
+// new random one (as the seed: a returning browser keeps its identity).
+func guidFromCookie(r *http.Request) string {
+	if ck, err := r.Cookie(userGUIDCookie); err == nil {
+		if u, err := uuid.Parse(ck.Value); err == nil && len(ck.Value) == 36 {
+			return u.String()
+		}
+	}
+	return uuid.NewString()
+}
+
+func newConn(s *Server, ws *websocket.Conn, guid string, rawText bool) *conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &conn{
+		s:       s,
+		ws:      ws,
+		rawText: rawText,
+		limiter: rate.NewLimiter(rate.Limit(s.cfg.ratePerSec), s.cfg.rateBurst),
+		ctx:     ctx,
+		cancel:  cancel,
+		sendq:   make(chan []byte, s.cfg.sendBuffer),
+		sem:     make(chan struct{}, s.cfg.maxQueries),
+		queries: map[string]*running{},
+		user:    userInfo{GUID: guid, Nickname: "user_" + guid[:8]},
+	}
+	c.uploads = newUploads(&s.cfg, func(id string) {
+		c.send(errorMsg{Type: "error", Message: fmt.Sprintf("vision upload %q timed out before all chunks arrived", id), Code: "TIMEOUT"})
+	})
+	return c
+}
+
+func (c *conn) log() *logging.ZapEventLogger { return c.s.cfg.log }
+
+// serve runs the connection until the client leaves or is dropped.
+func (c *conn) serve() {
+	defer c.finish()
+	go c.writeLoop()
+	go c.pingLoop()
+
+	// The seed client calls its init() on user_info and builds its model
+	// list from worker_update; it sets the cookie it is told to.
+	c.send(setCookieMsg{Type: "set_cookie", Name: userGUIDCookie, Value: c.user.GUID})
+	c.send(userInfoMsg{Type: "user_info", Data: c.userInfo()})
+	cat := c.s.catalog()
+	c.s.noteSignature(cat.signature())
+	c.send(workerUpdateMsg{Type: "worker_update", Workers: cat.entries})
+
+	dropped := 0
+	for {
+		// No context on the read: cancelling one makes the library drop the
+		// connection without a close frame. A dead client is found by the
+		// pinger, which closes the connection and so ends this read.
+		typ, data, err := c.ws.Read(context.Background())
+		if err != nil {
+			if websocket.CloseStatus(err) == -1 && c.ctx.Err() == nil {
+				c.log().Debugw("websocket read ended", "guid", c.user.GUID, "err", err)
+			}
+			return
+		}
+		if c.ctx.Err() != nil {
+			return
+		}
+		if !c.limiter.Allow() {
+			dropped++
+			if dropped > max(c.s.cfg.rateBurst, 32) {
+				c.shutdown(websocket.StatusPolicyViolation, "rate limit exceeded")
+				return
+			}
+			c.send(errorMsg{Type: "error", Message: "rate limit exceeded: message dropped, slow down", Code: "RATE_LIMITED"})
+			continue
+		}
+		dropped = 0
+		if typ != websocket.MessageText {
+			c.sendError("BAD_REQUEST", "binary messages are not supported; send JSON text", "")
+			continue
+		}
+		c.handle(data)
+	}
+}
+
+// finish cancels every query, waits for their goroutines and closes.
+func (c *conn) finish() {
+	c.cancel()
+	c.wg.Wait()
+	c.uploads.close()
+	c.closing.Do(func() { c.ws.CloseNow() })
+}
+
+// shutdown closes the connection from our side with a status and the close
+// handshake (which the library bounds to a few seconds).
+func (c *conn) shutdown(code websocket.StatusCode, reason string) {
+	c.closing.Do(func() {
+		c.log().Debugw("closing websocket", "guid", c.user.GUID, "code", code, "reason", reason)
+		c.cancel()
+		go c.ws.Close(code, reason)
+	})
+}
+
+// drop disconnects a client that does not keep up, without a handshake.
+func (c *conn) drop(reason string) {
+	c.closing.Do(func() {
+		c.log().Infow("dropping websocket client", "guid", c.user.GUID, "reason", reason)
+		c.cancel()
+		go c.ws.CloseNow()
+	})
+}
+
+// send queues v for the client. It never blocks: a client whose queue is
+// full is dropped. It reports whether the message was queued.
+func (c *conn) send(v any) bool {
+	if c.ctx.Err() != nil {
+		return false
+	}
+	b, err := json.Marshal(v)
+	if err != nil {
+		c.log().Warnw("marshal outbound message", "err", err)
+		return false
+	}
+	return c.sendRaw(b)
+}
+
+func (c *conn) sendRaw(b []byte) bool {
+	if c.ctx.Err() != nil {
+		return false
+	}
+	n := int64(len(b))
+	total := c.queued.Add(n)
+	// One message larger than the byte bound may go alone.
+	if total > c.s.cfg.sendBufferBytes && total != n {
+		c.queued.Add(-n)
+		c.drop("send buffer full (bytes)")
+		return false
+	}
+	select {
+	case c.sendq <- b:
+		for {
+			m := c.maxQueue.Load()
+			if total <= m || c.maxQueue.CompareAndSwap(m, total) {
+				break
+			}
+		}
+		return true
+	default:
+		c.queued.Add(-n)
+		c.drop("send buffer full (messages)")
+		return false
+	}
+}
+
+func (c *conn) writeLoop() {
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case b := <-c.sendq:
+			// Not derived from c.ctx: cancelling a write's context mid-way
+			// drops the connection, which would cut a closing handshake.
+			ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.writeTimeout)
+			err := c.ws.Write(ctx, websocket.MessageText, b)
+			cancel()
+			c.queued.Add(-int64(len(b)))
+			if err != nil {
+				c.drop(fmt.Sprintf("write: %v", err))
+				return
+			}
+		}
+	}
+}
+
+// pingLoop sends protocol pings (browsers answer them without script); a
+// client that does not answer within the interval is dropped.
+func (c *conn) pingLoop() {
+	t := time.NewTicker(c.s.cfg.pingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.pingInterval)
+		err := c.ws.Ping(ctx)
+		cancel()
+		if err != nil {
+			c.drop(fmt.Sprintf("ping: %v", err))
+			return
+		}
+	}
+}
+
+func (c *conn) sendError(code, msg, queryID string) {
+	c.send(errorMsg{Type: "error", Message: msg, Code: code, QueryID: queryID})
+}
+
+func (c *conn) userInfo() userInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.user
+}
+
+// handle dispatches one inbound message.
+func (c *conn) handle(data []byte) {
+	var m inbound
+	if err := json.Unmarshal(data, &m); err != nil {
+		c.sendError("BAD_REQUEST", "invalid message: "+jsonProblem(err), "")
+		return
+	}
+	switch m.Type {
+	case "ping":
+		c.send(typeOnly{Type: "pong"})
+	case "pong":
+		// the seed client's heartbeat; nothing to do
+	case "set_nickname":
+		c.setNickname(m.Nickname)
+	case "get_previous_queries":
+		c.send(previousQueriesMsg{Type: "previous_queries", Data: c.previous()})
+	case "submit_query":
+		c.submit(&m)
+	case "speech_to_text":
+		c.speechToText(&m)
+	case "text_to_speech":
+		c.textToSpeech(&m)
+	case "vision_chunk":
+		c.visionChunk(&m)
+	case "cancel":
+		c.cancelQuery(m.QueryID)
+	case "":
+		c.sendError("BAD_REQUEST", "message has no type", "")
+	default:
+		// The seed's sysop messages land here too: the bridge has no remote
+		// administration.
+		c.sendError("BAD_REQUEST", "Unknown message type", "")
+	}
+}
+
+// jsonProblem turns a decoding error into a short message for the client.
+func jsonProblem(err error) string {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		return fmt.Sprintf("field %q must be %s, not %s", te.Field, te.Type.Kind(), te.Value)
+	}
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		return "not valid JSON"
+	}
+	return err.Error()
+}
+
+const maxNickname = 32
+
+func (c *conn) setNickname(n string) {
+	n = strings.TrimSpace(n)
+	if n == "" || utf8.RuneCountInString(n) > maxNickname || strings.IndexFunc(n, unicode.IsControl) >= 0 {
+		c.sendError("BAD_REQUEST", fmt.Sprintf("nickname must be 1-%d characters without control characters", maxNickname), "")
+		return
+	}
+	c.mu.Lock()
+	c.user.Nickname = n
+	c.mu.Unlock()
+	c.send(userInfoMsg{Type: "user_info", Data: c.userInfo()})
+}
+
+// previous is this connection's answered queries, newest first.
+func (c *conn) previous() []historyEntry {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]historyEntry, 0, len(c.history))
+	for i := len(c.history) - 1; i >= 0; i-- {
+		out = append(out, c.history[i])
+	}
+	return out
+}
+
+func (c *conn) record(e historyEntry, seconds, cost float64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.history = append(c.history, e)
+	if len(c.history) > c.s.cfg.history {
+		c.history = c.history[len(c.history)-c.s.cfg.history:]
+	}
+	c.user.QueryCount++
+	c.user.TotalQueryTime += seconds
+	c.user.TotalCost += cost
+}

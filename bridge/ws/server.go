@@ -1,0 +1,183 @@
+// Package ws serves the bridge's WebSocket endpoint (/ws): the message set
+// of the seed system's browser client (RENTAHAL script.js), which works
+// against it unchanged, plus mtor's streaming additions (query_chunk,
+// query_started, query_done, cancel). docs/bridge.md describes every
+// message.
+package ws
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Swarm is what the WebSocket server needs from the node: see the bridge
+// contract. *router.Router satisfies it.
+type Swarm interface {
+	Query(ctx context.Context, req *pb.QueryRequest, h router.Handler) (*router.Result, error)
+	Peers() []router.PeerView
+	Models() []router.ModelView
+}
+
+// Server is the /ws handler.
+type Server struct {
+	swarm Swarm
+	cfg   config
+
+	mu       sync.Mutex
+	conns    map[*conn]struct{}
+	closed   bool
+	stopPoll context.CancelFunc // running model poller, nil when no client
+	lastSig  string
+	// maxQueued is the most bytes any closed connection had queued (tests)
+	maxQueued int64
+}
+
+// New builds the WebSocket server for s.
+func New(s Swarm, opts ...Option) *Server {
+	cfg := defaults()
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return &Server{swarm: s, cfg: cfg, conns: map[*conn]struct{}{}}
+}
+
+// Connections is the number of open WebSocket connections.
+func (s *Server) Connections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// Close disconnects every client (status 1001, going away) and refuses new
+// ones. Hijacked connections outlive http.Server.Shutdown, so the bridge
+// calls this when it stops.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.shutdown(websocket.StatusGoingAway, "server shutting down")
+	}
+	return nil
+}
+
+// ServeHTTP upgrades the request to a WebSocket and serves it until it
+// closes.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	full, closed := len(s.conns) >= s.cfg.maxConns, s.closed
+	s.mu.Unlock()
+	if closed {
+		http.Error(w, "server shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	if full {
+		w.Header().Set("Retry-After", "5")
+		http.Error(w, "too many WebSocket connections", http.StatusServiceUnavailable)
+		return
+	}
+	guid := guidFromCookie(r)
+	// Accept answers 403 itself when the Origin is neither the request's
+	// host nor one of the allowed patterns.
+	wc, err := websocket.Accept(w, r, &websocket.AcceptOptions{OriginPatterns: s.cfg.origins})
+	if err != nil {
+		s.cfg.log.Debugw("websocket accept failed", "err", err, "origin", r.Header.Get("Origin"))
+		return
+	}
+	wc.SetReadLimit(s.cfg.maxMessage)
+	c := newConn(s, wc, guid, r.URL.Query().Get("format") == "text")
+	if !s.add(c) {
+		wc.Close(websocket.StatusTryAgainLater, "too many connections")
+		return
+	}
+	defer s.remove(c)
+	c.serve()
+}
+
+func (s *Server) add(c *conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || len(s.conns) >= s.cfg.maxConns {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	if s.stopPoll == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		s.stopPoll = cancel
+		go s.pollModels(ctx)
+	}
+	return true
+}
+
+func (s *Server) remove(c *conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, c)
+	s.maxQueued = max(s.maxQueued, c.maxQueue.Load())
+	if len(s.conns) == 0 && s.stopPoll != nil {
+		s.stopPoll()
+		s.stopPoll = nil
+	}
+}
+
+// catalog snapshots the swarm's models.
+func (s *Server) catalog() *catalog {
+	return newCatalog(s.swarm.Models(), s.swarm.Peers(), time.Now())
+}
+
+// pollModels pushes worker_update to every client when the swarm's models
+// change. It runs while at least one client is connected.
+func (s *Server) pollModels(ctx context.Context) {
+	t := time.NewTicker(s.cfg.modelPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cat := s.catalog()
+		sig := cat.signature()
+		s.mu.Lock()
+		changed := sig != s.lastSig
+		s.lastSig = sig
+		conns := make([]*conn, 0, len(s.conns))
+		for c := range s.conns {
+			conns = append(conns, c)
+		}
+		s.mu.Unlock()
+		if !changed {
+			continue
+		}
+		b, err := json.Marshal(workerUpdateMsg{Type: "worker_update", Workers: cat.entries})
+		if err != nil {
+			s.cfg.log.Errorw("marshal worker_update", "err", err)
+			continue
+		}
+		for _, c := range conns {
+			c.sendRaw(b)
+		}
+	}
+}
+
+// noteSignature records what a new client was just sent, so the poller does
+// not push the same list again.
+func (s *Server) noteSignature(sig string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastSig == "" {
+		s.lastSig = sig
+	}
+}
