@@ -233,7 +233,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		discovery.WithSwarm(swarm),
 		discovery.WithBootstrap(boot),
 		discovery.WithMDNS(cfg.mdns),
-		discovery.WithAnnounceTTL(3 * cfg.announceInterval),
+		discovery.WithAnnounceTTL(max(3*cfg.announceInterval, protocol.MinAnnounceTTL)),
 	}, cfg.discoveryOpts...)
 	if n.disc, err = discovery.New(n.ctx, h, dopts...); err != nil {
 		n.cancel()
