@@ -285,7 +285,9 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		if lastErr.Code == protocol.CodeBusy {
 			busy++
 		}
-		if !lastErr.Retryable || ctx.Err() != nil {
+		// A worker answering UNSUPPORTED means our table was stale (the
+		// model left it): another candidate may still serve the query.
+		if (!lastErr.Retryable && lastErr.Code != protocol.CodeUnsupported) || ctx.Err() != nil {
 			break
 		}
 		if started {

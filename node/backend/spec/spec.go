@@ -2,7 +2,7 @@
 //
 //	demo[:delay=DURATION,model=NAME]
 //	ollama=URL
-//	openai=URL[,key=KEY|key=env:VAR|key=file:PATH]
+//	openai=URL[,key=KEY|key=env:VAR|key=file:PATH][,types=MODEL:chat+vision;MODEL2:embed]
 //	rentahal=URL[,model=NAME][,types=chat+vision+...]
 //	a1111=URL
 package spec
