@@ -64,6 +64,8 @@ const (
 	maxMedia = protocol.MaxEventFrame - 4<<10
 )
 
+var _ backend.Backend = (*Backend)(nil)
+
 // Backend calls one AUTOMATIC1111 server.
 type Backend struct {
 	base      string

@@ -44,8 +44,8 @@ func deadURL(t *testing.T) string {
 }
 
 const (
-	ollamaTagList   = `{"models":[{"name":"llama3.2:1b","model":"llama3.2:1b","size":1321098329,"digest":"baf6a787fdff","details":{"family":"llama"}},{"name":"nomic-embed-text:latest","model":"nomic-embed-text:latest"}]}`
-	openaiList = `{"object":"list","data":[{"id":"qwen2.5-0.5b-instruct-q4_k_m.gguf","object":"model","created":1730000000,"owned_by":"llamacpp"}]}`
+	ollamaTagList = `{"models":[{"name":"llama3.2:1b","model":"llama3.2:1b","size":1321098329,"digest":"baf6a787fdff","details":{"family":"llama"}},{"name":"nomic-embed-text:latest","model":"nomic-embed-text:latest"}]}`
+	openaiList    = `{"object":"list","data":[{"id":"qwen2.5-0.5b-instruct-q4_k_m.gguf","object":"model","created":1730000000,"owned_by":"llamacpp"}]}`
 )
 
 func TestFindsRealServers(t *testing.T) {

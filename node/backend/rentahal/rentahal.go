@@ -65,6 +65,8 @@ const (
 // predictPaths are the two spellings of the predict route.
 var predictPaths = [2]string{"/predict", "/predict/"}
 
+var _ backend.Backend = (*Backend)(nil)
+
 // Backend calls one RENTAHAL worker.
 type Backend struct {
 	base    string // scheme://host[/path] without a trailing slash
