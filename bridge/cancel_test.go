@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
 )
 
 // longPrompt makes the slow demo model talk for minutes, so that only a
@@ -18,20 +20,24 @@ func longPrompt(marker string) string {
 	return marker + " " + strings.Repeat("word ", 5000)
 }
 
-// assertCancelled checks that the worker's backend call for marker ended
-// because its context was cancelled, and that the worker is idle again.
-func assertCancelled(t *testing.T, sw *localSwarm, marker string) {
+// assertCancelled checks that the worker's backend call for marker was
+// stopped because the client went away — its context cancelled, or (across
+// libp2p) its next write failing on the reset stream — long before the
+// minutes it would otherwise run, and that the worker is idle again.
+func assertCancelled(t *testing.T, sw *hooks, marker string) {
 	t.Helper()
 	e := sw.waitEnd(t, marker)
-	if !errors.Is(e.ctxErr, context.Canceled) || e.err == nil {
-		t.Errorf("backend call ended with err=%v ctx=%v, want a cancelled context", e.err, e.ctxErr)
+	if e.err == nil || !(errors.Is(e.ctxErr, context.Canceled) || errors.Is(e.err, network.ErrReset)) {
+		t.Errorf("backend call ended with err=%v ctx=%v, want it cancelled", e.err, e.ctxErr)
 	}
 	sw.waitIdle(t)
 }
 
+// TestStreamDisconnectCancelsWorker: a client that hangs up on a stream
+// cancels the query at the worker, across a real libp2p stream.
 func TestStreamDisconnectCancelsWorker(t *testing.T) {
-	sw := newLocalSwarm(t)
-	_, base := startBridge(t, sw)
+	r, sw, _ := newRealSwarm(t)
+	_, base := startBridge(t, r)
 	const marker = "DISCONNECT-STREAM"
 	body := `{"model":"slow","stream":true,"messages":[{"role":"user","content":"` + longPrompt(marker) + `"}]}`
 	req, _ := http.NewRequest("POST", base+"/v1/chat/completions", strings.NewReader(body))
@@ -55,8 +61,8 @@ func TestStreamDisconnectCancelsWorker(t *testing.T) {
 }
 
 func TestRequestDisconnectCancelsWorker(t *testing.T) {
-	sw := newLocalSwarm(t)
-	_, base := startBridge(t, sw)
+	r, sw, _ := newRealSwarm(t)
+	_, base := startBridge(t, r)
 	const marker = "DISCONNECT-PLAIN"
 	ctx, cancel := context.WithCancel(context.Background())
 	body := `{"model":"slow","messages":[{"role":"user","content":"` + longPrompt(marker) + `"}]}`
@@ -139,5 +145,5 @@ func TestShutdown(t *testing.T) {
 	if err := <-served2; err == nil {
 		t.Errorf("Serve returned nil although a stream was cut")
 	}
-	assertCancelled(t, sw2, marker2)
+	assertCancelled(t, sw2.hooks, marker2)
 }

@@ -12,7 +12,8 @@ import (
 )
 
 // TestOpenAIClient runs the official openai npm client (bridge/e2e, pinned
-// in package.json) against a bridge in front of the swarm. Locally it is
+// in package.json) against a bridge on a client node of a real swarm
+// (node/swarmtest); the queries reach the worker over libp2p. Locally it is
 // skipped when `npm ci` has not been run in bridge/e2e; in CI (CI set) it
 // must run.
 func TestOpenAIClient(t *testing.T) {
@@ -25,8 +26,8 @@ func TestOpenAIClient(t *testing.T) {
 		t.Fatalf("CI is set but the openai client cannot run: node: %v, bridge/e2e/node_modules: %v", err, modErr)
 	}
 	const key = "e2e-test-key"
-	sw := newLocalSwarm(t)
-	_, base := startBridge(t, sw, WithAPIKeys([]string{key}))
+	r, sw, workerID := newRealSwarm(t)
+	_, base := startBridge(t, r, WithAPIKeys([]string{key}))
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*testTimeout)
 	defer cancel()
@@ -60,8 +61,8 @@ func TestOpenAIClient(t *testing.T) {
 			t.Errorf("the client did not report check %q", want)
 		}
 	}
-	if p, _ := checks["chat"]["peer"].(string); p != sw.self.String() {
-		t.Errorf("X-Mtor-Peer seen by the client: %q, want %s", p, sw.self)
+	if p, _ := checks["chat"]["peer"].(string); p != workerID.String() {
+		t.Errorf("X-Mtor-Peer seen by the client: %q, want the worker %s", p, workerID)
 	}
 	if n, _ := checks["stream"]["deltas"].(float64); n < 4 {
 		t.Errorf("streamed deltas: %v", checks["stream"]["deltas"])

@@ -17,6 +17,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/node/swarmtest"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -59,31 +60,68 @@ func (o *observed) Run(ctx context.Context, req *pb.QueryRequest, out backend.Si
 	return u, err
 }
 
-// localSwarm is the bridge's Swarm built from the node's real worker
-// (admission, queue, sink) and the real demo backend, in-process: the
-// in-test adapter BRIDGE.md asks for until node/swarmtest exists. It serves
-// "demo" (fast) and "slow" (30 ms between words, for cancellation tests).
-type localSwarm struct {
+// hooks watch one worker: its backend calls as they start and end, and
+// its admission counts.
+type hooks struct {
 	w      *worker.Worker
-	self   peer.ID
 	starts chan string
 	ends   chan runEnd
 }
 
+func newHooks() *hooks {
+	return &hooks{starts: make(chan string, 256), ends: make(chan runEnd, 256)}
+}
+
+// backends are the demo backend serving "demo" (fast) and "slow" (30 ms
+// between words, for cancellation tests), both observed.
+func (h *hooks) backends(label string) []backend.Backend {
+	return []backend.Backend{
+		&observed{Backend: demo.New(label, demo.WithDelay(time.Millisecond)), starts: h.starts, ends: h.ends},
+		&observed{Backend: demo.New(label, demo.WithModel("slow"), demo.WithDelay(30*time.Millisecond)), starts: h.starts, ends: h.ends},
+	}
+}
+
+// localSwarm is the bridge's Swarm built from the node's real worker
+// (admission, queue, sink) and the real demo backend, in-process, without
+// the network: quick, for the many endpoint tests. The integration tests
+// use realSwarm.
+type localSwarm struct {
+	*hooks
+	self peer.ID
+}
+
 func newLocalSwarm(t *testing.T) *localSwarm {
 	t.Helper()
-	starts, ends := make(chan string, 256), make(chan runEnd, 256)
-	w := worker.New([]backend.Backend{
-		&observed{Backend: demo.New("test", demo.WithDelay(time.Millisecond)), starts: starts, ends: ends},
-		&observed{Backend: demo.New("test", demo.WithModel("slow"), demo.WithDelay(30*time.Millisecond)), starts: starts, ends: ends},
-	}, worker.WithVersion("test"))
+	h := newHooks()
+	h.w = worker.New(h.backends("test"), worker.WithVersion("test"))
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	w.Refresh(ctx)
-	if len(w.Capabilities()) != 2 {
-		t.Fatalf("worker serves %d models, want 2", len(w.Capabilities()))
+	h.w.Refresh(ctx)
+	if len(h.w.Capabilities()) != 2 {
+		t.Fatalf("worker serves %d models, want 2", len(h.w.Capabilities()))
 	}
-	return &localSwarm{w: w, self: testPeerID(t), starts: starts, ends: ends}
+	return &localSwarm{hooks: h, self: testPeerID(t)}
+}
+
+// realSwarm starts real nodes on loopback (node/swarmtest): a bootstrap,
+// one worker serving the observed demo models, and a client node without
+// backends whose router is the bridge's Swarm, so that every query crosses
+// a libp2p stream to the worker.
+func newRealSwarm(t *testing.T) (*router.Router, *hooks, peer.ID) {
+	t.Helper()
+	h := newHooks()
+	sw := swarmtest.New(t, swarmtest.Workers(1), swarmtest.Clients(1),
+		swarmtest.Backends(func(_ int, label string) []backend.Backend { return h.backends(label) }))
+	h.w = sw.Workers[0].Worker()
+	r := sw.Clients[0].Router()
+	deadline := time.Now().Add(testTimeout)
+	for len(r.Models()) < 2 { // the announcement carries both models
+		if time.Now().After(deadline) {
+			t.Fatalf("client sees models %v", r.Models())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return r, h, sw.Workers[0].ID()
 }
 
 func testPeerID(t *testing.T) peer.ID {
@@ -149,13 +187,13 @@ func (s *localSwarm) Peers() []router.PeerView {
 }
 
 // running is the worker's count of queries in progress.
-func (s *localSwarm) running() int {
+func (s *hooks) running() int {
 	r, q, _, _ := s.w.Load()
 	return r + q
 }
 
 // waitStart waits for a backend call whose prompt contains marker to begin.
-func (s *localSwarm) waitStart(t *testing.T, marker string) {
+func (s *hooks) waitStart(t *testing.T, marker string) {
 	t.Helper()
 	deadline := time.After(testTimeout)
 	for {
@@ -171,7 +209,7 @@ func (s *localSwarm) waitStart(t *testing.T, marker string) {
 }
 
 // waitEnd waits for the backend call whose prompt contains marker to end.
-func (s *localSwarm) waitEnd(t *testing.T, marker string) runEnd {
+func (s *hooks) waitEnd(t *testing.T, marker string) runEnd {
 	t.Helper()
 	deadline := time.After(testTimeout)
 	for {
@@ -187,7 +225,7 @@ func (s *localSwarm) waitEnd(t *testing.T, marker string) runEnd {
 }
 
 // waitIdle waits for the worker to have nothing running or queued.
-func (s *localSwarm) waitIdle(t *testing.T) {
+func (s *hooks) waitIdle(t *testing.T) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
