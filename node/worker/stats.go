@@ -12,8 +12,7 @@ type modelStats struct {
 	ttfts       [64]uint32 // ring of recent TTFTs in ms
 	n           int
 	next        int
-	tokPerSec   float64 // EWMA of completion tokens per second of generation
-	joulesPerTk float64 // EWMA of joules per completion token
+	tokPerSec float64 // EWMA of completion tokens per second of generation
 }
 
 const ewmaAlpha = 0.2
@@ -26,7 +25,7 @@ func ewma(old, v float64) float64 {
 }
 
 // record adds one successful query.
-func (s *modelStats) record(ttft, total time.Duration, tokens uint32, energyMJ uint64) {
+func (s *modelStats) record(ttft, total time.Duration, tokens uint32) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.ttfts[s.next] = uint32(ttft.Milliseconds())
@@ -38,13 +37,10 @@ func (s *modelStats) record(ttft, total time.Duration, tokens uint32, energyMJ u
 	if tokens > 1 && gen > 0 {
 		s.tokPerSec = ewma(s.tokPerSec, float64(tokens-1)/gen.Seconds())
 	}
-	if energyMJ > 0 && tokens > 0 {
-		s.joulesPerTk = ewma(s.joulesPerTk, float64(energyMJ)/1000/float64(tokens))
-	}
 }
 
-// snapshot returns tokens/s, p50 TTFT in ms and joules per token.
-func (s *modelStats) snapshot() (float32, uint32, float32) {
+// snapshot returns tokens/s and p50 TTFT in ms.
+func (s *modelStats) snapshot() (float32, uint32) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var p50 uint32
@@ -53,5 +49,5 @@ func (s *modelStats) snapshot() (float32, uint32, float32) {
 		slices.Sort(v)
 		p50 = v[len(v)/2]
 	}
-	return float32(s.tokPerSec), p50, float32(s.joulesPerTk)
+	return float32(s.tokPerSec), p50
 }

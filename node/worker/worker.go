@@ -14,6 +14,7 @@ import (
 	logging "github.com/ipfs/go-log/v2"
 
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/gpu"
 	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -73,6 +74,7 @@ type Worker struct {
 	mu     sync.RWMutex
 	models map[string][]served // by model name; refreshed from the backends
 	stats  map[string]*modelStats
+	energy *gpu.EnergyStats // joules per token per model
 }
 
 // Option configures a Worker.
@@ -118,6 +120,7 @@ func New(backends []backend.Backend, opts ...Option) *Worker {
 		onChange: func() {},
 		models:   map[string][]served{},
 		stats:    map[string]*modelStats{},
+		energy:   gpu.NewEnergyStats(),
 	}
 	for _, b := range backends {
 		w.backends = append(w.backends, &bound{Backend: b, health: health.New()})
@@ -221,7 +224,8 @@ func (w *Worker) Capabilities() []ModelCap {
 				}
 			}
 		}
-		c.TokensPerSec, c.P50TTFTMs, c.JoulesPerToken = w.stats[name].snapshot()
+		c.TokensPerSec, c.P50TTFTMs = w.stats[name].snapshot()
+		c.JoulesPerToken = w.energy.JoulesPerToken(name)
 		out = append(out, c)
 	}
 	return out
@@ -370,7 +374,10 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	if !s.first.IsZero() {
 		ttft = s.first.Sub(admitted)
 	}
-	stats.record(ttft, finished.Sub(admitted), tokens, energy)
+	stats.record(ttft, finished.Sub(admitted), tokens)
+	if end != nil && energy > 0 {
+		w.energy.Record(req.GetModel(), energy, tokens)
+	}
 	return &pb.Done{
 		Usage: &pb.Usage{PromptTokens: usage.PromptTokens, CompletionTokens: tokens},
 		Timing: &pb.Timing{

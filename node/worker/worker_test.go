@@ -1,0 +1,199 @@
+package worker
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+func req(prompt string) *pb.QueryRequest {
+	return &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: prompt}
+}
+
+func newWorker(t *testing.T, b backend.Backend, opts ...Option) *Worker {
+	t.Helper()
+	w := New([]backend.Backend{b}, opts...)
+	w.Refresh(context.Background())
+	if len(w.Capabilities()) == 0 {
+		t.Fatal("worker has no models after Refresh")
+	}
+	return w
+}
+
+func TestAdmissionQueueOrderAndBusy(t *testing.T) {
+	a := newAdmission(1, 2)
+	t0, pos, err := a.enter(0)
+	if err != nil || pos != 0 {
+		t.Fatalf("first: pos %d err %v", pos, err)
+	}
+	low, pos, _ := a.enter(-1)
+	if pos != 1 {
+		t.Fatalf("low pos = %d, want 1", pos)
+	}
+	high, pos, _ := a.enter(5)
+	if pos != 1 {
+		t.Fatalf("high priority pos = %d, want 1 (ahead of low)", pos)
+	}
+	if _, _, err := a.enter(9); protocol.AsError(err).Code != protocol.CodeBusy {
+		t.Fatalf("full queue: err = %v, want BUSY", err)
+	}
+	_ = t0
+	a.release()
+	select {
+	case <-high.ready:
+	case <-time.After(time.Second):
+		t.Fatal("high priority ticket not admitted first")
+	}
+	select {
+	case <-low.ready:
+		t.Fatal("low admitted while the slot is taken")
+	default:
+	}
+	// A waiter that gives up leaves the queue.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := a.wait(ctx, low); err == nil {
+		t.Fatal("cancelled wait returned nil")
+	}
+	if r, q := a.load(); r != 1 || q != 0 {
+		t.Fatalf("load = %d running %d queued, want 1/0", r, q)
+	}
+}
+
+func TestServeEmitsAcceptedChunksAndDone(t *testing.T) {
+	w := newWorker(t, demo.New("w", demo.WithDelay(0)), WithVersion("v-test"))
+	var kinds []string
+	done, err := w.Serve(context.Background(), req("one two three"), func(ev *pb.Event) error {
+		switch ev.GetKind().(type) {
+		case *pb.Event_Accepted:
+			kinds = append(kinds, "accepted")
+		case *pb.Event_Chunk:
+			kinds = append(kinds, "chunk")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kinds[0] != "accepted" || len(kinds) < 3 {
+		t.Fatalf("events %v", kinds)
+	}
+	if done.GetWorkerVersion() != "v-test" || done.GetUsage().GetCompletionTokens() == 0 || done.GetTiming() == nil {
+		t.Fatalf("done = %v", done)
+	}
+}
+
+func TestServeErrors(t *testing.T) {
+	w := newWorker(t, demo.New("w", demo.WithDelay(10*time.Millisecond)))
+	tests := []struct {
+		name string
+		mod  func(*pb.QueryRequest)
+		ctx  func() (context.Context, context.CancelFunc)
+		want pb.ErrorCode
+	}{
+		{"invalid", func(r *pb.QueryRequest) { r.Id = nil }, nil, protocol.CodeBadRequest},
+		{"unknown model", func(r *pb.QueryRequest) { r.Model = "x" }, nil, protocol.CodeUnsupported},
+		{"deadline passed", func(r *pb.QueryRequest) { r.DeadlineUnixMs = time.Now().Add(-time.Second).UnixMilli() }, nil, protocol.CodeTimeout},
+		{"deadline during run", func(r *pb.QueryRequest) {
+			r.Prompt = strings.Repeat("w ", 200)
+			r.DeadlineUnixMs = time.Now().Add(100 * time.Millisecond).UnixMilli()
+		}, nil, protocol.CodeTimeout},
+		{"cancelled", func(r *pb.QueryRequest) { r.Prompt = strings.Repeat("w ", 200) }, func() (context.Context, context.CancelFunc) {
+			return context.WithTimeout(context.Background(), 50*time.Millisecond)
+		}, protocol.CodeTimeout},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := req("hello")
+			tc.mod(r)
+			ctx, cancel := context.Background(), func() {}
+			if tc.ctx != nil {
+				ctx, cancel = tc.ctx()
+			}
+			defer cancel()
+			_, err := w.Serve(ctx, r, func(*pb.Event) error { return nil })
+			if pe := protocol.AsError(err); pe == nil || pe.Code != tc.want {
+				t.Fatalf("err = %v, want %s", err, protocol.CodeName(tc.want))
+			}
+		})
+	}
+	if r, q, _, _ := w.Load(); r != 0 || q != 0 {
+		t.Fatalf("slots leaked: running %d queued %d", r, q)
+	}
+}
+
+func TestDrainRefusesWithBusy(t *testing.T) {
+	w := newWorker(t, demo.New("w", demo.WithDelay(0)))
+	w.Drain()
+	_, err := w.Serve(context.Background(), req("hi"), func(*pb.Event) error { return nil })
+	if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeBusy || !pe.Retryable {
+		t.Fatalf("err = %v, want retryable BUSY", err)
+	}
+}
+
+// fakeMeter stands in for a GPU energy counter: each query costs 500 mJ.
+type fakeMeter struct{}
+
+func (fakeMeter) Begin() func() (uint64, bool) { return func() (uint64, bool) { return 500, true } }
+
+func TestEnergyReportedInDoneAndAnnouncedPerToken(t *testing.T) {
+	w := newWorker(t, demo.New("w", demo.WithDelay(0)), WithEnergyMeter(fakeMeter{}))
+	done, err := w.Serve(context.Background(), req("a b c d"), func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.GetEnergyMj() != 500 {
+		t.Fatalf("energy = %d, want 500", done.GetEnergyMj())
+	}
+	caps := w.Capabilities()
+	want := float32(0.5) / float32(done.GetUsage().GetCompletionTokens())
+	if got := caps[0].JoulesPerToken; got < want*0.99 || got > want*1.01 {
+		t.Fatalf("J/token = %v, want %v", got, want)
+	}
+	if caps[0].P50TTFTMs > 1000 || caps[0].Backend != "demo" {
+		t.Fatalf("caps = %+v", caps[0])
+	}
+}
+
+// bigChunk is a fake backend that emits one oversized text chunk.
+type bigChunk struct{ *demo.Backend }
+
+func (b bigChunk) Run(ctx context.Context, r *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
+	return backend.Usage{}, out.Chunk(strings.Repeat("é", protocol.MaxChunkText))
+}
+
+func TestOversizedChunksAreSplitOnRuneBoundaries(t *testing.T) {
+	w := newWorker(t, bigChunk{demo.New("w")})
+	var mu sync.Mutex
+	var parts []string
+	_, err := w.Serve(context.Background(), req("x"), func(ev *pb.Event) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if c := ev.GetChunk(); c != nil {
+			if err := protocol.ValidateEvent(ev); err != nil {
+				t.Error(err)
+			}
+			parts = append(parts, c.GetText())
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := strings.Join(parts, "")
+	if len(parts) < 2 || joined != strings.Repeat("é", protocol.MaxChunkText) {
+		t.Fatalf("%d parts, joined correctly: %v", len(parts), joined == strings.Repeat("é", protocol.MaxChunkText))
+	}
+	for _, p := range parts {
+		if !strings.HasPrefix(p, "é") {
+			t.Fatal("a part starts mid-rune")
+		}
+	}
+}
