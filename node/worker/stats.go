@@ -8,10 +8,10 @@ import (
 
 // modelStats are measured figures of one model from real queries.
 type modelStats struct {
-	mu          sync.Mutex
-	ttfts       [64]uint32 // ring of recent TTFTs in ms
-	n           int
-	next        int
+	mu        sync.Mutex
+	ttfts     [64]uint32 // ring of recent TTFTs in ms
+	n         int
+	next      int
 	tokPerSec float64 // EWMA of completion tokens per second of generation
 }
 
