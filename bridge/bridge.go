@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/mtor-swarm/mtor/bridge/ws"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -51,6 +52,7 @@ type Server struct {
 	metrics *metrics
 	reg     *prometheus.Registry
 	handler http.Handler
+	ws      *ws.Server
 	started time.Time
 
 	// base is the parent of every request context; cancelling it ends
@@ -105,11 +107,8 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	srv.swarm = &instrumented{Swarm: s, m: m}
 	mux := http.NewServeMux()
 	srv.routes(mux)
-	wsHandler, conns := srv.mountUI(mux)
-	if conns != nil {
-		wsConns = conns
-	}
-	_ = wsHandler
+	srv.mountUI(mux)
+	wsConns = srv.ws.Connections
 	srv.handler = mux
 	return srv, nil
 }
@@ -193,10 +192,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Unlock()
 	if hs == nil {
 		s.cancelBase()
+		_ = s.ws.Close()
 		return nil
 	}
 	err := hs.Shutdown(ctx)
-	s.cancelBase() // hijacked connections (WebSockets) are not tracked by Shutdown
+	// Hijacked connections (WebSockets) are not tracked by Shutdown: they
+	// are closed (status 1001) once the HTTP requests have drained.
+	_ = s.ws.Close()
+	s.cancelBase()
 	if err != nil {
 		_ = hs.Close()
 		return fmt.Errorf("bridge: shutdown: %w", err)

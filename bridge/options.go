@@ -11,6 +11,8 @@ import (
 
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mtor-swarm/mtor/bridge/ws"
 )
 
 // Defaults for the options.
@@ -35,6 +37,7 @@ type config struct {
 	retryAfter    time.Duration
 	shutdownGrace time.Duration
 	selfID        string
+	wsOpts        []ws.Option
 	log           *logging.ZapEventLogger
 }
 
@@ -179,6 +182,15 @@ func WithShutdownGrace(d time.Duration) Option {
 func WithSelfID(id string) Option {
 	return func(c *config) error {
 		c.selfID = id
+		return nil
+	}
+}
+
+// WithWSOptions passes options to the WebSocket server (package bridge/ws).
+// Its allowed origins and query timeout already follow the bridge's.
+func WithWSOptions(opts ...ws.Option) Option {
+	return func(c *config) error {
+		c.wsOpts = append(c.wsOpts, opts...)
 		return nil
 	}
 }
