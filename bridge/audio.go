@@ -178,7 +178,7 @@ func (s *Server) handleTranscription(w http.ResponseWriter, r *http.Request) {
 	if f.responseFormat == "text" {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Header().Set("Content-Length", strconv.Itoa(len(text)))
-		_, _ = io.WriteString(w, text)
+		writeBody(w, []byte(text))
 		return
 	}
 	writeJSON(w, http.StatusOK, struct {
@@ -261,7 +261,7 @@ func (s *Server) handleSpeech(w http.ResponseWriter, r *http.Request) {
 	h.Set("Content-Type", audio.GetMime())
 	h.Set("Content-Length", strconv.Itoa(len(audio.GetData())))
 	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(audio.GetData())
+	writeBody(w, audio.GetData())
 }
 
 // collectText runs q and gathers its chunks.

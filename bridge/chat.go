@@ -181,6 +181,13 @@ func (e *sse) done() error {
 	return e.write([]byte("data: [DONE]\n\n"))
 }
 
+// finish lifts the write deadline (see writeBody).
+func (e *sse) finish() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_ = e.rc.SetWriteDeadline(time.Time{})
+}
+
 func (e *sse) isStarted() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -189,6 +196,7 @@ func (e *sse) isStarted() bool {
 
 func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryRequest, id string, created int64, includeUsage bool) {
 	out := newSSE(w)
+	defer out.finish()
 	var usageField any
 	if includeUsage {
 		usageField = json.RawMessage("null")

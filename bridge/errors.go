@@ -140,5 +140,17 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(status)
+	writeBody(w, b)
+}
+
+// writeBody writes b under a write deadline, so that a client that does
+// not read cannot hold the handler, then lifts the deadline again: without
+// a WriteTimeout the server never resets it, and it would cut the next
+// response on a kept-alive connection.
+func writeBody(w http.ResponseWriter, b []byte) {
+	rc := http.NewResponseController(w)
+	_ = rc.SetWriteDeadline(time.Now().Add(defaultWriteTimeout))
 	_, _ = w.Write(b)
+	_ = rc.Flush()
+	_ = rc.SetWriteDeadline(time.Time{})
 }
