@@ -249,6 +249,23 @@ func (w *Worker) Health() uint32 {
 	return uint32(sum / float64(len(w.backends)))
 }
 
+// BackendStatus is the health of one backend.
+type BackendStatus struct {
+	Name    string
+	Kind    string
+	Score   float64
+	Breaker string // closed, open, half-open
+}
+
+// Backends reports each backend's health and breaker state.
+func (w *Worker) Backends() []BackendStatus {
+	out := make([]BackendStatus, len(w.backends))
+	for i, b := range w.backends {
+		out[i] = BackendStatus{Name: b.Name(), Kind: b.Kind(), Score: b.health.Score(), Breaker: b.health.State().String()}
+	}
+	return out
+}
+
 // Drain makes the worker refuse new queries with BUSY.
 func (w *Worker) Drain() { w.draining.Store(true) }
 
