@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
+
+	"github.com/mtor-swarm/mtor/node/worker"
 )
 
 // longPrompt makes the slow demo model talk for minutes, so that only a
@@ -146,4 +148,41 @@ func TestShutdown(t *testing.T) {
 		t.Errorf("Serve returned nil although a stream was cut")
 	}
 	assertCancelled(t, sw2.hooks, marker2)
+}
+
+// TestDeadlineAndBusy: the bridge's query timeout reaches the worker (504),
+// and a worker with no free slot and no queue makes the swarm busy (429
+// with Retry-After).
+func TestDeadlineAndBusy(t *testing.T) {
+	sw := newLocalSwarm(t, worker.WithMaxConcurrency(1), worker.WithMaxQueue(0))
+	_, base := startBridge(t, sw, WithQueryTimeout(300*time.Millisecond))
+	resp, body := postJSON(t, base+"/v1/chat/completions", `{"model":"slow","messages":[{"role":"user","content":"`+longPrompt("DEADLINE")+`"}]}`, nil)
+	if resp.StatusCode != http.StatusGatewayTimeout {
+		t.Errorf("deadline: %d %s", resp.StatusCode, body)
+	}
+	assertErrorShape(t, body, "timeout")
+	if e := sw.waitEnd(t, "DEADLINE"); !errors.Is(e.ctxErr, context.DeadlineExceeded) {
+		t.Errorf("worker's backend call ended with ctx %v, want its deadline", e.ctxErr)
+	}
+	sw.waitIdle(t)
+
+	_, base = startBridge(t, sw, WithRetryAfter(4*time.Second))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/chat/completions",
+		strings.NewReader(`{"model":"slow","messages":[{"role":"user","content":"`+longPrompt("HOLDS-THE-SLOT")+`"}]}`))
+	req.Header.Set("Content-Type", "application/json")
+	go func() {
+		if resp, err := client.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	sw.waitStart(t, "HOLDS-THE-SLOT")
+	resp, body = postJSON(t, base+"/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}]}`, nil)
+	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") != "4" {
+		t.Errorf("busy: %d Retry-After %q %s", resp.StatusCode, resp.Header.Get("Retry-After"), body)
+	}
+	assertErrorShape(t, body, "swarm_busy")
+	cancel()
+	assertCancelled(t, sw.hooks, "HOLDS-THE-SLOT")
 }

@@ -90,10 +90,10 @@ type localSwarm struct {
 	self peer.ID
 }
 
-func newLocalSwarm(t *testing.T) *localSwarm {
+func newLocalSwarm(t *testing.T, opts ...worker.Option) *localSwarm {
 	t.Helper()
 	h := newHooks()
-	h.w = worker.New(h.backends("test"), worker.WithVersion("test"))
+	h.w = worker.New(h.backends("test"), append([]worker.Option{worker.WithVersion("test")}, opts...)...)
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
 	h.w.Refresh(ctx)
