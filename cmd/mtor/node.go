@@ -1,0 +1,350 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	golog "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/bridge"
+	"github.com/mtor-swarm/mtor/node"
+	"github.com/mtor-swarm/mtor/node/api"
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/spec"
+)
+
+// DefaultGrace is how long a stopping node lets queries in flight finish.
+const DefaultGrace = 30 * time.Second
+
+type nodeFlags struct {
+	dataDir          string
+	listen           stringList
+	join             stringList
+	swarm            string
+	backends         stringList
+	apiAddr          string
+	bridgeAddr       string
+	bridgeKeys       stringList
+	bridgeKeyFile    string
+	relay            bool
+	noMDNS           bool
+	maxConcurrency   int
+	maxQueue         int
+	announceInterval time.Duration
+	grace            time.Duration
+	logLevel         string
+}
+
+func defaultDataDir(e *env) string {
+	if d := e.getenv("MTOR_DATA_DIR"); d != "" {
+		return d
+	}
+	home, err := os.UserHomeDir()
+	if err != nil || home == "" {
+		return ".mtor"
+	}
+	return filepath.Join(home, ".mtor")
+}
+
+func defaultAPIAddr(e *env) string {
+	if a := e.getenv("MTOR_API"); a != "" {
+		return a
+	}
+	return api.DefaultAddr
+}
+
+func runNode(ctx context.Context, e *env, args []string) error {
+	var f nodeFlags
+	fs := newFlagSet(e, "node", "[flags]")
+	fs.StringVar(&f.dataDir, "data-dir", defaultDataDir(e), "directory for the identity key and state (env MTOR_DATA_DIR)")
+	fs.Var(&f.listen, "listen", "multiaddr to listen on, repeatable (default /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1)")
+	fs.Var(&f.join, "join", "bootstrap multiaddr (/ip4/.../p2p/ID) or join token to join through, repeatable")
+	fs.StringVar(&f.swarm, "swarm", "", "swarm name (default: the join token's swarm, else \"mtor\")")
+	fs.Var(&f.backends, "backend", "model server to serve, repeatable: "+spec.Kinds+" (default: auto-detect local servers)")
+	fs.StringVar(&f.apiAddr, "api", defaultAPIAddr(e), "local control API address HOST:PORT, or \"off\" (env MTOR_API)")
+	fs.StringVar(&f.bridgeAddr, "bridge", "", "serve the web UI and OpenAI-compatible API on HOST:PORT")
+	fs.Var(&f.bridgeKeys, "bridge-key", "API key the bridge requires (Authorization: Bearer KEY), repeatable")
+	fs.StringVar(&f.bridgeKeyFile, "bridge-key-file", "", "file of bridge API keys, one a line")
+	fs.BoolVar(&f.relay, "relay", false, "serve circuit relay v2 for peers behind NAT")
+	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
+	fs.IntVar(&f.maxConcurrency, "max-concurrency", 0, "queries the worker runs at once (0: the node's default)")
+	fs.IntVar(&f.maxQueue, "max-queue", 0, "queries the worker queues beyond those running (0: the node's default)")
+	fs.DurationVar(&f.announceInterval, "announce-interval", 0, "heartbeat of the worker's announcements (0: the node's default)")
+	fs.DurationVar(&f.grace, "grace", DefaultGrace, "on SIGINT/SIGTERM, how long queries in flight may take to finish")
+	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("unexpected argument %q", pos[0])
+	}
+	if err := f.check(); err != nil {
+		return err
+	}
+	if f.logLevel != "" {
+		lvl, err := golog.Parse(f.logLevel)
+		if err != nil {
+			return usagef("--log-level: %v", err)
+		}
+		golog.SetAllLoggers(lvl)
+	}
+
+	priv, err := node.LoadOrCreateIdentity(f.dataDir)
+	if err != nil {
+		return fmt.Errorf("identity: %w", err)
+	}
+	self, err := peer.IDFromPrivateKey(priv)
+	if err != nil {
+		return fmt.Errorf("identity: %w", err)
+	}
+	backends, err := buildBackends(ctx, e, f.backends, shortID(self))
+	if err != nil {
+		return err
+	}
+
+	// Bind the local listeners before the node starts, so that a port in
+	// use fails at once and not after joining the swarm.
+	var apiLn, bridgeLn net.Listener
+	if f.apiAddr != "off" {
+		if apiLn, err = net.Listen("tcp", f.apiAddr); err != nil {
+			return fmt.Errorf("control API on %s: %w (choose another with --api HOST:PORT, or --api off)", f.apiAddr, err)
+		}
+		defer apiLn.Close()
+	}
+	if f.bridgeAddr != "" {
+		if bridgeLn, err = net.Listen("tcp", f.bridgeAddr); err != nil {
+			return fmt.Errorf("bridge on %s: %w", f.bridgeAddr, err)
+		}
+		defer bridgeLn.Close()
+	}
+
+	n, err := node.New(ctx, append(f.options(backends), node.WithIdentity(priv))...)
+	if err != nil {
+		return fmt.Errorf("starting the node: %w", err)
+	}
+	defer n.Close()
+
+	// Everything below runs until a signal or a server failure.
+	failed := make(chan error, 2)
+	var servers sync.WaitGroup // the API and bridge serving loops
+	var apiSrv *api.Server
+	if apiLn != nil {
+		remote := !isLoopbackListen(f.apiAddr)
+		apiSrv = api.NewServer(n, n.Router(), api.WithVersion(buildVersion()), api.WithAllowRemote(remote))
+		if remote {
+			fmt.Fprintf(e.stderr, "warning: the control API on %s accepts clients from other machines and has no authentication\n", apiLn.Addr())
+		}
+		servers.Go(func() {
+			if err := apiSrv.Serve(apiLn); err != nil {
+				failed <- fmt.Errorf("control API: %w", err)
+			}
+		})
+	}
+	bridgeCtx, stopBridge := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopBridge()
+	if bridgeLn != nil {
+		bs, err := bridge.New(n.Router(), f.bridgeOptions(n)...)
+		if err != nil {
+			return fmt.Errorf("bridge: %w", err)
+		}
+		servers.Go(func() {
+			if err := bs.Serve(bridgeCtx, bridgeLn); err != nil && !errors.Is(err, context.Canceled) {
+				failed <- fmt.Errorf("bridge: %w", err)
+			}
+		})
+	}
+
+	printStartup(e, n, backends, apiLn, bridgeLn)
+
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	var runErr error
+	select {
+	case sig := <-sigs:
+		fmt.Fprintf(e.stderr, "%s: stopping; queries in flight get %s to finish (send it again to stop at once)\n", sig, f.grace)
+	case runErr = <-failed:
+		fmt.Fprintf(e.stderr, "stopping: %v\n", runErr)
+	case <-ctx.Done():
+	}
+	go func() {
+		// A second signal means now: no more waiting for anyone.
+		sig := <-sigs
+		fmt.Fprintf(e.stderr, "%s again: exiting at once\n", sig)
+		os.Exit(exitError)
+	}()
+
+	// Refuse new work from the swarm at once; let the local clients (API,
+	// bridge) finish their queries, which may be answered elsewhere; then
+	// let the worker's queries in flight finish and close. All within the
+	// one grace period.
+	graceCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), f.grace)
+	defer cancel()
+	n.Worker().Drain()
+	var wg sync.WaitGroup
+	if apiSrv != nil {
+		wg.Go(func() { _ = apiSrv.Shutdown(graceCtx) })
+	}
+	stopBridge()
+	wg.Go(servers.Wait)
+	wg.Wait()
+	shutdownErr := n.Shutdown(graceCtx)
+	if err := n.Close(); err != nil && shutdownErr == nil {
+		shutdownErr = err
+	}
+	if runErr != nil {
+		return runErr
+	}
+	if shutdownErr != nil && !errors.Is(shutdownErr, context.DeadlineExceeded) {
+		return fmt.Errorf("shutdown: %w", shutdownErr)
+	}
+	return nil
+}
+
+func (f *nodeFlags) check() error {
+	if f.dataDir == "" {
+		return usagef("--data-dir must not be empty")
+	}
+	if f.apiAddr != "off" {
+		if _, _, err := net.SplitHostPort(f.apiAddr); err != nil {
+			return usagef("--api %q: want HOST:PORT or off", f.apiAddr)
+		}
+	}
+	if f.bridgeAddr != "" {
+		if _, _, err := net.SplitHostPort(f.bridgeAddr); err != nil {
+			return usagef("--bridge %q: want HOST:PORT", f.bridgeAddr)
+		}
+	}
+	if f.bridgeAddr == "" && (len(f.bridgeKeys) > 0 || f.bridgeKeyFile != "") {
+		return usagef("--bridge-key and --bridge-key-file need --bridge")
+	}
+	if f.maxConcurrency < 0 || f.maxQueue < 0 || f.announceInterval < 0 {
+		return usagef("--max-concurrency, --max-queue and --announce-interval must not be negative")
+	}
+	if f.grace < 0 {
+		return usagef("--grace must not be negative")
+	}
+	return nil
+}
+
+func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
+	opts := []node.Option{
+		node.WithDataDir(f.dataDir),
+		node.WithMDNS(!f.noMDNS),
+		node.WithRelayService(f.relay),
+		node.WithGracePeriod(f.grace),
+		node.WithVersion(buildVersion()),
+	}
+	if f.bridgeAddr != "" {
+		opts = append(opts, node.WithRoles("bridge"))
+	}
+	if len(f.listen) > 0 {
+		opts = append(opts, node.WithListenAddrs(f.listen...))
+	}
+	if len(f.join) > 0 {
+		opts = append(opts, node.WithJoin(f.join...))
+	}
+	if f.swarm != "" {
+		opts = append(opts, node.WithSwarm(f.swarm))
+	}
+	if len(backends) > 0 {
+		opts = append(opts, node.WithBackends(backends...))
+	}
+	if f.maxConcurrency > 0 {
+		opts = append(opts, node.WithMaxConcurrency(f.maxConcurrency))
+	}
+	if f.maxQueue > 0 {
+		opts = append(opts, node.WithMaxQueue(f.maxQueue))
+	}
+	if f.announceInterval > 0 {
+		opts = append(opts, node.WithAnnounceInterval(f.announceInterval))
+	}
+	return opts
+}
+
+func (f *nodeFlags) bridgeOptions(n *node.Node) []bridge.Option {
+	opts := []bridge.Option{bridge.WithSelfID(n.ID().String()), bridge.WithShutdownGrace(f.grace)}
+	if len(f.bridgeKeys) > 0 {
+		opts = append(opts, bridge.WithAPIKeys(f.bridgeKeys))
+	}
+	if f.bridgeKeyFile != "" {
+		opts = append(opts, bridge.WithAPIKeyFile(f.bridgeKeyFile))
+	}
+	return opts
+}
+
+// isLoopbackListen reports whether HOST:PORT binds only loopback; an empty
+// host binds every interface.
+func isLoopbackListen(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil || host == "" {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// shortID is the tail of a peer ID, enough for people to tell peers apart.
+func shortID(id peer.ID) string {
+	s := id.String()
+	if len(s) > 8 {
+		return s[len(s)-8:]
+	}
+	return s
+}
+
+// buildBackends parses the --backend values, or auto-detects local model
+// servers when there are none, and says what the node will serve.
+func buildBackends(ctx context.Context, e *env, specs []string, label string) ([]backend.Backend, error) {
+	if len(specs) == 0 {
+		return detectBackends(ctx, e, label)
+	}
+	var out []backend.Backend
+	for _, s := range specs {
+		b, err := spec.Parse(s, label)
+		if err != nil {
+			return nil, usagef("--backend: %v", err)
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+// printStartup prints the node's identity and addresses as "key: value"
+// lines on stdout, the join line last: scripts can wait for "join: ".
+func printStartup(e *env, n *node.Node, backends []backend.Backend, apiLn, bridgeLn net.Listener) {
+	w := e.stdout
+	fmt.Fprintf(w, "mtor %s\n", buildVersion())
+	fmt.Fprintf(w, "peer: %s\n", n.ID())
+	fmt.Fprintf(w, "swarm: %s\n", n.SwarmName())
+	for _, a := range n.Addrs() {
+		fmt.Fprintf(w, "listen: %s\n", a)
+	}
+	if len(backends) == 0 {
+		fmt.Fprintf(w, "backends: none; this node serves no models but routes queries and helps others find each other\n")
+	}
+	for _, b := range backends {
+		fmt.Fprintf(w, "backend: %s\n", b.Name())
+	}
+	if apiLn != nil {
+		fmt.Fprintf(w, "api: %s\n", apiLn.Addr())
+	}
+	if bridgeLn != nil {
+		fmt.Fprintf(w, "bridge: http://%s/\n", bridgeLn.Addr())
+	}
+	fmt.Fprintf(w, "join: %s\n", n.JoinLine())
+}

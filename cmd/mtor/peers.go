@@ -1,0 +1,91 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/api"
+	"github.com/mtor-swarm/mtor/node/router"
+)
+
+func runPeers(ctx context.Context, e *env, args []string) error {
+	fs := newFlagSet(e, "peers", "[--api HOST:PORT] [--json]")
+	apiAddr := fs.String("api", defaultAPIAddr(e), "control API of a running node (env MTOR_API)")
+	asJSON := fs.Bool("json", false, "print the peer table as JSON")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("unexpected argument %q", pos[0])
+	}
+	peers, err := api.NewClient(*apiAddr).Peers(ctx)
+	if err != nil {
+		return explain(err, *apiAddr)
+	}
+	sort.Slice(peers, func(i, j int) bool { return peers[i].Peer < peers[j].Peer })
+	if *asJSON {
+		if peers == nil {
+			peers = []router.PeerView{}
+		}
+		enc := json.NewEncoder(e.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(peers)
+	}
+	return printPeers(e.stdout, peers)
+}
+
+// printPeers writes the peer table for people: one line per worker.
+func printPeers(w io.Writer, peers []router.PeerView) error {
+	if len(peers) == 0 {
+		_, err := fmt.Fprintln(w, "no workers known yet")
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tMODELS\tTYPES\tLOAD\tHEALTH\tAGE")
+	for _, p := range peers {
+		id := p.Peer
+		if p.Self {
+			id += " (self)"
+		}
+		var models []string
+		typeSet := map[string]bool{}
+		var types []string
+		for _, m := range p.Models {
+			models = append(models, m.Name)
+			for _, t := range m.Types {
+				if !typeSet[t] {
+					typeSet[t] = true
+					types = append(types, t)
+				}
+			}
+		}
+		load := fmt.Sprintf("%d/%d", p.InFlight, p.MaxConcurrency)
+		if p.Queued > 0 {
+			load += fmt.Sprintf(" +%d queued", p.Queued)
+		}
+		if p.Draining {
+			load += " draining"
+		}
+		health := fmt.Sprintf("%d", p.Health)
+		if p.Breaker != "" && p.Breaker != "closed" {
+			health += " (" + p.Breaker + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(models, ",")), orDash(strings.Join(types, ",")),
+			load, health, (time.Duration(p.AgeMs) * time.Millisecond).Round(100*time.Millisecond))
+	}
+	return tw.Flush()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
