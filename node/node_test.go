@@ -257,3 +257,51 @@ func TestFailoverWhenAWorkerDies(t *testing.T) {
 	s.WaitGone(victim, 3*time.Second)
 	t.Logf("distribution: %v", counts)
 }
+
+func TestGracefulShutdownFinishesInFlightQueries(t *testing.T) {
+	s := swarmtest.New(t, swarmtest.Workers(2), swarmtest.Clients(1), swarmtest.DemoDelay(20*time.Millisecond))
+	leaving, staying := s.Workers[0], s.Workers[1]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	// A query running on the leaving worker, started in-process there.
+	started := make(chan struct{})
+	var once sync.Once
+	type out struct {
+		done *pb.Done
+		err  error
+	}
+	res := make(chan out, 1)
+	go func() {
+		d, err := leaving.Worker().Serve(ctx, withID(chat("demo", strings.Repeat("w ", 50))), func(ev *pb.Event) error {
+			if ev.GetChunk() != nil {
+				once.Do(func() { close(started) })
+			}
+			return nil
+		})
+		res <- out{d, err}
+	}()
+	<-started
+	shut := make(chan error, 1)
+	go func() { shut <- leaving.Shutdown(ctx) }()
+
+	// New queries are refused by the draining worker...
+	waitFor(t, 5*time.Second, leaving.Worker().Draining, "drain")
+	_, err := leaving.Worker().Serve(ctx, withID(chat("demo", "late")), func(*pb.Event) error { return nil })
+	if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeBusy {
+		t.Fatalf("query to a draining worker: %v, want BUSY", err)
+	}
+	// ...and the swarm answers them elsewhere.
+	_, r, err := ask(ctx, s.Clients[0], chat("demo", "during shutdown"))
+	if err != nil || r.Peer != staying.ID() {
+		t.Fatalf("query during shutdown: peer %v err %v", r, err)
+	}
+	// The query in flight finished with a result before the node closed.
+	o := <-res
+	if o.err != nil || o.done == nil {
+		t.Fatalf("in-flight query lost in shutdown: %v", o.err)
+	}
+	if err := <-shut; err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+}
