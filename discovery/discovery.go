@@ -100,18 +100,23 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		return nil, fmt.Errorf("start dht: %w", err)
 	}
 
-	d.ps, err = pubsub.NewGossipSub(d.ctx, h,
+	topicName := protocol.AnnounceTopic(cfg.swarm)
+	psOpts := []pubsub.Option{
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
 		pubsub.WithMaxMessageSize(DefaultMaxPubSubMessage),
 		// Send our own announcements to every topic peer, not only the
 		// mesh: they are small and rare, and without this one published
 		// before the mesh has formed is lost to the peers grafted later.
 		pubsub.WithFloodPublish(true),
-	)
+		pubsub.WithPeerScore(scoreParams(topicName)),
+	}
+	if cfg.scoreInspect != nil {
+		psOpts = append(psOpts, pubsub.WithPeerScoreInspect(cfg.scoreInspect, cfg.scoreInspectPeriod))
+	}
+	d.ps, err = pubsub.NewGossipSub(d.ctx, h, psOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("start gossipsub: %w", err)
 	}
-	topicName := protocol.AnnounceTopic(cfg.swarm)
 	// Inline: the check is cheap, and goroutine-free validation cannot be
 	// throttled into dropping messages.
 	if err := d.ps.RegisterTopicValidator(topicName, d.val.validate, pubsub.WithValidatorInline(true)); err != nil {

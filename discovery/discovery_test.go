@@ -376,10 +376,22 @@ func TestOptionsValidate(t *testing.T) {
 // A rogue peer runs plain gossipsub on the announce topic, with no
 // validator of its own, and sends what an honest node never would. Its
 // messages are signed (StrictSign), so only our validator stands between
-// them and the table.
+// them and the table, and peer scoring makes rejects cost the rogue.
 func TestValidatorOnTheWire(t *testing.T) {
 	hh, hr := newHost(t), newHost(t)
-	honest := newDiscovery(t, hh)
+	scores := make(chan map[peer.ID]float64, 1)
+	inspect := func(o *config) error {
+		o.scoreInspect = func(m map[peer.ID]float64) {
+			select { // keep only the latest
+			case <-scores:
+			default:
+			}
+			scores <- m
+		}
+		o.scoreInspectPeriod = 50 * time.Millisecond
+		return nil
+	}
+	honest := newDiscovery(t, hh, inspect)
 	rps, err := pubsub.NewGossipSub(context.Background(), hr, pubsub.WithFloodPublish(true))
 	if err != nil {
 		t.Fatal(err)
@@ -409,24 +421,39 @@ func TestValidatorOnTheWire(t *testing.T) {
 		}
 	}
 	now := time.Now()
-	future := validAnnounce(now.Add(time.Hour), 1000)
+	send(marshal(t, validAnnounce(now, 5)))
+	waitEvent(t, ev, "join of the rogue", func(e Event) bool { return e.Kind == Join && e.Peer == hr.ID() })
+
+	// Two rejects (score -40, above the graylist), an ignore, then a newer
+	// valid one. Had the future-dated one (seq 1000) been accepted, seq 6
+	// would be stale and never show.
+	send([]byte("not a protobuf \xff\xff\xff"))
+	send(marshal(t, validAnnounce(now.Add(time.Hour), 1000)))
+	send(marshal(t, validAnnounce(now, 3)))
+	send(marshal(t, validAnnounce(now, 6)))
+	waitEvent(t, ev, "update of the rogue", func(e Event) bool { return e.Kind == Update && e.Peer == hr.ID() })
+	if e, ok := honest.Table().Get(hr.ID()); !ok || e.Announce.GetSeq() != 6 {
+		t.Fatalf("rogue entry %+v, want seq 6", e)
+	}
+
+	// A third reject (oversized) graylists the rogue.
 	oversized := validAnnounce(now, 2000)
 	for i := range 200 {
 		oversized.Models = append(oversized.Models, &pb.ModelInfo{Name: fmt.Sprintf("%0100d", i), Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}})
 	}
-	send([]byte("not a protobuf \xff\xff\xff"))
-	send(marshal(t, future))
 	send(marshal(t, oversized))
-	send(marshal(t, validAnnounce(now, 5)))
-	waitEvent(t, ev, "join of the rogue", func(e Event) bool { return e.Kind == Join && e.Peer == hr.ID() })
-	// A stale seq is ignored; a newer one applies. Had the future-dated
-	// (seq 1000) or oversized (seq 2000) one been accepted, seq 6 would
-	// be stale and never show.
-	send(marshal(t, validAnnounce(now, 3)))
-	send(marshal(t, validAnnounce(now, 6)))
-	waitEvent(t, ev, "update of the rogue", func(e Event) bool { return e.Kind == Update && e.Peer == hr.ID() })
-	e, ok := honest.Table().Get(hr.ID())
-	if !ok || e.Announce.GetSeq() != 6 {
-		t.Fatalf("rogue entry %+v, want seq 6", e)
+	deadline := time.After(waitLimit)
+	for {
+		select {
+		case m := <-scores:
+			if m[hr.ID()] < graylistThreshold {
+				if e, _ := honest.Table().Get(hr.ID()); e.Announce.GetSeq() != 6 {
+					t.Fatalf("rogue entry seq %d after rejects, want 6", e.Announce.GetSeq())
+				}
+				return
+			}
+		case <-deadline:
+			t.Fatalf("rogue never graylisted after 3 rejected messages")
+		}
 	}
 }

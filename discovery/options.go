@@ -5,6 +5,7 @@ import (
 	"time"
 
 	dht "github.com/libp2p/go-libp2p-kad-dht"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/mtor-swarm/mtor/protocol"
@@ -45,6 +46,10 @@ type config struct {
 	dialTimeout   time.Duration
 	maxEntries    int
 	now           func() time.Time
+
+	// for tests: observe gossipsub peer scores
+	scoreInspect       pubsub.PeerScoreInspectFn
+	scoreInspectPeriod time.Duration
 }
 
 func defaults() config {

@@ -1,0 +1,54 @@
+package discovery
+
+import (
+	"time"
+
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/peer"
+)
+
+// Peer scoring is what gives a validator Reject its teeth: each rejected
+// announcement counts against the peer that sent it (P4, squared), so a
+// peer that keeps sending garbage first stops receiving gossip from us,
+// then has its publishes refused, then is graylisted (all its RPCs
+// dropped). The counts decay, so a peer that was briefly wrong (a bad
+// clock, say) recovers. Ignore (stale seq) costs nothing.
+const (
+	gossipThreshold    = -10
+	publishThreshold   = -50
+	graylistThreshold  = -80
+	invalidMsgWeight   = -10              // 1 reject: -10, 2: -40, 3: -90
+	invalidMsgDecay    = 10 * time.Minute // time for a count to fade to 1 %
+	behaviourWeight    = -1               // broken IWANT promises, GRAFT flooding
+	behaviourThreshold = 6                // penalty-free allowance
+	behaviourDecay     = 10 * time.Minute //
+	scoreRetain        = 10 * time.Minute // keep a departed peer's score
+)
+
+func scoreParams(topic string) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
+	params := &pubsub.PeerScoreParams{
+		Topics: map[string]*pubsub.TopicScoreParams{
+			topic: {
+				TopicWeight:                    1,
+				TimeInMeshQuantum:              time.Second,
+				InvalidMessageDeliveriesWeight: invalidMsgWeight,
+				InvalidMessageDeliveriesDecay:  pubsub.ScoreParameterDecay(invalidMsgDecay),
+			},
+		},
+		AppSpecificScore:          func(peer.ID) float64 { return 0 },
+		BehaviourPenaltyWeight:    behaviourWeight,
+		BehaviourPenaltyThreshold: behaviourThreshold,
+		BehaviourPenaltyDecay:     pubsub.ScoreParameterDecay(behaviourDecay),
+		// No IP colocation penalty: a lab or a test runs many nodes on one
+		// address, and StrictSign already binds each claim to a key.
+		DecayInterval: pubsub.DefaultDecayInterval,
+		DecayToZero:   pubsub.DefaultDecayToZero,
+		RetainScore:   scoreRetain,
+	}
+	thresholds := &pubsub.PeerScoreThresholds{
+		GossipThreshold:   gossipThreshold,
+		PublishThreshold:  publishThreshold,
+		GraylistThreshold: graylistThreshold,
+	}
+	return params, thresholds
+}
