@@ -1,7 +1,3 @@
-// Package discovery is how mtor nodes find each other and what they know of
-// each other: joining through bootstrap peers or mDNS, a private Kademlia
-// DHT with provider records per model, the gossipsub announce topic with
-// its validator, and the peer table fed by it.
 package discovery
 
 import (

@@ -23,9 +23,19 @@ const waitLimit = 60 * time.Second
 
 const testSwarm = "disc-test"
 
+var (
+	tcpAndQUIC = []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"}
+	quicOnly   = []string{"/ip4/127.0.0.1/udp/0/quic-v1"}
+)
+
 func newHost(t *testing.T) host.Host {
 	t.Helper()
-	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"))
+	return newHostOn(t, tcpAndQUIC)
+}
+
+func newHostOn(t *testing.T, listen []string) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings(listen...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +51,6 @@ func newDiscovery(t *testing.T, h host.Host, opts ...Option) *Discovery {
 	t.Helper()
 	base := []Option{
 		WithSwarm(testSwarm),
-		WithDHTMode(dht.ModeServer),
 		WithPingInterval(200 * time.Millisecond),
 		WithSweepInterval(50 * time.Millisecond),
 	}
@@ -146,14 +155,27 @@ func heartbeat(t *testing.T, d *Discovery, model string, every time.Duration) {
 	}()
 }
 
-// Five nodes that know only the first one: every node's table ends up
-// holding all five announcements, each with its own model.
+// Nodes that know only the first one: every node's table ends up holding
+// all announcements, each with its own model. Once over TCP and QUIC
+// (libp2p picks), once over QUIC alone.
 func TestAnnouncementsReachAll(t *testing.T) {
-	const n = 5
+	for _, tc := range []struct {
+		name   string
+		n      int
+		listen []string
+	}{
+		{"tcp+quic", 5, tcpAndQUIC},
+		{"quic", 3, quicOnly},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testAnnouncementsReachAll(t, tc.n, tc.listen) })
+	}
+}
+
+func testAnnouncementsReachAll(t *testing.T, n int, listen []string) {
 	hosts := make([]host.Host, n)
 	nodes := make([]*Discovery, n)
 	for i := range n {
-		hosts[i] = newHost(t)
+		hosts[i] = newHostOn(t, listen)
 		var opts []Option
 		if i > 0 {
 			opts = append(opts, WithBootstrap([]peer.AddrInfo{info(hosts[0])}))
@@ -280,6 +302,10 @@ func TestProvideFindProviders(t *testing.T) {
 		var opts []Option
 		if i > 0 {
 			opts = append(opts, WithBootstrap([]peer.AddrInfo{info(hosts[0])}))
+		}
+		if i == n-1 {
+			// The finder is a DHT client, as a NAT'd bridge would be.
+			opts = append(opts, WithDHTMode(dht.ModeClient))
 		}
 		nodes[i] = newDiscovery(t, hosts[i], opts...)
 	}
