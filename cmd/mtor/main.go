@@ -70,6 +70,7 @@ func main() {
 // printed as one line; usage errors add a hint.
 func run(ctx context.Context, e *env, args []string) int {
 	if len(args) == 0 {
+		fmt.Fprintf(e.stderr, "mtor: a command is needed\n\n")
 		printUsage(e.stderr)
 		return exitUsage
 	}

@@ -1,0 +1,218 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// runCLI runs one command line in process and returns its exit code and
+// output. HOME and the env defaults point into a temp dir so that nothing
+// touches the real ~/.mtor.
+func runCLI(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	home := t.TempDir()
+	e := &env{
+		stdin:  strings.NewReader(""),
+		stdout: &stdout,
+		stderr: &stderr,
+		getenv: func(k string) string {
+			if k == "MTOR_DATA_DIR" {
+				return filepath.Join(home, ".mtor")
+			}
+			return ""
+		},
+	}
+	code := run(context.Background(), e, args)
+	return code, stdout.String(), stderr.String()
+}
+
+func TestUsageErrorsExit2(t *testing.T) {
+	cases := []struct {
+		name string
+		args []string
+		want string // in the first line of stderr
+	}{
+		{"no command", nil, "a command is needed"},
+		{"unknown command", []string{"frobnicate"}, `unknown command "frobnicate"`},
+		{"unknown flag", []string{"peers", "--nope"}, "flag provided but not defined: -nope"},
+		{"bad flag value", []string{"node", "--max-queue", "lots"}, "invalid value"},
+		{"query without prompt", []string{"query", "--json"}, "a PROMPT is needed"},
+		{"query api and join", []string{"query", "--api", "127.0.0.1:1", "--join", "/ip4/127.0.0.1/tcp/1", "hi"}, "exclude each other"},
+		{"query bad type", []string{"query", "--type", "dance", "hi"}, "--type"},
+		{"query bad timeout", []string{"query", "--timeout", "-1s", "hi"}, "--timeout"},
+		{"node bridge key without bridge", []string{"node", "--bridge-key", "k"}, "need --bridge"},
+		{"node bad api", []string{"node", "--api", "5050"}, "--api"},
+		{"node bad bridge", []string{"node", "--bridge", "nowhere"}, "--bridge"},
+		{"node stray argument", []string{"node", "extra"}, `unexpected argument "extra"`},
+		{"node negative queue", []string{"node", "--max-queue", "-1"}, "negative"},
+		{"node bad backend", []string{"node", "--backend", "gopher=http://x", "--api", "off"}, "--backend"},
+		{"node bad log level", []string{"node", "--log-level", "loud", "--api", "off"}, "--log-level"},
+		{"peers stray argument", []string{"peers", "x"}, "unexpected argument"},
+		{"version argument", []string{"version", "x"}, "no arguments"},
+		{"bench bad concurrency", []string{"bench", "--concurrency", "1,zero"}, "--concurrency"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			code, stdout, stderr := runCLI(t, tc.args...)
+			if code != exitUsage {
+				t.Fatalf("exit %d, want 2; stdout %q stderr %q", code, stdout, stderr)
+			}
+			first, _, _ := strings.Cut(stderr, "\n")
+			if !strings.Contains(first, tc.want) {
+				t.Fatalf("stderr %q, want %q in its first line", stderr, tc.want)
+			}
+		})
+	}
+}
+
+func TestHelpAndVersionExit0(t *testing.T) {
+	for _, args := range [][]string{{"help"}, {"--help"}, {"help", "query"}, {"query", "-h"}, {"node", "--help"}, {"version"}, {"--version"}} {
+		code, stdout, stderr := runCLI(t, args...)
+		if code != exitOK || stdout == "" || stderr != "" {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q", args, code, stdout, stderr)
+		}
+	}
+	_, stdout, _ := runCLI(t, "node", "-h")
+	for _, flag := range []string{"-data-dir", "-listen", "-join", "-swarm", "-backend", "-api", "-bridge", "-bridge-key", "-bridge-key-file", "-relay", "-no-mdns", "-max-concurrency", "-max-queue", "-announce-interval"} {
+		if !strings.Contains(stdout, "  "+flag+" ") && !strings.Contains(stdout, "  "+flag+"\n") {
+			t.Errorf("node help lacks %s", flag)
+		}
+	}
+	_, stdout, _ = runCLI(t, "version")
+	if !strings.HasPrefix(stdout, "mtor ") || !strings.Contains(stdout, "protocol 1.0.0") {
+		t.Errorf("version %q", stdout)
+	}
+}
+
+// Errors of a runnable command are exit 1 with one line on stderr.
+func TestErrorsExit1OneLine(t *testing.T) {
+	for _, args := range [][]string{
+		{"peers", "--api", "127.0.0.1:1"},
+		{"query", "--api", "127.0.0.1:1", "--model", "demo", "hi"},
+	} {
+		code, stdout, stderr := runCLI(t, args...)
+		if code != exitError || stdout != "" {
+			t.Errorf("%v: exit %d stdout %q", args, code, stdout)
+		}
+		if strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "is `mtor node` running?") {
+			t.Errorf("%v: stderr %q, want one line saying the node is not reachable", args, stderr)
+		}
+	}
+}
+
+func TestIDCreatesAndReusesIdentity(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	code, first, stderr := runCLI(t, "id", "--data-dir", dir)
+	if code != 0 || !strings.HasPrefix(first, "12D3KooW") {
+		t.Fatalf("exit %d, stdout %q, stderr %q", code, first, stderr)
+	}
+	fi, err := os.Stat(filepath.Join(dir, "identity.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("identity mode %v, want 0600", fi.Mode().Perm())
+	}
+	_, again, _ := runCLI(t, "id", "--data-dir", dir)
+	if again != first {
+		t.Fatalf("second run printed %q, first %q", again, first)
+	}
+}
+
+func TestParseFlagsInterspersed(t *testing.T) {
+	cases := []struct {
+		args     []string
+		wantPos  []string
+		wantJSON bool
+		wantM    string
+	}{
+		{[]string{"hello", "--json"}, []string{"hello"}, true, ""},
+		{[]string{"--model", "m", "hello", "world", "--json"}, []string{"hello", "world"}, true, "m"},
+		{[]string{"--", "--json", "-x"}, []string{"--json", "-x"}, false, ""},
+		{[]string{"a", "--", "--model"}, []string{"a", "--model"}, false, ""},
+		{nil, nil, false, ""},
+	}
+	for _, tc := range cases {
+		fs := newFlagSet(&env{stdout: &bytes.Buffer{}}, "t", "")
+		j := fs.Bool("json", false, "")
+		m := fs.String("model", "", "")
+		pos, err := parseFlags(fs, tc.args)
+		if err != nil {
+			t.Fatalf("%v: %v", tc.args, err)
+		}
+		if !reflect.DeepEqual(pos, tc.wantPos) || *j != tc.wantJSON || *m != tc.wantM {
+			t.Errorf("%v: pos %q json %v model %q", tc.args, pos, *j, *m)
+		}
+	}
+}
+
+func TestPickModel(t *testing.T) {
+	models := []router.ModelView{
+		{Name: "b", Types: []string{"chat"}, Peers: 2},
+		{Name: "a", Types: []string{"chat", "embed"}, Peers: 2},
+		{Name: "big", Types: []string{"chat"}, Peers: 1},
+		{Name: "sd", Types: []string{"imagine"}, Peers: 5},
+	}
+	for _, tc := range []struct {
+		typ  pb.QueryType
+		want string
+	}{
+		{pb.QueryType_QUERY_TYPE_CHAT, "a"}, // most peers, then by name
+		{pb.QueryType_QUERY_TYPE_IMAGINE, "sd"},
+		{pb.QueryType_QUERY_TYPE_EMBED, "a"},
+		{pb.QueryType_QUERY_TYPE_TTS, ""},
+	} {
+		if got := pickModel(models, tc.typ); got != tc.want {
+			t.Errorf("%v: %q, want %q", tc.typ, got, tc.want)
+		}
+	}
+}
+
+func TestPrintPeers(t *testing.T) {
+	var b bytes.Buffer
+	err := printPeers(&b, []router.PeerView{
+		{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}}},
+			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500},
+		{Peer: "12D3KooWB", Self: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("table %q", b.String())
+	}
+	for _, want := range []string{"PEER", "MODELS", "TYPES", "LOAD", "HEALTH", "AGE"} {
+		if !strings.Contains(lines[0], want) {
+			t.Errorf("header %q lacks %s", lines[0], want)
+		}
+	}
+	for _, want := range []string{"12D3KooWA", "demo,x", "chat,embed", "1/4 +2 queued", "97 (open)", "1.5s"} {
+		if !strings.Contains(lines[1], want) {
+			t.Errorf("row %q lacks %q", lines[1], want)
+		}
+	}
+	if !strings.Contains(lines[2], "(self)") {
+		t.Errorf("row %q does not mark self", lines[2])
+	}
+	b.Reset()
+	_ = printPeers(&b, nil)
+	if !strings.Contains(b.String(), "no workers") {
+		t.Errorf("empty table %q", b.String())
+	}
+}
+
+func TestOneLine(t *testing.T) {
+	if got := oneLine("a\nb  c\n\n"); got != "a b c" {
+		t.Errorf("%q", got)
+	}
+}
