@@ -1,0 +1,244 @@
+package webui_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/mtor-swarm/mtor/bridge/webui"
+	"github.com/mtor-swarm/mtor/bridge/ws"
+	"github.com/mtor-swarm/mtor/bridge/ws/wstest"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+)
+
+const chromiumPath = "/usr/bin/chromium"
+
+// browser starts headless Chromium with a fresh profile, or skips the test
+// when there is no Chromium and this is not CI.
+func browser(t *testing.T) context.Context {
+	t.Helper()
+	if _, err := os.Stat(chromiumPath); err != nil {
+		if os.Getenv("CI") == "" {
+			t.Skipf("skipping browser test: %s not found (install Debian's chromium; CI never skips)", chromiumPath)
+		}
+		t.Fatalf("CI is set but %s is missing: %v", chromiumPath, err)
+	}
+	opts := []chromedp.ExecAllocatorOption{
+		chromedp.ExecPath(chromiumPath),
+		chromedp.Headless,
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.NoFirstRun,
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("disable-dev-shm-usage", true),
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.WindowSize(1400, 900),
+	}
+	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	ctx, cancelCtx := chromedp.NewContext(actx)
+	ctx, cancelTimeout := context.WithTimeout(ctx, 4*time.Minute)
+	t.Cleanup(func() {
+		cancelTimeout()
+		cancelCtx()
+		cancelAlloc()
+	})
+	return ctx
+}
+
+// bridge serves the page, /ws and a minimal /api/swarm (in the shape the
+// bridge produces) on one loopback server.
+func bridge(t *testing.T, sw *wstest.DemoSwarm) string {
+	t.Helper()
+	wss := ws.New(sw)
+	mux := http.NewServeMux()
+	mux.Handle("/ws", wss)
+	mux.HandleFunc("/api/swarm", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{"peers": sw.Peers(), "models": sw.Models(), "self": sw.Peer().String()})
+	})
+	mux.Handle("/", webui.Handler())
+	hs := httptest.NewServer(mux)
+	t.Cleanup(func() {
+		wss.Close()
+		hs.Close()
+	})
+	return hs.URL
+}
+
+func run[T any](t *testing.T, ctx context.Context, what string, a chromedp.Action[T]) T {
+	t.Helper()
+	v, err := chromedp.Run(ctx, a)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	return v
+}
+
+func do(t *testing.T, ctx context.Context, what string, as ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
+	if err := chromedp.Do(ctx, as...); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+func waitJS(t *testing.T, ctx context.Context, what, expr string) {
+	t.Helper()
+	run(t, ctx, "waiting for "+what, chromedp.Poll[chromedp.Void](expr, chromedp.WithPollingTimeout(2*time.Minute), chromedp.WithPollingInterval(50*time.Millisecond)))
+}
+
+// ask types a question and sends it, then waits until the n-th answer
+// (1-based, counting every answer on the page) has ended.
+func ask(t *testing.T, ctx context.Context, prompt string, n int) {
+	t.Helper()
+	do(t, ctx, "typing", chromedp.SendKeys(chromedp.CSS("#prompt"), prompt), chromedp.Click(chromedp.CSS("#send")))
+	waitJS(t, ctx, fmt.Sprintf("answer %d", n),
+		fmt.Sprintf(`document.querySelectorAll('.msg.assistant').length >= %d &&
+			!document.querySelector('.msg.assistant[data-state="waiting"], .msg.assistant[data-state="streaming"]')`, n))
+}
+
+func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
+	ctx := browser(t)
+	// Words 40 ms apart, so that streaming is visible; energy is a fake
+	// (there is no GPU to measure) to see it shown.
+	sw, err := wstest.New(wstest.WithFakeEnergy(5), wstest.WithBackend(demo.New("browser-test", demo.WithDelay(40*time.Millisecond))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := bridge(t, sw)
+
+	do(t, ctx, "loading the page", chromedp.Navigate(url))
+	waitJS(t, ctx, "the connection and the model list",
+		`document.getElementById('conn').dataset.state === 'open' && document.getElementById('model').value === 'demo'`)
+
+	// Count what the answer bubble shows while it streams.
+	do(t, ctx, "installing the observer", chromedp.Evaluate[chromedp.Void](`
+		window.__seen = [];
+		new MutationObserver(() => {
+			const b = document.querySelector('.msg.assistant[data-state="streaming"] .bubble');
+			if (b) window.__seen.push(b.textContent);
+		}).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});`))
+	question := "tell me how a swarm of many small machines answers one question"
+	ask(t, ctx, question, 1)
+
+	seen := run(t, ctx, "reading the observed texts", chromedp.Evaluate[[]string](`window.__seen`))
+	distinct := slices.Compact(slices.Clone(seen))
+	final := run(t, ctx, "reading the answer", chromedp.Evaluate[string](`document.querySelector('.msg.assistant .bubble').textContent`))
+	if !strings.Contains(final, "You said: "+question) {
+		t.Fatalf("answer %q does not echo the question", final)
+	}
+	partial := 0
+	for _, s := range distinct {
+		if s != "" && len(s) < len(final) && strings.HasPrefix(final, s) {
+			partial++
+		}
+	}
+	if partial < 3 {
+		t.Errorf("saw %d partial answers before completion (%q), want the answer to stream", partial, distinct)
+	}
+	meta := run(t, ctx, "reading the answer's meta", chromedp.Evaluate[string](`document.querySelector('.msg.assistant .meta').textContent`))
+	short := sw.Peer().String()
+	short = short[len(short)-8:]
+	for _, want := range []string{short, "tok/s", " J"} {
+		if !strings.Contains(meta, want) {
+			t.Errorf("answer meta %q does not show %q", meta, want)
+		}
+	}
+
+	// The swarm view shows the peer with its model, and who answered.
+	waitJS(t, ctx, "the peer in the swarm view", fmt.Sprintf(`(() => {
+		const row = document.querySelector('#peers tbody tr[data-peer=%q]');
+		return row && row.textContent.includes(%q) && row.textContent.includes('demo');
+	})()`, sw.Peer().String(), short))
+	answers := run(t, ctx, "reading the answers list", chromedp.Evaluate[string](`document.getElementById('answers').textContent`))
+	if !strings.Contains(answers, short) || !strings.Contains(answers, question[:20]) {
+		t.Errorf("answers list %q does not say who answered", answers)
+	}
+
+	// A model reply with HTML in it is shown as text and runs nothing.
+	const evil = `<img src=x onerror="window.__xss=1"><b>bold?</b>`
+	do(t, ctx, "arming the trap", chromedp.Evaluate[chromedp.Void](`window.__xss = 0`))
+	ask(t, ctx, evil, 2)
+	got := run(t, ctx, "checking the rendering", chromedp.Evaluate[map[string]any](`(() => {
+		const bubbles = document.querySelectorAll('.msg.assistant .bubble');
+		const last = bubbles[bubbles.length - 1];
+		return {
+			imgs: document.querySelectorAll('img').length,
+			bolds: document.querySelectorAll('#messages b').length,
+			text: last.textContent,
+			visible: last.offsetHeight > 0 && document.body.innerText.includes('onerror='),
+			xss: window.__xss,
+		};
+	})()`))
+	if got["imgs"] != float64(0) || got["bolds"] != float64(0) {
+		t.Errorf("the reply created elements: %v", got)
+	}
+	if !strings.Contains(got["text"].(string), "You said: "+evil) || got["visible"] != true {
+		t.Errorf("the reply is not shown as literal text: %v", got)
+	}
+	if got["xss"] != float64(0) {
+		t.Errorf("the reply's script ran")
+	}
+
+	// Stop cancels the query at the worker.
+	do(t, ctx, "asking a long question",
+		chromedp.SendKeys(chromedp.CSS("#prompt"), strings.Repeat("again ", 300)), chromedp.Click(chromedp.CSS("#send")))
+	waitJS(t, ctx, "streaming", `document.querySelector('.msg.assistant[data-state="streaming"]') !== null`)
+	do(t, ctx, "pressing stop", chromedp.Click(chromedp.CSS("#stop")))
+	waitJS(t, ctx, "the stopped answer", `(() => {
+		const b = document.querySelectorAll('.msg.assistant .bubble');
+		return b[b.length - 1].textContent.endsWith('[stopped]');
+	})()`)
+	deadline := time.Now().Add(time.Minute)
+	for sw.Cancelled() != 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if sw.Cancelled() != 1 {
+		t.Errorf("worker saw %d cancellations, want 1", sw.Cancelled())
+	}
+
+	// Media answers are shown and playable.
+	do(t, ctx, "choosing imagine", chromedp.SetValue(chromedp.CSS("#qtype"), "imagine"),
+		chromedp.Evaluate[chromedp.Void](`document.getElementById('qtype').dispatchEvent(new Event('change'))`))
+	ask(t, ctx, "a lighthouse at dusk", 4)
+	waitJS(t, ctx, "the picture", `(() => {
+		const img = document.querySelector('.msg.assistant:last-child .bubble img');
+		return img && img.src.startsWith('data:image/png;base64,') && img.complete && img.naturalWidth === 64;
+	})()`)
+	do(t, ctx, "choosing text to speech", chromedp.SetValue(chromedp.CSS("#qtype"), "tts"),
+		chromedp.Evaluate[chromedp.Void](`document.getElementById('qtype').dispatchEvent(new Event('change'))`))
+	ask(t, ctx, "hello from the swarm", 5)
+	waitJS(t, ctx, "the audio player", `(() => {
+		const a = document.querySelector('.msg.assistant:last-child .bubble audio');
+		return a && a.controls && a.src.startsWith('data:audio/wav;base64,') && a.readyState >= 1 && a.duration > 0.4;
+	})()`)
+
+	if path := os.Getenv("MTOR_SCREENSHOT"); path != "" {
+		png := run(t, ctx, "screenshot", chromedp.FullScreenshot(100))
+		if err := os.WriteFile(path, png, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The conversation survives a reload (it lives in localStorage).
+	do(t, ctx, "reloading", chromedp.Navigate(url))
+	waitJS(t, ctx, "the restored conversation", `document.querySelectorAll('.msg').length === 10`)
+	restored := run(t, ctx, "reading the restored conversation", chromedp.Evaluate[string](`document.getElementById('messages').textContent`))
+	if !strings.Contains(restored, "You said: "+question) || !strings.Contains(restored, evil) {
+		t.Errorf("restored conversation lacks the earlier answers")
+	}
+	if n := run(t, ctx, "counting images", chromedp.Evaluate[int](`document.querySelectorAll('img').length`)); n != 1 {
+		t.Errorf("restored conversation has %d img elements, want only the imagined picture", n)
+	}
+}
