@@ -3,10 +3,11 @@ package bridge
 import (
 	"net/http"
 
+	"github.com/mtor-swarm/mtor/bridge/webui"
 	"github.com/mtor-swarm/mtor/bridge/ws"
 )
 
-// mountUI mounts the WebSocket (/ws). The WebSocket
+// mountUI mounts the WebSocket (/ws) and the web UI (/). The WebSocket
 // queries through the instrumented swarm, so they are counted like the
 // API's, and shares the CORS list as its Origin allow-list.
 func (s *Server) mountUI(mux *http.ServeMux) {
@@ -16,6 +17,7 @@ func (s *Server) mountUI(mux *http.ServeMux) {
 	}
 	s.ws = ws.New(s.swarm, append(opts, s.cfg.wsOpts...)...)
 	mux.Handle("/ws", s.wsAuth(s.ws))
+	mux.Handle("/", webui.Handler())
 }
 
 // wsAuth checks the API key of a WebSocket handshake: the Authorization

@@ -100,3 +100,11 @@ func TestWebSocketMount(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+func TestWebUIMounted(t *testing.T) {
+	_, base := startBridge(t, newLocalSwarm(t))
+	resp, body := call(t, "GET", base+"/", "", nil, nil)
+	if resp.StatusCode != 200 || !strings.Contains(strings.ToLower(string(body)), "<html") {
+		t.Errorf("GET /: %d %.100s", resp.StatusCode, body)
+	}
+}
