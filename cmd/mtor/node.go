@@ -38,6 +38,7 @@ type nodeFlags struct {
 	bridgeKeyFile    string
 	relay            bool
 	noMDNS           bool
+	noDetect         bool
 	maxConcurrency   int
 	maxQueue         int
 	announceInterval time.Duration
@@ -77,6 +78,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&f.bridgeKeyFile, "bridge-key-file", "", "file of bridge API keys, one a line")
 	fs.BoolVar(&f.relay, "relay", false, "serve circuit relay v2 for peers behind NAT")
 	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
+	fs.BoolVar(&f.noDetect, "no-detect", false, "with no --backend: do not look for local model servers (serve no models)")
 	fs.IntVar(&f.maxConcurrency, "max-concurrency", 0, "queries the worker runs at once (0: the node's default)")
 	fs.IntVar(&f.maxQueue, "max-queue", 0, "queries the worker queues beyond those running (0: the node's default)")
 	fs.DurationVar(&f.announceInterval, "announce-interval", 0, "heartbeat of the worker's announcements (0: the node's default)")
@@ -108,7 +110,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("identity: %w", err)
 	}
-	backends, err := buildBackends(ctx, e, f.backends, shortID(self))
+	backends, err := buildBackends(ctx, e, f.backends, !f.noDetect, shortID(self))
 	if err != nil {
 		return err
 	}
@@ -229,6 +231,9 @@ func (f *nodeFlags) check() error {
 	if f.bridgeAddr == "" && (len(f.bridgeKeys) > 0 || f.bridgeKeyFile != "") {
 		return usagef("--bridge-key and --bridge-key-file need --bridge")
 	}
+	if f.noDetect && len(f.backends) > 0 {
+		return usagef("--no-detect and --backend exclude each other")
+	}
 	if f.maxConcurrency < 0 || f.maxQueue < 0 || f.announceInterval < 0 {
 		return usagef("--max-concurrency, --max-queue and --announce-interval must not be negative")
 	}
@@ -309,8 +314,11 @@ func shortID(id peer.ID) string {
 
 // buildBackends parses the --backend values, or auto-detects local model
 // servers when there are none, and says what the node will serve.
-func buildBackends(ctx context.Context, e *env, specs []string, label string) ([]backend.Backend, error) {
+func buildBackends(ctx context.Context, e *env, specs []string, detect bool, label string) ([]backend.Backend, error) {
 	if len(specs) == 0 {
+		if !detect {
+			return nil, nil
+		}
 		return detectBackends(ctx, e, label)
 	}
 	var out []backend.Backend

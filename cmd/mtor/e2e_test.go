@@ -1,0 +1,452 @@
+package main
+
+// End-to-end tests of the built binary: real `mtor node` processes on
+// loopback, driven by real `mtor query` and `mtor peers` processes.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/api"
+	"github.com/mtor-swarm/mtor/node/router"
+)
+
+// e2eBin is the mtor binary built once by TestMain.
+var e2eBin string
+
+func TestMain(m *testing.M) {
+	flag.Parse()
+	dir, err := os.MkdirTemp("", "mtor-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := func() int {
+		defer os.RemoveAll(dir)
+		if !testing.Short() {
+			e2eBin = filepath.Join(dir, "mtor")
+			build := exec.Command("go", "build", "-o", e2eBin, ".")
+			if out, err := build.CombinedOutput(); err != nil {
+				fmt.Fprintf(os.Stderr, "building mtor for the end-to-end tests: %v\n%s", err, out)
+				return 1
+			}
+		}
+		return m.Run()
+	}()
+	os.Exit(code)
+}
+
+func needBinary(t *testing.T) {
+	t.Helper()
+	if e2eBin == "" {
+		t.Skip("end-to-end tests need the binary; not built in -short mode")
+	}
+}
+
+// proc is a running `mtor node`.
+type proc struct {
+	t    *testing.T
+	name string
+	cmd  *exec.Cmd
+
+	mu     sync.Mutex
+	stdout bytes.Buffer
+	stderr bytes.Buffer
+	values map[string][]string // "key: value" lines of stdout
+	ready  chan struct{}       // closed at the "join:" line
+	exited chan struct{}       // closed when the process has ended
+	state  *os.ProcessState
+}
+
+// syncWriter appends to a buffer under the proc's lock.
+type syncWriter struct {
+	mu *sync.Mutex
+	b  *bytes.Buffer
+}
+
+func (w syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+// startNode starts `mtor node args...` and waits for its join line.
+func startNode(t *testing.T, name string, args ...string) *proc {
+	t.Helper()
+	p := &proc{t: t, name: name, values: map[string][]string{}, ready: make(chan struct{}), exited: make(chan struct{})}
+	p.cmd = exec.Command(e2eBin, append([]string{"node"}, args...)...)
+	p.cmd.Env = append(os.Environ(), "GOLOG_LOG_LEVEL=error")
+	p.cmd.Stderr = syncWriter{&p.mu, &p.stderr}
+	out, err := p.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			line := sc.Text()
+			p.mu.Lock()
+			p.stdout.WriteString(line + "\n")
+			if k, v, ok := strings.Cut(line, ": "); ok {
+				p.values[k] = append(p.values[k], v)
+				if k == "join" {
+					close(p.ready)
+				}
+			}
+			p.mu.Unlock()
+		}
+		_, _ = io.Copy(io.Discard, out)
+	}()
+	go func() {
+		<-readDone
+		_ = p.cmd.Wait()
+		p.mu.Lock()
+		p.state = p.cmd.ProcessState
+		p.mu.Unlock()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-p.exited:
+			return
+		default:
+		}
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.exited:
+		case <-time.After(30 * time.Second):
+			_ = p.cmd.Process.Kill()
+			<-p.exited
+		}
+	})
+	select {
+	case <-p.ready:
+	case <-p.exited:
+		t.Fatalf("node %s exited before its join line:\n%s", name, p.output())
+	case <-time.After(90 * time.Second):
+		t.Fatalf("node %s printed no join line in 90 s:\n%s", name, p.output())
+	}
+	return p
+}
+
+func (p *proc) value(key string) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.values[key]) == 0 {
+		p.t.Fatalf("node %s printed no %q line:\n%s", p.name, key, p.stdout.String())
+	}
+	return p.values[key][0]
+}
+
+func (p *proc) count(key string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.values[key])
+}
+
+func (p *proc) output() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return "stdout:\n" + p.stdout.String() + "stderr:\n" + p.stderr.String()
+}
+
+// stop sends sig and returns the exit code.
+func (p *proc) stop(sig os.Signal) int {
+	p.t.Helper()
+	code, err := p.signal(sig)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	return code
+}
+
+// signal sends sig and waits for the exit code; safe off the test goroutine.
+func (p *proc) signal(sig os.Signal) (int, error) {
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		return 0, fmt.Errorf("signal %s: %w", p.name, err)
+	}
+	select {
+	case <-p.exited:
+	case <-time.After(60 * time.Second):
+		return 0, fmt.Errorf("node %s did not exit within 60 s of %s:\n%s", p.name, sig, p.output())
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.state.ExitCode(), nil
+}
+
+// mtor runs a client command to completion.
+func mtor(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, e2eBin, args...)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err := cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		code = ee.ExitCode()
+	default:
+		t.Fatalf("mtor %v: %v", args, err)
+	}
+	return code, o.String(), e.String()
+}
+
+// nodeArgs are the flags every test node gets: its own data dir, loopback
+// only, no mDNS, a short heartbeat so that the swarm converges quickly.
+func nodeArgs(dir string, extra ...string) []string {
+	return append([]string{"--data-dir", dir, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0",
+		"--no-mdns", "--announce-interval", "1s"}, extra...)
+}
+
+// waitWorkers waits until the node behind apiAddr lists the workers with
+// model.
+func waitWorkers(t *testing.T, apiAddr, model string, workers ...string) {
+	t.Helper()
+	c := api.NewClient(apiAddr)
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		peers, err := c.Peers(t.Context())
+		if err == nil && listsWorkers(peers, model, workers...) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("workers %v with model %s not in the peer table after 90 s (last: %+v, %v)", workers, model, peers, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func listsWorkers(peers []router.PeerView, model string, workers ...string) bool {
+	for _, w := range workers {
+		found := false
+		for _, p := range peers {
+			for _, m := range p.Models {
+				found = found || p.Peer == w && m.Name == model
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+func TestE2ESwarm(t *testing.T) {
+	needBinary(t)
+	dir := t.TempDir()
+	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect", "--bridge", "127.0.0.1:0")...)
+	join := boot.value("join")
+	bootAPI := boot.value("api")
+	if boot.count("join") != 1 || !strings.HasPrefix(join, "mtor1") {
+		t.Fatalf("want exactly one join line with a token:\n%s", boot.output())
+	}
+	w1 := startNode(t, "worker1", nodeArgs(filepath.Join(dir, "w1"), "--backend", "demo", "--join", join)...)
+	w2Dir := filepath.Join(dir, "w2")
+	w2 := startNode(t, "worker2", nodeArgs(w2Dir, "--backend", "demo", "--join", join)...)
+	workers := map[string]bool{w1.value("peer"): true, w2.value("peer"): true}
+	waitWorkers(t, bootAPI, "demo", w1.value("peer"), w2.value("peer"))
+
+	t.Run("query --api --json", func(t *testing.T) {
+		code, stdout, stderr := mtor(t, "query", "--api", bootAPI, "--json", "hello from the test")
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, stderr)
+		}
+		var out map[string]any
+		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+			t.Fatalf("stdout is not one JSON object: %v: %q", err, stdout)
+		}
+		peer, _ := out["peer"].(string)
+		text, _ := out["text"].(string)
+		if !workers[peer] {
+			t.Errorf("answered by %q, not a worker", peer)
+		}
+		if !strings.Contains(text, "[demo answer from ") || !strings.Contains(text, "hello from the test") {
+			t.Errorf("text %q", text)
+		}
+		for _, k := range []string{"ttft_ms", "total_ms", "model", "usage", "energy_mj", "attempts"} {
+			if _, ok := out[k]; !ok {
+				t.Errorf("--json output lacks %q: %s", k, stdout)
+			}
+		}
+	})
+
+	t.Run("query streams text", func(t *testing.T) {
+		code, stdout, stderr := mtor(t, "query", "--api", bootAPI, "--model", "demo", "plain", "words")
+		if code != 0 || !strings.HasPrefix(stdout, "[demo answer from ") || !strings.HasSuffix(stdout, "You said: plain words\n") {
+			t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout, stderr)
+		}
+	})
+
+	t.Run("peers --json", func(t *testing.T) {
+		code, stdout, stderr := mtor(t, "peers", "--api", bootAPI, "--json")
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, stderr)
+		}
+		var peers []router.PeerView
+		if err := json.Unmarshal([]byte(stdout), &peers); err != nil {
+			t.Fatalf("not a JSON peer list: %v: %q", err, stdout)
+		}
+		if !listsWorkers(peers, "demo", w1.value("peer"), w2.value("peer")) {
+			t.Fatalf("both workers with model demo wanted: %s", stdout)
+		}
+	})
+
+	t.Run("peers table", func(t *testing.T) {
+		code, stdout, _ := mtor(t, "peers", "--api", bootAPI)
+		if code != 0 || !strings.Contains(stdout, "PEER") || !strings.Contains(stdout, w1.value("peer")) || !strings.Contains(stdout, "demo") {
+			t.Fatalf("exit %d, table %q", code, stdout)
+		}
+	})
+
+	t.Run("query --join", func(t *testing.T) {
+		code, stdout, stderr := mtor(t, "query", "--join", join, "--listen", "/ip4/127.0.0.1/tcp/0", "--json", "from outside")
+		if code != 0 {
+			t.Fatalf("exit %d: %s", code, stderr)
+		}
+		var out queryOutput
+		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+			t.Fatalf("%v: %q", err, stdout)
+		}
+		if !workers[out.Peer] || !strings.Contains(out.Text, "You said: from outside") {
+			t.Fatalf("output %+v", out)
+		}
+	})
+
+	t.Run("unknown model is exit 1 with one line", func(t *testing.T) {
+		code, stdout, stderr := mtor(t, "query", "--api", bootAPI, "--model", "no-such-model", "hi")
+		if code != 1 || stdout != "" {
+			t.Fatalf("exit %d, stdout %q", code, stdout)
+		}
+		if strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "UNSUPPORTED") || !strings.Contains(stderr, "no-such-model") {
+			t.Fatalf("stderr %q, want one line naming the error and the model", stderr)
+		}
+	})
+
+	t.Run("usage error is exit 2", func(t *testing.T) {
+		if code, _, stderr := mtor(t, "query", "--api", bootAPI); code != 2 || stderr == "" {
+			t.Fatalf("exit %d, stderr %q", code, stderr)
+		}
+	})
+
+	t.Run("bridge serves", func(t *testing.T) {
+		base := strings.TrimSuffix(boot.value("bridge"), "/")
+		resp, err := http.Get(base + "/v1/models")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.Contains(string(b), `"demo"`) {
+			t.Fatalf("bridge /v1/models: %d %s", resp.StatusCode, b)
+		}
+	})
+
+	t.Run("api id", func(t *testing.T) {
+		id, err := api.NewClient(bootAPI).ID(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id.Peer != boot.value("peer") || id.Join != join {
+			t.Fatalf("id %+v", id)
+		}
+	})
+
+	t.Run("SIGTERM exits 0 and the identity is reused", func(t *testing.T) {
+		id := w2.value("peer")
+		if code := w2.stop(syscall.SIGTERM); code != 0 {
+			t.Fatalf("exit %d after SIGTERM:\n%s", code, w2.output())
+		}
+		fi, err := os.Stat(filepath.Join(w2Dir, "identity.key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Fatalf("identity mode %v, want 0600", fi.Mode().Perm())
+		}
+		if code, stdout, _ := mtor(t, "id", "--data-dir", w2Dir); code != 0 || strings.TrimSpace(stdout) != id {
+			t.Fatalf("mtor id: exit %d, %q, want %s", code, stdout, id)
+		}
+		again := startNode(t, "worker2-again", nodeArgs(w2Dir, "--backend", "demo", "--join", join)...)
+		if got := again.value("peer"); got != id {
+			t.Fatalf("restarted with peer %s, want %s", got, id)
+		}
+		if code := again.stop(syscall.SIGINT); code != 0 {
+			t.Fatalf("exit %d after SIGINT:\n%s", code, again.output())
+		}
+	})
+}
+
+// A worker stopped with SIGTERM finishes the query it is answering before
+// it exits, and exits 0.
+func TestE2EGracefulShutdownFinishesQuery(t *testing.T) {
+	needBinary(t)
+	dir := t.TempDir()
+	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	// 40 words at 100 ms each: the answer takes about 4 s.
+	w := startNode(t, "slow-worker", nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=100ms,model=slow",
+		"--join", boot.value("join"), "--grace", "2m")...)
+	waitWorkers(t, boot.value("api"), "slow", w.value("peer"))
+
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	prompt := strings.TrimSpace(strings.Repeat("word ", 40))
+	q := exec.CommandContext(ctx, e2eBin, "query", "--api", boot.value("api"), "--model", "slow", prompt)
+	var stderr bytes.Buffer
+	q.Stderr = &stderr
+	out, err := q.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Wait for the first streamed bytes: the worker is answering now.
+	first := make([]byte, 1)
+	if _, err := io.ReadFull(out, first); err != nil {
+		t.Fatalf("no output from the query: %v; %s", err, stderr.String())
+	}
+	type exit struct {
+		code int
+		err  error
+	}
+	stopped := make(chan exit, 1)
+	go func() {
+		code, err := w.signal(syscall.SIGTERM)
+		stopped <- exit{code, err}
+	}()
+	rest, _ := io.ReadAll(out)
+	if err := q.Wait(); err != nil {
+		t.Fatalf("query failed while the worker drained: %v; %s", err, stderr.String())
+	}
+	text := string(first) + string(rest)
+	if !strings.HasSuffix(text, "You said: "+prompt+"\n") {
+		t.Fatalf("answer cut short: %q", text)
+	}
+	if x := <-stopped; x.err != nil || x.code != 0 {
+		t.Fatalf("worker exit %d (%v):\n%s", x.code, x.err, w.output())
+	}
+}
