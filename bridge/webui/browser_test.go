@@ -9,9 +9,11 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/runtime"
 	"github.com/chromedp/chromedp"
 
 	"github.com/mtor-swarm/mtor/bridge/webui"
@@ -53,6 +55,37 @@ func browser(t *testing.T) context.Context {
 		cancelTimeout()
 		cancelCtx()
 		cancelAlloc()
+	})
+	// Any uncaught exception or console.error in the page fails the test.
+	var mu sync.Mutex
+	var jsErrors []string
+	if err := chromedp.Listen(ctx, func(ev any) {
+		var msg string
+		switch e := ev.(type) {
+		case *runtime.EventExceptionThrown:
+			msg = e.ExceptionDetails.Text
+			if ex := e.ExceptionDetails.Exception; ex != nil && ex.Description != "" {
+				msg += " " + ex.Description
+			}
+		case *runtime.EventConsoleAPICalled:
+			if e.Type == runtime.ConsoleAPICalledTypeError {
+				msg = "console.error"
+			}
+		}
+		if msg != "" {
+			mu.Lock()
+			jsErrors = append(jsErrors, msg)
+			mu.Unlock()
+		}
+	}); err != nil {
+		t.Fatalf("listening to the page: %v", err)
+	}
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(jsErrors) > 0 {
+			t.Errorf("JavaScript errors in the page: %q", jsErrors)
+		}
 	})
 	return ctx
 }
@@ -240,5 +273,50 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 	}
 	if n := run(t, ctx, "counting images", chromedp.Evaluate[int](`document.querySelectorAll('img').length`)); n != 1 {
 		t.Errorf("restored conversation has %d img elements, want only the imagined picture", n)
+	}
+}
+
+// A bridge with API keys wants ?key= on /ws; the page takes the key from
+// its URL fragment, which never reaches the server, and drops it from the
+// address bar.
+func TestBrowserAPIKeyFromFragment(t *testing.T) {
+	ctx := browser(t)
+	sw, err := wstest.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wss := ws.New(sw)
+	mux := http.NewServeMux()
+	var keys []string
+	var mu sync.Mutex
+	mux.Handle("/ws", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		keys = append(keys, r.URL.Query().Get("key"))
+		mu.Unlock()
+		if r.URL.Query().Get("key") != "s3cret" {
+			http.Error(w, "bad key", http.StatusUnauthorized)
+			return
+		}
+		wss.ServeHTTP(w, r)
+	}))
+	mux.HandleFunc("/api/swarm", func(w http.ResponseWriter, r *http.Request) {
+		_ = json.NewEncoder(w).Encode(map[string]any{"peers": sw.Peers(), "models": sw.Models()})
+	})
+	mux.Handle("/", webui.Handler())
+	hs := httptest.NewServer(mux)
+	t.Cleanup(func() {
+		wss.Close()
+		hs.Close()
+	})
+	do(t, ctx, "loading the page with a key", chromedp.Navigate(hs.URL+"/#key=s3cret"))
+	waitJS(t, ctx, "the connection", `document.getElementById('conn').dataset.state === 'open'`)
+	if u := run(t, ctx, "reading the address", chromedp.Evaluate[string](`location.href`)); strings.Contains(u, "s3cret") {
+		t.Errorf("the key stays in the address bar: %s", u)
+	}
+	ask(t, ctx, "with a key", 1)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(keys) == 0 || keys[0] != "s3cret" {
+		t.Errorf("keys seen on /ws: %q", keys)
 	}
 }

@@ -207,17 +207,38 @@
 
   let socket = null;
   let retry = 500;
+  let everOpen = false;
+  let failures = 0;
   const running = new Map(); // query_id -> assistant message
+
+  // A bridge with API keys wants one on /ws too. Open the page as
+  // /#key=YOUR_KEY: the fragment never leaves the browser; the key is kept
+  // for this tab only.
+  const KEY_STORE = "mtor.key";
+  (() => {
+    const m = /(?:^#|&)key=([^&]+)/.exec(location.hash);
+    if (m) {
+      try { sessionStorage.setItem(KEY_STORE, decodeURIComponent(m[1])); } catch (_) { /* private mode */ }
+      window.history.replaceState(null, "", location.pathname + location.search);
+    }
+  })();
+  function apiKey() {
+    try { return sessionStorage.getItem(KEY_STORE) || ""; } catch (_) { return ""; }
+  }
 
   function connect() {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     // format=text: answers come as plain text (this page never parses them
     // as HTML); the seed's own client gets them HTML-escaped instead.
-    socket = new WebSocket(proto + "//" + location.host + "/ws?format=text");
+    let url = proto + "//" + location.host + "/ws?format=text";
+    if (apiKey()) url += "&key=" + encodeURIComponent(apiKey());
+    socket = new WebSocket(url);
     el.conn.dataset.state = "connecting";
     el.conn.textContent = "connecting…";
     socket.onopen = () => {
       retry = 500;
+      everOpen = true;
+      failures = 0;
       el.conn.dataset.state = "open";
       el.conn.textContent = "connected";
       updateSendable();
@@ -226,6 +247,9 @@
       el.conn.dataset.state = "closed";
       el.conn.textContent = "disconnected — retrying";
       for (const [id, m] of running) finishWithError(id, m, "connection lost");
+      if (!everOpen && ++failures === 3) {
+        notice("Cannot open the connection to the bridge. If it requires an API key, open this page as /#key=YOUR_KEY.");
+      }
       updateSendable();
       setTimeout(connect, retry);
       retry = Math.min(retry * 2, 15000);
@@ -336,7 +360,7 @@
   let recorded = null; // base64 webm
 
   // The earlier chat turns, sent along so the model sees the conversation.
-  function history() {
+  function chatHistory() {
     return conversation
       .filter((m) => m.state === "done" && m.text && !m.media && (m.qtype === "chat" || m.qtype === "speech"))
       .slice(-HISTORY_TURNS)
@@ -351,7 +375,7 @@
     if (qtype === "speech" && !recorded) { notice("Record your question first."); return; }
     if (qtype !== "speech" && !prompt) return;
     const id = newID();
-    const hist = qtype === "chat" || qtype === "vision" || qtype === "speech" ? history() : [];
+    const hist = qtype === "chat" || qtype === "vision" || qtype === "speech" ? chatHistory() : [];
     const question = appendMessage({ role: "user", qtype, text: qtype === "speech" ? "(voice question)" : prompt, state: "done" });
     if (qtype === "vision" && pendingImage) question.text += "\n[image: " + pendingImage.name + "]";
     rerender(question);
