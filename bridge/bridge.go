@@ -109,8 +109,17 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	srv.routes(mux)
 	srv.mountUI(mux)
 	wsConns = srv.ws.Connections
-	srv.handler = mux
+	srv.handler = serverHeader(mux)
 	return srv, nil
+}
+
+// serverHeader names mtor on every response, so that a node's backend
+// auto-detection never takes a bridge for a model server.
+func serverHeader(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Server", "mtor")
+		h.ServeHTTP(w, r)
+	})
 }
 
 // routes mounts everything but /ws and /.
