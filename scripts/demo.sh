@@ -34,7 +34,8 @@ cleanup() {
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# Ctrl-C is how the demo ends: a clean exit, not an error.
+trap 'exit 0' INT TERM
 
 # start NAME ARGS...: one node with its own data dir and log, on loopback
 # only, with random ports.
