@@ -74,11 +74,11 @@ func runBench(ctx context.Context, e *env, args []string) error {
 		}
 	}
 	for _, r := range results {
-		ratio := "1.0"
-		if b := base[r.Concurrency]; r.Path != "in-process" && b > 0 {
-			ratio = fmt.Sprintf("%.1f", r.P50Ms/b)
+		ratio := "-"
+		if b := base[r.Concurrency]; b > 0 {
+			ratio = fmt.Sprintf("%.0f", r.P50Ms/b)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.3f ms\t%.3f ms\t%.0f\t%s\n", r.Path, r.Concurrency, r.Queries, r.Errors, r.P50Ms, r.P99Ms, r.QPS, ratio)
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.4f ms\t%.4f ms\t%.0f\t%s\n", r.Path, r.Concurrency, r.Queries, r.Errors, r.P50Ms, r.P99Ms, r.QPS, ratio)
 	}
 	return tw.Flush()
 }
@@ -180,7 +180,7 @@ func benchOne(ctx context.Context, call func(context.Context, *pb.QueryRequest) 
 		return benchResult{}, err
 	}
 	slices.Sort(lat)
-	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 	return benchResult{
 		Concurrency: conc,
 		Queries:     queries,
