@@ -70,7 +70,9 @@ func TestFakeErrorMapping(t *testing.T) {
 }
 
 func TestFakeBrokenStreams(t *testing.T) {
-	line := func(s string) string { return `{"message":{"role":"assistant","content":"` + s + `"},"done":false}` + "\n" }
+	line := func(s string) string {
+		return `{"message":{"role":"assistant","content":"` + s + `"},"done":false}` + "\n"
+	}
 	for _, c := range []struct {
 		name string
 		send func(w http.ResponseWriter, r *http.Request)
