@@ -296,7 +296,9 @@ function debugWait(url, res) {
 
 const routes = {
     "GET /v1/models": (req, res) => send(res, 200, {object: "list",
-        data: [{id: MODEL, object: "model", created, owned_by: "mtor-test-engine"}]}),
+        data: [{id: MODEL, object: "model", created, owned_by: "mtor-test-engine",
+            // As llama.cpp's server reports it.
+            meta: {n_ctx_train: model.trainContextSize, n_embd: model.embeddingVectorSize}}]}),
     "POST /v1/chat/completions": openaiChat,
     "POST /v1/embeddings": openaiEmbeddings,
     "GET /": (req, res) => { res.writeHead(200, {"content-type": "text/plain"}); res.end("Ollama is running"); },

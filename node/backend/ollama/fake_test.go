@@ -101,7 +101,7 @@ func TestFakeBrokenStreams(t *testing.T) {
 			w.(http.Flusher).Flush()
 			conn, _, _ := w.(http.Hijacker).Hijack()
 			conn.Close()
-		}, ""},
+		}, "closed the connection"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := fakeOllama(t, c.send)

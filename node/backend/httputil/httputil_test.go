@@ -1,0 +1,178 @@
+package httputil
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+func TestStatusError(t *testing.T) {
+	for _, c := range []struct {
+		status int
+		code   pb.ErrorCode
+	}{
+		{400, protocol.CodeBadRequest}, {422, protocol.CodeBadRequest}, {409, protocol.CodeBadRequest},
+		{401, protocol.CodeBackendError}, {403, protocol.CodeBackendError},
+		{404, protocol.CodeUnsupported}, {405, protocol.CodeUnsupported}, {501, protocol.CodeUnsupported},
+		{408, protocol.CodeTimeout}, {504, protocol.CodeTimeout},
+		{413, protocol.CodeTooLarge},
+		{429, protocol.CodeBusy}, {503, protocol.CodeBusy},
+		{500, protocol.CodeBackendError}, {502, protocol.CodeBackendError},
+	} {
+		e := StatusError(c.status, []byte(`{"error":"why"}`))
+		if e.Code != c.code || !strings.Contains(e.Message, "why") || !strings.Contains(e.Message, fmt.Sprint(c.status)) {
+			t.Errorf("StatusError(%d) = %v, want %s quoting the status and message", c.status, e, protocol.CodeName(c.code))
+		}
+	}
+}
+
+func TestErrorMessage(t *testing.T) {
+	for body, want := range map[string]string{
+		`{"error":{"message":"openai style","type":"x"}}`: "openai style",
+		`{"error":"ollama style"}`:                        "ollama style",
+		`{"object":"error","message":"vllm style"}`:       "vllm style",
+		`{"detail":"fastapi style"}`:                      "fastapi style",
+		`{"detail":[{"loc":["body"],"msg":"missing"}]}`:   `[{"loc":["body"],"msg":"missing"}]`,
+		"  plain text\n":                                  "plain text",
+		"bad \xff utf8":                                   "bad \uFFFD utf8",
+	} {
+		if got := ErrorMessage([]byte(body)); got != want {
+			t.Errorf("ErrorMessage(%q) = %q, want %q", body, got, want)
+		}
+	}
+	long := ErrorMessage([]byte(strings.Repeat("é", 2000)))
+	if len(long) > MaxMessage+len("…") || !utf8.ValidString(long) {
+		t.Errorf("long message clipped to %d bytes, valid %v", len(long), utf8.ValidString(long))
+	}
+}
+
+type chunks []string
+
+func (c *chunks) Chunk(s string) error           { *c = append(*c, s); return nil }
+func (c *chunks) Media(string, []byte) error     { return nil }
+func (c *chunks) Embedding(int, []float32) error { return nil }
+func (c *chunks) join() string                   { return strings.Join(*c, "") }
+func serve(t *testing.T, h http.HandlerFunc) string {
+	s := httptest.NewServer(h)
+	t.Cleanup(s.Close)
+	return s.URL
+}
+func get(t *testing.T, url string) *http.Request { r, _ := NewGetRequest(url); return r }
+func ctx(t *testing.T) context.Context {
+	c, f := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(f)
+	return c
+}
+func code(err error) pb.ErrorCode { return protocol.AsError(err).Code }
+func send(t *testing.T, url string, first, idle time.Duration) (*Exchange, error) {
+	return Send(ctx(t), http.DefaultClient, get(t, url), first, idle)
+}
+
+func TestSendTextSplitsLongText(t *testing.T) {
+	text := strings.Repeat("ab€", protocol.MaxChunkText) // 5 bytes a rune triple
+	var c chunks
+	if err := SendText(&c, text); err != nil {
+		t.Fatal(err)
+	}
+	if c.join() != text || len(c) < 2 {
+		t.Fatalf("%d chunks, joined equal %v", len(c), c.join() == text)
+	}
+	for _, s := range c {
+		if len(s) > protocol.MaxChunkText || !utf8.ValidString(s) {
+			t.Fatalf("chunk of %d bytes, valid %v", len(s), utf8.ValidString(s))
+		}
+	}
+}
+
+func TestSSE(t *testing.T) {
+	url := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, ": comment\n\nevent: x\ndata: one\n\ndata:two\ndata: lines\r\n\r\nid: 3\n\n\ndata: cut off")
+	})
+	x, err := send(t, url, time.Minute, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	s := NewSSE(x, 1024)
+	var got []string
+	for {
+		d, err := s.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, d)
+	}
+	if strings.Join(got, "|") != "one|two\nlines" {
+		t.Fatalf("events %q", got)
+	}
+}
+
+func TestSSEEventLimit(t *testing.T) {
+	url := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		for range 20 {
+			io.WriteString(w, "data: "+strings.Repeat("x", 100)+"\n")
+		}
+		io.WriteString(w, "\n")
+	})
+	x, err := send(t, url, time.Minute, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	if _, err := NewSSE(x, 1024).Next(); code(err) != protocol.CodeBackendError {
+		t.Fatalf("an event of 2000 bytes under a 1024 limit: %v", err)
+	}
+}
+
+// TestWatchdog: no headers within the first timeout, or a body that goes
+// quiet longer than the idle timeout, end the exchange with BACKEND_ERROR.
+func TestWatchdog(t *testing.T) {
+	silent := serve(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	_, err := send(t, silent, 50*time.Millisecond, time.Hour)
+	if pe := protocol.AsError(err); pe.Code != protocol.CodeBackendError || !strings.Contains(pe.Message, "nothing for 50ms") {
+		t.Fatalf("silent server: %v", err)
+	}
+
+	quiet := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "{}\n")
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+	})
+	x, err := send(t, quiet, time.Hour, 50*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	l := NewLines(x, 1024)
+	if line, err := l.Next(); err != nil || string(line) != "{}" {
+		t.Fatalf("first line %q, %v", line, err)
+	}
+	if _, err := l.Next(); code(err) != protocol.CodeBackendError {
+		t.Fatalf("quiet stream: %v", err)
+	}
+}
+
+func TestReadAllLimit(t *testing.T) {
+	url := serve(t, func(w http.ResponseWriter, r *http.Request) { w.Write(make([]byte, 2000)) })
+	x, err := send(t, url, time.Minute, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	if _, err := ReadAll(x, 1000); code(err) != protocol.CodeTooLarge {
+		t.Fatalf("2000 bytes under a 1000 limit: %v", err)
+	}
+}

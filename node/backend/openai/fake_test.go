@@ -1,0 +1,417 @@
+package openai_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"image"
+	"image/png"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/backend/openai"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// The servers here are protocol fakes of OpenAI-compatible servers: each
+// answers one request shape, well-formed or broken on purpose, or serves
+// an endpoint (images, audio) the test engine does not have.
+
+func fakeOpenAI(t *testing.T, h http.HandlerFunc, opts ...openai.Option) *openai.Backend {
+	t.Helper()
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	opts = append([]openai.Option{openai.WithIdleTimeout(500 * time.Millisecond)}, opts...)
+	b, err := openai.New(srv.URL, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func event(content string, finish string) string {
+	f := "null"
+	if finish != "" {
+		f = `"` + finish + `"`
+	}
+	return fmt.Sprintf("data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":%q},\"finish_reason\":%s}]}\n\n", content, f)
+}
+
+func TestFakeErrorMapping(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		status int
+		body   string
+		code   pb.ErrorCode
+		msg    string
+	}{
+		{"openai bad request", 400, `{"error":{"message":"max_tokens is too large: 99999999","type":"invalid_request_error"}}`, protocol.CodeBadRequest, "max_tokens is too large"},
+		{"vllm bad request", 400, `{"object":"error","message":"This model's maximum context length is 2048 tokens","type":"BadRequestError","code":400}`, protocol.CodeBadRequest, "maximum context length"},
+		{"unprocessable", 422, `{"detail":"field required"}`, protocol.CodeBadRequest, "field required"},
+		{"model not found", 404, `{"error":{"message":"The model 'x' does not exist","code":"model_not_found"}}`, protocol.CodeUnsupported, "does not exist"},
+		{"bad key", 401, `{"error":{"message":"Incorrect API key provided"}}`, protocol.CodeBackendError, "Incorrect API key"},
+		{"rate limited", 429, `{"error":{"message":"Rate limit reached"}}`, protocol.CodeBusy, "Rate limit"},
+		{"loading", 503, `{"error":{"message":"Loading model","code":503}}`, protocol.CodeBusy, "Loading model"},
+		{"gateway timeout", 504, ``, protocol.CodeTimeout, "Gateway Timeout"},
+		{"server error", 500, `{"error":{"message":"CUDA out of memory"}}`, protocol.CodeBackendError, "CUDA out of memory"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+				w.WriteHeader(c.status)
+				io.WriteString(w, c.body)
+			})
+			_, err := b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
+			pe := wantCode(t, err, c.code)
+			if !strings.Contains(pe.Message, c.msg) {
+				t.Errorf("message %q does not contain %q", pe.Message, c.msg)
+			}
+		})
+	}
+}
+
+func TestFakeStreams(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		send func(w http.ResponseWriter, r *http.Request)
+		err  string // "" = the answer is complete
+		text string
+	}{
+		{"complete", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, ": keep-alive\n\n"+event("he", "")+event("llo", "")+event("", "stop")+"data: [DONE]\n\n")
+		}, "", "hello"},
+		{"crlf and multi-line data", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "event: message\r\ndata: {\"choices\":[{\"delta\":\r\ndata: {\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\r\n\r\ndata: [DONE]\r\n\r\n")
+		}, "", "hi"},
+		{"finished without [DONE]", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, event("ok", "")+event("", "length"))
+		}, "", "ok"},
+		{"ends mid-answer", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, event("a", "")+event("b", ""))
+		}, "ended before the answer", "ab"},
+		{"garbage", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, event("a", "")+"data: {not json\n\n")
+		}, "malformed", "a"},
+		{"error event", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, event("a", "")+`data: {"error":{"message":"the model crashed"}}`+"\n\n")
+		}, "the model crashed", "a"},
+		{"endless event", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "data: "+strings.Repeat("x", 2<<20))
+		}, "longer than the limit", ""},
+		{"stalls", func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(io.Discard, r.Body)
+			io.WriteString(w, event("a", ""))
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		}, "sent nothing", "a"},
+		{"connection cut", func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, event("a", ""))
+			w.(http.Flusher).Flush()
+			conn, _, _ := w.(http.Hijacker).Hijack()
+			conn.Close()
+		}, "closed the connection", "a"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "text/event-stream")
+				c.send(w, r)
+			})
+			var s sink
+			_, err := b.Run(testCtx(t), chatReq("m", "hi", 4), &s)
+			if s.text() != c.text {
+				t.Errorf("text %q, want %q", s.text(), c.text)
+			}
+			if c.err == "" {
+				if err != nil {
+					t.Fatalf("complete stream: %v", err)
+				}
+				return
+			}
+			pe := wantCode(t, err, protocol.CodeBackendError)
+			if !strings.Contains(pe.Message, c.err) {
+				t.Errorf("message %q does not contain %q", pe.Message, c.err)
+			}
+		})
+	}
+}
+
+func TestFakeConnectionRefused(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	b, err := openai.New("http://" + addr + "/v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
+	pe := wantCode(t, err, protocol.CodeBackendError)
+	if !pe.Retryable || !strings.Contains(pe.Message, "refused") {
+		t.Errorf("%v: want a retryable refusal", pe)
+	}
+	wantCode(t, b.Probe(testCtx(t)), protocol.CodeBackendError)
+}
+
+func TestFakeDeadlineAndCancel(t *testing.T) {
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		// Never answers. The body is read first: only then does the server
+		// notice the client leaving and end the request's context.
+		io.Copy(io.Discard, r.Body)
+		<-r.Context().Done()
+	}, openai.WithIdleTimeout(time.Hour), openai.WithWorkTimeout(time.Hour))
+
+	ctx, cancel := context.WithTimeout(testCtx(t), 100*time.Millisecond)
+	defer cancel()
+	_, err := b.Run(ctx, chatReq("m", "hi", 4), &sink{})
+	wantCode(t, err, protocol.CodeTimeout)
+
+	ctx, cancel = context.WithCancel(testCtx(t))
+	time.AfterFunc(50*time.Millisecond, cancel)
+	_, err = b.Run(ctx, chatReq("m", "hi", 4), &sink{})
+	wantCode(t, err, protocol.CodeCancelled)
+}
+
+// TestFakeChatRequestShape checks what the backend sends for a vision
+// query: the key, streaming with usage, images as data: URL parts.
+func TestFakeChatRequestShape(t *testing.T) {
+	var got map[string]any
+	var auth, path string
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		auth, path = r.Header.Get("Authorization"), r.URL.Path
+		json.NewDecoder(r.Body).Decode(&got)
+		io.WriteString(w, event("a cat", "stop")+`data: {"choices":[],"usage":{"prompt_tokens":30,"completion_tokens":2}}`+"\n\ndata: [DONE]\n\n")
+	}, openai.WithAPIKey("sk-test"))
+	seed := int64(7)
+	req := &pb.QueryRequest{
+		Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_VISION, Model: "llava",
+		Messages:    []*pb.Message{{Role: "system", Content: "be brief"}, {Role: "user", Content: "what is it?"}},
+		Attachments: []*pb.Attachment{{Mime: "image/jpeg", Data: []byte("JPEG")}},
+		Params:      &pb.Params{MaxTokens: 9, Seed: &seed, Stop: []string{"."}},
+	}
+	var s sink
+	u, err := b.Run(testCtx(t), req, &s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.text() != "a cat" || u.PromptTokens != 30 || u.CompletionTokens != 2 {
+		t.Fatalf("text %q usage %+v", s.text(), u)
+	}
+	if auth != "Bearer sk-test" || path != "/v1/chat/completions" {
+		t.Errorf("auth %q path %q", auth, path)
+	}
+	want := `{"max_tokens":9,"messages":[{"content":"be brief","role":"system"},{"content":[{"text":"what is it?","type":"text"},` +
+		`{"image_url":{"url":"data:image/jpeg;base64,SlBFRw=="},"type":"image_url"}],"role":"user"}],` +
+		`"model":"llava","seed":7,"stop":["."],"stream":true,"stream_options":{"include_usage":true}}`
+	if js, _ := json.Marshal(got); string(js) != want {
+		t.Fatalf("request\n%s\nwant\n%s", js, want)
+	}
+}
+
+// TestFakeStreamOptionsRefused: a server that refuses stream_options is
+// asked again without it, and usage is then counted from the deltas.
+func TestFakeStreamOptionsRefused(t *testing.T) {
+	var calls atomic.Int32
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		body, _ := io.ReadAll(r.Body)
+		if bytes.Contains(body, []byte("stream_options")) {
+			w.WriteHeader(400)
+			io.WriteString(w, `{"error":{"message":"Unrecognized request argument supplied: stream_options"}}`)
+			return
+		}
+		io.WriteString(w, event("a", "")+event("b", "")+event("c", "stop")+"data: [DONE]\n\n")
+	})
+	u, err := b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
+	if err != nil || u.CompletionTokens != 3 || calls.Load() != 2 {
+		t.Fatalf("usage %+v err %v after %d calls; want 3 tokens after 2 calls", u, err, calls.Load())
+	}
+}
+
+func TestFakeModels(t *testing.T) {
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"object":"list","data":[
+			{"id":"meta-llama/Llama-3-8B","max_model_len":8192},
+			{"id":"qwen2-vl-7b"},
+			{"id":"text-embedding-3-small"},
+			{"id":"BAAI/bge-m3"},
+			{"id":"whisper-1"},
+			{"id":"tts-1-hd"},
+			{"id":"dall-e-3"},
+			{"id":"lmstudio-model","type":"vlm","context_length":4096},
+			{"id":"custom","type":"llm"},
+			{"id":"bad\u0001name"}]}`)
+	}, openai.WithModelTypes(map[string][]pb.QueryType{
+		"custom":   {pb.QueryType_QUERY_TYPE_IMAGINE},
+		"unlisted": {pb.QueryType_QUERY_TYPE_TTS},
+	}))
+	ms, err := b.Models(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range ms {
+		var types []string
+		for _, ty := range m.Types {
+			types = append(types, protocol.TypeName(ty))
+		}
+		got = append(got, fmt.Sprintf("%s %s %d", m.Name, strings.Join(types, ","), m.ContextLength))
+	}
+	want := []string{
+		"meta-llama/Llama-3-8B chat 8192", "qwen2-vl-7b chat,vision 0", "text-embedding-3-small embed 0",
+		"BAAI/bge-m3 embed 0", "whisper-1 stt 0", "tts-1-hd tts 0", "dall-e-3 imagine 0",
+		"lmstudio-model chat,vision 4096", "custom imagine 0", "unlisted tts 0",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("Models:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// TestFakeNoModelList: a server without /v1/models still serves the
+// declared models and probes healthy.
+func TestFakeNoModelList(t *testing.T) {
+	b := fakeOpenAI(t, http.NotFound, openai.WithModelTypes(map[string][]pb.QueryType{"sd": {pb.QueryType_QUERY_TYPE_IMAGINE}}))
+	if err := b.Probe(testCtx(t)); err != nil {
+		t.Fatalf("Probe: %v", err)
+	}
+	ms, err := b.Models(testCtx(t))
+	if err != nil || len(ms) != 1 || ms[0].Name != "sd" {
+		t.Fatalf("Models = %+v, %v", ms, err)
+	}
+	plain := fakeOpenAI(t, http.NotFound)
+	wantCode(t, plain.Probe(testCtx(t)), protocol.CodeUnsupported)
+}
+
+func pngBytes(t *testing.T) []byte {
+	var buf bytes.Buffer
+	if err := png.Encode(&buf, image.NewRGBA(image.Rect(0, 0, 4, 4))); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func TestFakeImagine(t *testing.T) {
+	img := pngBytes(t)
+	var got map[string]any
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/images/generations" {
+			w.WriteHeader(404)
+			return
+		}
+		json.NewDecoder(r.Body).Decode(&got)
+		fmt.Fprintf(w, `{"created":1,"data":[{"b64_json":%q}]}`, base64.StdEncoding.EncodeToString(img))
+	})
+	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_IMAGINE, Model: "sd", Prompt: "a cat", Params: &pb.Params{Size: "256x256"}}
+	var s sink
+	if _, err := b.Run(testCtx(t), req, &s); err != nil {
+		t.Fatal(err)
+	}
+	if len(s.media) != 1 || s.media[0] != "image/png" || !bytes.Equal(s.data[0], img) {
+		t.Fatalf("media %v, want the PNG", s.media)
+	}
+	if js, _ := json.Marshal(got); string(js) != `{"model":"sd","n":1,"prompt":"a cat","response_format":"b64_json","size":"256x256"}` {
+		t.Errorf("request %s", js)
+	}
+
+	urlOnly := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"data":[{"url":"http://example.invalid/x.png"}]}`)
+	})
+	_, err := urlOnly.Run(testCtx(t), req, &sink{})
+	wantCode(t, err, protocol.CodeBackendError)
+}
+
+func TestFakeTranscribe(t *testing.T) {
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		if err := r.ParseMultipartForm(1 << 20); err != nil {
+			w.WriteHeader(400)
+			return
+		}
+		f, h, err := r.FormFile("file")
+		if err != nil {
+			w.WriteHeader(400)
+			return
+		}
+		data, _ := io.ReadAll(f)
+		fmt.Fprintf(w, `{"text":"%s %s %s %d bytes"}`, r.FormValue("model"), h.Filename, h.Header.Get("Content-Type"), len(data))
+	})
+	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_STT, Model: "whisper-1",
+		Attachments: []*pb.Attachment{{Mime: "audio/webm;codecs=opus", Data: make([]byte, 1000)}}}
+	var s sink
+	if _, err := b.Run(testCtx(t), req, &s); err != nil {
+		t.Fatal(err)
+	}
+	if want := "whisper-1 audio.webm audio/webm;codecs=opus 1000 bytes"; s.text() != want {
+		t.Fatalf("text %q, want %q", s.text(), want)
+	}
+}
+
+func TestFakeSpeak(t *testing.T) {
+	audio := []byte("ID3 fake mp3 frames")
+	var got map[string]any
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		json.NewDecoder(r.Body).Decode(&got)
+		w.Header().Set("Content-Type", "audio/mpeg")
+		w.Write(audio)
+	})
+	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_TTS, Model: "tts-1", Prompt: "hello", Params: &pb.Params{Voice: "nova"}}
+	var s sink
+	if _, err := b.Run(testCtx(t), req, &s); err != nil {
+		t.Fatal(err)
+	}
+	if len(s.media) != 1 || s.media[0] != "audio/mpeg" || !bytes.Equal(s.data[0], audio) {
+		t.Fatalf("media %v", s.media)
+	}
+	if js, _ := json.Marshal(got); string(js) != `{"input":"hello","model":"tts-1","response_format":"mp3","voice":"nova"}` {
+		t.Errorf("request %s", js)
+	}
+
+	huge := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "audio/wav")
+		w.Write(make([]byte, protocol.MaxEventFrame+1))
+	})
+	_, err := huge.Run(testCtx(t), req, &sink{})
+	wantCode(t, err, protocol.CodeTooLarge)
+}
+
+func TestFakeEmbedIndices(t *testing.T) {
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"data":[{"index":1,"embedding":[0.5]},{"index":0,"embedding":[0.25]}],"usage":{"prompt_tokens":4}}`)
+	})
+	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_EMBED, Model: "e", Inputs: []string{"a", "b"}}
+	var s sink
+	u, err := b.Run(testCtx(t), req, &s)
+	if err != nil || s.embeds[0][0] != 0.25 || s.embeds[1][0] != 0.5 || u.PromptTokens != 4 {
+		t.Fatalf("embeds %v usage %+v err %v", s.embeds, u, err)
+	}
+	dup := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"data":[{"index":0,"embedding":[0.5]},{"index":0,"embedding":[0.25]}]}`)
+	})
+	_, err = dup.Run(testCtx(t), req, &sink{})
+	wantCode(t, err, protocol.CodeBackendError)
+}
+
+func TestNewRejectsBadURL(t *testing.T) {
+	for _, u := range []string{"", "localhost:8080", "ftp://x", "http://"} {
+		if _, err := openai.New(u); err == nil {
+			t.Errorf("New(%q) succeeded", u)
+		}
+	}
+	if _, err := openai.New("http://x", openai.WithModelTypes(map[string][]pb.QueryType{"m": nil})); err == nil {
+		t.Error("a declared model without types was accepted")
+	}
+}
