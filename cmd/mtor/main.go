@@ -162,8 +162,7 @@ func parseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
 	for {
 		if err := fs.Parse(args); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
-				fs.Usage()
-				return nil, errHelpShown
+				return nil, errHelpShown // Parse has printed the help
 			}
 			return nil, usagef("%v", err)
 		}

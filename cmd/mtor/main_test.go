@@ -53,7 +53,9 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"node bad api", []string{"node", "--api", "5050"}, "--api"},
 		{"node bad bridge", []string{"node", "--bridge", "nowhere"}, "--bridge"},
 		{"node stray argument", []string{"node", "extra"}, `unexpected argument "extra"`},
-		{"node negative queue", []string{"node", "--max-queue", "-1"}, "negative"},
+		{"node negative queue", []string{"node", "--max-queue", "-1"}, "--max-queue"},
+		{"node zero concurrency", []string{"node", "--max-concurrency", "0"}, "--max-concurrency"},
+		{"node announce too fast", []string{"node", "--announce-interval", "1ms"}, "--announce-interval"},
 		{"node bad backend", []string{"node", "--backend", "gopher=http://x", "--api", "off"}, "--backend"},
 		{"node bad log level", []string{"node", "--log-level", "loud", "--api", "off"}, "--log-level"},
 		{"peers stray argument", []string{"peers", "x"}, "unexpected argument"},
@@ -82,6 +84,9 @@ func TestHelpAndVersionExit0(t *testing.T) {
 		}
 	}
 	_, stdout, _ := runCLI(t, "node", "-h")
+	if n := strings.Count(stdout, "Usage: mtor node"); n != 1 {
+		t.Errorf("node -h printed its usage %d times", n)
+	}
 	for _, flag := range []string{"-data-dir", "-listen", "-join", "-swarm", "-backend", "-api", "-bridge", "-bridge-key", "-bridge-key-file", "-relay", "-no-mdns", "-max-concurrency", "-max-queue", "-announce-interval"} {
 		if !strings.Contains(stdout, "  "+flag+" ") && !strings.Contains(stdout, "  "+flag+"\n") {
 			t.Errorf("node help lacks %s", flag)

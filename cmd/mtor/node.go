@@ -21,10 +21,8 @@ import (
 	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/spec"
+	"github.com/mtor-swarm/mtor/node/worker"
 )
-
-// DefaultGrace is how long a stopping node lets queries in flight finish.
-const DefaultGrace = 30 * time.Second
 
 type nodeFlags struct {
 	dataDir          string
@@ -79,10 +77,10 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.BoolVar(&f.relay, "relay", false, "serve circuit relay v2 for peers behind NAT")
 	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
 	fs.BoolVar(&f.noDetect, "no-detect", false, "with no --backend: do not look for local model servers (serve no models)")
-	fs.IntVar(&f.maxConcurrency, "max-concurrency", 0, "queries the worker runs at once (0: the node's default)")
-	fs.IntVar(&f.maxQueue, "max-queue", 0, "queries the worker queues beyond those running (0: the node's default)")
-	fs.DurationVar(&f.announceInterval, "announce-interval", 0, "heartbeat of the worker's announcements (0: the node's default)")
-	fs.DurationVar(&f.grace, "grace", DefaultGrace, "on SIGINT/SIGTERM, how long queries in flight may take to finish")
+	fs.IntVar(&f.maxConcurrency, "max-concurrency", worker.DefaultMaxConcurrency, "queries the worker runs at once")
+	fs.IntVar(&f.maxQueue, "max-queue", worker.DefaultMaxQueue, "queries the worker queues beyond those running; more are refused with BUSY")
+	fs.DurationVar(&f.announceInterval, "announce-interval", node.DefaultAnnounceInterval, "heartbeat of the worker's announcements")
+	fs.DurationVar(&f.grace, "grace", node.DefaultGracePeriod, "on SIGINT/SIGTERM, how long queries in flight may take to finish")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -234,8 +232,11 @@ func (f *nodeFlags) check() error {
 	if f.noDetect && len(f.backends) > 0 {
 		return usagef("--no-detect and --backend exclude each other")
 	}
-	if f.maxConcurrency < 0 || f.maxQueue < 0 || f.announceInterval < 0 {
-		return usagef("--max-concurrency, --max-queue and --announce-interval must not be negative")
+	if f.maxConcurrency < 1 || f.maxQueue < 0 {
+		return usagef("--max-concurrency must be at least 1 and --max-queue at least 0")
+	}
+	if f.announceInterval < 100*time.Millisecond || f.announceInterval > 3*time.Minute {
+		return usagef("--announce-interval must be within [100ms, 3m]")
 	}
 	if f.grace < 0 {
 		return usagef("--grace must not be negative")
@@ -266,15 +267,10 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 	if len(backends) > 0 {
 		opts = append(opts, node.WithBackends(backends...))
 	}
-	if f.maxConcurrency > 0 {
-		opts = append(opts, node.WithMaxConcurrency(f.maxConcurrency))
-	}
-	if f.maxQueue > 0 {
-		opts = append(opts, node.WithMaxQueue(f.maxQueue))
-	}
-	if f.announceInterval > 0 {
-		opts = append(opts, node.WithAnnounceInterval(f.announceInterval))
-	}
+	opts = append(opts,
+		node.WithMaxConcurrency(f.maxConcurrency),
+		node.WithMaxQueue(f.maxQueue),
+		node.WithAnnounceInterval(f.announceInterval))
 	return opts
 }
 
