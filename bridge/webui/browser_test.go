@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,8 +20,28 @@ import (
 	"github.com/mtor-swarm/mtor/bridge/webui"
 	"github.com/mtor-swarm/mtor/bridge/ws"
 	"github.com/mtor-swarm/mtor/bridge/ws/wstest"
+	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/swarmtest"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
+
+// observed is the demo backend with counters: calls running now and calls
+// cut short (cancelled, or their output refused once the stream was reset).
+type observed struct {
+	backend.Backend
+	running, stopped *atomic.Int64
+}
+
+func (o observed) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
+	o.running.Add(1)
+	defer o.running.Add(-1)
+	u, err := o.Backend.Run(ctx, req, out)
+	if err != nil {
+		o.stopped.Add(1)
+	}
+	return u, err
+}
 
 const chromiumPath = "/usr/bin/chromium"
 
@@ -92,14 +113,14 @@ func browser(t *testing.T) context.Context {
 
 // bridge serves the page, /ws and a minimal /api/swarm (in the shape the
 // bridge produces) on one loopback server.
-func bridge(t *testing.T, sw *wstest.DemoSwarm) string {
+func bridge(t *testing.T, sw ws.Swarm, self string) string {
 	t.Helper()
 	wss := ws.New(sw)
 	mux := http.NewServeMux()
 	mux.Handle("/ws", wss)
 	mux.HandleFunc("/api/swarm", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(map[string]any{"peers": sw.Peers(), "models": sw.Models(), "self": sw.Peer().String()})
+		_ = json.NewEncoder(w).Encode(map[string]any{"peers": sw.Peers(), "models": sw.Models(), "self": self})
 	})
 	mux.Handle("/", webui.Handler())
 	hs := httptest.NewServer(mux)
@@ -142,14 +163,18 @@ func ask(t *testing.T, ctx context.Context, prompt string, n int) {
 }
 
 func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
+	// A real swarm on loopback: the page's bridge runs on a node without
+	// backends, the answers come over libp2p from a demo worker whose
+	// words are 40 ms apart, so that streaming is visible.
+	var running, stopped atomic.Int64
+	sw := swarmtest.New(t, swarmtest.Workers(1), swarmtest.Clients(1),
+		swarmtest.Backends(func(_ int, label string) []backend.Backend {
+			return []backend.Backend{observed{demo.New(label, demo.WithDelay(40*time.Millisecond)), &running, &stopped}}
+		}))
+	worker := sw.Workers[0].ID()
+	client := sw.Clients[0]
+	url := bridge(t, client.Router(), client.ID().String())
 	ctx := browser(t)
-	// Words 40 ms apart, so that streaming is visible; energy is a fake
-	// (there is no GPU to measure) to see it shown.
-	sw, err := wstest.New(wstest.WithFakeEnergy(5), wstest.WithBackend(demo.New("browser-test", demo.WithDelay(40*time.Millisecond))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	url := bridge(t, sw)
 
 	do(t, ctx, "loading the page", chromedp.Navigate(url))
 	waitJS(t, ctx, "the connection and the model list",
@@ -181,9 +206,9 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 		t.Errorf("saw %d partial answers before completion (%q), want the answer to stream", partial, distinct)
 	}
 	meta := run(t, ctx, "reading the answer's meta", chromedp.Evaluate[string](`document.querySelector('.msg.assistant .meta').textContent`))
-	short := sw.Peer().String()
+	short := worker.String()
 	short = short[len(short)-8:]
-	for _, want := range []string{short, "tok/s", " J"} {
+	for _, want := range []string{short, "tok/s", "first token"} {
 		if !strings.Contains(meta, want) {
 			t.Errorf("answer meta %q does not show %q", meta, want)
 		}
@@ -193,7 +218,7 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 	waitJS(t, ctx, "the peer in the swarm view", fmt.Sprintf(`(() => {
 		const row = document.querySelector('#peers tbody tr[data-peer=%q]');
 		return row && row.textContent.includes(%q) && row.textContent.includes('demo');
-	})()`, sw.Peer().String(), short))
+	})()`, worker.String(), short))
 	answers := run(t, ctx, "reading the answers list", chromedp.Evaluate[string](`document.getElementById('answers').textContent`))
 	if !strings.Contains(answers, short) || !strings.Contains(answers, question[:20]) {
 		t.Errorf("answers list %q does not say who answered", answers)
@@ -234,11 +259,11 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 		return b[b.length - 1].textContent.endsWith('[stopped]');
 	})()`)
 	deadline := time.Now().Add(time.Minute)
-	for sw.Cancelled() != 1 && time.Now().Before(deadline) {
+	for (stopped.Load() != 1 || running.Load() != 0) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	if sw.Cancelled() != 1 {
-		t.Errorf("worker saw %d cancellations, want 1", sw.Cancelled())
+	if stopped.Load() != 1 || running.Load() != 0 {
+		t.Errorf("worker backend: %d calls cut short (want 1), %d running", stopped.Load(), running.Load())
 	}
 
 	// Media answers are shown and playable.
@@ -278,10 +303,12 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 
 // A bridge with API keys wants ?key= on /ws; the page takes the key from
 // its URL fragment, which never reaches the server, and drops it from the
-// address bar.
+// address bar. It also shows a query's energy when the worker reports it.
 func TestBrowserAPIKeyFromFragment(t *testing.T) {
 	ctx := browser(t)
-	sw, err := wstest.New()
+	// In-process demo swarm; its energy figure is a fake (no GPU here), to
+	// see the page show energy when a worker reports it.
+	sw, err := wstest.New(wstest.WithFakeEnergy(5))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,6 +341,10 @@ func TestBrowserAPIKeyFromFragment(t *testing.T) {
 		t.Errorf("the key stays in the address bar: %s", u)
 	}
 	ask(t, ctx, "with a key", 1)
+	meta := run(t, ctx, "reading the answer's meta", chromedp.Evaluate[string](`document.querySelector('.msg.assistant .meta').textContent`))
+	if !strings.Contains(meta, " J") {
+		t.Errorf("answer meta %q does not show the energy the worker reported", meta)
+	}
 	mu.Lock()
 	defer mu.Unlock()
 	if len(keys) == 0 || keys[0] != "s3cret" {

@@ -37,11 +37,13 @@ func (m msg) str(k string) string { s, _ := m[k].(string); return s }
 type harness struct {
 	t     *testing.T
 	srv   *ws.Server
-	swarm *wstest.DemoSwarm
+	swarm *wstest.DemoSwarm // nil when the server runs on another Swarm
 	http  *httptest.Server
 	url   string // ws://127.0.0.1:port/
 }
 
+// newHarness serves /ws on 127.0.0.1 over the in-process demo swarm sw (a
+// new one when nil).
 func newHarness(t *testing.T, sw *wstest.DemoSwarm, opts ...ws.Option) *harness {
 	t.Helper()
 	if sw == nil {
@@ -50,13 +52,21 @@ func newHarness(t *testing.T, sw *wstest.DemoSwarm, opts ...ws.Option) *harness 
 			t.Fatal(err)
 		}
 	}
+	h := newHarnessOn(t, sw, opts...)
+	h.swarm = sw
+	return h
+}
+
+// newHarnessOn serves /ws on 127.0.0.1 over any Swarm.
+func newHarnessOn(t *testing.T, sw ws.Swarm, opts ...ws.Option) *harness {
+	t.Helper()
 	srv := ws.New(sw, opts...)
 	hs := httptest.NewServer(srv)
 	t.Cleanup(func() {
 		srv.Close()
 		hs.Close()
 	})
-	return &harness{t: t, srv: srv, swarm: sw, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/"}
+	return &harness{t: t, srv: srv, http: hs, url: "ws" + strings.TrimPrefix(hs.URL, "http") + "/"}
 }
 
 type client struct {
