@@ -101,12 +101,7 @@ type Engine struct {
 // is unset; under CI it fails the test instead.
 func Start(t testing.TB, opts ...Option) *Engine {
 	t.Helper()
-	if err := Available(); err != nil {
-		if os.Getenv("CI") == "" {
-			t.Skipf("real inference engine unavailable (%v); CI installs it", err)
-		}
-		t.Fatalf("real inference engine unavailable under CI: %v", err)
-	}
+	Require(t)
 	log := &tailBuffer{max: 16 << 10}
 	opts = append([]Option{WithStderr(log)}, opts...)
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
@@ -122,6 +117,19 @@ func Start(t testing.TB, opts ...Option) *Engine {
 		}
 	})
 	return e
+}
+
+// Require skips the test when the engine is not installed and the CI
+// environment variable is unset; under CI it fails the test instead,
+// because CI installs the engine.
+func Require(t testing.TB) {
+	t.Helper()
+	if err := Available(); err != nil {
+		if os.Getenv("CI") == "" {
+			t.Skipf("real inference engine unavailable (%v); CI installs it", err)
+		}
+		t.Fatalf("real inference engine unavailable under CI: %v", err)
+	}
 }
 
 // Launch writes the model into dir and starts the shim; Close stops it.

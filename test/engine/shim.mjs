@@ -28,6 +28,22 @@ const MAX_BODY = 32 << 20; // bytes of one request body
 const MAX_WAITING = 64;    // requests queued for a free sequence
 const DEFAULT_MAX_TOKENS = 128;
 
+// Exit with the parent: on SIGTERM/SIGINT, or when stdin closes (the
+// parent died or is done). Watched from the start, so loading is no window.
+let server;
+function shutdown() {
+    server?.close();
+    server?.closeAllConnections();
+    process.exit(0);
+}
+process.on("SIGTERM", shutdown);
+process.on("SIGINT", shutdown);
+if (!process.stdin.isTTY) {
+    process.stdin.on("end", shutdown);
+    process.stdin.on("close", shutdown);
+    process.stdin.resume();
+}
+
 const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
 const model = await llama.loadModel({modelPath: args.model});
 // threads: 1 — the default thread count spins on small machines.
@@ -311,7 +327,7 @@ const routes = {
     "GET /debug/stats": (req, res) => send(res, 200, stats),
 };
 
-const server = http.createServer(async (req, res) => {
+server = http.createServer(async (req, res) => {
     const url = new URL(req.url, "http://localhost");
     const ollama = url.pathname.startsWith("/api/");
     // The client's disconnect aborts whatever the request is doing.
@@ -336,19 +352,6 @@ const server = http.createServer(async (req, res) => {
             : {error: {message: err.message, type: status === 404 ? "not_found_error" : "invalid_request_error", code: status}});
     }
 });
-
-async function shutdown() {
-    server.close();
-    server.closeAllConnections();
-    process.exit(0);
-}
-process.on("SIGTERM", shutdown);
-process.on("SIGINT", shutdown);
-if (!process.stdin.isTTY) {
-    process.stdin.on("end", shutdown);
-    process.stdin.on("close", shutdown);
-    process.stdin.resume();
-}
 
 server.listen(0, "127.0.0.1", () => {
     process.stdout.write(`${server.address().port}\n`);
