@@ -38,12 +38,11 @@ type conn struct {
 
 	sem chan struct{} // running queries
 
-	mu       sync.Mutex
-	user     userInfo
-	queries  map[string]*running
-	waiting  int
-	history  []historyEntry // newest last
-	querySeq uint64
+	mu      sync.Mutex
+	user    userInfo
+	queries map[string]*running
+	waiting int
+	history []historyEntry // newest last
 }
 
 type running struct {

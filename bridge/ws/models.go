@@ -44,7 +44,6 @@ type catalog struct {
 	types   map[string][]pb.QueryType // model -> types
 	labels  map[string]label          // worker_update name -> model, type
 	entries []workerEntry
-	peers   int
 }
 
 type label struct {
@@ -64,7 +63,7 @@ func labelFor(model string, t pb.QueryType, primary bool) string {
 }
 
 func newCatalog(models []router.ModelView, peers []router.PeerView, now time.Time) *catalog {
-	c := &catalog{types: map[string][]pb.QueryType{}, labels: map[string]label{}, peers: len(peers)}
+	c := &catalog{types: map[string][]pb.QueryType{}, labels: map[string]label{}}
 	c.models = slices.Clone(models)
 	sort.Slice(c.models, func(i, j int) bool { return c.models[i].Name < c.models[j].Name })
 	for _, m := range c.models {
@@ -172,10 +171,4 @@ func (c *catalog) signature() string {
 		fmt.Fprintf(&b, "%s\x00%s\x00%t\x00%d\n", e.Name, e.Type, e.IsBlacklisted, e.Peers)
 	}
 	return b.String()
-}
-
-// totalWorkers is the seed's queue_update "total": at least 1, since the
-// seed client divides by it.
-func (c *catalog) totalWorkers() int {
-	return max(c.peers, 1)
 }

@@ -87,7 +87,7 @@ func (c *conn) start(spec jobSpec) {
 	c.queries[id] = r
 	c.mu.Unlock()
 
-	workers := newCatalog(nil, c.s.swarm.Peers(), time.Now()).totalWorkers()
+	workers := max(len(c.s.swarm.Peers()), 1) // the seed client divides by it
 	c.send(queryStartedMsg{Type: "query_started", QueryID: id, QueryType: spec.queryType, Model: spec.model})
 	submitted := time.Now()
 	c.wg.Add(1)
@@ -387,17 +387,17 @@ func (c *conn) submit(m *inbound) {
 	if qt == "" {
 		qt = "chat"
 	}
-	hist, err := historyMessages(q.History)
-	if err != nil {
-		c.sendError("BAD_REQUEST", err.(*protocol.Error).Message, m.QueryID)
-		return
-	}
-	cat := c.s.catalog()
-	spec := jobSpec{queryID: m.QueryID, queryType: qt, modelType: q.ModelType, prompt: q.Prompt, reply: "query_result"}
 	fail := func(err error) {
 		pe := protocol.AsError(err)
 		c.sendError(protocol.CodeName(pe.Code), pe.Message, m.QueryID)
 	}
+	hist, err := historyMessages(q.History)
+	if err != nil {
+		fail(err)
+		return
+	}
+	cat := c.s.catalog()
+	spec := jobSpec{queryID: m.QueryID, queryType: qt, modelType: q.ModelType, prompt: q.Prompt, reply: "query_result"}
 	if qt == "speech" && strings.TrimSpace(q.Audio) == "" && strings.TrimSpace(q.Prompt) != "" {
 		qt = "chat" // a speech query already transcribed: answer its text
 	}
@@ -584,7 +584,8 @@ func (c *conn) visionChunk(m *inbound) {
 	}
 	hist, err := historyMessages(m.History)
 	if err != nil {
-		c.sendError("BAD_REQUEST", err.(*protocol.Error).Message, m.QueryID)
+		pe := protocol.AsError(err)
+		c.sendError(protocol.CodeName(pe.Code), pe.Message, m.QueryID)
 		return
 	}
 	c.send(messageMsg{Type: "vision_upload_complete", Message: "Image upload complete and processed", ImageID: id})
