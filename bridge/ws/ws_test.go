@@ -675,7 +675,7 @@ func TestOriginCheck(t *testing.T) {
 }
 
 func TestRateLimit(t *testing.T) {
-	c := newHarness(t, nil, ws.WithRateLimit(0.5, 5)).mustDial()
+	c := newHarness(t, nil, ws.WithRateLimit(0.1, 5)).mustDial()
 	c.hello()
 	for i := 0; i < 10; i++ {
 		c.send(msg{"type": "ping"})
@@ -724,9 +724,10 @@ func TestSlowReaderIsDroppedWithBoundedMemory(t *testing.T) {
 	h := newHarness(t, sw, ws.WithSendBuffer(64), ws.WithSendBufferBytes(bufBytes))
 	c := h.mustDial()
 	c.hello()
-	// An answer of 500k words, streamed as that many query_chunk messages
-	// (tens of megabytes), to a client that never reads again.
-	c.send(submit(strings.Repeat("a ", 500_000), "chat", "demo"))
+	// An answer of a million words, streamed as that many query_chunk
+	// messages (about 60 MB, far more than the kernel's socket buffers
+	// hold), to a client that never reads again.
+	c.send(submit(strings.Repeat("a ", 1_000_000), "chat", "demo"))
 	deadline := time.Now().Add(waitLimit)
 	for h.srv.Connections() != 0 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
