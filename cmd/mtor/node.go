@@ -165,11 +165,12 @@ func runNode(ctx context.Context, e *env, args []string) error {
 		})
 	}
 
-	printStartup(e, n, backends, apiLn, bridgeLn)
-
+	// Listen for signals before printing the join line: a script that
+	// stops the node as soon as it sees that line must get a clean exit.
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
+	printStartup(e, n, backends, apiLn, bridgeLn)
 	var runErr error
 	select {
 	case sig := <-sigs:

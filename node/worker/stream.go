@@ -51,6 +51,10 @@ func (w *Worker) HandleStream(s network.Stream) {
 		return
 	}
 	_ = s.SetReadDeadline(time.Time{})
+	// Count the stream as in flight until its last frame is written, so a
+	// graceful shutdown does not close the connection under a Done.
+	w.inflight.Add(1)
+	defer w.inflight.Add(-1)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -69,7 +69,7 @@ type Worker struct {
 	onChange func()
 
 	draining atomic.Bool
-	inflight sync.WaitGroup
+	inflight atomic.Int64 // queries not yet fully answered, streams included
 
 	mu     sync.RWMutex
 	models map[string][]served // by model name; refreshed from the backends
@@ -272,16 +272,19 @@ func (w *Worker) Drain() { w.draining.Store(true) }
 // Draining reports whether Drain was called.
 func (w *Worker) Draining() bool { return w.draining.Load() }
 
-// Wait blocks until queries in flight have ended or ctx is done.
+// Wait blocks until queries in flight have ended (their last frame
+// written) or ctx is done.
 func (w *Worker) Wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() { w.inflight.Wait(); close(done) }()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for w.inflight.Load() > 0 {
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
+	return nil
 }
 
 // pick returns a backend serving model for type t whose breaker allows a
@@ -324,7 +327,7 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 		return nil, protocol.Errorf(protocol.CodeBusy, "worker is shutting down")
 	}
 	w.inflight.Add(1)
-	defer w.inflight.Done()
+	defer w.inflight.Add(-1)
 
 	dl := start.Add(w.defDL)
 	if ms := req.GetDeadlineUnixMs(); ms > 0 {
