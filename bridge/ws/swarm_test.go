@@ -130,3 +130,29 @@ func TestSeedClientAgainstRealSwarm(t *testing.T) {
 		}
 	})
 }
+
+// TestEmptySwarm: with no worker in the swarm the seed client gets an
+// empty worker list and every query a typed error, never a hang.
+func TestEmptySwarm(t *testing.T) {
+	sw := swarmtest.New(t, swarmtest.Workers(0), swarmtest.Clients(1))
+	c := newHarnessOn(t, sw.Clients[0].Router()).mustDial()
+	_, _, wu := c.hello()
+	if w, _ := wu["workers"].([]any); len(w) != 0 {
+		t.Errorf("workers = %v, want none", w)
+	}
+	tests := []msg{
+		submit("anyone there?", "chat", "demo"),
+		submit("a cat", "imagine", ""),
+		{"type": "speech_to_text", "audio": base64.StdEncoding.EncodeToString(webm)},
+	}
+	for _, m := range tests {
+		c.send(m)
+		e, before := c.until("error")
+		if e.str("code") != "UNSUPPORTED" || !strings.Contains(e.str("message"), "no model in the swarm serves") {
+			t.Errorf("%v: error %v", m, e)
+		}
+		if len(before) != 0 {
+			t.Errorf("%v: got %v before the error", m, types(before))
+		}
+	}
+}
