@@ -10,7 +10,7 @@ TEST_FLAGS   ?=
 FUZZTIME     ?= 15s
 # Node.js packages the tests use (a real inference engine, the openai
 # client, a headless browser driver), each with a committed lockfile.
-NPM_DIRS  := test/engine bridge/e2e
+NPM_DIRS  := node/enginetest bridge/e2e
 
 .PHONY: all build test npm-deps demo bench proto lint fuzz clean help
 
@@ -42,7 +42,7 @@ test: npm-deps
 	$(GO) test ./... -count=1 -timeout $(TEST_TIMEOUT) $(TEST_FLAGS)
 
 demo: build
-	./scripts/demo.sh ./$(BIN)
+	./cmd/mtor/demo.sh ./$(BIN)
 
 bench: build
 	./$(BIN) bench

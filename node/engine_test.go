@@ -10,10 +10,10 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/ollama"
 	"github.com/mtor-swarm/mtor/node/backend/openai"
+	"github.com/mtor-swarm/mtor/node/enginetest"
 	"github.com/mtor-swarm/mtor/node/swarmtest"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
-	"github.com/mtor-swarm/mtor/test/engine"
 )
 
 // kinds are the backends that can sit in front of the real engine.
@@ -27,11 +27,11 @@ var kinds = []struct {
 
 // engineSwarm starts one real llama.cpp engine per worker, each behind a
 // backend of the given kind.
-func engineSwarm(t *testing.T, kind func(string) (backend.Backend, error), workers int) (*swarmtest.Swarm, []*engine.Engine) {
+func engineSwarm(t *testing.T, kind func(string) (backend.Backend, error), workers int) (*swarmtest.Swarm, []*enginetest.Engine) {
 	t.Helper()
-	engines := make([]*engine.Engine, workers)
+	engines := make([]*enginetest.Engine, workers)
 	for i := range engines {
-		engines[i] = engine.Start(t, engine.WithSequences(4))
+		engines[i] = enginetest.Start(t, enginetest.WithSequences(4))
 	}
 	s := swarmtest.New(t, swarmtest.Workers(workers), swarmtest.Clients(1),
 		swarmtest.Backends(func(i int, _ string) []backend.Backend {

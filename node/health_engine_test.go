@@ -11,8 +11,8 @@ import (
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/openai"
+	"github.com/mtor-swarm/mtor/node/enginetest"
 	"github.com/mtor-swarm/mtor/node/worker"
-	"github.com/mtor-swarm/mtor/test/engine"
 )
 
 // switchableProxy forwards to the engine on a fixed loopback address and
@@ -45,7 +45,7 @@ func (p *switchableProxy) up(t *testing.T) {
 func (p *switchableProxy) down() { _ = p.srv.Close() }
 
 func TestBackendHealthFallsAndRecovers(t *testing.T) {
-	e := engine.Start(t)
+	e := enginetest.Start(t)
 	to, _ := url.Parse(e.URL())
 	p := &switchableProxy{addr: "127.0.0.1:0", to: to}
 	p.up(t)

@@ -9,13 +9,13 @@ import (
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/ollama"
+	"github.com/mtor-swarm/mtor/node/enginetest"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
-	"github.com/mtor-swarm/mtor/test/engine"
 )
 
 // These tests drive the backend against the real inference engine
-// (llama.cpp through node-llama-cpp, test/engine) speaking Ollama's API.
+// (llama.cpp through node-llama-cpp, node/enginetest) speaking Ollama's API.
 
 // sink records what a backend streams; onChunk, when set, runs after each
 // chunk with the number received so far.
@@ -79,7 +79,7 @@ func wantCode(t *testing.T, err error, code pb.ErrorCode) *protocol.Error {
 }
 
 func TestAgainstEngine(t *testing.T) {
-	e := engine.Start(t)
+	e := enginetest.Start(t)
 	b, err := ollama.New(e.URL())
 	if err != nil {
 		t.Fatal(err)
@@ -222,7 +222,7 @@ func TestAgainstEngine(t *testing.T) {
 // TestEngineKilledMidAnswer kills the engine while it streams: the query
 // ends with a retryable BACKEND_ERROR at once, not after a timeout.
 func TestEngineKilledMidAnswer(t *testing.T) {
-	e := engine.Start(t)
+	e := enginetest.Start(t)
 	// Timeouts far beyond the test's deadline: only noticing the dead
 	// connection can end the query in time.
 	b, err := ollama.New(e.URL(), ollama.WithIdleTimeout(time.Hour), ollama.WithWorkTimeout(time.Hour))

@@ -9,13 +9,13 @@ import (
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/openai"
+	"github.com/mtor-swarm/mtor/node/enginetest"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
-	"github.com/mtor-swarm/mtor/test/engine"
 )
 
 // These tests drive the backend against the real inference engine
-// (llama.cpp through node-llama-cpp, test/engine) speaking the OpenAI-compatible API.
+// (llama.cpp through node-llama-cpp, node/enginetest) speaking the OpenAI-compatible API.
 
 // sink records what a backend streams; onChunk, when set, runs after each
 // chunk with the number received so far.
@@ -81,7 +81,7 @@ func wantCode(t *testing.T, err error, code pb.ErrorCode) *protocol.Error {
 }
 
 func TestAgainstEngine(t *testing.T) {
-	e := engine.Start(t)
+	e := enginetest.Start(t)
 	// The base URL may name /v1; the engine's model also embeds.
 	b, err := openai.New(e.URL()+"/v1/", openai.WithModelTypes(map[string][]pb.QueryType{
 		e.Model(): {pb.QueryType_QUERY_TYPE_CHAT, pb.QueryType_QUERY_TYPE_EMBED},
@@ -228,7 +228,7 @@ func TestAgainstEngine(t *testing.T) {
 // TestEngineKilledMidAnswer kills the engine while it streams: the query
 // ends with a retryable BACKEND_ERROR at once, not after a timeout.
 func TestEngineKilledMidAnswer(t *testing.T) {
-	e := engine.Start(t)
+	e := enginetest.Start(t)
 	// Timeouts far beyond the test's deadline: only noticing the dead
 	// connection can end the query in time.
 	b, err := openai.New(e.URL(), openai.WithIdleTimeout(time.Hour), openai.WithWorkTimeout(time.Hour))
@@ -259,7 +259,7 @@ func TestEngineKilledMidAnswer(t *testing.T) {
 // TestEngineModelTypesGuessed lists the engine's model without declared
 // types: chat by name, context length from llama.cpp's meta.
 func TestEngineModelTypesGuessed(t *testing.T) {
-	e := engine.Start(t, engine.WithModelName("nomic-embed-tiny"))
+	e := enginetest.Start(t, enginetest.WithModelName("nomic-embed-tiny"))
 	b, err := openai.New(e.URL())
 	if err != nil {
 		t.Fatal(err)

@@ -1,4 +1,4 @@
-// Package engine runs a real inference engine for tests: llama.cpp through
+// Package enginetest runs a real inference engine for tests: llama.cpp through
 // the npm package node-llama-cpp, behind shim.mjs, a small HTTP shim that
 // speaks the OpenAI-compatible API and Ollama's native API, loading a tiny
 // random-weight GGUF model written by package gguf. Its output is gibberish;
@@ -8,10 +8,10 @@
 // node_modules a test that starts an engine is skipped, unless the CI
 // environment variable is set, where it fails.
 //
-//	e := engine.Start(t)
+//	e := enginetest.Start(t)
 //	b, _ := ollama.New(e.URL())
 //	... query e.Model() ...
-package engine
+package enginetest
 
 import (
 	"bufio"
@@ -32,7 +32,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mtor-swarm/mtor/test/engine/gguf"
+	"github.com/mtor-swarm/mtor/node/enginetest/gguf"
 )
 
 // DefaultModel is the model name the engine serves unless told otherwise.
@@ -46,7 +46,7 @@ const startTimeout = 2 * time.Minute
 func Dir() string {
 	_, file, _, ok := runtime.Caller(0)
 	if !ok {
-		return "test/engine"
+		return "node/enginetest"
 	}
 	return filepath.Dir(file)
 }

@@ -1,4 +1,4 @@
-package engine_test
+package enginetest_test
 
 import (
 	"context"
@@ -10,13 +10,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mtor-swarm/mtor/test/engine"
+	"github.com/mtor-swarm/mtor/node/enginetest"
 )
 
 // TestEngineServesBothAPIs starts the real engine and checks that both
 // model lists name its model and that a real completion comes back.
 func TestEngineServesBothAPIs(t *testing.T) {
-	e := engine.Start(t, engine.WithModelName("tiny-test"))
+	e := enginetest.Start(t, enginetest.WithModelName("tiny-test"))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
@@ -62,7 +62,7 @@ func TestEngineServesBothAPIs(t *testing.T) {
 
 // TestEngineKill checks that Kill leaves nothing listening.
 func TestEngineKill(t *testing.T) {
-	e := engine.Start(t)
+	e := enginetest.Start(t)
 	e.Kill()
 	_, err := http.Get(e.URL() + "/v1/models")
 	if !errors.Is(err, syscall.ECONNREFUSED) {
