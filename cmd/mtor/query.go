@@ -167,6 +167,13 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 	var text strings.Builder
 	done, err := target.Query(ctx, q, func(ev *api.Event) error {
 		switch ev.Event {
+		case api.EventRestart:
+			// The worker died mid-answer; the answer starts again elsewhere.
+			text.Reset()
+			out.Media, out.Embeddings = nil, nil
+			if !f.json {
+				fmt.Fprintln(e.stderr, "\n[the answering peer was lost; the answer restarts on another peer]")
+			}
 		case api.EventChunk:
 			text.WriteString(ev.Text)
 			if !f.json {

@@ -261,7 +261,15 @@ func (s *Server) handleQuery(w http.ResponseWriter, r *http.Request) {
 // onEvent for each streamed event. It returns the done event or a
 // *protocol.Error. A non-nil return from onEvent cancels the query.
 func Run(ctx context.Context, r Router, req *pb.QueryRequest, onEvent func(*Event) error) (*DoneEvent, error) {
-	res, err := r.Query(ctx, req, func(ev *pb.Event) error {
+	// Every consumer of this stream can take output back (it gets a
+	// restart event), so a worker dying mid-answer loses no query.
+	res, err := r.Query(router.WithRestart(ctx), req, func(ev *pb.Event) error {
+		if ev == nil {
+			if onEvent != nil {
+				return onEvent(&Event{Event: EventRestart})
+			}
+			return nil
+		}
 		if e := eventFromProto(ev); e != nil && onEvent != nil {
 			return onEvent(e)
 		}

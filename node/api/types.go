@@ -73,6 +73,9 @@ const (
 	EventEmbedding = "embedding"
 	EventDone      = "done"
 	EventError     = "error"
+	// EventRestart: the worker answering died after sending output; discard
+	// everything received so far, the query runs again on another worker.
+	EventRestart = "restart"
 )
 
 // Event is one line of the NDJSON stream of POST /v1/query. Exactly one of

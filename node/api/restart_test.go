@@ -1,0 +1,58 @@
+package api_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/api"
+	"github.com/mtor-swarm/mtor/node/swarmtest"
+)
+
+// A worker killed mid-answer costs the API client nothing but a restart
+// event: the answer comes whole from the other worker.
+func TestWorkerDeathMidAnswerRestartsElsewhere(t *testing.T) {
+	s := swarmtest.New(t, swarmtest.Workers(2), swarmtest.DemoDelay(20*time.Millisecond))
+	c := serve(t, s.Bootstrap)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+
+	prompt := strings.TrimSpace(strings.Repeat("word ", 60))
+	var once sync.Once
+	var text strings.Builder
+	restarts := 0
+	killed := ""
+	done, err := c.Query(ctx, &api.QueryRequest{Model: "demo", Prompt: prompt}, func(ev *api.Event) error {
+		switch ev.Event {
+		case api.EventRestart:
+			restarts++
+			text.Reset()
+		case api.EventChunk:
+			text.WriteString(ev.Text)
+			once.Do(func() {
+				for _, w := range s.Workers {
+					if running, _, _, _ := w.Worker().Load(); running > 0 {
+						killed = w.ID().String()
+						s.Kill(w)
+						return
+					}
+				}
+			})
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if killed == "" {
+		t.Fatal("found no worker running the query")
+	}
+	if restarts != 1 || done.Peer == killed {
+		t.Fatalf("restarts = %d, answered by %s (killed %s)", restarts, done.Peer, killed)
+	}
+	if got := text.String(); strings.Count(got, "[demo answer") != 1 || !strings.HasSuffix(got, prompt) {
+		t.Fatalf("answer after restart is not whole: %q", got)
+	}
+}
