@@ -21,6 +21,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/spec"
+	"github.com/mtor-swarm/mtor/node/gpu"
 	"github.com/mtor-swarm/mtor/node/worker"
 )
 
@@ -129,7 +130,14 @@ func runNode(ctx context.Context, e *env, args []string) error {
 		defer bridgeLn.Close()
 	}
 
-	n, err := node.New(ctx, append(f.options(backends), node.WithIdentity(priv))...)
+	// GPU telemetry: a machine without NVIDIA's library simply has none.
+	gpus, err := gpu.Open()
+	if err != nil {
+		return fmt.Errorf("GPU telemetry: %w", err)
+	}
+	defer gpus.Close()
+
+	n, err := node.New(ctx, append(f.options(backends), node.WithIdentity(priv), node.WithGPUMonitor(gpus))...)
 	if err != nil {
 		return fmt.Errorf("starting the node: %w", err)
 	}
@@ -170,7 +178,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
-	printStartup(e, n, backends, apiLn, bridgeLn)
+	printStartup(e, n, backends, gpus, apiLn, bridgeLn)
 	var runErr error
 	select {
 	case sig := <-sigs:
@@ -331,7 +339,7 @@ func buildBackends(ctx context.Context, e *env, specs []string, detect bool, lab
 
 // printStartup prints the node's identity and addresses as "key: value"
 // lines on stdout, the join line last: scripts can wait for "join: ".
-func printStartup(e *env, n *node.Node, backends []backend.Backend, apiLn, bridgeLn net.Listener) {
+func printStartup(e *env, n *node.Node, backends []backend.Backend, gpus *gpu.Monitor, apiLn, bridgeLn net.Listener) {
 	w := e.stdout
 	fmt.Fprintf(w, "mtor %s\n", buildVersion())
 	fmt.Fprintf(w, "peer: %s\n", n.ID())
@@ -345,6 +353,7 @@ func printStartup(e *env, n *node.Node, backends []backend.Backend, apiLn, bridg
 	for _, b := range backends {
 		fmt.Fprintf(w, "backend: %s\n", b.Name())
 	}
+	fmt.Fprintf(w, "gpu: %s\n", gpus)
 	if apiLn != nil {
 		fmt.Fprintf(w, "api: %s\n", apiLn.Addr())
 	}
