@@ -186,7 +186,8 @@ func TestPrintPeers(t *testing.T) {
 	var b bytes.Buffer
 	err := printPeers(&b, []router.PeerView{
 		{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}}},
-			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500},
+			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500,
+			GPUs: []router.GPUView{{Name: "NVIDIA H100", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 250000}}},
 		{Peer: "12D3KooWB", Self: true},
 	})
 	if err != nil {
@@ -196,12 +197,12 @@ func TestPrintPeers(t *testing.T) {
 	if len(lines) != 3 {
 		t.Fatalf("table %q", b.String())
 	}
-	for _, want := range []string{"PEER", "MODELS", "TYPES", "LOAD", "HEALTH", "AGE"} {
+	for _, want := range []string{"PEER", "MODELS", "TYPES", "LOAD", "HEALTH", "GPU", "AGE"} {
 		if !strings.Contains(lines[0], want) {
 			t.Errorf("header %q lacks %s", lines[0], want)
 		}
 	}
-	for _, want := range []string{"12D3KooWA", "demo,x", "chat,embed", "1/4 +2 queued", "97 (open)", "1.5s"} {
+	for _, want := range []string{"12D3KooWA", "demo,x", "chat,embed", "1/4 +2 queued", "97 (open)", "NVIDIA H100 60.0/80.0GiB free 35% 250W", "1.5s"} {
 		if !strings.Contains(lines[1], want) {
 			t.Errorf("row %q lacks %q", lines[1], want)
 		}

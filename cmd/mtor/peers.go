@@ -48,7 +48,7 @@ func printPeers(w io.Writer, peers []router.PeerView) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tMODELS\tTYPES\tLOAD\tHEALTH\tAGE")
+	fmt.Fprintln(tw, "PEER\tMODELS\tTYPES\tLOAD\tHEALTH\tGPU\tAGE")
 	for _, p := range peers {
 		id := p.Peer
 		if p.Self {
@@ -77,10 +77,20 @@ func printPeers(w io.Writer, peers []router.PeerView) error {
 		if p.Breaker != "" && p.Breaker != "closed" {
 			health += " (" + p.Breaker + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(models, ",")), orDash(strings.Join(types, ",")),
-			load, health, (time.Duration(p.AgeMs) * time.Millisecond).Round(100*time.Millisecond))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(models, ",")), orDash(strings.Join(types, ",")),
+			load, health, orDash(gpuSummary(p.GPUs)), (time.Duration(p.AgeMs) * time.Millisecond).Round(100*time.Millisecond))
 	}
 	return tw.Flush()
+}
+
+// gpuSummary is one short line per GPU: name, free/total VRAM, use, power.
+func gpuSummary(gs []router.GPUView) string {
+	var parts []string
+	for _, g := range gs {
+		parts = append(parts, fmt.Sprintf("%s %.1f/%.1fGiB free %d%% %.0fW", g.Name,
+			float64(g.VRAMFree)/(1<<30), float64(g.VRAMTotal)/(1<<30), g.UtilPercent, float64(g.PowerMW)/1000))
+	}
+	return strings.Join(parts, "; ")
 }
 
 func orDash(s string) string {
