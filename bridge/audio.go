@@ -240,7 +240,7 @@ func (s *Server) handleSpeech(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var audio *pb.Media
-	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
+	res, aerr := s.queryWhole(r.Context(), q, func() { audio = nil }, func(ev *pb.Event) error {
 		if m := ev.GetMedia(); m != nil && audio == nil {
 			audio = m
 		}
@@ -268,7 +268,7 @@ func (s *Server) handleSpeech(w http.ResponseWriter, r *http.Request) {
 func (s *Server) collectText(r *http.Request, q *pb.QueryRequest) (string, *router.Result, *apiError) {
 	var b strings.Builder
 	var overflow *apiError
-	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
+	res, aerr := s.queryWhole(r.Context(), q, b.Reset, func(ev *pb.Event) error {
 		if c := ev.GetChunk(); c != nil {
 			if b.Len()+len(c.GetText()) > maxAnswer {
 				overflow = tooLarge("", "The answer is longer than %d bytes.", maxAnswer)

@@ -94,7 +94,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	}
 	var text strings.Builder
 	var overflow *apiError
-	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
+	res, aerr := s.queryWhole(r.Context(), q, text.Reset, func(ev *pb.Event) error {
 		if c := ev.GetChunk(); c != nil {
 			if text.Len()+len(c.GetText()) > maxAnswer {
 				overflow = tooLarge("", "The answer is longer than %d bytes; use stream: true.", maxAnswer)

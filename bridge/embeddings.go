@@ -95,7 +95,7 @@ func (s *Server) handleEmbeddings(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	vectors := make([][]float32, len(q.Inputs))
-	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
+	res, aerr := s.queryWhole(r.Context(), q, func() { clear(vectors) }, func(ev *pb.Event) error {
 		if e := ev.GetEmbedding(); e != nil {
 			if i := int(e.GetIndex()); i < len(vectors) {
 				vectors[i] = e.GetVector()

@@ -82,7 +82,7 @@ func (s *Server) handleImages(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var img *pb.Media
-	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
+	res, aerr := s.queryWhole(r.Context(), q, func() { img = nil }, func(ev *pb.Event) error {
 		if m := ev.GetMedia(); m != nil && img == nil && strings.HasPrefix(m.GetMime(), "image/") {
 			img = m
 		}

@@ -95,6 +95,19 @@ func (s *Server) defaultModel(t pb.QueryType) (string, *apiError) {
 	return names[0], nil
 }
 
+// queryWhole runs q for a response sent only once the answer is whole, so
+// a worker dying mid-answer costs nothing: reset discards what was
+// gathered and the router runs the query again on another worker.
+func (s *Server) queryWhole(ctx context.Context, q *pb.QueryRequest, reset func(), h router.Handler) (*router.Result, *apiError) {
+	return s.query(router.WithRestart(ctx), q, func(ev *pb.Event) error {
+		if ev == nil {
+			reset()
+			return nil
+		}
+		return h(ev)
+	})
+}
+
 // query validates q, gives it the bridge's deadline and runs it through the
 // swarm with ctx, the request's context: a client that goes away cancels
 // the query at the worker.
