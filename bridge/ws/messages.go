@@ -191,6 +191,13 @@ type typeOnly struct {
 }
 
 // queryChunkMsg is a token delta of a running query (ours).
+// queryRestartMsg: the worker died mid-answer; the chunks sent so far are
+// void and the answer streams again from another worker.
+type queryRestartMsg struct {
+	Type    string `json:"type"` // query_restart
+	QueryID string `json:"query_id"`
+}
+
 type queryChunkMsg struct {
 	Type    string `json:"type"` // query_chunk
 	QueryID string `json:"query_id"`

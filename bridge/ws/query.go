@@ -212,6 +212,15 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 	var text strings.Builder
 	var media *pb.Media
 	h := func(ev *pb.Event) error {
+		if ev == nil {
+			// Restart on another worker (see router.WithRestart).
+			text.Reset()
+			media = nil
+			if stream && !c.send(queryRestartMsg{Type: "query_restart", QueryID: jr.id}) {
+				return errClientGone
+			}
+			return nil
+		}
 		switch k := ev.GetKind().(type) {
 		case *pb.Event_Accepted:
 			c.send(queueUpdateMsg{Type: "queue_update", Depth: int(k.Accepted.GetQueuePosition()), Total: jr.workers, QueryID: jr.id})
@@ -235,7 +244,7 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 		}
 		return nil
 	}
-	res, err := c.s.swarm.Query(ctx, req, h)
+	res, err := c.s.swarm.Query(router.WithRestart(ctx), req, h)
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return "", nil, protocol.Errorf(protocol.CodeTimeout, "query took longer than %s", c.s.cfg.queryTimeout)

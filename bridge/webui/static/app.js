@@ -293,6 +293,11 @@
       case "query_transcript":
         if (m && m.question) { m.question.transcript = msg.text; rerender(m.question); }
         break;
+      case "query_restart":
+        // The answering peer died mid-answer: what streamed so far is void,
+        // the whole answer comes again from another peer.
+        if (m) { m.state = "waiting"; m.text = "the answering peer was lost; restarting on another peer…"; rerender(m); }
+        break;
       case "query_chunk":
         if (m && typeof msg.text === "string") {
           if (m.state !== "streaming") {
