@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/router"
@@ -28,8 +29,10 @@ func (discard) Embedding(int, []float32) error { return nil }
 //
 //	go test ./node -run '^$' -bench BenchmarkQuery -benchtime 2000x
 func BenchmarkQuery(b *testing.B) {
+	// Admission wide enough for 64 at once: this measures the path, not the
+	// worker's queue.
 	s := swarmtest.New(b, swarmtest.Workers(1), swarmtest.Clients(1), swarmtest.DemoDelay(0),
-		swarmtest.NodeOptions())
+		swarmtest.NodeOptions(node.WithMaxConcurrency(64), node.WithMaxQueue(256)))
 	be := demo.New("bench", demo.WithDelay(0))
 	client := s.Clients[0]
 	paths := []struct {
