@@ -17,10 +17,8 @@
 package a1111
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -32,6 +30,7 @@ import (
 	logging "github.com/ipfs/go-log/v2"
 
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/httputil"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -60,8 +59,6 @@ const (
 	maxModels        = protocol.MaxAnnModels
 	maxImages        = 4
 	interruptTimeout = 5 * time.Second
-	// maxMedia keeps an image inside one Event frame, with room for framing.
-	maxMedia = protocol.MaxEventFrame - 4<<10
 )
 
 var _ backend.Backend = (*Backend)(nil)
@@ -176,13 +173,13 @@ func (b *Backend) Models(ctx context.Context) ([]backend.Model, error) {
 func (b *Backend) listModels(ctx context.Context) ([]sdModel, error) {
 	ctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
 	defer cancel()
-	body, err := b.get(ctx, "/sdapi/v1/sd-models", maxModelList)
+	req, err := httputil.NewGetRequest(b.base + "/sdapi/v1/sd-models")
 	if err != nil {
 		return nil, err
 	}
 	var list []sdModel
-	if err := json.Unmarshal(body, &list); err != nil {
-		return nil, protocol.Errorf(protocol.CodeBackendError, "a1111 model list is malformed: %v", err)
+	if err := b.call(ctx, req, ProbeTimeout, maxModelList, &list); err != nil {
+		return nil, err
 	}
 	return list, nil
 }
@@ -193,27 +190,20 @@ func (b *Backend) Probe(ctx context.Context) error {
 	return err
 }
 
-func (b *Backend) get(ctx context.Context, path string, limit int64) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.base+path, nil)
-	if err != nil {
-		return nil, protocol.Errorf(protocol.CodeInternal, "a1111 request: %v", err)
-	}
+// call sends req, waiting at most wait, and decodes a 200 answer of at most
+// limit bytes into v. Failures come back as typed errors.
+func (b *Backend) call(ctx context.Context, req *http.Request, wait time.Duration, limit int64, v any, opts ...httputil.Option) error {
 	req.Header.Set("Accept", "application/json")
-	resp, err := b.client.Do(req)
+	x, err := httputil.Send(ctx, b.client, req, wait, 0, opts...)
 	if err != nil {
-		log.Debugw("request failed", "server", b.base, "path", path, "err", err)
-		return nil, transportError(ctx, "a1111", err)
+		log.Debugw("request failed", "server", b.base, "path", req.URL.Path, "err", err)
+		return err
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := readBody(resp.Body, maxErrorBody)
-		return nil, statusError("a1111", resp.StatusCode, body)
+	defer x.Close()
+	if x.Resp.StatusCode != http.StatusOK {
+		return x.StatusError()
 	}
-	body, err := readBody(resp.Body, limit)
-	if err != nil {
-		return nil, transportError(ctx, "a1111", err)
-	}
-	return body, nil
+	return x.ReadJSON(limit, v)
 }
 
 type txt2imgRequest struct {
@@ -259,14 +249,9 @@ func (b *Backend) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sin
 	if p := req.GetParams(); p != nil && p.Seed != nil {
 		tr.Seed = p.GetSeed()
 	}
-	payload, err := json.Marshal(tr)
-	if err != nil {
-		return backend.Usage{}, protocol.Errorf(protocol.CodeInternal, "encode a1111 request: %v", err)
-	}
-
 	ctx, cancel := context.WithTimeout(ctx, b.timeout)
 	defer cancel()
-	images, err := b.txt2img(ctx, payload)
+	images, err := b.txt2img(ctx, tr)
 	if err != nil {
 		if ctx.Err() != nil && b.interrupt {
 			b.interruptGeneration()
@@ -302,30 +287,17 @@ func (b *Backend) title(ctx context.Context, model string) (string, error) {
 	return t, nil
 }
 
-func (b *Backend) txt2img(ctx context.Context, payload []byte) ([][]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.base+"/sdapi/v1/txt2img", bytes.NewReader(payload))
+func (b *Backend) txt2img(ctx context.Context, body txt2imgRequest) ([][]byte, error) {
+	req, err := httputil.NewJSONRequest(b.base+"/sdapi/v1/txt2img", body)
 	if err != nil {
-		return nil, protocol.Errorf(protocol.CodeInternal, "a1111 request: %v", err)
+		return nil, err
 	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/json")
-	resp, err := b.client.Do(req)
-	if err != nil {
-		log.Debugw("txt2img failed", "server", b.base, "err", err)
-		return nil, transportError(ctx, "a1111", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := readBody(resp.Body, maxErrorBody)
-		return nil, statusError("a1111", resp.StatusCode, body)
-	}
-	body, err := readBody(resp.Body, MaxResponse)
-	if err != nil {
-		return nil, transportError(ctx, "a1111", err)
-	}
+	// A1111 answers 404 when a request names a sampler, script or upscaler it
+	// lacks; this backend has always read that as BAD_REQUEST, not
+	// httputil's UNSUPPORTED, and its callers and tests rely on it.
 	var tr txt2imgResponse
-	if err := json.Unmarshal(body, &tr); err != nil {
-		return nil, protocol.Errorf(protocol.CodeBackendError, "a1111 sent a malformed answer: %v", err)
+	if err := b.call(ctx, req, b.timeout, MaxResponse, &tr, httputil.MapStatus(http.StatusNotFound, protocol.CodeBadRequest)); err != nil {
+		return nil, err
 	}
 	if len(tr.Images) == 0 {
 		return nil, protocol.Errorf(protocol.CodeBackendError, "a1111 answered without an image")
@@ -349,17 +321,17 @@ func (b *Backend) txt2img(ctx context.Context, payload []byte) ([][]byte, error)
 func (b *Backend) interruptGeneration() {
 	ctx, cancel := context.WithTimeout(context.Background(), interruptTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.base+"/sdapi/v1/interrupt", nil)
+	req, err := http.NewRequest(http.MethodPost, b.base+"/sdapi/v1/interrupt", nil)
 	if err != nil {
 		return
 	}
-	resp, err := b.client.Do(req)
+	x, err := httputil.Send(ctx, b.client, req, interruptTimeout, 0)
 	if err != nil {
 		log.Debugw("interrupt failed", "server", b.base, "err", err)
 		return
 	}
-	_, _ = readBody(resp.Body, maxErrorBody)
-	resp.Body.Close()
+	defer x.Close()
+	_, _ = httputil.ReadAll(x, httputil.MaxErrorBody)
 }
 
 func decodeImage(s string) ([]byte, error) {
@@ -376,8 +348,8 @@ func decodeImage(s string) ([]byte, error) {
 	if mime := http.DetectContentType(img); !strings.HasPrefix(mime, "image/") {
 		return nil, protocol.Errorf(protocol.CodeBackendError, "a1111 answer is not an image (%s)", mime)
 	}
-	if len(img) > maxMedia {
-		return nil, protocol.Errorf(protocol.CodeTooLarge, "image of %d bytes exceeds the %d byte media limit", len(img), maxMedia)
+	if len(img) > httputil.MaxMedia {
+		return nil, protocol.Errorf(protocol.CodeTooLarge, "image of %d bytes exceeds the %d byte media limit", len(img), httputil.MaxMedia)
 	}
 	return img, nil
 }

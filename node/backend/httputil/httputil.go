@@ -1,7 +1,8 @@
-// Package httputil holds what the HTTP backends (ollama, openai, ...) share:
-// one exchange with a watchdog so that a silent server never hangs a query,
-// the mapping of transport failures and HTTP statuses to typed protocol
-// errors, and bounded readers for JSON bodies, NDJSON lines and SSE events.
+// Package httputil holds what the HTTP backends (ollama, openai, rentahal,
+// a1111) share: one exchange with a watchdog so that a silent server never
+// hangs a query, the mapping of transport failures and HTTP statuses to
+// typed protocol errors that never name the backend's address, and bounded
+// readers for JSON bodies, NDJSON lines and SSE events.
 package httputil
 
 import (
@@ -16,9 +17,13 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
+	logging "github.com/ipfs/go-log/v2"
+
 	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // Limits on what a backend may send back.
@@ -33,6 +38,8 @@ const (
 	MaxLine = 1 << 20
 )
 
+var log = logging.Logger("mtor/backend/http")
+
 // Errors distinguishing why the watchdog ended an exchange.
 var (
 	errStalled = errors.New("backend stalled")
@@ -46,6 +53,8 @@ var (
 type Exchange struct {
 	Resp *http.Response
 
+	opts   options
+	url    string // redacted, for the operator's log only
 	parent context.Context
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -54,13 +63,49 @@ type Exchange struct {
 	idle   time.Duration
 }
 
+// An Option adjusts how Send treats a backend's answer.
+type Option func(*options)
+
+type options struct {
+	pass  map[int]bool
+	codes map[int]pb.ErrorCode
+}
+
+// PassStatus hands responses with these statuses to the caller (which reads
+// x.Resp.StatusCode) instead of failing, for a caller that acts on them,
+// e.g. by trying another spelling of a route on 404.
+func PassStatus(statuses ...int) Option {
+	return func(o *options) {
+		if o.pass == nil {
+			o.pass = map[int]bool{}
+		}
+		for _, s := range statuses {
+			o.pass[s] = true
+		}
+	}
+}
+
+// MapStatus maps an HTTP status to code instead of StatusError's default,
+// for an API that gives the status a meaning of its own.
+func MapStatus(status int, code pb.ErrorCode) Option {
+	return func(o *options) {
+		if o.codes == nil {
+			o.codes = map[int]pb.ErrorCode{}
+		}
+		o.codes[status] = code
+	}
+}
+
 // Send performs req (built without a context) under ctx. first bounds the
 // wait for response headers; idle, when positive, bounds each silence
 // while reading a streamed body (otherwise first keeps running as a cap on
 // the whole exchange). A transport failure or an HTTP status >= 400 is
 // returned as a typed error; the caller must Close a returned Exchange.
-func Send(ctx context.Context, client *http.Client, req *http.Request, first, idle time.Duration) (*Exchange, error) {
-	x := &Exchange{parent: ctx, idle: idle, wait: first}
+func Send(ctx context.Context, client *http.Client, req *http.Request, first, idle time.Duration, opts ...Option) (*Exchange, error) {
+	x := &Exchange{parent: ctx, idle: idle, wait: first, url: req.URL.Redacted()}
+	for _, o := range opts {
+		o(&x.opts)
+	}
 	x.ctx, x.cancel = context.WithCancelCause(ctx)
 	x.timer = time.AfterFunc(first, func() { x.cancel(errStalled) })
 	resp, err := client.Do(req.WithContext(x.ctx))
@@ -69,9 +114,9 @@ func Send(ctx context.Context, client *http.Client, req *http.Request, first, id
 		return nil, x.Err(err)
 	}
 	x.Resp = resp
-	if resp.StatusCode >= 400 {
+	if resp.StatusCode >= 400 && !x.opts.pass[resp.StatusCode] {
 		defer x.Close()
-		return nil, x.statusError()
+		return nil, x.StatusError()
 	}
 	if idle > 0 {
 		x.wait = idle
@@ -120,13 +165,21 @@ func (x *Exchange) Err(err error) *protocol.Error {
 	if errors.Is(context.Cause(x.ctx), errStalled) {
 		return protocol.Errorf(protocol.CodeBackendError, "backend sent nothing for %s", x.wait)
 	}
+	// The typed error names no address; the operator's log keeps the cause.
+	log.Debugw("backend transport failure", "url", x.url, "err", err)
 	return TransportError(err)
 }
 
 // ContextError is the typed error for a done ctx (TIMEOUT or CANCELLED),
-// or nil while ctx is live.
+// or nil while ctx is live. A ctx past its deadline counts as timed out even
+// before its own timer has fired, so that the watchdog, racing that timer,
+// cannot turn the query's deadline into a BACKEND_ERROR.
 func ContextError(ctx context.Context) *protocol.Error {
-	switch ctx.Err() {
+	err := ctx.Err()
+	if dl, ok := ctx.Deadline(); ok && err == nil && !time.Now().Before(dl) {
+		err = context.DeadlineExceeded
+	}
+	switch err {
 	case nil:
 		return nil
 	case context.DeadlineExceeded:
@@ -138,24 +191,35 @@ func ContextError(ctx context.Context) *protocol.Error {
 
 // TransportError maps a failure to reach or read the backend: refused or
 // reset connections and cut streams are BACKEND_ERROR (retryable: another
-// worker can answer), a network timeout is TIMEOUT.
+// worker can answer), a network timeout is TIMEOUT. The message names the
+// kind of failure only: the error's own text carries the backend's URL or
+// address, which must not reach clients.
 func TransportError(err error) *protocol.Error {
 	var ne net.Error
+	var dnsErr *net.DNSError
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
-		return protocol.Errorf(protocol.CodeBackendError, "backend refused the connection: %v", err)
+		return protocol.Errorf(protocol.CodeBackendError, "backend unreachable: connection refused")
 	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET), errors.Is(err, io.EOF):
-		return protocol.Errorf(protocol.CodeBackendError, "backend closed the connection mid-answer: %v", err)
+		return protocol.Errorf(protocol.CodeBackendError, "backend closed the connection mid-answer")
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
-		return protocol.Errorf(protocol.CodeTimeout, "backend timed out: %v", err)
+		return protocol.Errorf(protocol.CodeTimeout, "backend timed out")
+	case errors.As(err, &dnsErr):
+		return protocol.Errorf(protocol.CodeBackendError, "backend unreachable: host not found")
 	}
-	return protocol.Errorf(protocol.CodeBackendError, "backend: %v", err)
+	return protocol.Errorf(protocol.CodeBackendError, "backend connection failed")
 }
 
-// statusError reads a bounded error body and maps the status.
-func (x *Exchange) statusError() *protocol.Error {
+// StatusError reads a bounded error body and maps the response's status as
+// Send does, with its MapStatus options: for a status that Send passed, or
+// a success status the caller does not expect.
+func (x *Exchange) StatusError() *protocol.Error {
 	body, _ := io.ReadAll(io.LimitReader(x.Resp.Body, MaxErrorBody))
-	return StatusError(x.Resp.StatusCode, body)
+	pe := StatusError(x.Resp.StatusCode, body)
+	if code, ok := x.opts.codes[x.Resp.StatusCode]; ok && code != pe.Code {
+		pe = protocol.Errorf(code, "%s", pe.Message)
+	}
+	return pe
 }
 
 // StatusError maps an HTTP error status and its body to a typed error
@@ -168,6 +232,9 @@ func (x *Exchange) statusError() *protocol.Error {
 //	401, 403         BACKEND_ERROR (the worker's credentials, not the query, are wrong)
 //	other 4xx        BAD_REQUEST
 //	other 5xx        BACKEND_ERROR
+//
+// A backend whose API means something else by a status says so with
+// MapStatus.
 func StatusError(status int, body []byte) *protocol.Error {
 	msg := ErrorMessage(body)
 	if msg == "" {
@@ -191,38 +258,64 @@ func StatusError(status int, body []byte) *protocol.Error {
 	return protocol.Errorf(code, "backend answered %d: %s", status, msg)
 }
 
+// errorKeys are the members that carry an error body's message, in the
+// order they are tried: FastAPI's "detail"; A1111's "errors", before its
+// "error" (only the exception's type name there); then "error" as a string
+// (Ollama) or an object with a message (OpenAI); then "message" (vLLM).
+var errorKeys = []string{"detail", "errors", "error", "message"}
+
 // ErrorMessage extracts a human message from an error body in the shapes
-// servers use ({"error":{"message":...}}, {"error":"..."}, {"message":...},
-// {"detail":...}) or, failing that, its text; bounded and valid UTF-8.
+// servers use ({"detail":...}, {"errors":"..."}, {"error":{"message":...}},
+// {"error":"..."}, {"message":...}) or, failing that, its text; cleaned and
+// bounded (see Clean).
 func ErrorMessage(body []byte) string {
-	var v struct {
-		Error   json.RawMessage `json:"error"`
-		Message string          `json:"message"`
-		Detail  json.RawMessage `json:"detail"`
-	}
-	msg := ""
-	if json.Unmarshal(body, &v) == nil {
-		var s string
-		var obj struct {
-			Message string `json:"message"`
-		}
-		switch {
-		case json.Unmarshal(v.Error, &obj) == nil && obj.Message != "":
-			msg = obj.Message
-		case json.Unmarshal(v.Error, &s) == nil && s != "":
-			msg = s
-		case v.Message != "":
-			msg = v.Message
-		case json.Unmarshal(v.Detail, &s) == nil && s != "":
-			msg = s
-		case len(v.Detail) > 0:
-			msg = string(v.Detail)
+	var obj map[string]json.RawMessage
+	if json.Unmarshal(body, &obj) == nil {
+		for _, k := range errorKeys {
+			if msg := member(obj[k]); msg != "" {
+				return Clean(msg, MaxMessage)
+			}
 		}
 	}
-	if msg == "" {
-		msg = string(body)
+	return Clean(string(body), MaxMessage)
+}
+
+// member is the message in one member of an error body: a string, an
+// object's "message", or a structure (FastAPI's list of validation errors)
+// as JSON text; "" for none.
+func member(raw json.RawMessage) string {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 {
+		return ""
 	}
-	return Clip(strings.TrimSpace(msg), MaxMessage)
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		return strings.TrimSpace(s)
+	}
+	var nested struct {
+		Message string `json:"message"`
+	}
+	if json.Unmarshal(raw, &nested) == nil && strings.TrimSpace(nested.Message) != "" {
+		return nested.Message
+	}
+	if (raw[0] == '[' || raw[0] == '{') && len(raw) > 2 {
+		return string(raw)
+	}
+	return ""
+}
+
+// Clean makes backend text safe to show a client: valid UTF-8, control
+// characters (a terminal's escape sequences) and runs of white space as one
+// space, trimmed, at most n bytes.
+func Clean(s string, n int) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	s = strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return ' '
+		}
+		return r
+	}, s)
+	return Clip(strings.Join(strings.Fields(s), " "), n)
 }
 
 // Clip shortens s to at most n bytes of valid UTF-8.
@@ -272,7 +365,7 @@ func NewJSONRequest(url string, body any) (*http.Request, error) {
 	}
 	req, err := http.NewRequest(http.MethodPost, url, bytes.NewReader(data))
 	if err != nil {
-		return nil, protocol.Errorf(protocol.CodeInternal, "build backend request: %v", err)
+		return nil, badURL()
 	}
 	req.Header.Set("Content-Type", "application/json")
 	return req, nil
@@ -282,9 +375,15 @@ func NewJSONRequest(url string, body any) (*http.Request, error) {
 func NewGetRequest(url string) (*http.Request, error) {
 	req, err := http.NewRequest(http.MethodGet, url, nil)
 	if err != nil {
-		return nil, protocol.Errorf(protocol.CodeInternal, "build backend request: %v", err)
+		return nil, badURL()
 	}
 	return req, nil
+}
+
+// badURL is the error for a request that cannot be built; the parse error
+// would quote the backend's URL, so only the operator's log may hold it.
+func badURL() *protocol.Error {
+	return protocol.Errorf(protocol.CodeInternal, "build backend request: invalid backend URL")
 }
 
 // Malformed is the error for a stream that is not what the API promises.

@@ -5,9 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	neturl "net/url"
+	"os"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -174,5 +179,135 @@ func TestReadAllLimit(t *testing.T) {
 	defer x.Close()
 	if _, err := ReadAll(x, 1000); code(err) != protocol.CodeTooLarge {
 		t.Fatalf("2000 bytes under a 1000 limit: %v", err)
+	}
+}
+
+// TestTransportErrorNamesNoAddress: the errors net/http returns quote the
+// backend's URL, address or host name; a typed error must not, since it
+// reaches clients.
+func TestTransportErrorNamesNoAddress(t *testing.T) {
+	const url, addr, host = "http://10.9.8.7:8000/predict", "10.9.8.7:8000", "gpu-box.lan"
+	tcp := &net.TCPAddr{IP: net.IPv4(10, 9, 8, 7), Port: 8000}
+	wrap := func(err error) error { return &neturl.Error{Op: "Post", URL: url, Err: err} }
+	for _, c := range []struct {
+		name string
+		err  error
+		code pb.ErrorCode
+		msg  string
+	}{
+		{"refused", wrap(&net.OpError{Op: "dial", Net: "tcp", Addr: tcp, Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}), protocol.CodeBackendError, "connection refused"},
+		{"reset", wrap(&net.OpError{Op: "read", Net: "tcp", Addr: tcp, Err: os.NewSyscallError("read", syscall.ECONNRESET)}), protocol.CodeBackendError, "mid-answer"},
+		{"cut", wrap(io.ErrUnexpectedEOF), protocol.CodeBackendError, "mid-answer"},
+		{"dns", wrap(&net.OpError{Op: "dial", Net: "tcp", Err: &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}}), protocol.CodeBackendError, "host not found"},
+		{"timeout", wrap(&net.OpError{Op: "dial", Net: "tcp", Addr: tcp, Err: os.ErrDeadlineExceeded}), protocol.CodeTimeout, "timed out"},
+		{"other", wrap(errors.New("tls: failed to verify certificate: x509: certificate is valid for " + host)), protocol.CodeBackendError, "failed"},
+	} {
+		e := TransportError(c.err)
+		if e.Code != c.code || !strings.Contains(e.Message, c.msg) {
+			t.Errorf("%s: %v, want %s saying %q", c.name, e, protocol.CodeName(c.code), c.msg)
+		}
+		for _, leak := range []string{addr, "10.9.8.7", host} {
+			if strings.Contains(e.Message, leak) {
+				t.Errorf("%s: message %q names %q", c.name, e.Message, leak)
+			}
+		}
+	}
+}
+
+// TestRefusedNamesNoAddress goes through a real refused connection.
+func TestRefusedNamesNoAddress(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	_, err = send(t, "http://"+addr+"/x", time.Minute, 0)
+	pe := protocol.AsError(err)
+	if pe.Code != protocol.CodeBackendError || !pe.Retryable || !strings.Contains(pe.Message, "connection refused") {
+		t.Fatalf("refused: %v", err)
+	}
+	if strings.Contains(pe.Message, "127.0.0.1") {
+		t.Fatalf("message %q names the address", pe.Message)
+	}
+}
+
+func TestErrorMessageShapes(t *testing.T) {
+	for body, want := range map[string]string{
+		// A1111: "error" is only the exception's type name.
+		`{"error":"OutOfMemoryError","detail":"","body":"","errors":"CUDA out of memory"}`: "CUDA out of memory",
+		`{"error":"HTTPException","detail":"Sampler not found","body":"","errors":""}`:     "Sampler not found",
+		`{"error":"HTTPException","detail":"","errors":""}`:                                "HTTPException",
+		`{"error":true,"message":"flagged"}`:                                               "flagged",
+		`{"error":{"code":7}}`:                                                             `{"code":7}`,
+		"line one\n\tline two \x1b[31mred\x1b[0m":                                          "line one line two [31mred [0m",
+	} {
+		if got := ErrorMessage([]byte(body)); got != want {
+			t.Errorf("ErrorMessage(%q) = %q, want %q", body, got, want)
+		}
+	}
+}
+
+// TestStatusOptions: PassStatus hands a status to the caller, MapStatus
+// changes its code, both for Send and for Exchange.StatusError.
+func TestStatusOptions(t *testing.T) {
+	url := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		status, _ := strconv.Atoi(r.URL.Query().Get("s"))
+		w.WriteHeader(status)
+		io.WriteString(w, `{"detail":"why"}`)
+	})
+	x, err := send(t, url+"?s=404", time.Minute, 0)
+	if code(err) != protocol.CodeUnsupported || x != nil {
+		t.Fatalf("404 by default: %v", err)
+	}
+	x, err = Send(ctx(t), http.DefaultClient, get(t, url+"?s=404"), time.Minute, 0, PassStatus(404, 405))
+	if err != nil || x.Resp.StatusCode != 404 {
+		t.Fatalf("passed 404: %v", err)
+	}
+	if e := x.StatusError(); e.Code != protocol.CodeUnsupported || !strings.Contains(e.Message, "why") {
+		t.Fatalf("passed 404 mapped: %v", e)
+	}
+	x.Close()
+	_, err = Send(ctx(t), http.DefaultClient, get(t, url+"?s=503"), time.Minute, 0, MapStatus(503, protocol.CodeBackendError))
+	if pe := protocol.AsError(err); pe.Code != protocol.CodeBackendError || !pe.Retryable || !strings.Contains(pe.Message, "why") {
+		t.Fatalf("mapped 503: %v", err)
+	}
+	x, err = Send(ctx(t), http.DefaultClient, get(t, url+"?s=404"), time.Minute, 0, PassStatus(404), MapStatus(404, protocol.CodeBadRequest))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	if e := x.StatusError(); e.Code != protocol.CodeBadRequest || e.Retryable {
+		t.Fatalf("passed and mapped 404: %v", e)
+	}
+}
+
+// pastDeadline is a context whose deadline has passed but whose own timer
+// has not fired yet (Err still nil), as happens for a moment on a busy
+// machine.
+type pastDeadline struct{ context.Context }
+
+func (pastDeadline) Deadline() (time.Time, bool) { return time.Now().Add(-time.Second), true }
+
+func TestContextErrorPastDeadline(t *testing.T) {
+	if e := ContextError(pastDeadline{context.Background()}); e == nil || e.Code != protocol.CodeTimeout {
+		t.Fatalf("past deadline: %v", e)
+	}
+	if e := ContextError(context.Background()); e != nil {
+		t.Fatalf("live: %v", e)
+	}
+}
+
+// TestDeadlineBeatsWatchdog: when the query's deadline and the watchdog
+// end at the same time, the client hears TIMEOUT, not BACKEND_ERROR.
+func TestDeadlineBeatsWatchdog(t *testing.T) {
+	silent := serve(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	for range 5 {
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+		_, err := Send(c, http.DefaultClient, get(t, silent), 30*time.Millisecond, 0)
+		cancel()
+		if code(err) != protocol.CodeTimeout {
+			t.Fatalf("deadline with the watchdog: %v", err)
+		}
 	}
 }

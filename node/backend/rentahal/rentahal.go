@@ -32,11 +32,11 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
-	"unicode/utf8"
 
 	logging "github.com/ipfs/go-log/v2"
 
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/httputil"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -58,8 +58,7 @@ const (
 	ModelType = "worker"
 
 	maxHealthBody = 64 << 10
-	// maxMedia keeps an image inside one Event frame, with room for framing.
-	maxMedia = protocol.MaxEventFrame - 4<<10
+	maxStatus     = 64 // bytes of a health status quoted in an error
 )
 
 // predictPaths are the two spellings of the predict route.
@@ -179,28 +178,31 @@ func (b *Backend) Models(context.Context) ([]backend.Model, error) {
 func (b *Backend) Probe(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.base+"/health", nil)
+	req, err := httputil.NewGetRequest(b.base + "/health")
 	if err != nil {
-		return fmt.Errorf("rentahal health request: %w", err)
+		return err
 	}
-	resp, err := b.client.Do(req)
+	req.Header.Set("Accept", "application/json")
+	// This backend has always read a 404 from /health as BAD_REQUEST, not
+	// httputil's UNSUPPORTED; its callers and tests rely on that.
+	x, err := httputil.Send(ctx, b.client, req, ProbeTimeout, 0, httputil.MapStatus(http.StatusNotFound, protocol.CodeBadRequest))
 	if err != nil {
 		log.Debugw("health check failed", "worker", b.base, "err", err)
-		return transportError(ctx, "rentahal health", err)
+		return err
 	}
-	defer resp.Body.Close()
-	body, err := readBody(resp.Body, maxHealthBody)
+	defer x.Close()
+	if x.Resp.StatusCode != http.StatusOK {
+		return x.StatusError()
+	}
+	body, err := httputil.ReadAll(x, maxHealthBody)
 	if err != nil {
-		return transportError(ctx, "rentahal health", err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return statusError("rentahal health", resp.StatusCode, body)
+		return err
 	}
 	var h struct {
 		Status string `json:"status"`
 	}
 	if json.Unmarshal(body, &h) == nil && h.Status != "" && !strings.EqualFold(h.Status, "healthy") && !strings.EqualFold(h.Status, "ok") {
-		return protocol.Errorf(protocol.CodeBackendError, "rentahal health: worker reports status %q", clean(h.Status))
+		return protocol.Errorf(protocol.CodeBackendError, "rentahal health: worker reports status %q", httputil.Clean(h.Status, maxStatus))
 	}
 	return nil
 }
@@ -256,12 +258,7 @@ func (b *Backend) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sin
 		}
 		return backend.Usage{}, out.Media(mime, img)
 	}
-	for _, part := range splitText(answer, protocol.MaxChunkText) {
-		if err := out.Chunk(part); err != nil {
-			return backend.Usage{}, err
-		}
-	}
-	return backend.Usage{}, nil
+	return backend.Usage{}, httputil.SendText(out, answer)
 }
 
 func (b *Backend) serves(t pb.QueryType) bool {
@@ -278,27 +275,17 @@ func (b *Backend) predict(ctx context.Context, payload []byte) (string, error) {
 	first := int(b.pathIdx.Load())
 	for attempt := 0; attempt < 2; attempt++ {
 		idx := (first + attempt) % 2
-		resp, err := b.post(ctx, predictPaths[idx], payload)
+		answer, status, err := b.post(ctx, predictPaths[idx], payload)
 		if err != nil {
-			log.Debugw("predict failed", "worker", b.base, "err", err)
-			return "", transportError(ctx, "rentahal worker", err)
+			log.Debugw("predict failed", "worker", b.base, "path", predictPaths[idx], "err", err)
+			return "", err
 		}
-		switch resp.StatusCode {
-		case http.StatusNotFound, http.StatusMethodNotAllowed, http.StatusTemporaryRedirect, http.StatusPermanentRedirect:
-			body, _ := readBody(resp.Body, maxErrorBody)
-			resp.Body.Close()
+		if status != 0 {
 			if attempt == 0 {
 				continue // the other spelling of the route
 			}
-			if resp.StatusCode == http.StatusNotFound || resp.StatusCode >= 300 && resp.StatusCode < 400 {
-				// Neither route exists: a misconfigured worker, not a bad request.
-				return "", protocol.Errorf(protocol.CodeBackendError, "rentahal worker serves neither /predict nor /predict/ (HTTP %d)", resp.StatusCode)
-			}
-			return "", statusError("rentahal worker", resp.StatusCode, body)
-		}
-		answer, err := b.readPredict(ctx, resp)
-		if err != nil {
-			return "", err
+			// Neither route exists: a misconfigured worker, not a bad request.
+			return "", protocol.Errorf(protocol.CodeBackendError, "rentahal worker serves neither /predict nor /predict/ (HTTP %d)", status)
 		}
 		if idx != first {
 			b.pathIdx.Store(int32(idx))
@@ -309,34 +296,50 @@ func (b *Backend) predict(ctx context.Context, payload []byte) (string, error) {
 	return "", protocol.Errorf(protocol.CodeInternal, "rentahal: predict route loop ended")
 }
 
-func (b *Backend) post(ctx context.Context, path string, payload []byte) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.base+path, bytes.NewReader(payload))
+// wrongRoute says whether status means the worker serves the other spelling
+// of the predict route (a redirect is never followed).
+func wrongRoute(status int) bool {
+	switch status {
+	case http.StatusNotFound, http.StatusMethodNotAllowed, http.StatusTemporaryRedirect, http.StatusPermanentRedirect:
+		return true
+	}
+	return false
+}
+
+// post sends payload to one spelling of the predict route. It returns the
+// answer, or the status when the route is the wrong one, or a typed error.
+func (b *Backend) post(ctx context.Context, path string, payload []byte) (string, int, error) {
+	req, err := http.NewRequest(http.MethodPost, b.base+path, bytes.NewReader(payload))
 	if err != nil {
-		return nil, err
+		return "", 0, protocol.Errorf(protocol.CodeInternal, "build rentahal request: invalid worker URL")
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")
-	return b.client.Do(req)
-}
-
-func (b *Backend) readPredict(ctx context.Context, resp *http.Response) (string, error) {
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := readBody(resp.Body, maxErrorBody)
-		return "", statusError("rentahal worker", resp.StatusCode, body)
-	}
-	body, err := readBody(resp.Body, MaxResponse)
+	// This backend has always read a worker's 503 as BACKEND_ERROR (a
+	// failure counted against the worker's health), not httputil's BUSY;
+	// its callers and tests rely on that.
+	x, err := httputil.Send(ctx, b.client, req, b.timeout, 0,
+		httputil.PassStatus(http.StatusNotFound, http.StatusMethodNotAllowed), httputil.MapStatus(http.StatusServiceUnavailable, protocol.CodeBackendError))
 	if err != nil {
-		return "", transportError(ctx, "rentahal worker", err)
+		return "", 0, err
+	}
+	defer x.Close()
+	switch status := x.Resp.StatusCode; {
+	case wrongRoute(status):
+		// Read the short answer so that the connection can serve the retry.
+		_, _ = httputil.ReadAll(x, httputil.MaxErrorBody)
+		return "", status, nil
+	case status != http.StatusOK:
+		return "", 0, x.StatusError()
 	}
 	var pr predictResponse
-	if err := json.Unmarshal(body, &pr); err != nil {
-		return "", protocol.Errorf(protocol.CodeBackendError, "rentahal worker sent a malformed answer: %v", err)
+	if err := x.ReadJSON(MaxResponse, &pr); err != nil {
+		return "", 0, err
 	}
 	if pr.Response == nil {
-		return "", protocol.Errorf(protocol.CodeBackendError, `rentahal worker answer has no "response" string`)
+		return "", 0, protocol.Errorf(protocol.CodeBackendError, `rentahal worker answer has no "response" string`)
 	}
-	return *pr.Response, nil
+	return *pr.Response, 0, nil
 }
 
 // promptOf is the prompt, or the conversation flattened into one text: the
@@ -405,26 +408,8 @@ func decodeImage(answer string) ([]byte, string, error) {
 	if !strings.HasPrefix(mime, "image/") {
 		return nil, "", protocol.Errorf(protocol.CodeBackendError, "rentahal worker's imagine answer is not an image (%s)", mime)
 	}
-	if len(img) > maxMedia {
-		return nil, "", protocol.Errorf(protocol.CodeTooLarge, "image of %d bytes exceeds the %d byte media limit", len(img), maxMedia)
+	if len(img) > httputil.MaxMedia {
+		return nil, "", protocol.Errorf(protocol.CodeTooLarge, "image of %d bytes exceeds the %d byte media limit", len(img), httputil.MaxMedia)
 	}
 	return img, mime, nil
-}
-
-// splitText cuts s into pieces of at most max bytes on rune boundaries, so
-// each fits one Chunk event.
-func splitText(s string, max int) []string {
-	var parts []string
-	for len(s) > max {
-		cut := max
-		for cut > 0 && !utf8.RuneStart(s[cut]) {
-			cut--
-		}
-		parts = append(parts, s[:cut])
-		s = s[cut:]
-	}
-	if s != "" {
-		parts = append(parts, s)
-	}
-	return parts
 }

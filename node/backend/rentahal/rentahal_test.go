@@ -326,6 +326,21 @@ func TestNoPredictRoute(t *testing.T) {
 	}
 }
 
+// TestNoPredictRouteForPost: a server refusing POST on both spellings (405)
+// is a misconfigured worker too, retryable on another.
+func TestNoPredictRouteForPost(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, `{"detail":"Method Not Allowed"}`, http.StatusMethodNotAllowed)
+	}))
+	t.Cleanup(srv.Close)
+	b := mustNew(t, srv.URL, WithModel("m"))
+	_, err := b.Run(context.Background(), chatReq("m", "hi"), &recSink{})
+	pe := wantCode(t, err, protocol.CodeBackendError)
+	if !pe.Retryable || !strings.Contains(pe.Message, "/predict") || !strings.Contains(pe.Message, "405") {
+		t.Errorf("%+v", pe)
+	}
+}
+
 func wantCode(t *testing.T, err error, code pb.ErrorCode) *protocol.Error {
 	t.Helper()
 	var pe *protocol.Error
