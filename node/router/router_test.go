@@ -1,0 +1,156 @@
+package router
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+type staticTable []Candidate
+
+func (s staticTable) Candidates() []Candidate { return s }
+
+func testHost(t *testing.T) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+func cand(id string, inFlight, maxC, health uint32, rtt time.Duration, mods ...func(*pb.Announce)) Candidate {
+	a := &pb.Announce{
+		Health: health,
+		Load:   &pb.Load{InFlight: inFlight, MaxConcurrency: maxC},
+		Models: []*pb.ModelInfo{{Name: "m", Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}, P50TtftMs: 100}},
+	}
+	for _, f := range mods {
+		f(a)
+	}
+	return Candidate{Peer: peer.ID(id), Announce: a, RTT: rtt}
+}
+
+func TestRankOrdersByExpectedTimeToFirstToken(t *testing.T) {
+	draining := func(a *pb.Announce) { a.Draining = true }
+	otherModel := func(a *pb.Announce) { a.Models[0].Name = "other" }
+	embedOnly := func(a *pb.Announce) { a.Models[0].Types = []pb.QueryType{pb.QueryType_QUERY_TYPE_EMBED} }
+	tests := []struct {
+		name  string
+		table staticTable
+		want  []string // peer order, best first
+	}{
+		{"idle beats loaded", staticTable{cand("loaded", 3, 4, 100, 0), cand("idle", 0, 4, 100, 0)}, []string{"idle", "loaded"}},
+		{"full worker queues behind", staticTable{cand("full", 8, 4, 100, 0), cand("half", 2, 4, 100, 0)}, []string{"half", "full"}},
+		{"near beats far", staticTable{cand("far", 0, 4, 100, 300*time.Millisecond), cand("near", 0, 4, 100, time.Millisecond)}, []string{"near", "far"}},
+		{"healthy beats sick", staticTable{cand("sick", 0, 4, 30, 0), cand("well", 0, 4, 100, 0)}, []string{"well", "sick"}},
+		{"bigger worker takes more load", staticTable{cand("small", 2, 2, 100, 0), cand("big", 2, 16, 100, 0)}, []string{"big", "small"}},
+		{"draining skipped", staticTable{cand("leaving", 0, 4, 100, 0, draining), cand("staying", 3, 4, 100, 0)}, []string{"staying"}},
+		{"wrong model or type skipped", staticTable{cand("other", 0, 4, 100, 0, otherModel), cand("embed", 0, 4, 100, 0, embedOnly), cand("ok", 0, 4, 100, 0)}, []string{"ok"}},
+	}
+	h := testHost(t)
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := New(h, "/test", tc.table)
+			ranked, known := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+			var got []string
+			for _, c := range ranked {
+				got = append(got, string(c.Peer))
+			}
+			if !known || strings.Join(got, ",") != strings.Join(tc.want, ",") {
+				t.Fatalf("order = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestOpenBreakerExcludesPeer(t *testing.T) {
+	h := testHost(t)
+	r := New(h, "/test", staticTable{cand("bad", 0, 4, 100, 0), cand("good", 2, 4, 100, 0)},
+		WithHealthOptions(health.WithThreshold(2)))
+	r.mu.Lock()
+	st := r.state("bad")
+	st.tracker.Record(health.Failure)
+	st.tracker.Record(health.Failure)
+	r.mu.Unlock()
+	ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+	if len(ranked) != 1 || ranked[0].Peer != "good" {
+		t.Fatalf("ranked = %v, want only good", ranked)
+	}
+	var view PeerView
+	for _, v := range r.Peers() {
+		if v.Peer == peer.ID("bad").String() {
+			view = v
+		}
+	}
+	if view.Breaker != "open" || view.LocalHealth >= 100 {
+		t.Fatalf("peer view of the failing peer = %+v", view)
+	}
+}
+
+func TestChoosePowerOfTwo(t *testing.T) {
+	h := testHost(t)
+	r := New(h, "/test", staticTable{}, WithSeed(7))
+	close := []scored{{score: 100}, {score: 150}, {score: 1000}}
+	seen := map[int]int{}
+	for i := 0; i < 200; i++ {
+		seen[r.choose(close)]++
+	}
+	if seen[0] == 0 || seen[1] == 0 || seen[2] != 0 {
+		t.Fatalf("close scores: picks %v, want both of the best two and never the third", seen)
+	}
+	clear := []scored{{score: 100}, {score: 500}}
+	for i := 0; i < 50; i++ {
+		if r.choose(clear) != 0 {
+			t.Fatal("a clearly better peer was passed over")
+		}
+	}
+}
+
+func TestNoCandidateIsUnsupported(t *testing.T) {
+	h := testHost(t)
+	req := func() *pb.QueryRequest {
+		return &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "m", Prompt: "hi"}
+	}
+	tests := []struct {
+		name  string
+		table staticTable
+		want  string
+	}{
+		{"nobody serves it", staticTable{}, `no peer in the swarm serves model "m" for chat`},
+		{"all draining", staticTable{cand("leaving", 0, 4, 100, 0, func(a *pb.Announce) { a.Draining = true })}, "no available peer"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := New(h, "/test", tc.table)
+			_, err := r.Query(context.Background(), req(), func(*pb.Event) error { return nil })
+			pe := protocol.AsError(err)
+			if pe == nil || pe.Code != protocol.CodeUnsupported || !strings.Contains(pe.Message, tc.want) {
+				t.Fatalf("err = %v, want UNSUPPORTED containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestModelsAggregatesTypesAndPeers(t *testing.T) {
+	h := testHost(t)
+	vision := func(a *pb.Announce) {
+		a.Models[0].Types = []pb.QueryType{pb.QueryType_QUERY_TYPE_VISION, pb.QueryType_QUERY_TYPE_CHAT}
+	}
+	r := New(h, "/test", staticTable{cand("a", 0, 4, 100, 0), cand("b", 0, 4, 100, 0, vision),
+		cand("c", 0, 4, 100, 0, func(a *pb.Announce) { a.Draining = true })})
+	ms := r.Models()
+	if len(ms) != 1 || ms[0].Name != "m" || ms[0].Peers != 2 || strings.Join(ms[0].Types, ",") != "chat,vision" {
+		t.Fatalf("models = %+v", ms)
+	}
+}
