@@ -8,6 +8,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/p2p/host/autorelay"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
@@ -30,6 +31,7 @@ type hostConfig struct {
 	listen []string
 	query  libp2pproto.ID
 	relay  bool
+	relays autorelay.PeerSource // where NAT'd nodes find relays
 }
 
 // queryLimits bounds the query protocol in the resource manager: streams in
@@ -75,6 +77,9 @@ func newHost(hc hostConfig) (host.Host, error) {
 		libp2p.EnableNATService(),
 		libp2p.EnableRelay(),
 		libp2p.EnableHolePunching(),
+	}
+	if hc.relays != nil {
+		opts = append(opts, libp2p.EnableAutoRelayWithPeerSource(hc.relays))
 	}
 	if hc.relay {
 		// Default relay limits cut a connection after 2 min or 128 KiB,

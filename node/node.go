@@ -171,6 +171,7 @@ type Node struct {
 	worker *worker.Worker
 	router *router.Router
 	ann    *announcer
+	relays *relaySource
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -219,14 +220,16 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 
 	qproto := protocol.QueryProtocol(swarm)
-	h, err := newHost(hostConfig{key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay})
+	relays := &relaySource{}
+	h, err := newHost(hostConfig{key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay, relays: relays.peers})
 	if err != nil {
 		return nil, err
 	}
+	relays.h = h
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
-	n := &Node{cfg: cfg, h: h}
+	n := &Node{cfg: cfg, h: h, relays: relays}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 
 	dopts := append([]discovery.Option{
@@ -240,6 +243,8 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		h.Close()
 		return nil, fmt.Errorf("start discovery: %w", err)
 	}
+
+	relays.disc.Store(n.disc)
 
 	wopts := []worker.Option{
 		worker.WithMaxConcurrency(cfg.maxConcurrency),
