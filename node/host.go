@@ -27,11 +27,12 @@ const (
 
 // hostConfig is what newHost needs.
 type hostConfig struct {
-	key    crypto.PrivKey
-	listen []string
-	query  libp2pproto.ID
-	relay  bool
-	relays autorelay.PeerSource // where NAT'd nodes find relays
+	key      crypto.PrivKey
+	listen   []string
+	query    libp2pproto.ID
+	relay    bool
+	relays   autorelay.PeerSource // where NAT'd nodes find relays
+	relayACL relay.ACLFilter      // who our relay serves
 }
 
 // queryLimits bounds the query protocol in the resource manager: streams in
@@ -84,7 +85,10 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if hc.relay {
 		// Default relay limits cut a connection after 2 min or 128 KiB,
 		// which kills a token stream; our relays carry whole answers.
-		opts = append(opts, libp2p.EnableRelayService(relay.WithInfiniteLimits()))
+		// --relay declares a public address: libp2p starts the relay
+		// service only on hosts it believes publicly reachable.
+		opts = append(opts, libp2p.EnableRelayService(relay.WithInfiniteLimits(), relay.WithACL(hc.relayACL)),
+			libp2p.ForceReachabilityPublic())
 	}
 	h, err := libp2p.New(opts...)
 	if err != nil {

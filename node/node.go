@@ -221,7 +221,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	qproto := protocol.QueryProtocol(swarm)
 	relays := &relaySource{}
-	h, err := newHost(hostConfig{key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay, relays: relays.peers})
+	h, err := newHost(hostConfig{key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay, relays: relays.peers, relayACL: swarmOnlyACL{relays}})
 	if err != nil {
 		return nil, err
 	}

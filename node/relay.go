@@ -7,6 +7,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/discovery"
 )
@@ -41,4 +42,25 @@ func (rs *relaySource) peers(ctx context.Context, num int) <-chan peer.AddrInfo 
 		}
 	}
 	return ch
+}
+
+// swarmOnlyACL makes our unlimited relay serve this swarm only: a peer may
+// reserve a slot, or be relayed to someone, only once it has announced in
+// the swarm (a signed announcement in our peer table). Without it an
+// unlimited relay would carry anyone's traffic.
+type swarmOnlyACL struct{ src *relaySource }
+
+func (a swarmOnlyACL) member(p peer.ID) bool {
+	d := a.src.disc.Load()
+	if d == nil {
+		return false
+	}
+	_, ok := d.Table().Get(p)
+	return ok
+}
+
+func (a swarmOnlyACL) AllowReserve(p peer.ID, _ ma.Multiaddr) bool { return a.member(p) }
+
+func (a swarmOnlyACL) AllowConnect(src peer.ID, _ ma.Multiaddr, dest peer.ID) bool {
+	return a.member(src) && a.member(dest)
 }
