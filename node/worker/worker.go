@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -369,7 +370,7 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 		end = w.meter.Begin()
 	}
 	s := &sink{emit: emit, ctx: ctx}
-	usage, err := b.Run(ctx, req, s)
+	usage, err := runSafely(ctx, b, req, s)
 	var energy uint64
 	if end != nil {
 		energy, _ = end()
@@ -409,6 +410,18 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 		WorkerVersion: w.version,
 		Model:         req.GetModel(),
 	}, nil
+}
+
+// runSafely calls the backend and turns a panic in it into INTERNAL: a bug
+// in one backend must fail one query, not take the node down.
+func runSafely(ctx context.Context, b backend.Backend, req *pb.QueryRequest, out backend.Sink) (u backend.Usage, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			log.Errorw("backend panicked", "backend", b.Name(), "panic", r, "stack", string(debug.Stack()))
+			err = protocol.Errorf(protocol.CodeInternal, "the %s backend failed unexpectedly", b.Kind())
+		}
+	}()
+	return b.Run(ctx, req, out)
 }
 
 func canceled() context.Context {

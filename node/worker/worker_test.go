@@ -197,3 +197,25 @@ func TestOversizedChunksAreSplitOnRuneBoundaries(t *testing.T) {
 		}
 	}
 }
+
+// panicky is a fake backend with a bug: it panics on every query.
+type panicky struct{ *demo.Backend }
+
+func (panicky) Run(context.Context, *pb.QueryRequest, backend.Sink) (backend.Usage, error) {
+	var p *pb.Params
+	_ = *p.Temperature // nil dereference, as a real backend bug would
+	return backend.Usage{}, nil
+}
+
+func TestBackendPanicIsAnInternalError(t *testing.T) {
+	w := newWorker(t, panicky{demo.New("w")})
+	for i := 0; i < 2; i++ {
+		_, err := w.Serve(context.Background(), req("x"), func(*pb.Event) error { return nil })
+		if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeInternal {
+			t.Fatalf("err = %v, want INTERNAL", err)
+		}
+	}
+	if r, _, _, _ := w.Load(); r != 0 {
+		t.Fatalf("a panicking query kept its slot: %d running", r)
+	}
+}

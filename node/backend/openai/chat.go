@@ -73,7 +73,10 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 	body := chatRequest{
 		Model: q.GetModel(), Messages: msgs, Stream: true,
 		StreamOptions: &streamOptions{IncludeUsage: true},
-		MaxTokens:     p.GetMaxTokens(), Temperature: p.Temperature, TopP: p.TopP, Stop: p.GetStop(), Seed: p.Seed,
+		MaxTokens:     p.GetMaxTokens(), Stop: p.GetStop(),
+	}
+	if p != nil { // a request may carry no params at all
+		body.Temperature, body.TopP, body.Seed = p.Temperature, p.TopP, p.Seed
 	}
 	x, err := b.postChat(ctx, body)
 	var pe *protocol.Error

@@ -415,3 +415,27 @@ func TestNewRejectsBadURL(t *testing.T) {
 		t.Error("a declared model without types was accepted")
 	}
 }
+
+// TestFakeChatWithoutParams: a request with no params at all (what `mtor
+// query` and the seed's browser client send) is served, with no sampling
+// fields in the backend request.
+func TestFakeChatWithoutParams(t *testing.T) {
+	var got map[string]any
+	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+		json.NewDecoder(r.Body).Decode(&got)
+		io.WriteString(w, event("hi", "stop")+"data: [DONE]\n\n")
+	})
+	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "m", Prompt: "hello"}
+	var s sink
+	if _, err := b.Run(testCtx(t), req, &s); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"temperature", "top_p", "seed", "max_tokens"} {
+		if _, ok := got[k]; ok {
+			t.Errorf("request carries %s without params: %v", k, got)
+		}
+	}
+	if s.text() != "hi" {
+		t.Fatalf("text %q", s.text())
+	}
+}
