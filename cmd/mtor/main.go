@@ -70,8 +70,7 @@ func main() {
 // printed as one line; usage errors add a hint.
 func run(ctx context.Context, e *env, args []string) int {
 	if len(args) == 0 {
-		fmt.Fprintf(e.stderr, "mtor: a command is needed\n\n")
-		printUsage(e.stderr)
+		fmt.Fprintf(e.stderr, "mtor: a command is needed\nRun 'mtor help' for the list of commands.\n")
 		return exitUsage
 	}
 	name, rest := args[0], args[1:]
@@ -141,8 +140,9 @@ func oneLine(s string) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", " ")), " ")
 }
 
-// newFlagSet makes a flag set whose help goes to stdout and whose errors
-// become usage errors rather than printed text.
+// newFlagSet makes a flag set whose help (-h) goes to stdout and whose
+// errors become usage errors rather than printed text; parseFlags makes
+// sure that the help is printed for -h only.
 func newFlagSet(e *env, name, usage string) *flag.FlagSet {
 	fs := flag.NewFlagSet("mtor "+name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -158,11 +158,17 @@ func newFlagSet(e *env, name, usage string) *flag.FlagSet {
 // parseFlags parses flags that may come before, between or after the
 // positional arguments ("mtor query hello --json"); "--" ends flags.
 func parseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
+	// The flag package calls Usage on every error, not only on -h: keep
+	// it quiet while parsing, so that a usage error is one line on stderr.
+	help := fs.Usage
+	fs.Usage = func() {}
+	defer func() { fs.Usage = help }()
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
-				return nil, errHelpShown // Parse has printed the help
+				help()
+				return nil, errHelpShown
 			}
 			return nil, usagef("%v", err)
 		}

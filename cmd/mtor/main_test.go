@@ -68,11 +68,24 @@ func TestUsageErrorsExit2(t *testing.T) {
 			if code != exitUsage {
 				t.Fatalf("exit %d, want 2; stdout %q stderr %q", code, stdout, stderr)
 			}
-			first, _, _ := strings.Cut(stderr, "\n")
-			if !strings.Contains(first, tc.want) {
-				t.Fatalf("stderr %q, want %q in its first line", stderr, tc.want)
-			}
+			checkUsageError(t, stdout, stderr, tc.want)
 		})
+	}
+}
+
+// checkUsageError asserts the contract of a usage error: nothing on
+// stdout; on stderr one line saying what is wrong, and at most a hint.
+func checkUsageError(t *testing.T, stdout, stderr, want string) {
+	t.Helper()
+	if stdout != "" {
+		t.Errorf("stdout %q, want nothing", stdout)
+	}
+	lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
+	if !strings.Contains(lines[0], want) {
+		t.Errorf("stderr %q, want %q in its first line", stderr, want)
+	}
+	if len(lines) > 2 || len(lines) == 2 && !strings.HasPrefix(lines[1], "Run 'mtor ") {
+		t.Errorf("stderr %q, want one line and at most a \"Run 'mtor ...\" hint", stderr)
 	}
 }
 
