@@ -3,12 +3,19 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -36,6 +43,7 @@ func runCLI(t *testing.T, args ...string) (int, string, string) {
 }
 
 func TestUsageErrorsExit2(t *testing.T) {
+	tokenA, tokenB := joinToken(t, "alpha"), joinToken(t, "beta")
 	cases := []struct {
 		name string
 		args []string
@@ -58,19 +66,57 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"node announce too fast", []string{"node", "--announce-interval", "1ms"}, "--announce-interval"},
 		{"node bad backend", []string{"node", "--backend", "gopher=http://x", "--api", "off"}, "--backend"},
 		{"node bad log level", []string{"node", "--log-level", "loud", "--api", "off"}, "--log-level"},
+		{"node join without peer ID", []string{"node", "--join", "/ip4/127.0.0.1/tcp/1"}, "/p2p/"},
+		{"node join neither address nor token", []string{"node", "--join", "bootstrap.example"}, "--join"},
+		{"node join broken token", []string{"node", "--join", "mtor1!!"}, "--join: join token"},
+		{"node join bad multiaddr", []string{"node", "--join", "/ip4/300.1.1.1/tcp/1/p2p/x"}, "--join"},
+		{"node bad swarm", []string{"node", "--swarm", "Not A Name"}, "--swarm"},
+		{"node swarm against token", []string{"node", "--swarm", "gamma", "--join", tokenA}, `join token is for swarm "alpha"`},
+		{"node tokens of two swarms", []string{"node", "--join", tokenA, "--join", tokenB}, "different swarms"},
+		{"node bad listen", []string{"node", "--listen", "/ip4/127.0.0.1/tcp/notaport"}, "--listen"},
+		{"node listen not a multiaddr", []string{"node", "--listen", "0.0.0.0:4001"}, "--listen"},
+		{"node bad backend url", []string{"node", "--backend", "ollama=localhost:11434"}, "--backend"},
+		{"query bad join", []string{"query", "--join", "nonsense", "hi"}, "--join"},
+		{"query bad listen", []string{"query", "--join", tokenA, "--listen", "/ip4/x", "hi"}, "--listen"},
+		{"query bad swarm", []string{"query", "--join", tokenA, "--swarm", "Nope!", "hi"}, "--swarm"},
+		{"query swarm without join", []string{"query", "--swarm", "alpha", "hi"}, "need --join"},
 		{"peers stray argument", []string{"peers", "x"}, "unexpected argument"},
 		{"version argument", []string{"version", "x"}, "no arguments"},
 		{"bench bad concurrency", []string{"bench", "--concurrency", "1,zero"}, "--concurrency"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			code, stdout, stderr := runCLI(t, tc.args...)
+			args := tc.args
+			dataDir := filepath.Join(t.TempDir(), "data")
+			if len(args) > 0 && args[0] == "node" {
+				args = append(args, "--data-dir", dataDir)
+			}
+			code, stdout, stderr := runCLI(t, args...)
 			if code != exitUsage {
 				t.Fatalf("exit %d, want 2; stdout %q stderr %q", code, stdout, stderr)
 			}
 			checkUsageError(t, stdout, stderr, tc.want)
+			// A usage error stops the node before anything starts: not
+			// even its identity is created.
+			if _, err := os.Stat(dataDir); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the data dir exists after a usage error (%v)", err)
+			}
 		})
 	}
+}
+
+// joinToken is a well-formed join token for swarm, naming a fresh peer.
+func joinToken(t *testing.T, swarm string) string {
+	t.Helper()
+	_, pub, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := peer.IDFromPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return discovery.EncodeJoinToken(swarm, []peer.AddrInfo{{ID: id, Addrs: []ma.Multiaddr{ma.StringCast("/ip4/127.0.0.1/tcp/1")}}})
 }
 
 // checkUsageError asserts the contract of a usage error: nothing on

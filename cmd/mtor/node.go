@@ -15,14 +15,17 @@ import (
 
 	golog "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/bridge"
+	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/spec"
 	"github.com/mtor-swarm/mtor/node/gpu"
 	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol"
 )
 
 type nodeFlags struct {
@@ -241,6 +244,16 @@ func (f *nodeFlags) check() error {
 	if f.noDetect && len(f.backends) > 0 {
 		return usagef("--no-detect and --backend exclude each other")
 	}
+	if err := checkNetFlags(f.swarm, f.join, f.listen); err != nil {
+		return err
+	}
+	for _, s := range f.backends {
+		// Parsed again, with this node's label, once the identity is
+		// loaded; here only to refuse a bad spec before anything starts.
+		if _, err := spec.Parse(s, ""); err != nil {
+			return usagef("--backend: %v", err)
+		}
+	}
 	if f.maxConcurrency < 1 || f.maxQueue < 0 {
 		return usagef("--max-concurrency must be at least 1 and --max-queue at least 0")
 	}
@@ -249,6 +262,38 @@ func (f *nodeFlags) check() error {
 	}
 	if f.grace < 0 {
 		return usagef("--grace must not be negative")
+	}
+	return nil
+}
+
+// checkNetFlags validates --swarm, --join and --listen as node.New would,
+// so that a mistake in them is a usage error before anything starts.
+func checkNetFlags(swarm string, joins, listen []string) error {
+	if swarm != "" {
+		if err := protocol.ValidateSwarm(swarm); err != nil {
+			return usagef("--swarm: %v", err)
+		}
+	}
+	tokenSwarm := ""
+	for _, j := range joins {
+		s, _, err := discovery.ParseJoin(j)
+		if err != nil {
+			return usagef("--join: %v", err)
+		}
+		switch {
+		case s == "":
+		case tokenSwarm != "" && s != tokenSwarm:
+			return usagef("--join: the join tokens name different swarms, %q and %q", tokenSwarm, s)
+		case swarm != "" && s != swarm:
+			return usagef("--swarm %q but the join token is for swarm %q", swarm, s)
+		default:
+			tokenSwarm = s
+		}
+	}
+	for _, l := range listen {
+		if _, err := ma.NewMultiaddr(l); err != nil {
+			return usagef("--listen: %v", err)
+		}
 	}
 	return nil
 }

@@ -104,6 +104,12 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 	if apiSet && len(f.join) > 0 {
 		return usagef("--api and --join exclude each other")
 	}
+	if len(f.join) == 0 && (f.swarm != "" || len(f.listen) > 0) {
+		return usagef("--swarm and --listen need --join")
+	}
+	if err := checkNetFlags(f.swarm, f.join, f.listen); err != nil {
+		return err
+	}
 	if len(pos) == 0 {
 		return usagef("a PROMPT is needed (use - to read it from stdin)")
 	}
