@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"time"
 
 	"github.com/multiformats/go-varint"
 	"google.golang.org/protobuf/proto"
@@ -25,6 +26,11 @@ const (
 	// MaxAnnounce bounds an announcement on the gossip topic.
 	MaxAnnounce = 16 << 10
 )
+
+// HeartbeatInterval is how often a worker repeats Accepted (with the
+// current queue position) while a query has produced no output yet. A
+// client may treat three missed heartbeats as a dead worker.
+const HeartbeatInterval = 5 * time.Second
 
 // ErrFrameTooLarge is wrapped by reads of a frame over the limit.
 var ErrFrameTooLarge = errors.New("frame too large")

@@ -34,13 +34,16 @@ const (
 	DefaultDeadline    = 120 * time.Second
 	DefaultMaxAttempts = 4
 	DialTimeout        = 10 * time.Second
-	// IdleTimeout bounds the silence between two events of a stream.
+	// IdleTimeout bounds the silence between two output events.
 	IdleTimeout = 60 * time.Second
+	// AcceptTimeout bounds the wait for a worker's first frame (Accepted).
+	AcceptTimeout = 5 * time.Second
 	// Score inputs used until a peer has measured figures.
 	defaultTTFT    = 100 * time.Millisecond
 	defaultService = time.Second
 	providerWait   = 5 * time.Second
 	protectTag     = "mtor-query"
+	chooseSlackMs  = 10
 )
 
 // Candidate is a worker known from the peer table.
@@ -84,6 +87,7 @@ type Router struct {
 	deadline    time.Duration
 	maxAttempts int
 	idle        time.Duration
+	accept      time.Duration
 	trackerOpts []health.Option
 
 	mu    sync.Mutex
@@ -109,6 +113,9 @@ func WithMaxAttempts(n int) Option { return func(r *Router) { r.maxAttempts = n 
 // WithIdleTimeout bounds the silence between events of a stream.
 func WithIdleTimeout(d time.Duration) Option { return func(r *Router) { r.idle = d } }
 
+// WithAcceptTimeout bounds the wait for a worker's first frame.
+func WithAcceptTimeout(d time.Duration) Option { return func(r *Router) { r.accept = d } }
+
 // WithHealthOptions configures the per-peer health trackers.
 func WithHealthOptions(opts ...health.Option) Option {
 	return func(r *Router) { r.trackerOpts = opts }
@@ -128,6 +135,7 @@ func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router
 		deadline:    DefaultDeadline,
 		maxAttempts: DefaultMaxAttempts,
 		idle:        IdleTimeout,
+		accept:      AcceptTimeout,
 		peers:       map[peer.ID]*peerState{},
 		rng:         mrand.New(mrand.NewPCG(binaryU64(s[:8]), binaryU64(s[8:]))),
 	}
@@ -175,6 +183,15 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 	cands := r.table.Candidates()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.pruneLocked(cands)
+	// A peer not measured yet is assumed as fast as the measured ones on
+	// average, so that it gets tried instead of losing to them for ever.
+	var prior measures
+	for _, c := range cands {
+		if st := r.peers[c.Peer]; st != nil {
+			prior.add(st.ttft, st.service)
+		}
+	}
 	for _, c := range cands {
 		mi := modelInfo(c.Announce, model, t)
 		if mi == nil {
@@ -188,7 +205,7 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 		if !st.tracker.Available() {
 			continue
 		}
-		ranked = append(ranked, scored{c, r.score(c, mi, st)})
+		ranked = append(ranked, scored{c, r.score(c, mi, st, prior)})
 	}
 	sort.Slice(ranked, func(i, j int) bool { return ranked[i].score < ranked[j].score })
 	return ranked, known
@@ -196,7 +213,55 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 
 // score is the expected time to first token in ms, divided by health: a
 // queue wait from load and concurrency, the measured TTFT, and the RTT.
-func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState) float64 {
+// measures averages the measured TTFT and service time of peers.
+type measures struct {
+	ttft, svc   float64
+	nTTFT, nSvc int
+}
+
+func (m *measures) add(ttft, svc float64) {
+	if ttft > 0 {
+		m.ttft += ttft
+		m.nTTFT++
+	}
+	if svc > 0 {
+		m.svc += svc
+		m.nSvc++
+	}
+}
+
+func (m measures) meanTTFT() float64 {
+	if m.nTTFT == 0 {
+		return 0
+	}
+	return m.ttft / float64(m.nTTFT)
+}
+
+func (m measures) meanSvc() float64 {
+	if m.nSvc == 0 {
+		return 0
+	}
+	return m.svc / float64(m.nSvc)
+}
+
+// pruneLocked forgets peers that left the table and have nothing in
+// flight, so the state map stays bounded by the swarm's size.
+func (r *Router) pruneLocked(cands []Candidate) {
+	if len(r.peers) <= 2*len(cands)+16 {
+		return
+	}
+	live := make(map[peer.ID]bool, len(cands))
+	for _, c := range cands {
+		live[c.Peer] = true
+	}
+	for p, st := range r.peers {
+		if !live[p] && st.inflight == 0 {
+			delete(r.peers, p)
+		}
+	}
+}
+
+func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState, prior measures) float64 {
 	load := c.Announce.GetLoad()
 	maxC := float64(max(load.GetMaxConcurrency(), 1))
 	// Our own in-flight count is fresher than the announcement, which may
@@ -207,9 +272,15 @@ func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState) float64 {
 		ttft = float64(mi.GetP50TtftMs())
 	}
 	if ttft == 0 {
+		ttft = prior.meanTTFT()
+	}
+	if ttft == 0 {
 		ttft = float64(defaultTTFT.Milliseconds())
 	}
 	svc := st.service
+	if svc == 0 {
+		svc = prior.meanSvc()
+	}
 	if svc == 0 {
 		svc = float64(defaultService.Milliseconds())
 	}
@@ -226,7 +297,9 @@ func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState) float64 {
 // queries does not pile onto one peer before its load shows; a clearly
 // better first choice always wins.
 func (r *Router) choose(ranked []scored) int {
-	if len(ranked) < 2 || ranked[1].score > 2*ranked[0].score {
+	// The slack keeps peers a few milliseconds apart (all fast, on one LAN)
+	// in the draw even when one is twice as fast as the other.
+	if len(ranked) < 2 || ranked[1].score > 2*ranked[0].score+chooseSlackMs {
 		return 0
 	}
 	r.mu.Lock()
@@ -424,7 +497,10 @@ func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, em
 		if ctx.Err() != nil {
 			return nil, ctxErr(ctx)
 		}
-		return nil, protocol.Errorf(protocol.CodeBackendError, "cannot open a stream to %s: %v", p.ShortString(), err)
+		// Transport errors name addresses; they go to the log, not to
+		// whoever asked (who may be a browser behind a bridge).
+		log.Debugw("open stream", "peer", p, "err", err)
+		return nil, protocol.Errorf(protocol.CodeBackendError, "peer %s is unreachable", p.ShortString())
 	}
 	// Cancelling the query resets the stream, which the worker sees at once.
 	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
@@ -437,15 +513,22 @@ func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, em
 	}
 	_ = s.CloseWrite()
 	fr := protocol.NewFrameReader(s, protocol.MaxEventFrame)
-	started := false
+	first, started := true, false
 	for {
-		// Before the first output the worker may be queueing for as long as
-		// the deadline allows; after it, silence means a stuck worker.
-		rdl := dl
-		if started {
-			rdl = earliest(dl, time.Now().Add(r.idle))
+		// A live worker answers Accepted at once and repeats it as a
+		// heartbeat until output flows; silence past these bounds means a
+		// frozen or cut-off worker, and the query moves on.
+		var wait time.Duration
+		switch {
+		case first:
+			wait = r.accept
+		case !started:
+			wait = 3 * protocol.HeartbeatInterval
+		default:
+			wait = r.idle
 		}
-		_ = s.SetReadDeadline(rdl)
+		first = false
+		_ = s.SetReadDeadline(earliest(dl, time.Now().Add(wait)))
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
 			_ = s.Reset()
@@ -488,11 +571,14 @@ func (r *Router) streamErr(ctx context.Context, p peer.ID, err error) error {
 	if ctx.Err() != nil {
 		return ctxErr(ctx)
 	}
+	log.Debugw("query stream failed", "peer", p, "err", err)
+	// A silent worker is a failed worker (retryable elsewhere), not a
+	// query that ran out of time: the query's own deadline is ctx's.
 	var te interface{ Timeout() bool }
 	if errors.As(err, &te) && te.Timeout() {
-		return protocol.Errorf(protocol.CodeTimeout, "peer %s went silent: %v", p.ShortString(), err)
+		return protocol.Errorf(protocol.CodeBackendError, "peer %s went silent", p.ShortString())
 	}
-	return protocol.Errorf(protocol.CodeBackendError, "stream to %s failed before the end: %v", p.ShortString(), err)
+	return protocol.Errorf(protocol.CodeBackendError, "the stream to peer %s broke before the answer ended", p.ShortString())
 }
 
 type restartKey struct{}

@@ -8,9 +8,13 @@ import (
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -152,5 +156,71 @@ func TestModelsAggregatesTypesAndPeers(t *testing.T) {
 	ms := r.Models()
 	if len(ms) != 1 || ms[0].Name != "m" || ms[0].Peers != 2 || strings.Join(ms[0].Types, ",") != "chat,vision" {
 		t.Fatalf("models = %+v", ms)
+	}
+}
+
+// TestFrozenWorkerIsSkipped: a worker that takes the stream and then says
+// nothing (a frozen process) costs a query the accept timeout, not its
+// deadline: the router moves on to the next candidate.
+func TestFrozenWorkerIsSkipped(t *testing.T) {
+	const proto = "/mtor/test/query"
+	// fakeFrozenWorker stands in for a worker process stopped with SIGSTOP:
+	// its connection is up, it never answers.
+	frozen := testHost(t)
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
+	frozen.SetStreamHandler(proto, func(s network.Stream) { <-hold; s.Reset() })
+
+	live := testHost(t)
+	w := worker.New([]backend.Backend{demo.New("live", demo.WithDelay(0))})
+	w.Refresh(context.Background())
+	live.SetStreamHandler(proto, w.HandleStream)
+
+	h := testHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, o := range []host.Host{frozen, live} {
+		if err := h.Connect(ctx, peer.AddrInfo{ID: o.ID(), Addrs: o.Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	demoModel := func(a *pb.Announce) { a.Models[0].Name = "demo" }
+	table := staticTable{
+		cand(string(frozen.ID()), 0, 4, 100, 0, demoModel),                  // looks best
+		cand(string(live.ID()), 0, 4, 100, 500*time.Millisecond, demoModel), // clearly worse
+	}
+	r := New(h, proto, table, WithAcceptTimeout(300*time.Millisecond))
+	res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "anyone there?"},
+		func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Peer != live.ID() || res.Attempts != 2 {
+		t.Fatalf("answered by %s after %d attempts, want the live worker after 2", res.Peer, res.Attempts)
+	}
+	for _, v := range r.Peers() {
+		if v.Peer == frozen.ID().String() && v.LocalHealth >= 100 {
+			t.Fatal("the frozen worker kept full health")
+		}
+	}
+}
+
+// TestUnmeasuredPeerGetsTried: a peer the router has not measured yet is
+// assumed as fast as the measured ones, so it is not starved by a peer
+// that happened to answer first.
+func TestUnmeasuredPeerGetsTried(t *testing.T) {
+	noP50 := func(a *pb.Announce) { a.Models[0].P50TtftMs = 0 }
+	r := New(testHost(t), "/test", staticTable{cand("measured", 0, 4, 100, 0, noP50), cand("new", 0, 4, 100, 0, noP50)}, WithSeed(3))
+	r.mu.Lock()
+	st := r.state("measured")
+	st.ttft, st.service = 2, 3
+	r.mu.Unlock()
+	picks := map[peer.ID]int{}
+	for i := 0; i < 100; i++ {
+		ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+		picks[ranked[r.choose(ranked)].Peer]++
+	}
+	if picks["new"] == 0 || picks["measured"] == 0 {
+		t.Fatalf("picks %v: both peers should get queries", picks)
 	}
 }

@@ -106,3 +106,15 @@ func (a *admission) load() (running, queued int) {
 	defer a.mu.Unlock()
 	return a.running, len(a.queue)
 }
+
+// position is t's place in the queue (1 = next), or 0 once admitted.
+func (a *admission) position(t *ticket) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for i, q := range a.queue {
+		if q == t {
+			return i + 1
+		}
+	}
+	return 0
+}

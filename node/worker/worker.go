@@ -67,6 +67,7 @@ type Worker struct {
 	version  string
 	meter    EnergyMeter
 	defDL    time.Duration
+	beat     time.Duration
 	onChange func()
 
 	draining atomic.Bool
@@ -108,6 +109,15 @@ func WithEnergyMeter(m EnergyMeter) Option { return func(w *Worker) { w.meter = 
 // WithDefaultDeadline is used for requests without a deadline.
 func WithDefaultDeadline(d time.Duration) Option { return func(w *Worker) { w.defDL = d } }
 
+// WithHeartbeat sets how often Accepted repeats before output (tests).
+func WithHeartbeat(d time.Duration) Option {
+	return func(w *Worker) {
+		if d > 0 {
+			w.beat = d
+		}
+	}
+}
+
 // WithOnChange is called (without locks held) when load or models change,
 // so the announcer can publish promptly.
 func WithOnChange(f func()) Option { return func(w *Worker) { w.onChange = f } }
@@ -118,6 +128,7 @@ func New(backends []backend.Backend, opts ...Option) *Worker {
 		adm:      newAdmission(DefaultMaxConcurrency, DefaultMaxQueue),
 		version:  "dev",
 		defDL:    DefaultDeadline,
+		beat:     protocol.HeartbeatInterval,
 		onChange: func() {},
 		models:   map[string][]served{},
 		stats:    map[string]*modelStats{},
@@ -352,6 +363,19 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 		return nil, err
 	}
 	w.onChange()
+	// Until output flows, Accepted repeats as a heartbeat with the current
+	// queue position, so a client can tell a queued or slow query from a
+	// frozen worker. emit is shared with the backend's sink from here on.
+	var emitMu sync.Mutex
+	inner := emit
+	emit = func(ev *pb.Event) error {
+		emitMu.Lock()
+		defer emitMu.Unlock()
+		return inner(ev)
+	}
+	var output atomic.Bool
+	stopBeat := w.heartbeat(t, &output, emit)
+	defer stopBeat()
 	if err := emit(&pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: uint32(pos)}}}); err != nil {
 		if w.adm.wait(canceled(), t) == nil {
 			w.adm.release()
@@ -369,7 +393,7 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	if w.meter != nil {
 		end = w.meter.Begin()
 	}
-	s := &sink{emit: emit, ctx: ctx}
+	s := &sink{emit: emit, ctx: ctx, output: &output}
 	usage, err := runSafely(ctx, b, req, s)
 	var energy uint64
 	if end != nil {
@@ -410,6 +434,35 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 		WorkerVersion: w.version,
 		Model:         req.GetModel(),
 	}, nil
+}
+
+// heartbeat repeats Accepted every HeartbeatInterval until output starts
+// or the returned stop is called; stop waits for it to end, so nothing is
+// emitted after Serve returns.
+func (w *Worker) heartbeat(t *ticket, output *atomic.Bool, emit Emit) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(w.beat)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+				if output.Load() {
+					return
+				}
+				pos := w.adm.position(t)
+				if emit(&pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: uint32(pos)}}}) != nil {
+					return
+				}
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
 }
 
 // runSafely calls the backend and turns a panic in it into INTERNAL: a bug
@@ -460,12 +513,16 @@ type sink struct {
 	emit   Emit
 	ctx    context.Context
 	first  time.Time
+	output *atomic.Bool // set with the first output; stops the heartbeat
 	chunks uint32
 }
 
 func (s *sink) mark() {
 	if s.first.IsZero() {
 		s.first = time.Now()
+		if s.output != nil {
+			s.output.Store(true)
+		}
 	}
 }
 

@@ -219,3 +219,47 @@ func TestBackendPanicIsAnInternalError(t *testing.T) {
 		t.Fatalf("a panicking query kept its slot: %d running", r)
 	}
 }
+
+func TestAcceptedRepeatsAsHeartbeatWhileQueued(t *testing.T) {
+	w := newWorker(t, demo.New("w", demo.WithDelay(30*time.Millisecond)), WithMaxConcurrency(1), WithHeartbeat(20*time.Millisecond))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	busy := make(chan struct{})
+	var once sync.Once
+	go w.Serve(ctx, req(strings.Repeat("w ", 20)), func(ev *pb.Event) error {
+		if ev.GetChunk() != nil {
+			once.Do(func() { close(busy) })
+		}
+		return nil
+	})
+	<-busy
+	var mu sync.Mutex
+	var positions []uint32
+	output := false
+	_, err := w.Serve(context.Background(), req("queued"), func(ev *pb.Event) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if a := ev.GetAccepted(); a != nil {
+			if output {
+				t.Error("Accepted after output")
+			}
+			positions = append(positions, a.GetQueuePosition())
+		} else {
+			output = true
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(positions) < 3 || positions[0] != 1 {
+		t.Fatalf("Accepted positions %v: want the first at 1 and heartbeats after it", positions)
+	}
+	for i := 1; i < len(positions); i++ {
+		if positions[i] > positions[i-1] {
+			t.Fatalf("queue position went up: %v", positions)
+		}
+	}
+}
