@@ -5,10 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"regexp"
 	"strconv"
 	"time"
 
+	"github.com/mtor-swarm/mtor/bridge/internal/scrub"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -85,7 +85,7 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 		return ae
 	}
 	pe := protocol.AsError(err)
-	msg := scrubAddresses(pe.Message)
+	msg := scrub.Addresses(pe.Message)
 	switch pe.Code {
 	case pb.ErrorCode_ERROR_CODE_BAD_REQUEST:
 		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "bad_request", Message: msg}
@@ -106,12 +106,6 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 	}
 	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: msg}
 }
-
-// addrRe matches URLs, multiaddrs, IPv4 with optional port and bracketed
-// IPv6: the forms in which a network address shows up in error text.
-var addrRe = regexp.MustCompile(`[a-zA-Z][a-zA-Z0-9+.-]*://[^\s"']+|/(?:ip4|ip6|dns|dns4|dns6|dnsaddr|unix)/[^\s"']+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F:.%]+\](?::\d+)?`)
-
-func scrubAddresses(s string) string { return addrRe.ReplaceAllString(s, "[address]") }
 
 // writeError sends e in OpenAI's shape.
 func writeError(w http.ResponseWriter, e *apiError) {

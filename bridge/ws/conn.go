@@ -17,6 +17,8 @@ import (
 	"github.com/google/uuid"
 	logging "github.com/ipfs/go-log/v2"
 	"golang.org/x/time/rate"
+
+	"github.com/mtor-swarm/mtor/bridge/internal/scrub"
 )
 
 // conn is one client. Its read loop runs on the HTTP handler's goroutine;
@@ -78,7 +80,7 @@ func newConn(s *Server, ws *websocket.Conn, guid string, rawText bool) *conn {
 		user:    userInfo{GUID: guid, Nickname: "user_" + guid[:8]},
 	}
 	c.uploads = newUploads(&s.cfg, func(id string) {
-		c.send(errorMsg{Type: "error", Message: fmt.Sprintf("vision upload %q timed out before all chunks arrived", id), Code: "TIMEOUT"})
+		c.sendError("TIMEOUT", fmt.Sprintf("vision upload %q timed out before all chunks arrived", id), "")
 	})
 	return c
 }
@@ -120,7 +122,7 @@ func (c *conn) serve() {
 				c.shutdown(websocket.StatusPolicyViolation, "rate limit exceeded")
 				return
 			}
-			c.send(errorMsg{Type: "error", Message: "rate limit exceeded: message dropped, slow down", Code: "RATE_LIMITED"})
+			c.sendError("RATE_LIMITED", "rate limit exceeded: message dropped, slow down", "")
 			continue
 		}
 		dropped = 0
@@ -164,6 +166,12 @@ func (c *conn) drop(reason string) {
 func (c *conn) send(v any) bool {
 	if c.ctx.Err() != nil {
 		return false
+	}
+	// Error text may quote a worker's or the transport's error, and with
+	// it a network address; none leaves the bridge.
+	if e, ok := v.(errorMsg); ok {
+		e.Message = scrub.Addresses(e.Message)
+		v = e
 	}
 	b, err := json.Marshal(v)
 	if err != nil {
