@@ -47,8 +47,8 @@ func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int) (*metrics, 
 		m.queries, m.duration, m.ttft, m.inFlight,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "mtor_swarm_peers",
-			Help: "Worker peers in this node's peer table.",
-		}, func() float64 { return float64(len(s.Peers())) }),
+			Help: "Worker peers (serving at least one model) in this node's peer table.",
+		}, func() float64 { return float64(workers(s.Peers())) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "mtor_bridge_connections",
 			Help: "Open WebSocket connections.",

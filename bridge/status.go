@@ -38,7 +38,20 @@ func (s *Server) handleSwarm(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, v)
 }
 
+// handleHealth is GET /healthz; "peers" counts workers only.
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "peers": len(s.swarm.Peers())})
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "peers": workers(s.swarm.Peers())})
+}
+
+// workers counts the peers that serve at least one model: the peer table
+// also holds clients, bootstraps and relays, which answer no query.
+func workers(peers []router.PeerView) int {
+	n := 0
+	for _, p := range peers {
+		if len(p.Models) > 0 {
+			n++
+		}
+	}
+	return n
 }
