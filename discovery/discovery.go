@@ -130,6 +130,14 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		return nil, fmt.Errorf("subscribe to connectedness events: %w", err)
 	}
 
+	if cfg.onTopicJoin != nil {
+		th, err := d.topic.EventHandler()
+		if err != nil {
+			return nil, fmt.Errorf("watch %s: %w", topicName, err)
+		}
+		d.goRun(func() { d.topicJoinLoop(th) })
+	}
+
 	d.goRun(d.readLoop)
 	d.goRun(func() { d.disconnectLoop(connSub) })
 	d.goRun(d.sweepLoop)
@@ -403,4 +411,18 @@ func (d *Discovery) Close() error {
 		d.closeErr = errors.Join(errs...)
 	})
 	return d.closeErr
+}
+
+// topicJoinLoop reports peers joining the announce topic until Close.
+func (d *Discovery) topicJoinLoop(th *pubsub.TopicEventHandler) {
+	defer th.Cancel()
+	for {
+		ev, err := th.NextPeerEvent(d.ctx)
+		if err != nil {
+			return
+		}
+		if ev.Type == pubsub.PeerJoin {
+			d.cfg.onTopicJoin(ev.Peer)
+		}
+	}
 }

@@ -47,6 +47,8 @@ type config struct {
 	maxEntries    int
 	now           func() time.Time
 
+	onTopicJoin func(peer.ID)
+
 	// for tests: observe gossipsub peer scores
 	scoreInspect       pubsub.PeerScoreInspectFn
 	scoreInspectPeriod time.Duration
@@ -173,6 +175,16 @@ func WithMaxEntries(n int) Option {
 			return fmt.Errorf("max entries must be at least 1, got %d", n)
 		}
 		c.maxEntries = n
+		return nil
+	}
+}
+
+// WithOnTopicPeerJoin calls f (which must not block) when a peer joins the
+// announce topic, so the node can announce at once: a newcomer then learns
+// of existing workers without waiting for their next heartbeat.
+func WithOnTopicPeerJoin(f func(peer.ID)) Option {
+	return func(c *config) error {
+		c.onTopicJoin = f
 		return nil
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -42,7 +43,8 @@ type announcer struct {
 	version  string
 	interval time.Duration
 
-	kick chan struct{}
+	kick  chan struct{}
+	force atomic.Bool // the next kick publishes even without a change
 
 	mu       sync.Mutex
 	last     *pb.Announce // content of the last publish, without seq/time
@@ -63,6 +65,13 @@ func (a *announcer) changed() {
 	case a.kick <- struct{}{}:
 	default:
 	}
+}
+
+// refresh asks for a prompt publish even if nothing changed (a peer that
+// just joined the topic has not seen our announcement); it never blocks.
+func (a *announcer) refresh() {
+	a.force.Store(true)
+	a.changed()
 }
 
 // build assembles the announcement from the worker's state.
@@ -158,7 +167,7 @@ func (a *announcer) run(ctx context.Context) {
 				}
 			}
 			lastKick = time.Now()
-			a.publish(ctx, false)
+			a.publish(ctx, a.force.Swap(false))
 		}
 	}
 }

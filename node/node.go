@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	logging "github.com/ipfs/go-log/v2"
@@ -170,7 +171,7 @@ type Node struct {
 	disc   *discovery.Discovery
 	worker *worker.Worker
 	router *router.Router
-	ann    *announcer
+	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relaySource
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -237,6 +238,11 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		discovery.WithBootstrap(boot),
 		discovery.WithMDNS(cfg.mdns),
 		discovery.WithAnnounceTTL(max(3*cfg.announceInterval, protocol.MinAnnounceTTL)),
+		discovery.WithOnTopicPeerJoin(func(peer.ID) {
+			if a := n.announcer(); a != nil {
+				a.refresh()
+			}
+		}),
 	}, cfg.discoveryOpts...)
 	if n.disc, err = discovery.New(n.ctx, h, dopts...); err != nil {
 		n.cancel()
@@ -251,8 +257,8 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		worker.WithMaxQueue(cfg.maxQueue),
 		worker.WithVersion(cfg.version),
 		worker.WithOnChange(func() {
-			if n.ann != nil {
-				n.ann.changed()
+			if a := n.announcer(); a != nil {
+				a.changed()
 			}
 		}),
 	}
@@ -268,9 +274,10 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
 	}
 	n.router = router.New(h, qproto, tableAdapter{n.disc.Table()}, append(ropts, cfg.routerOpts...)...)
-	n.ann = newAnnouncer(n.disc, n.worker, cfg.gpus, roles, cfg.version, cfg.announceInterval)
+	ann := newAnnouncer(n.disc, n.worker, cfg.gpus, roles, cfg.version, cfg.announceInterval)
+	n.ann.Store(ann)
 
-	n.goRun(func() { n.ann.run(n.ctx) })
+	n.goRun(func() { ann.run(n.ctx) })
 	n.goRun(n.probeLoop)
 	log.Infow("node started", "peer", h.ID(), "swarm", swarm, "backends", len(cfg.backends), "roles", roles)
 	return n, nil
@@ -323,6 +330,9 @@ func parseJoins(swarm string, joins []string) (string, []peer.AddrInfo, error) {
 	return swarm, boot, nil
 }
 
+// announcer is nil until New has built it; callbacks may fire before.
+func (n *Node) announcer() *announcer { return n.ann.Load() }
+
 // ID is the node's peer ID.
 func (n *Node) ID() peer.ID { return n.h.ID() }
 
@@ -364,7 +374,7 @@ func (n *Node) JoinLine() string {
 func (n *Node) Shutdown(ctx context.Context) error {
 	n.worker.Drain()
 	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	n.ann.publish(pctx, true)
+	n.announcer().publish(pctx, true)
 	cancel()
 	wctx, cancel := context.WithTimeout(ctx, n.cfg.grace)
 	defer cancel()

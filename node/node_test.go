@@ -305,3 +305,14 @@ func TestGracefulShutdownFinishesInFlightQueries(t *testing.T) {
 		t.Fatalf("shutdown: %v", err)
 	}
 }
+
+// TestNewcomerSeesWorkersWithoutWaitingForAHeartbeat: with a heartbeat of a
+// minute, a node joining later still learns of every worker at once,
+// because peers announce again when someone joins the announce topic.
+func TestNewcomerSeesWorkersWithoutWaitingForAHeartbeat(t *testing.T) {
+	s := swarmtest.New(t, swarmtest.Workers(2), swarmtest.NodeOptions(node.WithAnnounceInterval(time.Minute)))
+	late := s.AddWorker()
+	s.Workers = append(s.Workers, late)
+	// Well inside one heartbeat: only join-triggered announcements count.
+	s.WaitConverged(20 * time.Second)
+}
