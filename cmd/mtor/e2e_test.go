@@ -12,6 +12,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -448,5 +449,51 @@ func TestE2EGracefulShutdownFinishesQuery(t *testing.T) {
 	}
 	if x := <-stopped; x.err != nil || x.code != 0 {
 		t.Fatalf("worker exit %d (%v):\n%s", x.code, x.err, w.output())
+	}
+}
+
+// A node that cannot start says why in one line on stderr and exits 1:
+// no multi-line library logs before it. 192.0.2.1 (TEST-NET-1) is on no
+// machine, so binding it fails at once and sends nothing.
+func TestE2EStartupFailureIsOneLine(t *testing.T) {
+	needBinary(t)
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	busyPort := busy.Addr().(*net.TCPAddr).Port
+	var env []string // the default log levels, whatever the test runner's
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "GOLOG_") {
+			env = append(env, kv)
+		}
+	}
+	for _, tc := range []struct{ listen, want string }{
+		{"/ip4/192.0.2.1/tcp/0", "192.0.2.1"},
+		{"/ip4/192.0.2.1/udp/0/quic-v1", "192.0.2.1"},
+		{fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", busyPort), "address already in use"},
+	} {
+		t.Run(tc.listen, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, e2eBin, "node", "--data-dir", t.TempDir(), "--listen", tc.listen,
+				"--api", "off", "--no-detect", "--no-mdns")
+			cmd.Env = env
+			var stdout, stderr bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			err := cmd.Run()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != exitError {
+				t.Fatalf("%v, want exit 1; stderr %q", err, stderr.String())
+			}
+			line := stderr.String()
+			if strings.Count(line, "\n") != 1 || !strings.HasPrefix(line, "mtor node: ") || !strings.Contains(line, tc.want) {
+				t.Fatalf("stderr %q, want one line \"mtor node: ...\" naming %q", line, tc.want)
+			}
+			if stdout.Len() != 0 {
+				t.Fatalf("stdout %q, want nothing", stdout.String())
+			}
+		})
 	}
 }

@@ -97,11 +97,12 @@ func runNode(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	if f.logLevel != "" {
-		lvl, err := golog.Parse(f.logLevel)
-		if err != nil {
+		if _, err := golog.Parse(f.logLevel); err != nil {
 			return usagef("--log-level: %v", err)
 		}
-		golog.SetAllLoggers(lvl)
+		// "*" sets the default level too, not only that of the loggers
+		// that exist by now: most of go-libp2p's are made later.
+		_ = golog.SetLogLevel("*", f.logLevel)
 	}
 
 	priv, err := node.LoadOrCreateIdentity(f.dataDir)
@@ -140,7 +141,9 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	}
 	defer gpus.Close()
 
+	restoreLogs := quietHostStart()
 	n, err := node.New(ctx, append(f.options(backends), node.WithIdentity(priv), node.WithGPUMonitor(gpus))...)
+	restoreLogs()
 	if err != nil {
 		return fmt.Errorf("starting the node: %w", err)
 	}
