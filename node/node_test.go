@@ -316,3 +316,27 @@ func TestNewcomerSeesWorkersWithoutWaitingForAHeartbeat(t *testing.T) {
 	// Well inside one heartbeat: only join-triggered announcements count.
 	s.WaitConverged(20 * time.Second)
 }
+
+// TestStaleProviderRecordIsUnsupported: the DHT still names a worker that
+// died; a query for its model ends with UNSUPPORTED naming model and type,
+// not with a transport error.
+func TestStaleProviderRecordIsUnsupported(t *testing.T) {
+	s := swarmtest.New(t, swarmtest.Workers(1), swarmtest.Clients(1))
+	w, client := s.Workers[0], s.Clients[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	waitFor(t, 20*time.Second, func() bool {
+		ps, err := client.Discovery().FindProviders(ctx, "demo", 4)
+		return err == nil && len(ps) > 0
+	}, "the worker's provider record")
+	s.Kill(w)
+	s.WaitGone(w, 10*time.Second)
+	_, _, err := ask(ctx, client, chat("demo", "anyone?"))
+	pe := protocol.AsError(err)
+	if pe == nil || pe.Code != protocol.CodeUnsupported || !strings.Contains(pe.Message, `"demo"`) || !strings.Contains(pe.Message, "chat") {
+		t.Fatalf("err = %v, want UNSUPPORTED naming the model and type", err)
+	}
+	if strings.Contains(pe.Message, "127.0.0.1") || strings.Contains(pe.Message, "/ip4/") {
+		t.Fatalf("error leaks an address: %v", pe)
+	}
+}

@@ -330,8 +330,10 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	defer cancel()
 
 	ranked, known := r.rank(req.GetModel(), req.GetType())
+	fromDHT := false
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
+		fromDHT = len(ranked) > 0
 	}
 	if len(ranked) == 0 {
 		if known {
@@ -381,6 +383,15 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	if busy == attempts {
 		return nil, protocol.Errorf(protocol.CodeBusy, "swarm busy: %d capable peer(s) tried, all busy", attempts)
 	}
+	if fromDHT && !lastErr.Retryable && lastErr.Code != protocol.CodeUnsupported {
+		return nil, lastErr
+	}
+	if fromDHT {
+		// Provider records outlive their workers by up to 48 h: nobody
+		// announcing the model and no provider answering means nobody
+		// serves it.
+		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s (%d provider record(s) in the DHT, none answered)", req.GetModel(), protocol.TypeName(req.GetType()), attempts)
+	}
 	return nil, lastErr
 }
 
@@ -395,8 +406,15 @@ func (r *Router) fromProviders(ctx context.Context, model string) []scored {
 		return nil
 	}
 	var out []scored
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	for _, ai := range infos {
 		if ai.ID == r.h.ID() && r.local == nil {
+			continue
+		}
+		// A provider that failed us lately (its breaker is open) is
+		// most likely a stale record of a dead worker.
+		if st := r.peers[ai.ID]; st != nil && !st.tracker.Available() {
 			continue
 		}
 		if len(ai.Addrs) > 0 {
