@@ -4,8 +4,9 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"net/http"
-	"net/url"
 	"strings"
+
+	"github.com/mtor-swarm/mtor/bridge/internal/sameorigin"
 )
 
 // keySet holds the API keys as SHA-256 digests, compared in constant time
@@ -85,10 +86,13 @@ func (ks *keySet) wrap(next http.Handler) http.Handler {
 type corsPolicy struct {
 	any     bool
 	origins map[string]bool
+	// trustForwardedHost also takes X-Forwarded-Host as the request's host
+	// (WithTrustForwardedHost).
+	trustForwardedHost bool
 }
 
-func newCORSPolicy(origins []string) *corsPolicy {
-	p := &corsPolicy{origins: map[string]bool{}}
+func newCORSPolicy(origins []string, trustForwardedHost bool) *corsPolicy {
+	p := &corsPolicy{origins: map[string]bool{}, trustForwardedHost: trustForwardedHost}
 	for _, o := range origins {
 		if o == "*" {
 			p.any = true
@@ -104,12 +108,8 @@ func normalizeOrigin(o string) string {
 }
 
 // sameOrigin reports whether origin names the host the request came to.
-func sameOrigin(origin string, r *http.Request) bool {
-	u, err := url.Parse(origin)
-	if err != nil || u.Host == "" {
-		return false
-	}
-	return strings.EqualFold(u.Host, r.Host)
+func (p *corsPolicy) sameOrigin(origin string, r *http.Request) bool {
+	return sameorigin.Match(origin, r, p.trustForwardedHost)
 }
 
 func (p *corsPolicy) allowed(origin string) bool {
@@ -125,11 +125,11 @@ func (p *corsPolicy) wrap(next http.Handler) http.Handler {
 		h := w.Header()
 		h.Add("Vary", "Origin")
 		preflight := r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != ""
-		if origin == "" || (sameOrigin(origin, r) && !preflight) {
+		if origin == "" || (p.sameOrigin(origin, r) && !preflight) {
 			next.ServeHTTP(w, r)
 			return
 		}
-		if !p.allowed(origin) && !sameOrigin(origin, r) {
+		if !p.allowed(origin) && !p.sameOrigin(origin, r) {
 			writeError(w, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "origin_not_allowed",
 				Message: "Origin " + origin + " is not allowed by this bridge's CORS policy."})
 			return

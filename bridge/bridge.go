@@ -93,7 +93,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		cfg:     cfg,
 		log:     cfg.log,
 		keys:    newKeySet(cfg.keys),
-		cors:    newCORSPolicy(cfg.corsOrigins),
+		cors:    newCORSPolicy(cfg.corsOrigins, cfg.trustFwdHost),
 		reg:     reg,
 		started: time.Now(),
 	}

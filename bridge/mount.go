@@ -9,11 +9,13 @@ import (
 
 // mountUI mounts the WebSocket (/ws) and the web UI (/). The WebSocket
 // queries through the instrumented swarm, so they are counted like the
-// API's, and shares the CORS list as its Origin allow-list.
+// API's, and shares the CORS list as its Origin allow-list and the
+// X-Forwarded-Host setting as its same-origin rule.
 func (s *Server) mountUI(mux *http.ServeMux) {
 	opts := []ws.Option{
 		ws.WithAllowedOrigins(s.cfg.corsOrigins),
 		ws.WithQueryTimeout(s.cfg.queryTimeout),
+		ws.WithTrustForwardedHost(s.cfg.trustFwdHost),
 	}
 	s.ws = ws.New(s.swarm, append(opts, s.cfg.wsOpts...)...)
 	mux.Handle("/ws", s.wsAuth(s.ws))

@@ -30,6 +30,7 @@ const (
 type config struct {
 	keys          []string
 	corsOrigins   []string
+	trustFwdHost  bool
 	maxBody       int64
 	maxMedia      int64
 	registry      *prometheus.Registry
@@ -103,6 +104,18 @@ func WithCORSOrigins(origins []string) Option {
 			}
 		}
 		c.corsOrigins = append(c.corsOrigins, origins...)
+		return nil
+	}
+}
+
+// WithTrustForwardedHost, when on, also takes the request's
+// X-Forwarded-Host as the bridge's own host in the same-origin check of the
+// API and /ws: behind a reverse proxy that rewrites Host, the bridge's own
+// page sends the public host as its Origin and would otherwise get 403.
+// Turn it on only behind a proxy that sets the header. Off by default.
+func WithTrustForwardedHost(on bool) Option {
+	return func(c *config) error {
+		c.trustFwdHost = on
 		return nil
 	}
 }
@@ -187,7 +200,8 @@ func WithSelfID(id string) Option {
 }
 
 // WithWSOptions passes options to the WebSocket server (package bridge/ws).
-// Its allowed origins and query timeout already follow the bridge's.
+// Its allowed origins, X-Forwarded-Host trust and query timeout already
+// follow the bridge's.
 func WithWSOptions(opts ...ws.Option) Option {
 	return func(c *config) error {
 		c.wsOpts = append(c.wsOpts, opts...)

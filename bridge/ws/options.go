@@ -31,6 +31,7 @@ const (
 
 type config struct {
 	origins         []string
+	trustFwdHost    bool
 	maxMessage      int64
 	ratePerSec      float64
 	rateBurst       int
@@ -83,6 +84,14 @@ type Option func(*config)
 // Origin's host, or against scheme://host when it contains "://".
 func WithAllowedOrigins(patterns []string) Option {
 	return func(c *config) { c.origins = append(c.origins, patterns...) }
+}
+
+// WithTrustForwardedHost, when on, lets a page whose Origin names the
+// request's X-Forwarded-Host open /ws as a same-origin page: behind a
+// reverse proxy that rewrites Host, the bridge's own page would otherwise
+// be refused. Turn it on only behind a proxy that sets the header.
+func WithTrustForwardedHost(on bool) Option {
+	return func(c *config) { c.trustFwdHost = on }
 }
 
 // WithMaxMessage bounds one inbound message; a larger one closes the

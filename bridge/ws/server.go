@@ -14,6 +14,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/mtor-swarm/mtor/bridge/internal/sameorigin"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -90,8 +91,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	guid := guidFromCookie(r)
 	// Accept answers 403 itself when the Origin is neither the request's
-	// host nor one of the allowed patterns.
-	wc, err := websocket.Accept(w, r, &websocket.AcceptOptions{OriginPatterns: s.cfg.origins})
+	// host nor one of the allowed patterns. It knows nothing of
+	// X-Forwarded-Host, so a same-origin page is recognised here first.
+	ao := &websocket.AcceptOptions{OriginPatterns: s.cfg.origins}
+	if sameorigin.Match(r.Header.Get("Origin"), r, s.cfg.trustFwdHost) {
+		ao.InsecureSkipVerify = true // the origin is checked: it is our own
+	}
+	wc, err := websocket.Accept(w, r, ao)
 	if err != nil {
 		s.cfg.log.Debugw("websocket accept failed", "err", err, "origin", r.Header.Get("Origin"))
 		return
