@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -173,6 +174,7 @@ type Node struct {
 	router *router.Router
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relaySource
+	lock   *os.File // the data dir's lock, nil without a data dir
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -204,6 +206,18 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		return nil, err
 	}
 	cfg.swarm = swarm
+	var lock *os.File
+	if cfg.dataDir != "" {
+		if lock, err = lockDataDir(cfg.dataDir); err != nil {
+			return nil, err
+		}
+	}
+	ok := false
+	defer func() {
+		if !ok && lock != nil {
+			lock.Close()
+		}
+	}()
 	if cfg.key == nil {
 		if cfg.dataDir == "" {
 			return nil, errors.New("no data dir and no identity given")
@@ -230,7 +244,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
-	n := &Node{cfg: cfg, h: h, relays: relays}
+	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 
 	dopts := append([]discovery.Option{
@@ -279,6 +293,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	n.goRun(func() { ann.run(n.ctx) })
 	n.goRun(n.probeLoop)
+	ok = true
 	log.Infow("node started", "peer", h.ID(), "swarm", swarm, "backends", len(cfg.backends), "roles", roles)
 	return n, nil
 }
@@ -392,6 +407,9 @@ func (n *Node) Close() error {
 		err := n.disc.Close()
 		n.wg.Wait()
 		n.closeErr = errors.Join(err, n.h.Close())
+		if n.lock != nil {
+			n.lock.Close()
+		}
 	})
 	return n.closeErr
 }
