@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+
 	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/router"
 )
@@ -259,7 +261,9 @@ func listsWorkers(peers []router.PeerView, model string, workers ...string) bool
 func TestE2ESwarm(t *testing.T) {
 	needBinary(t)
 	dir := t.TempDir()
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect", "--bridge", "127.0.0.1:0")...)
+	const appOrigin = "http://app.example"
+	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect", "--bridge", "127.0.0.1:0",
+		"--bridge-origin", appOrigin)...)
 	join := boot.value("join")
 	bootAPI := boot.value("api")
 	if boot.count("join") != 1 || !strings.HasPrefix(join, "mtor1") {
@@ -363,6 +367,50 @@ func TestE2ESwarm(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != 200 || !strings.Contains(string(b), `"demo"`) {
 			t.Fatalf("bridge /v1/models: %d %s", resp.StatusCode, b)
+		}
+	})
+
+	t.Run("bridge allows only the --bridge-origin origins", func(t *testing.T) {
+		base := strings.TrimSuffix(boot.value("bridge"), "/")
+		get := func(origin string) (*http.Response, string) {
+			req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, base+"/v1/models", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Set("Origin", origin)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			return resp, string(b)
+		}
+		resp, body := get(appOrigin)
+		if resp.StatusCode != 200 || resp.Header.Get("Access-Control-Allow-Origin") != appOrigin || !strings.Contains(body, `"demo"`) {
+			t.Fatalf("from %s: %d, Access-Control-Allow-Origin %q, %s", appOrigin, resp.StatusCode, resp.Header.Get("Access-Control-Allow-Origin"), body)
+		}
+		resp, body = get("http://other.example")
+		if resp.StatusCode != http.StatusForbidden || resp.Header.Get("Access-Control-Allow-Origin") != "" {
+			t.Fatalf("from another origin: %d, Access-Control-Allow-Origin %q, %s", resp.StatusCode, resp.Header.Get("Access-Control-Allow-Origin"), body)
+		}
+
+		// The WebSocket of the web UI follows the same list.
+		wsURL := "ws" + strings.TrimPrefix(base, "http") + "/ws"
+		dial := func(origin string) (*http.Response, error) {
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			c, resp, err := websocket.Dial(ctx, wsURL, &websocket.DialOptions{HTTPHeader: http.Header{"Origin": {origin}}})
+			if err == nil {
+				c.Close(websocket.StatusNormalClosure, "")
+			}
+			return resp, err
+		}
+		if _, err := dial(appOrigin); err != nil {
+			t.Fatalf("/ws from %s: %v", appOrigin, err)
+		}
+		if resp, err := dial("http://other.example"); err == nil || resp == nil || resp.StatusCode != http.StatusForbidden {
+			t.Fatalf("/ws from another origin: %v, %v; want 403", resp, err)
 		}
 	})
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -38,6 +39,7 @@ type nodeFlags struct {
 	bridgeAddr       string
 	bridgeKeys       stringList
 	bridgeKeyFile    string
+	bridgeOrigins    stringList
 	relay            bool
 	noMDNS           bool
 	noDetect         bool
@@ -78,6 +80,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&f.bridgeAddr, "bridge", "", "serve the web UI and OpenAI-compatible API on HOST:PORT")
 	fs.Var(&f.bridgeKeys, "bridge-key", "API key the bridge requires (Authorization: Bearer KEY), repeatable")
 	fs.StringVar(&f.bridgeKeyFile, "bridge-key-file", "", "file of bridge API keys, one a line")
+	fs.Var(&f.bridgeOrigins, "bridge-origin", "web origin (scheme://host[:port], or *) whose pages may call the bridge's API and /ws, repeatable (default: same origin only)")
 	fs.BoolVar(&f.relay, "relay", false, "serve circuit relay v2 for peers behind NAT")
 	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
 	fs.BoolVar(&f.noDetect, "no-detect", false, "with no --backend: do not look for local model servers (serve no models)")
@@ -241,8 +244,13 @@ func (f *nodeFlags) check() error {
 			return usagef("--bridge %q: want HOST:PORT", f.bridgeAddr)
 		}
 	}
-	if f.bridgeAddr == "" && (len(f.bridgeKeys) > 0 || f.bridgeKeyFile != "") {
-		return usagef("--bridge-key and --bridge-key-file need --bridge")
+	if f.bridgeAddr == "" && (len(f.bridgeKeys) > 0 || f.bridgeKeyFile != "" || len(f.bridgeOrigins) > 0) {
+		return usagef("--bridge-key, --bridge-key-file and --bridge-origin need --bridge")
+	}
+	for _, o := range f.bridgeOrigins {
+		if err := checkOrigin(o); err != nil {
+			return err
+		}
 	}
 	if f.noDetect && len(f.backends) > 0 {
 		return usagef("--no-detect and --backend exclude each other")
@@ -339,7 +347,25 @@ func (f *nodeFlags) bridgeOptions(n *node.Node) []bridge.Option {
 	if f.bridgeKeyFile != "" {
 		opts = append(opts, bridge.WithAPIKeyFile(f.bridgeKeyFile))
 	}
+	if len(f.bridgeOrigins) > 0 {
+		// The bridge gives the same list to its WebSocket as the Origin
+		// allow-list of /ws.
+		opts = append(opts, bridge.WithCORSOrigins(f.bridgeOrigins))
+	}
 	return opts
+}
+
+// checkOrigin refuses a --bridge-origin that bridge.WithCORSOrigins would
+// refuse, so that the mistake is a usage error before the node starts.
+func checkOrigin(o string) error {
+	if o == "*" {
+		return nil
+	}
+	u, err := url.Parse(o)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
+		return usagef("--bridge-origin %q: want scheme://host[:port], e.g. https://app.example.com, or *", o)
+	}
+	return nil
 }
 
 // isLoopbackListen reports whether HOST:PORT binds only loopback; an empty
