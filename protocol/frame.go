@@ -40,10 +40,19 @@ var ErrMalformedFrame = errors.New("malformed frame")
 
 // FrameReader reads length-delimited protobuf frames with a size limit.
 type FrameReader struct {
-	r   *bufio.Reader
-	max int
-	buf []byte
+	r       *bufio.Reader
+	max     int
+	buf     []byte
+	reserve func(n int) error
 }
+
+// ErrNoMemory is wrapped by reads refused by the reserve callback.
+var ErrNoMemory = errors.New("no memory for frame")
+
+// SetReserve makes Read call f with a frame's length before reading its
+// body, so the caller can account for the memory (libp2p's resource
+// manager) and refuse the frame.
+func (fr *FrameReader) SetReserve(f func(n int) error) { fr.reserve = f }
 
 // NewFrameReader wraps r; frames longer than max bytes are refused.
 func NewFrameReader(r io.Reader, max int) *FrameReader {
@@ -72,6 +81,11 @@ func (fr *FrameReader) Read(m proto.Message) error {
 	}
 	if n > uint64(fr.max) {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, n, fr.max)
+	}
+	if fr.reserve != nil {
+		if err := fr.reserve(int(n)); err != nil {
+			return fmt.Errorf("%w: %d bytes: %v", ErrNoMemory, n, err)
+		}
 	}
 	buf, err := fr.readBody(int(n))
 	if err != nil {

@@ -306,3 +306,18 @@ func allocatedBytes(f func()) uint64 {
 	runtime.ReadMemStats(&after)
 	return after.TotalAlloc - before.TotalAlloc
 }
+
+func TestFrameReaderReserveRefusesBeforeReading(t *testing.T) {
+	var buf bytes.Buffer
+	if err := WriteFrame(&buf, &pb.Chunk{Text: strings.Repeat("x", 1000)}); err != nil {
+		t.Fatal(err)
+	}
+	fr := NewFrameReader(&buf, MaxEventFrame)
+	asked := 0
+	fr.SetReserve(func(n int) error { asked = n; return errors.New("over the limit") })
+	var c pb.Chunk
+	err := fr.Read(&c)
+	if !errors.Is(err, ErrNoMemory) || asked < 1000 || asked > 1010 {
+		t.Fatalf("err = %v, asked %d: want ErrNoMemory after asking for the frame's length", err, asked)
+	}
+}

@@ -38,6 +38,17 @@ func (w *Worker) HandleStream(s network.Stream) {
 
 	_ = s.SetReadDeadline(time.Now().Add(RequestReadTimeout))
 	fr := protocol.NewFrameReader(s, protocol.MaxRequestFrame)
+	// The request's memory counts against the resource manager's limits
+	// for this protocol and peer, so media uploads are bounded there too.
+	var reserved int
+	fr.SetReserve(func(n int) error {
+		if err := s.Scope().ReserveMemory(n, network.ReservationPriorityMedium); err != nil {
+			return err
+		}
+		reserved = n
+		return nil
+	})
+	defer func() { s.Scope().ReleaseMemory(reserved) }()
 	var req pb.QueryRequest
 	if err := fr.Read(&req); err != nil {
 		perr := readError(err)
@@ -97,6 +108,8 @@ func errEvent(e *protocol.Error) *pb.Event {
 // readError types a failure to read the request frame.
 func readError(err error) *protocol.Error {
 	switch {
+	case errors.Is(err, protocol.ErrNoMemory):
+		return protocol.Errorf(protocol.CodeBusy, "worker has no memory for this request now")
 	case errors.Is(err, protocol.ErrFrameTooLarge):
 		return protocol.Errorf(protocol.CodeTooLarge, "request %v", err)
 	case errors.Is(err, protocol.ErrMalformedFrame):
