@@ -54,6 +54,10 @@ type queryFlags struct {
 	out       string
 }
 
+// restartNotice goes to stderr when the peer answering is lost mid-answer
+// and the answer starts again on another peer.
+const restartNotice = "[mtor: the peer answering was lost mid-answer; the text above is incomplete, the complete answer follows from another peer]"
+
 // queryOutput is what --json prints: one object at the end.
 type queryOutput struct {
 	Peer          string           `json:"peer"`
@@ -175,11 +179,16 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 		switch ev.Event {
 		case api.EventRestart:
 			// The worker died mid-answer; the answer starts again elsewhere.
+			// Streamed text cannot be taken back: end its line, so that the
+			// complete answer starts on a line of its own, and say so.
+			if !f.json {
+				if t := text.String(); t != "" && !strings.HasSuffix(t, "\n") {
+					fmt.Fprintln(e.stdout)
+				}
+				fmt.Fprintln(e.stderr, restartNotice)
+			}
 			text.Reset()
 			out.Media, out.Embeddings = nil, nil
-			if !f.json {
-				fmt.Fprintln(e.stderr, "\n[the answering peer was lost; the answer restarts on another peer]")
-			}
 		case api.EventChunk:
 			text.WriteString(ev.Text)
 			if !f.json {
