@@ -224,3 +224,12 @@ func TestUnmeasuredPeerGetsTried(t *testing.T) {
 		t.Fatalf("picks %v: both peers should get queries", picks)
 	}
 }
+
+func TestPeersListsWorkersOnly(t *testing.T) {
+	bootstrap := Candidate{Peer: "boot", Announce: &pb.Announce{Roles: []string{"bootstrap"}, Health: 100}}
+	r := New(testHost(t), "/test", staticTable{bootstrap, cand("w", 1, 4, 100, 0)})
+	ps := r.Peers()
+	if len(ps) != 1 || ps[0].Peer != peer.ID("w").String() || ps[0].Roles == nil {
+		t.Fatalf("peers = %+v, want only the worker, with non-nil roles", ps)
+	}
+}

@@ -8,7 +8,8 @@ import (
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
-// Peers is the peer table as people see it: no addresses.
+// Peers is the swarm's workers as people see them: no addresses. Nodes
+// that serve no model (bootstrap, bridge or relay only) are left out.
 func (r *Router) Peers() []PeerView {
 	cands := r.table.Candidates()
 	now := time.Now()
@@ -17,12 +18,15 @@ func (r *Router) Peers() []PeerView {
 	out := make([]PeerView, 0, len(cands))
 	for _, c := range cands {
 		a := c.Announce
+		if len(a.GetModels()) == 0 {
+			continue
+		}
 		st := r.state(c.Peer)
 		v := PeerView{
 			Peer:           c.Peer.String(),
 			Self:           c.Peer == r.h.ID(),
 			Version:        a.GetVersion(),
-			Roles:          a.GetRoles(),
+			Roles:          append([]string{}, a.GetRoles()...),
 			Models:         []ModelStat{},
 			GPUs:           []GPUView{},
 			InFlight:       a.GetLoad().GetInFlight(),
