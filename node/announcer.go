@@ -109,12 +109,16 @@ func (a *announcer) build() *pb.Announce {
 func (a *announcer) publish(ctx context.Context, force bool) {
 	ann := a.build()
 	a.mu.Lock()
-	same := a.last != nil && proto.Equal(a.last, ann)
+	// Between heartbeats only changes that alter routing are worth a
+	// message to every node: measured figures, GPU readings and load
+	// within the same class wait for the heartbeat (routers track their
+	// own in-flight counts meanwhile).
+	same := a.last != nil && proto.Equal(significant(a.last), significant(ann))
 	if same && !force {
 		a.mu.Unlock()
 		return
 	}
-	a.last = proto.Clone(ann).(*pb.Announce)
+	a.last = ann
 	var toProvide []string
 	now := time.Now()
 	if !ann.GetDraining() {
@@ -143,6 +147,26 @@ func (a *announcer) publish(ctx context.Context, force bool) {
 			}
 		}()
 	}
+}
+
+// significant is the part of an announcement whose change warrants a
+// publish before the next heartbeat.
+func significant(a *pb.Announce) *pb.Announce {
+	out := &pb.Announce{Roles: a.GetRoles(), Draining: a.GetDraining(), Health: a.GetHealth() / 10}
+	for _, m := range a.GetModels() {
+		out.Models = append(out.Models, &pb.ModelInfo{Name: m.GetName(), Types: m.GetTypes()})
+	}
+	l := a.GetLoad()
+	// Load class: slots free, full, or queueing (by queue fill quarter).
+	switch {
+	case l.GetInFlight() < l.GetMaxConcurrency():
+		out.Load = &pb.Load{InFlight: 0}
+	case l.GetQueued() == 0:
+		out.Load = &pb.Load{InFlight: 1}
+	default:
+		out.Load = &pb.Load{InFlight: 2, Queued: 4 * l.GetQueued() / max(l.GetMaxQueue(), 1)}
+	}
+	return out
 }
 
 // run publishes on change (spaced) and on a jittered heartbeat until ctx ends.

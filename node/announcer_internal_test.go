@@ -1,0 +1,43 @@
+package node
+
+import (
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+func TestSignificantChanges(t *testing.T) {
+	base := func() *pb.Announce {
+		return &pb.Announce{
+			Health: 100,
+			Load:   &pb.Load{InFlight: 1, MaxConcurrency: 4, MaxQueue: 8},
+			Models: []*pb.ModelInfo{{Name: "m", Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}, TokensPerSec: 10}},
+			Gpus:   []*pb.GPU{{Name: "g", PowerMw: 100000}},
+		}
+	}
+	tests := []struct {
+		name   string
+		change func(*pb.Announce)
+		want   bool // publish before the heartbeat
+	}{
+		{"load within free slots", func(a *pb.Announce) { a.Load.InFlight = 3 }, false},
+		{"slots full", func(a *pb.Announce) { a.Load.InFlight = 4 }, true},
+		{"measured speed", func(a *pb.Announce) { a.Models[0].TokensPerSec = 55 }, false},
+		{"gpu power reading", func(a *pb.Announce) { a.Gpus[0].PowerMw = 250000 }, false},
+		{"health wobble", func(a *pb.Announce) { a.Health = 95 }, false},
+		{"health drop", func(a *pb.Announce) { a.Health = 60 }, true},
+		{"new model", func(a *pb.Announce) { a.Models = append(a.Models, &pb.ModelInfo{Name: "n", Types: a.Models[0].Types}) }, true},
+		{"draining", func(a *pb.Announce) { a.Draining = true }, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := base(), base()
+			tc.change(b)
+			if got := !proto.Equal(significant(a), significant(b)); got != tc.want {
+				t.Fatalf("significant change = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
