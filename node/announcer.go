@@ -152,7 +152,7 @@ func (a *announcer) publish(ctx context.Context, force bool) {
 // significant is the part of an announcement whose change warrants a
 // publish before the next heartbeat.
 func significant(a *pb.Announce) *pb.Announce {
-	out := &pb.Announce{Roles: a.GetRoles(), Draining: a.GetDraining(), Health: a.GetHealth() / 10}
+	out := &pb.Announce{Roles: a.GetRoles(), Draining: a.GetDraining(), Health: (a.GetHealth() + 10) / 20}
 	for _, m := range a.GetModels() {
 		out.Models = append(out.Models, &pb.ModelInfo{Name: m.GetName(), Types: m.GetTypes()})
 	}
