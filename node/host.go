@@ -16,6 +16,7 @@ import (
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	"go.uber.org/fx"
 )
 
 // Connection manager watermarks: enough for a large swarm's routing table
@@ -78,6 +79,9 @@ func newHost(hc hostConfig) (host.Host, error) {
 		libp2p.EnableNATService(),
 		libp2p.EnableRelay(),
 		libp2p.EnableHolePunching(),
+		// A failed start (an address not on this machine) comes back as
+		// an error; fx's own multi-line report of it would only repeat it.
+		libp2p.WithFxOption(fx.NopLogger),
 	}
 	if hc.relays != nil {
 		opts = append(opts, libp2p.EnableAutoRelayWithPeerSource(hc.relays))

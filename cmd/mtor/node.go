@@ -144,9 +144,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	}
 	defer gpus.Close()
 
-	restoreLogs := quietHostStart()
 	n, err := node.New(ctx, append(f.options(backends), node.WithIdentity(priv), node.WithGPUMonitor(gpus))...)
-	restoreLogs()
 	if err != nil {
 		return fmt.Errorf("starting the node: %w", err)
 	}

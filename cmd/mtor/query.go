@@ -401,9 +401,7 @@ func startEphemeral(ctx context.Context, f *queryFlags) (*ephemeral, error) {
 	if f.swarm != "" {
 		opts = append(opts, node.WithSwarm(f.swarm))
 	}
-	restoreLogs := quietHostStart()
 	n, err := node.New(ctx, opts...)
-	restoreLogs()
 	if err != nil {
 		_ = os.RemoveAll(dir)
 		return nil, fmt.Errorf("joining the swarm: %w", err)
