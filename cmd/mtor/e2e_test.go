@@ -545,3 +545,34 @@ func TestE2EStartupFailureIsOneLine(t *testing.T) {
 		})
 	}
 }
+
+// A worker process that freezes (SIGSTOP: its connections stay up, it
+// never answers) costs queries a few seconds, not their deadline: each is
+// answered by the live worker well within a timeout far shorter than the
+// time the router would wait for a silent stream.
+func TestE2EFrozenWorkerIsRoutedAround(t *testing.T) {
+	needBinary(t)
+	dir := t.TempDir()
+	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	live := startNode(t, "live", nodeArgs(filepath.Join(dir, "live"), "--backend", "demo", "--join", boot.value("join"))...)
+	frozen := startNode(t, "frozen", nodeArgs(filepath.Join(dir, "frozen"), "--backend", "demo", "--join", boot.value("join"))...)
+	waitWorkers(t, boot.value("api"), "demo", live.value("peer"), frozen.value("peer"))
+
+	if err := frozen.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = frozen.cmd.Process.Signal(syscall.SIGCONT) })
+	for i := 0; i < 6; i++ {
+		code, stdout, stderr := mtor(t, "query", "--api", boot.value("api"), "--model", "demo", "--timeout", "20s", "--json", fmt.Sprintf("are you there %d", i))
+		if code != 0 {
+			t.Fatalf("query %d with a frozen worker in the swarm: exit %d: %s", i, code, stderr)
+		}
+		var out struct{ Peer string }
+		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+			t.Fatal(err)
+		}
+		if out.Peer != live.value("peer") {
+			t.Fatalf("query %d answered by %s, want the live worker", i, out.Peer)
+		}
+	}
+}
