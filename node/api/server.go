@@ -18,6 +18,7 @@ import (
 	"github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -34,8 +35,8 @@ const (
 	DefaultMaxBody = protocol.MaxRequestFrame*4/3 + 64<<10
 	// DefaultQueryTimeout is a query's deadline when the client names none.
 	DefaultQueryTimeout = 2 * time.Minute
-	// MaxQueryTimeout caps timeout_ms.
-	MaxQueryTimeout = 30 * time.Minute
+	// MaxQueryTimeout caps timeout_ms at what a worker grants a query.
+	MaxQueryTimeout = worker.MaxDeadline
 	// writeTimeout bounds each write to a client; a client that stops
 	// reading for this long is dropped and its query cancelled.
 	writeTimeout = 30 * time.Second
