@@ -576,3 +576,88 @@ func TestE2EFrozenWorkerIsRoutedAround(t *testing.T) {
 		}
 	}
 }
+
+// A worker process killed with SIGKILL (no shutdown at all) while 200
+// queries run at concurrency 8: every query ends with a whole answer, and
+// the dead worker leaves the peer table within a few heartbeats.
+func TestE2EKilledWorkerLosesNoQuery(t *testing.T) {
+	needBinary(t)
+	dir := t.TempDir()
+	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	var workers []*proc
+	var ids []string
+	for i := 0; i < 3; i++ {
+		w := startNode(t, fmt.Sprintf("worker%d", i), nodeArgs(filepath.Join(dir, fmt.Sprint("w", i)),
+			"--backend", "demo:delay=2ms", "--join", boot.value("join"))...)
+		workers = append(workers, w)
+		ids = append(ids, w.value("peer"))
+	}
+	waitWorkers(t, boot.value("api"), "demo", ids...)
+	victim := workers[1]
+
+	c := api.NewClient(boot.value("api"))
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	jobs := make(chan int)
+	var mu sync.Mutex
+	var failures []string
+	done, byPeer := 0, map[string]int{}
+	var killOnce sync.Once
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range jobs {
+				prompt := fmt.Sprintf("query %d of the kill test", i)
+				var text strings.Builder
+				d, err := c.Query(ctx, &api.QueryRequest{Model: "demo", Prompt: prompt}, func(ev *api.Event) error {
+					switch ev.Event {
+					case api.EventRestart:
+						text.Reset()
+					case api.EventChunk:
+						text.WriteString(ev.Text)
+					}
+					return nil
+				})
+				mu.Lock()
+				switch {
+				case err != nil:
+					failures = append(failures, fmt.Sprintf("%d: %v", i, err))
+				case !strings.HasSuffix(text.String(), prompt) || strings.Count(text.String(), "[demo answer") != 1:
+					failures = append(failures, fmt.Sprintf("%d: answer %q", i, text.String()))
+				default:
+					byPeer[d.Peer]++
+				}
+				done++
+				n := done
+				mu.Unlock()
+				if n == 50 {
+					killOnce.Do(func() { _ = victim.cmd.Process.Signal(syscall.SIGKILL) })
+				}
+			}
+		}()
+	}
+	for i := 0; i < 200; i++ {
+		jobs <- i
+	}
+	close(jobs)
+	wg.Wait()
+	if len(failures) > 0 {
+		t.Fatalf("%d of 200 queries failed after SIGKILL of a worker: %v", len(failures), failures)
+	}
+	t.Logf("answers per worker: %v", byPeer)
+
+	// Gone from the table within a few heartbeats (interval 1 s here).
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		peers, err := c.Peers(ctx)
+		if err == nil && !listsWorkers(peers, "demo", victim.value("peer")) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("killed worker still in the peer table after 10 s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
