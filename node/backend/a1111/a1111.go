@@ -253,7 +253,9 @@ func (b *Backend) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sin
 	defer cancel()
 	images, err := b.txt2img(ctx, tr)
 	if err != nil {
-		if ctx.Err() != nil && b.interrupt {
+		// ContextError, not ctx.Err: past the deadline, the watchdog can
+		// end the call before ctx's own timer has fired.
+		if httputil.ContextError(ctx) != nil && b.interrupt {
 			b.interruptGeneration()
 		}
 		return backend.Usage{}, err
