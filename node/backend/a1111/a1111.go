@@ -21,7 +21,6 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -89,32 +88,18 @@ func WithSteps(n int) Option { return func(b *Backend) { b.steps = n } }
 func WithInterrupt(on bool) Option { return func(b *Backend) { b.interrupt = on } }
 
 // WithHTTPClient sets the HTTP client; the backend still refuses redirects.
-func WithHTTPClient(c *http.Client) Option {
-	return func(b *Backend) {
-		cc := *c
-		b.client = &cc
-	}
-}
+func WithHTTPClient(c *http.Client) Option { return func(b *Backend) { b.client = c } }
 
 // New builds a backend for the server at baseURL, e.g. http://127.0.0.1:7860.
 func New(baseURL string, opts ...Option) (*Backend, error) {
-	u, err := url.Parse(strings.TrimSpace(baseURL))
+	u, err := httputil.BaseURL(baseURL)
 	if err != nil {
-		return nil, fmt.Errorf("a1111 URL %q: %w", baseURL, err)
+		return nil, fmt.Errorf("a1111: %w", err)
 	}
-	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("a1111 URL %q: want http://host:port", baseURL)
-	}
-	if u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("a1111 URL %q: no query or fragment allowed", baseURL)
-	}
-	u.Path = strings.TrimRight(u.Path, "/")
-	u.RawPath = ""
 	b := &Backend{
 		base:      u.String(),
 		timeout:   DefaultTimeout,
 		steps:     DefaultSteps,
-		client:    &http.Client{Transport: http.DefaultTransport},
 		interrupt: true,
 	}
 	for _, o := range opts {
@@ -126,7 +111,7 @@ func New(baseURL string, opts ...Option) (*Backend, error) {
 	if b.steps < 1 || b.steps > 150 {
 		return nil, fmt.Errorf("a1111 steps %d: want 1..150", b.steps)
 	}
-	b.client.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	b.client = httputil.NoRedirects(b.client)
 	return b, nil
 }
 

@@ -311,3 +311,61 @@ func TestDeadlineBeatsWatchdog(t *testing.T) {
 		}
 	}
 }
+
+func TestBaseURL(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{"http://127.0.0.1:11434", "http://127.0.0.1:11434"},
+		{" https://h:8080/ ", "https://h:8080"},
+		{"http://h/v1//", "http://h/v1"},
+		{"http://h/a%20b/", "http://h/a%20b"},
+		{"", ""},
+		{"127.0.0.1:7860", ""},
+		{"ftp://h", ""},
+		{"http://", ""},
+		{"http://h/?q=1", ""},
+		{"http://h/?", ""},
+		{"http://h/#x", ""},
+		{"http://h:port", ""},
+	} {
+		u, err := BaseURL(c.in)
+		switch {
+		case c.want == "" && err == nil:
+			t.Errorf("BaseURL(%q) = %s, want an error", c.in, u)
+		case c.want != "" && (err != nil || u.String() != c.want):
+			t.Errorf("BaseURL(%q) = %v, %v; want %s", c.in, u, err, c.want)
+		}
+	}
+}
+
+// TestNoRedirects: the client returned does not follow a redirect, which
+// reaches the caller as the 3xx response, and the caller's client is left
+// following them.
+func TestNoRedirects(t *testing.T) {
+	url := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/from" {
+			http.Redirect(w, r, "/to", http.StatusTemporaryRedirect)
+		}
+	})
+	own := &http.Client{Timeout: time.Minute}
+	for _, c := range []struct {
+		name   string
+		client *http.Client
+		want   int
+	}{
+		{"default", NoRedirects(nil), http.StatusTemporaryRedirect},
+		{"given", NoRedirects(own), http.StatusTemporaryRedirect},
+		{"caller's own", own, http.StatusOK},
+	} {
+		resp, err := c.client.Get(url + "/from")
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != c.want {
+			t.Errorf("%s client: status %d, want %d", c.name, resp.StatusCode, c.want)
+		}
+	}
+	if NoRedirects(own).Timeout != time.Minute {
+		t.Error("NoRedirects dropped the client's settings")
+	}
+}

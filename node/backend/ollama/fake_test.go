@@ -261,7 +261,7 @@ func TestUnsupportedTypes(t *testing.T) {
 }
 
 func TestNewRejectsBadURL(t *testing.T) {
-	for _, u := range []string{"", "127.0.0.1:11434", "ftp://x", "http://"} {
+	for _, u := range []string{"", "127.0.0.1:11434", "ftp://x", "http://", "http://h/?q=1", "http://h/#x"} {
 		if _, err := ollama.New(u); err == nil {
 			t.Errorf("New(%q) succeeded", u)
 		}

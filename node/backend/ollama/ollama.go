@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -82,12 +81,12 @@ func WithIdleTimeout(d time.Duration) Option { return func(b *Backend) { b.idle 
 // New builds a backend for the server at baseURL, e.g.
 // http://127.0.0.1:11434.
 func New(baseURL string, opts ...Option) (*Backend, error) {
-	u, err := url.Parse(strings.TrimSpace(baseURL))
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("ollama: base URL %q: want http(s)://host:port", baseURL)
+	u, err := httputil.BaseURL(baseURL)
+	if err != nil {
+		return nil, fmt.Errorf("ollama: %w", err)
 	}
 	b := &Backend{
-		base:    strings.TrimRight(u.String(), "/"),
+		base:    u.String(),
 		client:  &http.Client{Transport: http.DefaultTransport},
 		timeout: DefaultTimeout, work: DefaultWorkTimeout, idle: DefaultIdleTimeout,
 		cache: map[string]cached{},

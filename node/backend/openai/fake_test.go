@@ -406,7 +406,7 @@ func TestFakeEmbedIndices(t *testing.T) {
 }
 
 func TestNewRejectsBadURL(t *testing.T) {
-	for _, u := range []string{"", "localhost:8080", "ftp://x", "http://"} {
+	for _, u := range []string{"", "localhost:8080", "ftp://x", "http://", "http://h/?q=1", "http://h/#x"} {
 		if _, err := openai.New(u); err == nil {
 			t.Errorf("New(%q) succeeded", u)
 		}

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
-	"net/url"
 	"regexp"
 	"slices"
 	"strings"
@@ -85,11 +84,11 @@ func WithModelTypes(types map[string][]pb.QueryType) Option {
 // New builds a backend for the server at baseURL, its root with or
 // without /v1, e.g. http://127.0.0.1:8080 or http://127.0.0.1:8080/v1.
 func New(baseURL string, opts ...Option) (*Backend, error) {
-	u, err := url.Parse(strings.TrimSpace(baseURL))
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("openai: base URL %q: want http(s)://host:port[/v1]", baseURL)
+	u, err := httputil.BaseURL(baseURL)
+	if err != nil {
+		return nil, fmt.Errorf("openai: %w", err)
 	}
-	root := strings.TrimSuffix(strings.TrimRight(u.String(), "/"), "/v1")
+	root := strings.TrimSuffix(u.String(), "/v1")
 	b := &Backend{
 		root:    root,
 		client:  &http.Client{Transport: http.DefaultTransport},

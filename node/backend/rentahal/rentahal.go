@@ -95,33 +95,19 @@ func WithTimeout(d time.Duration) Option { return func(b *Backend) { b.timeout =
 
 // WithHTTPClient sets the HTTP client (its transport and TLS settings); the
 // backend still refuses to follow redirects.
-func WithHTTPClient(c *http.Client) Option {
-	return func(b *Backend) {
-		cc := *c
-		b.client = &cc
-	}
-}
+func WithHTTPClient(c *http.Client) Option { return func(b *Backend) { b.client = c } }
 
 // New builds a backend for the worker at baseURL, e.g. http://127.0.0.1:8000.
 func New(baseURL string, opts ...Option) (*Backend, error) {
-	u, err := url.Parse(strings.TrimSpace(baseURL))
+	u, err := httputil.BaseURL(baseURL)
 	if err != nil {
-		return nil, fmt.Errorf("rentahal URL %q: %w", baseURL, err)
+		return nil, fmt.Errorf("rentahal: %w", err)
 	}
-	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("rentahal URL %q: want http://host:port", baseURL)
-	}
-	if u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("rentahal URL %q: no query or fragment allowed", baseURL)
-	}
-	u.Path = strings.TrimRight(u.Path, "/")
-	u.RawPath = ""
 	b := &Backend{
 		base:    u.String(),
 		model:   defaultModel(u),
 		types:   []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT},
 		timeout: DefaultTimeout,
-		client:  &http.Client{Transport: http.DefaultTransport},
 	}
 	for _, o := range opts {
 		o(b)
@@ -140,7 +126,7 @@ func New(baseURL string, opts ...Option) (*Backend, error) {
 	if b.timeout <= 0 {
 		return nil, fmt.Errorf("rentahal timeout %s: must be positive", b.timeout)
 	}
-	b.client.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	b.client = httputil.NoRedirects(b.client)
 	return b, nil
 }
 
