@@ -2,15 +2,9 @@ package a1111
 
 import (
 	"bytes"
-	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
-	"image"
-	"image/color"
-	"image/png"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"reflect"
@@ -19,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -36,15 +32,13 @@ type fakeA1111 struct {
 	answer func(w http.ResponseWriter, r *http.Request)
 	srv    *httptest.Server
 
-	mu          sync.Mutex
-	bodies      []map[string]any
-	interrupts  int
-	txtArrived  chan struct{}
-	interrupted chan struct{}
+	mu         sync.Mutex
+	bodies     []map[string]any
+	interrupts int
 }
 
 func newFakeA1111(t *testing.T, answer func(http.ResponseWriter, *http.Request)) *fakeA1111 {
-	f := &fakeA1111{t: t, answer: answer, txtArrived: make(chan struct{}, 16), interrupted: make(chan struct{}, 16)}
+	f := &fakeA1111{t: t, answer: answer}
 	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
 	t.Cleanup(f.srv.Close)
 	return f
@@ -67,13 +61,11 @@ func (f *fakeA1111) serve(w http.ResponseWriter, r *http.Request) {
 		f.mu.Lock()
 		f.bodies = append(f.bodies, body)
 		f.mu.Unlock()
-		f.txtArrived <- struct{}{}
 		f.answer(w, r)
 	case r.Method == http.MethodPost && r.URL.Path == "/sdapi/v1/interrupt":
 		f.mu.Lock()
 		f.interrupts++
 		f.mu.Unlock()
-		f.interrupted <- struct{}{}
 		io.WriteString(w, `{}`)
 	default:
 		w.WriteHeader(http.StatusNotFound)
@@ -93,17 +85,6 @@ func (f *fakeA1111) Interrupts() int {
 	return f.interrupts
 }
 
-func testPNG(t *testing.T) []byte {
-	t.Helper()
-	img := image.NewRGBA(image.Rect(0, 0, 8, 8))
-	img.Set(2, 3, color.RGBA{10, 200, 10, 255})
-	var buf bytes.Buffer
-	if err := png.Encode(&buf, img); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
 func images(imgs ...[]byte) func(http.ResponseWriter, *http.Request) {
 	return func(w http.ResponseWriter, _ *http.Request) {
 		enc := make([]string, len(imgs))
@@ -115,57 +96,18 @@ func images(imgs ...[]byte) func(http.ResponseWriter, *http.Request) {
 	}
 }
 
-func raw(status int, body string) func(http.ResponseWriter, *http.Request) {
-	return func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(status)
-		io.WriteString(w, body)
-	}
-}
-
-type recSink struct {
-	chunks []string
-	mimes  []string
-	media  [][]byte
-}
-
-func (s *recSink) Chunk(text string) error { s.chunks = append(s.chunks, text); return nil }
-func (s *recSink) Media(mime string, data []byte) error {
-	s.mimes = append(s.mimes, mime)
-	s.media = append(s.media, data)
-	return nil
-}
-func (s *recSink) Embedding(int, []float32) error { return errors.New("unexpected embedding") }
-
 func imagineReq(model, prompt string) *pb.QueryRequest {
 	return &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_IMAGINE, Model: model, Prompt: prompt}
 }
 
-func mustNew(t *testing.T, url string, opts ...Option) *Backend {
-	t.Helper()
-	b, err := New(url, opts...)
-	if err != nil {
-		t.Fatalf("New(%q): %v", url, err)
-	}
-	return b
-}
-
-func wantCode(t *testing.T, err error, code pb.ErrorCode) *protocol.Error {
-	t.Helper()
-	var pe *protocol.Error
-	if !errors.As(err, &pe) {
-		t.Fatalf("error %v (%T), want a *protocol.Error %s", err, err, protocol.CodeName(code))
-	}
-	if pe.Code != code {
-		t.Fatalf("code %s (%q), want %s", protocol.CodeName(pe.Code), pe.Message, protocol.CodeName(code))
-	}
-	return pe
-}
+// newSink records what the backend emits; an A1111 server has no
+// embeddings to give.
+func newSink() *backendtest.Sink { return &backendtest.Sink{RefuseEmbeddings: true} }
 
 func TestModels(t *testing.T) {
 	f := newFakeA1111(t, images())
-	b := mustNew(t, f.srv.URL)
-	ms, err := b.Models(context.Background())
+	b := backendtest.New(t, New, f.srv.URL)
+	ms, err := b.Models(backendtest.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,7 +121,7 @@ func TestModels(t *testing.T) {
 	if !reflect.DeepEqual(names, []string{"v1-5-pruned-emaonly", "sd_xl_base_1.0"}) {
 		t.Fatalf("names %q", names)
 	}
-	if err := b.Probe(context.Background()); err != nil {
+	if err := b.Probe(backendtest.Context(t)); err != nil {
 		t.Fatalf("probe: %v", err)
 	}
 	if b.Kind() != "a1111" || !strings.Contains(b.Name(), f.srv.URL) {
@@ -188,14 +130,14 @@ func TestModels(t *testing.T) {
 }
 
 func TestTxt2ImgExactRequestAndMedia(t *testing.T) {
-	pic := testPNG(t)
+	pic := backendtest.PNG(t)
 	f := newFakeA1111(t, images(pic))
-	b := mustNew(t, f.srv.URL+"/")
+	b := backendtest.New(t, New, f.srv.URL+"/")
 	seed := int64(42)
 	req := imagineReq("sd_xl_base_1.0", "a red fox in snow")
 	req.Params = &pb.Params{Size: "768x512", Seed: &seed}
-	var out recSink
-	if _, err := b.Run(context.Background(), req, &out); err != nil {
+	out := newSink()
+	if _, err := b.Run(backendtest.Context(t), req, out); err != nil {
 		t.Fatal(err)
 	}
 	want := map[string]any{
@@ -206,15 +148,15 @@ func TestTxt2ImgExactRequestAndMedia(t *testing.T) {
 	if got := f.Bodies(); len(got) != 1 || !reflect.DeepEqual(got[0], want) {
 		t.Fatalf("server received %v\nwant exactly   %v", got, want)
 	}
-	if len(out.media) != 1 || out.mimes[0] != "image/png" || !bytes.Equal(out.media[0], pic) || len(out.chunks) != 0 {
-		t.Fatalf("media %v (%d), chunks %q", out.mimes, len(out.media), out.chunks)
+	if len(out.MediaData()) != 1 || out.Mimes()[0] != "image/png" || !bytes.Equal(out.MediaData()[0], pic) || len(out.Chunks()) != 0 {
+		t.Fatalf("media %v (%d), chunks %q", out.Mimes(), len(out.MediaData()), out.Chunks())
 	}
 
 	// Defaults: 512x512, random seed, configured steps, prompt from messages.
-	b = mustNew(t, f.srv.URL, WithSteps(7))
+	b = backendtest.New(t, New, f.srv.URL, WithSteps(7))
 	req = &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_IMAGINE, Model: "v1-5-pruned-emaonly",
 		Messages: []*pb.Message{{Role: "user", Content: "a lighthouse"}}}
-	if _, err := b.Run(context.Background(), req, &recSink{}); err != nil {
+	if _, err := b.Run(backendtest.Context(t), req, newSink()); err != nil {
 		t.Fatal(err)
 	}
 	got := f.Bodies()[1]
@@ -225,8 +167,8 @@ func TestTxt2ImgExactRequestAndMedia(t *testing.T) {
 }
 
 func TestRefusedBeforeGenerating(t *testing.T) {
-	f := newFakeA1111(t, images(testPNG(t)))
-	b := mustNew(t, f.srv.URL)
+	f := newFakeA1111(t, images(backendtest.PNG(t)))
+	b := backendtest.New(t, New, f.srv.URL)
 	for _, tc := range []struct {
 		name string
 		req  *pb.QueryRequest
@@ -239,8 +181,8 @@ func TestRefusedBeforeGenerating(t *testing.T) {
 		{"bad size", &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_IMAGINE, Model: "sd_xl_base_1.0", Prompt: "x", Params: &pb.Params{Size: "big"}}, protocol.CodeBadRequest},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := b.Run(context.Background(), tc.req, &recSink{})
-			wantCode(t, err, tc.code)
+			_, err := b.Run(backendtest.Context(t), tc.req, newSink())
+			backendtest.WantCode(t, err, tc.code)
 		})
 	}
 	if n := len(f.Bodies()); n != 0 {
@@ -254,66 +196,40 @@ func TestErrorMapping(t *testing.T) {
 		w.WriteHeader(http.StatusOK)
 		io.WriteString(w, `{"images": ["iVBO`)
 	}
-	for _, tc := range []struct {
-		name   string
-		answer func(http.ResponseWriter, *http.Request)
-		code   pb.ErrorCode
-		msg    string
-	}{
-		{"422 validation", raw(422, `{"error":"RequestValidationError","detail":"","body":"","errors":"steps: value is not a valid integer"}`), protocol.CodeBadRequest, "steps: value is not a valid integer"},
-		{"404 sampler", raw(404, `{"error":"HTTPException","detail":"Sampler not found","body":"","errors":""}`), protocol.CodeBadRequest, "Sampler not found"},
-		{"500 out of memory", raw(500, `{"error":"OutOfMemoryError","detail":"","body":"","errors":"CUDA out of memory. Tried to allocate 2.00 GiB"}`), protocol.CodeBackendError, "CUDA out of memory"},
-		{"garbage", raw(200, `Internal Server Error`), protocol.CodeBackendError, "malformed"},
-		{"truncated JSON", raw(200, `{"images": ["iVBO`), protocol.CodeBackendError, "malformed"},
-		{"truncated body", truncated, protocol.CodeBackendError, "mid-answer"},
-		{"no images", raw(200, `{"images": [], "parameters": {}, "info": ""}`), protocol.CodeBackendError, "without an image"},
-		{"not base64", raw(200, `{"images": ["***"]}`), protocol.CodeBackendError, "base64"},
-		{"not an image", raw(200, `{"images": ["`+base64.StdEncoding.EncodeToString([]byte("hello there"))+`"]}`), protocol.CodeBackendError, "not an image"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			f := newFakeA1111(t, tc.answer)
-			b := mustNew(t, f.srv.URL)
-			_, err := b.Run(context.Background(), imagineReq("v1-5-pruned-emaonly", "x"), &recSink{})
-			pe := wantCode(t, err, tc.code)
-			if !strings.Contains(pe.Message, tc.msg) {
-				t.Errorf("message %q lacks %q", pe.Message, tc.msg)
-			}
-			if strings.Contains(pe.Message, "127.0.0.1") {
-				t.Errorf("message %q leaks the server address", pe.Message)
-			}
-			if f.Interrupts() != 0 {
-				t.Errorf("interrupted a finished generation")
-			}
-		})
-	}
+	raw := backendtest.Respond
+	backendtest.RunErrorCases(t, []backendtest.ErrorCase{
+		{Name: "422 validation", Answer: raw(422, `{"error":"RequestValidationError","detail":"","body":"","errors":"steps: value is not a valid integer"}`), Code: protocol.CodeBadRequest, Msg: "steps: value is not a valid integer"},
+		{Name: "404 sampler", Answer: raw(404, `{"error":"HTTPException","detail":"Sampler not found","body":"","errors":""}`), Code: protocol.CodeBadRequest, Msg: "Sampler not found"},
+		{Name: "500 out of memory", Answer: raw(500, `{"error":"OutOfMemoryError","detail":"","body":"","errors":"CUDA out of memory. Tried to allocate 2.00 GiB"}`), Code: protocol.CodeBackendError, Msg: "CUDA out of memory"},
+		{Name: "garbage", Answer: raw(200, `Internal Server Error`), Code: protocol.CodeBackendError, Msg: "malformed"},
+		{Name: "truncated JSON", Answer: raw(200, `{"images": ["iVBO`), Code: protocol.CodeBackendError, Msg: "malformed"},
+		{Name: "truncated body", Answer: truncated, Code: protocol.CodeBackendError, Msg: "mid-answer"},
+		{Name: "no images", Answer: raw(200, `{"images": [], "parameters": {}, "info": ""}`), Code: protocol.CodeBackendError, Msg: "without an image"},
+		{Name: "not base64", Answer: raw(200, `{"images": ["***"]}`), Code: protocol.CodeBackendError, Msg: "base64"},
+		{Name: "not an image", Answer: raw(200, `{"images": ["`+base64.StdEncoding.EncodeToString([]byte("hello there"))+`"]}`), Code: protocol.CodeBackendError, Msg: "not an image"},
+	}, func(t *testing.T, answer http.HandlerFunc) error {
+		f := newFakeA1111(t, answer)
+		_, err := backendtest.New(t, New, f.srv.URL).Run(backendtest.Context(t), imagineReq("v1-5-pruned-emaonly", "x"), newSink())
+		if f.Interrupts() != 0 {
+			t.Errorf("interrupted a finished generation")
+		}
+		return err
+	})
 }
 
 func TestServerDown(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	url := "http://" + ln.Addr().String()
-	ln.Close()
-	b := mustNew(t, url)
-	_, err = b.Run(context.Background(), imagineReq("m", "x"), &recSink{})
-	pe := wantCode(t, err, protocol.CodeBackendError)
-	if !pe.Retryable || !strings.Contains(pe.Message, "connection refused") {
-		t.Fatalf("%+v", pe)
-	}
-	wantCode(t, b.Probe(context.Background()), protocol.CodeBackendError)
-	if _, err := b.Models(context.Background()); err == nil {
+	b := backendtest.New(t, New, backendtest.DeadURL(t))
+	backendtest.CheckServerDown(t, b, imagineReq("m", "x"))
+	if _, err := b.Models(backendtest.Context(t)); err == nil {
 		t.Fatal("Models succeeded against a dead server")
 	}
 }
 
-func blockUntilGone(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }
-
 func TestTimeoutInterruptsGeneration(t *testing.T) {
-	f := newFakeA1111(t, blockUntilGone)
-	b := mustNew(t, f.srv.URL, WithTimeout(300*time.Millisecond))
-	_, err := b.Run(context.Background(), imagineReq("v1-5-pruned-emaonly", "x"), &recSink{})
-	wantCode(t, err, protocol.CodeTimeout)
+	f := newFakeA1111(t, backendtest.Hang(nil))
+	b := backendtest.New(t, New, f.srv.URL, WithTimeout(300*time.Millisecond))
+	_, err := b.Run(backendtest.Context(t), imagineReq("v1-5-pruned-emaonly", "x"), newSink())
+	backendtest.WantCode(t, err, protocol.CodeTimeout)
 	if n := f.Interrupts(); n != 1 {
 		t.Fatalf("%d interrupts, want 1", n)
 	}
@@ -321,26 +237,11 @@ func TestTimeoutInterruptsGeneration(t *testing.T) {
 
 func TestCancelInterruptsGeneration(t *testing.T) {
 	for _, interrupt := range []bool{true, false} {
-		f := newFakeA1111(t, blockUntilGone)
-		b := mustNew(t, f.srv.URL, WithInterrupt(interrupt))
-		ctx, cancel := context.WithCancel(context.Background())
-		errc := make(chan error, 1)
-		go func() {
-			_, err := b.Run(ctx, imagineReq("v1-5-pruned-emaonly", "x"), &recSink{})
-			errc <- err
-		}()
-		select {
-		case <-f.txtArrived:
-		case <-time.After(30 * time.Second):
-			t.Fatal("txt2img never arrived")
-		}
-		cancel()
-		select {
-		case err := <-errc:
-			wantCode(t, err, protocol.CodeCancelled)
-		case <-time.After(30 * time.Second):
-			t.Fatal("Run did not return after cancel")
-		}
+		var f *fakeA1111
+		backendtest.CheckCancel(t, func(h http.HandlerFunc) backend.Backend {
+			f = newFakeA1111(t, h)
+			return backendtest.New(t, New, f.srv.URL, WithInterrupt(interrupt))
+		}, imagineReq("v1-5-pruned-emaonly", "x"))
 		// Run posts the interrupt before it returns.
 		want := 0
 		if interrupt {

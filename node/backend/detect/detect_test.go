@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 )
 
 // generous keeps the tests robust on a loaded machine; Detect's own default
@@ -32,17 +34,6 @@ func server(t *testing.T, path string, status int, body string, hdr ...string) s
 	return srv.URL
 }
 
-func deadURL(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	u := "http://" + ln.Addr().String()
-	ln.Close()
-	return u
-}
-
 const (
 	ollamaTagList = `{"models":[{"name":"llama3.2:1b","model":"llama3.2:1b","size":1321098329,"digest":"baf6a787fdff","details":{"family":"llama"}},{"name":"nomic-embed-text:latest","model":"nomic-embed-text:latest"}]}`
 	openaiList    = `{"object":"list","data":[{"id":"qwen2.5-0.5b-instruct-q4_k_m.gguf","object":"model","created":1730000000,"owned_by":"llamacpp"}]}`
@@ -53,7 +44,7 @@ func TestFindsRealServers(t *testing.T) {
 	openai := server(t, "/v1/models", 200, openaiList)
 	got := Detect(context.Background(), WithTimeout(generous), WithCandidates(
 		Candidate{KindOllama, ollama, "Ollama"},
-		Candidate{KindOpenAI, deadURL(t), "nothing"},
+		Candidate{KindOpenAI, backendtest.DeadURL(t), "nothing"},
 		Candidate{KindOpenAI, openai + "/", "llama.cpp"},
 	))
 	want := []Found{
@@ -67,8 +58,8 @@ func TestFindsRealServers(t *testing.T) {
 
 func TestNothingListening(t *testing.T) {
 	got := Detect(context.Background(), WithTimeout(generous), WithCandidates(
-		Candidate{KindOllama, deadURL(t), ""},
-		Candidate{KindOpenAI, deadURL(t), ""},
+		Candidate{KindOllama, backendtest.DeadURL(t), ""},
+		Candidate{KindOpenAI, backendtest.DeadURL(t), ""},
 	))
 	if len(got) != 0 {
 		t.Fatalf("found %+v", got)

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	neturl "net/url"
 	"os"
 	"strconv"
@@ -17,6 +16,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -61,38 +61,22 @@ func TestErrorMessage(t *testing.T) {
 	}
 }
 
-type chunks []string
-
-func (c *chunks) Chunk(s string) error           { *c = append(*c, s); return nil }
-func (c *chunks) Media(string, []byte) error     { return nil }
-func (c *chunks) Embedding(int, []float32) error { return nil }
-func (c *chunks) join() string                   { return strings.Join(*c, "") }
-func serve(t *testing.T, h http.HandlerFunc) string {
-	s := httptest.NewServer(h)
-	t.Cleanup(s.Close)
-	return s.URL
-}
 func get(t *testing.T, url string) *http.Request { r, _ := NewGetRequest(url); return r }
-func ctx(t *testing.T) context.Context {
-	c, f := context.WithTimeout(context.Background(), time.Minute)
-	t.Cleanup(f)
-	return c
-}
-func code(err error) pb.ErrorCode { return protocol.AsError(err).Code }
+func code(err error) pb.ErrorCode                { return protocol.AsError(err).Code }
 func send(t *testing.T, url string, first, idle time.Duration) (*Exchange, error) {
-	return Send(ctx(t), http.DefaultClient, get(t, url), first, idle)
+	return Send(backendtest.Context(t), http.DefaultClient, get(t, url), first, idle)
 }
 
 func TestSendTextSplitsLongText(t *testing.T) {
 	text := strings.Repeat("ab€", protocol.MaxChunkText) // 5 bytes a rune triple
-	var c chunks
+	var c backendtest.Sink
 	if err := SendText(&c, text); err != nil {
 		t.Fatal(err)
 	}
-	if c.join() != text || len(c) < 2 {
-		t.Fatalf("%d chunks, joined equal %v", len(c), c.join() == text)
+	if c.Text() != text || len(c.Chunks()) < 2 {
+		t.Fatalf("%d chunks, joined equal %v", len(c.Chunks()), c.Text() == text)
 	}
-	for _, s := range c {
+	for _, s := range c.Chunks() {
 		if len(s) > protocol.MaxChunkText || !utf8.ValidString(s) {
 			t.Fatalf("chunk of %d bytes, valid %v", len(s), utf8.ValidString(s))
 		}
@@ -100,7 +84,7 @@ func TestSendTextSplitsLongText(t *testing.T) {
 }
 
 func TestSSE(t *testing.T) {
-	url := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	url := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, ": comment\n\nevent: x\ndata: one\n\ndata:two\ndata: lines\r\n\r\nid: 3\n\n\ndata: cut off")
 	})
 	x, err := send(t, url, time.Minute, time.Minute)
@@ -126,7 +110,7 @@ func TestSSE(t *testing.T) {
 }
 
 func TestSSEEventLimit(t *testing.T) {
-	url := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	url := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		for range 20 {
 			io.WriteString(w, "data: "+strings.Repeat("x", 100)+"\n")
 		}
@@ -145,13 +129,13 @@ func TestSSEEventLimit(t *testing.T) {
 // TestWatchdog: no headers within the first timeout, or a body that goes
 // quiet longer than the idle timeout, end the exchange with BACKEND_ERROR.
 func TestWatchdog(t *testing.T) {
-	silent := serve(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	silent := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
 	_, err := send(t, silent, 50*time.Millisecond, time.Hour)
 	if pe := protocol.AsError(err); pe.Code != protocol.CodeBackendError || !strings.Contains(pe.Message, "nothing for 50ms") {
 		t.Fatalf("silent server: %v", err)
 	}
 
-	quiet := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	quiet := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "{}\n")
 		w.(http.Flusher).Flush()
 		<-r.Context().Done()
@@ -171,7 +155,7 @@ func TestWatchdog(t *testing.T) {
 }
 
 func TestReadAllLimit(t *testing.T) {
-	url := serve(t, func(w http.ResponseWriter, r *http.Request) { w.Write(make([]byte, 2000)) })
+	url := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) { w.Write(make([]byte, 2000)) })
 	x, err := send(t, url, time.Minute, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -216,13 +200,7 @@ func TestTransportErrorNamesNoAddress(t *testing.T) {
 
 // TestRefusedNamesNoAddress goes through a real refused connection.
 func TestRefusedNamesNoAddress(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	_, err = send(t, "http://"+addr+"/x", time.Minute, 0)
+	_, err := send(t, backendtest.DeadURL(t)+"/x", time.Minute, 0)
 	pe := protocol.AsError(err)
 	if pe.Code != protocol.CodeBackendError || !pe.Retryable || !strings.Contains(pe.Message, "connection refused") {
 		t.Fatalf("refused: %v", err)
@@ -251,7 +229,7 @@ func TestErrorMessageShapes(t *testing.T) {
 // TestStatusOptions: PassStatus hands a status to the caller, MapStatus
 // changes its code, both for Send and for Exchange.StatusError.
 func TestStatusOptions(t *testing.T) {
-	url := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	url := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		status, _ := strconv.Atoi(r.URL.Query().Get("s"))
 		w.WriteHeader(status)
 		io.WriteString(w, `{"detail":"why"}`)
@@ -260,7 +238,7 @@ func TestStatusOptions(t *testing.T) {
 	if code(err) != protocol.CodeUnsupported || x != nil {
 		t.Fatalf("404 by default: %v", err)
 	}
-	x, err = Send(ctx(t), http.DefaultClient, get(t, url+"?s=404"), time.Minute, 0, PassStatus(404, 405))
+	x, err = Send(backendtest.Context(t), http.DefaultClient, get(t, url+"?s=404"), time.Minute, 0, PassStatus(404, 405))
 	if err != nil || x.Resp.StatusCode != 404 {
 		t.Fatalf("passed 404: %v", err)
 	}
@@ -268,11 +246,11 @@ func TestStatusOptions(t *testing.T) {
 		t.Fatalf("passed 404 mapped: %v", e)
 	}
 	x.Close()
-	_, err = Send(ctx(t), http.DefaultClient, get(t, url+"?s=503"), time.Minute, 0, MapStatus(503, protocol.CodeBackendError))
+	_, err = Send(backendtest.Context(t), http.DefaultClient, get(t, url+"?s=503"), time.Minute, 0, MapStatus(503, protocol.CodeBackendError))
 	if pe := protocol.AsError(err); pe.Code != protocol.CodeBackendError || !pe.Retryable || !strings.Contains(pe.Message, "why") {
 		t.Fatalf("mapped 503: %v", err)
 	}
-	x, err = Send(ctx(t), http.DefaultClient, get(t, url+"?s=404"), time.Minute, 0, PassStatus(404), MapStatus(404, protocol.CodeBadRequest))
+	x, err = Send(backendtest.Context(t), http.DefaultClient, get(t, url+"?s=404"), time.Minute, 0, PassStatus(404), MapStatus(404, protocol.CodeBadRequest))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -301,7 +279,7 @@ func TestContextErrorPastDeadline(t *testing.T) {
 // TestDeadlineBeatsWatchdog: when the query's deadline and the watchdog
 // end at the same time, the client hears TIMEOUT, not BACKEND_ERROR.
 func TestDeadlineBeatsWatchdog(t *testing.T) {
-	silent := serve(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
+	silent := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
 	for range 5 {
 		c, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
 		_, err := Send(c, http.DefaultClient, get(t, silent), 30*time.Millisecond, 0)
@@ -341,7 +319,7 @@ func TestBaseURL(t *testing.T) {
 // reaches the caller as the 3xx response, and the caller's client is left
 // following them.
 func TestNoRedirects(t *testing.T) {
-	url := serve(t, func(w http.ResponseWriter, r *http.Request) {
+	url := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/from" {
 			http.Redirect(w, r, "/to", http.StatusTemporaryRedirect)
 		}

@@ -1,18 +1,17 @@
 package ollama_test
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 	"github.com/mtor-swarm/mtor/node/backend/ollama"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -24,131 +23,58 @@ import (
 
 func fakeOllama(t *testing.T, h http.HandlerFunc, opts ...ollama.Option) *ollama.Backend {
 	t.Helper()
-	srv := httptest.NewServer(h)
-	t.Cleanup(srv.Close)
 	opts = append([]ollama.Option{ollama.WithIdleTimeout(500 * time.Millisecond)}, opts...)
-	b, err := ollama.New(srv.URL, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return backendtest.New(t, ollama.New, backendtest.Serve(t, h), opts...)
 }
 
-func testCtx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	t.Cleanup(cancel)
-	return ctx
+// chatTo is the error of one chat query to a fake serving answer.
+func chatTo(t *testing.T, answer http.HandlerFunc) error {
+	_, err := fakeOllama(t, answer).Run(backendtest.Context(t), backendtest.ChatRequest("m", "hi", 4), &backendtest.Sink{})
+	return err
 }
 
 func TestFakeErrorMapping(t *testing.T) {
-	for _, c := range []struct {
-		name   string
-		status int
-		body   string
-		code   pb.ErrorCode
-		msg    string
-	}{
-		{"bad request", 400, `{"error":"invalid options: num_predict"}`, protocol.CodeBadRequest, "invalid options: num_predict"},
-		{"model not found", 404, `{"error":"model \"x\" not found, try pulling it first"}`, protocol.CodeUnsupported, "try pulling it first"},
-		{"too large", 413, `{"error":"request entity too large"}`, protocol.CodeTooLarge, "too large"},
-		{"busy", 503, `{"error":"server busy, please try again.  maximum pending requests exceeded"}`, protocol.CodeBusy, "server busy"},
-		{"server error", 500, `{"error":"llama runner process has terminated"}`, protocol.CodeBackendError, "runner process has terminated"},
-		{"plain text", 502, `bad gateway`, protocol.CodeBackendError, "bad gateway"},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			b := fakeOllama(t, func(w http.ResponseWriter, r *http.Request) {
-				w.WriteHeader(c.status)
-				io.WriteString(w, c.body)
-			})
-			_, err := b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
-			pe := wantCode(t, err, c.code)
-			if !strings.Contains(pe.Message, c.msg) {
-				t.Errorf("message %q does not contain %q", pe.Message, c.msg)
-			}
-		})
-	}
+	respond := backendtest.Respond
+	backendtest.RunErrorCases(t, []backendtest.ErrorCase{
+		{Name: "bad request", Answer: respond(400, `{"error":"invalid options: num_predict"}`), Code: protocol.CodeBadRequest, Msg: "invalid options: num_predict"},
+		{Name: "model not found", Answer: respond(404, `{"error":"model \"x\" not found, try pulling it first"}`), Code: protocol.CodeUnsupported, Msg: "try pulling it first"},
+		{Name: "too large", Answer: respond(413, `{"error":"request entity too large"}`), Code: protocol.CodeTooLarge, Msg: "too large"},
+		{Name: "busy", Answer: respond(503, `{"error":"server busy, please try again.  maximum pending requests exceeded"}`), Code: protocol.CodeBusy, Msg: "server busy"},
+		{Name: "server error", Answer: respond(500, `{"error":"llama runner process has terminated"}`), Code: protocol.CodeBackendError, Msg: "runner process has terminated"},
+		{Name: "plain text", Answer: respond(502, `bad gateway`), Code: protocol.CodeBackendError, Msg: "bad gateway"},
+	}, chatTo)
 }
 
 func TestFakeBrokenStreams(t *testing.T) {
 	line := func(s string) string {
 		return `{"message":{"role":"assistant","content":"` + s + `"},"done":false}` + "\n"
 	}
-	for _, c := range []struct {
-		name string
-		send func(w http.ResponseWriter, r *http.Request)
-		msg  string
-	}{
-		{"garbage", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, line("ok")+"<html>this is not json</html>\n")
-		}, "malformed"},
-		{"ends mid-answer", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, line("a")+line("b"))
-		}, "ended before the answer"},
-		{"error line", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, line("a")+`{"error":"an error was encountered while running the model"}`+"\n")
-		}, "error was encountered"},
-		{"endless line", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, `{"message":{"content":"`+strings.Repeat("x", 2<<20))
-		}, "longer than the limit"},
-		{"stalls", func(w http.ResponseWriter, r *http.Request) {
-			io.Copy(io.Discard, r.Body)
-			io.WriteString(w, line("a"))
-			w.(http.Flusher).Flush()
-			<-r.Context().Done()
-		}, "sent nothing"},
-		{"connection cut", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, line("a"))
-			w.(http.Flusher).Flush()
-			conn, _, _ := w.(http.Hijacker).Hijack()
-			conn.Close()
-		}, "closed the connection"},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			b := fakeOllama(t, c.send)
-			_, err := b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
-			pe := wantCode(t, err, protocol.CodeBackendError)
-			if !strings.Contains(pe.Message, c.msg) {
-				t.Errorf("message %q does not contain %q", pe.Message, c.msg)
-			}
-		})
+	write := func(body string) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, body) }
 	}
+	backendtest.RunErrorCases(t, []backendtest.ErrorCase{
+		{Name: "garbage", Answer: write(line("ok") + "<html>this is not json</html>\n"), Code: protocol.CodeBackendError, Msg: "malformed"},
+		{Name: "ends mid-answer", Answer: write(line("a") + line("b")), Code: protocol.CodeBackendError, Msg: "ended before the answer"},
+		{Name: "error line", Answer: write(line("a") + `{"error":"an error was encountered while running the model"}` + "\n"), Code: protocol.CodeBackendError, Msg: "error was encountered"},
+		{Name: "endless line", Answer: write(`{"message":{"content":"` + strings.Repeat("x", 2<<20)), Code: protocol.CodeBackendError, Msg: "longer than the limit"},
+		{Name: "stalls", Answer: backendtest.StallAfter(line("a")), Code: protocol.CodeBackendError, Msg: "sent nothing"},
+		{Name: "connection cut", Answer: backendtest.CutAfter(line("a")), Code: protocol.CodeBackendError, Msg: "closed the connection"},
+	}, chatTo)
 }
 
 func TestFakeConnectionRefused(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	b, err := ollama.New("http://" + addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
-	pe := wantCode(t, err, protocol.CodeBackendError)
-	if !pe.Retryable || !strings.Contains(pe.Message, "refused") {
-		t.Errorf("%v: want a retryable refusal", pe)
-	}
+	b := backendtest.New(t, ollama.New, backendtest.DeadURL(t))
+	backendtest.CheckServerDown(t, b, backendtest.ChatRequest("m", "hi", 4))
 }
 
 func TestFakeDeadlineAndCancel(t *testing.T) {
-	b := fakeOllama(t, func(w http.ResponseWriter, r *http.Request) {
-		// Never answers. The body is read first: only then does the server
-		// notice the client leaving and end the request's context.
-		io.Copy(io.Discard, r.Body)
-		<-r.Context().Done()
-	}, ollama.WithIdleTimeout(time.Hour), ollama.WithWorkTimeout(time.Hour))
-
-	ctx, cancel := context.WithTimeout(testCtx(t), 100*time.Millisecond)
-	defer cancel()
-	_, err := b.Run(ctx, chatReq("m", "hi", 4), &sink{})
-	wantCode(t, err, protocol.CodeTimeout)
-
-	ctx, cancel = context.WithCancel(testCtx(t))
-	time.AfterFunc(50*time.Millisecond, cancel)
-	_, err = b.Run(ctx, chatReq("m", "hi", 4), &sink{})
-	wantCode(t, err, protocol.CodeCancelled)
+	// Timeouts far beyond the test's: only the query's deadline or
+	// cancellation can end it.
+	patient := func(h http.HandlerFunc) backend.Backend {
+		return fakeOllama(t, h, ollama.WithIdleTimeout(time.Hour), ollama.WithWorkTimeout(time.Hour))
+	}
+	backendtest.CheckDeadline(t, patient, backendtest.ChatRequest("m", "hi", 4))
+	backendtest.CheckCancel(t, patient, backendtest.ChatRequest("m", "hi", 4))
 }
 
 // TestFakeChatRequestShape checks what the backend sends: streaming on,
@@ -173,13 +99,13 @@ func TestFakeChatRequestShape(t *testing.T) {
 		},
 		Params: &pb.Params{MaxTokens: 9, Temperature: &temp, Stop: []string{"\n"}},
 	}
-	var s sink
-	u, err := b.Run(testCtx(t), req, &s)
+	var s backendtest.Sink
+	u, err := b.Run(backendtest.Context(t), req, &s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.text() != "I see a cat" || u.PromptTokens != 11 || u.CompletionTokens != 2 {
-		t.Fatalf("text %q usage %+v", s.text(), u)
+	if s.Text() != "I see a cat" || u.PromptTokens != 11 || u.CompletionTokens != 2 {
+		t.Fatalf("text %q usage %+v", s.Text(), u)
 	}
 	want := `{"messages":[{"content":"be brief","role":"system"},{"content":"what is it?","images":["UE5HREFUQQ=="],"role":"user"}],` +
 		`"model":"llava","options":{"num_predict":9,"stop":["\n"],"temperature":0.5},"stream":true}`
@@ -218,7 +144,7 @@ func TestFakeModels(t *testing.T) {
 	})
 	want := "gemma3:4b [chat vision] 131072; nomic-embed-text:latest [embed] 2048; old:latest [chat vision] 0; "
 	for range 2 {
-		ms, err := b.Models(testCtx(t))
+		ms, err := b.Models(backendtest.Context(t))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -245,8 +171,8 @@ func TestFakeEmbedCountMismatch(t *testing.T) {
 		io.WriteString(w, `{"embeddings":[[0.1,0.2]]}`)
 	})
 	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_EMBED, Model: "m", Inputs: []string{"a", "b"}}
-	_, err := b.Run(testCtx(t), req, &sink{})
-	wantCode(t, err, protocol.CodeBackendError)
+	_, err := b.Run(backendtest.Context(t), req, &backendtest.Sink{})
+	backendtest.WantCode(t, err, protocol.CodeBackendError)
 }
 
 func TestUnsupportedTypes(t *testing.T) {
@@ -255,8 +181,8 @@ func TestUnsupportedTypes(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, ty := range []pb.QueryType{pb.QueryType_QUERY_TYPE_IMAGINE, pb.QueryType_QUERY_TYPE_STT, pb.QueryType_QUERY_TYPE_TTS} {
-		_, err := b.Run(testCtx(t), &pb.QueryRequest{Type: ty, Model: "m", Prompt: "x"}, &sink{})
-		wantCode(t, err, protocol.CodeUnsupported)
+		_, err := b.Run(backendtest.Context(t), &pb.QueryRequest{Type: ty, Model: "m", Prompt: "x"}, &backendtest.Sink{})
+		backendtest.WantCode(t, err, protocol.CodeUnsupported)
 	}
 }
 

@@ -2,21 +2,18 @@ package openai_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"image"
-	"image/png"
 	"io"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 	"github.com/mtor-swarm/mtor/node/backend/openai"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -28,20 +25,8 @@ import (
 
 func fakeOpenAI(t *testing.T, h http.HandlerFunc, opts ...openai.Option) *openai.Backend {
 	t.Helper()
-	srv := httptest.NewServer(h)
-	t.Cleanup(srv.Close)
 	opts = append([]openai.Option{openai.WithIdleTimeout(500 * time.Millisecond)}, opts...)
-	b, err := openai.New(srv.URL, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func testCtx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	t.Cleanup(cancel)
-	return ctx
+	return backendtest.New(t, openai.New, backendtest.Serve(t, h), opts...)
 }
 
 func event(content string, finish string) string {
@@ -53,35 +38,21 @@ func event(content string, finish string) string {
 }
 
 func TestFakeErrorMapping(t *testing.T) {
-	for _, c := range []struct {
-		name   string
-		status int
-		body   string
-		code   pb.ErrorCode
-		msg    string
-	}{
-		{"openai bad request", 400, `{"error":{"message":"max_tokens is too large: 99999999","type":"invalid_request_error"}}`, protocol.CodeBadRequest, "max_tokens is too large"},
-		{"vllm bad request", 400, `{"object":"error","message":"This model's maximum context length is 2048 tokens","type":"BadRequestError","code":400}`, protocol.CodeBadRequest, "maximum context length"},
-		{"unprocessable", 422, `{"detail":"field required"}`, protocol.CodeBadRequest, "field required"},
-		{"model not found", 404, `{"error":{"message":"The model 'x' does not exist","code":"model_not_found"}}`, protocol.CodeUnsupported, "does not exist"},
-		{"bad key", 401, `{"error":{"message":"Incorrect API key provided"}}`, protocol.CodeBackendError, "Incorrect API key"},
-		{"rate limited", 429, `{"error":{"message":"Rate limit reached"}}`, protocol.CodeBusy, "Rate limit"},
-		{"loading", 503, `{"error":{"message":"Loading model","code":503}}`, protocol.CodeBusy, "Loading model"},
-		{"gateway timeout", 504, ``, protocol.CodeTimeout, "Gateway Timeout"},
-		{"server error", 500, `{"error":{"message":"CUDA out of memory"}}`, protocol.CodeBackendError, "CUDA out of memory"},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
-				w.WriteHeader(c.status)
-				io.WriteString(w, c.body)
-			})
-			_, err := b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
-			pe := wantCode(t, err, c.code)
-			if !strings.Contains(pe.Message, c.msg) {
-				t.Errorf("message %q does not contain %q", pe.Message, c.msg)
-			}
-		})
-	}
+	respond := backendtest.Respond
+	backendtest.RunErrorCases(t, []backendtest.ErrorCase{
+		{Name: "openai bad request", Answer: respond(400, `{"error":{"message":"max_tokens is too large: 99999999","type":"invalid_request_error"}}`), Code: protocol.CodeBadRequest, Msg: "max_tokens is too large"},
+		{Name: "vllm bad request", Answer: respond(400, `{"object":"error","message":"This model's maximum context length is 2048 tokens","type":"BadRequestError","code":400}`), Code: protocol.CodeBadRequest, Msg: "maximum context length"},
+		{Name: "unprocessable", Answer: respond(422, `{"detail":"field required"}`), Code: protocol.CodeBadRequest, Msg: "field required"},
+		{Name: "model not found", Answer: respond(404, `{"error":{"message":"The model 'x' does not exist","code":"model_not_found"}}`), Code: protocol.CodeUnsupported, Msg: "does not exist"},
+		{Name: "bad key", Answer: respond(401, `{"error":{"message":"Incorrect API key provided"}}`), Code: protocol.CodeBackendError, Msg: "Incorrect API key"},
+		{Name: "rate limited", Answer: respond(429, `{"error":{"message":"Rate limit reached"}}`), Code: protocol.CodeBusy, Msg: "Rate limit"},
+		{Name: "loading", Answer: respond(503, `{"error":{"message":"Loading model","code":503}}`), Code: protocol.CodeBusy, Msg: "Loading model"},
+		{Name: "gateway timeout", Answer: respond(504, ``), Code: protocol.CodeTimeout, Msg: "Gateway Timeout"},
+		{Name: "server error", Answer: respond(500, `{"error":{"message":"CUDA out of memory"}}`), Code: protocol.CodeBackendError, Msg: "CUDA out of memory"},
+	}, func(t *testing.T, answer http.HandlerFunc) error {
+		_, err := fakeOpenAI(t, answer).Run(backendtest.Context(t), backendtest.ChatRequest("m", "hi", 4), &backendtest.Sink{})
+		return err
+	})
 }
 
 func TestFakeStreams(t *testing.T) {
@@ -112,28 +83,18 @@ func TestFakeStreams(t *testing.T) {
 		{"endless event", func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "data: "+strings.Repeat("x", 2<<20))
 		}, "longer than the limit", ""},
-		{"stalls", func(w http.ResponseWriter, r *http.Request) {
-			io.Copy(io.Discard, r.Body)
-			io.WriteString(w, event("a", ""))
-			w.(http.Flusher).Flush()
-			<-r.Context().Done()
-		}, "sent nothing", "a"},
-		{"connection cut", func(w http.ResponseWriter, r *http.Request) {
-			io.WriteString(w, event("a", ""))
-			w.(http.Flusher).Flush()
-			conn, _, _ := w.(http.Hijacker).Hijack()
-			conn.Close()
-		}, "closed the connection", "a"},
+		{"stalls", backendtest.StallAfter(event("a", "")), "sent nothing", "a"},
+		{"connection cut", backendtest.CutAfter(event("a", "")), "closed the connection", "a"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
 				w.Header().Set("Content-Type", "text/event-stream")
 				c.send(w, r)
 			})
-			var s sink
-			_, err := b.Run(testCtx(t), chatReq("m", "hi", 4), &s)
-			if s.text() != c.text {
-				t.Errorf("text %q, want %q", s.text(), c.text)
+			var s backendtest.Sink
+			_, err := b.Run(backendtest.Context(t), backendtest.ChatRequest("m", "hi", 4), &s)
+			if s.Text() != c.text {
+				t.Errorf("text %q, want %q", s.Text(), c.text)
 			}
 			if c.err == "" {
 				if err != nil {
@@ -141,7 +102,7 @@ func TestFakeStreams(t *testing.T) {
 				}
 				return
 			}
-			pe := wantCode(t, err, protocol.CodeBackendError)
+			pe := backendtest.WantCode(t, err, protocol.CodeBackendError)
 			if !strings.Contains(pe.Message, c.err) {
 				t.Errorf("message %q does not contain %q", pe.Message, c.err)
 			}
@@ -150,41 +111,18 @@ func TestFakeStreams(t *testing.T) {
 }
 
 func TestFakeConnectionRefused(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	b, err := openai.New("http://" + addr + "/v1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
-	pe := wantCode(t, err, protocol.CodeBackendError)
-	if !pe.Retryable || !strings.Contains(pe.Message, "refused") {
-		t.Errorf("%v: want a retryable refusal", pe)
-	}
-	wantCode(t, b.Probe(testCtx(t)), protocol.CodeBackendError)
+	b := backendtest.New(t, openai.New, backendtest.DeadURL(t)+"/v1")
+	backendtest.CheckServerDown(t, b, backendtest.ChatRequest("m", "hi", 4))
 }
 
 func TestFakeDeadlineAndCancel(t *testing.T) {
-	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
-		// Never answers. The body is read first: only then does the server
-		// notice the client leaving and end the request's context.
-		io.Copy(io.Discard, r.Body)
-		<-r.Context().Done()
-	}, openai.WithIdleTimeout(time.Hour), openai.WithWorkTimeout(time.Hour))
-
-	ctx, cancel := context.WithTimeout(testCtx(t), 100*time.Millisecond)
-	defer cancel()
-	_, err := b.Run(ctx, chatReq("m", "hi", 4), &sink{})
-	wantCode(t, err, protocol.CodeTimeout)
-
-	ctx, cancel = context.WithCancel(testCtx(t))
-	time.AfterFunc(50*time.Millisecond, cancel)
-	_, err = b.Run(ctx, chatReq("m", "hi", 4), &sink{})
-	wantCode(t, err, protocol.CodeCancelled)
+	// Timeouts far beyond the test's: only the query's deadline or
+	// cancellation can end it.
+	patient := func(h http.HandlerFunc) backend.Backend {
+		return fakeOpenAI(t, h, openai.WithIdleTimeout(time.Hour), openai.WithWorkTimeout(time.Hour))
+	}
+	backendtest.CheckDeadline(t, patient, backendtest.ChatRequest("m", "hi", 4))
+	backendtest.CheckCancel(t, patient, backendtest.ChatRequest("m", "hi", 4))
 }
 
 // TestFakeChatRequestShape checks what the backend sends for a vision
@@ -204,13 +142,13 @@ func TestFakeChatRequestShape(t *testing.T) {
 		Attachments: []*pb.Attachment{{Mime: "image/jpeg", Data: []byte("JPEG")}},
 		Params:      &pb.Params{MaxTokens: 9, Seed: &seed, Stop: []string{"."}},
 	}
-	var s sink
-	u, err := b.Run(testCtx(t), req, &s)
+	var s backendtest.Sink
+	u, err := b.Run(backendtest.Context(t), req, &s)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.text() != "a cat" || u.PromptTokens != 30 || u.CompletionTokens != 2 {
-		t.Fatalf("text %q usage %+v", s.text(), u)
+	if s.Text() != "a cat" || u.PromptTokens != 30 || u.CompletionTokens != 2 {
+		t.Fatalf("text %q usage %+v", s.Text(), u)
 	}
 	if auth != "Bearer sk-test" || path != "/v1/chat/completions" {
 		t.Errorf("auth %q path %q", auth, path)
@@ -237,7 +175,7 @@ func TestFakeStreamOptionsRefused(t *testing.T) {
 		}
 		io.WriteString(w, event("a", "")+event("b", "")+event("c", "stop")+"data: [DONE]\n\n")
 	})
-	u, err := b.Run(testCtx(t), chatReq("m", "hi", 4), &sink{})
+	u, err := b.Run(backendtest.Context(t), backendtest.ChatRequest("m", "hi", 4), &backendtest.Sink{})
 	if err != nil || u.CompletionTokens != 3 || calls.Load() != 2 {
 		t.Fatalf("usage %+v err %v after %d calls; want 3 tokens after 2 calls", u, err, calls.Load())
 	}
@@ -260,7 +198,7 @@ func TestFakeModels(t *testing.T) {
 		"custom":   {pb.QueryType_QUERY_TYPE_IMAGINE},
 		"unlisted": {pb.QueryType_QUERY_TYPE_TTS},
 	}))
-	ms, err := b.Models(testCtx(t))
+	ms, err := b.Models(backendtest.Context(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -286,27 +224,19 @@ func TestFakeModels(t *testing.T) {
 // declared models and probes healthy.
 func TestFakeNoModelList(t *testing.T) {
 	b := fakeOpenAI(t, http.NotFound, openai.WithModelTypes(map[string][]pb.QueryType{"sd": {pb.QueryType_QUERY_TYPE_IMAGINE}}))
-	if err := b.Probe(testCtx(t)); err != nil {
+	if err := b.Probe(backendtest.Context(t)); err != nil {
 		t.Fatalf("Probe: %v", err)
 	}
-	ms, err := b.Models(testCtx(t))
+	ms, err := b.Models(backendtest.Context(t))
 	if err != nil || len(ms) != 1 || ms[0].Name != "sd" {
 		t.Fatalf("Models = %+v, %v", ms, err)
 	}
 	plain := fakeOpenAI(t, http.NotFound)
-	wantCode(t, plain.Probe(testCtx(t)), protocol.CodeUnsupported)
-}
-
-func pngBytes(t *testing.T) []byte {
-	var buf bytes.Buffer
-	if err := png.Encode(&buf, image.NewRGBA(image.Rect(0, 0, 4, 4))); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
+	backendtest.WantCode(t, plain.Probe(backendtest.Context(t)), protocol.CodeUnsupported)
 }
 
 func TestFakeImagine(t *testing.T) {
-	img := pngBytes(t)
+	img := backendtest.PNG(t)
 	var got map[string]any
 	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/v1/images/generations" {
@@ -317,12 +247,12 @@ func TestFakeImagine(t *testing.T) {
 		fmt.Fprintf(w, `{"created":1,"data":[{"b64_json":%q}]}`, base64.StdEncoding.EncodeToString(img))
 	})
 	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_IMAGINE, Model: "sd", Prompt: "a cat", Params: &pb.Params{Size: "256x256"}}
-	var s sink
-	if _, err := b.Run(testCtx(t), req, &s); err != nil {
+	var s backendtest.Sink
+	if _, err := b.Run(backendtest.Context(t), req, &s); err != nil {
 		t.Fatal(err)
 	}
-	if len(s.media) != 1 || s.media[0] != "image/png" || !bytes.Equal(s.data[0], img) {
-		t.Fatalf("media %v, want the PNG", s.media)
+	if len(s.Mimes()) != 1 || s.Mimes()[0] != "image/png" || !bytes.Equal(s.MediaData()[0], img) {
+		t.Fatalf("media %v, want the PNG", s.Mimes())
 	}
 	if js, _ := json.Marshal(got); string(js) != `{"model":"sd","n":1,"prompt":"a cat","response_format":"b64_json","size":"256x256"}` {
 		t.Errorf("request %s", js)
@@ -331,8 +261,8 @@ func TestFakeImagine(t *testing.T) {
 	urlOnly := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, `{"data":[{"url":"http://example.invalid/x.png"}]}`)
 	})
-	_, err := urlOnly.Run(testCtx(t), req, &sink{})
-	wantCode(t, err, protocol.CodeBackendError)
+	_, err := urlOnly.Run(backendtest.Context(t), req, &backendtest.Sink{})
+	backendtest.WantCode(t, err, protocol.CodeBackendError)
 }
 
 func TestFakeTranscribe(t *testing.T) {
@@ -351,12 +281,12 @@ func TestFakeTranscribe(t *testing.T) {
 	})
 	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_STT, Model: "whisper-1",
 		Attachments: []*pb.Attachment{{Mime: "audio/webm;codecs=opus", Data: make([]byte, 1000)}}}
-	var s sink
-	if _, err := b.Run(testCtx(t), req, &s); err != nil {
+	var s backendtest.Sink
+	if _, err := b.Run(backendtest.Context(t), req, &s); err != nil {
 		t.Fatal(err)
 	}
-	if want := "whisper-1 audio.webm audio/webm;codecs=opus 1000 bytes"; s.text() != want {
-		t.Fatalf("text %q, want %q", s.text(), want)
+	if want := "whisper-1 audio.webm audio/webm;codecs=opus 1000 bytes"; s.Text() != want {
+		t.Fatalf("text %q, want %q", s.Text(), want)
 	}
 }
 
@@ -369,12 +299,12 @@ func TestFakeSpeak(t *testing.T) {
 		w.Write(audio)
 	})
 	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_TTS, Model: "tts-1", Prompt: "hello", Params: &pb.Params{Voice: "nova"}}
-	var s sink
-	if _, err := b.Run(testCtx(t), req, &s); err != nil {
+	var s backendtest.Sink
+	if _, err := b.Run(backendtest.Context(t), req, &s); err != nil {
 		t.Fatal(err)
 	}
-	if len(s.media) != 1 || s.media[0] != "audio/mpeg" || !bytes.Equal(s.data[0], audio) {
-		t.Fatalf("media %v", s.media)
+	if len(s.Mimes()) != 1 || s.Mimes()[0] != "audio/mpeg" || !bytes.Equal(s.MediaData()[0], audio) {
+		t.Fatalf("media %v", s.Mimes())
 	}
 	if js, _ := json.Marshal(got); string(js) != `{"input":"hello","model":"tts-1","response_format":"mp3","voice":"nova"}` {
 		t.Errorf("request %s", js)
@@ -384,8 +314,8 @@ func TestFakeSpeak(t *testing.T) {
 		w.Header().Set("Content-Type", "audio/wav")
 		w.Write(make([]byte, protocol.MaxEventFrame+1))
 	})
-	_, err := huge.Run(testCtx(t), req, &sink{})
-	wantCode(t, err, protocol.CodeTooLarge)
+	_, err := huge.Run(backendtest.Context(t), req, &backendtest.Sink{})
+	backendtest.WantCode(t, err, protocol.CodeTooLarge)
 }
 
 func TestFakeEmbedIndices(t *testing.T) {
@@ -393,16 +323,16 @@ func TestFakeEmbedIndices(t *testing.T) {
 		io.WriteString(w, `{"data":[{"index":1,"embedding":[0.5]},{"index":0,"embedding":[0.25]}],"usage":{"prompt_tokens":4}}`)
 	})
 	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_EMBED, Model: "e", Inputs: []string{"a", "b"}}
-	var s sink
-	u, err := b.Run(testCtx(t), req, &s)
-	if err != nil || s.embeds[0][0] != 0.25 || s.embeds[1][0] != 0.5 || u.PromptTokens != 4 {
-		t.Fatalf("embeds %v usage %+v err %v", s.embeds, u, err)
+	var s backendtest.Sink
+	u, err := b.Run(backendtest.Context(t), req, &s)
+	if es := s.Embeddings(); err != nil || len(es) != 2 || es[0][0] != 0.25 || es[1][0] != 0.5 || u.PromptTokens != 4 {
+		t.Fatalf("embeds %v usage %+v err %v", es, u, err)
 	}
 	dup := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, `{"data":[{"index":0,"embedding":[0.5]},{"index":0,"embedding":[0.25]}]}`)
 	})
-	_, err = dup.Run(testCtx(t), req, &sink{})
-	wantCode(t, err, protocol.CodeBackendError)
+	_, err = dup.Run(backendtest.Context(t), req, &backendtest.Sink{})
+	backendtest.WantCode(t, err, protocol.CodeBackendError)
 }
 
 func TestNewRejectsBadURL(t *testing.T) {
@@ -426,8 +356,8 @@ func TestFakeChatWithoutParams(t *testing.T) {
 		io.WriteString(w, event("hi", "stop")+"data: [DONE]\n\n")
 	})
 	req := &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "m", Prompt: "hello"}
-	var s sink
-	if _, err := b.Run(testCtx(t), req, &s); err != nil {
+	var s backendtest.Sink
+	if _, err := b.Run(backendtest.Context(t), req, &s); err != nil {
 		t.Fatal(err)
 	}
 	for _, k := range []string{"temperature", "top_p", "seed", "max_tokens"} {
@@ -435,7 +365,7 @@ func TestFakeChatWithoutParams(t *testing.T) {
 			t.Errorf("request carries %s without params: %v", k, got)
 		}
 	}
-	if s.text() != "hi" {
-		t.Fatalf("text %q", s.text())
+	if s.Text() != "hi" {
+		t.Fatalf("text %q", s.Text())
 	}
 }

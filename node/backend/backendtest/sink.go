@@ -1,0 +1,106 @@
+// Package backendtest holds what the backends' tests share: a recording
+// Sink, fake-server scaffolding (real HTTP servers on 127.0.0.1 answering
+// as a backend's server would, or would break), table runners for the
+// mapping of server answers to typed errors, and RunEngineSuite, the
+// conformance suite every chat-and-embed backend passes against the real
+// inference engine of package enginetest.
+package backendtest
+
+import (
+	"errors"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+)
+
+var _ backend.Sink = (*Sink)(nil)
+
+// Sink records what a backend streams into it; it is safe for concurrent
+// use. The zero value is ready.
+type Sink struct {
+	// OnChunk, when set, runs after each chunk with the number received
+	// so far, outside the lock, so it may block or cancel the query.
+	OnChunk func(n int)
+	// RefuseEmbeddings makes Embedding fail, for a backend that must never
+	// emit one.
+	RefuseEmbeddings bool
+
+	mu     sync.Mutex
+	chunks []string
+	mimes  []string
+	data   [][]byte
+	embeds map[int][]float32
+}
+
+// Chunk records text.
+func (s *Sink) Chunk(text string) error {
+	s.mu.Lock()
+	s.chunks = append(s.chunks, text)
+	n, f := len(s.chunks), s.OnChunk
+	s.mu.Unlock()
+	if f != nil {
+		f(n)
+	}
+	return nil
+}
+
+// Media records one media result.
+func (s *Sink) Media(mime string, data []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.mimes = append(s.mimes, mime)
+	s.data = append(s.data, data)
+	return nil
+}
+
+// Embedding records vector v as input i's.
+func (s *Sink) Embedding(i int, v []float32) error {
+	if s.RefuseEmbeddings {
+		return errors.New("unexpected embedding")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.embeds == nil {
+		s.embeds = map[int][]float32{}
+	}
+	s.embeds[i] = v
+	return nil
+}
+
+// Chunks are the text chunks received, in order.
+func (s *Sink) Chunks() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.chunks)
+}
+
+// Text is the chunks joined.
+func (s *Sink) Text() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return strings.Join(s.chunks, "")
+}
+
+// Mimes are the MIME types of the media received, in order.
+func (s *Sink) Mimes() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.mimes)
+}
+
+// MediaData are the media received, in order.
+func (s *Sink) MediaData() [][]byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.data)
+}
+
+// Embeddings are the vectors received, by input index.
+func (s *Sink) Embeddings() map[int][]float32 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.embeds)
+}
