@@ -169,9 +169,7 @@ func (b *Backend) Probe(ctx context.Context) error {
 		return err
 	}
 	req.Header.Set("Accept", "application/json")
-	// This backend has always read a 404 from /health as BAD_REQUEST, not
-	// httputil's UNSUPPORTED; its callers and tests rely on that.
-	x, err := httputil.Send(ctx, b.client, req, ProbeTimeout, 0, httputil.MapStatus(http.StatusNotFound, protocol.CodeBadRequest))
+	x, err := httputil.Send(ctx, b.client, req, ProbeTimeout, 0)
 	if err != nil {
 		log.Debugw("health check failed", "worker", b.base, "err", err)
 		return err
@@ -301,11 +299,10 @@ func (b *Backend) post(ctx context.Context, path string, payload []byte) (string
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")
-	// This backend has always read a worker's 503 as BACKEND_ERROR (a
-	// failure counted against the worker's health), not httputil's BUSY;
-	// its callers and tests rely on that.
+	// A 503 is an overloaded worker: BUSY, as for every backend, so the
+	// query moves on without counting against this worker's health.
 	x, err := httputil.Send(ctx, b.client, req, b.timeout, 0,
-		httputil.PassStatus(http.StatusNotFound, http.StatusMethodNotAllowed), httputil.MapStatus(http.StatusServiceUnavailable, protocol.CodeBackendError))
+		httputil.PassStatus(http.StatusNotFound, http.StatusMethodNotAllowed))
 	if err != nil {
 		return "", 0, err
 	}

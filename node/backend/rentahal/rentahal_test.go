@@ -306,7 +306,7 @@ func TestErrorMapping(t *testing.T) {
 		{Name: "400 plain text", Answer: raw(400, "prompt too long"), Code: protocol.CodeBadRequest, Msg: "prompt too long"},
 		{Name: "429", Answer: raw(429, `{"detail":"slow down"}`), Code: protocol.CodeBusy, Msg: "slow down"},
 		{Name: "500 with detail", Answer: raw(500, `{"detail":"Model prediction failed: exit status 1"}`), Code: protocol.CodeBackendError, Msg: "Model prediction failed"},
-		{Name: "503 empty", Answer: raw(503, ``), Code: protocol.CodeBackendError, Msg: "Service Unavailable"},
+		{Name: "503 empty", Answer: raw(503, ``), Code: protocol.CodeBusy, Msg: "Service Unavailable"},
 		{Name: "garbage", Answer: raw(200, `<html>oops</html>`), Code: protocol.CodeBackendError, Msg: "malformed"},
 		{Name: "truncated JSON", Answer: raw(200, `{"response": "abc`), Code: protocol.CodeBackendError, Msg: "malformed"},
 		{Name: "truncated body", Answer: truncated, Code: protocol.CodeBackendError, Msg: "mid-answer"},
@@ -383,7 +383,7 @@ func TestProbe(t *testing.T) {
 	}{
 		{"unhealthy status", 200, `{"status":"degraded"}`, protocol.CodeBackendError},
 		{"500", 500, `{"detail":"boom"}`, protocol.CodeBackendError},
-		{"404", 404, `{"detail":"Not Found"}`, protocol.CodeBadRequest},
+		{"404: not a RENTAHAL worker", 404, `{"detail":"Not Found"}`, protocol.CodeUnsupported},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
