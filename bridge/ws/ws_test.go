@@ -138,10 +138,14 @@ func (c *client) until(typ string) (msg, []msg) {
 	}
 }
 
+// types names the messages, with the text of any error, for failures.
 func types(ms []msg) []string {
 	out := make([]string, len(ms))
 	for i, m := range ms {
 		out[i] = m.str("type")
+		if out[i] == "error" {
+			out[i] += "(" + m.str("code") + ": " + m.str("message") + ")"
+		}
 	}
 	return out
 }
