@@ -106,7 +106,7 @@ func (a *announcer) build() *pb.Announce {
 
 // publish sends the announcement if it changed or force is set, and
 // provides newly served models in the DHT.
-func (a *announcer) publish(ctx context.Context, force bool) {
+func (a *announcer) publish(ctx context.Context, force bool) (published bool) {
 	ann := a.build()
 	a.mu.Lock()
 	// Between heartbeats only changes that alter routing are worth a
@@ -116,7 +116,7 @@ func (a *announcer) publish(ctx context.Context, force bool) {
 	same := a.last != nil && proto.Equal(significant(a.last), significant(ann))
 	if same && !force {
 		a.mu.Unlock()
-		return
+		return false
 	}
 	a.last = ann
 	var toProvide []string
@@ -147,6 +147,7 @@ func (a *announcer) publish(ctx context.Context, force bool) {
 			}
 		}()
 	}
+	return true
 }
 
 // significant is the part of an announcement whose change warrants a
@@ -172,26 +173,33 @@ func significant(a *pb.Announce) *pb.Announce {
 // run publishes on change (spaced) and on a jittered heartbeat until ctx ends.
 func (a *announcer) run(ctx context.Context) {
 	a.publish(ctx, true)
-	timer := time.NewTimer(a.jitter())
-	defer timer.Stop()
+	heartbeat := time.NewTimer(a.jitter())
+	defer heartbeat.Stop()
+	// Kicks are coalesced into one publish at most every minSpacing; the
+	// loop never sleeps, so a stream of kicks cannot starve the heartbeat.
+	spacing := time.NewTimer(0)
+	<-spacing.C
+	defer spacing.Stop()
+	pending := false
 	var lastKick time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-timer.C:
+		case <-heartbeat.C:
 			a.publish(ctx, true)
-			timer.Reset(a.jitter())
+			heartbeat.Reset(a.jitter())
 		case <-a.kick:
-			if wait := minSpacing - time.Since(lastKick); wait > 0 {
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(wait):
-				}
+			if !pending {
+				pending = true
+				spacing.Reset(max(minSpacing-time.Since(lastKick), 0))
 			}
+		case <-spacing.C:
+			pending = false
 			lastKick = time.Now()
-			a.publish(ctx, a.force.Swap(false))
+			if a.publish(ctx, a.force.Swap(false)) {
+				heartbeat.Reset(a.jitter())
+			}
 		}
 	}
 }

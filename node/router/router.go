@@ -166,6 +166,7 @@ func (r *Router) state(p peer.ID) *peerState {
 type scored struct {
 	Candidate
 	score float64
+	full  bool // no free slot: a query would queue behind unknown work
 }
 
 // modelInfo finds the announced model entry serving t.
@@ -205,14 +206,29 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 		if !st.tracker.Available() {
 			continue
 		}
-		ranked = append(ranked, scored{c, r.score(c, mi, st, prior)})
+		ranked = append(ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
 	}
-	sort.Slice(ranked, func(i, j int) bool { return ranked[i].score < ranked[j].score })
+	// A peer with a free slot always comes before a full one: how long a
+	// queue takes depends on work we cannot see (a long answer in front).
+	sort.Slice(ranked, func(i, j int) bool {
+		if ranked[i].full != ranked[j].full {
+			return !ranked[i].full
+		}
+		return ranked[i].score < ranked[j].score
+	})
 	return ranked, known
 }
 
 // score is the expected time to first token in ms, divided by health: a
 // queue wait from load and concurrency, the measured TTFT, and the RTT.
+// full reports whether c has no free slot, by its announcement or by the
+// queries this router has in flight there.
+func full(c Candidate, st *peerState) bool {
+	l := c.Announce.GetLoad()
+	occ := max(int(l.GetInFlight()+l.GetQueued()), st.inflight)
+	return occ >= int(max(l.GetMaxConcurrency(), 1))
+}
+
 // measures averages the measured TTFT and service time of peers.
 type measures struct {
 	ttft, svc   float64
@@ -299,7 +315,7 @@ func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState, prior measu
 func (r *Router) choose(ranked []scored) int {
 	// The slack keeps peers a few milliseconds apart (all fast, on one LAN)
 	// in the draw even when one is twice as fast as the other.
-	if len(ranked) < 2 || ranked[1].score > 2*ranked[0].score+chooseSlackMs {
+	if len(ranked) < 2 || ranked[1].full != ranked[0].full || ranked[1].score > 2*ranked[0].score+chooseSlackMs {
 		return 0
 	}
 	r.mu.Lock()

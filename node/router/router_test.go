@@ -59,6 +59,7 @@ func TestRankOrdersByExpectedTimeToFirstToken(t *testing.T) {
 		{"near beats far", staticTable{cand("far", 0, 4, 100, 300*time.Millisecond), cand("near", 0, 4, 100, time.Millisecond)}, []string{"near", "far"}},
 		{"healthy beats sick", staticTable{cand("sick", 0, 4, 30, 0), cand("well", 0, 4, 100, 0)}, []string{"well", "sick"}},
 		{"bigger worker takes more load", staticTable{cand("small", 2, 2, 100, 0), cand("big", 2, 16, 100, 0)}, []string{"big", "small"}},
+		{"a free slot beats a faster full worker", staticTable{cand("fullfast", 4, 4, 100, 0), cand("freeslow", 0, 4, 100, 300*time.Millisecond)}, []string{"freeslow", "fullfast"}},
 		{"draining skipped", staticTable{cand("leaving", 0, 4, 100, 0, draining), cand("staying", 3, 4, 100, 0)}, []string{"staying"}},
 		{"wrong model or type skipped", staticTable{cand("other", 0, 4, 100, 0, otherModel), cand("embed", 0, 4, 100, 0, embedOnly), cand("ok", 0, 4, 100, 0)}, []string{"ok"}},
 	}
