@@ -152,7 +152,7 @@ func TestLeastLoadedWorkerAnswers(t *testing.T) {
 			t.Fatal(err)
 		}
 		if res.Peer == busy.ID() {
-			t.Fatalf("query %d went to the fully loaded worker", i)
+			t.Fatalf("query %d went to the fully loaded worker (attempts %d); peers: %+v", i, res.Attempts, client.Router().Peers())
 		}
 	}
 }
