@@ -34,8 +34,9 @@ const (
 	DefaultDeadline    = 120 * time.Second
 	DefaultMaxAttempts = 4
 	DialTimeout        = 10 * time.Second
-	// IdleTimeout bounds the silence between two output events.
-	IdleTimeout = 60 * time.Second
+	// IdleTimeout bounds the silence between two frames once the worker
+	// has accepted: three missed heartbeats.
+	IdleTimeout = 3 * protocol.HeartbeatInterval
 	// AcceptTimeout bounds the wait for a worker's first frame (Accepted).
 	AcceptTimeout = 5 * time.Second
 	// Score inputs used until a peer has measured figures.
@@ -467,7 +468,11 @@ func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h
 	var first time.Time
 	started := false
 	wrap := func(ev *pb.Event) error {
-		if _, ok := ev.GetKind().(*pb.Event_Accepted); !ok && !started {
+		_, accepted := ev.GetKind().(*pb.Event_Accepted)
+		switch {
+		case accepted && started:
+			return nil // a heartbeat between outputs: nothing to pass on
+		case !accepted && !started:
 			started = true
 			first = time.Now()
 		}
@@ -547,19 +552,14 @@ func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, em
 	}
 	_ = s.CloseWrite()
 	fr := protocol.NewFrameReader(s, protocol.MaxEventFrame)
-	first, started := true, false
+	first := true
 	for {
 		// A live worker answers Accepted at once and repeats it as a
-		// heartbeat until output flows; silence past these bounds means a
-		// frozen or cut-off worker, and the query moves on.
-		var wait time.Duration
-		switch {
-		case first:
+		// heartbeat whenever it is otherwise silent; silence past these
+		// bounds means a frozen or cut-off worker, and the query moves on.
+		wait := r.idle
+		if first {
 			wait = r.accept
-		case !started:
-			wait = 3 * protocol.HeartbeatInterval
-		default:
-			wait = r.idle
 		}
 		first = false
 		_ = s.SetReadDeadline(earliest(dl, time.Now().Add(wait)))
@@ -585,7 +585,6 @@ func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, em
 				return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
 			}
 		default:
-			started = true
 			if err := emit(&ev); err != nil {
 				_ = s.Reset()
 				return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)

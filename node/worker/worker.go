@@ -363,18 +363,21 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 		return nil, err
 	}
 	w.onChange()
-	// Until output flows, Accepted repeats as a heartbeat with the current
-	// queue position, so a client can tell a queued or slow query from a
-	// frozen worker. emit is shared with the backend's sink from here on.
+	// Whenever the worker has sent nothing for a heartbeat interval it
+	// repeats Accepted with the current queue position: the client can
+	// tell a queued or slow query from a frozen worker, and the write
+	// reveals a client that reset the stream (a reset after close-write is
+	// only seen by writes). emit is shared with the backend's sink.
 	var emitMu sync.Mutex
+	var lastEmit atomic.Int64
 	inner := emit
 	emit = func(ev *pb.Event) error {
 		emitMu.Lock()
 		defer emitMu.Unlock()
+		lastEmit.Store(time.Now().UnixNano())
 		return inner(ev)
 	}
-	var output atomic.Bool
-	stopBeat := w.heartbeat(t, &output, emit)
+	stopBeat := w.heartbeat(t, &lastEmit, emit, cancel)
 	defer stopBeat()
 	if err := emit(&pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: uint32(pos)}}}); err != nil {
 		if w.adm.wait(canceled(), t) == nil {
@@ -393,7 +396,7 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	if w.meter != nil {
 		end = w.meter.Begin()
 	}
-	s := &sink{emit: emit, ctx: ctx, output: &output}
+	s := &sink{emit: emit, ctx: ctx}
 	usage, err := runSafely(ctx, b, req, s)
 	var energy uint64
 	if end != nil {
@@ -436,10 +439,11 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	}, nil
 }
 
-// heartbeat repeats Accepted every HeartbeatInterval until output starts
-// or the returned stop is called; stop waits for it to end, so nothing is
-// emitted after Serve returns.
-func (w *Worker) heartbeat(t *ticket, output *atomic.Bool, emit Emit) (stop func()) {
+// heartbeat sends Accepted whenever nothing was emitted for a heartbeat
+// interval, until the returned stop is called; stop waits for it to end,
+// so nothing is emitted after Serve returns. A failed write means the
+// client is gone, and cancel stops the query.
+func (w *Worker) heartbeat(t *ticket, lastEmit *atomic.Int64, emit Emit, cancel context.CancelFunc) (stop func()) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -452,11 +456,14 @@ func (w *Worker) heartbeat(t *ticket, output *atomic.Bool, emit Emit) (stop func
 			case <-done:
 				return
 			case <-tick.C:
-				if output.Load() {
-					return
+				if time.Since(time.Unix(0, lastEmit.Load())) < w.beat {
+					continue
 				}
 				pos := w.adm.position(t)
 				if emit(&pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: uint32(pos)}}}) != nil {
+					// The client is gone: stop the query now, not at
+					// the backend's next output.
+					cancel()
 					return
 				}
 			}
@@ -513,16 +520,12 @@ type sink struct {
 	emit   Emit
 	ctx    context.Context
 	first  time.Time
-	output *atomic.Bool // set with the first output; stops the heartbeat
 	chunks uint32
 }
 
 func (s *sink) mark() {
 	if s.first.IsZero() {
 		s.first = time.Now()
-		if s.output != nil {
-			s.output.Store(true)
-		}
 	}
 }
 

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
@@ -240,10 +241,9 @@ func TestAcceptedRepeatsAsHeartbeatWhileQueued(t *testing.T) {
 		mu.Lock()
 		defer mu.Unlock()
 		if a := ev.GetAccepted(); a != nil {
-			if output {
-				t.Error("Accepted after output")
+			if !output {
+				positions = append(positions, a.GetQueuePosition())
 			}
-			positions = append(positions, a.GetQueuePosition())
 		} else {
 			output = true
 		}
@@ -261,5 +261,31 @@ func TestAcceptedRepeatsAsHeartbeatWhileQueued(t *testing.T) {
 		if positions[i] > positions[i-1] {
 			t.Fatalf("queue position went up: %v", positions)
 		}
+	}
+}
+
+// silent is a fake backend that produces nothing until cancelled, like a
+// model server generating an image.
+type silent struct{ *demo.Backend }
+
+func (silent) Run(ctx context.Context, _ *pb.QueryRequest, _ backend.Sink) (backend.Usage, error) {
+	<-ctx.Done()
+	return backend.Usage{}, ctx.Err()
+}
+
+// A client that is gone is noticed by the next heartbeat write, and the
+// backend call is cancelled then, not when it would next produce output.
+func TestHeartbeatWriteFailureCancelsQuery(t *testing.T) {
+	w := newWorker(t, silent{demo.New("w")}, WithHeartbeat(20*time.Millisecond))
+	events := 0
+	_, err := w.Serve(context.Background(), req("draw something"), func(*pb.Event) error {
+		events++
+		if events > 1 {
+			return errors.New("stream reset by the client")
+		}
+		return nil
+	})
+	if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeCancelled {
+		t.Fatalf("err = %v, want CANCELLED once the heartbeat found the client gone", err)
 	}
 }
