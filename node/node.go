@@ -283,7 +283,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.worker.Refresh(ctx)
 	h.SetStreamHandler(qproto, n.worker.HandleStream)
 
-	ropts := []router.Option{router.WithProviders(n.disc)}
+	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT())}
 	if len(cfg.backends) > 0 {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
 	}

@@ -65,6 +65,12 @@ type Providers interface {
 	FindProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error)
 }
 
+// PeerFinder finds the addresses of a peer (the DHT does), for workers
+// known from gossip that this node has never been connected to.
+type PeerFinder interface {
+	FindPeer(ctx context.Context, p peer.ID) (peer.AddrInfo, error)
+}
+
 // Local is this node's own worker, called without a network hop.
 type Local interface {
 	Serve(ctx context.Context, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error)
@@ -84,6 +90,7 @@ type Router struct {
 	proto       libp2pproto.ID
 	table       Table
 	providers   Providers
+	finder      PeerFinder
 	local       Local
 	deadline    time.Duration
 	maxAttempts int
@@ -101,6 +108,9 @@ type Option func(*Router)
 
 // WithProviders enables DHT lookups for models missing from the table.
 func WithProviders(p Providers) Option { return func(r *Router) { r.providers = p } }
+
+// WithPeerFinder looks up addresses of peers it cannot reach otherwise.
+func WithPeerFinder(f PeerFinder) Option { return func(r *Router) { r.finder = f } }
 
 // WithLocal lets the router answer with this node's worker.
 func WithLocal(l Local) Option { return func(r *Router) { r.local = l } }
@@ -530,6 +540,7 @@ func ewma(old, v float64) float64 {
 // remote runs the query over a libp2p stream.
 func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error) {
 	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
+	r.ensureAddrs(dctx, p)
 	s, err := r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
 	cancel()
 	if err != nil {
@@ -591,6 +602,20 @@ func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, em
 			}
 		}
 	}
+}
+
+// ensureAddrs looks p up when we are not connected to it and know no
+// address: a worker learnt of through gossip relayed by others.
+func (r *Router) ensureAddrs(ctx context.Context, p peer.ID) {
+	if r.finder == nil || r.h.Network().Connectedness(p) == network.Connected || len(r.h.Peerstore().Addrs(p)) > 0 {
+		return
+	}
+	ai, err := r.finder.FindPeer(ctx, p)
+	if err != nil {
+		log.Debugw("find peer", "peer", p, "err", err)
+		return
+	}
+	r.h.Peerstore().AddAddrs(p, ai.Addrs, peerstore.TempAddrTTL)
 }
 
 func earliest(a, b time.Time) time.Time {

@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -232,5 +233,41 @@ func TestPeersListsWorkersOnly(t *testing.T) {
 	ps := r.Peers()
 	if len(ps) != 1 || ps[0].Peer != peer.ID("w").String() || ps[0].Roles == nil {
 		t.Fatalf("peers = %+v, want only the worker, with non-nil roles", ps)
+	}
+}
+
+// staticFinder is a one-entry address book standing in for the DHT.
+type staticFinder struct{ ai peer.AddrInfo }
+
+func (f staticFinder) FindPeer(_ context.Context, p peer.ID) (peer.AddrInfo, error) {
+	if p != f.ai.ID {
+		return peer.AddrInfo{}, errors.New("not found")
+	}
+	return f.ai, nil
+}
+
+// TestWorkerKnownOnlyFromGossipIsFound: a worker in the table whose
+// addresses this node never learnt (it heard of it through gossip relayed
+// by others) is looked up and reached.
+func TestWorkerKnownOnlyFromGossipIsFound(t *testing.T) {
+	const proto = "/mtor/test/query"
+	live := testHost(t)
+	w := worker.New([]backend.Backend{demo.New("live", demo.WithDelay(0))})
+	w.Refresh(context.Background())
+	live.SetStreamHandler(proto, w.HandleStream)
+	h := testHost(t) // never connected to live, no addresses for it
+	demoModel := func(a *pb.Announce) { a.Models[0].Name = "demo" }
+	table := staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel)}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	req := func() *pb.QueryRequest {
+		return &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}
+	}
+	if _, err := New(h, proto, table).Query(ctx, req(), func(*pb.Event) error { return nil }); err == nil {
+		t.Fatal("reached a peer with no known address and no way to find it")
+	}
+	r := New(testHost(t), proto, table, WithPeerFinder(staticFinder{peer.AddrInfo{ID: live.ID(), Addrs: live.Addrs()}}))
+	if _, err := r.Query(ctx, req(), func(*pb.Event) error { return nil }); err != nil {
+		t.Fatalf("worker not found through the peer finder: %v", err)
 	}
 }
