@@ -306,15 +306,22 @@ func TestGracefulShutdownFinishesInFlightQueries(t *testing.T) {
 	}
 }
 
-// TestNewcomerSeesWorkersWithoutWaitingForAHeartbeat: with a heartbeat of a
-// minute, a node joining later still learns of every worker at once,
-// because peers announce again when someone joins the announce topic.
-func TestNewcomerSeesWorkersWithoutWaitingForAHeartbeat(t *testing.T) {
-	s := swarmtest.New(t, swarmtest.Workers(2), swarmtest.NodeOptions(node.WithAnnounceInterval(time.Minute)))
-	late := s.AddWorker()
-	s.Workers = append(s.Workers, late)
+// TestNewWorkerIsSeenWithoutWaitingForAHeartbeat: with a heartbeat of a
+// minute, a worker that joins later is in every table at once: it
+// announces again as each peer joins its topic, and the mesh carries that
+// announcement to the nodes it is not connected to.
+func TestNewWorkerIsSeenWithoutWaitingForAHeartbeat(t *testing.T) {
+	s := swarmtest.New(t, swarmtest.Workers(2))
+	late := s.AddWorker(node.WithAnnounceInterval(time.Minute))
 	// Well inside one heartbeat: only join-triggered announcements count.
-	s.WaitConverged(20 * time.Second)
+	waitFor(t, 20*time.Second, func() bool {
+		for _, n := range s.Nodes() {
+			if e, ok := n.Discovery().Table().Get(late.ID()); !ok || len(e.Announce.GetModels()) == 0 {
+				return false
+			}
+		}
+		return true
+	}, "every node to see the new worker")
 }
 
 // TestStaleProviderRecordIsUnsupported: the DHT still names a worker that

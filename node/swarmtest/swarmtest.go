@@ -121,8 +121,9 @@ func (s *Swarm) start(backends []backend.Backend, extra ...node.Option) *node.No
 	return n
 }
 
-// AddWorker starts one more worker with the configured backends.
-func (s *Swarm) AddWorker() *node.Node {
+// AddWorker starts one more worker with the configured backends and
+// extra node options.
+func (s *Swarm) AddWorker(extra ...node.Option) *node.Node {
 	s.t.Helper()
 	i := len(s.Workers)
 	label := fmt.Sprintf("worker-%d", i)
@@ -132,7 +133,7 @@ func (s *Swarm) AddWorker() *node.Node {
 	} else {
 		bs = []backend.Backend{demo.New(label, demo.WithDelay(s.cfg.demoDelay))}
 	}
-	return s.start(bs)
+	return s.start(bs, extra...)
 }
 
 // Nodes lists every node that is still running.
