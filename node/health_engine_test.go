@@ -66,6 +66,9 @@ func TestBackendHealthFallsAndRecovers(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		w.Refresh(ctx)
 		scores = append(scores, w.Health())
+		if i == 0 && len(w.Capabilities()) != 1 {
+			t.Fatal("one failed probe withdrew the backend's model")
+		}
 	}
 	if !(scores[0] < 100 && scores[1] < scores[0] && scores[2] < scores[1]) {
 		t.Fatalf("health did not fall step by step: %v", scores)

@@ -145,7 +145,8 @@ func New(backends []backend.Backend, opts ...Option) *Worker {
 
 // Refresh probes every backend and reloads its model list. A model that
 // disappears from its backend disappears from the worker; a backend whose
-// probe fails loses health and, after repeated failures, its models.
+// probe fails loses health and, once its breaker opens after repeated
+// failures, its models.
 func (w *Worker) Refresh(ctx context.Context) {
 	type result struct {
 		b      *bound
@@ -177,7 +178,21 @@ func (w *Worker) Refresh(ctx context.Context) {
 		} else {
 			r.b.health.Record(health.Success)
 		}
-		if r.err != nil || !r.b.health.Available() {
+		if !r.b.health.Available() {
+			continue // breaker open: its models leave the announcement
+		}
+		if r.err != nil {
+			// One failed probe is not yet a dead backend: keep offering
+			// what it served until the breaker opens.
+			w.mu.RLock()
+			for name, ss := range w.models {
+				for _, sv := range ss {
+					if sv.b == r.b {
+						next[name] = append(next[name], sv)
+					}
+				}
+			}
+			w.mu.RUnlock()
 			continue
 		}
 		for _, m := range r.models {
@@ -396,13 +411,27 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	if w.meter != nil {
 		end = w.meter.Begin()
 	}
-	s := &sink{emit: emit, ctx: ctx}
+	// A failed write means the client is gone: cancel the backend call at
+	// once, and count nothing against the backend's health.
+	var clientGone atomic.Bool
+	out := func(ev *pb.Event) error {
+		if err := emit(ev); err != nil {
+			clientGone.Store(true)
+			cancel()
+			return err
+		}
+		return nil
+	}
+	s := &sink{emit: out, ctx: ctx}
 	usage, err := runSafely(ctx, b, req, s)
 	var energy uint64
 	if end != nil {
 		energy, _ = end()
 	}
 	finished := time.Now()
+	if err != nil && clientGone.Load() {
+		return nil, protocol.Errorf(protocol.CodeCancelled, "client gone")
+	}
 	if err != nil {
 		perr := mapBackendError(ctx, err)
 		switch perr.Code {
@@ -449,7 +478,9 @@ func (w *Worker) heartbeat(t *ticket, lastEmit *atomic.Int64, emit Emit, cancel 
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		tick := time.NewTicker(w.beat)
+		// Tick at half the interval so a silence of one interval is
+		// caught within 1.5 intervals, not 2.
+		tick := time.NewTicker(w.beat / 2)
 		defer tick.Stop()
 		for {
 			select {

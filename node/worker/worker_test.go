@@ -289,3 +289,30 @@ func TestHeartbeatWriteFailureCancelsQuery(t *testing.T) {
 		t.Fatalf("err = %v, want CANCELLED once the heartbeat found the client gone", err)
 	}
 }
+
+// A client that goes away mid-answer cancels the query without costing
+// the backend any health.
+func TestClientGoneCostsNoHealth(t *testing.T) {
+	w := newWorker(t, demo.New("w", demo.WithDelay(time.Millisecond)))
+	for i := 0; i < 4; i++ {
+		chunks := 0
+		_, err := w.Serve(context.Background(), req(strings.Repeat("w ", 50)), func(ev *pb.Event) error {
+			if ev.GetChunk() != nil {
+				chunks++
+				if chunks == 2 {
+					return errors.New("stream reset by the client")
+				}
+			}
+			return nil
+		})
+		if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeCancelled {
+			t.Fatalf("err = %v, want CANCELLED", err)
+		}
+	}
+	if h := w.Health(); h != 100 {
+		t.Fatalf("health %d after clients left, want 100", h)
+	}
+	if st := w.Backends()[0]; st.Breaker != "closed" {
+		t.Fatalf("breaker %s after clients left", st.Breaker)
+	}
+}

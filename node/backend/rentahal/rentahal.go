@@ -130,13 +130,10 @@ func New(baseURL string, opts ...Option) (*Backend, error) {
 	return b, nil
 }
 
-// defaultModel names a worker after its address, since it lists no models.
-func defaultModel(u *url.URL) string {
-	if u.Host == "" {
-		return Kind
-	}
-	return Kind + "@" + u.Host
-}
+// defaultModel names a seed worker, which lists no models. Not after its
+// address: model names are shown to every user of the swarm, addresses
+// never are. Name it with rentahal=URL,model=NAME.
+func defaultModel(*url.URL) string { return Kind }
 
 // seedType is the seed's name for a query type.
 func seedType(t pb.QueryType) (string, bool) {

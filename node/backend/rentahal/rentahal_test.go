@@ -402,7 +402,7 @@ func TestModelsAndNew(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(ms) != 1 || ms[0].Name != "rentahal@127.0.0.1:8000" || !reflect.DeepEqual(ms[0].Types, []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}) {
+	if len(ms) != 1 || ms[0].Name != "rentahal" || !reflect.DeepEqual(ms[0].Types, []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}) {
 		t.Fatalf("models %+v", ms)
 	}
 	if b.Kind() != "rentahal" || !strings.Contains(b.Name(), "http://127.0.0.1:8000") {

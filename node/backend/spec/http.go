@@ -35,7 +35,10 @@ func buildHTTP(kind, u string, params map[string]string) (backend.Backend, error
 			// types=MODEL:chat+vision;MODEL2:embed
 			m := map[string][]pb.QueryType{}
 			for _, entry := range strings.Split(ts, ";") {
-				name, list, ok := strings.Cut(entry, ":")
+				// Model names may hold ':' (llama3.1:8b); the last one
+				// separates the types.
+				i := strings.LastIndex(entry, ":")
+				name, list, ok := entry[:max(i, 0)], entry[i+1:], i > 0
 				if !ok {
 					return nil, fmt.Errorf("types entry %q: want MODEL:type+type", entry)
 				}

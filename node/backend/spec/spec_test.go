@@ -23,6 +23,8 @@ func TestParse(t *testing.T) {
 		{"openai=http://127.0.0.1:8080,key=env:MTOR_NO_SUCH_VAR", "", "not set"},
 		{"openai=http://127.0.0.1:8080,types=m1:chat+vision;m2:embed", "openai", ""},
 		{"openai=http://127.0.0.1:8080,types=m1:paint", "", "unknown query type"},
+		{"openai=http://127.0.0.1:8080,types=llama3.1:8b:chat+vision;nomic:embed", "openai", ""},
+		{"openai=http://127.0.0.1:8080,types=chat", "", "want MODEL:type"},
 		{"rentahal=http://127.0.0.1:5000,model=llava,types=chat+vision", "rentahal", ""},
 		{"a1111=http://127.0.0.1:7860", "a1111", ""},
 		{"a1111=http://127.0.0.1:7860,steps=3", "", "unknown parameter"},
