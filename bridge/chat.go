@@ -217,7 +217,9 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
 		switch k := ev.GetKind().(type) {
 		case *pb.Event_Accepted:
-			return sendRole()
+			// Not yet: the backend may still refuse the request, and that
+			// answer deserves its own HTTP status (a 400, not a 200 stream).
+			return nil
 		case *pb.Event_Chunk:
 			if err := sendRole(); err != nil {
 				return err
