@@ -493,6 +493,10 @@ func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h
 	local := p == r.h.ID() && r.local != nil
 	if local {
 		done, err = r.local.Serve(ctx, req, wrap)
+		var pe *protocol.Error
+		if errors.As(err, &pe) {
+			err = workerError{pe}
+		}
 	} else {
 		done, err = r.remote(ctx, p, req, wrap)
 	}
@@ -513,7 +517,21 @@ func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h
 	return &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds())}, started, nil
 }
 
+// workerError is an error the worker itself reported in an Error event:
+// the peer is alive and answering; what failed is its backend or the
+// request, which the worker's own health and breaker account for.
+type workerError struct{ err *protocol.Error }
+
+func (e workerError) Error() string { return e.err.Error() }
+func (e workerError) Unwrap() error { return e.err }
+
 func (r *Router) recordLocked(st *peerState, err error, first, start, end time.Time) {
+	var we workerError
+	if errors.As(err, &we) {
+		// Not the peer's failure: a user asking one broken model must not
+		// take a healthy peer out of the swarm for every model.
+		return
+	}
 	if err == nil {
 		if !first.IsZero() {
 			st.ttft = ewma(st.ttft, float64(first.Sub(start).Milliseconds()))
@@ -589,7 +607,7 @@ func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, em
 			return k.Done, nil
 		case *pb.Event_Error:
 			_ = s.Close()
-			return nil, protocol.FromProto(k.Error)
+			return nil, workerError{protocol.FromProto(k.Error)}
 		case *pb.Event_Accepted:
 			if err := emit(&ev); err != nil {
 				_ = s.Reset()

@@ -271,3 +271,39 @@ func TestWorkerKnownOnlyFromGossipIsFound(t *testing.T) {
 		t.Fatalf("worker not found through the peer finder: %v", err)
 	}
 }
+
+// brokenModel is a fake backend whose one model always fails, as a model
+// server does for a model it cannot load.
+type brokenModel struct{ *demo.Backend }
+
+func (brokenModel) Run(context.Context, *pb.QueryRequest, backend.Sink) (backend.Usage, error) {
+	return backend.Usage{}, protocol.Errorf(protocol.CodeBackendError, "model failed to load")
+}
+
+// TestWorkerReportedErrorsDoNotTripThePeer: errors a worker reports itself
+// (its backend failed) are its backend's business; they must not open the
+// router's breaker for the whole peer.
+func TestWorkerReportedErrorsDoNotTripThePeer(t *testing.T) {
+	const proto = "/mtor/test/query"
+	live := testHost(t)
+	w := worker.New([]backend.Backend{brokenModel{demo.New("w")}})
+	w.Refresh(context.Background())
+	live.SetStreamHandler(proto, w.HandleStream)
+	h := testHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := h.Connect(ctx, peer.AddrInfo{ID: live.ID(), Addrs: live.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	demoModel := func(a *pb.Announce) { a.Models[0].Name = "demo" }
+	r := New(h, proto, staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel)})
+	for i := 0; i < 5; i++ {
+		_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "x"}, func(*pb.Event) error { return nil })
+		if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeBackendError {
+			t.Fatalf("query %d: err = %v, want the worker's BACKEND_ERROR", i, err)
+		}
+	}
+	if v := r.Peers()[0]; v.Breaker != "closed" || v.LocalHealth != 100 {
+		t.Fatalf("peer view %+v: a worker's own errors tripped the peer", v)
+	}
+}
