@@ -73,6 +73,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		maxBody:       DefaultMaxBody,
 		maxMedia:      DefaultMaxMedia,
 		queryTimeout:  DefaultQueryTimeout,
+		keepAlive:     DefaultKeepAlive,
 		retryAfter:    DefaultRetryAfter,
 		shutdownGrace: DefaultShutdownGrace,
 		log:           logging.Logger("mtor/bridge"),

@@ -135,6 +135,43 @@ type sse struct {
 	w       http.ResponseWriter
 	rc      *http.ResponseController
 	started bool
+	last    time.Time // of the last write
+}
+
+// DefaultKeepAlive is how long a stream may stay silent (a query queued or
+// a slow model) before the bridge sends an SSE comment, so that proxies
+// with a read timeout (nginx: 60 s) do not cut it.
+const DefaultKeepAlive = 15 * time.Second
+
+// keepAlive writes ": keep-alive" whenever nothing was written for every;
+// stop waits for it to end. After the first one the status line is sent,
+// so a later refusal arrives as an error event rather than its HTTP status.
+func (e *sse) keepAlive(every time.Duration) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	e.mu.Lock()
+	e.last = time.Now()
+	e.mu.Unlock()
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(every / 2)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				e.mu.Lock()
+				if time.Since(e.last) >= every {
+					e.start()
+					_ = e.write([]byte(": keep-alive\n\n"))
+				}
+				e.mu.Unlock()
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
 }
 
 func newSSE(w http.ResponseWriter) *sse {
@@ -155,6 +192,7 @@ func (e *sse) start() {
 }
 
 func (e *sse) write(data []byte) error {
+	e.last = time.Now()
 	_ = e.rc.SetWriteDeadline(time.Now().Add(defaultWriteTimeout))
 	if _, err := e.w.Write(data); err != nil {
 		return err
@@ -197,6 +235,7 @@ func (e *sse) isStarted() bool {
 func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryRequest, id string, created int64, includeUsage bool) {
 	out := newSSE(w)
 	defer out.finish()
+	defer out.keepAlive(s.cfg.keepAlive)()
 	var usageField any
 	if includeUsage {
 		usageField = json.RawMessage("null")

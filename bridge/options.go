@@ -35,6 +35,7 @@ type config struct {
 	maxMedia      int64
 	registry      *prometheus.Registry
 	queryTimeout  time.Duration
+	keepAlive     time.Duration // SSE comment after this much silence
 	retryAfter    time.Duration
 	shutdownGrace time.Duration
 	selfID        string
@@ -216,6 +217,18 @@ func WithLogger(l *logging.ZapEventLogger) Option {
 			return errors.New("nil logger")
 		}
 		c.log = l
+		return nil
+	}
+}
+
+// WithKeepAlive sets how long a stream may stay silent before the bridge
+// sends an SSE keep-alive comment (default DefaultKeepAlive).
+func WithKeepAlive(d time.Duration) Option {
+	return func(c *config) error {
+		if d <= 0 {
+			return fmt.Errorf("keep-alive %s: must be positive", d)
+		}
+		c.keepAlive = d
 		return nil
 	}
 }
