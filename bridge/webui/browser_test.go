@@ -23,25 +23,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/swarmtest"
-	"github.com/mtor-swarm/mtor/protocol/pb"
 )
-
-// observed is the demo backend with counters: calls running now and calls
-// cut short (cancelled, or their output refused once the stream was reset).
-type observed struct {
-	backend.Backend
-	running, stopped *atomic.Int64
-}
-
-func (o observed) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
-	o.running.Add(1)
-	defer o.running.Add(-1)
-	u, err := o.Backend.Run(ctx, req, out)
-	if err != nil {
-		o.stopped.Add(1)
-	}
-	return u, err
-}
 
 const chromiumPath = "/usr/bin/chromium"
 
@@ -169,7 +151,7 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 	var running, stopped atomic.Int64
 	sw := swarmtest.New(t, swarmtest.Workers(1), swarmtest.Clients(1),
 		swarmtest.Backends(func(_ int, label string) []backend.Backend {
-			return []backend.Backend{observed{demo.New(label, demo.WithDelay(40*time.Millisecond)), &running, &stopped}}
+			return []backend.Backend{wstest.Observed{Backend: demo.New(label, demo.WithDelay(40*time.Millisecond)), Running: &running, Stopped: &stopped}}
 		}))
 	worker := sw.Workers[0].ID()
 	client := sw.Clients[0]

@@ -1,7 +1,6 @@
 package ws_test
 
 import (
-	"context"
 	"encoding/base64"
 	"fmt"
 	"slices"
@@ -10,29 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mtor-swarm/mtor/bridge/ws/wstest"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/swarmtest"
-	"github.com/mtor-swarm/mtor/protocol/pb"
 )
-
-// observed is the demo backend with counters: how many calls run now and
-// how many were cut short (cancelled, or their output refused once the
-// stream was reset), as the worker's backend saw them.
-type observed struct {
-	backend.Backend
-	running, cancelled *atomic.Int64
-}
-
-func (o observed) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
-	o.running.Add(1)
-	defer o.running.Add(-1)
-	u, err := o.Backend.Run(ctx, req, out)
-	if err != nil {
-		o.cancelled.Add(1)
-	}
-	return u, err
-}
 
 // TestSeedClientAgainstRealSwarm speaks the seed client's messages to a
 // bridge whose Swarm is the router of a node without backends: every query
@@ -41,7 +22,7 @@ func TestSeedClientAgainstRealSwarm(t *testing.T) {
 	var running, cancelled atomic.Int64
 	sw := swarmtest.New(t, swarmtest.Workers(2), swarmtest.Clients(1),
 		swarmtest.Backends(func(_ int, label string) []backend.Backend {
-			return []backend.Backend{observed{demo.New(label, demo.WithDelay(20*time.Millisecond)), &running, &cancelled}}
+			return []backend.Backend{wstest.Observed{Backend: demo.New(label, demo.WithDelay(20*time.Millisecond)), Running: &running, Stopped: &cancelled}}
 		}))
 	r := sw.Clients[0].Router()
 	workers := map[string]bool{}
