@@ -54,8 +54,10 @@ func RunEngineSuite(t *testing.T, newBackend NewFunc) {
 			t.Fatalf("got %d chunks %q, want the answer streamed in several", n, s.Text())
 		}
 		// Usage comes from the engine's last line or include_usage event.
-		if u.CompletionTokens != 24 || u.PromptTokens == 0 {
-			t.Fatalf("usage = %+v, want 24 completion tokens and some prompt tokens", u)
+		// max_tokens bounds it; the engine's chat template may stop a
+		// little earlier when random text happens to hold a stop string.
+		if u.CompletionTokens == 0 || u.CompletionTokens > 24 || u.PromptTokens == 0 {
+			t.Fatalf("usage = %+v, want 1-24 completion tokens and some prompt tokens", u)
 		}
 	})
 
@@ -116,7 +118,7 @@ func RunEngineSuite(t *testing.T, newBackend NewFunc) {
 		}
 		wg.Wait()
 		for i := range n {
-			if errs[i] != nil || usages[i].CompletionTokens != 32 {
+			if errs[i] != nil || usages[i].CompletionTokens == 0 || usages[i].CompletionTokens > 32 {
 				t.Errorf("query %d: usage %+v, err %v", i, usages[i], errs[i])
 			}
 		}
