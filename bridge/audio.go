@@ -226,17 +226,8 @@ func speechToQuery(req *speechRequest) (*pb.QueryRequest, *apiError) {
 
 func (s *Server) handleSpeech(w http.ResponseWriter, r *http.Request) {
 	var req speechRequest
-	if err := decodeJSON(w, r, s.cfg.maxBody, &req); err != nil {
-		writeError(w, err)
-		return
-	}
-	q, aerr := speechToQuery(&req)
-	if aerr != nil {
-		writeError(w, aerr)
-		return
-	}
-	if aerr := s.checkModel(q.Model, q.Type); aerr != nil {
-		writeError(w, aerr)
+	q := decodeQuery(s, w, r, &req, speechToQuery)
+	if q == nil {
 		return
 	}
 	var audio *pb.Media

@@ -73,17 +73,10 @@ func finishReason(q *pb.QueryRequest, res *router.Result) string {
 
 func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	var req chatRequest
-	if err := decodeJSON(w, r, s.cfg.maxBody, &req); err != nil {
-		writeError(w, err)
-		return
-	}
-	q, aerr := chatToQuery(&req, limits{maxMedia: s.cfg.maxMedia})
-	if aerr != nil {
-		writeError(w, aerr)
-		return
-	}
-	if aerr := s.checkModel(q.Model, q.Type); aerr != nil {
-		writeError(w, aerr)
+	q := decodeQuery(s, w, r, &req, func(c *chatRequest) (*pb.QueryRequest, *apiError) {
+		return chatToQuery(c, limits{maxMedia: s.cfg.maxMedia})
+	})
+	if q == nil {
 		return
 	}
 	id := "chatcmpl-" + hex.EncodeToString(q.Id)

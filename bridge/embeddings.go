@@ -81,17 +81,8 @@ func float32Base64(v []float32) string {
 
 func (s *Server) handleEmbeddings(w http.ResponseWriter, r *http.Request) {
 	var req embeddingsRequest
-	if err := decodeJSON(w, r, s.cfg.maxBody, &req); err != nil {
-		writeError(w, err)
-		return
-	}
-	q, aerr := embedToQuery(&req)
-	if aerr != nil {
-		writeError(w, aerr)
-		return
-	}
-	if aerr := s.checkModel(q.Model, q.Type); aerr != nil {
-		writeError(w, aerr)
+	q := decodeQuery(s, w, r, &req, embedToQuery)
+	if q == nil {
 		return
 	}
 	vectors := make([][]float32, len(q.Inputs))

@@ -63,6 +63,25 @@ func usageOf(res *router.Result) usage {
 	return usage{PromptTokens: u.GetPromptTokens(), CompletionTokens: u.GetCompletionTokens(), TotalTokens: u.GetPromptTokens() + u.GetCompletionTokens()}
 }
 
+// decodeQuery reads a JSON body into req, translates it with toQuery and
+// checks that the swarm serves its model; on any failure it has written
+// the error and returns nil.
+func decodeQuery[T any](s *Server, w http.ResponseWriter, r *http.Request, req *T, toQuery func(*T) (*pb.QueryRequest, *apiError)) *pb.QueryRequest {
+	if err := decodeJSON(w, r, s.cfg.maxBody, req); err != nil {
+		writeError(w, err)
+		return nil
+	}
+	q, aerr := toQuery(req)
+	if aerr == nil {
+		aerr = s.checkModel(q.Model, q.Type)
+	}
+	if aerr != nil {
+		writeError(w, aerr)
+		return nil
+	}
+	return q
+}
+
 // checkModel answers 404 for a model no peer serves and 400 for a model
 // that does not serve query type t.
 func (s *Server) checkModel(name string, t pb.QueryType) *apiError {
