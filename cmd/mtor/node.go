@@ -214,11 +214,11 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	}
 	stopBridge()
 	wg.Go(servers.Wait)
+	// The worker's own queries finish, or are handed back to their
+	// clients just before the grace runs out, while the servers drain.
+	wg.Go(func() { n.Drain(graceCtx) })
 	wg.Wait()
-	shutdownErr := n.Shutdown(graceCtx)
-	if err := n.Close(); err != nil && shutdownErr == nil {
-		shutdownErr = err
-	}
+	shutdownErr := n.Close()
 	if runErr != nil {
 		return runErr
 	}
