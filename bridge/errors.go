@@ -103,6 +103,11 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 		return &apiError{Status: statusClientClosed, Type: typeInvalidRequest, Code: "cancelled", Message: msg}
 	case pb.ErrorCode_ERROR_CODE_BACKEND_ERROR:
 		return &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "backend_error", Message: msg}
+	case pb.ErrorCode_ERROR_CODE_UNAVAILABLE:
+		// The workers tried died or could not be reached: no backend
+		// failed, and a retry soon may find live ones.
+		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: "workers_unavailable", RetryAfter: retryAfter,
+			Message: "The workers tried could not finish this query. (" + msg + ")"}
 	}
 	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: msg}
 }

@@ -224,6 +224,7 @@ type stepInfo struct {
 	Peer             string  `json:"peer"`
 	Local            bool    `json:"local"`
 	Attempts         int     `json:"attempts"`
+	Continued        int     `json:"continued,omitempty"`
 	TTFTMs           uint32  `json:"ttft_ms"`
 	TotalMs          uint32  `json:"total_ms"`
 	QueueMs          uint32  `json:"queue_ms"`

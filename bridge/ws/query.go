@@ -264,6 +264,7 @@ func stepOf(t pb.QueryType, model string, res *router.Result) stepInfo {
 		Model:            model,
 		Local:            res.Local,
 		Attempts:         res.Attempts,
+		Continued:        res.Continued,
 		TTFTMs:           res.TTFTMs,
 		TotalMs:          res.TotalMs,
 		QueueMs:          d.GetTiming().GetQueueMs(),
