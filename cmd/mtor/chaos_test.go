@@ -40,7 +40,9 @@ type chaosConfig struct {
 	delay       time.Duration // demo backend's pause between tokens
 	killEvery   time.Duration
 	announce    time.Duration
-	strict      bool // enforce the latency ratio (make chaos)
+	strict      bool     // enforce the latency ratio (make chaos)
+	workerArgs  []string // more flags for every worker
+	prompt      func(i int, via string) string
 }
 
 // chaosFromEnv is the in-suite run, or what MTOR_CHAOS_* ask for.
@@ -128,8 +130,8 @@ func startChaosSwarm(t *testing.T, c chaosConfig) *chaosSwarm {
 }
 
 func (s *chaosSwarm) startWorker(i int) *proc {
-	return startNode(s.t, fmt.Sprintf("worker%d", i), chaosNodeArgs(s.cfg, filepath.Join(s.dir, fmt.Sprint("w", i)),
-		"--backend", "demo:delay="+s.cfg.delay.String(), "--join", s.bridge.value("join"))...)
+	args := append([]string{"--backend", "demo:delay=" + s.cfg.delay.String(), "--join", s.bridge.value("join")}, s.cfg.workerArgs...)
+	return startNode(s.t, fmt.Sprintf("worker%d", i), chaosNodeArgs(s.cfg, filepath.Join(s.dir, fmt.Sprint("w", i)), args...)...)
 }
 
 // chaos SIGKILLs a random worker every killEvery and restarts it at once
@@ -170,6 +172,9 @@ type chaosResult struct {
 // demo answer ending with the prompt, nothing lost, nothing twice.
 func (s *chaosSwarm) ask(ctx context.Context, hc *http.Client, via string, i int) chaosResult {
 	prompt := fmt.Sprintf("chaos query %d over %s", i, via)
+	if s.cfg.prompt != nil {
+		prompt = s.cfg.prompt(i, via)
+	}
 	start := time.Now()
 	qctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
@@ -436,6 +441,42 @@ func TestE2EChaosTCP(t *testing.T) {
 		t.Skip("set MTOR_CHAOS_TCP=1 (make chaos) for the TCP-only chaos run")
 	}
 	testChaos(t, "tcp")
+}
+
+// TestE2EShutdownHandsQueriesBack: a worker told to stop (SIGTERM) with a
+// grace period shorter than its answers hands its queries back before the
+// grace runs out, and the other worker continues them: all 100 queries in
+// flight, through every kind of client, are answered whole.
+func TestE2EShutdownHandsQueriesBack(t *testing.T) {
+	c := chaosConfig{transports: "tcp+quic", workers: 2, concurrency: 100, delay: 100 * time.Millisecond,
+		announce: time.Second, workerArgs: []string{"--grace", "2s", "--max-concurrency", "128"},
+		prompt: func(i int, via string) string {
+			return fmt.Sprintf("shutdown query %d over %s %s", i, via, strings.TrimSpace(strings.Repeat("word ", 30)))
+		}}
+	s := startChaosSwarm(t, c)
+	stopped := make(chan error, 1)
+	go func() {
+		// Answers take about 4 s: stop a worker while all are in flight.
+		time.Sleep(1500 * time.Millisecond)
+		s.mu.Lock()
+		w := s.workers[0]
+		s.mu.Unlock()
+		start := time.Now()
+		_, err := w.signal(syscall.SIGTERM)
+		if err == nil {
+			t.Logf("worker0 exited %s after SIGTERM (grace 2 s)", time.Since(start).Round(time.Millisecond))
+		}
+		stopped <- err
+	}()
+	rs := s.run(t.Context(), 100, 0)
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+	st := summarize(rs, "")
+	t.Logf("%d/%d answered, p50 %s, p99 %s", st.ok, st.total, st.p50.Round(time.Millisecond), st.p99.Round(time.Millisecond))
+	if st.ok != st.total {
+		t.Fatalf("%d of %d queries lost to a worker's shutdown: %v", st.total-st.ok, st.total, st.failures)
+	}
 }
 
 // netnsPair is two network namespaces joined by a veth pair and to
