@@ -27,7 +27,8 @@ import (
 type conn struct {
 	s        *Server
 	ws       *websocket.Conn
-	rawText  bool // ?format=text: query_result text is sent as is, not HTML-escaped
+	key      string // the bridge queue's name for this user
+	rawText  bool   // ?format=text: query_result text is sent as is, not HTML-escaped
 	limiter  *rate.Limiter
 	uploads  *uploads
 	ctx      context.Context
@@ -70,6 +71,7 @@ func newConn(s *Server, ws *websocket.Conn, guid string, rawText bool) *conn {
 	c := &conn{
 		s:       s,
 		ws:      ws,
+		key:     "ws:" + guid,
 		rawText: rawText,
 		limiter: rate.NewLimiter(rate.Limit(s.cfg.ratePerSec), s.cfg.rateBurst),
 		ctx:     ctx,
