@@ -88,7 +88,7 @@ func (c *conn) start(spec jobSpec) {
 	c.queries[id] = r
 	c.mu.Unlock()
 
-	workers := max(len(c.s.swarm.Peers()), 1) // the seed client divides by it
+	workers := max(c.s.catalog().workers, 1) // the seed client divides by it
 	c.send(queryStartedMsg{Type: "query_started", QueryID: id, QueryType: spec.queryType, Model: spec.model})
 	submitted := time.Now()
 	c.wg.Add(1)

@@ -37,6 +37,10 @@ type Server struct {
 	closed   bool
 	stopPoll context.CancelFunc // running model poller, nil when no client
 	lastSig  string
+
+	catMu sync.Mutex // guards the catalog snapshot
+	cat   *catalog
+	catAt time.Time
 	// maxQueued is the most bytes any closed connection had queued (tests)
 	maxQueued int64
 }
@@ -138,9 +142,21 @@ func (s *Server) remove(c *conn) {
 	}
 }
 
-// catalog snapshots the swarm's models.
+// catalogTTL is how long a catalog snapshot is reused: a burst of
+// thousands of queries then reads the peer table a few times, not once
+// each (the router's lock is on the query path too).
+const catalogTTL = 100 * time.Millisecond
+
+// catalog snapshots the swarm's models; a snapshot is immutable, so one
+// may serve many queries.
 func (s *Server) catalog() *catalog {
-	return newCatalog(s.swarm.Models(), s.swarm.Peers(), time.Now())
+	s.catMu.Lock()
+	defer s.catMu.Unlock()
+	if s.cat != nil && time.Since(s.catAt) < catalogTTL {
+		return s.cat
+	}
+	s.cat, s.catAt = newCatalog(s.swarm.Models(), s.swarm.Peers(), time.Now()), time.Now()
+	return s.cat
 }
 
 // pollModels pushes worker_update to every client when the swarm's models
