@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"runtime"
 	"sync"
 	"time"
 
@@ -37,6 +38,9 @@ type Server struct {
 	closed   bool
 	stopPoll context.CancelFunc // running model poller, nil when no client
 	lastSig  string
+	// highWater is the most connections open since the last collection a
+	// crowd's leaving asked for.
+	highWater int
 
 	catMu sync.Mutex // guards the catalog snapshot
 	cat   *catalog
@@ -123,6 +127,7 @@ func (s *Server) add(c *conn) bool {
 		return false
 	}
 	s.conns[c] = struct{}{}
+	s.highWater = max(s.highWater, len(s.conns))
 	if s.stopPoll == nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		s.stopPoll = cancel
@@ -135,12 +140,28 @@ func (s *Server) remove(c *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.conns, c)
+	if len(s.conns) <= s.highWater/4 && s.highWater >= releaseMin {
+		// A crowd left. The heap goal the GC set while it was here keeps
+		// its memory mapped until the next collection, which an idle
+		// bridge may not start for two minutes; one collection now lets
+		// the goal follow the smaller live heap, and the runtime's
+		// background scavenger then returns the rest to the OS.
+		s.highWater = len(s.conns)
+		go runtime.GC()
+	}
+	if len(s.conns) == 0 {
+		// Go maps never shrink: a new one lets a crowd's buckets go.
+		s.conns = map[*conn]struct{}{}
+	}
 	s.maxQueued = max(s.maxQueued, c.maxQueue.Load())
 	if len(s.conns) == 0 && s.stopPoll != nil {
 		s.stopPoll()
 		s.stopPoll = nil
 	}
 }
+
+// releaseMin is the smallest crowd whose leaving asks for a collection.
+const releaseMin = 256
 
 // catalogTTL is how long a catalog snapshot is reused: a burst of
 // thousands of queries then reads the peer table a few times, not once
