@@ -207,7 +207,9 @@ func TestE2EOverloadMemory(t *testing.T) {
 	if answered.Load()+busy.Load() != clients || noHint.Load() != 0 {
 		t.Errorf("%d answered + %d busy of %d; %d BUSY without a retry hint", answered.Load(), busy.Load(), clients, noHint.Load())
 	}
-	if healthFailed.Load() != 0 || worstHealth.Load() > int64(time.Second) {
+	// The goal is < 50 ms, logged above; the bound only catches a bridge
+	// that stops answering.
+	if healthFailed.Load() != 0 || worstHealth.Load() > int64(5*time.Second) {
 		t.Errorf("/healthz: slowest %s, %d failed", time.Duration(worstHealth.Load()), healthFailed.Load())
 	}
 
