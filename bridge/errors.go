@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/bridge/internal/scrub"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -86,6 +87,10 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 	}
 	pe := protocol.AsError(err)
 	msg := scrub.Addresses(pe.Message)
+	var be *queue.BusyError
+	if errors.As(err, &be) && be.RetryAfter > 0 {
+		retryAfter = be.RetryAfter // the queue's estimate
+	}
 	switch pe.Code {
 	case pb.ErrorCode_ERROR_CODE_BAD_REQUEST:
 		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "bad_request", Message: msg}
