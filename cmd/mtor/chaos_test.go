@@ -28,6 +28,8 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/coder/websocket/wsjson"
+
+	"github.com/mtor-swarm/mtor/node"
 )
 
 // chaosConfig is one chaos run.
@@ -662,4 +664,43 @@ func TestE2EFrozenOrUnpluggedWorkerQueriesMove(t *testing.T) {
 func mtorIn(t *testing.T, ns string, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
 	return runArgv(t, append(append(inNetns(ns), e2eBin), args...)...)
+}
+
+// TestE2ERestartedWorkerIsRoutableAgain: a worker SIGKILLed and started
+// again on its data dir (same peer ID, new process and ports) answers
+// queries again within one announce interval (the default, 10 s), on the
+// default transports, though the bridge still holds a QUIC connection to
+// the dead process that nothing reset.
+func TestE2ERestartedWorkerIsRoutableAgain(t *testing.T) {
+	needBinary(t)
+	dir := t.TempDir()
+	args := func(name string, extra ...string) []string {
+		return append(append([]string{"--data-dir", filepath.Join(dir, name), "--api", "127.0.0.1:0", "--no-mdns"},
+			listenArgs("tcp+quic")...), extra...)
+	}
+	bridge := startNode(t, "bridge", args("bridge", "--no-detect")...)
+	worker := startNode(t, "worker", args("worker", "--backend", "demo", "--join", bridge.value("join"))...)
+	waitWorkers(t, bridge.value("api"), "demo", worker.value("peer"))
+	if code, _, stderr := mtor(t, "query", "--api", bridge.value("api"), "--model", "demo", "before"); code != 0 {
+		t.Fatalf("query before the restart: %s", stderr)
+	}
+	if _, err := worker.signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	again := startNode(t, "worker again", args("worker", "--backend", "demo", "--join", bridge.value("join"))...)
+	if again.value("peer") != worker.value("peer") {
+		t.Fatal("the restarted worker has another peer ID")
+	}
+	started := time.Now()
+	for {
+		code, stdout, stderr := mtor(t, "query", "--api", bridge.value("api"), "--model", "demo", "--timeout", "5s", "--json", "after")
+		if code == 0 && strings.Contains(stdout, `"peer":"`+again.value("peer")) {
+			t.Logf("the restarted worker answered %s after it started", time.Since(started).Round(time.Millisecond))
+			return
+		}
+		if time.Since(started) > node.DefaultAnnounceInterval {
+			t.Fatalf("the restarted worker does not answer %s after it started: %s %s", node.DefaultAnnounceInterval, stdout, stderr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
