@@ -141,6 +141,9 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	d.goRun(d.readLoop)
 	d.goRun(func() { d.disconnectLoop(connSub) })
 	d.goRun(d.sweepLoop)
+	if cfg.memberProto != "" {
+		d.goRun(d.rejoinLoop)
+	}
 	if cfg.pingInterval > 0 {
 		d.goRun(d.pingLoop)
 	}

@@ -7,6 +7,7 @@ import (
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 
 	"github.com/mtor-swarm/mtor/protocol"
 )
@@ -48,6 +49,9 @@ type config struct {
 	now           func() time.Time
 
 	onTopicJoin func(peer.ID)
+	// memberProto is a protocol every node of the swarm serves; peers
+	// that speak it have their gossip link watched (rejoin.go).
+	memberProto libp2pproto.ID
 
 	// for tests: observe gossipsub peer scores
 	scoreInspect       pubsub.PeerScoreInspectFn
@@ -66,6 +70,14 @@ func defaults() config {
 		maxEntries:    DefaultMaxEntries,
 		now:           time.Now,
 	}
+}
+
+// WithMemberProtocol names a stream protocol every node of the swarm
+// serves (the query protocol). A connected peer that speaks it but has not
+// joined our announce topic a few seconds after connecting has a broken
+// gossip link, and is reconnected (see rejoin.go). Unset: no such repair.
+func WithMemberProtocol(id libp2pproto.ID) Option {
+	return func(c *config) error { c.memberProto = id; return nil }
 }
 
 // WithSwarm names the swarm: it selects the announce topic, the DHT prefix

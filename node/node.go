@@ -256,6 +256,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		discovery.WithBootstrap(boot),
 		discovery.WithMDNS(cfg.mdns),
 		discovery.WithAnnounceTTL(max(3*cfg.announceInterval, protocol.MinAnnounceTTL)),
+		discovery.WithMemberProtocol(qproto),
 		discovery.WithOnTopicPeerJoin(func(peer.ID) {
 			if a := n.announcer(); a != nil {
 				a.refresh()

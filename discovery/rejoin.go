@@ -1,0 +1,104 @@
+package discovery
+
+import (
+	"context"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+)
+
+// Gossip repair. A peer that restarts (same peer ID, new process) while we
+// still hold a connection to its old process (QUIC, or a vanished machine:
+// nothing reset it) finds our gossipsub writer bound to that dead
+// connection: gossipsub ignores the new connection because it already has
+// a writer for the peer, and once the old connection dies it respawns the
+// writer with a back-off that gives up after four tries in ten minutes
+// (go-libp2p-pubsub's MaxBackoffAttempts). From then on we send that peer
+// nothing, so it never learns that we subscribe to the announce topic,
+// and its announcements — published only to known topic peers — never
+// reach us: a healthy worker, connected to us, is missing from our table.
+//
+// So every node checks its connected swarm members: one connected for a
+// while that is not among our topic's peers has a broken gossip link,
+// and we connect to it afresh. A new connection of a peer that gossipsub
+// no longer tracks gets a new writer at once, with no back-off.
+const (
+	rejoinCheckInterval = time.Second
+	// rejoinGrace is how long a new connection has to show the peer in
+	// the topic: gossipsub's hello crosses within a round trip.
+	rejoinGrace = 3 * time.Second
+	// rejoinEvery bounds repairs of one peer.
+	rejoinEvery = 30 * time.Second
+	// rejoinPause lets gossipsub see the peer gone before it comes back.
+	rejoinPause = 250 * time.Millisecond
+)
+
+// rejoinLoop repairs broken gossip links until the discovery closes.
+func (d *Discovery) rejoinLoop() {
+	t := time.NewTicker(rejoinCheckInterval)
+	defer t.Stop()
+	last := map[peer.ID]time.Time{}
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		for p, at := range last {
+			if now.Sub(at) > rejoinEvery {
+				delete(last, p)
+			}
+		}
+		inTopic := map[peer.ID]bool{}
+		for _, p := range d.topic.ListPeers() {
+			inTopic[p] = true
+		}
+		for _, p := range d.h.Network().Peers() {
+			if inTopic[p] || !last[p].IsZero() || !d.member(p) || !settled(d.h.Network().ConnsToPeer(p), now) {
+				continue
+			}
+			last[p] = now
+			log.Infow("reconnecting a swarm member whose gossip link is broken", "peer", p)
+			d.goRun(func() { d.rejoin(p) })
+		}
+	}
+}
+
+// member reports whether p speaks the protocol every node of the swarm
+// serves: a peer of the swarm that should gossip with us.
+func (d *Discovery) member(p peer.ID) bool {
+	ps, err := d.h.Peerstore().SupportsProtocols(p, d.cfg.memberProto)
+	return err == nil && len(ps) > 0
+}
+
+// settled reports whether the peer's newest connection is older than the
+// grace: long enough for gossipsub's hello to have crossed it.
+func settled(conns []network.Conn, now time.Time) bool {
+	if len(conns) == 0 {
+		return false
+	}
+	for _, c := range conns {
+		if now.Sub(c.Stat().Opened) < rejoinGrace || c.Stat().Limited {
+			return false
+		}
+	}
+	return true
+}
+
+// rejoin closes our connections to p and dials it again.
+func (d *Discovery) rejoin(p peer.ID) {
+	addrs := d.h.Peerstore().Addrs(p)
+	_ = d.h.Network().ClosePeer(p)
+	select {
+	case <-d.ctx.Done():
+		return
+	case <-time.After(rejoinPause):
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.dialTimeout)
+	defer cancel()
+	if err := d.h.Connect(ctx, peer.AddrInfo{ID: p, Addrs: addrs}); err != nil && d.ctx.Err() == nil {
+		log.Infow("reconnecting a swarm member failed", "peer", p, "err", err.Error())
+	}
+}
