@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/mtor-swarm/mtor/bridge/ws"
+	"github.com/mtor-swarm/mtor/node/api/hostcheck"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -48,6 +49,7 @@ type Server struct {
 	swarm   Swarm // instrumented
 	log     *logging.ZapEventLogger
 	keys    *keySet
+	hosts   *hostcheck.Allow
 	cors    *corsPolicy
 	metrics *metrics
 	reg     *prometheus.Registry
@@ -86,6 +88,10 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	if cfg.maxMedia > cfg.maxBody {
 		cfg.maxMedia = cfg.maxBody
 	}
+	hosts, err := hostcheck.New(cfg.hosts...)
+	if err != nil {
+		return nil, fmt.Errorf("bridge: %w", err)
+	}
 	reg := cfg.registry
 	if reg == nil {
 		reg = prometheus.NewRegistry()
@@ -94,6 +100,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		cfg:     cfg,
 		log:     cfg.log,
 		keys:    newKeySet(cfg.keys),
+		hosts:   hosts,
 		cors:    newCORSPolicy(cfg.corsOrigins, cfg.trustFwdHost),
 		reg:     reg,
 		started: time.Now(),
@@ -110,7 +117,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	srv.routes(mux)
 	srv.mountUI(mux)
 	wsConns = srv.ws.Connections
-	srv.handler = serverHeader(mux)
+	srv.handler = serverHeader(srv.hostGuard(mux))
 	return srv, nil
 }
 

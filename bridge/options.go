@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mtor-swarm/mtor/bridge/ws"
+	"github.com/mtor-swarm/mtor/node/api/hostcheck"
 )
 
 // Defaults for the options.
@@ -31,6 +32,7 @@ type config struct {
 	keys          []string
 	corsOrigins   []string
 	trustFwdHost  bool
+	hosts         []string
 	maxBody       int64
 	maxMedia      int64
 	registry      *prometheus.Registry
@@ -117,6 +119,22 @@ func WithCORSOrigins(origins []string) Option {
 func WithTrustForwardedHost(on bool) Option {
 	return func(c *config) error {
 		c.trustFwdHost = on
+		return nil
+	}
+}
+
+// WithAllowedHosts adds host names (host or host:port; the port is
+// ignored) that a bridge without API keys answers to, besides localhost,
+// loopback addresses and the address a connection arrived on. Any other
+// Host gets 403 host_not_allowed, so that a DNS rebinding page cannot use
+// the bridge from a user's browser. "*" allows every name. With API keys
+// the check is off: keys protect the API whatever the Host.
+func WithAllowedHosts(names ...string) Option {
+	return func(c *config) error {
+		if _, err := hostcheck.New(names...); err != nil {
+			return err
+		}
+		c.hosts = append(c.hosts, names...)
 		return nil
 	}
 }
