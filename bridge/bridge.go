@@ -49,6 +49,7 @@ type Server struct {
 	swarm   Swarm // instrumented
 	log     *logging.ZapEventLogger
 	keys    *keySet
+	bodies  *bodyBudget
 	hosts   *hostcheck.Allow
 	cors    *corsPolicy
 	metrics *metrics
@@ -74,6 +75,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	cfg := config{
 		maxBody:       DefaultMaxBody,
 		maxMedia:      DefaultMaxMedia,
+		maxInFlight:   DefaultMaxBodyInFlight,
 		queryTimeout:  DefaultQueryTimeout,
 		keepAlive:     DefaultKeepAlive,
 		retryAfter:    DefaultRetryAfter,
@@ -88,6 +90,9 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	if cfg.maxMedia > cfg.maxBody {
 		cfg.maxMedia = cfg.maxBody
 	}
+	if cfg.maxInFlight < cfg.maxBody {
+		cfg.maxInFlight = cfg.maxBody
+	}
 	hosts, err := hostcheck.New(cfg.hosts...)
 	if err != nil {
 		return nil, fmt.Errorf("bridge: %w", err)
@@ -100,6 +105,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		cfg:     cfg,
 		log:     cfg.log,
 		keys:    newKeySet(cfg.keys),
+		bodies:  newBodyBudget(cfg.maxInFlight, cfg.retryAfter),
 		hosts:   hosts,
 		cors:    newCORSPolicy(cfg.corsOrigins, cfg.trustFwdHost),
 		reg:     reg,
@@ -141,7 +147,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("POST /v1/audio/transcriptions", s.handleTranscription)
 	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
 	v1.HandleFunc("/v1/", s.handleUnknown)
-	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(v1)))
+	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, v1))))
 	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
 	mux.HandleFunc("/healthz", s.handleHealth)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))

@@ -25,7 +25,13 @@ func limitBody(w http.ResponseWriter, r *http.Request, max int64) func() {
 
 // bodyError maps a failed body read.
 func bodyError(err error, max int64) *apiError {
-	var mbe *http.MaxBytesError
+	var (
+		mbe *http.MaxBytesError
+		ae  *apiError
+	)
+	if errors.As(err, &ae) { // the bridge's own refusal, e.g. its byte budget
+		return ae
+	}
 	if errors.As(err, &mbe) {
 		return tooLarge("", "Request body is larger than the limit of %d bytes.", max)
 	}

@@ -28,6 +28,13 @@ const (
 	maxKeyFile           = 1 << 20
 )
 
+// Defaults of the memory bounds.
+const (
+	// DefaultMaxBodyInFlight bounds the request-body bytes of all requests
+	// at once: four bodies of the largest size.
+	DefaultMaxBodyInFlight = 4 * DefaultMaxBody
+)
+
 type config struct {
 	keys          []string
 	corsOrigins   []string
@@ -35,6 +42,7 @@ type config struct {
 	hosts         []string
 	maxBody       int64
 	maxMedia      int64
+	maxInFlight   int64 // request-body bytes of all requests at once
 	registry      *prometheus.Registry
 	queryTimeout  time.Duration
 	keepAlive     time.Duration // SSE comment after this much silence
@@ -147,6 +155,21 @@ func WithMaxBody(n int64) Option {
 			return fmt.Errorf("max body %d must be > 0", n)
 		}
 		c.maxBody = n
+		return nil
+	}
+}
+
+// WithMaxBodyInFlight bounds the request-body bytes that all requests hold
+// at once (JSON and multipart bodies, counted from their Content-Length or
+// as they arrive). A request whose body does not fit gets 429 bridge_busy
+// with Retry-After before its body is read. It is raised to the body limit
+// when lower, so that one largest body always fits.
+func WithMaxBodyInFlight(n int64) Option {
+	return func(c *config) error {
+		if n <= 0 {
+			return fmt.Errorf("max body in flight %d must be > 0", n)
+		}
+		c.maxInFlight = n
 		return nil
 	}
 }
