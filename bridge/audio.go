@@ -86,7 +86,13 @@ func readTranscriptionForm(r *http.Request, maxMedia int64) (*transcriptionForm,
 				return nil, badRequest("file", "invalid_value", "Only one 'file' may be sent.")
 			}
 			seenFile = true
-			data, err := io.ReadAll(io.LimitReader(part, maxMedia+1))
+			// One buffer the size of the whole body at most: growing one
+			// from nothing would copy the audio several times over.
+			hint := int64(64 << 10) // chunked: grown as it comes
+			if n := r.ContentLength; n > 0 {
+				hint = min(n, maxMedia+1)
+			}
+			data, err := readAll(io.LimitReader(part, maxMedia+1), hint)
 			if err != nil {
 				return nil, bodyError(err, maxMedia)
 			}

@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"io"
@@ -45,6 +46,10 @@ func bodyError(err error, max int64) *apiError {
 // decodeJSON reads r's body (at most max bytes) into v. Unknown fields are
 // ignored, as OpenAI clients send extras; a known field of the wrong type,
 // invalid JSON, an empty body or trailing data is a 400 naming the problem.
+//
+// The body is read whole into one buffer of its declared size and decoded
+// from there: a streaming json.Decoder would hold it too, in a buffer grown
+// by copying, up to three times its size at once.
 func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, v any) *apiError {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
@@ -53,39 +58,67 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, v any) *apiEr
 		}
 	}
 	done := limitBody(w, r, max)
-	defer done()
-	dec := json.NewDecoder(r.Body)
-	if err := dec.Decode(v); err != nil {
-		return jsonError(err, max)
+	body, aerr := readBody(r, max)
+	done()
+	if aerr != nil {
+		return aerr
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		if err != nil && !isSyntax(err) {
-			return jsonError(err, max)
-		}
-		return badRequest("", "invalid_json", "Request body has data after the JSON value.")
+	if err := json.Unmarshal(body, v); err != nil {
+		return jsonError(body, err)
 	}
 	return nil
 }
 
-func isSyntax(err error) bool {
-	var se *json.SyntaxError
-	return errors.As(err, &se)
+// readBody reads r's body whole, into a buffer of its declared length when
+// it has one, so that reading never copies it to grow.
+func readBody(r *http.Request, max int64) ([]byte, *apiError) {
+	if r.ContentLength > max {
+		return nil, declaredTooLarge(r.ContentLength, max)
+	}
+	hint := r.ContentLength
+	if hint < 0 {
+		hint = 64 << 10 // chunked: grown as it comes, bounded by max
+	}
+	b, err := readAll(r.Body, hint)
+	if err != nil {
+		return nil, bodyError(err, max)
+	}
+	return b, nil
 }
 
-// jsonError maps a decoding error to a 400 (or 413 when over the limit).
-func jsonError(err error, max int64) *apiError {
+// readAll is io.ReadAll starting from a buffer of capacity hint.
+func readAll(r io.Reader, hint int64) ([]byte, error) {
+	b := make([]byte, 0, hint)
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := r.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if errors.Is(err, io.EOF) {
+			return b, nil
+		}
+		if err != nil {
+			return b, err
+		}
+	}
+}
+
+// jsonError maps an error of json.Unmarshal(body) to a 400, telling apart
+// an empty body, one cut short and one with data after its value.
+func jsonError(body []byte, err error) *apiError {
 	var (
-		se  *json.SyntaxError
-		te  *json.UnmarshalTypeError
-		mbe *http.MaxBytesError
+		se *json.SyntaxError
+		te *json.UnmarshalTypeError
 	)
 	switch {
-	case errors.As(err, &mbe):
-		return bodyError(err, max)
-	case errors.Is(err, io.EOF):
+	case len(bytes.TrimSpace(body)) == 0:
 		return badRequest("", "invalid_json", "Request body is empty; expected a JSON object.")
-	case errors.Is(err, io.ErrUnexpectedEOF):
+	case errors.As(err, &se) && se.Offset >= int64(len(body)):
 		return badRequest("", "invalid_json", "Request body is not valid JSON: it ends too early.")
+	case errors.As(err, &se) && se.Offset > 0 && json.Valid(body[:se.Offset-1]):
+		// Only the byte that failed is wrong: a whole value came before it.
+		return badRequest("", "invalid_json", "Request body has data after the JSON value.")
 	case errors.As(err, &se):
 		return badRequest("", "invalid_json", "Request body is not valid JSON at byte %d: %v.", se.Offset, se)
 	case errors.As(err, &te):
@@ -94,7 +127,7 @@ func jsonError(err error, max int64) *apiError {
 		}
 		return badRequest(te.Field, "invalid_type", "Invalid type for %q: expected %s, got %s.", te.Field, jsonKind(te.Type.String()), te.Value)
 	}
-	return bodyError(err, max)
+	return badRequest("", "invalid_json", "Request body is not valid JSON: %v.", err)
 }
 
 // jsonKind names a Go type as a JSON client thinks of it.

@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
@@ -37,20 +38,101 @@ type streamOptions struct {
 }
 
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role    string         `json:"role"`
+	Content messageContent `json:"content"`
+}
+
+// contentKind is what a message's content was in the request.
+type contentKind int
+
+const (
+	contentNull    contentKind = iota // null or absent
+	contentText                       // a string
+	contentParts                      // an array of content parts
+	contentInvalid                    // anything else
+)
+
+// messageContent is a message's content, decoded where the request body
+// is decoded rather than kept as raw JSON to decode later: an image in a
+// data: URL is then held once as text (until decoded), not once more per
+// step of raw JSON in between.
+type messageContent struct {
+	kind  contentKind
+	text  string
+	parts []contentPart
+	// badPart is the index of the first part that is not an object with a
+	// string "type", when hasBad.
+	badPart int
+	hasBad  bool
+}
+
+// UnmarshalJSON never fails: what is wrong is recorded for
+// translateMessage, which names the field in its error.
+func (c *messageContent) UnmarshalJSON(b []byte) error {
+	*c = messageContent{}
+	switch t := bytes.TrimLeft(b, " \t\r\n"); {
+	case len(t) == 0 || t[0] == 'n':
+		if json.Unmarshal(t, new(any)) != nil {
+			c.kind = contentInvalid
+		}
+	case t[0] == '"':
+		c.kind = contentText
+		if json.Unmarshal(t, &c.text) != nil {
+			c.kind = contentInvalid
+		}
+	case t[0] == '[':
+		c.kind = contentParts
+		if err := json.Unmarshal(t, &c.parts); err != nil {
+			c.parts, c.hasBad = nil, true
+			var raws []json.RawMessage // only on this error path
+			if json.Unmarshal(t, &raws) != nil {
+				c.kind, c.hasBad = contentInvalid, false
+				return nil
+			}
+			for j, raw := range raws {
+				var p contentPart
+				if json.Unmarshal(raw, &p) != nil {
+					c.badPart = j
+					break
+				}
+			}
+		}
+	default:
+		c.kind = contentInvalid
+	}
+	return nil
 }
 
 // contentPart is one element of an array content.
 type contentPart struct {
-	Type     string          `json:"type"`
-	Text     string          `json:"text"`
-	ImageURL json.RawMessage `json:"image_url"`
-	Refusal  string          `json:"refusal"`
+	Type     string       `json:"type"`
+	Text     string       `json:"text"`
+	ImageURL imageURLPart `json:"image_url"`
+	Refusal  string       `json:"refusal"`
 }
 
-type imageURL struct {
-	URL string `json:"url"`
+// imageURLPart is an image_url value, {"url": "..."} or a bare string,
+// decoded at once for the same reason as messageContent.
+type imageURLPart struct {
+	url string
+	ok  bool // present and of a valid shape
+}
+
+func (u *imageURLPart) UnmarshalJSON(b []byte) error {
+	var o struct {
+		URL string `json:"url"`
+	}
+	if err := json.Unmarshal(b, &o); err == nil {
+		*u = imageURLPart{url: o.URL, ok: true}
+		return nil
+	}
+	var s string
+	if err := json.Unmarshal(b, &s); err == nil {
+		*u = imageURLPart{url: s, ok: true}
+		return nil
+	}
+	*u = imageURLPart{}
+	return nil
 }
 
 // newID is a fresh 16-byte query id.
@@ -116,26 +198,24 @@ func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64
 		return nil, 0, badRequest(field+".role", "invalid_value", "Invalid value for '%s.role': %q (want system, developer, user, assistant or tool).", field, m.Role)
 	}
 	pm := &pb.Message{Role: role}
-	if isNull(m.Content) {
+	switch m.Content.kind {
+	case contentNull:
 		return pm, 0, nil // assistant messages with tool calls have no content
-	}
-	var s string
-	if err := json.Unmarshal(m.Content, &s); err == nil {
-		pm.Content = s
+	case contentText:
+		pm.Content = m.Content.text
 		return pm, 0, nil
-	}
-	var parts []json.RawMessage
-	if err := json.Unmarshal(m.Content, &parts); err != nil {
+	case contentInvalid:
 		return nil, 0, badRequest(field+".content", "invalid_type", "Invalid type for '%s.content': expected a string or an array of content parts.", field)
+	}
+	if m.Content.hasBad {
+		pf := fmt.Sprintf("%s.content[%d]", field, m.Content.badPart)
+		return nil, 0, badRequest(pf, "invalid_type", "Invalid content part '%s': expected an object with a string 'type'.", pf)
 	}
 	var texts []string
 	var media int64
-	for j, raw := range parts {
+	for j := range m.Content.parts {
+		p := &m.Content.parts[j]
 		pf := fmt.Sprintf("%s.content[%d]", field, j)
-		var p contentPart
-		if err := json.Unmarshal(raw, &p); err != nil {
-			return nil, 0, badRequest(pf, "invalid_type", "Invalid content part '%s': expected an object with a string 'type'.", pf)
-		}
 		switch p.Type {
 		case "text", "input_text":
 			texts = append(texts, p.Text)
@@ -149,6 +229,7 @@ func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64
 			if err != nil {
 				return nil, 0, err
 			}
+			p.ImageURL.url = "" // decoded: let the text go now, not with the request
 			media += int64(len(att.Data))
 			pm.Attachments = append(pm.Attachments, att)
 		case "":
@@ -164,19 +245,14 @@ func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64
 // imagePart decodes an image_url part: {"url": "data:image/png;base64,..."}
 // (a bare string is accepted too). The bridge never fetches remote URLs: it
 // would turn every bridge into an open proxy.
-func imagePart(field string, raw json.RawMessage, left int64) (*pb.Attachment, *apiError) {
-	var u imageURL
-	if err := json.Unmarshal(raw, &u); err != nil {
-		var s string
-		if err2 := json.Unmarshal(raw, &s); err2 != nil {
-			return nil, badRequest(field, "invalid_type", "Invalid type for '%s': expected an object with a 'url'.", field)
-		}
-		u.URL = s
+func imagePart(field string, u imageURLPart, left int64) (*pb.Attachment, *apiError) {
+	if !u.ok {
+		return nil, badRequest(field, "invalid_type", "Invalid type for '%s': expected an object with a 'url'.", field)
 	}
-	if u.URL == "" {
+	if u.url == "" {
 		return nil, badRequest(field+".url", "missing_required_parameter", "Missing required parameter: '%s.url'.", field)
 	}
-	mt, data, err := decodeDataURL(field+".url", u.URL, left)
+	mt, data, err := decodeDataURL(field+".url", u.url, left)
 	if err != nil {
 		return nil, err
 	}
