@@ -2,7 +2,6 @@ package bridge
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"mime"
 	"mime/multipart"
@@ -267,9 +266,9 @@ func (s *Server) collectText(r *http.Request, q *pb.QueryRequest) (string, *rout
 	var overflow *apiError
 	res, aerr := s.queryWhole(r.Context(), q, b.Reset, func(ev *pb.Event) error {
 		if c := ev.GetChunk(); c != nil {
-			if b.Len()+len(c.GetText()) > maxAnswer {
-				overflow = tooLarge("", "The answer is longer than %d bytes.", maxAnswer)
-				return fmt.Errorf("answer too long")
+			if b.Len()+len(c.GetText()) > s.cfg.maxAnswer {
+				overflow = responseTooLarge(s.cfg.maxAnswer, "")
+				return overflow
 			}
 			b.WriteString(c.GetText())
 		}

@@ -76,6 +76,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		maxBody:       DefaultMaxBody,
 		maxMedia:      DefaultMaxMedia,
 		maxInFlight:   DefaultMaxBodyInFlight,
+		maxAnswer:     DefaultMaxAnswer,
 		queryTimeout:  DefaultQueryTimeout,
 		keepAlive:     DefaultKeepAlive,
 		retryAfter:    DefaultRetryAfter,

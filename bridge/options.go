@@ -33,6 +33,10 @@ const (
 	// DefaultMaxBodyInFlight bounds the request-body bytes of all requests
 	// at once: four bodies of the largest size.
 	DefaultMaxBodyInFlight = 4 * DefaultMaxBody
+	// DefaultMaxAnswer bounds a non-streamed text answer the bridge
+	// gathers before it answers; a model's longest answers (128k tokens)
+	// are well under 1 MiB of text.
+	DefaultMaxAnswer = 4 << 20
 )
 
 type config struct {
@@ -43,6 +47,7 @@ type config struct {
 	maxBody       int64
 	maxMedia      int64
 	maxInFlight   int64 // request-body bytes of all requests at once
+	maxAnswer     int   // bytes of a non-streamed answer
 	registry      *prometheus.Registry
 	queryTimeout  time.Duration
 	keepAlive     time.Duration // SSE comment after this much silence
@@ -170,6 +175,20 @@ func WithMaxBodyInFlight(n int64) Option {
 			return fmt.Errorf("max body in flight %d must be > 0", n)
 		}
 		c.maxInFlight = n
+		return nil
+	}
+}
+
+// WithMaxAnswer bounds a non-streamed text answer (chat without stream,
+// transcription) that the bridge gathers before it answers; a longer one
+// is cut off and the client gets 502 response_too_large. Streamed answers
+// are not gathered and not bounded by it.
+func WithMaxAnswer(n int) Option {
+	return func(c *config) error {
+		if n <= 0 {
+			return fmt.Errorf("max answer %d must be > 0", n)
+		}
+		c.maxAnswer = n
 		return nil
 	}
 }
