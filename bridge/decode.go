@@ -86,9 +86,10 @@ func readBody(r *http.Request, max int64) ([]byte, *apiError) {
 	return b, nil
 }
 
-// readAll is io.ReadAll starting from a buffer of capacity hint.
+// readAll is io.ReadAll starting from a buffer of capacity hint (plus the
+// byte that lets the last read find EOF without growing it).
 func readAll(r io.Reader, hint int64) ([]byte, error) {
-	b := make([]byte, 0, hint)
+	b := make([]byte, 0, hint+1)
 	for {
 		if len(b) == cap(b) {
 			b = append(b, 0)[:len(b)]
