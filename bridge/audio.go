@@ -85,13 +85,12 @@ func readTranscriptionForm(r *http.Request, maxMedia int64) (*transcriptionForm,
 				return nil, badRequest("file", "invalid_value", "Only one 'file' may be sent.")
 			}
 			seenFile = true
-			// One buffer the size of the whole body at most: growing one
-			// from nothing would copy the audio several times over.
-			hint := int64(64 << 10) // chunked: grown as it comes
+			// Toward the whole body's size at most, reserved as it grows.
+			hint := int64(-1)
 			if n := r.ContentLength; n > 0 {
 				hint = min(n, maxMedia+1)
 			}
-			data, err := readAll(io.LimitReader(part, maxMedia+1), hint)
+			data, err := readAll(io.LimitReader(part, maxMedia+1), hint, reservationOf(r))
 			if err != nil {
 				return nil, bodyError(err, maxMedia)
 			}

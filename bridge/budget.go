@@ -1,6 +1,8 @@
 package bridge
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -9,13 +11,17 @@ import (
 	"golang.org/x/sync/semaphore"
 )
 
-// bodyBudget bounds the request-body bytes that all requests hold at once.
-// Each body is bounded by WithMaxBody, but many at once are not: 30 clients
-// sending 15 MiB bodies each used to push the bridge past 1.3 GB. A request
-// reserves its body's bytes before the body is read and keeps them until
-// its handler returns, since what was decoded from the body (an image, the
-// text of the query) lives as long as the query; when the budget is spent
-// the request is refused with 429 at once, its body never read.
+// bodyBudget bounds the request-body memory that all requests hold at
+// once. Each body is bounded by WithMaxBody, but many at once are not: 30
+// clients sending 15 MiB bodies each used to push the bridge past 1.3 GB.
+//
+// A body's buffer grows as its bytes arrive, and each growth is reserved
+// first (see readAll), so the bridge never holds more than clients have
+// actually sent it: a client that declares 16 MiB and sends nothing holds
+// 64 KiB, and stalled uploads cannot lock others out for free. What a
+// request reserved stays reserved until its handler returns, since what
+// is decoded from the body (an image, the query's text) lives as long as
+// the query. A growth that does not fit refuses the request with 429.
 type bodyBudget struct {
 	sem        *semaphore.Weighted
 	limit      int64
@@ -26,10 +32,10 @@ func newBodyBudget(limit int64, retryAfter time.Duration) *bodyBudget {
 	return &bodyBudget{sem: semaphore.NewWeighted(limit), limit: limit, retryAfter: retryAfter}
 }
 
-// busy is the refusal of a request that does not fit in the budget.
+// busy is the refusal of a request whose body does not fit.
 func (b *bodyBudget) busy() *apiError {
 	return &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit, Code: "bridge_busy", RetryAfter: b.retryAfter,
-		Message: fmt.Sprintf("The bridge is receiving as many request bodies as it holds at once (%d bytes in all); retry later.", b.limit)}
+		Message: fmt.Sprintf("The bridge holds as many request bodies as it may at once (%d bytes in all); retry later.", b.limit)}
 }
 
 // declaredTooLarge refuses a body by its Content-Length, before a byte of
@@ -39,56 +45,112 @@ func declaredTooLarge(n, max int64) *apiError {
 }
 
 // wrap bounds the bodies of the requests next serves: a declared
-// Content-Length over max gets 413 at once; a body that does not fit in
-// the budget gets 429 with Retry-After. A body of unknown length (chunked)
-// reserves its bytes as they arrive.
+// Content-Length over max gets 413 at once, unread; any other body gets a
+// reservation in its context for readAll to grow, given back when next
+// returns.
 func (b *bodyBudget) wrap(max int64, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		n := r.ContentLength
-		switch {
-		case n == 0 || r.Body == nil || r.Body == http.NoBody:
-			next.ServeHTTP(w, r)
+		switch n := r.ContentLength; {
 		case n > max:
 			writeError(w, declaredTooLarge(n, max))
-		case n > 0:
-			if !b.sem.TryAcquire(n) {
-				writeError(w, b.busy())
-				return
-			}
-			defer b.sem.Release(n)
+		case n == 0 || r.Body == nil || r.Body == http.NoBody:
 			next.ServeHTTP(w, r)
 		default:
-			mb := &meteredBody{ReadCloser: r.Body, b: b}
-			r.Body = mb
-			defer mb.release()
-			next.ServeHTTP(w, r)
+			res := &reservation{b: b}
+			defer res.release()
+			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), reservationKey{}, res)))
 		}
 	})
 }
 
-// meteredBody reserves budget for a body of unknown length as it is read;
-// a read that does not fit fails with the 429 that bodyError passes on.
-type meteredBody struct {
-	io.ReadCloser
+// reservation is what one request holds of the budget.
+type reservation struct {
 	b    *bodyBudget
 	held int64
 }
 
-func (m *meteredBody) Read(p []byte) (int, error) {
-	n, err := m.ReadCloser.Read(p)
-	if n > 0 {
-		if !m.b.sem.TryAcquire(int64(n)) {
-			return 0, m.b.busy()
-		}
-		m.held += int64(n)
-	}
-	return n, err
+type reservationKey struct{}
+
+// reservationOf is r's reservation, or nil for a request that came another
+// way than through bodyBudget.wrap (nil reserves nothing).
+func reservationOf(r *http.Request) *reservation {
+	res, _ := r.Context().Value(reservationKey{}).(*reservation)
+	return res
 }
 
-// release gives back what was reserved; the handler has returned by then.
-func (m *meteredBody) release() {
-	if m.held > 0 {
-		m.b.sem.Release(m.held)
-		m.held = 0
+// grow reserves n more bytes, or fails with the 429 of a busy bridge.
+func (res *reservation) grow(n int64) error {
+	if res == nil || n <= 0 {
+		return nil
+	}
+	if !res.b.sem.TryAcquire(n) {
+		return res.b.busy()
+	}
+	res.held += n
+	return nil
+}
+
+func (res *reservation) release() {
+	if res.held > 0 {
+		res.b.sem.Release(res.held)
+		res.held = 0
+	}
+}
+
+// firstRead is the buffer a body starts with when it is not smaller.
+const firstRead = 64 << 10
+
+// readAll reads r to its end like io.ReadAll, into a buffer that doubles
+// as bytes arrive, reserving each growth from res first. hint is the
+// length to expect (a declared length, or a guess; < 0 for none): the
+// buffer's sizes are then hint halved down to 64 KiB, so that a body of
+// exactly hint bytes ends in a buffer of exactly that size, after about
+// hint bytes of smaller buffers, and more than hint still fits. Its end is
+// found with a one-byte read rather than by growing.
+func readAll(r io.Reader, hint int64, res *reservation) ([]byte, error) {
+	size := int64(firstRead)
+	if hint >= 0 {
+		size = hint
+		for size > firstRead {
+			size = (size + 1) / 2
+		}
+	}
+	if err := res.grow(size); err != nil {
+		return nil, err
+	}
+	b := make([]byte, 0, size)
+	for {
+		if len(b) < cap(b) {
+			n, err := r.Read(b[len(b):cap(b)])
+			b = b[:len(b)+n]
+			if errors.Is(err, io.EOF) {
+				return b, nil
+			}
+			if err != nil {
+				return b, err
+			}
+			continue
+		}
+		var probe [1]byte
+		if _, err := io.ReadFull(r, probe[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return b, nil
+			}
+			return b, err
+		}
+		next := max(2*int64(cap(b)), firstRead)
+		if hint > int64(cap(b)) {
+			// The size above cap on the ladder from hint down.
+			next = hint
+			for (next+1)/2 > int64(cap(b)) {
+				next = (next + 1) / 2
+			}
+		}
+		if err := res.grow(next - int64(cap(b))); err != nil {
+			return b, err
+		}
+		nb := make([]byte, len(b), next)
+		copy(nb, b)
+		b = append(nb, probe[0])
 	}
 }

@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 )
 
@@ -76,19 +78,59 @@ func TestHugeDeclaredBodyRefusedUpFront(t *testing.T) {
 	}
 }
 
+// TestReadAll: readAll returns what was sent, whatever the hint, ends in
+// a buffer of exactly the declared size when the hint is exact, and holds
+// a reservation of exactly its buffer's size.
+func TestReadAll(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		size, hint int64
+	}{
+		{"empty", 0, 0},
+		{"small, exact", 1000, 1000},
+		{"large, exact", 3<<20 + 157, 3<<20 + 157},
+		{"large, unknown", 3<<20 + 157, -1},
+		{"more than the hint", 1 << 20, 100 << 10},
+		{"less than the hint", 100 << 10, 1 << 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			body := make([]byte, tc.size)
+			for i := range body {
+				body[i] = byte(i)
+			}
+			res := &reservation{b: newBodyBudget(64<<20, time.Second)}
+			// A reader that gives a few KiB at a time, as a network does.
+			b, err := readAll(iotest.HalfReader(bytes.NewReader(body)), tc.hint, res)
+			if err != nil || !bytes.Equal(b, body) {
+				t.Fatalf("read %d bytes (%v), want the %d sent", len(b), err, len(body))
+			}
+			if tc.hint == tc.size && int64(cap(b)) != tc.size {
+				t.Errorf("buffer of %d bytes for a body of exactly the %d declared", cap(b), tc.size)
+			}
+			if res.held != int64(cap(b)) {
+				t.Errorf("reserved %d bytes for a buffer of %d", res.held, cap(b))
+			}
+			res.release()
+		})
+	}
+}
+
 // TestBodyBudget: the bridge holds at most WithMaxBodyInFlight bytes of
-// request bodies at once. While one request holds most of the budget (its
-// body declared, not yet sent), a body that does not fit is refused at
-// once with 429 bridge_busy and Retry-After, whether its length is
-// declared or not (chunked); one that fits is served; and once the first
-// request ends, its bytes are free again.
+// request bodies at once, counted as they arrive. An upload that declared
+// a large body but sent little holds little, so stalled clients cannot
+// lock others out for free; once uploads have sent the budget's worth, a
+// body that does not fit is refused with 429 bridge_busy and Retry-After,
+// whether its length is declared or not (chunked); when they end, their
+// bytes are free again.
 func TestBodyBudget(t *testing.T) {
-	_, base := startBridge(t, newLocalSwarm(t), WithMaxBody(1000), WithMaxBodyInFlight(1500), WithRetryAfter(3*time.Second))
+	const limit = 1 << 20 // the body limit; the budget is 1.5 times it
+	_, base := startBridge(t, newLocalSwarm(t), WithMaxBody(limit), WithMaxBodyInFlight(limit*3/2), WithRetryAfter(3*time.Second))
 	chat := func(size int) string {
 		b := `{"model":"demo","messages":[{"role":"user","content":"hi"}]}`
 		return b + strings.Repeat(" ", size-len(b))
 	}
 	post := func(body io.Reader) (*http.Response, string) {
+		t.Helper()
 		req, err := http.NewRequest(http.MethodPost, base+"/v1/chat/completions", body)
 		if err != nil {
 			t.Fatal(err)
@@ -107,16 +149,43 @@ func TestBodyBudget(t *testing.T) {
 		}
 		return resp, code
 	}
+	// waitFor posts bodies of size until one gets want: the bridge reads
+	// an upload's bytes on its own time.
+	waitFor := func(size, want int) {
+		t.Helper()
+		deadline := time.Now().Add(testTimeout)
+		for {
+			resp, code := post(strings.NewReader(chat(size)))
+			if resp.StatusCode == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("a body of %d bytes still gets %d %s, want %d", size, resp.StatusCode, code, want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 
-	// A slow upload holds 1000 bytes: its head is in, its body is not.
-	slow, slowAnswer := rawRequest(t, base, http.MethodPost, "/v1/chat/completions", "application/json", 1000, nil)
+	// Two uploads declare the largest body each and send nothing yet: they
+	// hold 64 KiB each, and a largest body still fits beside them.
+	slow, slowAnswer := rawRequest(t, base, http.MethodPost, "/v1/chat/completions", "application/json", limit, nil)
+	other, _ := rawRequest(t, base, http.MethodPost, "/v1/chat/completions", "application/json", limit, nil)
+	if resp, code := post(strings.NewReader(chat(limit))); resp.StatusCode != http.StatusOK {
+		t.Fatalf("a largest body beside two that only declared theirs: %d %s, want 200", resp.StatusCode, code)
+	}
 
+	// One sends most of its body and holds 1 MiB: half a MiB no longer
+	// fits.
+	if _, err := io.WriteString(slow, chat(limit)[:limit-100]); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(limit/2, http.StatusTooManyRequests)
 	for _, tc := range []struct {
 		name string
 		body io.Reader
 	}{
-		{"declared length", strings.NewReader(chat(600))},
-		{"chunked", io.MultiReader(strings.NewReader(chat(600)))}, // no length known: sent chunked
+		{"declared length", strings.NewReader(chat(limit / 2))},
+		{"chunked", io.MultiReader(strings.NewReader(chat(limit / 2)))}, // no length known: sent chunked
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			resp, code := post(tc.body)
@@ -125,27 +194,15 @@ func TestBodyBudget(t *testing.T) {
 			}
 		})
 	}
-	if resp, code := post(strings.NewReader(chat(400))); resp.StatusCode != http.StatusOK {
-		t.Fatalf("a body that fits: %d %s, want 200", resp.StatusCode, code)
-	}
 
-	// The slow upload ends; its answer comes; its bytes are free again.
-	if _, err := io.WriteString(slow, chat(1000)); err != nil {
+	// The upload ends and is answered; the other goes away; their bytes
+	// are free again.
+	if _, err := io.WriteString(slow, chat(limit)[limit-100:]); err != nil {
 		t.Fatal(err)
 	}
 	if resp, code := readAnswer(t, slowAnswer); resp.StatusCode != http.StatusOK {
 		t.Fatalf("the slow upload: %d %s, want 200", resp.StatusCode, code)
 	}
-	// The handler gives its bytes back just after its answer is out.
-	deadline := time.Now().Add(testTimeout)
-	for {
-		resp, code := post(strings.NewReader(chat(600)))
-		if resp.StatusCode == http.StatusOK {
-			break
-		}
-		if resp.StatusCode != http.StatusTooManyRequests || time.Now().After(deadline) {
-			t.Fatalf("after the slow upload: %d %s, want 200", resp.StatusCode, code)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	other.Close()
+	waitFor(limit, http.StatusOK)
 }

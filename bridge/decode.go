@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"io"
 	"mime"
 	"net/http"
 	"strings"
@@ -47,9 +46,9 @@ func bodyError(err error, max int64) *apiError {
 // ignored, as OpenAI clients send extras; a known field of the wrong type,
 // invalid JSON, an empty body or trailing data is a 400 naming the problem.
 //
-// The body is read whole into one buffer of its declared size and decoded
-// from there: a streaming json.Decoder would hold it too, in a buffer grown
-// by copying, up to three times its size at once.
+// The body is read whole into one buffer, at most its declared size, and
+// decoded from there: a json.Decoder would copy it into a buffer of its
+// own, grown by copying, up to three times its size at once.
 func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, v any) *apiError {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
@@ -69,40 +68,17 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, v any) *apiEr
 	return nil
 }
 
-// readBody reads r's body whole, into a buffer of its declared length when
-// it has one, so that reading never copies it to grow.
+// readBody reads r's body whole (see readAll), growing the request's
+// reservation of the bridge's body budget.
 func readBody(r *http.Request, max int64) ([]byte, *apiError) {
 	if r.ContentLength > max {
 		return nil, declaredTooLarge(r.ContentLength, max)
 	}
-	hint := r.ContentLength
-	if hint < 0 {
-		hint = 64 << 10 // chunked: grown as it comes, bounded by max
-	}
-	b, err := readAll(r.Body, hint)
+	b, err := readAll(r.Body, r.ContentLength, reservationOf(r))
 	if err != nil {
 		return nil, bodyError(err, max)
 	}
 	return b, nil
-}
-
-// readAll is io.ReadAll starting from a buffer of capacity hint (plus the
-// byte that lets the last read find EOF without growing it).
-func readAll(r io.Reader, hint int64) ([]byte, error) {
-	b := make([]byte, 0, hint+1)
-	for {
-		if len(b) == cap(b) {
-			b = append(b, 0)[:len(b)]
-		}
-		n, err := r.Read(b[len(b):cap(b)])
-		b = b[:len(b)+n]
-		if errors.Is(err, io.EOF) {
-			return b, nil
-		}
-		if err != nil {
-			return b, err
-		}
-	}
 }
 
 // jsonError maps an error of json.Unmarshal(body) to a 400, telling apart
