@@ -114,7 +114,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	}
 	srv.base, srv.cancelBase = context.WithCancel(context.Background())
 	wsConns := func() int { return 0 }
-	m, err := newMetrics(reg, s, func() int { return wsConns() })
+	m, err := newMetrics(reg, s, func() int { return wsConns() }, srv.bodies.inUse)
 	if err != nil {
 		return nil, fmt.Errorf("bridge: metrics: %w", err)
 	}

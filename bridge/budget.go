@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -26,11 +27,15 @@ type bodyBudget struct {
 	sem        *semaphore.Weighted
 	limit      int64
 	retryAfter time.Duration
+	held       atomic.Int64 // what is reserved now, for the metrics
 }
 
 func newBodyBudget(limit int64, retryAfter time.Duration) *bodyBudget {
 	return &bodyBudget{sem: semaphore.NewWeighted(limit), limit: limit, retryAfter: retryAfter}
 }
+
+// inUse is the bytes reserved now.
+func (b *bodyBudget) inUse() int64 { return b.held.Load() }
 
 // busy is the refusal of a request whose body does not fit.
 func (b *bodyBudget) busy() *apiError {
@@ -87,11 +92,13 @@ func (res *reservation) grow(n int64) error {
 		return res.b.busy()
 	}
 	res.held += n
+	res.b.held.Add(n)
 	return nil
 }
 
 func (res *reservation) release() {
 	if res.held > 0 {
+		res.b.held.Add(-res.held)
 		res.b.sem.Release(res.held)
 		res.held = 0
 	}

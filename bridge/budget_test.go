@@ -117,14 +117,14 @@ func TestReadAll(t *testing.T) {
 
 // TestBodyBudget: the bridge holds at most WithMaxBodyInFlight bytes of
 // request bodies at once, counted as they arrive. An upload that declared
-// a large body but sent little holds little, so stalled clients cannot
+// a large body but sent nothing holds 64 KiB, so stalled clients cannot
 // lock others out for free; once uploads have sent the budget's worth, a
 // body that does not fit is refused with 429 bridge_busy and Retry-After,
 // whether its length is declared or not (chunked); when they end, their
 // bytes are free again.
 func TestBodyBudget(t *testing.T) {
 	const limit = 1 << 20 // the body limit; the budget is 1.5 times it
-	_, base := startBridge(t, newLocalSwarm(t), WithMaxBody(limit), WithMaxBodyInFlight(limit*3/2), WithRetryAfter(3*time.Second))
+	b, base := startBridge(t, newLocalSwarm(t), WithMaxBody(limit), WithMaxBodyInFlight(limit*3/2), WithRetryAfter(3*time.Second))
 	chat := func(size int) string {
 		b := `{"model":"demo","messages":[{"role":"user","content":"hi"}]}`
 		return b + strings.Repeat(" ", size-len(b))
@@ -149,20 +149,17 @@ func TestBodyBudget(t *testing.T) {
 		}
 		return resp, code
 	}
-	// waitFor posts bodies of size until one gets want: the bridge reads
-	// an upload's bytes on its own time.
-	waitFor := func(size, want int) {
+	// held waits until the bridge holds want bytes of bodies: it reads
+	// the raw uploads' bytes on its own time, and gives a request's bytes
+	// back just after its answer is out.
+	held := func(want int64) {
 		t.Helper()
 		deadline := time.Now().Add(testTimeout)
-		for {
-			resp, code := post(strings.NewReader(chat(size)))
-			if resp.StatusCode == want {
-				return
-			}
+		for b.bodies.inUse() != want {
 			if time.Now().After(deadline) {
-				t.Fatalf("a body of %d bytes still gets %d %s, want %d", size, resp.StatusCode, code, want)
+				t.Fatalf("the bridge holds %d bytes of bodies, want %d", b.bodies.inUse(), want)
 			}
-			time.Sleep(10 * time.Millisecond)
+			time.Sleep(time.Millisecond)
 		}
 	}
 
@@ -170,16 +167,18 @@ func TestBodyBudget(t *testing.T) {
 	// hold 64 KiB each, and a largest body still fits beside them.
 	slow, slowAnswer := rawRequest(t, base, http.MethodPost, "/v1/chat/completions", "application/json", limit, nil)
 	other, _ := rawRequest(t, base, http.MethodPost, "/v1/chat/completions", "application/json", limit, nil)
+	held(2 * firstRead)
 	if resp, code := post(strings.NewReader(chat(limit))); resp.StatusCode != http.StatusOK {
 		t.Fatalf("a largest body beside two that only declared theirs: %d %s, want 200", resp.StatusCode, code)
 	}
+	held(2 * firstRead)
 
 	// One sends most of its body and holds 1 MiB: half a MiB no longer
-	// fits.
+	// fits beside it.
 	if _, err := io.WriteString(slow, chat(limit)[:limit-100]); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(limit/2, http.StatusTooManyRequests)
+	held(limit + firstRead)
 	for _, tc := range []struct {
 		name string
 		body io.Reader
@@ -204,5 +203,8 @@ func TestBodyBudget(t *testing.T) {
 		t.Fatalf("the slow upload: %d %s, want 200", resp.StatusCode, code)
 	}
 	other.Close()
-	waitFor(limit, http.StatusOK)
+	held(0)
+	if resp, code := post(strings.NewReader(chat(limit))); resp.StatusCode != http.StatusOK {
+		t.Fatalf("after the uploads: %d %s, want 200", resp.StatusCode, code)
+	}
 }

@@ -22,7 +22,7 @@ type metrics struct {
 	inFlight prometheus.Gauge
 }
 
-func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int) (*metrics, error) {
+func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int, bodyBytes func() int64) (*metrics, error) {
 	m := &metrics{
 		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mtor_bridge_queries_total",
@@ -53,6 +53,10 @@ func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int) (*metrics, 
 			Name: "mtor_bridge_connections",
 			Help: "Open WebSocket connections.",
 		}, func() float64 { return float64(conns()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mtor_bridge_body_bytes",
+			Help: "Bytes of request bodies the bridge holds now, out of its budget (WithMaxBodyInFlight).",
+		}, func() float64 { return float64(bodyBytes()) }),
 	}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
