@@ -54,9 +54,9 @@ const (
 )
 
 // messageContent is a message's content, decoded where the request body
-// is decoded rather than kept as raw JSON to decode later: an image in a
-// data: URL is then held once as text (until decoded), not once more per
-// step of raw JSON in between.
+// is decoded rather than kept as raw JSON to decode later, which copied a
+// large image's text once per step: an image's data: URL is decoded
+// straight from the body's bytes (dataURLField).
 type messageContent struct {
 	kind  contentKind
 	text  string
