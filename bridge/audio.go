@@ -2,7 +2,6 @@ package bridge
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"mime"
 	"mime/multipart"
@@ -86,7 +85,12 @@ func readTranscriptionForm(r *http.Request, maxMedia int64) (*transcriptionForm,
 				return nil, badRequest("file", "invalid_value", "Only one 'file' may be sent.")
 			}
 			seenFile = true
-			data, err := io.ReadAll(io.LimitReader(part, maxMedia+1))
+			// Toward the whole body's size at most, reserved as it grows.
+			hint := int64(-1)
+			if n := r.ContentLength; n > 0 {
+				hint = min(n, maxMedia+1)
+			}
+			data, err := readAll(io.LimitReader(part, maxMedia+1), hint, reservationOf(r))
 			if err != nil {
 				return nil, bodyError(err, maxMedia)
 			}
@@ -261,9 +265,9 @@ func (s *Server) collectText(r *http.Request, q *pb.QueryRequest) (string, *rout
 	var overflow *apiError
 	res, aerr := s.queryWhole(r.Context(), q, b.Reset, func(ev *pb.Event) error {
 		if c := ev.GetChunk(); c != nil {
-			if b.Len()+len(c.GetText()) > maxAnswer {
-				overflow = tooLarge("", "The answer is longer than %d bytes.", maxAnswer)
-				return fmt.Errorf("answer too long")
+			if b.Len()+len(c.GetText()) > s.cfg.maxAnswer {
+				overflow = responseTooLarge(s.cfg.maxAnswer, "")
+				return overflow
 			}
 			b.WriteString(c.GetText())
 		}

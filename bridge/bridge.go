@@ -20,6 +20,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/bridge/ws"
+	"github.com/mtor-swarm/mtor/node/api/hostcheck"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -49,6 +50,8 @@ type Server struct {
 	swarm   Swarm // instrumented
 	log     *logging.ZapEventLogger
 	keys    *keySet
+	bodies  *bodyBudget
+	hosts   *hostcheck.Allow
 	cors    *corsPolicy
 	metrics *metrics
 	reg     *prometheus.Registry
@@ -74,6 +77,8 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	cfg := config{
 		maxBody:       DefaultMaxBody,
 		maxMedia:      DefaultMaxMedia,
+		maxBodyFlight: DefaultMaxBodyInFlight,
+		maxAnswer:     DefaultMaxAnswer,
 		queryTimeout:  DefaultQueryTimeout,
 		keepAlive:     DefaultKeepAlive,
 		retryAfter:    DefaultRetryAfter,
@@ -92,6 +97,13 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	if cfg.maxMedia > cfg.maxBody {
 		cfg.maxMedia = cfg.maxBody
 	}
+	if cfg.maxBodyFlight < cfg.maxBody {
+		cfg.maxBodyFlight = cfg.maxBody
+	}
+	hosts, err := hostcheck.New(cfg.hosts...)
+	if err != nil {
+		return nil, fmt.Errorf("bridge: %w", err)
+	}
 	reg := cfg.registry
 	if reg == nil {
 		reg = prometheus.NewRegistry()
@@ -100,6 +112,8 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		cfg:     cfg,
 		log:     cfg.log,
 		keys:    newKeySet(cfg.keys),
+		bodies:  newBodyBudget(cfg.maxBodyFlight, cfg.retryAfter),
+		hosts:   hosts,
 		cors:    newCORSPolicy(cfg.corsOrigins, cfg.trustFwdHost),
 		reg:     reg,
 		started: time.Now(),
@@ -119,7 +133,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	}
 	srv.queue = q
 	wsConns := func() int { return 0 }
-	m, err := newMetrics(reg, s, func() int { return wsConns() }, q.Stats)
+	m, err := newMetrics(reg, s, func() int { return wsConns() }, q.Stats, srv.bodies.inUse)
 	if err != nil {
 		return nil, fmt.Errorf("bridge: metrics: %w", err)
 	}
@@ -132,7 +146,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	srv.routes(mux)
 	srv.mountUI(mux)
 	wsConns = srv.ws.Connections
-	srv.handler = serverHeader(mux)
+	srv.handler = serverHeader(srv.hostGuard(mux))
 	return srv, nil
 }
 
@@ -156,7 +170,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("POST /v1/audio/transcriptions", s.handleTranscription)
 	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
 	v1.HandleFunc("/v1/", s.handleUnknown)
-	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(s.withClient(v1))))
+	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, s.withClient(v1)))))
 	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
 	mux.HandleFunc("/healthz", s.handleHealth)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))

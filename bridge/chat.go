@@ -12,9 +12,6 @@ import (
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
-// maxAnswer bounds a non-streamed answer held in memory.
-const maxAnswer = 16 << 20
-
 type chatMessageOut struct {
 	Role    string  `json:"role"`
 	Content string  `json:"content"`
@@ -89,8 +86,8 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	var overflow *apiError
 	res, aerr := s.queryWhole(r.Context(), q, text.Reset, func(ev *pb.Event) error {
 		if c := ev.GetChunk(); c != nil {
-			if text.Len()+len(c.GetText()) > maxAnswer {
-				overflow = tooLarge("", "The answer is longer than %d bytes; use stream: true.", maxAnswer)
+			if text.Len()+len(c.GetText()) > s.cfg.maxAnswer {
+				overflow = responseTooLarge(s.cfg.maxAnswer, "; ask with stream: true, or a lower max_tokens")
 				return overflow
 			}
 			text.WriteString(c.GetText())

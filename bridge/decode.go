@@ -1,9 +1,9 @@
 package bridge
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
-	"io"
 	"mime"
 	"net/http"
 	"strings"
@@ -25,7 +25,13 @@ func limitBody(w http.ResponseWriter, r *http.Request, max int64) func() {
 
 // bodyError maps a failed body read.
 func bodyError(err error, max int64) *apiError {
-	var mbe *http.MaxBytesError
+	var (
+		mbe *http.MaxBytesError
+		ae  *apiError
+	)
+	if errors.As(err, &ae) { // the bridge's own refusal, e.g. its byte budget
+		return ae
+	}
 	if errors.As(err, &mbe) {
 		return tooLarge("", "Request body is larger than the limit of %d bytes.", max)
 	}
@@ -39,6 +45,10 @@ func bodyError(err error, max int64) *apiError {
 // decodeJSON reads r's body (at most max bytes) into v. Unknown fields are
 // ignored, as OpenAI clients send extras; a known field of the wrong type,
 // invalid JSON, an empty body or trailing data is a 400 naming the problem.
+//
+// The body is read whole into one buffer, at most its declared size, and
+// decoded from there: a json.Decoder would copy it into a buffer of its
+// own, grown by copying, up to three times its size at once.
 func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, v any) *apiError {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
@@ -47,39 +57,45 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, v any) *apiEr
 		}
 	}
 	done := limitBody(w, r, max)
-	defer done()
-	dec := json.NewDecoder(r.Body)
-	if err := dec.Decode(v); err != nil {
-		return jsonError(err, max)
+	body, aerr := readBody(r, max)
+	done()
+	if aerr != nil {
+		return aerr
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		if err != nil && !isSyntax(err) {
-			return jsonError(err, max)
-		}
-		return badRequest("", "invalid_json", "Request body has data after the JSON value.")
+	if err := json.Unmarshal(body, v); err != nil {
+		return jsonError(body, err)
 	}
 	return nil
 }
 
-func isSyntax(err error) bool {
-	var se *json.SyntaxError
-	return errors.As(err, &se)
+// readBody reads r's body whole (see readAll), growing the request's
+// reservation of the bridge's body budget.
+func readBody(r *http.Request, max int64) ([]byte, *apiError) {
+	if r.ContentLength > max {
+		return nil, declaredTooLarge(r.ContentLength, max)
+	}
+	b, err := readAll(r.Body, r.ContentLength, reservationOf(r))
+	if err != nil {
+		return nil, bodyError(err, max)
+	}
+	return b, nil
 }
 
-// jsonError maps a decoding error to a 400 (or 413 when over the limit).
-func jsonError(err error, max int64) *apiError {
+// jsonError maps an error of json.Unmarshal(body) to a 400, telling apart
+// an empty body, one cut short and one with data after its value.
+func jsonError(body []byte, err error) *apiError {
 	var (
-		se  *json.SyntaxError
-		te  *json.UnmarshalTypeError
-		mbe *http.MaxBytesError
+		se *json.SyntaxError
+		te *json.UnmarshalTypeError
 	)
 	switch {
-	case errors.As(err, &mbe):
-		return bodyError(err, max)
-	case errors.Is(err, io.EOF):
+	case len(bytes.TrimSpace(body)) == 0:
 		return badRequest("", "invalid_json", "Request body is empty; expected a JSON object.")
-	case errors.Is(err, io.ErrUnexpectedEOF):
+	case errors.As(err, &se) && se.Offset >= int64(len(body)):
 		return badRequest("", "invalid_json", "Request body is not valid JSON: it ends too early.")
+	case errors.As(err, &se) && se.Offset > 0 && json.Valid(body[:se.Offset-1]):
+		// Only the byte that failed is wrong: a whole value came before it.
+		return badRequest("", "invalid_json", "Request body has data after the JSON value.")
 	case errors.As(err, &se):
 		return badRequest("", "invalid_json", "Request body is not valid JSON at byte %d: %v.", se.Offset, se)
 	case errors.As(err, &te):
@@ -88,7 +104,7 @@ func jsonError(err error, max int64) *apiError {
 		}
 		return badRequest(te.Field, "invalid_type", "Invalid type for %q: expected %s, got %s.", te.Field, jsonKind(te.Type.String()), te.Value)
 	}
-	return bodyError(err, max)
+	return badRequest("", "invalid_json", "Request body is not valid JSON: %v.", err)
 }
 
 // jsonKind names a Go type as a JSON client thinks of it.

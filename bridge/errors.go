@@ -72,6 +72,14 @@ func tooLarge(param, format string, args ...any) *apiError {
 	return &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Param: param, Code: "request_too_large", Message: fmt.Sprintf(format, args...)}
 }
 
+// responseTooLarge is a non-streamed answer that outgrew what the bridge
+// gathers (WithMaxAnswer): the answer was too large, not the request, and
+// the fault is upstream, hence a 502.
+func responseTooLarge(max int, hint string) *apiError {
+	return &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "response_too_large",
+		Message: fmt.Sprintf("The worker's answer exceeded %d bytes, the most this bridge gathers for a non-streamed answer%s.", max, hint)}
+}
+
 func modelNotFound(model string) *apiError {
 	return &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Param: "model", Code: "model_not_found",
 		Message: fmt.Sprintf("The model %q is not served by any peer of this swarm (GET /v1/models lists what is).", model)}

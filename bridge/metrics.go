@@ -23,7 +23,7 @@ type metrics struct {
 	inFlight prometheus.Gauge
 }
 
-func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int, qstats func() queue.Stats) (*metrics, error) {
+func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int, qstats func() queue.Stats, bodyBytes func() int64) (*metrics, error) {
 	m := &metrics{
 		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mtor_bridge_queries_total",
@@ -66,6 +66,10 @@ func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int, qstats func
 			Name: "mtor_bridge_queue_refused_total",
 			Help: "Queries refused as busy by the bridge's queue: full, or waited too long.",
 		}, func() float64 { s := qstats(); return float64(s.Refused + s.Expired) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mtor_bridge_body_bytes",
+			Help: "Bytes of request bodies the bridge holds now, out of its budget (WithMaxBodyInFlight).",
+		}, func() float64 { return float64(bodyBytes()) }),
 	}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/bridge/ws"
+	"github.com/mtor-swarm/mtor/node/api/hostcheck"
 )
 
 // Defaults for the options.
@@ -37,12 +38,26 @@ const (
 	DefaultQueueWait = queue.DefaultMaxWait
 )
 
+// Defaults of the memory bounds.
+const (
+	// DefaultMaxBodyInFlight bounds the request-body bytes of all requests
+	// at once: four bodies of the largest size.
+	DefaultMaxBodyInFlight = 4 * DefaultMaxBody
+	// DefaultMaxAnswer bounds a non-streamed text answer the bridge
+	// gathers before it answers; a model's longest answers (128k tokens)
+	// are well under 1 MiB of text.
+	DefaultMaxAnswer = 4 << 20
+)
+
 type config struct {
 	keys          []string
 	corsOrigins   []string
 	trustFwdHost  bool
+	hosts         []string
 	maxBody       int64
 	maxMedia      int64
+	maxBodyFlight int64 // request-body bytes of all requests at once
+	maxAnswer     int   // bytes of a non-streamed answer
 	registry      *prometheus.Registry
 	queryTimeout  time.Duration
 	keepAlive     time.Duration // SSE comment after this much silence
@@ -136,6 +151,22 @@ func WithTrustForwardedHost(on bool) Option {
 	}
 }
 
+// WithAllowedHosts adds host names (host or host:port; the port is
+// ignored) that a bridge without API keys answers to, besides localhost,
+// loopback addresses and the address a connection arrived on. Any other
+// Host gets 403 host_not_allowed, so that a DNS rebinding page cannot use
+// the bridge from a user's browser. "*" allows every name. With API keys
+// the check is off: keys protect the API whatever the Host.
+func WithAllowedHosts(names ...string) Option {
+	return func(c *config) error {
+		if _, err := hostcheck.New(names...); err != nil {
+			return err
+		}
+		c.hosts = append(c.hosts, names...)
+		return nil
+	}
+}
+
 // WithMaxBody bounds every request body (JSON or multipart, media
 // included); larger ones get 413.
 func WithMaxBody(n int64) Option {
@@ -144,6 +175,35 @@ func WithMaxBody(n int64) Option {
 			return fmt.Errorf("max body %d must be > 0", n)
 		}
 		c.maxBody = n
+		return nil
+	}
+}
+
+// WithMaxBodyInFlight bounds the request-body bytes that all requests hold
+// at once (JSON and multipart bodies, counted from their Content-Length or
+// as they arrive). A request whose body does not fit gets 429 bridge_busy
+// with Retry-After before its body is read. It is raised to the body limit
+// when lower, so that one largest body always fits.
+func WithMaxBodyInFlight(n int64) Option {
+	return func(c *config) error {
+		if n <= 0 {
+			return fmt.Errorf("max body in flight %d must be > 0", n)
+		}
+		c.maxBodyFlight = n
+		return nil
+	}
+}
+
+// WithMaxAnswer bounds a non-streamed text answer (chat without stream,
+// transcription) that the bridge gathers before it answers; a longer one
+// is cut off and the client gets 502 response_too_large. Streamed answers
+// are not gathered and not bounded by it.
+func WithMaxAnswer(n int) Option {
+	return func(c *config) error {
+		if n <= 0 {
+			return fmt.Errorf("max answer %d must be > 0", n)
+		}
+		c.maxAnswer = n
 		return nil
 	}
 }

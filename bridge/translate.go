@@ -1,9 +1,11 @@
 package bridge
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"mime"
@@ -37,20 +39,188 @@ type streamOptions struct {
 }
 
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role    string         `json:"role"`
+	Content messageContent `json:"content"`
+}
+
+// contentKind is what a message's content was in the request.
+type contentKind int
+
+const (
+	contentNull    contentKind = iota // null or absent
+	contentText                       // a string
+	contentParts                      // an array of content parts
+	contentInvalid                    // anything else
+)
+
+// messageContent is a message's content, decoded where the request body
+// is decoded rather than kept as raw JSON to decode later, which copied a
+// large image's text once per step: an image's data: URL is decoded
+// straight from the body's bytes (dataURLField).
+type messageContent struct {
+	kind  contentKind
+	text  string
+	parts []contentPart
+	// badPart is the index of the first part that is not an object with a
+	// string "type", when hasBad.
+	badPart int
+	hasBad  bool
+}
+
+// UnmarshalJSON never fails: what is wrong is recorded for
+// translateMessage, which names the field in its error.
+func (c *messageContent) UnmarshalJSON(b []byte) error {
+	*c = messageContent{}
+	switch t := bytes.TrimLeft(b, " \t\r\n"); {
+	case len(t) == 0 || t[0] == 'n':
+		if json.Unmarshal(t, new(any)) != nil {
+			c.kind = contentInvalid
+		}
+	case t[0] == '"':
+		c.kind = contentText
+		if json.Unmarshal(t, &c.text) != nil {
+			c.kind = contentInvalid
+		}
+	case t[0] == '[':
+		c.kind = contentParts
+		if err := json.Unmarshal(t, &c.parts); err != nil {
+			c.parts, c.hasBad = nil, true
+			var raws []json.RawMessage // only on this error path
+			if json.Unmarshal(t, &raws) != nil {
+				c.kind, c.hasBad = contentInvalid, false
+				return nil
+			}
+			for j, raw := range raws {
+				var p contentPart
+				if json.Unmarshal(raw, &p) != nil {
+					c.badPart = j
+					break
+				}
+			}
+		}
+	default:
+		c.kind = contentInvalid
+	}
+	return nil
 }
 
 // contentPart is one element of an array content.
 type contentPart struct {
-	Type     string          `json:"type"`
-	Text     string          `json:"text"`
-	ImageURL json.RawMessage `json:"image_url"`
-	Refusal  string          `json:"refusal"`
+	Type     string       `json:"type"`
+	Text     string       `json:"text"`
+	ImageURL imageURLPart `json:"image_url"`
+	Refusal  string       `json:"refusal"`
 }
 
-type imageURL struct {
-	URL string `json:"url"`
+// imageURLPart is an image_url value, {"url": "..."} or a bare string.
+type imageURLPart struct {
+	ok  bool // present and of a valid shape
+	url dataURLField
+}
+
+func (u *imageURLPart) UnmarshalJSON(b []byte) error {
+	var o struct {
+		URL dataURLField `json:"url"`
+	}
+	if err := json.Unmarshal(b, &o); err == nil {
+		*u = imageURLPart{ok: true, url: o.URL}
+		return nil
+	}
+	var d dataURLField
+	if err := json.Unmarshal(b, &d); err == nil {
+		*u = imageURLPart{ok: true, url: d}
+		return nil
+	}
+	*u = imageURLPart{}
+	return nil
+}
+
+// dataURLProblem is what is wrong with a data: URL.
+type dataURLProblem int
+
+const (
+	dataURLOK           dataURLProblem = iota
+	dataURLNotData                     // not a data: URL (a remote URL, say)
+	dataURLNotBase64                   // a data: URL without ;base64
+	dataURLBadMediaType                // its media type does not parse
+	dataURLBadBase64                   // its data is not base64
+	dataURLTooLarge                    // more than any query carries: not decoded
+)
+
+// dataURLField is a "data:<mime>;base64,<data>" URL, decoded as the request
+// body is decoded: the base64 text is read from the body's own bytes
+// (unless JSON escapes are in it), so that the image is held once,
+// decoded, and never as a string besides. What is wrong is recorded for
+// imagePart, which knows the field and the media left.
+type dataURLField struct {
+	given   bool // a non-empty string
+	mime    string
+	data    []byte
+	size    int64 // decoded size, from the base64 length
+	problem dataURLProblem
+}
+
+var errNotString = errors.New("not a string")
+
+func (d *dataURLField) UnmarshalJSON(b []byte) error {
+	*d = dataURLField{}
+	if string(b) == "null" {
+		return nil
+	}
+	if len(b) < 2 || b[0] != '"' {
+		return errNotString
+	}
+	raw := b[1 : len(b)-1]
+	if bytes.IndexByte(raw, '\\') >= 0 { // escaped (some encoders write \/): unquote
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		raw = []byte(s)
+	}
+	if len(raw) == 0 {
+		return nil
+	}
+	d.given = true
+	d.parse(raw)
+	return nil
+}
+
+// parse decodes raw, the URL's text; raw is not kept.
+func (d *dataURLField) parse(raw []byte) {
+	rest, ok := bytes.CutPrefix(raw, []byte("data:"))
+	if !ok {
+		d.problem = dataURLNotData
+		return
+	}
+	meta, payload, ok := bytes.Cut(rest, []byte(","))
+	if !ok || !bytes.HasSuffix(meta, []byte(";base64")) {
+		d.problem = dataURLNotBase64
+		return
+	}
+	mt, _, err := mime.ParseMediaType(string(bytes.TrimSuffix(meta, []byte(";base64"))))
+	if err != nil {
+		d.problem = dataURLBadMediaType
+		return
+	}
+	d.mime = mt
+	// Padded and unpadded standard base64 are both accepted.
+	enc := base64.StdEncoding
+	if !bytes.HasSuffix(payload, []byte("=")) && len(payload)%4 != 0 {
+		enc = base64.RawStdEncoding
+	}
+	d.size = int64(enc.DecodedLen(len(payload)))
+	if d.size > protocol.MaxRequestFrame {
+		d.problem = dataURLTooLarge
+		return
+	}
+	data := make([]byte, d.size)
+	n, err := enc.Decode(data, payload)
+	if err != nil {
+		d.problem = dataURLBadBase64
+		return
+	}
+	d.data = data[:n]
 }
 
 // newID is a fresh 16-byte query id.
@@ -116,26 +286,24 @@ func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64
 		return nil, 0, badRequest(field+".role", "invalid_value", "Invalid value for '%s.role': %q (want system, developer, user, assistant or tool).", field, m.Role)
 	}
 	pm := &pb.Message{Role: role}
-	if isNull(m.Content) {
+	switch m.Content.kind {
+	case contentNull:
 		return pm, 0, nil // assistant messages with tool calls have no content
-	}
-	var s string
-	if err := json.Unmarshal(m.Content, &s); err == nil {
-		pm.Content = s
+	case contentText:
+		pm.Content = m.Content.text
 		return pm, 0, nil
-	}
-	var parts []json.RawMessage
-	if err := json.Unmarshal(m.Content, &parts); err != nil {
+	case contentInvalid:
 		return nil, 0, badRequest(field+".content", "invalid_type", "Invalid type for '%s.content': expected a string or an array of content parts.", field)
+	}
+	if m.Content.hasBad {
+		pf := fmt.Sprintf("%s.content[%d]", field, m.Content.badPart)
+		return nil, 0, badRequest(pf, "invalid_type", "Invalid content part '%s': expected an object with a string 'type'.", pf)
 	}
 	var texts []string
 	var media int64
-	for j, raw := range parts {
+	for j := range m.Content.parts {
+		p := &m.Content.parts[j]
 		pf := fmt.Sprintf("%s.content[%d]", field, j)
-		var p contentPart
-		if err := json.Unmarshal(raw, &p); err != nil {
-			return nil, 0, badRequest(pf, "invalid_type", "Invalid content part '%s': expected an object with a string 'type'.", pf)
-		}
 		switch p.Type {
 		case "text", "input_text":
 			texts = append(texts, p.Text)
@@ -161,68 +329,39 @@ func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64
 	return pm, media, nil
 }
 
-// imagePart decodes an image_url part: {"url": "data:image/png;base64,..."}
-// (a bare string is accepted too). The bridge never fetches remote URLs: it
-// would turn every bridge into an open proxy.
-func imagePart(field string, raw json.RawMessage, left int64) (*pb.Attachment, *apiError) {
-	var u imageURL
-	if err := json.Unmarshal(raw, &u); err != nil {
-		var s string
-		if err2 := json.Unmarshal(raw, &s); err2 != nil {
-			return nil, badRequest(field, "invalid_type", "Invalid type for '%s': expected an object with a 'url'.", field)
-		}
-		u.URL = s
+// imagePart checks an image_url part: {"url": "data:image/png;base64,..."}
+// (a bare string is accepted too), of at most left decoded bytes. The
+// bridge never fetches remote URLs: it would turn every bridge into an
+// open proxy.
+func imagePart(field string, u imageURLPart, left int64) (*pb.Attachment, *apiError) {
+	if !u.ok {
+		return nil, badRequest(field, "invalid_type", "Invalid type for '%s': expected an object with a 'url'.", field)
 	}
-	if u.URL == "" {
-		return nil, badRequest(field+".url", "missing_required_parameter", "Missing required parameter: '%s.url'.", field)
+	d := u.url
+	field += ".url"
+	if !d.given {
+		return nil, badRequest(field, "missing_required_parameter", "Missing required parameter: '%s'.", field)
 	}
-	mt, data, err := decodeDataURL(field+".url", u.URL, left)
-	if err != nil {
-		return nil, err
+	tooMuch := tooLarge(field, "Media in '%s' exceeds the remaining media limit of %d bytes.", field, max(left, 0))
+	switch {
+	case d.problem == dataURLNotData:
+		return nil, badRequest(field, "invalid_value", "'%s' must be a data: URL with base64 content (data:image/png;base64,...); the bridge does not fetch remote URLs.", field)
+	case d.problem == dataURLNotBase64:
+		return nil, badRequest(field, "invalid_value", "'%s' must be a base64 data: URL (data:<mime>;base64,<data>).", field)
+	case d.problem == dataURLBadMediaType:
+		return nil, badRequest(field, "invalid_value", "'%s' has an invalid media type.", field)
+	case d.problem == dataURLTooLarge || d.size > left+3: // base64 length rounds up by 3 at most
+		return nil, tooMuch
+	case d.problem == dataURLBadBase64:
+		return nil, badRequest(field, "invalid_value", "'%s' is not valid base64.", field)
+	case int64(len(d.data)) > left:
+		return nil, tooMuch
+	case len(d.data) == 0:
+		return nil, badRequest(field, "invalid_value", "'%s' is empty.", field)
+	case !strings.HasPrefix(d.mime, "image/"):
+		return nil, badRequest(field, "invalid_value", "'%s' holds %s, not an image.", field, d.mime)
 	}
-	if !strings.HasPrefix(mt, "image/") {
-		return nil, badRequest(field+".url", "invalid_value", "'%s.url' holds %s, not an image.", field, mt)
-	}
-	return &pb.Attachment{Mime: mt, Data: data}, nil
-}
-
-// decodeDataURL decodes "data:<mime>;base64,<data>", refusing more than
-// left decoded bytes before decoding anything.
-func decodeDataURL(field, u string, left int64) (string, []byte, *apiError) {
-	rest, ok := strings.CutPrefix(u, "data:")
-	if !ok {
-		return "", nil, badRequest(field, "invalid_value", "'%s' must be a data: URL with base64 content (data:image/png;base64,...); the bridge does not fetch remote URLs.", field)
-	}
-	meta, payload, ok := strings.Cut(rest, ",")
-	if !ok || !strings.HasSuffix(meta, ";base64") {
-		return "", nil, badRequest(field, "invalid_value", "'%s' must be a base64 data: URL (data:<mime>;base64,<data>).", field)
-	}
-	mt, _, err := mime.ParseMediaType(strings.TrimSuffix(meta, ";base64"))
-	if err != nil {
-		return "", nil, badRequest(field, "invalid_value", "'%s' has an invalid media type.", field)
-	}
-	if int64(base64.StdEncoding.DecodedLen(len(payload))) > left+3 {
-		return "", nil, tooLarge(field, "Media in '%s' exceeds the remaining media limit of %d bytes.", field, max(left, 0))
-	}
-	data, derr := decodeBase64(payload)
-	if derr != nil {
-		return "", nil, badRequest(field, "invalid_value", "'%s' is not valid base64.", field)
-	}
-	if int64(len(data)) > left {
-		return "", nil, tooLarge(field, "Media in '%s' exceeds the remaining media limit of %d bytes.", field, max(left, 0))
-	}
-	if len(data) == 0 {
-		return "", nil, badRequest(field, "invalid_value", "'%s' is empty.", field)
-	}
-	return mt, data, nil
-}
-
-// decodeBase64 accepts padded and unpadded standard base64.
-func decodeBase64(s string) ([]byte, error) {
-	if strings.HasSuffix(s, "=") || len(s)%4 == 0 {
-		return base64.StdEncoding.DecodeString(s)
-	}
-	return base64.RawStdEncoding.DecodeString(s)
+	return &pb.Attachment{Mime: d.mime, Data: d.data}, nil
 }
 
 func chatParams(req *chatRequest) (*pb.Params, *apiError) {

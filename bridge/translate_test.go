@@ -51,6 +51,19 @@ func TestChatToQuery(t *testing.T) {
 					t.Errorf("got type %v attachments %v", q.Type, a)
 				}
 			}},
+		{name: "escaped slashes in a data: URL", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image\/png;base64,\/\/\/\/"}}]}]}`,
+			check: func(t *testing.T, q *pb.QueryRequest) {
+				a := q.Messages[0].Attachments
+				if len(a) != 1 || a[0].Mime != "image/png" || string(a[0].Data) != "\xff\xff\xff" {
+					t.Errorf("attachments %v", a)
+				}
+			}},
+		{name: "bare string image_url, unpadded", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":"data:image/png;base64,AAAAAA"}]}]}`,
+			check: func(t *testing.T, q *pb.QueryRequest) {
+				if a := q.Messages[0].Attachments; len(a) != 1 || len(a[0].Data) != 4 {
+					t.Errorf("attachments %v", a)
+				}
+			}},
 		{name: "assistant null content", body: `{"model":"m","messages":[{"role":"assistant","content":null},{"role":"user","content":"x"}]}`},
 		{name: "params", body: `{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":5,"max_completion_tokens":7,"temperature":0.5,"top_p":0.9,"stop":"END","seed":42}`,
 			check: func(t *testing.T, q *pb.QueryRequest) {
@@ -76,6 +89,11 @@ func TestChatToQuery(t *testing.T) {
 		{name: "bad base64", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,!!!!"}}]}]}`, status: 400, param: "messages[0].content[0].image_url.url"},
 		{name: "image over media limit", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"` + dataURL("image/png", 1001) + `"}}]}]}`, status: 413, param: "messages[0].content[0].image_url.url"},
 		{name: "images over media limit together", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"` + dataURL("image/png", 600) + `"}}]},{"role":"user","content":[{"type":"image_url","image_url":{"url":"` + dataURL("image/png", 600) + `"}}]}]}`, status: 413},
+		{name: "image_url without url", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{}}]}]}`, status: 400, param: "messages[0].content[0].image_url.url"},
+		{name: "image_url of wrong type", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":5}]}]}`, status: 400, param: "messages[0].content[0].image_url"},
+		{name: "image_url missing", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}`, status: 400, param: "messages[0].content[0].image_url"},
+		{name: "part not an object", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},7]}]}`, status: 400, param: "messages[0].content[1]"},
+		{name: "image over any query's size", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"` + dataURL("image/png", 9<<20) + `"}}]}]}`, status: 413, param: "messages[0].content[0].image_url.url"},
 		{name: "n=2", body: `{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}`, status: 400, param: "n"},
 		{name: "temperature too high", body: `{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}`, status: 400, param: "temperature"},
 		{name: "max_tokens zero", body: `{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}`, status: 400, param: "max_tokens"},

@@ -59,6 +59,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"query bad timeout", []string{"query", "--timeout", "-1s", "hi"}, "--timeout"},
 		{"node bridge key without bridge", []string{"node", "--bridge-key", "k"}, "need --bridge"},
 		{"node bridge origin without bridge", []string{"node", "--bridge-origin", "https://app.example"}, "need --bridge"},
+		{"node bridge host without bridge", []string{"node", "--bridge-host", "gpu.example"}, "need --bridge"},
+		{"node bridge host is a URL", []string{"node", "--bridge", "127.0.0.1:0", "--bridge-host", "http://gpu.example"}, "--bridge-host"},
 		{"node bridge origin with path", []string{"node", "--bridge", "127.0.0.1:0", "--bridge-origin", "https://app.example/page"}, "--bridge-origin"},
 		{"node bridge origin without scheme", []string{"node", "--bridge", "127.0.0.1:0", "--bridge-origin", "app.example"}, "--bridge-origin"},
 		{"node negative bridge queue", []string{"node", "--bridge", "127.0.0.1:0", "--bridge-queue", "-1"}, "--bridge-queue"},
@@ -153,7 +155,7 @@ func TestHelpAndVersionExit0(t *testing.T) {
 	if n := strings.Count(stdout, "Usage: mtor node"); n != 1 {
 		t.Errorf("node -h printed its usage %d times", n)
 	}
-	for _, flag := range []string{"-data-dir", "-listen", "-join", "-swarm", "-backend", "-api", "-bridge", "-bridge-key", "-bridge-key-file", "-bridge-origin", "-relay", "-no-mdns", "-max-concurrency", "-max-queue", "-announce-interval"} {
+	for _, flag := range []string{"-data-dir", "-listen", "-join", "-swarm", "-backend", "-api", "-bridge", "-bridge-key", "-bridge-key-file", "-bridge-origin", "-bridge-host", "-relay", "-no-mdns", "-max-concurrency", "-max-queue", "-announce-interval"} {
 		if !strings.Contains(stdout, "  "+flag+" ") && !strings.Contains(stdout, "  "+flag+"\n") {
 			t.Errorf("node help lacks %s", flag)
 		}

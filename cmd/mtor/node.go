@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -22,6 +23,7 @@ import (
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/api"
+	"github.com/mtor-swarm/mtor/node/api/hostcheck"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/spec"
 	"github.com/mtor-swarm/mtor/node/gpu"
@@ -44,6 +46,7 @@ type nodeFlags struct {
 	bridgeQueuePerCl int
 	bridgeQueueWait  time.Duration
 	bridgeInFlight   int
+	bridgeHosts      stringList
 	relay            bool
 	noMDNS           bool
 	noDetect         bool
@@ -89,6 +92,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.IntVar(&f.bridgeQueuePerCl, "bridge-queue-per-client", bridge.DefaultQueuePerClient, "queries one client (API key, else IP address; WebSocket user) may have waiting")
 	fs.DurationVar(&f.bridgeQueueWait, "bridge-queue-wait", bridge.DefaultQueueWait, "longest a query waits at the bridge for a slot before it is refused as busy")
 	fs.IntVar(&f.bridgeInFlight, "bridge-max-in-flight", 0, "queries the bridge runs in the swarm at once (0: the swarm's capacity, the sum of its workers' --max-concurrency)")
+	fs.Var(&f.bridgeHosts, "bridge-host", "host name (or *) that a bridge without --bridge-key answers to besides localhost, loopback and its own addresses, repeatable; other Host headers get 403 (DNS rebinding)")
 	fs.BoolVar(&f.relay, "relay", false, "serve circuit relay v2 for peers behind NAT")
 	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
 	fs.BoolVar(&f.noDetect, "no-detect", false, "with no --backend: do not look for local model servers (serve no models)")
@@ -250,8 +254,11 @@ func (f *nodeFlags) check() error {
 			return usagef("--bridge %q: want HOST:PORT", f.bridgeAddr)
 		}
 	}
-	if f.bridgeAddr == "" && (len(f.bridgeKeys) > 0 || f.bridgeKeyFile != "" || len(f.bridgeOrigins) > 0) {
-		return usagef("--bridge-key, --bridge-key-file and --bridge-origin need --bridge")
+	if f.bridgeAddr == "" && (len(f.bridgeKeys) > 0 || f.bridgeKeyFile != "" || len(f.bridgeOrigins) > 0 || len(f.bridgeHosts) > 0) {
+		return usagef("--bridge-key, --bridge-key-file, --bridge-origin and --bridge-host need --bridge")
+	}
+	if _, err := hostcheck.New(f.bridgeHosts...); err != nil {
+		return usagef("--bridge-host: %v", err)
 	}
 	switch {
 	case f.bridgeQueue < 0:
@@ -364,6 +371,15 @@ func (f *nodeFlags) bridgeOptions(n *node.Node) []bridge.Option {
 	}
 	if f.bridgeKeyFile != "" {
 		opts = append(opts, bridge.WithAPIKeyFile(f.bridgeKeyFile))
+	}
+	// The bridge answers to the name it was told to bind, when it is a
+	// name (--bridge gpu.lan:8080); addresses it knows by itself.
+	hosts := slices.Clone(f.bridgeHosts)
+	if h, _, err := net.SplitHostPort(f.bridgeAddr); err == nil && h != "" && net.ParseIP(h) == nil {
+		hosts = append(hosts, h)
+	}
+	if len(hosts) > 0 {
+		opts = append(opts, bridge.WithAllowedHosts(hosts...))
 	}
 	if len(f.bridgeOrigins) > 0 {
 		// The bridge gives the same list to its WebSocket as the Origin

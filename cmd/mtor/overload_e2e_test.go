@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -18,27 +17,6 @@ import (
 
 	"github.com/coder/websocket"
 )
-
-// rssOf is a process's resident set size (VmRSS), in bytes.
-func rssOf(t *testing.T, pid int) int64 {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatalf("reading the bridge's RSS: %v", err)
-	}
-	sc := bufio.NewScanner(strings.NewReader(string(b)))
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			if err != nil {
-				t.Fatalf("VmRSS %q: %v", v, err)
-			}
-			return kb << 10
-		}
-	}
-	t.Fatal("no VmRSS in /proc/PID/status")
-	return 0
-}
 
 // goMem reads the Go runtime's own view of the bridge's memory from its
 // /metrics: what the heap holds, what goroutine stacks hold, and what was
@@ -67,8 +45,6 @@ func goMem(base string) string {
 	return strings.Join(parts, ", ")
 }
 
-func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
-
 // TestE2EOverloadMemory: a bridge process in front of two demo worker
 // processes; 2 000 WebSocket clients connect, each sends one query, then
 // they leave. Every query is answered or refused BUSY with a retry hint,
@@ -87,7 +63,7 @@ func TestE2EOverloadMemory(t *testing.T) {
 	pid := br.cmd.Process.Pid
 
 	time.Sleep(2 * time.Second) // let start-up garbage go
-	idle := rssOf(t, pid)
+	idle := procStatus(t, pid, "VmRSS")
 	t.Logf("idle: RSS %s (%s)", mib(idle), goMem(base))
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -116,7 +92,7 @@ func TestE2EOverloadMemory(t *testing.T) {
 		t.FailNow()
 	}
 	time.Sleep(time.Second)
-	connected := rssOf(t, pid)
+	connected := procStatus(t, pid, "VmRSS")
 	t.Logf("%d connected: RSS %s, %.1f KiB a connection over idle (%s)", clients, mib(connected), float64(connected-idle)/clients/1024, goMem(base))
 
 	// Peak RSS and /healthz latency while the queries run.
@@ -136,7 +112,7 @@ func TestE2EOverloadMemory(t *testing.T) {
 				return
 			case <-tick.C:
 			}
-			peak.Store(max(peak.Load(), rssOf(t, pid)))
+			peak.Store(max(peak.Load(), procStatus(t, pid, "VmRSS")))
 			start := time.Now()
 			resp, err := hc.Get(base + "/healthz")
 			if err != nil || resp.StatusCode != 200 {
@@ -196,7 +172,7 @@ func TestE2EOverloadMemory(t *testing.T) {
 	took := time.Since(began)
 	close(stopWatch)
 	<-watched
-	loaded := rssOf(t, pid)
+	loaded := procStatus(t, pid, "VmRSS")
 	t.Logf("%d queries in %s: %d answered, %d BUSY (%d without retry_after); peak RSS %s, RSS after %s (%s)",
 		clients, took.Round(time.Millisecond), answered.Load(), busy.Load(), noHint.Load(), mib(peak.Load()), mib(loaded), goMem(base))
 	t.Logf("/healthz during the queries: slowest %s, %d failed", time.Duration(worstHealth.Load()).Round(100*time.Microsecond), healthFailed.Load())
@@ -220,7 +196,7 @@ func TestE2EOverloadMemory(t *testing.T) {
 	var after int64
 	for {
 		time.Sleep(time.Second)
-		after = rssOf(t, pid)
+		after = procStatus(t, pid, "VmRSS")
 		if after <= 2*idle || time.Since(left) > 30*time.Second {
 			break
 		}

@@ -91,31 +91,6 @@ func TestRefusedBeforeRouting(t *testing.T) {
 	}
 }
 
-func TestLoopbackChecks(t *testing.T) {
-	for _, tc := range []struct {
-		addr string
-		want bool
-	}{
-		{"127.0.0.1:1", true}, {"127.8.9.10:1", true}, {"[::1]:1", true},
-		{"10.0.0.1:1", false}, {"0.0.0.0:1", false}, {"[::]:1", false}, {"nonsense", false},
-	} {
-		if got := loopbackAddr(tc.addr); got != tc.want {
-			t.Errorf("loopbackAddr(%q) = %v, want %v", tc.addr, got, tc.want)
-		}
-	}
-	for _, tc := range []struct {
-		host string
-		want bool
-	}{
-		{"127.0.0.1:5050", true}, {"localhost:5050", true}, {"LOCALHOST", true}, {"[::1]:5050", true}, {"::1", true},
-		{"localhost.evil.example", false}, {"example.com:5050", false}, {"192.168.1.1", false}, {"", false},
-	} {
-		if got := loopbackHost(tc.host); got != tc.want {
-			t.Errorf("loopbackHost(%q) = %v, want %v", tc.host, got, tc.want)
-		}
-	}
-}
-
 func TestErrorEventRoundTrip(t *testing.T) {
 	for _, code := range []string{"BAD_REQUEST", "UNSUPPORTED", "BUSY", "TOO_LARGE", "BACKEND_ERROR", "TIMEOUT", "CANCELLED", "INTERNAL"} {
 		e := &ErrorEvent{Code: code, Message: "m", Retryable: true}

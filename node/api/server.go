@@ -10,13 +10,13 @@ import (
 	"mime"
 	"net"
 	"net/http"
-	"strings"
 	"time"
 
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/node/api/hostcheck"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -151,12 +151,12 @@ func (s *Server) Handler() http.Handler {
 func (s *Server) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.allowRemote {
-			if !loopbackAddr(r.RemoteAddr) {
+			if !hostcheck.LoopbackAddr(r.RemoteAddr) {
 				writeError(w, http.StatusForbidden, protocol.Errorf(protocol.CodeBadRequest,
 					"the control API serves only this machine (client %s)", r.RemoteAddr))
 				return
 			}
-			if !loopbackHost(r.Host) {
+			if !hostcheck.Loopback(r.Host) {
 				writeError(w, http.StatusForbidden, protocol.Errorf(protocol.CodeBadRequest,
 					"host %q is not a loopback address", r.Host))
 				return
@@ -170,28 +170,6 @@ func (s *Server) guard(next http.Handler) http.Handler {
 		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(writeTimeout))
 		next.ServeHTTP(w, r)
 	})
-}
-
-func loopbackAddr(hostport string) bool {
-	host, _, err := net.SplitHostPort(hostport)
-	if err != nil {
-		host = hostport
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
-}
-
-func loopbackHost(hostport string) bool {
-	host, _, err := net.SplitHostPort(hostport)
-	if err != nil {
-		host = hostport
-	}
-	host = strings.Trim(host, "[]")
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }
 
 func (s *Server) handleID(w http.ResponseWriter, r *http.Request) {
