@@ -196,3 +196,38 @@ func TestOpenAIClientTools(t *testing.T) {
 		t.Errorf("the model server never got the tool's answer: %v", fake.requests())
 	}
 }
+
+// TestOllamaClient runs the official ollama npm client (ollama-js) against
+// the bridge's Ollama API, on the same swarm as TestOpenAIClientTools:
+// list, show, ps, streamed chat, generate, embed, and a tool round trip
+// whose call comes from the fake tool server behind the openai backend.
+func TestOllamaClient(t *testing.T) {
+	fake := &fakeToolServer{}
+	url := serveFake(t, fake)
+	sw := swarmtest.New(t, swarmtest.Workers(2), swarmtest.Clients(1),
+		swarmtest.Backends(func(i int, label string) []backend.Backend {
+			if i == 1 {
+				return []backend.Backend{demo.New(label, demo.WithDelay(time.Millisecond))}
+			}
+			b, err := openai.New(url, openai.WithFeatures(protocol.FeatureTools))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return []backend.Backend{b}
+		}))
+	r := sw.Clients[0].Router()
+	deadline := time.Now().Add(testTimeout)
+	for len(r.Models()) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("client sees models %v", r.Models())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_, base := startBridge(t, r)
+	checks := nodeScript(t, "ollama_client.mjs", nil, base)
+	for _, want := range []string{"list", "chat", "embed", "tools"} {
+		if _, ok := checks[want]; !ok {
+			t.Errorf("the client did not report check %q", want)
+		}
+	}
+}
