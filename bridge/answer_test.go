@@ -1,48 +1,57 @@
 package bridge
 
 import (
-	"net/http"
-	"strings"
+	"encoding/json"
 	"testing"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
-// TestAnswerLimit: a non-streamed answer longer than WithMaxAnswer is cut
-// off and named as what it is, a 502 response_too_large saying how large
-// an answer may be (not a 413, which would blame the request); the same
-// answer streamed is not gathered and passes whole.
-func TestAnswerLimit(t *testing.T) {
-	const limit = 1000
-	var events []*pb.Event
-	for range 30 { // 3000 bytes of answer
-		events = append(events, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: strings.Repeat("x", 100)}}})
+// TestAnswerShapes: a non-streamed answer in OpenAI's exact shapes: tool
+// calls merged from deltas, content null when the model only called
+// tools, logprobs with bytes.
+func TestAnswerShapes(t *testing.T) {
+	tc := func(i uint32, id, name, args string) *pb.Event {
+		return &pb.Event{Kind: &pb.Event_ToolCall{ToolCall: &pb.ToolCallDelta{Index: i, Id: id, Name: name, Arguments: args}}}
 	}
-	fs := &fakeSwarm{events: events}
-	_, base := startBridge(t, fs, WithMaxAnswer(limit))
-
-	t.Run("chat", func(t *testing.T) {
-		resp, b := postJSON(t, base+"/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}]}`, nil)
-		if resp.StatusCode != http.StatusBadGateway {
-			t.Fatalf("%d %s, want 502", resp.StatusCode, b)
-		}
-		e := assertErrorShape(t, b, "response_too_large")
-		if msg, _ := e["message"].(string); !strings.Contains(msg, "1000 bytes") || e["type"] != "server_error" {
-			t.Errorf("error %v: want a server_error naming the 1000-byte limit", e)
-		}
-	})
-	t.Run("transcription", func(t *testing.T) {
-		ct, body := transcriptionBody(t, map[string]string{"model": "demo"}, "a.wav", []byte("RIFF\x00\x00\x00\x00WAVEfmt "))
-		resp, b := call(t, http.MethodPost, base+"/v1/audio/transcriptions", ct, body, nil)
-		if resp.StatusCode != http.StatusBadGateway {
-			t.Fatalf("%d %s, want 502", resp.StatusCode, b)
-		}
-		assertErrorShape(t, b, "response_too_large")
-	})
-	t.Run("streamed chat is not bounded", func(t *testing.T) {
-		resp, b := postJSON(t, base+"/v1/chat/completions", `{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}`, nil)
-		if resp.StatusCode != http.StatusOK || strings.Count(string(b), strings.Repeat("x", 100)) != 30 || !strings.HasSuffix(string(b), "data: [DONE]\n\n") {
-			t.Fatalf("%d %s, want the whole answer streamed", resp.StatusCode, b)
-		}
-	})
+	chunk := func(text string, lps ...*pb.TokenLogprob) *pb.Event {
+		return &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: text, Logprobs: lps}}}
+	}
+	cases := []struct {
+		name     string
+		events   []*pb.Event
+		logprobs bool
+		message  string
+		lps      string
+	}{
+		{"text", []*pb.Event{chunk("hel"), chunk("lo")}, false,
+			`{"role":"assistant","content":"hello","refusal":null}`, `null`},
+		{"empty text", nil, false, `{"role":"assistant","content":"","refusal":null}`, `null`},
+		{"tool calls only", []*pb.Event{tc(0, "call_1", "get_weather", `{"city":`), tc(0, "", "", `"Oslo"}`), tc(1, "call_2", "now", "{}")}, false,
+			`{"role":"assistant","refusal":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Oslo\"}"}},{"id":"call_2","type":"function","function":{"name":"now","arguments":"{}"}}],"content":null}`, `null`},
+		{"text and a call", []*pb.Event{chunk("Let me check."), tc(0, "c", "now", "{}")}, false,
+			`{"role":"assistant","content":"Let me check.","refusal":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"now","arguments":"{}"}}]}`, `null`},
+		{"logprobs", []*pb.Event{chunk("hi", &pb.TokenLogprob{Token: "hi", Logprob: -0.5, Top: []*pb.TopLogprob{{Token: "ho", Logprob: -2}}})}, true,
+			`{"role":"assistant","content":"hi","refusal":null}`,
+			`{"content":[{"token":"hi","logprob":-0.5,"bytes":[104,105],"top_logprobs":[{"token":"ho","logprob":-2,"bytes":[104,111]}]}],"refusal":null}`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			a := answer{max: DefaultMaxAnswer}
+			for _, ev := range c.events {
+				if !a.add(ev, c.logprobs) {
+					t.Fatal("overflow")
+				}
+			}
+			m, _ := json.Marshal(a.message())
+			if string(m) != c.message {
+				t.Errorf("message\n%s\nwant\n%s", m, c.message)
+			}
+			q := &pb.QueryRequest{Params: &pb.Params{Logprobs: c.logprobs}}
+			l, _ := json.Marshal(a.logprobsOut(q))
+			if string(l) != c.lps {
+				t.Errorf("logprobs\n%s\nwant\n%s", l, c.lps)
+			}
+		})
+	}
 }

@@ -172,6 +172,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("/v1/", s.handleUnknown)
 	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, s.withClient(v1)))))
 	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
+	s.mountOllama(mux)
 	mux.HandleFunc("/healthz", s.handleHealth)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
 }

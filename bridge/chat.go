@@ -4,18 +4,32 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 type chatMessageOut struct {
-	Role    string  `json:"role"`
-	Content string  `json:"content"`
-	Refusal *string `json:"refusal"`
+	Role      string         `json:"role"`
+	Content   string         `json:"content"` // null in JSON when the model only called tools
+	Refusal   *string        `json:"refusal"`
+	ToolCalls []chatToolCall `json:"tool_calls,omitempty"`
+}
+
+// MarshalJSON writes content null for a message of tool calls alone, as
+// OpenAI does.
+func (m chatMessageOut) MarshalJSON() ([]byte, error) {
+	type plain chatMessageOut
+	if m.Content != "" || len(m.ToolCalls) == 0 {
+		return json.Marshal(plain(m))
+	}
+	return json.Marshal(struct {
+		plain
+		Content *string `json:"content"`
+	}{plain: plain(m)})
 }
 
 type chatChoice struct {
@@ -37,8 +51,9 @@ type chatCompletion struct {
 }
 
 type chunkDelta struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string         `json:"role,omitempty"`
+	Content   *string        `json:"content,omitempty"`
+	ToolCalls []chatToolCall `json:"tool_calls,omitempty"`
 }
 
 type chunkChoice struct {
@@ -60,12 +75,20 @@ type chatChunk struct {
 	Mtor              *mtorInfo     `json:"mtor,omitempty"`
 }
 
-// finishReason is "length" when the answer used up max_tokens.
-func finishReason(q *pb.QueryRequest, res *router.Result) string {
-	if m := q.GetParams().GetMaxTokens(); m > 0 && res.Done.GetUsage().GetCompletionTokens() >= m {
-		return "length"
+// finishReason is the backend's, passed through by the worker; for a
+// worker from before Done.finish_reason it is "length" when the answer used
+// up max_tokens, "tool_calls" when it called tools, else "stop".
+func finishReason(q *pb.QueryRequest, res *router.Result, calledTools bool) string {
+	if r := res.Done.GetFinishReason(); r != "" {
+		return r
 	}
-	return "stop"
+	if calledTools {
+		return protocol.FinishToolCalls
+	}
+	if m := q.GetParams().GetMaxTokens(); m > 0 && res.Done.GetUsage().GetCompletionTokens() >= m {
+		return protocol.FinishLength
+	}
+	return protocol.FinishStop
 }
 
 func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
@@ -76,21 +99,22 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	if q == nil {
 		return
 	}
+	if aerr := s.checkFeatures(q); aerr != nil {
+		writeError(w, aerr)
+		return
+	}
 	id := "chatcmpl-" + hex.EncodeToString(q.Id)
 	created := time.Now().Unix()
 	if req.Stream {
 		s.streamChat(w, r, q, id, created, req.StreamOptions != nil && req.StreamOptions.IncludeUsage)
 		return
 	}
-	var text strings.Builder
+	ans := answer{max: s.cfg.maxAnswer}
 	var overflow *apiError
-	res, aerr := s.queryWhole(r.Context(), q, text.Reset, func(ev *pb.Event) error {
-		if c := ev.GetChunk(); c != nil {
-			if text.Len()+len(c.GetText()) > s.cfg.maxAnswer {
-				overflow = responseTooLarge(s.cfg.maxAnswer, "; ask with stream: true, or a lower max_tokens")
-				return overflow
-			}
-			text.WriteString(c.GetText())
+	res, aerr := s.queryWhole(r.Context(), q, ans.reset, func(ev *pb.Event) error {
+		if !ans.add(ev, q.GetParams().GetLogprobs()) {
+			overflow = responseTooLarge(s.cfg.maxAnswer, "; ask with stream: true, or a lower max_tokens")
+			return overflow
 		}
 		return nil
 	})
@@ -108,8 +132,9 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		Created: created,
 		Model:   q.Model,
 		Choices: []chatChoice{{
-			Message:      chatMessageOut{Role: "assistant", Content: text.String()},
-			FinishReason: finishReason(q, res),
+			Message:      ans.message(),
+			Logprobs:     ans.logprobsOut(q),
+			FinishReason: finishReason(q, res, len(ans.calls) > 0),
 		}},
 		Usage: usageOf(res),
 		Mtor:  infoOf(res),
@@ -236,6 +261,8 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 	}
 	empty := ""
 	roleSent := false
+	calledTools := false
+	var calls callIndex
 	sendRole := func() error {
 		if roleSent {
 			return nil
@@ -257,7 +284,17 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			if text == "" {
 				return nil
 			}
-			return out.event(chunk(chunkDelta{Content: &text}, nil))
+			c := chunk(chunkDelta{Content: &text}, nil)
+			if q.GetParams().GetLogprobs() {
+				c.Choices[0].Logprobs = logprobsJSON(k.Chunk.GetLogprobs())
+			}
+			return out.event(c)
+		case *pb.Event_ToolCall:
+			if err := sendRole(); err != nil {
+				return err
+			}
+			calledTools = true
+			return out.event(chunk(chunkDelta{ToolCalls: []chatToolCall{calls.delta(k.ToolCall)}}, nil))
 		}
 		return nil
 	})
@@ -275,7 +312,7 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 	if err := sendRole(); err != nil {
 		return
 	}
-	reason := finishReason(q, res)
+	reason := finishReason(q, res, calledTools)
 	last := chunk(chunkDelta{}, &reason)
 	last.Mtor = infoOf(res)
 	if err := out.event(last); err != nil {

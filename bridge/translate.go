@@ -32,6 +32,45 @@ type chatRequest struct {
 	Stop                json.RawMessage `json:"stop"`
 	Seed                *int64          `json:"seed"`
 	N                   *int64          `json:"n"`
+	PresencePenalty     *float64        `json:"presence_penalty"`
+	FrequencyPenalty    *float64        `json:"frequency_penalty"`
+	Logprobs            *bool           `json:"logprobs"`
+	TopLogprobs         *int64          `json:"top_logprobs"`
+	Tools               []chatTool      `json:"tools"`
+	ToolChoice          json.RawMessage `json:"tool_choice"`
+	ParallelToolCalls   *bool           `json:"parallel_tool_calls"`
+	ResponseFormat      json.RawMessage `json:"response_format"`
+	// Fields the swarm cannot honour: refused with 400 when set, never
+	// silently dropped.
+	LogitBias    map[string]float64 `json:"logit_bias"`
+	Functions    json.RawMessage    `json:"functions"`
+	FunctionCall json.RawMessage    `json:"function_call"`
+	Audio        json.RawMessage    `json:"audio"`
+	Modalities   []string           `json:"modalities"`
+	Prediction   json.RawMessage    `json:"prediction"`
+}
+
+// chatTool is one entry of "tools".
+type chatTool struct {
+	Type     string `json:"type"`
+	Function *struct {
+		Name        string          `json:"name"`
+		Description string          `json:"description"`
+		Parameters  json.RawMessage `json:"parameters"`
+		Strict      *bool           `json:"strict"`
+	} `json:"function"`
+}
+
+// chatToolCall is a tool call in an assistant message, and (with Index)
+// in a streamed delta.
+type chatToolCall struct {
+	Index    *int   `json:"index,omitempty"`
+	ID       string `json:"id,omitempty"`
+	Type     string `json:"type,omitempty"`
+	Function struct {
+		Name      string `json:"name,omitempty"`
+		Arguments string `json:"arguments"`
+	} `json:"function"`
 }
 
 type streamOptions struct {
@@ -39,8 +78,11 @@ type streamOptions struct {
 }
 
 type chatMessage struct {
-	Role    string         `json:"role"`
-	Content messageContent `json:"content"`
+	Role       string         `json:"role"`
+	Content    messageContent `json:"content"`
+	ToolCalls  []chatToolCall `json:"tool_calls"`
+	ToolCallID string         `json:"tool_call_id"`
+	Name       string         `json:"name"`
 }
 
 // contentKind is what a message's content was in the request.
@@ -250,6 +292,9 @@ func chatToQuery(req *chatRequest, lim limits) (*pb.QueryRequest, *apiError) {
 	if req.N != nil && *req.N != 1 {
 		return nil, badRequest("n", "unsupported_value", "Only n=1 is supported.")
 	}
+	if err := refuseUnsupported(req); err != nil {
+		return nil, err
+	}
 	q := &pb.QueryRequest{Id: newID(), Type: pb.QueryType_QUERY_TYPE_CHAT, Model: req.Model}
 	var media int64
 	for i, m := range req.Messages {
@@ -268,7 +313,143 @@ func chatToQuery(req *chatRequest, lim limits) (*pb.QueryRequest, *apiError) {
 		return nil, err
 	}
 	q.Params = params
+	if err := chatTools(req, q); err != nil {
+		return nil, err
+	}
+	f, err := responseFormat(req.ResponseFormat)
+	if err != nil {
+		return nil, err
+	}
+	q.ResponseFormat = f
+	// The protocol's own rules (names, schema sizes, ids) are checked here,
+	// so that their errors are 400s naming the request, not worker errors.
+	if perr := protocol.ValidateRequest(q); perr != nil {
+		if pe := protocol.AsError(perr); pe.Code == protocol.CodeBadRequest {
+			return nil, badRequest("", "invalid_value", "%s.", pe.Message)
+		}
+	}
 	return q, nil
+}
+
+// refuseUnsupported answers 400 for OpenAI fields the swarm cannot honour,
+// instead of ignoring them.
+func refuseUnsupported(req *chatRequest) *apiError {
+	switch {
+	case len(req.LogitBias) > 0:
+		return badRequest("logit_bias", "unsupported_parameter", "'logit_bias' is not supported by this swarm.")
+	case !isNull(req.Functions) || !isNull(req.FunctionCall):
+		return badRequest("functions", "unsupported_parameter", "'functions' and 'function_call' are not supported; use 'tools' and 'tool_choice'.")
+	case !isNull(req.Audio):
+		return badRequest("audio", "unsupported_parameter", "Audio output is not supported by chat completions here.")
+	case !isNull(req.Prediction):
+		return badRequest("prediction", "unsupported_parameter", "'prediction' is not supported by this swarm.")
+	case req.ParallelToolCalls != nil && !*req.ParallelToolCalls:
+		return badRequest("parallel_tool_calls", "unsupported_value", "'parallel_tool_calls': false cannot be enforced by this swarm.")
+	}
+	for _, m := range req.Modalities {
+		if m != "text" {
+			return badRequest("modalities", "unsupported_value", "Only the text modality is supported, not %q.", m)
+		}
+	}
+	return nil
+}
+
+// chatTools translates tools and tool_choice.
+func chatTools(req *chatRequest, q *pb.QueryRequest) *apiError {
+	if len(req.Tools) > protocol.MaxTools {
+		return badRequest("tools", "invalid_value", "Too many tools: %d, limit %d.", len(req.Tools), protocol.MaxTools)
+	}
+	for i, t := range req.Tools {
+		field := fmt.Sprintf("tools[%d]", i)
+		if t.Type != "function" {
+			return badRequest(field+".type", "unsupported_value", "Tool type %q is not supported (want function).", t.Type)
+		}
+		if t.Function == nil || t.Function.Name == "" {
+			return badRequest(field+".function.name", "missing_required_parameter", "Missing required parameter: '%s.function.name'.", field)
+		}
+		pt := &pb.Tool{Name: t.Function.Name, Description: t.Function.Description, Strict: t.Function.Strict != nil && *t.Function.Strict}
+		if !isNull(t.Function.Parameters) {
+			var obj map[string]any
+			if json.Unmarshal(t.Function.Parameters, &obj) != nil {
+				return badRequest(field+".function.parameters", "invalid_type", "Invalid type for '%s.function.parameters': expected a JSON Schema object.", field)
+			}
+			pt.Parameters = compact(t.Function.Parameters)
+		}
+		q.Tools = append(q.Tools, pt)
+	}
+	if isNull(req.ToolChoice) {
+		return nil
+	}
+	var mode string
+	if json.Unmarshal(req.ToolChoice, &mode) == nil {
+		switch mode {
+		case "auto", "none", "required":
+			q.ToolChoice = &pb.ToolChoice{Mode: mode}
+		default:
+			return badRequest("tool_choice", "invalid_value", "Invalid value for 'tool_choice': %q (want none, auto, required or an object naming a function).", mode)
+		}
+	} else {
+		var c struct {
+			Type     string `json:"type"`
+			Function struct {
+				Name string `json:"name"`
+			} `json:"function"`
+		}
+		if json.Unmarshal(req.ToolChoice, &c) != nil || c.Type != "function" || c.Function.Name == "" {
+			return badRequest("tool_choice", "invalid_value", "Invalid value for 'tool_choice': want a string or {\"type\":\"function\",\"function\":{\"name\":...}}.")
+		}
+		q.ToolChoice = &pb.ToolChoice{Mode: "function", Name: c.Function.Name}
+	}
+	if (q.ToolChoice.Mode == "required" || q.ToolChoice.Mode == "function") && len(q.Tools) == 0 {
+		return badRequest("tool_choice", "invalid_value", "'tool_choice' %s needs 'tools'.", q.ToolChoice.Mode)
+	}
+	return nil
+}
+
+// compact is raw JSON without insignificant white space.
+func compact(raw json.RawMessage) string {
+	var buf bytes.Buffer
+	if json.Compact(&buf, raw) != nil {
+		return string(raw)
+	}
+	return buf.String()
+}
+
+// responseFormat translates response_format.
+func responseFormat(raw json.RawMessage) (*pb.ResponseFormat, *apiError) {
+	if isNull(raw) {
+		return nil, nil
+	}
+	var f struct {
+		Type       string `json:"type"`
+		JSONSchema *struct {
+			Name   string          `json:"name"`
+			Schema json.RawMessage `json:"schema"`
+			Strict *bool           `json:"strict"`
+		} `json:"json_schema"`
+	}
+	if err := json.Unmarshal(raw, &f); err != nil {
+		return nil, badRequest("response_format", "invalid_type", "Invalid type for 'response_format': expected an object.")
+	}
+	switch f.Type {
+	case "text":
+		return nil, nil // no constraint: any worker will do
+	case "json_object":
+		return &pb.ResponseFormat{Type: "json_object"}, nil
+	case "json_schema":
+		if f.JSONSchema == nil {
+			return nil, badRequest("response_format.json_schema", "missing_required_parameter", "Missing required parameter: 'response_format.json_schema'.")
+		}
+		var obj map[string]any
+		if json.Unmarshal(f.JSONSchema.Schema, &obj) != nil {
+			return nil, badRequest("response_format.json_schema.schema", "invalid_type", "Invalid type for 'response_format.json_schema.schema': expected a JSON Schema object.")
+		}
+		return &pb.ResponseFormat{Type: "json_schema", Name: f.JSONSchema.Name, Schema: compact(f.JSONSchema.Schema),
+			Strict: f.JSONSchema.Strict != nil && *f.JSONSchema.Strict}, nil
+	case "":
+		return nil, badRequest("response_format.type", "missing_required_parameter", "Missing required parameter: 'response_format.type'.")
+	}
+	return nil, badRequest("response_format.type", "invalid_value", "Invalid value for 'response_format.type': %q (want text, json_object or json_schema).", f.Type)
 }
 
 func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64, *apiError) {
@@ -286,6 +467,21 @@ func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64
 		return nil, 0, badRequest(field+".role", "invalid_value", "Invalid value for '%s.role': %q (want system, developer, user, assistant or tool).", field, m.Role)
 	}
 	pm := &pb.Message{Role: role}
+	if len(m.ToolCalls) > 0 && role != "assistant" {
+		return nil, 0, badRequest(field+".tool_calls", "invalid_value", "Only assistant messages hold 'tool_calls'.")
+	}
+	for j, c := range m.ToolCalls {
+		if c.Type != "" && c.Type != "function" {
+			return nil, 0, badRequest(fmt.Sprintf("%s.tool_calls[%d].type", field, j), "unsupported_value", "Tool call type %q is not supported (want function).", c.Type)
+		}
+		pm.ToolCalls = append(pm.ToolCalls, &pb.ToolCall{Id: c.ID, Name: c.Function.Name, Arguments: c.Function.Arguments})
+	}
+	if role == "tool" {
+		if m.ToolCallID == "" && m.Role == "tool" {
+			return nil, 0, badRequest(field+".tool_call_id", "missing_required_parameter", "Missing required parameter: '%s.tool_call_id'.", field)
+		}
+		pm.ToolCallId, pm.Name = m.ToolCallID, m.Name
+	}
 	switch m.Content.kind {
 	case contentNull:
 		return pm, 0, nil // assistant messages with tool calls have no content
@@ -404,6 +600,29 @@ func chatParams(req *chatRequest) (*pb.Params, *apiError) {
 	p.Stop = stops
 	if req.Seed != nil {
 		p.Seed = proto.Int64(*req.Seed)
+	}
+	for _, pen := range []struct {
+		name string
+		v    *float64
+		dst  **float32
+	}{{"presence_penalty", req.PresencePenalty, &p.PresencePenalty}, {"frequency_penalty", req.FrequencyPenalty, &p.FrequencyPenalty}} {
+		if pen.v == nil {
+			continue
+		}
+		if *pen.v < -protocol.MaxPenalty || *pen.v > protocol.MaxPenalty || math.IsNaN(*pen.v) {
+			return nil, badRequest(pen.name, "invalid_value", "Invalid value for '%s': %v (want -2 to 2).", pen.name, *pen.v)
+		}
+		*pen.dst = proto.Float32(float32(*pen.v))
+	}
+	p.Logprobs = req.Logprobs != nil && *req.Logprobs
+	if n := req.TopLogprobs; n != nil {
+		if *n < 0 || *n > protocol.MaxTopLogprobs {
+			return nil, badRequest("top_logprobs", "invalid_value", "Invalid value for 'top_logprobs': %d (want 0 to %d).", *n, protocol.MaxTopLogprobs)
+		}
+		if *n > 0 && !p.Logprobs {
+			return nil, badRequest("top_logprobs", "invalid_value", "'top_logprobs' needs 'logprobs': true.")
+		}
+		p.TopLogprobs = uint32(*n)
 	}
 	return p, nil
 }

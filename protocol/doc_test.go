@@ -149,6 +149,24 @@ func TestDocLimits(t *testing.T) {
 		{"MinAnnounceTTL", MinAnnounceTTL.Milliseconds()},
 		{"MaxAnnounceTTL", MaxAnnounceTTL.Milliseconds()},
 		{"MaxClockSkew", MaxClockSkew.Milliseconds()},
+		{"MaxAnnAddrs", MaxAnnAddrs},
+		{"MaxAddrLen", MaxAddrLen},
+		{"MaxFeatures", MaxFeatures},
+		{"MaxFeatureLen", MaxFeatureLen},
+		{"MaxContinuation", MaxContinuation},
+		{"MaxTools", MaxTools},
+		{"MaxToolName", MaxToolName},
+		{"MaxToolDesc", MaxToolDesc},
+		{"MaxSchema", MaxSchema},
+		{"MaxToolCalls", MaxToolCalls},
+		{"MaxToolCallID", MaxToolCallID},
+		{"MaxToolArguments", MaxToolArguments},
+		{"MaxTopLogprobs", MaxTopLogprobs},
+		{"MaxChunkLogprobs", MaxChunkLogprobs},
+		{"MaxLogprobToken", MaxLogprobToken},
+		{"MaxPenalty", MaxPenalty},
+		{"MaxFormatName", MaxFormatName},
+		{"MinLogprob", MinLogprob},
 	}
 	for _, l := range limits {
 		row := fmt.Sprintf("| `%s` | %d |", l.name, l.value)
@@ -160,6 +178,11 @@ func TestDocLimits(t *testing.T) {
 		string(DHTPrefix(DefaultSwarm)) + "/kad/1.0.0"} {
 		if !strings.Contains(doc, "`"+id+"`") {
 			t.Errorf("doc does not name %q", id)
+		}
+	}
+	for _, f := range []string{FeatureContinue, FeatureTools, FeatureJSONObject, FeatureJSONSchema, FeatureLogprobs} {
+		if !strings.Contains(doc, "| `"+f+"` |") {
+			t.Errorf("doc lacks the feature row for %q", f)
 		}
 	}
 	for c, name := range pb.ErrorCode_name {

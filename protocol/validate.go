@@ -136,6 +136,12 @@ func ValidateRequest(r *pb.QueryRequest) error {
 	if err := validateParams(r.GetParams()); err != nil {
 		return err
 	}
+	if err := validateTools(r); err != nil {
+		return err
+	}
+	if err := validateResponseFormat(r.GetResponseFormat()); err != nil {
+		return err
+	}
 	if r.GetDeadlineUnixMs() < 0 {
 		return badRequest("negative deadline")
 	}
@@ -216,7 +222,7 @@ func validateParams(p *pb.Params) error {
 	if len(p.GetVoice()) > 64 || len(p.GetFormat()) > 32 {
 		return badRequest("voice or format too long")
 	}
-	return nil
+	return validateSamplingExtras(p)
 }
 
 // ValidateEvent checks an event received from a worker.
@@ -227,6 +233,9 @@ func ValidateEvent(e *pb.Event) error {
 		if len(k.Chunk.GetText()) > MaxChunkText {
 			return badRequest("chunk of %d bytes, limit %d", len(k.Chunk.GetText()), MaxChunkText)
 		}
+		return validateLogprobs(k.Chunk.GetLogprobs())
+	case *pb.Event_ToolCall:
+		return validateToolCallDelta(k.ToolCall)
 	case *pb.Event_Media:
 		if k.Media.GetMime() == "" || len(k.Media.GetMime()) > MaxMime {
 			return badRequest("media event without a valid mime type")
@@ -236,6 +245,9 @@ func ValidateEvent(e *pb.Event) error {
 			return badRequest("embedding of dimension %d, limit %d", len(k.Embedding.GetVector()), MaxEmbeddingDim)
 		}
 	case *pb.Event_Done:
+		if !ValidFinishReason(k.Done.GetFinishReason()) {
+			return badRequest("done with unknown finish reason %q", clip(k.Done.GetFinishReason()))
+		}
 	case *pb.Event_Error:
 		if _, ok := pb.ErrorCode_name[int32(k.Error.GetCode())]; !ok || k.Error.GetCode() == pb.ErrorCode_ERROR_CODE_UNSPECIFIED {
 			return badRequest("error event with unknown code %d", k.Error.GetCode())

@@ -4,6 +4,7 @@ package backend
 
 import (
 	"context"
+	"errors"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -26,10 +27,46 @@ type Sink interface {
 	Embedding(index int, vector []float32) error
 }
 
-// Usage is the token accounting of one query, as far as the backend knows.
+// RichSink is a Sink that also carries tool calls and log probabilities;
+// the worker's sink is one. Backends reach it through SendToolCall and
+// SendLogprobs, which work with any Sink.
+type RichSink interface {
+	Sink
+	ToolCall(d *pb.ToolCallDelta) error
+	// ChunkLogprobs is Chunk with the log probabilities of text's tokens.
+	ChunkLogprobs(text string, lps []*pb.TokenLogprob) error
+}
+
+// ErrNoToolSink is returned by SendToolCall for a sink that cannot carry
+// tool calls: the caller offered tools it cannot receive calls of.
+var ErrNoToolSink = errors.New("backend: this sink cannot carry tool calls")
+
+// SendToolCall passes a tool-call delta to out.
+func SendToolCall(out Sink, d *pb.ToolCallDelta) error {
+	rs, ok := out.(RichSink)
+	if !ok {
+		return ErrNoToolSink
+	}
+	return rs.ToolCall(d)
+}
+
+// SendLogprobs passes text with its tokens' log probabilities to out; a
+// sink that cannot carry them gets the text alone.
+func SendLogprobs(out Sink, text string, lps []*pb.TokenLogprob) error {
+	if rs, ok := out.(RichSink); ok && len(lps) > 0 {
+		return rs.ChunkLogprobs(text, lps)
+	}
+	return out.Chunk(text)
+}
+
+// Usage is the token accounting of one query, as far as the backend
+// knows, and why the answer ended.
 type Usage struct {
 	PromptTokens     uint32
 	CompletionTokens uint32
+	// FinishReason is the backend's: protocol.FinishStop, FinishLength,
+	// FinishToolCalls, FinishContentFilter, or "" when it did not say.
+	FinishReason string
 }
 
 // Backend is a model server the worker can call.
@@ -60,6 +97,16 @@ func (m Model) HasFeature(f string) bool {
 		}
 	}
 	return false
+}
+
+// HasFeatures reports whether m announces every feature of fs.
+func (m Model) HasFeatures(fs []string) bool {
+	for _, f := range fs {
+		if !m.HasFeature(f) {
+			return false
+		}
+	}
+	return true
 }
 
 // HasType reports whether m serves query type t.

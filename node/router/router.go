@@ -222,6 +222,13 @@ func modelInfo(a *pb.Announce, model string, t pb.QueryType) *pb.ModelInfo {
 
 // rank scores every capable, available candidate, best first.
 func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool) {
+	ranked, known, _ = r.rankNeed(model, t, nil)
+	return ranked, known
+}
+
+// rankNeed is rank among the candidates whose model announces every
+// feature of need; lacking reports a candidate left out for want of one.
+func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (ranked []scored, known, lacking bool) {
 	cands := r.table.Candidates()
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -240,6 +247,10 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 			continue
 		}
 		known = true
+		if !hasFeatures(mi, need) {
+			lacking = true
+			continue
+		}
 		if c.Announce.GetDraining() {
 			continue
 		}
@@ -258,7 +269,34 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 		}
 		return ranked[i].score < ranked[j].score
 	})
-	return ranked, known
+	return ranked, known, lacking
+}
+
+// hasFeatures reports whether mi announces every feature of need.
+func hasFeatures(mi *pb.ModelInfo, need []string) bool {
+	for _, f := range need {
+		if !slices.Contains(mi.GetFeatures(), f) {
+			return false
+		}
+	}
+	return true
+}
+
+// FeatureError is the refusal of a query that needs model features (tools,
+// JSON output, logprobs) no peer serving its model announces. It unwraps
+// to an UNSUPPORTED *protocol.Error.
+type FeatureError struct {
+	Model    string
+	Features []string // what the query needs
+	err      *protocol.Error
+}
+
+func (e *FeatureError) Error() string { return e.err.Error() }
+func (e *FeatureError) Unwrap() error { return e.err }
+
+func featureError(model string, need []string) *FeatureError {
+	return &FeatureError{Model: model, Features: need, err: protocol.Errorf(protocol.CodeUnsupported,
+		"no peer serving model %q supports %s", model, strings.Join(need, " and "))}
 }
 
 // noteIncarnationLocked starts afresh with a peer that restarted: the
@@ -421,9 +459,16 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	ctx, cancel := context.WithDeadline(ctx, time.UnixMilli(req.GetDeadlineUnixMs()))
 	defer cancel()
 
+	// Only text is continued, and a constrained answer (tools, JSON) would
+	// restart its constraint at the seam.
+	need := protocol.RequiredFeatures(req)
 	q := &query{req: req, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
-		continuable: req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION}
-	ranked, known := r.rank(req.GetModel(), req.GetType())
+		continuable: (req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION) &&
+			!protocol.UsesTools(req) && req.GetResponseFormat().GetType() != "json_object" && req.GetResponseFormat().GetType() != "json_schema"}
+	ranked, known, lacking := r.rankNeed(req.GetModel(), req.GetType(), need)
+	if len(ranked) == 0 && lacking {
+		return nil, featureError(req.GetModel(), need)
+	}
 	fromDHT := false
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
@@ -443,7 +488,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 			if fromDHT {
 				ranked = q.untried(ranked)
 			} else {
-				ranked = q.untried(r.rankFresh(req.GetModel(), req.GetType()))
+				ranked = q.untried(r.rankFresh(req.GetModel(), req.GetType(), need))
 			}
 			ranked = q.usable(ranked)
 			if len(ranked) == 0 && q.failures > 0 && q.failures < r.maxAttempts && waits < maxCandidateWaits && !fromDHT {
@@ -560,9 +605,9 @@ func (r *Router) backoff(ctx context.Context, n int) bool {
 	}
 }
 
-// rankFresh is rank without the "known" flag.
-func (r *Router) rankFresh(model string, t pb.QueryType) []scored {
-	ranked, _ := r.rank(model, t)
+// rankFresh is rankNeed without the flags.
+func (r *Router) rankFresh(model string, t pb.QueryType, need []string) []scored {
+	ranked, _, _ := r.rankNeed(model, t, need)
 	return ranked
 }
 

@@ -27,6 +27,9 @@ type ModelView struct {
 	Name  string   `json:"name"`
 	Types []string `json:"types"`
 	Peers int      `json:"peers"`
+	// Features are those announced for the model by at least one peer,
+	// sorted (protocol.FeatureTools, ...).
+	Features []string `json:"features,omitempty"`
 }
 
 // ModelStat is a model as a peer announces it.

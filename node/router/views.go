@@ -63,8 +63,9 @@ func (r *Router) Peers() []PeerView {
 // the union of its types and the number of peers serving it.
 func (r *Router) Models() []ModelView {
 	type agg struct {
-		types map[pb.QueryType]bool
-		peers int
+		types    map[pb.QueryType]bool
+		features map[string]bool
+		peers    int
 	}
 	byName := map[string]*agg{}
 	for _, c := range r.table.Candidates() {
@@ -74,12 +75,15 @@ func (r *Router) Models() []ModelView {
 		for _, m := range c.Announce.GetModels() {
 			a := byName[m.GetName()]
 			if a == nil {
-				a = &agg{types: map[pb.QueryType]bool{}}
+				a = &agg{types: map[pb.QueryType]bool{}, features: map[string]bool{}}
 				byName[m.GetName()] = a
 			}
 			a.peers++
 			for _, t := range m.GetTypes() {
 				a.types[t] = true
+			}
+			for _, f := range m.GetFeatures() {
+				a.features[f] = true
 			}
 		}
 	}
@@ -90,7 +94,12 @@ func (r *Router) Models() []ModelView {
 			ts = append(ts, t)
 		}
 		sort.Slice(ts, func(i, j int) bool { return ts[i] < ts[j] })
-		out = append(out, ModelView{Name: name, Types: typeNames(ts), Peers: a.peers})
+		var fs []string
+		for f := range a.features {
+			fs = append(fs, f)
+		}
+		sort.Strings(fs)
+		out = append(out, ModelView{Name: name, Types: typeNames(ts), Peers: a.peers, Features: fs})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"runtime/debug"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -356,9 +357,10 @@ func (w *Worker) Wait(ctx context.Context) error {
 }
 
 // pick returns a backend serving model for type t whose breaker allows a
-// call, preferring the healthiest. A continuation needs a backend that
-// can continue.
-func (w *Worker) pick(model string, t pb.QueryType, continuation bool) (*bound, *modelStats, error) {
+// call, preferring the healthiest. It must announce the features need
+// (a continuation needs "continue", tools "tools", ...): a backend that
+// would silently ignore what the query asks is no answer.
+func (w *Worker) pick(model string, t pb.QueryType, need []string) (*bound, *modelStats, error) {
 	w.mu.RLock()
 	defer w.mu.RUnlock()
 	var best *bound
@@ -368,7 +370,7 @@ func (w *Worker) pick(model string, t pb.QueryType, continuation bool) (*bound, 
 			continue
 		}
 		served = true
-		if continuation && !s.model.HasFeature(protocol.FeatureContinue) {
+		if !s.model.HasFeatures(need) {
 			continue
 		}
 		found = true
@@ -377,8 +379,10 @@ func (w *Worker) pick(model string, t pb.QueryType, continuation bool) (*bound, 
 		}
 	}
 	switch {
-	case served && !found:
+	case served && !found && slices.Equal(need, []string{protocol.FeatureContinue}):
 		return nil, nil, protocol.Errorf(protocol.CodeUnsupported, "this worker cannot continue an answer of model %q", model)
+	case served && !found:
+		return nil, nil, protocol.Errorf(protocol.CodeUnsupported, "model %q of this worker lacks a feature the query needs (%s)", model, strings.Join(need, ", "))
 	case !found:
 		return nil, nil, protocol.Errorf(protocol.CodeUnsupported, "this worker does not serve model %q for %s", model, protocol.TypeName(t))
 	case best == nil || !best.health.Allow():
@@ -421,7 +425,11 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	defer cancel()
 	defer w.track(cancelCause)()
 
-	b, stats, err := w.pick(req.GetModel(), req.GetType(), req.GetContinuation() != "")
+	need := protocol.RequiredFeatures(req)
+	if req.GetContinuation() != "" {
+		need = append(need, protocol.FeatureContinue)
+	}
+	b, stats, err := w.pick(req.GetModel(), req.GetType(), need)
 	if err != nil {
 		return nil, err
 	}
@@ -517,6 +525,7 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 		EnergyMj:      energy,
 		WorkerVersion: w.version,
 		Model:         req.GetModel(),
+		FinishReason:  s.finishReason(usage.FinishReason),
 	}, nil
 }
 
@@ -610,10 +619,11 @@ func mapBackendError(ctx context.Context, err error) *protocol.Error {
 // sink turns backend output into events, splitting oversized text and
 // refusing oversized media.
 type sink struct {
-	emit   Emit
-	ctx    context.Context
-	first  time.Time
-	chunks uint32
+	emit      Emit
+	ctx       context.Context
+	first     time.Time
+	chunks    uint32
+	toolCalls bool // the backend called a tool
 }
 
 func (s *sink) mark() {
@@ -628,6 +638,91 @@ func (s *sink) firstOr(t time.Time) time.Time {
 	}
 	return s.first
 }
+
+// finishReason is the backend's reason, "tool_calls" when it called tools
+// without saying why it stopped, and "" for a reason the protocol does not
+// know (a client would take the event for a protocol violation).
+func (s *sink) finishReason(r string) string {
+	if r == "" && s.toolCalls {
+		return protocol.FinishToolCalls
+	}
+	if !protocol.ValidFinishReason(r) {
+		log.Debugw("backend gave an unknown finish reason", "reason", r)
+		return ""
+	}
+	return r
+}
+
+// ToolCall passes a tool-call delta on.
+func (s *sink) ToolCall(d *pb.ToolCallDelta) error {
+	if d.GetIndex() >= protocol.MaxToolCalls {
+		return protocol.Errorf(protocol.CodeTooLarge, "backend made more than %d tool calls", protocol.MaxToolCalls)
+	}
+	if len(d.GetId()) > protocol.MaxToolCallID || len(d.GetName()) > protocol.MaxToolName {
+		return protocol.Errorf(protocol.CodeBackendError, "backend made a tool call with an oversized id or name")
+	}
+	s.mark()
+	s.toolCalls = true
+	args := d.GetArguments()
+	for first := true; first || len(args) > 0; first = false {
+		n := min(len(args), protocol.MaxChunkText)
+		for n < len(args) && n > 0 && args[n]&0xC0 == 0x80 {
+			n--
+		}
+		ev := &pb.ToolCallDelta{Index: d.GetIndex(), Arguments: args[:n]}
+		if first {
+			ev.Id, ev.Name = d.GetId(), d.GetName()
+		}
+		if err := s.emit(&pb.Event{Kind: &pb.Event_ToolCall{ToolCall: ev}}); err != nil {
+			return err
+		}
+		args = args[n:]
+	}
+	return nil
+}
+
+// ChunkLogprobs is Chunk with log probabilities, clamped to the range the
+// protocol allows (-Inf is sent as MinLogprob, as OpenAI does).
+func (s *sink) ChunkLogprobs(text string, lps []*pb.TokenLogprob) error {
+	if len(text) > protocol.MaxChunkText || len(lps) > protocol.MaxChunkLogprobs {
+		// Too big for one event: the text matters more than its scores.
+		return s.Chunk(text)
+	}
+	clean := make([]*pb.TokenLogprob, 0, len(lps))
+	for _, lp := range lps {
+		c := &pb.TokenLogprob{Token: clipToken(lp.GetToken()), Logprob: clampLogprob(lp.GetLogprob()), Bytes: clipBytes(lp.GetBytes())}
+		for _, t := range lp.GetTop()[:min(len(lp.GetTop()), protocol.MaxTopLogprobs)] {
+			c.Top = append(c.Top, &pb.TopLogprob{Token: clipToken(t.GetToken()), Logprob: clampLogprob(t.GetLogprob()), Bytes: clipBytes(t.GetBytes())})
+		}
+		clean = append(clean, c)
+	}
+	s.mark()
+	s.chunks++
+	return s.emit(&pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: text, Logprobs: clean}}})
+}
+
+func clampLogprob(f float32) float32 {
+	switch {
+	case f != f || f < protocol.MinLogprob:
+		return protocol.MinLogprob
+	case f > 0:
+		return 0
+	}
+	return f
+}
+
+func clipToken(t string) string {
+	if len(t) <= protocol.MaxLogprobToken {
+		return t
+	}
+	n := protocol.MaxLogprobToken
+	for n > 0 && t[n]&0xC0 == 0x80 {
+		n--
+	}
+	return t[:n]
+}
+
+func clipBytes(b []byte) []byte { return b[:min(len(b), protocol.MaxLogprobToken)] }
 
 func (s *sink) Chunk(text string) error {
 	if text == "" {

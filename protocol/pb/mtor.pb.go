@@ -175,9 +175,17 @@ type QueryRequest struct {
 	// mid-answer. The worker continues it: it emits only what follows.
 	// Sent only to workers whose model announces the "continue" feature;
 	// a worker that cannot continue refuses with UNSUPPORTED.
-	Continuation  string `protobuf:"bytes,11,opt,name=continuation,proto3" json:"continuation,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Continuation string `protobuf:"bytes,11,opt,name=continuation,proto3" json:"continuation,omitempty"`
+	// Functions the model may call (feature "tools"). A worker whose model
+	// does not announce "tools" refuses a query with tools, tool_choice, a
+	// tool message or an assistant message holding tool calls (UNSUPPORTED).
+	Tools      []*Tool     `protobuf:"bytes,12,rep,name=tools,proto3" json:"tools,omitempty"`
+	ToolChoice *ToolChoice `protobuf:"bytes,13,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"` // absent = auto when tools are given
+	// Constrains the answer to JSON (feature "json_object" or
+	// "json_schema"); absent = free text.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,14,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *QueryRequest) Reset() {
@@ -287,18 +295,294 @@ func (x *QueryRequest) GetContinuation() string {
 	return ""
 }
 
+func (x *QueryRequest) GetTools() []*Tool {
+	if x != nil {
+		return x.Tools
+	}
+	return nil
+}
+
+func (x *QueryRequest) GetToolChoice() *ToolChoice {
+	if x != nil {
+		return x.ToolChoice
+	}
+	return nil
+}
+
+func (x *QueryRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
+}
+
+// Tool is a function the model may ask the client to call.
+type Tool struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"` // ^[A-Za-z0-9_.-]{1,64}$
+	Description   string                 `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	Parameters    string                 `protobuf:"bytes,3,opt,name=parameters,proto3" json:"parameters,omitempty"` // JSON Schema of the arguments, as JSON text (an object)
+	Strict        bool                   `protobuf:"varint,4,opt,name=strict,proto3" json:"strict,omitempty"`        // ask the backend to follow the schema exactly
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Tool) Reset() {
+	*x = Tool{}
+	mi := &file_mtor_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tool) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tool) ProtoMessage() {}
+
+func (x *Tool) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tool.ProtoReflect.Descriptor instead.
+func (*Tool) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Tool) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Tool) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Tool) GetParameters() string {
+	if x != nil {
+		return x.Parameters
+	}
+	return ""
+}
+
+func (x *Tool) GetStrict() bool {
+	if x != nil {
+		return x.Strict
+	}
+	return false
+}
+
+// ToolChoice says whether and which tool the model must call.
+type ToolChoice struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Mode          string                 `protobuf:"bytes,1,opt,name=mode,proto3" json:"mode,omitempty"` // auto | none | required | function
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"` // mode function: the tool to call
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolChoice) Reset() {
+	*x = ToolChoice{}
+	mi := &file_mtor_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolChoice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolChoice) ProtoMessage() {}
+
+func (x *ToolChoice) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
+func (*ToolChoice) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ToolChoice) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *ToolChoice) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// ResponseFormat constrains the answer's text.
+type ResponseFormat struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Type          string                 `protobuf:"bytes,1,opt,name=type,proto3" json:"type,omitempty"`      // text | json_object | json_schema
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`      // json_schema: the schema's name
+	Schema        string                 `protobuf:"bytes,3,opt,name=schema,proto3" json:"schema,omitempty"`  // json_schema: the JSON Schema, as JSON text (an object)
+	Strict        bool                   `protobuf:"varint,4,opt,name=strict,proto3" json:"strict,omitempty"` // json_schema: follow the schema exactly
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResponseFormat) Reset() {
+	*x = ResponseFormat{}
+	mi := &file_mtor_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResponseFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResponseFormat) ProtoMessage() {}
+
+func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
+func (*ResponseFormat) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ResponseFormat) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *ResponseFormat) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ResponseFormat) GetSchema() string {
+	if x != nil {
+		return x.Schema
+	}
+	return ""
+}
+
+func (x *ResponseFormat) GetStrict() bool {
+	if x != nil {
+		return x.Strict
+	}
+	return false
+}
+
+// ToolCall is a call the model made, in an assistant message.
+type ToolCall struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // answered by a tool message with this tool_call_id
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Arguments     string                 `protobuf:"bytes,3,opt,name=arguments,proto3" json:"arguments,omitempty"` // JSON text
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolCall) Reset() {
+	*x = ToolCall{}
+	mi := &file_mtor_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCall) ProtoMessage() {}
+
+func (x *ToolCall) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCall.ProtoReflect.Descriptor instead.
+func (*ToolCall) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ToolCall) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCall) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCall) GetArguments() string {
+	if x != nil {
+		return x.Arguments
+	}
+	return ""
+}
+
 type Message struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Role          string                 `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"` // system | user | assistant | tool
 	Content       string                 `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
-	Attachments   []*Attachment          `protobuf:"bytes,3,rep,name=attachments,proto3" json:"attachments,omitempty"` // images for vision
+	Attachments   []*Attachment          `protobuf:"bytes,3,rep,name=attachments,proto3" json:"attachments,omitempty"`                   // images for vision
+	ToolCalls     []*ToolCall            `protobuf:"bytes,4,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`      // assistant: the calls the model made
+	ToolCallId    string                 `protobuf:"bytes,5,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"` // tool: the call this message answers
+	Name          string                 `protobuf:"bytes,6,opt,name=name,proto3" json:"name,omitempty"`                                 // tool: the name of the tool that answered
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Message) Reset() {
 	*x = Message{}
-	mi := &file_mtor_proto_msgTypes[1]
+	mi := &file_mtor_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -310,7 +594,7 @@ func (x *Message) String() string {
 func (*Message) ProtoMessage() {}
 
 func (x *Message) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[1]
+	mi := &file_mtor_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -323,7 +607,7 @@ func (x *Message) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Message.ProtoReflect.Descriptor instead.
 func (*Message) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{1}
+	return file_mtor_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Message) GetRole() string {
@@ -347,6 +631,27 @@ func (x *Message) GetAttachments() []*Attachment {
 	return nil
 }
 
+func (x *Message) GetToolCalls() []*ToolCall {
+	if x != nil {
+		return x.ToolCalls
+	}
+	return nil
+}
+
+func (x *Message) GetToolCallId() string {
+	if x != nil {
+		return x.ToolCallId
+	}
+	return ""
+}
+
+func (x *Message) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 type Attachment struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Mime          string                 `protobuf:"bytes,1,opt,name=mime,proto3" json:"mime,omitempty"` // e.g. image/png, audio/webm
@@ -357,7 +662,7 @@ type Attachment struct {
 
 func (x *Attachment) Reset() {
 	*x = Attachment{}
-	mi := &file_mtor_proto_msgTypes[2]
+	mi := &file_mtor_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -369,7 +674,7 @@ func (x *Attachment) String() string {
 func (*Attachment) ProtoMessage() {}
 
 func (x *Attachment) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[2]
+	mi := &file_mtor_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -382,7 +687,7 @@ func (x *Attachment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attachment.ProtoReflect.Descriptor instead.
 func (*Attachment) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{2}
+	return file_mtor_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Attachment) GetMime() string {
@@ -400,22 +705,26 @@ func (x *Attachment) GetData() []byte {
 }
 
 type Params struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	MaxTokens     uint32                 `protobuf:"varint,1,opt,name=max_tokens,json=maxTokens,proto3" json:"max_tokens,omitempty"` // 0 = backend default
-	Temperature   *float32               `protobuf:"fixed32,2,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`       // 0..2
-	TopP          *float32               `protobuf:"fixed32,3,opt,name=top_p,json=topP,proto3,oneof" json:"top_p,omitempty"`         // 0..1
-	Stop          []string               `protobuf:"bytes,4,rep,name=stop,proto3" json:"stop,omitempty"`                             // at most 8, each at most 64 bytes
-	Seed          *int64                 `protobuf:"varint,5,opt,name=seed,proto3,oneof" json:"seed,omitempty"`
-	Size          string                 `protobuf:"bytes,6,opt,name=size,proto3" json:"size,omitempty"`     // imagine: "WIDTHxHEIGHT"
-	Voice         string                 `protobuf:"bytes,7,opt,name=voice,proto3" json:"voice,omitempty"`   // tts voice
-	Format        string                 `protobuf:"bytes,8,opt,name=format,proto3" json:"format,omitempty"` // tts/imagine output format hint
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	MaxTokens        uint32                 `protobuf:"varint,1,opt,name=max_tokens,json=maxTokens,proto3" json:"max_tokens,omitempty"` // 0 = backend default
+	Temperature      *float32               `protobuf:"fixed32,2,opt,name=temperature,proto3,oneof" json:"temperature,omitempty"`       // 0..2
+	TopP             *float32               `protobuf:"fixed32,3,opt,name=top_p,json=topP,proto3,oneof" json:"top_p,omitempty"`         // 0..1
+	Stop             []string               `protobuf:"bytes,4,rep,name=stop,proto3" json:"stop,omitempty"`                             // at most 8, each at most 64 bytes
+	Seed             *int64                 `protobuf:"varint,5,opt,name=seed,proto3,oneof" json:"seed,omitempty"`
+	Size             string                 `protobuf:"bytes,6,opt,name=size,proto3" json:"size,omitempty"`                                                          // imagine: "WIDTHxHEIGHT"
+	Voice            string                 `protobuf:"bytes,7,opt,name=voice,proto3" json:"voice,omitempty"`                                                        // tts voice
+	Format           string                 `protobuf:"bytes,8,opt,name=format,proto3" json:"format,omitempty"`                                                      // tts/imagine output format hint
+	PresencePenalty  *float32               `protobuf:"fixed32,9,opt,name=presence_penalty,json=presencePenalty,proto3,oneof" json:"presence_penalty,omitempty"`     // -2..2
+	FrequencyPenalty *float32               `protobuf:"fixed32,10,opt,name=frequency_penalty,json=frequencyPenalty,proto3,oneof" json:"frequency_penalty,omitempty"` // -2..2
+	Logprobs         bool                   `protobuf:"varint,11,opt,name=logprobs,proto3" json:"logprobs,omitempty"`                                                // return log probabilities (feature "logprobs")
+	TopLogprobs      uint32                 `protobuf:"varint,12,opt,name=top_logprobs,json=topLogprobs,proto3" json:"top_logprobs,omitempty"`                       // 0..20 alternatives per token; needs logprobs
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Params) Reset() {
 	*x = Params{}
-	mi := &file_mtor_proto_msgTypes[3]
+	mi := &file_mtor_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -427,7 +736,7 @@ func (x *Params) String() string {
 func (*Params) ProtoMessage() {}
 
 func (x *Params) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[3]
+	mi := &file_mtor_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -440,7 +749,7 @@ func (x *Params) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Params.ProtoReflect.Descriptor instead.
 func (*Params) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{3}
+	return file_mtor_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Params) GetMaxTokens() uint32 {
@@ -499,6 +808,34 @@ func (x *Params) GetFormat() string {
 	return ""
 }
 
+func (x *Params) GetPresencePenalty() float32 {
+	if x != nil && x.PresencePenalty != nil {
+		return *x.PresencePenalty
+	}
+	return 0
+}
+
+func (x *Params) GetFrequencyPenalty() float32 {
+	if x != nil && x.FrequencyPenalty != nil {
+		return *x.FrequencyPenalty
+	}
+	return 0
+}
+
+func (x *Params) GetLogprobs() bool {
+	if x != nil {
+		return x.Logprobs
+	}
+	return false
+}
+
+func (x *Params) GetTopLogprobs() uint32 {
+	if x != nil {
+		return x.TopLogprobs
+	}
+	return 0
+}
+
 // Event is every frame a worker sends back.
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -510,6 +847,7 @@ type Event struct {
 	//	*Event_Embedding
 	//	*Event_Done
 	//	*Event_Error
+	//	*Event_ToolCall
 	Kind          isEvent_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -517,7 +855,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_mtor_proto_msgTypes[4]
+	mi := &file_mtor_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +867,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[4]
+	mi := &file_mtor_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +880,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{4}
+	return file_mtor_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Event) GetKind() isEvent_Kind {
@@ -606,6 +944,15 @@ func (x *Event) GetError() *Error {
 	return nil
 }
 
+func (x *Event) GetToolCall() *ToolCallDelta {
+	if x != nil {
+		if x, ok := x.Kind.(*Event_ToolCall); ok {
+			return x.ToolCall
+		}
+	}
+	return nil
+}
+
 type isEvent_Kind interface {
 	isEvent_Kind()
 }
@@ -634,6 +981,10 @@ type Event_Error struct {
 	Error *Error `protobuf:"bytes,6,opt,name=error,proto3,oneof"`
 }
 
+type Event_ToolCall struct {
+	ToolCall *ToolCallDelta `protobuf:"bytes,7,opt,name=tool_call,json=toolCall,proto3,oneof"` // only in answers to queries with tools
+}
+
 func (*Event_Accepted) isEvent_Kind() {}
 
 func (*Event_Chunk) isEvent_Kind() {}
@@ -645,6 +996,8 @@ func (*Event_Embedding) isEvent_Kind() {}
 func (*Event_Done) isEvent_Kind() {}
 
 func (*Event_Error) isEvent_Kind() {}
+
+func (*Event_ToolCall) isEvent_Kind() {}
 
 type Accepted struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -660,7 +1013,7 @@ type Accepted struct {
 
 func (x *Accepted) Reset() {
 	*x = Accepted{}
-	mi := &file_mtor_proto_msgTypes[5]
+	mi := &file_mtor_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -672,7 +1025,7 @@ func (x *Accepted) String() string {
 func (*Accepted) ProtoMessage() {}
 
 func (x *Accepted) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[5]
+	mi := &file_mtor_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -685,7 +1038,7 @@ func (x *Accepted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Accepted.ProtoReflect.Descriptor instead.
 func (*Accepted) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{5}
+	return file_mtor_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Accepted) GetQueuePosition() uint32 {
@@ -703,15 +1056,18 @@ func (x *Accepted) GetHeartbeatMs() uint32 {
 }
 
 type Chunk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Text          string                 `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"` // token delta, at most 64 KiB
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Text  string                 `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"` // token delta, at most 64 KiB
+	// Log probabilities of the tokens of text, when the query asked for
+	// them (Params.logprobs).
+	Logprobs      []*TokenLogprob `protobuf:"bytes,2,rep,name=logprobs,proto3" json:"logprobs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Chunk) Reset() {
 	*x = Chunk{}
-	mi := &file_mtor_proto_msgTypes[6]
+	mi := &file_mtor_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -723,7 +1079,7 @@ func (x *Chunk) String() string {
 func (*Chunk) ProtoMessage() {}
 
 func (x *Chunk) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[6]
+	mi := &file_mtor_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -736,12 +1092,218 @@ func (x *Chunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Chunk.ProtoReflect.Descriptor instead.
 func (*Chunk) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{6}
+	return file_mtor_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Chunk) GetText() string {
 	if x != nil {
 		return x.Text
+	}
+	return ""
+}
+
+func (x *Chunk) GetLogprobs() []*TokenLogprob {
+	if x != nil {
+		return x.Logprobs
+	}
+	return nil
+}
+
+type TokenLogprob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	Logprob       float32                `protobuf:"fixed32,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	Bytes         []byte                 `protobuf:"bytes,3,opt,name=bytes,proto3" json:"bytes,omitempty"` // the token's UTF-8 bytes, when it is not whole characters
+	Top           []*TopLogprob          `protobuf:"bytes,4,rep,name=top,proto3" json:"top,omitempty"`     // the most likely alternatives, at most 20
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenLogprob) Reset() {
+	*x = TokenLogprob{}
+	mi := &file_mtor_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenLogprob) ProtoMessage() {}
+
+func (x *TokenLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenLogprob.ProtoReflect.Descriptor instead.
+func (*TokenLogprob) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *TokenLogprob) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *TokenLogprob) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *TokenLogprob) GetBytes() []byte {
+	if x != nil {
+		return x.Bytes
+	}
+	return nil
+}
+
+func (x *TokenLogprob) GetTop() []*TopLogprob {
+	if x != nil {
+		return x.Top
+	}
+	return nil
+}
+
+type TopLogprob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	Logprob       float32                `protobuf:"fixed32,2,opt,name=logprob,proto3" json:"logprob,omitempty"`
+	Bytes         []byte                 `protobuf:"bytes,3,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TopLogprob) Reset() {
+	*x = TopLogprob{}
+	mi := &file_mtor_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopLogprob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopLogprob) ProtoMessage() {}
+
+func (x *TopLogprob) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
+func (*TopLogprob) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *TopLogprob) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *TopLogprob) GetLogprob() float32 {
+	if x != nil {
+		return x.Logprob
+	}
+	return 0
+}
+
+func (x *TopLogprob) GetBytes() []byte {
+	if x != nil {
+		return x.Bytes
+	}
+	return nil
+}
+
+// ToolCallDelta is a piece of a tool call as the model produces it. The
+// first delta of a call carries its index, id and name; later ones with
+// the same index append to its arguments.
+type ToolCallDelta struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint32                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"` // which call of this answer, from 0
+	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	Name          string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	Arguments     string                 `protobuf:"bytes,4,opt,name=arguments,proto3" json:"arguments,omitempty"` // a fragment of the JSON arguments
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolCallDelta) Reset() {
+	*x = ToolCallDelta{}
+	mi := &file_mtor_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolCallDelta) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolCallDelta) ProtoMessage() {}
+
+func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
+func (*ToolCallDelta) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ToolCallDelta) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *ToolCallDelta) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ToolCallDelta) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ToolCallDelta) GetArguments() string {
+	if x != nil {
+		return x.Arguments
 	}
 	return ""
 }
@@ -756,7 +1318,7 @@ type Media struct {
 
 func (x *Media) Reset() {
 	*x = Media{}
-	mi := &file_mtor_proto_msgTypes[7]
+	mi := &file_mtor_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -768,7 +1330,7 @@ func (x *Media) String() string {
 func (*Media) ProtoMessage() {}
 
 func (x *Media) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[7]
+	mi := &file_mtor_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -781,7 +1343,7 @@ func (x *Media) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Media.ProtoReflect.Descriptor instead.
 func (*Media) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{7}
+	return file_mtor_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Media) GetMime() string {
@@ -808,7 +1370,7 @@ type Embedding struct {
 
 func (x *Embedding) Reset() {
 	*x = Embedding{}
-	mi := &file_mtor_proto_msgTypes[8]
+	mi := &file_mtor_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -820,7 +1382,7 @@ func (x *Embedding) String() string {
 func (*Embedding) ProtoMessage() {}
 
 func (x *Embedding) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[8]
+	mi := &file_mtor_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -833,7 +1395,7 @@ func (x *Embedding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Embedding.ProtoReflect.Descriptor instead.
 func (*Embedding) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{8}
+	return file_mtor_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Embedding) GetIndex() uint32 {
@@ -860,7 +1422,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_mtor_proto_msgTypes[9]
+	mi := &file_mtor_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -872,7 +1434,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[9]
+	mi := &file_mtor_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -885,7 +1447,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{9}
+	return file_mtor_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -913,7 +1475,7 @@ type Timing struct {
 
 func (x *Timing) Reset() {
 	*x = Timing{}
-	mi := &file_mtor_proto_msgTypes[10]
+	mi := &file_mtor_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -925,7 +1487,7 @@ func (x *Timing) String() string {
 func (*Timing) ProtoMessage() {}
 
 func (x *Timing) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[10]
+	mi := &file_mtor_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -938,7 +1500,7 @@ func (x *Timing) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timing.ProtoReflect.Descriptor instead.
 func (*Timing) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{10}
+	return file_mtor_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Timing) GetQueueMs() uint32 {
@@ -969,13 +1531,16 @@ type Done struct {
 	EnergyMj      uint64                 `protobuf:"varint,3,opt,name=energy_mj,json=energyMj,proto3" json:"energy_mj,omitempty"` // GPU energy apportioned to this query; 0 = unknown
 	WorkerVersion string                 `protobuf:"bytes,4,opt,name=worker_version,json=workerVersion,proto3" json:"worker_version,omitempty"`
 	Model         string                 `protobuf:"bytes,5,opt,name=model,proto3" json:"model,omitempty"` // model that answered
+	// Why the answer ended, from the backend: stop | length | tool_calls |
+	// content_filter; empty = unknown (workers before this field).
+	FinishReason  string `protobuf:"bytes,6,opt,name=finish_reason,json=finishReason,proto3" json:"finish_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Done) Reset() {
 	*x = Done{}
-	mi := &file_mtor_proto_msgTypes[11]
+	mi := &file_mtor_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -987,7 +1552,7 @@ func (x *Done) String() string {
 func (*Done) ProtoMessage() {}
 
 func (x *Done) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[11]
+	mi := &file_mtor_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1000,7 +1565,7 @@ func (x *Done) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Done.ProtoReflect.Descriptor instead.
 func (*Done) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{11}
+	return file_mtor_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Done) GetUsage() *Usage {
@@ -1038,6 +1603,13 @@ func (x *Done) GetModel() string {
 	return ""
 }
 
+func (x *Done) GetFinishReason() string {
+	if x != nil {
+		return x.FinishReason
+	}
+	return ""
+}
+
 type Error struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Code          ErrorCode              `protobuf:"varint,1,opt,name=code,proto3,enum=mtor.v1.ErrorCode" json:"code,omitempty"`
@@ -1049,7 +1621,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_mtor_proto_msgTypes[12]
+	mi := &file_mtor_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1061,7 +1633,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[12]
+	mi := &file_mtor_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1074,7 +1646,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{12}
+	return file_mtor_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -1121,7 +1693,7 @@ type Announce struct {
 
 func (x *Announce) Reset() {
 	*x = Announce{}
-	mi := &file_mtor_proto_msgTypes[13]
+	mi := &file_mtor_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1705,7 @@ func (x *Announce) String() string {
 func (*Announce) ProtoMessage() {}
 
 func (x *Announce) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[13]
+	mi := &file_mtor_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1718,7 @@ func (x *Announce) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Announce.ProtoReflect.Descriptor instead.
 func (*Announce) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{13}
+	return file_mtor_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Announce) GetSeq() uint64 {
@@ -1251,7 +1823,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_mtor_proto_msgTypes[14]
+	mi := &file_mtor_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1263,7 +1835,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[14]
+	mi := &file_mtor_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1276,7 +1848,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{14}
+	return file_mtor_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ModelInfo) GetName() string {
@@ -1349,7 +1921,7 @@ type GPU struct {
 
 func (x *GPU) Reset() {
 	*x = GPU{}
-	mi := &file_mtor_proto_msgTypes[15]
+	mi := &file_mtor_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1361,7 +1933,7 @@ func (x *GPU) String() string {
 func (*GPU) ProtoMessage() {}
 
 func (x *GPU) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[15]
+	mi := &file_mtor_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1374,7 +1946,7 @@ func (x *GPU) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GPU.ProtoReflect.Descriptor instead.
 func (*GPU) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{15}
+	return file_mtor_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GPU) GetName() string {
@@ -1431,7 +2003,7 @@ type Load struct {
 
 func (x *Load) Reset() {
 	*x = Load{}
-	mi := &file_mtor_proto_msgTypes[16]
+	mi := &file_mtor_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1443,7 +2015,7 @@ func (x *Load) String() string {
 func (*Load) ProtoMessage() {}
 
 func (x *Load) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[16]
+	mi := &file_mtor_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1456,7 +2028,7 @@ func (x *Load) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Load.ProtoReflect.Descriptor instead.
 func (*Load) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{16}
+	return file_mtor_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Load) GetInFlight() uint32 {
@@ -1492,7 +2064,7 @@ var File_mtor_proto protoreflect.FileDescriptor
 const file_mtor_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"mtor.proto\x12\amtor.v1\"\x84\x03\n" +
+	"mtor.proto\x12\amtor.v1\"\xa1\x04\n" +
 	"\fQueryRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\fR\x02id\x12&\n" +
 	"\x04type\x18\x02 \x01(\x0e2\x12.mtor.v1.QueryTypeR\x04type\x12\x14\n" +
@@ -1505,15 +2077,44 @@ const file_mtor_proto_rawDesc = "" +
 	"\vattachments\x18\t \x03(\v2\x13.mtor.v1.AttachmentR\vattachments\x12\x16\n" +
 	"\x06inputs\x18\n" +
 	" \x03(\tR\x06inputs\x12\"\n" +
-	"\fcontinuation\x18\v \x01(\tR\fcontinuation\"n\n" +
+	"\fcontinuation\x18\v \x01(\tR\fcontinuation\x12#\n" +
+	"\x05tools\x18\f \x03(\v2\r.mtor.v1.ToolR\x05tools\x124\n" +
+	"\vtool_choice\x18\r \x01(\v2\x13.mtor.v1.ToolChoiceR\n" +
+	"toolChoice\x12@\n" +
+	"\x0fresponse_format\x18\x0e \x01(\v2\x17.mtor.v1.ResponseFormatR\x0eresponseFormat\"t\n" +
+	"\x04Tool\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\x12\x1e\n" +
+	"\n" +
+	"parameters\x18\x03 \x01(\tR\n" +
+	"parameters\x12\x16\n" +
+	"\x06strict\x18\x04 \x01(\bR\x06strict\"4\n" +
+	"\n" +
+	"ToolChoice\x12\x12\n" +
+	"\x04mode\x18\x01 \x01(\tR\x04mode\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"h\n" +
+	"\x0eResponseFormat\x12\x12\n" +
+	"\x04type\x18\x01 \x01(\tR\x04type\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
+	"\x06schema\x18\x03 \x01(\tR\x06schema\x12\x16\n" +
+	"\x06strict\x18\x04 \x01(\bR\x06strict\"L\n" +
+	"\bToolCall\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
+	"\targuments\x18\x03 \x01(\tR\targuments\"\xd6\x01\n" +
 	"\aMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x125\n" +
-	"\vattachments\x18\x03 \x03(\v2\x13.mtor.v1.AttachmentR\vattachments\"4\n" +
+	"\vattachments\x18\x03 \x03(\v2\x13.mtor.v1.AttachmentR\vattachments\x120\n" +
+	"\n" +
+	"tool_calls\x18\x04 \x03(\v2\x11.mtor.v1.ToolCallR\ttoolCalls\x12 \n" +
+	"\ftool_call_id\x18\x05 \x01(\tR\n" +
+	"toolCallId\x12\x12\n" +
+	"\x04name\x18\x06 \x01(\tR\x04name\"4\n" +
 	"\n" +
 	"Attachment\x12\x12\n" +
 	"\x04mime\x18\x01 \x01(\tR\x04mime\x12\x12\n" +
-	"\x04data\x18\x02 \x01(\fR\x04data\"\xfa\x01\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"\xc6\x03\n" +
 	"\x06Params\x12\x1d\n" +
 	"\n" +
 	"max_tokens\x18\x01 \x01(\rR\tmaxTokens\x12%\n" +
@@ -1523,23 +2124,47 @@ const file_mtor_proto_rawDesc = "" +
 	"\x04seed\x18\x05 \x01(\x03H\x02R\x04seed\x88\x01\x01\x12\x12\n" +
 	"\x04size\x18\x06 \x01(\tR\x04size\x12\x14\n" +
 	"\x05voice\x18\a \x01(\tR\x05voice\x12\x16\n" +
-	"\x06format\x18\b \x01(\tR\x06formatB\x0e\n" +
+	"\x06format\x18\b \x01(\tR\x06format\x12.\n" +
+	"\x10presence_penalty\x18\t \x01(\x02H\x03R\x0fpresencePenalty\x88\x01\x01\x120\n" +
+	"\x11frequency_penalty\x18\n" +
+	" \x01(\x02H\x04R\x10frequencyPenalty\x88\x01\x01\x12\x1a\n" +
+	"\blogprobs\x18\v \x01(\bR\blogprobs\x12!\n" +
+	"\ftop_logprobs\x18\f \x01(\rR\vtopLogprobsB\x0e\n" +
 	"\f_temperatureB\b\n" +
 	"\x06_top_pB\a\n" +
-	"\x05_seed\"\x91\x02\n" +
+	"\x05_seedB\x13\n" +
+	"\x11_presence_penaltyB\x14\n" +
+	"\x12_frequency_penalty\"\xc8\x02\n" +
 	"\x05Event\x12/\n" +
 	"\baccepted\x18\x01 \x01(\v2\x11.mtor.v1.AcceptedH\x00R\baccepted\x12&\n" +
 	"\x05chunk\x18\x02 \x01(\v2\x0e.mtor.v1.ChunkH\x00R\x05chunk\x12&\n" +
 	"\x05media\x18\x03 \x01(\v2\x0e.mtor.v1.MediaH\x00R\x05media\x122\n" +
 	"\tembedding\x18\x04 \x01(\v2\x12.mtor.v1.EmbeddingH\x00R\tembedding\x12#\n" +
 	"\x04done\x18\x05 \x01(\v2\r.mtor.v1.DoneH\x00R\x04done\x12&\n" +
-	"\x05error\x18\x06 \x01(\v2\x0e.mtor.v1.ErrorH\x00R\x05errorB\x06\n" +
+	"\x05error\x18\x06 \x01(\v2\x0e.mtor.v1.ErrorH\x00R\x05error\x125\n" +
+	"\ttool_call\x18\a \x01(\v2\x16.mtor.v1.ToolCallDeltaH\x00R\btoolCallB\x06\n" +
 	"\x04kind\"T\n" +
 	"\bAccepted\x12%\n" +
 	"\x0equeue_position\x18\x01 \x01(\rR\rqueuePosition\x12!\n" +
-	"\fheartbeat_ms\x18\x02 \x01(\rR\vheartbeatMs\"\x1b\n" +
+	"\fheartbeat_ms\x18\x02 \x01(\rR\vheartbeatMs\"N\n" +
 	"\x05Chunk\x12\x12\n" +
-	"\x04text\x18\x01 \x01(\tR\x04text\"/\n" +
+	"\x04text\x18\x01 \x01(\tR\x04text\x121\n" +
+	"\blogprobs\x18\x02 \x03(\v2\x15.mtor.v1.TokenLogprobR\blogprobs\"{\n" +
+	"\fTokenLogprob\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x02R\alogprob\x12\x14\n" +
+	"\x05bytes\x18\x03 \x01(\fR\x05bytes\x12%\n" +
+	"\x03top\x18\x04 \x03(\v2\x13.mtor.v1.TopLogprobR\x03top\"R\n" +
+	"\n" +
+	"TopLogprob\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12\x18\n" +
+	"\alogprob\x18\x02 \x01(\x02R\alogprob\x12\x14\n" +
+	"\x05bytes\x18\x03 \x01(\fR\x05bytes\"g\n" +
+	"\rToolCallDelta\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x1c\n" +
+	"\targuments\x18\x04 \x01(\tR\targuments\"/\n" +
 	"\x05Media\x12\x12\n" +
 	"\x04mime\x18\x01 \x01(\tR\x04mime\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\"9\n" +
@@ -1552,13 +2177,14 @@ const file_mtor_proto_rawDesc = "" +
 	"\x06Timing\x12\x19\n" +
 	"\bqueue_ms\x18\x01 \x01(\rR\aqueueMs\x12\x17\n" +
 	"\attft_ms\x18\x02 \x01(\rR\x06ttftMs\x12\x19\n" +
-	"\btotal_ms\x18\x03 \x01(\rR\atotalMs\"\xaf\x01\n" +
+	"\btotal_ms\x18\x03 \x01(\rR\atotalMs\"\xd4\x01\n" +
 	"\x04Done\x12$\n" +
 	"\x05usage\x18\x01 \x01(\v2\x0e.mtor.v1.UsageR\x05usage\x12'\n" +
 	"\x06timing\x18\x02 \x01(\v2\x0f.mtor.v1.TimingR\x06timing\x12\x1b\n" +
 	"\tenergy_mj\x18\x03 \x01(\x04R\benergyMj\x12%\n" +
 	"\x0eworker_version\x18\x04 \x01(\tR\rworkerVersion\x12\x14\n" +
-	"\x05model\x18\x05 \x01(\tR\x05model\"g\n" +
+	"\x05model\x18\x05 \x01(\tR\x05model\x12#\n" +
+	"\rfinish_reason\x18\x06 \x01(\tR\ffinishReason\"g\n" +
 	"\x05Error\x12&\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x12.mtor.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
@@ -1632,52 +2258,66 @@ func file_mtor_proto_rawDescGZIP() []byte {
 }
 
 var file_mtor_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_mtor_proto_goTypes = []any{
-	(QueryType)(0),       // 0: mtor.v1.QueryType
-	(ErrorCode)(0),       // 1: mtor.v1.ErrorCode
-	(*QueryRequest)(nil), // 2: mtor.v1.QueryRequest
-	(*Message)(nil),      // 3: mtor.v1.Message
-	(*Attachment)(nil),   // 4: mtor.v1.Attachment
-	(*Params)(nil),       // 5: mtor.v1.Params
-	(*Event)(nil),        // 6: mtor.v1.Event
-	(*Accepted)(nil),     // 7: mtor.v1.Accepted
-	(*Chunk)(nil),        // 8: mtor.v1.Chunk
-	(*Media)(nil),        // 9: mtor.v1.Media
-	(*Embedding)(nil),    // 10: mtor.v1.Embedding
-	(*Usage)(nil),        // 11: mtor.v1.Usage
-	(*Timing)(nil),       // 12: mtor.v1.Timing
-	(*Done)(nil),         // 13: mtor.v1.Done
-	(*Error)(nil),        // 14: mtor.v1.Error
-	(*Announce)(nil),     // 15: mtor.v1.Announce
-	(*ModelInfo)(nil),    // 16: mtor.v1.ModelInfo
-	(*GPU)(nil),          // 17: mtor.v1.GPU
-	(*Load)(nil),         // 18: mtor.v1.Load
+	(QueryType)(0),         // 0: mtor.v1.QueryType
+	(ErrorCode)(0),         // 1: mtor.v1.ErrorCode
+	(*QueryRequest)(nil),   // 2: mtor.v1.QueryRequest
+	(*Tool)(nil),           // 3: mtor.v1.Tool
+	(*ToolChoice)(nil),     // 4: mtor.v1.ToolChoice
+	(*ResponseFormat)(nil), // 5: mtor.v1.ResponseFormat
+	(*ToolCall)(nil),       // 6: mtor.v1.ToolCall
+	(*Message)(nil),        // 7: mtor.v1.Message
+	(*Attachment)(nil),     // 8: mtor.v1.Attachment
+	(*Params)(nil),         // 9: mtor.v1.Params
+	(*Event)(nil),          // 10: mtor.v1.Event
+	(*Accepted)(nil),       // 11: mtor.v1.Accepted
+	(*Chunk)(nil),          // 12: mtor.v1.Chunk
+	(*TokenLogprob)(nil),   // 13: mtor.v1.TokenLogprob
+	(*TopLogprob)(nil),     // 14: mtor.v1.TopLogprob
+	(*ToolCallDelta)(nil),  // 15: mtor.v1.ToolCallDelta
+	(*Media)(nil),          // 16: mtor.v1.Media
+	(*Embedding)(nil),      // 17: mtor.v1.Embedding
+	(*Usage)(nil),          // 18: mtor.v1.Usage
+	(*Timing)(nil),         // 19: mtor.v1.Timing
+	(*Done)(nil),           // 20: mtor.v1.Done
+	(*Error)(nil),          // 21: mtor.v1.Error
+	(*Announce)(nil),       // 22: mtor.v1.Announce
+	(*ModelInfo)(nil),      // 23: mtor.v1.ModelInfo
+	(*GPU)(nil),            // 24: mtor.v1.GPU
+	(*Load)(nil),           // 25: mtor.v1.Load
 }
 var file_mtor_proto_depIdxs = []int32{
 	0,  // 0: mtor.v1.QueryRequest.type:type_name -> mtor.v1.QueryType
-	3,  // 1: mtor.v1.QueryRequest.messages:type_name -> mtor.v1.Message
-	5,  // 2: mtor.v1.QueryRequest.params:type_name -> mtor.v1.Params
-	4,  // 3: mtor.v1.QueryRequest.attachments:type_name -> mtor.v1.Attachment
-	4,  // 4: mtor.v1.Message.attachments:type_name -> mtor.v1.Attachment
-	7,  // 5: mtor.v1.Event.accepted:type_name -> mtor.v1.Accepted
-	8,  // 6: mtor.v1.Event.chunk:type_name -> mtor.v1.Chunk
-	9,  // 7: mtor.v1.Event.media:type_name -> mtor.v1.Media
-	10, // 8: mtor.v1.Event.embedding:type_name -> mtor.v1.Embedding
-	13, // 9: mtor.v1.Event.done:type_name -> mtor.v1.Done
-	14, // 10: mtor.v1.Event.error:type_name -> mtor.v1.Error
-	11, // 11: mtor.v1.Done.usage:type_name -> mtor.v1.Usage
-	12, // 12: mtor.v1.Done.timing:type_name -> mtor.v1.Timing
-	1,  // 13: mtor.v1.Error.code:type_name -> mtor.v1.ErrorCode
-	16, // 14: mtor.v1.Announce.models:type_name -> mtor.v1.ModelInfo
-	17, // 15: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
-	18, // 16: mtor.v1.Announce.load:type_name -> mtor.v1.Load
-	0,  // 17: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
-	18, // [18:18] is the sub-list for method output_type
-	18, // [18:18] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	7,  // 1: mtor.v1.QueryRequest.messages:type_name -> mtor.v1.Message
+	9,  // 2: mtor.v1.QueryRequest.params:type_name -> mtor.v1.Params
+	8,  // 3: mtor.v1.QueryRequest.attachments:type_name -> mtor.v1.Attachment
+	3,  // 4: mtor.v1.QueryRequest.tools:type_name -> mtor.v1.Tool
+	4,  // 5: mtor.v1.QueryRequest.tool_choice:type_name -> mtor.v1.ToolChoice
+	5,  // 6: mtor.v1.QueryRequest.response_format:type_name -> mtor.v1.ResponseFormat
+	8,  // 7: mtor.v1.Message.attachments:type_name -> mtor.v1.Attachment
+	6,  // 8: mtor.v1.Message.tool_calls:type_name -> mtor.v1.ToolCall
+	11, // 9: mtor.v1.Event.accepted:type_name -> mtor.v1.Accepted
+	12, // 10: mtor.v1.Event.chunk:type_name -> mtor.v1.Chunk
+	16, // 11: mtor.v1.Event.media:type_name -> mtor.v1.Media
+	17, // 12: mtor.v1.Event.embedding:type_name -> mtor.v1.Embedding
+	20, // 13: mtor.v1.Event.done:type_name -> mtor.v1.Done
+	21, // 14: mtor.v1.Event.error:type_name -> mtor.v1.Error
+	15, // 15: mtor.v1.Event.tool_call:type_name -> mtor.v1.ToolCallDelta
+	13, // 16: mtor.v1.Chunk.logprobs:type_name -> mtor.v1.TokenLogprob
+	14, // 17: mtor.v1.TokenLogprob.top:type_name -> mtor.v1.TopLogprob
+	18, // 18: mtor.v1.Done.usage:type_name -> mtor.v1.Usage
+	19, // 19: mtor.v1.Done.timing:type_name -> mtor.v1.Timing
+	1,  // 20: mtor.v1.Error.code:type_name -> mtor.v1.ErrorCode
+	23, // 21: mtor.v1.Announce.models:type_name -> mtor.v1.ModelInfo
+	24, // 22: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
+	25, // 23: mtor.v1.Announce.load:type_name -> mtor.v1.Load
+	0,  // 24: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_mtor_proto_init() }
@@ -1685,14 +2325,15 @@ func file_mtor_proto_init() {
 	if File_mtor_proto != nil {
 		return
 	}
-	file_mtor_proto_msgTypes[3].OneofWrappers = []any{}
-	file_mtor_proto_msgTypes[4].OneofWrappers = []any{
+	file_mtor_proto_msgTypes[7].OneofWrappers = []any{}
+	file_mtor_proto_msgTypes[8].OneofWrappers = []any{
 		(*Event_Accepted)(nil),
 		(*Event_Chunk)(nil),
 		(*Event_Media)(nil),
 		(*Event_Embedding)(nil),
 		(*Event_Done)(nil),
 		(*Event_Error)(nil),
+		(*Event_ToolCall)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1700,7 +2341,7 @@ func file_mtor_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mtor_proto_rawDesc), len(file_mtor_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   17,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

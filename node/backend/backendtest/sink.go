@@ -13,10 +13,13 @@ import (
 	"strings"
 	"sync"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
-var _ backend.Sink = (*Sink)(nil)
+var _ backend.RichSink = (*Sink)(nil)
 
 // Sink records what a backend streams into it; it is safe for concurrent
 // use. The zero value is ready.
@@ -28,11 +31,13 @@ type Sink struct {
 	// emit one.
 	RefuseEmbeddings bool
 
-	mu     sync.Mutex
-	chunks []string
-	mimes  []string
-	data   [][]byte
-	embeds map[int][]float32
+	mu       sync.Mutex
+	tools    []*pb.ToolCallDelta
+	logprobs []*pb.TokenLogprob
+	chunks   []string
+	mimes    []string
+	data     [][]byte
+	embeds   map[int][]float32
 }
 
 // Chunk records text.
@@ -45,6 +50,50 @@ func (s *Sink) Chunk(text string) error {
 		f(n)
 	}
 	return nil
+}
+
+// ToolCall records a tool-call delta.
+func (s *Sink) ToolCall(d *pb.ToolCallDelta) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tools = append(s.tools, proto.CloneOf(d))
+	return nil
+}
+
+// ChunkLogprobs records text and its logprobs.
+func (s *Sink) ChunkLogprobs(text string, lps []*pb.TokenLogprob) error {
+	s.mu.Lock()
+	s.logprobs = append(s.logprobs, lps...)
+	s.mu.Unlock()
+	return s.Chunk(text)
+}
+
+// ToolCalls are the tool calls received, their deltas merged by index.
+func (s *Sink) ToolCalls() []*pb.ToolCall {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*pb.ToolCall
+	for _, d := range s.tools {
+		for int(d.GetIndex()) >= len(out) {
+			out = append(out, &pb.ToolCall{})
+		}
+		c := out[d.GetIndex()]
+		if d.GetId() != "" {
+			c.Id = d.GetId()
+		}
+		if d.GetName() != "" {
+			c.Name = d.GetName()
+		}
+		c.Arguments += d.GetArguments()
+	}
+	return out
+}
+
+// Logprobs are the token logprobs received.
+func (s *Sink) Logprobs() []*pb.TokenLogprob {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.logprobs)
 }
 
 // Media records one media result.

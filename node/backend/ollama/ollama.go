@@ -236,6 +236,7 @@ func (b *Backend) show(ctx context.Context, name, digest string, d details) back
 	if len(m.Types) == 0 {
 		m.Types = guessTypes(name, s.Details)
 	}
+	m.Features = featuresFrom(s.Capabilities)
 	for k, v := range s.ModelInfo {
 		if strings.HasSuffix(k, ".context_length") {
 			if f, ok := v.(float64); ok && f > 0 && f < 1<<32 {
@@ -266,6 +267,23 @@ func typesFrom(caps []string) []pb.QueryType {
 		}
 	}
 	return ts
+}
+
+// featuresFrom maps Ollama's capabilities to model features: "tools" is
+// tool calling; every "completion" model takes a format (JSON or a JSON
+// schema, enforced by a grammar). Models whose server does not report
+// capabilities announce none: nothing is assumed.
+func featuresFrom(caps []string) []string {
+	var fs []string
+	for _, c := range caps {
+		switch c {
+		case "tools":
+			fs = append(fs, protocol.FeatureTools)
+		case "completion":
+			fs = append(fs, protocol.FeatureJSONObject, protocol.FeatureJSONSchema)
+		}
+	}
+	return fs
 }
 
 // guessTypes is the fallback for servers that do not report
@@ -309,21 +327,45 @@ func (b *Backend) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sin
 }
 
 type chatMessage struct {
-	Role    string   `json:"role"`
-	Content string   `json:"content"`
-	Images  [][]byte `json:"images,omitempty"` // base64 in JSON, as Ollama wants
+	Role      string     `json:"role"`
+	Content   string     `json:"content"`
+	Images    [][]byte   `json:"images,omitempty"` // base64 in JSON, as Ollama wants
+	ToolCalls []toolCall `json:"tool_calls,omitempty"`
+	ToolName  string     `json:"tool_name,omitempty"`
+}
+
+// toolCall is Ollama's: arguments are a JSON object, not text.
+type toolCall struct {
+	ID       string `json:"id,omitempty"`
+	Function struct {
+		Index     *uint32         `json:"index,omitempty"`
+		Name      string          `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
+	} `json:"function"`
+}
+
+type tool struct {
+	Type     string `json:"type"`
+	Function struct {
+		Name        string          `json:"name"`
+		Description string          `json:"description,omitempty"`
+		Parameters  json.RawMessage `json:"parameters,omitempty"`
+	} `json:"function"`
 }
 
 type chatRequest struct {
-	Model    string         `json:"model"`
-	Messages []chatMessage  `json:"messages"`
-	Stream   bool           `json:"stream"`
-	Options  map[string]any `json:"options,omitempty"`
+	Model    string          `json:"model"`
+	Messages []chatMessage   `json:"messages"`
+	Stream   bool            `json:"stream"`
+	Options  map[string]any  `json:"options,omitempty"`
+	Tools    []tool          `json:"tools,omitempty"`
+	Format   json.RawMessage `json:"format,omitempty"`
 }
 
 type chatLine struct {
 	Message struct {
-		Content string `json:"content"`
+		Content   string     `json:"content"`
+		ToolCalls []toolCall `json:"tool_calls"`
 	} `json:"message"`
 	Done            bool   `json:"done"`
 	DoneReason      string `json:"done_reason"`
@@ -337,7 +379,8 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 	if err != nil {
 		return backend.Usage{}, err
 	}
-	body := chatRequest{Model: q.GetModel(), Messages: msgs, Stream: true, Options: options(q.GetParams())}
+	body := chatRequest{Model: q.GetModel(), Messages: msgs, Stream: true, Options: options(q.GetParams()),
+		Tools: tools(q), Format: format(q.GetResponseFormat())}
 	req, err := httputil.NewJSONRequest(b.base+"/api/chat", body)
 	if err != nil {
 		return backend.Usage{}, err
@@ -348,6 +391,7 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 	}
 	defer x.Close()
 	lines := httputil.NewLines(x, httputil.MaxLine)
+	var calls uint32
 	for {
 		line, err := lines.Next()
 		if err != nil {
@@ -366,10 +410,81 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 		if err := httputil.SendText(out, l.Message.Content); err != nil {
 			return backend.Usage{}, err
 		}
+		// Ollama sends each tool call whole, in one line.
+		for _, c := range l.Message.ToolCalls {
+			id := c.ID
+			if id == "" {
+				id = fmt.Sprintf("call_%x_%d", q.GetId(), calls)
+			}
+			args := string(c.Function.Arguments)
+			if isNullJSON(args) {
+				args = "{}"
+			}
+			if err := backend.SendToolCall(out, &pb.ToolCallDelta{Index: calls, Id: id, Name: c.Function.Name, Arguments: args}); err != nil {
+				return backend.Usage{}, err
+			}
+			calls++
+		}
 		if l.Done {
-			return backend.Usage{PromptTokens: l.PromptEvalCount, CompletionTokens: l.EvalCount}, nil
+			reason := finishReason(l.DoneReason)
+			if calls > 0 && reason == protocol.FinishStop {
+				reason = protocol.FinishToolCalls // as Ollama's own OpenAI API says
+			}
+			return backend.Usage{PromptTokens: l.PromptEvalCount, CompletionTokens: l.EvalCount, FinishReason: reason}, nil
 		}
 	}
+}
+
+// finishReason maps Ollama's done_reason; "load" and "unload" are no
+// answers and map to "".
+func finishReason(r string) string {
+	switch r {
+	case "stop":
+		return protocol.FinishStop
+	case "length":
+		return protocol.FinishLength
+	}
+	return ""
+}
+
+func isNullJSON(s string) bool {
+	s = strings.TrimSpace(s)
+	return s == "" || s == "null"
+}
+
+// tools converts the query's tools. Ollama has no tool_choice: "none"
+// sends no tools, "function" only the tool named; "required" cannot be
+// enforced and is left to the model.
+func tools(q *pb.QueryRequest) []tool {
+	c := q.GetToolChoice()
+	if c.GetMode() == "none" {
+		return nil
+	}
+	var out []tool
+	for _, t := range q.GetTools() {
+		if c.GetMode() == "function" && t.GetName() != c.GetName() {
+			continue
+		}
+		var o tool
+		o.Type = "function"
+		o.Function.Name, o.Function.Description = t.GetName(), t.GetDescription()
+		if t.GetParameters() != "" {
+			o.Function.Parameters = json.RawMessage(t.GetParameters())
+		}
+		out = append(out, o)
+	}
+	return out
+}
+
+// format maps a response format to Ollama's format: "json" or a schema.
+func format(f *pb.ResponseFormat) json.RawMessage {
+	switch f.GetType() {
+	case "json_object":
+		return json.RawMessage(`"json"`)
+	case "json_schema":
+		return json.RawMessage(f.GetSchema())
+	}
+	return nil
 }
 
 // messages converts the query's conversation. A bare prompt becomes a
@@ -378,7 +493,19 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 func messages(q *pb.QueryRequest) ([]chatMessage, error) {
 	var msgs []chatMessage
 	for _, m := range q.GetMessages() {
-		cm := chatMessage{Role: m.GetRole(), Content: m.GetContent()}
+		cm := chatMessage{Role: m.GetRole(), Content: m.GetContent(), ToolName: m.GetName()}
+		for _, c := range m.GetToolCalls() {
+			var tc toolCall
+			tc.ID, tc.Function.Name = c.GetId(), c.GetName()
+			tc.Function.Arguments = json.RawMessage(c.GetArguments())
+			if !json.Valid(tc.Function.Arguments) {
+				// Ollama wants an object; a model's broken arguments are
+				// kept as text rather than failing the conversation.
+				b, _ := json.Marshal(map[string]string{"_raw": c.GetArguments()})
+				tc.Function.Arguments = b
+			}
+			cm.ToolCalls = append(cm.ToolCalls, tc)
+		}
 		for _, a := range m.GetAttachments() {
 			if !strings.HasPrefix(a.GetMime(), "image/") {
 				return nil, protocol.Errorf(protocol.CodeBadRequest, "ollama takes only image attachments, not %s", a.GetMime())
@@ -423,6 +550,12 @@ func options(p *pb.Params) map[string]any {
 	}
 	if p != nil && p.Seed != nil {
 		o["seed"] = p.GetSeed()
+	}
+	if p != nil && p.PresencePenalty != nil {
+		o["presence_penalty"] = p.GetPresencePenalty()
+	}
+	if p != nil && p.FrequencyPenalty != nil {
+		o["frequency_penalty"] = p.GetFrequencyPenalty()
 	}
 	if len(p.GetStop()) > 0 {
 		o["stop"] = p.GetStop()

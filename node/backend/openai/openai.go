@@ -46,6 +46,7 @@ type Backend struct {
 	// silence inside a streamed answer.
 	timeout, work, idle time.Duration
 	declared            map[string][]pb.QueryType
+	features            []string // announced with every chat model
 }
 
 // Option configures the backend.
@@ -81,6 +82,29 @@ func WithModelTypes(types map[string][]pb.QueryType) Option {
 	}
 }
 
+// Features the server of an openai backend may be declared to have. The
+// OpenAI API gives no way to ask a server which of them it honours (most
+// silently ignore what they do not know), so they are declared, never
+// assumed.
+var knownFeatures = []string{protocol.FeatureTools, protocol.FeatureJSONObject, protocol.FeatureJSONSchema,
+	protocol.FeatureLogprobs, protocol.FeatureContinue}
+
+// WithFeatures declares what the server honours for its chat models:
+// protocol.FeatureTools (tools and tool_calls), FeatureJSONObject and
+// FeatureJSONSchema (response_format), FeatureLogprobs, FeatureContinue
+// (it continues a final assistant message: llama.cpp's server, or vLLM
+// with continue_final_message). They are announced, and queries needing
+// them are sent here.
+func WithFeatures(fs ...string) Option {
+	return func(b *Backend) {
+		for _, f := range fs {
+			if !slices.Contains(b.features, f) {
+				b.features = append(b.features, f)
+			}
+		}
+	}
+}
+
 // New builds a backend for the server at baseURL, its root with or
 // without /v1, e.g. http://127.0.0.1:8080 or http://127.0.0.1:8080/v1.
 func New(baseURL string, opts ...Option) (*Backend, error) {
@@ -100,6 +124,11 @@ func New(baseURL string, opts ...Option) (*Backend, error) {
 	}
 	if b.timeout <= 0 || b.work <= 0 || b.idle <= 0 {
 		return nil, fmt.Errorf("openai: timeouts must be positive")
+	}
+	for _, f := range b.features {
+		if !slices.Contains(knownFeatures, f) {
+			return nil, fmt.Errorf("openai: unknown feature %q (known: %s)", f, strings.Join(knownFeatures, ", "))
+		}
 	}
 	for name, ts := range b.declared {
 		if err := protocol.ValidateModelName(name); err != nil {
@@ -194,6 +223,7 @@ func (b *Backend) Models(ctx context.Context) ([]backend.Model, error) {
 		if len(m.Types) == 0 {
 			m.Types = typesOf(e)
 		}
+		m.Features = b.featuresFor(m.Types)
 		for _, n := range []uint32{e.MaxModelLen, e.ContextLength, e.Meta.NCtxTrain} {
 			if n > 0 {
 				m.ContextLength = n
@@ -208,10 +238,19 @@ func (b *Backend) Models(ctx context.Context) ([]backend.Model, error) {
 	}
 	for _, name := range slices.Sorted(maps.Keys(b.declared)) {
 		if !seen[name] {
-			out = append(out, backend.Model{Name: name, Types: slices.Clone(b.declared[name])})
+			out = append(out, backend.Model{Name: name, Types: slices.Clone(b.declared[name]), Features: b.featuresFor(b.declared[name])})
 		}
 	}
 	return out, nil
+}
+
+// featuresFor is what a model of types ts announces: the declared
+// features are chat features.
+func (b *Backend) featuresFor(ts []pb.QueryType) []string {
+	if !slices.Contains(ts, pb.QueryType_QUERY_TYPE_CHAT) && !slices.Contains(ts, pb.QueryType_QUERY_TYPE_VISION) {
+		return nil
+	}
+	return slices.Clone(b.features)
 }
 
 // Name patterns for models whose server does not say what they do.

@@ -20,7 +20,7 @@ func buildHTTP(kind, u string, params map[string]string) (backend.Backend, error
 		}
 		return ollama.New(u)
 	case "openai":
-		if err := unknown(params, "key", "types"); err != nil {
+		if err := unknown(params, "key", "types", "features"); err != nil {
 			return nil, err
 		}
 		var opts []openai.Option
@@ -51,6 +51,10 @@ func buildHTTP(kind, u string, params map[string]string) (backend.Backend, error
 				}
 			}
 			opts = append(opts, openai.WithModelTypes(m))
+		}
+		if fs, ok := params["features"]; ok {
+			// features=tools+json_schema+json_object+logprobs+continue
+			opts = append(opts, openai.WithFeatures(strings.Split(fs, "+")...))
 		}
 		return openai.New(u, opts...)
 	}

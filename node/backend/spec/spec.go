@@ -3,6 +3,7 @@
 //	demo[:delay=DURATION,model=NAME]
 //	ollama=URL
 //	openai=URL[,key=KEY|key=env:VAR|key=file:PATH][,types=MODEL:chat+vision;MODEL2:embed]
+//	          [,features=tools+json_object+json_schema+logprobs+continue]
 //	rentahal=URL[,model=NAME][,types=chat+vision+...]
 //	a1111=URL
 package spec

@@ -1,0 +1,48 @@
+package bridge
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// TestAnswerLimit: a non-streamed answer longer than WithMaxAnswer is cut
+// off and named as what it is, a 502 response_too_large saying how large
+// an answer may be (not a 413, which would blame the request); the same
+// answer streamed is not gathered and passes whole.
+func TestAnswerLimit(t *testing.T) {
+	const limit = 1000
+	var events []*pb.Event
+	for range 30 { // 3000 bytes of answer
+		events = append(events, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: strings.Repeat("x", 100)}}})
+	}
+	fs := &fakeSwarm{events: events}
+	_, base := startBridge(t, fs, WithMaxAnswer(limit))
+
+	t.Run("chat", func(t *testing.T) {
+		resp, b := postJSON(t, base+"/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"hi"}]}`, nil)
+		if resp.StatusCode != http.StatusBadGateway {
+			t.Fatalf("%d %s, want 502", resp.StatusCode, b)
+		}
+		e := assertErrorShape(t, b, "response_too_large")
+		if msg, _ := e["message"].(string); !strings.Contains(msg, "1000 bytes") || e["type"] != "server_error" {
+			t.Errorf("error %v: want a server_error naming the 1000-byte limit", e)
+		}
+	})
+	t.Run("transcription", func(t *testing.T) {
+		ct, body := transcriptionBody(t, map[string]string{"model": "demo"}, "a.wav", []byte("RIFF\x00\x00\x00\x00WAVEfmt "))
+		resp, b := call(t, http.MethodPost, base+"/v1/audio/transcriptions", ct, body, nil)
+		if resp.StatusCode != http.StatusBadGateway {
+			t.Fatalf("%d %s, want 502", resp.StatusCode, b)
+		}
+		assertErrorShape(t, b, "response_too_large")
+	})
+	t.Run("streamed chat is not bounded", func(t *testing.T) {
+		resp, b := postJSON(t, base+"/v1/chat/completions", `{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}`, nil)
+		if resp.StatusCode != http.StatusOK || strings.Count(string(b), strings.Repeat("x", 100)) != 30 || !strings.HasSuffix(string(b), "data: [DONE]\n\n") {
+			t.Fatalf("%d %s, want the whole answer streamed", resp.StatusCode, b)
+		}
+	})
+}
