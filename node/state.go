@@ -296,7 +296,7 @@ func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
 	if reached || len(errs) == 0 {
 		return nil
 	}
-	return fmt.Errorf("%w within %s (%s)", ErrJoinUnreachable, n.cfg.joinTimeout, strings.Join(errs, "; "))
+	return fmt.Errorf("%w (%s)", ErrJoinUnreachable, strings.Join(errs, "; "))
 }
 
 // waitAlone returns true once the node has had no peer for two polls in a
