@@ -4,11 +4,16 @@ package main
 // failure is said at once, in one line, without --log-level.
 
 import (
+	"bufio"
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -165,4 +170,113 @@ func TestE2EListenPortTaken(t *testing.T) {
 		!strings.Contains(stderr, "another mtor node") {
 		t.Fatalf("second node: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
+}
+
+// The demo takes other ports when its own are taken and prints the URLs in
+// use; Ctrl-C on `make demo | tee log` (the reader of its output dies with
+// the same signal) stops every node it started.
+func TestE2EDemoPortsAndCtrlC(t *testing.T) {
+	needBinary(t)
+	// Hold the bridge's default port, as llama.cpp's server would.
+	held, err := net.Listen("tcp", "127.0.0.1:5080")
+	if err != nil {
+		t.Logf("127.0.0.1:5080 is taken already: %v", err) // taken all the same
+	} else {
+		defer held.Close()
+	}
+	tmp := t.TempDir()
+	cmd := exec.Command("bash", "demo.sh", e2eBin)
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp, "MTOR_DEMO_API=", "MTOR_DEMO_BRIDGE=", "GOLOG_LOG_LEVEL=error")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its own group, as in a terminal
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = w, w
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		for _, pid := range demoNodes(t, tmp) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+
+	// Read until the demo is up, keeping what it printed.
+	var out strings.Builder
+	sc := bufio.NewScanner(r)
+	web := ""
+	for sc.Scan() {
+		line := sc.Text()
+		out.WriteString(line + "\n")
+		if u, ok := strings.CutPrefix(line, "web page:"); ok {
+			web = strings.TrimSpace(u)
+		}
+		if strings.HasPrefix(line, "demo: running") {
+			break
+		}
+	}
+	if web == "" || strings.Contains(web, ":5080/") {
+		t.Fatalf("demo did not start on another bridge port:\n%s", out.String())
+	}
+	resp, err := http.Get(web)
+	if err != nil {
+		t.Fatalf("the web page printed is not served: %v\n%s", err, out.String())
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s", web, resp.Status)
+	}
+	nodes := demoNodes(t, tmp)
+	if len(nodes) != 3 {
+		t.Fatalf("%d demo nodes running, want 3:\n%s", len(nodes), out.String())
+	}
+
+	// Ctrl-C: tee dies and the script gets SIGINT.
+	r.Close()
+	if err := syscall.Kill(-cmd.Process.Pid, syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited:
+	case <-time.After(45 * time.Second):
+		t.Fatal("demo.sh did not exit within 45 s of Ctrl-C")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(demoNodes(t, tmp)) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("nodes left running after Ctrl-C: %v", demoNodes(t, tmp))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// demoNodes are the pids of the processes whose command line names dir
+// (the demo's nodes have their data dirs there).
+func demoNodes(t *testing.T, dir string) []int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Skip("no /proc")
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if len(args) > 1 && args[1] == "node" && strings.Contains(string(b), dir) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
