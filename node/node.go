@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -181,11 +182,13 @@ type Node struct {
 	// watched are the backends as the worker sees them, recording their
 	// probes' results for State and notices.
 	watched []*watchedBackend
-	st      status
-	lock    *os.File // the data dir's lock, nil without a data dir
-	ctx     context.Context
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
+	// joinPeers are the --join peers other than this node.
+	joinPeers []peer.AddrInfo
+	st        status
+	lock      *os.File // the data dir's lock, nil without a data dir
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
 
 	closeOnce sync.Once
 	closeErr  error
@@ -255,7 +258,9 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock, roles: roles}
 	n.st.joined, n.st.joinFailed = make(chan struct{}), make(chan struct{})
-	n.st.joining = len(boot) > 0
+	// A node given its own token (a restart script) has no one to join.
+	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
+	n.st.joining = len(n.joinPeers) > 0
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	// Subscribed before discovery starts dialling, so that no verdict is
 	// missed.
@@ -320,8 +325,8 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.goRun(func() { ann.run(n.ctx) })
 	n.goRun(n.probeLoop)
 	n.goRun(func() { n.reachLoop(reachSub) })
-	if len(boot) > 0 {
-		n.goRun(func() { n.joinLoop(boot) })
+	if len(n.joinPeers) > 0 {
+		n.goRun(func() { n.joinLoop(n.joinPeers) })
 	}
 	ok = true
 	log.Infow("node started", "peer", h.ID(), "swarm", swarm, "backends", len(cfg.backends), "roles", roles)

@@ -278,9 +278,6 @@ func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
 		wg      sync.WaitGroup
 	)
 	for _, ai := range boot {
-		if ai.ID == n.h.ID() {
-			continue
-		}
 		wg.Go(func() {
 			err := n.h.Connect(ctx, ai)
 			mu.Lock()
@@ -325,7 +322,7 @@ func (n *Node) waitAlone() bool {
 // failed (an error wrapping ErrJoinUnreachable) or ctx ends. A node with
 // no join peers has nothing to wait for.
 func (n *Node) WaitJoined(ctx context.Context) error {
-	if len(n.cfg.join) == 0 {
+	if len(n.joinPeers) == 0 {
 		return nil
 	}
 	select {
