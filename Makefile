@@ -17,7 +17,7 @@ FUZZTIME     ?= 15s
 # client, a headless browser driver), each with a committed lockfile.
 NPM_DIRS  := node/enginetest bridge/e2e
 
-.PHONY: all build test npm-deps demo bench proto lint fuzz clean help
+.PHONY: all build test npm-deps demo bench chaos proto lint fuzz clean help
 
 all: build
 
@@ -26,6 +26,7 @@ help:
 	@echo "make test    run the whole test suite (needs Go, Node.js/npm, chromium)"
 	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
 	@echo "make bench   swarm vs in-process latency and throughput (docs/benchmarks.md)"
+	@echo "make chaos   the long churn run: workers killed and restarted under load (docs/benchmarks.md)"
 	@echo "make proto   regenerate protocol/pb from protocol/pb/mtor.proto"
 	@echo "make lint    gofmt check and go vet"
 	@echo "make fuzz    run every fuzz target for FUZZTIME ($(FUZZTIME))"
@@ -53,6 +54,17 @@ demo: build
 bench: build
 	./$(BIN) bench
 	$(GO) test -run '^$$' -bench . -benchmem ./protocol/... ./node/...
+
+# The long churn run (docs/benchmarks.md): 3000 queries of every client
+# kind at concurrency 16, answers of about 0.5 s, while one of 4 workers is
+# SIGKILLed and restarted every 2 s, on TCP+QUIC and on TCP alone; then a
+# frozen and an unplugged worker, and a shutdown shorter than its answers.
+CHAOS_QUERIES ?= 3000
+CHAOS_DELAY   ?= 50ms
+chaos:
+	MTOR_CHAOS_QUERIES=$(CHAOS_QUERIES) MTOR_CHAOS_DELAY=$(CHAOS_DELAY) MTOR_CHAOS_TCP=1 MTOR_CHAOS_STRICT=1 \
+		$(GO) test ./cmd/mtor -count=1 -v -timeout 40m \
+		-run 'TestE2EChaos|TestE2EFrozenOrUnpluggedWorkerQueriesMove|TestE2EShutdownHandsQueriesBack'
 
 proto:
 	protoc -I protocol/pb --go_out=protocol/pb --go_opt=paths=source_relative protocol/pb/mtor.proto

@@ -3,6 +3,7 @@ package bridge
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"net/http"
 	"strings"
 
@@ -32,6 +33,13 @@ func (ks *keySet) valid(key string) bool {
 		ok |= subtle.ConstantTimeCompare(d[:], ks.digests[i][:])
 	}
 	return ok == 1
+}
+
+// name is a short, stable name for key (a digest prefix): the queue's
+// client name, which must not hold the key itself.
+func (ks *keySet) name(key string) string {
+	d := sha256.Sum256([]byte(key))
+	return hex.EncodeToString(d[:8])
 }
 
 // bearer is the key of an "Authorization: Bearer <key>" header, or "".

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/bridge/ws"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -53,6 +54,7 @@ type Server struct {
 	reg     *prometheus.Registry
 	handler http.Handler
 	ws      *ws.Server
+	queue   *queue.Queue
 	started time.Time
 
 	// base is the parent of every request context; cancelling it ends
@@ -76,6 +78,10 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		keepAlive:     DefaultKeepAlive,
 		retryAfter:    DefaultRetryAfter,
 		shutdownGrace: DefaultShutdownGrace,
+		queue:         DefaultQueue,
+		queuePerCl:    DefaultQueuePerClient,
+		queueWait:     DefaultQueueWait,
+		queueUpdate:   queue.DefaultUpdateInterval,
 		log:           logging.Logger("mtor/bridge"),
 	}
 	for _, o := range opts {
@@ -99,13 +105,29 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		started: time.Now(),
 	}
 	srv.base, srv.cancelBase = context.WithCancel(context.Background())
+	q, err := queue.New(
+		queue.WithMaxInFlight(cfg.maxInFlight),
+		queue.WithCapacity(func() int { return capacityOf(s.Peers()) }),
+		queue.WithMaxWaiting(cfg.queue),
+		queue.WithMaxWaitingPerClient(cfg.queuePerCl),
+		queue.WithMaxWait(cfg.queueWait),
+		queue.WithRetryAfter(cfg.retryAfter),
+		queue.WithUpdateInterval(cfg.queueUpdate),
+		queue.WithLogger(logging.Logger("mtor/bridge/queue")))
+	if err != nil {
+		return nil, fmt.Errorf("bridge: %w", err)
+	}
+	srv.queue = q
 	wsConns := func() int { return 0 }
-	m, err := newMetrics(reg, s, func() int { return wsConns() })
+	m, err := newMetrics(reg, s, func() int { return wsConns() }, q.Stats)
 	if err != nil {
 		return nil, fmt.Errorf("bridge: metrics: %w", err)
 	}
 	srv.metrics = m
-	srv.swarm = &instrumented{Swarm: s, m: m}
+	// The queue is outside the instrumentation: in_flight and durations
+	// are the swarm's, without the wait; refusals are counted as busy.
+	inst := &instrumented{Swarm: s, m: m}
+	srv.swarm = &queued{Swarm: inst, q: q, refused: inst.refused}
 	mux := http.NewServeMux()
 	srv.routes(mux)
 	srv.mountUI(mux)
@@ -134,7 +156,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("POST /v1/audio/transcriptions", s.handleTranscription)
 	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
 	v1.HandleFunc("/v1/", s.handleUnknown)
-	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(v1)))
+	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(s.withClient(v1))))
 	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
 	mux.HandleFunc("/healthz", s.handleHealth)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
@@ -200,6 +222,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	hs := s.srv
 	s.mu.Unlock()
+	// Queries still waiting for a slot are refused (busy) at once rather
+	// than cut at the end of the grace.
+	s.queue.Close()
 	if hs == nil {
 		s.cancelBase()
 		_ = s.ws.Close()

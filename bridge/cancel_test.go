@@ -152,7 +152,8 @@ func TestShutdown(t *testing.T) {
 
 // TestDeadlineAndBusy: the bridge's query timeout reaches the worker (504),
 // and a worker with no free slot and no queue makes the swarm busy (429
-// with Retry-After).
+// with Retry-After). The bridge admits two queries at once here, more than
+// the worker's one slot, so that the worker's own BUSY is what refuses.
 func TestDeadlineAndBusy(t *testing.T) {
 	sw := newLocalSwarm(t, worker.WithMaxConcurrency(1), worker.WithMaxQueue(0))
 	_, base := startBridge(t, sw, WithQueryTimeout(300*time.Millisecond))
@@ -166,7 +167,7 @@ func TestDeadlineAndBusy(t *testing.T) {
 	}
 	sw.waitIdle(t)
 
-	_, base = startBridge(t, sw, WithRetryAfter(4*time.Second))
+	_, base = startBridge(t, sw, WithRetryAfter(4*time.Second), WithMaxInFlight(2))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/chat/completions",

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/bridge/internal/scrub"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -86,6 +87,10 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 	}
 	pe := protocol.AsError(err)
 	msg := scrub.Addresses(pe.Message)
+	var be *queue.BusyError
+	if errors.As(err, &be) && be.RetryAfter > 0 {
+		retryAfter = be.RetryAfter // the queue's estimate
+	}
 	switch pe.Code {
 	case pb.ErrorCode_ERROR_CODE_BAD_REQUEST:
 		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "bad_request", Message: msg}
@@ -103,6 +108,11 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 		return &apiError{Status: statusClientClosed, Type: typeInvalidRequest, Code: "cancelled", Message: msg}
 	case pb.ErrorCode_ERROR_CODE_BACKEND_ERROR:
 		return &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "backend_error", Message: msg}
+	case pb.ErrorCode_ERROR_CODE_UNAVAILABLE:
+		// The workers tried died or could not be reached: no backend
+		// failed, and a retry soon may find live ones.
+		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: "workers_unavailable", RetryAfter: retryAfter,
+			Message: "The workers tried could not finish this query. (" + msg + ")"}
 	}
 	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: msg}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -22,7 +23,7 @@ type metrics struct {
 	inFlight prometheus.Gauge
 }
 
-func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int) (*metrics, error) {
+func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int, qstats func() queue.Stats) (*metrics, error) {
 	m := &metrics{
 		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mtor_bridge_queries_total",
@@ -53,6 +54,18 @@ func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int) (*metrics, 
 			Name: "mtor_bridge_connections",
 			Help: "Open WebSocket connections.",
 		}, func() float64 { return float64(conns()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mtor_bridge_queue_waiting",
+			Help: "Queries waiting in the bridge's queue for a slot in the swarm.",
+		}, func() float64 { return float64(qstats().Waiting) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mtor_bridge_queue_limit",
+			Help: "Queries the bridge admits into the swarm at once (its capacity, or --bridge-max-in-flight).",
+		}, func() float64 { return float64(qstats().Limit) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "mtor_bridge_queue_refused_total",
+			Help: "Queries refused as busy by the bridge's queue: full, or waited too long.",
+		}, func() float64 { s := qstats(); return float64(s.Refused + s.Expired) }),
 	}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
@@ -113,4 +126,9 @@ func (s *instrumented) modelLabel(name string) string {
 		}
 	}
 	return "other"
+}
+
+// refused counts a query the bridge's queue refused as busy.
+func (s *instrumented) refused(req *pb.QueryRequest) {
+	s.m.queries.WithLabelValues(protocol.TypeName(req.GetType()), s.modelLabel(req.GetModel()), "busy").Inc()
 }

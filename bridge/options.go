@@ -12,6 +12,7 @@ import (
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/bridge/ws"
 )
 
@@ -25,6 +26,15 @@ const (
 	defaultBodyTimeout   = time.Minute      // reading one request body
 	defaultWriteTimeout  = 30 * time.Second // writing one SSE event or response
 	maxKeyFile           = 1 << 20
+
+	// DefaultQueue is how many queries may wait at the bridge for a slot in
+	// the swarm, DefaultQueuePerClient how many of them one client (API
+	// key, IP address or WebSocket user) may have waiting.
+	DefaultQueue          = queue.DefaultMaxWaiting
+	DefaultQueuePerClient = queue.DefaultMaxWaitingPerClient
+	// DefaultQueueWait is the longest a query waits for a slot before it
+	// is refused as busy.
+	DefaultQueueWait = queue.DefaultMaxWait
 )
 
 type config struct {
@@ -39,6 +49,11 @@ type config struct {
 	retryAfter    time.Duration
 	shutdownGrace time.Duration
 	selfID        string
+	queue         int
+	queuePerCl    int
+	queueWait     time.Duration
+	maxInFlight   int // 0: the swarm's capacity
+	queueUpdate   time.Duration
 	wsOpts        []ws.Option
 	log           *logging.ZapEventLogger
 }
@@ -229,6 +244,70 @@ func WithKeepAlive(d time.Duration) Option {
 			return fmt.Errorf("keep-alive %s: must be positive", d)
 		}
 		c.keepAlive = d
+		return nil
+	}
+}
+
+// WithQueue bounds the queries waiting at the bridge for a slot in the
+// swarm (default DefaultQueue); beyond it a query is refused at once as
+// busy (429 with Retry-After). 0 refuses every query that finds the swarm
+// at capacity.
+func WithQueue(n int) Option {
+	return func(c *config) error {
+		if n < 0 {
+			return fmt.Errorf("queue %d must be >= 0", n)
+		}
+		c.queue = n
+		return nil
+	}
+}
+
+// WithQueuePerClient bounds the queries one client has waiting (default
+// DefaultQueuePerClient). A client is an API key when the bridge has keys,
+// else an IP address; a WebSocket user (its user_guid) for /ws.
+func WithQueuePerClient(n int) Option {
+	return func(c *config) error {
+		if n <= 0 {
+			return fmt.Errorf("queue per client %d must be > 0", n)
+		}
+		c.queuePerCl = n
+		return nil
+	}
+}
+
+// WithQueueWait bounds how long a query waits for a slot (default
+// DefaultQueueWait); then it is refused as busy.
+func WithQueueWait(d time.Duration) Option {
+	return func(c *config) error {
+		if d <= 0 {
+			return fmt.Errorf("queue wait %s must be > 0", d)
+		}
+		c.queueWait = d
+		return nil
+	}
+}
+
+// WithMaxInFlight bounds the queries the bridge runs in the swarm at once.
+// 0 (the default) follows the swarm: the sum of the concurrency its
+// available workers announce.
+func WithMaxInFlight(n int) Option {
+	return func(c *config) error {
+		if n < 0 {
+			return fmt.Errorf("max in flight %d must be >= 0", n)
+		}
+		c.maxInFlight = n
+		return nil
+	}
+}
+
+// WithQueueUpdates sets how often waiting WebSocket queries are told their
+// new position (queue_update); default 1 s.
+func WithQueueUpdates(d time.Duration) Option {
+	return func(c *config) error {
+		if d <= 0 {
+			return fmt.Errorf("queue update interval %s must be > 0", d)
+		}
+		c.queueUpdate = d
 		return nil
 	}
 }

@@ -23,6 +23,7 @@ type mtorInfo struct {
 	Peer          string `json:"peer"`
 	Local         bool   `json:"local,omitempty"`
 	Attempts      int    `json:"attempts"`
+	Continued     int    `json:"continued,omitempty"` // times another worker took the answer over
 	TTFTMs        uint32 `json:"ttft_ms"`
 	TotalMs       uint32 `json:"total_ms"`
 	QueueMs       uint32 `json:"queue_ms"`
@@ -41,6 +42,7 @@ func infoOf(res *router.Result) *mtorInfo {
 		Peer:          res.Peer.String(),
 		Local:         res.Local,
 		Attempts:      res.Attempts,
+		Continued:     res.Continued,
 		TTFTMs:        res.TTFTMs,
 		TotalMs:       res.TotalMs,
 		QueueMs:       d.GetTiming().GetQueueMs(),

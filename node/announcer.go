@@ -9,9 +9,11 @@ import (
 	"sync/atomic"
 	"time"
 
+	ma "github.com/multiformats/go-multiaddr"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -42,6 +44,10 @@ type announcer struct {
 	roles    []string
 	version  string
 	interval time.Duration
+	// incarnation is random per process start: peers that see it change
+	// know this node restarted.
+	incarnation uint64
+	addrs       func() []ma.Multiaddr // listen addresses to announce; may be nil
 
 	kick  chan struct{}
 	force atomic.Bool // the next kick publishes even without a change
@@ -54,8 +60,9 @@ type announcer struct {
 func newAnnouncer(pub publisher, w *worker.Worker, gpus GPUSource, roles []string, version string, interval time.Duration) *announcer {
 	return &announcer{
 		pub: pub, w: w, gpus: gpus, roles: roles, version: version, interval: interval,
-		kick:     make(chan struct{}, 1),
-		provided: map[string]time.Time{},
+		incarnation: rand.Uint64() | 1, // never 0, which means "not sent"
+		kick:        make(chan struct{}, 1),
+		provided:    map[string]time.Time{},
 	}
 }
 
@@ -86,6 +93,14 @@ func (a *announcer) build() *pb.Announce {
 			InFlight: uint32(running), Queued: uint32(queued),
 			MaxConcurrency: uint32(maxC), MaxQueue: uint32(maxQ),
 		},
+		Incarnation: a.incarnation,
+	}
+	if a.addrs != nil {
+		for _, m := range a.addrs() {
+			if b := m.Bytes(); len(b) <= protocol.MaxAddrLen && len(ann.Addrs) < protocol.MaxAnnAddrs {
+				ann.Addrs = append(ann.Addrs, b)
+			}
+		}
 	}
 	caps := a.w.Capabilities()
 	sort.Slice(caps, func(i, j int) bool { return caps[i].Name < caps[j].Name })
@@ -96,6 +111,7 @@ func (a *announcer) build() *pb.Announce {
 			Name: c.Name, Types: types, ContextLength: c.ContextLength,
 			TokensPerSec: c.TokensPerSec, P50TtftMs: c.P50TTFTMs,
 			JoulesPerToken: c.JoulesPerToken, Backend: c.Backend,
+			Features: slices.Sorted(slices.Values(c.Features)),
 		})
 	}
 	if a.gpus != nil {

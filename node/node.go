@@ -23,6 +23,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -35,6 +36,8 @@ var log = logging.Logger("mtor/node")
 const (
 	DefaultGracePeriod  = 30 * time.Second
 	healthProbeInterval = 10 * time.Second
+	// handBackMargin is kept of the grace period to hand back queries.
+	handBackMargin = time.Second
 )
 
 // DefaultListenAddrs are used when none are given.
@@ -178,6 +181,7 @@ type Node struct {
 	router *router.Router
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relaySource
+	live   *liveness.Checker
 	roles  []string
 	// watched are the backends as the worker sees them, recording their
 	// probes' results for State and notices.
@@ -314,12 +318,14 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.worker.Refresh(ctx)
 	h.SetStreamHandler(qproto, n.worker.HandleStream)
 
-	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT())}
+	n.live = liveness.New(h)
+	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live)}
 	if len(cfg.backends) > 0 {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
 	}
 	n.router = router.New(h, qproto, tableAdapter{n.disc.Table()}, append(ropts, cfg.routerOpts...)...)
 	ann := newAnnouncer(n.disc, n.worker, cfg.gpus, roles, cfg.version, cfg.announceInterval)
+	ann.addrs = h.Addrs
 	n.ann.Store(ann)
 
 	n.goRun(func() { ann.run(n.ctx) })
@@ -418,20 +424,39 @@ func (n *Node) JoinLine() string {
 	return discovery.EncodeJoinToken(n.cfg.swarm, []peer.AddrInfo{{ID: n.h.ID(), Addrs: n.h.Addrs()}})
 }
 
-// Shutdown stops gracefully: it announces that it is draining, refuses new
-// queries with BUSY, waits for queries in flight up to the grace period
-// (or ctx), then closes.
+// Shutdown stops gracefully: Drain, then Close.
 func (n *Node) Shutdown(ctx context.Context) error {
+	n.Drain(ctx)
+	return n.Close()
+}
+
+// Drain announces that this node is draining, refuses new queries with
+// BUSY and waits for the queries in flight. Shortly before the grace
+// period (or ctx) runs out it hands the unfinished ones back: each ends
+// with a retryable UNAVAILABLE, so its client moves it to another worker
+// instead of losing it when the process exits. The host stays up, so that
+// queries this node routes elsewhere (its bridge's) can still finish.
+func (n *Node) Drain(ctx context.Context) {
 	n.worker.Drain()
 	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	n.announcer().publish(pctx, true)
 	cancel()
-	wctx, cancel := context.WithTimeout(ctx, n.cfg.grace)
+	grace := n.cfg.grace
+	if dl, ok := ctx.Deadline(); ok {
+		grace = min(grace, time.Until(dl))
+	}
+	// Kept for the hand-back: the error frames written and read before
+	// the connections close.
+	margin := max(min(handBackMargin, grace/4), 100*time.Millisecond)
+	wctx, cancel := context.WithTimeout(ctx, grace-margin)
 	defer cancel()
 	if err := n.worker.Wait(wctx); err != nil {
-		log.Warnw("grace period over with queries in flight; closing", "err", err)
+		k := n.worker.HandBack()
+		log.Warnw("grace period running out; handing unfinished queries back", "queries", k, "grace", n.cfg.grace)
+		hctx, hcancel := context.WithTimeout(context.WithoutCancel(ctx), margin)
+		_ = n.worker.Wait(hctx)
+		hcancel()
 	}
-	return n.Close()
 }
 
 // Close stops the node at once.
@@ -441,6 +466,7 @@ func (n *Node) Close() error {
 		n.h.RemoveStreamHandler(protocol.QueryProtocol(n.cfg.swarm))
 		err := n.disc.Close()
 		n.wg.Wait()
+		n.live.Close()
 		n.closeErr = errors.Join(err, n.h.Close())
 		if n.lock != nil {
 			n.lock.Close()

@@ -52,7 +52,8 @@ func FromProto(p *pb.Error) *Error {
 // with code: only failures of that worker, not of the request.
 func retryable(code pb.ErrorCode) bool {
 	switch code {
-	case pb.ErrorCode_ERROR_CODE_BUSY, pb.ErrorCode_ERROR_CODE_BACKEND_ERROR, pb.ErrorCode_ERROR_CODE_INTERNAL:
+	case pb.ErrorCode_ERROR_CODE_BUSY, pb.ErrorCode_ERROR_CODE_BACKEND_ERROR, pb.ErrorCode_ERROR_CODE_INTERNAL,
+		pb.ErrorCode_ERROR_CODE_UNAVAILABLE:
 		return true
 	}
 	return false
@@ -96,4 +97,5 @@ const (
 	CodeTimeout      = pb.ErrorCode_ERROR_CODE_TIMEOUT
 	CodeCancelled    = pb.ErrorCode_ERROR_CODE_CANCELLED
 	CodeInternal     = pb.ErrorCode_ERROR_CODE_INTERNAL
+	CodeUnavailable  = pb.ErrorCode_ERROR_CODE_UNAVAILABLE
 )

@@ -43,6 +43,7 @@ func TestErrorfRetryable(t *testing.T) {
 		CodeTimeout:      false,
 		CodeCancelled:    false,
 		CodeInternal:     true,
+		CodeUnavailable:  true,
 	}
 	if len(want) != len(pb.ErrorCode_name)-1 {
 		t.Fatalf("table covers %d codes, proto has %d", len(want), len(pb.ErrorCode_name)-1)

@@ -27,10 +27,17 @@ const (
 	MaxAnnounce = 16 << 10
 )
 
-// HeartbeatInterval is how often a worker repeats Accepted (with the
-// current queue position) while a query has produced no output yet. A
-// client may treat three missed heartbeats as a dead worker.
-const HeartbeatInterval = 5 * time.Second
+// HeartbeatInterval is the longest silence a worker leaves on a query
+// stream: it repeats Accepted (with the current queue position and this
+// interval in heartbeat_ms) whenever it has sent nothing for this long. A
+// client may treat 2.5 intervals of silence as a dead worker. A second is
+// what makes a dead or frozen worker visible within 2.5 s; the cost is one
+// 6-byte frame per second per silent stream.
+const HeartbeatInterval = time.Second
+
+// LegacyHeartbeat is the interval of workers whose Accepted carries no
+// heartbeat_ms (before that field existed).
+const LegacyHeartbeat = 5 * time.Second
 
 // ErrFrameTooLarge is wrapped by reads of a frame over the limit.
 var ErrFrameTooLarge = errors.New("frame too large")

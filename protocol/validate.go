@@ -30,7 +30,17 @@ const (
 	MaxAnnounceTTL  = 10 * time.Minute
 	MaxClockSkew    = 30 * time.Second
 	MaxEmbeddingDim = 1 << 16
+	MaxAnnAddrs     = 16
+	MaxAddrLen      = 256
+	MaxFeatures     = 16
+	MaxFeatureLen   = 32
+	// MaxContinuation bounds the answer text a continuation carries.
+	MaxContinuation = 1 << 20
 )
+
+// FeatureContinue is the model feature of a worker that accepts
+// QueryRequest.continuation.
+const FeatureContinue = "continue"
 
 var sizeRe = regexp.MustCompile(`^[1-9][0-9]{0,3}x[1-9][0-9]{0,3}$`)
 
@@ -128,6 +138,14 @@ func ValidateRequest(r *pb.QueryRequest) error {
 	}
 	if r.GetDeadlineUnixMs() < 0 {
 		return badRequest("negative deadline")
+	}
+	if c := r.GetContinuation(); c != "" {
+		if len(c) > MaxContinuation {
+			return badRequest("continuation of %d bytes, limit %d", len(c), MaxContinuation)
+		}
+		if t := r.GetType(); t != pb.QueryType_QUERY_TYPE_CHAT && t != pb.QueryType_QUERY_TYPE_VISION {
+			return badRequest("a %s query cannot be continued", TypeName(t))
+		}
 	}
 	if p := r.GetPriority(); p < -MaxPriority || p > MaxPriority {
 		return badRequest("priority %d out of range [-%d, %d]", p, MaxPriority, MaxPriority)
@@ -275,6 +293,22 @@ func ValidateAnnounce(a *pb.Announce, now time.Time) error {
 		}
 		if len(m.GetBackend()) > 32 {
 			return badRequest("backend name too long")
+		}
+		if len(m.GetFeatures()) > MaxFeatures {
+			return badRequest("model %q announces %d features, limit %d", m.GetName(), len(m.GetFeatures()), MaxFeatures)
+		}
+		for _, f := range m.GetFeatures() {
+			if f == "" || len(f) > MaxFeatureLen {
+				return badRequest("model %q announces an invalid feature", m.GetName())
+			}
+		}
+	}
+	if len(a.GetAddrs()) > MaxAnnAddrs {
+		return badRequest("%d addresses, limit %d", len(a.GetAddrs()), MaxAnnAddrs)
+	}
+	for _, ad := range a.GetAddrs() {
+		if len(ad) == 0 || len(ad) > MaxAddrLen {
+			return badRequest("invalid address of %d bytes", len(ad))
 		}
 	}
 	if len(a.GetGpus()) > MaxAnnGPUs {

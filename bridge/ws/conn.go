@@ -21,22 +21,32 @@ import (
 	"github.com/mtor-swarm/mtor/bridge/internal/scrub"
 )
 
-// conn is one client. Its read loop runs on the HTTP handler's goroutine;
-// a writer goroutine drains a bounded queue; each query runs on its own
-// goroutine, at most maxQueries at a time.
+// conn is one client. Its read loop runs on the HTTP handler's goroutine,
+// the only goroutine an idle connection has: a writer goroutine runs only
+// while messages are queued, a ping only when its timer fires, and each
+// query runs on its own goroutine, at most maxQueries at a time. Thousands
+// of idle connections thus cost a goroutine and a few KiB each.
 type conn struct {
 	s        *Server
 	ws       *websocket.Conn
-	rawText  bool // ?format=text: query_result text is sent as is, not HTML-escaped
+	key      string // the bridge queue's name for this user
+	rawText  bool   // ?format=text: query_result text is sent as is, not HTML-escaped
 	limiter  *rate.Limiter
 	uploads  *uploads
 	ctx      context.Context
 	cancel   context.CancelFunc
-	sendq    chan []byte
-	queued   atomic.Int64 // bytes in sendq
-	maxQueue atomic.Int64 // most bytes ever in sendq, for tests
+	maxQueue atomic.Int64 // most bytes ever queued, for tests
 	closing  sync.Once
 	wg       sync.WaitGroup // query goroutines
+	pinger   *time.Timer
+
+	// The outbound queue: a slice that grows with what is queued and is
+	// let go when drained, rather than a channel whose buffer of
+	// sendBuffer slots each connection would hold all its life.
+	qmu     sync.Mutex
+	outq    [][]byte
+	queued  int64 // bytes in outq and being written
+	writing bool  // a writer goroutine is running
 
 	sem chan struct{} // running queries
 
@@ -70,11 +80,11 @@ func newConn(s *Server, ws *websocket.Conn, guid string, rawText bool) *conn {
 	c := &conn{
 		s:       s,
 		ws:      ws,
+		key:     "ws:" + guid,
 		rawText: rawText,
 		limiter: rate.NewLimiter(rate.Limit(s.cfg.ratePerSec), s.cfg.rateBurst),
 		ctx:     ctx,
 		cancel:  cancel,
-		sendq:   make(chan []byte, s.cfg.sendBuffer),
 		sem:     make(chan struct{}, s.cfg.maxQueries),
 		queries: map[string]*running{},
 		user:    userInfo{GUID: guid, Nickname: "user_" + guid[:8]},
@@ -90,8 +100,7 @@ func (c *conn) log() *logging.ZapEventLogger { return c.s.cfg.log }
 // serve runs the connection until the client leaves or is dropped.
 func (c *conn) serve() {
 	defer c.finish()
-	go c.writeLoop()
-	go c.pingLoop()
+	c.pinger = time.AfterFunc(c.s.cfg.pingInterval, c.ping)
 
 	// The seed client calls its init() on user_info and builds its model
 	// list from worker_update; it sets the cookie it is told to.
@@ -137,6 +146,7 @@ func (c *conn) serve() {
 // finish cancels every query, waits for their goroutines and closes.
 func (c *conn) finish() {
 	c.cancel()
+	c.pinger.Stop()
 	c.wg.Wait()
 	c.uploads.close()
 	c.closing.Do(func() { c.ws.CloseNow() })
@@ -186,68 +196,80 @@ func (c *conn) sendRaw(b []byte) bool {
 		return false
 	}
 	n := int64(len(b))
-	total := c.queued.Add(n)
-	// One message larger than the byte bound may go alone.
-	if total > c.s.cfg.sendBufferBytes && total != n {
-		c.queued.Add(-n)
+	c.qmu.Lock()
+	switch {
+	case len(c.outq) >= c.s.cfg.sendBuffer:
+		c.qmu.Unlock()
+		c.drop("send buffer full (messages)")
+		return false
+	case c.queued+n > c.s.cfg.sendBufferBytes && c.queued != 0:
+		// One message larger than the byte bound may go alone.
+		c.qmu.Unlock()
 		c.drop("send buffer full (bytes)")
 		return false
 	}
-	select {
-	case c.sendq <- b:
-		for {
-			m := c.maxQueue.Load()
-			if total <= m || c.maxQueue.CompareAndSwap(m, total) {
-				break
-			}
-		}
-		return true
-	default:
-		c.queued.Add(-n)
-		c.drop("send buffer full (messages)")
-		return false
+	c.outq = append(c.outq, b)
+	c.queued += n
+	if c.queued > c.maxQueue.Load() {
+		c.maxQueue.Store(c.queued) // only written under qmu
 	}
+	start := !c.writing
+	c.writing = true
+	c.qmu.Unlock()
+	if start {
+		go c.writeOut()
+	}
+	return true
 }
 
-func (c *conn) writeLoop() {
+// writeOut writes the queued messages in order and ends when the queue is
+// empty (sendRaw starts it again) or the connection is done.
+func (c *conn) writeOut() {
 	for {
-		select {
-		case <-c.ctx.Done():
+		c.qmu.Lock()
+		if len(c.outq) == 0 || c.ctx.Err() != nil {
+			c.writing = false
+			c.outq = nil // let the drained backing array go
+			c.qmu.Unlock()
 			return
-		case b := <-c.sendq:
-			// Not derived from c.ctx: cancelling a write's context mid-way
-			// drops the connection, which would cut a closing handshake.
-			ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.writeTimeout)
-			err := c.ws.Write(ctx, websocket.MessageText, b)
-			cancel()
-			c.queued.Add(-int64(len(b)))
-			if err != nil {
-				c.drop(fmt.Sprintf("write: %v", err))
-				return
-			}
 		}
-	}
-}
-
-// pingLoop sends protocol pings (browsers answer them without script); a
-// client that does not answer within the interval is dropped.
-func (c *conn) pingLoop() {
-	t := time.NewTicker(c.s.cfg.pingInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-c.ctx.Done():
-			return
-		case <-t.C:
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.pingInterval)
-		err := c.ws.Ping(ctx)
+		b := c.outq[0]
+		c.outq[0] = nil
+		c.outq = c.outq[1:]
+		c.qmu.Unlock()
+		// Not derived from c.ctx: cancelling a write's context mid-way
+		// drops the connection, which would cut a closing handshake.
+		ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.writeTimeout)
+		err := c.ws.Write(ctx, websocket.MessageText, b)
 		cancel()
+		c.qmu.Lock()
+		c.queued -= int64(len(b))
+		c.qmu.Unlock()
 		if err != nil {
-			c.drop(fmt.Sprintf("ping: %v", err))
-			return
+			c.drop(fmt.Sprintf("write: %v", err))
 		}
 	}
+}
+
+// ping sends a protocol ping (browsers answer them without script) when
+// its timer fires; a client that does not answer within the interval is
+// dropped.
+func (c *conn) ping() {
+	if c.ctx.Err() != nil {
+		return
+	}
+	// Not derived from c.ctx, as for writes: see writeOut.
+	ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.pingInterval)
+	err := c.ws.Ping(ctx)
+	cancel()
+	if c.ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		c.drop(fmt.Sprintf("ping: %v", err))
+		return
+	}
+	c.pinger.Reset(c.s.cfg.pingInterval)
 }
 
 func (c *conn) sendError(code, msg, queryID string) {

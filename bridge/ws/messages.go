@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"time"
 )
 
 // inbound is every message a client may send, flattened: the seed client's
@@ -140,6 +141,13 @@ type queueUpdateMsg struct {
 	Depth   int    `json:"depth"`
 	Total   int    `json:"total"`
 	QueryID string `json:"query_id,omitempty"` // ours
+	// Queue (ours) says which queue depth is about: "bridge" (the bridge's
+	// shared queue for a slot in the swarm; depth 1 is next), "worker" (the
+	// worker's queue; 0 is running) or "connection" (this connection's own
+	// limit). Absent on the summary after a query ends.
+	Queue string `json:"queue,omitempty"`
+	// Waiting (ours, "bridge" only): queries waiting at the bridge in all.
+	Waiting int `json:"waiting,omitempty"`
 }
 
 type errorMsg struct {
@@ -147,6 +155,18 @@ type errorMsg struct {
 	Message string `json:"message"`
 	Code    string `json:"code,omitempty"`     // ours: BAD_REQUEST, BUSY, ...
 	QueryID string `json:"query_id,omitempty"` // ours: the query that failed
+	// RetryAfter and RetryAfterMs (ours, BUSY only) say when a retry has a
+	// fair chance: seconds rounded up, and milliseconds.
+	RetryAfter   int   `json:"retry_after,omitempty"`
+	RetryAfterMs int64 `json:"retry_after_ms,omitempty"`
+}
+
+// busyMsg is the error that refuses a query for overload, with its retry
+// hint.
+func busyMsg(msg, queryID string, retry time.Duration) errorMsg {
+	retry = max(retry, time.Second)
+	return errorMsg{Type: "error", Message: msg, Code: "BUSY", QueryID: queryID,
+		RetryAfter: int((retry + time.Second - 1) / time.Second), RetryAfterMs: retry.Milliseconds()}
 }
 
 type messageMsg struct {
@@ -224,6 +244,7 @@ type stepInfo struct {
 	Peer             string  `json:"peer"`
 	Local            bool    `json:"local"`
 	Attempts         int     `json:"attempts"`
+	Continued        int     `json:"continued,omitempty"`
 	TTFTMs           uint32  `json:"ttft_ms"`
 	TotalMs          uint32  `json:"total_ms"`
 	QueueMs          uint32  `json:"queue_ms"`

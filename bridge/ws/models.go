@@ -44,6 +44,7 @@ type catalog struct {
 	types   map[string][]pb.QueryType // model -> types
 	labels  map[string]label          // worker_update name -> model, type
 	entries []workerEntry
+	workers int // workers in the peer table
 }
 
 type label struct {
@@ -63,7 +64,7 @@ func labelFor(model string, t pb.QueryType, primary bool) string {
 }
 
 func newCatalog(models []router.ModelView, peers []router.PeerView, now time.Time) *catalog {
-	c := &catalog{types: map[string][]pb.QueryType{}, labels: map[string]label{}}
+	c := &catalog{types: map[string][]pb.QueryType{}, labels: map[string]label{}, workers: len(peers)}
 	c.models = slices.Clone(models)
 	sort.Slice(c.models, func(i, j int) bool { return c.models[i].Name < c.models[j].Name })
 	for _, m := range c.models {

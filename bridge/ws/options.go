@@ -27,6 +27,7 @@ const (
 	DefaultModelPoll       = 3 * time.Second
 	DefaultHistory         = 10 // the seed shows the last 10 queries
 	DefaultMaxAnswer       = 4 << 20
+	DefaultRetryAfter      = 2 * time.Second // the retry hint of a BUSY that has none of its own
 )
 
 type config struct {
@@ -49,6 +50,7 @@ type config struct {
 	modelPoll       time.Duration
 	history         int
 	maxAnswer       int
+	retryAfter      time.Duration
 	log             *logging.ZapEventLogger
 }
 
@@ -71,6 +73,7 @@ func defaults() config {
 		modelPoll:       DefaultModelPoll,
 		history:         DefaultHistory,
 		maxAnswer:       DefaultMaxAnswer,
+		retryAfter:      DefaultRetryAfter,
 		log:             logging.Logger("mtor/bridge/ws"),
 	}
 }
@@ -225,6 +228,16 @@ func WithLogger(l *logging.ZapEventLogger) Option {
 	return func(c *config) {
 		if l != nil {
 			c.log = l
+		}
+	}
+}
+
+// WithRetryAfter is the retry hint (retry_after) of a BUSY error that has
+// none of its own, such as the connection's own query limit.
+func WithRetryAfter(d time.Duration) Option {
+	return func(c *config) {
+		if d > 0 {
+			c.retryAfter = d
 		}
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -81,13 +82,13 @@ func (c *conn) start(spec jobSpec) {
 	if len(c.queries) >= 2*c.s.cfg.maxQueries {
 		c.mu.Unlock()
 		cancel()
-		c.sendError("BUSY", fmt.Sprintf("too many queries on this connection (limit %d running, %d waiting)", c.s.cfg.maxQueries, c.s.cfg.maxQueries), id)
+		c.send(busyMsg(fmt.Sprintf("too many queries on this connection (limit %d running, %d waiting)", c.s.cfg.maxQueries, c.s.cfg.maxQueries), id, c.s.cfg.retryAfter))
 		return
 	}
 	c.queries[id] = r
 	c.mu.Unlock()
 
-	workers := max(len(c.s.swarm.Peers()), 1) // the seed client divides by it
+	workers := max(c.s.catalog().workers, 1) // the seed client divides by it
 	c.send(queryStartedMsg{Type: "query_started", QueryID: id, QueryType: spec.queryType, Model: spec.model})
 	submitted := time.Now()
 	c.wg.Add(1)
@@ -105,8 +106,7 @@ func (c *conn) start(spec jobSpec) {
 		}
 		elapsed := time.Since(submitted).Seconds()
 		if err != nil {
-			code, msg := jobError(err, r.userCancelled.Load())
-			c.sendError(code, msg, id)
+			c.send(c.jobError(err, id, r.userCancelled.Load()))
 			c.send(queueUpdateMsg{Type: "queue_update", Depth: left, Total: workers})
 			return
 		}
@@ -124,7 +124,7 @@ func (c *conn) runJob(ctx context.Context, jr *jobRun, spec jobSpec) (*outcome, 
 		c.waiting++
 		depth := c.waiting
 		c.mu.Unlock()
-		c.send(queueUpdateMsg{Type: "queue_update", Depth: depth, Total: jr.workers, QueryID: jr.id})
+		c.send(queueUpdateMsg{Type: "queue_update", Depth: depth, Total: jr.workers, QueryID: jr.id, Queue: "connection"})
 		select {
 		case c.sem <- struct{}{}:
 		case <-ctx.Done():
@@ -140,13 +140,23 @@ func (c *conn) runJob(ctx context.Context, jr *jobRun, spec jobSpec) (*outcome, 
 	return spec.run(ctx, jr)
 }
 
-// jobError maps a failed job to the error message fields.
-func jobError(err error, userCancelled bool) (code, msg string) {
+// jobError is the error message that ends a failed job. Overload is
+// always BUSY with a retry hint: the bridge queue's estimate when it
+// refused the query, else the configured one.
+func (c *conn) jobError(err error, id string, userCancelled bool) errorMsg {
 	if userCancelled {
-		return "CANCELLED", "query cancelled"
+		return errorMsg{Type: "error", Code: "CANCELLED", Message: "query cancelled", QueryID: id}
 	}
 	pe := protocol.AsError(err)
-	return protocol.CodeName(pe.Code), pe.Message
+	if pe.Code == protocol.CodeBusy {
+		retry := c.s.cfg.retryAfter
+		var be *queue.BusyError
+		if errors.As(err, &be) && be.RetryAfter > 0 {
+			retry = be.RetryAfter
+		}
+		return busyMsg(pe.Message, id, retry)
+	}
+	return errorMsg{Type: "error", Code: protocol.CodeName(pe.Code), Message: pe.Message, QueryID: id}
 }
 
 func (c *conn) reply(spec jobSpec, jr *jobRun, out *outcome, elapsed float64) {
@@ -223,7 +233,7 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 		}
 		switch k := ev.GetKind().(type) {
 		case *pb.Event_Accepted:
-			c.send(queueUpdateMsg{Type: "queue_update", Depth: int(k.Accepted.GetQueuePosition()), Total: jr.workers, QueryID: jr.id})
+			c.send(queueUpdateMsg{Type: "queue_update", Depth: int(k.Accepted.GetQueuePosition()), Total: jr.workers, QueryID: jr.id, Queue: "worker"})
 		case *pb.Event_Chunk:
 			s := k.Chunk.GetText()
 			if text.Len()+len(s) > c.s.cfg.maxAnswer {
@@ -244,7 +254,12 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 		}
 		return nil
 	}
-	res, err := c.s.swarm.Query(router.WithRestart(ctx), req, h)
+	// The bridge's queue (when the swarm is the bridge's) serves each user
+	// in turn and tells a waiting query its place.
+	qc := queue.Client{Key: c.key, Notify: func(p queue.Position) {
+		c.send(queueUpdateMsg{Type: "queue_update", Depth: p.Position, Total: jr.workers, QueryID: jr.id, Queue: "bridge", Waiting: p.Waiting})
+	}}
+	res, err := c.s.swarm.Query(router.WithRestart(queue.WithClient(ctx, qc)), req, h)
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return "", nil, protocol.Errorf(protocol.CodeTimeout, "query took longer than %s", c.s.cfg.queryTimeout)
@@ -264,6 +279,7 @@ func stepOf(t pb.QueryType, model string, res *router.Result) stepInfo {
 		Model:            model,
 		Local:            res.Local,
 		Attempts:         res.Attempts,
+		Continued:        res.Continued,
 		TTFTMs:           res.TTFTMs,
 		TotalMs:          res.TotalMs,
 		QueueMs:          d.GetTiming().GetQueueMs(),

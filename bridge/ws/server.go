@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"runtime"
 	"sync"
 	"time"
 
@@ -37,6 +38,13 @@ type Server struct {
 	closed   bool
 	stopPoll context.CancelFunc // running model poller, nil when no client
 	lastSig  string
+	// highWater is the most connections open since the last collection a
+	// crowd's leaving asked for.
+	highWater int
+
+	catMu sync.Mutex // guards the catalog snapshot
+	cat   *catalog
+	catAt time.Time
 	// maxQueued is the most bytes any closed connection had queued (tests)
 	maxQueued int64
 }
@@ -93,7 +101,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// Accept answers 403 itself when the Origin is neither the request's
 	// host nor one of the allowed patterns. It knows nothing of
 	// X-Forwarded-Host, so a same-origin page is recognised here first.
-	ao := &websocket.AcceptOptions{OriginPatterns: s.cfg.origins}
+	// No permessage-deflate: its compressor state costs far more per
+	// connection than the small JSON messages would gain.
+	ao := &websocket.AcceptOptions{OriginPatterns: s.cfg.origins, CompressionMode: websocket.CompressionDisabled}
 	if sameorigin.Match(r.Header.Get("Origin"), r, s.cfg.trustFwdHost) {
 		ao.InsecureSkipVerify = true // the origin is checked: it is our own
 	}
@@ -119,6 +129,7 @@ func (s *Server) add(c *conn) bool {
 		return false
 	}
 	s.conns[c] = struct{}{}
+	s.highWater = max(s.highWater, len(s.conns))
 	if s.stopPoll == nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		s.stopPoll = cancel
@@ -131,6 +142,19 @@ func (s *Server) remove(c *conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.conns, c)
+	if len(s.conns) <= s.highWater/4 && s.highWater >= releaseMin {
+		// A crowd left. The heap goal the GC set while it was here keeps
+		// its memory mapped until the next collection, which an idle
+		// bridge may not start for two minutes; one collection now lets
+		// the goal follow the smaller live heap, and the runtime's
+		// background scavenger then returns the rest to the OS.
+		s.highWater = len(s.conns)
+		go runtime.GC()
+	}
+	if len(s.conns) == 0 {
+		// Go maps never shrink: a new one lets a crowd's buckets go.
+		s.conns = map[*conn]struct{}{}
+	}
 	s.maxQueued = max(s.maxQueued, c.maxQueue.Load())
 	if len(s.conns) == 0 && s.stopPoll != nil {
 		s.stopPoll()
@@ -138,9 +162,24 @@ func (s *Server) remove(c *conn) {
 	}
 }
 
-// catalog snapshots the swarm's models.
+// releaseMin is the smallest crowd whose leaving asks for a collection.
+const releaseMin = 256
+
+// catalogTTL is how long a catalog snapshot is reused: a burst of
+// thousands of queries then reads the peer table a few times, not once
+// each (the router's lock is on the query path too).
+const catalogTTL = 100 * time.Millisecond
+
+// catalog snapshots the swarm's models; a snapshot is immutable, so one
+// may serve many queries.
 func (s *Server) catalog() *catalog {
-	return newCatalog(s.swarm.Models(), s.swarm.Peers(), time.Now())
+	s.catMu.Lock()
+	defer s.catMu.Unlock()
+	if s.cat != nil && time.Since(s.catAt) < catalogTTL {
+		return s.cat
+	}
+	s.cat, s.catAt = newCatalog(s.swarm.Models(), s.swarm.Peers(), time.Now()), time.Now()
+	return s.cat
 }
 
 // pollModels pushes worker_update to every client when the swarm's models

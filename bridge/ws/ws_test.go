@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -123,15 +124,15 @@ func (c *client) read() (msg, error) {
 
 // until reads messages until one of type typ arrives and returns it with
 // everything read before it.
-func (c *client) until(typ string) (msg, []msg) {
+func (c *client) until(typs ...string) (msg, []msg) {
 	c.t.Helper()
 	var seen []msg
 	for {
 		m, err := c.read()
 		if err != nil {
-			c.t.Fatalf("waiting for %s: %v (seen %v)", typ, err, types(seen))
+			c.t.Fatalf("waiting for %s: %v (seen %v)", strings.Join(typs, " or "), err, types(seen))
 		}
-		if m.str("type") == typ {
+		if slices.Contains(typs, m.str("type")) {
 			return m, seen
 		}
 		seen = append(seen, m)

@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -90,9 +91,20 @@ func (w syncWriter) Write(p []byte) (int, error) {
 // startNode starts `mtor node args...` and waits for its join line.
 func startNode(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
+	return startNodeIn(t, name, nil, args...)
+}
+
+// startNodeIn is startNode run through prefix, e.g. `ip netns exec NS`.
+func startNodeIn(t *testing.T, name string, prefix []string, args ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, name: name, values: map[string][]string{}, ready: make(chan struct{}), exited: make(chan struct{})}
-	p.cmd = exec.Command(e2eBin, append([]string{"node"}, args...)...)
-	p.cmd.Env = append(os.Environ(), "GOLOG_LOG_LEVEL=error")
+	argv := append(append(slices.Clone(prefix), e2eBin, "node"), args...)
+	p.cmd = exec.Command(argv[0], argv[1:]...)
+	logLevel := "error"
+	if l := os.Getenv("MTOR_E2E_LOG_LEVEL"); l != "" {
+		logLevel = l // e.g. "error,mtor/router=debug", to see why a test fails
+	}
+	p.cmd.Env = append(os.Environ(), "GOLOG_LOG_LEVEL="+logLevel)
 	p.cmd.Stderr = syncWriter{&p.mu, &p.stderr}
 	out, err := p.cmd.StdoutPipe()
 	if err != nil {
@@ -200,9 +212,15 @@ func (p *proc) signal(sig os.Signal) (int, error) {
 // mtor runs a client command to completion.
 func mtor(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
+	return runArgv(t, append([]string{e2eBin}, args...)...)
+}
+
+// runArgv runs argv to completion.
+func runArgv(t *testing.T, argv ...string) (code int, stdout, stderr string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, e2eBin, args...)
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
 	err := cmd.Run()
@@ -212,7 +230,7 @@ func mtor(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	case errors.As(err, &ee):
 		code = ee.ExitCode()
 	default:
-		t.Fatalf("mtor %v: %v", args, err)
+		t.Fatalf("%v: %v", argv, err)
 	}
 	return code, o.String(), e.String()
 }

@@ -40,6 +40,10 @@ type nodeFlags struct {
 	bridgeKeys       stringList
 	bridgeKeyFile    string
 	bridgeOrigins    stringList
+	bridgeQueue      int
+	bridgeQueuePerCl int
+	bridgeQueueWait  time.Duration
+	bridgeInFlight   int
 	relay            bool
 	noMDNS           bool
 	noDetect         bool
@@ -81,6 +85,10 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.Var(&f.bridgeKeys, "bridge-key", "API key the bridge requires (Authorization: Bearer KEY), repeatable")
 	fs.StringVar(&f.bridgeKeyFile, "bridge-key-file", "", "file of bridge API keys, one a line")
 	fs.Var(&f.bridgeOrigins, "bridge-origin", "web origin (scheme://host[:port], or *) whose pages may call the bridge's API and /ws, repeatable (default: same origin only)")
+	fs.IntVar(&f.bridgeQueue, "bridge-queue", bridge.DefaultQueue, "queries that may wait at the bridge for a slot in the swarm; more are refused at once (429, WebSocket BUSY); 0: no waiting")
+	fs.IntVar(&f.bridgeQueuePerCl, "bridge-queue-per-client", bridge.DefaultQueuePerClient, "queries one client (API key, else IP address; WebSocket user) may have waiting")
+	fs.DurationVar(&f.bridgeQueueWait, "bridge-queue-wait", bridge.DefaultQueueWait, "longest a query waits at the bridge for a slot before it is refused as busy")
+	fs.IntVar(&f.bridgeInFlight, "bridge-max-in-flight", 0, "queries the bridge runs in the swarm at once (0: the swarm's capacity, the sum of its workers' --max-concurrency)")
 	fs.BoolVar(&f.relay, "relay", false, "serve circuit relay v2 for peers behind NAT")
 	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
 	fs.BoolVar(&f.noDetect, "no-detect", false, "with no --backend: do not look for local model servers (serve no models)")
@@ -225,11 +233,11 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	}
 	stopBridge()
 	wg.Go(servers.Wait)
+	// The worker's own queries finish, or are handed back to their
+	// clients just before the grace runs out, while the servers drain.
+	wg.Go(func() { n.Drain(graceCtx) })
 	wg.Wait()
-	shutdownErr := n.Shutdown(graceCtx)
-	if err := n.Close(); err != nil && shutdownErr == nil {
-		shutdownErr = err
-	}
+	shutdownErr := n.Close()
 	if runErr != nil {
 		return runErr
 	}
@@ -255,6 +263,16 @@ func (f *nodeFlags) check() error {
 	}
 	if f.bridgeAddr == "" && (len(f.bridgeKeys) > 0 || f.bridgeKeyFile != "" || len(f.bridgeOrigins) > 0) {
 		return usagef("--bridge-key, --bridge-key-file and --bridge-origin need --bridge")
+	}
+	switch {
+	case f.bridgeQueue < 0:
+		return usagef("--bridge-queue %d must be >= 0", f.bridgeQueue)
+	case f.bridgeQueuePerCl <= 0:
+		return usagef("--bridge-queue-per-client %d must be > 0", f.bridgeQueuePerCl)
+	case f.bridgeQueueWait <= 0:
+		return usagef("--bridge-queue-wait %s must be > 0", f.bridgeQueueWait)
+	case f.bridgeInFlight < 0:
+		return usagef("--bridge-max-in-flight %d must be >= 0", f.bridgeInFlight)
 	}
 	for _, o := range f.bridgeOrigins {
 		if err := checkOrigin(o); err != nil {
@@ -349,7 +367,9 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 }
 
 func (f *nodeFlags) bridgeOptions(n *node.Node) []bridge.Option {
-	opts := []bridge.Option{bridge.WithSelfID(n.ID().String()), bridge.WithShutdownGrace(f.grace)}
+	opts := []bridge.Option{bridge.WithSelfID(n.ID().String()), bridge.WithShutdownGrace(f.grace),
+		bridge.WithQueue(f.bridgeQueue), bridge.WithQueuePerClient(f.bridgeQueuePerCl),
+		bridge.WithQueueWait(f.bridgeQueueWait), bridge.WithMaxInFlight(f.bridgeInFlight)}
 	if len(f.bridgeKeys) > 0 {
 		opts = append(opts, bridge.WithAPIKeys(f.bridgeKeys))
 	}

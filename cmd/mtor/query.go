@@ -73,6 +73,7 @@ type queryOutput struct {
 	Usage         api.Usage        `json:"usage"`
 	EnergyMJ      uint64           `json:"energy_mj"`
 	Attempts      int              `json:"attempts"`
+	Continued     int              `json:"continued,omitempty"`
 	WorkerVersion string           `json:"worker_version"`
 }
 
@@ -292,6 +293,7 @@ func (o *queryOutput) fill(d *api.DoneEvent) {
 	o.Usage = d.Usage
 	o.EnergyMJ = d.EnergyMJ
 	o.Attempts = d.Attempts
+	o.Continued = d.Continued
 	o.WorkerVersion = d.WorkerVersion
 }
 

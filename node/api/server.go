@@ -411,10 +411,11 @@ func eventFromProto(ev *pb.Event) *Event {
 func doneEvent(res *router.Result) *DoneEvent {
 	d := res.Done
 	return &DoneEvent{
-		Peer:     res.Peer.String(),
-		Local:    res.Local,
-		Attempts: res.Attempts,
-		Model:    d.GetModel(),
+		Peer:      res.Peer.String(),
+		Local:     res.Local,
+		Attempts:  res.Attempts,
+		Continued: res.Continued,
+		Model:     d.GetModel(),
 		Usage: Usage{
 			PromptTokens:     d.GetUsage().GetPromptTokens(),
 			CompletionTokens: d.GetUsage().GetCompletionTokens(),

@@ -151,6 +151,7 @@ type DoneEvent struct {
 	Peer          string `json:"peer"`
 	Local         bool   `json:"local"`
 	Attempts      int    `json:"attempts"`
+	Continued     int    `json:"continued,omitempty"` // times another worker took the answer over
 	Model         string `json:"model"`
 	Usage         Usage  `json:"usage"`
 	TTFTMs        uint32 `json:"ttft_ms"`

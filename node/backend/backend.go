@@ -13,6 +13,9 @@ type Model struct {
 	Name          string
 	Types         []pb.QueryType
 	ContextLength uint32 // 0 = unknown
+	// Features are optional abilities announced with the model, such as
+	// protocol.FeatureContinue: Run honours QueryRequest.continuation.
+	Features []string
 }
 
 // Sink receives a query's output as the backend produces it. Its methods
@@ -47,6 +50,16 @@ type Backend interface {
 	Probe(ctx context.Context) error
 	// Run answers one query, streaming output into out.
 	Run(ctx context.Context, req *pb.QueryRequest, out Sink) (Usage, error)
+}
+
+// HasFeature reports whether m announces feature f.
+func (m Model) HasFeature(f string) bool {
+	for _, x := range m.Features {
+		if x == f {
+			return true
+		}
+	}
+	return false
 }
 
 // HasType reports whether m serves query type t.

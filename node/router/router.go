@@ -12,6 +12,7 @@ import (
 	mrand "math/rand/v2"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -21,6 +22,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/peerstore"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
+	ma "github.com/multiformats/go-multiaddr"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -31,14 +35,16 @@ var log = logging.Logger("mtor/router")
 
 // Defaults.
 const (
-	DefaultDeadline    = 120 * time.Second
+	DefaultDeadline = 120 * time.Second
+	// DefaultMaxAttempts bounds the failures of peers one query may meet.
 	DefaultMaxAttempts = 4
 	DialTimeout        = 10 * time.Second
-	// IdleTimeout bounds the silence between two frames once the worker
-	// has accepted: three missed heartbeats.
-	IdleTimeout = 3 * protocol.HeartbeatInterval
-	// AcceptTimeout bounds the wait for a worker's first frame (Accepted).
-	AcceptTimeout = 5 * time.Second
+	// AcceptTimeout bounds the wait for a worker's first frame (Accepted),
+	// which a live worker sends as soon as it has read the request. Once
+	// it has accepted, the bound is 2.5 of the heartbeats it declared.
+	AcceptTimeout = 2500 * time.Millisecond
+	// DefaultRetryBase is the first back-off after a peer failed a query.
+	DefaultRetryBase = 50 * time.Millisecond
 	// Score inputs used until a peer has measured figures.
 	defaultTTFT    = 100 * time.Millisecond
 	defaultService = time.Second
@@ -76,12 +82,21 @@ type Local interface {
 	Serve(ctx context.Context, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error)
 }
 
+// Suspecter checks a connection that a query found silent, and closes it
+// if its peer is gone (liveness.Checker).
+type Suspecter interface {
+	Suspect(network.Conn)
+	// Dead reports whether it closed conn because its peer was gone.
+	Dead(network.Conn) bool
+}
+
 // peerState is what this router has observed of one worker.
 type peerState struct {
-	inflight int
-	tracker  *health.Tracker
-	ttft     float64 // EWMA, ms, as seen from here (network included)
-	service  float64 // EWMA, ms, total time of a query
+	incarnation uint64 // of the process these figures are about
+	inflight    int
+	tracker     *health.Tracker
+	ttft        float64 // EWMA, ms, as seen from here (network included)
+	service     float64 // EWMA, ms, total time of a query
 }
 
 // Router routes queries. It is safe for concurrent use.
@@ -94,8 +109,10 @@ type Router struct {
 	local       Local
 	deadline    time.Duration
 	maxAttempts int
-	idle        time.Duration
+	idle        time.Duration // fixed silence bound; 0 = from the heartbeat
 	accept      time.Duration
+	retryBase   time.Duration
+	checker     Suspecter
 	trackerOpts []health.Option
 
 	mu    sync.Mutex
@@ -121,8 +138,21 @@ func WithDefaultDeadline(d time.Duration) Option { return func(r *Router) { r.de
 // WithMaxAttempts bounds how many workers one query tries.
 func WithMaxAttempts(n int) Option { return func(r *Router) { r.maxAttempts = n } }
 
-// WithIdleTimeout bounds the silence between events of a stream.
+// WithIdleTimeout fixes the bound on the silence between events of a
+// stream, instead of three of the heartbeats the worker declares.
 func WithIdleTimeout(d time.Duration) Option { return func(r *Router) { r.idle = d } }
+
+// WithRetryBackoff sets the first back-off after a peer failed a query.
+func WithRetryBackoff(d time.Duration) Option {
+	return func(r *Router) {
+		if d > 0 {
+			r.retryBase = d
+		}
+	}
+}
+
+// WithConnChecker has silent connections probed and closed if dead.
+func WithConnChecker(c Suspecter) Option { return func(r *Router) { r.checker = c } }
 
 // WithAcceptTimeout bounds the wait for a worker's first frame.
 func WithAcceptTimeout(d time.Duration) Option { return func(r *Router) { r.accept = d } }
@@ -145,8 +175,8 @@ func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router
 		h: h, proto: proto, table: table,
 		deadline:    DefaultDeadline,
 		maxAttempts: DefaultMaxAttempts,
-		idle:        IdleTimeout,
 		accept:      AcceptTimeout,
+		retryBase:   DefaultRetryBase,
 		peers:       map[peer.ID]*peerState{},
 		rng:         mrand.New(mrand.NewPCG(binaryU64(s[:8]), binaryU64(s[8:]))),
 	}
@@ -214,6 +244,7 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 			continue
 		}
 		st := r.state(c.Peer)
+		r.noteIncarnationLocked(c, st)
 		if !st.tracker.Available() {
 			continue
 		}
@@ -228,6 +259,33 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 		return ranked[i].score < ranked[j].score
 	})
 	return ranked, known
+}
+
+// noteIncarnationLocked starts afresh with a peer that restarted: the
+// failures of its old process (an open breaker, a dial back-off) say
+// nothing of the new one, and connections opened to the old process are
+// dead, though libp2p may still prefer them.
+func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
+	inc := c.Announce.GetIncarnation()
+	if inc == 0 || inc == st.incarnation {
+		return
+	}
+	restarted := st.incarnation != 0
+	st.incarnation = inc
+	if !restarted {
+		return
+	}
+	st.tracker = health.New(r.trackerOpts...)
+	st.ttft, st.service = 0, 0
+	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(c.Peer)
+	}
+	if r.checker != nil {
+		for _, conn := range r.h.Network().ConnsToPeer(c.Peer) {
+			r.checker.Suspect(conn)
+		}
+	}
+	log.Debugw("peer restarted", "peer", c.Peer)
 }
 
 // score is the expected time to first token in ms, divided by health: a
@@ -342,6 +400,13 @@ func NewID() []byte {
 }
 
 // Query routes req and streams its events to h. See the package doc.
+//
+// Attempts are spent only on failures of the peers themselves (dead,
+// silent, unreachable, a failing backend): a busy or shutting-down worker
+// sends the query on to the next one for free, and a limit of this node
+// is answered BUSY at once. Each next worker is chosen from a fresh
+// ranking without the peers this query already tried (a restarted peer,
+// with a new incarnation, counts as new), after a short back-off.
 func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*Result, error) {
 	start := time.Now()
 	if len(req.GetId()) == 0 {
@@ -356,6 +421,8 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	ctx, cancel := context.WithDeadline(ctx, time.UnixMilli(req.GetDeadlineUnixMs()))
 	defer cancel()
 
+	q := &query{req: req, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
+		continuable: req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION}
 	ranked, known := r.rank(req.GetModel(), req.GetType())
 	fromDHT := false
 	if len(ranked) == 0 && !known && r.providers != nil {
@@ -370,56 +437,333 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	}
 
 	var lastErr *protocol.Error
-	busy := 0
-	attempts := 0
-	for len(ranked) > 0 && attempts < r.maxAttempts {
+	waits := 0
+	for tries := 0; ; tries++ {
+		if tries > 0 {
+			if fromDHT {
+				ranked = q.untried(ranked)
+			} else {
+				ranked = q.untried(r.rankFresh(req.GetModel(), req.GetType()))
+			}
+			ranked = q.usable(ranked)
+			if len(ranked) == 0 && q.failures > 0 && q.failures < r.maxAttempts && waits < maxCandidateWaits && !fromDHT {
+				// Every candidate failed this query: a restarted worker
+				// may announce itself within moments.
+				waits++
+				if !r.backoff(ctx, waits) {
+					break
+				}
+				tries--
+				continue
+			}
+		}
+		if len(ranked) == 0 || q.failures >= r.maxAttempts || ctx.Err() != nil {
+			break
+		}
 		i := r.choose(ranked)
 		c := ranked[i]
-		ranked = slices.Delete(ranked, i, i+1)
-		attempts++
-		res, started, err := r.attempt(ctx, c.Peer, req, h)
+		q.tried[tryKey{c.Peer, c.Announce.GetIncarnation()}] = true
+		if q.started() {
+			if err := q.resume(c); err != nil {
+				return nil, err
+			}
+		}
+		q.attempts++
+		res, err := r.attempt(ctx, c, q)
 		if err == nil {
-			res.Attempts = attempts
+			res.Attempts = q.attempts
+			res.Continued = q.continued
 			res.TotalMs = uint32(time.Since(start).Milliseconds())
 			return res, nil
 		}
-		lastErr = protocol.AsError(err)
-		if lastErr.Code == protocol.CodeBusy {
-			busy++
+		if q.gone != nil {
+			return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", q.gone)
 		}
-		// A worker answering UNSUPPORTED means our table was stale (the
-		// model left it): another candidate may still serve the query.
-		if (!lastErr.Retryable && lastErr.Code != protocol.CodeUnsupported) || ctx.Err() != nil {
+		lastErr = protocol.AsError(err)
+		if ctx.Err() != nil {
 			break
 		}
-		if started {
-			// Output already reached the caller: only a caller that can
-			// discard it may have the query run again elsewhere.
-			if !restartable(ctx) || len(ranked) == 0 || attempts >= r.maxAttempts {
+		var lb localBusy
+		var pf peerFailure
+		var we workerError
+		var sc staleConn
+		switch {
+		case errors.As(err, &sc) && q.stale < maxStaleRetries:
+			q.stale++
+			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
+		case errors.As(err, &sc):
+			q.failures++
+			q.kinds[failDied]++
+		case errors.As(err, &lb):
+			// Backpressure of this node: another peer would need the
+			// same local resources.
+			return nil, lastErr
+		case errors.As(err, &pf):
+			q.failures++
+			q.kinds[pf.kind]++
+		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable):
+			q.busy++
+		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
+			// Our table was stale (the model left that worker), or it
+			// cannot continue: another candidate may still serve it.
+		case lastErr.Retryable:
+			q.failures++
+			q.kinds[failBackend]++
+		default:
+			return nil, lastErr
+		}
+		log.Debugw("trying the next candidate", "peer", c.Peer, "started", q.started(), "err", lastErr)
+		if q.failures > 0 && errors.As(err, &pf) {
+			if !r.backoff(ctx, q.failures) {
 				break
 			}
-			if err := h(nil); err != nil {
-				return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
-			}
 		}
-		log.Debugw("retrying on next candidate", "peer", c.Peer, "started", started, "err", lastErr)
 	}
 	if ctx.Err() != nil {
 		return nil, ctxErr(ctx)
 	}
-	if busy == attempts {
-		return nil, protocol.Errorf(protocol.CodeBusy, "swarm busy: %d capable peer(s) tried, all busy", attempts)
-	}
-	if fromDHT && !lastErr.Retryable && lastErr.Code != protocol.CodeUnsupported {
-		return nil, lastErr
+	if q.failures == 0 && q.busy > 0 {
+		return nil, protocol.Errorf(protocol.CodeBusy, "swarm busy: %d capable peer(s) tried, all busy or shutting down", q.busy)
 	}
 	if fromDHT {
 		// Provider records outlive their workers by up to 48 h: nobody
 		// announcing the model and no provider answering means nobody
 		// serves it.
-		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s (%d provider record(s) in the DHT, none answered)", req.GetModel(), protocol.TypeName(req.GetType()), attempts)
+		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s (%d provider record(s) in the DHT, none answered)", req.GetModel(), protocol.TypeName(req.GetType()), q.attempts)
 	}
-	return nil, lastErr
+	if q.peerFailures() == 0 && lastErr != nil {
+		// Only backends failed (or a continuation found no taker): the
+		// workers' own report says best what went wrong.
+		return nil, lastErr
+	}
+	return nil, protocol.Errorf(protocol.CodeUnavailable, "%s", q.summary())
+}
+
+// maxCandidateWaits bounds how often a query waits for a fresh candidate
+// once every known one has failed it.
+const maxCandidateWaits = 3
+
+// backoff waits before the n-th retry (n ≥ 1): 50 ms doubling up to
+// 800 ms, with jitter. It reports false if ctx ended first.
+func (r *Router) backoff(ctx context.Context, n int) bool {
+	d := r.retryBase << min(n-1, 4)
+	r.mu.Lock()
+	d = d/2 + time.Duration(r.rng.Int64N(int64(d/2)+1))
+	r.mu.Unlock()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// rankFresh is rank without the "known" flag.
+func (r *Router) rankFresh(model string, t pb.QueryType) []scored {
+	ranked, _ := r.rank(model, t)
+	return ranked
+}
+
+// tryKey is a peer process a query has tried: a peer that restarted since
+// is a new candidate.
+type tryKey struct {
+	peer        peer.ID
+	incarnation uint64
+}
+
+// Kinds of failures of a peer itself.
+type failKind int
+
+const (
+	failUnreachable failKind = iota // no stream could be opened
+	failSilent                      // no Accepted within the bound
+	failDied                        // the stream broke or went silent after Accepted
+	failInvalid                     // a protocol violation
+	failBackend                     // the worker reported a retryable failure
+	numFailKinds
+)
+
+// peerFailure is a failure of the peer itself (not of this node, the
+// request or the deadline): it counts against the peer's health.
+type peerFailure struct {
+	kind failKind
+	err  *protocol.Error
+}
+
+func (e peerFailure) Error() string { return e.err.Error() }
+func (e peerFailure) Unwrap() error { return e.err }
+
+// staleConn is a stream lost with a dead connection to a peer that is
+// connected again on another: the same peer is tried again, at no cost.
+type staleConn struct{ err *protocol.Error }
+
+func (e staleConn) Error() string { return e.err.Error() }
+func (e staleConn) Unwrap() error { return e.err }
+
+// maxStaleRetries bounds the free retries of one query on a peer that
+// was reached through a dead connection.
+const maxStaleRetries = 3
+
+// localBusy is a limit of this node (its resource manager refused a
+// stream): backpressure, not the peer's fault.
+type localBusy struct{ err *protocol.Error }
+
+func (e localBusy) Error() string { return e.err.Error() }
+func (e localBusy) Unwrap() error { return e.err }
+
+// query is the state of one routed query across its attempts.
+type query struct {
+	req         *pb.QueryRequest
+	h           Handler
+	restartable bool
+	continuable bool // chat or vision: text output a worker may continue
+	tried       map[tryKey]bool
+	attempts    int
+	failures    int
+	busy        int
+	continued   int
+	kinds       [numFailKinds]int
+	gone        error // the handler's refusal: the caller left
+	stale       int   // free retries after a dead connection
+
+	// What reached the handler so far.
+	out      bool            // any output event
+	text     strings.Builder // Chunk text, while continuable
+	chunks   uint32
+	resumeAt string // the continuation sent with the current attempt
+}
+
+func (q *query) started() bool { return q.out }
+
+// untried drops the peer processes this query already tried.
+func (q *query) untried(ranked []scored) []scored {
+	return slices.DeleteFunc(ranked, func(c scored) bool {
+		return q.tried[tryKey{c.Peer, c.Announce.GetIncarnation()}]
+	})
+}
+
+// usable keeps, once output has reached the handler, the workers that can
+// take the answer over: any of them if the caller can discard what it got
+// (those that can continue it first), else only those that can continue.
+func (q *query) usable(ranked []scored) []scored {
+	if !q.started() {
+		return ranked
+	}
+	canGo := q.continuable && q.text.Len() <= protocol.MaxContinuation
+	if !canGo && !q.restartable {
+		return nil
+	}
+	cont := func(c scored) bool { return canGo && canContinue(c, q.req) }
+	if !q.restartable {
+		return slices.DeleteFunc(ranked, func(c scored) bool { return !cont(c) })
+	}
+	slices.SortStableFunc(ranked, func(a, b scored) int {
+		switch ca, cb := cont(a), cont(b); {
+		case ca && !cb:
+			return -1
+		case cb && !ca:
+			return 1
+		}
+		return 0
+	})
+	return ranked
+}
+
+// canContinue reports whether c announces the continue feature for the
+// query's model.
+func canContinue(c scored, req *pb.QueryRequest) bool {
+	mi := modelInfo(c.Announce, req.GetModel(), req.GetType())
+	return mi != nil && slices.Contains(mi.GetFeatures(), protocol.FeatureContinue)
+}
+
+// resume prepares the next attempt after output reached the handler:
+// continue the answer on c where it can, else start it over.
+func (q *query) resume(c scored) error {
+	if q.continuable && q.text.Len() <= protocol.MaxContinuation && canContinue(c, q.req) {
+		q.continued++
+		q.resumeAt = q.req.GetContinuation() + q.text.String()
+		return nil
+	}
+	// usable let c through: the caller can discard the output.
+	if err := q.h(nil); err != nil {
+		return protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
+	}
+	q.out, q.chunks, q.resumeAt = false, 0, ""
+	q.text.Reset()
+	return nil
+}
+
+// request is the request of the current attempt.
+func (q *query) request() *pb.QueryRequest {
+	if q.resumeAt == "" {
+		return q.req
+	}
+	r := proto.CloneOf(q.req)
+	r.Continuation = q.resumeAt
+	return r
+}
+
+// emit passes one event of the current attempt to the handler: Accepted
+// only until output has started (after that it is a heartbeat, or the
+// next worker of a continued answer), output always.
+func (q *query) emit(ev *pb.Event) error {
+	switch k := ev.GetKind().(type) {
+	case *pb.Event_Accepted:
+		if q.out {
+			return nil
+		}
+	case *pb.Event_Chunk:
+		q.out = true
+		q.chunks++
+		if q.continuable && q.text.Len() <= protocol.MaxContinuation {
+			q.text.WriteString(k.Chunk.GetText())
+		}
+	default:
+		q.out = true
+		q.continuable = false
+	}
+	return q.h(ev)
+}
+
+// summary says what happened to a query whose attempts ran out.
+func (q *query) summary() string {
+	names := [numFailKinds]string{
+		failUnreachable: "could not be reached",
+		failSilent:      "did not answer",
+		failDied:        "died while answering",
+		failInvalid:     "broke the protocol",
+		failBackend:     "had a failing backend",
+	}
+	var parts []string
+	for k, n := range q.kinds {
+		if n == 0 {
+			continue
+		}
+		w := "workers"
+		if n == 1 {
+			w = "worker"
+		}
+		parts = append(parts, fmt.Sprintf("%d %s %s", n, w, names[k]))
+	}
+	if q.busy > 0 {
+		parts = append(parts, fmt.Sprintf("%d busy or shutting down", q.busy))
+	}
+	if len(parts) == 0 {
+		return "no worker could answer"
+	}
+	return strings.Join(parts, ", ")
+}
+
+func (q *query) peerFailures() int {
+	n := 0
+	for k, c := range q.kinds {
+		if failKind(k) != failBackend {
+			n += c
+		}
+	}
+	return n
 }
 
 // fromProviders turns DHT providers of a model into candidates with
@@ -452,21 +796,32 @@ func (r *Router) fromProviders(ctx context.Context, model string) []scored {
 	return out
 }
 
+// expired reports whether ctx ended or its deadline passed: a read
+// deadline set to the query's deadline can fire before ctx's own timer.
+func expired(ctx context.Context) bool {
+	if ctx.Err() != nil {
+		return true
+	}
+	dl, ok := ctx.Deadline()
+	return ok && !time.Now().Before(dl)
+}
+
 func ctxErr(ctx context.Context) *protocol.Error {
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		return protocol.Errorf(protocol.CodeTimeout, "query deadline exceeded")
 	}
 	return protocol.Errorf(protocol.CodeCancelled, "query cancelled")
 }
 
-// attempt runs the query on one peer. started reports whether output
-// reached the handler, after which a retry would duplicate it.
-func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h Handler) (*Result, bool, error) {
+// attempt runs the current request of q on one peer.
+func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, error) {
+	p := c.Peer
 	r.mu.Lock()
 	st := r.state(p)
 	if !st.tracker.Allow() {
+		// Another query holds the half-open trial: skip, at no cost.
 		r.mu.Unlock()
-		return nil, false, protocol.Errorf(protocol.CodeBackendError, "peer %s circuit open", p.ShortString())
+		return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s is failing (circuit open)", ShortID(p))}
 	}
 	st.inflight++
 	if st.inflight == 1 {
@@ -476,18 +831,18 @@ func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h
 	r.mu.Unlock()
 	start := time.Now()
 	var first time.Time
-	started := false
+	chunksBefore := q.chunks
 	wrap := func(ev *pb.Event) error {
-		_, accepted := ev.GetKind().(*pb.Event_Accepted)
-		switch {
-		case accepted && started:
-			return nil // a heartbeat between outputs: nothing to pass on
-		case !accepted && !started:
-			started = true
+		if _, acc := ev.GetKind().(*pb.Event_Accepted); !acc && first.IsZero() {
 			first = time.Now()
 		}
-		return h(ev)
+		if err := q.emit(ev); err != nil {
+			q.gone = err
+			return err
+		}
+		return nil
 	}
+	req := q.request()
 	var done *pb.Done
 	var err error
 	local := p == r.h.ID() && r.local != nil
@@ -498,7 +853,7 @@ func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h
 			err = workerError{pe}
 		}
 	} else {
-		done, err = r.remote(ctx, p, req, wrap)
+		done, err = r.remote(ctx, c, req, wrap)
 	}
 	end := time.Now()
 	r.mu.Lock()
@@ -506,15 +861,22 @@ func (r *Router) attempt(ctx context.Context, p peer.ID, req *pb.QueryRequest, h
 	if st.inflight == 0 {
 		r.h.ConnManager().Unprotect(p, protectTag)
 	}
-	r.recordLocked(st, err, first, start, end)
+	if !expired(ctx) {
+		// A query whose own deadline ran out tells nothing of the peer.
+		r.recordLocked(st, err, first, start, end)
+	}
 	r.mu.Unlock()
 	if err != nil {
-		return nil, started, err
+		return nil, err
 	}
 	if first.IsZero() {
 		first = end
 	}
-	return &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds())}, started, nil
+	if q.continued > 0 && done.GetUsage() != nil {
+		// The answer's earlier part came from other workers.
+		done.Usage.CompletionTokens += chunksBefore
+	}
+	return &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds())}, nil
 }
 
 // workerError is an error the worker itself reported in an Error event:
@@ -526,12 +888,6 @@ func (e workerError) Error() string { return e.err.Error() }
 func (e workerError) Unwrap() error { return e.err }
 
 func (r *Router) recordLocked(st *peerState, err error, first, start, end time.Time) {
-	var we workerError
-	if errors.As(err, &we) {
-		// Not the peer's failure: a user asking one broken model must not
-		// take a healthy peer out of the swarm for every model.
-		return
-	}
 	if err == nil {
 		if !first.IsZero() {
 			st.ttft = ewma(st.ttft, float64(first.Sub(start).Milliseconds()))
@@ -540,12 +896,18 @@ func (r *Router) recordLocked(st *peerState, err error, first, start, end time.T
 		st.tracker.Record(health.Success)
 		return
 	}
-	switch protocol.AsError(err).Code {
-	case protocol.CodeBackendError, protocol.CodeInternal:
-		st.tracker.Record(health.Failure)
-	case protocol.CodeTimeout:
-		st.tracker.Record(health.Timeout)
+	// Only the peer's own failures count: not a worker's report on its
+	// backend (a user asking one broken model must not take a healthy
+	// peer out for every model), a limit of ours, or a client that left.
+	var pf peerFailure
+	if !errors.As(err, &pf) {
+		return
 	}
+	if pf.kind == failSilent || pf.kind == failDied {
+		st.tracker.Record(health.Timeout)
+		return
+	}
+	st.tracker.Record(health.Failure)
 }
 
 func ewma(old, v float64) float64 {
@@ -555,20 +917,49 @@ func ewma(old, v float64) float64 {
 	return old + 0.2*(v-old)
 }
 
+// acceptBound is how long a worker may take to send Accepted for req: a
+// live worker answers at once, after reading the request, which takes
+// longer for one that carries media.
+func (r *Router) acceptBound(req *pb.QueryRequest) time.Duration {
+	return r.accept + time.Duration(proto.Size(req)>>20)*time.Second
+}
+
+// silenceBound is how long a worker that declared heartbeat interval hb
+// (0: a worker from before heartbeat_ms) may stay silent: two and a half
+// beats, twice the longest silence of a live worker, which beats within
+// a quarter interval of falling silent.
+func (r *Router) silenceBound(hb time.Duration) time.Duration {
+	if r.idle > 0 {
+		return r.idle
+	}
+	if hb <= 0 {
+		hb = protocol.LegacyHeartbeat
+	}
+	return max(hb, minHeartbeat) * 5 / 2
+}
+
+// minHeartbeat is the shortest heartbeat interval the router takes from a
+// worker, so that a worker cannot make it spin.
+const minHeartbeat = 250 * time.Millisecond
+
 // remote runs the query over a libp2p stream.
-func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error) {
+func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error) {
+	p := c.Peer
 	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
-	r.ensureAddrs(dctx, p)
+	r.ensureAddrs(dctx, c)
 	s, err := r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
 	cancel()
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctxErr(ctx)
 		}
+		if errors.Is(err, network.ErrResourceLimitExceeded) && !isRemoteRefusal(err) {
+			return nil, localBusy{protocol.Errorf(protocol.CodeBusy, "this node has too many queries open; try again shortly")}
+		}
 		// Transport errors name addresses; they go to the log, not to
 		// whoever asked (who may be a browser behind a bridge).
 		log.Debugw("open stream", "peer", p, "err", err)
-		return nil, protocol.Errorf(protocol.CodeBackendError, "peer %s is unreachable", p.ShortString())
+		return nil, peerFailure{failUnreachable, protocol.Errorf(protocol.CodeUnavailable, "worker %s could not be reached", ShortID(p))}
 	}
 	// Cancelling the query resets the stream, which the worker sees at once.
 	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
@@ -577,29 +968,29 @@ func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, em
 	_ = s.SetWriteDeadline(dl)
 	if err := protocol.WriteFrame(s, req); err != nil {
 		_ = s.Reset()
-		return nil, r.streamErr(ctx, p, fmt.Errorf("sending request: %w", err))
+		return nil, r.streamErr(ctx, s, false, fmt.Errorf("sending request: %w", err))
 	}
 	_ = s.CloseWrite()
 	fr := protocol.NewFrameReader(s, protocol.MaxEventFrame)
-	first := true
+	accepted := false
+	var beat time.Duration
 	for {
 		// A live worker answers Accepted at once and repeats it as a
 		// heartbeat whenever it is otherwise silent; silence past these
 		// bounds means a frozen or cut-off worker, and the query moves on.
-		wait := r.idle
-		if first {
-			wait = r.accept
+		wait := r.acceptBound(req)
+		if accepted {
+			wait = r.silenceBound(beat)
 		}
-		first = false
 		_ = s.SetReadDeadline(earliest(dl, time.Now().Add(wait)))
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
 			_ = s.Reset()
-			return nil, r.streamErr(ctx, p, err)
+			return nil, r.streamErr(ctx, s, accepted, err)
 		}
 		if err := protocol.ValidateEvent(&ev); err != nil {
 			_ = s.Reset()
-			return nil, protocol.Errorf(protocol.CodeBackendError, "peer %s sent an invalid event: %v", p.ShortString(), err)
+			return nil, peerFailure{failInvalid, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent an invalid event: %v", ShortID(p), err)}
 		}
 		switch k := ev.GetKind().(type) {
 		case *pb.Event_Done:
@@ -609,23 +1000,36 @@ func (r *Router) remote(ctx context.Context, p peer.ID, req *pb.QueryRequest, em
 			_ = s.Close()
 			return nil, workerError{protocol.FromProto(k.Error)}
 		case *pb.Event_Accepted:
-			if err := emit(&ev); err != nil {
-				_ = s.Reset()
-				return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
-			}
-		default:
-			if err := emit(&ev); err != nil {
-				_ = s.Reset()
-				return nil, protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
-			}
+			accepted = true
+			beat = time.Duration(k.Accepted.GetHeartbeatMs()) * time.Millisecond
+		}
+		if err := emit(&ev); err != nil {
+			_ = s.Reset()
+			return nil, err
 		}
 	}
 }
 
-// ensureAddrs looks p up when we are not connected to it and know no
-// address: a worker learnt of through gossip relayed by others.
-func (r *Router) ensureAddrs(ctx context.Context, p peer.ID) {
-	if r.finder == nil || r.h.Network().Connectedness(p) == network.Connected || len(r.h.Peerstore().Addrs(p)) > 0 {
+// isRemoteRefusal reports whether a resource-limit error came from the
+// peer (it reset the stream) rather than from this node's manager.
+func isRemoteRefusal(err error) bool {
+	var se *network.StreamError
+	return errors.As(err, &se) && se.Remote
+}
+
+// ensureAddrs gives the peerstore addresses for c when we are not
+// connected to it: those it announced, else a DHT lookup (a worker learnt
+// of through gossip relayed by others).
+func (r *Router) ensureAddrs(ctx context.Context, c scored) {
+	p := c.Peer
+	if r.h.Network().Connectedness(p) == network.Connected {
+		return
+	}
+	if addrs := announcedAddrs(c.Announce); len(addrs) > 0 {
+		r.h.Peerstore().AddAddrs(p, addrs, peerstore.TempAddrTTL)
+		return
+	}
+	if r.finder == nil || len(r.h.Peerstore().Addrs(p)) > 0 {
 		return
 	}
 	ai, err := r.finder.FindPeer(ctx, p)
@@ -636,6 +1040,17 @@ func (r *Router) ensureAddrs(ctx context.Context, p peer.ID) {
 	r.h.Peerstore().AddAddrs(p, ai.Addrs, peerstore.TempAddrTTL)
 }
 
+// announcedAddrs parses the addresses of an announcement, skipping bad ones.
+func announcedAddrs(a *pb.Announce) []ma.Multiaddr {
+	var out []ma.Multiaddr
+	for _, b := range a.GetAddrs() {
+		if m, err := ma.NewMultiaddrBytes(b); err == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
 func earliest(a, b time.Time) time.Time {
 	if a.IsZero() || b.Before(a) {
 		return b
@@ -643,18 +1058,46 @@ func earliest(a, b time.Time) time.Time {
 	return a
 }
 
-func (r *Router) streamErr(ctx context.Context, p peer.ID, err error) error {
-	if ctx.Err() != nil {
+// streamErr types a broken query stream. A stream that went silent most
+// likely runs over a connection to a peer that vanished without a reset
+// (QUIC, a frozen process, a lost network): the connection is probed and
+// closed if dead, so that neither this query's successor nor the next
+// query is sent down it again.
+func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool, err error) error {
+	if expired(ctx) {
 		return ctxErr(ctx)
 	}
-	log.Debugw("query stream failed", "peer", p, "err", err)
-	// A silent worker is a failed worker (retryable elsewhere), not a
-	// query that ran out of time: the query's own deadline is ctx's.
+	p := s.Conn().RemotePeer()
+	log.Debugw("query stream failed", "peer", p, "accepted", accepted, "err", err)
 	var te interface{ Timeout() bool }
-	if errors.As(err, &te) && te.Timeout() {
-		return protocol.Errorf(protocol.CodeBackendError, "peer %s went silent", p.ShortString())
+	silent := errors.As(err, &te) && te.Timeout()
+	if r.checker != nil {
+		if r.checker.Dead(s.Conn()) && r.h.Network().Connectedness(p) == network.Connected {
+			// The stream ran on a connection to the peer's previous
+			// process, closed as dead; the peer is back on another.
+			return staleConn{protocol.Errorf(protocol.CodeUnavailable, "worker %s was reached through a dead connection", ShortID(p))}
+		}
+		if silent {
+			r.checker.Suspect(s.Conn())
+		}
 	}
-	return protocol.Errorf(protocol.CodeBackendError, "the stream to peer %s broke before the answer ended", p.ShortString())
+	switch {
+	case !accepted && silent:
+		return peerFailure{failSilent, protocol.Errorf(protocol.CodeUnavailable, "worker %s did not answer", ShortID(p))}
+	case silent:
+		return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s went silent while answering", ShortID(p))}
+	}
+	return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s died while answering", ShortID(p))}
+}
+
+// ShortID is the short form of a peer ID used in messages: the last six
+// characters, as `mtor peers` shows them.
+func ShortID(p peer.ID) string {
+	s := p.String()
+	if len(s) <= 6 {
+		return s
+	}
+	return "…" + s[len(s)-6:]
 }
 
 type restartKey struct{}

@@ -13,12 +13,13 @@ type Handler func(*pb.Event) error
 
 // Result is how a query ended when it succeeded.
 type Result struct {
-	Peer     peer.ID  // the worker that answered
-	Local    bool     // answered by this node's own worker, no network hop
-	Attempts int      // workers tried, including the one that answered
-	Done     *pb.Done // the worker's Done event
-	TTFTMs   uint32   // time to first output as seen by the router
-	TotalMs  uint32   // total time as seen by the router
+	Peer      peer.ID  // the worker that answered
+	Local     bool     // answered by this node's own worker, no network hop
+	Attempts  int      // workers tried, including the one that answered
+	Continued int      // times the answer was taken over by another worker mid-way
+	Done      *pb.Done // the worker's Done event
+	TTFTMs    uint32   // time to first output as seen by the router
+	TotalMs   uint32   // total time as seen by the router
 }
 
 // ModelView is one model the swarm serves.

@@ -6,6 +6,7 @@ package swarmtest
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/protocol"
 )
 
 // AnnounceInterval is short so that tests converge in well under a second.
@@ -27,6 +29,7 @@ type config struct {
 	backends  func(i int, label string) []backend.Backend
 	nodeOpts  []node.Option
 	quic      bool
+	noCont    bool
 }
 
 // Option configures the swarm.
@@ -49,6 +52,22 @@ func Backends(f func(i int, label string) []backend.Backend) Option {
 // NodeOptions are added to every node.
 func NodeOptions(opts ...node.Option) Option {
 	return func(c *config) { c.nodeOpts = append(c.nodeOpts, opts...) }
+}
+
+// NoContinue makes the demo workers announce no "continue" feature, as
+// backends that cannot continue an answer do: a worker lost mid-answer is
+// then replaced by a restart, not a continuation.
+func NoContinue() Option { return func(c *config) { c.noCont = true } }
+
+// noContinue hides a backend's continue feature.
+type noContinue struct{ backend.Backend }
+
+func (n noContinue) Models(ctx context.Context) ([]backend.Model, error) {
+	ms, err := n.Backend.Models(ctx)
+	for i := range ms {
+		ms[i].Features = slices.DeleteFunc(slices.Clone(ms[i].Features), func(f string) bool { return f == protocol.FeatureContinue })
+	}
+	return ms, err
 }
 
 // QUIC makes nodes listen on QUIC only instead of TCP only.
@@ -132,6 +151,11 @@ func (s *Swarm) AddWorker(extra ...node.Option) *node.Node {
 		bs = s.cfg.backends(i, label)
 	} else {
 		bs = []backend.Backend{demo.New(label, demo.WithDelay(s.cfg.demoDelay))}
+	}
+	if s.cfg.noCont {
+		for i, b := range bs {
+			bs[i] = noContinue{b}
+		}
 	}
 	return s.start(bs, extra...)
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,6 +47,7 @@ type ModelCap struct {
 	TokensPerSec   float32
 	P50TTFTMs      uint32
 	JoulesPerToken float32
+	Features       []string // union over the backends serving it
 }
 
 // served is one model of one backend.
@@ -72,6 +74,9 @@ type Worker struct {
 
 	draining atomic.Bool
 	inflight atomic.Int64 // queries not yet fully answered, streams included
+
+	qmu     sync.Mutex
+	queries map[*int]context.CancelCauseFunc // running and queued, for HandBack
 
 	mu     sync.RWMutex
 	models map[string][]served // by model name; refreshed from the backends
@@ -133,6 +138,7 @@ func New(backends []backend.Backend, opts ...Option) *Worker {
 		models:   map[string][]served{},
 		stats:    map[string]*modelStats{},
 		energy:   gpu.NewEnergyStats(),
+		queries:  map[*int]context.CancelCauseFunc{},
 	}
 	for _, b := range backends {
 		w.backends = append(w.backends, &bound{Backend: b, health: health.New()})
@@ -250,6 +256,11 @@ func (w *Worker) Capabilities() []ModelCap {
 					c.Types = append(c.Types, t)
 				}
 			}
+			for _, f := range s.model.Features {
+				if !slices.Contains(c.Features, f) {
+					c.Features = append(c.Features, f)
+				}
+			}
 		}
 		c.TokensPerSec, c.P50TTFTMs = w.stats[name].snapshot()
 		c.JoulesPerToken = w.energy.JoulesPerToken(name)
@@ -296,6 +307,36 @@ func (w *Worker) Backends() []BackendStatus {
 // Drain makes the worker refuse new queries with BUSY.
 func (w *Worker) Drain() { w.draining.Store(true) }
 
+// errHandBack ends the queries a stopping worker hands back.
+var errHandBack = errors.New("worker shutting down")
+
+// HandBack ends every query still queued or running with a retryable
+// UNAVAILABLE "worker shutting down", so that their clients move them to
+// another worker (continuing an answer where the model allows) rather
+// than lose them when the process exits. It returns how many it ended.
+func (w *Worker) HandBack() int {
+	w.qmu.Lock()
+	defer w.qmu.Unlock()
+	for _, cancel := range w.queries {
+		cancel(errHandBack)
+	}
+	return len(w.queries)
+}
+
+// track registers a query's cancel for HandBack; the returned func
+// unregisters it.
+func (w *Worker) track(cancel context.CancelCauseFunc) func() {
+	k := new(int)
+	w.qmu.Lock()
+	w.queries[k] = cancel
+	w.qmu.Unlock()
+	return func() {
+		w.qmu.Lock()
+		delete(w.queries, k)
+		w.qmu.Unlock()
+	}
+}
+
 // Draining reports whether Drain was called.
 func (w *Worker) Draining() bool { return w.draining.Load() }
 
@@ -315,14 +356,19 @@ func (w *Worker) Wait(ctx context.Context) error {
 }
 
 // pick returns a backend serving model for type t whose breaker allows a
-// call, preferring the healthiest.
-func (w *Worker) pick(model string, t pb.QueryType) (*bound, *modelStats, error) {
+// call, preferring the healthiest. A continuation needs a backend that
+// can continue.
+func (w *Worker) pick(model string, t pb.QueryType, continuation bool) (*bound, *modelStats, error) {
 	w.mu.RLock()
 	defer w.mu.RUnlock()
 	var best *bound
-	found := false
+	found, served := false, false
 	for _, s := range w.models[model] {
 		if !s.model.HasType(t) {
+			continue
+		}
+		served = true
+		if continuation && !s.model.HasFeature(protocol.FeatureContinue) {
 			continue
 		}
 		found = true
@@ -331,6 +377,8 @@ func (w *Worker) pick(model string, t pb.QueryType) (*bound, *modelStats, error)
 		}
 	}
 	switch {
+	case served && !found:
+		return nil, nil, protocol.Errorf(protocol.CodeUnsupported, "this worker cannot continue an answer of model %q", model)
 	case !found:
 		return nil, nil, protocol.Errorf(protocol.CodeUnsupported, "this worker does not serve model %q for %s", model, protocol.TypeName(t))
 	case best == nil || !best.health.Allow():
@@ -366,10 +414,14 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	if !dl.After(start) {
 		return nil, protocol.Errorf(protocol.CodeTimeout, "deadline passed before the query started")
 	}
-	ctx, cancel := context.WithDeadline(ctx, dl)
+	ctx, cancelDL := context.WithDeadline(ctx, dl)
+	defer cancelDL()
+	ctx, cancelCause := context.WithCancelCause(ctx)
+	cancel := func() { cancelCause(context.Canceled) }
 	defer cancel()
+	defer w.track(cancelCause)()
 
-	b, stats, err := w.pick(req.GetModel(), req.GetType())
+	b, stats, err := w.pick(req.GetModel(), req.GetType(), req.GetContinuation() != "")
 	if err != nil {
 		return nil, err
 	}
@@ -394,7 +446,7 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	}
 	stopBeat := w.heartbeat(t, &lastEmit, emit, cancel)
 	defer stopBeat()
-	if err := emit(&pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: uint32(pos)}}}); err != nil {
+	if err := emit(w.accepted(pos)); err != nil {
 		if w.adm.wait(canceled(), t) == nil {
 			w.adm.release()
 		}
@@ -478,9 +530,10 @@ func (w *Worker) heartbeat(t *ticket, lastEmit *atomic.Int64, emit Emit, cancel 
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		// Tick at half the interval so a silence of one interval is
-		// caught within 1.5 intervals, not 2.
-		tick := time.NewTicker(w.beat / 2)
+		// Tick at a quarter of the interval so a silence of one interval
+		// is caught within 1.25 intervals, not 2: the client's bound is
+		// 2.5 intervals.
+		tick := time.NewTicker(w.beat / 4)
 		defer tick.Stop()
 		for {
 			select {
@@ -490,8 +543,7 @@ func (w *Worker) heartbeat(t *ticket, lastEmit *atomic.Int64, emit Emit, cancel 
 				if time.Since(time.Unix(0, lastEmit.Load())) < w.beat {
 					continue
 				}
-				pos := w.adm.position(t)
-				if emit(&pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: uint32(pos)}}}) != nil {
+				if emit(w.accepted(w.adm.position(t))) != nil {
 					// The client is gone: stop the query now, not at
 					// the backend's next output.
 					cancel()
@@ -501,6 +553,13 @@ func (w *Worker) heartbeat(t *ticket, lastEmit *atomic.Int64, emit Emit, cancel 
 		}
 	}()
 	return func() { close(done); wg.Wait() }
+}
+
+// accepted is the Accepted event (first or heartbeat) at queue position
+// pos, with the heartbeat interval the client may hold this worker to.
+func (w *Worker) accepted(pos int) *pb.Event {
+	return &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{
+		QueuePosition: uint32(pos), HeartbeatMs: uint32(w.beat / time.Millisecond)}}}
 }
 
 // runSafely calls the backend and turns a panic in it into INTERNAL: a bug
@@ -523,6 +582,9 @@ func canceled() context.Context {
 
 // ctxError is the typed error for a context that ended.
 func ctxError(ctx context.Context, doing string) *protocol.Error {
+	if errors.Is(context.Cause(ctx), errHandBack) {
+		return protocol.Errorf(protocol.CodeUnavailable, "worker shutting down; the query was handed back while %s", doing)
+	}
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		return protocol.Errorf(protocol.CodeTimeout, "deadline exceeded while %s", doing)
 	}

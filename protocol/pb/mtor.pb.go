@@ -98,6 +98,9 @@ const (
 	ErrorCode_ERROR_CODE_TIMEOUT       ErrorCode = 6
 	ErrorCode_ERROR_CODE_CANCELLED     ErrorCode = 7
 	ErrorCode_ERROR_CODE_INTERNAL      ErrorCode = 8
+	// The workers tried died, went silent, could not be reached or are
+	// shutting down; another attempt later may succeed.
+	ErrorCode_ERROR_CODE_UNAVAILABLE ErrorCode = 9
 )
 
 // Enum value maps for ErrorCode.
@@ -112,6 +115,7 @@ var (
 		6: "ERROR_CODE_TIMEOUT",
 		7: "ERROR_CODE_CANCELLED",
 		8: "ERROR_CODE_INTERNAL",
+		9: "ERROR_CODE_UNAVAILABLE",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED":   0,
@@ -123,6 +127,7 @@ var (
 		"ERROR_CODE_TIMEOUT":       6,
 		"ERROR_CODE_CANCELLED":     7,
 		"ERROR_CODE_INTERNAL":      8,
+		"ERROR_CODE_UNAVAILABLE":   9,
 	}
 )
 
@@ -166,8 +171,13 @@ type QueryRequest struct {
 	Priority       int32                  `protobuf:"varint,8,opt,name=priority,proto3" json:"priority,omitempty"`                                     // -10..10, higher first in the worker queue
 	Attachments    []*Attachment          `protobuf:"bytes,9,rep,name=attachments,proto3" json:"attachments,omitempty"`                                // prompt-level media (stt audio)
 	Inputs         []string               `protobuf:"bytes,10,rep,name=inputs,proto3" json:"inputs,omitempty"`                                         // embed inputs
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Text of this answer already delivered by a worker that died or left
+	// mid-answer. The worker continues it: it emits only what follows.
+	// Sent only to workers whose model announces the "continue" feature;
+	// a worker that cannot continue refuses with UNSUPPORTED.
+	Continuation  string `protobuf:"bytes,11,opt,name=continuation,proto3" json:"continuation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *QueryRequest) Reset() {
@@ -268,6 +278,13 @@ func (x *QueryRequest) GetInputs() []string {
 		return x.Inputs
 	}
 	return nil
+}
+
+func (x *QueryRequest) GetContinuation() string {
+	if x != nil {
+		return x.Continuation
+	}
+	return ""
 }
 
 type Message struct {
@@ -632,6 +649,11 @@ func (*Event_Error) isEvent_Kind() {}
 type Accepted struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	QueuePosition uint32                 `protobuf:"varint,1,opt,name=queue_position,json=queuePosition,proto3" json:"queue_position,omitempty"` // 0 = running now
+	// The longest silence this worker leaves on the stream: it repeats
+	// Accepted whenever it has sent nothing for this long (checking at
+	// least every quarter of it). 0 = the v1 default of 5000 ms (workers
+	// before this field).
+	HeartbeatMs   uint32 `protobuf:"varint,2,opt,name=heartbeat_ms,json=heartbeatMs,proto3" json:"heartbeat_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -669,6 +691,13 @@ func (*Accepted) Descriptor() ([]byte, []int) {
 func (x *Accepted) GetQueuePosition() uint32 {
 	if x != nil {
 		return x.QueuePosition
+	}
+	return 0
+}
+
+func (x *Accepted) GetHeartbeatMs() uint32 {
+	if x != nil {
+		return x.HeartbeatMs
 	}
 	return 0
 }
@@ -1071,17 +1100,21 @@ func (x *Error) GetRetryable() bool {
 
 // Announce is published on /mtor/<swarm>/announce/1 by every worker.
 type Announce struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Seq           uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"` // strictly increasing per peer (per process start)
-	TimeUnixMs    int64                  `protobuf:"varint,2,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`
-	TtlMs         uint32                 `protobuf:"varint,3,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"` // entry expires this long after receipt
-	Roles         []string               `protobuf:"bytes,4,rep,name=roles,proto3" json:"roles,omitempty"`               // worker, bridge, relay, bootstrap
-	Version       string                 `protobuf:"bytes,5,opt,name=version,proto3" json:"version,omitempty"`
-	Models        []*ModelInfo           `protobuf:"bytes,6,rep,name=models,proto3" json:"models,omitempty"`
-	Gpus          []*GPU                 `protobuf:"bytes,7,rep,name=gpus,proto3" json:"gpus,omitempty"`
-	Load          *Load                  `protobuf:"bytes,8,opt,name=load,proto3" json:"load,omitempty"`
-	Health        uint32                 `protobuf:"varint,9,opt,name=health,proto3" json:"health,omitempty"`      // 0..100
-	Draining      bool                   `protobuf:"varint,10,opt,name=draining,proto3" json:"draining,omitempty"` // shutting down: route nothing new here
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Seq        uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"` // strictly increasing per peer (per process start)
+	TimeUnixMs int64                  `protobuf:"varint,2,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`
+	TtlMs      uint32                 `protobuf:"varint,3,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"` // entry expires this long after receipt
+	Roles      []string               `protobuf:"bytes,4,rep,name=roles,proto3" json:"roles,omitempty"`               // worker, bridge, relay, bootstrap
+	Version    string                 `protobuf:"bytes,5,opt,name=version,proto3" json:"version,omitempty"`
+	Models     []*ModelInfo           `protobuf:"bytes,6,rep,name=models,proto3" json:"models,omitempty"`
+	Gpus       []*GPU                 `protobuf:"bytes,7,rep,name=gpus,proto3" json:"gpus,omitempty"`
+	Load       *Load                  `protobuf:"bytes,8,opt,name=load,proto3" json:"load,omitempty"`
+	Health     uint32                 `protobuf:"varint,9,opt,name=health,proto3" json:"health,omitempty"`      // 0..100
+	Draining   bool                   `protobuf:"varint,10,opt,name=draining,proto3" json:"draining,omitempty"` // shutting down: route nothing new here
+	// Random per process start: a new value means the peer restarted, so
+	// what was learnt of its old process (failures, connections) is void.
+	Incarnation   uint64   `protobuf:"varint,11,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	Addrs         [][]byte `protobuf:"bytes,12,rep,name=addrs,proto3" json:"addrs,omitempty"` // listen multiaddrs (binary), at most 16
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1186,6 +1219,20 @@ func (x *Announce) GetDraining() bool {
 	return false
 }
 
+func (x *Announce) GetIncarnation() uint64 {
+	if x != nil {
+		return x.Incarnation
+	}
+	return 0
+}
+
+func (x *Announce) GetAddrs() [][]byte {
+	if x != nil {
+		return x.Addrs
+	}
+	return nil
+}
+
 type ModelInfo struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Name           string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1195,8 +1242,11 @@ type ModelInfo struct {
 	P50TtftMs      uint32                 `protobuf:"varint,5,opt,name=p50_ttft_ms,json=p50TtftMs,proto3" json:"p50_ttft_ms,omitempty"`                 // measured; 0 = not yet
 	JoulesPerToken float32                `protobuf:"fixed32,6,opt,name=joules_per_token,json=joulesPerToken,proto3" json:"joules_per_token,omitempty"` // measured; 0 = unknown
 	Backend        string                 `protobuf:"bytes,7,opt,name=backend,proto3" json:"backend,omitempty"`                                         // backend kind, e.g. demo, ollama
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Optional abilities of this model's backend, e.g. "continue" (accepts
+	// QueryRequest.continuation). Unknown features are ignored.
+	Features      []string `protobuf:"bytes,8,rep,name=features,proto3" json:"features,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ModelInfo) Reset() {
@@ -1276,6 +1326,13 @@ func (x *ModelInfo) GetBackend() string {
 		return x.Backend
 	}
 	return ""
+}
+
+func (x *ModelInfo) GetFeatures() []string {
+	if x != nil {
+		return x.Features
+	}
+	return nil
 }
 
 type GPU struct {
@@ -1435,7 +1492,7 @@ var File_mtor_proto protoreflect.FileDescriptor
 const file_mtor_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"mtor.proto\x12\amtor.v1\"\xe0\x02\n" +
+	"mtor.proto\x12\amtor.v1\"\x84\x03\n" +
 	"\fQueryRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\fR\x02id\x12&\n" +
 	"\x04type\x18\x02 \x01(\x0e2\x12.mtor.v1.QueryTypeR\x04type\x12\x14\n" +
@@ -1447,7 +1504,8 @@ const file_mtor_proto_rawDesc = "" +
 	"\bpriority\x18\b \x01(\x05R\bpriority\x125\n" +
 	"\vattachments\x18\t \x03(\v2\x13.mtor.v1.AttachmentR\vattachments\x12\x16\n" +
 	"\x06inputs\x18\n" +
-	" \x03(\tR\x06inputs\"n\n" +
+	" \x03(\tR\x06inputs\x12\"\n" +
+	"\fcontinuation\x18\v \x01(\tR\fcontinuation\"n\n" +
 	"\aMessage\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x125\n" +
@@ -1476,9 +1534,10 @@ const file_mtor_proto_rawDesc = "" +
 	"\tembedding\x18\x04 \x01(\v2\x12.mtor.v1.EmbeddingH\x00R\tembedding\x12#\n" +
 	"\x04done\x18\x05 \x01(\v2\r.mtor.v1.DoneH\x00R\x04done\x12&\n" +
 	"\x05error\x18\x06 \x01(\v2\x0e.mtor.v1.ErrorH\x00R\x05errorB\x06\n" +
-	"\x04kind\"1\n" +
+	"\x04kind\"T\n" +
 	"\bAccepted\x12%\n" +
-	"\x0equeue_position\x18\x01 \x01(\rR\rqueuePosition\"\x1b\n" +
+	"\x0equeue_position\x18\x01 \x01(\rR\rqueuePosition\x12!\n" +
+	"\fheartbeat_ms\x18\x02 \x01(\rR\vheartbeatMs\"\x1b\n" +
 	"\x05Chunk\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\"/\n" +
 	"\x05Media\x12\x12\n" +
@@ -1503,7 +1562,7 @@ const file_mtor_proto_rawDesc = "" +
 	"\x05Error\x12&\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x12.mtor.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
-	"\tretryable\x18\x03 \x01(\bR\tretryable\"\xaa\x02\n" +
+	"\tretryable\x18\x03 \x01(\bR\tretryable\"\xe2\x02\n" +
 	"\bAnnounce\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12 \n" +
 	"\ftime_unix_ms\x18\x02 \x01(\x03R\n" +
@@ -1516,7 +1575,9 @@ const file_mtor_proto_rawDesc = "" +
 	"\x04load\x18\b \x01(\v2\r.mtor.v1.LoadR\x04load\x12\x16\n" +
 	"\x06health\x18\t \x01(\rR\x06health\x12\x1a\n" +
 	"\bdraining\x18\n" +
-	" \x01(\bR\bdraining\"\xfa\x01\n" +
+	" \x01(\bR\bdraining\x12 \n" +
+	"\vincarnation\x18\v \x01(\x04R\vincarnation\x12\x14\n" +
+	"\x05addrs\x18\f \x03(\fR\x05addrs\"\x96\x02\n" +
 	"\tModelInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
 	"\x05types\x18\x02 \x03(\x0e2\x12.mtor.v1.QueryTypeR\x05types\x12%\n" +
@@ -1524,7 +1585,8 @@ const file_mtor_proto_rawDesc = "" +
 	"\x0etokens_per_sec\x18\x04 \x01(\x02R\ftokensPerSec\x12\x1e\n" +
 	"\vp50_ttft_ms\x18\x05 \x01(\rR\tp50TtftMs\x12(\n" +
 	"\x10joules_per_token\x18\x06 \x01(\x02R\x0ejoulesPerToken\x12\x18\n" +
-	"\abackend\x18\a \x01(\tR\abackend\"\xbd\x01\n" +
+	"\abackend\x18\a \x01(\tR\abackend\x12\x1a\n" +
+	"\bfeatures\x18\b \x03(\tR\bfeatures\"\xbd\x01\n" +
 	"\x03GPU\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04uuid\x18\x02 \x01(\tR\x04uuid\x12(\n" +
@@ -1544,7 +1606,7 @@ const file_mtor_proto_rawDesc = "" +
 	"\x12QUERY_TYPE_IMAGINE\x10\x03\x12\x12\n" +
 	"\x0eQUERY_TYPE_STT\x10\x04\x12\x12\n" +
 	"\x0eQUERY_TYPE_TTS\x10\x05\x12\x14\n" +
-	"\x10QUERY_TYPE_EMBED\x10\x06*\xf7\x01\n" +
+	"\x10QUERY_TYPE_EMBED\x10\x06*\x93\x02\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16ERROR_CODE_BAD_REQUEST\x10\x01\x12\x1a\n" +
@@ -1554,7 +1616,8 @@ const file_mtor_proto_rawDesc = "" +
 	"\x18ERROR_CODE_BACKEND_ERROR\x10\x05\x12\x16\n" +
 	"\x12ERROR_CODE_TIMEOUT\x10\x06\x12\x18\n" +
 	"\x14ERROR_CODE_CANCELLED\x10\a\x12\x17\n" +
-	"\x13ERROR_CODE_INTERNAL\x10\bB(Z&github.com/mtor-swarm/mtor/protocol/pbb\x06proto3"
+	"\x13ERROR_CODE_INTERNAL\x10\b\x12\x1a\n" +
+	"\x16ERROR_CODE_UNAVAILABLE\x10\tB(Z&github.com/mtor-swarm/mtor/protocol/pbb\x06proto3"
 
 var (
 	file_mtor_proto_rawDescOnce sync.Once

@@ -96,7 +96,8 @@ func (b *Backend) Name() string { return "demo (built in, not a model)" }
 
 // Models reports one model serving every query type.
 func (b *Backend) Models(context.Context) ([]backend.Model, error) {
-	return []backend.Model{{Name: b.model, Types: protocol.AllTypes(), ContextLength: 4096}}, nil
+	return []backend.Model{{Name: b.model, Types: protocol.AllTypes(), ContextLength: 4096,
+		Features: []string{protocol.FeatureContinue}}}, nil
 }
 
 func (b *Backend) Probe(context.Context) error { return nil }
@@ -129,8 +130,11 @@ func (b *Backend) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sin
 		}
 		return backend.Usage{PromptTokens: promptTokens}, nil
 	}
-	text := b.answer(req, prompt)
+	text := continueAfter(b.answer(req, prompt), req.GetContinuation())
 	words := strings.SplitAfter(text, " ")
+	if text == "" {
+		words = nil
+	}
 	if m := req.GetParams().GetMaxTokens(); m > 0 && int(m) < len(words) {
 		words = words[:m]
 	}
@@ -175,6 +179,28 @@ func (b *Backend) answer(req *pb.QueryRequest, prompt string) string {
 		return fmt.Sprintf("[demo transcription from %s] %d bytes of audio received", b.label, size)
 	}
 	return fmt.Sprintf("[demo answer from %s] You said: %s", b.label, prompt)
+}
+
+// continueAfter is what follows done (an answer another worker began)
+// in this demo's answer full. The demo's answers differ only in their
+// "[demo … from PEER]" header, so once done is past its header the rest of
+// the body follows; within the header, this worker's own header follows.
+func continueAfter(full, done string) string {
+	if done == "" {
+		return full
+	}
+	if rest, ok := strings.CutPrefix(full, done); ok {
+		return rest
+	}
+	_, body, okFull := strings.Cut(full, "] ")
+	_, doneBody, okDone := strings.Cut(done, "] ")
+	if okFull && okDone {
+		if rest, ok := strings.CutPrefix(body, doneBody); ok {
+			return rest
+		}
+	}
+	// Not a demo answer this worker can place: say so rather than repeat.
+	return " [demo: cannot continue this text]"
 }
 
 // lastText is the prompt, or the content of the last user message.

@@ -1,0 +1,120 @@
+package liveness
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
+)
+
+func newHost(t *testing.T, listen string) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings(listen))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+func onlyConn(t *testing.T, h host.Host, p peer.ID) network.Conn {
+	t.Helper()
+	conns := h.Network().ConnsToPeer(p)
+	if len(conns) != 1 {
+		t.Fatalf("%d connections, want 1", len(conns))
+	}
+	return conns[0]
+}
+
+// TestSuspectKeepsLiveAndClosesDeadConnections, on both default
+// transports: a connection whose peer answers pings stays open; one whose
+// peer no longer does (it stands in for a frozen or vanished process: the
+// ping handler is gone, the connection is not) is closed and remembered
+// as dead.
+func TestSuspectKeepsLiveAndClosesDeadConnections(t *testing.T) {
+	for _, listen := range []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"} {
+		t.Run(listen, func(t *testing.T) {
+			a, b := newHost(t, listen), newHost(t, listen)
+			if err := a.Connect(t.Context(), peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
+				t.Fatal(err)
+			}
+			c := New(a, WithTimeout(500*time.Millisecond))
+			defer c.Close()
+			conn := onlyConn(t, a, b.ID())
+
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+			defer cancel()
+			if err := Probe(ctx, conn); err != nil {
+				t.Fatalf("probe of a live peer: %v", err)
+			}
+			c.Suspect(conn)
+			time.Sleep(700 * time.Millisecond)
+			if conn.IsClosed() || c.Dead(conn) {
+				t.Fatal("a live connection was closed")
+			}
+
+			b.RemoveStreamHandler(ping.ID)
+			c.Suspect(conn)
+			deadline := time.Now().Add(5 * time.Second)
+			for !conn.IsClosed() {
+				if time.Now().After(deadline) {
+					t.Fatal("the connection to a peer that does not answer is still open")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if !c.Dead(conn) || c.Closed() != 1 {
+				t.Fatalf("dead = %v, closed = %d; want true, 1", c.Dead(conn), c.Closed())
+			}
+		})
+	}
+}
+
+// TestRestartedPeerClosesItsOldConnection: a peer restarts (a new host
+// with the same identity) while its old process still holds a connection
+// open but answers nothing (the ping handler is gone, as in a frozen or
+// vanished process). When the new process connects, the old connection
+// is probed and closed; the new one stays.
+func TestRestartedPeerClosesItsOldConnection(t *testing.T) {
+	key, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newHost(t, "/ip4/127.0.0.1/tcp/0")
+	c := New(a, WithTimeout(500*time.Millisecond))
+	defer c.Close()
+	oldProc, err := libp2p.New(libp2p.Identity(key), libp2p.ListenAddrStrings("/ip4/127.0.0.1/udp/0/quic-v1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { oldProc.Close() })
+	if err := oldProc.Connect(t.Context(), peer.AddrInfo{ID: a.ID(), Addrs: a.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	old := onlyConn(t, a, oldProc.ID())
+	oldProc.RemoveStreamHandler(ping.ID)
+
+	newProc, err := libp2p.New(libp2p.Identity(key), libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { newProc.Close() })
+	if err := newProc.Connect(t.Context(), peer.AddrInfo{ID: a.ID(), Addrs: a.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !old.IsClosed() {
+		if time.Now().After(deadline) {
+			t.Fatalf("the old process's connection is still open (%d connections)", len(a.Network().ConnsToPeer(oldProc.ID())))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if conns := a.Network().ConnsToPeer(newProc.ID()); len(conns) != 1 || conns[0] == old {
+		t.Fatalf("%d connections left, want the new process's one", len(conns))
+	}
+}

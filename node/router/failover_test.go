@@ -1,0 +1,217 @@
+package router
+
+import (
+	"context"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+const testProto = "/mtor/test/query"
+
+// demoWorker is a real worker with the demo backend on its own host.
+func demoWorker(t *testing.T, label string, delay time.Duration) host.Host {
+	t.Helper()
+	h := testHost(t)
+	w := worker.New([]backend.Backend{demo.New(label, demo.WithDelay(delay))})
+	w.Refresh(context.Background())
+	h.SetStreamHandler(testProto, w.HandleStream)
+	return h
+}
+
+func connect(t *testing.T, h host.Host, others ...host.Host) {
+	t.Helper()
+	for _, o := range others {
+		if err := h.Connect(t.Context(), peer.AddrInfo{ID: o.ID(), Addrs: o.Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func demoModel(a *pb.Announce) { a.Models[0].Name = "demo" }
+func canCont(a *pb.Announce) {
+	a.Models[0].Features = []string{protocol.FeatureContinue}
+}
+
+// TestContinuesTheAnswerOfAWorkerThatDies: a worker dies mid-answer (its
+// host closes, as a killed process's would) and a caller that cannot take
+// output back (a stream shown to a person) still gets one whole answer:
+// the next worker continues it, with nothing lost or repeated at the seam.
+func TestContinuesTheAnswerOfAWorkerThatDies(t *testing.T) {
+	dying := demoWorker(t, "first", 30*time.Millisecond)
+	live := demoWorker(t, "second", 0)
+	h := testHost(t)
+	connect(t, h, dying, live)
+	table := staticTable{
+		cand(string(dying.ID()), 0, 4, 100, 0, demoModel, canCont),
+		cand(string(live.ID()), 0, 4, 100, 500*time.Millisecond, demoModel, canCont),
+	}
+	r := New(h, testProto, table, WithRetryBackoff(time.Millisecond))
+	var text strings.Builder
+	chunks := 0
+	accepted := 0
+	res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "tell me the whole story"},
+		func(ev *pb.Event) error {
+			switch k := ev.GetKind().(type) {
+			case nil:
+				t.Error("the handler was told to discard output: a restart, not a continuation")
+			case *pb.Event_Accepted:
+				accepted++
+			case *pb.Event_Chunk:
+				text.WriteString(k.Chunk.GetText())
+				// Past the demo's "[demo answer from first] " header.
+				if chunks++; chunks == 5 {
+					go dying.Close()
+				}
+			}
+			return nil
+		})
+	if err != nil {
+		t.Fatalf("query failed though a second worker could continue it: %v", err)
+	}
+	want := "[demo answer from first] You said: tell me the whole story"
+	if text.String() != want {
+		t.Fatalf("answer %q, want %q", text.String(), want)
+	}
+	if res.Peer != live.ID() || res.Continued != 1 || accepted != 1 {
+		t.Fatalf("answered by %s, continued %d times, %d Accepted passed on; want the second worker, 1, 1", res.Peer, res.Continued, accepted)
+	}
+	if got := res.Done.GetUsage().GetCompletionTokens(); got != 11 {
+		t.Fatalf("completion tokens %d, want 11 (both workers' parts)", got)
+	}
+}
+
+// acceptThenDie stands in for a worker process that dies right after it
+// accepted a query.
+func acceptThenDie(t *testing.T) host.Host {
+	h := testHost(t)
+	h.SetStreamHandler(testProto, func(s network.Stream) {
+		var req pb.QueryRequest
+		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
+			s.Reset()
+			return
+		}
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		time.Sleep(50 * time.Millisecond)
+		s.Reset()
+	})
+	return h
+}
+
+// TestExhaustedAttemptsSayWhatHappened: when every worker tried dies, the
+// error is UNAVAILABLE and says so, not a backend error.
+func TestExhaustedAttemptsSayWhatHappened(t *testing.T) {
+	h := testHost(t)
+	var table staticTable
+	for range 3 {
+		d := acceptThenDie(t)
+		connect(t, h, d)
+		table = append(table, cand(string(d.ID()), 0, 4, 100, 0, demoModel))
+	}
+	r := New(h, testProto, table, WithRetryBackoff(time.Millisecond))
+	_, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
+		func(*pb.Event) error { return nil })
+	pe := protocol.AsError(err)
+	if pe == nil || pe.Code != protocol.CodeUnavailable || !pe.Retryable || pe.Message != "3 workers died while answering" {
+		t.Fatalf("error %v, want a retryable UNAVAILABLE: 3 workers died while answering", err)
+	}
+}
+
+// TestDeadlineIsTimeoutAndBlamesNobody: a query whose own deadline runs
+// out while a worker is slow to accept ends TIMEOUT, and the worker keeps
+// its health: the deadline was the query's, not the peer's failure.
+func TestDeadlineIsTimeoutAndBlamesNobody(t *testing.T) {
+	slow := testHost(t)
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
+	slow.SetStreamHandler(testProto, func(s network.Stream) { <-hold; s.Reset() })
+	h := testHost(t)
+	connect(t, h, slow)
+	r := New(h, testProto, staticTable{cand(string(slow.ID()), 0, 4, 100, 0, demoModel)})
+	req := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello",
+		DeadlineUnixMs: time.Now().Add(300 * time.Millisecond).UnixMilli()}
+	_, err := r.Query(t.Context(), req, func(*pb.Event) error { return nil })
+	if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeTimeout {
+		t.Fatalf("error %v, want TIMEOUT", err)
+	}
+	for _, v := range r.Peers() {
+		if v.LocalHealth < 100 || v.Breaker != "closed" {
+			t.Fatalf("peer %s at health %v, breaker %s after the query's own deadline: want untouched", v.Peer, v.LocalHealth, v.Breaker)
+		}
+	}
+}
+
+// TestLocalStreamLimitIsBusy: when this node's resource manager refuses
+// the stream, the query is BUSY (backpressure) and the peer is not blamed.
+func TestLocalStreamLimitIsBusy(t *testing.T) {
+	live := demoWorker(t, "live", 0)
+	limits := rcmgr.PartialLimitConfig{
+		Protocol: map[libp2pproto.ID]rcmgr.ResourceLimits{testProto: {Streams: rcmgr.BlockAllLimit, StreamsOutbound: rcmgr.BlockAllLimit}},
+	}.Build(rcmgr.DefaultLimits.AutoScale())
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ResourceManager(rm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	connect(t, h, live)
+	r := New(h, testProto, staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel)})
+	_, err = r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
+		func(*pb.Event) error { return nil })
+	if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeBusy {
+		t.Fatalf("error %v, want BUSY", err)
+	}
+	for _, v := range r.Peers() {
+		if v.LocalHealth < 100 {
+			t.Fatalf("peer %s lost health (%v) for a limit of this node", v.Peer, v.LocalHealth)
+		}
+	}
+}
+
+// TestRestartedPeerStartsAfresh: a peer whose breaker opened is routable
+// again as soon as it announces a new incarnation (it restarted).
+func TestRestartedPeerStartsAfresh(t *testing.T) {
+	inc := func(n uint64) func(*pb.Announce) { return func(a *pb.Announce) { a.Incarnation = n } }
+	var table atomic.Pointer[staticTable]
+	old := staticTable{cand("w", 0, 4, 100, 0, inc(1))}
+	table.Store(&old)
+	r := New(testHost(t), "/test", tableFunc(func() []Candidate { return *table.Load() }))
+	if ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT); len(ranked) != 1 {
+		t.Fatal("peer not ranked")
+	}
+	r.mu.Lock()
+	st := r.state("w")
+	for range 5 {
+		r.recordLocked(st, peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
+	}
+	r.mu.Unlock()
+	if ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT); len(ranked) != 0 {
+		t.Fatal("a peer with an open breaker is still ranked")
+	}
+	restarted := staticTable{cand("w", 0, 4, 100, 0, inc(2))}
+	table.Store(&restarted)
+	if ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT); len(ranked) != 1 {
+		t.Fatal("the restarted peer is not ranked again")
+	}
+}
+
+type tableFunc func() []Candidate
+
+func (f tableFunc) Candidates() []Candidate { return f() }
