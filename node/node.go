@@ -9,12 +9,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
@@ -62,6 +64,8 @@ type config struct {
 	meter            worker.EnergyMeter
 	routerOpts       []router.Option
 	discoveryOpts    []discovery.Option
+	notify           func(Notice)
+	joinTimeout      time.Duration
 }
 
 // Option configures a node.
@@ -178,10 +182,17 @@ type Node struct {
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relaySource
 	live   *liveness.Checker
-	lock   *os.File // the data dir's lock, nil without a data dir
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	roles  []string
+	// watched are the backends as the worker sees them, recording their
+	// probes' results for State and notices.
+	watched []*watchedBackend
+	// joinPeers are the --join peers other than this node.
+	joinPeers []peer.AddrInfo
+	st        status
+	lock      *os.File // the data dir's lock, nil without a data dir
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
 
 	closeOnce sync.Once
 	closeErr  error
@@ -196,6 +207,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		maxQueue:         worker.DefaultMaxQueue,
 		announceInterval: DefaultAnnounceInterval,
 		grace:            DefaultGracePeriod,
+		joinTimeout:      DefaultJoinTimeout,
 	}
 	for _, o := range opts {
 		if err := o(&cfg); err != nil {
@@ -248,8 +260,20 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
-	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock}
+	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock, roles: roles}
+	n.st.joined, n.st.joinFailed = make(chan struct{}), make(chan struct{})
+	// A node given its own token (a restart script) has no one to join.
+	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
+	n.st.joining = len(n.joinPeers) > 0
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	// Subscribed before discovery starts dialling, so that no verdict is
+	// missed.
+	reachSub, err := h.EventBus().Subscribe([]any{new(event.EvtLocalReachabilityChanged), new(event.EvtLocalAddressesUpdated)})
+	if err != nil {
+		n.cancel()
+		h.Close()
+		return nil, fmt.Errorf("subscribe to reachability events: %w", err)
+	}
 
 	dopts := append([]discovery.Option{
 		discovery.WithSwarm(swarm),
@@ -265,6 +289,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}, cfg.discoveryOpts...)
 	if n.disc, err = discovery.New(n.ctx, h, dopts...); err != nil {
 		n.cancel()
+		reachSub.Close()
 		h.Close()
 		return nil, fmt.Errorf("start discovery: %w", err)
 	}
@@ -284,7 +309,13 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if cfg.meter != nil {
 		wopts = append(wopts, worker.WithEnergyMeter(cfg.meter))
 	}
-	n.worker = worker.New(cfg.backends, wopts...)
+	watched := make([]backend.Backend, len(cfg.backends))
+	for i, b := range cfg.backends {
+		w := watchBackend(b, n.onBackendChange)
+		n.watched = append(n.watched, w)
+		watched[i] = w
+	}
+	n.worker = worker.New(watched, wopts...)
 	n.worker.Refresh(ctx)
 	h.SetStreamHandler(qproto, n.worker.HandleStream)
 
@@ -300,6 +331,10 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	n.goRun(func() { ann.run(n.ctx) })
 	n.goRun(n.probeLoop)
+	n.goRun(func() { n.reachLoop(reachSub) })
+	if len(n.joinPeers) > 0 {
+		n.goRun(func() { n.joinLoop(n.joinPeers) })
+	}
 	ok = true
 	log.Infow("node started", "peer", h.ID(), "swarm", swarm, "backends", len(cfg.backends), "roles", roles)
 	return n, nil

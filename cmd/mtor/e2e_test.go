@@ -27,7 +27,6 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/mtor-swarm/mtor/node/api"
-	"github.com/mtor-swarm/mtor/node/router"
 )
 
 // e2eBin is the mtor binary built once by TestMain.
@@ -261,7 +260,7 @@ func waitWorkers(t *testing.T, apiAddr, model string, workers ...string) {
 	}
 }
 
-func listsWorkers(peers []router.PeerView, model string, workers ...string) bool {
+func listsWorkers(peers []api.Peer, model string, workers ...string) bool {
 	for _, w := range workers {
 		found := false
 		for _, p := range peers {
@@ -329,7 +328,7 @@ func TestE2ESwarm(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("exit %d: %s", code, stderr)
 		}
-		var peers []router.PeerView
+		var peers []api.Peer
 		if err := json.Unmarshal([]byte(stdout), &peers); err != nil {
 			t.Fatalf("not a JSON peer list: %v: %q", err, stdout)
 		}

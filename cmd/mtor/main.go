@@ -52,6 +52,7 @@ func commands() []command {
 		{"query", "ask the swarm a question and stream the answer", runQuery},
 		{"peers", "show the swarm's workers as a node sees them", runPeers},
 		{"id", "print this machine's peer ID (creating the identity if needed)", runID},
+		{"join-token", "print the running node's join token, for another node's --join", runJoinToken},
 		{"version", "print the version", runVersion},
 		{"bench", "measure query latency and throughput through the swarm", runBench},
 		{"help", "show help for a command", nil},
@@ -117,7 +118,7 @@ func run(ctx context.Context, e *env, args []string) int {
 func printUsage(w io.Writer) {
 	fmt.Fprintf(w, "mtor %s: a peer-to-peer swarm for AI inference\n\nUsage: mtor <command> [flags] [args]\n\nCommands:\n", buildVersion())
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(w, "\nRun 'mtor <command> -h' for the flags of a command.\n")
 }

@@ -16,6 +16,8 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/discovery"
+	"github.com/mtor-swarm/mtor/node"
+	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -252,17 +254,19 @@ func TestPickModel(t *testing.T) {
 
 func TestPrintPeers(t *testing.T) {
 	var b bytes.Buffer
-	err := printPeers(&b, []router.PeerView{
-		{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}}},
+	err := printPeers(&b, []api.Peer{
+		{PeerView: router.PeerView{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}}},
 			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500,
-			GPUs: []router.GPUView{{Name: "NVIDIA H100", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 250000}}},
-		{Peer: "12D3KooWB", Self: true},
+			GPUs: []router.GPUView{{Name: "NVIDIA H100", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 250000}}}},
+		{PeerView: router.PeerView{Peer: "12D3KooWB", Self: true},
+			Backends: []node.BackendState{{Name: "ollama http://127.0.0.1:1", State: node.BackendDown, Detail: "unreachable (connection refused)"}}},
+		{PeerView: router.PeerView{Peer: "12D3KooWC", Roles: []string{"relay"}}, Relay: true},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
-	if len(lines) != 3 {
+	if len(lines) != 5 {
 		t.Fatalf("table %q", b.String())
 	}
 	for _, want := range []string{"PEER", "MODELS", "TYPES", "LOAD", "HEALTH", "GPU", "AGE"} {
@@ -275,8 +279,11 @@ func TestPrintPeers(t *testing.T) {
 			t.Errorf("row %q lacks %q", lines[1], want)
 		}
 	}
-	if !strings.Contains(lines[2], "(self)") {
-		t.Errorf("row %q does not mark self", lines[2])
+	for i, want := range map[int]string{2: "12D3KooWB (self)", 3: "12D3KooWC (relay)",
+		4: "this node's backend: ollama http://127.0.0.1:1 unreachable (connection refused)"} {
+		if !strings.Contains(lines[i], want) {
+			t.Errorf("line %q lacks %q", lines[i], want)
+		}
 	}
 	b.Reset()
 	_ = printPeers(&b, nil)

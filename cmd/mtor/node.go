@@ -120,13 +120,20 @@ func runNode(ctx context.Context, e *env, args []string) error {
 		_ = golog.SetLogLevel("*", f.logLevel)
 	}
 
+	// The identity's errors name it ("identity /x/identity.key is
+	// corrupt"): no prefix of ours.
 	priv, err := node.LoadOrCreateIdentity(f.dataDir)
 	if err != nil {
-		return fmt.Errorf("identity: %w", err)
+		return err
 	}
 	self, err := peer.IDFromPrivateKey(priv)
 	if err != nil {
 		return fmt.Errorf("identity: %w", err)
+	}
+	// Before anything prints: a port that another node holds is refused
+	// (see checkListenFree).
+	if err := checkListenFree(f.listenAddrs(), len(f.listen) > 0); err != nil {
+		return err
 	}
 	backends, err := buildBackends(ctx, e, f.backends, !f.noDetect, shortID(self))
 	if err != nil {
@@ -156,7 +163,11 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	}
 	defer gpus.Close()
 
-	n, err := node.New(ctx, append(f.options(backends), node.WithIdentity(priv), node.WithGPUMonitor(gpus))...)
+	// Notices (a backend going down, the join failing) are printed as they
+	// come, but only after the start-up lines, so that "join:" stays last.
+	out := newNoticePrinter(e)
+	n, err := node.New(ctx, append(f.options(backends),
+		node.WithIdentity(priv), node.WithGPUMonitor(gpus), node.WithNotify(out.notice))...)
 	if err != nil {
 		return fmt.Errorf("starting the node: %w", err)
 	}
@@ -183,7 +194,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	if bridgeLn != nil {
 		bs, err := bridge.New(n.Router(), f.bridgeOptions(n)...)
 		if err != nil {
-			return fmt.Errorf("bridge: %w", err)
+			return err // the bridge's errors start with "bridge: "
 		}
 		servers.Go(func() {
 			if err := bs.Serve(bridgeCtx, bridgeLn); err != nil && !errors.Is(err, context.Canceled) {
@@ -197,7 +208,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
-	printStartup(e, n, backends, gpus, apiLn, bridgeLn)
+	out.startup(func() { printStartup(e, n, gpus, apiLn, bridgeLn) })
 	var runErr error
 	select {
 	case sig := <-sigs:
@@ -445,23 +456,36 @@ func buildBackends(ctx context.Context, e *env, specs []string, detect bool, lab
 	return out, nil
 }
 
-// printStartup prints the node's identity and addresses as "key: value"
-// lines on stdout, the join line last: scripts can wait for "join: ".
-func printStartup(e *env, n *node.Node, backends []backend.Backend, gpus *gpu.Monitor, apiLn, bridgeLn net.Listener) {
+// printStartup prints the node's identity, addresses and state as
+// "key: value" lines on stdout, the join line last: scripts can wait for
+// "join: ". A backend that is down is said here too, and again on stderr,
+// where an operator who looks only at errors sees it.
+func printStartup(e *env, n *node.Node, gpus *gpu.Monitor, apiLn, bridgeLn net.Listener) {
 	w := e.stdout
+	st := n.State()
 	fmt.Fprintf(w, "mtor %s\n", buildVersion())
 	fmt.Fprintf(w, "peer: %s\n", n.ID())
 	fmt.Fprintf(w, "swarm: %s\n", n.SwarmName())
 	for _, a := range n.Addrs() {
 		fmt.Fprintf(w, "listen: %s\n", a)
 	}
-	if len(backends) == 0 {
+	roles := "none (routes queries and helps peers find each other)"
+	if len(st.Roles) > 0 {
+		roles = strings.Join(st.Roles, ", ")
+	}
+	fmt.Fprintf(w, "roles: %s\n", roles)
+	fmt.Fprintf(w, "reachability: %s\n", st.Reachability)
+	if len(st.Backends) == 0 {
 		fmt.Fprintf(w, "backends: none; this node serves no models but routes queries and helps others find each other\n")
 	}
-	for _, b := range backends {
-		fmt.Fprintf(w, "backend: %s\n", b.Name())
+	for _, b := range st.Backends {
+		fmt.Fprintf(w, "backend: %s\n", backendLine(b, st.ProbeInterval))
+		if b.State == node.BackendDown {
+			fmt.Fprintf(e.stderr, "warning: backend %s\n", backendLine(b, st.ProbeInterval))
+		}
 	}
 	fmt.Fprintf(w, "gpu: %s\n", gpus)
+	fmt.Fprintf(w, "peers: %d connected\n", st.ConnectedPeers)
 	if apiLn != nil {
 		fmt.Fprintf(w, "api: %s\n", apiLn.Addr())
 	}
@@ -469,4 +493,63 @@ func printStartup(e *env, n *node.Node, backends []backend.Backend, gpus *gpu.Mo
 		fmt.Fprintf(w, "bridge: http://%s/\n", bridgeLn.Addr())
 	}
 	fmt.Fprintf(w, "join: %s\n", n.JoinLine())
+}
+
+// backendLine is a backend's state for the operator, with what the node
+// does about a backend that is down.
+func backendLine(b node.BackendState, probe time.Duration) string {
+	if b.State == node.BackendDown {
+		return fmt.Sprintf("%s; retrying every %s", b, probe)
+	}
+	return b.String()
+}
+
+// noticePrinter prints the node's notices: changes on stdout as
+// "key: value" lines, warnings on stderr. Notices that come before the
+// start-up lines are held until those are out.
+type noticePrinter struct {
+	e       *env
+	mu      sync.Mutex
+	started bool
+	held    []node.Notice
+}
+
+func newNoticePrinter(e *env) *noticePrinter { return &noticePrinter{e: e} }
+
+func (p *noticePrinter) notice(n node.Notice) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.started {
+		p.held = append(p.held, n)
+		return
+	}
+	p.print(n)
+}
+
+// startup runs print (the start-up lines) and then the notices held.
+func (p *noticePrinter) startup(print func()) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	print()
+	p.started = true
+	for _, n := range p.held {
+		p.print(n)
+	}
+	p.held = nil
+}
+
+func (p *noticePrinter) print(n node.Notice) {
+	switch {
+	case n.Kind == node.NoticeBackend:
+		fmt.Fprintf(p.e.stdout, "backend: %s\n", n.Text)
+		if n.Warning {
+			fmt.Fprintf(p.e.stderr, "warning: backend %s\n", n.Text)
+		}
+	case n.Warning:
+		fmt.Fprintf(p.e.stderr, "warning: %s\n", n.Text)
+	case n.Kind == node.NoticeJoin:
+		fmt.Fprintf(p.e.stdout, "joined: %s\n", n.Text)
+	default:
+		fmt.Fprintf(p.e.stdout, "%s\n", n.Text)
+	}
 }

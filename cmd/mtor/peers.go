@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/router"
 )
@@ -32,7 +33,7 @@ func runPeers(ctx context.Context, e *env, args []string) error {
 	sort.Slice(peers, func(i, j int) bool { return peers[i].Peer < peers[j].Peer })
 	if *asJSON {
 		if peers == nil {
-			peers = []router.PeerView{}
+			peers = []api.Peer{}
 		}
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")
@@ -41,18 +42,50 @@ func runPeers(ctx context.Context, e *env, args []string) error {
 	return printPeers(e.stdout, peers)
 }
 
-// printPeers writes the peer table for people: one line per worker.
-func printPeers(w io.Writer, peers []router.PeerView) error {
-	if len(peers) == 0 {
-		_, err := fmt.Fprintln(w, "no workers known yet")
+// printPeers writes the peer table for people: one line per worker, this
+// node's own line (even when it serves nothing) and relays; then the
+// state of this node's backends, so that an operator sees why it serves
+// what it serves.
+func printPeers(w io.Writer, peers []api.Peer) error {
+	workers := 0
+	var own []node.BackendState
+	for _, p := range peers {
+		if len(p.Models) > 0 {
+			workers++
+		}
+		if p.Self {
+			own = p.Backends
+		}
+	}
+	if len(peers) > 0 {
+		if err := printPeerTable(w, peers); err != nil {
+			return err
+		}
+	}
+	for _, b := range own {
+		fmt.Fprintf(w, "this node's backend: %s\n", b)
+	}
+	if workers == 0 {
+		_, err := fmt.Fprintln(w, "no workers known yet: no peer serves a model")
 		return err
 	}
+	return nil
+}
+
+func printPeerTable(w io.Writer, peers []api.Peer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PEER\tMODELS\tTYPES\tLOAD\tHEALTH\tGPU\tAGE")
 	for _, p := range peers {
 		id := p.Peer
+		var marks []string
 		if p.Self {
-			id += " (self)"
+			marks = append(marks, "self")
+		}
+		if p.Relay {
+			marks = append(marks, "relay")
+		}
+		if len(marks) > 0 {
+			id += " (" + strings.Join(marks, ", ") + ")"
 		}
 		var models []string
 		typeSet := map[string]bool{}
@@ -66,6 +99,11 @@ func printPeers(w io.Writer, peers []router.PeerView) error {
 				}
 			}
 		}
+		if len(p.Models) == 0 {
+			// Not a worker: this node serving nothing, or a relay.
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t%s\t%s\n", id, orDash(gpuSummary(p.GPUs)), age(p))
+			continue
+		}
 		load := fmt.Sprintf("%d/%d", p.InFlight, p.MaxConcurrency)
 		if p.Queued > 0 {
 			load += fmt.Sprintf(" +%d queued", p.Queued)
@@ -78,9 +116,18 @@ func printPeers(w io.Writer, peers []router.PeerView) error {
 			health += " (" + p.Breaker + ")"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(models, ",")), orDash(strings.Join(types, ",")),
-			load, health, orDash(gpuSummary(p.GPUs)), (time.Duration(p.AgeMs) * time.Millisecond).Round(100*time.Millisecond))
+			load, health, orDash(gpuSummary(p.GPUs)), age(p))
 	}
 	return tw.Flush()
+}
+
+// age is how old a row's announcement is; "-" for this node's own row
+// when it announces nothing.
+func age(p api.Peer) string {
+	if p.Self && len(p.Models) == 0 {
+		return "-"
+	}
+	return (time.Duration(p.AgeMs) * time.Millisecond).Round(100 * time.Millisecond).String()
 }
 
 // gpuSummary is one short line per GPU: name, free/total VRAM, use, power.

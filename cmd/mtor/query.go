@@ -151,6 +151,11 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 		defer eph.close()
+		// A join address that does not answer is the error, not that no
+		// model appeared afterwards.
+		if err := eph.n.WaitJoined(ctx); err != nil {
+			return fmt.Errorf("could not connect to the swarm: %w", err)
+		}
 		if q.Model == "" || !hasModel(eph.n.Router().Models(), q.Model, typ) {
 			if err := eph.waitForModel(ctx, q.Model, typ, f.wait); err != nil && q.Model == "" {
 				return err

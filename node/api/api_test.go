@@ -63,6 +63,10 @@ func TestAgainstRealSwarm(t *testing.T) {
 		if id.Join != s.Bootstrap.JoinLine() || len(id.Addrs) == 0 || !strings.HasSuffix(id.Addrs[0], "/p2p/"+id.Peer) {
 			t.Fatalf("join or addrs wrong: %+v", id)
 		}
+		// The node's state: a bootstrap on loopback with two workers.
+		if id.Roles == nil || id.Backends == nil || id.Reachability != "loopback only (this machine)" || id.ConnectedPeers < 2 {
+			t.Fatalf("state wrong: %+v", id)
+		}
 	})
 
 	t.Run("peers and models", func(t *testing.T) {
@@ -70,8 +74,11 @@ func TestAgainstRealSwarm(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		seen := 0
+		seen, self := 0, 0
 		for _, p := range peers {
+			if p.Self && p.Peer == s.Bootstrap.ID().String() {
+				self++ // listed although it serves nothing
+			}
 			if workers[p.Peer] {
 				seen++
 				if len(p.Models) == 0 || p.Models[0].Name != "demo" {
@@ -79,8 +86,8 @@ func TestAgainstRealSwarm(t *testing.T) {
 				}
 			}
 		}
-		if seen != len(workers) {
-			t.Fatalf("peers lists %d of %d workers: %+v", seen, len(workers), peers)
+		if seen != len(workers) || self != 1 {
+			t.Fatalf("peers lists %d of %d workers and %d self rows: %+v", seen, len(workers), self, peers)
 		}
 		models, err := c.Models(ctx)
 		if err != nil {

@@ -33,6 +33,16 @@ const (
 // can say that the node is probably not running.
 var ErrUnreachable = errors.New("control API unreachable")
 
+// RefusedError is the API refusing a request before any query: a client it
+// does not serve (403), or an endpoint it does not have (404).
+type RefusedError struct {
+	Status  int
+	Code    string
+	Message string
+}
+
+func (e *RefusedError) Error() string { return "control API refused the request: " + e.Message }
+
 // Client talks to a node's control API.
 type Client struct {
 	base string
@@ -73,8 +83,8 @@ func (c *Client) ID(ctx context.Context) (*IDInfo, error) {
 }
 
 // Peers returns the node's peer table.
-func (c *Client) Peers(ctx context.Context) ([]router.PeerView, error) {
-	var v []router.PeerView
+func (c *Client) Peers(ctx context.Context) ([]Peer, error) {
+	var v []Peer
 	if err := c.get(ctx, "/v1/peers", &v); err != nil {
 		return nil, err
 	}
@@ -199,6 +209,10 @@ func readError(resp *http.Response) error {
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if err := json.Unmarshal(b, &body); err != nil || body.Error.Code == "" {
 		return fmt.Errorf("control API answered %s: %s", resp.Status, strings.TrimSpace(string(b)))
+	}
+	switch body.Error.Code {
+	case CodeForbidden, CodeNotFound:
+		return &RefusedError{Status: resp.StatusCode, Code: body.Error.Code, Message: body.Error.Message}
 	}
 	return body.Error.ProtoError()
 }

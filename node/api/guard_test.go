@@ -26,13 +26,13 @@ func TestRefusedBeforeRouting(t *testing.T) {
 		wantCode int
 		wantErr  string
 	}{
-		{name: "remote client", method: "GET", path: "/v1/id", remote: "192.0.2.7:4444", wantCode: 403, wantErr: "BAD_REQUEST"},
-		{name: "remote client v6", method: "GET", path: "/v1/peers", remote: "[2001:db8::1]:4444", wantCode: 403, wantErr: "BAD_REQUEST"},
-		{name: "rebinding host", method: "GET", path: "/v1/id", host: "evil.example:5050", wantCode: 403, wantErr: "BAD_REQUEST"},
-		{name: "browser origin", method: "GET", path: "/v1/peers", header: map[string]string{"Origin": "http://evil.example"}, wantCode: 403, wantErr: "BAD_REQUEST"},
-		{name: "browser origin allowed remote", method: "GET", path: "/v1/peers", allow: true, remote: "192.0.2.7:1", header: map[string]string{"Origin": "null"}, wantCode: 403, wantErr: "BAD_REQUEST"},
-		{name: "unknown endpoint", method: "GET", path: "/v2/nothing", wantCode: 404, wantErr: "BAD_REQUEST"},
-		{name: "wrong method", method: "DELETE", path: "/v1/query", wantCode: 404, wantErr: "BAD_REQUEST"},
+		{name: "remote client", method: "GET", path: "/v1/id", remote: "192.0.2.7:4444", wantCode: 403, wantErr: "FORBIDDEN"},
+		{name: "remote client v6", method: "GET", path: "/v1/peers", remote: "[2001:db8::1]:4444", wantCode: 403, wantErr: "FORBIDDEN"},
+		{name: "rebinding host", method: "GET", path: "/v1/id", host: "evil.example:5050", wantCode: 403, wantErr: "FORBIDDEN"},
+		{name: "browser origin", method: "GET", path: "/v1/peers", header: map[string]string{"Origin": "http://evil.example"}, wantCode: 403, wantErr: "FORBIDDEN"},
+		{name: "browser origin allowed remote", method: "GET", path: "/v1/peers", allow: true, remote: "192.0.2.7:1", header: map[string]string{"Origin": "null"}, wantCode: 403, wantErr: "FORBIDDEN"},
+		{name: "unknown endpoint", method: "GET", path: "/v2/nothing", wantCode: 404, wantErr: "NOT_FOUND"},
+		{name: "wrong method", method: "DELETE", path: "/v1/query", wantCode: 404, wantErr: "NOT_FOUND"},
 		{name: "not json", method: "POST", path: "/v1/query", body: `{"model":"demo","prompt":"hi"}`, header: map[string]string{"Content-Type": "text/plain"}, wantCode: 415, wantErr: "BAD_REQUEST"},
 		{name: "bad json", method: "POST", path: "/v1/query", body: `{"model":`, wantCode: 400, wantErr: "BAD_REQUEST"},
 		{name: "unknown field", method: "POST", path: "/v1/query", body: `{"model":"demo","prompt":"hi","temperature":1}`, wantCode: 400, wantErr: "BAD_REQUEST"},

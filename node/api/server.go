@@ -10,12 +10,15 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"slices"
+	"sort"
 	"time"
 
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/api/hostcheck"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
@@ -138,7 +141,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/models", s.handleModels)
 	mux.HandleFunc("POST /v1/query", s.handleQuery)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, protocol.Errorf(protocol.CodeBadRequest, "no such endpoint: %s %s", r.Method, r.URL.Path))
+		writeJSON(w, http.StatusNotFound, ErrorBody{Error: ErrorEvent{Code: CodeNotFound,
+			Message: fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path)}})
 	})
 	return s.guard(mux)
 }
@@ -152,19 +156,16 @@ func (s *Server) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.allowRemote {
 			if !hostcheck.LoopbackAddr(r.RemoteAddr) {
-				writeError(w, http.StatusForbidden, protocol.Errorf(protocol.CodeBadRequest,
-					"the control API serves only this machine (client %s)", r.RemoteAddr))
+				writeForbidden(w, fmt.Sprintf("the control API serves only this machine (client %s)", r.RemoteAddr))
 				return
 			}
 			if !hostcheck.Loopback(r.Host) {
-				writeError(w, http.StatusForbidden, protocol.Errorf(protocol.CodeBadRequest,
-					"host %q is not a loopback address", r.Host))
+				writeForbidden(w, fmt.Sprintf("host %q is not a loopback address", r.Host))
 				return
 			}
 		}
 		if r.Header.Get("Origin") != "" || r.Header.Get("Sec-Fetch-Site") == "cross-site" {
-			writeError(w, http.StatusForbidden, protocol.Errorf(protocol.CodeBadRequest,
-				"browsers are not served by the control API; use the bridge (--bridge)"))
+			writeForbidden(w, "browsers are not served by the control API; use the bridge (--bridge)")
 			return
 		}
 		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(writeTimeout))
@@ -184,15 +185,63 @@ func (s *Server) handleID(w http.ResponseWriter, r *http.Request) {
 	for _, a := range addrs {
 		info.Addrs = append(info.Addrs, a.String())
 	}
+	info.Roles, info.Backends = []string{}, []node.BackendState{}
+	if st, ok := s.state(); ok {
+		info.Roles = append(info.Roles, st.Roles...)
+		info.Reachability = st.Reachability
+		info.ConnectedPeers = st.ConnectedPeers
+		info.SwarmPeers = st.SwarmPeers
+		info.Joining, info.JoinError = st.Joining, st.JoinError
+		info.Backends = append(info.Backends, st.Backends...)
+	}
 	writeJSON(w, http.StatusOK, info)
 }
 
-func (s *Server) handlePeers(w http.ResponseWriter, r *http.Request) {
-	peers := s.router.Peers()
-	if peers == nil {
-		peers = []router.PeerView{}
+// stater is a Node that can tell its state; *node.Node is one.
+type stater interface{ State() node.State }
+
+func (s *Server) state() (node.State, bool) {
+	if n, ok := s.node.(stater); ok {
+		return n.State(), true
 	}
-	writeJSON(w, http.StatusOK, peers)
+	return node.State{}, false
+}
+
+// handlePeers lists the router's workers, marks relays, and adds this
+// node's own row (with its backends' states, so that an operator sees why
+// it serves nothing) and the relays that serve no model.
+func (s *Server) handlePeers(w http.ResponseWriter, r *http.Request) {
+	views := s.router.Peers()
+	st, hasState := s.state()
+	out := make([]Peer, 0, len(views)+1)
+	self := ""
+	if s.node != nil {
+		self = s.node.ID().String()
+	}
+	seen := map[string]bool{}
+	for _, v := range views {
+		p := Peer{PeerView: v, Relay: slices.Contains(v.Roles, "relay")}
+		if v.Peer == self {
+			p.Self = true
+			p.Backends = st.Backends
+		}
+		seen[v.Peer] = true
+		out = append(out, p)
+	}
+	if hasState && !seen[self] {
+		out = append(out, Peer{PeerView: router.PeerView{Peer: self, Self: true, Version: s.version,
+			Roles: append([]string{}, st.Roles...), Models: []router.ModelStat{}, GPUs: []router.GPUView{}},
+			Relay: slices.Contains(st.Roles, "relay"), Backends: st.Backends})
+	}
+	for _, rp := range st.Relays {
+		if seen[rp.Peer.String()] {
+			continue
+		}
+		out = append(out, Peer{PeerView: router.PeerView{Peer: rp.Peer.String(), Roles: rp.Roles,
+			Models: []router.ModelStat{}, GPUs: []router.GPUView{}, AgeMs: rp.Age.Milliseconds()}, Relay: true})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
@@ -420,6 +469,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	h.Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(status)
 	_, _ = w.Write(append(b, '\n'))
+}
+
+// writeForbidden refuses a client the API does not serve. Its code is the
+// API's own FORBIDDEN: no query was looked at, so no protocol code fits.
+func writeForbidden(w http.ResponseWriter, msg string) {
+	writeJSON(w, http.StatusForbidden, ErrorBody{Error: ErrorEvent{Code: CodeForbidden, Message: msg}})
 }
 
 func writeError(w http.ResponseWriter, status int, e *protocol.Error) {

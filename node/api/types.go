@@ -14,17 +14,43 @@
 package api
 
 import (
+	"github.com/mtor-swarm/mtor/node"
+	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
-// IDInfo is the answer of GET /v1/id.
+// IDInfo is the answer of GET /v1/id. The fields after Join tell the
+// node's state; they are empty when the server has no state source.
 type IDInfo struct {
 	Peer    string   `json:"peer"`
 	Swarm   string   `json:"swarm"`
 	Version string   `json:"version"`
 	Addrs   []string `json:"addrs"`
 	Join    string   `json:"join"`
+	// Roles are what the node does: worker, bridge, relay.
+	Roles []string `json:"roles"`
+	// Reachability: public, behind NAT, behind NAT, relayed via …,
+	// loopback only, unknown (checking).
+	Reachability string `json:"reachability,omitempty"`
+	// ConnectedPeers counts libp2p connections; SwarmPeers the other
+	// peers whose announcements the node holds.
+	ConnectedPeers int `json:"connected_peers"`
+	SwarmPeers     int `json:"swarm_peers"`
+	// Joining: join peers were given and none answers yet; JoinError says
+	// why the last attempt failed.
+	Joining   bool                `json:"joining,omitempty"`
+	JoinError string              `json:"join_error,omitempty"`
+	Backends  []node.BackendState `json:"backends"`
+}
+
+// Peer is one row of GET /v1/peers: a worker as the router sees it, plus
+// this node's backends on its own row, which is listed even when it serves
+// nothing, and relays that serve no model.
+type Peer struct {
+	router.PeerView
+	Relay    bool                `json:"relay,omitempty"`
+	Backends []node.BackendState `json:"backends,omitempty"`
 }
 
 // Attachment is a media attachment; Data is base64 in JSON.
@@ -144,6 +170,13 @@ type ErrorEvent struct {
 	Message   string `json:"message"`
 	Retryable bool   `json:"retryable"`
 }
+
+// Codes of the API's own refusals, which concern the HTTP request rather
+// than a query, so the protocol's codes do not fit them.
+const (
+	CodeForbidden = "FORBIDDEN" // 403: not a client the API serves
+	CodeNotFound  = "NOT_FOUND" // 404: no such endpoint
+)
 
 // ErrorBody is the JSON body of every non-2xx answer.
 type ErrorBody struct {

@@ -40,6 +40,10 @@ func Parse(s, label string) (backend.Backend, error) {
 	if !ok {
 		return nil, fmt.Errorf("backend %q: want KIND=URL or demo (kinds: %s)", s, Kinds)
 	}
+	// The kind first: "foo=bar" is an unknown kind, not a bad URL.
+	if !knownKind(kind) {
+		return nil, fmt.Errorf("backend %q: unknown backend kind %q (kinds: %s)", s, kind, Kinds)
+	}
 	rawURL, params, err := splitParams(rest)
 	if err != nil {
 		return nil, fmt.Errorf("backend %q: %w", s, err)
@@ -133,4 +137,13 @@ func build(kind, u string, params map[string]string) (backend.Backend, error) {
 		return a1111.New(u)
 	}
 	return buildHTTP(kind, u, params)
+}
+
+// knownKind reports whether kind is one of the KIND=URL kinds of Kinds.
+func knownKind(kind string) bool {
+	switch kind {
+	case "ollama", "openai", "rentahal", "a1111":
+		return true
+	}
+	return false
 }

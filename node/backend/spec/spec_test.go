@@ -31,6 +31,7 @@ func TestParse(t *testing.T) {
 		{"ollama=ftp://x", "", "not an http(s) URL"},
 		{"ollama", "", "want KIND=URL"},
 		{"vllm=http://127.0.0.1:8000", "", "unknown backend kind"},
+		{"foo=bar", "", `unknown backend kind "foo" (kinds: demo, ollama=URL`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.spec, func(t *testing.T) {

@@ -1,0 +1,381 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
+)
+
+// Join timing: how long the first dial of the join peers may take before
+// the operator is warned, and the backoff of the retries after it.
+const (
+	DefaultJoinTimeout = 5 * time.Second
+	joinRetryMin       = 2 * time.Second
+	joinRetryMax       = time.Minute
+	// joinSettle lets the first join peer introduce a few others before
+	// the node says how many peers it is connected to.
+	joinSettle = time.Second
+	// alonePoll is how often a joined node checks that it still has peers.
+	alonePoll = time.Second
+)
+
+// ErrJoinUnreachable: no join peer could be reached.
+var ErrJoinUnreachable = errors.New("no join peer answered")
+
+// NoticeKind says what a Notice is about.
+type NoticeKind int
+
+// Kinds of notices.
+const (
+	NoticeBackend      NoticeKind = iota + 1 // a backend's state changed
+	NoticeJoin                               // joined, could not join, or lost every peer
+	NoticeReachability                       // how other peers can reach this node changed
+)
+
+// Notice is a change of the node's state that its operator should see at
+// once, whatever the log level: a backend going down or up, the join
+// succeeding or failing, reachability.
+type Notice struct {
+	Kind    NoticeKind
+	Warning bool   // something is wrong and the operator may have to act
+	Text    string // one line, without a trailing newline
+}
+
+// WithNotify sets where the node reports notices; f must not block long.
+// Changes are reported, not the state at start: State has that.
+func WithNotify(f func(Notice)) Option {
+	return func(c *config) error { c.notify = f; return nil }
+}
+
+// WithJoinTimeout bounds the first dial of the join peers: after it the
+// node warns that none answered, and keeps trying with backoff.
+func WithJoinTimeout(d time.Duration) Option {
+	return func(c *config) error {
+		if d <= 0 {
+			return fmt.Errorf("join timeout %s: must be positive", d)
+		}
+		c.joinTimeout = d
+		return nil
+	}
+}
+
+// RelayPeer is a swarm peer that announces the relay role.
+type RelayPeer struct {
+	Peer  peer.ID
+	Roles []string
+	Age   time.Duration // since its last announcement
+}
+
+// State is what the node tells about itself: its roles, how others reach
+// it, how connected it is, and its backends.
+type State struct {
+	Roles          []string
+	Reachability   string    // public, behind NAT, relayed via …, loopback only, unknown
+	RelayedVia     []peer.ID // relays holding a reservation for us
+	ConnectedPeers int       // libp2p connections, to any peer
+	SwarmPeers     int       // other peers whose announcements we hold
+	Joining        bool      // join peers given and none connected yet
+	JoinError      string    // why the last join attempt failed
+	Backends       []BackendState
+	Relays         []RelayPeer // swarm relays we know of
+	ProbeInterval  time.Duration
+}
+
+// status holds the parts of State that loops update.
+type status struct {
+	mu         sync.Mutex
+	reach      network.Reachability
+	joining    bool
+	joinErr    error
+	joined     chan struct{} // closed at the first successful join
+	joinFailed chan struct{} // closed when the first join attempt failed
+	joinedOnce sync.Once
+	failedOnce sync.Once
+}
+
+func (n *Node) notify(kind NoticeKind, warning bool, format string, args ...any) {
+	text := fmt.Sprintf(format, args...)
+	if warning {
+		log.Warn(text)
+	} else {
+		log.Info(text)
+	}
+	if n.cfg.notify != nil {
+		n.cfg.notify(Notice{Kind: kind, Warning: warning, Text: text})
+	}
+}
+
+// onBackendChange reports a backend's new state; the first probe's result
+// is the starting state, which State reports.
+func (n *Node) onBackendChange(prev, next BackendState) {
+	if prev.State == BackendStarting {
+		return
+	}
+	if next.State == BackendDown {
+		n.notify(NoticeBackend, true, "%s; retrying every %s", next, healthProbeInterval)
+		return
+	}
+	n.notify(NoticeBackend, false, "%s", next)
+}
+
+// State reports the node's state now.
+func (n *Node) State() State {
+	st := State{
+		Roles:          slices.Clone(n.roles),
+		ConnectedPeers: len(n.h.Network().Peers()),
+		ProbeInterval:  healthProbeInterval,
+	}
+	st.Reachability, st.RelayedVia = n.reachability()
+	n.st.mu.Lock()
+	st.Joining = n.st.joining
+	if n.st.joinErr != nil {
+		st.JoinError = n.st.joinErr.Error()
+	}
+	n.st.mu.Unlock()
+	for _, w := range n.watched {
+		st.Backends = append(st.Backends, w.state())
+	}
+	now := time.Now()
+	for _, e := range n.disc.Table().Snapshot() {
+		if e.Self {
+			continue
+		}
+		st.SwarmPeers++
+		if roles := e.Announce.GetRoles(); slices.Contains(roles, "relay") {
+			st.Relays = append(st.Relays, RelayPeer{Peer: e.Peer, Roles: slices.Clone(roles), Age: now.Sub(e.Received)})
+		}
+	}
+	return st
+}
+
+// reachability says how other peers reach this node: libp2p's AutoNAT
+// verdict, or the relays it holds reservations on.
+func (n *Node) reachability() (string, []peer.ID) {
+	var via []peer.ID
+	loopback := true
+	for _, a := range n.h.Addrs() {
+		if _, err := a.ValueForProtocol(ma.P_CIRCUIT); err == nil {
+			if id, err := peer.IDFromP2PAddr(a); err == nil && !slices.Contains(via, id) {
+				via = append(via, id)
+			}
+			continue
+		}
+		loopback = loopback && manet.IsIPLoopback(a)
+	}
+	n.st.mu.Lock()
+	reach := n.st.reach
+	n.st.mu.Unlock()
+	switch {
+	case len(via) > 0:
+		ids := make([]string, len(via))
+		for i, id := range via {
+			ids[i] = id.String()
+		}
+		return "behind NAT, relayed via " + strings.Join(ids, ", "), via
+	case reach == network.ReachabilityPublic:
+		return "public", nil
+	case reach == network.ReachabilityPrivate:
+		return "behind NAT (looking for a relay)", nil
+	case loopback:
+		return "loopback only (this machine)", nil
+	}
+	return "unknown (checking)", nil
+}
+
+// reachLoop follows libp2p's reachability verdicts and our addresses (a
+// relay reservation adds one) and reports changes.
+func (n *Node) reachLoop(sub event.Subscription) {
+	defer sub.Close()
+	last, _ := n.reachability()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case e, ok := <-sub.Out():
+			if !ok {
+				return
+			}
+			if ev, ok := e.(event.EvtLocalReachabilityChanged); ok {
+				n.st.mu.Lock()
+				n.st.reach = ev.Reachability
+				n.st.mu.Unlock()
+			}
+			if text, _ := n.reachability(); text != last {
+				last = text
+				n.notify(NoticeReachability, false, "reachability: %s", text)
+			}
+		}
+	}
+}
+
+// joinLoop dials the join peers until one answers, warning once when none
+// answered within the join timeout and retrying with backoff; once joined
+// it says how many peers the node is connected to, and starts over when
+// every peer is gone (the join peer restarted, the network went away).
+func (n *Node) joinLoop(boot []peer.AddrInfo) {
+	backoff := joinRetryMin
+	warned := false
+	for {
+		err := n.dialJoin(n.ctx, boot)
+		if n.ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			n.st.mu.Lock()
+			n.st.joinErr = err
+			n.st.mu.Unlock()
+			n.st.failedOnce.Do(func() { close(n.st.joinFailed) })
+			if !warned {
+				n.notify(NoticeJoin, true, "%v; the node runs alone until one does (retrying with backoff; check the join token or address)", err)
+				warned = true
+			} else {
+				log.Infow("join retry failed", "err", err, "next", backoff)
+			}
+			if !sleepCtx(n.ctx, backoff) {
+				return
+			}
+			backoff = min(2*backoff, joinRetryMax)
+			continue
+		}
+		n.st.mu.Lock()
+		n.st.joining, n.st.joinErr = false, nil
+		n.st.mu.Unlock()
+		if !sleepCtx(n.ctx, joinSettle) {
+			return
+		}
+		n.st.joinedOnce.Do(func() { close(n.st.joined) })
+		n.notify(NoticeJoin, false, "connected to %d peers of swarm %s", len(n.h.Network().Peers()), n.cfg.swarm)
+		if !n.waitAlone() {
+			return
+		}
+		n.st.mu.Lock()
+		n.st.joining = true
+		n.st.mu.Unlock()
+		n.notify(NoticeJoin, true, "lost every peer of swarm %s; dialling the join peers again", n.cfg.swarm)
+		backoff, warned = joinRetryMin, true
+	}
+}
+
+// dialJoin dials every join peer at once; nil when at least one answered.
+func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
+	ctx, cancel := context.WithTimeout(ctx, n.cfg.joinTimeout)
+	defer cancel()
+	var (
+		mu      sync.Mutex
+		reached bool
+		errs    []string
+		wg      sync.WaitGroup
+	)
+	for _, ai := range boot {
+		wg.Go(func() {
+			err := n.h.Connect(ctx, ai)
+			mu.Lock()
+			defer mu.Unlock()
+			if err == nil {
+				reached = true
+				return
+			}
+			errs = append(errs, fmt.Sprintf("%s: %s", joinAddr(ai), dialCause(err, n.cfg.joinTimeout)))
+		})
+	}
+	wg.Wait()
+	if reached || len(errs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w (%s)", ErrJoinUnreachable, strings.Join(errs, "; "))
+}
+
+// waitAlone returns true once the node has had no peer for two polls in a
+// row, false when the node stops.
+func (n *Node) waitAlone() bool {
+	t := time.NewTicker(alonePoll)
+	defer t.Stop()
+	empty := 0
+	for {
+		select {
+		case <-n.ctx.Done():
+			return false
+		case <-t.C:
+		}
+		if len(n.h.Network().Peers()) > 0 {
+			empty = 0
+			continue
+		}
+		if empty++; empty >= 2 {
+			return true
+		}
+	}
+}
+
+// WaitJoined waits until a join peer answered (nil), the first attempt
+// failed (an error wrapping ErrJoinUnreachable) or ctx ends. A node with
+// no join peers has nothing to wait for.
+func (n *Node) WaitJoined(ctx context.Context) error {
+	if len(n.joinPeers) == 0 {
+		return nil
+	}
+	select {
+	case <-n.st.joined:
+		return nil
+	case <-n.st.joinFailed:
+		n.st.mu.Lock()
+		defer n.st.mu.Unlock()
+		if n.st.joinErr == nil { // joined since
+			return nil
+		}
+		return n.st.joinErr
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// joinAddr is a join peer as people wrote it: its first address.
+func joinAddr(ai peer.AddrInfo) string {
+	if len(ai.Addrs) == 0 {
+		return ai.ID.String()
+	}
+	return ai.Addrs[0].String()
+}
+
+// dialCause is the reason a dial failed in a few words, instead of
+// libp2p's multi-line report of every address tried.
+func dialCause(err error, timeout time.Duration) string {
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "connection refused"
+	case errors.Is(err, context.DeadlineExceeded):
+		return fmt.Sprintf("no answer within %s", timeout)
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return "no route to host"
+	}
+	s := err.Error()
+	if strings.Contains(s, "peer id mismatch") {
+		return "a different peer answers at that address (is the join token stale?)"
+	}
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	return strings.TrimSpace(s)
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
