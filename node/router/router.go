@@ -97,6 +97,34 @@ type peerState struct {
 	tracker     *health.Tracker
 	ttft        float64 // EWMA, ms, as seen from here (network included)
 	service     float64 // EWMA, ms, total time of a query
+	// A peer that could not be dialled is "not reachable yet" (behind NAT
+	// before its relay reservation, say), not failing: it is left out
+	// until it announces again or announces other addresses, and its
+	// breaker is not touched.
+	unreachableAt time.Time
+	addrsKey      string // the addresses it announced, as one string
+}
+
+// unreachableLocked reports whether c is still unreachable: it failed a
+// dial and has not announced since.
+func (st *peerState) unreachableLocked(c Candidate) bool {
+	return !st.unreachableAt.IsZero() && st.unreachableAt.After(c.Received) && st.addrsKey == addrsKey(c.Announce)
+}
+
+// addrsKey is the announced address set of a, as one comparable string.
+func addrsKey(a *pb.Announce) string {
+	var b strings.Builder
+	for _, ad := range a.GetAddrs() {
+		b.Write(ad)
+		b.WriteByte(0)
+	}
+	return b.String()
+}
+
+// isRelayed reports whether c runs through a relay.
+func isRelayed(c network.Conn) bool {
+	_, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_CIRCUIT)
+	return err == nil
 }
 
 // Router routes queries. It is safe for concurrent use.
@@ -222,6 +250,13 @@ func modelInfo(a *pb.Announce, model string, t pb.QueryType) *pb.ModelInfo {
 
 // rank scores every capable, available candidate, best first.
 func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool) {
+	ranked, known, _ = r.rankCounting(model, t)
+	return ranked, known
+}
+
+// rankCounting is rank that also counts the capable peers left out as
+// not reachable yet.
+func (r *Router) rankCounting(model string, t pb.QueryType) (ranked []scored, known bool, unreachable int) {
 	cands := r.table.Candidates()
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -245,6 +280,11 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 		}
 		st := r.state(c.Peer)
 		r.noteIncarnationLocked(c, st)
+		r.noteAddrsLocked(c, st)
+		if st.unreachableLocked(c) {
+			unreachable++
+			continue
+		}
 		if !st.tracker.Available() {
 			continue
 		}
@@ -258,7 +298,29 @@ func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool
 		}
 		return ranked[i].score < ranked[j].score
 	})
-	return ranked, known
+	return ranked, known, unreachable
+}
+
+// noteAddrsLocked starts afresh with a peer that announces new addresses
+// (a relayed one once it holds a reservation, a new public one): failures
+// to reach it by the old ones say nothing of the new.
+func (r *Router) noteAddrsLocked(c Candidate, st *peerState) {
+	key := addrsKey(c.Announce)
+	if key == st.addrsKey {
+		return
+	}
+	changed := st.addrsKey != ""
+	st.addrsKey = key
+	if !changed {
+		return
+	}
+	st.unreachableAt = time.Time{}
+	if !st.tracker.Available() {
+		st.tracker = health.New(r.trackerOpts...)
+	}
+	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(c.Peer)
+	}
 }
 
 // noteIncarnationLocked starts afresh with a peer that restarted: the
@@ -423,13 +485,16 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 
 	q := &query{req: req, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
 		continuable: req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION}
-	ranked, known := r.rank(req.GetModel(), req.GetType())
+	ranked, known, unreachable := r.rankCounting(req.GetModel(), req.GetType())
 	fromDHT := false
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
 		fromDHT = len(ranked) > 0
 	}
 	if len(ranked) == 0 {
+		if known && unreachable > 0 {
+			return nil, protocol.Errorf(protocol.CodeUnavailable, "no reachable peer serves model %q for %s right now: %d worker(s) unreachable (behind NAT and not yet reachable through a relay?); retry shortly", req.GetModel(), protocol.TypeName(req.GetType()), unreachable)
+		}
 		if known {
 			return nil, protocol.Errorf(protocol.CodeUnsupported, "no available peer serves model %q for %s right now (all draining or failing)", req.GetModel(), protocol.TypeName(req.GetType()))
 		}
@@ -903,6 +968,10 @@ func (r *Router) recordLocked(st *peerState, err error, first, start, end time.T
 	if !errors.As(err, &pf) {
 		return
 	}
+	if pf.kind == failUnreachable {
+		st.unreachableAt = end
+		return
+	}
 	if pf.kind == failSilent || pf.kind == failDied {
 		st.tracker.Record(health.Timeout)
 		return
@@ -948,6 +1017,10 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, emi
 	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
 	r.ensureAddrs(dctx, c)
 	s, err := r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
+	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
+		// The addresses we had did not work, and there are others now.
+		s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
+	}
 	cancel()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -1040,6 +1113,36 @@ func (r *Router) ensureAddrs(ctx context.Context, c scored) {
 	r.h.Peerstore().AddAddrs(p, ai.Addrs, peerstore.TempAddrTTL)
 }
 
+// reresolve looks a peer's addresses up again after a failed dial (a
+// worker behind NAT gains a relayed address; a restarted one, new ports)
+// and clears the dial back-off. It reports whether it found addresses we
+// did not have.
+func (r *Router) reresolve(ctx context.Context, p peer.ID) bool {
+	if r.finder == nil {
+		return false
+	}
+	ai, err := r.finder.FindPeer(ctx, p)
+	if err != nil {
+		log.Debugw("find peer after a failed dial", "peer", p, "err", err.Error())
+		return false
+	}
+	known := r.h.Peerstore().Addrs(p)
+	fresh := false
+	for _, a := range ai.Addrs {
+		if !slices.ContainsFunc(known, a.Equal) {
+			fresh = true
+		}
+	}
+	if !fresh {
+		return false
+	}
+	r.h.Peerstore().AddAddrs(p, ai.Addrs, peerstore.TempAddrTTL)
+	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(p)
+	}
+	return true
+}
+
 // announcedAddrs parses the addresses of an announcement, skipping bad ones.
 func announcedAddrs(a *pb.Announce) []ma.Multiaddr {
 	var out []ma.Multiaddr
@@ -1071,6 +1174,13 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 	log.Debugw("query stream failed", "peer", p, "accepted", accepted, "err", err)
 	var te interface{ Timeout() bool }
 	silent := errors.As(err, &te) && te.Timeout()
+	if isRelayed(s.Conn()) && !silent && r.hasOtherPath(s.Conn()) {
+		// The relay (or its connection to either side) went away, not
+		// necessarily the worker: try it again over another path — a
+		// direct connection or its other relay — at no cost.
+		_ = s.Conn().Close()
+		return staleConn{protocol.Errorf(protocol.CodeUnavailable, "the relay to worker %s went away", ShortID(p))}
+	}
 	if r.checker != nil {
 		if r.checker.Dead(s.Conn()) && r.h.Network().Connectedness(p) == network.Connected {
 			// The stream ran on a connection to the peer's previous
@@ -1088,6 +1198,25 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 		return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s went silent while answering", ShortID(p))}
 	}
 	return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s died while answering", ShortID(p))}
+}
+
+// hasOtherPath reports whether the peer of a broken relayed connection
+// can be reached another way: another connection, or an address that is
+// not through the same relay.
+func (r *Router) hasOtherPath(broken network.Conn) bool {
+	p := broken.RemotePeer()
+	for _, c := range r.h.Network().ConnsToPeer(p) {
+		if c != broken && !c.IsClosed() {
+			return true
+		}
+	}
+	relay, _ := broken.RemoteMultiaddr().ValueForProtocol(ma.P_P2P)
+	for _, a := range r.h.Peerstore().Addrs(p) {
+		if v, err := a.ValueForProtocol(ma.P_P2P); err != nil || v != relay {
+			return true
+		}
+	}
+	return false
 }
 
 // ShortID is the short form of a peer ID used in messages: the last six
