@@ -127,17 +127,27 @@ func WithReachability(r Reachability) Option {
 func WithAnnounceAddrs(addrs ...string) Option {
 	return func(c *config) error {
 		for _, s := range addrs {
-			m, err := ma.NewMultiaddr(s)
+			m, err := ParseAnnounceAddr(s)
 			if err != nil {
-				return fmt.Errorf("announce address %q: %w", s, err)
-			}
-			if _, err := m.ValueForProtocol(ma.P_P2P); err == nil {
-				return fmt.Errorf("announce address %q: leave out /p2p/<id>", s)
+				return err
 			}
 			c.announce = append(c.announce, m)
 		}
 		return nil
 	}
+}
+
+// ParseAnnounceAddr checks an --announce value: a multiaddr without
+// /p2p/<id>.
+func ParseAnnounceAddr(s string) (ma.Multiaddr, error) {
+	m, err := ma.NewMultiaddr(s)
+	if err != nil {
+		return nil, fmt.Errorf("announce address %q: %w", s, err)
+	}
+	if _, err := m.ValueForProtocol(ma.P_P2P); err == nil {
+		return nil, fmt.Errorf("announce address %q: leave out /p2p/<id>", s)
+	}
+	return m, nil
 }
 
 // WithRelays sets how many relay reservations a private node holds

@@ -17,6 +17,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -48,6 +49,12 @@ type Node interface {
 	SwarmName() string
 	Addrs() []multiaddr.Multiaddr
 	JoinLine() string
+}
+
+// Reachable is a Node that knows whether peers outside its network can
+// dial it (*node.Node is one); /v1/id then reports it.
+type Reachable interface {
+	Reachability() node.ReachabilityInfo
 }
 
 // Router is the part of the router the API uses; *router.Router has it.
@@ -205,6 +212,17 @@ func (s *Server) handleID(w http.ResponseWriter, r *http.Request) {
 	}
 	for _, a := range addrs {
 		info.Addrs = append(info.Addrs, a.String())
+	}
+	if rn, ok := s.node.(Reachable); ok {
+		ri := rn.Reachability()
+		info.Reachability, info.ReachabilityHow = ri.Status.String(), ri.How
+		for _, r := range ri.Relays {
+			rv := RelayView{Peer: r.Peer.String(), Addrs: []string{}, ExpiresMs: r.Expires.UnixMilli()}
+			for _, a := range r.Addrs {
+				rv.Addrs = append(rv.Addrs, a.String())
+			}
+			info.Relays = append(info.Relays, rv)
+		}
 	}
 	writeJSON(w, http.StatusOK, info)
 }

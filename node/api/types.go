@@ -25,6 +25,18 @@ type IDInfo struct {
 	Version string   `json:"version"`
 	Addrs   []string `json:"addrs"`
 	Join    string   `json:"join"`
+	// Reachability: "public", "private" (reached through Relays) or
+	// "unknown"; ReachabilityHow says how the node knows.
+	Reachability    string      `json:"reachability,omitempty"`
+	ReachabilityHow string      `json:"reachability_how,omitempty"`
+	Relays          []RelayView `json:"relays,omitempty"`
+}
+
+// RelayView is a relay reservation the node holds.
+type RelayView struct {
+	Peer      string   `json:"peer"`
+	Addrs     []string `json:"addrs"`
+	ExpiresMs int64    `json:"expires_unix_ms"`
 }
 
 // Attachment is a media attachment; Data is base64 in JSON.
