@@ -350,6 +350,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	h.SetStreamHandler(qproto, n.worker.HandleStream)
 
 	n.live = liveness.New(h)
+	relays.probe = n.live.Suspect
 	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live)}
 	if len(cfg.backends) > 0 {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))

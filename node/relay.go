@@ -120,6 +120,10 @@ type relayKeeper struct {
 	announced []ma.Multiaddr // --announce: prepended to our addresses
 	want      int
 	onChange  func() // our addresses changed; set before run
+	// probe checks a connection and closes it if its peer is gone
+	// (liveness.Checker.Suspect); set before run. A killed relay on QUIC
+	// leaves a connection that looks open until its idle timeout.
+	probe func(network.Conn)
 
 	autonat atomic.Int32 // network.Reachability from AutoNAT
 	kick    chan struct{}
@@ -282,6 +286,11 @@ func (k *relayKeeper) step(ctx context.Context) {
 		if ri.Expires.Sub(now) < refreshBefore {
 			renew = append(renew, p)
 		}
+		if k.probe != nil {
+			for _, c := range h.Network().ConnsToPeer(p) {
+				k.probe(c)
+			}
+		}
 	}
 	need := k.want - len(k.held) + len(renew)
 	k.mu.Unlock()
@@ -318,6 +327,12 @@ func (k *relayKeeper) reserve(ctx context.Context, ai peer.AddrInfo) (ok bool) {
 		// A relay that just restarted must not wait out the dial back-off
 		// of our failed dials while it was down.
 		sw.Backoff().Clear(ai.ID)
+	}
+	if !directlyConnected(h, ai.ID) {
+		// A relay refuses a reservation over a relayed connection, and
+		// a restarted relay may well have reached us through another
+		// relay first: dial it directly.
+		_ = h.Connect(network.WithForceDirectDial(rctx, "mtor relay reservation"), ai)
 	}
 	rsvp, err := client.Reserve(rctx, h, ai)
 	var circuit []ma.Multiaddr
@@ -428,6 +443,16 @@ func (k *relayKeeper) circuitAddrs(h host.Host, r peer.ID) []ma.Multiaddr {
 		out = append(out, a.Encapsulate(suffix))
 	}
 	return out
+}
+
+// directlyConnected reports whether h has a connection to p not through a relay.
+func directlyConnected(h host.Host, p peer.ID) bool {
+	for _, c := range h.Network().ConnsToPeer(p) {
+		if !isCircuit(c.RemoteMultiaddr()) {
+			return true
+		}
+	}
+	return false
 }
 
 func allLoopback(addrs []ma.Multiaddr) bool {

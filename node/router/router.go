@@ -552,7 +552,21 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		var pf peerFailure
 		var we workerError
 		var sc staleConn
+		var pl pathLost
 		switch {
+		case errors.As(err, &pl) && q.pathRetries < maxPathRetries:
+			q.pathRetries++
+			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
+		case errors.As(err, &pl):
+			q.failures++
+			switch {
+			case pl.accepted:
+				q.kinds[failDied]++
+			case pl.silent:
+				q.kinds[failSilent]++
+			default:
+				q.kinds[failUnreachable]++
+			}
 		case errors.As(err, &sc) && q.stale < maxStaleRetries:
 			q.stale++
 			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
@@ -667,6 +681,20 @@ type staleConn struct{ err *protocol.Error }
 func (e staleConn) Error() string { return e.err.Error() }
 func (e staleConn) Unwrap() error { return e.err }
 
+// pathLost is a stream lost with a relayed connection to a peer that can
+// be reached another way: the same peer is tried again on another path.
+type pathLost struct {
+	err      *protocol.Error
+	silent   bool // it went silent rather than broke
+	accepted bool
+}
+
+func (e pathLost) Error() string { return e.err.Error() }
+func (e pathLost) Unwrap() error { return e.err }
+
+// maxPathRetries bounds the free retries of one query on another path.
+const maxPathRetries = 2
+
 // maxStaleRetries bounds the free retries of one query on a peer that
 // was reached through a dead connection.
 const maxStaleRetries = 3
@@ -692,6 +720,7 @@ type query struct {
 	kinds       [numFailKinds]int
 	gone        error // the handler's refusal: the caller left
 	stale       int   // free retries after a dead connection
+	pathRetries int   // free retries on another path after a relay broke
 
 	// What reached the handler so far.
 	out      bool            // any output event
@@ -1174,12 +1203,24 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 	log.Debugw("query stream failed", "peer", p, "accepted", accepted, "err", err)
 	var te interface{ Timeout() bool }
 	silent := errors.As(err, &te) && te.Timeout()
-	if isRelayed(s.Conn()) && !silent && r.hasOtherPath(s.Conn()) {
-		// The relay (or its connection to either side) went away, not
-		// necessarily the worker: try it again over another path — a
-		// direct connection or its other relay — at no cost.
+	if isRelayed(s.Conn()) && r.hasOtherPath(s.Conn()) {
+		// The relay (or its connection to either side) may have gone
+		// away, not the worker: try it again over another path — a
+		// direct connection or its other relay — at no cost, a bounded
+		// number of times (a frozen worker is silent on every path).
 		_ = s.Conn().Close()
-		return staleConn{protocol.Errorf(protocol.CodeUnavailable, "the relay to worker %s went away", ShortID(p))}
+		if r.checker != nil {
+			// Our connection to the relay itself may be as dead: probe
+			// it, so the next dial does not wait on it.
+			if relay, err := s.Conn().RemoteMultiaddr().ValueForProtocol(ma.P_P2P); err == nil {
+				if rp, err := peer.Decode(relay); err == nil {
+					for _, c := range r.h.Network().ConnsToPeer(rp) {
+						r.checker.Suspect(c)
+					}
+				}
+			}
+		}
+		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the relayed connection to worker %s broke", ShortID(p)), silent, accepted}
 	}
 	if r.checker != nil {
 		if r.checker.Dead(s.Conn()) && r.h.Network().Connectedness(p) == network.Connected {
