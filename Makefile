@@ -17,13 +17,14 @@ FUZZTIME     ?= 15s
 # client, a headless browser driver), each with a committed lockfile.
 NPM_DIRS  := node/enginetest bridge/e2e
 
-.PHONY: all build test npm-deps demo bench chaos proto lint fuzz clean help
+.PHONY: all build test test-nat npm-deps demo bench chaos proto lint fuzz clean help
 
 all: build
 
 help:
 	@echo "make build   build $(BIN)"
 	@echo "make test    run the whole test suite (needs Go, Node.js/npm, chromium)"
+	@echo "make test-nat  the NAT suite in network namespaces (root, nftables) with a 150 s relayed stream"
 	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
 	@echo "make bench   swarm vs in-process latency and throughput (docs/benchmarks.md)"
 	@echo "make chaos   the long churn run: workers killed and restarted under load (docs/benchmarks.md)"
@@ -47,6 +48,12 @@ npm-deps:
 
 test: npm-deps
 	$(GO) test ./... -count=1 -timeout $(TEST_TIMEOUT) $(TEST_FLAGS)
+
+# The NAT suite alone, with the long (> 2 min) relayed stream; `make test`
+# runs it too, with a 15 s stream. Needs root, iproute2 and nftables.
+NAT_STREAM ?= 150s
+test-nat:
+	MTOR_NAT_STREAM=$(NAT_STREAM) $(GO) test ./cmd/mtor -run 'TestNATSuite' -count=1 -v -timeout 20m
 
 demo: build
 	./cmd/mtor/demo.sh ./$(BIN)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/node/worker"
@@ -96,7 +97,7 @@ func (a *announcer) build() *pb.Announce {
 		Incarnation: a.incarnation,
 	}
 	if a.addrs != nil {
-		for _, m := range a.addrs() {
+		for _, m := range announceOrder(a.addrs()) {
 			if b := m.Bytes(); len(b) <= protocol.MaxAddrLen && len(ann.Addrs) < protocol.MaxAnnAddrs {
 				ann.Addrs = append(ann.Addrs, b)
 			}
@@ -166,10 +167,33 @@ func (a *announcer) publish(ctx context.Context, force bool) (published bool) {
 	return true
 }
 
+// announceOrder sorts addresses by use to others, so that the ones cut by
+// the limit on announced addresses are the least useful: public first
+// (--announce ones lead the list already), then relayed, then private,
+// then loopback. The order within a class is kept.
+func announceOrder(addrs []ma.Multiaddr) []ma.Multiaddr {
+	class := func(m ma.Multiaddr) int {
+		switch {
+		case isCircuit(m):
+			return 1
+		case manet.IsIPLoopback(m):
+			return 3
+		case manet.IsPublicAddr(m):
+			return 0
+		}
+		return 2
+	}
+	out := slices.Clone(addrs)
+	slices.SortStableFunc(out, func(x, y ma.Multiaddr) int { return class(x) - class(y) })
+	return out
+}
+
 // significant is the part of an announcement whose change warrants a
 // publish before the next heartbeat.
 func significant(a *pb.Announce) *pb.Announce {
-	out := &pb.Announce{Roles: a.GetRoles(), Draining: a.GetDraining(), Health: (a.GetHealth() + 10) / 20}
+	// Addresses: a new relayed address is how a node behind NAT becomes
+	// reachable, so it is announced at once.
+	out := &pb.Announce{Roles: a.GetRoles(), Draining: a.GetDraining(), Health: (a.GetHealth() + 10) / 20, Addrs: a.GetAddrs()}
 	for _, m := range a.GetModels() {
 		out.Models = append(out.Models, &pb.ModelInfo{Name: m.GetName(), Types: m.GetTypes()})
 	}

@@ -2,13 +2,14 @@ package node
 
 import (
 	"fmt"
+	"net/netip"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
-	"github.com/libp2p/go-libp2p/p2p/host/autorelay"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
@@ -16,6 +17,8 @@ import (
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	"github.com/libp2p/go-libp2p/x/rate"
+	ma "github.com/multiformats/go-multiaddr"
 	"go.uber.org/fx"
 )
 
@@ -26,14 +29,38 @@ const (
 	connHigh = 384
 )
 
+// Limits sized for volunteers: dozens of them may share one public IPv4
+// address behind a carrier-grade NAT, or one university's /48. libp2p's
+// defaults (8 connections and 8 relay reservations per IPv4 address, a
+// new connection every 5 s per address after a burst of 16) let only
+// eight of them in.
+const (
+	// ConnsPerIPv4 bounds the connections from one IPv4 address.
+	ConnsPerIPv4 = 256
+	// ConnsPerIPv6Net bounds the connections from one IPv6 /56 (×4 per /48).
+	ConnsPerIPv6Net = 256
+	// RelayReservationsPerIP bounds the peers of one IP address a relay
+	// holds reservations for.
+	RelayReservationsPerIP = 128
+	// RelayReservations bounds a relay's reservations in all.
+	RelayReservations = 1024
+	// RelayCircuitsPerPeer bounds the relayed connections of one peer.
+	RelayCircuitsPerPeer = 64
+	// connRatePerIP is the sustained rate of new connections per address,
+	// after a burst of connBurstPerIP.
+	connRatePerIP  = 2.0
+	connBurstPerIP = 128
+)
+
 // hostConfig is what newHost needs.
 type hostConfig struct {
-	key      crypto.PrivKey
-	listen   []string
-	query    libp2pproto.ID
-	relay    bool
-	relays   autorelay.PeerSource // where NAT'd nodes find relays
-	relayACL relay.ACLFilter      // who our relay serves
+	key          crypto.PrivKey
+	listen       []string
+	query        libp2pproto.ID
+	relay        bool
+	reachability Reachability // forced, or ReachabilityUnknown for AutoNAT
+	relayACL     relay.ACLFilter
+	addrs        func([]ma.Multiaddr) []ma.Multiaddr // announced and relayed addresses; nil for none
 }
 
 // queryLimits bounds the query protocol in the resource manager: streams in
@@ -49,16 +76,82 @@ func queryLimits(cfg *rcmgr.ScalingLimitConfig, proto libp2pproto.ID) {
 	)
 }
 
-func newHost(hc hostConfig) (host.Host, error) {
+// relayLimits lets a relay node carry many whole answers at once: the
+// relay service's streams (a reservation and two per relayed connection).
+func relayLimits(cfg *rcmgr.ScalingLimitConfig) {
+	cfg.AddServiceLimit(relay.ServiceName,
+		rcmgr.BaseLimit{StreamsInbound: 2048, StreamsOutbound: 2048, Streams: 4096, Memory: 128 << 20},
+		rcmgr.BaseLimitIncrease{StreamsInbound: 1024, StreamsOutbound: 1024, Streams: 2048, Memory: 64 << 20},
+	)
+	cfg.AddServicePeerLimit(relay.ServiceName,
+		rcmgr.BaseLimit{StreamsInbound: 256, StreamsOutbound: 256, Streams: 256, Memory: 8 << 20},
+		rcmgr.BaseLimitIncrease{},
+	)
+}
+
+// resourceManager is the node's resource manager: libp2p's scaled
+// defaults with the query protocol's limits and the per-address limits
+// above.
+func resourceManager(proto libp2pproto.ID, relayService bool) (network.ResourceManager, error) {
 	limits := rcmgr.DefaultLimits
 	// DefaultLimits holds maps; give this host its own so nothing is shared.
 	limits.ServiceLimits, limits.ServicePeerLimits = nil, nil
 	limits.ProtocolLimits, limits.ProtocolPeerLimits = nil, nil
 	libp2p.SetDefaultServiceLimits(&limits)
-	queryLimits(&limits, hc.query)
-	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.AutoScale()))
+	queryLimits(&limits, proto)
+	if relayService {
+		relayLimits(&limits)
+	}
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.AutoScale()),
+		rcmgr.WithLimitPerSubnet(
+			[]rcmgr.ConnLimitPerSubnet{{PrefixLength: 32, ConnCount: ConnsPerIPv4}},
+			[]rcmgr.ConnLimitPerSubnet{{PrefixLength: 56, ConnCount: ConnsPerIPv6Net}, {PrefixLength: 48, ConnCount: 4 * ConnsPerIPv6Net}}),
+		rcmgr.WithConnRateLimiters(connRateLimiter()))
 	if err != nil {
 		return nil, fmt.Errorf("resource manager: %w", err)
+	}
+	return rm, nil
+}
+
+// connRateLimiter is libp2p's per-address rate limit of new connections,
+// raised for many peers behind one address; loopback stays unlimited.
+func connRateLimiter() *rate.Limiter {
+	per := rate.Limit{RPS: connRatePerIP, Burst: connBurstPerIP}
+	return &rate.Limiter{
+		NetworkPrefixLimits: rcmgrLoopback(),
+		SubnetRateLimiter: rate.SubnetLimiter{
+			IPv4SubnetLimits: []rate.SubnetLimit{{PrefixLength: 32, Limit: per}},
+			IPv6SubnetLimits: []rate.SubnetLimit{{PrefixLength: 56, Limit: per}},
+			GracePeriod:      time.Minute,
+		},
+	}
+}
+
+// rcmgrLoopback exempts loopback from the rate limit, as libp2p does.
+func rcmgrLoopback() []rate.PrefixLimit {
+	return []rate.PrefixLimit{
+		{Prefix: netip.MustParsePrefix("127.0.0.0/8")},
+		{Prefix: netip.MustParsePrefix("::1/128")},
+	}
+}
+
+// relayResources are the relay service's limits: no time or data limit on
+// a relayed connection (a token stream outlives libp2p's 2 min / 128 KiB),
+// and room for many volunteers, also behind one address.
+func relayResources() relay.Resources {
+	rc := relay.DefaultResources()
+	rc.Limit = nil
+	rc.MaxReservations = RelayReservations
+	rc.MaxReservationsPerIP = RelayReservationsPerIP
+	rc.MaxReservationsPerASN = RelayReservations
+	rc.MaxCircuits = RelayCircuitsPerPeer
+	return rc
+}
+
+func newHost(hc hostConfig) (host.Host, error) {
+	rm, err := resourceManager(hc.query, hc.relay)
+	if err != nil {
+		return nil, err
 	}
 	cm, err := connmgr.NewConnManager(connLow, connHigh, connmgr.WithGracePeriod(time.Minute))
 	if err != nil {
@@ -73,26 +166,35 @@ func newHost(hc hostConfig) (host.Host, error) {
 		libp2p.Security(libp2ptls.ID, libp2ptls.New),
 		libp2p.ResourceManager(rm),
 		libp2p.ConnectionManager(cm),
-		// NAT'd volunteers: reachability detection, relay client and
-		// hole punching (DCUtR). UPnP port mapping stays off: it sends
-		// discovery traffic to the LAN, which an operator must opt into.
+		// NAT'd volunteers: reachability detection (AutoNAT v1 and v2,
+		// client and service), the relay client and hole punching
+		// (DCUtR). Relay reservations are ours (relayKeeper), not
+		// libp2p's autorelay: see relay.go. UPnP port mapping stays off:
+		// it sends discovery traffic to the LAN, which an operator must
+		// opt into.
 		libp2p.EnableNATService(),
+		libp2p.EnableAutoNATv2(),
 		libp2p.EnableRelay(),
 		libp2p.EnableHolePunching(),
 		// A failed start (an address not on this machine) comes back as
 		// an error; fx's own multi-line report of it would only repeat it.
 		libp2p.WithFxOption(fx.NopLogger),
 	}
-	if hc.relays != nil {
-		opts = append(opts, libp2p.EnableAutoRelayWithPeerSource(hc.relays))
+	if hc.addrs != nil {
+		opts = append(opts, libp2p.AddrsFactory(hc.addrs))
 	}
+	reach := hc.reachability
 	if hc.relay {
-		// Default relay limits cut a connection after 2 min or 128 KiB,
-		// which kills a token stream; our relays carry whole answers.
-		// --relay declares a public address: libp2p starts the relay
-		// service only on hosts it believes publicly reachable.
-		opts = append(opts, libp2p.EnableRelayService(relay.WithInfiniteLimits(), relay.WithACL(hc.relayACL)),
-			libp2p.ForceReachabilityPublic())
+		// libp2p starts the relay service only on hosts it believes
+		// publicly reachable: --relay declares a public address.
+		reach = ReachabilityPublic
+		opts = append(opts, libp2p.EnableRelayService(relay.WithResources(relayResources()), relay.WithACL(hc.relayACL)))
+	}
+	switch reach {
+	case ReachabilityPublic:
+		opts = append(opts, libp2p.ForceReachabilityPublic())
+	case ReachabilityPrivate:
+		opts = append(opts, libp2p.ForceReachabilityPrivate())
 	}
 	h, err := libp2p.New(opts...)
 	if err != nil {

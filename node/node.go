@@ -19,7 +19,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/backend"
@@ -54,6 +56,9 @@ type config struct {
 	backends         []backend.Backend
 	mdns             bool
 	relay            bool
+	reachability     Reachability
+	announce         []ma.Multiaddr
+	relays           int
 	roles            []string
 	version          string
 	maxConcurrency   int
@@ -110,6 +115,55 @@ func WithMDNS(on bool) Option { return func(c *config) error { c.mdns = on; retu
 
 // WithRelayService serves circuit relay v2 for NAT'd peers.
 func WithRelayService(on bool) Option { return func(c *config) error { c.relay = on; return nil } }
+
+// WithReachability overrides AutoNAT: ReachabilityPublic (a port-forwarded
+// or public node: no relay reservations), ReachabilityPrivate (always
+// reserve on relays), or ReachabilityUnknown (the default: AutoNAT decides,
+// and a node without any public address is presumed private meanwhile).
+func WithReachability(r Reachability) Option {
+	return func(c *config) error { c.reachability = r; return nil }
+}
+
+// WithAnnounceAddrs adds addresses this node is reachable on that it cannot
+// see itself (a port forward on the home router: /ip4/PUBLIC/tcp/PORT).
+// They come first in announcements and join tokens.
+func WithAnnounceAddrs(addrs ...string) Option {
+	return func(c *config) error {
+		for _, s := range addrs {
+			m, err := ParseAnnounceAddr(s)
+			if err != nil {
+				return err
+			}
+			c.announce = append(c.announce, m)
+		}
+		return nil
+	}
+}
+
+// ParseAnnounceAddr checks an --announce value: a multiaddr without
+// /p2p/<id>.
+func ParseAnnounceAddr(s string) (ma.Multiaddr, error) {
+	m, err := ma.NewMultiaddr(s)
+	if err != nil {
+		return nil, fmt.Errorf("announce address %q: %w", s, err)
+	}
+	if _, err := m.ValueForProtocol(ma.P_P2P); err == nil {
+		return nil, fmt.Errorf("announce address %q: leave out /p2p/<id>", s)
+	}
+	return m, nil
+}
+
+// WithRelays sets how many relay reservations a private node holds
+// (default 2).
+func WithRelays(n int) Option {
+	return func(c *config) error {
+		if n < 1 || n > 8 {
+			return fmt.Errorf("relays %d out of range [1, 8]", n)
+		}
+		c.relays = n
+		return nil
+	}
+}
 
 // WithRoles adds announced roles (bridge, bootstrap, ...).
 func WithRoles(roles ...string) Option {
@@ -180,7 +234,7 @@ type Node struct {
 	worker *worker.Worker
 	router *router.Router
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
-	relays *relaySource
+	relays *relayKeeper
 	live   *liveness.Checker
 	roles  []string
 	// watched are the backends as the worker sees them, recording their
@@ -208,6 +262,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		announceInterval: DefaultAnnounceInterval,
 		grace:            DefaultGracePeriod,
 		joinTimeout:      DefaultJoinTimeout,
+		relays:           DefaultRelays,
 	}
 	for _, o := range opts {
 		if err := o(&cfg); err != nil {
@@ -251,12 +306,18 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 
 	qproto := protocol.QueryProtocol(swarm)
-	relays := &relaySource{}
-	h, err := newHost(hostConfig{key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay, relays: relays.peers, relayACL: swarmOnlyACL{relays}})
+	relays := newRelayKeeper(cfg.reachability, cfg.announce, cfg.relays)
+	if cfg.relay {
+		relays.forced = ReachabilityPublic
+	}
+	h, err := newHost(hostConfig{
+		key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay,
+		reachability: cfg.reachability, relayACL: swarmOnlyACL{k: relays, query: qproto}, addrs: relays.addrs,
+	})
 	if err != nil {
 		return nil, err
 	}
-	relays.h = h
+	relays.hv.Store(h)
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
@@ -320,6 +381,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	h.SetStreamHandler(qproto, n.worker.HandleStream)
 
 	n.live = liveness.New(h)
+	relays.probe = n.live.Suspect
 	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live)}
 	if len(cfg.backends) > 0 {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
@@ -328,8 +390,20 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	ann := newAnnouncer(n.disc, n.worker, cfg.gpus, roles, cfg.version, cfg.announceInterval)
 	ann.addrs = h.Addrs
 	n.ann.Store(ann)
+	// A new relayed address (or a lost one) is announced at once: it is
+	// how the rest of the swarm reaches a node behind NAT.
+	relays.onChange = ann.changed
+	addrSub, err := h.EventBus().Subscribe(new(event.EvtLocalAddressesUpdated), eventbus.Name("mtor/node addrs"))
+	if err != nil {
+		n.cancel()
+		n.disc.Close()
+		h.Close()
+		return nil, fmt.Errorf("watch addresses: %w", err)
+	}
 
 	n.goRun(func() { ann.run(n.ctx) })
+	n.goRun(func() { relays.run(n.ctx) })
+	n.goRun(func() { watchAddrs(n.ctx, addrSub, ann) })
 	n.goRun(n.probeLoop)
 	n.goRun(func() { n.reachLoop(reachSub) })
 	if len(n.joinPeers) > 0 {
@@ -387,6 +461,23 @@ func parseJoins(swarm string, joins []string) (string, []peer.AddrInfo, error) {
 	return swarm, boot, nil
 }
 
+// watchAddrs asks for a publish whenever libp2p's view of our addresses
+// changes (an observed public address, a new listener).
+func watchAddrs(ctx context.Context, sub event.Subscription, ann *announcer) {
+	defer sub.Close()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case _, ok := <-sub.Out():
+			if !ok {
+				return
+			}
+			ann.changed()
+		}
+	}
+}
+
 // announcer is nil until New has built it; callbacks may fire before.
 func (n *Node) announcer() *announcer { return n.ann.Load() }
 
@@ -421,9 +512,30 @@ func (n *Node) Addrs() []ma.Multiaddr {
 }
 
 // JoinLine is a join token for this node: its swarm and addresses.
+// Loopback addresses are left out (they would make another machine dial
+// itself) unless the node has no other.
 func (n *Node) JoinLine() string {
-	return discovery.EncodeJoinToken(n.cfg.swarm, []peer.AddrInfo{{ID: n.h.ID(), Addrs: n.h.Addrs()}})
+	return discovery.EncodeJoinToken(n.cfg.swarm, []peer.AddrInfo{{ID: n.h.ID(), Addrs: shareable(n.h.Addrs())}})
 }
+
+// shareable drops loopback addresses from addrs unless nothing else is left.
+func shareable(addrs []ma.Multiaddr) []ma.Multiaddr {
+	out := make([]ma.Multiaddr, 0, len(addrs))
+	for _, a := range addrs {
+		if !manet.IsIPLoopback(a) {
+			out = append(out, a)
+		}
+	}
+	if len(out) == 0 {
+		return addrs
+	}
+	return out
+}
+
+// Reachability says whether peers outside this node's network can dial it
+// (public, private or unknown, and how it knows) and which relays it holds
+// reservations on: what `mtor node` prints at start and /v1/id reports.
+func (n *Node) Reachability() ReachabilityInfo { return n.relays.info() }
 
 // Shutdown stops gracefully: Drain, then Close.
 func (n *Node) Shutdown(ctx context.Context) error {

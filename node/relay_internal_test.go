@@ -2,13 +2,20 @@ package node
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/protocol"
 )
 
 func startTestNode(t *testing.T, opts ...Option) *Node {
@@ -17,8 +24,13 @@ func startTestNode(t *testing.T, opts ...Option) *Node {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startKeyedNode(t, key, "/ip4/127.0.0.1/tcp/0", opts...)
+}
+
+func startKeyedNode(t *testing.T, key crypto.PrivKey, listen string, opts ...Option) *Node {
+	t.Helper()
 	n, err := New(context.Background(), append([]Option{
-		WithIdentity(key), WithListenAddrs("/ip4/127.0.0.1/tcp/0"), WithMDNS(false),
+		WithIdentity(key), WithListenAddrs(listen), WithMDNS(false),
 		WithAnnounceInterval(200 * time.Millisecond),
 	}, opts...)...)
 	if err != nil {
@@ -28,51 +40,100 @@ func startTestNode(t *testing.T, opts ...Option) *Node {
 	return n
 }
 
-// A node learns the swarm's relays from announcements and offers them to
-// autorelay; nodes without the relay role are never offered.
-func TestRelaySourceOffersSwarmRelays(t *testing.T) {
-	relay := startTestNode(t, WithRelayService(true))
-	plain := startTestNode(t, WithJoin(relay.JoinLine()))
-	natted := startTestNode(t, WithJoin(relay.JoinLine()))
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		_, okR := natted.disc.Table().Get(relay.ID())
-		_, okP := natted.disc.Table().Get(plain.ID())
-		if okR && okP {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("tables did not converge")
+func waitFor(t *testing.T, d time.Duration, what string, ok func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !ok() {
+		if time.Since(start) > d {
+			t.Fatalf("%s: not within %s", what, d)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	var got []string
-	for ai := range natted.relays.peers(context.Background(), 4) {
-		if len(ai.Addrs) == 0 {
-			t.Errorf("relay %s offered without addresses", ai.ID)
+	return time.Since(start)
+}
+
+func relayedThrough(n *Node, relay peer.ID) bool {
+	for _, r := range n.Reachability().Relays {
+		if r.Peer == relay && len(r.Addrs) > 0 {
+			return true
 		}
-		got = append(got, ai.ID.String())
 	}
-	if len(got) != 1 || got[0] != relay.ID().String() {
-		t.Fatalf("offered relays %v, want only %s", got, relay.ID())
+	return false
+}
+
+func announcesCircuit(seen *Node, p peer.ID) bool {
+	e, ok := seen.disc.Table().Get(p)
+	if !ok {
+		return false
+	}
+	for _, b := range e.Announce.GetAddrs() {
+		if m, err := ma.NewMultiaddrBytes(b); err == nil && isCircuit(m) {
+			return true
+		}
+	}
+	return false
+}
+
+// A private node reserves on the swarm's relay as soon as it sees its
+// announcement (one candidate is enough, no boot delay), holds
+// reservations on two relays, never on a node without the relay role,
+// and announces its relayed addresses at once.
+func TestRelayKeeperReservesAtOnce(t *testing.T) {
+	r1 := startTestNode(t, WithRelayService(true))
+	r2 := startTestNode(t, WithRelayService(true), WithJoin(r1.JoinLine()))
+	plain := startTestNode(t, WithJoin(r1.JoinLine()))
+	natted := startTestNode(t, WithJoin(r1.JoinLine()), WithReachability(ReachabilityPrivate))
+	took := waitFor(t, 10*time.Second, "reservations on both relays", func() bool {
+		return relayedThrough(natted, r1.ID()) && relayedThrough(natted, r2.ID())
+	})
+	t.Logf("reservations on 2 relays %s after start", took.Round(time.Millisecond))
+	if relayedThrough(natted, plain.ID()) {
+		t.Fatal("reserved on a node without the relay role")
+	}
+	if ri := natted.Reachability(); ri.Status != ReachabilityPrivate || ri.How != "forced" {
+		t.Fatalf("reachability %v (%s), want private (forced)", ri.Status, ri.How)
+	}
+	waitFor(t, 5*time.Second, "relayed address announced", func() bool { return announcesCircuit(plain, natted.ID()) })
+	if ri := r1.Reachability(); ri.Status != ReachabilityPublic || len(ri.Relays) != 0 {
+		t.Fatalf("relay's reachability %v with %d relays, want public with none", ri.Status, len(ri.Relays))
 	}
 }
 
+// A relay that restarts (same identity and address) is used again within
+// seconds: its empty table must not refuse the member, and a refusal or a
+// failed dial must not lock the relay out.
+func TestRelayKeeperReservesAgainAfterRelayRestart(t *testing.T) {
+	key, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", ln.Addr().(*net.TCPAddr).Port)
+	ln.Close()
+	boot := startTestNode(t)
+	relay := startKeyedNode(t, key, listen, WithRelayService(true), WithJoin(boot.JoinLine()))
+	natted := startTestNode(t, WithJoin(boot.JoinLine()), WithReachability(ReachabilityPrivate), WithRelays(1))
+	waitFor(t, 10*time.Second, "first reservation", func() bool { return relayedThrough(natted, relay.ID()) })
+	relay.Close()
+	waitFor(t, 5*time.Second, "lost relay noticed", func() bool { return !relayedThrough(natted, relay.ID()) })
+	relay = startKeyedNode(t, key, listen, WithRelayService(true), WithJoin(boot.JoinLine()))
+	took := waitFor(t, 15*time.Second, "reservation on the restarted relay", func() bool { return relayedThrough(natted, relay.ID()) })
+	t.Logf("reservation again %s after the relay restarted", took.Round(time.Millisecond))
+}
+
 // Our unlimited relay serves swarm members only: a stranger's reservation
-// is refused, a member's granted.
+// is refused; a member's is granted, also one the relay has not yet seen
+// announce (it speaks the swarm's query protocol).
 func TestRelayServesSwarmMembersOnly(t *testing.T) {
 	relayNode := startTestNode(t, WithRelayService(true))
 	member := startTestNode(t, WithJoin(relayNode.JoinLine()))
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, ok := relayNode.disc.Table().Get(member.ID()); ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("relay never saw the member's announcement")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitFor(t, 20*time.Second, "relay saw the member's announcement", func() bool {
+		_, ok := relayNode.disc.Table().Get(member.ID())
+		return ok
+	})
 	ai := peer.AddrInfo{ID: relayNode.ID(), Addrs: relayNode.Host().Addrs()}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -90,5 +151,65 @@ func TestRelayServesSwarmMembersOnly(t *testing.T) {
 	}
 	if _, err := client.Reserve(ctx, member.Host(), ai); err != nil {
 		t.Fatalf("the relay refused a swarm member: %v", err)
+	}
+	unannounced := lightMember(t, relayNode.SwarmName())
+	if _, err := client.Reserve(ctx, unannounced, ai); err != nil {
+		t.Fatalf("the relay refused a member it has not seen announce: %v", err)
+	}
+}
+
+// lightMember is a bare host that speaks the swarm's query protocol.
+func lightMember(t *testing.T, swarm string) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	h.SetStreamHandler(protocol.QueryProtocol(swarm), func(s network.Stream) { s.Reset() })
+	return h
+}
+
+// Dozens of volunteers behind one carrier-grade NAT share one address: a
+// relay holds reservations for 30 peers of one IP (libp2p's default: 8).
+func TestRelayReservationsPerIP(t *testing.T) {
+	relayNode := startTestNode(t, WithRelayService(true))
+	ai := peer.AddrInfo{ID: relayNode.ID(), Addrs: relayNode.Host().Addrs()}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := range 30 {
+		h := lightMember(t, relayNode.SwarmName())
+		if _, err := client.Reserve(ctx, h, ai); err != nil {
+			t.Fatalf("reservation %d of one IP refused: %v", i+1, err)
+		}
+	}
+}
+
+// The resource manager admits many connections from one IPv4 address
+// (libp2p's default: 8).
+func TestConnectionsPerIP(t *testing.T) {
+	rm, err := resourceManager(protocol.QueryProtocol(protocol.DefaultSwarm), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rm.Close()
+	from := ma.StringCast("/ip4/100.64.7.9/tcp/4001")
+	for i := range 50 {
+		s, err := rm.OpenConnection(network.DirInbound, true, from)
+		if err != nil {
+			t.Fatalf("connection %d from one address refused: %v", i+1, err)
+		}
+		defer s.Done()
+	}
+}
+
+// Join tokens hold no loopback address when there is another.
+func TestShareableAddrs(t *testing.T) {
+	lo, lan := ma.StringCast("/ip4/127.0.0.1/tcp/1"), ma.StringCast("/ip4/10.1.0.2/tcp/1")
+	if got := shareable([]ma.Multiaddr{lo, lan}); len(got) != 1 || !got[0].Equal(lan) {
+		t.Fatalf("shareable = %v, want only %s", got, lan)
+	}
+	if got := shareable([]ma.Multiaddr{lo}); len(got) != 1 {
+		t.Fatalf("a loopback-only node must keep its address, got %v", got)
 	}
 }

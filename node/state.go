@@ -11,9 +11,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/event"
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
-	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 )
 
@@ -95,7 +93,6 @@ type State struct {
 // status holds the parts of State that loops update.
 type status struct {
 	mu         sync.Mutex
-	reach      network.Reachability
 	joining    bool
 	joinErr    error
 	joined     chan struct{} // closed at the first successful join
@@ -159,36 +156,30 @@ func (n *Node) State() State {
 	return st
 }
 
-// reachability says how other peers reach this node: libp2p's AutoNAT
-// verdict, or the relays it holds reservations on.
+// reachability says how other peers reach this node, in words: the relays
+// it holds reservations on, else the relay keeper's verdict (forced,
+// AutoNAT's, or presumed from the addresses).
 func (n *Node) reachability() (string, []peer.ID) {
-	var via []peer.ID
-	loopback := true
-	for _, a := range n.h.Addrs() {
-		if _, err := a.ValueForProtocol(ma.P_CIRCUIT); err == nil {
-			if id, err := peer.IDFromP2PAddr(a); err == nil && !slices.Contains(via, id) {
-				via = append(via, id)
-			}
-			continue
-		}
-		loopback = loopback && manet.IsIPLoopback(a)
-	}
-	n.st.mu.Lock()
-	reach := n.st.reach
-	n.st.mu.Unlock()
-	switch {
-	case len(via) > 0:
-		ids := make([]string, len(via))
-		for i, id := range via {
-			ids[i] = id.String()
+	ri := n.relays.info()
+	if len(ri.Relays) > 0 {
+		via := make([]peer.ID, len(ri.Relays))
+		ids := make([]string, len(ri.Relays))
+		for i, r := range ri.Relays {
+			via[i], ids[i] = r.Peer, r.Peer.String()
 		}
 		return "behind NAT, relayed via " + strings.Join(ids, ", "), via
-	case reach == network.ReachabilityPublic:
-		return "public", nil
-	case reach == network.ReachabilityPrivate:
-		return "behind NAT (looking for a relay)", nil
-	case loopback:
+	}
+	loopback := true
+	for _, a := range n.h.Addrs() {
+		loopback = loopback && manet.IsIPLoopback(a)
+	}
+	switch {
+	case loopback && ri.How != "forced":
 		return "loopback only (this machine)", nil
+	case ri.Status == ReachabilityPublic:
+		return "public (" + ri.How + ")", nil
+	case ri.Status == ReachabilityPrivate:
+		return "behind NAT (" + ri.How + "; looking for a relay)", nil
 	}
 	return "unknown (checking)", nil
 }
@@ -202,14 +193,9 @@ func (n *Node) reachLoop(sub event.Subscription) {
 		select {
 		case <-n.ctx.Done():
 			return
-		case e, ok := <-sub.Out():
+		case _, ok := <-sub.Out():
 			if !ok {
 				return
-			}
-			if ev, ok := e.(event.EvtLocalReachabilityChanged); ok {
-				n.st.mu.Lock()
-				n.st.reach = ev.Reachability
-				n.st.mu.Unlock()
 			}
 			if text, _ := n.reachability(); text != last {
 				last = text

@@ -18,6 +18,7 @@ import (
 	golog "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/gologshim"
 
+	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/protocol"
 )
 
@@ -62,7 +63,7 @@ func commands() []command {
 func main() {
 	// Route go-libp2p's slog loggers through go-log before anything logs,
 	// so GOLOG_LOG_LEVEL and --log-level govern every subsystem alike.
-	gologshim.SetDefaultHandler(golog.SlogHandler())
+	gologshim.SetDefaultHandler(node.ErrorText(golog.SlogHandler()))
 	e := &env{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
 	os.Exit(run(context.Background(), e, os.Args[1:]))
 }

@@ -48,6 +48,8 @@ type nodeFlags struct {
 	bridgeInFlight   int
 	bridgeHosts      stringList
 	relay            bool
+	announce         stringList
+	reachability     string
 	noMDNS           bool
 	noDetect         bool
 	maxConcurrency   int
@@ -94,6 +96,8 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.IntVar(&f.bridgeInFlight, "bridge-max-in-flight", 0, "queries the bridge runs in the swarm at once (0: the swarm's capacity, the sum of its workers' --max-concurrency)")
 	fs.Var(&f.bridgeHosts, "bridge-host", "host name (or *) that a bridge without --bridge-key answers to besides localhost, loopback and its own addresses, repeatable; other Host headers get 403 (DNS rebinding)")
 	fs.BoolVar(&f.relay, "relay", false, "serve circuit relay v2 for peers behind NAT")
+	fs.Var(&f.announce, "announce", "address others can reach this node on that it cannot see itself (a port forward: /ip4/PUBLIC_IP/tcp/PORT), repeatable")
+	fs.StringVar(&f.reachability, "reachability", "auto", "auto (AutoNAT decides; no public address means private meanwhile), public (no relays) or private (always hold relay reservations)")
 	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
 	fs.BoolVar(&f.noDetect, "no-detect", false, "with no --backend: do not look for local model servers (serve no models)")
 	fs.IntVar(&f.maxConcurrency, "max-concurrency", worker.DefaultMaxConcurrency, "queries the worker runs at once")
@@ -292,6 +296,14 @@ func (f *nodeFlags) check() error {
 	if err := checkNetFlags(f.swarm, f.join, f.listen); err != nil {
 		return err
 	}
+	if _, err := node.ParseReachability(f.reachability); err != nil {
+		return usagef("--reachability: %v", err)
+	}
+	for _, a := range f.announce {
+		if _, err := node.ParseAnnounceAddr(a); err != nil {
+			return usagef("--announce: %v", err)
+		}
+	}
 	for _, s := range f.backends {
 		// Parsed again, with this node's label, once the identity is
 		// loaded; here only to refuse a bad spec before anything starts.
@@ -348,8 +360,12 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 		node.WithDataDir(f.dataDir),
 		node.WithMDNS(!f.noMDNS),
 		node.WithRelayService(f.relay),
+		node.WithAnnounceAddrs(f.announce...),
 		node.WithGracePeriod(f.grace),
 		node.WithVersion(buildVersion()),
+	}
+	if r, err := node.ParseReachability(f.reachability); err == nil {
+		opts = append(opts, node.WithReachability(r))
 	}
 	if f.bridgeAddr != "" {
 		opts = append(opts, node.WithRoles("bridge"))

@@ -53,6 +53,12 @@ type Node interface {
 	JoinLine() string
 }
 
+// Reachable is a Node that knows whether peers outside its network can
+// dial it (*node.Node is one); /v1/id then reports it.
+type Reachable interface {
+	Reachability() node.ReachabilityInfo
+}
+
 // Router is the part of the router the API uses; *router.Router has it.
 type Router interface {
 	Query(ctx context.Context, req *pb.QueryRequest, h router.Handler) (*router.Result, error)
@@ -193,6 +199,17 @@ func (s *Server) handleID(w http.ResponseWriter, r *http.Request) {
 		info.SwarmPeers = st.SwarmPeers
 		info.Joining, info.JoinError = st.Joining, st.JoinError
 		info.Backends = append(info.Backends, st.Backends...)
+	}
+	if rn, ok := s.node.(Reachable); ok {
+		ri := rn.Reachability()
+		info.ReachabilityStatus, info.ReachabilityHow = ri.Status.String(), ri.How
+		for _, r := range ri.Relays {
+			rv := RelayView{Peer: r.Peer.String(), Addrs: []string{}, ExpiresMs: r.Expires.UnixMilli()}
+			for _, a := range r.Addrs {
+				rv.Addrs = append(rv.Addrs, a.String())
+			}
+			info.Relays = append(info.Relays, rv)
+		}
 	}
 	writeJSON(w, http.StatusOK, info)
 }

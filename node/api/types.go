@@ -33,6 +33,13 @@ type IDInfo struct {
 	// Reachability: public, behind NAT, behind NAT, relayed via …,
 	// loopback only, unknown (checking).
 	Reachability string `json:"reachability,omitempty"`
+	// ReachabilityStatus is the same as a word: "public", "private"
+	// (reached through Relays) or "unknown"; ReachabilityHow says how the
+	// node knows (forced, autonat, no public address, announced).
+	ReachabilityStatus string `json:"reachability_status,omitempty"`
+	ReachabilityHow    string `json:"reachability_how,omitempty"`
+	// Relays are the relay reservations the node holds.
+	Relays []RelayView `json:"relays,omitempty"`
 	// ConnectedPeers counts libp2p connections; SwarmPeers the other
 	// peers whose announcements the node holds.
 	ConnectedPeers int `json:"connected_peers"`
@@ -51,6 +58,13 @@ type Peer struct {
 	router.PeerView
 	Relay    bool                `json:"relay,omitempty"`
 	Backends []node.BackendState `json:"backends,omitempty"`
+}
+
+// RelayView is a relay reservation the node holds.
+type RelayView struct {
+	Peer      string   `json:"peer"`
+	Addrs     []string `json:"addrs"`
+	ExpiresMs int64    `json:"expires_unix_ms"`
 }
 
 // Attachment is a media attachment; Data is base64 in JSON.

@@ -36,7 +36,8 @@ func TestRankNeedKeepsOnlyCapablePeers(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(strings.Join(c.need, "+"), func(t *testing.T) {
-			ranked, known, lacking := r.rankNeed("m", pb.QueryType_QUERY_TYPE_CHAT, c.need)
+			rk := r.rankNeed("m", pb.QueryType_QUERY_TYPE_CHAT, c.need)
+			ranked, known, lacking := rk.ranked, rk.known, rk.lacking
 			var got []string
 			for _, s := range ranked {
 				got = append(got, string(s.Peer))

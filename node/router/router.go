@@ -97,6 +97,34 @@ type peerState struct {
 	tracker     *health.Tracker
 	ttft        float64 // EWMA, ms, as seen from here (network included)
 	service     float64 // EWMA, ms, total time of a query
+	// A peer that could not be dialled is "not reachable yet" (behind NAT
+	// before its relay reservation, say), not failing: it is left out
+	// until it announces again or announces other addresses, and its
+	// breaker is not touched.
+	unreachableAt time.Time
+	addrsKey      string // the addresses it announced, as one string
+}
+
+// unreachableLocked reports whether c is still unreachable: it failed a
+// dial and has not announced since.
+func (st *peerState) unreachableLocked(c Candidate) bool {
+	return !st.unreachableAt.IsZero() && st.unreachableAt.After(c.Received) && st.addrsKey == addrsKey(c.Announce)
+}
+
+// addrsKey is the announced address set of a, as one comparable string.
+func addrsKey(a *pb.Announce) string {
+	var b strings.Builder
+	for _, ad := range a.GetAddrs() {
+		b.Write(ad)
+		b.WriteByte(0)
+	}
+	return b.String()
+}
+
+// isRelayed reports whether c runs through a relay.
+func isRelayed(c network.Conn) bool {
+	_, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_CIRCUIT)
+	return err == nil
 }
 
 // Router routes queries. It is safe for concurrent use.
@@ -222,13 +250,25 @@ func modelInfo(a *pb.Announce, model string, t pb.QueryType) *pb.ModelInfo {
 
 // rank scores every capable, available candidate, best first.
 func (r *Router) rank(model string, t pb.QueryType) (ranked []scored, known bool) {
-	ranked, known, _ = r.rankNeed(model, t, nil)
-	return ranked, known
+	rk := r.rankNeed(model, t, nil)
+	return rk.ranked, rk.known
+}
+
+// ranking is rankNeed's answer: the candidates best first, and why others
+// were left out.
+type ranking struct {
+	ranked []scored
+	// known: some peer announces the model for the type at all.
+	known bool
+	// lacking: a capable peer was left out for want of a needed feature.
+	lacking bool
+	// unreachable counts capable peers left out as not reachable yet.
+	unreachable int
 }
 
 // rankNeed is rank among the candidates whose model announces every
-// feature of need; lacking reports a candidate left out for want of one.
-func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (ranked []scored, known, lacking bool) {
+// feature of need.
+func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranking) {
 	cands := r.table.Candidates()
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -246,9 +286,9 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (ranked [
 		if mi == nil {
 			continue
 		}
-		known = true
+		rk.known = true
 		if !hasFeatures(mi, need) {
-			lacking = true
+			rk.lacking = true
 			continue
 		}
 		if c.Announce.GetDraining() {
@@ -256,20 +296,25 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (ranked [
 		}
 		st := r.state(c.Peer)
 		r.noteIncarnationLocked(c, st)
+		r.noteAddrsLocked(c, st)
+		if st.unreachableLocked(c) {
+			rk.unreachable++
+			continue
+		}
 		if !st.tracker.Available() {
 			continue
 		}
-		ranked = append(ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
+		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
 	}
 	// A peer with a free slot always comes before a full one: how long a
 	// queue takes depends on work we cannot see (a long answer in front).
-	sort.Slice(ranked, func(i, j int) bool {
-		if ranked[i].full != ranked[j].full {
-			return !ranked[i].full
+	sort.Slice(rk.ranked, func(i, j int) bool {
+		if rk.ranked[i].full != rk.ranked[j].full {
+			return !rk.ranked[i].full
 		}
-		return ranked[i].score < ranked[j].score
+		return rk.ranked[i].score < rk.ranked[j].score
 	})
-	return ranked, known, lacking
+	return rk
 }
 
 // hasFeatures reports whether mi announces every feature of need.
@@ -297,6 +342,28 @@ func (e *FeatureError) Unwrap() error { return e.err }
 func featureError(model string, need []string) *FeatureError {
 	return &FeatureError{Model: model, Features: need, err: protocol.Errorf(protocol.CodeUnsupported,
 		"no peer serving model %q supports %s", model, strings.Join(need, " and "))}
+}
+
+// noteAddrsLocked starts afresh with a peer that announces new addresses
+// (a relayed one once it holds a reservation, a new public one): failures
+// to reach it by the old ones say nothing of the new.
+func (r *Router) noteAddrsLocked(c Candidate, st *peerState) {
+	key := addrsKey(c.Announce)
+	if key == st.addrsKey {
+		return
+	}
+	changed := st.addrsKey != ""
+	st.addrsKey = key
+	if !changed {
+		return
+	}
+	st.unreachableAt = time.Time{}
+	if !st.tracker.Available() {
+		st.tracker = health.New(r.trackerOpts...)
+	}
+	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(c.Peer)
+	}
 }
 
 // noteIncarnationLocked starts afresh with a peer that restarted: the
@@ -465,16 +532,20 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	q := &query{req: req, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
 		continuable: (req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION) &&
 			!protocol.UsesTools(req) && req.GetResponseFormat().GetType() != "json_object" && req.GetResponseFormat().GetType() != "json_schema"}
-	ranked, known, lacking := r.rankNeed(req.GetModel(), req.GetType(), need)
-	if len(ranked) == 0 && lacking {
+	rk := r.rankNeed(req.GetModel(), req.GetType(), need)
+	if len(rk.ranked) == 0 && rk.lacking {
 		return nil, featureError(req.GetModel(), need)
 	}
+	ranked, known, unreachable := rk.ranked, rk.known, rk.unreachable
 	fromDHT := false
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
 		fromDHT = len(ranked) > 0
 	}
 	if len(ranked) == 0 {
+		if known && unreachable > 0 {
+			return nil, protocol.Errorf(protocol.CodeUnavailable, "no reachable peer serves model %q for %s right now: %d worker(s) unreachable (behind NAT and not yet reachable through a relay?); retry shortly", req.GetModel(), protocol.TypeName(req.GetType()), unreachable)
+		}
 		if known {
 			return nil, protocol.Errorf(protocol.CodeUnsupported, "no available peer serves model %q for %s right now (all draining or failing)", req.GetModel(), protocol.TypeName(req.GetType()))
 		}
@@ -488,7 +559,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 			if fromDHT {
 				ranked = q.untried(ranked)
 			} else {
-				ranked = q.untried(r.rankFresh(req.GetModel(), req.GetType(), need))
+				ranked = q.untried(r.rankNeed(req.GetModel(), req.GetType(), need).ranked)
 			}
 			ranked = q.usable(ranked)
 			if len(ranked) == 0 && q.failures > 0 && q.failures < r.maxAttempts && waits < maxCandidateWaits && !fromDHT {
@@ -532,7 +603,21 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		var pf peerFailure
 		var we workerError
 		var sc staleConn
+		var pl pathLost
 		switch {
+		case errors.As(err, &pl) && q.pathRetries < maxPathRetries:
+			q.pathRetries++
+			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
+		case errors.As(err, &pl):
+			q.failures++
+			switch {
+			case pl.accepted:
+				q.kinds[failDied]++
+			case pl.silent:
+				q.kinds[failSilent]++
+			default:
+				q.kinds[failUnreachable]++
+			}
 		case errors.As(err, &sc) && q.stale < maxStaleRetries:
 			q.stale++
 			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
@@ -605,12 +690,6 @@ func (r *Router) backoff(ctx context.Context, n int) bool {
 	}
 }
 
-// rankFresh is rankNeed without the flags.
-func (r *Router) rankFresh(model string, t pb.QueryType, need []string) []scored {
-	ranked, _, _ := r.rankNeed(model, t, need)
-	return ranked
-}
-
 // tryKey is a peer process a query has tried: a peer that restarted since
 // is a new candidate.
 type tryKey struct {
@@ -647,6 +726,20 @@ type staleConn struct{ err *protocol.Error }
 func (e staleConn) Error() string { return e.err.Error() }
 func (e staleConn) Unwrap() error { return e.err }
 
+// pathLost is a stream lost with a relayed connection to a peer that can
+// be reached another way: the same peer is tried again on another path.
+type pathLost struct {
+	err      *protocol.Error
+	silent   bool // it went silent rather than broke
+	accepted bool
+}
+
+func (e pathLost) Error() string { return e.err.Error() }
+func (e pathLost) Unwrap() error { return e.err }
+
+// maxPathRetries bounds the free retries of one query on another path.
+const maxPathRetries = 2
+
 // maxStaleRetries bounds the free retries of one query on a peer that
 // was reached through a dead connection.
 const maxStaleRetries = 3
@@ -672,6 +765,7 @@ type query struct {
 	kinds       [numFailKinds]int
 	gone        error // the handler's refusal: the caller left
 	stale       int   // free retries after a dead connection
+	pathRetries int   // free retries on another path after a relay broke
 
 	// What reached the handler so far.
 	out      bool            // any output event
@@ -948,6 +1042,10 @@ func (r *Router) recordLocked(st *peerState, err error, first, start, end time.T
 	if !errors.As(err, &pf) {
 		return
 	}
+	if pf.kind == failUnreachable {
+		st.unreachableAt = end
+		return
+	}
 	if pf.kind == failSilent || pf.kind == failDied {
 		st.tracker.Record(health.Timeout)
 		return
@@ -993,6 +1091,10 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, emi
 	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
 	r.ensureAddrs(dctx, c)
 	s, err := r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
+	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
+		// The addresses we had did not work, and there are others now.
+		s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
+	}
 	cancel()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -1085,6 +1187,36 @@ func (r *Router) ensureAddrs(ctx context.Context, c scored) {
 	r.h.Peerstore().AddAddrs(p, ai.Addrs, peerstore.TempAddrTTL)
 }
 
+// reresolve looks a peer's addresses up again after a failed dial (a
+// worker behind NAT gains a relayed address; a restarted one, new ports)
+// and clears the dial back-off. It reports whether it found addresses we
+// did not have.
+func (r *Router) reresolve(ctx context.Context, p peer.ID) bool {
+	if r.finder == nil {
+		return false
+	}
+	ai, err := r.finder.FindPeer(ctx, p)
+	if err != nil {
+		log.Debugw("find peer after a failed dial", "peer", p, "err", err.Error())
+		return false
+	}
+	known := r.h.Peerstore().Addrs(p)
+	fresh := false
+	for _, a := range ai.Addrs {
+		if !slices.ContainsFunc(known, a.Equal) {
+			fresh = true
+		}
+	}
+	if !fresh {
+		return false
+	}
+	r.h.Peerstore().AddAddrs(p, ai.Addrs, peerstore.TempAddrTTL)
+	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(p)
+	}
+	return true
+}
+
 // announcedAddrs parses the addresses of an announcement, skipping bad ones.
 func announcedAddrs(a *pb.Announce) []ma.Multiaddr {
 	var out []ma.Multiaddr
@@ -1116,6 +1248,25 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 	log.Debugw("query stream failed", "peer", p, "accepted", accepted, "err", err)
 	var te interface{ Timeout() bool }
 	silent := errors.As(err, &te) && te.Timeout()
+	if isRelayed(s.Conn()) && r.hasOtherPath(s.Conn()) {
+		// The relay (or its connection to either side) may have gone
+		// away, not the worker: try it again over another path — a
+		// direct connection or its other relay — at no cost, a bounded
+		// number of times (a frozen worker is silent on every path).
+		_ = s.Conn().Close()
+		if r.checker != nil {
+			// Our connection to the relay itself may be as dead: probe
+			// it, so the next dial does not wait on it.
+			if relay, err := s.Conn().RemoteMultiaddr().ValueForProtocol(ma.P_P2P); err == nil {
+				if rp, err := peer.Decode(relay); err == nil {
+					for _, c := range r.h.Network().ConnsToPeer(rp) {
+						r.checker.Suspect(c)
+					}
+				}
+			}
+		}
+		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the relayed connection to worker %s broke", ShortID(p)), silent, accepted}
+	}
 	if r.checker != nil {
 		if r.checker.Dead(s.Conn()) && r.h.Network().Connectedness(p) == network.Connected {
 			// The stream ran on a connection to the peer's previous
@@ -1133,6 +1284,25 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 		return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s went silent while answering", ShortID(p))}
 	}
 	return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s died while answering", ShortID(p))}
+}
+
+// hasOtherPath reports whether the peer of a broken relayed connection
+// can be reached another way: another connection, or an address that is
+// not through the same relay.
+func (r *Router) hasOtherPath(broken network.Conn) bool {
+	p := broken.RemotePeer()
+	for _, c := range r.h.Network().ConnsToPeer(p) {
+		if c != broken && !c.IsClosed() {
+			return true
+		}
+	}
+	relay, _ := broken.RemoteMultiaddr().ValueForProtocol(ma.P_P2P)
+	for _, a := range r.h.Peerstore().Addrs(p) {
+		if v, err := a.ValueForProtocol(ma.P_P2P); err != nil || v != relay {
+			return true
+		}
+	}
+	return false
 }
 
 // ShortID is the short form of a peer ID used in messages: the last six

@@ -72,4 +72,11 @@ type PeerView struct {
 	Draining       bool        `json:"draining"`
 	RTTMs          float64     `json:"rtt_ms"`
 	AgeMs          int64       `json:"age_ms"` // since its last announcement
+	// Path is how this node is connected to the peer now: "direct",
+	// "relayed" (then Relay is the relay's peer ID), or "" when not
+	// connected. Unreachable is set while the peer could not be dialled
+	// and has not announced since.
+	Path        string `json:"path,omitempty"`
+	Relay       string `json:"relay,omitempty"`
+	Unreachable bool   `json:"unreachable,omitempty"`
 }

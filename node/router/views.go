@@ -4,6 +4,9 @@ import (
 	"sort"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -39,7 +42,9 @@ func (r *Router) Peers() []PeerView {
 			Draining:       a.GetDraining(),
 			RTTMs:          float64(c.RTT.Microseconds()) / 1000,
 			AgeMs:          now.Sub(c.Received).Milliseconds(),
+			Unreachable:    st.unreachableLocked(c),
 		}
+		v.Path, v.Relay = r.path(c.Peer)
 		for _, m := range a.GetModels() {
 			v.Models = append(v.Models, ModelStat{
 				Name: m.GetName(), Types: typeNames(m.GetTypes()), Backend: m.GetBackend(),
@@ -111,4 +116,22 @@ func typeNames(ts []pb.QueryType) []string {
 		out[i] = protocol.TypeName(t)
 	}
 	return out
+}
+
+// path is how this node is connected to p: the connection libp2p would
+// choose (a direct one before a relayed one), and the relay of a relayed one.
+func (r *Router) path(p peer.ID) (kind, relay string) {
+	if p == r.h.ID() {
+		return "", ""
+	}
+	for _, c := range r.h.Network().ConnsToPeer(p) {
+		if !isRelayed(c) {
+			return "direct", ""
+		}
+		kind = "relayed"
+		if rp, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_P2P); err == nil {
+			relay = rp
+		}
+	}
+	return kind, relay
 }
