@@ -235,7 +235,7 @@ func (n *natNet) path(worker string) (kind, relay string) {
 	}
 	for _, p := range peers {
 		if p.Peer == worker {
-			return p.Path, p.Relay
+			return p.Path, p.Via
 		}
 	}
 	return "", ""

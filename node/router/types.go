@@ -73,10 +73,10 @@ type PeerView struct {
 	RTTMs          float64     `json:"rtt_ms"`
 	AgeMs          int64       `json:"age_ms"` // since its last announcement
 	// Path is how this node is connected to the peer now: "direct",
-	// "relayed" (then Relay is the relay's peer ID), or "" when not
+	// "relayed" (then Via is the relay's peer ID), or "" when not
 	// connected. Unreachable is set while the peer could not be dialled
 	// and has not announced since.
 	Path        string `json:"path,omitempty"`
-	Relay       string `json:"relay,omitempty"`
+	Via         string `json:"via,omitempty"`
 	Unreachable bool   `json:"unreachable,omitempty"`
 }

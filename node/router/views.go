@@ -44,7 +44,7 @@ func (r *Router) Peers() []PeerView {
 			AgeMs:          now.Sub(c.Received).Milliseconds(),
 			Unreachable:    st.unreachableLocked(c),
 		}
-		v.Path, v.Relay = r.path(c.Peer)
+		v.Path, v.Via = r.path(c.Peer)
 		for _, m := range a.GetModels() {
 			v.Models = append(v.Models, ModelStat{
 				Name: m.GetName(), Types: typeNames(m.GetTypes()), Backend: m.GetBackend(),
