@@ -215,3 +215,32 @@ func TestRestartedPeerStartsAfresh(t *testing.T) {
 type tableFunc func() []Candidate
 
 func (f tableFunc) Candidates() []Candidate { return f() }
+
+// TestContinuationCountsWhatWasSaid: a continued request asks only for the
+// tokens the answer has left, and still names the text said so far.
+func TestContinuationCountsWhatWasSaid(t *testing.T) {
+	for _, c := range []struct {
+		name          string
+		params        *pb.Params
+		chunks        uint32
+		wantMaxTokens uint32
+	}{
+		{"some said", &pb.Params{MaxTokens: 10}, 3, 7},
+		{"all said", &pb.Params{MaxTokens: 10}, 10, 1},
+		{"more chunks than asked", &pb.Params{MaxTokens: 10}, 12, 1},
+		{"no limit", &pb.Params{}, 5, 0},
+		{"no params", nil, 5, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			req := &pb.QueryRequest{Model: "m", Params: c.params}
+			q := &query{req: req, chunks: c.chunks, resumeAt: "so far"}
+			got := q.request()
+			if got.GetContinuation() != "so far" || got.GetParams().GetMaxTokens() != c.wantMaxTokens {
+				t.Fatalf("continuation %q, max_tokens %d; want %q, %d", got.GetContinuation(), got.GetParams().GetMaxTokens(), "so far", c.wantMaxTokens)
+			}
+			if req.GetParams().GetMaxTokens() != c.params.GetMaxTokens() {
+				t.Fatal("the original request was changed")
+			}
+		})
+	}
+}

@@ -841,6 +841,11 @@ func (q *query) request() *pb.QueryRequest {
 	}
 	r := proto.CloneOf(q.req)
 	r.Continuation = q.resumeAt
+	if p := r.GetParams(); p.GetMaxTokens() > 0 {
+		// What was said counts against the answer's length: a chunk
+		// holds at least one token.
+		p.MaxTokens = max(p.GetMaxTokens(), q.chunks+1) - q.chunks
+	}
 	return r
 }
 
