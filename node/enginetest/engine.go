@@ -240,22 +240,49 @@ func (e *Engine) WaitStat(ctx context.Context, field string, min int) (Stats, er
 
 func (e *Engine) getStats(ctx context.Context, u string) (Stats, error) {
 	var s Stats
+	err := e.getJSON(ctx, u, 1<<16, &s)
+	if err != nil {
+		return s, fmt.Errorf("engine stats: %w (now %+v)", err, s)
+	}
+	return s, nil
+}
+
+// Generation is one generation the engine ran: Prefix is the final
+// assistant message it was asked to continue ("" for a new answer), Text
+// what it wrote after it, Reason why it ended (length, stop, abort).
+type Generation struct {
+	Prefix string `json:"prefix"`
+	Text   string `json:"text"`
+	Reason string `json:"reason"`
+}
+
+// Generations lists the engine's last generations (at most 256), oldest
+// first.
+func (e *Engine) Generations(ctx context.Context) ([]Generation, error) {
+	var g []Generation
+	if err := e.getJSON(ctx, e.url+"/debug/generations", 16<<20, &g); err != nil {
+		return nil, fmt.Errorf("engine generations: %w", err)
+	}
+	return g, nil
+}
+
+func (e *Engine) getJSON(ctx context.Context, u string, limit int64, v any) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
-		return s, err
+		return err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return s, fmt.Errorf("engine stats: %w", err)
+		return err
 	}
 	defer resp.Body.Close()
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&s); err != nil {
-		return s, fmt.Errorf("engine stats: %w", err)
+	if err := json.NewDecoder(io.LimitReader(resp.Body, limit)).Decode(v); err != nil {
+		return err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return s, fmt.Errorf("engine stats: %s (now %+v)", resp.Status, s)
+		return fmt.Errorf("%s", resp.Status)
 	}
-	return s, nil
+	return nil
 }
 
 // tailBuffer keeps the last max bytes written to it.

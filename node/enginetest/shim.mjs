@@ -7,7 +7,8 @@
 // It listens on 127.0.0.1 on a free port, prints that port alone on the first
 // line of stdout, and exits when stdin closes or on SIGTERM/SIGINT.
 // /debug/stats and /debug/wait expose counters so tests can see that a
-// client's disconnect stopped generation.
+// client's disconnect stopped generation; /debug/generations lists the last
+// generations (the assistant text continued, the text written, why it ended).
 import http from "node:http";
 import {parseArgs} from "node:util";
 import {getLlama, LlamaCompletion, TokenBias} from "node-llama-cpp";
@@ -115,7 +116,11 @@ function checkModel(name) {
         throw httpError(404, `model "${name}" not found`);
 }
 
-// Messages become a plain transcript; the model has no chat template.
+// Messages become a plain transcript; the model has no chat template. A
+// final assistant message is continued, not answered (prefill), as
+// llama.cpp's server, vLLM (continue_final_message) and Ollama do: the
+// prompt ends inside that message, so the model writes what follows it.
+// prefix is that message's text ("" when there is none).
 function promptFrom(messages) {
     if (!Array.isArray(messages) || messages.length === 0) throw httpError(400, "messages must be a non-empty array");
     const lines = messages.map((m) => {
@@ -126,15 +131,29 @@ function promptFrom(messages) {
         }
         if (Array.isArray(m.images) && m.images.length > 0) throw httpError(400, "this model does not support image input");
         if (typeof text !== "string") throw httpError(400, "message content must be a string or content parts");
-        return `${m.role}: ${text}`;
+        return {role: m.role, text};
     });
-    return lines.join("\n") + "\nassistant:";
+    const last = lines[lines.length - 1];
+    const prefill = last.role === "assistant";
+    const head = prefill ? lines.slice(0, -1) : lines;
+    const prompt = head.map((l) => `${l.role}: ${l.text}`).join("\n") + "\nassistant:" + (prefill ? last.text : "");
+    return {prompt, prefix: prefill ? last.text : ""};
+}
+
+// The last generations, for tests that check what an engine was asked to
+// continue and what it wrote (GET /debug/generations).
+const MAX_LOG = 256;
+const generations = [];
+function logGeneration(g) {
+    generations.push(g);
+    if (generations.length > MAX_LOG) generations.shift();
 }
 
 // generate runs one completion on a pooled sequence and streams text to
 // onText. It stops when signal aborts (the HTTP client went away).
-async function generate(prompt, opts, signal, onText) {
+async function generate({prompt, prefix}, opts, signal, onText) {
     const seq = await acquire(signal);
+    let written = "";
     const completion = new LlamaCompletion({contextSequence: seq});
     bump("started");
     bump("active");
@@ -148,14 +167,15 @@ async function generate(prompt, opts, signal, onText) {
             customStopTriggers: opts.stop?.length ? opts.stop : undefined,
             tokenBias: bias,
             onToken: (t) => { tokens += t.length; bump("tokens", t.length); },
-            onTextChunk: (text) => { if (!signal.aborted) onText(text); },
+            onTextChunk: (text) => { if (!signal.aborted) { written += text; onText(text); } },
         });
         const reason = signal.aborted || res.metadata.stopReason === "abort" ? "abort"
             : res.metadata.stopReason === "maxTokens" ? "length" : "stop";
         bump(reason === "abort" ? "aborted" : "completed");
+        logGeneration({prefix, text: written, reason});
         return {reason, promptTokens: model.tokenize(prompt).length, completionTokens: tokens};
     } catch (err) {
-        if (signal.aborted) { bump("aborted"); return {reason: "abort"}; }
+        if (signal.aborted) { bump("aborted"); logGeneration({prefix, text: written, reason: "abort"}); return {reason: "abort"}; }
         throw err;
     } finally {
         bump("active", -1);
@@ -325,6 +345,7 @@ const routes = {
     "POST /api/chat": ollamaChat,
     "POST /api/embed": ollamaEmbed,
     "GET /debug/stats": (req, res) => send(res, 200, stats),
+    "GET /debug/generations": (req, res) => send(res, 200, generations),
 };
 
 server = http.createServer(async (req, res) => {

@@ -271,7 +271,7 @@ func typesFrom(caps []string) []pb.QueryType {
 
 // featuresFrom maps Ollama's capabilities to model features: "tools" is
 // tool calling; every "completion" model takes a format (JSON or a JSON
-// schema, enforced by a grammar). Models whose server does not report
+// schema, enforced by a grammar) and continues an answer. Models whose server does not report
 // capabilities announce none: nothing is assumed.
 func featuresFrom(caps []string) []string {
 	var fs []string
@@ -280,7 +280,8 @@ func featuresFrom(caps []string) []string {
 		case "tools":
 			fs = append(fs, protocol.FeatureTools)
 		case "completion":
-			fs = append(fs, protocol.FeatureJSONObject, protocol.FeatureJSONSchema)
+			// Ollama continues a final assistant message (prefill).
+			fs = append(fs, protocol.FeatureJSONObject, protocol.FeatureJSONSchema, protocol.FeatureContinue)
 		}
 	}
 	return fs
@@ -378,6 +379,11 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 	msgs, err := messages(q)
 	if err != nil {
 		return backend.Usage{}, err
+	}
+	if c := q.GetContinuation(); c != "" {
+		// Ollama continues a final assistant message and streams only
+		// what follows it.
+		msgs = append(msgs, chatMessage{Role: "assistant", Content: c})
 	}
 	body := chatRequest{Model: q.GetModel(), Messages: msgs, Stream: true, Options: options(q.GetParams()),
 		Tools: tools(q), Format: format(q.GetResponseFormat())}

@@ -85,7 +85,7 @@ func TestFakeCapabilitiesBecomeFeatures(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]string{"qwen3:0.6b": "json_object,json_schema,tools", "old:1b": "json_object,json_schema"}
+	want := map[string]string{"qwen3:0.6b": "json_object,json_schema,continue,tools", "old:1b": "json_object,json_schema,continue"}
 	for _, m := range ms {
 		b, _ := json.Marshal(m.Features)
 		if w := want[m.Name]; string(b) != `["`+strings.ReplaceAll(w, ",", `","`)+`"]` {
