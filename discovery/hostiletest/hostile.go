@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -37,6 +38,9 @@ type Peer struct {
 	swarm string
 	seq   uint64
 	mu    sync.Mutex
+	ctx   context.Context // ends with the test
+	// Queries counts the query streams Serve was handed.
+	Queries atomic.Int64
 }
 
 // New starts a hostile peer of swarm on loopback TCP.
@@ -67,7 +71,9 @@ func New(t testing.TB, swarm string) *Peer {
 		t.Fatal(err)
 	}
 	t.Cleanup(sub.Cancel)
-	return &Peer{t: t, H: h, PS: ps, Topic: topic, swarm: swarm, seq: uint64(time.Now().UnixMilli()) * 1000}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	return &Peer{t: t, H: h, PS: ps, Topic: topic, swarm: swarm, ctx: ctx, seq: uint64(time.Now().UnixMilli()) * 1000}
 }
 
 // Connect dials the victim and waits until it is a peer of the announce
@@ -183,6 +189,7 @@ const (
 func (p *Peer) Serve(b Behaviour) {
 	p.H.SetStreamHandler(protocol.QueryProtocol(p.swarm), func(s network.Stream) {
 		defer s.Reset()
+		p.Queries.Add(1)
 		var req pb.QueryRequest
 		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
 			return
@@ -195,6 +202,7 @@ func (p *Peer) Serve(b Behaviour) {
 		switch b {
 		case Silent:
 			_, _ = io.Copy(io.Discard, s)
+			<-p.ctx.Done() // hold the stream open, answering nothing
 		case Stall:
 			for write(accepted) == nil {
 				time.Sleep(200 * time.Millisecond)
