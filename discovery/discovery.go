@@ -16,6 +16,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 	"github.com/multiformats/go-multihash"
 	"google.golang.org/protobuf/proto"
 
@@ -75,6 +77,9 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		val:   newAnnounceValidator(cfg.maxEntries, cfg.now),
 		table: newPeerTable(h.ID(), cfg.maxEntries, cfg.now),
 	}
+	d.table.lim = cfg.limits
+	d.val.every, d.val.burst = cfg.announceEvery, float64(cfg.announceBurst)
+	d.val.keep = func(author, from peer.ID) bool { return d.table.wouldTake(author, d.origin(author, from)) }
 	d.ctx, d.cancel = context.WithCancel(ctx)
 	ok := false
 	defer func() {
@@ -104,7 +109,7 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		// mesh: they are small and rare, and without this one published
 		// before the mesh has formed is lost to the peers grafted later.
 		pubsub.WithFloodPublish(true),
-		pubsub.WithPeerScore(scoreParams(topicName)),
+		pubsub.WithPeerScore(scoreParams(topicName, cfg.ipColocation, cfg.ipWhitelist)),
 	}
 	if cfg.scoreInspect != nil {
 		psOpts = append(psOpts, pubsub.WithPeerScoreInspect(cfg.scoreInspect, cfg.scoreInspectPeriod))
@@ -139,7 +144,8 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	}
 
 	d.goRun(d.readLoop)
-	d.goRun(func() { d.disconnectLoop(connSub) })
+	d.goRun(func() { d.connLoop(connSub) })
+	d.goRun(d.probeLoop)
 	d.goRun(d.sweepLoop)
 	if cfg.memberProto != "" {
 		d.goRun(d.rejoinLoop)
@@ -342,13 +348,38 @@ func (d *Discovery) readLoop() {
 		if !ok {
 			continue // cannot happen: our validator sets it on accept
 		}
-		d.table.upsert(msg.GetFrom(), a, d.cfg.now())
+		d.table.offer(msg.GetFrom(), a, d.cfg.now(), d.origin(msg.GetFrom(), msg.ReceivedFrom))
 	}
 }
 
-// disconnectLoop drops a peer from the table as soon as the host has no
-// connection left to it, rather than waiting for its TTL.
-func (d *Discovery) disconnectLoop(sub event.Subscription) {
+// origin describes how an announcement of author reached us through from.
+func (d *Discovery) origin(author, from peer.ID) origin {
+	o := origin{via: from, viaIP: d.peerIP(from)}
+	if author == from {
+		o.ip = o.viaIP
+	} else {
+		o.ip = d.peerIP(author)
+	}
+	o.proven = author == d.h.ID() || d.h.Network().Connectedness(author) == network.Connected
+	return o
+}
+
+// peerIP is the IP address of our first connection to p that has one
+// ("" when none): the relay's for a relayed connection.
+func (d *Discovery) peerIP(p peer.ID) string {
+	for _, c := range d.h.Network().ConnsToPeer(p) {
+		if ip, err := manet.ToIP(c.RemoteMultiaddr()); err == nil {
+			return ip.String()
+		}
+	}
+	return ""
+}
+
+// connLoop follows connections: a peer that connects is proven (the
+// handshake checked its key) and leaves quarantine; a peer with no
+// connection left is dropped from the table at once, rather than when its
+// TTL runs out.
+func (d *Discovery) connLoop(sub event.Subscription) {
 	defer sub.Close()
 	for {
 		select {
@@ -359,7 +390,16 @@ func (d *Discovery) disconnectLoop(sub event.Subscription) {
 				return
 			}
 			ev := e.(event.EvtPeerConnectednessChanged)
-			if ev.Connectedness != network.NotConnected || ev.Peer == d.h.ID() {
+			if ev.Peer == d.h.ID() {
+				continue
+			}
+			if ev.Connectedness == network.Connected {
+				if d.table.prove(ev.Peer, d.peerIP(ev.Peer)) {
+					log.Debugw("peer left quarantine", "peer", ev.Peer)
+				}
+				continue
+			}
+			if ev.Connectedness != network.NotConnected {
 				continue
 			}
 			// Events are delivered asynchronously: make sure no new
@@ -372,6 +412,70 @@ func (d *Discovery) disconnectLoop(sub event.Subscription) {
 			}
 		}
 	}
+}
+
+// probeLoop dials quarantined peers, a few at a time, each with a growing
+// back-off: a peer that answers leaves quarantine (connLoop sees the
+// connection); fake or unreachable ones stay until they expire.
+func (d *Discovery) probeLoop() {
+	t := time.NewTicker(minProbeBackoff)
+	defer t.Stop()
+	sem := make(chan struct{}, probeConcurrency)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-d.table.wake:
+		case <-t.C:
+		}
+		for _, e := range d.table.dueProbes(probeConcurrency) {
+			select {
+			case sem <- struct{}{}:
+			case <-d.ctx.Done():
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer func() { <-sem; wg.Done() }()
+				d.probe(e)
+			}()
+		}
+	}
+}
+
+// probe dials a quarantined peer at the addresses it announced. A
+// completed handshake proves that it holds its key and is reachable.
+func (d *Discovery) probe(e Entry) {
+	p := e.Peer
+	if d.h.Network().Connectedness(p) == network.Connected {
+		d.table.prove(p, d.peerIP(p))
+		return
+	}
+	var addrs []ma.Multiaddr
+	for _, b := range e.Announce.GetAddrs() {
+		if m, err := ma.NewMultiaddrBytes(b); err == nil {
+			addrs = append(addrs, m)
+		}
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, min(d.cfg.dialTimeout, probeTimeout))
+	defer cancel()
+	if len(addrs) == 0 && len(d.h.Peerstore().Addrs(p)) == 0 {
+		// An announcement from before addrs were announced: the DHT may
+		// know where the peer is.
+		ai, err := d.dht.FindPeer(ctx, p)
+		if err != nil {
+			log.Debugw("quarantined peer not found", "peer", p, "err", err)
+			return
+		}
+		addrs = ai.Addrs
+	}
+	if err := d.h.Connect(ctx, peer.AddrInfo{ID: p, Addrs: addrs}); err != nil {
+		log.Debugw("quarantined peer unreachable", "peer", p, "err", err)
+		return
+	}
+	d.table.prove(p, d.peerIP(p))
 }
 
 func (d *Discovery) sweepLoop() {

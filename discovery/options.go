@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"fmt"
+	"net"
 	"time"
 
 	dht "github.com/libp2p/go-libp2p-kad-dht"
@@ -21,6 +22,21 @@ const (
 	DefaultSweepInterval = time.Second
 	DefaultDialTimeout   = 10 * time.Second
 	DefaultMaxEntries    = 10000
+	// Quarantine limits: announcements of peers known only from gossip
+	// wait here until a dial proves them (see PeerTable).
+	DefaultMaxPending      = 1024
+	DefaultMaxPerForwarder = 256 // quarantined peers delivered by one peer, or by peers of one IP
+	DefaultMaxPerIP        = 64  // admitted peers reached at one IP
+	// An author may announce once per DefaultAnnounceEvery on average,
+	// with bursts of DefaultAnnounceBurst: ten times what the announcer
+	// sends at its fastest (a 100 ms heartbeat plus changes).
+	DefaultAnnounceEvery = 50 * time.Millisecond
+	DefaultAnnounceBurst = 40
+	// DefaultIPColocationThreshold is how many gossip peers one IP may
+	// have before gossipsub's P6 penalty starts (quadratic beyond).
+	DefaultIPColocationThreshold = 16
+	probeConcurrency             = 4
+	probeTimeout                 = 5 * time.Second
 	// DefaultMaxPubSubMessage bounds a gossipsub RPC. An announcement is at
 	// most protocol.MaxAnnounce (16 KiB); an RPC may batch a few of them plus
 	// control messages, so a quarter of the library's 1 MiB default is ample.
@@ -46,6 +62,11 @@ type config struct {
 	sweepInterval time.Duration
 	dialTimeout   time.Duration
 	maxEntries    int
+	limits        tableLimits
+	announceEvery time.Duration
+	announceBurst int
+	ipColocation  int
+	ipWhitelist   []*net.IPNet
 	now           func() time.Time
 
 	onTopicJoin func(peer.ID)
@@ -68,6 +89,10 @@ func defaults() config {
 		sweepInterval: DefaultSweepInterval,
 		dialTimeout:   DefaultDialTimeout,
 		maxEntries:    DefaultMaxEntries,
+		limits:        defaultLimits(),
+		announceEvery: DefaultAnnounceEvery,
+		announceBurst: DefaultAnnounceBurst,
+		ipColocation:  DefaultIPColocationThreshold,
 		now:           time.Now,
 	}
 }
@@ -197,6 +222,68 @@ func WithMaxEntries(n int) Option {
 func WithOnTopicPeerJoin(f func(peer.ID)) Option {
 	return func(c *config) error {
 		c.onTopicJoin = f
+		return nil
+	}
+}
+
+// WithQuarantineLimits bounds the peers known only from gossip: pending in
+// all, perForwarder per peer that delivered them (and per IP of such
+// peers); perIP bounds admitted peers reached at one IP address. Zero
+// keeps a default.
+func WithQuarantineLimits(pending, perForwarder, perIP int) Option {
+	return func(c *config) error {
+		if pending < 0 || perForwarder < 0 || perIP < 0 {
+			return fmt.Errorf("quarantine limits must not be negative: %d, %d, %d", pending, perForwarder, perIP)
+		}
+		if pending > 0 {
+			c.limits.pending = pending
+		}
+		if perForwarder > 0 {
+			c.limits.perForwarder = perForwarder
+		}
+		if perIP > 0 {
+			c.limits.perIP = perIP
+		}
+		return nil
+	}
+}
+
+// WithAnnounceRate sets how often one author may announce: on average
+// once per every, with bursts of burst. An author that publishes faster
+// straight to us is rejected (penalised by peer scoring); forwarded
+// excess is ignored, so honest forwarders are not blamed.
+func WithAnnounceRate(every time.Duration, burst int) Option {
+	return func(c *config) error {
+		if every <= 0 || burst < 1 {
+			return fmt.Errorf("announce rate: every %s, burst %d: both must be positive", every, burst)
+		}
+		c.announceEvery, c.announceBurst = every, burst
+		return nil
+	}
+}
+
+// WithIPColocation sets gossipsub's IP colocation penalty: beyond
+// threshold gossip peers at one IP, each of them scores −(surplus²).
+// Addresses in whitelist are exempt (say, a lab's LAN); gossipsub itself
+// leaves loopback out. Zero turns the penalty off.
+func WithIPColocation(threshold int, whitelist ...*net.IPNet) Option {
+	return func(c *config) error {
+		if threshold < 0 {
+			return fmt.Errorf("ip colocation threshold %d must not be negative", threshold)
+		}
+		c.ipColocation, c.ipWhitelist = threshold, whitelist
+		return nil
+	}
+}
+
+// WithScoreInspect has f called every period with the gossipsub score of
+// every peer, as the score inspector sees it (tests, diagnostics).
+func WithScoreInspect(f func(map[peer.ID]float64), period time.Duration) Option {
+	return func(c *config) error {
+		if period <= 0 {
+			return fmt.Errorf("score inspect period must be positive, got %s", period)
+		}
+		c.scoreInspect, c.scoreInspectPeriod = pubsub.PeerScoreInspectFn(f), period
 		return nil
 	}
 }

@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"net"
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
@@ -25,7 +26,12 @@ const (
 	scoreRetain        = 10 * time.Minute // keep a departed peer's score
 )
 
-func scoreParams(topic string) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
+// ipColocationWeight scales the P6 penalty: 1 per squared peer beyond the
+// threshold, so 4 extra peers from one IP stop getting our gossip, 7 can
+// no longer publish to us and 9 are graylisted.
+const ipColocationWeight = -1
+
+func scoreParams(topic string, ipThreshold int, ipWhitelist []*net.IPNet) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
 	params := &pubsub.PeerScoreParams{
 		Topics: map[string]*pubsub.TopicScoreParams{
 			topic: {
@@ -39,11 +45,16 @@ func scoreParams(topic string) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresh
 		BehaviourPenaltyWeight:    behaviourWeight,
 		BehaviourPenaltyThreshold: behaviourThreshold,
 		BehaviourPenaltyDecay:     pubsub.ScoreParameterDecay(behaviourDecay),
-		// No IP colocation penalty: a lab or a test runs many nodes on one
-		// address, and StrictSign already binds each claim to a key.
-		DecayInterval: pubsub.DefaultDecayInterval,
-		DecayToZero:   pubsub.DefaultDecayToZero,
-		RetainScore:   scoreRetain,
+		DecayInterval:             pubsub.DefaultDecayInterval,
+		DecayToZero:               pubsub.DefaultDecayToZero,
+		RetainScore:               scoreRetain,
+	}
+	if ipThreshold > 0 {
+		// Many keys behind one address are most likely one operator: a
+		// Sybil. Gossipsub leaves loopback out (tests, one-machine labs).
+		params.IPColocationFactorWeight = ipColocationWeight
+		params.IPColocationFactorThreshold = ipThreshold
+		params.IPColocationFactorWhitelist = ipWhitelist
 	}
 	thresholds := &pubsub.PeerScoreThresholds{
 		GossipThreshold:   gossipThreshold,

@@ -37,6 +37,7 @@ const (
 	ReasonExpired      = "expired"      // no announcement within its TTL
 	ReasonDisconnected = "disconnected" // the host lost its last connection to the peer
 	ReasonClosed       = "closed"       // the table was closed
+	ReasonQuarantine   = "quarantine"   // over the limits for its IP; back in quarantine
 )
 
 // Event is a change of the peer table.
@@ -55,7 +56,47 @@ type Entry struct {
 	Received time.Time
 	Expires  time.Time
 	RTT      time.Duration // smoothed RTT of our pings (0 = unknown)
+	IP       string        // address of our connection to it when admitted ("" unknown)
 }
+
+// origin is how an announcement reached us, for the quarantine.
+type origin struct {
+	via    peer.ID // the peer that delivered it: the author itself, or a gossip forwarder
+	viaIP  string  // IP of our connection to via ("" unknown)
+	proven bool    // the author is connected to us: it holds its key and is reachable
+	ip     string  // IP of our connection to the author, when proven
+}
+
+// pendingEntry is an announcement of a peer we have never been connected
+// to: quarantined, invisible to readers and to routing, until a probe
+// (a dial, which proves the key) succeeds.
+type pendingEntry struct {
+	Entry
+	via       peer.ID
+	viaIP     string
+	nextProbe time.Time
+	probes    int
+}
+
+// tableLimits bound what gossip can put into the table. Quarantined
+// entries are bounded in all, per delivering peer and per its IP, so one
+// host relaying announcements of thousands of fresh keys fills only its
+// own share; admitted entries are bounded per IP, so one machine running
+// many real identities fills only its share.
+type tableLimits struct {
+	pending      int
+	perForwarder int
+	perIP        int
+}
+
+func defaultLimits() tableLimits {
+	return tableLimits{pending: DefaultMaxPending, perForwarder: DefaultMaxPerForwarder, perIP: DefaultMaxPerIP}
+}
+
+// provenTTL is how long a peer that was connected to us may rejoin the
+// table through gossip without a new probe (after the connection manager
+// trimmed its connection, say).
+const provenTTL = 30 * time.Minute
 
 const (
 	minSubscriberBuf = 1
@@ -75,11 +116,19 @@ type PeerTable struct {
 	max  int
 	now  func() time.Time
 
-	mu      sync.Mutex
-	entries map[peer.ID]*Entry
-	subs    map[*subscriber]struct{}
-	full    bool // logged that the table is full; reset when it has room
-	closed  bool
+	lim  tableLimits
+	wake chan struct{} // tells the prober that a peer entered quarantine
+
+	mu       sync.Mutex
+	entries  map[peer.ID]*Entry
+	pending  map[peer.ID]*pendingEntry
+	perVia   map[peer.ID]int   // pending entries per delivering peer
+	perViaIP map[string]int    // pending entries per IP of the delivering peer
+	perIP    map[string]int    // admitted entries per IP
+	proven   map[peer.ID]proof // peers connected to us lately; bounded by max
+	subs     map[*subscriber]struct{}
+	full     bool // logged that the table is full; reset when it has room
+	closed   bool
 }
 
 func newPeerTable(self peer.ID, max int, now func() time.Time) *PeerTable {
@@ -87,12 +136,24 @@ func newPeerTable(self peer.ID, max int, now func() time.Time) *PeerTable {
 		now = time.Now
 	}
 	return &PeerTable{
-		self:    self,
-		max:     max,
-		now:     now,
-		entries: make(map[peer.ID]*Entry),
-		subs:    make(map[*subscriber]struct{}),
+		self:     self,
+		max:      max,
+		now:      now,
+		lim:      defaultLimits(),
+		wake:     make(chan struct{}, 1),
+		entries:  make(map[peer.ID]*Entry),
+		pending:  make(map[peer.ID]*pendingEntry),
+		perVia:   make(map[peer.ID]int),
+		perViaIP: make(map[string]int),
+		perIP:    make(map[string]int),
+		proven:   make(map[peer.ID]proof),
+		subs:     make(map[*subscriber]struct{}),
 	}
+}
+
+type proof struct {
+	ip string
+	at time.Time
 }
 
 // Snapshot returns the live entries, sorted by peer ID.
@@ -180,11 +241,19 @@ func (t *PeerTable) emitLocked(ev Event) {
 	}
 }
 
-// upsert records an announcement from p received at recv. It ignores an
-// announcement whose seq is not newer than the one held, so that
-// reordering between validation and delivery cannot roll an entry back.
-// It reports whether the table changed.
+// upsert records an announcement from a peer known to hold its key and be
+// reachable (our own, or one delivered over a connection to its author).
 func (t *PeerTable) upsert(p peer.ID, a *pb.Announce, recv time.Time) bool {
+	return t.offer(p, a, recv, origin{via: p, proven: true})
+}
+
+// offer records an announcement from p received at recv. An entry is
+// admitted (visible, routable, Join emitted) when p is proven: connected
+// to us now or lately. Otherwise it waits in quarantine, within the
+// limits, for the prober. An announcement whose seq is not newer than the
+// one held is ignored, so that reordering between validation and delivery
+// cannot roll an entry back. It reports whether the visible table changed.
+func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) bool {
 	ttl := time.Duration(a.GetTtlMs()) * time.Millisecond
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -199,16 +268,206 @@ func (t *PeerTable) upsert(p peer.ID, a *pb.Announce, recv time.Time) bool {
 		t.emitLocked(Event{Kind: Update, Peer: p})
 		return true
 	}
-	if len(t.entries) >= t.max && p != t.self {
-		if !t.full {
-			t.full = true
-			log.Warnw("peer table is full; ignoring announcements from new peers", "max", t.max)
+	if !o.proven && p != t.self {
+		if pr, ok := t.proven[p]; ok && recv.Sub(pr.at) < provenTTL {
+			o.proven, o.ip = true, pr.ip
 		}
+	}
+	e := Entry{Peer: p, Self: p == t.self, Announce: a, Received: recv, Expires: recv.Add(ttl), IP: o.ip}
+	pe := t.pending[p]
+	if pe != nil && a.GetSeq() <= pe.Announce.GetSeq() {
+		if !o.proven {
+			return false
+		}
+		e.Announce, e.Received, e.Expires = pe.Announce, pe.Received, pe.Expires
+	}
+	if o.proven || e.Self {
+		// A proven peer that finds no room (table full, its IP over
+		// its share) is dropped, not quarantined: a probe would not
+		// change that.
+		return t.admitLocked(e)
+	}
+	if pe != nil {
+		pe.Announce, pe.Received, pe.Expires = a, recv, e.Expires
 		return false
 	}
-	t.entries[p] = &Entry{Peer: p, Self: p == t.self, Announce: a, Received: recv, Expires: recv.Add(ttl)}
-	t.emitLocked(Event{Kind: Join, Peer: p})
+	if !t.roomPendingLocked(o.via, o.viaIP) {
+		return false
+	}
+	t.addPendingLocked(&pendingEntry{Entry: e, via: o.via, viaIP: o.viaIP, nextProbe: recv})
+	return false
+}
+
+// admitLocked moves e into the visible table, out of quarantine, if the
+// table and e's IP have room. Our own entry always fits: the router must
+// be able to use itself.
+func (t *PeerTable) admitLocked(e Entry) bool {
+	if !e.Self {
+		if len(t.entries) >= t.max {
+			if !t.full {
+				t.full = true
+				log.Warnw("peer table is full; ignoring announcements from new peers", "max", t.max)
+			}
+			return false
+		}
+		if e.IP != "" && t.perIP[e.IP] >= t.lim.perIP {
+			log.Debugw("too many peers from one IP; peer stays in quarantine", "peer", e.Peer, "ip", e.IP, "max", t.lim.perIP)
+			return false
+		}
+	}
+	t.dropPendingLocked(e.Peer)
+	if e.IP != "" {
+		t.perIP[e.IP]++
+	}
+	t.entries[e.Peer] = &e
+	t.emitLocked(Event{Kind: Join, Peer: e.Peer})
 	return true
+}
+
+func (t *PeerTable) roomPendingLocked(via peer.ID, viaIP string) bool {
+	switch {
+	case len(t.pending) >= t.lim.pending:
+		return false
+	case t.perVia[via] >= t.lim.perForwarder:
+		return false
+	case viaIP != "" && t.perViaIP[viaIP] >= t.lim.perForwarder:
+		return false
+	}
+	return true
+}
+
+func (t *PeerTable) addPendingLocked(pe *pendingEntry) {
+	t.pending[pe.Peer] = pe
+	t.perVia[pe.via]++
+	if pe.viaIP != "" {
+		t.perViaIP[pe.viaIP]++
+	}
+	select {
+	case t.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (t *PeerTable) dropPendingLocked(p peer.ID) {
+	pe, ok := t.pending[p]
+	if !ok {
+		return
+	}
+	delete(t.pending, p)
+	if t.perVia[pe.via]--; t.perVia[pe.via] <= 0 {
+		delete(t.perVia, pe.via)
+	}
+	if pe.viaIP != "" {
+		if t.perViaIP[pe.viaIP]--; t.perViaIP[pe.viaIP] <= 0 {
+			delete(t.perViaIP, pe.viaIP)
+		}
+	}
+}
+
+// wouldTake reports whether an announcement of author delivered by via
+// would be kept: known authors and proven ones always, a new one only if
+// quarantine has room for via. The validator ignores (does not forward)
+// what the table would drop, so a flood stops at the first honest node.
+func (t *PeerTable) wouldTake(author peer.ID, o origin) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if author == t.self || o.proven {
+		return true
+	}
+	if _, ok := t.entries[author]; ok {
+		return true
+	}
+	if _, ok := t.pending[author]; ok {
+		return true
+	}
+	if pr, ok := t.proven[author]; ok && t.now().Sub(pr.at) < provenTTL {
+		return true
+	}
+	return t.roomPendingLocked(o.via, o.viaIP)
+}
+
+// prove records that p is connected to us over ip, and admits its
+// quarantined announcement if it has one.
+func (t *PeerTable) prove(p peer.ID, ip string) bool {
+	now := t.now()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed || p == t.self {
+		return false
+	}
+	if _, ok := t.proven[p]; !ok && len(t.proven) >= t.max {
+		t.forgetProofsLocked(now)
+	}
+	t.proven[p] = proof{ip: ip, at: now}
+	pe, ok := t.pending[p]
+	if !ok {
+		return false
+	}
+	if !pe.Expires.After(now) {
+		t.dropPendingLocked(p)
+		return false
+	}
+	e := pe.Entry
+	e.IP = ip
+	if !t.admitLocked(e) {
+		// Over the limits for its IP: probe again later.
+		pe.nextProbe = now.Add(maxProbeBackoff)
+		return false
+	}
+	return true
+}
+
+// forgetProofsLocked makes room among the proofs: the expired ones, and
+// if none, those of peers not in the table.
+func (t *PeerTable) forgetProofsLocked(now time.Time) {
+	for p, pr := range t.proven {
+		if now.Sub(pr.at) >= provenTTL {
+			delete(t.proven, p)
+		}
+	}
+	if len(t.proven) < t.max {
+		return
+	}
+	for p := range t.proven {
+		if _, ok := t.entries[p]; !ok {
+			delete(t.proven, p)
+		}
+	}
+}
+
+// Probe back-off of a quarantined peer: 1 s doubling to 1 min.
+const (
+	minProbeBackoff = time.Second
+	maxProbeBackoff = time.Minute
+)
+
+// dueProbes returns up to n quarantined peers whose next probe is due,
+// with the addresses they announced, and schedules their next probe.
+func (t *PeerTable) dueProbes(n int) []Entry {
+	now := t.now()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []Entry
+	for _, pe := range t.pending {
+		if len(out) == n {
+			break
+		}
+		if pe.nextProbe.After(now) || !pe.Expires.After(now) {
+			continue
+		}
+		pe.nextProbe = now.Add(min(minProbeBackoff<<min(pe.probes, 6), maxProbeBackoff))
+		pe.probes++
+		out = append(out, pe.Entry)
+	}
+	return out
+}
+
+// Quarantined is the number of announcing peers in quarantine: known from
+// gossip only, not yet proven reachable, not routed to.
+func (t *PeerTable) Quarantined() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.pending)
 }
 
 // remove drops p's entry, emitting Leave with reason, and reports whether
@@ -220,10 +479,16 @@ func (t *PeerTable) remove(p peer.ID, reason string) bool {
 }
 
 func (t *PeerTable) removeLocked(p peer.ID, reason string) bool {
-	if _, ok := t.entries[p]; !ok {
+	e, ok := t.entries[p]
+	if !ok {
 		return false
 	}
 	delete(t.entries, p)
+	if e.IP != "" {
+		if t.perIP[e.IP]--; t.perIP[e.IP] <= 0 {
+			delete(t.perIP, e.IP)
+		}
+	}
 	if t.full && len(t.entries) < t.max {
 		t.full = false
 		log.Infow("peer table has room again", "entries", len(t.entries))
@@ -241,6 +506,11 @@ func (t *PeerTable) sweep(now time.Time) int {
 		if !e.Expires.After(now) {
 			t.removeLocked(p, ReasonExpired)
 			n++
+		}
+	}
+	for p, pe := range t.pending {
+		if !pe.Expires.After(now) {
+			t.dropPendingLocked(p)
 		}
 	}
 	return n
@@ -263,6 +533,7 @@ func (t *PeerTable) close() {
 		return
 	}
 	t.closed = true
+	clear(t.pending)
 	for s := range t.subs {
 		close(s.ch)
 		delete(t.subs, s)

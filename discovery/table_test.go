@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -202,5 +204,64 @@ func TestEventKindString(t *testing.T) {
 		if k.String() != want {
 			t.Errorf("%d.String() = %q, want %q", k, k.String(), want)
 		}
+	}
+}
+
+// Gossip-learnt peers wait in quarantine within their forwarder's share;
+// a connection (prove) admits them, subject to the per-IP bound.
+func TestTableQuarantine(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	self, fwd, other := testPeerID(t), testPeerID(t), testPeerID(t)
+	tab := newPeerTable(self, 100, clk.now)
+	tab.lim = tableLimits{pending: 5, perForwarder: 3, perIP: 2}
+	ch, stop := tab.Subscribe(64)
+	defer stop()
+	gossip := func(via peer.ID, viaIP string) origin { return origin{via: via, viaIP: viaIP} }
+
+	var fakes []peer.ID
+	for range 10 {
+		p := testPeerID(t)
+		fakes = append(fakes, p)
+		if tab.offer(p, ann(1, time.Minute), clk.now(), gossip(fwd, "10.0.0.1")) {
+			t.Fatal("a gossip-learnt peer became visible")
+		}
+	}
+	noEvent(t, ch)
+	if q := tab.Quarantined(); q != 3 {
+		t.Fatalf("quarantined %d, want the forwarder's share 3", q)
+	}
+	// Another forwarder at the same IP shares the IP's share.
+	if tab.wouldTake(testPeerID(t), gossip(other, "10.0.0.1")) {
+		t.Fatal("a second forwarder at the same IP got more room")
+	}
+	if !tab.wouldTake(testPeerID(t), gossip(other, "10.0.0.2")) {
+		t.Fatal("a forwarder at another IP got no room")
+	}
+	if !tab.wouldTake(fakes[0], gossip(fwd, "10.0.0.1")) {
+		t.Fatal("an update of a quarantined peer was refused")
+	}
+	// Proving admits; at most 2 per IP.
+	for i, p := range fakes[:3] {
+		admitted := tab.prove(p, "10.9.9.9")
+		if want := i < 2; admitted != want {
+			t.Fatalf("prove #%d admitted %v, want %v", i, admitted, want)
+		}
+	}
+	if ev := recv(t, ch); ev.Kind != Join || ev.Peer != fakes[0] {
+		t.Fatalf("event %+v, want join of the first proven peer", ev)
+	}
+	if tab.Len() != 2 {
+		t.Fatalf("%d visible, want 2", tab.Len())
+	}
+	// A proven peer that left comes back through gossip without a probe.
+	tab.remove(fakes[0], ReasonDisconnected)
+	if !tab.offer(fakes[0], ann(2, time.Minute), clk.now(), gossip(fwd, "10.0.0.1")) {
+		t.Fatal("a lately proven peer was quarantined again")
+	}
+	// Quarantine expires like the table.
+	clk.add(2 * time.Minute)
+	tab.sweep(clk.now())
+	if q := tab.Quarantined(); q != 0 {
+		t.Fatalf("%d still quarantined after expiry", q)
 	}
 }

@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -16,13 +17,27 @@ import (
 )
 
 // announceValidator is the gossipsub validator of the announce topic. It
-// keeps the last accepted seq per author in a bounded LRU so that a replayed
-// or reordered older announcement is ignored.
+// keeps, per author in bounded LRUs, the last accepted seq (so that a
+// replayed or reordered older announcement is ignored) and a token bucket
+// (so that an author cannot flood the topic).
 type announceValidator struct {
-	now func() time.Time
+	now   func() time.Time
+	every time.Duration // one token per every
+	burst float64
+	// keep, when set, says whether the table would keep a new author's
+	// announcement delivered by from; what it would drop is ignored
+	// rather than forwarded.
+	keep func(author, from peer.ID) bool
 
 	mu      sync.Mutex
 	lastSeq *lru.Cache[peer.ID, uint64]
+	buckets *lru.Cache[peer.ID, bucket]
+}
+
+// bucket is a token bucket: tokens at time at.
+type bucket struct {
+	tokens float64
+	at     time.Time
 }
 
 func newAnnounceValidator(size int, now func() time.Time) *announceValidator {
@@ -31,15 +46,39 @@ func newAnnounceValidator(size int, now func() time.Time) *announceValidator {
 		// Only a non-positive size fails, which the options exclude.
 		panic(err)
 	}
-	return &announceValidator{now: now, lastSeq: c}
+	b, _ := lru.New[peer.ID, bucket](size)
+	return &announceValidator{now: now, lastSeq: c, buckets: b, every: DefaultAnnounceEvery, burst: DefaultAnnounceBurst}
 }
 
-// check judges one announcement from author. Reject (peer penalised) is
-// for what no honest peer sends: bytes that are not an Announce, an
-// oversized one, a future date or an invalid field. Ignore (no penalty) is
-// for what an honest peer can cause: a stale seq, or an announcement that
-// expired in transit. The error says why, for logs and tests.
-func (v *announceValidator) check(author peer.ID, data []byte) (pubsub.ValidationResult, *pb.Announce, error) {
+// take spends one of author's tokens at now, reporting false when it has
+// none left. v.mu is held.
+func (v *announceValidator) takeLocked(author peer.ID, now time.Time) bool {
+	b, ok := v.buckets.Get(author)
+	if !ok {
+		b = bucket{tokens: v.burst, at: now}
+	}
+	if el := now.Sub(b.at); el > 0 {
+		b.tokens = min(v.burst, b.tokens+float64(el)/float64(v.every))
+		b.at = now
+	}
+	if b.tokens < 1 {
+		v.buckets.Add(author, b)
+		return false
+	}
+	b.tokens--
+	v.buckets.Add(author, b)
+	return true
+}
+
+// check judges one announcement from author delivered by from. Reject
+// (from penalised) is for what no honest peer sends: bytes that are not an
+// Announce, an oversized one, a future date, an invalid field, or an
+// author announcing too often straight to us. Ignore (no penalty) is for
+// what an honest peer can cause: a stale seq, an announcement that
+// expired in transit, too frequent announcements of someone else that it
+// forwarded, or one the table has no room for. The error says why, for
+// logs and tests.
+func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.ValidationResult, *pb.Announce, error) {
 	if author == "" {
 		return pubsub.ValidationReject, nil, fmt.Errorf("announce without an author")
 	}
@@ -63,6 +102,17 @@ func (v *announceValidator) check(author peer.ID, data []byte) (pubsub.Validatio
 	if last, ok := v.lastSeq.Get(author); ok && a.GetSeq() <= last {
 		return pubsub.ValidationIgnore, nil, fmt.Errorf("stale announce seq %d, have %d", a.GetSeq(), last)
 	}
+	if !v.takeLocked(author, now) {
+		// A forwarder may have seen fewer of the author's messages, or
+		// seen them spaced out: only the author itself is to blame.
+		if from == author {
+			return pubsub.ValidationReject, nil, errTooFrequent
+		}
+		return pubsub.ValidationIgnore, nil, errTooFrequent
+	}
+	if v.keep != nil && !v.keep(author, from) {
+		return pubsub.ValidationIgnore, nil, errNoRoom
+	}
 	v.lastSeq.Add(author, a.GetSeq())
 	return pubsub.ValidationAccept, a, nil
 }
@@ -71,7 +121,7 @@ func (v *announceValidator) check(author peer.ID, data []byte) (pubsub.Validatio
 // not the forwarding peer: with StrictSign, pubsub has verified that the
 // author's key signed the message before calling us.
 func (v *announceValidator) validate(_ context.Context, from peer.ID, msg *pubsub.Message) pubsub.ValidationResult {
-	res, a, err := v.check(msg.GetFrom(), msg.GetData())
+	res, a, err := v.check(msg.GetFrom(), from, msg.GetData())
 	if err != nil {
 		log.Debugw("announce not accepted", "author", msg.GetFrom(), "from", from, "result", resultName(res), "err", err)
 		return res
@@ -80,6 +130,12 @@ func (v *announceValidator) validate(_ context.Context, from peer.ID, msg *pubsu
 	msg.ValidatorData = a
 	return res
 }
+
+// Reasons of the validator, for errors.Is in tests.
+var (
+	errTooFrequent = errors.New("announcing too often")
+	errNoRoom      = errors.New("quarantine full for the forwarding peer")
+)
 
 func resultName(r pubsub.ValidationResult) string {
 	switch r {

@@ -84,7 +84,7 @@ func TestValidatorCheck(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			v := newAnnounceValidator(16, func() time.Time { return now })
 			if tc.prior > 0 {
-				if res, _, err := v.check(author, marshal(t, validAnnounce(now, tc.prior))); res != pubsub.ValidationAccept {
+				if res, _, err := v.check(author, author, marshal(t, validAnnounce(now, tc.prior))); res != pubsub.ValidationAccept {
 					t.Fatalf("prior announce not accepted: %v", err)
 				}
 			}
@@ -96,7 +96,7 @@ func TestValidatorCheck(t *testing.T) {
 			if tc.name == "oversized" && len(data) <= protocol.MaxAnnounce {
 				t.Fatalf("oversized case is only %d bytes", len(data))
 			}
-			res, a, err := v.check(from, data)
+			res, a, err := v.check(from, from, data)
 			if res != tc.want {
 				t.Fatalf("result %s (err %v), want %s", resultName(res), err, resultName(tc.want))
 			}
@@ -130,8 +130,45 @@ func TestValidatorSeqPerAuthor(t *testing.T) {
 		{a, 101, pubsub.ValidationAccept},
 	} {
 		p := step.author
-		if res, _, err := v.check(p, marshal(t, validAnnounce(now, step.seq))); res != step.want {
+		if res, _, err := v.check(p, p, marshal(t, validAnnounce(now, step.seq))); res != step.want {
 			t.Fatalf("%s seq %d: %s (%v), want %s", p, step.seq, resultName(res), err, resultName(step.want))
 		}
+	}
+}
+
+// An author may announce burst times at once, then once per interval;
+// beyond that its own deliveries are rejected and forwarded ones ignored.
+func TestValidatorRate(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { return now }
+	author, fwd := testPeerID(t), testPeerID(t)
+	cases := []struct {
+		name string
+		from peer.ID
+		want pubsub.ValidationResult
+	}{
+		{"direct", author, pubsub.ValidationReject},
+		{"forwarded", fwd, pubsub.ValidationIgnore},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newAnnounceValidator(16, clock)
+			v.every, v.burst = time.Second, 3
+			seq := uint64(1)
+			for i := range 3 {
+				if res, _, err := v.check(author, tc.from, marshal(t, validAnnounce(now, seq))); res != pubsub.ValidationAccept {
+					t.Fatalf("announce %d of the burst: %v %v", i, resultName(res), err)
+				}
+				seq++
+			}
+			res, _, err := v.check(author, tc.from, marshal(t, validAnnounce(now, seq)))
+			if res != tc.want || err != errTooFrequent {
+				t.Fatalf("over the burst: %s %v, want %s", resultName(res), err, resultName(tc.want))
+			}
+			now = now.Add(time.Second)
+			if res, _, err := v.check(author, tc.from, marshal(t, validAnnounce(now, seq+1))); res != pubsub.ValidationAccept {
+				t.Fatalf("after a refill: %s %v", resultName(res), err)
+			}
+		})
 	}
 }

@@ -15,6 +15,10 @@ const (
 	Failure         // refused, backend error, dead connection
 	Timeout         // no answer in time
 	Slow            // answered, but far slower than expected
+	// Violation is misbehaviour no honest peer shows (endless output, a
+	// broken protocol): the breaker opens at once, and each further one
+	// doubles the ban, as a failed half-open trial does.
+	Violation
 )
 
 // Score steps, as in the seed: failures cost more than successes earn so
@@ -24,6 +28,7 @@ const (
 	stepFailure = -20
 	stepTimeout = -15
 	stepSlow    = -5
+	stepViolate = -50
 	maxScore    = 100
 )
 
@@ -106,6 +111,13 @@ func (t *Tracker) Record(o Outcome) {
 			t.state, t.cooldown = Closed, t.base
 		}
 		t.trialOut = false
+	case Violation:
+		t.score += stepViolate
+		t.fails++
+		if t.state != Closed {
+			t.cooldown = min(t.cooldown*2, t.max)
+		}
+		t.state, t.openedAt, t.trialOut = Open, t.now(), false
 	case Failure, Timeout:
 		if o == Failure {
 			t.score += stepFailure

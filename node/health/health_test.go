@@ -21,6 +21,7 @@ func TestScoreSteps(t *testing.T) {
 		{"one failure", []Outcome{Failure}, 80},
 		{"timeout", []Outcome{Timeout}, 85},
 		{"slow", []Outcome{Slow}, 95},
+		{"violation", []Outcome{Violation}, 50},
 		{"floor at zero", []Outcome{Failure, Failure, Failure, Failure, Failure, Failure}, 0},
 		{"recovery is gradual", []Outcome{Failure, Failure, Success}, 65},
 	}
@@ -102,5 +103,29 @@ func TestSuccessResetsConsecutiveFailures(t *testing.T) {
 	tr.Record(Failure)
 	if tr.State() != Closed {
 		t.Fatal("non-consecutive failures opened the breaker")
+	}
+}
+
+// One violation opens the breaker at once; a violation during the ban
+// doubles it.
+func TestViolationBansWithBackoff(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(0, 0)}
+	tr := New(WithClock(clk.now), WithCooldown(time.Second, 8*time.Second))
+	tr.Record(Violation)
+	if tr.Allow() {
+		t.Fatal("allowed right after a violation")
+	}
+	clk.advance(time.Second)
+	if !tr.Allow() { // the half-open trial
+		t.Fatal("no trial after the first ban")
+	}
+	tr.Record(Violation)
+	clk.advance(time.Second)
+	if tr.Available() {
+		t.Fatal("second ban not longer than the first")
+	}
+	clk.advance(time.Second)
+	if !tr.Available() {
+		t.Fatal("second ban longer than twice the first")
 	}
 }

@@ -199,7 +199,7 @@ func TestRestartedPeerStartsAfresh(t *testing.T) {
 	r.mu.Lock()
 	st := r.state("w")
 	for range 5 {
-		r.recordLocked(st, peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
+		r.recordLocked(st, "m", peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
 	}
 	r.mu.Unlock()
 	if ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT); len(ranked) != 0 {

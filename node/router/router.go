@@ -51,6 +51,17 @@ const (
 	providerWait   = 5 * time.Second
 	protectTag     = "mtor-query"
 	chooseSlackMs  = 10
+	// DefaultMaxOutput bounds the output of one query (text, media and
+	// embeddings, in bytes): a worker sending more is flooding.
+	DefaultMaxOutput = 32 << 20
+	// Stall bounds: a worker that accepted a query and heartbeats but
+	// makes no progress (no output, no step forward in its queue) for
+	// 10 × its expected TTFT, within these bounds, is stalling.
+	minStall      = 10 * time.Second
+	maxStall      = 60 * time.Second
+	maxMediaStall = 5 * time.Minute // an image or a transcription comes whole
+	// maxModelTrackers bounds the per-model health kept of one peer.
+	maxModelTrackers = 64
 )
 
 // Candidate is a worker known from the peer table.
@@ -103,6 +114,10 @@ type peerState struct {
 	// breaker is not touched.
 	unreachableAt time.Time
 	addrsKey      string // the addresses it announced, as one string
+	// models holds the health of each model the peer answered errors
+	// for: a worker failing one model it announces is banned from that
+	// model (with back-off), not from the others.
+	models map[string]*health.Tracker
 }
 
 // unreachableLocked reports whether c is still unreachable: it failed a
@@ -127,6 +142,9 @@ func isRelayed(c network.Conn) bool {
 	return err == nil
 }
 
+// model is the health of one of the peer's models, nil if never failed.
+func (st *peerState) model(name string) *health.Tracker { return st.models[name] }
+
 // Router routes queries. It is safe for concurrent use.
 type Router struct {
 	h           host.Host
@@ -142,6 +160,8 @@ type Router struct {
 	retryBase   time.Duration
 	checker     Suspecter
 	trackerOpts []health.Option
+	maxOutput   int
+	stall       time.Duration // fixed stall bound; 0 = from the expected TTFT
 
 	mu    sync.Mutex
 	peers map[peer.ID]*peerState
@@ -182,6 +202,21 @@ func WithRetryBackoff(d time.Duration) Option {
 // WithConnChecker has silent connections probed and closed if dead.
 func WithConnChecker(c Suspecter) Option { return func(r *Router) { r.checker = c } }
 
+// WithMaxOutput bounds the output bytes of one query; a worker that sends
+// more (or far more chunks than max_tokens) is banned for flooding.
+func WithMaxOutput(n int) Option {
+	return func(r *Router) {
+		if n > 0 {
+			r.maxOutput = n
+		}
+	}
+}
+
+// WithStallTimeout fixes how long a worker that accepted a query may go
+// without progress (output, or a step forward in its queue) while it
+// sends heartbeats, instead of 10 × its expected TTFT (10 s to 1 min).
+func WithStallTimeout(d time.Duration) Option { return func(r *Router) { r.stall = d } }
+
 // WithAcceptTimeout bounds the wait for a worker's first frame.
 func WithAcceptTimeout(d time.Duration) Option { return func(r *Router) { r.accept = d } }
 
@@ -205,6 +240,7 @@ func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router
 		maxAttempts: DefaultMaxAttempts,
 		accept:      AcceptTimeout,
 		retryBase:   DefaultRetryBase,
+		maxOutput:   DefaultMaxOutput,
 		peers:       map[peer.ID]*peerState{},
 		rng:         mrand.New(mrand.NewPCG(binaryU64(s[:8]), binaryU64(s[8:]))),
 	}
@@ -302,6 +338,9 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 			continue
 		}
 		if !st.tracker.Available() {
+			continue
+		}
+		if mt := st.model(model); mt != nil && !mt.Available() {
 			continue
 		}
 		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
@@ -479,7 +518,11 @@ func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState, prior measu
 		wait = (occ - maxC + 1) / maxC * svc
 	}
 	est := float64(c.RTT.Milliseconds()) + ttft*(1+occ/maxC) + wait
-	h := math.Min(float64(c.Announce.GetHealth()), st.tracker.Score()) / 100
+	h := math.Min(float64(c.Announce.GetHealth()), st.tracker.Score())
+	if mt := st.model(mi.GetName()); mt != nil {
+		h = math.Min(h, mt.Score())
+	}
+	h /= 100
 	return est / math.Max(h, 0.05)
 }
 
@@ -706,6 +749,7 @@ const (
 	failDied                        // the stream broke or went silent after Accepted
 	failInvalid                     // a protocol violation
 	failBackend                     // the worker reported a retryable failure
+	failFlood                       // more output than the query allows
 	numFailKinds
 )
 
@@ -879,6 +923,7 @@ func (q *query) summary() string {
 		failDied:        "died while answering",
 		failInvalid:     "broke the protocol",
 		failBackend:     "had a failing backend",
+		failFlood:       "sent endless output",
 	}
 	var parts []string
 	for k, n := range q.kinds {
@@ -962,7 +1007,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	p := c.Peer
 	r.mu.Lock()
 	st := r.state(p)
-	if !st.tracker.Allow() {
+	if mt := st.model(q.req.GetModel()); (mt != nil && !mt.Allow()) || !st.tracker.Allow() {
 		// Another query holds the half-open trial: skip, at no cost.
 		r.mu.Unlock()
 		return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s is failing (circuit open)", ShortID(p))}
@@ -997,7 +1042,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 			err = workerError{pe}
 		}
 	} else {
-		done, err = r.remote(ctx, c, req, wrap)
+		done, err = r.remote(ctx, c, req, r.stallBound(c, st, req), wrap)
 	}
 	end := time.Now()
 	r.mu.Lock()
@@ -1007,7 +1052,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	}
 	if !expired(ctx) {
 		// A query whose own deadline ran out tells nothing of the peer.
-		r.recordLocked(st, err, first, start, end)
+		r.recordLocked(st, q.req.GetModel(), err, first, start, end)
 	}
 	r.mu.Unlock()
 	if err != nil {
@@ -1031,31 +1076,94 @@ type workerError struct{ err *protocol.Error }
 func (e workerError) Error() string { return e.err.Error() }
 func (e workerError) Unwrap() error { return e.err }
 
-func (r *Router) recordLocked(st *peerState, err error, first, start, end time.Time) {
+func (r *Router) recordLocked(st *peerState, model string, err error, first, start, end time.Time) {
 	if err == nil {
 		if !first.IsZero() {
 			st.ttft = ewma(st.ttft, float64(first.Sub(start).Milliseconds()))
 		}
 		st.service = ewma(st.service, float64(end.Sub(start).Milliseconds()))
 		st.tracker.Record(health.Success)
+		if mt := st.model(model); mt != nil {
+			mt.Record(health.Success)
+		}
 		return
 	}
-	// Only the peer's own failures count: not a worker's report on its
-	// backend (a user asking one broken model must not take a healthy
-	// peer out for every model), a limit of ours, or a client that left.
+	// A worker's report of a failure (its backend, an internal error, a
+	// model it announces but does not serve) counts against that model
+	// only: a user asking one broken model must not take a healthy peer
+	// out for every model, and a worker that keeps failing a model it
+	// announces is banned from it.
+	var we workerError
+	if errors.As(err, &we) {
+		switch we.err.Code {
+		case protocol.CodeBackendError, protocol.CodeInternal, protocol.CodeUnsupported:
+			r.modelTrackerLocked(st, model).Record(health.Failure)
+		}
+		return
+	}
+	// Otherwise only the peer's own failures count: not a limit of ours,
+	// or a client that left.
 	var pf peerFailure
 	if !errors.As(err, &pf) {
 		return
 	}
-	if pf.kind == failUnreachable {
+	switch pf.kind {
+	case failUnreachable:
 		st.unreachableAt = end
-		return
-	}
-	if pf.kind == failSilent || pf.kind == failDied {
+	case failSilent, failDied:
 		st.tracker.Record(health.Timeout)
-		return
+	case failInvalid, failFlood:
+		st.tracker.Record(health.Violation)
+	default:
+		st.tracker.Record(health.Failure)
 	}
-	st.tracker.Record(health.Failure)
+}
+
+// modelTrackerLocked returns the health of a peer's model, made on first
+// failure. The map stays bounded: healthy trackers go first.
+func (r *Router) modelTrackerLocked(st *peerState, model string) *health.Tracker {
+	if mt := st.models[model]; mt != nil {
+		return mt
+	}
+	if st.models == nil {
+		st.models = map[string]*health.Tracker{}
+	}
+	if len(st.models) >= maxModelTrackers {
+		for m, mt := range st.models {
+			if mt.Available() {
+				delete(st.models, m)
+			}
+		}
+		if len(st.models) >= maxModelTrackers {
+			clear(st.models)
+		}
+	}
+	mt := health.New(r.trackerOpts...)
+	st.models[model] = mt
+	return mt
+}
+
+// stallBound is how long the worker c may go without progress on req
+// while it heartbeats: 10 × the TTFT expected of it, within bounds; media
+// comes whole, so a longer upper bound for it.
+func (r *Router) stallBound(c scored, st *peerState, req *pb.QueryRequest) time.Duration {
+	if r.stall > 0 {
+		return r.stall
+	}
+	upper := maxStall
+	switch req.GetType() {
+	case pb.QueryType_QUERY_TYPE_CHAT, pb.QueryType_QUERY_TYPE_VISION, pb.QueryType_QUERY_TYPE_EMBED:
+	default:
+		upper = maxMediaStall
+	}
+	ttft := st.ttft
+	if mi := modelInfo(c.Announce, req.GetModel(), req.GetType()); ttft == 0 && mi != nil {
+		ttft = float64(mi.GetP50TtftMs())
+	}
+	if ttft == 0 {
+		return upper / 2
+	}
+	return min(max(10*time.Duration(ttft)*time.Millisecond, minStall), upper)
 }
 
 func ewma(old, v float64) float64 {
@@ -1091,7 +1199,7 @@ func (r *Router) silenceBound(hb time.Duration) time.Duration {
 const minHeartbeat = 250 * time.Millisecond
 
 // remote runs the query over a libp2p stream.
-func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error) {
+func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, emit func(*pb.Event) error) (*pb.Done, error) {
 	p := c.Peer
 	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
 	r.ensureAddrs(dctx, c)
@@ -1126,6 +1234,10 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, emi
 	fr := protocol.NewFrameReader(s, protocol.MaxEventFrame)
 	accepted := false
 	var beat time.Duration
+	// Progress: output, or a step forward in the worker's queue. A worker
+	// that heartbeats without progress for stall is stalling.
+	progress, queuePos := time.Now(), uint32(math.MaxUint32)
+	out := outputBudget{bytes: r.maxOutput, chunks: chunkLimit(req)}
 	for {
 		// A live worker answers Accepted at once and repeats it as a
 		// heartbeat whenever it is otherwise silent; silence past these
@@ -1134,10 +1246,15 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, emi
 		if accepted {
 			wait = r.silenceBound(beat)
 		}
-		_ = s.SetReadDeadline(earliest(dl, time.Now().Add(wait)))
+		stallAt := progress.Add(stall)
+		_ = s.SetReadDeadline(earliest(earliest(dl, time.Now().Add(wait)), stallAt))
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
 			_ = s.Reset()
+			if accepted && !expired(ctx) && !time.Now().Before(stallAt) {
+				log.Debugw("worker stalls", "peer", p, "stall", stall)
+				return nil, peerFailure{failSilent, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
+			}
 			return nil, r.streamErr(ctx, s, accepted, err)
 		}
 		if err := protocol.ValidateEvent(&ev); err != nil {
@@ -1154,6 +1271,16 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, emi
 		case *pb.Event_Accepted:
 			accepted = true
 			beat = time.Duration(k.Accepted.GetHeartbeatMs()) * time.Millisecond
+			if pos := k.Accepted.GetQueuePosition(); pos < queuePos {
+				queuePos, progress = pos, time.Now()
+			}
+		default:
+			progress = time.Now()
+			if !out.spend(&ev) {
+				_ = s.Reset()
+				log.Debugw("worker floods output", "peer", p)
+				return nil, peerFailure{failFlood, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent more output than the query allows", ShortID(p))}
+			}
 		}
 		if err := emit(&ev); err != nil {
 			_ = s.Reset()
@@ -1334,4 +1461,38 @@ func WithRestart(ctx context.Context) context.Context {
 func restartable(ctx context.Context) bool {
 	v, _ := ctx.Value(restartKey{}).(bool)
 	return v
+}
+
+// outputBudget is what is left of the output one query may receive.
+type outputBudget struct {
+	bytes  int
+	chunks int // 0: no bound
+}
+
+// chunkLimit bounds the chunks of a query that names max_tokens: a chunk
+// carries at least one token, so twice as many (and some slack) is
+// already a worker ignoring the request.
+func chunkLimit(req *pb.QueryRequest) int {
+	if mt := req.GetParams().GetMaxTokens(); mt > 0 {
+		return 2*int(mt) + 64
+	}
+	return 0
+}
+
+// spend takes ev's output from the budget and reports whether it fit.
+func (b *outputBudget) spend(ev *pb.Event) bool {
+	switch k := ev.GetKind().(type) {
+	case *pb.Event_Chunk:
+		b.bytes -= len(k.Chunk.GetText())
+		if b.chunks > 0 {
+			if b.chunks--; b.chunks == 0 {
+				return false
+			}
+		}
+	case *pb.Event_Media:
+		b.bytes -= len(k.Media.GetData())
+	case *pb.Event_Embedding:
+		b.bytes -= 4 * len(k.Embedding.GetVector())
+	}
+	return b.bytes >= 0
 }

@@ -281,8 +281,8 @@ func (brokenModel) Run(context.Context, *pb.QueryRequest, backend.Sink) (backend
 }
 
 // TestWorkerReportedErrorsDoNotTripThePeer: errors a worker reports itself
-// (its backend failed) are its backend's business; they must not open the
-// router's breaker for the whole peer.
+// (its backend failed) must not open the router's breaker for the whole
+// peer; they ban the peer from that model (3 in a row), with back-off.
 func TestWorkerReportedErrorsDoNotTripThePeer(t *testing.T) {
 	const proto = "/mtor/test/query"
 	live := testHost(t)
@@ -299,8 +299,12 @@ func TestWorkerReportedErrorsDoNotTripThePeer(t *testing.T) {
 	r := New(h, proto, staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel)})
 	for i := 0; i < 5; i++ {
 		_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "x"}, func(*pb.Event) error { return nil })
-		if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeBackendError {
-			t.Fatalf("query %d: err = %v, want the worker's BACKEND_ERROR", i, err)
+		want := protocol.CodeBackendError
+		if i >= 3 {
+			want = protocol.CodeUnsupported // banned from the model it keeps failing
+		}
+		if pe := protocol.AsError(err); pe == nil || pe.Code != want {
+			t.Fatalf("query %d: err = %v, want %s", i, err, want)
 		}
 	}
 	if v := r.Peers()[0]; v.Breaker != "closed" || v.LocalHealth != 100 {

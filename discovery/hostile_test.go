@@ -1,0 +1,180 @@
+package discovery
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/discovery/hostiletest"
+)
+
+// scoreWatch keeps the latest gossipsub scores seen by a node's inspector.
+type scoreWatch chan map[peer.ID]float64
+
+func (w scoreWatch) option() Option {
+	return WithScoreInspect(func(m map[peer.ID]float64) {
+		select { // keep only the latest
+		case <-w:
+		default:
+		}
+		w <- m
+	}, 50*time.Millisecond)
+}
+
+// waitScores waits until cond holds for the scores.
+func (w scoreWatch) wait(t *testing.T, what string, cond func(map[peer.ID]float64) bool) {
+	t.Helper()
+	deadline := time.After(waitLimit)
+	var last map[peer.ID]float64
+	for {
+		select {
+		case m := <-w:
+			if cond(m) {
+				return
+			}
+			last = m
+		case <-deadline:
+			t.Fatalf("timed out waiting for %s; scores %v", what, last)
+		}
+	}
+}
+
+func hostileCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// A peer that publishes valid announcements of its own far too often is
+// rejected beyond its allowance, and graylisted by peer scoring.
+func TestHostileTooFrequentGraylisted(t *testing.T) {
+	scores := make(scoreWatch, 1)
+	hv := newHost(t)
+	victim := newDiscovery(t, hv, scores.option(), WithAnnounceRate(100*time.Millisecond, 5))
+	ctx := hostileCtx(t)
+	rogue := hostiletest.New(t, testSwarm)
+	if err := rogue.Connect(ctx, info(hv)); err != nil {
+		t.Fatal(err)
+	}
+	const sent = 200
+	var last uint64
+	for range sent {
+		a := hostiletest.Announce("spam", rogue.NextSeq())
+		last = a.GetSeq()
+		data, _ := proto.Marshal(a)
+		if err := rogue.PublishRaw(ctx, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	scores.wait(t, "the flooder graylisted", func(m map[peer.ID]float64) bool { return m[rogue.H.ID()] < graylistThreshold })
+	e, ok := victim.Table().Get(rogue.H.ID())
+	if !ok {
+		t.Fatal("the flooder's first announcements never reached the table")
+	}
+	// The burst of 5 and a few refills were accepted; the rest not.
+	if e.Announce.GetSeq() == last {
+		t.Fatalf("the last of %d announcements in a burst was accepted", sent)
+	}
+	t.Logf("flooder score graylisted; its entry holds seq %d of the %d published (last %d)", e.Announce.GetSeq(), sent, last)
+}
+
+// One host relays announcements of thousands of fresh keys (a Sybil): none
+// of them becomes visible or routable, quarantine holds at most the
+// forwarder's share, and an honest worker known only through gossip still
+// joins the table once the prober has reached it.
+func TestHostileSybilFloodBounded(t *testing.T) {
+	hv, hub, hw := newHost(t), newHost(t), newHost(t)
+	const perForwarder = 32
+	victim := newDiscovery(t, hv, WithQuarantineLimits(100, perForwarder, 0))
+	hubD := newDiscovery(t, hub)
+	worker := newDiscovery(t, hw)
+	ctx := hostileCtx(t)
+	// The victim and the worker know only the hub: the worker reaches
+	// the victim through gossip alone, with the addresses it announces.
+	for _, h := range []*Discovery{victim, worker} {
+		if err := h.h.Connect(ctx, info(hub)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitTopicPeer(t, hubD.PubSub(), hv.ID())
+	waitTopicPeer(t, hubD.PubSub(), hw.ID())
+
+	rogue := hostiletest.New(t, testSwarm)
+	if err := rogue.Connect(ctx, info(hv)); err != nil {
+		t.Fatal(err)
+	}
+	// Loopback port 1: nobody listens, a dial fails at once.
+	dead := ma.StringCast("/ip4/127.0.0.1/tcp/1")
+	const fakes = 2000
+	sent, err := rogue.FloodFreshKeys(ctx, fakes, "demo", 0, dead)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := workerAnnounce("demo")
+	wa := hw.Addrs()
+	for _, m := range wa {
+		a.Addrs = append(a.Addrs, m.Bytes())
+	}
+	heartbeat(t, worker, "demo", 200*time.Millisecond)
+	// heartbeat publishes workerAnnounce without addrs; publish one with.
+	if err := worker.Publish(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	waitTable(t, victim, "the honest worker admitted", func(es []Entry) bool {
+		for _, e := range es {
+			if e.Peer == hw.ID() {
+				return true
+			}
+		}
+		return false
+	})
+	// Let the flood settle, then count.
+	time.Sleep(time.Second)
+	for _, e := range victim.Table().Snapshot() {
+		if e.Peer != hv.ID() && e.Peer != hw.ID() && e.Peer != hub.ID() && e.Peer != rogue.H.ID() {
+			t.Fatalf("a fake worker %s is visible in the table", e.Peer)
+		}
+	}
+	if q := victim.Table().Quarantined(); q > perForwarder {
+		t.Fatalf("%d peers in quarantine, more than the forwarder's share %d", q, perForwarder)
+	}
+	t.Logf("%d fake announcements sent; victim table %d visible, %d quarantined", sent, victim.Table().Len(), victim.Table().Quarantined())
+}
+
+// The IP colocation penalty (P6) is configured, and valid for gossipsub.
+// It cannot be seen on the wire here: gossipsub leaves loopback addresses
+// out of P6, and tests run on loopback.
+func TestIPColocationParams(t *testing.T) {
+	_, lan, _ := net.ParseCIDR("10.0.0.0/8")
+	cases := []struct {
+		name      string
+		threshold int
+		white     []*net.IPNet
+		weight    float64
+	}{
+		{"default", DefaultIPColocationThreshold, nil, ipColocationWeight},
+		{"with whitelist", 4, []*net.IPNet{lan}, ipColocationWeight},
+		{"off", 0, nil, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p, th := scoreParams("topic", tc.threshold, tc.white)
+			if p.IPColocationFactorWeight != tc.weight || (tc.weight != 0 && p.IPColocationFactorThreshold != tc.threshold) || len(p.IPColocationFactorWhitelist) != len(tc.white) {
+				t.Fatalf("P6 = weight %v threshold %d whitelist %v", p.IPColocationFactorWeight, p.IPColocationFactorThreshold, p.IPColocationFactorWhitelist)
+			}
+			if _, err := pubsub.NewGossipSub(context.Background(), newHost(t), pubsub.WithPeerScore(p, th)); err != nil {
+				t.Fatalf("gossipsub refuses the params: %v", err)
+			}
+			// 9 peers beyond the threshold at one IP: graylisted.
+			if tc.weight != 0 && 81*tc.weight >= graylistThreshold {
+				t.Fatalf("9 colocated peers beyond the threshold score %v, not graylisted", 81*tc.weight)
+			}
+		})
+	}
+}

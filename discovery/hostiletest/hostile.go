@@ -1,0 +1,246 @@
+// Package hostiletest runs misbehaving mtor peers for tests: a real libp2p
+// host on loopback that speaks the announce topic and the query protocol
+// the way an attacker would. Everything it does is bounded by the test's
+// context and ends when the test ends.
+package hostiletest
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	ma "github.com/multiformats/go-multiaddr"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Peer is one hostile host. It runs plain gossipsub with no validator and
+// no scoring, so nothing stops what it sends before the victim.
+type Peer struct {
+	t     testing.TB
+	H     host.Host
+	PS    *pubsub.PubSub
+	Topic *pubsub.Topic
+	swarm string
+	seq   uint64
+	mu    sync.Mutex
+	ctx   context.Context // ends with the test
+	// Queries counts the query streams Serve was handed.
+	Queries atomic.Int64
+}
+
+// New starts a hostile peer of swarm on loopback TCP.
+func New(t testing.TB, swarm string) *Peer {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Close() })
+	ps, err := pubsub.NewGossipSub(context.Background(), h,
+		pubsub.WithFloodPublish(true),
+		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
+		pubsub.WithMaxMessageSize(1<<20),
+		// Deep queues: a flood must reach the victim, not die here.
+		pubsub.WithPeerOutboundQueueSize(1<<14),
+		pubsub.WithValidateQueueSize(1<<14),
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	topic, err := ps.Join(protocol.AnnounceTopic(swarm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub, err := topic.Subscribe() // to be a topic peer of the victim
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sub.Cancel)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	return &Peer{t: t, H: h, PS: ps, Topic: topic, swarm: swarm, ctx: ctx, seq: uint64(time.Now().UnixMilli()) * 1000}
+}
+
+// Connect dials the victim and waits until it is a peer of the announce
+// topic, so that what is published next reaches it.
+func (p *Peer) Connect(ctx context.Context, victim peer.AddrInfo) error {
+	if err := p.H.Connect(ctx, victim); err != nil {
+		return fmt.Errorf("hostile peer: connect: %w", err)
+	}
+	topic := protocol.AnnounceTopic(p.swarm)
+	for {
+		for _, q := range p.PS.ListPeers(topic) {
+			if q == victim.ID {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("hostile peer: victim never joined the topic: %w", ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Announce is a valid worker announcement of model with the given seq,
+// stamped now.
+func Announce(model string, seq uint64, addrs ...ma.Multiaddr) *pb.Announce {
+	a := &pb.Announce{
+		Seq: seq, TimeUnixMs: time.Now().UnixMilli(), TtlMs: 30_000,
+		Roles: []string{"worker"}, Version: "hostile", Health: 100,
+		Models:      []*pb.ModelInfo{{Name: model, Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}, Backend: "demo", P50TtftMs: 1}},
+		Load:        &pb.Load{MaxConcurrency: 64, MaxQueue: 64},
+		Incarnation: 1,
+	}
+	for _, m := range addrs {
+		a.Addrs = append(a.Addrs, m.Bytes())
+	}
+	return a
+}
+
+// NextSeq is the next seq of this peer's own announcements.
+func (p *Peer) NextSeq() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.seq++
+	return p.seq
+}
+
+// PublishRaw publishes data signed by this peer's own key.
+func (p *Peer) PublishRaw(ctx context.Context, data []byte) error {
+	return p.Topic.Publish(ctx, data)
+}
+
+// AnnounceSelf publishes a valid announcement of model as this peer, with
+// its listen addresses: it poses as a worker.
+func (p *Peer) AnnounceSelf(ctx context.Context, model string) error {
+	data, err := proto.Marshal(Announce(model, p.NextSeq(), p.H.Addrs()...))
+	if err != nil {
+		return err
+	}
+	return p.Topic.Publish(ctx, data)
+}
+
+// FloodFreshKeys publishes n valid announcements of model, each signed by
+// a fresh key (a Sybil: n workers that do not exist), at most one per
+// every (0: as fast as it can). Each announces addrs, which should be
+// loopback addresses nobody listens on. It returns how many it published.
+func (p *Peer) FloodFreshKeys(ctx context.Context, n int, model string, every time.Duration, addrs ...ma.Multiaddr) (int, error) {
+	sent := 0
+	for i := 0; i < n; i++ {
+		key, _, err := crypto.GenerateEd25519Key(rand.Reader)
+		if err != nil {
+			return sent, err
+		}
+		id, err := peer.IDFromPrivateKey(key)
+		if err != nil {
+			return sent, err
+		}
+		data, err := proto.Marshal(Announce(model, uint64(time.Now().UnixMilli())*1000, addrs...))
+		if err != nil {
+			return sent, err
+		}
+		if err := p.Topic.Publish(ctx, data, pubsub.WithSecretKeyAndPeerId(key, id)); err != nil {
+			return sent, fmt.Errorf("hostile peer: publish as %s: %w", id, err)
+		}
+		sent++
+		if every > 0 {
+			select {
+			case <-ctx.Done():
+				return sent, ctx.Err()
+			case <-time.After(every):
+			}
+		}
+	}
+	return sent, nil
+}
+
+// Behaviour is how a hostile worker answers a query stream.
+type Behaviour int
+
+const (
+	// Stall accepts the query and then sends only heartbeats, forever.
+	Stall Behaviour = iota + 1
+	// Endless accepts and streams chunks without end.
+	Endless
+	// Fail answers every query with a retryable BACKEND_ERROR, for a
+	// model it keeps announcing with full health.
+	Fail
+	// Silent reads the request and never answers at all.
+	Silent
+)
+
+// Serve answers the swarm's query protocol with b until the test ends.
+func (p *Peer) Serve(b Behaviour) {
+	p.H.SetStreamHandler(protocol.QueryProtocol(p.swarm), func(s network.Stream) {
+		defer s.Reset()
+		p.Queries.Add(1)
+		var req pb.QueryRequest
+		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
+			return
+		}
+		write := func(ev *pb.Event) error {
+			_ = s.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			return protocol.WriteFrame(s, ev)
+		}
+		accepted := &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 250}}}
+		switch b {
+		case Silent:
+			_, _ = io.Copy(io.Discard, s)
+			<-p.ctx.Done() // hold the stream open, answering nothing
+		case Stall:
+			for write(accepted) == nil {
+				time.Sleep(200 * time.Millisecond)
+			}
+		case Endless:
+			if write(accepted) != nil {
+				return
+			}
+			chunk := &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "spam spam spam spam "}}}
+			for write(chunk) == nil {
+			}
+		case Fail:
+			_ = write(accepted)
+			_ = write(&pb.Event{Kind: &pb.Event_Error{Error: protocol.Errorf(protocol.CodeBackendError, "backend exploded").Proto()}})
+			_ = s.CloseWrite()
+			_, _ = io.Copy(io.Discard, io.LimitReader(s, 1<<10))
+		}
+	})
+}
+
+// OpenIdleStreams opens up to n streams of proto at victim and sends one
+// byte of a frame length on each (a slowloris: the victim waits for the
+// rest, which never comes); they stay open until the victim closes them
+// or ctx ends. It returns how many the victim let it open.
+func (p *Peer) OpenIdleStreams(ctx context.Context, victim peer.ID, proto libp2pproto.ID, n int) int {
+	opened := 0
+	for i := 0; i < n; i++ {
+		s, err := p.H.NewStream(ctx, victim, proto)
+		if err != nil {
+			continue
+		}
+		// The byte also makes the lazy protocol negotiation happen.
+		if _, err := s.Write([]byte{0x80}); err != nil {
+			_ = s.Reset()
+			continue
+		}
+		opened++
+		context.AfterFunc(ctx, func() { _ = s.Reset() })
+	}
+	return opened
+}
