@@ -3,7 +3,6 @@ package bridge
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,45 +16,10 @@ import (
 // skipped when `npm ci` has not been run in bridge/e2e; in CI (CI set) it
 // must run.
 func TestOpenAIClient(t *testing.T) {
-	node, err := exec.LookPath("node")
-	_, modErr := os.Stat(filepath.Join("e2e", "node_modules", "openai", "package.json"))
-	if err != nil || modErr != nil {
-		if os.Getenv("CI") == "" {
-			t.Skip("openai npm client not installed: run `npm ci` in bridge/e2e (needs node >= 20) to run this test")
-		}
-		t.Fatalf("CI is set but the openai client cannot run: node: %v, bridge/e2e/node_modules: %v", err, modErr)
-	}
 	const key = "e2e-test-key"
 	r, sw, workerID := newRealSwarm(t)
 	_, base := startBridge(t, r, WithAPIKeys([]string{key}))
-
-	ctx, cancel := context.WithTimeout(context.Background(), 2*testTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, node, filepath.Join("e2e", "openai_client.mjs"), base+"/v1")
-	cmd.Env = append(os.Environ(), "MTOR_API_KEY="+key)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	t.Logf("openai client output:\n%s", out)
-	if err != nil {
-		var ee *exec.ExitError
-		errors.As(err, &ee)
-		t.Fatalf("openai client failed: %v\nstderr:\n%s", err, stderr.String())
-	}
-
-	checks := map[string]map[string]any{}
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		rest, ok := strings.CutPrefix(line, "ok ")
-		if !ok {
-			continue
-		}
-		name, detail, _ := strings.Cut(rest, " ")
-		var d map[string]any
-		if err := json.Unmarshal([]byte(detail), &d); err != nil {
-			t.Fatalf("check %s: bad detail %q", name, detail)
-		}
-		checks[name] = d
-	}
+	checks := nodeScript(t, "openai_client.mjs", []string{"MTOR_API_KEY=" + key}, base+"/v1")
 	for _, want := range []string{"models", "chat", "stream", "errors", "embeddings", "media", "abort"} {
 		if _, ok := checks[want]; !ok {
 			t.Errorf("the client did not report check %q", want)
@@ -70,4 +34,43 @@ func TestOpenAIClient(t *testing.T) {
 	// The abort must have reached the worker: its backend call for the
 	// aborted stream ended with a cancelled context, and nothing runs.
 	assertCancelled(t, sw, "ABORT-TEST")
+}
+
+// nodeScript runs a script of bridge/e2e with node and returns its "ok"
+// checks; skipped without node_modules unless CI is set.
+func nodeScript(t *testing.T, script string, env []string, args ...string) map[string]map[string]any {
+	t.Helper()
+	node, err := exec.LookPath("node")
+	_, modErr := os.Stat(filepath.Join("e2e", "node_modules", "openai", "package.json"))
+	if err != nil || modErr != nil {
+		if os.Getenv("CI") == "" {
+			t.Skip("npm clients not installed: run `npm ci` in bridge/e2e (needs node >= 20)")
+		}
+		t.Fatalf("CI is set but node cannot run: node: %v, bridge/e2e/node_modules: %v", err, modErr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*testTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, node, append([]string{filepath.Join("e2e", script)}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	t.Logf("%s output:\n%s", script, out)
+	if err != nil {
+		t.Fatalf("%s failed: %v\nstderr:\n%s", script, err, stderr.String())
+	}
+	checks := map[string]map[string]any{}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		rest, ok := strings.CutPrefix(line, "ok ")
+		if !ok {
+			continue
+		}
+		name, detail, _ := strings.Cut(rest, " ")
+		var d map[string]any
+		if err := json.Unmarshal([]byte(detail), &d); err != nil {
+			t.Fatalf("check %s: bad detail %q", name, detail)
+		}
+		checks[name] = d
+	}
+	return checks
 }

@@ -1,15 +1,11 @@
 package bridge
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -107,45 +103,6 @@ func serveFake(t *testing.T, h http.Handler) string {
 	return "http://" + ln.Addr().String()
 }
 
-// nodeScript runs a script of bridge/e2e with node and returns its "ok"
-// checks; skipped without node_modules unless CI is set.
-func nodeScript(t *testing.T, script string, env []string, args ...string) map[string]map[string]any {
-	t.Helper()
-	node, err := exec.LookPath("node")
-	_, modErr := os.Stat(filepath.Join("e2e", "node_modules", "openai", "package.json"))
-	if err != nil || modErr != nil {
-		if os.Getenv("CI") == "" {
-			t.Skip("npm clients not installed: run `npm ci` in bridge/e2e (needs node >= 20)")
-		}
-		t.Fatalf("CI is set but node cannot run: node: %v, bridge/e2e/node_modules: %v", err, modErr)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*testTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, node, append([]string{filepath.Join("e2e", script)}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	t.Logf("%s output:\n%s", script, out)
-	if err != nil {
-		t.Fatalf("%s failed: %v\nstderr:\n%s", script, err, stderr.String())
-	}
-	checks := map[string]map[string]any{}
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		rest, ok := strings.CutPrefix(line, "ok ")
-		if !ok {
-			continue
-		}
-		name, detail, _ := strings.Cut(rest, " ")
-		var d map[string]any
-		if err := json.Unmarshal([]byte(detail), &d); err != nil {
-			t.Fatalf("check %s: bad detail %q", name, detail)
-		}
-		checks[name] = d
-	}
-	return checks
-}
-
 // TestOpenAIClientTools runs the official openai npm client through a
 // bridge on a client node of a real swarm: one worker has the openai
 // backend in front of the fake tool server ("toolbox", features tools and
@@ -165,21 +122,7 @@ func TestOpenAIClientTools(t *testing.T) {
 			}
 			return []backend.Backend{b}
 		}))
-	r := sw.Clients[0].Router()
-	deadline := time.Now().Add(testTimeout)
-	for len(r.Models()) < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("client sees models %v", r.Models())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	_, base := startBridge(t, r)
-	checks := nodeScript(t, "openai_tools.mjs", nil, base+"/v1")
-	for _, want := range []string{"tools", "tools_stream", "json_schema", "unsupported"} {
-		if _, ok := checks[want]; !ok {
-			t.Errorf("the client did not report check %q", want)
-		}
-	}
+	runClient(t, sw, "openai_tools.mjs", "/v1", "tools", "tools_stream", "json_schema", "unsupported")
 	// The worker's backend got the tools, and the tool message with the
 	// id of the call the fake made.
 	var sawAnswer bool
@@ -215,6 +158,14 @@ func TestOllamaClient(t *testing.T) {
 			}
 			return []backend.Backend{b}
 		}))
+	runClient(t, sw, "ollama_client.mjs", "", "list", "chat", "embed", "tools")
+}
+
+// runClient waits until the swarm's client node sees both workers' models,
+// runs script against a bridge on it (at path under the bridge's root) and
+// checks that the script reported every check in want.
+func runClient(t *testing.T, sw *swarmtest.Swarm, script, path string, want ...string) {
+	t.Helper()
 	r := sw.Clients[0].Router()
 	deadline := time.Now().Add(testTimeout)
 	for len(r.Models()) < 2 {
@@ -224,10 +175,10 @@ func TestOllamaClient(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	_, base := startBridge(t, r)
-	checks := nodeScript(t, "ollama_client.mjs", nil, base)
-	for _, want := range []string{"list", "chat", "embed", "tools"} {
-		if _, ok := checks[want]; !ok {
-			t.Errorf("the client did not report check %q", want)
+	checks := nodeScript(t, script, nil, base+path)
+	for _, w := range want {
+		if _, ok := checks[w]; !ok {
+			t.Errorf("%s did not report check %q", script, w)
 		}
 	}
 }
