@@ -170,7 +170,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("POST /v1/audio/transcriptions", s.handleTranscription)
 	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
 	v1.HandleFunc("/v1/", s.handleUnknown)
-	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, s.withClient(v1)))))
+	mux.Handle("/v1/", s.api(v1))
 	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
 	s.mountOllama(mux)
 	mux.HandleFunc("/healthz", s.handleHealth)
@@ -255,4 +255,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return fmt.Errorf("bridge: shutdown: %w", err)
 	}
 	return nil
+}
+
+// api wraps an API's handler (OpenAI's, Ollama's) in what every API of the
+// bridge shares: CORS, API keys, the body budget, and the client's identity
+// for the queue.
+func (s *Server) api(h http.Handler) http.Handler {
+	return s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, s.withClient(h))))
 }

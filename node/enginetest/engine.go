@@ -254,6 +254,10 @@ type Generation struct {
 	Prefix string `json:"prefix"`
 	Text   string `json:"text"`
 	Reason string `json:"reason"`
+	// Stop is the engine's own stop reason (node-llama-cpp's), Tokens
+	// how many it generated.
+	Stop   string `json:"stop,omitempty"`
+	Tokens int    `json:"tokens,omitempty"`
 }
 
 // Generations lists the engine's last generations (at most 256), oldest

@@ -172,7 +172,7 @@ async function generate({prompt, prefix}, opts, signal, onText) {
         const reason = signal.aborted || res.metadata.stopReason === "abort" ? "abort"
             : res.metadata.stopReason === "maxTokens" ? "length" : "stop";
         bump(reason === "abort" ? "aborted" : "completed");
-        logGeneration({prefix, text: written, reason});
+        logGeneration({prefix, text: written, reason, stop: res.metadata.stopReason, tokens});
         return {reason, promptTokens: model.tokenize(prompt).length, completionTokens: tokens};
     } catch (err) {
         if (signal.aborted) { bump("aborted"); logGeneration({prefix, text: written, reason: "abort"}); return {reason: "abort"}; }
