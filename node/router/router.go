@@ -596,24 +596,11 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	}
 
 	var lastErr *protocol.Error
-	waits := 0
-	for tries := 0; ; tries++ {
-		if tries > 0 {
-			if fromDHT {
-				ranked = q.untried(ranked)
-			} else {
-				ranked = q.untried(r.rankNeed(req.GetModel(), req.GetType(), need).ranked)
-			}
-			ranked = q.usable(ranked)
-			if len(ranked) == 0 && q.failures > 0 && q.failures < r.maxAttempts && waits < maxCandidateWaits && !fromDHT {
-				// Every candidate failed this query: a restarted worker
-				// may announce itself within moments.
-				waits++
-				if !r.backoff(ctx, waits) {
-					break
-				}
-				tries--
-				continue
+	for first := true; ; first = false {
+		if !first {
+			var ok bool
+			if ranked, ok = r.nextCandidates(ctx, q, ranked, fromDHT, need); !ok {
+				break
 			}
 		}
 		if len(ranked) == 0 || q.failures >= r.maxAttempts || ctx.Err() != nil {
@@ -733,6 +720,28 @@ func (r *Router) backoff(ctx context.Context, n int) bool {
 	}
 }
 
+// nextCandidates ranks the candidates q has not tried yet (from prev when
+// they came from the DHT). When every candidate failed it waits, backing
+// off, for a restarted worker to announce itself, at most
+// maxCandidateWaits times a query; ok is false when ctx ended meanwhile.
+func (r *Router) nextCandidates(ctx context.Context, q *query, prev []scored, fromDHT bool, need []string) (ranked []scored, ok bool) {
+	for {
+		if fromDHT {
+			ranked = q.untried(prev)
+		} else {
+			ranked = q.untried(r.rankNeed(q.req.GetModel(), q.req.GetType(), need).ranked)
+		}
+		ranked = q.usable(ranked)
+		if len(ranked) > 0 || fromDHT || q.failures == 0 || q.failures >= r.maxAttempts || q.waits >= maxCandidateWaits {
+			return ranked, true
+		}
+		q.waits++
+		if !r.backoff(ctx, q.waits) {
+			return nil, false
+		}
+	}
+}
+
 // tryKey is a peer process a query has tried: a peer that restarted since
 // is a new candidate.
 type tryKey struct {
@@ -806,6 +815,7 @@ type query struct {
 	failures    int
 	busy        int
 	continued   int
+	waits       int // for a candidate after all had failed
 	kinds       [numFailKinds]int
 	gone        error // the handler's refusal: the caller left
 	stale       int   // free retries after a dead connection
