@@ -149,8 +149,8 @@ func New(book *Book, opts ...Option) *Checker {
 	_, _ = rand.Read(s[:])
 	c := &Checker{book: book, th: DefaultThresholds(), rate: DefaultRate, interval: DefaultInterval,
 		fanout: DefaultFanout, minVoters: DefaultMinVoters, maxTokens: DefaultMaxTokens, timeout: DefaultTimeout,
-		wake: make(chan struct{}, 1),
-		rng:  mrand.New(mrand.NewPCG(binary.LittleEndian.Uint64(s[:8]), binary.LittleEndian.Uint64(s[8:])))}
+		wake: make(chan struct{}, 1), last: time.Now(), // no round in a node's first interval
+		rng: mrand.New(mrand.NewPCG(binary.LittleEndian.Uint64(s[:8]), binary.LittleEndian.Uint64(s[8:])))}
 	for _, o := range opts {
 		o(c)
 	}
