@@ -74,7 +74,8 @@ type Checker struct {
 	wake chan struct{}
 
 	mu      sync.Mutex
-	budget  float64 // canary queries the routed traffic has paid for
+	budget  float64 // canary queries the routed traffic has paid for; < 0: owed
+	running bool    // a traffic-driven round is under way
 	last    time.Time
 	pending *target
 	rng     *mrand.Rand
@@ -182,7 +183,7 @@ func (c *Checker) Observe(req *pb.QueryRequest) {
 	defer c.mu.Unlock()
 	// A burst after a quiet spell buys at most a few rounds at once.
 	c.budget = min(c.budget+c.rate, float64(4*c.fanout))
-	if c.pending != nil || c.budget < float64(c.minVoters) || time.Since(c.last) < c.interval {
+	if c.pending != nil || c.running || c.budget < float64(c.minVoters) || time.Since(c.last) < c.interval {
 		return
 	}
 	c.pending = &target{model: req.GetModel(), t: req.GetType()}
@@ -202,12 +203,14 @@ func (c *Checker) Run(ctx context.Context, p Prober) {
 	}
 	for {
 		var tg *target
+		paid := false
 		select {
 		case <-ctx.Done():
 			return
 		case <-c.wake:
 			c.mu.Lock()
 			tg, c.pending = c.pending, nil
+			c.running, paid = tg != nil, true
 			c.mu.Unlock()
 		case <-tick:
 			tg = c.pick(p.Models())
@@ -215,8 +218,17 @@ func (c *Checker) Run(ctx context.Context, p Prober) {
 		if tg == nil {
 			continue
 		}
-		if _, err := c.Round(ctx, p, tg.model, tg.t); err != nil && !errors.Is(err, ErrTooFew) {
+		res, err := c.Round(ctx, p, tg.model, tg.t)
+		if err != nil && !errors.Is(err, ErrTooFew) {
 			log.Debugw("canary round", "model", tg.model, "err", err)
+		}
+		if paid {
+			// The traffic pays for what was sent; a round larger than
+			// the budget leaves a debt that later traffic repays.
+			c.mu.Lock()
+			c.budget -= float64(len(res.Peers) + res.Failed)
+			c.running = false
+			c.mu.Unlock()
 		}
 	}
 }
@@ -318,7 +330,6 @@ func (c *Checker) Round(ctx context.Context, p Prober, model string, t pb.QueryT
 	c.mu.Lock()
 	c.stats.Rounds++
 	c.stats.Queries += len(peers)
-	c.budget = max(c.budget-float64(len(peers)), 0)
 	c.mu.Unlock()
 	agreed, ok := c.th.Judge(t, got, c.minVoters)
 	if !ok {
