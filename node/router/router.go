@@ -1020,6 +1020,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		// Keep the connection while queries are open on it.
 		r.h.ConnManager().Protect(p, protectTag)
 	}
+	stall := r.stallBound(c, st, q.req) // reads st's measures: under the lock
 	r.mu.Unlock()
 	start := time.Now()
 	var first time.Time
@@ -1045,7 +1046,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 			err = workerError{pe}
 		}
 	} else {
-		done, err = r.remote(ctx, c, req, r.stallBound(c, st, req), wrap)
+		done, err = r.remote(ctx, c, req, stall, wrap)
 	}
 	end := time.Now()
 	r.mu.Lock()
