@@ -25,6 +25,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/canary"
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
@@ -71,6 +72,8 @@ type config struct {
 	discoveryOpts    []discovery.Option
 	notify           func(Notice)
 	joinTimeout      time.Duration
+	canaryOpts       []canary.Option
+	canaryOff        bool
 }
 
 // Option configures a node.
@@ -233,6 +236,7 @@ type Node struct {
 	disc   *discovery.Discovery
 	worker *worker.Worker
 	router *router.Router
+	canary *canary.Checker           // honesty spot checks; nil when off
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relayKeeper
 	live   *liveness.Checker
@@ -386,7 +390,10 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if len(cfg.backends) > 0 {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
 	}
+	chk, copts := canaryRouterOptions(&cfg)
+	ropts = append(ropts, copts...)
 	n.router = router.New(h, qproto, tableAdapter{n.disc.Table()}, append(ropts, cfg.routerOpts...)...)
+	n.canary = chk
 	ann := newAnnouncer(n.disc, n.worker, cfg.gpus, roles, cfg.version, cfg.announceInterval)
 	ann.addrs = h.Addrs
 	n.ann.Store(ann)
@@ -405,6 +412,9 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.goRun(func() { relays.run(n.ctx) })
 	n.goRun(func() { watchAddrs(n.ctx, addrSub, ann) })
 	n.goRun(n.probeLoop)
+	if chk != nil {
+		n.goRun(func() { chk.Run(n.ctx, n.router) })
+	}
 	n.goRun(func() { n.reachLoop(reachSub) })
 	if len(n.joinPeers) > 0 {
 		n.goRun(func() { n.joinLoop(n.joinPeers) })

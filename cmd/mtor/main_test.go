@@ -74,6 +74,9 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"node stray argument", []string{"node", "extra"}, `unexpected argument "extra"`},
 		{"node negative queue", []string{"node", "--max-queue", "-1"}, "--max-queue"},
 		{"node zero concurrency", []string{"node", "--max-concurrency", "0"}, "--max-concurrency"},
+		{"node canary rate above one", []string{"node", "--canary-rate", "1.5"}, "--canary-rate"},
+		{"node negative canary rate", []string{"node", "--canary-rate", "-0.1"}, "--canary-rate"},
+		{"node zero canary interval", []string{"node", "--canary-interval", "0s"}, "--canary-interval"},
 		{"node announce too fast", []string{"node", "--announce-interval", "1ms"}, "--announce-interval"},
 		{"node bad backend", []string{"node", "--backend", "gopher=http://x", "--api", "off"}, "--backend"},
 		{"node bad log level", []string{"node", "--log-level", "loud", "--api", "off"}, "--log-level"},
@@ -256,7 +259,7 @@ func TestPrintPeers(t *testing.T) {
 	var b bytes.Buffer
 	err := printPeers(&b, []api.Peer{
 		{PeerView: router.PeerView{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}}},
-			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500,
+			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500, Reputation: 25, Distrusted: true,
 			GPUs: []router.GPUView{{Name: "NVIDIA H100", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 250000}}}},
 		{PeerView: router.PeerView{Peer: "12D3KooWB", Self: true},
 			Backends: []node.BackendState{{Name: "ollama http://127.0.0.1:1", State: node.BackendDown, Detail: "unreachable (connection refused)"}}},
@@ -269,12 +272,12 @@ func TestPrintPeers(t *testing.T) {
 	if len(lines) != 5 {
 		t.Fatalf("table %q", b.String())
 	}
-	for _, want := range []string{"PEER", "MODELS", "TYPES", "LOAD", "HEALTH", "GPU", "AGE"} {
+	for _, want := range []string{"PEER", "MODELS", "TYPES", "LOAD", "HEALTH", "REP", "GPU", "AGE"} {
 		if !strings.Contains(lines[0], want) {
 			t.Errorf("header %q lacks %s", lines[0], want)
 		}
 	}
-	for _, want := range []string{"12D3KooWA", "demo,x", "chat,embed", "1/4 +2 queued", "97 (open)", "NVIDIA H100 60.0/80.0GiB free 35% 250W", "1.5s"} {
+	for _, want := range []string{"12D3KooWA", "demo,x", "chat,embed", "1/4 +2 queued", "97 (open)", "25 (distrusted)", "NVIDIA H100 60.0/80.0GiB free 35% 250W", "1.5s"} {
 		if !strings.Contains(lines[1], want) {
 			t.Errorf("row %q lacks %q", lines[1], want)
 		}

@@ -26,6 +26,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/api/hostcheck"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/spec"
+	"github.com/mtor-swarm/mtor/node/canary"
 	"github.com/mtor-swarm/mtor/node/gpu"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -57,6 +58,9 @@ type nodeFlags struct {
 	announceInterval time.Duration
 	grace            time.Duration
 	logLevel         string
+	canaryRate       float64
+	canaryInterval   time.Duration
+	verify           bool
 }
 
 func defaultDataDir(e *env) string {
@@ -104,6 +108,9 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.IntVar(&f.maxQueue, "max-queue", worker.DefaultMaxQueue, "queries the worker queues beyond those running; more are refused with BUSY")
 	fs.DurationVar(&f.announceInterval, "announce-interval", node.DefaultAnnounceInterval, "heartbeat of the worker's announcements")
 	fs.DurationVar(&f.grace, "grace", node.DefaultGracePeriod, "on SIGINT/SIGTERM, how long queries in flight may take to finish")
+	fs.Float64Var(&f.canaryRate, "canary-rate", canary.DefaultRate, "share of this node's routed queries spent on honesty spot checks of the workers (0: none, at most 1)")
+	fs.DurationVar(&f.canaryInterval, "canary-interval", canary.DefaultInterval, "least time between two spot checks; with --verify, the time between them")
+	fs.BoolVar(&f.verify, "verify", false, "run a spot check every --canary-interval whatever this node's own traffic (a volunteer verifier)")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -259,6 +266,12 @@ func (f *nodeFlags) check() error {
 	if f.dataDir == "" {
 		return usagef("--data-dir must not be empty")
 	}
+	if f.canaryRate < 0 || f.canaryRate > 1 || f.canaryRate != f.canaryRate {
+		return usagef("--canary-rate %v: want a share from 0 to 1", f.canaryRate)
+	}
+	if f.canaryInterval <= 0 {
+		return usagef("--canary-interval %v: want a positive duration", f.canaryInterval)
+	}
 	if f.apiAddr != "off" {
 		if _, _, err := net.SplitHostPort(f.apiAddr); err != nil {
 			return usagef("--api %q: want HOST:PORT or off", f.apiAddr)
@@ -385,7 +398,11 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 	opts = append(opts,
 		node.WithMaxConcurrency(f.maxConcurrency),
 		node.WithMaxQueue(f.maxQueue),
-		node.WithAnnounceInterval(f.announceInterval))
+		node.WithAnnounceInterval(f.announceInterval),
+		node.WithCanary(canary.WithRate(f.canaryRate), canary.WithInterval(f.canaryInterval)))
+	if f.verify {
+		opts = append(opts, node.WithVerify())
+	}
 	return opts
 }
 

@@ -74,7 +74,7 @@ func printPeers(w io.Writer, peers []api.Peer) error {
 
 func printPeerTable(w io.Writer, peers []api.Peer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tMODELS\tTYPES\tLOAD\tHEALTH\tGPU\tAGE")
+	fmt.Fprintln(tw, "PEER\tMODELS\tTYPES\tLOAD\tHEALTH\tREP\tGPU\tAGE")
 	for _, p := range peers {
 		id := p.Peer
 		var marks []string
@@ -101,7 +101,7 @@ func printPeerTable(w io.Writer, peers []api.Peer) error {
 		}
 		if len(p.Models) == 0 {
 			// Not a worker: this node serving nothing, or a relay.
-			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t%s\t%s\n", id, orDash(gpuSummary(p.GPUs)), age(p))
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t%s\t%s\n", id, orDash(gpuSummary(p.GPUs)), age(p))
 			continue
 		}
 		load := fmt.Sprintf("%d/%d", p.InFlight, p.MaxConcurrency)
@@ -115,8 +115,8 @@ func printPeerTable(w io.Writer, peers []api.Peer) error {
 		if p.Breaker != "" && p.Breaker != "closed" {
 			health += " (" + p.Breaker + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(models, ",")), orDash(strings.Join(types, ",")),
-			load, health, orDash(gpuSummary(p.GPUs)), age(p))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(models, ",")), orDash(strings.Join(types, ",")),
+			load, health, reputation(p), orDash(gpuSummary(p.GPUs)), age(p))
 	}
 	return tw.Flush()
 }
@@ -145,4 +145,17 @@ func orDash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// reputation is the REP column: how far honesty spot checks trust the
+// peer's answers, 0..100, marked when it gets no traffic for it.
+func reputation(p api.Peer) string {
+	if p.Self {
+		return "-" // a node does not check itself
+	}
+	r := fmt.Sprintf("%.0f", p.Reputation)
+	if p.Distrusted {
+		r += " (distrusted)"
+	}
+	return r
 }

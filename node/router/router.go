@@ -163,6 +163,9 @@ type Router struct {
 	maxOutput   int
 	stall       time.Duration // fixed stall bound; 0 = from the expected TTFT
 
+	rep      Reputation             // honesty spot checks' verdicts; nil = all trusted
+	observer func(*pb.QueryRequest) // sees each routed query
+
 	mu    sync.Mutex
 	peers map[peer.ID]*peerState
 	rng   *mrand.Rand
@@ -343,6 +346,9 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 		if mt := st.model(model); mt != nil && !mt.Available() {
 			continue
 		}
+		if r.distrusted(c.Peer) {
+			continue
+		}
 		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
 	}
 	// A peer with a free slot always comes before a full one: how long a
@@ -432,7 +438,8 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 	log.Debugw("peer restarted", "peer", c.Peer)
 }
 
-// score is the expected time to first token in ms, divided by health: a
+// score is the expected time to first token in ms, divided by health and
+// by reputation (honesty spot checks, reputation.go): a
 // queue wait from load and concurrency, the measured TTFT, and the RTT.
 // full reports whether c has no free slot, by its announcement or by the
 // queries this router has in flight there.
@@ -522,7 +529,7 @@ func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState, prior measu
 	if mt := st.model(mi.GetName()); mt != nil {
 		h = math.Min(h, mt.Score())
 	}
-	h /= 100
+	h = h / 100 * r.reputation(c.Peer) / 100
 	return est / math.Max(h, 0.05)
 }
 
@@ -568,6 +575,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	}
 	ctx, cancel := context.WithDeadline(ctx, time.UnixMilli(req.GetDeadlineUnixMs()))
 	defer cancel()
+	r.observe(req)
 
 	// Only text is continued, and a constrained answer (tools, JSON) would
 	// restart its constraint at the seam.
@@ -1027,6 +1035,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		// Keep the connection while queries are open on it.
 		r.h.ConnManager().Protect(p, protectTag)
 	}
+	stall := r.stallBound(c, st, q.req) // reads st's measures: under the lock
 	r.mu.Unlock()
 	start := time.Now()
 	var first time.Time
@@ -1052,7 +1061,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 			err = workerError{pe}
 		}
 	} else {
-		done, err = r.remote(ctx, c, req, r.stallBound(c, st, req), wrap)
+		done, err = r.remote(ctx, c, req, stall, wrap)
 	}
 	end := time.Now()
 	r.mu.Lock()

@@ -79,4 +79,9 @@ type PeerView struct {
 	Path        string `json:"path,omitempty"`
 	Via         string `json:"via,omitempty"`
 	Unreachable bool   `json:"unreachable,omitempty"`
+	// Reputation is how far honesty spot checks trust the peer's answers
+	// to come from the model it announces, 0..100 (100 until checked);
+	// Distrusted peers, below the threshold, get no traffic.
+	Reputation float64 `json:"reputation"`
+	Distrusted bool    `json:"distrusted,omitempty"`
 }

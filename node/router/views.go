@@ -43,6 +43,8 @@ func (r *Router) Peers() []PeerView {
 			RTTMs:          float64(c.RTT.Microseconds()) / 1000,
 			AgeMs:          now.Sub(c.Received).Milliseconds(),
 			Unreachable:    st.unreachableLocked(c),
+			Reputation:     r.reputation(c.Peer),
+			Distrusted:     r.distrusted(c.Peer),
 		}
 		v.Path, v.Via = r.path(c.Peer)
 		for _, m := range a.GetModels() {

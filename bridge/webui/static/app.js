@@ -504,6 +504,9 @@
     const notes = [];
     if (p.breaker && p.breaker !== "closed") notes.push("breaker " + p.breaker);
     if (p.draining) notes.push("draining");
+    // Honesty spot checks: how far its answers match the model it announces.
+    if (p.distrusted) notes.push("distrusted: answers disagree with its model");
+    else if (!p.self && p.reputation !== undefined && Number(p.reputation) < 100) notes.push("reputation " + Math.round(Number(p.reputation)));
     if (p.rtt_ms) notes.push(Number(p.rtt_ms).toFixed(0) + " ms rtt");
     if (notes.length) td.append(h("div", { className: "sub-line" }, notes.join(" · ")));
     return td;

@@ -170,15 +170,26 @@ func (b *Backend) answer(req *pb.QueryRequest, prompt string) string {
 			n += len(m.GetAttachments())
 		}
 		n += len(req.GetAttachments())
-		return fmt.Sprintf("[demo answer from %s] I cannot see, but I received %d image(s) and the question: %s", b.label, n, prompt)
+		return fmt.Sprintf("[demo answer %s] I cannot see, but I received %d image(s) and the question: %s", b.from(req), n, prompt)
 	case pb.QueryType_QUERY_TYPE_STT:
 		size := 0
 		for _, a := range req.GetAttachments() {
 			size += len(a.GetData())
 		}
-		return fmt.Sprintf("[demo transcription from %s] %d bytes of audio received", b.label, size)
+		return fmt.Sprintf("[demo transcription %s] %d bytes of audio received", b.from(req), size)
 	}
-	return fmt.Sprintf("[demo answer from %s] You said: %s", b.label, prompt)
+	return fmt.Sprintf("[demo answer %s] You said: %s", b.from(req), prompt)
+}
+
+// from says who answers: "from PEER", or "for seed N" when the query
+// fixes a seed, so that every honest demo worker gives one seeded query
+// the same answer, as a deterministic model would (honesty spot checks
+// compare them).
+func (b *Backend) from(req *pb.QueryRequest) string {
+	if p := req.GetParams(); p != nil && p.Seed != nil {
+		return fmt.Sprintf("for seed %d", p.GetSeed())
+	}
+	return "from " + b.label
 }
 
 // continueAfter is what follows done (an answer another worker began)

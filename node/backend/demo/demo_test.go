@@ -106,3 +106,36 @@ func TestParseOptions(t *testing.T) {
 		}
 	}
 }
+
+// TestSeededAnswersAgreeAcrossWorkers: two demo workers give one seeded
+// query the same answer (honesty spot checks compare them); unseeded
+// answers still name the worker.
+func TestSeededAnswersAgreeAcrossWorkers(t *testing.T) {
+	seed := int64(42)
+	run := func(b *Backend, p *pb.Params) string {
+		var c collect
+		req := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: DefaultModel, Prompt: "same words", Params: p}
+		if _, err := b.Run(context.Background(), req, &c); err != nil {
+			t.Fatal(err)
+		}
+		return c.text.String()
+	}
+	a, b := New("peer-a", WithDelay(0)), New("peer-b", WithDelay(0))
+	tests := []struct {
+		name   string
+		params *pb.Params
+		same   bool
+		want   string
+	}{
+		{"seeded", &pb.Params{Seed: &seed}, true, "[demo answer for seed 42] You said: same words"},
+		{"unseeded", nil, false, "[demo answer from peer-a] You said: same words"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			ta, tb := run(a, tc.params), run(b, tc.params)
+			if (ta == tb) != tc.same || ta != tc.want {
+				t.Fatalf("worker a %q, worker b %q; want %q, same=%v", ta, tb, tc.want, tc.same)
+			}
+		})
+	}
+}
