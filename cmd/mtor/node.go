@@ -80,8 +80,8 @@ func defaultAPIAddr(e *env) string {
 	return api.DefaultAddr
 }
 
-func runNode(ctx context.Context, e *env, args []string) error {
-	var f nodeFlags
+// nodeFlagSet is the flag set of `mtor node`, filling f.
+func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs := newFlagSet(e, "node", "[flags]")
 	fs.StringVar(&f.configPath, "config", "", "read flags from a TOML (.toml) or YAML (.yaml, .yml) file, a key per flag (a list for a repeatable one); flags on the command line win; SIGHUP re-reads its backend and no-detect")
 	fs.StringVar(&f.dataDir, "data-dir", defaultDataDir(e), "directory for the identity key and state (env MTOR_DATA_DIR)")
@@ -109,12 +109,21 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.DurationVar(&f.announceInterval, "announce-interval", node.DefaultAnnounceInterval, "heartbeat of the worker's announcements")
 	fs.DurationVar(&f.grace, "grace", node.DefaultGracePeriod, "on SIGINT/SIGTERM, how long queries in flight may take to finish")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
+	return fs
+}
+
+// parseNodeFlags parses the command line and the config file it names,
+// and checks the result: what `mtor node` runs with, and where its
+// backends come from.
+func parseNodeFlags(e *env, args []string) (*nodeFlags, backendSource, error) {
+	f := &nodeFlags{}
+	fs := nodeFlagSet(e, f)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
-		return err
+		return nil, backendSource{}, err
 	}
 	if len(pos) > 0 {
-		return usagef("unexpected argument %q", pos[0])
+		return nil, backendSource{}, usagef("unexpected argument %q", pos[0])
 	}
 	onCLI := map[string]bool{}
 	fs.Visit(func(fl *flag.Flag) { onCLI[fl.Name] = true })
@@ -123,13 +132,21 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	if f.configPath != "" {
 		cf, err := config.Load(f.configPath)
 		if err != nil {
-			return usagef("%v", err)
+			return nil, backendSource{}, usagef("%v", err)
 		}
 		if err := cf.Apply(fs, func(name string) bool { return onCLI[name] }, "config"); err != nil {
-			return usagef("%v", err)
+			return nil, backendSource{}, usagef("%v", err)
 		}
 	}
 	if err := f.check(); err != nil {
+		return nil, backendSource{}, err
+	}
+	return f, src, nil
+}
+
+func runNode(ctx context.Context, e *env, args []string) error {
+	f, src, err := parseNodeFlags(e, args)
+	if err != nil {
 		return err
 	}
 	if f.logLevel != "" {
