@@ -174,3 +174,58 @@ func TestOperationsExampleConfig(t *testing.T) {
 		t.Fatalf("exit %d:\n%s", code, n.output())
 	}
 }
+
+// bannerKeys are the keys of "key: value" lines ("mtor" for the version
+// line), repeats folded, up to the join line; and each key's first value.
+func bannerKeys(text string) ([]string, map[string]string) {
+	var keys []string
+	vals := map[string]string{}
+	for _, l := range strings.Split(text, "\n") {
+		k, v, ok := strings.Cut(l, ": ")
+		if !ok {
+			if f := strings.Fields(l); len(f) == 2 && f[0] == "mtor" {
+				k, v = "mtor", f[1]
+			} else {
+				continue
+			}
+		}
+		if len(keys) == 0 || keys[len(keys)-1] != k {
+			keys = append(keys, k)
+		}
+		if _, seen := vals[k]; !seen {
+			vals[k] = v
+		}
+		if k == "join" {
+			break
+		}
+	}
+	return keys, vals
+}
+
+// operations.md's sample start-up output has the real banner's lines, in
+// its order, with values of the same shape.
+func TestOperationsBannerMatches(t *testing.T) {
+	needBinary(t)
+	sample := fencedBlock(t, readDoc(t, "../../docs/operations.md"), "At start the node prints", "")
+	n := startNode(t, "banner", nodeArgs(t.TempDir(), "--backend", "demo", "--bridge", "127.0.0.1:0")...)
+	n.mu.Lock()
+	real := n.stdout.String()
+	n.mu.Unlock()
+	docKeys, docVals := bannerKeys(sample)
+	realKeys, realVals := bannerKeys(real)
+	if strings.Join(docKeys, " ") != strings.Join(realKeys, " ") {
+		t.Fatalf("the doc's banner has lines %q, the node prints %q:\n%s", docKeys, realKeys, real)
+	}
+	shapes := map[string]string{
+		"peer": `^12D3KooW`, "swarm": `^[a-z0-9._-]+$`, "listen": `^/ip4/[0-9.]+/(tcp|udp)/\d+`, "roles": `^worker, bridge$`,
+		"backend": ` up: `, "gpu": `.`, "peers": `^\d+ connected$`, "api": `^127\.0\.0\.1:\d+$`,
+		"bridge": `^http://127\.0\.0\.1:\d+/$`, "join": `^mtor1`,
+	}
+	for k, re := range shapes {
+		for who, v := range map[string]string{"doc": docVals[k], "node": realVals[k]} {
+			if !regexp.MustCompile(re).MatchString(v) {
+				t.Errorf("%s's %q line %q does not match %s", who, k, v, re)
+			}
+		}
+	}
+}
