@@ -183,14 +183,19 @@ func TestE2EReloadOnSIGHUP(t *testing.T) {
 	}
 
 	// A broken file: the node says so and keeps its backends.
-	writeFile(t, cfg, base+"backend = [\n")
-	if err := n.cmd.Process.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	n.waitOutput("warning: reload: config "+cfg+": config file syntax", time.Minute)
-	code, out, errOut = mtor(t, "query", "--api", apiAddr, "--model", "second", "still here")
-	if code != 0 || !strings.Contains(out, "You said: still here") {
-		t.Fatalf("query after a failed reload: exit %d, %q, %q", code, out, errOut)
+	for _, tc := range []struct{ body, says string }{
+		{base + "backend = [\n", "config file syntax"},
+		{base + "backends = [\"demo:model=third\"]\n", `key "backends": unknown key`},
+	} {
+		writeFile(t, cfg, tc.body)
+		if err := n.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		n.waitOutput("warning: reload: config "+cfg+": "+tc.says, time.Minute)
+		code, out, errOut = mtor(t, "query", "--api", apiAddr, "--model", "second", "still here")
+		if code != 0 || !strings.Contains(out, "You said: still here") {
+			t.Fatalf("query after a failed reload: exit %d, %q, %q", code, out, errOut)
+		}
 	}
 	if code := n.stop(syscall.SIGTERM); code != 0 {
 		t.Fatalf("exit %d:\n%s", code, n.output())

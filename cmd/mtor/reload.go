@@ -65,6 +65,11 @@ func (src backendSource) specs(ctx context.Context, e *env) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
+		// The whole file is checked as at start (a key that is no
+		// flag, a bad value), though only its backends are used.
+		if err := cf.Apply(nodeFlagSet(e, &nodeFlags{}), func(string) bool { return false }, "config"); err != nil {
+			return nil, err
+		}
 		specs = cf.Values["backend"]
 		if v := cf.Values["no-detect"]; len(v) == 1 {
 			if noDetect, err = strconv.ParseBool(v[0]); err != nil {
