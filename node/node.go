@@ -503,7 +503,11 @@ func (n *Node) Worker() *worker.Worker { return n.worker }
 func (n *Node) Discovery() *discovery.Discovery { return n.disc }
 
 // Backends lists the configured backends.
-func (n *Node) Backends() []backend.Backend { return n.cfg.backends }
+func (n *Node) Backends() []backend.Backend {
+	n.bmu.Lock()
+	defer n.bmu.Unlock()
+	return slices.Clone(n.cfg.backends)
+}
 
 // Addrs are the node's listen addresses ending in /p2p/<id>.
 func (n *Node) Addrs() []ma.Multiaddr {
