@@ -42,7 +42,7 @@ type announcer struct {
 	pub      publisher
 	w        *worker.Worker
 	gpus     GPUSource
-	roles    []string
+	roles    atomic.Pointer[[]string] // replaced when a reload adds or removes the worker role
 	version  string
 	interval time.Duration
 	// incarnation is random per process start: peers that see it change
@@ -59,12 +59,20 @@ type announcer struct {
 }
 
 func newAnnouncer(pub publisher, w *worker.Worker, gpus GPUSource, roles []string, version string, interval time.Duration) *announcer {
-	return &announcer{
-		pub: pub, w: w, gpus: gpus, roles: roles, version: version, interval: interval,
+	a := &announcer{
+		pub: pub, w: w, gpus: gpus, version: version, interval: interval,
 		incarnation: rand.Uint64() | 1, // never 0, which means "not sent"
 		kick:        make(chan struct{}, 1),
 		provided:    map[string]time.Time{},
 	}
+	a.setRoles(roles)
+	return a
+}
+
+// setRoles changes the announced roles; the next publish carries them.
+func (a *announcer) setRoles(roles []string) {
+	r := slices.Clone(roles)
+	a.roles.Store(&r)
 }
 
 // changed asks for a prompt publish; it never blocks.
@@ -86,7 +94,7 @@ func (a *announcer) refresh() {
 func (a *announcer) build() *pb.Announce {
 	running, queued, maxC, maxQ := a.w.Load()
 	ann := &pb.Announce{
-		Roles:    a.roles,
+		Roles:    *a.roles.Load(),
 		Version:  a.version,
 		Health:   a.w.Health(),
 		Draining: a.w.Draining(),

@@ -240,7 +240,10 @@ type Node struct {
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relayKeeper
 	live   *liveness.Checker
-	roles  []string
+	// bmu guards roles and watched, which a reload (SetBackends) changes,
+	// and lets one reload run at a time.
+	bmu   sync.Mutex
+	roles []string
 	// watched are the backends as the worker sees them, recording their
 	// probes' results for State and notices.
 	watched []*watchedBackend
@@ -386,10 +389,10 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	n.live = liveness.New(h)
 	relays.probe = n.live.Suspect
-	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live)}
-	if len(cfg.backends) > 0 {
-		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
-	}
+	// The local worker is always there, so that backends a reload adds
+	// are served here too; without models it is never chosen.
+	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live),
+		router.WithLocal(localWorker{n.worker})}
 	chk, copts := canaryRouterOptions(&cfg)
 	ropts = append(ropts, copts...)
 	n.router = router.New(h, qproto, tableAdapter{n.disc.Table()}, append(ropts, cfg.routerOpts...)...)
@@ -510,7 +513,11 @@ func (n *Node) Worker() *worker.Worker { return n.worker }
 func (n *Node) Discovery() *discovery.Discovery { return n.disc }
 
 // Backends lists the configured backends.
-func (n *Node) Backends() []backend.Backend { return n.cfg.backends }
+func (n *Node) Backends() []backend.Backend {
+	n.bmu.Lock()
+	defer n.bmu.Unlock()
+	return slices.Clone(n.cfg.backends)
+}
 
 // Addrs are the node's listen addresses ending in /p2p/<id>.
 func (n *Node) Addrs() []ma.Multiaddr {

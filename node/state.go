@@ -128,8 +128,11 @@ func (n *Node) onBackendChange(prev, next BackendState) {
 
 // State reports the node's state now.
 func (n *Node) State() State {
+	n.bmu.Lock()
+	roles, watched := slices.Clone(n.roles), n.watched
+	n.bmu.Unlock()
 	st := State{
-		Roles:          slices.Clone(n.roles),
+		Roles:          roles,
 		ConnectedPeers: len(n.h.Network().Peers()),
 		ProbeInterval:  healthProbeInterval,
 	}
@@ -140,7 +143,7 @@ func (n *Node) State() State {
 		st.JoinError = n.st.joinErr.Error()
 	}
 	n.st.mu.Unlock()
-	for _, w := range n.watched {
+	for _, w := range watched {
 		st.Backends = append(st.Backends, w.state())
 	}
 	now := time.Now()

@@ -191,6 +191,9 @@ type stringList []string
 
 func (l *stringList) String() string { return strings.Join(*l, ",") }
 
+// Repeatable tells the config file that this flag takes a list.
+func (l *stringList) Repeatable() bool { return true }
+
 func (l *stringList) Set(v string) error {
 	*l = append(*l, v)
 	return nil

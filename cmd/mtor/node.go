@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"net/url"
@@ -20,6 +21,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/bridge"
+	"github.com/mtor-swarm/mtor/cmd/mtor/config"
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/api"
@@ -33,6 +35,7 @@ import (
 )
 
 type nodeFlags struct {
+	configPath       string
 	dataDir          string
 	listen           stringList
 	join             stringList
@@ -81,9 +84,10 @@ func defaultAPIAddr(e *env) string {
 	return api.DefaultAddr
 }
 
-func runNode(ctx context.Context, e *env, args []string) error {
-	var f nodeFlags
+// nodeFlagSet is the flag set of `mtor node`, filling f.
+func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs := newFlagSet(e, "node", "[flags]")
+	fs.StringVar(&f.configPath, "config", "", "read flags from a TOML (.toml) or YAML (.yaml, .yml) file, a key per flag (a list for a repeatable one); flags on the command line win; SIGHUP re-reads its backend and no-detect")
 	fs.StringVar(&f.dataDir, "data-dir", defaultDataDir(e), "directory for the identity key and state (env MTOR_DATA_DIR)")
 	fs.Var(&f.listen, "listen", "multiaddr to listen on, repeatable (default /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1)")
 	fs.Var(&f.join, "join", "bootstrap multiaddr (/ip4/.../p2p/ID) or join token to join through, repeatable")
@@ -112,14 +116,44 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.DurationVar(&f.canaryInterval, "canary-interval", canary.DefaultInterval, "least time between two spot checks; with --verify, the time between them")
 	fs.BoolVar(&f.verify, "verify", false, "run a spot check every --canary-interval whatever this node's own traffic (a volunteer verifier)")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
+	return fs
+}
+
+// parseNodeFlags parses the command line and the config file it names,
+// and checks the result: what `mtor node` runs with, and where its
+// backends come from.
+func parseNodeFlags(e *env, args []string) (*nodeFlags, backendSource, error) {
+	f := &nodeFlags{}
+	fs := nodeFlagSet(e, f)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
-		return err
+		return nil, backendSource{}, err
 	}
 	if len(pos) > 0 {
-		return usagef("unexpected argument %q", pos[0])
+		return nil, backendSource{}, usagef("unexpected argument %q", pos[0])
+	}
+	onCLI := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { onCLI[fl.Name] = true })
+	src := backendSource{cliSpecs: slices.Clone(f.backends), cliNoDetect: f.noDetect,
+		fromCLI: onCLI["backend"] || onCLI["no-detect"], configPath: f.configPath}
+	if f.configPath != "" {
+		cf, err := config.Load(f.configPath)
+		if err != nil {
+			return nil, backendSource{}, usagef("%v", err)
+		}
+		if err := cf.Apply(fs, func(name string) bool { return onCLI[name] }, "config"); err != nil {
+			return nil, backendSource{}, usagef("%v", err)
+		}
 	}
 	if err := f.check(); err != nil {
+		return nil, backendSource{}, err
+	}
+	return f, src, nil
+}
+
+func runNode(ctx context.Context, e *env, args []string) error {
+	f, src, err := parseNodeFlags(e, args)
+	if err != nil {
 		return err
 	}
 	if f.logLevel != "" {
@@ -146,7 +180,14 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	if err := checkListenFree(f.listenAddrs(), len(f.listen) > 0); err != nil {
 		return err
 	}
-	backends, err := buildBackends(ctx, e, f.backends, !f.noDetect, shortID(self))
+	// The backends as SIGHUP will read them again: the config file, not
+	// the command line, is their source when the command line has none.
+	specs, err := src.specs(ctx, e)
+	if err != nil {
+		return usagef("%v", err)
+	}
+	bset := newBackendSet(shortID(self))
+	backends, err := bset.build(specs)
 	if err != nil {
 		return err
 	}
@@ -219,14 +260,27 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
+	// SIGHUP reloads the backends; it has its own channel so that a
+	// reload never swallows a stop signal.
+	hups := make(chan os.Signal, 1)
+	signal.Notify(hups, syscall.SIGHUP)
+	defer signal.Stop(hups)
 	out.startup(func() { printStartup(e, n, gpus, apiLn, bridgeLn) })
 	var runErr error
-	select {
-	case sig := <-sigs:
-		fmt.Fprintf(e.stderr, "%s: stopping; queries in flight get %s to finish (send it again to stop at once)\n", sig, f.grace)
-	case runErr = <-failed:
-		fmt.Fprintf(e.stderr, "stopping: %v\n", runErr)
-	case <-ctx.Done():
+wait:
+	for {
+		select {
+		case <-hups:
+			reloadBackends(ctx, e, n, src, bset, out)
+		case sig := <-sigs:
+			fmt.Fprintf(e.stderr, "%s: stopping; queries in flight get %s to finish (send it again to stop at once)\n", sig, f.grace)
+			break wait
+		case runErr = <-failed:
+			fmt.Fprintf(e.stderr, "stopping: %v\n", runErr)
+			break wait
+		case <-ctx.Done():
+			break wait
+		}
 	}
 	go func() {
 		// A second signal means now: no more waiting for anyone.
@@ -469,26 +523,6 @@ func shortID(id peer.ID) string {
 	return s
 }
 
-// buildBackends parses the --backend values, or auto-detects local model
-// servers when there are none, and says what the node will serve.
-func buildBackends(ctx context.Context, e *env, specs []string, detect bool, label string) ([]backend.Backend, error) {
-	if len(specs) == 0 {
-		if !detect {
-			return nil, nil
-		}
-		return detectBackends(ctx, e, label)
-	}
-	var out []backend.Backend
-	for _, s := range specs {
-		b, err := spec.Parse(s, label)
-		if err != nil {
-			return nil, usagef("--backend: %v", err)
-		}
-		out = append(out, b)
-	}
-	return out, nil
-}
-
 // printStartup prints the node's identity, addresses and state as
 // "key: value" lines on stdout, the join line last: scripts can wait for
 // "join: ". A backend that is down is said here too, and again on stderr,
@@ -569,6 +603,20 @@ func (p *noticePrinter) startup(print func()) {
 		p.print(n)
 	}
 	p.held = nil
+}
+
+// line prints one line on stdout, after the start-up lines.
+func (p *noticePrinter) line(text string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	fmt.Fprintln(p.e.stdout, text)
+}
+
+// warn prints a warning on stderr.
+func (p *noticePrinter) warn(text string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	fmt.Fprintf(p.e.stderr, "warning: %s\n", text)
 }
 
 func (p *noticePrinter) print(n node.Notice) {

@@ -60,18 +60,23 @@ type served struct {
 // bound is a backend with its health.
 type bound struct {
 	backend.Backend
-	health *health.Tracker
+	health   *health.Tracker
+	inflight atomic.Int64 // queries running on it, so that a removed one is seen to drain
 }
 
 // Worker serves queries with its backends.
 type Worker struct {
-	backends []*bound
-	adm      *admission
-	version  string
-	meter    EnergyMeter
-	defDL    time.Duration
-	beat     time.Duration
-	onChange func()
+	bmu      sync.Mutex
+	backends []*bound // replaced whole by SetBackends, never changed in place
+	// refreshMu lets one Refresh run at a time: a slow one started before
+	// SetBackends must not bring back the models of a removed backend.
+	refreshMu sync.Mutex
+	adm       *admission
+	version   string
+	meter     EnergyMeter
+	defDL     time.Duration
+	beat      time.Duration
+	onChange  func()
 
 	draining atomic.Bool
 	inflight atomic.Int64 // queries not yet fully answered, streams included
@@ -155,14 +160,85 @@ func New(backends []backend.Backend, opts ...Option) *Worker {
 // probe fails loses health and, once its breaker opens after repeated
 // failures, its models.
 func (w *Worker) Refresh(ctx context.Context) {
+	w.refreshMu.Lock()
+	defer w.refreshMu.Unlock()
+	w.refresh(ctx)
+}
+
+// bounds is the current backend list; the slice is never changed in place.
+func (w *Worker) bounds() []*bound {
+	w.bmu.Lock()
+	defer w.bmu.Unlock()
+	return w.backends
+}
+
+// SetBackends replaces the worker's backends (a reload): a backend in bs
+// that the worker already has (the same value) keeps its health and
+// statistics; a new one is probed at once; a removed one gets no new
+// queries, while those already running on it finish (Removed.InFlight). The
+// models are refreshed before it returns, which returns the removed
+// backends.
+func (w *Worker) SetBackends(ctx context.Context, bs []backend.Backend) []Removed {
+	w.refreshMu.Lock()
+	defer w.refreshMu.Unlock()
+	old := w.bounds()
+	next := make([]*bound, 0, len(bs))
+	keep := map[*bound]bool{}
+	for _, b := range bs {
+		i := slices.IndexFunc(old, func(o *bound) bool { return o.Backend == b })
+		if i >= 0 {
+			next = append(next, old[i])
+			keep[old[i]] = true
+			continue
+		}
+		next = append(next, &bound{Backend: b, health: health.New()})
+	}
+	w.bmu.Lock()
+	w.backends = next
+	w.bmu.Unlock()
+	// The removed backends' models go at once, before the probes of the
+	// new ones, so that no new query is sent to them meanwhile.
+	w.mu.Lock()
+	for name, ss := range w.models {
+		ss = slices.DeleteFunc(slices.Clone(ss), func(sv served) bool { return !keep[sv.b] })
+		if len(ss) == 0 {
+			delete(w.models, name)
+		} else {
+			w.models[name] = ss
+		}
+	}
+	w.mu.Unlock()
+	w.onChange()
+	w.refresh(ctx)
+	var removed []Removed
+	for _, o := range old {
+		if !keep[o] {
+			removed = append(removed, Removed{Backend: o.Backend, b: o})
+		}
+	}
+	return removed
+}
+
+// Removed is a backend that SetBackends took away, with the queries still
+// running on it.
+type Removed struct {
+	backend.Backend
+	b *bound
+}
+
+// InFlight is how many queries still run on the removed backend.
+func (r Removed) InFlight() int { return int(r.b.inflight.Load()) }
+
+func (w *Worker) refresh(ctx context.Context) {
+	backends := w.bounds()
 	type result struct {
 		b      *bound
 		models []backend.Model
 		err    error
 	}
-	results := make([]result, len(w.backends))
+	results := make([]result, len(backends))
 	var wg sync.WaitGroup
-	for i, b := range w.backends {
+	for i, b := range backends {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -278,14 +354,15 @@ func (w *Worker) Load() (running, queued, maxConcurrency, maxQueue int) {
 
 // Health is the mean health score of the backends, 0..100 (100 with none).
 func (w *Worker) Health() uint32 {
-	if len(w.backends) == 0 {
+	backends := w.bounds()
+	if len(backends) == 0 {
 		return 100
 	}
 	var sum float64
-	for _, b := range w.backends {
+	for _, b := range backends {
 		sum += b.health.Score()
 	}
-	return uint32(sum / float64(len(w.backends)))
+	return uint32(sum / float64(len(backends)))
 }
 
 // BackendStatus is the health of one backend.
@@ -298,8 +375,9 @@ type BackendStatus struct {
 
 // Backends reports each backend's health and breaker state.
 func (w *Worker) Backends() []BackendStatus {
-	out := make([]BackendStatus, len(w.backends))
-	for i, b := range w.backends {
+	backends := w.bounds()
+	out := make([]BackendStatus, len(backends))
+	for i, b := range backends {
 		out[i] = BackendStatus{Name: b.Name(), Kind: b.Kind(), Score: b.health.Score(), Breaker: b.health.State().String()}
 	}
 	return out
@@ -433,6 +511,8 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	if err != nil {
 		return nil, err
 	}
+	b.inflight.Add(1)
+	defer b.inflight.Add(-1)
 	t, pos, err := w.adm.enter(req.GetPriority())
 	if err != nil {
 		return nil, err

@@ -530,9 +530,13 @@
       if (p.queued) load.append(h("div", { className: "sub-line" }, p.queued + " queued"));
       return h("tr", { dataset: { peer: String(p.peer) } }, idCell, modelsCell, gpuCell(p), load, healthCell(p));
     });
-    if (rows.length === 0) rows.push(h("tr", null, h("td", { colSpan: 5, className: "sub-line" }, "no workers seen yet")));
+    if (rows.length === 0) rows.push(h("tr", null, h("td", { colSpan: 5, className: "sub-line" }, "no workers seen yet: start one with mtor node --backend … --join TOKEN")));
     el.peers.replaceChildren(...rows);
     const gpuCount = peers.reduce((n, p) => n + (Array.isArray(p.gpus) ? p.gpus.length : 0), 0);
+    // Say "GPU" only of a swarm that has one; tell the visitor of an
+    // empty swarm how to add a worker.
+    $("route-target").textContent = gpuCount > 0 ? "GPU" : "worker";
+    $("add-worker").hidden = peers.some((p) => (p.models || []).length > 0);
     el.summary.textContent = peers.length + (peers.length === 1 ? " worker" : " workers") + " · " +
       apiModels.length + (apiModels.length === 1 ? " model" : " models") + " · " + gpuCount + " GPU" + (gpuCount === 1 ? "" : "s");
   }
