@@ -100,7 +100,8 @@
     const parts = [];
     if (d.model) parts.push(d.model);
     parts.push(fmtSecs(d.total_ms || (d.processing_time || 0) * 1000));
-    if (d.ttft_ms) parts.push("first token " + fmtSecs(d.ttft_ms));
+    // 0 ms is a real figure on a LAN (or this node's own worker).
+    if (typeof d.ttft_ms === "number") parts.push("first token " + (d.ttft_ms < 10 ? "< 0.01 s" : fmtSecs(d.ttft_ms)));
     if (d.tokens_per_sec) parts.push(d.tokens_per_sec.toFixed(1) + " tok/s");
     if (d.energy_mj) parts.push((d.energy_mj / 1000).toFixed(2) + " J");
     return parts.join(" · ");
