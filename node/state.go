@@ -12,6 +12,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	manet "github.com/multiformats/go-multiaddr/net"
 )
 
@@ -268,6 +269,11 @@ func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
 	)
 	for _, ai := range boot {
 		wg.Go(func() {
+			// This loop backs off itself; a failure of discovery's own
+			// dial a moment ago must not hide why the peer is unreachable.
+			if sw, ok := n.h.Network().(*swarm.Swarm); ok {
+				sw.Backoff().Clear(ai.ID)
+			}
 			err := n.h.Connect(ctx, ai)
 			mu.Lock()
 			defer mu.Unlock()
@@ -347,6 +353,8 @@ func dialCause(err error, timeout time.Duration) string {
 		return fmt.Sprintf("no answer within %s", timeout)
 	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
 		return "no route to host"
+	case errors.Is(err, swarm.ErrDialBackoff):
+		return "a dial failed moments ago (backing off)"
 	}
 	s := err.Error()
 	if strings.Contains(s, "peer id mismatch") {
