@@ -20,17 +20,20 @@ const peerHeader = "X-Mtor-Peer"
 // mtorInfo is the "mtor" extension object of responses: who answered and
 // how fast. OpenAI clients ignore it.
 type mtorInfo struct {
-	Peer          string `json:"peer"`
-	Local         bool   `json:"local,omitempty"`
-	Attempts      int    `json:"attempts"`
-	Continued     int    `json:"continued,omitempty"` // times another worker took the answer over
-	TTFTMs        uint32 `json:"ttft_ms"`
-	TotalMs       uint32 `json:"total_ms"`
-	QueueMs       uint32 `json:"queue_ms"`
-	WorkerTTFTMs  uint32 `json:"worker_ttft_ms"`
-	WorkerTotalMs uint32 `json:"worker_total_ms"`
-	EnergyMJ      uint64 `json:"energy_mj,omitempty"`
-	WorkerVersion string `json:"worker_version,omitempty"`
+	Peer      string `json:"peer"`
+	Local     bool   `json:"local,omitempty"`
+	Attempts  int    `json:"attempts"`
+	Continued int    `json:"continued,omitempty"` // times another worker took the answer over
+	// Writers are the workers whose output makes up a continued answer,
+	// in order (absent when one worker wrote it all).
+	Writers       []string `json:"writers,omitempty"`
+	TTFTMs        uint32   `json:"ttft_ms"`
+	TotalMs       uint32   `json:"total_ms"`
+	QueueMs       uint32   `json:"queue_ms"`
+	WorkerTTFTMs  uint32   `json:"worker_ttft_ms"`
+	WorkerTotalMs uint32   `json:"worker_total_ms"`
+	EnergyMJ      uint64   `json:"energy_mj,omitempty"`
+	WorkerVersion string   `json:"worker_version,omitempty"`
 }
 
 func infoOf(res *router.Result) *mtorInfo {
@@ -43,6 +46,7 @@ func infoOf(res *router.Result) *mtorInfo {
 		Local:         res.Local,
 		Attempts:      res.Attempts,
 		Continued:     res.Continued,
+		Writers:       res.ContinuedBy(),
 		TTFTMs:        res.TTFTMs,
 		TotalMs:       res.TotalMs,
 		QueueMs:       d.GetTiming().GetQueueMs(),

@@ -239,20 +239,21 @@ type queryTranscriptMsg struct {
 
 // stepInfo describes one swarm query: who answered and how fast.
 type stepInfo struct {
-	QueryType        string  `json:"query_type"`
-	Model            string  `json:"model"`
-	Peer             string  `json:"peer"`
-	Local            bool    `json:"local"`
-	Attempts         int     `json:"attempts"`
-	Continued        int     `json:"continued,omitempty"`
-	TTFTMs           uint32  `json:"ttft_ms"`
-	TotalMs          uint32  `json:"total_ms"`
-	QueueMs          uint32  `json:"queue_ms"`
-	PromptTokens     uint32  `json:"prompt_tokens"`
-	CompletionTokens uint32  `json:"completion_tokens"`
-	TokensPerSec     float64 `json:"tokens_per_sec,omitempty"`
-	EnergyMJ         uint64  `json:"energy_mj,omitempty"`
-	WorkerVersion    string  `json:"worker_version,omitempty"`
+	QueryType        string   `json:"query_type"`
+	Model            string   `json:"model"`
+	Peer             string   `json:"peer"`
+	Local            bool     `json:"local"`
+	Attempts         int      `json:"attempts"`
+	Continued        int      `json:"continued,omitempty"`
+	Writers          []string `json:"writers,omitempty"` // a continued answer's workers, in order
+	TTFTMs           uint32   `json:"ttft_ms"`
+	TotalMs          uint32   `json:"total_ms"`
+	QueueMs          uint32   `json:"queue_ms"`
+	PromptTokens     uint32   `json:"prompt_tokens"`
+	CompletionTokens uint32   `json:"completion_tokens"`
+	TokensPerSec     float64  `json:"tokens_per_sec,omitempty"`
+	EnergyMJ         uint64   `json:"energy_mj,omitempty"`
+	WorkerVersion    string   `json:"worker_version,omitempty"`
 }
 
 type queryDoneMsg struct {

@@ -280,6 +280,7 @@ func stepOf(t pb.QueryType, model string, res *router.Result) stepInfo {
 		Local:            res.Local,
 		Attempts:         res.Attempts,
 		Continued:        res.Continued,
+		Writers:          res.ContinuedBy(),
 		TTFTMs:           res.TTFTMs,
 		TotalMs:          res.TotalMs,
 		QueueMs:          d.GetTiming().GetQueueMs(),

@@ -33,8 +33,9 @@ type contAnswer struct {
 	seen   string // the text read when the worker was killed
 	finish string
 	info   struct {
-		Peer      string `json:"peer"`
-		Continued int    `json:"continued"`
+		Peer      string   `json:"peer"`
+		Continued int      `json:"continued"`
+		Writers   []string `json:"writers"`
 	}
 	completionTokens int
 }
@@ -130,6 +131,9 @@ func TestE2EContinuationOnRealEngine(t *testing.T) {
 		// biased against them).
 		if ans.finish != last.Reason || ans.info.Continued != len(conts) || ans.info.Peer == ids[victim] {
 			t.Fatalf("run %d: finish %q, continued %d, answered by %s (killed worker%d %s); the engines: first %+v, continuations %+v", run, ans.finish, ans.info.Continued, ans.info.Peer, victim, ids[victim], first, conts)
+		}
+		if len(ans.info.Writers) != len(conts)+1 || ans.info.Writers[0] != ids[victim] || ans.info.Writers[len(conts)] != ans.info.Peer {
+			t.Fatalf("run %d: mtor.writers %v, want the killed worker %s first and %s last, %d in all", run, ans.info.Writers, ids[victim], ans.info.Peer, len(conts)+1)
 		}
 		continued += ans.info.Continued
 		if !strings.HasPrefix(conts[0].Prefix, ans.seen) {

@@ -87,6 +87,9 @@ func TestContinuesTheAnswerOfAWorkerThatDies(t *testing.T) {
 	if text.String() != want {
 		t.Fatalf("answer %q, want %q", text.String(), want)
 	}
+	if w := res.ContinuedBy(); len(w) != 2 || w[0] != dying.ID().String() || w[1] != live.ID().String() {
+		t.Fatalf("writers %v, want the dying worker then the live one", w)
+	}
 	if res.Peer != live.ID() || res.Continued != 1 || accepted != 1 {
 		t.Fatalf("answered by %s, continued %d times, %d Accepted passed on; want the second worker, 1, 1", res.Peer, res.Continued, accepted)
 	}

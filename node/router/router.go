@@ -627,6 +627,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		if err == nil {
 			res.Attempts = q.attempts
 			res.Continued = q.continued
+			res.Writers = slices.Clone(q.writers)
 			res.TotalMs = uint32(time.Since(start).Milliseconds())
 			return res, nil
 		}
@@ -824,6 +825,7 @@ type query struct {
 	busy        int
 	continued   int
 	waits       int // for a candidate after all had failed
+	writers     []peer.ID
 	kinds       [numFailKinds]int
 	gone        error // the handler's refusal: the caller left
 	stale       int   // free retries after a dead connection
@@ -891,7 +893,7 @@ func (q *query) resume(c scored) error {
 	if err := q.h(nil); err != nil {
 		return protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
 	}
-	q.out, q.chunks, q.resumeAt = false, 0, ""
+	q.out, q.chunks, q.resumeAt, q.writers = false, 0, "", nil
 	q.text.Reset()
 	return nil
 }
@@ -1043,6 +1045,9 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	wrap := func(ev *pb.Event) error {
 		if _, acc := ev.GetKind().(*pb.Event_Accepted); !acc && first.IsZero() {
 			first = time.Now()
+			if _, failed := ev.GetKind().(*pb.Event_Error); !failed {
+				q.writers = append(q.writers, p)
+			}
 		}
 		if err := q.emit(ev); err != nil {
 			q.gone = err

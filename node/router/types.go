@@ -13,13 +13,29 @@ type Handler func(*pb.Event) error
 
 // Result is how a query ended when it succeeded.
 type Result struct {
-	Peer      peer.ID  // the worker that answered
-	Local     bool     // answered by this node's own worker, no network hop
-	Attempts  int      // workers tried, including the one that answered
-	Continued int      // times the answer was taken over by another worker mid-way
-	Done      *pb.Done // the worker's Done event
-	TTFTMs    uint32   // time to first output as seen by the router
-	TotalMs   uint32   // total time as seen by the router
+	Peer      peer.ID // the worker that answered
+	Local     bool    // answered by this node's own worker, no network hop
+	Attempts  int     // workers tried, including the one that answered
+	Continued int     // times the answer was taken over by another worker mid-way
+	// Writers are the workers whose output makes up the answer, in
+	// order: more than one when it was continued.
+	Writers []peer.ID
+	Done    *pb.Done // the worker's Done event
+	TTFTMs  uint32   // time to first output as seen by the router
+	TotalMs uint32   // total time as seen by the router
+}
+
+// ContinuedBy names the workers of a continued answer, in order; nil when
+// one worker wrote it all.
+func (r *Result) ContinuedBy() []string {
+	if r.Continued == 0 {
+		return nil
+	}
+	out := make([]string, len(r.Writers))
+	for i, p := range r.Writers {
+		out[i] = p.String()
+	}
+	return out
 }
 
 // ModelView is one model the swarm serves.
