@@ -86,16 +86,10 @@ func (r *Router) CanaryPeers(model string, t pb.QueryType) []peer.ID {
 // default deadline when it has none.
 func (r *Router) QueryPeer(ctx context.Context, p peer.ID, req *pb.QueryRequest, h Handler) (*Result, error) {
 	start := time.Now()
-	if len(req.GetId()) == 0 {
-		req.Id = NewID()
-	}
-	if req.GetDeadlineUnixMs() == 0 {
-		req.DeadlineUnixMs = start.Add(r.deadline).UnixMilli()
-	}
-	if err := protocol.ValidateRequest(req); err != nil {
+	ctx, cancel, err := r.prepare(ctx, req, start)
+	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithDeadline(ctx, time.UnixMilli(req.GetDeadlineUnixMs()))
 	defer cancel()
 	var cand *Candidate
 	for _, c := range r.table.Candidates() {

@@ -554,6 +554,22 @@ func NewID() []byte {
 	return id
 }
 
+// prepare gives req an id and a deadline when it has none, checks it, and
+// bounds ctx by its deadline.
+func (r *Router) prepare(ctx context.Context, req *pb.QueryRequest, start time.Time) (context.Context, context.CancelFunc, error) {
+	if len(req.GetId()) == 0 {
+		req.Id = NewID()
+	}
+	if req.GetDeadlineUnixMs() == 0 {
+		req.DeadlineUnixMs = start.Add(r.deadline).UnixMilli()
+	}
+	if err := protocol.ValidateRequest(req); err != nil {
+		return nil, nil, err
+	}
+	ctx, cancel := context.WithDeadline(ctx, time.UnixMilli(req.GetDeadlineUnixMs()))
+	return ctx, cancel, nil
+}
+
 // Query routes req and streams its events to h. See the package doc.
 //
 // Attempts are spent only on failures of the peers themselves (dead,
@@ -564,16 +580,10 @@ func NewID() []byte {
 // with a new incarnation, counts as new), after a short back-off.
 func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*Result, error) {
 	start := time.Now()
-	if len(req.GetId()) == 0 {
-		req.Id = NewID()
-	}
-	if req.GetDeadlineUnixMs() == 0 {
-		req.DeadlineUnixMs = start.Add(r.deadline).UnixMilli()
-	}
-	if err := protocol.ValidateRequest(req); err != nil {
+	ctx, cancel, err := r.prepare(ctx, req, start)
+	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithDeadline(ctx, time.UnixMilli(req.GetDeadlineUnixMs()))
 	defer cancel()
 	r.observe(req)
 
