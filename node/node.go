@@ -25,6 +25,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
@@ -71,6 +72,8 @@ type config struct {
 	discoveryOpts    []discovery.Option
 	notify           func(Notice)
 	joinTimeout      time.Duration
+	preferContrib    bool
+	ledgerOpts       []ledger.Option
 }
 
 // Option configures a node.
@@ -216,6 +219,18 @@ func WithGPU(g GPUSource, m worker.EnergyMeter) Option {
 	return func(c *config) error { c.gpus, c.meter = g, m; return nil }
 }
 
+// WithPreferContributors has this node's worker, when queries queue for
+// it, serve first the requesters that did more work for this node than it
+// did for them (its ledger's balance; docs/operations.md "Accounting").
+func WithPreferContributors(on bool) Option {
+	return func(c *config) error { c.preferContrib = on; return nil }
+}
+
+// WithLedgerOptions configures the ledger (bounds, flush interval).
+func WithLedgerOptions(opts ...ledger.Option) Option {
+	return func(c *config) error { c.ledgerOpts = append(c.ledgerOpts, opts...); return nil }
+}
+
 // WithRouterOptions passes options to the router.
 func WithRouterOptions(opts ...router.Option) Option {
 	return func(c *config) error { c.routerOpts = append(c.routerOpts, opts...); return nil }
@@ -233,6 +248,7 @@ type Node struct {
 	disc   *discovery.Discovery
 	worker *worker.Worker
 	router *router.Router
+	ledger *ledger.Ledger
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relayKeeper
 	live   *liveness.Checker
@@ -321,7 +337,12 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
-	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock, roles: roles}
+	led, err := ledger.Open(cfg.dataDir, h.ID(), cfg.ledgerOpts...)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("open the ledger: %w", err)
+	}
+	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock, roles: roles, ledger: led}
 	n.st.joined, n.st.joinFailed = make(chan struct{}), make(chan struct{})
 	// A node given its own token (a restart script) has no one to join.
 	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
@@ -370,6 +391,11 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if cfg.meter != nil {
 		wopts = append(wopts, worker.WithEnergyMeter(cfg.meter))
 	}
+	wopts = append(wopts, worker.WithSigner(cfg.key),
+		worker.WithOnServed(func(r *pb.Receipt) { led.Record(ledger.Served, r) }))
+	if cfg.preferContrib {
+		wopts = append(wopts, worker.WithPreferContributors(led.Balance))
+	}
 	watched := make([]backend.Backend, len(cfg.backends))
 	for i, b := range cfg.backends {
 		w := watchBackend(b, n.onBackendChange)
@@ -382,7 +408,8 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	n.live = liveness.New(h)
 	relays.probe = n.live.Suspect
-	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live)}
+	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live),
+		router.WithReceipts(cfg.key, func(r *pb.Receipt) { led.Record(ledger.Consumed, r) })}
 	if len(cfg.backends) > 0 {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
 	}
@@ -402,6 +429,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 
 	n.goRun(func() { ann.run(n.ctx) })
+	n.goRun(func() { led.Run(n.ctx) })
 	n.goRun(func() { relays.run(n.ctx) })
 	n.goRun(func() { watchAddrs(n.ctx, addrSub, ann) })
 	n.goRun(n.probeLoop)
@@ -493,6 +521,9 @@ func (n *Node) SwarmName() string { return n.cfg.swarm }
 // Router routes queries into the swarm.
 func (n *Node) Router() *router.Router { return n.router }
 
+// Ledger is this node's account of work consumed and served per peer.
+func (n *Node) Ledger() *ledger.Ledger { return n.ledger }
+
 // Worker is this node's worker.
 func (n *Node) Worker() *worker.Worker { return n.worker }
 
@@ -580,7 +611,8 @@ func (n *Node) Close() error {
 		err := n.disc.Close()
 		n.wg.Wait()
 		n.live.Close()
-		n.closeErr = errors.Join(err, n.h.Close())
+		lerr := n.ledger.Flush()
+		n.closeErr = errors.Join(err, lerr, n.h.Close())
 		if n.lock != nil {
 			n.lock.Close()
 		}

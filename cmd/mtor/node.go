@@ -57,6 +57,7 @@ type nodeFlags struct {
 	announceInterval time.Duration
 	grace            time.Duration
 	logLevel         string
+	preferContrib    bool
 }
 
 func defaultDataDir(e *env) string {
@@ -104,6 +105,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.IntVar(&f.maxQueue, "max-queue", worker.DefaultMaxQueue, "queries the worker queues beyond those running; more are refused with BUSY")
 	fs.DurationVar(&f.announceInterval, "announce-interval", node.DefaultAnnounceInterval, "heartbeat of the worker's announcements")
 	fs.DurationVar(&f.grace, "grace", node.DefaultGracePeriod, "on SIGINT/SIGTERM, how long queries in flight may take to finish")
+	fs.BoolVar(&f.preferContrib, "prefer-contributors", false, "when queries queue for this worker, serve first the peers that did more work for this node than it did for them (see mtor ledger)")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -385,7 +387,8 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 	opts = append(opts,
 		node.WithMaxConcurrency(f.maxConcurrency),
 		node.WithMaxQueue(f.maxQueue),
-		node.WithAnnounceInterval(f.announceInterval))
+		node.WithAnnounceInterval(f.announceInterval),
+		node.WithPreferContributors(f.preferContrib))
 	return opts
 }
 
