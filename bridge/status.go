@@ -11,6 +11,9 @@ type swarmView struct {
 	Peers  []router.PeerView  `json:"peers"`
 	Models []router.ModelView `json:"models"`
 	Self   string             `json:"self"`
+	// Ledger is this node's account of work with its peers, when the
+	// bridge was given it.
+	Ledger *ledgerView `json:"ledger,omitempty"`
 }
 
 func (s *Server) handleSwarm(w http.ResponseWriter, r *http.Request) {
@@ -19,7 +22,7 @@ func (s *Server) handleSwarm(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed", Message: "Use GET."})
 		return
 	}
-	v := swarmView{Peers: s.swarm.Peers(), Models: s.swarm.Models(), Self: s.cfg.selfID}
+	v := swarmView{Peers: s.swarm.Peers(), Models: s.swarm.Models(), Self: s.cfg.selfID, Ledger: s.ledgerView()}
 	if v.Peers == nil {
 		v.Peers = []router.PeerView{}
 	}

@@ -66,11 +66,11 @@ func totals(t ledger.Totals) string {
 	if t.Queries == 0 {
 		return "-"
 	}
-	s := fmt.Sprintf("%dq %dtok %.1fs", t.Queries, t.PromptTokens+t.CompletionTokens, float64(t.Ms)/1000)
+	s := fmt.Sprintf("%dq %dtok %.2fs", t.Queries, t.PromptTokens+t.CompletionTokens, float64(t.Ms)/1000)
 	if t.EnergyMJ > 0 {
 		s += fmt.Sprintf(" %.1fJ", float64(t.EnergyMJ)/1000)
 	}
 	return s
 }
 
-func signedSeconds(ms int64) string { return fmt.Sprintf("%+.1fs", float64(ms)/1000) }
+func signedSeconds(ms int64) string { return fmt.Sprintf("%+.2fs", float64(ms)/1000) }

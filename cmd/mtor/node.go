@@ -393,7 +393,7 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 }
 
 func (f *nodeFlags) bridgeOptions(n *node.Node) []bridge.Option {
-	opts := []bridge.Option{bridge.WithSelfID(n.ID().String()), bridge.WithShutdownGrace(f.grace),
+	opts := []bridge.Option{bridge.WithSelfID(n.ID().String()), bridge.WithShutdownGrace(f.grace), bridge.WithLedger(n.Ledger()),
 		bridge.WithQueue(f.bridgeQueue), bridge.WithQueuePerClient(f.bridgeQueuePerCl),
 		bridge.WithQueueWait(f.bridgeQueueWait), bridge.WithMaxInFlight(f.bridgeInFlight)}
 	if len(f.bridgeKeys) > 0 {
