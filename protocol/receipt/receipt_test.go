@@ -13,7 +13,7 @@ import (
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
-func key(t *testing.T) (crypto.PrivKey, peer.ID) {
+func key(t testing.TB) (crypto.PrivKey, peer.ID) {
 	t.Helper()
 	k, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
