@@ -1621,12 +1621,11 @@ func (x *Done) GetReceipt() *Receipt {
 	return nil
 }
 
-// Receipt is a signed account of one answer. Signatures are over
-// "mtor/receipt/v1/worker\n" (worker_sig) or "mtor/receipt/v1/router\n"
-// (router_sig) followed by the canonical encoding of this message with
-// router_sig, and for worker_sig also worker_sig, left empty: fields in
-// field-number order, fields holding their zero value omitted, no unknown
-// fields (docs/protocol.md §Receipts).
+// Receipt is a signed account of one answer. worker_sig is over
+// "mtor/receipt/v1/worker\n" and the canonical encoding of fields 1-12;
+// router_sig over "mtor/receipt/v1/router\n" and that of fields 1-13.
+// Canonical: fields in field-number order, fields holding their zero value
+// omitted, no unknown fields (docs/protocol.md §6.4).
 type Receipt struct {
 	state            protoimpl.MessageState `protogen:"open.v1"`
 	QueryId          []byte                 `protobuf:"bytes,1,opt,name=query_id,json=queryId,proto3" json:"query_id,omitempty"` // QueryRequest.id

@@ -3,6 +3,9 @@ package receipt
 import (
 	"crypto/sha256"
 	"errors"
+	"fmt"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -186,5 +189,29 @@ func TestOutputHashVector(t *testing.T) {
 	want := sha256.Sum256([]byte{1, 3, 'H', 'e', 'l', 1, 2, 'l', 'o'})
 	if got := hashOf(evs); string(got) != string(want[:]) {
 		t.Fatalf("hash = %x, want %x", got, want)
+	}
+}
+
+// TestDocStatesTheSigningRules keeps docs/protocol.md §6.4 true to the
+// code: the domain prefixes and the bytes of the output hash example.
+func TestDocStatesTheSigningRules(t *testing.T) {
+	raw, err := os.ReadFile("../../docs/protocol.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := strings.Join(strings.Fields(string(raw)), " ")
+	example := []byte{1, 3, 'H', 'e', 'l', 1, 2, 'l', 'o'} // TestOutputHashVector's
+	var hexes []string
+	for _, b := range example {
+		hexes = append(hexes, fmt.Sprintf("%02x", b))
+	}
+	for _, want := range []string{
+		fmt.Sprintf("hashes the %d bytes `%s`", len(example), strings.Join(hexes, " ")),
+		fmt.Sprintf("`%q` (%d ASCII bytes)", WorkerDomain, len(WorkerDomain)),
+		fmt.Sprintf("`%q`", RouterDomain),
+	} {
+		if !strings.Contains(doc, want) {
+			t.Errorf("docs/protocol.md does not say %s", want)
+		}
 	}
 }
