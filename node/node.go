@@ -27,6 +27,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/node/liveness"
+	"github.com/mtor-swarm/mtor/node/receiptback"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -408,8 +409,17 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	n.live = liveness.New(h)
 	relays.probe = n.live.Suspect
+	// Countersigned receipts go to the ledger and back to their workers;
+	// the worker side takes those of answers it served.
+	returns := receiptback.NewSender(h, protocol.ReceiptProtocol(swarm))
+	h.SetStreamHandler(protocol.ReceiptProtocol(swarm), receiptback.NewReceiver(h.ID(), led.Countersigned).HandleStream)
 	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live),
-		router.WithReceipts(cfg.key, func(r *pb.Receipt) { led.Record(ledger.Consumed, r) })}
+		router.WithReceipts(cfg.key, func(r *pb.Receipt) {
+			led.Record(ledger.Consumed, r)
+			if peer.ID(r.GetWorker()) != h.ID() {
+				returns.Add(r)
+			}
+		})}
 	if len(cfg.backends) > 0 {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
 	}
@@ -430,6 +440,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	n.goRun(func() { ann.run(n.ctx) })
 	n.goRun(func() { led.Run(n.ctx) })
+	n.goRun(func() { returns.Run(n.ctx) })
 	n.goRun(func() { relays.run(n.ctx) })
 	n.goRun(func() { watchAddrs(n.ctx, addrSub, ann) })
 	n.goRun(n.probeLoop)
@@ -608,6 +619,7 @@ func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		n.cancel()
 		n.h.RemoveStreamHandler(protocol.QueryProtocol(n.cfg.swarm))
+		n.h.RemoveStreamHandler(protocol.ReceiptProtocol(n.cfg.swarm))
 		err := n.disc.Close()
 		n.wg.Wait()
 		n.live.Close()

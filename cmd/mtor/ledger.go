@@ -43,15 +43,17 @@ func printLedger(w io.Writer, s *ledger.Snapshot) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tCONSUMED\tSERVED\tBALANCE\tLAST")
-	row := func(name string, c, sv ledger.Totals, bal string, last string) {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", name, totals(c), totals(sv), bal, last)
-	}
+	// CONFIRMED: served answers whose receipt came back countersigned by
+	// the peer, of those served.
+	fmt.Fprintln(tw, "PEER\tCONSUMED\tSERVED\tCONFIRMED\tBALANCE\tLAST")
+	var confirmed uint64
 	for _, p := range s.Peers {
-		row(p.Peer, p.Consumed, p.Served, signedSeconds(p.Balance),
-			time.UnixMilli(p.LastUnixMs).Format(time.DateTime))
+		confirmed += p.ServedCountersigned
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", p.Peer, totals(p.Consumed), totals(p.Served),
+			ratio(p.ServedCountersigned, p.Served.Queries), signedSeconds(p.Balance), time.UnixMilli(p.LastUnixMs).Format(time.DateTime))
 	}
-	row("total", s.Total.Consumed, s.Total.Served, signedSeconds(int64(s.Total.Consumed.Ms)-int64(s.Total.Served.Ms)), "")
+	fmt.Fprintf(tw, "total\t%s\t%s\t%s\t%s\t\n", totals(s.Total.Consumed), totals(s.Total.Served),
+		ratio(confirmed, s.Total.Served.Queries), signedSeconds(int64(s.Total.Consumed.Ms)-int64(s.Total.Served.Ms)))
 	if err := tw.Flush(); err != nil {
 		return err
 	}
@@ -71,6 +73,13 @@ func totals(t ledger.Totals) string {
 		s += fmt.Sprintf(" %.1fJ", float64(t.EnergyMJ)/1000)
 	}
 	return s
+}
+
+func ratio(n, of uint64) string {
+	if of == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%d/%d", n, of)
 }
 
 func signedSeconds(ms int64) string { return fmt.Sprintf("%+.2fs", float64(ms)/1000) }

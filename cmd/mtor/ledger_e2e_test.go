@@ -6,6 +6,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
@@ -16,7 +17,8 @@ import (
 )
 
 // TestE2ELedger: real mtor processes. A query's countersigned receipt
-// verifies (both signatures), both nodes' ledgers record the answer,
+// verifies (both signatures), both nodes' ledgers record the answer (the
+// worker's with the countersigned receipt returned to it),
 // `mtor ledger` shows it (table and --json), and the ledger survives the
 // node in its data dir.
 func TestE2ELedger(t *testing.T) {
@@ -78,9 +80,25 @@ func TestE2ELedger(t *testing.T) {
 	if len(bl.Recent) != 1 || proto.Unmarshal(bl.Recent[0].Receipt, &kept) != nil || receipt.Verify(&kept) != nil {
 		t.Fatalf("routing node's recent receipts do not verify: %+v", bl.Recent)
 	}
-	wl := ledgerOf(wAPI)
-	if len(wl.Peers) != 1 || wl.Peers[0].Peer != bootID || wl.Peers[0].Served.Queries != 1 || wl.Total.Served.CompletionTokens != uint64(rc.GetCompletionTokens()) {
+	// The worker's ledger records the answer, and the routing node's
+	// countersignature comes back to it within moments.
+	var wl ledger.Snapshot
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		wl = ledgerOf(wAPI)
+		if len(wl.Peers) == 1 && wl.Peers[0].ServedCountersigned == 1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(wl.Peers) != 1 || wl.Peers[0].Peer != bootID || wl.Peers[0].Served.Queries != 1 ||
+		wl.Total.Served.CompletionTokens != uint64(rc.GetCompletionTokens()) || wl.Peers[0].ServedCountersigned != 1 {
 		t.Fatalf("worker's ledger: %+v", wl)
+	}
+	var served pb.Receipt
+	if len(wl.Recent) != 1 || proto.Unmarshal(wl.Recent[0].Receipt, &served) != nil || receipt.Verify(&served) != nil ||
+		!proto.Equal(&served, &rc) {
+		t.Fatalf("worker's copy of the receipt is not the countersigned one: %+v", wl.Recent)
 	}
 
 	code, table, stderr := mtor(t, "ledger", "--api", bootAPI)

@@ -5,6 +5,7 @@
 package ledger
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/hex"
@@ -35,6 +36,9 @@ const (
 	DefaultMaxPeers      = 1024
 	DefaultMaxRecent     = 64
 	DefaultFlushInterval = 5 * time.Second
+	// maxPending bounds the served receipts awaiting their
+	// countersignature; the oldest is forgotten first.
+	maxPending = 1024
 	// maxFile bounds what Open reads: the bounds above keep a file written
 	// by this package well under it.
 	maxFile = 4 << 20
@@ -79,6 +83,9 @@ type Entry struct {
 	Peer     string `json:"peer"`
 	Consumed Totals `json:"consumed"` // answers the peer gave this node
 	Served   Totals `json:"served"`   // answers this node gave the peer
+	// ServedCountersigned counts the answers served to the peer whose
+	// receipt came back countersigned by it (the receipt exchange).
+	ServedCountersigned uint64 `json:"served_countersigned"`
 	// Balance is the peer's contribution to this node: milliseconds of
 	// work it did for us minus those we did for it.
 	Balance    int64 `json:"balance_ms"`
@@ -124,6 +131,10 @@ type Ledger struct {
 	recent  []Recent // oldest first
 	dropped uint64
 	dirty   bool
+	// pending are served receipts whose countersignature has not come
+	// back, by query id, with their order of arrival for eviction.
+	pending map[string]*pb.Receipt
+	order   []string
 }
 
 // Option configures a Ledger.
@@ -172,7 +183,7 @@ var ErrCorrupt = errors.New("ledger file corrupt")
 // empty, with a warning: losing the account must not stop the node.
 func Open(dir string, self peer.ID, opts ...Option) (*Ledger, error) {
 	l := &Ledger{self: self, maxPeers: DefaultMaxPeers, maxRecent: DefaultMaxRecent,
-		flushEvery: DefaultFlushInterval, peers: map[string]*Entry{}}
+		flushEvery: DefaultFlushInterval, peers: map[string]*Entry{}, pending: map[string]*pb.Receipt{}}
 	for _, o := range opts {
 		o(l)
 	}
@@ -267,7 +278,60 @@ func (l *Ledger) Record(role Role, r *pb.Receipt) {
 		l.recent = append(l.recent, Recent{Role: role, Peer: key, QueryID: hex.EncodeToString(r.GetQueryId()),
 			Model: r.GetModel(), Tokens: r.GetCompletionTokens(), Ms: r.GetTotalMs(), Receipt: raw})
 	}
+	if role == Served {
+		l.addPendingLocked(r)
+	}
 	l.dirty = true
+}
+
+func (l *Ledger) addPendingLocked(r *pb.Receipt) {
+	id := string(r.GetQueryId())
+	if _, dup := l.pending[id]; dup {
+		return
+	}
+	if len(l.order) >= maxPending {
+		delete(l.pending, l.order[0])
+		l.order = l.order[1:]
+	}
+	l.pending[id] = r
+	l.order = append(l.order, id)
+}
+
+// ErrNotPending is returned by Countersigned for a receipt this node did
+// not serve, or whose countersignature already came (or came too late).
+var ErrNotPending = errors.New("no served receipt awaits this countersignature")
+
+// Countersigned takes the countersigned receipt of an answer this node
+// served: it must be one recorded with Record(Served, ...) (same query id,
+// same worker signature) and its countersignature must already have been
+// verified by the caller (receipt.Verify). The peer's
+// ServedCountersigned grows by one and the recent copy is replaced.
+func (l *Ledger) Countersigned(r *pb.Receipt) error {
+	id := string(r.GetQueryId())
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	mine := l.pending[id]
+	if mine == nil || !bytes.Equal(mine.GetWorkerSig(), r.GetWorkerSig()) || !bytes.Equal(mine.GetRequester(), r.GetRequester()) {
+		return ErrNotPending
+	}
+	delete(l.pending, id)
+	if i := slices.Index(l.order, id); i >= 0 {
+		l.order = slices.Delete(l.order, i, i+1)
+	}
+	key := peer.ID(r.GetRequester()).String()
+	if e := l.peers[key]; e != nil {
+		e.ServedCountersigned++
+	}
+	qid := hex.EncodeToString(r.GetQueryId())
+	for i := range l.recent {
+		if l.recent[i].Role == Served && l.recent[i].QueryID == qid {
+			if raw, err := proto.Marshal(r); err == nil {
+				l.recent[i].Receipt = raw
+			}
+		}
+	}
+	l.dirty = true
+	return nil
 }
 
 // evictLocked drops the least recently seen peer.

@@ -1,12 +1,14 @@
 package ledger
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -149,5 +151,57 @@ func TestCorruptFileMovedAside(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, FileName+".bad")); err != nil {
 		t.Errorf("corrupt file not kept aside: %v", err)
+	}
+}
+
+func TestCountersignedOncePerServedReceipt(t *testing.T) {
+	self, a := newID(t), newID(t)
+	l, err := Open("", self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := rcpt(self, a, 4, 100, 0)
+	served.QueryId[0], served.WorkerSig = 9, []byte("worker-sig")
+	l.Record(Served, served)
+	back := func(mod func(*pb.Receipt)) *pb.Receipt {
+		r := proto.CloneOf(served)
+		r.RouterSig = []byte("router-sig")
+		if mod != nil {
+			mod(r)
+		}
+		return r
+	}
+	tests := []struct {
+		name string
+		r    *pb.Receipt
+		want error
+	}{
+		{"another worker signature", back(func(r *pb.Receipt) { r.WorkerSig = []byte("other") }), ErrNotPending},
+		{"another query", back(func(r *pb.Receipt) { r.QueryId = make([]byte, 16) }), ErrNotPending},
+		{"another requester", back(func(r *pb.Receipt) { r.Requester = []byte(self) }), ErrNotPending},
+		{"the one served", back(nil), nil},
+		{"the same again", back(nil), ErrNotPending},
+	}
+	for _, tc := range tests {
+		if err := l.Countersigned(tc.r); !errors.Is(err, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+	s := l.Snapshot()
+	if s.Peers[0].ServedCountersigned != 1 {
+		t.Fatalf("served_countersigned = %d, want 1", s.Peers[0].ServedCountersigned)
+	}
+	var kept pb.Receipt
+	if err := proto.Unmarshal(s.Recent[0].Receipt, &kept); err != nil || string(kept.GetRouterSig()) != "router-sig" {
+		t.Fatalf("recent copy not replaced by the countersigned one: %v %v", &kept, err)
+	}
+	// Receipts awaiting a countersignature are bounded.
+	for i := range 3000 {
+		r := rcpt(self, a, 1, 1, 0)
+		r.QueryId[0], r.QueryId[1] = byte(i), byte(i>>8)
+		l.Record(Served, r)
+	}
+	if len(l.pending) != maxPending || len(l.order) != maxPending {
+		t.Fatalf("%d receipts pending, bound %d", len(l.pending), maxPending)
 	}
 }

@@ -1774,6 +1774,53 @@ func (x *Receipt) GetRouterSig() []byte {
 	return nil
 }
 
+// ReceiptBatch is the one frame of a receipt stream
+// (/mtor/<swarm>/receipt/1.0.0): countersigned receipts that a routing node
+// returns to the worker that signed them, at most 64 (docs/protocol.md §6.4).
+type ReceiptBatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Receipts      []*Receipt             `protobuf:"bytes,1,rep,name=receipts,proto3" json:"receipts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReceiptBatch) Reset() {
+	*x = ReceiptBatch{}
+	mi := &file_mtor_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReceiptBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReceiptBatch) ProtoMessage() {}
+
+func (x *ReceiptBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReceiptBatch.ProtoReflect.Descriptor instead.
+func (*ReceiptBatch) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ReceiptBatch) GetReceipts() []*Receipt {
+	if x != nil {
+		return x.Receipts
+	}
+	return nil
+}
+
 type Error struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Code          ErrorCode              `protobuf:"varint,1,opt,name=code,proto3,enum=mtor.v1.ErrorCode" json:"code,omitempty"`
@@ -1785,7 +1832,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_mtor_proto_msgTypes[20]
+	mi := &file_mtor_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1797,7 +1844,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[20]
+	mi := &file_mtor_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1810,7 +1857,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{20}
+	return file_mtor_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -1857,7 +1904,7 @@ type Announce struct {
 
 func (x *Announce) Reset() {
 	*x = Announce{}
-	mi := &file_mtor_proto_msgTypes[21]
+	mi := &file_mtor_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1869,7 +1916,7 @@ func (x *Announce) String() string {
 func (*Announce) ProtoMessage() {}
 
 func (x *Announce) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[21]
+	mi := &file_mtor_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1882,7 +1929,7 @@ func (x *Announce) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Announce.ProtoReflect.Descriptor instead.
 func (*Announce) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{21}
+	return file_mtor_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Announce) GetSeq() uint64 {
@@ -1987,7 +2034,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_mtor_proto_msgTypes[22]
+	mi := &file_mtor_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1999,7 +2046,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[22]
+	mi := &file_mtor_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2012,7 +2059,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{22}
+	return file_mtor_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ModelInfo) GetName() string {
@@ -2085,7 +2132,7 @@ type GPU struct {
 
 func (x *GPU) Reset() {
 	*x = GPU{}
-	mi := &file_mtor_proto_msgTypes[23]
+	mi := &file_mtor_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2097,7 +2144,7 @@ func (x *GPU) String() string {
 func (*GPU) ProtoMessage() {}
 
 func (x *GPU) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[23]
+	mi := &file_mtor_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2110,7 +2157,7 @@ func (x *GPU) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GPU.ProtoReflect.Descriptor instead.
 func (*GPU) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{23}
+	return file_mtor_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GPU) GetName() string {
@@ -2167,7 +2214,7 @@ type Load struct {
 
 func (x *Load) Reset() {
 	*x = Load{}
-	mi := &file_mtor_proto_msgTypes[24]
+	mi := &file_mtor_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2179,7 +2226,7 @@ func (x *Load) String() string {
 func (*Load) ProtoMessage() {}
 
 func (x *Load) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[24]
+	mi := &file_mtor_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2192,7 +2239,7 @@ func (x *Load) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Load.ProtoReflect.Descriptor instead.
 func (*Load) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{24}
+	return file_mtor_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Load) GetInFlight() uint32 {
@@ -2368,7 +2415,9 @@ const file_mtor_proto_rawDesc = "" +
 	"\n" +
 	"worker_sig\x18\r \x01(\fR\tworkerSig\x12\x1d\n" +
 	"\n" +
-	"router_sig\x18\x0e \x01(\fR\trouterSig\"g\n" +
+	"router_sig\x18\x0e \x01(\fR\trouterSig\"<\n" +
+	"\fReceiptBatch\x12,\n" +
+	"\breceipts\x18\x01 \x03(\v2\x10.mtor.v1.ReceiptR\breceipts\"g\n" +
 	"\x05Error\x12&\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x12.mtor.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
@@ -2442,7 +2491,7 @@ func file_mtor_proto_rawDescGZIP() []byte {
 }
 
 var file_mtor_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_mtor_proto_goTypes = []any{
 	(QueryType)(0),         // 0: mtor.v1.QueryType
 	(ErrorCode)(0),         // 1: mtor.v1.ErrorCode
@@ -2466,11 +2515,12 @@ var file_mtor_proto_goTypes = []any{
 	(*Timing)(nil),         // 19: mtor.v1.Timing
 	(*Done)(nil),           // 20: mtor.v1.Done
 	(*Receipt)(nil),        // 21: mtor.v1.Receipt
-	(*Error)(nil),          // 22: mtor.v1.Error
-	(*Announce)(nil),       // 23: mtor.v1.Announce
-	(*ModelInfo)(nil),      // 24: mtor.v1.ModelInfo
-	(*GPU)(nil),            // 25: mtor.v1.GPU
-	(*Load)(nil),           // 26: mtor.v1.Load
+	(*ReceiptBatch)(nil),   // 22: mtor.v1.ReceiptBatch
+	(*Error)(nil),          // 23: mtor.v1.Error
+	(*Announce)(nil),       // 24: mtor.v1.Announce
+	(*ModelInfo)(nil),      // 25: mtor.v1.ModelInfo
+	(*GPU)(nil),            // 26: mtor.v1.GPU
+	(*Load)(nil),           // 27: mtor.v1.Load
 }
 var file_mtor_proto_depIdxs = []int32{
 	0,  // 0: mtor.v1.QueryRequest.type:type_name -> mtor.v1.QueryType
@@ -2487,7 +2537,7 @@ var file_mtor_proto_depIdxs = []int32{
 	16, // 11: mtor.v1.Event.media:type_name -> mtor.v1.Media
 	17, // 12: mtor.v1.Event.embedding:type_name -> mtor.v1.Embedding
 	20, // 13: mtor.v1.Event.done:type_name -> mtor.v1.Done
-	22, // 14: mtor.v1.Event.error:type_name -> mtor.v1.Error
+	23, // 14: mtor.v1.Event.error:type_name -> mtor.v1.Error
 	15, // 15: mtor.v1.Event.tool_call:type_name -> mtor.v1.ToolCallDelta
 	13, // 16: mtor.v1.Chunk.logprobs:type_name -> mtor.v1.TokenLogprob
 	14, // 17: mtor.v1.TokenLogprob.top:type_name -> mtor.v1.TopLogprob
@@ -2495,16 +2545,17 @@ var file_mtor_proto_depIdxs = []int32{
 	19, // 19: mtor.v1.Done.timing:type_name -> mtor.v1.Timing
 	21, // 20: mtor.v1.Done.receipt:type_name -> mtor.v1.Receipt
 	0,  // 21: mtor.v1.Receipt.type:type_name -> mtor.v1.QueryType
-	1,  // 22: mtor.v1.Error.code:type_name -> mtor.v1.ErrorCode
-	24, // 23: mtor.v1.Announce.models:type_name -> mtor.v1.ModelInfo
-	25, // 24: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
-	26, // 25: mtor.v1.Announce.load:type_name -> mtor.v1.Load
-	0,  // 26: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
-	27, // [27:27] is the sub-list for method output_type
-	27, // [27:27] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	21, // 22: mtor.v1.ReceiptBatch.receipts:type_name -> mtor.v1.Receipt
+	1,  // 23: mtor.v1.Error.code:type_name -> mtor.v1.ErrorCode
+	25, // 24: mtor.v1.Announce.models:type_name -> mtor.v1.ModelInfo
+	26, // 25: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
+	27, // 26: mtor.v1.Announce.load:type_name -> mtor.v1.Load
+	0,  // 27: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
+	28, // [28:28] is the sub-list for method output_type
+	28, // [28:28] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_mtor_proto_init() }
@@ -2528,7 +2579,7 @@ func file_mtor_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mtor_proto_rawDesc), len(file_mtor_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   25,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
