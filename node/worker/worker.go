@@ -139,6 +139,9 @@ func WithHeartbeat(d time.Duration) Option {
 // libp2p identity key (docs/protocol.md §6.4).
 func WithSigner(key crypto.PrivKey) Option {
 	return func(w *Worker) {
+		if key == nil {
+			return
+		}
 		if id, err := peer.IDFromPrivateKey(key); err == nil {
 			w.key, w.self = key, id
 		}
