@@ -67,4 +67,12 @@ func TestBrowserShowsLedger(t *testing.T) {
 	if want := "This node consumed 1 q"; len(total) < len(want) || total[:len(want)] != want {
 		t.Errorf("ledger total %q, want it to start %q", total, want)
 	}
+
+	// A question asked on the page comes back with a countersigned
+	// receipt, which "Answered by" marks, and the card counts it.
+	waitJS(t, bctx, "the model list", `document.getElementById('model').value === 'demo'`)
+	ask(t, bctx, "is this answer signed", 1)
+	waitJS(t, bctx, "the signed mark", `document.querySelector('#answers li .stats').textContent.includes('signed')`)
+	waitJS(t, bctx, "the second query in the ledger card", fmt.Sprintf(
+		`document.querySelector('#ledger-peers tr[data-peer=%q]').textContent.includes('2 q')`, worker.String()))
 }

@@ -572,6 +572,8 @@
     const stats = [fmtSecs(done.total_ms || done.processing_time * 1000)];
     if (done.tokens_per_sec) stats.push(Number(done.tokens_per_sec).toFixed(1) + " tok/s");
     if (done.energy_mj) stats.push((done.energy_mj / 1000).toFixed(2) + " J");
+    // A countersigned receipt came with the answer (docs/protocol.md §6.4).
+    if (done.receipt) stats.push("signed");
     const li = h("li", null,
       h("span", { className: "q", title: q }, q),
       h("span", { className: "who", title: String(done.peer || "") }, shortPeer(done.peer)),
