@@ -22,7 +22,12 @@ func (s *Server) handleSwarm(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed", Message: "Use GET."})
 		return
 	}
-	v := swarmView{Peers: s.swarm.Peers(), Models: s.swarm.Models(), Self: s.cfg.selfID, Ledger: s.ledgerView()}
+	v := swarmView{Peers: s.swarm.Peers(), Models: s.swarm.Models(), Self: s.cfg.selfID}
+	// The peer table is public to the swarm; what this node consumed and
+	// served is not: a bridge with keys shows it only to a key holder.
+	if k := bearer(r); !s.keys.enabled() || k != "" && s.keys.valid(k) {
+		v.Ledger = s.ledgerView()
+	}
 	if v.Peers == nil {
 		v.Peers = []router.PeerView{}
 	}

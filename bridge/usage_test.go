@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
@@ -60,7 +61,11 @@ func TestUsagePerAPIKeyAndLedger(t *testing.T) {
 		t.Errorf("usage without a key: %d, want 401", resp.StatusCode)
 	}
 
-	resp, body := call(t, "GET", base+"/api/swarm", "", nil, nil)
+	// A bridge with keys shows its ledger only to a key holder.
+	if resp, body := call(t, "GET", base+"/api/swarm", "", nil, nil); resp.StatusCode != 200 || strings.Contains(string(body), `"ledger"`) {
+		t.Fatalf("swarm view without a key: %d %s", resp.StatusCode, body)
+	}
+	resp, body := call(t, "GET", base+"/api/swarm", "", nil, map[string]string{"Authorization": "Bearer sk-bob"})
 	var v struct {
 		Peers  []router.PeerView `json:"peers"`
 		Ledger *ledgerView       `json:"ledger"`

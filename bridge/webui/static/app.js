@@ -557,7 +557,10 @@
 
   async function pollSwarm() {
     try {
-      const r = await fetch("/api/swarm", { cache: "no-store", headers: { Accept: "application/json" } });
+      // With a key, a bridge that has keys adds this node's ledger.
+      const headers = { Accept: "application/json" };
+      if (apiKey()) headers.Authorization = "Bearer " + apiKey();
+      const r = await fetch("/api/swarm", { cache: "no-store", headers });
       if (r.ok) { const data = await r.json(); renderSwarm(data); renderLedger(data.ledger); }
       else el.summary.textContent = "swarm view unavailable (" + r.status + ")";
     } catch (_) {
