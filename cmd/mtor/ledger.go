@@ -8,14 +8,20 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
 	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/ledger"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+	"github.com/mtor-swarm/mtor/protocol/receipt"
 )
 
 func runLedger(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "ledger", "[--api HOST:PORT] [--json]")
+	fs := newFlagSet(e, "ledger", "[--api HOST:PORT] [--json] [--verify]")
 	apiAddr := fs.String("api", defaultAPIAddr(e), "control API of a running node (env MTOR_API)")
 	asJSON := fs.Bool("json", false, "print the ledger as JSON, recent receipts included")
+	verify := fs.Bool("verify", false, "check the signatures of the recent receipts here, not trusting the node; exit 1 if one is bad")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -30,9 +36,57 @@ func runLedger(ctx context.Context, e *env, args []string) error {
 	if *asJSON {
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(snap)
+		if err := enc.Encode(snap); err != nil {
+			return err
+		}
+	} else if err := printLedger(e.stdout, snap); err != nil {
+		return err
 	}
-	return printLedger(e.stdout, snap)
+	if !*verify {
+		return nil
+	}
+	both, workerOnly, err := verifyRecent(snap)
+	if err != nil {
+		return err
+	}
+	// On stderr with --json, so that stdout stays one JSON document.
+	out := e.stdout
+	if *asJSON {
+		out = e.stderr
+	}
+	_, err = fmt.Fprintf(out, "recent receipts: %d verified with both signatures, %d with the worker's only (not yet confirmed)\n", both, workerOnly)
+	return err
+}
+
+// verifyRecent checks every recent receipt of the ledger of node
+// s.Self: its signatures, and that the node is on the side the ledger
+// says.
+func verifyRecent(s *ledger.Snapshot) (both, workerOnly int, err error) {
+	for _, rc := range s.Recent {
+		var r pb.Receipt
+		if err := proto.Unmarshal(rc.Receipt, &r); err != nil {
+			return 0, 0, fmt.Errorf("receipt of query %s: %w", rc.QueryID, err)
+		}
+		side := peer.ID(r.GetRequester())
+		if rc.Role == ledger.Served {
+			side = peer.ID(r.GetWorker())
+		}
+		if side.String() != s.Self {
+			return 0, 0, fmt.Errorf("receipt of query %s (%s) does not name this node %s", rc.QueryID, rc.Role, s.Self)
+		}
+		if len(r.GetRouterSig()) == 0 && rc.Role == ledger.Served {
+			if err := receipt.VerifyWorker(&r); err != nil {
+				return 0, 0, fmt.Errorf("receipt of query %s: %w", rc.QueryID, err)
+			}
+			workerOnly++
+			continue
+		}
+		if err := receipt.Verify(&r); err != nil {
+			return 0, 0, fmt.Errorf("receipt of query %s: %w", rc.QueryID, err)
+		}
+		both++
+	}
+	return both, workerOnly, nil
 }
 
 // printLedger writes one line per peer: what this node consumed from it

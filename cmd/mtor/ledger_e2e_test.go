@@ -105,6 +105,13 @@ func TestE2ELedger(t *testing.T) {
 	if code != 0 || !strings.Contains(table, wID) || !strings.Contains(table, "1q ") || !strings.HasPrefix(table, "PEER") {
 		t.Fatalf("ledger table: exit %d, %s %s", code, table, stderr)
 	}
+	// --verify checks the receipts in the CLI, not trusting the node.
+	for _, a := range []string{bootAPI, wAPI} {
+		code, out, stderr := mtor(t, "ledger", "--api", a, "--verify")
+		if code != 0 || !strings.Contains(out, "recent receipts: 1 verified with both signatures, 0 with the worker's only") {
+			t.Fatalf("ledger --verify on %s: exit %d, %s %s", a, code, out, stderr)
+		}
+	}
 
 	// Stopped, the node leaves its ledger in the data dir.
 	if code := boot.stop(syscall.SIGTERM); code != 0 {

@@ -189,6 +189,15 @@ func Verify(r *pb.Receipt) error {
 	return verifySig(r, true)
 }
 
+// VerifyWorker checks the worker's signature alone, for a receipt whose
+// countersignature has not come (a worker's served receipt).
+func VerifyWorker(r *pb.Receipt) error {
+	if err := wellFormed(r); err != nil {
+		return err
+	}
+	return verifySig(r, false)
+}
+
 func wellFormed(r *pb.Receipt) error {
 	switch {
 	case r == nil:
