@@ -54,7 +54,7 @@ func hashOf(evs []*pb.Event) []byte {
 }
 
 // signed is a receipt signed by a worker key and countersigned by a router key.
-func signed(t *testing.T) (*pb.Receipt, Expect, crypto.PrivKey) {
+func signed(t testing.TB) (*pb.Receipt, Expect, crypto.PrivKey) {
 	t.Helper()
 	wk, wid := key(t)
 	rk, rid := key(t)
@@ -214,4 +214,21 @@ func TestDocStatesTheSigningRules(t *testing.T) {
 			t.Errorf("docs/protocol.md does not say %s", want)
 		}
 	}
+}
+
+// FuzzVerify: any bytes a peer sends as a receipt are refused or verified,
+// never a panic.
+func FuzzVerify(f *testing.F) {
+	r, _, _ := signed(f)
+	b, _ := proto.Marshal(r)
+	f.Add(b)
+	f.Add([]byte{0x52, 0x02, 0x00, 0x24})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var r pb.Receipt
+		if proto.Unmarshal(data, &r) != nil {
+			return
+		}
+		_ = Verify(&r)
+		_ = VerifyWorker(&r)
+	})
 }
