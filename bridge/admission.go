@@ -41,6 +41,7 @@ type queued struct {
 	Swarm
 	q       *queue.Queue
 	refused func(req *pb.QueryRequest) // counts a refusal in the metrics
+	usage   *usageBook                 // per-client accounting
 }
 
 // Query implements Swarm.
@@ -59,6 +60,9 @@ func (s *queued) Query(ctx context.Context, req *pb.QueryRequest, h router.Handl
 		return nil, err
 	}
 	res, err := s.Swarm.Query(ctx, req, h)
+	if err == nil && s.usage != nil {
+		s.usage.record(c.Key, res)
+	}
 	return res, queue.AsBusy(err, s.q.RetryAfter())
 }
 

@@ -59,6 +59,7 @@ type Server struct {
 	ws      *ws.Server
 	queue   *queue.Queue
 	started time.Time
+	usage   *usageBook
 
 	// base is the parent of every request context; cancelling it ends
 	// streams and WebSockets that outlive the shutdown grace.
@@ -117,6 +118,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		cors:    newCORSPolicy(cfg.corsOrigins, cfg.trustFwdHost),
 		reg:     reg,
 		started: time.Now(),
+		usage:   newUsageBook(maxUsageClients),
 	}
 	srv.base, srv.cancelBase = context.WithCancel(context.Background())
 	q, err := queue.New(
@@ -141,7 +143,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	// The queue is outside the instrumentation: in_flight and durations
 	// are the swarm's, without the wait; refusals are counted as busy.
 	inst := &instrumented{Swarm: s, m: m}
-	srv.swarm = &queued{Swarm: inst, q: q, refused: inst.refused}
+	srv.swarm = &queued{Swarm: inst, q: q, refused: inst.refused, usage: srv.usage}
 	mux := http.NewServeMux()
 	srv.routes(mux)
 	srv.mountUI(mux)
@@ -169,6 +171,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("POST /v1/images/generations", s.handleImages)
 	v1.HandleFunc("POST /v1/audio/transcriptions", s.handleTranscription)
 	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
+	v1.HandleFunc("GET /v1/usage", s.handleUsage)
 	v1.HandleFunc("/v1/", s.handleUnknown)
 	mux.Handle("/v1/", s.api(v1))
 	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))

@@ -69,6 +69,7 @@ func (s *Server) handleUnknown(w http.ResponseWriter, r *http.Request) {
 		"/v1/images/generations":   http.MethodPost,
 		"/v1/audio/transcriptions": http.MethodPost,
 		"/v1/audio/speech":         http.MethodPost,
+		"/v1/usage":                http.MethodGet,
 	}
 	if m, ok := known[r.URL.Path]; ok {
 		w.Header().Set("Allow", m)

@@ -64,6 +64,7 @@ type config struct {
 	retryAfter    time.Duration
 	shutdownGrace time.Duration
 	selfID        string
+	ledger        Ledger
 	queue         int
 	queuePerCl    int
 	queueWait     time.Duration
@@ -262,6 +263,15 @@ func WithShutdownGrace(d time.Duration) Option {
 			return fmt.Errorf("shutdown grace %s must be >= 0", d)
 		}
 		c.shutdownGrace = d
+		return nil
+	}
+}
+
+// WithLedger shows this node's ledger (work consumed from and served to
+// each peer) in /api/swarm and so on the web page.
+func WithLedger(l Ledger) Option {
+	return func(c *config) error {
+		c.ledger = l
 		return nil
 	}
 }

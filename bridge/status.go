@@ -11,6 +11,9 @@ type swarmView struct {
 	Peers  []router.PeerView  `json:"peers"`
 	Models []router.ModelView `json:"models"`
 	Self   string             `json:"self"`
+	// Ledger is this node's account of work with its peers, when the
+	// bridge was given it.
+	Ledger *ledgerView `json:"ledger,omitempty"`
 }
 
 func (s *Server) handleSwarm(w http.ResponseWriter, r *http.Request) {
@@ -20,6 +23,11 @@ func (s *Server) handleSwarm(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	v := swarmView{Peers: s.swarm.Peers(), Models: s.swarm.Models(), Self: s.cfg.selfID}
+	// The peer table is public to the swarm; what this node consumed and
+	// served is not: a bridge with keys shows it only to a key holder.
+	if k := bearer(r); !s.keys.enabled() || k != "" && s.keys.valid(k) {
+		v.Ledger = s.ledgerView()
+	}
 	if v.Peers == nil {
 		v.Peers = []router.PeerView{}
 	}

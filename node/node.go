@@ -26,7 +26,9 @@ import (
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/canary"
+	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/node/liveness"
+	"github.com/mtor-swarm/mtor/node/receiptback"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -74,6 +76,8 @@ type config struct {
 	joinTimeout      time.Duration
 	canaryOpts       []canary.Option
 	canaryOff        bool
+	preferContrib    bool
+	ledgerOpts       []ledger.Option
 }
 
 // Option configures a node.
@@ -219,6 +223,18 @@ func WithGPU(g GPUSource, m worker.EnergyMeter) Option {
 	return func(c *config) error { c.gpus, c.meter = g, m; return nil }
 }
 
+// WithPreferContributors has this node's worker, when queries queue for
+// it, serve first the requesters that did more work for this node than it
+// did for them (its ledger's balance; docs/operations.md "Accounting").
+func WithPreferContributors(on bool) Option {
+	return func(c *config) error { c.preferContrib = on; return nil }
+}
+
+// WithLedgerOptions configures the ledger (bounds, flush interval).
+func WithLedgerOptions(opts ...ledger.Option) Option {
+	return func(c *config) error { c.ledgerOpts = append(c.ledgerOpts, opts...); return nil }
+}
+
 // WithRouterOptions passes options to the router.
 func WithRouterOptions(opts ...router.Option) Option {
 	return func(c *config) error { c.routerOpts = append(c.routerOpts, opts...); return nil }
@@ -237,6 +253,7 @@ type Node struct {
 	worker *worker.Worker
 	router *router.Router
 	canary *canary.Checker           // honesty spot checks; nil when off
+	ledger *ledger.Ledger
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relayKeeper
 	live   *liveness.Checker
@@ -328,7 +345,12 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
-	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock, roles: roles}
+	led, err := ledger.Open(cfg.dataDir, h.ID(), cfg.ledgerOpts...)
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("open the ledger: %w", err)
+	}
+	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock, roles: roles, ledger: led}
 	n.st.joined, n.st.joinFailed = make(chan struct{}), make(chan struct{})
 	// A node given its own token (a restart script) has no one to join.
 	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
@@ -377,6 +399,11 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if cfg.meter != nil {
 		wopts = append(wopts, worker.WithEnergyMeter(cfg.meter))
 	}
+	wopts = append(wopts, worker.WithSigner(cfg.key),
+		worker.WithOnServed(func(r *pb.Receipt) { led.Record(ledger.Served, r) }))
+	if cfg.preferContrib {
+		wopts = append(wopts, worker.WithPreferContributors(led.Balance))
+	}
 	watched := make([]backend.Backend, len(cfg.backends))
 	for i, b := range cfg.backends {
 		w := watchBackend(b, n.onBackendChange)
@@ -389,10 +416,20 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	n.live = liveness.New(h)
 	relays.probe = n.live.Suspect
+	// Countersigned receipts go to the ledger and back to their workers;
+	// the worker side takes those of answers it served.
+	returns := receiptback.NewSender(h, protocol.ReceiptProtocol(swarm))
+	h.SetStreamHandler(protocol.ReceiptProtocol(swarm), receiptback.NewReceiver(h.ID(), led.Countersigned).HandleStream)
 	// The local worker is always there, so that backends a reload adds
 	// are served here too; without models it is never chosen.
 	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live),
-		router.WithLocal(localWorker{n.worker})}
+		router.WithLocal(localWorker{n.worker}),
+		router.WithReceipts(cfg.key, func(r *pb.Receipt) {
+			led.Record(ledger.Consumed, r)
+			if peer.ID(r.GetWorker()) != h.ID() {
+				returns.Add(r)
+			}
+		})}
 	chk, copts := canaryRouterOptions(&cfg)
 	ropts = append(ropts, copts...)
 	n.router = router.New(h, qproto, tableAdapter{n.disc.Table()}, append(ropts, cfg.routerOpts...)...)
@@ -412,6 +449,8 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 
 	n.goRun(func() { ann.run(n.ctx) })
+	n.goRun(func() { led.Run(n.ctx) })
+	n.goRun(func() { returns.Run(n.ctx) })
 	n.goRun(func() { relays.run(n.ctx) })
 	n.goRun(func() { watchAddrs(n.ctx, addrSub, ann) })
 	n.goRun(n.probeLoop)
@@ -506,6 +545,9 @@ func (n *Node) SwarmName() string { return n.cfg.swarm }
 // Router routes queries into the swarm.
 func (n *Node) Router() *router.Router { return n.router }
 
+// Ledger is this node's account of work consumed and served per peer.
+func (n *Node) Ledger() *ledger.Ledger { return n.ledger }
+
 // Worker is this node's worker.
 func (n *Node) Worker() *worker.Worker { return n.worker }
 
@@ -594,10 +636,12 @@ func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		n.cancel()
 		n.h.RemoveStreamHandler(protocol.QueryProtocol(n.cfg.swarm))
+		n.h.RemoveStreamHandler(protocol.ReceiptProtocol(n.cfg.swarm))
 		err := n.disc.Close()
 		n.wg.Wait()
 		n.live.Close()
-		n.closeErr = errors.Join(err, n.h.Close())
+		lerr := n.ledger.Flush()
+		n.closeErr = errors.Join(err, lerr, n.h.Close())
 		if n.lock != nil {
 			n.lock.Close()
 		}

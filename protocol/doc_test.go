@@ -131,6 +131,8 @@ func TestDocLimits(t *testing.T) {
 		{"MaxEventFrame", MaxEventFrame},
 		{"MaxChunkText", MaxChunkText},
 		{"MaxAnnounce", MaxAnnounce},
+		{"MaxReceiptBatch", MaxReceiptBatch},
+		{"MaxReceiptFrame", MaxReceiptFrame},
 		{"IDLen", IDLen},
 		{"MaxModelName", MaxModelName},
 		{"MaxMessages", MaxMessages},
@@ -175,6 +177,7 @@ func TestDocLimits(t *testing.T) {
 		}
 	}
 	for _, id := range []string{string(QueryProtocol(DefaultSwarm)), string(QueryProtocol("lab")), AnnounceTopic(DefaultSwarm),
+		string(ReceiptProtocol(DefaultSwarm)), string(ReceiptProtocol("lab")),
 		string(DHTPrefix(DefaultSwarm)) + "/kad/1.0.0"} {
 		if !strings.Contains(doc, "`"+id+"`") {
 			t.Errorf("doc does not name %q", id)

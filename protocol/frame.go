@@ -25,6 +25,10 @@ const (
 	MaxChunkText = 64 << 10
 	// MaxAnnounce bounds an announcement on the gossip topic.
 	MaxAnnounce = 16 << 10
+	// MaxReceiptBatch bounds the receipts of one ReceiptBatch, and
+	// MaxReceiptFrame its frame (a receipt is about 300 bytes).
+	MaxReceiptBatch = 64
+	MaxReceiptFrame = 64 << 10
 )
 
 // HeartbeatInterval is the longest silence a worker leaves on a query

@@ -39,6 +39,16 @@ func QueryProtocol(swarm string) protocol.ID {
 	return protocol.ID("/mtor/" + swarm + "/query/" + Version)
 }
 
+// ReceiptProtocol is the stream protocol on which a routing node returns
+// countersigned receipts to the workers that signed them; namespaced like
+// QueryProtocol.
+func ReceiptProtocol(swarm string) protocol.ID {
+	if swarm == "" || swarm == DefaultSwarm {
+		return "/mtor/receipt/" + Version
+	}
+	return protocol.ID("/mtor/" + swarm + "/receipt/" + Version)
+}
+
 // AnnounceTopic is the gossipsub topic on which workers announce.
 func AnnounceTopic(swarm string) string {
 	if swarm == "" {

@@ -254,6 +254,10 @@ type stepInfo struct {
 	TokensPerSec     float64  `json:"tokens_per_sec,omitempty"`
 	EnergyMJ         uint64   `json:"energy_mj,omitempty"`
 	WorkerVersion    string   `json:"worker_version,omitempty"`
+	// Receipt is the answer's countersigned receipt, its protobuf in
+	// base64 (docs/protocol.md §6.4), when the worker sent one and the
+	// routing node accepted it.
+	Receipt []byte `json:"receipt,omitempty"`
 }
 
 type queryDoneMsg struct {

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/mtor-swarm/mtor/bridge/internal/queue"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -288,6 +290,9 @@ func stepOf(t pb.QueryType, model string, res *router.Result) stepInfo {
 		CompletionTokens: d.GetUsage().GetCompletionTokens(),
 		EnergyMJ:         d.GetEnergyMj(),
 		WorkerVersion:    d.GetWorkerVersion(),
+	}
+	if r := d.GetReceipt(); len(r.GetRouterSig()) > 0 {
+		si.Receipt, _ = proto.Marshal(r)
 	}
 	if res.Peer != "" {
 		si.Peer = res.Peer.String()

@@ -52,6 +52,7 @@ func commands() []command {
 		{"node", "run a swarm node (worker, bridge, relay, bootstrap)", runNode},
 		{"query", "ask the swarm a question and stream the answer", runQuery},
 		{"peers", "show the swarm's workers as a node sees them", runPeers},
+		{"ledger", "show the work a node consumed from and served to each peer", runLedger},
 		{"id", "print this machine's peer ID (creating the identity if needed)", runID},
 		{"join-token", "print the running node's join token, for another node's --join", runJoinToken},
 		{"version", "print the version", runVersion},

@@ -64,6 +64,7 @@ type nodeFlags struct {
 	canaryRate       float64
 	canaryInterval   time.Duration
 	verify           bool
+	preferContrib    bool
 }
 
 func defaultDataDir(e *env) string {
@@ -115,6 +116,7 @@ func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs.Float64Var(&f.canaryRate, "canary-rate", canary.DefaultRate, "share of this node's routed queries spent on honesty spot checks of the workers (0: none, at most 1)")
 	fs.DurationVar(&f.canaryInterval, "canary-interval", canary.DefaultInterval, "least time between two spot checks; with --verify, the time between them")
 	fs.BoolVar(&f.verify, "verify", false, "run a spot check every --canary-interval whatever this node's own traffic (a volunteer verifier)")
+	fs.BoolVar(&f.preferContrib, "prefer-contributors", false, "when queries queue for this worker, serve first the peers that did more work for this node than it did for them (see mtor ledger)")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
 	return fs
 }
@@ -453,7 +455,8 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 		node.WithMaxConcurrency(f.maxConcurrency),
 		node.WithMaxQueue(f.maxQueue),
 		node.WithAnnounceInterval(f.announceInterval),
-		node.WithCanary(canary.WithRate(f.canaryRate), canary.WithInterval(f.canaryInterval)))
+		node.WithCanary(canary.WithRate(f.canaryRate), canary.WithInterval(f.canaryInterval)),
+		node.WithPreferContributors(f.preferContrib))
 	if f.verify {
 		opts = append(opts, node.WithVerify())
 	}
@@ -461,7 +464,7 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 }
 
 func (f *nodeFlags) bridgeOptions(n *node.Node) []bridge.Option {
-	opts := []bridge.Option{bridge.WithSelfID(n.ID().String()), bridge.WithShutdownGrace(f.grace),
+	opts := []bridge.Option{bridge.WithSelfID(n.ID().String()), bridge.WithShutdownGrace(f.grace), bridge.WithLedger(n.Ledger()),
 		bridge.WithQueue(f.bridgeQueue), bridge.WithQueuePerClient(f.bridgeQueuePerCl),
 		bridge.WithQueueWait(f.bridgeQueueWait), bridge.WithMaxInFlight(f.bridgeInFlight)}
 	if len(f.bridgeKeys) > 0 {

@@ -75,6 +75,9 @@ type queryOutput struct {
 	Attempts      int              `json:"attempts"`
 	Continued     int              `json:"continued,omitempty"`
 	WorkerVersion string           `json:"worker_version"`
+	// Receipt is the countersigned receipt, base64 of its protobuf
+	// (docs/protocol.md §6.4).
+	Receipt []byte `json:"receipt,omitempty"`
 }
 
 // querier is where a query goes: a node's control API, or a temporary
@@ -295,6 +298,7 @@ func (o *queryOutput) fill(d *api.DoneEvent) {
 	o.Attempts = d.Attempts
 	o.Continued = d.Continued
 	o.WorkerVersion = d.WorkerVersion
+	o.Receipt = d.Receipt
 }
 
 // printPlain finishes the streamed text and says who answered on stderr,

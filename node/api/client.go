@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol"
 )
@@ -98,6 +99,15 @@ func (c *Client) Models(ctx context.Context) ([]router.ModelView, error) {
 		return nil, err
 	}
 	return v, nil
+}
+
+// Ledger returns the node's ledger.
+func (c *Client) Ledger(ctx context.Context) (*ledger.Snapshot, error) {
+	var v ledger.Snapshot
+	if err := c.get(ctx, "/v1/ledger", &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
 }
 
 // Query sends a query and calls onEvent for each streamed event (accepted,

@@ -17,9 +17,11 @@ import (
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/multiformats/go-multiaddr"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/api/hostcheck"
+	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -146,6 +148,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/peers", s.handlePeers)
 	mux.HandleFunc("GET /v1/models", s.handleModels)
 	mux.HandleFunc("POST /v1/query", s.handleQuery)
+	mux.HandleFunc("GET /v1/ledger", s.handleLedger)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, ErrorBody{Error: ErrorEvent{Code: CodeNotFound,
 			Message: fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path)}})
@@ -259,6 +262,20 @@ func (s *Server) handlePeers(w http.ResponseWriter, r *http.Request) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
 	writeJSON(w, http.StatusOK, out)
+}
+
+// ledgered is a Node that keeps a ledger; *node.Node is one.
+type ledgered interface{ Ledger() *ledger.Ledger }
+
+// handleLedger shows what this node consumed from and served to each
+// peer, from checked receipts.
+func (s *Server) handleLedger(w http.ResponseWriter, r *http.Request) {
+	n, ok := s.node.(ledgered)
+	if !ok || n.Ledger() == nil {
+		writeJSON(w, http.StatusNotFound, ErrorBody{Error: ErrorEvent{Code: CodeNotFound, Message: "this node keeps no ledger"}})
+		return
+	}
+	writeJSON(w, http.StatusOK, n.Ledger().Snapshot())
 }
 
 func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {
@@ -422,7 +439,20 @@ func doneEvent(res *router.Result) *DoneEvent {
 		WorkerTotalMs: d.GetTiming().GetTotalMs(),
 		EnergyMJ:      d.GetEnergyMj(),
 		WorkerVersion: d.GetWorkerVersion(),
+		Receipt:       receiptBytes(d.GetReceipt()),
 	}
+}
+
+// receiptBytes is the receipt's protobuf encoding, nil without one.
+func receiptBytes(r *pb.Receipt) []byte {
+	if r == nil {
+		return nil
+	}
+	b, err := proto.Marshal(r)
+	if err != nil {
+		return nil
+	}
+	return b
 }
 
 // eventWriter writes NDJSON events, flushing each so that tokens reach the

@@ -175,6 +175,10 @@ type DoneEvent struct {
 	WorkerTotalMs uint32 `json:"worker_total_ms"`
 	EnergyMJ      uint64 `json:"energy_mj"`
 	WorkerVersion string `json:"worker_version"`
+	// Receipt is the countersigned receipt (docs/protocol.md §6.4), its
+	// protobuf encoding in base64; absent when the worker sent none or it
+	// was refused.
+	Receipt []byte `json:"receipt,omitempty"`
 }
 
 // ErrorEvent ends a failed query. Code is the protocol's short code name

@@ -162,6 +162,7 @@ type Router struct {
 	trackerOpts []health.Option
 	maxOutput   int
 	stall       time.Duration // fixed stall bound; 0 = from the expected TTFT
+	receipts    *receipts     // nil: receipts are passed on unchecked
 
 	rep      Reputation             // honesty spot checks' verdicts; nil = all trusted
 	observer func(*pb.QueryRequest) // sees each routed query
@@ -1052,7 +1053,9 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	start := time.Now()
 	var first time.Time
 	chunksBefore := q.chunks
+	check := r.newReceiptCheck()
 	wrap := func(ev *pb.Event) error {
+		check.add(ev)
 		if _, acc := ev.GetKind().(*pb.Event_Accepted); !acc && first.IsZero() {
 			first = time.Now()
 			if _, failed := ev.GetKind().(*pb.Event_Error); !failed {
@@ -1092,6 +1095,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	if err != nil {
 		return nil, err
 	}
+	_ = r.settle(check, p, req, done)
 	if first.IsZero() {
 		first = end
 	}

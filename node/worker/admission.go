@@ -8,7 +8,9 @@ import (
 )
 
 // admission bounds concurrency and queueing: at most max queries run, at
-// most maxQueue wait, higher priority first, FIFO within a priority.
+// most maxQueue wait, higher tier first (requesters that contributed to
+// this node, when that preference is on), then higher priority, FIFO
+// within both.
 type admission struct {
 	mu       sync.Mutex
 	running  int
@@ -19,6 +21,7 @@ type admission struct {
 }
 
 type ticket struct {
+	tier  int // 1 contributor, 0 neutral, -1 net consumer; 0 when the preference is off
 	prio  int32
 	seq   uint64
 	ready chan struct{}
@@ -31,10 +34,10 @@ func newAdmission(max, maxQueue int) *admission {
 
 // enter admits at once (position 0) or queues (position >= 1); a full
 // queue is BUSY so that the router tries another worker right away.
-func (a *admission) enter(prio int32) (*ticket, int, error) {
+func (a *admission) enter(prio int32, tier int) (*ticket, int, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	t := &ticket{prio: prio, ready: make(chan struct{})}
+	t := &ticket{prio: prio, tier: tier, ready: make(chan struct{})}
 	if a.running < a.max && len(a.queue) == 0 {
 		a.running++
 		t.done = true
@@ -46,15 +49,23 @@ func (a *admission) enter(prio int32) (*ticket, int, error) {
 	}
 	a.seq++
 	t.seq = a.seq
-	// Keep the queue sorted: priority descending, then arrival.
+	// Keep the queue sorted: tier, then priority descending, then arrival.
 	i := len(a.queue)
-	for i > 0 && a.queue[i-1].prio < prio {
+	for i > 0 && t.ahead(a.queue[i-1]) {
 		i--
 	}
 	a.queue = append(a.queue, nil)
 	copy(a.queue[i+1:], a.queue[i:])
 	a.queue[i] = t
 	return t, i + 1, nil
+}
+
+// ahead reports whether t goes before u in the queue.
+func (t *ticket) ahead(u *ticket) bool {
+	if t.tier != u.tier {
+		return t.tier > u.tier
+	}
+	return t.prio > u.prio
 }
 
 // wait blocks until t is admitted or ctx ends; on ctx end t leaves the queue.

@@ -77,7 +77,7 @@ func (w *Worker) HandleStream(s network.Stream) {
 		_ = s.SetWriteDeadline(time.Now().Add(WriteTimeout))
 		return protocol.WriteFrame(s, ev)
 	}
-	done, err := w.Serve(ctx, &req, emit)
+	done, err := w.ServeFor(ctx, s.Conn().RemotePeer(), &req, emit)
 	var last *pb.Event
 	if err != nil {
 		last = errEvent(protocol.AsError(err))
@@ -87,6 +87,9 @@ func (w *Worker) HandleStream(s network.Stream) {
 	if emit(last) != nil {
 		_ = s.Reset()
 		return
+	}
+	if w.onServed != nil && done.GetReceipt() != nil {
+		w.onServed(done.GetReceipt())
 	}
 	_ = s.Close()
 }

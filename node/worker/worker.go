@@ -15,12 +15,15 @@ import (
 	"time"
 
 	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/gpu"
 	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
+	"github.com/mtor-swarm/mtor/protocol/receipt"
 )
 
 var log = logging.Logger("mtor/worker")
@@ -78,6 +81,14 @@ type Worker struct {
 	beat      time.Duration
 	onChange  func()
 
+	// Receipts: the identity key that signs them (nil: none), this
+	// node's peer ID, and where receipts of answers delivered to another
+	// node go (the ledger's "served").
+	key       crypto.PrivKey
+	self      peer.ID
+	onServed  func(*pb.Receipt)
+	balanceOf func(peer.ID) int64 // nil: no preference for contributors
+
 	draining atomic.Bool
 	inflight atomic.Int64 // queries not yet fully answered, streams included
 
@@ -127,6 +138,32 @@ func WithHeartbeat(d time.Duration) Option {
 			w.beat = d
 		}
 	}
+}
+
+// WithSigner signs a receipt for every answer with key, the node's
+// libp2p identity key (docs/protocol.md §6.4).
+func WithSigner(key crypto.PrivKey) Option {
+	return func(w *Worker) {
+		if key == nil {
+			return
+		}
+		if id, err := peer.IDFromPrivateKey(key); err == nil {
+			w.key, w.self = key, id
+		}
+	}
+}
+
+// WithOnServed is called with the receipt of every answer this worker
+// delivered to another node, after its Done was written.
+func WithOnServed(f func(*pb.Receipt)) Option { return func(w *Worker) { w.onServed = f } }
+
+// WithPreferContributors orders the queue (when queries wait for a slot)
+// by the requester's contribution to this node: balance reports it in
+// milliseconds of work the requester did for us minus what we did for it
+// (ledger.Balance). Requesters with a positive balance go first, those
+// with a negative one last; priority and arrival order within each.
+func WithPreferContributors(balance func(peer.ID) int64) Option {
+	return func(w *Worker) { w.balanceOf = balance }
 }
 
 // WithOnChange is called (without locks held) when load or models change,
@@ -474,8 +511,28 @@ type Emit func(*pb.Event) error
 
 // Serve answers one query in-process: it emits Accepted and the output
 // events, and returns the Done event or a typed error. Nothing is emitted
-// after it returns.
+// after it returns. The requester is this node itself.
 func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*pb.Done, error) {
+	return w.ServeFor(ctx, w.self, req, emit)
+}
+
+// tier is the queue tier of a query from requester.
+func (w *Worker) tier(requester peer.ID) int {
+	if w.balanceOf == nil || requester == "" || requester == w.self {
+		return 0
+	}
+	switch b := w.balanceOf(requester); {
+	case b > 0:
+		return 1
+	case b < 0:
+		return -1
+	}
+	return 0
+}
+
+// ServeFor is Serve for a query sent by requester; its Done carries a
+// signed receipt when the worker has a signer.
+func (w *Worker) ServeFor(ctx context.Context, requester peer.ID, req *pb.QueryRequest, emit Emit) (*pb.Done, error) {
 	start := time.Now()
 	if err := protocol.ValidateRequest(req); err != nil {
 		return nil, err
@@ -513,7 +570,7 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	}
 	b.inflight.Add(1)
 	defer b.inflight.Add(-1)
-	t, pos, err := w.adm.enter(req.GetPriority())
+	t, pos, err := w.adm.enter(req.GetPriority(), w.tier(requester))
 	if err != nil {
 		return nil, err
 	}
@@ -554,7 +611,9 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	// A failed write means the client is gone: cancel the backend call at
 	// once, and count nothing against the backend's health.
 	var clientGone atomic.Bool
+	output := receipt.NewOutputHash()
 	out := func(ev *pb.Event) error {
+		output.Add(ev)
 		if err := emit(ev); err != nil {
 			clientGone.Store(true)
 			cancel()
@@ -595,7 +654,7 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 	if end != nil && energy > 0 {
 		w.energy.Record(req.GetModel(), energy, tokens)
 	}
-	return &pb.Done{
+	done := &pb.Done{
 		Usage: &pb.Usage{PromptTokens: usage.PromptTokens, CompletionTokens: tokens},
 		Timing: &pb.Timing{
 			QueueMs: uint32(admitted.Sub(start).Milliseconds()),
@@ -606,7 +665,24 @@ func (w *Worker) Serve(ctx context.Context, req *pb.QueryRequest, emit Emit) (*p
 		WorkerVersion: w.version,
 		Model:         req.GetModel(),
 		FinishReason:  s.finishReason(usage.FinishReason),
-	}, nil
+	}
+	w.sign(req, done, output.Sum(), requester)
+	return done, nil
+}
+
+// sign adds the worker's signed receipt to done. Without a key, or if
+// signing fails, the answer goes without one: accounting must not cost
+// an answer.
+func (w *Worker) sign(req *pb.QueryRequest, done *pb.Done, output []byte, requester peer.ID) {
+	if w.key == nil || requester == "" {
+		return
+	}
+	r := receipt.New(req, done, output, w.self, requester, time.Now())
+	if err := receipt.Sign(r, w.key); err != nil {
+		log.Warnw("receipt not signed", "err", err)
+		return
+	}
+	done.Receipt = r
 }
 
 // heartbeat sends Accepted whenever nothing was emitted for a heartbeat

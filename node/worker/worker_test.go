@@ -30,19 +30,19 @@ func newWorker(t *testing.T, b backend.Backend, opts ...Option) *Worker {
 
 func TestAdmissionQueueOrderAndBusy(t *testing.T) {
 	a := newAdmission(1, 2)
-	t0, pos, err := a.enter(0)
+	t0, pos, err := a.enter(0, 0)
 	if err != nil || pos != 0 {
 		t.Fatalf("first: pos %d err %v", pos, err)
 	}
-	low, pos, _ := a.enter(-1)
+	low, pos, _ := a.enter(-1, 0)
 	if pos != 1 {
 		t.Fatalf("low pos = %d, want 1", pos)
 	}
-	high, pos, _ := a.enter(5)
+	high, pos, _ := a.enter(5, 0)
 	if pos != 1 {
 		t.Fatalf("high priority pos = %d, want 1 (ahead of low)", pos)
 	}
-	if _, _, err := a.enter(9); protocol.AsError(err).Code != protocol.CodeBusy {
+	if _, _, err := a.enter(9, 0); protocol.AsError(err).Code != protocol.CodeBusy {
 		t.Fatalf("full queue: err = %v, want BUSY", err)
 	}
 	_ = t0

@@ -1533,7 +1533,11 @@ type Done struct {
 	Model         string                 `protobuf:"bytes,5,opt,name=model,proto3" json:"model,omitempty"` // model that answered
 	// Why the answer ended, from the backend: stop | length | tool_calls |
 	// content_filter; empty = unknown (workers before this field).
-	FinishReason  string `protobuf:"bytes,6,opt,name=finish_reason,json=finishReason,proto3" json:"finish_reason,omitempty"`
+	FinishReason string `protobuf:"bytes,6,opt,name=finish_reason,json=finishReason,proto3" json:"finish_reason,omitempty"`
+	// The worker's signed account of this answer (workers before this
+	// field send none). The routing node checks it and adds its own
+	// signature before it passes Done on; docs/protocol.md §Receipts.
+	Receipt       *Receipt `protobuf:"bytes,7,opt,name=receipt,proto3" json:"receipt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1610,6 +1614,213 @@ func (x *Done) GetFinishReason() string {
 	return ""
 }
 
+func (x *Done) GetReceipt() *Receipt {
+	if x != nil {
+		return x.Receipt
+	}
+	return nil
+}
+
+// Receipt is a signed account of one answer. worker_sig is over
+// "mtor/receipt/v1/worker\n" and the canonical encoding of fields 1-12;
+// router_sig over "mtor/receipt/v1/router\n" and that of fields 1-13.
+// Canonical: fields in field-number order, fields holding their zero value
+// omitted, no unknown fields (docs/protocol.md §6.4).
+type Receipt struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	QueryId          []byte                 `protobuf:"bytes,1,opt,name=query_id,json=queryId,proto3" json:"query_id,omitempty"` // QueryRequest.id
+	Model            string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`                    // model that answered
+	Type             QueryType              `protobuf:"varint,3,opt,name=type,proto3,enum=mtor.v1.QueryType" json:"type,omitempty"`
+	PromptTokens     uint32                 `protobuf:"varint,4,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
+	CompletionTokens uint32                 `protobuf:"varint,5,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
+	TtftMs           uint32                 `protobuf:"varint,6,opt,name=ttft_ms,json=ttftMs,proto3" json:"ttft_ms,omitempty"` // as the worker measured it
+	TotalMs          uint32                 `protobuf:"varint,7,opt,name=total_ms,json=totalMs,proto3" json:"total_ms,omitempty"`
+	EnergyMj         uint64                 `protobuf:"varint,8,opt,name=energy_mj,json=energyMj,proto3" json:"energy_mj,omitempty"`            // 0 = not measured
+	OutputSha256     []byte                 `protobuf:"bytes,9,opt,name=output_sha256,json=outputSha256,proto3" json:"output_sha256,omitempty"` // SHA-256 of the output records (docs/protocol.md)
+	Worker           []byte                 `protobuf:"bytes,10,opt,name=worker,proto3" json:"worker,omitempty"`                                // peer ID (binary) of the worker that answered
+	Requester        []byte                 `protobuf:"bytes,11,opt,name=requester,proto3" json:"requester,omitempty"`                          // peer ID (binary) of the node that sent the query
+	TimeUnixMs       int64                  `protobuf:"varint,12,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`   // when the worker signed
+	WorkerSig        []byte                 `protobuf:"bytes,13,opt,name=worker_sig,json=workerSig,proto3" json:"worker_sig,omitempty"`         // by the worker's libp2p identity key
+	RouterSig        []byte                 `protobuf:"bytes,14,opt,name=router_sig,json=routerSig,proto3" json:"router_sig,omitempty"`         // by the requester's libp2p identity key
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *Receipt) Reset() {
+	*x = Receipt{}
+	mi := &file_mtor_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Receipt) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Receipt) ProtoMessage() {}
+
+func (x *Receipt) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Receipt.ProtoReflect.Descriptor instead.
+func (*Receipt) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *Receipt) GetQueryId() []byte {
+	if x != nil {
+		return x.QueryId
+	}
+	return nil
+}
+
+func (x *Receipt) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *Receipt) GetType() QueryType {
+	if x != nil {
+		return x.Type
+	}
+	return QueryType_QUERY_TYPE_UNSPECIFIED
+}
+
+func (x *Receipt) GetPromptTokens() uint32 {
+	if x != nil {
+		return x.PromptTokens
+	}
+	return 0
+}
+
+func (x *Receipt) GetCompletionTokens() uint32 {
+	if x != nil {
+		return x.CompletionTokens
+	}
+	return 0
+}
+
+func (x *Receipt) GetTtftMs() uint32 {
+	if x != nil {
+		return x.TtftMs
+	}
+	return 0
+}
+
+func (x *Receipt) GetTotalMs() uint32 {
+	if x != nil {
+		return x.TotalMs
+	}
+	return 0
+}
+
+func (x *Receipt) GetEnergyMj() uint64 {
+	if x != nil {
+		return x.EnergyMj
+	}
+	return 0
+}
+
+func (x *Receipt) GetOutputSha256() []byte {
+	if x != nil {
+		return x.OutputSha256
+	}
+	return nil
+}
+
+func (x *Receipt) GetWorker() []byte {
+	if x != nil {
+		return x.Worker
+	}
+	return nil
+}
+
+func (x *Receipt) GetRequester() []byte {
+	if x != nil {
+		return x.Requester
+	}
+	return nil
+}
+
+func (x *Receipt) GetTimeUnixMs() int64 {
+	if x != nil {
+		return x.TimeUnixMs
+	}
+	return 0
+}
+
+func (x *Receipt) GetWorkerSig() []byte {
+	if x != nil {
+		return x.WorkerSig
+	}
+	return nil
+}
+
+func (x *Receipt) GetRouterSig() []byte {
+	if x != nil {
+		return x.RouterSig
+	}
+	return nil
+}
+
+// ReceiptBatch is the one frame of a receipt stream
+// (/mtor/<swarm>/receipt/1.0.0): countersigned receipts that a routing node
+// returns to the worker that signed them, at most 64 (docs/protocol.md §6.4).
+type ReceiptBatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Receipts      []*Receipt             `protobuf:"bytes,1,rep,name=receipts,proto3" json:"receipts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReceiptBatch) Reset() {
+	*x = ReceiptBatch{}
+	mi := &file_mtor_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReceiptBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReceiptBatch) ProtoMessage() {}
+
+func (x *ReceiptBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReceiptBatch.ProtoReflect.Descriptor instead.
+func (*ReceiptBatch) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ReceiptBatch) GetReceipts() []*Receipt {
+	if x != nil {
+		return x.Receipts
+	}
+	return nil
+}
+
 type Error struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Code          ErrorCode              `protobuf:"varint,1,opt,name=code,proto3,enum=mtor.v1.ErrorCode" json:"code,omitempty"`
@@ -1621,7 +1832,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_mtor_proto_msgTypes[19]
+	mi := &file_mtor_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1633,7 +1844,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[19]
+	mi := &file_mtor_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1646,7 +1857,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{19}
+	return file_mtor_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -1693,7 +1904,7 @@ type Announce struct {
 
 func (x *Announce) Reset() {
 	*x = Announce{}
-	mi := &file_mtor_proto_msgTypes[20]
+	mi := &file_mtor_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1705,7 +1916,7 @@ func (x *Announce) String() string {
 func (*Announce) ProtoMessage() {}
 
 func (x *Announce) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[20]
+	mi := &file_mtor_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1718,7 +1929,7 @@ func (x *Announce) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Announce.ProtoReflect.Descriptor instead.
 func (*Announce) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{20}
+	return file_mtor_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Announce) GetSeq() uint64 {
@@ -1823,7 +2034,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_mtor_proto_msgTypes[21]
+	mi := &file_mtor_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1835,7 +2046,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[21]
+	mi := &file_mtor_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1848,7 +2059,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{21}
+	return file_mtor_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ModelInfo) GetName() string {
@@ -1921,7 +2132,7 @@ type GPU struct {
 
 func (x *GPU) Reset() {
 	*x = GPU{}
-	mi := &file_mtor_proto_msgTypes[22]
+	mi := &file_mtor_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1933,7 +2144,7 @@ func (x *GPU) String() string {
 func (*GPU) ProtoMessage() {}
 
 func (x *GPU) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[22]
+	mi := &file_mtor_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1946,7 +2157,7 @@ func (x *GPU) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GPU.ProtoReflect.Descriptor instead.
 func (*GPU) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{22}
+	return file_mtor_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GPU) GetName() string {
@@ -2003,7 +2214,7 @@ type Load struct {
 
 func (x *Load) Reset() {
 	*x = Load{}
-	mi := &file_mtor_proto_msgTypes[23]
+	mi := &file_mtor_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2015,7 +2226,7 @@ func (x *Load) String() string {
 func (*Load) ProtoMessage() {}
 
 func (x *Load) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[23]
+	mi := &file_mtor_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2028,7 +2239,7 @@ func (x *Load) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Load.ProtoReflect.Descriptor instead.
 func (*Load) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{23}
+	return file_mtor_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Load) GetInFlight() uint32 {
@@ -2177,14 +2388,36 @@ const file_mtor_proto_rawDesc = "" +
 	"\x06Timing\x12\x19\n" +
 	"\bqueue_ms\x18\x01 \x01(\rR\aqueueMs\x12\x17\n" +
 	"\attft_ms\x18\x02 \x01(\rR\x06ttftMs\x12\x19\n" +
-	"\btotal_ms\x18\x03 \x01(\rR\atotalMs\"\xd4\x01\n" +
+	"\btotal_ms\x18\x03 \x01(\rR\atotalMs\"\x80\x02\n" +
 	"\x04Done\x12$\n" +
 	"\x05usage\x18\x01 \x01(\v2\x0e.mtor.v1.UsageR\x05usage\x12'\n" +
 	"\x06timing\x18\x02 \x01(\v2\x0f.mtor.v1.TimingR\x06timing\x12\x1b\n" +
 	"\tenergy_mj\x18\x03 \x01(\x04R\benergyMj\x12%\n" +
 	"\x0eworker_version\x18\x04 \x01(\tR\rworkerVersion\x12\x14\n" +
 	"\x05model\x18\x05 \x01(\tR\x05model\x12#\n" +
-	"\rfinish_reason\x18\x06 \x01(\tR\ffinishReason\"g\n" +
+	"\rfinish_reason\x18\x06 \x01(\tR\ffinishReason\x12*\n" +
+	"\areceipt\x18\a \x01(\v2\x10.mtor.v1.ReceiptR\areceipt\"\xc0\x03\n" +
+	"\aReceipt\x12\x19\n" +
+	"\bquery_id\x18\x01 \x01(\fR\aqueryId\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12&\n" +
+	"\x04type\x18\x03 \x01(\x0e2\x12.mtor.v1.QueryTypeR\x04type\x12#\n" +
+	"\rprompt_tokens\x18\x04 \x01(\rR\fpromptTokens\x12+\n" +
+	"\x11completion_tokens\x18\x05 \x01(\rR\x10completionTokens\x12\x17\n" +
+	"\attft_ms\x18\x06 \x01(\rR\x06ttftMs\x12\x19\n" +
+	"\btotal_ms\x18\a \x01(\rR\atotalMs\x12\x1b\n" +
+	"\tenergy_mj\x18\b \x01(\x04R\benergyMj\x12#\n" +
+	"\routput_sha256\x18\t \x01(\fR\foutputSha256\x12\x16\n" +
+	"\x06worker\x18\n" +
+	" \x01(\fR\x06worker\x12\x1c\n" +
+	"\trequester\x18\v \x01(\fR\trequester\x12 \n" +
+	"\ftime_unix_ms\x18\f \x01(\x03R\n" +
+	"timeUnixMs\x12\x1d\n" +
+	"\n" +
+	"worker_sig\x18\r \x01(\fR\tworkerSig\x12\x1d\n" +
+	"\n" +
+	"router_sig\x18\x0e \x01(\fR\trouterSig\"<\n" +
+	"\fReceiptBatch\x12,\n" +
+	"\breceipts\x18\x01 \x03(\v2\x10.mtor.v1.ReceiptR\breceipts\"g\n" +
 	"\x05Error\x12&\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x12.mtor.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
@@ -2258,7 +2491,7 @@ func file_mtor_proto_rawDescGZIP() []byte {
 }
 
 var file_mtor_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_mtor_proto_goTypes = []any{
 	(QueryType)(0),         // 0: mtor.v1.QueryType
 	(ErrorCode)(0),         // 1: mtor.v1.ErrorCode
@@ -2281,11 +2514,13 @@ var file_mtor_proto_goTypes = []any{
 	(*Usage)(nil),          // 18: mtor.v1.Usage
 	(*Timing)(nil),         // 19: mtor.v1.Timing
 	(*Done)(nil),           // 20: mtor.v1.Done
-	(*Error)(nil),          // 21: mtor.v1.Error
-	(*Announce)(nil),       // 22: mtor.v1.Announce
-	(*ModelInfo)(nil),      // 23: mtor.v1.ModelInfo
-	(*GPU)(nil),            // 24: mtor.v1.GPU
-	(*Load)(nil),           // 25: mtor.v1.Load
+	(*Receipt)(nil),        // 21: mtor.v1.Receipt
+	(*ReceiptBatch)(nil),   // 22: mtor.v1.ReceiptBatch
+	(*Error)(nil),          // 23: mtor.v1.Error
+	(*Announce)(nil),       // 24: mtor.v1.Announce
+	(*ModelInfo)(nil),      // 25: mtor.v1.ModelInfo
+	(*GPU)(nil),            // 26: mtor.v1.GPU
+	(*Load)(nil),           // 27: mtor.v1.Load
 }
 var file_mtor_proto_depIdxs = []int32{
 	0,  // 0: mtor.v1.QueryRequest.type:type_name -> mtor.v1.QueryType
@@ -2302,22 +2537,25 @@ var file_mtor_proto_depIdxs = []int32{
 	16, // 11: mtor.v1.Event.media:type_name -> mtor.v1.Media
 	17, // 12: mtor.v1.Event.embedding:type_name -> mtor.v1.Embedding
 	20, // 13: mtor.v1.Event.done:type_name -> mtor.v1.Done
-	21, // 14: mtor.v1.Event.error:type_name -> mtor.v1.Error
+	23, // 14: mtor.v1.Event.error:type_name -> mtor.v1.Error
 	15, // 15: mtor.v1.Event.tool_call:type_name -> mtor.v1.ToolCallDelta
 	13, // 16: mtor.v1.Chunk.logprobs:type_name -> mtor.v1.TokenLogprob
 	14, // 17: mtor.v1.TokenLogprob.top:type_name -> mtor.v1.TopLogprob
 	18, // 18: mtor.v1.Done.usage:type_name -> mtor.v1.Usage
 	19, // 19: mtor.v1.Done.timing:type_name -> mtor.v1.Timing
-	1,  // 20: mtor.v1.Error.code:type_name -> mtor.v1.ErrorCode
-	23, // 21: mtor.v1.Announce.models:type_name -> mtor.v1.ModelInfo
-	24, // 22: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
-	25, // 23: mtor.v1.Announce.load:type_name -> mtor.v1.Load
-	0,  // 24: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
-	25, // [25:25] is the sub-list for method output_type
-	25, // [25:25] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	21, // 20: mtor.v1.Done.receipt:type_name -> mtor.v1.Receipt
+	0,  // 21: mtor.v1.Receipt.type:type_name -> mtor.v1.QueryType
+	21, // 22: mtor.v1.ReceiptBatch.receipts:type_name -> mtor.v1.Receipt
+	1,  // 23: mtor.v1.Error.code:type_name -> mtor.v1.ErrorCode
+	25, // 24: mtor.v1.Announce.models:type_name -> mtor.v1.ModelInfo
+	26, // 25: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
+	27, // 26: mtor.v1.Announce.load:type_name -> mtor.v1.Load
+	0,  // 27: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
+	28, // [28:28] is the sub-list for method output_type
+	28, // [28:28] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_mtor_proto_init() }
@@ -2341,7 +2579,7 @@ func file_mtor_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mtor_proto_rawDesc), len(file_mtor_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   24,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -20,6 +20,7 @@
     imageLabel: $("image-label"), image: $("image"), record: $("record"), attachment: $("attachment"),
     prompt: $("prompt"), send: $("send"), stop: $("stop"),
     summary: $("swarm-summary"), peers: document.querySelector("#peers tbody"), answers: $("answers"),
+    ledger: $("ledger"), ledgerTotal: $("ledger-total"), ledgerPeers: $("ledger-peers"),
   };
 
   // Small DOM helper: h("div", {className: "x"}, "text", child). Strings
@@ -542,10 +543,33 @@
       apiModels.length + (apiModels.length === 1 ? " model" : " models") + " · " + gpuCount + " GPU" + (gpuCount === 1 ? "" : "s");
   }
 
+  // The node's ledger: work consumed from and served to each peer, from
+  // checked receipts (docs/operations.md, "Accounting").
+  function work(t) {
+    if (!t || !t.queries) return "–";
+    const parts = [t.queries + " q", ((t.prompt_tokens || 0) + (t.completion_tokens || 0)) + " tok", fmtSecs(t.ms || 0)];
+    if (t.energy_mj) parts.push((t.energy_mj / 1000).toFixed(1) + " J");
+    return parts.join(" · ");
+  }
+
+  function renderLedger(l) {
+    if (!l || !l.total) { el.ledger.hidden = true; return; }
+    el.ledger.hidden = false;
+    el.ledgerTotal.textContent = "This node consumed " + work(l.total.consumed) + "; served " + work(l.total.served) + ".";
+    const rows = (Array.isArray(l.peers) ? l.peers : []).map((p) => h("tr", { dataset: { peer: String(p.peer) } },
+      h("td", null, h("span", { className: "peer-id", title: String(p.peer) }, shortPeer(p.peer))),
+      h("td", null, work(p.consumed)), h("td", null, work(p.served))));
+    if (rows.length === 0) rows.push(h("tr", null, h("td", { colSpan: 3, className: "sub-line" }, "no receipts yet")));
+    el.ledgerPeers.replaceChildren(...rows);
+  }
+
   async function pollSwarm() {
     try {
-      const r = await fetch("/api/swarm", { cache: "no-store", headers: { Accept: "application/json" } });
-      if (r.ok) renderSwarm(await r.json());
+      // With a key, a bridge that has keys adds this node's ledger.
+      const headers = { Accept: "application/json" };
+      if (apiKey()) headers.Authorization = "Bearer " + apiKey();
+      const r = await fetch("/api/swarm", { cache: "no-store", headers });
+      if (r.ok) { const data = await r.json(); renderSwarm(data); renderLedger(data.ledger); }
       else el.summary.textContent = "swarm view unavailable (" + r.status + ")";
     } catch (_) {
       el.summary.textContent = "swarm view unavailable";
@@ -559,6 +583,8 @@
     const stats = [fmtSecs(done.total_ms || done.processing_time * 1000)];
     if (done.tokens_per_sec) stats.push(Number(done.tokens_per_sec).toFixed(1) + " tok/s");
     if (done.energy_mj) stats.push((done.energy_mj / 1000).toFixed(2) + " J");
+    // A countersigned receipt came with the answer (docs/protocol.md §6.4).
+    if (done.receipt) stats.push("signed");
     const li = h("li", null,
       h("span", { className: "q", title: q }, q),
       h("span", { className: "who", title: String(done.peer || "") }, shortPeer(done.peer)),

@@ -1,0 +1,437 @@
+// Package ledger keeps a node's local account of the work it consumed
+// from and served to each peer (queries, tokens, seconds, joules), built
+// only from checked receipts, bounded in memory and on disk, and persisted
+// as one JSON file in the data dir.
+package ledger
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+var log = logging.Logger("mtor/ledger")
+
+// FileName is the ledger's file in the data dir.
+const FileName = "ledger.json"
+
+// Defaults; docs/operations.md states the same.
+const (
+	DefaultMaxPeers      = 1024
+	DefaultMaxRecent     = 64
+	DefaultFlushInterval = 5 * time.Second
+	// maxPending bounds the served receipts awaiting their
+	// countersignature; the oldest is forgotten first.
+	maxPending = 1024
+	// maxFile bounds what Open reads: the bounds above keep a file written
+	// by this package well under it.
+	maxFile = 4 << 20
+)
+
+// Role says on which side of an answer this node was.
+type Role string
+
+// Roles.
+const (
+	Consumed Role = "consumed" // this node asked, the peer answered
+	Served   Role = "served"   // the peer asked, this node answered
+)
+
+// Totals add up answers.
+type Totals struct {
+	Queries          uint64 `json:"queries"`
+	PromptTokens     uint64 `json:"prompt_tokens"`
+	CompletionTokens uint64 `json:"completion_tokens"`
+	Ms               uint64 `json:"ms"`        // the workers' total_ms
+	EnergyMJ         uint64 `json:"energy_mj"` // measured energy only
+}
+
+func (t *Totals) add(r *pb.Receipt) {
+	t.Queries++
+	t.PromptTokens += uint64(r.GetPromptTokens())
+	t.CompletionTokens += uint64(r.GetCompletionTokens())
+	t.Ms += uint64(r.GetTotalMs())
+	t.EnergyMJ += r.GetEnergyMj()
+}
+
+func (t *Totals) plus(o Totals) {
+	t.Queries += o.Queries
+	t.PromptTokens += o.PromptTokens
+	t.CompletionTokens += o.CompletionTokens
+	t.Ms += o.Ms
+	t.EnergyMJ += o.EnergyMJ
+}
+
+// Entry is the account with one peer.
+type Entry struct {
+	Peer     string `json:"peer"`
+	Consumed Totals `json:"consumed"` // answers the peer gave this node
+	Served   Totals `json:"served"`   // answers this node gave the peer
+	// ServedCountersigned counts the answers served to the peer whose
+	// receipt came back countersigned by it (the receipt exchange).
+	ServedCountersigned uint64 `json:"served_countersigned"`
+	// Balance is the peer's contribution to this node: milliseconds of
+	// work it did for us minus those we did for it.
+	Balance    int64 `json:"balance_ms"`
+	LastUnixMs int64 `json:"last_unix_ms"`
+}
+
+// Recent is one recorded receipt, kept so that anyone can verify it.
+type Recent struct {
+	Role    Role   `json:"role"`
+	Peer    string `json:"peer"`
+	QueryID string `json:"query_id"` // hex
+	Model   string `json:"model"`
+	Tokens  uint32 `json:"completion_tokens"`
+	Ms      uint32 `json:"ms"`
+	Receipt []byte `json:"receipt"` // the Receipt protobuf (base64 in JSON)
+}
+
+// Snapshot is the whole ledger, as `mtor ledger` and GET /v1/ledger show it.
+type Snapshot struct {
+	Self    string   `json:"self"`
+	Total   Sides    `json:"total"`
+	Peers   []Entry  `json:"peers"`         // most recent first
+	Recent  []Recent `json:"recent"`        // newest first
+	Dropped uint64   `json:"dropped_peers"` // evicted to stay within MaxPeers
+}
+
+// Sides is consumed and served over all peers.
+type Sides struct {
+	Consumed Totals `json:"consumed"`
+	Served   Totals `json:"served"`
+}
+
+// Ledger is safe for concurrent use.
+type Ledger struct {
+	path       string
+	self       peer.ID
+	maxPeers   int
+	maxRecent  int
+	flushEvery time.Duration
+
+	mu      sync.Mutex
+	peers   map[string]*Entry
+	recent  []Recent // oldest first
+	dropped uint64
+	dirty   bool
+	// pending are served receipts whose countersignature has not come
+	// back, by query id, with their order of arrival for eviction.
+	pending map[string]*pb.Receipt
+	order   []string
+}
+
+// Option configures a Ledger.
+type Option func(*Ledger)
+
+// WithMaxPeers bounds the peers kept; the least recently seen goes first.
+func WithMaxPeers(n int) Option {
+	return func(l *Ledger) {
+		if n > 0 {
+			l.maxPeers = n
+		}
+	}
+}
+
+// WithMaxRecent bounds the receipts kept.
+func WithMaxRecent(n int) Option {
+	return func(l *Ledger) {
+		if n >= 0 {
+			l.maxRecent = n
+		}
+	}
+}
+
+// WithFlushInterval sets how often Run writes a changed ledger to disk.
+func WithFlushInterval(d time.Duration) Option {
+	return func(l *Ledger) {
+		if d > 0 {
+			l.flushEvery = d
+		}
+	}
+}
+
+// file is the on-disk form.
+type file struct {
+	Version int      `json:"version"`
+	Peers   []Entry  `json:"peers"`
+	Recent  []Recent `json:"recent"`
+	Dropped uint64   `json:"dropped_peers"`
+}
+
+// ErrCorrupt wraps a ledger file that cannot be read back.
+var ErrCorrupt = errors.New("ledger file corrupt")
+
+// Open loads the ledger of node self from dir (empty dir: in memory only).
+// A corrupt file is moved aside (ledger.json.bad) and the ledger starts
+// empty, with a warning: losing the account must not stop the node.
+func Open(dir string, self peer.ID, opts ...Option) (*Ledger, error) {
+	l := &Ledger{self: self, maxPeers: DefaultMaxPeers, maxRecent: DefaultMaxRecent,
+		flushEvery: DefaultFlushInterval, peers: map[string]*Entry{}, pending: map[string]*pb.Receipt{}}
+	for _, o := range opts {
+		o(l)
+	}
+	if dir == "" {
+		return l, nil
+	}
+	l.path = filepath.Join(dir, FileName)
+	err := l.load()
+	if errors.Is(err, ErrCorrupt) {
+		log.Warnw("ledger file unreadable; starting an empty ledger", "path", l.path, "err", err)
+		if rerr := os.Rename(l.path, l.path+".bad"); rerr != nil {
+			return nil, fmt.Errorf("move corrupt ledger aside: %w", rerr)
+		}
+		return l, nil
+	}
+	return l, err
+}
+
+func (l *Ledger) load() error {
+	f, err := os.Open(l.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open ledger: %w", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxFile+1))
+	if err != nil {
+		return fmt.Errorf("read ledger: %w", err)
+	}
+	if len(b) > maxFile {
+		return fmt.Errorf("%w: over %d bytes", ErrCorrupt, maxFile)
+	}
+	var fl file
+	if err := json.Unmarshal(b, &fl); err != nil {
+		return fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	for _, e := range fl.Peers {
+		if _, err := peer.Decode(e.Peer); err != nil {
+			continue
+		}
+		e := e
+		l.peers[e.Peer] = &e
+	}
+	l.recent = fl.Recent
+	l.dropped = fl.Dropped
+	// A file from a node with larger bounds is cut to ours.
+	for len(l.peers) > l.maxPeers {
+		l.evictLocked()
+	}
+	if len(l.recent) > l.maxRecent {
+		l.recent = l.recent[len(l.recent)-l.maxRecent:]
+	}
+	return nil
+}
+
+// Record adds a checked receipt. The peer is the receipt's worker when
+// this node consumed, its requester when this node served; a receipt
+// of this node with itself is not recorded.
+func (l *Ledger) Record(role Role, r *pb.Receipt) {
+	p := peer.ID(r.GetWorker())
+	if role == Served {
+		p = peer.ID(r.GetRequester())
+	}
+	if p == l.self || p == "" {
+		return
+	}
+	key := p.String()
+	raw, _ := proto.Marshal(r)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.peers[key]
+	if e == nil {
+		if len(l.peers) >= l.maxPeers {
+			l.evictLocked()
+		}
+		e = &Entry{Peer: key}
+		l.peers[key] = e
+	}
+	if role == Served {
+		e.Served.add(r)
+	} else {
+		e.Consumed.add(r)
+	}
+	e.Balance = int64(e.Consumed.Ms) - int64(e.Served.Ms)
+	e.LastUnixMs = time.Now().UnixMilli()
+	if l.maxRecent > 0 {
+		if len(l.recent) >= l.maxRecent {
+			l.recent = slices.Delete(l.recent, 0, len(l.recent)-l.maxRecent+1)
+		}
+		l.recent = append(l.recent, Recent{Role: role, Peer: key, QueryID: hex.EncodeToString(r.GetQueryId()),
+			Model: r.GetModel(), Tokens: r.GetCompletionTokens(), Ms: r.GetTotalMs(), Receipt: raw})
+	}
+	if role == Served {
+		l.addPendingLocked(r)
+	}
+	l.dirty = true
+}
+
+func (l *Ledger) addPendingLocked(r *pb.Receipt) {
+	id := string(r.GetQueryId())
+	if _, dup := l.pending[id]; dup {
+		return
+	}
+	if len(l.order) >= maxPending {
+		delete(l.pending, l.order[0])
+		l.order = l.order[1:]
+	}
+	l.pending[id] = r
+	l.order = append(l.order, id)
+}
+
+// ErrNotPending is returned by Countersigned for a receipt this node did
+// not serve, or whose countersignature already came (or came too late).
+var ErrNotPending = errors.New("no served receipt awaits this countersignature")
+
+// Countersigned takes the countersigned receipt of an answer this node
+// served: it must be one recorded with Record(Served, ...) (same query id,
+// same worker signature) and its countersignature must already have been
+// verified by the caller (receipt.Verify). The peer's
+// ServedCountersigned grows by one and the recent copy is replaced.
+func (l *Ledger) Countersigned(r *pb.Receipt) error {
+	id := string(r.GetQueryId())
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	mine := l.pending[id]
+	if mine == nil || !bytes.Equal(mine.GetWorkerSig(), r.GetWorkerSig()) || !bytes.Equal(mine.GetRequester(), r.GetRequester()) {
+		return ErrNotPending
+	}
+	delete(l.pending, id)
+	if i := slices.Index(l.order, id); i >= 0 {
+		l.order = slices.Delete(l.order, i, i+1)
+	}
+	key := peer.ID(r.GetRequester()).String()
+	if e := l.peers[key]; e != nil {
+		e.ServedCountersigned++
+	}
+	qid := hex.EncodeToString(r.GetQueryId())
+	for i := range l.recent {
+		if l.recent[i].Role == Served && l.recent[i].QueryID == qid {
+			if raw, err := proto.Marshal(r); err == nil {
+				l.recent[i].Receipt = raw
+			}
+		}
+	}
+	l.dirty = true
+	return nil
+}
+
+// evictLocked drops the least recently seen peer.
+func (l *Ledger) evictLocked() {
+	var oldest *Entry
+	for _, e := range l.peers {
+		if oldest == nil || e.LastUnixMs < oldest.LastUnixMs {
+			oldest = e
+		}
+	}
+	if oldest != nil {
+		delete(l.peers, oldest.Peer)
+		l.dropped++
+	}
+}
+
+// Balance is p's contribution to this node in milliseconds of work (work
+// it did for us minus work we did for it); 0 for a peer not in the ledger.
+func (l *Ledger) Balance(p peer.ID) int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if e := l.peers[p.String()]; e != nil {
+		return e.Balance
+	}
+	return 0
+}
+
+// Snapshot copies the ledger.
+func (l *Ledger) Snapshot() Snapshot {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := Snapshot{Self: l.self.String(), Dropped: l.dropped, Peers: make([]Entry, 0, len(l.peers)),
+		Recent: make([]Recent, 0, len(l.recent))}
+	for _, e := range l.peers {
+		s.Peers = append(s.Peers, *e)
+		s.Total.Consumed.plus(e.Consumed)
+		s.Total.Served.plus(e.Served)
+	}
+	slices.SortFunc(s.Peers, func(a, b Entry) int {
+		return cmp.Or(cmp.Compare(b.LastUnixMs, a.LastUnixMs), cmp.Compare(a.Peer, b.Peer))
+	})
+	for i := len(l.recent) - 1; i >= 0; i-- {
+		s.Recent = append(s.Recent, l.recent[i])
+	}
+	return s
+}
+
+// Run writes the ledger to disk whenever it changed, every flush
+// interval, until ctx ends.
+func (l *Ledger) Run(ctx context.Context) {
+	t := time.NewTicker(l.flushEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := l.Flush(); err != nil {
+				log.Warnw("writing the ledger failed", "err", err)
+			}
+		}
+	}
+}
+
+// Flush writes the ledger if it changed since the last write: to a
+// temporary file, then renamed over the old one, so a crash leaves the
+// old or the new ledger, never half of one.
+func (l *Ledger) Flush() error {
+	if l.path == "" {
+		return nil
+	}
+	l.mu.Lock()
+	if !l.dirty {
+		l.mu.Unlock()
+		return nil
+	}
+	fl := file{Version: 1, Dropped: l.dropped, Recent: slices.Clone(l.recent)}
+	for _, e := range l.peers {
+		fl.Peers = append(fl.Peers, *e)
+	}
+	l.dirty = false
+	l.mu.Unlock()
+	b, err := json.Marshal(fl)
+	if err != nil {
+		return fmt.Errorf("encode ledger: %w", err)
+	}
+	tmp := l.path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		l.markDirty()
+		return fmt.Errorf("write ledger: %w", err)
+	}
+	if err := os.Rename(tmp, l.path); err != nil {
+		l.markDirty()
+		return fmt.Errorf("replace ledger: %w", err)
+	}
+	return nil
+}
+
+func (l *Ledger) markDirty() {
+	l.mu.Lock()
+	l.dirty = true
+	l.mu.Unlock()
+}

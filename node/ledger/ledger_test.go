@@ -1,0 +1,207 @@
+package ledger
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+func newID(t *testing.T) peer.ID {
+	t.Helper()
+	_, pub, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := peer.IDFromPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func rcpt(worker, requester peer.ID, tokens, ms uint32, mj uint64) *pb.Receipt {
+	return &pb.Receipt{QueryId: make([]byte, 16), Model: "demo", PromptTokens: 3, CompletionTokens: tokens,
+		TotalMs: ms, EnergyMj: mj, Worker: []byte(worker), Requester: []byte(requester)}
+}
+
+func TestRecordBothSides(t *testing.T) {
+	self, a, b := newID(t), newID(t), newID(t)
+	l, err := Open("", self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Record(Consumed, rcpt(a, self, 10, 1000, 5000)) // a worked 1 s for us
+	l.Record(Consumed, rcpt(a, self, 5, 500, 0))
+	l.Record(Served, rcpt(self, a, 2, 300, 0)) // we worked 0.3 s for a
+	l.Record(Served, rcpt(self, b, 4, 700, 0))
+	l.Record(Served, rcpt(self, self, 4, 700, 0)) // ourselves: not recorded
+
+	tests := []struct {
+		peer    peer.ID
+		balance int64
+	}{{a, 1500 - 300}, {b, -700}, {newID(t), 0}}
+	for _, tc := range tests {
+		if got := l.Balance(tc.peer); got != tc.balance {
+			t.Errorf("balance of %s = %d, want %d", tc.peer, got, tc.balance)
+		}
+	}
+	s := l.Snapshot()
+	if len(s.Peers) != 2 {
+		t.Fatalf("peers = %d, want 2: %+v", len(s.Peers), s.Peers)
+	}
+	want := Sides{
+		Consumed: Totals{Queries: 2, PromptTokens: 6, CompletionTokens: 15, Ms: 1500, EnergyMJ: 5000},
+		Served:   Totals{Queries: 2, PromptTokens: 6, CompletionTokens: 6, Ms: 1000},
+	}
+	if s.Total != want {
+		t.Errorf("total = %+v, want %+v", s.Total, want)
+	}
+	if len(s.Recent) != 4 || s.Recent[0].Peer != b.String() || s.Recent[0].Role != Served {
+		t.Errorf("recent (newest first) = %+v", s.Recent)
+	}
+}
+
+func TestPersisted(t *testing.T) {
+	dir := t.TempDir()
+	self, a := newID(t), newID(t)
+	l, err := Open(dir, self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Record(Consumed, rcpt(a, self, 10, 1000, 0))
+	if err := l.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	l2, err := Open(dir, self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l2.Balance(a); got != 1000 {
+		t.Fatalf("balance after reopening = %d, want 1000", got)
+	}
+	if s := l2.Snapshot(); len(s.Recent) != 1 || len(s.Recent[0].Receipt) == 0 {
+		t.Fatalf("recent receipts after reopening: %+v", s.Recent)
+	}
+}
+
+// The ledger stays within its bounds however many peers it meets, in
+// memory and on disk.
+func TestBounded(t *testing.T) {
+	dir := t.TempDir()
+	self := newID(t)
+	const maxPeers, maxRecent = 50, 10
+	l, err := Open(dir, self, WithMaxPeers(maxPeers), WithMaxRecent(maxRecent))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last peer.ID
+	for range 2000 {
+		last = newID(t)
+		l.Record(Served, rcpt(self, last, 1, 10, 0))
+	}
+	s := l.Snapshot()
+	if len(s.Peers) != maxPeers || len(s.Recent) != maxRecent {
+		t.Fatalf("%d peers, %d receipts; bounds %d, %d", len(s.Peers), len(s.Recent), maxPeers, maxRecent)
+	}
+	if s.Dropped != 2000-maxPeers {
+		t.Errorf("dropped = %d, want %d", s.Dropped, 2000-maxPeers)
+	}
+	if l.Balance(last) != -10 {
+		t.Error("the newest peer was evicted")
+	}
+	if err := l.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each peer entry is ~300 bytes of JSON and each receipt ~600.
+	if limit := int64(maxPeers*400 + maxRecent*800); fi.Size() > limit {
+		t.Errorf("ledger file is %d bytes, want at most %d", fi.Size(), limit)
+	}
+	// A smaller bound on reopening cuts the file's content to it.
+	l2, err := Open(dir, self, WithMaxPeers(5), WithMaxRecent(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := l2.Snapshot(); len(s.Peers) != 5 || len(s.Recent) != 2 {
+		t.Fatalf("reopened with smaller bounds: %d peers, %d receipts", len(s.Peers), len(s.Recent))
+	}
+}
+
+func TestCorruptFileMovedAside(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, FileName), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	l, err := Open(dir, newID(t))
+	if err != nil {
+		t.Fatalf("open with a corrupt file: %v", err)
+	}
+	if len(l.Snapshot().Peers) != 0 {
+		t.Error("a corrupt file gave peers")
+	}
+	if _, err := os.Stat(filepath.Join(dir, FileName+".bad")); err != nil {
+		t.Errorf("corrupt file not kept aside: %v", err)
+	}
+}
+
+func TestCountersignedOncePerServedReceipt(t *testing.T) {
+	self, a := newID(t), newID(t)
+	l, err := Open("", self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := rcpt(self, a, 4, 100, 0)
+	served.QueryId[0], served.WorkerSig = 9, []byte("worker-sig")
+	l.Record(Served, served)
+	back := func(mod func(*pb.Receipt)) *pb.Receipt {
+		r := proto.CloneOf(served)
+		r.RouterSig = []byte("router-sig")
+		if mod != nil {
+			mod(r)
+		}
+		return r
+	}
+	tests := []struct {
+		name string
+		r    *pb.Receipt
+		want error
+	}{
+		{"another worker signature", back(func(r *pb.Receipt) { r.WorkerSig = []byte("other") }), ErrNotPending},
+		{"another query", back(func(r *pb.Receipt) { r.QueryId = make([]byte, 16) }), ErrNotPending},
+		{"another requester", back(func(r *pb.Receipt) { r.Requester = []byte(self) }), ErrNotPending},
+		{"the one served", back(nil), nil},
+		{"the same again", back(nil), ErrNotPending},
+	}
+	for _, tc := range tests {
+		if err := l.Countersigned(tc.r); !errors.Is(err, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+	s := l.Snapshot()
+	if s.Peers[0].ServedCountersigned != 1 {
+		t.Fatalf("served_countersigned = %d, want 1", s.Peers[0].ServedCountersigned)
+	}
+	var kept pb.Receipt
+	if err := proto.Unmarshal(s.Recent[0].Receipt, &kept); err != nil || string(kept.GetRouterSig()) != "router-sig" {
+		t.Fatalf("recent copy not replaced by the countersigned one: %v %v", &kept, err)
+	}
+	// Receipts awaiting a countersignature are bounded.
+	for i := range 3000 {
+		r := rcpt(self, a, 1, 1, 0)
+		r.QueryId[0], r.QueryId[1] = byte(i), byte(i>>8)
+		l.Record(Served, r)
+	}
+	if len(l.pending) != maxPending || len(l.order) != maxPending {
+		t.Fatalf("%d receipts pending, bound %d", len(l.pending), maxPending)
+	}
+}

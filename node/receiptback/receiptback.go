@@ -1,0 +1,204 @@
+// Package receiptback returns countersigned receipts to the workers that
+// signed them (docs/protocol.md §6.4, "Returning the countersignature"),
+// so that a worker's ledger holds what it served with both signatures.
+// The exchange is best effort: bounded, batched, never on a query's path.
+package receiptback
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+	"github.com/mtor-swarm/mtor/protocol/receipt"
+)
+
+var log = logging.Logger("mtor/receiptback")
+
+// Defaults; docs/protocol.md §6.4 states the same.
+const (
+	DefaultFlushInterval = 500 * time.Millisecond
+	// StreamTimeout bounds one receipt stream, on either side.
+	StreamTimeout = 5 * time.Second
+	maxWaiting    = 1024 // receipts queued for sending
+	maxStreams    = 4    // receipt streams open at once
+)
+
+// Sender gathers countersigned receipts per worker and sends them back.
+type Sender struct {
+	h       host.Host
+	proto   libp2pproto.ID
+	flush   time.Duration
+	in      chan *pb.Receipt
+	dropped atomic.Uint64
+	sent    atomic.Uint64
+}
+
+// Option configures a Sender.
+type Option func(*Sender)
+
+// WithFlushInterval sets how long receipts for one worker are gathered.
+func WithFlushInterval(d time.Duration) Option {
+	return func(s *Sender) {
+		if d > 0 {
+			s.flush = d
+		}
+	}
+}
+
+// NewSender sends over h with the receipt protocol proto
+// (protocol.ReceiptProtocol). Run must be running for anything to leave.
+func NewSender(h host.Host, proto libp2pproto.ID, opts ...Option) *Sender {
+	s := &Sender{h: h, proto: proto, flush: DefaultFlushInterval, in: make(chan *pb.Receipt, maxWaiting)}
+	for _, o := range opts {
+		o(s)
+	}
+	return s
+}
+
+// Add queues r for the worker that signed it. It never blocks: with no
+// room, r is dropped (and counted).
+func (s *Sender) Add(r *pb.Receipt) {
+	select {
+	case s.in <- r:
+	default:
+		s.dropped.Add(1)
+	}
+}
+
+// Stats reports the receipts sent and dropped so far.
+func (s *Sender) Stats() (sent, dropped uint64) { return s.sent.Load(), s.dropped.Load() }
+
+// Run sends batches until ctx ends; receipts still waiting then are
+// dropped.
+func (s *Sender) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	sem := make(chan struct{}, maxStreams)
+	batches := map[peer.ID][]*pb.Receipt{}
+	send := func(p peer.ID) {
+		b := batches[p]
+		delete(batches, p)
+		select {
+		case sem <- struct{}{}:
+		default:
+			s.dropped.Add(uint64(len(b)))
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := s.send(ctx, p, b); err != nil {
+				s.dropped.Add(uint64(len(b)))
+				log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "err", err)
+				return
+			}
+			s.sent.Add(uint64(len(b)))
+		}()
+	}
+	t := time.NewTicker(s.flush)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case r := <-s.in:
+			p := peer.ID(r.GetWorker())
+			batches[p] = append(batches[p], r)
+			if len(batches[p]) >= protocol.MaxReceiptBatch {
+				send(p)
+			}
+		case <-t.C:
+			for p := range batches {
+				send(p)
+			}
+		}
+	}
+}
+
+// send writes one batch to p on a connection that already exists: a
+// worker that just answered is connected, and one that is gone is not
+// worth a dial.
+func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) error {
+	ctx, cancel := context.WithTimeout(ctx, StreamTimeout)
+	defer cancel()
+	st, err := s.h.NewStream(network.WithAllowLimitedConn(network.WithNoDial(ctx, "receipts"), "receipts"), p, s.proto)
+	if err != nil {
+		return err
+	}
+	_ = st.SetDeadline(time.Now().Add(StreamTimeout))
+	if err := protocol.WriteFrame(st, &pb.ReceiptBatch{Receipts: b}); err != nil {
+		_ = st.Reset()
+		return err
+	}
+	return st.Close()
+}
+
+// Receiver is the worker side: it takes the countersigned receipts of
+// answers this node served.
+type Receiver struct {
+	self peer.ID
+	take func(*pb.Receipt) error
+}
+
+// NewReceiver passes each receipt that verifies and names self as worker
+// and the stream's peer as requester to take (ledger.Countersigned).
+func NewReceiver(self peer.ID, take func(*pb.Receipt) error) *Receiver {
+	return &Receiver{self: self, take: take}
+}
+
+// HandleStream is the libp2p handler of the receipt protocol.
+func (rv *Receiver) HandleStream(s network.Stream) {
+	_ = s.SetDeadline(time.Now().Add(StreamTimeout))
+	fr := protocol.NewFrameReader(s, protocol.MaxReceiptFrame)
+	var reserved int
+	fr.SetReserve(func(n int) error {
+		if err := s.Scope().ReserveMemory(n, network.ReservationPriorityLow); err != nil {
+			return err
+		}
+		reserved = n
+		return nil
+	})
+	defer func() { s.Scope().ReleaseMemory(reserved) }()
+	var b pb.ReceiptBatch
+	from := s.Conn().RemotePeer()
+	if err := fr.Read(&b); err != nil || len(b.GetReceipts()) > protocol.MaxReceiptBatch {
+		log.Debugw("bad receipt stream", "peer", from, "err", err, "receipts", len(b.GetReceipts()))
+		_ = s.Reset()
+		return
+	}
+	taken := 0
+	for _, r := range b.GetReceipts() {
+		if err := rv.check(from, r); err != nil {
+			log.Debugw("returned receipt ignored", "peer", from, "err", err)
+			continue
+		}
+		taken++
+	}
+	log.Debugw("countersigned receipts returned", "peer", from, "taken", taken, "sent", len(b.GetReceipts()))
+	_ = s.Close()
+}
+
+// errForeign is a receipt that is not about this worker and that peer.
+type errForeign struct{}
+
+func (errForeign) Error() string { return "receipt names another worker or requester" }
+
+func (rv *Receiver) check(from peer.ID, r *pb.Receipt) error {
+	if peer.ID(r.GetWorker()) != rv.self || peer.ID(r.GetRequester()) != from {
+		return errForeign{}
+	}
+	if err := receipt.Verify(r); err != nil {
+		return err
+	}
+	return rv.take(r)
+}

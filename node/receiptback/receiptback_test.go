@@ -1,0 +1,189 @@
+package receiptback
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/ledger"
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+	"github.com/mtor-swarm/mtor/protocol/receipt"
+)
+
+const (
+	queryProto   = "/mtor/test/query"
+	receiptProto = "/mtor/test/receipt"
+)
+
+func newHost(t *testing.T) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+type table []router.Candidate
+
+func (t table) Candidates() []router.Candidate { return t }
+
+// pair is a real worker (demo backend, signing, with a ledger and the
+// receipt handler) and a real routing node that countersigns and returns
+// receipts, connected on loopback.
+type pair struct {
+	w, r    host.Host
+	wled    *ledger.Ledger
+	router  *router.Router
+	sender  *Sender
+	consume []*pb.Receipt
+	hold    bool // keep countersigned receipts instead of returning them
+}
+
+func newPair(t *testing.T) *pair {
+	t.Helper()
+	p := &pair{w: newHost(t), r: newHost(t)}
+	var err error
+	if p.wled, err = ledger.Open("", p.w.ID()); err != nil {
+		t.Fatal(err)
+	}
+	wk := worker.New([]backend.Backend{demo.New("w", demo.WithDelay(0))},
+		worker.WithSigner(p.w.Peerstore().PrivKey(p.w.ID())),
+		worker.WithOnServed(func(r *pb.Receipt) { p.wled.Record(ledger.Served, r) }))
+	wk.Refresh(context.Background())
+	p.w.SetStreamHandler(queryProto, wk.HandleStream)
+	p.w.SetStreamHandler(receiptProto, NewReceiver(p.w.ID(), p.wled.Countersigned).HandleStream)
+	if err := p.r.Connect(context.Background(), peer.AddrInfo{ID: p.w.ID(), Addrs: p.w.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	p.sender = NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p.sender.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	a := &pb.Announce{Health: 100, Load: &pb.Load{MaxConcurrency: 4},
+		Models: []*pb.ModelInfo{{Name: "demo", Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}}}}
+	p.router = router.New(p.r, queryProto, table{{Peer: p.w.ID(), Announce: a}},
+		router.WithReceipts(p.r.Peerstore().PrivKey(p.r.ID()), func(rc *pb.Receipt) {
+			p.consume = append(p.consume, proto.CloneOf(rc))
+			if !p.hold {
+				p.sender.Add(rc)
+			}
+		}))
+	return p
+}
+
+func (p *pair) ask(t *testing.T, n int) {
+	t.Helper()
+	for range n {
+		_, err := p.router.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "settle up"},
+			func(*pb.Event) error { return nil })
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 20 s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func countersigned(l *ledger.Ledger) uint64 {
+	var n uint64
+	for _, e := range l.Snapshot().Peers {
+		n += e.ServedCountersigned
+	}
+	return n
+}
+
+// TestReturnsCountersignedReceipts: the worker's ledger ends up with each
+// served answer's receipt signed by both nodes.
+func TestReturnsCountersignedReceipts(t *testing.T) {
+	p := newPair(t)
+	p.ask(t, 3)
+	waitFor(t, "3 countersigned receipts back at the worker", func() bool { return countersigned(p.wled) == 3 })
+	for _, rc := range p.wled.Snapshot().Recent {
+		var r pb.Receipt
+		if err := proto.Unmarshal(rc.Receipt, &r); err != nil {
+			t.Fatal(err)
+		}
+		if err := receipt.Verify(&r); err != nil {
+			t.Fatalf("worker's copy of a served receipt: %v", err)
+		}
+	}
+	if sent, dropped := p.sender.Stats(); sent != 3 || dropped != 0 {
+		t.Fatalf("sender: %d sent, %d dropped", sent, dropped)
+	}
+}
+
+// TestForeignReceiptsIgnored: receipts sent by a peer that is not their
+// requester, forged ones, repeated ones and oversized batches are not
+// taken.
+func TestForeignReceiptsIgnored(t *testing.T) {
+	p := newPair(t)
+	p.ask(t, 1)
+	waitFor(t, "the honest receipt back", func() bool { return countersigned(p.wled) == 1 })
+
+	p.hold = true
+	p.ask(t, 1)
+	honest := proto.CloneOf(p.consume[1])
+	forged := proto.CloneOf(honest)
+	forged.CompletionTokens++ // neither signature covers this any more
+	tests := []struct {
+		name  string
+		from  func() host.Host
+		batch []*pb.Receipt
+	}{
+		{"another node returns it", func() host.Host { return newHost(t) }, []*pb.Receipt{honest}},
+		{"forged figures", func() host.Host { return p.r }, []*pb.Receipt{forged}},
+		{"the first one again", func() host.Host { return p.r }, []*pb.Receipt{p.consume[0]}},
+		{"oversized batch", func() host.Host { return p.r }, func() []*pb.Receipt {
+			b := make([]*pb.Receipt, protocol.MaxReceiptBatch+1)
+			for i := range b {
+				b[i] = honest
+			}
+			return b
+		}()},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := tc.from()
+			if err := h.Connect(t.Context(), peer.AddrInfo{ID: p.w.ID(), Addrs: p.w.Addrs()}); err != nil {
+				t.Fatal(err)
+			}
+			s := NewSender(h, receiptProto)
+			// The worker resets the stream of an oversized batch, which
+			// the sender may or may not see before its Close.
+			if err := s.send(t.Context(), p.w.ID(), tc.batch); err != nil && len(tc.batch) <= protocol.MaxReceiptBatch {
+				t.Fatal(err)
+			}
+			// The worker handles a stream at once; give it the time a
+			// loaded machine needs, then check nothing was taken.
+			time.Sleep(300 * time.Millisecond)
+			if n := countersigned(p.wled); n != 1 {
+				t.Fatalf("worker took %d countersigned receipts, want still 1", n)
+			}
+		})
+	}
+	// The honest second receipt, from its requester, is still taken.
+	p.sender.Add(honest)
+	waitFor(t, "the second honest receipt back", func() bool { return countersigned(p.wled) == 2 })
+}

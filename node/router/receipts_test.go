@@ -1,0 +1,178 @@
+package router
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/node/ledger"
+	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+	"github.com/mtor-swarm/mtor/protocol/receipt"
+)
+
+// signingWorker is a real worker with the demo backend that signs
+// receipts with its host's key and records what it served in a ledger.
+// tamper, when set, changes the events on their way to the wire, as a
+// dishonest worker process would.
+func signingWorker(t *testing.T, tamper func(*pb.Event)) (host.Host, *ledger.Ledger) {
+	t.Helper()
+	h := testHost(t)
+	led, err := ledger.Open("", h.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := worker.New([]backend.Backend{demo.New("signer", demo.WithDelay(0))},
+		worker.WithSigner(h.Peerstore().PrivKey(h.ID())),
+		worker.WithOnServed(func(r *pb.Receipt) { led.Record(ledger.Served, r) }))
+	w.Refresh(context.Background())
+	if tamper == nil {
+		h.SetStreamHandler(testProto, w.HandleStream)
+		return h, led
+	}
+	h.SetStreamHandler(testProto, func(s network.Stream) {
+		defer s.Close()
+		var req pb.QueryRequest
+		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
+			s.Reset()
+			return
+		}
+		write := func(ev *pb.Event) error { tamper(ev); return protocol.WriteFrame(s, ev) }
+		done, err := w.ServeFor(context.Background(), s.Conn().RemotePeer(), &req, write)
+		if err != nil {
+			s.Reset()
+			return
+		}
+		_ = write(&pb.Event{Kind: &pb.Event_Done{Done: done}})
+	})
+	return h, led
+}
+
+func receiptRouter(t *testing.T, workers ...host.Host) (*Router, *ledger.Ledger) {
+	t.Helper()
+	h := testHost(t)
+	connect(t, h, workers...)
+	var table staticTable
+	for _, w := range workers {
+		table = append(table, cand(string(w.ID()), 0, 4, 100, 0, demoModel))
+	}
+	led, err := ledger.Open("", h.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := New(h, testProto, table, WithHealthOptions(health.WithThreshold(2)),
+		WithReceipts(h.Peerstore().PrivKey(h.ID()), func(rc *pb.Receipt) { led.Record(ledger.Consumed, rc) }))
+	return r, led
+}
+
+func chat(prompt string) *pb.QueryRequest {
+	return &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: prompt}
+}
+
+// TestReceiptCountersignedAndRecorded: an honest worker's receipt comes
+// back with both signatures, and both nodes' ledgers record the answer.
+func TestReceiptCountersignedAndRecorded(t *testing.T) {
+	wh, wled := signingWorker(t, nil)
+	r, rled := receiptRouter(t, wh)
+	res, err := r.Query(t.Context(), chat("one two three four"), func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := res.Done.GetReceipt()
+	if err := receipt.Verify(rc); err != nil {
+		t.Fatalf("receipt of an honest answer: %v", err)
+	}
+	if peer.ID(rc.GetWorker()) != wh.ID() || peer.ID(rc.GetRequester()) != r.h.ID() {
+		t.Fatalf("receipt names worker %s requester %s", peer.ID(rc.GetWorker()), peer.ID(rc.GetRequester()))
+	}
+	if rc.GetCompletionTokens() != res.Done.GetUsage().GetCompletionTokens() || rc.GetCompletionTokens() == 0 {
+		t.Fatalf("receipt tokens %d, done %d", rc.GetCompletionTokens(), res.Done.GetUsage().GetCompletionTokens())
+	}
+	cons := rled.Snapshot()
+	if len(cons.Peers) != 1 || cons.Peers[0].Peer != wh.ID().String() || cons.Total.Consumed.Queries != 1 ||
+		cons.Total.Consumed.CompletionTokens != uint64(rc.GetCompletionTokens()) {
+		t.Fatalf("router's ledger: %+v", cons)
+	}
+	// The worker records once its Done is written, which the router may
+	// read first.
+	waitFor(t, func() bool { return wled.Snapshot().Total.Served.Queries == 1 })
+	if got := wled.Balance(r.h.ID()); got != -int64(rc.GetTotalMs()) {
+		t.Fatalf("worker's balance of the router = %d, want -%d", got, rc.GetTotalMs())
+	}
+}
+
+// TestTamperedReceiptRefused: a receipt whose signature or output hash
+// does not match what the router received is refused: the answer still
+// arrives, without a receipt; nothing is recorded; the worker's breaker
+// counts protocol violations until it opens.
+func TestTamperedReceiptRefused(t *testing.T) {
+	tests := []struct {
+		name   string
+		tamper func(*pb.Event)
+	}{
+		{"inflated tokens", func(ev *pb.Event) {
+			if d := ev.GetDone(); d != nil {
+				d.Usage.CompletionTokens += 100
+				d.Receipt.CompletionTokens += 100
+			}
+		}},
+		{"output changed after signing", func(ev *pb.Event) {
+			if c := ev.GetChunk(); c != nil {
+				c.Text = "x" + c.Text
+			}
+		}},
+		{"receipt for another requester", func(ev *pb.Event) {
+			if d := ev.GetDone(); d != nil {
+				d.Receipt.Requester = d.Receipt.Worker
+			}
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			wh, _ := signingWorker(t, tc.tamper)
+			r, rled := receiptRouter(t, wh)
+			res, err := r.Query(t.Context(), chat("one two"), func(*pb.Event) error { return nil })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Done.GetReceipt() != nil {
+				t.Fatal("a tampered receipt was passed on")
+			}
+			if s := rled.Snapshot(); len(s.Peers) != 0 {
+				t.Fatalf("a tampered receipt was recorded: %+v", s.Peers)
+			}
+			r.mu.Lock()
+			score := r.state(wh.ID()).tracker.Score()
+			r.mu.Unlock()
+			if score >= 100 {
+				t.Fatalf("worker health %.0f after a refused receipt, want a violation counted", score)
+			}
+			// A second violation opens the breaker (threshold 2): the
+			// worker gets no more queries.
+			_, _ = r.Query(t.Context(), chat("again"), func(*pb.Event) error { return nil })
+			if _, err := r.Query(t.Context(), chat("third"), func(*pb.Event) error { return nil }); err == nil {
+				t.Fatal("a worker with two refused receipts still gets queries")
+			}
+		})
+	}
+}
+
+// waitFor polls cond for up to 10 s (generous: the machine is shared).
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for range 1000 {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("condition not met within 10 s")
+}

@@ -1,0 +1,141 @@
+package worker
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/ledger"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+func loopbackHost(t *testing.T) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+// query sends one chat query from h to the worker host and returns when
+// its Done arrives.
+func query(ctx context.Context, h host.Host, to peer.ID, prompt string) error {
+	s, err := h.NewStream(ctx, to, "/mtor/test/query")
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	r := req(prompt)
+	r.Id[0] = byte(len(prompt))
+	if err := protocol.WriteFrame(s, r); err != nil {
+		return err
+	}
+	_ = s.CloseWrite()
+	fr := protocol.NewFrameReader(s, protocol.MaxEventFrame)
+	for {
+		var ev pb.Event
+		if err := fr.Read(&ev); err != nil {
+			return err
+		}
+		if ev.GetDone() != nil {
+			return nil
+		}
+		if e := ev.GetError(); e != nil {
+			return protocol.FromProto(e)
+		}
+	}
+}
+
+// TestPreferContributorsOrdersTheQueue: a busy worker (one slot, taken)
+// queues a net consumer's query and then a contributor's. With the
+// preference on, the contributor's is answered first although it came
+// second; with it off, arrival order holds.
+func TestPreferContributorsOrdersTheQueue(t *testing.T) {
+	for _, prefer := range []bool{true, false} {
+		t.Run(map[bool]string{true: "on", false: "off"}[prefer], func(t *testing.T) {
+			wh := loopbackHost(t)
+			led, err := ledger.Open("", wh.ID())
+			if err != nil {
+				t.Fatal(err)
+			}
+			opts := []Option{WithMaxConcurrency(1), WithSigner(wh.Peerstore().PrivKey(wh.ID())),
+				WithOnServed(func(r *pb.Receipt) { led.Record(ledger.Served, r) })}
+			if prefer {
+				opts = append(opts, WithPreferContributors(led.Balance))
+			}
+			w := newWorker(t, demo.New("w", demo.WithDelay(20*time.Millisecond)), opts...)
+			wh.SetStreamHandler("/mtor/test/query", w.HandleStream)
+
+			blocker, consumer, contributor := loopbackHost(t), loopbackHost(t), loopbackHost(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			for _, h := range []host.Host{blocker, consumer, contributor} {
+				if err := h.Connect(ctx, peer.AddrInfo{ID: wh.ID(), Addrs: wh.Addrs()}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The ledger as real queries make it: the worker answered the
+			// consumer (served), and consumed an answer from the
+			// contributor (its receipt, as the router records it).
+			if err := query(ctx, consumer, wh.ID(), "take take take"); err != nil {
+				t.Fatal(err)
+			}
+			led.Record(ledger.Consumed, &pb.Receipt{QueryId: make([]byte, 16), Model: "demo", TotalMs: 5000,
+				CompletionTokens: 50, Worker: []byte(contributor.ID()), Requester: []byte(wh.ID())})
+			waitUntil(t, func() bool { return led.Balance(consumer.ID()) < 0 && led.Balance(contributor.ID()) > 0 })
+
+			var mu sync.Mutex
+			var order []string
+			run := func(h host.Host, name, prompt string) chan error {
+				ch := make(chan error, 1)
+				go func() {
+					err := query(ctx, h, wh.ID(), prompt)
+					mu.Lock()
+					order = append(order, name)
+					mu.Unlock()
+					ch <- err
+				}()
+				return ch
+			}
+			b := run(blocker, "blocker", strings.Repeat("w ", 40)) // ~0.8 s in the slot
+			waitUntil(t, func() bool { r, _, _, _ := w.Load(); return r == 1 })
+			c1 := run(consumer, "consumer", "consumer asks")
+			waitUntil(t, func() bool { _, q, _, _ := w.Load(); return q == 1 })
+			c2 := run(contributor, "contributor", "contributor asks")
+			waitUntil(t, func() bool { _, q, _, _ := w.Load(); return q == 2 })
+			for _, ch := range []chan error{b, c1, c2} {
+				if err := <-ch; err != nil {
+					t.Fatal(err)
+				}
+			}
+			want := "blocker,consumer,contributor"
+			if prefer {
+				want = "blocker,contributor,consumer"
+			}
+			if got := strings.Join(order, ","); got != want {
+				t.Fatalf("answered in order %s, want %s", got, want)
+			}
+		})
+	}
+}
+
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 20 s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

@@ -1,0 +1,309 @@
+// Package receipt signs and verifies the receipts of answers: a worker's
+// signed account of one answer (tokens, timings, energy, a hash of the
+// output), countersigned by the node that routed the query. The signing
+// bytes are defined in docs/protocol.md §Receipts so that a client in any
+// language can check them.
+package receipt
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash"
+	"math"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Domain-separation prefixes: a worker's signature can never pass for a
+// router's, nor either for a signature over anything else the key signs
+// (libp2p records, gossip messages).
+const (
+	WorkerDomain = "mtor/receipt/v1/worker\n"
+	RouterDomain = "mtor/receipt/v1/router\n"
+)
+
+// Bounds on a receipt's fields, checked before any signature is.
+const (
+	maxPeerID = 128  // binary peer ID; an RSA key's is 39 bytes (hashed), Ed25519 38
+	maxSig    = 1024 // an RSA-4096 signature is 512 bytes
+)
+
+// Typed failures of Verify; errors wrap one of them.
+var (
+	ErrMalformed   = errors.New("malformed receipt")
+	ErrMismatch    = errors.New("receipt does not match the answer")
+	ErrBadSig      = errors.New("bad receipt signature")
+	ErrOutputHash  = errors.New("receipt output hash does not match the output")
+	ErrNoRouterSig = errors.New("receipt not countersigned")
+)
+
+// canonical is the receipt with only its known fields, signatures cleared
+// as the role requires, deterministically encoded.
+func canonical(r *pb.Receipt, keepWorkerSig bool) ([]byte, error) {
+	c := &pb.Receipt{
+		QueryId:          r.GetQueryId(),
+		Model:            r.GetModel(),
+		Type:             r.GetType(),
+		PromptTokens:     r.GetPromptTokens(),
+		CompletionTokens: r.GetCompletionTokens(),
+		TtftMs:           r.GetTtftMs(),
+		TotalMs:          r.GetTotalMs(),
+		EnergyMj:         r.GetEnergyMj(),
+		OutputSha256:     r.GetOutputSha256(),
+		Worker:           r.GetWorker(),
+		Requester:        r.GetRequester(),
+		TimeUnixMs:       r.GetTimeUnixMs(),
+	}
+	if keepWorkerSig {
+		c.WorkerSig = r.GetWorkerSig()
+	}
+	return proto.MarshalOptions{Deterministic: true}.Marshal(c)
+}
+
+// SigningBytes is what the worker (router false) or the routing node
+// (router true) signs: the role's domain prefix, then the canonical
+// encoding.
+func SigningBytes(r *pb.Receipt, router bool) ([]byte, error) {
+	body, err := canonical(r, router)
+	if err != nil {
+		return nil, fmt.Errorf("encode receipt: %w", err)
+	}
+	prefix := WorkerDomain
+	if router {
+		prefix = RouterDomain
+	}
+	return append([]byte(prefix), body...), nil
+}
+
+// New is the unsigned receipt of an answer described by done.
+func New(req *pb.QueryRequest, done *pb.Done, output []byte, worker, requester peer.ID, now time.Time) *pb.Receipt {
+	return &pb.Receipt{
+		QueryId:          req.GetId(),
+		Model:            done.GetModel(),
+		Type:             req.GetType(),
+		PromptTokens:     done.GetUsage().GetPromptTokens(),
+		CompletionTokens: done.GetUsage().GetCompletionTokens(),
+		TtftMs:           done.GetTiming().GetTtftMs(),
+		TotalMs:          done.GetTiming().GetTotalMs(),
+		EnergyMj:         done.GetEnergyMj(),
+		OutputSha256:     output,
+		Worker:           []byte(worker),
+		Requester:        []byte(requester),
+		TimeUnixMs:       now.UnixMilli(),
+	}
+}
+
+// Sign adds the worker's signature with key.
+func Sign(r *pb.Receipt, key crypto.PrivKey) error {
+	r.WorkerSig, r.RouterSig = nil, nil
+	b, err := SigningBytes(r, false)
+	if err != nil {
+		return err
+	}
+	if r.WorkerSig, err = key.Sign(b); err != nil {
+		return fmt.Errorf("sign receipt: %w", err)
+	}
+	return nil
+}
+
+// Countersign adds the routing node's signature with key; call it only
+// after Check passed.
+func Countersign(r *pb.Receipt, key crypto.PrivKey) error {
+	r.RouterSig = nil
+	b, err := SigningBytes(r, true)
+	if err != nil {
+		return err
+	}
+	if r.RouterSig, err = key.Sign(b); err != nil {
+		return fmt.Errorf("countersign receipt: %w", err)
+	}
+	return nil
+}
+
+// Expect is what the routing node knows of an answer independently of the
+// worker's receipt.
+type Expect struct {
+	Request   *pb.QueryRequest
+	Done      *pb.Done
+	Output    []byte // the output hash computed from the events received
+	Worker    peer.ID
+	Requester peer.ID
+}
+
+// Check verifies a receipt as the routing node does before countersigning:
+// well-formed, about this query, this worker and this requester, the
+// figures of done, the output received, and the worker's signature.
+func Check(r *pb.Receipt, e Expect) error {
+	if err := wellFormed(r); err != nil {
+		return err
+	}
+	switch {
+	case !bytes.Equal(r.GetQueryId(), e.Request.GetId()):
+		return fmt.Errorf("%w: query id", ErrMismatch)
+	case r.GetType() != e.Request.GetType():
+		return fmt.Errorf("%w: query type", ErrMismatch)
+	case r.GetModel() != e.Done.GetModel():
+		return fmt.Errorf("%w: model", ErrMismatch)
+	case peer.ID(r.GetWorker()) != e.Worker:
+		return fmt.Errorf("%w: worker", ErrMismatch)
+	case peer.ID(r.GetRequester()) != e.Requester:
+		return fmt.Errorf("%w: requester", ErrMismatch)
+	case r.GetPromptTokens() != e.Done.GetUsage().GetPromptTokens(),
+		r.GetCompletionTokens() != e.Done.GetUsage().GetCompletionTokens(),
+		r.GetTtftMs() != e.Done.GetTiming().GetTtftMs(),
+		r.GetTotalMs() != e.Done.GetTiming().GetTotalMs(),
+		r.GetEnergyMj() != e.Done.GetEnergyMj():
+		return fmt.Errorf("%w: usage, timing or energy differ from Done", ErrMismatch)
+	}
+	if err := verifySig(r, false); err != nil {
+		return err
+	}
+	if !bytes.Equal(r.GetOutputSha256(), e.Output) {
+		return ErrOutputHash
+	}
+	return nil
+}
+
+// Verify checks both signatures of a countersigned receipt, as anyone
+// holding it can (a ledger reloaded from disk, an auditor): the worker's
+// with the key of r.worker, the router's with the key of r.requester.
+func Verify(r *pb.Receipt) error {
+	if err := wellFormed(r); err != nil {
+		return err
+	}
+	if len(r.GetRouterSig()) == 0 {
+		return ErrNoRouterSig
+	}
+	if err := verifySig(r, false); err != nil {
+		return err
+	}
+	return verifySig(r, true)
+}
+
+// VerifyWorker checks the worker's signature alone, for a receipt whose
+// countersignature has not come (a worker's served receipt).
+func VerifyWorker(r *pb.Receipt) error {
+	if err := wellFormed(r); err != nil {
+		return err
+	}
+	return verifySig(r, false)
+}
+
+func wellFormed(r *pb.Receipt) error {
+	switch {
+	case r == nil:
+		return fmt.Errorf("%w: none", ErrMalformed)
+	case len(r.GetQueryId()) != protocol.IDLen:
+		return fmt.Errorf("%w: query id of %d bytes", ErrMalformed, len(r.GetQueryId()))
+	case len(r.GetOutputSha256()) != sha256.Size:
+		return fmt.Errorf("%w: output hash of %d bytes", ErrMalformed, len(r.GetOutputSha256()))
+	case len(r.GetWorker()) == 0 || len(r.GetWorker()) > maxPeerID,
+		len(r.GetRequester()) == 0 || len(r.GetRequester()) > maxPeerID:
+		return fmt.Errorf("%w: peer id size", ErrMalformed)
+	case len(r.GetWorkerSig()) == 0 || len(r.GetWorkerSig()) > maxSig || len(r.GetRouterSig()) > maxSig:
+		return fmt.Errorf("%w: signature size", ErrMalformed)
+	}
+	if err := protocol.ValidateModelName(r.GetModel()); err != nil {
+		return fmt.Errorf("%w: %w", ErrMalformed, err)
+	}
+	return nil
+}
+
+// verifySig checks the worker's (router false) or the router's signature
+// with the public key inlined in the signer's peer ID (Ed25519, secp256k1
+// and ECDSA keys are; RSA keys are not, and RSA signers are refused).
+func verifySig(r *pb.Receipt, router bool) error {
+	signer, sig := r.GetWorker(), r.GetWorkerSig()
+	if router {
+		signer, sig = r.GetRequester(), r.GetRouterSig()
+	}
+	id, err := peer.IDFromBytes(signer)
+	if err != nil {
+		return fmt.Errorf("%w: signer peer id: %w", ErrMalformed, err)
+	}
+	pub, err := id.ExtractPublicKey()
+	if err != nil {
+		return fmt.Errorf("%w: no public key in peer id %s: %w", ErrBadSig, id, err)
+	}
+	b, err := SigningBytes(r, router)
+	if err != nil {
+		return err
+	}
+	ok, err := pub.Verify(b, sig)
+	if err != nil || !ok {
+		who := "worker"
+		if router {
+			who = "router"
+		}
+		return fmt.Errorf("%w: %s %s", ErrBadSig, who, id)
+	}
+	return nil
+}
+
+// OutputHash hashes the output events of one answer, in stream order, as
+// docs/protocol.md §Receipts defines: one record per Chunk, ToolCallDelta,
+// Media and Embedding event; Accepted, Done and Error are not output.
+type OutputHash struct{ h hash.Hash }
+
+// NewOutputHash starts an empty output hash.
+func NewOutputHash() *OutputHash { return &OutputHash{h: sha256.New()} }
+
+// Record tags.
+const (
+	tagChunk     = 1
+	tagToolCall  = 2
+	tagMedia     = 3
+	tagEmbedding = 4
+)
+
+// Add hashes ev if it is output.
+func (o *OutputHash) Add(ev *pb.Event) {
+	var b []byte
+	switch k := ev.GetKind().(type) {
+	case *pb.Event_Chunk:
+		b = append(b, tagChunk)
+		b = appendBytes(b, []byte(k.Chunk.GetText()))
+	case *pb.Event_ToolCall:
+		b = append(b, tagToolCall)
+		b = binary.AppendUvarint(b, uint64(k.ToolCall.GetIndex()))
+		b = appendBytes(b, []byte(k.ToolCall.GetId()))
+		b = appendBytes(b, []byte(k.ToolCall.GetName()))
+		b = appendBytes(b, []byte(k.ToolCall.GetArguments()))
+	case *pb.Event_Media:
+		b = append(b, tagMedia)
+		b = appendBytes(b, []byte(k.Media.GetMime()))
+		o.h.Write(b)
+		b = binary.AppendUvarint(b[:0], uint64(len(k.Media.GetData())))
+		o.h.Write(b)
+		o.h.Write(k.Media.GetData())
+		return
+	case *pb.Event_Embedding:
+		v := k.Embedding.GetVector()
+		b = append(b, tagEmbedding)
+		b = binary.AppendUvarint(b, uint64(k.Embedding.GetIndex()))
+		b = binary.AppendUvarint(b, uint64(len(v)))
+		for _, f := range v {
+			b = binary.LittleEndian.AppendUint32(b, math.Float32bits(f))
+		}
+	default:
+		return
+	}
+	o.h.Write(b)
+}
+
+// Sum is the SHA-256 of the output so far.
+func (o *OutputHash) Sum() []byte { return o.h.Sum(nil) }
+
+func appendBytes(b, v []byte) []byte {
+	b = binary.AppendUvarint(b, uint64(len(v)))
+	return append(b, v...)
+}
