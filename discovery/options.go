@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"time"
@@ -73,6 +74,9 @@ type config struct {
 	// memberProto is a protocol every node of the swarm serves; peers
 	// that speak it have their gossip link watched (rejoin.go).
 	memberProto libp2pproto.ID
+
+	// members, when set, closes the swarm to its members (see Members).
+	members Members
 
 	// for tests: observe gossipsub peer scores
 	scoreInspect       pubsub.PeerScoreInspectFn
@@ -286,4 +290,24 @@ func WithScoreInspect(f func(map[peer.ID]float64), period time.Duration) Option 
 		c.scoreInspect, c.scoreInspectPeriod = pubsub.PeerScoreInspectFn(f), period
 		return nil
 	}
+}
+
+// Members says who belongs to a closed swarm (node/membership implements
+// it). A peer becomes a member some time after it connects, once it has
+// presented its certificate.
+type Members interface {
+	// IsMember reports whether p is known to be a member now.
+	IsMember(p peer.ID) bool
+	// Await waits until p is a member or ctx ends.
+	Await(ctx context.Context, p peer.ID) bool
+	// Revoked reports whether p is known to be revoked.
+	Revoked(p peer.ID) bool
+}
+
+// WithMembers closes the swarm: gossip is exchanged with members only,
+// announcements delivered by non-members or authored by revoked peers are
+// ignored, a peer leaves quarantine only once it is a member, and DHT
+// providers that are not members are left out. Unset: an open swarm.
+func WithMembers(m Members) Option {
+	return func(c *config) error { c.members = m; return nil }
 }
