@@ -6,12 +6,13 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/connmgr"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
-	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	basicconnmgr "github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
 	noise "github.com/libp2p/go-libp2p/p2p/security/noise"
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
@@ -61,6 +62,7 @@ type hostConfig struct {
 	reachability Reachability // forced, or ReachabilityUnknown for AutoNAT
 	relayACL     relay.ACLFilter
 	addrs        func([]ma.Multiaddr) []ma.Multiaddr // announced and relayed addresses; nil for none
+	gater        connmgr.ConnectionGater             // a closed swarm's; nil for none
 }
 
 // queryLimits bounds the query protocol in the resource manager: streams in
@@ -153,7 +155,7 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if err != nil {
 		return nil, err
 	}
-	cm, err := connmgr.NewConnManager(connLow, connHigh, connmgr.WithGracePeriod(time.Minute))
+	cm, err := basicconnmgr.NewConnManager(connLow, connHigh, basicconnmgr.WithGracePeriod(time.Minute))
 	if err != nil {
 		return nil, fmt.Errorf("connection manager: %w", err)
 	}
@@ -182,6 +184,9 @@ func newHost(hc hostConfig) (host.Host, error) {
 	}
 	if hc.addrs != nil {
 		opts = append(opts, libp2p.AddrsFactory(hc.addrs))
+	}
+	if hc.gater != nil {
+		opts = append(opts, libp2p.ConnectionGater(hc.gater))
 	}
 	reach := hc.reachability
 	if hc.relay {
