@@ -39,7 +39,7 @@ const (
 	MaxRoles   = 8
 	MaxRoleLen = 32
 	// clockSkew is tolerated between the owner's and a verifier's clocks.
-	clockSkew = 30 * time.Second
+	clockSkew = 5 * time.Second
 )
 
 // Kinds of signed objects.
@@ -116,10 +116,17 @@ type Owner struct {
 	key   crypto.PrivKey
 	id    peer.ID
 	swarm string
+	now   func() time.Time
 }
 
+// OwnerOption configures an Owner.
+type OwnerOption func(*Owner)
+
+// OwnerClock sets the owner's clock (tests: invites signed in the past).
+func OwnerClock(now func() time.Time) OwnerOption { return func(o *Owner) { o.now = now } }
+
 // NewOwner makes the owner of swarm from its Ed25519 key.
-func NewOwner(key crypto.PrivKey, swarm string) (*Owner, error) {
+func NewOwner(key crypto.PrivKey, swarm string, opts ...OwnerOption) (*Owner, error) {
 	if key.Type() != crypto.Ed25519 {
 		return nil, fmt.Errorf("swarm owner key: want Ed25519, got %s", key.Type())
 	}
@@ -130,7 +137,11 @@ func NewOwner(key crypto.PrivKey, swarm string) (*Owner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("swarm owner key: %w", err)
 	}
-	return &Owner{key: key, id: id, swarm: swarm}, nil
+	o := &Owner{key: key, id: id, swarm: swarm, now: time.Now}
+	for _, opt := range opts {
+		opt(o)
+	}
+	return o, nil
 }
 
 // ID is the owner's peer ID: the swarm's id.
@@ -145,7 +156,7 @@ func (o *Owner) Cert(member peer.ID, roles []string, ttl time.Duration, nonce st
 	if err := member.Validate(); err != nil {
 		return Signed{}, fmt.Errorf("certificate for %q: %w", member, err)
 	}
-	return o.sign(Body{Kind: KindCert, Peer: member.String(), Roles: roles, Exp: expiry(ttl), Nonce: nonce})
+	return o.sign(Body{Kind: KindCert, Peer: member.String(), Roles: roles, Exp: o.expiry(ttl), Nonce: nonce})
 }
 
 // Invite signs an open one-time invite with roles, valid for ttl: its
@@ -156,7 +167,7 @@ func (o *Owner) Invite(roles []string, ttl time.Duration) (Signed, error) {
 	if _, err := rand.Read(b[:]); err != nil {
 		return Signed{}, fmt.Errorf("invite nonce: %w", err)
 	}
-	return o.sign(Body{Kind: KindInvite, Nonce: hex.EncodeToString(b[:]), Roles: roles, Exp: expiry(ttl)})
+	return o.sign(Body{Kind: KindInvite, Nonce: hex.EncodeToString(b[:]), Roles: roles, Exp: o.expiry(ttl)})
 }
 
 // Revoke signs the revocation of a member (p) or of an invite (nonce),
@@ -175,15 +186,16 @@ func (o *Owner) Revoke(p peer.ID, nonce string) (Signed, error) {
 	return o.sign(b)
 }
 
-func expiry(ttl time.Duration) int64 {
+// expiry is now+ttl in Unix seconds; 0 (never) for ttl <= 0.
+func (o *Owner) expiry(ttl time.Duration) int64 {
 	if ttl <= 0 {
 		return 0
 	}
-	return time.Now().Add(ttl).Unix()
+	return o.now().Add(ttl).Unix()
 }
 
 func (o *Owner) sign(b Body) (Signed, error) {
-	b.Swarm, b.Owner, b.At = o.swarm, o.id.String(), time.Now().Unix()
+	b.Swarm, b.Owner, b.At = o.swarm, o.id.String(), o.now().Unix()
 	if err := checkBody(b); err != nil {
 		return Signed{}, err
 	}
