@@ -41,11 +41,12 @@ const (
 // Membership is the view of one node of a closed swarm: who is a member,
 // who is revoked, and this node's own certificate.
 type Membership struct {
-	v      Verifier
-	owner  *Owner
-	invite *Signed
-	dir    string
-	grace  time.Duration
+	v         Verifier
+	owner     *Owner
+	invite    *Signed
+	inviteRaw string
+	dir       string
+	grace     time.Duration
 
 	mu       sync.Mutex
 	self     *Signed
@@ -86,16 +87,10 @@ func WithCert(encoded string) Option {
 }
 
 // WithInvite sets an open invite this node redeems at the owner's node
-// for a certificate.
+// for a certificate. It is not needed (nor checked) once the state
+// directory holds the certificate it was redeemed for.
 func WithInvite(encoded string) Option {
-	return func(m *Membership) error {
-		i, err := m.v.Verify(encoded, KindInvite)
-		if err != nil {
-			return fmt.Errorf("invite: %w", err)
-		}
-		m.invite = &i
-		return nil
-	}
+	return func(m *Membership) error { m.inviteRaw = encoded; return nil }
 }
 
 // WithStateDir keeps this node's certificate, the revocations and (owner)
@@ -145,6 +140,13 @@ func New(swarm string, owner peer.ID, opts ...Option) (*Membership, error) {
 		if err := m.load(); err != nil {
 			return nil, err
 		}
+	}
+	if m.self == nil && m.inviteRaw != "" {
+		i, err := m.v.Verify(m.inviteRaw, KindInvite)
+		if err != nil {
+			return nil, fmt.Errorf("invite: %w", err)
+		}
+		m.invite = &i
 	}
 	return m, nil
 }
