@@ -347,6 +347,9 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.st.joining = len(n.joinPeers) > 0
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	if cfg.members != nil {
+		cfg.members.OnNotice(func(warning bool, text string) {
+			n.notify(NoticeMembership, warning, "%s", text)
+		})
 		// Before discovery dials anyone: every connection gets its
 		// handshake.
 		if err := cfg.members.Attach(n.ctx, h); err != nil {

@@ -60,6 +60,7 @@ type Membership struct {
 
 	h        host.Host
 	ctx      context.Context
+	onNotice func(warning bool, text string)
 	inflight map[peer.ID]bool
 	gossip   *gossip
 }
@@ -163,6 +164,30 @@ func (m *Membership) Self() (Signed, bool) {
 		return Signed{}, false
 	}
 	return *m.self, true
+}
+
+// OnNotice has f told, in one line, what the operator should know: this
+// node's certificate or invite refused by a peer (a warning, once per
+// reason), an invite redeemed, a revocation applied. Set it before
+// Attach; f must not block.
+func (m *Membership) OnNotice(f func(warning bool, text string)) {
+	m.mu.Lock()
+	m.onNotice = f
+	m.mu.Unlock()
+}
+
+func (m *Membership) notice(warning bool, text string) {
+	m.mu.Lock()
+	f := m.onNotice
+	m.mu.Unlock()
+	switch {
+	case f != nil:
+		f(warning, text)
+	case warning:
+		log.Warn(text)
+	default:
+		log.Info(text)
+	}
 }
 
 // LastRefusal is the last reason a peer gave for refusing our
@@ -310,7 +335,11 @@ func (m *Membership) Revoke(encoded string) (Signed, bool, error) {
 	m.notifyLocked()
 	h := m.h
 	m.mu.Unlock()
-	log.Infow("revocation applied", "peer", r.Peer, "invite", r.Nonce)
+	if r.Peer != "" {
+		m.notice(false, "membership: peer "+r.Peer+" revoked")
+	} else {
+		m.notice(false, "membership: invite "+r.Nonce+" revoked")
+	}
 	if err := m.appendLine(RevocationsFile, encoded); err != nil {
 		log.Warnw("revocation not saved", "err", err)
 	}

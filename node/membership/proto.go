@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/control"
@@ -157,6 +158,7 @@ func (m *Membership) Handshake(ctx context.Context, p peer.ID) error {
 		}
 		m.setSelf(c)
 		log.Infow("invite redeemed: this node is a member", "by", p)
+		m.notice(false, fmt.Sprintf("membership: invite redeemed at the owner's node %s; this node is a member", p))
 		// Everyone we are connected to learns it now.
 		for _, q := range m.h.Network().Peers() {
 			if q != p {
@@ -167,9 +169,12 @@ func (m *Membership) Handshake(ctx context.Context, p peer.ID) error {
 	if r.Error != "" {
 		err := fmt.Errorf("refused by %s: %s", p, r.Error)
 		m.mu.Lock()
+		again := m.lastErr != nil && strings.HasSuffix(m.lastErr.Error(), r.Error)
 		m.lastErr = err
 		m.mu.Unlock()
-		log.Warnw("membership refused", "peer", p, "reason", r.Error)
+		if !again {
+			m.notice(true, "membership "+err.Error())
+		}
 		return err
 	}
 	if r.Cert != "" {
@@ -218,15 +223,10 @@ func (m *Membership) handle(s network.Stream) {
 		r.Cert = "" // a non-member learns nothing
 		log.Debugw("membership refused", "peer", p, "reason", r.Error)
 	}
+	// The reply carries our certificate: the peer needs no handshake of
+	// ours to learn it.
 	if err := json.NewEncoder(s).Encode(r); err != nil {
 		s.Reset()
-		return
-	}
-	// Answered a peer that does not know us yet (it dialled first): it
-	// learns us from the reply, and we present ourselves in turn only if
-	// our own handshake is not already running.
-	if r.Error == "" && hello.Cert != "" {
-		m.startHandshake(p)
 	}
 }
 
