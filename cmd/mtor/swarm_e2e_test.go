@@ -71,7 +71,13 @@ func TestE2EClosedSwarm(t *testing.T) {
 	// The same open invite a second time: the owner refuses it.
 	again := startNode(t, "again", nodeArgs(filepath.Join(dir, "again"), "--backend", "demo", "--join", token)...)
 	outsider := startNode(t, "outsider", nodeArgs(filepath.Join(dir, "out"), "--backend", "demo", "--swarm", "team", "--join", owner.value("join"))...)
-	time.Sleep(5 * time.Second)
+	for start := time.Now(); !strings.Contains(again.output(), "already used by another peer"); {
+		if time.Since(start) > 20*time.Second {
+			t.Fatalf("the second holder of a one-time invite was not told why it was refused:\n%s", again.output())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(3 * time.Second)
 	for _, stranger := range []*proc{again, outsider} {
 		for _, api := range []string{ownerAPI, clientAPI} {
 			if listsPeer(t, api, stranger.value("peer")) {
