@@ -51,6 +51,7 @@ type Membership struct {
 	mu       sync.Mutex
 	self     *Signed
 	members  map[peer.ID]Signed
+	refused  map[peer.ID]error // verdicts on connected peers: a bad certificate, no handshake protocol
 	revPeers map[peer.ID]Signed
 	revNonce map[string]Signed
 	revOrder []Signed // oldest first
@@ -123,6 +124,7 @@ func New(swarm string, owner peer.ID, opts ...Option) (*Membership, error) {
 		v:        Verifier{Swarm: swarm, Owner: owner},
 		grace:    DefaultGrace,
 		members:  make(map[peer.ID]Signed),
+		refused:  make(map[peer.ID]error),
 		revPeers: make(map[peer.ID]Signed),
 		revNonce: make(map[string]Signed),
 		redeemed: make(map[string]peer.ID),
@@ -255,13 +257,19 @@ func (m *Membership) Roles(p peer.ID) []string {
 }
 
 // Await waits until p is a member or ctx ends, reporting whether it is.
+// It gives up at once on a connected peer already found not to be one
+// (it presented a bad certificate, or does not speak the handshake).
 func (m *Membership) Await(ctx context.Context, p peer.ID) bool {
 	for {
 		m.mu.Lock()
 		ok, ch := m.isMemberLocked(p), m.changed
+		_, no := m.refused[p]
 		m.mu.Unlock()
 		if ok {
 			return true
+		}
+		if no {
+			return false
 		}
 		select {
 		case <-ctx.Done():
@@ -276,8 +284,40 @@ func (m *Membership) notifyLocked() {
 	m.changed = make(chan struct{})
 }
 
+// refuse records that the connected peer p is not a member, until it
+// disconnects (or presents a valid certificate after all).
+func (m *Membership) refuse(p peer.ID, why error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.members[p]; ok {
+		return
+	}
+	if _, ok := m.refused[p]; !ok && len(m.refused) >= MaxMembers {
+		return
+	}
+	m.refused[p] = why
+	m.notifyLocked()
+}
+
 // accept checks a certificate presented by from and records it.
 func (m *Membership) accept(encoded string, from peer.ID) (Signed, error) {
+	c, err := m.verifyFrom(encoded, from)
+	if err != nil {
+		m.refuse(from, err)
+		return Signed{}, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.refused, from)
+	if _, ok := m.members[from]; !ok && len(m.members) >= MaxMembers {
+		return Signed{}, fmt.Errorf("membership table full (%d peers)", MaxMembers)
+	}
+	m.members[from] = c
+	m.notifyLocked()
+	return c, nil
+}
+
+func (m *Membership) verifyFrom(encoded string, from peer.ID) (Signed, error) {
 	c, err := m.v.Verify(encoded, KindCert)
 	if err != nil {
 		return Signed{}, err
@@ -290,18 +330,14 @@ func (m *Membership) accept(encoded string, from peer.ID) (Signed, error) {
 	if m.revokedLocked(c) {
 		return Signed{}, fmt.Errorf("membership of %s: %w", from, ErrRevoked)
 	}
-	if _, ok := m.members[from]; !ok && len(m.members) >= MaxMembers {
-		return Signed{}, fmt.Errorf("membership table full (%d peers)", MaxMembers)
-	}
-	m.members[from] = c
-	m.notifyLocked()
 	return c, nil
 }
 
-// forget drops p's certificate (p disconnected).
+// forget drops what is known of p (p disconnected).
 func (m *Membership) forget(p peer.ID) {
 	m.mu.Lock()
 	delete(m.members, p)
+	delete(m.refused, p)
 	m.mu.Unlock()
 }
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -136,6 +137,11 @@ func (m *Membership) Handshake(ctx context.Context, p peer.ID) error {
 	defer cancel()
 	s, err := m.h.NewStream(network.WithAllowLimitedConn(ctx, "membership"), p, ProtocolID)
 	if err != nil {
+		// Identify done, and no handshake protocol among the peer's: not
+		// a node of a closed swarm (an open node that knows the name).
+		if protos, _ := m.h.Peerstore().GetProtocols(p); len(protos) > 0 && !slices.Contains(protos, ProtocolID) {
+			m.refuse(p, ErrNotMember)
+		}
 		return fmt.Errorf("open membership stream: %w", err)
 	}
 	defer s.Close()
