@@ -6,10 +6,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
+	"github.com/multiformats/go-multihash"
 
 	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/backend"
@@ -29,7 +31,7 @@ type closedNet struct {
 	boot  *node.Node
 }
 
-func newClosedNet(t *testing.T) *closedNet {
+func newClosedNet(t *testing.T, bootOpts ...membership.Option) *closedNet {
 	t.Helper()
 	ok, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
@@ -40,7 +42,7 @@ func newClosedNet(t *testing.T) *closedNet {
 		t.Fatal(err)
 	}
 	c := &closedNet{t: t, owner: owner}
-	c.boot = c.start(nil, "", membership.WithOwner(owner))
+	c.boot = c.start(nil, "", append([]membership.Option{membership.WithOwner(owner)}, bootOpts...)...)
 	return c
 }
 
@@ -183,16 +185,29 @@ func TestClosedSwarmRefusesNonMembers(t *testing.T) {
 	}
 
 	// DHT: the member worker and the outsider both put a provider record.
+	step := time.Now()
 	if err := worker.Discovery().Provide(ctx, "secret"); err != nil {
 		t.Fatalf("member provide: %v", err)
 	}
 	if err := outsider.Discovery().Provide(ctx, "secret"); err != nil {
 		t.Fatalf("outsider provide: %v", err)
 	}
-	// The outsider's record is stored (it is in the DHT), yet ignored.
-	if ais, err := outsider.Discovery().FindProviders(ctx, "secret", 10); err != nil || !hasPeer(ais, worker.ID()) {
-		t.Logf("outsider's own lookup: %v, %v", ais, err)
+	// The outsider's record is in the DHT: a raw lookup finds it...
+	mh, err := multihash.Sum([]byte(protocol.ModelKey(closedSwarm, "secret")), multihash.SHA2_256, -1)
+	if err != nil {
+		t.Fatal(err)
 	}
+	key := cid.NewCidV1(cid.Raw, mh)
+	waitUntil(t, 30*time.Second, "the outsider's provider record found by a raw DHT lookup", func() bool {
+		var raw []peer.AddrInfo
+		lctx, lcancel := context.WithTimeout(ctx, 5*time.Second)
+		defer lcancel()
+		for ai := range invited.Discovery().DHT().FindProvidersAsync(lctx, key, 10) {
+			raw = append(raw, ai)
+		}
+		return hasPeer(raw, outsider.ID()) && hasPeer(raw, worker.ID())
+	})
+	// ...and discovery ignores it.
 	ais, err := invited.Discovery().FindProviders(ctx, "secret", 10)
 	if err != nil {
 		t.Fatalf("find providers: %v", err)
@@ -200,6 +215,7 @@ func TestClosedSwarmRefusesNonMembers(t *testing.T) {
 	if !hasPeer(ais, worker.ID()) || hasPeer(ais, outsider.ID()) {
 		t.Errorf("providers = %v: want the member worker %s and not the outsider %s", ais, worker.ID(), outsider.ID())
 	}
+	t.Logf("DHT provide and lookup took %s", time.Since(step).Round(time.Millisecond))
 
 	// Give gossip time to carry the strangers' announcements, if it would.
 	time.Sleep(3 * time.Second)
@@ -215,9 +231,11 @@ func TestClosedSwarmRefusesNonMembers(t *testing.T) {
 		if stranger.Host().Network().Connectedness(c.boot.ID()) != network.Connected {
 			t.Errorf("%s is not connected to the owner's node: the refusals below prove nothing", stranger.ID().ShortString())
 		}
+		step := time.Now()
 		if err := queryStream(ctx, stranger, worker.ID()); err == nil {
 			t.Errorf("the member worker answered a query stream of the non-member %s", stranger.ID().ShortString())
 		}
+		t.Logf("query stream of %s refused after %s", stranger.ID().ShortString(), time.Since(step).Round(time.Millisecond))
 		ai := peer.AddrInfo{ID: c.boot.ID(), Addrs: c.boot.Host().Addrs()}
 		if _, err := client.Reserve(ctx, stranger.Host(), ai); err == nil {
 			t.Errorf("the owner's relay granted a reservation to the non-member %s", stranger.ID().ShortString())
@@ -298,6 +316,23 @@ func TestClosedSwarmRevocationCutsOffWithin5s(t *testing.T) {
 	text, res, err := ask(ctx, client, chat("demo", "hello"))
 	if err != nil || text == "" || res.Peer != other.ID() {
 		t.Fatalf("after the revocation: %q from %v, %v (want the other worker)", text, res, err)
+	}
+}
+
+// A peer that connects and presents no certificate is disconnected once
+// the grace period is over, and is not let back into anyone's table.
+func TestClosedSwarmDisconnectsPeersWithoutCertificate(t *testing.T) {
+	c := newClosedNet(t, membership.WithGrace(2*time.Second))
+	stranger := c.startKeyed(mustKey(t), []backend.Backend{demo.New("stranger")}, false)
+	waitUntil(t, 10*time.Second, "the stranger connected to the owner's node", func() bool {
+		return c.boot.Host().Network().Connectedness(stranger.ID()) == network.Connected
+	})
+	took := waitUntil(t, 15*time.Second, "the stranger disconnected", func() bool {
+		return c.boot.Host().Network().Connectedness(stranger.ID()) != network.Connected
+	})
+	t.Logf("a peer without a certificate was disconnected %s after it was seen connected (grace 2 s)", took.Round(time.Millisecond))
+	if inTable(c.boot, stranger.ID()) {
+		t.Error("the stranger is in the owner's table")
 	}
 }
 
