@@ -135,7 +135,10 @@ func (m *Membership) Handshake(ctx context.Context, p peer.ID) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, HandshakeTimeout)
 	defer cancel()
-	s, err := m.h.NewStream(network.WithAllowLimitedConn(ctx, "membership"), p, ProtocolID)
+	// Never dial for a handshake: it is run for a connection that came
+	// up, and one that has gone since (closed, revoked) must stay gone.
+	sctx := network.WithNoDial(network.WithAllowLimitedConn(ctx, "membership"), "membership handshake")
+	s, err := m.h.NewStream(sctx, p, ProtocolID)
 	if err != nil {
 		// Identify done, and no handshake protocol among the peer's: not
 		// a node of a closed swarm (an open node that knows the name).
