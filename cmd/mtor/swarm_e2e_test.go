@@ -1,6 +1,7 @@
 package main
 
 import (
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -98,6 +99,10 @@ func TestE2EClosedSwarm(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Logf("revoked worker gone from the owner's and the client's tables %s after mtor revoke", time.Since(start).Round(time.Millisecond))
+	time.Sleep(1500 * time.Millisecond) // the owner's node has read the file again since
+	if b, err := os.ReadFile(filepath.Join(ownerDir, "revocations")); err != nil || strings.Count(string(b), "\n") != 1 {
+		t.Errorf("the owner's revocations file should hold the one revocation once: %q, %v", b, err)
+	}
 
 	code, short, stderr := mtor(t, "invite", "--data-dir", ownerDir, "--api", ownerAPI, "--expires", "1s")
 	if code != 0 {

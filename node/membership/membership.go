@@ -344,6 +344,12 @@ func (m *Membership) forget(p peer.ID) {
 // Revoke applies an encoded revocation. It reports whether it was new;
 // the peers it cuts off are disconnected.
 func (m *Membership) Revoke(encoded string) (Signed, bool, error) {
+	return m.revoke(encoded, true)
+}
+
+// revoke is Revoke; save says whether to append it to the state
+// directory (not for what was read from there).
+func (m *Membership) revoke(encoded string, save bool) (Signed, bool, error) {
 	r, err := m.v.Verify(encoded, KindRevoke)
 	if err != nil {
 		return Signed{}, false, err
@@ -376,8 +382,10 @@ func (m *Membership) Revoke(encoded string) (Signed, bool, error) {
 	} else {
 		m.notice(false, "membership: invite "+r.Nonce+" revoked")
 	}
-	if err := m.appendLine(RevocationsFile, encoded); err != nil {
-		log.Warnw("revocation not saved", "err", err)
+	if save {
+		if err := m.appendLine(RevocationsFile, encoded); err != nil {
+			log.Warnw("revocation not saved", "err", err)
+		}
 	}
 	if h != nil {
 		for _, p := range cut {

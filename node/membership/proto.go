@@ -297,7 +297,7 @@ func (m *Membership) watchRevocations(size int64) int64 {
 		return size
 	}
 	_ = m.readLines(RevocationsFile, func(l string) {
-		if _, isNew, err := m.Revoke(l); err == nil && isNew {
+		if _, isNew, err := m.revoke(l, false); err == nil && isNew {
 			m.publish(l)
 		}
 	})
