@@ -109,13 +109,22 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		// mesh: they are small and rare, and without this one published
 		// before the mesh has formed is lost to the peers grafted later.
 		pubsub.WithFloodPublish(true),
-		pubsub.WithPeerScore(scoreParams(topicName, cfg.ipColocation, cfg.ipWhitelist)),
 	}
+	params, thresholds := scoreParams(topicName, cfg.ipColocation, cfg.ipWhitelist)
 	if cfg.members != nil {
 		// No mesh, gossip or IWANT answers for peers that have not
-		// shown a certificate.
+		// shown a certificate, and (their score below the publish
+		// threshold) none of our own messages either.
 		psOpts = append(psOpts, pubsub.WithPeerFilter(func(p peer.ID, _ string) bool { return cfg.members.IsMember(p) }))
+		params.AppSpecificScore = func(p peer.ID) float64 {
+			if cfg.members.IsMember(p) {
+				return 0
+			}
+			return nonMemberScore
+		}
+		params.AppSpecificWeight = 1
 	}
+	psOpts = append(psOpts, pubsub.WithPeerScore(params, thresholds))
 	if cfg.scoreInspect != nil {
 		psOpts = append(psOpts, pubsub.WithPeerScoreInspect(cfg.scoreInspect, cfg.scoreInspectPeriod))
 	}
