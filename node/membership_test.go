@@ -228,6 +228,11 @@ func TestClosedSwarmRefusesNonMembers(t *testing.T) {
 				t.Errorf("member %s counts %s as a member", m.ID().ShortString(), stranger.ID().ShortString())
 			}
 		}
+		for _, m := range members {
+			if inTable(stranger, m.ID()) {
+				t.Errorf("the non-member %s received the announcement of member %s", stranger.ID().ShortString(), m.ID().ShortString())
+			}
+		}
 		if stranger.Host().Network().Connectedness(c.boot.ID()) != network.Connected {
 			t.Errorf("%s is not connected to the owner's node: the refusals below prove nothing", stranger.ID().ShortString())
 		}
