@@ -78,6 +78,9 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		table: newPeerTable(h.ID(), cfg.maxEntries, cfg.now),
 	}
 	d.table.lim = cfg.limits
+	if cfg.members != nil {
+		d.table.allow = func(p peer.ID, a *pb.Announce) bool { return rolesGranted(cfg.members, p, a) }
+	}
 	d.val.every, d.val.burst = cfg.announceEvery, float64(cfg.announceBurst)
 	d.val.keep = func(author, from peer.ID) bool { return d.table.wouldTake(author, d.origin(author, from)) }
 	d.ctx, d.cancel = context.WithCancel(ctx)

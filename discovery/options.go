@@ -12,6 +12,7 @@ import (
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 
 	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // Defaults. The announce TTL is three heartbeats of 10 s, as ipfs-cluster
@@ -302,12 +303,34 @@ type Members interface {
 	Await(ctx context.Context, p peer.ID) bool
 	// Revoked reports whether p is known to be revoked.
 	Revoked(p peer.ID) bool
+	// HasRole reports whether member p's certificate grants role.
+	HasRole(p peer.ID, role string) bool
+}
+
+// RoleWorker is the role an announcement with models needs in a closed
+// swarm; every role an announcement lists must be granted too.
+const RoleWorker = "worker"
+
+// rolesGranted reports whether member p may announce a: each role it
+// lists, and the worker role if it announces models.
+func rolesGranted(m Members, p peer.ID, a *pb.Announce) bool {
+	if len(a.GetModels()) > 0 && !m.HasRole(p, RoleWorker) {
+		return false
+	}
+	for _, r := range a.GetRoles() {
+		if !m.HasRole(p, r) {
+			return false
+		}
+	}
+	return true
 }
 
 // WithMembers closes the swarm: gossip is exchanged with members only,
 // announcements delivered by non-members or authored by revoked peers are
-// ignored, a peer leaves quarantine only once it is a member, and DHT
-// providers that are not members are left out. Unset: an open swarm.
+// ignored, a peer leaves quarantine only once it is a member, an
+// announcement beyond its author's roles is ignored (see rolesGranted),
+// and DHT providers that are not members are left out. Unset: an open
+// swarm.
 func WithMembers(m Members) Option {
 	return func(c *config) error { c.members = m; return nil }
 }

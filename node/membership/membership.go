@@ -256,6 +256,21 @@ func (m *Membership) Roles(p peer.ID) []string {
 	return m.members[p].Roles
 }
 
+// HasRole reports whether p is a member whose certificate grants role.
+// This node has every role of its own certificate; the owner's node has
+// every role.
+func (m *Membership) HasRole(p peer.ID, role string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.h != nil && p == m.h.ID() {
+		return m.self == nil || m.self.HasRole(role)
+	}
+	if !m.isMemberLocked(p) {
+		return false
+	}
+	return m.members[p].HasRole(role)
+}
+
 // Await waits until p is a member or ctx ends, reporting whether it is.
 // It gives up at once on a connected peer already found not to be one
 // (it presented a bad certificate, or does not speak the handshake).
