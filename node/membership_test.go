@@ -84,15 +84,16 @@ func (c *closedNet) startKeyed(key crypto.PrivKey, bs []backend.Backend, closed 
 	return n
 }
 
-// member starts a node with a certificate for its peer ID.
-func (c *closedNet) member(bs []backend.Backend) *node.Node {
+// member starts a node with a certificate for its peer ID, granting roles
+// (none: every role).
+func (c *closedNet) member(bs []backend.Backend, roles ...string) *node.Node {
 	c.t.Helper()
 	key, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
 		c.t.Fatal(err)
 	}
 	id, _ := peer.IDFromPrivateKey(key)
-	cert, err := c.owner.Cert(id, nil, time.Hour, "")
+	cert, err := c.owner.Cert(id, roles, time.Hour, "")
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -338,6 +339,35 @@ func TestClosedSwarmDisconnectsPeersWithoutCertificate(t *testing.T) {
 	t.Logf("a peer without a certificate was disconnected %s after it was seen connected (grace 2 s)", took.Round(time.Millisecond))
 	if inTable(c.boot, stranger.ID()) {
 		t.Error("the stranger is in the owner's table")
+	}
+}
+
+// Roles bind: a member whose certificate lacks the worker role may run a
+// backend, but its announcement is not admitted anywhere, so no query
+// goes to it; a member with the role is served as usual.
+func TestClosedSwarmRolesBindAnnouncements(t *testing.T) {
+	c := newClosedNet(t)
+	worker := c.member([]backend.Backend{demo.New("worker-role")}, "worker")
+	client := c.member([]backend.Backend{demo.New("client-role")}, "client")
+	waitUntil(t, 30*time.Second, "the worker seen by the owner and the client", func() bool {
+		return inTable(c.boot, worker.ID()) && inTable(client, worker.ID())
+	})
+	waitUntil(t, 10*time.Second, "the client is a member everywhere", func() bool {
+		return c.boot.Membership().IsMember(client.ID()) && worker.Membership().IsMember(client.ID())
+	})
+	time.Sleep(2 * time.Second) // ten of the client's announcements
+	for _, n := range []*node.Node{c.boot, worker} {
+		if inTable(n, client.ID()) {
+			t.Errorf("%s admitted the announcement of a member without the worker role", n.ID().ShortString())
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for range 5 {
+		_, res, err := ask(ctx, c.boot, chat("demo", "hello"))
+		if err != nil || res.Peer != worker.ID() {
+			t.Fatalf("query from the owner's node: %v, %v (want the worker)", res, err)
+		}
 	}
 }
 
