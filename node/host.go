@@ -20,6 +20,8 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	"github.com/libp2p/go-libp2p/x/rate"
 	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/membership"
 	"go.uber.org/fx"
 )
 
@@ -78,6 +80,20 @@ func queryLimits(cfg *rcmgr.ScalingLimitConfig, proto libp2pproto.ID) {
 	)
 }
 
+// memberLimits bounds the membership handshake of closed swarms: one
+// stream each way per connection is all it needs, a few more cover
+// reconnections; its messages are at most membership.MaxMessage.
+func memberLimits(cfg *rcmgr.ScalingLimitConfig) {
+	cfg.AddProtocolLimit(membership.ProtocolID,
+		rcmgr.BaseLimit{Streams: 1024, StreamsInbound: 512, StreamsOutbound: 512, Memory: 32 << 20},
+		rcmgr.BaseLimitIncrease{Streams: 512, StreamsInbound: 256, StreamsOutbound: 256, Memory: 16 << 20},
+	)
+	cfg.AddProtocolPeerLimit(membership.ProtocolID,
+		rcmgr.BaseLimit{Streams: 8, StreamsInbound: 4, StreamsOutbound: 4, Memory: 1 << 20},
+		rcmgr.BaseLimitIncrease{},
+	)
+}
+
 // relayLimits lets a relay node carry many whole answers at once: the
 // relay service's streams (a reservation and two per relayed connection).
 func relayLimits(cfg *rcmgr.ScalingLimitConfig) {
@@ -101,6 +117,7 @@ func resourceManager(proto libp2pproto.ID, relayService bool) (network.ResourceM
 	limits.ProtocolLimits, limits.ProtocolPeerLimits = nil, nil
 	libp2p.SetDefaultServiceLimits(&limits)
 	queryLimits(&limits, proto)
+	memberLimits(&limits)
 	if relayService {
 		relayLimits(&limits)
 	}
