@@ -28,8 +28,10 @@ func listsPeer(t *testing.T, apiAddr, peer string) bool {
 // A closed swarm run with real mtor processes: `mtor swarm init`, the
 // owner's node, a worker joining with an open invite, a client with an
 // invite for its peer ID; an outsider that knows the swarm's name and
-// the owner's address is not seen; `mtor revoke` cuts the worker off
-// within 5 s; an expired invite stops `mtor node` with a clear message.
+// the owner's address is not seen, nor is the second holder of a used
+// one-time invite (which is told why); `mtor revoke --peer` and `mtor
+// revoke --invite` cut a member off within 5 s; an expired invite stops
+// `mtor node` with a clear message.
 func TestE2EClosedSwarm(t *testing.T) {
 	needBinary(t)
 	dir := t.TempDir()
@@ -103,6 +105,26 @@ func TestE2EClosedSwarm(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(ownerDir, "revocations")); err != nil || strings.Count(string(b), "\n") != 1 {
 		t.Errorf("the owner's revocations file should hold the one revocation once: %q, %v", b, err)
 	}
+
+	// Revoking an open invite cuts off the member that redeemed it.
+	code, token2, stderr := mtor(t, "invite", "--data-dir", ownerDir, "--api", ownerAPI)
+	if code != 0 {
+		t.Fatalf("invite: exit %d: %s", code, stderr)
+	}
+	token2 = strings.TrimSpace(token2)
+	w2 := startNode(t, "worker2", nodeArgs(filepath.Join(dir, "w2"), "--backend", "demo", "--join", token2)...)
+	waitWorkers(t, clientAPI, "demo", w2.value("peer"))
+	if code, _, stderr := mtor(t, "revoke", "--data-dir", ownerDir, "--invite", token2); code != 0 {
+		t.Fatalf("revoke --invite: exit %d: %s", code, stderr)
+	}
+	start = time.Now()
+	for listsPeer(t, ownerAPI, w2.value("peer")) || listsPeer(t, clientAPI, w2.value("peer")) {
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("the member of a revoked invite is still listed 5 s after mtor revoke --invite")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("member of the revoked invite gone %s after mtor revoke --invite", time.Since(start).Round(time.Millisecond))
 
 	code, short, stderr := mtor(t, "invite", "--data-dir", ownerDir, "--api", ownerAPI, "--expires", "1s")
 	if code != 0 {
