@@ -78,6 +78,9 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		table: newPeerTable(h.ID(), cfg.maxEntries, cfg.now),
 	}
 	d.table.lim = cfg.limits
+	if cfg.members != nil {
+		d.table.allow = func(p peer.ID, a *pb.Announce) bool { return rolesGranted(cfg.members, p, a) }
+	}
 	d.val.every, d.val.burst = cfg.announceEvery, float64(cfg.announceBurst)
 	d.val.keep = func(author, from peer.ID) bool { return d.table.wouldTake(author, d.origin(author, from)) }
 	d.ctx, d.cancel = context.WithCancel(ctx)
@@ -109,8 +112,22 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		// mesh: they are small and rare, and without this one published
 		// before the mesh has formed is lost to the peers grafted later.
 		pubsub.WithFloodPublish(true),
-		pubsub.WithPeerScore(scoreParams(topicName, cfg.ipColocation, cfg.ipWhitelist)),
 	}
+	params, thresholds := scoreParams(topicName, cfg.ipColocation, cfg.ipWhitelist)
+	if cfg.members != nil {
+		// No mesh, gossip or IWANT answers for peers that have not
+		// shown a certificate, and (their score below the publish
+		// threshold) none of our own messages either.
+		psOpts = append(psOpts, pubsub.WithPeerFilter(func(p peer.ID, _ string) bool { return cfg.members.IsMember(p) }))
+		params.AppSpecificScore = func(p peer.ID) float64 {
+			if cfg.members.IsMember(p) {
+				return 0
+			}
+			return nonMemberScore
+		}
+		params.AppSpecificWeight = 1
+	}
+	psOpts = append(psOpts, pubsub.WithPeerScore(params, thresholds))
 	if cfg.scoreInspect != nil {
 		psOpts = append(psOpts, pubsub.WithPeerScoreInspect(cfg.scoreInspect, cfg.scoreInspectPeriod))
 	}
@@ -120,7 +137,7 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	}
 	// Inline: the check is cheap, and goroutine-free validation cannot be
 	// throttled into dropping messages.
-	if err := d.ps.RegisterTopicValidator(topicName, d.val.validate, pubsub.WithValidatorInline(true)); err != nil {
+	if err := d.ps.RegisterTopicValidator(topicName, d.validate, pubsub.WithValidatorInline(true)); err != nil {
 		return nil, fmt.Errorf("register announce validator: %w", err)
 	}
 	if d.topic, err = d.ps.Join(topicName); err != nil {
@@ -284,7 +301,45 @@ func (d *Discovery) FindProviders(ctx context.Context, model string, limit int) 
 	if len(out) == 0 && ctx.Err() != nil {
 		return nil, fmt.Errorf("find providers of %q: %w", model, ctx.Err())
 	}
+	if d.cfg.members != nil {
+		out = d.onlyMembers(ctx, out)
+	}
 	return out, nil
+}
+
+// onlyMembers keeps the providers that are members of a closed swarm:
+// anyone can put a provider record, so one of a peer not yet known is
+// dialled, and kept if it presents a certificate in time.
+func (d *Discovery) onlyMembers(ctx context.Context, ais []peer.AddrInfo) []peer.AddrInfo {
+	keep := make([]bool, len(ais))
+	var wg sync.WaitGroup
+	for i, ai := range ais {
+		if d.cfg.members.IsMember(ai.ID) {
+			keep[i] = true
+			continue
+		}
+		if d.cfg.members.Revoked(ai.ID) {
+			continue
+		}
+		wg.Go(func() {
+			cctx, cancel := context.WithTimeout(ctx, d.cfg.dialTimeout)
+			defer cancel()
+			if err := d.h.Connect(cctx, ai); err != nil {
+				return
+			}
+			keep[i] = d.cfg.members.Await(cctx, ai.ID)
+		})
+	}
+	wg.Wait()
+	out := ais[:0]
+	for i, ai := range ais {
+		if keep[i] {
+			out = append(out, ai)
+		} else {
+			log.Debugw("provider ignored: not a swarm member", "peer", ai.ID)
+		}
+	}
+	return out
 }
 
 // Bootstrap dials the join peers (concurrently, each with the dial
@@ -360,7 +415,7 @@ func (d *Discovery) origin(author, from peer.ID) origin {
 	} else {
 		o.ip = d.peerIP(author)
 	}
-	o.proven = author == d.h.ID() || d.h.Network().Connectedness(author) == network.Connected
+	o.proven = author == d.h.ID() || (d.h.Network().Connectedness(author) == network.Connected && d.admitted(author))
 	return o
 }
 
@@ -394,6 +449,11 @@ func (d *Discovery) connLoop(sub event.Subscription) {
 				continue
 			}
 			if ev.Connectedness == network.Connected {
+				if !d.admitted(ev.Peer) {
+					// Proven once it shows its certificate.
+					d.goRun(func() { d.proveMember(ev.Peer) })
+					continue
+				}
 				if d.table.prove(ev.Peer, d.peerIP(ev.Peer)) {
 					log.Debugw("peer left quarantine", "peer", ev.Peer)
 				}
@@ -450,7 +510,9 @@ func (d *Discovery) probeLoop() {
 func (d *Discovery) probe(e Entry) {
 	p := e.Peer
 	if d.h.Network().Connectedness(p) == network.Connected {
-		d.table.prove(p, d.peerIP(p))
+		if d.admitted(p) {
+			d.table.prove(p, d.peerIP(p))
+		}
 		return
 	}
 	var addrs []ma.Multiaddr
@@ -475,7 +537,29 @@ func (d *Discovery) probe(e Entry) {
 		log.Debugw("quarantined peer unreachable", "peer", p, "err", err)
 		return
 	}
-	d.table.prove(p, d.peerIP(p))
+	if d.admitted(p) {
+		d.table.prove(p, d.peerIP(p))
+	}
+	// Otherwise connLoop proves it once it shows its certificate.
+}
+
+// admitted reports whether p may leave quarantine: always in an open swarm,
+// once it has shown its certificate in a closed one.
+func (d *Discovery) admitted(p peer.ID) bool {
+	return d.cfg.members == nil || d.cfg.members.IsMember(p)
+}
+
+// memberWait bounds how long a new connection has to show a certificate
+// before its peer stays in quarantine.
+const memberWait = 15 * time.Second
+
+// proveMember proves p once it is a member, if it becomes one in time.
+func (d *Discovery) proveMember(p peer.ID) {
+	ctx, cancel := context.WithTimeout(d.ctx, memberWait)
+	defer cancel()
+	if d.cfg.members.Await(ctx, p) && d.table.prove(p, d.peerIP(p)) {
+		log.Debugw("member left quarantine", "peer", p)
+	}
 }
 
 func (d *Discovery) sweepLoop() {

@@ -14,7 +14,9 @@ import (
 )
 
 // A join token is TokenPrefix followed by the unpadded base64url encoding
-// of a small JSON object: {"s": swarm, "a": [multiaddr with /p2p/ID, ...]}.
+// of a small JSON object: {"s": swarm, "a": [multiaddr with /p2p/ID, ...]},
+// and for a closed swarm "i": the invite (node/membership: a certificate
+// for one peer, or an open one-time invite).
 // JSON keeps it decodable by anyone; the prefix versions the format.
 const TokenPrefix = "mtor1"
 
@@ -26,14 +28,20 @@ const (
 )
 
 type joinToken struct {
-	Swarm string   `json:"s"`
-	Addrs []string `json:"a"`
+	Swarm  string   `json:"s"`
+	Addrs  []string `json:"a"`
+	Invite string   `json:"i,omitempty"`
 }
 
 // EncodeJoinToken returns a token holding the swarm name and the addresses
 // of addrs, each with its /p2p/ID.
 func EncodeJoinToken(swarm string, addrs []peer.AddrInfo) string {
-	tok := joinToken{Swarm: swarm}
+	return EncodeInviteToken(swarm, addrs, "")
+}
+
+// EncodeInviteToken is EncodeJoinToken with the invite of a closed swarm.
+func EncodeInviteToken(swarm string, addrs []peer.AddrInfo, invite string) string {
+	tok := joinToken{Swarm: swarm, Invite: invite}
 	for _, ai := range addrs {
 		mas, err := peer.AddrInfoToP2pAddrs(&ai)
 		if err != nil {
@@ -84,19 +92,41 @@ func parseP2PAddr(s string) (*peer.AddrInfo, error) {
 	return ai, nil
 }
 
-func parseToken(arg string) (string, []peer.AddrInfo, error) {
+// JoinInvite is the invite a --join argument carries ("" for none: a
+// multiaddr, or a token of an open swarm).
+func JoinInvite(arg string) (string, error) {
+	arg = strings.TrimSpace(arg)
+	if !strings.HasPrefix(arg, TokenPrefix) {
+		return "", nil
+	}
+	tok, err := decodeToken(arg)
+	if err != nil {
+		return "", err
+	}
+	return tok.Invite, nil
+}
+
+func decodeToken(arg string) (joinToken, error) {
+	var tok joinToken
 	if len(arg) > MaxTokenLen {
-		return "", nil, fmt.Errorf("join token of %d bytes, limit %d", len(arg), MaxTokenLen)
+		return tok, fmt.Errorf("join token of %d bytes, limit %d", len(arg), MaxTokenLen)
 	}
 	b, err := base64.RawURLEncoding.DecodeString(strings.TrimPrefix(arg, TokenPrefix))
 	if err != nil {
-		return "", nil, fmt.Errorf("join token is not valid base64url: %w", err)
+		return tok, fmt.Errorf("join token is not valid base64url: %w", err)
 	}
-	var tok joinToken
 	dec := json.NewDecoder(strings.NewReader(string(b)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&tok); err != nil {
-		return "", nil, fmt.Errorf("join token is malformed: %w", err)
+		return tok, fmt.Errorf("join token is malformed: %w", err)
+	}
+	return tok, nil
+}
+
+func parseToken(arg string) (string, []peer.AddrInfo, error) {
+	tok, err := decodeToken(arg)
+	if err != nil {
+		return "", nil, err
 	}
 	if tok.Swarm == "" {
 		tok.Swarm = protocol.DefaultSwarm

@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"time"
@@ -11,6 +12,7 @@ import (
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 
 	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // Defaults. The announce TTL is three heartbeats of 10 s, as ipfs-cluster
@@ -73,6 +75,9 @@ type config struct {
 	// memberProto is a protocol every node of the swarm serves; peers
 	// that speak it have their gossip link watched (rejoin.go).
 	memberProto libp2pproto.ID
+
+	// members, when set, closes the swarm to its members (see Members).
+	members Members
 
 	// for tests: observe gossipsub peer scores
 	scoreInspect       pubsub.PeerScoreInspectFn
@@ -286,4 +291,46 @@ func WithScoreInspect(f func(map[peer.ID]float64), period time.Duration) Option 
 		c.scoreInspect, c.scoreInspectPeriod = pubsub.PeerScoreInspectFn(f), period
 		return nil
 	}
+}
+
+// Members says who belongs to a closed swarm (node/membership implements
+// it). A peer becomes a member some time after it connects, once it has
+// presented its certificate.
+type Members interface {
+	// IsMember reports whether p is known to be a member now.
+	IsMember(p peer.ID) bool
+	// Await waits until p is a member or ctx ends.
+	Await(ctx context.Context, p peer.ID) bool
+	// Revoked reports whether p is known to be revoked.
+	Revoked(p peer.ID) bool
+	// HasRole reports whether member p's certificate grants role.
+	HasRole(p peer.ID, role string) bool
+}
+
+// RoleWorker is the role an announcement with models needs in a closed
+// swarm; every role an announcement lists must be granted too.
+const RoleWorker = "worker"
+
+// rolesGranted reports whether member p may announce a: each role it
+// lists, and the worker role if it announces models.
+func rolesGranted(m Members, p peer.ID, a *pb.Announce) bool {
+	if len(a.GetModels()) > 0 && !m.HasRole(p, RoleWorker) {
+		return false
+	}
+	for _, r := range a.GetRoles() {
+		if !m.HasRole(p, r) {
+			return false
+		}
+	}
+	return true
+}
+
+// WithMembers closes the swarm: gossip is exchanged with members only,
+// announcements delivered by non-members or authored by revoked peers are
+// ignored, a peer leaves quarantine only once it is a member, an
+// announcement beyond its author's roles is ignored (see rolesGranted),
+// and DHT providers that are not members are left out. Unset: an open
+// swarm.
+func WithMembers(m Members) Option {
+	return func(c *config) error { c.members = m; return nil }
 }

@@ -31,6 +31,13 @@ const (
 // no longer publish to us and 9 are graylisted.
 const ipColocationWeight = -1
 
+// nonMemberScore is the application score of a peer of a closed swarm
+// that has not shown a certificate: below the publish threshold (it gets
+// none of our messages) but above the graylist, so that what it sends
+// is still read: a member's subscriptions may arrive a moment before its
+// certificate, and gossipsub sends them only once.
+const nonMemberScore = (publishThreshold + graylistThreshold) / 2
+
 func scoreParams(topic string, ipThreshold int, ipWhitelist []*net.IPNet) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
 	params := &pubsub.PeerScoreParams{
 		Topics: map[string]*pubsub.TopicScoreParams{

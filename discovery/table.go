@@ -126,9 +126,12 @@ type PeerTable struct {
 	perViaIP map[string]int    // pending entries per IP of the delivering peer
 	perIP    map[string]int    // admitted entries per IP
 	proven   map[peer.ID]proof // peers connected to us lately; bounded by max
-	subs     map[*subscriber]struct{}
-	full     bool // logged that the table is full; reset when it has room
-	closed   bool
+	// allow, when set, says whether an admitted author may announce a
+	// (a closed swarm's roles); nil allows everything.
+	allow  func(peer.ID, *pb.Announce) bool
+	subs   map[*subscriber]struct{}
+	full   bool // logged that the table is full; reset when it has room
+	closed bool
 }
 
 func newPeerTable(self peer.ID, max int, now func() time.Time) *PeerTable {
@@ -259,6 +262,14 @@ func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) b
 	defer t.mu.Unlock()
 	if t.closed {
 		return false
+	}
+	if p != t.self && t.allow != nil && !t.allow(p, a) {
+		// Only for admitted (or proven) authors can this be judged:
+		// a quarantined one is judged when it is proven.
+		if _, ok := t.entries[p]; ok || o.proven {
+			log.Debugw("announcement beyond the author's roles ignored", "peer", p)
+			return false
+		}
 	}
 	if e, ok := t.entries[p]; ok {
 		if a.GetSeq() <= e.Announce.GetSeq() {
@@ -404,6 +415,11 @@ func (t *PeerTable) prove(p peer.ID, ip string) bool {
 		return false
 	}
 	if !pe.Expires.After(now) {
+		t.dropPendingLocked(p)
+		return false
+	}
+	if t.allow != nil && !t.allow(p, pe.Announce) {
+		log.Debugw("announcement beyond the author's roles dropped", "peer", p)
 		t.dropPendingLocked(p)
 		return false
 	}

@@ -131,6 +131,18 @@ func (v *announceValidator) validate(_ context.Context, from peer.ID, msg *pubsu
 	return res
 }
 
+// validate is the announce topic's validator: in a closed swarm, what a
+// non-member delivers and what a revoked peer wrote is ignored first.
+func (d *Discovery) validate(ctx context.Context, from peer.ID, msg *pubsub.Message) pubsub.ValidationResult {
+	if m := d.cfg.members; m != nil && from != d.h.ID() {
+		if !m.IsMember(from) || m.Revoked(msg.GetFrom()) {
+			log.Debugw("announce ignored: not from a swarm member", "author", msg.GetFrom(), "from", from)
+			return pubsub.ValidationIgnore
+		}
+	}
+	return d.val.validate(ctx, from, msg)
+}
+
 // Reasons of the validator, for errors.Is in tests.
 var (
 	errTooFrequent = errors.New("announcing too often")

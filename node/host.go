@@ -6,12 +6,13 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/connmgr"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
-	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+	basicconnmgr "github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
 	noise "github.com/libp2p/go-libp2p/p2p/security/noise"
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
@@ -19,6 +20,8 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	"github.com/libp2p/go-libp2p/x/rate"
 	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/membership"
 	"go.uber.org/fx"
 )
 
@@ -61,6 +64,7 @@ type hostConfig struct {
 	reachability Reachability // forced, or ReachabilityUnknown for AutoNAT
 	relayACL     relay.ACLFilter
 	addrs        func([]ma.Multiaddr) []ma.Multiaddr // announced and relayed addresses; nil for none
+	gater        connmgr.ConnectionGater             // a closed swarm's; nil for none
 }
 
 // queryLimits bounds the query protocol in the resource manager: streams in
@@ -73,6 +77,20 @@ func queryLimits(cfg *rcmgr.ScalingLimitConfig, proto libp2pproto.ID) {
 	cfg.AddProtocolPeerLimit(proto,
 		rcmgr.BaseLimit{Streams: 256, StreamsInbound: 128, StreamsOutbound: 256, Memory: 64 << 20},
 		rcmgr.BaseLimitIncrease{Streams: 64, StreamsInbound: 32, StreamsOutbound: 64, Memory: 16 << 20},
+	)
+}
+
+// memberLimits bounds the membership handshake of closed swarms: one
+// stream each way per connection is all it needs, a few more cover
+// reconnections; its messages are at most membership.MaxMessage.
+func memberLimits(cfg *rcmgr.ScalingLimitConfig) {
+	cfg.AddProtocolLimit(membership.ProtocolID,
+		rcmgr.BaseLimit{Streams: 1024, StreamsInbound: 512, StreamsOutbound: 512, Memory: 32 << 20},
+		rcmgr.BaseLimitIncrease{Streams: 512, StreamsInbound: 256, StreamsOutbound: 256, Memory: 16 << 20},
+	)
+	cfg.AddProtocolPeerLimit(membership.ProtocolID,
+		rcmgr.BaseLimit{Streams: 8, StreamsInbound: 4, StreamsOutbound: 4, Memory: 1 << 20},
+		rcmgr.BaseLimitIncrease{},
 	)
 }
 
@@ -99,6 +117,7 @@ func resourceManager(proto libp2pproto.ID, relayService bool) (network.ResourceM
 	limits.ProtocolLimits, limits.ProtocolPeerLimits = nil, nil
 	libp2p.SetDefaultServiceLimits(&limits)
 	queryLimits(&limits, proto)
+	memberLimits(&limits)
 	if relayService {
 		relayLimits(&limits)
 	}
@@ -153,7 +172,7 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if err != nil {
 		return nil, err
 	}
-	cm, err := connmgr.NewConnManager(connLow, connHigh, connmgr.WithGracePeriod(time.Minute))
+	cm, err := basicconnmgr.NewConnManager(connLow, connHigh, basicconnmgr.WithGracePeriod(time.Minute))
 	if err != nil {
 		return nil, fmt.Errorf("connection manager: %w", err)
 	}
@@ -182,6 +201,9 @@ func newHost(hc hostConfig) (host.Host, error) {
 	}
 	if hc.addrs != nil {
 		opts = append(opts, libp2p.AddrsFactory(hc.addrs))
+	}
+	if hc.gater != nil {
+		opts = append(opts, libp2p.ConnectionGater(hc.gater))
 	}
 	reach := hc.reachability
 	if hc.relay {

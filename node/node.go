@@ -18,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	ma "github.com/multiformats/go-multiaddr"
@@ -29,6 +30,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/receiptback"
+	"github.com/mtor-swarm/mtor/node/membership"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -78,6 +80,7 @@ type config struct {
 	canaryOff        bool
 	preferContrib    bool
 	ledgerOpts       []ledger.Option
+	members          *membership.Membership
 }
 
 // Option configures a node.
@@ -245,6 +248,15 @@ func WithDiscoveryOptions(opts ...discovery.Option) Option {
 	return func(c *config) error { c.discoveryOpts = append(c.discoveryOpts, opts...); return nil }
 }
 
+// WithMembership closes the swarm to the members of m (see
+// node/membership): revoked peers are refused connections, and peers that
+// have not shown a certificate get no query streams, gossip or relay
+// reservation, and their announcements and provider records are ignored.
+// Its swarm must be the node's.
+func WithMembership(m *membership.Membership) Option {
+	return func(c *config) error { c.members = m; return nil }
+}
+
 // Node is a running mtor node.
 type Node struct {
 	cfg    config
@@ -301,6 +313,9 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		return nil, err
 	}
 	cfg.swarm = swarm
+	if cfg.members != nil && cfg.members.Swarm() != swarm {
+		return nil, fmt.Errorf("membership of swarm %q, but the node is in swarm %q", cfg.members.Swarm(), swarm)
+	}
 	var lock *os.File
 	if cfg.dataDir != "" {
 		if lock, err = lockDataDir(cfg.dataDir); err != nil {
@@ -334,10 +349,14 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if cfg.relay {
 		relays.forced = ReachabilityPublic
 	}
-	h, err := newHost(hostConfig{
+	hc := hostConfig{
 		key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay,
-		reachability: cfg.reachability, relayACL: swarmOnlyACL{k: relays, query: qproto}, addrs: relays.addrs,
-	})
+		reachability: cfg.reachability, relayACL: swarmOnlyACL{k: relays, query: qproto, members: cfg.members}, addrs: relays.addrs,
+	}
+	if cfg.members != nil {
+		hc.gater = cfg.members.Gater()
+	}
+	h, err := newHost(hc)
 	if err != nil {
 		return nil, err
 	}
@@ -356,6 +375,18 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
 	n.st.joining = len(n.joinPeers) > 0
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	if cfg.members != nil {
+		cfg.members.OnNotice(func(warning bool, text string) {
+			n.notify(NoticeMembership, warning, "%s", text)
+		})
+		// Before discovery dials anyone: every connection gets its
+		// handshake.
+		if err := cfg.members.Attach(n.ctx, h); err != nil {
+			n.cancel()
+			h.Close()
+			return nil, fmt.Errorf("membership: %w", err)
+		}
+	}
 	// Subscribed before discovery starts dialling, so that no verdict is
 	// missed.
 	reachSub, err := h.EventBus().Subscribe([]any{new(event.EvtLocalReachabilityChanged), new(event.EvtLocalAddressesUpdated)})
@@ -377,11 +408,23 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 			}
 		}),
 	}, cfg.discoveryOpts...)
+	if cfg.members != nil {
+		dopts = append(dopts, discovery.WithMembers(cfg.members))
+	}
 	if n.disc, err = discovery.New(n.ctx, h, dopts...); err != nil {
 		n.cancel()
 		reachSub.Close()
 		h.Close()
 		return nil, fmt.Errorf("start discovery: %w", err)
+	}
+	if cfg.members != nil {
+		if err := cfg.members.StartGossip(n.ctx, n.disc.PubSub()); err != nil {
+			n.cancel()
+			reachSub.Close()
+			n.disc.Close()
+			h.Close()
+			return nil, fmt.Errorf("membership: %w", err)
+		}
 	}
 
 	relays.disc.Store(n.disc)
@@ -412,7 +455,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 	n.worker = worker.New(watched, wopts...)
 	n.worker.Refresh(ctx)
-	h.SetStreamHandler(qproto, n.worker.HandleStream)
+	h.SetStreamHandler(qproto, n.membersOnly(n.worker.HandleStream))
 
 	n.live = liveness.New(h)
 	relays.probe = n.live.Suspect
@@ -465,6 +508,33 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	log.Infow("node started", "peer", h.ID(), "swarm", swarm, "backends", len(cfg.backends), "roles", roles)
 	return n, nil
 }
+
+// memberWait bounds how long a query stream waits for its peer's
+// certificate: the handshake runs as the connection comes up, so the
+// first query of a new peer may come before it has finished.
+const memberWait = 5 * time.Second
+
+// membersOnly serves a stream protocol to members of a closed swarm only.
+func (n *Node) membersOnly(h network.StreamHandler) network.StreamHandler {
+	m := n.cfg.members
+	if m == nil {
+		return h
+	}
+	return func(s network.Stream) {
+		ctx, cancel := context.WithTimeout(n.ctx, memberWait)
+		ok := m.Await(ctx, s.Conn().RemotePeer())
+		cancel()
+		if !ok {
+			log.Debugw("query stream refused: not a swarm member", "peer", s.Conn().RemotePeer())
+			s.Reset()
+			return
+		}
+		h(s)
+	}
+}
+
+// Membership is the closed swarm's membership, nil in an open swarm.
+func (n *Node) Membership() *membership.Membership { return n.cfg.members }
 
 func (n *Node) goRun(f func()) {
 	n.wg.Add(1)

@@ -23,6 +23,7 @@ import (
 	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/discovery"
+	"github.com/mtor-swarm/mtor/node/membership"
 )
 
 var relayLog = logging.Logger("mtor/relay")
@@ -510,9 +511,18 @@ func (k *relayKeeper) info() ReachabilityInfo {
 type swarmOnlyACL struct {
 	k     *relayKeeper
 	query libp2pproto.ID
+	// members, in a closed swarm, is the only rule: a peer must have
+	// shown its certificate (a reservation may come right after the
+	// connection, while the handshake runs).
+	members *membership.Membership
 }
 
 func (a swarmOnlyACL) member(p peer.ID) bool {
+	if a.members != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), aclIdentifyWait)
+		defer cancel()
+		return a.members.Await(ctx, p)
+	}
 	if d := a.k.disc.Load(); d != nil {
 		if _, ok := d.Table().Get(p); ok {
 			return true

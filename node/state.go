@@ -40,6 +40,7 @@ const (
 	NoticeBackend      NoticeKind = iota + 1 // a backend's state changed
 	NoticeJoin                               // joined, could not join, or lost every peer
 	NoticeReachability                       // how other peers can reach this node changed
+	NoticeMembership                         // closed swarm: refused, admitted, a revocation
 )
 
 // Notice is a change of the node's state that its operator should see at

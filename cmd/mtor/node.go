@@ -30,6 +30,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend/spec"
 	"github.com/mtor-swarm/mtor/node/canary"
 	"github.com/mtor-swarm/mtor/node/gpu"
+	"github.com/mtor-swarm/mtor/node/membership"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 )
@@ -177,6 +178,10 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return fmt.Errorf("identity: %w", err)
 	}
+	members, err := closedSwarm(f.dataDir, self, f.join)
+	if err != nil {
+		return err
+	}
 	// Before anything prints: a port that another node holds is refused
 	// (see checkListenFree).
 	if err := checkListenFree(f.listenAddrs(), len(f.listen) > 0); err != nil {
@@ -220,8 +225,14 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	// Notices (a backend going down, the join failing) are printed as they
 	// come, but only after the start-up lines, so that "join:" stays last.
 	out := newNoticePrinter(e)
-	n, err := node.New(ctx, append(f.options(backends),
-		node.WithIdentity(priv), node.WithGPUMonitor(gpus), node.WithNotify(out.notice))...)
+	nopts := append(f.options(backends), node.WithIdentity(priv), node.WithGPUMonitor(gpus), node.WithNotify(out.notice))
+	if members != nil {
+		nopts = append(nopts, node.WithMembership(members))
+		if f.swarm == "" {
+			nopts = append(nopts, node.WithSwarm(members.Swarm()))
+		}
+	}
+	n, err := node.New(ctx, nopts...)
 	if err != nil {
 		return fmt.Errorf("starting the node: %w", err)
 	}
@@ -544,6 +555,9 @@ func printStartup(e *env, n *node.Node, gpus *gpu.Monitor, apiLn, bridgeLn net.L
 		roles = strings.Join(st.Roles, ", ")
 	}
 	fmt.Fprintf(w, "roles: %s\n", roles)
+	if m := n.Membership(); m != nil {
+		fmt.Fprintf(w, "membership: %s\n", membershipLine(m))
+	}
 	fmt.Fprintf(w, "reachability: %s\n", st.Reachability)
 	if len(st.Backends) == 0 {
 		fmt.Fprintf(w, "backends: none; this node serves no models but routes queries and helps others find each other\n")
@@ -636,4 +650,16 @@ func (p *noticePrinter) print(n node.Notice) {
 	default:
 		fmt.Fprintf(p.e.stdout, "%s\n", n.Text)
 	}
+}
+
+// membershipLine says what a node of a closed swarm is in it.
+func membershipLine(m *membership.Membership) string {
+	c, ok := m.Self()
+	switch {
+	case !ok:
+		return fmt.Sprintf("closed swarm of owner %s; redeeming the open invite at the owner's node", m.Owner())
+	case c.Exp != 0:
+		return fmt.Sprintf("closed swarm of owner %s; member until %s", m.Owner(), c.Expires().UTC().Format(time.RFC3339))
+	}
+	return fmt.Sprintf("closed swarm of owner %s; member", m.Owner())
 }
