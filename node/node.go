@@ -307,17 +307,20 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	qproto := protocol.QueryProtocol(swarm)
 	relays := newRelayKeeper(cfg.reachability, cfg.announce, cfg.relays)
+	punches := newPunchLog()
 	if cfg.relay {
 		relays.forced = ReachabilityPublic
 	}
 	h, err := newHost(hostConfig{
 		key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay,
 		reachability: cfg.reachability, relayACL: swarmOnlyACL{k: relays, query: qproto}, addrs: relays.addrs,
+		punches: punches,
 	})
 	if err != nil {
 		return nil, err
 	}
 	relays.hv.Store(h)
+	punches.attach(h)
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
@@ -382,7 +385,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	n.live = liveness.New(h)
 	relays.probe = n.live.Suspect
-	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live)}
+	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live), router.WithHolePunches(punches)}
 	if len(cfg.backends) > 0 {
 		ropts = append(ropts, router.WithLocal(localWorker{n.worker}))
 	}
@@ -595,7 +598,7 @@ func (a tableAdapter) Candidates() []router.Candidate {
 	snap := a.t.Snapshot()
 	out := make([]router.Candidate, len(snap))
 	for i, e := range snap {
-		out[i] = router.Candidate{Peer: e.Peer, Announce: e.Announce, RTT: e.RTT, Received: e.Received}
+		out[i] = router.Candidate{Peer: e.Peer, Announce: e.Announce, RTT: e.RTT, RTTRelayed: e.RTTRelayed, Received: e.Received}
 	}
 	return out
 }

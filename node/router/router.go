@@ -69,7 +69,9 @@ type Candidate struct {
 	Peer     peer.ID
 	Announce *pb.Announce
 	RTT      time.Duration
-	Received time.Time
+	// RTTRelayed: RTT was measured through a relay, which it includes.
+	RTTRelayed bool
+	Received   time.Time
 }
 
 // Table lists the workers the router may use.
@@ -159,6 +161,7 @@ type Router struct {
 	accept      time.Duration
 	retryBase   time.Duration
 	checker     Suspecter
+	punches     HolePunches
 	trackerOpts []health.Option
 	maxOutput   int
 	stall       time.Duration // fixed stall bound; 0 = from the expected TTFT
@@ -166,6 +169,12 @@ type Router struct {
 	mu    sync.Mutex
 	peers map[peer.ID]*peerState
 	rng   *mrand.Rand
+}
+
+// HolePunches tells which direct connections a hole punch (DCUtR) made,
+// for the peer views.
+type HolePunches interface {
+	HolePunched(c network.Conn) bool
 }
 
 // Option configures a Router.
@@ -198,6 +207,10 @@ func WithRetryBackoff(d time.Duration) Option {
 		}
 	}
 }
+
+// WithHolePunches has the peer views tell direct connections made by a
+// hole punch from others.
+func WithHolePunches(h HolePunches) Option { return func(r *Router) { r.punches = h } }
 
 // WithConnChecker has silent connections probed and closed if dead.
 func WithConnChecker(c Suspecter) Option { return func(r *Router) { r.checker = c } }
