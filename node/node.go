@@ -235,6 +235,7 @@ type Node struct {
 	router *router.Router
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relayKeeper
+	punch  *punchLog
 	live   *liveness.Checker
 	roles  []string
 	// watched are the backends as the worker sees them, recording their
@@ -324,7 +325,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
-	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock, roles: roles}
+	n := &Node{cfg: cfg, h: h, relays: relays, punch: punches, lock: lock, roles: roles}
 	n.st.joined, n.st.joinFailed = make(chan struct{}), make(chan struct{})
 	// A node given its own token (a restart script) has no one to join.
 	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
