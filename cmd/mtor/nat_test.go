@@ -209,6 +209,15 @@ table ip filter {
 
 func (n *natNet) prefix(role string) []string { return inNetns(n.ns[role]) }
 
+// cutDirect drops everything between the two NAT routers' public
+// addresses on NAT A: a direct (hole-punched) path dies, relayed ones
+// (through the relays' addresses) live on.
+func (n *natNet) cutDirect() {
+	n.t.Helper()
+	n.in("natA", "nft", "insert", "rule", "ip", "filter", "forward_lan", "ip", "daddr", n.ips["natB"], "drop")
+	n.in("natA", "nft", "insert", "rule", "ip", "filter", "forward_lan", "ip", "saddr", n.ips["natB"], "drop")
+}
+
 // start runs `mtor node` for role with a data dir of its own.
 func (n *natNet) start(role, dir string, args ...string) *proc {
 	n.t.Helper()
@@ -353,7 +362,7 @@ func TestNATSuite(t *testing.T) {
 		})
 	}
 	var rep strings.Builder
-	fmt.Fprintf(&rep, "| worker NAT / client NAT | first answer | direct after | answered | p50 | path | %s stream | relay killed mid-stream | re-reservation after relay restart |\n|---|---|---|---|---|---|---|---|---|\n", natStreamDuration())
+	fmt.Fprintf(&rep, "| worker NAT / client NAT | first answer | direct after | answered | p50 | path | %s stream | relay killed (or direct path cut) mid-stream | re-reservation after relay restart |\n|---|---|---|---|---|---|---|---|---|\n", natStreamDuration())
 	for _, f := range figs {
 		rr := "–"
 		if f.reReserve > 0 {
@@ -564,6 +573,31 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 				time.Sleep(100 * time.Millisecond)
 			}
 			f.reReserve = time.Since(rs)
+		}
+	} else if wk != natForwarded && kind == "direct" {
+		// The relay is the fallback: the direct path (the NAT mapping)
+		// dies mid-answer, and the answer completes over the relay.
+		words := int(8 * time.Second / delay)
+		prompt := streamPrompt(min(words, streamWords))
+		type res struct {
+			out string
+			err error
+		}
+		done := make(chan res, 1)
+		go func() {
+			out, err := n.query(ctx, 2*time.Minute, "-", prompt)
+			done <- res{out, err}
+		}()
+		time.Sleep(3 * time.Second)
+		cut := time.Now()
+		n.cutDirect()
+		r := <-done
+		if r.err != nil || !strings.HasSuffix(strings.TrimSpace(r.out), prompt) {
+			t.Errorf("%s: answer lost when the direct path was cut mid-stream: %v (%d of %d bytes)\nclient:\n%s", f.pair, r.err, len(r.out), len(prompt), client.output())
+			f.relayKill = "direct path cut: LOST"
+		} else {
+			k2, _ := n.path(wid)
+			f.relayKill = fmt.Sprintf("direct path cut: answer complete %s after the cut, now %s", time.Since(cut).Round(100*time.Millisecond), k2)
 		}
 	} else {
 		f.relayKill = "– (direct)"
