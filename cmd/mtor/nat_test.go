@@ -473,7 +473,11 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 		// Relayed, and it stays so: no hole punch through a symmetric
 		// NAT. A query opens the connection if the last one was let go.
 		if kind == "" {
-			t.Logf("%s: not connected to the worker after the first answer; asking again", f.pair)
+			row := "no connection to it"
+			if n.peer(wid).Peer == "" {
+				row = "not in its peer table yet"
+			}
+			t.Logf("%s: the worker is %s in the client's view after the first answer; asking again", f.pair, row)
 		}
 		for i := 0; kind == "" && i < 20; i++ {
 			_, _ = n.query(ctx, 3*time.Second, "reconnect", "")
