@@ -24,7 +24,7 @@ all: build
 help:
 	@echo "make build   build $(BIN)"
 	@echo "make test    run the whole test suite (needs Go, Node.js/npm, chromium)"
-	@echo "make test-nat  the NAT suite in network namespaces (root, nftables) with a 150 s relayed stream"
+	@echo "make test-nat  the NAT suite in network namespaces (root, nftables) with a 150 s stream, and 12 workers behind one NAT"
 	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
 	@echo "make bench   swarm vs in-process latency and throughput (docs/benchmarks.md)"
 	@echo "make chaos   the long churn run: workers killed and restarted under load (docs/benchmarks.md)"
@@ -53,7 +53,7 @@ test: npm-deps
 # runs it too, with a 15 s stream. Needs root, iproute2 and nftables.
 NAT_STREAM ?= 150s
 test-nat:
-	MTOR_NAT_STREAM=$(NAT_STREAM) $(GO) test ./cmd/mtor -run 'TestNATSuite' -count=1 -v -timeout 20m
+	MTOR_NAT_STREAM=$(NAT_STREAM) $(GO) test ./cmd/mtor -run 'TestNATSuite|TestNATCarrierGrade' -count=1 -v -timeout 30m
 
 demo: build
 	./cmd/mtor/demo.sh ./$(BIN)

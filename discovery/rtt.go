@@ -8,6 +8,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
+	ma "github.com/multiformats/go-multiaddr"
 )
 
 // pingLoop measures the RTT to every connected peer of the table once per
@@ -45,29 +46,38 @@ func (d *Discovery) pingRound() {
 		wg.Add(1)
 		go func(p peer.ID) {
 			defer func() { <-sem; wg.Done() }()
-			if rtt, ok := d.pingOnce(p); ok {
-				d.table.setRTT(p, rtt)
+			if rtt, relayed, ok := d.pingOnce(p); ok {
+				d.table.setRTT(p, rtt, relayed)
 			}
 		}(e.Peer)
 	}
 	wg.Wait()
 }
 
-// pingOnce sends one ping. The ping service records each sample in the
-// peerstore's EWMA; we report that smoothed value, which routes better
-// than one noisy sample.
-func (d *Discovery) pingOnce(p peer.ID) (time.Duration, bool) {
+// pingOnce sends one ping and says whether it went through a relay: the
+// ping takes the connection queries take (libp2p's best: a direct one
+// before a relayed one). The table smooths the samples per path, which
+// the peerstore's EWMA (one for all paths) cannot.
+func (d *Discovery) pingOnce(p peer.ID) (rtt time.Duration, relayed bool, ok bool) {
 	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.pingTimeout)
 	defer cancel()
+	relayed = !hasDirectConn(d.h.Network().ConnsToPeer(p))
 	res, ok := <-ping.Ping(ctx, d.h, p)
 	if !ok || res.Error != nil {
 		if ok && d.ctx.Err() == nil {
 			log.Debugw("ping failed", "peer", p, "err", res.Error)
 		}
-		return 0, false
+		return 0, false, false
 	}
-	if ewma := d.h.Peerstore().LatencyEWMA(p); ewma > 0 {
-		return ewma, true
+	return res.RTT, relayed, true
+}
+
+// hasDirectConn reports whether one of conns does not run through a relay.
+func hasDirectConn(conns []network.Conn) bool {
+	for _, c := range conns {
+		if _, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_CIRCUIT); err != nil {
+			return true
+		}
 	}
-	return res.RTT, true
+	return false
 }

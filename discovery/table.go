@@ -56,7 +56,9 @@ type Entry struct {
 	Received time.Time
 	Expires  time.Time
 	RTT      time.Duration // smoothed RTT of our pings (0 = unknown)
-	IP       string        // address of our connection to it when admitted ("" unknown)
+	// RTTRelayed: RTT was measured through a relay (no direct connection).
+	RTTRelayed bool
+	IP         string // address of our connection to it when admitted ("" unknown)
 }
 
 // origin is how an announcement reached us, for the quarantine.
@@ -532,14 +534,27 @@ func (t *PeerTable) sweep(now time.Time) int {
 	return n
 }
 
-// setRTT records a measured RTT for p, if p is still in the table.
-func (t *PeerTable) setRTT(p peer.ID, rtt time.Duration) {
+// setRTT records a ping sample for p, if p is still in the table: an EWMA
+// of the samples on one path. A sample on another path than the last
+// (direct after relayed, after a hole punch; relayed after the direct
+// connection died) starts over, so the RTT is that of the path queries
+// take now, not a blend of a relay's detour and the direct route.
+func (t *PeerTable) setRTT(p peer.ID, sample time.Duration, relayed bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if e, ok := t.entries[p]; ok {
-		e.RTT = rtt
+	e, ok := t.entries[p]
+	if !ok {
+		return
 	}
+	if e.RTT == 0 || e.RTTRelayed != relayed {
+		e.RTT, e.RTTRelayed = sample, relayed
+		return
+	}
+	e.RTT = (e.RTT*(rttSmoothing-1) + sample) / rttSmoothing
 }
+
+// rttSmoothing: each sample weighs 1/rttSmoothing in the RTT's EWMA.
+const rttSmoothing = 4
 
 // close ends every subscription; later changes are refused.
 func (t *PeerTable) close() {

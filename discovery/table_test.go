@@ -126,11 +126,41 @@ func TestTableLifecycle(t *testing.T) {
 		t.Fatalf("event %+v, want leave of b, disconnected", ev)
 	}
 
-	tab.setRTT(a, 3*time.Millisecond)
+	tab.setRTT(a, 3*time.Millisecond, false)
 	if e, _ := tab.Get(a); e.RTT != 3*time.Millisecond {
 		t.Fatalf("rtt = %s", e.RTT)
 	}
 	noEvent(t, ch)
+}
+
+// The RTT is smoothed per path: a sample on another path (direct after a
+// hole punch, relayed after the direct connection died) starts over.
+func TestTableRTTPerPath(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	tab := newPeerTable(testPeerID(t), 8, clk.now)
+	p := testPeerID(t)
+	tab.upsert(p, ann(1, time.Minute), clk.now())
+	ms := time.Millisecond
+	for _, tc := range []struct {
+		name        string
+		sample      time.Duration
+		relayed     bool
+		want        time.Duration
+		wantRelayed bool
+	}{
+		{"first sample, relayed", 80 * ms, true, 80 * ms, true},
+		{"relayed again: smoothed", 40 * ms, true, 70 * ms, true},
+		{"direct after a hole punch: starts over", 4 * ms, false, 4 * ms, false},
+		{"direct again: smoothed", 8 * ms, false, 5 * ms, false},
+		{"relayed again: starts over", 60 * ms, true, 60 * ms, true},
+	} {
+		tab.setRTT(p, tc.sample, tc.relayed)
+		e, _ := tab.Get(p)
+		if e.RTT != tc.want || e.RTTRelayed != tc.wantRelayed {
+			t.Errorf("%s: rtt %s relayed %v, want %s %v", tc.name, e.RTT, e.RTTRelayed, tc.want, tc.wantRelayed)
+		}
+	}
+	tab.setRTT(testPeerID(t), ms, false) // not in the table: ignored
 }
 
 func TestTableFull(t *testing.T) {

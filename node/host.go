@@ -14,6 +14,7 @@ import (
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	basicconnmgr "github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	noise "github.com/libp2p/go-libp2p/p2p/security/noise"
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
@@ -65,6 +66,7 @@ type hostConfig struct {
 	relayACL     relay.ACLFilter
 	addrs        func([]ma.Multiaddr) []ma.Multiaddr // announced and relayed addresses; nil for none
 	gater        connmgr.ConnectionGater             // a closed swarm's; nil for none
+	punches      holepunch.EventTracer               // told of hole punches; nil for none
 }
 
 // queryLimits bounds the query protocol in the resource manager: streams in
@@ -176,6 +178,10 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connection manager: %w", err)
 	}
+	var punchOpts []holepunch.Option
+	if hc.punches != nil {
+		punchOpts = append(punchOpts, holepunch.WithTracer(hc.punches))
+	}
 	opts := []libp2p.Option{
 		libp2p.Identity(hc.key),
 		libp2p.ListenAddrStrings(hc.listen...),
@@ -194,7 +200,7 @@ func newHost(hc hostConfig) (host.Host, error) {
 		libp2p.EnableNATService(),
 		libp2p.EnableAutoNATv2(),
 		libp2p.EnableRelay(),
-		libp2p.EnableHolePunching(),
+		libp2p.EnableHolePunching(punchOpts...),
 		// A failed start (an address not on this machine) comes back as
 		// an error; fx's own multi-line report of it would only repeat it.
 		libp2p.WithFxOption(fx.NopLogger),

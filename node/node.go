@@ -268,6 +268,7 @@ type Node struct {
 	ledger *ledger.Ledger
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relayKeeper
+	punch  *punchLog
 	live   *liveness.Checker
 	// bmu guards roles and watched, which a reload (SetBackends) changes,
 	// and lets one reload run at a time.
@@ -346,12 +347,14 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 
 	qproto := protocol.QueryProtocol(swarm)
 	relays := newRelayKeeper(cfg.reachability, cfg.announce, cfg.relays)
+	punches := newPunchLog()
 	if cfg.relay {
 		relays.forced = ReachabilityPublic
 	}
 	hc := hostConfig{
 		key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay,
 		reachability: cfg.reachability, relayACL: swarmOnlyACL{k: relays, query: qproto, members: cfg.members}, addrs: relays.addrs,
+		punches: punches,
 	}
 	if cfg.members != nil {
 		hc.gater = cfg.members.Gater()
@@ -361,6 +364,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		return nil, err
 	}
 	relays.hv.Store(h)
+	punches.attach(h)
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
@@ -369,7 +373,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		h.Close()
 		return nil, fmt.Errorf("open the ledger: %w", err)
 	}
-	n := &Node{cfg: cfg, h: h, relays: relays, lock: lock, roles: roles, ledger: led}
+	n := &Node{cfg: cfg, h: h, relays: relays, punch: punches, lock: lock, roles: roles, ledger: led}
 	n.st.joined, n.st.joinFailed = make(chan struct{}), make(chan struct{})
 	// A node given its own token (a restart script) has no one to join.
 	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
@@ -465,7 +469,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	h.SetStreamHandler(protocol.ReceiptProtocol(swarm), receiptback.NewReceiver(h.ID(), led.Countersigned).HandleStream)
 	// The local worker is always there, so that backends a reload adds
 	// are served here too; without models it is never chosen.
-	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live),
+	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live), router.WithHolePunches(punches),
 		router.WithLocal(localWorker{n.worker}),
 		router.WithReceipts(cfg.key, func(r *pb.Receipt) {
 			led.Record(ledger.Consumed, r)
@@ -726,7 +730,7 @@ func (a tableAdapter) Candidates() []router.Candidate {
 	snap := a.t.Snapshot()
 	out := make([]router.Candidate, len(snap))
 	for i, e := range snap {
-		out[i] = router.Candidate{Peer: e.Peer, Announce: e.Announce, RTT: e.RTT, Received: e.Received}
+		out[i] = router.Candidate{Peer: e.Peer, Announce: e.Announce, RTT: e.RTT, RTTRelayed: e.RTTRelayed, Received: e.Received}
 	}
 	return out
 }

@@ -84,12 +84,45 @@ type State struct {
 	Reachability   string    // public, behind NAT, relayed via …, loopback only, unknown
 	RelayedVia     []peer.ID // relays holding a reservation for us
 	ConnectedPeers int       // libp2p connections, to any peer
+	Paths          Paths     // the connected peers by path
 	SwarmPeers     int       // other peers whose announcements we hold
 	Joining        bool      // join peers given and none connected yet
 	JoinError      string    // why the last join attempt failed
 	Backends       []BackendState
 	Relays         []RelayPeer // swarm relays we know of
 	ProbeInterval  time.Duration
+}
+
+// Paths counts connected peers by the path libp2p uses to each (a direct
+// connection before a relayed one).
+type Paths struct {
+	Direct      int // direct, HolePunched of them made by a hole punch
+	HolePunched int
+	Relayed     int // through a relay only
+}
+
+// paths counts the connected peers by path.
+func (n *Node) paths() Paths {
+	var ps Paths
+	for _, p := range n.h.Network().Peers() {
+		direct, punched := false, false
+		for _, c := range n.h.Network().ConnsToPeer(p) {
+			if !isCircuit(c.RemoteMultiaddr()) {
+				direct = true
+				punched = punched || n.punch.HolePunched(c)
+			}
+		}
+		switch {
+		case punched:
+			ps.Direct++
+			ps.HolePunched++
+		case direct:
+			ps.Direct++
+		default:
+			ps.Relayed++
+		}
+	}
+	return ps
 }
 
 // status holds the parts of State that loops update.
@@ -136,6 +169,7 @@ func (n *Node) State() State {
 	st := State{
 		Roles:          roles,
 		ConnectedPeers: len(n.h.Network().Peers()),
+		Paths:          n.paths(),
 		ProbeInterval:  healthProbeInterval,
 	}
 	st.Reachability, st.RelayedVia = n.reachability()

@@ -201,6 +201,16 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 		const row = document.querySelector('#peers tbody tr[data-peer=%q]');
 		return row && row.textContent.includes(%q) && row.textContent.includes('demo');
 	})()`, worker.String(), short))
+	// It says how the worker is reached (loopback only here: "LAN only")
+	// and how the bridge is connected to it: the bridge queried it, so
+	// directly.
+	reach := run(t, ctx, "reading the reach cell", chromedp.Evaluate[string](fmt.Sprintf(`(() => {
+		const c = document.querySelector('#peers tbody tr[data-peer=%q] td.reach');
+		return c ? c.dataset.reachability + "|" + c.dataset.path + "|" + c.textContent : "";
+	})()`, worker.String())))
+	if reach != "private|direct|LAN onlydirect" {
+		t.Errorf("reach cell %q, want private|direct|LAN onlydirect", reach)
+	}
 	answers := run(t, ctx, "reading the answers list", chromedp.Evaluate[string](`document.getElementById('answers').textContent`))
 	if !strings.Contains(answers, short) || !strings.Contains(answers, question[:20]) {
 		t.Errorf("answers list %q does not say who answered", answers)

@@ -260,19 +260,22 @@ func TestPrintPeers(t *testing.T) {
 	err := printPeers(&b, []api.Peer{
 		{PeerView: router.PeerView{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}}},
 			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500, Reputation: 25, Distrusted: true,
+			Reachability: "relayed", RelayedVia: []string{"12D3KooWRelay001", "12D3KooWRelay002"}, Path: "direct", HolePunched: true,
 			GPUs: []router.GPUView{{Name: "NVIDIA H100", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 250000}}}},
 		{PeerView: router.PeerView{Peer: "12D3KooWB", Self: true},
 			Backends: []node.BackendState{{Name: "ollama http://127.0.0.1:1", State: node.BackendDown, Detail: "unreachable (connection refused)"}}},
-		{PeerView: router.PeerView{Peer: "12D3KooWC", Roles: []string{"relay"}}, Relay: true},
+		{PeerView: router.PeerView{Peer: "12D3KooWC", Roles: []string{"relay"}, Reachability: "public", Path: "direct"}, Relay: true},
+		{PeerView: router.PeerView{Peer: "12D3KooWD", Models: []router.ModelStat{{Name: "demo"}}, MaxConcurrency: 1,
+			Reachability: "relayed", RelayedVia: []string{"12D3KooWRelay001"}, Path: "relayed", Relay: "12D3KooWRelay001"}},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
-	if len(lines) != 5 {
+	if len(lines) != 6 {
 		t.Fatalf("table %q", b.String())
 	}
-	for _, want := range []string{"PEER", "MODELS", "TYPES", "LOAD", "HEALTH", "REP", "GPU", "AGE"} {
+	for _, want := range []string{"PEER", "MODELS", "TYPES", "LOAD", "HEALTH", "REP", "REACH", "PATH", "GPU", "AGE"} {
 		if !strings.Contains(lines[0], want) {
 			t.Errorf("header %q lacks %s", lines[0], want)
 		}
@@ -282,9 +285,13 @@ func TestPrintPeers(t *testing.T) {
 			t.Errorf("row %q lacks %q", lines[1], want)
 		}
 	}
-	for i, want := range map[int]string{2: "12D3KooWB (self)", 3: "12D3KooWC (relay)",
-		4: "this node's backend: ollama http://127.0.0.1:1 unreachable (connection refused)"} {
-		if !strings.Contains(lines[i], want) {
+	if !strings.Contains(lines[1], "relayed via Relay001,Relay002") || !strings.Contains(lines[1], "direct (hole punch)") {
+		t.Errorf("row %q lacks its reachability and hole-punched path", lines[1])
+	}
+	for i, want := range map[int]string{2: "12D3KooWB (self)", 3: "12D3KooWC (relay) - - - - - public direct",
+		4: "relayed via Relay001 relayed via Relay001",
+		5: "this node's backend: ollama http://127.0.0.1:1 unreachable (connection refused)"} {
+		if !strings.Contains(strings.Join(strings.Fields(lines[i]), " "), want) {
 			t.Errorf("line %q lacks %q", lines[i], want)
 		}
 	}

@@ -74,7 +74,7 @@ func printPeers(w io.Writer, peers []api.Peer) error {
 
 func printPeerTable(w io.Writer, peers []api.Peer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tMODELS\tTYPES\tLOAD\tHEALTH\tREP\tGPU\tAGE")
+	fmt.Fprintln(tw, "PEER\tMODELS\tTYPES\tLOAD\tHEALTH\tREP\tREACH\tPATH\tGPU\tAGE")
 	for _, p := range peers {
 		id := p.Peer
 		var marks []string
@@ -101,7 +101,7 @@ func printPeerTable(w io.Writer, peers []api.Peer) error {
 		}
 		if len(p.Models) == 0 {
 			// Not a worker: this node serving nothing, or a relay.
-			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t%s\t%s\n", id, orDash(gpuSummary(p.GPUs)), age(p))
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t%s\t%s\t%s\t%s\n", id, reach(p.PeerView), pathOf(p.PeerView), orDash(gpuSummary(p.GPUs)), age(p))
 			continue
 		}
 		load := fmt.Sprintf("%d/%d", p.InFlight, p.MaxConcurrency)
@@ -115,10 +115,47 @@ func printPeerTable(w io.Writer, peers []api.Peer) error {
 		if p.Breaker != "" && p.Breaker != "closed" {
 			health += " (" + p.Breaker + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(models, ",")), orDash(strings.Join(types, ",")),
-			load, health, reputation(p), orDash(gpuSummary(p.GPUs)), age(p))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", id, orDash(strings.Join(models, ",")), orDash(strings.Join(types, ",")),
+			load, health, reputation(p), reach(p.PeerView), pathOf(p.PeerView), orDash(gpuSummary(p.GPUs)), age(p))
 	}
 	return tw.Flush()
+}
+
+// reach is how others reach the peer: public, relayed via which relays
+// (short IDs), private (its LAN only).
+func reach(p router.PeerView) string {
+	if p.Reachability == "relayed" {
+		var ids []string
+		for _, r := range p.RelayedVia {
+			ids = append(ids, shortPeer(r))
+		}
+		return "relayed via " + strings.Join(ids, ",")
+	}
+	return orDash(p.Reachability)
+}
+
+// pathOf is how this node is connected to the peer: direct, direct after
+// a hole punch, or relayed through which relay; "-" when not connected.
+func pathOf(p router.PeerView) string {
+	switch {
+	case p.Self:
+		return "-"
+	case p.Unreachable:
+		return "unreachable"
+	case p.Path == "direct" && p.HolePunched:
+		return "direct (hole punch)"
+	case p.Path == "relayed":
+		return "relayed via " + shortPeer(p.Relay)
+	}
+	return orDash(p.Path)
+}
+
+// shortPeer is the end of a peer ID, as the start-up banner shows relays.
+func shortPeer(id string) string {
+	if len(id) > 8 {
+		return id[len(id)-8:]
+	}
+	return id
 }
 
 // age is how old a row's announcement is; "-" for this node's own row

@@ -199,6 +199,7 @@ func (s *Server) handleID(w http.ResponseWriter, r *http.Request) {
 		info.Roles = append(info.Roles, st.Roles...)
 		info.Reachability = st.Reachability
 		info.ConnectedPeers = st.ConnectedPeers
+		info.Paths = PathsView{Direct: st.Paths.Direct, HolePunched: st.Paths.HolePunched, Relayed: st.Paths.Relayed}
 		info.SwarmPeers = st.SwarmPeers
 		info.Joining, info.JoinError = st.Joining, st.JoinError
 		info.Backends = append(info.Backends, st.Backends...)

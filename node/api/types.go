@@ -44,6 +44,9 @@ type IDInfo struct {
 	// peers whose announcements the node holds.
 	ConnectedPeers int `json:"connected_peers"`
 	SwarmPeers     int `json:"swarm_peers"`
+	// Paths counts the connected peers by path: direct (hole_punched of
+	// them after a hole punch) or only relayed.
+	Paths PathsView `json:"paths"`
 	// Joining: join peers were given and none answers yet; JoinError says
 	// why the last attempt failed.
 	Joining   bool                `json:"joining,omitempty"`
@@ -58,6 +61,13 @@ type Peer struct {
 	router.PeerView
 	Relay    bool                `json:"relay,omitempty"`
 	Backends []node.BackendState `json:"backends,omitempty"`
+}
+
+// PathsView counts connected peers by path.
+type PathsView struct {
+	Direct      int `json:"direct"`
+	HolePunched int `json:"hole_punched"`
+	Relayed     int `json:"relayed"`
 }
 
 // RelayView is a relay reservation the node holds.

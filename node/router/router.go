@@ -69,7 +69,9 @@ type Candidate struct {
 	Peer     peer.ID
 	Announce *pb.Announce
 	RTT      time.Duration
-	Received time.Time
+	// RTTRelayed: RTT was measured through a relay, which it includes.
+	RTTRelayed bool
+	Received   time.Time
 }
 
 // Table lists the workers the router may use.
@@ -159,6 +161,7 @@ type Router struct {
 	accept      time.Duration
 	retryBase   time.Duration
 	checker     Suspecter
+	punches     HolePunches
 	trackerOpts []health.Option
 	maxOutput   int
 	stall       time.Duration // fixed stall bound; 0 = from the expected TTFT
@@ -170,6 +173,12 @@ type Router struct {
 	mu    sync.Mutex
 	peers map[peer.ID]*peerState
 	rng   *mrand.Rand
+}
+
+// HolePunches tells which direct connections a hole punch (DCUtR) made,
+// for the peer views.
+type HolePunches interface {
+	HolePunched(c network.Conn) bool
 }
 
 // Option configures a Router.
@@ -202,6 +211,10 @@ func WithRetryBackoff(d time.Duration) Option {
 		}
 	}
 }
+
+// WithHolePunches has the peer views tell direct connections made by a
+// hole punch from others.
+func WithHolePunches(h HolePunches) Option { return func(r *Router) { r.punches = h } }
 
 // WithConnChecker has silent connections probed and closed if dead.
 func WithConnChecker(c Suspecter) Option { return func(r *Router) { r.checker = c } }
@@ -800,7 +813,8 @@ func (e staleConn) Error() string { return e.err.Error() }
 func (e staleConn) Unwrap() error { return e.err }
 
 // pathLost is a stream lost with a relayed connection to a peer that can
-// be reached another way: the same peer is tried again on another path.
+// be reached another way, or with a direct connection to a peer that also
+// has a relayed one: the same peer is tried again on another path.
 type pathLost struct {
 	err      *protocol.Error
 	silent   bool // it went silent rather than broke
@@ -1437,6 +1451,14 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 		}
 		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the relayed connection to worker %s broke", ShortID(p)), silent, accepted}
 	}
+	if !isRelayed(s.Conn()) && r.hasRelayedConn(s.Conn()) {
+		// A direct connection made by a hole punch lives on the NATs'
+		// mappings, which can die while the relayed connection it
+		// replaced (kept as the fallback) is fine: close it, so that
+		// the retry takes the relay.
+		_ = s.Conn().Close()
+		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the direct connection to worker %s broke", ShortID(p)), silent, accepted}
+	}
 	if r.checker != nil {
 		if r.checker.Dead(s.Conn()) && r.h.Network().Connectedness(p) == network.Connected {
 			// The stream ran on a connection to the peer's previous
@@ -1454,6 +1476,17 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 		return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s went silent while answering", ShortID(p))}
 	}
 	return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s died while answering", ShortID(p))}
+}
+
+// hasRelayedConn reports whether the peer of broken has an open relayed
+// connection besides it.
+func (r *Router) hasRelayedConn(broken network.Conn) bool {
+	for _, c := range r.h.Network().ConnsToPeer(broken.RemotePeer()) {
+		if c != broken && !c.IsClosed() && isRelayed(c) {
+			return true
+		}
+	}
+	return false
 }
 
 // hasOtherPath reports whether the peer of a broken relayed connection

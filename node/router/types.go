@@ -87,14 +87,23 @@ type PeerView struct {
 	Breaker        string      `json:"breaker"`         // closed, open, half-open
 	Draining       bool        `json:"draining"`
 	RTTMs          float64     `json:"rtt_ms"`
-	AgeMs          int64       `json:"age_ms"` // since its last announcement
+	RTTRelayed     bool        `json:"rtt_relayed,omitempty"` // rtt_ms was measured through a relay
+	AgeMs          int64       `json:"age_ms"`                // since its last announcement
 	// Path is how this node is connected to the peer now: "direct",
-	// "relayed" (then Via is the relay's peer ID), or "" when not
-	// connected. Unreachable is set while the peer could not be dialled
-	// and has not announced since.
+	// "relayed" (then Relay is the relay's peer ID), or "" when not
+	// connected. HolePunched marks a direct connection that a hole punch
+	// (DCUtR) made out of a relayed one. Unreachable is set while the
+	// peer could not be dialled and has not announced since.
 	Path        string `json:"path,omitempty"`
-	Via         string `json:"via,omitempty"`
+	Relay       string `json:"path_relay,omitempty"`
+	HolePunched bool   `json:"hole_punched,omitempty"`
 	Unreachable bool   `json:"unreachable,omitempty"`
+	// Reachability is how others reach the peer, from the addresses it
+	// announces: "public" (a public address), "relayed" (through the
+	// relays in RelayedVia: it is behind NAT), "private" (only private
+	// or loopback addresses: reachable on its LAN), "" (none announced).
+	Reachability string   `json:"reachability,omitempty"`
+	RelayedVia   []string `json:"relayed_via,omitempty"`
 	// Reputation is how far honesty spot checks trust the peer's answers
 	// to come from the model it announces, 0..100 (100 until checked);
 	// Distrusted peers, below the threshold, get no traffic.

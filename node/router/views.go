@@ -1,11 +1,13 @@
 package router
 
 import (
+	"slices"
 	"sort"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -41,12 +43,14 @@ func (r *Router) Peers() []PeerView {
 			Breaker:        st.tracker.State().String(),
 			Draining:       a.GetDraining(),
 			RTTMs:          float64(c.RTT.Microseconds()) / 1000,
+			RTTRelayed:     c.RTTRelayed,
 			AgeMs:          now.Sub(c.Received).Milliseconds(),
 			Unreachable:    st.unreachableLocked(c),
 			Reputation:     r.reputation(c.Peer),
 			Distrusted:     r.distrusted(c.Peer),
 		}
-		v.Path, v.Via = r.path(c.Peer)
+		v.Path, v.Relay, v.HolePunched = r.path(c.Peer)
+		v.Reachability, v.RelayedVia = Reachability(a.GetAddrs())
 		for _, m := range a.GetModels() {
 			v.Models = append(v.Models, ModelStat{
 				Name: m.GetName(), Types: typeNames(m.GetTypes()), Backend: m.GetBackend(),
@@ -121,19 +125,61 @@ func typeNames(ts []pb.QueryType) []string {
 }
 
 // path is how this node is connected to p: the connection libp2p would
-// choose (a direct one before a relayed one), and the relay of a relayed one.
-func (r *Router) path(p peer.ID) (kind, relay string) {
+// choose (a direct one before a relayed one), the relay of a relayed one,
+// and whether a direct one was made by a hole punch.
+func (r *Router) path(p peer.ID) (kind, relay string, punched bool) {
 	if p == r.h.ID() {
-		return "", ""
+		return "", "", false
 	}
 	for _, c := range r.h.Network().ConnsToPeer(p) {
 		if !isRelayed(c) {
-			return "direct", ""
+			if kind != "direct" {
+				kind, relay = "direct", ""
+			}
+			punched = punched || (r.punches != nil && r.punches.HolePunched(c))
+			continue
+		}
+		if kind == "direct" {
+			continue
 		}
 		kind = "relayed"
 		if rp, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_P2P); err == nil {
 			relay = rp
 		}
 	}
-	return kind, relay
+	return kind, relay, punched
+}
+
+// Reachability is how others reach a peer that announces addrs (binary
+// multiaddrs): "relayed" with the relays' peer IDs when it announces
+// relayed addresses, else "public" for a public address, "private" for
+// private or loopback ones only, "" for none.
+func Reachability(addrs [][]byte) (kind string, via []string) {
+	public, private := false, false
+	for _, b := range addrs {
+		m, err := ma.NewMultiaddrBytes(b)
+		if err != nil {
+			continue
+		}
+		if _, err := m.ValueForProtocol(ma.P_CIRCUIT); err == nil {
+			if rp, err := m.ValueForProtocol(ma.P_P2P); err == nil && !slices.Contains(via, rp) {
+				via = append(via, rp)
+			}
+			continue
+		}
+		if manet.IsPublicAddr(m) {
+			public = true
+		} else {
+			private = true
+		}
+	}
+	switch {
+	case len(via) > 0:
+		return "relayed", via
+	case public:
+		return "public", nil
+	case private:
+		return "private", nil
+	}
+	return "", nil
 }

@@ -514,6 +514,28 @@
     return td;
   }
 
+  // How others reach the peer (from the addresses it announces) and how
+  // this bridge is connected to it now.
+  function reachCell(p) {
+    const via = Array.isArray(p.relayed_via) ? p.relayed_via : [];
+    const reach = {
+      public: "public",
+      relayed: "behind NAT, relayed via " + via.map(shortPeer).join(", "),
+      private: "LAN only",
+    }[p.reachability] || "unknown";
+    let path;
+    if (p.self) path = "this node";
+    else if (p.unreachable) path = "unreachable";
+    else if (p.path === "direct") path = p.hole_punched ? "direct after hole punch" : "direct";
+    else if (p.path === "relayed") path = "relayed via " + shortPeer(p.path_relay);
+    else path = "not connected";
+    const td = h("td", { className: "reach" }, h("div", null, reach));
+    td.dataset.reachability = String(p.reachability || "");
+    td.dataset.path = String(p.path || "");
+    td.append(h("div", { className: "sub-line" }, path));
+    return td;
+  }
+
   function renderSwarm(data) {
     const peers = Array.isArray(data.peers) ? data.peers : [];
     apiModels = Array.isArray(data.models) ? data.models : [];
@@ -530,9 +552,9 @@
       }
       const load = h("td", null, (p.in_flight || 0) + " / " + (p.max_concurrency || "?"));
       if (p.queued) load.append(h("div", { className: "sub-line" }, p.queued + " queued"));
-      return h("tr", { dataset: { peer: String(p.peer) } }, idCell, modelsCell, gpuCell(p), load, healthCell(p));
+      return h("tr", { dataset: { peer: String(p.peer) } }, idCell, modelsCell, gpuCell(p), load, healthCell(p), reachCell(p));
     });
-    if (rows.length === 0) rows.push(h("tr", null, h("td", { colSpan: 5, className: "sub-line" }, "no workers seen yet: start one with mtor node --backend … --join TOKEN")));
+    if (rows.length === 0) rows.push(h("tr", null, h("td", { colSpan: 6, className: "sub-line" }, "no workers seen yet: start one with mtor node --backend … --join TOKEN")));
     el.peers.replaceChildren(...rows);
     const gpuCount = peers.reduce((n, p) => n + (Array.isArray(p.gpus) ? p.gpus.length : 0), 0);
     // Say "GPU" only of a swarm that has one; tell the visitor of an

@@ -1,0 +1,97 @@
+package node
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
+)
+
+func loopbackHost(t *testing.T) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Close() })
+	return h
+}
+
+// The punch log marks the direct connections that stand after a
+// successful hole punch, ignores failed punches, and forgets a connection
+// when it closes. The punch itself is libp2p's (the NAT suite makes real
+// ones); here its tracer events are given on real loopback connections.
+func TestPunchLogFollowsConnections(t *testing.T) {
+	a, b, c := loopbackHost(t), loopbackHost(t), loopbackHost(t)
+	l := newPunchLog()
+	l.attach(a)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, h := range []host.Host{b, c} {
+		if err := a.Connect(ctx, peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn := func(p peer.ID) network.Conn {
+		cs := a.Network().ConnsToPeer(p)
+		if len(cs) == 0 {
+			t.Fatalf("no connection to %s", p)
+		}
+		return cs[0]
+	}
+	for _, tc := range []struct {
+		name    string
+		evt     *holepunch.Event
+		peer    peer.ID
+		punched bool
+	}{
+		{"a direct dial is no punch", &holepunch.Event{Remote: b.ID(), Type: holepunch.DirectDialEvtT, Evt: &holepunch.DirectDialEvt{Success: true}}, b.ID(), false},
+		{"a failed punch marks nothing", &holepunch.Event{Remote: b.ID(), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Success: false, Error: "timeout"}}, b.ID(), false},
+		{"a successful punch marks the direct connection", &holepunch.Event{Remote: b.ID(), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Success: true}}, b.ID(), true},
+		{"and only that peer's", nil, c.ID(), false},
+	} {
+		if tc.evt != nil {
+			l.Trace(tc.evt)
+		}
+		if got := l.HolePunched(conn(tc.peer)); got != tc.punched {
+			t.Errorf("%s: HolePunched = %v, want %v", tc.name, got, tc.punched)
+		}
+	}
+	// Closed, it is forgotten (the notifiee runs asynchronously).
+	_ = conn(b.ID()).Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		l.mu.Lock()
+		left := len(l.conns)
+		l.mu.Unlock()
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections still remembered after the punched one closed", left)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// The log is bounded: past maxPunched the oldest entries go.
+func TestPunchLogBounded(t *testing.T) {
+	l := newPunchLog()
+	p := peer.ID("x")
+	for i := range maxPunched + 100 {
+		l.add(string(rune('a'+i%26))+time.Duration(i).String(), p)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.conns) != maxPunched || len(l.order) > 2*maxPunched {
+		t.Fatalf("%d entries, order %d; want %d, at most %d", len(l.conns), len(l.order), maxPunched, 2*maxPunched)
+	}
+	if _, ok := l.conns["a"+time.Duration(0).String()]; ok {
+		t.Error("the oldest entry is still there")
+	}
+}
