@@ -145,59 +145,89 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 // that a query refused before any worker accepted it still gets its proper
 // HTTP status; each write has its own deadline so that a stalled reader
 // cancels the query instead of holding it.
+//
+// Events are queued and written by one goroutine (which also sends the
+// keep-alive comments): events that arrive while a write and flush are
+// under way go out together in the next one, so a client that reads
+// slower than the tokens come costs one write and flush per batch, not
+// per token. The queue is bounded (maxPendingSSE); event blocks when it
+// is full.
 type sse struct {
-	mu      sync.Mutex
-	w       http.ResponseWriter
-	rc      *http.ResponseController
-	started bool
-	last    time.Time // of the last write
+	mu         sync.Mutex
+	cond       *sync.Cond
+	w          http.ResponseWriter
+	rc         *http.ResponseController
+	started    bool      // the status line is (to be) sent: something was queued
+	sentHeader bool      // the writer has sent it
+	last       time.Time // of the last event queued or keep-alive sent
+	pending    []byte
+	spare      []byte
+	err        error // of a write: the client is gone
+	stopped    bool
+	wake       chan struct{}
 }
+
+// maxPendingSSE bounds the bytes of events waiting for the writer.
+const maxPendingSSE = 256 << 10
 
 // DefaultKeepAlive is how long a stream may stay silent (a query queued or
 // a slow model) before the bridge sends an SSE comment, so that proxies
 // with a read timeout (nginx: 60 s) do not cut it.
 const DefaultKeepAlive = 15 * time.Second
 
-// keepAlive writes ": keep-alive" whenever nothing was written for every;
-// stop waits for it to end. After the first one the status line is sent,
-// so a later refusal arrives as an error event rather than its HTTP status.
-func (e *sse) keepAlive(every time.Duration) (stop func()) {
+// run starts the writer, which also writes ": keep-alive" whenever nothing
+// was written for every; stop writes what is queued and waits for the
+// writer to end; after it the handler writes to w itself. After the first
+// keep-alive the status line is sent, so a later refusal arrives as an
+// error event rather than its HTTP status.
+func (e *sse) run(every time.Duration) (stop func()) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Add(1)
 	e.mu.Lock()
 	e.last = time.Now()
 	e.mu.Unlock()
-	go func() {
-		defer wg.Done()
+	wg.Go(func() {
 		t := time.NewTicker(every / 2)
 		defer t.Stop()
 		for {
 			select {
 			case <-done:
+				e.writePending()
 				return
+			case <-e.wake:
+				e.writePending()
 			case <-t.C:
 				e.mu.Lock()
-				if time.Since(e.last) >= every {
-					e.start()
-					_ = e.write([]byte(": keep-alive\n\n"))
+				if time.Since(e.last) >= every && e.err == nil {
+					e.last = time.Now()
+					e.started = true
+					e.pending = append(e.pending, ": keep-alive\n\n"...)
 				}
 				e.mu.Unlock()
+				e.writePending()
 			}
 		}
-	}()
-	return func() { close(done); wg.Wait() }
+	})
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			close(done)
+			wg.Wait()
+			e.mu.Lock()
+			e.stopped = true
+			e.cond.Broadcast()
+			e.mu.Unlock()
+		})
+	}
 }
 
 func newSSE(w http.ResponseWriter) *sse {
-	return &sse{w: w, rc: http.NewResponseController(w)}
+	e := &sse{w: w, rc: http.NewResponseController(w), wake: make(chan struct{}, 1)}
+	e.cond = sync.NewCond(&e.mu)
+	return e
 }
 
-func (e *sse) start() {
-	if e.started {
-		return
-	}
-	e.started = true
+func (e *sse) writeHeader() {
 	h := e.w.Header()
 	h.Set("Content-Type", "text/event-stream; charset=utf-8")
 	h.Set("Cache-Control", "no-cache")
@@ -206,13 +236,76 @@ func (e *sse) start() {
 	e.w.WriteHeader(http.StatusOK)
 }
 
+// writePending writes and flushes what is queued, in one write.
+func (e *sse) writePending() {
+	e.mu.Lock()
+	buf := e.pending
+	if len(buf) == 0 || e.err != nil {
+		e.mu.Unlock()
+		return
+	}
+	e.pending = e.spare[:0]
+	first := !e.headerSent()
+	e.mu.Unlock()
+	if first {
+		e.writeHeader()
+	}
+	err := e.write(buf)
+	e.mu.Lock()
+	if cap(buf) <= 2*maxPendingSSE {
+		e.spare = buf[:0]
+	}
+	if err != nil {
+		e.err, e.pending = err, nil
+	}
+	e.cond.Broadcast()
+	e.mu.Unlock()
+}
+
+// headerSent is set once the writer has sent the status line.
+func (e *sse) headerSent() bool {
+	sent := e.sentHeader
+	e.sentHeader = true
+	return sent
+}
+
 func (e *sse) write(data []byte) error {
-	e.last = time.Now()
 	_ = e.rc.SetWriteDeadline(time.Now().Add(defaultWriteTimeout))
 	if _, err := e.w.Write(data); err != nil {
 		return err
 	}
 	return e.rc.Flush()
+}
+
+// queue adds raw event bytes for the writer; while the writer is stopped
+// (before run, after stop) it writes them itself.
+func (e *sse) queue(b ...string) error {
+	e.mu.Lock()
+	for e.err == nil && !e.stopped && len(e.pending) >= maxPendingSSE {
+		e.cond.Wait()
+	}
+	if e.err != nil {
+		defer e.mu.Unlock()
+		return e.err
+	}
+	e.started = true
+	e.last = time.Now()
+	for _, s := range b {
+		e.pending = append(e.pending, s...)
+	}
+	if e.stopped {
+		e.mu.Unlock()
+		e.writePending()
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.err
+	}
+	e.mu.Unlock()
+	select {
+	case e.wake <- struct{}{}:
+	default: // the writer is awake already and will see these bytes
+	}
+	return nil
 }
 
 // event sends one "data: <json>" event.
@@ -221,23 +314,13 @@ func (e *sse) event(v any) error {
 	if err != nil {
 		return err
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.start()
-	return e.write([]byte("data: " + string(b) + "\n\n"))
+	return e.queue("data: ", string(b), "\n\n")
 }
 
-func (e *sse) done() error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.start()
-	return e.write([]byte("data: [DONE]\n\n"))
-}
+func (e *sse) done() error { return e.queue("data: [DONE]\n\n") }
 
 // finish lifts the write deadline (see writeBody).
 func (e *sse) finish() {
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	_ = e.rc.SetWriteDeadline(time.Time{})
 }
 
@@ -250,7 +333,8 @@ func (e *sse) isStarted() bool {
 func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryRequest, id string, created int64, includeUsage bool) {
 	out := newSSE(w)
 	defer out.finish()
-	defer out.keepAlive(s.cfg.keepAlive)()
+	stop := out.run(s.cfg.keepAlive)
+	defer stop()
 	var usageField any
 	if includeUsage {
 		usageField = json.RawMessage("null")
@@ -299,6 +383,7 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 		return nil
 	})
 	if aerr != nil {
+		stop() // from here on the handler writes itself
 		if !out.isStarted() {
 			writeError(w, aerr)
 			return
@@ -325,6 +410,7 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			return
 		}
 	}
+	stop()
 	w.Header().Set(peerHeader, res.Peer.String()) // trailer
 	_ = out.done()
 }
