@@ -56,7 +56,7 @@ type Option func(*Backend)
 func WithAPIKey(key string) Option { return func(b *Backend) { b.key = key } }
 
 // WithHTTPClient sets the HTTP client (default: one on
-// http.DefaultTransport without an overall timeout; the backend sets its
+// httputil.NewTransport without an overall timeout; the backend sets its
 // own per call).
 func WithHTTPClient(c *http.Client) Option { return func(b *Backend) { b.client = c } }
 
@@ -115,7 +115,7 @@ func New(baseURL string, opts ...Option) (*Backend, error) {
 	root := strings.TrimSuffix(u.String(), "/v1")
 	b := &Backend{
 		root:    root,
-		client:  &http.Client{Transport: http.DefaultTransport},
+		client:  &http.Client{Transport: httputil.NewTransport()},
 		timeout: DefaultTimeout, work: DefaultWorkTimeout, idle: DefaultIdleTimeout,
 		declared: map[string][]pb.QueryType{},
 	}
