@@ -104,7 +104,8 @@ func (fr *FrameReader) Read(m proto.Message) error {
 	return nil
 }
 
-// smallFrame is the size up to which frame bodies share one reused buffer.
+// smallFrame is the size up to which frame bodies share one reused buffer,
+// grown as needed.
 const smallFrame = 64 << 10
 
 // readBody reads an n-byte frame body. Small frames reuse one buffer (no
@@ -117,7 +118,9 @@ func (fr *FrameReader) readBody(n int) ([]byte, error) {
 	var buf []byte
 	if n <= smallFrame {
 		if cap(fr.buf) < n {
-			fr.buf = make([]byte, min(smallFrame, fr.max))
+			// Grown to what the frames need (a query stream's events are
+			// mostly tens of bytes), not allocated at 64 KiB per stream.
+			fr.buf = make([]byte, max(n, min(2*cap(fr.buf), smallFrame), 512))
 		}
 		buf = fr.buf[:0]
 	} else {
