@@ -144,16 +144,23 @@ func (fr *FrameReader) readBody(n int) ([]byte, error) {
 
 // AppendFrame appends the framed encoding of m to b.
 func AppendFrame(b []byte, m proto.Message) ([]byte, error) {
-	size := proto.Size(m)
+	return appendFrame(b, m, proto.Size(m))
+}
+
+// appendFrame appends m, whose size was just computed (and cached in m by
+// proto.Size), without sizing it again.
+func appendFrame(b []byte, m proto.Message, size int) ([]byte, error) {
 	var lp [varint.MaxLenUvarint63]byte
 	b = append(b, lp[:varint.PutUvarint(lp[:], uint64(size))]...)
-	return proto.MarshalOptions{}.MarshalAppend(b, m)
+	b = slices.Grow(b, size)
+	return proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, m)
 }
 
 // WriteFrame writes m as one frame with a single Write call, so that a
 // frame is never interleaved or half-written by this side.
 func WriteFrame(w io.Writer, m proto.Message) error {
-	b, err := AppendFrame(make([]byte, 0, proto.Size(m)+varint.MaxLenUvarint63), m)
+	size := proto.Size(m)
+	b, err := appendFrame(make([]byte, 0, size+varint.MaxLenUvarint63), m, size)
 	if err != nil {
 		return fmt.Errorf("marshal frame: %w", err)
 	}

@@ -87,3 +87,17 @@ func TestFrameWriterReportsAGoneReader(t *testing.T) {
 		t.Fatalf("Write after Close: %v, want ErrWriterClosed", err)
 	}
 }
+
+// BenchmarkAppendFrame frames one token's Chunk event into a reused
+// buffer, as the worker's FrameWriter does per token.
+func BenchmarkAppendFrame(b *testing.B) {
+	ev := chunkEvent("zq ")
+	var buf []byte
+	b.ReportAllocs()
+	for b.Loop() {
+		var err error
+		if buf, err = protocol.AppendFrame(buf[:0], ev); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
