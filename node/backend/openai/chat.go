@@ -11,6 +11,8 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	jsonv2 "github.com/go-json-experiment/json"
+
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/httputil"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -190,7 +192,7 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 			break
 		}
 		var c chunk
-		if err := json.Unmarshal(data, &c); err != nil {
+		if err := jsonv2.Unmarshal(data, &c, b.chunkJSON); err != nil {
 			return backend.Usage{}, httputil.Malformed("%v", err)
 		}
 		if len(c.Error) > 0 && string(c.Error) != "null" {
