@@ -1,8 +1,10 @@
 package bridge
 
 import (
+	"bytes"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"sync"
 	"time"
@@ -279,7 +281,7 @@ func (e *sse) write(data []byte) error {
 
 // queue adds raw event bytes for the writer; while the writer is stopped
 // (before run, after stop) it writes them itself.
-func (e *sse) queue(b ...string) error {
+func (e *sse) queue(b ...[]byte) error {
 	e.mu.Lock()
 	for e.err == nil && !e.stopped && len(e.pending) >= maxPendingSSE {
 		e.cond.Wait()
@@ -314,10 +316,10 @@ func (e *sse) event(v any) error {
 	if err != nil {
 		return err
 	}
-	return e.queue("data: ", string(b), "\n\n")
+	return e.queue([]byte("data: "), b, []byte("\n\n"))
 }
 
-func (e *sse) done() error { return e.queue("data: [DONE]\n\n") }
+func (e *sse) done() error { return e.queue([]byte("data: [DONE]\n\n")) }
 
 // finish lifts the write deadline (see writeBody).
 func (e *sse) finish() {
@@ -344,6 +346,11 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			Choices: []chunkChoice{{Delta: d, FinishReason: finish}}}
 	}
 	empty := ""
+	tokens, err := newTokenEvents(chunk(chunkDelta{Content: &empty}, nil))
+	if err != nil {
+		writeError(w, &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: "encoding the response failed"})
+		return
+	}
 	roleSent := false
 	calledTools := false
 	var calls callIndex
@@ -368,10 +375,11 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			if text == "" {
 				return nil
 			}
-			c := chunk(chunkDelta{Content: &text}, nil)
-			if q.GetParams().GetLogprobs() {
-				c.Choices[0].Logprobs = logprobsJSON(k.Chunk.GetLogprobs())
+			if !q.GetParams().GetLogprobs() {
+				return tokens.event(out, text)
 			}
+			c := chunk(chunkDelta{Content: &text}, nil)
+			c.Choices[0].Logprobs = logprobsJSON(k.Chunk.GetLogprobs())
 			return out.event(c)
 		case *pb.Event_ToolCall:
 			if err := sendRole(); err != nil {
@@ -413,4 +421,39 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 	stop()
 	w.Header().Set(peerHeader, res.Peer.String()) // trailer
 	_ = out.done()
+}
+
+// tokenEvents writes the chunk events of plain tokens, the hot path of a
+// stream: the chunk's JSON around its content is rendered once per stream,
+// and each token costs only its quoted text.
+type tokenEvents struct {
+	prefix, suffix []byte
+}
+
+// newTokenEvents splits the JSON of tmpl, a chunk whose delta content is
+// "", around that content.
+func newTokenEvents(tmpl chatChunk) (*tokenEvents, error) {
+	b, err := json.Marshal(tmpl)
+	if err != nil {
+		return nil, err
+	}
+	const hole = `"content":""`
+	i := bytes.Index(b, []byte(hole))
+	if i < 0 {
+		return nil, fmt.Errorf("chunk template without content: %s", b)
+	}
+	i += len(hole) - len(`""`)
+	return &tokenEvents{
+		prefix: append([]byte("data: "), b[:i]...),
+		suffix: append(append([]byte(nil), b[i+2:]...), "\n\n"...),
+	}, nil
+}
+
+// event queues the event of one token's text.
+func (t *tokenEvents) event(out *sse, text string) error {
+	q, err := json.Marshal(text) // encoding/json's escaping, as for the whole chunk
+	if err != nil {
+		return err
+	}
+	return out.queue(t.prefix, q, t.suffix)
 }
