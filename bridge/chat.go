@@ -170,7 +170,7 @@ type sse struct {
 }
 
 // maxPendingSSE bounds the bytes of events waiting for the writer.
-const maxPendingSSE = 256 << 10
+const maxPendingSSE = 64 << 10
 
 // DefaultKeepAlive is how long a stream may stay silent (a query queued or
 // a slow model) before the bridge sends an SSE comment, so that proxies

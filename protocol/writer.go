@@ -11,8 +11,10 @@ import (
 
 // MaxPendingFrames bounds the bytes a FrameWriter holds for its writer;
 // Write blocks while more are pending (one larger frame is let through
-// alone).
-const MaxPendingFrames = 256 << 10
+// alone). Thousands of tokens' frames, and what the worker reserves per
+// stream in the resource manager: a client that stops reading pins no
+// more than that.
+const MaxPendingFrames = 64 << 10
 
 // ErrWriterClosed is returned by Write after Close.
 var ErrWriterClosed = errors.New("frame writer closed")
