@@ -167,6 +167,7 @@ type sse struct {
 	err        error // of a write: the client is gone
 	stopped    bool
 	wake       chan struct{}
+	bufs       *sync.Pool // where pending and spare come from and go back
 }
 
 // maxPendingSSE bounds the bytes of events waiting for the writer.
@@ -223,10 +224,22 @@ func (e *sse) run(every time.Duration) (stop func()) {
 	}
 }
 
-func newSSE(w http.ResponseWriter) *sse {
-	e := &sse{w: w, rc: http.NewResponseController(w), wake: make(chan struct{}, 1)}
+// newSSE writes to w; its two queue buffers come from bufs (nil: its own)
+// and go back there at finish.
+func newSSE(w http.ResponseWriter, bufs *sync.Pool) *sse {
+	e := &sse{w: w, rc: http.NewResponseController(w), wake: make(chan struct{}, 1), bufs: bufs}
 	e.cond = sync.NewCond(&e.mu)
+	if bufs != nil {
+		e.pending, e.spare = bufs.Get().([]byte)[:0], bufs.Get().([]byte)[:0]
+	}
 	return e
+}
+
+// newSSEBufs is the pool of the streams' queue buffers: a stream's events
+// are a few KiB, and a buffer grown for each stream was most of the
+// bytes a streamed answer allocated.
+func newSSEBufs() *sync.Pool {
+	return &sync.Pool{New: func() any { return make([]byte, 0, 4<<10) }}
 }
 
 func (e *sse) writeHeader() {
@@ -321,9 +334,20 @@ func (e *sse) event(v any) error {
 
 func (e *sse) done() error { return e.queue([]byte("data: [DONE]\n\n")) }
 
-// finish lifts the write deadline (see writeBody).
+// finish lifts the write deadline (see writeBody) and gives the queue
+// buffers back; nothing may be queued after it.
 func (e *sse) finish() {
 	_ = e.rc.SetWriteDeadline(time.Time{})
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.bufs != nil {
+		for _, b := range [][]byte{e.pending, e.spare} {
+			if b != nil && cap(b) <= maxPendingSSE {
+				e.bufs.Put(b[:0]) // boxes a slice header (24 B): what matters is the array
+			}
+		}
+		e.pending, e.spare, e.bufs = nil, nil, nil
+	}
 }
 
 func (e *sse) isStarted() bool {
@@ -333,7 +357,7 @@ func (e *sse) isStarted() bool {
 }
 
 func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryRequest, id string, created int64, includeUsage bool) {
-	out := newSSE(w)
+	out := newSSE(w, s.sseBufs)
 	defer out.finish()
 	stop := out.run(s.cfg.keepAlive)
 	defer stop()

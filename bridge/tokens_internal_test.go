@@ -23,7 +23,7 @@ func TestTokenEventsMatchTheChunk(t *testing.T) {
 		}
 		for _, text := range []string{"zq ", `"quoted" \\ back`, "<b>&amp;</b>", "line\nbreak\ttab", "émoji 🙂", "\x00\u2028"} {
 			rec := httptest.NewRecorder()
-			out := newSSE(rec)
+			out := newSSE(rec, newSSEBufs())
 			stop := out.run(DefaultKeepAlive)
 			if err := te.event(out, text); err != nil {
 				t.Fatal(err)
