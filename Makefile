@@ -26,7 +26,7 @@ help:
 	@echo "make test    run the whole test suite (needs Go, Node.js/npm, chromium)"
 	@echo "make test-nat  the NAT suite in network namespaces (root, nftables) with a 150 s stream, and 12 workers behind one NAT"
 	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
-	@echo "make bench   swarm vs in-process latency and throughput (docs/benchmarks.md)"
+	@echo "make bench   the swarm paths vs direct, Go proxy and nginx: latency, throughput, CPU per token (docs/benchmarks.md)"
 	@echo "make chaos   the long churn run: workers killed and restarted under load (docs/benchmarks.md)"
 	@echo "make proto   regenerate protocol/pb from protocol/pb/mtor.proto"
 	@echo "make lint    gofmt check and go vet"
@@ -60,7 +60,7 @@ demo: build
 
 bench: build
 	./$(BIN) bench
-	$(GO) test -run '^$$' -bench . -benchmem ./protocol/... ./node/...
+	$(GO) test -run '^$$' -bench . -benchmem ./protocol/... ./node/... ./cmd/mtor/internal/pathbench
 
 # The long churn run (docs/benchmarks.md): 3000 queries of every client
 # kind at concurrency 16, answers of about 0.5 s, while one of 4 workers is

@@ -47,7 +47,8 @@ const (
 // Server is the bridge.
 type Server struct {
 	cfg     config
-	swarm   Swarm // instrumented
+	sseBufs *sync.Pool // queue buffers of SSE streams
+	swarm   Swarm      // instrumented
 	log     *logging.ZapEventLogger
 	keys    *keySet
 	bodies  *bodyBudget
@@ -111,6 +112,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	}
 	srv := &Server{
 		cfg:     cfg,
+		sseBufs: newSSEBufs(),
 		log:     cfg.log,
 		keys:    newKeySet(cfg.keys),
 		bodies:  newBodyBudget(cfg.maxBodyFlight, cfg.retryAfter),

@@ -1,8 +1,10 @@
 package bridge
 
 import (
+	"bytes"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"sync"
 	"time"
@@ -145,59 +147,102 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 // that a query refused before any worker accepted it still gets its proper
 // HTTP status; each write has its own deadline so that a stalled reader
 // cancels the query instead of holding it.
+//
+// Events are queued and written by one goroutine (which also sends the
+// keep-alive comments): events that arrive while a write and flush are
+// under way go out together in the next one, so a client that reads
+// slower than the tokens come costs one write and flush per batch, not
+// per token. The queue is bounded (maxPendingSSE); event blocks when it
+// is full.
 type sse struct {
-	mu      sync.Mutex
-	w       http.ResponseWriter
-	rc      *http.ResponseController
-	started bool
-	last    time.Time // of the last write
+	mu         sync.Mutex
+	cond       *sync.Cond
+	w          http.ResponseWriter
+	rc         *http.ResponseController
+	started    bool      // the status line is (to be) sent: something was queued
+	sentHeader bool      // the writer has sent it
+	last       time.Time // of the last event queued or keep-alive sent
+	pending    []byte
+	spare      []byte
+	err        error // of a write: the client is gone
+	stopped    bool
+	wake       chan struct{}
+	bufs       *sync.Pool // where pending and spare come from and go back
 }
+
+// maxPendingSSE bounds the bytes of events waiting for the writer.
+const maxPendingSSE = 64 << 10
 
 // DefaultKeepAlive is how long a stream may stay silent (a query queued or
 // a slow model) before the bridge sends an SSE comment, so that proxies
 // with a read timeout (nginx: 60 s) do not cut it.
 const DefaultKeepAlive = 15 * time.Second
 
-// keepAlive writes ": keep-alive" whenever nothing was written for every;
-// stop waits for it to end. After the first one the status line is sent,
-// so a later refusal arrives as an error event rather than its HTTP status.
-func (e *sse) keepAlive(every time.Duration) (stop func()) {
+// run starts the writer, which also writes ": keep-alive" whenever nothing
+// was written for every; stop writes what is queued and waits for the
+// writer to end; after it the handler writes to w itself. After the first
+// keep-alive the status line is sent, so a later refusal arrives as an
+// error event rather than its HTTP status.
+func (e *sse) run(every time.Duration) (stop func()) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
-	wg.Add(1)
 	e.mu.Lock()
 	e.last = time.Now()
 	e.mu.Unlock()
-	go func() {
-		defer wg.Done()
+	wg.Go(func() {
 		t := time.NewTicker(every / 2)
 		defer t.Stop()
 		for {
 			select {
 			case <-done:
+				e.writePending()
 				return
+			case <-e.wake:
+				e.writePending()
 			case <-t.C:
 				e.mu.Lock()
-				if time.Since(e.last) >= every {
-					e.start()
-					_ = e.write([]byte(": keep-alive\n\n"))
+				if time.Since(e.last) >= every && e.err == nil {
+					e.last = time.Now()
+					e.started = true
+					e.pending = append(e.pending, ": keep-alive\n\n"...)
 				}
 				e.mu.Unlock()
+				e.writePending()
 			}
 		}
-	}()
-	return func() { close(done); wg.Wait() }
-}
-
-func newSSE(w http.ResponseWriter) *sse {
-	return &sse{w: w, rc: http.NewResponseController(w)}
-}
-
-func (e *sse) start() {
-	if e.started {
-		return
+	})
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			close(done)
+			wg.Wait()
+			e.mu.Lock()
+			e.stopped = true
+			e.cond.Broadcast()
+			e.mu.Unlock()
+		})
 	}
-	e.started = true
+}
+
+// newSSE writes to w; its two queue buffers come from bufs (nil: its own)
+// and go back there at finish.
+func newSSE(w http.ResponseWriter, bufs *sync.Pool) *sse {
+	e := &sse{w: w, rc: http.NewResponseController(w), wake: make(chan struct{}, 1), bufs: bufs}
+	e.cond = sync.NewCond(&e.mu)
+	if bufs != nil {
+		e.pending, e.spare = bufs.Get().([]byte)[:0], bufs.Get().([]byte)[:0]
+	}
+	return e
+}
+
+// newSSEBufs is the pool of the streams' queue buffers: a stream's events
+// are a few KiB, and a buffer grown for each stream was most of the
+// bytes a streamed answer allocated.
+func newSSEBufs() *sync.Pool {
+	return &sync.Pool{New: func() any { return make([]byte, 0, 4<<10) }}
+}
+
+func (e *sse) writeHeader() {
 	h := e.w.Header()
 	h.Set("Content-Type", "text/event-stream; charset=utf-8")
 	h.Set("Cache-Control", "no-cache")
@@ -206,13 +251,76 @@ func (e *sse) start() {
 	e.w.WriteHeader(http.StatusOK)
 }
 
+// writePending writes and flushes what is queued, in one write.
+func (e *sse) writePending() {
+	e.mu.Lock()
+	buf := e.pending
+	if len(buf) == 0 || e.err != nil {
+		e.mu.Unlock()
+		return
+	}
+	e.pending = e.spare[:0]
+	first := !e.headerSent()
+	e.mu.Unlock()
+	if first {
+		e.writeHeader()
+	}
+	err := e.write(buf)
+	e.mu.Lock()
+	if cap(buf) <= 2*maxPendingSSE {
+		e.spare = buf[:0]
+	}
+	if err != nil {
+		e.err, e.pending = err, nil
+	}
+	e.cond.Broadcast()
+	e.mu.Unlock()
+}
+
+// headerSent is set once the writer has sent the status line.
+func (e *sse) headerSent() bool {
+	sent := e.sentHeader
+	e.sentHeader = true
+	return sent
+}
+
 func (e *sse) write(data []byte) error {
-	e.last = time.Now()
 	_ = e.rc.SetWriteDeadline(time.Now().Add(defaultWriteTimeout))
 	if _, err := e.w.Write(data); err != nil {
 		return err
 	}
 	return e.rc.Flush()
+}
+
+// queue adds raw event bytes for the writer; while the writer is stopped
+// (before run, after stop) it writes them itself.
+func (e *sse) queue(b ...[]byte) error {
+	e.mu.Lock()
+	for e.err == nil && !e.stopped && len(e.pending) >= maxPendingSSE {
+		e.cond.Wait()
+	}
+	if e.err != nil {
+		defer e.mu.Unlock()
+		return e.err
+	}
+	e.started = true
+	e.last = time.Now()
+	for _, s := range b {
+		e.pending = append(e.pending, s...)
+	}
+	if e.stopped {
+		e.mu.Unlock()
+		e.writePending()
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.err
+	}
+	e.mu.Unlock()
+	select {
+	case e.wake <- struct{}{}:
+	default: // the writer is awake already and will see these bytes
+	}
+	return nil
 }
 
 // event sends one "data: <json>" event.
@@ -221,24 +329,25 @@ func (e *sse) event(v any) error {
 	if err != nil {
 		return err
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.start()
-	return e.write([]byte("data: " + string(b) + "\n\n"))
+	return e.queue([]byte("data: "), b, []byte("\n\n"))
 }
 
-func (e *sse) done() error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	e.start()
-	return e.write([]byte("data: [DONE]\n\n"))
-}
+func (e *sse) done() error { return e.queue([]byte("data: [DONE]\n\n")) }
 
-// finish lifts the write deadline (see writeBody).
+// finish lifts the write deadline (see writeBody) and gives the queue
+// buffers back; nothing may be queued after it.
 func (e *sse) finish() {
+	_ = e.rc.SetWriteDeadline(time.Time{})
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	_ = e.rc.SetWriteDeadline(time.Time{})
+	if e.bufs != nil {
+		for _, b := range [][]byte{e.pending, e.spare} {
+			if b != nil && cap(b) <= maxPendingSSE {
+				e.bufs.Put(b[:0]) // boxes a slice header (24 B): what matters is the array
+			}
+		}
+		e.pending, e.spare, e.bufs = nil, nil, nil
+	}
 }
 
 func (e *sse) isStarted() bool {
@@ -248,9 +357,10 @@ func (e *sse) isStarted() bool {
 }
 
 func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryRequest, id string, created int64, includeUsage bool) {
-	out := newSSE(w)
+	out := newSSE(w, s.sseBufs)
 	defer out.finish()
-	defer out.keepAlive(s.cfg.keepAlive)()
+	stop := out.run(s.cfg.keepAlive)
+	defer stop()
 	var usageField any
 	if includeUsage {
 		usageField = json.RawMessage("null")
@@ -260,6 +370,11 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			Choices: []chunkChoice{{Delta: d, FinishReason: finish}}}
 	}
 	empty := ""
+	tokens, err := newTokenEvents(chunk(chunkDelta{Content: &empty}, nil))
+	if err != nil {
+		writeError(w, &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: "encoding the response failed"})
+		return
+	}
 	roleSent := false
 	calledTools := false
 	var calls callIndex
@@ -284,10 +399,11 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			if text == "" {
 				return nil
 			}
-			c := chunk(chunkDelta{Content: &text}, nil)
-			if q.GetParams().GetLogprobs() {
-				c.Choices[0].Logprobs = logprobsJSON(k.Chunk.GetLogprobs())
+			if !q.GetParams().GetLogprobs() {
+				return tokens.event(out, text)
 			}
+			c := chunk(chunkDelta{Content: &text}, nil)
+			c.Choices[0].Logprobs = logprobsJSON(k.Chunk.GetLogprobs())
 			return out.event(c)
 		case *pb.Event_ToolCall:
 			if err := sendRole(); err != nil {
@@ -299,6 +415,7 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 		return nil
 	})
 	if aerr != nil {
+		stop() // from here on the handler writes itself
 		if !out.isStarted() {
 			writeError(w, aerr)
 			return
@@ -325,6 +442,42 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			return
 		}
 	}
+	stop()
 	w.Header().Set(peerHeader, res.Peer.String()) // trailer
 	_ = out.done()
+}
+
+// tokenEvents writes the chunk events of plain tokens, the hot path of a
+// stream: the chunk's JSON around its content is rendered once per stream,
+// and each token costs only its quoted text.
+type tokenEvents struct {
+	prefix, suffix []byte
+}
+
+// newTokenEvents splits the JSON of tmpl, a chunk whose delta content is
+// "", around that content.
+func newTokenEvents(tmpl chatChunk) (*tokenEvents, error) {
+	b, err := json.Marshal(tmpl)
+	if err != nil {
+		return nil, err
+	}
+	const hole = `"content":""`
+	i := bytes.Index(b, []byte(hole))
+	if i < 0 {
+		return nil, fmt.Errorf("chunk template without content: %s", b)
+	}
+	i += len(hole) - len(`""`)
+	return &tokenEvents{
+		prefix: append([]byte("data: "), b[:i]...),
+		suffix: append(append([]byte(nil), b[i+2:]...), "\n\n"...),
+	}, nil
+}
+
+// event queues the event of one token's text.
+func (t *tokenEvents) event(out *sse, text string) error {
+	q, err := json.Marshal(text) // encoding/json's escaping, as for the whole chunk
+	if err != nil {
+		return err
+	}
+	return out.queue(t.prefix, q, t.suffix)
 }

@@ -127,7 +127,11 @@ func resourceManager(proto libp2pproto.ID, relayService bool) (network.ResourceM
 		rcmgr.WithLimitPerSubnet(
 			[]rcmgr.ConnLimitPerSubnet{{PrefixLength: 32, ConnCount: ConnsPerIPv4}},
 			[]rcmgr.ConnLimitPerSubnet{{PrefixLength: 56, ConnCount: ConnsPerIPv6Net}, {PrefixLength: 48, ConnCount: 4 * ConnsPerIPv6Net}}),
-		rcmgr.WithConnRateLimiters(connRateLimiter()))
+		rcmgr.WithConnRateLimiters(connRateLimiter()),
+		// Its Prometheus metrics go to the default registry, which mtor
+		// never serves, and cost a traced event (a formatted timestamp,
+		// allocations) per stream opened and closed.
+		rcmgr.WithMetricsDisabled())
 	if err != nil {
 		return nil, fmt.Errorf("resource manager: %w", err)
 	}
@@ -190,6 +194,7 @@ func newHost(hc hostConfig) (host.Host, error) {
 		libp2p.Security(noise.ID, noise.New),
 		libp2p.Security(libp2ptls.ID, libp2ptls.New),
 		libp2p.ResourceManager(rm),
+		libp2p.DisableMetrics(), // see resourceManager: never served
 		libp2p.ConnectionManager(cm),
 		// NAT'd volunteers: reachability detection (AutoNAT v1 and v2,
 		// client and service), the relay client and hole punching

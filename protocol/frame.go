@@ -108,7 +108,8 @@ func (fr *FrameReader) Read(m proto.Message) error {
 	return nil
 }
 
-// smallFrame is the size up to which frame bodies share one reused buffer.
+// smallFrame is the size up to which frame bodies share one reused buffer,
+// grown as needed.
 const smallFrame = 64 << 10
 
 // readBody reads an n-byte frame body. Small frames reuse one buffer (no
@@ -121,7 +122,9 @@ func (fr *FrameReader) readBody(n int) ([]byte, error) {
 	var buf []byte
 	if n <= smallFrame {
 		if cap(fr.buf) < n {
-			fr.buf = make([]byte, min(smallFrame, fr.max))
+			// Grown to what the frames need (a query stream's events are
+			// mostly tens of bytes), not allocated at 64 KiB per stream.
+			fr.buf = make([]byte, max(n, min(2*cap(fr.buf), smallFrame), 512))
 		}
 		buf = fr.buf[:0]
 	} else {
@@ -145,16 +148,23 @@ func (fr *FrameReader) readBody(n int) ([]byte, error) {
 
 // AppendFrame appends the framed encoding of m to b.
 func AppendFrame(b []byte, m proto.Message) ([]byte, error) {
-	size := proto.Size(m)
+	return appendFrame(b, m, proto.Size(m))
+}
+
+// appendFrame appends m, whose size was just computed (and cached in m by
+// proto.Size), without sizing it again.
+func appendFrame(b []byte, m proto.Message, size int) ([]byte, error) {
 	var lp [varint.MaxLenUvarint63]byte
 	b = append(b, lp[:varint.PutUvarint(lp[:], uint64(size))]...)
-	return proto.MarshalOptions{}.MarshalAppend(b, m)
+	b = slices.Grow(b, size)
+	return proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(b, m)
 }
 
 // WriteFrame writes m as one frame with a single Write call, so that a
 // frame is never interleaved or half-written by this side.
 func WriteFrame(w io.Writer, m proto.Message) error {
-	b, err := AppendFrame(make([]byte, 0, proto.Size(m)+varint.MaxLenUvarint63), m)
+	size := proto.Size(m)
+	b, err := appendFrame(make([]byte, 0, size+varint.MaxLenUvarint63), m, size)
 	if err != nil {
 		return fmt.Errorf("marshal frame: %w", err)
 	}

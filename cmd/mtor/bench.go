@@ -1,42 +1,49 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"text/tabwriter"
 	"time"
 
-	"github.com/mtor-swarm/mtor/node"
-	"github.com/mtor-swarm/mtor/node/backend"
-	"github.com/mtor-swarm/mtor/node/backend/demo"
-	"github.com/mtor-swarm/mtor/protocol"
-	"github.com/mtor-swarm/mtor/protocol/pb"
+	"github.com/mtor-swarm/mtor/cmd/mtor/internal/pathbench"
 )
 
-// benchResult is one row of the benchmark: one path at one concurrency.
-type benchResult struct {
-	Path        string  `json:"path"` // "in-process" or "swarm"
-	Concurrency int     `json:"concurrency"`
-	Queries     int     `json:"queries"`
-	Errors      int64   `json:"errors"`
-	P50Ms       float64 `json:"p50_ms"`
-	P99Ms       float64 `json:"p99_ms"`
-	QPS         float64 `json:"qps"`
+// benchPath is one way from the load generator to the backend, with the
+// processes whose CPU time counts for it.
+type benchPath struct {
+	name  string
+	url   string
+	procs map[string]int // role -> pid
+}
+
+// benchReport is what `mtor bench --json` prints.
+type benchReport struct {
+	Rows    []pathbench.Result `json:"rows"`
+	Streams []pathbench.Result `json:"streams,omitempty"`
 }
 
 func runBench(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,64] [--json]")
+	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--streams N] [--json]")
 	queries := fs.Int("queries", 2000, "queries per path and concurrency")
-	conc := fs.String("concurrency", "1,64", "comma-separated concurrency levels")
+	conc := fs.String("concurrency", "1,16,64", "comma-separated concurrency levels")
+	streams := fs.Int("streams", 1000, "concurrent slow streams for the TTFT row (0: skip it)")
+	noNginx := fs.Bool("no-nginx", false, "leave nginx out even when it is installed")
 	asJSON := fs.Bool("json", false, "print the results as JSON")
+	serveProxy := fs.String("serve-proxy", "", "internal: serve Go's reverse proxy to this upstream URL (the bench starts it as its own process)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -44,8 +51,14 @@ func runBench(ctx context.Context, e *env, args []string) error {
 	if len(pos) > 0 {
 		return usagef("unexpected argument %q", pos[0])
 	}
+	if *serveProxy != "" {
+		return serveBenchProxy(ctx, e, *serveProxy)
+	}
 	if *queries <= 0 {
 		return usagef("--queries must be > 0")
+	}
+	if *streams < 0 || *streams > 4096 {
+		return usagef("--streams must be between 0 and 4096")
 	}
 	var levels []int
 	for _, s := range strings.Split(*conc, ",") {
@@ -56,158 +69,342 @@ func runBench(ctx context.Context, e *env, args []string) error {
 		levels = append(levels, c)
 	}
 
-	results, err := benchSwarm(ctx, *queries, levels)
+	rep, err := benchPaths(ctx, e, *queries, levels, *streams, !*noNginx)
 	if err != nil {
 		return err
 	}
 	if *asJSON {
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(results)
+		return enc.Encode(rep)
 	}
-	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PATH\tCONCURRENCY\tQUERIES\tERRORS\tP50\tP99\tQUERIES/S\tP50 RATIO")
-	base := map[int]float64{}
-	for _, r := range results {
-		if r.Path == "in-process" {
-			base[r.Concurrency] = r.P50Ms
-		}
-	}
-	for _, r := range results {
-		ratio := "-"
-		if b := base[r.Concurrency]; b > 0 {
-			ratio = fmt.Sprintf("%.0f", r.P50Ms/b)
-		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.4f ms\t%.4f ms\t%.0f\t%s\n", r.Path, r.Concurrency, r.Queries, r.Errors, r.P50Ms, r.P99Ms, r.QPS, ratio)
-	}
-	return tw.Flush()
+	return printBench(e.stdout, rep)
 }
 
-// benchSwarm starts a worker with the demo backend (no delay) and a client
-// node joined to it, both on loopback, and times the same query called on
-// the backend in process and sent through the swarm.
-func benchSwarm(ctx context.Context, queries int, levels []int) ([]benchResult, error) {
+// serveBenchProxy is the reverse-proxy process of the bench: it prints
+// its address and serves until stdin closes or a signal.
+func serveBenchProxy(ctx context.Context, e *env, upstream string) error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		_, _ = io.Copy(io.Discard, e.stdin) // the bench closes it to stop us
+		cancel()
+	}()
+	fmt.Fprintf(e.stdout, "proxy: http://%s\n", ln.Addr())
+	return pathbench.ServeProxy(ctx, ln, upstream)
+}
+
+// benchPaths starts the backend and every path to it, then measures each
+// path at each level, and the slow streams.
+func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams int, withNginx bool) (*benchReport, error) {
+	be, err := pathbench.StartBackend()
+	if err != nil {
+		return nil, err
+	}
+	defer be.Close()
 	tmp, err := os.MkdirTemp("", "mtor-bench-")
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(tmp)
-	be := demo.New("bench", demo.WithDelay(0))
-	worker, err := node.New(ctx,
-		node.WithDataDir(tmp+"/worker"),
-		node.WithListenAddrs("/ip4/127.0.0.1/tcp/0"),
-		node.WithMDNS(false),
-		node.WithBackends(be),
-		node.WithMaxConcurrency(slices.Max(levels)),
-		node.WithMaxQueue(slices.Max(levels)),
-	)
+	self, err := os.Executable()
 	if err != nil {
-		return nil, fmt.Errorf("worker node: %w", err)
+		return nil, fmt.Errorf("bench: finding the mtor binary: %w", err)
 	}
-	defer worker.Close()
-	client, err := node.New(ctx,
-		node.WithDataDir(tmp+"/client"),
-		node.WithListenAddrs("/ip4/127.0.0.1/tcp/0"),
-		node.WithMDNS(false),
-		node.WithJoin(worker.JoinLine()),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("client node: %w", err)
-	}
-	defer client.Close()
 
-	waitCtx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	for !hasModel(client.Router().Models(), demo.DefaultModel, pb.QueryType_QUERY_TYPE_CHAT) {
-		select {
-		case <-waitCtx.Done():
-			return nil, fmt.Errorf("the client node did not learn of the worker within a minute")
-		case <-time.After(50 * time.Millisecond):
+	paths := []benchPath{{name: "direct", url: be.URL()}}
+	var children []*benchChild
+	defer func() {
+		for _, c := range slices.Backward(children) {
+			c.stop()
+		}
+	}()
+	start := func(name string, args ...string) (*benchChild, error) {
+		c, err := startBenchChild(ctx, self, args...)
+		if err != nil {
+			return nil, fmt.Errorf("bench: %s: %w", name, err)
+		}
+		children = append(children, c)
+		return c, nil
+	}
+
+	px, err := start("go proxy", "bench", "--serve-proxy", be.URL())
+	if err != nil {
+		return nil, err
+	}
+	paths = append(paths, benchPath{name: "go-proxy", url: px.values["proxy"], procs: map[string]int{"proxy": px.pid()}})
+
+	if bin := pathbench.NginxPath(); withNginx && bin != "" {
+		ng, err := pathbench.StartNginx(ctx, bin, strings.TrimPrefix(be.URL(), "http://"))
+		if err != nil {
+			return nil, fmt.Errorf("bench: %w", err)
+		}
+		defer ng.Close()
+		pid, err := ng.WorkerPID()
+		if err != nil {
+			return nil, fmt.Errorf("bench: %w", err)
+		}
+		paths = append(paths, benchPath{name: "nginx", url: ng.URL(), procs: map[string]int{"nginx": pid}})
+	} else {
+		fmt.Fprintln(e.stderr, "bench: nginx is not installed (or --no-nginx): its row is left out")
+	}
+
+	slots := strconv.Itoa(max(slices.Max(levels), streams) + 64)
+	nodeArgs := func(dir, swarm string, extra ...string) []string {
+		return append([]string{"node", "--data-dir", filepath.Join(tmp, dir), "--listen", "/ip4/127.0.0.1/tcp/0",
+			"--no-mdns", "--api", "off", "--swarm", swarm, "--log-level", "error"}, extra...)
+	}
+	bridgeArgs := []string{"--bridge", "127.0.0.1:0", "--bridge-queue", slots, "--bridge-queue-per-client", slots}
+	backendArgs := []string{"--backend", "openai=" + be.URL(), "--max-concurrency", slots, "--max-queue", slots}
+	w, err := start("worker node", nodeArgs("worker", "bench-two", backendArgs...)...)
+	if err != nil {
+		return nil, err
+	}
+	b, err := start("bridge node", append(nodeArgs("bridge", "bench-two", "--no-detect", "--join", w.values["join"]), bridgeArgs...)...)
+	if err != nil {
+		return nil, err
+	}
+	paths = append(paths, benchPath{name: "mtor", url: strings.TrimSuffix(b.values["bridge"], "/"), procs: map[string]int{"bridge": b.pid(), "worker": w.pid()}})
+	one, err := start("one node", append(nodeArgs("one", "bench-one", backendArgs...), bridgeArgs...)...)
+	if err != nil {
+		return nil, err
+	}
+	paths = append(paths, benchPath{name: "mtor1", url: strings.TrimSuffix(one.values["bridge"], "/"), procs: map[string]int{"node": one.pid()}})
+
+	for _, p := range paths {
+		if err := warmUp(ctx, p); err != nil {
+			return nil, err
 		}
 	}
-
-	inProcess := func(ctx context.Context, req *pb.QueryRequest) error {
-		_, err := be.Run(ctx, req, discardSink{})
-		return err
-	}
-	viaSwarm := func(ctx context.Context, req *pb.QueryRequest) error {
-		_, err := client.Router().Query(ctx, req, func(*pb.Event) error { return nil })
-		return err
-	}
-	var out []benchResult
+	rep := &benchReport{}
 	for _, c := range levels {
-		for _, p := range []struct {
-			name string
-			call func(context.Context, *pb.QueryRequest) error
-		}{{"in-process", inProcess}, {"swarm", viaSwarm}} {
-			r, err := benchOne(ctx, p.call, queries, c)
+		for _, p := range paths {
+			r, err := measure(ctx, p, pathbench.Model, queries, c)
 			if err != nil {
 				return nil, err
 			}
-			r.Path = p.name
-			out = append(out, r)
+			rep.Rows = append(rep.Rows, r)
 		}
 	}
-	return out, nil
-}
-
-func benchOne(ctx context.Context, call func(context.Context, *pb.QueryRequest) error, queries, conc int) (benchResult, error) {
-	lat := make([]time.Duration, queries)
-	var next, errs atomic.Int64
-	var wg sync.WaitGroup
-	start := time.Now()
-	for range conc {
-		wg.Go(func() {
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= queries || ctx.Err() != nil {
-					return
+	if streams > 0 {
+		for _, p := range paths {
+			for _, n := range []int{1, streams} {
+				r, err := measure(ctx, p, pathbench.SlowModel, max(n, 20), n)
+				if err != nil {
+					return nil, err
 				}
-				req := benchRequest()
-				qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-				t0 := time.Now()
-				if err := call(qctx, req); err != nil {
-					errs.Add(1)
-				}
-				lat[i] = time.Since(t0)
-				cancel()
+				rep.Streams = append(rep.Streams, r)
 			}
-		})
+		}
 	}
-	wg.Wait()
-	elapsed := time.Since(start)
+	return rep, nil
+}
+
+// warmUp waits until p answers (the bridge learns of the worker through
+// the swarm) and warms its connections.
+func warmUp(ctx context.Context, p benchPath) error {
+	cl := pathbench.NewClient(p.url, pathbench.Model, 8)
+	defer cl.Close()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, _, err := cl.Query(qctx)
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("bench: %s does not answer within a minute: %w", p.name, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	cl.Run(ctx, 200, 8)
+	return ctx.Err()
+}
+
+// measure runs one row and the CPU time of p's processes over it.
+func measure(ctx context.Context, p benchPath, model string, queries, conc int) (pathbench.Result, error) {
+	cl := pathbench.NewClient(p.url, model, conc)
+	defer cl.Close()
+	before := map[string]time.Duration{}
+	for role, pid := range p.procs {
+		t, err := pathbench.ProcCPU(pid)
+		if err != nil {
+			return pathbench.Result{}, err
+		}
+		before[role] = t
+	}
+	r := cl.Run(ctx, queries, conc)
 	if err := ctx.Err(); err != nil {
-		return benchResult{}, err
+		return r, err
 	}
-	slices.Sort(lat)
-	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-	return benchResult{
-		Concurrency: conc,
-		Queries:     queries,
-		Errors:      errs.Load(),
-		P50Ms:       ms(lat[len(lat)*50/100]),
-		P99Ms:       ms(lat[min(len(lat)-1, len(lat)*99/100)]),
-		QPS:         float64(queries) / elapsed.Seconds(),
-	}, nil
+	r.Path = p.name
+	r.CPU = map[string]time.Duration{}
+	for role, pid := range p.procs {
+		t, err := pathbench.ProcCPU(pid)
+		if err != nil {
+			return r, err
+		}
+		r.CPU[role] = t - before[role]
+	}
+	return r, nil
 }
 
-func benchRequest() *pb.QueryRequest {
-	id := make([]byte, protocol.IDLen)
-	_, _ = rand.Read(id)
-	return &pb.QueryRequest{
-		Id:             id,
-		Type:           pb.QueryType_QUERY_TYPE_CHAT,
-		Model:          demo.DefaultModel,
-		Prompt:         "benchmark prompt with a few words in it",
-		DeadlineUnixMs: time.Now().Add(30 * time.Second).UnixMilli(),
+func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
+
+func printBench(w io.Writer, rep *benchReport) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "PATH\tCONC\tQUERIES\tERRORS\tP50\tADDED P50\tP99\tQUERIES/S\tVS DIRECT\tCPU PER TOKEN\n")
+	direct := map[int]pathbench.Result{}
+	for _, r := range rep.Rows {
+		if r.Path == "direct" {
+			direct[r.Concurrency] = r
+		}
 	}
+	for _, r := range rep.Rows {
+		d := direct[r.Concurrency]
+		added, ratio := "-", "-"
+		if r.Path != "direct" {
+			added = fmt.Sprintf("%+.2f ms", float64(r.P50-d.P50)/float64(time.Millisecond))
+			ratio = fmt.Sprintf("%.2f", r.QPS()/d.QPS())
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%s\t%.0f\t%s\t%s\n", r.Path, r.Concurrency, r.Queries, r.Errors,
+			ms(r.P50), added, ms(r.P99), r.QPS(), ratio, cpuPerToken(r))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(rep.Streams) > 0 {
+		fmt.Fprintf(tw, "\nSLOW STREAMS (%d tokens %s apart)\tCONC\tERRORS\tTTFT P50\tTTFT P99\tTOTAL P99\n", pathbench.Tokens, pathbench.SlowInterval)
+		for _, r := range rep.Streams {
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\n", r.Path, r.Concurrency, r.Errors, ms(r.TTFTP50), ms(r.TTFTP99), ms(r.P99))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	for _, r := range append(slices.Clone(rep.Rows), rep.Streams...) {
+		if r.FirstError != "" {
+			fmt.Fprintf(w, "%s at %d: first error: %s\n", r.Path, r.Concurrency, r.FirstError)
+		}
+	}
+	return nil
 }
 
-// discardSink drops a backend's output, for the in-process baseline.
-type discardSink struct{}
+// cpuPerToken is "role µs" for each process of the row.
+func cpuPerToken(r pathbench.Result) string {
+	if len(r.CPU) == 0 {
+		return "-"
+	}
+	var parts []string
+	for _, role := range slices.Sorted(func(yield func(string) bool) {
+		for k := range r.CPU {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		parts = append(parts, fmt.Sprintf("%s %.1f µs", role, float64(r.CPUPerToken(role))/float64(time.Microsecond)))
+	}
+	return strings.Join(parts, ", ")
+}
 
-func (discardSink) Chunk(string) error             { return nil }
-func (discardSink) Media(string, []byte) error     { return nil }
-func (discardSink) Embedding(int, []float32) error { return nil }
+// benchChild is a process of the bench: a node or the Go proxy, started
+// from this binary. Its "key: value" startup lines are read until the
+// line that says it is ready.
+type benchChild struct {
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	values map[string]string
+	stderr *lockedBuffer
+	done   chan struct{}
+}
 
-var _ backend.Sink = discardSink{}
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.b.Len() > 64<<10 {
+		return len(p), nil // bounded: the start of the story is what matters
+	}
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func startBenchChild(ctx context.Context, bin string, args ...string) (*benchChild, error) {
+	c := &benchChild{cmd: exec.Command(bin, args...), values: map[string]string{}, stderr: &lockedBuffer{}, done: make(chan struct{})}
+	c.cmd.Stderr = c.stderr
+	out, err := c.cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if c.stdin, err = c.cmd.StdinPipe(); err != nil {
+		return nil, err
+	}
+	if err := c.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { _ = c.cmd.Wait(); close(c.done) }()
+	ready := make(chan error, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		signalled := false
+		for sc.Scan() {
+			k, v, ok := strings.Cut(sc.Text(), ": ")
+			if !ok || signalled {
+				continue
+			}
+			c.values[k] = v
+			if k == "join" || k == "proxy" {
+				signalled = true
+				ready <- nil
+			}
+		}
+		if !signalled {
+			ready <- errors.New("exited before it was ready")
+		}
+	}()
+	select {
+	case err = <-ready:
+	case <-time.After(time.Minute):
+		err = errors.New("not ready within a minute")
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err != nil {
+		c.stop()
+		return nil, fmt.Errorf("%w: %s", err, strings.TrimSpace(c.stderr.String()))
+	}
+	return c, nil
+}
+
+func (c *benchChild) pid() int { return c.cmd.Process.Pid }
+
+// stop ends the child: stdin closed (the proxy) and SIGINT (a node), then
+// SIGKILL after 10 s.
+func (c *benchChild) stop() {
+	_ = c.stdin.Close()
+	_ = c.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-c.done:
+	case <-time.After(10 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-c.done
+	}
+}

@@ -97,6 +97,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"peers stray argument", []string{"peers", "x"}, "unexpected argument"},
 		{"version argument", []string{"version", "x"}, "no arguments"},
 		{"bench bad concurrency", []string{"bench", "--concurrency", "1,zero"}, "--concurrency"},
+		{"bench bad streams", []string{"bench", "--streams", "-1"}, "--streams"},
+		{"bench bad queries", []string{"bench", "--queries", "0"}, "--queries"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -73,18 +73,18 @@ func (w *Worker) HandleStream(s network.Stream) {
 	// backend call at once.
 	go watchReset(s, cancel)
 
-	emit := func(ev *pb.Event) error {
-		_ = s.SetWriteDeadline(time.Now().Add(WriteTimeout))
-		return protocol.WriteFrame(s, ev)
-	}
-	done, err := w.ServeFor(ctx, s.Conn().RemotePeer(), &req, emit)
+	// Events are written from a goroutine of their own: tokens that come
+	// while a write is under way go out together in the next one, one
+	// yamux frame and syscall for the batch instead of one per token.
+	fw := protocol.NewFrameWriter(s, s.SetWriteDeadline, WriteTimeout)
+	done, err := w.ServeFor(ctx, s.Conn().RemotePeer(), &req, fw.Write)
 	var last *pb.Event
 	if err != nil {
 		last = errEvent(protocol.AsError(err))
 	} else {
 		last = &pb.Event{Kind: &pb.Event_Done{Done: done}}
 	}
-	if emit(last) != nil {
+	if fw.Write(last) != nil || fw.Close() != nil {
 		_ = s.Reset()
 		return
 	}

@@ -38,3 +38,19 @@ func NoRedirects(c *http.Client) *http.Client {
 	cc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	return &cc
 }
+
+// MaxIdleConnsPerHost is how many idle keep-alive connections a backend
+// keeps to its server: enough for every query a worker runs at once, so
+// that a worker under load reuses connections instead of opening one per
+// query (http.DefaultTransport keeps 2).
+const MaxIdleConnsPerHost = 256
+
+// NewTransport is the transport of a backend's default client: Go's
+// default (proxy from the environment, dial and TLS timeouts, HTTP/2)
+// with an idle pool of MaxIdleConnsPerHost.
+func NewTransport() *http.Transport {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.MaxIdleConns = 0 // no bound across hosts: each host has its own
+	t.MaxIdleConnsPerHost = MaxIdleConnsPerHost
+	return t
+}

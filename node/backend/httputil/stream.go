@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"errors"
 	"io"
-	"strings"
 	"unicode/utf8"
 
 	"github.com/mtor-swarm/mtor/node/backend"
@@ -56,7 +55,7 @@ func (l *Lines) err() error {
 type SSE struct {
 	l    *Lines
 	sc   *bufio.Scanner
-	data strings.Builder
+	data []byte // reused from event to event
 	max  int
 }
 
@@ -71,31 +70,39 @@ func NewSSE(x *Exchange, max int) *SSE {
 // (an event cut off by the end is dropped, as the format says), or a typed
 // error.
 func (s *SSE) Next() (string, error) {
-	s.data.Reset()
+	b, err := s.NextBytes()
+	return string(b), err
+}
+
+// NextBytes is Next without a copy: the data is valid until the next
+// call. A backend decoding each event's JSON saves an allocation and a
+// copy per token.
+func (s *SSE) NextBytes() ([]byte, error) {
+	s.data = s.data[:0]
 	has := false
 	for s.sc.Scan() {
-		line := strings.TrimSuffix(s.sc.Text(), "\r")
-		if line == "" {
+		line := bytes.TrimSuffix(s.sc.Bytes(), []byte("\r"))
+		if len(line) == 0 {
 			if has {
-				return s.data.String(), nil
+				return s.data, nil
 			}
 			continue
 		}
-		field, value, _ := strings.Cut(line, ":")
-		if field != "data" {
+		field, value, _ := bytes.Cut(line, []byte(":"))
+		if string(field) != "data" {
 			continue // comment, event, id, retry
 		}
-		value = strings.TrimPrefix(value, " ")
+		value = bytes.TrimPrefix(value, []byte(" "))
 		if has {
-			s.data.WriteByte('\n')
+			s.data = append(s.data, '\n')
 		}
-		if s.data.Len()+len(value) > s.max {
-			return "", Malformed("an event larger than the limit")
+		if len(s.data)+len(value) > s.max {
+			return nil, Malformed("an event larger than the limit")
 		}
-		s.data.WriteString(value)
+		s.data = append(s.data, value...)
 		has = true
 	}
-	return "", s.l.err()
+	return nil, s.l.err()
 }
 
 // SendText streams text to out as Chunk events, splitting it at rune

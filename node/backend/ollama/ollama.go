@@ -62,7 +62,7 @@ type cached struct {
 type Option func(*Backend)
 
 // WithHTTPClient sets the HTTP client (default: a client on
-// http.DefaultTransport without an overall timeout; the backend sets its
+// httputil.NewTransport without an overall timeout; the backend sets its
 // own per call).
 func WithHTTPClient(c *http.Client) Option { return func(b *Backend) { b.client = c } }
 
@@ -87,7 +87,7 @@ func New(baseURL string, opts ...Option) (*Backend, error) {
 	}
 	b := &Backend{
 		base:    u.String(),
-		client:  &http.Client{Transport: http.DefaultTransport},
+		client:  &http.Client{Transport: httputil.NewTransport()},
 		timeout: DefaultTimeout, work: DefaultWorkTimeout, idle: DefaultIdleTimeout,
 		cache: map[string]cached{},
 	}

@@ -1,6 +1,7 @@
 package openai
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -9,6 +10,8 @@ import (
 	"io"
 	"strings"
 	"unicode/utf8"
+
+	jsonv2 "github.com/go-json-experiment/json"
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/httputil"
@@ -175,7 +178,7 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 	calls := map[uint32]bool{} // tool-call indexes seen
 	events := httputil.NewSSE(x, httputil.MaxLine)
 	for {
-		data, err := events.Next()
+		data, err := events.NextBytes()
 		if errors.Is(err, io.EOF) {
 			if !finished {
 				return backend.Usage{}, httputil.Truncated()
@@ -185,11 +188,11 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 		if err != nil {
 			return backend.Usage{}, err
 		}
-		if strings.TrimSpace(data) == "[DONE]" {
+		if string(bytes.TrimSpace(data)) == "[DONE]" {
 			break
 		}
 		var c chunk
-		if err := json.Unmarshal([]byte(data), &c); err != nil {
+		if err := jsonv2.Unmarshal(data, &c, b.chunkJSON); err != nil {
 			return backend.Usage{}, httputil.Malformed("%v", err)
 		}
 		if len(c.Error) > 0 && string(c.Error) != "null" {

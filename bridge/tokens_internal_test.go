@@ -1,0 +1,41 @@
+package bridge
+
+import (
+	"encoding/json"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+// TestTokenEventsMatchTheChunk: a token's event rendered from the
+// template is byte for byte the chunk encoding/json writes, whatever the
+// text holds.
+func TestTokenEventsMatchTheChunk(t *testing.T) {
+	for _, usage := range []any{nil, json.RawMessage("null")} {
+		mk := func(text string) chatChunk {
+			return chatChunk{ID: "chatcmpl-1", Object: "chat.completion.chunk", Created: 7, Model: `m"<x>`, Usage: usage,
+				Choices: []chunkChoice{{Delta: chunkDelta{Content: &text}}}}
+		}
+		empty := ""
+		te, err := newTokenEvents(mk(empty))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, text := range []string{"zq ", `"quoted" \\ back`, "<b>&amp;</b>", "line\nbreak\ttab", "émoji 🙂", "\x00\u2028"} {
+			rec := httptest.NewRecorder()
+			out := newSSE(rec, newSSEBufs())
+			stop := out.run(DefaultKeepAlive)
+			if err := te.event(out, text); err != nil {
+				t.Fatal(err)
+			}
+			stop()
+			want, _ := json.Marshal(mk(text))
+			if got := rec.Body.String(); got != "data: "+string(want)+"\n\n" {
+				t.Fatalf("usage %v, text %q:\n got %s\nwant data: %s", usage, text, got, want)
+			}
+			if !strings.Contains(rec.Header().Get("Content-Type"), "text/event-stream") {
+				t.Fatalf("content type %q", rec.Header().Get("Content-Type"))
+			}
+		}
+	}
+}

@@ -1,0 +1,124 @@
+package protocol
+
+import (
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+)
+
+// MaxPendingFrames bounds the bytes a FrameWriter holds for its writer;
+// Write blocks while more are pending (one larger frame is let through
+// alone). Thousands of tokens' frames, and what the worker reserves per
+// stream in the resource manager: a client that stops reading pins no
+// more than that.
+const MaxPendingFrames = 64 << 10
+
+// ErrWriterClosed is returned by Write after Close.
+var ErrWriterClosed = errors.New("frame writer closed")
+
+// FrameWriter writes frames from a goroutine of its own, so that frames
+// queued while a write is in the kernel go out together in the next
+// Write: a stream whose reader is behind costs one write (one yamux frame,
+// one syscall) per batch, not per token. Frames stay whole and separate on
+// the wire: the batching is invisible to the reader.
+type FrameWriter struct {
+	w        io.Writer
+	deadline func(time.Time) error
+	timeout  time.Duration
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	pending []byte
+	spare   []byte
+	err     error
+	closed  bool
+	running bool
+	done    chan struct{}
+}
+
+// NewFrameWriter writes to w; before each write it calls deadline (when
+// not nil) with now plus timeout, so that a reader who stops reading fails
+// the writes within timeout.
+func NewFrameWriter(w io.Writer, deadline func(time.Time) error, timeout time.Duration) *FrameWriter {
+	fw := &FrameWriter{w: w, deadline: deadline, timeout: timeout, done: make(chan struct{})}
+	fw.cond = sync.NewCond(&fw.mu)
+	return fw
+}
+
+// Write queues m. It returns the error of an earlier write, if any: the
+// reader is gone.
+func (fw *FrameWriter) Write(m proto.Message) error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	for fw.err == nil && !fw.closed && len(fw.pending) >= MaxPendingFrames {
+		fw.cond.Wait()
+	}
+	if fw.err != nil {
+		return fw.err
+	}
+	if fw.closed {
+		return ErrWriterClosed
+	}
+	b, err := AppendFrame(fw.pending, m)
+	if err != nil {
+		return err
+	}
+	fw.pending = b
+	if !fw.running {
+		fw.running = true
+		go fw.loop()
+	}
+	fw.cond.Broadcast()
+	return nil
+}
+
+// Close writes what is queued, stops the writer and returns the first
+// write error.
+func (fw *FrameWriter) Close() error {
+	fw.mu.Lock()
+	fw.closed = true
+	running := fw.running
+	fw.cond.Broadcast()
+	fw.mu.Unlock()
+	if running {
+		<-fw.done
+	}
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	return fw.err
+}
+
+func (fw *FrameWriter) loop() {
+	defer close(fw.done)
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	for {
+		for len(fw.pending) == 0 && !fw.closed {
+			fw.cond.Wait()
+		}
+		if len(fw.pending) == 0 {
+			return
+		}
+		buf := fw.pending
+		fw.pending = fw.spare[:0]
+		fw.mu.Unlock()
+		if fw.deadline != nil {
+			_ = fw.deadline(time.Now().Add(fw.timeout))
+		}
+		_, err := fw.w.Write(buf)
+		fw.mu.Lock()
+		if cap(buf) <= MaxPendingFrames*2 {
+			fw.spare = buf[:0] // a media frame's buffer is not kept
+		}
+		if err != nil {
+			fw.err = err
+			fw.pending = nil
+			fw.cond.Broadcast()
+			return
+		}
+		fw.cond.Broadcast()
+	}
+}
