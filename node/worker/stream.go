@@ -77,7 +77,7 @@ func (w *Worker) HandleStream(s network.Stream) {
 	// while a write is under way go out together in the next one, one
 	// yamux frame and syscall for the batch instead of one per token.
 	fw := protocol.NewFrameWriter(s, s.SetWriteDeadline, WriteTimeout)
-	done, err := w.ServeFor(ctx, s.Conn().RemotePeer(), &req, fw.Write)
+	done, err := w.ServeFor(ctx, s.Conn().RemotePeer(), &req, func(ev *pb.Event) error { return fw.Write(ev) })
 	var last *pb.Event
 	if err != nil {
 		last = errEvent(protocol.AsError(err))
