@@ -170,7 +170,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("POST /v1/audio/transcriptions", s.handleTranscription)
 	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
 	v1.HandleFunc("/v1/", s.handleUnknown)
-	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, s.withClient(v1)))))
+	mux.Handle("/v1/", s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, s.withClient(withPreference(v1))))))
 	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
 	s.mountOllama(mux)
 	mux.HandleFunc("/healthz", s.handleHealth)

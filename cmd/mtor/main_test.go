@@ -74,6 +74,7 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"node stray argument", []string{"node", "extra"}, `unexpected argument "extra"`},
 		{"node negative queue", []string{"node", "--max-queue", "-1"}, "--max-queue"},
 		{"node zero concurrency", []string{"node", "--max-concurrency", "0"}, "--max-concurrency"},
+		{"node energy slack too small", []string{"node", "--prefer-energy", "--energy-slack", "0.9"}, "--energy-slack"},
 		{"node announce too fast", []string{"node", "--announce-interval", "1ms"}, "--announce-interval"},
 		{"node bad backend", []string{"node", "--backend", "gopher=http://x", "--api", "off"}, "--backend"},
 		{"node bad log level", []string{"node", "--log-level", "loud", "--api", "off"}, "--log-level"},

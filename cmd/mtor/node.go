@@ -27,6 +27,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/spec"
 	"github.com/mtor-swarm/mtor/node/gpu"
+	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 )
@@ -57,6 +58,8 @@ type nodeFlags struct {
 	announceInterval time.Duration
 	grace            time.Duration
 	logLevel         string
+	preferEnergy     bool
+	energySlack      float64
 }
 
 func defaultDataDir(e *env) string {
@@ -104,6 +107,8 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	fs.IntVar(&f.maxQueue, "max-queue", worker.DefaultMaxQueue, "queries the worker queues beyond those running; more are refused with BUSY")
 	fs.DurationVar(&f.announceInterval, "announce-interval", node.DefaultAnnounceInterval, "heartbeat of the worker's announcements")
 	fs.DurationVar(&f.grace, "grace", node.DefaultGracePeriod, "on SIGINT/SIGTERM, how long queries in flight may take to finish")
+	fs.BoolVar(&f.preferEnergy, "prefer-energy", false, "route each query to the worker with the lowest measured joules per token among those within --energy-slack of the best expected latency (a request's X-Mtor-Prefer header overrides)")
+	fs.Float64Var(&f.energySlack, "energy-slack", router.DefaultEnergySlack, "with energy preferred: how many times the best expected latency a worker may take and still be chosen for its energy (> 1)")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -284,6 +289,8 @@ func (f *nodeFlags) check() error {
 		return usagef("--bridge-queue-wait %s must be > 0", f.bridgeQueueWait)
 	case f.bridgeInFlight < 0:
 		return usagef("--bridge-max-in-flight %d must be >= 0", f.bridgeInFlight)
+	case !(f.energySlack > 1 && f.energySlack <= 100):
+		return usagef("--energy-slack %v must be above 1 and at most 100", f.energySlack)
 	}
 	for _, o := range f.bridgeOrigins {
 		if err := checkOrigin(o); err != nil {
@@ -386,6 +393,9 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 		node.WithMaxConcurrency(f.maxConcurrency),
 		node.WithMaxQueue(f.maxQueue),
 		node.WithAnnounceInterval(f.announceInterval))
+	if f.preferEnergy {
+		opts = append(opts, node.WithRouterOptions(router.WithPreferEnergy(true, f.energySlack)))
+	}
 	return opts
 }
 

@@ -162,6 +162,9 @@ type Router struct {
 	trackerOpts []health.Option
 	maxOutput   int
 	stall       time.Duration // fixed stall bound; 0 = from the expected TTFT
+	// preferEnergy and energySlack: energy.go.
+	preferEnergy bool
+	energySlack  float64
 
 	mu    sync.Mutex
 	peers map[peer.ID]*peerState
@@ -595,6 +598,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s", req.GetModel(), protocol.TypeName(req.GetType()))
 	}
 
+	slack := r.energySlackFor(ctx)
 	var lastErr *protocol.Error
 	waits := 0
 	for tries := 0; ; tries++ {
@@ -619,7 +623,10 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		if len(ranked) == 0 || q.failures >= r.maxAttempts || ctx.Err() != nil {
 			break
 		}
-		i := r.choose(ranked)
+		i := 0
+		if !byEnergy(ranked, req.GetModel(), req.GetType(), slack) {
+			i = r.choose(ranked)
+		}
 		c := ranked[i]
 		q.tried[tryKey{c.Peer, c.Announce.GetIncarnation()}] = true
 		if q.started() {
