@@ -13,6 +13,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/peer"
 	manet "github.com/multiformats/go-multiaddr/net"
+
+	"github.com/mtor-swarm/mtor/discovery"
 )
 
 // Join timing: how long the first dial of the join peers may take before
@@ -88,6 +90,7 @@ type State struct {
 	Backends       []BackendState
 	Relays         []RelayPeer // swarm relays we know of
 	ProbeInterval  time.Duration
+	Gossip         discovery.Traffic // announce-topic traffic since start
 }
 
 // status holds the parts of State that loops update.
@@ -143,6 +146,7 @@ func (n *Node) State() State {
 	for _, w := range n.watched {
 		st.Backends = append(st.Backends, w.state())
 	}
+	st.Gossip = n.disc.Traffic()
 	now := time.Now()
 	for _, e := range n.disc.Table().Snapshot() {
 		if e.Self {
