@@ -17,7 +17,7 @@ FUZZTIME     ?= 15s
 # client, a headless browser driver), each with a committed lockfile.
 NPM_DIRS  := node/enginetest bridge/e2e
 
-.PHONY: all build test test-nat npm-deps demo bench chaos proto lint fuzz clean help
+.PHONY: all build test test-nat npm-deps demo bench bench-swarm bench-sim bench-gpu chaos proto lint fuzz clean help
 
 all: build
 
@@ -27,6 +27,9 @@ help:
 	@echo "make test-nat  the NAT suite in network namespaces (root, nftables) with a 150 s relayed stream"
 	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
 	@echo "make bench   swarm vs in-process latency and throughput (docs/benchmarks.md)"
+	@echo "make bench-swarm  10-, 25- and 50-process swarms: join and death times, idle gossip, RSS, CPU (docs/benchmarks.md)"
+	@echo "make bench-sim    a simulated swarm of 100 to 1000 nodes in one process (mocknet): convergence, traffic, table size"
+	@echo "make bench-gpu    energy figures on an NVIDIA GPU with a local ~1B model: MODEL=/path/to/model (docs/benchmarks.md)"
 	@echo "make chaos   the long churn run: workers killed and restarted under load (docs/benchmarks.md)"
 	@echo "make proto   regenerate protocol/pb from protocol/pb/mtor.proto"
 	@echo "make lint    gofmt check and go vet"
@@ -61,6 +64,14 @@ demo: build
 bench: build
 	./$(BIN) bench
 	$(GO) test -run '^$$' -bench . -benchmem ./protocol/... ./node/...
+
+# Swarms of real `mtor node` processes on loopback, one size after the
+# other (docs/benchmarks.md, "Scale").
+SWARM_SIZES ?= 10,25,50
+SWARM_IDLE  ?= 20s
+bench-swarm:
+	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) \
+		$(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
 
 # The long churn run (docs/benchmarks.md): 3000 queries of every client
 # kind at concurrency 16, answers of about 0.5 s, while one of 4 workers is
