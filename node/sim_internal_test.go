@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"os"
 	"runtime"
 	"slices"
@@ -38,6 +39,10 @@ const (
 	simBootstraps = 3  // join peers, serving no model
 	simModels     = 10 // worker i serves model-(i mod simModels)
 )
+
+// mocknetRange holds every mocknet host's address (mocknet's blackhole
+// range, 100::/64).
+var mocknetRange = &net.IPNet{IP: net.ParseIP("100::"), Mask: net.CIDRMask(64, 128)}
 
 // TestSimSwarm runs simulated swarms of the sizes in MTOR_SIM_NODES
 // (e.g. 100,300,1000; make bench-sim) and prints, per size: how long until
@@ -109,6 +114,9 @@ func runSim(t *testing.T, n int, idle time.Duration) string {
 		// took healthy gossip links for broken ones and cut them.
 		d, err := discovery.New(ctx, h, discovery.WithSwarm(simSwarm), discovery.WithBootstrap(boots),
 			discovery.WithMDNS(false), discovery.WithDHTMode(dht.ModeServer),
+			// Mocknet puts every host in 100::/64, which gossipsub's IP
+			// colocation scoring counts as one IP: exempt it.
+			discovery.WithIPColocation(discovery.DefaultIPColocationThreshold, mocknetRange),
 			discovery.WithOnTopicPeerJoin(func(peer.ID) {
 				if a := annp.Load(); a != nil {
 					a.refresh()
