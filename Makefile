@@ -73,6 +73,20 @@ bench-swarm:
 	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) \
 		$(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
 
+# The simulated swarm (mocknet, one process), one size after the other.
+SIM_NODES ?= 100,300,1000
+SIM_IDLE  ?= 30s
+bench-sim:
+	MTOR_SIM_NODES=$(SIM_NODES) MTOR_SIM_IDLE=$(SIM_IDLE) \
+		$(GO) test ./node -run '^TestSimSwarm$$' -count=1 -v -timeout 120m
+
+# Energy on an NVIDIA GPU: a local ~1B model behind the openai backend.
+# Skips (exit 0) where there is no GPU; needs MODEL=/path/to/model where
+# there is one.
+MODEL ?=
+bench-gpu: build
+	./cmd/mtor/testdata/benchgpu/bench-gpu.sh "$(MODEL)" ./$(BIN)
+
 # The long churn run (docs/benchmarks.md): 3000 queries of every client
 # kind at concurrency 16, answers of about 0.5 s, while one of 4 workers is
 # SIGKILLed and restarted every 2 s, on TCP+QUIC and on TCP alone; then a
