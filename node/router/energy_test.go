@@ -92,8 +92,10 @@ func TestEnergySlackFor(t *testing.T) {
 }
 
 // TestQueryPrefersEnergy runs real queries against two real workers on
-// loopback: the one announcing fewer joules per token answers every query
-// that prefers energy, while latency-ranked queries reach both.
+// loopback: one announcing a fast p50 TTFT and 4 J/token, the other 2.5×
+// slower and 1 J/token. Preferring energy with a slack of 3 (per node or
+// per query) sends queries to the frugal one; ranking by latency (the
+// default, or overriding the node per query) sends them to the fast one.
 func TestQueryPrefersEnergy(t *testing.T) {
 	const proto = "/mtor/test/query"
 	h := testHost(t)
@@ -110,28 +112,41 @@ func TestQueryPrefersEnergy(t *testing.T) {
 		}
 		workers = append(workers, wh)
 	}
+	fast, frugal := workers[0].ID(), workers[1].ID()
 	demoModel := func(a *pb.Announce) { a.Models[0].Name = "demo" }
+	slow := func(a *pb.Announce) { a.Models[0].P50TtftMs = 250 }
 	table := staticTable{
-		cand(string(workers[0].ID()), 0, 4, 100, 0, demoModel, jpt(4)),
-		cand(string(workers[1].ID()), 0, 4, 100, 0, demoModel, jpt(1)),
+		cand(string(fast), 0, 4, 100, 0, demoModel, jpt(4)),
+		cand(string(frugal), 0, 4, 100, 0, demoModel, slow, jpt(1)),
 	}
-	r := New(h, proto, table, WithSeed(1))
-	run := func(ctx context.Context, n int) map[peer.ID]int {
-		seen := map[peer.ID]int{}
-		for range n {
-			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hi"},
-				func(*pb.Event) error { return nil })
-			if err != nil {
-				t.Fatal(err)
+	tests := []struct {
+		name string
+		opts []Option
+		pref EnergyPreference
+		want peer.ID
+	}{
+		{"default ranks by latency", nil, EnergyDefault, fast},
+		{"node prefers energy", []Option{WithPreferEnergy(true, 3)}, EnergyDefault, frugal},
+		{"query overrides the node", []Option{WithPreferEnergy(true, 3)}, EnergyIgnore, fast},
+		{"query prefers energy", []Option{WithPreferEnergy(false, 3)}, EnergyPrefer, frugal},
+		{"outside the default slack", []Option{WithPreferEnergy(true, 0)}, EnergyDefault, fast},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			// A fresh router each time: what one measures of a peer
+			// would change the next one's ranking.
+			r := New(h, proto, table, append([]Option{WithSeed(1)}, tc.opts...)...)
+			for i := range 5 {
+				res, err := r.Query(WithEnergyPreference(ctx, tc.pref),
+					&pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hi"},
+					func(*pb.Event) error { return nil })
+				if err != nil {
+					t.Fatal(err)
+				}
+				if res.Peer != tc.want {
+					t.Fatalf("query %d answered by %s, want %s", i, res.Peer, tc.want)
+				}
 			}
-			seen[res.Peer]++
-		}
-		return seen
-	}
-	if seen := run(WithEnergyPreference(ctx, EnergyPrefer), 10); seen[workers[1].ID()] != 10 {
-		t.Fatalf("energy-preferring queries answered by %v, want all by the frugal worker %s", seen, workers[1].ID())
-	}
-	if seen := run(ctx, 30); seen[workers[0].ID()] == 0 || seen[workers[1].ID()] == 0 {
-		t.Fatalf("latency-ranked queries answered by %v, want both workers in the draw", seen)
+		})
 	}
 }
