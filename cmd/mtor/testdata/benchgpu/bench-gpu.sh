@@ -32,6 +32,7 @@ fi
 [ -n "$model" ] || { echo "bench-gpu: no model directory given" >&2; usage; }
 [ -d "$model" ] && [ -f "$model/config.json" ] || { echo "bench-gpu: $model is not a transformers model directory (no config.json)" >&2; usage; }
 [ -x "$bin" ] || { echo "bench-gpu: no mtor binary at $bin (make build)" >&2; exit 1; }
+command -v bc >/dev/null || { echo "bench-gpu: needs bc" >&2; exit 1; }
 python3 -c 'import torch, transformers; assert torch.cuda.is_available(), "torch sees no CUDA GPU"' ||
 	{ echo "bench-gpu: python3 needs torch (with CUDA) and transformers" >&2; exit 1; }
 energy_supported=$(nvidia-smi --query-gpu=total_energy_consumption --format=csv,noheader,nounits -i 0)
@@ -44,7 +45,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 energy() { nvidia-smi --query-gpu=total_energy_consumption --format=csv,noheader,nounits -i 0; }
-# power_sample SECONDS FILE: power.draw (W) every 200 ms.
+# power_sample SECONDS FILE: power.draw (W) every 200 ms for SECONDS.
 power_sample() { timeout "$1" nvidia-smi --query-gpu=power.draw --format=csv,noheader,nounits -i 0 -lms 200 >"$2" 2>/dev/null || true; }
 mean() { awk '{s+=$1; n++} END {if (n) printf "%.1f", s/n; else print "?"}' "$1"; }
 
@@ -73,29 +74,42 @@ query() {
 query 0 >/dev/null # warm-up: CUDA kernels, caches
 echo "bench-gpu: idle power for 10 s"
 sleep 2
+ea=$(energy); ta=$(date +%s.%N)
 power_sample 10 "$work/idle.txt"
+eb=$(energy); tb=$(date +%s.%N)
 idle_w=$(mean "$work/idle.txt")
+# The counter's unit, from the idle window itself: NVML counts mJ; should
+# this nvidia-smi print joules, delta / (power × time) is ~1, not ~1000.
+scale=$(awk -v d="$(echo "$eb - $ea" | bc)" -v w="$idle_w" -v t="$(echo "$tb - $ta" | bc)" 'BEGIN {
+	r = (w > 0 && t > 0) ? d / (w * t) : 0
+	if (r > 100 && r < 10000) print 1; else if (r > 0.1 && r < 10) print 1000; else print "?" }')
+[ "$scale" != "?" ] || { echo "bench-gpu: cannot tell the energy counter's unit (delta $ea→$eb over ${idle_w} W idle)" >&2; exit 1; }
 
 echo "bench-gpu: $SEQ sequential queries"
 : >"$work/seq.txt"
 for i in $(seq "$SEQ"); do
-	e0=$(energy); out=$(query "$i"); e1=$(energy)
-	echo "$out $e0 $e1" >>"$work/seq.txt"
+	e0=$(energy)
+	out=$(query "$i") || { echo "bench-gpu: query $i failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }
+	e1=$(energy)
+	echo "$out $(echo "$e0 * $scale" | bc) $(echo "$e1 * $scale" | bc)" >>"$work/seq.txt"
 done
 
 echo "bench-gpu: $ROUNDS rounds of $CONC concurrent queries"
-power_sample $((ROUNDS * 60)) "$work/busy.txt" &
+# timeout itself in the background, so that killing it stops nvidia-smi.
+timeout $((ROUNDS * 120)) nvidia-smi --query-gpu=power.draw --format=csv,noheader,nounits -i 0 -lms 200 >"$work/busy.txt" 2>/dev/null &
 sampler=$!
 : >"$work/conc.txt"
 for r in $(seq "$ROUNDS"); do
 	e0=$(energy)
-	for i in $(seq "$CONC"); do query "$r$i" >"$work/c.$i" & done
-	wait $(jobs -p | grep -v "^$sampler$") 2>/dev/null || true
+	qpids=()
+	for i in $(seq "$CONC"); do query "$r$i" >"$work/c.$i" & qpids+=($!); done
+	for p in "${qpids[@]}"; do wait "$p" || { echo "bench-gpu: a concurrent query failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }; done
 	e1=$(energy)
-	cat "$work"/c.* | awk -v e0="$e0" -v e1="$e1" '{m+=$1; t+=$2} END {print m, t, e0, e1}' >>"$work/conc.txt"
+	cat "$work"/c.* | awk -v e0="$e0" -v e1="$e1" -v k="$scale" '{m+=$1; t+=$2} END {printf "%d %d %.0f %.0f\n", m, t, e0*k, e1*k}' >>"$work/conc.txt"
 	rm -f "$work"/c.*
 done
 kill "$sampler" 2>/dev/null || true
+wait "$sampler" 2>/dev/null || true
 busy_w=$(mean "$work/busy.txt")
 
 # Each line: mtor_mJ tokens nvml_before nvml_after.
