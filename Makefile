@@ -17,7 +17,7 @@ FUZZTIME     ?= 15s
 # client, a headless browser driver), each with a committed lockfile.
 NPM_DIRS  := node/enginetest bridge/e2e
 
-.PHONY: all build test test-nat npm-deps demo bench chaos proto lint fuzz clean help
+.PHONY: all build test test-nat npm-deps demo bench bench-swarm bench-sim bench-gpu chaos proto lint fuzz clean help
 
 all: build
 
@@ -27,6 +27,9 @@ help:
 	@echo "make test-nat  the NAT suite in network namespaces (root, nftables) with a 150 s stream, and 12 workers behind one NAT"
 	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
 	@echo "make bench   the swarm paths vs direct, Go proxy and nginx: latency, throughput, CPU per token (docs/benchmarks.md)"
+	@echo "make bench-swarm  10-, 25- and 50-process swarms: join and death times, idle gossip, RSS, CPU (docs/benchmarks.md)"
+	@echo "make bench-sim    a simulated swarm of 100 to 1000 nodes in one process (mocknet): convergence, traffic, table size"
+	@echo "make bench-gpu    energy figures on an NVIDIA GPU with a local ~1B model: MODEL=/path/to/model (docs/benchmarks.md)"
 	@echo "make chaos   the long churn run: workers killed and restarted under load (docs/benchmarks.md)"
 	@echo "make proto   regenerate protocol/pb from protocol/pb/mtor.proto"
 	@echo "make lint    gofmt check and go vet"
@@ -61,6 +64,28 @@ demo: build
 bench: build
 	./$(BIN) bench
 	$(GO) test -run '^$$' -bench . -benchmem ./protocol/... ./node/... ./cmd/mtor/internal/pathbench
+
+# Swarms of real `mtor node` processes on loopback, one size after the
+# other (docs/benchmarks.md, "Scale").
+SWARM_SIZES ?= 10,25,50
+SWARM_IDLE  ?= 20s
+bench-swarm:
+	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) \
+		$(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
+
+# The simulated swarm (mocknet, one process), one size after the other.
+SIM_NODES ?= 100,300,1000
+SIM_IDLE  ?= 30s
+bench-sim:
+	MTOR_SIM_NODES=$(SIM_NODES) MTOR_SIM_IDLE=$(SIM_IDLE) \
+		$(GO) test ./node -run '^TestSimSwarm$$' -count=1 -v -timeout 120m
+
+# Energy on an NVIDIA GPU: a local ~1B model behind the openai backend.
+# Skips (exit 0) where there is no GPU; needs MODEL=/path/to/model where
+# there is one.
+MODEL ?=
+bench-gpu: build
+	./cmd/mtor/testdata/benchgpu/bench-gpu.sh "$(MODEL)" ./$(BIN)
 
 # The long churn run (docs/benchmarks.md): 3000 queries of every client
 # kind at concurrency 16, answers of about 0.5 s, while one of 4 workers is

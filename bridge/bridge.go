@@ -175,7 +175,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
 	v1.HandleFunc("GET /v1/usage", s.handleUsage)
 	v1.HandleFunc("/v1/", s.handleUnknown)
-	mux.Handle("/v1/", s.api(v1))
+	mux.Handle("/v1/", s.api(withPreference(v1)))
 	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
 	s.mountOllama(mux)
 	mux.HandleFunc("/healthz", s.handleHealth)

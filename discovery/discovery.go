@@ -39,15 +39,16 @@ const (
 
 // Discovery runs the DHT, the announce topic and the peer table of one host.
 type Discovery struct {
-	h     host.Host
-	cfg   config
-	dht   *dht.IpfsDHT
-	ps    *pubsub.PubSub
-	topic *pubsub.Topic
-	sub   *pubsub.Subscription
-	val   *announceValidator
-	table *PeerTable
-	mdns  interface{ Close() error }
+	h       host.Host
+	cfg     config
+	dht     *dht.IpfsDHT
+	ps      *pubsub.PubSub
+	topic   *pubsub.Topic
+	sub     *pubsub.Subscription
+	val     *announceValidator
+	table   *PeerTable
+	traffic *trafficTracer
+	mdns    interface{ Close() error }
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -72,10 +73,11 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		}
 	}
 	d := &Discovery{
-		h:     h,
-		cfg:   cfg,
-		val:   newAnnounceValidator(cfg.maxEntries, cfg.now),
-		table: newPeerTable(h.ID(), cfg.maxEntries, cfg.now),
+		h:       h,
+		cfg:     cfg,
+		val:     newAnnounceValidator(cfg.maxEntries, cfg.now),
+		table:   newPeerTable(h.ID(), cfg.maxEntries, cfg.now),
+		traffic: &trafficTracer{},
 	}
 	d.table.lim = cfg.limits
 	if cfg.members != nil {
@@ -127,7 +129,7 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		}
 		params.AppSpecificWeight = 1
 	}
-	psOpts = append(psOpts, pubsub.WithPeerScore(params, thresholds))
+	psOpts = append(psOpts, pubsub.WithPeerScore(params, thresholds), pubsub.WithRawTracer(d.traffic))
 	if cfg.scoreInspect != nil {
 		psOpts = append(psOpts, pubsub.WithPeerScoreInspect(cfg.scoreInspect, cfg.scoreInspectPeriod))
 	}
@@ -200,6 +202,9 @@ func (d *Discovery) goRun(f func()) {
 
 // Swarm is the swarm name this discovery runs in.
 func (d *Discovery) Swarm() string { return d.cfg.swarm }
+
+// Traffic is the gossip sent and received so far.
+func (d *Discovery) Traffic() Traffic { return d.traffic.snapshot() }
 
 // Table is the peer table.
 func (d *Discovery) Table() *PeerTable { return d.table }

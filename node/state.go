@@ -14,6 +14,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	manet "github.com/multiformats/go-multiaddr/net"
+
+	"github.com/mtor-swarm/mtor/discovery"
 )
 
 // Join timing: how long the first dial of the join peers may take before
@@ -91,6 +93,7 @@ type State struct {
 	Backends       []BackendState
 	Relays         []RelayPeer // swarm relays we know of
 	ProbeInterval  time.Duration
+	Gossip         discovery.Traffic // announce-topic traffic since start
 }
 
 // Paths counts connected peers by the path libp2p uses to each (a direct
@@ -182,6 +185,7 @@ func (n *Node) State() State {
 	for _, w := range watched {
 		st.Backends = append(st.Backends, w.state())
 	}
+	st.Gossip = n.disc.Traffic()
 	now := time.Now()
 	for _, e := range n.disc.Table().Snapshot() {
 		if e.Self {

@@ -140,8 +140,8 @@ func TestE2EDeadJoinIsSaid(t *testing.T) {
 		t.Fatalf("the warning does not say that the node retries:\n%s", w.output())
 	}
 	id, err := api.NewClient(w.value("api")).ID(t.Context())
-	if err != nil || !id.Joining || id.JoinError == "" {
-		t.Fatalf("/v1/id = %+v, %v; want joining with the join error", id, err)
+	if err != nil || !id.Joining || id.JoinError == "" || id.Gossip == nil {
+		t.Fatalf("/v1/id = %+v, %v; want joining with the join error, and gossip counters", id, err)
 	}
 
 	// The join peer comes up on that address: the worker's next retry

@@ -77,6 +77,7 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"node canary rate above one", []string{"node", "--canary-rate", "1.5"}, "--canary-rate"},
 		{"node negative canary rate", []string{"node", "--canary-rate", "-0.1"}, "--canary-rate"},
 		{"node zero canary interval", []string{"node", "--canary-interval", "0s"}, "--canary-interval"},
+		{"node energy slack too small", []string{"node", "--prefer-energy", "--energy-slack", "0.9"}, "--energy-slack"},
 		{"node announce too fast", []string{"node", "--announce-interval", "1ms"}, "--announce-interval"},
 		{"node bad backend", []string{"node", "--backend", "gopher=http://x", "--api", "off"}, "--backend"},
 		{"node bad log level", []string{"node", "--log-level", "loud", "--api", "off"}, "--log-level"},
@@ -260,7 +261,7 @@ func TestPickModel(t *testing.T) {
 func TestPrintPeers(t *testing.T) {
 	var b bytes.Buffer
 	err := printPeers(&b, []api.Peer{
-		{PeerView: router.PeerView{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}}},
+		{PeerView: router.PeerView{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}, JoulesPerToken: 0.42}},
 			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500, Reputation: 25, Distrusted: true,
 			Reachability: "relayed", RelayedVia: []string{"12D3KooWRelay001", "12D3KooWRelay002"}, Path: "direct", HolePunched: true,
 			GPUs: []router.GPUView{{Name: "NVIDIA H100", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 250000}}}},
@@ -282,7 +283,7 @@ func TestPrintPeers(t *testing.T) {
 			t.Errorf("header %q lacks %s", lines[0], want)
 		}
 	}
-	for _, want := range []string{"12D3KooWA", "demo,x", "chat,embed", "1/4 +2 queued", "97 (open)", "25 (distrusted)", "NVIDIA H100 60.0/80.0GiB free 35% 250W", "1.5s"} {
+	for _, want := range []string{"12D3KooWA", "demo,x (0.42 J/token)", "chat,embed", "1/4 +2 queued", "97 (open)", "25 (distrusted)", "NVIDIA H100 60.0/80.0GiB free 35% 250W", "1.5s"} {
 		if !strings.Contains(lines[1], want) {
 			t.Errorf("row %q lacks %q", lines[1], want)
 		}

@@ -31,6 +31,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/canary"
 	"github.com/mtor-swarm/mtor/node/gpu"
 	"github.com/mtor-swarm/mtor/node/membership"
+	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 )
@@ -66,6 +67,8 @@ type nodeFlags struct {
 	canaryInterval   time.Duration
 	verify           bool
 	preferContrib    bool
+	preferEnergy     bool
+	energySlack      float64
 }
 
 func defaultDataDir(e *env) string {
@@ -118,6 +121,8 @@ func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs.DurationVar(&f.canaryInterval, "canary-interval", canary.DefaultInterval, "least time between two spot checks; with --verify, the time between them")
 	fs.BoolVar(&f.verify, "verify", false, "run a spot check every --canary-interval whatever this node's own traffic (a volunteer verifier)")
 	fs.BoolVar(&f.preferContrib, "prefer-contributors", false, "when queries queue for this worker, serve first the peers that did more work for this node than it did for them (see mtor ledger)")
+	fs.BoolVar(&f.preferEnergy, "prefer-energy", false, "route each query to the worker with the lowest measured joules per token among those within --energy-slack of the best expected latency (a request's X-Mtor-Prefer header overrides)")
+	fs.Float64Var(&f.energySlack, "energy-slack", router.DefaultEnergySlack, "with energy preferred: how many times the best expected latency a worker may take and still be chosen for its energy (> 1)")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
 	return fs
 }
@@ -364,6 +369,8 @@ func (f *nodeFlags) check() error {
 		return usagef("--bridge-queue-wait %s must be > 0", f.bridgeQueueWait)
 	case f.bridgeInFlight < 0:
 		return usagef("--bridge-max-in-flight %d must be >= 0", f.bridgeInFlight)
+	case !(f.energySlack > 1 && f.energySlack <= 100):
+		return usagef("--energy-slack %v must be above 1 and at most 100", f.energySlack)
 	}
 	for _, o := range f.bridgeOrigins {
 		if err := checkOrigin(o); err != nil {
@@ -470,6 +477,9 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 		node.WithPreferContributors(f.preferContrib))
 	if f.verify {
 		opts = append(opts, node.WithVerify())
+	}
+	if f.preferEnergy {
+		opts = append(opts, node.WithRouterOptions(router.WithPreferEnergy(true, f.energySlack)))
 	}
 	return opts
 }

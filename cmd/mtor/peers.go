@@ -91,7 +91,12 @@ func printPeerTable(w io.Writer, peers []api.Peer) error {
 		typeSet := map[string]bool{}
 		var types []string
 		for _, m := range p.Models {
-			models = append(models, m.Name)
+			name := m.Name
+			if m.JoulesPerToken > 0 {
+				// Measured energy, what --prefer-energy routes by.
+				name += fmt.Sprintf(" (%.3g J/token)", m.JoulesPerToken)
+			}
+			models = append(models, name)
 			for _, t := range m.Types {
 				if !typeSet[t] {
 					typeSet[t] = true

@@ -203,6 +203,7 @@ func (s *Server) handleID(w http.ResponseWriter, r *http.Request) {
 		info.SwarmPeers = st.SwarmPeers
 		info.Joining, info.JoinError = st.Joining, st.JoinError
 		info.Backends = append(info.Backends, st.Backends...)
+		info.Gossip = &st.Gossip
 	}
 	if rn, ok := s.node.(Reachable); ok {
 		ri := rn.Reachability()

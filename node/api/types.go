@@ -14,6 +14,7 @@
 package api
 
 import (
+	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -52,6 +53,9 @@ type IDInfo struct {
 	Joining   bool                `json:"joining,omitempty"`
 	JoinError string              `json:"join_error,omitempty"`
 	Backends  []node.BackendState `json:"backends"`
+	// Gossip is the gossipsub traffic since the node started (announcements
+	// and gossip control, by protobuf size): what announcing costs it.
+	Gossip *discovery.Traffic `json:"gossip,omitempty"`
 }
 
 // Peer is one row of GET /v1/peers: a worker as the router sees it, plus

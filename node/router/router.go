@@ -170,6 +170,10 @@ type Router struct {
 	rep      Reputation             // honesty spot checks' verdicts; nil = all trusted
 	observer func(*pb.QueryRequest) // sees each routed query
 
+	// preferEnergy and energySlack: energy.go.
+	preferEnergy bool
+	energySlack  float64
+
 	mu    sync.Mutex
 	peers map[peer.ID]*peerState
 	rng   *mrand.Rand
@@ -627,6 +631,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s", req.GetModel(), protocol.TypeName(req.GetType()))
 	}
 
+	slack := r.energySlackFor(ctx)
 	var lastErr *protocol.Error
 	for first := true; ; first = false {
 		if !first {
@@ -638,7 +643,10 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		if len(ranked) == 0 || q.failures >= r.maxAttempts || ctx.Err() != nil {
 			break
 		}
-		i := r.choose(ranked)
+		i := 0
+		if !byEnergy(ranked, req.GetModel(), req.GetType(), slack) {
+			i = r.choose(ranked)
+		}
 		c := ranked[i]
 		q.tried[tryKey{c.Peer, c.Announce.GetIncarnation()}] = true
 		if q.started() {

@@ -548,6 +548,7 @@
       for (const m of p.models || []) {
         const line = h("span", { className: "model" }, String(m.name), " ", h("span", { className: "types" }, (m.types || []).join(", ")));
         if (m.tokens_per_sec) line.append(h("span", { className: "types" }, " · " + Number(m.tokens_per_sec).toFixed(0) + " tok/s"));
+        if (m.joules_per_token) line.append(h("span", { className: "types" }, " · " + Number(m.joules_per_token).toPrecision(3) + " J/token"));
         modelsCell.append(line);
       }
       const load = h("td", null, (p.in_flight || 0) + " / " + (p.max_concurrency || "?"));

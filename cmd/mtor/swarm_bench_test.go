@@ -1,0 +1,293 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/api"
+)
+
+// TestBenchSwarm measures swarms of real `mtor node` processes on loopback
+// (a bootstrap node and demo workers): how long a new worker takes from
+// its start to being routable at every node, how long a SIGKILLed one
+// stays in rotation, and each node's idle gossip, RSS and CPU. It prints a
+// table and asserts only that every node converged: the figures are
+// measured, never thresholds. Off unless MTOR_BENCH_SWARM names the sizes,
+// e.g. MTOR_BENCH_SWARM=10,25,50 (make bench-swarm).
+func TestBenchSwarm(t *testing.T) {
+	spec := os.Getenv("MTOR_BENCH_SWARM")
+	if spec == "" {
+		t.Skip("set MTOR_BENCH_SWARM=10,25,50 (make bench-swarm) to run the swarm benchmark")
+	}
+	needBinary(t)
+	var sizes []int
+	for _, f := range strings.Split(spec, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 3 || n > 500 {
+			t.Fatalf("MTOR_BENCH_SWARM: %q is not a size between 3 and 500", f)
+		}
+		sizes = append(sizes, n)
+	}
+	idle := 20 * time.Second
+	if v := os.Getenv("MTOR_BENCH_SWARM_IDLE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Second {
+			t.Fatalf("MTOR_BENCH_SWARM_IDLE: %q is not a duration of at least 1s", v)
+		}
+		idle = d
+	}
+	var rows []swarmRow
+	for _, n := range sizes {
+		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, measureSwarm(t, n, idle)) })
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\n| processes | start→routable at all, p50 / max | SIGKILL→out at all, p50 / max | gossip B/node/s in+out | idle RSS MB p50 / max | idle CPU %% p50 / max |\n")
+	fmt.Fprintf(&b, "|---|---|---|---|---|---|\n")
+	for _, r := range rows {
+		fmt.Fprintf(&b, "| %d | %s / %s | %s / %s | %.0f | %.1f / %.1f | %.2f / %.2f |\n", r.n,
+			wholeMs(r.joinP50), wholeMs(r.joinMax), wholeMs(r.deathP50), wholeMs(r.deathMax), r.gossipBps, r.rssP50, r.rssMax, r.cpuP50, r.cpuMax)
+	}
+	t.Log(b.String())
+}
+
+type swarmRow struct {
+	n                                    int
+	joinP50, joinMax, deathP50, deathMax time.Duration
+	gossipBps                            float64 // per node, bytes in + out per second
+	rssP50, rssMax                       float64 // MB
+	cpuP50, cpuMax                       float64 // % of one core
+}
+
+
+// measureSwarm starts a bootstrap and n-1 demo workers, lets them idle, then
+// starts one more worker and kills it.
+func measureSwarm(t *testing.T, n int, idle time.Duration) swarmRow {
+	dir := t.TempDir()
+	// The default heartbeat, as a real swarm runs.
+	boot := startNode(t, "boot", "--data-dir", filepath.Join(dir, "boot"), "--listen", "/ip4/127.0.0.1/tcp/0",
+		"--api", "127.0.0.1:0", "--no-mdns", "--no-detect")
+	join := boot.value("join")
+	worker := func(i int) []string {
+		return []string{"--data-dir", filepath.Join(dir, fmt.Sprintf("w%d", i)), "--listen", "/ip4/127.0.0.1/tcp/0",
+			"--api", "127.0.0.1:0", "--no-mdns", "--backend", "demo", "--join", join}
+	}
+	procs := []*proc{boot}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 4) // starting a node is CPU-bound; four at a time
+	for i := 1; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			p := startNode(t, fmt.Sprintf("w%d", i), worker(i)...)
+			mu.Lock()
+			procs = append(procs, p)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	clients := make([]*api.Client, len(procs))
+	for i, p := range procs {
+		clients[i] = api.NewClient(p.value("api"))
+	}
+	// Every node lists every worker.
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		counts := workerCounts(t, clients)
+		if slices.Min(counts) == n-1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("swarm of %d did not converge in 5 min: workers seen per node %v", n, counts)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+
+	// Idle: gossip, CPU and RSS over the window, nothing else asked of
+	// the nodes (no polling).
+	g0, c0 := gossipBytes(t, clients), cpuTicks(t, procs)
+	start := time.Now()
+	time.Sleep(idle)
+	g1, c1 := gossipBytes(t, clients), cpuTicks(t, procs)
+	window := time.Since(start).Seconds()
+	var rowGossip float64
+	cpu := make([]float64, len(procs))
+	rss := make([]float64, len(procs))
+	for i, p := range procs {
+		rowGossip += float64(g1[i]-g0[i]) / window
+		cpu[i] = 100 * float64(c1[i]-c0[i]) / clockTicks / window
+		rss[i] = vmRSSMB(t, p.cmd.Process.Pid)
+	}
+	rowGossip /= float64(len(procs))
+
+	// A new worker: from its exec to listed by every node.
+	t0 := time.Now()
+	nw := startNode(t, "new", worker(n)...)
+	newID := nw.value("peer")
+	joinTimes := waitAll(t, clients, t0, func(peers []api.Peer) bool { return hasPeer(peers, newID) })
+	// Its death: from SIGKILL to out of every node's peers.
+	t1 := time.Now()
+	if err := nw.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deathTimes := waitAll(t, clients, t1, func(peers []api.Peer) bool { return !hasPeer(peers, newID) })
+
+	r := swarmRow{n: n, gossipBps: rowGossip}
+	r.joinP50, r.joinMax = p50max(joinTimes)
+	r.deathP50, r.deathMax = p50max(deathTimes)
+	slices.Sort(cpu)
+	slices.Sort(rss)
+	r.cpuP50, r.cpuMax = cpu[len(cpu)/2], cpu[len(cpu)-1]
+	r.rssP50, r.rssMax = rss[len(rss)/2], rss[len(rss)-1]
+	t.Logf("n=%d: join p50 %s max %s; death p50 %s max %s; gossip %.0f B/node/s; RSS p50 %.1f MB max %.1f; CPU p50 %.2f%% max %.2f%%",
+		n, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.rssP50, r.rssMax, r.cpuP50, r.cpuMax)
+	return r
+}
+
+// clockTicks is USER_HZ, the unit of utime and stime in /proc/PID/stat:
+// 100 on every Linux architecture Go supports.
+const clockTicks = 100
+
+// waitAll polls every node until cond holds for its peers, and returns how
+// long after t0 each first saw it.
+func waitAll(t *testing.T, clients []*api.Client, t0 time.Time, cond func([]api.Peer) bool) []time.Duration {
+	t.Helper()
+	out := make([]time.Duration, len(clients))
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+			defer cancel()
+			for ctx.Err() == nil {
+				pctx, pcancel := context.WithTimeout(ctx, 10*time.Second)
+				peers, err := c.Peers(pctx)
+				pcancel()
+				if err == nil && cond(peers) {
+					out[i] = time.Since(t0)
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			t.Errorf("node %d: condition not met within 3 min", i)
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	return out
+}
+
+func hasPeer(peers []api.Peer, id string) bool {
+	return slices.ContainsFunc(peers, func(p api.Peer) bool { return p.Peer == id && len(p.Models) > 0 })
+}
+
+func p50max(ds []time.Duration) (time.Duration, time.Duration) {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2], s[len(s)-1]
+}
+
+// workerCounts is how many other workers serving a model each node lists.
+func workerCounts(t *testing.T, clients []*api.Client) []int {
+	t.Helper()
+	out := make([]int, len(clients))
+	for i, c := range clients {
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		peers, err := c.Peers(ctx)
+		cancel()
+		if err != nil {
+			continue
+		}
+		for _, p := range peers {
+			if !p.Self && len(p.Models) > 0 {
+				out[i]++
+			}
+		}
+		// A worker counts itself too: the bootstrap has no row of its own.
+		if slices.ContainsFunc(peers, func(p api.Peer) bool { return p.Self && len(p.Models) > 0 }) {
+			out[i]++
+		}
+	}
+	return out
+}
+
+// gossipBytes reads each node's gossip bytes, in and out, from /v1/id.
+func gossipBytes(t *testing.T, clients []*api.Client) []uint64 {
+	t.Helper()
+	out := make([]uint64, len(clients))
+	for i, c := range clients {
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		id, err := c.ID(ctx)
+		cancel()
+		if err != nil || id.Gossip == nil {
+			t.Fatalf("node %d: /v1/id without gossip figures: %v", i, err)
+		}
+		out[i] = id.Gossip.BytesIn + id.Gossip.BytesOut
+	}
+	return out
+}
+
+// cpuTicks reads utime+stime of each process from /proc/PID/stat.
+func cpuTicks(t *testing.T, procs []*proc) []uint64 {
+	t.Helper()
+	out := make([]uint64, len(procs))
+	for i, p := range procs {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Fields after the command name, which is in parentheses and
+		// may hold spaces: state is field 3, utime 14, stime 15.
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		if len(f) < 13 {
+			t.Fatalf("/proc/%d/stat: %d fields", p.cmd.Process.Pid, len(f))
+		}
+		u, err1 := strconv.ParseUint(f[11], 10, 64)
+		s, err2 := strconv.ParseUint(f[12], 10, 64)
+		if err1 != nil || err2 != nil {
+			t.Fatalf("/proc/%d/stat: utime %q stime %q", p.cmd.Process.Pid, f[11], f[12])
+		}
+		out[i] = u + s
+	}
+	return out
+}
+
+// vmRSSMB is the process's resident set from /proc/PID/status, in MB.
+func vmRSSMB(t *testing.T, pid int) float64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			if err != nil {
+				t.Fatalf("VmRSS %q: %v", v, err)
+			}
+			return kb / 1024
+		}
+	}
+	t.Fatalf("/proc/%d/status has no VmRSS", pid)
+	return 0
+}
+
+// wholeMs is d in whole milliseconds, for the swarm table.
+func wholeMs(d time.Duration) string { return fmt.Sprintf("%d ms", d.Milliseconds()) }

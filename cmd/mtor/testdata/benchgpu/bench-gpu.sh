@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# make bench-gpu MODEL=/path/to/model: energy figures of mtor on an NVIDIA GPU.
+#
+# Serves a local ~1B-parameter causal LM (a transformers directory, e.g.
+# TinyLlama-1.1B-Chat or Llama-3.2-1B-Instruct, already on disk: no
+# internet is used) on the GPU with a tiny OpenAI-compatible server
+# (openai_server.py), puts one mtor node in front of it (--backend openai,
+# with its bridge), and records:
+#   - idle and busy GPU power (nvidia-smi power.draw, sampled every 200 ms);
+#   - per query, mtor's energy_mj (the bridge's "mtor" extension) against
+#     NVML's total-energy counter read independently (nvidia-smi
+#     total_energy_consumption, mJ) just before and after the query,
+#     sequentially and with 8 queries at once;
+#   - joules per completion token at concurrency 1 and 8.
+# Without an NVIDIA GPU it says so and exits 0 (skipped); without a model
+# directory it fails with a usage line (exit 2).
+set -euo pipefail
+
+usage() { echo "usage: $0 MODEL_DIR [MTOR_BINARY]  (make bench-gpu MODEL=/path/to/model)" >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd)
+model=${1:-}
+bin=${2:-./bin/mtor}
+SEQ=${BENCH_GPU_SEQ:-10}         # sequential queries
+CONC=${BENCH_GPU_CONC:-8}        # concurrent queries per round
+ROUNDS=${BENCH_GPU_ROUNDS:-3}    # concurrent rounds
+MAXTOK=${BENCH_GPU_MAX_TOKENS:-128}
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+	echo "bench-gpu: skipped: no NVIDIA GPU here (nvidia-smi missing or finds no GPU)"
+	exit 0
+fi
+[ -n "$model" ] || { echo "bench-gpu: no model directory given" >&2; usage; }
+[ -d "$model" ] && [ -f "$model/config.json" ] || { echo "bench-gpu: $model is not a transformers model directory (no config.json)" >&2; usage; }
+[ -x "$bin" ] || { echo "bench-gpu: no mtor binary at $bin (make build)" >&2; exit 1; }
+command -v bc >/dev/null || { echo "bench-gpu: needs bc" >&2; exit 1; }
+python3 -c 'import torch, transformers; assert torch.cuda.is_available(), "torch sees no CUDA GPU"' ||
+	{ echo "bench-gpu: python3 needs torch (with CUDA) and transformers" >&2; exit 1; }
+energy_supported=$(nvidia-smi --query-gpu=total_energy_consumption --format=csv,noheader,nounits -i 0)
+case "$energy_supported" in *[!0-9.]*|"") echo "bench-gpu: GPU 0 has no total-energy counter ($energy_supported); NVML energy needs Volta or newer" >&2; exit 1;; esac
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+energy() { nvidia-smi --query-gpu=total_energy_consumption --format=csv,noheader,nounits -i 0; }
+# power_sample SECONDS FILE: power.draw (W) every 200 ms for SECONDS.
+power_sample() { timeout "$1" nvidia-smi --query-gpu=power.draw --format=csv,noheader,nounits -i 0 -lms 200 >"$2" 2>/dev/null || true; }
+mean() { awk '{s+=$1; n++} END {if (n) printf "%.1f", s/n; else print "?"}' "$1"; }
+
+port=$(free_port)
+echo "bench-gpu: loading $model on the GPU"
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python3 "$here/openai_server.py" "$model" "$port" >"$work/server.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && break; sleep 0.5; done
+curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null || { echo "bench-gpu: model server did not start:" >&2; cat "$work/server.log" >&2; exit 1; }
+head -1 "$work/server.log"
+
+bport=$(free_port)
+"$bin" node --data-dir "$work/node" --listen /ip4/127.0.0.1/tcp/0 --api 127.0.0.1:0 --no-mdns \
+	--backend "openai=http://127.0.0.1:$port" --bridge "127.0.0.1:$bport" >"$work/node.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 120); do curl -sf "http://127.0.0.1:$bport/v1/models" | grep -q bench-model && break; sleep 0.5; done
+curl -sf "http://127.0.0.1:$bport/v1/models" | grep -q bench-model || { echo "bench-gpu: mtor node did not serve the model:" >&2; cat "$work/node.log" >&2; exit 1; }
+
+# query N: one chat completion through the bridge; prints "energy_mj tokens".
+query() {
+	curl -sf "http://127.0.0.1:$bport/v1/chat/completions" -H 'Content-Type: application/json' \
+		-d "{\"model\":\"bench-model\",\"max_tokens\":$MAXTOK,\"messages\":[{\"role\":\"user\",\"content\":\"Write a short story about a lighthouse keeper, number $1.\"}]}" |
+		python3 -c 'import json,sys; r=json.load(sys.stdin); print(r.get("mtor",{}).get("energy_mj",0), r["usage"]["completion_tokens"])'
+}
+
+query 0 >/dev/null # warm-up: CUDA kernels, caches
+echo "bench-gpu: idle power for 10 s"
+sleep 2
+ea=$(energy); ta=$(date +%s.%N)
+power_sample 10 "$work/idle.txt"
+eb=$(energy); tb=$(date +%s.%N)
+idle_w=$(mean "$work/idle.txt")
+# The counter's unit, from the idle window itself: NVML counts mJ; should
+# this nvidia-smi print joules, delta / (power × time) is ~1, not ~1000.
+scale=$(awk -v d="$(echo "$eb - $ea" | bc)" -v w="$idle_w" -v t="$(echo "$tb - $ta" | bc)" 'BEGIN {
+	r = (w > 0 && t > 0) ? d / (w * t) : 0
+	if (r > 100 && r < 10000) print 1; else if (r > 0.1 && r < 10) print 1000; else print "?" }')
+[ "$scale" != "?" ] || { echo "bench-gpu: cannot tell the energy counter's unit (delta $ea→$eb over ${idle_w} W idle)" >&2; exit 1; }
+
+echo "bench-gpu: $SEQ sequential queries"
+: >"$work/seq.txt"
+for i in $(seq "$SEQ"); do
+	e0=$(energy)
+	out=$(query "$i") || { echo "bench-gpu: query $i failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }
+	e1=$(energy)
+	echo "$out $(echo "$e0 * $scale" | bc) $(echo "$e1 * $scale" | bc)" >>"$work/seq.txt"
+done
+
+echo "bench-gpu: $ROUNDS rounds of $CONC concurrent queries"
+# timeout itself in the background, so that killing it stops nvidia-smi.
+timeout $((ROUNDS * 120)) nvidia-smi --query-gpu=power.draw --format=csv,noheader,nounits -i 0 -lms 200 >"$work/busy.txt" 2>/dev/null &
+sampler=$!
+: >"$work/conc.txt"
+for r in $(seq "$ROUNDS"); do
+	e0=$(energy)
+	qpids=()
+	for i in $(seq "$CONC"); do query "$r$i" >"$work/c.$i" & qpids+=($!); done
+	for p in "${qpids[@]}"; do wait "$p" || { echo "bench-gpu: a concurrent query failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }; done
+	e1=$(energy)
+	cat "$work"/c.* | awk -v e0="$e0" -v e1="$e1" -v k="$scale" '{m+=$1; t+=$2} END {printf "%d %d %.0f %.0f\n", m, t, e0*k, e1*k}' >>"$work/conc.txt"
+	rm -f "$work"/c.*
+done
+kill "$sampler" 2>/dev/null || true
+wait "$sampler" 2>/dev/null || true
+busy_w=$(mean "$work/busy.txt")
+
+# Each line: mtor_mJ tokens nvml_before nvml_after.
+report() {
+	awk -v label="$1" '{m+=$1; t+=$2; n+=($4-$3)} END {
+		printf "| %s | %d | %.0f | %.0f | %.2f | %.3f | %.3f |\n", label, NR, m, n, (n>0 ? m/n : 0), (t>0 ? m/t/1000 : 0), (t>0 ? n/t/1000 : 0)}' "$2"
+}
+echo
+echo "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader -i 0); model: $model; max_tokens $MAXTOK"
+echo "idle power: $idle_w W; busy power (concurrency $CONC): $busy_w W"
+echo
+echo "| run | queries (rounds) | mtor energy_mj, sum | NVML delta around them, mJ | mtor / NVML | J/token (mtor) | J/token (NVML) |"
+echo "|---|---|---|---|---|---|---|"
+report "concurrency 1" "$work/seq.txt"
+report "concurrency $CONC" "$work/conc.txt"

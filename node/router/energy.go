@@ -1,0 +1,112 @@
+package router
+
+import (
+	"context"
+	"slices"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// DefaultEnergySlack is how much slower than the best expected latency a
+// worker may be and still win a query that prefers energy: within 1.5× of
+// the fastest, the lowest measured joules per token goes first.
+const DefaultEnergySlack = 1.5
+
+// EnergyPreference is whether a query prefers the lowest measured joules
+// per token over the lowest expected latency.
+type EnergyPreference int
+
+const (
+	// EnergyDefault follows the router's own setting (WithPreferEnergy).
+	EnergyDefault EnergyPreference = iota
+	// EnergyPrefer prefers the lowest joules per token within the slack.
+	EnergyPrefer
+	// EnergyIgnore ranks by expected latency alone.
+	EnergyIgnore
+)
+
+type energyKey struct{}
+
+// WithEnergyPreference sets a query's energy preference in its context,
+// overriding the router's default for this query alone. The preference
+// chooses among workers; it does not travel to them.
+func WithEnergyPreference(ctx context.Context, p EnergyPreference) context.Context {
+	return context.WithValue(ctx, energyKey{}, p)
+}
+
+// EnergyPreferenceOf is the preference WithEnergyPreference put in ctx.
+func EnergyPreferenceOf(ctx context.Context) EnergyPreference {
+	p, _ := ctx.Value(energyKey{}).(EnergyPreference)
+	return p
+}
+
+// WithPreferEnergy makes energy the router's default preference, with the
+// given latency slack (≤ 1: DefaultEnergySlack).
+func WithPreferEnergy(on bool, slack float64) Option {
+	return func(r *Router) {
+		r.preferEnergy = on
+		r.energySlack = slack
+	}
+}
+
+// energySlackFor is the slack that applies to the query with ctx, 0 when
+// it ranks by latency alone.
+func (r *Router) energySlackFor(ctx context.Context) float64 {
+	p := EnergyPreferenceOf(ctx)
+	on := p == EnergyPrefer || (p == EnergyDefault && r.preferEnergy)
+	if !on {
+		return 0
+	}
+	if r.energySlack > 1 {
+		return r.energySlack
+	}
+	return DefaultEnergySlack
+}
+
+// byEnergy reorders ranked (best expected latency first) so that the free
+// workers whose score is within slack × the best free score come first,
+// lowest announced joules per token first; workers that have measured no
+// energy (0: unknown) follow those that have, in latency order. Full
+// workers and those outside the slack keep their places behind. It
+// reports whether energy decided the order, when the caller takes the
+// first rather than draw between the two best: a burst then goes to the
+// frugal worker until its announced load makes it full.
+func byEnergy(ranked []scored, model string, t pb.QueryType, slack float64) bool {
+	if slack <= 0 || len(ranked) < 2 || ranked[0].full {
+		return false
+	}
+	limit := ranked[0].score * slack
+	n := 0
+	for n < len(ranked) && !ranked[n].full && ranked[n].score <= limit {
+		n++
+	}
+	jpt := func(s scored) float32 {
+		return modelInfo(s.Announce, model, t).GetJoulesPerToken()
+	}
+	known := false
+	for _, s := range ranked[:n] {
+		if jpt(s) > 0 {
+			known = true
+			break
+		}
+	}
+	if !known {
+		return false
+	}
+	slices.SortStableFunc(ranked[:n], func(a, b scored) int {
+		ja, jb := jpt(a), jpt(b)
+		switch {
+		case ja > 0 && jb > 0 && ja != jb:
+			if ja < jb {
+				return -1
+			}
+			return 1
+		case ja > 0 && jb <= 0:
+			return -1
+		case ja <= 0 && jb > 0:
+			return 1
+		}
+		return 0
+	})
+	return true
+}

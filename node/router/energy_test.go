@@ -1,0 +1,152 @@
+package router
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+func jpt(j float32) func(*pb.Announce) {
+	return func(a *pb.Announce) { a.Models[0].JoulesPerToken = j }
+}
+
+// TestEnergyPreferenceOrder: with energy preferred, the lowest measured
+// joules per token among the free workers within the latency slack goes
+// first; without it (or outside the slack) expected latency decides.
+func TestEnergyPreferenceOrder(t *testing.T) {
+	ms := time.Millisecond
+	tests := []struct {
+		name  string
+		table staticTable
+		slack float64
+		want  []string
+		moved bool
+	}{
+		{"off: latency decides", staticTable{cand("fast", 0, 4, 100, 0, jpt(2)), cand("frugal", 0, 4, 100, 40*ms, jpt(0.5))}, 0,
+			[]string{"fast", "frugal"}, false},
+		{"frugal within slack wins", staticTable{cand("fast", 0, 4, 100, 0, jpt(2)), cand("frugal", 0, 4, 100, 40*ms, jpt(0.5))}, 1.5,
+			[]string{"frugal", "fast"}, true},
+		{"frugal outside slack loses", staticTable{cand("fast", 0, 4, 100, 0, jpt(2)), cand("frugal", 0, 4, 100, 300*ms, jpt(0.5))}, 1.5,
+			[]string{"fast", "frugal"}, true},
+		{"a wider slack reaches it", staticTable{cand("fast", 0, 4, 100, 0, jpt(2)), cand("frugal", 0, 4, 100, 300*ms, jpt(0.5))}, 5,
+			[]string{"frugal", "fast"}, true},
+		{"measured before unknown", staticTable{cand("unknown", 0, 4, 100, 0), cand("measured", 0, 4, 100, 20*ms, jpt(3))}, 1.5,
+			[]string{"measured", "unknown"}, true},
+		{"nobody measured: latency decides", staticTable{cand("a", 0, 4, 100, 30*ms), cand("b", 0, 4, 100, 0)}, 1.5,
+			[]string{"b", "a"}, false},
+		{"a full worker stays behind", staticTable{cand("full", 4, 4, 100, 0, jpt(0.1)), cand("free", 0, 4, 100, 0, jpt(5))}, 1.5,
+			[]string{"free", "full"}, true},
+		{"three within slack by joules", staticTable{cand("j3", 0, 4, 100, 0, jpt(3)), cand("j1", 0, 4, 100, 10*ms, jpt(1)),
+			cand("j2", 0, 4, 100, 20*ms, jpt(2)), cand("slow", 0, 4, 100, time.Second, jpt(0.1))}, 1.5,
+			[]string{"j1", "j2", "j3", "slow"}, true},
+	}
+	h := testHost(t)
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := New(h, "/test", tc.table)
+			ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+			moved := byEnergy(ranked, "m", pb.QueryType_QUERY_TYPE_CHAT, tc.slack)
+			var got []string
+			for _, c := range ranked {
+				got = append(got, string(c.Peer))
+			}
+			if strings.Join(got, ",") != strings.Join(tc.want, ",") || moved != tc.moved {
+				t.Fatalf("order = %v (pinned %v), want %v (pinned %v)", got, moved, tc.want, tc.moved)
+			}
+		})
+	}
+}
+
+func TestEnergySlackFor(t *testing.T) {
+	h := testHost(t)
+	ctx := context.Background()
+	tests := []struct {
+		name string
+		opts []Option
+		ctx  context.Context
+		want float64
+	}{
+		{"default off", nil, ctx, 0},
+		{"node prefers", []Option{WithPreferEnergy(true, 0)}, ctx, DefaultEnergySlack},
+		{"node slack", []Option{WithPreferEnergy(true, 2)}, ctx, 2},
+		{"query prefers", nil, WithEnergyPreference(ctx, EnergyPrefer), DefaultEnergySlack},
+		{"query ignores node", []Option{WithPreferEnergy(true, 2)}, WithEnergyPreference(ctx, EnergyIgnore), 0},
+		{"query follows node", []Option{WithPreferEnergy(true, 3)}, WithEnergyPreference(ctx, EnergyDefault), 3},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := New(h, "/test", staticTable{}, tc.opts...).energySlackFor(tc.ctx); got != tc.want {
+				t.Fatalf("slack = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestQueryPrefersEnergy runs real queries against two real workers on
+// loopback: one announcing a fast p50 TTFT and 4 J/token, the other 2.5×
+// slower and 1 J/token. Preferring energy with a slack of 3 (per node or
+// per query) sends queries to the frugal one; ranking by latency (the
+// default, or overriding the node per query) sends them to the fast one.
+func TestQueryPrefersEnergy(t *testing.T) {
+	const proto = "/mtor/test/query"
+	h := testHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var workers []host.Host
+	for range 2 {
+		wh := testHost(t)
+		w := worker.New([]backend.Backend{demo.New("demo", demo.WithDelay(0))})
+		w.Refresh(ctx)
+		wh.SetStreamHandler(proto, w.HandleStream)
+		if err := h.Connect(ctx, peer.AddrInfo{ID: wh.ID(), Addrs: wh.Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+		workers = append(workers, wh)
+	}
+	fast, frugal := workers[0].ID(), workers[1].ID()
+	demoModel := func(a *pb.Announce) { a.Models[0].Name = "demo" }
+	slow := func(a *pb.Announce) { a.Models[0].P50TtftMs = 250 }
+	table := staticTable{
+		cand(string(fast), 0, 4, 100, 0, demoModel, jpt(4)),
+		cand(string(frugal), 0, 4, 100, 0, demoModel, slow, jpt(1)),
+	}
+	tests := []struct {
+		name string
+		opts []Option
+		pref EnergyPreference
+		want peer.ID
+	}{
+		{"default ranks by latency", nil, EnergyDefault, fast},
+		{"node prefers energy", []Option{WithPreferEnergy(true, 3)}, EnergyDefault, frugal},
+		{"query overrides the node", []Option{WithPreferEnergy(true, 3)}, EnergyIgnore, fast},
+		{"query prefers energy", []Option{WithPreferEnergy(false, 3)}, EnergyPrefer, frugal},
+		{"outside the default slack", []Option{WithPreferEnergy(true, 0)}, EnergyDefault, fast},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			// A fresh router each time: what one measures of a peer
+			// would change the next one's ranking.
+			r := New(h, proto, table, append([]Option{WithSeed(1)}, tc.opts...)...)
+			for i := range 5 {
+				res, err := r.Query(WithEnergyPreference(ctx, tc.pref),
+					&pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hi"},
+					func(*pb.Event) error { return nil })
+				if err != nil {
+					t.Fatal(err)
+				}
+				if res.Peer != tc.want {
+					t.Fatalf("query %d answered by %s, want %s", i, res.Peer, tc.want)
+				}
+			}
+		})
+	}
+}
