@@ -49,7 +49,7 @@ func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int, qstats func
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "mtor_swarm_peers",
 			Help: "Worker peers (serving at least one model) in this node's peer table.",
-		}, func() float64 { return float64(workers(s.Peers())) }),
+		}, func() float64 { return float64(countWorkers(s)) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "mtor_bridge_connections",
 			Help: "Open WebSocket connections.",

@@ -49,7 +49,19 @@ func (s *Server) handleSwarm(w http.ResponseWriter, r *http.Request) {
 // handleHealth is GET /healthz; "peers" counts workers only.
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "peers": workers(s.swarm.Peers())})
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "peers": countWorkers(s.swarm)})
+}
+
+// workerCounter counts workers without building the peer views
+// (*router.Router does).
+type workerCounter interface{ Workers() int }
+
+// countWorkers is the swarm's worker count, cheaply where the swarm can.
+func countWorkers(sw Swarm) int {
+	if wc, ok := sw.(workerCounter); ok {
+		return wc.Workers()
+	}
+	return workers(sw.Peers())
 }
 
 // workers counts the peers that serve at least one model: the peer table

@@ -13,6 +13,19 @@ import (
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
+// Workers counts the peers that serve at least one model. It takes only
+// the peer table's lock, not the router's: /healthz and metrics ask it
+// while a burst of queries is being routed.
+func (r *Router) Workers() int {
+	n := 0
+	for _, c := range r.table.Candidates() {
+		if len(c.Announce.GetModels()) > 0 {
+			n++
+		}
+	}
+	return n
+}
+
 // Peers is the swarm's workers as people see them: no addresses. Nodes
 // that serve no model (bootstrap, bridge or relay only) are left out.
 func (r *Router) Peers() []PeerView {
