@@ -540,25 +540,14 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 				kill = r
 			}
 		}
-		words := int(8 * time.Second / delay)
-		prompt := streamPrompt(min(words, streamWords))
-		type res struct {
-			out string
-			err error
-		}
-		done := make(chan res, 1)
-		go func() {
-			out, err := n.query(ctx, 2*time.Minute, "-", prompt)
-			done <- res{out, err}
-		}()
-		time.Sleep(3 * time.Second)
-		if kill == "" {
-			t.Errorf("%s: the client's relay %q is none of ours", f.pair, via)
-		} else {
+		prompt, r := n.streamDuring(ctx, delay, func() {
+			if kill == "" {
+				t.Errorf("%s: the client's relay %q is none of ours", f.pair, via)
+				return
+			}
 			_ = relays[kill].cmd.Process.Signal(syscall.SIGKILL)
 			<-relays[kill].exited
-		}
-		r := <-done
+		})
 		if r.err != nil || !strings.HasSuffix(strings.TrimSpace(r.out), prompt) {
 			t.Errorf("%s: answer lost when relay %s was killed mid-stream: %v (%d of %d bytes)\nclient:\n%s", f.pair, kill, r.err, len(r.out), len(prompt), client.output())
 			f.relayKill = "LOST"
@@ -581,21 +570,11 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 	} else if wk != natForwarded && kind == "direct" {
 		// The relay is the fallback: the direct path (the NAT mapping)
 		// dies mid-answer, and the answer completes over the relay.
-		words := int(8 * time.Second / delay)
-		prompt := streamPrompt(min(words, streamWords))
-		type res struct {
-			out string
-			err error
-		}
-		done := make(chan res, 1)
-		go func() {
-			out, err := n.query(ctx, 2*time.Minute, "-", prompt)
-			done <- res{out, err}
-		}()
-		time.Sleep(3 * time.Second)
-		cut := time.Now()
-		n.cutDirect()
-		r := <-done
+		var cut time.Time
+		prompt, r := n.streamDuring(ctx, delay, func() {
+			cut = time.Now()
+			n.cutDirect()
+		})
 		if r.err != nil || !strings.HasSuffix(strings.TrimSpace(r.out), prompt) {
 			t.Errorf("%s: answer lost when the direct path was cut mid-stream: %v (%d of %d bytes)\nclient:\n%s", f.pair, r.err, len(r.out), len(prompt), client.output())
 			f.relayKill = "direct path cut: LOST"
@@ -715,4 +694,25 @@ func TestNATCarrierGrade(t *testing.T) {
 	}
 	t.Logf("carrier-grade NAT: %d workers behind %s: all reserved on both relays after %s, %d/%d answered after %s, the bootstrap sees %d and is connected to %d peers",
 		workers, n.ips["natA"], reserved.Round(10*time.Millisecond), answered, workers, all.Round(10*time.Millisecond), seen, bid.ConnectedPeers)
+}
+
+// streamResult is the outcome of a streamed query.
+type streamResult struct {
+	out string
+	err error
+}
+
+// streamDuring asks the client for an answer streamed over about 8 s,
+// runs disrupt 3 s into it (a relay killed, a path cut) and waits for the
+// answer.
+func (n *natNet) streamDuring(ctx context.Context, delay time.Duration, disrupt func()) (string, streamResult) {
+	prompt := streamPrompt(min(int(8*time.Second/delay), streamWords))
+	done := make(chan streamResult, 1)
+	go func() {
+		out, err := n.query(ctx, 2*time.Minute, "-", prompt)
+		done <- streamResult{out, err}
+	}()
+	time.Sleep(3 * time.Second)
+	disrupt()
+	return prompt, <-done
 }

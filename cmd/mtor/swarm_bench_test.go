@@ -67,7 +67,6 @@ type swarmRow struct {
 	cpuP50, cpuMax                       float64 // % of one core
 }
 
-
 // measureSwarm starts a bootstrap and n-1 demo workers, lets them idle, then
 // starts one more worker and kills it.
 func measureSwarm(t *testing.T, n int, idle time.Duration) swarmRow {
