@@ -29,8 +29,8 @@ import (
 	"github.com/mtor-swarm/mtor/node/canary"
 	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/node/liveness"
-	"github.com/mtor-swarm/mtor/node/receiptback"
 	"github.com/mtor-swarm/mtor/node/membership"
+	"github.com/mtor-swarm/mtor/node/receiptback"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -264,7 +264,7 @@ type Node struct {
 	disc   *discovery.Discovery
 	worker *worker.Worker
 	router *router.Router
-	canary *canary.Checker           // honesty spot checks; nil when off
+	canary *canary.Checker // honesty spot checks; nil when off
 	ledger *ledger.Ledger
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relayKeeper
