@@ -679,6 +679,12 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		case errors.As(err, &pl) && q.pathRetries < maxPathRetries:
 			q.pathRetries++
 			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
+			// A dead relay's other connections (QUIC ones vanish without a
+			// reset) are being probed and closed meanwhile: a retry at once
+			// could take one of them again.
+			if !sleepCtx(ctx, pathRetryWait<<(q.pathRetries-1)) {
+				return nil, ctxErr(ctx)
+			}
 		case errors.As(err, &pl):
 			q.failures++
 			switch {
@@ -751,14 +757,7 @@ func (r *Router) backoff(ctx context.Context, n int) bool {
 	r.mu.Lock()
 	d = d/2 + time.Duration(r.rng.Int64N(int64(d/2)+1))
 	r.mu.Unlock()
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	return sleepCtx(ctx, d)
 }
 
 // nextCandidates ranks the candidates q has not tried yet (from prev when
@@ -832,8 +831,12 @@ type pathLost struct {
 func (e pathLost) Error() string { return e.err.Error() }
 func (e pathLost) Unwrap() error { return e.err }
 
-// maxPathRetries bounds the free retries of one query on another path.
-const maxPathRetries = 2
+// maxPathRetries bounds the free retries of one query on another path;
+// pathRetryWait is the wait before the first, doubling for the next.
+const (
+	maxPathRetries = 3
+	pathRetryWait  = 250 * time.Millisecond
+)
 
 // maxStaleRetries bounds the free retries of one query on a peer that
 // was reached through a dead connection.
@@ -1574,4 +1577,16 @@ func (b *outputBudget) spend(ev *pb.Event) bool {
 		b.bytes -= 4 * len(k.Embedding.GetVector())
 	}
 	return b.bytes >= 0
+}
+
+// sleepCtx waits d, or less when ctx ends (false then).
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
