@@ -678,6 +678,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		switch {
 		case errors.As(err, &pl) && q.pathRetries < maxPathRetries:
 			q.pathRetries++
+			q.avoid = pl.relay
 			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
 			// A dead relay's other connections (QUIC ones vanish without a
 			// reset) are being probed and closed meanwhile: a retry at once
@@ -826,6 +827,7 @@ type pathLost struct {
 	err      *protocol.Error
 	silent   bool // it went silent rather than broke
 	accepted bool
+	relay    peer.ID // the relay the lost path ran through, if any
 }
 
 func (e pathLost) Error() string { return e.err.Error() }
@@ -863,9 +865,10 @@ type query struct {
 	waits       int // for a candidate after all had failed
 	writers     []peer.ID
 	kinds       [numFailKinds]int
-	gone        error // the handler's refusal: the caller left
-	stale       int   // free retries after a dead connection
-	pathRetries int   // free retries on another path after a relay broke
+	gone        error   // the handler's refusal: the caller left
+	stale       int     // free retries after a dead connection
+	pathRetries int     // free retries on another path after a relay broke
+	avoid       peer.ID // a relay that broke this query's path: dial around it
 
 	// What reached the handler so far.
 	out      bool            // any output event
@@ -1104,7 +1107,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 			err = workerError{pe}
 		}
 	} else {
-		done, err = r.remote(ctx, c, req, stall, wrap)
+		done, err = r.remote(ctx, c, req, stall, q.avoid, wrap)
 	}
 	end := time.Now()
 	r.mu.Lock()
@@ -1262,10 +1265,13 @@ func (r *Router) silenceBound(hb time.Duration) time.Duration {
 const minHeartbeat = 250 * time.Millisecond
 
 // remote runs the query over a libp2p stream.
-func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, emit func(*pb.Event) error) (*pb.Done, error) {
+func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, avoid peer.ID, emit func(*pb.Event) error) (*pb.Done, error) {
 	p := c.Peer
 	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
 	r.ensureAddrs(dctx, c)
+	if avoid != "" {
+		r.connectAround(dctx, p, avoid)
+	}
 	s, err := r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
 	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
 		// The addresses we had did not work, and there are others now.
@@ -1449,18 +1455,18 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 		// direct connection or its other relay — at no cost, a bounded
 		// number of times (a frozen worker is silent on every path).
 		_ = s.Conn().Close()
-		if r.checker != nil {
-			// Our connection to the relay itself may be as dead: probe
-			// it, so the next dial does not wait on it.
-			if relay, err := s.Conn().RemoteMultiaddr().ValueForProtocol(ma.P_P2P); err == nil {
-				if rp, err := peer.Decode(relay); err == nil {
-					for _, c := range r.h.Network().ConnsToPeer(rp) {
-						r.checker.Suspect(c)
-					}
-				}
+		var via peer.ID
+		if relay, err := s.Conn().RemoteMultiaddr().ValueForProtocol(ma.P_P2P); err == nil {
+			via, _ = peer.Decode(relay)
+		}
+		if r.checker != nil && via != "" {
+			// Our connection to the relay itself may be as dead (a QUIC
+			// one stays open after the relay vanished): probe it.
+			for _, c := range r.h.Network().ConnsToPeer(via) {
+				r.checker.Suspect(c)
 			}
 		}
-		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the relayed connection to worker %s broke", ShortID(p)), silent, accepted}
+		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the relayed connection to worker %s broke", ShortID(p)), silent, accepted, via}
 	}
 	if !isRelayed(s.Conn()) && r.hasRelayedConn(s.Conn()) {
 		// A direct connection made by a hole punch lives on the NATs'
@@ -1468,7 +1474,7 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 		// replaced (kept as the fallback) is fine: close it, so that
 		// the retry takes the relay.
 		_ = s.Conn().Close()
-		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the direct connection to worker %s broke", ShortID(p)), silent, accepted}
+		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the direct connection to worker %s broke", ShortID(p)), silent, accepted, ""}
 	}
 	if r.checker != nil {
 		if r.checker.Dead(s.Conn()) && r.h.Network().Connectedness(p) == network.Connected {
@@ -1577,6 +1583,32 @@ func (b *outputBudget) spend(ev *pb.Event) bool {
 		b.bytes -= 4 * len(k.Embedding.GetVector())
 	}
 	return b.bytes >= 0
+}
+
+// connectAround connects to p, when not connected, by every address but
+// those through the relay avoid: after that relay broke a query's path,
+// libp2p would otherwise dial it again (or reuse a dead QUIC connection
+// to it) alongside the other relays. A failure is left to NewStream.
+func (r *Router) connectAround(ctx context.Context, p, avoid peer.ID) {
+	if r.h.Network().Connectedness(p) == network.Connected {
+		return
+	}
+	var addrs []ma.Multiaddr
+	for _, a := range r.h.Peerstore().Addrs(p) {
+		if relay, err := a.ValueForProtocol(ma.P_P2P); err == nil && relay == avoid.String() {
+			continue
+		}
+		addrs = append(addrs, a)
+	}
+	if len(addrs) == 0 {
+		return
+	}
+	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(p)
+	}
+	if err := r.h.Connect(ctx, peer.AddrInfo{ID: p, Addrs: addrs}); err != nil {
+		log.Debugw("connect around a broken relay", "peer", p, "relay", avoid, "err", err)
+	}
 }
 
 // sleepCtx waits d, or less when ctx ends (false then).
