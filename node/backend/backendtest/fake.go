@@ -3,6 +3,7 @@ package backendtest
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"image"
 	"image/color"
@@ -11,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"sync"
 	"testing"
 	"time"
 
@@ -142,4 +144,32 @@ func WantCode(t testing.TB, err error, code pb.ErrorCode) *protocol.Error {
 		t.Fatalf("code %s (%q), want %s", protocol.CodeName(pe.Code), pe.Message, protocol.CodeName(code))
 	}
 	return pe
+}
+
+// JSONRecorder is a fake server's record of the JSON body of the last
+// request it got, for tests that check what a backend sends.
+type JSONRecorder struct {
+	mu   sync.Mutex
+	body map[string]any
+}
+
+// Handler records each request's JSON body, then lets answer reply.
+func (j *JSONRecorder) Handler(answer func(w http.ResponseWriter)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		var m map[string]any
+		if json.Unmarshal(b, &m) == nil { // a GET's empty body keeps the last
+			j.mu.Lock()
+			j.body = m
+			j.mu.Unlock()
+		}
+		answer(w)
+	}
+}
+
+// Body is the last request's body, nil before any.
+func (j *JSONRecorder) Body() map[string]any {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.body
 }

@@ -5,7 +5,6 @@ import (
 	"io"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -18,16 +17,11 @@ import (
 // TestFakeToolCallsPassThrough: a fake Ollama records the /api/chat body
 // and answers with a tool call (whole, in one line, as Ollama sends it).
 func TestFakeToolCallsPassThrough(t *testing.T) {
-	var mu sync.Mutex
-	var got map[string]any
-	b := fakeOllama(t, func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		mu.Lock()
-		_ = json.Unmarshal(body, &got)
-		mu.Unlock()
+	var rec backendtest.JSONRecorder
+	b := fakeOllama(t, rec.Handler(func(w http.ResponseWriter) {
 		io.WriteString(w, `{"message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Oslo"}}}]},"done":false}`+"\n"+
 			`{"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","prompt_eval_count":30,"eval_count":12}`+"\n")
-	})
+	}))
 	q := backendtest.ChatRequest("m", "weather?", 32)
 	q.Messages = append(q.Messages,
 		&pb.Message{Role: "assistant", ToolCalls: []*pb.ToolCall{{Id: "c0", Name: "get_weather", Arguments: `{"city":"Paris"}`}}},
@@ -48,8 +42,7 @@ func TestFakeToolCallsPassThrough(t *testing.T) {
 	if u.FinishReason != protocol.FinishToolCalls || u.CompletionTokens != 12 {
 		t.Fatalf("usage %+v", u)
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	got := rec.Body()
 	enc := func(v any) string { b, _ := json.Marshal(v); return string(b) }
 	if w := `[{"function":{"name":"get_weather","parameters":{"type":"object"}},"type":"function"}]`; enc(got["tools"]) != w {
 		t.Errorf("tools %s, want %s (tool_choice function keeps only that tool)", enc(got["tools"]), w)

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"sync"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -20,20 +19,15 @@ import (
 // vLLM and llama.cpp do), logprobs and a finish reason; the backend must
 // pass every field through and map the answer back.
 func TestFakeToolCallsPassThrough(t *testing.T) {
-	var mu sync.Mutex
-	var got map[string]any
-	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		mu.Lock()
-		_ = json.Unmarshal(body, &got)
-		mu.Unlock()
+	var rec backendtest.JSONRecorder
+	b := fakeOpenAI(t, rec.Handler(func(w http.ResponseWriter) {
 		io.WriteString(w, `data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"ok","tool_calls":null},"logprobs":{"content":[{"token":"ok","logprob":-0.25,"bytes":[111,107],"top_logprobs":[{"token":"ok","logprob":-0.25,"bytes":[111,107]},{"token":"no","logprob":-1.5,"bytes":[110,111]}]}]},"finish_reason":null}]}`+"\n\n"+
 			`data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_abc","type":"function","function":{"name":"get_weather","arguments":""}}]},"finish_reason":null}]}`+"\n\n"+
 			`data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]},"finish_reason":null}]}`+"\n\n"+
 			`data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Oslo\"}"}}]},"finish_reason":null}]}`+"\n\n"+
 			`data: {"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}`+"\n\n"+
 			`data: {"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":9}}`+"\n\ndata: [DONE]\n\n")
-	}, openai.WithFeatures(protocol.FeatureTools, protocol.FeatureLogprobs))
+	}), openai.WithFeatures(protocol.FeatureTools, protocol.FeatureLogprobs))
 
 	q := backendtest.ChatRequest("m", "weather in Oslo?", 64)
 	q.Messages = append(q.Messages,
@@ -63,8 +57,7 @@ func TestFakeToolCallsPassThrough(t *testing.T) {
 		t.Errorf("logprobs %v", lps)
 	}
 
-	mu.Lock()
-	defer mu.Unlock()
+	got := rec.Body()
 	want := map[string]string{
 		"tools":             `[{"function":{"description":"Weather","name":"get_weather","parameters":{"properties":{"city":{"type":"string"}},"type":"object"}},"type":"function"}]`,
 		"tool_choice":       `{"function":{"name":"get_weather"},"type":"function"}`,
@@ -91,12 +84,10 @@ func TestFakeToolCallsPassThrough(t *testing.T) {
 // TestFakeContinuation: a continuation is sent as a final assistant
 // message, with vLLM's flags, and the server's text is all that follows.
 func TestFakeContinuation(t *testing.T) {
-	var got map[string]any
-	b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		_ = json.Unmarshal(body, &got)
+	var rec backendtest.JSONRecorder
+	b := fakeOpenAI(t, rec.Handler(func(w http.ResponseWriter) {
 		io.WriteString(w, event(" world", "")+event("", "length")+"data: [DONE]\n\n")
-	}, openai.WithFeatures(protocol.FeatureContinue))
+	}), openai.WithFeatures(protocol.FeatureContinue))
 	q := backendtest.ChatRequest("m", "say hello world", 8)
 	q.Continuation = "hello"
 	var s backendtest.Sink
@@ -107,6 +98,7 @@ func TestFakeContinuation(t *testing.T) {
 	if s.Text() != " world" || u.FinishReason != protocol.FinishLength {
 		t.Fatalf("text %q finish %q", s.Text(), u.FinishReason)
 	}
+	got := rec.Body()
 	msgs, _ := json.Marshal(got["messages"])
 	if string(msgs) != `[{"content":"say hello world","role":"user"},{"content":"hello","role":"assistant"}]` || got["continue_final_message"] != true || got["add_generation_prompt"] != false {
 		t.Fatalf("request %v", got)
