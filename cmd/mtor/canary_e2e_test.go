@@ -47,19 +47,21 @@ func liarServer(t *testing.T) *httptest.Server {
 // no traffic of its own) spot-checks them. The liar shows as distrusted
 // in `mtor peers` (JSON and table), the honest workers keep reputation
 // 100, and the verifier routes no query to the liar.
-func TestE2EVerifierDistrustsLiar(t *testing.T) {
+func TestE2EVerifierDistrustsLiar(t *testing.T) { onEachTransport(t, testE2EVerifierDistrustsLiar) }
+
+func testE2EVerifierDistrustsLiar(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	join := boot.value("join")
 	var honest []string
 	for i := 0; i < 3; i++ {
-		w := startNode(t, fmt.Sprintf("worker%d", i), nodeArgs(filepath.Join(dir, fmt.Sprintf("w%d", i)), "--backend", "demo", "--join", join)...)
+		w := startNode(t, fmt.Sprintf("worker%d", i), tr.nodeArgs(filepath.Join(dir, fmt.Sprintf("w%d", i)), "--backend", "demo", "--join", join)...)
 		honest = append(honest, w.value("peer"))
 	}
-	liarW := startNode(t, "liar", nodeArgs(filepath.Join(dir, "liar"), "--backend", "openai="+liarServer(t).URL, "--join", join)...)
+	liarW := startNode(t, "liar", tr.nodeArgs(filepath.Join(dir, "liar"), "--backend", "openai="+liarServer(t).URL, "--join", join)...)
 	liar := liarW.value("peer")
-	verifier := startNode(t, "verifier", nodeArgs(filepath.Join(dir, "verifier"), "--no-detect", "--join", join,
+	verifier := startNode(t, "verifier", tr.nodeArgs(filepath.Join(dir, "verifier"), "--no-detect", "--join", join,
 		"--verify", "--canary-interval", "200ms", "--canary-rate", "0")...)
 	vapi := verifier.value("api")
 	waitWorkers(t, vapi, "demo", append(honest, liar)...)

@@ -236,9 +236,32 @@ func runArgv(t *testing.T, argv ...string) (code int, stdout, stderr string) {
 }
 
 // nodeArgs are the flags every test node gets: its own data dir, loopback
-// only, no mDNS, a short heartbeat so that the swarm converges quickly.
+// only, TCP, no mDNS, a short heartbeat so that the swarm converges quickly.
 func nodeArgs(dir string, extra ...string) []string {
-	return append([]string{"--data-dir", dir, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0",
+	return transports()[0].nodeArgs(dir, extra...)
+}
+
+// transport is one of a node's default transports. The swarm tests run on
+// each alone, so that every connection of a run is surely of that kind: a
+// node listening on both is dialled over QUIC first, and TCP would go
+// untested (and QUIC's way of dying, silence instead of a reset, is not
+// TCP's).
+type transport struct{ name, listen string }
+
+func transports() []transport {
+	return []transport{{"tcp", "/ip4/127.0.0.1/tcp/0"}, {"quic", "/ip4/127.0.0.1/udp/0/quic-v1"}}
+}
+
+// onEachTransport runs test once on each transport, as subtests.
+func onEachTransport(t *testing.T, test func(*testing.T, transport)) {
+	for _, tr := range transports() {
+		t.Run(tr.name, func(t *testing.T) { test(t, tr) })
+	}
+}
+
+// nodeArgs are nodeArgs on this transport.
+func (tr transport) nodeArgs(dir string, extra ...string) []string {
+	return append([]string{"--data-dir", dir, "--listen", tr.listen, "--api", "127.0.0.1:0",
 		"--no-mdns", "--announce-interval", "1s"}, extra...)
 }
 
@@ -275,20 +298,22 @@ func listsWorkers(peers []api.Peer, model string, workers ...string) bool {
 	return true
 }
 
-func TestE2ESwarm(t *testing.T) {
+func TestE2ESwarm(t *testing.T) { onEachTransport(t, testE2ESwarm) }
+
+func testE2ESwarm(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
 	const appOrigin = "http://app.example"
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect", "--bridge", "127.0.0.1:0",
+	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect", "--bridge", "127.0.0.1:0",
 		"--bridge-origin", appOrigin)...)
 	join := boot.value("join")
 	bootAPI := boot.value("api")
 	if boot.count("join") != 1 || !strings.HasPrefix(join, "mtor1") {
 		t.Fatalf("want exactly one join line with a token:\n%s", boot.output())
 	}
-	w1 := startNode(t, "worker1", nodeArgs(filepath.Join(dir, "w1"), "--backend", "demo", "--join", join)...)
+	w1 := startNode(t, "worker1", tr.nodeArgs(filepath.Join(dir, "w1"), "--backend", "demo", "--join", join)...)
 	w2Dir := filepath.Join(dir, "w2")
-	w2 := startNode(t, "worker2", nodeArgs(w2Dir, "--backend", "demo", "--join", join)...)
+	w2 := startNode(t, "worker2", tr.nodeArgs(w2Dir, "--backend", "demo", "--join", join)...)
 	workers := map[string]bool{w1.value("peer"): true, w2.value("peer"): true}
 	waitWorkers(t, bootAPI, "demo", w1.value("peer"), w2.value("peer"))
 
@@ -456,7 +481,7 @@ func TestE2ESwarm(t *testing.T) {
 		if code, stdout, _ := mtor(t, "id", "--data-dir", w2Dir); code != 0 || strings.TrimSpace(stdout) != id {
 			t.Fatalf("mtor id: exit %d, %q, want %s", code, stdout, id)
 		}
-		again := startNode(t, "worker2-again", nodeArgs(w2Dir, "--backend", "demo", "--join", join)...)
+		again := startNode(t, "worker2-again", tr.nodeArgs(w2Dir, "--backend", "demo", "--join", join)...)
 		if got := again.value("peer"); got != id {
 			t.Fatalf("restarted with peer %s, want %s", got, id)
 		}
@@ -469,11 +494,15 @@ func TestE2ESwarm(t *testing.T) {
 // A worker stopped with SIGTERM finishes the query it is answering before
 // it exits, and exits 0.
 func TestE2EGracefulShutdownFinishesQuery(t *testing.T) {
+	onEachTransport(t, testE2EGracefulShutdownFinishesQuery)
+}
+
+func testE2EGracefulShutdownFinishesQuery(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	// 40 words at 100 ms each: the answer takes about 4 s.
-	w := startNode(t, "slow-worker", nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=100ms,model=slow",
+	w := startNode(t, "slow-worker", tr.nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=100ms,model=slow",
 		"--join", boot.value("join"), "--grace", "2m")...)
 	waitWorkers(t, boot.value("api"), "slow", w.value("peer"))
 
@@ -568,11 +597,15 @@ func TestE2EStartupFailureIsOneLine(t *testing.T) {
 // answered by the live worker well within a timeout far shorter than the
 // time the router would wait for a silent stream.
 func TestE2EFrozenWorkerIsRoutedAround(t *testing.T) {
+	onEachTransport(t, testE2EFrozenWorkerIsRoutedAround)
+}
+
+func testE2EFrozenWorkerIsRoutedAround(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
-	live := startNode(t, "live", nodeArgs(filepath.Join(dir, "live"), "--backend", "demo", "--join", boot.value("join"))...)
-	frozen := startNode(t, "frozen", nodeArgs(filepath.Join(dir, "frozen"), "--backend", "demo", "--join", boot.value("join"))...)
+	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	live := startNode(t, "live", tr.nodeArgs(filepath.Join(dir, "live"), "--backend", "demo", "--join", boot.value("join"))...)
+	frozen := startNode(t, "frozen", tr.nodeArgs(filepath.Join(dir, "frozen"), "--backend", "demo", "--join", boot.value("join"))...)
 	waitWorkers(t, boot.value("api"), "demo", live.value("peer"), frozen.value("peer"))
 
 	if err := frozen.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
@@ -598,13 +631,17 @@ func TestE2EFrozenWorkerIsRoutedAround(t *testing.T) {
 // queries run at concurrency 8: every query ends with a whole answer, and
 // the dead worker leaves the peer table within a few heartbeats.
 func TestE2EKilledWorkerLosesNoQuery(t *testing.T) {
+	onEachTransport(t, testE2EKilledWorkerLosesNoQuery)
+}
+
+func testE2EKilledWorkerLosesNoQuery(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	var workers []*proc
 	var ids []string
 	for i := 0; i < 3; i++ {
-		w := startNode(t, fmt.Sprintf("worker%d", i), nodeArgs(filepath.Join(dir, fmt.Sprint("w", i)),
+		w := startNode(t, fmt.Sprintf("worker%d", i), tr.nodeArgs(filepath.Join(dir, fmt.Sprint("w", i)),
 			"--backend", "demo:delay=2ms", "--join", boot.value("join"))...)
 		workers = append(workers, w)
 		ids = append(ids, w.value("peer"))

@@ -21,13 +21,15 @@ import (
 // worker's with the countersigned receipt returned to it),
 // `mtor ledger` shows it (table and --json), and the ledger survives the
 // node in its data dir.
-func TestE2ELedger(t *testing.T) {
+func TestE2ELedger(t *testing.T) { onEachTransport(t, testE2ELedger) }
+
+func testE2ELedger(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
 	bootDir := filepath.Join(dir, "boot")
-	boot := startNode(t, "bootstrap", nodeArgs(bootDir, "--no-detect")...)
+	boot := startNode(t, "bootstrap", tr.nodeArgs(bootDir, "--no-detect")...)
 	bootAPI, bootID := boot.value("api"), boot.value("peer")
-	w := startNode(t, "worker", nodeArgs(filepath.Join(dir, "w"), "--backend", "demo", "--join", boot.value("join"))...)
+	w := startNode(t, "worker", tr.nodeArgs(filepath.Join(dir, "w"), "--backend", "demo", "--join", boot.value("join"))...)
 	wAPI, wID := w.value("api"), w.value("peer")
 	waitWorkers(t, bootAPI, "demo", wID)
 

@@ -17,15 +17,17 @@ import (
 // contributor) and served another (the consumer). While its slot is
 // taken, the consumer's query arrives first and the contributor's second;
 // the contributor's is answered first.
-func TestE2EPreferContributors(t *testing.T) {
+func TestE2EPreferContributors(t *testing.T) { onEachTransport(t, testE2EPreferContributors) }
+
+func testE2EPreferContributors(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	join := boot.value("join")
-	w := startNode(t, "worker", nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=50ms,model=slow",
+	w := startNode(t, "worker", tr.nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=50ms,model=slow",
 		"--max-concurrency", "1", "--prefer-contributors", "--join", join)...)
-	c := startNode(t, "contributor", nodeArgs(filepath.Join(dir, "c"), "--backend", "demo:delay=20ms,model=fast", "--join", join)...)
-	x := startNode(t, "consumer", nodeArgs(filepath.Join(dir, "x"), "--no-detect", "--join", join)...)
+	c := startNode(t, "contributor", tr.nodeArgs(filepath.Join(dir, "c"), "--backend", "demo:delay=20ms,model=fast", "--join", join)...)
+	x := startNode(t, "consumer", tr.nodeArgs(filepath.Join(dir, "x"), "--no-detect", "--join", join)...)
 	wAPI, cAPI, xAPI := w.value("api"), c.value("api"), x.value("api")
 	waitWorkers(t, wAPI, "fast", c.value("peer"))
 	waitWorkers(t, xAPI, "slow", w.value("peer"))

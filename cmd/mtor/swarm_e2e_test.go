@@ -32,7 +32,9 @@ func listsPeer(t *testing.T, apiAddr, peer string) bool {
 // one-time invite (which is told why); `mtor revoke --peer` and `mtor
 // revoke --invite` cut a member off within 5 s; an expired invite stops
 // `mtor node` with a clear message.
-func TestE2EClosedSwarm(t *testing.T) {
+func TestE2EClosedSwarm(t *testing.T) { onEachTransport(t, testE2EClosedSwarm) }
+
+func testE2EClosedSwarm(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
 	ownerDir := filepath.Join(dir, "owner")
@@ -43,7 +45,7 @@ func TestE2EClosedSwarm(t *testing.T) {
 	if code, _, stderr := mtor(t, "swarm", "init", "--swarm", "team", "--data-dir", ownerDir); code != 1 || !strings.Contains(stderr, "already belongs to a closed swarm") {
 		t.Errorf("second swarm init: exit %d, %s", code, stderr)
 	}
-	owner := startNode(t, "owner", nodeArgs(ownerDir, "--no-detect")...)
+	owner := startNode(t, "owner", tr.nodeArgs(ownerDir, "--no-detect")...)
 	if m := owner.value("membership"); !strings.Contains(m, "closed swarm") {
 		t.Errorf("owner membership line: %q", m)
 	}
@@ -54,7 +56,7 @@ func TestE2EClosedSwarm(t *testing.T) {
 		t.Fatalf("invite: exit %d: %s", code, stderr)
 	}
 	token = strings.TrimSpace(token)
-	worker := startNode(t, "worker", nodeArgs(filepath.Join(dir, "w"), "--backend", "demo", "--join", token)...)
+	worker := startNode(t, "worker", tr.nodeArgs(filepath.Join(dir, "w"), "--backend", "demo", "--join", token)...)
 	wpeer := worker.value("peer")
 	waitWorkers(t, ownerAPI, "demo", wpeer)
 
@@ -64,7 +66,7 @@ func TestE2EClosedSwarm(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("invite --peer: exit %d: %s", code, stderr)
 	}
-	client := startNode(t, "client", nodeArgs(cDir, "--no-detect", "--join", strings.TrimSpace(ctoken))...)
+	client := startNode(t, "client", tr.nodeArgs(cDir, "--no-detect", "--join", strings.TrimSpace(ctoken))...)
 	clientAPI := client.value("api")
 	waitWorkers(t, clientAPI, "demo", wpeer)
 	if code, out, stderr := mtor(t, "query", "--api", clientAPI, "--model", "demo", "hello"); code != 0 || out == "" {
@@ -72,8 +74,8 @@ func TestE2EClosedSwarm(t *testing.T) {
 	}
 
 	// The same open invite a second time: the owner refuses it.
-	again := startNode(t, "again", nodeArgs(filepath.Join(dir, "again"), "--backend", "demo", "--join", token)...)
-	outsider := startNode(t, "outsider", nodeArgs(filepath.Join(dir, "out"), "--backend", "demo", "--swarm", "team", "--join", owner.value("join"))...)
+	again := startNode(t, "again", tr.nodeArgs(filepath.Join(dir, "again"), "--backend", "demo", "--join", token)...)
+	outsider := startNode(t, "outsider", tr.nodeArgs(filepath.Join(dir, "out"), "--backend", "demo", "--swarm", "team", "--join", owner.value("join"))...)
 	for start := time.Now(); !strings.Contains(again.output(), "already used by another peer"); {
 		if time.Since(start) > 20*time.Second {
 			t.Fatalf("the second holder of a one-time invite was not told why it was refused:\n%s", again.output())
@@ -112,7 +114,7 @@ func TestE2EClosedSwarm(t *testing.T) {
 		t.Fatalf("invite: exit %d: %s", code, stderr)
 	}
 	token2 = strings.TrimSpace(token2)
-	w2 := startNode(t, "worker2", nodeArgs(filepath.Join(dir, "w2"), "--backend", "demo", "--join", token2)...)
+	w2 := startNode(t, "worker2", tr.nodeArgs(filepath.Join(dir, "w2"), "--backend", "demo", "--join", token2)...)
 	waitWorkers(t, clientAPI, "demo", w2.value("peer"))
 	if code, _, stderr := mtor(t, "revoke", "--data-dir", ownerDir, "--invite", token2); code != 0 {
 		t.Fatalf("revoke --invite: exit %d: %s", code, stderr)
@@ -131,7 +133,7 @@ func TestE2EClosedSwarm(t *testing.T) {
 		t.Fatalf("invite --expires 1s: exit %d: %s", code, stderr)
 	}
 	time.Sleep(7 * time.Second) // past the expiry and the 5 s of clock skew allowed
-	code, _, stderr = mtor(t, append([]string{"node"}, nodeArgs(filepath.Join(dir, "late"), "--no-detect", "--join", strings.TrimSpace(short))...)...)
+	code, _, stderr = mtor(t, append([]string{"node"}, tr.nodeArgs(filepath.Join(dir, "late"), "--no-detect", "--join", strings.TrimSpace(short))...)...)
 	if code != 1 || !strings.Contains(stderr, "invite expired at") || !strings.Contains(stderr, "mtor invite") {
 		t.Errorf("expired invite: exit %d, stderr %q", code, stderr)
 	}
