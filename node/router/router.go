@@ -159,6 +159,7 @@ type Router struct {
 	maxAttempts int
 	idle        time.Duration // fixed silence bound; 0 = from the heartbeat
 	accept      time.Duration
+	pace        *pacer // stream opens per worker
 	retryBase   time.Duration
 	checker     Suspecter
 	punches     HolePunches
@@ -260,6 +261,7 @@ func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router
 		deadline:    DefaultDeadline,
 		maxAttempts: DefaultMaxAttempts,
 		accept:      AcceptTimeout,
+		pace:        newPacer(DefaultOpensPerPeer, DefaultOpenQueuePerPeer),
 		retryBase:   DefaultRetryBase,
 		maxOutput:   DefaultMaxOutput,
 		peers:       map[peer.ID]*peerState{},
@@ -675,6 +677,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		var we workerError
 		var sc staleConn
 		var pl pathLost
+		var pf0 paceFull
 		switch {
 		case errors.As(err, &pl) && q.pathRetries < maxPathRetries:
 			q.pathRetries++
@@ -709,7 +712,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		case errors.As(err, &pf):
 			q.failures++
 			q.kinds[pf.kind]++
-		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable):
+		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable), errors.As(err, &pf0):
 			q.busy++
 		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
 			// Our table was stale (the model left that worker), or it
@@ -1267,12 +1270,20 @@ const minHeartbeat = 250 * time.Millisecond
 // remote runs the query over a libp2p stream.
 func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, avoid peer.ID, emit func(*pb.Event) error) (*pb.Done, error) {
 	p := c.Peer
+	// Our own queue for a turn to open a stream: neither the dial's nor
+	// the worker's Accepted bound runs meanwhile.
+	release, err := r.pace.acquire(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	var s network.Stream
 	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
 	r.ensureAddrs(dctx, c)
 	if avoid != "" {
 		r.connectAround(dctx, p, avoid)
 	}
-	s, err := r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
+	s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
 	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
 		// The addresses we had did not work, and there are others now.
 		s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
@@ -1326,6 +1337,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			}
 			return nil, r.streamErr(ctx, s, accepted, err)
 		}
+		release() // the worker has taken the stream: the next may open
 		if err := protocol.ValidateEvent(&ev); err != nil {
 			_ = s.Reset()
 			return nil, peerFailure{failInvalid, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent an invalid event: %v", ShortID(p), err)}

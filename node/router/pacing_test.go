@@ -1,0 +1,171 @@
+package router
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+func TestPacerBoundsOpensAndQueue(t *testing.T) {
+	pc := newPacer(2, 1)
+	p := peer.ID("w")
+	ctx := t.Context()
+	r1, err := pc.acquire(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := pc.acquire(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A third waits (the queue holds one), a fourth is refused at once.
+	got := make(chan func(), 1)
+	go func() {
+		r, err := pc.acquire(ctx, p)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- r
+	}()
+	waitUntil(t, func() bool { _, w := pc.inflight(p); return w == 1 })
+	var full paceFull
+	if _, err := pc.acquire(ctx, p); !errors.As(err, &full) || protocol.AsError(err).Code != protocol.CodeBusy {
+		t.Fatalf("acquire past the queue = %v, want paceFull BUSY", err)
+	}
+	// Another worker has its own gate.
+	ro, err := pc.acquire(ctx, peer.ID("other"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro()
+	r1()
+	r1() // idempotent: gives back one turn, not two
+	r3 := <-got
+	if opens, waiting := pc.inflight(p); opens != 2 || waiting != 0 {
+		t.Fatalf("after a release: %d opens, %d waiting; want 2, 0", opens, waiting)
+	}
+	// A waiter whose context ends leaves the queue.
+	cctx, cancel := context.WithCancel(ctx)
+	errc := make(chan error, 1)
+	go func() { _, err := pc.acquire(cctx, p); errc <- err }()
+	waitUntil(t, func() bool { _, w := pc.inflight(p); return w == 1 })
+	cancel()
+	if err := <-errc; protocol.AsError(err).Code != protocol.CodeCancelled {
+		t.Fatalf("cancelled wait = %v, want CANCELLED", err)
+	}
+	r2()
+	r3()
+	pc.mu.Lock()
+	n := len(pc.gates)
+	pc.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d gates left with nobody using them", n)
+	}
+}
+
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached within 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// unlimitedHost has no resource limits: this test is about the worker's
+// pace of taking streams, not about libp2p's limits.
+func unlimitedHost(t *testing.T) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ResourceManager(&network.NullResourceManager{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+// A worker that takes new streams one at a time, 40 ms each (as a
+// CPU-starved one does under a burst), and a burst of 60 queries from
+// one router: paced, each query's wait for Accepted covers only the few
+// opens ahead of it and all are answered; opened all at once, the later
+// ones wait past the Accepted bound and the live worker is taken for a
+// frozen one.
+func TestPacedOpensKeepABurstWithinTheAcceptBound(t *testing.T) {
+	const (
+		burst  = 60
+		intake = 40 * time.Millisecond // per stream, one at a time: 2.4 s for the burst
+		bound  = time.Second
+	)
+	for _, tc := range []struct {
+		name     string
+		opens    int
+		wantFail bool
+	}{
+		{"paced", 4, false}, // at most 4 × 40 ms behind
+		{"unpaced", burst, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			wh := unlimitedHost(t)
+			w := worker.New([]backend.Backend{demo.New("slow-intake", demo.WithDelay(time.Millisecond))},
+				worker.WithMaxConcurrency(burst), worker.WithMaxQueue(burst))
+			w.Refresh(t.Context())
+			var mu sync.Mutex
+			var maxWaiting, waiting atomic.Int64
+			wh.SetStreamHandler(testProto, func(s network.Stream) {
+				n := waiting.Add(1)
+				for m := maxWaiting.Load(); n > m && !maxWaiting.CompareAndSwap(m, n); m = maxWaiting.Load() {
+				}
+				mu.Lock()
+				time.Sleep(intake)
+				mu.Unlock()
+				waiting.Add(-1)
+				w.HandleStream(s)
+			})
+			h := unlimitedHost(t)
+			connect(t, h, wh)
+			r := New(h, testProto, staticTable{cand(string(wh.ID()), 0, burst, 100, 0, demoModel)},
+				WithAcceptTimeout(bound), WithOpenPacing(tc.opens, burst))
+			ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+			defer cancel()
+			var wg sync.WaitGroup
+			var failed atomic.Int64
+			var firstErr atomic.Value
+			for range burst {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hi",
+						Params: &pb.Params{MaxTokens: 4}}, func(*pb.Event) error { return nil })
+					if err != nil {
+						failed.Add(1)
+						firstErr.CompareAndSwap(nil, err.Error())
+					}
+				}()
+			}
+			wg.Wait()
+			t.Logf("%s: %d of %d failed (first: %v); at most %d streams waited at the worker's intake", tc.name, failed.Load(), burst, firstErr.Load(), maxWaiting.Load())
+			if tc.wantFail != (failed.Load() > 0) {
+				t.Fatalf("%s: %d of %d failed", tc.name, failed.Load(), burst)
+			}
+			if !tc.wantFail && maxWaiting.Load() > int64(tc.opens) {
+				t.Fatalf("%d streams waited at the worker at once, over the %d opens allowed", maxWaiting.Load(), tc.opens)
+			}
+		})
+	}
+}
