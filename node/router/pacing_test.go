@@ -12,6 +12,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
@@ -167,5 +169,62 @@ func TestPacedOpensKeepABurstWithinTheAcceptBound(t *testing.T) {
 				t.Fatalf("%d streams waited at the worker at once, over the %d opens allowed", maxWaiting.Load(), tc.opens)
 			}
 		})
+	}
+}
+
+// When the worker's resource manager resets a stream at its per-peer
+// limit, the query is BUSY and the live worker keeps its health: a
+// refusal is not a death.
+func TestWorkerStreamLimitIsBusy(t *testing.T) {
+	limits := rcmgr.PartialLimitConfig{
+		ProtocolPeer: map[libp2pproto.ID]rcmgr.ResourceLimits{testProto: {Streams: 2, StreamsInbound: 2}},
+	}.Build(rcmgr.DefaultLimits.AutoScale())
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wh, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ResourceManager(rm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wh.Close() })
+	// Answers of 20 tokens 50 ms apart hold both streams it allows.
+	w := worker.New([]backend.Backend{demo.New("two-streams", demo.WithDelay(50*time.Millisecond))})
+	w.Refresh(t.Context())
+	wh.SetStreamHandler(testProto, w.HandleStream)
+	h := unlimitedHost(t)
+	connect(t, h, wh)
+	r := New(h, testProto, staticTable{cand(string(wh.ID()), 0, 4, 100, 0, demoModel)})
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	const queries = 8
+	errs := make(chan error, queries)
+	for range queries {
+		go func() {
+			_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hi",
+				Params: &pb.Params{MaxTokens: 20}}, func(*pb.Event) error { return nil })
+			errs <- err
+		}()
+	}
+	answered, busy := 0, 0
+	for range queries {
+		err := <-errs
+		switch pe := protocol.AsError(err); {
+		case err == nil:
+			answered++
+		case pe.Code == protocol.CodeBusy:
+			busy++
+		default:
+			t.Errorf("error %v, want an answer or BUSY", err)
+		}
+	}
+	t.Logf("%d answered, %d busy", answered, busy)
+	if answered == 0 || busy == 0 {
+		t.Fatalf("%d answered, %d busy: want both", answered, busy)
+	}
+	for _, v := range r.Peers() {
+		if v.LocalHealth < 100 || v.Breaker != "closed" {
+			t.Fatalf("peer %s: health %v, breaker %s, for refusing streams over its limit", v.Peer, v.LocalHealth, v.Breaker)
+		}
 	}
 }

@@ -1296,6 +1296,9 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		if errors.Is(err, network.ErrResourceLimitExceeded) && !isRemoteRefusal(err) {
 			return nil, localBusy{protocol.Errorf(protocol.CodeBusy, "this node has too many queries open; try again shortly")}
 		}
+		if remoteLimit(err) {
+			return nil, refusedStream(p)
+		}
 		// Transport errors name addresses; they go to the log, not to
 		// whoever asked (who may be a browser behind a bridge).
 		log.Debugw("open stream", "peer", p, "err", err)
@@ -1331,6 +1334,9 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
 			_ = s.Reset()
+			if !accepted && remoteLimit(err) {
+				return nil, refusedStream(p)
+			}
 			if accepted && !expired(ctx) && !time.Now().Before(stallAt) {
 				log.Debugw("worker stalls", "peer", p, "stall", stall)
 				return nil, peerFailure{failSilent, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
@@ -1375,6 +1381,19 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 func isRemoteRefusal(err error) bool {
 	var se *network.StreamError
 	return errors.As(err, &se) && se.Remote
+}
+
+// remoteLimit reports whether the worker reset the stream at one of its
+// resource manager's limits (streams of this node, or in all).
+func remoteLimit(err error) bool {
+	var se *network.StreamError
+	return errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamResourceLimitExceeded
+}
+
+// refusedStream is a worker's refusal of a stream at its limits: it is
+// busy, not failing.
+func refusedStream(p peer.ID) error {
+	return workerError{protocol.Errorf(protocol.CodeBusy, "worker %s refused the stream: it holds as many as it allows", ShortID(p))}
 }
 
 // ensureAddrs gives the peerstore addresses for c when we are not
