@@ -228,3 +228,51 @@ func TestWorkerStreamLimitIsBusy(t *testing.T) {
 		}
 	}
 }
+
+func quicHost(t *testing.T) host.Host {
+	t.Helper()
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/udp/0/quic-v1"), libp2p.ResourceManager(&network.NullResourceManager{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+// QUIC lets a peer hold 256 streams per connection (go-libp2p's
+// MaxIncomingStreams); past that an open waits for one of them to end.
+// Answers that outlast the dial bound: the opens that wait are queued at
+// the worker, not failing to reach it, and every query is answered.
+func TestQUICStreamCreditWaitIsNotADialFailure(t *testing.T) {
+	const queries = 300
+	wh := quicHost(t)
+	// About 1.5 s per answer: 6 tokens 300 ms apart.
+	w := worker.New([]backend.Backend{demo.New("quic", demo.WithDelay(300*time.Millisecond))},
+		worker.WithMaxConcurrency(queries), worker.WithMaxQueue(queries))
+	w.Refresh(t.Context())
+	wh.SetStreamHandler(testProto, w.HandleStream)
+	h := quicHost(t)
+	connect(t, h, wh)
+	r := New(h, testProto, staticTable{cand(string(wh.ID()), 0, queries, 100, 0, demoModel)}, WithDialTimeout(500*time.Millisecond))
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	errs := make(chan error, queries)
+	for range queries {
+		go func() {
+			_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hi",
+				Params: &pb.Params{MaxTokens: 6}}, func(*pb.Event) error { return nil })
+			errs <- err
+		}()
+	}
+	failed := 0
+	for range queries {
+		if err := <-errs; err != nil {
+			if failed++; failed <= 3 {
+				t.Errorf("query: %v", err)
+			}
+		}
+	}
+	if failed > 0 {
+		t.Fatalf("%d of %d queries failed", failed, queries)
+	}
+}

@@ -160,6 +160,7 @@ type Router struct {
 	idle        time.Duration // fixed silence bound; 0 = from the heartbeat
 	accept      time.Duration
 	pace        *pacer // stream opens per worker
+	dial        time.Duration
 	retryBase   time.Duration
 	checker     Suspecter
 	punches     HolePunches
@@ -239,6 +240,9 @@ func WithMaxOutput(n int) Option {
 // sends heartbeats, instead of 10 × its expected TTFT (10 s to 1 min).
 func WithStallTimeout(d time.Duration) Option { return func(r *Router) { r.stall = d } }
 
+// WithDialTimeout bounds connecting to a worker and opening a stream.
+func WithDialTimeout(d time.Duration) Option { return func(r *Router) { r.dial = d } }
+
 // WithAcceptTimeout bounds the wait for a worker's first frame.
 func WithAcceptTimeout(d time.Duration) Option { return func(r *Router) { r.accept = d } }
 
@@ -262,6 +266,7 @@ func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router
 		maxAttempts: DefaultMaxAttempts,
 		accept:      AcceptTimeout,
 		pace:        newPacer(DefaultOpensPerPeer, DefaultOpenQueuePerPeer),
+		dial:        DialTimeout,
 		retryBase:   DefaultRetryBase,
 		maxOutput:   DefaultMaxOutput,
 		peers:       map[peer.ID]*peerState{},
@@ -1278,12 +1283,21 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	}
 	defer release()
 	var s network.Stream
-	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
+	dctx, cancel := context.WithTimeout(ctx, r.dial)
+	// Connected, an open waits only for the transport's flow control: a
+	// QUIC connection carries 256 streams of one side at once (go-libp2p's
+	// MaxIncomingStreams), and further opens wait for one to end, queued
+	// at a live worker. The query's deadline bounds that; the dial bound
+	// would take a worker answering 256 long queries for unreachable.
+	octx := dctx
+	if avoid == "" && r.h.Network().Connectedness(p) == network.Connected {
+		octx = ctx
+	}
 	r.ensureAddrs(dctx, c)
 	if avoid != "" {
 		r.connectAround(dctx, p, avoid)
 	}
-	s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
+	s, err = r.h.NewStream(network.WithAllowLimitedConn(octx, "mtor-query"), p, r.proto)
 	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
 		// The addresses we had did not work, and there are others now.
 		s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
