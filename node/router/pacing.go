@@ -53,9 +53,10 @@ func newPacer(opens, queue int) *pacer {
 }
 
 // acquire waits for a turn to open a stream to p, FIFO among waiters, and
-// returns the func that gives the turn back (idempotent). A full queue is
-// that worker busy for now (paceFull); an ended ctx its error.
-func (pc *pacer) acquire(ctx context.Context, p peer.ID) (release func(), err error) {
+// returns the func that gives the turn back (idempotent) and whether it
+// had to wait. A full queue is that worker busy for now (paceFull); an
+// ended ctx its error.
+func (pc *pacer) acquire(ctx context.Context, p peer.ID) (release func(), waited bool, err error) {
 	pc.mu.Lock()
 	g := pc.gates[p]
 	if g == nil {
@@ -66,12 +67,12 @@ func (pc *pacer) acquire(ctx context.Context, p peer.ID) (release func(), err er
 	case g.slots <- struct{}{}:
 		g.users++
 		pc.mu.Unlock()
-		return pc.releaser(p, g), nil
+		return pc.releaser(p, g), false, nil
 	default:
 	}
 	if g.waiting >= pc.queue {
 		pc.mu.Unlock()
-		return nil, paceFull{protocol.Errorf(protocol.CodeBusy, "this node has %d queries waiting to reach worker %s; try again shortly", g.waiting, ShortID(p))}
+		return nil, false, paceFull{protocol.Errorf(protocol.CodeBusy, "this node has %d queries waiting to reach worker %s; try again shortly", g.waiting, ShortID(p))}
 	}
 	g.waiting++
 	g.users++
@@ -81,13 +82,13 @@ func (pc *pacer) acquire(ctx context.Context, p peer.ID) (release func(), err er
 		pc.mu.Lock()
 		g.waiting--
 		pc.mu.Unlock()
-		return pc.releaser(p, g), nil
+		return pc.releaser(p, g), true, nil
 	case <-ctx.Done():
 		pc.mu.Lock()
 		g.waiting--
 		pc.leaveLocked(p, g)
 		pc.mu.Unlock()
-		return nil, ctxErr(ctx)
+		return nil, true, ctxErr(ctx)
 	}
 }
 

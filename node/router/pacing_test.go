@@ -26,30 +26,30 @@ func TestPacerBoundsOpensAndQueue(t *testing.T) {
 	pc := newPacer(2, 1)
 	p := peer.ID("w")
 	ctx := t.Context()
-	r1, err := pc.acquire(ctx, p)
+	r1, _, err := pc.acquire(ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r2, err := pc.acquire(ctx, p)
+	r2, _, err := pc.acquire(ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A third waits (the queue holds one), a fourth is refused at once.
 	got := make(chan func(), 1)
 	go func() {
-		r, err := pc.acquire(ctx, p)
-		if err != nil {
-			t.Error(err)
+		r, waited, err := pc.acquire(ctx, p)
+		if err != nil || !waited {
+			t.Error(err, waited)
 		}
 		got <- r
 	}()
 	waitUntil(t, func() bool { _, w := pc.inflight(p); return w == 1 })
 	var full paceFull
-	if _, err := pc.acquire(ctx, p); !errors.As(err, &full) || protocol.AsError(err).Code != protocol.CodeBusy {
+	if _, _, err := pc.acquire(ctx, p); !errors.As(err, &full) || protocol.AsError(err).Code != protocol.CodeBusy {
 		t.Fatalf("acquire past the queue = %v, want paceFull BUSY", err)
 	}
 	// Another worker has its own gate.
-	ro, err := pc.acquire(ctx, peer.ID("other"))
+	ro, _, err := pc.acquire(ctx, peer.ID("other"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +63,7 @@ func TestPacerBoundsOpensAndQueue(t *testing.T) {
 	// A waiter whose context ends leaves the queue.
 	cctx, cancel := context.WithCancel(ctx)
 	errc := make(chan error, 1)
-	go func() { _, err := pc.acquire(cctx, p); errc <- err }()
+	go func() { _, _, err := pc.acquire(cctx, p); errc <- err }()
 	waitUntil(t, func() bool { _, w := pc.inflight(p); return w == 1 })
 	cancel()
 	if err := <-errc; protocol.AsError(err).Code != protocol.CodeCancelled {
@@ -274,5 +274,53 @@ func TestQUICStreamCreditWaitIsNotADialFailure(t *testing.T) {
 	}
 	if failed > 0 {
 		t.Fatalf("%d of %d queries failed", failed, queries)
+	}
+}
+
+// A burst meets a frozen worker (it takes streams and never answers):
+// once the opens ahead have failed and its breaker is open, the queries
+// still waiting for a turn move to the live worker at once instead of
+// each waiting out the Accepted bound there.
+func TestQueriesWaitingForAFrozenWorkerMoveOn(t *testing.T) {
+	const (
+		burst = 60
+		opens = 4
+	)
+	// fakeFrozenWorker stands in for a worker process stopped with SIGSTOP.
+	frozen := unlimitedHost(t)
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
+	var reached atomic.Int64
+	frozen.SetStreamHandler(testProto, func(s network.Stream) { reached.Add(1); <-hold; s.Reset() })
+	live := unlimitedHost(t)
+	w := worker.New([]backend.Backend{demo.New("live", demo.WithDelay(0))}, worker.WithMaxConcurrency(burst), worker.WithMaxQueue(burst))
+	w.Refresh(t.Context())
+	live.SetStreamHandler(testProto, w.HandleStream)
+	h := unlimitedHost(t)
+	connect(t, h, frozen, live)
+	table := staticTable{
+		cand(string(frozen.ID()), 0, burst, 100, 0, demoModel),                  // looks best
+		cand(string(live.ID()), 0, burst, 100, 500*time.Millisecond, demoModel), // clearly worse
+	}
+	r := New(h, testProto, table, WithAcceptTimeout(500*time.Millisecond), WithOpenPacing(opens, burst))
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	errs := make(chan error, burst)
+	for range burst {
+		go func() {
+			_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hi"},
+				func(*pb.Event) error { return nil })
+			errs <- err
+		}()
+	}
+	for range burst {
+		if err := <-errs; err != nil {
+			t.Errorf("query: %v", err)
+		}
+	}
+	// The first turns (and a half-open trial) reach it; not the queue.
+	t.Logf("%d of %d queries opened a stream to the frozen worker", reached.Load(), burst)
+	if n := reached.Load(); n > 2*opens+2 {
+		t.Fatalf("%d queries reached the frozen worker, want at most %d", n, 2*opens+2)
 	}
 }

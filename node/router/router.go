@@ -1277,11 +1277,17 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	p := c.Peer
 	// Our own queue for a turn to open a stream: neither the dial's nor
 	// the worker's Accepted bound runs meanwhile.
-	release, err := r.pace.acquire(ctx, p)
+	before := r.breaker(p)
+	release, waited, err := r.pace.acquire(ctx, p)
 	if err != nil {
 		return nil, err
 	}
 	defer release()
+	if waited && before == health.Closed && r.breaker(p) == health.Open {
+		// The opens ahead of this one failed (a frozen worker): move on
+		// at no cost rather than wait out the Accepted bound again.
+		return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s failed while this query waited to reach it", ShortID(p))}
+	}
 	var s network.Stream
 	dctx, cancel := context.WithTimeout(ctx, r.dial)
 	// Connected, an open waits only for the transport's flow control: a
@@ -1395,6 +1401,13 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 func isRemoteRefusal(err error) bool {
 	var se *network.StreamError
 	return errors.As(err, &se) && se.Remote
+}
+
+// breaker is the state of p's circuit breaker.
+func (r *Router) breaker(p peer.ID) health.BreakerState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.state(p).tracker.State()
 }
 
 // remoteLimit reports whether the worker reset the stream at one of its
