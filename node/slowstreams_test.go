@@ -2,6 +2,7 @@ package node_test
 
 import (
 	"context"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -101,6 +102,9 @@ func TestUnboundedStreamOpenerIsRefused(t *testing.T) {
 	if err := bad.Connect(ctx, peer.AddrInfo{ID: w.ID(), Addrs: w.Host().Addrs()}); err != nil {
 		t.Fatal(err)
 	}
+	runtime.GC()
+	var m0, m1 runtime.MemStats
+	runtime.ReadMemStats(&m0)
 	limit := node.QueryStreamsPerPeer(width)
 	tries := 3 * limit
 	proto := protocol.QueryProtocol(w.SwarmName())
@@ -134,7 +138,13 @@ func TestUnboundedStreamOpenerIsRefused(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	t.Logf("%d of %d query streams from one peer held open by the worker (bound %d)", held, tries, limit)
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	heap := int64(m1.HeapInuse) - int64(m0.HeapInuse)
+	t.Logf("%d of %d query streams from one peer held open by the worker (bound %d); heap in use %+d KiB (both ends)", held, tries, limit, heap>>10)
+	if heap > 256<<20 {
+		t.Fatalf("heap grew by %d MiB", heap>>20)
+	}
 	if held > limit {
 		t.Fatalf("the worker holds %d streams of one peer, over its bound %d", held, limit)
 	}
