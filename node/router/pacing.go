@@ -52,12 +52,15 @@ func newPacer(opens, queue int) *pacer {
 	return &pacer{opens: opens, queue: queue, gates: map[peer.ID]*gate{}}
 }
 
-// acquire waits for a turn to open a stream to p, FIFO among waiters, and
-// returns the func that gives the turn back (idempotent) and whether it
-// had to wait. A full queue is that worker busy for now (paceFull); an
-// ended ctx its error.
-func (pc *pacer) acquire(ctx context.Context, p peer.ID) (release func(), waited bool, err error) {
+// try takes a turn to open a stream to p if one is free at once, and
+// returns the func that gives it back (idempotent).
+func (pc *pacer) try(p peer.ID) (release func(), ok bool) {
 	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	return pc.tryLocked(p)
+}
+
+func (pc *pacer) tryLocked(p peer.ID) (release func(), ok bool) {
 	g := pc.gates[p]
 	if g == nil {
 		g = &gate{slots: make(chan struct{}, pc.opens)}
@@ -66,13 +69,25 @@ func (pc *pacer) acquire(ctx context.Context, p peer.ID) (release func(), waited
 	select {
 	case g.slots <- struct{}{}:
 		g.users++
-		pc.mu.Unlock()
-		return pc.releaser(p, g), false, nil
+		return pc.releaser(p, g), true
 	default:
 	}
+	return nil, false // all taken: g has users, so it stays
+}
+
+// acquire waits for a turn to open a stream to p, FIFO among waiters, and
+// returns the func that gives the turn back (idempotent). A full queue is
+// that worker busy for now (paceFull); an ended ctx its error.
+func (pc *pacer) acquire(ctx context.Context, p peer.ID) (release func(), err error) {
+	pc.mu.Lock()
+	if release, ok := pc.tryLocked(p); ok {
+		pc.mu.Unlock()
+		return release, nil
+	}
+	g := pc.gates[p]
 	if g.waiting >= pc.queue {
 		pc.mu.Unlock()
-		return nil, false, paceFull{protocol.Errorf(protocol.CodeBusy, "this node has %d queries waiting to reach worker %s; try again shortly", g.waiting, ShortID(p))}
+		return nil, paceFull{protocol.Errorf(protocol.CodeBusy, "this node has %d queries waiting to reach worker %s; try again shortly", g.waiting, ShortID(p))}
 	}
 	g.waiting++
 	g.users++
@@ -82,13 +97,13 @@ func (pc *pacer) acquire(ctx context.Context, p peer.ID) (release func(), waited
 		pc.mu.Lock()
 		g.waiting--
 		pc.mu.Unlock()
-		return pc.releaser(p, g), true, nil
+		return pc.releaser(p, g), nil
 	case <-ctx.Done():
 		pc.mu.Lock()
 		g.waiting--
 		pc.leaveLocked(p, g)
 		pc.mu.Unlock()
-		return nil, true, ctxErr(ctx)
+		return nil, ctxErr(ctx)
 	}
 }
 

@@ -26,32 +26,35 @@ func TestPacerBoundsOpensAndQueue(t *testing.T) {
 	pc := newPacer(2, 1)
 	p := peer.ID("w")
 	ctx := t.Context()
-	r1, _, err := pc.acquire(ctx, p)
+	r1, err := pc.acquire(ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r2, _, err := pc.acquire(ctx, p)
+	r2, err := pc.acquire(ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A third waits (the queue holds one), a fourth is refused at once.
 	got := make(chan func(), 1)
 	go func() {
-		r, waited, err := pc.acquire(ctx, p)
-		if err != nil || !waited {
-			t.Error(err, waited)
+		r, err := pc.acquire(ctx, p)
+		if err != nil {
+			t.Error(err)
 		}
 		got <- r
 	}()
 	waitUntil(t, func() bool { _, w := pc.inflight(p); return w == 1 })
 	var full paceFull
-	if _, _, err := pc.acquire(ctx, p); !errors.As(err, &full) || protocol.AsError(err).Code != protocol.CodeBusy {
+	if _, ok := pc.try(p); ok {
+		t.Fatal("a turn was free with both taken")
+	}
+	if _, err := pc.acquire(ctx, p); !errors.As(err, &full) || protocol.AsError(err).Code != protocol.CodeBusy {
 		t.Fatalf("acquire past the queue = %v, want paceFull BUSY", err)
 	}
 	// Another worker has its own gate.
-	ro, _, err := pc.acquire(ctx, peer.ID("other"))
-	if err != nil {
-		t.Fatal(err)
+	ro, ok := pc.try(peer.ID("other"))
+	if !ok {
+		t.Fatal("another worker's turn was not free")
 	}
 	ro()
 	r1()
@@ -63,7 +66,7 @@ func TestPacerBoundsOpensAndQueue(t *testing.T) {
 	// A waiter whose context ends leaves the queue.
 	cctx, cancel := context.WithCancel(ctx)
 	errc := make(chan error, 1)
-	go func() { _, _, err := pc.acquire(cctx, p); errc <- err }()
+	go func() { _, err := pc.acquire(cctx, p); errc <- err }()
 	waitUntil(t, func() bool { _, w := pc.inflight(p); return w == 1 })
 	cancel()
 	if err := <-errc; protocol.AsError(err).Code != protocol.CodeCancelled {

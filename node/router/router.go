@@ -1277,18 +1277,21 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	p := c.Peer
 	// Our own queue for a turn to open a stream: neither the dial's nor
 	// the worker's Accepted bound runs meanwhile.
-	before := r.breaker(p)
-	release, waited, err := r.pace.acquire(ctx, p)
-	if err != nil {
-		return nil, err
+	release, ok := r.pace.try(p)
+	if !ok {
+		before := r.breaker(p)
+		var err error
+		if release, err = r.pace.acquire(ctx, p); err != nil {
+			return nil, err
+		}
+		if before == health.Closed && r.breaker(p) == health.Open {
+			// The opens ahead of this one failed (a frozen worker): move
+			// on at no cost rather than wait out the Accepted bound again.
+			release()
+			return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s failed while this query waited to reach it", ShortID(p))}
+		}
 	}
 	defer release()
-	if waited && before == health.Closed && r.breaker(p) == health.Open {
-		// The opens ahead of this one failed (a frozen worker): move on
-		// at no cost rather than wait out the Accepted bound again.
-		return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s failed while this query waited to reach it", ShortID(p))}
-	}
-	var s network.Stream
 	dctx, cancel := context.WithTimeout(ctx, r.dial)
 	// Connected, an open waits only for the transport's flow control: a
 	// QUIC connection carries 256 streams of one side at once (go-libp2p's
@@ -1303,7 +1306,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	if avoid != "" {
 		r.connectAround(dctx, p, avoid)
 	}
-	s, err = r.h.NewStream(network.WithAllowLimitedConn(octx, "mtor-query"), p, r.proto)
+	s, err := r.h.NewStream(network.WithAllowLimitedConn(octx, "mtor-query"), p, r.proto)
 	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
 		// The addresses we had did not work, and there are others now.
 		s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
