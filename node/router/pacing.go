@@ -16,8 +16,11 @@ const (
 	// thousand streams opened at once keeps a 2-core worker from
 	// answering any of them within AcceptTimeout, and the router would
 	// take it for frozen; paced, each waits its turn here, where the
-	// wait does not count against the worker.
-	DefaultOpensPerPeer = 32
+	// wait does not count against the worker. Half of yamux's backlog
+	// of unacknowledged opens and of QUIC's streams per connection (256
+	// each): 32 made 1 000 slow streams wait for turns under load (TTFT
+	// p99 1.7–2.4 s against 1.0–1.1 s with 128, docs/benchmarks.md).
+	DefaultOpensPerPeer = 128
 	// DefaultOpenQueuePerPeer bounds the queries waiting for one of those
 	// turns; more are refused at once as this node's backpressure.
 	DefaultOpenQueuePerPeer = 4096
