@@ -61,6 +61,7 @@ type hostConfig struct {
 	key          crypto.PrivKey
 	listen       []string
 	query        libp2pproto.ID
+	width        int // the worker's admission: queries running plus queued
 	relay        bool
 	reachability Reachability // forced, or ReachabilityUnknown for AutoNAT
 	relayACL     relay.ACLFilter
@@ -69,17 +70,55 @@ type hostConfig struct {
 	punches      holepunch.EventTracer               // told of hole punches; nil for none
 }
 
+// Query streams of one peer. A bridge carrying many users is one peer
+// with many queries open at once at each worker, so a worker lets one
+// peer hold as many query streams as it admits queries (running and
+// queued: beyond that it answers BUSY anyway) plus some being refused or
+// closing; a hostile peer opening streams without bound is reset past
+// that. Each stream holds workerStreamMemory of the worker's memory
+// budget (worker.HandleStream), and the request frames read on it more.
+const (
+	minQueryStreamsPerPeer = 256
+	queryStreamSlack       = 64
+	// QueryStreamsOutPerPeer bounds this node's own query streams to one
+	// worker: its bridge's admission bounds its queries, this only a
+	// runaway.
+	QueryStreamsOutPerPeer = 4096
+	workerStreamMemory     = 64 << 10
+	// queryFrameMemory is room for request frames (media uploads) on top
+	// of the streams' own share, at their reservations' priority.
+	queryFrameMemory = 64 << 20
+)
+
+// QueryStreamsPerPeer is how many query streams one peer may hold open at
+// a worker that admits width queries (running plus queued).
+func QueryStreamsPerPeer(width int) int {
+	return max(minQueryStreamsPerPeer, width+queryStreamSlack)
+}
+
 // queryLimits bounds the query protocol in the resource manager: streams in
-// and out overall and per peer, and memory for request frames.
-func queryLimits(cfg *rcmgr.ScalingLimitConfig, proto libp2pproto.ID) {
+// and out overall and per peer, and memory for request frames; width is
+// the worker's admission (queries running plus queued).
+func queryLimits(cfg *rcmgr.ScalingLimitConfig, proto libp2pproto.ID, width int) {
+	in, out := QueryStreamsPerPeer(width), QueryStreamsOutPerPeer
+	// Twice the streams' share: request frames reserve at medium
+	// priority, which libp2p grants up to 60 % of a scope's limit.
+	mem := int64(queryFrameMemory + 2*in*workerStreamMemory)
 	cfg.AddProtocolLimit(proto,
-		rcmgr.BaseLimit{Streams: 2048, StreamsInbound: 1024, StreamsOutbound: 1024, Memory: 256 << 20},
+		rcmgr.BaseLimit{Streams: 2048 + in + out, StreamsInbound: 1024 + in, StreamsOutbound: 1024 + out, Memory: 256<<20 + mem},
 		rcmgr.BaseLimitIncrease{Streams: 1024, StreamsInbound: 512, StreamsOutbound: 512, Memory: 128 << 20},
 	)
 	cfg.AddProtocolPeerLimit(proto,
-		rcmgr.BaseLimit{Streams: 256, StreamsInbound: 128, StreamsOutbound: 256, Memory: 64 << 20},
-		rcmgr.BaseLimitIncrease{Streams: 64, StreamsInbound: 32, StreamsOutbound: 64, Memory: 16 << 20},
+		rcmgr.BaseLimit{Streams: in + out, StreamsInbound: in, StreamsOutbound: out, Memory: mem},
+		rcmgr.BaseLimitIncrease{Memory: 16 << 20},
 	)
+	// libp2p's limits of one peer over all protocols must leave room
+	// for the query protocol's, on top of what the others use.
+	pl := &cfg.PeerBaseLimit
+	pl.StreamsInbound += in
+	pl.StreamsOutbound += out
+	pl.Streams += in + out
+	pl.Memory += mem
 }
 
 // memberLimits bounds the membership handshake of closed swarms: one
@@ -112,13 +151,13 @@ func relayLimits(cfg *rcmgr.ScalingLimitConfig) {
 // resourceManager is the node's resource manager: libp2p's scaled
 // defaults with the query protocol's limits and the per-address limits
 // above.
-func resourceManager(proto libp2pproto.ID, relayService bool) (network.ResourceManager, error) {
+func resourceManager(proto libp2pproto.ID, width int, relayService bool) (network.ResourceManager, error) {
 	limits := rcmgr.DefaultLimits
 	// DefaultLimits holds maps; give this host its own so nothing is shared.
 	limits.ServiceLimits, limits.ServicePeerLimits = nil, nil
 	limits.ProtocolLimits, limits.ProtocolPeerLimits = nil, nil
 	libp2p.SetDefaultServiceLimits(&limits)
-	queryLimits(&limits, proto)
+	queryLimits(&limits, proto, width)
 	memberLimits(&limits)
 	if relayService {
 		relayLimits(&limits)
@@ -174,7 +213,7 @@ func relayResources() relay.Resources {
 }
 
 func newHost(hc hostConfig) (host.Host, error) {
-	rm, err := resourceManager(hc.query, hc.relay)
+	rm, err := resourceManager(hc.query, hc.width, hc.relay)
 	if err != nil {
 		return nil, err
 	}

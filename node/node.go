@@ -352,7 +352,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		relays.forced = ReachabilityPublic
 	}
 	hc := hostConfig{
-		key: cfg.key, listen: cfg.listen, query: qproto, relay: cfg.relay,
+		key: cfg.key, listen: cfg.listen, query: qproto, width: cfg.maxConcurrency + cfg.maxQueue, relay: cfg.relay,
 		reachability: cfg.reachability, relayACL: swarmOnlyACL{k: relays, query: qproto, members: cfg.members}, addrs: relays.addrs,
 		punches: punches,
 	}

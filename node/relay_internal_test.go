@@ -200,7 +200,7 @@ func TestRelayReservationsPerIP(t *testing.T) {
 // The resource manager admits many connections from one IPv4 address
 // (libp2p's default: 8).
 func TestConnectionsPerIP(t *testing.T) {
-	rm, err := resourceManager(protocol.QueryProtocol(protocol.DefaultSwarm), false)
+	rm, err := resourceManager(protocol.QueryProtocol(protocol.DefaultSwarm), 0, false)
 	if err != nil {
 		t.Fatal(err)
 	}

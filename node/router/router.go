@@ -159,6 +159,8 @@ type Router struct {
 	maxAttempts int
 	idle        time.Duration // fixed silence bound; 0 = from the heartbeat
 	accept      time.Duration
+	pace        *pacer // stream opens per worker
+	dial        time.Duration
 	retryBase   time.Duration
 	checker     Suspecter
 	punches     HolePunches
@@ -238,6 +240,9 @@ func WithMaxOutput(n int) Option {
 // sends heartbeats, instead of 10 × its expected TTFT (10 s to 1 min).
 func WithStallTimeout(d time.Duration) Option { return func(r *Router) { r.stall = d } }
 
+// WithDialTimeout bounds connecting to a worker and opening a stream.
+func WithDialTimeout(d time.Duration) Option { return func(r *Router) { r.dial = d } }
+
 // WithAcceptTimeout bounds the wait for a worker's first frame.
 func WithAcceptTimeout(d time.Duration) Option { return func(r *Router) { r.accept = d } }
 
@@ -260,6 +265,8 @@ func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router
 		deadline:    DefaultDeadline,
 		maxAttempts: DefaultMaxAttempts,
 		accept:      AcceptTimeout,
+		pace:        newPacer(DefaultOpensPerPeer, DefaultOpenQueuePerPeer),
+		dial:        DialTimeout,
 		retryBase:   DefaultRetryBase,
 		maxOutput:   DefaultMaxOutput,
 		peers:       map[peer.ID]*peerState{},
@@ -675,6 +682,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		var we workerError
 		var sc staleConn
 		var pl pathLost
+		var pf0 paceFull
 		switch {
 		case errors.As(err, &pl) && q.pathRetries < maxPathRetries:
 			q.pathRetries++
@@ -709,7 +717,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		case errors.As(err, &pf):
 			q.failures++
 			q.kinds[pf.kind]++
-		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable):
+		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable), errors.As(err, &pf0):
 			q.busy++
 		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
 			// Our table was stale (the model left that worker), or it
@@ -1267,12 +1275,38 @@ const minHeartbeat = 250 * time.Millisecond
 // remote runs the query over a libp2p stream.
 func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, avoid peer.ID, emit func(*pb.Event) error) (*pb.Done, error) {
 	p := c.Peer
-	dctx, cancel := context.WithTimeout(ctx, DialTimeout)
+	// Our own queue for a turn to open a stream: neither the dial's nor
+	// the worker's Accepted bound runs meanwhile.
+	release, ok := r.pace.try(p)
+	if !ok {
+		before := r.breaker(p)
+		var err error
+		if release, err = r.pace.acquire(ctx, p); err != nil {
+			return nil, err
+		}
+		if before == health.Closed && r.breaker(p) == health.Open {
+			// The opens ahead of this one failed (a frozen worker): move
+			// on at no cost rather than wait out the Accepted bound again.
+			release()
+			return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s failed while this query waited to reach it", ShortID(p))}
+		}
+	}
+	defer release()
+	dctx, cancel := context.WithTimeout(ctx, r.dial)
+	// Connected, an open waits only for the transport's flow control: a
+	// QUIC connection carries 256 streams of one side at once (go-libp2p's
+	// MaxIncomingStreams), and further opens wait for one to end, queued
+	// at a live worker. The query's deadline bounds that; the dial bound
+	// would take a worker answering 256 long queries for unreachable.
+	octx := dctx
+	if avoid == "" && r.h.Network().Connectedness(p) == network.Connected {
+		octx = ctx
+	}
 	r.ensureAddrs(dctx, c)
 	if avoid != "" {
 		r.connectAround(dctx, p, avoid)
 	}
-	s, err := r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
+	s, err := r.h.NewStream(network.WithAllowLimitedConn(octx, "mtor-query"), p, r.proto)
 	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
 		// The addresses we had did not work, and there are others now.
 		s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)
@@ -1284,6 +1318,9 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		}
 		if errors.Is(err, network.ErrResourceLimitExceeded) && !isRemoteRefusal(err) {
 			return nil, localBusy{protocol.Errorf(protocol.CodeBusy, "this node has too many queries open; try again shortly")}
+		}
+		if remoteLimit(err) {
+			return nil, refusedStream(p)
 		}
 		// Transport errors name addresses; they go to the log, not to
 		// whoever asked (who may be a browser behind a bridge).
@@ -1320,12 +1357,16 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
 			_ = s.Reset()
+			if !accepted && remoteLimit(err) {
+				return nil, refusedStream(p)
+			}
 			if accepted && !expired(ctx) && !time.Now().Before(stallAt) {
 				log.Debugw("worker stalls", "peer", p, "stall", stall)
 				return nil, peerFailure{failSilent, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
 			}
 			return nil, r.streamErr(ctx, s, accepted, err)
 		}
+		release() // the worker has taken the stream: the next may open
 		if err := protocol.ValidateEvent(&ev); err != nil {
 			_ = s.Reset()
 			return nil, peerFailure{failInvalid, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent an invalid event: %v", ShortID(p), err)}
@@ -1363,6 +1404,26 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 func isRemoteRefusal(err error) bool {
 	var se *network.StreamError
 	return errors.As(err, &se) && se.Remote
+}
+
+// breaker is the state of p's circuit breaker.
+func (r *Router) breaker(p peer.ID) health.BreakerState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.state(p).tracker.State()
+}
+
+// remoteLimit reports whether the worker reset the stream at one of its
+// resource manager's limits (streams of this node, or in all).
+func remoteLimit(err error) bool {
+	var se *network.StreamError
+	return errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamResourceLimitExceeded
+}
+
+// refusedStream is a worker's refusal of a stream at its limits: it is
+// busy, not failing.
+func refusedStream(p peer.ID) error {
+	return workerError{protocol.Errorf(protocol.CodeBusy, "worker %s refused the stream: it holds as many as it allows", ShortID(p))}
 }
 
 // ensureAddrs gives the peerstore addresses for c when we are not
