@@ -3,9 +3,13 @@ package receipt
 import (
 	"bytes"
 	"crypto/rand"
+	"errors"
 	"testing"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // TestSignaturesAsLibp2p: receipts are signed and verified with
@@ -84,4 +88,28 @@ func TestSignaturesOtherKeyTypes(t *testing.T) {
 	if ok, _ := verify(pub, []byte("receipt!"), sig); ok {
 		t.Fatal("secp256k1 signature verified over other bytes")
 	}
+}
+
+// TestVerifyRouter: the countersignature alone, as a worker checks the
+// receipt it signed itself.
+func TestVerifyRouter(t *testing.T) {
+	r, _, _ := signed(t)
+	if err := VerifyRouter(r); err != nil {
+		t.Fatalf("honest: %v", err)
+	}
+	bad := flipRouterSig(r)
+	if err := VerifyRouter(bad); err == nil {
+		t.Fatal("a broken countersignature verified")
+	}
+	none := flipRouterSig(r)
+	none.RouterSig = nil
+	if err := VerifyRouter(none); !errors.Is(err, ErrNoRouterSig) {
+		t.Fatalf("no countersignature: %v", err)
+	}
+}
+
+func flipRouterSig(r *pb.Receipt) *pb.Receipt {
+	c := proto.CloneOf(r)
+	c.RouterSig[5] ^= 1
+	return c
 }
