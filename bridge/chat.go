@@ -166,8 +166,11 @@ type sse struct {
 	spare      []byte
 	err        error // of a write: the client is gone
 	stopped    bool
-	wake       chan struct{}
-	bufs       *sync.Pool // where pending and spare come from and go back
+	// held: writes are no longer flushed; the handler's return flushes
+	// them with the body's end (see hold).
+	held bool
+	wake chan struct{}
+	bufs *sync.Pool // where pending and spare come from and go back
 }
 
 // maxPendingSSE bounds the bytes of events waiting for the writer.
@@ -289,7 +292,23 @@ func (e *sse) write(data []byte) error {
 	if _, err := e.w.Write(data); err != nil {
 		return err
 	}
+	e.mu.Lock()
+	held := e.held
+	e.mu.Unlock()
+	if held {
+		return nil
+	}
 	return e.rc.Flush()
+}
+
+// hold stops flushing: what is written from now on (the answer's last
+// events and [DONE]) leaves when the handler returns, in one write with
+// the end of the chunked body and its trailer, instead of three. Call it
+// only when the handler is about to return.
+func (e *sse) hold() {
+	e.mu.Lock()
+	e.held = true
+	e.mu.Unlock()
 }
 
 // queue adds raw event bytes for the writer; while the writer is stopped
@@ -429,6 +448,7 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 	if err := sendRole(); err != nil {
 		return
 	}
+	out.hold()
 	reason := finishReason(q, res, calledTools)
 	last := chunk(chunkDelta{}, &reason)
 	last.Mtor = infoOf(res)
