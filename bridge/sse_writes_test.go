@@ -96,4 +96,3 @@ func TestStreamEndsInOneWrite(t *testing.T) {
 	}
 	t.Fatalf("no write carried the finish event; writes: %q", rl.writes)
 }
-
