@@ -43,9 +43,11 @@ type FrameWriter struct {
 	timer *time.Timer
 }
 
-// NewFrameWriter writes to w; before each write it calls deadline (when
-// not nil) with now plus timeout, so that a reader who stops reading fails
-// the writes within timeout.
+// NewFrameWriter writes to w with a deadline (set with deadline, when not
+// nil) timeout ahead, so that a reader who stops reading fails the writes
+// within timeout. The deadline moves only once half of it has passed (a
+// stalled write fails between timeout/2 and timeout after it began): a
+// deadline set per write re-armed a timer per batch of tokens.
 func NewFrameWriter(w io.Writer, deadline func(time.Time) error, timeout time.Duration) *FrameWriter {
 	fw := &FrameWriter{w: w, deadline: deadline, timeout: timeout, done: make(chan struct{})}
 	fw.cond = sync.NewCond(&fw.mu)
@@ -133,6 +135,7 @@ func (fw *FrameWriter) Close() error {
 
 func (fw *FrameWriter) loop() {
 	defer close(fw.done)
+	var deadline time.Time // the one in force
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
 	for {
@@ -146,7 +149,10 @@ func (fw *FrameWriter) loop() {
 		fw.pending = fw.spare[:0]
 		fw.mu.Unlock()
 		if fw.deadline != nil {
-			_ = fw.deadline(time.Now().Add(fw.timeout))
+			if now := time.Now(); now.Add(fw.timeout / 2).After(deadline) {
+				deadline = now.Add(fw.timeout)
+				_ = fw.deadline(deadline)
+			}
 		}
 		_, err := fw.w.Write(buf)
 		fw.mu.Lock()

@@ -174,3 +174,27 @@ func TestFrameWriterWriteSoon(t *testing.T) {
 		})
 	}
 }
+
+// TestFrameWriterMovesItsDeadlineRarely: the write deadline is set once
+// for writes within half the timeout of it, not per write.
+func TestFrameWriterMovesItsDeadlineRarely(t *testing.T) {
+	l := newWriteLog()
+	var set []time.Time
+	fw := protocol.NewFrameWriter(l, func(d time.Time) error { set = append(set, d); return nil }, time.Hour)
+	for i := range 20 {
+		if err := fw.Write(chunkEvent("t")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-l.writes: // one write per frame: each waits for the last
+		case <-time.After(30 * time.Second):
+			t.Fatalf("write %d never came", i)
+		}
+	}
+	if err := fw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if len(set) != 1 || time.Until(set[0]) < 59*time.Minute {
+		t.Fatalf("deadlines set: %v, want one about an hour ahead", set)
+	}
+}

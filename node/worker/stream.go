@@ -17,8 +17,9 @@ const (
 	// RequestReadTimeout bounds how long a client may take to send its
 	// request; a stream that never sends is answered TIMEOUT and closed.
 	RequestReadTimeout = 10 * time.Second
-	// WriteTimeout bounds each event write, refreshed per event, so a
-	// client that stops reading cannot hold a slot.
+	// WriteTimeout bounds each event write (the deadline moves once half
+	// of it has passed, see protocol.NewFrameWriter), so a client that
+	// stops reading cannot hold a slot.
 	WriteTimeout = 30 * time.Second
 	// maxTrailing is how much a client may send after its request before
 	// the stream counts as abusive and the query is cancelled.
