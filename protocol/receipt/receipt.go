@@ -299,7 +299,10 @@ func verify(pub crypto.PubKey, b, sig []byte) (bool, error) {
 // OutputHash hashes the output events of one answer, in stream order, as
 // docs/protocol.md §Receipts defines: one record per Chunk, ToolCallDelta,
 // Media and Embedding event; Accepted, Done and Error are not output.
-type OutputHash struct{ h hash.Hash }
+type OutputHash struct {
+	h   hash.Hash
+	buf []byte // a record's bytes, reused: Add runs per token
+}
 
 // NewOutputHash starts an empty output hash.
 func NewOutputHash() *OutputHash { return &OutputHash{h: sha256.New()} }
@@ -314,11 +317,11 @@ const (
 
 // Add hashes ev if it is output.
 func (o *OutputHash) Add(ev *pb.Event) {
-	var b []byte
+	b := o.buf[:0]
 	switch k := ev.GetKind().(type) {
 	case *pb.Event_Chunk:
 		b = append(b, tagChunk)
-		b = appendBytes(b, []byte(k.Chunk.GetText()))
+		b = appendString(b, k.Chunk.GetText())
 	case *pb.Event_ToolCall:
 		b = append(b, tagToolCall)
 		b = binary.AppendUvarint(b, uint64(k.ToolCall.GetIndex()))
@@ -345,12 +348,20 @@ func (o *OutputHash) Add(ev *pb.Event) {
 		return
 	}
 	o.h.Write(b)
+	if cap(b) <= 4<<10 {
+		o.buf = b // a large record's buffer is not kept
+	}
 }
 
 // Sum is the SHA-256 of the output so far.
 func (o *OutputHash) Sum() []byte { return o.h.Sum(nil) }
 
 func appendBytes(b, v []byte) []byte {
+	b = binary.AppendUvarint(b, uint64(len(v)))
+	return append(b, v...)
+}
+
+func appendString(b []byte, v string) []byte {
 	b = binary.AppendUvarint(b, uint64(len(v)))
 	return append(b, v...)
 }
