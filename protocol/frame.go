@@ -70,8 +70,13 @@ func NewFrameReader(r io.Reader, max int) *FrameReader {
 	if max < 0 {
 		max = 0 // a negative limit would pass every length as uint64
 	}
-	return &FrameReader{r: bufio.NewReaderSize(r, 4096), max: max}
+	return &FrameReader{r: bufio.NewReaderSize(r, readBuffer), max: max}
 }
+
+// readBuffer is a FrameReader's read-ahead: a batch of token events is a
+// few hundred bytes, and larger bodies are read past it (readBody), so
+// 4 KiB per stream (two streams per query) was mostly never used.
+const readBuffer = 1 << 10
 
 // Read reads the next frame into m. It returns io.EOF only on a clean end
 // between frames; a frame cut short is io.ErrUnexpectedEOF.
