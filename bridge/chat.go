@@ -421,7 +421,8 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			if !q.GetParams().GetLogprobs() {
 				return tokens.event(out, text)
 			}
-			c := chunk(chunkDelta{Content: &text}, nil)
+			content := text // taken by address: its own variable, so text stays on the stack
+			c := chunk(chunkDelta{Content: &content}, nil)
 			c.Choices[0].Logprobs = logprobsJSON(k.Chunk.GetLogprobs())
 			return out.event(c)
 		case *pb.Event_ToolCall:
@@ -472,6 +473,8 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 // and each token costs only its quoted text.
 type tokenEvents struct {
 	prefix, suffix []byte
+	quoted         bytes.Buffer  // a token's quoted text, reused
+	enc            *json.Encoder // onto quoted: encoding/json's escaping, as for the whole chunk
 }
 
 // newTokenEvents splits the JSON of tmpl, a chunk whose delta content is
@@ -487,17 +490,21 @@ func newTokenEvents(tmpl chatChunk) (*tokenEvents, error) {
 		return nil, fmt.Errorf("chunk template without content: %s", b)
 	}
 	i += len(hole) - len(`""`)
-	return &tokenEvents{
+	t := &tokenEvents{
 		prefix: append([]byte("data: "), b[:i]...),
 		suffix: append(append([]byte(nil), b[i+2:]...), "\n\n"...),
-	}, nil
+	}
+	t.enc = json.NewEncoder(&t.quoted)
+	return t, nil
 }
 
-// event queues the event of one token's text.
+// event queues the event of one token's text; one stream's handler calls
+// it, never two goroutines at once.
 func (t *tokenEvents) event(out *sse, text string) error {
-	q, err := json.Marshal(text) // encoding/json's escaping, as for the whole chunk
-	if err != nil {
+	t.quoted.Reset()
+	if err := t.enc.Encode(text); err != nil {
 		return err
 	}
-	return out.queue(t.prefix, q, t.suffix)
+	q := t.quoted.Bytes()
+	return out.queue(t.prefix, q[:len(q)-1], t.suffix) // Encode ends the value with a newline
 }
