@@ -85,13 +85,14 @@ func (w *Worker) HandleStream(s network.Stream) {
 	// that starts at once then costs one frame less.
 	fw := protocol.NewFrameWriter(s, s.SetWriteDeadline, WriteTimeout)
 	first := true
-	done, err := w.ServeFor(ctx, s.Conn().RemotePeer(), &req, func(ev *pb.Event) error {
+	// fw encodes each event at once: the sink may reuse its chunk event.
+	done, err := w.serve(ctx, s.Conn().RemotePeer(), &req, func(ev *pb.Event) error {
 		if _, acc := ev.GetKind().(*pb.Event_Accepted); acc && first {
 			first = false
 			return fw.WriteSoon(ev, AcceptedHold)
 		}
 		return fw.Write(ev)
-	})
+	}, true)
 	var last *pb.Event
 	if err != nil {
 		last = errEvent(protocol.AsError(err))
