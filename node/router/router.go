@@ -1317,7 +1317,11 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			wait = r.silenceBound(beat)
 		}
 		stallAt := progress.Add(stall)
-		_ = s.SetReadDeadline(earliest(earliest(dl, time.Now().Add(wait)), stallAt))
+		if !fr.Ready() {
+			// An event already read ahead needs no deadline: re-arming
+			// yamux's timer per event cost more than reading the event.
+			_ = s.SetReadDeadline(earliest(earliest(dl, time.Now().Add(wait)), stallAt))
+		}
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
 			_ = s.Reset()
