@@ -37,6 +37,26 @@ type Swarm interface {
 	Models() []router.ModelView
 }
 
+// modelFinder looks up one model: with the swarm's own Model
+// (*router.Router's builds no view of the other models), else in Models.
+// The bridge checks the model of every query twice (404 and the metrics'
+// label), and Models sorts every model's view each time.
+func modelFinder(s Swarm) func(name string) (router.ModelView, bool) {
+	if f, ok := s.(interface {
+		Model(name string) (router.ModelView, bool)
+	}); ok {
+		return f.Model
+	}
+	return func(name string) (router.ModelView, bool) {
+		for _, m := range s.Models() {
+			if m.Name == name {
+				return m, true
+			}
+		}
+		return router.ModelView{}, false
+	}
+}
+
 // Server limits for the http.Server that Serve runs.
 const (
 	readHeaderTimeout = 10 * time.Second
@@ -49,6 +69,8 @@ type Server struct {
 	cfg     config
 	sseBufs *sync.Pool // queue buffers of SSE streams
 	swarm   Swarm      // instrumented
+	// model is the view of one model the swarm serves (see modelFinder).
+	model   func(name string) (router.ModelView, bool)
 	log     *logging.ZapEventLogger
 	keys    *keySet
 	bodies  *bodyBudget
@@ -144,7 +166,8 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	srv.metrics = m
 	// The queue is outside the instrumentation: in_flight and durations
 	// are the swarm's, without the wait; refusals are counted as busy.
-	inst := &instrumented{Swarm: s, m: m}
+	srv.model = modelFinder(s)
+	inst := &instrumented{Swarm: s, m: m, model: srv.model}
 	srv.swarm = &queued{Swarm: inst, q: q, refused: inst.refused, usage: srv.usage}
 	mux := http.NewServeMux()
 	srv.routes(mux)

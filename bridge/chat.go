@@ -166,8 +166,11 @@ type sse struct {
 	spare      []byte
 	err        error // of a write: the client is gone
 	stopped    bool
-	wake       chan struct{}
-	bufs       *sync.Pool // where pending and spare come from and go back
+	// held: writes are no longer flushed; the handler's return flushes
+	// them with the body's end (see hold).
+	held bool
+	wake chan struct{}
+	bufs *sync.Pool // where pending and spare come from and go back
 }
 
 // maxPendingSSE bounds the bytes of events waiting for the writer.
@@ -289,7 +292,23 @@ func (e *sse) write(data []byte) error {
 	if _, err := e.w.Write(data); err != nil {
 		return err
 	}
+	e.mu.Lock()
+	held := e.held
+	e.mu.Unlock()
+	if held {
+		return nil
+	}
 	return e.rc.Flush()
+}
+
+// hold stops flushing: what is written from now on (the answer's last
+// events and [DONE]) leaves when the handler returns, in one write with
+// the end of the chunked body and its trailer, instead of three. Call it
+// only when the handler is about to return.
+func (e *sse) hold() {
+	e.mu.Lock()
+	e.held = true
+	e.mu.Unlock()
 }
 
 // queue adds raw event bytes for the writer; while the writer is stopped
@@ -402,7 +421,8 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 			if !q.GetParams().GetLogprobs() {
 				return tokens.event(out, text)
 			}
-			c := chunk(chunkDelta{Content: &text}, nil)
+			content := text // taken by address: its own variable, so text stays on the stack
+			c := chunk(chunkDelta{Content: &content}, nil)
 			c.Choices[0].Logprobs = logprobsJSON(k.Chunk.GetLogprobs())
 			return out.event(c)
 		case *pb.Event_ToolCall:
@@ -429,6 +449,7 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 	if err := sendRole(); err != nil {
 		return
 	}
+	out.hold()
 	reason := finishReason(q, res, calledTools)
 	last := chunk(chunkDelta{}, &reason)
 	last.Mtor = infoOf(res)
@@ -452,6 +473,8 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 // and each token costs only its quoted text.
 type tokenEvents struct {
 	prefix, suffix []byte
+	quoted         bytes.Buffer  // a token's quoted text, reused
+	enc            *json.Encoder // onto quoted: encoding/json's escaping, as for the whole chunk
 }
 
 // newTokenEvents splits the JSON of tmpl, a chunk whose delta content is
@@ -467,17 +490,21 @@ func newTokenEvents(tmpl chatChunk) (*tokenEvents, error) {
 		return nil, fmt.Errorf("chunk template without content: %s", b)
 	}
 	i += len(hole) - len(`""`)
-	return &tokenEvents{
+	t := &tokenEvents{
 		prefix: append([]byte("data: "), b[:i]...),
 		suffix: append(append([]byte(nil), b[i+2:]...), "\n\n"...),
-	}, nil
+	}
+	t.enc = json.NewEncoder(&t.quoted)
+	return t, nil
 }
 
-// event queues the event of one token's text.
+// event queues the event of one token's text; one stream's handler calls
+// it, never two goroutines at once.
 func (t *tokenEvents) event(out *sse, text string) error {
-	q, err := json.Marshal(text) // encoding/json's escaping, as for the whole chunk
-	if err != nil {
+	t.quoted.Reset()
+	if err := t.enc.Encode(text); err != nil {
 		return err
 	}
-	return out.queue(t.prefix, q, t.suffix)
+	q := t.quoted.Bytes()
+	return out.queue(t.prefix, q[:len(q)-1], t.suffix) // Encode ends the value with a newline
 }

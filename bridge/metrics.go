@@ -92,7 +92,8 @@ func newMetrics(reg *prometheus.Registry, s Swarm, conns func() int, qstats func
 // OpenAI API or the WebSocket, is counted and timed.
 type instrumented struct {
 	Swarm
-	m *metrics
+	m     *metrics
+	model func(name string) (router.ModelView, bool) // modelFinder
 }
 
 // Query implements Swarm.
@@ -124,10 +125,8 @@ func (s *instrumented) Query(ctx context.Context, req *pb.QueryRequest, h router
 // modelLabel keeps the model label's cardinality bounded by what the swarm
 // serves: any other name a client sends is "other".
 func (s *instrumented) modelLabel(name string) string {
-	for _, m := range s.Swarm.Models() {
-		if m.Name == name {
-			return name
-		}
+	if _, ok := s.model(name); ok {
+		return name
 	}
 	return "other"
 }

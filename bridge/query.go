@@ -91,16 +91,14 @@ func decodeQuery[T any](s *Server, w http.ResponseWriter, r *http.Request, req *
 // checkModel answers 404 for a model no peer serves and 400 for a model
 // that does not serve query type t.
 func (s *Server) checkModel(name string, t pb.QueryType) *apiError {
-	for _, m := range s.swarm.Models() {
-		if m.Name != name {
-			continue
-		}
-		if slices.Contains(m.Types, protocol.TypeName(t)) {
-			return nil
-		}
-		return badRequest("model", "model_type_unsupported", "The model %q does not serve %s queries (it serves %s).", name, protocol.TypeName(t), strings.Join(m.Types, ", "))
+	m, ok := s.model(name)
+	if !ok {
+		return modelNotFound(name)
 	}
-	return modelNotFound(name)
+	if slices.Contains(m.Types, protocol.TypeName(t)) {
+		return nil
+	}
+	return badRequest("model", "model_type_unsupported", "The model %q does not serve %s queries (it serves %s).", name, protocol.TypeName(t), strings.Join(m.Types, ", "))
 }
 
 // defaultModel is the first model (by name) that serves t, for endpoints

@@ -466,7 +466,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	// Countersigned receipts go to the ledger and back to their workers;
 	// the worker side takes those of answers it served.
 	returns := receiptback.NewSender(h, protocol.ReceiptProtocol(swarm))
-	h.SetStreamHandler(protocol.ReceiptProtocol(swarm), receiptback.NewReceiver(h.ID(), led.Countersigned).HandleStream)
+	h.SetStreamHandler(protocol.ReceiptProtocol(swarm), receiptback.NewReceiver(h.ID(), led.Pending, led.Countersigned).HandleStream)
 	// The local worker is always there, so that backends a reload adds
 	// are served here too; without models it is never chosen.
 	ropts := []router.Option{router.WithProviders(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithConnChecker(n.live), router.WithHolePunches(punches),

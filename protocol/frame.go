@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -70,7 +71,26 @@ func NewFrameReader(r io.Reader, max int) *FrameReader {
 	if max < 0 {
 		max = 0 // a negative limit would pass every length as uint64
 	}
-	return &FrameReader{r: bufio.NewReaderSize(r, 4096), max: max}
+	return &FrameReader{r: bufio.NewReaderSize(r, readBuffer), max: max}
+}
+
+// readBuffer is a FrameReader's read-ahead: a batch of token events is a
+// few hundred bytes, and larger bodies are read past it (readBody), so
+// 4 KiB per stream (two streams per query) was mostly never used.
+const readBuffer = 1 << 10
+
+// Ready reports whether a whole frame is already read ahead: the next
+// Read then returns without reading from the stream, and a caller need
+// not re-arm a read deadline for it (the router reads a batch of events
+// per stream read).
+func (fr *FrameReader) Ready() bool {
+	n := fr.r.Buffered()
+	if n == 0 {
+		return false
+	}
+	b, _ := fr.r.Peek(min(n, binary.MaxVarintLen64)) // buffered: never reads
+	l, k := binary.Uvarint(b)
+	return k > 0 && l <= uint64(n-k)
 }
 
 // Read reads the next frame into m. It returns io.EOF only on a clean end

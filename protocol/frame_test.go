@@ -321,3 +321,48 @@ func TestFrameReaderReserveRefusesBeforeReading(t *testing.T) {
 		t.Fatalf("err = %v, asked %d: want ErrNoMemory after asking for the frame's length", err, asked)
 	}
 }
+
+// TestFrameReaderReady: Ready is true exactly when a whole frame is read
+// ahead, and never reads from the stream itself.
+func TestFrameReaderReady(t *testing.T) {
+	var two []byte
+	var err error
+	for _, text := range []string{"one", "two"} {
+		if two, err = AppendFrame(two, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: text}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := len(two) / 2 // both frames are the same size
+	r, w := io.Pipe()
+	defer r.Close()
+	fr := NewFrameReader(r, MaxEventFrame)
+	if fr.Ready() {
+		t.Fatal("ready before anything arrived")
+	}
+	go func() { _, _ = w.Write(two[:len(two)-1]) }() // the first frame and most of the second
+	var ev pb.Event
+	if err := fr.Read(&ev); err != nil || ev.GetChunk().GetText() != "one" {
+		t.Fatalf("first: %v %v", &ev, err)
+	}
+	if fr.Ready() {
+		t.Fatalf("ready with %d of %d bytes of the second frame", len(two)-1-first, len(two)-first)
+	}
+	go func() { _, _ = w.Write(two[len(two)-1:]) }()
+	if err := fr.Read(&ev); err != nil || ev.GetChunk().GetText() != "two" {
+		t.Fatalf("second: %v %v", &ev, err)
+	}
+	// Both frames in one write: after the first Read the second is ready.
+	go func() { _, _ = w.Write(two) }()
+	if err := fr.Read(&ev); err != nil {
+		t.Fatal(err)
+	}
+	if !fr.Ready() {
+		t.Fatal("the second frame of one write is not ready")
+	}
+	if err := fr.Read(&ev); err != nil || ev.GetChunk().GetText() != "two" {
+		t.Fatalf("second again: %v %v", &ev, err)
+	}
+	if fr.Ready() {
+		t.Fatal("ready with nothing left")
+	}
+}

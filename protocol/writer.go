@@ -37,11 +37,17 @@ type FrameWriter struct {
 	closed  bool
 	running bool
 	done    chan struct{}
+	// held: what is pending waits for the next Write, at most until the
+	// timer (see WriteSoon).
+	held  bool
+	timer *time.Timer
 }
 
-// NewFrameWriter writes to w; before each write it calls deadline (when
-// not nil) with now plus timeout, so that a reader who stops reading fails
-// the writes within timeout.
+// NewFrameWriter writes to w with a deadline (set with deadline, when not
+// nil) timeout ahead, so that a reader who stops reading fails the writes
+// within timeout. The deadline moves only once half of it has passed (a
+// stalled write fails between timeout/2 and timeout after it began): a
+// deadline set per write re-armed a timer per batch of tokens.
 func NewFrameWriter(w io.Writer, deadline func(time.Time) error, timeout time.Duration) *FrameWriter {
 	fw := &FrameWriter{w: w, deadline: deadline, timeout: timeout, done: make(chan struct{})}
 	fw.cond = sync.NewCond(&fw.mu)
@@ -53,6 +59,41 @@ func NewFrameWriter(w io.Writer, deadline func(time.Time) error, timeout time.Du
 func (fw *FrameWriter) Write(m proto.Message) error {
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
+	fw.release()
+	return fw.queueLocked(m)
+}
+
+// WriteSoon queues m like Write, but holds it for at most wait for the
+// next frame, so that the two leave in one write: a worker's Accepted
+// waits for its first output, which an instant backend has ready in
+// microseconds, and the answer costs one frame and syscall less. A
+// frame queued behind others, or after Close, is not held.
+func (fw *FrameWriter) WriteSoon(m proto.Message, wait time.Duration) error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	hold := len(fw.pending) == 0 && !fw.held && wait > 0
+	if err := fw.queueLocked(m); err != nil || !hold {
+		return err
+	}
+	fw.held = true
+	fw.timer = time.AfterFunc(wait, func() {
+		fw.mu.Lock()
+		defer fw.mu.Unlock()
+		fw.release()
+	})
+	return nil
+}
+
+// release lets held frames go; fw.mu is held.
+func (fw *FrameWriter) release() {
+	if fw.held {
+		fw.held = false
+		fw.timer.Stop()
+		fw.cond.Broadcast()
+	}
+}
+
+func (fw *FrameWriter) queueLocked(m proto.Message) error {
 	for fw.err == nil && !fw.closed && len(fw.pending) >= MaxPendingFrames {
 		fw.cond.Wait()
 	}
@@ -79,6 +120,7 @@ func (fw *FrameWriter) Write(m proto.Message) error {
 // write error.
 func (fw *FrameWriter) Close() error {
 	fw.mu.Lock()
+	fw.release()
 	fw.closed = true
 	running := fw.running
 	fw.cond.Broadcast()
@@ -93,10 +135,11 @@ func (fw *FrameWriter) Close() error {
 
 func (fw *FrameWriter) loop() {
 	defer close(fw.done)
+	var deadline time.Time // the one in force
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
 	for {
-		for len(fw.pending) == 0 && !fw.closed {
+		for (len(fw.pending) == 0 || fw.held) && !fw.closed {
 			fw.cond.Wait()
 		}
 		if len(fw.pending) == 0 {
@@ -106,7 +149,10 @@ func (fw *FrameWriter) loop() {
 		fw.pending = fw.spare[:0]
 		fw.mu.Unlock()
 		if fw.deadline != nil {
-			_ = fw.deadline(time.Now().Add(fw.timeout))
+			if now := time.Now(); now.Add(fw.timeout / 2).After(deadline) {
+				deadline = now.Add(fw.timeout)
+				_ = fw.deadline(deadline)
+			}
 		}
 		_, err := fw.w.Write(buf)
 		fw.mu.Lock()

@@ -101,3 +101,100 @@ func BenchmarkAppendFrame(b *testing.B) {
 		}
 	}
 }
+
+// writeLog records each Write the FrameWriter makes.
+type writeLog struct{ writes chan []byte }
+
+func newWriteLog() *writeLog { return &writeLog{writes: make(chan []byte, 16)} }
+
+func (l *writeLog) Write(b []byte) (int, error) {
+	l.writes <- append([]byte(nil), b...)
+	return len(b), nil
+}
+
+func acceptedEvent() *pb.Event {
+	return &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{}}}
+}
+
+// TestFrameWriterWriteSoon: a frame written with WriteSoon waits for the
+// next one and leaves with it in one write; with nothing following it
+// leaves alone once its wait is over, or at Close.
+func TestFrameWriterWriteSoon(t *testing.T) {
+	one, err := protocol.AppendFrame(nil, acceptedEvent())
+	if err != nil {
+		t.Fatal(err)
+	}
+	both, err := protocol.AppendFrame(append([]byte(nil), one...), chunkEvent("hi"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name  string
+		wait  time.Duration
+		then  func(*protocol.FrameWriter) error
+		want  [][]byte
+		after time.Duration // the least time before the first write
+	}{
+		{"next frame joins it", time.Minute, func(fw *protocol.FrameWriter) error { return fw.Write(chunkEvent("hi")) }, [][]byte{both}, 0},
+		{"alone after its wait", 50 * time.Millisecond, func(*protocol.FrameWriter) error { return nil }, [][]byte{one}, 50 * time.Millisecond},
+		{"close sends it", time.Minute, (*protocol.FrameWriter).Close, [][]byte{one}, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newWriteLog()
+			fw := protocol.NewFrameWriter(l, nil, time.Minute)
+			start := time.Now()
+			if err := fw.WriteSoon(acceptedEvent(), tc.wait); err != nil {
+				t.Fatal(err)
+			}
+			if err := tc.then(fw); err != nil {
+				t.Fatal(err)
+			}
+			for i, want := range tc.want {
+				select {
+				case got := <-l.writes:
+					if string(got) != string(want) {
+						t.Fatalf("write %d: %x, want %x", i, got, want)
+					}
+				case <-time.After(30 * time.Second):
+					t.Fatalf("write %d never came", i)
+				}
+			}
+			if d := time.Since(start); d < tc.after {
+				t.Fatalf("first write after %s, before the %s wait was over", d, tc.after)
+			}
+			if err := fw.Close(); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case got := <-l.writes:
+				t.Fatalf("an extra write: %x", got)
+			default:
+			}
+		})
+	}
+}
+
+// TestFrameWriterMovesItsDeadlineRarely: the write deadline is set once
+// for writes within half the timeout of it, not per write.
+func TestFrameWriterMovesItsDeadlineRarely(t *testing.T) {
+	l := newWriteLog()
+	var set []time.Time
+	fw := protocol.NewFrameWriter(l, func(d time.Time) error { set = append(set, d); return nil }, time.Hour)
+	for i := range 20 {
+		if err := fw.Write(chunkEvent("t")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-l.writes: // one write per frame: each waits for the last
+		case <-time.After(30 * time.Second):
+			t.Fatalf("write %d never came", i)
+		}
+	}
+	if err := fw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if len(set) != 1 || time.Until(set[0]) < 59*time.Minute {
+		t.Fatalf("deadlines set: %v, want one about an hour ahead", set)
+	}
+}

@@ -173,6 +173,14 @@ func runNode(ctx context.Context, e *env, args []string) error {
 		_ = golog.SetLogLevel("*", f.logLevel)
 	}
 
+	if prefix := e.getenv("MTOR_CPUPROFILE"); prefix != "" {
+		stop, err := startCPUProfile(prefix)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
 	// The identity's errors name it ("identity /x/identity.key is
 	// corrupt"): no prefix of ours.
 	priv, err := node.LoadOrCreateIdentity(f.dataDir)

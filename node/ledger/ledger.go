@@ -301,6 +301,20 @@ func (l *Ledger) addPendingLocked(r *pb.Receipt) {
 // not serve, or whose countersignature already came (or came too late).
 var ErrNotPending = errors.New("no served receipt awaits this countersignature")
 
+// Pending is a copy of the served receipt of query id that awaits its
+// countersignature, or nil. The receipt exchange checks a returned
+// receipt against it: this node signed it, so only the countersignature
+// needs checking.
+func (l *Ledger) Pending(id []byte) *pb.Receipt {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	mine := l.pending[string(id)]
+	if mine == nil {
+		return nil
+	}
+	return proto.CloneOf(mine)
+}
+
 // Countersigned takes the countersigned receipt of an answer this node
 // served: it must be one recorded with Record(Served, ...) (same query id,
 // same worker signature) and its countersignature must already have been

@@ -15,6 +15,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -146,14 +147,21 @@ func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) error {
 // Receiver is the worker side: it takes the countersigned receipts of
 // answers this node served.
 type Receiver struct {
-	self peer.ID
-	take func(*pb.Receipt) error
+	self    peer.ID
+	pending func(queryID []byte) *pb.Receipt
+	take    func(*pb.Receipt) error
 }
 
-// NewReceiver passes each receipt that verifies and names self as worker
-// and the stream's peer as requester to take (ledger.Countersigned).
-func NewReceiver(self peer.ID, take func(*pb.Receipt) error) *Receiver {
-	return &Receiver{self: self, take: take}
+// NewReceiver passes each returned receipt of an answer this node served
+// to take (ledger.Countersigned). pending (ledger.Pending) gives the
+// receipt this node signed for a query, awaiting its countersignature:
+// a returned receipt must carry the same worker signature and name self
+// as worker and the stream's peer as requester, and its
+// countersignature must verify over the receipt this node signed. What
+// take gets is that receipt with the countersignature: the worker's
+// signature is this node's own and is not checked again.
+func NewReceiver(self peer.ID, pending func(queryID []byte) *pb.Receipt, take func(*pb.Receipt) error) *Receiver {
+	return &Receiver{self: self, pending: pending, take: take}
 }
 
 // HandleStream is the libp2p handler of the receipt protocol.
@@ -193,12 +201,33 @@ type errForeign struct{}
 
 func (errForeign) Error() string { return "receipt names another worker or requester" }
 
+// errNotServed is a receipt of no answer this node awaits a
+// countersignature for.
+type errNotServed struct{}
+
+func (errNotServed) Error() string { return "receipt of no answer awaiting its countersignature" }
+
+// errNotSigned is a receipt that differs from the one this node signed.
+type errNotSigned struct{}
+
+func (errNotSigned) Error() string { return "receipt differs from the one this worker signed" }
+
 func (rv *Receiver) check(from peer.ID, r *pb.Receipt) error {
 	if peer.ID(r.GetWorker()) != rv.self || peer.ID(r.GetRequester()) != from {
 		return errForeign{}
 	}
-	if err := receipt.Verify(r); err != nil {
+	mine := rv.pending(r.GetQueryId())
+	if mine == nil {
+		return errNotServed{}
+	}
+	// Field for field the receipt this node signed, and so its worker
+	// signature is good; only the countersignature is left to check.
+	mine.RouterSig = r.GetRouterSig()
+	if !proto.Equal(mine, r) {
+		return errNotSigned{}
+	}
+	if err := receipt.VerifyRouter(mine); err != nil {
 		return err
 	}
-	return rv.take(r)
+	return rv.take(mine)
 }

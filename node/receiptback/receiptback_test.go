@@ -63,7 +63,7 @@ func newPair(t *testing.T) *pair {
 		worker.WithOnServed(func(r *pb.Receipt) { p.wled.Record(ledger.Served, r) }))
 	wk.Refresh(context.Background())
 	p.w.SetStreamHandler(queryProto, wk.HandleStream)
-	p.w.SetStreamHandler(receiptProto, NewReceiver(p.w.ID(), p.wled.Countersigned).HandleStream)
+	p.w.SetStreamHandler(receiptProto, NewReceiver(p.w.ID(), p.wled.Pending, p.wled.Countersigned).HandleStream)
 	if err := p.r.Connect(context.Background(), peer.AddrInfo{ID: p.w.ID(), Addrs: p.w.Addrs()}); err != nil {
 		t.Fatal(err)
 	}
@@ -147,6 +147,8 @@ func TestForeignReceiptsIgnored(t *testing.T) {
 	honest := proto.CloneOf(p.consume[1])
 	forged := proto.CloneOf(honest)
 	forged.CompletionTokens++ // neither signature covers this any more
+	badSig := proto.CloneOf(honest)
+	badSig.RouterSig[0] ^= 1 // the figures the worker signed, a broken countersignature
 	tests := []struct {
 		name  string
 		from  func() host.Host
@@ -154,6 +156,7 @@ func TestForeignReceiptsIgnored(t *testing.T) {
 	}{
 		{"another node returns it", func() host.Host { return newHost(t) }, []*pb.Receipt{honest}},
 		{"forged figures", func() host.Host { return p.r }, []*pb.Receipt{forged}},
+		{"bad countersignature", func() host.Host { return p.r }, []*pb.Receipt{badSig}},
 		{"the first one again", func() host.Host { return p.r }, []*pb.Receipt{p.consume[0]}},
 		{"oversized batch", func() host.Host { return p.r }, func() []*pb.Receipt {
 			b := make([]*pb.Receipt, protocol.MaxReceiptBatch+1)

@@ -1344,16 +1344,21 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// that heartbeats without progress for stall is stalling.
 	progress, queuePos := time.Now(), uint32(math.MaxUint32)
 	out := outputBudget{bytes: r.maxOutput, chunks: chunkLimit(req)}
+	acceptWait := r.acceptBound(req) // sizes the request: once, not per event
 	for {
 		// A live worker answers Accepted at once and repeats it as a
 		// heartbeat whenever it is otherwise silent; silence past these
 		// bounds means a frozen or cut-off worker, and the query moves on.
-		wait := r.acceptBound(req)
+		wait := acceptWait
 		if accepted {
 			wait = r.silenceBound(beat)
 		}
 		stallAt := progress.Add(stall)
-		_ = s.SetReadDeadline(earliest(earliest(dl, time.Now().Add(wait)), stallAt))
+		if !fr.Ready() {
+			// An event already read ahead needs no deadline: re-arming
+			// yamux's timer per event cost more than reading the event.
+			_ = s.SetReadDeadline(earliest(earliest(dl, time.Now().Add(wait)), stallAt))
+		}
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
 			_ = s.Reset()

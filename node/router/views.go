@@ -129,6 +129,42 @@ func (r *Router) Models() []ModelView {
 	return out
 }
 
+// Model is Models' view of one model, without building every other's:
+// the bridge checks the model of each query it takes. ok is false when no
+// live peer serves it.
+func (r *Router) Model(name string) (v ModelView, ok bool) {
+	var ts []pb.QueryType
+	var fs []string
+	for _, c := range r.table.Candidates() {
+		if c.Announce.GetDraining() {
+			continue
+		}
+		for _, m := range c.Announce.GetModels() {
+			if m.GetName() != name {
+				continue
+			}
+			v.Peers++
+			for _, t := range m.GetTypes() {
+				if !slices.Contains(ts, t) {
+					ts = append(ts, t)
+				}
+			}
+			for _, f := range m.GetFeatures() {
+				if !slices.Contains(fs, f) {
+					fs = append(fs, f)
+				}
+			}
+		}
+	}
+	if v.Peers == 0 {
+		return ModelView{}, false
+	}
+	slices.Sort(ts)
+	slices.Sort(fs)
+	v.Name, v.Types, v.Features = name, typeNames(ts), fs
+	return v, true
+}
+
 func typeNames(ts []pb.QueryType) []string {
 	out := make([]string, len(ts))
 	for i, t := range ts {

@@ -533,6 +533,13 @@ func (w *Worker) tier(requester peer.ID) int {
 // ServeFor is Serve for a query sent by requester; its Done carries a
 // signed receipt when the worker has a signer.
 func (w *Worker) ServeFor(ctx context.Context, requester peer.ID, req *pb.QueryRequest, emit Emit) (*pb.Done, error) {
+	return w.serve(ctx, requester, req, emit, false)
+}
+
+// serve is ServeFor; with reuse, emit must not keep an event past its
+// call (a stream's writer encodes it at once): the text chunks then reuse
+// one event, three allocations less per token.
+func (w *Worker) serve(ctx context.Context, requester peer.ID, req *pb.QueryRequest, emit Emit, reuse bool) (*pb.Done, error) {
 	start := time.Now()
 	if err := protocol.ValidateRequest(req); err != nil {
 		return nil, err
@@ -622,6 +629,10 @@ func (w *Worker) ServeFor(ctx context.Context, requester peer.ID, req *pb.QueryR
 		return nil
 	}
 	s := &sink{emit: out, ctx: ctx}
+	if reuse {
+		s.chunk = &pb.Chunk{}
+		s.chunkEv = &pb.Event{Kind: &pb.Event_Chunk{Chunk: s.chunk}}
+	}
 	usage, err := runSafely(ctx, b, req, s)
 	var energy uint64
 	if end != nil {
@@ -780,6 +791,10 @@ type sink struct {
 	first     time.Time
 	chunks    uint32
 	toolCalls bool // the backend called a tool
+	// chunkEv, when set, is the event every plain text chunk is sent in,
+	// its Chunk refilled (serve's reuse).
+	chunkEv *pb.Event
+	chunk   *pb.Chunk
 }
 
 func (s *sink) mark() {
@@ -892,7 +907,13 @@ func (s *sink) Chunk(text string) error {
 		for n < len(text) && n > 0 && text[n]&0xC0 == 0x80 {
 			n--
 		}
-		if err := s.emit(&pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: text[:n]}}}); err != nil {
+		ev := s.chunkEv
+		if ev != nil {
+			s.chunk.Text = text[:n]
+		} else {
+			ev = &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: text[:n]}}}
+		}
+		if err := s.emit(ev); err != nil {
 			return err
 		}
 		text = text[n:]

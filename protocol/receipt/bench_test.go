@@ -3,6 +3,8 @@ package receipt
 import (
 	"testing"
 	"time"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // BenchmarkReceipt is the CPU cost of the receipt of one answer on both
@@ -29,5 +31,18 @@ func BenchmarkReceipt(b *testing.B) {
 		if err := Countersign(r, rk); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkOutputHashChunk is the per-token cost of the output hash, on
+// the worker and on the routing node.
+//
+//	go test ./protocol/receipt -run '^$' -bench OutputHash -benchmem
+func BenchmarkOutputHashChunk(b *testing.B) {
+	ev := &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "zq "}}}
+	h := NewOutputHash()
+	b.ReportAllocs()
+	for b.Loop() {
+		h.Add(ev)
 	}
 }

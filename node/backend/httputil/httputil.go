@@ -139,6 +139,28 @@ func (k kicker) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// Bounds of Finish: what it reads past the end of an answer, and how long
+// it waits for the body's end.
+const (
+	maxDrain  = 4 << 10
+	drainWait = 25 * time.Millisecond
+)
+
+// Finish reads what is left of a body whose answer is complete (a stream
+// past its [DONE]), at most maxDrain bytes within drainWait, so that the
+// transport sees the body's end and keeps the connection for the next
+// query: a body closed before its end closes the connection, and a server
+// that flushes each event sends the end of its chunked body after the
+// last event. A body that does not end within the bounds is left to
+// Close. Call it only when nothing more is expected.
+func (x *Exchange) Finish() {
+	if x.Resp == nil {
+		return
+	}
+	x.timer.Reset(drainWait)
+	_, _ = io.CopyN(io.Discard, x.Resp.Body, maxDrain)
+}
+
 // Close releases the exchange: it stops the timer, cancels the request and
 // closes the body. It is safe to call more than once.
 func (x *Exchange) Close() {

@@ -21,7 +21,7 @@ type Lines struct {
 // NewLines reads lines from x's body.
 func NewLines(x *Exchange, max int) *Lines {
 	sc := bufio.NewScanner(x.Body())
-	sc.Buffer(make([]byte, 0, 4096), max)
+	sc.Buffer(make([]byte, 0, 1024), max) // an event is a few hundred bytes; the scanner grows to longer ones
 	return &Lines{x: x, sc: sc}
 }
 
@@ -62,7 +62,7 @@ type SSE struct {
 // NewSSE reads events of at most max bytes from x's body.
 func NewSSE(x *Exchange, max int) *SSE {
 	sc := bufio.NewScanner(x.Body())
-	sc.Buffer(make([]byte, 0, 4096), max)
+	sc.Buffer(make([]byte, 0, 1024), max) // an event is a few hundred bytes; the scanner grows to longer ones
 	return &SSE{l: &Lines{x: x, sc: sc}, sc: sc, max: max}
 }
 

@@ -189,6 +189,7 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 			return backend.Usage{}, err
 		}
 		if string(bytes.TrimSpace(data)) == "[DONE]" {
+			x.Finish()
 			break
 		}
 		var c chunk

@@ -64,3 +64,81 @@ func TestConcurrentQueriesReuseConnections(t *testing.T) {
 		t.Fatalf("%d connections opened for 2 rounds of %d concurrent queries, want %d (the second round reuses the first's)", n, conc, conc)
 	}
 }
+
+// TestFlushedStreamKeepsItsConnection: a server that flushes each event
+// (as model servers do) sends the end of its chunked body after [DONE];
+// the backend reads it, so that one connection serves query after query
+// instead of one connection per query.
+func TestFlushedStreamKeepsItsConnection(t *testing.T) {
+	var newConns atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		for _, ev := range []string{event("a", ""), event("b", "stop"), "data: [DONE]\n\n"} {
+			_, _ = io.WriteString(w, ev)
+			w.(http.Flusher).Flush()
+		}
+		// The handler's return ends the chunked body: a write of its own,
+		// after [DONE], once the handler has taken its time.
+		time.Sleep(5 * time.Millisecond)
+	}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			newConns.Add(1)
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+	b, err := openai.New(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i := range 5 {
+		var s backendtest.Sink
+		if _, err := b.Run(ctx, backendtest.ChatRequest("m", "hi", 4), &s); err != nil {
+			t.Fatalf("query %d: %v", i, err)
+		}
+		if got := s.Text(); got != "ab" {
+			t.Fatalf("query %d: text %q", i, got)
+		}
+	}
+	if n := newConns.Load(); n != 1 {
+		t.Fatalf("%d connections opened for 5 queries one after another, want 1", n)
+	}
+}
+
+// TestStreamHeldOpenAfterDone: a server that keeps the body open after
+// [DONE] does not hold the answer: the backend waits for the body's end
+// only briefly (httputil's Finish), then gives up the connection.
+func TestStreamHeldOpenAfterDone(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		_, _ = io.WriteString(w, event("a", "stop")+"data: [DONE]\n\n")
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	defer srv.Close()
+	b, err := openai.New(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	start := time.Now()
+	var s backendtest.Sink
+	if _, err := b.Run(ctx, backendtest.ChatRequest("m", "hi", 4), &s); err != nil || s.Text() != "a" {
+		t.Fatalf("answer %q, err %v", s.Text(), err)
+	}
+	// Generous for a loaded machine; the server would hold it a minute.
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("answer took %s behind a body held open after [DONE]", d)
+	}
+}

@@ -1,0 +1,26 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"runtime/pprof"
+	"strconv"
+)
+
+// startCPUProfile profiles the node's CPU into PREFIX.PID until the
+// returned stop (the node's end): MTOR_CPUPROFILE=PREFIX, a hook for
+// profiling the processes `mtor bench` starts (docs/benchmarks.md).
+func startCPUProfile(prefix string) (stop func(), err error) {
+	f, err := os.Create(prefix + "." + strconv.Itoa(os.Getpid()))
+	if err != nil {
+		return nil, fmt.Errorf("MTOR_CPUPROFILE: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("MTOR_CPUPROFILE: %w", err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		_ = f.Close()
+	}, nil
+}
