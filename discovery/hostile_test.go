@@ -164,7 +164,7 @@ func TestIPColocationParams(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			p, th := scoreParams("topic", tc.threshold, tc.white)
+			p, th := scoreParams([]string{"topic"}, tc.threshold, tc.white)
 			if p.IPColocationFactorWeight != tc.weight || (tc.weight != 0 && p.IPColocationFactorThreshold != tc.threshold) || len(p.IPColocationFactorWhitelist) != len(tc.white) {
 				t.Fatalf("P6 = weight %v threshold %d whitelist %v", p.IPColocationFactorWeight, p.IPColocationFactorThreshold, p.IPColocationFactorWhitelist)
 			}

@@ -20,7 +20,8 @@ import (
 // reach us: a healthy worker, connected to us, is missing from our table.
 //
 // So every node checks its connected swarm members: one connected for a
-// while that is not among our topic's peers has a broken gossip link,
+// while that is not among the peers of the presence topic (which every node
+// joins, whatever it announces or reads) has a broken gossip link,
 // and we connect to it afresh. A new connection of a peer that gossipsub
 // no longer tracks gets a new writer at once, with no back-off.
 const (
@@ -52,7 +53,7 @@ func (d *Discovery) rejoinLoop() {
 			}
 		}
 		inTopic := map[peer.ID]bool{}
-		for _, p := range d.topic.ListPeers() {
+		for _, p := range d.presence.ListPeers() {
 			inTopic[p] = true
 		}
 		for _, p := range d.h.Network().Peers() {
