@@ -46,8 +46,10 @@ const (
 	// providerConnectWait bounds the DHT look-up and dials with which a
 	// node starts watching a model.
 	providerConnectWait = 30 * time.Second
-	probeConcurrency    = 4
-	probeTimeout        = 5 * time.Second
+	// redialEvery spaces the provider dials of one watched model.
+	redialEvery      = 10 * time.Second
+	probeConcurrency = 4
+	probeTimeout     = 5 * time.Second
 	// DefaultMaxPubSubMessage bounds a gossipsub RPC. An announcement is at
 	// most protocol.MaxAnnounce (16 KiB); an RPC may batch a few of them plus
 	// control messages, so a quarter of the library's 1 MiB default is ample.

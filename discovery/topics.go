@@ -30,7 +30,8 @@ type modelTopic struct {
 	topic  *pubsub.Topic
 	own    bool
 	sub    *pubsub.Subscription
-	used   time.Time
+	used   time.Time                 // last Watch
+	dialed time.Time                 // last dialProviders started
 	events *pubsub.TopicEventHandler // peers joining, when onTopicJoin is set
 	cancel context.CancelFunc        // ends the loop reading events
 }
@@ -158,7 +159,9 @@ func (d *Discovery) publishModels(ctx context.Context, a *pb.Announce, data []by
 
 // Watch subscribes to model's topic, so that this node learns (up to the
 // per-model bound) the workers of model and follows their load, and dials
-// some of model's DHT providers so that their announcements reach it. A
+// some of model's DHT providers so that their announcements reach it.
+// Called again for a watched model (the router asks for providers only
+// when its table has no worker of the model left), it dials them again. A
 // node with the swarm view reads every announcement already: Watch does
 // nothing there. It never blocks on the network.
 func (d *Discovery) Watch(model string) error {
@@ -176,6 +179,12 @@ func (d *Discovery) Watch(model string) error {
 	now := time.Now()
 	if mt := d.topics.models[model]; mt != nil && mt.sub != nil {
 		mt.used = now
+		// Watched, yet the router asks again: the workers kept have
+		// left. Dial providers again, at most every redialEvery.
+		if now.Sub(mt.dialed) >= redialEvery {
+			mt.dialed = now
+			d.goRun(func() { d.dialProviders(model) })
+		}
 		return nil
 	}
 	var watched []string
@@ -201,7 +210,7 @@ func (d *Discovery) Watch(model string) error {
 		d.leaveTopicLocked(model, mt)
 		return fmt.Errorf("subscribe %s: %w", mt.name, err)
 	}
-	mt.sub, mt.used = sub, now
+	mt.sub, mt.used, mt.dialed = sub, now, now
 	d.goRun(func() { d.readLoop(sub) })
 	d.goRun(func() { d.dialProviders(model) })
 	log.Debugw("watching model", "model", model, "topic", mt.name)
