@@ -76,8 +76,9 @@ bench-swarm:
 # The simulated swarm (mocknet, one process), one size after the other.
 SIM_NODES ?= 100,300,1000
 SIM_IDLE  ?= 30s
+SIM_VIEW  ?= bootstraps
 bench-sim:
-	MTOR_SIM_NODES=$(SIM_NODES) MTOR_SIM_IDLE=$(SIM_IDLE) \
+	MTOR_SIM_NODES=$(SIM_NODES) MTOR_SIM_IDLE=$(SIM_IDLE) MTOR_SIM_SWARM_VIEW=$(SIM_VIEW) \
 		$(GO) test ./node -run '^TestSimSwarm$$' -count=1 -v -timeout 120m
 
 # Energy on an NVIDIA GPU: a local ~1B model behind the openai backend.
