@@ -102,18 +102,6 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	}()
 
 	var err error
-	d.dht, err = dht.New(h,
-		dht.ProtocolPrefix(protocol.DHTPrefix(cfg.swarm)),
-		dht.Mode(cfg.dhtMode),
-		dht.BootstrapPeers(cfg.bootstrap...),
-		// We only use provider records; refusing values removes an
-		// unneeded way to store data on our nodes.
-		dht.DisableValues(),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("start dht: %w", err)
-	}
-
 	topicName := protocol.AnnounceTopic(cfg.swarm)
 	psOpts := []pubsub.Option{
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
@@ -146,6 +134,22 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start gossipsub: %w", err)
 	}
+	// The DHT starts after gossipsub: it dials its bootstrap peers at
+	// once, and a connection identified before gossipsub has registered
+	// its protocols leaves the peer out of gossip (pubsub adds peers on
+	// identify), a link only the repair of rejoin.go mends.
+	d.dht, err = dht.New(h,
+		dht.ProtocolPrefix(protocol.DHTPrefix(cfg.swarm)),
+		dht.Mode(cfg.dhtMode),
+		dht.BootstrapPeers(cfg.bootstrap...),
+		// We only use provider records; refusing values removes an
+		// unneeded way to store data on our nodes.
+		dht.DisableValues(),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("start dht: %w", err)
+	}
+
 	// Inline: the check is cheap, and goroutine-free validation cannot be
 	// throttled into dropping messages.
 	if err := d.ps.RegisterTopicValidator(topicName, d.validate, pubsub.WithValidatorInline(true)); err != nil {
