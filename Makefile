@@ -69,8 +69,9 @@ bench: build
 # other (docs/benchmarks.md, "Scale").
 SWARM_SIZES ?= 10,25,50
 SWARM_IDLE  ?= 20s
+SWARM_VIEW  ?= bootstrap
 bench-swarm:
-	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) \
+	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) MTOR_BENCH_SWARM_VIEW=$(SWARM_VIEW) \
 		$(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
 
 # The simulated swarm (mocknet, one process), one size after the other.
