@@ -23,7 +23,11 @@ import (
 const (
 	DefaultAnnounceInterval = 10 * time.Second
 	minSpacing              = 500 * time.Millisecond
-	reprovideInterval       = 30 * time.Minute
+	// refreshSpacing is the spacing of a refresh, a publish for a peer
+	// that just joined a topic we publish on: it waits for nothing but
+	// that peer (a worker's start → routable), and joins are rare.
+	refreshSpacing    = 100 * time.Millisecond
+	reprovideInterval = 30 * time.Minute
 )
 
 // publisher is what the announcer needs of discovery.
@@ -238,9 +242,17 @@ func (a *announcer) run(ctx context.Context) {
 			a.publish(ctx, true)
 			heartbeat.Reset(a.jitter())
 		case <-a.kick:
+			gap := minSpacing
+			if a.force.Load() {
+				gap = refreshSpacing
+			}
 			if !pending {
 				pending = true
-				spacing.Reset(max(minSpacing-time.Since(lastKick), 0))
+				spacing.Reset(max(gap-time.Since(lastKick), 0))
+			} else if gap < minSpacing {
+				// A refresh behind a change already waiting: sooner.
+				// (Since Go 1.23 Reset drops a pending expiry.)
+				spacing.Reset(max(gap-time.Since(lastKick), 0))
 			}
 		case <-spacing.C:
 			pending = false
