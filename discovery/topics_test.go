@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -181,5 +182,30 @@ func TestWatchOptions(t *testing.T) {
 		if _, err := New(context.Background(), newHost(t), o); err == nil {
 			t.Fatal("bad option accepted")
 		}
+	}
+}
+
+// At most maxWatched models are watched: a new one evicts the one looked
+// up least recently, whose topic is left.
+func TestWatchBounded(t *testing.T) {
+	d := newDiscovery(t, newHost(t), WithSwarmView(false))
+	for i := range maxWatched {
+		if err := d.Watch(fmt.Sprintf("m%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// m0 is looked up again: m1 is now the least recent.
+	if err := d.Watch("m0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Watch("new"); err != nil {
+		t.Fatal(err)
+	}
+	got := d.Watching()
+	if len(got) != maxWatched || !slices.Contains(got, "new") || !slices.Contains(got, "m0") || slices.Contains(got, "m1") {
+		t.Fatalf("watching %d models %v: want %d, with new and m0, without m1", len(got), got, maxWatched)
+	}
+	if slices.Contains(d.PubSub().GetTopics(), protocol.ModelTopic(testSwarm, "m1")) {
+		t.Fatal("the evicted model's topic is still joined")
 	}
 }
