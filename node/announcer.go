@@ -23,11 +23,7 @@ import (
 const (
 	DefaultAnnounceInterval = 10 * time.Second
 	minSpacing              = 500 * time.Millisecond
-	// refreshSpacing is the spacing of a refresh, a publish for a peer
-	// that just joined a topic we publish on: it waits for nothing but
-	// that peer (a worker's start → routable), and joins are rare.
-	refreshSpacing    = 100 * time.Millisecond
-	reprovideInterval = 30 * time.Minute
+	reprovideInterval       = 30 * time.Minute
 )
 
 // publisher is what the announcer needs of discovery.
@@ -242,17 +238,9 @@ func (a *announcer) run(ctx context.Context) {
 			a.publish(ctx, true)
 			heartbeat.Reset(a.jitter())
 		case <-a.kick:
-			gap := minSpacing
-			if a.force.Load() {
-				gap = refreshSpacing
-			}
 			if !pending {
 				pending = true
-				spacing.Reset(max(gap-time.Since(lastKick), 0))
-			} else if gap < minSpacing {
-				// A refresh behind a change already waiting: sooner.
-				// (Since Go 1.23 Reset drops a pending expiry.)
-				spacing.Reset(max(gap-time.Since(lastKick), 0))
+				spacing.Reset(max(minSpacing-time.Since(lastKick), 0))
 			}
 		case <-spacing.C:
 			pending = false
