@@ -69,15 +69,17 @@ bench: build
 # other (docs/benchmarks.md, "Scale").
 SWARM_SIZES ?= 10,25,50
 SWARM_IDLE  ?= 20s
+SWARM_VIEW  ?= bootstrap
 bench-swarm:
-	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) \
+	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) MTOR_BENCH_SWARM_VIEW=$(SWARM_VIEW) \
 		$(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
 
 # The simulated swarm (mocknet, one process), one size after the other.
 SIM_NODES ?= 100,300,1000
 SIM_IDLE  ?= 30s
+SIM_VIEW  ?= bootstraps
 bench-sim:
-	MTOR_SIM_NODES=$(SIM_NODES) MTOR_SIM_IDLE=$(SIM_IDLE) \
+	MTOR_SIM_NODES=$(SIM_NODES) MTOR_SIM_IDLE=$(SIM_IDLE) MTOR_SIM_SWARM_VIEW=$(SIM_VIEW) \
 		$(GO) test ./node -run '^TestSimSwarm$$' -count=1 -v -timeout 120m
 
 # Energy on an NVIDIA GPU: a local ~1B model behind the openai backend.

@@ -39,16 +39,21 @@ const (
 
 // Discovery runs the DHT, the announce topic and the peer table of one host.
 type Discovery struct {
-	h       host.Host
-	cfg     config
-	dht     *dht.IpfsDHT
-	ps      *pubsub.PubSub
-	topic   *pubsub.Topic
-	sub     *pubsub.Subscription
-	val     *announceValidator
-	table   *PeerTable
-	traffic *trafficTracer
-	mdns    interface{ Close() error }
+	h     host.Host
+	cfg   config
+	dht   *dht.IpfsDHT
+	ps    *pubsub.PubSub
+	topic *pubsub.Topic        // the swarm's announce topic, always joined
+	sub   *pubsub.Subscription // to topic, with the swarm view only
+	// presence is subscribed by every node and published on by none: a
+	// peer there has a working gossip link with us (rejoin.go).
+	presence    *pubsub.Topic
+	presenceSub *pubsub.Subscription
+	topics      topicSet // model topics
+	val         *announceValidator
+	table       *PeerTable
+	traffic     *trafficTracer
+	mdns        interface{ Close() error }
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -78,13 +83,16 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		val:     newAnnounceValidator(cfg.maxEntries, cfg.now),
 		table:   newPeerTable(h.ID(), cfg.maxEntries, cfg.now),
 		traffic: &trafficTracer{},
+		topics:  topicSet{models: map[string]*modelTopic{}},
 	}
 	d.table.lim = cfg.limits
 	if cfg.members != nil {
 		d.table.allow = func(p peer.ID, a *pb.Announce) bool { return rolesGranted(cfg.members, p, a) }
 	}
 	d.val.every, d.val.burst = cfg.announceEvery, float64(cfg.announceBurst)
-	d.val.keep = func(author, from peer.ID) bool { return d.table.wouldTake(author, d.origin(author, from)) }
+	d.val.keep = func(author, from peer.ID, a *pb.Announce) bool {
+		return d.table.wouldTake(author, d.origin(author, from), a)
+	}
 	d.ctx, d.cancel = context.WithCancel(ctx)
 	ok := false
 	defer func() {
@@ -94,18 +102,6 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	}()
 
 	var err error
-	d.dht, err = dht.New(h,
-		dht.ProtocolPrefix(protocol.DHTPrefix(cfg.swarm)),
-		dht.Mode(cfg.dhtMode),
-		dht.BootstrapPeers(cfg.bootstrap...),
-		// We only use provider records; refusing values removes an
-		// unneeded way to store data on our nodes.
-		dht.DisableValues(),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("start dht: %w", err)
-	}
-
 	topicName := protocol.AnnounceTopic(cfg.swarm)
 	psOpts := []pubsub.Option{
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
@@ -115,7 +111,8 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		// before the mesh has formed is lost to the peers grafted later.
 		pubsub.WithFloodPublish(true),
 	}
-	params, thresholds := scoreParams(topicName, cfg.ipColocation, cfg.ipWhitelist)
+	presenceName := protocol.PresenceTopic(cfg.swarm)
+	params, thresholds := scoreParams([]string{topicName, presenceName}, cfg.ipColocation, cfg.ipWhitelist)
 	if cfg.members != nil {
 		// No mesh, gossip or IWANT answers for peers that have not
 		// shown a certificate, and (their score below the publish
@@ -137,6 +134,22 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start gossipsub: %w", err)
 	}
+	// The DHT starts after gossipsub: it dials its bootstrap peers at
+	// once, and a connection identified before gossipsub has registered
+	// its protocols leaves the peer out of gossip (pubsub adds peers on
+	// identify), a link only the repair of rejoin.go mends.
+	d.dht, err = dht.New(h,
+		dht.ProtocolPrefix(protocol.DHTPrefix(cfg.swarm)),
+		dht.Mode(cfg.dhtMode),
+		dht.BootstrapPeers(cfg.bootstrap...),
+		// We only use provider records; refusing values removes an
+		// unneeded way to store data on our nodes.
+		dht.DisableValues(),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("start dht: %w", err)
+	}
+
 	// Inline: the check is cheap, and goroutine-free validation cannot be
 	// throttled into dropping messages.
 	if err := d.ps.RegisterTopicValidator(topicName, d.validate, pubsub.WithValidatorInline(true)); err != nil {
@@ -145,8 +158,21 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	if d.topic, err = d.ps.Join(topicName); err != nil {
 		return nil, fmt.Errorf("join %s: %w", topicName, err)
 	}
-	if d.sub, err = d.topic.Subscribe(pubsub.WithBufferSize(subBuffer)); err != nil {
-		return nil, fmt.Errorf("subscribe %s: %w", topicName, err)
+	if cfg.swarmView {
+		if d.sub, err = d.topic.Subscribe(pubsub.WithBufferSize(subBuffer)); err != nil {
+			return nil, fmt.Errorf("subscribe %s: %w", topicName, err)
+		}
+	}
+	// Nothing is published on the presence topic: whatever arrives there
+	// is refused, and its sender penalised.
+	if err := d.ps.RegisterTopicValidator(presenceName, func(context.Context, peer.ID, *pubsub.Message) bool { return false }, pubsub.WithValidatorInline(true)); err != nil {
+		return nil, fmt.Errorf("register presence validator: %w", err)
+	}
+	if d.presence, err = d.ps.Join(presenceName); err != nil {
+		return nil, fmt.Errorf("join %s: %w", presenceName, err)
+	}
+	if d.presenceSub, err = d.presence.Subscribe(pubsub.WithBufferSize(1)); err != nil {
+		return nil, fmt.Errorf("subscribe %s: %w", presenceName, err)
 	}
 
 	connSub, err := h.EventBus().Subscribe(new(event.EvtPeerConnectednessChanged), eventbus.BufSize(connEventBuffer), eventbus.Name("mtor/discovery"))
@@ -159,10 +185,12 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		if err != nil {
 			return nil, fmt.Errorf("watch %s: %w", topicName, err)
 		}
-		d.goRun(func() { d.topicJoinLoop(th) })
+		d.goRun(func() { d.topicJoinLoop(d.ctx, th) })
 	}
 
-	d.goRun(d.readLoop)
+	if d.sub != nil {
+		d.goRun(func() { d.readLoop(d.sub) })
+	}
 	d.goRun(func() { d.connLoop(connSub) })
 	d.goRun(d.probeLoop)
 	d.goRun(d.sweepLoop)
@@ -187,8 +215,13 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 			log.Warnw("bootstrap", "err", err)
 		}
 	})
+	for _, m := range cfg.watch {
+		if err := d.Watch(m); err != nil {
+			return nil, fmt.Errorf("watch %q: %w", m, err)
+		}
+	}
 	ok = true
-	log.Infow("discovery started", "swarm", cfg.swarm, "topic", topicName, "dht", protocol.DHTPrefix(cfg.swarm), "bootstrap", len(cfg.bootstrap), "mdns", cfg.mdns)
+	log.Infow("discovery started", "swarm", cfg.swarm, "topic", topicName, "swarm_view", cfg.swarmView, "per_model", cfg.limits.perModel, "dht", protocol.DHTPrefix(cfg.swarm), "bootstrap", len(cfg.bootstrap), "mdns", cfg.mdns)
 	return d, nil
 }
 
@@ -246,6 +279,9 @@ func (d *Discovery) Publish(ctx context.Context, a *pb.Announce) error {
 	if err := d.topic.Publish(ctx, data); err != nil {
 		return fmt.Errorf("publish announce: %w", err)
 	}
+	if err := d.publishModels(ctx, a, data); err != nil {
+		return fmt.Errorf("publish announce: %w", err)
+	}
 	return nil
 }
 
@@ -277,8 +313,17 @@ func (d *Discovery) Provide(ctx context.Context, model string) error {
 
 // FindProviders looks up in the DHT up to limit peers (default 20, at most
 // 100) that provide model, other than this node. It returns what it found
-// when ctx ends, with ctx's error only if it found nothing.
+// when ctx ends, with ctx's error only if it found nothing. A node without
+// the swarm view starts watching model: the router asks for providers when
+// its table has no worker of the model, which is when it needs them.
 func (d *Discovery) FindProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error) {
+	if err := d.Watch(model); err != nil {
+		log.Debugw("watch model", "model", model, "err", err)
+	}
+	return d.findProviders(ctx, model, limit)
+}
+
+func (d *Discovery) findProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error) {
 	if err := protocol.ValidateModelName(model); err != nil {
 		return nil, err
 	}
@@ -396,11 +441,11 @@ func (d *Discovery) Bootstrap(ctx context.Context) error {
 	return nil
 }
 
-// readLoop moves accepted announcements into the table. Our own come back
-// here too and are no-ops, Publish having inserted them already.
-func (d *Discovery) readLoop() {
+// readLoop moves accepted announcements of sub into the table. Our own
+// come back here too and are no-ops, Publish having inserted them already.
+func (d *Discovery) readLoop(sub *pubsub.Subscription) {
 	for {
-		msg, err := d.sub.Next(d.ctx)
+		msg, err := sub.Next(d.ctx)
 		if err != nil {
 			return // cancelled or subscription closed
 		}
@@ -594,8 +639,17 @@ func (d *Discovery) Close() error {
 		if d.sub != nil {
 			d.sub.Cancel()
 		}
-		if d.topic != nil {
-			if err := d.topic.Close(); err != nil && !errors.Is(err, context.Canceled) {
+		if d.presenceSub != nil {
+			d.presenceSub.Cancel()
+		}
+		if d.ps != nil {
+			d.closeTopics()
+		}
+		for _, t := range []*pubsub.Topic{d.topic, d.presence} {
+			if t == nil {
+				continue
+			}
+			if err := t.Close(); err != nil && !errors.Is(err, context.Canceled) {
 				log.Debugw("close topic", "err", err)
 			}
 		}
@@ -607,18 +661,4 @@ func (d *Discovery) Close() error {
 		d.closeErr = errors.Join(errs...)
 	})
 	return d.closeErr
-}
-
-// topicJoinLoop reports peers joining the announce topic until Close.
-func (d *Discovery) topicJoinLoop(th *pubsub.TopicEventHandler) {
-	defer th.Cancel()
-	for {
-		ev, err := th.NextPeerEvent(d.ctx)
-		if err != nil {
-			return
-		}
-		if ev.Type == pubsub.PeerJoin {
-			d.cfg.onTopicJoin(ev.Peer)
-		}
-	}
 }

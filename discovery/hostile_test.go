@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/discovery/hostiletest"
+	"github.com/mtor-swarm/mtor/protocol"
 )
 
 // scoreWatch keeps the latest gossipsub scores seen by a node's inspector.
@@ -52,13 +53,28 @@ func hostileCtx(t *testing.T) context.Context {
 }
 
 // A peer that publishes valid announcements of its own far too often is
-// rejected beyond its allowance, and graylisted by peer scoring.
+// rejected beyond its allowance, and graylisted by peer scoring: on the
+// swarm topic, and on a model's topic read by a node without the swarm
+// view.
 func TestHostileTooFrequentGraylisted(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		topic string
+		opts  []Option
+	}{
+		{"swarm topic", protocol.AnnounceTopic(testSwarm), nil},
+		{"model topic", protocol.ModelTopic(testSwarm, "spam"), []Option{WithSwarmView(false), WithWatch("spam")}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testTooFrequentGraylisted(t, tc.topic, tc.opts...) })
+	}
+}
+
+func testTooFrequentGraylisted(t *testing.T, topic string, opts ...Option) {
 	scores := make(scoreWatch, 1)
 	hv := newHost(t)
-	victim := newDiscovery(t, hv, scores.option(), WithAnnounceRate(100*time.Millisecond, 5))
+	victim := newDiscovery(t, hv, append([]Option{scores.option(), WithAnnounceRate(100*time.Millisecond, 5)}, opts...)...)
 	ctx := hostileCtx(t)
-	rogue := hostiletest.New(t, testSwarm)
+	rogue := hostiletest.NewOn(t, testSwarm, topic)
 	if err := rogue.Connect(ctx, info(hv)); err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +180,7 @@ func TestIPColocationParams(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			p, th := scoreParams("topic", tc.threshold, tc.white)
+			p, th := scoreParams([]string{"topic"}, tc.threshold, tc.white)
 			if p.IPColocationFactorWeight != tc.weight || (tc.weight != 0 && p.IPColocationFactorThreshold != tc.threshold) || len(p.IPColocationFactorWhitelist) != len(tc.white) {
 				t.Fatalf("P6 = weight %v threshold %d whitelist %v", p.IPColocationFactorWeight, p.IPColocationFactorThreshold, p.IPColocationFactorWhitelist)
 			}

@@ -37,8 +37,19 @@ const (
 	// DefaultIPColocationThreshold is how many gossip peers one IP may
 	// have before gossipsub's P6 penalty starts (quadratic beyond).
 	DefaultIPColocationThreshold = 16
-	probeConcurrency             = 4
-	probeTimeout                 = 5 * time.Second
+	// DefaultMaxPerModel is the per-model bound on workers kept by a node
+	// without the swarm view (see WithSwarmView).
+	DefaultMaxPerModel = 16
+	// maxWatched bounds the model topics a node subscribes to; beyond
+	// it, the one used least recently is left.
+	maxWatched = 64
+	// providerConnectWait bounds the DHT look-up and dials with which a
+	// node starts watching a model.
+	providerConnectWait = 30 * time.Second
+	// redialEvery spaces the provider dials of one watched model.
+	redialEvery      = 10 * time.Second
+	probeConcurrency = 4
+	probeTimeout     = 5 * time.Second
 	// DefaultMaxPubSubMessage bounds a gossipsub RPC. An announcement is at
 	// most protocol.MaxAnnounce (16 KiB); an RPC may batch a few of them plus
 	// control messages, so a quarter of the library's 1 MiB default is ample.
@@ -70,6 +81,10 @@ type config struct {
 	ipColocation  int
 	ipWhitelist   []*net.IPNet
 	now           func() time.Time
+	// swarmView: subscribe to the swarm's announce topic, which carries
+	// every node's announcement (see WithSwarmView).
+	swarmView bool
+	watch     []string // models watched from the start
 
 	onTopicJoin func(peer.ID)
 	// memberProto is a protocol every node of the swarm serves; peers
@@ -99,6 +114,7 @@ func defaults() config {
 		announceBurst: DefaultAnnounceBurst,
 		ipColocation:  DefaultIPColocationThreshold,
 		now:           time.Now,
+		swarmView:     true,
 	}
 }
 
@@ -333,4 +349,54 @@ func rolesGranted(m Members, p peer.ID, a *pb.Announce) bool {
 // swarm.
 func WithMembers(m Members) Option {
 	return func(c *config) error { c.members = m; return nil }
+}
+
+// WithSwarmView says whether this node follows the whole swarm. On (the
+// default), it subscribes to the swarm's announce topic, on which every
+// node announces, and holds every worker: what a bridge's model list, the
+// web page's swarm view and `mtor peers` show, at a cost per node that
+// grows with the swarm. Off, it subscribes only to the topics of the
+// models it routes to (Watch: on the first look-up of a model's providers,
+// or WithWatch), and keeps at most WithMaxPerModel workers of each
+// (DefaultMaxPerModel unless set), finding others through the DHT: a cost
+// per node that grows with what it needs, not with the swarm.
+func WithSwarmView(on bool) Option {
+	return func(c *config) error {
+		c.swarmView = on
+		if !on && c.limits.perModel == 0 {
+			c.limits.perModel = DefaultMaxPerModel
+		}
+		return nil
+	}
+}
+
+// WithMaxPerModel bounds the workers of one model the table keeps (k ≥ 1;
+// zero lifts the bound). An author is taken while one of its models has
+// room; others are neither probed nor forwarded.
+func WithMaxPerModel(k int) Option {
+	return func(c *config) error {
+		if k < 0 {
+			return fmt.Errorf("max workers per model must not be negative, got %d", k)
+		}
+		c.limits.perModel = k
+		return nil
+	}
+}
+
+// WithWatch watches models from the start (see WithSwarmView): a bridge
+// that knows which models its users ask for need not learn them on the
+// first request. Without the swarm view only; at most 64.
+func WithWatch(models ...string) Option {
+	return func(c *config) error {
+		for _, m := range models {
+			if err := protocol.ValidateModelName(m); err != nil {
+				return fmt.Errorf("watch: %w", err)
+			}
+		}
+		if len(models) > maxWatched {
+			return fmt.Errorf("watch: %d models, limit %d", len(models), maxWatched)
+		}
+		c.watch = append([]string(nil), models...)
+		return nil
+	}
 }

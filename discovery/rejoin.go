@@ -4,8 +4,10 @@ import (
 	"context"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 )
 
 // Gossip repair. A peer that restarts (same peer ID, new process) while we
@@ -20,9 +22,14 @@ import (
 // reach us: a healthy worker, connected to us, is missing from our table.
 //
 // So every node checks its connected swarm members: one connected for a
-// while that is not among our topic's peers has a broken gossip link,
+// while that is not among the peers of the presence topic (which every node
+// joins, whatever it announces or reads) has a broken gossip link,
 // and we connect to it afresh. A new connection of a peer that gossipsub
-// no longer tracks gets a new writer at once, with no back-off.
+// no longer tracks gets a new writer at once, with no back-off. So does a
+// connected peer whose identify failed (a loaded machine: the exchange
+// has 5 s): gossipsub adds peers only on identify, so that link carries
+// no gossip either way, and without its protocols we cannot tell it is a
+// member.
 const (
 	rejoinCheckInterval = time.Second
 	// rejoinGrace is how long a new connection has to show the peer in
@@ -32,17 +39,40 @@ const (
 	rejoinEvery = 30 * time.Second
 	// rejoinPause lets gossipsub see the peer gone before it comes back.
 	rejoinPause = 250 * time.Millisecond
+	// maxUnidentified bounds the connected peers whose identify failed
+	// that wait for a repair.
+	maxUnidentified = 1024
 )
 
 // rejoinLoop repairs broken gossip links until the discovery closes.
 func (d *Discovery) rejoinLoop() {
 	t := time.NewTicker(rejoinCheckInterval)
 	defer t.Stop()
+	// A peer whose identify failed is one gossipsub never adds (it adds
+	// peers when identify reports their protocols), and one whose
+	// protocols we do not know: without this, member would never say
+	// it should gossip with us.
+	idSub, err := d.h.EventBus().Subscribe(new(event.EvtPeerIdentificationFailed), eventbus.BufSize(connEventBuffer), eventbus.Name("mtor/discovery rejoin"))
+	if err != nil {
+		log.Warnw("gossip-link repair does not see identify failures", "err", err)
+	} else {
+		defer idSub.Close()
+	}
+	var idFailed <-chan any
+	if idSub != nil {
+		idFailed = idSub.Out()
+	}
+	unidentified := map[peer.ID]bool{}
 	last := map[peer.ID]time.Time{}
 	for {
 		select {
 		case <-d.ctx.Done():
 			return
+		case e := <-idFailed:
+			if ev, ok := e.(event.EvtPeerIdentificationFailed); ok && len(unidentified) < maxUnidentified {
+				unidentified[ev.Peer] = true
+			}
+			continue
 		case <-t.C:
 		}
 		now := time.Now()
@@ -52,14 +82,20 @@ func (d *Discovery) rejoinLoop() {
 			}
 		}
 		inTopic := map[peer.ID]bool{}
-		for _, p := range d.topic.ListPeers() {
+		for _, p := range d.presence.ListPeers() {
 			inTopic[p] = true
 		}
+		for p := range unidentified {
+			if d.h.Network().Connectedness(p) != network.Connected || d.member(p) {
+				delete(unidentified, p) // gone, or identified since
+			}
+		}
 		for _, p := range d.h.Network().Peers() {
-			if inTopic[p] || !last[p].IsZero() || !d.member(p) || !settled(d.h.Network().ConnsToPeer(p), now) {
+			if inTopic[p] || !last[p].IsZero() || !(d.member(p) || unidentified[p]) || !settled(d.h.Network().ConnsToPeer(p), now) {
 				continue
 			}
 			last[p] = now
+			delete(unidentified, p)
 			log.Infow("reconnecting a swarm member whose gossip link is broken", "peer", p)
 			d.goRun(func() { d.rejoin(p) })
 		}

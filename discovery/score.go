@@ -38,16 +38,20 @@ const ipColocationWeight = -1
 // certificate, and gossipsub sends them only once.
 const nonMemberScore = (publishThreshold + graylistThreshold) / 2
 
-func scoreParams(topic string, ipThreshold int, ipWhitelist []*net.IPNet) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
+// topicScoreParams is the scoring of one announce topic: what counts is
+// the rejected messages (P4).
+func topicScoreParams() *pubsub.TopicScoreParams {
+	return &pubsub.TopicScoreParams{
+		TopicWeight:                    1,
+		TimeInMeshQuantum:              time.Second,
+		InvalidMessageDeliveriesWeight: invalidMsgWeight,
+		InvalidMessageDeliveriesDecay:  pubsub.ScoreParameterDecay(invalidMsgDecay),
+	}
+}
+
+func scoreParams(topics []string, ipThreshold int, ipWhitelist []*net.IPNet) (*pubsub.PeerScoreParams, *pubsub.PeerScoreThresholds) {
 	params := &pubsub.PeerScoreParams{
-		Topics: map[string]*pubsub.TopicScoreParams{
-			topic: {
-				TopicWeight:                    1,
-				TimeInMeshQuantum:              time.Second,
-				InvalidMessageDeliveriesWeight: invalidMsgWeight,
-				InvalidMessageDeliveriesDecay:  pubsub.ScoreParameterDecay(invalidMsgDecay),
-			},
-		},
+		Topics:                    map[string]*pubsub.TopicScoreParams{},
 		AppSpecificScore:          func(peer.ID) float64 { return 0 },
 		BehaviourPenaltyWeight:    behaviourWeight,
 		BehaviourPenaltyThreshold: behaviourThreshold,
@@ -55,6 +59,9 @@ func scoreParams(topic string, ipThreshold int, ipWhitelist []*net.IPNet) (*pubs
 		DecayInterval:             pubsub.DefaultDecayInterval,
 		DecayToZero:               pubsub.DefaultDecayToZero,
 		RetainScore:               scoreRetain,
+	}
+	for _, t := range topics {
+		params.Topics[t] = topicScoreParams()
 	}
 	if ipThreshold > 0 {
 		// Many keys behind one address are most likely one operator: a

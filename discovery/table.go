@@ -89,6 +89,10 @@ type tableLimits struct {
 	pending      int
 	perForwarder int
 	perIP        int
+	// perModel, when positive, bounds the workers kept per model: an
+	// author is taken only while one of its models has room. Zero: no
+	// bound (a node with the swarm view holds every worker).
+	perModel int
 }
 
 func defaultLimits() tableLimits {
@@ -124,10 +128,12 @@ type PeerTable struct {
 	mu       sync.Mutex
 	entries  map[peer.ID]*Entry
 	pending  map[peer.ID]*pendingEntry
-	perVia   map[peer.ID]int   // pending entries per delivering peer
-	perViaIP map[string]int    // pending entries per IP of the delivering peer
-	perIP    map[string]int    // admitted entries per IP
-	proven   map[peer.ID]proof // peers connected to us lately; bounded by max
+	perVia   map[peer.ID]int // pending entries per delivering peer
+	perViaIP map[string]int  // pending entries per IP of the delivering peer
+	perIP    map[string]int  // admitted entries per IP
+	// admitted and pending entries per model they announce
+	perModel, pendingPerModel map[string]int
+	proven                    map[peer.ID]proof // peers connected to us lately; bounded by max
 	// allow, when set, says whether an admitted author may announce a
 	// (a closed swarm's roles); nil allows everything.
 	allow  func(peer.ID, *pb.Announce) bool
@@ -151,8 +157,11 @@ func newPeerTable(self peer.ID, max int, now func() time.Time) *PeerTable {
 		perVia:   make(map[peer.ID]int),
 		perViaIP: make(map[string]int),
 		perIP:    make(map[string]int),
-		proven:   make(map[peer.ID]proof),
-		subs:     make(map[*subscriber]struct{}),
+		perModel: make(map[string]int),
+		// pending entries per model
+		pendingPerModel: make(map[string]int),
+		proven:          make(map[peer.ID]proof),
+		subs:            make(map[*subscriber]struct{}),
 	}
 }
 
@@ -277,6 +286,10 @@ func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) b
 		if a.GetSeq() <= e.Announce.GetSeq() {
 			return false
 		}
+		if !e.Self {
+			countModels(t.perModel, e.Announce, -1)
+			countModels(t.perModel, a, 1)
+		}
 		e.Announce, e.Received, e.Expires = a, recv, recv.Add(ttl)
 		t.emitLocked(Event{Kind: Update, Peer: p})
 		return true
@@ -301,6 +314,8 @@ func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) b
 		return t.admitLocked(e)
 	}
 	if pe != nil {
+		countModels(t.pendingPerModel, pe.Announce, -1)
+		countModels(t.pendingPerModel, a, 1)
 		pe.Announce, pe.Received, pe.Expires = a, recv, e.Expires
 		return false
 	}
@@ -327,10 +342,17 @@ func (t *PeerTable) admitLocked(e Entry) bool {
 			log.Debugw("too many peers from one IP; peer stays in quarantine", "peer", e.Peer, "ip", e.IP, "max", t.lim.perIP)
 			return false
 		}
+		if !t.roomModelLocked(e.Announce, false) {
+			log.Debugw("enough workers of its models kept; peer not taken", "peer", e.Peer, "max", t.lim.perModel)
+			return false
+		}
 	}
 	t.dropPendingLocked(e.Peer)
 	if e.IP != "" {
 		t.perIP[e.IP]++
+	}
+	if !e.Self {
+		countModels(t.perModel, e.Announce, 1)
 	}
 	t.entries[e.Peer] = &e
 	t.emitLocked(Event{Kind: Join, Peer: e.Peer})
@@ -349,7 +371,37 @@ func (t *PeerTable) roomPendingLocked(via peer.ID, viaIP string) bool {
 	return true
 }
 
+// roomModelLocked reports whether one of a's models has fewer than the
+// per-model bound of workers kept (and, with pending, quarantined). An
+// announcement of no model is not bounded here.
+func (t *PeerTable) roomModelLocked(a *pb.Announce, pending bool) bool {
+	if t.lim.perModel <= 0 || len(a.GetModels()) == 0 {
+		return true
+	}
+	for _, m := range a.GetModels() {
+		n := t.perModel[m.GetName()]
+		if pending {
+			n += t.pendingPerModel[m.GetName()]
+		}
+		if n < t.lim.perModel {
+			return true
+		}
+	}
+	return false
+}
+
+// countModels adds delta to the count of each model a announces.
+func countModels(counts map[string]int, a *pb.Announce, delta int) {
+	for _, m := range a.GetModels() {
+		n := m.GetName()
+		if counts[n] += delta; counts[n] <= 0 {
+			delete(counts, n)
+		}
+	}
+}
+
 func (t *PeerTable) addPendingLocked(pe *pendingEntry) {
+	countModels(t.pendingPerModel, pe.Announce, 1)
 	t.pending[pe.Peer] = pe
 	t.perVia[pe.via]++
 	if pe.viaIP != "" {
@@ -367,6 +419,7 @@ func (t *PeerTable) dropPendingLocked(p peer.ID) {
 		return
 	}
 	delete(t.pending, p)
+	countModels(t.pendingPerModel, pe.Announce, -1)
 	if t.perVia[pe.via]--; t.perVia[pe.via] <= 0 {
 		delete(t.perVia, pe.via)
 	}
@@ -377,20 +430,28 @@ func (t *PeerTable) dropPendingLocked(p peer.ID) {
 	}
 }
 
-// wouldTake reports whether an announcement of author delivered by via
-// would be kept: known authors and proven ones always, a new one only if
-// quarantine has room for via. The validator ignores (does not forward)
-// what the table would drop, so a flood stops at the first honest node.
-func (t *PeerTable) wouldTake(author peer.ID, o origin) bool {
+// wouldTake reports whether announcement a of author delivered by via
+// would be kept: known authors always, proven ones if one of their models
+// has room, a new one only if quarantine has room for via and one of its
+// models has room. The validator ignores (does not forward) what the table
+// would drop, so a flood stops at the first honest node, and a node that
+// keeps K workers of a model neither probes nor relays the others.
+func (t *PeerTable) wouldTake(author peer.ID, o origin, a *pb.Announce) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if author == t.self || o.proven {
+	if author == t.self {
 		return true
 	}
 	if _, ok := t.entries[author]; ok {
 		return true
 	}
 	if _, ok := t.pending[author]; ok {
+		return true
+	}
+	if !t.roomModelLocked(a, true) {
+		return false
+	}
+	if o.proven {
 		return true
 	}
 	if pr, ok := t.proven[author]; ok && t.now().Sub(pr.at) < provenTTL {
@@ -502,6 +563,9 @@ func (t *PeerTable) removeLocked(p peer.ID, reason string) bool {
 		return false
 	}
 	delete(t.entries, p)
+	if !e.Self {
+		countModels(t.perModel, e.Announce, -1)
+	}
 	if e.IP != "" {
 		if t.perIP[e.IP]--; t.perIP[e.IP] <= 0 {
 			delete(t.perIP, e.IP)

@@ -261,13 +261,13 @@ func TestTableQuarantine(t *testing.T) {
 		t.Fatalf("quarantined %d, want the forwarder's share 3", q)
 	}
 	// Another forwarder at the same IP shares the IP's share.
-	if tab.wouldTake(testPeerID(t), gossip(other, "10.0.0.1")) {
+	if tab.wouldTake(testPeerID(t), gossip(other, "10.0.0.1"), nil) {
 		t.Fatal("a second forwarder at the same IP got more room")
 	}
-	if !tab.wouldTake(testPeerID(t), gossip(other, "10.0.0.2")) {
+	if !tab.wouldTake(testPeerID(t), gossip(other, "10.0.0.2"), nil) {
 		t.Fatal("a forwarder at another IP got no room")
 	}
-	if !tab.wouldTake(fakes[0], gossip(fwd, "10.0.0.1")) {
+	if !tab.wouldTake(fakes[0], gossip(fwd, "10.0.0.1"), nil) {
 		t.Fatal("an update of a quarantined peer was refused")
 	}
 	// Proving admits; at most 2 per IP.

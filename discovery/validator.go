@@ -27,7 +27,7 @@ type announceValidator struct {
 	// keep, when set, says whether the table would keep a new author's
 	// announcement delivered by from; what it would drop is ignored
 	// rather than forwarded.
-	keep func(author, from peer.ID) bool
+	keep func(author, from peer.ID, a *pb.Announce) bool
 
 	mu      sync.Mutex
 	lastSeq *lru.Cache[peer.ID, uint64]
@@ -110,7 +110,7 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 		}
 		return pubsub.ValidationIgnore, nil, errTooFrequent
 	}
-	if v.keep != nil && !v.keep(author, from) {
+	if v.keep != nil && !v.keep(author, from, a) {
 		return pubsub.ValidationIgnore, nil, errNoRoom
 	}
 	v.lastSeq.Add(author, a.GetSeq())
@@ -134,6 +134,17 @@ func (v *announceValidator) validate(_ context.Context, from peer.ID, msg *pubsu
 // validate is the announce topic's validator: in a closed swarm, what a
 // non-member delivers and what a revoked peer wrote is ignored first.
 func (d *Discovery) validate(ctx context.Context, from peer.ID, msg *pubsub.Message) pubsub.ValidationResult {
+	if from == d.h.ID() && msg.GetFrom() == d.h.ID() {
+		// Our own publish, checked by Publish, which sends one
+		// announcement (one seq) on several topics: the seq check
+		// would refuse all but the first.
+		a := new(pb.Announce)
+		if err := proto.Unmarshal(msg.GetData(), a); err != nil {
+			return pubsub.ValidationReject
+		}
+		msg.ValidatorData = a
+		return pubsub.ValidationAccept
+	}
 	if m := d.cfg.members; m != nil && from != d.h.ID() {
 		if !m.IsMember(from) || m.Revoked(msg.GetFrom()) {
 			log.Debugw("announce ignored: not from a swarm member", "author", msg.GetFrom(), "from", from)
@@ -146,7 +157,7 @@ func (d *Discovery) validate(ctx context.Context, from peer.ID, msg *pubsub.Mess
 // Reasons of the validator, for errors.Is in tests.
 var (
 	errTooFrequent = errors.New("announcing too often")
-	errNoRoom      = errors.New("quarantine full for the forwarding peer")
+	errNoRoom      = errors.New("no room: quarantine full for the forwarding peer, or enough workers of its models kept")
 )
 
 func resultName(r pubsub.ValidationResult) string {

@@ -74,6 +74,8 @@ type config struct {
 	meter            worker.EnergyMeter
 	routerOpts       []router.Option
 	discoveryOpts    []discovery.Option
+	swarmView        bool
+	watch            []string
 	notify           func(Notice)
 	joinTimeout      time.Duration
 	canaryOpts       []canary.Option
@@ -248,6 +250,23 @@ func WithDiscoveryOptions(opts ...discovery.Option) Option {
 	return func(c *config) error { c.discoveryOpts = append(c.discoveryOpts, opts...); return nil }
 }
 
+// WithSwarmView says whether the node follows every announcement of the
+// swarm (default on): its peers list, model list and web page show the
+// whole swarm, at a gossip cost that grows with the swarm. Off, it reads
+// only the announcements of the models it routes to (learnt on the first
+// query of each, or named by WithWatch), keeps a bounded number of workers
+// of each and finds others through the DHT: a pure worker, or a bridge of
+// a large swarm, pays for what it uses. See discovery.WithSwarmView.
+func WithSwarmView(on bool) Option {
+	return func(c *config) error { c.swarmView = on; return nil }
+}
+
+// WithWatch names models whose workers a node without the swarm view
+// follows from the start, rather than from their first query.
+func WithWatch(models ...string) Option {
+	return func(c *config) error { c.watch = append(c.watch, models...); return nil }
+}
+
 // WithMembership closes the swarm to the members of m (see
 // node/membership): revoked peers are refused connections, and peers that
 // have not shown a certificate get no query streams, gossip or relay
@@ -297,6 +316,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		maxConcurrency:   worker.DefaultMaxConcurrency,
 		maxQueue:         worker.DefaultMaxQueue,
 		announceInterval: DefaultAnnounceInterval,
+		swarmView:        true,
 		grace:            DefaultGracePeriod,
 		joinTimeout:      DefaultJoinTimeout,
 		relays:           DefaultRelays,
@@ -406,6 +426,8 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		discovery.WithMDNS(cfg.mdns),
 		discovery.WithAnnounceTTL(max(3*cfg.announceInterval, protocol.MinAnnounceTTL)),
 		discovery.WithMemberProtocol(qproto),
+		discovery.WithSwarmView(cfg.swarmView),
+		discovery.WithWatch(cfg.watch...),
 		discovery.WithOnTopicPeerJoin(func(peer.ID) {
 			if a := n.announcer(); a != nil {
 				a.refresh()

@@ -5,6 +5,8 @@
 package protocol
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"regexp"
 
@@ -55,6 +57,25 @@ func AnnounceTopic(swarm string) string {
 		swarm = DefaultSwarm
 	}
 	return "/mtor/" + swarm + "/announce/1"
+}
+
+// ModelTopic is the gossipsub topic on which the workers of one model
+// announce, for the nodes that route to that model (version 1 of the
+// per-model topics). The model name is hashed so that the name is bounded
+// (32 hex digits) and free of characters a topic name should not carry.
+func ModelTopic(swarm, model string) string {
+	sum := sha256.Sum256([]byte(model))
+	return AnnounceTopic(swarm) + "/m/" + hex.EncodeToString(sum[:16])
+}
+
+// PresenceTopic is a gossipsub topic every node subscribes to and nobody
+// publishes on: a peer seen there has a working gossip link with us, even
+// when it subscribes to no announce topic.
+func PresenceTopic(swarm string) string {
+	if swarm == "" {
+		swarm = DefaultSwarm
+	}
+	return "/mtor/" + swarm + "/presence/1"
 }
 
 // DHTPrefix is the private Kademlia protocol prefix of a swarm.

@@ -64,3 +64,31 @@ func TestValidateSwarm(t *testing.T) {
 		}
 	}
 }
+
+// TestModelTopic checks that per-model topics are bounded, distinct per
+// model and per swarm, and under the swarm's announce topic.
+func TestModelTopic(t *testing.T) {
+	long := strings.Repeat("m", MaxModelName)
+	tests := []struct{ swarm, model, want string }{
+		{"", "llama3", "/mtor/mtor/announce/1/m/"},
+		{"lab-7", "llama3", "/mtor/lab-7/announce/1/m/"},
+		{"lab-7", long, "/mtor/lab-7/announce/1/m/"},
+	}
+	seen := map[string]bool{}
+	for _, tc := range tests {
+		got := ModelTopic(tc.swarm, tc.model)
+		if !strings.HasPrefix(got, tc.want) || len(got) != len(tc.want)+32 {
+			t.Errorf("ModelTopic(%q, %q) = %q, want %q and 32 hex digits", tc.swarm, tc.model, got, tc.want)
+		}
+		if seen[got] {
+			t.Errorf("ModelTopic(%q, %q) = %q collides", tc.swarm, tc.model, got)
+		}
+		seen[got] = true
+	}
+	if ModelTopic("", "a") == ModelTopic("", "b") {
+		t.Error("two models share a topic")
+	}
+	if PresenceTopic("lab") != "/mtor/lab/presence/1" {
+		t.Errorf("PresenceTopic(lab) = %q", PresenceTopic("lab"))
+	}
+}

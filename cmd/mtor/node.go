@@ -57,6 +57,8 @@ type nodeFlags struct {
 	announce         stringList
 	reachability     string
 	noMDNS           bool
+	swarmView        bool
+	watch            stringList
 	noDetect         bool
 	maxConcurrency   int
 	maxQueue         int
@@ -112,6 +114,8 @@ func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs.Var(&f.announce, "announce", "address others can reach this node on that it cannot see itself (a port forward: /ip4/PUBLIC_IP/tcp/PORT), repeatable")
 	fs.StringVar(&f.reachability, "reachability", "auto", "auto (AutoNAT decides; no public address means private meanwhile), public (no relays) or private (always hold relay reservations)")
 	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
+	fs.BoolVar(&f.swarmView, "swarm-view", true, "follow every announcement of the swarm (peers list, model list, web page); false: only those of the models this node routes to, at most 16 workers of each, for large swarms")
+	fs.Var(&f.watch, "watch", "with --swarm-view=false: a model whose workers to follow from the start rather than from its first query, repeatable")
 	fs.BoolVar(&f.noDetect, "no-detect", false, "with no --backend: do not look for local model servers (serve no models)")
 	fs.IntVar(&f.maxConcurrency, "max-concurrency", worker.DefaultMaxConcurrency, "queries the worker runs at once")
 	fs.IntVar(&f.maxQueue, "max-queue", worker.DefaultMaxQueue, "queries the worker queues beyond those running; more are refused with BUSY")
@@ -454,6 +458,8 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 	opts := []node.Option{
 		node.WithDataDir(f.dataDir),
 		node.WithMDNS(!f.noMDNS),
+		node.WithSwarmView(f.swarmView),
+		node.WithWatch(f.watch...),
 		node.WithRelayService(f.relay),
 		node.WithAnnounceAddrs(f.announce...),
 		node.WithGracePeriod(f.grace),

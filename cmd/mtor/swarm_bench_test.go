@@ -17,12 +17,15 @@ import (
 )
 
 // TestBenchSwarm measures swarms of real `mtor node` processes on loopback
-// (a bootstrap node and demo workers): how long a new worker takes from
-// its start to being routable at every node, how long a SIGKILLed one
-// stays in rotation, and each node's idle gossip, RSS and CPU. It prints a
-// table and asserts only that every node converged: the figures are
-// measured, never thresholds. Off unless MTOR_BENCH_SWARM names the sizes,
-// e.g. MTOR_BENCH_SWARM=10,25,50 (make bench-swarm).
+// (a bootstrap node, which keeps the swarm view, and demo workers, which
+// run with --swarm-view=false): how long a new worker takes from its start
+// to being routable at every node with the swarm view, how long a
+// SIGKILLed one stays in rotation there, and the idle gossip, RSS and CPU
+// of the workers and of the bootstrap. MTOR_BENCH_SWARM_VIEW=all gives
+// every node the swarm view (the design before per-model topics). It
+// prints a table and asserts only that the views converged: the figures
+// are measured, never thresholds. Off unless MTOR_BENCH_SWARM names the
+// sizes, e.g. MTOR_BENCH_SWARM=10,25,50 (make bench-swarm).
 func TestBenchSwarm(t *testing.T) {
 	spec := os.Getenv("MTOR_BENCH_SWARM")
 	if spec == "" {
@@ -45,31 +48,42 @@ func TestBenchSwarm(t *testing.T) {
 		}
 		idle = d
 	}
+	allView := false
+	switch v := os.Getenv("MTOR_BENCH_SWARM_VIEW"); v {
+	case "", "bootstrap":
+	case "all":
+		allView = true
+	default:
+		t.Fatalf("MTOR_BENCH_SWARM_VIEW: %q is neither bootstrap nor all", v)
+	}
 	var rows []swarmRow
 	for _, n := range sizes {
-		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, measureSwarm(t, n, idle)) })
+		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, measureSwarm(t, n, idle, allView)) })
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "\n| processes | start→routable at all, p50 / max | SIGKILL→out at all, p50 / max | gossip B/node/s in+out | idle RSS MB p50 / max | idle CPU %% p50 / max |\n")
-	fmt.Fprintf(&b, "|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "\n| processes | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | idle CPU %% per worker p50 / max · bootstrap |\n")
+	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		fmt.Fprintf(&b, "| %d | %s / %s | %s / %s | %.0f | %.1f / %.1f | %.2f / %.2f |\n", r.n,
-			wholeMs(r.joinP50), wholeMs(r.joinMax), wholeMs(r.deathP50), wholeMs(r.deathMax), r.gossipBps, r.rssP50, r.rssMax, r.cpuP50, r.cpuMax)
+		fmt.Fprintf(&b, "| %d | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.2f / %.2f · %.2f |\n", r.n, r.view,
+			wholeMs(r.joinP50), wholeMs(r.joinMax), wholeMs(r.deathP50), wholeMs(r.deathMax), r.gossipBps, r.bootGossipBps,
+			r.rssP50, r.rssMax, r.bootRSS, r.cpuP50, r.cpuMax, r.bootCPU)
 	}
 	t.Log(b.String())
 }
 
 type swarmRow struct {
 	n                                    int
+	view                                 string // who keeps the swarm view
 	joinP50, joinMax, deathP50, deathMax time.Duration
-	gossipBps                            float64 // per node, bytes in + out per second
-	rssP50, rssMax                       float64 // MB
-	cpuP50, cpuMax                       float64 // % of one core
+	gossipBps                            float64 // per worker, bytes in + out per second
+	rssP50, rssMax                       float64 // MB, of the workers
+	cpuP50, cpuMax                       float64 // % of one core, of the workers
+	bootGossipBps, bootRSS, bootCPU      float64 // the bootstrap's
 }
 
 // measureSwarm starts a bootstrap and n-1 demo workers, lets them idle, then
 // starts one more worker and kills it.
-func measureSwarm(t *testing.T, n int, idle time.Duration) swarmRow {
+func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool) swarmRow {
 	dir := t.TempDir()
 	// The default heartbeat, as a real swarm runs.
 	boot := startNode(t, "boot", "--data-dir", filepath.Join(dir, "boot"), "--listen", "/ip4/127.0.0.1/tcp/0",
@@ -77,7 +91,7 @@ func measureSwarm(t *testing.T, n int, idle time.Duration) swarmRow {
 	join := boot.value("join")
 	worker := func(i int) []string {
 		return []string{"--data-dir", filepath.Join(dir, fmt.Sprintf("w%d", i)), "--listen", "/ip4/127.0.0.1/tcp/0",
-			"--api", "127.0.0.1:0", "--no-mdns", "--backend", "demo", "--join", join}
+			"--api", "127.0.0.1:0", "--no-mdns", "--backend", "demo", "--join", join, "--swarm-view=" + strconv.FormatBool(allView)}
 	}
 	procs := []*proc{boot}
 	var mu sync.Mutex
@@ -103,10 +117,14 @@ func measureSwarm(t *testing.T, n int, idle time.Duration) swarmRow {
 	for i, p := range procs {
 		clients[i] = api.NewClient(p.value("api"))
 	}
-	// Every node lists every worker.
+	// The nodes with the swarm view: they list every worker.
+	views := clients[:1]
+	if allView {
+		views = clients
+	}
 	deadline := time.Now().Add(5 * time.Minute)
 	for {
-		counts := workerCounts(t, clients)
+		counts := workerCounts(t, views)
 		if slices.Min(counts) == n-1 {
 			break
 		}
@@ -127,33 +145,40 @@ func measureSwarm(t *testing.T, n int, idle time.Duration) swarmRow {
 	cpu := make([]float64, len(procs))
 	rss := make([]float64, len(procs))
 	for i, p := range procs {
-		rowGossip += float64(g1[i]-g0[i]) / window
 		cpu[i] = 100 * float64(c1[i]-c0[i]) / clockTicks / window
 		rss[i] = vmRSSMB(t, p.cmd.Process.Pid)
+		if i > 0 {
+			rowGossip += float64(g1[i]-g0[i]) / window
+		}
 	}
-	rowGossip /= float64(len(procs))
+	rowGossip /= float64(len(procs) - 1)
+	r := swarmRow{n: n, view: "bootstrap", gossipBps: rowGossip,
+		bootGossipBps: float64(g1[0]-g0[0]) / window, bootRSS: rss[0], bootCPU: cpu[0]}
+	if allView {
+		r.view = "all"
+	}
+	cpu, rss = cpu[1:], rss[1:] // the workers'
 
 	// A new worker: from its exec to listed by every node.
 	t0 := time.Now()
 	nw := startNode(t, "new", worker(n)...)
 	newID := nw.value("peer")
-	joinTimes := waitAll(t, clients, t0, func(peers []api.Peer) bool { return hasPeer(peers, newID) })
+	joinTimes := waitAll(t, views, t0, func(peers []api.Peer) bool { return hasPeer(peers, newID) })
 	// Its death: from SIGKILL to out of every node's peers.
 	t1 := time.Now()
 	if err := nw.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	deathTimes := waitAll(t, clients, t1, func(peers []api.Peer) bool { return !hasPeer(peers, newID) })
+	deathTimes := waitAll(t, views, t1, func(peers []api.Peer) bool { return !hasPeer(peers, newID) })
 
-	r := swarmRow{n: n, gossipBps: rowGossip}
 	r.joinP50, r.joinMax = p50max(joinTimes)
 	r.deathP50, r.deathMax = p50max(deathTimes)
 	slices.Sort(cpu)
 	slices.Sort(rss)
 	r.cpuP50, r.cpuMax = cpu[len(cpu)/2], cpu[len(cpu)-1]
 	r.rssP50, r.rssMax = rss[len(rss)/2], rss[len(rss)-1]
-	t.Logf("n=%d: join p50 %s max %s; death p50 %s max %s; gossip %.0f B/node/s; RSS p50 %.1f MB max %.1f; CPU p50 %.2f%% max %.2f%%",
-		n, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.rssP50, r.rssMax, r.cpuP50, r.cpuMax)
+	t.Logf("n=%d (swarm view: %s): join p50 %s max %s; death p50 %s max %s; gossip %.0f B/worker/s, %.0f at the bootstrap; worker RSS p50 %.1f MB max %.1f, bootstrap %.1f; worker CPU p50 %.2f%% max %.2f%%, bootstrap %.2f%%",
+		n, r.view, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.bootGossipBps, r.rssP50, r.rssMax, r.bootRSS, r.cpuP50, r.cpuMax, r.bootCPU)
 	return r
 }
 

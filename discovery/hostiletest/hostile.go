@@ -43,8 +43,16 @@ type Peer struct {
 	Queries atomic.Int64
 }
 
-// New starts a hostile peer of swarm on loopback TCP.
+// New starts a hostile peer of swarm on loopback TCP, on the swarm's
+// announce topic.
 func New(t testing.TB, swarm string) *Peer {
+	t.Helper()
+	return NewOn(t, swarm, protocol.AnnounceTopic(swarm))
+}
+
+// NewOn starts a hostile peer of swarm on loopback TCP, on topic (a
+// model's announce topic, say).
+func NewOn(t testing.TB, swarm, topicName string) *Peer {
 	t.Helper()
 	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
 	if err != nil {
@@ -62,7 +70,7 @@ func New(t testing.TB, swarm string) *Peer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	topic, err := ps.Join(protocol.AnnounceTopic(swarm))
+	topic, err := ps.Join(topicName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,13 +84,13 @@ func New(t testing.TB, swarm string) *Peer {
 	return &Peer{t: t, H: h, PS: ps, Topic: topic, swarm: swarm, ctx: ctx, seq: uint64(time.Now().UnixMilli()) * 1000}
 }
 
-// Connect dials the victim and waits until it is a peer of the announce
+// Connect dials the victim and waits until it is a peer of the peer's
 // topic, so that what is published next reaches it.
 func (p *Peer) Connect(ctx context.Context, victim peer.AddrInfo) error {
 	if err := p.H.Connect(ctx, victim); err != nil {
 		return fmt.Errorf("hostile peer: connect: %w", err)
 	}
-	topic := protocol.AnnounceTopic(p.swarm)
+	topic := p.Topic.String()
 	for {
 		for _, q := range p.PS.ListPeers(topic) {
 			if q == victim.ID {

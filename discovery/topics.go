@@ -1,0 +1,294 @@
+package discovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/network"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// Per-model topics. A worker publishes each announcement on the swarm's
+// announce topic and on the topic of each model it serves
+// (protocol.ModelTopic). A node with the swarm view reads the swarm topic;
+// one without reads only the topics of the models it routes to, joined
+// lazily (Watch) and left when more than maxWatched are in use. Flood
+// publish then reaches, on a model topic, exactly the connected peers that
+// asked for that model.
+
+// modelTopic is one model's topic as this node uses it: to publish its
+// own announcements (own), to read other workers' (sub), or both.
+type modelTopic struct {
+	name   string
+	topic  *pubsub.Topic
+	own    bool
+	sub    *pubsub.Subscription
+	used   time.Time                 // last Watch
+	dialed time.Time                 // last dialProviders started
+	events *pubsub.TopicEventHandler // peers joining, when onTopicJoin is set
+	cancel context.CancelFunc        // ends the loop reading events
+}
+
+// topicSet is the model topics of one node.
+type topicSet struct {
+	mu     sync.Mutex
+	models map[string]*modelTopic
+}
+
+// joinTopic registers the announce validator and score parameters of an
+// announce topic and joins it.
+func (d *Discovery) joinTopic(name string) (*pubsub.Topic, error) {
+	// Inline: the check is cheap, and goroutine-free validation cannot be
+	// throttled into dropping messages.
+	if err := d.ps.RegisterTopicValidator(name, d.validate, pubsub.WithValidatorInline(true)); err != nil {
+		return nil, fmt.Errorf("register announce validator on %s: %w", name, err)
+	}
+	t, err := d.ps.Join(name)
+	if err != nil {
+		_ = d.ps.UnregisterTopicValidator(name)
+		return nil, fmt.Errorf("join %s: %w", name, err)
+	}
+	if err := t.SetScoreParams(topicScoreParams()); err != nil {
+		_ = t.Close()
+		_ = d.ps.UnregisterTopicValidator(name)
+		return nil, fmt.Errorf("score %s: %w", name, err)
+	}
+	return t, nil
+}
+
+// leaveTopicLocked closes mt's topic once nothing uses it. d.topics.mu is held.
+func (d *Discovery) leaveTopicLocked(model string, mt *modelTopic) {
+	if mt.own || mt.sub != nil {
+		return
+	}
+	if mt.cancel != nil {
+		mt.cancel()
+	}
+	if mt.events != nil {
+		mt.events.Cancel()
+	}
+	if err := mt.topic.Close(); err != nil {
+		log.Debugw("close model topic", "model", model, "err", err)
+	}
+	_ = d.ps.UnregisterTopicValidator(mt.name)
+	delete(d.topics.models, model)
+}
+
+// modelTopicLocked returns model's topic, joining it if needed. d.topics.mu is held.
+func (d *Discovery) modelTopicLocked(model string) (*modelTopic, error) {
+	if mt := d.topics.models[model]; mt != nil {
+		return mt, nil
+	}
+	name := protocol.ModelTopic(d.cfg.swarm, model)
+	t, err := d.joinTopic(name)
+	if err != nil {
+		return nil, err
+	}
+	mt := &modelTopic{name: name, topic: t}
+	ctx, cancel := context.WithCancel(d.ctx)
+	mt.cancel = cancel
+	if d.cfg.onTopicJoin != nil {
+		// A node that starts watching the model gets our announcement
+		// at once.
+		th, err := t.EventHandler()
+		if err != nil {
+			cancel()
+			_ = t.Close()
+			return nil, fmt.Errorf("watch %s: %w", name, err)
+		}
+		mt.events = th
+		d.goRun(func() { d.topicJoinLoop(ctx, th) })
+	}
+	d.topics.models[model] = mt
+	return mt, nil
+}
+
+// publishModels publishes data (an announcement, already stamped) on the
+// topic of each model of a, and leaves the topics of models no longer served.
+func (d *Discovery) publishModels(ctx context.Context, a *pb.Announce, data []byte) error {
+	serves := map[string]bool{}
+	if !a.GetDraining() {
+		// A draining worker takes no new work; its last announcement
+		// (draining) still goes out on the swarm topic and below.
+		for _, m := range a.GetModels() {
+			serves[m.GetName()] = true
+		}
+	}
+	var topics []*pubsub.Topic
+	var errs []error
+	d.topics.mu.Lock()
+	for model, mt := range d.topics.models {
+		if mt.own && !serves[model] {
+			// Say once more on the topic that we are draining or
+			// gone from it, then leave.
+			topics = append(topics, mt.topic)
+			mt.own = false
+			defer func() {
+				d.topics.mu.Lock()
+				defer d.topics.mu.Unlock()
+				if cur := d.topics.models[model]; cur == mt {
+					d.leaveTopicLocked(model, mt)
+				}
+			}()
+		}
+	}
+	for model := range serves {
+		mt, err := d.modelTopicLocked(model)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		mt.own = true
+		topics = append(topics, mt.topic)
+	}
+	d.topics.mu.Unlock()
+	for _, t := range topics {
+		if err := t.Publish(ctx, data); err != nil {
+			errs = append(errs, fmt.Errorf("publish on %s: %w", t.String(), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Watch subscribes to model's topic, so that this node learns (up to the
+// per-model bound) the workers of model and follows their load, and dials
+// some of model's DHT providers so that their announcements reach it.
+// Called again for a watched model (the router asks for providers only
+// when its table has no worker of the model left), it dials them again. A
+// node with the swarm view reads every announcement already: Watch does
+// nothing there. It never blocks on the network.
+func (d *Discovery) Watch(model string) error {
+	if d.cfg.swarmView {
+		return nil
+	}
+	if err := protocol.ValidateModelName(model); err != nil {
+		return err
+	}
+	d.topics.mu.Lock()
+	defer d.topics.mu.Unlock()
+	if d.ctx.Err() != nil {
+		return d.ctx.Err()
+	}
+	now := time.Now()
+	if mt := d.topics.models[model]; mt != nil && mt.sub != nil {
+		mt.used = now
+		// Watched, yet the router asks again: the workers kept have
+		// left. Dial providers again, at most every redialEvery.
+		if now.Sub(mt.dialed) >= redialEvery {
+			mt.dialed = now
+			d.goRun(func() { d.dialProviders(model) })
+		}
+		return nil
+	}
+	var watched []string
+	for m, mt := range d.topics.models {
+		if mt.sub != nil {
+			watched = append(watched, m)
+		}
+	}
+	if len(watched) >= maxWatched {
+		oldest := slices.MinFunc(watched, func(a, b string) int { return d.topics.models[a].used.Compare(d.topics.models[b].used) })
+		mt := d.topics.models[oldest]
+		mt.sub.Cancel()
+		mt.sub = nil
+		log.Infow("stopped watching a model, the least recently used", "model", oldest, "watching", model)
+		d.leaveTopicLocked(oldest, mt)
+	}
+	mt, err := d.modelTopicLocked(model)
+	if err != nil {
+		return err
+	}
+	sub, err := mt.topic.Subscribe(pubsub.WithBufferSize(subBuffer))
+	if err != nil {
+		d.leaveTopicLocked(model, mt)
+		return fmt.Errorf("subscribe %s: %w", mt.name, err)
+	}
+	mt.sub, mt.used, mt.dialed = sub, now, now
+	d.goRun(func() { d.readLoop(sub) })
+	d.goRun(func() { d.dialProviders(model) })
+	log.Debugw("watching model", "model", model, "topic", mt.name)
+	return nil
+}
+
+// Watching lists the models whose topics this node reads.
+func (d *Discovery) Watching() []string {
+	d.topics.mu.Lock()
+	defer d.topics.mu.Unlock()
+	var out []string
+	for m, mt := range d.topics.models {
+		if mt.sub != nil {
+			out = append(out, m)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// dialProviders connects to some of model's DHT providers: gossipsub
+// delivers a topic only between connected peers, and a worker that sees
+// us join its model's topic announces to us at once.
+func (d *Discovery) dialProviders(model string) {
+	ctx, cancel := context.WithTimeout(d.ctx, providerConnectWait)
+	defer cancel()
+	limit := d.cfg.limits.perModel
+	if limit <= 0 {
+		limit = defaultFindLimit
+	}
+	ais, err := d.findProviders(ctx, model, limit)
+	if err != nil {
+		log.Debugw("no providers found for a watched model", "model", model, "err", err)
+		return
+	}
+	sem := make(chan struct{}, maxDialConcurrency)
+	var wg sync.WaitGroup
+	for _, ai := range ais {
+		if d.h.Network().Connectedness(ai.ID) == network.Connected {
+			continue
+		}
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			dctx, dcancel := context.WithTimeout(ctx, d.cfg.dialTimeout)
+			defer dcancel()
+			if err := d.h.Connect(dctx, ai); err != nil {
+				log.Debugw("provider of a watched model unreachable", "model", model, "peer", ai.ID, "err", err)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// closeTopics cancels the model topics' subscriptions and closes them.
+func (d *Discovery) closeTopics() {
+	d.topics.mu.Lock()
+	defer d.topics.mu.Unlock()
+	for model, mt := range d.topics.models {
+		if mt.sub != nil {
+			mt.sub.Cancel()
+			mt.sub = nil
+		}
+		mt.own = false
+		d.leaveTopicLocked(model, mt)
+	}
+}
+
+// topicJoinLoop reports peers joining a topic until ctx ends.
+func (d *Discovery) topicJoinLoop(ctx context.Context, th *pubsub.TopicEventHandler) {
+	defer th.Cancel()
+	for {
+		ev, err := th.NextPeerEvent(ctx)
+		if err != nil {
+			return
+		}
+		if ev.Type == pubsub.PeerJoin {
+			d.cfg.onTopicJoin(ev.Peer)
+		}
+	}
+}

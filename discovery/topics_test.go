@@ -1,0 +1,211 @@
+package discovery
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// modelsAnn is an announcement of models, for table tests.
+func modelsAnn(seq uint64, models ...string) *pb.Announce {
+	a := ann(seq, time.Minute)
+	for _, m := range models {
+		a.Models = append(a.Models, &pb.ModelInfo{Name: m})
+	}
+	return a
+}
+
+// The per-model bound: at most K workers of a model are kept (admitted or
+// quarantined); an author with one model that has room is taken; a
+// departure makes room; an update moves the counts.
+func TestTablePerModelBound(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	self := testPeerID(t)
+	tab := newPeerTable(self, 100, clk.now)
+	tab.lim.perModel = 2
+	a1, a2, a3, ab, q := testPeerID(t), testPeerID(t), testPeerID(t), testPeerID(t), testPeerID(t)
+	steps := []struct {
+		name string
+		p    peer.ID
+		a    *pb.Announce
+		want bool
+	}{
+		{"first of a", a1, modelsAnn(1, "a"), true},
+		{"second of a", a2, modelsAnn(1, "a"), true},
+		{"third of a: over the bound", a3, modelsAnn(1, "a"), false},
+		{"a and b: b has room", ab, modelsAnn(1, "a", "b"), true},
+		{"self always", self, modelsAnn(1, "a"), true},
+		{"known author updates", a1, modelsAnn(2, "a"), true},
+	}
+	for _, s := range steps {
+		if got := tab.upsert(s.p, s.a, clk.now()); got != s.want {
+			t.Fatalf("%s: upsert = %v, want %v", s.name, got, s.want)
+		}
+	}
+	// A gossiped (unproven) author of a full model is neither quarantined
+	// nor, through the validator, forwarded.
+	gossiped := origin{via: a1, viaIP: "10.0.0.1"}
+	if tab.wouldTake(q, gossiped, modelsAnn(1, "a")) {
+		t.Fatal("wouldTake an author of a model already at its bound")
+	}
+	if !tab.wouldTake(q, gossiped, modelsAnn(1, "c")) {
+		t.Fatal("wouldTake refused an author of a model with room")
+	}
+	tab.offer(q, modelsAnn(1, "c"), clk.now(), gossiped)
+	tab.offer(testPeerID(t), modelsAnn(1, "c"), clk.now(), gossiped)
+	if tab.wouldTake(testPeerID(t), gossiped, modelsAnn(1, "c")) {
+		t.Fatal("quarantined authors do not count against the bound")
+	}
+	// a1 moves to model b: b is full (ab, a1), a still (a2, ab).
+	if !tab.upsert(a1, modelsAnn(3, "b"), clk.now()) {
+		t.Fatal("update refused")
+	}
+	if tab.upsert(testPeerID(t), modelsAnn(1, "b"), clk.now()) {
+		t.Fatal("b is full after a1 moved to it, but a new worker was taken")
+	}
+	// ab leaves: both have room for one.
+	tab.remove(ab, ReasonDisconnected)
+	if !tab.upsert(a3, modelsAnn(1, "a"), clk.now()) {
+		t.Fatal("a has room after ab left, but a3 was refused")
+	}
+	if !tab.upsert(testPeerID(t), modelsAnn(1, "b"), clk.now()) {
+		t.Fatal("b has room after ab left, but a new worker was refused")
+	}
+	if tab.Len() != 5 {
+		t.Fatalf("len = %d, want 5 (self, a1, a2, a3, one of b)", tab.Len())
+	}
+}
+
+// The swarm view and per-model topics on real hosts: a node without the
+// swarm view holds no worker until it routes to a model; looking up the
+// model's providers makes it watch the model's topic and dial them; it
+// then holds that model's workers (up to its bound), follows their
+// heartbeats, and never the other model's; a node with the swarm view
+// holds everyone.
+func TestWatchModelLazily(t *testing.T) {
+	hosts := make([]host.Host, 6)
+	for i := range hosts {
+		hosts[i] = newHost(t)
+	}
+	boot := WithBootstrap([]peer.AddrInfo{info(hosts[0])})
+	view := newDiscovery(t, hosts[0]) // bootstrap, with the swarm view
+	workers := []*Discovery{
+		newDiscovery(t, hosts[1], boot, WithSwarmView(false)),
+		newDiscovery(t, hosts[2], boot, WithSwarmView(false)),
+		newDiscovery(t, hosts[3], boot, WithSwarmView(false)),
+		newDiscovery(t, hosts[4], boot, WithSwarmView(false)),
+	}
+	models := []string{"a", "a", "a", "b"}
+	router := newDiscovery(t, hosts[5], boot, WithSwarmView(false), WithMaxPerModel(2))
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	defer cancel()
+	for _, d := range append([]*Discovery{view, router}, workers...) {
+		deadline := time.Now().Add(waitLimit)
+		for d.DHT().RoutingTable().Size() == 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("empty routing table")
+			}
+			time.Sleep(20 * time.Millisecond) // the DHT offers no event for this
+		}
+	}
+	for i, w := range workers {
+		if err := w.Provide(ctx, models[i]); err != nil {
+			t.Fatal(err)
+		}
+		heartbeat(t, w, models[i], 300*time.Millisecond)
+	}
+	waitTable(t, view, "the swarm view to hold all 4 workers", func(es []Entry) bool { return len(es) == 4 })
+	if got := router.Watching(); len(got) != 0 {
+		t.Fatalf("watching %v before any look-up", got)
+	}
+	time.Sleep(time.Second) // a few heartbeats, none of which may reach the router
+	if es := router.Table().Snapshot(); len(es) != 0 {
+		t.Fatalf("a node without the swarm view holds %d workers before routing to any", len(es))
+	}
+	if tr := router.Traffic(); tr.MsgsIn != 0 {
+		t.Fatalf("a node without the swarm view received %d announcements before routing to any", tr.MsgsIn)
+	}
+	if _, err := router.FindProviders(ctx, "a", 8); err != nil {
+		t.Fatal(err)
+	}
+	if got := router.Watching(); !slices.Equal(got, []string{"a"}) {
+		t.Fatalf("watching %v, want [a]", got)
+	}
+	waitTable(t, router, "the router to hold 2 workers of a", func(es []Entry) bool {
+		if len(es) != 2 {
+			return false
+		}
+		for _, e := range es {
+			if modelOf(e) != "a" {
+				t.Fatalf("router holds %s of model %q", e.Peer, modelOf(e))
+			}
+		}
+		return true
+	})
+	// The entries are followed: they outlive their 30 s TTL only through
+	// heartbeats, which we check by their seqs moving on.
+	first := router.Table().Snapshot()
+	waitTable(t, router, "heartbeats on the model topic", func(es []Entry) bool {
+		return len(es) == 2 && es[0].Announce.GetSeq() > first[0].Announce.GetSeq() && es[1].Announce.GetSeq() > first[1].Announce.GetSeq()
+	})
+	if got := len(router.Table().Snapshot()); got != 2 {
+		t.Fatalf("router holds %d workers, bound is 2", got)
+	}
+	if !slices.Contains(router.PubSub().GetTopics(), protocol.ModelTopic(testSwarm, "a")) ||
+		slices.Contains(router.PubSub().GetTopics(), protocol.ModelTopic(testSwarm, "b")) {
+		t.Fatalf("router's topics %v: want a's and not b's", router.PubSub().GetTopics())
+	}
+}
+
+func TestWatchOptions(t *testing.T) {
+	h := newHost(t)
+	d := newDiscovery(t, h, WithSwarmView(false), WithWatch("x", "y"))
+	if got := d.Watching(); !slices.Equal(got, []string{"x", "y"}) {
+		t.Fatalf("watching %v, want [x y]", got)
+	}
+	if err := d.Watch(""); err == nil {
+		t.Fatal("watching an empty model name: no error")
+	}
+	v := newDiscovery(t, newHost(t))
+	if err := v.Watch("x"); err != nil || len(v.Watching()) != 0 {
+		t.Fatalf("a node with the swarm view watched: %v %v", err, v.Watching())
+	}
+	for _, o := range []Option{WithMaxPerModel(-1), WithWatch(string(make([]byte, protocol.MaxModelName+1)))} {
+		if _, err := New(context.Background(), newHost(t), o); err == nil {
+			t.Fatal("bad option accepted")
+		}
+	}
+}
+
+// At most maxWatched models are watched: a new one evicts the one looked
+// up least recently, whose topic is left.
+func TestWatchBounded(t *testing.T) {
+	d := newDiscovery(t, newHost(t), WithSwarmView(false))
+	for i := range maxWatched {
+		if err := d.Watch(fmt.Sprintf("m%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// m0 is looked up again: m1 is now the least recent.
+	if err := d.Watch("m0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Watch("new"); err != nil {
+		t.Fatal(err)
+	}
+	got := d.Watching()
+	if len(got) != maxWatched || !slices.Contains(got, "new") || !slices.Contains(got, "m0") || slices.Contains(got, "m1") {
+		t.Fatalf("watching %d models %v: want %d, with new and m0, without m1", len(got), got, maxWatched)
+	}
+	if slices.Contains(d.PubSub().GetTopics(), protocol.ModelTopic(testSwarm, "m1")) {
+		t.Fatal("the evicted model's topic is still joined")
+	}
+}
