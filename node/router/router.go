@@ -932,7 +932,6 @@ func canContinue(c scored, req *pb.QueryRequest) bool {
 // continue the answer on c where it can, else start it over.
 func (q *query) resume(c scored) error {
 	if q.continuable && q.text.Len() <= protocol.MaxContinuation && canContinue(c, q.req) {
-		q.continued++
 		q.resumeAt = q.req.GetContinuation() + q.text.String()
 		return nil
 	}
@@ -1096,6 +1095,11 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 			first = time.Now()
 			if _, failed := ev.GetKind().(*pb.Event_Error); !failed {
 				q.writers = append(q.writers, p)
+				if q.resumeAt != "" {
+					// Counted when the next worker writes, not when it is
+					// tried: a try that fails first took nothing over.
+					q.continued++
+				}
 			}
 		}
 		if err := q.emit(ev); err != nil {
