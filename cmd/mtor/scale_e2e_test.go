@@ -2,8 +2,10 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"testing"
 
 	"github.com/mtor-swarm/mtor/node/api"
@@ -13,19 +15,30 @@ import (
 // worker; a bridge learns a model's workers on its first query (DHT
 // provider records, then the model's announce topic) and only that
 // model's; a node with the swarm view (the bootstrap) still lists all.
+// Then the worker that answered is killed (SIGKILL: no goodbye on the
+// topic) and a new worker of the model starts: the bridge routes around
+// the dead one and learns the new one from the model's topic alone. On TCP
+// and on QUIC, where a killed peer's connection vanishes without a reset.
 func TestE2EWithoutSwarmView(t *testing.T) {
 	needBinary(t)
+	onEachTransport(t, testWithoutSwarmView)
+}
+
+func testWithoutSwarmView(t *testing.T, tr transport) {
 	dir := t.TempDir()
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	join := boot.value("join")
 	pure := []string{"--swarm-view=false", "--join", join}
-	w1 := startNode(t, "worker1", nodeArgs(filepath.Join(dir, "w1"), append([]string{"--backend", "demo:model=alpha"}, pure...)...)...)
-	w2 := startNode(t, "worker2", nodeArgs(filepath.Join(dir, "w2"), append([]string{"--backend", "demo:model=alpha"}, pure...)...)...)
-	w3 := startNode(t, "worker3", nodeArgs(filepath.Join(dir, "w3"), append([]string{"--backend", "demo:model=beta"}, pure...)...)...)
+	worker := func(name, model string) *proc {
+		return startNode(t, name, tr.nodeArgs(filepath.Join(dir, name), append([]string{"--backend", "demo:model=" + model}, pure...)...)...)
+	}
+	w1 := worker("worker1", "alpha")
+	w2 := worker("worker2", "alpha")
+	w3 := worker("worker3", "beta")
 	waitWorkers(t, boot.value("api"), "alpha", w1.value("peer"), w2.value("peer"))
 	waitWorkers(t, boot.value("api"), "beta", w3.value("peer"))
 
-	bridge := startNode(t, "bridge", nodeArgs(filepath.Join(dir, "bridge"), append([]string{"--no-detect"}, pure...)...)...)
+	bridge := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), append([]string{"--no-detect"}, pure...)...)...)
 	others := func(apiAddr, self string) []string {
 		t.Helper()
 		peers, err := api.NewClient(apiAddr).Peers(t.Context())
@@ -47,14 +60,19 @@ func TestE2EWithoutSwarmView(t *testing.T) {
 		}
 	}
 
-	code, stdout, stderr := mtor(t, "query", "--api", bridge.value("api"), "--model", "alpha", "--json", "first query")
-	if code != 0 {
-		t.Fatalf("first query through a bridge without the swarm view: exit %d: %s", code, stderr)
+	query := func(prompt string) queryOutput {
+		t.Helper()
+		code, stdout, stderr := mtor(t, "query", "--api", bridge.value("api"), "--model", "alpha", "--json", prompt)
+		if code != 0 {
+			t.Fatalf("%s through a bridge without the swarm view: exit %d: %s", prompt, code, stderr)
+		}
+		var out queryOutput
+		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+			t.Fatalf("%v: %q", err, stdout)
+		}
+		return out
 	}
-	var out queryOutput
-	if err := json.Unmarshal([]byte(stdout), &out); err != nil {
-		t.Fatalf("%v: %q", err, stdout)
-	}
+	out := query("first query")
 	if out.Peer != w1.value("peer") && out.Peer != w2.value("peer") {
 		t.Fatalf("answered by %q, not a worker of alpha", out.Peer)
 	}
@@ -66,5 +84,27 @@ func TestE2EWithoutSwarmView(t *testing.T) {
 		if got := others(w.value("api"), w.value("peer")); len(got) != 0 {
 			t.Errorf("pure worker %s lists %v", w.value("peer"), got)
 		}
+	}
+
+	// SIGKILL the worker that answered: every later query is answered,
+	// by the other one.
+	victim, survivor := w1, w2
+	if out.Peer == w2.value("peer") {
+		victim, survivor = w2, w1
+	}
+	_ = victim.cmd.Process.Signal(syscall.SIGKILL)
+	for i := range 5 {
+		if got := query(fmt.Sprintf("after the kill %d", i)); got.Peer != survivor.value("peer") {
+			t.Errorf("query %d after SIGKILL of %s answered by %q, want the survivor %s", i, victim.value("peer"), got.Peer, survivor.value("peer"))
+		}
+	}
+
+	// A worker of alpha started now is learnt from alpha's topic (or its
+	// provider record) without the swarm view, and takes queries.
+	w4 := worker("worker4", "alpha")
+	waitWorkers(t, bridge.value("api"), "alpha", survivor.value("peer"), w4.value("peer"))
+	survivor.stop(syscall.SIGTERM)
+	if got := query("after the survivor left"); got.Peer != w4.value("peer") {
+		t.Errorf("answered by %q once the first workers are gone, want the new worker %s", got.Peer, w4.value("peer"))
 	}
 }
