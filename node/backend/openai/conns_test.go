@@ -15,6 +15,29 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend/openai"
 )
 
+// countingServer serves h and counts the connections clients open to it;
+// it returns the backend in front of it and a context for the test's
+// queries.
+func countingServer(t *testing.T, h http.HandlerFunc) (*openai.Backend, *atomic.Int64, context.Context) {
+	t.Helper()
+	var newConns atomic.Int64
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			newConns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	b, err := openai.New(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return b, &newConns, ctx
+}
+
 // TestConcurrentQueriesReuseConnections: a worker running many queries at
 // once keeps its connections to the server for the next ones (Go's
 // default transport keeps 2 idle, which made a busy worker open a
@@ -22,26 +45,12 @@ import (
 func TestConcurrentQueriesReuseConnections(t *testing.T) {
 	const conc = 32
 	var arrived sync.WaitGroup // each round's queries are all open at once
-	var newConns atomic.Int64
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	b, newConns, ctx := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		arrived.Done()
 		arrived.Wait()
 		_, _ = io.WriteString(w, event("ok", "stop")+"data: [DONE]\n\n")
-	}))
-	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
-		if s == http.StateNew {
-			newConns.Add(1)
-		}
-	}
-	srv.Start()
-	defer srv.Close()
-	b, err := openai.New(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	})
 	for round := range 2 {
 		arrived.Add(conc)
 		var wg sync.WaitGroup
@@ -70,8 +79,7 @@ func TestConcurrentQueriesReuseConnections(t *testing.T) {
 // the backend reads it, so that one connection serves query after query
 // instead of one connection per query.
 func TestFlushedStreamKeepsItsConnection(t *testing.T) {
-	var newConns atomic.Int64
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	b, newConns, ctx := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "text/event-stream")
 		for _, ev := range []string{event("a", ""), event("b", "stop"), "data: [DONE]\n\n"} {
@@ -81,20 +89,7 @@ func TestFlushedStreamKeepsItsConnection(t *testing.T) {
 		// The handler's return ends the chunked body: a write of its own,
 		// after [DONE], once the handler has taken its time.
 		time.Sleep(5 * time.Millisecond)
-	}))
-	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
-		if s == http.StateNew {
-			newConns.Add(1)
-		}
-	}
-	srv.Start()
-	defer srv.Close()
-	b, err := openai.New(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	})
 	for i := range 5 {
 		var s backendtest.Sink
 		if _, err := b.Run(ctx, backendtest.ChatRequest("m", "hi", 4), &s); err != nil {
@@ -114,8 +109,7 @@ func TestFlushedStreamKeepsItsConnection(t *testing.T) {
 // only briefly (httputil's Finish), then gives up the connection.
 func TestStreamHeldOpenAfterDone(t *testing.T) {
 	release := make(chan struct{})
-	defer close(release)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	b, _, ctx := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "text/event-stream")
 		_, _ = io.WriteString(w, event("a", "stop")+"data: [DONE]\n\n")
@@ -124,14 +118,8 @@ func TestStreamHeldOpenAfterDone(t *testing.T) {
 		case <-release:
 		case <-r.Context().Done():
 		}
-	}))
-	defer srv.Close()
-	b, err := openai.New(srv.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	})
+	defer close(release)
 	start := time.Now()
 	var s backendtest.Sink
 	if _, err := b.Run(ctx, backendtest.ChatRequest("m", "hi", 4), &s); err != nil || s.Text() != "a" {
