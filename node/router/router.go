@@ -45,12 +45,8 @@ const (
 	AcceptTimeout = 2500 * time.Millisecond
 	// DefaultRetryBase is the first back-off after a peer failed a query.
 	DefaultRetryBase = 50 * time.Millisecond
-	// Score inputs used until a peer has measured figures.
-	defaultTTFT    = 100 * time.Millisecond
-	defaultService = time.Second
-	providerWait   = 5 * time.Second
-	protectTag     = "mtor-query"
-	chooseSlackMs  = 10
+	providerWait     = 5 * time.Second
+	protectTag       = "mtor-query"
 	// DefaultMaxOutput bounds the output of one query (text, media and
 	// embeddings, in bytes): a worker sending more is flooding.
 	DefaultMaxOutput = 32 << 20
@@ -523,48 +519,38 @@ func (r *Router) pruneLocked(cands []Candidate) {
 }
 
 func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState, prior measures) float64 {
-	load := c.Announce.GetLoad()
-	maxC := float64(max(load.GetMaxConcurrency(), 1))
+	// What this router measured overrides what the worker announced.
+	e := protocol.AnnouncedEstimate(c.Announce, mi, c.RTT)
 	// Our own in-flight count is fresher than the announcement, which may
 	// already include it: take the larger rather than the sum.
-	occ := math.Max(float64(load.GetInFlight()+load.GetQueued()), float64(st.inflight))
-	ttft := st.ttft
-	if ttft == 0 {
-		ttft = float64(mi.GetP50TtftMs())
+	e.Occupied = math.Max(e.Occupied, float64(st.inflight))
+	switch {
+	case st.ttft > 0:
+		e.TTFTMs = st.ttft
+	case mi.GetP50TtftMs() == 0 && prior.meanTTFT() > 0:
+		e.TTFTMs = prior.meanTTFT()
 	}
-	if ttft == 0 {
-		ttft = prior.meanTTFT()
+	switch {
+	case st.service > 0:
+		e.ServiceMs = st.service
+	case prior.meanSvc() > 0:
+		e.ServiceMs = prior.meanSvc()
 	}
-	if ttft == 0 {
-		ttft = float64(defaultTTFT.Milliseconds())
-	}
-	svc := st.service
-	if svc == 0 {
-		svc = prior.meanSvc()
-	}
-	if svc == 0 {
-		svc = float64(defaultService.Milliseconds())
-	}
-	wait := 0.0
-	if occ >= maxC {
-		wait = (occ - maxC + 1) / maxC * svc
-	}
-	est := float64(c.RTT.Milliseconds()) + ttft*(1+occ/maxC) + wait
 	h := math.Min(float64(c.Announce.GetHealth()), st.tracker.Score())
 	if mt := st.model(mi.GetName()); mt != nil {
 		h = math.Min(h, mt.Score())
 	}
-	h = h / 100 * r.reputation(c.Peer) / 100
-	return est / math.Max(h, 0.05)
+	e.Health = h / 100 * r.reputation(c.Peer) / 100
+	return e.Score()
 }
 
 // choose picks between the two best by random choice, so that a burst of
 // queries does not pile onto one peer before its load shows; a clearly
 // better first choice always wins.
 func (r *Router) choose(ranked []scored) int {
-	// The slack keeps peers a few milliseconds apart (all fast, on one LAN)
-	// in the draw even when one is twice as fast as the other.
-	if len(ranked) < 2 || ranked[1].full != ranked[0].full || ranked[1].score > 2*ranked[0].score+chooseSlackMs {
+	// ClearlyBetter's slack keeps peers a few milliseconds apart (all
+	// fast, on one LAN) in the draw even when one is twice as fast.
+	if len(ranked) < 2 || ranked[1].full != ranked[0].full || protocol.ClearlyBetter(ranked[0].score, ranked[1].score) {
 		return 0
 	}
 	r.mu.Lock()
