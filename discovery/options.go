@@ -47,7 +47,12 @@ const (
 	// node starts watching a model.
 	providerConnectWait = 30 * time.Second
 	// redialEvery spaces the provider dials of one watched model.
-	redialEvery      = 10 * time.Second
+	redialEvery = 10 * time.Second
+	// unusableFor is how long a worker the router found unusable
+	// (SeekWorkers) is the first to be replaced: long enough for a
+	// provider look-up to bring others, short enough for a briefly busy
+	// worker to count again.
+	unusableFor      = 30 * time.Second
 	probeConcurrency = 4
 	probeTimeout     = 5 * time.Second
 	// DefaultMaxPubSubMessage bounds a gossipsub RPC. An announcement is at
@@ -85,6 +90,9 @@ type config struct {
 	// every node's announcement (see WithSwarmView).
 	swarmView bool
 	watch     []string // models watched from the start
+	// redialEvery spaces the provider look-ups of one watched model
+	// (tests shorten it).
+	redialEvery time.Duration
 
 	onTopicJoin func(peer.ID)
 	// memberProto is a protocol every node of the swarm serves; peers
@@ -115,6 +123,7 @@ func defaults() config {
 		ipColocation:  DefaultIPColocationThreshold,
 		now:           time.Now,
 		swarmView:     true,
+		redialEvery:   redialEvery,
 	}
 }
 
