@@ -80,6 +80,15 @@ type Providers interface {
 	FindProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error)
 }
 
+// Seeker looks for more workers of a model when those the table keeps
+// cannot serve it: all draining, failing, busy or full
+// (discovery.Discovery.SeekWorkers, on a node that keeps a bounded number
+// of workers per model). unusable names the peers this router found
+// failing or busy. It must not block.
+type Seeker interface {
+	SeekWorkers(model string, unusable []peer.ID)
+}
+
 // PeerFinder finds the addresses of a peer (the DHT does), for workers
 // known from gossip that this node has never been connected to.
 type PeerFinder interface {
@@ -149,6 +158,7 @@ type Router struct {
 	proto       libp2pproto.ID
 	table       Table
 	providers   Providers
+	seeker      Seeker
 	finder      PeerFinder
 	local       Local
 	deadline    time.Duration
@@ -188,6 +198,10 @@ type Option func(*Router)
 
 // WithProviders enables DHT lookups for models missing from the table.
 func WithProviders(p Providers) Option { return func(r *Router) { r.providers = p } }
+
+// WithSeeker has the router tell s when no worker the table holds can
+// serve a model, so that it finds others.
+func WithSeeker(s Seeker) Option { return func(r *Router) { r.seeker = s } }
 
 // WithPeerFinder looks up addresses of peers it cannot reach otherwise.
 func WithPeerFinder(f PeerFinder) Option { return func(r *Router) { r.finder = f } }
@@ -324,6 +338,9 @@ type ranking struct {
 	lacking bool
 	// unreachable counts capable peers left out as not reachable yet.
 	unreachable int
+	// unusable lists the capable peers left out as failing, not
+	// reachable or distrusted, for the Seeker.
+	unusable []peer.ID
 }
 
 // rankNeed is rank among the candidates whose model announces every
@@ -359,15 +376,11 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 		r.noteAddrsLocked(c, st)
 		if st.unreachableLocked(c) {
 			rk.unreachable++
+			rk.unusable = append(rk.unusable, c.Peer)
 			continue
 		}
-		if !st.tracker.Available() {
-			continue
-		}
-		if mt := st.model(model); mt != nil && !mt.Available() {
-			continue
-		}
-		if r.distrusted(c.Peer) {
+		if mt := st.model(model); !st.tracker.Available() || (mt != nil && !mt.Available()) || r.distrusted(c.Peer) {
+			rk.unusable = append(rk.unusable, c.Peer)
 			continue
 		}
 		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
@@ -609,6 +622,14 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		return nil, featureError(req.GetModel(), need)
 	}
 	ranked, known, unreachable := rk.ranked, rk.known, rk.unreachable
+	switch {
+	case len(ranked) == 0 && known:
+		// Workers are known but none is usable: find others.
+		r.seek(req.GetModel(), rk.unusable)
+	case len(ranked) > 0 && ranked[0].full:
+		// Free slots come first: every worker known is full.
+		r.seek(req.GetModel(), nil)
+	}
 	fromDHT := false
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
@@ -724,6 +745,10 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	if ctx.Err() != nil {
 		return nil, ctxErr(ctx)
 	}
+	if !fromDHT {
+		// Every worker tried failed or was busy: find others.
+		r.seek(req.GetModel(), q.triedPeers())
+	}
 	if q.failures == 0 && q.busy > 0 {
 		return nil, protocol.Errorf(protocol.CodeBusy, "swarm busy: %d capable peer(s) tried, all busy or shutting down", q.busy)
 	}
@@ -739,6 +764,14 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		return nil, lastErr
 	}
 	return nil, protocol.Errorf(protocol.CodeUnavailable, "%s", q.summary())
+}
+
+// seek tells the Seeker, if any, that the table's workers of model cannot
+// serve it.
+func (r *Router) seek(model string, unusable []peer.ID) {
+	if r.seeker != nil {
+		r.seeker.SeekWorkers(model, unusable)
+	}
 }
 
 // maxCandidateWaits bounds how often a query waits for a fresh candidate
@@ -872,6 +905,15 @@ type query struct {
 }
 
 func (q *query) started() bool { return q.out }
+
+// triedPeers lists the peers q tried.
+func (q *query) triedPeers() []peer.ID {
+	out := make([]peer.ID, 0, len(q.tried))
+	for k := range q.tried {
+		out = append(out, k.peer)
+	}
+	return out
+}
 
 // untried drops the peer processes this query already tried.
 func (q *query) untried(ranked []scored) []scored {
