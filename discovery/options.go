@@ -381,7 +381,9 @@ func WithSwarmView(on bool) Option {
 
 // WithMaxPerModel bounds the workers of one model the table keeps (k ≥ 1;
 // zero lifts the bound). An author is taken while one of its models has
-// room; others are neither probed nor forwarded.
+// room, or in place of a kept worker of one of them that it is clearly
+// better than (the best are kept, not the first); others are neither
+// probed nor forwarded.
 func WithMaxPerModel(k int) Option {
 	return func(c *config) error {
 		if k < 0 {

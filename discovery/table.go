@@ -564,8 +564,9 @@ func (t *PeerTable) dropPendingLocked(p peer.ID) {
 
 // wouldTake reports whether announcement a of author delivered by via
 // would be kept: known authors always, proven ones if one of their models
-// has room, a new one only if quarantine has room for via and one of its
-// models has room. The validator ignores (does not forward) what the table
+// has room or they would replace a kept worker, a new one only if
+// quarantine has room for via and, likewise, one of its models has room
+// or it would replace one. The validator ignores (does not forward) what the table
 // would drop, so a flood stops at the first honest node, and a node that
 // keeps K workers of a model neither probes nor relays the others.
 func (t *PeerTable) wouldTake(author peer.ID, o origin, a *pb.Announce) bool {
