@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -54,6 +55,7 @@ type Discovery struct {
 	table       *PeerTable
 	traffic     *trafficTracer
 	mdns        interface{ Close() error }
+	lookups     atomic.Int64 // provider look-ups of watched models started (lookUp)
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -466,6 +468,9 @@ func (d *Discovery) origin(author, from peer.ID) origin {
 		o.ip = d.peerIP(author)
 	}
 	o.proven = author == d.h.ID() || (d.h.Network().Connectedness(author) == network.Connected && d.admitted(author))
+	if o.proven {
+		o.rtt = d.h.Peerstore().LatencyEWMA(author)
+	}
 	return o
 }
 

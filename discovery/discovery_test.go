@@ -132,12 +132,13 @@ func modelOf(e Entry) string {
 	return ""
 }
 
-// heartbeat publishes an announcement every interval until the test ends,
-// as the node's announcer will.
-func heartbeat(t *testing.T, d *Discovery, model string, every time.Duration) {
+// heartbeat publishes an announcement every interval until the test ends
+// or stop is called, as the node's announcer will.
+func heartbeat(t *testing.T, d *Discovery, model string, every time.Duration) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	t.Cleanup(func() { cancel(); <-done })
+	stop = func() { cancel(); <-done }
+	t.Cleanup(stop)
 	go func() {
 		defer close(done)
 		tick := time.NewTicker(every)
@@ -153,6 +154,7 @@ func heartbeat(t *testing.T, d *Discovery, model string, every time.Duration) {
 			}
 		}
 	}()
+	return stop
 }
 
 // Nodes that know only the first one: every node's table ends up holding

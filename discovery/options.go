@@ -47,7 +47,12 @@ const (
 	// node starts watching a model.
 	providerConnectWait = 30 * time.Second
 	// redialEvery spaces the provider dials of one watched model.
-	redialEvery      = 10 * time.Second
+	redialEvery = 10 * time.Second
+	// unusableFor is how long a worker the router found unusable
+	// (SeekWorkers) is the first to be replaced: long enough for a
+	// provider look-up to bring others, short enough for a briefly busy
+	// worker to count again.
+	unusableFor      = 30 * time.Second
 	probeConcurrency = 4
 	probeTimeout     = 5 * time.Second
 	// DefaultMaxPubSubMessage bounds a gossipsub RPC. An announcement is at
@@ -85,6 +90,9 @@ type config struct {
 	// every node's announcement (see WithSwarmView).
 	swarmView bool
 	watch     []string // models watched from the start
+	// redialEvery spaces the provider look-ups of one watched model
+	// (tests shorten it).
+	redialEvery time.Duration
 
 	onTopicJoin func(peer.ID)
 	// memberProto is a protocol every node of the swarm serves; peers
@@ -115,6 +123,7 @@ func defaults() config {
 		ipColocation:  DefaultIPColocationThreshold,
 		now:           time.Now,
 		swarmView:     true,
+		redialEvery:   redialEvery,
 	}
 }
 
@@ -372,7 +381,9 @@ func WithSwarmView(on bool) Option {
 
 // WithMaxPerModel bounds the workers of one model the table keeps (k ≥ 1;
 // zero lifts the bound). An author is taken while one of its models has
-// room; others are neither probed nor forwarded.
+// room, or in place of a kept worker of one of them that it is clearly
+// better than (the best are kept, not the first); others are neither
+// probed nor forwarded.
 func WithMaxPerModel(k int) Option {
 	return func(c *config) error {
 		if k < 0 {

@@ -1,12 +1,14 @@
 package discovery
 
 import (
+	"math"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -38,6 +40,9 @@ const (
 	ReasonDisconnected = "disconnected" // the host lost its last connection to the peer
 	ReasonClosed       = "closed"       // the table was closed
 	ReasonQuarantine   = "quarantine"   // over the limits for its IP; back in quarantine
+	// ReasonReplaced: a clearly better worker of one of its models took
+	// its place under the per-model bound.
+	ReasonReplaced = "replaced"
 )
 
 // Event is a change of the peer table.
@@ -59,6 +64,9 @@ type Entry struct {
 	// RTTRelayed: RTT was measured through a relay (no direct connection).
 	RTTRelayed bool
 	IP         string // address of our connection to it when admitted ("" unknown)
+	// unusableUntil: the router found it unusable (failing, busy) and
+	// asked for other workers; until then it is the first to be replaced.
+	unusableUntil time.Time
 }
 
 // origin is how an announcement reached us, for the quarantine.
@@ -67,6 +75,9 @@ type origin struct {
 	viaIP  string  // IP of our connection to via ("" unknown)
 	proven bool    // the author is connected to us: it holds its key and is reachable
 	ip     string  // IP of our connection to the author, when proven
+	// rtt: libp2p's latency estimate of the author (0 unknown), to weigh
+	// it against kept workers when its models are at their bound.
+	rtt time.Duration
 }
 
 // pendingEntry is an announcement of a peer we have never been connected
@@ -90,8 +101,9 @@ type tableLimits struct {
 	perForwarder int
 	perIP        int
 	// perModel, when positive, bounds the workers kept per model: an
-	// author is taken only while one of its models has room. Zero: no
-	// bound (a node with the swarm view holds every worker).
+	// author is taken while one of its models has room, or in place of a
+	// clearly worse kept worker (replaceableLocked). Zero: no bound (a
+	// node with the swarm view holds every worker).
 	perModel int
 }
 
@@ -311,7 +323,7 @@ func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) b
 		// A proven peer that finds no room (table full, its IP over
 		// its share) is dropped, not quarantined: a probe would not
 		// change that.
-		return t.admitLocked(e)
+		return t.admitLocked(e, o.rtt)
 	}
 	if pe != nil {
 		countModels(t.pendingPerModel, pe.Announce, -1)
@@ -327,9 +339,11 @@ func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) b
 }
 
 // admitLocked moves e into the visible table, out of quarantine, if the
-// table and e's IP have room. Our own entry always fits: the router must
-// be able to use itself.
-func (t *PeerTable) admitLocked(e Entry) bool {
+// table and e's IP have room, and one of its models has room or a clearly
+// worse worker of one of them to replace (rtt: e's, 0 unknown). Our own
+// entry always fits: the router must be able to use itself.
+func (t *PeerTable) admitLocked(e Entry, rtt time.Duration) bool {
+	var replace peer.ID
 	if !e.Self {
 		if len(t.entries) >= t.max {
 			if !t.full {
@@ -343,9 +357,15 @@ func (t *PeerTable) admitLocked(e Entry) bool {
 			return false
 		}
 		if !t.roomModelLocked(e.Announce, false) {
-			log.Debugw("enough workers of its models kept; peer not taken", "peer", e.Peer, "max", t.lim.perModel)
-			return false
+			if replace = t.replaceableLocked(e.Announce, rtt, t.now()); replace == "" {
+				log.Debugw("enough workers of its models kept, none clearly worse; peer not taken", "peer", e.Peer, "max", t.lim.perModel)
+				return false
+			}
 		}
+	}
+	if replace != "" {
+		log.Debugw("kept worker replaced by a clearly better one", "peer", replace, "by", e.Peer)
+		t.removeLocked(replace, ReasonReplaced)
 	}
 	t.dropPendingLocked(e.Peer)
 	if e.IP != "" {
@@ -390,6 +410,118 @@ func (t *PeerTable) roomModelLocked(a *pb.Announce, pending bool) bool {
 	return false
 }
 
+// replaceableLocked returns the kept worker that a new author announcing a
+// (rtt: its RTT, 0 unknown) is to replace, "" if none. For each model of
+// a, the candidates are the kept workers of that model whose eviction
+// leaves each of their models at its bound at least (counting the
+// newcomer): a worker that would be taken again for another model's room
+// is no candidate, nor the only worker of a model. Among them, the one a
+// is clearly better than by the most (protocol.ClearlyBetter on the
+// router's score from what the announcements say) is replaced: the margin
+// keeps near-equal workers from taking turns.
+func (t *PeerTable) replaceableLocked(a *pb.Announce, rtt time.Duration, now time.Time) peer.ID {
+	if t.lim.perModel <= 0 || a.GetDraining() {
+		return ""
+	}
+	var worst peer.ID
+	worstRatio := 0.0
+	for _, mi := range a.GetModels() {
+		m := mi.GetName()
+		for p, e := range t.entries {
+			emi := modelEntry(e.Announce, m)
+			if e.Self || emi == nil || !t.evictableLocked(e.Announce, a) {
+				continue
+			}
+			// An RTT counts only when both are known: a newcomer not
+			// pinged yet must not look near.
+			mine, theirs := time.Duration(0), time.Duration(0)
+			if rtt > 0 && e.RTT > 0 {
+				mine, theirs = rtt, e.RTT
+			}
+			ms := protocol.AnnouncedEstimate(a, mi, mine).Score()
+			ts := math.Inf(1)
+			if e.Expires.After(now) && !e.Announce.GetDraining() && !e.unusableUntil.After(now) {
+				ts = protocol.AnnouncedEstimate(e.Announce, emi, theirs).Score()
+			}
+			if !protocol.ClearlyBetter(ms, ts) {
+				continue
+			}
+			r := ts / ms
+			if r > worstRatio || (r == worstRatio && p < worst) {
+				worst, worstRatio = p, r
+			}
+		}
+	}
+	return worst
+}
+
+// evictableLocked reports whether removing the kept worker announcing
+// old, for a newcomer announcing a, leaves every model of old at its
+// bound at least: otherwise old would be taken again at its next
+// announcement, for the room it left.
+func (t *PeerTable) evictableLocked(old, a *pb.Announce) bool {
+	for _, mi := range old.GetModels() {
+		n := t.perModel[mi.GetName()] - 1
+		if modelEntry(a, mi.GetName()) != nil {
+			n++
+		}
+		if n < t.lim.perModel {
+			return false
+		}
+	}
+	return true
+}
+
+// replacePendingLocked reports whether a new author announcing a may wait
+// in quarantine although its models are at their bound: it would replace
+// a kept worker, and one of its models has fewer than the bound waiting.
+func (t *PeerTable) replacePendingLocked(a *pb.Announce, rtt time.Duration) bool {
+	if t.replaceableLocked(a, rtt, t.now()) == "" {
+		return false
+	}
+	for _, m := range a.GetModels() {
+		if t.pendingPerModel[m.GetName()] < t.lim.perModel {
+			return true
+		}
+	}
+	return false
+}
+
+// modelEntry is a's first entry for model, nil if it does not serve it.
+func modelEntry(a *pb.Announce, model string) *pb.ModelInfo {
+	for _, mi := range a.GetModels() {
+		if mi.GetName() == model {
+			return mi
+		}
+	}
+	return nil
+}
+
+// markUnusable records that the router found ps unusable: until until,
+// each is the first of its models to be replaced by a newcomer.
+func (t *PeerTable) markUnusable(ps []peer.ID, until time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, p := range ps {
+		if e, ok := t.entries[p]; ok {
+			e.unusableUntil = until
+		}
+	}
+}
+
+// keptOf returns the peers kept that announce model.
+func (t *PeerTable) keptOf(model string) map[peer.ID]bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := map[peer.ID]bool{}
+	for p, e := range t.entries {
+		if modelEntry(e.Announce, model) != nil {
+			out[p] = true
+		}
+	}
+	return out
+}
+
 // countModels adds delta to the count of each model a announces.
 func countModels(counts map[string]int, a *pb.Announce, delta int) {
 	for _, m := range a.GetModels() {
@@ -432,8 +564,9 @@ func (t *PeerTable) dropPendingLocked(p peer.ID) {
 
 // wouldTake reports whether announcement a of author delivered by via
 // would be kept: known authors always, proven ones if one of their models
-// has room, a new one only if quarantine has room for via and one of its
-// models has room. The validator ignores (does not forward) what the table
+// has room or they would replace a kept worker, a new one only if
+// quarantine has room for via and, likewise, one of its models has room
+// or it would replace one. The validator ignores (does not forward) what the table
 // would drop, so a flood stops at the first honest node, and a node that
 // keeps K workers of a model neither probes nor relays the others.
 func (t *PeerTable) wouldTake(author peer.ID, o origin, a *pb.Announce) bool {
@@ -448,7 +581,7 @@ func (t *PeerTable) wouldTake(author peer.ID, o origin, a *pb.Announce) bool {
 	if _, ok := t.pending[author]; ok {
 		return true
 	}
-	if !t.roomModelLocked(a, true) {
+	if !t.roomModelLocked(a, true) && !t.replacePendingLocked(a, o.rtt) {
 		return false
 	}
 	if o.proven {
@@ -488,7 +621,7 @@ func (t *PeerTable) prove(p peer.ID, ip string) bool {
 	}
 	e := pe.Entry
 	e.IP = ip
-	if !t.admitLocked(e) {
+	if !t.admitLocked(e, 0) {
 		// Over the limits for its IP: probe again later.
 		pe.nextProbe = now.Add(maxProbeBackoff)
 		return false

@@ -10,6 +10,7 @@ import (
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -160,8 +161,9 @@ func (d *Discovery) publishModels(ctx context.Context, a *pb.Announce, data []by
 // Watch subscribes to model's topic, so that this node learns (up to the
 // per-model bound) the workers of model and follows their load, and dials
 // some of model's DHT providers so that their announcements reach it.
-// Called again for a watched model (the router asks for providers only
-// when its table has no worker of the model left), it dials them again. A
+// Called again for a watched model (the router asks for providers when its
+// table has no worker of the model left, SeekWorkers when none it keeps is
+// usable), it looks them up and dials them again. A
 // node with the swarm view reads every announcement already: Watch does
 // nothing there. It never blocks on the network.
 func (d *Discovery) Watch(model string) error {
@@ -180,10 +182,11 @@ func (d *Discovery) Watch(model string) error {
 	if mt := d.topics.models[model]; mt != nil && mt.sub != nil {
 		mt.used = now
 		// Watched, yet the router asks again: the workers kept have
-		// left. Dial providers again, at most every redialEvery.
-		if now.Sub(mt.dialed) >= redialEvery {
+		// left or are unusable. Dial providers again, at most every
+		// redialEvery.
+		if now.Sub(mt.dialed) >= d.cfg.redialEvery {
 			mt.dialed = now
-			d.goRun(func() { d.dialProviders(model) })
+			d.lookUp(model)
 		}
 		return nil
 	}
@@ -212,9 +215,23 @@ func (d *Discovery) Watch(model string) error {
 	}
 	mt.sub, mt.used, mt.dialed = sub, now, now
 	d.goRun(func() { d.readLoop(sub) })
-	d.goRun(func() { d.dialProviders(model) })
+	d.lookUp(model)
 	log.Debugw("watching model", "model", model, "topic", mt.name)
 	return nil
+}
+
+// SeekWorkers is the router's word that the workers of model this node
+// keeps cannot serve it now: draining, failing, busy or full. The peers
+// named in unusable (those the router found failing or busy) become the
+// first to be replaced by a newcomer for a while (they may recover), and
+// a node without the swarm view looks the model's providers up again, as
+// Watch does (at most every redialEvery), so that workers beyond those
+// kept announce to it and can take their place. It never blocks.
+func (d *Discovery) SeekWorkers(model string, unusable []peer.ID) {
+	d.table.markUnusable(unusable, d.cfg.now().Add(unusableFor))
+	if err := d.Watch(model); err != nil {
+		log.Debugw("seek workers", "model", model, "err", err)
+	}
 }
 
 // Watching lists the models whose topics this node reads.
@@ -231,6 +248,12 @@ func (d *Discovery) Watching() []string {
 	return out
 }
 
+// lookUp starts dialProviders for model in the background.
+func (d *Discovery) lookUp(model string) {
+	d.lookups.Add(1)
+	d.goRun(func() { d.dialProviders(model) })
+}
+
 // dialProviders connects to some of model's DHT providers: gossipsub
 // delivers a topic only between connected peers, and a worker that sees
 // us join its model's topic announces to us at once.
@@ -241,7 +264,10 @@ func (d *Discovery) dialProviders(model string) {
 	if limit <= 0 {
 		limit = defaultFindLimit
 	}
-	ais, err := d.findProviders(ctx, model, limit)
+	// Ask past the workers kept: a look-up for more (SeekWorkers) that
+	// found only them again would find nothing.
+	kept := d.table.keptOf(model)
+	ais, err := d.findProviders(ctx, model, limit+len(kept))
 	if err != nil {
 		log.Debugw("no providers found for a watched model", "model", model, "err", err)
 		return
@@ -249,7 +275,7 @@ func (d *Discovery) dialProviders(model string) {
 	sem := make(chan struct{}, maxDialConcurrency)
 	var wg sync.WaitGroup
 	for _, ai := range ais {
-		if d.h.Network().Connectedness(ai.ID) == network.Connected {
+		if kept[ai.ID] || d.h.Network().Connectedness(ai.ID) == network.Connected {
 			continue
 		}
 		sem <- struct{}{}

@@ -2,7 +2,9 @@ package router
 
 import (
 	"context"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -16,6 +18,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -243,6 +246,76 @@ func TestContinuationCountsWhatWasSaid(t *testing.T) {
 			}
 			if req.GetParams().GetMaxTokens() != c.params.GetMaxTokens() {
 				t.Fatal("the original request was changed")
+			}
+		})
+	}
+}
+
+// seekLog records what the router tells its Seeker.
+type seekLog struct {
+	mu    sync.Mutex
+	calls [][]peer.ID // unusable peers of each call, sorted
+}
+
+func (s *seekLog) SeekWorkers(model string, unusable []peer.ID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if model != "demo" {
+		panic("seek for model " + model)
+	}
+	u := slices.Clone(unusable)
+	slices.Sort(u)
+	s.calls = append(s.calls, u)
+}
+
+// TestSeekerToldWhenNoWorkerServes: when none of the workers the table
+// holds can serve a model (all draining, failing, full, or all failed the
+// query), the router asks its Seeker for more, naming the peers it found
+// failing; while one serves, it asks nothing.
+func TestSeekerToldWhenNoWorkerServes(t *testing.T) {
+	h := testHost(t)
+	draining := func(a *pb.Announce) { a.Draining = true }
+	dead := make([]host.Host, 2)
+	for i := range dead {
+		dead[i] = acceptThenDie(t)
+		connect(t, h, dead[i])
+	}
+	live := demoWorker(t, "live", 0)
+	connect(t, h, live)
+	deadIDs := []peer.ID{dead[0].ID(), dead[1].ID()}
+	slices.Sort(deadIDs)
+	tests := []struct {
+		name   string
+		table  staticTable
+		broken peer.ID // its breaker is open
+		want   [][]peer.ID
+	}{
+		{"all draining", staticTable{cand("leaving", 0, 4, 100, 0, demoModel, draining)}, "", [][]peer.ID{{}}},
+		{"all failing", staticTable{cand("bad", 0, 4, 100, 0, demoModel)}, "bad", [][]peer.ID{{"bad"}}},
+		{"all tried failed", staticTable{cand(string(dead[0].ID()), 0, 4, 100, 0, demoModel), cand(string(dead[1].ID()), 0, 4, 100, 0, demoModel)}, "", [][]peer.ID{deadIDs}},
+		{"all full, then it answers", staticTable{cand(string(live.ID()), 4, 4, 100, 0, demoModel)}, "", [][]peer.ID{{}}},
+		{"one serves", staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel), cand("leaving", 0, 4, 100, 0, demoModel, draining)}, "", nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := &seekLog{}
+			r := New(h, testProto, tc.table, WithSeeker(s), WithRetryBackoff(time.Millisecond), WithHealthOptions(health.WithThreshold(1)))
+			if tc.broken != "" {
+				r.mu.Lock()
+				r.state(tc.broken).tracker.Record(health.Failure)
+				r.mu.Unlock()
+			}
+			_, _ = r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
+				func(*pb.Event) error { return nil })
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if len(s.calls) != len(tc.want) {
+				t.Fatalf("seeker told %v, want %v", s.calls, tc.want)
+			}
+			for i := range tc.want {
+				if !slices.Equal(s.calls[i], tc.want[i]) {
+					t.Fatalf("seeker told %v, want %v", s.calls, tc.want)
+				}
 			}
 		})
 	}

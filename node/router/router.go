@@ -45,12 +45,8 @@ const (
 	AcceptTimeout = 2500 * time.Millisecond
 	// DefaultRetryBase is the first back-off after a peer failed a query.
 	DefaultRetryBase = 50 * time.Millisecond
-	// Score inputs used until a peer has measured figures.
-	defaultTTFT    = 100 * time.Millisecond
-	defaultService = time.Second
-	providerWait   = 5 * time.Second
-	protectTag     = "mtor-query"
-	chooseSlackMs  = 10
+	providerWait     = 5 * time.Second
+	protectTag       = "mtor-query"
 	// DefaultMaxOutput bounds the output of one query (text, media and
 	// embeddings, in bytes): a worker sending more is flooding.
 	DefaultMaxOutput = 32 << 20
@@ -82,6 +78,15 @@ type Table interface {
 // Providers finds workers of a model in the DHT when the table has none.
 type Providers interface {
 	FindProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error)
+}
+
+// Seeker looks for more workers of a model when those the table keeps
+// cannot serve it: all draining, failing, busy or full
+// (discovery.Discovery.SeekWorkers, on a node that keeps a bounded number
+// of workers per model). unusable names the peers this router found
+// failing or busy. It must not block.
+type Seeker interface {
+	SeekWorkers(model string, unusable []peer.ID)
 }
 
 // PeerFinder finds the addresses of a peer (the DHT does), for workers
@@ -153,6 +158,7 @@ type Router struct {
 	proto       libp2pproto.ID
 	table       Table
 	providers   Providers
+	seeker      Seeker
 	finder      PeerFinder
 	local       Local
 	deadline    time.Duration
@@ -192,6 +198,10 @@ type Option func(*Router)
 
 // WithProviders enables DHT lookups for models missing from the table.
 func WithProviders(p Providers) Option { return func(r *Router) { r.providers = p } }
+
+// WithSeeker has the router tell s when no worker the table holds can
+// serve a model, so that it finds others.
+func WithSeeker(s Seeker) Option { return func(r *Router) { r.seeker = s } }
 
 // WithPeerFinder looks up addresses of peers it cannot reach otherwise.
 func WithPeerFinder(f PeerFinder) Option { return func(r *Router) { r.finder = f } }
@@ -328,6 +338,9 @@ type ranking struct {
 	lacking bool
 	// unreachable counts capable peers left out as not reachable yet.
 	unreachable int
+	// unusable lists the capable peers left out as failing, not
+	// reachable or distrusted, for the Seeker.
+	unusable []peer.ID
 }
 
 // rankNeed is rank among the candidates whose model announces every
@@ -363,15 +376,11 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 		r.noteAddrsLocked(c, st)
 		if st.unreachableLocked(c) {
 			rk.unreachable++
+			rk.unusable = append(rk.unusable, c.Peer)
 			continue
 		}
-		if !st.tracker.Available() {
-			continue
-		}
-		if mt := st.model(model); mt != nil && !mt.Available() {
-			continue
-		}
-		if r.distrusted(c.Peer) {
+		if mt := st.model(model); !st.tracker.Available() || (mt != nil && !mt.Available()) || r.distrusted(c.Peer) {
+			rk.unusable = append(rk.unusable, c.Peer)
 			continue
 		}
 		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
@@ -523,48 +532,38 @@ func (r *Router) pruneLocked(cands []Candidate) {
 }
 
 func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState, prior measures) float64 {
-	load := c.Announce.GetLoad()
-	maxC := float64(max(load.GetMaxConcurrency(), 1))
+	// What this router measured overrides what the worker announced.
+	e := protocol.AnnouncedEstimate(c.Announce, mi, c.RTT)
 	// Our own in-flight count is fresher than the announcement, which may
 	// already include it: take the larger rather than the sum.
-	occ := math.Max(float64(load.GetInFlight()+load.GetQueued()), float64(st.inflight))
-	ttft := st.ttft
-	if ttft == 0 {
-		ttft = float64(mi.GetP50TtftMs())
+	e.Occupied = math.Max(e.Occupied, float64(st.inflight))
+	switch {
+	case st.ttft > 0:
+		e.TTFTMs = st.ttft
+	case mi.GetP50TtftMs() == 0 && prior.meanTTFT() > 0:
+		e.TTFTMs = prior.meanTTFT()
 	}
-	if ttft == 0 {
-		ttft = prior.meanTTFT()
+	switch {
+	case st.service > 0:
+		e.ServiceMs = st.service
+	case prior.meanSvc() > 0:
+		e.ServiceMs = prior.meanSvc()
 	}
-	if ttft == 0 {
-		ttft = float64(defaultTTFT.Milliseconds())
-	}
-	svc := st.service
-	if svc == 0 {
-		svc = prior.meanSvc()
-	}
-	if svc == 0 {
-		svc = float64(defaultService.Milliseconds())
-	}
-	wait := 0.0
-	if occ >= maxC {
-		wait = (occ - maxC + 1) / maxC * svc
-	}
-	est := float64(c.RTT.Milliseconds()) + ttft*(1+occ/maxC) + wait
 	h := math.Min(float64(c.Announce.GetHealth()), st.tracker.Score())
 	if mt := st.model(mi.GetName()); mt != nil {
 		h = math.Min(h, mt.Score())
 	}
-	h = h / 100 * r.reputation(c.Peer) / 100
-	return est / math.Max(h, 0.05)
+	e.Health = h / 100 * r.reputation(c.Peer) / 100
+	return e.Score()
 }
 
 // choose picks between the two best by random choice, so that a burst of
 // queries does not pile onto one peer before its load shows; a clearly
 // better first choice always wins.
 func (r *Router) choose(ranked []scored) int {
-	// The slack keeps peers a few milliseconds apart (all fast, on one LAN)
-	// in the draw even when one is twice as fast as the other.
-	if len(ranked) < 2 || ranked[1].full != ranked[0].full || ranked[1].score > 2*ranked[0].score+chooseSlackMs {
+	// ClearlyBetter's slack keeps peers a few milliseconds apart (all
+	// fast, on one LAN) in the draw even when one is twice as fast.
+	if len(ranked) < 2 || ranked[1].full != ranked[0].full || protocol.ClearlyBetter(ranked[0].score, ranked[1].score) {
 		return 0
 	}
 	r.mu.Lock()
@@ -623,6 +622,14 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		return nil, featureError(req.GetModel(), need)
 	}
 	ranked, known, unreachable := rk.ranked, rk.known, rk.unreachable
+	switch {
+	case len(ranked) == 0 && known:
+		// Workers are known but none is usable: find others.
+		r.seek(req.GetModel(), rk.unusable)
+	case len(ranked) > 0 && ranked[0].full:
+		// Free slots come first: every worker known is full.
+		r.seek(req.GetModel(), nil)
+	}
 	fromDHT := false
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
@@ -738,6 +745,10 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	if ctx.Err() != nil {
 		return nil, ctxErr(ctx)
 	}
+	if !fromDHT {
+		// Every worker tried failed or was busy: find others.
+		r.seek(req.GetModel(), q.triedPeers())
+	}
 	if q.failures == 0 && q.busy > 0 {
 		return nil, protocol.Errorf(protocol.CodeBusy, "swarm busy: %d capable peer(s) tried, all busy or shutting down", q.busy)
 	}
@@ -753,6 +764,14 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		return nil, lastErr
 	}
 	return nil, protocol.Errorf(protocol.CodeUnavailable, "%s", q.summary())
+}
+
+// seek tells the Seeker, if any, that the table's workers of model cannot
+// serve it.
+func (r *Router) seek(model string, unusable []peer.ID) {
+	if r.seeker != nil {
+		r.seeker.SeekWorkers(model, unusable)
+	}
 }
 
 // maxCandidateWaits bounds how often a query waits for a fresh candidate
@@ -886,6 +905,15 @@ type query struct {
 }
 
 func (q *query) started() bool { return q.out }
+
+// triedPeers lists the peers q tried.
+func (q *query) triedPeers() []peer.ID {
+	out := make([]peer.ID, 0, len(q.tried))
+	for k := range q.tried {
+		out = append(out, k.peer)
+	}
+	return out
+}
 
 // untried drops the peer processes this query already tried.
 func (q *query) untried(ranked []scored) []scored {
