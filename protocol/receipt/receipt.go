@@ -236,30 +236,42 @@ func wellFormed(r *pb.Receipt) error {
 // verifySig checks the worker's (router false) or the router's signature
 // with the public key inlined in the signer's peer ID (Ed25519, secp256k1
 // and ECDSA keys are; RSA keys are not, and RSA signers are refused).
+// Ed25519 keys are cached by peer ID, expanded (keys.go): the same
+// signer's next receipts skip decoding the peer ID and key and verify
+// faster, under the same rules.
 func verifySig(r *pb.Receipt, router bool) error {
-	signer, sig := r.GetWorker(), r.GetWorkerSig()
+	signer, sig, who := r.GetWorker(), r.GetWorkerSig(), "worker"
 	if router {
-		signer, sig = r.GetRequester(), r.GetRouterSig()
-	}
-	id, err := peer.IDFromBytes(signer)
-	if err != nil {
-		return fmt.Errorf("%w: signer peer id: %w", ErrMalformed, err)
-	}
-	pub, err := id.ExtractPublicKey()
-	if err != nil {
-		return fmt.Errorf("%w: no public key in peer id %s: %w", ErrBadSig, id, err)
+		signer, sig, who = r.GetRequester(), r.GetRouterSig(), "router"
 	}
 	b, err := SigningBytes(r, router)
 	if err != nil {
 		return err
 	}
-	ok, err := verify(pub, b, sig)
-	if err != nil || !ok {
-		who := "worker"
-		if router {
-			who = "router"
+	var ok bool
+	if exp := signerKeys.get(signer); exp != nil {
+		ok = verifyExpanded(exp, b, sig)
+	} else {
+		id, err := peer.IDFromBytes(signer)
+		if err != nil {
+			return fmt.Errorf("%w: signer peer id: %w", ErrMalformed, err)
 		}
-		return fmt.Errorf("%w: %s %s", ErrBadSig, who, id)
+		pub, err := id.ExtractPublicKey()
+		if err != nil {
+			return fmt.Errorf("%w: no public key in peer id %s: %w", ErrBadSig, id, err)
+		}
+		if raw := ed25519Raw(pub); raw == nil {
+			// Not Ed25519: as libp2p does, uncached.
+			if ok, err = verify(pub, b, sig); err != nil {
+				ok = false
+			}
+		} else if exp := signerKeys.put(signer, raw); exp != nil {
+			ok = verifyExpanded(exp, b, sig)
+		}
+		// An Ed25519 key that is not a point verifies nothing.
+	}
+	if !ok {
+		return fmt.Errorf("%w: %s %s", ErrBadSig, who, peer.ID(signer))
 	}
 	return nil
 }
@@ -287,13 +299,21 @@ func sign(key crypto.PrivKey, b []byte) ([]byte, error) {
 // under crypto/ed25519's rules (about 60 % of its time), others as libp2p
 // does.
 func verify(pub crypto.PubKey, b, sig []byte) (bool, error) {
+	if raw := ed25519Raw(pub); raw != nil {
+		return voi.VerifyWithOptions(raw, b, sig, stdlibVerify), nil
+	}
+	return pub.Verify(b, sig)
+}
+
+// ed25519Raw is pub's 32 bytes if it is an Ed25519 key, else nil.
+func ed25519Raw(pub crypto.PubKey) voi.PublicKey {
 	if k, ok := pub.(*crypto.Ed25519PublicKey); ok {
 		raw, err := k.Raw()
 		if err == nil && len(raw) == voi.PublicKeySize {
-			return voi.VerifyWithOptions(voi.PublicKey(raw), b, sig, stdlibVerify), nil
+			return voi.PublicKey(raw)
 		}
 	}
-	return pub.Verify(b, sig)
+	return nil
 }
 
 // OutputHash hashes the output events of one answer, in stream order, as
