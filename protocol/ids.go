@@ -68,6 +68,13 @@ func ModelTopic(swarm, model string) string {
 	return AnnounceTopic(swarm) + "/m/" + hex.EncodeToString(sum[:16])
 }
 
+// RelayTopic is the gossipsub topic on which relays (nodes announcing the
+// "relay" role) publish their announcements too, for the nodes without the
+// swarm view that need a relay. Model topics end in /m/<hex>: no clash.
+func RelayTopic(swarm string) string {
+	return AnnounceTopic(swarm) + "/relay"
+}
+
 // PresenceTopic is a gossipsub topic every node subscribes to and nobody
 // publishes on: a peer seen there has a working gossip link with us, even
 // when it subscribes to no announce topic.
@@ -92,4 +99,13 @@ func ModelKey(swarm, model string) string {
 		swarm = DefaultSwarm
 	}
 	return "/mtor/" + swarm + "/model/" + model
+}
+
+// RelayKey is the string hashed into the DHT provider key under which
+// relays provide. Model keys have a /model/ segment: no clash.
+func RelayKey(swarm string) string {
+	if swarm == "" {
+		swarm = DefaultSwarm
+	}
+	return "/mtor/" + swarm + "/relay"
 }

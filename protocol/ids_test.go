@@ -7,12 +7,12 @@ import (
 
 func TestProtocolIDs(t *testing.T) {
 	tests := []struct {
-		swarm                       string
-		query, topic, dht, modelKey string
+		swarm                                             string
+		query, topic, dht, modelKey, relayTopic, relayKey string
 	}{
-		{"", "/mtor/query/1.0.0", "/mtor/mtor/announce/1", "/mtor/mtor", "/mtor/mtor/model/llama3"},
-		{DefaultSwarm, "/mtor/query/1.0.0", "/mtor/mtor/announce/1", "/mtor/mtor", "/mtor/mtor/model/llama3"},
-		{"lab-7", "/mtor/lab-7/query/1.0.0", "/mtor/lab-7/announce/1", "/mtor/lab-7", "/mtor/lab-7/model/llama3"},
+		{"", "/mtor/query/1.0.0", "/mtor/mtor/announce/1", "/mtor/mtor", "/mtor/mtor/model/llama3", "/mtor/mtor/announce/1/relay", "/mtor/mtor/relay"},
+		{DefaultSwarm, "/mtor/query/1.0.0", "/mtor/mtor/announce/1", "/mtor/mtor", "/mtor/mtor/model/llama3", "/mtor/mtor/announce/1/relay", "/mtor/mtor/relay"},
+		{"lab-7", "/mtor/lab-7/query/1.0.0", "/mtor/lab-7/announce/1", "/mtor/lab-7", "/mtor/lab-7/model/llama3", "/mtor/lab-7/announce/1/relay", "/mtor/lab-7/relay"},
 	}
 	for _, tc := range tests {
 		if got := string(QueryProtocol(tc.swarm)); got != tc.query {
@@ -26,6 +26,12 @@ func TestProtocolIDs(t *testing.T) {
 		}
 		if got := ModelKey(tc.swarm, "llama3"); got != tc.modelKey {
 			t.Errorf("ModelKey(%q) = %q, want %q", tc.swarm, got, tc.modelKey)
+		}
+		if got := RelayTopic(tc.swarm); got != tc.relayTopic {
+			t.Errorf("RelayTopic(%q) = %q, want %q", tc.swarm, got, tc.relayTopic)
+		}
+		if got := RelayKey(tc.swarm); got != tc.relayKey {
+			t.Errorf("RelayKey(%q) = %q, want %q", tc.swarm, got, tc.relayKey)
 		}
 	}
 	if !strings.HasSuffix(string(QueryProtocol("x")), "/"+Version) {
