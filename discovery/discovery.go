@@ -287,12 +287,16 @@ func (d *Discovery) Publish(ctx context.Context, a *pb.Announce) error {
 	return nil
 }
 
-// modelCID is the DHT key of a model: a raw CID of the sha256 of
-// protocol.ModelKey(swarm, model).
+// modelCID is the DHT key of a model: keyCID of protocol.ModelKey(swarm, model).
 func modelCID(swarm, model string) (cid.Cid, error) {
-	mh, err := multihash.Sum([]byte(protocol.ModelKey(swarm, model)), multihash.SHA2_256, -1)
+	return keyCID(protocol.ModelKey(swarm, model))
+}
+
+// keyCID is a DHT key: a raw CID of the sha256 of key.
+func keyCID(key string) (cid.Cid, error) {
+	mh, err := multihash.Sum([]byte(key), multihash.SHA2_256, -1)
 	if err != nil {
-		return cid.Undef, fmt.Errorf("hash model key: %w", err)
+		return cid.Undef, fmt.Errorf("hash key %s: %w", key, err)
 	}
 	return cid.NewCidV1(cid.Raw, mh), nil
 }
@@ -313,6 +317,20 @@ func (d *Discovery) Provide(ctx context.Context, model string) error {
 	return nil
 }
 
+// ProvideRelay announces in the DHT that this node is one of the swarm's
+// relays, for the nodes without the swarm view (WatchRelays). Records
+// expire; call it again periodically.
+func (d *Discovery) ProvideRelay(ctx context.Context) error {
+	c, err := keyCID(protocol.RelayKey(d.cfg.swarm))
+	if err != nil {
+		return err
+	}
+	if err := d.dht.Provide(ctx, c, true); err != nil {
+		return fmt.Errorf("provide the relay key: %w", err)
+	}
+	return nil
+}
+
 // FindProviders looks up in the DHT up to limit peers (default 20, at most
 // 100) that provide model, other than this node. It returns what it found
 // when ctx ends, with ctx's error only if it found nothing. A node without
@@ -329,14 +347,19 @@ func (d *Discovery) findProviders(ctx context.Context, model string, limit int) 
 	if err := protocol.ValidateModelName(model); err != nil {
 		return nil, err
 	}
-	if limit <= 0 {
-		limit = defaultFindLimit
-	}
-	limit = min(limit, maxFindLimit)
 	c, err := modelCID(d.cfg.swarm, model)
 	if err != nil {
 		return nil, err
 	}
+	return d.findProvidersOf(ctx, c, limit, fmt.Sprintf("%q", model))
+}
+
+// findProvidersOf is findProviders for DHT key c, named what in errors.
+func (d *Discovery) findProvidersOf(ctx context.Context, c cid.Cid, limit int, what string) ([]peer.AddrInfo, error) {
+	if limit <= 0 {
+		limit = defaultFindLimit
+	}
+	limit = min(limit, maxFindLimit)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var out []peer.AddrInfo
@@ -351,7 +374,7 @@ func (d *Discovery) findProviders(ctx context.Context, model string, limit int) 
 		}
 	}
 	if len(out) == 0 && ctx.Err() != nil {
-		return nil, fmt.Errorf("find providers of %q: %w", model, ctx.Err())
+		return nil, fmt.Errorf("find providers of %s: %w", what, ctx.Err())
 	}
 	if d.cfg.members != nil {
 		out = d.onlyMembers(ctx, out)

@@ -52,7 +52,16 @@ const (
 	// (SeekWorkers) is the first to be replaced: long enough for a
 	// provider look-up to bring others, short enough for a briefly busy
 	// worker to count again.
-	unusableFor      = 30 * time.Second
+	unusableFor = 30 * time.Second
+	// Relay dials (WatchRelays) are spaced 1 s at first (the DHT may be
+	// empty at start), doubling to 2 min, so that nodes wanting more
+	// relays than the swarm has do not query the DHT without end.
+	relayRedialMin = time.Second
+	relayRedialMax = 2 * time.Minute
+	// maxRelayDials bounds the relays a node without the swarm view
+	// dials to learn of them: enough for the most reservations a node
+	// holds (8).
+	maxRelayDials    = 8
 	probeConcurrency = 4
 	probeTimeout     = 5 * time.Second
 	// DefaultMaxPubSubMessage bounds a gossipsub RPC. An announcement is at
@@ -367,8 +376,9 @@ func WithMembers(m Members) Option {
 // grows with the swarm. Off, it subscribes only to the topics of the
 // models it routes to (Watch: on the first look-up of a model's providers,
 // or WithWatch), and keeps at most WithMaxPerModel workers of each
-// (DefaultMaxPerModel unless set), finding others through the DHT: a cost
-// per node that grows with what it needs, not with the swarm.
+// (DefaultMaxPerModel unless set), finding others through the DHT, and,
+// once it asks for relays (WatchRelays), to the relay topic: a cost per
+// node that grows with what it needs, not with the swarm.
 func WithSwarmView(on bool) Option {
 	return func(c *config) error {
 		c.swarmView = on

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
@@ -24,6 +25,16 @@ import (
 // publish then reaches, on a model topic, exactly the connected peers that
 // asked for that model.
 
+//
+// The relay topic (protocol.RelayTopic) rides on the same machinery under
+// the key relayTopicKey: relays publish on it, and a node without the swarm
+// view that needs a relay reads it (WatchRelays). It is not a watched
+// model: neither counted against maxWatched nor evicted.
+
+// relayTopicKey is the relay topic's key among the model topics: a
+// control character, which no model name may hold, so no model collides.
+const relayTopicKey = "\x00relay"
+
 // modelTopic is one model's topic as this node uses it: to publish its
 // own announcements (own), to read other workers' (sub), or both.
 type modelTopic struct {
@@ -35,6 +46,9 @@ type modelTopic struct {
 	dialed time.Time                 // last dialProviders started
 	events *pubsub.TopicEventHandler // peers joining, when onTopicJoin is set
 	cancel context.CancelFunc        // ends the loop reading events
+	// Relay topic only: a dial is running; the wait before the next.
+	dialing bool
+	wait    time.Duration
 }
 
 // topicSet is the model topics of one node.
@@ -88,6 +102,9 @@ func (d *Discovery) modelTopicLocked(model string) (*modelTopic, error) {
 		return mt, nil
 	}
 	name := protocol.ModelTopic(d.cfg.swarm, model)
+	if model == relayTopicKey {
+		name = protocol.RelayTopic(d.cfg.swarm)
+	}
 	t, err := d.joinTopic(name)
 	if err != nil {
 		return nil, err
@@ -112,7 +129,8 @@ func (d *Discovery) modelTopicLocked(model string) (*modelTopic, error) {
 }
 
 // publishModels publishes data (an announcement, already stamped) on the
-// topic of each model of a, and leaves the topics of models no longer served.
+// topic of each model of a, and on the relay topic if a has the relay
+// role, and leaves the topics no longer served.
 func (d *Discovery) publishModels(ctx context.Context, a *pb.Announce, data []byte) error {
 	serves := map[string]bool{}
 	if !a.GetDraining() {
@@ -121,6 +139,10 @@ func (d *Discovery) publishModels(ctx context.Context, a *pb.Announce, data []by
 		for _, m := range a.GetModels() {
 			serves[m.GetName()] = true
 		}
+	}
+	// A draining node still relays until it exits.
+	if slices.Contains(a.GetRoles(), "relay") {
+		serves[relayTopicKey] = true
 	}
 	var topics []*pubsub.Topic
 	var errs []error
@@ -192,7 +214,7 @@ func (d *Discovery) Watch(model string) error {
 	}
 	var watched []string
 	for m, mt := range d.topics.models {
-		if mt.sub != nil {
+		if mt.sub != nil && m != relayTopicKey {
 			watched = append(watched, m)
 		}
 	}
@@ -240,7 +262,7 @@ func (d *Discovery) Watching() []string {
 	defer d.topics.mu.Unlock()
 	var out []string
 	for m, mt := range d.topics.models {
-		if mt.sub != nil {
+		if mt.sub != nil && m != relayTopicKey {
 			out = append(out, m)
 		}
 	}
@@ -252,6 +274,80 @@ func (d *Discovery) Watching() []string {
 func (d *Discovery) lookUp(model string) {
 	d.lookups.Add(1)
 	d.goRun(func() { d.dialProviders(model) })
+}
+
+// WatchRelays makes a node without the swarm view, which learns no relay
+// otherwise, read the relay topic and dial a few of the relays that
+// provide the relay key in the DHT, so that their announcements reach its
+// table. Called again, it dials again, 1 s after the first dial (the DHT
+// may have been empty), then at intervals doubling to relayRedialMax: the
+// relay keeper calls it every second while it lacks candidates, which in
+// a swarm with fewer relays than it wants is for ever. afresh (a relay was
+// just lost, and may come back) starts the spacing again at 1 s. A node
+// with the swarm view reads every relay's announcement already:
+// WatchRelays does nothing there. It never blocks on the network.
+func (d *Discovery) WatchRelays(afresh bool) error {
+	if d.cfg.swarmView {
+		return nil
+	}
+	d.topics.mu.Lock()
+	defer d.topics.mu.Unlock()
+	if d.ctx.Err() != nil {
+		return d.ctx.Err()
+	}
+	now := time.Now()
+	if mt := d.topics.models[relayTopicKey]; mt != nil && mt.sub != nil {
+		if afresh {
+			mt.wait = 0
+		}
+		if !mt.dialing && now.Sub(mt.dialed) >= mt.wait {
+			mt.dialed, mt.dialing = now, true
+			d.goRun(func() { d.dialRelays(mt) })
+		}
+		return nil
+	}
+	mt, err := d.modelTopicLocked(relayTopicKey)
+	if err != nil {
+		return err
+	}
+	sub, err := mt.topic.Subscribe(pubsub.WithBufferSize(subBuffer))
+	if err != nil {
+		d.leaveTopicLocked(relayTopicKey, mt)
+		return fmt.Errorf("subscribe %s: %w", mt.name, err)
+	}
+	mt.sub, mt.used, mt.dialed, mt.dialing = sub, now, now, true
+	d.goRun(func() { d.readLoop(sub) })
+	d.goRun(func() { d.dialRelays(mt) })
+	log.Infow("watching relays", "topic", mt.name)
+	return nil
+}
+
+// WatchingRelays reports whether this node reads the relay topic.
+func (d *Discovery) WatchingRelays() bool {
+	d.topics.mu.Lock()
+	defer d.topics.mu.Unlock()
+	mt := d.topics.models[relayTopicKey]
+	return mt != nil && mt.sub != nil
+}
+
+// dialRelays connects to up to maxRelayDials relay providers and sets
+// when the next dial may start.
+func (d *Discovery) dialRelays(mt *modelTopic) {
+	ctx, cancel := context.WithTimeout(d.ctx, providerConnectWait)
+	defer cancel()
+	reached := 0
+	c, err := keyCID(protocol.RelayKey(d.cfg.swarm))
+	if err == nil {
+		var ais []peer.AddrInfo
+		if ais, err = d.findProvidersOf(ctx, c, maxRelayDials, "relays"); err == nil {
+			reached = d.dialAll(ctx, ais, "relay")
+		}
+	}
+	log.Debugw("dialled relays", "reached", reached, "err", err)
+	d.topics.mu.Lock()
+	defer d.topics.mu.Unlock()
+	mt.dialing = false
+	mt.wait = min(max(2*mt.wait, relayRedialMin), relayRedialMax)
 }
 
 // dialProviders connects to some of model's DHT providers: gossipsub
@@ -272,10 +368,19 @@ func (d *Discovery) dialProviders(model string) {
 		log.Debugw("no providers found for a watched model", "model", model, "err", err)
 		return
 	}
+	ais = slices.DeleteFunc(ais, func(ai peer.AddrInfo) bool { return kept[ai.ID] })
+	d.dialAll(ctx, ais, "provider of a watched model")
+}
+
+// dialAll connects to ais, a few at a time, and returns how many are
+// connected afterwards.
+func (d *Discovery) dialAll(ctx context.Context, ais []peer.AddrInfo, what string) int {
 	sem := make(chan struct{}, maxDialConcurrency)
 	var wg sync.WaitGroup
+	var reached atomic.Int32
 	for _, ai := range ais {
-		if kept[ai.ID] || d.h.Network().Connectedness(ai.ID) == network.Connected {
+		if d.h.Network().Connectedness(ai.ID) == network.Connected {
+			reached.Add(1)
 			continue
 		}
 		sem <- struct{}{}
@@ -284,11 +389,14 @@ func (d *Discovery) dialProviders(model string) {
 			dctx, dcancel := context.WithTimeout(ctx, d.cfg.dialTimeout)
 			defer dcancel()
 			if err := d.h.Connect(dctx, ai); err != nil {
-				log.Debugw("provider of a watched model unreachable", "model", model, "peer", ai.ID, "err", err)
+				log.Debugw(what+" unreachable", "peer", ai.ID, "err", err)
+				return
 			}
+			reached.Add(1)
 		})
 	}
 	wg.Wait()
+	return int(reached.Load())
 }
 
 // closeTopics cancels the model topics' subscriptions and closes them.

@@ -178,6 +178,9 @@ func TestWatchOptions(t *testing.T) {
 	if err := v.Watch("x"); err != nil || len(v.Watching()) != 0 {
 		t.Fatalf("a node with the swarm view watched: %v %v", err, v.Watching())
 	}
+	if err := v.WatchRelays(false); err != nil || v.WatchingRelays() {
+		t.Fatalf("a node with the swarm view watched relays: %v %v", err, v.WatchingRelays())
+	}
 	for _, o := range []Option{WithMaxPerModel(-1), WithWatch(string(make([]byte, protocol.MaxModelName+1)))} {
 		if _, err := New(context.Background(), newHost(t), o); err == nil {
 			t.Fatal("bad option accepted")
@@ -189,6 +192,9 @@ func TestWatchOptions(t *testing.T) {
 // up least recently, whose topic is left.
 func TestWatchBounded(t *testing.T) {
 	d := newDiscovery(t, newHost(t), WithSwarmView(false))
+	if err := d.WatchRelays(false); err != nil {
+		t.Fatal(err)
+	}
 	for i := range maxWatched {
 		if err := d.Watch(fmt.Sprintf("m%d", i)); err != nil {
 			t.Fatal(err)
@@ -207,5 +213,146 @@ func TestWatchBounded(t *testing.T) {
 	}
 	if slices.Contains(d.PubSub().GetTopics(), protocol.ModelTopic(testSwarm, "m1")) {
 		t.Fatal("the evicted model's topic is still joined")
+	}
+	// The relay topic counts against the bound neither way.
+	if !d.WatchingRelays() {
+		t.Fatal("watching models evicted the relay topic")
+	}
+}
+
+// publishEvery publishes mk() every interval until the test ends.
+func publishEvery(t *testing.T, d *Discovery, mk func() *pb.Announce, every time.Duration) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	t.Cleanup(func() { cancel(); <-done })
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for {
+			if err := d.Publish(ctx, mk()); err != nil && ctx.Err() == nil {
+				t.Errorf("publish: %v", err)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+}
+
+// The relay topic on real hosts: a node without the swarm view, joined
+// only to a bootstrap that is no relay, holds no relay until it watches
+// relays; then it finds the relay in the DHT, dials it, and holds its
+// announcement (and no other node's), followed by its heartbeats. The
+// relay topic is no watched model.
+func TestWatchRelays(t *testing.T) {
+	hosts := make([]host.Host, 4)
+	for i := range hosts {
+		hosts[i] = newHost(t)
+	}
+	boot := WithBootstrap([]peer.AddrInfo{info(hosts[0])})
+	newDiscovery(t, hosts[0]) // bootstrap, with the swarm view
+	relay := newDiscovery(t, hosts[1], boot)
+	worker := newDiscovery(t, hosts[2], boot, WithSwarmView(false))
+	watcher := newDiscovery(t, hosts[3], boot, WithSwarmView(false))
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	defer cancel()
+	for _, d := range []*Discovery{relay, watcher} {
+		deadline := time.Now().Add(waitLimit)
+		for d.DHT().RoutingTable().Size() == 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("empty routing table")
+			}
+			time.Sleep(20 * time.Millisecond) // the DHT offers no event for this
+		}
+	}
+	if err := relay.ProvideRelay(ctx); err != nil {
+		t.Fatal(err)
+	}
+	publishEvery(t, relay, func() *pb.Announce {
+		return &pb.Announce{Roles: []string{"relay"}, Load: &pb.Load{}}
+	}, 300*time.Millisecond)
+	heartbeat(t, worker, "a", 300*time.Millisecond)
+	time.Sleep(time.Second) // a few heartbeats, none of which may reach the watcher
+	if es := watcher.Table().Snapshot(); len(es) != 0 || watcher.WatchingRelays() {
+		t.Fatalf("holds %d peers and watches relays (%v) before asking", len(es), watcher.WatchingRelays())
+	}
+	if err := watcher.WatchRelays(false); err != nil {
+		t.Fatal(err)
+	}
+	isRelay := func(e Entry) bool { return e.Peer == hosts[1].ID() && slices.Contains(e.Announce.GetRoles(), "relay") }
+	waitTable(t, watcher, "the relay's announcement", func(es []Entry) bool { return len(es) == 1 && isRelay(es[0]) })
+	first, _ := watcher.Table().Get(hosts[1].ID())
+	waitTable(t, watcher, "the relay's heartbeats", func(es []Entry) bool {
+		return len(es) == 1 && isRelay(es[0]) && es[0].Announce.GetSeq() > first.Announce.GetSeq()
+	})
+	if got := watcher.Watching(); len(got) != 0 {
+		t.Fatalf("watching models %v, want none: the relay topic is no model", got)
+	}
+	if !slices.Contains(watcher.PubSub().GetTopics(), protocol.RelayTopic(testSwarm)) {
+		t.Fatalf("watcher's topics %v lack the relay topic", watcher.PubSub().GetTopics())
+	}
+	if slices.Contains(worker.PubSub().GetTopics(), protocol.RelayTopic(testSwarm)) {
+		t.Fatal("a node that is no relay and did not ask joined the relay topic")
+	}
+}
+
+// Relay dials are spaced: a call within the wait dials nothing, one after
+// it dials, and afresh (a relay lost) dials at once.
+func TestWatchRelaysSpacing(t *testing.T) {
+	d := newDiscovery(t, newHost(t), WithSwarmView(false))
+	if err := d.WatchRelays(false); err != nil {
+		t.Fatal(err)
+	}
+	relayTopic := func() *modelTopic {
+		d.topics.mu.Lock()
+		defer d.topics.mu.Unlock()
+		return d.topics.models[relayTopicKey]
+	}
+	mt := relayTopic()
+	for _, tc := range []struct {
+		name   string
+		wait   time.Duration
+		since  time.Duration // since the last dial
+		afresh bool
+		dials  bool
+	}{
+		{"within the wait", relayRedialMax, time.Second, false, false},
+		{"within the wait, a relay lost", relayRedialMax, time.Second, true, true},
+		{"after the wait", time.Second, 2 * time.Second, false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			deadline := time.Now().Add(waitLimit)
+			for {
+				d.topics.mu.Lock()
+				dialing := mt.dialing
+				d.topics.mu.Unlock()
+				if !dialing {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the last dial never ended")
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			d.topics.mu.Lock()
+			last := time.Now().Add(-tc.since)
+			mt.wait, mt.dialed = tc.wait, last
+			d.topics.mu.Unlock()
+			if err := d.WatchRelays(tc.afresh); err != nil {
+				t.Fatal(err)
+			}
+			d.topics.mu.Lock()
+			dialed := mt.dialed.After(last)
+			d.topics.mu.Unlock()
+			if dialed != tc.dials {
+				t.Fatalf("dialled: %v, want %v", dialed, tc.dials)
+			}
+		})
+	}
+	if relayTopic() != mt {
+		t.Fatal("the relay topic was joined again")
 	}
 }
