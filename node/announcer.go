@@ -30,6 +30,7 @@ const (
 type publisher interface {
 	Publish(ctx context.Context, a *pb.Announce) error
 	Provide(ctx context.Context, model string) error
+	ProvideRelay(ctx context.Context) error
 }
 
 // GPUSource reports the GPUs of this machine for announcements.
@@ -56,6 +57,9 @@ type announcer struct {
 	mu       sync.Mutex
 	last     *pb.Announce // content of the last publish, without seq/time
 	provided map[string]time.Time
+	// relayProvided: when the relay key was last provided (zero: not,
+	// or the last try failed).
+	relayProvided time.Time
 }
 
 func newAnnouncer(pub publisher, w *worker.Worker, gpus GPUSource, roles []string, version string, interval time.Duration) *announcer {
@@ -154,6 +158,10 @@ func (a *announcer) publish(ctx context.Context, force bool) (published bool) {
 			}
 		}
 	}
+	provideRelay := slices.Contains(ann.GetRoles(), "relay") && now.Sub(a.relayProvided) > reprovideInterval
+	if provideRelay {
+		a.relayProvided = now
+	}
 	a.mu.Unlock()
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	if err := a.pub.Publish(pctx, ann); err != nil && ctx.Err() == nil {
@@ -168,6 +176,28 @@ func (a *announcer) publish(ctx context.Context, force bool) (published bool) {
 				log.Debugw("provide model", "model", m, "err", err)
 				a.mu.Lock()
 				delete(a.provided, m)
+				a.mu.Unlock()
+			}
+		}()
+	}
+	if provideRelay {
+		go func() {
+			pctx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer cancel()
+			// A relay just started has an empty DHT routing table, and
+			// the nodes that need it wait for this record: retry soon.
+			err := a.pub.ProvideRelay(pctx)
+			for wait := time.Second; err != nil && pctx.Err() == nil; wait = min(2*wait, 10*time.Second) {
+				select {
+				case <-pctx.Done():
+				case <-time.After(wait):
+					err = a.pub.ProvideRelay(pctx)
+				}
+			}
+			if err != nil && ctx.Err() == nil {
+				log.Debugw("provide the relay key", "err", err)
+				a.mu.Lock()
+				a.relayProvided = time.Time{}
 				a.mu.Unlock()
 			}
 		}()

@@ -51,6 +51,7 @@ type countingPublisher struct{ n atomic.Int64 }
 
 func (c *countingPublisher) Publish(context.Context, *pb.Announce) error { c.n.Add(1); return nil }
 func (c *countingPublisher) Provide(context.Context, string) error       { return nil }
+func (c *countingPublisher) ProvideRelay(context.Context) error          { return nil }
 
 // A stream of kicks (every query changes the load) must not starve the
 // heartbeat: with no significant change, heartbeats still go out on time.

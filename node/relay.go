@@ -82,7 +82,9 @@ type RelayInfo struct {
 }
 
 // Relay keeping: a node behind NAT holds reservations on the swarm's own
-// relays (the peers announcing the relay role) as soon as it sees them.
+// relays (the peers announcing the relay role) as soon as it sees them. A
+// node without the swarm view sees them once it asks discovery to watch
+// the relay topic (WatchRelays), which it does while it has no candidate.
 const (
 	// DefaultRelays is how many reservations a private node holds.
 	DefaultRelays = 2
@@ -132,6 +134,9 @@ type relayKeeper struct {
 	mu      sync.Mutex
 	held    map[peer.ID]*RelayInfo
 	backoff map[peer.ID]relayBackoff
+	// lost: a relay was lost since discovery was last asked for relays
+	// (it may come back, or another be needed soon).
+	lost bool
 }
 
 type relayBackoff struct {
@@ -281,6 +286,7 @@ func (k *relayKeeper) step(ctx context.Context) {
 		if h.Network().Connectedness(p) != network.Connected {
 			relayLog.Infow("relay lost", "relay", p)
 			delete(k.held, p)
+			k.lost = true
 			changed.Store(true)
 			continue
 		}
@@ -293,12 +299,26 @@ func (k *relayKeeper) step(ctx context.Context) {
 			}
 		}
 	}
-	need := k.want - len(k.held) + len(renew)
+	missing := k.want - len(k.held)
+	need := missing + len(renew)
 	k.mu.Unlock()
 	if need <= 0 {
 		return
 	}
 	cands := k.candidates(now)
+	if len(cands) == 0 && missing > 0 {
+		// Without the swarm view no relay announces to us until we
+		// ask; with it, this does nothing.
+		if d := k.disc.Load(); d != nil {
+			k.mu.Lock()
+			afresh := k.lost
+			k.lost = false
+			k.mu.Unlock()
+			if err := d.WatchRelays(afresh); err != nil {
+				relayLog.Debugw("watch relays", "err", err)
+			}
+		}
+	}
 	for _, p := range renew {
 		cands = append([]peer.AddrInfo{{ID: p, Addrs: h.Peerstore().Addrs(p)}}, cands...)
 	}

@@ -100,29 +100,71 @@ func TestRelayKeeperReservesAtOnce(t *testing.T) {
 	}
 }
 
+// A private node joined only to a bootstrap that is no relay reserves on
+// the swarm's relay elsewhere, with the swarm view (it reads the relay's
+// announcements on the swarm topic) and without (it asks for the relay
+// topic and finds the relay in the DHT); only the latter reads the relay
+// topic, and a public node without the swarm view never does.
+func TestRelayKeeperFindsRelays(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		swarmView bool
+	}{
+		{"swarm view", true},
+		{"no swarm view", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			boot := startTestNode(t)
+			relay := startTestNode(t, WithRelayService(true), WithJoin(boot.JoinLine()))
+			natted := startTestNode(t, WithJoin(boot.JoinLine()), WithReachability(ReachabilityPrivate), WithRelays(1), WithSwarmView(tc.swarmView))
+			public := startTestNode(t, WithJoin(boot.JoinLine()), WithReachability(ReachabilityPublic), WithSwarmView(false))
+			took := waitFor(t, 15*time.Second, "reservation on the relay", func() bool { return relayedThrough(natted, relay.ID()) })
+			t.Logf("reservation %s after start", took.Round(time.Millisecond))
+			waitFor(t, 5*time.Second, "relayed address announced", func() bool { return announcesCircuit(boot, natted.ID()) })
+			if got := natted.disc.WatchingRelays(); got == tc.swarmView {
+				t.Fatalf("the private node reads the relay topic: %v, want %v", got, !tc.swarmView)
+			}
+			if public.disc.WatchingRelays() {
+				t.Fatal("a public node reads the relay topic")
+			}
+		})
+	}
+}
+
 // A relay that restarts (same identity and address) is used again within
 // seconds: its empty table must not refuse the member, and a refusal or a
-// failed dial must not lock the relay out.
+// failed dial must not lock the relay out. Without the swarm view too:
+// the relay lost, the node looks for relays again at once.
 func TestRelayKeeperReservesAgainAfterRelayRestart(t *testing.T) {
-	key, _, err := crypto.GenerateEd25519Key(nil)
-	if err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name      string
+		swarmView bool
+	}{
+		{"swarm view", true},
+		{"no swarm view", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key, _, err := crypto.GenerateEd25519Key(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", ln.Addr().(*net.TCPAddr).Port)
+			ln.Close()
+			boot := startTestNode(t)
+			relay := startKeyedNode(t, key, listen, WithRelayService(true), WithJoin(boot.JoinLine()))
+			natted := startTestNode(t, WithJoin(boot.JoinLine()), WithReachability(ReachabilityPrivate), WithRelays(1), WithSwarmView(tc.swarmView))
+			waitFor(t, 10*time.Second, "first reservation", func() bool { return relayedThrough(natted, relay.ID()) })
+			relay.Close()
+			waitFor(t, 5*time.Second, "lost relay noticed", func() bool { return !relayedThrough(natted, relay.ID()) })
+			relay = startKeyedNode(t, key, listen, WithRelayService(true), WithJoin(boot.JoinLine()))
+			took := waitFor(t, 15*time.Second, "reservation on the restarted relay", func() bool { return relayedThrough(natted, relay.ID()) })
+			t.Logf("reservation again %s after the relay restarted", took.Round(time.Millisecond))
+		})
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", ln.Addr().(*net.TCPAddr).Port)
-	ln.Close()
-	boot := startTestNode(t)
-	relay := startKeyedNode(t, key, listen, WithRelayService(true), WithJoin(boot.JoinLine()))
-	natted := startTestNode(t, WithJoin(boot.JoinLine()), WithReachability(ReachabilityPrivate), WithRelays(1))
-	waitFor(t, 10*time.Second, "first reservation", func() bool { return relayedThrough(natted, relay.ID()) })
-	relay.Close()
-	waitFor(t, 5*time.Second, "lost relay noticed", func() bool { return !relayedThrough(natted, relay.ID()) })
-	relay = startKeyedNode(t, key, listen, WithRelayService(true), WithJoin(boot.JoinLine()))
-	took := waitFor(t, 15*time.Second, "reservation on the restarted relay", func() bool { return relayedThrough(natted, relay.ID()) })
-	t.Logf("reservation again %s after the relay restarted", took.Round(time.Millisecond))
 }
 
 // Our unlimited relay serves swarm members only: a stranger's reservation
