@@ -23,6 +23,11 @@ package main
 //   - symmetric: masquerading with fully-random ports (a new mapping per
 //     destination).
 //
+// The worker of the restricted/restricted pair runs without the swarm view
+// (--swarm-view=false): it learns of no relay from the swarm topic, and
+// must find the relays through the relay topic and the DHT before it can
+// be reached through one and then hole-punched.
+//
 // MTOR_NAT_STREAM sets the duration of the long relayed stream (default
 // 15 s here; `make test-nat` runs 150 s); MTOR_NAT_PAIRS picks pairs, e.g.
 // "restricted/symmetric"; MTOR_NAT_REPORT names a file for the figures.
@@ -381,8 +386,14 @@ func TestNATSuite(t *testing.T) {
 	}
 }
 
+// noSwarmView reports whether the pair's worker runs without the swarm view.
+func noSwarmView(wk, ck natKind) bool { return wk == natRestricted && ck == natRestricted }
+
 func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 	f := natFigures{pair: string(wk) + " / " + string(ck), total: 50}
+	if noSwarmView(wk, ck) {
+		f.pair += " (worker without the swarm view)"
+	}
 	n := newNATNet(t, wk, ck)
 	dir := t.TempDir()
 	d := func(name string) string { return filepath.Join(dir, name) }
@@ -399,6 +410,9 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 	wargs := []string{"--backend", "demo:delay=" + delay.String(), "--join", join}
 	if wk == natForwarded {
 		wargs = append(wargs, "--announce", "/ip4/"+n.ips["natA"]+"/tcp/"+natListenPort)
+	}
+	if noSwarmView(wk, ck) {
+		wargs = append(wargs, "--swarm-view=false")
 	}
 	start := time.Now()
 	worker := n.start("worker", d("worker"), wargs...)
