@@ -58,6 +58,7 @@ type nodeFlags struct {
 	reachability     string
 	noMDNS           bool
 	swarmView        bool
+	swarmViewSet     bool // --swarm-view given (command line or config); else swarmViewFor decides
 	watch            stringList
 	noDetect         bool
 	maxConcurrency   int
@@ -114,8 +115,8 @@ func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs.Var(&f.announce, "announce", "address others can reach this node on that it cannot see itself (a port forward: /ip4/PUBLIC_IP/tcp/PORT), repeatable")
 	fs.StringVar(&f.reachability, "reachability", "auto", "auto (AutoNAT decides; no public address means private meanwhile), public (no relays) or private (always hold relay reservations)")
 	fs.BoolVar(&f.noMDNS, "no-mdns", false, "do not look for peers on the local network with mDNS")
-	fs.BoolVar(&f.swarmView, "swarm-view", true, "follow every announcement of the swarm (peers list, model list, web page); false: only those of the models this node routes to, at most 16 workers of each, for large swarms")
-	fs.Var(&f.watch, "watch", "with --swarm-view=false: a model whose workers to follow from the start rather than from its first query, repeatable")
+	fs.BoolVar(&f.swarmView, "swarm-view", true, "follow every announcement of the swarm (peers list, model list, web page); false: only those of the models this node routes to, at most 16 workers of each, for large swarms (default: on, but off for a worker without --bridge or --verify)")
+	fs.Var(&f.watch, "watch", "without the swarm view (implies --swarm-view=false): a model whose workers to follow from the start rather than from its first query, repeatable")
 	fs.BoolVar(&f.noDetect, "no-detect", false, "with no --backend: do not look for local model servers (serve no models)")
 	fs.IntVar(&f.maxConcurrency, "max-concurrency", worker.DefaultMaxConcurrency, "queries the worker runs at once")
 	fs.IntVar(&f.maxQueue, "max-queue", worker.DefaultMaxQueue, "queries the worker queues beyond those running; more are refused with BUSY")
@@ -157,6 +158,7 @@ func parseNodeFlags(e *env, args []string) (*nodeFlags, backendSource, error) {
 			return nil, backendSource{}, usagef("%v", err)
 		}
 	}
+	fs.Visit(func(fl *flag.Flag) { f.swarmViewSet = f.swarmViewSet || fl.Name == "swarm-view" })
 	if err := f.check(); err != nil {
 		return nil, backendSource{}, err
 	}
@@ -350,6 +352,9 @@ func (f *nodeFlags) check() error {
 	if f.dataDir == "" {
 		return usagef("--data-dir must not be empty")
 	}
+	if len(f.watch) > 0 && f.swarmViewSet && f.swarmView {
+		return usagef("--watch follows models without the swarm view: it excludes --swarm-view=true")
+	}
 	if f.canaryRate < 0 || f.canaryRate > 1 || f.canaryRate != f.canaryRate {
 		return usagef("--canary-rate %v: want a share from 0 to 1", f.canaryRate)
 	}
@@ -454,11 +459,28 @@ func checkNetFlags(swarm string, joins, listen []string) error {
 	return nil
 }
 
+// swarmViewFor is whether the node follows the whole swarm: as
+// --swarm-view says, else on, except for a pure worker (it serves models,
+// runs no bridge and is no verifier). A pure worker routes nothing of its
+// own, so reading every node's heartbeat would only cost it gossip that
+// grows with the swarm (docs/benchmarks.md, "Scale"); it still finds
+// relays through the relay topic and, if it ever routes a query, the
+// workers of that model through the DHT.
+func (f *nodeFlags) swarmViewFor(backends []backend.Backend) bool {
+	if f.swarmViewSet {
+		return f.swarmView
+	}
+	if len(f.watch) > 0 {
+		return false // --watch is for a node without the view
+	}
+	return len(backends) == 0 || f.bridgeAddr != "" || f.verify
+}
+
 func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 	opts := []node.Option{
 		node.WithDataDir(f.dataDir),
 		node.WithMDNS(!f.noMDNS),
-		node.WithSwarmView(f.swarmView),
+		node.WithSwarmView(f.swarmViewFor(backends)),
 		node.WithWatch(f.watch...),
 		node.WithRelayService(f.relay),
 		node.WithAnnounceAddrs(f.announce...),

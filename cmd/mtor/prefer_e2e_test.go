@@ -24,9 +24,11 @@ func testE2EPreferContributors(t *testing.T, tr transport) {
 	dir := t.TempDir()
 	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	join := boot.value("join")
+	// The worker and the contributor route queries of their own too: they
+	// keep the swarm view that pure workers go without by default.
 	w := startNode(t, "worker", tr.nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=50ms,model=slow",
-		"--max-concurrency", "1", "--prefer-contributors", "--join", join)...)
-	c := startNode(t, "contributor", tr.nodeArgs(filepath.Join(dir, "c"), "--backend", "demo:delay=20ms,model=fast", "--join", join)...)
+		"--max-concurrency", "1", "--prefer-contributors", "--swarm-view", "--join", join)...)
+	c := startNode(t, "contributor", tr.nodeArgs(filepath.Join(dir, "c"), "--backend", "demo:delay=20ms,model=fast", "--swarm-view", "--join", join)...)
 	x := startNode(t, "consumer", tr.nodeArgs(filepath.Join(dir, "x"), "--no-detect", "--join", join)...)
 	wAPI, cAPI, xAPI := w.value("api"), c.value("api"), x.value("api")
 	waitWorkers(t, wAPI, "fast", c.value("peer"))
