@@ -51,6 +51,7 @@ type Discovery struct {
 	presence    *pubsub.Topic
 	presenceSub *pubsub.Subscription
 	topics      topicSet // model topics
+	cat         *catalog // the model catalogue (catalog.go); nil when off
 	val         *announceValidator
 	table       *PeerTable
 	traffic     *trafficTracer
@@ -175,6 +176,10 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 	}
 	if d.presenceSub, err = d.presence.Subscribe(pubsub.WithBufferSize(1)); err != nil {
 		return nil, fmt.Errorf("subscribe %s: %w", presenceName, err)
+	}
+
+	if err := d.startCatalog(); err != nil {
+		return nil, err
 	}
 
 	connSub, err := h.EventBus().Subscribe(new(event.EvtPeerConnectednessChanged), eventbus.BufSize(connEventBuffer), eventbus.Name("mtor/discovery"))
@@ -672,6 +677,7 @@ func (d *Discovery) Close() error {
 		}
 		if d.ps != nil {
 			d.closeTopics()
+			d.closeCatalog()
 		}
 		for _, t := range []*pubsub.Topic{d.topic, d.presence} {
 			if t == nil {

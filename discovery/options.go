@@ -114,6 +114,9 @@ type config struct {
 	// for tests: observe gossipsub peer scores
 	scoreInspect       pubsub.PeerScoreInspectFn
 	scoreInspectPeriod time.Duration
+
+	// catalogEvery is the model catalogue's period; 0: off (catalog.go).
+	catalogEvery time.Duration
 }
 
 func defaults() config {
@@ -133,6 +136,7 @@ func defaults() config {
 		now:           time.Now,
 		swarmView:     true,
 		redialEvery:   redialEvery,
+		catalogEvery:  DefaultCatalogEvery,
 	}
 }
 

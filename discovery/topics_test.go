@@ -104,7 +104,9 @@ func TestWatchModelLazily(t *testing.T) {
 		newDiscovery(t, hosts[4], boot, WithSwarmView(false)),
 	}
 	models := []string{"a", "a", "a", "b"}
-	router := newDiscovery(t, hosts[5], boot, WithSwarmView(false), WithMaxPerModel(2))
+	// No catalogue: the view node's would arrive within seconds, and this
+	// test counts every message received (catalog_test.go tests it).
+	router := newDiscovery(t, hosts[5], boot, WithSwarmView(false), WithMaxPerModel(2), WithCatalog(0))
 	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
 	defer cancel()
 	for _, d := range append([]*Discovery{view, router}, workers...) {

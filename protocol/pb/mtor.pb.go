@@ -2270,6 +2270,137 @@ func (x *Load) GetMaxQueue() uint32 {
 	return 0
 }
 
+// Catalog is published on /mtor/<swarm>/catalog/1 by nodes with the swarm
+// view: the models the swarm serves, without their workers, for the nodes
+// that do not follow every announcement.
+type Catalog struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TimeUnixMs    int64                  `protobuf:"varint,1,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`
+	TtlMs         uint32                 `protobuf:"varint,2,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"` // entries expire this long after receipt
+	Models        []*CatalogModel        `protobuf:"bytes,3,rep,name=models,proto3" json:"models,omitempty"`             // at most 512, names unique
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Catalog) Reset() {
+	*x = Catalog{}
+	mi := &file_mtor_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Catalog) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Catalog) ProtoMessage() {}
+
+func (x *Catalog) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Catalog.ProtoReflect.Descriptor instead.
+func (*Catalog) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *Catalog) GetTimeUnixMs() int64 {
+	if x != nil {
+		return x.TimeUnixMs
+	}
+	return 0
+}
+
+func (x *Catalog) GetTtlMs() uint32 {
+	if x != nil {
+		return x.TtlMs
+	}
+	return 0
+}
+
+func (x *Catalog) GetModels() []*CatalogModel {
+	if x != nil {
+		return x.Models
+	}
+	return nil
+}
+
+type CatalogModel struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Types         []QueryType            `protobuf:"varint,2,rep,packed,name=types,proto3,enum=mtor.v1.QueryType" json:"types,omitempty"` // union of the types of its workers
+	Workers       uint32                 `protobuf:"varint,3,opt,name=workers,proto3" json:"workers,omitempty"`                           // workers the publisher holds, 1..65535
+	Features      []string               `protobuf:"bytes,4,rep,name=features,proto3" json:"features,omitempty"`                          // union of its workers' features
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CatalogModel) Reset() {
+	*x = CatalogModel{}
+	mi := &file_mtor_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CatalogModel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CatalogModel) ProtoMessage() {}
+
+func (x *CatalogModel) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CatalogModel.ProtoReflect.Descriptor instead.
+func (*CatalogModel) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *CatalogModel) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CatalogModel) GetTypes() []QueryType {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+func (x *CatalogModel) GetWorkers() uint32 {
+	if x != nil {
+		return x.Workers
+	}
+	return 0
+}
+
+func (x *CatalogModel) GetFeatures() []string {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
 var File_mtor_proto protoreflect.FileDescriptor
 
 const file_mtor_proto_rawDesc = "" +
@@ -2457,7 +2588,17 @@ const file_mtor_proto_rawDesc = "" +
 	"\tin_flight\x18\x01 \x01(\rR\binFlight\x12'\n" +
 	"\x0fmax_concurrency\x18\x02 \x01(\rR\x0emaxConcurrency\x12\x16\n" +
 	"\x06queued\x18\x03 \x01(\rR\x06queued\x12\x1b\n" +
-	"\tmax_queue\x18\x04 \x01(\rR\bmaxQueue*\xa9\x01\n" +
+	"\tmax_queue\x18\x04 \x01(\rR\bmaxQueue\"q\n" +
+	"\aCatalog\x12 \n" +
+	"\ftime_unix_ms\x18\x01 \x01(\x03R\n" +
+	"timeUnixMs\x12\x15\n" +
+	"\x06ttl_ms\x18\x02 \x01(\rR\x05ttlMs\x12-\n" +
+	"\x06models\x18\x03 \x03(\v2\x15.mtor.v1.CatalogModelR\x06models\"\x82\x01\n" +
+	"\fCatalogModel\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
+	"\x05types\x18\x02 \x03(\x0e2\x12.mtor.v1.QueryTypeR\x05types\x12\x18\n" +
+	"\aworkers\x18\x03 \x01(\rR\aworkers\x12\x1a\n" +
+	"\bfeatures\x18\x04 \x03(\tR\bfeatures*\xa9\x01\n" +
 	"\tQueryType\x12\x1a\n" +
 	"\x16QUERY_TYPE_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fQUERY_TYPE_CHAT\x10\x01\x12\x15\n" +
@@ -2491,7 +2632,7 @@ func file_mtor_proto_rawDescGZIP() []byte {
 }
 
 var file_mtor_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_mtor_proto_goTypes = []any{
 	(QueryType)(0),         // 0: mtor.v1.QueryType
 	(ErrorCode)(0),         // 1: mtor.v1.ErrorCode
@@ -2521,6 +2662,8 @@ var file_mtor_proto_goTypes = []any{
 	(*ModelInfo)(nil),      // 25: mtor.v1.ModelInfo
 	(*GPU)(nil),            // 26: mtor.v1.GPU
 	(*Load)(nil),           // 27: mtor.v1.Load
+	(*Catalog)(nil),        // 28: mtor.v1.Catalog
+	(*CatalogModel)(nil),   // 29: mtor.v1.CatalogModel
 }
 var file_mtor_proto_depIdxs = []int32{
 	0,  // 0: mtor.v1.QueryRequest.type:type_name -> mtor.v1.QueryType
@@ -2551,11 +2694,13 @@ var file_mtor_proto_depIdxs = []int32{
 	26, // 25: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
 	27, // 26: mtor.v1.Announce.load:type_name -> mtor.v1.Load
 	0,  // 27: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
-	28, // [28:28] is the sub-list for method output_type
-	28, // [28:28] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	29, // 28: mtor.v1.Catalog.models:type_name -> mtor.v1.CatalogModel
+	0,  // 29: mtor.v1.CatalogModel.types:type_name -> mtor.v1.QueryType
+	30, // [30:30] is the sub-list for method output_type
+	30, // [30:30] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_mtor_proto_init() }
@@ -2579,7 +2724,7 @@ func file_mtor_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mtor_proto_rawDesc), len(file_mtor_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
