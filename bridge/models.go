@@ -14,6 +14,9 @@ const ownedBy = "mtor swarm"
 type modelExt struct {
 	Types []string `json:"types"`
 	Peers int      `json:"peers"`
+	// Catalog: known from the swarm's model catalogue only (a bridge
+	// without the swarm view that has not routed to the model yet).
+	Catalog bool `json:"catalog,omitempty"`
 }
 
 type modelObject struct {
@@ -35,7 +38,7 @@ func (s *Server) modelObject(m router.ModelView) modelObject {
 		types = []string{}
 	}
 	return modelObject{ID: m.Name, Object: "model", Created: s.started.Unix(), OwnedBy: ownedBy,
-		Mtor: &modelExt{Types: types, Peers: m.Peers}}
+		Mtor: &modelExt{Types: types, Peers: m.Peers, Catalog: m.Catalog}}
 }
 
 func (s *Server) handleModels(w http.ResponseWriter, r *http.Request) {

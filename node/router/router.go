@@ -175,6 +175,7 @@ type Router struct {
 	stall       time.Duration // fixed stall bound; 0 = from the expected TTFT
 	receipts    *receipts     // nil: receipts are passed on unchecked
 
+	catalog  Catalog                // models known without their workers; nil = none
 	rep      Reputation             // honesty spot checks' verdicts; nil = all trusted
 	observer func(*pb.QueryRequest) // sees each routed query
 

@@ -46,6 +46,10 @@ type ModelView struct {
 	// Features are those announced for the model by at least one peer,
 	// sorted (protocol.FeatureTools, ...).
 	Features []string `json:"features,omitempty"`
+	// Catalog: known only from the swarm's model catalogue (a node
+	// without the swarm view that has not routed to it); Peers is then
+	// the catalogue's count of workers, none of which this node holds.
+	Catalog bool `json:"catalog,omitempty"`
 }
 
 // ModelStat is a model as a peer announces it.

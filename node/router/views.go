@@ -84,7 +84,8 @@ func (r *Router) Peers() []PeerView {
 }
 
 // Models lists every model served by a peer that is not draining, with
-// the union of its types and the number of peers serving it.
+// the union of its types and the number of peers serving it, then the
+// models known only from the catalogue (WithCatalog).
 func (r *Router) Models() []ModelView {
 	type agg struct {
 		types    map[pb.QueryType]bool
@@ -125,13 +126,14 @@ func (r *Router) Models() []ModelView {
 		sort.Strings(fs)
 		out = append(out, ModelView{Name: name, Types: typeNames(ts), Peers: a.peers, Features: fs})
 	}
+	out = r.withCatalog(out)
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
 
 // Model is Models' view of one model, without building every other's:
 // the bridge checks the model of each query it takes. ok is false when no
-// live peer serves it.
+// live peer serves it and the catalogue (WithCatalog) does not name it.
 func (r *Router) Model(name string) (v ModelView, ok bool) {
 	var ts []pb.QueryType
 	var fs []string
@@ -157,6 +159,12 @@ func (r *Router) Model(name string) (v ModelView, ok bool) {
 		}
 	}
 	if v.Peers == 0 {
+		if r.catalog != nil {
+			if v, ok := r.catalog.CatalogModel(name); ok {
+				v.Catalog = true
+				return v, true
+			}
+		}
 		return ModelView{}, false
 	}
 	slices.Sort(ts)
