@@ -512,7 +512,9 @@ func (d *Discovery) catalogPublishLoop(joined <-chan struct{}) {
 		if !now.Before(periodic) {
 			periodic = now.Add(jitter(every, catalogJitter))
 			quiet := time.Duration(catalogQuietPeriods * float64(every))
-			publish = publish || !d.cat.equalSince(key, now.Add(-quiet))
+			// An empty set is published once, after the change that
+			// emptied it (to withdraw the last one), not every period.
+			publish = publish || (len(models) > 0 && !d.cat.equalSince(key, now.Add(-quiet)))
 		}
 		if !publish {
 			continue

@@ -259,6 +259,7 @@ func TestCatalogCheck(t *testing.T) {
 	t.Run("stale and too frequent", func(t *testing.T) {
 		c := newCatalog(testCatalogEvery)
 		cat := validCatalog("a")
+		cat.TimeUnixMs = now.UnixMilli()
 		res, got, _ := c.check(author, author, marshal(cat), now)
 		if res != pubsub.ValidationAccept {
 			t.Fatalf("first: %s", resultName(res))
@@ -344,4 +345,19 @@ func TestCatalogHostile(t *testing.T) {
 		t.Fatalf("the victim keeps %d catalogues, bound %d", kept, maxCatalogPublishers)
 	}
 	waitCatalog(t, victim, "the hostile catalogues to expire", func(ms []CatalogModel) bool { return len(ms) == 0 })
+}
+
+func TestCatalogOption(t *testing.T) {
+	for _, tc := range []struct {
+		every time.Duration
+		ok    bool
+	}{
+		{0, true}, {time.Second, true}, {DefaultCatalogEvery, true}, {200 * time.Second, true},
+		{-time.Second, false}, {500 * time.Millisecond, false}, {201 * time.Second, false},
+	} {
+		var c config
+		if err := WithCatalog(tc.every)(&c); (err == nil) != tc.ok {
+			t.Errorf("WithCatalog(%s): %v, want ok %v", tc.every, err, tc.ok)
+		}
+	}
 }
