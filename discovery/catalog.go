@@ -36,7 +36,9 @@ import (
 // the number of view nodes. The same suppression, after a short random
 // delay, spaces the publications that follow a change of the model set
 // (every view node sees it) and a peer joining the topic (a newcomer gets
-// the catalogue within seconds rather than a period).
+// the catalogue within seconds rather than a period); these also wait
+// until a third of a period after the last catalogue heard, so that churn
+// adds at most about one catalogue per 10 s to the whole swarm.
 
 const (
 	// DefaultCatalogEvery is the catalogue period.
@@ -60,6 +62,10 @@ const (
 	catalogBurst      = 4
 	catalogRateDiv    = 6
 	catalogSpacingDiv = 6
+	// catalogEventDiv: a publication after a change or a join waits until
+	// period/catalogEventDiv (10 s) after the last catalogue heard or
+	// published.
+	catalogEventDiv = 3
 	// catalogTickDiv: the publisher checks its model set and its timers
 	// every period/catalogTickDiv (2 s by default).
 	catalogTickDiv = 15
@@ -106,6 +112,14 @@ type catalog struct {
 	mu      sync.Mutex
 	entries map[peer.ID]*catalogEntry // at most maxCatalogPublishers
 	buckets *lru.Cache[peer.ID, bucket]
+	heard   time.Time // last catalogue stored, of any author
+}
+
+// lastHeard is when the last catalogue of another author was stored.
+func (c *catalog) lastHeard() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.heard
 }
 
 func newCatalog(every time.Duration) *catalog {
@@ -301,6 +315,7 @@ func (c *catalog) store(author peer.ID, cat *pb.Catalog, now time.Time) {
 		delete(c.entries, oldest)
 	}
 	c.entries[author] = e
+	c.heard = now
 }
 
 // equalSince reports whether an author other than self sent, after since,
@@ -460,9 +475,10 @@ func (d *Discovery) ownCatalog() []*pb.CatalogModel {
 
 // catalogPublishLoop publishes this view node's catalogue: once a period
 // unless another author's equal one was heard lately, and after a short
-// random delay when the model set changes or a peer joins the topic,
-// unless another author's equal one is heard meanwhile. Our own
-// publications are at least period/catalogSpacingDiv apart.
+// random delay when the model set changes or a peer joins the topic (but
+// not within period/catalogEventDiv of the last catalogue heard or
+// published), unless another author's equal one is heard meanwhile. Our
+// own publications are at least period/catalogSpacingDiv apart.
 func (d *Discovery) catalogPublishLoop(joined <-chan struct{}) {
 	every := d.cat.every
 	jitter := func(base time.Duration, spread float64) time.Duration {
@@ -482,9 +498,20 @@ func (d *Discovery) catalogPublishLoop(joined <-chan struct{}) {
 		due      time.Time // of the pending one
 		since    time.Time // the pending one is void once an equal catalogue arrives after since
 	)
+	// A change or a join is published no sooner than eventQuiet after the
+	// last catalogue heard or published: however many view nodes see
+	// changes and joins, they add at most about one catalogue per
+	// eventQuiet to the swarm (every view node hears the one published).
+	eventQuiet := every / catalogEventDiv
 	trigger := func(now time.Time) {
 		if !pending {
-			pending, due = true, now.Add(soon())
+			start := now
+			for _, last := range []time.Time{d.cat.lastHeard(), lastPub} {
+				if q := last.Add(eventQuiet); !last.IsZero() && q.After(start) {
+					start = q
+				}
+			}
+			pending, due = true, start.Add(soon())
 		}
 		since = now
 	}
