@@ -85,6 +85,15 @@ func WithCatalog(every time.Duration) Option {
 	}
 }
 
+// WithCatalogReader says whether a node without the swarm view reads the
+// catalogue (default true). A node that lists no models for anyone (a
+// pure worker) saves its gossip by not reading it. A node with the swarm
+// view always reads it: it publishes, and hearing the others is what keeps
+// it quiet.
+func WithCatalogReader(on bool) Option {
+	return func(c *config) error { c.catalogRead = on; return nil }
+}
+
 // CatalogModel is a model of the swarm as catalogues tell it.
 type CatalogModel struct {
 	Name  string
@@ -134,7 +143,7 @@ func newCatalog(every time.Duration) *catalog {
 // view publishes on it.
 func (d *Discovery) startCatalog() error {
 	every := d.cfg.catalogEvery
-	if every <= 0 {
+	if every <= 0 || (!d.cfg.swarmView && !d.cfg.catalogRead) {
 		return nil
 	}
 	name := protocol.CatalogTopic(d.cfg.swarm)

@@ -59,6 +59,7 @@ func TestCatalogLearnt(t *testing.T) {
 		heartbeat(t, newDiscovery(t, hosts[1+i], boot, cat, WithSwarmView(false)), model, 300*time.Millisecond)
 	}
 	bridge := newDiscovery(t, hosts[4], boot, cat, WithSwarmView(false))
+	notReading := newDiscovery(t, newHost(t), boot, cat, WithSwarmView(false), WithCatalogReader(false))
 	waitTable(t, view, "the view to hold the 3 workers", func(es []Entry) bool { return len(es) == 3 })
 
 	waitCatalog(t, bridge, "alpha and beta in the catalogue", func(ms []CatalogModel) bool {
@@ -79,6 +80,9 @@ func TestCatalogLearnt(t *testing.T) {
 	}
 	if got := view.Catalog(); got != nil {
 		t.Fatalf("a view node lists a catalogue: %v", got)
+	}
+	if got := notReading.Catalog(); got != nil || slices.Contains(notReading.PubSub().GetTopics(), protocol.CatalogTopic(testSwarm)) {
+		t.Fatalf("a node told not to read the catalogue lists %v, topics %v", got, notReading.PubSub().GetTopics())
 	}
 
 	// The view node stops: its catalogue expires 3 periods after the last.

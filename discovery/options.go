@@ -117,6 +117,8 @@ type config struct {
 
 	// catalogEvery is the model catalogue's period; 0: off (catalog.go).
 	catalogEvery time.Duration
+	// catalogRead: a node without the swarm view reads the catalogue.
+	catalogRead bool
 }
 
 func defaults() config {
@@ -137,6 +139,7 @@ func defaults() config {
 		swarmView:     true,
 		redialEvery:   redialEvery,
 		catalogEvery:  DefaultCatalogEvery,
+		catalogRead:   true,
 	}
 }
 

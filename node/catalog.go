@@ -36,3 +36,10 @@ func (a catalogAdapter) CatalogModel(name string) (router.ModelView, bool) {
 	}
 	return catalogView(m), true
 }
+
+// WithCatalogReader says whether the node, without the swarm view, reads
+// the swarm's model catalogue to list the models it has not routed to
+// (default true; see discovery.WithCatalogReader).
+func WithCatalogReader(on bool) Option {
+	return WithDiscoveryOptions(discovery.WithCatalogReader(on))
+}

@@ -11,6 +11,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
 )
 
 // A bridge without the swarm view lists, in /v1/models, the models of
@@ -104,5 +107,35 @@ func TestE2ECatalogBridge(t *testing.T) {
 	}
 	if got := slices.Sorted(maps.Keys(models())); !slices.Equal(got, []string{"alpha", "beta"}) {
 		t.Fatalf("/v1/models lists %v", got)
+	}
+}
+
+// Only a pure worker (models, no bridge, no verifier) leaves the model
+// catalogue unread: nobody asks it for a model list.
+func TestCatalogReaderDefault(t *testing.T) {
+	worker := []backend.Backend{demo.New("demo")}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		backends []backend.Backend
+		read     bool
+	}{
+		{"pure worker", nil, worker, false},
+		{"pure worker without the view", []string{"--swarm-view=false"}, worker, false},
+		{"worker with a bridge", []string{"--bridge", "127.0.0.1:0", "--swarm-view=false"}, worker, true},
+		{"worker that verifies", []string{"--verify"}, worker, true},
+		{"bridge without models", []string{"--no-detect", "--bridge", "127.0.0.1:0", "--swarm-view=false"}, nil, true},
+		{"router watching a model", []string{"--no-detect", "--watch", "llama3"}, nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := &env{stdout: &bytes.Buffer{}, stderr: &bytes.Buffer{}, getenv: func(string) string { return "" }}
+			f, _, err := parseNodeFlags(e, append([]string{"--data-dir", t.TempDir()}, tc.args...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := !f.pureWorker(tc.backends); got != tc.read {
+				t.Errorf("mtor node %q serving %d backends: reads the catalogue %v, want %v", tc.args, len(tc.backends), got, tc.read)
+			}
+		})
 	}
 }

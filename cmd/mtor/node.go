@@ -473,7 +473,14 @@ func (f *nodeFlags) swarmViewFor(backends []backend.Backend) bool {
 	if len(f.watch) > 0 {
 		return false // --watch is for a node without the view
 	}
-	return len(backends) == 0 || f.bridgeAddr != "" || f.verify
+	return !f.pureWorker(backends)
+}
+
+// pureWorker is whether the node serves models and lists none for anyone
+// (no bridge, no verifier): without the swarm view it does not read the
+// model catalogue, whose only use is the model lists people see.
+func (f *nodeFlags) pureWorker(backends []backend.Backend) bool {
+	return len(backends) > 0 && f.bridgeAddr == "" && !f.verify
 }
 
 func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
@@ -481,6 +488,7 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 		node.WithDataDir(f.dataDir),
 		node.WithMDNS(!f.noMDNS),
 		node.WithSwarmView(f.swarmViewFor(backends)),
+		node.WithCatalogReader(!f.pureWorker(backends)),
 		node.WithWatch(f.watch...),
 		node.WithRelayService(f.relay),
 		node.WithAnnounceAddrs(f.announce...),
