@@ -365,3 +365,46 @@ func TestCatalogOption(t *testing.T) {
 		}
 	}
 }
+
+// Newcomers joining the topic one after another each get the catalogue,
+// yet the view node publishes for them at most about once per a third of
+// a period, not once per newcomer.
+func TestCatalogChurn(t *testing.T) {
+	const every = 3 * time.Second
+	cat := WithCatalog(every)
+	vh := newHost(t)
+	boot := WithBootstrap([]peer.AddrInfo{info(vh)})
+	view := newDiscovery(t, vh, cat)
+	heartbeat(t, newDiscovery(t, newHost(t), boot, cat, WithSwarmView(false)), "alpha", 300*time.Millisecond)
+	waitTable(t, view, "the view to hold the worker", func(es []Entry) bool { return len(es) == 1 })
+
+	obs := hostiletest.NewOn(t, testSwarm, protocol.CatalogTopic(testSwarm))
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	defer cancel()
+	if err := obs.Connect(ctx, info(vh)); err != nil {
+		t.Fatal(err)
+	}
+	counts := countCatalogs(t, obs)
+	time.Sleep(every / 2) // the observer's own join
+	before := counts()[vh.ID()]
+
+	const joiners = 12
+	start := time.Now()
+	var readers []*Discovery
+	for range joiners {
+		readers = append(readers, newDiscovery(t, newHost(t), boot, cat, WithSwarmView(false)))
+		time.Sleep(every / 12)
+	}
+	for _, r := range readers {
+		waitCatalog(t, r, "each newcomer to learn alpha", func(ms []CatalogModel) bool { return len(ms) == 1 })
+	}
+	took := time.Since(start)
+	published := counts()[vh.ID()] - before
+	// One per eventQuiet (every/3) at most, plus the periodic ones and
+	// one at the edge of the window.
+	bound := int(took/(every/catalogEventDiv)) + int(took/every) + 2
+	t.Logf("%d newcomers in %s: %d catalogues published (bound %d)", joiners, took.Round(time.Millisecond), published, bound)
+	if published > bound || published >= joiners {
+		t.Fatalf("%d catalogues published for %d newcomers in %s, want at most %d", published, joiners, took, bound)
+	}
+}
