@@ -106,7 +106,8 @@ type CatalogModel struct {
 // catalogEntry is the last catalogue of one author.
 type catalogEntry struct {
 	models   []*pb.CatalogModel
-	key      [32]byte // of the model set, see catalogKey
+	byName   map[string]*pb.CatalogModel // models by name, for CatalogModel
+	key      [32]byte                    // of the model set, see catalogKey
 	sent     time.Time
 	received time.Time
 	expires  time.Time
@@ -300,10 +301,14 @@ func (d *Discovery) catalogReadLoop() {
 func (c *catalog) store(author peer.ID, cat *pb.Catalog, now time.Time) {
 	e := &catalogEntry{
 		models:   cat.GetModels(),
+		byName:   make(map[string]*pb.CatalogModel, len(cat.GetModels())),
 		key:      catalogKey(cat.GetModels()),
 		sent:     time.UnixMilli(cat.GetTimeUnixMs()),
 		received: now,
 		expires:  now.Add(time.Duration(cat.GetTtlMs()) * time.Millisecond),
+	}
+	for _, m := range e.models {
+		e.byName[m.GetName()] = m
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -340,8 +345,10 @@ func (c *catalog) equalSince(key [32]byte, since time.Time) bool {
 	return false
 }
 
-// models is the union of the live catalogues.
-func (c *catalog) models(now time.Time) map[string]*CatalogModel {
+// models is the union of the live catalogues; only name's entries when
+// name is not "" (the bridge looks one model up per request: no need to
+// build the others').
+func (c *catalog) models(now time.Time, name string) map[string]*CatalogModel {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	out := map[string]*CatalogModel{}
@@ -350,7 +357,15 @@ func (c *catalog) models(now time.Time) map[string]*CatalogModel {
 			delete(c.entries, p)
 			continue
 		}
-		for _, m := range e.models {
+		ms := e.models
+		if name != "" {
+			m, ok := e.byName[name]
+			if !ok {
+				continue
+			}
+			ms = []*pb.CatalogModel{m}
+		}
+		for _, m := range ms {
 			cm := out[m.GetName()]
 			if cm == nil {
 				cm = &CatalogModel{Name: m.GetName()}
@@ -384,7 +399,7 @@ func (d *Discovery) Catalog() []CatalogModel {
 	if d.cat == nil || d.cfg.swarmView {
 		return nil
 	}
-	byName := d.cat.models(d.cfg.now())
+	byName := d.cat.models(d.cfg.now(), "")
 	out := make([]CatalogModel, 0, len(byName))
 	for _, m := range byName {
 		out = append(out, *m)
@@ -398,7 +413,10 @@ func (d *Discovery) CatalogModel(name string) (CatalogModel, bool) {
 	if d.cat == nil || d.cfg.swarmView {
 		return CatalogModel{}, false
 	}
-	m, ok := d.cat.models(d.cfg.now())[name]
+	if name == "" {
+		return CatalogModel{}, false
+	}
+	m, ok := d.cat.models(d.cfg.now(), name)[name]
 	if !ok {
 		return CatalogModel{}, false
 	}
