@@ -24,8 +24,9 @@ import (
 // it routes to, so a bridge of a large swarm could not list the others.
 // Nodes with the swarm view therefore publish, on protocol.CatalogTopic, a
 // small signed list of the models they see (name, types, features, number
-// of workers), and every node keeps the union of the recent catalogues of
-// at most maxCatalogPublishers publishers.
+// of workers), and every node that reads the topic (all but those given
+// WithCatalogReader(false)) keeps the union of the recent catalogues of at
+// most maxCatalogPublishers publishers.
 //
 // Cost independent of the swarm's size: a view node skips its periodic
 // publication when, in the last catalogQuietPeriods periods, it received
