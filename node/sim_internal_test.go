@@ -6,7 +6,9 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,8 +18,10 @@ import (
 	"time"
 
 	dht "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p/core/connmgr"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	basicconnmgr "github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 
 	"github.com/mtor-swarm/mtor/discovery"
@@ -41,7 +45,35 @@ const (
 	// simLimit bounds each wait for convergence; past it the run goes on
 	// and the row says how far it got.
 	simLimit = 5 * time.Minute
+	// The connection manager of the workers, a sim-only setting: the
+	// real node's (connLow, connHigh: 128 / 384, a minute's grace) would
+	// let 1 000 workers keep up to 190 000 connections, and a mocknet
+	// connection with its streams and their goroutines costs this one
+	// process about 250 KB of RSS; with a minute's grace the DHT's
+	// look-ups of nodes starting keep dozens more each.
+	simConnLow, simConnHigh = 8, 16
+	simConnGrace            = 10 * time.Second
 )
+
+// cmHost is a mocknet host with a connection manager, as newHost gives
+// the real node one: mocknet builds its hosts without (libp2p's null
+// manager, which never closes a connection), and the DHT's lookups then
+// leave almost every pair of nodes connected, O(n²) connections in the
+// process. ConnManager is what gossipsub (mesh peers), the DHT (routing
+// table peers), discovery and the router tag and protect through, and
+// the manager's notifiee, registered on the network, sees the
+// connections it trims.
+type cmHost struct {
+	host.Host
+	cm *basicconnmgr.BasicConnMgr
+}
+
+func (h *cmHost) ConnManager() connmgr.ConnManager { return h.cm }
+
+func (h *cmHost) Close() error {
+	_ = h.cm.Close()
+	return h.Host.Close()
+}
 
 // mocknetRange holds every mocknet host's address (mocknet's blackhole
 // range, 100::/64).
@@ -89,8 +121,8 @@ func TestSimSwarm(t *testing.T) {
 		}
 		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, runSim(t, n, idle, allView)) })
 	}
-	t.Log("\n| nodes | swarm view | views hold all workers after start | router's first query: answered / its model's workers held | gossip B/s (announcements/s) per worker · bootstrap · router | table entries / conns per worker · bootstrap · router | 10% killed: out everywhere | 10% joined: in every view | queries/s (c=8) | heap MB/node |\n" +
-		"|---|---|---|---|---|---|---|---|---|---|\n" + strings.Join(rows, "\n"))
+	t.Log("\n| nodes | swarm view | views hold all workers after start | router's first query: answered / its model's workers held | gossip B/s (announcements/s) per worker · bootstrap · router | table entries / conns per worker · bootstrap · router | 10% killed: out everywhere | 10% joined: in every view | queries/s (c=8) | heap MB/node | process peak RSS |\n" +
+		"|---|---|---|---|---|---|---|---|---|---|---|\n" + strings.Join(rows, "\n"))
 }
 
 // simRole is what a simulated node does.
@@ -127,9 +159,32 @@ func runSim(t *testing.T, n int, idle time.Duration, allView bool) string {
 	var linkMu sync.Mutex
 
 	start := func(i int, role simRole) *simNode {
-		h, err := mn.GenPeer()
+		mh, err := mn.GenPeer()
 		if err != nil {
 			t.Fatal(err)
+		}
+		// The real node's watermarks and grace period (newHost) at
+		// the router, the sim's (simConn*) at the workers. A
+		// swarm view holds only the workers it is connected to (a
+		// disconnection takes a peer out of the table), so past
+		// connHigh workers the real watermarks would trim a bootstrap's
+		// view: in the sim they grow with the swarm.
+		low, high, grace := simConnLow, simConnHigh, simConnGrace
+		switch role {
+		case simRouter:
+			low, high, grace = connLow, connHigh, time.Minute
+		case simBootstrap:
+			low, high, grace = max(connLow, 2*n), max(connHigh, 2*n), time.Minute
+		}
+		cm, err := basicconnmgr.NewConnManager(low, high, basicconnmgr.WithGracePeriod(grace))
+		if err != nil {
+			t.Fatal(err)
+		}
+		mh.Network().Notify(cm.Notifee())
+		h := &cmHost{Host: mh, cm: cm}
+		// As node.New: the join peers' connections are never trimmed.
+		for _, b := range boots {
+			cm.Protect(b.ID, "mtor-bootstrap")
 		}
 		// Link the new host to every other (any node may dial any):
 		// O(n) per host, where LinkAll would be O(n²).
@@ -210,6 +265,10 @@ func runSim(t *testing.T, n int, idle time.Duration, allView bool) string {
 				s := start(i, simWorker)
 				mu.Lock()
 				nodes = append(nodes, s)
+				if len(nodes)%100 == 0 {
+					// At 1 000 nodes starting takes minutes.
+					t.Logf("%d nodes started", len(nodes))
+				}
 				mu.Unlock()
 			}()
 		}
@@ -316,6 +375,21 @@ func runSim(t *testing.T, n int, idle time.Duration, allView bool) string {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	heapPerNode := float64(ms.HeapAlloc) / float64(len(nodes)) / (1 << 20)
+	if dir := os.Getenv("MTOR_SIM_MEMPROFILE"); dir != "" {
+		// The live heap of the converged swarm at idle, for go tool
+		// pprof: where a size's memory goes.
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("sim-heap-%d.pprof", n)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = pprof.Lookup("heap").WriteTo(f, 0)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	// Deaths: 10% of the workers at once.
 	var dead []*simNode
@@ -344,11 +418,11 @@ func runSim(t *testing.T, n int, idle time.Duration, allView bool) string {
 	if allView {
 		mode = "all"
 	}
-	row := fmt.Sprintf("| %d | %s | %s | %s / %s | %s · %s · %s | %s · %s · %s | %s | %s | %.0f | %.2f |", n, mode, converge,
+	row := fmt.Sprintf("| %d | %s | %s | %s / %s | %s · %s · %s | %s · %s · %s | %s | %s | %.0f | %.2f | %s |", n, mode, converge,
 		firstAnswer.Round(10*time.Millisecond), learnt.Round(100*time.Millisecond),
 		perRole[simWorker], perRole[simBootstrap], perRole[simRouter],
 		tables[simWorker], tables[simBootstrap], tables[simRouter],
-		deathIn, joinIn, qps, heapPerNode)
+		deathIn, joinIn, qps, heapPerNode, peakRSS())
 	t.Log(row)
 	return row
 }
@@ -493,6 +567,23 @@ func simQueries(t *testing.T, r *router.Router, c int, d time.Duration) float64 
 	}
 	wg.Wait()
 	return float64(done.Load()) / time.Since(start).Seconds()
+}
+
+// peakRSS is the process's peak resident set so far (Linux's VmHWM):
+// with several sizes in one run, that of the largest so far.
+func peakRSS() string {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return "?"
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) == 3 && f[0] == "VmHWM:" {
+			if kb, err := strconv.Atoi(f[1]); err == nil {
+				return fmt.Sprintf("%.1f GB", float64(kb)/(1<<20))
+			}
+		}
+	}
+	return "?"
 }
 
 // summary is min, median and max of xs.
