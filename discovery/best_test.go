@@ -190,15 +190,7 @@ func TestSeekWorkersWhenKeptUnusable(t *testing.T) {
 	router := newDiscovery(t, hosts[4], boot, WithSwarmView(false), WithMaxPerModel(2), noRedialWait)
 	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
 	defer cancel()
-	for _, d := range append([]*Discovery{view, router}, workers...) {
-		deadline := time.Now().Add(waitLimit)
-		for d.DHT().RoutingTable().Size() == 0 {
-			if time.Now().After(deadline) {
-				t.Fatal("empty routing table")
-			}
-			time.Sleep(20 * time.Millisecond) // the DHT offers no event for this
-		}
-	}
+	waitRoutingTables(t, append([]*Discovery{view, router}, workers...)...)
 	stops := make([]func(), len(workers))
 	for i, w := range workers[:2] {
 		if err := w.Provide(ctx, "a"); err != nil {

@@ -313,15 +313,7 @@ func TestProvideFindProviders(t *testing.T) {
 	}
 	// Provide needs peers in the routing table; Bootstrap (also run by New
 	// in the background) puts the join peer there once identify is done.
-	for i, d := range nodes {
-		deadline := time.Now().Add(waitLimit)
-		for d.DHT().RoutingTable().Size() == 0 {
-			if time.Now().After(deadline) {
-				t.Fatalf("node %d: empty routing table", i)
-			}
-			time.Sleep(20 * time.Millisecond) // the DHT offers no event for this
-		}
-	}
+	waitRoutingTables(t, nodes...)
 	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
 	defer cancel()
 	if err := nodes[1].Provide(ctx, "llama-3"); err != nil {
@@ -482,6 +474,22 @@ func TestValidatorOnTheWire(t *testing.T) {
 			}
 		case <-deadline:
 			t.Fatalf("rogue never graylisted after 3 rejected messages")
+		}
+	}
+}
+
+// waitRoutingTables waits until each of ds has a peer in its DHT routing
+// table: Provide and FindProviders need one, and Bootstrap puts the join
+// peer there only once identify is done.
+func waitRoutingTables(t *testing.T, ds ...*Discovery) {
+	t.Helper()
+	for i, d := range ds {
+		deadline := time.Now().Add(waitLimit)
+		for d.DHT().RoutingTable().Size() == 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("node %d: empty routing table", i)
+			}
+			time.Sleep(20 * time.Millisecond) // the DHT offers no event for this
 		}
 	}
 }

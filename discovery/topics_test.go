@@ -109,15 +109,7 @@ func TestWatchModelLazily(t *testing.T) {
 	router := newDiscovery(t, hosts[5], boot, WithSwarmView(false), WithMaxPerModel(2), WithCatalog(0))
 	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
 	defer cancel()
-	for _, d := range append([]*Discovery{view, router}, workers...) {
-		deadline := time.Now().Add(waitLimit)
-		for d.DHT().RoutingTable().Size() == 0 {
-			if time.Now().After(deadline) {
-				t.Fatal("empty routing table")
-			}
-			time.Sleep(20 * time.Millisecond) // the DHT offers no event for this
-		}
-	}
+	waitRoutingTables(t, append([]*Discovery{view, router}, workers...)...)
 	for i, w := range workers {
 		if err := w.Provide(ctx, models[i]); err != nil {
 			t.Fatal(err)
@@ -261,15 +253,7 @@ func TestWatchRelays(t *testing.T) {
 	watcher := newDiscovery(t, hosts[3], boot, WithSwarmView(false))
 	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
 	defer cancel()
-	for _, d := range []*Discovery{relay, watcher} {
-		deadline := time.Now().Add(waitLimit)
-		for d.DHT().RoutingTable().Size() == 0 {
-			if time.Now().After(deadline) {
-				t.Fatal("empty routing table")
-			}
-			time.Sleep(20 * time.Millisecond) // the DHT offers no event for this
-		}
-	}
+	waitRoutingTables(t, relay, watcher)
 	if err := relay.ProvideRelay(ctx); err != nil {
 		t.Fatal(err)
 	}
