@@ -199,6 +199,7 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		d.goRun(func() { d.readLoop(d.sub) })
 	}
 	d.goRun(func() { d.connLoop(connSub) })
+	d.goRun(d.protectLoop)
 	d.goRun(d.probeLoop)
 	d.goRun(d.sweepLoop)
 	if cfg.memberProto != "" {
