@@ -24,9 +24,13 @@ package main
 //     destination).
 //
 // The worker of the restricted/restricted pair runs without the swarm view
-// (--swarm-view=false): it learns of no relay from the swarm topic, and
-// must find the relays through the relay topic and the DHT before it can
-// be reached through one and then hole-punched.
+// (--swarm-view=false, a pure worker's default): it learns of no relay from
+// the swarm topic, and must find the relays through the relay topic and
+// the DHT before it can be reached through one and then hole-punched. The
+// other pairs' workers keep the swarm view (--swarm-view): with the new
+// default, symmetric/restricted once lost its answer when the relay in use
+// was killed (one CI run, on a loaded machine; it passed in two others),
+// not yet diagnosed: probably the worker held one relay, not two.
 //
 // MTOR_NAT_STREAM sets the duration of the long relayed stream (default
 // 15 s here; `make test-nat` runs 150 s); MTOR_NAT_PAIRS picks pairs, e.g.
@@ -413,6 +417,8 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 	}
 	if noSwarmView(wk, ck) {
 		wargs = append(wargs, "--swarm-view=false")
+	} else {
+		wargs = append(wargs, "--swarm-view")
 	}
 	start := time.Now()
 	worker := n.start("worker", d("worker"), wargs...)
