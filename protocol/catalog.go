@@ -33,16 +33,11 @@ func CatalogTopic(swarm string) string {
 // and features, and the worker count (which only informs people, but an
 // absurd one is a lie no honest publisher tells).
 func ValidateCatalog(c *pb.Catalog, now time.Time) error {
-	t := time.UnixMilli(c.GetTimeUnixMs())
 	if c.GetTimeUnixMs() <= 0 {
 		return badRequest("catalog without a time")
 	}
-	if t.After(now.Add(MaxClockSkew)) {
-		return badRequest("catalog is dated %s in the future", t.Sub(now).Round(time.Millisecond))
-	}
-	ttl := time.Duration(c.GetTtlMs()) * time.Millisecond
-	if ttl < MinCatalogTTL || ttl > MaxCatalogTTL {
-		return badRequest("catalog ttl %s out of range [%s, %s]", ttl, MinCatalogTTL, MaxCatalogTTL)
+	if err := validateStamp("catalog", c.GetTimeUnixMs(), c.GetTtlMs(), MinCatalogTTL, MaxCatalogTTL, now); err != nil {
+		return err
 	}
 	if len(c.GetModels()) > MaxCatalogModels {
 		return badRequest("catalog of %d models, limit %d", len(c.GetModels()), MaxCatalogModels)

@@ -258,19 +258,29 @@ func ValidateEvent(e *pb.Event) error {
 	return nil
 }
 
+// validateStamp checks the time and TTL of a gossiped message of kind
+// (announce, catalog): not dated beyond MaxClockSkew in the future, a TTL
+// within [minTTL, maxTTL].
+func validateStamp(kind string, unixMs int64, ttlMs uint32, minTTL, maxTTL time.Duration, now time.Time) error {
+	t := time.UnixMilli(unixMs)
+	if t.After(now.Add(MaxClockSkew)) {
+		return badRequest("%s is dated %s in the future", kind, t.Sub(now).Round(time.Millisecond))
+	}
+	ttl := time.Duration(ttlMs) * time.Millisecond
+	if ttl < minTTL || ttl > maxTTL {
+		return badRequest("%s ttl %s out of range [%s, %s]", kind, ttl, minTTL, maxTTL)
+	}
+	return nil
+}
+
 // ValidateAnnounce checks an announcement against now; it does not judge
 // sequence numbers, which need per-peer state.
 func ValidateAnnounce(a *pb.Announce, now time.Time) error {
 	if a.GetSeq() == 0 {
 		return badRequest("announce seq must be > 0")
 	}
-	t := time.UnixMilli(a.GetTimeUnixMs())
-	if t.After(now.Add(MaxClockSkew)) {
-		return badRequest("announce is dated %s in the future", t.Sub(now).Round(time.Millisecond))
-	}
-	ttl := time.Duration(a.GetTtlMs()) * time.Millisecond
-	if ttl < MinAnnounceTTL || ttl > MaxAnnounceTTL {
-		return badRequest("announce ttl %s out of range [%s, %s]", ttl, MinAnnounceTTL, MaxAnnounceTTL)
+	if err := validateStamp("announce", a.GetTimeUnixMs(), a.GetTtlMs(), MinAnnounceTTL, MaxAnnounceTTL, now); err != nil {
+		return err
 	}
 	if len(a.GetRoles()) > MaxAnnRoles {
 		return badRequest("%d roles, limit %d", len(a.GetRoles()), MaxAnnRoles)
