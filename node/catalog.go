@@ -17,7 +17,7 @@ func catalogView(m discovery.CatalogModel) router.ModelView {
 	for i, t := range m.Types {
 		types[i] = protocol.TypeName(t)
 	}
-	return router.ModelView{Name: m.Name, Types: types, Peers: m.Workers, Features: m.Features, Catalog: true}
+	return router.ModelView{Name: m.Name, Types: types, Peers: m.Workers, Features: m.Features}
 }
 
 func (a catalogAdapter) CatalogModels() []router.ModelView {

@@ -106,13 +106,7 @@ func TestRelayKeeperReservesAtOnce(t *testing.T) {
 // topic and finds the relay in the DHT); only the latter reads the relay
 // topic, and a public node without the swarm view never does.
 func TestRelayKeeperFindsRelays(t *testing.T) {
-	for _, tc := range []struct {
-		name      string
-		swarmView bool
-	}{
-		{"swarm view", true},
-		{"no swarm view", false},
-	} {
+	for _, tc := range swarmViewCases {
 		t.Run(tc.name, func(t *testing.T) {
 			boot := startTestNode(t)
 			relay := startTestNode(t, WithRelayService(true), WithJoin(boot.JoinLine()))
@@ -136,13 +130,7 @@ func TestRelayKeeperFindsRelays(t *testing.T) {
 // failed dial must not lock the relay out. Without the swarm view too:
 // the relay lost, the node looks for relays again at once.
 func TestRelayKeeperReservesAgainAfterRelayRestart(t *testing.T) {
-	for _, tc := range []struct {
-		name      string
-		swarmView bool
-	}{
-		{"swarm view", true},
-		{"no swarm view", false},
-	} {
+	for _, tc := range swarmViewCases {
 		t.Run(tc.name, func(t *testing.T) {
 			key, _, err := crypto.GenerateEd25519Key(nil)
 			if err != nil {
@@ -266,4 +254,14 @@ func TestShareableAddrs(t *testing.T) {
 	if got := shareable([]ma.Multiaddr{lo}); len(got) != 1 {
 		t.Fatalf("a loopback-only node must keep its address, got %v", got)
 	}
+}
+
+// swarmViewCases runs a relay test with the swarm view and without it
+// (then relays are found through the relay topic and the DHT).
+var swarmViewCases = []struct {
+	name      string
+	swarmView bool
+}{
+	{"swarm view", true},
+	{"no swarm view", false},
 }

@@ -2,8 +2,8 @@ package router
 
 // Catalog lists the models a node knows of without holding their workers:
 // the swarm's model catalogue, on a node without the swarm view
-// (discovery.Discovery.Catalog). Its views have Catalog set, and Peers is
-// the number of workers the catalogue's publishers counted.
+// (discovery.Discovery.Catalog). Peers is the number of workers the
+// catalogue's publishers counted; the router sets Catalog on its views.
 type Catalog interface {
 	CatalogModels() []ModelView
 	CatalogModel(name string) (ModelView, bool)
