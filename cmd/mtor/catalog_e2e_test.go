@@ -18,10 +18,14 @@ import (
 
 // A bridge without the swarm view lists, in /v1/models, the models of
 // workers it never routed to (from the catalogue of the view node it
-// joined), marked as such, and a query for one of them is answered.
+// joined), marked as such, and a query for one of them is answered. On
+// TCP and on QUIC.
 func TestE2ECatalogBridge(t *testing.T) {
 	needBinary(t)
-	tr := transports()[0]
+	onEachTransport(t, testCatalogBridge)
+}
+
+func testCatalogBridge(t *testing.T, tr transport) {
 	dir := t.TempDir()
 	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	pure := []string{"--swarm-view=false", "--join", boot.value("join")}
