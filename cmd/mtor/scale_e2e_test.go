@@ -29,8 +29,10 @@ func testWithoutSwarmView(t *testing.T, tr transport) {
 	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	join := boot.value("join")
 	pure := []string{"--swarm-view=false", "--join", join}
+	// Workers run on the defaults, as a volunteer starts one: a pure
+	// worker goes without the swarm view unless asked.
 	worker := func(name, model string) *proc {
-		return startNode(t, name, tr.nodeArgs(filepath.Join(dir, name), append([]string{"--backend", "demo:model=" + model}, pure...)...)...)
+		return startNode(t, name, tr.nodeArgs(filepath.Join(dir, name), "--backend", "demo:model="+model, "--join", join)...)
 	}
 	w1 := worker("worker1", "alpha")
 	w2 := worker("worker2", "alpha")
