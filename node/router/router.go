@@ -648,11 +648,16 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 
 	slack := r.energySlackFor(ctx)
 	var lastErr *protocol.Error
+	var again *scored // the worker whose path broke: tried again on another
 	for first := true; ; first = false {
 		if !first {
 			var ok bool
 			if ranked, ok = r.nextCandidates(ctx, q, ranked, fromDHT, need); !ok {
 				break
+			}
+			if again != nil {
+				ranked = withCandidate(ranked, q.usable([]scored{*again}))
+				again = nil
 			}
 		}
 		if len(ranked) == 0 || q.failures >= r.maxAttempts || ctx.Err() != nil {
@@ -696,6 +701,9 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 			q.pathRetries++
 			q.avoid = pl.relay
 			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
+			// Closing its last connection took the worker out of a table
+			// that holds connected peers only: it is still a candidate.
+			again = &c
 			// A dead relay's other connections (QUIC ones vanish without a
 			// reset) are being probed and closed meanwhile: a retry at once
 			// could take one of them again.
@@ -773,6 +781,16 @@ func (r *Router) seek(model string, unusable []peer.ID) {
 	if r.seeker != nil {
 		r.seeker.SeekWorkers(model, unusable)
 	}
+}
+
+// withCandidate adds the candidates of extra that ranked lacks.
+func withCandidate(ranked, extra []scored) []scored {
+	for _, c := range extra {
+		if !slices.ContainsFunc(ranked, func(o scored) bool { return o.Peer == c.Peer }) {
+			ranked = append(ranked, c)
+		}
+	}
+	return ranked
 }
 
 // maxCandidateWaits bounds how often a query waits for a fresh candidate
@@ -1687,7 +1705,11 @@ func (b *outputBudget) spend(ev *pb.Event) bool {
 // connectAround connects to p, when not connected, by every address but
 // those through the relay avoid: after that relay broke a query's path,
 // libp2p would otherwise dial it again (or reuse a dead QUIC connection
-// to it) alongside the other relays. A failure is left to NewStream.
+// to it) alongside the other relays, and wait out that dial's timeout
+// before the others' circuits. The host dials every address its
+// peerstore holds for p, so those through avoid leave the peerstore (an
+// announcement or identify brings them back). A failure is left to
+// NewStream.
 func (r *Router) connectAround(ctx context.Context, p, avoid peer.ID) {
 	if r.h.Network().Connectedness(p) == network.Connected {
 		return
@@ -1695,6 +1717,7 @@ func (r *Router) connectAround(ctx context.Context, p, avoid peer.ID) {
 	var addrs []ma.Multiaddr
 	for _, a := range r.h.Peerstore().Addrs(p) {
 		if relay, err := a.ValueForProtocol(ma.P_P2P); err == nil && relay == avoid.String() {
+			r.h.Peerstore().SetAddr(p, a, 0)
 			continue
 		}
 		addrs = append(addrs, a)
