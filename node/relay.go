@@ -273,6 +273,9 @@ func (k *relayKeeper) step(ctx context.Context) {
 	if st != ReachabilityPrivate {
 		if len(k.held) > 0 {
 			relayLog.Infow("reachable without relays; reservations dropped", "relays", len(k.held))
+			for p := range k.held {
+				h.ConnManager().Unprotect(p, relayTag)
+			}
 			clear(k.held)
 			changed.Store(true)
 		}
@@ -285,6 +288,7 @@ func (k *relayKeeper) step(ctx context.Context) {
 	for p, ri := range k.held {
 		if h.Network().Connectedness(p) != network.Connected {
 			relayLog.Infow("relay lost", "relay", p)
+			h.ConnManager().Unprotect(p, relayTag)
 			delete(k.held, p)
 			k.lost = true
 			changed.Store(true)
@@ -338,6 +342,9 @@ func (k *relayKeeper) step(ctx context.Context) {
 }
 
 // reserve asks ai for a reservation and records the outcome.
+// relayTag protects the connections to the relays we hold reservations on.
+const relayTag = "mtor-relay"
+
 func (k *relayKeeper) reserve(ctx context.Context, ai peer.AddrInfo) (ok bool) {
 	h := k.host()
 	rctx, cancel := context.WithTimeout(ctx, reserveTimeout)
@@ -379,6 +386,9 @@ func (k *relayKeeper) reserve(ctx context.Context, ai peer.AddrInfo) (ok bool) {
 		ri.Since = old.Since
 	}
 	k.held[ai.ID] = ri
+	// The connection manager's trim would end the reservation with the
+	// connection, and nobody could reach us until the next one.
+	h.ConnManager().Protect(ai.ID, relayTag)
 	if !renewed {
 		relayLog.Infow("relay reservation", "relay", ai.ID, "took", time.Since(start), "addrs", ri.Addrs)
 	}

@@ -91,6 +91,15 @@ func TestRelayKeeperReservesAtOnce(t *testing.T) {
 	if relayedThrough(natted, plain.ID()) {
 		t.Fatal("reserved on a node without the relay role")
 	}
+	// The connection manager's trim would end a reservation.
+	for _, r := range []*Node{r1, r2} {
+		if !natted.h.ConnManager().IsProtected(r.ID(), relayTag) {
+			t.Fatalf("the connection to relay %s is not protected", r.ID())
+		}
+	}
+	if natted.h.ConnManager().IsProtected(plain.ID(), relayTag) {
+		t.Fatal("a node that is no relay of ours is protected as one")
+	}
 	if ri := natted.Reachability(); ri.Status != ReachabilityPrivate || ri.How != "forced" {
 		t.Fatalf("reachability %v (%s), want private (forced)", ri.Status, ri.How)
 	}
