@@ -192,7 +192,7 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		if err != nil {
 			return nil, fmt.Errorf("watch %s: %w", topicName, err)
 		}
-		d.goRun(func() { d.topicJoinLoop(d.ctx, th) })
+		d.goRun(func() { d.topicJoinLoop(d.ctx, topicName, th) })
 	}
 
 	if d.sub != nil {

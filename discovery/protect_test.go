@@ -11,6 +11,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/net/connmgr"
+
+	"github.com/mtor-swarm/mtor/protocol"
 )
 
 // The connection manager's trimming does not empty the view: the peers
@@ -78,5 +80,82 @@ func TestTrimKeepsTheTable(t *testing.T) {
 			t.Fatal("a worker gone from the table is still protected")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestTrimKeepsFollowers: a worker's connection manager trims the
+// connections of its DHT neighbours before those of the peers that follow
+// its model (subscribed to the model's topic: the routers of its model),
+// and a follower that leaves the topic is worth no more than the others.
+func TestTrimKeepsFollowers(t *testing.T) {
+	const followers, strangers = 3, 3
+	cm, err := connmgr.NewConnManager(followers, followers+1, connmgr.WithGracePeriod(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hw, err := libp2p.New(libp2p.ListenAddrStrings(tcpAndQUIC...), libp2p.ConnectionManager(cm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = hw.Close() })
+	w := newDiscovery(t, hw, WithSwarmView(false), WithOnTopicPeerJoin(func(peer.ID) {}))
+	heartbeat(t, w, "model-f", 300*time.Millisecond)
+
+	var fs []*Discovery
+	var fh []host.Host
+	for range followers {
+		h := newHost(t)
+		fs = append(fs, newDiscovery(t, h, WithSwarmView(false), WithWatch("model-f"), WithBootstrap([]peer.AddrInfo{info(hw)})))
+		fh = append(fh, h)
+	}
+	var sh []host.Host
+	for range strangers {
+		h := newHost(t)
+		newDiscovery(t, h, WithSwarmView(false), WithBootstrap([]peer.AddrInfo{info(hw)}))
+		sh = append(sh, h)
+	}
+	tag := "mtor-follower:" + protocol.ModelTopic(testSwarm, "model-f")
+	deadline := time.Now().Add(waitLimit)
+	for _, h := range fh {
+		for cm.GetTagInfo(h.ID()) == nil || cm.GetTagInfo(h.ID()).Tags[tag] != followerValue {
+			if time.Now().After(deadline) {
+				t.Fatalf("follower %s not tagged: %+v", h.ID(), cm.GetTagInfo(h.ID()))
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	for _, h := range sh {
+		if ti := cm.GetTagInfo(h.ID()); ti != nil && ti.Tags[tag] != 0 {
+			t.Fatalf("stranger %s tagged as a follower", h.ID())
+		}
+	}
+
+	cm.TrimOpenConns(context.Background())
+	for i, h := range fh {
+		if hw.Network().Connectedness(h.ID()) != network.Connected {
+			t.Errorf("follower %d's connection was trimmed", i)
+		}
+	}
+	trimmed := 0
+	for _, h := range sh {
+		if hw.Network().Connectedness(h.ID()) != network.Connected {
+			trimmed++
+		}
+	}
+	if trimmed == 0 {
+		t.Error("no stranger was trimmed: the trim did not run")
+	}
+
+	// A follower that stops following loses its tag.
+	if err := fs[0].Close(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(waitLimit); ; time.Sleep(10 * time.Millisecond) {
+		if ti := cm.GetTagInfo(fh[0].ID()); ti == nil || ti.Tags[tag] == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a peer that left the topic is still tagged as a follower")
+		}
 	}
 }

@@ -122,7 +122,7 @@ func (d *Discovery) modelTopicLocked(model string) (*modelTopic, error) {
 			return nil, fmt.Errorf("watch %s: %w", name, err)
 		}
 		mt.events = th
-		d.goRun(func() { d.topicJoinLoop(ctx, th) })
+		d.goRun(func() { d.topicJoinLoop(ctx, name, th) })
 	}
 	d.topics.models[model] = mt
 	return mt, nil
@@ -413,16 +413,44 @@ func (d *Discovery) closeTopics() {
 	}
 }
 
-// topicJoinLoop reports peers joining a topic until ctx ends.
-func (d *Discovery) topicJoinLoop(ctx context.Context, th *pubsub.TopicEventHandler) {
-	defer th.Cancel()
+// followerValue is what a peer subscribed to one of our topics is worth
+// to the connection manager, per topic: it follows our announcements (a
+// router of our models), so its connection goes after those of mere DHT
+// neighbours (worth 5 or less) when the connections are trimmed.
+const followerValue = 20
+
+// topicJoinLoop reports peers joining a topic until ctx ends, and tags
+// the connections of the topic's peers while they are in it.
+func (d *Discovery) topicJoinLoop(ctx context.Context, topic string, th *pubsub.TopicEventHandler) {
+	tag := "mtor-follower:" + topic
+	in := map[peer.ID]struct{}{}
+	defer func() {
+		th.Cancel()
+		for p := range in {
+			d.h.ConnManager().UntagPeer(p, tag)
+		}
+	}()
 	for {
 		ev, err := th.NextPeerEvent(ctx)
 		if err != nil {
 			return
 		}
-		if ev.Type == pubsub.PeerJoin {
+		switch ev.Type {
+		case pubsub.PeerJoin:
+			if len(in) < maxFollowersTagged {
+				in[ev.Peer] = struct{}{}
+				d.h.ConnManager().TagPeer(ev.Peer, tag, followerValue)
+			}
 			d.cfg.onTopicJoin(ev.Peer)
+		case pubsub.PeerLeave:
+			if _, ok := in[ev.Peer]; ok {
+				delete(in, ev.Peer)
+				d.h.ConnManager().UntagPeer(ev.Peer, tag)
+			}
 		}
 	}
 }
+
+// maxFollowersTagged bounds the peers tagged per topic: the set is kept
+// in memory, and more than the connection manager keeps is no use.
+const maxFollowersTagged = 1024
