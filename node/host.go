@@ -27,10 +27,18 @@ import (
 )
 
 // Connection manager watermarks: enough for a large swarm's routing table
-// and mesh, low enough for a volunteer's home router.
+// and mesh, low enough for a volunteer's home router. A node without the
+// swarm view that relays nothing (a pure worker) needs few: the peers
+// routing to it (protected while a query is open, tagged while they follow
+// its models), its relays (protected), its bootstrap (protected), and a
+// DHT routing table that works with transient connections. Each
+// connection costs it about 100 KiB (goroutine stacks, mostly), so 384 of
+// them would more than double its idle memory in a large swarm.
 const (
-	connLow  = 128
-	connHigh = 384
+	connLow      = 128
+	connHigh     = 384
+	connLowLean  = 32
+	connHighLean = 96
 )
 
 // Limits sized for volunteers: dozens of them may share one public IPv4
@@ -68,6 +76,7 @@ type hostConfig struct {
 	addrs        func([]ma.Multiaddr) []ma.Multiaddr // announced and relayed addresses; nil for none
 	gater        connmgr.ConnectionGater             // a closed swarm's; nil for none
 	punches      holepunch.EventTracer               // told of hole punches; nil for none
+	lean         bool                                // the lean watermarks: no swarm view, no relay service
 }
 
 // Query streams of one peer. A bridge carrying many users is one peer
@@ -217,7 +226,11 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if err != nil {
 		return nil, err
 	}
-	cm, err := basicconnmgr.NewConnManager(connLow, connHigh, basicconnmgr.WithGracePeriod(time.Minute))
+	low, high := connLow, connHigh
+	if hc.lean {
+		low, high = connLowLean, connHighLean
+	}
+	cm, err := basicconnmgr.NewConnManager(low, high, basicconnmgr.WithGracePeriod(time.Minute))
 	if err != nil {
 		return nil, fmt.Errorf("connection manager: %w", err)
 	}

@@ -374,7 +374,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	hc := hostConfig{
 		key: cfg.key, listen: cfg.listen, query: qproto, width: cfg.maxConcurrency + cfg.maxQueue, relay: cfg.relay,
 		reachability: cfg.reachability, relayACL: swarmOnlyACL{k: relays, query: qproto, members: cfg.members}, addrs: relays.addrs,
-		punches: punches,
+		punches: punches, lean: !cfg.swarmView && !cfg.relay,
 	}
 	if cfg.members != nil {
 		hc.gater = cfg.members.Gater()
