@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -256,6 +257,9 @@ func runNode(ctx context.Context, e *env, args []string) error {
 		return fmt.Errorf("starting the node: %w", err)
 	}
 	defer n.Close()
+	trimCtx, stopTrim := context.WithCancel(ctx)
+	defer stopTrim()
+	go trimWhenIdle(trimCtx, trimPeriod, trimIdleAlloc, debug.FreeOSMemory)
 
 	// Everything below runs until a signal or a server failure.
 	failed := make(chan error, 2)
@@ -305,6 +309,12 @@ wait:
 		case <-hups:
 			reloadBackends(ctx, e, n, src, bset, out)
 		case sig := <-sigs:
+			if prefix := e.getenv("MTOR_MEMPROFILE"); prefix != "" {
+				// What the running node holds, before the stop lets it go.
+				if err := writeHeapProfile(prefix); err != nil {
+					fmt.Fprintln(e.stderr, err)
+				}
+			}
 			fmt.Fprintf(e.stderr, "%s: stopping; queries in flight get %s to finish (send it again to stop at once)\n", sig, f.grace)
 			break wait
 		case runErr = <-failed:

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"runtime/pprof"
 	"strconv"
 )
@@ -23,4 +24,21 @@ func startCPUProfile(prefix string) (stop func(), err error) {
 		pprof.StopCPUProfile()
 		_ = f.Close()
 	}, nil
+}
+
+// writeHeapProfile writes the node's live heap, after a collection, to
+// PREFIX.PID when a stop signal arrives, before the node lets anything go:
+// MTOR_MEMPROFILE=PREFIX, for finding what an idle node holds per
+// connection (docs/benchmarks.md).
+func writeHeapProfile(prefix string) error {
+	f, err := os.Create(prefix + "." + strconv.Itoa(os.Getpid()))
+	if err != nil {
+		return fmt.Errorf("MTOR_MEMPROFILE: %w", err)
+	}
+	defer f.Close()
+	runtime.GC()
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		return fmt.Errorf("MTOR_MEMPROFILE: %w", err)
+	}
+	return nil
 }
