@@ -175,19 +175,32 @@
 
   // models: name -> Set of API type names (chat, vision, imagine, stt, tts, embed)
   let models = new Map();
+  // Models known only from the swarm's catalogue: this node (without the
+  // swarm view) has not routed to them yet, so it holds none of their workers.
+  let catalogOnly = new Set();
   const seedToApi = { speech: "stt" };
 
   function setModels(list) {
     const next = new Map();
+    const nextCatalog = new Set();
     for (const m of list) {
       if (!m || typeof m.name !== "string") continue;
       const types = next.get(m.name) || new Set();
       for (const t of m.types || []) types.add(seedToApi[t] || t);
       next.set(m.name, types);
+      if (m.catalog === true) nextCatalog.add(m.name);
     }
-    const same = next.size === models.size && [...next].every(([k, v]) => models.has(k) && models.get(k).size === v.size);
+    const same = next.size === models.size && [...next].every(([k, v]) => models.has(k) && models.get(k).size === v.size) &&
+      nextCatalog.size === catalogOnly.size && [...nextCatalog].every((k) => catalogOnly.has(k));
     models = next;
+    catalogOnly = nextCatalog;
     if (!same) fillModelPicker();
+  }
+
+  function modelOption(n) {
+    if (!catalogOnly.has(n)) return h("option", { value: n }, n);
+    return h("option", { value: n, title: "known from the swarm's model catalogue; this node finds its workers at the first query", dataset: { catalog: "true" } },
+      n + " · catalogue");
   }
 
   // The type a model must serve for the selected query type.
@@ -199,7 +212,7 @@
     const want = neededType(el.qtype.value);
     const current = el.model.value;
     const names = [...models].filter(([, ts]) => ts.has(want)).map(([n]) => n).sort();
-    el.model.replaceChildren(...names.map((n) => h("option", { value: n }, n)));
+    el.model.replaceChildren(...names.map(modelOption));
     if (names.length === 0) el.model.append(h("option", { value: "", disabled: true, selected: true }, "no model serves " + want));
     if (names.includes(current)) el.model.value = current;
     updateSendable();
