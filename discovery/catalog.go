@@ -44,6 +44,10 @@ import (
 const (
 	// DefaultCatalogEvery is the catalogue period.
 	DefaultCatalogEvery = 30 * time.Second
+	// MinCatalogEvery and MaxCatalogEvery bound the period (WithCatalog):
+	// at the longest, an entry's lifetime is protocol.MaxCatalogTTL.
+	MinCatalogEvery = time.Second
+	MaxCatalogEvery = protocol.MaxCatalogTTL / catalogTTLPeriods
 	// catalogTTLPeriods: an entry lives this many periods after receipt,
 	// so that it outlasts the longest gap between two publications of a
 	// suppressed swarm (catalogQuietPeriods plus a jittered period).
@@ -78,8 +82,8 @@ const (
 // listed.
 func WithCatalog(every time.Duration) Option {
 	return func(c *config) error {
-		if every < 0 || (every > 0 && every < time.Second) || every > protocol.MaxCatalogTTL/catalogTTLPeriods {
-			return fmt.Errorf("catalog period %s out of range [1s, %s] (or 0: off)", every, protocol.MaxCatalogTTL/catalogTTLPeriods)
+		if every < 0 || (every > 0 && every < MinCatalogEvery) || every > MaxCatalogEvery {
+			return fmt.Errorf("catalog period %s out of range [%s, %s] (or 0: off)", every, MinCatalogEvery, MaxCatalogEvery)
 		}
 		c.catalogEvery = every
 		return nil

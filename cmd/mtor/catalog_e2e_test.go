@@ -34,6 +34,9 @@ func testCatalogBridge(t *testing.T, tr transport) {
 	}
 	bridge := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), append([]string{"--no-detect", "--bridge", "127.0.0.1:0"}, pure...)...)...)
 	base := strings.TrimSuffix(bridge.value("bridge"), "/")
+	// The same bridge with the catalogue off reads and lists none.
+	off := startNode(t, "bridge-off", tr.nodeArgs(filepath.Join(dir, "bridge-off"), append([]string{"--no-detect", "--bridge", "127.0.0.1:0", "--catalog-every", "0"}, pure...)...)...)
+	offBase := strings.TrimSuffix(off.value("bridge"), "/")
 
 	type model struct {
 		ID   string `json:"id"`
@@ -42,7 +45,7 @@ func testCatalogBridge(t *testing.T, tr transport) {
 			Catalog bool `json:"catalog"`
 		} `json:"mtor"`
 	}
-	models := func() map[string]model {
+	modelsOf := func(base string) map[string]model {
 		t.Helper()
 		resp, err := http.Get(base + "/v1/models")
 		if err != nil {
@@ -61,6 +64,7 @@ func testCatalogBridge(t *testing.T, tr transport) {
 		}
 		return out
 	}
+	models := func() map[string]model { return modelsOf(base) }
 	start := time.Now()
 	deadline := start.Add(90 * time.Second)
 	for {
@@ -74,6 +78,9 @@ func testCatalogBridge(t *testing.T, tr transport) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Logf("the bridge listed both models %s after it started", time.Since(start).Round(100*time.Millisecond))
+	if ms := modelsOf(offBase); len(ms) != 0 {
+		t.Fatalf("/v1/models of a bridge with --catalog-every 0 lists %+v, want nothing (it routed to nothing yet)", ms)
+	}
 
 	body := []byte(`{"model":"beta","messages":[{"role":"user","content":"hello from the catalogue"}]}`)
 	resp, err := http.Post(base+"/v1/chat/completions", "application/json", bytes.NewReader(body))

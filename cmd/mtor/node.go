@@ -73,6 +73,9 @@ type nodeFlags struct {
 	preferContrib    bool
 	preferEnergy     bool
 	energySlack      float64
+	openPacing       int
+	openQueue        int
+	catalogEvery     time.Duration
 }
 
 func defaultDataDir(e *env) string {
@@ -129,6 +132,9 @@ func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs.BoolVar(&f.preferContrib, "prefer-contributors", false, "when queries queue for this worker, serve first the peers that did more work for this node than it did for them (see mtor ledger)")
 	fs.BoolVar(&f.preferEnergy, "prefer-energy", false, "route each query to the worker with the lowest measured joules per token among those within --energy-slack of the best expected latency (a request's X-Mtor-Prefer header overrides)")
 	fs.Float64Var(&f.energySlack, "energy-slack", router.DefaultEnergySlack, "with energy preferred: how many times the best expected latency a worker may take and still be chosen for its energy (> 1)")
+	fs.IntVar(&f.openPacing, "open-pacing", router.DefaultOpensPerPeer, "query streams this node may be opening to one worker at once (opened, no Accepted yet); the others wait their turn")
+	fs.IntVar(&f.openQueue, "open-queue", router.DefaultOpenQueuePerPeer, "queries that may wait for such a turn, per worker; more are refused with BUSY at once")
+	fs.DurationVar(&f.catalogEvery, "catalog-every", discovery.DefaultCatalogEvery, "period of the swarm's model catalogue, which nodes with the swarm view publish and nodes without it read (0: off)")
 	fs.StringVar(&f.logLevel, "log-level", "", "log level for every subsystem: debug, info, warn, error (default: GOLOG_LOG_LEVEL, else error)")
 	return fs
 }
@@ -398,6 +404,14 @@ func (f *nodeFlags) check() error {
 		return usagef("--bridge-max-in-flight %d must be >= 0", f.bridgeInFlight)
 	case !(f.energySlack > 1 && f.energySlack <= 100):
 		return usagef("--energy-slack %v must be above 1 and at most 100", f.energySlack)
+	case f.openPacing < 1 || f.openPacing > maxOpenPacing:
+		// More than yamux's backlog of unacknowledged opens (and QUIC's
+		// streams per connection), 256, would only queue there instead.
+		return usagef("--open-pacing %d must be within [1, %d]", f.openPacing, maxOpenPacing)
+	case f.openQueue < 0 || f.openQueue > maxOpenQueue:
+		return usagef("--open-queue %d must be within [0, %d]", f.openQueue, maxOpenQueue)
+	case f.catalogEvery != 0 && (f.catalogEvery < discovery.MinCatalogEvery || f.catalogEvery > discovery.MaxCatalogEvery):
+		return usagef("--catalog-every %s must be 0 (off) or within [%s, %s]", f.catalogEvery, discovery.MinCatalogEvery, discovery.MaxCatalogEvery)
 	}
 	for _, o := range f.bridgeOrigins {
 		if err := checkOrigin(o); err != nil {
@@ -535,8 +549,16 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 	if f.preferEnergy {
 		opts = append(opts, node.WithRouterOptions(router.WithPreferEnergy(true, f.energySlack)))
 	}
+	opts = append(opts, node.WithRouterOptions(router.WithOpenPacing(f.openPacing, f.openQueue)),
+		node.WithDiscoveryOptions(discovery.WithCatalog(f.catalogEvery)))
 	return opts
 }
+
+// Bounds of --open-pacing and --open-queue.
+const (
+	maxOpenPacing = 256
+	maxOpenQueue  = 1 << 16
+)
 
 func (f *nodeFlags) bridgeOptions(n *node.Node) []bridge.Option {
 	opts := []bridge.Option{bridge.WithSelfID(n.ID().String()), bridge.WithShutdownGrace(f.grace), bridge.WithLedger(n.Ledger()),
