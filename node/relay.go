@@ -274,9 +274,8 @@ func (k *relayKeeper) step(ctx context.Context) {
 		if len(k.held) > 0 {
 			relayLog.Infow("reachable without relays; reservations dropped", "relays", len(k.held))
 			for p := range k.held {
-				h.ConnManager().Unprotect(p, relayTag)
+				k.unholdLocked(h, p)
 			}
-			clear(k.held)
 			changed.Store(true)
 		}
 		k.mu.Unlock()
@@ -288,8 +287,7 @@ func (k *relayKeeper) step(ctx context.Context) {
 	for p, ri := range k.held {
 		if h.Network().Connectedness(p) != network.Connected {
 			relayLog.Infow("relay lost", "relay", p)
-			h.ConnManager().Unprotect(p, relayTag)
-			delete(k.held, p)
+			k.unholdLocked(h, p)
 			k.lost = true
 			changed.Store(true)
 			continue
@@ -341,10 +339,17 @@ func (k *relayKeeper) step(ctx context.Context) {
 	wg.Wait()
 }
 
-// reserve asks ai for a reservation and records the outcome.
 // relayTag protects the connections to the relays we hold reservations on.
 const relayTag = "mtor-relay"
 
+// unholdLocked forgets the reservation on p and lets its connection be
+// trimmed again.
+func (k *relayKeeper) unholdLocked(h host.Host, p peer.ID) {
+	h.ConnManager().Unprotect(p, relayTag)
+	delete(k.held, p)
+}
+
+// reserve asks ai for a reservation and records the outcome.
 func (k *relayKeeper) reserve(ctx context.Context, ai peer.AddrInfo) (ok bool) {
 	h := k.host()
 	rctx, cancel := context.WithTimeout(ctx, reserveTimeout)
