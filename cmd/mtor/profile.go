@@ -12,9 +12,9 @@ import (
 // returned stop (the node's end): MTOR_CPUPROFILE=PREFIX, a hook for
 // profiling the processes `mtor bench` starts (docs/benchmarks.md).
 func startCPUProfile(prefix string) (stop func(), err error) {
-	f, err := os.Create(prefix + "." + strconv.Itoa(os.Getpid()))
+	f, err := createProfile("MTOR_CPUPROFILE", prefix)
 	if err != nil {
-		return nil, fmt.Errorf("MTOR_CPUPROFILE: %w", err)
+		return nil, err
 	}
 	if err := pprof.StartCPUProfile(f); err != nil {
 		f.Close()
@@ -31,9 +31,9 @@ func startCPUProfile(prefix string) (stop func(), err error) {
 // MTOR_MEMPROFILE=PREFIX, for finding what an idle node holds per
 // connection (docs/benchmarks.md).
 func writeHeapProfile(prefix string) error {
-	f, err := os.Create(prefix + "." + strconv.Itoa(os.Getpid()))
+	f, err := createProfile("MTOR_MEMPROFILE", prefix)
 	if err != nil {
-		return fmt.Errorf("MTOR_MEMPROFILE: %w", err)
+		return err
 	}
 	defer f.Close()
 	runtime.GC()
@@ -41,4 +41,13 @@ func writeHeapProfile(prefix string) error {
 		return fmt.Errorf("MTOR_MEMPROFILE: %w", err)
 	}
 	return nil
+}
+
+// createProfile creates PREFIX.PID for the profile that variable asks for.
+func createProfile(variable, prefix string) (*os.File, error) {
+	f, err := os.Create(prefix + "." + strconv.Itoa(os.Getpid()))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", variable, err)
+	}
+	return f, nil
 }
