@@ -50,16 +50,8 @@ func TestRelayKilledMidAnswer(t *testing.T) {
 		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			newHost := func(opts ...libp2p.Option) host.Host {
-				h, err := libp2p.New(append(opts, libp2p.ListenAddrStrings(tc.listen))...)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { h.Close() })
-				return h
-			}
-			r1 := newHost(libp2p.EnableRelayService(relayv2.WithInfiniteLimits()), libp2p.ForceReachabilityPublic())
-			r2 := newHost(libp2p.EnableRelayService(relayv2.WithInfiniteLimits()), libp2p.ForceReachabilityPublic())
+			relay := []libp2p.Option{libp2p.EnableRelayService(relayv2.WithInfiniteLimits()), libp2p.ForceReachabilityPublic()}
+			r1, r2 := testHostOn(t, tc.listen, relay...), testHostOn(t, tc.listen, relay...)
 
 			// The worker listens on nothing: only a relay reaches it.
 			wh, err := libp2p.New(libp2p.NoListenAddrs, libp2p.EnableRelay())
@@ -84,7 +76,7 @@ func TestRelayKilledMidAnswer(t *testing.T) {
 				}
 			}
 
-			h := newHost()
+			h := testHostOn(t, tc.listen)
 			connect(t, h, r1, r2)
 			// Reached through the first relay.
 			if err := h.Connect(t.Context(), peer.AddrInfo{ID: wh.ID(), Addrs: []ma.Multiaddr{r1Circuit}}); err != nil {

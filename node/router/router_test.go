@@ -26,7 +26,13 @@ func (s staticTable) Candidates() []Candidate { return s }
 
 func testHost(t *testing.T) host.Host {
 	t.Helper()
-	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	return testHostOn(t, "/ip4/127.0.0.1/tcp/0")
+}
+
+// testHostOn is a host listening on listen with opts, closed at the end.
+func testHostOn(t *testing.T, listen string, opts ...libp2p.Option) host.Host {
+	t.Helper()
+	h, err := libp2p.New(append(opts, libp2p.ListenAddrStrings(listen))...)
 	if err != nil {
 		t.Fatal(err)
 	}
