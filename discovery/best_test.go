@@ -20,6 +20,7 @@ type wk struct {
 	ttft     uint32 // announced p50 TTFT, ms (0: the default)
 	health   uint32
 	draining bool
+	relay    bool // announces the relay role too
 	models   []string
 }
 
@@ -28,6 +29,9 @@ func (w wk) ann(seq uint64) *pb.Announce {
 	a.Load = &pb.Load{MaxConcurrency: 2, InFlight: w.busy}
 	a.Health = w.health
 	a.Draining = w.draining
+	if w.relay {
+		a.Roles = []string{"worker", "relay"}
+	}
 	for _, m := range w.models {
 		a.Models = append(a.Models, &pb.ModelInfo{Name: m, P50TtftMs: w.ttft})
 	}
@@ -85,13 +89,25 @@ func TestTableKeepsTheBest(t *testing.T) {
 			{name: "w4 of b", p: 4, w: wk{health: 100, models: []string{"b"}}, taken: true, kept: []int{0, 2, 4}},
 			{name: "w3 of a and b replaces w0", p: 3, w: wk{health: 100, models: []string{"a", "b"}}, taken: true, kept: []int{2, 3, 4}},
 		}},
+		// A node without the view finds its relays in this table: a relay
+		// is kept for its role, under a bound of its own, whatever the
+		// bound of the models it also serves.
+		{"relays that serve a model", []step{
+			{name: "w0", p: 0, w: idle, taken: true, kept: []int{0}},
+			{name: "w1", p: 1, w: idle, taken: true, kept: []int{0, 1}},
+			{name: "w2, a full relay of a, taken past a's bound", p: 2, w: wk{busy: 2, health: 100, relay: true, models: []string{"a"}}, taken: true, kept: []int{0, 1, 2}},
+			{name: "w3, an idle relay of a", p: 3, w: wk{health: 100, relay: true, models: []string{"a"}}, taken: true, kept: []int{0, 1, 2, 3}},
+			{name: "w4, a third relay: the relays' bound is reached", p: 4, w: wk{health: 100, relay: true}, kept: []int{0, 1, 2, 3}},
+			{name: "w5 idle of a replaces no relay", p: 5, w: idle, kept: []int{0, 1, 2, 3}},
+			{name: "w0 found unusable: w5 replaces it, not the full relay", p: 5, w: idle, unusable: []int{0}, taken: true, kept: []int{1, 2, 3, 5}},
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
 			tab := newPeerTable(testPeerID(t), 100, clk.now)
 			tab.lim.perModel = 2
-			ps := make([]peer.ID, 5)
+			ps := make([]peer.ID, 6)
 			for i := range ps {
 				ps[i] = testPeerID(t)
 			}

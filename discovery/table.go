@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"iter"
 	"math"
 	"slices"
 	"sync"
@@ -391,23 +392,25 @@ func (t *PeerTable) roomPendingLocked(via peer.ID, viaIP string) bool {
 	return true
 }
 
-// roomModelLocked reports whether one of a's models has fewer than the
-// per-model bound of workers kept (and, with pending, quarantined). An
-// announcement of no model is not bounded here.
+// roomModelLocked reports whether one of a's bound keys (its models, the
+// relay role) has fewer than the per-model bound of peers kept (and, with
+// pending, quarantined). An announcement of neither is not bounded here.
 func (t *PeerTable) roomModelLocked(a *pb.Announce, pending bool) bool {
-	if t.lim.perModel <= 0 || len(a.GetModels()) == 0 {
+	if t.lim.perModel <= 0 {
 		return true
 	}
-	for _, m := range a.GetModels() {
-		n := t.perModel[m.GetName()]
+	bounded := false
+	for k := range boundKeys(a) {
+		bounded = true
+		n := t.perModel[k]
 		if pending {
-			n += t.pendingPerModel[m.GetName()]
+			n += t.pendingPerModel[k]
 		}
 		if n < t.lim.perModel {
 			return true
 		}
 	}
-	return false
+	return !bounded
 }
 
 // replaceableLocked returns the kept worker that a new author announcing a
@@ -456,13 +459,13 @@ func (t *PeerTable) replaceableLocked(a *pb.Announce, rtt time.Duration, now tim
 }
 
 // evictableLocked reports whether removing the kept worker announcing
-// old, for a newcomer announcing a, leaves every model of old at its
-// bound at least: otherwise old would be taken again at its next
-// announcement, for the room it left.
+// old, for a newcomer announcing a, leaves every bound key of old (its
+// models, the relay role) at its bound at least: otherwise old would be
+// taken again at its next announcement, for the room it left.
 func (t *PeerTable) evictableLocked(old, a *pb.Announce) bool {
-	for _, mi := range old.GetModels() {
-		n := t.perModel[mi.GetName()] - 1
-		if modelEntry(a, mi.GetName()) != nil {
+	for k := range boundKeys(old) {
+		n := t.perModel[k] - 1
+		if hasKey(a, k) {
 			n++
 		}
 		if n < t.lim.perModel {
@@ -522,10 +525,40 @@ func (t *PeerTable) keptOf(model string) map[peer.ID]bool {
 	return out
 }
 
-// countModels adds delta to the count of each model a announces.
+// relayKey stands for the relay role among the keys the per-model bound
+// counts (no model name is empty). A relay is kept for its role: the
+// relay keeper of a node without the swarm view finds its relays in the
+// table, so a relay that also serves a model at its bound must not be
+// left out of it or replaced by a faster worker of that model. Relays
+// are bounded as a model is.
+const relayKey = ""
+
+// boundKeys are the keys under the per-model bound that a counts in: the
+// models it announces, and relayKey when it announces the relay role.
+func boundKeys(a *pb.Announce) iter.Seq[string] {
+	return func(yield func(string) bool) {
+		for _, m := range a.GetModels() {
+			if !yield(m.GetName()) {
+				return
+			}
+		}
+		if slices.Contains(a.GetRoles(), "relay") {
+			yield(relayKey)
+		}
+	}
+}
+
+// hasKey reports whether k is one of a's bound keys.
+func hasKey(a *pb.Announce, k string) bool {
+	if k == relayKey {
+		return slices.Contains(a.GetRoles(), "relay")
+	}
+	return modelEntry(a, k) != nil
+}
+
+// countModels adds delta to the count of each bound key of a.
 func countModels(counts map[string]int, a *pb.Announce, delta int) {
-	for _, m := range a.GetModels() {
-		n := m.GetName()
+	for n := range boundKeys(a) {
 		if counts[n] += delta; counts[n] <= 0 {
 			delete(counts, n)
 		}
