@@ -20,7 +20,8 @@ type wk struct {
 	ttft     uint32 // announced p50 TTFT, ms (0: the default)
 	health   uint32
 	draining bool
-	relay    bool // announces the relay role too
+	relay    bool   // announces the relay role too
+	inc      uint64 // incarnation (0: none)
 	models   []string
 }
 
@@ -29,6 +30,7 @@ func (w wk) ann(seq uint64) *pb.Announce {
 	a.Load = &pb.Load{MaxConcurrency: 2, InFlight: w.busy}
 	a.Health = w.health
 	a.Draining = w.draining
+	a.Incarnation = w.inc
 	if w.relay {
 		a.Roles = []string{"worker", "relay"}
 	}
@@ -50,7 +52,8 @@ func TestTableKeepsTheBest(t *testing.T) {
 		name     string
 		p        int // worker index
 		w        wk
-		unusable []int // marked unusable before the step
+		unusable []int           // marked unusable before the step
+		measured map[int]float64 // the router's TTFT (ms) of kept workers, told before the step
 		taken    bool
 		kept     []int // workers kept after the step
 	}
@@ -89,6 +92,19 @@ func TestTableKeepsTheBest(t *testing.T) {
 			{name: "w4 of b", p: 4, w: wk{health: 100, models: []string{"b"}}, taken: true, kept: []int{0, 2, 4}},
 			{name: "w3 of a and b replaces w0", p: 3, w: wk{health: 100, models: []string{"a", "b"}}, taken: true, kept: []int{2, 3, 4}},
 		}},
+		// The router's measurements judge kept workers: one slower than
+		// it claims goes for a newcomer, one that gives what it claims
+		// stays although a newcomer claims more.
+		{"kept workers judged on what the router measured", []step{
+			{name: "w0 claims 50 ms", p: 0, w: wk{ttft: 50, health: 100, models: []string{"a"}}, taken: true, kept: []int{0}},
+			{name: "w1 claims 50 ms", p: 1, w: wk{ttft: 50, health: 100, models: []string{"a"}}, taken: true, kept: []int{0, 1}},
+			{name: "w2 claims as much: not taken", p: 2, w: wk{ttft: 50, health: 100, models: []string{"a"}}, kept: []int{0, 1}},
+			{name: "w0 measured at 400 ms: w2 replaces it", p: 2, w: wk{ttft: 50, health: 100, models: []string{"a"}}, measured: map[int]float64{0: 400}, taken: true, kept: []int{1, 2}},
+			{name: "w1 and w2 measured at 40 ms: w3 claiming 15 ms replaces neither", p: 3, w: wk{ttft: 15, health: 100, models: []string{"a"}}, measured: map[int]float64{1: 40, 2: 40}, kept: []int{1, 2}},
+			{name: "w2 measured at 60 ms: w3 replaces it", p: 3, w: wk{ttft: 15, health: 100, models: []string{"a"}}, measured: map[int]float64{2: 60}, taken: true, kept: []int{1, 3}},
+			{name: "w1 restarts: what was measured of it is forgotten", p: 1, w: wk{ttft: 50, health: 100, inc: 2, models: []string{"a"}}, taken: true, kept: []int{1, 3}},
+			{name: "w4 claiming 15 ms replaces w1 on its claim", p: 4, w: wk{ttft: 15, health: 100, models: []string{"a"}}, taken: true, kept: []int{3, 4}},
+		}},
 		// A node without the view finds its relays in this table: a relay
 		// is kept for its role, under a bound of its own, whatever the
 		// bound of the models it also serves.
@@ -118,6 +134,9 @@ func TestTableKeepsTheBest(t *testing.T) {
 					marked = append(marked, ps[i])
 				}
 				tab.markUnusable(marked, clk.now().Add(unusableFor))
+				for i, ms := range s.measured {
+					tab.setMeasured(ps[i], ms)
+				}
 				seq++
 				if got := tab.upsert(ps[s.p], s.w.ann(seq), clk.now()); got != s.taken {
 					t.Fatalf("%s: upsert = %v, want %v", s.name, got, s.taken)

@@ -68,6 +68,10 @@ type Entry struct {
 	// unusableUntil: the router found it unusable (failing, busy) and
 	// asked for other workers; until then it is the first to be replaced.
 	unusableUntil time.Time
+	// measuredTTFTMs: the router's own smoothed time to first token of
+	// this process (0 none yet), which judges a kept worker under the
+	// per-model bound in place of what it announces.
+	measuredTTFTMs float64
 }
 
 // origin is how an announcement reached us, for the quarantine.
@@ -303,6 +307,9 @@ func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) b
 			countModels(t.perModel, e.Announce, -1)
 			countModels(t.perModel, a, 1)
 		}
+		if a.GetIncarnation() != e.Announce.GetIncarnation() {
+			e.measuredTTFTMs = 0 // a new process: the router starts afresh too
+		}
 		e.Announce, e.Received, e.Expires = a, recv, recv.Add(ttl)
 		t.emitLocked(Event{Kind: Update, Peer: p})
 		return true
@@ -444,7 +451,15 @@ func (t *PeerTable) replaceableLocked(a *pb.Announce, rtt time.Duration, now tim
 			ms := protocol.AnnouncedEstimate(a, mi, mine).Score()
 			ts := math.Inf(1)
 			if e.Expires.After(now) && !e.Announce.GetDraining() && !e.unusableUntil.After(now) {
-				ts = protocol.AnnouncedEstimate(e.Announce, emi, theirs).Score()
+				// What the router measured of a kept worker overrides
+				// what it announces, as in the router's own score: a
+				// worker that claims more speed than it gives is judged
+				// on what it gives.
+				est := protocol.AnnouncedEstimate(e.Announce, emi, theirs)
+				if e.measuredTTFTMs > 0 {
+					est.TTFTMs = e.measuredTTFTMs
+				}
+				ts = est.Score()
 			}
 			if !protocol.ClearlyBetter(ms, ts) {
 				continue
@@ -509,6 +524,15 @@ func (t *PeerTable) markUnusable(ps []peer.ID, until time.Time) {
 		if e, ok := t.entries[p]; ok {
 			e.unusableUntil = until
 		}
+	}
+}
+
+// setMeasured records the router's smoothed TTFT of kept peer p.
+func (t *PeerTable) setMeasured(p peer.ID, ttftMs float64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if e, ok := t.entries[p]; ok {
+		e.measuredTTFTMs = ttftMs
 	}
 }
 

@@ -256,6 +256,17 @@ func (d *Discovery) SeekWorkers(model string, unusable []peer.ID) {
 	}
 }
 
+// Measured is the router's word of what it measured of worker p: its
+// smoothed time to first token, in ms. Under the per-model bound (a node
+// without the swarm view) a kept worker is then judged on it, not on the
+// TTFT it announces, when a newcomer would take its place. A node with
+// the view keeps every worker and ignores it. It never blocks.
+func (d *Discovery) Measured(p peer.ID, ttftMs float64) {
+	if d.cfg.limits.perModel > 0 && ttftMs > 0 {
+		d.table.setMeasured(p, ttftMs)
+	}
+}
+
 // Watching lists the models whose topics this node reads.
 func (d *Discovery) Watching() []string {
 	d.topics.mu.Lock()

@@ -491,7 +491,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	h.SetStreamHandler(protocol.ReceiptProtocol(swarm), receiptback.NewReceiver(h.ID(), led.Pending, led.Countersigned).HandleStream)
 	// The local worker is always there, so that backends a reload adds
 	// are served here too; without models it is never chosen.
-	ropts := []router.Option{router.WithProviders(n.disc), router.WithSeeker(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithCatalog(catalogAdapter{n.disc}), router.WithConnChecker(n.live), router.WithHolePunches(punches),
+	ropts := []router.Option{router.WithProviders(n.disc), router.WithSeeker(n.disc), router.WithMeasurer(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithCatalog(catalogAdapter{n.disc}), router.WithConnChecker(n.live), router.WithHolePunches(punches),
 		router.WithLocal(localWorker{n.worker}),
 		router.WithReceipts(cfg.key, func(r *pb.Receipt) {
 			led.Record(ledger.Consumed, r)

@@ -89,6 +89,14 @@ type Seeker interface {
 	SeekWorkers(model string, unusable []peer.ID)
 }
 
+// Measurer is told what this router measured of a worker: its smoothed
+// time to first token, in ms, after each answer that had one
+// (discovery.Discovery.Measured, whose bounded table then judges the
+// worker on it). It must not block.
+type Measurer interface {
+	Measured(p peer.ID, ttftMs float64)
+}
+
 // PeerFinder finds the addresses of a peer (the DHT does), for workers
 // known from gossip that this node has never been connected to.
 type PeerFinder interface {
@@ -159,6 +167,7 @@ type Router struct {
 	table       Table
 	providers   Providers
 	seeker      Seeker
+	measurer    Measurer
 	finder      PeerFinder
 	local       Local
 	deadline    time.Duration
@@ -203,6 +212,9 @@ func WithProviders(p Providers) Option { return func(r *Router) { r.providers = 
 // WithSeeker has the router tell s when no worker the table holds can
 // serve a model, so that it finds others.
 func WithSeeker(s Seeker) Option { return func(r *Router) { r.seeker = s } }
+
+// WithMeasurer has the router tell m what it measures of each worker.
+func WithMeasurer(m Measurer) Option { return func(r *Router) { r.measurer = m } }
 
 // WithPeerFinder looks up addresses of peers it cannot reach otherwise.
 func WithPeerFinder(f PeerFinder) Option { return func(r *Router) { r.finder = f } }
@@ -1174,13 +1186,20 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	if st.inflight == 0 {
 		r.h.ConnManager().Unprotect(p, protectTag)
 	}
+	measured := 0.0
 	if !expired(ctx) {
 		// A query whose own deadline ran out tells nothing of the peer.
 		r.recordLocked(st, q.req.GetModel(), err, first, start, end)
+		if err == nil && !first.IsZero() && !local {
+			measured = st.ttft
+		}
 	}
 	r.mu.Unlock()
 	if err != nil {
 		return nil, err
+	}
+	if measured > 0 && r.measurer != nil {
+		r.measurer.Measured(p, measured)
 	}
 	_ = r.settle(check, p, req, done)
 	if first.IsZero() {
