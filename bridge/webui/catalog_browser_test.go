@@ -16,14 +16,27 @@ import (
 // view lists a model it knows only from the swarm's model catalogue (real
 // nodes: the bootstrap and the worker keep the view and publish it),
 // marked as such, and answers it; once the node has routed to the model
-// and holds its worker, the mark goes.
+// and holds its worker, the mark goes. On TCP and on QUIC.
 func TestBrowserMarksCatalogueModels(t *testing.T) {
-	sw := swarmtest.New(t, swarmtest.Workers(1))
+	for _, tc := range []struct {
+		name   string
+		listen string
+		opts   []swarmtest.Option
+	}{
+		{"tcp", "/ip4/127.0.0.1/tcp/0", nil},
+		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1", []swarmtest.Option{swarmtest.QUIC()}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testBrowserMarksCatalogueModels(t, tc.listen, tc.opts...) })
+	}
+}
+
+func testBrowserMarksCatalogueModels(t *testing.T, listen string, opts ...swarmtest.Option) {
+	sw := swarmtest.New(t, append([]swarmtest.Option{swarmtest.Workers(1)}, opts...)...)
 	key, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	client, err := node.New(context.Background(), node.WithIdentity(key), node.WithListenAddrs("/ip4/127.0.0.1/tcp/0"),
+	client, err := node.New(context.Background(), node.WithIdentity(key), node.WithListenAddrs(listen),
 		node.WithMDNS(false), node.WithJoin(sw.Bootstrap.JoinLine()), node.WithSwarmView(false))
 	if err != nil {
 		t.Fatal(err)
