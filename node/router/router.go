@@ -1222,10 +1222,12 @@ func (e workerError) Unwrap() error { return e.err }
 
 func (r *Router) recordLocked(st *peerState, model string, err error, first, start, end time.Time) {
 	if err == nil {
+		// In fractions of a millisecond: a worker on a LAN answers within
+		// one, and a whole 0 would read as no measurement.
 		if !first.IsZero() {
-			st.ttft = ewma(st.ttft, float64(first.Sub(start).Milliseconds()))
+			st.ttft = ewma(st.ttft, msOf(first.Sub(start)))
 		}
-		st.service = ewma(st.service, float64(end.Sub(start).Milliseconds()))
+		st.service = ewma(st.service, msOf(end.Sub(start)))
 		st.tracker.Record(health.Success)
 		if mt := st.model(model); mt != nil {
 			mt.Record(health.Success)
@@ -1309,6 +1311,8 @@ func (r *Router) stallBound(c scored, st *peerState, req *pb.QueryRequest) time.
 	}
 	return min(max(10*time.Duration(ttft)*time.Millisecond, minStall), upper)
 }
+
+func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func ewma(old, v float64) float64 {
 	if old == 0 {
