@@ -39,6 +39,9 @@ const (
 	connHigh     = 384
 	connLowLean  = 32
 	connHighLean = 96
+	// connGracePeriod spares a new connection from the trim: it may be
+	// one a query or a look-up is about to use.
+	connGracePeriod = time.Minute
 )
 
 // Limits sized for volunteers: dozens of them may share one public IPv4
@@ -77,6 +80,7 @@ type hostConfig struct {
 	gater        connmgr.ConnectionGater             // a closed swarm's; nil for none
 	punches      holepunch.EventTracer               // told of hole punches; nil for none
 	lean         bool                                // the lean watermarks: no swarm view, no relay service
+	grace        time.Duration                       // the trim spares younger connections; 0: connGracePeriod
 }
 
 // Query streams of one peer. A bridge carrying many users is one peer
@@ -230,7 +234,11 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if hc.lean {
 		low, high = connLowLean, connHighLean
 	}
-	cm, err := basicconnmgr.NewConnManager(low, high, basicconnmgr.WithGracePeriod(time.Minute))
+	grace := hc.grace
+	if grace <= 0 {
+		grace = connGracePeriod
+	}
+	cm, err := basicconnmgr.NewConnManager(low, high, basicconnmgr.WithGracePeriod(grace))
 	if err != nil {
 		return nil, fmt.Errorf("connection manager: %w", err)
 	}

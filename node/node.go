@@ -83,6 +83,7 @@ type config struct {
 	preferContrib    bool
 	ledgerOpts       []ledger.Option
 	members          *membership.Membership
+	connGrace        time.Duration // the connection manager's grace period; 0: connGracePeriod
 }
 
 // Option configures a node.
@@ -115,6 +116,12 @@ func WithSwarm(name string) Option {
 		c.swarm = name
 		return nil
 	}
+}
+
+// withConnGrace sets how long a new connection is spared by the
+// connection manager's trim (tests, which cannot wait out a minute).
+func withConnGrace(d time.Duration) Option {
+	return func(c *config) error { c.connGrace = d; return nil }
 }
 
 // WithBackends sets the model servers this node works for.
@@ -374,7 +381,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	hc := hostConfig{
 		key: cfg.key, listen: cfg.listen, query: qproto, width: cfg.maxConcurrency + cfg.maxQueue, relay: cfg.relay,
 		reachability: cfg.reachability, relayACL: swarmOnlyACL{k: relays, query: qproto, members: cfg.members}, addrs: relays.addrs,
-		punches: punches, lean: !cfg.swarmView && !cfg.relay,
+		punches: punches, lean: !cfg.swarmView && !cfg.relay, grace: cfg.connGrace,
 	}
 	if cfg.members != nil {
 		hc.gater = cfg.members.Gater()
