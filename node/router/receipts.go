@@ -61,7 +61,9 @@ func (r *Router) settle(c *receiptCheck, p peer.ID, req *pb.QueryRequest, done *
 		log.Debugw("answer without a receipt", "peer", p)
 		return errNoReceipt
 	}
-	err := receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID()})
+	// A local answer's receipt was signed in this process, with our key.
+	local := p == r.h.ID() && r.local != nil
+	err := receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local})
 	if err == nil {
 		err = receipt.Countersign(rc, r.receipts.key)
 	}

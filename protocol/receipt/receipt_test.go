@@ -232,3 +232,36 @@ func FuzzVerify(f *testing.F) {
 		_ = VerifyWorker(&r)
 	})
 }
+
+// SignedHere (a node's own worker, in this process) skips only the
+// verification of the worker's signature: every other check still holds.
+func TestCheckSignedHere(t *testing.T) {
+	cases := []struct {
+		name   string
+		tamper func(r *pb.Receipt, e *Expect)
+		want   error
+	}{
+		{"as signed", func(*pb.Receipt, *Expect) {}, nil},
+		{"signature not verified", func(r *pb.Receipt, e *Expect) { r.WorkerSig[0] ^= 1 }, nil},
+		{"other output", func(r *pb.Receipt, e *Expect) { e.Output = make([]byte, sha256.Size) }, ErrOutputHash},
+		{"done differs", func(r *pb.Receipt, e *Expect) { e.Done.Timing.TotalMs++ }, ErrMismatch},
+		{"short hash", func(r *pb.Receipt, e *Expect) { r.OutputSha256 = r.OutputSha256[:5] }, ErrMalformed},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r, e, _ := signed(t)
+			r.RouterSig = nil
+			tc.tamper(r, &e)
+			e.SignedHere = true
+			if err := Check(r, e); !errors.Is(err, tc.want) {
+				t.Errorf("Check = %v, want %v", err, tc.want)
+			}
+		})
+	}
+	r, e, _ := signed(t)
+	r.RouterSig = nil
+	r.WorkerSig[0] ^= 1
+	if err := Check(r, e); !errors.Is(err, ErrBadSig) {
+		t.Errorf("Check of a bad signature without SignedHere = %v, want %v", err, ErrBadSig)
+	}
+}
