@@ -15,29 +15,39 @@ import (
 )
 
 // BenchmarkReceipt is the CPU cost of the receipt of one answer on both
-// sides: the worker signs, the routing node checks and countersigns.
+// sides: the worker signs, the routing node checks and countersigns;
+// "remote" for another node's worker, "local" for the node's own worker
+// (one key, the signature not verified again: Expect.SignedHere).
 // The output hash is left out (it is proportional to the output, and the
 // same SHA-256 as any checksum).
 //
 //	go test ./protocol/receipt -run '^$' -bench Receipt
 func BenchmarkReceipt(b *testing.B) {
-	wk, wid := key(b)
-	rk, rid := key(b)
-	req, evs, done := answer()
-	out := hashOf(evs)
-	e := Expect{Request: req, Done: done, Output: out, Worker: wid, Requester: rid}
-	b.ResetTimer()
-	for range b.N {
-		r := New(req, done, out, wid, rid, time.Now())
-		if err := Sign(r, wk); err != nil {
-			b.Fatal(err)
-		}
-		if err := Check(r, e); err != nil {
-			b.Fatal(err)
-		}
-		if err := Countersign(r, rk); err != nil {
-			b.Fatal(err)
-		}
+	for _, local := range []bool{false, true} {
+		name := map[bool]string{false: "remote", true: "local"}[local]
+		b.Run(name, func(b *testing.B) {
+			wk, wid := key(b)
+			rk, rid := key(b)
+			if local {
+				rk, rid = wk, wid
+			}
+			req, evs, done := answer()
+			out := hashOf(evs)
+			e := Expect{Request: req, Done: done, Output: out, Worker: wid, Requester: rid, SignedHere: local}
+			b.ResetTimer()
+			for range b.N {
+				r := New(req, done, out, wid, rid, time.Now())
+				if err := Sign(r, wk); err != nil {
+					b.Fatal(err)
+				}
+				if err := Check(r, e); err != nil {
+					b.Fatal(err)
+				}
+				if err := Countersign(r, rk); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
 
