@@ -42,8 +42,8 @@ const (
 	simSwarm      = "sim"
 	simBootstraps = 3  // join peers, serving no model
 	simModels     = 10 // worker i serves model-(i mod simModels)
-	// simLimit bounds each wait for convergence; past it the run goes on
-	// and the row says how far it got.
+	// simLimit bounds each wait for convergence (MTOR_SIM_LIMIT sets
+	// another); past it the run goes on and the row says how far it got.
 	simLimit = 5 * time.Minute
 	// The connection manager of the workers, a sim-only setting: the
 	// real node's (connLow, connHigh: 128 / 384, a minute's grace) would
@@ -105,6 +105,14 @@ func TestSimSwarm(t *testing.T) {
 		}
 		idle = d
 	}
+	limit := simLimit
+	if v := os.Getenv("MTOR_SIM_LIMIT"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Second {
+			t.Fatalf("MTOR_SIM_LIMIT: %q is not a duration of at least 1s", v)
+		}
+		limit = d
+	}
 	allView := false
 	switch v := os.Getenv("MTOR_SIM_SWARM_VIEW"); v {
 	case "", "bootstraps":
@@ -119,7 +127,7 @@ func TestSimSwarm(t *testing.T) {
 		if err != nil || n < simBootstraps+simModels || n > 5000 {
 			t.Fatalf("MTOR_SIM_NODES: %q is not a size between %d and 5000", f, simBootstraps+simModels)
 		}
-		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, runSim(t, n, idle, allView)) })
+		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, runSim(t, n, idle, limit, allView)) })
 	}
 	t.Log("\n| nodes | swarm view | views hold all workers after start | router's first query: answered / its model's workers held | gossip B/s (announcements/s) per worker · bootstrap · router | table entries / conns per worker · bootstrap · router | 10% killed: out everywhere | 10% joined: in every view | queries/s (c=8) | heap MB/node | process peak RSS |\n" +
 		"|---|---|---|---|---|---|---|---|---|---|---|\n" + strings.Join(rows, "\n"))
@@ -151,7 +159,7 @@ func (s *simNode) close() {
 	_ = s.h.Close()
 }
 
-func runSim(t *testing.T, n int, idle time.Duration, allView bool) string {
+func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string {
 	mn := mocknet.New()
 	t.Cleanup(func() { _ = mn.Close() })
 	qproto := protocol.QueryProtocol(simSwarm)
@@ -323,7 +331,7 @@ func runSim(t *testing.T, n int, idle time.Duration, allView bool) string {
 			slices.Contains(v.disc.PubSub().ListPeers(protocol.PresenceTopic(simSwarm)), w),
 			simModel(ws) != "", ws.disc.Traffic(), known)
 	}
-	converge := waitSimExplained(t, views(), workers(), nil, simLimit, explain)
+	converge := waitSimExplained(t, views(), workers(), nil, limit, explain)
 	t.Logf("n=%d: started in %s, every swarm view holds every worker %s after the first start", n, startedIn.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
 
 	// The router: a node of its own, routing to model-0. Its first
@@ -424,11 +432,11 @@ func runSim(t *testing.T, n int, idle time.Duration, allView bool) string {
 		s.close()
 	}
 	// Out everywhere: no node holds a dead worker any more.
-	deathIn := waitSim(t, nodes, nil, gone, simLimit)
+	deathIn := waitSim(t, nodes, nil, gone, limit)
 
 	// Joins: as many new workers, in every swarm view.
 	startWorkers(n+1, len(dead))
-	joinIn := waitSimExplained(t, views(), workers(), nil, simLimit, explain)
+	joinIn := waitSimExplained(t, views(), workers(), nil, limit, explain)
 
 	mode := "bootstraps"
 	if allView {
