@@ -332,7 +332,7 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string
 			simModel(ws) != "", ws.disc.Traffic(), known)
 	}
 	converge := waitSimExplained(t, views(), workers(), nil, limit, explain)
-	t.Logf("n=%d: started in %s, every swarm view holds every worker %s after the first start", n, startedIn.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
+	t.Logf("n=%d: started in %s; every swarm view holds every worker, counted from the last start: %s", n, startedIn.Round(time.Millisecond), converge)
 
 	// The router: a node of its own, routing to model-0. Its first
 	// queries find the workers through the DHT; then it follows them.
