@@ -227,6 +227,8 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string
 		d, err := discovery.New(ctx, h, discovery.WithSwarm(simSwarm), discovery.WithBootstrap(boots), discovery.WithMemberProtocol(qproto),
 			discovery.WithMDNS(false), discovery.WithDHTMode(dht.ModeServer),
 			discovery.WithSwarmView(s.view),
+			// As mtor node: a pure worker does not read the catalogue.
+			discovery.WithCatalogReader(role != simWorker),
 			discovery.WithScoreInspect(func(m map[peer.ID]float64) { s.scores.Store(&m) }, 5*time.Second),
 			// Mocknet puts every host in 100::/64, which gossipsub's IP
 			// colocation scoring counts as one IP: exempt it.
@@ -240,7 +242,8 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string
 			t.Fatal(err)
 		}
 		s.disc = d
-		s.router = router.New(h, qproto, tableAdapter{d.Table()}, router.WithProviders(d), router.WithPeerFinder(d.DHT()))
+		s.router = router.New(h, qproto, tableAdapter{d.Table()}, router.WithProviders(d), router.WithSeeker(d), router.WithMeasurer(d),
+			router.WithPeerFinder(d.DHT()))
 		if role != simWorker {
 			// As node.New: every node serves the query protocol (a
 			// worker without models answers UNSUPPORTED), which is
