@@ -226,20 +226,31 @@ func (d *Discovery) Watch(model string) error {
 		log.Infow("stopped watching a model, the least recently used", "model", oldest, "watching", model)
 		d.leaveTopicLocked(oldest, mt)
 	}
-	mt, err := d.modelTopicLocked(model)
+	mt, err := d.subscribeLocked(model)
 	if err != nil {
 		return err
 	}
-	sub, err := mt.topic.Subscribe(pubsub.WithBufferSize(subBuffer))
-	if err != nil {
-		d.leaveTopicLocked(model, mt)
-		return fmt.Errorf("subscribe %s: %w", mt.name, err)
-	}
-	mt.sub, mt.used, mt.dialed = sub, now, now
-	d.goRun(func() { d.readLoop(sub) })
+	mt.used, mt.dialed = now, now
 	d.lookUp(model)
 	log.Debugw("watching model", "model", model, "topic", mt.name)
 	return nil
+}
+
+// subscribeLocked joins the topic of key (a model, or relayTopicKey),
+// subscribes to it and starts reading it into the table.
+func (d *Discovery) subscribeLocked(key string) (*modelTopic, error) {
+	mt, err := d.modelTopicLocked(key)
+	if err != nil {
+		return nil, err
+	}
+	sub, err := mt.topic.Subscribe(pubsub.WithBufferSize(subBuffer))
+	if err != nil {
+		d.leaveTopicLocked(key, mt)
+		return nil, fmt.Errorf("subscribe %s: %w", mt.name, err)
+	}
+	mt.sub = sub
+	d.goRun(func() { d.readLoop(sub) })
+	return mt, nil
 }
 
 // SeekWorkers is the router's word that the workers of model this node
@@ -317,17 +328,11 @@ func (d *Discovery) WatchRelays(afresh bool) error {
 		}
 		return nil
 	}
-	mt, err := d.modelTopicLocked(relayTopicKey)
+	mt, err := d.subscribeLocked(relayTopicKey)
 	if err != nil {
 		return err
 	}
-	sub, err := mt.topic.Subscribe(pubsub.WithBufferSize(subBuffer))
-	if err != nil {
-		d.leaveTopicLocked(relayTopicKey, mt)
-		return fmt.Errorf("subscribe %s: %w", mt.name, err)
-	}
-	mt.sub, mt.used, mt.dialed, mt.dialing = sub, now, now, true
-	d.goRun(func() { d.readLoop(sub) })
+	mt.used, mt.dialed, mt.dialing = now, now, true
 	d.goRun(func() { d.dialRelays(mt) })
 	log.Infow("watching relays", "topic", mt.name)
 	return nil
