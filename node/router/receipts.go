@@ -50,9 +50,10 @@ var errNoReceipt = errors.New("no receipt")
 
 // settle checks the receipt of done, the answer of worker p to req, and
 // countersigns and records it; a refused receipt is removed from done and
-// the worker's breaker records a violation. It must run before done is
-// changed (a continued answer's usage).
-func (r *Router) settle(c *receiptCheck, p peer.ID, req *pb.QueryRequest, done *pb.Done) error {
+// the worker's breaker records a violation. local is p being this node's
+// own worker, whose receipt was signed in this process with our key. It
+// must run before done is changed (a continued answer's usage).
+func (r *Router) settle(c *receiptCheck, p peer.ID, local bool, req *pb.QueryRequest, done *pb.Done) error {
 	if c == nil || done == nil {
 		return nil
 	}
@@ -61,8 +62,6 @@ func (r *Router) settle(c *receiptCheck, p peer.ID, req *pb.QueryRequest, done *
 		log.Debugw("answer without a receipt", "peer", p)
 		return errNoReceipt
 	}
-	// A local answer's receipt was signed in this process, with our key.
-	local := p == r.h.ID() && r.local != nil
 	err := receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local})
 	if err == nil {
 		err = receipt.Countersign(rc, r.receipts.key)

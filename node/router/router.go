@@ -1201,7 +1201,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	if measured > 0 && r.measurer != nil {
 		r.measurer.Measured(p, measured)
 	}
-	_ = r.settle(check, p, req, done)
+	_ = r.settle(check, p, local, req, done)
 	if first.IsZero() {
 		first = end
 	}
