@@ -13,8 +13,10 @@ import (
 // turn to open a stream to it while it waits for an Accepted that never
 // comes. A second query then waits its turn under the defaults, but with
 // --open-pacing 1 --open-queue 0 it has no turn and no place in the
-// queue, and is refused BUSY at once.
-func TestE2EOpenPacingFlags(t *testing.T) {
+// queue, and is refused BUSY at once. On TCP and on QUIC.
+func TestE2EOpenPacingFlags(t *testing.T) { onEachTransport(t, testE2EOpenPacingFlags) }
+
+func testE2EOpenPacingFlags(t *testing.T, tr transport) {
 	needBinary(t)
 	// The pacer's refusal is BUSY; the frozen worker's own failure, which
 	// a waiting query shares, is UNAVAILABLE.
@@ -29,8 +31,8 @@ func TestE2EOpenPacingFlags(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), append([]string{"--no-detect"}, tc.flags...)...)...)
-			wk := startNode(t, "worker", nodeArgs(filepath.Join(dir, "w"), "--backend", "demo", "--join", boot.value("join"))...)
+			boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), append([]string{"--no-detect"}, tc.flags...)...)...)
+			wk := startNode(t, "worker", tr.nodeArgs(filepath.Join(dir, "w"), "--backend", "demo", "--join", boot.value("join"))...)
 			waitWorkers(t, boot.value("api"), "demo", wk.value("peer"))
 			if err := wk.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 				t.Fatal(err)
