@@ -97,7 +97,13 @@ func testTooFrequentGraylisted(t *testing.T, topic string, opts ...Option) {
 	if e.Announce.GetSeq() == last {
 		t.Fatalf("the last of %d announcements in a burst was accepted", sent)
 	}
-	t.Logf("flooder score graylisted; its entry holds seq %d of the %d published (last %d)", e.Announce.GetSeq(), sent, last)
+	// The victim's counters say what happened: announcements refused
+	// as the author's own flood, none throttled on a quiet node.
+	tr := victim.Traffic()
+	if tr.Rejected == 0 || tr.Rejected+tr.Delivered > sent || tr.Throttled != 0 || tr.Undeliverable != 0 {
+		t.Fatalf("the victim's gossip counters after a flood of %d: %+v", sent, tr)
+	}
+	t.Logf("flooder score graylisted; its entry holds seq %d of the %d published (last %d); victim counted %d rejected, %d delivered", e.Announce.GetSeq(), sent, last, tr.Rejected, tr.Delivered)
 }
 
 // One host relays announcements of thousands of fresh keys (a Sybil): none

@@ -24,6 +24,16 @@ type Traffic struct {
 	MsgsOut   uint64 `json:"messages_out"` // published messages sent, our own and forwarded
 	Dropped   uint64 `json:"rpcs_dropped"` // outbound RPCs dropped on a full peer queue
 	Delivered uint64 `json:"delivered"`    // announcements accepted and delivered
+	// Received messages not delivered, by why: Ignored by the announce
+	// validator (stale, expired, too frequent when forwarded, no room),
+	// Rejected as invalid (a bad signature or announcement), Throttled
+	// because gossipsub's validation queue was full (the node is behind:
+	// the message is lost to it), Undeliverable because the
+	// subscription's reader was behind (lost too).
+	Ignored       uint64 `json:"ignored"`
+	Rejected      uint64 `json:"rejected"`
+	Throttled     uint64 `json:"throttled"`
+	Undeliverable uint64 `json:"undeliverable"`
 }
 
 // trafficTracer counts gossip as a pubsub.RawTracer. Every method is a
@@ -31,6 +41,8 @@ type Traffic struct {
 type trafficTracer struct {
 	rpcsIn, rpcsOut, bytesIn, bytesOut atomic.Uint64
 	msgsIn, msgsOut, dropped, delivd   atomic.Uint64
+	ignored, rejected, throttled       atomic.Uint64
+	undeliverable                      atomic.Uint64
 }
 
 var _ pubsub.RawTracer = (*trafficTracer)(nil)
@@ -41,6 +53,8 @@ func (t *trafficTracer) snapshot() Traffic {
 		BytesIn: t.bytesIn.Load(), BytesOut: t.bytesOut.Load(),
 		MsgsIn: t.msgsIn.Load(), MsgsOut: t.msgsOut.Load(),
 		Dropped: t.dropped.Load(), Delivered: t.delivd.Load(),
+		Ignored: t.ignored.Load(), Rejected: t.rejected.Load(),
+		Throttled: t.throttled.Load(), Undeliverable: t.undeliverable.Load(),
 	}
 }
 
@@ -56,6 +70,20 @@ func (t *trafficTracer) SendRPC(rpc *pubsub.RPC, _ peer.ID) {
 	t.msgsOut.Add(uint64(len(rpc.GetPublish())))
 }
 
+// RejectMessage sorts refused messages by pubsub's reason. A message
+// from ourselves is not counted.
+func (t *trafficTracer) RejectMessage(_ *pubsub.Message, reason string) {
+	switch reason {
+	case pubsub.RejectSelfOrigin:
+	case pubsub.RejectValidationIgnored:
+		t.ignored.Add(1)
+	case pubsub.RejectValidationQueueFull, pubsub.RejectValidationThrottled:
+		t.throttled.Add(1)
+	default:
+		t.rejected.Add(1)
+	}
+}
+
 func (t *trafficTracer) DropRPC(*pubsub.RPC, peer.ID)                         { t.dropped.Add(1) }
 func (t *trafficTracer) DeliverMessage(*pubsub.Message)                       { t.delivd.Add(1) }
 func (t *trafficTracer) AddPeer(peer.ID, protocol.ID)                         {}
@@ -65,10 +93,9 @@ func (t *trafficTracer) Leave(string)                                         {}
 func (t *trafficTracer) Graft(peer.ID, string)                                {}
 func (t *trafficTracer) Prune(peer.ID, string)                                {}
 func (t *trafficTracer) ValidateMessage(*pubsub.Message)                      {}
-func (t *trafficTracer) RejectMessage(*pubsub.Message, string)                {}
 func (t *trafficTracer) DuplicateMessage(*pubsub.Message)                     {}
 func (t *trafficTracer) ThrottlePeer(peer.ID)                                 {}
-func (t *trafficTracer) UndeliverableMessage(*pubsub.Message)                 {}
+func (t *trafficTracer) UndeliverableMessage(*pubsub.Message)                 { t.undeliverable.Add(1) }
 func (t *trafficTracer) OnNewOutboundStream(peer.ID, protocol.ID)             {}
 func (t *trafficTracer) OnClosedOutboundStream(peer.ID)                       {}
 func (t *trafficTracer) SendRPCCompleted(*pubsub.RPC, peer.ID, time.Duration) {}

@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/peer"
 )
 
@@ -32,5 +33,35 @@ func TestTrafficCountsGossip(t *testing.T) {
 			t.Fatalf("traffic never counted: a %+v, b %+v", ta, tb)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestTrafficSortsRefusals: each of gossipsub's reasons for not
+// delivering a message lands in one counter, and our own messages in none.
+func TestTrafficSortsRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		reason string
+		want   Traffic
+	}{
+		{pubsub.RejectValidationIgnored, Traffic{Ignored: 1}},
+		{pubsub.RejectValidationFailed, Traffic{Rejected: 1}},
+		{pubsub.RejectInvalidSignature, Traffic{Rejected: 1}},
+		{pubsub.RejectBlacklstedPeer, Traffic{Rejected: 1}},
+		{pubsub.RejectValidationQueueFull, Traffic{Throttled: 1}},
+		{pubsub.RejectValidationThrottled, Traffic{Throttled: 1}},
+		{pubsub.RejectSelfOrigin, Traffic{}},
+		{"undeliverable", Traffic{Undeliverable: 1}},
+	} {
+		t.Run(tc.reason, func(t *testing.T) {
+			var tr trafficTracer
+			if tc.reason == "undeliverable" {
+				tr.UndeliverableMessage(&pubsub.Message{})
+			} else {
+				tr.RejectMessage(&pubsub.Message{}, tc.reason)
+			}
+			if got := tr.snapshot(); got != tc.want {
+				t.Fatalf("counted %+v, want %+v", got, tc.want)
+			}
+		})
 	}
 }
