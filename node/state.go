@@ -4,13 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/event"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	manet "github.com/multiformats/go-multiaddr/net"
@@ -308,12 +311,7 @@ func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
 	)
 	for _, ai := range boot {
 		wg.Go(func() {
-			// This loop backs off itself; a failure of discovery's own
-			// dial a moment ago must not hide why the peer is unreachable.
-			if sw, ok := n.h.Network().(*swarm.Swarm); ok {
-				sw.Backoff().Clear(ai.ID)
-			}
-			err := n.h.Connect(ctx, ai)
+			err := n.dialJoinPeer(ctx, ai)
 			mu.Lock()
 			defer mu.Unlock()
 			if err == nil {
@@ -331,11 +329,17 @@ func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
 }
 
 // waitAlone returns true once the node has had no peer for two polls in a
-// row, false when the node stops.
+// row, false when the node stops. Until then it dials again, each with a
+// backoff of its own, the join peers it lost while keeping others: a join
+// peer that restarted (a bootstrap, a bridge keeping the swarm view) hears
+// of this node again only when the node dials it, and nothing else would
+// (the DHT redials its bootstrap peers only in a swarm of under 10 peers,
+// every 2 minutes).
 func (n *Node) waitAlone() bool {
 	t := time.NewTicker(alonePoll)
 	defer t.Stop()
 	empty := 0
+	lost := map[peer.ID]*redial{}
 	for {
 		select {
 		case <-n.ctx.Done():
@@ -344,11 +348,53 @@ func (n *Node) waitAlone() bool {
 		}
 		if len(n.h.Network().Peers()) > 0 {
 			empty = 0
+			n.redialJoinPeers(lost, time.Now())
 			continue
 		}
 		if empty++; empty >= 2 {
 			return true
 		}
+	}
+}
+
+// redial is the state of dialling one lost join peer again.
+type redial struct {
+	next    time.Time     // not before
+	backoff time.Duration // the wait after the next failure
+	busy    atomic.Bool   // a dial is under way
+}
+
+// redialJoinPeers dials the join peers that are not connected and whose
+// turn has come, one dial per peer at a time. The first dial goes at once,
+// then the waits double from joinRetryMin to joinRetryMax, each spread by
+// up to half again, so that the workers of a bootstrap back from a
+// restart do not all dial it in the same second.
+func (n *Node) redialJoinPeers(lost map[peer.ID]*redial, now time.Time) {
+	for _, ai := range n.joinPeers {
+		if n.h.Network().Connectedness(ai.ID) == network.Connected {
+			delete(lost, ai.ID)
+			continue
+		}
+		r := lost[ai.ID]
+		if r == nil {
+			r = &redial{next: now, backoff: joinRetryMin}
+			lost[ai.ID] = r
+		}
+		if now.Before(r.next) || !r.busy.CompareAndSwap(false, true) {
+			continue
+		}
+		r.next = now.Add(r.backoff + rand.N(r.backoff/2+1))
+		r.backoff = min(2*r.backoff, joinRetryMax)
+		n.goRun(func() {
+			defer r.busy.Store(false)
+			ctx, cancel := context.WithTimeout(n.ctx, n.cfg.joinTimeout)
+			defer cancel()
+			if err := n.dialJoinPeer(ctx, ai); err != nil {
+				log.Debugw("join peer still unreachable", "peer", ai.ID, "err", dialCause(err, n.cfg.joinTimeout))
+				return
+			}
+			log.Infow("join peer reached again", "peer", ai.ID)
+		})
 	}
 }
 
@@ -372,6 +418,16 @@ func (n *Node) WaitJoined(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// dialJoinPeer dials one join peer. Our callers back off themselves; a
+// failure of discovery's own dial a moment ago must not hide why the peer
+// is unreachable.
+func (n *Node) dialJoinPeer(ctx context.Context, ai peer.AddrInfo) error {
+	if sw, ok := n.h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(ai.ID)
+	}
+	return n.h.Connect(ctx, ai)
 }
 
 // joinAddr is a join peer as people wrote it: its first address.
