@@ -36,6 +36,16 @@ const (
 	maxFindLimit     = 100
 	subBuffer        = 256 // gossipsub subscription buffer, in messages
 	connEventBuffer  = 256
+	// validateQueue is how many received messages may wait for
+	// validation (their signature, then our validator). Past it
+	// gossipsub drops them ("validation queue full"). Its default, 32,
+	// lost a swarm view more than half of what it heard in a simulated
+	// swarm of 500 (heartbeats arrive in bursts, from each worker and
+	// from the other views), so workers fell out of its table at their
+	// TTL. A waiting message is one already received: at most
+	// validateQueue × DefaultMaxPubSubMessage held, an announcement's
+	// 1 KiB or so in practice.
+	validateQueue = 256
 )
 
 // Discovery runs the DHT, the announce topic and the peer table of one host.
@@ -113,6 +123,7 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		// mesh: they are small and rare, and without this one published
 		// before the mesh has formed is lost to the peers grafted later.
 		pubsub.WithFloodPublish(true),
+		pubsub.WithValidateQueueSize(validateQueue),
 	}
 	presenceName := protocol.PresenceTopic(cfg.swarm)
 	params, thresholds := scoreParams([]string{topicName, presenceName}, cfg.ipColocation, cfg.ipWhitelist)

@@ -6,6 +6,9 @@ import (
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/discovery/hostiletest"
 )
 
 // TestTrafficCountsGossip: announcements published by one node show as
@@ -63,5 +66,38 @@ func TestTrafficSortsRefusals(t *testing.T) {
 				t.Fatalf("counted %+v, want %+v", got, tc.want)
 			}
 		})
+	}
+}
+
+// TestBurstIsValidatedNotDropped: a burst of announcements, as a swarm
+// view gets when hundreds of heartbeats and their forwarded copies arrive
+// together, waits for validation instead of being dropped. Gossipsub's
+// default queue (32) threw most of such a burst away.
+func TestBurstIsValidatedNotDropped(t *testing.T) {
+	hv := newHost(t)
+	victim := newDiscovery(t, hv)
+	ctx := hostileCtx(t)
+	rogue := hostiletest.New(t, testSwarm)
+	const burst = 200
+	// Loopback port 1: nobody listens there.
+	sent, err := rogue.BurstFreshKeys(ctx, info(hv), burst, "demo", ma.StringCast("/ip4/127.0.0.1/tcp/1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(waitLimit)
+	for {
+		tr := victim.Traffic()
+		judged := tr.Delivered + tr.Ignored + tr.Rejected
+		if tr.Throttled > 0 {
+			t.Fatalf("%d of a burst of %d dropped unvalidated: %+v", tr.Throttled, sent, tr)
+		}
+		if judged >= uint64(sent) {
+			t.Logf("a burst of %d: %+v", sent, tr)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a burst of %d not all judged: %+v", sent, tr)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -7,6 +7,7 @@ package hostiletest
 import (
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"sync"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/libp2p/go-libp2p"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	pubsubpb "github.com/libp2p/go-libp2p-pubsub/pb"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
@@ -176,6 +178,66 @@ func (p *Peer) FloodFreshKeys(ctx context.Context, n int, model string, every ti
 		}
 	}
 	return sent, nil
+}
+
+// BurstFreshKeys sends victim n valid announcements of model on the
+// peer's topic, each signed by a fresh key, in one gossipsub RPC: the
+// victim's gossipsub hands all n to validation at once, as a swarm view
+// gets hundreds of heartbeats and their forwarded copies together. The
+// RPC goes from a host of its own (gossipsub keeps one inbound stream per
+// peer and resets the other, which would race with the peer's own). It
+// returns how many it sent.
+func (p *Peer) BurstFreshKeys(ctx context.Context, victim peer.AddrInfo, n int, model string, addrs ...ma.Multiaddr) (int, error) {
+	topic := p.Topic.String()
+	rpc := &pubsubpb.RPC{}
+	for i := range n {
+		key, _, err := crypto.GenerateEd25519Key(rand.Reader)
+		if err != nil {
+			return 0, err
+		}
+		id, err := peer.IDFromPrivateKey(key)
+		if err != nil {
+			return 0, err
+		}
+		data, err := proto.Marshal(Announce(model, uint64(time.Now().UnixMilli())*1000, addrs...))
+		if err != nil {
+			return 0, err
+		}
+		seq := make([]byte, 8)
+		binary.BigEndian.PutUint64(seq, uint64(i+1))
+		m := &pubsubpb.Message{From: []byte(id), Data: data, Seqno: seq, Topic: &topic}
+		// Gossipsub's signature: the prefix, then the message without
+		// signature or key (an Ed25519 peer ID carries the key).
+		unsigned, err := proto.Marshal(m)
+		if err != nil {
+			return 0, err
+		}
+		if m.Signature, err = key.Sign(append([]byte(pubsub.SignPrefix), unsigned...)); err != nil {
+			return 0, err
+		}
+		rpc.Publish = append(rpc.Publish, m)
+	}
+	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		return 0, err
+	}
+	p.t.Cleanup(func() { _ = h.Close() })
+	if err := h.Connect(ctx, victim); err != nil {
+		return 0, fmt.Errorf("hostile peer: connect: %w", err)
+	}
+	s, err := h.NewStream(ctx, victim.ID, pubsub.GossipSubID_v11)
+	if err != nil {
+		return 0, fmt.Errorf("hostile peer: gossip stream: %w", err)
+	}
+	defer s.Close()
+	b, err := proto.Marshal(rpc)
+	if err != nil {
+		return 0, err
+	}
+	if _, err := s.Write(append(binary.AppendUvarint(nil, uint64(len(b))), b...)); err != nil {
+		return 0, fmt.Errorf("hostile peer: write the burst: %w", err)
+	}
+	return n, nil
 }
 
 // Behaviour is how a hostile worker answers a query stream.
