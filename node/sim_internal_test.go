@@ -20,6 +20,7 @@ import (
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	"github.com/libp2p/go-libp2p/core/connmgr"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	basicconnmgr "github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
@@ -69,6 +70,23 @@ type cmHost struct {
 }
 
 func (h *cmHost) ConnManager() connmgr.ConnManager { return h.cm }
+
+// Network hands gossipsub, the DHT, discovery and the router a mocknet
+// network whose Connectedness takes mocknet's read lock, as a real
+// swarm's does. Mocknet's takes its write lock, and every subsystem asks
+// it all the time: at 500 nodes the swarm views, which every worker
+// connects to, had their lock convoyed for minutes (gossipsub's event
+// loop among the waiters).
+func (h *cmHost) Network() network.Network { return readLockNet{h.Host.Network()} }
+
+type readLockNet struct{ network.Network }
+
+func (n readLockNet) Connectedness(p peer.ID) network.Connectedness {
+	if len(n.ConnsToPeer(p)) > 0 {
+		return network.Connected
+	}
+	return network.NotConnected
+}
 
 func (h *cmHost) Close() error {
 	_ = h.cm.Close()
@@ -327,12 +345,12 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string
 		if m := ws.scores.Load(); m != nil {
 			ws2 = (*m)[v.h.ID()]
 		}
-		return fmt.Sprintf("score of the worker at the node %.1f, of the node at the worker %.1f; the node has %d gossip peers; connected %v; the worker sees it on the swarm topic %v, on the presence topic %v; it sees the worker on the presence topic %v; worker's own entry %v; worker traffic %+v; view's entry %v",
+		return fmt.Sprintf("score of the worker at the node %.1f, of the node at the worker %.1f; the node has %d gossip peers; connected %v; the worker sees it on the swarm topic %v, on the presence topic %v; it sees the worker on the presence topic %v; worker's own entry %v; worker traffic %+v; view's entry %v; view traffic %+v",
 			vs, ws2, len(v.disc.PubSub().ListPeers(protocol.PresenceTopic(simSwarm))),
 			v.h.Network().Connectedness(w), slices.Contains(ws.disc.PubSub().ListPeers(swarmTopic), v.h.ID()),
 			slices.Contains(ws.disc.PubSub().ListPeers(protocol.PresenceTopic(simSwarm)), v.h.ID()),
 			slices.Contains(v.disc.PubSub().ListPeers(protocol.PresenceTopic(simSwarm)), w),
-			simModel(ws) != "", ws.disc.Traffic(), known)
+			simModel(ws) != "", ws.disc.Traffic(), known, v.disc.Traffic())
 	}
 	converge := waitSimExplained(t, views(), workers(), nil, limit, explain)
 	t.Logf("n=%d: started in %s; every swarm view holds every worker, counted from the last start: %s", n, startedIn.Round(time.Millisecond), converge)
