@@ -42,6 +42,13 @@ const (
 	// maxUnidentified bounds the connected peers whose identify failed
 	// that wait for a repair.
 	maxUnidentified = 1024
+	// maxRepairs bounds the repairs under way at once; the others wait
+	// for a later check. After a stall (a loaded machine, identify
+	// failing on hundreds of connections at once) a node with many
+	// peers, a swarm view above all, would otherwise close and redial
+	// them all together: in a simulated swarm of 500 that dial storm
+	// kept the views' gossipsub waiting for minutes.
+	maxRepairs = 8
 )
 
 // rejoinLoop repairs broken gossip links until the discovery closes.
@@ -64,6 +71,7 @@ func (d *Discovery) rejoinLoop() {
 	}
 	unidentified := map[peer.ID]bool{}
 	last := map[peer.ID]time.Time{}
+	repairs := make(chan struct{}, maxRepairs)
 	for {
 		select {
 		case <-d.ctx.Done():
@@ -94,10 +102,18 @@ func (d *Discovery) rejoinLoop() {
 			if inTopic[p] || !last[p].IsZero() || !(d.member(p) || unidentified[p]) || !settled(d.h.Network().ConnsToPeer(p), now) {
 				continue
 			}
+			select {
+			case repairs <- struct{}{}:
+			default:
+				continue // enough under way: at a later check
+			}
 			last[p] = now
 			delete(unidentified, p)
 			log.Infow("reconnecting a swarm member whose gossip link is broken", "peer", p)
-			d.goRun(func() { d.rejoin(p) })
+			d.goRun(func() {
+				defer func() { <-repairs }()
+				d.rejoin(p)
+			})
 		}
 	}
 }
