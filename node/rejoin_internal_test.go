@@ -1,13 +1,10 @@
 package node
 
 import (
-	"fmt"
-	"net"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
-	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 )
@@ -18,16 +15,7 @@ import (
 // side dials the node, and the node's other peer keeps its DHT's routing
 // table from emptying (the DHT dials its bootstrap peers only then).
 func TestLostJoinPeerIsDialledAgain(t *testing.T) {
-	key, _, err := crypto.GenerateEd25519Key(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", ln.Addr().(*net.TCPAddr).Port)
-	ln.Close()
+	key, listen := restartableIdentity(t)
 	bare := func() host.Host {
 		h, err := libp2p.New(libp2p.Identity(key), libp2p.ListenAddrStrings(listen))
 		if err != nil {

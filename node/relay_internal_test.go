@@ -41,6 +41,23 @@ func startKeyedNode(t *testing.T, key crypto.PrivKey, listen string, opts ...Opt
 	return n
 }
 
+// restartableIdentity is a key and a loopback TCP address nothing
+// listens on now: a peer started again with both is the same peer at the
+// same address.
+func restartableIdentity(t *testing.T) (crypto.PrivKey, string) {
+	t.Helper()
+	key, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return key, fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", ln.Addr().(*net.TCPAddr).Port)
+}
+
 func waitFor(t *testing.T, d time.Duration, what string, ok func() bool) time.Duration {
 	t.Helper()
 	start := time.Now()
@@ -141,16 +158,7 @@ func TestRelayKeeperFindsRelays(t *testing.T) {
 func TestRelayKeeperReservesAgainAfterRelayRestart(t *testing.T) {
 	for _, tc := range swarmViewCases {
 		t.Run(tc.name, func(t *testing.T) {
-			key, _, err := crypto.GenerateEd25519Key(nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", ln.Addr().(*net.TCPAddr).Port)
-			ln.Close()
+			key, listen := restartableIdentity(t)
 			boot := startTestNode(t)
 			relay := startKeyedNode(t, key, listen, WithRelayService(true), WithJoin(boot.JoinLine()))
 			natted := startTestNode(t, WithJoin(boot.JoinLine()), WithReachability(ReachabilityPrivate), WithRelays(1), WithSwarmView(tc.swarmView))
