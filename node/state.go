@@ -332,9 +332,9 @@ func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
 // row, false when the node stops. Until then it dials again, each with a
 // backoff of its own, the join peers it lost while keeping others: a join
 // peer that restarted (a bootstrap, a bridge keeping the swarm view) hears
-// of this node again only when the node dials it, and nothing else would
-// (the DHT redials its bootstrap peers only in a swarm of under 10 peers,
-// every 2 minutes).
+// of this node again only when the node dials it, and nothing else need
+// (the DHT dials its bootstrap peers only once its routing table is
+// empty).
 func (n *Node) waitAlone() bool {
 	t := time.NewTicker(alonePoll)
 	defer t.Stop()
