@@ -55,10 +55,10 @@ func (m *memSampler) read() (allocs, spare uint64) {
 // free heap back to the OS) once a period while the process allocates
 // less than idle bytes a period and has spare heap, until ctx ends. A busy
 // process is left alone: the collection it would force costs CPU there,
-// and its heap is in use anyway.
-func trimWhenIdle(ctx context.Context, period time.Duration, idle uint64, trim func()) {
-	m := newMemSampler()
-	last, _ := m.read()
+// and its heap is in use anyway. read says the cumulative allocations and
+// the spare heap (newMemSampler().read).
+func trimWhenIdle(ctx context.Context, period time.Duration, idle uint64, read func() (allocs, spare uint64), trim func()) {
+	last, _ := read()
 	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
@@ -67,13 +67,13 @@ func trimWhenIdle(ctx context.Context, period time.Duration, idle uint64, trim f
 			return
 		case <-t.C:
 		}
-		allocs, spare := m.read()
+		allocs, spare := read()
 		busy := allocs-last >= idle
 		last = allocs
 		if busy || spare < trimMinFree {
 			continue
 		}
 		trim()
-		last, _ = m.read()
+		last, _ = read()
 	}
 }

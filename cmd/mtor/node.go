@@ -265,7 +265,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	defer n.Close()
 	trimCtx, stopTrim := context.WithCancel(ctx)
 	defer stopTrim()
-	go trimWhenIdle(trimCtx, trimPeriod, trimIdleAlloc, debug.FreeOSMemory)
+	go trimWhenIdle(trimCtx, trimPeriod, trimIdleAlloc, newMemSampler().read, debug.FreeOSMemory)
 
 	// Everything below runs until a signal or a server failure.
 	failed := make(chan error, 2)
