@@ -50,6 +50,17 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
+// freeUDPPort is a loopback UDP port that nothing listens on now (for QUIC).
+func freeUDPPort(t *testing.T) int {
+	t.Helper()
+	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).Port
+}
+
 // A backend that does not answer is said at start, on stdout and as a
 // warning on stderr; the node's own row in `mtor peers` shows it although
 // the node serves nothing; when the server comes up, the node says so.

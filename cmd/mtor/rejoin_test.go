@@ -1,7 +1,6 @@
 package main
 
 import (
-	"net"
 	"path/filepath"
 	"strconv"
 	"syscall"
@@ -70,15 +69,4 @@ func testRestartedJoinPeer(t *testing.T, transport string) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-}
-
-// freeUDPPort is a loopback UDP port that nothing listens on now.
-func freeUDPPort(t *testing.T) int {
-	t.Helper()
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	return c.LocalAddr().(*net.UDPAddr).Port
 }
