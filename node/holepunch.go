@@ -3,17 +3,28 @@ package node
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
-	ma "github.com/multiformats/go-multiaddr"
 )
 
 // maxPunched bounds the hole-punched connections remembered: each entry
 // leaves when its connection closes; past the bound the oldest go.
+// It bounds the punches under way, too.
 const maxPunched = 4096
+
+// punchGrace is how long after a punch attempt ends a new direct
+// connection to that peer still counts as the punch's: the other side's
+// dial of a simultaneous open may land after our own attempt gave up.
+const punchGrace = 10 * time.Second
+
+// punchLead is how long before our punch's start a connection may open
+// and still be the punch's: the peer starts its dial when our SYNC
+// reaches it, which our half-RTT wait only estimates.
+const punchLead = time.Second
 
 // punchLog remembers which direct connections a hole punch (DCUtR) made,
 // so that the peer views can say "direct after hole punch" rather than
@@ -24,34 +35,115 @@ type punchLog struct {
 	mu    sync.Mutex
 	conns map[string]peer.ID // connection ID -> peer
 	order []string           // insertion order, for the bound
+	tries map[peer.ID]punchTry
+	now   func() time.Time
 }
 
-func newPunchLog() *punchLog { return &punchLog{conns: map[string]peer.ID{}} }
+// punchTry is a hole punch with a peer: when it started (less
+// punchLead) and, once it ended, until when it may still be the origin of
+// a new connection.
+type punchTry struct{ start, until time.Time }
+
+func newPunchLog() *punchLog {
+	return &punchLog{conns: map[string]peer.ID{}, tries: map[peer.ID]punchTry{}, now: time.Now}
+}
 
 // attach starts following h's connections; call once h exists.
 func (l *punchLog) attach(h host.Host) {
 	l.hv.Store(&h)
-	h.Network().Notify(&network.NotifyBundle{DisconnectedF: func(_ network.Network, c network.Conn) { l.forget(c.ID()) }})
+	h.Network().Notify(&network.NotifyBundle{
+		ConnectedF:    func(_ network.Network, c network.Conn) { l.connected(c) },
+		DisconnectedF: func(_ network.Network, c network.Conn) { l.forget(c.ID()) },
+	})
 }
 
 // Trace is called by libp2p's hole-punch service on both sides of a punch.
+//
+// Either side's dial may make the connection: when ours fails (or our
+// retry finds the stream refused because the peer's dial already made a
+// direct connection) the peer's may have succeeded. So a direct
+// connection to the peer that opens after a punch started, and until
+// punchGrace after it ended, counts as punched too, not only the ones
+// standing when our own attempt reports success.
 func (l *punchLog) Trace(evt *holepunch.Event) {
-	end, ok := evt.Evt.(*holepunch.EndHolePunchEvt)
-	if !ok {
+	switch e := evt.Evt.(type) {
+	case *holepunch.StartHolePunchEvt:
+		l.started(evt.Remote)
+	case *holepunch.EndHolePunchEvt:
+		if e.Success {
+			log.Infow("hole punch: direct connection", "peer", evt.Remote, "after", e.EllapsedTime)
+			l.markDirect(evt.Remote, time.Time{})
+		} else {
+			log.Debugw("hole punch failed", "peer", evt.Remote, "after", e.EllapsedTime, "err", e.Error)
+		}
+		l.ended(evt.Remote)
+	case *holepunch.ProtocolErrorEvt:
+		l.ended(evt.Remote)
+	}
+}
+
+func (l *punchLog) started(p peer.ID) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	if len(l.tries) >= maxPunched {
+		for q, t := range l.tries {
+			if !t.until.IsZero() && now.After(t.until) {
+				delete(l.tries, q)
+			}
+		}
+	}
+	if _, ok := l.tries[p]; !ok && len(l.tries) >= maxPunched {
+		return // past the bound of punches under way: this one goes unmarked
+	}
+	l.tries[p] = punchTry{start: now.Add(-punchLead)}
+}
+
+// ended closes p's punch window punchGrace from now and marks the direct
+// connections that opened since it started.
+func (l *punchLog) ended(p peer.ID) {
+	l.mu.Lock()
+	t, ok := l.tries[p]
+	if ok {
+		t.until = l.now().Add(punchGrace)
+		l.tries[p] = t
+	}
+	l.mu.Unlock()
+	if ok {
+		l.markDirect(p, t.start)
+	}
+}
+
+// connected marks a new direct connection to a peer whose punch window
+// is open.
+func (l *punchLog) connected(c network.Conn) {
+	if isCircuit(c.RemoteMultiaddr()) {
 		return
 	}
-	if !end.Success {
-		log.Debugw("hole punch failed", "peer", evt.Remote, "after", end.EllapsedTime, "err", end.Error)
-		return
+	p := c.RemotePeer()
+	l.mu.Lock()
+	t, ok := l.tries[p]
+	now := l.now()
+	open := ok && (t.until.IsZero() || !now.After(t.until))
+	if ok && !open {
+		delete(l.tries, p)
 	}
+	l.mu.Unlock()
+	if open && !c.Stat().Opened.Before(t.start) {
+		l.add(c.ID(), p)
+	}
+}
+
+// markDirect marks p's direct connections opened at or after since (all
+// of them for a zero since).
+func (l *punchLog) markDirect(p peer.ID, since time.Time) {
 	hp := l.hv.Load()
 	if hp == nil {
 		return
 	}
-	log.Infow("hole punch: direct connection", "peer", evt.Remote, "after", end.EllapsedTime)
-	for _, c := range (*hp).Network().ConnsToPeer(evt.Remote) {
-		if _, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_CIRCUIT); err != nil {
-			l.add(c.ID(), evt.Remote)
+	for _, c := range (*hp).Network().ConnsToPeer(p) {
+		if !isCircuit(c.RemoteMultiaddr()) && !c.Stat().Opened.Before(since) {
+			l.add(c.ID(), p)
 		}
 	}
 }

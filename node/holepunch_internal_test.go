@@ -79,6 +79,88 @@ func TestPunchLogFollowsConnections(t *testing.T) {
 	}
 }
 
+// Either side's dial of a punch may make the connection: one that opens
+// while a punch with the peer is under way, or within punchGrace after
+// it ended, is the punch's even when our own attempt failed (the NAT
+// suite once saw the client's view say hole-punched while the worker's
+// own counted the same connection as plain direct). One that opened
+// before the punch, or after the grace, is not.
+func TestPunchLogCountsEitherSidesDial(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := func(p peer.ID) *holepunch.Event {
+		return &holepunch.Event{Remote: p, Type: holepunch.StartHolePunchEvtT, Evt: &holepunch.StartHolePunchEvt{}}
+	}
+	failed := func(p peer.ID) *holepunch.Event {
+		return &holepunch.Event{Remote: p, Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "dial failed"}}
+	}
+	refused := func(p peer.ID) *holepunch.Event {
+		return &holepunch.Event{Remote: p, Type: holepunch.ProtocolErrorEvtT, Evt: &holepunch.ProtocolErrorEvt{Error: "stream reset"}}
+	}
+	const (
+		connect = iota // dial the peer directly
+		trace          // the step's events
+		later          // the log's clock moves on by the step's shift
+	)
+	type step struct {
+		do     int
+		events func(peer.ID) []*holepunch.Event
+		shift  time.Duration
+	}
+	events := func(fs ...func(peer.ID) *holepunch.Event) step {
+		return step{do: trace, events: func(p peer.ID) []*holepunch.Event {
+			var out []*holepunch.Event
+			for _, f := range fs {
+				out = append(out, f(p))
+			}
+			return out
+		}}
+	}
+	for _, tc := range []struct {
+		name    string
+		steps   []step
+		punched bool
+	}{
+		{"opened during the punch, our attempt failed", []step{events(start), {do: connect}, events(failed)}, true},
+		{"opened during the punch, our retry refused", []step{events(start), {do: connect}, events(failed, refused)}, true},
+		{"opened within the grace after a failed punch", []step{events(start, failed), {do: connect}}, true},
+		{"opened after the grace", []step{events(start, failed), {do: later, shift: punchGrace + time.Second}, {do: connect}}, false},
+		{"opened well before the punch", []step{{do: connect}, {do: later, shift: 2 * punchLead}, events(start, failed)}, false},
+		{"a protocol error without a punch", []step{{do: connect}, events(refused)}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := loopbackHost(t), loopbackHost(t)
+			l := newPunchLog()
+			var shift time.Duration
+			l.now = func() time.Time { return time.Now().Add(shift) }
+			l.attach(a)
+			for _, s := range tc.steps {
+				switch s.do {
+				case connect:
+					if err := a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
+						t.Fatal(err)
+					}
+				case trace:
+					for _, e := range s.events(b.ID()) {
+						l.Trace(e)
+					}
+				case later:
+					shift += s.shift
+				}
+			}
+			cs := a.Network().ConnsToPeer(b.ID())
+			if len(cs) != 1 {
+				t.Fatalf("%d connections to the peer, want 1", len(cs))
+			}
+			// The swarm tells its notifiees of a connection before the
+			// dial returns, so the answer is final here.
+			if got := l.HolePunched(cs[0]); got != tc.punched {
+				t.Errorf("HolePunched = %v, want %v", got, tc.punched)
+			}
+		})
+	}
+}
+
 // The log is bounded: past maxPunched the oldest entries go.
 func TestPunchLogBounded(t *testing.T) {
 	l := newPunchLog()
