@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -256,7 +255,7 @@ func (n *Node) reachLoop(sub event.Subscription) {
 // it says how many peers the node is connected to, and starts over when
 // every peer is gone (the join peer restarted, the network went away).
 func (n *Node) joinLoop(boot []peer.AddrInfo) {
-	backoff := joinRetryMin
+	retry := backoff{floor: joinRetryMin, ceil: joinRetryMax}
 	warned := false
 	for {
 		err := n.dialJoin(n.ctx, boot)
@@ -268,16 +267,16 @@ func (n *Node) joinLoop(boot []peer.AddrInfo) {
 			n.st.joinErr = err
 			n.st.mu.Unlock()
 			n.st.failedOnce.Do(func() { close(n.st.joinFailed) })
+			wait := retry.next()
 			if !warned {
 				n.notify(NoticeJoin, true, "%v; the node runs alone until one does (retrying with backoff; check the join token or address)", err)
 				warned = true
 			} else {
-				log.Infow("join retry failed", "err", err, "next", backoff)
+				log.Infow("join retry failed", "err", err, "next", wait)
 			}
-			if !sleepCtx(n.ctx, backoff) {
+			if !sleepCtx(n.ctx, wait) {
 				return
 			}
-			backoff = min(2*backoff, joinRetryMax)
 			continue
 		}
 		n.st.mu.Lock()
@@ -295,7 +294,8 @@ func (n *Node) joinLoop(boot []peer.AddrInfo) {
 		n.st.joining = true
 		n.st.mu.Unlock()
 		n.notify(NoticeJoin, true, "lost every peer of swarm %s; dialling the join peers again", n.cfg.swarm)
-		backoff, warned = joinRetryMin, true
+		retry.reset()
+		warned = true
 	}
 }
 
@@ -359,16 +359,16 @@ func (n *Node) waitAlone() bool {
 
 // redial is the state of dialling one lost join peer again.
 type redial struct {
-	next    time.Time     // not before
-	backoff time.Duration // the wait after the next failure
-	busy    atomic.Bool   // a dial is under way
+	next time.Time   // not before
+	wait backoff     // after each dial
+	busy atomic.Bool // a dial is under way
 }
 
 // redialJoinPeers dials the join peers that are not connected and whose
 // turn has come, one dial per peer at a time. The first dial goes at once,
-// then the waits double from joinRetryMin to joinRetryMax, each spread by
-// up to half again, so that the workers of a bootstrap back from a
-// restart do not all dial it in the same second.
+// then the waits back off from joinRetryMin to joinRetryMax, spread so
+// that the workers of a bootstrap back from a restart do not all dial it
+// in the same second.
 func (n *Node) redialJoinPeers(lost map[peer.ID]*redial, now time.Time) {
 	for _, ai := range n.joinPeers {
 		if n.h.Network().Connectedness(ai.ID) == network.Connected {
@@ -377,14 +377,13 @@ func (n *Node) redialJoinPeers(lost map[peer.ID]*redial, now time.Time) {
 		}
 		r := lost[ai.ID]
 		if r == nil {
-			r = &redial{next: now, backoff: joinRetryMin}
+			r = &redial{next: now, wait: backoff{floor: joinRetryMin, ceil: joinRetryMax}}
 			lost[ai.ID] = r
 		}
 		if now.Before(r.next) || !r.busy.CompareAndSwap(false, true) {
 			continue
 		}
-		r.next = now.Add(r.backoff + rand.N(r.backoff/2+1))
-		r.backoff = min(2*r.backoff, joinRetryMax)
+		r.next = now.Add(r.wait.next())
 		n.goRun(func() {
 			defer r.busy.Store(false)
 			ctx, cancel := context.WithTimeout(n.ctx, n.cfg.joinTimeout)
