@@ -111,6 +111,9 @@ type config struct {
 	// members, when set, closes the swarm to its members (see Members).
 	members Members
 
+	// for tests: replaces the gossip-link repair of a peer (rejoin)
+	repair func(peer.ID)
+
 	// for tests: observe gossipsub peer scores
 	scoreInspect       pubsub.PeerScoreInspectFn
 	scoreInspectPeriod time.Duration

@@ -72,6 +72,10 @@ func (d *Discovery) rejoinLoop() {
 	unidentified := map[peer.ID]bool{}
 	last := map[peer.ID]time.Time{}
 	repairs := make(chan struct{}, maxRepairs)
+	repair := d.rejoin
+	if d.cfg.repair != nil {
+		repair = d.cfg.repair
+	}
 	for {
 		select {
 		case <-d.ctx.Done():
@@ -112,7 +116,7 @@ func (d *Discovery) rejoinLoop() {
 			log.Infow("reconnecting a swarm member whose gossip link is broken", "peer", p)
 			d.goRun(func() {
 				defer func() { <-repairs }()
-				d.rejoin(p)
+				repair(p)
 			})
 		}
 	}

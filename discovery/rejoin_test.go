@@ -1,0 +1,96 @@
+package discovery
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+)
+
+// At most maxRepairs gossip-link repairs run at once; the other broken
+// links wait for later checks, and each is repaired in the end. The peers
+// are real hosts that speak the member protocol but run no gossipsub, so
+// each one's link reads broken once its connection has settled; the
+// repair itself is replaced by one that holds until the test lets it go.
+func TestRepairsBounded(t *testing.T) {
+	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
+	const peers = 3 * maxRepairs
+	var (
+		mu       sync.Mutex
+		running  int
+		most     int
+		repaired = map[peer.ID]int{}
+		release  = make(chan struct{})
+		started  = make(chan struct{}, peers)
+	)
+	h := newHost(t)
+	newDiscovery(t, h, WithMemberProtocol(member), func(c *config) error {
+		c.repair = func(p peer.ID) {
+			mu.Lock()
+			running++
+			most = max(most, running)
+			repaired[p]++
+			mu.Unlock()
+			started <- struct{}{}
+			<-release
+			mu.Lock()
+			running--
+			mu.Unlock()
+		}
+		return nil
+	})
+	// Held repairs end before the discovery closes (cleanups run last
+	// first), or its Close would wait for them.
+	var once sync.Once
+	letGo := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(letGo)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for range peers {
+		b := newHost(t)
+		b.SetStreamHandler(member, func(s network.Stream) { _ = s.Reset() })
+		if err := h.Connect(ctx, info(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The first maxRepairs start once the connections settle (rejoinGrace).
+	for i := range maxRepairs {
+		select {
+		case <-started:
+		case <-ctx.Done():
+			t.Fatalf("%d repairs started, want %d", i, maxRepairs)
+		}
+	}
+	// Two more checks pass while they hold: none other starts.
+	select {
+	case <-started:
+		t.Fatalf("a repair started while %d were under way", maxRepairs)
+	case <-time.After(2*rejoinCheckInterval + rejoinCheckInterval/2):
+	}
+	letGo()
+	for i := maxRepairs; i < peers; i++ {
+		select {
+		case <-started:
+		case <-ctx.Done():
+			t.Fatalf("%d of %d broken links repaired", i, peers)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if most != maxRepairs {
+		t.Errorf("at most %d repairs at once, want %d", most, maxRepairs)
+	}
+	if len(repaired) != peers {
+		t.Errorf("%d peers repaired, want %d", len(repaired), peers)
+	}
+	for p, n := range repaired {
+		if n != 1 {
+			t.Errorf("peer %s repaired %d times, want once (rejoinEvery)", p, n)
+		}
+	}
+}
