@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,26 +40,29 @@ func (p *proc) stderrText() string {
 	return p.stderr.String()
 }
 
-// freePort is a loopback TCP port that nothing listens on now.
-func freePort(t *testing.T) int {
+// freePort is a loopback port of network ("tcp", or "udp" for QUIC)
+// that nothing listens on now.
+func freePort(t *testing.T, network string) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	var (
+		addr net.Addr
+		end  func() error
+	)
+	if network == "udp" {
+		c, err := net.ListenPacket(network, "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr, end = c.LocalAddr(), c.Close
+	} else {
+		ln, err := net.Listen(network, "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr, end = ln.Addr(), ln.Close
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// freeUDPPort is a loopback UDP port that nothing listens on now (for QUIC).
-func freeUDPPort(t *testing.T) int {
-	t.Helper()
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	return c.LocalAddr().(*net.UDPAddr).Port
+	defer end()
+	return int(netip.MustParseAddrPort(addr.String()).Port())
 }
 
 // A backend that does not answer is said at start, on stdout and as a
@@ -66,7 +70,7 @@ func freeUDPPort(t *testing.T) int {
 // the node serves nothing; when the server comes up, the node says so.
 func TestE2EDeadBackendIsSaid(t *testing.T) {
 	needBinary(t)
-	port := freePort(t)
+	port := freePort(t, "tcp")
 	url := fmt.Sprintf("http://127.0.0.1:%d", port)
 	n := startNode(t, "worker", nodeArgs(t.TempDir(), "--backend", "ollama="+url)...)
 
@@ -132,7 +136,7 @@ func TestE2EDeadJoinIsSaid(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("id: exit %d: %s", code, stderr)
 	}
-	port := freePort(t)
+	port := freePort(t, "tcp")
 	dead := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d/p2p/%s", port, strings.TrimSpace(stdout))
 
 	start := time.Now()
@@ -175,7 +179,7 @@ func TestE2EDeadJoinIsSaid(t *testing.T) {
 // the kernel splits the incoming connections between the two).
 func TestE2EListenPortTaken(t *testing.T) {
 	needBinary(t)
-	listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", freePort(t))
+	listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", freePort(t, "tcp"))
 	startNode(t, "first", "--data-dir", t.TempDir(), "--listen", listen, "--api", "off", "--no-mdns", "--no-detect")
 	code, stdout, stderr := mtor(t, "node", "--data-dir", t.TempDir(), "--listen", listen, "--api", "off", "--no-mdns", "--no-detect")
 	if code != exitError || stdout != "" || strings.Count(stderr, "\n") != 1 ||

@@ -27,9 +27,9 @@ func TestE2ERestartedJoinPeerSeesItsWorkersAgain(t *testing.T) {
 func testRestartedJoinPeer(t *testing.T, transport string) {
 	dir := t.TempDir()
 	// The bootstrap comes back at the same address, with the same key.
-	listen, anyAddr := "/ip4/127.0.0.1/tcp/"+strconv.Itoa(freePort(t)), "/ip4/127.0.0.1/tcp/0"
+	listen, anyAddr := "/ip4/127.0.0.1/tcp/"+strconv.Itoa(freePort(t, "tcp")), "/ip4/127.0.0.1/tcp/0"
 	if transport == "quic" {
-		listen, anyAddr = "/ip4/127.0.0.1/udp/"+strconv.Itoa(freeUDPPort(t))+"/quic-v1", "/ip4/127.0.0.1/udp/0/quic-v1"
+		listen, anyAddr = "/ip4/127.0.0.1/udp/"+strconv.Itoa(freePort(t, "udp"))+"/quic-v1", "/ip4/127.0.0.1/udp/0/quic-v1"
 	}
 	args := func(name, listen string, extra ...string) []string {
 		return append([]string{"--data-dir", filepath.Join(dir, name), "--api", "127.0.0.1:0", "--no-mdns", "--listen", listen}, extra...)
