@@ -150,7 +150,11 @@ type PeerTable struct {
 	perIP    map[string]int  // admitted entries per IP
 	// admitted and pending entries per model they announce
 	perModel, pendingPerModel map[string]int
-	proven                    map[peer.ID]proof // peers connected to us lately; bounded by max
+	// byModel indexes the admitted entries (ours too) by the models they
+	// announce: a routing decision reads one model's workers, and a
+	// swarm view holds every worker of every model.
+	byModel map[string]map[peer.ID]struct{}
+	proven  map[peer.ID]proof // peers connected to us lately; bounded by max
 	// allow, when set, says whether an admitted author may announce a
 	// (a closed swarm's roles); nil allows everything.
 	allow  func(peer.ID, *pb.Announce) bool
@@ -175,6 +179,7 @@ func newPeerTable(self peer.ID, max int, now func() time.Time) *PeerTable {
 		perViaIP: make(map[string]int),
 		perIP:    make(map[string]int),
 		perModel: make(map[string]int),
+		byModel:  make(map[string]map[peer.ID]struct{}),
 		// pending entries per model
 		pendingPerModel: make(map[string]int),
 		proven:          make(map[peer.ID]proof),
@@ -198,16 +203,53 @@ func (t *PeerTable) Snapshot() []Entry {
 		}
 	}
 	t.mu.Unlock()
-	slices.SortFunc(out, func(a, b Entry) int {
-		switch {
-		case a.Peer < b.Peer:
-			return -1
-		case a.Peer > b.Peer:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(out, byPeer)
 	return out
+}
+
+// SnapshotModel returns the live entries that announce model, sorted by
+// peer ID: one model's workers without a copy of the whole table.
+func (t *PeerTable) SnapshotModel(model string) []Entry {
+	now := t.now()
+	t.mu.Lock()
+	set := t.byModel[model]
+	out := make([]Entry, 0, len(set))
+	for p := range set {
+		if e := t.entries[p]; e != nil && e.Expires.After(now) {
+			out = append(out, *e)
+		}
+	}
+	t.mu.Unlock()
+	slices.SortFunc(out, byPeer)
+	return out
+}
+
+func byPeer(a, b Entry) int {
+	switch {
+	case a.Peer < b.Peer:
+		return -1
+	case a.Peer > b.Peer:
+		return 1
+	}
+	return 0
+}
+
+// indexLocked adds p under each model a announces, or removes it.
+func (t *PeerTable) indexLocked(p peer.ID, a *pb.Announce, add bool) {
+	for _, m := range a.GetModels() {
+		name := m.GetName()
+		set := t.byModel[name]
+		switch {
+		case add && set == nil:
+			t.byModel[name] = map[peer.ID]struct{}{p: {}}
+		case add:
+			set[p] = struct{}{}
+		case set != nil:
+			if delete(set, p); len(set) == 0 {
+				delete(t.byModel, name)
+			}
+		}
+	}
 }
 
 // Get returns the live entry of p.
@@ -310,6 +352,8 @@ func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) b
 		if a.GetIncarnation() != e.Announce.GetIncarnation() {
 			e.measuredTTFTMs = 0 // a new process: the router starts afresh too
 		}
+		t.indexLocked(p, e.Announce, false)
+		t.indexLocked(p, a, true)
 		e.Announce, e.Received, e.Expires = a, recv, recv.Add(ttl)
 		t.emitLocked(Event{Kind: Update, Peer: p})
 		return true
@@ -383,6 +427,7 @@ func (t *PeerTable) admitLocked(e Entry, rtt time.Duration) bool {
 		countModels(t.perModel, e.Announce, 1)
 	}
 	t.entries[e.Peer] = &e
+	t.indexLocked(e.Peer, e.Announce, true)
 	t.emitLocked(Event{Kind: Join, Peer: e.Peer})
 	return true
 }
@@ -540,11 +585,9 @@ func (t *PeerTable) setMeasured(p peer.ID, ttftMs float64) {
 func (t *PeerTable) keptOf(model string) map[peer.ID]bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	out := map[peer.ID]bool{}
-	for p, e := range t.entries {
-		if modelEntry(e.Announce, model) != nil {
-			out[p] = true
-		}
+	out := make(map[peer.ID]bool, len(t.byModel[model]))
+	for p := range t.byModel[model] {
+		out[p] = true
 	}
 	return out
 }
@@ -753,6 +796,7 @@ func (t *PeerTable) removeLocked(p peer.ID, reason string) bool {
 		return false
 	}
 	delete(t.entries, p)
+	t.indexLocked(p, e.Announce, false)
 	if !e.Self {
 		countModels(t.perModel, e.Announce, -1)
 	}

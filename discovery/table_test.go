@@ -1,6 +1,8 @@
 package discovery
 
 import (
+	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -293,5 +295,103 @@ func TestTableQuarantine(t *testing.T) {
 	tab.sweep(clk.now())
 	if q := tab.Quarantined(); q != 0 {
 		t.Fatalf("%d still quarantined after expiry", q)
+	}
+}
+
+// The model index answers SnapshotModel as a scan of the whole table
+// would, through updates that change an entry's models, quarantine and
+// its proof, removal, expiry and sweeps, our own entry, and a model
+// listed twice (once per type).
+func TestTableModelIndex(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	self, a, b, c := testPeerID(t), testPeerID(t), testPeerID(t), testPeerID(t)
+	tab := newPeerTable(self, 10, clk.now)
+	models := func(seq uint64, ttl time.Duration, names ...string) *pb.Announce {
+		an := ann(seq, ttl)
+		for _, n := range names {
+			an.Models = append(an.Models, &pb.ModelInfo{Name: n})
+		}
+		return an
+	}
+	all := []string{"m0", "m1", "m2"}
+	for _, step := range []struct {
+		name string
+		do   func()
+		want map[string][]peer.ID
+	}{
+		{"a worker", func() { tab.upsert(a, models(1, time.Minute, "m0"), clk.now()) },
+			map[string][]peer.ID{"m0": {a}}},
+		{"a second, two models", func() { tab.upsert(b, models(1, time.Minute, "m0", "m1"), clk.now()) },
+			map[string][]peer.ID{"m0": {a, b}, "m1": {b}}},
+		{"our own entry", func() { tab.upsert(self, models(1, time.Minute, "m1"), clk.now()) },
+			map[string][]peer.ID{"m0": {a, b}, "m1": {b, self}}},
+		{"an update changes a's models", func() { tab.upsert(a, models(2, 10*time.Second, "m1", "m2"), clk.now()) },
+			map[string][]peer.ID{"m0": {b}, "m1": {a, b, self}, "m2": {a}}},
+		{"a stale one does not", func() { tab.upsert(a, models(1, time.Minute, "m0"), clk.now()) },
+			map[string][]peer.ID{"m0": {b}, "m1": {a, b, self}, "m2": {a}}},
+		{"quarantined: not routable", func() { tab.offer(c, models(1, time.Minute, "m2", "m2"), clk.now(), origin{via: b}) },
+			map[string][]peer.ID{"m0": {b}, "m1": {a, b, self}, "m2": {a}}},
+		{"proven: in", func() { tab.prove(c, "10.0.0.3") },
+			map[string][]peer.ID{"m0": {b}, "m1": {a, b, self}, "m2": {a, c}}},
+		{"removed", func() { tab.remove(b, ReasonDisconnected) },
+			map[string][]peer.ID{"m1": {a, self}, "m2": {a, c}}},
+		{"expired, before the sweep", func() { clk.add(11 * time.Second) },
+			map[string][]peer.ID{"m1": {self}, "m2": {c}}},
+		{"swept", func() { tab.sweep(clk.now()) },
+			map[string][]peer.ID{"m1": {self}, "m2": {c}}},
+		{"a model listed twice, removed once", func() { tab.remove(c, ReasonDisconnected) },
+			map[string][]peer.ID{"m1": {self}}},
+	} {
+		step.do()
+		for _, m := range all {
+			var scan []peer.ID
+			for _, e := range tab.Snapshot() {
+				if modelEntry(e.Announce, m) != nil {
+					scan = append(scan, e.Peer)
+				}
+			}
+			var got []peer.ID
+			for _, e := range tab.SnapshotModel(m) {
+				got = append(got, e.Peer)
+			}
+			want := append([]peer.ID(nil), step.want[m]...)
+			slices.Sort(want)
+			if !slices.Equal(got, scan) || !slices.Equal(got, want) {
+				t.Fatalf("%s: SnapshotModel(%s) = %v, whole-table scan %v, want %v", step.name, m, got, scan, want)
+			}
+		}
+	}
+	tab.mu.Lock()
+	defer tab.mu.Unlock()
+	if len(tab.byModel) != 1 {
+		t.Errorf("index holds %d models, want 1 (m1): emptied models must go", len(tab.byModel))
+	}
+}
+
+// BenchmarkTableRead: what a routing decision reads from a swarm view's
+// table, by size (workers spread over 50 models): the whole table (the
+// baseline) or the query's model's entries.
+//
+//	go test ./discovery -run '^$' -bench TableRead -benchmem
+func BenchmarkTableRead(b *testing.B) {
+	for _, n := range []int{100, 1000, 10000} {
+		tab := newPeerTable(testPeerID(b), n+1, nil)
+		for i := range n {
+			a := ann(1, time.Hour)
+			a.Models = []*pb.ModelInfo{{Name: fmt.Sprintf("model-%d", i%50)}}
+			tab.upsert(testPeerID(b), a, time.Now())
+		}
+		b.Run(fmt.Sprintf("workers=%d/whole", n), func(b *testing.B) {
+			for b.Loop() {
+				_ = tab.Snapshot()
+			}
+		})
+		b.Run(fmt.Sprintf("workers=%d/model", n), func(b *testing.B) {
+			i := 0
+			for b.Loop() {
+				_ = tab.SnapshotModel(fmt.Sprintf("model-%d", i%50))
+				i++
+			}
+		})
 	}
 }
