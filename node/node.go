@@ -755,8 +755,14 @@ func (n *Node) Close() error {
 // tableAdapter shows the discovery peer table to the router.
 type tableAdapter struct{ t *discovery.PeerTable }
 
-func (a tableAdapter) Candidates() []router.Candidate {
-	snap := a.t.Snapshot()
+func (a tableAdapter) Candidates() []router.Candidate { return candidates(a.t.Snapshot()) }
+
+// ModelCandidates makes the adapter a router.ModelTable.
+func (a tableAdapter) ModelCandidates(model string) []router.Candidate {
+	return candidates(a.t.SnapshotModel(model))
+}
+
+func candidates(snap []discovery.Entry) []router.Candidate {
 	out := make([]router.Candidate, len(snap))
 	for i, e := range snap {
 		out[i] = router.Candidate{Peer: e.Peer, Announce: e.Announce, RTT: e.RTT, RTTRelayed: e.RTTRelayed, Received: e.Received}

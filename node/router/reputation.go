@@ -56,7 +56,7 @@ func (r *Router) observe(req *pb.QueryRequest) {
 // so that they can earn their reputation back. This node comes first when
 // its own worker serves the model.
 func (r *Router) CanaryPeers(model string, t pb.QueryType) []peer.ID {
-	cands := r.table.Candidates()
+	cands := r.candidates(model)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []peer.ID

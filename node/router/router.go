@@ -58,6 +58,9 @@ const (
 	maxMediaStall = 5 * time.Minute // an image or a transcription comes whole
 	// maxModelTrackers bounds the per-model health kept of one peer.
 	maxModelTrackers = 64
+	// pruneEvery spaces the pruning of the state of peers gone from the
+	// table (prune).
+	pruneEvery = 10 * time.Second
 )
 
 // Candidate is a worker known from the peer table.
@@ -73,6 +76,24 @@ type Candidate struct {
 // Table lists the workers the router may use.
 type Table interface {
 	Candidates() []Candidate
+}
+
+// ModelTable is a Table that also lists one model's candidates alone. A
+// node with the swarm view holds every worker of every model, and each
+// routing decision needs one model's: without it, every query copies
+// the whole table.
+type ModelTable interface {
+	Table
+	ModelCandidates(model string) []Candidate
+}
+
+// candidates are the table's candidates that may serve model: only
+// those when the table can tell, else all.
+func (r *Router) candidates(model string) []Candidate {
+	if mt, ok := r.table.(ModelTable); ok {
+		return mt.ModelCandidates(model)
+	}
+	return r.table.Candidates()
 }
 
 // Providers finds workers of a model in the DHT when the table has none.
@@ -192,9 +213,10 @@ type Router struct {
 	preferEnergy bool
 	energySlack  float64
 
-	mu    sync.Mutex
-	peers map[peer.ID]*peerState
-	rng   *mrand.Rand
+	mu       sync.Mutex
+	peers    map[peer.ID]*peerState
+	prunedAt time.Time // prune's last run
+	rng      *mrand.Rand
 }
 
 // HolePunches tells which direct connections a hole punch (DCUtR) made,
@@ -359,10 +381,10 @@ type ranking struct {
 // rankNeed is rank among the candidates whose model announces every
 // feature of need.
 func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranking) {
-	cands := r.table.Candidates()
+	r.prune()
+	cands := r.candidates(model)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.pruneLocked(cands)
 	// A peer not measured yet is assumed as fast as the measured ones on
 	// average, so that it gets tried instead of losing to them for ever.
 	var prior measures
@@ -527,8 +549,27 @@ func (m measures) meanSvc() float64 {
 	return m.svc / float64(m.nSvc)
 }
 
-// pruneLocked forgets peers that left the table and have nothing in
-// flight, so the state map stays bounded by the swarm's size.
+// prune forgets peers that left the table and have nothing in flight, so
+// the state map stays bounded by the swarm's size. It reads the whole
+// table, so it runs at most every pruneEvery, not on every decision.
+func (r *Router) prune() {
+	now := time.Now()
+	r.mu.Lock()
+	due := len(r.peers) > 16 && now.Sub(r.prunedAt) >= pruneEvery
+	if due {
+		r.prunedAt = now
+	}
+	r.mu.Unlock()
+	if !due {
+		return
+	}
+	cands := r.table.Candidates()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.pruneLocked(cands)
+}
+
+// pruneLocked is prune's work, over the whole table's candidates.
 func (r *Router) pruneLocked(cands []Candidate) {
 	if len(r.peers) <= 2*len(cands)+16 {
 		return

@@ -24,13 +24,13 @@ type staticTable []Candidate
 
 func (s staticTable) Candidates() []Candidate { return s }
 
-func testHost(t *testing.T) host.Host {
+func testHost(t testing.TB) host.Host {
 	t.Helper()
 	return testHostOn(t, "/ip4/127.0.0.1/tcp/0")
 }
 
 // testHostOn is a host listening on listen with opts, closed at the end.
-func testHostOn(t *testing.T, listen string, opts ...libp2p.Option) host.Host {
+func testHostOn(t testing.TB, listen string, opts ...libp2p.Option) host.Host {
 	t.Helper()
 	h, err := libp2p.New(append(opts, libp2p.ListenAddrStrings(listen))...)
 	if err != nil {

@@ -137,7 +137,7 @@ func (r *Router) Models() []ModelView {
 func (r *Router) Model(name string) (v ModelView, ok bool) {
 	var ts []pb.QueryType
 	var fs []string
-	for _, c := range r.table.Candidates() {
+	for _, c := range r.candidates(name) {
 		if c.Announce.GetDraining() {
 			continue
 		}
