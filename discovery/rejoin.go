@@ -8,6 +8,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 )
 
 // Gossip repair. A peer that restarts (same peer ID, new process) while we
@@ -39,6 +40,10 @@ const (
 	rejoinEvery = 30 * time.Second
 	// rejoinPause lets gossipsub see the peer gone before it comes back.
 	rejoinPause = 250 * time.Millisecond
+	// rejoinDials bounds the dials of one repair, rejoinRetry, 2 ×
+	// rejoinRetry, … apart.
+	rejoinDials = 3
+	rejoinRetry = time.Second
 	// maxUnidentified bounds the connected peers whose identify failed
 	// that wait for a repair.
 	maxUnidentified = 1024
@@ -143,18 +148,41 @@ func settled(conns []network.Conn, now time.Time) bool {
 	return true
 }
 
-// rejoin closes our connections to p and dials it again.
+// rejoin closes our connections to p and dials it again, a few times if
+// it must: nothing else may dial it back (the DHT rarely does in a large
+// swarm), so one dial that fails under load would leave a member that
+// was connected a moment ago out of our table for good.
 func (d *Discovery) rejoin(p peer.ID) {
 	addrs := d.h.Peerstore().Addrs(p)
 	_ = d.h.Network().ClosePeer(p)
-	select {
-	case <-d.ctx.Done():
-		return
-	case <-time.After(rejoinPause):
-	}
-	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.dialTimeout)
-	defer cancel()
-	if err := d.h.Connect(ctx, peer.AddrInfo{ID: p, Addrs: addrs}); err != nil && d.ctx.Err() == nil {
-		log.Infow("reconnecting a swarm member failed", "peer", p, "err", err.Error())
+	pause := rejoinPause
+	for try := 1; ; try++ {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-time.After(pause):
+		}
+		if try > 1 {
+			if d.h.Network().Connectedness(p) == network.Connected {
+				return // it dialled us meanwhile
+			}
+			// The failed dial put p in the swarm's dial back-off,
+			// which would fail this one at once.
+			if sw, ok := d.h.Network().(*swarm.Swarm); ok {
+				sw.Backoff().Clear(p)
+			}
+		}
+		ctx, cancel := context.WithTimeout(d.ctx, d.cfg.dialTimeout)
+		err := d.h.Connect(ctx, peer.AddrInfo{ID: p, Addrs: addrs})
+		cancel()
+		if err == nil || d.ctx.Err() != nil {
+			return
+		}
+		if try == rejoinDials {
+			log.Infow("reconnecting a swarm member failed", "peer", p, "tries", try, "err", err.Error())
+			return
+		}
+		log.Debugw("reconnecting a swarm member: dial failed, trying again", "peer", p, "err", err.Error())
+		pause = time.Duration(try) * rejoinRetry
 	}
 }

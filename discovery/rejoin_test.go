@@ -3,12 +3,16 @@ package discovery
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	ma "github.com/multiformats/go-multiaddr"
 )
 
 // At most maxRepairs gossip-link repairs run at once; the other broken
@@ -92,5 +96,75 @@ func TestRepairsBounded(t *testing.T) {
 		if n != 1 {
 			t.Errorf("peer %s repaired %d times, want once (rejoinEvery)", p, n)
 		}
+	}
+}
+
+// refuseOnce is a connection gater that refuses the next inbound
+// connection, before its handshake, once armed; it lets every other
+// through. (Refused after the handshake, the dialler's connect would
+// succeed and the connection die a moment later.)
+type refuseOnce struct {
+	armed   atomic.Bool
+	refused atomic.Int32
+}
+
+func (g *refuseOnce) InterceptPeerDial(peer.ID) bool               { return true }
+func (g *refuseOnce) InterceptAddrDial(peer.ID, ma.Multiaddr) bool { return true }
+func (g *refuseOnce) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
+	return true
+}
+func (g *refuseOnce) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
+	return true, 0
+}
+
+func (g *refuseOnce) InterceptAccept(network.ConnMultiaddrs) bool {
+	if g.armed.CompareAndSwap(true, false) {
+		g.refused.Add(1)
+		return false
+	}
+	return true
+}
+
+// A repair whose first dial fails dials again: the member, connected a
+// moment before, would otherwise stay out (nothing else dials it back).
+// The member refuses the repair's first dial once.
+func TestRepairDialsAgain(t *testing.T) {
+	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
+	h := newHostOn(t, []string{"/ip4/127.0.0.1/tcp/0"})
+	g := &refuseOnce{}
+	b, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(g))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	b.SetStreamHandler(member, func(s network.Stream) { _ = s.Reset() })
+	// Armed when the repair closes the connection: its next dial is
+	// refused.
+	closed := make(chan struct{}, 1)
+	b.Network().Notify(&network.NotifyBundle{DisconnectedF: func(network.Network, network.Conn) {
+		g.armed.Store(true)
+		select {
+		case closed <- struct{}{}:
+		default:
+		}
+	}})
+	newDiscovery(t, h, WithMemberProtocol(member))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := h.Connect(ctx, info(b)); err != nil {
+		t.Fatal(err)
+	}
+	// b runs no gossipsub, so its link reads broken once settled.
+	select {
+	case <-closed:
+	case <-ctx.Done():
+		t.Fatal("no repair within a minute")
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for h.Network().Connectedness(b.ID()) != network.Connected || g.refused.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not connected again 15 s after the repair (dials refused: %d)", g.refused.Load())
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
