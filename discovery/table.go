@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"cmp"
 	"iter"
 	"math"
 	"slices"
@@ -224,15 +225,7 @@ func (t *PeerTable) SnapshotModel(model string) []Entry {
 	return out
 }
 
-func byPeer(a, b Entry) int {
-	switch {
-	case a.Peer < b.Peer:
-		return -1
-	case a.Peer > b.Peer:
-		return 1
-	}
-	return 0
-}
+func byPeer(a, b Entry) int { return cmp.Compare(a.Peer, b.Peer) }
 
 // indexLocked adds p under each model a announces, or removes it.
 func (t *PeerTable) indexLocked(p peer.ID, a *pb.Announce, add bool) {

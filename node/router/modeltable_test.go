@@ -1,6 +1,7 @@
 package router
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 	"sync/atomic"
@@ -32,15 +33,7 @@ func newSwarmTable(workers, models int) *swarmTable {
 
 func sortedCopy(cs []Candidate) []Candidate {
 	out := slices.Clone(cs)
-	slices.SortFunc(out, func(a, b Candidate) int {
-		switch {
-		case a.Peer < b.Peer:
-			return -1
-		case a.Peer > b.Peer:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(out, func(a, b Candidate) int { return cmp.Compare(a.Peer, b.Peer) })
 	return out
 }
 
