@@ -6,6 +6,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mtor-swarm/mtor/node/api"
 )
 
 // TestE2EOpenPacingFlags: --open-pacing and --open-queue reach the
@@ -44,9 +46,10 @@ func testE2EOpenPacingFlags(t *testing.T, tr transport) {
 				_, _, stderr := mtor(t, "query", "--api", boot.value("api"), "--model", "demo", "--timeout", "20s", "first")
 				first <- stderr
 			}()
-			// The first query takes the turn at once and keeps it for the
+			// The first query takes the turn as soon as it is routed (its
+			// in-flight count rises just before) and keeps it for the
 			// Accepted bound (2.5 s).
-			time.Sleep(time.Second)
+			waitInFlight(t, boot.value("api"), wk.value("peer"))
 			code, _, stderr := mtor(t, "query", "--api", boot.value("api"), "--model", "demo", "--timeout", "20s", "second")
 			if code == 0 {
 				t.Fatalf("second query answered by a frozen worker")
@@ -59,5 +62,25 @@ func testE2EOpenPacingFlags(t *testing.T, tr transport) {
 			}
 			t.Logf("second query: %s", strings.TrimSpace(stderr))
 		})
+	}
+}
+
+// waitInFlight waits until the node behind apiAddr has a query open to
+// worker.
+func waitInFlight(t *testing.T, apiAddr, worker string) {
+	t.Helper()
+	c := api.NewClient(apiAddr)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		peers, err := c.Peers(t.Context())
+		for _, p := range peers {
+			if p.Peer == worker && p.LocalInFlight > 0 {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no query in flight to %s after 20 s (last: %+v, %v)", worker, peers, err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
