@@ -72,13 +72,12 @@ func (l *punchLog) Trace(evt *holepunch.Event) {
 	case *holepunch.EndHolePunchEvt:
 		if e.Success {
 			log.Infow("hole punch: direct connection", "peer", evt.Remote, "after", e.EllapsedTime)
-			l.markDirect(evt.Remote, time.Time{})
 		} else {
 			log.Debugw("hole punch failed", "peer", evt.Remote, "after", e.EllapsedTime, "err", e.Error)
 		}
-		l.ended(evt.Remote)
+		l.ended(evt.Remote, e.Success)
 	case *holepunch.ProtocolErrorEvt:
-		l.ended(evt.Remote)
+		l.ended(evt.Remote, false)
 	}
 }
 
@@ -100,8 +99,9 @@ func (l *punchLog) started(p peer.ID) {
 }
 
 // ended closes p's punch window punchGrace from now and marks the direct
-// connections that opened since it started.
-func (l *punchLog) ended(p peer.ID) {
+// connections that opened since it started: all of them after our own
+// attempt succeeded.
+func (l *punchLog) ended(p peer.ID, succeeded bool) {
 	l.mu.Lock()
 	t, ok := l.tries[p]
 	if ok {
@@ -109,7 +109,10 @@ func (l *punchLog) ended(p peer.ID) {
 		l.tries[p] = t
 	}
 	l.mu.Unlock()
-	if ok {
+	switch {
+	case succeeded:
+		l.markDirect(p, time.Time{})
+	case ok:
 		l.markDirect(p, t.start)
 	}
 }
