@@ -46,11 +46,6 @@ func (s *swarmTable) ModelCandidates(model string) []Candidate {
 	return sortedCopy(s.byModel[model])
 }
 
-// wholeOnly hides ModelCandidates: a table that can only list everything.
-type wholeOnly struct{ t *swarmTable }
-
-func (w wholeOnly) Candidates() []Candidate { return w.t.all }
-
 // A router over a ModelTable routes on the query's model's candidates
 // alone, and decides as one that scans the whole table: same ranking,
 // same model view, same canaries. The whole table is read only to prune,
@@ -128,7 +123,7 @@ func BenchmarkRankSwarmView(b *testing.B) {
 		for _, tc := range []struct {
 			name  string
 			table Table
-		}{{"whole", wholeTableCopy{st}}, {"model", st}} {
+		}{{"whole", wholeOnly{st}}, {"model", st}} {
 			b.Run(fmt.Sprintf("workers=%d/%s", n, tc.name), func(b *testing.B) {
 				r := New(h, "/test", tc.table)
 				i := 0
@@ -142,7 +137,8 @@ func BenchmarkRankSwarmView(b *testing.B) {
 	}
 }
 
-// wholeTableCopy is wholeOnly with the copy a real table's Snapshot makes.
-type wholeTableCopy struct{ t *swarmTable }
+// wholeOnly hides ModelCandidates: a table that can only list everything,
+// with the copy a real table's Snapshot makes.
+type wholeOnly struct{ t *swarmTable }
 
-func (w wholeTableCopy) Candidates() []Candidate { return sortedCopy(w.t.all) }
+func (w wholeOnly) Candidates() []Candidate { return sortedCopy(w.t.all) }
