@@ -328,6 +328,7 @@ func (d *Discovery) Provide(ctx context.Context, model string) error {
 	if err != nil {
 		return err
 	}
+	d.awaitRouting(ctx)
 	if err := d.dht.Provide(ctx, c, true); err != nil {
 		return fmt.Errorf("provide %q: %w", model, err)
 	}
@@ -342,6 +343,7 @@ func (d *Discovery) ProvideRelay(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	d.awaitRouting(ctx)
 	if err := d.dht.Provide(ctx, c, true); err != nil {
 		return fmt.Errorf("provide the relay key: %w", err)
 	}
@@ -353,11 +355,66 @@ func (d *Discovery) ProvideRelay(ctx context.Context) error {
 // when ctx ends, with ctx's error only if it found nothing. A node without
 // the swarm view starts watching model: the router asks for providers when
 // its table has no worker of the model, which is when it needs them.
+//
+// For learnWindow after the watch starts, a look-up that finds nothing
+// is tried again until ctx ends: the model's workers may have started
+// just now, their provider records not yet put. It ends early, with
+// nothing, once the model's topic has brought a worker to the table,
+// where the caller finds it.
 func (d *Discovery) FindProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error) {
 	if err := d.Watch(model); err != nil {
 		log.Debugw("watch model", "model", model, "err", err)
 	}
-	return d.findProviders(ctx, model, limit)
+	since := d.watchedSince(model)
+	wait := learnRetryMin
+	for {
+		ais, err := d.findProviders(ctx, model, limit)
+		if len(ais) > 0 || err != nil || since.IsZero() || time.Since(since) >= learnWindow || d.tableServes(model) {
+			return ais, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, learnRetryMax)
+	}
+}
+
+// Spacing of the look-ups FindProviders tries again while learning.
+const (
+	learnRetryMin = 200 * time.Millisecond
+	learnRetryMax = time.Second
+)
+
+// tableServes reports whether the table holds another peer announcing
+// model.
+func (d *Discovery) tableServes(model string) bool {
+	kept := d.table.keptOf(model)
+	delete(kept, d.h.ID())
+	return len(kept) > 0
+}
+
+// awaitRouting waits, at most routingWait and while ctx lasts, for the
+// DHT routing table's first peer when this node has connections: a DHT
+// operation on an empty table fails at once, and a node that has just
+// joined has its join peer there only once identify is done. The DHT
+// offers no event for it, hence the polling.
+func (d *Discovery) awaitRouting(ctx context.Context) {
+	if d.dht.RoutingTable().Size() > 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, routingWait)
+	defer cancel()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for d.dht.RoutingTable().Size() == 0 && len(d.h.Network().Peers()) > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 func (d *Discovery) findProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error) {
@@ -380,6 +437,7 @@ func (d *Discovery) findProvidersOf(ctx context.Context, c cid.Cid, limit int, w
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var out []peer.AddrInfo
+	d.awaitRouting(ctx)
 	// Ask for one more than limit: our own record may be among them.
 	for ai := range d.dht.FindProvidersAsync(ctx, c, limit+1) {
 		if ai.ID == d.h.ID() {

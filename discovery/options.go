@@ -48,6 +48,14 @@ const (
 	providerConnectWait = 30 * time.Second
 	// redialEvery spaces the provider dials of one watched model.
 	redialEvery = 10 * time.Second
+	// learnWindow is how long after a node without the swarm view starts
+	// watching a model an empty provider look-up is tried again: the
+	// model's workers may have just started (their records not yet put)
+	// and their announcements are on their way down the model's topic.
+	learnWindow = 5 * time.Second
+	// routingWait bounds the wait of a DHT operation for the routing
+	// table's first peer while connections are being identified.
+	routingWait = 5 * time.Second
 	// unusableFor is how long a worker the router found unusable
 	// (SeekWorkers) is the first to be replaced: long enough for a
 	// provider look-up to bring others, short enough for a briefly busy

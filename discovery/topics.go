@@ -43,6 +43,7 @@ type modelTopic struct {
 	own    bool
 	sub    *pubsub.Subscription
 	used   time.Time                 // last Watch
+	since  time.Time                 // subscribed (Watch)
 	dialed time.Time                 // last dialProviders started
 	events *pubsub.TopicEventHandler // peers joining, when onTopicJoin is set
 	cancel context.CancelFunc        // ends the loop reading events
@@ -230,7 +231,7 @@ func (d *Discovery) Watch(model string) error {
 	if err != nil {
 		return err
 	}
-	mt.used, mt.dialed = now, now
+	mt.used, mt.dialed, mt.since = now, now, now
 	d.lookUp(model)
 	log.Debugw("watching model", "model", model, "topic", mt.name)
 	return nil
@@ -290,6 +291,17 @@ func (d *Discovery) Watching() []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// watchedSince is when this node started watching model; zero when it
+// does not (or has the swarm view, and watches none).
+func (d *Discovery) watchedSince(model string) time.Time {
+	d.topics.mu.Lock()
+	defer d.topics.mu.Unlock()
+	if mt := d.topics.models[model]; mt != nil && mt.sub != nil {
+		return mt.since
+	}
+	return time.Time{}
 }
 
 // lookUp starts dialProviders for model in the background.

@@ -24,6 +24,9 @@ const (
 	DefaultAnnounceInterval = 10 * time.Second
 	minSpacing              = 500 * time.Millisecond
 	reprovideInterval       = 30 * time.Minute
+	// provideFor bounds the tries to put one provider record; a record
+	// not put is tried again at the next publish.
+	provideFor = time.Minute
 )
 
 // publisher is what the announcer needs of discovery.
@@ -51,6 +54,9 @@ type announcer struct {
 	incarnation uint64
 	addrs       func() []ma.Multiaddr // listen addresses to announce; may be nil
 
+	// provideRetry spaces the tries to put a provider record.
+	provideRetry backoff
+
 	kick  chan struct{}
 	force atomic.Bool // the next kick publishes even without a change
 
@@ -65,9 +71,10 @@ type announcer struct {
 func newAnnouncer(pub publisher, w *worker.Worker, gpus GPUSource, roles []string, version string, interval time.Duration) *announcer {
 	a := &announcer{
 		pub: pub, w: w, gpus: gpus, version: version, interval: interval,
-		incarnation: rand.Uint64() | 1, // never 0, which means "not sent"
-		kick:        make(chan struct{}, 1),
-		provided:    map[string]time.Time{},
+		incarnation:  rand.Uint64() | 1, // never 0, which means "not sent"
+		kick:         make(chan struct{}, 1),
+		provided:     map[string]time.Time{},
+		provideRetry: backoff{floor: time.Second, ceil: 10 * time.Second},
 	}
 	a.setRoles(roles)
 	return a
@@ -170,10 +177,7 @@ func (a *announcer) publish(ctx context.Context, force bool) (published bool) {
 	cancel()
 	for _, m := range toProvide {
 		go func() {
-			pctx, cancel := context.WithTimeout(ctx, time.Minute)
-			defer cancel()
-			if err := a.pub.Provide(pctx, m); err != nil && ctx.Err() == nil {
-				log.Debugw("provide model", "model", m, "err", err)
+			if !a.provide(ctx, func(ctx context.Context) error { return a.pub.Provide(ctx, m) }) {
 				a.mu.Lock()
 				delete(a.provided, m)
 				a.mu.Unlock()
@@ -182,20 +186,7 @@ func (a *announcer) publish(ctx context.Context, force bool) (published bool) {
 	}
 	if provideRelay {
 		go func() {
-			pctx, cancel := context.WithTimeout(ctx, time.Minute)
-			defer cancel()
-			// A relay just started has an empty DHT routing table, and
-			// the nodes that need it wait for this record: retry soon.
-			err := a.pub.ProvideRelay(pctx)
-			for wait := time.Second; err != nil && pctx.Err() == nil; wait = min(2*wait, 10*time.Second) {
-				select {
-				case <-pctx.Done():
-				case <-time.After(wait):
-					err = a.pub.ProvideRelay(pctx)
-				}
-			}
-			if err != nil && ctx.Err() == nil {
-				log.Debugw("provide the relay key", "err", err)
+			if !a.provide(ctx, a.pub.ProvideRelay) {
 				a.mu.Lock()
 				a.relayProvided = time.Time{}
 				a.mu.Unlock()
@@ -203,6 +194,33 @@ func (a *announcer) publish(ctx context.Context, force bool) (published bool) {
 		}()
 	}
 	return true
+}
+
+// provide puts a provider record with f, trying again for up to a
+// minute: a node just started has an empty DHT routing table, or only
+// peers still being identified, and the nodes that need the record
+// (bridges without the swarm view, nodes looking for relays) wait for
+// it. It reports whether the record was put.
+func (a *announcer) provide(ctx context.Context, f func(context.Context) error) bool {
+	pctx, cancel := context.WithTimeout(ctx, provideFor)
+	defer cancel()
+	b := a.provideRetry
+	for {
+		err := f(pctx)
+		if err == nil {
+			return true
+		}
+		if pctx.Err() != nil {
+			if ctx.Err() == nil {
+				log.Debugw("provide", "err", err)
+			}
+			return false
+		}
+		select {
+		case <-pctx.Done():
+		case <-time.After(b.next()):
+		}
+	}
 }
 
 // announceOrder sorts addresses by use to others, so that the ones cut by

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -79,5 +80,46 @@ kicking:
 	// managed 2; allow for a loaded machine.
 	if n := pub.n.Load(); n < 6 {
 		t.Fatalf("%d publishes in 1 s with a 50 ms heartbeat under constant kicks", n)
+	}
+}
+
+// A provider record that cannot be put yet (the DHT routing table of a
+// node just started is empty) is tried again, spaced by provideRetry,
+// until it is put or the node stops.
+func TestProvideTriesAgain(t *testing.T) {
+	a := newAnnouncer(&countingPublisher{}, worker.New(nil), nil, nil, "test", time.Second)
+	a.provideRetry = backoff{floor: 10 * time.Millisecond, ceil: 20 * time.Millisecond}
+	errEmpty := errors.New("failed to find any peer in table")
+	for _, tc := range []struct {
+		name     string
+		failures int  // tries that fail before one succeeds (-1: all)
+		stop     bool // the node stops while it tries
+		want     bool
+	}{
+		{"at once", 0, false, true},
+		{"after three failures", 3, false, true},
+		{"node stopping", -1, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var tries int
+			got := a.provide(ctx, func(context.Context) error {
+				tries++
+				if tc.stop && tries == 5 {
+					cancel()
+				}
+				if tc.failures < 0 || tries <= tc.failures {
+					return errEmpty
+				}
+				return nil
+			})
+			if got != tc.want {
+				t.Fatalf("provide = %v after %d tries, want %v", got, tries, tc.want)
+			}
+			if tc.failures >= 0 && tries != tc.failures+1 {
+				t.Fatalf("%d tries, want %d", tries, tc.failures+1)
+			}
+		})
 	}
 }

@@ -97,6 +97,8 @@ func (r *Router) candidates(model string) []Candidate {
 }
 
 // Providers finds workers of a model in the DHT when the table has none.
+// It may return none because the table has since learnt some, which the
+// router then reads.
 type Providers interface {
 	FindProviders(ctx context.Context, model string, limit int) ([]peer.AddrInfo, error)
 }
@@ -688,6 +690,15 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
 		fromDHT = len(ranked) > 0
+		if !fromDHT {
+			// The look-up may have waited while the model's topic
+			// brought its workers to the table.
+			rk = r.rankNeed(req.GetModel(), req.GetType(), need)
+			if len(rk.ranked) == 0 && rk.lacking {
+				return nil, featureError(req.GetModel(), need)
+			}
+			ranked, known, unreachable = rk.ranked, rk.known, rk.unreachable
+		}
 	}
 	if len(ranked) == 0 {
 		if known && unreachable > 0 {

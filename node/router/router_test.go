@@ -3,7 +3,9 @@ package router
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -275,6 +277,57 @@ func TestWorkerKnownOnlyFromGossipIsFound(t *testing.T) {
 	r := New(testHost(t), proto, table, WithPeerFinder(staticFinder{peer.AddrInfo{ID: live.ID(), Addrs: live.Addrs()}}))
 	if _, err := r.Query(ctx, req(), func(*pb.Event) error { return nil }); err != nil {
 		t.Fatalf("worker not found through the peer finder: %v", err)
+	}
+}
+
+// growingTable is a table that a look-up fills meanwhile.
+type growingTable struct {
+	mu sync.Mutex
+	cs []Candidate
+}
+
+func (g *growingTable) Candidates() []Candidate {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Clone(g.cs)
+}
+
+// topicLearner finds no provider record, but the model's topic brings a
+// worker to the table during the look-up, as discovery's FindProviders
+// reports on a node without the swarm view.
+type topicLearner struct {
+	table *growingTable
+	learn Candidate
+}
+
+func (l topicLearner) FindProviders(context.Context, string, int) ([]peer.AddrInfo, error) {
+	l.table.mu.Lock()
+	defer l.table.mu.Unlock()
+	l.table.cs = append(l.table.cs, l.learn)
+	return nil, nil
+}
+
+// A worker the table learns while the router looks the model's providers
+// up takes the query, rather than the query failing UNSUPPORTED.
+func TestWorkerLearntDuringLookUpAnswers(t *testing.T) {
+	const proto = "/mtor/test/query"
+	live := testHost(t)
+	w := worker.New([]backend.Backend{demo.New("demo", demo.WithDelay(0))})
+	w.Refresh(context.Background())
+	live.SetStreamHandler(proto, w.HandleStream)
+	h := testHost(t)
+	h.Peerstore().AddAddrs(live.ID(), live.Addrs(), time.Hour)
+	table := &growingTable{}
+	learnt := cand(string(live.ID()), 0, 4, 100, 0, func(a *pb.Announce) { a.Models[0].Name = "demo" })
+	r := New(h, proto, table, WithProviders(topicLearner{table, learnt}))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatalf("query with its worker learnt during the look-up: %v", err)
+	}
+	if res.Peer != live.ID() {
+		t.Fatalf("answered by %s, want the learnt worker %s", res.Peer, live.ID())
 	}
 }
 
