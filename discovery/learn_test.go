@@ -142,4 +142,3 @@ func addrIDs(ais []peer.AddrInfo) []peer.ID {
 	}
 	return ids
 }
-

@@ -3,9 +3,7 @@ package router
 import (
 	"context"
 	"errors"
-	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -13,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
@@ -259,10 +258,7 @@ func (f staticFinder) FindPeer(_ context.Context, p peer.ID) (peer.AddrInfo, err
 // by others) is looked up and reached.
 func TestWorkerKnownOnlyFromGossipIsFound(t *testing.T) {
 	const proto = "/mtor/test/query"
-	live := testHost(t)
-	w := worker.New([]backend.Backend{demo.New("live", demo.WithDelay(0))})
-	w.Refresh(context.Background())
-	live.SetStreamHandler(proto, w.HandleStream)
+	live := demoWorkerHost(t, proto, "live")
 	h := testHost(t) // never connected to live, no addresses for it
 	demoModel := func(a *pb.Announce) { a.Models[0].Name = "demo" }
 	table := staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel)}
@@ -280,30 +276,26 @@ func TestWorkerKnownOnlyFromGossipIsFound(t *testing.T) {
 	}
 }
 
-// growingTable is a table that a look-up fills meanwhile.
-type growingTable struct {
-	mu sync.Mutex
-	cs []Candidate
-}
-
-func (g *growingTable) Candidates() []Candidate {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return slices.Clone(g.cs)
+// demoWorkerHost is a host serving a demo backend's model on proto.
+func demoWorkerHost(t *testing.T, proto libp2pproto.ID, model string) host.Host {
+	t.Helper()
+	h := testHost(t)
+	w := worker.New([]backend.Backend{demo.New(model, demo.WithDelay(0))})
+	w.Refresh(context.Background())
+	h.SetStreamHandler(proto, w.HandleStream)
+	return h
 }
 
 // topicLearner finds no provider record, but the model's topic brings a
 // worker to the table during the look-up, as discovery's FindProviders
 // reports on a node without the swarm view.
 type topicLearner struct {
-	table *growingTable
+	table *mutableTable
 	learn Candidate
 }
 
 func (l topicLearner) FindProviders(context.Context, string, int) ([]peer.AddrInfo, error) {
-	l.table.mu.Lock()
-	defer l.table.mu.Unlock()
-	l.table.cs = append(l.table.cs, l.learn)
+	l.table.set(l.learn)
 	return nil, nil
 }
 
@@ -311,13 +303,10 @@ func (l topicLearner) FindProviders(context.Context, string, int) ([]peer.AddrIn
 // up takes the query, rather than the query failing UNSUPPORTED.
 func TestWorkerLearntDuringLookUpAnswers(t *testing.T) {
 	const proto = "/mtor/test/query"
-	live := testHost(t)
-	w := worker.New([]backend.Backend{demo.New("demo", demo.WithDelay(0))})
-	w.Refresh(context.Background())
-	live.SetStreamHandler(proto, w.HandleStream)
+	live := demoWorkerHost(t, proto, "demo")
 	h := testHost(t)
 	h.Peerstore().AddAddrs(live.ID(), live.Addrs(), time.Hour)
-	table := &growingTable{}
+	table := &mutableTable{}
 	learnt := cand(string(live.ID()), 0, 4, 100, 0, func(a *pb.Announce) { a.Models[0].Name = "demo" })
 	r := New(h, proto, table, WithProviders(topicLearner{table, learnt}))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
