@@ -96,6 +96,7 @@ const (
 	// refreshBefore renews a reservation this long before it expires.
 	refreshBefore = 2 * time.Minute
 	// Back-off after a refused or failed reservation: 1 s doubling to 10 s,
+	// each wait spread by up to half again (backoff),
 	// forgotten when the relay announces afresh (it restarted).
 	relayBackoffBase = time.Second
 	relayBackoffMax  = 10 * time.Second
@@ -139,9 +140,12 @@ type relayKeeper struct {
 	lost bool
 }
 
+// relayBackoff is the wait before a relay whose reservation failed is
+// tried again: spread, so that the volunteers of a restarted relay do not
+// all ask it again at the same moment.
 type relayBackoff struct {
 	until time.Time
-	fails int
+	wait  backoff
 }
 
 func newRelayKeeper(forced Reachability, announced []ma.Multiaddr, want int) *relayKeeper {
@@ -378,9 +382,13 @@ func (k *relayKeeper) reserve(ctx context.Context, ai peer.AddrInfo) (ok bool) {
 		if ctx.Err() != nil {
 			return false
 		}
-		b := k.backoff[ai.ID]
-		wait := min(relayBackoffBase<<min(b.fails, 5), relayBackoffMax)
-		k.backoff[ai.ID] = relayBackoff{until: time.Now().Add(wait), fails: b.fails + 1}
+		b, ok := k.backoff[ai.ID]
+		if !ok {
+			b.wait = backoff{floor: relayBackoffBase, ceil: relayBackoffMax}
+		}
+		wait := b.wait.next()
+		b.until = time.Now().Add(wait)
+		k.backoff[ai.ID] = b
 		relayLog.Infow("relay reservation failed", "relay", ai.ID, "retry_in", wait, "err", err.Error())
 		return false
 	}
