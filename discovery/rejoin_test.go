@@ -128,11 +128,21 @@ func (g *refuseOnce) InterceptAccept(network.ConnMultiaddrs) bool {
 // A repair whose first dial fails dials again: the member, connected a
 // moment before, would otherwise stay out (nothing else dials it back).
 // The member refuses the repair's first dial once.
+// On TCP and on QUIC.
 func TestRepairDialsAgain(t *testing.T) {
+	for _, tc := range []struct{ name, listen string }{
+		{"tcp", "/ip4/127.0.0.1/tcp/0"},
+		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testRepairDialsAgain(t, tc.listen) })
+	}
+}
+
+func testRepairDialsAgain(t *testing.T, listen string) {
 	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
-	h := newHostOn(t, []string{"/ip4/127.0.0.1/tcp/0"})
+	h := newHostOn(t, []string{listen})
 	g := &refuseOnce{}
-	b, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(g))
+	b, err := libp2p.New(libp2p.ListenAddrStrings(listen), libp2p.ConnectionGater(g))
 	if err != nil {
 		t.Fatal(err)
 	}
