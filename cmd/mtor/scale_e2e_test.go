@@ -110,3 +110,35 @@ func testWithoutSwarmView(t *testing.T, tr transport) {
 		t.Errorf("answered by %q once the first workers are gone, want the new worker %s", got.Peer, w4.value("peer"))
 	}
 }
+
+// A bridge without the swarm view, then a worker, and a query as soon as
+// the worker has started: the worker's provider record is put as soon as its DHT
+// has a peer (not at its next heartbeat, 10 s by default), and the
+// bridge's first look-up, which may come before the record, is tried
+// again while the model's topic is new to it. On TCP and on QUIC.
+func TestE2EFirstQueryRightAfterStart(t *testing.T) {
+	needBinary(t)
+	onEachTransport(t, func(t *testing.T, tr transport) {
+		dir := t.TempDir()
+		args := func(name string, extra ...string) []string {
+			// The default heartbeat: a provide that failed at start
+			// would wait for it.
+			return append([]string{"--data-dir", filepath.Join(dir, name), "--listen", tr.listen, "--api", "127.0.0.1:0", "--no-mdns"}, extra...)
+		}
+		boot := startNode(t, "bootstrap", args("boot", "--no-detect")...)
+		join := boot.value("join")
+		bridge := startNode(t, "bridge", args("bridge", "--no-detect", "--swarm-view=false", "--join", join)...)
+		w := startNode(t, "worker", args("worker", "--backend", "demo:model=fresh", "--join", join)...)
+		code, stdout, stderr := mtor(t, "query", "--api", bridge.value("api"), "--model", "fresh", "--json", "first words")
+		if code != 0 {
+			t.Fatalf("first query right after start: exit %d: %s", code, stderr)
+		}
+		var out queryOutput
+		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+			t.Fatalf("%v: %q", err, stdout)
+		}
+		if out.Peer != w.value("peer") {
+			t.Fatalf("answered by %q, want the worker %s", out.Peer, w.value("peer"))
+		}
+	})
+}
