@@ -180,7 +180,7 @@ func (d *Discovery) rejoin(p peer.ID) {
 		ctx, cancel := context.WithTimeout(d.ctx, d.cfg.dialTimeout)
 		err := d.h.Connect(ctx, peer.AddrInfo{ID: p, Addrs: addrs})
 		cancel()
-		if err == nil && d.h.Network().Connectedness(p) != network.Connected {
+		if err == nil && d.h.Network().Connectedness(p) == network.NotConnected {
 			// Connect waits for identify, which fails on a connection the
 			// peer closed right after its handshake: on QUIC the dialler's
 			// handshake completes before the listener refuses it.
