@@ -135,27 +135,7 @@ func modelOf(e Entry) string {
 // heartbeat publishes an announcement every interval until the test ends
 // or stop is called, as the node's announcer will.
 func heartbeat(t *testing.T, d *Discovery, model string, every time.Duration) (stop func()) {
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	stop = func() { cancel(); <-done }
-	t.Cleanup(stop)
-	go func() {
-		defer close(done)
-		tick := time.NewTicker(every)
-		defer tick.Stop()
-		for {
-			// A test may close d first (its peers are to see it leave).
-			if err := d.Publish(ctx, workerAnnounce(model)); err != nil && ctx.Err() == nil && d.ctx.Err() == nil {
-				t.Errorf("publish: %v", err)
-			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	return stop
+	return publishEvery(t, d, func() *pb.Announce { return workerAnnounce(model) }, every)
 }
 
 // Nodes that know only the first one: every node's table ends up holding

@@ -214,17 +214,20 @@ func TestWatchBounded(t *testing.T) {
 	}
 }
 
-// publishEvery publishes mk() every interval until the test ends.
-func publishEvery(t *testing.T, d *Discovery, mk func() *pb.Announce, every time.Duration) {
+// publishEvery publishes mk() every interval until the test ends or stop
+// is called.
+func publishEvery(t *testing.T, d *Discovery, mk func() *pb.Announce, every time.Duration) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	t.Cleanup(func() { cancel(); <-done })
+	stop = func() { cancel(); <-done }
+	t.Cleanup(stop)
 	go func() {
 		defer close(done)
 		tick := time.NewTicker(every)
 		defer tick.Stop()
 		for {
-			if err := d.Publish(ctx, mk()); err != nil && ctx.Err() == nil {
+			// A test may close d first (its peers are to see it leave).
+			if err := d.Publish(ctx, mk()); err != nil && ctx.Err() == nil && d.ctx.Err() == nil {
 				t.Errorf("publish: %v", err)
 			}
 			select {
@@ -234,6 +237,7 @@ func publishEvery(t *testing.T, d *Discovery, mk func() *pb.Announce, every time
 			}
 		}
 	}()
+	return stop
 }
 
 // The relay topic on real hosts: a node without the swarm view, joined
