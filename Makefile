@@ -70,9 +70,10 @@ bench: build
 SWARM_SIZES ?= 10,25,50
 SWARM_IDLE  ?= 20s
 SWARM_VIEW  ?= bootstrap
+SWARM_TRANSPORT ?= tcp
 bench-swarm:
 	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) MTOR_BENCH_SWARM_VIEW=$(SWARM_VIEW) \
-		$(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
+		MTOR_BENCH_SWARM_TRANSPORT=$(SWARM_TRANSPORT) $(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
 
 # The simulated swarm (mocknet, one process), one size after the other.
 SIM_NODES ?= 100,300,1000

@@ -22,7 +22,9 @@ import (
 // to being routable at every node with the swarm view, how long a
 // SIGKILLed one stays in rotation there, and the idle gossip, RSS and CPU
 // of the workers and of the bootstrap. MTOR_BENCH_SWARM_VIEW=all gives
-// every node the swarm view (the design before per-model topics). It
+// every node the swarm view (the design before per-model topics);
+// MTOR_BENCH_SWARM_TRANSPORT=quic or both runs the nodes on QUIC, or on
+// both as `mtor node` does by default (TCP alone otherwise). It
 // prints a table and asserts only that the views converged: the figures
 // are measured, never thresholds. Off unless MTOR_BENCH_SWARM names the
 // sizes, e.g. MTOR_BENCH_SWARM=10,25,50 (make bench-swarm).
@@ -56,15 +58,29 @@ func TestBenchSwarm(t *testing.T) {
 	default:
 		t.Fatalf("MTOR_BENCH_SWARM_VIEW: %q is neither bootstrap nor all", v)
 	}
+	// TCP by default, as the earlier figures were; a node started on the
+	// defaults listens on both and dials QUIC first.
+	tr := os.Getenv("MTOR_BENCH_SWARM_TRANSPORT")
+	var listen []string
+	switch tr {
+	case "", "tcp":
+		tr, listen = "tcp", []string{"/ip4/127.0.0.1/tcp/0"}
+	case "quic":
+		listen = []string{"/ip4/127.0.0.1/udp/0/quic-v1"}
+	case "both":
+		listen = []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"}
+	default:
+		t.Fatalf("MTOR_BENCH_SWARM_TRANSPORT: %q is not tcp, quic or both", tr)
+	}
 	var rows []swarmRow
 	for _, n := range sizes {
-		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, measureSwarm(t, n, idle, allView)) })
+		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, measureSwarm(t, n, idle, allView, listen)) })
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "\n| processes | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | idle CPU %% per worker p50 / max · bootstrap |\n")
-	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "\n| processes | transport | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | idle CPU %% per worker p50 / max · bootstrap |\n")
+	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		fmt.Fprintf(&b, "| %d | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.2f / %.2f · %.2f |\n", r.n, r.view,
+		fmt.Fprintf(&b, "| %d | %s | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.2f / %.2f · %.2f |\n", r.n, tr, r.view,
 			wholeMs(r.joinP50), wholeMs(r.joinMax), wholeMs(r.deathP50), wholeMs(r.deathMax), r.gossipBps, r.bootGossipBps,
 			r.rssP50, r.rssMax, r.bootRSS, r.cpuP50, r.cpuMax, r.bootCPU)
 	}
@@ -83,15 +99,19 @@ type swarmRow struct {
 
 // measureSwarm starts a bootstrap and n-1 demo workers, lets them idle, then
 // starts one more worker and kills it.
-func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool) swarmRow {
+func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool, listen []string) swarmRow {
 	dir := t.TempDir()
+	var listenArgs []string
+	for _, l := range listen {
+		listenArgs = append(listenArgs, "--listen", l)
+	}
 	// The default heartbeat, as a real swarm runs.
-	boot := startNode(t, "boot", "--data-dir", filepath.Join(dir, "boot"), "--listen", "/ip4/127.0.0.1/tcp/0",
-		"--api", "127.0.0.1:0", "--no-mdns", "--no-detect")
+	boot := startNode(t, "boot", append([]string{"--data-dir", filepath.Join(dir, "boot"),
+		"--api", "127.0.0.1:0", "--no-mdns", "--no-detect"}, listenArgs...)...)
 	join := boot.value("join")
 	worker := func(i int) []string {
-		return []string{"--data-dir", filepath.Join(dir, fmt.Sprintf("w%d", i)), "--listen", "/ip4/127.0.0.1/tcp/0",
-			"--api", "127.0.0.1:0", "--no-mdns", "--backend", "demo", "--join", join, "--swarm-view=" + strconv.FormatBool(allView)}
+		return append([]string{"--data-dir", filepath.Join(dir, fmt.Sprintf("w%d", i)),
+			"--api", "127.0.0.1:0", "--no-mdns", "--backend", "demo", "--join", join, "--swarm-view=" + strconv.FormatBool(allView)}, listenArgs...)
 	}
 	procs := []*proc{boot}
 	var mu sync.Mutex
