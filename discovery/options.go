@@ -8,6 +8,7 @@ import (
 
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 
@@ -112,6 +113,9 @@ type config struct {
 	redialEvery time.Duration
 
 	onTopicJoin func(peer.ID)
+	// suspect probes a connection whose peer's ping failed (see
+	// WithSuspect).
+	suspect func(network.Conn)
 	// memberProto is a protocol every node of the swarm serves; peers
 	// that speak it have their gossip link watched (rejoin.go).
 	memberProto libp2pproto.ID
@@ -279,6 +283,18 @@ func WithMaxEntries(n int) Option {
 func WithOnTopicPeerJoin(f func(peer.ID)) Option {
 	return func(c *config) error {
 		c.onTopicJoin = f
+		return nil
+	}
+}
+
+// WithSuspect calls f (which must not block) with each connection to a
+// table peer whose ping failed, for the node to probe and close if its
+// peer is gone (liveness.Checker.Suspect). A peer that vanished without a
+// reset, as a killed one on QUIC does, otherwise stays connected, and in
+// the table, until the connection's idle timeout (30 s on QUIC).
+func WithSuspect(f func(network.Conn)) Option {
+	return func(c *config) error {
+		c.suspect = f
 		return nil
 	}
 }

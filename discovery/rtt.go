@@ -48,6 +48,10 @@ func (d *Discovery) pingRound() {
 			defer func() { <-sem; wg.Done() }()
 			if rtt, relayed, ok := d.pingOnce(p); ok {
 				d.table.setRTT(p, rtt, relayed)
+			} else if d.cfg.suspect != nil && d.ctx.Err() == nil {
+				for _, c := range d.h.Network().ConnsToPeer(p) {
+					d.cfg.suspect(c)
+				}
 			}
 		}(e.Peer)
 	}

@@ -392,11 +392,15 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 	relays.hv.Store(h)
 	punches.attach(h)
+	// Before discovery: its failed pings hand connections to it.
+	live := liveness.New(h)
+	relays.probe = live.Suspect
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
 	led, err := ledger.Open(cfg.dataDir, h.ID(), cfg.ledgerOpts...)
 	if err != nil {
+		live.Close()
 		h.Close()
 		return nil, fmt.Errorf("open the ledger: %w", err)
 	}
@@ -414,6 +418,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		// handshake.
 		if err := cfg.members.Attach(n.ctx, h); err != nil {
 			n.cancel()
+			live.Close()
 			h.Close()
 			return nil, fmt.Errorf("membership: %w", err)
 		}
@@ -423,6 +428,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	reachSub, err := h.EventBus().Subscribe([]any{new(event.EvtLocalReachabilityChanged), new(event.EvtLocalAddressesUpdated)})
 	if err != nil {
 		n.cancel()
+		live.Close()
 		h.Close()
 		return nil, fmt.Errorf("subscribe to reachability events: %w", err)
 	}
@@ -440,6 +446,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 				a.refresh()
 			}
 		}),
+		discovery.WithSuspect(live.Suspect),
 	}, cfg.discoveryOpts...)
 	if cfg.members != nil {
 		dopts = append(dopts, discovery.WithMembers(cfg.members))
@@ -447,6 +454,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if n.disc, err = discovery.New(n.ctx, h, dopts...); err != nil {
 		n.cancel()
 		reachSub.Close()
+		live.Close()
 		h.Close()
 		return nil, fmt.Errorf("start discovery: %w", err)
 	}
@@ -455,6 +463,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 			n.cancel()
 			reachSub.Close()
 			n.disc.Close()
+			live.Close()
 			h.Close()
 			return nil, fmt.Errorf("membership: %w", err)
 		}
@@ -490,8 +499,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.worker.Refresh(ctx)
 	h.SetStreamHandler(qproto, n.membersOnly(n.worker.HandleStream))
 
-	n.live = liveness.New(h)
-	relays.probe = n.live.Suspect
+	n.live = live
 	// Countersigned receipts go to the ledger and back to their workers;
 	// the worker side takes those of answers it served.
 	returns := receiptback.NewSender(h, protocol.ReceiptProtocol(swarm))
@@ -520,6 +528,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if err != nil {
 		n.cancel()
 		n.disc.Close()
+		live.Close()
 		h.Close()
 		return nil, fmt.Errorf("watch addresses: %w", err)
 	}
