@@ -291,7 +291,9 @@ func WithOnTopicPeerJoin(f func(peer.ID)) Option {
 // table peer whose ping failed, for the node to probe and close if its
 // peer is gone (liveness.Checker.Suspect). A peer that vanished without a
 // reset, as a killed one on QUIC does, otherwise stays connected, and in
-// the table, until the connection's idle timeout (30 s on QUIC).
+// the table, until the connection's idle timeout (30 s on QUIC). When most
+// pings of a round of 4 or more fail, none is handed over: the fault is
+// then likely this node's own.
 func WithSuspect(f func(network.Conn)) Option {
 	return func(c *config) error {
 		c.suspect = f

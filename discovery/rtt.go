@@ -29,10 +29,19 @@ func (d *Discovery) pingLoop() {
 }
 
 // pingRound pings with bounded concurrency and waits for the round to end,
-// so rounds never overlap however slow the peers are.
+// so rounds never overlap however slow the peers are. The peers whose ping
+// failed then have their connections suspected (WithSuspect), unless most
+// of a round of several failed: the fault is then more likely ours (a
+// starved process, our network gone) than theirs, and closing live
+// connections would only make it worse.
 func (d *Discovery) pingRound() {
 	sem := make(chan struct{}, maxPingConcurrency)
-	var wg sync.WaitGroup
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		pinged int
+		failed []peer.ID
+	)
 	for _, e := range d.table.Snapshot() {
 		if e.Self || d.h.Network().Connectedness(e.Peer) != network.Connected {
 			continue
@@ -43,20 +52,37 @@ func (d *Discovery) pingRound() {
 			wg.Wait()
 			return
 		}
+		pinged++
 		wg.Add(1)
 		go func(p peer.ID) {
 			defer func() { <-sem; wg.Done() }()
 			if rtt, relayed, ok := d.pingOnce(p); ok {
 				d.table.setRTT(p, rtt, relayed)
-			} else if d.cfg.suspect != nil && d.ctx.Err() == nil {
-				for _, c := range d.h.Network().ConnsToPeer(p) {
-					d.cfg.suspect(c)
-				}
+				return
 			}
+			mu.Lock()
+			failed = append(failed, p)
+			mu.Unlock()
 		}(e.Peer)
 	}
 	wg.Wait()
+	if d.cfg.suspect == nil || len(failed) == 0 || d.ctx.Err() != nil {
+		return
+	}
+	if pinged >= minPingsToBlameUs && 2*len(failed) > pinged {
+		log.Infow("most pings of a round failed: not suspecting the peers' connections", "failed", len(failed), "pinged", pinged)
+		return
+	}
+	for _, p := range failed {
+		for _, c := range d.h.Network().ConnsToPeer(p) {
+			d.cfg.suspect(c)
+		}
+	}
 }
+
+// minPingsToBlameUs is the smallest round in which most pings failing
+// says more about us than about the peers.
+const minPingsToBlameUs = 4
 
 // pingOnce sends one ping and says whether it went through a relay: the
 // ping takes the connection queries take (libp2p's best: a direct one
