@@ -380,6 +380,16 @@ type ranking struct {
 	unusable []peer.ID
 }
 
+// rankFor ranks req's candidates: an error when the model's workers are
+// known but none announces every feature of need.
+func (r *Router) rankFor(req *pb.QueryRequest, need []string) (ranking, error) {
+	rk := r.rankNeed(req.GetModel(), req.GetType(), need)
+	if len(rk.ranked) == 0 && rk.lacking {
+		return rk, featureError(req.GetModel(), need)
+	}
+	return rk, nil
+}
+
 // rankNeed is rank among the candidates whose model announces every
 // feature of need.
 func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranking) {
@@ -673,9 +683,9 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	q := &query{req: req, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
 		continuable: (req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION) &&
 			!protocol.UsesTools(req) && req.GetResponseFormat().GetType() != "json_object" && req.GetResponseFormat().GetType() != "json_schema"}
-	rk := r.rankNeed(req.GetModel(), req.GetType(), need)
-	if len(rk.ranked) == 0 && rk.lacking {
-		return nil, featureError(req.GetModel(), need)
+	rk, err := r.rankFor(req, need)
+	if err != nil {
+		return nil, err
 	}
 	ranked, known, unreachable := rk.ranked, rk.known, rk.unreachable
 	switch {
@@ -693,9 +703,8 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 		if !fromDHT {
 			// The look-up may have waited while the model's topic
 			// brought its workers to the table.
-			rk = r.rankNeed(req.GetModel(), req.GetType(), need)
-			if len(rk.ranked) == 0 && rk.lacking {
-				return nil, featureError(req.GetModel(), need)
+			if rk, err = r.rankFor(req, need); err != nil {
+				return nil, err
 			}
 			ranked, known, unreachable = rk.ranked, rk.known, rk.unreachable
 		}
