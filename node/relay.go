@@ -382,8 +382,8 @@ func (k *relayKeeper) reserve(ctx context.Context, ai peer.AddrInfo) (ok bool) {
 		if ctx.Err() != nil {
 			return false
 		}
-		b, ok := k.backoff[ai.ID]
-		if !ok {
+		b, seen := k.backoff[ai.ID]
+		if !seen {
 			b.wait = backoff{floor: relayBackoffBase, ceil: relayBackoffMax}
 		}
 		wait := b.wait.next()
