@@ -374,7 +374,7 @@ func (d *Discovery) FindProviders(ctx context.Context, model string, limit int) 
 		}
 		select {
 		case <-ctx.Done():
-			return nil, nil
+			return nil, fmt.Errorf("find providers of %q: %w", model, ctx.Err())
 		case <-time.After(wait):
 		}
 		wait = min(2*wait, learnRetryMax)
