@@ -100,9 +100,10 @@ func TestRepairsBounded(t *testing.T) {
 }
 
 // refuseOnce is a connection gater that refuses the next inbound
-// connection, before its handshake, once armed; it lets every other
-// through. (Refused after the handshake, the dialler's connect would
-// succeed and the connection die a moment later.)
+// connection once armed, at accept; it lets every other through. On TCP
+// that is before the handshake, and the dial fails. On QUIC the dialler's
+// handshake is complete by then: its Connect succeeds and the connection
+// dies a moment later, which the repair must count as a failed dial.
 type refuseOnce struct {
 	armed   atomic.Bool
 	refused atomic.Int32
