@@ -203,7 +203,7 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		if err != nil {
 			return nil, fmt.Errorf("watch %s: %w", topicName, err)
 		}
-		d.goRun(func() { d.topicJoinLoop(d.ctx, topicName, th) })
+		d.goRun(func() { d.topicJoinLoop(d.ctx, topicName, th, th.Cancel) })
 	}
 
 	if d.sub != nil {

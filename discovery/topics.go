@@ -42,11 +42,14 @@ type modelTopic struct {
 	topic  *pubsub.Topic
 	own    bool
 	sub    *pubsub.Subscription
-	used   time.Time                 // last Watch
-	since  time.Time                 // subscribed (Watch)
-	dialed time.Time                 // last dialProviders started
-	events *pubsub.TopicEventHandler // peers joining, when onTopicJoin is set
-	cancel context.CancelFunc        // ends the loop reading events
+	used   time.Time // last Watch
+	since  time.Time // subscribed (Watch)
+	dialed time.Time // last dialProviders started
+	// stopEvents cancels the handler of peers joining (set when
+	// onTopicJoin is): both the topic's leave and its loop's end call it,
+	// and pubsub's Cancel is not safe to call twice at once.
+	stopEvents func()
+	cancel     context.CancelFunc // ends the loop reading events
 	// Relay topic only: a dial is running; the wait before the next.
 	dialing bool
 	wait    time.Duration
@@ -87,8 +90,8 @@ func (d *Discovery) leaveTopicLocked(model string, mt *modelTopic) {
 	if mt.cancel != nil {
 		mt.cancel()
 	}
-	if mt.events != nil {
-		mt.events.Cancel()
+	if mt.stopEvents != nil {
+		mt.stopEvents()
 	}
 	if err := mt.topic.Close(); err != nil {
 		log.Debugw("close model topic", "model", model, "err", err)
@@ -122,8 +125,9 @@ func (d *Discovery) modelTopicLocked(model string) (*modelTopic, error) {
 			_ = t.Close()
 			return nil, fmt.Errorf("watch %s: %w", name, err)
 		}
-		mt.events = th
-		d.goRun(func() { d.topicJoinLoop(ctx, name, th) })
+		stop := sync.OnceFunc(th.Cancel)
+		mt.stopEvents = stop
+		d.goRun(func() { d.topicJoinLoop(ctx, name, th, stop) })
 	}
 	d.topics.models[model] = mt
 	return mt, nil
@@ -449,11 +453,11 @@ const followerValue = 20
 
 // topicJoinLoop reports peers joining a topic until ctx ends, and tags
 // the connections of the topic's peers while they are in it.
-func (d *Discovery) topicJoinLoop(ctx context.Context, topic string, th *pubsub.TopicEventHandler) {
+func (d *Discovery) topicJoinLoop(ctx context.Context, topic string, th *pubsub.TopicEventHandler, stop func()) {
 	tag := "mtor-follower:" + topic
 	in := map[peer.ID]struct{}{}
 	defer func() {
-		th.Cancel()
+		stop()
 		for p := range in {
 			d.h.ConnManager().UntagPeer(p, tag)
 		}
