@@ -344,18 +344,25 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if cfg.members != nil && cfg.members.Swarm() != swarm {
 		return nil, fmt.Errorf("membership of swarm %q, but the node is in swarm %q", cfg.members.Swarm(), swarm)
 	}
+	// undo holds the cleanups of what New has started, run last first
+	// when it fails.
+	var undo []func()
+	ok := false
+	defer func() {
+		if ok {
+			return
+		}
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}()
 	var lock *os.File
 	if cfg.dataDir != "" {
 		if lock, err = lockDataDir(cfg.dataDir); err != nil {
 			return nil, err
 		}
+		undo = append(undo, func() { lock.Close() })
 	}
-	ok := false
-	defer func() {
-		if !ok && lock != nil {
-			lock.Close()
-		}
-	}()
 	if cfg.key == nil {
 		if cfg.dataDir == "" {
 			return nil, errors.New("no data dir and no identity given")
@@ -390,18 +397,18 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
+	undo = append(undo, func() { h.Close() })
 	relays.hv.Store(h)
 	punches.attach(h)
 	// Before discovery: its failed pings hand connections to it.
 	live := liveness.New(h)
+	undo = append(undo, live.Close)
 	relays.probe = live.Suspect
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
 	}
 	led, err := ledger.Open(cfg.dataDir, h.ID(), cfg.ledgerOpts...)
 	if err != nil {
-		live.Close()
-		h.Close()
 		return nil, fmt.Errorf("open the ledger: %w", err)
 	}
 	n := &Node{cfg: cfg, h: h, relays: relays, punch: punches, lock: lock, roles: roles, ledger: led}
@@ -410,6 +417,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
 	n.st.joining = len(n.joinPeers) > 0
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	undo = append(undo, n.cancel)
 	if cfg.members != nil {
 		cfg.members.OnNotice(func(warning bool, text string) {
 			n.notify(NoticeMembership, warning, "%s", text)
@@ -417,9 +425,6 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		// Before discovery dials anyone: every connection gets its
 		// handshake.
 		if err := cfg.members.Attach(n.ctx, h); err != nil {
-			n.cancel()
-			live.Close()
-			h.Close()
 			return nil, fmt.Errorf("membership: %w", err)
 		}
 	}
@@ -427,11 +432,9 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	// missed.
 	reachSub, err := h.EventBus().Subscribe([]any{new(event.EvtLocalReachabilityChanged), new(event.EvtLocalAddressesUpdated)})
 	if err != nil {
-		n.cancel()
-		live.Close()
-		h.Close()
 		return nil, fmt.Errorf("subscribe to reachability events: %w", err)
 	}
+	undo = append(undo, func() { reachSub.Close() })
 
 	dopts := append([]discovery.Option{
 		discovery.WithSwarm(swarm),
@@ -452,19 +455,11 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		dopts = append(dopts, discovery.WithMembers(cfg.members))
 	}
 	if n.disc, err = discovery.New(n.ctx, h, dopts...); err != nil {
-		n.cancel()
-		reachSub.Close()
-		live.Close()
-		h.Close()
 		return nil, fmt.Errorf("start discovery: %w", err)
 	}
+	undo = append(undo, func() { n.disc.Close() })
 	if cfg.members != nil {
 		if err := cfg.members.StartGossip(n.ctx, n.disc.PubSub()); err != nil {
-			n.cancel()
-			reachSub.Close()
-			n.disc.Close()
-			live.Close()
-			h.Close()
 			return nil, fmt.Errorf("membership: %w", err)
 		}
 	}
@@ -526,10 +521,6 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	relays.onChange = ann.changed
 	addrSub, err := h.EventBus().Subscribe(new(event.EvtLocalAddressesUpdated), eventbus.Name("mtor/node addrs"))
 	if err != nil {
-		n.cancel()
-		n.disc.Close()
-		live.Close()
-		h.Close()
 		return nil, fmt.Errorf("watch addresses: %w", err)
 	}
 
