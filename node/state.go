@@ -15,6 +15,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
+	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/discovery"
@@ -423,11 +424,57 @@ func (n *Node) WaitJoined(ctx context.Context) error {
 // failure of discovery's own dial a moment ago must not hide why the peer
 // is unreachable.
 func (n *Node) dialJoinPeer(ctx context.Context, ai peer.AddrInfo) error {
-	if sw, ok := n.h.Network().(*swarm.Swarm); ok {
-		sw.Backoff().Clear(ai.ID)
+	connect := func() error {
+		if sw, ok := n.h.Network().(*swarm.Swarm); ok {
+			sw.Backoff().Clear(ai.ID)
+		}
+		return n.h.Connect(ctx, ai)
 	}
-	return n.h.Connect(ctx, ai)
+	err := connect()
+	if errors.Is(err, swarm.ErrDialBackoff) {
+		// Discovery dials its join peers too, and its dial failed
+		// between our clearing and our dial.
+		err = connect()
+	}
+	if err != nil {
+		return err
+	}
+	// Connect waits for identify, which fails on a connection the peer
+	// closed right after its handshake: on QUIC the dialler's handshake
+	// completes before the listener may refuse it. That is no join.
+	// Connect may have returned on discovery's connection, before that
+	// one's identify ended.
+	if ids, ok := n.h.(interface{ IDService() identify.IDService }); ok {
+		for _, c := range n.h.Network().ConnsToPeer(ai.ID) {
+			select {
+			case <-ids.IDService().IdentifyWait(c):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	// A connection closing may not say so yet; a failed identify leaves
+	// the peer's protocols unknown (unless a past connection learnt them).
+	if protos, _ := n.h.Peerstore().GetProtocols(ai.ID); len(protos) == 0 || !hasOpenConn(n.h.Network(), ai.ID) {
+		return errClosedAtOnce
+	}
+	return nil
 }
+
+// hasOpenConn says whether some connection to p is still open: a closed
+// one may not have left the swarm's list yet.
+func hasOpenConn(nw network.Network, p peer.ID) bool {
+	for _, c := range nw.ConnsToPeer(p) {
+		if !c.IsClosed() {
+			return true
+		}
+	}
+	return false
+}
+
+// errClosedAtOnce is a dial whose connection the peer closed before it
+// could be used: it refused us after the handshake.
+var errClosedAtOnce = errors.New("the peer closed the connection right after the handshake")
 
 // joinAddr is a join peer as people wrote it: its first address.
 func joinAddr(ai peer.AddrInfo) string {
@@ -449,16 +496,34 @@ func dialCause(err error, timeout time.Duration) string {
 		return "no route to host"
 	case errors.Is(err, swarm.ErrDialBackoff):
 		return "a dial failed moments ago (backing off)"
+	case errors.Is(err, errClosedAtOnce):
+		return "the peer closed the connection right after the handshake (" + refusedWhy + ")"
 	}
 	s := err.Error()
 	if strings.Contains(s, "peer id mismatch") {
 		return "a different peer answers at that address (is the join token stale?)"
 	}
 	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		s = s[:i]
+		first, rest := s[:i], s[i+1:]
+		s = first
+		// libp2p's first line then says only that every address
+		// failed; the first address's own cause says why.
+		if strings.HasSuffix(first, "all dials failed") {
+			line, _, _ := strings.Cut(rest, "\n")
+			line = strings.TrimPrefix(strings.TrimSpace(line), "* ")
+			if _, cause, ok := strings.Cut(line, "] "); ok && strings.HasPrefix(line, "[") && cause != "" {
+				s = cause
+			}
+		}
+	}
+	if strings.Contains(s, "failed to negotiate security protocol") && (strings.HasSuffix(s, "EOF") || strings.HasSuffix(s, "connection reset by peer")) {
+		return "the peer closed the connection during the handshake (" + refusedWhy + ")"
 	}
 	return strings.TrimSpace(s)
 }
+
+// refusedWhy is what a peer that closes our connections at once likely is.
+const refusedWhy = "it refuses this node: a closed swarm that does not admit it, or its connection limits"
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
