@@ -2,7 +2,6 @@ package discovery
 
 import (
 	"context"
-	"errors"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/event"
@@ -56,10 +55,6 @@ const (
 	// kept the views' gossipsub waiting for minutes.
 	maxRepairs = 8
 )
-
-// errClosedAtOnce is a dial whose connection the peer closed before it
-// could be used.
-var errClosedAtOnce = errors.New("connection closed right after the dial")
 
 // rejoinLoop repairs broken gossip links until the discovery closes.
 func (d *Discovery) rejoinLoop() {
@@ -178,14 +173,8 @@ func (d *Discovery) rejoin(p peer.ID) {
 			}
 		}
 		ctx, cancel := context.WithTimeout(d.ctx, d.cfg.dialTimeout)
-		err := d.h.Connect(ctx, peer.AddrInfo{ID: p, Addrs: addrs})
+		err := Connect(ctx, d.h, peer.AddrInfo{ID: p, Addrs: addrs})
 		cancel()
-		if err == nil && d.h.Network().Connectedness(p) == network.NotConnected {
-			// Connect waits for identify, which fails on a connection the
-			// peer closed right after its handshake: on QUIC the dialler's
-			// handshake completes before the listener refuses it.
-			err = errClosedAtOnce
-		}
 		if err == nil || d.ctx.Err() != nil {
 			return
 		}

@@ -15,7 +15,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
-	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/discovery"
@@ -428,7 +427,7 @@ func (n *Node) dialJoinPeer(ctx context.Context, ai peer.AddrInfo) error {
 		if sw, ok := n.h.Network().(*swarm.Swarm); ok {
 			sw.Backoff().Clear(ai.ID)
 		}
-		return n.h.Connect(ctx, ai)
+		return discovery.Connect(ctx, n.h, ai)
 	}
 	err := connect()
 	if errors.Is(err, swarm.ErrDialBackoff) {
@@ -436,45 +435,8 @@ func (n *Node) dialJoinPeer(ctx context.Context, ai peer.AddrInfo) error {
 		// between our clearing and our dial.
 		err = connect()
 	}
-	if err != nil {
-		return err
-	}
-	// Connect waits for identify, which fails on a connection the peer
-	// closed right after its handshake: on QUIC the dialler's handshake
-	// completes before the listener may refuse it. That is no join.
-	// Connect may have returned on discovery's connection, before that
-	// one's identify ended.
-	if ids, ok := n.h.(interface{ IDService() identify.IDService }); ok {
-		for _, c := range n.h.Network().ConnsToPeer(ai.ID) {
-			select {
-			case <-ids.IDService().IdentifyWait(c):
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
-	}
-	// A connection closing may not say so yet; a failed identify leaves
-	// the peer's protocols unknown (unless a past connection learnt them).
-	if protos, _ := n.h.Peerstore().GetProtocols(ai.ID); len(protos) == 0 || !hasOpenConn(n.h.Network(), ai.ID) {
-		return errClosedAtOnce
-	}
-	return nil
+	return err
 }
-
-// hasOpenConn says whether some connection to p is still open: a closed
-// one may not have left the swarm's list yet.
-func hasOpenConn(nw network.Network, p peer.ID) bool {
-	for _, c := range nw.ConnsToPeer(p) {
-		if !c.IsClosed() {
-			return true
-		}
-	}
-	return false
-}
-
-// errClosedAtOnce is a dial whose connection the peer closed before it
-// could be used: it refused us after the handshake.
-var errClosedAtOnce = errors.New("the peer closed the connection right after the handshake")
 
 // joinAddr is a join peer as people wrote it: its first address.
 func joinAddr(ai peer.AddrInfo) string {
@@ -496,7 +458,7 @@ func dialCause(err error, timeout time.Duration) string {
 		return "no route to host"
 	case errors.Is(err, swarm.ErrDialBackoff):
 		return "a dial failed moments ago (backing off)"
-	case errors.Is(err, errClosedAtOnce):
+	case errors.Is(err, discovery.ErrClosedAtOnce):
 		return "the peer closed the connection right after the handshake (" + refusedWhy + ")"
 	}
 	s := err.Error()

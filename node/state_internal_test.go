@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/protocol"
 )
 
@@ -57,7 +58,7 @@ func TestDialCause(t *testing.T) {
 		{errors.New("failed to dial: failed to dial 12D3KooWHny: all dials failed\n  * [/ip4/127.0.0.1/tcp/43279] dial tcp4 127.0.0.1:43279: i/o timeout\n  * [/ip4/10.0.0.1/tcp/4001] other"), "dial tcp4 127.0.0.1:43279: i/o timeout"},
 		{errors.New("failed to dial: failed to dial 12D3KooWHny: all dials failed\n  * [/ip4/127.0.0.1/tcp/43279] failed to negotiate security protocol: EOF"), "the peer closed the connection during the handshake (" + refusedWhy + ")"},
 		{errors.New("failed to dial: failed to dial 12D3KooWHny: all dials failed\n  * [/ip4/127.0.0.1/tcp/37179] failed to negotiate security protocol: read tcp4 127.0.0.1:44593->127.0.0.1:37179: read: connection reset by peer"), "the peer closed the connection during the handshake (" + refusedWhy + ")"},
-		{errClosedAtOnce, "the peer closed the connection right after the handshake (" + refusedWhy + ")"},
+		{discovery.ErrClosedAtOnce, "the peer closed the connection right after the handshake (" + refusedWhy + ")"},
 	} {
 		if got := dialCause(tc.err, 5*time.Second); got != tc.want {
 			t.Errorf("%v: %q, want %q", tc.err, got, tc.want)
