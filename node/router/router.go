@@ -834,11 +834,12 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	if q.failures == 0 && q.busy > 0 {
 		return nil, protocol.Errorf(protocol.CodeBusy, "swarm busy: %d capable peer(s) tried, all busy or shutting down", q.busy)
 	}
-	if fromDHT {
+	if fromDHT && q.onlyUnreachable() {
 		// Provider records outlive their workers by up to 48 h: nobody
-		// announcing the model and no provider answering means nobody
-		// serves it.
-		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s (%d provider record(s) in the DHT, none answered)", req.GetModel(), protocol.TypeName(req.GetType()), q.attempts)
+		// announcing the model and no provider reachable means nobody
+		// serves it. A provider reached that then failed (silent over a
+		// lossy link, died, busy) does serve it: that is UNAVAILABLE.
+		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s (%d provider record(s) in the DHT, none reachable)", req.GetModel(), protocol.TypeName(req.GetType()), q.attempts)
 	}
 	if q.peerFailures() == 0 && lastErr != nil {
 		// Only backends failed (or a continuation found no taker): the
@@ -1129,6 +1130,17 @@ func (q *query) summary() string {
 		return "no worker could answer"
 	}
 	return strings.Join(parts, ", ")
+}
+
+// onlyUnreachable says whether every failure the query met was a worker
+// that could not be reached.
+func (q *query) onlyUnreachable() bool {
+	for k, c := range q.kinds {
+		if failKind(k) != failUnreachable && c > 0 {
+			return false
+		}
+	}
+	return q.busy == 0
 }
 
 func (q *query) peerFailures() int {

@@ -359,3 +359,49 @@ func TestWorkerReportedErrorsDoNotTripThePeer(t *testing.T) {
 		t.Fatalf("peer view %+v: a worker's own errors tripped the peer", v)
 	}
 }
+
+// fixedProviders answers every look-up with the same provider records.
+type fixedProviders []peer.AddrInfo
+
+func (f fixedProviders) FindProviders(context.Context, string, int) ([]peer.AddrInfo, error) {
+	return f, nil
+}
+
+// A query whose only candidates come from provider records fails
+// UNSUPPORTED when no provider could be reached (the records outlived
+// their workers), but UNAVAILABLE, retryable, when a provider was reached
+// and failed it: it serves the model. Before, both were UNSUPPORTED, and a
+// worker too slow to accept over a lossy link read as a model nobody has.
+func TestProviderFailureCodes(t *testing.T) {
+	const proto = "/mtor/test/query"
+	frozen := testHost(t)
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
+	frozen.SetStreamHandler(proto, func(s network.Stream) { <-hold; s.Reset() })
+	gone := testHost(t)
+	goneInfo := peer.AddrInfo{ID: gone.ID(), Addrs: gone.Addrs()}
+	if err := gone.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		providers fixedProviders
+		code      pb.ErrorCode
+		says      string
+	}{
+		{"record of a dead worker", fixedProviders{goneInfo}, protocol.CodeUnsupported, "none reachable"},
+		{"a frozen worker", fixedProviders{{ID: frozen.ID(), Addrs: frozen.Addrs()}}, protocol.CodeUnavailable, "did not answer"},
+		{"both", fixedProviders{goneInfo, {ID: frozen.ID(), Addrs: frozen.Addrs()}}, protocol.CodeUnavailable, "did not answer"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := New(testHost(t), proto, staticTable{}, WithProviders(tc.providers), WithAcceptTimeout(300*time.Millisecond))
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "anyone?"}, func(*pb.Event) error { return nil })
+			pe := protocol.AsError(err)
+			if pe == nil || pe.Code != tc.code || !strings.Contains(pe.Message, tc.says) {
+				t.Fatalf("err = %v, want %v saying %q", err, tc.code, tc.says)
+			}
+		})
+	}
+}
