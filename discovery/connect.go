@@ -12,7 +12,7 @@ import (
 
 // ErrClosedAtOnce is a dial whose connection the peer closed before it
 // could be used: it refused us after the handshake.
-var ErrClosedAtOnce = errors.New("the peer closed the connection right after the handshake")
+var ErrClosedAtOnce = errors.New("the connection closed right after the handshake")
 
 // Connect dials ai like host.Connect, and fails with ErrClosedAtOnce
 // where the connection it got is no use. host.Connect waits for

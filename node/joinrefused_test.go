@@ -36,8 +36,8 @@ func TestJoinPeerThatRefusesIsNoJoin(t *testing.T) {
 	for _, tc := range []struct {
 		name, listen, want string
 	}{
-		{"tcp", "/ip4/127.0.0.1/tcp/0", "closed the connection during the handshake"},
-		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1", "closed the connection right after the handshake"},
+		{"tcp", "/ip4/127.0.0.1/tcp/0", "connection closed during the handshake"},
+		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1", "connection closed right after the handshake"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			jh, err := libp2p.New(libp2p.ListenAddrStrings(tc.listen), libp2p.ConnectionGater(refuseAll{}))

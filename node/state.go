@@ -459,7 +459,7 @@ func dialCause(err error, timeout time.Duration) string {
 	case errors.Is(err, swarm.ErrDialBackoff):
 		return "a dial failed moments ago (backing off)"
 	case errors.Is(err, discovery.ErrClosedAtOnce):
-		return "the peer closed the connection right after the handshake (" + refusedWhy + ")"
+		return "the connection closed right after the handshake (" + refusedWhy + ")"
 	}
 	s := err.Error()
 	if strings.Contains(s, "peer id mismatch") {
@@ -479,13 +479,13 @@ func dialCause(err error, timeout time.Duration) string {
 		}
 	}
 	if strings.Contains(s, "failed to negotiate security protocol") && (strings.HasSuffix(s, "EOF") || strings.HasSuffix(s, "connection reset by peer")) {
-		return "the peer closed the connection during the handshake (" + refusedWhy + ")"
+		return "the connection closed during the handshake (" + refusedWhy + ")"
 	}
 	return strings.TrimSpace(s)
 }
 
 // refusedWhy is what a peer that closes our connections at once likely is.
-const refusedWhy = "it refuses this node: a closed swarm that does not admit it, or its connection limits"
+const refusedWhy = "likely refused: a closed swarm that does not admit this node, the peer's connection limits, or a firewall"
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)

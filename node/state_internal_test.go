@@ -56,9 +56,9 @@ func TestDialCause(t *testing.T) {
 		{errors.New("failed to negotiate security protocol: peer id mismatch: expected A, but remote key matches B"), "a different peer answers at that address (is the join token stale?)"},
 		{errors.New("first line\nsecond line"), "first line"},
 		{errors.New("failed to dial: failed to dial 12D3KooWHny: all dials failed\n  * [/ip4/127.0.0.1/tcp/43279] dial tcp4 127.0.0.1:43279: i/o timeout\n  * [/ip4/10.0.0.1/tcp/4001] other"), "dial tcp4 127.0.0.1:43279: i/o timeout"},
-		{errors.New("failed to dial: failed to dial 12D3KooWHny: all dials failed\n  * [/ip4/127.0.0.1/tcp/43279] failed to negotiate security protocol: EOF"), "the peer closed the connection during the handshake (" + refusedWhy + ")"},
-		{errors.New("failed to dial: failed to dial 12D3KooWHny: all dials failed\n  * [/ip4/127.0.0.1/tcp/37179] failed to negotiate security protocol: read tcp4 127.0.0.1:44593->127.0.0.1:37179: read: connection reset by peer"), "the peer closed the connection during the handshake (" + refusedWhy + ")"},
-		{discovery.ErrClosedAtOnce, "the peer closed the connection right after the handshake (" + refusedWhy + ")"},
+		{errors.New("failed to dial: failed to dial 12D3KooWHny: all dials failed\n  * [/ip4/127.0.0.1/tcp/43279] failed to negotiate security protocol: EOF"), "the connection closed during the handshake (" + refusedWhy + ")"},
+		{errors.New("failed to dial: failed to dial 12D3KooWHny: all dials failed\n  * [/ip4/127.0.0.1/tcp/37179] failed to negotiate security protocol: read tcp4 127.0.0.1:44593->127.0.0.1:37179: read: connection reset by peer"), "the connection closed during the handshake (" + refusedWhy + ")"},
+		{discovery.ErrClosedAtOnce, "the connection closed right after the handshake (" + refusedWhy + ")"},
 	} {
 		if got := dialCause(tc.err, 5*time.Second); got != tc.want {
 			t.Errorf("%v: %q, want %q", tc.err, got, tc.want)
