@@ -1454,6 +1454,15 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		r.connectAround(dctx, p, avoid)
 	}
 	s, err := r.h.NewStream(network.WithAllowLimitedConn(octx, "mtor-query"), p, r.proto)
+	if err != nil && ctx.Err() == nil && octx.Err() == nil && errors.Is(err, swarm.ErrDialBackoff) {
+		// Another dial to p (discovery's, over a lossy link) failed
+		// moments ago. The query dials for itself: peers that keep
+		// failing are the health tracker's to avoid, not the back-off's.
+		if sw, ok := r.h.Network().(*swarm.Swarm); ok {
+			sw.Backoff().Clear(p)
+		}
+		s, err = r.h.NewStream(network.WithAllowLimitedConn(octx, "mtor-query"), p, r.proto)
+	}
 	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
 		// The addresses we had did not work, and there are others now.
 		s, err = r.h.NewStream(network.WithAllowLimitedConn(dctx, "mtor-query"), p, r.proto)

@@ -4,14 +4,17 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
@@ -403,5 +406,48 @@ func TestProviderFailureCodes(t *testing.T) {
 				t.Fatalf("err = %v, want %v saying %q", err, tc.code, tc.says)
 			}
 		})
+	}
+}
+
+// refuseFirst refuses the first inbound connection at accept.
+type refuseFirst struct{ refused atomic.Bool }
+
+func (*refuseFirst) InterceptPeerDial(peer.ID) bool               { return true }
+func (*refuseFirst) InterceptAddrDial(peer.ID, ma.Multiaddr) bool { return true }
+func (g *refuseFirst) InterceptAccept(network.ConnMultiaddrs) bool {
+	return !g.refused.CompareAndSwap(false, true)
+}
+func (*refuseFirst) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
+	return true
+}
+func (*refuseFirst) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
+	return true, 0
+}
+
+// A dial that failed moments before (discovery's, over a lossy link) puts
+// the worker in the swarm's dial back-off; a query dials for itself
+// rather than fail on it "could not be reached".
+func TestQueryDialsDespiteAnotherDialsBackoff(t *testing.T) {
+	const proto = "/mtor/test/query"
+	g := &refuseFirst{}
+	wh := testHostOn(t, "/ip4/127.0.0.1/tcp/0", libp2p.ConnectionGater(g))
+	w := worker.New([]backend.Backend{demo.New("demo", demo.WithDelay(0))})
+	w.Refresh(context.Background())
+	wh.SetStreamHandler(proto, w.HandleStream)
+	h := testHost(t)
+	ai := peer.AddrInfo{ID: wh.ID(), Addrs: wh.Addrs()}
+	if err := h.Connect(context.Background(), ai); err == nil {
+		t.Fatal("the first dial got through the refusing gater")
+	}
+	h.Peerstore().AddAddrs(wh.ID(), wh.Addrs(), time.Hour)
+	r := New(h, proto, staticTable{cand(string(wh.ID()), 0, 4, 100, 0, func(a *pb.Announce) { a.Models[0].Name = "demo" })})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatalf("query right after another dial failed: %v", err)
+	}
+	if res.Peer != wh.ID() || res.Attempts != 1 {
+		t.Fatalf("answered by %s after %d attempts, want the worker at the first", res.Peer, res.Attempts)
 	}
 }
