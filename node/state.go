@@ -484,7 +484,7 @@ func dialCause(err error, timeout time.Duration) string {
 	return strings.TrimSpace(s)
 }
 
-// refusedWhy is what a peer that closes our connections at once likely is.
+// refusedWhy says why a connection closed at once likely did.
 const refusedWhy = "likely refused: a closed swarm that does not admit this node, the peer's connection limits, or a firewall"
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
