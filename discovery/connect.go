@@ -7,6 +7,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 )
 
@@ -19,9 +20,19 @@ var ErrClosedAtOnce = errors.New("the connection closed right after the handshak
 // identify, which fails on a connection the peer closed right after its
 // handshake: on QUIC the dialler's handshake completes before the
 // listener may refuse it (a gater, connection limits), and Connect
-// returns nil. A relayed connection counts as open.
+// returns nil. A relayed connection counts as open. A dial that meets
+// the swarm's dial back-off (a dial to the peer failed moments ago: ours,
+// or another part of the node's) clears it and dials once more: whoever
+// calls Connect waits and backs off itself.
 func Connect(ctx context.Context, h host.Host, ai peer.AddrInfo) error {
-	if err := h.Connect(ctx, ai); err != nil {
+	err := h.Connect(ctx, ai)
+	if errors.Is(err, swarm.ErrDialBackoff) {
+		if sw, ok := h.Network().(*swarm.Swarm); ok {
+			sw.Backoff().Clear(ai.ID)
+		}
+		err = h.Connect(ctx, ai)
+	}
+	if err != nil {
 		return err
 	}
 	// Connect may have returned on a connection another dial opened,

@@ -8,7 +8,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
-	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 )
 
 // Gossip repair. A peer that restarts (same peer ID, new process) while we
@@ -162,15 +161,8 @@ func (d *Discovery) rejoin(p peer.ID) {
 			return
 		case <-time.After(pause):
 		}
-		if try > 1 {
-			if d.h.Network().Connectedness(p) == network.Connected {
-				return // it dialled us meanwhile
-			}
-			// The failed dial put p in the swarm's dial back-off,
-			// which would fail this one at once.
-			if sw, ok := d.h.Network().(*swarm.Swarm); ok {
-				sw.Backoff().Clear(p)
-			}
+		if try > 1 && d.h.Network().Connectedness(p) == network.Connected {
+			return // it dialled us meanwhile
 		}
 		ctx, cancel := context.WithTimeout(d.ctx, d.cfg.dialTimeout)
 		err := Connect(ctx, d.h, peer.AddrInfo{ID: p, Addrs: addrs})

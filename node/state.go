@@ -300,6 +300,9 @@ func (n *Node) joinLoop(boot []peer.AddrInfo) {
 }
 
 // dialJoin dials every join peer at once; nil when at least one answered.
+// discovery.Connect clears the back-off that discovery's own failed dial
+// to the same peer a moment ago left, so it does not hide why the peer is
+// unreachable.
 func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
 	ctx, cancel := context.WithTimeout(ctx, n.cfg.joinTimeout)
 	defer cancel()
@@ -311,7 +314,7 @@ func (n *Node) dialJoin(ctx context.Context, boot []peer.AddrInfo) error {
 	)
 	for _, ai := range boot {
 		wg.Go(func() {
-			err := n.dialJoinPeer(ctx, ai)
+			err := discovery.Connect(ctx, n.h, ai)
 			mu.Lock()
 			defer mu.Unlock()
 			if err == nil {
@@ -388,7 +391,7 @@ func (n *Node) redialJoinPeers(lost map[peer.ID]*redial, now time.Time) {
 			defer r.busy.Store(false)
 			ctx, cancel := context.WithTimeout(n.ctx, n.cfg.joinTimeout)
 			defer cancel()
-			if err := n.dialJoinPeer(ctx, ai); err != nil {
+			if err := discovery.Connect(ctx, n.h, ai); err != nil {
 				log.Debugw("join peer still unreachable", "peer", ai.ID, "err", dialCause(err, n.cfg.joinTimeout))
 				return
 			}
@@ -417,25 +420,6 @@ func (n *Node) WaitJoined(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-}
-
-// dialJoinPeer dials one join peer. Our callers back off themselves; a
-// failure of discovery's own dial a moment ago must not hide why the peer
-// is unreachable.
-func (n *Node) dialJoinPeer(ctx context.Context, ai peer.AddrInfo) error {
-	connect := func() error {
-		if sw, ok := n.h.Network().(*swarm.Swarm); ok {
-			sw.Backoff().Clear(ai.ID)
-		}
-		return discovery.Connect(ctx, n.h, ai)
-	}
-	err := connect()
-	if errors.Is(err, swarm.ErrDialBackoff) {
-		// Discovery dials its join peers too, and its dial failed
-		// between our clearing and our dial.
-		err = connect()
-	}
-	return err
 }
 
 // joinAddr is a join peer as people wrote it: its first address.
