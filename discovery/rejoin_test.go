@@ -3,16 +3,15 @@ package discovery
 import (
 	"context"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
-	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
-	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/discovery/hostiletest"
 )
 
 // At most maxRepairs gossip-link repairs run at once; the other broken
@@ -99,33 +98,6 @@ func TestRepairsBounded(t *testing.T) {
 	}
 }
 
-// refuseOnce is a connection gater that refuses the next inbound
-// connection once armed, at accept; it lets every other through. On TCP
-// that is before the handshake, and the dial fails. On QUIC the dialler's
-// handshake is complete by then: its Connect succeeds and the connection
-// dies a moment later, which the repair must count as a failed dial.
-type refuseOnce struct {
-	armed   atomic.Bool
-	refused atomic.Int32
-}
-
-func (g *refuseOnce) InterceptPeerDial(peer.ID) bool               { return true }
-func (g *refuseOnce) InterceptAddrDial(peer.ID, ma.Multiaddr) bool { return true }
-func (g *refuseOnce) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
-	return true
-}
-func (g *refuseOnce) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
-	return true, 0
-}
-
-func (g *refuseOnce) InterceptAccept(network.ConnMultiaddrs) bool {
-	if g.armed.CompareAndSwap(true, false) {
-		g.refused.Add(1)
-		return false
-	}
-	return true
-}
-
 // A repair whose first dial fails dials again: the member, connected a
 // moment before, would otherwise stay out (nothing else dials it back).
 // The member refuses the repair's first dial once.
@@ -142,7 +114,7 @@ func TestRepairDialsAgain(t *testing.T) {
 func testRepairDialsAgain(t *testing.T, listen string) {
 	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
 	h := newHostOn(t, []string{listen})
-	g := &refuseOnce{}
+	g := &hostiletest.Refuser{}
 	b, err := libp2p.New(libp2p.ListenAddrStrings(listen), libp2p.ConnectionGater(g))
 	if err != nil {
 		t.Fatal(err)
@@ -153,7 +125,7 @@ func testRepairDialsAgain(t *testing.T, listen string) {
 	// refused.
 	closed := make(chan struct{}, 1)
 	b.Network().Notify(&network.NotifyBundle{DisconnectedF: func(network.Network, network.Conn) {
-		g.armed.Store(true)
+		g.Refuse(1)
 		select {
 		case closed <- struct{}{}:
 		default:
@@ -172,9 +144,9 @@ func testRepairDialsAgain(t *testing.T, listen string) {
 		t.Fatal("no repair within a minute")
 	}
 	deadline := time.Now().Add(15 * time.Second)
-	for h.Network().Connectedness(b.ID()) != network.Connected || g.refused.Load() == 0 {
+	for h.Network().Connectedness(b.ID()) != network.Connected || g.Refused() == 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("not connected again 15 s after the repair (dials refused: %d)", g.refused.Load())
+			t.Fatalf("not connected again 15 s after the repair (dials refused: %d)", g.Refused())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -8,26 +8,9 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p"
-	"github.com/libp2p/go-libp2p/core/control"
-	"github.com/libp2p/go-libp2p/core/network"
-	"github.com/libp2p/go-libp2p/core/peer"
-	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/discovery/hostiletest"
 )
-
-// refuseAll is the connection gater of a join peer that accepts nobody,
-// as a closed swarm's does for a revoked member. It refuses at accept:
-// on TCP before the handshake, on QUIC after the dialler's is complete.
-type refuseAll struct{}
-
-func (refuseAll) InterceptPeerDial(peer.ID) bool               { return true }
-func (refuseAll) InterceptAddrDial(peer.ID, ma.Multiaddr) bool { return true }
-func (refuseAll) InterceptAccept(network.ConnMultiaddrs) bool  { return false }
-func (refuseAll) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
-	return true
-}
-func (refuseAll) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
-	return true, 0
-}
 
 // A join peer that refuses the node is no join, on TCP and on QUIC. On
 // QUIC the node's Connect succeeds and the connection dies a moment
@@ -40,7 +23,11 @@ func TestJoinPeerThatRefusesIsNoJoin(t *testing.T) {
 		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1", "connection closed right after the handshake"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			jh, err := libp2p.New(libp2p.ListenAddrStrings(tc.listen), libp2p.ConnectionGater(refuseAll{}))
+			// A join peer that accepts nobody, as a closed swarm's does
+			// for a revoked member.
+			g := &hostiletest.Refuser{}
+			g.Refuse(-1)
+			jh, err := libp2p.New(libp2p.ListenAddrStrings(tc.listen), libp2p.ConnectionGater(g))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -4,18 +4,16 @@ import (
 	"context"
 	"errors"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
-	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
-	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/discovery/hostiletest"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/health"
@@ -409,27 +407,13 @@ func TestProviderFailureCodes(t *testing.T) {
 	}
 }
 
-// refuseFirst refuses the first inbound connection at accept.
-type refuseFirst struct{ refused atomic.Bool }
-
-func (*refuseFirst) InterceptPeerDial(peer.ID) bool               { return true }
-func (*refuseFirst) InterceptAddrDial(peer.ID, ma.Multiaddr) bool { return true }
-func (g *refuseFirst) InterceptAccept(network.ConnMultiaddrs) bool {
-	return !g.refused.CompareAndSwap(false, true)
-}
-func (*refuseFirst) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
-	return true
-}
-func (*refuseFirst) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
-	return true, 0
-}
-
 // A dial that failed moments before (discovery's, over a lossy link) puts
 // the worker in the swarm's dial back-off; a query dials for itself
 // rather than fail on it "could not be reached".
 func TestQueryDialsDespiteAnotherDialsBackoff(t *testing.T) {
 	const proto = "/mtor/test/query"
-	g := &refuseFirst{}
+	g := &hostiletest.Refuser{}
+	g.Refuse(1)
 	wh := testHostOn(t, "/ip4/127.0.0.1/tcp/0", libp2p.ConnectionGater(g))
 	w := worker.New([]backend.Backend{demo.New("demo", demo.WithDelay(0))})
 	w.Refresh(context.Background())
