@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mtor-swarm/mtor/node/api"
 )
@@ -34,6 +37,10 @@ func TestBenchSwarm(t *testing.T) {
 		t.Skip("set MTOR_BENCH_SWARM=10,25,50 (make bench-swarm) to run the swarm benchmark")
 	}
 	needBinary(t)
+	// The nodes run an installed copy; e2eBin is this package's, and
+	// this benchmark never runs in parallel.
+	defer func(built string) { e2eBin = built }(e2eBin)
+	e2eBin = installedCopy(t, e2eBin, t.TempDir())
 	var sizes []int
 	for _, f := range strings.Split(spec, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
@@ -77,12 +84,12 @@ func TestBenchSwarm(t *testing.T) {
 		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, measureSwarm(t, n, idle, allView, listen)) })
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "\n| processes | transport | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | idle CPU %% per worker p50 / max · bootstrap |\n")
-	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "\n| processes | transport | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | worker RssAnon · RssFile p50, MB | idle CPU %% per worker p50 / max · bootstrap |\n")
+	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		fmt.Fprintf(&b, "| %d | %s | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.2f / %.2f · %.2f |\n", r.n, tr, r.view,
+		fmt.Fprintf(&b, "| %d | %s | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.1f · %.1f | %.2f / %.2f · %.2f |\n", r.n, tr, r.view,
 			wholeMs(r.joinP50), wholeMs(r.joinMax), wholeMs(r.deathP50), wholeMs(r.deathMax), r.gossipBps, r.bootGossipBps,
-			r.rssP50, r.rssMax, r.bootRSS, r.cpuP50, r.cpuMax, r.bootCPU)
+			r.rssP50, r.rssMax, r.bootRSS, r.anonP50, r.fileP50, r.cpuP50, r.cpuMax, r.bootCPU)
 	}
 	t.Log(b.String())
 }
@@ -93,6 +100,7 @@ type swarmRow struct {
 	joinP50, joinMax, deathP50, deathMax time.Duration
 	gossipBps                            float64 // per worker, bytes in + out per second
 	rssP50, rssMax                       float64 // MB, of the workers
+	anonP50, fileP50                     float64 // MB, the workers' RssAnon and RssFile
 	cpuP50, cpuMax                       float64 // % of one core, of the workers
 	bootGossipBps, bootRSS, bootCPU      float64 // the bootstrap's
 }
@@ -164,9 +172,14 @@ func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool, listen 
 	var rowGossip float64
 	cpu := make([]float64, len(procs))
 	rss := make([]float64, len(procs))
+	var anon, file []float64 // the workers' RssAnon and RssFile
 	for i, p := range procs {
 		cpu[i] = 100 * float64(c1[i]-c0[i]) / clockTicks / window
-		rss[i] = vmRSSMB(t, p.cmd.Process.Pid)
+		rss[i] = statusMB(t, p.cmd.Process.Pid, "VmRSS")
+		if i > 0 {
+			anon = append(anon, statusMB(t, p.cmd.Process.Pid, "RssAnon"))
+			file = append(file, statusMB(t, p.cmd.Process.Pid, "RssFile"))
+		}
 		if i > 0 {
 			rowGossip += float64(g1[i]-g0[i]) / window
 		}
@@ -197,8 +210,11 @@ func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool, listen 
 	slices.Sort(rss)
 	r.cpuP50, r.cpuMax = cpu[len(cpu)/2], cpu[len(cpu)-1]
 	r.rssP50, r.rssMax = rss[len(rss)/2], rss[len(rss)-1]
-	t.Logf("n=%d (swarm view: %s): join p50 %s max %s; death p50 %s max %s; gossip %.0f B/worker/s, %.0f at the bootstrap; worker RSS p50 %.1f MB max %.1f, bootstrap %.1f; worker CPU p50 %.2f%% max %.2f%%, bootstrap %.2f%%",
-		n, r.view, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.bootGossipBps, r.rssP50, r.rssMax, r.bootRSS, r.cpuP50, r.cpuMax, r.bootCPU)
+	slices.Sort(anon)
+	slices.Sort(file)
+	r.anonP50, r.fileP50 = anon[len(anon)/2], file[len(file)/2]
+	t.Logf("n=%d (swarm view: %s): join p50 %s max %s; death p50 %s max %s; gossip %.0f B/worker/s, %.0f at the bootstrap; worker RSS p50 %.1f MB max %.1f (RssAnon %.1f, RssFile %.1f), bootstrap %.1f; worker CPU p50 %.2f%% max %.2f%%, bootstrap %.2f%%",
+		n, r.view, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.bootGossipBps, r.rssP50, r.rssMax, r.anonP50, r.fileP50, r.bootRSS, r.cpuP50, r.cpuMax, r.bootCPU)
 	return r
 }
 
@@ -313,24 +329,60 @@ func cpuTicks(t *testing.T, procs []*proc) []uint64 {
 	return out
 }
 
-// vmRSSMB is the process's resident set from /proc/PID/status, in MB.
-func vmRSSMB(t *testing.T, pid int) float64 {
+// statusMB is a field of /proc/PID/status in kB (VmRSS, RssAnon,
+// RssFile), in MB.
+func statusMB(t *testing.T, pid int, field string) float64 {
 	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
 			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
 			if err != nil {
-				t.Fatalf("VmRSS %q: %v", v, err)
+				t.Fatalf("%s %q: %v", field, v, err)
 			}
 			return kb / 1024
 		}
 	}
-	t.Fatalf("/proc/%d/status has no VmRSS", pid)
+	t.Fatalf("/proc/%d/status has no %s", pid, field)
 	return 0
+}
+
+// installedCopy copies the binary into dir with ordinary writes, as an
+// installer or a download does, and drops the copy's pages from the page
+// cache, so the nodes fault them in from disk as after a reboot. The
+// binary the linker wrote is a poor stand-in for RSS: the linker writes
+// through a memory map, and on kernels with large page-cache folios
+// (6.18 here) every page of such a file a process maps is resident at
+// once: 31 MB of RssFile for a lone worker against 24 MB for a copy.
+func installedCopy(t *testing.T, src, dir string) string {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	dst := filepath.Join(dir, "mtor")
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	// Not io.Copy: between two files it may share extents or splice
+	// pages rather than write them.
+	if _, err := io.CopyBuffer(struct{ io.Writer }{out}, struct{ io.Reader }{in}, make([]byte, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// Clean pages only leave the cache: hence the Sync above.
+	if err := unix.Fadvise(int(out.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		t.Fatal(err)
+	}
+	return dst
 }
 
 // wholeMs is d in whole milliseconds, for the swarm table.
