@@ -97,10 +97,17 @@ func startNode(t *testing.T, name string, args ...string) *proc {
 // startNodeIn is startNode run through prefix, e.g. `ip netns exec NS`.
 func startNodeIn(t *testing.T, name string, prefix []string, args ...string) *proc {
 	t.Helper()
+	return startNodeLogged(t, name, prefix, "error", args...)
+}
+
+// startNodeLogged is startNodeIn with the node's log level (GOLOG_LOG_LEVEL)
+// logLevel, for tests whose rare failures need the nodes' own account.
+// MTOR_E2E_LOG_LEVEL overrides it.
+func startNodeLogged(t *testing.T, name string, prefix []string, logLevel string, args ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, name: name, values: map[string][]string{}, ready: make(chan struct{}), exited: make(chan struct{})}
 	argv := append(append(slices.Clone(prefix), e2eBin, "node"), args...)
 	p.cmd = exec.Command(argv[0], argv[1:]...)
-	logLevel := "error"
 	if l := os.Getenv("MTOR_E2E_LOG_LEVEL"); l != "" {
 		logLevel = l // e.g. "error,mtor/router=debug", to see why a test fails
 	}
@@ -182,6 +189,18 @@ func (p *proc) output() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return "stdout:\n" + p.stdout.String() + "stderr:\n" + p.stderr.String()
+}
+
+// outputTail is output cut to its last n bytes of stderr, for a failure
+// message after a long run of a verbose node.
+func (p *proc) outputTail(n int) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e := p.stderr.String()
+	if len(e) > n {
+		e = "…" + e[len(e)-n:]
+	}
+	return "stdout:\n" + p.stdout.String() + "stderr:\n" + e
 }
 
 // stop sends sig and returns the exit code.

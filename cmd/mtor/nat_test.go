@@ -229,8 +229,16 @@ func (n *natNet) start(role, dir string, args ...string) *proc {
 	n.t.Helper()
 	base := []string{"--data-dir", dir, "--no-mdns", "--api", natAPI,
 		"--listen", "/ip4/0.0.0.0/tcp/" + natListenPort, "--listen", "/ip4/0.0.0.0/udp/" + natListenPort + "/quic-v1"}
-	return startNodeIn(n.t, role, n.prefix(role), append(base, args...)...)
+	return startNodeLogged(n.t, role, n.prefix(role), natLogLevel, append(base, args...)...)
 }
+
+// natLogLevel keeps what the nodes say of failed streams, relays, hole
+// punches and dead connections (none of it per token), for a failure
+// message: the suite's rare failures are otherwise unexplained.
+const natLogLevel = "error,mtor/router=debug,mtor/relay=debug,mtor/liveness=debug,mtor/node=info,mtor/worker=info"
+
+// natTail bounds each node's log in a failure message.
+const natTail = 16 << 10
 
 // get reads path of role's control API.
 func (n *natNet) get(role, path string, v any) error { return n.getAt(role, natAPI, path, v) }
@@ -553,7 +561,7 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 	ss := time.Now()
 	out, err := n.query(ctx, long+2*time.Minute, "-", prompt)
 	if err != nil || !strings.HasSuffix(strings.TrimSpace(out), prompt) {
-		t.Errorf("%s: long stream: %v (%d of %d bytes)", f.pair, err, len(out), len(prompt))
+		t.Errorf("%s: long stream: %v (%d of %d bytes)\nworker:\n%s\nclient:\n%s", f.pair, err, len(out), len(prompt), worker.outputTail(natTail), client.outputTail(natTail))
 		f.stream = "FAILED"
 	} else {
 		f.stream = fmt.Sprintf("%d KiB in %s, %s", len(out)>>10, time.Since(ss).Round(100*time.Millisecond), kind)
@@ -576,7 +584,7 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 			<-relays[kill].exited
 		})
 		if r.err != nil || !strings.HasSuffix(strings.TrimSpace(r.out), prompt) {
-			t.Errorf("%s: answer lost when relay %s was killed mid-stream: %v (%d of %d bytes)\nclient:\n%s", f.pair, kill, r.err, len(r.out), len(prompt), client.output())
+			t.Errorf("%s: answer lost when relay %s was killed mid-stream: %v (%d of %d bytes)\nworker:\n%s\nclient:\n%s", f.pair, kill, r.err, len(r.out), len(prompt), worker.outputTail(natTail), client.outputTail(natTail))
 			f.relayKill = "LOST"
 		} else {
 			k2, _ := n.path(wid)
@@ -603,7 +611,7 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 			n.cutDirect()
 		})
 		if r.err != nil || !strings.HasSuffix(strings.TrimSpace(r.out), prompt) {
-			t.Errorf("%s: answer lost when the direct path was cut mid-stream: %v (%d of %d bytes)\nclient:\n%s", f.pair, r.err, len(r.out), len(prompt), client.output())
+			t.Errorf("%s: answer lost when the direct path was cut mid-stream: %v (%d of %d bytes)\nworker:\n%s\nclient:\n%s", f.pair, r.err, len(r.out), len(prompt), worker.outputTail(natTail), client.outputTail(natTail))
 			f.relayKill = "direct path cut: LOST"
 		} else {
 			k2, _ := n.path(wid)
