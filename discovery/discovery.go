@@ -203,7 +203,8 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		if err != nil {
 			return nil, fmt.Errorf("watch %s: %w", topicName, err)
 		}
-		d.goRun(func() { d.topicJoinLoop(d.ctx, topicName, th, th.Cancel) })
+		// Every node with an announcer publishes on the swarm topic.
+		d.goRun(func() { d.topicJoinLoop(d.ctx, topicName, th, th.Cancel, func() bool { return true }) })
 	}
 
 	if d.sub != nil {

@@ -127,7 +127,16 @@ func (d *Discovery) modelTopicLocked(model string) (*modelTopic, error) {
 		}
 		stop := sync.OnceFunc(th.Cancel)
 		mt.stopEvents = stop
-		d.goRun(func() { d.topicJoinLoop(ctx, name, th, stop) })
+		// Joins count only while we publish here: the relay topic and
+		// the topics of models we route to are read by every node that
+		// reads them, and a refresh for each of their joins would make
+		// every join cost the whole swarm an announcement.
+		publishes := func() bool {
+			d.topics.mu.Lock()
+			defer d.topics.mu.Unlock()
+			return mt.own
+		}
+		d.goRun(func() { d.topicJoinLoop(ctx, name, th, stop, publishes) })
 	}
 	d.topics.models[model] = mt
 	return mt, nil
@@ -452,8 +461,10 @@ func (d *Discovery) closeTopics() {
 const followerValue = 20
 
 // topicJoinLoop reports peers joining a topic until ctx ends, and tags
-// the connections of the topic's peers while they are in it.
-func (d *Discovery) topicJoinLoop(ctx context.Context, topic string, th *pubsub.TopicEventHandler, stop func()) {
+// the connections of the topic's peers while they are in it: the
+// followers of our announcements, so only while publishes says that we
+// announce on the topic.
+func (d *Discovery) topicJoinLoop(ctx context.Context, topic string, th *pubsub.TopicEventHandler, stop func(), publishes func() bool) {
 	tag := "mtor-follower:" + topic
 	in := map[peer.ID]struct{}{}
 	defer func() {
@@ -469,6 +480,9 @@ func (d *Discovery) topicJoinLoop(ctx context.Context, topic string, th *pubsub.
 		}
 		switch ev.Type {
 		case pubsub.PeerJoin:
+			if !publishes() {
+				continue
+			}
 			if len(in) < maxFollowersTagged {
 				in[ev.Peer] = struct{}{}
 				d.h.ConnManager().TagPeer(ev.Peer, tag, followerValue)

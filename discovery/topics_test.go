@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -344,5 +345,61 @@ func TestWatchRelaysSpacing(t *testing.T) {
 	}
 	if relayTopic() != mt {
 		t.Fatal("the relay topic was joined again")
+	}
+}
+
+// A node refreshes its announcement, and tags followers, for the peers
+// joining a topic it publishes on (the swarm topic, its models' topics),
+// not for those joining a topic it only reads: the relay topic, which every
+// node behind NAT without the swarm view reads, or a model it routes to.
+// Otherwise each such join cost every other reader an announcement, and
+// one join the whole swarm's.
+func TestTopicJoinsOnlyWherePublished(t *testing.T) {
+	hb, hw, hr, hf := newHost(t), newHost(t), newHost(t), newHost(t)
+	boot := WithBootstrap([]peer.AddrInfo{info(hb)})
+	newDiscovery(t, hb) // with the swarm view: joins the swarm topic
+	var mu sync.Mutex
+	joined := map[peer.ID]int{}
+	w := newDiscovery(t, hw, boot, WithSwarmView(false), WithWatch("model-b"), WithOnTopicPeerJoin(func(p peer.ID) {
+		mu.Lock()
+		joined[p]++
+		mu.Unlock()
+	}))
+	heartbeat(t, w, "model-a", 300*time.Millisecond)
+	if err := w.WatchRelays(false); err != nil {
+		t.Fatal(err)
+	}
+	// A reader: of the relay topic and of model-b, both of which w reads.
+	r := newDiscovery(t, hr, boot, WithSwarmView(false), WithWatch("model-b"))
+	if err := r.WatchRelays(false); err != nil {
+		t.Fatal(err)
+	}
+	relayTopic, topicB := protocol.RelayTopic(testSwarm), protocol.ModelTopic(testSwarm, "model-b")
+	deadline := time.Now().Add(waitLimit)
+	for !slices.Contains(w.PubSub().ListPeers(relayTopic), hr.ID()) || !slices.Contains(w.PubSub().ListPeers(topicB), hr.ID()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the reader never joined the relay topic and model-b at the worker: %v, %v",
+				w.PubSub().ListPeers(relayTopic), w.PubSub().ListPeers(topicB))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Then a follower of model-a, which w publishes on: its join is
+	// reported, and so are those before it on the topics w publishes on.
+	newDiscovery(t, hf, boot, WithSwarmView(false), WithWatch("model-a"))
+	seen := func(p peer.ID) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return joined[p]
+	}
+	for seen(hf.ID()) == 0 || seen(hb.ID()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("joins reported %v, want the follower of model-a's and the bootstrap's (swarm topic)", joined)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The reader's joins came before the follower's; its events had time.
+	time.Sleep(300 * time.Millisecond)
+	if n := seen(hr.ID()); n != 0 {
+		t.Fatalf("the reader's joins of topics the worker only reads were reported %d times", n)
 	}
 }
