@@ -84,12 +84,12 @@ func TestBenchSwarm(t *testing.T) {
 		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, measureSwarm(t, n, idle, allView, listen)) })
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "\n| processes | transport | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | worker RssAnon · RssFile p50, MB | idle CPU %% per worker p50 / max · bootstrap |\n")
-	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "\n| processes | transport | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | worker RssAnon · RssFile p50, MB | worker connections p50 | idle CPU %% per worker p50 / max · bootstrap |\n")
+	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		fmt.Fprintf(&b, "| %d | %s | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.1f · %.1f | %.2f / %.2f · %.2f |\n", r.n, tr, r.view,
+		fmt.Fprintf(&b, "| %d | %s | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.1f · %.1f | %d | %.2f / %.2f · %.2f |\n", r.n, tr, r.view,
 			wholeMs(r.joinP50), wholeMs(r.joinMax), wholeMs(r.deathP50), wholeMs(r.deathMax), r.gossipBps, r.bootGossipBps,
-			r.rssP50, r.rssMax, r.bootRSS, r.anonP50, r.fileP50, r.cpuP50, r.cpuMax, r.bootCPU)
+			r.rssP50, r.rssMax, r.bootRSS, r.anonP50, r.fileP50, r.connsP50, r.cpuP50, r.cpuMax, r.bootCPU)
 	}
 	t.Log(b.String())
 }
@@ -101,6 +101,7 @@ type swarmRow struct {
 	gossipBps                            float64 // per worker, bytes in + out per second
 	rssP50, rssMax                       float64 // MB, of the workers
 	anonP50, fileP50                     float64 // MB, the workers' RssAnon and RssFile
+	connsP50                             int     // the workers' connections at the idle window's end
 	cpuP50, cpuMax                       float64 // % of one core, of the workers
 	bootGossipBps, bootRSS, bootCPU      float64 // the bootstrap's
 }
@@ -168,6 +169,7 @@ func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool, listen 
 	start := time.Now()
 	time.Sleep(idle)
 	g1, c1 := gossipBytes(t, clients), cpuTicks(t, procs)
+	conns := connectedPeers(t, clients[1:])
 	window := time.Since(start).Seconds()
 	var rowGossip float64
 	cpu := make([]float64, len(procs))
@@ -213,8 +215,10 @@ func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool, listen 
 	slices.Sort(anon)
 	slices.Sort(file)
 	r.anonP50, r.fileP50 = anon[len(anon)/2], file[len(file)/2]
-	t.Logf("n=%d (swarm view: %s): join p50 %s max %s; death p50 %s max %s; gossip %.0f B/worker/s, %.0f at the bootstrap; worker RSS p50 %.1f MB max %.1f (RssAnon %.1f, RssFile %.1f), bootstrap %.1f; worker CPU p50 %.2f%% max %.2f%%, bootstrap %.2f%%",
-		n, r.view, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.bootGossipBps, r.rssP50, r.rssMax, r.anonP50, r.fileP50, r.bootRSS, r.cpuP50, r.cpuMax, r.bootCPU)
+	slices.Sort(conns)
+	r.connsP50 = conns[len(conns)/2]
+	t.Logf("n=%d (swarm view: %s): join p50 %s max %s; death p50 %s max %s; gossip %.0f B/worker/s, %.0f at the bootstrap; worker RSS p50 %.1f MB max %.1f (RssAnon %.1f, RssFile %.1f), bootstrap %.1f; worker connections p50 %d; worker CPU p50 %.2f%% max %.2f%%, bootstrap %.2f%%",
+		n, r.view, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.bootGossipBps, r.rssP50, r.rssMax, r.anonP50, r.fileP50, r.bootRSS, r.connsP50, r.cpuP50, r.cpuMax, r.bootCPU)
 	return r
 }
 
@@ -300,6 +304,22 @@ func gossipBytes(t *testing.T, clients []*api.Client) []uint64 {
 			t.Fatalf("node %d: /v1/id without gossip figures: %v", i, err)
 		}
 		out[i] = id.Gossip.BytesIn + id.Gossip.BytesOut
+	}
+	return out
+}
+
+// connectedPeers reads each node's libp2p connections from /v1/id.
+func connectedPeers(t *testing.T, clients []*api.Client) []int {
+	t.Helper()
+	out := make([]int, len(clients))
+	for i, c := range clients {
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		id, err := c.ID(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("node %d: /v1/id: %v", i, err)
+		}
+		out[i] = id.ConnectedPeers
 	}
 	return out
 }
