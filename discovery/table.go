@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"iter"
 	"math"
+	"net/netip"
 	"slices"
 	"sync"
 	"time"
@@ -111,6 +112,17 @@ type tableLimits struct {
 	// clearly worse kept worker (replaceableLocked). Zero: no bound (a
 	// node with the swarm view holds every worker).
 	perModel int
+}
+
+// perIPBounded reports whether admitted peers at ip count against the
+// per-IP bound: not those of this machine (loopback), whose processes are
+// its operator's, as gossipsub's colocation penalty leaves them out too.
+func perIPBounded(ip string) bool {
+	if ip == "" {
+		return false
+	}
+	a, err := netip.ParseAddr(ip)
+	return err != nil || !a.IsLoopback()
 }
 
 func defaultLimits() tableLimits {
@@ -397,7 +409,7 @@ func (t *PeerTable) admitLocked(e Entry, rtt time.Duration) bool {
 			}
 			return false
 		}
-		if e.IP != "" && t.perIP[e.IP] >= t.lim.perIP {
+		if perIPBounded(e.IP) && t.perIP[e.IP] >= t.lim.perIP {
 			log.Debugw("too many peers from one IP; peer stays in quarantine", "peer", e.Peer, "ip", e.IP, "max", t.lim.perIP)
 			return false
 		}
@@ -413,7 +425,7 @@ func (t *PeerTable) admitLocked(e Entry, rtt time.Duration) bool {
 		t.removeLocked(replace, ReasonReplaced)
 	}
 	t.dropPendingLocked(e.Peer)
-	if e.IP != "" {
+	if perIPBounded(e.IP) {
 		t.perIP[e.IP]++
 	}
 	if !e.Self {
@@ -793,7 +805,7 @@ func (t *PeerTable) removeLocked(p peer.ID, reason string) bool {
 	if !e.Self {
 		countModels(t.perModel, e.Announce, -1)
 	}
-	if e.IP != "" {
+	if perIPBounded(e.IP) {
 		if t.perIP[e.IP]--; t.perIP[e.IP] <= 0 {
 			delete(t.perIP, e.IP)
 		}

@@ -395,3 +395,33 @@ func BenchmarkTableRead(b *testing.B) {
 		})
 	}
 }
+
+// The per-IP bound on admitted peers spares this machine's own processes
+// (a swarm on one host, a test harness), as gossipsub's colocation
+// penalty does; every other address, private ones included, is bounded.
+func TestPerIPBoundSparesLoopback(t *testing.T) {
+	for _, tc := range []struct {
+		ip   string
+		want int
+	}{
+		{"127.0.0.1", 5},
+		{"::1", 5},
+		{"10.9.9.9", 2},
+		{"203.0.113.7", 2},
+		{"2001:db8::1", 2},
+	} {
+		t.Run(tc.ip, func(t *testing.T) {
+			clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+			tab := newPeerTable(testPeerID(t), 100, clk.now)
+			tab.lim = tableLimits{pending: 10, perForwarder: 10, perIP: 2}
+			for range 5 {
+				p := testPeerID(t)
+				tab.offer(p, ann(1, time.Minute), clk.now(), origin{via: p, viaIP: "10.0.0.1"})
+				tab.prove(p, tc.ip)
+			}
+			if got := tab.Len(); got != tc.want {
+				t.Fatalf("%d of 5 peers at %s admitted, want %d", got, tc.ip, tc.want)
+			}
+		})
+	}
+}
