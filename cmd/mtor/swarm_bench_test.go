@@ -292,10 +292,10 @@ func workerCounts(t *testing.T, clients []*api.Client) []int {
 	return out
 }
 
-// gossipBytes reads each node's gossip bytes, in and out, from /v1/id.
-func gossipBytes(t *testing.T, clients []*api.Client) []uint64 {
+// readIDs reads each node's /v1/id, with its gossip figures.
+func readIDs(t *testing.T, clients []*api.Client) []*api.IDInfo {
 	t.Helper()
-	out := make([]uint64, len(clients))
+	out := make([]*api.IDInfo, len(clients))
 	for i, c := range clients {
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 		id, err := c.ID(ctx)
@@ -303,23 +303,27 @@ func gossipBytes(t *testing.T, clients []*api.Client) []uint64 {
 		if err != nil || id.Gossip == nil {
 			t.Fatalf("node %d: /v1/id without gossip figures: %v", i, err)
 		}
-		out[i] = id.Gossip.BytesIn + id.Gossip.BytesOut
+		out[i] = id
 	}
 	return out
 }
 
-// connectedPeers reads each node's libp2p connections from /v1/id.
+// gossipBytes is each node's gossip bytes, in and out.
+func gossipBytes(t *testing.T, clients []*api.Client) []uint64 {
+	t.Helper()
+	var out []uint64
+	for _, id := range readIDs(t, clients) {
+		out = append(out, id.Gossip.BytesIn+id.Gossip.BytesOut)
+	}
+	return out
+}
+
+// connectedPeers is each node's libp2p connections.
 func connectedPeers(t *testing.T, clients []*api.Client) []int {
 	t.Helper()
-	out := make([]int, len(clients))
-	for i, c := range clients {
-		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-		id, err := c.ID(ctx)
-		cancel()
-		if err != nil {
-			t.Fatalf("node %d: /v1/id: %v", i, err)
-		}
-		out[i] = id.ConnectedPeers
+	var out []int
+	for _, id := range readIDs(t, clients) {
+		out = append(out, id.ConnectedPeers)
 	}
 	return out
 }
