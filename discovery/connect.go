@@ -27,9 +27,7 @@ var ErrClosedAtOnce = errors.New("the connection closed right after the handshak
 func Connect(ctx context.Context, h host.Host, ai peer.AddrInfo) error {
 	err := h.Connect(ctx, ai)
 	if errors.Is(err, swarm.ErrDialBackoff) {
-		if sw, ok := h.Network().(*swarm.Swarm); ok {
-			sw.Backoff().Clear(ai.ID)
-		}
+		ClearDialBackoff(h, ai.ID)
 		err = h.Connect(ctx, ai)
 	}
 	if err != nil {
@@ -63,4 +61,13 @@ func hasOpenConn(nw network.Network, p peer.ID) bool {
 		}
 	}
 	return false
+}
+
+// ClearDialBackoff forgets the swarm's dial back-off for p: the failed
+// dial of another part of the node must not fail a dial that has its own
+// reason and its own pacing.
+func ClearDialBackoff(h host.Host, p peer.ID) {
+	if sw, ok := h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(p)
+	}
 }

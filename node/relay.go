@@ -16,7 +16,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/peerstore"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
-	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
 	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	ma "github.com/multiformats/go-multiaddr"
@@ -360,11 +359,9 @@ func (k *relayKeeper) reserve(ctx context.Context, ai peer.AddrInfo) (ok bool) {
 	defer cancel()
 	start := time.Now()
 	h.Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.TempAddrTTL)
-	if sw, ok := h.Network().(*swarm.Swarm); ok {
-		// A relay that just restarted must not wait out the dial back-off
-		// of our failed dials while it was down.
-		sw.Backoff().Clear(ai.ID)
-	}
+	// A relay that just restarted must not wait out the dial back-off of
+	// our failed dials while it was down.
+	discovery.ClearDialBackoff(h, ai.ID)
 	if !directlyConnected(h, ai.ID) {
 		// A relay refuses a reservation over a relayed connection, and
 		// a restarted relay may well have reached us through another

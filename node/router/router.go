@@ -487,9 +487,7 @@ func (r *Router) noteAddrsLocked(c Candidate, st *peerState) {
 	if !st.tracker.Available() {
 		st.tracker = health.New(r.trackerOpts...)
 	}
-	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
-		sw.Backoff().Clear(c.Peer)
-	}
+	r.clearBackoff(c.Peer)
 }
 
 // noteIncarnationLocked starts afresh with a peer that restarted: the
@@ -508,9 +506,7 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 	}
 	st.tracker = health.New(r.trackerOpts...)
 	st.ttft, st.service = 0, 0
-	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
-		sw.Backoff().Clear(c.Peer)
-	}
+	r.clearBackoff(c.Peer)
 	if r.checker != nil {
 		for _, conn := range r.h.Network().ConnsToPeer(c.Peer) {
 			r.checker.Suspect(conn)
@@ -1415,6 +1411,15 @@ func (r *Router) silenceBound(hb time.Duration) time.Duration {
 	return max(hb, minHeartbeat) * 5 / 2
 }
 
+// clearBackoff forgets the swarm's dial back-off for p, which a dial
+// that failed moments ago (ours or another part of the node's) left: the
+// router decides for itself when to try a peer again.
+func (r *Router) clearBackoff(p peer.ID) {
+	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
+		sw.Backoff().Clear(p)
+	}
+}
+
 // minHeartbeat is the shortest heartbeat interval the router takes from a
 // worker, so that a worker cannot make it spin.
 const minHeartbeat = 250 * time.Millisecond
@@ -1458,9 +1463,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		// Another dial to p (discovery's, over a lossy link) failed
 		// moments ago. The query dials for itself: peers that keep
 		// failing are the health tracker's to avoid, not the back-off's.
-		if sw, ok := r.h.Network().(*swarm.Swarm); ok {
-			sw.Backoff().Clear(p)
-		}
+		r.clearBackoff(p)
 		s, err = r.h.NewStream(network.WithAllowLimitedConn(octx, "mtor-query"), p, r.proto)
 	}
 	if err != nil && ctx.Err() == nil && dctx.Err() == nil && !errors.Is(err, network.ErrResourceLimitExceeded) && r.reresolve(dctx, p) {
@@ -1634,9 +1637,7 @@ func (r *Router) reresolve(ctx context.Context, p peer.ID) bool {
 		return false
 	}
 	r.h.Peerstore().AddAddrs(p, ai.Addrs, peerstore.TempAddrTTL)
-	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
-		sw.Backoff().Clear(p)
-	}
+	r.clearBackoff(p)
 	return true
 }
 
@@ -1830,9 +1831,7 @@ func (r *Router) connectAround(ctx context.Context, p, avoid peer.ID) {
 	if len(addrs) == 0 {
 		return
 	}
-	if sw, ok := r.h.Network().(*swarm.Swarm); ok {
-		sw.Backoff().Clear(p)
-	}
+	r.clearBackoff(p)
 	if err := r.h.Connect(ctx, peer.AddrInfo{ID: p, Addrs: addrs}); err != nil {
 		log.Debugw("connect around a broken relay", "peer", p, "relay", avoid, "err", err)
 	}
