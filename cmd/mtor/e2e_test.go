@@ -390,13 +390,7 @@ func testE2ESwarm(t *testing.T, tr transport) {
 
 	t.Run("query --join", func(t *testing.T) {
 		code, stdout, stderr := mtor(t, "query", "--join", join, "--listen", "/ip4/127.0.0.1/tcp/0", "--json", "from outside")
-		if code != 0 {
-			t.Fatalf("exit %d: %s", code, stderr)
-		}
-		var out queryOutput
-		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
-			t.Fatalf("%v: %q", err, stdout)
-		}
+		out := queryAnswer(t, "query", code, stdout, stderr)
 		if !workers[out.Peer] || !strings.Contains(out.Text, "You said: from outside") {
 			t.Fatalf("output %+v", out)
 		}
@@ -733,4 +727,18 @@ func testE2EKilledWorkerLosesNoQuery(t *testing.T, tr transport) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// queryAnswer is the answer of a `mtor query --json` that exited with
+// code; what names the query in a failure.
+func queryAnswer(t *testing.T, what string, code int, stdout, stderr string) queryOutput {
+	t.Helper()
+	if code != exitOK {
+		t.Fatalf("%s: exit %d: %s", what, code, stderr)
+	}
+	var out queryOutput
+	if err := json.Unmarshal([]byte(stdout), &out); err != nil {
+		t.Fatalf("%s: stdout is not one JSON object: %v: %q", what, err, stdout)
+	}
+	return out
 }

@@ -34,13 +34,7 @@ func testE2ELedger(t *testing.T, tr transport) {
 	waitWorkers(t, bootAPI, "demo", wID)
 
 	code, stdout, stderr := mtor(t, "query", "--api", bootAPI, "--json", "--model", "demo", "count my tokens")
-	if code != 0 {
-		t.Fatalf("query: exit %d: %s", code, stderr)
-	}
-	var out queryOutput
-	if err := json.Unmarshal([]byte(stdout), &out); err != nil {
-		t.Fatalf("query --json: %v: %s", err, stdout)
-	}
+	out := queryAnswer(t, "query", code, stdout, stderr)
 	var rc pb.Receipt
 	if err := proto.Unmarshal(out.Receipt, &rc); err != nil || len(out.Receipt) == 0 {
 		t.Fatalf("query --json has no receipt (%v): %s", err, stdout)

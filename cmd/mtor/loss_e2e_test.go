@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"os/exec"
 	"path/filepath"
@@ -84,13 +83,7 @@ func TestE2ELossyLink(t *testing.T) {
 			})
 
 			code, stdout, stderr := mtorIn(t, n.a, "query", "--api", bridge.value("api"), "--model", "demo", "--json", "first words")
-			if code != 0 {
-				t.Fatalf("first query right after the worker's start: exit %d: %s", code, stderr)
-			}
-			var out queryOutput
-			if err := json.Unmarshal([]byte(stdout), &out); err != nil {
-				t.Fatalf("%v: %q", err, stdout)
-			}
+			out := queryAnswer(t, "first query right after the worker's start", code, stdout, stderr)
 			if out.Peer != w.value("peer") {
 				t.Fatalf("answered by %q, want the worker %s", out.Peer, w.value("peer"))
 			}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"net"
 	"regexp"
 	"strings"
@@ -88,13 +87,7 @@ func TestQueryRestartAfterWorkerDeath(t *testing.T) {
 
 	t.Run("json", func(t *testing.T) {
 		code, stdout, stderr := runCLI(t, "query", "--api", addr, "--model", "demo", "--json", prompt)
-		if code != exitOK {
-			t.Fatalf("exit %d, stderr %q", code, stderr)
-		}
-		var out queryOutput
-		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
-			t.Fatalf("stdout is not one JSON object: %v: %q", err, stdout)
-		}
+		out := queryAnswer(t, "query", code, stdout, stderr)
 		if !demoAnswer.MatchString(out.Text) || !strings.HasSuffix(out.Text, "You said: "+prompt) || strings.Count(out.Text, "[demo") != 1 {
 			t.Fatalf("text %q, want only the complete answer", out.Text)
 		}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -65,13 +64,7 @@ func testWithoutSwarmView(t *testing.T, tr transport) {
 	query := func(prompt string) queryOutput {
 		t.Helper()
 		code, stdout, stderr := mtor(t, "query", "--api", bridge.value("api"), "--model", "alpha", "--json", prompt)
-		if code != 0 {
-			t.Fatalf("%s through a bridge without the swarm view: exit %d: %s", prompt, code, stderr)
-		}
-		var out queryOutput
-		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
-			t.Fatalf("%v: %q", err, stdout)
-		}
+		out := queryAnswer(t, fmt.Sprintf("%s through a bridge without the swarm view", prompt), code, stdout, stderr)
 		return out
 	}
 	out := query("first query")
@@ -130,13 +123,7 @@ func TestE2EFirstQueryRightAfterStart(t *testing.T) {
 		bridge := startNode(t, "bridge", args("bridge", "--no-detect", "--swarm-view=false", "--join", join)...)
 		w := startNode(t, "worker", args("worker", "--backend", "demo:model=fresh", "--join", join)...)
 		code, stdout, stderr := mtor(t, "query", "--api", bridge.value("api"), "--model", "fresh", "--json", "first words")
-		if code != 0 {
-			t.Fatalf("first query right after start: exit %d: %s", code, stderr)
-		}
-		var out queryOutput
-		if err := json.Unmarshal([]byte(stdout), &out); err != nil {
-			t.Fatalf("%v: %q", err, stdout)
-		}
+		out := queryAnswer(t, "first query right after start", code, stdout, stderr)
 		if out.Peer != w.value("peer") {
 			t.Fatalf("answered by %q, want the worker %s", out.Peer, w.value("peer"))
 		}
