@@ -29,7 +29,7 @@ const (
 	// wait here until a dial proves them (see PeerTable).
 	DefaultMaxPending      = 1024
 	DefaultMaxPerForwarder = 256 // quarantined peers delivered by one peer, or by peers of one IP
-	DefaultMaxPerIP        = 64  // admitted peers reached at one IP
+	DefaultMaxPerIP        = 64  // admitted peers reached at one IP, loopback excepted
 	// An author may announce once per DefaultAnnounceEvery on average,
 	// with bursts of DefaultAnnounceBurst: ten times what the announcer
 	// sends at its fastest (a 100 ms heartbeat plus changes).
@@ -303,7 +303,8 @@ func WithSuspect(f func(network.Conn)) Option {
 
 // WithQuarantineLimits bounds the peers known only from gossip: pending in
 // all, perForwarder per peer that delivered them (and per IP of such
-// peers); perIP bounds admitted peers reached at one IP address. Zero
+// peers); perIP bounds admitted peers reached at one IP address (not at
+// loopback: see perIPBounded). Zero
 // keeps a default.
 func WithQuarantineLimits(pending, perForwarder, perIP int) Option {
 	return func(c *config) error {
