@@ -304,8 +304,7 @@ func WithSuspect(f func(network.Conn)) Option {
 // WithQuarantineLimits bounds the peers known only from gossip: pending in
 // all, perForwarder per peer that delivered them (and per IP of such
 // peers); perIP bounds admitted peers reached at one IP address (not at
-// loopback: see perIPBounded). Zero
-// keeps a default.
+// loopback: see perIPBounded). Zero keeps a default.
 func WithQuarantineLimits(pending, perForwarder, perIP int) Option {
 	return func(c *config) error {
 		if pending < 0 || perForwarder < 0 || perIP < 0 {
