@@ -187,7 +187,15 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	}
 
 	if prefix := e.getenv("MTOR_CPUPROFILE"); prefix != "" {
-		stop, err := startCPUProfile(prefix)
+		var after time.Duration
+		if v := e.getenv("MTOR_CPUPROFILE_AFTER"); v != "" {
+			d, err := time.ParseDuration(v)
+			if err != nil || d < 0 {
+				return usagef("MTOR_CPUPROFILE_AFTER: %q is not a duration", v)
+			}
+			after = d
+		}
+		stop, err := startCPUProfile(prefix, after)
 		if err != nil {
 			return err
 		}

@@ -6,23 +6,57 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"strconv"
+	"sync"
+	"time"
 )
 
 // startCPUProfile profiles the node's CPU into PREFIX.PID until the
 // returned stop (the node's end): MTOR_CPUPROFILE=PREFIX, a hook for
-// profiling the processes `mtor bench` starts (docs/benchmarks.md).
-func startCPUProfile(prefix string) (stop func(), err error) {
+// profiling the processes `mtor bench` starts (docs/benchmarks.md). With
+// after > 0 (MTOR_CPUPROFILE_AFTER) the profile starts that long after,
+// so that it holds an idle node's steady state, not its start; a node
+// that stops sooner leaves no file.
+func startCPUProfile(prefix string, after time.Duration) (stop func(), err error) {
 	f, err := createProfile("MTOR_CPUPROFILE", prefix)
 	if err != nil {
 		return nil, err
 	}
-	if err := pprof.StartCPUProfile(f); err != nil {
+	var mu sync.Mutex
+	started, stopped := false, false
+	begin := func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return nil
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("MTOR_CPUPROFILE: %w", err)
+		}
+		started = true
+		return nil
+	}
+	var t *time.Timer
+	if after > 0 {
+		t = time.AfterFunc(after, func() { _ = begin() })
+	} else if err := begin(); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("MTOR_CPUPROFILE: %w", err)
+		_ = os.Remove(f.Name())
+		return nil, err
 	}
 	return func() {
-		pprof.StopCPUProfile()
+		if t != nil {
+			t.Stop()
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		stopped = true
+		if started {
+			pprof.StopCPUProfile()
+		}
 		_ = f.Close()
+		if !started {
+			_ = os.Remove(f.Name())
+		}
 	}, nil
 }
 
