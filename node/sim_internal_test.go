@@ -139,15 +139,26 @@ func TestSimSwarm(t *testing.T) {
 	default:
 		t.Fatalf("MTOR_SIM_SWARM_VIEW: %q is neither bootstraps nor all", v)
 	}
+	// The share of workers in DHT server mode. A real worker is a server
+	// only when AutoNAT finds it publicly reachable (ModeAutoServer): a
+	// volunteer behind NAT is a client, which no look-up visits.
+	servers := 1.0
+	if v := os.Getenv("MTOR_SIM_DHT_SERVERS"); v != "" {
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil || f < 0 || f > 1 {
+			t.Fatalf("MTOR_SIM_DHT_SERVERS: %q is not a share between 0 and 1", v)
+		}
+		servers = f
+	}
 	var rows []string
 	for _, f := range strings.Split(spec, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < simBootstraps+simModels || n > 5000 {
 			t.Fatalf("MTOR_SIM_NODES: %q is not a size between %d and 5000", f, simBootstraps+simModels)
 		}
-		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, runSim(t, n, idle, limit, allView)) })
+		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, runSim(t, n, idle, limit, allView, servers)) })
 	}
-	t.Log("\n| nodes | swarm view | views hold all workers after start | router's first query: answered / its model's workers held | gossip B/s (announcements/s) per worker · bootstrap · router | table entries / conns per worker · bootstrap · router | 10% killed: out everywhere | 10% joined: in every view | queries/s (c=8) | heap MB/node | process peak RSS |\n" +
+	t.Log("\n| nodes | swarm view · DHT servers | views hold all workers after start | router's first query: answered / its model's workers held | gossip B/s (announcements/s) per worker · bootstrap · router | table entries / conns per worker · bootstrap · router | 10% killed: out everywhere | 10% joined: in every view | queries/s (c=8) | heap MB/node | process peak RSS |\n" +
 		"|---|---|---|---|---|---|---|---|---|---|---|\n" + strings.Join(rows, "\n"))
 }
 
@@ -177,7 +188,7 @@ func (s *simNode) close() {
 	_ = s.h.Close()
 }
 
-func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string {
+func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool, servers float64) string {
 	mn := mocknet.New()
 	t.Cleanup(func() { _ = mn.Close() })
 	qproto := protocol.QueryProtocol(simSwarm)
@@ -243,7 +254,7 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string
 		// mends; a worker's announcements reach a swarm view only
 		// over a direct link.
 		d, err := discovery.New(ctx, h, discovery.WithSwarm(simSwarm), discovery.WithBootstrap(boots), discovery.WithMemberProtocol(qproto),
-			discovery.WithMDNS(false), discovery.WithDHTMode(dht.ModeServer),
+			discovery.WithMDNS(false), discovery.WithDHTMode(simDHTMode(role, i, servers)),
 			discovery.WithSwarmView(s.view),
 			// As mtor node: a pure worker does not read the catalogue.
 			discovery.WithCatalogReader(role != simWorker),
@@ -463,6 +474,7 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string
 	if allView {
 		mode = "all"
 	}
+	mode += fmt.Sprintf(" · %s", simServersLabel(servers))
 	row := fmt.Sprintf("| %d | %s | %s | %s | %s · %s · %s | %s · %s · %s | %s | %s | %s | %.2f | %s |", n, mode, converge,
 		routed,
 		perRole[simWorker], perRole[simBootstrap], perRole[simRouter],
@@ -470,6 +482,23 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool) string
 		deathIn, joinIn, qps, heapPerNode, peakRSS())
 	t.Log(row)
 	return row
+}
+
+// simDHTMode is the Kademlia mode of node i: the bootstraps and the
+// router are servers, and workers in the share servers of them, spread
+// evenly over the workers' numbers (the 10% that join included).
+func simDHTMode(role simRole, i int, servers float64) dht.ModeOpt {
+	if role != simWorker || int(float64(i+1)*servers) > int(float64(i)*servers) {
+		return dht.ModeServer
+	}
+	return dht.ModeClient
+}
+
+func simServersLabel(servers float64) string {
+	if servers == 1 {
+		return "all"
+	}
+	return fmt.Sprintf("%g%%", servers*100)
 }
 
 // simModel is the model a worker serves, from its own table entry.
@@ -646,4 +675,34 @@ func summary(xs []int) string {
 	s := slices.Clone(xs)
 	slices.Sort(s)
 	return fmt.Sprintf("min %d p50 %d max %d", s[0], s[len(s)/2], s[len(s)-1])
+}
+
+// TestSimDHTModeShare: MTOR_SIM_DHT_SERVERS's share of the workers are
+// DHT servers, spread over them; bootstraps and the router always are.
+func TestSimDHTModeShare(t *testing.T) {
+	for _, tc := range []struct {
+		share float64
+		want  int // servers among 1 000 workers
+	}{{0, 0}, {0.1, 100}, {0.25, 250}, {1, 1000}} {
+		got, run, longest := 0, 0, 0
+		for i := simBootstraps; i < simBootstraps+1000; i++ {
+			if simDHTMode(simWorker, i, tc.share) == dht.ModeServer {
+				got++
+				run = 0
+			} else if run++; run > longest {
+				longest = run
+			}
+		}
+		if got != tc.want {
+			t.Errorf("share %g: %d servers of 1000 workers, want %d", tc.share, got, tc.want)
+		}
+		if tc.share > 0 && float64(longest) > 1/tc.share {
+			t.Errorf("share %g: %d clients in a row, not spread", tc.share, longest)
+		}
+		for _, r := range []simRole{simBootstrap, simRouter} {
+			if simDHTMode(r, 0, tc.share) != dht.ModeServer {
+				t.Errorf("share %g: role %d is not a DHT server", tc.share, r)
+			}
+		}
+	}
 }
