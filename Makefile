@@ -82,9 +82,12 @@ SIM_VIEW  ?= bootstraps
 # The share of workers that are DHT servers (publicly reachable); the rest
 # are clients, as volunteers behind NAT are. 1: every worker a server.
 SIM_DHT_SERVERS ?= 0.1
+# Each wait for convergence gives up after this (1 000 nodes take 6-7 min
+# on 2 cores).
+SIM_LIMIT ?= 10m
 bench-sim:
 	MTOR_SIM_NODES=$(SIM_NODES) MTOR_SIM_IDLE=$(SIM_IDLE) MTOR_SIM_SWARM_VIEW=$(SIM_VIEW) \
-		MTOR_SIM_DHT_SERVERS=$(SIM_DHT_SERVERS) \
+		MTOR_SIM_DHT_SERVERS=$(SIM_DHT_SERVERS) MTOR_SIM_LIMIT=$(SIM_LIMIT) \
 		$(GO) test ./node -run '^TestSimSwarm$$' -count=1 -v -timeout 120m
 
 # Energy on an NVIDIA GPU: a local ~1B model behind the openai backend.
