@@ -64,8 +64,7 @@ func testWithoutSwarmView(t *testing.T, tr transport) {
 	query := func(prompt string) queryOutput {
 		t.Helper()
 		code, stdout, stderr := mtor(t, "query", "--api", bridge.value("api"), "--model", "alpha", "--json", prompt)
-		out := queryAnswer(t, fmt.Sprintf("%s through a bridge without the swarm view", prompt), code, stdout, stderr)
-		return out
+		return queryAnswer(t, fmt.Sprintf("%s through a bridge without the swarm view", prompt), code, stdout, stderr)
 	}
 	out := query("first query")
 	if out.Peer != w1.value("peer") && out.Peer != w2.value("peer") {
