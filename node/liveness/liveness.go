@@ -15,6 +15,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -181,6 +182,10 @@ func (c *Checker) Suspect(conn network.Conn) {
 		if err == nil || c.ctx.Err() != nil {
 			return
 		}
+		if refused(err) {
+			log.Debugw("probe refused, the connection stays", "peer", conn.RemotePeer(), "addr", addrString(conn.RemoteMultiaddr()), "err", err)
+			return
+		}
 		log.Debugw("closing a connection whose peer does not answer", "peer", conn.RemotePeer(), "addr", addrString(conn.RemoteMultiaddr()), "err", err)
 		c.mu.Lock()
 		now := time.Now()
@@ -194,6 +199,16 @@ func (c *Checker) Suspect(conn network.Conn) {
 		c.mu.Unlock()
 		_ = conn.Close()
 	}()
+}
+
+// refused reports whether a probe failed at a resource limit rather than
+// for want of an answer: the peer reset the stream (so it is alive on this
+// connection; libp2p lets a peer hold 2 inbound pings at once, and a hole
+// punch leaves several connections to probe together), or our own limit
+// kept the stream from opening. Neither says the connection is dead.
+func refused(err error) bool {
+	var se *network.StreamError
+	return (errors.As(err, &se) && se.Remote) || errors.Is(err, network.ErrResourceLimitExceeded)
 }
 
 // probeTimeout is the timeout, or less for a peer whose round trips are

@@ -2,6 +2,7 @@ package liveness
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -70,6 +71,36 @@ func TestSuspectKeepsLiveAndClosesDeadConnections(t *testing.T) {
 			}
 			if !c.Dead(conn) || c.Closed() != 1 {
 				t.Fatalf("dead = %v, closed = %d; want true, 1", c.Dead(conn), c.Closed())
+			}
+		})
+	}
+}
+
+// TestSuspectKeepsARefusingPeer, on both default transports: a peer that
+// resets the probe's stream at its resource limit (as libp2p does past 2
+// inbound pings from one peer) is alive on that connection, which stays.
+func TestSuspectKeepsARefusingPeer(t *testing.T) {
+	for _, listen := range []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"} {
+		t.Run(listen, func(t *testing.T) {
+			a, b := newHost(t, listen), newHost(t, listen)
+			b.SetStreamHandler(ping.ID, func(s network.Stream) { _ = s.ResetWithError(network.StreamResourceLimitExceeded) })
+			if err := a.Connect(t.Context(), peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
+				t.Fatal(err)
+			}
+			c := New(a, WithTimeout(500*time.Millisecond))
+			defer c.Close()
+			conn := onlyConn(t, a, b.ID())
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+			defer cancel()
+			err := Probe(ctx, conn)
+			var se *network.StreamError
+			if !errors.As(err, &se) || !se.Remote || se.ErrorCode != network.StreamResourceLimitExceeded {
+				t.Fatalf("probe of a refusing peer: %v; want its reset at the resource limit", err)
+			}
+			c.Suspect(conn)
+			time.Sleep(700 * time.Millisecond)
+			if conn.IsClosed() || c.Dead(conn) || c.Closed() != 0 {
+				t.Fatalf("a refusing peer's connection: closed %v, dead %v, closed count %d; want it kept", conn.IsClosed(), c.Dead(conn), c.Closed())
 			}
 		})
 	}
