@@ -11,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 )
 
@@ -147,5 +148,43 @@ func TestRestartedPeerClosesItsOldConnection(t *testing.T) {
 	}
 	if conns := a.Network().ConnsToPeer(newProc.ID()); len(conns) != 1 || conns[0] == old {
 		t.Fatalf("%d connections left, want the new process's one", len(conns))
+	}
+}
+
+// TestSuspectKeepsAConnectionOurLimitsBlock, on both default transports:
+// when our own resource manager refuses the probe's stream (too many
+// streams to that peer already), the peer has not failed to answer, and
+// its connection stays.
+func TestSuspectKeepsAConnectionOurLimitsBlock(t *testing.T) {
+	for _, listen := range []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"} {
+		t.Run(listen, func(t *testing.T) {
+			limits := rcmgr.PartialLimitConfig{PeerDefault: rcmgr.ResourceLimits{StreamsOutbound: rcmgr.BlockAllLimit}}
+			rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.Build(rcmgr.DefaultLimits.AutoScale())))
+			if err != nil {
+				t.Fatal(err)
+			}
+			a, err := libp2p.New(libp2p.ListenAddrStrings(listen), libp2p.ResourceManager(rm))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { a.Close() })
+			b := newHost(t, listen)
+			if err := a.Connect(t.Context(), peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
+				t.Fatal(err)
+			}
+			c := New(a, WithTimeout(500*time.Millisecond))
+			defer c.Close()
+			conn := onlyConn(t, a, b.ID())
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+			defer cancel()
+			if err := Probe(ctx, conn); !errors.Is(err, network.ErrResourceLimitExceeded) {
+				t.Fatalf("probe past our own stream limit: %v; want %v", err, network.ErrResourceLimitExceeded)
+			}
+			c.Suspect(conn)
+			time.Sleep(700 * time.Millisecond)
+			if conn.IsClosed() || c.Dead(conn) || c.Closed() != 0 {
+				t.Fatalf("a connection our limits block: closed %v, dead %v, closed count %d; want it kept", conn.IsClosed(), c.Dead(conn), c.Closed())
+			}
+		})
 	}
 }
