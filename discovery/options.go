@@ -36,8 +36,10 @@ const (
 	DefaultAnnounceEvery = 50 * time.Millisecond
 	DefaultAnnounceBurst = 40
 	// DefaultIPColocationThreshold is how many gossip peers one IP may
-	// have before gossipsub's P6 penalty starts (quadratic beyond).
-	DefaultIPColocationThreshold = 16
+	// have before gossipsub's P6 penalty starts (quadratic beyond): as
+	// many as the table admits, so that volunteers behind one campus or
+	// carrier NAT are not graylisted (at 16, 25 of them were).
+	DefaultIPColocationThreshold = DefaultMaxPerIP
 	// DefaultMaxPerModel is the per-model bound on workers kept by a node
 	// without the swarm view (see WithSwarmView).
 	DefaultMaxPerModel = 16
