@@ -39,6 +39,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"os"
@@ -82,10 +83,11 @@ const (
 
 // natNet is one topology: namespaces, links and NAT rules.
 type natNet struct {
-	t   *testing.T
-	id  int
-	ns  map[string]string // role -> namespace name
-	ips map[string]string // role -> its address
+	t     *testing.T
+	id    int
+	ns    map[string]string // role -> namespace name
+	ips   map[string]string // role -> its address
+	links int               // veth pairs made, for their names
 }
 
 const (
@@ -122,11 +124,26 @@ func (n *natNet) in(role string, args ...string) {
 // behind NAT b.
 func newNATNet(t *testing.T, a, b natKind) *natNet {
 	t.Helper()
-	n := &natNet{t: t, id: rand.IntN(90000) + 10000, ns: map[string]string{}, ips: map[string]string{
+	n := newNetns(t, map[string]string{
 		"boot": "11.0.0.1", "r1": "11.1.0.1", "r2": "11.2.0.1", "natA": "11.3.0.1", "natB": "11.4.0.1",
 		"worker": "10.1.0.2", "client": "10.2.0.2",
-	}}
-	roles := []string{"sw", "boot", "r1", "r2", "natA", "natB", "worker", "client"}
+	})
+	for _, r := range []string{"boot", "r1", "r2", "natA", "natB"} {
+		n.public(r)
+	}
+	n.lan("natA", "worker", "10.1.0")
+	n.lan("natB", "client", "10.2.0")
+	n.nat("natA", "worker", a)
+	n.nat("natB", "client", b)
+	return n
+}
+
+// newNetns creates a namespace for each role of ips, lo up in each, and
+// "sw", the public segment's bridge, which nothing links to the host.
+func newNetns(t *testing.T, ips map[string]string) *natNet {
+	t.Helper()
+	n := &natNet{t: t, id: rand.IntN(90000) + 10000, ns: map[string]string{}, ips: ips}
+	roles := append([]string{"sw"}, slices.Sorted(maps.Keys(ips))...)
 	for _, r := range roles {
 		n.ns[r] = fmt.Sprintf("mtor-nat-%d-%s", n.id, r)
 	}
@@ -147,33 +164,42 @@ func newNATNet(t *testing.T, a, b natKind) *natNet {
 	// The public segment: a bridge in "sw", one veth per public host.
 	n.in("sw", "ip", "link", "add", "br0", "type", "bridge")
 	n.in("sw", "ip", "link", "set", "br0", "up")
-	links := 0
-	link := func(a, ifa, b, ifb string) {
-		links++
-		tmpA, tmpB := fmt.Sprintf("m8%d%02da", n.id, links), fmt.Sprintf("m8%d%02db", n.id, links)
-		n.run("ip", "link", "add", tmpA, "type", "veth", "peer", "name", tmpB)
-		n.run("ip", "link", "set", tmpA, "netns", n.ns[a])
-		n.run("ip", "link", "set", tmpB, "netns", n.ns[b])
-		n.in(a, "ip", "link", "set", tmpA, "name", ifa)
-		n.in(b, "ip", "link", "set", tmpB, "name", ifb)
-		n.in(a, "ip", "link", "set", ifa, "up")
-		n.in(b, "ip", "link", "set", ifb, "up")
-	}
-	for _, r := range []string{"boot", "r1", "r2", "natA", "natB"} {
-		link(r, "wan", "sw", "p"+r)
-		n.in("sw", "ip", "link", "set", "p"+r, "master", "br0")
-		n.in(r, "ip", "addr", "add", n.ips[r]+"/8", "dev", "wan")
-	}
-	for _, p := range []struct{ router, host, net string }{{"natA", "worker", "10.1.0"}, {"natB", "client", "10.2.0"}} {
-		link(p.host, "eth0", p.router, "lan")
-		n.in(p.router, "ip", "addr", "add", p.net+".1/24", "dev", "lan")
-		n.in(p.host, "ip", "addr", "add", p.net+".2/24", "dev", "eth0")
-		n.in(p.host, "ip", "route", "add", "default", "via", p.net+".1")
-		n.in(p.router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-	}
-	n.nat("natA", "worker", a)
-	n.nat("natB", "client", b)
 	return n
+}
+
+// link joins namespaces of roles a and b with a veth pair, named ifa in
+// a and ifb in b.
+func (n *natNet) link(a, ifa, b, ifb string) {
+	n.t.Helper()
+	n.links++
+	tmpA, tmpB := fmt.Sprintf("m8%d%02da", n.id, n.links), fmt.Sprintf("m8%d%02db", n.id, n.links)
+	n.run("ip", "link", "add", tmpA, "type", "veth", "peer", "name", tmpB)
+	n.run("ip", "link", "set", tmpA, "netns", n.ns[a])
+	n.run("ip", "link", "set", tmpB, "netns", n.ns[b])
+	n.in(a, "ip", "link", "set", tmpA, "name", ifa)
+	n.in(b, "ip", "link", "set", tmpB, "name", ifb)
+	n.in(a, "ip", "link", "set", ifa, "up")
+	n.in(b, "ip", "link", "set", ifb, "up")
+}
+
+// public puts role on the public segment (the bridge in "sw") at its
+// address.
+func (n *natNet) public(role string) {
+	n.t.Helper()
+	n.link(role, "wan", "sw", "p"+role)
+	n.in("sw", "ip", "link", "set", "p"+role, "master", "br0")
+	n.in(role, "ip", "addr", "add", n.ips[role]+"/8", "dev", "wan")
+}
+
+// lan puts host on router's LAN, net.0/24: the router at .1, host at .2
+// and routed through it.
+func (n *natNet) lan(router, host, net string) {
+	n.t.Helper()
+	n.link(host, "eth0", router, "lan")
+	n.in(router, "ip", "addr", "add", net+".1/24", "dev", "lan")
+	n.in(host, "ip", "addr", "add", net+".2/24", "dev", "eth0")
+	n.in(host, "ip", "route", "add", "default", "via", net+".1")
+	n.in(router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
 }
 
 // nat installs the masquerading rules of kind k on router, whose LAN host
