@@ -17,7 +17,7 @@ FUZZTIME     ?= 15s
 # client, a headless browser driver), each with a committed lockfile.
 NPM_DIRS  := node/enginetest bridge/e2e
 
-.PHONY: all build test test-nat npm-deps demo bench bench-swarm bench-sim bench-gpu chaos proto lint fuzz clean help
+.PHONY: all build test test-nat npm-deps demo bench bench-swarm bench-swarm-nat bench-sim bench-gpu chaos proto lint fuzz clean help
 
 all: build
 
@@ -28,6 +28,7 @@ help:
 	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
 	@echo "make bench   the swarm paths vs direct, Go proxy and nginx: latency, throughput, CPU per token (docs/benchmarks.md)"
 	@echo "make bench-swarm  10-, 25- and 50-process swarms: join and death times, idle gossip, RSS, CPU (docs/benchmarks.md)"
+	@echo "make bench-swarm-nat  50 processes in network namespaces, 10 behind NAT: idle RSS, connections, CPU (root)"
 	@echo "make bench-sim    a simulated swarm of 100 to 1000 nodes in one process (mocknet): convergence, traffic, table size"
 	@echo "make bench-gpu    energy figures on an NVIDIA GPU with a local ~1B model: MODEL=/path/to/model (docs/benchmarks.md)"
 	@echo "make chaos   the long churn run: workers killed and restarted under load (docs/benchmarks.md)"
@@ -74,6 +75,15 @@ SWARM_TRANSPORT ?= tcp
 bench-swarm:
 	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) MTOR_BENCH_SWARM_VIEW=$(SWARM_VIEW) \
 		MTOR_BENCH_SWARM_TRANSPORT=$(SWARM_TRANSPORT) $(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
+
+# A swarm of real processes in network namespaces (root; iproute2 and
+# nftables): public workers and workers behind a port-restricted NAT,
+# N processes of which K behind the NAT.
+SWARM_NAT ?= 50,10
+SWARM_NAT_IDLE ?= 60s
+bench-swarm-nat:
+	MTOR_BENCH_SWARM_NAT=$(SWARM_NAT) MTOR_BENCH_SWARM_NAT_IDLE=$(SWARM_NAT_IDLE) \
+		$(GO) test ./cmd/mtor -run '^TestBenchSwarmNAT$$' -count=1 -v -timeout 60m
 
 # The simulated swarm (mocknet, one process), one size after the other.
 SIM_NODES ?= 100,300,1000
