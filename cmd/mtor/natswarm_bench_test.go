@@ -16,11 +16,11 @@ import (
 )
 
 // TestBenchSwarmNAT measures what an idle worker behind NAT costs in a
-// swarm of real `mtor node` processes, next to a public one: a "public"
-// network namespace (11.0.0.1, a bootstrap node, two relays and public
-// demo workers, each on ports of its own) and a home LAN behind a
-// port-restricted NAT (10.1.0.0/24, NAT'd demo workers), joined only to
-// each other as in the NAT suite. On loopback every worker is public,
+// swarm of real `mtor node` processes, next to a public one: a public
+// segment (a bootstrap node, two relays and public demo workers, each in
+// a network namespace of its own at an address of its own) and a home
+// LAN behind a port-restricted NAT (10.1.0.0/24, the NAT'd demo workers,
+// in one namespace), joined only to each other as in the NAT suite. On loopback every worker is public,
 // so `make bench-swarm` cannot show the other kind: here AutoNAT finds
 // the NAT'd ones private, their DHT turns client, and they reach the
 // swarm through relays.
