@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -123,7 +124,10 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		// mesh: they are small and rare, and without this one published
 		// before the mesh has formed is lost to the peers grafted later.
 		pubsub.WithFloodPublish(true),
-		pubsub.WithValidateQueueSize(validateQueue),
+		pubsub.WithValidateQueueSize(cmp.Or(cfg.validateQueue, validateQueue)),
+	}
+	if cfg.outboundQueue > 0 {
+		psOpts = append(psOpts, pubsub.WithPeerOutboundQueueSize(cfg.outboundQueue))
 	}
 	presenceName := protocol.PresenceTopic(cfg.swarm)
 	params, thresholds := scoreParams([]string{topicName, presenceName}, cfg.ipColocation, cfg.ipWhitelist)

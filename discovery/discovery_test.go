@@ -361,11 +361,12 @@ func TestModelCID(t *testing.T) {
 func TestOptionsValidate(t *testing.T) {
 	h := newHost(t)
 	for name, o := range map[string]Option{
-		"bad swarm":     WithSwarm("Not A Swarm"),
-		"ttl too short": WithAnnounceTTL(time.Millisecond),
-		"ttl too long":  WithAnnounceTTL(time.Hour),
-		"zero entries":  WithMaxEntries(0),
-		"zero sweep":    WithSweepInterval(0),
+		"bad swarm":      WithSwarm("Not A Swarm"),
+		"ttl too short":  WithAnnounceTTL(time.Millisecond),
+		"ttl too long":   WithAnnounceTTL(time.Hour),
+		"zero entries":   WithMaxEntries(0),
+		"zero sweep":     WithSweepInterval(0),
+		"negative queue": WithGossipQueues(-1, 0),
 	} {
 		if d, err := New(context.Background(), h, o); err == nil {
 			_ = d.Close()

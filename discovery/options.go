@@ -131,6 +131,8 @@ type config struct {
 	// for tests: observe gossipsub peer scores
 	scoreInspect       pubsub.PeerScoreInspectFn
 	scoreInspectPeriod time.Duration
+	outboundQueue      int // gossipsub's per-peer outbound queue; 0: its default
+	validateQueue      int // messages waiting for validation; 0: validateQueue
 
 	// catalogEvery is the model catalogue's period; 0: off (catalog.go).
 	catalogEvery time.Duration
@@ -456,6 +458,19 @@ func WithWatch(models ...string) Option {
 			return fmt.Errorf("watch: %d models, limit %d", len(models), maxWatched)
 		}
 		c.watch = append([]string(nil), models...)
+		return nil
+	}
+}
+
+// WithGossipQueues sizes gossipsub's outbound queue per peer (its
+// default: 32 messages) and the queue of received messages waiting for
+// validation (256). Zero keeps a default.
+func WithGossipQueues(outbound, validate int) Option {
+	return func(c *config) error {
+		if outbound < 0 || validate < 0 {
+			return fmt.Errorf("gossip queues %d, %d must not be negative", outbound, validate)
+		}
+		c.outboundQueue, c.validateQueue = outbound, validate
 		return nil
 	}
 }

@@ -113,6 +113,7 @@ var mocknetRange = &net.IPNet{IP: net.ParseIP("100::"), Mask: net.CIDRMask(64, 1
 // until 10% of workers that died are out and 10% that joined are in, and
 // routing decisions (whole queries to demo workers) per second. It
 // asserts only that the swarm converged: the figures are measured.
+// MTOR_SIM_VIEW_QUEUES=OUT,VALIDATE sizes the views' gossip queues.
 func TestSimSwarm(t *testing.T) {
 	spec := os.Getenv("MTOR_SIM_NODES")
 	if spec == "" {
@@ -261,6 +262,7 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool, server
 			// Mocknet puts every host in 100::/64, which gossipsub's IP
 			// colocation scoring counts as one IP: exempt it.
 			discovery.WithIPColocation(discovery.DefaultIPColocationThreshold, mocknetRange),
+			discovery.WithGossipQueues(viewQueues(t, s.view)),
 			discovery.WithOnTopicPeerJoin(func(peer.ID) {
 				if a := annp.Load(); a != nil {
 					a.refresh()
@@ -732,4 +734,21 @@ func TestSimDHTModeShare(t *testing.T) {
 			}
 		}
 	}
+}
+
+// viewQueues are the gossip queues of a node with the swarm view, from
+// MTOR_SIM_VIEW_QUEUES=OUT,VALIDATE (docs/benchmarks.md, an experiment at
+// 2 000 nodes); unset, or a node without the view: the defaults.
+func viewQueues(t *testing.T, view bool) (outbound, validate int) {
+	v := os.Getenv("MTOR_SIM_VIEW_QUEUES")
+	if !view || v == "" {
+		return 0, 0
+	}
+	a, b, ok := strings.Cut(v, ",")
+	outbound, err1 := strconv.Atoi(a)
+	validate, err2 := strconv.Atoi(b)
+	if !ok || err1 != nil || err2 != nil || outbound < 0 || validate < 0 {
+		t.Fatalf("MTOR_SIM_VIEW_QUEUES: %q is not OUT,VALIDATE (queue sizes, 0 for a default)", v)
+	}
+	return outbound, validate
 }
