@@ -39,12 +39,7 @@ func TestBenchSwarmNAT(t *testing.T) {
 	if err != nil {
 		t.Fatalf("MTOR_BENCH_SWARM_NAT: %v", err)
 	}
-	idle := time.Minute
-	if v := os.Getenv("MTOR_BENCH_SWARM_NAT_IDLE"); v != "" {
-		if idle, err = time.ParseDuration(v); err != nil || idle < time.Second {
-			t.Fatalf("MTOR_BENCH_SWARM_NAT_IDLE: %q is not a duration of at least 1s", v)
-		}
-	}
+	idle := envIdle(t, "MTOR_BENCH_SWARM_NAT_IDLE", time.Minute)
 	needNAT(t)
 	defer func(built string) { e2eBin = built }(e2eBin)
 	e2eBin = installedCopy(t, e2eBin, t.TempDir())

@@ -49,14 +49,7 @@ func TestBenchSwarm(t *testing.T) {
 		}
 		sizes = append(sizes, n)
 	}
-	idle := 20 * time.Second
-	if v := os.Getenv("MTOR_BENCH_SWARM_IDLE"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil || d < time.Second {
-			t.Fatalf("MTOR_BENCH_SWARM_IDLE: %q is not a duration of at least 1s", v)
-		}
-		idle = d
-	}
+	idle := envIdle(t, "MTOR_BENCH_SWARM_IDLE", 20*time.Second)
 	allView := false
 	switch v := os.Getenv("MTOR_BENCH_SWARM_VIEW"); v {
 	case "", "bootstrap":
@@ -407,6 +400,21 @@ func installedCopy(t *testing.T, src, dir string) string {
 		t.Fatal(err)
 	}
 	return dst
+}
+
+// envIdle is the idle window the variable name sets, at least 1s; def
+// where it is unset.
+func envIdle(t *testing.T, name string, def time.Duration) time.Duration {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d < time.Second {
+		t.Fatalf("%s: %q is not a duration of at least 1s", name, v)
+	}
+	return d
 }
 
 // wholeMs is d in whole milliseconds, for the swarm table.

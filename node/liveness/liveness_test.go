@@ -15,14 +15,36 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 )
 
-func newHost(t *testing.T, listen string) host.Host {
+func newHost(t *testing.T, listen string, opts ...libp2p.Option) host.Host {
 	t.Helper()
-	h, err := libp2p.New(libp2p.ListenAddrStrings(listen))
+	h, err := libp2p.New(append([]libp2p.Option{libp2p.ListenAddrStrings(listen)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.Close() })
 	return h
+}
+
+// checked connects a to b and starts a checker on a with a 500 ms
+// timeout; it returns the checker and a's one connection to b.
+func checked(t *testing.T, a, b host.Host) (*Checker, network.Conn) {
+	t.Helper()
+	if err := a.Connect(t.Context(), peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	c := New(a, WithTimeout(500*time.Millisecond))
+	t.Cleanup(c.Close)
+	return c, onlyConn(t, a, b.ID())
+}
+
+// suspectKept suspects conn and checks that the checker keeps it.
+func suspectKept(t *testing.T, c *Checker, conn network.Conn, what string) {
+	t.Helper()
+	c.Suspect(conn)
+	time.Sleep(700 * time.Millisecond)
+	if conn.IsClosed() || c.Dead(conn) || c.Closed() != 0 {
+		t.Fatalf("%s: closed %v, dead %v, closed count %d; want it kept", what, conn.IsClosed(), c.Dead(conn), c.Closed())
+	}
 }
 
 func onlyConn(t *testing.T, h host.Host, p peer.ID) network.Conn {
@@ -43,23 +65,13 @@ func TestSuspectKeepsLiveAndClosesDeadConnections(t *testing.T) {
 	for _, listen := range []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"} {
 		t.Run(listen, func(t *testing.T) {
 			a, b := newHost(t, listen), newHost(t, listen)
-			if err := a.Connect(t.Context(), peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
-				t.Fatal(err)
-			}
-			c := New(a, WithTimeout(500*time.Millisecond))
-			defer c.Close()
-			conn := onlyConn(t, a, b.ID())
-
+			c, conn := checked(t, a, b)
 			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
 			defer cancel()
 			if err := Probe(ctx, conn); err != nil {
 				t.Fatalf("probe of a live peer: %v", err)
 			}
-			c.Suspect(conn)
-			time.Sleep(700 * time.Millisecond)
-			if conn.IsClosed() || c.Dead(conn) {
-				t.Fatal("a live connection was closed")
-			}
+			suspectKept(t, c, conn, "a live connection")
 
 			b.RemoveStreamHandler(ping.ID)
 			c.Suspect(conn)
@@ -85,12 +97,7 @@ func TestSuspectKeepsARefusingPeer(t *testing.T) {
 		t.Run(listen, func(t *testing.T) {
 			a, b := newHost(t, listen), newHost(t, listen)
 			b.SetStreamHandler(ping.ID, func(s network.Stream) { _ = s.ResetWithError(network.StreamResourceLimitExceeded) })
-			if err := a.Connect(t.Context(), peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
-				t.Fatal(err)
-			}
-			c := New(a, WithTimeout(500*time.Millisecond))
-			defer c.Close()
-			conn := onlyConn(t, a, b.ID())
+			c, conn := checked(t, a, b)
 			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
 			defer cancel()
 			err := Probe(ctx, conn)
@@ -98,11 +105,7 @@ func TestSuspectKeepsARefusingPeer(t *testing.T) {
 			if !errors.As(err, &se) || !se.Remote || se.ErrorCode != network.StreamResourceLimitExceeded {
 				t.Fatalf("probe of a refusing peer: %v; want its reset at the resource limit", err)
 			}
-			c.Suspect(conn)
-			time.Sleep(700 * time.Millisecond)
-			if conn.IsClosed() || c.Dead(conn) || c.Closed() != 0 {
-				t.Fatalf("a refusing peer's connection: closed %v, dead %v, closed count %d; want it kept", conn.IsClosed(), c.Dead(conn), c.Closed())
-			}
+			suspectKept(t, c, conn, "a refusing peer's connection")
 		})
 	}
 }
@@ -163,28 +166,14 @@ func TestSuspectKeepsAConnectionOurLimitsBlock(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			a, err := libp2p.New(libp2p.ListenAddrStrings(listen), libp2p.ResourceManager(rm))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { a.Close() })
-			b := newHost(t, listen)
-			if err := a.Connect(t.Context(), peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
-				t.Fatal(err)
-			}
-			c := New(a, WithTimeout(500*time.Millisecond))
-			defer c.Close()
-			conn := onlyConn(t, a, b.ID())
+			a, b := newHost(t, listen, libp2p.ResourceManager(rm)), newHost(t, listen)
+			c, conn := checked(t, a, b)
 			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
 			defer cancel()
 			if err := Probe(ctx, conn); !errors.Is(err, network.ErrResourceLimitExceeded) {
 				t.Fatalf("probe past our own stream limit: %v; want %v", err, network.ErrResourceLimitExceeded)
 			}
-			c.Suspect(conn)
-			time.Sleep(700 * time.Millisecond)
-			if conn.IsClosed() || c.Dead(conn) || c.Closed() != 0 {
-				t.Fatalf("a connection our limits block: closed %v, dead %v, closed count %d; want it kept", conn.IsClosed(), c.Dead(conn), c.Closed())
-			}
+			suspectKept(t, c, conn, "a connection our limits block")
 		})
 	}
 }
