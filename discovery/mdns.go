@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"sync"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -31,6 +33,49 @@ func MDNSServiceName(swarm string) string {
 type mdnsNotifee struct {
 	ctx   context.Context
 	queue chan peer.AddrInfo
+
+	mu    sync.Mutex
+	tries map[peer.ID]int // failed dials of peers waiting for a retry
+}
+
+// mdnsRetries bounds the dials again of a peer mDNS found but a dial did
+// not reach (a machine busy starting, a dial timeout): mDNS reports a
+// peer once, until its record expires, so without them the two nodes
+// could stay apart for an hour. They come 1, 2, 4 and 8 s after the
+// failures, for at most mdnsMaxRetrying peers at a time.
+const (
+	mdnsRetries     = 4
+	mdnsMaxRetrying = 256
+)
+
+// retry queues ai again after a back-off, unless it has had its tries or
+// too many peers are waiting.
+func (n *mdnsNotifee) retry(ai peer.AddrInfo) {
+	n.mu.Lock()
+	k, waiting := n.tries[ai.ID]
+	if k >= mdnsRetries || (!waiting && len(n.tries) >= mdnsMaxRetrying) {
+		delete(n.tries, ai.ID)
+		n.mu.Unlock()
+		return
+	}
+	n.tries[ai.ID] = k + 1
+	n.mu.Unlock()
+	time.AfterFunc(time.Second<<k, func() { n.HandlePeerFound(ai) })
+}
+
+// retrying reports whether a dial of id has failed before.
+func (n *mdnsNotifee) retrying(id peer.ID) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	_, ok := n.tries[id]
+	return ok
+}
+
+// connected forgets ai's failed dials.
+func (n *mdnsNotifee) connected(id peer.ID) {
+	n.mu.Lock()
+	delete(n.tries, id)
+	n.mu.Unlock()
 }
 
 func (n *mdnsNotifee) HandlePeerFound(ai peer.AddrInfo) {
@@ -43,10 +88,7 @@ func (n *mdnsNotifee) HandlePeerFound(ai peer.AddrInfo) {
 }
 
 func (d *Discovery) startMDNS() (interface{ Close() error }, error) {
-	n := &mdnsNotifee{ctx: d.ctx, queue: make(chan peer.AddrInfo, mdnsQueue)}
-	for range mdnsDialWorkers {
-		d.goRun(func() { d.mdnsDialer(n.queue) })
-	}
+	n := d.startMDNSDialers()
 	svc := mdns.NewMdnsService(d.h, MDNSServiceName(d.cfg.swarm), n)
 	if err := svc.Start(); err != nil {
 		_ = svc.Close()
@@ -56,22 +98,40 @@ func (d *Discovery) startMDNS() (interface{ Close() error }, error) {
 	return svc, nil
 }
 
-func (d *Discovery) mdnsDialer(queue <-chan peer.AddrInfo) {
+// startMDNSDialers starts the dialers of the peers mDNS finds, and
+// returns what the mDNS service reports them to.
+func (d *Discovery) startMDNSDialers() *mdnsNotifee {
+	n := &mdnsNotifee{ctx: d.ctx, queue: make(chan peer.AddrInfo, mdnsQueue), tries: map[peer.ID]int{}}
+	for range mdnsDialWorkers {
+		d.goRun(func() { d.mdnsDialer(n) })
+	}
+	return n
+}
+
+func (d *Discovery) mdnsDialer(n *mdnsNotifee) {
 	for {
 		select {
 		case <-d.ctx.Done():
 			return
-		case ai := <-queue:
+		case ai := <-n.queue:
 			if ai.ID == d.h.ID() || d.h.Network().Connectedness(ai.ID) == network.Connected {
+				n.connected(ai.ID)
 				continue
+			}
+			if n.retrying(ai.ID) {
+				// The failed dial left a back-off that would refuse this
+				// one at once.
+				ClearDialBackoff(d.h, ai.ID)
 			}
 			ctx, cancel := context.WithTimeout(d.ctx, d.cfg.dialTimeout)
 			err := d.h.Connect(ctx, ai)
 			cancel()
 			if err != nil {
 				log.Debugw("mDNS peer unreachable", "peer", ai.ID, "err", err)
+				n.retry(ai)
 				continue
 			}
+			n.connected(ai.ID)
 			log.Infow("connected to mDNS peer", "peer", ai.ID)
 		}
 	}

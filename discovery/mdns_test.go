@@ -99,7 +99,8 @@ type mdnsChild struct {
 func startMDNSChild(ctx context.Context, t *testing.T, ns, ip string) *mdnsChild {
 	t.Helper()
 	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, os.Args[0], "-test.run=^TestMDNSChild$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), mdnsChildEnv+"=/ip4/"+ip+"/tcp/0")
+	// Its dials and what mDNS reports, for a failure message.
+	cmd.Env = append(os.Environ(), mdnsChildEnv+"=/ip4/"+ip+"/tcp/0", "GOLOG_LOG_LEVEL=error,mtor/discovery=debug")
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
