@@ -63,14 +63,6 @@ func (n *mdnsNotifee) retry(ai peer.AddrInfo) {
 	time.AfterFunc(time.Second<<k, func() { n.HandlePeerFound(ai) })
 }
 
-// retrying reports whether a dial of id has failed before.
-func (n *mdnsNotifee) retrying(id peer.ID) bool {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	_, ok := n.tries[id]
-	return ok
-}
-
 // connected forgets ai's failed dials.
 func (n *mdnsNotifee) connected(id peer.ID) {
 	n.mu.Lock()
@@ -118,13 +110,11 @@ func (d *Discovery) mdnsDialer(n *mdnsNotifee) {
 				n.connected(ai.ID)
 				continue
 			}
-			if n.retrying(ai.ID) {
-				// The failed dial left a back-off that would refuse this
-				// one at once.
-				ClearDialBackoff(d.h, ai.ID)
-			}
+			// Connect, not the host's: it clears the back-off of the
+			// failed dial before a retry, and fails on a connection the
+			// peer refused right after the handshake (QUIC).
 			ctx, cancel := context.WithTimeout(d.ctx, d.cfg.dialTimeout)
-			err := d.h.Connect(ctx, ai)
+			err := Connect(ctx, d.h, ai)
 			cancel()
 			if err != nil {
 				log.Debugw("mDNS peer unreachable", "peer", ai.ID, "err", err)

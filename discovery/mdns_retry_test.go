@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -33,50 +34,97 @@ func freeAddr(t *testing.T, quic bool) string {
 	return fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", l.Addr().(*net.TCPAddr).Port)
 }
 
-// A peer that mDNS reports once, while it is still starting (nothing
-// listens at its address yet), is dialled again until it is reached:
-// mDNS would not report it again for a long while. On TCP and QUIC.
+// refuseFirst is a connection gater that refuses as many inbound
+// connections as n holds tokens, when they arrive: on QUIC the dialler's
+// handshake has completed by then, and its host.Connect succeeds.
+type refuseFirst struct{ n chan struct{} }
+
+func (g refuseFirst) InterceptPeerDial(peer.ID) bool               { return true }
+func (g refuseFirst) InterceptAddrDial(peer.ID, ma.Multiaddr) bool { return true }
+func (g refuseFirst) InterceptAccept(network.ConnMultiaddrs) bool {
+	select {
+	case <-g.n:
+		return false
+	default:
+		return true
+	}
+}
+func (g refuseFirst) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
+	return true
+}
+func (g refuseFirst) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
+	return true, 0
+}
+
+// triesOf is how many failed dials of p wait for a retry.
+func (n *mdnsNotifee) triesOf(p peer.ID) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.tries[p]
+}
+
+// A peer that mDNS reports once, and that the first dials do not reach,
+// is dialled again until it is: mDNS would not report it again for a
+// long while. The peer is still starting (nothing listens at its
+// address yet), or refuses its first two connections; on TCP and QUIC.
 func TestMDNSDialRetries(t *testing.T) {
 	for _, quic := range []bool{false, true} {
-		t.Run(fmt.Sprintf("quic=%v", quic), func(t *testing.T) {
-			key, _, err := crypto.GenerateEd25519Key(nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			id, err := peer.IDFromPrivateKey(key)
-			if err != nil {
-				t.Fatal(err)
-			}
-			addr := freeAddr(t, quic)
-			listen := "/ip4/127.0.0.1/tcp/0"
-			if quic {
-				listen = "/ip4/127.0.0.1/udp/0/quic-v1"
-			}
-			ha := newHostOn(t, []string{listen})
-			// A QUIC dial to nobody waits out the dial timeout.
-			d := newDiscovery(t, ha, WithDialTimeout(time.Second))
-			n := d.startMDNSDialers()
-			n.HandlePeerFound(peer.AddrInfo{ID: id, Addrs: []ma.Multiaddr{ma.StringCast(addr)}})
-			time.Sleep(1500 * time.Millisecond) // the first dial has failed
-			if !n.retrying(id) {
-				t.Fatal("no failed dial counted while nothing listened")
-			}
-			hb, err := libp2p.New(libp2p.Identity(key), libp2p.ListenAddrStrings(addr))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = hb.Close() })
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			for ha.Network().Connectedness(id) != network.Connected {
-				if ctx.Err() != nil {
-					t.Fatal("not connected 30 s after the peer started")
+		listen := "/ip4/127.0.0.1/tcp/0"
+		if quic {
+			listen = "/ip4/127.0.0.1/udp/0/quic-v1"
+		}
+		for _, refusing := range []bool{false, true} {
+			name := fmt.Sprintf("quic=%v/", quic) + map[bool]string{false: "starting late", true: "refusing twice"}[refusing]
+			t.Run(name, func(t *testing.T) {
+				key, _, err := crypto.GenerateEd25519Key(nil)
+				if err != nil {
+					t.Fatal(err)
 				}
-				time.Sleep(50 * time.Millisecond)
-			}
-			if n.retrying(id) {
-				t.Fatal("the retries of a reached peer are still counted")
-			}
-		})
+				id, err := peer.IDFromPrivateKey(key)
+				if err != nil {
+					t.Fatal(err)
+				}
+				addr := freeAddr(t, quic)
+				ha := newHostOn(t, []string{listen})
+				// A QUIC dial to nobody waits out the dial timeout.
+				d := newDiscovery(t, ha, WithDialTimeout(time.Second))
+				n := d.startMDNSDialers()
+				gate := refuseFirst{n: make(chan struct{}, 2)}
+				start := func() {
+					hb, err := libp2p.New(libp2p.Identity(key), libp2p.ListenAddrStrings(addr), libp2p.ConnectionGater(gate))
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { _ = hb.Close() })
+				}
+				if refusing {
+					gate.n <- struct{}{}
+					gate.n <- struct{}{}
+					start()
+				}
+				n.HandlePeerFound(peer.AddrInfo{ID: id, Addrs: []ma.Multiaddr{ma.StringCast(addr)}})
+				time.Sleep(1500 * time.Millisecond) // the first dial has failed
+				if n.triesOf(id) == 0 {
+					t.Fatal("no failed dial counted")
+				}
+				if !refusing {
+					start()
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				defer cancel()
+				for ha.Network().Connectedness(id) != network.Connected {
+					if ctx.Err() != nil {
+						t.Fatalf("not connected 30 s on (refusals left %d)", len(gate.n))
+					}
+					time.Sleep(50 * time.Millisecond)
+				}
+				if len(gate.n) != 0 {
+					t.Fatalf("connected with %d refusals left", len(gate.n))
+				}
+				if k := n.triesOf(id); k != 0 {
+					t.Fatalf("%d retries of a reached peer still counted", k)
+				}
+			})
+		}
 	}
 }
