@@ -154,13 +154,23 @@ func TestSimSwarm(t *testing.T) {
 		}
 		servers = f
 	}
+	cfg := simConfig{idle: idle, limit: limit, allView: allView, servers: servers}
+	if v := os.Getenv("MTOR_SIM_VIEW_QUEUES"); v != "" {
+		a, b, ok := strings.Cut(v, ",")
+		out, err1 := strconv.Atoi(a)
+		val, err2 := strconv.Atoi(b)
+		if !ok || err1 != nil || err2 != nil || out < 0 || val < 0 {
+			t.Fatalf("MTOR_SIM_VIEW_QUEUES: %q is not OUT,VALIDATE (queue sizes, 0 for a default)", v)
+		}
+		cfg.viewOutbound, cfg.viewValidate = out, val
+	}
 	var rows []string
 	for _, f := range strings.Split(spec, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < simBootstraps+simModels || n > 5000 {
 			t.Fatalf("MTOR_SIM_NODES: %q is not a size between %d and 5000", f, simBootstraps+simModels)
 		}
-		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, runSim(t, n, idle, limit, allView, servers)) })
+		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, runSim(t, n, cfg)) })
 	}
 	t.Log("\n| nodes | swarm view · DHT servers | views hold all workers after start | router's first query: answered / its model's workers held | gossip B/s (announcements/s) per worker · bootstrap · router | table entries / conns per worker · bootstrap · router | 10% killed: out everywhere | 10% joined: in every view | queries/s (c=8) | heap MB/node | process peak RSS |\n" +
 		"|---|---|---|---|---|---|---|---|---|---|---|\n" + strings.Join(rows, "\n"))
@@ -192,7 +202,16 @@ func (s *simNode) close() {
 	_ = s.h.Close()
 }
 
-func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool, servers float64) string {
+// simConfig is what the MTOR_SIM_* variables set, for every size.
+type simConfig struct {
+	idle, limit                time.Duration
+	allView                    bool    // every node keeps the swarm view
+	servers                    float64 // share of workers that are DHT servers
+	viewOutbound, viewValidate int     // the views' gossip queues; 0: defaults
+}
+
+func runSim(t *testing.T, n int, cfg simConfig) string {
+	idle, limit, allView, servers := cfg.idle, cfg.limit, cfg.allView, cfg.servers
 	mn := mocknet.New()
 	t.Cleanup(func() { _ = mn.Close() })
 	qproto := protocol.QueryProtocol(simSwarm)
@@ -262,7 +281,7 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool, server
 			// Mocknet puts every host in 100::/64, which gossipsub's IP
 			// colocation scoring counts as one IP: exempt it.
 			discovery.WithIPColocation(discovery.DefaultIPColocationThreshold, mocknetRange),
-			discovery.WithGossipQueues(viewQueues(t, s.view)),
+			discovery.WithGossipQueues(cfg.queues(s.view)),
 			discovery.WithOnTopicPeerJoin(func(peer.ID) {
 				if a := annp.Load(); a != nil {
 					a.refresh()
@@ -476,6 +495,9 @@ func runSim(t *testing.T, n int, idle, limit time.Duration, allView bool, server
 		mode = "all"
 	}
 	mode += fmt.Sprintf(" · %s", simServersLabel(servers))
+	if cfg.viewOutbound > 0 || cfg.viewValidate > 0 {
+		mode += fmt.Sprintf(" · view queues %d, %d", cfg.viewOutbound, cfg.viewValidate)
+	}
 	row := fmt.Sprintf("| %d | %s | %s | %s | %s · %s · %s | %s · %s · %s | %s | %s | %s | %.2f | %s |", n, mode, converge,
 		routed,
 		perRole[simWorker], perRole[simBootstrap], perRole[simRouter],
@@ -736,19 +758,11 @@ func TestSimDHTModeShare(t *testing.T) {
 	}
 }
 
-// viewQueues are the gossip queues of a node with the swarm view, from
-// MTOR_SIM_VIEW_QUEUES=OUT,VALIDATE (docs/benchmarks.md, an experiment at
-// 2 000 nodes); unset, or a node without the view: the defaults.
-func viewQueues(t *testing.T, view bool) (outbound, validate int) {
-	v := os.Getenv("MTOR_SIM_VIEW_QUEUES")
-	if !view || v == "" {
+// queues are the gossip queues of a node: the views' as set, the
+// others' the defaults.
+func (c simConfig) queues(view bool) (outbound, validate int) {
+	if !view {
 		return 0, 0
 	}
-	a, b, ok := strings.Cut(v, ",")
-	outbound, err1 := strconv.Atoi(a)
-	validate, err2 := strconv.Atoi(b)
-	if !ok || err1 != nil || err2 != nil || outbound < 0 || validate < 0 {
-		t.Fatalf("MTOR_SIM_VIEW_QUEUES: %q is not OUT,VALIDATE (queue sizes, 0 for a default)", v)
-	}
-	return outbound, validate
+	return c.viewOutbound, c.viewValidate
 }
