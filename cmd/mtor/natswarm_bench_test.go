@@ -78,8 +78,9 @@ func TestBenchSwarmNAT(t *testing.T) {
 		node(pubRole(i), fmt.Sprintf("r%d", i), "--no-detect", "--relay", "--join", join)
 	}
 	type worker struct {
-		p    *proc
-		role string // its namespace: its own, or lan behind the NAT
+		p     *proc
+		role  string // its namespace: its own, or lan
+		nated bool   // in lan, behind the NAT
 	}
 	var (
 		mu      sync.Mutex
@@ -99,7 +100,7 @@ func TestBenchSwarmNAT(t *testing.T) {
 			defer func() { <-sem }()
 			p := node(role, fmt.Sprintf("w%d", i), "--backend", "demo", "--join", join, "--swarm-view=false")
 			mu.Lock()
-			workers = append(workers, worker{p, role})
+			workers = append(workers, worker{p, role, i >= public})
 			mu.Unlock()
 		}()
 	}
@@ -146,7 +147,7 @@ func TestBenchSwarmNAT(t *testing.T) {
 	for {
 		undecided := 0
 		for _, w := range workers {
-			if w.role == "lan" && id(w).ReachabilityHow != "autonat" {
+			if w.nated && id(w).ReachabilityHow != "autonat" {
 				undecided++
 			}
 		}
@@ -165,42 +166,44 @@ func TestBenchSwarmNAT(t *testing.T) {
 	time.Sleep(idle)
 	c1 := cpuTicks(t, procs)
 	window := time.Since(start).Seconds()
-	rows := map[string]*natSwarmRow{"pub": {kind: "public worker"}, "lan": {kind: "worker behind NAT"}}
-	kind := func(role string) string {
-		if role == "lan" {
-			return role
-		}
-		return "pub"
-	}
+	rows := []*natSwarmRow{{kind: "public worker"}, {kind: "worker behind NAT"}}
 	for i, w := range workers {
 		pid := w.p.cmd.Process.Pid
 		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(comm)) != "mtor" {
 			t.Fatalf("pid %d is %q, not the node", pid, comm)
 		}
 		v := id(w)
-		r := rows[kind(w.role)]
+		r := rows[0]
+		if w.nated {
+			r = rows[1]
+		}
 		r.rss = append(r.rss, statusMB(t, pid, "VmRSS"))
 		r.anon = append(r.anon, statusMB(t, pid, "RssAnon"))
 		r.file = append(r.file, statusMB(t, pid, "RssFile"))
-		r.conns = append(r.conns, float64(v.ConnectedPeers))
+		r.conns = append(r.conns, v.ConnectedPeers)
 		r.cpu = append(r.cpu, 100*float64(c1[i]-c0[i])/clockTicks/window)
 		r.verdicts = append(r.verdicts, v.ReachabilityStatus+" ("+v.ReachabilityHow+")")
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n%d processes (a bootstrap, 2 relays, %d public workers, %d behind a port-restricted NAT), %s idle:\n", total, public, nated, idle)
 	fmt.Fprintf(&b, "| worker | idle RSS p50 / max, MB | RssAnon · RssFile p50, MB | connections p50 / max | idle CPU p50 / max, %% of a core | reachability |\n|---|---|---|---|---|---|\n")
-	for _, k := range []string{"pub", "lan"} {
-		r := rows[k]
-		fmt.Fprintf(&b, "| %s (%d) | %.1f / %.1f | %.1f · %.1f | %.0f / %.0f | %.2f / %.2f | %s |\n", r.kind, len(r.rss),
-			p50(r.rss), slices.Max(r.rss), p50(r.anon), p50(r.file), p50(r.conns), slices.Max(r.conns), p50(r.cpu), slices.Max(r.cpu), tally(r.verdicts))
+	for _, r := range rows {
+		rss, rssMax := p50max(r.rss)
+		anon, _ := p50max(r.anon)
+		file, _ := p50max(r.file)
+		conns, connsMax := p50max(r.conns)
+		cpu, cpuMax := p50max(r.cpu)
+		fmt.Fprintf(&b, "| %s (%d) | %.1f / %.1f | %.1f · %.1f | %d / %d | %.2f / %.2f | %s |\n", r.kind, len(r.rss),
+			rss, rssMax, anon, file, conns, connsMax, cpu, cpuMax, tally(r.verdicts))
 	}
 	t.Log(b.String())
 }
 
 type natSwarmRow struct {
-	kind                        string
-	rss, anon, file, conns, cpu []float64
-	verdicts                    []string
+	kind                 string
+	rss, anon, file, cpu []float64
+	conns                []int
+	verdicts             []string
 }
 
 // parseNATSwarm reads "N,K": N processes, K workers behind the NAT.
@@ -217,12 +220,6 @@ func parseNATSwarm(spec string) (total, nated int, err error) {
 		return 0, 0, fmt.Errorf("%q: want 1 ≤ K ≤ N-4, N ≤ 200", spec)
 	}
 	return total, nated, nil
-}
-
-func p50(v []float64) float64 {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	return s[len(s)/2]
 }
 
 // tally counts equal strings: "private (autonat) ×9, unknown () ×1".

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -201,15 +202,11 @@ func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool, listen 
 
 	r.joinP50, r.joinMax = p50max(joinTimes)
 	r.deathP50, r.deathMax = p50max(deathTimes)
-	slices.Sort(cpu)
-	slices.Sort(rss)
-	r.cpuP50, r.cpuMax = cpu[len(cpu)/2], cpu[len(cpu)-1]
-	r.rssP50, r.rssMax = rss[len(rss)/2], rss[len(rss)-1]
-	slices.Sort(anon)
-	slices.Sort(file)
-	r.anonP50, r.fileP50 = anon[len(anon)/2], file[len(file)/2]
-	slices.Sort(conns)
-	r.connsP50 = conns[len(conns)/2]
+	r.cpuP50, r.cpuMax = p50max(cpu)
+	r.rssP50, r.rssMax = p50max(rss)
+	r.anonP50, _ = p50max(anon)
+	r.fileP50, _ = p50max(file)
+	r.connsP50, _ = p50max(conns)
 	t.Logf("n=%d (swarm view: %s): join p50 %s max %s; death p50 %s max %s; gossip %.0f B/worker/s, %.0f at the bootstrap; worker RSS p50 %.1f MB max %.1f (RssAnon %.1f, RssFile %.1f), bootstrap %.1f; worker connections p50 %d; worker CPU p50 %.2f%% max %.2f%%, bootstrap %.2f%%",
 		n, r.view, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.bootGossipBps, r.rssP50, r.rssMax, r.anonP50, r.fileP50, r.bootRSS, r.connsP50, r.cpuP50, r.cpuMax, r.bootCPU)
 	return r
@@ -255,8 +252,9 @@ func hasPeer(peers []api.Peer, id string) bool {
 	return slices.ContainsFunc(peers, func(p api.Peer) bool { return p.Peer == id && len(p.Models) > 0 })
 }
 
-func p50max(ds []time.Duration) (time.Duration, time.Duration) {
-	s := slices.Clone(ds)
+// p50max is the median (the upper one of an even count) and the largest.
+func p50max[T cmp.Ordered](v []T) (T, T) {
+	s := slices.Clone(v)
 	slices.Sort(s)
 	return s[len(s)/2], s[len(s)-1]
 }
