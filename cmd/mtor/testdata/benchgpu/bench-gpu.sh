@@ -64,14 +64,19 @@ pids+=($!)
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$bport/v1/models" | grep -q bench-model && break; sleep 0.5; done
 curl -sf "http://127.0.0.1:$bport/v1/models" | grep -q bench-model || { echo "bench-gpu: mtor node did not serve the model:" >&2; cat "$work/node.log" >&2; exit 1; }
 
-# query N: one chat completion through the bridge; prints "energy_mj tokens".
+# query N FILE: one chat completion through the bridge, its JSON into FILE.
+# parse FILE: prints "energy_mj completion_tokens". Parsing is kept out of
+# the counter's window: a python3 start-up there would be counted as the
+# query's energy.
 query() {
-	curl -sf "http://127.0.0.1:$bport/v1/chat/completions" -H 'Content-Type: application/json' \
-		-d "{\"model\":\"bench-model\",\"max_tokens\":$MAXTOK,\"messages\":[{\"role\":\"user\",\"content\":\"Write a short story about a lighthouse keeper, number $1.\"}]}" |
-		python3 -c 'import json,sys; r=json.load(sys.stdin); print(r.get("mtor",{}).get("energy_mj",0), r["usage"]["completion_tokens"])'
+	curl -sf -o "$2" "http://127.0.0.1:$bport/v1/chat/completions" -H 'Content-Type: application/json' \
+		-d "{\"model\":\"bench-model\",\"max_tokens\":$MAXTOK,\"messages\":[{\"role\":\"user\",\"content\":\"Write a short story about a lighthouse keeper, number $1.\"}]}"
+}
+parse() {
+	python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r.get("mtor",{}).get("energy_mj",0), r["usage"]["completion_tokens"])' "$1"
 }
 
-query 0 >/dev/null # warm-up: CUDA kernels, caches
+query 0 "$work/warm.json" # warm-up: CUDA kernels, caches
 echo "bench-gpu: idle power for 10 s"
 sleep 2
 ea=$(energy); ta=$(date +%s.%N)
@@ -89,9 +94,9 @@ echo "bench-gpu: $SEQ sequential queries"
 : >"$work/seq.txt"
 for i in $(seq "$SEQ"); do
 	e0=$(energy)
-	out=$(query "$i") || { echo "bench-gpu: query $i failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }
+	query "$i" "$work/q.json" || { echo "bench-gpu: query $i failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }
 	e1=$(energy)
-	echo "$out $(echo "$e0 * $scale" | bc) $(echo "$e1 * $scale" | bc)" >>"$work/seq.txt"
+	echo "1 $(parse "$work/q.json") $(echo "$e0 * $scale" | bc) $(echo "$e1 * $scale" | bc)" >>"$work/seq.txt"
 done
 
 echo "bench-gpu: $ROUNDS rounds of $CONC concurrent queries"
@@ -102,26 +107,33 @@ sampler=$!
 for r in $(seq "$ROUNDS"); do
 	e0=$(energy)
 	qpids=()
-	for i in $(seq "$CONC"); do query "$r$i" >"$work/c.$i" & qpids+=($!); done
+	for i in $(seq "$CONC"); do query "$r$i" "$work/c.$i.json" & qpids+=($!); done
 	for p in "${qpids[@]}"; do wait "$p" || { echo "bench-gpu: a concurrent query failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }; done
 	e1=$(energy)
-	cat "$work"/c.* | awk -v e0="$e0" -v e1="$e1" -v k="$scale" '{m+=$1; t+=$2} END {printf "%d %d %.0f %.0f\n", m, t, e0*k, e1*k}' >>"$work/conc.txt"
-	rm -f "$work"/c.*
+	for i in $(seq "$CONC"); do parse "$work/c.$i.json"; done |
+		awk -v q="$CONC" -v e0="$e0" -v e1="$e1" -v k="$scale" '{m+=$1; t+=$2} END {printf "%d %d %d %.0f %.0f\n", q, m, t, e0*k, e1*k}' >>"$work/conc.txt"
+	rm -f "$work"/c.*.json
 done
 kill "$sampler" 2>/dev/null || true
 wait "$sampler" 2>/dev/null || true
 busy_w=$(mean "$work/busy.txt")
 
-# Each line: mtor_mJ tokens nvml_before nvml_after.
+# Each line, one counter window: queries mtor_mJ tokens nvml_before nvml_after.
 report() {
-	awk -v label="$1" '{m+=$1; t+=$2; n+=($4-$3)} END {
-		printf "| %s | %d | %.0f | %.0f | %.2f | %.3f | %.3f |\n", label, NR, m, n, (n>0 ? m/n : 0), (t>0 ? m/t/1000 : 0), (t>0 ? n/t/1000 : 0)}' "$2"
+	awk -v label="$1" '{q+=$1; m+=$2; t+=$3; n+=($5-$4)} END {
+		printf "| %s | %d (%d windows) | %d | %.0f | %.0f | %.2f | %.3f | %.3f |\n", label, q, NR, t, m, n, (n>0 ? m/n : 0), (t>0 ? m/t/1000 : 0), (t>0 ? n/t/1000 : 0)}' "$2"
 }
 echo
 echo "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader -i 0); model: $model; max_tokens $MAXTOK"
 echo "idle power: $idle_w W; busy power (concurrency $CONC): $busy_w W"
+echo "mtor node: $(grep -m1 '^gpu: ' "$work/node.log" || echo 'gpu: (no line)')"
 echo
-echo "| run | queries (rounds) | mtor energy_mj, sum | NVML delta around them, mJ | mtor / NVML | J/token (mtor) | J/token (NVML) |"
-echo "|---|---|---|---|---|---|---|"
+echo "| run | queries (counter windows) | completion tokens | mtor energy_mj, sum | NVML delta around them, mJ | mtor / NVML | J/token (mtor) | J/token (NVML) |"
+echo "|---|---|---|---|---|---|---|---|"
 report "concurrency 1" "$work/seq.txt"
 report "concurrency $CONC" "$work/conc.txt"
+# mtor's column is only worth reading when its in-process NVML measured.
+if awk '{m+=$2} END {exit !(m == 0)}' "$work/seq.txt" "$work/conc.txt"; then
+	echo
+	echo "bench-gpu: mtor reported no energy (energy_mj 0 on every query): its NVML found no energy counter; see the gpu line above"
+fi
