@@ -1,0 +1,142 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBenchGPUScript runs make bench-gpu's script end to end here, with
+// the GPU faked (testdata/benchgpu/fakegpu): a fake nvidia-smi, a 50 W GPU
+// whose energy counter grows by exactly that, and fake torch and
+// transformers modules, a "model" that streams fixed words. The script,
+// its model server (openai_server.py) and the real mtor node in front of
+// it are checked here, so that a GPU machine's few lent minutes go to the
+// figures, not to the script's mistakes. No figure is asserted, only that
+// each query and token is counted and the table is whole.
+func TestBenchGPUScript(t *testing.T) {
+	needBinary(t)
+	for _, tool := range []string{"bash", "curl", "bc", "python3", "awk"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("the bench-gpu script needs %s", tool)
+		}
+	}
+	script, err := filepath.Abs("testdata/benchgpu/bench-gpu.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := filepath.Join(filepath.Dir(script), "fakegpu")
+	model := t.TempDir()
+	if err := os.WriteFile(filepath.Join(model, "config.json"), []byte("{}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run := func(t *testing.T, withGPU bool, args ...string) (string, int) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, script, args...)
+		path := os.Getenv("PATH")
+		if withGPU {
+			path = fake + string(os.PathListSeparator) + path
+		}
+		cmd.Env = append(os.Environ(), "PATH="+path, "PYTHONPATH="+filepath.Join(fake, "py"),
+			"BENCH_GPU_SEQ=3", "BENCH_GPU_CONC=2", "BENCH_GPU_ROUNDS=2", "BENCH_GPU_MAX_TOKENS=8")
+		cmd.WaitDelay = 5 * time.Second
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		switch {
+		case err == nil:
+			return string(out), 0
+		case errors.As(err, &ee):
+			return string(out), ee.ExitCode()
+		}
+		t.Fatalf("%s: %v\n%s", script, err, out)
+		return "", 0
+	}
+
+	t.Run("no GPU", func(t *testing.T) {
+		if _, err := exec.LookPath("nvidia-smi"); err == nil {
+			t.Skip("this machine has an nvidia-smi")
+		}
+		out, code := run(t, false, model, e2eBin)
+		if code != 0 || !strings.Contains(out, "bench-gpu: skipped: no NVIDIA GPU here") {
+			t.Fatalf("exit %d, want 0 and the skip line:\n%s", code, out)
+		}
+	})
+	t.Run("no model", func(t *testing.T) {
+		out, code := run(t, true)
+		if code != 2 || !strings.Contains(out, "usage:") {
+			t.Fatalf("exit %d, want 2 and the usage line:\n%s", code, out)
+		}
+	})
+	t.Run("fake GPU", func(t *testing.T) {
+		out, code := run(t, true, model, e2eBin)
+		if code != 0 {
+			t.Fatalf("exit %d:\n%s", code, out)
+		}
+		for _, want := range []string{
+			"GPU: FAKE GPU for tests; model: " + model + "; max_tokens 8",
+			"idle power: 50.0 W; busy power (concurrency 2): 50.0 W",
+			"mtor node: gpu: ",
+		} {
+			if !strings.Contains(out, want) {
+				t.Errorf("no %q in the output", want)
+			}
+		}
+		// 3 queries of 8 tokens one after the other, then 2 rounds of 2.
+		for _, tc := range []struct {
+			label            string
+			queries, windows int
+		}{{"concurrency 1", 3, 3}, {"concurrency 2", 4, 2}} {
+			row := benchGPURow(t, out, tc.label)
+			if row.queries != tc.queries || row.windows != tc.windows || row.tokens != 8*tc.queries {
+				t.Errorf("%s: %d queries in %d windows, %d tokens; want %d in %d, %d tokens",
+					tc.label, row.queries, row.windows, row.tokens, tc.queries, tc.windows, 8*tc.queries)
+			}
+			if row.nvmlMJ <= 0 || row.nvmlJPerToken <= 0 {
+				t.Errorf("%s: the fake GPU's counter moved by %v mJ (%v J/token), want more than 0", tc.label, row.nvmlMJ, row.nvmlJPerToken)
+			}
+		}
+		if t.Failed() {
+			t.Logf("output:\n%s", out)
+		}
+	})
+}
+
+type benchGPURowFigures struct {
+	queries, windows, tokens int
+	nvmlMJ, nvmlJPerToken    float64
+}
+
+// benchGPURow parses the script's table row for label: | label | Q (W
+// windows) | tokens | mtor mJ | NVML mJ | ratio | J/token mtor | J/token NVML |.
+func benchGPURow(t *testing.T, out, label string) benchGPURowFigures {
+	t.Helper()
+	re := regexp.MustCompile(`(?m)^\| ` + regexp.QuoteMeta(label) + ` \| (\d+) \((\d+) windows\) \| (\d+) \| \d+ \| (\d+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$`)
+	m := re.FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no table row %q in the output:\n%s", label, out)
+	}
+	var f benchGPURowFigures
+	var err error
+	ints := []*int{&f.queries, &f.windows, &f.tokens}
+	for i, p := range ints {
+		if *p, err = strconv.Atoi(m[i+1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if f.nvmlMJ, err = strconv.ParseFloat(m[4], 64); err != nil {
+		t.Fatal(err)
+	}
+	if f.nvmlJPerToken, err = strconv.ParseFloat(m[5], 64); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}

@@ -1,0 +1,72 @@
+"""FAKE transformers, for TestBenchGPUScript only: a "model" that answers
+every prompt with the same words, one token each, through the streamer as
+transformers' generate does (put, then end). Nothing runs on a GPU."""
+import queue
+
+import torch
+
+WORDS = "the keeper lit the lamp and watched the ships pass in the night".split()
+
+
+class BatchEncoding(dict):
+    def to(self, device):
+        return self
+
+
+class AutoTokenizer:
+    chat_template = "fake"
+    eos_token_id = 0
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        return cls()
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages) + "\nassistant:"
+
+    def __call__(self, text, return_tensors=None):
+        return BatchEncoding(input_ids=torch.Tensor(range(len(text.split()))))
+
+
+class _Param:
+    def numel(self):
+        return 1_100_000_000
+
+
+class AutoModelForCausalLM:
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        return cls()
+
+    def to(self, device):
+        return self
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return [_Param()]
+
+    def generate(self, input_ids, max_new_tokens, streamer=None, **kwargs):
+        out = [WORDS[i % len(WORDS)] for i in range(max_new_tokens)]
+        for i, w in enumerate(out):
+            if streamer is not None:
+                streamer.put((" " if i else "") + w)
+        if streamer is not None:
+            streamer.end()
+        return torch.Tensor(input_ids.ids + list(range(len(out))))
+
+
+class TextIteratorStreamer:
+    def __init__(self, tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None):
+        self.q, self.timeout = queue.Queue(), timeout
+
+    def put(self, text):
+        self.q.put(text)
+
+    def end(self):
+        self.q.put(None)
+
+    def __iter__(self):
+        while (piece := self.q.get(timeout=self.timeout)) is not None:
+            yield piece
