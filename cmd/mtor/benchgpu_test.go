@@ -14,16 +14,19 @@ import (
 )
 
 // TestBenchGPUScript runs make bench-gpu's script end to end here, with
-// the GPU faked (testdata/benchgpu/fakegpu): a fake nvidia-smi, a 50 W GPU
-// whose energy counter grows by exactly that, and fake torch and
-// transformers modules, a "model" that streams fixed words. The script,
-// its model server (openai_server.py) and the real mtor node in front of
-// it are checked here, so that a GPU machine's few lent minutes go to the
-// figures, not to the script's mistakes. No figure is asserted, only that
-// each query and token is counted and the table is whole.
+// the GPU faked (testdata/benchgpu/fakegpu): a fake nvidia-smi and a fake
+// libnvidia-ml.so.1 for mtor's NVML, one 50 W GPU whose energy counter
+// grows by exactly that, and fake torch and transformers modules, a
+// "model" that streams fixed words. The script, its model server
+// (openai_server.py) and the real mtor node in front of it, with its real
+// NVML binding, are checked here, so that a GPU machine's few lent minutes
+// go to the figures, not to the script's mistakes. No figure is asserted,
+// only that each query and token is counted, that mtor measured energy,
+// and that it never counts more than the counter moved around the same
+// queries.
 func TestBenchGPUScript(t *testing.T) {
 	needBinary(t)
-	for _, tool := range []string{"bash", "curl", "bc", "python3", "awk"} {
+	for _, tool := range []string{"bash", "curl", "bc", "python3", "awk", "cc"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("the bench-gpu script needs %s", tool)
 		}
@@ -33,6 +36,10 @@ func TestBenchGPUScript(t *testing.T) {
 		t.Fatal(err)
 	}
 	fake := filepath.Join(filepath.Dir(script), "fakegpu")
+	lib := t.TempDir()
+	if out, err := exec.Command("cc", "-shared", "-fPIC", "-o", filepath.Join(lib, "libnvidia-ml.so.1"), filepath.Join(fake, "fake_nvml.c")).CombinedOutput(); err != nil {
+		t.Fatalf("building the fake NVML: %v\n%s", err, out)
+	}
 	model := t.TempDir()
 	if err := os.WriteFile(filepath.Join(model, "config.json"), []byte("{}\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -46,7 +53,7 @@ func TestBenchGPUScript(t *testing.T) {
 		if withGPU {
 			path = fake + string(os.PathListSeparator) + path
 		}
-		cmd.Env = append(os.Environ(), "PATH="+path, "PYTHONPATH="+filepath.Join(fake, "py"),
+		cmd.Env = append(os.Environ(), "PATH="+path, "PYTHONPATH="+filepath.Join(fake, "py"), "LD_LIBRARY_PATH="+lib,
 			"BENCH_GPU_SEQ=3", "BENCH_GPU_CONC=2", "BENCH_GPU_ROUNDS=2", "BENCH_GPU_MAX_TOKENS=8")
 		cmd.WaitDelay = 5 * time.Second
 		out, err := cmd.CombinedOutput()
@@ -84,7 +91,7 @@ func TestBenchGPUScript(t *testing.T) {
 		for _, want := range []string{
 			"GPU: FAKE GPU for tests; model: " + model + "; max_tokens 8",
 			"idle power: 50.0 W; busy power (concurrency 2): 50.0 W",
-			"mtor node: gpu: ",
+			"mtor node: gpu: 1 GPU(s): FAKE GPU for tests",
 		} {
 			if !strings.Contains(out, want) {
 				t.Errorf("no %q in the output", want)
@@ -103,6 +110,11 @@ func TestBenchGPUScript(t *testing.T) {
 			if row.nvmlMJ <= 0 || row.nvmlJPerToken <= 0 {
 				t.Errorf("%s: the fake GPU's counter moved by %v mJ (%v J/token), want more than 0", tc.label, row.nvmlMJ, row.nvmlJPerToken)
 			}
+			// mtor reads the same counter within each window, and shares
+			// what it read among the queries in flight, never more.
+			if row.mtorMJ <= 0 || row.mtorMJ > row.nvmlMJ {
+				t.Errorf("%s: mtor counted %v mJ, the counter moved by %v around the same queries; want 0 < mtor <= that", tc.label, row.mtorMJ, row.nvmlMJ)
+			}
 		}
 		if t.Failed() {
 			t.Logf("output:\n%s", out)
@@ -111,15 +123,15 @@ func TestBenchGPUScript(t *testing.T) {
 }
 
 type benchGPURowFigures struct {
-	queries, windows, tokens int
-	nvmlMJ, nvmlJPerToken    float64
+	queries, windows, tokens      int
+	mtorMJ, nvmlMJ, nvmlJPerToken float64
 }
 
 // benchGPURow parses the script's table row for label: | label | Q (W
 // windows) | tokens | mtor mJ | NVML mJ | ratio | J/token mtor | J/token NVML |.
 func benchGPURow(t *testing.T, out, label string) benchGPURowFigures {
 	t.Helper()
-	re := regexp.MustCompile(`(?m)^\| ` + regexp.QuoteMeta(label) + ` \| (\d+) \((\d+) windows\) \| (\d+) \| \d+ \| (\d+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$`)
+	re := regexp.MustCompile(`(?m)^\| ` + regexp.QuoteMeta(label) + ` \| (\d+) \((\d+) windows\) \| (\d+) \| (\d+) \| (\d+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|$`)
 	m := re.FindStringSubmatch(out)
 	if m == nil {
 		t.Fatalf("no table row %q in the output:\n%s", label, out)
@@ -132,11 +144,10 @@ func benchGPURow(t *testing.T, out, label string) benchGPURowFigures {
 			t.Fatal(err)
 		}
 	}
-	if f.nvmlMJ, err = strconv.ParseFloat(m[4], 64); err != nil {
-		t.Fatal(err)
-	}
-	if f.nvmlJPerToken, err = strconv.ParseFloat(m[5], 64); err != nil {
-		t.Fatal(err)
+	for i, p := range []*float64{&f.mtorMJ, &f.nvmlMJ, &f.nvmlJPerToken} {
+		if *p, err = strconv.ParseFloat(m[i+4], 64); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return f
 }

@@ -1,9 +1,15 @@
 """FAKE transformers, for TestBenchGPUScript only: a "model" that answers
-every prompt with the same words, one token each, through the streamer as
-transformers' generate does (put, then end). Nothing runs on a GPU."""
+every prompt with the same words, one token each and TOKEN_SECONDS apart,
+through the streamer as transformers' generate does (put, then end). Nothing runs on a GPU."""
+import os
 import queue
+import time
 
 import torch
+
+# Seconds per generated token: long enough that a query's own time, which
+# mtor measures, outweighs the start-up of the tools around it.
+TOKEN_SECONDS = float(os.environ.get("FAKE_MODEL_TOKEN_SECONDS", "0.03"))
 
 WORDS = "the keeper lit the lamp and watched the ships pass in the night".split()
 
@@ -50,6 +56,7 @@ class AutoModelForCausalLM:
     def generate(self, input_ids, max_new_tokens, streamer=None, **kwargs):
         out = [WORDS[i % len(WORDS)] for i in range(max_new_tokens)]
         for i, w in enumerate(out):
+            time.sleep(TOKEN_SECONDS)
             if streamer is not None:
                 streamer.put((" " if i else "") + w)
         if streamer is not None:
