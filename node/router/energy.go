@@ -3,6 +3,7 @@ package router
 import (
 	"context"
 	"slices"
+	"time"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -63,6 +64,12 @@ func (r *Router) energySlackFor(ctx context.Context) float64 {
 	return DefaultEnergySlack
 }
 
+// EnergyProbeEvery is how often a router preferring energy sends a query
+// to a worker with a GPU that announces no joules per token for the model
+// yet, so that it gets measured; without it the first worker measured
+// would take every such query and a frugal newcomer would never be.
+const EnergyProbeEvery = 10 * time.Minute
+
 // byEnergy reorders ranked (best expected latency first) so that the free
 // workers whose score is within slack × the best free score come first,
 // lowest announced joules per token first; workers that have measured no
@@ -71,7 +78,13 @@ func (r *Router) energySlackFor(ctx context.Context) float64 {
 // reports whether energy decided the order, when the caller takes the
 // first rather than draw between the two best: a burst then goes to the
 // frugal worker until its announced load makes it full.
-func byEnergy(ranked []scored, model string, t pb.QueryType, slack float64) bool {
+//
+// One exception, the probe: a worker within the slack that announces a
+// GPU but no joules per token for the model goes first, once per
+// EnergyProbeEvery, so that its answer measures it. A worker without a
+// GPU measures nothing and is never probed; one whose GPU has no energy
+// counter costs one query per period.
+func (r *Router) byEnergy(ranked []scored, model string, t pb.QueryType, slack float64) bool {
 	if slack <= 0 || len(ranked) < 2 || ranked[0].full {
 		return false
 	}
@@ -82,6 +95,12 @@ func byEnergy(ranked []scored, model string, t pb.QueryType, slack float64) bool
 	}
 	jpt := func(s scored) float32 {
 		return modelInfo(s.Announce, model, t).GetJoulesPerToken()
+	}
+	if i := r.energyProbe(ranked[:n], model, jpt); i >= 0 {
+		c := ranked[i]
+		copy(ranked[1:i+1], ranked[:i])
+		ranked[0] = c
+		return true
 	}
 	known := false
 	for _, s := range ranked[:n] {
@@ -109,4 +128,27 @@ func byEnergy(ranked []scored, model string, t pb.QueryType, slack float64) bool
 		return 0
 	})
 	return true
+}
+
+// energyProbe is the index in within of the first worker due a probe for
+// model (byEnergy), now marked as probed; -1 when none is.
+func (r *Router) energyProbe(within []scored, model string, jpt func(scored) float32) int {
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i, s := range within {
+		if jpt(s) > 0 || len(s.Announce.GetGpus()) == 0 {
+			continue
+		}
+		st := r.state(s.Peer)
+		if last, ok := st.energyProbed[model]; ok && now.Sub(last) < EnergyProbeEvery {
+			continue
+		}
+		if st.energyProbed == nil {
+			st.energyProbed = make(map[string]time.Time)
+		}
+		st.energyProbed[model] = now
+		return i
+	}
+	return -1
 }

@@ -13,11 +13,15 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol/pb"
+	"google.golang.org/protobuf/proto"
 )
 
 func jpt(j float32) func(*pb.Announce) {
 	return func(a *pb.Announce) { a.Models[0].JoulesPerToken = j }
 }
+
+// withGPU announces one GPU: a worker that can measure its energy.
+func withGPU(a *pb.Announce) { a.Gpus = []*pb.GPU{{Name: "gpu"}} }
 
 // TestEnergyPreferenceOrder: with energy preferred, the lowest measured
 // joules per token among the free workers within the latency slack goes
@@ -41,6 +45,14 @@ func TestEnergyPreferenceOrder(t *testing.T) {
 			[]string{"frugal", "fast"}, true},
 		{"measured before unknown", staticTable{cand("unknown", 0, 4, 100, 0), cand("measured", 0, 4, 100, 20*ms, jpt(3))}, 1.5,
 			[]string{"measured", "unknown"}, true},
+		{"a GPU not yet measured is probed first", staticTable{cand("measured", 0, 4, 100, 0, jpt(1), withGPU), cand("new", 0, 4, 100, 20*ms, withGPU)}, 1.5,
+			[]string{"new", "measured"}, true},
+		{"a GPU outside the slack is not probed", staticTable{cand("measured", 0, 4, 100, 0, jpt(1), withGPU), cand("new", 0, 4, 100, 300*ms, withGPU)}, 1.5,
+			[]string{"measured", "new"}, true},
+		{"a full GPU is not probed", staticTable{cand("measured", 0, 4, 100, 0, jpt(1), withGPU), cand("new", 4, 4, 100, 0, withGPU)}, 1.5,
+			[]string{"measured", "new"}, true},
+		{"probed with nobody measured", staticTable{cand("cpu", 0, 4, 100, 0), cand("new", 0, 4, 100, 20*ms, withGPU)}, 1.5,
+			[]string{"new", "cpu"}, true},
 		{"nobody measured: latency decides", staticTable{cand("a", 0, 4, 100, 30*ms), cand("b", 0, 4, 100, 0)}, 1.5,
 			[]string{"b", "a"}, false},
 		{"a full worker stays behind", staticTable{cand("full", 4, 4, 100, 0, jpt(0.1)), cand("free", 0, 4, 100, 0, jpt(5))}, 1.5,
@@ -54,7 +66,7 @@ func TestEnergyPreferenceOrder(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := New(h, "/test", tc.table)
 			ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
-			moved := byEnergy(ranked, "m", pb.QueryType_QUERY_TYPE_CHAT, tc.slack)
+			moved := r.byEnergy(ranked, "m", pb.QueryType_QUERY_TYPE_CHAT, tc.slack)
 			var got []string
 			for _, c := range ranked {
 				got = append(got, string(c.Peer))
@@ -63,6 +75,62 @@ func TestEnergyPreferenceOrder(t *testing.T) {
 				t.Fatalf("order = %v (pinned %v), want %v (pinned %v)", got, moved, tc.want, tc.moved)
 			}
 		})
+	}
+}
+
+// TestEnergyProbe: a worker with a GPU and no joules per token for the
+// model is probed once per EnergyProbeEvery, again after that, and again
+// at once after it restarts (a new process has measured nothing); once it
+// announces a figure, the figure decides.
+func TestEnergyProbe(t *testing.T) {
+	h := testHost(t)
+	measured := cand("measured", 0, 4, 100, 0, jpt(1), withGPU)
+	fresh := cand("new", 0, 4, 100, 20*time.Millisecond, withGPU)
+	table := &mutableTable{c: []Candidate{measured, fresh}}
+	r := New(h, "/test", table)
+	first := func() string {
+		t.Helper()
+		ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+		if !r.byEnergy(ranked, "m", pb.QueryType_QUERY_TYPE_CHAT, 1.5) {
+			t.Fatal("energy did not decide")
+		}
+		return string(ranked[0].Peer)
+	}
+	steps := []struct {
+		name string
+		do   func()
+		want string
+	}{
+		{"probed", func() {}, "new"},
+		{"not again within the period", func() {}, "measured"},
+		{"nor for a burst", func() {}, "measured"},
+		{"again after the period", func() {
+			r.mu.Lock()
+			r.state("new").energyProbed["m"] = time.Now().Add(-EnergyProbeEvery - time.Second)
+			r.mu.Unlock()
+		}, "new"},
+		{"restarted: probed at once", func() {
+			for _, inc := range []uint64{1, 2} {
+				c := fresh
+				c.Announce = proto.Clone(fresh.Announce).(*pb.Announce)
+				c.Announce.Incarnation = inc
+				r.mu.Lock()
+				r.noteIncarnationLocked(c, r.state("new"))
+				r.mu.Unlock()
+			}
+		}, "new"},
+		{"measured frugal: the figure decides", func() {
+			table.set(measured, cand("new", 0, 4, 100, 20*time.Millisecond, jpt(0.5), withGPU))
+		}, "new"},
+		{"measured costly: the figure decides", func() {
+			table.set(measured, cand("new", 0, 4, 100, 20*time.Millisecond, jpt(5), withGPU))
+		}, "measured"},
+	}
+	for _, s := range steps {
+		s.do()
+		if got := first(); got != s.want {
+			t.Fatalf("%s: first = %s, want %s", s.name, got, s.want)
+		}
 	}
 }
 

@@ -156,6 +156,10 @@ type peerState struct {
 	// for: a worker failing one model it announces is banned from that
 	// model (with back-off), not from the others.
 	models map[string]*health.Tracker
+	// energyProbed is when a query preferring energy last went to the
+	// peer to measure a model it announces no joules per token for
+	// (energy.go), by model.
+	energyProbed map[string]time.Time
 }
 
 // unreachableLocked reports whether c is still unreachable: it failed a
@@ -506,6 +510,7 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 	}
 	st.tracker = health.New(r.trackerOpts...)
 	st.ttft, st.service = 0, 0
+	st.energyProbed = nil // the new process has measured nothing
 	r.clearBackoff(c.Peer)
 	if r.checker != nil {
 		for _, conn := range r.h.Network().ConnsToPeer(c.Peer) {
@@ -733,7 +738,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 			break
 		}
 		i := 0
-		if !byEnergy(ranked, req.GetModel(), req.GetType(), slack) {
+		if !r.byEnergy(ranked, req.GetModel(), req.GetType(), slack) {
 			i = r.choose(ranked)
 		}
 		c := ranked[i]
