@@ -26,7 +26,7 @@ import (
 // queries.
 func TestBenchGPUScript(t *testing.T) {
 	needBinary(t)
-	for _, tool := range []string{"bash", "curl", "bc", "python3", "awk", "cc"} {
+	for _, tool := range []string{"bash", "curl", "bc", "python3", "awk"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("the bench-gpu script needs %s", tool)
 		}
@@ -36,10 +36,7 @@ func TestBenchGPUScript(t *testing.T) {
 		t.Fatal(err)
 	}
 	fake := filepath.Join(filepath.Dir(script), "fakegpu")
-	lib := t.TempDir()
-	if out, err := exec.Command("cc", "-shared", "-fPIC", "-o", filepath.Join(lib, "libnvidia-ml.so.1"), filepath.Join(fake, "fake_nvml.c")).CombinedOutput(); err != nil {
-		t.Fatalf("building the fake NVML: %v\n%s", err, out)
-	}
+	lib := fakeNVML(t)
 	model := t.TempDir()
 	if err := os.WriteFile(filepath.Join(model, "config.json"), []byte("{}\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -120,6 +117,21 @@ func TestBenchGPUScript(t *testing.T) {
 			t.Logf("output:\n%s", out)
 		}
 	})
+}
+
+// fakeNVML builds the fake libnvidia-ml.so.1 (testdata/benchgpu/fakegpu/
+// fake_nvml.c) and returns its directory, for a node's LD_LIBRARY_PATH:
+// one GPU drawing FAKE_GPU_WATTS (50 by default) of the node's environment.
+func fakeNVML(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("cc"); err != nil {
+		t.Skip("the fake NVML needs a C compiler (cc)")
+	}
+	lib := t.TempDir()
+	if out, err := exec.Command("cc", "-shared", "-fPIC", "-o", filepath.Join(lib, "libnvidia-ml.so.1"), filepath.Join("testdata", "benchgpu", "fakegpu", "fake_nvml.c")).CombinedOutput(); err != nil {
+		t.Fatalf("building the fake NVML: %v\n%s", err, out)
+	}
+	return lib
 }
 
 type benchGPURowFigures struct {

@@ -1,0 +1,121 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mtor-swarm/mtor/node/api"
+)
+
+// TestE2EEnergyPreferenceMeasuresNewcomers: real processes, each worker's
+// GPU a fake NVML (fakeNVML) drawing a different constant power, so that
+// the whole path runs: NVML's energy counter, the worker's meter and
+// joules per token, its announcement, the bridge's swarm view and its
+// router preferring energy (--prefer-energy). A 400 W worker is measured
+// first; a 40 W one joins. The bridge's next query goes to the newcomer,
+// which has a GPU and no figure yet (the probe), and once both figures are
+// in the view every query goes to the frugal one. Without the probe the
+// measured worker would take every query and the newcomer never be measured.
+func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
+	needBinary(t)
+	lib := fakeNVML(t)
+	dir := t.TempDir()
+	bridge := startNode(t, "bridge", nodeArgs(filepath.Join(dir, "bridge"),
+		"--bridge", "127.0.0.1:0", "--prefer-energy", "--energy-slack", "3")...)
+	base := strings.TrimSuffix(bridge.value("bridge"), "/")
+	apiAddr := bridge.value("api")
+	gpuWorker := func(name string, watts int) *proc {
+		p := startNodeIn(t, name, []string{"env", "LD_LIBRARY_PATH=" + lib, "FAKE_GPU_WATTS=" + strconv.Itoa(watts)},
+			nodeArgs(filepath.Join(dir, name), "--backend", "demo:delay=10ms", "--join", bridge.value("join"))...)
+		if g := p.value("gpu"); !strings.Contains(g, "FAKE GPU for tests") {
+			t.Fatalf("worker %s sees no fake GPU: gpu: %s", name, g)
+		}
+		waitWorkers(t, apiAddr, "demo", p.value("peer"))
+		return p
+	}
+	ask := func() string {
+		t.Helper()
+		resp, err := http.Post(base+"/v1/chat/completions", "application/json",
+			strings.NewReader(`{"model":"demo","messages":[{"role":"user","content":"which of you is frugal?"}]}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("chat: %d %s %v", resp.StatusCode, body, err)
+		}
+		var out struct {
+			Mtor struct {
+				Peer     string `json:"peer"`
+				EnergyMJ uint64 `json:"energy_mj"`
+			} `json:"mtor"`
+		}
+		if err := json.Unmarshal(body, &out); err != nil {
+			t.Fatalf("chat answer %s: %v", body, err)
+		}
+		if out.Mtor.EnergyMJ == 0 {
+			t.Errorf("answer of %s measured no energy: %s", out.Mtor.Peer, body)
+		}
+		return out.Mtor.Peer
+	}
+	// joules waits until the bridge's swarm view shows w's joules per
+	// token for demo, with its GPU.
+	joules := func(w *proc) float32 {
+		t.Helper()
+		c := api.NewClient(apiAddr)
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			peers, err := c.Peers(t.Context())
+			for _, p := range peers {
+				if p.Peer != w.value("peer") || len(p.GPUs) == 0 || p.GPUs[0].Name != "FAKE GPU for tests" {
+					continue
+				}
+				for _, m := range p.Models {
+					if m.Name == "demo" && m.JoulesPerToken > 0 {
+						return m.JoulesPerToken
+					}
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s's joules per token not in the bridge's view after 30 s (last: %+v, %v)", w.name, peers, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+
+	hot := gpuWorker("hot", 400)
+	for i := range 3 {
+		if p := ask(); p != hot.value("peer") {
+			t.Fatalf("query %d went to %s, the only worker is %s", i, p, hot.value("peer"))
+		}
+	}
+	jHot := joules(hot)
+
+	cool := gpuWorker("cool", 40)
+	if p := ask(); p != cool.value("peer") {
+		t.Fatalf("the first query after the 40 W worker joined went to %s, not to it (%s) to measure it", p, cool.value("peer"))
+	}
+	jCool := joules(cool)
+	if jCool >= jHot {
+		t.Fatalf("40 W worker at %v J/token, 400 W one at %v: want less", jCool, jHot)
+	}
+	var got []string
+	for range 5 {
+		got = append(got, ask())
+	}
+	for i, p := range got {
+		if p != cool.value("peer") {
+			t.Fatalf("query %d of 5 went to %s, not to the frugal worker %s (%v J/token against %v): %v",
+				i, p, cool.value("peer"), jCool, jHot, got)
+		}
+	}
+	t.Logf("%s", fmt.Sprintf("joules per token in the bridge's view: 400 W worker %.3f, 40 W worker %.3f", jHot, jCool))
+}
