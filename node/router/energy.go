@@ -13,6 +13,11 @@ import (
 // the fastest, the lowest measured joules per token goes first.
 const DefaultEnergySlack = 1.5
 
+// energySlackMs widens the slack by a few milliseconds: on one LAN every
+// worker answers within one or two, and the ratio of two such figures is
+// noise (a worker measured at 1.2 ms is not 4× slower than one at 0.3).
+const energySlackMs = 10
+
 // EnergyPreference is whether a query prefers the lowest measured joules
 // per token over the lowest expected latency.
 type EnergyPreference int
@@ -71,7 +76,8 @@ func (r *Router) energySlackFor(ctx context.Context) float64 {
 const EnergyProbeEvery = 10 * time.Minute
 
 // byEnergy reorders ranked (best expected latency first) so that the free
-// workers whose score is within slack × the best free score come first,
+// workers whose score is within slack × the best free score (plus
+// energySlackMs) come first,
 // lowest announced joules per token first; workers that have measured no
 // energy (0: unknown) follow those that have, in latency order. Full
 // workers and those outside the slack keep their places behind. It
@@ -88,7 +94,7 @@ func (r *Router) byEnergy(ranked []scored, model string, t pb.QueryType, slack f
 	if slack <= 0 || len(ranked) < 2 || ranked[0].full {
 		return false
 	}
-	limit := ranked[0].score * slack
+	limit := ranked[0].score*slack + energySlackMs
 	n := 0
 	for n < len(ranked) && !ranked[n].full && ranked[n].score <= limit {
 		n++

@@ -20,6 +20,11 @@ func jpt(j float32) func(*pb.Announce) {
 	return func(a *pb.Announce) { a.Models[0].JoulesPerToken = j }
 }
 
+// ttftMs announces a p50 time to first token.
+func ttftMs(ms uint32) func(*pb.Announce) {
+	return func(a *pb.Announce) { a.Models[0].P50TtftMs = ms }
+}
+
 // withGPU announces one GPU: a worker that can measure its energy.
 func withGPU(a *pb.Announce) { a.Gpus = []*pb.GPU{{Name: "gpu"}} }
 
@@ -45,6 +50,10 @@ func TestEnergyPreferenceOrder(t *testing.T) {
 			[]string{"frugal", "fast"}, true},
 		{"measured before unknown", staticTable{cand("unknown", 0, 4, 100, 0), cand("measured", 0, 4, 100, 20*ms, jpt(3))}, 1.5,
 			[]string{"measured", "unknown"}, true},
+		{"a few ms apart: within the slack whatever the ratio", staticTable{cand("fast", 0, 4, 100, 0, ttftMs(1), jpt(2)), cand("frugal", 0, 4, 100, 0, ttftMs(5), jpt(0.5))}, 1.5,
+			[]string{"frugal", "fast"}, true},
+		{"tens of ms apart: the ratio decides", staticTable{cand("fast", 0, 4, 100, 0, ttftMs(20), jpt(2)), cand("frugal", 0, 4, 100, 0, ttftMs(60), jpt(0.5))}, 1.5,
+			[]string{"fast", "frugal"}, true},
 		{"a GPU not yet measured is probed first", staticTable{cand("measured", 0, 4, 100, 0, jpt(1), withGPU), cand("new", 0, 4, 100, 20*ms, withGPU)}, 1.5,
 			[]string{"new", "measured"}, true},
 		{"a GPU outside the slack is not probed", staticTable{cand("measured", 0, 4, 100, 0, jpt(1), withGPU), cand("new", 0, 4, 100, 300*ms, withGPU)}, 1.5,
