@@ -2,7 +2,6 @@ package bridge
 
 import (
 	"net/http"
-	"strings"
 
 	"github.com/mtor-swarm/mtor/node/router"
 )
@@ -16,16 +15,12 @@ const preferHeader = "X-Mtor-Prefer"
 // parsePrefer reads the preference header; an unknown value is an error,
 // not silently the default.
 func parsePrefer(v string) (router.EnergyPreference, *apiError) {
-	switch strings.ToLower(strings.TrimSpace(v)) {
-	case "":
-		return router.EnergyDefault, nil
-	case "energy":
-		return router.EnergyPrefer, nil
-	case "latency":
-		return router.EnergyIgnore, nil
+	p, err := router.ParseEnergyPreference(v)
+	if err != nil {
+		return router.EnergyDefault, badRequest(preferHeader, "invalid_prefer",
+			"The %s header must be \"energy\" or \"latency\", not %q.", preferHeader, v)
 	}
-	return router.EnergyDefault, badRequest(preferHeader, "invalid_prefer",
-		"The %s header must be \"energy\" or \"latency\", not %q.", preferHeader, v)
+	return p, nil
 }
 
 // withPreference puts the request's routing preference in its context.

@@ -47,6 +47,9 @@ type queryIn struct {
 	Audio     string `json:"audio"` // speech: base64 webm
 	Image     string `json:"image"` // vision without chunking (the seed's camera mode)
 	History   []turn `json:"history"`
+	// Prefer (ours, optional): "energy" or "latency" picks the worker as
+	// X-Mtor-Prefer does on the HTTP API; absent, the node's setting.
+	Prefer string `json:"prefer"`
 }
 
 // turn is one earlier message of a conversation (ours, optional).

@@ -33,7 +33,9 @@ type jobSpec struct {
 	// submit_query, transcription_result for speech_to_text, speech_result
 	// for text_to_speech.
 	reply string
-	run   func(ctx context.Context, r *jobRun) (*outcome, error)
+	// prefer is how the router picks each step's worker (energy.go).
+	prefer router.EnergyPreference
+	run    func(ctx context.Context, r *jobRun) (*outcome, error)
 }
 
 // outcome is what a job produced.
@@ -72,7 +74,7 @@ func (c *conn) start(spec jobSpec) {
 	if id == "" {
 		id = newQueryID()
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.queryTimeout)
+	ctx, cancel := context.WithTimeout(router.WithEnergyPreference(c.ctx, spec.prefer), c.s.cfg.queryTimeout)
 	r := &running{cancel: cancel}
 	c.mu.Lock()
 	if _, dup := c.queries[id]; dup {
@@ -427,8 +429,13 @@ func (c *conn) submit(m *inbound) {
 		fail(err)
 		return
 	}
+	prefer, err := router.ParseEnergyPreference(q.Prefer)
+	if err != nil {
+		c.sendError("BAD_REQUEST", "query.prefer: "+err.Error(), m.QueryID)
+		return
+	}
 	cat := c.s.catalog()
-	spec := jobSpec{queryID: m.QueryID, queryType: qt, modelType: q.ModelType, prompt: q.Prompt, reply: "query_result"}
+	spec := jobSpec{queryID: m.QueryID, queryType: qt, modelType: q.ModelType, prompt: q.Prompt, reply: "query_result", prefer: prefer}
 	if qt == "speech" && strings.TrimSpace(q.Audio) == "" && strings.TrimSpace(q.Prompt) != "" {
 		qt = "chat" // a speech query already transcribed: answer its text
 	}

@@ -25,6 +25,7 @@ import (
 	"github.com/mtor-swarm/mtor/bridge/ws"
 	"github.com/mtor-swarm/mtor/bridge/ws/wstest"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/router"
 )
 
 // waitLimit bounds every wait in these tests; it is generous so that a
@@ -279,6 +280,40 @@ func TestWorkerUpdateOneEntryPerModelAndTypeWithoutAddresses(t *testing.T) {
 		if multiaddrRe.MatchString(s) || hostPortRe.MatchString(s) {
 			t.Errorf("worker_update carries something like a network address: %q", s)
 		}
+	}
+}
+
+// TestSubmitQueryPrefer: query.prefer ("energy", "latency") reaches the
+// router with the query, absent it is the node's default, and any other
+// value is refused with BAD_REQUEST before anything is routed.
+func TestSubmitQueryPrefer(t *testing.T) {
+	h := newHarness(t, nil)
+	c := h.mustDial()
+	c.hello()
+	for _, tc := range []struct {
+		prefer string
+		want   router.EnergyPreference
+	}{{"energy", router.EnergyPrefer}, {"Latency", router.EnergyIgnore}, {"", router.EnergyDefault}} {
+		q := submit("which worker?", "chat", "demo")
+		if tc.prefer != "" {
+			q["query"].(msg)["prefer"] = tc.prefer
+		}
+		c.send(q)
+		c.until("query_done")
+		if got := h.swarm.LastPreference(); got != tc.want {
+			t.Errorf("prefer %q: the router got %v, want %v", tc.prefer, got, tc.want)
+		}
+	}
+	before := h.swarm.Queries()
+	q := submit("which worker?", "chat", "demo")
+	q["query"].(msg)["prefer"] = "cheapest"
+	c.send(q)
+	e, _ := c.until("error")
+	if e.str("code") != "BAD_REQUEST" || !strings.Contains(e.str("message"), "prefer") {
+		t.Errorf("error = %v, want BAD_REQUEST about prefer", e)
+	}
+	if n := h.swarm.Queries(); n != before {
+		t.Errorf("%d queries routed for a refused one", n-before)
 	}
 }
 

@@ -18,17 +18,20 @@ import (
 // GPU a fake NVML (fakeNVML) drawing a different constant power, so that
 // the whole path runs: NVML's energy counter, the worker's meter and
 // joules per token, its announcement, the bridge's swarm view and its
-// router preferring energy (--prefer-energy). A 400 W worker is measured
-// first; a 40 W one joins. The bridge's next query goes to the newcomer,
-// which has a GPU and no figure yet (the probe), and once both figures are
-// in the view every query goes to the frugal one. Without the probe the
-// measured worker would take every query and the newcomer never be measured.
+// router preferring energy, per query: the OpenAI API's X-Mtor-Prefer
+// header, then `mtor query --prefer energy` through the node's control
+// API (the node itself ranks by latency). A 400 W worker is measured
+// first; a 40 W one joins. The next query preferring energy goes to the
+// newcomer, which has a GPU and no figure yet (the probe), and once both
+// figures are in the view every such query goes to the frugal one.
+// Without the probe the measured worker would take every query and the
+// newcomer never be measured.
 func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
 	needBinary(t)
 	lib := fakeNVML(t)
 	dir := t.TempDir()
 	bridge := startNode(t, "bridge", nodeArgs(filepath.Join(dir, "bridge"),
-		"--bridge", "127.0.0.1:0", "--prefer-energy", "--energy-slack", "3")...)
+		"--bridge", "127.0.0.1:0", "--energy-slack", "3")...)
 	base := strings.TrimSuffix(bridge.value("bridge"), "/")
 	apiAddr := bridge.value("api")
 	gpuWorker := func(name string, watts int) *proc {
@@ -42,8 +45,14 @@ func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
 	}
 	ask := func() string {
 		t.Helper()
-		resp, err := http.Post(base+"/v1/chat/completions", "application/json",
+		req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, base+"/v1/chat/completions",
 			strings.NewReader(`{"model":"demo","messages":[{"role":"user","content":"which of you is frugal?"}]}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("X-Mtor-Prefer", "energy")
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -115,6 +124,18 @@ func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
 		if p != cool.value("peer") {
 			t.Fatalf("query %d of 5 went to %s, not to the frugal worker %s (%v J/token against %v): %v",
 				i, p, cool.value("peer"), jCool, jHot, got)
+		}
+	}
+	for i := range 3 {
+		code, stdout, stderr := mtor(t, "query", "--api", apiAddr, "--prefer", "energy", "--json", "which of you is frugal?")
+		var out struct {
+			Peer string `json:"peer"`
+		}
+		if code != 0 || json.Unmarshal([]byte(stdout), &out) != nil {
+			t.Fatalf("mtor query --prefer energy: exit %d: %s %s", code, stdout, stderr)
+		}
+		if out.Peer != cool.value("peer") {
+			t.Fatalf("mtor query --prefer energy %d went to %s, not to the frugal worker %s", i, out.Peer, cool.value("peer"))
 		}
 	}
 	t.Logf("%s", fmt.Sprintf("joules per token in the bridge's view: 400 W worker %.3f, 40 W worker %.3f", jHot, jCool))

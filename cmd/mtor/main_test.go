@@ -59,6 +59,7 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"query api and join", []string{"query", "--api", "127.0.0.1:1", "--join", "/ip4/127.0.0.1/tcp/1", "hi"}, "exclude each other"},
 		{"query bad type", []string{"query", "--type", "dance", "hi"}, "--type"},
 		{"query bad timeout", []string{"query", "--timeout", "-1s", "hi"}, "--timeout"},
+		{"query bad prefer", []string{"query", "--prefer", "cheap", "hi"}, "--prefer"},
 		{"node bridge key without bridge", []string{"node", "--bridge-key", "k"}, "need --bridge"},
 		{"node bridge origin without bridge", []string{"node", "--bridge-origin", "https://app.example"}, "need --bridge"},
 		{"node bridge host without bridge", []string{"node", "--bridge-host", "gpu.example"}, "need --bridge"},

@@ -52,6 +52,7 @@ type queryFlags struct {
 	system    string
 	attach    stringList
 	out       string
+	prefer    string
 }
 
 // restartNotice goes to stderr when the peer answering is lost mid-answer
@@ -103,6 +104,7 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&f.system, "system", "", "system prompt")
 	fs.Var(&f.attach, "attach", "file to attach (an image for vision, audio for stt), repeatable")
 	fs.StringVar(&f.out, "out", "", "write media output (imagine, tts) to this file")
+	fs.StringVar(&f.prefer, "prefer", "", "how the worker is picked: energy (lowest measured joules per token within the latency slack) or latency (default: the node's --prefer-energy)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -127,6 +129,9 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 	typ, err := protocol.ParseType(f.typ)
 	if err != nil {
 		return usagef("--type: %s", protocol.AsError(err).Message)
+	}
+	if _, err := router.ParseEnergyPreference(f.prefer); err != nil {
+		return usagef("--prefer: %v", err)
 	}
 	prompt := strings.Join(pos, " ")
 	if prompt == "-" {
@@ -234,6 +239,7 @@ func (f *queryFlags) request(typ pb.QueryType, prompt string) (*api.QueryRequest
 		Model:     f.model,
 		Type:      protocol.TypeName(typ),
 		TimeoutMs: f.timeout.Milliseconds(),
+		Prefer:    f.prefer,
 	}
 	if f.maxTokens > 0 {
 		q.Params = &api.Params{MaxTokens: uint32(f.maxTokens)}
@@ -458,7 +464,11 @@ func (p *ephemeral) Query(ctx context.Context, q *api.QueryRequest, onEvent func
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	pref, err := q.Preference()
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(router.WithEnergyPreference(ctx, pref), timeout)
 	defer cancel()
 	return api.Run(ctx, p.n.Router(), req, onEvent)
 }

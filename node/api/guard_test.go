@@ -47,6 +47,7 @@ func TestRefusedBeforeRouting(t *testing.T) {
 		{name: "overflowing timeout", method: "POST", path: "/v1/query", body: `{"model":"demo","prompt":"hi","timeout_ms":9223372036854775807}`, wantCode: 400, wantErr: "BAD_REQUEST"},
 		{name: "bad params", method: "POST", path: "/v1/query", body: `{"model":"demo","prompt":"hi","params":{"temperature":5}}`, wantCode: 400, wantErr: "BAD_REQUEST"},
 		{name: "bad role", method: "POST", path: "/v1/query", body: `{"model":"demo","messages":[{"role":"god","content":"hi"}]}`, wantCode: 400, wantErr: "BAD_REQUEST"},
+		{name: "bad prefer", method: "POST", path: "/v1/query", body: `{"model":"demo","prompt":"hi","prefer":"cheap"}`, wantCode: 400, wantErr: "BAD_REQUEST"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

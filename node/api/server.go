@@ -303,7 +303,12 @@ func (s *Server) handleQuery(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, protocol.AsError(err))
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), timeout)
+	pref, err := q.Preference()
+	if err != nil {
+		writeError(w, http.StatusBadRequest, protocol.AsError(err))
+		return
+	}
+	ctx, cancel := context.WithTimeout(router.WithEnergyPreference(r.Context(), pref), timeout)
 	defer cancel()
 
 	out := &eventWriter{w: w, rc: http.NewResponseController(w)}
@@ -346,6 +351,15 @@ func Run(ctx context.Context, r Router, req *pb.QueryRequest, onEvent func(*Even
 		return nil, protocol.Errorf(protocol.CodeInternal, "the router returned no result")
 	}
 	return doneEvent(res), nil
+}
+
+// Preference is Prefer parsed; a bad value is a BAD_REQUEST error.
+func (q *QueryRequest) Preference() (router.EnergyPreference, error) {
+	p, err := router.ParseEnergyPreference(q.Prefer)
+	if err != nil {
+		return p, protocol.Errorf(protocol.CodeBadRequest, "prefer: %v", err)
+	}
+	return p, nil
 }
 
 // Proto turns the JSON request into a wire request with a fresh id and an

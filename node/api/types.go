@@ -117,6 +117,10 @@ type QueryRequest struct {
 	Params      *Params      `json:"params,omitempty"`
 	Priority    int32        `json:"priority,omitempty"`
 	TimeoutMs   int64        `json:"timeout_ms,omitempty"` // 0 = the server's default
+	// Prefer is how the node's router picks the worker: "energy" (lowest
+	// measured joules per token within its latency slack), "latency", or
+	// "" for the node's own --prefer-energy.
+	Prefer string `json:"prefer,omitempty"`
 }
 
 // Event names, the value of Event.Event.

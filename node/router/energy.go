@@ -2,7 +2,10 @@ package router
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -38,6 +41,25 @@ type energyKey struct{}
 // chooses among workers; it does not travel to them.
 func WithEnergyPreference(ctx context.Context, p EnergyPreference) context.Context {
 	return context.WithValue(ctx, energyKey{}, p)
+}
+
+// ErrBadPreference is a preference that is neither "energy" nor "latency".
+var ErrBadPreference = errors.New(`the preference must be "energy" or "latency"`)
+
+// ParseEnergyPreference reads a client's preference, as every API spells
+// it: "energy" (EnergyPrefer), "latency" (EnergyIgnore), "" (EnergyDefault,
+// the router's own). Case and surrounding space do not matter; anything
+// else is ErrBadPreference, never silently the default.
+func ParseEnergyPreference(s string) (EnergyPreference, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "":
+		return EnergyDefault, nil
+	case "energy":
+		return EnergyPrefer, nil
+	case "latency":
+		return EnergyIgnore, nil
+	}
+	return EnergyDefault, fmt.Errorf("%w, not %q", ErrBadPreference, s)
 }
 
 // EnergyPreferenceOf is the preference WithEnergyPreference put in ctx.

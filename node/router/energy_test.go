@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -139,6 +140,27 @@ func TestEnergyProbe(t *testing.T) {
 		s.do()
 		if got := first(); got != s.want {
 			t.Fatalf("%s: first = %s, want %s", s.name, got, s.want)
+		}
+	}
+}
+
+func TestParseEnergyPreference(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		want    EnergyPreference
+		wantErr bool
+	}{
+		{"", EnergyDefault, false},
+		{"energy", EnergyPrefer, false},
+		{" Energy ", EnergyPrefer, false},
+		{"latency", EnergyIgnore, false},
+		{"LATENCY", EnergyIgnore, false},
+		{"cheap", EnergyDefault, true},
+		{"energy,latency", EnergyDefault, true},
+	} {
+		got, err := ParseEnergyPreference(tc.in)
+		if got != tc.want || (err != nil) != tc.wantErr || (err != nil && !errors.Is(err, ErrBadPreference)) {
+			t.Errorf("ParseEnergyPreference(%q) = %v, %v; want %v, error %v", tc.in, got, err, tc.want, tc.wantErr)
 		}
 	}
 }

@@ -32,6 +32,8 @@ type DemoSwarm struct {
 	queries   atomic.Int64
 	cancelled atomic.Int64
 	inFlight  atomic.Int64
+	// prefer is the energy preference of the last query's context.
+	prefer atomic.Int64
 }
 
 // Option configures a DemoSwarm.
@@ -84,6 +86,12 @@ func (d *DemoSwarm) AddBackend(b *demo.Backend) {
 func (d *DemoSwarm) Queries() int   { return int(d.queries.Load()) }
 func (d *DemoSwarm) Cancelled() int { return int(d.cancelled.Load()) }
 func (d *DemoSwarm) InFlight() int  { return int(d.inFlight.Load()) }
+
+// LastPreference is the energy preference the last query came with
+// (router.WithEnergyPreference): what a router would have ranked by.
+func (d *DemoSwarm) LastPreference() router.EnergyPreference {
+	return router.EnergyPreference(d.prefer.Load())
+}
 
 func (d *DemoSwarm) models() []backend.Model {
 	d.mu.Lock()
@@ -141,6 +149,7 @@ func (d *DemoSwarm) Query(ctx context.Context, req *pb.QueryRequest, h router.Ha
 		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer serves model %q for %s", req.GetModel(), protocol.TypeName(req.GetType()))
 	}
 	d.queries.Add(1)
+	d.prefer.Store(int64(router.EnergyPreferenceOf(ctx)))
 	d.inFlight.Add(1)
 	defer d.inFlight.Add(-1)
 	start := time.Now()
