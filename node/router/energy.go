@@ -99,9 +99,9 @@ const EnergyProbeEvery = 10 * time.Minute
 
 // byEnergy reorders ranked (best expected latency first) so that the free
 // workers whose score is within slack × the best free score (plus
-// energySlackMs) come first,
-// lowest announced joules per token first; workers that have measured no
-// energy (0: unknown) follow those that have, in latency order. Full
+// energySlackMs) come first, lowest announced joules per token first;
+// workers that have measured no energy (0: unknown) follow those that
+// have, in latency order. Full
 // workers and those outside the slack keep their places behind. It
 // reports whether energy decided the order, when the caller takes the
 // first rather than draw between the two best: a burst then goes to the
