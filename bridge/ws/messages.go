@@ -36,6 +36,10 @@ type inbound struct {
 	ModelType   string `json:"model_type"`
 	ModelName   string `json:"model_name"`
 	History     []turn `json:"history"`
+
+	// vision_chunk, speech_to_text, text_to_speech (optional, ours): as
+	// submit_query's query.prefer.
+	Prefer string `json:"prefer"`
 }
 
 // queryIn is submit_query's "query" object.

@@ -429,9 +429,8 @@ func (c *conn) submit(m *inbound) {
 		fail(err)
 		return
 	}
-	prefer, err := router.ParseEnergyPreference(q.Prefer)
-	if err != nil {
-		c.sendError("BAD_REQUEST", "query.prefer: "+err.Error(), m.QueryID)
+	prefer, ok := c.preference("query.prefer", q.Prefer, m.QueryID)
+	if !ok {
 		return
 	}
 	cat := c.s.catalog()
@@ -626,8 +625,12 @@ func (c *conn) visionChunk(m *inbound) {
 		c.sendError(protocol.CodeName(pe.Code), pe.Message, m.QueryID)
 		return
 	}
+	prefer, ok := c.preference("prefer", m.Prefer, m.QueryID)
+	if !ok {
+		return
+	}
 	c.send(messageMsg{Type: "vision_upload_complete", Message: "Image upload complete and processed", ImageID: id})
-	spec := jobSpec{queryID: m.QueryID, modelType: m.ModelType}
+	spec := jobSpec{queryID: m.QueryID, modelType: m.ModelType, prefer: prefer}
 	c.startVision(spec, c.s.catalog(), m.ModelName, m.Prompt, mime, img, hist)
 }
 
@@ -645,7 +648,11 @@ func (c *conn) speechToText(m *inbound) {
 		c.sendError(protocol.CodeName(pe.Code), pe.Message, m.QueryID)
 		return
 	}
-	c.start(jobSpec{queryID: m.QueryID, queryType: "stt", model: model, prompt: "(speech to text)", reply: "transcription_result",
+	prefer, ok := c.preference("prefer", m.Prefer, m.QueryID)
+	if !ok {
+		return
+	}
+	c.start(jobSpec{queryID: m.QueryID, queryType: "stt", model: model, prompt: "(speech to text)", reply: "transcription_result", prefer: prefer,
 		run: func(ctx context.Context, jr *jobRun) (*outcome, error) {
 			text, _, err := jr.step(ctx, pb.QueryType_QUERY_TYPE_STT, model, false, func(r *pb.QueryRequest) {
 				r.Attachments = []*pb.Attachment{{Mime: mime, Data: audio}}
@@ -669,8 +676,12 @@ func (c *conn) textToSpeech(m *inbound) {
 		c.sendError(protocol.CodeName(pe.Code), pe.Message, m.QueryID)
 		return
 	}
+	prefer, ok := c.preference("prefer", m.Prefer, m.QueryID)
+	if !ok {
+		return
+	}
 	text := m.Text
-	c.start(jobSpec{queryID: m.QueryID, queryType: "tts", model: model, prompt: text, reply: "speech_result",
+	c.start(jobSpec{queryID: m.QueryID, queryType: "tts", model: model, prompt: text, reply: "speech_result", prefer: prefer,
 		run: func(ctx context.Context, jr *jobRun) (*outcome, error) {
 			_, media, err := jr.step(ctx, pb.QueryType_QUERY_TYPE_TTS, model, false, func(r *pb.QueryRequest) { r.Prompt = text })
 			if err != nil {
@@ -681,6 +692,17 @@ func (c *conn) textToSpeech(m *inbound) {
 			}
 			return &outcome{media: media}, nil
 		}})
+}
+
+// preference parses a message's field (named for the error) holding a
+// routing preference; a bad value is answered BAD_REQUEST and ok is false.
+func (c *conn) preference(field, v, queryID string) (p router.EnergyPreference, ok bool) {
+	p, err := router.ParseEnergyPreference(v)
+	if err != nil {
+		c.sendError("BAD_REQUEST", field+": "+err.Error(), queryID)
+		return p, false
+	}
+	return p, true
 }
 
 // cancelQuery cancels one of this connection's queries at the worker.

@@ -285,7 +285,8 @@ func TestWorkerUpdateOneEntryPerModelAndTypeWithoutAddresses(t *testing.T) {
 
 // TestSubmitQueryPrefer: query.prefer ("energy", "latency") reaches the
 // router with the query, absent it is the node's default, and any other
-// value is refused with BAD_REQUEST before anything is routed.
+// value is refused with BAD_REQUEST before anything is routed; the same
+// for text_to_speech's prefer.
 func TestSubmitQueryPrefer(t *testing.T) {
 	h := newHarness(t, nil)
 	c := h.mustDial()
@@ -310,6 +311,20 @@ func TestSubmitQueryPrefer(t *testing.T) {
 	c.send(q)
 	e, _ := c.until("error")
 	if e.str("code") != "BAD_REQUEST" || !strings.Contains(e.str("message"), "prefer") {
+		t.Errorf("error = %v, want BAD_REQUEST about prefer", e)
+	}
+	if n := h.swarm.Queries(); n != before {
+		t.Errorf("%d queries routed for a refused one", n-before)
+	}
+	// The seed's own query messages take it beside their other fields.
+	c.send(msg{"type": "text_to_speech", "text": "say it frugally", "prefer": "energy"})
+	c.until("speech_result")
+	if got := h.swarm.LastPreference(); got != router.EnergyPrefer {
+		t.Errorf("text_to_speech with prefer energy: the router got %v", got)
+	}
+	before = h.swarm.Queries()
+	c.send(msg{"type": "text_to_speech", "text": "say it", "prefer": "cheapest"})
+	if e, _ := c.until("error"); e.str("code") != "BAD_REQUEST" || !strings.Contains(e.str("message"), "prefer") {
 		t.Errorf("error = %v, want BAD_REQUEST about prefer", e)
 	}
 	if n := h.swarm.Queries(); n != before {
