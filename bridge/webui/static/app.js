@@ -16,7 +16,7 @@
   const $ = (id) => document.getElementById(id);
   const el = {
     conn: $("conn"), newChat: $("new-chat"), messages: $("messages"), empty: $("empty"),
-    notice: $("notice"), form: $("composer"), qtype: $("qtype"), model: $("model"),
+    notice: $("notice"), form: $("composer"), qtype: $("qtype"), model: $("model"), prefer: $("prefer"),
     imageLabel: $("image-label"), image: $("image"), record: $("record"), attachment: $("attachment"),
     prompt: $("prompt"), send: $("send"), stop: $("stop"),
     summary: $("swarm-summary"), peers: document.querySelector("#peers tbody"), answers: $("answers"),
@@ -395,6 +395,7 @@
     if (qtype === "speech" && !recorded) { notice("Record your question first."); return; }
     if (qtype !== "speech" && !prompt) return;
     const id = newID();
+    const prefer = el.prefer.value; // "" = the node's own --prefer-energy
     const hist = qtype === "chat" || qtype === "vision" || qtype === "speech" ? chatHistory() : [];
     const question = appendMessage({ role: "user", qtype, text: qtype === "speech" ? "(voice question)" : prompt, state: "done" });
     if (qtype === "vision" && pendingImage) question.text += "\n[image: " + pendingImage.name + "]";
@@ -413,10 +414,12 @@
           type: "vision_chunk", query_id: id, chunk_id: i, total_chunks: total,
           chunk_data: img.slice(i * CHUNK_SIZE, (i + 1) * CHUNK_SIZE), image_id: id,
           prompt, query_type: "vision", model_type: "worker_node", model_name: model, history: hist,
+          ...(prefer ? { prefer } : {}),
         });
       }
     } else {
       const query = { prompt, query_type: qtype, model_type: "worker_node", model_name: model, history: hist };
+      if (prefer) query.prefer = prefer;
       if (qtype === "speech") query.audio = recorded;
       ok = send({ type: "submit_query", query_id: id, query });
     }
