@@ -130,7 +130,7 @@ func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs.DurationVar(&f.canaryInterval, "canary-interval", canary.DefaultInterval, "least time between two spot checks; with --verify, the time between them")
 	fs.BoolVar(&f.verify, "verify", false, "run a spot check every --canary-interval whatever this node's own traffic (a volunteer verifier)")
 	fs.BoolVar(&f.preferContrib, "prefer-contributors", false, "when queries queue for this worker, serve first the peers that did more work for this node than it did for them (see mtor ledger)")
-	fs.BoolVar(&f.preferEnergy, "prefer-energy", false, "route each query to the worker with the lowest measured joules per token among those within --energy-slack of the best expected latency (a request's X-Mtor-Prefer header overrides)")
+	fs.BoolVar(&f.preferEnergy, "prefer-energy", false, "route each query to the worker with the lowest measured joules per token among those within --energy-slack of the best expected latency (a query's own preference overrides: X-Mtor-Prefer, or prefer in POST /v1/query, mtor query and WebSocket queries)")
 	fs.Float64Var(&f.energySlack, "energy-slack", router.DefaultEnergySlack, "with energy preferred: how many times the best expected latency a worker may take and still be chosen for its energy (> 1)")
 	fs.IntVar(&f.openPacing, "open-pacing", router.DefaultOpensPerPeer, "query streams this node may be opening to one worker at once (opened, no Accepted yet); the others wait their turn")
 	fs.IntVar(&f.openQueue, "open-queue", router.DefaultOpenQueuePerPeer, "queries that may wait for such a turn, per worker; more are refused with BUSY at once")
