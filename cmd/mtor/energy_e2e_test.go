@@ -20,7 +20,8 @@ import (
 // joules per token, its announcement, the bridge's swarm view and its
 // router preferring energy, per query: the OpenAI API's X-Mtor-Prefer
 // header, then `mtor query --prefer energy` through the node's control
-// API (the node itself ranks by latency). A 400 W worker is measured
+// API and with a temporary node of its own (--join); the bridge node
+// itself ranks by latency. A 400 W worker is measured
 // first; a 40 W one joins. The next query preferring energy goes to the
 // newcomer, which has a GPU and no figure yet (the probe), and once both
 // figures are in the view every such query goes to the frugal one.
@@ -126,8 +127,12 @@ func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
 				i, p, cool.value("peer"), jCool, jHot, got)
 		}
 	}
-	for i := range 3 {
-		code, stdout, stderr := mtor(t, "query", "--api", apiAddr, "--prefer", "energy", "--json", "which of you is frugal?")
+	// Through the node's control API, and through a temporary node of the
+	// CLI's own (--join), whose router knows the workers only from their
+	// announcements.
+	for i, via := range [][]string{{"--api", apiAddr}, {"--api", apiAddr}, {"--join", bridge.value("join")}} {
+		args := append(append([]string{"query"}, via...), "--prefer", "energy", "--json", "which of you is frugal?")
+		code, stdout, stderr := mtor(t, args...)
 		var out struct {
 			Peer string `json:"peer"`
 		}
@@ -135,7 +140,7 @@ func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
 			t.Fatalf("mtor query --prefer energy: exit %d: %s %s", code, stdout, stderr)
 		}
 		if out.Peer != cool.value("peer") {
-			t.Fatalf("mtor query --prefer energy %d went to %s, not to the frugal worker %s", i, out.Peer, cool.value("peer"))
+			t.Fatalf("mtor query %v --prefer energy (%d) went to %s, not to the frugal worker %s", via, i, out.Peer, cool.value("peer"))
 		}
 	}
 	t.Logf("%s", fmt.Sprintf("joules per token in the bridge's view: 400 W worker %.3f, 40 W worker %.3f", jHot, jCool))
