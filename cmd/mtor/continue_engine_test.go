@@ -124,7 +124,8 @@ func TestE2EContinuationOnRealEngine(t *testing.T) {
 			continue
 		}
 		// The seams: what the engines wrote, from their own logs.
-		first, conts := seamsOf(t, engines, before, victim)
+		first, tried := seamsOf(t, engines, before, victim)
+		conts := taken(tried, ans.text)
 		last := conts[len(conts)-1]
 		// The answer ends as the last engine ended it: at max_tokens, or
 		// where the random model emitted an end token (rarely: it is
@@ -167,6 +168,39 @@ func TestE2EContinuationOnRealEngine(t *testing.T) {
 		runs, continued, openaiSeams, ollamaSeams, missed)
 }
 
+// taken picks from tries (continuations, by the length of what they
+// continued) those whose output reached the client, one per seam. Tries
+// that continued the same text are one seam: the router gave up all but
+// the last of them before their output reached it (a busy machine can
+// hold a worker's first output past the router's bounds), so they took
+// nothing over and are not counted as continuations, though their engines
+// had begun. Of a seam's tries, the one taken wrote the start of the next
+// seam's text (the last seam: the whole answer, final); when none did,
+// the seam's first is returned, for the test's checks to report.
+func taken(tries []enginetest.Generation, final string) []enginetest.Generation {
+	var out []enginetest.Generation
+	for i := 0; i < len(tries); {
+		j := i
+		for j < len(tries) && tries[j].Prefix == tries[i].Prefix {
+			j++
+		}
+		want, last := final, j == len(tries)
+		if !last {
+			want = tries[j].Prefix
+		}
+		pick := tries[i]
+		for _, c := range tries[i:j] {
+			if w := c.Prefix + c.Text; (last && w == want) || (!last && strings.HasPrefix(w, want)) {
+				pick = c
+				break
+			}
+		}
+		out = append(out, pick)
+		i = j
+	}
+	return out
+}
+
 // seamsOf finds, in the engines' logs since before, the generation the
 // killed worker's engine began and the continuations other engines wrote
 // after it, in order (a continuation's worker may fail in turn), once no
@@ -199,7 +233,7 @@ func seamsOf(t *testing.T, engines []*enginetest.Engine, before []int, victim in
 			}
 		}
 		if active == 0 && len(firsts) == 1 && len(conts) >= 1 {
-			slices.SortFunc(conts, func(a, b enginetest.Generation) int { return len(a.Prefix) - len(b.Prefix) })
+			slices.SortStableFunc(conts, func(a, b enginetest.Generation) int { return len(a.Prefix) - len(b.Prefix) })
 			return firsts[0], conts
 		}
 		if ctx.Err() != nil || len(firsts) > 1 {
@@ -283,4 +317,35 @@ func streamChat(ctx context.Context, hc *http.Client, base, model, prompt string
 		}
 	}
 	return a, fmt.Errorf("stream ended without [DONE] after %q: %v", text.String(), sc.Err())
+}
+
+// TestTaken: a continuation the router gave up before its output reached
+// it (the next try continues the same text) is not a seam; one that wrote
+// and then died is.
+func TestTaken(t *testing.T) {
+	g := func(prefix, text, reason string) enginetest.Generation {
+		return enginetest.Generation{Prefix: prefix, Text: text, Reason: reason}
+	}
+	for _, tc := range []struct {
+		name  string
+		tries []enginetest.Generation
+		final string
+		want  []string // Prefix+Text of the seams' tries
+	}{
+		{"one continuation", []enginetest.Generation{g("ab", "cd", "length")}, "abcd", []string{"abcd"}},
+		{"given up before it wrote (the CI case)", []enginetest.Generation{g("ab", "X", "abort"), g("ab", "X8Kb", "length")}, "abX8Kb", []string{"abX8Kb"}},
+		{"the given-up try logged last", []enginetest.Generation{g("ab", "X8Kb", "length"), g("ab", "X", "abort")}, "abX8Kb", []string{"abX8Kb"}},
+		{"wrote, then died", []enginetest.Generation{g("ab", "cdef", "abort"), g("abcd", "gh", "length")}, "abcdgh", []string{"abcdef", "abcdgh"}},
+		{"given up, then a seam, then given up", []enginetest.Generation{g("ab", "c", "abort"), g("ab", "cde", "abort"), g("abcd", "x", "abort"), g("abcd", "xyz", "stop")}, "abcdxyz", []string{"abcde", "abcdxyz"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []string
+			for _, c := range taken(tc.tries, tc.final) {
+				got = append(got, c.Prefix+c.Text)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("taken = %q, want %q", got, tc.want)
+			}
+		})
+	}
 }
