@@ -28,16 +28,20 @@ import (
 // Without the probe the measured worker would take every query and the
 // newcomer never be measured.
 func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
+	onEachTransport(t, testE2EEnergyPreferenceMeasuresNewcomers)
+}
+
+func testE2EEnergyPreferenceMeasuresNewcomers(t *testing.T, tr transport) {
 	needBinary(t)
 	lib := fakeNVML(t)
 	dir := t.TempDir()
-	bridge := startNode(t, "bridge", nodeArgs(filepath.Join(dir, "bridge"),
+	bridge := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"),
 		"--bridge", "127.0.0.1:0", "--energy-slack", "3")...)
 	base := strings.TrimSuffix(bridge.value("bridge"), "/")
 	apiAddr := bridge.value("api")
 	gpuWorker := func(name string, watts int) *proc {
 		p := startNodeIn(t, name, []string{"env", "LD_LIBRARY_PATH=" + lib, "FAKE_GPU_WATTS=" + strconv.Itoa(watts)},
-			nodeArgs(filepath.Join(dir, name), "--backend", "demo:delay=10ms", "--join", bridge.value("join"))...)
+			tr.nodeArgs(filepath.Join(dir, name), "--backend", "demo:delay=10ms", "--join", bridge.value("join"))...)
 		if g := p.value("gpu"); !strings.Contains(g, "FAKE GPU for tests") {
 			t.Fatalf("worker %s sees no fake GPU: gpu: %s", name, g)
 		}
@@ -80,25 +84,10 @@ func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
 	// token for demo, with its GPU.
 	joules := func(w *proc) float32 {
 		t.Helper()
-		c := api.NewClient(apiAddr)
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			peers, err := c.Peers(t.Context())
-			for _, p := range peers {
-				if p.Peer != w.value("peer") || len(p.GPUs) == 0 || p.GPUs[0].Name != "FAKE GPU for tests" {
-					continue
-				}
-				for _, m := range p.Models {
-					if m.Name == "demo" && m.JoulesPerToken > 0 {
-						return m.JoulesPerToken
-					}
-				}
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s's joules per token not in the bridge's view after 30 s (last: %+v, %v)", w.name, peers, err)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		p := waitPeer(t, apiAddr, 30*time.Second, w.name+"'s joules per token", func(p api.Peer) bool {
+			return p.Peer == w.value("peer") && len(p.GPUs) > 0 && p.GPUs[0].Name == "FAKE GPU for tests" && demoJoules(p) > 0
+		})
+		return demoJoules(p)
 	}
 
 	hot := gpuWorker("hot", 400)
@@ -144,4 +133,15 @@ func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
 		}
 	}
 	t.Logf("%s", fmt.Sprintf("joules per token in the bridge's view: 400 W worker %.3f, 40 W worker %.3f", jHot, jCool))
+}
+
+// demoJoules is the joules per token a peer row announces for demo, 0
+// when none.
+func demoJoules(p api.Peer) float32 {
+	for _, m := range p.Models {
+		if m.Name == "demo" {
+			return m.JoulesPerToken
+		}
+	}
+	return 0
 }

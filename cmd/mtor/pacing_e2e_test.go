@@ -69,17 +69,26 @@ func testE2EOpenPacingFlags(t *testing.T, tr transport) {
 // worker.
 func waitInFlight(t *testing.T, apiAddr, worker string) {
 	t.Helper()
+	waitPeer(t, apiAddr, 20*time.Second, "a query in flight to "+worker, func(p api.Peer) bool {
+		return p.Peer == worker && p.LocalInFlight > 0
+	})
+}
+
+// waitPeer polls the peer view of the node behind apiAddr until a row
+// satisfies ok, for at most within, and returns that row.
+func waitPeer(t *testing.T, apiAddr string, within time.Duration, what string, ok func(api.Peer) bool) api.Peer {
+	t.Helper()
 	c := api.NewClient(apiAddr)
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(within)
 	for {
 		peers, err := c.Peers(t.Context())
 		for _, p := range peers {
-			if p.Peer == worker && p.LocalInFlight > 0 {
-				return
+			if ok(p) {
+				return p
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no query in flight to %s after 20 s (last: %+v, %v)", worker, peers, err)
+			t.Fatalf("no %s after %s (last: %+v, %v)", what, within, peers, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
