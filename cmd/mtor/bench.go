@@ -30,6 +30,15 @@ type benchPath struct {
 	procs map[string]int // role -> pid
 }
 
+// benchTransports are the transports a bridge → worker pair of the bench
+// can run on: the listen address of both nodes and the row's name. TCP
+// keeps the row's historical name; QUIC is what two default nodes dial
+// first.
+var benchTransports = map[string]struct{ listen, path string }{
+	"tcp":  {"/ip4/127.0.0.1/tcp/0", "mtor"},
+	"quic": {"/ip4/127.0.0.1/udp/0/quic-v1", "mtor-quic"},
+}
+
 // benchReport is what `mtor bench --json` prints.
 type benchReport struct {
 	Rows    []pathbench.Result `json:"rows"`
@@ -37,11 +46,12 @@ type benchReport struct {
 }
 
 func runBench(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--streams N] [--json]")
+	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--streams N] [--transport tcp,quic] [--json]")
 	queries := fs.Int("queries", 2000, "queries per path and concurrency")
 	conc := fs.String("concurrency", "1,16,64", "comma-separated concurrency levels")
 	streams := fs.Int("streams", 1000, "concurrent slow streams for the TTFT row (0: skip it)")
 	noNginx := fs.Bool("no-nginx", false, "leave nginx out even when it is installed")
+	transports := fs.String("transport", "tcp,quic", "comma-separated transports of the bridge → worker path, a pair of nodes each: tcp (row mtor), quic (row mtor-quic)")
 	asJSON := fs.Bool("json", false, "print the results as JSON")
 	serveProxy := fs.String("serve-proxy", "", "internal: serve Go's reverse proxy to this upstream URL (the bench starts it as its own process)")
 	pos, err := parseFlags(fs, args)
@@ -68,8 +78,16 @@ func runBench(ctx context.Context, e *env, args []string) error {
 		}
 		levels = append(levels, c)
 	}
+	var pairs []string
+	for _, s := range strings.Split(*transports, ",") {
+		s = strings.TrimSpace(s)
+		if _, ok := benchTransports[s]; !ok || slices.Contains(pairs, s) {
+			return usagef("--transport %q: want tcp, quic or tcp,quic", *transports)
+		}
+		pairs = append(pairs, s)
+	}
 
-	rep, err := benchPaths(ctx, e, *queries, levels, *streams, !*noNginx)
+	rep, err := benchPaths(ctx, e, *queries, levels, *streams, pairs, !*noNginx)
 	if err != nil {
 		return err
 	}
@@ -100,7 +118,7 @@ func serveBenchProxy(ctx context.Context, e *env, upstream string) error {
 
 // benchPaths starts the backend and every path to it, then measures each
 // path at each level, and the slow streams.
-func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams int, withNginx bool) (*benchReport, error) {
+func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams int, transports []string, withNginx bool) (*benchReport, error) {
 	be, err := pathbench.StartBackend()
 	if err != nil {
 		return nil, err
@@ -154,22 +172,28 @@ func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams 
 	}
 
 	slots := strconv.Itoa(max(slices.Max(levels), streams) + 64)
-	nodeArgs := func(dir, swarm string, extra ...string) []string {
-		return append([]string{"node", "--data-dir", filepath.Join(tmp, dir), "--listen", "/ip4/127.0.0.1/tcp/0",
+	nodeArgs := func(dir, listen, swarm string, extra ...string) []string {
+		return append([]string{"node", "--data-dir", filepath.Join(tmp, dir), "--listen", listen,
 			"--no-mdns", "--api", "off", "--swarm", swarm, "--log-level", "error"}, extra...)
 	}
 	bridgeArgs := []string{"--bridge", "127.0.0.1:0", "--bridge-queue", slots, "--bridge-queue-per-client", slots}
 	backendArgs := []string{"--backend", "openai=" + be.URL(), "--max-concurrency", slots, "--max-queue", slots}
-	w, err := start("worker node", nodeArgs("worker", "bench-two", backendArgs...)...)
-	if err != nil {
-		return nil, err
+	for _, tr := range transports {
+		bt := benchTransports[tr]
+		// Each pair its own swarm, listening on its transport alone: the
+		// bridge can reach its worker on nothing else.
+		swarm := "bench-two-" + tr
+		w, err := start(tr+" worker node", nodeArgs("worker-"+tr, bt.listen, swarm, backendArgs...)...)
+		if err != nil {
+			return nil, err
+		}
+		b, err := start(tr+" bridge node", append(nodeArgs("bridge-"+tr, bt.listen, swarm, "--no-detect", "--join", w.values["join"]), bridgeArgs...)...)
+		if err != nil {
+			return nil, err
+		}
+		paths = append(paths, benchPath{name: bt.path, url: strings.TrimSuffix(b.values["bridge"], "/"), procs: map[string]int{"bridge": b.pid(), "worker": w.pid()}})
 	}
-	b, err := start("bridge node", append(nodeArgs("bridge", "bench-two", "--no-detect", "--join", w.values["join"]), bridgeArgs...)...)
-	if err != nil {
-		return nil, err
-	}
-	paths = append(paths, benchPath{name: "mtor", url: strings.TrimSuffix(b.values["bridge"], "/"), procs: map[string]int{"bridge": b.pid(), "worker": w.pid()}})
-	one, err := start("one node", append(nodeArgs("one", "bench-one", backendArgs...), bridgeArgs...)...)
+	one, err := start("one node", append(nodeArgs("one", benchTransports["tcp"].listen, "bench-one", backendArgs...), bridgeArgs...)...)
 	if err != nil {
 		return nil, err
 	}

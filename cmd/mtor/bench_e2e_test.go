@@ -8,7 +8,8 @@ import (
 )
 
 // TestE2EBenchComparesPaths runs `mtor bench` small: every path (direct,
-// the Go proxy, nginx where installed, bridge → worker, one node) answers
+// the Go proxy, nginx where installed, bridge → worker on TCP and on
+// QUIC, one node) answers
 // whole streamed answers at each level and in the slow-stream rows, and
 // the CPU of each measured process is counted.
 func TestE2EBenchComparesPaths(t *testing.T) {
@@ -31,7 +32,7 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 			t.Errorf("%s at %d: %d errors (%s), p50 %s", r.Path, r.Concurrency, r.Errors, r.FirstError, r.P50)
 		}
 	}
-	paths := []string{"direct", "go-proxy", "mtor", "mtor1"}
+	paths := []string{"direct", "go-proxy", "mtor", "mtor-quic", "mtor1"}
 	if pathbench.NginxPath() != "" {
 		paths = append(paths, "nginx")
 	}
@@ -41,7 +42,7 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 		}
 	}
 	for _, r := range rep.Rows {
-		roles := map[string][]string{"go-proxy": {"proxy"}, "nginx": {"nginx"}, "mtor": {"bridge", "worker"}, "mtor1": {"node"}}[r.Path]
+		roles := map[string][]string{"go-proxy": {"proxy"}, "nginx": {"nginx"}, "mtor": {"bridge", "worker"}, "mtor-quic": {"bridge", "worker"}, "mtor1": {"node"}}[r.Path]
 		for _, role := range roles {
 			if _, ok := r.CPU[role]; !ok {
 				t.Errorf("%s at %d: no CPU time for %s", r.Path, r.Concurrency, role)

@@ -106,6 +106,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"bench bad concurrency", []string{"bench", "--concurrency", "1,zero"}, "--concurrency"},
 		{"bench bad streams", []string{"bench", "--streams", "-1"}, "--streams"},
 		{"bench bad queries", []string{"bench", "--queries", "0"}, "--queries"},
+		{"bench bad transport", []string{"bench", "--transport", "tcp,udp"}, "--transport"},
+		{"bench transport twice", []string{"bench", "--transport", "quic,quic"}, "--transport"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
