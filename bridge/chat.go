@@ -127,7 +127,8 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, aerr)
 		return
 	}
-	w.Header().Set(peerHeader, res.Peer.String())
+	info := infoOf(res) // the peer's base58 form, encoded once
+	w.Header().Set(peerHeader, info.Peer)
 	writeJSON(w, http.StatusOK, chatCompletion{
 		ID:      id,
 		Object:  "chat.completion",
@@ -139,7 +140,7 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 			FinishReason: finishReason(q, res, len(ans.calls) > 0),
 		}},
 		Usage: usageOf(res),
-		Mtor:  infoOf(res),
+		Mtor:  info,
 	})
 }
 
@@ -464,7 +465,7 @@ func (s *Server) streamChat(w http.ResponseWriter, r *http.Request, q *pb.QueryR
 		}
 	}
 	stop()
-	w.Header().Set(peerHeader, res.Peer.String()) // trailer
+	w.Header().Set(peerHeader, last.Mtor.Peer) // trailer
 	_ = out.done()
 }
 

@@ -113,6 +113,6 @@ func (s *Server) handleEmbeddings(w http.ResponseWriter, r *http.Request) {
 	}
 	out.Usage.PromptTokens = res.Done.GetUsage().GetPromptTokens()
 	out.Usage.TotalTokens = out.Usage.PromptTokens
-	w.Header().Set(peerHeader, res.Peer.String())
+	w.Header().Set(peerHeader, out.Mtor.Peer)
 	writeJSON(w, http.StatusOK, out)
 }

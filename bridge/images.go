@@ -102,6 +102,7 @@ func (s *Server) handleImages(w http.ResponseWriter, r *http.Request) {
 		// The bridge hosts no files: the URL carries the image itself.
 		d = imageData{URL: "data:" + img.GetMime() + ";base64," + b64}
 	}
-	w.Header().Set(peerHeader, res.Peer.String())
-	writeJSON(w, http.StatusOK, imagesResponse{Created: time.Now().Unix(), Data: []imageData{d}, Mtor: infoOf(res)})
+	info := infoOf(res)
+	w.Header().Set(peerHeader, info.Peer)
+	writeJSON(w, http.StatusOK, imagesResponse{Created: time.Now().Unix(), Data: []imageData{d}, Mtor: info})
 }

@@ -126,8 +126,10 @@ type Ledger struct {
 	maxRecent  int
 	flushEvery time.Duration
 
-	mu      sync.Mutex
-	peers   map[string]*Entry
+	mu sync.Mutex
+	// peers by ID: the base58 form (Entry.Peer) is encoded once per
+	// peer, not once per receipt.
+	peers   map[peer.ID]*Entry
 	recent  []Recent // oldest first
 	dropped uint64
 	dirty   bool
@@ -183,7 +185,7 @@ var ErrCorrupt = errors.New("ledger file corrupt")
 // empty, with a warning: losing the account must not stop the node.
 func Open(dir string, self peer.ID, opts ...Option) (*Ledger, error) {
 	l := &Ledger{self: self, maxPeers: DefaultMaxPeers, maxRecent: DefaultMaxRecent,
-		flushEvery: DefaultFlushInterval, peers: map[string]*Entry{}, pending: map[string]*pb.Receipt{}}
+		flushEvery: DefaultFlushInterval, peers: map[peer.ID]*Entry{}, pending: map[string]*pb.Receipt{}}
 	for _, o := range opts {
 		o(l)
 	}
@@ -223,11 +225,13 @@ func (l *Ledger) load() error {
 		return fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	for _, e := range fl.Peers {
-		if _, err := peer.Decode(e.Peer); err != nil {
+		id, err := peer.Decode(e.Peer)
+		if err != nil {
 			continue
 		}
 		e := e
-		l.peers[e.Peer] = &e
+		e.Peer = id.String() // canonical, as Record writes it
+		l.peers[id] = &e
 	}
 	l.recent = fl.Recent
 	l.dropped = fl.Dropped
@@ -252,17 +256,16 @@ func (l *Ledger) Record(role Role, r *pb.Receipt) {
 	if p == l.self || p == "" {
 		return
 	}
-	key := p.String()
 	raw, _ := proto.Marshal(r)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e := l.peers[key]
+	e := l.peers[p]
 	if e == nil {
 		if len(l.peers) >= l.maxPeers {
 			l.evictLocked()
 		}
-		e = &Entry{Peer: key}
-		l.peers[key] = e
+		e = &Entry{Peer: p.String()}
+		l.peers[p] = e
 	}
 	if role == Served {
 		e.Served.add(r)
@@ -275,7 +278,7 @@ func (l *Ledger) Record(role Role, r *pb.Receipt) {
 		if len(l.recent) >= l.maxRecent {
 			l.recent = slices.Delete(l.recent, 0, len(l.recent)-l.maxRecent+1)
 		}
-		l.recent = append(l.recent, Recent{Role: role, Peer: key, QueryID: hex.EncodeToString(r.GetQueryId()),
+		l.recent = append(l.recent, Recent{Role: role, Peer: e.Peer, QueryID: hex.EncodeToString(r.GetQueryId()),
 			Model: r.GetModel(), Tokens: r.GetCompletionTokens(), Ms: r.GetTotalMs(), Receipt: raw})
 	}
 	if role == Served {
@@ -332,8 +335,7 @@ func (l *Ledger) Countersigned(r *pb.Receipt) error {
 	if i := slices.Index(l.order, id); i >= 0 {
 		l.order = slices.Delete(l.order, i, i+1)
 	}
-	key := peer.ID(r.GetRequester()).String()
-	if e := l.peers[key]; e != nil {
+	if e := l.peers[peer.ID(r.GetRequester())]; e != nil {
 		e.ServedCountersigned++
 	}
 	qid := hex.EncodeToString(r.GetQueryId())
@@ -351,13 +353,14 @@ func (l *Ledger) Countersigned(r *pb.Receipt) error {
 // evictLocked drops the least recently seen peer.
 func (l *Ledger) evictLocked() {
 	var oldest *Entry
-	for _, e := range l.peers {
+	var id peer.ID
+	for p, e := range l.peers {
 		if oldest == nil || e.LastUnixMs < oldest.LastUnixMs {
-			oldest = e
+			oldest, id = e, p
 		}
 	}
 	if oldest != nil {
-		delete(l.peers, oldest.Peer)
+		delete(l.peers, id)
 		l.dropped++
 	}
 }
@@ -367,7 +370,7 @@ func (l *Ledger) evictLocked() {
 func (l *Ledger) Balance(p peer.ID) int64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if e := l.peers[p.String()]; e != nil {
+	if e := l.peers[p]; e != nil {
 		return e.Balance
 	}
 	return 0
