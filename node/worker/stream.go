@@ -30,8 +30,11 @@ const (
 	AcceptedHold = 5 * time.Millisecond
 )
 
-// HandleStream is the libp2p handler of the query protocol.
-func (w *Worker) HandleStream(s network.Stream) {
+// HandleStream is the libp2p handler of the query protocol. It serves
+// the stream on a kept goroutine (goPool) and returns.
+func (w *Worker) HandleStream(s network.Stream) { w.streams.Go(func() { w.handleStream(s) }) }
+
+func (w *Worker) handleStream(s network.Stream) {
 	if err := s.Scope().ReserveMemory(64<<10, network.ReservationPriorityAlways); err != nil {
 		log.Debugw("refusing stream: resource limit", "peer", s.Conn().RemotePeer(), "err", err)
 		_ = s.SetWriteDeadline(time.Now().Add(time.Second))
@@ -76,7 +79,7 @@ func (w *Worker) HandleStream(s network.Stream) {
 	defer cancel()
 	// A reset from the client (or data it should not send) cancels the
 	// backend call at once.
-	go watchReset(s, cancel)
+	w.streams.Go(func() { watchReset(s, cancel) })
 
 	// Events are written from a goroutine of their own: tokens that come
 	// while a write is under way go out together in the next one, one

@@ -75,6 +75,7 @@ type Worker struct {
 	// SetBackends must not bring back the models of a removed backend.
 	refreshMu sync.Mutex
 	adm       *admission
+	streams   *goPool // runs each query stream's goroutines
 	version   string
 	meter     EnergyMeter
 	defDL     time.Duration
@@ -182,6 +183,7 @@ func New(backends []backend.Backend, opts ...Option) *Worker {
 		stats:    map[string]*modelStats{},
 		energy:   gpu.NewEnergyStats(),
 		queries:  map[*int]context.CancelCauseFunc{},
+		streams:  newGoPool(keptGoroutines, keptIdle),
 	}
 	for _, b := range backends {
 		w.backends = append(w.backends, &bound{Backend: b, health: health.New()})
