@@ -205,3 +205,117 @@ func TestCountersignedOncePerServedReceipt(t *testing.T) {
 		t.Fatalf("%d receipts pending, bound %d", len(l.pending), maxPending)
 	}
 }
+
+// TestPendingEvictsOldestAwaiting: receipts taken back leave the pending
+// set at once (no search of its order); when the set is full the oldest
+// receipt still awaiting its countersignature goes, never one recorded
+// again after it came back, and the order kept for eviction stays within
+// twice the bound however many come back.
+func TestPendingEvictsOldestAwaiting(t *testing.T) {
+	self, a := newID(t), newID(t)
+	l, err := Open("", self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	receiptOf := func(i int) *pb.Receipt {
+		r := rcpt(self, a, 1, 1, 0)
+		r.QueryId[0], r.QueryId[1], r.WorkerSig = byte(i), byte(i>>8), []byte("sig")
+		return r
+	}
+	serve := func(i int) { l.Record(Served, receiptOf(i)) }
+	back := func(i int) error {
+		r := receiptOf(i)
+		r.RouterSig = []byte("router-sig")
+		return l.Countersigned(r)
+	}
+	for i := range maxPending {
+		serve(i)
+	}
+	for i := range maxPending / 2 { // the older half comes back
+		if err := back(i); err != nil {
+			t.Fatalf("countersign %d: %v", i, err)
+		}
+	}
+	serve(0) // served again after its countersignature came back
+	for i := maxPending; i < maxPending+maxPending/2-1; i++ {
+		serve(i) // fills the set without evicting
+	}
+	pending := func(i int) bool { return l.Pending(receiptOf(i).GetQueryId()) != nil }
+	if len(l.pending) != maxPending || !pending(maxPending/2) || !pending(0) {
+		t.Fatalf("%d pending; %d pending %v, 0 again %v", len(l.pending), maxPending/2, pending(maxPending/2), pending(0))
+	}
+	serve(5000) // one over: the oldest awaiting goes
+	tests := []struct {
+		name string
+		i    int
+		want bool
+	}{
+		{"oldest awaiting", maxPending / 2, false},
+		{"next oldest", maxPending/2 + 1, true},
+		{"served again after coming back", 0, true},
+		{"came back", 1, false},
+		{"newest", 5000, true},
+	}
+	for _, tc := range tests {
+		if got := pending(tc.i); got != tc.want {
+			t.Errorf("%s (%d): pending %v, want %v", tc.name, tc.i, got, tc.want)
+		}
+	}
+	// Many served and taken back at once (each serve, into a full set,
+	// evicts one older receipt): the order is compacted.
+	for i := 6000; i < 6000+5*maxPending; i++ {
+		serve(i)
+		if err := back(i); err != nil {
+			t.Fatalf("countersign %d: %v", i, err)
+		}
+		if len(l.order) > 2*maxPending {
+			t.Fatalf("order of %d entries for %d pending", len(l.order), len(l.pending))
+		}
+	}
+	if len(l.pending) != maxPending-1 || len(l.order) > 2*maxPending {
+		t.Fatalf("%d pending, want %d; order of %d", len(l.pending), maxPending-1, len(l.order))
+	}
+}
+
+// BenchmarkCountersigned: a receipt comes back while 1 023 others await
+// theirs (a worker serving faster than routers return them), and the next
+// answer is served; the one back is the oldest awaiting or the newest.
+func BenchmarkCountersigned(b *testing.B) {
+	for _, newest := range []bool{false, true} {
+		name := "oldest"
+		if newest {
+			name = "newest"
+		}
+		b.Run(name, func(b *testing.B) {
+			self, a := peer.ID("self"), peer.ID("router")
+			l, err := Open("", self)
+			if err != nil {
+				b.Fatal(err)
+			}
+			receiptOf := func(i int) *pb.Receipt {
+				r := rcpt(self, a, 1, 1, 0)
+				r.QueryId[0], r.QueryId[1], r.QueryId[2], r.WorkerSig = byte(i), byte(i>>8), byte(i>>16), []byte("sig")
+				return r
+			}
+			for i := range maxPending {
+				l.Record(Served, receiptOf(i))
+			}
+			backs := make([]*pb.Receipt, b.N)
+			for n := range backs {
+				i := n // the oldest awaiting
+				if newest {
+					i = maxPending + n - 1
+				}
+				backs[n] = receiptOf(i)
+				backs[n].RouterSig = []byte("router-sig")
+			}
+			b.ResetTimer()
+			for n := range b.N {
+				if err := l.Countersigned(backs[n]); err != nil {
+					b.Fatal(err)
+				}
+				l.Record(Served, receiptOf(maxPending+n))
+			}
+		})
+	}
+}
