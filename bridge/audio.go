@@ -178,7 +178,7 @@ func (s *Server) handleTranscription(w http.ResponseWriter, r *http.Request) {
 		writeError(w, aerr)
 		return
 	}
-	w.Header().Set(peerHeader, res.Peer.String())
+	w.Header().Set(peerHeader, res.PeerString())
 	if f.responseFormat == "text" {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Header().Set("Content-Length", strconv.Itoa(len(text)))
@@ -252,7 +252,7 @@ func (s *Server) handleSpeech(w http.ResponseWriter, r *http.Request) {
 	// The worker's format wins over response_format: the bridge does not
 	// transcode, and Content-Type says what came.
 	h := w.Header()
-	h.Set(peerHeader, res.Peer.String())
+	h.Set(peerHeader, res.PeerString())
 	h.Set("Content-Type", audio.GetMime())
 	h.Set("Content-Length", strconv.Itoa(len(audio.GetData())))
 	w.WriteHeader(http.StatusOK)

@@ -42,7 +42,7 @@ func infoOf(res *router.Result) *mtorInfo {
 	}
 	d := res.Done
 	return &mtorInfo{
-		Peer:          res.Peer.String(),
+		Peer:          res.PeerString(),
 		Local:         res.Local,
 		Attempts:      res.Attempts,
 		Continued:     res.Continued,

@@ -297,7 +297,7 @@ func stepOf(t pb.QueryType, model string, res *router.Result) stepInfo {
 		si.Receipt, _ = proto.Marshal(r)
 	}
 	if res.Peer != "" {
-		si.Peer = res.Peer.String()
+		si.Peer = res.PeerString()
 	}
 	if d.GetModel() != "" {
 		si.Model = d.GetModel()

@@ -143,6 +143,7 @@ type Suspecter interface {
 type peerState struct {
 	incarnation uint64 // of the process these figures are about
 	inflight    int
+	name        string // the peer ID in text, encoded once (Result.PeerString)
 	tracker     *health.Tracker
 	ttft        float64 // EWMA, ms, as seen from here (network included)
 	service     float64 // EWMA, ms, total time of a query
@@ -1212,6 +1213,10 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s is failing (circuit open)", ShortID(p))}
 	}
 	st.inflight++
+	if st.name == "" {
+		st.name = p.String()
+	}
+	name := st.name
 	if st.inflight == 1 {
 		// Keep the connection while queries are open on it.
 		r.h.ConnManager().Protect(p, protectTag)
@@ -1283,7 +1288,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		// The answer's earlier part came from other workers.
 		done.Usage.CompletionTokens += chunksBefore
 	}
-	return &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds())}, nil
+	return &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds()), name: name}, nil
 }
 
 // workerError is an error the worker itself reported in an Error event:

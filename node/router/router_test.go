@@ -208,6 +208,9 @@ func TestFrozenWorkerIsSkipped(t *testing.T) {
 	if res.Peer != live.ID() || res.Attempts != 2 {
 		t.Fatalf("answered by %s after %d attempts, want the live worker after 2", res.Peer, res.Attempts)
 	}
+	if res.PeerString() != live.ID().String() { // kept per peer: the one that answered, not the one tried first
+		t.Fatalf("answer names %s, want %s", res.PeerString(), live.ID())
+	}
 	for _, v := range r.Peers() {
 		if v.Peer == frozen.ID().String() && v.LocalHealth >= 100 {
 			t.Fatal("the frozen worker kept full health")

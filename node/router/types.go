@@ -23,6 +23,17 @@ type Result struct {
 	Done    *pb.Done // the worker's Done event
 	TTFTMs  uint32   // time to first output as seen by the router
 	TotalMs uint32   // total time as seen by the router
+	name    string   // Peer's text form, kept by the router per peer
+}
+
+// PeerString is Peer's text form (base58). The router encodes it once
+// per peer, not once per answer: a few percent of a bridge's CPU went on
+// encoding the same worker's ID for every answer's header.
+func (r *Result) PeerString() string {
+	if r.name != "" {
+		return r.name
+	}
+	return r.Peer.String()
 }
 
 // ContinuedBy names the workers of a continued answer, in order; nil when
