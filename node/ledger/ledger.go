@@ -7,6 +7,7 @@ package ledger
 import (
 	"bytes"
 	"cmp"
+	"container/list"
 	"context"
 	"encoding/hex"
 	"encoding/json"
@@ -134,26 +135,10 @@ type Ledger struct {
 	dropped uint64
 	dirty   bool
 	// pending are served receipts whose countersignature has not come
-	// back, by query id; order is their arrival, oldest first, for
-	// eviction. A countersigned receipt leaves pending at once but stays
-	// in order until it reaches the front or order is compacted, so that
-	// taking one back costs a map delete, not a search of up to
-	// maxPending ids.
-	pending map[string]pendingReceipt
-	order   []pendingID
-	seq     uint64
-}
-
-// pendingReceipt is a served receipt awaiting its countersignature; seq
-// tells its entry in order from an earlier one of the same query id.
-type pendingReceipt struct {
-	r   *pb.Receipt
-	seq uint64
-}
-
-type pendingID struct {
-	id  string
-	seq uint64
+	// back, by query id, each an element of order (their arrival, oldest
+	// first, for eviction): taking one back unlinks it, with no search.
+	pending map[string]*list.Element // of order, holding its *pb.Receipt
+	order   *list.List
 }
 
 // Option configures a Ledger.
@@ -202,7 +187,7 @@ var ErrCorrupt = errors.New("ledger file corrupt")
 // empty, with a warning: losing the account must not stop the node.
 func Open(dir string, self peer.ID, opts ...Option) (*Ledger, error) {
 	l := &Ledger{self: self, maxPeers: DefaultMaxPeers, maxRecent: DefaultMaxRecent,
-		flushEvery: DefaultFlushInterval, peers: map[peer.ID]*Entry{}, pending: map[string]pendingReceipt{}}
+		flushEvery: DefaultFlushInterval, peers: map[peer.ID]*Entry{}, pending: map[string]*list.Element{}, order: list.New()}
 	for _, o := range opts {
 		o(l)
 	}
@@ -309,32 +294,11 @@ func (l *Ledger) addPendingLocked(r *pb.Receipt) {
 	if _, dup := l.pending[id]; dup {
 		return
 	}
-	for len(l.pending) >= maxPending && len(l.order) > 0 {
-		l.dropFirstLocked()
+	if l.order.Len() >= maxPending {
+		oldest := l.order.Front()
+		delete(l.pending, string(l.order.Remove(oldest).(*pb.Receipt).GetQueryId()))
 	}
-	if len(l.order) >= 2*maxPending {
-		// Mostly ids taken back already: keep those still pending.
-		l.order = slices.DeleteFunc(l.order, func(o pendingID) bool { return !l.isPendingLocked(o) })
-	}
-	l.seq++
-	l.pending[id] = pendingReceipt{r: r, seq: l.seq}
-	l.order = append(l.order, pendingID{id: id, seq: l.seq})
-}
-
-// dropFirstLocked removes the oldest entry of order, and its receipt if
-// that still awaits its countersignature.
-func (l *Ledger) dropFirstLocked() {
-	o := l.order[0]
-	l.order[0] = pendingID{}
-	l.order = l.order[1:]
-	if l.isPendingLocked(o) {
-		delete(l.pending, o.id)
-	}
-}
-
-func (l *Ledger) isPendingLocked(o pendingID) bool {
-	p, ok := l.pending[o.id]
-	return ok && p.seq == o.seq
+	l.pending[id] = l.order.PushBack(r)
 }
 
 // ErrNotPending is returned by Countersigned for a receipt this node did
@@ -348,11 +312,11 @@ var ErrNotPending = errors.New("no served receipt awaits this countersignature")
 func (l *Ledger) Pending(id []byte) *pb.Receipt {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	mine, ok := l.pending[string(id)]
-	if !ok {
+	e := l.pending[string(id)]
+	if e == nil {
 		return nil
 	}
-	return proto.CloneOf(mine.r)
+	return proto.CloneOf(e.Value.(*pb.Receipt))
 }
 
 // Countersigned takes the countersigned receipt of an answer this node
@@ -364,11 +328,15 @@ func (l *Ledger) Countersigned(r *pb.Receipt) error {
 	id := string(r.GetQueryId())
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	mine := l.pending[id].r
-	if mine == nil || !bytes.Equal(mine.GetWorkerSig(), r.GetWorkerSig()) || !bytes.Equal(mine.GetRequester(), r.GetRequester()) {
+	e := l.pending[id]
+	if e == nil {
 		return ErrNotPending
 	}
-	delete(l.pending, id) // its entry in order is skipped when reached
+	if mine := e.Value.(*pb.Receipt); !bytes.Equal(mine.GetWorkerSig(), r.GetWorkerSig()) || !bytes.Equal(mine.GetRequester(), r.GetRequester()) {
+		return ErrNotPending
+	}
+	delete(l.pending, id)
+	l.order.Remove(e)
 	if e := l.peers[peer.ID(r.GetRequester())]; e != nil {
 		e.ServedCountersigned++
 	}
