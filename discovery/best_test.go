@@ -266,6 +266,23 @@ func TestSeekWorkersWhenKeptUnusable(t *testing.T) {
 	}
 	before := router.lookups.Load()
 	router.SeekWorkers("a", nil)
+	// A router seeks again with each query that finds no usable worker:
+	// so does this one, every 2 s, in case a look-up under the load of
+	// the full suite came back empty.
+	seeking := make(chan struct{})
+	defer close(seeking)
+	go func() {
+		tick := time.NewTicker(2 * time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-seeking:
+				return
+			case <-tick.C:
+				router.SeekWorkers("a", nil)
+			}
+		}
+	}()
 	waitTable(t, router, "the third worker to replace a draining one", func(es []Entry) bool {
 		return slices.ContainsFunc(es, func(e Entry) bool { return e.Peer == hosts[3].ID() && !e.Announce.GetDraining() })
 	})
