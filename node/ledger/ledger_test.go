@@ -262,17 +262,18 @@ func TestPendingEvictsOldestAwaiting(t *testing.T) {
 		}
 	}
 	// Many served and taken back at once (each serve, into a full set,
-	// evicts one older receipt): the order stays bounded.
+	// evicts one older receipt): the order holds exactly the pending
+	// receipts, within the bound.
 	for i := 6000; i < 6000+5*maxPending; i++ {
 		serve(i)
 		if err := back(i); err != nil {
 			t.Fatalf("countersign %d: %v", i, err)
 		}
-		if l.order.Len() > 2*maxPending {
-			t.Fatalf("order of %d entries for %d pending", l.order.Len(), len(l.pending))
+		if l.order.Len() != len(l.pending) || len(l.pending) > maxPending {
+			t.Fatalf("order of %d entries for %d pending, bound %d", l.order.Len(), len(l.pending), maxPending)
 		}
 	}
-	if len(l.pending) != maxPending-1 || l.order.Len() > 2*maxPending {
+	if len(l.pending) != maxPending-1 || l.order.Len() != len(l.pending) {
 		t.Fatalf("%d pending, want %d; order of %d", len(l.pending), maxPending-1, l.order.Len())
 	}
 }
