@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -46,13 +47,22 @@ type benchReport struct {
 }
 
 func runBench(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--streams N] [--transport tcp,quic] [--json]")
+	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--streams N] [--transport tcp,quic] [--node-env KEY=VALUE]... [--json]")
 	queries := fs.Int("queries", 2000, "queries per path and concurrency")
 	conc := fs.String("concurrency", "1,16,64", "comma-separated concurrency levels")
 	streams := fs.Int("streams", 1000, "concurrent slow streams for the TTFT row (0: skip it)")
 	noNginx := fs.Bool("no-nginx", false, "leave nginx out even when it is installed")
 	transports := fs.String("transport", "tcp,quic", "comma-separated transports of the bridge → worker path, a pair of nodes each: tcp (row mtor), quic (row mtor-quic)")
 	asJSON := fs.Bool("json", false, "print the results as JSON")
+	var nodeEnv []string
+	fs.Func("node-env", "KEY=VALUE added to the environment of the bench's mtor node processes, not the baselines' (repeatable), e.g. GOMAXPROCS=1", func(v string) error {
+		k, _, ok := strings.Cut(v, "=")
+		if !ok || !envKey.MatchString(k) {
+			return fmt.Errorf("want KEY=VALUE, got %q", v)
+		}
+		nodeEnv = append(nodeEnv, v)
+		return nil
+	})
 	serveProxy := fs.String("serve-proxy", "", "internal: serve Go's reverse proxy to this upstream URL (the bench starts it as its own process)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -87,7 +97,7 @@ func runBench(ctx context.Context, e *env, args []string) error {
 		pairs = append(pairs, s)
 	}
 
-	rep, err := benchPaths(ctx, e, *queries, levels, *streams, pairs, !*noNginx)
+	rep, err := benchPaths(ctx, e, benchSetup{queries: *queries, levels: levels, streams: *streams, transports: pairs, nginx: !*noNginx, nodeEnv: nodeEnv})
 	if err != nil {
 		return err
 	}
@@ -116,9 +126,23 @@ func serveBenchProxy(ctx context.Context, e *env, upstream string) error {
 	return pathbench.ServeProxy(ctx, ln, upstream)
 }
 
+// envKey is what `mtor bench --node-env` takes as a variable's name.
+var envKey = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// benchSetup is what `mtor bench` runs: its flags, checked.
+type benchSetup struct {
+	queries    int
+	levels     []int
+	streams    int
+	transports []string
+	nginx      bool
+	nodeEnv    []string // KEY=VALUE for the node processes only
+}
+
 // benchPaths starts the backend and every path to it, then measures each
 // path at each level, and the slow streams.
-func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams int, transports []string, withNginx bool) (*benchReport, error) {
+func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, error) {
+	queries, levels, streams, transports := set.queries, set.levels, set.streams, set.transports
 	be, err := pathbench.StartBackend()
 	if err != nil {
 		return nil, err
@@ -134,15 +158,17 @@ func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams 
 		return nil, fmt.Errorf("bench: finding the mtor binary: %w", err)
 	}
 
-	paths := []benchPath{{name: "direct", url: be.URL()}}
+	// The load generator and the backend share this process, on every
+	// path: its CPU is what a row needs besides the path's own processes.
+	paths := []benchPath{{name: "direct", url: be.URL(), procs: map[string]int{"bench": os.Getpid()}}}
 	var children []*benchChild
 	defer func() {
 		for _, c := range slices.Backward(children) {
 			c.stop()
 		}
 	}()
-	start := func(name string, args ...string) (*benchChild, error) {
-		c, err := startBenchChild(ctx, self, args...)
+	start := func(name string, env []string, args ...string) (*benchChild, error) {
+		c, err := startBenchChild(ctx, self, env, args...)
 		if err != nil {
 			return nil, fmt.Errorf("bench: %s: %w", name, err)
 		}
@@ -150,13 +176,13 @@ func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams 
 		return c, nil
 	}
 
-	px, err := start("go proxy", "bench", "--serve-proxy", be.URL())
+	px, err := start("go proxy", nil, "bench", "--serve-proxy", be.URL())
 	if err != nil {
 		return nil, err
 	}
-	paths = append(paths, benchPath{name: "go-proxy", url: px.values["proxy"], procs: map[string]int{"proxy": px.pid()}})
+	paths = append(paths, benchPath{name: "go-proxy", url: px.values["proxy"], procs: map[string]int{"bench": os.Getpid(), "proxy": px.pid()}})
 
-	if bin := pathbench.NginxPath(); withNginx && bin != "" {
+	if bin := pathbench.NginxPath(); set.nginx && bin != "" {
 		ng, err := pathbench.StartNginx(ctx, bin, strings.TrimPrefix(be.URL(), "http://"))
 		if err != nil {
 			return nil, fmt.Errorf("bench: %w", err)
@@ -166,7 +192,7 @@ func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams 
 		if err != nil {
 			return nil, fmt.Errorf("bench: %w", err)
 		}
-		paths = append(paths, benchPath{name: "nginx", url: ng.URL(), procs: map[string]int{"nginx": pid}})
+		paths = append(paths, benchPath{name: "nginx", url: ng.URL(), procs: map[string]int{"bench": os.Getpid(), "nginx": pid}})
 	} else {
 		fmt.Fprintln(e.stderr, "bench: nginx is not installed (or --no-nginx): its row is left out")
 	}
@@ -183,21 +209,21 @@ func benchPaths(ctx context.Context, e *env, queries int, levels []int, streams 
 		// Each pair its own swarm, listening on its transport alone: the
 		// bridge can reach its worker on nothing else.
 		swarm := "bench-two-" + tr
-		w, err := start(tr+" worker node", nodeArgs("worker-"+tr, bt.listen, swarm, backendArgs...)...)
+		w, err := start(tr+" worker node", set.nodeEnv, nodeArgs("worker-"+tr, bt.listen, swarm, backendArgs...)...)
 		if err != nil {
 			return nil, err
 		}
-		b, err := start(tr+" bridge node", append(nodeArgs("bridge-"+tr, bt.listen, swarm, "--no-detect", "--join", w.values["join"]), bridgeArgs...)...)
+		b, err := start(tr+" bridge node", set.nodeEnv, append(nodeArgs("bridge-"+tr, bt.listen, swarm, "--no-detect", "--join", w.values["join"]), bridgeArgs...)...)
 		if err != nil {
 			return nil, err
 		}
-		paths = append(paths, benchPath{name: bt.path, url: strings.TrimSuffix(b.values["bridge"], "/"), procs: map[string]int{"bridge": b.pid(), "worker": w.pid()}})
+		paths = append(paths, benchPath{name: bt.path, url: strings.TrimSuffix(b.values["bridge"], "/"), procs: map[string]int{"bench": os.Getpid(), "bridge": b.pid(), "worker": w.pid()}})
 	}
-	one, err := start("one node", append(nodeArgs("one", benchTransports["tcp"].listen, "bench-one", backendArgs...), bridgeArgs...)...)
+	one, err := start("one node", set.nodeEnv, append(nodeArgs("one", benchTransports["tcp"].listen, "bench-one", backendArgs...), bridgeArgs...)...)
 	if err != nil {
 		return nil, err
 	}
-	paths = append(paths, benchPath{name: "mtor1", url: strings.TrimSuffix(one.values["bridge"], "/"), procs: map[string]int{"node": one.pid()}})
+	paths = append(paths, benchPath{name: "mtor1", url: strings.TrimSuffix(one.values["bridge"], "/"), procs: map[string]int{"bench": os.Getpid(), "node": one.pid()}})
 
 	for _, p := range paths {
 		if err := warmUp(ctx, p); err != nil {
@@ -285,7 +311,7 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float
 
 func printBench(w io.Writer, rep *benchReport) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "PATH\tCONC\tQUERIES\tERRORS\tP50\tADDED P50\tP99\tQUERIES/S\tVS DIRECT\tCPU PER TOKEN\n")
+	fmt.Fprintf(tw, "PATH\tCONC\tQUERIES\tERRORS\tP50\tADDED P50\tP99\tQUERIES/S\tVS DIRECT\tCORES\tCPU PER TOKEN\n")
 	direct := map[int]pathbench.Result{}
 	for _, r := range rep.Rows {
 		if r.Path == "direct" {
@@ -299,8 +325,8 @@ func printBench(w io.Writer, rep *benchReport) error {
 			added = fmt.Sprintf("%+.2f ms", float64(r.P50-d.P50)/float64(time.Millisecond))
 			ratio = fmt.Sprintf("%.2f", r.QPS()/d.QPS())
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%s\t%.0f\t%s\t%s\n", r.Path, r.Concurrency, r.Queries, r.Errors,
-			ms(r.P50), added, ms(r.P99), r.QPS(), ratio, cpuPerToken(r))
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%s\t%.0f\t%s\t%.2f\t%s\n", r.Path, r.Concurrency, r.Queries, r.Errors,
+			ms(r.P50), added, ms(r.P99), r.QPS(), ratio, r.Cores(), cpuPerToken(r))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -371,8 +397,11 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-func startBenchChild(ctx context.Context, bin string, args ...string) (*benchChild, error) {
+func startBenchChild(ctx context.Context, bin string, env []string, args ...string) (*benchChild, error) {
 	c := &benchChild{cmd: exec.Command(bin, args...), values: map[string]string{}, stderr: &lockedBuffer{}, done: make(chan struct{})}
+	if len(env) > 0 {
+		c.cmd.Env = append(os.Environ(), env...) // a later KEY= wins
+	}
 	c.cmd.Stderr = c.stderr
 	out, err := c.cmd.StdoutPipe()
 	if err != nil {

@@ -2,6 +2,8 @@ package main
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/mtor-swarm/mtor/cmd/mtor/internal/pathbench"
@@ -11,10 +13,14 @@ import (
 // the Go proxy, nginx where installed, bridge → worker on TCP and on
 // QUIC, one node) answers
 // whole streamed answers at each level and in the slow-stream rows, and
-// the CPU of each measured process is counted.
+// the CPU of each measured process is counted, the bench's own (load
+// generator and backend) on every row; --node-env reaches the node
+// processes and nothing else.
 func TestE2EBenchComparesPaths(t *testing.T) {
 	needBinary(t)
-	code, stdout, stderr := mtor(t, "bench", "--queries", "40", "--concurrency", "1,4", "--streams", "4", "--json")
+	prof := filepath.Join(t.TempDir(), "cpu")
+	code, stdout, stderr := mtor(t, "bench", "--queries", "40", "--concurrency", "1,4", "--streams", "4", "--json",
+		"--node-env", "MTOR_CPUPROFILE="+prof)
 	if code != 0 {
 		t.Fatalf("mtor bench: exit %d: %s", code, stderr)
 	}
@@ -42,11 +48,30 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 		}
 	}
 	for _, r := range rep.Rows {
-		roles := map[string][]string{"go-proxy": {"proxy"}, "nginx": {"nginx"}, "mtor": {"bridge", "worker"}, "mtor-quic": {"bridge", "worker"}, "mtor1": {"node"}}[r.Path]
+		roles := map[string][]string{"direct": {"bench"}, "go-proxy": {"bench", "proxy"}, "nginx": {"bench", "nginx"},
+			"mtor": {"bench", "bridge", "worker"}, "mtor-quic": {"bench", "bridge", "worker"}, "mtor1": {"bench", "node"}}[r.Path]
 		for _, role := range roles {
 			if _, ok := r.CPU[role]; !ok {
 				t.Errorf("%s at %d: no CPU time for %s", r.Path, r.Concurrency, role)
 			}
+		}
+		if len(r.CPU) != len(roles) || r.Cores() <= 0 {
+			t.Errorf("%s at %d: CPU of %v (%.2f cores), want %v", r.Path, r.Concurrency, r.CPU, r.Cores(), roles)
+		}
+	}
+	// MTOR_CPUPROFILE=PREFIX makes each node write PREFIX.PID when it
+	// stops: the two pairs' four nodes and the one node, not the proxy
+	// (which would ignore it) nor the bench itself (which never saw it).
+	files, err := filepath.Glob(prof + ".*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) != 5 {
+		t.Errorf("--node-env MTOR_CPUPROFILE: %d profiles %v, want one of each of the 5 nodes", len(files), files)
+	}
+	for _, f := range files {
+		if st, err := os.Stat(f); err != nil || st.Size() == 0 {
+			t.Errorf("profile %s: empty or unreadable (%v)", f, err)
 		}
 	}
 	t.Logf("bench rows: %d, stream rows: %d", len(rep.Rows), len(rep.Streams))

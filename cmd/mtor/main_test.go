@@ -108,6 +108,9 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"bench bad queries", []string{"bench", "--queries", "0"}, "--queries"},
 		{"bench bad transport", []string{"bench", "--transport", "tcp,udp"}, "--transport"},
 		{"bench transport twice", []string{"bench", "--transport", "quic,quic"}, "--transport"},
+		{"bench node-env without value", []string{"bench", "--node-env", "GOMAXPROCS"}, "node-env"},
+		{"bench node-env without name", []string{"bench", "--node-env", "=1"}, "node-env"},
+		{"bench node-env bad name", []string{"bench", "--node-env", "GO MAXPROCS=1"}, "node-env"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

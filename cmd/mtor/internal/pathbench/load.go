@@ -35,6 +35,20 @@ type Result struct {
 // QPS is the answers per second.
 func (r Result) QPS() float64 { return float64(r.Queries) / r.Elapsed.Seconds() }
 
+// Cores is the CPU time of the row's measured processes over its wall
+// time: how many cores the row kept busy. On a machine with that many
+// cores the row was bound by CPU, not by waiting.
+func (r Result) Cores() float64 {
+	if r.Elapsed <= 0 {
+		return 0
+	}
+	var sum time.Duration
+	for _, t := range r.CPU {
+		sum += t
+	}
+	return float64(sum) / float64(r.Elapsed)
+}
+
 // CPUPerToken is proc's CPU time per streamed token of the row.
 func (r Result) CPUPerToken(proc string) time.Duration {
 	ok := int64(r.Queries) - r.Errors
