@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -57,7 +56,7 @@ func runBench(ctx context.Context, e *env, args []string) error {
 	var nodeEnv []string
 	fs.Func("node-env", "KEY=VALUE added to the environment of the bench's mtor node processes, not the baselines' (repeatable), e.g. GOMAXPROCS=1", func(v string) error {
 		k, _, ok := strings.Cut(v, "=")
-		if !ok || !envKey.MatchString(k) {
+		if !ok || !envName(k) {
 			return fmt.Errorf("want KEY=VALUE, got %q", v)
 		}
 		nodeEnv = append(nodeEnv, v)
@@ -126,8 +125,16 @@ func serveBenchProxy(ctx context.Context, e *env, upstream string) error {
 	return pathbench.ServeProxy(ctx, ln, upstream)
 }
 
-// envKey is what `mtor bench --node-env` takes as a variable's name.
-var envKey = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+// envName reports whether k can name a variable of `mtor bench
+// --node-env`: letters, digits and '_', not starting with a digit.
+func envName(k string) bool {
+	for i, c := range k {
+		if c != '_' && !('A' <= c && c <= 'Z') && !('a' <= c && c <= 'z') && (i == 0 || c < '0' || c > '9') {
+			return false
+		}
+	}
+	return k != ""
+}
 
 // benchSetup is what `mtor bench` runs: its flags, checked.
 type benchSetup struct {

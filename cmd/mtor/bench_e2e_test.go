@@ -76,3 +76,16 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 	}
 	t.Logf("bench rows: %d, stream rows: %d", len(rep.Rows), len(rep.Streams))
 }
+
+// TestEnvName checks the names `mtor bench --node-env` takes.
+func TestEnvName(t *testing.T) {
+	cases := map[string]bool{
+		"GOMAXPROCS": true, "GOGC": true, "_x": true, "MTOR_CPUPROFILE": true, "a1": true, "x": true,
+		"": false, "1A": false, "GO MAXPROCS": false, "GO-GC": false, "É": false, "A=": false,
+	}
+	for k, want := range cases {
+		if got := envName(k); got != want {
+			t.Errorf("envName(%q) = %v, want %v", k, got, want)
+		}
+	}
+}
