@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -23,7 +24,8 @@ import (
 )
 
 // benchPath is one way from the load generator to the backend, with the
-// processes whose CPU time counts for it.
+// processes on it whose CPU time counts for it; measure adds the bench's
+// own, which every path has.
 type benchPath struct {
 	name  string
 	url   string
@@ -149,7 +151,6 @@ type benchSetup struct {
 // benchPaths starts the backend and every path to it, then measures each
 // path at each level, and the slow streams.
 func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, error) {
-	queries, levels, streams, transports := set.queries, set.levels, set.streams, set.transports
 	be, err := pathbench.StartBackend()
 	if err != nil {
 		return nil, err
@@ -165,9 +166,7 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 		return nil, fmt.Errorf("bench: finding the mtor binary: %w", err)
 	}
 
-	// The load generator and the backend share this process, on every
-	// path: its CPU is what a row needs besides the path's own processes.
-	paths := []benchPath{{name: "direct", url: be.URL(), procs: map[string]int{"bench": os.Getpid()}}}
+	paths := []benchPath{{name: "direct", url: be.URL()}}
 	var children []*benchChild
 	defer func() {
 		for _, c := range slices.Backward(children) {
@@ -187,7 +186,7 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 	if err != nil {
 		return nil, err
 	}
-	paths = append(paths, benchPath{name: "go-proxy", url: px.values["proxy"], procs: map[string]int{"bench": os.Getpid(), "proxy": px.pid()}})
+	paths = append(paths, benchPath{name: "go-proxy", url: px.values["proxy"], procs: map[string]int{"proxy": px.pid()}})
 
 	if bin := pathbench.NginxPath(); set.nginx && bin != "" {
 		ng, err := pathbench.StartNginx(ctx, bin, strings.TrimPrefix(be.URL(), "http://"))
@@ -199,19 +198,19 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 		if err != nil {
 			return nil, fmt.Errorf("bench: %w", err)
 		}
-		paths = append(paths, benchPath{name: "nginx", url: ng.URL(), procs: map[string]int{"bench": os.Getpid(), "nginx": pid}})
+		paths = append(paths, benchPath{name: "nginx", url: ng.URL(), procs: map[string]int{"nginx": pid}})
 	} else {
 		fmt.Fprintln(e.stderr, "bench: nginx is not installed (or --no-nginx): its row is left out")
 	}
 
-	slots := strconv.Itoa(max(slices.Max(levels), streams) + 64)
+	slots := strconv.Itoa(max(slices.Max(set.levels), set.streams) + 64)
 	nodeArgs := func(dir, listen, swarm string, extra ...string) []string {
 		return append([]string{"node", "--data-dir", filepath.Join(tmp, dir), "--listen", listen,
 			"--no-mdns", "--api", "off", "--swarm", swarm, "--log-level", "error"}, extra...)
 	}
 	bridgeArgs := []string{"--bridge", "127.0.0.1:0", "--bridge-queue", slots, "--bridge-queue-per-client", slots}
 	backendArgs := []string{"--backend", "openai=" + be.URL(), "--max-concurrency", slots, "--max-queue", slots}
-	for _, tr := range transports {
+	for _, tr := range set.transports {
 		bt := benchTransports[tr]
 		// Each pair its own swarm, listening on its transport alone: the
 		// bridge can reach its worker on nothing else.
@@ -224,13 +223,13 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 		if err != nil {
 			return nil, err
 		}
-		paths = append(paths, benchPath{name: bt.path, url: strings.TrimSuffix(b.values["bridge"], "/"), procs: map[string]int{"bench": os.Getpid(), "bridge": b.pid(), "worker": w.pid()}})
+		paths = append(paths, benchPath{name: bt.path, url: strings.TrimSuffix(b.values["bridge"], "/"), procs: map[string]int{"bridge": b.pid(), "worker": w.pid()}})
 	}
 	one, err := start("one node", set.nodeEnv, append(nodeArgs("one", benchTransports["tcp"].listen, "bench-one", backendArgs...), bridgeArgs...)...)
 	if err != nil {
 		return nil, err
 	}
-	paths = append(paths, benchPath{name: "mtor1", url: strings.TrimSuffix(one.values["bridge"], "/"), procs: map[string]int{"bench": os.Getpid(), "node": one.pid()}})
+	paths = append(paths, benchPath{name: "mtor1", url: strings.TrimSuffix(one.values["bridge"], "/"), procs: map[string]int{"node": one.pid()}})
 
 	for _, p := range paths {
 		if err := warmUp(ctx, p); err != nil {
@@ -238,18 +237,18 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 		}
 	}
 	rep := &benchReport{}
-	for _, c := range levels {
+	for _, c := range set.levels {
 		for _, p := range paths {
-			r, err := measure(ctx, p, pathbench.Model, queries, c)
+			r, err := measure(ctx, p, pathbench.Model, set.queries, c)
 			if err != nil {
 				return nil, err
 			}
 			rep.Rows = append(rep.Rows, r)
 		}
 	}
-	if streams > 0 {
+	if set.streams > 0 {
 		for _, p := range paths {
-			for _, n := range []int{1, streams} {
+			for _, n := range []int{1, set.streams} {
 				r, err := measure(ctx, p, pathbench.SlowModel, max(n, 20), n)
 				if err != nil {
 					return nil, err
@@ -290,28 +289,39 @@ func warmUp(ctx context.Context, p benchPath) error {
 func measure(ctx context.Context, p benchPath, model string, queries, conc int) (pathbench.Result, error) {
 	cl := pathbench.NewClient(p.url, model, conc)
 	defer cl.Close()
-	before := map[string]time.Duration{}
-	for role, pid := range p.procs {
-		t, err := pathbench.ProcCPU(pid)
-		if err != nil {
-			return pathbench.Result{}, err
-		}
-		before[role] = t
+	// The load generator and the backend share this process, on every
+	// path: its CPU is what a row needs besides the path's own processes.
+	procs := map[string]int{"bench": os.Getpid()}
+	maps.Copy(procs, p.procs)
+	before, err := procsCPU(procs)
+	if err != nil {
+		return pathbench.Result{}, err
 	}
 	r := cl.Run(ctx, queries, conc)
 	if err := ctx.Err(); err != nil {
 		return r, err
 	}
 	r.Path = p.name
-	r.CPU = map[string]time.Duration{}
-	for role, pid := range p.procs {
-		t, err := pathbench.ProcCPU(pid)
-		if err != nil {
-			return r, err
-		}
-		r.CPU[role] = t - before[role]
+	if r.CPU, err = procsCPU(procs); err != nil {
+		return r, err
+	}
+	for role, t := range before {
+		r.CPU[role] -= t
 	}
 	return r, nil
+}
+
+// procsCPU is the CPU time each process of procs (role -> pid) has used.
+func procsCPU(procs map[string]int) (map[string]time.Duration, error) {
+	cpu := make(map[string]time.Duration, len(procs))
+	for role, pid := range procs {
+		t, err := pathbench.ProcCPU(pid)
+		if err != nil {
+			return nil, err
+		}
+		cpu[role] = t
+	}
+	return cpu, nil
 }
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond)) }
