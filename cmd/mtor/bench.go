@@ -48,9 +48,10 @@ type benchReport struct {
 }
 
 func runBench(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--streams N] [--transport tcp,quic] [--node-env KEY=VALUE]... [--json]")
+	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--tokens N] [--streams N] [--transport tcp,quic] [--node-env KEY=VALUE]... [--json]")
 	queries := fs.Int("queries", 2000, "queries per path and concurrency")
 	conc := fs.String("concurrency", "1,16,64", "comma-separated concurrency levels")
+	tokens := fs.Int("tokens", pathbench.DefaultTokens, fmt.Sprintf("tokens of every answer, 1 to %d (the slow streams' come %s apart)", pathbench.MaxTokens, pathbench.SlowInterval))
 	streams := fs.Int("streams", 1000, "concurrent slow streams for the TTFT row (0: skip it)")
 	noNginx := fs.Bool("no-nginx", false, "leave nginx out even when it is installed")
 	transports := fs.String("transport", "tcp,quic", "comma-separated transports of the bridge → worker path, a pair of nodes each: tcp (row mtor), quic (row mtor-quic)")
@@ -78,6 +79,9 @@ func runBench(ctx context.Context, e *env, args []string) error {
 	if *queries <= 0 {
 		return usagef("--queries must be > 0")
 	}
+	if *tokens < 1 || *tokens > pathbench.MaxTokens {
+		return usagef("--tokens must be between 1 and %d", pathbench.MaxTokens)
+	}
 	if *streams < 0 || *streams > 4096 {
 		return usagef("--streams must be between 0 and 4096")
 	}
@@ -98,7 +102,7 @@ func runBench(ctx context.Context, e *env, args []string) error {
 		pairs = append(pairs, s)
 	}
 
-	rep, err := benchPaths(ctx, e, benchSetup{queries: *queries, levels: levels, streams: *streams, transports: pairs, nginx: !*noNginx, nodeEnv: nodeEnv})
+	rep, err := benchPaths(ctx, e, benchSetup{queries: *queries, levels: levels, tokens: *tokens, streams: *streams, transports: pairs, nginx: !*noNginx, nodeEnv: nodeEnv})
 	if err != nil {
 		return err
 	}
@@ -142,6 +146,7 @@ func envName(k string) bool {
 type benchSetup struct {
 	queries    int
 	levels     []int
+	tokens     int // of every answer
 	streams    int
 	transports []string
 	nginx      bool
@@ -239,7 +244,7 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 	rep := &benchReport{}
 	for _, c := range set.levels {
 		for _, p := range paths {
-			r, err := measure(ctx, p, pathbench.Model, set.queries, c)
+			r, err := measure(ctx, p, pathbench.Model, set.queries, c, set.tokens)
 			if err != nil {
 				return nil, err
 			}
@@ -249,7 +254,7 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 	if set.streams > 0 {
 		for _, p := range paths {
 			for _, n := range []int{1, set.streams} {
-				r, err := measure(ctx, p, pathbench.SlowModel, max(n, 20), n)
+				r, err := measure(ctx, p, pathbench.SlowModel, max(n, 20), n, set.tokens)
 				if err != nil {
 					return nil, err
 				}
@@ -285,9 +290,9 @@ func warmUp(ctx context.Context, p benchPath) error {
 	return ctx.Err()
 }
 
-// measure runs one row and the CPU time of p's processes over it.
-func measure(ctx context.Context, p benchPath, model string, queries, conc int) (pathbench.Result, error) {
-	cl := pathbench.NewClient(p.url, model, conc)
+// measure runs one row, answers of tokens tokens, and the CPU time of p's processes over it.
+func measure(ctx context.Context, p benchPath, model string, queries, conc, tokens int) (pathbench.Result, error) {
+	cl := pathbench.NewClient(p.url, model, conc, pathbench.WithTokens(tokens))
 	defer cl.Close()
 	// The load generator and the backend share this process, on every
 	// path: its CPU is what a row needs besides the path's own processes.
@@ -328,7 +333,11 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float
 
 func printBench(w io.Writer, rep *benchReport) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "PATH\tCONC\tQUERIES\tERRORS\tP50\tADDED P50\tP99\tQUERIES/S\tVS DIRECT\tCORES\tCPU PER TOKEN\n")
+	tokens := pathbench.DefaultTokens
+	if len(rep.Rows) > 0 {
+		tokens = rep.Rows[0].Tokens
+	}
+	fmt.Fprintf(tw, "PATH\tCONC\tQUERIES\tERRORS\tP50\tADDED P50\tP99\tQUERIES/S\tVS DIRECT\tCORES\tCPU PER TOKEN (%d AN ANSWER)\n", tokens)
 	direct := map[int]pathbench.Result{}
 	for _, r := range rep.Rows {
 		if r.Path == "direct" {
@@ -349,7 +358,7 @@ func printBench(w io.Writer, rep *benchReport) error {
 		return err
 	}
 	if len(rep.Streams) > 0 {
-		fmt.Fprintf(tw, "\nSLOW STREAMS (%d tokens %s apart)\tCONC\tERRORS\tTTFT P50\tTTFT P99\tTOTAL P99\n", pathbench.Tokens, pathbench.SlowInterval)
+		fmt.Fprintf(tw, "\nSLOW STREAMS (%d tokens %s apart)\tCONC\tERRORS\tTTFT P50\tTTFT P99\tTOTAL P99\n", rep.Streams[0].Tokens, pathbench.SlowInterval)
 		for _, r := range rep.Streams {
 			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\n", r.Path, r.Concurrency, r.Errors, ms(r.TTFTP50), ms(r.TTFTP99), ms(r.P99))
 		}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -20,8 +21,12 @@ import (
 func TestE2EBenchComparesPaths(t *testing.T) {
 	needBinary(t)
 	prof := filepath.Join(t.TempDir(), "cpu")
+	// Answers of 5 tokens, not the default 16: every path must carry the
+	// count asked for (the load generator refuses any other), and the
+	// slow streams' rows take a third of the time.
+	const tokens = 5
 	code, stdout, stderr := mtor(t, "bench", "--queries", "40", "--concurrency", "1,4", "--streams", "4", "--json",
-		"--node-env", "MTOR_CPUPROFILE="+prof)
+		"--tokens", strconv.Itoa(tokens), "--node-env", "MTOR_CPUPROFILE="+prof)
 	if code != 0 {
 		t.Fatalf("mtor bench: exit %d: %s", code, stderr)
 	}
@@ -37,6 +42,9 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 		seen[r.Path]++
 		if r.Errors != 0 || r.P50 <= 0 {
 			t.Errorf("%s at %d: %d errors (%s), p50 %s", r.Path, r.Concurrency, r.Errors, r.FirstError, r.P50)
+		}
+		if r.Tokens != tokens {
+			t.Errorf("%s at %d: answers of %d tokens, want %d", r.Path, r.Concurrency, r.Tokens, tokens)
 		}
 	}
 	paths := []string{"direct", "go-proxy", "mtor", "mtor-quic", "mtor1"}

@@ -111,6 +111,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"bench node-env without value", []string{"bench", "--node-env", "GOMAXPROCS"}, "node-env"},
 		{"bench node-env without name", []string{"bench", "--node-env", "=1"}, "node-env"},
 		{"bench node-env bad name", []string{"bench", "--node-env", "GO MAXPROCS=1"}, "node-env"},
+		{"bench no tokens", []string{"bench", "--tokens", "0"}, "--tokens"},
+		{"bench too many tokens", []string{"bench", "--tokens", "4097"}, "--tokens"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -7,13 +7,13 @@ package pathbench
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
 )
 
@@ -24,19 +24,24 @@ const (
 	Model        = "bench"
 	SlowModel    = "bench-slow"
 	SlowInterval = 50 * time.Millisecond
-	// Token is the text of every streamed token; Tokens of them make an
-	// answer. The load generator counts it to check each answer is whole,
-	// so it must not occur anywhere else in a response.
-	Token  = "zq "
-	Tokens = 16
+	// Token is the text of every streamed token. The load generator
+	// counts it to check each answer is whole, so it must not occur
+	// anywhere else in a response.
+	Token = "zq "
+	// DefaultTokens make an answer unless the request's max_tokens asks
+	// for another number, 1 to MaxTokens: the backend then streams
+	// exactly that many, so that a bench can tell what a path costs per
+	// answer from what it costs per token.
+	DefaultTokens = 16
+	MaxTokens     = 4096
 	// maxRequest bounds a request body the backend reads.
 	maxRequest = 1 << 20
 )
 
 // Backend is an instant OpenAI-compatible server on loopback: GET
-// /v1/models and streamed POST /v1/chat/completions (Tokens content
-// chunks, a finish chunk, a usage chunk and [DONE], each flushed as a
-// model server does).
+// /v1/models and streamed POST /v1/chat/completions (DefaultTokens
+// content chunks, or max_tokens of them, a finish chunk, a usage chunk
+// and [DONE], each flushed as a model server does).
 type Backend struct {
 	srv *http.Server
 	ln  net.Listener
@@ -45,7 +50,6 @@ type Backend struct {
 var (
 	tokenEvent  = []byte(`data: {"id":"chatcmpl-b","object":"chat.completion.chunk","created":0,"model":"bench","choices":[{"index":0,"delta":{"content":"` + Token + `"},"finish_reason":null}]}` + "\n\n")
 	finishEvent = []byte(`data: {"id":"chatcmpl-b","object":"chat.completion.chunk","created":0,"model":"bench","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}` + "\n\n")
-	usageEvent  = []byte(`data: {"id":"chatcmpl-b","object":"chat.completion.chunk","created":0,"model":"bench","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":` + strconv.Itoa(Tokens) + `,"total_tokens":` + strconv.Itoa(Tokens+8) + `}}` + "\n\n")
 	doneEvent   = []byte("data: [DONE]\n\n")
 	modelList   = []byte(`{"object":"list","data":[{"id":"` + Model + `","object":"model","owned_by":"bench"},{"id":"` + SlowModel + `","object":"model","owned_by":"bench"}]}`)
 )
@@ -79,8 +83,20 @@ func serveChat(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, `{"error":{"message":"request body too large"}}`, http.StatusRequestEntityTooLarge)
 		return
 	}
+	var req struct {
+		Model     string `json:"model"`
+		MaxTokens int    `json:"max_tokens"`
+	}
+	if err := json.Unmarshal(body, &req); err != nil {
+		http.Error(w, `{"error":{"message":"request body is not JSON"}}`, http.StatusBadRequest)
+		return
+	}
+	tokens := DefaultTokens
+	if req.MaxTokens > 0 {
+		tokens = min(req.MaxTokens, MaxTokens)
+	}
 	var interval time.Duration
-	if strings.Contains(string(body), `"model":"`+SlowModel+`"`) {
+	if req.Model == SlowModel {
 		interval = SlowInterval
 	}
 	rc := http.NewResponseController(w)
@@ -93,7 +109,7 @@ func serveChat(w http.ResponseWriter, r *http.Request) {
 		}
 		return rc.Flush()
 	}
-	for i := range Tokens {
+	for i := range tokens {
 		if interval > 0 && i > 0 {
 			select {
 			case <-r.Context().Done():
@@ -105,11 +121,17 @@ func serveChat(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	for _, b := range [][]byte{finishEvent, usageEvent, doneEvent} {
+	for _, b := range [][]byte{finishEvent, usageEvent(tokens), doneEvent} {
 		if send(b) != nil {
 			return
 		}
 	}
+}
+
+// usageEvent is the chunk that reports an answer's tokens.
+func usageEvent(tokens int) []byte {
+	return []byte(`data: {"id":"chatcmpl-b","object":"chat.completion.chunk","created":0,"model":"bench","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":` +
+		strconv.Itoa(tokens) + `,"total_tokens":` + strconv.Itoa(tokens+8) + `}}` + "\n\n")
 }
 
 // ErrIncomplete is wrapped by a query whose answer was not whole.

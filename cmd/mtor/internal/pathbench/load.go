@@ -8,13 +8,15 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// maxAnswer bounds the bytes of one answer the load generator reads.
-const maxAnswer = 1 << 20
+// maxAnswer bounds the bytes of an answer of tokens tokens that the load
+// generator reads: an event of a token is under 300 bytes on every path.
+func maxAnswer(tokens int) int64 { return 64<<10 + int64(tokens)<<10 }
 
 // Result is one path at one concurrency.
 type Result struct {
@@ -28,6 +30,8 @@ type Result struct {
 	TTFTP50     time.Duration `json:"ttft_p50_ns"`
 	TTFTP99     time.Duration `json:"ttft_p99_ns"`
 	Elapsed     time.Duration `json:"elapsed_ns"`
+	// Tokens is the tokens of every answer.
+	Tokens int `json:"tokens"`
 	// CPU is the CPU time each measured process spent on the row.
 	CPU map[string]time.Duration `json:"cpu_ns,omitempty"`
 }
@@ -52,36 +56,48 @@ func (r Result) Cores() float64 {
 // CPUPerToken is proc's CPU time per streamed token of the row.
 func (r Result) CPUPerToken(proc string) time.Duration {
 	ok := int64(r.Queries) - r.Errors
-	if ok <= 0 {
+	if ok <= 0 || r.Tokens <= 0 {
 		return 0
 	}
-	return r.CPU[proc] / time.Duration(ok*Tokens)
+	return r.CPU[proc] / time.Duration(ok*int64(r.Tokens))
 }
 
 // Client sends chat queries to one OpenAI-compatible base URL and reads
 // their streamed answers.
 type Client struct {
-	hc   *http.Client
-	url  string
-	body []byte
+	hc     *http.Client
+	url    string
+	body   []byte
+	tokens int // that every answer must have
+}
+
+// ClientOption sets up a Client.
+type ClientOption func(*Client)
+
+// WithTokens asks for answers of n tokens (max_tokens), 1 to MaxTokens,
+// instead of DefaultTokens.
+func WithTokens(n int) ClientOption {
+	return func(c *Client) { c.tokens = max(1, min(n, MaxTokens)) }
 }
 
 // NewClient queries model at base (http://host:port) with a connection
 // pool large enough for conc queries at once.
-func NewClient(base, model string, conc int) *Client {
+func NewClient(base, model string, conc int, opts ...ClientOption) *Client {
 	tr := &http.Transport{MaxIdleConns: conc, MaxIdleConnsPerHost: conc, IdleConnTimeout: time.Minute, DisableCompression: true}
-	return &Client{
-		hc:   &http.Client{Transport: tr},
-		url:  base + "/v1/chat/completions",
-		body: []byte(`{"model":"` + model + `","stream":true,"messages":[{"role":"user","content":"benchmark prompt with a few words in it"}]}`),
+	c := &Client{hc: &http.Client{Transport: tr}, url: base + "/v1/chat/completions", tokens: DefaultTokens}
+	for _, o := range opts {
+		o(c)
 	}
+	c.body = []byte(`{"model":"` + model + `","stream":true,"max_tokens":` + strconv.Itoa(c.tokens) +
+		`,"messages":[{"role":"user","content":"benchmark prompt with a few words in it"}]}`)
+	return c
 }
 
 // Close drops the client's idle connections.
 func (c *Client) Close() { c.hc.CloseIdleConnections() }
 
 // Query sends one query and reads its answer to the end: its time to the
-// first token and in total; an answer without all Tokens or without
+// first token and in total; an answer without all its tokens or without
 // [DONE] is ErrIncomplete.
 func (c *Client) Query(ctx context.Context) (ttft, total time.Duration, err error) {
 	start := time.Now()
@@ -99,7 +115,7 @@ func (c *Client) Query(ctx context.Context) (ttft, total time.Duration, err erro
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 		return 0, 0, fmt.Errorf("HTTP %d: %s", resp.StatusCode, b)
 	}
-	br := bufio.NewReaderSize(io.LimitReader(resp.Body, maxAnswer), 4096)
+	br := bufio.NewReaderSize(io.LimitReader(resp.Body, maxAnswer(c.tokens)), 4096)
 	tokens, done := 0, false
 	for {
 		line, err := br.ReadSlice('\n')
@@ -120,8 +136,8 @@ func (c *Client) Query(ctx context.Context) (ttft, total time.Duration, err erro
 		}
 	}
 	total = time.Since(start)
-	if tokens != Tokens || !done {
-		return 0, 0, fmt.Errorf("%w: %d of %d tokens, [DONE] %v", ErrIncomplete, tokens, Tokens, done)
+	if tokens != c.tokens || !done {
+		return 0, 0, fmt.Errorf("%w: %d of %d tokens, [DONE] %v", ErrIncomplete, tokens, c.tokens, done)
 	}
 	return ttft, total, nil
 }
@@ -153,7 +169,7 @@ func (c *Client) Run(ctx context.Context, queries, conc int) Result {
 		})
 	}
 	wg.Wait()
-	r := Result{Concurrency: conc, Queries: queries, Errors: errs.Load(), Elapsed: time.Since(start)}
+	r := Result{Concurrency: conc, Queries: queries, Errors: errs.Load(), Elapsed: time.Since(start), Tokens: c.tokens}
 	if e, ok := firstErr.Load().(string); ok {
 		r.FirstError = e
 	}

@@ -16,13 +16,15 @@ func TestResultCPUFigures(t *testing.T) {
 	}{
 		{"no processes", Result{Queries: 10, Elapsed: time.Second}, 0, nil},
 		{"no time", Result{Queries: 10, CPU: map[string]time.Duration{"bench": time.Second}}, 0, nil},
+		{"no tokens", Result{Queries: 10, Elapsed: time.Second, CPU: map[string]time.Duration{"bench": time.Second}},
+			1, map[string]time.Duration{"bench": 0}},
 		{"two processes over two seconds",
-			Result{Queries: 100, Elapsed: 2 * time.Second, CPU: map[string]time.Duration{"bench": time.Second, "bridge": 2 * time.Second}},
-			1.5, map[string]time.Duration{"bench": time.Second / (100 * Tokens), "bridge": 2 * time.Second / (100 * Tokens)}},
+			Result{Queries: 100, Tokens: 16, Elapsed: 2 * time.Second, CPU: map[string]time.Duration{"bench": time.Second, "bridge": 2 * time.Second}},
+			1.5, map[string]time.Duration{"bench": time.Second / (100 * 16), "bridge": 2 * time.Second / (100 * 16)}},
 		{"failed queries stream no tokens",
-			Result{Queries: 100, Errors: 50, Elapsed: time.Second, CPU: map[string]time.Duration{"node": time.Second}},
-			1, map[string]time.Duration{"node": time.Second / (50 * Tokens)}},
-		{"every query failed", Result{Queries: 4, Errors: 4, Elapsed: time.Second, CPU: map[string]time.Duration{"node": time.Second}},
+			Result{Queries: 100, Errors: 50, Tokens: 256, Elapsed: time.Second, CPU: map[string]time.Duration{"node": time.Second}},
+			1, map[string]time.Duration{"node": time.Second / (50 * 256)}},
+		{"every query failed", Result{Queries: 4, Errors: 4, Tokens: 16, Elapsed: time.Second, CPU: map[string]time.Duration{"node": time.Second}},
 			1, map[string]time.Duration{"node": 0}},
 	}
 	for _, tc := range cases {

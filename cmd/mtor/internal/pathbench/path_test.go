@@ -71,18 +71,20 @@ func TestSwarmPathStreamsWholeAnswers(t *testing.T) {
 	defer be.Close()
 	url := startSwarmPath(t, be.URL())
 	for _, tc := range []struct {
-		model         string
-		queries, conc int
+		model                 string
+		queries, conc, tokens int
 	}{
-		{pathbench.Model, 50, 1},
-		{pathbench.Model, 200, 16},
-		{pathbench.SlowModel, 32, 32},
+		{pathbench.Model, 50, 1, pathbench.DefaultTokens},
+		{pathbench.Model, 200, 16, pathbench.DefaultTokens},
+		{pathbench.Model, 20, 4, 1},
+		{pathbench.Model, 40, 8, 600},
+		{pathbench.SlowModel, 32, 32, pathbench.DefaultTokens},
 	} {
-		cl := pathbench.NewClient(url, tc.model, tc.conc)
+		cl := pathbench.NewClient(url, tc.model, tc.conc, pathbench.WithTokens(tc.tokens))
 		r := cl.Run(context.Background(), tc.queries, tc.conc)
 		cl.Close()
-		if r.Errors != 0 {
-			t.Errorf("%s at %d: %d of %d queries failed, first: %s", tc.model, tc.conc, r.Errors, tc.queries, r.FirstError)
+		if r.Errors != 0 || r.Tokens != tc.tokens {
+			t.Errorf("%s at %d, %d tokens: %d of %d queries failed (first: %s), answers of %d", tc.model, tc.conc, tc.tokens, r.Errors, tc.queries, r.FirstError, r.Tokens)
 		}
 		if r.P50 <= 0 || r.TTFTP50 <= 0 || r.TTFTP50 > r.P50 {
 			t.Errorf("%s at %d: ttft p50 %s, total p50 %s", tc.model, tc.conc, r.TTFTP50, r.P50)
