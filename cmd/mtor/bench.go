@@ -358,9 +358,15 @@ func printBench(w io.Writer, rep *benchReport) error {
 		return err
 	}
 	if len(rep.Streams) > 0 {
-		fmt.Fprintf(tw, "\nSLOW STREAMS (%d tokens %s apart)\tCONC\tERRORS\tTTFT P50\tTTFT P99\tTOTAL P99\n", rep.Streams[0].Tokens, pathbench.SlowInterval)
+		fmt.Fprintf(tw, "\nSLOW STREAMS (%d tokens %s apart)\tCONC\tERRORS\tTTFT P50\tTTFT P99\tTOTAL P99\tCPU PER TOKEN\n", rep.Streams[0].Tokens, pathbench.SlowInterval)
 		for _, r := range rep.Streams {
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\n", r.Path, r.Concurrency, r.Errors, ms(r.TTFTP50), ms(r.TTFTP99), ms(r.P99))
+			// One stream at a time leaves the processes idle most of
+			// the row: its CPU is theirs at rest, not the stream's.
+			cpu := "-"
+			if r.Concurrency > 1 {
+				cpu = cpuPerToken(r)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\t%s\n", r.Path, r.Concurrency, r.Errors, ms(r.TTFTP50), ms(r.TTFTP99), ms(r.P99), cpu)
 		}
 		if err := tw.Flush(); err != nil {
 			return err
