@@ -503,9 +503,28 @@ func newTokenEvents(tmpl chatChunk) (*tokenEvents, error) {
 // it, never two goroutines at once.
 func (t *tokenEvents) event(out *sse, text string) error {
 	t.quoted.Reset()
+	if plainJSON(text) {
+		// Most tokens: no escaping, no reflection, nothing allocated.
+		t.quoted.WriteByte('"')
+		t.quoted.WriteString(text)
+		t.quoted.WriteByte('"')
+		return out.queue(t.prefix, t.quoted.Bytes(), t.suffix)
+	}
 	if err := t.enc.Encode(text); err != nil {
 		return err
 	}
 	q := t.quoted.Bytes()
 	return out.queue(t.prefix, q[:len(q)-1], t.suffix) // Encode ends the value with a newline
+}
+
+// plainJSON reports whether encoding/json writes s as itself between
+// quotes: printable ASCII, without the quote, the backslash and the
+// characters it escapes for HTML (<, >, &).
+func plainJSON(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			return false
+		}
+	}
+	return true
 }

@@ -21,7 +21,10 @@ func TestTokenEventsMatchTheChunk(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, text := range []string{"zq ", `"quoted" \\ back`, "<b>&amp;</b>", "line\nbreak\ttab", "émoji 🙂", "\x00\u2028"} {
+		// Plain ASCII takes the fast path (plainJSON); the rest
+		// encoding/json's escaping.
+		for _, text := range []string{"zq ", "", "a", "plain words, 42 + 1 = 43!", "~`{|}^_[]#$%'()*/:;=?@", "\x7f", "a&b",
+			`"quoted" \\ back`, "<b>&amp;</b>", "line\nbreak\ttab", "émoji 🙂", "\x00\u2028", "\xff invalid"} {
 			rec := httptest.NewRecorder()
 			out := newSSE(rec, newSSEBufs())
 			stop := out.run(DefaultKeepAlive)
@@ -36,6 +39,21 @@ func TestTokenEventsMatchTheChunk(t *testing.T) {
 			if !strings.Contains(rec.Header().Get("Content-Type"), "text/event-stream") {
 				t.Fatalf("content type %q", rec.Header().Get("Content-Type"))
 			}
+		}
+	}
+}
+
+// TestPlainJSON: which token texts skip encoding/json (the event test
+// above checks that their bytes match it either way).
+func TestPlainJSON(t *testing.T) {
+	cases := map[string]bool{
+		"": true, "zq ": true, "Hello, world!": true, "a~z{}[]:;": true,
+		`"`: false, `\`: false, "<": false, ">": false, "&": false,
+		"\n": false, "\x1f": false, "\x7f": false, "é": false, "\u2028": false, "\xff": false,
+	}
+	for text, want := range cases {
+		if got := plainJSON(text); got != want {
+			t.Errorf("plainJSON(%q) = %v, want %v", text, got, want)
 		}
 	}
 }
