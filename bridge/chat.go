@@ -174,8 +174,11 @@ type sse struct {
 	bufs *sync.Pool // where pending and spare come from and go back
 }
 
-// maxPendingSSE bounds the bytes of events waiting for the writer.
-const maxPendingSSE = 64 << 10
+// maxPendingSSE bounds the bytes of events waiting for the writer: about
+// a hundred tokens' events, one write and flush. Its buffers grow to it
+// by doubling and go back to the pool at that size, so a stream whose
+// events come faster than it writes them grows none after the first few.
+const maxPendingSSE = 16 << 10
 
 // DefaultKeepAlive is how long a stream may stay silent (a query queued or
 // a slow model) before the bridge sends an SSE comment, so that proxies
@@ -315,8 +318,14 @@ func (e *sse) hold() {
 // queue adds raw event bytes for the writer; while the writer is stopped
 // (before run, after stop) it writes them itself.
 func (e *sse) queue(b ...[]byte) error {
+	n := 0
+	for _, s := range b {
+		n += len(s)
+	}
 	e.mu.Lock()
-	for e.err == nil && !e.stopped && len(e.pending) >= maxPendingSSE {
+	// An event that would take the queue past its bound waits for the
+	// writer; one larger than the bound goes alone.
+	for e.err == nil && !e.stopped && len(e.pending) > 0 && len(e.pending)+n > maxPendingSSE {
 		e.cond.Wait()
 	}
 	if e.err != nil {
@@ -325,6 +334,13 @@ func (e *sse) queue(b ...[]byte) error {
 	}
 	e.started = true
 	e.last = time.Now()
+	if need := len(e.pending) + n; need > cap(e.pending) {
+		// Doubling: append's 1.25× steps copied a buffer a dozen times
+		// on its way to the bound, and left it too big for the pool.
+		grown := make([]byte, len(e.pending), max(need, min(2*cap(e.pending), maxPendingSSE)))
+		copy(grown, e.pending)
+		e.pending = grown
+	}
 	for _, s := range b {
 		e.pending = append(e.pending, s...)
 	}
