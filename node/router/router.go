@@ -1512,6 +1512,10 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// Progress: output, or a step forward in the worker's queue. A worker
 	// that heartbeats without progress for stall is stalling.
 	progress, queuePos := time.Now(), uint32(math.MaxUint32)
+	// moved: progress since the stamp above, stamped at the next read
+	// that waits (events read ahead in one batch cost one clock read, not
+	// one each: it showed in profiles, a read per token).
+	moved := false
 	out := outputBudget{bytes: r.maxOutput, chunks: chunkLimit(req)}
 	acceptWait := r.acceptBound(req) // sizes the request: once, not per event
 	for {
@@ -1522,11 +1526,14 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		if accepted {
 			wait = r.silenceBound(beat)
 		}
-		stallAt := progress.Add(stall)
 		if !fr.Ready() {
 			// An event already read ahead needs no deadline: re-arming
 			// yamux's timer per event cost more than reading the event.
-			_ = s.SetReadDeadline(earliest(earliest(dl, time.Now().Add(wait)), stallAt))
+			now := time.Now()
+			if moved {
+				progress, moved = now, false
+			}
+			_ = s.SetReadDeadline(earliest(earliest(dl, now.Add(wait)), progress.Add(stall)))
 		}
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
@@ -1534,7 +1541,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			if !accepted && remoteLimit(err) {
 				return nil, refusedStream(p)
 			}
-			if accepted && !expired(ctx) && !time.Now().Before(stallAt) {
+			if accepted && !expired(ctx) && !moved && !time.Now().Before(progress.Add(stall)) {
 				log.Debugw("worker stalls", "peer", p, "stall", stall)
 				return nil, peerFailure{failSilent, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
 			}
@@ -1556,10 +1563,10 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			accepted = true
 			beat = time.Duration(k.Accepted.GetHeartbeatMs()) * time.Millisecond
 			if pos := k.Accepted.GetQueuePosition(); pos < queuePos {
-				queuePos, progress = pos, time.Now()
+				queuePos, moved = pos, true
 			}
 		default:
-			progress = time.Now()
+			moved = true
 			if !out.spend(&ev) {
 				_ = s.Reset()
 				log.Debugw("worker floods output", "peer", p)
