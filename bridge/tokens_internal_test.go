@@ -5,6 +5,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestTokenEventsMatchTheChunk: a token's event rendered from the
@@ -55,5 +56,28 @@ func TestPlainJSON(t *testing.T) {
 		if got := plainJSON(text); got != want {
 			t.Errorf("plainJSON(%q) = %v, want %v", text, got, want)
 		}
+	}
+}
+
+// TestKeepAliveAfterEventsStop: the keep-alive looks for new events at
+// its ticks instead of stamping each one; a stream that goes silent after
+// some events still gets its comment once the silence lasts.
+func TestKeepAliveAfterEventsStop(t *testing.T) {
+	const every = 100 * time.Millisecond
+	rec := httptest.NewRecorder()
+	out := newSSE(rec, newSSEBufs())
+	stop := out.run(every)
+	for range 5 {
+		if err := out.event(map[string]string{"x": "y"}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(every / 10)
+	}
+	time.Sleep(3 * every) // at most every*3/2 is needed
+	stop()
+	body := rec.Body.String()
+	last := strings.LastIndex(body, "data: ")
+	if last < 0 || !strings.Contains(body[last:], ": keep-alive\n\n") {
+		t.Fatalf("no keep-alive after the last event in %q", body)
 	}
 }
