@@ -48,10 +48,10 @@ type benchReport struct {
 }
 
 func runBench(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--tokens N] [--streams N] [--transport tcp,quic] [--node-env KEY=VALUE]... [--json]")
+	fs := newFlagSet(e, "bench", "[--queries N] [--concurrency 1,16,64] [--tokens 16[,256]] [--streams N] [--transport tcp,quic] [--node-env KEY=VALUE]... [--json]")
 	queries := fs.Int("queries", 2000, "queries per path and concurrency")
 	conc := fs.String("concurrency", "1,16,64", "comma-separated concurrency levels")
-	tokens := fs.Int("tokens", pathbench.DefaultTokens, fmt.Sprintf("tokens of every answer, 1 to %d (the slow streams' come %s apart)", pathbench.MaxTokens, pathbench.SlowInterval))
+	tokens := fs.String("tokens", strconv.Itoa(pathbench.DefaultTokens), fmt.Sprintf("comma-separated answer lengths, 1 to %d tokens; with two or more, each process's CPU is also split into per answer and per token (the slow streams, %s apart, take the first)", pathbench.MaxTokens, pathbench.SlowInterval))
 	streams := fs.Int("streams", 1000, "concurrent slow streams for the TTFT row (0: skip it)")
 	noNginx := fs.Bool("no-nginx", false, "leave nginx out even when it is installed")
 	transports := fs.String("transport", "tcp,quic", "comma-separated transports of the bridge → worker path, a pair of nodes each: tcp (row mtor), quic (row mtor-quic)")
@@ -79,8 +79,13 @@ func runBench(ctx context.Context, e *env, args []string) error {
 	if *queries <= 0 {
 		return usagef("--queries must be > 0")
 	}
-	if *tokens < 1 || *tokens > pathbench.MaxTokens {
-		return usagef("--tokens must be between 1 and %d", pathbench.MaxTokens)
+	var lengths []int
+	for _, s := range strings.Split(*tokens, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 || n > pathbench.MaxTokens || slices.Contains(lengths, n) {
+			return usagef("--tokens %q: want distinct lengths of 1 to %d tokens", *tokens, pathbench.MaxTokens)
+		}
+		lengths = append(lengths, n)
 	}
 	if *streams < 0 || *streams > 4096 {
 		return usagef("--streams must be between 0 and 4096")
@@ -102,7 +107,7 @@ func runBench(ctx context.Context, e *env, args []string) error {
 		pairs = append(pairs, s)
 	}
 
-	rep, err := benchPaths(ctx, e, benchSetup{queries: *queries, levels: levels, tokens: *tokens, streams: *streams, transports: pairs, nginx: !*noNginx, nodeEnv: nodeEnv})
+	rep, err := benchPaths(ctx, e, benchSetup{queries: *queries, levels: levels, tokens: lengths, streams: *streams, transports: pairs, nginx: !*noNginx, nodeEnv: nodeEnv})
 	if err != nil {
 		return err
 	}
@@ -146,7 +151,7 @@ func envName(k string) bool {
 type benchSetup struct {
 	queries    int
 	levels     []int
-	tokens     int // of every answer
+	tokens     []int // answer lengths: every level of every path at each; the slow streams at the first
 	streams    int
 	transports []string
 	nginx      bool
@@ -242,19 +247,21 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 		}
 	}
 	rep := &benchReport{}
-	for _, c := range set.levels {
-		for _, p := range paths {
-			r, err := measure(ctx, p, pathbench.Model, set.queries, c, set.tokens)
-			if err != nil {
-				return nil, err
+	for _, tokens := range set.tokens {
+		for _, c := range set.levels {
+			for _, p := range paths {
+				r, err := measure(ctx, p, pathbench.Model, set.queries, c, tokens)
+				if err != nil {
+					return nil, err
+				}
+				rep.Rows = append(rep.Rows, r)
 			}
-			rep.Rows = append(rep.Rows, r)
 		}
 	}
 	if set.streams > 0 {
 		for _, p := range paths {
 			for _, n := range []int{1, set.streams} {
-				r, err := measure(ctx, p, pathbench.SlowModel, max(n, 20), n, set.tokens)
+				r, err := measure(ctx, p, pathbench.SlowModel, max(n, 20), n, set.tokens[0])
 				if err != nil {
 					return nil, err
 				}
@@ -333,29 +340,45 @@ func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d)/float
 
 func printBench(w io.Writer, rep *benchReport) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	tokens := pathbench.DefaultTokens
-	if len(rep.Rows) > 0 {
-		tokens = rep.Rows[0].Tokens
+	var lengths []int
+	for _, r := range rep.Rows {
+		if !slices.Contains(lengths, r.Tokens) {
+			lengths = append(lengths, r.Tokens)
+		}
 	}
-	fmt.Fprintf(tw, "PATH\tCONC\tQUERIES\tERRORS\tP50\tADDED P50\tP99\tQUERIES/S\tVS DIRECT\tCORES\tCPU PER TOKEN (%d AN ANSWER)\n", tokens)
-	direct := map[int]pathbench.Result{}
+	// One length: the table as it always was, the length in its header;
+	// more: a column of them.
+	tokensCol := func(int) string { return "" }
+	if len(lengths) == 1 {
+		fmt.Fprintf(tw, "PATH\tCONC\tQUERIES\tERRORS\tP50\tADDED P50\tP99\tQUERIES/S\tVS DIRECT\tCORES\tCPU PER TOKEN (%d AN ANSWER)\n", lengths[0])
+	} else {
+		tokensCol = func(n int) string { return strconv.Itoa(n) + "\t" }
+		fmt.Fprintf(tw, "PATH\tCONC\tTOKENS\tQUERIES\tERRORS\tP50\tADDED P50\tP99\tQUERIES/S\tVS DIRECT\tCORES\tCPU PER TOKEN\n")
+	}
+	type rowKey struct{ conc, tokens int }
+	direct := map[rowKey]pathbench.Result{}
 	for _, r := range rep.Rows {
 		if r.Path == "direct" {
-			direct[r.Concurrency] = r
+			direct[rowKey{r.Concurrency, r.Tokens}] = r
 		}
 	}
 	for _, r := range rep.Rows {
-		d := direct[r.Concurrency]
+		d := direct[rowKey{r.Concurrency, r.Tokens}]
 		added, ratio := "-", "-"
 		if r.Path != "direct" {
 			added = fmt.Sprintf("%+.2f ms", float64(r.P50-d.P50)/float64(time.Millisecond))
 			ratio = fmt.Sprintf("%.2f", r.QPS()/d.QPS())
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%s\t%.0f\t%s\t%.2f\t%s\n", r.Path, r.Concurrency, r.Queries, r.Errors,
+		fmt.Fprintf(tw, "%s\t%d\t%s%d\t%d\t%s\t%s\t%s\t%.0f\t%s\t%.2f\t%s\n", r.Path, r.Concurrency, tokensCol(r.Tokens), r.Queries, r.Errors,
 			ms(r.P50), added, ms(r.P99), r.QPS(), ratio, r.Cores(), cpuPerToken(r))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
+	}
+	if len(lengths) > 1 {
+		if err := printSplits(tw, rep.Rows, lengths); err != nil {
+			return err
+		}
 	}
 	if len(rep.Streams) > 0 {
 		fmt.Fprintf(tw, "\nSLOW STREAMS (%d tokens %s apart)\tCONC\tERRORS\tTTFT P50\tTTFT P99\tTOTAL P99\tCPU PER TOKEN\n", rep.Streams[0].Tokens, pathbench.SlowInterval)
@@ -378,6 +401,43 @@ func printBench(w io.Writer, rep *benchReport) error {
 		}
 	}
 	return nil
+}
+
+// printSplits fits, for each path and concurrency, each process's CPU
+// per answer over the answer lengths: "role A µs + B µs/token".
+func printSplits(tw *tabwriter.Writer, rows []pathbench.Result, lengths []int) error {
+	ls := make([]string, len(lengths))
+	for i, n := range lengths {
+		ls[i] = strconv.Itoa(n)
+	}
+	fmt.Fprintf(tw, "\nCPU PER ANSWER + PER TOKEN (answers of %s tokens)\tCONC\tEACH PROCESS\n", strings.Join(ls, ", "))
+	type group struct {
+		path string
+		conc int
+	}
+	var order []group
+	byGroup := map[group][]pathbench.Result{}
+	for _, r := range rows {
+		g := group{r.Path, r.Concurrency}
+		if _, seen := byGroup[g]; !seen {
+			order = append(order, g)
+		}
+		byGroup[g] = append(byGroup[g], r)
+	}
+	for _, g := range order {
+		var parts []string
+		for _, role := range slices.Sorted(maps.Keys(byGroup[g][0].CPU)) {
+			if s, ok := pathbench.SplitCPU(byGroup[g], role); ok {
+				parts = append(parts, fmt.Sprintf("%s %.0f µs %+.2f µs/token", role,
+					float64(s.PerAnswer)/float64(time.Microsecond), float64(s.PerToken)/float64(time.Microsecond)))
+			}
+		}
+		if len(parts) == 0 {
+			parts = []string{"-"}
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\n", g.path, g.conc, strings.Join(parts, ", "))
+	}
+	return tw.Flush()
 }
 
 // cpuPerToken is "role µs" for each process of the row.

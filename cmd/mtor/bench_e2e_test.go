@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,12 +23,12 @@ import (
 func TestE2EBenchComparesPaths(t *testing.T) {
 	needBinary(t)
 	prof := filepath.Join(t.TempDir(), "cpu")
-	// Answers of 5 tokens, not the default 16: every path must carry the
-	// count asked for (the load generator refuses any other), and the
-	// slow streams' rows take a third of the time.
-	const tokens = 5
+	// Answers of 5 and of 9 tokens, not the default 16: every path must
+	// carry the count asked for (the load generator refuses any other);
+	// the slow streams take the first, and their rows a third of the time.
+	const short, long = 5, 9
 	code, stdout, stderr := mtor(t, "bench", "--queries", "40", "--concurrency", "1,4", "--streams", "4", "--json",
-		"--tokens", strconv.Itoa(tokens), "--node-env", "MTOR_CPUPROFILE="+prof)
+		"--tokens", strconv.Itoa(short)+","+strconv.Itoa(long), "--node-env", "MTOR_CPUPROFILE="+prof)
 	if code != 0 {
 		t.Fatalf("mtor bench: exit %d: %s", code, stderr)
 	}
@@ -38,13 +40,19 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 		t.Fatalf("bench --json: %v\n%s", err, stdout)
 	}
 	seen := map[string]int{}
-	for _, r := range append(rep.Rows, rep.Streams...) {
+	for i, r := range append(rep.Rows, rep.Streams...) {
 		seen[r.Path]++
 		if r.Errors != 0 || r.P50 <= 0 {
 			t.Errorf("%s at %d: %d errors (%s), p50 %s", r.Path, r.Concurrency, r.Errors, r.FirstError, r.P50)
 		}
-		if r.Tokens != tokens {
-			t.Errorf("%s at %d: answers of %d tokens, want %d", r.Path, r.Concurrency, r.Tokens, tokens)
+		// The rows of the first length come first, then the second's;
+		// the slow streams at the first.
+		want := short
+		if i >= len(rep.Rows)/2 && i < len(rep.Rows) {
+			want = long
+		}
+		if r.Tokens != want {
+			t.Errorf("%s at %d: answers of %d tokens, want %d", r.Path, r.Concurrency, r.Tokens, want)
 		}
 	}
 	paths := []string{"direct", "go-proxy", "mtor", "mtor-quic", "mtor1"}
@@ -52,8 +60,8 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 		paths = append(paths, "nginx")
 	}
 	for _, p := range paths {
-		if seen[p] != 4 {
-			t.Errorf("path %s: %d rows, want 2 levels + 2 stream rows", p, seen[p])
+		if seen[p] != 6 {
+			t.Errorf("path %s: %d rows, want 2 levels × 2 lengths + 2 stream rows", p, seen[p])
 		}
 	}
 	var benchCPU time.Duration
@@ -103,5 +111,44 @@ func TestEnvName(t *testing.T) {
 		if got := envName(k); got != want {
 			t.Errorf("envName(%q) = %v, want %v", k, got, want)
 		}
+	}
+}
+
+// TestPrintBenchSplits: with answers of two lengths the table gets a
+// TOKENS column, and each path's processes their CPU per answer and per
+// token, fitted over the lengths.
+func TestPrintBenchSplits(t *testing.T) {
+	row := func(path string, tokens int, cpu map[string]time.Duration) pathbench.Result {
+		return pathbench.Result{Path: path, Concurrency: 4, Queries: 100, Tokens: tokens, Elapsed: time.Second,
+			P50: time.Millisecond, P99: 2 * time.Millisecond, CPU: cpu}
+	}
+	// bridge: 100 µs per answer and 2 µs per token; bench: 50 µs and 1 µs.
+	per := func(a, b time.Duration, tokens int) time.Duration { return 100 * (a + b*time.Duration(tokens)) }
+	rep := &benchReport{Rows: []pathbench.Result{
+		row("direct", 16, map[string]time.Duration{"bench": per(50*time.Microsecond, time.Microsecond, 16)}),
+		row("mtor", 16, map[string]time.Duration{"bench": per(50*time.Microsecond, time.Microsecond, 16), "bridge": per(100*time.Microsecond, 2*time.Microsecond, 16)}),
+		row("direct", 256, map[string]time.Duration{"bench": per(50*time.Microsecond, time.Microsecond, 256)}),
+		row("mtor", 256, map[string]time.Duration{"bench": per(50*time.Microsecond, time.Microsecond, 256), "bridge": per(100*time.Microsecond, 2*time.Microsecond, 256)}),
+	}}
+	var out bytes.Buffer
+	if err := printBench(&out, rep); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"TOKENS",
+		"CPU PER ANSWER + PER TOKEN (answers of 16, 256 tokens)",
+		"bench 50 µs +1.00 µs/token, bridge 100 µs +2.00 µs/token",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("no %q in\n%s", want, out.String())
+		}
+	}
+	// One length: no TOKENS column, no split.
+	out.Reset()
+	if err := printBench(&out, &benchReport{Rows: rep.Rows[:2]}); err != nil {
+		t.Fatal(err)
+	}
+	if s := out.String(); strings.Contains(s, "TOKENS") || strings.Contains(s, "PER ANSWER") || !strings.Contains(s, "CPU PER TOKEN (16 AN ANSWER)") {
+		t.Errorf("one length:\n%s", s)
 	}
 }

@@ -112,7 +112,9 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"bench node-env without name", []string{"bench", "--node-env", "=1"}, "node-env"},
 		{"bench node-env bad name", []string{"bench", "--node-env", "GO MAXPROCS=1"}, "node-env"},
 		{"bench no tokens", []string{"bench", "--tokens", "0"}, "--tokens"},
-		{"bench too many tokens", []string{"bench", "--tokens", "4097"}, "--tokens"},
+		{"bench too many tokens", []string{"bench", "--tokens", "16,4097"}, "--tokens"},
+		{"bench tokens twice", []string{"bench", "--tokens", "16,16"}, "--tokens"},
+		{"bench tokens not a number", []string{"bench", "--tokens", "16,"}, "--tokens"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
