@@ -45,6 +45,44 @@ var benchTransports = map[string]struct{ listen, path string }{
 type benchReport struct {
 	Rows    []pathbench.Result `json:"rows"`
 	Streams []pathbench.Result `json:"streams,omitempty"`
+	// Splits: with rows of several answer lengths, each process's CPU per
+	// answer and per token, fitted over them for each path and level.
+	Splits []benchSplit `json:"splits,omitempty"`
+}
+
+// benchSplit is one process's split on one path at one concurrency.
+type benchSplit struct {
+	Path        string `json:"path"`
+	Concurrency int    `json:"concurrency"`
+	Process     string `json:"process"`
+	pathbench.CPUSplit
+}
+
+// splitRows fits the split of every process of every path and level
+// over the rows' answer lengths; nothing with one length.
+func splitRows(rows []pathbench.Result) []benchSplit {
+	type group struct {
+		path string
+		conc int
+	}
+	var order []group
+	byGroup := map[group][]pathbench.Result{}
+	for _, r := range rows {
+		g := group{r.Path, r.Concurrency}
+		if _, seen := byGroup[g]; !seen {
+			order = append(order, g)
+		}
+		byGroup[g] = append(byGroup[g], r)
+	}
+	var out []benchSplit
+	for _, g := range order {
+		for _, role := range slices.Sorted(maps.Keys(byGroup[g][0].CPU)) {
+			if s, ok := pathbench.SplitCPU(byGroup[g], role); ok {
+				out = append(out, benchSplit{Path: g.path, Concurrency: g.conc, Process: role, CPUSplit: s})
+			}
+		}
+	}
+	return out
 }
 
 func runBench(ctx context.Context, e *env, args []string) error {
@@ -258,6 +296,7 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 			}
 		}
 	}
+	rep.Splits = splitRows(rep.Rows)
 	if set.streams > 0 {
 		for _, p := range paths {
 			for _, n := range []int{1, set.streams} {
@@ -375,8 +414,8 @@ func printBench(w io.Writer, rep *benchReport) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	if len(lengths) > 1 {
-		if err := printSplits(tw, rep.Rows, lengths); err != nil {
+	if len(rep.Splits) > 0 {
+		if err := printSplits(tw, rep.Splits, lengths); err != nil {
 			return err
 		}
 	}
@@ -403,39 +442,24 @@ func printBench(w io.Writer, rep *benchReport) error {
 	return nil
 }
 
-// printSplits fits, for each path and concurrency, each process's CPU
-// per answer over the answer lengths: "role A µs + B µs/token".
-func printSplits(tw *tabwriter.Writer, rows []pathbench.Result, lengths []int) error {
+// printSplits prints the splits a path's processes at a level on one
+// line: "role A µs +B µs/token" each.
+func printSplits(tw *tabwriter.Writer, splits []benchSplit, lengths []int) error {
 	ls := make([]string, len(lengths))
 	for i, n := range lengths {
 		ls[i] = strconv.Itoa(n)
 	}
 	fmt.Fprintf(tw, "\nCPU PER ANSWER + PER TOKEN (answers of %s tokens)\tCONC\tEACH PROCESS\n", strings.Join(ls, ", "))
-	type group struct {
-		path string
-		conc int
-	}
-	var order []group
-	byGroup := map[group][]pathbench.Result{}
-	for _, r := range rows {
-		g := group{r.Path, r.Concurrency}
-		if _, seen := byGroup[g]; !seen {
-			order = append(order, g)
-		}
-		byGroup[g] = append(byGroup[g], r)
-	}
-	for _, g := range order {
+	for i := 0; i < len(splits); {
+		j := i
 		var parts []string
-		for _, role := range slices.Sorted(maps.Keys(byGroup[g][0].CPU)) {
-			if s, ok := pathbench.SplitCPU(byGroup[g], role); ok {
-				parts = append(parts, fmt.Sprintf("%s %.0f µs %+.2f µs/token", role,
-					float64(s.PerAnswer)/float64(time.Microsecond), float64(s.PerToken)/float64(time.Microsecond)))
-			}
+		for ; j < len(splits) && splits[j].Path == splits[i].Path && splits[j].Concurrency == splits[i].Concurrency; j++ {
+			s := splits[j]
+			parts = append(parts, fmt.Sprintf("%s %.0f µs %+.2f µs/token", s.Process,
+				float64(s.PerAnswer)/float64(time.Microsecond), float64(s.PerToken)/float64(time.Microsecond)))
 		}
-		if len(parts) == 0 {
-			parts = []string{"-"}
-		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\n", g.path, g.conc, strings.Join(parts, ", "))
+		fmt.Fprintf(tw, "%s\t%d\t%s\n", splits[i].Path, splits[i].Concurrency, strings.Join(parts, ", "))
+		i = j
 	}
 	return tw.Flush()
 }

@@ -32,10 +32,7 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("mtor bench: exit %d: %s", code, stderr)
 	}
-	var rep struct {
-		Rows    []pathbench.Result `json:"rows"`
-		Streams []pathbench.Result `json:"streams"`
-	}
+	var rep benchReport
 	if err := json.Unmarshal([]byte(stdout), &rep); err != nil {
 		t.Fatalf("bench --json: %v\n%s", err, stdout)
 	}
@@ -54,6 +51,10 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 		if r.Tokens != want {
 			t.Errorf("%s at %d: answers of %d tokens, want %d", r.Path, r.Concurrency, r.Tokens, want)
 		}
+	}
+	// Every path's bench process, at least, has a split at each level.
+	if len(rep.Splits) < 2*5 {
+		t.Errorf("bench --json with two lengths: %d splits: %+v", len(rep.Splits), rep.Splits)
 	}
 	paths := []string{"direct", "go-proxy", "mtor", "mtor-quic", "mtor1"}
 	if pathbench.NginxPath() != "" {
@@ -130,6 +131,10 @@ func TestPrintBenchSplits(t *testing.T) {
 		row("direct", 256, map[string]time.Duration{"bench": per(50*time.Microsecond, time.Microsecond, 256)}),
 		row("mtor", 256, map[string]time.Duration{"bench": per(50*time.Microsecond, time.Microsecond, 256), "bridge": per(100*time.Microsecond, 2*time.Microsecond, 256)}),
 	}}
+	rep.Splits = splitRows(rep.Rows)
+	if len(rep.Splits) != 3 {
+		t.Fatalf("splits %+v, want direct's bench, mtor's bench and bridge", rep.Splits)
+	}
 	var out bytes.Buffer
 	if err := printBench(&out, rep); err != nil {
 		t.Fatal(err)
@@ -145,7 +150,11 @@ func TestPrintBenchSplits(t *testing.T) {
 	}
 	// One length: no TOKENS column, no split.
 	out.Reset()
-	if err := printBench(&out, &benchReport{Rows: rep.Rows[:2]}); err != nil {
+	one := &benchReport{Rows: rep.Rows[:2]}
+	if one.Splits = splitRows(one.Rows); len(one.Splits) != 0 {
+		t.Errorf("one length: splits %+v", one.Splits)
+	}
+	if err := printBench(&out, one); err != nil {
 		t.Fatal(err)
 	}
 	if s := out.String(); strings.Contains(s, "TOKENS") || strings.Contains(s, "PER ANSWER") || !strings.Contains(s, "CPU PER TOKEN (16 AN ANSWER)") {
