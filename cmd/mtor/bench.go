@@ -470,13 +470,7 @@ func cpuPerToken(r pathbench.Result) string {
 		return "-"
 	}
 	var parts []string
-	for _, role := range slices.Sorted(func(yield func(string) bool) {
-		for k := range r.CPU {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
+	for _, role := range slices.Sorted(maps.Keys(r.CPU)) {
 		parts = append(parts, fmt.Sprintf("%s %.1f µs", role, float64(r.CPUPerToken(role))/float64(time.Microsecond)))
 	}
 	return strings.Join(parts, ", ")
