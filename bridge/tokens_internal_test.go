@@ -81,3 +81,23 @@ func TestKeepAliveAfterEventsStop(t *testing.T) {
 		t.Fatalf("no keep-alive after the last event in %q", body)
 	}
 }
+
+// TestSSEQueueBound: events that together pass the queue's bound, and one
+// larger than the bound by itself, all arrive whole and in order.
+func TestSSEQueueBound(t *testing.T) {
+	rec := httptest.NewRecorder()
+	out := newSSE(rec, newSSEBufs())
+	stop := out.run(DefaultKeepAlive)
+	var want strings.Builder
+	for i, n := range []int{maxPendingSSE / 2, maxPendingSSE / 2, 2 * maxPendingSSE, 100, maxPendingSSE - 10} {
+		ev := strings.Repeat(string(rune('a'+i)), n)
+		if err := out.queue([]byte(ev)); err != nil {
+			t.Fatal(err)
+		}
+		want.WriteString(ev)
+	}
+	stop()
+	if got := rec.Body.String(); got != want.String() {
+		t.Fatalf("got %d bytes, want %d in order", len(got), want.Len())
+	}
+}
