@@ -48,6 +48,51 @@ type benchReport struct {
 	// Splits: with rows of several answer lengths, each process's CPU per
 	// answer and per token, fitted over them for each path and level.
 	Splits []benchSplit `json:"splits,omitempty"`
+	// VsNginx: with nginx installed, each process's CPU per token over
+	// nginx's in the row of the same level and length (issue 12's goal:
+	// the bridge within 2×).
+	VsNginx []benchRatio `json:"vs_nginx,omitempty"`
+}
+
+// benchRatio is one process's CPU per token over nginx's, on one path at
+// one level and answer length; Slow: in the slow streams' rows.
+type benchRatio struct {
+	Path        string  `json:"path"`
+	Concurrency int     `json:"concurrency"`
+	Tokens      int     `json:"tokens"`
+	Slow        bool    `json:"slow,omitempty"`
+	Process     string  `json:"process"`
+	Ratio       float64 `json:"ratio"`
+}
+
+// nginxRatios compares every process but the bench's own (which every
+// row has) with nginx in the row of the same level and length; none where
+// nginx, or the process, has no row or too little CPU to count (under a
+// clock tick in a small row). Slow rows of one stream are left out:
+// their processes are idle most of the row.
+func nginxRatios(rows []pathbench.Result, slow bool) []benchRatio {
+	type key struct{ conc, tokens int }
+	nginx := map[key]time.Duration{}
+	for _, r := range rows {
+		if r.Path == "nginx" {
+			nginx[key{r.Concurrency, r.Tokens}] = r.CPUPerToken("nginx")
+		}
+	}
+	var out []benchRatio
+	for _, r := range rows {
+		base := nginx[key{r.Concurrency, r.Tokens}]
+		if r.Path == "nginx" || base <= 0 || (slow && r.Concurrency <= 1) {
+			continue
+		}
+		for _, role := range slices.Sorted(maps.Keys(r.CPU)) {
+			if role == "bench" || r.CPUPerToken(role) <= 0 {
+				continue
+			}
+			out = append(out, benchRatio{Path: r.Path, Concurrency: r.Concurrency, Tokens: r.Tokens, Slow: slow,
+				Process: role, Ratio: float64(r.CPUPerToken(role)) / float64(base)})
+		}
+	}
+	return out
 }
 
 // benchSplit is one process's split on one path at one concurrency.
@@ -308,6 +353,7 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 			}
 		}
 	}
+	rep.VsNginx = append(nginxRatios(rep.Rows, false), nginxRatios(rep.Streams, true)...)
 	return rep, nil
 }
 
@@ -434,6 +480,11 @@ func printBench(w io.Writer, rep *benchReport) error {
 			return err
 		}
 	}
+	if len(rep.VsNginx) > 0 {
+		if err := printRatios(tw, rep.VsNginx); err != nil {
+			return err
+		}
+	}
 	for _, r := range append(slices.Clone(rep.Rows), rep.Streams...) {
 		if r.FirstError != "" {
 			fmt.Fprintf(w, "%s at %d: first error: %s\n", r.Path, r.Concurrency, r.FirstError)
@@ -459,6 +510,27 @@ func printSplits(tw *tabwriter.Writer, splits []benchSplit, lengths []int) error
 				float64(s.PerAnswer)/float64(time.Microsecond), float64(s.PerToken)/float64(time.Microsecond)))
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\n", splits[i].Path, splits[i].Concurrency, strings.Join(parts, ", "))
+		i = j
+	}
+	return tw.Flush()
+}
+
+// printRatios prints each path's processes at a level and length on one
+// line: "role N×" each, N their CPU per token over nginx's.
+func printRatios(tw *tabwriter.Writer, ratios []benchRatio) error {
+	fmt.Fprintf(tw, "\nCPU PER TOKEN OVER NGINX'S\tCONC\tTOKENS\tEACH PROCESS\n")
+	for i := 0; i < len(ratios); {
+		j := i
+		var parts []string
+		for ; j < len(ratios) && ratios[j].Path == ratios[i].Path && ratios[j].Concurrency == ratios[i].Concurrency &&
+			ratios[j].Tokens == ratios[i].Tokens && ratios[j].Slow == ratios[i].Slow; j++ {
+			parts = append(parts, fmt.Sprintf("%s %.1f×", ratios[j].Process, ratios[j].Ratio))
+		}
+		name := ratios[i].Path
+		if ratios[i].Slow {
+			name += " (slow streams)"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", name, ratios[i].Concurrency, ratios[i].Tokens, strings.Join(parts, ", "))
 		i = j
 	}
 	return tw.Flush()

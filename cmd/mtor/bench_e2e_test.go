@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -59,6 +60,20 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 	paths := []string{"direct", "go-proxy", "mtor", "mtor-quic", "mtor1"}
 	if pathbench.NginxPath() != "" {
 		paths = append(paths, "nginx")
+	}
+	// Against nginx: exactly what its rows give (rows this small may
+	// leave nginx under a clock tick of CPU, and then a level out), and
+	// nothing without nginx.
+	if want := append(nginxRatios(rep.Rows, false), nginxRatios(rep.Streams, true)...); !slices.Equal(rep.VsNginx, want) {
+		t.Errorf("vs_nginx %+v, want %+v", rep.VsNginx, want)
+	}
+	if pathbench.NginxPath() == "" && len(rep.VsNginx) > 0 {
+		t.Errorf("vs_nginx without nginx: %+v", rep.VsNginx)
+	}
+	for _, r := range rep.VsNginx {
+		if r.Process == "bench" || r.Process == "nginx" || r.Path == "nginx" || r.Ratio <= 0 {
+			t.Errorf("vs_nginx entry %+v", r)
+		}
 	}
 	for _, p := range paths {
 		if seen[p] != 6 {
@@ -159,5 +174,69 @@ func TestPrintBenchSplits(t *testing.T) {
 	}
 	if s := out.String(); strings.Contains(s, "TOKENS") || strings.Contains(s, "PER ANSWER") || !strings.Contains(s, "CPU PER TOKEN (16 AN ANSWER)") {
 		t.Errorf("one length:\n%s", s)
+	}
+}
+
+// TestNginxRatios: each process but the bench's own, over nginx's CPU per
+// token in the row of the same level and length, and printed per path.
+func TestNginxRatios(t *testing.T) {
+	row := func(path string, conc, tokens int, perToken map[string]time.Duration) pathbench.Result {
+		cpu := map[string]time.Duration{}
+		for role, d := range perToken {
+			cpu[role] = d * 100 * time.Duration(tokens) // 100 queries
+		}
+		return pathbench.Result{Path: path, Concurrency: conc, Queries: 100, Tokens: tokens, Elapsed: time.Second, CPU: cpu}
+	}
+	us := time.Microsecond
+	rows := []pathbench.Result{
+		row("direct", 4, 16, map[string]time.Duration{"bench": 9 * us}),
+		row("nginx", 4, 16, map[string]time.Duration{"bench": 9 * us, "nginx": 2 * us}),
+		row("mtor", 4, 16, map[string]time.Duration{"bench": 9 * us, "bridge": 6 * us, "worker": 4 * us}),
+		row("mtor-quic", 4, 16, map[string]time.Duration{"bench": 9 * us, "bridge": 0, "worker": 5 * us}), // the bridge under a tick
+		row("go-proxy", 4, 16, map[string]time.Duration{"bench": 9 * us, "proxy": 3 * us}),
+		row("mtor", 4, 256, map[string]time.Duration{"bench": 9 * us, "bridge": 6 * us}), // no nginx row of 256
+		row("nginx", 8, 16, map[string]time.Duration{"bench": 9 * us, "nginx": 0}),       // too little CPU to count
+		row("mtor", 8, 16, map[string]time.Duration{"bench": 9 * us, "bridge": 6 * us}),
+	}
+	slow := []pathbench.Result{
+		row("nginx", 1, 16, map[string]time.Duration{"bench": 9 * us, "nginx": 20 * us}),
+		row("mtor", 1, 16, map[string]time.Duration{"bench": 9 * us, "bridge": 90 * us}), // one stream: idle processes
+		row("nginx", 1000, 16, map[string]time.Duration{"bench": 9 * us, "nginx": 10 * us}),
+		row("mtor", 1000, 16, map[string]time.Duration{"bench": 9 * us, "bridge": 30 * us}),
+	}
+	tests := []struct {
+		name string
+		rows []pathbench.Result
+		slow bool
+		want []benchRatio
+	}{
+		{"rows", rows, false, []benchRatio{
+			{Path: "mtor", Concurrency: 4, Tokens: 16, Process: "bridge", Ratio: 3},
+			{Path: "mtor", Concurrency: 4, Tokens: 16, Process: "worker", Ratio: 2},
+			{Path: "mtor-quic", Concurrency: 4, Tokens: 16, Process: "worker", Ratio: 2.5},
+			{Path: "go-proxy", Concurrency: 4, Tokens: 16, Process: "proxy", Ratio: 1.5},
+		}},
+		{"slow streams", slow, true, []benchRatio{
+			{Path: "mtor", Concurrency: 1000, Tokens: 16, Slow: true, Process: "bridge", Ratio: 3},
+		}},
+		{"no nginx", rows[2:6], false, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := nginxRatios(tc.rows, tc.slow); !slices.Equal(got, tc.want) {
+				t.Errorf("nginxRatios = %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+	rep := &benchReport{Rows: rows, Streams: slow}
+	rep.VsNginx = append(nginxRatios(rows, false), nginxRatios(slow, true)...)
+	var out bytes.Buffer
+	if err := printBench(&out, rep); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"CPU PER TOKEN OVER NGINX'S", "bridge 3.0×, worker 2.0×", "proxy 1.5×", "mtor (slow streams)"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("no %q in\n%s", want, out.String())
+		}
 	}
 }
