@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"maps"
 	"net"
 	"os"
@@ -85,11 +86,12 @@ func nginxRatios(rows []pathbench.Result, slow bool) []benchRatio {
 			continue
 		}
 		for _, role := range slices.Sorted(maps.Keys(r.CPU)) {
-			if role == "bench" || r.CPUPerToken(role) <= 0 {
+			per := r.CPUPerToken(role)
+			if role == "bench" || per <= 0 {
 				continue
 			}
 			out = append(out, benchRatio{Path: r.Path, Concurrency: r.Concurrency, Tokens: r.Tokens, Slow: slow,
-				Process: role, Ratio: float64(r.CPUPerToken(role)) / float64(base)})
+				Process: role, Ratio: float64(per) / float64(base)})
 		}
 	}
 	return out
@@ -501,16 +503,13 @@ func printSplits(tw *tabwriter.Writer, splits []benchSplit, lengths []int) error
 		ls[i] = strconv.Itoa(n)
 	}
 	fmt.Fprintf(tw, "\nCPU PER ANSWER + PER TOKEN (answers of %s tokens)\tCONC\tEACH PROCESS\n", strings.Join(ls, ", "))
-	for i := 0; i < len(splits); {
-		j := i
-		var parts []string
-		for ; j < len(splits) && splits[j].Path == splits[i].Path && splits[j].Concurrency == splits[i].Concurrency; j++ {
-			s := splits[j]
-			parts = append(parts, fmt.Sprintf("%s %.0f µs %+.2f µs/token", s.Process,
-				float64(s.PerAnswer)/float64(time.Microsecond), float64(s.PerToken)/float64(time.Microsecond)))
+	for run := range runs(splits, func(a, b benchSplit) bool { return a.Path == b.Path && a.Concurrency == b.Concurrency }) {
+		parts := make([]string, len(run))
+		for i, s := range run {
+			parts[i] = fmt.Sprintf("%s %.0f µs %+.2f µs/token", s.Process,
+				float64(s.PerAnswer)/float64(time.Microsecond), float64(s.PerToken)/float64(time.Microsecond))
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\n", splits[i].Path, splits[i].Concurrency, strings.Join(parts, ", "))
-		i = j
+		fmt.Fprintf(tw, "%s\t%d\t%s\n", run[0].Path, run[0].Concurrency, strings.Join(parts, ", "))
 	}
 	return tw.Flush()
 }
@@ -519,21 +518,38 @@ func printSplits(tw *tabwriter.Writer, splits []benchSplit, lengths []int) error
 // line: "role N×" each, N their CPU per token over nginx's.
 func printRatios(tw *tabwriter.Writer, ratios []benchRatio) error {
 	fmt.Fprintf(tw, "\nCPU PER TOKEN OVER NGINX'S\tCONC\tTOKENS\tEACH PROCESS\n")
-	for i := 0; i < len(ratios); {
-		j := i
-		var parts []string
-		for ; j < len(ratios) && ratios[j].Path == ratios[i].Path && ratios[j].Concurrency == ratios[i].Concurrency &&
-			ratios[j].Tokens == ratios[i].Tokens && ratios[j].Slow == ratios[i].Slow; j++ {
-			parts = append(parts, fmt.Sprintf("%s %.1f×", ratios[j].Process, ratios[j].Ratio))
+	sameRow := func(a, b benchRatio) bool {
+		return a.Path == b.Path && a.Concurrency == b.Concurrency && a.Tokens == b.Tokens && a.Slow == b.Slow
+	}
+	for run := range runs(ratios, sameRow) {
+		parts := make([]string, len(run))
+		for i, r := range run {
+			parts[i] = fmt.Sprintf("%s %.1f×", r.Process, r.Ratio)
 		}
-		name := ratios[i].Path
-		if ratios[i].Slow {
+		name := run[0].Path
+		if run[0].Slow {
 			name += " (slow streams)"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", name, ratios[i].Concurrency, ratios[i].Tokens, strings.Join(parts, ", "))
-		i = j
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", name, run[0].Concurrency, run[0].Tokens, strings.Join(parts, ", "))
 	}
 	return tw.Flush()
+}
+
+// runs yields the runs of consecutive elements of xs that same puts
+// together: a table's line per path and level.
+func runs[T any](xs []T, same func(a, b T) bool) iter.Seq[[]T] {
+	return func(yield func([]T) bool) {
+		for i := 0; i < len(xs); {
+			j := i + 1
+			for j < len(xs) && same(xs[i], xs[j]) {
+				j++
+			}
+			if !yield(xs[i:j]) {
+				return
+			}
+			i = j
+		}
+	}
 }
 
 // cpuPerToken is "role µs" for each process of the row.

@@ -240,3 +240,35 @@ func TestNginxRatios(t *testing.T) {
 		}
 	}
 }
+
+// TestRuns: the runs of consecutive equal elements, as the tables group
+// a path's processes on one line.
+func TestRuns(t *testing.T) {
+	cases := []struct {
+		name string
+		xs   []int
+		want [][]int
+	}{
+		{"none", nil, nil},
+		{"one run", []int{1, 1, 1}, [][]int{{1, 1, 1}}},
+		{"runs", []int{1, 1, 2, 3, 3}, [][]int{{1, 1}, {2}, {3, 3}}},
+		{"apart, not merged", []int{1, 2, 1}, [][]int{{1}, {2}, {1}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var got [][]int
+			for r := range runs(tc.xs, func(a, b int) bool { return a == b }) {
+				got = append(got, r)
+			}
+			if !slices.EqualFunc(got, tc.want, slices.Equal[[]int]) {
+				t.Errorf("runs(%v) = %v, want %v", tc.xs, got, tc.want)
+			}
+		})
+	}
+	for r := range runs([]int{1, 2, 3}, func(a, b int) bool { return a == b }) {
+		if len(r) != 1 || r[0] != 1 {
+			t.Fatalf("first run %v", r)
+		}
+		break // a stopped loop must not yield again (that would panic)
+	}
+}
