@@ -67,11 +67,12 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchmem ./protocol/... ./node/... ./cmd/mtor/internal/pathbench
 
 # Swarms of real `mtor node` processes on loopback, one size after the
-# other (docs/benchmarks.md, "Scale").
+# other (docs/benchmarks.md, "Scale"). On a node's defaults: TCP and QUIC,
+# and a minute idle, past the idle memory trim's first two looks (30 s).
 SWARM_SIZES ?= 10,25,50
-SWARM_IDLE  ?= 20s
+SWARM_IDLE  ?= 60s
 SWARM_VIEW  ?= bootstrap
-SWARM_TRANSPORT ?= tcp
+SWARM_TRANSPORT ?= both
 bench-swarm:
 	MTOR_BENCH_SWARM=$(SWARM_SIZES) MTOR_BENCH_SWARM_IDLE=$(SWARM_IDLE) MTOR_BENCH_SWARM_VIEW=$(SWARM_VIEW) \
 		MTOR_BENCH_SWARM_TRANSPORT=$(SWARM_TRANSPORT) $(GO) test ./cmd/mtor -run '^TestBenchSwarm$$' -count=1 -v -timeout 60m
