@@ -97,6 +97,12 @@ func nginxRatios(rows []pathbench.Result, slow bool) []benchRatio {
 	return out
 }
 
+// vsNginx is the report's comparison with nginx: the rows' ratios, then
+// the slow streams'.
+func vsNginx(rows, streams []pathbench.Result) []benchRatio {
+	return append(nginxRatios(rows, false), nginxRatios(streams, true)...)
+}
+
 // benchSplit is one process's split on one path at one concurrency.
 type benchSplit struct {
 	Path        string `json:"path"`
@@ -355,7 +361,7 @@ func benchPaths(ctx context.Context, e *env, set benchSetup) (*benchReport, erro
 			}
 		}
 	}
-	rep.VsNginx = append(nginxRatios(rep.Rows, false), nginxRatios(rep.Streams, true)...)
+	rep.VsNginx = vsNginx(rep.Rows, rep.Streams)
 	return rep, nil
 }
 

@@ -64,7 +64,7 @@ func TestE2EBenchComparesPaths(t *testing.T) {
 	// Against nginx: exactly what its rows give (rows this small may
 	// leave nginx under a clock tick of CPU, and then a level out), and
 	// nothing without nginx.
-	if want := append(nginxRatios(rep.Rows, false), nginxRatios(rep.Streams, true)...); !slices.Equal(rep.VsNginx, want) {
+	if want := vsNginx(rep.Rows, rep.Streams); !slices.Equal(rep.VsNginx, want) {
 		t.Errorf("vs_nginx %+v, want %+v", rep.VsNginx, want)
 	}
 	if pathbench.NginxPath() == "" && len(rep.VsNginx) > 0 {
@@ -229,7 +229,7 @@ func TestNginxRatios(t *testing.T) {
 		})
 	}
 	rep := &benchReport{Rows: rows, Streams: slow}
-	rep.VsNginx = append(nginxRatios(rows, false), nginxRatios(slow, true)...)
+	rep.VsNginx = vsNginx(rows, slow)
 	var out bytes.Buffer
 	if err := printBench(&out, rep); err != nil {
 		t.Fatal(err)

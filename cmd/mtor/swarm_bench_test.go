@@ -62,19 +62,9 @@ func TestBenchSwarm(t *testing.T) {
 	default:
 		t.Fatalf("MTOR_BENCH_SWARM_VIEW: %q is neither bootstrap nor all", v)
 	}
-	// Both by default, as a node started on the defaults listens (and
-	// dials QUIC first); tcp or quic alone on request.
-	tr := os.Getenv("MTOR_BENCH_SWARM_TRANSPORT")
-	var listen []string
-	switch tr {
-	case "tcp":
-		listen = []string{"/ip4/127.0.0.1/tcp/0"}
-	case "quic":
-		listen = []string{"/ip4/127.0.0.1/udp/0/quic-v1"}
-	case "", "both":
-		tr, listen = "both", []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"}
-	default:
-		t.Fatalf("MTOR_BENCH_SWARM_TRANSPORT: %q is not tcp, quic or both", tr)
+	tr, listen, err := swarmListen(os.Getenv("MTOR_BENCH_SWARM_TRANSPORT"))
+	if err != nil {
+		t.Fatalf("MTOR_BENCH_SWARM_TRANSPORT: %v", err)
 	}
 	var rows []swarmRow
 	for _, n := range sizes {
@@ -403,6 +393,22 @@ func installedCopy(t *testing.T, src, dir string) string {
 	return dst
 }
 
+// swarmListen is the swarm bench's transport and its nodes' listen
+// addresses: both by default, as a node started on the defaults listens
+// (and dials QUIC first); tcp or quic alone on request.
+func swarmListen(tr string) (string, []string, error) {
+	const tcp, quic = "/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"
+	switch tr {
+	case "tcp":
+		return tr, []string{tcp}, nil
+	case "quic":
+		return tr, []string{quic}, nil
+	case "", "both":
+		return "both", []string{tcp, quic}, nil
+	}
+	return "", nil, fmt.Errorf("%q is not tcp, quic or both", tr)
+}
+
 // envIdle is the idle window the variable name sets, at least 1s; def
 // where it is unset.
 func envIdle(t *testing.T, name string, def time.Duration) time.Duration {
@@ -420,3 +426,26 @@ func envIdle(t *testing.T, name string, def time.Duration) time.Duration {
 
 // wholeMs is d in whole milliseconds, for the swarm table.
 func wholeMs(d time.Duration) string { return fmt.Sprintf("%d ms", d.Milliseconds()) }
+
+// TestSwarmListen: the swarm bench runs its nodes on both transports
+// unless told one, and refuses a name it does not know.
+func TestSwarmListen(t *testing.T) {
+	const tcp, quic = "/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"
+	cases := []struct {
+		in, name string
+		listen   []string
+		bad      bool
+	}{
+		{"", "both", []string{tcp, quic}, false},
+		{"both", "both", []string{tcp, quic}, false},
+		{"tcp", "tcp", []string{tcp}, false},
+		{"quic", "quic", []string{quic}, false},
+		{"udp", "", nil, true},
+	}
+	for _, tc := range cases {
+		name, listen, err := swarmListen(tc.in)
+		if (err != nil) != tc.bad || name != tc.name || !slices.Equal(listen, tc.listen) {
+			t.Errorf("swarmListen(%q) = %q, %v, %v; want %q, %v, error %v", tc.in, name, listen, err, tc.name, tc.listen, tc.bad)
+		}
+	}
+}
