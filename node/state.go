@@ -87,7 +87,8 @@ type State struct {
 	Roles          []string
 	Reachability   string    // public, behind NAT, relayed via …, loopback only, unknown
 	RelayedVia     []peer.ID // relays holding a reservation for us
-	ConnectedPeers int       // libp2p connections, to any peer
+	ConnectedPeers int       // peers with a libp2p connection
+	Connections    int       // libp2p connections: more than ConnectedPeers where a peer is reached twice
 	Paths          Paths     // the connected peers by path
 	SwarmPeers     int       // other peers whose announcements we hold
 	Joining        bool      // join peers given and none connected yet
@@ -174,6 +175,7 @@ func (n *Node) State() State {
 	st := State{
 		Roles:          roles,
 		ConnectedPeers: len(n.h.Network().Peers()),
+		Connections:    len(n.h.Network().Conns()),
 		Paths:          n.paths(),
 		ProbeInterval:  healthProbeInterval,
 	}

@@ -186,7 +186,7 @@ func TestBenchSwarmNAT(t *testing.T) {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n%d processes (a bootstrap, 2 relays, %d public workers, %d behind a port-restricted NAT), %s idle:\n", total, public, nated, idle)
-	fmt.Fprintf(&b, "| worker | idle RSS p50 / max, MB | RssAnon · RssFile p50, MB | connections p50 / max | idle CPU p50 / max, %% of a core | reachability |\n|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| worker | idle RSS p50 / max, MB | RssAnon · RssFile p50, MB | connected peers p50 / max | idle CPU p50 / max, %% of a core | reachability |\n|---|---|---|---|---|---|\n")
 	for _, r := range rows {
 		rss, rssMax := p50max(r.rss)
 		anon, _ := p50max(r.anon)

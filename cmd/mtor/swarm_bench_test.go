@@ -71,12 +71,12 @@ func TestBenchSwarm(t *testing.T) {
 		t.Run(fmt.Sprintf("n=%d", n), func(t *testing.T) { rows = append(rows, measureSwarm(t, n, idle, allView, listen)) })
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "\n| processes | transport | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | worker RssAnon · RssFile p50, MB | worker connections p50 | idle CPU %% per worker p50 / max · bootstrap |\n")
+	fmt.Fprintf(&b, "\n| processes | transport | swarm view | start→routable at every view, p50 / max | SIGKILL→out at every view, p50 / max | gossip B/s in+out per worker · bootstrap | idle RSS MB per worker p50 / max · bootstrap | worker RssAnon · RssFile p50, MB | worker peers · connections p50 | idle CPU %% per worker p50 / max · bootstrap |\n")
 	fmt.Fprintf(&b, "|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
-		fmt.Fprintf(&b, "| %d | %s | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.1f · %.1f | %d | %.2f / %.2f · %.2f |\n", r.n, tr, r.view,
+		fmt.Fprintf(&b, "| %d | %s | %s | %s / %s | %s / %s | %.0f · %.0f | %.1f / %.1f · %.1f | %.1f · %.1f | %d · %d | %.2f / %.2f · %.2f |\n", r.n, tr, r.view,
 			wholeMs(r.joinP50), wholeMs(r.joinMax), wholeMs(r.deathP50), wholeMs(r.deathMax), r.gossipBps, r.bootGossipBps,
-			r.rssP50, r.rssMax, r.bootRSS, r.anonP50, r.fileP50, r.connsP50, r.cpuP50, r.cpuMax, r.bootCPU)
+			r.rssP50, r.rssMax, r.bootRSS, r.anonP50, r.fileP50, r.peersP50, r.connsP50, r.cpuP50, r.cpuMax, r.bootCPU)
 	}
 	t.Log(b.String())
 }
@@ -88,7 +88,7 @@ type swarmRow struct {
 	gossipBps                            float64 // per worker, bytes in + out per second
 	rssP50, rssMax                       float64 // MB, of the workers
 	anonP50, fileP50                     float64 // MB, the workers' RssAnon and RssFile
-	connsP50                             int     // the workers' connections at the idle window's end
+	peersP50, connsP50                   int     // the workers' connected peers and connections at the idle window's end
 	cpuP50, cpuMax                       float64 // % of one core, of the workers
 	bootGossipBps, bootRSS, bootCPU      float64 // the bootstrap's
 }
@@ -156,7 +156,7 @@ func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool, listen 
 	start := time.Now()
 	time.Sleep(idle)
 	g1, c1 := gossipBytes(t, clients), cpuTicks(t, procs)
-	conns := connectedPeers(t, clients[1:])
+	peers, conns := connectedPeers(t, clients[1:])
 	window := time.Since(start).Seconds()
 	var rowGossip float64
 	cpu := make([]float64, len(procs))
@@ -199,9 +199,10 @@ func measureSwarm(t *testing.T, n int, idle time.Duration, allView bool, listen 
 	r.rssP50, r.rssMax = p50max(rss)
 	r.anonP50, _ = p50max(anon)
 	r.fileP50, _ = p50max(file)
+	r.peersP50, _ = p50max(peers)
 	r.connsP50, _ = p50max(conns)
-	t.Logf("n=%d (swarm view: %s): join p50 %s max %s; death p50 %s max %s; gossip %.0f B/worker/s, %.0f at the bootstrap; worker RSS p50 %.1f MB max %.1f (RssAnon %.1f, RssFile %.1f), bootstrap %.1f; worker connections p50 %d; worker CPU p50 %.2f%% max %.2f%%, bootstrap %.2f%%",
-		n, r.view, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.bootGossipBps, r.rssP50, r.rssMax, r.anonP50, r.fileP50, r.bootRSS, r.connsP50, r.cpuP50, r.cpuMax, r.bootCPU)
+	t.Logf("n=%d (swarm view: %s): join p50 %s max %s; death p50 %s max %s; gossip %.0f B/worker/s, %.0f at the bootstrap; worker RSS p50 %.1f MB max %.1f (RssAnon %.1f, RssFile %.1f), bootstrap %.1f; worker peers p50 %d, connections p50 %d; worker CPU p50 %.2f%% max %.2f%%, bootstrap %.2f%%",
+		n, r.view, r.joinP50, r.joinMax, r.deathP50, r.deathMax, r.gossipBps, r.bootGossipBps, r.rssP50, r.rssMax, r.anonP50, r.fileP50, r.bootRSS, r.peersP50, r.connsP50, r.cpuP50, r.cpuMax, r.bootCPU)
 	return r
 }
 
@@ -302,14 +303,14 @@ func gossipBytes(t *testing.T, clients []*api.Client) []uint64 {
 	return out
 }
 
-// connectedPeers is each node's libp2p connections.
-func connectedPeers(t *testing.T, clients []*api.Client) []int {
+// connectedPeers is each node's connected peers and libp2p connections.
+func connectedPeers(t *testing.T, clients []*api.Client) (peers, conns []int) {
 	t.Helper()
-	var out []int
 	for _, id := range readIDs(t, clients) {
-		out = append(out, id.ConnectedPeers)
+		peers = append(peers, id.ConnectedPeers)
+		conns = append(conns, id.Connections)
 	}
-	return out
+	return peers, conns
 }
 
 // cpuTicks reads utime+stime of each process from /proc/PID/stat.

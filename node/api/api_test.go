@@ -67,6 +67,10 @@ func TestAgainstRealSwarm(t *testing.T) {
 		if id.Roles == nil || id.Backends == nil || id.Reachability != "loopback only (this machine)" || id.ConnectedPeers < 2 {
 			t.Fatalf("state wrong: %+v", id)
 		}
+		// Every connected peer has a connection at least.
+		if id.Connections < id.ConnectedPeers {
+			t.Errorf("%d connections for %d connected peers", id.Connections, id.ConnectedPeers)
+		}
 		// On loopback every connection is direct; none needed a hole punch.
 		if p := id.Paths; p.Direct != id.ConnectedPeers || p.HolePunched != 0 || p.Relayed != 0 {
 			t.Errorf("paths %+v, want all %d direct", p, id.ConnectedPeers)

@@ -41,9 +41,11 @@ type IDInfo struct {
 	ReachabilityHow    string `json:"reachability_how,omitempty"`
 	// Relays are the relay reservations the node holds.
 	Relays []RelayView `json:"relays,omitempty"`
-	// ConnectedPeers counts libp2p connections; SwarmPeers the other
-	// peers whose announcements the node holds.
+	// ConnectedPeers counts the peers with a libp2p connection;
+	// Connections the connections, more where a peer is reached twice;
+	// SwarmPeers the other peers whose announcements the node holds.
 	ConnectedPeers int `json:"connected_peers"`
+	Connections    int `json:"connections"`
 	SwarmPeers     int `json:"swarm_peers"`
 	// Paths counts the connected peers by path: direct (hole_punched of
 	// them after a hole punch) or only relayed.
