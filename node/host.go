@@ -15,6 +15,8 @@ import (
 	basicconnmgr "github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
+	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
+	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	noise "github.com/libp2p/go-libp2p/p2p/security/noise"
 	libp2ptls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
@@ -23,6 +25,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/membership"
+	"github.com/mtor-swarm/mtor/protocol"
 	"go.uber.org/fx"
 )
 
@@ -223,6 +226,13 @@ func relayResources() relay.Resources {
 	rc.MaxReservationsPerASN = RelayReservations
 	rc.MaxCircuits = RelayCircuitsPerPeer
 	return rc
+}
+
+// expendable are the protocols whose streams a redundant connection may
+// take down with it (node/dupconn): their owners open a new stream on the
+// connection left and lose nothing. Gossipsub is not one of them.
+func expendable(swarm string) []libp2pproto.ID {
+	return []libp2pproto.ID{identify.ID, identify.IDPush, ping.ID, protocol.DHTPrefix(swarm) + "/kad/1.0.0"}
 }
 
 func newHost(hc hostConfig) (host.Host, error) {

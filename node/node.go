@@ -27,6 +27,7 @@ import (
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/canary"
+	"github.com/mtor-swarm/mtor/node/dupconn"
 	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/membership"
@@ -84,6 +85,7 @@ type config struct {
 	ledgerOpts       []ledger.Option
 	members          *membership.Membership
 	connGrace        time.Duration // the connection manager's grace period; 0: connGracePeriod
+	dupOpts          []dupconn.Option
 }
 
 // Option configures a node.
@@ -122,6 +124,11 @@ func WithSwarm(name string) Option {
 // connection manager's trim (tests, which cannot wait out a minute).
 func withConnGrace(d time.Duration) Option {
 	return func(c *config) error { c.connGrace = d; return nil }
+}
+
+// withDupConn tunes the closing of redundant connections (tests).
+func withDupConn(opts ...dupconn.Option) Option {
+	return func(c *config) error { c.dupOpts = append(c.dupOpts, opts...); return nil }
 }
 
 // WithBackends sets the model servers this node works for.
@@ -296,6 +303,7 @@ type Node struct {
 	relays *relayKeeper
 	punch  *punchLog
 	live   *liveness.Checker
+	prune  *dupconn.Pruner
 	// bmu guards roles and watched, which a reload (SetBackends) changes,
 	// and lets one reload run at a time.
 	bmu   sync.Mutex
@@ -403,6 +411,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	// Before discovery: its failed pings hand connections to it.
 	live := liveness.New(h)
 	undo = append(undo, live.Close)
+	prune := dupconn.New(h, liveness.Probe, append([]dupconn.Option{dupconn.WithExpendable(expendable(cfg.swarm)...)}, cfg.dupOpts...)...)
 	relays.probe = live.Suspect
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
@@ -411,7 +420,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open the ledger: %w", err)
 	}
-	n := &Node{cfg: cfg, h: h, relays: relays, punch: punches, lock: lock, roles: roles, ledger: led}
+	n := &Node{cfg: cfg, h: h, relays: relays, punch: punches, lock: lock, roles: roles, ledger: led, prune: prune}
 	n.st.joined, n.st.joinFailed = make(chan struct{}), make(chan struct{})
 	// A node given its own token (a restart script) has no one to join.
 	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })
@@ -530,6 +539,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.goRun(func() { relays.run(n.ctx) })
 	n.goRun(func() { watchAddrs(n.ctx, addrSub, ann) })
 	n.goRun(n.probeLoop)
+	n.goRun(func() { prune.Run(n.ctx) })
 	if chk != nil {
 		n.goRun(func() { chk.Run(n.ctx, n.router) })
 	}

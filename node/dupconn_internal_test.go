@@ -1,0 +1,120 @@
+package node
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/dupconn"
+)
+
+// Two nodes on TCP and QUIC that dial each other at once hold two
+// connections; the pruners leave one, and announcements still flow both
+// ways over gossipsub. Real nodes; only the pruner's pace is quickened.
+func TestNodesCloseRedundantConnections(t *testing.T) {
+	start := func(model string) *Node {
+		key, _, err := crypto.GenerateEd25519Key(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := New(context.Background(), WithIdentity(key), WithMDNS(false),
+			WithListenAddrs("/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"),
+			WithAnnounceInterval(200*time.Millisecond), WithBackends(demo.New(model)),
+			withDupConn(dupconn.WithGrace(0), dupconn.WithInterval(100*time.Millisecond)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { n.Close() })
+		return n
+	}
+	a, b := start("ma"), start("mb")
+	addr := func(h host.Host, proto int) []ma.Multiaddr {
+		for _, x := range h.Addrs() {
+			if _, err := x.ValueForProtocol(proto); err == nil {
+				return []ma.Multiaddr{x}
+			}
+		}
+		t.Fatalf("no address with protocol %d in %v", proto, h.Addrs())
+		return nil
+	}
+	conns := func(x, y *Node) int { return len(x.h.Network().ConnsToPeer(y.h.ID())) }
+	// The pruners may close a duplicate at once, so look for one right
+	// after the dials, through the count of connections ever opened.
+	opened := make(chan struct{}, 64)
+	a.h.Network().Notify(&network.NotifyBundle{ConnectedF: func(_ network.Network, c network.Conn) {
+		if c.RemotePeer() == b.h.ID() {
+			select {
+			case opened <- struct{}{}:
+			default:
+			}
+		}
+	}})
+	// Two connections opened within a second of the dials, else close
+	// and try again.
+	race := func() bool {
+		go func() { _ = b.h.Connect(t.Context(), peer.AddrInfo{ID: a.h.ID(), Addrs: addr(a.h, ma.P_TCP)}) }()
+		_ = a.h.Connect(t.Context(), peer.AddrInfo{ID: b.h.ID(), Addrs: addr(b.h, ma.P_QUIC_V1)})
+		deadline := time.After(time.Second)
+		for n := 0; n < 2; n++ {
+			select {
+			case <-opened:
+			case <-deadline:
+				return false
+			}
+		}
+		return true
+	}
+	// A race whose two connections each carry one end's gossipsub stream
+	// keeps both (node/dupconn: gossipsub's streams are not expendable);
+	// try again until the pruners leave one.
+	pruned := false
+	for try := 0; try < 20 && !pruned; try++ {
+		if race() {
+			deadline := time.Now().Add(3 * time.Second)
+			for !pruned && time.Now().Before(deadline) {
+				pruned = conns(a, b) == 1 && conns(b, a) == 1
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+		if !pruned {
+			_ = a.h.Network().ClosePeer(b.h.ID())
+			time.Sleep(200 * time.Millisecond)
+		}
+		for len(opened) > 0 {
+			<-opened
+		}
+	}
+	if !pruned {
+		t.Fatal("no duplicate connection closed in 20 simultaneous dials")
+	}
+	// By the lower peer ID's end alone.
+	lo, hi := a, b
+	if hi.h.ID() < lo.h.ID() {
+		lo, hi = hi, lo
+	}
+	if lo.prune.Closed() == 0 || hi.prune.Closed() != 0 {
+		t.Fatalf("closed by the lower peer ID's end %d, the higher's %d; want some, none", lo.prune.Closed(), hi.prune.Closed())
+	}
+	closedAt := time.Now()
+	fresh := func(x, y *Node) bool {
+		for _, e := range x.disc.Table().Snapshot() {
+			if e.Peer == y.h.ID() && e.Received.After(closedAt) {
+				return true
+			}
+		}
+		return false
+	}
+	waitFor(t, 15*time.Second, "b's announcements at a", func() bool { return fresh(a, b) })
+	waitFor(t, 15*time.Second, "a's announcements at b", func() bool { return fresh(b, a) })
+	if st := a.State(); st.Connections != st.ConnectedPeers || !slices.Contains(a.h.Network().Peers(), b.h.ID()) {
+		t.Fatalf("a: %d connections for %d peers, want one each", st.Connections, st.ConnectedPeers)
+	}
+}
