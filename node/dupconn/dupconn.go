@@ -171,6 +171,13 @@ func (p *Pruner) Sweep(ctx context.Context) int {
 			continue
 		}
 		for _, c := range drop {
+			// A stream opened on it during the ping keeps it (libp2p
+			// opens new streams on the connection with the most); what
+			// opens between this look and the close fails over like any
+			// stream of a lost connection.
+			if c.IsClosed() || p.sticky(c) != 0 {
+				continue
+			}
 			log.Debugw("closing a redundant connection", "peer", rp, "addr", c.RemoteMultiaddr(), "kept", keep.RemoteMultiaddr())
 			_ = c.Close()
 			closed++

@@ -307,3 +307,26 @@ func raced(t *testing.T, a, b host.Host) {
 	}
 	t.Fatal("no duplicate connection in 20 simultaneous dials")
 }
+
+// TestQueryOpenedDuringThePingKeepsItsConnection: the sweep looks at the
+// streams again after the ping; a query that opened on the connection
+// meanwhile keeps it open.
+func TestQueryOpenedDuringThePingKeepsItsConnection(t *testing.T) {
+	lo, hi := keys(t)
+	a := newHost(t, lo)
+	echo(a)
+	b1, b2 := twice(t, a, hi)
+	var s network.Stream
+	probe := func(ctx context.Context, c network.Conn) error {
+		s = query(t, b2, a.ID()) // b2's one connection: the TCP one, not kept
+		return liveness.Probe(ctx, c)
+	}
+	pr := New(a, probe, WithGrace(0), WithExpendable(ping.ID, identify.ID, identify.IDPush))
+	if n := pr.Sweep(t.Context()); n != 0 {
+		t.Fatalf("closed %d connections, want 0", n)
+	}
+	if got := transports(a, b1.ID()); len(got) != 2 {
+		t.Fatalf("transports %v, want both kept", got)
+	}
+	roundTrip(t, s, "more")
+}
