@@ -190,12 +190,12 @@ func (p *Pruner) Sweep(ctx context.Context) int {
 // choose picks the connection to keep among conns to one peer and those
 // that may be closed now.
 func (p *Pruner) choose(conns []network.Conn, now time.Time) (keep network.Conn, drop []network.Conn) {
-	kept := make(map[network.Conn]int, len(conns))
+	busy := make(map[network.Conn]int, len(conns))
 	for _, c := range conns {
-		kept[c] = p.sticky(c)
+		busy[c] = p.sticky(c)
 	}
 	keep = slices.MaxFunc(conns, func(a, b network.Conn) int {
-		if d := kept[a] - kept[b]; d != 0 {
+		if d := busy[a] - busy[b]; d != 0 {
 			return d
 		}
 		if qa, qb := isQUIC(a), isQUIC(b); qa != qb {
@@ -207,7 +207,7 @@ func (p *Pruner) choose(conns []network.Conn, now time.Time) (keep network.Conn,
 		return a.Stat().Opened.Compare(b.Stat().Opened)
 	})
 	for _, c := range conns {
-		if c != keep && kept[c] == 0 && now.Sub(c.Stat().Opened) >= p.grace {
+		if c != keep && busy[c] == 0 && now.Sub(c.Stat().Opened) >= p.grace {
 			drop = append(drop, c)
 		}
 	}
