@@ -180,21 +180,23 @@ func TestBenchSwarmNAT(t *testing.T) {
 		r.rss = append(r.rss, statusMB(t, pid, "VmRSS"))
 		r.anon = append(r.anon, statusMB(t, pid, "RssAnon"))
 		r.file = append(r.file, statusMB(t, pid, "RssFile"))
-		r.conns = append(r.conns, v.ConnectedPeers)
+		r.peers = append(r.peers, v.ConnectedPeers)
+		r.conns = append(r.conns, v.Connections)
 		r.cpu = append(r.cpu, 100*float64(c1[i]-c0[i])/clockTicks/window)
 		r.verdicts = append(r.verdicts, v.ReachabilityStatus+" ("+v.ReachabilityHow+")")
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n%d processes (a bootstrap, 2 relays, %d public workers, %d behind a port-restricted NAT), %s idle:\n", total, public, nated, idle)
-	fmt.Fprintf(&b, "| worker | idle RSS p50 / max, MB | RssAnon · RssFile p50, MB | connected peers p50 / max | idle CPU p50 / max, %% of a core | reachability |\n|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| worker | idle RSS p50 / max, MB | RssAnon · RssFile p50, MB | connected peers p50 / max | connections p50 / max | idle CPU p50 / max, %% of a core | reachability |\n|---|---|---|---|---|---|---|\n")
 	for _, r := range rows {
 		rss, rssMax := p50max(r.rss)
 		anon, _ := p50max(r.anon)
 		file, _ := p50max(r.file)
+		peers, peersMax := p50max(r.peers)
 		conns, connsMax := p50max(r.conns)
 		cpu, cpuMax := p50max(r.cpu)
-		fmt.Fprintf(&b, "| %s (%d) | %.1f / %.1f | %.1f · %.1f | %d / %d | %.2f / %.2f | %s |\n", r.kind, len(r.rss),
-			rss, rssMax, anon, file, conns, connsMax, cpu, cpuMax, tally(r.verdicts))
+		fmt.Fprintf(&b, "| %s (%d) | %.1f / %.1f | %.1f · %.1f | %d / %d | %d / %d | %.2f / %.2f | %s |\n", r.kind, len(r.rss),
+			rss, rssMax, anon, file, peers, peersMax, conns, connsMax, cpu, cpuMax, tally(r.verdicts))
 	}
 	t.Log(b.String())
 }
@@ -202,7 +204,7 @@ func TestBenchSwarmNAT(t *testing.T) {
 type natSwarmRow struct {
 	kind                 string
 	rss, anon, file, cpu []float64
-	conns                []int
+	peers, conns         []int
 	verdicts             []string
 }
 
