@@ -143,10 +143,18 @@ func testRepairDialsAgain(t *testing.T, listen string) {
 	case <-ctx.Done():
 		t.Fatal("no repair within a minute")
 	}
-	deadline := time.Now().Add(15 * time.Second)
+	// Within the repair's own schedule: its pause, then its dials, each
+	// bounded by the dial timeout, with their pauses between (a refused
+	// QUIC dial may wait out its timeout: a loaded CI machine once took
+	// more than 15 s).
+	bound := rejoinPause + rejoinDials*DefaultDialTimeout
+	for try := 1; try < rejoinDials; try++ {
+		bound += time.Duration(try) * rejoinRetry
+	}
+	deadline := time.Now().Add(bound)
 	for h.Network().Connectedness(b.ID()) != network.Connected || g.Refused() == 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("not connected again 15 s after the repair (dials refused: %d)", g.Refused())
+			t.Fatalf("not connected again %s after the repair (dials refused: %d)", bound, g.Refused())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
