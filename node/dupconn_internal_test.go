@@ -103,6 +103,10 @@ func TestNodesCloseRedundantConnections(t *testing.T) {
 	if lo.prune.Closed() == 0 || hi.prune.Closed() != 0 {
 		t.Fatalf("closed by the lower peer ID's end %d, the higher's %d; want some, none", lo.prune.Closed(), hi.prune.Closed())
 	}
+	// What the node tells (/v1/id's redundant_closed).
+	if lc, hc := lo.State().RedundantClosed, hi.State().RedundantClosed; lc != lo.prune.Closed() || hc != 0 {
+		t.Fatalf("State().RedundantClosed %d and %d, want %d and 0", lc, hc, lo.prune.Closed())
+	}
 	closedAt := time.Now()
 	fresh := func(x, y *Node) bool {
 		for _, e := range x.disc.Table().Snapshot() {

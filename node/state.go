@@ -84,19 +84,20 @@ type RelayPeer struct {
 // State is what the node tells about itself: its roles, how others reach
 // it, how connected it is, and its backends.
 type State struct {
-	Roles          []string
-	Reachability   string    // public, behind NAT, relayed via …, loopback only, unknown
-	RelayedVia     []peer.ID // relays holding a reservation for us
-	ConnectedPeers int       // peers with a libp2p connection
-	Connections    int       // libp2p connections: more than ConnectedPeers where a peer is reached twice
-	Paths          Paths     // the connected peers by path
-	SwarmPeers     int       // other peers whose announcements we hold
-	Joining        bool      // join peers given and none connected yet
-	JoinError      string    // why the last join attempt failed
-	Backends       []BackendState
-	Relays         []RelayPeer // swarm relays we know of
-	ProbeInterval  time.Duration
-	Gossip         discovery.Traffic // announce-topic traffic since start
+	Roles           []string
+	Reachability    string    // public, behind NAT, relayed via …, loopback only, unknown
+	RelayedVia      []peer.ID // relays holding a reservation for us
+	ConnectedPeers  int       // peers with a libp2p connection
+	Connections     int       // libp2p connections: more than ConnectedPeers where a peer is reached twice
+	RedundantClosed int64     // connections closed as redundant since start (node/dupconn)
+	Paths           Paths     // the connected peers by path
+	SwarmPeers      int       // other peers whose announcements we hold
+	Joining         bool      // join peers given and none connected yet
+	JoinError       string    // why the last join attempt failed
+	Backends        []BackendState
+	Relays          []RelayPeer // swarm relays we know of
+	ProbeInterval   time.Duration
+	Gossip          discovery.Traffic // announce-topic traffic since start
 }
 
 // Paths counts connected peers by the path libp2p uses to each (a direct
@@ -173,11 +174,12 @@ func (n *Node) State() State {
 	roles, watched := slices.Clone(n.roles), n.watched
 	n.bmu.Unlock()
 	st := State{
-		Roles:          roles,
-		ConnectedPeers: len(n.h.Network().Peers()),
-		Connections:    len(n.h.Network().Conns()),
-		Paths:          n.paths(),
-		ProbeInterval:  healthProbeInterval,
+		Roles:           roles,
+		ConnectedPeers:  len(n.h.Network().Peers()),
+		Connections:     len(n.h.Network().Conns()),
+		RedundantClosed: n.prune.Closed(),
+		Paths:           n.paths(),
+		ProbeInterval:   healthProbeInterval,
 	}
 	st.Reachability, st.RelayedVia = n.reachability()
 	n.st.mu.Lock()

@@ -198,7 +198,7 @@ func (s *Server) handleID(w http.ResponseWriter, r *http.Request) {
 	if st, ok := s.state(); ok {
 		info.Roles = append(info.Roles, st.Roles...)
 		info.Reachability = st.Reachability
-		info.ConnectedPeers, info.Connections = st.ConnectedPeers, st.Connections
+		info.ConnectedPeers, info.Connections, info.RedundantClosed = st.ConnectedPeers, st.Connections, st.RedundantClosed
 		info.Paths = PathsView{Direct: st.Paths.Direct, HolePunched: st.Paths.HolePunched, Relayed: st.Paths.Relayed}
 		info.SwarmPeers = st.SwarmPeers
 		info.Joining, info.JoinError = st.Joining, st.JoinError

@@ -43,10 +43,13 @@ type IDInfo struct {
 	Relays []RelayView `json:"relays,omitempty"`
 	// ConnectedPeers counts the peers with a libp2p connection;
 	// Connections the connections, more where a peer is reached twice;
-	// SwarmPeers the other peers whose announcements the node holds.
-	ConnectedPeers int `json:"connected_peers"`
-	Connections    int `json:"connections"`
-	SwarmPeers     int `json:"swarm_peers"`
+	// RedundantClosed the connections the node closed because their peer
+	// was reached over another (node/dupconn); SwarmPeers the other peers
+	// whose announcements the node holds.
+	ConnectedPeers  int   `json:"connected_peers"`
+	Connections     int   `json:"connections"`
+	RedundantClosed int64 `json:"redundant_closed"`
+	SwarmPeers      int   `json:"swarm_peers"`
 	// Paths counts the connected peers by path: direct (hole_punched of
 	// them after a hole punch) or only relayed.
 	Paths PathsView `json:"paths"`
