@@ -105,6 +105,15 @@ func startNodeIn(t *testing.T, name string, prefix []string, args ...string) *pr
 // MTOR_E2E_LOG_LEVEL overrides it.
 func startNodeLogged(t *testing.T, name string, prefix []string, logLevel string, args ...string) *proc {
 	t.Helper()
+	p := launchNode(t, name, prefix, logLevel, args...)
+	p.waitReady()
+	return p
+}
+
+// launchNode starts the node without waiting for its join line, so that
+// several start at once; waitReady waits for it.
+func launchNode(t *testing.T, name string, prefix []string, logLevel string, args ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, name: name, values: map[string][]string{}, ready: make(chan struct{}), exited: make(chan struct{})}
 	argv := append(append(slices.Clone(prefix), e2eBin, "node"), args...)
 	p.cmd = exec.Command(argv[0], argv[1:]...)
@@ -160,14 +169,19 @@ func startNodeLogged(t *testing.T, name string, prefix []string, logLevel string
 			<-p.exited
 		}
 	})
+	return p
+}
+
+// waitReady waits for the node's join line.
+func (p *proc) waitReady() {
+	p.t.Helper()
 	select {
 	case <-p.ready:
 	case <-p.exited:
-		t.Fatalf("node %s exited before its join line:\n%s", name, p.output())
+		p.t.Fatalf("node %s exited before its join line:\n%s", p.name, p.output())
 	case <-time.After(90 * time.Second):
-		t.Fatalf("node %s printed no join line in 90 s:\n%s", name, p.output())
+		p.t.Fatalf("node %s printed no join line in 90 s:\n%s", p.name, p.output())
 	}
-	return p
 }
 
 func (p *proc) value(key string) string {

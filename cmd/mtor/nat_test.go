@@ -271,11 +271,21 @@ func (n *natNet) get(role, path string, v any) error { return n.getAt(role, natA
 
 // getAt reads path of the control API at api in role's namespace.
 func (n *natNet) getAt(role, api, path string, v any) error {
-	cmd := exec.Command("ip", "netns", "exec", n.ns[role], os.Args[0], "-test.run=^TestHelperHTTPGet$", "-test.short")
+	if err := getIn(n.ns[role], api, path, v); err != nil {
+		return fmt.Errorf("%s: %w", role, err)
+	}
+	return nil
+}
+
+// getIn GETs http://api/path from inside the network namespace ns (this
+// test binary as the client: TestHelperHTTPGet) and decodes its JSON
+// into v.
+func getIn(ns, api, path string, v any) error {
+	cmd := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run=^TestHelperHTTPGet$", "-test.short")
 	cmd.Env = append(os.Environ(), "MTOR_TEST_GET=http://"+api+path)
 	out, err := cmd.Output()
 	if err != nil {
-		return fmt.Errorf("GET %s in %s: %w", path, role, err)
+		return fmt.Errorf("GET %s in %s: %w", path, ns, err)
 	}
 	return json.Unmarshal(out, v)
 }
