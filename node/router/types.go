@@ -113,6 +113,10 @@ type PeerView struct {
 	Relay       string `json:"path_relay,omitempty"`
 	HolePunched bool   `json:"hole_punched,omitempty"`
 	Unreachable bool   `json:"unreachable,omitempty"`
+	// Connections counts this node's connections to the peer: more than
+	// one while it is reached twice (two that crossed, before
+	// node/dupconn closes one, or a relayed one kept beside a direct one).
+	Connections int `json:"connections,omitempty"`
 	// Reachability is how others reach the peer, from the addresses it
 	// announces: "public" (a public address), "relayed" (through the
 	// relays in RelayedVia: it is behind NAT), "private" (only private

@@ -62,7 +62,7 @@ func (r *Router) Peers() []PeerView {
 			Reputation:     r.reputation(c.Peer),
 			Distrusted:     r.distrusted(c.Peer),
 		}
-		v.Path, v.Relay, v.HolePunched = r.path(c.Peer)
+		v.Path, v.Relay, v.HolePunched, v.Connections = r.path(c.Peer)
 		v.Reachability, v.RelayedVia = Reachability(a.GetAddrs())
 		for _, m := range a.GetModels() {
 			v.Models = append(v.Models, ModelStat{
@@ -183,12 +183,14 @@ func typeNames(ts []pb.QueryType) []string {
 
 // path is how this node is connected to p: the connection libp2p would
 // choose (a direct one before a relayed one), the relay of a relayed one,
-// and whether a direct one was made by a hole punch.
-func (r *Router) path(p peer.ID) (kind, relay string, punched bool) {
+// whether a direct one was made by a hole punch, and how many connections
+// it has to p.
+func (r *Router) path(p peer.ID) (kind, relay string, punched bool, conns int) {
 	if p == r.h.ID() {
-		return "", "", false
+		return "", "", false, 0
 	}
-	for _, c := range r.h.Network().ConnsToPeer(p) {
+	cs := r.h.Network().ConnsToPeer(p)
+	for _, c := range cs {
 		if !isRelayed(c) {
 			if kind != "direct" {
 				kind, relay = "direct", ""
@@ -204,7 +206,7 @@ func (r *Router) path(p peer.ID) (kind, relay string, punched bool) {
 			relay = rp
 		}
 	}
-	return kind, relay, punched
+	return kind, relay, punched, len(cs)
 }
 
 // Reachability is how others reach a peer that announces addrs (binary
