@@ -40,8 +40,10 @@ const (
 	// rejoinPause lets gossipsub see the peer gone before it comes back.
 	rejoinPause = 250 * time.Millisecond
 	// rejoinDials bounds the dials of one repair, rejoinRetry, 2 ×
-	// rejoinRetry, … apart.
-	rejoinDials = 3
+	// rejoinRetry, … apart: up to about a minute with the dial timeout,
+	// past a QUIC connection's idle timeout (30 s), since three dials in
+	// about 33 s once all failed on QUIC on a loaded machine.
+	rejoinDials = 5
 	rejoinRetry = time.Second
 	// maxUnidentified bounds the connected peers whose identify failed
 	// that wait for a repair.
