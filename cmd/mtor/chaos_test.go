@@ -87,6 +87,12 @@ func listenArgs(transports string) []string {
 	return args
 }
 
+// listenOn is the --listen flags of a node on ip with the default
+// transports, TCP and QUIC.
+func listenOn(ip string) []string {
+	return []string{"--listen", "/ip4/" + ip + "/tcp/0", "--listen", "/ip4/" + ip + "/udp/0/quic-v1"}
+}
+
 func chaosNodeArgs(c chaosConfig, dir string, extra ...string) []string {
 	args := append([]string{"--data-dir", dir, "--api", "127.0.0.1:0", "--no-mdns",
 		"--announce-interval", c.announce.String()}, listenArgs(c.transports)...)
@@ -586,12 +592,9 @@ func TestE2EFrozenOrUnpluggedWorkerQueriesMove(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			n := newNetnsPair(t)
 			dir := t.TempDir()
-			listen := func(ip string) []string {
-				return []string{"--listen", "/ip4/" + ip + "/tcp/0", "--listen", "/ip4/" + ip + "/udp/0/quic-v1"}
-			}
 			common := func(name string, ip string, extra ...string) []string {
 				return append(append([]string{"--data-dir", filepath.Join(dir, name), "--api", "127.0.0.1:0", "--no-mdns",
-					"--announce-interval", "1s"}, listen(ip)...), extra...)
+					"--announce-interval", "1s"}, listenOn(ip)...), extra...)
 			}
 			bridge := startNodeIn(t, "bridge", inNetns(n.a), common("bridge", n.ipA, "--no-detect")...)
 			live := startNodeIn(t, "live", inNetns(n.a), common("live", n.ipA, "--backend", "demo:delay=100ms", "--join", bridge.value("join"))...)
