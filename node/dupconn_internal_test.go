@@ -6,10 +6,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/backend/demo"
@@ -120,5 +122,74 @@ func TestNodesCloseRedundantConnections(t *testing.T) {
 	waitFor(t, 15*time.Second, "a's announcements at b", func() bool { return fresh(b, a) })
 	if st := a.State(); st.Connections != st.ConnectedPeers || !slices.Contains(a.h.Network().Peers(), b.h.ID()) {
 		t.Fatalf("a: %d connections for %d peers, want one each", st.Connections, st.ConnectedPeers)
+	}
+}
+
+// maxConnsPerPeer is libp2p's default of connections one peer may hold to
+// a host (the resource manager's per-peer Conns, which mtor keeps).
+const maxConnsPerPeer = 8
+
+// TestPeerPilingConnectionsIsBounded: a stranger dials a node from 12
+// hosts that share one key, one peer ID piling up connections. The node
+// holds at most libp2p's 8 of them. Where the node has the lower peer ID
+// its pruner decides, and closes all but one; where the stranger has, it
+// keeps what it got, within the 8, and the node's pruner leaves them to it
+// as it would to an honest peer (both ends closing could leave none).
+func TestPeerPilingConnectionsIsBounded(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		nodeDecides bool
+	}{{"node has the lower ID", true}, {"stranger has the lower ID", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			nkey, _, err := crypto.GenerateEd25519Key(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n, err := New(context.Background(), WithIdentity(nkey), WithMDNS(false), WithListenAddrs("/ip4/127.0.0.1/tcp/0"),
+				WithBackends(demo.New("m")),
+				withDupConn(dupconn.WithGrace(0), dupconn.WithInterval(100*time.Millisecond)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { n.Close() })
+			var key crypto.PrivKey
+			var stranger peer.ID
+			for key == nil || (n.h.ID() < stranger) != tc.nodeDecides {
+				if key, _, err = crypto.GenerateEd25519Key(nil); err != nil {
+					t.Fatal(err)
+				}
+				if stranger, err = peer.IDFromPrivateKey(key); err != nil {
+					t.Fatal(err)
+				}
+			}
+			target := peer.AddrInfo{ID: n.h.ID(), Addrs: n.h.Addrs()}
+			dialled := 0
+			for range 12 {
+				h, err := libp2p.New(libp2p.Identity(key), libp2p.NoListenAddrs, libp2p.Transport(tcp.NewTCPTransport))
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { h.Close() })
+				if h.Connect(t.Context(), target) == nil {
+					dialled++
+				}
+			}
+			conns := func() int { return len(n.h.Network().ConnsToPeer(stranger)) }
+			if got := conns(); got > maxConnsPerPeer || got == 0 || dialled == 0 {
+				t.Fatalf("the node holds %d connections of the stranger (%d dials succeeded), want 1 to %d", got, dialled, maxConnsPerPeer)
+			}
+			if tc.nodeDecides {
+				waitFor(t, 10*time.Second, "one connection left of the stranger's", func() bool { return conns() == 1 })
+				if c := n.State().RedundantClosed; c == 0 {
+					t.Fatal("the node closed none of the stranger's connections")
+				}
+				return
+			}
+			// Ten sweeps: the node closes none, and the bound holds.
+			time.Sleep(time.Second)
+			if got, c := conns(), n.State().RedundantClosed; got == 0 || got > maxConnsPerPeer || c != 0 {
+				t.Fatalf("after its sweeps the node holds %d of the stranger's connections and closed %d; want 1 to %d, none closed", got, c, maxConnsPerPeer)
+			}
+		})
 	}
 }
