@@ -26,6 +26,7 @@ package dupconn
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -156,6 +157,7 @@ func (p *Pruner) Sweep(ctx context.Context) int {
 		}
 		keep, drop := p.choose(conns, now)
 		if len(drop) == 0 {
+			p.logKept(rp, conns, now)
 			continue
 		}
 		if looked++; looked > maxPeersPerSweep || ctx.Err() != nil {
@@ -212,6 +214,25 @@ func (p *Pruner) choose(conns []network.Conn, now time.Time) (keep network.Conn,
 		}
 	}
 	return keep, drop
+}
+
+// logKept tells, at debug level, why a peer's connections past their
+// grace all stay: each one's transport and streams (docs/benchmarks.md,
+// "Redundant connections": those left are split gossip pairs). A sweep
+// finds few such peers, every 15 s, so the words cost nothing to build.
+func (p *Pruner) logKept(rp peer.ID, conns []network.Conn, now time.Time) {
+	desc := make([]string, 0, len(conns))
+	for _, c := range conns {
+		if now.Sub(c.Stat().Opened) < p.grace {
+			return // a young one may go at the next sweep
+		}
+		protos := make([]string, 0, len(c.GetStreams()))
+		for _, s := range c.GetStreams() {
+			protos = append(protos, fmt.Sprintf("%s %s", s.Stat().Direction, s.Protocol()))
+		}
+		desc = append(desc, fmt.Sprintf("%s %s [%s]", c.ConnState().Transport, c.Stat().Direction, strings.Join(protos, ", ")))
+	}
+	log.Debugw("redundant connections kept: each carries streams that would break", "peer", rp, "conns", desc)
 }
 
 func isQUIC(c network.Conn) bool {
