@@ -2,11 +2,14 @@ package dupconn
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
@@ -331,4 +334,62 @@ func TestQueryOpenedDuringThePingKeepsItsConnection(t *testing.T) {
 		t.Fatalf("transports %v, want both kept", got)
 	}
 	roundTrip(t, s, "more")
+}
+
+// TestSweepTellsWhyDuplicatesStay: a sweep that leaves a peer's two
+// connections (a query on each) says so at debug level, with each
+// connection's transport and the streams that hold it.
+func TestSweepTellsWhyDuplicatesStay(t *testing.T) {
+	if err := logging.SetLogLevel("mtor/dupconn", "debug"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = logging.SetLogLevel("mtor/dupconn", "error") })
+	pipe := logging.NewPipeReader(logging.PipeFormat(logging.JSONOutput), logging.PipeLevel(logging.LevelDebug))
+	t.Cleanup(func() { pipe.Close() })
+	lines := make(chan map[string]any, 64)
+	go func() {
+		dec := json.NewDecoder(pipe)
+		for {
+			var m map[string]any
+			if dec.Decode(&m) != nil {
+				return
+			}
+			select {
+			case lines <- m:
+			default:
+			}
+		}
+	}()
+
+	lo, hi := keys(t)
+	a := newHost(t, lo)
+	echo(a)
+	b1, b2 := twice(t, a, hi)
+	query(t, b1, a.ID())
+	query(t, b2, a.ID())
+	pr := New(a, liveness.Probe, WithGrace(0), WithExpendable(ping.ID, identify.ID, identify.IDPush))
+	if n := pr.Sweep(t.Context()); n != 0 {
+		t.Fatalf("closed %d connections, want 0", n)
+	}
+	deadline := time.After(5 * time.Second)
+	for {
+		select {
+		case m := <-lines:
+			if m["msg"] != "redundant connections kept: each carries streams that would break" {
+				continue
+			}
+			conns, _ := m["conns"].([]any)
+			if m["peer"] != b1.ID().String() || len(conns) != 2 {
+				t.Fatalf("log line %v, want peer %s and two connections", m, b1.ID())
+			}
+			for _, c := range conns {
+				if s, _ := c.(string); !strings.Contains(s, string(queryID)) {
+					t.Fatalf("connection %q does not name the query stream that holds it", c)
+				}
+			}
+			return
+		case <-deadline:
+			t.Fatal("no debug line for the connections left")
+		}
+	}
 }
