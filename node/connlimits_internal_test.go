@@ -94,6 +94,15 @@ func TestLeanWorkerTrimKeepsItsPeers(t *testing.T) {
 	if before <= connHighLean {
 		t.Fatalf("%d peers connected, want more than %d", before, connHighLean)
 	}
+	// The manager trims the connections it knows, and learns each one
+	// after the swarm: one it has not seen yet would survive the trim.
+	cm, ok := wk.h.ConnManager().(*basicconnmgr.BasicConnMgr)
+	if !ok {
+		t.Fatalf("the worker's connection manager is a %T", wk.h.ConnManager())
+	}
+	waitFor(t, 10*time.Second, "the connection manager to know every connection", func() bool {
+		return cm.GetInfo().ConnCount >= len(wk.h.Network().Conns())
+	})
 	time.Sleep(10 * time.Millisecond) // past the grace period
 	wk.h.ConnManager().TrimOpenConns(t.Context())
 	after := len(wk.h.Network().Peers())
