@@ -17,6 +17,41 @@ import (
 	"github.com/mtor-swarm/mtor/protocol"
 )
 
+// knownConns waits until the connection manager knows every connection
+// h's swarm holds to each of peers (at least one), and returns them. The
+// manager learns of a connection after the swarm does, and a trim closes
+// only those it knows: one it has not seen yet (a second dial, TCP 30 ms
+// after QUIC, finishing on a loaded machine) would keep its peer
+// connected through the trim.
+func knownConns(t *testing.T, cm *connmgr.BasicConnMgr, h host.Host, peers []host.Host) map[peer.ID][]network.Conn {
+	t.Helper()
+	known := func() map[peer.ID][]network.Conn {
+		m := make(map[peer.ID][]network.Conn, len(peers))
+		for _, p := range peers {
+			cs := h.Network().ConnsToPeer(p.ID())
+			ti := cm.GetTagInfo(p.ID())
+			if len(cs) == 0 || ti == nil || len(ti.Conns) != len(cs) {
+				return nil
+			}
+			for _, c := range cs {
+				if _, ok := ti.Conns[c.RemoteMultiaddr().String()]; !ok {
+					return nil
+				}
+			}
+			m[p.ID()] = cs
+		}
+		return m
+	}
+	for deadline := time.Now().Add(waitLimit); ; time.Sleep(10 * time.Millisecond) {
+		if m := known(); m != nil {
+			return m
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the connection manager never learned every connection the swarm holds")
+		}
+	}
+}
+
 // The connection manager's trimming does not empty the view: the peers
 // the table holds keep their connections (and so their entries), while a
 // connected peer that is not in the table is trimmed. Before, a view node
@@ -41,9 +76,8 @@ func TestTrimKeepsTheTable(t *testing.T) {
 	}
 	// Peers connected to the view node that announce nothing: the trim
 	// leaves the low water (1) of unprotected connections, so two.
-	// Each dials one address, so holds one connection: given both, libp2p
-	// may open a second (TCP 30 ms after QUIC) that the manager learns
-	// only after the trim, which then keeps that stranger connected.
+	// Each dials one address, so holds one connection, and the trim
+	// closes one of the two (see knownConns).
 	strangers := []host.Host{newHost(t), newHost(t)}
 	quic := peer.AddrInfo{ID: hv.ID()}
 	for _, a := range hv.Addrs() {
@@ -56,21 +90,7 @@ func TestTrimKeepsTheTable(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The connection manager learns of connections after the swarm.
-	for deadline := time.Now().Add(waitLimit); ; time.Sleep(10 * time.Millisecond) {
-		seen := 0
-		for _, s := range strangers {
-			if ti := cm.GetTagInfo(s.ID()); ti != nil && len(ti.Conns) > 0 && len(ti.Conns) == len(hv.Network().ConnsToPeer(s.ID())) {
-				seen++
-			}
-		}
-		if seen == len(strangers) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the connection manager never saw the strangers' connections")
-		}
-	}
+	knownConns(t, cm, hv, strangers)
 	waitTable(t, view, "the view to hold every worker", func(es []Entry) bool { return len(es) == n })
 	// The protections follow the table's events, asynchronously.
 	deadline := time.Now().Add(waitLimit)
@@ -144,17 +164,9 @@ func TestTrimKeepsFollowers(t *testing.T) {
 	// The followers and strangers are DHT clients: a DHT server protects
 	// the peers of its two farthest buckets (three in four random IDs), and
 	// the trim keeps the low water of the unprotected ones, so chance would
-	// decide whether anything is trimmed. The connection manager must have
-	// every stranger's connection before the trim (it learns them after
-	// the swarm does), or one it has not seen would stay.
-	for _, h := range sh {
-		for ti := cm.GetTagInfo(h.ID()); ti == nil || len(ti.Conns) == 0; ti = cm.GetTagInfo(h.ID()) {
-			if time.Now().After(deadline) {
-				t.Fatalf("stranger %s never connected", h.ID())
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
+	// decide whether anything is trimmed. The strangers must be connected
+	// before their tags are looked at.
+	knownConns(t, cm, hw, sh)
 	tag := "mtor-follower:" + protocol.ModelTopic(testSwarm, "model-f")
 	for _, h := range fh {
 		for cm.GetTagInfo(h.ID()) == nil || cm.GetTagInfo(h.ID()).Tags[tag] != followerValue {
@@ -187,41 +199,9 @@ func TestTrimKeepsFollowers(t *testing.T) {
 	// down to the low water (the followers' count) of connections: every
 	// stranger's. A follower goes too only where the followers hold more
 	// connections than that (two crossed dials of one peer), one follower
-	// per connection over. The trim acts on the connections the manager
-	// knows, and it learns them after the swarm does: a second connection
-	// still unknown to it (QUIC and TCP dialled at once, which a loaded
-	// machine makes likely) would stay and keep its peer connected. So the
-	// test waits until the manager knows every connection the swarm holds,
-	// and judges the trim by the connections it had then, not by later
-	// ones.
-	held := func() (map[peer.ID][]network.Conn, bool) {
-		m := make(map[peer.ID][]network.Conn, len(all))
-		for _, h := range all {
-			cs := hw.Network().ConnsToPeer(h.ID())
-			ti := cm.GetTagInfo(h.ID())
-			if ti == nil || len(ti.Conns) != len(cs) {
-				return nil, false
-			}
-			for _, c := range cs {
-				if _, ok := ti.Conns[c.RemoteMultiaddr().String()]; !ok {
-					return nil, false
-				}
-			}
-			m[h.ID()] = cs
-		}
-		return m, true
-	}
-	var conns map[peer.ID][]network.Conn
-	for {
-		if m, ok := held(); ok {
-			conns = m
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the connection manager never learned every connection the swarm holds")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	// per connection over. The trim is judged by the connections the
+	// manager knew when it ran, not by later dials.
+	conns := knownConns(t, cm, hw, all)
 	followerConns := 0
 	for _, h := range fh {
 		followerConns += len(conns[h.ID()])
