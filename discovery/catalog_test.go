@@ -311,11 +311,7 @@ func TestCatalogHostile(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		id, err := peer.IDFromPrivateKey(key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := hp.Topic.Publish(ctx, data, pubsub.WithSecretKeyAndPeerId(key, id)); err != nil {
+		if err := hp.PublishAs(ctx, key, data); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -351,17 +347,17 @@ func TestCatalogHostile(t *testing.T) {
 	// overrun it (CI lost the last Sybil's so). The last Sybil publishes
 	// again each period, as its author would, until the victim has it.
 	lastName := fmt.Sprintf("sybil%02d-0000", sybils-1)
-	deadline, sent, times := time.Now().Add(waitLimit), time.Now(), 1
-	for !slices.Contains(catalogNames(victim.Catalog()), lastName) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for the last Sybil's names; catalog: %v", victim.Catalog())
+	sent, times := time.Now(), 1
+	waitCatalog(t, victim, "the last Sybil's names", func(ms []CatalogModel) bool {
+		if slices.Contains(catalogNames(ms), lastName) {
+			return true
 		}
 		if time.Since(sent) >= testCatalogEvery {
 			publishBy(last, sybil(sybils-1))
 			sent, times = time.Now(), times+1
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return false
+	})
 	t.Logf("the last Sybil's catalogue arrived after %d publication(s)", times)
 	if n := len(victim.Catalog()); n > maxCatalogPublishers*protocol.MaxCatalogModels {
 		t.Fatalf("the victim lists %d models, bound %d", n, maxCatalogPublishers*protocol.MaxCatalogModels)

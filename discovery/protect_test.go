@@ -79,12 +79,10 @@ func TestTrimKeepsTheTable(t *testing.T) {
 	// Each dials one address, so holds one connection, and the trim
 	// closes one of the two (see knownConns).
 	strangers := []host.Host{newHost(t), newHost(t)}
-	quic := peer.AddrInfo{ID: hv.ID()}
-	for _, a := range hv.Addrs() {
-		if _, err := a.ValueForProtocol(ma.P_QUIC_V1); err == nil {
-			quic.Addrs = append(quic.Addrs, a)
-		}
-	}
+	quic := peer.AddrInfo{ID: hv.ID(), Addrs: ma.FilterAddrs(hv.Addrs(), func(a ma.Multiaddr) bool {
+		_, err := a.ValueForProtocol(ma.P_QUIC_V1)
+		return err == nil
+	})}
 	for _, s := range strangers {
 		if err := s.Connect(context.Background(), quic); err != nil {
 			t.Fatal(err)

@@ -146,6 +146,19 @@ func (p *Peer) AnnounceSelf(ctx context.Context, model string) error {
 	return p.Topic.Publish(ctx, data)
 }
 
+// PublishAs publishes data on the peer's topic as the author key, not as
+// this host: a Sybil's key, which no host holds.
+func (p *Peer) PublishAs(ctx context.Context, key crypto.PrivKey, data []byte) error {
+	id, err := peer.IDFromPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	if err := p.Topic.Publish(ctx, data, pubsub.WithSecretKeyAndPeerId(key, id)); err != nil {
+		return fmt.Errorf("hostile peer: publish as %s: %w", id, err)
+	}
+	return nil
+}
+
 // FloodFreshKeys publishes n valid announcements of model, each signed by
 // a fresh key (a Sybil: n workers that do not exist), at most one per
 // every (0: as fast as it can). Each announces addrs, which should be
@@ -157,16 +170,12 @@ func (p *Peer) FloodFreshKeys(ctx context.Context, n int, model string, every ti
 		if err != nil {
 			return sent, err
 		}
-		id, err := peer.IDFromPrivateKey(key)
-		if err != nil {
-			return sent, err
-		}
 		data, err := proto.Marshal(Announce(model, uint64(time.Now().UnixMilli())*1000, addrs...))
 		if err != nil {
 			return sent, err
 		}
-		if err := p.Topic.Publish(ctx, data, pubsub.WithSecretKeyAndPeerId(key, id)); err != nil {
-			return sent, fmt.Errorf("hostile peer: publish as %s: %w", id, err)
+		if err := p.PublishAs(ctx, key, data); err != nil {
+			return sent, err
 		}
 		sent++
 		if every > 0 {
