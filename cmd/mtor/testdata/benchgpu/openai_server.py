@@ -7,7 +7,14 @@ Only for the energy benchmark: no auth, loopback only, one model, requests
 bounded (1 MiB bodies, max_tokens <= 1024). Concurrent requests run in
 their own threads and share the GPU, as a naive server would.
 
-usage: openai_server.py MODEL_DIR PORT
+With --random-weights, MODEL_DIR needs only a config.json: the model of
+that shape is built on the GPU with random weights, and a stand-in byte
+tokenizer replaces the model's. That is for a machine no model's weights
+can reach: the answers are noise, but each token takes the same layers and
+sizes, so the GPU's work and energy per token are the real model's. Every
+answer is then exactly max_tokens long (no end-of-sequence stops it early).
+
+usage: openai_server.py MODEL_DIR PORT [--random-weights]
 """
 import json
 import sys
@@ -20,20 +27,75 @@ MAX_BODY = 1 << 20
 MAX_TOKENS = 1024
 
 
-def main():
-    if len(sys.argv) != 3:
-        sys.exit("usage: openai_server.py MODEL_DIR PORT")
-    model_dir, port = sys.argv[1], int(sys.argv[2])
+class ByteTokenizer:
+    """The stand-in tokenizer of --random-weights: a prompt's UTF-8 bytes
+    are its token ids, and a generated id reads as the word "t<id>". Only
+    what the server and transformers' TextIteratorStreamer call."""
+
+    chat_template = None
+
+    def __init__(self, torch, eos_token_id):
+        self.torch, self.eos_token_id = torch, eos_token_id
+
+    def __call__(self, text, return_tensors=None):
+        ids = self.torch.tensor([list(text.encode())], dtype=self.torch.long)
+        return Encoding(input_ids=ids, attention_mask=self.torch.ones_like(ids))
+
+    def decode(self, ids, **kwargs):
+        # A space after each word: the streamer passes on text up to the
+        # last space, so each token is sent as soon as it is made.
+        return "".join(f"t{int(i)} " for i in ids)
+
+
+class Encoding(dict):
+    def to(self, device):
+        return Encoding({k: v.to(device) for k, v in self.items()})
+
+
+def load(model_dir, random_weights):
+    """The model on the first CUDA GPU in fp16, its tokenizer, and the
+    generate arguments its answers need."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def fp16(build, *args, **kwargs):
+        # transformers 4.56 renamed torch_dtype to dtype; older ones take
+        # only torch_dtype.
+        try:
+            return build(*args, dtype=torch.float16, **kwargs)
+        except TypeError:
+            return build(*args, torch_dtype=torch.float16, **kwargs)
+
+    if not random_weights:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = fp16(AutoModelForCausalLM.from_pretrained, model_dir, local_files_only=True)
+        return model.to("cuda").eval(), tok, {"pad_token_id": tok.eos_token_id}
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    # Built on the GPU directly: 1 B parameters initialised on the CPU take
+    # far longer than the benchmark.
+    with torch.device("cuda"):
+        model = fp16(AutoModelForCausalLM.from_config, config)
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    tok = ByteTokenizer(torch, eos if eos is not None else 0)
+    return model.eval(), tok, {"pad_token_id": tok.eos_token_id, "random_weights": True}
+
+
+def main():
+    args = [a for a in sys.argv[1:] if a != "--random-weights"]
+    if len(args) != 2:
+        sys.exit("usage: openai_server.py MODEL_DIR PORT [--random-weights]")
+    model_dir, port = args[0], int(args[1])
+    random_weights = "--random-weights" in sys.argv[1:]
+    import torch
+    from transformers import TextIteratorStreamer
 
     if not torch.cuda.is_available():
         sys.exit("openai_server.py: torch sees no CUDA GPU")
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, torch_dtype=torch.float16).to("cuda").eval()
+    model, tok, gen_args = load(model_dir, random_weights)
     name = "bench-model"
-    print(f"loaded {model_dir} as {name!r}: {sum(p.numel() for p in model.parameters())/1e9:.2f} B parameters", flush=True)
+    weights = " (random weights)" if gen_args.pop("random_weights", False) else ""
+    print(f"loaded {model_dir}{weights} as {name!r}: {sum(p.numel() for p in model.parameters())/1e9:.2f} B parameters", flush=True)
 
     def prompt_ids(messages):
         if getattr(tok, "chat_template", None):
@@ -82,9 +144,12 @@ def main():
             counted = {}
 
             def generate():
+                # Random weights stop nowhere in particular: each answer is
+                # max_tokens long, as the benchmark's token counts assume.
+                stop = {"min_new_tokens": max_tokens} if weights else {}
                 with torch.no_grad():
                     out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
-                                         streamer=streamer, pad_token_id=tok.eos_token_id)
+                                         streamer=streamer, **gen_args, **stop)
                 counted["completion"] = int(out.shape[1] - inputs["input_ids"].shape[1])
 
             th = threading.Thread(target=generate, daemon=True)

@@ -1,6 +1,9 @@
 """FAKE transformers, for TestBenchGPUScript only: a "model" that answers
 every prompt with the same words, one token each and TOKEN_SECONDS apart,
-through the streamer as transformers' generate does (put, then end). Nothing runs on a GPU."""
+through the streamer as transformers' generate does (put token ids, then
+end; the streamer decodes them with the tokenizer it was given). Nothing
+runs on a GPU. from_config stands for a model of that shape with random
+weights (--random-weights), which answers the same way."""
 import os
 import queue
 import time
@@ -33,6 +36,18 @@ class AutoTokenizer:
     def __call__(self, text, return_tensors=None):
         return BatchEncoding(input_ids=torch.Tensor(range(len(text.split()))))
 
+    def decode(self, ids, **kwargs):
+        # A generated token's id is its place in the answer.
+        return "".join((" " if i else "") + WORDS[i % len(WORDS)] for i in ids)
+
+
+class AutoConfig:
+    eos_token_id = 2
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        return cls()
+
 
 class _Param:
     def numel(self):
@@ -42,6 +57,10 @@ class _Param:
 class AutoModelForCausalLM:
     @classmethod
     def from_pretrained(cls, path, **kwargs):
+        return cls()
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
         return cls()
 
     def to(self, device):
@@ -54,22 +73,21 @@ class AutoModelForCausalLM:
         return [_Param()]
 
     def generate(self, input_ids, max_new_tokens, streamer=None, **kwargs):
-        out = [WORDS[i % len(WORDS)] for i in range(max_new_tokens)]
-        for i, w in enumerate(out):
+        for i in range(max_new_tokens):
             time.sleep(TOKEN_SECONDS)
             if streamer is not None:
-                streamer.put((" " if i else "") + w)
+                streamer.put(torch.Tensor([i]))
         if streamer is not None:
             streamer.end()
-        return torch.Tensor(input_ids.ids + list(range(len(out))))
+        return torch.Tensor(input_ids.ids + list(range(max_new_tokens)))
 
 
 class TextIteratorStreamer:
     def __init__(self, tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None):
-        self.q, self.timeout = queue.Queue(), timeout
+        self.tok, self.q, self.timeout = tokenizer, queue.Queue(), timeout
 
-    def put(self, text):
-        self.q.put(text)
+    def put(self, value):
+        self.q.put(self.tok.decode(value.ids, skip_special_tokens=True))
 
     def end(self):
         self.q.put(None)
