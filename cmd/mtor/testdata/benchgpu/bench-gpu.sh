@@ -78,6 +78,13 @@ pids+=($!)
 for _ in $(seq 120); do "$bin" peers --api "$api" 2>/dev/null | grep -q bench-model && break; sleep 0.5; done
 "$bin" peers --api "$api" 2>/dev/null | grep -q bench-model || { echo "bench-gpu: mtor node did not serve the model:" >&2; cat "$work/node.log" >&2; exit 1; }
 
+# fail: the logs' ends after a failed query, then exit 1.
+fail() {
+	echo "bench-gpu: node log:" >&2; tail -20 "$work/node.log" >&2
+	echo "bench-gpu: model server log:" >&2; tail -20 "$work/server.log" >&2
+	exit 1
+}
+
 # query N FILE: one chat query through the node, its JSON into FILE.
 # parse FILE: prints "energy_mj completion_tokens". Parsing is kept out of
 # the counter's window: a python3 start-up there would be counted as the
@@ -90,7 +97,7 @@ parse() {
 	python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r.get("energy_mj",0), r["usage"]["completion_tokens"])' "$1"
 }
 
-query 0 "$work/warm.json" || { echo "bench-gpu: the warm-up query failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }
+query 0 "$work/warm.json" || { echo "bench-gpu: the warm-up query failed" >&2; fail; }
 echo "bench-gpu: idle power for 10 s"
 sleep 2
 ea=$(energy); ta=$(date +%s.%N)
@@ -108,7 +115,7 @@ echo "bench-gpu: $SEQ sequential queries"
 : >"$work/seq.txt"
 for i in $(seq "$SEQ"); do
 	e0=$(energy); t0=$(date +%s.%N)
-	query "$i" "$work/q.json" || { echo "bench-gpu: query $i failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }
+	query "$i" "$work/q.json" || { echo "bench-gpu: query $i failed" >&2; fail; }
 	t1=$(date +%s.%N); e1=$(energy)
 	echo "1 $(parse "$work/q.json") $(calc "$e0 * $scale") $(calc "$e1 * $scale") $t0 $t1" >>"$work/seq.txt"
 done
@@ -122,7 +129,7 @@ for r in $(seq "$ROUNDS"); do
 	e0=$(energy); t0=$(date +%s.%N)
 	qpids=()
 	for i in $(seq "$CONC"); do query "$r$i" "$work/c.$i.json" & qpids+=($!); done
-	for p in "${qpids[@]}"; do wait "$p" || { echo "bench-gpu: a concurrent query failed; node log:" >&2; tail -20 "$work/node.log" >&2; exit 1; }; done
+	for p in "${qpids[@]}"; do wait "$p" || { echo "bench-gpu: a concurrent query failed" >&2; fail; }; done
 	t1=$(date +%s.%N); e1=$(energy)
 	for i in $(seq "$CONC"); do parse "$work/c.$i.json"; done |
 		awk -v q="$CONC" -v e0="$e0" -v e1="$e1" -v k="$scale" -v t0="$t0" -v t1="$t1" \
