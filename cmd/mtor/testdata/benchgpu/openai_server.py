@@ -73,8 +73,12 @@ def load(model_dir, random_weights):
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     # Built on the GPU directly: 1 B parameters initialised on the CPU take
     # far longer than the benchmark.
-    with torch.device("cuda"):
-        model = fp16(AutoModelForCausalLM.from_config, config)
+    try:
+        with torch.device("cuda"):
+            model = fp16(AutoModelForCausalLM.from_config, config)
+    except (RuntimeError, TypeError, ValueError) as e:
+        print(f"building on the GPU failed ({e}); building on the CPU", file=sys.stderr, flush=True)
+        model = fp16(AutoModelForCausalLM.from_config, config).to("cuda")
     eos = getattr(config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, list) else eos
     tok = ByteTokenizer(torch, eos if eos is not None else 0)
