@@ -69,7 +69,7 @@ pids+=($server)
 # The server prints "serving on" once it listens, after the model is loaded.
 for _ in $(seq 1200); do grep -q '^serving on ' "$work/server.log" && break; kill -0 "$server" 2>/dev/null || break; sleep 0.5; done
 grep -q '^serving on ' "$work/server.log" || { echo "bench-gpu: model server did not start:" >&2; cat "$work/server.log" >&2; exit 1; }
-head -1 "$work/server.log"
+grep -m1 "^loaded " "$work/server.log"
 
 api=127.0.0.1:$(free_port)
 "$bin" node --data-dir "$work/node" --listen /ip4/127.0.0.1/tcp/0 --api "$api" --no-mdns \
@@ -163,7 +163,7 @@ echo
 weights=""
 [ "$RANDOM_WEIGHTS" = 1 ] && weights=" (random weights, stand-in tokenizer)"
 echo "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader -i 0); model: $model$weights; max_tokens $MAXTOK"
-echo "model server: $(head -1 "$work/server.log")"
+echo "model server: $(grep -m1 "^loaded " "$work/server.log")"
 echo "idle power: $idle_w W; busy power (concurrency $CONC): $busy_w W"
 echo "mtor node: $(grep -m1 '^gpu: ' "$work/node.log" || echo 'gpu: (no line)')"
 echo "mtor announces: $view"
