@@ -9,8 +9,8 @@
 # curl needed), and records:
 #   - idle and busy GPU power (nvidia-smi power.draw, sampled every 200 ms);
 #   - per query, mtor's energy_mj (as `mtor query --json` reports it) against
-#     NVML's total-energy counter read independently (nvidia-smi
-#     total_energy_consumption, mJ) just before and after the query,
+#     NVML's total-energy counter read independently (nvml_energy.py, mJ)
+#     just before and after the query,
 #     sequentially and with 8 queries at once;
 #   - joules per completion token at concurrency 1 and 8.
 # Without an NVIDIA GPU it says so and exits 0 (skipped); without a model
@@ -43,8 +43,6 @@ fi
 [ -x "$bin" ] || { echo "bench-gpu: no mtor binary at $bin (make build)" >&2; exit 1; }
 python3 -c 'import torch, transformers; assert torch.cuda.is_available(), "torch sees no CUDA GPU"' ||
 	{ echo "bench-gpu: python3 needs torch (with CUDA) and transformers" >&2; exit 1; }
-energy_supported=$(nvidia-smi --query-gpu=total_energy_consumption --format=csv,noheader,nounits -i 0)
-case "$energy_supported" in *[!0-9.]*|"") echo "bench-gpu: GPU 0 has no total-energy counter ($energy_supported); NVML energy needs Volta or newer" >&2; exit 1;; esac
 
 work=$(mktemp -d)
 pids=()
@@ -52,12 +50,24 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-energy() { nvidia-smi --query-gpu=total_energy_consumption --format=csv,noheader,nounits -i 0; }
 # calc EXPR: arithmetic on decimals (no bc on every machine).
 calc() { awk "BEGIN {printf \"%.3f\", $1}"; }
 # power_sample SECONDS FILE: power.draw (W) every 200 ms for SECONDS.
 power_sample() { timeout "$1" nvidia-smi --query-gpu=power.draw --format=csv,noheader,nounits -i 0 -lms 200 >"$2" 2>/dev/null || true; }
 mean() { awk '{s+=$1; n++} END {if (n) printf "%.1f", s/n; else print "?"}' "$1"; }
+
+# NVML's total-energy counter of GPU 0, read apart from mtor's own NVML by
+# nvml_energy.py, which answers a line with a line: no process starts
+# inside a query's window.
+coproc METER { python3 -u "$here/nvml_energy.py" 0; }
+pids+=("$METER_PID")
+read -r meter <&"${METER[0]}" || meter="error: nvml_energy.py exited"
+[ "$meter" = ready ] || { echo "bench-gpu: cannot read GPU 0's total-energy counter: ${meter#error: }" >&2; exit 1; }
+# energy: the counter now, in mJ, into E.
+energy() {
+	{ echo >&"${METER[1]}" && read -r E <&"${METER[0]}"; } 2>/dev/null || { echo "bench-gpu: the energy reader (nvml_energy.py) stopped" >&2; exit 1; }
+	case $E in '' | *[!0-9]*) echo "bench-gpu: energy counter: $E" >&2; exit 1 ;; esac
+}
 
 port=$(free_port)
 server_args=("$model" "$port")
@@ -100,9 +110,9 @@ parse() {
 query 0 "$work/warm.json" || { echo "bench-gpu: the warm-up query failed" >&2; fail; }
 echo "bench-gpu: idle power for 10 s"
 sleep 2
-ea=$(energy); ta=$(date +%s.%N)
+energy; ea=$E; ta=$(date +%s.%N)
 power_sample 10 "$work/idle.txt"
-eb=$(energy); tb=$(date +%s.%N)
+energy; eb=$E; tb=$(date +%s.%N)
 idle_w=$(mean "$work/idle.txt")
 # The counter's unit, from the idle window itself: NVML counts mJ; should
 # this nvidia-smi print joules, delta / (power × time) is ~1, not ~1000.
@@ -114,9 +124,9 @@ scale=$(awk -v d="$(calc "$eb - $ea")" -v w="$idle_w" -v t="$(calc "$tb - $ta")"
 echo "bench-gpu: $SEQ sequential queries"
 : >"$work/seq.txt"
 for i in $(seq "$SEQ"); do
-	e0=$(energy); t0=$(date +%s.%N)
+	energy; e0=$E; t0=$(date +%s.%N)
 	query "$i" "$work/q.json" || { echo "bench-gpu: query $i failed" >&2; fail; }
-	t1=$(date +%s.%N); e1=$(energy)
+	t1=$(date +%s.%N); energy; e1=$E
 	echo "1 $(parse "$work/q.json") $(calc "$e0 * $scale") $(calc "$e1 * $scale") $t0 $t1" >>"$work/seq.txt"
 done
 
@@ -126,11 +136,11 @@ timeout $((ROUNDS * 120)) nvidia-smi --query-gpu=power.draw --format=csv,noheade
 sampler=$!
 : >"$work/conc.txt"
 for r in $(seq "$ROUNDS"); do
-	e0=$(energy); t0=$(date +%s.%N)
+	energy; e0=$E; t0=$(date +%s.%N)
 	qpids=()
 	for i in $(seq "$CONC"); do query "$r$i" "$work/c.$i.json" & qpids+=($!); done
 	for p in "${qpids[@]}"; do wait "$p" || { echo "bench-gpu: a concurrent query failed" >&2; fail; }; done
-	t1=$(date +%s.%N); e1=$(energy)
+	t1=$(date +%s.%N); energy; e1=$E
 	for i in $(seq "$CONC"); do parse "$work/c.$i.json"; done |
 		awk -v q="$CONC" -v e0="$e0" -v e1="$e1" -v k="$scale" -v t0="$t0" -v t1="$t1" \
 			'{m+=$1; t+=$2} END {printf "%d %d %d %.0f %.0f %s %s\n", q, m, t, e0*k, e1*k, t0, t1}' >>"$work/conc.txt"

@@ -1,11 +1,11 @@
 /*
  * FAKE libnvidia-ml.so.1, for TestBenchGPUScript only: one GPU that draws a
  * constant FAKE_GPU_WATTS (default 50), whose total-energy counter (mJ) is
- * W × milliseconds since the epoch: the same counter the fake nvidia-smi
- * beside it prints, so that mtor's energy_mj and the script's independent
- * readings measure one thing. Only the calls mtor's GPU monitor makes
- * (node/gpu) are here; go-nvml resolves them when mtor loads this library
- * through LD_LIBRARY_PATH, as it would the driver's.
+ * W × milliseconds since the epoch. mtor (through go-nvml) and the
+ * script's independent reader (nvml_energy.py, through ctypes) both load it
+ * through LD_LIBRARY_PATH, as they would the driver's, so that mtor's
+ * energy_mj and the script's readings measure one thing. Only the calls
+ * these two make are here.
  *
  * Build: cc -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c
  */
