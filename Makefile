@@ -32,7 +32,7 @@ help:
 	@echo "make bench-swarm  10-, 25- and 50-process swarms: join and death times, idle gossip, RSS, CPU (docs/benchmarks.md)"
 	@echo "make bench-swarm-nat  50 processes in network namespaces, 10 behind NAT: idle RSS, connections, CPU (root)"
 	@echo "make bench-sim    a simulated swarm of 100 to 1000 nodes in one process (mocknet): convergence, traffic, table size"
-	@echo "make bench-gpu    energy figures on an NVIDIA GPU with a local ~1B model: MODEL=/path/to/model (docs/benchmarks.md)"
+	@echo "make bench-gpu    energy figures on an NVIDIA GPU with a local ~1B model: MODEL=/path/to/model, or RANDOM_WEIGHTS=1 (docs/benchmarks.md)"
 	@echo "make chaos   the long churn run: workers killed and restarted under load (docs/benchmarks.md)"
 	@echo "make proto   regenerate protocol/pb from protocol/pb/mtor.proto"
 	@echo "make lint    gofmt check and go vet"
@@ -105,10 +105,14 @@ bench-sim:
 
 # Energy on an NVIDIA GPU: a local ~1B model behind the openai backend.
 # Skips (exit 0) where there is no GPU; needs MODEL=/path/to/model where
-# there is one.
+# there is one, or RANDOM_WEIGHTS=1: MODEL's shape (by default
+# TinyLlama-1.1B's) with random weights, for a machine no model's weights
+# can reach (docs/benchmarks.md).
 MODEL ?=
+RANDOM_WEIGHTS ?= 0
 bench-gpu: build
-	./cmd/mtor/testdata/benchgpu/bench-gpu.sh "$(MODEL)" ./$(BIN)
+	BENCH_GPU_RANDOM_WEIGHTS=$(RANDOM_WEIGHTS) ./cmd/mtor/testdata/benchgpu/bench-gpu.sh \
+		"$(or $(MODEL),$(if $(filter 1,$(RANDOM_WEIGHTS)),cmd/mtor/testdata/benchgpu/tinyllama-shape))" ./$(BIN)
 
 # The long churn run (docs/benchmarks.md): 3000 queries of every client
 # kind at concurrency 16, answers of about 0.5 s, while one of 4 workers is
