@@ -24,7 +24,7 @@
 # testdata/benchgpu/tinyllama-shape is TinyLlama-1.1B's shape.
 set -euo pipefail
 
-usage() { echo "usage: $0 MODEL_DIR [MTOR_BINARY]  (make bench-gpu MODEL=/path/to/model)" >&2; exit 2; }
+usage() { echo "usage: $0 MODEL_DIR [MTOR_BINARY]  (make bench-gpu MODEL=/path/to/model, or RANDOM_WEIGHTS=1)" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 model=${1:-}
 bin=${2:-./bin/mtor}
@@ -114,8 +114,8 @@ energy; ea=$E; ta=$(date +%s.%N)
 power_sample 10 "$work/idle.txt"
 energy; eb=$E; tb=$(date +%s.%N)
 idle_w=$(mean "$work/idle.txt")
-# The counter's unit, from the idle window itself: NVML counts mJ; should
-# this nvidia-smi print joules, delta / (power × time) is ~1, not ~1000.
+# The counter's unit, from the idle window itself: NVML counts mJ, so
+# delta / (power × time) is ~1000; a reader giving joules would show ~1.
 scale=$(awk -v d="$(calc "$eb - $ea")" -v w="$idle_w" -v t="$(calc "$tb - $ta")" 'BEGIN {
 	r = (w > 0 && t > 0) ? d / (w * t) : 0
 	if (r > 100 && r < 10000) print 1; else if (r > 0.1 && r < 10) print 1000; else print "?" }')
