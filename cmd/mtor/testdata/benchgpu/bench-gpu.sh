@@ -108,6 +108,7 @@ parse() {
 }
 
 query 0 "$work/warm.json" || { echo "bench-gpu: the warm-up query failed" >&2; fail; }
+answer=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["text"][:60])' "$work/warm.json")
 echo "bench-gpu: idle power for 10 s"
 sleep 2
 energy; ea=$E; ta=$(date +%s.%N)
@@ -174,6 +175,7 @@ weights=""
 [ "$RANDOM_WEIGHTS" = 1 ] && weights=" (random weights, stand-in tokenizer)"
 echo "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader -i 0); model: $model$weights; max_tokens $MAXTOK"
 echo "model server: $(grep -m1 "^loaded " "$work/server.log")"
+echo "warm-up answer: $answer"
 echo "idle power: $idle_w W; busy power (concurrency $CONC): $busy_w W"
 echo "mtor node: $(grep -m1 '^gpu: ' "$work/node.log" || echo 'gpu: (no line)')"
 echo "mtor announces: $view"

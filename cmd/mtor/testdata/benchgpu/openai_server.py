@@ -53,8 +53,7 @@ class Encoding(dict):
 
 
 def load(model_dir, random_weights):
-    """The model on the first CUDA GPU in fp16, its tokenizer, and the
-    generate arguments its answers need."""
+    """The model on the first CUDA GPU in fp16, and its tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -69,7 +68,7 @@ def load(model_dir, random_weights):
     if not random_weights:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = fp16(AutoModelForCausalLM.from_pretrained, model_dir, local_files_only=True)
-        return model.to("cuda").eval(), tok, {"pad_token_id": tok.eos_token_id}
+        return model.to("cuda").eval(), tok
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     # Built on the GPU directly: initialising 1 B parameters there is much
     # faster than on the CPU and copying them over.
@@ -82,7 +81,7 @@ def load(model_dir, random_weights):
     eos = getattr(config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, list) else eos
     tok = ByteTokenizer(torch, eos if eos is not None else 0)
-    return model.eval(), tok, {"pad_token_id": tok.eos_token_id, "random_weights": True}
+    return model.eval(), tok
 
 
 def main():
@@ -96,9 +95,9 @@ def main():
 
     if not torch.cuda.is_available():
         sys.exit("openai_server.py: torch sees no CUDA GPU")
-    model, tok, gen_args = load(model_dir, random_weights)
+    model, tok = load(model_dir, random_weights)
     name = "bench-model"
-    weights = " (random weights)" if gen_args.pop("random_weights", False) else ""
+    weights = " (random weights)" if random_weights else ""
     print(f"loaded {model_dir}{weights} as {name!r}: {sum(p.numel() for p in model.parameters())/1e9:.2f} B parameters", flush=True)
 
     def prompt_ids(messages):
@@ -148,12 +147,12 @@ def main():
             counted = {}
 
             def generate():
-                # Random weights stop nowhere in particular: each answer is
-                # max_tokens long, as the benchmark's token counts assume.
-                stop = {"min_new_tokens": max_tokens} if weights else {}
+                # Random weights may make the end-of-sequence token at any
+                # step: each answer is kept max_tokens long instead.
+                stop = {"min_new_tokens": max_tokens} if random_weights else {}
                 with torch.no_grad():
                     out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
-                                         streamer=streamer, **gen_args, **stop)
+                                         streamer=streamer, pad_token_id=tok.eos_token_id, **stop)
                 counted["completion"] = int(out.shape[1] - inputs["input_ids"].shape[1])
 
             th = threading.Thread(target=generate, daemon=True)

@@ -59,9 +59,13 @@ class AutoModelForCausalLM:
     def from_pretrained(cls, path, **kwargs):
         return cls()
 
+    random_weights = False
+
     @classmethod
     def from_config(cls, config, **kwargs):
-        return cls()
+        m = cls()
+        m.random_weights = True
+        return m
 
     def to(self, device):
         return self
@@ -73,6 +77,10 @@ class AutoModelForCausalLM:
         return [_Param()]
 
     def generate(self, input_ids, max_new_tokens, streamer=None, **kwargs):
+        # Random weights could end an answer anywhere: the server must ask
+        # for whole answers, or the benchmark's token counts are wrong.
+        if self.random_weights and kwargs.get("min_new_tokens") != max_new_tokens:
+            raise ValueError("random weights without min_new_tokens = max_new_tokens")
         for i in range(max_new_tokens):
             time.sleep(TOKEN_SECONDS)
             if streamer is not None:
