@@ -157,7 +157,13 @@ func (fw *FrameWriter) loop() {
 		_, err := fw.w.Write(buf)
 		fw.mu.Lock()
 		if cap(buf) <= MaxPendingFrames*2 {
-			fw.spare = buf[:0] // a media frame's buffer is not kept
+			fw.spare = buf[:0]
+		} else {
+			// A media frame's buffer is not kept; nor is the old spare,
+			// which pending took at the swap and may still be using:
+			// handed out again, it would be both the next write's bytes
+			// and the frames queued during that write.
+			fw.spare = nil
 		}
 		if err != nil {
 			fw.err = err

@@ -1,11 +1,13 @@
 package protocol_test
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -196,5 +198,57 @@ func TestFrameWriterMovesItsDeadlineRarely(t *testing.T) {
 	}
 	if len(set) != 1 || time.Until(set[0]) < 59*time.Minute {
 		t.Fatalf("deadlines set: %v, want one about an hour ahead", set)
+	}
+}
+
+// gatedWriter holds each Write until the test lets it go, and keeps the
+// bytes as they are then: a stream whose window is shut copies late.
+type gatedWriter struct {
+	entered, proceed chan struct{}
+	writes           []byte
+}
+
+func (g *gatedWriter) Write(b []byte) (int, error) {
+	g.entered <- struct{}{}
+	<-g.proceed
+	g.writes = append(g.writes, b...)
+	return len(b), nil
+}
+
+// TestFrameWriterMediaBufferNotReused: the buffer of a write too big to
+// keep (a media frame) is dropped, and the frames queued during a later
+// write never land in the bytes that write is still sending.
+func TestFrameWriterMediaBufferNotReused(t *testing.T) {
+	g := &gatedWriter{entered: make(chan struct{}), proceed: make(chan struct{})}
+	fw := protocol.NewFrameWriter(g, nil, time.Second)
+	want := []string{"s1", "s2", strings.Repeat("m", 300<<10), "s3", "s4"}
+	write := func(text string) {
+		if err := fw.Write(chunkEvent(text)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, text := range want[:3] {
+		write(text)
+		<-g.entered
+		g.proceed <- struct{}{}
+	}
+	write(want[3])
+	<-g.entered // s3's write is under way
+	write(want[4])
+	g.proceed <- struct{}{}
+	<-g.entered // s4's own
+	g.proceed <- struct{}{}
+	if err := fw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	fr := protocol.NewFrameReader(bytes.NewReader(g.writes), protocol.MaxEventFrame)
+	for i, w := range want {
+		var ev pb.Event
+		if err := fr.Read(&ev); err != nil {
+			t.Fatalf("frame %d: %v", i, err)
+		}
+		if got := ev.GetChunk().GetText(); got != w {
+			t.Fatalf("frame %d: %.20q, want %.20q", i, got, w)
+		}
 	}
 }
