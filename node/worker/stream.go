@@ -39,7 +39,9 @@ func (w *Worker) handleStream(s network.Stream) {
 		log.Debugw("refusing stream: resource limit", "peer", s.Conn().RemotePeer(), "err", err)
 		_ = s.SetWriteDeadline(time.Now().Add(time.Second))
 		_ = protocol.WriteFrame(s, errEvent(protocol.Errorf(protocol.CodeBusy, "worker out of resources")))
-		_ = s.Reset()
+		// The reset may overtake the BUSY frame; its code says busy too
+		// (docs/protocol.md), where a plain reset would say dead.
+		_ = s.ResetWithError(network.StreamResourceLimitExceeded)
 		return
 	}
 	defer s.Scope().ReleaseMemory(64 << 10)

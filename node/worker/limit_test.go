@@ -1,0 +1,64 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// TestRefusalAtResourceLimitIsBusy: a worker whose resource manager will
+// not give a query stream its memory refuses the query as busy: the
+// client reads BUSY, or a reset with libp2p's resource-limit code, which
+// routers count as busy (docs/protocol.md), never a plain reset, which
+// they count as a dead worker.
+func TestRefusalAtResourceLimitIsBusy(t *testing.T) {
+	limits := rcmgr.PartialLimitConfig{Stream: rcmgr.ResourceLimits{Memory: 16 << 10}}.Build(rcmgr.DefaultLimits.AutoScale())
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wh, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ResourceManager(rm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wh.Close() })
+	w := newWorker(t, demo.New("w"))
+	wh.SetStreamHandler("/mtor/test/query", w.HandleStream)
+	ch := loopbackHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := ch.Connect(ctx, peer.AddrInfo{ID: wh.ID(), Addrs: wh.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	// Several tries: the BUSY frame and the reset race, and each outcome
+	// must be a busy one.
+	for i := range 10 {
+		s, err := ch.NewStream(ctx, wh.ID(), "/mtor/test/query")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := protocol.WriteFrame(s, req("hello")); err != nil {
+			t.Fatal(err)
+		}
+		var ev pb.Event
+		err = protocol.NewFrameReader(s, protocol.MaxEventFrame).Read(&ev)
+		var se *network.StreamError
+		switch {
+		case err == nil && ev.GetError().GetCode() == pb.ErrorCode_ERROR_CODE_BUSY:
+		case errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamResourceLimitExceeded:
+		default:
+			t.Fatalf("try %d: read %v (event %v), want BUSY or a reset with code %#x", i, err, &ev, network.StreamResourceLimitExceeded)
+		}
+		_ = s.Reset()
+	}
+}
