@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -28,7 +29,9 @@ func (e *Error) Is(target error) bool {
 
 // Proto converts the error to its wire form.
 func (e *Error) Proto() *pb.Error {
-	return &pb.Error{Code: e.Code, Message: e.Message, Retryable: e.Retryable}
+	// A protobuf string must be UTF-8; a message that is not (a custom
+	// backend's error) would make the error event itself unsendable.
+	return &pb.Error{Code: e.Code, Message: strings.ToValidUTF8(e.Message, "\uFFFD"), Retryable: e.Retryable}
 }
 
 // Errorf builds a typed error. Retryable defaults per code (see retryable).

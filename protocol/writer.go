@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"time"
@@ -18,6 +19,11 @@ const MaxPendingFrames = 64 << 10
 
 // ErrWriterClosed is returned by Write after Close.
 var ErrWriterClosed = errors.New("frame writer closed")
+
+// ErrEncode wraps Write's error for a message that cannot be framed (a
+// string that is not UTF-8, a frame over its bound): the message is at
+// fault, not the reader, and the writer goes on.
+var ErrEncode = errors.New("event cannot be encoded")
 
 // FrameWriter writes frames from a goroutine of its own, so that frames
 // queued while a write is in the kernel go out together in the next
@@ -105,7 +111,7 @@ func (fw *FrameWriter) queueLocked(m proto.Message) error {
 	}
 	b, err := AppendFrame(fw.pending, m)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", ErrEncode, err)
 	}
 	fw.pending = b
 	if !fw.running {

@@ -252,3 +252,24 @@ func TestFrameWriterMediaBufferNotReused(t *testing.T) {
 		}
 	}
 }
+
+// TestFrameWriterRefusesWhatItCannotEncode: a message that cannot be
+// framed (a string that is not UTF-8) is refused with ErrEncode, the
+// reader's fault being no part of it: the writer goes on with the next.
+func TestFrameWriterRefusesWhatItCannotEncode(t *testing.T) {
+	var out bytes.Buffer
+	fw := protocol.NewFrameWriter(&out, nil, time.Second)
+	if err := fw.Write(chunkEvent("\xff")); !errors.Is(err, protocol.ErrEncode) {
+		t.Fatalf("Write of a string that is not UTF-8: %v, want ErrEncode", err)
+	}
+	if err := fw.Write(chunkEvent("ok")); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var ev pb.Event
+	if err := protocol.NewFrameReader(&out, protocol.MaxEventFrame).Read(&ev); err != nil || ev.GetChunk().GetText() != "ok" {
+		t.Fatalf("read %v, %v: want the next frame whole", &ev, err)
+	}
+}

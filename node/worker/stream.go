@@ -104,7 +104,16 @@ func (w *Worker) handleStream(s network.Stream) {
 	} else {
 		last = &pb.Event{Kind: &pb.Event_Done{Done: done}}
 	}
-	if fw.Write(last) != nil || fw.Close() != nil {
+	err = fw.Write(last)
+	if errors.Is(err, protocol.ErrEncode) {
+		log.Warnw("answer's end cannot be encoded", "err", err)
+		err = fw.Write(errEvent(protocol.Errorf(protocol.CodeInternal, "the worker could not encode the answer's end")))
+	}
+	// Close always: it ends the writer's goroutine.
+	if cerr := fw.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		_ = s.Reset()
 		return
 	}

@@ -624,6 +624,10 @@ func (w *Worker) serve(ctx context.Context, requester peer.ID, req *pb.QueryRequ
 	out := func(ev *pb.Event) error {
 		output.Add(ev)
 		if err := emit(ev); err != nil {
+			if errors.Is(err, protocol.ErrEncode) {
+				// The backend's output, not the client, is at fault.
+				return protocol.Errorf(protocol.CodeBackendError, "backend output cannot be sent: %v", err)
+			}
 			clientGone.Store(true)
 			cancel()
 			return err
@@ -836,7 +840,7 @@ func (s *sink) ToolCall(d *pb.ToolCallDelta) error {
 	}
 	s.mark()
 	s.toolCalls = true
-	args := d.GetArguments()
+	args := validUTF8(d.GetArguments())
 	for first := true; first || len(args) > 0; first = false {
 		n := min(len(args), protocol.MaxChunkText)
 		for n < len(args) && n > 0 && args[n]&0xC0 == 0x80 {
@@ -844,7 +848,7 @@ func (s *sink) ToolCall(d *pb.ToolCallDelta) error {
 		}
 		ev := &pb.ToolCallDelta{Index: d.GetIndex(), Arguments: args[:n]}
 		if first {
-			ev.Id, ev.Name = d.GetId(), d.GetName()
+			ev.Id, ev.Name = validUTF8(d.GetId()), validUTF8(d.GetName())
 		}
 		if err := s.emit(&pb.Event{Kind: &pb.Event_ToolCall{ToolCall: ev}}); err != nil {
 			return err
@@ -857,6 +861,7 @@ func (s *sink) ToolCall(d *pb.ToolCallDelta) error {
 // ChunkLogprobs is Chunk with log probabilities, clamped to the range the
 // protocol allows (-Inf is sent as MinLogprob, as OpenAI does).
 func (s *sink) ChunkLogprobs(text string, lps []*pb.TokenLogprob) error {
+	text = validUTF8(text)
 	if len(text) > protocol.MaxChunkText || len(lps) > protocol.MaxChunkLogprobs {
 		// Too big for one event: the text matters more than its scores.
 		return s.Chunk(text)
@@ -884,7 +889,11 @@ func clampLogprob(f float32) float32 {
 	return f
 }
 
+// clipToken bounds a log probability's token text. A token may be part
+// of a character (its bytes field has them whole), so its text is made
+// valid UTF-8 first, as the protocol's strings must be.
 func clipToken(t string) string {
+	t = validUTF8(t)
 	if len(t) <= protocol.MaxLogprobToken {
 		return t
 	}
@@ -901,6 +910,7 @@ func (s *sink) Chunk(text string) error {
 	if text == "" {
 		return nil
 	}
+	text = validUTF8(text)
 	s.mark()
 	s.chunks++
 	for len(text) > 0 {
@@ -931,8 +941,14 @@ func (s *sink) Media(mime string, data []byte) error {
 		return protocol.Errorf(protocol.CodeTooLarge, "backend produced %d bytes of %s, limit %d", len(data), mime, maxMedia)
 	}
 	s.mark()
-	return s.emit(&pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: mime, Data: data}}})
+	return s.emit(&pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: validUTF8(mime), Data: data}}})
 }
+
+// validUTF8 is a backend's text as the protocol may carry it: protobuf
+// strings are UTF-8, and an event with other bytes could not be sent at
+// all. A backend in this tree decodes JSON, which is UTF-8 already (a
+// scan, no copy); one written elsewhere may pass on raw bytes.
+func validUTF8(s string) string { return strings.ToValidUTF8(s, "\uFFFD") }
 
 func (s *sink) Embedding(index int, vector []float32) error {
 	if len(vector) > protocol.MaxEmbeddingDim {
