@@ -281,6 +281,12 @@ func (e *sse) writePending() {
 	e.mu.Lock()
 	if cap(buf) <= 2*maxPendingSSE {
 		e.spare = buf[:0]
+	} else {
+		// Too big to keep; so is the old spare, which pending took at
+		// the swap: handed out again it would be both the next write's
+		// bytes and the events queued during that write (and go back to
+		// the pool twice at finish, to two streams).
+		e.spare = nil
 	}
 	if err != nil {
 		e.err, e.pending = err, nil

@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"encoding/json"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -99,5 +100,52 @@ func TestSSEQueueBound(t *testing.T) {
 	stop()
 	if got := rec.Body.String(); got != want.String() {
 		t.Fatalf("got %d bytes, want %d in order", len(got), want.Len())
+	}
+}
+
+// gatedResponse holds each Write until the test lets it go, and keeps the
+// bytes as they are then: a client's socket that is full copies late.
+type gatedResponse struct {
+	header           http.Header
+	entered, proceed chan struct{}
+	body             []byte
+}
+
+func (g *gatedResponse) Header() http.Header { return g.header }
+func (g *gatedResponse) WriteHeader(int)     {}
+func (g *gatedResponse) Flush()              {}
+func (g *gatedResponse) Write(b []byte) (int, error) {
+	g.entered <- struct{}{}
+	<-g.proceed
+	g.body = append(g.body, b...)
+	return len(b), nil
+}
+
+// TestSSEBigEventBufferNotReused: the buffer of a write too big to keep
+// (one event over the bound) is dropped, and the events queued during a
+// later write never land in the bytes that write is still sending.
+func TestSSEBigEventBufferNotReused(t *testing.T) {
+	g := &gatedResponse{header: http.Header{}, entered: make(chan struct{}), proceed: make(chan struct{})}
+	out := newSSE(g, newSSEBufs())
+	stop := out.run(DefaultKeepAlive)
+	events := []string{strings.Repeat("a", 2*maxPendingSSE+1), strings.Repeat("b", 100), strings.Repeat("c", 100)}
+	queue := func(ev string) {
+		if err := out.queue([]byte(ev)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	queue(events[0])
+	<-g.entered
+	g.proceed <- struct{}{}
+	queue(events[1])
+	<-g.entered // b's write is under way
+	queue(events[2])
+	g.proceed <- struct{}{}
+	<-g.entered // c's own
+	g.proceed <- struct{}{}
+	stop()
+	out.finish()
+	if got, want := string(g.body), strings.Join(events, ""); got != want {
+		t.Fatalf("the client got %d bytes ending %q, want %d ending %q", len(got), got[len(got)-120:], len(want), want[len(want)-120:])
 	}
 }
