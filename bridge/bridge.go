@@ -173,8 +173,24 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 	srv.routes(mux)
 	srv.mountUI(mux)
 	wsConns = srv.ws.Connections
-	srv.handler = serverHeader(srv.hostGuard(mux))
+	srv.handler = writeDeadlines(serverHeader(srv.hostGuard(mux)))
 	return srv, nil
+}
+
+// writeDeadlines bounds what net/http writes after a handler returns (a
+// streamed answer's held tail, the end of a chunked body, a trailer), so
+// that a client that stops reading there costs the connection, not a
+// goroutine and a socket for good. The server has no WriteTimeout and
+// never resets a deadline itself, so each request starts by lifting the
+// one its predecessor on the connection left; handlers bound their own
+// writes.
+func writeDeadlines(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		_ = rc.SetWriteDeadline(time.Time{})
+		defer func() { _ = rc.SetWriteDeadline(time.Now().Add(defaultWriteTimeout)) }()
+		h.ServeHTTP(w, r)
+	})
 }
 
 // serverHeader names mtor on every response, so that a node's backend

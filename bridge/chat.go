@@ -381,10 +381,8 @@ func (e *sse) event(v any) error {
 
 func (e *sse) done() error { return e.queue([]byte("data: [DONE]\n\n")) }
 
-// finish lifts the write deadline (see writeBody) and gives the queue
-// buffers back; nothing may be queued after it.
+// finish gives the queue buffers back; nothing may be queued after it.
 func (e *sse) finish() {
-	_ = e.rc.SetWriteDeadline(time.Time{})
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.bufs != nil {

@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,10 +19,11 @@ func (d *deadlineRecorder) SetWriteDeadline(t time.Time) error {
 	return nil
 }
 
-// TestWriteDeadlineLifted: every response is written under a deadline that
-// is lifted afterwards; a deadline left behind would cut the next response
-// on the same kept-alive connection.
-func TestWriteDeadlineLifted(t *testing.T) {
+// TestWriteDeadlines: every response is written under a deadline, what
+// net/http writes after the handler too (writeDeadlines), and each request
+// starts by lifting the deadline the one before it on the connection left,
+// which would otherwise cut its response.
+func TestWriteDeadlines(t *testing.T) {
 	b, err := New(&fakeSwarm{events: []*pbEvent{accepted(), chunk("a "), chunk("b")}})
 	if err != nil {
 		t.Fatal(err)
@@ -35,9 +37,9 @@ func TestWriteDeadlineLifted(t *testing.T) {
 		req := httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(body))
 		req.Header.Set("Content-Type", "application/json")
 		b.Handler().ServeHTTP(rec, req)
-		n := len(rec.deadlines)
-		if n < 2 || rec.deadlines[0].IsZero() || !rec.deadlines[n-1].IsZero() {
-			t.Errorf("%s: deadlines %v, want set then lifted", body, rec.deadlines)
+		d := rec.deadlines
+		if len(d) < 3 || !d[0].IsZero() || slices.ContainsFunc(d[1:], time.Time.IsZero) {
+			t.Errorf("%s: deadlines %v, want lifted, then set for every write and for the end", body, d)
 		}
 		if rec.Code == 0 || rec.Body.Len() == 0 {
 			t.Errorf("%s: no response", body)

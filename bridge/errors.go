@@ -156,13 +156,11 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // writeBody writes b under a write deadline, so that a client that does
-// not read cannot hold the handler, then lifts the deadline again: without
-// a WriteTimeout the server never resets it, and it would cut the next
-// response on a kept-alive connection.
+// not read cannot hold the handler (the next request on the connection
+// starts without it: writeDeadlines).
 func writeBody(w http.ResponseWriter, b []byte) {
 	rc := http.NewResponseController(w)
 	_ = rc.SetWriteDeadline(time.Now().Add(defaultWriteTimeout))
 	_, _ = w.Write(b)
 	_ = rc.Flush()
-	_ = rc.SetWriteDeadline(time.Time{})
 }

@@ -353,8 +353,6 @@ func (n *ndjson) line(v any) error {
 	return n.rc.Flush()
 }
 
-func (n *ndjson) finish() { _ = n.rc.SetWriteDeadline(time.Time{}) }
-
 // ollamaDone is the last line's statistics.
 func ollamaDone(d *pb.Done, reason string) map[string]any {
 	ns := func(ms uint32) int64 { return int64(ms) * int64(time.Millisecond) }
@@ -439,7 +437,6 @@ func (s *Server) runOllama(w http.ResponseWriter, r *http.Request, q *pb.QueryRe
 		return
 	}
 	out := &ndjson{w: w, rc: http.NewResponseController(w)}
-	defer out.finish()
 	calls := answer{max: s.cfg.maxAnswer}
 	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
 		switch k := ev.GetKind().(type) {

@@ -1,17 +1,25 @@
 package bridge
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // recordingListener keeps what each write of its connections carried.
@@ -95,4 +103,124 @@ func TestStreamEndsInOneWrite(t *testing.T) {
 		return
 	}
 	t.Fatalf("no write carried the finish event; writes: %q", rl.writes)
+}
+
+// stallListener's connections act as a client that stopped reading, once
+// stall is set: a write with a deadline fails as that deadline would, a
+// write without one blocks until the test ends, as it would for good.
+type stallListener struct {
+	net.Listener
+	stall   atomic.Bool
+	giveUp  chan struct{}
+	closedC chan struct{}
+}
+
+func (l *stallListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &stallConn{Conn: c, l: l}, nil
+}
+
+type stallConn struct {
+	net.Conn
+	l    *stallListener
+	mu   sync.Mutex
+	dl   time.Time
+	once sync.Once
+}
+
+func (c *stallConn) SetWriteDeadline(t time.Time) error {
+	c.mu.Lock()
+	c.dl = t
+	c.mu.Unlock()
+	return c.Conn.SetWriteDeadline(t)
+}
+
+func (c *stallConn) Write(b []byte) (int, error) {
+	if c.l.stall.Load() {
+		c.mu.Lock()
+		dl := c.dl
+		c.mu.Unlock()
+		if !dl.IsZero() {
+			return 0, os.ErrDeadlineExceeded
+		}
+		<-c.l.giveUp
+		return 0, net.ErrClosed
+	}
+	return c.Conn.Write(b)
+}
+
+func (c *stallConn) Close() error {
+	c.once.Do(func() { close(c.l.closedC) })
+	return c.Conn.Close()
+}
+
+// gatedSwarm answers with one chunk, then waits for release before its
+// Done.
+type gatedSwarm struct {
+	fakeSwarm
+	release chan struct{}
+}
+
+func (g *gatedSwarm) Query(ctx context.Context, req *pb.QueryRequest, h router.Handler) (*router.Result, error) {
+	if err := h(&pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "first"}}}); err != nil {
+		return nil, err
+	}
+	select {
+	case <-g.release:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return &router.Result{Attempts: 1, Done: &pb.Done{}}, nil
+}
+
+// TestHeldTailHasAWriteDeadline: a streamed answer's last events, which
+// net/http writes after the handler returns, are under a write deadline
+// too: a client that stops reading just before them costs the bridge its
+// connection, not a goroutine and a socket for good.
+func TestHeldTailHasAWriteDeadline(t *testing.T) {
+	g := &gatedSwarm{release: make(chan struct{})}
+	b, err := New(g, WithRegistry(prometheus.NewRegistry()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sl := &stallListener{Listener: ln, giveUp: make(chan struct{}), closedC: make(chan struct{})}
+	defer close(sl.giveUp)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = b.Serve(ctx, sl) }()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	body := `{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}`
+	if _, err := fmt.Fprintf(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(testTimeout))
+	br := bufio.NewReader(c)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading the stream: %v", err)
+		}
+		if strings.Contains(line, `"first"`) {
+			break
+		}
+	}
+	sl.stall.Store(true) // the client reads no more
+	close(g.release)
+	select {
+	case <-sl.closedC:
+	case <-time.After(10 * time.Second): // at once with the deadline
+
+		t.Fatal("the bridge still holds the connection: the answer's end was written without a deadline")
+	}
 }
