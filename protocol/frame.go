@@ -44,6 +44,10 @@ const HeartbeatInterval = time.Second
 // heartbeat_ms (before that field existed).
 const LegacyHeartbeat = 5 * time.Second
 
+// RequestTimeout is how long a worker waits for a query stream's request
+// frame; a client that has not sent it whole by then gets TIMEOUT.
+const RequestTimeout = 10 * time.Second
+
 // ErrFrameTooLarge is wrapped by reads of a frame over the limit.
 var ErrFrameTooLarge = errors.New("frame too large")
 

@@ -202,7 +202,8 @@ type Router struct {
 	maxAttempts int
 	idle        time.Duration // fixed silence bound; 0 = from the heartbeat
 	accept      time.Duration
-	pace        *pacer // stream opens per worker
+	send        time.Duration // least bound on sending a request (protocol.RequestTimeout)
+	pace        *pacer        // stream opens per worker
 	dial        time.Duration
 	retryBase   time.Duration
 	checker     Suspecter
@@ -317,6 +318,7 @@ func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router
 		deadline:    DefaultDeadline,
 		maxAttempts: DefaultMaxAttempts,
 		accept:      AcceptTimeout,
+		send:        protocol.RequestTimeout,
 		pace:        newPacer(DefaultOpensPerPeer, DefaultOpenQueuePerPeer),
 		dial:        DialTimeout,
 		retryBase:   DefaultRetryBase,
@@ -1500,7 +1502,12 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
 	defer stop()
 	dl, _ := ctx.Deadline()
-	_ = s.SetWriteDeadline(dl)
+	acceptWait := r.acceptBound(req) // sizes the request: once, not per event
+	// A request larger than the stream's window waits for the worker to
+	// read it: a frozen worker never does. The worker itself gives up on a
+	// request not whole after protocol.RequestTimeout, so a write that
+	// takes longer is to a silent worker, and the query moves on.
+	_ = s.SetWriteDeadline(earliest(dl, time.Now().Add(max(acceptWait, r.send))))
 	if err := protocol.WriteFrame(s, req); err != nil {
 		_ = s.Reset()
 		return nil, r.streamErr(ctx, s, false, fmt.Errorf("sending request: %w", err))
@@ -1517,7 +1524,6 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// one each: it showed in profiles, a read per token).
 	moved := false
 	out := outputBudget{bytes: r.maxOutput, chunks: chunkLimit(req)}
-	acceptWait := r.acceptBound(req) // sizes the request: once, not per event
 	for {
 		// A live worker answers Accepted at once and repeats it as a
 		// heartbeat whenever it is otherwise silent; silence past these

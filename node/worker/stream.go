@@ -16,7 +16,7 @@ import (
 const (
 	// RequestReadTimeout bounds how long a client may take to send its
 	// request; a stream that never sends is answered TIMEOUT and closed.
-	RequestReadTimeout = 10 * time.Second
+	RequestReadTimeout = protocol.RequestTimeout
 	// WriteTimeout bounds each event write (the deadline moves once half
 	// of it has passed, see protocol.NewFrameWriter), so a client that
 	// stops reading cannot hold a slot.

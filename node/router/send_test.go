@@ -1,0 +1,62 @@
+package router
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+
+	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol/pb"
+)
+
+// TestLargeRequestToAFrozenWorkerMovesOn: a request larger than the
+// stream's window, sent to a worker that takes the stream and never reads
+// (a stand-in for a process stopped with SIGSTOP), is bounded like the wait
+// for Accepted: the query moves to a live worker, on TCP and on QUIC,
+// rather than wait out its own deadline in the write.
+func TestLargeRequestToAFrozenWorkerMovesOn(t *testing.T) {
+	for _, tc := range []struct{ name, listen string }{
+		{"tcp", "/ip4/127.0.0.1/tcp/0"},
+		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			frozen := testHostOn(t, tc.listen)
+			hold := make(chan struct{})
+			t.Cleanup(func() { close(hold) })
+			frozen.SetStreamHandler(testProto, func(s network.Stream) { <-hold; _ = s.Reset() })
+			live := testHostOn(t, tc.listen)
+			w := worker.New([]backend.Backend{demo.New("live", demo.WithDelay(0))})
+			w.Refresh(t.Context())
+			live.SetStreamHandler(testProto, w.HandleStream)
+			h := testHostOn(t, tc.listen)
+			connect(t, h, frozen, live)
+			table := staticTable{
+				cand(string(frozen.ID()), 0, 4, 100, 0, demoModel),                  // looks best
+				cand(string(live.ID()), 0, 4, 100, 500*time.Millisecond, demoModel), // clearly worse
+			}
+			r := New(h, testProto, table, WithAcceptTimeout(500*time.Millisecond))
+			r.send = time.Second // protocol.RequestTimeout's 10 s, shortened for the test
+			// 2 MiB: past yamux's and quic-go's first stream windows.
+			q := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: strings.Repeat("x ", 1<<20)}
+			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+			defer cancel()
+			start := time.Now()
+			res, err := r.Query(ctx, q, func(*pb.Event) error { return nil })
+			if err != nil {
+				t.Fatalf("after %s: %v", time.Since(start).Round(time.Millisecond), err)
+			}
+			if res.Peer != live.ID() {
+				t.Fatalf("answered by %s, want the live worker", res.Peer)
+			}
+			// The write's bound: 0.5 s + 1 s per MiB of request.
+			if d := time.Since(start); d > 10*time.Second {
+				t.Fatalf("the query took %s to leave the frozen worker", d.Round(time.Millisecond))
+			}
+		})
+	}
+}
