@@ -1225,6 +1225,26 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	}
 	stall := r.stallBound(c, st, q.req) // reads st's measures: under the lock
 	r.mu.Unlock()
+	left := false // st.inflight given back
+	leaveLocked := func() {
+		left = true
+		st.inflight--
+		if st.inflight == 0 {
+			r.h.ConnManager().Unprotect(p, protectTag)
+		}
+	}
+	defer func() {
+		// A panicking handler (net/http recovers it) must not keep the
+		// peer in flight and its connection protected for good.
+		if v := recover(); v != nil {
+			r.mu.Lock()
+			if !left {
+				leaveLocked()
+			}
+			r.mu.Unlock()
+			panic(v)
+		}
+	}()
 	start := time.Now()
 	var first time.Time
 	chunksBefore := q.chunks
@@ -1263,10 +1283,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	}
 	end := time.Now()
 	r.mu.Lock()
-	st.inflight--
-	if st.inflight == 0 {
-		r.h.ConnManager().Unprotect(p, protectTag)
-	}
+	leaveLocked()
 	measured := 0.0
 	if !expired(ctx) {
 		// A query whose own deadline ran out tells nothing of the peer.
@@ -1501,6 +1518,13 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// Cancelling the query resets the stream, which the worker sees at once.
 	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
 	defer stop()
+	defer func() {
+		// A panicking handler: the worker must not answer into the void.
+		if v := recover(); v != nil {
+			_ = s.Reset()
+			panic(v)
+		}
+	}()
 	dl, _ := ctx.Deadline()
 	acceptWait := r.acceptBound(req) // sizes the request: once, not per event
 	// A request larger than the stream's window waits for the worker to

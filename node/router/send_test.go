@@ -67,3 +67,54 @@ func TestLargeRequestToAFrozenWorkerMovesOn(t *testing.T) {
 	}
 }
 
+// TestPanickingHandlerLeavesNothing: a handler that panics (net/http
+// recovers a bridge handler's panic and serves on) leaves no stream open
+// to the worker, no query counted in flight there and its connection
+// unprotected, and the panic goes on to the caller.
+func TestPanickingHandlerLeavesNothing(t *testing.T) {
+	live := demoWorker(t, "live", 200*time.Millisecond)
+	h := testHost(t)
+	connect(t, h, live)
+	r := New(h, testProto, staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel)})
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	var recovered any
+	func() {
+		defer func() { recovered = recover() }()
+		// An answer of 20 s: its stream outlives the test unless reset.
+		_, _ = r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: strings.Repeat("word ", 100)},
+			func(ev *pb.Event) error {
+				if ev.GetChunk() != nil {
+					panic("handler bug")
+				}
+				return nil
+			})
+	}()
+	if recovered != "handler bug" {
+		t.Fatalf("recovered %v, want the handler's panic", recovered)
+	}
+	r.mu.Lock()
+	inflight := r.peers[live.ID()].inflight
+	r.mu.Unlock()
+	if inflight != 0 || h.ConnManager().IsProtected(live.ID(), protectTag) {
+		t.Fatalf("after the panic: %d in flight, protected %v; want none", inflight, h.ConnManager().IsProtected(live.ID(), protectTag))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		n := 0
+		for _, c := range h.Network().ConnsToPeer(live.ID()) {
+			for _, s := range c.GetStreams() {
+				if s.Protocol() == testProto {
+					n++
+				}
+			}
+		}
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d query streams still open to the worker", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
