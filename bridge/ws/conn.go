@@ -44,6 +44,7 @@ type conn struct {
 	// let go when drained, rather than a channel whose buffer of
 	// sendBuffer slots each connection would hold all its life.
 	qmu     sync.Mutex
+	room    *sync.Cond // on qmu: a write ended, or the connection did
 	outq    [][]byte
 	queued  int64 // bytes in outq and being written
 	writing bool  // a writer goroutine is running
@@ -89,6 +90,12 @@ func newConn(s *Server, ws *websocket.Conn, guid string, rawText bool) *conn {
 		queries: map[string]*running{},
 		user:    userInfo{GUID: guid, Nickname: "user_" + guid[:8]},
 	}
+	c.room = sync.NewCond(&c.qmu)
+	context.AfterFunc(ctx, func() {
+		c.qmu.Lock()
+		c.room.Broadcast()
+		c.qmu.Unlock()
+	})
 	c.uploads = newUploads(&s.cfg, func(id string) {
 		c.sendError("TIMEOUT", fmt.Sprintf("vision upload %q timed out before all chunks arrived", id), "")
 	})
@@ -171,11 +178,28 @@ func (c *conn) drop(reason string) {
 	})
 }
 
-// send queues v for the client. It never blocks: a client whose queue is
-// full is dropped. It reports whether the message was queued.
+// send queues v for the client, waiting while its queue is full. The
+// callers are this connection's own goroutines (its reader, its queries),
+// so a client that reads slower than its answers come slows them, and
+// with them the workers' streams, instead of losing messages; one that
+// stops reading is dropped when a write times out. It reports whether v
+// was queued: false when the client is gone.
 func (c *conn) send(v any) bool {
+	b, ok := c.marshal(v)
+	return ok && c.enqueue(b, true)
+}
+
+// sendLatest queues v unless the queue is full, and never waits: for
+// updates that a later one supersedes (the worker list, a place in the
+// bridge's queue), sent from goroutines that serve every client.
+func (c *conn) sendLatest(v any) bool {
+	b, ok := c.marshal(v)
+	return ok && c.enqueue(b, false)
+}
+
+func (c *conn) marshal(v any) ([]byte, bool) {
 	if c.ctx.Err() != nil {
-		return false
+		return nil, false
 	}
 	// Error text may quote a worker's or the transport's error, and with
 	// it a network address; none leaves the bridge.
@@ -186,26 +210,26 @@ func (c *conn) send(v any) bool {
 	b, err := json.Marshal(v)
 	if err != nil {
 		c.log().Warnw("marshal outbound message", "err", err)
-		return false
+		return nil, false
 	}
-	return c.sendRaw(b)
+	return b, true
 }
 
-func (c *conn) sendRaw(b []byte) bool {
-	if c.ctx.Err() != nil {
-		return false
-	}
+// enqueue adds b to the queue, which holds at most sendBuffer messages and
+// sendBufferBytes bytes (one larger message goes alone): with wait, once
+// there is room; without, only if there is room now.
+func (c *conn) enqueue(b []byte, wait bool) bool {
 	n := int64(len(b))
 	c.qmu.Lock()
-	switch {
-	case len(c.outq) >= c.s.cfg.sendBuffer:
+	for c.ctx.Err() == nil && (len(c.outq) >= c.s.cfg.sendBuffer || (c.queued != 0 && c.queued+n > c.s.cfg.sendBufferBytes)) {
+		if !wait {
+			c.qmu.Unlock()
+			return false
+		}
+		c.room.Wait()
+	}
+	if c.ctx.Err() != nil {
 		c.qmu.Unlock()
-		c.drop("send buffer full (messages)")
-		return false
-	case c.queued+n > c.s.cfg.sendBufferBytes && c.queued != 0:
-		// One message larger than the byte bound may go alone.
-		c.qmu.Unlock()
-		c.drop("send buffer full (bytes)")
 		return false
 	}
 	c.outq = append(c.outq, b)
@@ -223,7 +247,7 @@ func (c *conn) sendRaw(b []byte) bool {
 }
 
 // writeOut writes the queued messages in order and ends when the queue is
-// empty (sendRaw starts it again) or the connection is done.
+// empty (enqueue starts it again) or the connection is done.
 func (c *conn) writeOut() {
 	for {
 		c.qmu.Lock()
@@ -244,6 +268,7 @@ func (c *conn) writeOut() {
 		cancel()
 		c.qmu.Lock()
 		c.queued -= int64(len(b))
+		c.room.Broadcast()
 		c.qmu.Unlock()
 		if err != nil {
 			c.drop(fmt.Sprintf("write: %v", err))

@@ -261,7 +261,9 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 	// The bridge's queue (when the swarm is the bridge's) serves each user
 	// in turn and tells a waiting query its place.
 	qc := queue.Client{Key: c.key, Notify: func(p queue.Position) {
-		c.send(queueUpdateMsg{Type: "queue_update", Depth: p.Position, Total: jr.workers, QueryID: jr.id, Queue: "bridge", Waiting: p.Waiting})
+		// On the bridge queue's goroutine, which tells every waiting
+		// query its place: it must not wait for this client.
+		c.sendLatest(queueUpdateMsg{Type: "queue_update", Depth: p.Position, Total: jr.workers, QueryID: jr.id, Queue: "bridge", Waiting: p.Waiting})
 	}}
 	res, err := c.s.swarm.Query(router.WithRestart(queue.WithClient(ctx, qc)), req, h)
 	if err != nil {

@@ -212,7 +212,9 @@ func (s *Server) pollModels(ctx context.Context) {
 			continue
 		}
 		for _, c := range conns {
-			c.sendRaw(b)
+			// Never waits for one client's queue: a client too far
+			// behind for this one gets the next change's list.
+			c.enqueue(b, false)
 		}
 	}
 }

@@ -957,3 +957,36 @@ func TestCloseDisconnectsClients(t *testing.T) {
 		t.Errorf("dial after Close: %v %v, want 503", resp, err)
 	}
 }
+
+// TestReadingClientKeepsABurst: an answer whose chunks come faster than
+// the writes leave (an instant backend: thousands of chunks, many times
+// the send queue) reaches a client that reads all of it, whole and in
+// order, ending in query_result and query_done; the queue bound slows the
+// answer down rather than drop a client that keeps reading.
+func TestReadingClientKeepsABurst(t *testing.T) {
+	sw, err := wstest.New(wstest.WithBackend(demo.New("fast", demo.WithDelay(0))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, sw, ws.WithSendBuffer(16), ws.WithSendBufferBytes(16<<10))
+	c := h.mustDial()
+	c.hello()
+	prompt := strings.TrimSpace(strings.Repeat("word ", 3000))
+	c.send(submit(prompt, "chat", "demo"))
+	res, before := c.until("query_result")
+	var streamed strings.Builder
+	chunks := 0
+	for _, m := range before {
+		if m.str("type") == "query_chunk" {
+			streamed.WriteString(m.str("text"))
+			chunks++
+		}
+	}
+	if chunks < 3000 || res.str("result") != streamed.String() || !strings.HasSuffix(streamed.String(), "word word") {
+		t.Fatalf("%d chunks, %d bytes streamed; result of %d bytes", chunks, streamed.Len(), len(res.str("result")))
+	}
+	c.until("query_done")
+	if n := h.srv.Connections(); n != 1 {
+		t.Fatalf("%d connections: the reading client was dropped", n)
+	}
+}
