@@ -5,6 +5,7 @@ import (
 	"io"
 	"mime"
 	"mime/multipart"
+	"net"
 	"net/http"
 	"path"
 	"strconv"
@@ -73,9 +74,15 @@ func readTranscriptionForm(r *http.Request, maxMedia int64) (*transcriptionForm,
 			break
 		}
 		if err != nil {
-			var mbe *http.MaxBytesError
-			if errors.As(err, &mbe) {
+			var (
+				mbe *http.MaxBytesError
+				ne  net.Error
+			)
+			switch {
+			case errors.As(err, &mbe):
 				return nil, bodyError(err, mbe.Limit)
+			case errors.As(err, &ne): // a timeout, a broken connection
+				return nil, bodyError(err, 0)
 			}
 			return nil, badRequest("", "invalid_body", "Malformed multipart body: %v.", err)
 		}
@@ -157,9 +164,9 @@ func readTranscriptionForm(r *http.Request, maxMedia int64) (*transcriptionForm,
 }
 
 func (s *Server) handleTranscription(w http.ResponseWriter, r *http.Request) {
-	done := limitBody(w, r, s.cfg.maxBody)
+	done := limitBody(w, r, s.cfg.maxBody, s.cfg.bodyTimeout)
 	f, aerr := readTranscriptionForm(r, s.cfg.maxMedia)
-	done()
+	done(aerr != nil)
 	if aerr != nil {
 		writeError(w, aerr)
 		return

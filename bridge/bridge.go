@@ -107,6 +107,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		keepAlive:     DefaultKeepAlive,
 		retryAfter:    DefaultRetryAfter,
 		shutdownGrace: DefaultShutdownGrace,
+		bodyTimeout:   defaultBodyTimeout,
 		queue:         DefaultQueue,
 		queuePerCl:    DefaultQueuePerClient,
 		queueWait:     DefaultQueueWait,

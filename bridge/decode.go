@@ -5,22 +5,33 @@ import (
 	"encoding/json"
 	"errors"
 	"mime"
+	"net"
 	"net/http"
 	"strings"
 	"time"
 )
 
-// limitBody bounds r's body at max bytes and its reading at
-// defaultBodyTimeout, so that a slow upload cannot hold a handler forever.
-// The returned func lifts the read deadline again: it must not outlive the
-// body, or it would cut the connection under a long SSE stream.
-func limitBody(w http.ResponseWriter, r *http.Request, max int64) func() {
+// limitBody bounds r's body at max bytes and its reading at timeout, so
+// that a slow upload cannot hold a handler forever. Call the returned func
+// when the body is read. After a read that went well it lifts the read
+// deadline, which must not outlive the body or it would cut the connection
+// under a long SSE stream. After one that failed (or stopped early) it
+// keeps the deadline and closes the connection after the answer: net/http
+// would otherwise read on to discard the rest of the body (up to 256 KiB)
+// before answering, with no deadline, from the client that stalled it.
+func limitBody(w http.ResponseWriter, r *http.Request, max int64, timeout time.Duration) func(failed bool) {
 	r.Body = http.MaxBytesReader(w, r.Body, max)
 	rc := http.NewResponseController(w)
-	if rc.SetReadDeadline(time.Now().Add(defaultBodyTimeout)) != nil {
-		return func() {}
+	lift := rc.SetReadDeadline(time.Now().Add(timeout)) == nil
+	return func(failed bool) {
+		if failed {
+			w.Header().Set("Connection", "close")
+			return
+		}
+		if lift {
+			_ = rc.SetReadDeadline(time.Time{})
+		}
 	}
-	return func() { _ = rc.SetReadDeadline(time.Time{}) }
 }
 
 // bodyError maps a failed body read.
@@ -39,6 +50,11 @@ func bodyError(err error, max int64) *apiError {
 	if errors.As(err, &ne) && ne.Timeout() {
 		return &apiError{Status: http.StatusRequestTimeout, Type: typeInvalidRequest, Code: "request_timeout", Message: "Reading the request body took too long."}
 	}
+	var oe *net.OpError
+	if errors.As(err, &oe) {
+		// Its text names the connection's addresses.
+		return badRequest("", "invalid_body", "Reading the request body failed: the connection broke.")
+	}
 	return badRequest("", "invalid_body", "Reading the request body failed: %v", err)
 }
 
@@ -49,16 +65,16 @@ func bodyError(err error, max int64) *apiError {
 // The body is read whole into one buffer, at most its declared size, and
 // decoded from there: a json.Decoder would copy it into a buffer of its
 // own, grown by copying, up to three times its size at once.
-func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, v any) *apiError {
+func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, timeout time.Duration, v any) *apiError {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
 		if err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
 			return badRequest("", "invalid_content_type", "Content-Type must be application/json, not %q.", ct)
 		}
 	}
-	done := limitBody(w, r, max)
+	done := limitBody(w, r, max, timeout)
 	body, aerr := readBody(r, max)
-	done()
+	done(aerr != nil)
 	if aerr != nil {
 		return aerr
 	}

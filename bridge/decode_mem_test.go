@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"runtime"
 	"testing"
+	"time"
 )
 
 // TestLargeImageDecodedOnce: reading and translating a chat body that
@@ -25,7 +26,7 @@ func TestLargeImageDecodedOnce(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&before)
 	var req chatRequest
-	if aerr := decodeJSON(w, r, DefaultMaxBody, &req); aerr != nil {
+	if aerr := decodeJSON(w, r, DefaultMaxBody, time.Minute, &req); aerr != nil {
 		t.Fatal(aerr)
 	}
 	q, aerr := chatToQuery(&req, limits{maxMedia: DefaultMaxMedia})

@@ -119,7 +119,7 @@ func (s *Server) handleOllamaShow(w http.ResponseWriter, r *http.Request) {
 		Model string `json:"model"`
 		Name  string `json:"name"` // the older name of the field
 	}
-	if err := decodeJSON(w, r, s.cfg.maxBody, &req); err != nil {
+	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
@@ -472,7 +472,7 @@ func (s *Server) runOllama(w http.ResponseWriter, r *http.Request, q *pb.QueryRe
 
 func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 	var req ollamaChatRequest
-	if err := decodeJSON(w, r, s.cfg.maxBody, &req); err != nil {
+	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
@@ -526,7 +526,7 @@ type ollamaGenerateRequest struct {
 
 func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 	var req ollamaGenerateRequest
-	if err := decodeJSON(w, r, s.cfg.maxBody, &req); err != nil {
+	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
@@ -564,7 +564,7 @@ func (s *Server) handleOllamaEmbed(w http.ResponseWriter, r *http.Request) {
 		Options    map[string]json.RawMessage `json:"options"`
 		KeepAlive  json.RawMessage            `json:"keep_alive"`
 	}
-	if err := decodeJSON(w, r, s.cfg.maxBody, &req); err != nil {
+	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}

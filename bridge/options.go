@@ -63,6 +63,7 @@ type config struct {
 	keepAlive     time.Duration // SSE comment after this much silence
 	retryAfter    time.Duration
 	shutdownGrace time.Duration
+	bodyTimeout   time.Duration // reading one request body (tests shorten it)
 	selfID        string
 	ledger        Ledger
 	queue         int
