@@ -410,9 +410,13 @@ func chatTools(req *chatRequest, q *pb.QueryRequest) *apiError {
 func compact(raw json.RawMessage) string {
 	var buf bytes.Buffer
 	if json.Compact(&buf, raw) != nil {
-		return string(raw)
+		buf.Reset()
+		buf.Write(raw)
 	}
-	return buf.String()
+	// encoding/json keeps a raw value's bytes as they came; in a string
+	// field it would have made bytes that are not UTF-8 U+FFFD, and a
+	// protobuf string must be UTF-8, so the same here.
+	return strings.ToValidUTF8(buf.String(), "\uFFFD")
 }
 
 // responseFormat translates response_format.
