@@ -190,7 +190,7 @@ func WriteFrame(w io.Writer, m proto.Message) error {
 	size := proto.Size(m)
 	b, err := appendFrame(make([]byte, 0, size+varint.MaxLenUvarint63), m, size)
 	if err != nil {
-		return fmt.Errorf("marshal frame: %w", err)
+		return fmt.Errorf("%w: %w", ErrEncode, err)
 	}
 	_, err = w.Write(b)
 	return err

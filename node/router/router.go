@@ -1534,6 +1534,11 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	_ = s.SetWriteDeadline(earliest(dl, time.Now().Add(max(acceptWait, r.send))))
 	if err := protocol.WriteFrame(s, req); err != nil {
 		_ = s.Reset()
+		if errors.Is(err, protocol.ErrEncode) {
+			// The request, not the worker, is at fault (a string that is
+			// not UTF-8): no other worker can take it either.
+			return nil, protocol.Errorf(protocol.CodeBadRequest, "the request cannot be sent: %v", err)
+		}
 		return nil, r.streamErr(ctx, s, false, fmt.Errorf("sending request: %w", err))
 	}
 	_ = s.CloseWrite()

@@ -11,6 +11,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/worker"
+	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -116,5 +117,20 @@ func TestPanickingHandlerLeavesNothing(t *testing.T) {
 			t.Fatalf("%d query streams still open to the worker", n)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestRequestThatCannotBeEncoded: a request with a string that is not
+// UTF-8 (which a protobuf string cannot carry) ends at once as
+// BAD_REQUEST, blaming no worker, rather than as a worker that died.
+func TestRequestThatCannotBeEncoded(t *testing.T) {
+	live := demoWorker(t, "live", 0)
+	h := testHost(t)
+	connect(t, h, live)
+	r := New(h, testProto, staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel)})
+	q := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "caf\xff"}
+	_, err := r.Query(t.Context(), q, func(*pb.Event) error { return nil })
+	if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeBadRequest {
+		t.Fatalf("err %v, want BAD_REQUEST", err)
 	}
 }
