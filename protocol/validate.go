@@ -296,10 +296,17 @@ func ValidateAnnounce(a *pb.Announce, now time.Time) error {
 	if len(a.GetModels()) > MaxAnnModels {
 		return badRequest("%d models, limit %d", len(a.GetModels()), MaxAnnModels)
 	}
+	// A name listed twice would count twice toward the bounded number of
+	// workers a node keeps per model.
+	seen := make(map[string]bool, len(a.GetModels()))
 	for _, m := range a.GetModels() {
 		if err := ValidateModelName(m.GetName()); err != nil {
 			return err
 		}
+		if seen[m.GetName()] {
+			return badRequest("model %q announced twice", m.GetName())
+		}
+		seen[m.GetName()] = true
 		if len(m.GetTypes()) == 0 || len(m.GetTypes()) > len(typeNames)-1 {
 			return badRequest("model %q announces %d types", m.GetName(), len(m.GetTypes()))
 		}

@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"strings"
 	"testing"
@@ -381,8 +382,10 @@ func TestValidateAnnounce(t *testing.T) {
 			a.Version = strings.Repeat("v", MaxVersionLen)
 			m := a.Models[0]
 			a.Models = nil
-			for range MaxAnnModels {
-				a.Models = append(a.Models, m)
+			for i := range MaxAnnModels {
+				mi := proto.CloneOf(m)
+				mi.Name = fmt.Sprintf("model-%d", i)
+				a.Models = append(a.Models, mi)
 			}
 			a.Gpus = make([]*pb.GPU, MaxAnnGPUs)
 			for i := range a.Gpus {
@@ -406,6 +409,7 @@ func TestValidateAnnounce(t *testing.T) {
 				a.Models = append(a.Models, a.Models[0])
 			}
 		}, "257 models, limit 256"},
+		{"model twice", func(a *pb.Announce) { a.Models = append(a.Models, a.Models[0]) }, `model "demo" announced twice`},
 		{"model without name", func(a *pb.Announce) { a.Models[0].Name = "" }, "model is required"},
 		{"model name with control", func(a *pb.Announce) { a.Models[0].Name = "a\nb" }, "control characters"},
 		{"model without types", func(a *pb.Announce) { a.Models[0].Types = nil }, `model "demo" announces 0 types`},
