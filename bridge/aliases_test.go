@@ -33,3 +33,7 @@ func accepted() *pb.Event {
 func chunk(text string) *pb.Event {
 	return &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: text}}}
 }
+
+func mediaEvent(mime, data string) *pb.Event {
+	return &pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: mime, Data: []byte(data)}}}
+}

@@ -736,3 +736,32 @@ func TestOptionsRefused(t *testing.T) {
 		t.Errorf("good origins refused: %v", err)
 	}
 }
+
+// TestSpeechInPieces: a worker that sends its audio in several Media
+// events (docs/protocol.md §5.1: concatenate them) gives the client all of
+// it, in order; pieces of different formats are a 502.
+func TestSpeechInPieces(t *testing.T) {
+	media := mediaEvent
+	for _, tc := range []struct {
+		name   string
+		events []*pbEvent
+		status int
+		body   string
+	}{
+		{"pieces", []*pbEvent{accepted(), media("audio/mpeg", "AAAA"), media("audio/mpeg", "BBBB"), media("audio/mpeg", "CC")}, 200, "AAAABBBBCC"},
+		{"one piece", []*pbEvent{accepted(), media("audio/mpeg", "AAAA")}, 200, "AAAA"},
+		{"mixed formats", []*pbEvent{accepted(), media("audio/mpeg", "AAAA"), media("audio/wav", "BBBB")}, 502, ""},
+		{"no audio", []*pbEvent{accepted()}, 502, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, base := startBridge(t, &fakeSwarm{events: tc.events})
+			resp, body := postJSON(t, base+"/v1/audio/speech", `{"model":"demo","input":"hello"}`, nil)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d: %s", resp.StatusCode, tc.status, body)
+			}
+			if tc.status == 200 && (string(body) != tc.body || resp.Header.Get("Content-Type") != "audio/mpeg") {
+				t.Fatalf("body %q (%s), want %q (audio/mpeg)", body, resp.Header.Get("Content-Type"), tc.body)
+			}
+		})
+	}
+}

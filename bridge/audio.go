@@ -241,29 +241,46 @@ func (s *Server) handleSpeech(w http.ResponseWriter, r *http.Request) {
 	if q == nil {
 		return
 	}
-	var audio *pb.Media
-	res, aerr := s.queryWhole(r.Context(), q, func() { audio = nil }, func(ev *pb.Event) error {
-		if m := ev.GetMedia(); m != nil && audio == nil {
-			audio = m
+	// A worker may send its audio in pieces, to be joined (docs/protocol.md
+	// §5.1); the router's output budget bounds their sum.
+	var (
+		mime   string
+		audio  []byte
+		pieces int
+		mixed  bool
+	)
+	res, aerr := s.queryWhole(r.Context(), q, func() { mime, audio, pieces, mixed = "", nil, 0, false }, func(ev *pb.Event) error {
+		m := ev.GetMedia()
+		if m == nil {
+			return nil
 		}
+		if pieces++; pieces == 1 {
+			mime = m.GetMime()
+		} else if m.GetMime() != mime {
+			mixed = true
+		}
+		audio = append(audio, m.GetData()...)
 		return nil
 	})
-	if aerr != nil {
+	switch {
+	case aerr != nil:
 		writeError(w, aerr)
 		return
-	}
-	if audio == nil {
+	case pieces == 0:
 		writeError(w, &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "backend_error", Message: "The worker returned no audio."})
+		return
+	case mixed:
+		writeError(w, &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "backend_error", Message: "The worker returned audio pieces of different formats."})
 		return
 	}
 	// The worker's format wins over response_format: the bridge does not
 	// transcode, and Content-Type says what came.
 	h := w.Header()
 	h.Set(peerHeader, res.PeerString())
-	h.Set("Content-Type", audio.GetMime())
-	h.Set("Content-Length", strconv.Itoa(len(audio.GetData())))
+	h.Set("Content-Type", mime)
+	h.Set("Content-Length", strconv.Itoa(len(audio)))
 	w.WriteHeader(http.StatusOK)
-	writeBody(w, audio.GetData())
+	writeBody(w, audio)
 }
 
 // collectText runs q and gathers its chunks.

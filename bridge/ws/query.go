@@ -248,10 +248,16 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 				return errClientGone
 			}
 		case *pb.Event_Media:
-			if media != nil {
+			switch {
+			case media == nil:
+				media = k.Media
+			case t == pb.QueryType_QUERY_TYPE_TTS && k.Media.GetMime() == media.GetMime():
+				// Speech may come in pieces, to be joined (docs/protocol.md
+				// §5.1); the router's output budget bounds their sum.
+				media = &pb.Media{Mime: media.GetMime(), Data: append(slices.Clip(media.GetData()), k.Media.GetData()...)}
+			default:
 				return protocol.Errorf(protocol.CodeTooLarge, "more than one media result")
 			}
-			media = k.Media
 		}
 		if c.ctx.Err() != nil {
 			return errClientGone

@@ -26,6 +26,7 @@ import (
 	"github.com/mtor-swarm/mtor/bridge/ws/wstest"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // waitLimit bounds every wait in these tests; it is generous so that a
@@ -988,5 +989,35 @@ func TestReadingClientKeepsABurst(t *testing.T) {
 	c.until("query_done")
 	if n := h.srv.Connections(); n != 1 {
 		t.Fatalf("%d connections: the reading client was dropped", n)
+	}
+}
+
+// piecesSwarm is a fake swarm (no worker behind it) whose every answer is
+// speech in two pieces, as docs/protocol.md §5.1 lets a worker send it.
+type piecesSwarm struct{}
+
+func (piecesSwarm) Query(_ context.Context, _ *pb.QueryRequest, h router.Handler) (*router.Result, error) {
+	for _, d := range []string{"AAAA", "BBBB"} {
+		if err := h(&pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: "audio/mpeg", Data: []byte(d)}}}); err != nil {
+			return nil, err
+		}
+	}
+	return &router.Result{Attempts: 1, Done: &pb.Done{}}, nil
+}
+func (piecesSwarm) Peers() []router.PeerView { return nil }
+func (piecesSwarm) Models() []router.ModelView {
+	return []router.ModelView{{Name: "voice", Types: []string{"tts"}, Peers: 1}}
+}
+
+// TestSpeechInPieces: speech that comes in pieces reaches the client
+// joined, in order.
+func TestSpeechInPieces(t *testing.T) {
+	c := newHarnessOn(t, piecesSwarm{}).mustDial()
+	c.hello()
+	c.send(msg{"type": "text_to_speech", "text": "say it"})
+	res, _ := c.until("speech_result", "error")
+	audio, err := base64.StdEncoding.DecodeString(res.str("audio"))
+	if res.str("type") != "speech_result" || err != nil || string(audio) != "AAAABBBB" || res.str("mime") != "audio/mpeg" {
+		t.Fatalf("got %v (audio %q, %v), want AAAABBBB as audio/mpeg", res, audio, err)
 	}
 }
