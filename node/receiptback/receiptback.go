@@ -84,16 +84,27 @@ func (s *Sender) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	sem := make(chan struct{}, maxStreams)
+	// Receipts wait per worker until a stream is free: one tick opens at
+	// most maxStreams, and the rest wait for the next (a router that
+	// countersigned for many workers in one period loses none); only
+	// receipts beyond maxWaiting held are dropped.
 	batches := map[peer.ID][]*pb.Receipt{}
-	send := func(p peer.ID) {
-		b := batches[p]
-		delete(batches, p)
+	held := 0
+	send := func(p peer.ID) bool {
 		select {
 		case sem <- struct{}{}:
 		default:
-			s.dropped.Add(uint64(len(b)))
-			return
+			return false
 		}
+		all := batches[p]
+		n := min(len(all), protocol.MaxReceiptBatch)
+		b := all[:n:n]
+		if n == len(all) {
+			delete(batches, p)
+		} else {
+			batches[p] = all[n:]
+		}
+		held -= n
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -105,6 +116,7 @@ func (s *Sender) Run(ctx context.Context) {
 			}
 			s.sent.Add(uint64(len(b)))
 		}()
+		return true
 	}
 	t := time.NewTicker(s.flush)
 	defer t.Stop()
@@ -113,14 +125,21 @@ func (s *Sender) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case r := <-s.in:
+			if held >= maxWaiting {
+				s.dropped.Add(1)
+				continue
+			}
 			p := peer.ID(r.GetWorker())
 			batches[p] = append(batches[p], r)
+			held++
 			if len(batches[p]) >= protocol.MaxReceiptBatch {
 				send(p)
 			}
 		case <-t.C:
 			for p := range batches {
-				send(p)
+				if !send(p) {
+					break
+				}
 			}
 		}
 	}

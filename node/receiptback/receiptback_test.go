@@ -2,11 +2,13 @@ package receiptback
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
@@ -189,4 +191,44 @@ func TestForeignReceiptsIgnored(t *testing.T) {
 	// The honest second receipt, from its requester, is still taken.
 	p.sender.Add(honest)
 	waitFor(t, "the second honest receipt back", func() bool { return countersigned(p.wled) == 2 })
+}
+
+// TestMoreWorkersThanStreams: receipts for more workers than the streams
+// one flush may open (maxStreams), each worker slow to take its batch,
+// all reach their workers in later flushes; none is dropped while fewer
+// than maxWaiting wait.
+func TestMoreWorkersThanStreams(t *testing.T) {
+	r := newHost(t)
+	var got atomic.Int64
+	var ws []peer.ID
+	for range 3 * maxStreams {
+		w := newHost(t)
+		w.SetStreamHandler(receiptProto, func(s network.Stream) {
+			var b pb.ReceiptBatch
+			if protocol.NewFrameReader(s, protocol.MaxEventFrame).Read(&b) == nil {
+				got.Add(int64(len(b.GetReceipts())))
+			}
+			time.Sleep(150 * time.Millisecond) // holds its stream a while
+			_ = s.Close()
+		})
+		if err := r.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: w.Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+		ws = append(ws, w.ID())
+	}
+	s := NewSender(r, receiptProto, WithFlushInterval(50*time.Millisecond))
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	for _, w := range ws {
+		for i := range 3 {
+			s.Add(&pb.Receipt{Worker: []byte(w), QueryId: []byte{byte(i)}})
+		}
+	}
+	want := int64(3 * len(ws))
+	waitFor(t, "every receipt sent", func() bool { sent, _ := s.Stats(); return int64(sent) == want })
+	if _, dropped := s.Stats(); dropped != 0 || got.Load() != want {
+		t.Fatalf("%d dropped, %d of %d received", dropped, got.Load(), want)
+	}
 }
