@@ -27,13 +27,20 @@ func (a *answer) add(ev *pb.Event, wantLogprobs bool) bool {
 	switch k := ev.GetKind().(type) {
 	case *pb.Event_Chunk:
 		a.size += len(k.Chunk.GetText())
+		if wantLogprobs {
+			for _, lp := range k.Chunk.GetLogprobs() {
+				a.size += logprobJSONSize(lp.GetToken(), lp.GetBytes())
+				for _, t := range lp.GetTop() {
+					a.size += logprobJSONSize(t.GetToken(), t.GetBytes())
+				}
+			}
+		}
 		if a.size > a.max {
 			return false
 		}
 		a.text.WriteString(k.Chunk.GetText())
 		if wantLogprobs {
 			a.logprobs = append(a.logprobs, k.Chunk.GetLogprobs()...)
-			a.size += 64 * len(k.Chunk.GetLogprobs()) // JSON overhead, roughly
 		}
 	case *pb.Event_ToolCall:
 		d := k.ToolCall
@@ -55,6 +62,15 @@ func (a *answer) add(ev *pb.Event, wantLogprobs bool) bool {
 		c.Function.Arguments += d.GetArguments()
 	}
 	return true
+}
+
+// logprobJSONSize bounds the JSON of one logprob entry: its token, every
+// byte of which may be escaped (\u00XX), its bytes as numbers, and the
+// field names and figure. A worker's valid entries are small on the wire
+// (a token of 256 bytes, 20 alternatives) but not in JSON: counted by
+// their JSON, they cannot take a non-streamed answer past its bound.
+func logprobJSONSize(token string, bytes []byte) int {
+	return 64 + 6*len(token) + 4*len(bytes)
 }
 
 // message is the assistant message of the answer in OpenAI's shape:

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -45,4 +46,32 @@ func TestAnswerLimit(t *testing.T) {
 			t.Fatalf("%d %s, want the whole answer streamed", resp.StatusCode, b)
 		}
 	})
+}
+
+// TestAnswerLimitCountsLogprobs: log probabilities count toward the
+// non-streamed answer's bound by the JSON they make, not by their few
+// bytes on the wire: a worker's chunk of valid but large entries (a
+// 256-byte token, 20 alternatives each) is cut off as response_too_large,
+// not turned into a response many times the bound.
+func TestAnswerLimitCountsLogprobs(t *testing.T) {
+	const limit = 100 << 10
+	big := func() *pb.TokenLogprob {
+		lp := &pb.TokenLogprob{Token: strings.Repeat("\x01", 256), Logprob: -1, Bytes: make([]byte, 256)}
+		for range 20 {
+			lp.Top = append(lp.Top, &pb.TopLogprob{Token: strings.Repeat("\x01", 256), Logprob: -2, Bytes: make([]byte, 256)})
+		}
+		return lp
+	}
+	var lps []*pb.TokenLogprob
+	for range 50 {
+		lps = append(lps, big())
+	}
+	fs := &fakeSwarm{events: []*pb.Event{{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "x", Logprobs: lps}}}},
+		models: []routerModel{{Name: "demo", Types: []string{"chat"}, Features: []string{protocol.FeatureLogprobs}, Peers: 1}}}
+	_, base := startBridge(t, fs, WithMaxAnswer(limit))
+	resp, b := postJSON(t, base+"/v1/chat/completions", `{"model":"demo","logprobs":true,"top_logprobs":20,"messages":[{"role":"user","content":"hi"}]}`, nil)
+	if resp.StatusCode != http.StatusBadGateway || len(b) > limit {
+		t.Fatalf("%d, %d bytes (%.200s): want a 502 response_too_large", resp.StatusCode, len(b), b)
+	}
+	assertErrorShape(t, b, "response_too_large")
 }
