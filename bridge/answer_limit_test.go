@@ -75,3 +75,35 @@ func TestAnswerLimitCountsLogprobs(t *testing.T) {
 	}
 	assertErrorShape(t, b, "response_too_large")
 }
+
+// TestOllamaStreamedToolCallsBounded: tool calls, which the Ollama API
+// sends whole at the end of a stream, are gathered within WithMaxAnswer;
+// past it the client reads a 502 before the stream starts, or an error
+// line after its text, never a stream that just stops.
+func TestOllamaStreamedToolCallsBounded(t *testing.T) {
+	call := func(args string) *pb.Event {
+		return &pb.Event{Kind: &pb.Event_ToolCall{ToolCall: &pb.ToolCallDelta{Id: "c1", Name: "f", Arguments: args}}}
+	}
+	models := []routerModel{{Name: "demo", Types: []string{"chat"}, Features: []string{protocol.FeatureTools}, Peers: 1}}
+	body := `{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]}`
+	for _, tc := range []struct {
+		name   string
+		events []*pbEvent
+		status int
+	}{
+		{"before any text", []*pbEvent{call(strings.Repeat("a", 200)), call(strings.Repeat("b", 200))}, http.StatusBadGateway},
+		{"after text", []*pbEvent{chunk("some text"), call(strings.Repeat("a", 200)), call(strings.Repeat("b", 200))}, http.StatusOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, base := startBridge(t, &fakeSwarm{events: tc.events, models: models}, WithMaxAnswer(300))
+			resp, b := postJSON(t, base+"/api/chat", body, nil)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d (%s), want %d", resp.StatusCode, b, tc.status)
+			}
+			lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+			if last := lines[len(lines)-1]; !strings.Contains(last, `"error"`) || !strings.Contains(last, "300 bytes") {
+				t.Fatalf("last line %q: want an error naming the 300-byte bound", last)
+			}
+		})
+	}
+}

@@ -438,6 +438,9 @@ func (s *Server) runOllama(w http.ResponseWriter, r *http.Request, q *pb.QueryRe
 	}
 	out := &ndjson{w: w, rc: http.NewResponseController(w)}
 	calls := answer{max: s.cfg.maxAnswer}
+	// The router reports a handler's error as the client gone; the
+	// overflow is kept apart to be reported as what it is.
+	var overflow *apiError
 	res, aerr := s.query(r.Context(), q, func(ev *pb.Event) error {
 		switch k := ev.GetKind().(type) {
 		case *pb.Event_Chunk:
@@ -447,11 +450,15 @@ func (s *Server) runOllama(w http.ResponseWriter, r *http.Request, q *pb.QueryRe
 			return out.line(body(k.Chunk.GetText(), nil))
 		case *pb.Event_ToolCall:
 			if !calls.add(ev, false) {
-				return responseTooLarge(s.cfg.maxAnswer, "")
+				overflow = responseTooLarge(s.cfg.maxAnswer, "")
+				return overflow
 			}
 		}
 		return nil
 	})
+	if overflow != nil {
+		aerr = overflow
+	}
 	if aerr != nil {
 		if !out.started {
 			ollamaError(w, toOllamaErr(aerr))
