@@ -36,6 +36,7 @@ type mdnsNotifee struct {
 
 	mu    sync.Mutex
 	tries map[peer.ID]int // failed dials of peers waiting for a retry
+	base  time.Duration   // the first retry's back-off (1 s; tests shorten it)
 }
 
 // mdnsRetries bounds the dials again of a peer mDNS found but a dial did
@@ -60,7 +61,20 @@ func (n *mdnsNotifee) retry(ai peer.AddrInfo) {
 	}
 	n.tries[ai.ID] = k + 1
 	n.mu.Unlock()
-	time.AfterFunc(time.Second<<k, func() { n.HandlePeerFound(ai) })
+	time.AfterFunc(n.base<<k, func() { n.requeue(ai) })
+}
+
+// requeue hands a peer due for a retry to the dialers. With their queue
+// full it waits its next back-off, as after a failed dial: its entry in
+// tries then ends with its retries, and peers dropped by a full queue
+// cannot hold every retry slot for good.
+func (n *mdnsNotifee) requeue(ai peer.AddrInfo) {
+	select {
+	case n.queue <- ai:
+	case <-n.ctx.Done():
+	default:
+		n.retry(ai)
+	}
 }
 
 // connected forgets ai's failed dials.
@@ -93,7 +107,7 @@ func (d *Discovery) startMDNS() (interface{ Close() error }, error) {
 // startMDNSDialers starts the dialers of the peers mDNS finds, and
 // returns what the mDNS service reports them to.
 func (d *Discovery) startMDNSDialers() *mdnsNotifee {
-	n := &mdnsNotifee{ctx: d.ctx, queue: make(chan peer.AddrInfo, mdnsQueue), tries: map[peer.ID]int{}}
+	n := &mdnsNotifee{ctx: d.ctx, queue: make(chan peer.AddrInfo, mdnsQueue), tries: map[peer.ID]int{}, base: time.Second}
 	for range mdnsDialWorkers {
 		d.goRun(func() { d.mdnsDialer(n) })
 	}

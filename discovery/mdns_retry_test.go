@@ -130,3 +130,39 @@ func TestMDNSDialRetries(t *testing.T) {
 		}
 	}
 }
+
+// A full dial queue does not strand retries: peers due for a retry that
+// find the queue full wait their next back-off (their entries end with
+// their retries), so a flood of unreachable peers cannot hold every
+// retry slot and keep an honest peer from its retries for good.
+func TestMDNSRetriesOutliveAFullQueue(t *testing.T) {
+	n := &mdnsNotifee{ctx: t.Context(), queue: make(chan peer.AddrInfo, 1), tries: map[peer.ID]int{}, base: 10 * time.Millisecond}
+	n.queue <- peer.AddrInfo{} // full, and no dialer takes from it
+	for range mdnsMaxRetrying {
+		n.retry(peer.AddrInfo{ID: testPeerID(t)})
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n.mu.Lock()
+		left := len(n.tries)
+		n.mu.Unlock()
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d peers still hold retry slots after their retries", left)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	<-n.queue
+	honest := peer.AddrInfo{ID: testPeerID(t)}
+	n.retry(honest)
+	select {
+	case ai := <-n.queue:
+		if ai.ID != honest.ID {
+			t.Fatalf("queued %s, want the honest peer", ai.ID)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the honest peer's retry never came")
+	}
+}
