@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -312,5 +313,37 @@ func TestSeekWorkersRateLimited(t *testing.T) {
 	v.SeekWorkers("m", nil)
 	if got := v.lookups.Load(); got != 0 || len(v.Watching()) != 0 {
 		t.Fatalf("a node with the swarm view looked up %d times, watching %v", got, v.Watching())
+	}
+}
+
+// Under the per-model bound of a node without the swarm view, only the
+// models it watches count: authors announcing a watched model next to
+// made-up names (which always had room) neither get in past the bound nor
+// keep a clearly better worker of the watched model out.
+func TestBoundCountsWatchedModelsOnly(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	tab := newPeerTable(testPeerID(t), 1000, clk.now)
+	tab.lim.perModel = 4
+	tab.watched = func(m string) bool { return m == "a" }
+	honest := wk{health: 100, models: []string{"a"}}
+	if !tab.upsert(testPeerID(t), honest.ann(1), clk.now()) {
+		t.Fatal("the first worker of a not taken")
+	}
+	taken := 0
+	for i := range 10 {
+		slow := wk{busy: 2, ttft: 60000, models: []string{"a", fmt.Sprintf("junk%d", i)}}
+		if tab.upsert(testPeerID(t), slow.ann(1), clk.now()) {
+			taken++
+		}
+	}
+	if kept := len(tab.keptOf("a")); kept != 4 || taken != 3 {
+		t.Fatalf("%d workers of a kept (%d slow ones taken), want the bound of 4", kept, taken)
+	}
+	if !tab.upsert(testPeerID(t), honest.ann(1), clk.now()) {
+		t.Fatal("a clearly better worker of a not taken in place of a slow one")
+	}
+	// A model nobody here watches brings nobody in.
+	if tab.upsert(testPeerID(t), wk{health: 100, models: []string{"other"}}.ann(1), clk.now()) {
+		t.Fatal("a worker of a model not watched was taken")
 	}
 }

@@ -170,10 +170,15 @@ type PeerTable struct {
 	proven  map[peer.ID]proof // peers connected to us lately; bounded by max
 	// allow, when set, says whether an admitted author may announce a
 	// (a closed swarm's roles); nil allows everything.
-	allow  func(peer.ID, *pb.Announce) bool
-	subs   map[*subscriber]struct{}
-	full   bool // logged that the table is full; reset when it has room
-	closed bool
+	allow func(peer.ID, *pb.Announce) bool
+	// watched, when set (a node without the swarm view), says which
+	// models the per-model bound counts: those this node reads. A model
+	// it does not (a name any announcement may make up, always with room)
+	// neither gets an author in nor keeps one from being replaced.
+	watched func(model string) bool
+	subs    map[*subscriber]struct{}
+	full    bool // logged that the table is full; reset when it has room
+	closed  bool
 }
 
 func newPeerTable(self peer.ID, max int, now func() time.Time) *PeerTable {
@@ -459,6 +464,9 @@ func (t *PeerTable) roomModelLocked(a *pb.Announce, pending bool) bool {
 	bounded := false
 	for k := range boundKeys(a) {
 		bounded = true
+		if !t.countedLocked(k) {
+			continue
+		}
 		n := t.perModel[k]
 		if pending {
 			n += t.pendingPerModel[k]
@@ -529,6 +537,9 @@ func (t *PeerTable) replaceableLocked(a *pb.Announce, rtt time.Duration, now tim
 // taken again at its next announcement, for the room it left.
 func (t *PeerTable) evictableLocked(old, a *pb.Announce) bool {
 	for k := range boundKeys(old) {
+		if !t.countedLocked(k) {
+			continue
+		}
 		n := t.perModel[k] - 1
 		if hasKey(a, k) {
 			n++
@@ -618,6 +629,12 @@ func boundKeys(a *pb.Announce) iter.Seq[string] {
 			yield(relayKey)
 		}
 	}
+}
+
+// countedLocked reports whether the per-model bound counts key: the relay
+// role always, a model when this node watches it (or watches every one).
+func (t *PeerTable) countedLocked(key string) bool {
+	return key == relayKey || t.watched == nil || t.watched(key)
 }
 
 // hasKey reports whether k is one of a's bound keys.

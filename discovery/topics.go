@@ -59,6 +59,23 @@ type modelTopic struct {
 type topicSet struct {
 	mu     sync.Mutex
 	models map[string]*modelTopic
+	// watched holds the models whose topics are read now (sub set), for
+	// the table's per-model bound, which reads it under its own lock.
+	watched sync.Map // model -> struct{}
+}
+
+// setSubLocked sets mt's subscription (nil: none) and what the table
+// counts as watched.
+func (d *Discovery) setSubLocked(key string, mt *modelTopic, sub *pubsub.Subscription) {
+	mt.sub = sub
+	if key == relayTopicKey {
+		return
+	}
+	if sub != nil {
+		d.topics.watched.Store(key, struct{}{})
+	} else {
+		d.topics.watched.Delete(key)
+	}
 }
 
 // joinTopic registers the announce validator and score parameters of an
@@ -236,7 +253,7 @@ func (d *Discovery) Watch(model string) error {
 		oldest := slices.MinFunc(watched, func(a, b string) int { return d.topics.models[a].used.Compare(d.topics.models[b].used) })
 		mt := d.topics.models[oldest]
 		mt.sub.Cancel()
-		mt.sub = nil
+		d.setSubLocked(oldest, mt, nil)
 		log.Infow("stopped watching a model, the least recently used", "model", oldest, "watching", model)
 		d.leaveTopicLocked(oldest, mt)
 	}
@@ -262,7 +279,7 @@ func (d *Discovery) subscribeLocked(key string) (*modelTopic, error) {
 		d.leaveTopicLocked(key, mt)
 		return nil, fmt.Errorf("subscribe %s: %w", mt.name, err)
 	}
-	mt.sub = sub
+	d.setSubLocked(key, mt, sub)
 	d.goRun(func() { d.readLoop(sub) })
 	return mt, nil
 }
@@ -447,7 +464,7 @@ func (d *Discovery) closeTopics() {
 	for model, mt := range d.topics.models {
 		if mt.sub != nil {
 			mt.sub.Cancel()
-			mt.sub = nil
+			d.setSubLocked(model, mt, nil)
 		}
 		mt.own = false
 		d.leaveTopicLocked(model, mt)
