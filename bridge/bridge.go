@@ -291,8 +291,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	err := hs.Shutdown(ctx)
-	// Hijacked connections (WebSockets) are not tracked by Shutdown: they
-	// are closed (status 1001) once the HTTP requests have drained.
+	// Hijacked connections (WebSockets) are not tracked by Shutdown: their
+	// queries get what is left of the grace, then they are closed (status
+	// 1001).
+	s.ws.Drain(ctx)
 	_ = s.ws.Close()
 	s.cancelBase()
 	if err != nil {

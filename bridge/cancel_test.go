@@ -3,6 +3,7 @@ package bridge
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
 	"github.com/libp2p/go-libp2p/core/network"
 
 	"github.com/mtor-swarm/mtor/node/worker"
@@ -186,4 +188,66 @@ func TestDeadlineAndBusy(t *testing.T) {
 	assertErrorShape(t, body, "swarm_busy")
 	cancel()
 	assertCancelled(t, sw.hooks, "HOLDS-THE-SLOT")
+}
+
+// TestShutdownGivesWebSocketQueriesTheGrace: a WebSocket query in flight
+// when the bridge begins to stop gets the grace, as an HTTP one does,
+// though http.Server.Shutdown does not track hijacked connections; a
+// query sent meanwhile is refused as UNAVAILABLE, to try elsewhere.
+func TestShutdownGivesWebSocketQueriesTheGrace(t *testing.T) {
+	sw := newLocalSwarm(t)
+	b, err := New(sw, WithShutdownGrace(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- b.Serve(ctx, ln) }()
+	dctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	c, _, err := websocket.Dial(dctx, "ws://"+ln.Addr().String()+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	submit := func(id, prompt string) {
+		q, _ := json.Marshal(map[string]any{"type": "submit_query", "query_id": id, "query": map[string]any{"prompt": prompt, "query_type": "chat", "model_name": "slow"}})
+		if err := c.Write(dctx, websocket.MessageText, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const marker = "WS-GRACEFUL"
+	submit("q1", marker+" a b c")
+	sw.waitStart(t, marker)
+	stop()
+	for b.ws.Connections() > 0 && !b.ws.Draining() {
+		time.Sleep(time.Millisecond)
+	}
+	submit("q2", "too late")
+	got := map[string]string{} // query id: what ended it
+	for got["q1"] == "" || got["q2"] == "" {
+		_, data, err := c.Read(dctx)
+		if err != nil {
+			t.Fatalf("the connection ended before both answers (%v): %v", got, err)
+		}
+		var m map[string]any
+		_ = json.Unmarshal(data, &m)
+		id, _ := m["query_id"].(string)
+		switch m["type"] {
+		case "query_result":
+			got[id] = "result"
+		case "error":
+			got[id], _ = m["code"].(string)
+		}
+	}
+	if got["q1"] != "result" || got["q2"] != "UNAVAILABLE" {
+		t.Fatalf("got %v: want q1 answered within the grace and q2 refused as UNAVAILABLE", got)
+	}
+	if err := <-served; err != nil {
+		t.Errorf("Serve: %v", err)
+	}
 }

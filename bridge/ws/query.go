@@ -74,6 +74,12 @@ func (c *conn) start(spec jobSpec) {
 	if id == "" {
 		id = newQueryID()
 	}
+	if c.s.Draining() {
+		m := busyMsg("the bridge is shutting down; try again on another", id, c.s.cfg.retryAfter)
+		m.Code = "UNAVAILABLE"
+		c.send(m)
+		return
+	}
 	ctx, cancel := context.WithTimeout(router.WithEnergyPreference(c.ctx, spec.prefer), c.s.cfg.queryTimeout)
 	r := &running{cancel: cancel}
 	c.mu.Lock()

@@ -36,6 +36,7 @@ type Server struct {
 	mu       sync.Mutex
 	conns    map[*conn]struct{}
 	closed   bool
+	draining bool               // new queries are refused: the server is stopping
 	stopPoll context.CancelFunc // running model poller, nil when no client
 	lastSig  string
 	// highWater is the most connections open since the last collection a
@@ -63,6 +64,45 @@ func (s *Server) Connections() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.conns)
+}
+
+// Drain refuses new queries (UNAVAILABLE, with a retry hint) and waits
+// until the queries the clients have running end, or ctx does: the grace
+// a stopping bridge gives its queries, which http.Server.Shutdown does not
+// give hijacked connections. Close then disconnects the clients.
+func (s *Server) Drain(ctx context.Context) {
+	s.mu.Lock()
+	s.draining = true
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		busy := false
+		for _, c := range conns {
+			c.mu.Lock()
+			busy = busy || len(c.queries) > 0
+			c.mu.Unlock()
+		}
+		if !busy {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Draining reports whether Drain has begun: new queries are refused.
+func (s *Server) Draining() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.draining
 }
 
 // Close disconnects every client (status 1001, going away) and refuses new
