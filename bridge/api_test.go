@@ -765,3 +765,40 @@ func TestSpeechInPieces(t *testing.T) {
 		})
 	}
 }
+
+// TestOllamaAPIRefusalsInOllamasShape: what the wrappers every API shares
+// refuse (no key, too large a body) comes in the Ollama
+// API's error shape under /api/, {"error": "..."}, which Ollama's clients
+// read, and in OpenAI's under /v1/.
+func TestOllamaAPIRefusalsInOllamasShape(t *testing.T) {
+	_, base := startBridge(t, &fakeSwarm{}, WithAPIKeys([]string{"k"}), WithMaxBody(100))
+	for _, tc := range []struct {
+		name, path, body string
+		header           map[string]string
+		status           int
+	}{
+		{"no key", "/api/chat", `{}`, nil, http.StatusUnauthorized},
+		{"too large", "/api/chat", strings.Repeat(" ", 200), map[string]string{"Authorization": "Bearer k"}, http.StatusRequestEntityTooLarge},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, prefix := range []string{"ollama", "openai"} {
+				path := tc.path
+				if prefix == "openai" {
+					path = "/v1/chat/completions"
+				}
+				resp, b := call(t, http.MethodPost, base+path, "application/json", []byte(tc.body), tc.header)
+				if resp.StatusCode != tc.status {
+					t.Fatalf("%s %s: status %d (%s), want %d", prefix, path, resp.StatusCode, b, tc.status)
+				}
+				var shape map[string]any
+				if err := json.Unmarshal(b, &shape); err != nil {
+					t.Fatalf("%s: %q: %v", prefix, b, err)
+				}
+				_, isString := shape["error"].(string)
+				if isString != (prefix == "ollama") {
+					t.Fatalf("%s %s: error %q in the wrong shape", prefix, path, b)
+				}
+			}
+		})
+	}
+}

@@ -81,7 +81,7 @@ func (ks *keySet) check(r *http.Request, extra ...string) *apiError {
 func (ks *keySet) wrap(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if err := ks.check(r); err != nil {
-			writeError(w, err)
+			writeErrorFor(w, r, err)
 			return
 		}
 		next.ServeHTTP(w, r)
@@ -138,7 +138,7 @@ func (p *corsPolicy) wrap(next http.Handler) http.Handler {
 			return
 		}
 		if !p.allowed(origin) && !p.sameOrigin(origin, r) {
-			writeError(w, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "origin_not_allowed",
+			writeErrorFor(w, r, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "origin_not_allowed",
 				Message: "Origin " + origin + " is not allowed by this bridge's CORS policy."})
 			return
 		}

@@ -57,7 +57,7 @@ func (b *bodyBudget) wrap(max int64, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch n := r.ContentLength; {
 		case n > max:
-			writeError(w, declaredTooLarge(n, max))
+			writeErrorFor(w, r, declaredTooLarge(n, max))
 		case n == 0 || r.Body == nil || r.Body == http.NoBody:
 			next.ServeHTTP(w, r)
 		default:

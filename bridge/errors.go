@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/mtor-swarm/mtor/bridge/internal/queue"
@@ -126,6 +127,17 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 }
 
 // writeError sends e in OpenAI's shape.
+// writeErrorFor writes e in the shape of the API r asked for: the Ollama
+// API's {"error": "..."} under /api/ (but /api/swarm, mtor's own),
+// OpenAI's elsewhere. For what the handlers' shared wrappers refuse.
+func writeErrorFor(w http.ResponseWriter, r *http.Request, e *apiError) {
+	if strings.HasPrefix(r.URL.Path, "/api/") && r.URL.Path != "/api/swarm" {
+		ollamaError(w, e)
+		return
+	}
+	writeError(w, e)
+}
+
 func writeError(w http.ResponseWriter, e *apiError) {
 	h := w.Header()
 	if e.RetryAfter > 0 {

@@ -34,7 +34,7 @@ func (s *Server) hostGuard(next http.Handler) http.Handler {
 		// A browser always sends Host; only a hand-made HTTP/1.0 request
 		// has none, and it is no browser's doing.
 		if r.Host != "" && !s.hosts.Allowed(r.Host, local) {
-			writeError(w, hostNotAllowed(r.Host))
+			writeErrorFor(w, r, hostNotAllowed(r.Host))
 			return
 		}
 		// Behind a trusted proxy the forwarded host is the one the browser
@@ -43,7 +43,7 @@ func (s *Server) hostGuard(next http.Handler) http.Handler {
 		// set the header at will).
 		if s.cfg.trustFwdHost {
 			if fh := sameorigin.ForwardedHost(r); fh != "" && !s.hosts.Allowed(fh, nil) {
-				writeError(w, hostNotAllowed(fh))
+				writeErrorFor(w, r, hostNotAllowed(fh))
 				return
 			}
 		}

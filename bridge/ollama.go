@@ -45,6 +45,9 @@ func ollamaError(w http.ResponseWriter, e *apiError) {
 	if e.RetryAfter > 0 {
 		w.Header().Set("Retry-After", fmt.Sprint(int(math.Ceil(e.RetryAfter.Seconds()))))
 	}
+	if e.Status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="mtor"`)
+	}
 	writeJSON(w, e.Status, map[string]string{"error": e.Message})
 }
 
