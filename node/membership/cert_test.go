@@ -151,3 +151,36 @@ func TestRevokeAndRedeem(t *testing.T) {
 		t.Errorf("redeeming a revoked invite: %v", err)
 	}
 }
+
+// An invite redeemed within the clock skew after its end (which Verify
+// tolerates) gives a certificate that ends with it, never one without an
+// end.
+func TestInviteRedeemedAtItsEndGivesNoEndlessCert(t *testing.T) {
+	k, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	past, err := NewOwner(k, "team", OwnerClock(func() time.Time { return time.Now().Add(-time.Hour) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := NewOwner(k, "team")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inv, err := past.Invite([]string{"worker"}, time.Hour-2*time.Second) // ended 2 s ago
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New("team", o.ID(), WithOwner(o))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := m.redeem(inv.Encoded, newPeer(t))
+	if err != nil {
+		return // refused: as good
+	}
+	if c.Exp == 0 || time.Unix(c.Exp, 0).After(time.Now().Add(5*time.Second)) {
+		t.Fatalf("certificate from an invite that ended ends at %d (0: never)", c.Exp)
+	}
+}

@@ -474,8 +474,10 @@ func (m *Membership) redeem(encoded string, p peer.ID) (Signed, error) {
 	m.mu.Unlock()
 	var ttl time.Duration
 	if inv.Exp != 0 {
-		// The certificate lives as long as the invite would have.
-		ttl = time.Until(inv.Expires())
+		// The certificate lives as long as the invite would have. An
+		// invite taken within the clock skew after its end would give a
+		// ttl <= 0, which Cert reads as "never": it gets the last second.
+		ttl = max(time.Until(inv.Expires()), time.Second)
 	}
 	c, err := m.owner.Cert(p, inv.Roles, ttl, inv.Nonce)
 	if err != nil {
