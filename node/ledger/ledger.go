@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -64,19 +65,27 @@ type Totals struct {
 }
 
 func (t *Totals) add(r *pb.Receipt) {
-	t.Queries++
-	t.PromptTokens += uint64(r.GetPromptTokens())
-	t.CompletionTokens += uint64(r.GetCompletionTokens())
-	t.Ms += uint64(r.GetTotalMs())
-	t.EnergyMJ += r.GetEnergyMj()
+	t.plus(Totals{Queries: 1, PromptTokens: uint64(r.GetPromptTokens()), CompletionTokens: uint64(r.GetCompletionTokens()),
+		Ms: uint64(r.GetTotalMs()), EnergyMJ: r.GetEnergyMj()})
 }
 
+// plus adds o, saturating: a figure is the worker's own (a receipt's
+// energy is any uint64 it likes), and a sum that wrapped would make its
+// peer's totals and the ledger's small and wrong; one stuck at the
+// maximum says what happened.
 func (t *Totals) plus(o Totals) {
-	t.Queries += o.Queries
-	t.PromptTokens += o.PromptTokens
-	t.CompletionTokens += o.CompletionTokens
-	t.Ms += o.Ms
-	t.EnergyMJ += o.EnergyMJ
+	t.Queries = satAdd(t.Queries, o.Queries)
+	t.PromptTokens = satAdd(t.PromptTokens, o.PromptTokens)
+	t.CompletionTokens = satAdd(t.CompletionTokens, o.CompletionTokens)
+	t.Ms = satAdd(t.Ms, o.Ms)
+	t.EnergyMJ = satAdd(t.EnergyMJ, o.EnergyMJ)
+}
+
+func satAdd(a, b uint64) uint64 {
+	if s := a + b; s >= a {
+		return s
+	}
+	return math.MaxUint64
 }
 
 // Entry is the account with one peer.

@@ -2,6 +2,7 @@ package ledger
 
 import (
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
@@ -318,5 +319,32 @@ func BenchmarkCountersigned(b *testing.B) {
 				l.Record(Served, receiptOf(maxPending+n))
 			}
 		})
+	}
+}
+
+// TestTotalsSaturate: a receipt's figures are the worker's own, and one
+// claiming nearly 2^64 mJ stops its peer's and the ledger's energy at the
+// maximum rather than wrapping them round to small, wrong numbers.
+func TestTotalsSaturate(t *testing.T) {
+	self, honest, liar := newID(t), newID(t), newID(t)
+	l, err := Open("", self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Record(Consumed, rcpt(honest, self, 1, 100, 5000))
+	l.Record(Consumed, rcpt(liar, self, 1, 100, math.MaxUint64-1000))
+	l.Record(Consumed, rcpt(liar, self, 1, 100, 5000))
+	s := l.Snapshot()
+	if got := s.Total.Consumed.EnergyMJ; got != math.MaxUint64 {
+		t.Fatalf("total energy %d, want it stopped at the maximum", got)
+	}
+	for _, e := range s.Peers {
+		want := uint64(5000)
+		if e.Peer == liar.String() {
+			want = math.MaxUint64
+		}
+		if e.Consumed.EnergyMJ != want {
+			t.Errorf("%s: energy %d, want %d", e.Peer, e.Consumed.EnergyMJ, want)
+		}
 	}
 }
