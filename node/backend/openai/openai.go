@@ -130,6 +130,9 @@ func New(baseURL string, opts ...Option) (*Backend, error) {
 	for _, o := range opts {
 		o(b)
 	}
+	// A redirect would carry the prompt (and the API key, to the same
+	// host) wherever whatever holds the server's port points it.
+	b.client = httputil.NoRedirects(b.client)
 	if b.timeout <= 0 || b.work <= 0 || b.idle <= 0 {
 		return nil, fmt.Errorf("openai: timeouts must be positive")
 	}
