@@ -36,8 +36,10 @@ type Monitor struct {
 }
 
 // Open initialises NVML and lists the GPUs. No NVML library or no NVIDIA
-// driver means no GPU: a Monitor that reports none, and no error. Any other
-// NVML failure is an error.
+// driver means no GPU: a Monitor that reports none, and no error. Neither
+// is any other NVML failure (logged, and in the Monitor's String): GPU
+// figures are never a reason for a node not to run. (The error return
+// stays for callers; Open returns none now.)
 func Open(opts ...Option) (*Monitor, error) {
 	return open(nvml.New(), newConfig(opts))
 }
@@ -55,12 +57,19 @@ func open(lib nvmlLib, cfg config) (*Monitor, error) {
 		m.reason = "NVIDIA driver not loaded"
 		return m, nil
 	default:
-		return nil, fmt.Errorf("gpu: nvml init: %w", ret)
+		// A driver and library of different versions (after an update,
+		// before a reboot), no permission in a container: the node runs
+		// without GPU figures, and says why.
+		m.reason = "NVML unusable: " + ret.Error()
+		log.Warnw("GPU telemetry off", "err", ret.Error())
+		return m, nil
 	}
 	n, ret := lib.DeviceGetCount()
 	if ret != nvml.SUCCESS {
 		lib.Shutdown()
-		return nil, fmt.Errorf("gpu: nvml device count: %w", ret)
+		m.reason = "NVML unusable: " + ret.Error()
+		log.Warnw("GPU telemetry off", "err", ret.Error())
+		return m, nil
 	}
 	for i := 0; i < n; i++ {
 		h, ret := lib.DeviceGetHandleByIndex(i)

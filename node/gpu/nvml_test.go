@@ -3,7 +3,6 @@
 package gpu
 
 import (
-	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -111,15 +110,15 @@ func TestOpenOutcomes(t *testing.T) {
 		name      string
 		init      nvml.Return
 		gpus      int
-		wantErr   bool
 		available bool
 		says      string
 	}{
-		{"no library", nvml.ERROR_LIBRARY_NOT_FOUND, 0, false, false, "NVML library not found"},
-		{"no driver", nvml.ERROR_DRIVER_NOT_LOADED, 0, false, false, "driver not loaded"},
-		{"no devices", nvml.SUCCESS, 0, false, false, "no NVIDIA GPU"},
-		{"permission", nvml.ERROR_NO_PERMISSION, 0, true, false, ""},
-		{"two GPUs", nvml.SUCCESS, 2, false, true, "2 GPU(s)"},
+		{"no library", nvml.ERROR_LIBRARY_NOT_FOUND, 0, false, "NVML library not found"},
+		{"no driver", nvml.ERROR_DRIVER_NOT_LOADED, 0, false, "driver not loaded"},
+		{"no devices", nvml.SUCCESS, 0, false, "no NVIDIA GPU"},
+		{"permission", nvml.ERROR_NO_PERMISSION, 0, false, "NVML unusable"},
+		{"driver and library of different versions", nvml.ERROR_LIB_RM_VERSION_MISMATCH, 0, false, "NVML unusable"},
+		{"two GPUs", nvml.SUCCESS, 2, true, "2 GPU(s)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var gpus []*fakeGPU
@@ -128,12 +127,6 @@ func TestOpenOutcomes(t *testing.T) {
 			}
 			lib, _ := fakeNVML(tc.init, gpus...)
 			m, err := open(lib, newConfig(nil))
-			if tc.wantErr {
-				if err == nil || !errors.Is(err, tc.init) {
-					t.Fatalf("err %v, want one wrapping %v", err, tc.init)
-				}
-				return
-			}
 			if err != nil {
 				t.Fatal(err)
 			}
