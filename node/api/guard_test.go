@@ -31,6 +31,9 @@ func TestRefusedBeforeRouting(t *testing.T) {
 		{name: "rebinding host", method: "GET", path: "/v1/id", host: "evil.example:5050", wantCode: 403, wantErr: "FORBIDDEN"},
 		{name: "browser origin", method: "GET", path: "/v1/peers", header: map[string]string{"Origin": "http://evil.example"}, wantCode: 403, wantErr: "FORBIDDEN"},
 		{name: "browser origin allowed remote", method: "GET", path: "/v1/peers", allow: true, remote: "192.0.2.7:1", header: map[string]string{"Origin": "null"}, wantCode: 403, wantErr: "FORBIDDEN"},
+		// A page that rebound its name to a node whose API is bound off
+		// loopback: same-origin, no Origin, but Sec-Fetch-Site.
+		{name: "rebound page allowed remote", method: "GET", path: "/v1/id", allow: true, remote: "192.0.2.7:1", host: "evil.example:5050", header: map[string]string{"Sec-Fetch-Site": "same-origin"}, wantCode: 403, wantErr: "FORBIDDEN"},
 		{name: "unknown endpoint", method: "GET", path: "/v2/nothing", wantCode: 404, wantErr: "NOT_FOUND"},
 		{name: "wrong method", method: "DELETE", path: "/v1/query", wantCode: 404, wantErr: "NOT_FOUND"},
 		{name: "not json", method: "POST", path: "/v1/query", body: `{"model":"demo","prompt":"hi"}`, header: map[string]string{"Content-Type": "text/plain"}, wantCode: 415, wantErr: "BAD_REQUEST"},

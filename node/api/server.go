@@ -173,7 +173,11 @@ func (s *Server) guard(next http.Handler) http.Handler {
 				return
 			}
 		}
-		if r.Header.Get("Origin") != "" || r.Header.Get("Sec-Fetch-Site") == "cross-site" {
+		// Browsers send Sec-Fetch-Site on every request, same-origin ones
+		// too: a page that rebound its own name to this node's address
+		// (DNS rebinding, which the Host check above stops only on
+		// loopback) sends no Origin with a same-origin GET, but that.
+		if r.Header.Get("Origin") != "" || r.Header.Get("Sec-Fetch-Site") != "" {
 			writeForbidden(w, "browsers are not served by the control API; use the bridge (--bridge)")
 			return
 		}
