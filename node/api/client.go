@@ -49,7 +49,14 @@ type Client struct {
 	base string
 	addr string
 	hc   *http.Client
+	// slack is how long past a query's deadline the client waits for the
+	// node's own answer (TIMEOUT) before giving up on the node.
+	slack time.Duration
 }
+
+// querySlack: a node answers a query whose deadline passed at once; one
+// that does not within this is stopped, or its machine gone.
+const querySlack = 10 * time.Second
 
 // NewClient returns a client for the API at addr (HOST:PORT, or a URL
 // starting with http://).
@@ -59,8 +66,9 @@ func NewClient(addr string) *Client {
 		base = "http://" + base
 	}
 	return &Client{
-		base: strings.TrimRight(base, "/"),
-		addr: addr,
+		base:  strings.TrimRight(base, "/"),
+		addr:  addr,
+		slack: querySlack,
 		hc: &http.Client{Transport: &http.Transport{
 			Proxy:                 nil, // the API is local; never send it through a proxy
 			DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
@@ -120,7 +128,14 @@ func (c *Client) Query(ctx context.Context, q *QueryRequest, onEvent func(*Event
 	if err != nil {
 		return nil, fmt.Errorf("encode query: %w", err)
 	}
-	ctx, cancel := context.WithCancel(ctx)
+	// The node ends a query at its deadline and says so; this bound is
+	// for a node that cannot (stopped, its machine gone): the query's own
+	// timeout, else the most a node grants, and the slack.
+	limit := MaxQueryTimeout
+	if q.TimeoutMs > 0 {
+		limit = time.Duration(q.TimeoutMs) * time.Millisecond
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, limit+c.slack, errNodeSilent)
 	defer cancel() // closes the stream, which cancels the query at the node
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+"/v1/query", bytes.NewReader(body))
 	if err != nil {
@@ -167,12 +182,12 @@ func (c *Client) Query(ctx context.Context, q *QueryRequest, onEvent func(*Event
 	}
 	if err := sc.Err(); err != nil {
 		if ctx.Err() != nil {
-			return nil, protocol.AsError(ctx.Err())
+			return nil, ctxError(ctx)
 		}
 		return nil, fmt.Errorf("reading the query stream: %w", err)
 	}
 	if ctx.Err() != nil {
-		return nil, protocol.AsError(ctx.Err())
+		return nil, ctxError(ctx)
 	}
 	return nil, errors.New("the query stream ended without a result")
 }
@@ -202,11 +217,22 @@ func (c *Client) get(ctx context.Context, path string, v any) error {
 	return nil
 }
 
+// errNodeSilent ends a query whose node said nothing past its deadline.
+var errNodeSilent = errors.New("the node did not end the query by its deadline")
+
+// ctxError types the end of a call's context.
+func ctxError(ctx context.Context) error {
+	if errors.Is(context.Cause(ctx), errNodeSilent) {
+		return protocol.Errorf(protocol.CodeTimeout, "%v (is it stopped?)", errNodeSilent)
+	}
+	return protocol.AsError(ctx.Err())
+}
+
 func (c *Client) do(req *http.Request) (*http.Response, error) {
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		if ctxErr := req.Context().Err(); ctxErr != nil {
-			return nil, protocol.AsError(ctxErr)
+		if req.Context().Err() != nil {
+			return nil, ctxError(req.Context())
 		}
 		return nil, fmt.Errorf("%w at %s: %w", ErrUnreachable, c.addr, err)
 	}
