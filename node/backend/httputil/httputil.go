@@ -61,6 +61,7 @@ type Exchange struct {
 	timer  *time.Timer
 	wait   time.Duration // the timeout in force, for messages
 	idle   time.Duration
+	flow   bool // the body's first bytes came: idle bounds each silence now
 }
 
 // An Option adjusts how Send treats a backend's answer.
@@ -97,9 +98,11 @@ func MapStatus(status int, code pb.ErrorCode) Option {
 }
 
 // Send performs req (built without a context) under ctx. first bounds the
-// wait for response headers; idle, when positive, bounds each silence
-// while reading a streamed body (otherwise first keeps running as a cap on
-// the whole exchange). A transport failure or an HTTP status >= 400 is
+// wait for the answer to start: its headers and, with idle positive, the
+// first bytes of its body, since a server may send its headers at once and
+// then wait for a queue slot or a long prefill (vLLM, llama.cpp). idle,
+// when positive, bounds each silence after that while reading a streamed
+// body (otherwise first keeps running as a cap on the whole exchange). A transport failure or an HTTP status >= 400 is
 // returned as a typed error; the caller must Close a returned Exchange.
 func Send(ctx context.Context, client *http.Client, req *http.Request, first, idle time.Duration, opts ...Option) (*Exchange, error) {
 	x := &Exchange{parent: ctx, idle: idle, wait: first, url: req.URL.Redacted()}
@@ -118,10 +121,6 @@ func Send(ctx context.Context, client *http.Client, req *http.Request, first, id
 		defer x.Close()
 		return nil, x.StatusError()
 	}
-	if idle > 0 {
-		x.wait = idle
-		x.timer.Reset(idle)
-	}
 	return x, nil
 }
 
@@ -134,6 +133,9 @@ type kicker struct{ x *Exchange }
 func (k kicker) Read(p []byte) (int, error) {
 	n, err := k.x.Resp.Body.Read(p)
 	if n > 0 && k.x.idle > 0 {
+		if !k.x.flow {
+			k.x.flow, k.x.wait = true, k.x.idle
+		}
 		k.x.timer.Reset(k.x.idle)
 	}
 	return n, err

@@ -152,6 +152,29 @@ func TestWatchdog(t *testing.T) {
 	if _, err := l.Next(); code(err) != protocol.CodeBackendError {
 		t.Fatalf("quiet stream: %v", err)
 	}
+
+	// Headers at once, then a wait for a queue slot (vLLM, llama.cpp):
+	// the first bound covers it, the idle one starts with the first bytes.
+	queued := backendtest.Serve(t, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		time.Sleep(300 * time.Millisecond)
+		io.WriteString(w, "{}\n")
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+	})
+	x, err = send(t, queued, time.Hour, 100*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	l = NewLines(x, 1024)
+	if line, err := l.Next(); err != nil || string(line) != "{}" {
+		t.Fatalf("an answer that waited for its first bytes: %q, %v", line, err)
+	}
+	if _, err := l.Next(); code(err) != protocol.CodeBackendError {
+		t.Fatalf("silence after the first bytes: %v", err)
+	}
 }
 
 func TestReadAllLimit(t *testing.T) {
