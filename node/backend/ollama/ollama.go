@@ -435,6 +435,9 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 			calls++
 		}
 		if l.Done {
+			// The answer is whole: let the transport see the body's end
+			// and keep the connection for the next query.
+			x.Finish()
 			reason := finishReason(l.DoneReason)
 			if calls > 0 && reason == protocol.FinishStop {
 				reason = protocol.FinishToolCalls // as Ollama's own OpenAI API says
