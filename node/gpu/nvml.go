@@ -33,6 +33,8 @@ type Monitor struct {
 	devices []device
 	cached  []Info
 	readAt  int64 // cfg.now().UnixNano() of cached; 0 = never
+	// lastEnergy is each device's counter at the last EnergyMJ.
+	lastEnergy []uint64
 }
 
 // Open initialises NVML and lists the GPUs. No NVML library or no NVIDIA
@@ -158,22 +160,31 @@ func read(d device) Info {
 // EnergyMJ is the sum of the GPUs' total-energy counters (millijoules since
 // the driver loaded). It is read fresh on every call, and reports false when
 // there is no GPU or any GPU lacks the counter (pre-Volta), since a partial
-// sum would jump when that GPU came and went.
+// sum would jump when that GPU came and went, and when any GPU's counter
+// went back since the last call (a reset): the others' rise could hide it
+// in the sum, which would then pass for a true reading. The next reading
+// is good again.
 func (m *Monitor) EnergyMJ() (uint64, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.lib == nil {
 		return 0, false
 	}
+	if len(m.lastEnergy) != len(m.devices) {
+		m.lastEnergy = make([]uint64, len(m.devices))
+	}
 	var sum uint64
-	for _, d := range m.devices {
+	back := false
+	for i, d := range m.devices {
 		e, ret := d.h.GetTotalEnergyConsumption()
 		if ret != nvml.SUCCESS {
 			return 0, false
 		}
+		back = back || e < m.lastEnergy[i]
+		m.lastEnergy[i] = e
 		sum += e
 	}
-	return sum, true
+	return sum, !back
 }
 
 // Close releases NVML. The monitor then reports no GPU.

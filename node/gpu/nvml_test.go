@@ -184,6 +184,16 @@ func TestSnapshotAndEnergy(t *testing.T) {
 	if e, ok := m.EnergyMJ(); !ok || e != 1_003_000 {
 		t.Fatalf("EnergyMJ = %d, %v", e, ok)
 	}
+	// One GPU's counter resets while the other's rises more: the sum
+	// still rises, but the reading is not a true one; the next is.
+	g0.energy, g1.energy = 5_000, g1.energy+2_000_000
+	if e, ok := m.EnergyMJ(); ok {
+		t.Fatalf("EnergyMJ = %d, ok across one GPU's reset", e)
+	}
+	g0.energy += 100
+	if e, ok := m.EnergyMJ(); !ok || e != 5_100+2_003_000 {
+		t.Fatalf("EnergyMJ after a reset = %d, %v", e, ok)
+	}
 	g1.noEnergy = true
 	if _, ok := m.EnergyMJ(); ok {
 		t.Fatal("EnergyMJ ok although one GPU has no counter")
