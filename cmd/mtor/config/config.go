@@ -81,28 +81,88 @@ func Load(path string) (*File, error) {
 	if len(data) > MaxSize {
 		return nil, fmt.Errorf("config %s: %w", path, ErrTooLarge)
 	}
-	raw := map[string]any{}
+	f := &File{Path: path, Values: map[string][]string{}}
 	if ext == ".toml" {
+		raw := map[string]any{}
 		if _, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&raw); err != nil {
 			return nil, fmt.Errorf("config %s: %w: %v", path, ErrSyntax, err)
 		}
-	} else {
-		// An empty YAML file is an empty config, not an error.
-		if err := yaml.Unmarshal(data, &raw); err != nil {
-			return nil, fmt.Errorf("config %s: %w: %v", path, ErrSyntax, err)
+		for k, v := range raw {
+			vals, err := values(v)
+			if err != nil {
+				return nil, &KeyError{Path: path, Key: k, Err: fmt.Errorf("%w: %v", ErrValue, err)}
+			}
+			f.Values[k] = vals
 		}
+	} else if err := f.loadYAML(data); err != nil {
+		return nil, err
 	}
-	f := &File{Path: path, Values: make(map[string][]string, len(raw))}
-	for k, v := range raw {
-		vals, err := values(v)
-		if err != nil {
-			return nil, &KeyError{Path: path, Key: k, Err: fmt.Errorf("%w: %v", ErrValue, err)}
-		}
-		f.Values[k] = vals
+	for k := range f.Values {
 		f.keys = append(f.keys, k)
 	}
 	slices.Sort(f.keys)
 	return f, nil
+}
+
+// loadYAML takes each value's text as written: decoded into Go values,
+// YAML would make an unquoted 0123456 the octal 42798 and 1.10 the number
+// 1.1, so that a key or a swarm name written as it looks became another.
+func (f *File) loadYAML(data []byte) error {
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return fmt.Errorf("config %s: %w: %v", f.Path, ErrSyntax, err)
+	}
+	if len(doc.Content) == 0 {
+		return nil // an empty YAML file is an empty config, not an error
+	}
+	m := doc.Content[0]
+	if m.Kind != yaml.MappingNode {
+		return fmt.Errorf("config %s: %w: want a mapping of keys to values", f.Path, ErrSyntax)
+	}
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		k, v := m.Content[i].Value, m.Content[i+1]
+		if _, dup := f.Values[k]; dup {
+			return fmt.Errorf("config %s: %w: key %q is given twice", f.Path, ErrSyntax, k)
+		}
+		vals, err := yamlValues(v)
+		if err != nil {
+			return &KeyError{Path: f.Path, Key: k, Err: fmt.Errorf("%w: %v", ErrValue, err)}
+		}
+		f.Values[k] = vals
+	}
+	return nil
+}
+
+// yamlValues is a scalar's text, or each of a list of scalars'.
+func yamlValues(n *yaml.Node) ([]string, error) {
+	scalar := func(n *yaml.Node) (string, error) {
+		switch {
+		case n.Kind == yaml.AliasNode && n.Alias != nil:
+			n = n.Alias
+		case n.Kind != yaml.ScalarNode:
+			return "", errors.New("want a string, number, boolean or a list of them")
+		}
+		if n.Tag == "!!null" {
+			return "", errors.New("empty value")
+		}
+		return n.Value, nil
+	}
+	if n.Kind == yaml.SequenceNode {
+		out := make([]string, 0, len(n.Content))
+		for _, e := range n.Content {
+			s, err := scalar(e)
+			if err != nil {
+				return nil, fmt.Errorf("list element: %w", err)
+			}
+			out = append(out, s)
+		}
+		return out, nil
+	}
+	s, err := scalar(n)
+	if err != nil {
+		return nil, err
+	}
+	return []string{s}, nil
 }
 
 // values turns one decoded value into flag values: a scalar is one value,

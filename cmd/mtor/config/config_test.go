@@ -143,3 +143,20 @@ func TestMissingFile(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// TestYAMLValuesAsWritten: a YAML value reaches its flag as written, as it
+// would on the command line: an unquoted value that YAML reads as a number
+// (an octal 0123456, a float 1.10, an integer past 2^64) is not turned
+// into another number's text.
+func TestYAMLValuesAsWritten(t *testing.T) {
+	cf, err := Load(write(t, "node.yaml", "swarm: 1.10\nbackend: [0123456, 1234567890123456789012, 0x1F, 012_3, 'quoted']\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cf.Values["swarm"]; len(got) != 1 || got[0] != "1.10" {
+		t.Errorf("swarm %q, want 1.10", got)
+	}
+	if got, want := strings.Join(cf.Values["backend"], " "), "0123456 1234567890123456789012 0x1F 012_3 quoted"; got != want {
+		t.Errorf("backend %q, want %q", got, want)
+	}
+}
