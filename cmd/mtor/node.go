@@ -161,7 +161,12 @@ func parseNodeFlags(e *env, args []string) (*nodeFlags, backendSource, error) {
 		if err != nil {
 			return nil, backendSource{}, usagef("%v", err)
 		}
-		if err := cf.Apply(fs, func(name string) bool { return onCLI[name] }, "config"); err != nil {
+		// --backend and --no-detect say together where the backends come
+		// from: either on the command line replaces both of the file's.
+		set := func(name string) bool {
+			return onCLI[name] || (src.fromCLI && (name == "backend" || name == "no-detect"))
+		}
+		if err := cf.Apply(fs, set, "config"); err != nil {
 			return nil, backendSource{}, usagef("%v", err)
 		}
 	}
