@@ -184,3 +184,59 @@ func TestInviteRedeemedAtItsEndGivesNoEndlessCert(t *testing.T) {
 		t.Fatalf("certificate from an invite that ended ends at %d (0: never)", c.Exp)
 	}
 }
+
+// A peer revoked before many later revocations still reaches a node that
+// joined after them: the re-announcements take the older revocations in
+// turn besides the newest, so within one turn of the list a fresh node has
+// them all and refuses the revoked peer's still valid certificate.
+func TestOldRevocationsReachNewNodes(t *testing.T) {
+	o := newOwner(t, "team")
+	owner, err := New("team", o.ID(), WithOwner(o))
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := newPeer(t)
+	xc, err := o.Cert(x, nil, 0, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rx, err := o.Revoke(x, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := owner.Revoke(rx.Encoded); err != nil {
+		t.Fatal(err)
+	}
+	const later = 3*reannounceCount + 5
+	for range later {
+		inv, err := o.Invite(nil, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ri, err := o.Revoke("", inv.Nonce)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := owner.Revoke(ri.Encoded); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fresh, err := New("team", o.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range owner.Revocations(MaxReplyRevocations) { // the handshake's
+		_, _, _ = fresh.Revoke(e)
+	}
+	cursor := 0
+	for range (later+1)/reannounceCount + 1 { // one turn of the older ones
+		var batch []string
+		batch, cursor = owner.reannounceBatch(cursor)
+		for _, e := range batch {
+			_, _, _ = fresh.Revoke(e)
+		}
+	}
+	if _, err := fresh.accept(xc.Encoded, x); err == nil && fresh.IsMember(x) {
+		t.Fatal("a node that joined after the revocation admits the revoked peer")
+	}
+}

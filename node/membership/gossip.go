@@ -56,19 +56,47 @@ func (m *Membership) StartGossip(ctx context.Context, ps *pubsub.PubSub) error {
 	go func() {
 		t := time.NewTicker(reannounceEvery)
 		defer t.Stop()
+		cursor := 0
 		for {
 			select {
 			case <-ctx.Done():
 				sub.Cancel()
 				return
 			case <-t.C:
-				for _, r := range m.Revocations(reannounceCount) {
+				var batch []string
+				batch, cursor = m.reannounceBatch(cursor)
+				for _, r := range batch {
 					m.publish(r)
 				}
 			}
 		}
 	}()
 	return nil
+}
+
+// reannounceBatch is what one re-announcement sends: the newest
+// reannounceCount revocations, and as many older ones in turn from cursor
+// (returned moved on). A node that was away when an older one came, or
+// joined since (the handshake gives the newest few only), so hears every
+// revocation within one turn of the list (4096 at most: 256 periods from
+// one node, sooner with several), not only the newest: else a peer revoked
+// before enough others would get back in there.
+func (m *Membership) reannounceBatch(cursor int) ([]string, int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := len(m.revOrder)
+	newest := max(0, n-reannounceCount)
+	out := make([]string, 0, 2*reannounceCount)
+	for _, r := range m.revOrder[newest:] {
+		out = append(out, r.Encoded)
+	}
+	for i := 0; i < min(reannounceCount, newest); i++ {
+		out = append(out, m.revOrder[(cursor+i)%newest].Encoded)
+	}
+	if newest > 0 {
+		cursor = (cursor + reannounceCount) % newest
+	}
+	return out, cursor
 }
 
 // validate applies a revocation from the topic: a new valid one is
