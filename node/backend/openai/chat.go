@@ -205,9 +205,17 @@ func (b *Backend) chat(ctx context.Context, q *pb.QueryRequest, out backend.Sink
 				var lps []*pb.TokenLogprob
 				if ch.Logprobs != nil {
 					for _, e := range ch.Logprobs.Content {
-						lp := &pb.TokenLogprob{Token: e.Token, Logprob: float32(e.Logprob), Bytes: tokenBytes(e.Token, e.Bytes)}
+						bs, err := tokenBytes(e.Token, e.Bytes)
+						if err != nil {
+							return backend.Usage{}, err
+						}
+						lp := &pb.TokenLogprob{Token: e.Token, Logprob: float32(e.Logprob), Bytes: bs}
 						for _, t := range e.TopLogprobs {
-							lp.Top = append(lp.Top, &pb.TopLogprob{Token: t.Token, Logprob: float32(t.Logprob), Bytes: tokenBytes(t.Token, t.Bytes)})
+							tbs, err := tokenBytes(t.Token, t.Bytes)
+							if err != nil {
+								return backend.Usage{}, err
+							}
+							lp.Top = append(lp.Top, &pb.TopLogprob{Token: t.Token, Logprob: float32(t.Logprob), Bytes: tbs})
 						}
 						lps = append(lps, lp)
 					}
@@ -276,16 +284,22 @@ func FinishReason(r string) string {
 }
 
 // tokenBytes keeps a token's raw bytes only where its text cannot hold
-// them (a piece of a UTF-8 sequence).
-func tokenBytes(token string, bs []int) []byte {
+// them (a piece of a UTF-8 sequence). A value that is no byte is a
+// malformed answer, not one to cut down to a byte.
+func tokenBytes(token string, bs []int) ([]byte, error) {
+	for _, b := range bs {
+		if b < 0 || b > 255 {
+			return nil, httputil.Malformed("logprob byte %d out of range", b)
+		}
+	}
 	if len(bs) == 0 || utf8.ValidString(token) && len(token) == len(bs) {
-		return nil
+		return nil, nil
 	}
 	out := make([]byte, 0, len(bs))
 	for _, b := range bs {
 		out = append(out, byte(b))
 	}
-	return out
+	return out, nil
 }
 
 // tools converts the query's tools and tool choice.

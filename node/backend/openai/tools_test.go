@@ -120,3 +120,21 @@ func TestFeaturesAreDeclared(t *testing.T) {
 		}
 	}
 }
+
+// TestLogprobBytesOutOfRange: a server's logprob "bytes" that are no bytes
+// (below 0, above 255) make the answer malformed, a BACKEND_ERROR, instead
+// of being cut down to other bytes.
+func TestLogprobBytesOutOfRange(t *testing.T) {
+	for _, bs := range []string{"[-1]", "[300]", "[97,1000]"} {
+		b := fakeOpenAI(t, func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, `data: {"choices":[{"index":0,"delta":{"content":"a"},"logprobs":{"content":[{"token":"\u00e9","logprob":-1,"bytes":`+bs+`,"top_logprobs":[]}]},"finish_reason":null}]}`+"\n\ndata: [DONE]\n\n")
+		}, openai.WithFeatures(protocol.FeatureLogprobs))
+		q := backendtest.ChatRequest("m", "hi", 4)
+		q.Params.Logprobs = true
+		var s backendtest.Sink
+		_, err := b.Run(t.Context(), q, &s)
+		if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeBackendError {
+			t.Fatalf("bytes %s: %v, want BACKEND_ERROR", bs, err)
+		}
+	}
+}
