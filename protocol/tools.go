@@ -259,6 +259,10 @@ func validateToolCallDelta(d *pb.ToolCallDelta) error {
 	return nil
 }
 
+// ValidToolName reports whether name is one a tool may have (and a tool
+// call name, which a client sends back in its next turn).
+func ValidToolName(name string) bool { return toolNameRe.MatchString(name) }
+
 // clip shortens s for an error message.
 func clip(s string) string {
 	if len(s) > 64 {

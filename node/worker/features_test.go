@@ -96,3 +96,30 @@ func TestWorkerRefusesWhatItsBackendCannotDo(t *testing.T) {
 		})
 	}
 }
+
+// badNameCaller is a fake backend (no model behind it) whose model calls
+// a tool by a name no tool may have.
+type badNameCaller struct{ toolCaller }
+
+func (f *badNameCaller) Run(_ context.Context, _ *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
+	return backend.Usage{}, backend.SendToolCall(out, &pb.ToolCallDelta{Id: "c1", Name: "get weather!", Arguments: "{}"})
+}
+
+// TestToolCallWithAnInvalidName: a tool call whose name no tool may have
+// (the client could not send it back in its next turn) ends the query as
+// BACKEND_ERROR, before anything of it is sent.
+func TestToolCallWithAnInvalidName(t *testing.T) {
+	w := newWorker(t, &badNameCaller{toolCaller{features: []string{"tools"}}})
+	q := req("weather?")
+	q.Tools = []*pb.Tool{{Name: "get_weather"}}
+	var events []*pb.Event
+	_, err := w.Serve(context.Background(), q, func(ev *pb.Event) error { events = append(events, ev); return nil })
+	if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeBackendError || !strings.Contains(pe.Message, "invalid name") {
+		t.Fatalf("err %v, want BACKEND_ERROR naming the invalid name", err)
+	}
+	for _, ev := range events {
+		if ev.GetToolCall() != nil {
+			t.Fatalf("the invalid call was sent: %v", ev)
+		}
+	}
+}

@@ -35,7 +35,7 @@ func (f *rawBytes) Run(_ context.Context, _ *pb.QueryRequest, out backend.Sink) 
 	if err := backend.SendLogprobs(out, notUTF8, []*pb.TokenLogprob{{Token: notUTF8, Logprob: -1}}); err != nil {
 		return backend.Usage{}, err
 	}
-	if err := backend.SendToolCall(out, &pb.ToolCallDelta{Id: "call_\xff", Name: "f\xff", Arguments: `{"a":"` + notUTF8 + `"}`}); err != nil {
+	if err := backend.SendToolCall(out, &pb.ToolCallDelta{Id: "call_\xff", Name: "f", Arguments: `{"a":"` + notUTF8 + `"}`}); err != nil {
 		return backend.Usage{}, err
 	}
 	if f.fail {

@@ -838,6 +838,10 @@ func (s *sink) ToolCall(d *pb.ToolCallDelta) error {
 	if len(d.GetId()) > protocol.MaxToolCallID || len(d.GetName()) > protocol.MaxToolName {
 		return protocol.Errorf(protocol.CodeBackendError, "backend made a tool call with an oversized id or name")
 	}
+	if d.GetName() != "" && !protocol.ValidToolName(d.GetName()) {
+		// The client could not send the call back in its next turn.
+		return protocol.Errorf(protocol.CodeBackendError, "backend made a tool call with an invalid name %q", clipForMessage(d.GetName()))
+	}
 	s.mark()
 	s.toolCalls = true
 	args := validUTF8(d.GetArguments())
@@ -949,6 +953,15 @@ func (s *sink) Media(mime string, data []byte) error {
 // all. A backend in this tree decodes JSON, which is UTF-8 already (a
 // scan, no copy); one written elsewhere may pass on raw bytes.
 func validUTF8(s string) string { return strings.ToValidUTF8(s, "\uFFFD") }
+
+// clipForMessage shortens a backend's string for an error message.
+func clipForMessage(s string) string {
+	s = validUTF8(s)
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
+}
 
 func (s *sink) Embedding(index int, vector []float32) error {
 	if len(vector) > protocol.MaxEmbeddingDim {
