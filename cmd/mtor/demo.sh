@@ -90,7 +90,7 @@ start() {
 }
 
 # value NAME KEY: the first "KEY: value" line the node printed.
-value() { sed -n "s/^$2: //p" "$tmp/$1.log" | head -n 1; }
+value() { sed -n "/^$2: /{s///p;q;}" "$tmp/$1.log"; }
 
 # join_line NAME: wait for the node's "join:" line (printed once it is up).
 join_line() {
