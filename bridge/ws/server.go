@@ -71,13 +71,7 @@ func (s *Server) Connections() int {
 // a stopping bridge gives its queries, which http.Server.Shutdown does not
 // give hijacked connections. Close then disconnects the clients.
 func (s *Server) Drain(ctx context.Context) {
-	s.mu.Lock()
-	s.draining = true
-	conns := make([]*conn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
-	}
-	s.mu.Unlock()
+	conns := s.stopping(&s.draining)
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for {
@@ -98,6 +92,19 @@ func (s *Server) Drain(ctx context.Context) {
 	}
 }
 
+// stopping sets flag (draining, closed) and returns the connections open
+// then, under one lock: none can join unseen.
+func (s *Server) stopping(flag *bool) []*conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	*flag = true
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	return conns
+}
+
 // Draining reports whether Drain has begun: new queries are refused.
 func (s *Server) Draining() bool {
 	s.mu.Lock()
@@ -109,14 +116,7 @@ func (s *Server) Draining() bool {
 // ones. Hijacked connections outlive http.Server.Shutdown, so the bridge
 // calls this when it stops.
 func (s *Server) Close() error {
-	s.mu.Lock()
-	s.closed = true
-	conns := make([]*conn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
-	}
-	s.mu.Unlock()
-	for _, c := range conns {
+	for _, c := range s.stopping(&s.closed) {
 		c.shutdown(websocket.StatusGoingAway, "server shutting down")
 	}
 	return nil
