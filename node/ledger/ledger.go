@@ -25,6 +25,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/mtor-swarm/mtor/node/internal/atomicfile"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -446,14 +447,9 @@ func (l *Ledger) Flush() error {
 	if err != nil {
 		return fmt.Errorf("encode ledger: %w", err)
 	}
-	tmp := l.path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	if err := atomicfile.Write(l.path, b, 0o600); err != nil {
 		l.markDirty()
-		return fmt.Errorf("write ledger: %w", err)
-	}
-	if err := os.Rename(tmp, l.path); err != nil {
-		l.markDirty()
-		return fmt.Errorf("replace ledger: %w", err)
+		return fmt.Errorf("ledger: %w", err)
 	}
 	return nil
 }

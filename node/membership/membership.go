@@ -15,6 +15,8 @@ import (
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/node/internal/atomicfile"
 )
 
 var log = logging.Logger("mtor/membership")
@@ -579,13 +581,4 @@ func AppendLine(path, line string) error {
 	return f.Close()
 }
 
-func writeFile(path, s string) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(s), 0o600); err != nil {
-		return fmt.Errorf("write %s: %w", tmp, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename %s: %w", tmp, err)
-	}
-	return nil
-}
+func writeFile(path, s string) error { return atomicfile.Write(path, []byte(s), 0o600) }
