@@ -44,7 +44,9 @@ const (
 // Probe sends one ping over conn itself (not over whichever connection
 // the host would pick) and waits for its echo.
 func Probe(ctx context.Context, conn network.Conn) error {
-	s, err := conn.NewStream(ctx)
+	// A relayed connection with limits (another swarm's relay) is alive
+	// too: probe it rather than take it for dead.
+	s, err := conn.NewStream(network.WithAllowLimitedConn(ctx, "liveness"))
 	if err != nil {
 		return fmt.Errorf("open probe stream: %w", err)
 	}

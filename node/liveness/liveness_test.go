@@ -12,7 +12,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
+	ma "github.com/multiformats/go-multiaddr"
 )
 
 func newHost(t *testing.T, listen string, opts ...libp2p.Option) host.Host {
@@ -175,5 +177,35 @@ func TestSuspectKeepsAConnectionOurLimitsBlock(t *testing.T) {
 			}
 			suspectKept(t, c, conn, "a connection our limits block")
 		})
+	}
+}
+
+// TestProbeOverALimitedRelayedConnection: a connection through a relay
+// that limits its circuits (libp2p's default, another swarm's relay) is
+// probed like any other, and found alive, not taken for dead.
+func TestProbeOverALimitedRelayedConnection(t *testing.T) {
+	r := newHost(t, "/ip4/127.0.0.1/tcp/0", libp2p.EnableRelayService(), libp2p.ForceReachabilityPublic())
+	w, err := libp2p.New(libp2p.NoListenAddrs, libp2p.EnableRelay())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { w.Close() })
+	if _, err := client.Reserve(t.Context(), w, peer.AddrInfo{ID: r.ID(), Addrs: r.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	h := newHost(t, "/ip4/127.0.0.1/tcp/0", libp2p.EnableRelay())
+	circuit := ma.Join(r.Addrs()[0], ma.StringCast("/p2p/"+r.ID().String()+"/p2p-circuit"))
+	ctx := network.WithAllowLimitedConn(t.Context(), "test")
+	if err := h.Connect(ctx, peer.AddrInfo{ID: w.ID(), Addrs: []ma.Multiaddr{circuit}}); err != nil {
+		t.Fatal(err)
+	}
+	conns := h.Network().ConnsToPeer(w.ID())
+	if len(conns) != 1 || !conns[0].Stat().Limited {
+		t.Fatalf("%d connections, want one limited relayed one", len(conns))
+	}
+	pctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := Probe(pctx, conns[0]); err != nil {
+		t.Fatalf("probe over a live limited connection: %v", err)
 	}
 }
