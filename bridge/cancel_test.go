@@ -88,9 +88,12 @@ func TestRequestDisconnectCancelsWorker(t *testing.T) {
 	assertCancelled(t, sw, marker)
 }
 
-func TestShutdown(t *testing.T) {
-	sw := newLocalSwarm(t)
-	b, err := New(sw, WithShutdownGrace(time.Minute))
+// serveToStop serves a bridge for sw with the given shutdown grace on
+// 127.0.0.1:0: stop begins its shutdown, whose end Serve's error on served
+// tells.
+func serveToStop(t *testing.T, sw Swarm, grace time.Duration) (b *Server, addr string, stop func(), served chan error) {
+	t.Helper()
+	b, err := New(sw, WithShutdownGrace(grace))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,10 +101,16 @@ func TestShutdown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base := "http://" + ln.Addr().String()
 	ctx, stop := context.WithCancel(context.Background())
-	served := make(chan error, 1)
+	served = make(chan error, 1)
 	go func() { served <- b.Serve(ctx, ln) }()
+	return b, ln.Addr().String(), stop, served
+}
+
+func TestShutdown(t *testing.T) {
+	sw := newLocalSwarm(t)
+	_, addr, stop, served := serveToStop(t, sw, time.Minute)
+	base := "http://" + addr
 
 	// A query in flight when shutdown begins finishes within the grace.
 	const marker = "GRACEFUL"
@@ -196,20 +205,10 @@ func TestDeadlineAndBusy(t *testing.T) {
 // query sent meanwhile is refused as UNAVAILABLE, to try elsewhere.
 func TestShutdownGivesWebSocketQueriesTheGrace(t *testing.T) {
 	sw := newLocalSwarm(t)
-	b, err := New(sw, WithShutdownGrace(time.Minute))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, stop := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- b.Serve(ctx, ln) }()
+	b, addr, stop, served := serveToStop(t, sw, time.Minute)
 	dctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	c, _, err := websocket.Dial(dctx, "ws://"+ln.Addr().String()+"/ws", nil)
+	c, _, err := websocket.Dial(dctx, "ws://"+addr+"/ws", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
