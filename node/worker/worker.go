@@ -19,6 +19,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/httputil"
 	"github.com/mtor-swarm/mtor/node/gpu"
 	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -840,7 +841,7 @@ func (s *sink) ToolCall(d *pb.ToolCallDelta) error {
 	}
 	if d.GetName() != "" && !protocol.ValidToolName(d.GetName()) {
 		// The client could not send the call back in its next turn.
-		return protocol.Errorf(protocol.CodeBackendError, "backend made a tool call with an invalid name %q", clipForMessage(d.GetName()))
+		return protocol.Errorf(protocol.CodeBackendError, "backend made a tool call with an invalid name %q", httputil.Clip(d.GetName(), 64))
 	}
 	s.mark()
 	s.toolCalls = true
@@ -953,15 +954,6 @@ func (s *sink) Media(mime string, data []byte) error {
 // all. A backend in this tree decodes JSON, which is UTF-8 already (a
 // scan, no copy); one written elsewhere may pass on raw bytes.
 func validUTF8(s string) string { return strings.ToValidUTF8(s, "\uFFFD") }
-
-// clipForMessage shortens a backend's string for an error message.
-func clipForMessage(s string) string {
-	s = validUTF8(s)
-	if len(s) > 64 {
-		return s[:64] + "…"
-	}
-	return s
-}
 
 func (s *sink) Embedding(index int, vector []float32) error {
 	if len(vector) > protocol.MaxEmbeddingDim {
