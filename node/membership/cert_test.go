@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 )
@@ -239,41 +238,5 @@ func TestOldRevocationsReachNewNodes(t *testing.T) {
 	}
 	if _, err := fresh.accept(xc.Encoded, x); err == nil && fresh.IsMember(x) {
 		t.Fatal("a node that joined after the revocation admits the revoked peer")
-	}
-}
-
-// A verdict on a peer that has already gone (its disconnect forgot it a
-// moment before) is not kept: it would hold one of the bounded places,
-// and make the peer wait, until it came and went again.
-func TestVerdictOnAGonePeerNotKept(t *testing.T) {
-	o := newOwner(t, "team")
-	m, err := New("team", o.ID(), WithOwner(o))
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
-	if err := m.Attach(t.Context(), h); err != nil {
-		t.Fatal(err)
-	}
-	gone := newPeer(t) // never connected
-	m.refuse(gone, ErrNotMember)
-	c, err := o.Cert(gone, nil, time.Hour, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.accept(c.Encoded, gone); err != nil {
-		t.Fatal(err)
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if _, ok := m.refused[gone]; ok {
-		t.Fatal("the refusal of a peer not connected was kept")
-	}
-	if _, ok := m.members[gone]; ok {
-		t.Fatal("the membership of a peer not connected was kept")
 	}
 }

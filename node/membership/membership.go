@@ -14,7 +14,6 @@ import (
 
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/core/host"
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/mtor-swarm/mtor/node/internal/atomicfile"
@@ -306,27 +305,15 @@ func (m *Membership) notifyLocked() {
 // disconnects (or presents a valid certificate after all).
 func (m *Membership) refuse(p peer.ID, why error) {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	if _, ok := m.members[p]; ok {
-		m.mu.Unlock()
 		return
 	}
 	if _, ok := m.refused[p]; !ok && len(m.refused) >= MaxMembers {
-		m.mu.Unlock()
 		return
 	}
 	m.refused[p] = why
 	m.notifyLocked()
-	m.mu.Unlock()
-	m.forgetIfGone(p)
-}
-
-// forgetIfGone forgets p if it is no longer connected: a verdict recorded
-// after its disconnect (which forgets p) would otherwise stay until p came
-// and went again, taking one of the bounded places.
-func (m *Membership) forgetIfGone(p peer.ID) {
-	if m.h != nil && m.h.Network().Connectedness(p) == network.NotConnected {
-		m.forget(p)
-	}
 }
 
 // accept checks a certificate presented by from and records it.
@@ -337,15 +324,13 @@ func (m *Membership) accept(encoded string, from peer.ID) (Signed, error) {
 		return Signed{}, err
 	}
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	delete(m.refused, from)
 	if _, ok := m.members[from]; !ok && len(m.members) >= MaxMembers {
-		m.mu.Unlock()
 		return Signed{}, fmt.Errorf("membership table full (%d peers)", MaxMembers)
 	}
 	m.members[from] = c
 	m.notifyLocked()
-	m.mu.Unlock()
-	m.forgetIfGone(from)
 	return c, nil
 }
 
