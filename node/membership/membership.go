@@ -61,6 +61,13 @@ type Membership struct {
 	changed  chan struct{} // closed and replaced on every change
 	lastErr  error         // the last refusal a peer sent us
 
+	// conns holds the IDs of each peer's open connections, kept by the
+	// host's notifications (under mu, as the verdicts are): a verdict is
+	// recorded only on a peer that has one, so one reached after the
+	// peer's last disconnect (which forgets it) cannot outlive it. Nil
+	// until Attach; then verdicts are always kept.
+	conns map[peer.ID]map[string]struct{}
+
 	h        host.Host
 	ctx      context.Context
 	onNotice func(warning bool, text string)
@@ -306,7 +313,7 @@ func (m *Membership) notifyLocked() {
 func (m *Membership) refuse(p peer.ID, why error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, ok := m.members[p]; ok {
+	if _, ok := m.members[p]; ok || !m.keepsLocked(p) {
 		return
 	}
 	if _, ok := m.refused[p]; !ok && len(m.refused) >= MaxMembers {
@@ -325,6 +332,11 @@ func (m *Membership) accept(encoded string, from peer.ID) (Signed, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if !m.keepsLocked(from) {
+		// Its disconnect came first: the certificate is good, but there
+		// is no connection left to admit.
+		return c, nil
+	}
 	delete(m.refused, from)
 	if _, ok := m.members[from]; !ok && len(m.members) >= MaxMembers {
 		return Signed{}, fmt.Errorf("membership table full (%d peers)", MaxMembers)
@@ -350,12 +362,38 @@ func (m *Membership) verifyFrom(encoded string, from peer.ID) (Signed, error) {
 	return c, nil
 }
 
-// forget drops what is known of p (p disconnected).
-func (m *Membership) forget(p peer.ID) {
+// keepsLocked reports whether a verdict on p may be kept: p has a
+// connection open, or the membership is not attached to a host.
+func (m *Membership) keepsLocked(p peer.ID) bool {
+	return m.conns == nil || len(m.conns[p]) > 0
+}
+
+// connected records an open connection of p.
+func (m *Membership) connected(p peer.ID, conn string) {
 	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.connectedLocked(p, conn)
+}
+
+func (m *Membership) connectedLocked(p peer.ID, conn string) {
+	if m.conns[p] == nil {
+		m.conns[p] = make(map[string]struct{}, 1)
+	}
+	m.conns[p][conn] = struct{}{}
+}
+
+// disconnected records a closed connection of p, and drops what is known
+// of p when it was p's last.
+func (m *Membership) disconnected(p peer.ID, conn string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.conns[p], conn)
+	if len(m.conns[p]) > 0 {
+		return
+	}
+	delete(m.conns, p)
 	delete(m.members, p)
 	delete(m.refused, p)
-	m.mu.Unlock()
 }
 
 // Revoke applies an encoded revocation. It reports whether it was new;

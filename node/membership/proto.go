@@ -73,17 +73,30 @@ func (m *Membership) Attach(ctx context.Context, h host.Host) error {
 	if c, ok := m.Self(); ok && c.PeerID() != h.ID() {
 		return fmt.Errorf("%w: the certificate is for peer %s, this node is %s", ErrNotMember, c.Peer, h.ID())
 	}
-	h.SetStreamHandler(ProtocolID, m.handle)
+	m.mu.Lock()
+	m.conns = make(map[peer.ID]map[string]struct{})
+	m.mu.Unlock()
 	h.Network().Notify(&network.NotifyBundle{
-		ConnectedF: func(_ network.Network, c network.Conn) { m.startHandshake(c.RemotePeer()) },
-		DisconnectedF: func(n network.Network, c network.Conn) {
-			if n.Connectedness(c.RemotePeer()) != network.Connected {
-				m.forget(c.RemotePeer())
-			}
+		ConnectedF: func(_ network.Network, c network.Conn) {
+			m.connected(c.RemotePeer(), c.ID())
+			m.startHandshake(c.RemotePeer())
 		},
+		DisconnectedF: func(_ network.Network, c network.Conn) { m.disconnected(c.RemotePeer(), c.ID()) },
 	})
-	for _, p := range h.Network().Peers() {
-		m.startHandshake(p)
+	// The connections made before: listed under mu, so that the
+	// disconnect of one listed here (which waits for mu) comes after it
+	// is recorded, never before.
+	m.mu.Lock()
+	existing := h.Network().Conns()
+	for _, c := range existing {
+		m.connectedLocked(c.RemotePeer(), c.ID())
+	}
+	m.mu.Unlock()
+	// Served only now: a hello on a connection not yet listed would be
+	// answered but its verdict not kept.
+	h.SetStreamHandler(ProtocolID, m.handle)
+	for _, c := range existing {
+		m.startHandshake(c.RemotePeer())
 	}
 	go m.sweepLoop(ctx)
 	return nil
