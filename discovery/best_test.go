@@ -347,3 +347,68 @@ func TestBoundCountsWatchedModelsOnly(t *testing.T) {
 		t.Fatal("a worker of a model not watched was taken")
 	}
 }
+
+// A kept worker that changes its models is judged as a newcomer with
+// those models would be: kept while one of them has room, or in place of
+// a clearly worse worker; otherwise dropped. Without this, authors taken
+// one after another for a model with room could each move to a model at
+// its bound, freeing the room for the next: the bound would not hold.
+// Updates that keep their models are not judged again.
+func TestTableModelChangeJudgedAsANewcomer(t *testing.T) {
+	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
+	tab := newPeerTable(testPeerID(t), 100, clk.now)
+	tab.lim.perModel = 2
+	events, stop := tab.Subscribe(64)
+	defer stop()
+	full := wk{busy: 2, health: 100, models: []string{"b"}}
+	b1, b2 := testPeerID(t), testPeerID(t)
+	for _, p := range []peer.ID{b1, b2} {
+		if !tab.upsert(p, full.ann(1), clk.now()) {
+			t.Fatal("a worker of b with room was refused")
+		}
+	}
+	kept := func(m string) int { return len(tab.keptOf(m)) }
+	for i := range 5 {
+		h := testPeerID(t)
+		if !tab.upsert(h, wk{busy: 2, health: 100, models: []string{"a"}}.ann(1), clk.now()) {
+			t.Fatalf("author %d: a has room, but it was refused", i)
+		}
+		tab.upsert(h, full.ann(2), clk.now()) // moves to b, no better than those kept
+		if _, ok := tab.Get(h); ok {
+			t.Fatalf("author %d moved to b, at its bound, and is still kept", i)
+		}
+		if kept("b") != 2 || kept("a") != 0 {
+			t.Fatalf("author %d: kept %d of b, %d of a; want 2 and 0", i, kept("b"), kept("a"))
+		}
+	}
+	reasons := map[string]int{}
+	for len(events) > 0 {
+		if ev := <-events; ev.Kind == Leave {
+			reasons[ev.Reason]++
+		}
+	}
+	if reasons[ReasonNoRoom] != 5 {
+		t.Fatalf("leave reasons %v, want %d of %q", reasons, 5, ReasonNoRoom)
+	}
+
+	// One clearly better than a kept worker of b takes its place.
+	better := testPeerID(t)
+	tab.upsert(better, wk{busy: 2, health: 100, models: []string{"a"}}.ann(1), clk.now())
+	tab.upsert(better, wk{health: 100, models: []string{"b"}}.ann(2), clk.now())
+	if _, ok := tab.Get(better); !ok || kept("b") != 2 {
+		t.Fatalf("a clearly better worker moved to b: kept %v, %d of b; want kept, 2", ok, kept("b"))
+	}
+
+	// Over the bound through another model's room (allowed, as for a
+	// newcomer), an update with the same models is not judged again.
+	bc := testPeerID(t)
+	if !tab.upsert(bc, wk{busy: 2, health: 100, models: []string{"b", "c"}}.ann(1), clk.now()) {
+		t.Fatal("an author of b and c (c has room) was refused")
+	}
+	if !tab.upsert(bc, wk{busy: 1, health: 100, models: []string{"b", "c"}}.ann(2), clk.now()) {
+		t.Fatal("an update with the same models was refused")
+	}
+	if _, ok := tab.Get(bc); !ok || kept("b") != 3 {
+		t.Fatalf("after its update: kept %v, %d of b; want kept, 3", ok, kept("b"))
+	}
+}

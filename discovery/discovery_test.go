@@ -105,7 +105,12 @@ func waitEvent(t *testing.T, ch <-chan Event, what string, match func(Event) boo
 // that a publish reaches it.
 func waitTopicPeer(t *testing.T, ps *pubsub.PubSub, p peer.ID) {
 	t.Helper()
-	topic := protocol.AnnounceTopic(testSwarm)
+	waitTopicPeerOn(t, ps, p, protocol.AnnounceTopic(testSwarm))
+}
+
+// waitTopicPeerOn waits until p is a peer of ps on topic.
+func waitTopicPeerOn(t *testing.T, ps *pubsub.PubSub, p peer.ID, topic string) {
+	t.Helper()
 	deadline := time.Now().Add(waitLimit)
 	for !slices.Contains(ps.ListPeers(topic), p) {
 		if time.Now().After(deadline) {

@@ -169,6 +169,80 @@ func TestHostileSybilFloodBounded(t *testing.T) {
 	t.Logf("%d fake announcements sent; victim table %d visible, %d quarantined", sent, victim.Table().Len(), victim.Table().Quarantined())
 }
 
+// Hostile peers on the wire, against the per-model bound of a node
+// without the swarm view: each is taken for a model with room, then
+// announces a model already at its bound instead, freeing its room for
+// the next. The node drops each mover (no room, and it is no better than
+// those kept), so it keeps as many workers of that model as its bound,
+// however many hop over.
+func TestHostileModelHopBounded(t *testing.T) {
+	const bound, hops = 2, 4
+	hv := newHost(t)
+	victim := newDiscovery(t, hv, WithSwarmView(false), WithMaxPerModel(bound), WithWatch("a", "b"))
+	ctx := hostileCtx(t)
+	topicA, topicB := protocol.ModelTopic(testSwarm, "a"), protocol.ModelTopic(testSwarm, "b")
+	kept := func(model string) int {
+		n := 0
+		for _, e := range victim.Table().Snapshot() {
+			if modelEntry(e.Announce, model) != nil {
+				n++
+			}
+		}
+		return n
+	}
+	publish := func(p *hostiletest.Peer, topic *pubsub.Topic, model string) {
+		t.Helper()
+		data, err := proto.Marshal(hostiletest.Announce(model, p.NextSeq(), p.H.Addrs()...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := topic.Publish(ctx, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range bound {
+		holder := hostiletest.NewOn(t, testSwarm, topicB)
+		if err := holder.Connect(ctx, info(hv)); err != nil {
+			t.Fatal(err)
+		}
+		publish(holder, holder.Topic, "b")
+		waitTable(t, victim, "a holder of b taken", func(es []Entry) bool { return has(es, holder.H.ID()) })
+	}
+	for i := range hops {
+		mover := hostiletest.NewOn(t, testSwarm, topicA)
+		if err := mover.Connect(ctx, info(hv)); err != nil {
+			t.Fatal(err)
+		}
+		publish(mover, mover.Topic, "a")
+		waitTable(t, victim, "the mover taken for a", func(es []Entry) bool { return has(es, mover.H.ID()) })
+		tb, err := mover.PS.Join(topicB)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub, err := tb.Subscribe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(sub.Cancel)
+		waitTopicPeerOn(t, mover.PS, hv.ID(), topicB)
+		publish(mover, tb, "b")
+		waitTable(t, victim, "the mover dropped", func(es []Entry) bool { return !has(es, mover.H.ID()) })
+		if n := kept("b"); n != bound {
+			t.Fatalf("hop %d: %d workers of b kept, want the bound %d", i+1, n, bound)
+		}
+	}
+	t.Logf("%d peers hopped from a to b; the node keeps %d of b, %d of a", hops, kept("b"), kept("a"))
+}
+
+func has(es []Entry, p peer.ID) bool {
+	for _, e := range es {
+		if e.Peer == p {
+			return true
+		}
+	}
+	return false
+}
+
 // The IP colocation penalty (P6) is configured, and valid for gossipsub.
 // It cannot be seen on the wire here: gossipsub leaves loopback addresses
 // out of P6, and tests run on loopback.

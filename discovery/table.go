@@ -46,6 +46,10 @@ const (
 	// ReasonReplaced: a clearly better worker of one of its models took
 	// its place under the per-model bound.
 	ReasonReplaced = "replaced"
+	// ReasonNoRoom: it changed its models to ones at the per-model
+	// bound, with no clearly worse worker to replace; a newcomer
+	// announcing them would not be taken either.
+	ReasonNoRoom = "no room"
 )
 
 // Event is a change of the peer table.
@@ -357,6 +361,12 @@ func (t *PeerTable) offer(p peer.ID, a *pb.Announce, recv time.Time, o origin) b
 		}
 		if !e.Self {
 			countModels(t.perModel, e.Announce, -1)
+			if !t.keepsChangedLocked(e, a) {
+				countModels(t.perModel, e.Announce, 1) // as removeLocked expects
+				log.Debugw("kept worker moved to models at their bound; dropped", "peer", p, "max", t.lim.perModel)
+				t.removeLocked(p, ReasonNoRoom)
+				return true
+			}
 			countModels(t.perModel, a, 1)
 		}
 		if a.GetIncarnation() != e.Announce.GetIncarnation() {
@@ -419,7 +429,7 @@ func (t *PeerTable) admitLocked(e Entry, rtt time.Duration) bool {
 			return false
 		}
 		if !t.roomModelLocked(e.Announce, false) {
-			if replace = t.replaceableLocked(e.Announce, rtt, t.now()); replace == "" {
+			if replace = t.replaceableLocked(e.Announce, rtt, t.now(), e.Peer); replace == "" {
 				log.Debugw("enough workers of its models kept, none clearly worse; peer not taken", "peer", e.Peer, "max", t.lim.perModel)
 				return false
 			}
@@ -439,6 +449,43 @@ func (t *PeerTable) admitLocked(e Entry, rtt time.Duration) bool {
 	t.entries[e.Peer] = &e
 	t.indexLocked(e.Peer, e.Announce, true)
 	t.emitLocked(Event{Kind: Join, Peer: e.Peer})
+	return true
+}
+
+// keepsChangedLocked reports whether kept worker e may go on with its
+// new announcement a (e's counts already taken out). A change of the
+// models counted under the bound is judged as a newcomer's announcement
+// would be: room for one of them, or a clearly worse worker to replace
+// (which is removed). Otherwise an author taken for a model with room
+// could move to a model at its bound and free its room for the next:
+// the bound would not hold. Announcements that keep their models are
+// not judged again, so that workers taken in turn do not churn.
+func (t *PeerTable) keepsChangedLocked(e *Entry, a *pb.Announce) bool {
+	if t.lim.perModel <= 0 || t.sameCountedKeysLocked(e.Announce, a) || t.roomModelLocked(a, false) {
+		return true
+	}
+	replace := t.replaceableLocked(a, e.RTT, t.now(), e.Peer)
+	if replace == "" {
+		return false
+	}
+	log.Debugw("kept worker replaced by a clearly better one", "peer", replace, "by", e.Peer)
+	t.removeLocked(replace, ReasonReplaced)
+	return true
+}
+
+// sameCountedKeysLocked reports whether a and b count under the bound for
+// the same keys.
+func (t *PeerTable) sameCountedKeysLocked(a, b *pb.Announce) bool {
+	for k := range boundKeys(a) {
+		if t.countedLocked(k) && !hasKey(b, k) {
+			return false
+		}
+	}
+	for k := range boundKeys(b) {
+		if t.countedLocked(k) && !hasKey(a, k) {
+			return false
+		}
+	}
 	return true
 }
 
@@ -486,8 +533,9 @@ func (t *PeerTable) roomModelLocked(a *pb.Announce, pending bool) bool {
 // is no candidate, nor the only worker of a model. Among them, the one a
 // is clearly better than by the most (protocol.ClearlyBetter on the
 // router's score from what the announcements say) is replaced: the margin
-// keeps near-equal workers from taking turns.
-func (t *PeerTable) replaceableLocked(a *pb.Announce, rtt time.Duration, now time.Time) peer.ID {
+// keeps near-equal workers from taking turns. The author itself (by) is
+// no candidate.
+func (t *PeerTable) replaceableLocked(a *pb.Announce, rtt time.Duration, now time.Time, by peer.ID) peer.ID {
 	if t.lim.perModel <= 0 || a.GetDraining() {
 		return ""
 	}
@@ -497,7 +545,7 @@ func (t *PeerTable) replaceableLocked(a *pb.Announce, rtt time.Duration, now tim
 		m := mi.GetName()
 		for p, e := range t.entries {
 			emi := modelEntry(e.Announce, m)
-			if e.Self || emi == nil || !t.evictableLocked(e.Announce, a) {
+			if e.Self || p == by || emi == nil || !t.evictableLocked(e.Announce, a) {
 				continue
 			}
 			// An RTT counts only when both are known: a newcomer not
@@ -555,7 +603,7 @@ func (t *PeerTable) evictableLocked(old, a *pb.Announce) bool {
 // in quarantine although its models are at their bound: it would replace
 // a kept worker, and one of its models has fewer than the bound waiting.
 func (t *PeerTable) replacePendingLocked(a *pb.Announce, rtt time.Duration) bool {
-	if t.replaceableLocked(a, rtt, t.now()) == "" {
+	if t.replaceableLocked(a, rtt, t.now(), "") == "" {
 		return false
 	}
 	for _, m := range a.GetModels() {
