@@ -255,10 +255,7 @@ func runNode(ctx context.Context, e *env, args []string) error {
 	}
 
 	// GPU telemetry: a machine without NVIDIA's library simply has none.
-	gpus, err := gpu.Open()
-	if err != nil {
-		return fmt.Errorf("GPU telemetry: %w", err)
-	}
+	gpus := gpu.Open()
 	defer gpus.Close()
 
 	// Notices (a backend going down, the join failing) are printed as they

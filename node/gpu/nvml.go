@@ -38,40 +38,39 @@ type Monitor struct {
 }
 
 // Open initialises NVML and lists the GPUs. No NVML library or no NVIDIA
-// driver means no GPU: a Monitor that reports none, and no error. Neither
-// is any other NVML failure (logged, and in the Monitor's String): GPU
-// figures are never a reason for a node not to run. (The error return
-// stays for callers; Open returns none now.)
-func Open(opts ...Option) (*Monitor, error) {
+// driver means no GPU: a Monitor that reports none. So does any other
+// NVML failure (logged, and in the Monitor's String): GPU figures are
+// never a reason for a node not to run.
+func Open(opts ...Option) *Monitor {
 	return open(nvml.New(), newConfig(opts))
 }
 
-func open(lib nvmlLib, cfg config) (*Monitor, error) {
+func open(lib nvmlLib, cfg config) *Monitor {
 	m := &Monitor{cfg: cfg}
 	switch ret := lib.Init(); ret {
 	case nvml.SUCCESS:
 	case nvml.ERROR_LIBRARY_NOT_FOUND:
 		m.reason = "NVML library not found"
-		return m, nil
+		return m
 	case nvml.ERROR_DRIVER_NOT_LOADED:
 		// The library is installed (a package dependency) but no driver
 		// runs: the same situation for a volunteer as no GPU at all.
 		m.reason = "NVIDIA driver not loaded"
-		return m, nil
+		return m
 	default:
 		// A driver and library of different versions (after an update,
 		// before a reboot), no permission in a container: the node runs
 		// without GPU figures, and says why.
 		m.reason = "NVML unusable: " + ret.Error()
 		log.Warnw("GPU telemetry off", "err", ret.Error())
-		return m, nil
+		return m
 	}
 	n, ret := lib.DeviceGetCount()
 	if ret != nvml.SUCCESS {
 		lib.Shutdown()
 		m.reason = "NVML unusable: " + ret.Error()
 		log.Warnw("GPU telemetry off", "err", ret.Error())
-		return m, nil
+		return m
 	}
 	for i := 0; i < n; i++ {
 		h, ret := lib.DeviceGetHandleByIndex(i)
@@ -93,10 +92,10 @@ func open(lib nvmlLib, cfg config) (*Monitor, error) {
 	if len(m.devices) == 0 {
 		lib.Shutdown()
 		m.reason = "no NVIDIA GPU found"
-		return m, nil
+		return m
 	}
 	m.lib = lib
-	return m, nil
+	return m
 }
 
 // Available reports whether any GPU can be read.

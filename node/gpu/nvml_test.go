@@ -13,17 +13,14 @@ import (
 
 // TestRealNVML runs against whatever this machine has. Without an NVIDIA
 // driver (the normal case here) NVML reports ERROR_LIBRARY_NOT_FOUND and Open
-// yields a no-GPU monitor without error; with one, the GPUs are read.
+// yields a no-GPU monitor; with one, the GPUs are read.
 func TestRealNVML(t *testing.T) {
 	lib := nvml.New()
 	ret := lib.Init()
 	if ret == nvml.SUCCESS {
 		lib.Shutdown()
 	}
-	m, err := Open()
-	if err != nil {
-		t.Fatalf("Open: %v (nvml.Init: %v)", err, ret)
-	}
+	m := Open()
 	defer m.Close()
 	t.Logf("nvml.Init: %v; monitor: %s", ret, m)
 	switch ret {
@@ -126,10 +123,7 @@ func TestOpenOutcomes(t *testing.T) {
 				gpus = append(gpus, &fakeGPU{name: "NVIDIA H100 80GB HBM3"})
 			}
 			lib, _ := fakeNVML(tc.init, gpus...)
-			m, err := open(lib, newConfig(nil))
-			if err != nil {
-				t.Fatal(err)
-			}
+			m := open(lib, newConfig(nil))
 			if m.Available() != tc.available || !strings.Contains(m.String(), tc.says) {
 				t.Fatalf("available %v, %q", m.Available(), m.String())
 			}
@@ -147,10 +141,7 @@ func TestSnapshotAndEnergy(t *testing.T) {
 	clock := &fakeClock{t: time.Unix(1000, 0)}
 	cfg := newConfig([]Option{WithRefresh(5 * time.Second)})
 	cfg.now = clock.now
-	m, err := open(lib, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := open(lib, cfg)
 	want := []Info{
 		{Index: 0, Name: "NVIDIA H100 80GB HBM3", UUID: "GPU-aaaa", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 180500},
 		{Index: 1, Name: "NVIDIA L4", UUID: "GPU-bbbb", VRAMTotal: 24 << 30, VRAMFree: 24 << 30, UtilPercent: 0, PowerMW: 16000},
@@ -219,10 +210,7 @@ func TestSnapshotAndEnergy(t *testing.T) {
 func TestMeterOverMonitor(t *testing.T) {
 	g := &fakeGPU{name: "NVIDIA H100 80GB HBM3", energy: 50_000}
 	lib, _ := fakeNVML(nvml.SUCCESS, g)
-	m, err := open(lib, newConfig(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := open(lib, newConfig(nil))
 	defer m.Close()
 	meter := NewMeter(m.EnergyMJ)
 	tok := meter.Begin()
