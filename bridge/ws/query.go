@@ -74,7 +74,7 @@ func (c *conn) start(spec jobSpec) {
 	if id == "" {
 		id = newQueryID()
 	}
-	if c.s.Draining() {
+	if !c.s.beginQuery() {
 		m := busyMsg("the bridge is shutting down; try again on another", id, c.s.cfg.retryAfter)
 		m.Code = "UNAVAILABLE"
 		c.send(m)
@@ -86,12 +86,14 @@ func (c *conn) start(spec jobSpec) {
 	if _, dup := c.queries[id]; dup {
 		c.mu.Unlock()
 		cancel()
+		c.s.endQuery()
 		c.sendError("BAD_REQUEST", fmt.Sprintf("query %q is already running", id), id)
 		return
 	}
 	if len(c.queries) >= 2*c.s.cfg.maxQueries {
 		c.mu.Unlock()
 		cancel()
+		c.s.endQuery()
 		c.send(busyMsg(fmt.Sprintf("too many queries on this connection (limit %d running, %d waiting)", c.s.cfg.maxQueries, c.s.cfg.maxQueries), id, c.s.cfg.retryAfter))
 		return
 	}
@@ -104,6 +106,7 @@ func (c *conn) start(spec jobSpec) {
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
+		defer c.s.endQuery() // after the answer is queued: Drain waits for it too
 		defer cancel()
 		jr := &jobRun{c: c, id: id, workers: workers}
 		out, err := c.runJob(ctx, jr, spec)

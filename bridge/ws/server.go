@@ -36,7 +36,11 @@ type Server struct {
 	mu       sync.Mutex
 	conns    map[*conn]struct{}
 	closed   bool
-	draining bool               // new queries are refused: the server is stopping
+	draining bool // new queries are refused: the server is stopping
+	// active counts the queries begun and not yet answered, over all
+	// connections; idle, made by Drain, is closed when it reaches 0.
+	active   int
+	idle     chan struct{}
 	stopPoll context.CancelFunc // running model poller, nil when no client
 	lastSig  string
 	// highWater is the most connections open since the last collection a
@@ -71,38 +75,45 @@ func (s *Server) Connections() int {
 // a stopping bridge gives its queries, which http.Server.Shutdown does not
 // give hijacked connections. Close then disconnects the clients.
 func (s *Server) Drain(ctx context.Context) {
-	conns := s.stopping(&s.draining)
-	t := time.NewTicker(50 * time.Millisecond)
-	defer t.Stop()
-	for {
-		busy := false
-		for _, c := range conns {
-			c.mu.Lock()
-			busy = busy || len(c.queries) > 0
-			c.mu.Unlock()
-		}
-		if !busy {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	s.mu.Lock()
+	s.draining = true
+	if s.active == 0 {
+		s.mu.Unlock()
+		return
+	}
+	if s.idle == nil {
+		s.idle = make(chan struct{})
+	}
+	idle := s.idle
+	s.mu.Unlock()
+	select {
+	case <-idle:
+	case <-ctx.Done():
 	}
 }
 
-// stopping sets flag (draining, closed) and returns the connections open
-// then, under one lock: none can join unseen.
-func (s *Server) stopping(flag *bool) []*conn {
+// beginQuery counts a query in, unless the server is draining: then it
+// is to be refused. The check and the count are one step, so that Drain
+// cannot miss a query that passed the check.
+func (s *Server) beginQuery() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	*flag = true
-	conns := make([]*conn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
+	if s.draining {
+		return false
 	}
-	return conns
+	s.active++
+	return true
+}
+
+// endQuery counts a query out (answered or refused), and wakes Drain at
+// the last.
+func (s *Server) endQuery() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.active--; s.active == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
 }
 
 // Draining reports whether Drain has begun: new queries are refused.
@@ -116,7 +127,14 @@ func (s *Server) Draining() bool {
 // ones. Hijacked connections outlive http.Server.Shutdown, so the bridge
 // calls this when it stops.
 func (s *Server) Close() error {
-	for _, c := range s.stopping(&s.closed) {
+	s.mu.Lock()
+	s.closed = true
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
 		c.shutdown(websocket.StatusGoingAway, "server shutting down")
 	}
 	return nil

@@ -1021,3 +1021,55 @@ func TestSpeechInPieces(t *testing.T) {
 		t.Fatalf("got %v (audio %q, %v), want AAAABBBB as audio/mpeg", res, audio, err)
 	}
 }
+
+// Drain waits for the queries of every connection, and for their answers
+// to be sent, refusing new ones meanwhile as UNAVAILABLE (on any
+// connection, also one opened since); it returns when the last one ends.
+func TestDrainWaitsForEveryQuery(t *testing.T) {
+	sw, err := wstest.New(wstest.WithBackend(demo.New("slow", demo.WithDelay(50*time.Millisecond))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, sw)
+	long := strings.Repeat("word ", 400) // 20 s at the backend's pace
+	clients := []*client{h.mustDial(), h.mustDial()}
+	for i, c := range clients {
+		c.hello()
+		c.send(msg{"type": "submit_query", "query_id": fmt.Sprint("q", i), "query": msg{"prompt": long, "query_type": "chat", "model_name": "demo"}})
+		c.until("query_chunk")
+	}
+	drained := make(chan struct{})
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*waitLimit)
+		defer cancel()
+		h.srv.Drain(ctx)
+		close(drained)
+	}()
+	for !h.srv.Draining() {
+		time.Sleep(time.Millisecond)
+	}
+	late := h.mustDial()
+	late.hello()
+	late.send(msg{"type": "submit_query", "query_id": "late", "query": msg{"prompt": "hi", "query_type": "chat", "model_name": "demo"}})
+	if e, _ := late.until("error"); e.str("code") != "UNAVAILABLE" {
+		t.Fatalf("a query sent while draining: %v, want UNAVAILABLE", e)
+	}
+	for i, c := range clients {
+		c.send(msg{"type": "cancel", "query_id": fmt.Sprint("q", i)})
+		if e, _ := c.until("error"); e.str("code") != "CANCELLED" {
+			t.Fatalf("q%d: %v, want CANCELLED", i, e)
+		}
+		if i == 0 {
+			select {
+			case <-drained:
+				t.Fatal("Drain returned while a query of another connection was running")
+			default:
+			}
+		}
+	}
+	select {
+	case <-drained:
+	case <-time.After(waitLimit):
+		t.Fatal("Drain did not return after the last query ended")
+	}
+}
