@@ -779,6 +779,7 @@ func TestOllamaAPIRefusalsInOllamasShape(t *testing.T) {
 	}{
 		{"no key", "/api/chat", `{}`, nil, http.StatusUnauthorized},
 		{"too large", "/api/chat", strings.Repeat(" ", 200), map[string]string{"Authorization": "Bearer k"}, http.StatusRequestEntityTooLarge},
+		{"foreign origin", "/api/chat", `{}`, map[string]string{"Authorization": "Bearer k", "Origin": "https://elsewhere.example"}, http.StatusForbidden},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for _, prefix := range []string{"ollama", "openai"} {

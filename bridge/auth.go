@@ -78,10 +78,10 @@ func (ks *keySet) check(r *http.Request, extra ...string) *apiError {
 
 // wrap requires a valid key on every request but CORS preflights, which
 // browsers send without credentials.
-func (ks *keySet) wrap(next http.Handler) http.Handler {
+func (ks *keySet) wrap(next http.Handler, fail errorWriter) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if err := ks.check(r); err != nil {
-			writeErrorFor(w, r, err)
+			fail(w, err)
 			return
 		}
 		next.ServeHTTP(w, r)
@@ -127,7 +127,7 @@ func (p *corsPolicy) allowed(origin string) bool {
 // Headers a browser script may read from a cross-origin response.
 const exposedHeaders = "X-Mtor-Peer, Retry-After, Retry-After-Ms"
 
-func (p *corsPolicy) wrap(next http.Handler) http.Handler {
+func (p *corsPolicy) wrap(next http.Handler, fail errorWriter) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		origin := r.Header.Get("Origin")
 		h := w.Header()
@@ -138,7 +138,7 @@ func (p *corsPolicy) wrap(next http.Handler) http.Handler {
 			return
 		}
 		if !p.allowed(origin) && !p.sameOrigin(origin, r) {
-			writeErrorFor(w, r, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "origin_not_allowed",
+			fail(w, &apiError{Status: http.StatusForbidden, Type: typeInvalidRequest, Code: "origin_not_allowed",
 				Message: "Origin " + origin + " is not allowed by this bridge's CORS policy."})
 			return
 		}

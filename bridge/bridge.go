@@ -215,8 +215,8 @@ func (s *Server) routes(mux *http.ServeMux) {
 	v1.HandleFunc("POST /v1/audio/speech", s.handleSpeech)
 	v1.HandleFunc("GET /v1/usage", s.handleUsage)
 	v1.HandleFunc("/v1/", s.handleUnknown)
-	mux.Handle("/v1/", s.api(withPreference(v1)))
-	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm)))
+	mux.Handle("/v1/", s.api(withPreference(v1), writeError))
+	mux.Handle("/api/swarm", s.cors.wrap(http.HandlerFunc(s.handleSwarm), writeError))
 	s.mountOllama(mux)
 	mux.HandleFunc("/healthz", s.handleHealth)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
@@ -306,7 +306,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // api wraps an API's handler (OpenAI's, Ollama's) in what every API of the
 // bridge shares: CORS, API keys, the body budget, and the client's identity
-// for the queue.
-func (s *Server) api(h http.Handler) http.Handler {
-	return s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, s.withClient(h))))
+// for the queue. What they refuse is written by fail, in that API's shape.
+func (s *Server) api(h http.Handler, fail errorWriter) http.Handler {
+	return s.cors.wrap(s.keys.wrap(s.bodies.wrap(s.cfg.maxBody, s.withClient(h), fail), fail), fail)
 }

@@ -53,11 +53,11 @@ func declaredTooLarge(n, max int64) *apiError {
 // Content-Length over max gets 413 at once, unread; any other body gets a
 // reservation in its context for readAll to grow, given back when next
 // returns.
-func (b *bodyBudget) wrap(max int64, next http.Handler) http.Handler {
+func (b *bodyBudget) wrap(max int64, next http.Handler, fail errorWriter) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch n := r.ContentLength; {
 		case n > max:
-			writeErrorFor(w, r, declaredTooLarge(n, max))
+			fail(w, declaredTooLarge(n, max))
 		case n == 0 || r.Body == nil || r.Body == http.NoBody:
 			next.ServeHTTP(w, r)
 		default:

@@ -126,10 +126,14 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: msg}
 }
 
-// writeError sends e in OpenAI's shape.
+// errorWriter writes an error in one API's shape: writeError (OpenAI's,
+// and mtor's own) or ollamaError.
+type errorWriter func(http.ResponseWriter, *apiError)
+
 // writeErrorFor writes e in the shape of the API r asked for: the Ollama
 // API's {"error": "..."} under /api/ (but /api/swarm, mtor's own),
-// OpenAI's elsewhere. For what the handlers' shared wrappers refuse.
+// OpenAI's elsewhere. For the host check, which guards every path before
+// any API's own wrappers (Server.api) are reached.
 func writeErrorFor(w http.ResponseWriter, r *http.Request, e *apiError) {
 	if strings.HasPrefix(r.URL.Path, "/api/") && r.URL.Path != "/api/swarm" {
 		ollamaError(w, e)
@@ -138,6 +142,7 @@ func writeErrorFor(w http.ResponseWriter, r *http.Request, e *apiError) {
 	writeError(w, e)
 }
 
+// writeError sends e in OpenAI's shape.
 func writeError(w http.ResponseWriter, e *apiError) {
 	h := w.Header()
 	if e.RetryAfter > 0 {

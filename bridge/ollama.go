@@ -37,7 +37,7 @@ func (s *Server) mountOllama(mux *http.ServeMux) {
 	api.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
 		ollamaError(w, &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("%s %s is not served by an mtor bridge", r.Method, r.URL.Path)})
 	})
-	mux.Handle("/api/", s.api(api))
+	mux.Handle("/api/", s.api(api, ollamaError))
 }
 
 // ollamaError writes Ollama's error shape: {"error": "..."}.
