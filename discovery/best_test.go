@@ -324,7 +324,8 @@ func TestBoundCountsWatchedModelsOnly(t *testing.T) {
 	clk := &manualClock{t: time.Unix(1_700_000_000, 0)}
 	tab := newPeerTable(testPeerID(t), 1000, clk.now)
 	tab.lim.perModel = 4
-	tab.watched = func(m string) bool { return m == "a" }
+	tab.watchOnly = true
+	tab.setWatched("a", true)
 	honest := wk{health: 100, models: []string{"a"}}
 	if !tab.upsert(testPeerID(t), honest.ann(1), clk.now()) {
 		t.Fatal("the first worker of a not taken")

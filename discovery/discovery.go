@@ -104,7 +104,7 @@ func New(ctx context.Context, h host.Host, opts ...Option) (*Discovery, error) {
 		d.table.allow = func(p peer.ID, a *pb.Announce) bool { return rolesGranted(cfg.members, p, a) }
 	}
 	if !cfg.swarmView {
-		d.table.watched = func(model string) bool { _, ok := d.topics.watched.Load(model); return ok }
+		d.table.watchOnly = true
 	}
 	d.val.every, d.val.burst = cfg.announceEvery, float64(cfg.announceBurst)
 	d.val.keep = func(author, from peer.ID, a *pb.Announce) bool {

@@ -175,14 +175,16 @@ type PeerTable struct {
 	// allow, when set, says whether an admitted author may announce a
 	// (a closed swarm's roles); nil allows everything.
 	allow func(peer.ID, *pb.Announce) bool
-	// watched, when set (a node without the swarm view), says which
-	// models the per-model bound counts: those this node reads. A model
-	// it does not (a name any announcement may make up, always with room)
-	// neither gets an author in nor keeps one from being replaced.
-	watched func(model string) bool
-	subs    map[*subscriber]struct{}
-	full    bool // logged that the table is full; reset when it has room
-	closed  bool
+	// watchOnly (a node without the swarm view): the per-model bound
+	// counts only the models in watched, those whose topics this node
+	// reads (the topics tell it: setWatched). A model it does not read (a
+	// name any announcement may make up, always with room) neither gets
+	// an author in nor keeps one from being replaced.
+	watchOnly bool
+	watched   map[string]struct{}
+	subs      map[*subscriber]struct{}
+	full      bool // logged that the table is full; reset when it has room
+	closed    bool
 }
 
 func newPeerTable(self peer.ID, max int, now func() time.Time) *PeerTable {
@@ -196,6 +198,7 @@ func newPeerTable(self peer.ID, max int, now func() time.Time) *PeerTable {
 		lim:      defaultLimits(),
 		wake:     make(chan struct{}, 1),
 		entries:  make(map[peer.ID]*Entry),
+		watched:  make(map[string]struct{}),
 		pending:  make(map[peer.ID]*pendingEntry),
 		perVia:   make(map[peer.ID]int),
 		perViaIP: make(map[string]int),
@@ -682,7 +685,22 @@ func boundKeys(a *pb.Announce) iter.Seq[string] {
 // countedLocked reports whether the per-model bound counts key: the relay
 // role always, a model when this node watches it (or watches every one).
 func (t *PeerTable) countedLocked(key string) bool {
-	return key == relayKey || t.watched == nil || t.watched(key)
+	if key == relayKey || !t.watchOnly {
+		return true
+	}
+	_, ok := t.watched[key]
+	return ok
+}
+
+// setWatched records whether this node reads model's topic now.
+func (t *PeerTable) setWatched(model string, on bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if on {
+		t.watched[model] = struct{}{}
+	} else {
+		delete(t.watched, model)
+	}
 }
 
 // hasKey reports whether k is one of a's bound keys.

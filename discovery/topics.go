@@ -59,22 +59,15 @@ type modelTopic struct {
 type topicSet struct {
 	mu     sync.Mutex
 	models map[string]*modelTopic
-	// watched holds the models whose topics are read now (sub set), for
-	// the table's per-model bound, which reads it under its own lock.
-	watched sync.Map // model -> struct{}
 }
 
-// setSubLocked sets mt's subscription (nil: none) and what the table
-// counts as watched.
+// setSubLocked sets mt's subscription (nil: none), and tells the table
+// which models its per-model bound counts. (Lock order: the topics' lock,
+// then the table's; the table never calls back.)
 func (d *Discovery) setSubLocked(key string, mt *modelTopic, sub *pubsub.Subscription) {
 	mt.sub = sub
-	if key == relayTopicKey {
-		return
-	}
-	if sub != nil {
-		d.topics.watched.Store(key, struct{}{})
-	} else {
-		d.topics.watched.Delete(key)
+	if key != relayTopicKey {
+		d.table.setWatched(key, sub != nil)
 	}
 }
 
