@@ -22,16 +22,18 @@ import (
 // routers count as busy (docs/protocol.md), never a plain reset, which
 // they count as a dead worker.
 func TestRefusalAtResourceLimitIsBusy(t *testing.T) {
+	for _, tr := range transports {
+		t.Run(tr.name, func(t *testing.T) { testRefusalAtResourceLimitIsBusy(t, tr.listen) })
+	}
+}
+
+func testRefusalAtResourceLimitIsBusy(t *testing.T, listen string) {
 	limits := rcmgr.PartialLimitConfig{Stream: rcmgr.ResourceLimits{Memory: 16 << 10}}.Build(rcmgr.DefaultLimits.AutoScale())
 	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits))
 	if err != nil {
 		t.Fatal(err)
 	}
-	wh, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ResourceManager(rm))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { wh.Close() })
+	wh := hostOn(t, listen, libp2p.ResourceManager(rm))
 	w := newWorker(t, demo.New("w"))
 	wh.SetStreamHandler("/mtor/test/query", w.HandleStream)
 	ch := loopbackHost(t)

@@ -19,7 +19,20 @@ import (
 
 func loopbackHost(t *testing.T) host.Host {
 	t.Helper()
-	h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"))
+	return hostOn(t, "/ip4/127.0.0.1/tcp/0")
+}
+
+// transports are the default transports, for the tests that run over
+// each: a worker host listening on one of them is reached over it.
+var transports = []struct{ name, listen string }{
+	{"tcp", "/ip4/127.0.0.1/tcp/0"},
+	{"quic", "/ip4/127.0.0.1/udp/0/quic-v1"},
+}
+
+// hostOn is a host listening on listen, closed with the test.
+func hostOn(t *testing.T, listen string, opts ...libp2p.Option) host.Host {
+	t.Helper()
+	h, err := libp2p.New(append([]libp2p.Option{libp2p.ListenAddrStrings(listen)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

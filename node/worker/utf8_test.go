@@ -54,63 +54,67 @@ func TestBackendBytesNotUTF8(t *testing.T) {
 		name string
 		fail bool
 	}{{"answer", false}, {"backend error", true}} {
-		t.Run(tc.name, func(t *testing.T) {
-			wh, ch := loopbackHost(t), loopbackHost(t)
-			w := newWorker(t, &rawBytes{fail: tc.fail})
-			wh.SetStreamHandler("/mtor/test/query", w.HandleStream)
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			if err := ch.Connect(ctx, peer.AddrInfo{ID: wh.ID(), Addrs: wh.Addrs()}); err != nil {
-				t.Fatal(err)
-			}
-			s, err := ch.NewStream(ctx, wh.ID(), "/mtor/test/query")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
-			if err := protocol.WriteFrame(s, req("hi")); err != nil {
-				t.Fatal(err)
-			}
-			_ = s.CloseWrite()
-			fr := protocol.NewFrameReader(s, protocol.MaxEventFrame)
-			var text, args strings.Builder
-			var last *pb.Event
-			for last == nil {
-				var ev pb.Event
-				if err := fr.Read(&ev); err != nil {
-					t.Fatalf("read: %v (the stream must end in a terminal event)", err)
+		for _, tr := range transports {
+			t.Run(tc.name+"/"+tr.name, func(t *testing.T) { testBackendBytesNotUTF8(t, tr.listen, tc.fail) })
+		}
+	}
+}
+
+func testBackendBytesNotUTF8(t *testing.T, listen string, fail bool) {
+	wh, ch := hostOn(t, listen), loopbackHost(t)
+	w := newWorker(t, &rawBytes{fail: fail})
+	wh.SetStreamHandler("/mtor/test/query", w.HandleStream)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := ch.Connect(ctx, peer.AddrInfo{ID: wh.ID(), Addrs: wh.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := ch.NewStream(ctx, wh.ID(), "/mtor/test/query")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := protocol.WriteFrame(s, req("hi")); err != nil {
+		t.Fatal(err)
+	}
+	_ = s.CloseWrite()
+	fr := protocol.NewFrameReader(s, protocol.MaxEventFrame)
+	var text, args strings.Builder
+	var last *pb.Event
+	for last == nil {
+		var ev pb.Event
+		if err := fr.Read(&ev); err != nil {
+			t.Fatalf("read: %v (the stream must end in a terminal event)", err)
+		}
+		if err := protocol.ValidateEvent(&ev); err != nil {
+			t.Fatalf("invalid event %v: %v", &ev, err)
+		}
+		switch k := ev.GetKind().(type) {
+		case *pb.Event_Chunk:
+			text.WriteString(k.Chunk.GetText())
+			for _, lp := range k.Chunk.GetLogprobs() {
+				if !strings.Contains(lp.GetToken(), "\uFFFD") {
+					t.Errorf("logprob token %q", lp.GetToken())
 				}
-				if err := protocol.ValidateEvent(&ev); err != nil {
-					t.Fatalf("invalid event %v: %v", &ev, err)
-				}
-				switch k := ev.GetKind().(type) {
-				case *pb.Event_Chunk:
-					text.WriteString(k.Chunk.GetText())
-					for _, lp := range k.Chunk.GetLogprobs() {
-						if !strings.Contains(lp.GetToken(), "\uFFFD") {
-							t.Errorf("logprob token %q", lp.GetToken())
-						}
-					}
-				case *pb.Event_ToolCall:
-					args.WriteString(k.ToolCall.GetArguments())
-				case *pb.Event_Done, *pb.Event_Error:
-					last = &ev
-				}
 			}
-			if want := strings.Repeat(strings.ToValidUTF8(notUTF8, "\uFFFD"), 2); text.String() != want {
-				t.Errorf("text %q, want %q", text.String(), want)
-			}
-			if !strings.Contains(args.String(), "caf\uFFFD") {
-				t.Errorf("tool call arguments %q", args.String())
-			}
-			if tc.fail {
-				e := last.GetError()
-				if e.GetCode() != protocol.CodeBackendError || !strings.Contains(e.GetMessage(), "said caf\uFFFD") {
-					t.Fatalf("terminal event %v, want BACKEND_ERROR with the message", last)
-				}
-			} else if last.GetDone() == nil {
-				t.Fatalf("terminal event %v, want Done", last)
-			}
-		})
+		case *pb.Event_ToolCall:
+			args.WriteString(k.ToolCall.GetArguments())
+		case *pb.Event_Done, *pb.Event_Error:
+			last = &ev
+		}
+	}
+	if want := strings.Repeat(strings.ToValidUTF8(notUTF8, "\uFFFD"), 2); text.String() != want {
+		t.Errorf("text %q, want %q", text.String(), want)
+	}
+	if !strings.Contains(args.String(), "caf\uFFFD") {
+		t.Errorf("tool call arguments %q", args.String())
+	}
+	if fail {
+		e := last.GetError()
+		if e.GetCode() != protocol.CodeBackendError || !strings.Contains(e.GetMessage(), "said caf\uFFFD") {
+			t.Fatalf("terminal event %v, want BACKEND_ERROR with the message", last)
+		}
+	} else if last.GetDone() == nil {
+		t.Fatalf("terminal event %v, want Done", last)
 	}
 }
