@@ -29,7 +29,13 @@ const testProto = "/mtor/test/query"
 // demoWorker is a real worker with the demo backend on its own host.
 func demoWorker(t *testing.T, label string, delay time.Duration) host.Host {
 	t.Helper()
-	h := testHost(t)
+	return demoWorkerOn(t, "/ip4/127.0.0.1/tcp/0", label, delay)
+}
+
+// demoWorkerOn is demoWorker listening on listen.
+func demoWorkerOn(t *testing.T, listen, label string, delay time.Duration) host.Host {
+	t.Helper()
+	h := testHostOn(t, listen)
 	w := worker.New([]backend.Backend{demo.New(label, demo.WithDelay(delay))})
 	w.Refresh(context.Background())
 	h.SetStreamHandler(testProto, w.HandleStream)

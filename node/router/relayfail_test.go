@@ -45,10 +45,7 @@ func (t connectedTable) Candidates() []Candidate {
 // still complete over the second relay, continued by the same worker, on
 // TCP and on QUIC.
 func TestRelayKilledMidAnswer(t *testing.T) {
-	for _, tc := range []struct{ name, listen string }{
-		{"tcp", "/ip4/127.0.0.1/tcp/0"},
-		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1"},
-	} {
+	for _, tc := range transports {
 		t.Run(tc.name, func(t *testing.T) {
 			relay := []libp2p.Option{libp2p.EnableRelayService(relayv2.WithInfiniteLimits()), libp2p.ForceReachabilityPublic()}
 			r1, r2 := testHostOn(t, tc.listen, relay...), testHostOn(t, tc.listen, relay...)

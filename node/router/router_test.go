@@ -31,6 +31,13 @@ func testHost(t testing.TB) host.Host {
 	return testHostOn(t, "/ip4/127.0.0.1/tcp/0")
 }
 
+// transports are the default transports, for the tests that run over
+// each.
+var transports = []struct{ name, listen string }{
+	{"tcp", "/ip4/127.0.0.1/tcp/0"},
+	{"quic", "/ip4/127.0.0.1/udp/0/quic-v1"},
+}
+
 // testHostOn is a host listening on listen with opts, closed at the end.
 func testHostOn(t testing.TB, listen string, opts ...libp2p.Option) host.Host {
 	t.Helper()

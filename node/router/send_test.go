@@ -21,10 +21,7 @@ import (
 // for Accepted: the query moves to a live worker, on TCP and on QUIC,
 // rather than wait out its own deadline in the write.
 func TestLargeRequestToAFrozenWorkerMovesOn(t *testing.T) {
-	for _, tc := range []struct{ name, listen string }{
-		{"tcp", "/ip4/127.0.0.1/tcp/0"},
-		{"quic", "/ip4/127.0.0.1/udp/0/quic-v1"},
-	} {
+	for _, tc := range transports {
 		t.Run(tc.name, func(t *testing.T) {
 			frozen := testHostOn(t, tc.listen)
 			hold := make(chan struct{})
@@ -73,7 +70,13 @@ func TestLargeRequestToAFrozenWorkerMovesOn(t *testing.T) {
 // to the worker, no query counted in flight there and its connection
 // unprotected, and the panic goes on to the caller.
 func TestPanickingHandlerLeavesNothing(t *testing.T) {
-	live := demoWorker(t, "live", 200*time.Millisecond)
+	for _, tr := range transports {
+		t.Run(tr.name, func(t *testing.T) { testPanickingHandlerLeavesNothing(t, tr.listen) })
+	}
+}
+
+func testPanickingHandlerLeavesNothing(t *testing.T, listen string) {
+	live := demoWorkerOn(t, listen, "live", 200*time.Millisecond)
 	h := testHost(t)
 	connect(t, h, live)
 	r := New(h, testProto, staticTable{cand(string(live.ID()), 0, 4, 100, 0, demoModel)})
