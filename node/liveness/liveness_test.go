@@ -183,8 +183,15 @@ func TestSuspectKeepsAConnectionOurLimitsBlock(t *testing.T) {
 // TestProbeOverALimitedRelayedConnection: a connection through a relay
 // that limits its circuits (libp2p's default, another swarm's relay) is
 // probed like any other, and found alive, not taken for dead.
+// Over TCP and QUIC to the relay.
 func TestProbeOverALimitedRelayedConnection(t *testing.T) {
-	r := newHost(t, "/ip4/127.0.0.1/tcp/0", libp2p.EnableRelayService(), libp2p.ForceReachabilityPublic())
+	for _, listen := range []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"} {
+		t.Run(listen, func(t *testing.T) { testProbeOverALimitedRelayedConnection(t, listen) })
+	}
+}
+
+func testProbeOverALimitedRelayedConnection(t *testing.T, listen string) {
+	r := newHost(t, listen, libp2p.EnableRelayService(), libp2p.ForceReachabilityPublic())
 	w, err := libp2p.New(libp2p.NoListenAddrs, libp2p.EnableRelay())
 	if err != nil {
 		t.Fatal(err)
@@ -193,7 +200,7 @@ func TestProbeOverALimitedRelayedConnection(t *testing.T) {
 	if _, err := client.Reserve(t.Context(), w, peer.AddrInfo{ID: r.ID(), Addrs: r.Addrs()}); err != nil {
 		t.Fatal(err)
 	}
-	h := newHost(t, "/ip4/127.0.0.1/tcp/0", libp2p.EnableRelay())
+	h := newHost(t, listen, libp2p.EnableRelay())
 	circuit := ma.Join(r.Addrs()[0], ma.StringCast("/p2p/"+r.ID().String()+"/p2p-circuit"))
 	ctx := network.WithAllowLimitedConn(t.Context(), "test")
 	if err := h.Connect(ctx, peer.AddrInfo{ID: w.ID(), Addrs: []ma.Multiaddr{circuit}}); err != nil {
