@@ -60,6 +60,9 @@ type File struct {
 	Path   string
 	Values map[string][]string
 	keys   []string // sorted, for stable errors
+	// floats are the keys a TOML file gave a float (1.10, 2e3): its text
+	// is not kept (1.10 reads as 1.1), so only a float flag may take it.
+	floats map[string]bool
 }
 
 // Load reads and parses path. It checks the syntax only; Apply checks the
@@ -81,13 +84,14 @@ func Load(path string) (*File, error) {
 	if len(data) > MaxSize {
 		return nil, fmt.Errorf("config %s: %w", path, ErrTooLarge)
 	}
-	f := &File{Path: path, Values: map[string][]string{}}
+	f := &File{Path: path, Values: map[string][]string{}, floats: map[string]bool{}}
 	if ext == ".toml" {
 		raw := map[string]any{}
 		if _, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&raw); err != nil {
 			return nil, fmt.Errorf("config %s: %w: %v", path, ErrSyntax, err)
 		}
 		for k, v := range raw {
+			f.floats[k] = hasFloat(v)
 			vals, err := values(v)
 			if err != nil {
 				return nil, &KeyError{Path: path, Key: k, Err: fmt.Errorf("%w: %v", ErrValue, err)}
@@ -165,6 +169,26 @@ func yamlValues(n *yaml.Node) ([]string, error) {
 	return []string{s}, nil
 }
 
+// hasFloat reports whether a decoded TOML value is a float or a list
+// holding one.
+func hasFloat(v any) bool {
+	if l, ok := v.([]any); ok {
+		return slices.ContainsFunc(l, hasFloat)
+	}
+	_, ok := v.(float64)
+	return ok
+}
+
+// isFloatFlag reports whether fl takes a float64.
+func isFloatFlag(fl *flag.Flag) bool {
+	g, ok := fl.Value.(flag.Getter)
+	if !ok {
+		return false
+	}
+	_, ok = g.Get().(float64)
+	return ok
+}
+
 // values turns one decoded value into flag values: a scalar is one value,
 // a list of scalars is several.
 func values(v any) ([]string, error) {
@@ -223,6 +247,11 @@ func (f *File) Apply(fs *flag.FlagSet, set func(name string) bool, reserved ...s
 			if len(vals) != 1 {
 				return &KeyError{Path: f.Path, Key: k, Err: fmt.Errorf("%w: takes one value, not a list", ErrValue)}
 			}
+		}
+		if f.floats[k] && !isFloatFlag(fl) {
+			// A name or address that looks like a number (swarm = 1.10)
+			// would become another one (1.1) without a word.
+			return &KeyError{Path: f.Path, Key: k, Err: fmt.Errorf("%w: %s is a TOML number, whose text is not kept (1.10 reads as 1.1); write it in quotes: %s = \"...\"", ErrValue, strings.Join(vals, ", "), k)}
 		}
 		if set(k) {
 			continue // the command line wins

@@ -22,6 +22,7 @@ type flags struct {
 	relay   bool
 	queue   int
 	grace   time.Duration
+	slack   float64
 }
 
 func newFlags() (*flag.FlagSet, *flags) {
@@ -32,6 +33,7 @@ func newFlags() (*flag.FlagSet, *flags) {
 	fs.BoolVar(&f.relay, "relay", false, "")
 	fs.IntVar(&f.queue, "max-queue", 64, "")
 	fs.DurationVar(&f.grace, "grace", 30*time.Second, "")
+	fs.Float64Var(&f.slack, "slack", 2, "")
 	fs.String("config", "", "")
 	return fs, &f
 }
@@ -46,9 +48,9 @@ func write(t *testing.T, name, body string) string {
 }
 
 func TestApply(t *testing.T) {
-	const toml = "swarm = \"lab\"\nbackend = [\"ollama=http://127.0.0.1:11434\", \"openai=http://127.0.0.1:8000\"]\nrelay = true\nmax-queue = 8\ngrace = \"5s\"\n"
-	const yml = "swarm: lab\nbackend:\n  - ollama=http://127.0.0.1:11434\n  - openai=http://127.0.0.1:8000\nrelay: true\nmax-queue: 8\ngrace: 5s\n"
-	want := flags{swarm: "lab", backend: list{"ollama=http://127.0.0.1:11434", "openai=http://127.0.0.1:8000"}, relay: true, queue: 8, grace: 5 * time.Second}
+	const toml = "swarm = \"lab\"\nbackend = [\"ollama=http://127.0.0.1:11434\", \"openai=http://127.0.0.1:8000\"]\nrelay = true\nmax-queue = 8\ngrace = \"5s\"\nslack = 1.5\n"
+	const yml = "swarm: lab\nbackend:\n  - ollama=http://127.0.0.1:11434\n  - openai=http://127.0.0.1:8000\nrelay: true\nmax-queue: 8\ngrace: 5s\nslack: 1.5\n"
+	want := flags{swarm: "lab", backend: list{"ollama=http://127.0.0.1:11434", "openai=http://127.0.0.1:8000"}, relay: true, queue: 8, grace: 5 * time.Second, slack: 1.5}
 	for _, tc := range []struct{ name, body string }{
 		{"node.toml", toml}, {"node.yaml", yml}, {"node.yml", yml},
 	} {
@@ -64,7 +66,7 @@ func TestApply(t *testing.T) {
 			if err := cf.Apply(fs, func(string) bool { return false }, "config"); err != nil {
 				t.Fatal(err)
 			}
-			if f.swarm != want.swarm || strings.Join(f.backend, " ") != strings.Join(want.backend, " ") || f.relay != want.relay || f.queue != want.queue || f.grace != want.grace {
+			if f.swarm != want.swarm || strings.Join(f.backend, " ") != strings.Join(want.backend, " ") || f.relay != want.relay || f.queue != want.queue || f.grace != want.grace || f.slack != want.slack {
 				t.Fatalf("got %+v, want %+v", *f, want)
 			}
 		})
@@ -103,6 +105,10 @@ func TestErrors(t *testing.T) {
 		{"table", "n.toml", "[swarm]\nname = \"a\"\n", ErrValue, []string{`"swarm"`}},
 		{"bad duration", "n.yaml", "grace: 30\n", ErrValue, []string{`"grace"`}},
 		{"bad bool", "n.toml", "relay = \"maybe\"\n", ErrValue, []string{`"relay"`}},
+		// TOML keeps no float's text: a name that looks like one is
+		// refused, not changed (1.10 would become 1.1).
+		{"float for text", "n.toml", "swarm = 1.10\n", ErrValue, []string{`"swarm"`, "quotes"}},
+		{"float in a list", "n.toml", "backend = [\"a\", 2.50]\n", ErrValue, []string{`"backend"`, "quotes"}},
 		{"syntax", "n.toml", "swarm = \n", ErrSyntax, []string{"n.toml"}},
 		{"yaml syntax", "n.yaml", "swarm: [a\n", ErrSyntax, []string{"n.yaml"}},
 		{"duplicate yaml key", "n.yaml", "swarm: a\nswarm: b\n", ErrSyntax, []string{"n.yaml"}},
