@@ -370,8 +370,16 @@ func TestTopicJoinsOnlyWherePublished(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A reader: of the relay topic and of model-b, both of which w reads.
+	// Connected to w here: finding it through the DHT's first walk would
+	// depend on the bootstrap knowing w already, which a loaded machine
+	// can delay past the walk (then the next one is 10 min away).
 	r := newDiscovery(t, hr, boot, WithSwarmView(false), WithWatch("model-b"))
 	if err := r.WatchRelays(false); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	defer cancel()
+	if err := hr.Connect(ctx, info(hw)); err != nil {
 		t.Fatal(err)
 	}
 	relayTopic, topicB := protocol.RelayTopic(testSwarm), protocol.ModelTopic(testSwarm, "model-b")
@@ -386,6 +394,9 @@ func TestTopicJoinsOnlyWherePublished(t *testing.T) {
 	// Then a follower of model-a, which w publishes on: its join is
 	// reported, and so are those before it on the topics w publishes on.
 	newDiscovery(t, hf, boot, WithSwarmView(false), WithWatch("model-a"))
+	if err := hf.Connect(ctx, info(hw)); err != nil {
+		t.Fatal(err)
+	}
 	seen := func(p peer.ID) int {
 		mu.Lock()
 		defer mu.Unlock()
