@@ -246,6 +246,22 @@ func (c *conn) enqueue(b []byte, wait bool) bool {
 	return true
 }
 
+// flushed waits until everything queued for the client is written, the
+// connection ends, or ctx does.
+func (c *conn) flushed(ctx context.Context) {
+	stop := context.AfterFunc(ctx, func() {
+		c.qmu.Lock()
+		c.room.Broadcast()
+		c.qmu.Unlock()
+	})
+	defer stop()
+	c.qmu.Lock()
+	defer c.qmu.Unlock()
+	for c.queued > 0 && c.ctx.Err() == nil && ctx.Err() == nil {
+		c.room.Wait()
+	}
+}
+
 // writeOut writes the queued messages in order and ends when the queue is
 // empty (enqueue starts it again) or the connection is done.
 func (c *conn) writeOut() {

@@ -71,24 +71,37 @@ func (s *Server) Connections() int {
 }
 
 // Drain refuses new queries (UNAVAILABLE, with a retry hint) and waits
-// until the queries the clients have running end, or ctx does: the grace
-// a stopping bridge gives its queries, which http.Server.Shutdown does not
-// give hijacked connections. Close then disconnects the clients.
+// until the queries the clients have running end and their answers are
+// written out, or ctx ends: the grace a stopping bridge gives its
+// queries, which http.Server.Shutdown does not give hijacked
+// connections. Close then disconnects the clients.
 func (s *Server) Drain(ctx context.Context) {
 	s.mu.Lock()
 	s.draining = true
-	if s.active == 0 {
-		s.mu.Unlock()
-		return
+	var idle chan struct{}
+	if s.active > 0 {
+		if s.idle == nil {
+			s.idle = make(chan struct{})
+		}
+		idle = s.idle
 	}
-	if s.idle == nil {
-		s.idle = make(chan struct{})
-	}
-	idle := s.idle
 	s.mu.Unlock()
-	select {
-	case <-idle:
-	case <-ctx.Done():
+	if idle != nil {
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			return
+		}
+	}
+	// The answers are queued; Close would drop what is not yet written.
+	s.mu.Lock()
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.flushed(ctx)
 	}
 }
 
