@@ -7,6 +7,7 @@ import (
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 )
 
@@ -130,4 +131,38 @@ func TestConnectionsBeforeAttachCount(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "the owner's node admits a peer connected before it attached", func() bool { return a.IsMember(hb.ID()) })
+}
+
+// A handshake asked for while one with the same peer runs (a new
+// connection, the old one closing under it) runs after it, rather than
+// being dropped: the running one's verdict may come after its connection
+// closed, and is then not kept.
+func TestHandshakeAskedForWhileOneRunsRunsAgain(t *testing.T) {
+	o := newOwner(t, "team")
+	a, ha := attached(t, o, "/ip4/127.0.0.1/tcp/0", true)
+	hb := newHost(t, "/ip4/127.0.0.1/tcp/0")
+	calls := make(chan struct{}, 4)
+	release := make(chan struct{})
+	hb.SetStreamHandler(ProtocolID, func(s network.Stream) {
+		calls <- struct{}{}
+		<-release
+		_ = s.Reset()
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := ha.Connect(ctx, peer.AddrInfo{ID: hb.ID(), Addrs: hb.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-calls:
+	case <-ctx.Done():
+		t.Fatal("no handshake on connect")
+	}
+	a.startHandshake(hb.ID())
+	close(release)
+	select {
+	case <-calls:
+	case <-ctx.Done():
+		t.Fatal("the handshake asked for while one ran never ran")
+	}
 }

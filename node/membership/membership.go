@@ -71,6 +71,8 @@ type Membership struct {
 	h        host.Host
 	ctx      context.Context
 	onNotice func(warning bool, text string)
+	// inflight holds the peers a handshake runs with; true when another
+	// was asked for meanwhile (a new connection), to run when it ends.
 	inflight map[peer.ID]bool
 	gossip   *gossip
 }

@@ -116,24 +116,37 @@ func (m *Membership) hello() (Hello, bool) {
 }
 
 // startHandshake runs the handshake with p in the background, once at a
-// time per peer.
+// time per peer. Asked for while one runs, it runs again after: the one
+// running may be on a connection that has just closed, its verdict then
+// not kept, while p is connected again.
 func (m *Membership) startHandshake(p peer.ID) {
 	m.mu.Lock()
-	if m.h == nil || p == m.h.ID() || m.inflight[p] || m.revPeers[p].Encoded != "" {
+	if m.h == nil || p == m.h.ID() || m.revPeers[p].Encoded != "" {
 		m.mu.Unlock()
 		return
 	}
-	m.inflight[p] = true
+	if _, running := m.inflight[p]; running {
+		m.inflight[p] = true
+		m.mu.Unlock()
+		return
+	}
+	m.inflight[p] = false
 	ctx := m.ctx
 	m.mu.Unlock()
 	go func() {
-		defer func() {
+		for {
+			if err := m.Handshake(ctx, p); err != nil {
+				log.Debugw("membership handshake", "peer", p, "err", err)
+			}
 			m.mu.Lock()
-			delete(m.inflight, p)
+			again := m.inflight[p] && ctx.Err() == nil && m.revPeers[p].Encoded == ""
+			if !again {
+				delete(m.inflight, p)
+				m.mu.Unlock()
+				return
+			}
+			m.inflight[p] = false
 			m.mu.Unlock()
-		}()
-		if err := m.Handshake(ctx, p); err != nil {
-			log.Debugw("membership handshake", "peer", p, "err", err)
 		}
 	}()
 }
