@@ -60,9 +60,10 @@ type File struct {
 	Path   string
 	Values map[string][]string
 	keys   []string // sorted, for stable errors
-	// floats are the keys a TOML file gave a float (1.10, 2e3): its text
-	// is not kept (1.10 reads as 1.1), so only a float flag may take it.
-	floats map[string]bool
+	// numbers are the keys a TOML file gave a number: its text is not
+	// kept (1.10 reads as 1.1, 0x10 as 16, 1_000 as 1000), so only a flag
+	// that takes a number (or a bool, a duration) may take it.
+	numbers map[string]bool
 }
 
 // Load reads and parses path. It checks the syntax only; Apply checks the
@@ -84,14 +85,14 @@ func Load(path string) (*File, error) {
 	if len(data) > MaxSize {
 		return nil, fmt.Errorf("config %s: %w", path, ErrTooLarge)
 	}
-	f := &File{Path: path, Values: map[string][]string{}, floats: map[string]bool{}}
+	f := &File{Path: path, Values: map[string][]string{}, numbers: map[string]bool{}}
 	if ext == ".toml" {
 		raw := map[string]any{}
 		if _, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&raw); err != nil {
 			return nil, fmt.Errorf("config %s: %w: %v", path, ErrSyntax, err)
 		}
 		for k, v := range raw {
-			f.floats[k] = hasFloat(v)
+			f.numbers[k] = hasNumber(v)
 			vals, err := values(v)
 			if err != nil {
 				return nil, &KeyError{Path: path, Key: k, Err: fmt.Errorf("%w: %v", ErrValue, err)}
@@ -169,23 +170,26 @@ func yamlValues(n *yaml.Node) ([]string, error) {
 	return []string{s}, nil
 }
 
-// hasFloat reports whether a decoded TOML value is a float or a list
+// hasNumber reports whether a decoded TOML value is a number or a list
 // holding one.
-func hasFloat(v any) bool {
-	if l, ok := v.([]any); ok {
-		return slices.ContainsFunc(l, hasFloat)
+func hasNumber(v any) bool {
+	switch x := v.(type) {
+	case []any:
+		return slices.ContainsFunc(x, hasNumber)
+	case int64, float64:
+		return true
 	}
-	_, ok := v.(float64)
-	return ok
+	return false
 }
 
-// isFloatFlag reports whether fl takes a float64.
-func isFloatFlag(fl *flag.Flag) bool {
+// takesText reports whether fl's value is text (a string, or a list of
+// them): a flag.Value that says otherwise through flag.Getter is not.
+func takesText(fl *flag.Flag) bool {
 	g, ok := fl.Value.(flag.Getter)
 	if !ok {
-		return false
+		return true
 	}
-	_, ok = g.Get().(float64)
+	_, ok = g.Get().(string)
 	return ok
 }
 
@@ -248,10 +252,10 @@ func (f *File) Apply(fs *flag.FlagSet, set func(name string) bool, reserved ...s
 				return &KeyError{Path: f.Path, Key: k, Err: fmt.Errorf("%w: takes one value, not a list", ErrValue)}
 			}
 		}
-		if f.floats[k] && !isFloatFlag(fl) {
-			// A name or address that looks like a number (swarm = 1.10)
-			// would become another one (1.1) without a word.
-			return &KeyError{Path: f.Path, Key: k, Err: fmt.Errorf("%w: %s is a TOML number, whose text is not kept (1.10 reads as 1.1); write it in quotes: %s = \"...\"", ErrValue, strings.Join(vals, ", "), k)}
+		if f.numbers[k] && takesText(fl) {
+			// A name or key that looks like a number (swarm = 1.10, a
+			// key 0x10) would become another one (1.1, 16) without a word.
+			return &KeyError{Path: f.Path, Key: k, Err: fmt.Errorf("%w: %s is a TOML number, whose text is not kept (1.10 reads as 1.1, 0x10 as 16), and the flag takes text; write it in quotes: %s = \"...\"", ErrValue, strings.Join(vals, ", "), k)}
 		}
 		if set(k) {
 			continue // the command line wins

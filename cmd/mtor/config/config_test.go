@@ -109,6 +109,8 @@ func TestErrors(t *testing.T) {
 		// refused, not changed (1.10 would become 1.1).
 		{"float for text", "n.toml", "swarm = 1.10\n", ErrValue, []string{`"swarm"`, "quotes"}},
 		{"float in a list", "n.toml", "backend = [\"a\", 2.50]\n", ErrValue, []string{`"backend"`, "quotes"}},
+		{"hex integer for text", "n.toml", "swarm = 0x10\n", ErrValue, []string{`"swarm"`, "quotes"}},
+		{"integer with underscores in a list", "n.toml", "backend = [1_000]\n", ErrValue, []string{`"backend"`, "quotes"}},
 		{"syntax", "n.toml", "swarm = \n", ErrSyntax, []string{"n.toml"}},
 		{"yaml syntax", "n.yaml", "swarm: [a\n", ErrSyntax, []string{"n.yaml"}},
 		{"duplicate yaml key", "n.yaml", "swarm: a\nswarm: b\n", ErrSyntax, []string{"n.yaml"}},
