@@ -756,7 +756,11 @@ func (t *PeerTable) dropPendingLocked(p peer.ID) {
 // quarantine has room for via and, likewise, one of its models has room
 // or it would replace one. The validator ignores (does not forward) what the table
 // would drop, so a flood stops at the first honest node, and a node that
-// keeps K workers of a model neither probes nor relays the others.
+// keeps K workers of a model neither probes nor relays the others. A
+// known author's update goes through even when it moves the author to
+// models without room (keepsChangedLocked): the table must see it to drop
+// the author, whose old announcement would otherwise stand; it is then
+// no longer known, so this costs one forward per such move.
 func (t *PeerTable) wouldTake(author peer.ID, o origin, a *pb.Announce) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()

@@ -1022,9 +1022,10 @@ func TestSpeechInPieces(t *testing.T) {
 	}
 }
 
-// Drain waits for the queries of every connection, and for their answers
-// to be sent, refusing new ones meanwhile as UNAVAILABLE (on any
-// connection, also one opened since); it returns when the last one ends.
+// Drain waits for the queries of every connection, refusing new ones
+// meanwhile as UNAVAILABLE (on any connection, also one opened since); it
+// returns when the last one ends. (That their answers are written out
+// before Close is bridge's TestShutdownGivesWebSocketQueriesTheGrace.)
 func TestDrainWaitsForEveryQuery(t *testing.T) {
 	sw, err := wstest.New(wstest.WithBackend(demo.New("slow", demo.WithDelay(50*time.Millisecond))))
 	if err != nil {
