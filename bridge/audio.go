@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -241,32 +242,23 @@ func (s *Server) handleSpeech(w http.ResponseWriter, r *http.Request) {
 	if q == nil {
 		return
 	}
-	// A worker may send its audio in pieces, to be joined (docs/protocol.md
-	// §5.1); the router's output budget bounds their sum.
+	// A worker may send its audio in pieces, to be joined; the router's
+	// output budget bounds their sum.
 	var (
-		mime   string
-		audio  []byte
-		pieces int
-		mixed  bool
+		audio protocol.Audio
+		mixed bool
 	)
-	res, aerr := s.queryWhole(r.Context(), q, func() { mime, audio, pieces, mixed = "", nil, 0, false }, func(ev *pb.Event) error {
-		m := ev.GetMedia()
-		if m == nil {
-			return nil
-		}
-		if pieces++; pieces == 1 {
-			mime = m.GetMime()
-		} else if m.GetMime() != mime {
+	res, aerr := s.queryWhole(r.Context(), q, func() { audio, mixed = protocol.Audio{}, false }, func(ev *pb.Event) error {
+		if m := ev.GetMedia(); m != nil && !audio.Add(m.GetMime(), m.GetData()) {
 			mixed = true
 		}
-		audio = append(audio, m.GetData()...)
 		return nil
 	})
 	switch {
 	case aerr != nil:
 		writeError(w, aerr)
 		return
-	case pieces == 0:
+	case audio.Pieces == 0:
 		writeError(w, &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "backend_error", Message: "The worker returned no audio."})
 		return
 	case mixed:
@@ -277,10 +269,10 @@ func (s *Server) handleSpeech(w http.ResponseWriter, r *http.Request) {
 	// transcode, and Content-Type says what came.
 	h := w.Header()
 	h.Set(peerHeader, res.PeerString())
-	h.Set("Content-Type", mime)
-	h.Set("Content-Length", strconv.Itoa(len(audio)))
+	h.Set("Content-Type", audio.Mime)
+	h.Set("Content-Length", strconv.Itoa(len(audio.Data)))
 	w.WriteHeader(http.StatusOK)
-	writeBody(w, audio)
+	writeBody(w, audio.Data)
 }
 
 // collectText runs q and gathers its chunks.

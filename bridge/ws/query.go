@@ -234,11 +234,12 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 	}
 	var text strings.Builder
 	var media *pb.Media
+	var audio protocol.Audio // tts: the Media pieces, joined
 	h := func(ev *pb.Event) error {
 		if ev == nil {
 			// Restart on another worker (see router.WithRestart).
 			text.Reset()
-			media = nil
+			media, audio = nil, protocol.Audio{}
 			if stream && !c.send(queryRestartMsg{Type: "query_restart", QueryID: jr.id}) {
 				return errClientGone
 			}
@@ -257,13 +258,13 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 				return errClientGone
 			}
 		case *pb.Event_Media:
+			// Speech may come in pieces, to be joined; the router's output
+			// budget bounds their sum.
+			joined := t == pb.QueryType_QUERY_TYPE_TTS && audio.Add(k.Media.GetMime(), k.Media.GetData())
 			switch {
-			case media == nil:
+			case joined:
+			case media == nil && t != pb.QueryType_QUERY_TYPE_TTS:
 				media = k.Media
-			case t == pb.QueryType_QUERY_TYPE_TTS && k.Media.GetMime() == media.GetMime():
-				// Speech may come in pieces, to be joined (docs/protocol.md
-				// §5.1); the router's output budget bounds their sum.
-				media = &pb.Media{Mime: media.GetMime(), Data: append(slices.Clip(media.GetData()), k.Media.GetData()...)}
 			default:
 				return protocol.Errorf(protocol.CodeTooLarge, "more than one media result")
 			}
@@ -288,6 +289,9 @@ func (jr *jobRun) step(ctx context.Context, t pb.QueryType, model string, stream
 		return "", nil, err
 	}
 	jr.steps = append(jr.steps, stepOf(t, model, res))
+	if audio.Pieces > 0 {
+		media = &pb.Media{Mime: audio.Mime, Data: audio.Data}
+	}
 	return text.String(), media, nil
 }
 
