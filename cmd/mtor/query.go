@@ -189,6 +189,7 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 
 	out := queryOutput{Model: q.Model, Type: protocol.TypeName(typ)}
 	var text strings.Builder
+	var audio protocol.Audio // tts: the Media pieces, joined
 	done, err := target.Query(ctx, q, func(ev *api.Event) error {
 		switch ev.Event {
 		case api.EventRestart:
@@ -202,7 +203,7 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 				fmt.Fprintln(e.stderr, restartNotice)
 			}
 			text.Reset()
-			out.Media, out.Embeddings = nil, nil
+			out.Media, out.Embeddings, audio = nil, nil, protocol.Audio{}
 		case api.EventChunk:
 			text.WriteString(ev.Text)
 			if !f.json {
@@ -210,7 +211,11 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 				return err
 			}
 		case api.EventMedia:
-			out.Media = append(out.Media, *ev.MediaEvent)
+			if typ != pb.QueryType_QUERY_TYPE_TTS {
+				out.Media = append(out.Media, *ev.MediaEvent)
+			} else if !audio.Add(ev.MIME, ev.Data) {
+				return protocol.Errorf(protocol.CodeBackendError, "the worker returned audio pieces of different formats")
+			}
 		case api.EventEmbedding:
 			out.Embeddings = append(out.Embeddings, ev.Vector)
 		}
@@ -220,6 +225,9 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 		return explain(err, f.apiAddr)
 	}
 	out.Text = text.String()
+	if audio.Pieces > 0 {
+		out.Media = []api.MediaEvent{{MIME: audio.Mime, Data: audio.Data}}
+	}
 	out.fill(done)
 	if f.out != "" && len(out.Media) > 0 {
 		if err := os.WriteFile(f.out, out.Media[0].Data, 0o644); err != nil {
