@@ -58,7 +58,12 @@ func bodyError(err error, max int64) *apiError {
 	return badRequest("", "invalid_body", "Reading the request body failed: %v", err)
 }
 
-// decodeJSON reads r's body (at most max bytes) into v. Unknown fields are
+// decode is decodeJSON within the bridge's bounds on a request body.
+func (s *Server) decode(w http.ResponseWriter, r *http.Request, v any) *apiError {
+	return decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, v)
+}
+
+// decodeJSON reads r's body (at most max bytes, for at most timeout) into v. Unknown fields are
 // ignored, as OpenAI clients send extras; a known field of the wrong type,
 // invalid JSON, an empty body or trailing data is a 400 naming the problem.
 //

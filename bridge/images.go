@@ -63,7 +63,7 @@ func imagesToQuery(req *imagesRequest) (*pb.QueryRequest, *apiError) {
 
 func (s *Server) handleImages(w http.ResponseWriter, r *http.Request) {
 	var req imagesRequest
-	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
+	if err := s.decode(w, r, &req); err != nil {
 		writeError(w, err)
 		return
 	}

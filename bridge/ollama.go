@@ -122,7 +122,7 @@ func (s *Server) handleOllamaShow(w http.ResponseWriter, r *http.Request) {
 		Model string `json:"model"`
 		Name  string `json:"name"` // the older name of the field
 	}
-	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
+	if err := s.decode(w, r, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
@@ -482,7 +482,7 @@ func (s *Server) runOllama(w http.ResponseWriter, r *http.Request, q *pb.QueryRe
 
 func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 	var req ollamaChatRequest
-	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
+	if err := s.decode(w, r, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
@@ -536,7 +536,7 @@ type ollamaGenerateRequest struct {
 
 func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 	var req ollamaGenerateRequest
-	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
+	if err := s.decode(w, r, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
@@ -574,7 +574,7 @@ func (s *Server) handleOllamaEmbed(w http.ResponseWriter, r *http.Request) {
 		Options    map[string]json.RawMessage `json:"options"`
 		KeepAlive  json.RawMessage            `json:"keep_alive"`
 	}
-	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, &req); err != nil {
+	if err := s.decode(w, r, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}

@@ -73,7 +73,7 @@ func usageOf(res *router.Result) usage {
 // checks that the swarm serves its model; on any failure it has written
 // the error and returns nil.
 func decodeQuery[T any](s *Server, w http.ResponseWriter, r *http.Request, req *T, toQuery func(*T) (*pb.QueryRequest, *apiError)) *pb.QueryRequest {
-	if err := decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, req); err != nil {
+	if err := s.decode(w, r, req); err != nil {
 		writeError(w, err)
 		return nil
 	}
