@@ -8,8 +8,10 @@ package ws
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"net/http"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -95,10 +97,7 @@ func (s *Server) Drain(ctx context.Context) {
 	}
 	// The answers are queued; Close would drop what is not yet written.
 	s.mu.Lock()
-	conns := make([]*conn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
-	}
+	conns := slices.Collect(maps.Keys(s.conns))
 	s.mu.Unlock()
 	for _, c := range conns {
 		c.flushed(ctx)
@@ -142,10 +141,7 @@ func (s *Server) Draining() bool {
 func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true
-	conns := make([]*conn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
-	}
+	conns := slices.Collect(maps.Keys(s.conns))
 	s.mu.Unlock()
 	for _, c := range conns {
 		c.shutdown(websocket.StatusGoingAway, "server shutting down")
@@ -269,10 +265,7 @@ func (s *Server) pollModels(ctx context.Context) {
 		s.mu.Lock()
 		changed := sig != s.lastSig
 		s.lastSig = sig
-		conns := make([]*conn, 0, len(s.conns))
-		for c := range s.conns {
-			conns = append(conns, c)
-		}
+		conns := slices.Collect(maps.Keys(s.conns))
 		s.mu.Unlock()
 		if !changed {
 			continue
