@@ -95,6 +95,7 @@ func open(lib nvmlLib, cfg config) *Monitor {
 		return m
 	}
 	m.lib = lib
+	m.lastEnergy = make([]uint64, len(m.devices))
 	return m
 }
 
@@ -168,9 +169,6 @@ func (m *Monitor) EnergyMJ() (uint64, bool) {
 	defer m.mu.Unlock()
 	if m.lib == nil {
 		return 0, false
-	}
-	if len(m.lastEnergy) != len(m.devices) {
-		m.lastEnergy = make([]uint64, len(m.devices))
 	}
 	var sum uint64
 	back := false
