@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -14,33 +13,10 @@ import (
 // benchHost is a loopback libp2p host, with membership when o is set.
 func benchHost(b *testing.B, o *Owner) (host.Host, *Membership) {
 	b.Helper()
-	key, _, err := crypto.GenerateEd25519Key(nil)
-	if err != nil {
-		b.Fatal(err)
+	if o == nil {
+		return newHost(b, transports[0]), nil
 	}
-	opts := []libp2p.Option{libp2p.Identity(key), libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0")}
-	var m *Membership
-	if o != nil {
-		id, _ := peer.IDFromPrivateKey(key)
-		c, err := o.Cert(id, nil, time.Hour, "")
-		if err != nil {
-			b.Fatal(err)
-		}
-		if m, err = New(o.Swarm(), o.ID(), WithCert(c.Encoded)); err != nil {
-			b.Fatal(err)
-		}
-		opts = append(opts, libp2p.ConnectionGater(m.Gater()))
-	}
-	h, err := libp2p.New(opts...)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { h.Close() })
-	if m != nil {
-		if err := m.Attach(b.Context(), h); err != nil {
-			b.Fatal(err)
-		}
-	}
+	m, h := attached(b, o, transports[0], false)
 	return h, m
 }
 
