@@ -3,6 +3,7 @@ package discovery
 import (
 	"context"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -148,14 +149,7 @@ func TestHostileSybilFloodBounded(t *testing.T) {
 	if err := worker.Publish(ctx, a); err != nil {
 		t.Fatal(err)
 	}
-	waitTable(t, victim, "the honest worker admitted", func(es []Entry) bool {
-		for _, e := range es {
-			if e.Peer == hw.ID() {
-				return true
-			}
-		}
-		return false
-	})
+	waitTable(t, victim, "the honest worker admitted", func(es []Entry) bool { return has(es, hw.ID()) })
 	// Let the flood settle, then count.
 	time.Sleep(time.Second)
 	for _, e := range victim.Table().Snapshot() {
@@ -181,15 +175,7 @@ func TestHostileModelHopBounded(t *testing.T) {
 	victim := newDiscovery(t, hv, WithSwarmView(false), WithMaxPerModel(bound), WithWatch("a", "b"))
 	ctx := hostileCtx(t)
 	topicA, topicB := protocol.ModelTopic(testSwarm, "a"), protocol.ModelTopic(testSwarm, "b")
-	kept := func(model string) int {
-		n := 0
-		for _, e := range victim.Table().Snapshot() {
-			if modelEntry(e.Announce, model) != nil {
-				n++
-			}
-		}
-		return n
-	}
+	kept := func(model string) int { return len(victim.Table().keptOf(model)) }
 	publish := func(p *hostiletest.Peer, topic *pubsub.Topic, model string) {
 		t.Helper()
 		data, err := proto.Marshal(hostiletest.Announce(model, p.NextSeq(), p.H.Addrs()...))
@@ -234,13 +220,9 @@ func TestHostileModelHopBounded(t *testing.T) {
 	t.Logf("%d peers hopped from a to b; the node keeps %d of b, %d of a", hops, kept("b"), kept("a"))
 }
 
+// has reports whether es holds p's entry.
 func has(es []Entry, p peer.ID) bool {
-	for _, e := range es {
-		if e.Peer == p {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(es, func(e Entry) bool { return e.Peer == p })
 }
 
 // The IP colocation penalty (P6) is configured, and valid for gossipsub.

@@ -209,9 +209,24 @@ func TestWatchBounded(t *testing.T) {
 	if slices.Contains(d.PubSub().GetTopics(), protocol.ModelTopic(testSwarm, "m1")) {
 		t.Fatal("the evicted model's topic is still joined")
 	}
+	// The table's per-model bound counts what is watched now.
+	tab := d.Table()
+	tab.mu.Lock()
+	counted := map[string]bool{"m0": tab.countedLocked("m0"), "new": tab.countedLocked("new"), "m1": tab.countedLocked("m1")}
+	tab.mu.Unlock()
+	if !counted["m0"] || !counted["new"] || counted["m1"] {
+		t.Fatalf("the per-model bound counts %v: want m0 and new, not the evicted m1", counted)
+	}
 	// The relay topic counts against the bound neither way.
 	if !d.WatchingRelays() {
 		t.Fatal("watching models evicted the relay topic")
+	}
+	// Closed, it watches nothing.
+	d.closeTopics()
+	tab.mu.Lock()
+	defer tab.mu.Unlock()
+	if len(tab.watched) != 0 {
+		t.Fatalf("after its topics closed the table still counts %d watched models", len(tab.watched))
 	}
 }
 
