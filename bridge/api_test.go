@@ -802,4 +802,31 @@ func TestOllamaAPIRefusalsInOllamasShape(t *testing.T) {
 			}
 		})
 	}
+	// The Host check, which guards every path before any API's own
+	// wrappers: Ollama's shape under /api/, mtor's own (OpenAI's) on
+	// /api/swarm and elsewhere.
+	_, open := startBridge(t, &fakeSwarm{})
+	for _, tc := range []struct {
+		path   string
+		ollama bool
+	}{{"/api/tags", true}, {"/api/swarm", false}, {"/v1/models", false}} {
+		req, err := http.NewRequest(http.MethodGet, open+tc.path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Host = "elsewhere.example"
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var shape map[string]any
+		if err := json.Unmarshal(b, &shape); err != nil || resp.StatusCode != http.StatusForbidden {
+			t.Fatalf("%s with a foreign Host: %d %q (%v), want 403", tc.path, resp.StatusCode, b, err)
+		}
+		if _, isString := shape["error"].(string); isString != tc.ollama {
+			t.Fatalf("%s with a foreign Host: error %q in the wrong shape", tc.path, b)
+		}
+	}
 }
