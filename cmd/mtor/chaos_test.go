@@ -190,9 +190,9 @@ func (s *chaosSwarm) ask(ctx context.Context, hc *http.Client, via string, i int
 	var err error
 	switch via {
 	case viaOpenAI:
-		text, err = askOpenAI(qctx, hc, s.base, prompt, false)
+		text, _, err = askOpenAI(qctx, hc, s.base, prompt, false)
 	case viaOpenAIStream:
-		text, err = askOpenAI(qctx, hc, s.base, prompt, true)
+		text, _, err = askOpenAI(qctx, hc, s.base, prompt, true)
 	case viaWebSocket:
 		text, err = askWebSocket(qctx, s.base, prompt)
 	case viaCLI:
@@ -208,22 +208,25 @@ func (s *chaosSwarm) ask(ctx context.Context, hc *http.Client, via string, i int
 	return r
 }
 
-func askOpenAI(ctx context.Context, hc *http.Client, base, prompt string, stream bool) (string, error) {
+// askOpenAI asks the bridge at base a chat query for model demo and
+// returns the answer's text and, for an answer not streamed, the peer that
+// gave it (X-Mtor-Peer).
+func askOpenAI(ctx context.Context, hc *http.Client, base, prompt string, stream bool) (text, peer string, err error) {
 	body, _ := json.Marshal(map[string]any{"model": "demo", "stream": stream,
 		"messages": []map[string]string{{"role": "user", "content": prompt}}})
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/chat/completions", bytes.NewReader(body))
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := hc.Do(req)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return "", fmt.Errorf("HTTP %d: %s", resp.StatusCode, bytes.TrimSpace(b))
+		return "", "", fmt.Errorf("HTTP %d: %s", resp.StatusCode, bytes.TrimSpace(b))
 	}
 	if !stream {
 		var out struct {
@@ -232,14 +235,14 @@ func askOpenAI(ctx context.Context, hc *http.Client, base, prompt string, stream
 			}
 		}
 		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-			return "", err
+			return "", "", err
 		}
 		if len(out.Choices) != 1 {
-			return "", fmt.Errorf("%d choices", len(out.Choices))
+			return "", "", fmt.Errorf("%d choices", len(out.Choices))
 		}
-		return out.Choices[0].Message.Content, nil
+		return out.Choices[0].Message.Content, resp.Header.Get("X-Mtor-Peer"), nil
 	}
-	var text strings.Builder
+	var b strings.Builder
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		data, ok := strings.CutPrefix(sc.Text(), "data: ")
@@ -247,7 +250,7 @@ func askOpenAI(ctx context.Context, hc *http.Client, base, prompt string, stream
 			continue
 		}
 		if data == "[DONE]" {
-			return text.String(), nil
+			return b.String(), "", nil
 		}
 		var ev struct {
 			Choices []struct {
@@ -256,16 +259,16 @@ func askOpenAI(ctx context.Context, hc *http.Client, base, prompt string, stream
 			Error *struct{ Message, Code string }
 		}
 		if err := json.Unmarshal([]byte(data), &ev); err != nil {
-			return "", fmt.Errorf("bad SSE event %q: %w", data, err)
+			return "", "", fmt.Errorf("bad SSE event %q: %w", data, err)
 		}
 		if ev.Error != nil {
-			return "", fmt.Errorf("SSE error %s: %s", ev.Error.Code, ev.Error.Message)
+			return "", "", fmt.Errorf("SSE error %s: %s", ev.Error.Code, ev.Error.Message)
 		}
 		for _, c := range ev.Choices {
-			text.WriteString(c.Delta.Content)
+			b.WriteString(c.Delta.Content)
 		}
 	}
-	return "", fmt.Errorf("stream ended without [DONE] after %q: %v", text.String(), sc.Err())
+	return "", "", fmt.Errorf("stream ended without [DONE] after %q: %v", b.String(), sc.Err())
 }
 
 func askWebSocket(ctx context.Context, base, prompt string) (string, error) {
