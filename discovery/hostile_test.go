@@ -2,18 +2,21 @@ package discovery
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"slices"
 	"testing"
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/discovery/hostiletest"
 	"github.com/mtor-swarm/mtor/protocol"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // scoreWatch keeps the latest gossipsub scores seen by a node's inspector.
@@ -176,24 +179,8 @@ func TestHostileModelHopBounded(t *testing.T) {
 	ctx := hostileCtx(t)
 	topicA, topicB := protocol.ModelTopic(testSwarm, "a"), protocol.ModelTopic(testSwarm, "b")
 	kept := func(model string) int { return len(victim.Table().keptOf(model)) }
-	publish := func(p *hostiletest.Peer, topic *pubsub.Topic, model string) {
-		t.Helper()
-		data, err := proto.Marshal(hostiletest.Announce(model, p.NextSeq(), p.H.Addrs()...))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := topic.Publish(ctx, data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for range bound {
-		holder := hostiletest.NewOn(t, testSwarm, topicB)
-		if err := holder.Connect(ctx, info(hv)); err != nil {
-			t.Fatal(err)
-		}
-		publish(holder, holder.Topic, "b")
-		waitTable(t, victim, "a holder of b taken", func(es []Entry) bool { return has(es, holder.H.ID()) })
-	}
+	publish := func(p *hostiletest.Peer, topic *pubsub.Topic, model string) { publishAs(t, ctx, p, topic, model) }
+	holdBound(t, ctx, victim, hv, topicB, "b", bound)
 	for i := range hops {
 		mover := hostiletest.NewOn(t, testSwarm, topicA)
 		if err := mover.Connect(ctx, info(hv)); err != nil {
@@ -218,6 +205,69 @@ func TestHostileModelHopBounded(t *testing.T) {
 		}
 	}
 	t.Logf("%d peers hopped from a to b; the node keeps %d of b, %d of a", hops, kept("b"), kept("a"))
+}
+
+// publishAs publishes on topic p's own announcement of models.
+func publishAs(t *testing.T, ctx context.Context, p *hostiletest.Peer, topic *pubsub.Topic, models ...string) {
+	t.Helper()
+	a := hostiletest.Announce(models[0], p.NextSeq(), p.H.Addrs()...)
+	for _, m := range models[1:] {
+		mi := proto.Clone(a.Models[0]).(*pb.ModelInfo)
+		mi.Name = m
+		a.Models = append(a.Models, mi)
+	}
+	data, err := proto.Marshal(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := topic.Publish(ctx, data); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// holdBound has n peers announce model on topic to the victim, and waits
+// until it keeps them all.
+func holdBound(t *testing.T, ctx context.Context, victim *Discovery, hv host.Host, topic, model string, n int) {
+	t.Helper()
+	for range n {
+		holder := hostiletest.NewOn(t, testSwarm, topic)
+		if err := holder.Connect(ctx, info(hv)); err != nil {
+			t.Fatal(err)
+		}
+		publishAs(t, ctx, holder, holder.Topic, model)
+		waitTable(t, victim, "a holder of "+model+" taken", func(es []Entry) bool { return has(es, holder.H.ID()) })
+	}
+}
+
+// Hostile peers on the wire pad an announcement of a model at its bound
+// with made-up model names, which the node does not watch and which would
+// always have room: the node counts only the models it watches, so it
+// takes none of them, and ignores their announcements (forwarding none).
+func TestHostileMadeUpModelsBounded(t *testing.T) {
+	const bound, padders = 2, 3
+	hv := newHost(t)
+	victim := newDiscovery(t, hv, WithSwarmView(false), WithMaxPerModel(bound), WithWatch("b"))
+	ctx := hostileCtx(t)
+	topicB := protocol.ModelTopic(testSwarm, "b")
+	holdBound(t, ctx, victim, hv, topicB, "b", bound)
+	ignored := victim.Traffic().Ignored
+	for i := range padders {
+		p := hostiletest.NewOn(t, testSwarm, topicB)
+		if err := p.Connect(ctx, info(hv)); err != nil {
+			t.Fatal(err)
+		}
+		publishAs(t, ctx, p, p.Topic, "b", fmt.Sprintf("made-up-%d-a", i), fmt.Sprintf("made-up-%d-b", i))
+	}
+	deadline := time.Now().Add(waitLimit)
+	for victim.Traffic().Ignored < ignored+padders {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d padded announcements ignored", victim.Traffic().Ignored-ignored, padders)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := len(victim.Table().keptOf("b")); n != bound {
+		t.Fatalf("%d workers of b kept after %d padded announcements, want the bound %d", n, padders, bound)
+	}
 }
 
 // has reports whether es holds p's entry.
