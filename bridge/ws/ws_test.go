@@ -2,6 +2,7 @@ package ws_test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -993,12 +994,14 @@ func TestReadingClientKeepsABurst(t *testing.T) {
 }
 
 // piecesSwarm is a fake swarm (no worker behind it) whose every answer is
-// speech in two pieces, as docs/protocol.md §5.1 lets a worker send it.
-type piecesSwarm struct{}
+// speech in two pieces, as docs/protocol.md §5.1 lets a worker send it,
+// the second of type second (audio/mpeg when empty).
+type piecesSwarm struct{ second string }
 
-func (piecesSwarm) Query(_ context.Context, _ *pb.QueryRequest, h router.Handler) (*router.Result, error) {
-	for _, d := range []string{"AAAA", "BBBB"} {
-		if err := h(&pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: "audio/mpeg", Data: []byte(d)}}}); err != nil {
+func (s piecesSwarm) Query(_ context.Context, _ *pb.QueryRequest, h router.Handler) (*router.Result, error) {
+	second := cmp.Or(s.second, "audio/mpeg")
+	for _, m := range []*pb.Media{{Mime: "audio/mpeg", Data: []byte("AAAA")}, {Mime: second, Data: []byte("BBBB")}} {
+		if err := h(&pb.Event{Kind: &pb.Event_Media{Media: m}}); err != nil {
 			return nil, err
 		}
 	}
@@ -1010,7 +1013,7 @@ func (piecesSwarm) Models() []router.ModelView {
 }
 
 // TestSpeechInPieces: speech that comes in pieces reaches the client
-// joined, in order.
+// joined, in order; pieces of different types are no one answer.
 func TestSpeechInPieces(t *testing.T) {
 	c := newHarnessOn(t, piecesSwarm{}).mustDial()
 	c.hello()
@@ -1019,6 +1022,13 @@ func TestSpeechInPieces(t *testing.T) {
 	audio, err := base64.StdEncoding.DecodeString(res.str("audio"))
 	if res.str("type") != "speech_result" || err != nil || string(audio) != "AAAABBBB" || res.str("mime") != "audio/mpeg" {
 		t.Fatalf("got %v (audio %q, %v), want AAAABBBB as audio/mpeg", res, audio, err)
+	}
+
+	c = newHarnessOn(t, piecesSwarm{second: "audio/wav"}).mustDial()
+	c.hello()
+	c.send(msg{"type": "text_to_speech", "text": "say it"})
+	if res, _ := c.until("speech_result", "error"); res.str("type") != "error" || res.str("code") != "TOO_LARGE" {
+		t.Fatalf("pieces of two types: %v, want error TOO_LARGE", res)
 	}
 }
 
