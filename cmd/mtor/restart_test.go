@@ -40,6 +40,24 @@ func (k *killOnFirstChunk) Query(ctx context.Context, req *pb.QueryRequest, h ro
 	})
 }
 
+// serveAPI serves node n's control API on 127.0.0.1:0, its queries going
+// through q, until the test ends, and returns its address.
+func serveAPI(t *testing.T, n api.Node, q api.Router) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := api.NewServer(n, q)
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	})
+	return ln.Addr().String()
+}
+
 var demoAnswer = regexp.MustCompile(`^\[demo answer from worker-\d+\] You said: `)
 
 // mtor query, when the worker answering dies mid-answer and no other can
@@ -50,18 +68,7 @@ var demoAnswer = regexp.MustCompile(`^\[demo answer from worker-\d+\] You said: 
 func TestQueryRestartAfterWorkerDeath(t *testing.T) {
 	// Three workers: each subtest kills one, and one must be left.
 	s := swarmtest.New(t, swarmtest.Workers(3), swarmtest.NoContinue(), swarmtest.DemoDelay(20*time.Millisecond))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := api.NewServer(s.Bootstrap, &killOnFirstChunk{Router: s.Bootstrap.Router(), s: s})
-	go func() { _ = srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(ctx)
-	})
-	addr := ln.Addr().String()
+	addr := serveAPI(t, s.Bootstrap, &killOnFirstChunk{Router: s.Bootstrap.Router(), s: s})
 	prompt := strings.TrimSpace(strings.Repeat("word ", 40))
 
 	t.Run("streamed", func(t *testing.T) {

@@ -3,15 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
-	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/swarmtest"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -49,19 +46,8 @@ func (p *inPieces) Query(ctx context.Context, req *pb.QueryRequest, h router.Han
 // it as one media item, when the worker sends it in pieces.
 func TestQuerySpeechInPieces(t *testing.T) {
 	s := swarmtest.New(t, swarmtest.Workers(1), swarmtest.DemoDelay(0))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	split := &inPieces{Router: s.Bootstrap.Router()}
-	srv := api.NewServer(s.Bootstrap, split)
-	go func() { _ = srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(ctx)
-	})
-	addr := ln.Addr().String()
+	addr := serveAPI(t, s.Bootstrap, split)
 	out := filepath.Join(t.TempDir(), "speech.wav")
 
 	code, _, stderr := runCLI(t, "query", "--api", addr, "--type", "tts", "--model", "demo", "--out", out, "read this aloud")
