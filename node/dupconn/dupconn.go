@@ -37,6 +37,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
+	ma "github.com/multiformats/go-multiaddr"
 )
 
 var log = logging.Logger("mtor/dupconn")
@@ -142,9 +143,12 @@ func (p *Pruner) Sweep(ctx context.Context) int {
 	byPeer := map[peer.ID][]network.Conn{}
 	for _, c := range p.h.Network().Conns() {
 		rp := c.RemotePeer()
-		// The other end decides; relayed connections are the relay
-		// client's and end by their own limits.
-		if rp <= self || c.Stat().Limited || c.IsClosed() {
+		// The other end decides. A relayed connection is no duplicate
+		// of a direct one: the direct one is what a hole punch is for,
+		// the relayed one its fallback when the NATs' mappings die
+		// (node/router), and mtor's relays set no limit that would end
+		// it (so it is not Limited).
+		if rp <= self || c.IsClosed() || c.Stat().Limited || isRelayed(c) {
 			continue
 		}
 		byPeer[rp] = append(byPeer[rp], c)
@@ -249,4 +253,10 @@ func (p *Pruner) sticky(c network.Conn) int {
 		}
 	}
 	return n
+}
+
+// isRelayed reports whether c runs through a relay (circuit v2).
+func isRelayed(c network.Conn) bool {
+	_, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_CIRCUIT)
+	return err == nil
 }

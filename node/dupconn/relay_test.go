@@ -1,0 +1,168 @@
+package dupconn
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
+	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
+	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
+	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/liveness"
+)
+
+// newRelay is a relay without time or data limits on its circuits, as
+// mtor's relays are (node/host.go): its relayed connections are not
+// Limited.
+func newRelay(t *testing.T) host.Host {
+	t.Helper()
+	rc := relay.DefaultResources()
+	rc.Limit = nil
+	h, err := libp2p.New(libp2p.ListenAddrStrings(loopTCP), libp2p.ForceReachabilityPublic(),
+		libp2p.EnableRelayService(relay.WithResources(rc)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+// relayed connects a to b through r only, b holding a reservation on r,
+// and returns that connection.
+func relayed(t *testing.T, a, b, r host.Host) network.Conn {
+	t.Helper()
+	ctx := t.Context()
+	ri := peer.AddrInfo{ID: r.ID(), Addrs: r.Addrs()}
+	for _, h := range []host.Host{a, b} {
+		if err := h.Connect(ctx, ri); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The relay service starts once the relay's host sees itself public:
+	// a moment after its start.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := client.Reserve(ctx, b, ri)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("reservation: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	circuit := ma.StringCast("/p2p/" + r.ID().String() + "/p2p-circuit")
+	if err := a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: []ma.Multiaddr{r.Addrs()[0].Encapsulate(circuit)}}); err != nil {
+		t.Fatal(err)
+	}
+	conns := a.Network().ConnsToPeer(b.ID())
+	if len(conns) != 1 || !isRelayed(conns[0]) {
+		t.Fatalf("connections %v, want one relayed", conns)
+	}
+	if conns[0].Stat().Limited {
+		t.Fatal("the relayed connection is limited; mtor's relays set no limit")
+	}
+	return conns[0]
+}
+
+// direct dials b from a over one transport, although a is connected to
+// b already, as a hole punch does.
+func direct(t *testing.T, a, b host.Host, proto int) network.Conn {
+	t.Helper()
+	a.Peerstore().AddAddr(b.ID(), addrOf(t, b, proto), peerstore.TempAddrTTL)
+	ctx, cancel := context.WithTimeout(network.WithForceDirectDial(t.Context(), "test"), 10*time.Second)
+	defer cancel()
+	c, err := a.Network().DialPeer(ctx, b.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if isRelayed(c) {
+		t.Fatal("the direct dial gave a relayed connection")
+	}
+	return c
+}
+
+// TestSweepLeavesTheRelayedConnection: a relayed connection and the
+// direct one a hole punch made beside it are not duplicates. The direct
+// one is the point of the punch; the relayed one is the fallback the
+// router retries on when the NATs' mappings die. Neither is closed, even
+// when only the relayed one carries streams that must not break (the
+// gossipsub streams opened before the punch), which once closed every
+// idle punched connection 10 to 25 s after the punch (the NAT suite's
+// restricted/restricted pair, in CI). Among direct connections beside a
+// relayed one, the redundant one is still closed.
+func TestSweepLeavesTheRelayedConnection(t *testing.T) {
+	const onRelayed, onDirect = 1, 2
+	cases := []struct {
+		name    string
+		queryOn int // 0: none
+		second  bool
+	}{
+		{name: "query on the relayed", queryOn: onRelayed},
+		{name: "query on the direct", queryOn: onDirect},
+		{name: "both idle"},
+		{name: "two direct beside it", queryOn: onRelayed, second: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			lo, hi := keys(t)
+			a, b := newHost(t, lo), newHost(t, hi)
+			echo(b)
+			rc := relayed(t, a, b, newRelay(t))
+			var s network.Stream
+			if tc.queryOn == onRelayed {
+				// Before the direct connection exists: the stream stays
+				// on the relayed one, as gossipsub's do.
+				s = query(t, a, b.ID())
+			}
+			dc := direct(t, a, b, ma.P_QUIC_V1)
+			want := []network.Conn{rc, dc}
+			if tc.second {
+				// A second process with b's key dials a over TCP, as in
+				// twice: libp2p would reuse the QUIC connection for a
+				// dial of a's own. The TCP one goes, the QUIC one is kept
+				// over it.
+				b2 := newHost(t, hi)
+				if err := b2.Connect(t.Context(), peer.AddrInfo{ID: a.ID(), Addrs: []ma.Multiaddr{addrOf(t, a, ma.P_TCP)}}); err != nil {
+					t.Fatal(err)
+				}
+				if n := len(a.Network().ConnsToPeer(b.ID())); n != 3 {
+					t.Fatalf("%d connections to the peer, want 3", n)
+				}
+			}
+			if tc.queryOn == onDirect {
+				s = query(t, a, b.ID())
+				if s.Conn() != dc {
+					t.Fatal("the query did not take the direct connection")
+				}
+			}
+			pr := New(a, liveness.Probe, WithGrace(0), WithExpendable(ping.ID, identify.ID, identify.IDPush))
+			if tc.second {
+				sweepUntil(t, pr, 1)
+			}
+			for range 3 {
+				if n := pr.Sweep(t.Context()); n != 0 {
+					t.Fatalf("closed %d connections, want 0", n)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			got := a.Network().ConnsToPeer(b.ID())
+			slices.SortFunc(got, func(x, y network.Conn) int { return x.Stat().Opened.Compare(y.Stat().Opened) })
+			if !slices.Equal(got, want) {
+				t.Fatalf("connections %v after the sweeps, want the relayed %v and the direct %v", got, rc, dc)
+			}
+			if s != nil {
+				roundTrip(t, s, "more")
+			}
+		})
+	}
+}
