@@ -259,9 +259,15 @@ func (n *natNet) start(role, dir string, args ...string) *proc {
 }
 
 // natLogLevel keeps what the nodes say of failed streams, relays, hole
-// punches and dead connections (none of it per token), for a failure
-// message: the suite's rare failures are otherwise unexplained.
-const natLogLevel = "error,mtor/router=debug,mtor/relay=debug,mtor/liveness=debug,mtor/node=info,mtor/worker=info"
+// punches, dead and redundant connections and repaired gossip links (none
+// of it per token), for a failure message: the suite's rare failures are
+// otherwise unexplained.
+const natLogLevel = "error,mtor/router=debug,mtor/dupconn=debug,mtor/discovery=info,mtor/relay=debug,mtor/liveness=debug,mtor/node=info,mtor/worker=info"
+
+// natPrunerSpell is an idle spell after a hole punch that spans a sweep
+// of the redundant-connection pruner (every 15 s) finding the punched
+// connection past its 10 s grace (node/dupconn).
+const natPrunerSpell = 26 * time.Second
 
 // natTail bounds each node's log in a failure message.
 const natTail = 16 << 10
@@ -523,6 +529,18 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 			}
 			if wk != natForwarded && len(n.relays()) == 0 {
 				t.Errorf("%s: the worker dropped its relay reservations after the hole punch, want them kept as the fallback", f.pair)
+			}
+			if wk != natForwarded {
+				// Idle past a sweep of the client's redundant-connection
+				// pruner that finds the punched connection old enough to
+				// close: both it and the relayed one stay, the relayed
+				// one as the fallback. The pruner once took them for
+				// duplicates and closed one.
+				time.Sleep(natPrunerSpell)
+				if p := n.peer(wid); p.Path != "direct" || !p.HolePunched || p.Connections < 2 {
+					t.Errorf("%s: after %s idle the client's view of the worker is path %q, hole punched %v, %d connections; want the punched direct connection and the relayed one beside it",
+						f.pair, natPrunerSpell, p.Path, p.HolePunched, p.Connections)
+				}
 			}
 			f.path = "direct"
 			if p := n.peer(wid); p.HolePunched {
