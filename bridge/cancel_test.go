@@ -250,3 +250,57 @@ func TestShutdownGivesWebSocketQueriesTheGrace(t *testing.T) {
 		t.Errorf("Serve: %v", err)
 	}
 }
+
+// TestWebSocketQueriesPastTheGraceEndWithAnError: when the grace runs
+// out, each WebSocket query still running is cancelled at its worker and
+// ends with its own UNAVAILABLE error, written before the connection
+// closes with 1001: a client with several queries on one connection
+// learns which went unanswered.
+func TestWebSocketQueriesPastTheGraceEndWithAnError(t *testing.T) {
+	sw := newLocalSwarm(t)
+	_, addr, stop, served := serveToStop(t, sw, 0)
+	dctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	c, _, err := websocket.Dial(dctx, "ws://"+addr+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	markers := map[string]string{"q1": "WS-CUT-ONE", "q2": "WS-CUT-TWO"}
+	for id, marker := range markers {
+		q, _ := json.Marshal(map[string]any{"type": "submit_query", "query_id": id, "query": map[string]any{"prompt": longPrompt(marker), "query_type": "chat", "model_name": "slow"}})
+		if err := c.Write(dctx, websocket.MessageText, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sw.waitStart(t, markers["q1"], markers["q2"])
+	stop()
+	got := map[string]string{} // query id: the error code that ended it
+	var closeErr error
+	for closeErr == nil {
+		_, data, err := c.Read(dctx)
+		if err != nil {
+			closeErr = err
+			break
+		}
+		var m map[string]any
+		_ = json.Unmarshal(data, &m)
+		id, _ := m["query_id"].(string)
+		switch m["type"] {
+		case "query_result":
+			t.Errorf("query %s answered, want it cut by the shutdown", id)
+		case "error":
+			got[id], _ = m["code"].(string)
+		}
+	}
+	if got["q1"] != "UNAVAILABLE" || got["q2"] != "UNAVAILABLE" || len(got) != 2 {
+		t.Errorf("errors before the close %v, want UNAVAILABLE for q1 and q2", got)
+	}
+	if st := websocket.CloseStatus(closeErr); st != websocket.StatusGoingAway {
+		t.Errorf("the connection ended with %v, want a close with 1001 (going away)", closeErr)
+	}
+	<-served
+	for _, marker := range markers {
+		assertCancelled(t, sw.hooks, marker)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -66,6 +67,9 @@ type hooks struct {
 	w      *worker.Worker
 	starts chan string
 	ends   chan runEnd
+	// others are ends waitEnd read while waiting for another call's,
+	// kept for a later wait (the test's goroutine only).
+	others []runEnd
 }
 
 func newHooks() *hooks {
@@ -192,18 +196,18 @@ func (s *hooks) running() int {
 	return r + q
 }
 
-// waitStart waits for a backend call whose prompt contains marker to begin.
-func (s *hooks) waitStart(t *testing.T, marker string) {
+// waitStart waits until, for each marker, a backend call whose prompt
+// contains it has begun, in any order.
+func (s *hooks) waitStart(t *testing.T, markers ...string) {
 	t.Helper()
+	left := slices.Clone(markers)
 	deadline := time.After(testTimeout)
-	for {
+	for len(left) > 0 {
 		select {
 		case p := <-s.starts:
-			if strings.Contains(p, marker) {
-				return
-			}
+			left = slices.DeleteFunc(left, func(m string) bool { return strings.Contains(p, m) })
 		case <-deadline:
-			t.Fatalf("the worker never started the backend call for %q", marker)
+			t.Fatalf("the worker never started the backend call for %q", left)
 		}
 	}
 }
@@ -211,12 +215,21 @@ func (s *hooks) waitStart(t *testing.T, marker string) {
 // waitEnd waits for the backend call whose prompt contains marker to end.
 func (s *hooks) waitEnd(t *testing.T, marker string) runEnd {
 	t.Helper()
+	for i, e := range s.others {
+		if strings.Contains(e.prompt, marker) {
+			s.others = slices.Delete(s.others, i, i+1)
+			return e
+		}
+	}
 	deadline := time.After(testTimeout)
 	for {
 		select {
 		case e := <-s.ends:
 			if strings.Contains(e.prompt, marker) {
 				return e
+			}
+			if len(s.others) < cap(s.ends) {
+				s.others = append(s.others, e)
 			}
 		case <-deadline:
 			t.Fatalf("the worker's backend call for %q never ended", marker)

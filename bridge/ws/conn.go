@@ -61,6 +61,7 @@ type conn struct {
 type running struct {
 	cancel        context.CancelFunc
 	userCancelled atomic.Bool
+	stopped       atomic.Bool // cancelled by the server's Close
 }
 
 const userGUIDCookie = "user_guid"
@@ -157,6 +158,29 @@ func (c *conn) finish() {
 	c.wg.Wait()
 	c.uploads.close()
 	c.closing.Do(func() { c.ws.CloseNow() })
+}
+
+// stopQueries cancels every query of the connection, running or waiting
+// for a slot, and waits until each has queued its error (UNAVAILABLE:
+// jobError) and the queue is written, or ctx ends.
+func (c *conn) stopQueries(ctx context.Context) {
+	c.mu.Lock()
+	for _, r := range c.queries {
+		r.stopped.Store(true)
+		r.cancel()
+	}
+	c.mu.Unlock()
+	ended := make(chan struct{})
+	go func() {
+		c.wg.Wait()
+		close(ended)
+	}()
+	select {
+	case <-ended:
+	case <-ctx.Done():
+		return
+	}
+	c.flushed(ctx)
 }
 
 // shutdown closes the connection from our side with a status and the close

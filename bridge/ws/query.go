@@ -119,7 +119,7 @@ func (c *conn) start(spec jobSpec) {
 		}
 		elapsed := time.Since(submitted).Seconds()
 		if err != nil {
-			c.send(c.jobError(err, id, r.userCancelled.Load()))
+			c.send(c.jobError(err, id, r))
 			c.send(queueUpdateMsg{Type: "queue_update", Depth: left, Total: workers})
 			return
 		}
@@ -156,9 +156,12 @@ func (c *conn) runJob(ctx context.Context, jr *jobRun, spec jobSpec) (*outcome, 
 // jobError is the error message that ends a failed job. Overload is
 // always BUSY with a retry hint: the bridge queue's estimate when it
 // refused the query, else the configured one.
-func (c *conn) jobError(err error, id string, userCancelled bool) errorMsg {
-	if userCancelled {
+func (c *conn) jobError(err error, id string, r *running) errorMsg {
+	switch {
+	case r.userCancelled.Load():
 		return errorMsg{Type: "error", Code: "CANCELLED", Message: "query cancelled", QueryID: id}
+	case r.stopped.Load():
+		return errorMsg{Type: "error", Code: "UNAVAILABLE", Message: "the bridge stopped before the answer; ask again on another", QueryID: id}
 	}
 	pe := protocol.AsError(err)
 	if pe.Code == protocol.CodeBusy {

@@ -135,17 +135,31 @@ func (s *Server) Draining() bool {
 	return s.draining
 }
 
+// closeWait bounds how long Close waits for the queries it stops to
+// write their errors out before it disconnects the clients.
+const closeWait = 2 * time.Second
+
 // Close disconnects every client (status 1001, going away) and refuses new
 // ones. Hijacked connections outlive http.Server.Shutdown, so the bridge
-// calls this when it stops.
+// calls this when it stops. A query still running (the grace ran out) is
+// cancelled at its worker and ends with an UNAVAILABLE error, written
+// before the close, so that a client with several queries on one
+// connection learns which went unanswered.
 func (s *Server) Close() error {
 	s.mu.Lock()
-	s.closed = true
+	s.closed, s.draining = true, true
 	conns := slices.Collect(maps.Keys(s.conns))
 	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), closeWait)
+	defer cancel()
+	var wg sync.WaitGroup
 	for _, c := range conns {
-		c.shutdown(websocket.StatusGoingAway, "server shutting down")
+		wg.Go(func() {
+			c.stopQueries(ctx)
+			c.shutdown(websocket.StatusGoingAway, "server shutting down")
+		})
 	}
+	wg.Wait()
 	return nil
 }
 
