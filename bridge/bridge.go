@@ -298,11 +298,20 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	_ = s.ws.Close()
 	s.cancelBase()
 	if err != nil {
+		// The requests cut by cancelBase write why (bridgeStopped) and
+		// end; what is still open after that is closed.
+		wctx, cancel := context.WithTimeout(context.Background(), cutWait)
+		_ = hs.Shutdown(wctx)
+		cancel()
 		_ = hs.Close()
 		return fmt.Errorf("bridge: shutdown: %w", err)
 	}
 	return nil
 }
+
+// cutWait bounds how long a stopping bridge waits, once the grace ran
+// out, for the requests it cut to write their error.
+const cutWait = 2 * time.Second
 
 // api wraps an API's handler (OpenAI's, Ollama's) in what every API of the
 // bridge shares: CORS, API keys, the body budget, and the client's identity

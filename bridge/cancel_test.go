@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -302,5 +303,76 @@ func TestWebSocketQueriesPastTheGraceEndWithAnError(t *testing.T) {
 	<-served
 	for _, marker := range markers {
 		assertCancelled(t, sw.hooks, marker)
+	}
+}
+
+// TestRequestsPastTheGraceEndWithAnError: when the grace runs out, an
+// HTTP query still running is cancelled at its worker and its client,
+// still there, reads why: 503 bridge_stopping with Retry-After before
+// the answer began, an error event ending a stream already under way.
+// Before, the first ended with the connection closed and no status.
+func TestRequestsPastTheGraceEndWithAnError(t *testing.T) {
+	cases := []struct {
+		name   string
+		stream bool
+	}{
+		{name: "whole answer"},
+		{name: "stream under way", stream: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			sw := newLocalSwarm(t)
+			_, addr, stop, served := serveToStop(t, sw, 0)
+			marker := "HTTP-CUT-" + strings.ReplaceAll(tc.name, " ", "-")
+			body := fmt.Sprintf(`{"model":"slow","stream":%v,"messages":[{"role":"user","content":"%s"}]}`, tc.stream, longPrompt(marker))
+			if tc.stream {
+				// Headers and the first tokens arrive before the stop.
+				resp, err := client.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(body))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer resp.Body.Close()
+				rd := bufio.NewReader(resp.Body)
+				line, err := rd.ReadString('\n')
+				if err != nil || !strings.HasPrefix(line, "data: {") {
+					t.Fatalf("first line %q, %v: want a chunk", line, err)
+				}
+				stop()
+				rest, _ := io.ReadAll(rd)
+				var last string
+				for l := range strings.Lines(string(rest)) {
+					if strings.HasPrefix(l, "data: ") {
+						last = strings.TrimSpace(strings.TrimPrefix(l, "data: "))
+					}
+				}
+				assertErrorShape(t, []byte(last), "bridge_stopping")
+			} else {
+				// The request waits for the whole answer: stop once the
+				// worker began it.
+				type reply struct {
+					resp *http.Response
+					err  error
+				}
+				got := make(chan reply, 1)
+				go func() {
+					r, err := client.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(body))
+					got <- reply{r, err}
+				}()
+				sw.waitStart(t, marker)
+				stop()
+				r := <-got
+				if r.err != nil {
+					t.Fatalf("the client read no answer: %v", r.err)
+				}
+				defer r.resp.Body.Close()
+				b, _ := io.ReadAll(r.resp.Body)
+				if r.resp.StatusCode != http.StatusServiceUnavailable || r.resp.Header.Get("Retry-After") == "" {
+					t.Errorf("status %d, Retry-After %q: want 503 with a retry hint", r.resp.StatusCode, r.resp.Header.Get("Retry-After"))
+				}
+				assertErrorShape(t, b, "bridge_stopping")
+			}
+			<-served
+			assertCancelled(t, sw.hooks, marker)
+		})
 	}
 }

@@ -81,6 +81,13 @@ func responseTooLarge(max int, hint string) *apiError {
 		Message: fmt.Sprintf("The worker's answer exceeded %d bytes, the most this bridge gathers for a non-streamed answer%s.", max, hint)}
 }
 
+// bridgeStopped is a query cut when the bridge stopped: another bridge
+// (or this one, restarted) may answer it.
+func bridgeStopped(retryAfter time.Duration) *apiError {
+	return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: "bridge_stopping", RetryAfter: retryAfter,
+		Message: "The bridge stopped before the answer; ask again on another."}
+}
+
 func modelNotFound(model string) *apiError {
 	return &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Param: "model", Code: "model_not_found",
 		Message: fmt.Sprintf("The model %q is not served by any peer of this swarm (GET /v1/models lists what is).", model)}

@@ -150,6 +150,11 @@ func (s *Server) query(ctx context.Context, q *pb.QueryRequest, h router.Handler
 	res, err := s.swarm.Query(ctx, q, h)
 	if err != nil {
 		ae := fromProtocol(err, s.cfg.retryAfter)
+		if s.base.Err() != nil {
+			// Cut by the bridge's stop (its grace ran out), not by the
+			// client, who is still there to read why.
+			ae = bridgeStopped(s.cfg.retryAfter)
+		}
 		s.log.Debugw("query failed", "type", protocol.TypeName(q.GetType()), "model", q.GetModel(), "status", ae.Status, "err", err, "after", time.Since(start))
 		return nil, ae
 	}
