@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"os"
@@ -36,9 +37,9 @@ func TestOpenAIClient(t *testing.T) {
 	assertCancelled(t, sw, "ABORT-TEST")
 }
 
-// nodeScript runs a script of bridge/e2e with node and returns its "ok"
-// checks; skipped without node_modules unless CI is set.
-func nodeScript(t *testing.T, script string, env []string, args ...string) map[string]map[string]any {
+// nodeCommand is node running a script of bridge/e2e, bounded by the
+// test's time; skipped without node_modules unless CI is set.
+func nodeCommand(t *testing.T, script string, env []string, args ...string) *exec.Cmd {
 	t.Helper()
 	node, err := exec.LookPath("node")
 	_, modErr := os.Stat(filepath.Join("e2e", "node_modules", "openai", "package.json"))
@@ -49,9 +50,34 @@ func nodeScript(t *testing.T, script string, env []string, args ...string) map[s
 		t.Fatalf("CI is set but node cannot run: node: %v, bridge/e2e/node_modules: %v", err, modErr)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*testTimeout)
-	defer cancel()
+	t.Cleanup(cancel)
 	cmd := exec.CommandContext(ctx, node, append([]string{filepath.Join("e2e", script)}, args...)...)
 	cmd.Env = append(os.Environ(), env...)
+	return cmd
+}
+
+// nodeScriptStart starts a script of bridge/e2e and gives its output line
+// by line, for a test that acts on what the script says; the script's
+// stderr is in cmd.Stderr.
+func nodeScriptStart(t *testing.T, script string, env []string, args ...string) (*exec.Cmd, *bufio.Scanner) {
+	t.Helper()
+	cmd := nodeCommand(t, script, env, args...)
+	cmd.Stderr = &strings.Builder{}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, bufio.NewScanner(out)
+}
+
+// nodeScript runs a script of bridge/e2e with node and returns its "ok"
+// checks; skipped without node_modules unless CI is set.
+func nodeScript(t *testing.T, script string, env []string, args ...string) map[string]map[string]any {
+	t.Helper()
+	cmd := nodeCommand(t, script, env, args...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -73,4 +99,48 @@ func nodeScript(t *testing.T, script string, env []string, args ...string) map[s
 		checks[name] = d
 	}
 	return checks
+}
+
+// TestOpenAIClientSeesTheBridgeStop: the official openai npm client, with
+// a whole-answer query and a stream running on a real swarm's bridge,
+// reads the bridge's error (bridge_stopping: a 503 with Retry-After, the
+// stream's last event) when the bridge stops with no grace left, and
+// both queries are cancelled at the worker.
+func TestOpenAIClientSeesTheBridgeStop(t *testing.T) {
+	r, sw, _ := newRealSwarm(t)
+	_, addr, stop, served := serveToStop(t, r, 0)
+	cmd, out := nodeScriptStart(t, "openai_shutdown.mjs", nil, "http://"+addr+"/v1")
+	checks := map[string]map[string]any{}
+	stopped := false
+	for out.Scan() {
+		line := out.Text()
+		t.Logf("openai_shutdown.mjs: %s", line)
+		if line == "ready" && !stopped {
+			sw.waitStart(t, "SHUTDOWN-WHOLE")
+			stop()
+			stopped = true
+		}
+		if rest, ok := strings.CutPrefix(line, "ok "); ok {
+			name, detail, _ := strings.Cut(rest, " ")
+			var d map[string]any
+			if err := json.Unmarshal([]byte(detail), &d); err != nil {
+				t.Fatalf("check %s: bad detail %q", name, detail)
+			}
+			checks[name] = d
+		}
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("openai_shutdown.mjs failed: %v\nstderr:\n%s", err, cmd.Stderr)
+	}
+	if !stopped {
+		t.Fatal("the client never said it was ready")
+	}
+	for _, want := range []string{"stream", "whole"} {
+		if _, ok := checks[want]; !ok {
+			t.Errorf("the client did not report check %q", want)
+		}
+	}
+	<-served
+	assertCancelled(t, sw, "SHUTDOWN-WHOLE")
+	assertCancelled(t, sw, "SHUTDOWN-STREAM")
 }
