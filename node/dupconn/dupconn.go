@@ -140,22 +140,30 @@ func (p *Pruner) Run(ctx context.Context) {
 // how many it closed.
 func (p *Pruner) Sweep(ctx context.Context) int {
 	self := p.h.ID()
-	byPeer := map[peer.ID][]network.Conn{}
+	// A relayed connection is no duplicate of a direct one: the direct
+	// one is what a hole punch is for, the relayed one its fallback when
+	// the NATs' mappings die (node/router), and mtor's relays set no
+	// limit that would end it (so it is not Limited). So each peer's
+	// direct connections are pruned among themselves, and so are its
+	// relayed ones (through one relay or several).
+	type path struct {
+		peer    peer.ID
+		relayed bool
+	}
+	byPath := map[path][]network.Conn{}
 	for _, c := range p.h.Network().Conns() {
 		rp := c.RemotePeer()
-		// The other end decides. A relayed connection is no duplicate
-		// of a direct one: the direct one is what a hole punch is for,
-		// the relayed one its fallback when the NATs' mappings die
-		// (node/router), and mtor's relays set no limit that would end
-		// it (so it is not Limited).
-		if rp <= self || c.IsClosed() || c.Stat().Limited || isRelayed(c) {
+		// The other end decides; a limited connection ends by its limits.
+		if rp <= self || c.IsClosed() || c.Stat().Limited {
 			continue
 		}
-		byPeer[rp] = append(byPeer[rp], c)
+		k := path{rp, isRelayed(c)}
+		byPath[k] = append(byPath[k], c)
 	}
 	closed, looked := 0, 0
 	now := time.Now()
-	for rp, conns := range byPeer {
+	for k, conns := range byPath {
+		rp := k.peer
 		if len(conns) < 2 {
 			continue
 		}

@@ -47,19 +47,7 @@ func relayed(t *testing.T, a, b, r host.Host) network.Conn {
 			t.Fatal(err)
 		}
 	}
-	// The relay service starts once the relay's host sees itself public:
-	// a moment after its start.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		_, err := client.Reserve(ctx, b, ri)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("reservation: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	reserve(t, b, ri)
 	circuit := ma.StringCast("/p2p/" + r.ID().String() + "/p2p-circuit")
 	if err := a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: []ma.Multiaddr{r.Addrs()[0].Encapsulate(circuit)}}); err != nil {
 		t.Fatal(err)
@@ -72,6 +60,23 @@ func relayed(t *testing.T, a, b, r host.Host) network.Conn {
 		t.Fatal("the relayed connection is limited; mtor's relays set no limit")
 	}
 	return conns[0]
+}
+
+// reserve makes h hold a reservation on relay r. The relay service starts
+// once the relay's host sees itself public: a moment after its start.
+func reserve(t *testing.T, h host.Host, r peer.AddrInfo) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := client.Reserve(t.Context(), h, r)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("reservation: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // direct dials b from a over one transport, although a is connected to
@@ -165,4 +170,44 @@ func TestSweepLeavesTheRelayedConnection(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSweepPrunesRelayedConnectionsAmongThemselves: two relayed
+// connections to one peer, through two relays, are duplicates of each
+// other: the idle one is closed, the one carrying a query kept, and the
+// direct connection beside them stays.
+func TestSweepPrunesRelayedConnectionsAmongThemselves(t *testing.T) {
+	lo, hi := keys(t)
+	a, b := newHost(t, lo), newHost(t, hi)
+	echo(b)
+	rc := relayed(t, a, b, newRelay(t))
+	s := query(t, a, b.ID())
+	// A second process with b's key reaches a through another relay, on
+	// which a holds a reservation: libp2p would reuse the first relayed
+	// connection for a dial of a's own.
+	r2 := newRelay(t)
+	r2i := peer.AddrInfo{ID: r2.ID(), Addrs: r2.Addrs()}
+	b2 := newHost(t, hi)
+	for _, h := range []host.Host{a, b2} {
+		if err := h.Connect(t.Context(), r2i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reserve(t, a, r2i)
+	circuit := ma.StringCast("/p2p/" + r2.ID().String() + "/p2p-circuit")
+	if err := b2.Connect(t.Context(), peer.AddrInfo{ID: a.ID(), Addrs: []ma.Multiaddr{r2.Addrs()[0].Encapsulate(circuit)}}); err != nil {
+		t.Fatal(err)
+	}
+	dc := direct(t, a, b, ma.P_QUIC_V1)
+	if n := len(a.Network().ConnsToPeer(b.ID())); n != 3 {
+		t.Fatalf("%d connections to the peer, want 3", n)
+	}
+	pr := New(a, liveness.Probe, WithGrace(0), WithExpendable(ping.ID, identify.ID, identify.IDPush))
+	sweepUntil(t, pr, 1)
+	got := a.Network().ConnsToPeer(b.ID())
+	slices.SortFunc(got, func(x, y network.Conn) int { return x.Stat().Opened.Compare(y.Stat().Opened) })
+	if want := []network.Conn{rc, dc}; !slices.Equal(got, want) {
+		t.Fatalf("connections %v after the sweep, want the relayed one with the query %v and the direct %v", got, rc, dc)
+	}
+	roundTrip(t, s, "more")
 }
