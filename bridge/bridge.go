@@ -295,22 +295,28 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// queries get what is left of the grace, then they are closed (status
 	// 1001).
 	s.ws.Drain(ctx)
-	_ = s.ws.Close()
+	// What still runs is cut now: HTTP requests (their context is base's)
+	// and WebSocket queries, together. Each writes why (bridgeStopped,
+	// UNAVAILABLE) for up to cutWait; what is open after that is closed.
 	s.cancelBase()
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = s.ws.Close() })
 	if err != nil {
-		// The requests cut by cancelBase write why (bridgeStopped) and
-		// end; what is still open after that is closed.
 		wctx, cancel := context.WithTimeout(context.Background(), cutWait)
 		_ = hs.Shutdown(wctx)
 		cancel()
 		_ = hs.Close()
+	}
+	wg.Wait()
+	if err != nil {
 		return fmt.Errorf("bridge: shutdown: %w", err)
 	}
 	return nil
 }
 
 // cutWait bounds how long a stopping bridge waits, once the grace ran
-// out, for the requests it cut to write their error.
+// out, for the requests it cut to write their error (the WebSocket
+// server's own bound is the same).
 const cutWait = 2 * time.Second
 
 // api wraps an API's handler (OpenAI's, Ollama's) in what every API of the

@@ -51,11 +51,12 @@ type conn struct {
 
 	sem chan struct{} // running queries
 
-	mu      sync.Mutex
-	user    userInfo
-	queries map[string]*running
-	waiting int
-	history []historyEntry // newest last
+	mu       sync.Mutex
+	stopping bool // the server's Close stopped the queries: refuse more
+	user     userInfo
+	queries  map[string]*running
+	waiting  int
+	history  []historyEntry // newest last
 }
 
 type running struct {
@@ -165,6 +166,7 @@ func (c *conn) finish() {
 // jobError) and the queue is written, or ctx ends.
 func (c *conn) stopQueries(ctx context.Context) {
 	c.mu.Lock()
+	c.stopping = true
 	for _, r := range c.queries {
 		r.stopped.Store(true)
 		r.cancel()

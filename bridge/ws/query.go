@@ -83,6 +83,17 @@ func (c *conn) start(spec jobSpec) {
 	ctx, cancel := context.WithTimeout(router.WithEnergyPreference(c.ctx, spec.prefer), c.s.cfg.queryTimeout)
 	r := &running{cancel: cancel}
 	c.mu.Lock()
+	if c.stopping {
+		// Counted in just before the server's Close; stopQueries has
+		// already taken the queries it stops.
+		c.mu.Unlock()
+		cancel()
+		c.s.endQuery()
+		m := busyMsg("the bridge is shutting down; try again on another", id, c.s.cfg.retryAfter)
+		m.Code = "UNAVAILABLE"
+		c.send(m)
+		return
+	}
 	if _, dup := c.queries[id]; dup {
 		c.mu.Unlock()
 		cancel()
@@ -98,12 +109,14 @@ func (c *conn) start(spec jobSpec) {
 		return
 	}
 	c.queries[id] = r
+	// Under c.mu with the query's entry: stopQueries, which waits on
+	// wg, then sees every query it has taken counted in.
+	c.wg.Add(1)
 	c.mu.Unlock()
 
 	workers := max(c.s.catalog().workers, 1) // the seed client divides by it
 	c.send(queryStartedMsg{Type: "query_started", QueryID: id, QueryType: spec.queryType, Model: spec.model})
 	submitted := time.Now()
-	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		defer c.s.endQuery() // after the answer is queued: Drain waits for it too
