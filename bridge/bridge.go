@@ -87,7 +87,7 @@ type Server struct {
 	// base is the parent of every request context; cancelling it ends
 	// streams and WebSockets that outlive the shutdown grace.
 	base       context.Context
-	cancelBase context.CancelFunc
+	cancelBase context.CancelCauseFunc
 
 	mu  sync.Mutex
 	srv *http.Server
@@ -145,7 +145,7 @@ func New(s Swarm, opts ...Option) (*Server, error) {
 		started: time.Now(),
 		usage:   newUsageBook(maxUsageClients),
 	}
-	srv.base, srv.cancelBase = context.WithCancel(context.Background())
+	srv.base, srv.cancelBase = context.WithCancelCause(context.Background())
 	q, err := queue.New(
 		queue.WithMaxInFlight(cfg.maxInFlight),
 		queue.WithCapacity(func() int { return capacityOf(s.Peers()) }),
@@ -286,7 +286,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// than cut at the end of the grace.
 	s.queue.Close()
 	if hs == nil {
-		s.cancelBase()
+		s.cancelBase(errBridgeStopping)
 		_ = s.ws.Close()
 		return nil
 	}
@@ -298,7 +298,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// What still runs is cut now: HTTP requests (their context is base's)
 	// and WebSocket queries, together. Each writes why (bridgeStopped,
 	// UNAVAILABLE) for up to cutWait; what is open after that is closed.
-	s.cancelBase()
+	s.cancelBase(errBridgeStopping)
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = s.ws.Close() })
 	if err != nil {

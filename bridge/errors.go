@@ -81,6 +81,10 @@ func responseTooLarge(max int, hint string) *apiError {
 		Message: fmt.Sprintf("The worker's answer exceeded %d bytes, the most this bridge gathers for a non-streamed answer%s.", max, hint)}
 }
 
+// errBridgeStopping is the cause the bridge's stop cancels its requests
+// with, once the grace ran out.
+var errBridgeStopping = errors.New("the bridge is stopping")
+
 // bridgeStopped is a query cut when the bridge stopped: another bridge
 // (or this one, restarted) may answer it.
 func bridgeStopped(retryAfter time.Duration) *apiError {

@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
@@ -141,6 +142,7 @@ func (s *Server) query(ctx context.Context, q *pb.QueryRequest, h router.Handler
 	if err := protocol.ValidateRequest(q); err != nil {
 		return nil, fromProtocol(err, 0)
 	}
+	reqCtx := ctx
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.queryTimeout)
 	defer cancel()
 	if dl, ok := ctx.Deadline(); ok {
@@ -150,9 +152,10 @@ func (s *Server) query(ctx context.Context, q *pb.QueryRequest, h router.Handler
 	res, err := s.swarm.Query(ctx, q, h)
 	if err != nil {
 		ae := fromProtocol(err, s.cfg.retryAfter)
-		if s.base.Err() != nil {
+		if errors.Is(context.Cause(reqCtx), errBridgeStopping) {
 			// Cut by the bridge's stop (its grace ran out), not by the
-			// client, who is still there to read why.
+			// client (that cancels with a cause of its own), who is
+			// still there to read why.
 			ae = bridgeStopped(s.cfg.retryAfter)
 		}
 		s.log.Debugw("query failed", "type", protocol.TypeName(q.GetType()), "model", q.GetModel(), "status", ae.Status, "err", err, "after", time.Since(start))
