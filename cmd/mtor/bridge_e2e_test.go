@@ -18,10 +18,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
+
+	"github.com/mtor-swarm/mtor/node/api"
 )
 
 // Memory bounds of a bridge node (worker and bridge in one process), as
@@ -327,5 +330,85 @@ func TestE2EBridgeHostGuard(t *testing.T) {
 		if err == nil {
 			c.Close(websocket.StatusNormalClosure, "")
 		}
+	}
+}
+
+// TestE2EBridgeStopPastItsGrace: a bridge node stopped with SIGTERM while
+// a stream from a slow worker outlasts its --grace ends the stream with
+// the bridge's error (bridge_stopping) as its last event, cancels the
+// query at the worker, and exits 0. The client, still connected, reads
+// why its answer stopped instead of a cut connection.
+func TestE2EBridgeStopPastItsGrace(t *testing.T) {
+	needBinary(t)
+	dir := t.TempDir()
+	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	// 200 words at 100 ms each: 20 s, far past the bridge's grace.
+	w := startNode(t, "slow-worker", nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=100ms,model=slow",
+		"--join", boot.value("join"))...)
+	br := startNode(t, "bridge", nodeArgs(filepath.Join(dir, "b"), "--no-detect", "--bridge", "127.0.0.1:0", "--grace", "1s",
+		"--join", boot.value("join"))...)
+	waitWorkers(t, br.value("api"), "slow", w.value("peer"))
+	base := strings.TrimSuffix(br.value("bridge"), "/")
+
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	body := `{"model":"slow","stream":true,"messages":[{"role":"user","content":"` + strings.TrimSpace(strings.Repeat("word ", 200)) + `"}]}`
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/chat/completions", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	rd := bufio.NewReader(resp.Body)
+	if line, err := rd.ReadString('\n'); err != nil || !strings.HasPrefix(line, "data: {") {
+		t.Fatalf("first line %q, %v: want a chunk", line, err)
+	}
+	type exit struct {
+		code int
+		err  error
+	}
+	stopped := make(chan exit, 1)
+	go func() {
+		code, err := br.signal(syscall.SIGTERM)
+		stopped <- exit{code, err}
+	}()
+	rest, _ := io.ReadAll(rd)
+	var last string
+	for l := range strings.Lines(string(rest)) {
+		if d, ok := strings.CutPrefix(l, "data: "); ok {
+			last = strings.TrimSpace(d)
+		}
+	}
+	if code := errorCode([]byte(last)); code != "bridge_stopping" {
+		t.Errorf("the stream's last event %q, want the error bridge_stopping", last)
+	}
+	if x := <-stopped; x.err != nil || x.code != 0 {
+		t.Errorf("bridge exit %d (%v):\n%s", x.code, x.err, br.output())
+	}
+	// The worker's query was cancelled: it serves nothing now.
+	wc := api.NewClient(w.value("api"))
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		peers, err := wc.Peers(ctx)
+		busy := -1
+		for _, p := range peers {
+			if p.Self {
+				busy = int(p.InFlight)
+			}
+		}
+		if err == nil && busy == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the worker still runs the cut query (in flight %d, %v):\n%s", busy, err, w.output())
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
