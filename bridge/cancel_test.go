@@ -308,16 +308,31 @@ func TestWebSocketQueriesPastTheGraceEndWithAnError(t *testing.T) {
 
 // TestRequestsPastTheGraceEndWithAnError: when the grace runs out, an
 // HTTP query still running is cancelled at its worker and its client,
-// still there, reads why: 503 bridge_stopping with Retry-After before
-// the answer began, an error event ending a stream already under way.
-// Before, the first ended with the connection closed and no status.
+// still there, reads why, in its API's shape: 503 with Retry-After
+// before the answer began, an error event (OpenAI) or line (Ollama)
+// ending a stream already under way. Before, the first ended with the
+// connection closed and no status, the second with no error at all.
 func TestRequestsPastTheGraceEndWithAnError(t *testing.T) {
+	openAIError := func(t *testing.T, b []byte) { assertErrorShape(t, b, "bridge_stopping") }
+	ollamaError := func(t *testing.T, b []byte) {
+		var e map[string]any
+		if err := json.Unmarshal(b, &e); err != nil || len(e) != 1 || !strings.Contains(fmt.Sprint(e["error"]), "bridge stopped") {
+			t.Errorf("error %s (%v), want Ollama's {\"error\": ...} saying the bridge stopped", b, err)
+		}
+	}
 	cases := []struct {
 		name   string
+		path   string
 		stream bool
+		line   func(string) (string, bool) // a stream's event in a line
+		check  func(*testing.T, []byte)
 	}{
-		{name: "whole answer"},
-		{name: "stream under way", stream: true},
+		{name: "openai whole answer", path: "/v1/chat/completions", check: openAIError},
+		{name: "openai stream under way", path: "/v1/chat/completions", stream: true, check: openAIError,
+			line: func(l string) (string, bool) { return strings.CutPrefix(l, "data: ") }},
+		{name: "ollama whole answer", path: "/api/chat", check: ollamaError},
+		{name: "ollama stream under way", path: "/api/chat", stream: true, check: ollamaError,
+			line: func(l string) (string, bool) { return l, strings.HasPrefix(l, "{") }},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -327,25 +342,25 @@ func TestRequestsPastTheGraceEndWithAnError(t *testing.T) {
 			body := fmt.Sprintf(`{"model":"slow","stream":%v,"messages":[{"role":"user","content":"%s"}]}`, tc.stream, longPrompt(marker))
 			if tc.stream {
 				// Headers and the first tokens arrive before the stop.
-				resp, err := client.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(body))
+				resp, err := client.Post("http://"+addr+tc.path, "application/json", strings.NewReader(body))
 				if err != nil {
 					t.Fatal(err)
 				}
 				defer resp.Body.Close()
 				rd := bufio.NewReader(resp.Body)
 				line, err := rd.ReadString('\n')
-				if err != nil || !strings.HasPrefix(line, "data: {") {
+				if _, ok := tc.line(line); err != nil || !ok {
 					t.Fatalf("first line %q, %v: want a chunk", line, err)
 				}
 				stop()
 				rest, _ := io.ReadAll(rd)
 				var last string
 				for l := range strings.Lines(string(rest)) {
-					if strings.HasPrefix(l, "data: ") {
-						last = strings.TrimSpace(strings.TrimPrefix(l, "data: "))
+					if ev, ok := tc.line(l); ok {
+						last = strings.TrimSpace(ev)
 					}
 				}
-				assertErrorShape(t, []byte(last), "bridge_stopping")
+				tc.check(t, []byte(last))
 			} else {
 				// The request waits for the whole answer: stop once the
 				// worker began it.
@@ -355,7 +370,7 @@ func TestRequestsPastTheGraceEndWithAnError(t *testing.T) {
 				}
 				got := make(chan reply, 1)
 				go func() {
-					r, err := client.Post("http://"+addr+"/v1/chat/completions", "application/json", strings.NewReader(body))
+					r, err := client.Post("http://"+addr+tc.path, "application/json", strings.NewReader(body))
 					got <- reply{r, err}
 				}()
 				sw.waitStart(t, marker)
@@ -369,7 +384,7 @@ func TestRequestsPastTheGraceEndWithAnError(t *testing.T) {
 				if r.resp.StatusCode != http.StatusServiceUnavailable || r.resp.Header.Get("Retry-After") == "" {
 					t.Errorf("status %d, Retry-After %q: want 503 with a retry hint", r.resp.StatusCode, r.resp.Header.Get("Retry-After"))
 				}
-				assertErrorShape(t, b, "bridge_stopping")
+				tc.check(t, b)
 			}
 			<-served
 			assertCancelled(t, sw.hooks, marker)
