@@ -200,26 +200,38 @@ func TestDeadlineAndBusy(t *testing.T) {
 	assertCancelled(t, sw.hooks, "HOLDS-THE-SLOT")
 }
 
+// wsToStop serves a bridge for a new local swarm with the given grace
+// (serveToStop) and dials its /ws; ctx bounds the test's reads and writes.
+func wsToStop(t *testing.T, grace time.Duration) (sw *localSwarm, b *Server, ctx context.Context, c *websocket.Conn, stop func(), served chan error) {
+	t.Helper()
+	sw = newLocalSwarm(t)
+	b, addr, stop, served := serveToStop(t, sw, grace)
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	t.Cleanup(cancel)
+	c, _, err := websocket.Dial(ctx, "ws://"+addr+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.CloseNow() })
+	return sw, b, ctx, c, stop, served
+}
+
+// wsSubmit sends a chat query for the slow model on c.
+func wsSubmit(t *testing.T, ctx context.Context, c *websocket.Conn, id, prompt string) {
+	t.Helper()
+	q, _ := json.Marshal(map[string]any{"type": "submit_query", "query_id": id, "query": map[string]any{"prompt": prompt, "query_type": "chat", "model_name": "slow"}})
+	if err := c.Write(ctx, websocket.MessageText, q); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestShutdownGivesWebSocketQueriesTheGrace: a WebSocket query in flight
 // when the bridge begins to stop gets the grace, as an HTTP one does,
 // though http.Server.Shutdown does not track hijacked connections; a
 // query sent meanwhile is refused as UNAVAILABLE, to try elsewhere.
 func TestShutdownGivesWebSocketQueriesTheGrace(t *testing.T) {
-	sw := newLocalSwarm(t)
-	b, addr, stop, served := serveToStop(t, sw, time.Minute)
-	dctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	defer cancel()
-	c, _, err := websocket.Dial(dctx, "ws://"+addr+"/ws", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.CloseNow()
-	submit := func(id, prompt string) {
-		q, _ := json.Marshal(map[string]any{"type": "submit_query", "query_id": id, "query": map[string]any{"prompt": prompt, "query_type": "chat", "model_name": "slow"}})
-		if err := c.Write(dctx, websocket.MessageText, q); err != nil {
-			t.Fatal(err)
-		}
-	}
+	sw, b, dctx, c, stop, served := wsToStop(t, time.Minute)
+	submit := func(id, prompt string) { wsSubmit(t, dctx, c, id, prompt) }
 	const marker = "WS-GRACEFUL"
 	submit("q1", marker+" a b c")
 	sw.waitStart(t, marker)
@@ -258,21 +270,10 @@ func TestShutdownGivesWebSocketQueriesTheGrace(t *testing.T) {
 // closes with 1001: a client with several queries on one connection
 // learns which went unanswered.
 func TestWebSocketQueriesPastTheGraceEndWithAnError(t *testing.T) {
-	sw := newLocalSwarm(t)
-	_, addr, stop, served := serveToStop(t, sw, 0)
-	dctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	defer cancel()
-	c, _, err := websocket.Dial(dctx, "ws://"+addr+"/ws", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.CloseNow()
+	sw, _, dctx, c, stop, served := wsToStop(t, 0)
 	markers := map[string]string{"q1": "WS-CUT-ONE", "q2": "WS-CUT-TWO"}
 	for id, marker := range markers {
-		q, _ := json.Marshal(map[string]any{"type": "submit_query", "query_id": id, "query": map[string]any{"prompt": longPrompt(marker), "query_type": "chat", "model_name": "slow"}})
-		if err := c.Write(dctx, websocket.MessageText, q); err != nil {
-			t.Fatal(err)
-		}
+		wsSubmit(t, dctx, c, id, longPrompt(marker))
 	}
 	sw.waitStart(t, markers["q1"], markers["q2"])
 	stop()
