@@ -337,15 +337,20 @@ func TestE2EBridgeHostGuard(t *testing.T) {
 // a stream from a slow worker outlasts its --grace ends the stream with
 // the bridge's error (bridge_stopping) as its last event, cancels the
 // query at the worker, and exits 0. The client, still connected, reads
-// why its answer stopped instead of a cut connection.
+// why its answer stopped instead of a cut connection. On TCP and on QUIC,
+// whose streams end differently.
 func TestE2EBridgeStopPastItsGrace(t *testing.T) {
+	onEachTransport(t, testE2EBridgeStopPastItsGrace)
+}
+
+func testE2EBridgeStopPastItsGrace(t *testing.T, tr transport) {
 	needBinary(t)
 	dir := t.TempDir()
-	boot := startNode(t, "bootstrap", nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
+	boot := startNode(t, "bootstrap", tr.nodeArgs(filepath.Join(dir, "boot"), "--no-detect")...)
 	// 200 words at 100 ms each: 20 s, far past the bridge's grace.
-	w := startNode(t, "slow-worker", nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=100ms,model=slow",
+	w := startNode(t, "slow-worker", tr.nodeArgs(filepath.Join(dir, "w"), "--backend", "demo:delay=100ms,model=slow",
 		"--join", boot.value("join"))...)
-	br := startNode(t, "bridge", nodeArgs(filepath.Join(dir, "b"), "--no-detect", "--bridge", "127.0.0.1:0", "--grace", "1s",
+	br := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "b"), "--no-detect", "--bridge", "127.0.0.1:0", "--grace", "1s",
 		"--join", boot.value("join"))...)
 	waitWorkers(t, br.value("api"), "slow", w.value("peer"))
 	base := strings.TrimSuffix(br.value("bridge"), "/")
