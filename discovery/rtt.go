@@ -8,7 +8,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
-	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 // pingLoop measures the RTT to every connected peer of the table once per
@@ -105,7 +106,7 @@ func (d *Discovery) pingOnce(p peer.ID) (rtt time.Duration, relayed bool, ok boo
 // hasDirectConn reports whether one of conns does not run through a relay.
 func hasDirectConn(conns []network.Conn) bool {
 	for _, c := range conns {
-		if _, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_CIRCUIT); err != nil {
+		if !relayaddr.IsRelayed(c) {
 			return true
 		}
 	}

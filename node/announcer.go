@@ -13,6 +13,7 @@ import (
 	manet "github.com/multiformats/go-multiaddr/net"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -230,7 +231,7 @@ func (a *announcer) provide(ctx context.Context, f func(context.Context) error) 
 func announceOrder(addrs []ma.Multiaddr) []ma.Multiaddr {
 	class := func(m ma.Multiaddr) int {
 		switch {
-		case isCircuit(m):
+		case relayaddr.IsCircuit(m):
 			return 1
 		case manet.IsIPLoopback(m):
 			return 3

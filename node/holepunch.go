@@ -9,6 +9,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
+
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 // maxPunched bounds the hole-punched connections remembered: each entry
@@ -120,7 +122,7 @@ func (l *punchLog) ended(p peer.ID, succeeded bool) {
 // connected marks a new direct connection to a peer whose punch window
 // is open.
 func (l *punchLog) connected(c network.Conn) {
-	if isCircuit(c.RemoteMultiaddr()) {
+	if relayaddr.IsCircuit(c.RemoteMultiaddr()) {
 		return
 	}
 	p := c.RemotePeer()
@@ -145,7 +147,7 @@ func (l *punchLog) markDirect(p peer.ID, since time.Time) {
 		return
 	}
 	for _, c := range (*hp).Network().ConnsToPeer(p) {
-		if !isCircuit(c.RemoteMultiaddr()) && !c.Stat().Opened.Before(since) {
+		if !relayaddr.IsCircuit(c.RemoteMultiaddr()) && !c.Stat().Opened.Before(since) {
 			l.add(c.ID(), p)
 		}
 	}

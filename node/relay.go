@@ -23,6 +23,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/membership"
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 var relayLog = logging.Logger("mtor/relay")
@@ -249,16 +250,11 @@ func (k *relayKeeper) status() (Reachability, string) {
 // hasPublicAddr reports whether addrs hold a public, direct address.
 func hasPublicAddr(addrs []ma.Multiaddr) bool {
 	for _, a := range addrs {
-		if !isCircuit(a) && manet.IsPublicAddr(a) {
+		if !relayaddr.IsCircuit(a) && manet.IsPublicAddr(a) {
 			return true
 		}
 	}
 	return false
-}
-
-func isCircuit(a ma.Multiaddr) bool {
-	_, err := a.ValueForProtocol(ma.P_CIRCUIT)
-	return err == nil
 }
 
 // step brings the reservations to what is needed: drops lost relays,
@@ -433,7 +429,7 @@ func (k *relayKeeper) candidates(now time.Time) []peer.AddrInfo {
 		}
 		addrs := h.Peerstore().Addrs(e.Peer)
 		for _, b := range e.Announce.GetAddrs() {
-			if m, err := ma.NewMultiaddrBytes(b); err == nil && !isCircuit(m) {
+			if m, err := ma.NewMultiaddrBytes(b); err == nil && !relayaddr.IsCircuit(m) {
 				addrs = append(addrs, m)
 			}
 		}
@@ -463,12 +459,12 @@ func (k *relayKeeper) circuitAddrs(h host.Host, r peer.ID) []ma.Multiaddr {
 	var base []ma.Multiaddr
 	for _, c := range h.Network().ConnsToPeer(r) {
 		a := c.RemoteMultiaddr()
-		if c.Stat().Direction == network.DirOutbound && !isCircuit(a) {
+		if c.Stat().Direction == network.DirOutbound && !relayaddr.IsCircuit(a) {
 			base = append(base, a)
 		}
 	}
 	for _, a := range h.Peerstore().Addrs(r) {
-		if !isCircuit(a) && !manet.IsIP6LinkLocal(a) {
+		if !relayaddr.IsCircuit(a) && !manet.IsIP6LinkLocal(a) {
 			base = append(base, a)
 		}
 	}
@@ -489,7 +485,7 @@ func (k *relayKeeper) circuitAddrs(h host.Host, r peer.ID) []ma.Multiaddr {
 // directlyConnected reports whether h has a connection to p not through a relay.
 func directlyConnected(h host.Host, p peer.ID) bool {
 	for _, c := range h.Network().ConnsToPeer(p) {
-		if !isCircuit(c.RemoteMultiaddr()) {
+		if !relayaddr.IsCircuit(c.RemoteMultiaddr()) {
 			return true
 		}
 	}
@@ -498,7 +494,7 @@ func directlyConnected(h host.Host, p peer.ID) bool {
 
 func allLoopback(addrs []ma.Multiaddr) bool {
 	for _, a := range addrs {
-		if !isCircuit(a) && !manet.IsIPLoopback(a) {
+		if !relayaddr.IsCircuit(a) && !manet.IsIPLoopback(a) {
 			return false
 		}
 	}

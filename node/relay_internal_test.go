@@ -16,6 +16,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 	"github.com/mtor-swarm/mtor/protocol"
 )
 
@@ -85,7 +86,7 @@ func announcesCircuit(seen *Node, p peer.ID) bool {
 		return false
 	}
 	for _, b := range e.Announce.GetAddrs() {
-		if m, err := ma.NewMultiaddrBytes(b); err == nil && isCircuit(m) {
+		if m, err := ma.NewMultiaddrBytes(b); err == nil && relayaddr.IsCircuit(m) {
 			return true
 		}
 	}

@@ -18,6 +18,7 @@ import (
 	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/discovery"
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 // Join timing: how long the first dial of the join peers may take before
@@ -114,7 +115,7 @@ func (n *Node) paths() Paths {
 	for _, p := range n.h.Network().Peers() {
 		direct, punched := false, false
 		for _, c := range n.h.Network().ConnsToPeer(p) {
-			if !isCircuit(c.RemoteMultiaddr()) {
+			if !relayaddr.IsCircuit(c.RemoteMultiaddr()) {
 				direct = true
 				punched = punched || n.punch.HolePunched(c)
 			}

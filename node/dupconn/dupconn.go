@@ -37,7 +37,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
-	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 var log = logging.Logger("mtor/dupconn")
@@ -157,7 +158,7 @@ func (p *Pruner) Sweep(ctx context.Context) int {
 		if rp <= self || c.IsClosed() || c.Stat().Limited {
 			continue
 		}
-		k := path{rp, isRelayed(c)}
+		k := path{rp, relayaddr.IsRelayed(c)}
 		byPath[k] = append(byPath[k], c)
 	}
 	closed, looked := 0, 0
@@ -261,10 +262,4 @@ func (p *Pruner) sticky(c network.Conn) int {
 		}
 	}
 	return n
-}
-
-// isRelayed reports whether c runs through a relay (circuit v2).
-func isRelayed(c network.Conn) bool {
-	_, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_CIRCUIT)
-	return err == nil
 }

@@ -18,6 +18,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/liveness"
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 // newRelay is a relay without time or data limits on its circuits, as
@@ -53,7 +54,7 @@ func relayed(t *testing.T, a, b, r host.Host) network.Conn {
 		t.Fatal(err)
 	}
 	conns := a.Network().ConnsToPeer(b.ID())
-	if len(conns) != 1 || !isRelayed(conns[0]) {
+	if len(conns) != 1 || !relayaddr.IsRelayed(conns[0]) {
 		t.Fatalf("connections %v, want one relayed", conns)
 	}
 	if conns[0].Stat().Limited {
@@ -90,7 +91,7 @@ func direct(t *testing.T, a, b host.Host, proto int) network.Conn {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if isRelayed(c) {
+	if relayaddr.IsRelayed(c) {
 		t.Fatal("the direct dial gave a relayed connection")
 	}
 	return c

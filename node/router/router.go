@@ -27,6 +27,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -177,12 +178,6 @@ func addrsKey(a *pb.Announce) string {
 		b.WriteByte(0)
 	}
 	return b.String()
-}
-
-// isRelayed reports whether c runs through a relay.
-func isRelayed(c network.Conn) bool {
-	_, err := c.RemoteMultiaddr().ValueForProtocol(ma.P_CIRCUIT)
-	return err == nil
 }
 
 // model is the health of one of the peer's models, nil if never failed.
@@ -1724,7 +1719,7 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 	log.Debugw("query stream failed", "peer", p, "accepted", accepted, "err", err)
 	var te interface{ Timeout() bool }
 	silent := errors.As(err, &te) && te.Timeout()
-	if isRelayed(s.Conn()) && r.hasOtherPath(s.Conn()) {
+	if relayaddr.IsRelayed(s.Conn()) && r.hasOtherPath(s.Conn()) {
 		// The relay (or its connection to either side) may have gone
 		// away, not the worker: try it again over another path — a
 		// direct connection or its other relay — at no cost, a bounded
@@ -1743,7 +1738,7 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 		}
 		return pathLost{protocol.Errorf(protocol.CodeUnavailable, "the relayed connection to worker %s broke", ShortID(p)), silent, accepted, via}
 	}
-	if !isRelayed(s.Conn()) && r.hasRelayedConn(s.Conn()) {
+	if !relayaddr.IsRelayed(s.Conn()) && r.hasRelayedConn(s.Conn()) {
 		// A direct connection made by a hole punch lives on the NATs'
 		// mappings, which can die while the relayed connection it
 		// replaced (kept as the fallback) is fine: close it, so that
@@ -1774,7 +1769,7 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 // connection besides it.
 func (r *Router) hasRelayedConn(broken network.Conn) bool {
 	for _, c := range r.h.Network().ConnsToPeer(broken.RemotePeer()) {
-		if c != broken && !c.IsClosed() && isRelayed(c) {
+		if c != broken && !c.IsClosed() && relayaddr.IsRelayed(c) {
 			return true
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -191,7 +192,7 @@ func (r *Router) path(p peer.ID) (kind, relay string, punched bool, conns int) {
 	}
 	cs := r.h.Network().ConnsToPeer(p)
 	for _, c := range cs {
-		if !isRelayed(c) {
+		if !relayaddr.IsRelayed(c) {
 			if kind != "direct" {
 				kind, relay = "direct", ""
 			}
@@ -220,7 +221,7 @@ func Reachability(addrs [][]byte) (kind string, via []string) {
 		if err != nil {
 			continue
 		}
-		if _, err := m.ValueForProtocol(ma.P_CIRCUIT); err == nil {
+		if relayaddr.IsCircuit(m) {
 			if rp, err := m.ValueForProtocol(ma.P_P2P); err == nil && !slices.Contains(via, rp) {
 				via = append(via, rp)
 			}
