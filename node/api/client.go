@@ -153,6 +153,7 @@ func (c *Client) Query(ctx context.Context, q *QueryRequest, onEvent func(*Event
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 0, 64<<10), maxEventLine)
+	sc.Split(scanEvents)
 	for sc.Scan() {
 		line := sc.Bytes()
 		if len(bytes.TrimSpace(line)) == 0 {
@@ -184,12 +185,12 @@ func (c *Client) Query(ctx context.Context, q *QueryRequest, onEvent func(*Event
 		if ctx.Err() != nil {
 			return nil, ctxError(ctx)
 		}
-		return nil, fmt.Errorf("reading the query stream: %w", err)
+		return nil, fmt.Errorf("the node at %s cut the answer off (it stopped or died mid-answer); the answer is incomplete: %w", c.base, err)
 	}
 	if ctx.Err() != nil {
 		return nil, ctxError(ctx)
 	}
-	return nil, errors.New("the query stream ended without a result")
+	return nil, fmt.Errorf("the node at %s ended the query stream without a result (it stopped or died mid-answer); the answer is incomplete", c.base)
 }
 
 func (c *Client) get(ctx context.Context, path string, v any) error {
@@ -251,4 +252,18 @@ func readError(resp *http.Response) error {
 		return &RefusedError{Status: resp.StatusCode, Code: body.Error.Code, Message: body.Error.Message}
 	}
 	return body.Error.ProtoError()
+}
+
+// scanEvents splits the stream into its events, one a line. Unlike
+// bufio.ScanLines it does not hand out a last line without its newline:
+// that is an event cut off by a node that stopped or died, an
+// io.ErrUnexpectedEOF, not a malformed event.
+func scanEvents(data []byte, atEOF bool) (int, []byte, error) {
+	if i := bytes.IndexByte(data, '\n'); i >= 0 {
+		return i + 1, data[:i], nil
+	}
+	if atEOF && len(data) > 0 {
+		return 0, nil, io.ErrUnexpectedEOF
+	}
+	return 0, nil, nil
 }

@@ -77,7 +77,20 @@ type Server struct {
 	maxBody        int64
 	defaultTimeout time.Duration
 	http           *http.Server
+	// base is every request's parent context; Shutdown cancels it with
+	// errNodeStopping once the grace has run out.
+	base     context.Context
+	stopBase context.CancelCauseFunc
 }
+
+// errNodeStopping is the cause a stopping node cancels the API's requests
+// with, so that a query cut by the stop is told apart from one whose
+// client left: its client is still there to read why.
+var errNodeStopping = errors.New("the node is stopping")
+
+// cutWait bounds how long Shutdown waits, once the grace ran out, for
+// the queries it cut to write their error event.
+const cutWait = 2 * time.Second
 
 // Option configures a Server.
 type Option func(*Server)
@@ -109,8 +122,10 @@ func NewServer(n Node, r Router, opts ...Option) *Server {
 	for _, o := range opts {
 		o(s)
 	}
+	s.base, s.stopBase = context.WithCancelCause(context.Background())
 	s.http = &http.Server{
 		Handler:           s.Handler(),
+		BaseContext:       func(net.Listener) context.Context { return s.base },
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       time.Minute, // the whole request, body included
 		IdleTimeout:       2 * time.Minute,
@@ -131,11 +146,16 @@ func (s *Server) Serve(ln net.Listener) error {
 }
 
 // Shutdown stops accepting connections and waits for running requests
-// (query streams included) until ctx ends; then it closes the rest, which
-// cancels their queries.
+// (query streams included) until ctx ends. Then it cancels the queries
+// still running, gives each up to cutWait to end its stream with an
+// UNAVAILABLE error event, and closes what is left.
 func (s *Server) Shutdown(ctx context.Context) error {
 	err := s.http.Shutdown(ctx)
+	s.stopBase(errNodeStopping)
 	if err != nil {
+		wctx, cancel := context.WithTimeout(context.Background(), cutWait)
+		_ = s.http.Shutdown(wctx)
+		cancel()
 		_ = s.http.Close()
 	}
 	return err
@@ -318,11 +338,14 @@ func (s *Server) handleQuery(w http.ResponseWriter, r *http.Request) {
 	out := &eventWriter{w: w, rc: http.NewResponseController(w)}
 	done, err := Run(ctx, s.router, req, out.write)
 	if err != nil {
-		if r.Context().Err() != nil {
+		pe := protocol.AsError(err)
+		switch {
+		case errors.Is(context.Cause(r.Context()), errNodeStopping):
+			pe = protocol.Errorf(protocol.CodeUnavailable, "the node is stopping and its grace period ran out before the answer's end; ask again (another node, or this one once restarted)")
+		case r.Context().Err() != nil:
 			log.Debugw("query cancelled by the client", "model", q.Model)
 			return
 		}
-		pe := protocol.AsError(err)
 		log.Debugw("query failed", "model", q.Model, "err", pe)
 		_ = out.write(&Event{Event: EventError, ErrorEvent: errorEvent(pe)})
 		return
