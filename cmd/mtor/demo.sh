@@ -18,6 +18,11 @@ set -euo pipefail
 
 MTOR=${1:-./bin/mtor}
 WAIT_S=${MTOR_DEMO_WAIT:-60}
+# GRACE_S: on Ctrl-C, what a node gives the answers in flight before it
+# ends them with an error its clients read (a node's default is 30 s, long
+# for a demo). The script waits that long and a little more (a bridge
+# may overrun by 2 s to write those errors) before it kills a node.
+GRACE_S=5
 
 [ -x "$MTOR" ] || { echo "demo: $MTOR not found; run 'make build' first" >&2; exit 1; }
 
@@ -65,10 +70,10 @@ cleanup() {
 	local pid
 	for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
 	say ""
-	say "demo: stopping the swarm"
+	say "demo: stopping the swarm (answers in flight get ${GRACE_S}s)"
 	for pid in "${pids[@]}"; do
 		# A node gets its grace period; then it is killed.
-		for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+		for _ in $(seq $(((GRACE_S + 5) * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 		kill -KILL "$pid" 2>/dev/null
 		wait "$pid" 2>/dev/null
 	done
@@ -85,7 +90,7 @@ start() {
 	shift
 	"$MTOR" node --data-dir "$tmp/$name" --no-mdns \
 		--listen /ip4/127.0.0.1/tcp/0 --listen /ip4/127.0.0.1/udp/0/quic-v1 \
-		--announce-interval 2s "$@" >"$tmp/$name.log" 2>&1 &
+		--announce-interval 2s --grace "${GRACE_S}s" "$@" >"$tmp/$name.log" 2>&1 &
 	pids+=($!)
 }
 

@@ -5,6 +5,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -14,11 +15,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/mtor-swarm/mtor/node/api"
+	"github.com/mtor-swarm/mtor/protocol"
 )
 
 // waitOutput waits until the node's stdout or stderr holds want.
@@ -191,7 +194,8 @@ func TestE2EListenPortTaken(t *testing.T) {
 
 // The demo takes other ports when its own are taken and prints the URLs in
 // use; Ctrl-C on `make demo | tee log` (the reader of its output dies with
-// the same signal) stops every node it started.
+// the same signal) stops every node it started, and an answer in flight
+// then ends with an error its client reads, not with a cut connection.
 func TestE2EDemoPortsAndCtrlC(t *testing.T) {
 	needBinary(t)
 	// Hold the bridge's default port, as llama.cpp's server would.
@@ -226,12 +230,15 @@ func TestE2EDemoPortsAndCtrlC(t *testing.T) {
 	// Read until the demo is up, keeping what it printed.
 	var out strings.Builder
 	sc := bufio.NewScanner(r)
-	web := ""
+	web, ctl := "", ""
 	for sc.Scan() {
 		line := sc.Text()
 		out.WriteString(line + "\n")
 		if u, ok := strings.CutPrefix(line, "web page:"); ok {
 			web = strings.TrimSpace(u)
+		}
+		if a, ok := strings.CutPrefix(line, "control API:"); ok {
+			ctl = strings.TrimSpace(a)
 		}
 		if strings.HasPrefix(line, "demo: running") {
 			break
@@ -252,6 +259,24 @@ func TestE2EDemoPortsAndCtrlC(t *testing.T) {
 	if len(nodes) != 3 {
 		t.Fatalf("%d demo nodes running, want 3:\n%s", len(nodes), out.String())
 	}
+	// An answer of about 15 s (the demo's 5 ms a word), under way.
+	streaming := make(chan struct{})
+	answered := make(chan error, 1)
+	go func() {
+		var once sync.Once
+		_, err := api.NewClient(ctl).Query(t.Context(), &api.QueryRequest{Model: "demo", Prompt: strings.Repeat("word ", 3000)}, func(ev *api.Event) error {
+			once.Do(func() { close(streaming) })
+			return nil
+		})
+		answered <- err
+	}()
+	select {
+	case <-streaming:
+	case err := <-answered:
+		t.Fatalf("query through the demo's control API %s: %v", ctl, err)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("no answer through the demo's control API %s within 30 s", ctl)
+	}
 
 	// Ctrl-C: tee dies and the script gets SIGINT.
 	r.Close()
@@ -262,6 +287,14 @@ func TestE2EDemoPortsAndCtrlC(t *testing.T) {
 	case <-exited:
 	case <-time.After(45 * time.Second):
 		t.Fatal("demo.sh did not exit within 45 s of Ctrl-C")
+	}
+	// The nodes' grace (5 s) is shorter than the answer: it ends with an
+	// error the client reads (UNAVAILABLE from the stopping node, or BUSY
+	// from the router when the worker hands it on and every worker is
+	// stopping).
+	var pe *protocol.Error
+	if err := <-answered; err != nil && !errors.As(err, &pe) {
+		t.Errorf("the answer in flight at Ctrl-C ended with %v, not an error from the node", err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for len(demoNodes(t, tmp)) > 0 {
