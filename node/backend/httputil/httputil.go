@@ -291,7 +291,9 @@ var errorKeys = []string{"detail", "errors", "error", "message"}
 // ErrorMessage extracts a human message from an error body in the shapes
 // servers use ({"detail":...}, {"errors":"..."}, {"error":{"message":...}},
 // {"error":"..."}, {"message":...}) or, failing that, its text; cleaned and
-// bounded (see Clean).
+// bounded (see Clean). An HTML page is named by its title: its markup in
+// a node's start-up line, `mtor peers` or an error would bury the point,
+// which is that the URL is not a model server's API.
 func ErrorMessage(body []byte) string {
 	var obj map[string]json.RawMessage
 	if json.Unmarshal(body, &obj) == nil {
@@ -301,7 +303,36 @@ func ErrorMessage(body []byte) string {
 			}
 		}
 	}
+	if page, ok := HTMLPage(body); ok {
+		return Clean(page+", not an API's error: is the URL the model server's API?", MaxMessage)
+	}
 	return Clean(string(body), MaxMessage)
+}
+
+// HTMLPage describes an HTML body ("an HTML page titled ..."), reporting
+// false for anything else.
+func HTMLPage(body []byte) (string, bool) {
+	t := bytes.TrimSpace(body)
+	lower := bytes.ToLower(t[:min(len(t), 512)])
+	if !bytes.HasPrefix(lower, []byte("<!doctype html")) && !bytes.HasPrefix(lower, []byte("<html")) {
+		return "", false
+	}
+	const not = "an HTML page"
+	lower = bytes.ToLower(t)
+	i := bytes.Index(lower, []byte("<title>"))
+	if i < 0 {
+		return not, true
+	}
+	rest := t[i+len("<title>"):]
+	j := bytes.Index(bytes.ToLower(rest), []byte("</title>"))
+	if j < 0 {
+		return not, true
+	}
+	title := strings.Join(strings.Fields(string(rest[:j])), " ")
+	if title == "" {
+		return not, true
+	}
+	return fmt.Sprintf("an HTML page titled %q", title), true
 }
 
 // member is the message in one member of an error body: a string, an

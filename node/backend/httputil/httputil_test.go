@@ -50,6 +50,11 @@ func TestErrorMessage(t *testing.T) {
 		`{"detail":[{"loc":["body"],"msg":"missing"}]}`:   `[{"loc":["body"],"msg":"missing"}]`,
 		"  plain text\n":                                  "plain text",
 		"bad \xff utf8":                                   "bad \uFFFD utf8",
+		// Python's http.server, a web server rather than a model server
+		"<!DOCTYPE HTML>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\">\n<title>Error response</title>\n</head><body><h1>Error response</h1><p>Error code: 404</p></body></html>\n": `an HTML page titled "Error response", not an API's error: is the URL the model server's API?`,
+		"  <html><body>Not Found</body></html>":       "an HTML page, not an API's error: is the URL the model server's API?",
+		"<HTML><TITLE>\n  502 Bad\n Gateway </TITLE>": `an HTML page titled "502 Bad Gateway", not an API's error: is the URL the model server's API?`,
+		"<b>not a page</b>":                           "<b>not a page</b>",
 	} {
 		if got := ErrorMessage([]byte(body)); got != want {
 			t.Errorf("ErrorMessage(%q) = %q, want %q", body, got, want)

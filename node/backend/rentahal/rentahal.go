@@ -182,7 +182,15 @@ func (b *Backend) Probe(ctx context.Context) error {
 	var h struct {
 		Status string `json:"status"`
 	}
-	if json.Unmarshal(body, &h) == nil && h.Status != "" && !strings.EqualFold(h.Status, "healthy") && !strings.EqualFold(h.Status, "ok") {
+	if err := json.Unmarshal(body, &h); err != nil {
+		// Any web server answers 200 to something; a worker answers JSON.
+		what := "a body that is not JSON"
+		if page, ok := httputil.HTMLPage(body); ok {
+			what = page
+		}
+		return protocol.Errorf(protocol.CodeBackendError, "rentahal health: GET /health answered 200 with %s: is the URL a RENTAHAL worker?", what)
+	}
+	if h.Status != "" && !strings.EqualFold(h.Status, "healthy") && !strings.EqualFold(h.Status, "ok") {
 		return protocol.Errorf(protocol.CodeBackendError, "rentahal health: worker reports status %q", httputil.Clean(h.Status, maxStatus))
 	}
 	return nil

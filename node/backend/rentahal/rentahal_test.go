@@ -384,6 +384,8 @@ func TestProbe(t *testing.T) {
 		{"unhealthy status", 200, `{"status":"degraded"}`, protocol.CodeBackendError},
 		{"500", 500, `{"detail":"boom"}`, protocol.CodeBackendError},
 		{"404: not a RENTAHAL worker", 404, `{"detail":"Not Found"}`, protocol.CodeUnsupported},
+		{"200 with a web page: not a RENTAHAL worker", 200, "<!DOCTYPE html><html><head><title>My site</title></head></html>", protocol.CodeBackendError},
+		{"200 with text: not a RENTAHAL worker", 200, "OK", protocol.CodeBackendError},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
