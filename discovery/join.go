@@ -113,12 +113,12 @@ func decodeToken(arg string) (joinToken, error) {
 	}
 	b, err := base64.RawURLEncoding.DecodeString(strings.TrimPrefix(arg, TokenPrefix))
 	if err != nil {
-		return tok, fmt.Errorf("join token is not valid base64url: %w", err)
+		return tok, fmt.Errorf("join token is not valid base64url (copy the whole join: line a node printed, or what 'mtor join-token' prints): %w", err)
 	}
 	dec := json.NewDecoder(strings.NewReader(string(b)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&tok); err != nil {
-		return tok, fmt.Errorf("join token is malformed: %w", err)
+		return tok, fmt.Errorf("join token is malformed (copy the whole join: line a node printed, or what 'mtor join-token' prints): %w", err)
 	}
 	return tok, nil
 }

@@ -153,7 +153,13 @@ func newFlagSet(e *env, name, usage string) *flag.FlagSet {
 	fs := flag.NewFlagSet("mtor "+name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {
-		fmt.Fprintf(e.stdout, "Usage: mtor %s %s\n\nFlags:\n", name, usage)
+		fmt.Fprintf(e.stdout, "Usage: mtor %s\n", strings.TrimSpace(name+" "+usage))
+		n := 0
+		fs.VisitAll(func(*flag.Flag) { n++ })
+		if n == 0 {
+			return
+		}
+		fmt.Fprintf(e.stdout, "\nFlags:\n")
 		fs.SetOutput(e.stdout)
 		fs.PrintDefaults()
 		fs.SetOutput(io.Discard)

@@ -187,6 +187,14 @@ func TestHelpAndVersionExit0(t *testing.T) {
 	if !strings.HasPrefix(stdout, "mtor ") || !strings.Contains(stdout, "protocol 1.0.0") {
 		t.Errorf("version %q", stdout)
 	}
+	// A command without flags has no empty "Flags:" section; a usage
+	// string's back-quoted word does not become a flag's argument name.
+	if _, stdout, _ = runCLI(t, "version", "-h"); stdout != "Usage: mtor version\n" {
+		t.Errorf("version -h printed %q", stdout)
+	}
+	if _, stdout, _ = runCLI(t, "invite", "-h"); !strings.Contains(stdout, "  -peer string\n") {
+		t.Errorf("invite -h does not name -peer's argument \"string\":\n%s", stdout)
+	}
 }
 
 // Errors of a runnable command are exit 1 with one line on stderr.

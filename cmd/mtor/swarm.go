@@ -51,7 +51,7 @@ func runSwarm(ctx context.Context, e *env, args []string) error {
 func runInvite(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "invite", "[--peer ID] [--roles R1,R2] [--expires DURATION] [--join ADDR|TOKEN]")
 	dataDir := fs.String("data-dir", defaultDataDir(e), "data dir holding the owner key (env MTOR_DATA_DIR)")
-	peerID := fs.String("peer", "", "the peer ID to admit (its `mtor id`); without it, an open invite that one node may redeem once")
+	peerID := fs.String("peer", "", "the peer ID to admit (what 'mtor id' prints on its machine); without it, an open invite that one node may redeem once")
 	roles := fs.String("roles", "", "comma-separated roles the member gets (default: every role)")
 	expires := fs.Duration("expires", defaultInviteExpiry, "how long the membership lasts (an open invite must be redeemed before then); 0: until revoked")
 	var joins stringList
