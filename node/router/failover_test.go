@@ -143,6 +143,45 @@ func TestExhaustedAttemptsSayWhatHappened(t *testing.T) {
 	}
 }
 
+// acceptThenFreeze stands in for a worker process frozen (SIGSTOP) right
+// after it accepted a query: its stream stays open and silent.
+func acceptThenFreeze(t *testing.T) host.Host {
+	frozen := make(chan struct{})
+	t.Cleanup(func() { close(frozen) })
+	h := testHost(t)
+	h.SetStreamHandler(testProto, func(s network.Stream) {
+		var req pb.QueryRequest
+		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
+			s.Reset()
+			return
+		}
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		<-frozen // the router gives up on it meanwhile
+		s.Reset()
+	})
+	return h
+}
+
+// TestExhaustedAttemptsTellDeathFromSilence: workers that froze are not
+// reported as dead.
+func TestExhaustedAttemptsTellDeathFromSilence(t *testing.T) {
+	h := testHost(t)
+	var table staticTable
+	for _, start := range []func(*testing.T) host.Host{acceptThenFreeze, acceptThenFreeze, acceptThenDie} {
+		d := start(t)
+		connect(t, h, d)
+		table = append(table, cand(string(d.ID()), 0, 4, 100, 0, demoModel))
+	}
+	r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithIdleTimeout(200*time.Millisecond))
+	_, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
+		func(*pb.Event) error { return nil })
+	pe := protocol.AsError(err)
+	want := "1 worker died while answering, 2 workers went silent while answering"
+	if pe == nil || pe.Code != protocol.CodeUnavailable || !pe.Retryable || pe.Message != want {
+		t.Fatalf("error %v, want a retryable UNAVAILABLE: %s", err, want)
+	}
+}
+
 // TestDeadlineIsTimeoutAndBlamesNobody: a query whose own deadline runs
 // out while a worker is slow to accept ends TIMEOUT, and the worker keeps
 // its health: the deadline was the query's, not the peer's failure.

@@ -915,7 +915,8 @@ type failKind int
 const (
 	failUnreachable failKind = iota // no stream could be opened
 	failSilent                      // no Accepted within the bound
-	failDied                        // the stream broke or went silent after Accepted
+	failDied                        // the stream broke after Accepted
+	failStalled                     // the stream went silent after Accepted (frozen, or its network lost)
 	failInvalid                     // a protocol violation
 	failBackend                     // the worker reported a retryable failure
 	failFlood                       // more output than the query allows
@@ -1107,6 +1108,7 @@ func (q *query) summary() string {
 		failUnreachable: "could not be reached",
 		failSilent:      "did not answer",
 		failDied:        "died while answering",
+		failStalled:     "went silent while answering",
 		failInvalid:     "broke the protocol",
 		failBackend:     "had a failing backend",
 		failFlood:       "sent endless output",
@@ -1349,7 +1351,7 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 	switch pf.kind {
 	case failUnreachable:
 		st.unreachableAt = end
-	case failSilent, failDied:
+	case failSilent, failDied, failStalled:
 		st.tracker.Record(health.Timeout)
 	case failInvalid, failFlood:
 		st.tracker.Record(health.Violation)
@@ -1760,7 +1762,7 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 	case !accepted && silent:
 		return peerFailure{failSilent, protocol.Errorf(protocol.CodeUnavailable, "worker %s did not answer", ShortID(p))}
 	case silent:
-		return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s went silent while answering", ShortID(p))}
+		return peerFailure{failStalled, protocol.Errorf(protocol.CodeUnavailable, "worker %s went silent while answering", ShortID(p))}
 	}
 	return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s died while answering", ShortID(p))}
 }
