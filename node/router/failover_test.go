@@ -182,6 +182,77 @@ func TestExhaustedAttemptsTellDeathFromSilence(t *testing.T) {
 	}
 }
 
+// slowStart is a backend whose first token takes wait (a model server
+// loading the model, a long prompt on a CPU); the worker heartbeats
+// meanwhile.
+type slowStart struct {
+	backend.Backend
+	wait time.Duration
+}
+
+func (b slowStart) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
+	select {
+	case <-time.After(b.wait):
+	case <-ctx.Done():
+		return backend.Usage{}, ctx.Err()
+	}
+	return b.Backend.Run(ctx, req, out)
+}
+
+// slowStartWorker is a real worker whose backend starts after wait.
+func slowStartWorker(t *testing.T, label string, wait time.Duration) host.Host {
+	t.Helper()
+	h := testHost(t)
+	w := worker.New([]backend.Backend{slowStart{demo.New(label), wait}}, worker.WithHeartbeat(100*time.Millisecond))
+	w.Refresh(context.Background())
+	h.SetStreamHandler(testProto, w.HandleStream)
+	return h
+}
+
+// TestStallBoundOnlyWithAnAlternative: a worker that heartbeats without
+// output past the stall bound loses the query to another worker when
+// there is one; when it is the only worker, the query waits for it and
+// gets its answer, instead of an error that waiting would have avoided.
+func TestStallBoundOnlyWithAnAlternative(t *testing.T) {
+	const stall = 300 * time.Millisecond
+	for _, tc := range []struct {
+		name       string
+		other      bool
+		wantWriter string
+	}{
+		{"alone: waits for the slow start", false, "slow"},
+		{"with another worker: moves on", true, "quick"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			slow := slowStartWorker(t, "slow", 5*stall)
+			h := testHost(t)
+			connect(t, h, slow)
+			// The slow worker ranks first (lower expected TTFT).
+			table := staticTable{cand(string(slow.ID()), 0, 4, 100, 0, demoModel)}
+			if tc.other {
+				quick := demoWorker(t, "quick", 0)
+				connect(t, h, quick)
+				table = append(table, cand(string(quick.ID()), 0, 4, 100, 500*time.Millisecond, demoModel))
+			}
+			r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
+			var text strings.Builder
+			res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
+				func(ev *pb.Event) error {
+					if k, ok := ev.GetKind().(*pb.Event_Chunk); ok {
+						text.WriteString(k.Chunk.GetText())
+					}
+					return nil
+				})
+			if err != nil {
+				t.Fatalf("query failed: %v", err)
+			}
+			if !strings.Contains(text.String(), "[demo answer from "+tc.wantWriter+"]") {
+				t.Fatalf("answer %q (from %s in %d attempts), want %s's", text.String(), res.Peer, res.Attempts, tc.wantWriter)
+			}
+		})
+	}
+}
+
 // TestDeadlineIsTimeoutAndBlamesNobody: a query whose own deadline runs
 // out while a worker is slow to accept ends TIMEOUT, and the worker keeps
 // its health: the deadline was the query's, not the peer's failure.

@@ -286,6 +286,7 @@ func WithMaxOutput(n int) Option {
 // WithStallTimeout fixes how long a worker that accepted a query may go
 // without progress (output, or a step forward in its queue) while it
 // sends heartbeats, instead of 10 × its expected TTFT (10 s to 1 min).
+// Either bound applies only while another worker could take the query.
 func WithStallTimeout(d time.Duration) Option { return func(r *Router) { r.stall = d } }
 
 // WithDialTimeout bounds connecting to a worker and opening a stream.
@@ -747,6 +748,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 			}
 		}
 		q.attempts++
+		q.alone = !q.hasAlternative(ranked, c)
 		res, err := r.attempt(ctx, c, q)
 		if err == nil {
 			res.Attempts = q.attempts
@@ -917,6 +919,7 @@ const (
 	failSilent                      // no Accepted within the bound
 	failDied                        // the stream broke after Accepted
 	failStalled                     // the stream went silent after Accepted (frozen, or its network lost)
+	failStuck                       // heartbeats after Accepted, but no progress within the stall bound
 	failInvalid                     // a protocol violation
 	failBackend                     // the worker reported a retryable failure
 	failFlood                       // more output than the query allows
@@ -989,6 +992,9 @@ type query struct {
 	stale       int     // free retries after a dead connection
 	pathRetries int     // free retries on another path after a relay broke
 	avoid       peer.ID // a relay that broke this query's path: dial around it
+	// alone: no other worker is known to take the query if the current
+	// one stalls; then a stall ends nothing (see stallBound).
+	alone bool
 
 	// What reached the handler so far.
 	out      bool            // any output event
@@ -998,6 +1004,17 @@ type query struct {
 }
 
 func (q *query) started() bool { return q.out }
+
+// hasAlternative reports whether ranked holds a worker other than c that
+// the query has not tried.
+func (q *query) hasAlternative(ranked []scored, c scored) bool {
+	for _, o := range ranked {
+		if o.Peer != c.Peer && !q.tried[tryKey{o.Peer, o.Announce.GetIncarnation()}] {
+			return true
+		}
+	}
+	return false
+}
 
 // triedPeers lists the peers q tried.
 func (q *query) triedPeers() []peer.ID {
@@ -1109,6 +1126,7 @@ func (q *query) summary() string {
 		failSilent:      "did not answer",
 		failDied:        "died while answering",
 		failStalled:     "went silent while answering",
+		failStuck:       "made no progress",
 		failInvalid:     "broke the protocol",
 		failBackend:     "had a failing backend",
 		failFlood:       "sent endless output",
@@ -1220,7 +1238,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		// Keep the connection while queries are open on it.
 		r.h.ConnManager().Protect(p, protectTag)
 	}
-	stall := r.stallBound(c, st, q.req) // reads st's measures: under the lock
+	stall := r.stallBound(c, st, q.req, q.alone) // reads st's measures: under the lock
 	r.mu.Unlock()
 	left := false // st.inflight given back
 	leaveLocked := func() {
@@ -1351,7 +1369,7 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 	switch pf.kind {
 	case failUnreachable:
 		st.unreachableAt = end
-	case failSilent, failDied, failStalled:
+	case failSilent, failDied, failStalled, failStuck:
 		st.tracker.Record(health.Timeout)
 	case failInvalid, failFlood:
 		st.tracker.Record(health.Violation)
@@ -1386,8 +1404,15 @@ func (r *Router) modelTrackerLocked(st *peerState, model string) *health.Tracker
 
 // stallBound is how long the worker c may go without progress on req
 // while it heartbeats: 10 × the TTFT expected of it, within bounds; media
-// comes whole, so a longer upper bound for it.
-func (r *Router) stallBound(c scored, st *peerState, req *pb.QueryRequest) time.Duration {
+// comes whole, so a longer upper bound for it. 0 is no bound: for the
+// only worker left (alone), whose heartbeats say it lives, giving up
+// would end the query with an error where waiting may bring the answer
+// (a model server loading the model, a long prompt on a CPU); the
+// worker's own bounds on its backend and the query's deadline still hold.
+func (r *Router) stallBound(c scored, st *peerState, req *pb.QueryRequest, alone bool) time.Duration {
+	if alone {
+		return 0
+	}
 	if r.stall > 0 {
 		return r.stall
 	}
@@ -1565,7 +1590,11 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			if moved {
 				progress, moved = now, false
 			}
-			_ = s.SetReadDeadline(earliest(earliest(dl, now.Add(wait)), progress.Add(stall)))
+			rd := earliest(dl, now.Add(wait))
+			if stall > 0 {
+				rd = earliest(rd, progress.Add(stall))
+			}
+			_ = s.SetReadDeadline(rd)
 		}
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
@@ -1573,9 +1602,9 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			if !accepted && remoteLimit(err) {
 				return nil, refusedStream(p)
 			}
-			if accepted && !expired(ctx) && !moved && !time.Now().Before(progress.Add(stall)) {
+			if stall > 0 && accepted && !expired(ctx) && !moved && !time.Now().Before(progress.Add(stall)) {
 				log.Debugw("worker stalls", "peer", p, "stall", stall)
-				return nil, peerFailure{failSilent, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
+				return nil, peerFailure{failStuck, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
 			}
 			return nil, r.streamErr(ctx, s, accepted, err)
 		}
