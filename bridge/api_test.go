@@ -830,3 +830,34 @@ func TestOllamaAPIRefusalsInOllamasShape(t *testing.T) {
 		}
 	}
 }
+
+// TestOllamaLoadAndContentType: an empty conversation or prompt loads the
+// model, as in Ollama (clients send one to preload it), for a model the
+// swarm serves and not for others; and the Ollama API reads its body as
+// JSON whatever the Content-Type, as Ollama does (curl -d, in Ollama's own
+// examples, sends a form's).
+func TestOllamaLoadAndContentType(t *testing.T) {
+	sw := newLocalSwarm(t)
+	_, base := startBridge(t, sw)
+	for _, tc := range []struct {
+		name, path, ct, body string
+		status               int
+		want                 string // in the body
+	}{
+		{"chat: empty conversation loads", "/api/chat", "application/json", `{"model":"demo","messages":[]}`, 200, `"done_reason":"load"`},
+		{"chat: no messages loads", "/api/chat", "application/json", `{"model":"demo","stream":false}`, 200, `"done_reason":"load"`},
+		{"chat: an unknown model does not load", "/api/chat", "application/json", `{"model":"nope","messages":[]}`, 404, `model 'nope' not found`},
+		{"generate: empty prompt loads", "/api/generate", "application/json", `{"model":"demo"}`, 200, `"done_reason":"load"`},
+		{"generate: an unknown model does not load", "/api/generate", "application/json", `{"model":"nope"}`, 404, `model 'nope' not found`},
+		{"chat: curl -d's content type", "/api/chat", "application/x-www-form-urlencoded", `{"model":"demo","stream":false,"messages":[{"role":"user","content":"hi"}]}`, 200, `"done_reason":"stop"`},
+		{"generate: no content type", "/api/generate", "", `{"model":"demo","stream":false,"prompt":"hi"}`, 200, `"done_reason":"stop"`},
+		{"chat: still JSON", "/api/chat", "application/x-www-form-urlencoded", `model=demo`, 400, `error`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, b := call(t, http.MethodPost, base+tc.path, tc.ct, []byte(tc.body), nil)
+			if resp.StatusCode != tc.status || !strings.Contains(string(b), tc.want) {
+				t.Fatalf("status %d %s, want %d with %s", resp.StatusCode, b, tc.status, tc.want)
+			}
+		})
+	}
+}

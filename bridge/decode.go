@@ -63,6 +63,15 @@ func (s *Server) decode(w http.ResponseWriter, r *http.Request, v any) *apiError
 	return decodeJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, v)
 }
 
+// decodeOllama is decode for the Ollama API, which reads its body as JSON
+// whatever its Content-Type, as Ollama does: its own examples use curl -d,
+// which sends application/x-www-form-urlencoded. A browser's cross-origin
+// request, which a form could send without a preflight, is refused on its
+// Origin before this (corsPolicy).
+func (s *Server) decodeOllama(w http.ResponseWriter, r *http.Request, v any) *apiError {
+	return readJSON(w, r, s.cfg.maxBody, s.cfg.bodyTimeout, v)
+}
+
 // decodeJSON reads r's body (at most max bytes, for at most timeout) into v. Unknown fields are
 // ignored, as OpenAI clients send extras; a known field of the wrong type,
 // invalid JSON, an empty body or trailing data is a 400 naming the problem.
@@ -77,6 +86,11 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, max int64, timeout time.
 			return badRequest("", "invalid_content_type", "Content-Type must be application/json, not %q.", ct)
 		}
 	}
+	return readJSON(w, r, max, timeout, v)
+}
+
+// readJSON is decodeJSON without the Content-Type check.
+func readJSON(w http.ResponseWriter, r *http.Request, max int64, timeout time.Duration, v any) *apiError {
 	done := limitBody(w, r, max, timeout)
 	body, aerr := readBody(r, max)
 	done(aerr != nil)

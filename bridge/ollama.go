@@ -122,7 +122,7 @@ func (s *Server) handleOllamaShow(w http.ResponseWriter, r *http.Request) {
 		Model string `json:"model"`
 		Name  string `json:"name"` // the older name of the field
 	}
-	if err := s.decode(w, r, &req); err != nil {
+	if err := s.decodeOllama(w, r, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
@@ -482,8 +482,18 @@ func (s *Server) runOllama(w http.ResponseWriter, r *http.Request, q *pb.QueryRe
 
 func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 	var req ollamaChatRequest
-	if err := s.decode(w, r, &req); err != nil {
+	if err := s.decodeOllama(w, r, &req); err != nil {
 		ollamaError(w, err)
+		return
+	}
+	if len(req.Messages) == 0 {
+		// Ollama loads the model for an empty conversation (clients send
+		// one to preload it); in a swarm the peers have it loaded.
+		if aerr := s.ollamaCheck(&pb.QueryRequest{Model: req.Model, Type: pb.QueryType_QUERY_TYPE_CHAT}); aerr != nil {
+			ollamaError(w, aerr)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"model": req.Model, "created_at": time.Now().UTC(), "message": map[string]string{"role": "assistant", "content": ""}, "done": true, "done_reason": "load"})
 		return
 	}
 	q, aerr := s.ollamaChatQuery(&req)
@@ -492,12 +502,6 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 	}
 	if aerr != nil {
 		ollamaError(w, aerr)
-		return
-	}
-	if len(q.Messages) == 0 {
-		// Ollama loads the model for an empty conversation; in a swarm
-		// the peers have it loaded.
-		writeJSON(w, http.StatusOK, map[string]any{"model": q.Model, "created_at": time.Now().UTC(), "message": map[string]string{"role": "assistant", "content": ""}, "done": true, "done_reason": "load"})
 		return
 	}
 	s.runOllama(w, r, q, req.Stream == nil || *req.Stream, true)
@@ -536,7 +540,7 @@ type ollamaGenerateRequest struct {
 
 func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 	var req ollamaGenerateRequest
-	if err := s.decode(w, r, &req); err != nil {
+	if err := s.decodeOllama(w, r, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
@@ -545,7 +549,11 @@ func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 		ollamaError(w, &apiError{Status: http.StatusBadRequest, Message: "suffix, template, raw and context are not supported by an mtor bridge; use /api/chat"})
 		return
 	case strings.TrimSpace(req.Prompt) == "" && len(req.Images) == 0:
-		// Ollama loads the model for an empty prompt.
+		// Ollama loads the model for an empty prompt, one it has.
+		if aerr := s.ollamaCheck(&pb.QueryRequest{Model: req.Model, Type: pb.QueryType_QUERY_TYPE_CHAT}); aerr != nil {
+			ollamaError(w, aerr)
+			return
+		}
 		writeJSON(w, http.StatusOK, map[string]any{"model": req.Model, "created_at": time.Now().UTC(), "response": "", "done": true, "done_reason": "load"})
 		return
 	}
@@ -574,7 +582,7 @@ func (s *Server) handleOllamaEmbed(w http.ResponseWriter, r *http.Request) {
 		Options    map[string]json.RawMessage `json:"options"`
 		KeepAlive  json.RawMessage            `json:"keep_alive"`
 	}
-	if err := s.decode(w, r, &req); err != nil {
+	if err := s.decodeOllama(w, r, &req); err != nil {
 		ollamaError(w, err)
 		return
 	}
