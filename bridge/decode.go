@@ -126,11 +126,14 @@ func jsonError(body []byte, err error) *apiError {
 	switch {
 	case len(bytes.TrimSpace(body)) == 0:
 		return badRequest("", "invalid_json", "Request body is empty; expected a JSON object.")
-	case errors.As(err, &se) && se.Offset >= int64(len(body)):
-		return badRequest("", "invalid_json", "Request body is not valid JSON: it ends too early.")
 	case errors.As(err, &se) && se.Offset > 0 && json.Valid(body[:se.Offset-1]):
 		// Only the byte that failed is wrong: a whole value came before it.
 		return badRequest("", "invalid_json", "Request body has data after the JSON value.")
+	case errors.As(err, &se) && se.Offset >= int64(len(body)) && strings.HasPrefix(se.Error(), "unexpected end of JSON input"):
+		// Offset points past the failing byte, so a wrong last byte
+		// ({"a":1,}) has it too: only the decoder's message tells a body
+		// cut short.
+		return badRequest("", "invalid_json", "Request body is not valid JSON: it ends too early.")
 	case errors.As(err, &se):
 		return badRequest("", "invalid_json", "Request body is not valid JSON at byte %d: %v.", se.Offset, se)
 	case errors.As(err, &te):

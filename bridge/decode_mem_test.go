@@ -2,9 +2,11 @@ package bridge
 
 import (
 	"bytes"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -42,5 +44,30 @@ func TestLargeImageDecodedOnce(t *testing.T) {
 	t.Logf("body %d bytes, image %d bytes: %d bytes allocated (%.2f × the body)", len(body), img, alloc, float64(alloc)/float64(len(body)))
 	if alloc > bound {
 		t.Errorf("allocated %d bytes, over twice the body plus the image plus 1 MiB (%d)", alloc, bound)
+	}
+}
+
+// TestJSONErrorSaysWhatIsWrong: a body cut short, data after the value
+// and a wrong byte are told apart, a wrong last byte included (the
+// decoder's offset points past the failing byte, as it does for a body
+// cut short).
+func TestJSONErrorSaysWhatIsWrong(t *testing.T) {
+	for _, tc := range []struct{ body, want string }{
+		{`{"model":"demo"`, "it ends too early"},
+		{`{"model":`, "it ends too early"},
+		{`{"model":"demo"}x`, "data after the JSON value"},
+		{`{"model":"demo"} {}`, "data after the JSON value"},
+		{`{"model":"demo",}`, "not valid JSON at byte 17"},
+		{`{"model":"demo"x}`, "not valid JSON at byte 16"},
+		{`   `, "body is empty"},
+	} {
+		var v map[string]any
+		err := json.Unmarshal([]byte(tc.body), &v)
+		if err == nil {
+			t.Fatalf("%q decoded", tc.body)
+		}
+		if got := jsonError([]byte(tc.body), err); !strings.Contains(got.Message, tc.want) {
+			t.Errorf("%q: %q, want %q in it", tc.body, got.Message, tc.want)
+		}
 	}
 }
