@@ -263,6 +263,10 @@ func (s *Server) ollamaChatQuery(req *ollamaChatRequest) (*pb.QueryRequest, *api
 	if len(req.Messages) > protocol.MaxMessages {
 		return nil, &apiError{Status: http.StatusBadRequest, Message: fmt.Sprintf("%d messages, limit %d", len(req.Messages), protocol.MaxMessages)}
 	}
+	// The calls not answered yet, in order: Ollama's tool messages name
+	// the function, not the call, and OpenAI-compatible servers need the
+	// call's id on the answer (tool_call_id).
+	var open []*pb.ToolCall
 	for i, m := range req.Messages {
 		switch m.Role {
 		case "system", "user", "assistant", "tool":
@@ -270,6 +274,12 @@ func (s *Server) ollamaChatQuery(req *ollamaChatRequest) (*pb.QueryRequest, *api
 			return nil, &apiError{Status: http.StatusBadRequest, Message: fmt.Sprintf("messages[%d]: invalid role %q", i, m.Role)}
 		}
 		pm := &pb.Message{Role: m.Role, Content: m.Content, Name: m.ToolName}
+		if m.Role == "tool" {
+			if k := slices.IndexFunc(open, func(c *pb.ToolCall) bool { return m.ToolName == "" || c.Name == m.ToolName }); k >= 0 {
+				pm.ToolCallId = open[k].Id
+				open = slices.Delete(open, k, k+1)
+			}
+		}
 		if len(m.Images) > protocol.MaxAttachments {
 			return nil, &apiError{Status: http.StatusBadRequest, Message: fmt.Sprintf("messages[%d]: %d images, limit %d", i, len(m.Images), protocol.MaxAttachments)}
 		}
@@ -292,6 +302,9 @@ func (s *Server) ollamaChatQuery(req *ollamaChatRequest) (*pb.QueryRequest, *api
 			}
 			// Ollama's calls have no ids; the protocol needs one per call.
 			pm.ToolCalls = append(pm.ToolCalls, &pb.ToolCall{Id: cmpOr(c.ID, fmt.Sprintf("call_%d_%d", i, j)), Name: c.Function.Name, Arguments: compact(json.RawMessage(args))})
+		}
+		if len(pm.ToolCalls) > 0 {
+			open = slices.Clone(pm.ToolCalls)
 		}
 		q.Messages = append(q.Messages, pm)
 	}

@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"encoding/json"
+	"fmt"
 	"testing"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -92,6 +93,56 @@ func TestChatToQueryTools(t *testing.T) {
 			gb, _ := json.Marshal(b)
 			if string(ga) != string(gb) {
 				t.Errorf("got\n%s\nwant\n%s", ga, gb)
+			}
+		})
+	}
+}
+
+// TestOllamaToolResultsCarryTheCallID: Ollama's tool messages name the
+// function, not the call; each gets the id of the first call of that
+// function not yet answered (OpenAI-compatible servers need it as
+// tool_call_id), in order, as Ollama's clients answer them.
+func TestOllamaToolResultsCarryTheCallID(t *testing.T) {
+	s, err := New(&fakeSwarm{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	call := func(name string) ollamaToolCall {
+		var c ollamaToolCall
+		c.Function.Name = name
+		c.Function.Arguments = json.RawMessage(`{}`)
+		return c
+	}
+	for _, tc := range []struct {
+		name  string
+		calls []string // of the assistant message
+		tools []string // tool_name of the answers ("" for none)
+		want  []string // their tool_call_id
+	}{
+		{"one call", []string{"weather"}, []string{"weather"}, []string{"call_1_0"}},
+		{"two functions, answered out of order", []string{"weather", "time"}, []string{"time", "weather"}, []string{"call_1_1", "call_1_0"}},
+		{"one function twice", []string{"weather", "weather"}, []string{"weather", "weather"}, []string{"call_1_0", "call_1_1"}},
+		{"answers without a name, in order", []string{"weather", "time"}, []string{"", ""}, []string{"call_1_0", "call_1_1"}},
+		{"an answer to no call", []string{"weather"}, []string{"weather", "weather"}, []string{"call_1_0", ""}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req := ollamaChatRequest{Model: "m", Messages: []ollamaMessage{{Role: "user", Content: "x"}, {Role: "assistant"}}}
+			for _, n := range tc.calls {
+				req.Messages[1].ToolCalls = append(req.Messages[1].ToolCalls, call(n))
+			}
+			for _, n := range tc.tools {
+				req.Messages = append(req.Messages, ollamaMessage{Role: "tool", ToolName: n, Content: "r"})
+			}
+			q, aerr := s.ollamaChatQuery(&req)
+			if aerr != nil {
+				t.Fatal(aerr)
+			}
+			var got []string
+			for _, m := range q.Messages[2:] {
+				got = append(got, m.GetToolCallId())
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Fatalf("tool_call_ids %q, want %q", got, tc.want)
 			}
 		})
 	}
