@@ -350,6 +350,9 @@ type scored struct {
 	Candidate
 	score float64
 	full  bool // no free slot: a query would queue behind unknown work
+	// lastResort: its breaker for the model is open, and no other peer
+	// is left (ranking.lastResort): tried past that breaker.
+	lastResort bool
 }
 
 // modelInfo finds the announced model entry serving t.
@@ -381,6 +384,12 @@ type ranking struct {
 	// unusable lists the capable peers left out as failing, not
 	// reachable or distrusted, for the Seeker.
 	unusable []peer.ID
+	// lastResort are the capable peers left out only because their
+	// breaker for this model is open (errors their backend reported),
+	// ranked: tried when no other peer is left. Errors a query's own
+	// content causes (a prompt that makes the model server fail) open
+	// that breaker too, and must not shut everyone out of the model.
+	lastResort []scored
 }
 
 // rankFor ranks req's candidates: an error when the model's workers are
@@ -431,19 +440,28 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 		}
 		if mt := st.model(model); !st.tracker.Available() || (mt != nil && !mt.Available()) || r.distrusted(c.Peer) {
 			rk.unusable = append(rk.unusable, c.Peer)
+			if st.tracker.Available() && !r.distrusted(c.Peer) {
+				rk.lastResort = append(rk.lastResort, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st), lastResort: true})
+			}
 			continue
 		}
 		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
 	}
-	// A peer with a free slot always comes before a full one: how long a
-	// queue takes depends on work we cannot see (a long answer in front).
-	sort.Slice(rk.ranked, func(i, j int) bool {
-		if rk.ranked[i].full != rk.ranked[j].full {
-			return !rk.ranked[i].full
-		}
-		return rk.ranked[i].score < rk.ranked[j].score
-	})
+	byRank(rk.ranked)
+	byRank(rk.lastResort)
 	return rk
+}
+
+// byRank sorts candidates best first. A peer with a free slot always
+// comes before a full one: how long a queue takes depends on work we
+// cannot see (a long answer in front).
+func byRank(c []scored) {
+	sort.Slice(c, func(i, j int) bool {
+		if c[i].full != c[j].full {
+			return !c[i].full
+		}
+		return c[i].score < c[j].score
+	})
 }
 
 // hasFeatures reports whether mi announces every feature of need.
@@ -708,6 +726,9 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 			}
 			ranked, known, unreachable = rk.ranked, rk.known, rk.unreachable
 		}
+	}
+	if len(ranked) == 0 && len(rk.lastResort) > 0 {
+		ranked = rk.lastResort
 	}
 	if len(ranked) == 0 {
 		if known && unreachable > 0 {
@@ -1224,7 +1245,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	p := c.Peer
 	r.mu.Lock()
 	st := r.state(p)
-	if mt := st.model(q.req.GetModel()); (mt != nil && !mt.Allow()) || !st.tracker.Allow() {
+	if mt := st.model(q.req.GetModel()); (mt != nil && !c.lastResort && !mt.Allow()) || !st.tracker.Allow() {
 		// Another query holds the half-open trial: skip, at no cost.
 		r.mu.Unlock()
 		return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s is failing (circuit open)", ShortID(p))}

@@ -341,7 +341,9 @@ func (brokenModel) Run(context.Context, *pb.QueryRequest, backend.Sink) (backend
 
 // TestWorkerReportedErrorsDoNotTripThePeer: errors a worker reports itself
 // (its backend failed) must not open the router's breaker for the whole
-// peer; they ban the peer from that model (3 in a row), with back-off.
+// peer; they open its breaker for that model (3 in a row), with back-off,
+// which moves the model's queries to other peers; with none other, the
+// peer is still tried, and its own error is what the client reads.
 func TestWorkerReportedErrorsDoNotTripThePeer(t *testing.T) {
 	const proto = "/mtor/test/query"
 	live := testHost(t)
@@ -359,15 +361,78 @@ func TestWorkerReportedErrorsDoNotTripThePeer(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "x"}, func(*pb.Event) error { return nil })
 		want := protocol.CodeBackendError
-		if i >= 3 {
-			want = protocol.CodeUnsupported // banned from the model it keeps failing
-		}
 		if pe := protocol.AsError(err); pe == nil || pe.Code != want {
 			t.Fatalf("query %d: err = %v, want %s", i, err, want)
 		}
 	}
 	if v := r.Peers()[0]; v.Breaker != "closed" || v.LocalHealth != 100 {
 		t.Fatalf("peer view %+v: a worker's own errors tripped the peer", v)
+	}
+}
+
+// poisoned fails the queries whose prompt names poison, as a model
+// server does for a prompt it cannot take (a 500 on one input), and
+// answers the rest.
+type poisoned struct{ *demo.Backend }
+
+func (b poisoned) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
+	if strings.Contains(req.GetPrompt(), "poison") {
+		return backend.Usage{}, protocol.Errorf(protocol.CodeBackendError, "backend answered 500: internal error")
+	}
+	return b.Backend.Run(ctx, req, out)
+}
+
+// TestOnePromptDoesNotShutAModelForEveryone: a client sending prompts
+// that make the only worker's backend fail opens the router's breaker
+// for that worker's model (at the first failure here); the other
+// clients' queries still reach it and are answered. With a second worker
+// the breaker moves them there.
+func TestOnePromptDoesNotShutAModelForEveryone(t *testing.T) {
+	const proto = "/mtor/test/query"
+	for _, tc := range []struct {
+		name   string
+		second bool
+	}{{"only worker", false}, {"with another worker", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			bad := testHost(t)
+			w := worker.New([]backend.Backend{poisoned{demo.New("poisoned")}})
+			w.Refresh(context.Background())
+			bad.SetStreamHandler(proto, w.HandleStream)
+			h := testHost(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			demoModel := func(a *pb.Announce) { a.Models[0].Name = "demo" }
+			table := staticTable{cand(string(bad.ID()), 0, 4, 100, 0, demoModel)}
+			hosts := []host.Host{bad}
+			if tc.second {
+				good := testHost(t)
+				gw := worker.New([]backend.Backend{demo.New("good")})
+				gw.Refresh(context.Background())
+				good.SetStreamHandler(proto, gw.HandleStream)
+				hosts = append(hosts, good)
+				table = append(table, cand(string(good.ID()), 0, 4, 100, time.Second, demoModel))
+			}
+			for _, o := range hosts {
+				if err := h.Connect(ctx, peer.AddrInfo{ID: o.ID(), Addrs: o.Addrs()}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The worker's own breaker for its backend opens at 3 in a
+			// row; the router's for the model at 1, so that it opens alone.
+			r := New(h, proto, table, WithRetryBackoff(time.Millisecond), WithHealthOptions(health.WithThreshold(1)))
+			if _, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "poison"}, func(*pb.Event) error { return nil }); err == nil && !tc.second {
+				t.Fatal("the poisoned prompt was answered")
+			}
+			for i := range 3 {
+				res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+				if err != nil {
+					t.Fatalf("query %d of another client, after the poisoned ones: %v", i, err)
+				}
+				if tc.second && res.Peer == bad.ID() {
+					t.Fatalf("query %d went to the worker whose breaker for the model is open, though another serves it", i)
+				}
+			}
+		})
 	}
 }
 
