@@ -69,6 +69,22 @@ type Usage struct {
 	FinishReason string
 }
 
+// AnsweredError is a model server's refusal of one query in an answer it
+// sent (an HTTP error status): the server is up, and the query itself
+// (its content, its size) may be the cause, as when one prompt makes it
+// fail. The worker does not count it against the server's health, so
+// that one client's queries cannot take a backend out for everyone; the
+// routers judge the pattern (their breaker for the worker's model, which
+// routes around it while another worker serves the model).
+type AnsweredError struct{ Err error }
+
+func (e *AnsweredError) Error() string { return e.Err.Error() }
+func (e *AnsweredError) Unwrap() error { return e.Err }
+
+// Answered marks err, the typed error of an answer's status, as an
+// AnsweredError.
+func Answered(err error) error { return &AnsweredError{Err: err} }
+
 // Backend is a model server the worker can call.
 //
 // Run must honour ctx: when it is cancelled the backend call stops at once

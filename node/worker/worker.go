@@ -651,10 +651,13 @@ func (w *Worker) serve(ctx context.Context, requester peer.ID, req *pb.QueryRequ
 	}
 	if err != nil {
 		perr := mapBackendError(ctx, err)
-		switch perr.Code {
-		case protocol.CodeBackendError, protocol.CodeInternal:
+		var answered *backend.AnsweredError
+		switch {
+		case errors.As(err, &answered):
+			// The server is up and refused this query (backend.AnsweredError).
+		case perr.Code == protocol.CodeBackendError, perr.Code == protocol.CodeInternal:
 			b.health.Record(health.Failure)
-		case protocol.CodeTimeout:
+		case perr.Code == protocol.CodeTimeout:
 			b.health.Record(health.Timeout)
 		}
 		return nil, perr

@@ -3,6 +3,9 @@ package worker
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -10,6 +13,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
+	"github.com/mtor-swarm/mtor/node/backend/openai"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -314,5 +318,55 @@ func TestClientGoneCostsNoHealth(t *testing.T) {
 	}
 	if st := w.Backends()[0]; st.Breaker != "closed" {
 		t.Fatalf("breaker %s after clients left", st.Breaker)
+	}
+}
+
+// TestRefusalsAnsweredDoNotTakeTheBackendOut: a model server that answers
+// some queries with an error status (a prompt it fails on) is up; however
+// many of those come in a row, the worker keeps serving the others. A
+// server that cannot be reached still opens the breaker.
+func TestRefusalsAnsweredDoNotTakeTheBackendOut(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/v1/models":
+			io.WriteString(w, `{"object":"list","data":[{"id":"m","object":"model"}]}`)
+		case r.URL.Path == "/v1/chat/completions":
+			body, _ := io.ReadAll(r.Body)
+			if strings.Contains(string(body), "poison") {
+				w.WriteHeader(http.StatusInternalServerError)
+				io.WriteString(w, `{"error":{"message":"the model failed on this input"}}`)
+				return
+			}
+			w.Header().Set("Content-Type", "text/event-stream")
+			io.WriteString(w, "data: {\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"fine\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n")
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	b, err := openai.New(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := newWorker(t, b)
+	ask := func(prompt string) error {
+		_, err := w.Serve(t.Context(), &pb.QueryRequest{Id: make([]byte, 16), Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "m", Prompt: prompt}, func(*pb.Event) error { return nil })
+		return err
+	}
+	for i := range 6 {
+		if err := ask("poison"); err == nil || protocol.AsError(err).Code != protocol.CodeBackendError || !strings.Contains(err.Error(), "failed on this input") {
+			t.Fatalf("poisoned query %d: %v, want the server's own BACKEND_ERROR", i, err)
+		}
+	}
+	if err := ask("hello"); err != nil {
+		t.Fatalf("a query after six the server refused: %v", err)
+	}
+
+	srv.Close() // the server goes away: its failures count
+	for range 3 {
+		_ = ask("hello")
+	}
+	if err := ask("hello"); err == nil || !strings.Contains(err.Error(), "circuit open") {
+		t.Fatalf("after three failures to reach the server: %v, want its breaker open", err)
 	}
 }

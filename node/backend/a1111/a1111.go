@@ -186,7 +186,7 @@ func (b *Backend) call(ctx context.Context, req *http.Request, wait time.Duratio
 	}
 	defer x.Close()
 	if x.Resp.StatusCode != http.StatusOK {
-		return x.StatusError()
+		return backend.Answered(x.StatusError())
 	}
 	return x.ReadJSON(limit, v)
 }

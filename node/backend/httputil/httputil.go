@@ -22,6 +22,7 @@ import (
 
 	logging "github.com/ipfs/go-log/v2"
 
+	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -119,7 +120,7 @@ func Send(ctx context.Context, client *http.Client, req *http.Request, first, id
 	x.Resp = resp
 	if resp.StatusCode >= 400 && !x.opts.pass[resp.StatusCode] {
 		defer x.Close()
-		return nil, x.StatusError()
+		return nil, backend.Answered(x.StatusError())
 	}
 	return x, nil
 }
