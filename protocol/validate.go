@@ -34,6 +34,10 @@ const (
 	MaxAddrLen      = 256
 	MaxFeatures     = 16
 	MaxFeatureLen   = 32
+	// MaxAnnSlots bounds a worker's announced concurrency and queue (and
+	// what it reports in them): a router sums them for admission and
+	// takes queue positions below them as progress.
+	MaxAnnSlots = 1 << 14
 	// MaxContinuation bounds the answer text a continuation carries.
 	MaxContinuation = 1 << 20
 )
@@ -350,6 +354,9 @@ func ValidateAnnounce(a *pb.Announce, now time.Time) error {
 	}
 	if a.GetHealth() > 100 {
 		return badRequest("health %d over 100", a.GetHealth())
+	}
+	if l := a.GetLoad(); l.GetMaxConcurrency() > MaxAnnSlots || l.GetMaxQueue() > MaxAnnSlots || l.GetInFlight() > MaxAnnSlots || l.GetQueued() > MaxAnnSlots {
+		return badRequest("load beyond %d slots", MaxAnnSlots)
 	}
 	// A missing load reads as max_concurrency 0, which routing cannot use.
 	if len(a.GetModels()) > 0 && a.GetLoad().GetMaxConcurrency() == 0 {

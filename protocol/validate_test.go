@@ -431,6 +431,9 @@ func TestValidateAnnounce(t *testing.T) {
 		{"health over 100", func(a *pb.Announce) { a.Health = 101 }, "health 101 over 100"},
 		{"models with zero concurrency", func(a *pb.Announce) { a.Load.MaxConcurrency = 0 }, "max_concurrency 0"},
 		{"models without load", func(a *pb.Announce) { a.Load = nil }, "max_concurrency 0"},
+		{"concurrency beyond the bound", func(a *pb.Announce) { a.Load.MaxConcurrency = math.MaxUint32 }, "load beyond"},
+		{"queue beyond the bound", func(a *pb.Announce) { a.Load.MaxQueue = MaxAnnSlots + 1 }, "load beyond"},
+		{"queued beyond the bound", func(a *pb.Announce) { a.Load.Queued = MaxAnnSlots + 1 }, "load beyond"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -449,8 +449,8 @@ func (f *nodeFlags) check() error {
 			return usagef("--backend: %v", err)
 		}
 	}
-	if f.maxConcurrency < 1 || f.maxQueue < 0 {
-		return usagef("--max-concurrency must be at least 1 and --max-queue at least 0")
+	if f.maxConcurrency < 1 || f.maxQueue < 0 || f.maxConcurrency > protocol.MaxAnnSlots || f.maxQueue > protocol.MaxAnnSlots {
+		return usagef("--max-concurrency must be within [1, %d] and --max-queue within [0, %d]", protocol.MaxAnnSlots, protocol.MaxAnnSlots)
 	}
 	if f.announceInterval < 100*time.Millisecond || f.announceInterval > 3*time.Minute {
 		return usagef("--announce-interval must be within [100ms, 3m]")

@@ -436,3 +436,73 @@ func TestSeekerToldWhenNoWorkerServes(t *testing.T) {
 		})
 	}
 }
+
+// fakeProgress stands in for a worker that pretends to make progress
+// while it answers nothing: it counts its queue position down from 2^31,
+// or sends empty chunks, every 50 ms.
+func fakeProgress(t *testing.T, emptyChunks bool) host.Host {
+	stop := make(chan struct{})
+	t.Cleanup(func() { close(stop) })
+	h := testHost(t)
+	h.SetStreamHandler(testProto, func(s network.Stream) {
+		defer s.Reset()
+		var req pb.QueryRequest
+		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
+			return
+		}
+		pos := uint32(1 << 31)
+		if emptyChunks {
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 250}}})
+		}
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			ev := &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: pos, HeartbeatMs: 250}}}
+			if emptyChunks {
+				ev = &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{}}}
+			}
+			if err := protocol.WriteFrame(s, ev); err != nil {
+				return
+			}
+			pos--
+			select {
+			case <-tick.C:
+			case <-stop:
+				return
+			}
+		}
+	})
+	return h
+}
+
+// TestFakeProgressIsAStall: a queue position beyond what the worker
+// announced it queues, counting down, or empty chunks, are no progress:
+// the stall bound moves the query to an honest worker instead of leaving
+// it with the liar until its deadline.
+func TestFakeProgressIsAStall(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		empty bool
+	}{{"queue position counted down from 2^31", false}, {"empty chunks", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			liar := fakeProgress(t, tc.empty)
+			honest := demoWorker(t, "honest", 0)
+			h := testHost(t)
+			connect(t, h, liar, honest)
+			table := staticTable{
+				cand(string(liar.ID()), 0, 4, 100, 0, demoModel),
+				cand(string(honest.ID()), 0, 4, 100, time.Second, demoModel),
+			}
+			r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(300*time.Millisecond))
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+			if err != nil {
+				t.Fatalf("query held by a worker faking progress: %v", err)
+			}
+			if res.Peer != honest.ID() || res.Attempts != 2 {
+				t.Fatalf("answered by %s in %d attempts, want the honest worker in 2", res.Peer, res.Attempts)
+			}
+		})
+	}
+}

@@ -1589,8 +1589,13 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	accepted := false
 	var beat time.Duration
 	// Progress: output, or a step forward in the worker's queue. A worker
-	// that heartbeats without progress for stall is stalling.
+	// that heartbeats without progress for stall is stalling. A queue
+	// position beyond what the worker announced it queues, or an empty
+	// chunk, is no progress: a liar could count down from 2^32, or
+	// trickle nothing, to hold a query to its deadline.
 	progress, queuePos := time.Now(), uint32(math.MaxUint32)
+	l := c.Announce.GetLoad()
+	queueMax := min(l.GetMaxQueue(), protocol.MaxAnnSlots) + min(l.GetMaxConcurrency(), protocol.MaxAnnSlots)
 	// moved: progress since the stamp above, stamped at the next read
 	// that waits (events read ahead in one batch cost one clock read, not
 	// one each: it showed in profiles, a read per token).
@@ -1645,7 +1650,20 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			accepted = true
 			beat = time.Duration(k.Accepted.GetHeartbeatMs()) * time.Millisecond
 			if pos := k.Accepted.GetQueuePosition(); pos < queuePos {
-				queuePos, moved = pos, true
+				queuePos, moved = pos, moved || pos <= queueMax
+			}
+		case *pb.Event_Chunk:
+			if k.Chunk.GetText() == "" && len(k.Chunk.GetLogprobs()) == 0 {
+				// Nothing: not progress, and not output to pass on (it
+				// would start the answer, and a worker failing after it
+				// could no longer be replaced by a restart).
+				continue
+			}
+			moved = true
+			if !out.spend(&ev) {
+				_ = s.Reset()
+				log.Debugw("worker floods output", "peer", p)
+				return nil, peerFailure{failFlood, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent more output than the query allows", ShortID(p))}
 			}
 		default:
 			moved = true
