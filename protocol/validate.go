@@ -229,6 +229,29 @@ func validateParams(p *pb.Params) error {
 	return validateSamplingExtras(p)
 }
 
+// ValidateEventFor checks that e may answer req: a tool call only a query
+// that offers tools, media only an imagine or a text-to-speech query, an
+// embedding only an embed query. A worker sending anything else breaks
+// the protocol (a chat client shown a tool call it never offered, or
+// nothing at all where its answer should be).
+func ValidateEventFor(req *pb.QueryRequest, e *pb.Event) error {
+	switch e.GetKind().(type) {
+	case *pb.Event_ToolCall:
+		if len(req.GetTools()) == 0 {
+			return badRequest("tool call in answer to a query that offers no tools")
+		}
+	case *pb.Event_Media:
+		if t := req.GetType(); t != pb.QueryType_QUERY_TYPE_IMAGINE && t != pb.QueryType_QUERY_TYPE_TTS {
+			return badRequest("media in answer to a %s query", TypeName(t))
+		}
+	case *pb.Event_Embedding:
+		if t := req.GetType(); t != pb.QueryType_QUERY_TYPE_EMBED {
+			return badRequest("embedding in answer to a %s query", TypeName(t))
+		}
+	}
+	return nil
+}
+
 // ValidateEvent checks an event received from a worker.
 func ValidateEvent(e *pb.Event) error {
 	switch k := e.GetKind().(type) {

@@ -462,3 +462,35 @@ func TestValidateAnnounceTypical(t *testing.T) {
 		t.Fatalf("typical announce is %d bytes", n)
 	}
 }
+
+func TestValidateEventFor(t *testing.T) {
+	chat := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT}
+	withTools := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Tools: []*pb.Tool{{Name: "f"}}}
+	imagine := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_IMAGINE}
+	tts := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_TTS}
+	embed := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_EMBED}
+	tool := &pb.Event{Kind: &pb.Event_ToolCall{ToolCall: &pb.ToolCallDelta{Name: "f"}}}
+	media := &pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: "image/png"}}}
+	vec := &pb.Event{Kind: &pb.Event_Embedding{Embedding: &pb.Embedding{Vector: []float32{1}}}}
+	chunk := &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "x"}}}
+	for _, tc := range []struct {
+		name string
+		req  *pb.QueryRequest
+		ev   *pb.Event
+		ok   bool
+	}{
+		{"text answers chat", chat, chunk, true},
+		{"a tool call answers a query with tools", withTools, tool, true},
+		{"a tool call never offered", chat, tool, false},
+		{"an image answers imagine", imagine, media, true},
+		{"audio answers tts", tts, media, true},
+		{"media answers no chat", chat, media, false},
+		{"a vector answers embed", embed, vec, true},
+		{"a vector answers no chat", chat, vec, false},
+		{"media answers no embed", embed, media, false},
+	} {
+		if err := ValidateEventFor(tc.req, tc.ev); (err == nil) != tc.ok {
+			t.Errorf("%s: %v", tc.name, err)
+		}
+	}
+}

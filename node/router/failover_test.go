@@ -506,3 +506,62 @@ func TestFakeProgressIsAStall(t *testing.T) {
 		})
 	}
 }
+
+// answersWith stands in for a worker that answers every query with ev
+// (one that does not fit the query) and a Done.
+func answersWith(t *testing.T, ev *pb.Event) host.Host {
+	h := testHost(t)
+	h.SetStreamHandler(testProto, func(s network.Stream) {
+		defer s.Close()
+		var req pb.QueryRequest
+		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
+			s.Reset()
+			return
+		}
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		_ = protocol.WriteFrame(s, ev)
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{FinishReason: protocol.FinishStop}}})
+	})
+	return h
+}
+
+// TestEventsThatDoNotFitTheQueryAreViolations: a tool call to a query
+// that offers no tools, media or a vector in answer to a chat, never
+// reach the client: the worker broke the protocol, and an honest worker
+// answers instead.
+func TestEventsThatDoNotFitTheQueryAreViolations(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ev   *pb.Event
+	}{
+		{"tool call never offered", &pb.Event{Kind: &pb.Event_ToolCall{ToolCall: &pb.ToolCallDelta{Index: 63, Id: "c", Name: "rm_rf", Arguments: `{"path":"/"}`}}}},
+		{"media to a chat", &pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: "image/png", Data: []byte{1}}}}},
+		{"a vector to a chat", &pb.Event{Kind: &pb.Event_Embedding{Embedding: &pb.Embedding{Vector: []float32{1}}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			liar := answersWith(t, tc.ev)
+			honest := demoWorker(t, "honest", 0)
+			h := testHost(t)
+			connect(t, h, liar, honest)
+			table := staticTable{
+				cand(string(liar.ID()), 0, 4, 100, 0, demoModel),
+				cand(string(honest.ID()), 0, 4, 100, time.Second, demoModel),
+			}
+			r := New(h, testProto, table, WithRetryBackoff(time.Millisecond))
+			res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(ev *pb.Event) error {
+				if _, ok := ev.GetKind().(*pb.Event_Chunk); !ok && ev != nil {
+					if _, acc := ev.GetKind().(*pb.Event_Accepted); !acc {
+						t.Errorf("the client was handed %T", ev.GetKind())
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Peer != honest.ID() {
+				t.Fatalf("answered by %s, want the honest worker", res.Peer)
+			}
+		})
+	}
+}

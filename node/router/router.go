@@ -1635,7 +1635,11 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			return nil, r.streamErr(ctx, s, accepted, err)
 		}
 		release() // the worker has taken the stream: the next may open
-		if err := protocol.ValidateEvent(&ev); err != nil {
+		err := protocol.ValidateEvent(&ev)
+		if err == nil {
+			err = protocol.ValidateEventFor(req, &ev)
+		}
+		if err != nil {
 			_ = s.Reset()
 			return nil, peerFailure{failInvalid, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent an invalid event: %v", ShortID(p), err)}
 		}
