@@ -78,6 +78,9 @@ func logprobJSONSize(token string, bytes []byte) int {
 func (a *answer) message() chatMessageOut {
 	m := chatMessageOut{Role: "assistant", Content: a.text.String()}
 	for i, c := range a.calls {
+		if c.Function.Name == "" && c.Function.Arguments == "" {
+			continue // an index the worker skipped: no call
+		}
 		if c.ID == "" {
 			c.ID = fmt.Sprintf("call_%d", i)
 		}

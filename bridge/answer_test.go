@@ -29,6 +29,8 @@ func TestAnswerShapes(t *testing.T) {
 		{"empty text", nil, false, `{"role":"assistant","content":"","refusal":null}`, `null`},
 		{"tool calls only", []*pb.Event{tc(0, "call_1", "get_weather", `{"city":`), tc(0, "", "", `"Oslo"}`), tc(1, "call_2", "now", "{}")}, false,
 			`{"role":"assistant","refusal":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Oslo\"}"}},{"id":"call_2","type":"function","function":{"name":"now","arguments":"{}"}}],"content":null}`, `null`},
+		{"a skipped index is no call", []*pb.Event{tc(2, "c", "now", "{}")}, false,
+			`{"role":"assistant","refusal":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"now","arguments":"{}"}}],"content":null}`, `null`},
 		{"text and a call", []*pb.Event{chunk("Let me check."), tc(0, "c", "now", "{}")}, false,
 			`{"role":"assistant","content":"Let me check.","refusal":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"now","arguments":"{}"}}]}`, `null`},
 		{"logprobs", []*pb.Event{chunk("hi", &pb.TokenLogprob{Token: "hi", Logprob: -0.5, Top: []*pb.TopLogprob{{Token: "ho", Logprob: -2}}})}, true,
