@@ -129,7 +129,7 @@ func TestChatCompletion(t *testing.T) {
 		!strings.Contains(out.Choices[0].Message.Content, "You said: hello there swarm") {
 		t.Errorf("choice %s", body)
 	}
-	if out.Usage.PromptTokens != 3 || out.Usage.CompletionTokens == 0 || out.Usage.TotalTokens != out.Usage.PromptTokens+out.Usage.CompletionTokens {
+	if out.Usage.PromptTokens != 3 || out.Usage.CompletionTokens == 0 || out.Usage.TotalTokens != uint64(out.Usage.PromptTokens)+uint64(out.Usage.CompletionTokens) {
 		t.Errorf("usage %+v", out.Usage)
 	}
 	if got := resp.Header.Get("X-Mtor-Peer"); got != sw.self.String() || out.Mtor == nil || out.Mtor.Peer != got || out.Mtor.Attempts != 1 {

@@ -62,12 +62,12 @@ func infoOf(res *router.Result) *mtorInfo {
 type usage struct {
 	PromptTokens     uint32 `json:"prompt_tokens"`
 	CompletionTokens uint32 `json:"completion_tokens"`
-	TotalTokens      uint32 `json:"total_tokens"`
+	TotalTokens      uint64 `json:"total_tokens"` // a sum of two uint32: no wrap
 }
 
 func usageOf(res *router.Result) usage {
 	u := res.Done.GetUsage()
-	return usage{PromptTokens: u.GetPromptTokens(), CompletionTokens: u.GetCompletionTokens(), TotalTokens: u.GetPromptTokens() + u.GetCompletionTokens()}
+	return usage{PromptTokens: u.GetPromptTokens(), CompletionTokens: u.GetCompletionTokens(), TotalTokens: uint64(u.GetPromptTokens()) + uint64(u.GetCompletionTokens())}
 }
 
 // decodeQuery reads a JSON body into req, translates it with toQuery and

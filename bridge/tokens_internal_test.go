@@ -2,11 +2,15 @@ package bridge
 
 import (
 	"encoding/json"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mtor-swarm/mtor/node/router"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // TestTokenEventsMatchTheChunk: a token's event rendered from the
@@ -147,5 +151,21 @@ func TestSSEBigEventBufferNotReused(t *testing.T) {
 	out.finish()
 	if got, want := string(g.body), strings.Join(events, ""); got != want {
 		t.Fatalf("the client got %d bytes ending %q, want %d ending %q", len(got), got[len(got)-120:], len(want), want[len(want)-120:])
+	}
+}
+
+// TestUsageSumsDoNotWrap: a worker's figures are its own and may be
+// absurd; the bridge's sums of them saturate instead of wrapping.
+func TestUsageSumsDoNotWrap(t *testing.T) {
+	res := &router.Result{Done: &pb.Done{Usage: &pb.Usage{PromptTokens: math.MaxUint32, CompletionTokens: math.MaxUint32}, EnergyMj: 1 << 62}}
+	if u := usageOf(res); u.TotalTokens != 2*math.MaxUint32 {
+		t.Errorf("total_tokens %d, want %d", u.TotalTokens, uint64(2*math.MaxUint32))
+	}
+	b := newUsageBook(8)
+	for range 5 {
+		b.record("c", res)
+	}
+	if got := b.m["c"].EnergyMJ; got != math.MaxUint64 {
+		t.Errorf("energy after 5 × 2^62 mJ: %d, want the largest uint64", got)
 	}
 }

@@ -1341,7 +1341,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	}
 	if q.continued > 0 && done.GetUsage() != nil {
 		// The answer's earlier part came from other workers.
-		done.Usage.CompletionTokens += chunksBefore
+		done.Usage.CompletionTokens = uint32(min(uint64(done.Usage.CompletionTokens)+uint64(chunksBefore), math.MaxUint32))
 	}
 	return &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds()), name: name}, nil
 }
