@@ -2,9 +2,12 @@ package router
 
 import (
 	"errors"
+	"math"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -28,21 +31,48 @@ func WithReceipts(key crypto.PrivKey, consumed func(*pb.Receipt)) Option {
 }
 
 // receiptCheck is the receipt of one attempt: the hash of the output the
-// worker sent in it.
-type receiptCheck struct{ output *receipt.OutputHash }
+// worker sent in it, and how much output and time it took, which bound
+// the figures the worker may claim (receipt.Observed).
+type receiptCheck struct {
+	output  *receipt.OutputHash
+	start   time.Time
+	bytes   uint64
+	outputs uint64
+}
 
 func (r *Router) newReceiptCheck() *receiptCheck {
 	if r.receipts == nil {
 		return nil
 	}
-	return &receiptCheck{output: receipt.NewOutputHash()}
+	return &receiptCheck{output: receipt.NewOutputHash(), start: time.Now()}
 }
 
-// add hashes one event of the attempt.
+// add hashes and counts one event of the attempt.
 func (c *receiptCheck) add(ev *pb.Event) {
-	if c != nil {
-		c.output.Add(ev)
+	if c == nil {
+		return
 	}
+	c.output.Add(ev)
+	switch k := ev.GetKind().(type) {
+	case *pb.Event_Chunk:
+		c.bytes += uint64(len(k.Chunk.GetText()))
+	case *pb.Event_ToolCall:
+		c.bytes += uint64(len(k.ToolCall.GetName()) + len(k.ToolCall.GetArguments()))
+	case *pb.Event_Media:
+		c.bytes += uint64(len(k.Media.GetData()))
+	case *pb.Event_Embedding:
+		c.bytes += 4 * uint64(len(k.Embedding.GetVector()))
+	default:
+		return
+	}
+	c.outputs++
+}
+
+// observed is what the attempt showed of req's answer, now that its
+// Done has come.
+func (c *receiptCheck) observed(req *pb.QueryRequest) *receipt.Observed {
+	return &receipt.Observed{Ms: uint32(min(time.Since(c.start).Milliseconds(), math.MaxUint32)),
+		OutputBytes: c.bytes, Outputs: c.outputs, RequestBytes: uint64(proto.Size(req))}
 }
 
 // errNoReceipt is a Done without a receipt, from a worker before receipts.
@@ -62,12 +92,20 @@ func (r *Router) settle(c *receiptCheck, p peer.ID, local bool, req *pb.QueryReq
 		log.Debugw("answer without a receipt", "peer", p)
 		return errNoReceipt
 	}
-	err := receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local})
+	obs := c.observed(req)
+	err := receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local, Observed: obs})
 	if err == nil {
 		err = receipt.Countersign(rc, r.receipts.key)
 	}
 	if err != nil {
 		done.Receipt = nil
+		if errors.Is(err, receipt.ErrImplausible) {
+			// Its figures reach the client's usage and the accounting:
+			// keep what was seen, not what the worker claimed.
+			done.Usage = &pb.Usage{PromptTokens: 0, CompletionTokens: uint32(min(obs.Outputs, math.MaxUint32))}
+			done.Timing = &pb.Timing{TotalMs: obs.Ms}
+			done.EnergyMj = 0
+		}
 		log.Warnw("receipt refused", "peer", p, "query", req.GetId(), "err", err)
 		if p != r.h.ID() {
 			r.mu.Lock()

@@ -176,3 +176,62 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 	t.Fatal("condition not met within 10 s")
 }
+
+// TestInventedFiguresRefused: a worker that signs figures the answer
+// rules out (days of work and billions of tokens for a short answer, more
+// power than any machine draws) gets no countersignature: nothing is
+// recorded, the figures the client sees are what the router saw, and the
+// worker's breaker counts a violation. Before, the router countersigned
+// them and its ledger credited the worker with days.
+func TestInventedFiguresRefused(t *testing.T) {
+	wh := testHost(t)
+	wkey := wh.Peerstore().PrivKey(wh.ID())
+	w := worker.New([]backend.Backend{demo.New("liar", demo.WithDelay(0))})
+	w.Refresh(context.Background())
+	wh.SetStreamHandler(testProto, func(s network.Stream) {
+		defer s.Close()
+		var req pb.QueryRequest
+		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
+			s.Reset()
+			return
+		}
+		out := receipt.NewOutputHash()
+		write := func(ev *pb.Event) error { out.Add(ev); return protocol.WriteFrame(s, ev) }
+		done, err := w.ServeFor(context.Background(), s.Conn().RemotePeer(), &req, write)
+		if err != nil {
+			s.Reset()
+			return
+		}
+		// Self-consistent lies: Done and a receipt signed over them.
+		done.Usage = &pb.Usage{PromptTokens: 4_000_000_000, CompletionTokens: 4_000_000_000}
+		done.Timing = &pb.Timing{TtftMs: 1, TotalMs: 4_000_000_000}
+		done.EnergyMj = 1 << 62
+		rc := receipt.New(&req, done, out.Sum(), wh.ID(), s.Conn().RemotePeer(), time.Now())
+		if err := receipt.Sign(rc, wkey); err != nil {
+			s.Reset()
+			return
+		}
+		done.Receipt = rc
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: done}})
+	})
+	r, rled := receiptRouter(t, wh)
+	res, err := r.Query(t.Context(), chat("one two"), func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Done.GetReceipt() != nil {
+		t.Fatal("a receipt of invented figures was countersigned")
+	}
+	if s := rled.Snapshot(); len(s.Peers) != 0 {
+		t.Fatalf("invented figures were recorded: %+v", s.Peers)
+	}
+	if u, tm := res.Done.GetUsage(), res.Done.GetTiming(); u.GetPromptTokens() > 100 || u.GetCompletionTokens() > 100 || tm.GetTotalMs() > 60_000 || res.Done.GetEnergyMj() != 0 {
+		t.Fatalf("the client was handed the invented figures: usage %v, timing %v, %d mJ", u, tm, res.Done.GetEnergyMj())
+	}
+	r.mu.Lock()
+	score := r.state(wh.ID()).tracker.Score()
+	r.mu.Unlock()
+	if score >= 100 {
+		t.Fatalf("worker health %.0f after invented figures, want a violation counted", score)
+	}
+}

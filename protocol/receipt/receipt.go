@@ -45,7 +45,57 @@ var (
 	ErrBadSig      = errors.New("bad receipt signature")
 	ErrOutputHash  = errors.New("receipt output hash does not match the output")
 	ErrNoRouterSig = errors.New("receipt not countersigned")
+	// ErrImplausible is a receipt whose figures what the routing node saw
+	// of the answer rules out: more time than the answer took, more tokens
+	// than its output could hold, more energy than any worker draws.
+	ErrImplausible = errors.New("receipt figures are implausible")
 )
+
+// Bounds of Check on a receipt's figures against what was observed.
+const (
+	// MaxPowerW bounds a worker's draw: energy_mj per total_ms (1 W is
+	// 1 mJ/ms). Eight of today's largest GPUs stay well below it.
+	MaxPowerW = 20000
+	// msSlack is how far a worker's own clock may run ahead of the
+	// routing node's over one answer.
+	msSlack = 1000
+	// tokenSlack covers tokens with no bytes of their own (special
+	// tokens, a chat template's) beyond one a byte.
+	tokenSlack = 64
+	// MaxTokensPerMs bounds the tokens a worker may have made without
+	// sending them (a reasoning model's hidden thinking), 10 000 a
+	// second: several times the fastest engines' speed on one stream.
+	MaxTokensPerMs = 10
+	// promptSlack covers a chat template and the tokens of images.
+	promptSlack = 1 << 16
+)
+
+// Observed is what the routing node saw of an answer, which bounds the
+// figures its worker may claim: a worker signs what it likes, and the
+// countersignature must not certify what cannot be.
+type Observed struct {
+	Ms           uint32 // from the request sent to the Done received
+	OutputBytes  uint64 // text, tool calls, media bytes and vectors received
+	Outputs      uint64 // output events received
+	RequestBytes uint64 // the request's encoded size
+}
+
+// plausible reports whether the receipt's figures fit o.
+func plausible(r *pb.Receipt, o *Observed) error {
+	switch {
+	case uint64(r.GetTotalMs()) > uint64(o.Ms)+msSlack:
+		return fmt.Errorf("%w: %d ms claimed, the answer took %d ms", ErrImplausible, r.GetTotalMs(), o.Ms)
+	case r.GetTtftMs() > r.GetTotalMs():
+		return fmt.Errorf("%w: first output after %d ms of %d", ErrImplausible, r.GetTtftMs(), r.GetTotalMs())
+	case uint64(r.GetCompletionTokens()) > o.OutputBytes+o.Outputs+tokenSlack+uint64(o.Ms)*MaxTokensPerMs:
+		return fmt.Errorf("%w: %d completion tokens in %d bytes of output and %d ms", ErrImplausible, r.GetCompletionTokens(), o.OutputBytes, o.Ms)
+	case uint64(r.GetPromptTokens()) > o.RequestBytes+promptSlack:
+		return fmt.Errorf("%w: %d prompt tokens in a request of %d bytes", ErrImplausible, r.GetPromptTokens(), o.RequestBytes)
+	case r.GetEnergyMj() > (uint64(r.GetTotalMs())+1)*MaxPowerW:
+		return fmt.Errorf("%w: %d mJ in %d ms", ErrImplausible, r.GetEnergyMj(), r.GetTotalMs())
+	}
+	return nil
+}
 
 // canonical is the receipt with only its known fields, signatures cleared
 // as the role requires, deterministically encoded.
@@ -142,6 +192,8 @@ type Expect struct {
 	// without a network hop), which signed the receipt with the key this
 	// process holds; its signature is not verified again.
 	SignedHere bool
+	// Observed, when set, bounds the receipt's figures (ErrImplausible).
+	Observed *Observed
 }
 
 // Check verifies a receipt as the routing node does before countersigning:
@@ -156,7 +208,7 @@ func Check(r *pb.Receipt, e Expect) error {
 		return fmt.Errorf("%w: query id", ErrMismatch)
 	case r.GetType() != e.Request.GetType():
 		return fmt.Errorf("%w: query type", ErrMismatch)
-	case r.GetModel() != e.Done.GetModel():
+	case r.GetModel() != e.Done.GetModel(), r.GetModel() != e.Request.GetModel():
 		return fmt.Errorf("%w: model", ErrMismatch)
 	case peer.ID(r.GetWorker()) != e.Worker:
 		return fmt.Errorf("%w: worker", ErrMismatch)
@@ -168,6 +220,11 @@ func Check(r *pb.Receipt, e Expect) error {
 		r.GetTotalMs() != e.Done.GetTiming().GetTotalMs(),
 		r.GetEnergyMj() != e.Done.GetEnergyMj():
 		return fmt.Errorf("%w: usage, timing or energy differ from Done", ErrMismatch)
+	}
+	if e.Observed != nil {
+		if err := plausible(r, e.Observed); err != nil {
+			return err
+		}
 	}
 	if !e.SignedHere {
 		if err := verifySig(r, false); err != nil {

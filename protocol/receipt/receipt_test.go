@@ -265,3 +265,44 @@ func TestCheckSignedHere(t *testing.T) {
 		t.Errorf("Check of a bad signature without SignedHere = %v, want %v", err, ErrBadSig)
 	}
 }
+
+// TestCheckRefusesImplausibleFigures: a worker signs what it likes; what
+// the routing node saw of the answer (its time, its output) bounds the
+// figures it countersigns. An honest receipt passes at the bounds' edge.
+func TestCheckRefusesImplausibleFigures(t *testing.T) {
+	wk, wid := key(t)
+	_, rid := key(t)
+	// The answer took 50 ms, with 5 bytes of text in 2 chunks, for a
+	// request of 40 bytes.
+	obs := &Observed{Ms: 50, OutputBytes: 5, Outputs: 2, RequestBytes: 40}
+	for _, tc := range []struct {
+		name string
+		set  func(d *pb.Done, req *pb.QueryRequest)
+		want error
+	}{
+		{"honest", func(*pb.Done, *pb.QueryRequest) {}, nil},
+		{"its clock a second ahead", func(d *pb.Done, _ *pb.QueryRequest) { d.Timing.TotalMs = 1050 }, nil},
+		{"longer than the answer took", func(d *pb.Done, _ *pb.QueryRequest) { d.Timing.TotalMs = 4_000_000_000 }, ErrImplausible},
+		{"first output after its end", func(d *pb.Done, _ *pb.QueryRequest) { d.Timing.TtftMs = 45; d.Timing.TotalMs = 40 }, ErrImplausible},
+		{"hidden thinking at 10 000 tokens a second", func(d *pb.Done, _ *pb.QueryRequest) { d.Usage.CompletionTokens = 5 + 2 + 64 + 500 }, nil},
+		{"more tokens than output and time allow", func(d *pb.Done, _ *pb.QueryRequest) { d.Usage.CompletionTokens = 4_000_000_000 }, ErrImplausible},
+		{"more prompt tokens than the request holds", func(d *pb.Done, _ *pb.QueryRequest) { d.Usage.PromptTokens = 4_000_000_000 }, ErrImplausible},
+		{"20 kW", func(d *pb.Done, _ *pb.QueryRequest) { d.EnergyMj = 41 * MaxPowerW }, nil},
+		{"more energy than any worker draws", func(d *pb.Done, _ *pb.QueryRequest) { d.EnergyMj = 1 << 62 }, ErrImplausible},
+		{"another model than asked", func(d *pb.Done, _ *pb.QueryRequest) { d.Model = "gpt-5-ultra" }, ErrMismatch},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, evs, done := answer()
+			tc.set(done, req)
+			out := hashOf(evs)
+			r := New(req, done, out, wid, rid, time.UnixMilli(1767225600000))
+			if err := Sign(r, wk); err != nil {
+				t.Fatal(err)
+			}
+			err := Check(r, Expect{Request: req, Done: done, Output: out, Worker: wid, Requester: rid, Observed: obs})
+			if !errors.Is(err, tc.want) || (tc.want == nil) != (err == nil) {
+				t.Fatalf("Check = %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
