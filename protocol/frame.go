@@ -65,9 +65,14 @@ type FrameReader struct {
 // ErrNoMemory is wrapped by reads refused by the reserve callback.
 var ErrNoMemory = errors.New("no memory for frame")
 
-// SetReserve makes Read call f with a frame's length before reading its
-// body, so the caller can account for the memory (libp2p's resource
-// manager) and refuse the frame.
+// SetReserve makes Read call f with the bytes a frame's body is to take
+// before it takes them, so the caller can account for the memory (libp2p's
+// resource manager) and refuse the frame: a small frame's length at once,
+// a large one's (over 64 KiB) as its buffer grows with the bytes that
+// arrive. So a peer that claims a large frame and sends little holds
+// little of the budget it shares with every other peer, however many
+// such claims it makes. The calls of one Read add up to the frame's
+// length at most.
 func (fr *FrameReader) SetReserve(f func(n int) error) { fr.reserve = f }
 
 // NewFrameReader wraps r; frames longer than max bytes are refused.
@@ -117,7 +122,7 @@ func (fr *FrameReader) Read(m proto.Message) error {
 	if n > uint64(fr.max) {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, n, fr.max)
 	}
-	if fr.reserve != nil {
+	if fr.reserve != nil && n <= smallFrame {
 		if err := fr.reserve(int(n)); err != nil {
 			return fmt.Errorf("%w: %d bytes: %v", ErrNoMemory, n, err)
 		}
@@ -152,11 +157,19 @@ func (fr *FrameReader) readBody(n int) ([]byte, error) {
 		}
 		buf = fr.buf[:0]
 	} else {
+		if err := fr.reserveLarge(n, smallFrame); err != nil {
+			return nil, err
+		}
 		buf = make([]byte, 0, smallFrame)
 	}
 	for len(buf) < n {
 		if len(buf) == cap(buf) {
-			buf = slices.Grow(buf, min(len(buf), n-len(buf)))
+			grow := min(len(buf), n-len(buf))
+			if err := fr.reserveLarge(n, grow); err != nil {
+				return nil, err
+			}
+			buf = slices.Grow(buf, grow)
+			buf = buf[: len(buf) : len(buf)+grow] // as reserved, not as slices.Grow rounds
 		}
 		k, err := io.ReadFull(fr.r, buf[len(buf):min(cap(buf), n)])
 		buf = buf[:len(buf)+k]
@@ -168,6 +181,17 @@ func (fr *FrameReader) readBody(n int) ([]byte, error) {
 		}
 	}
 	return buf, nil
+}
+
+// reserveLarge reserves k more bytes of a large frame of n bytes.
+func (fr *FrameReader) reserveLarge(n, k int) error {
+	if fr.reserve == nil {
+		return nil
+	}
+	if err := fr.reserve(k); err != nil {
+		return fmt.Errorf("%w: %d of a frame of %d bytes: %v", ErrNoMemory, k, n, err)
+	}
+	return nil
 }
 
 // AppendFrame appends the framed encoding of m to b.

@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"runtime"
@@ -364,5 +365,41 @@ func TestFrameReaderReady(t *testing.T) {
 	}
 	if fr.Ready() {
 		t.Fatal("ready with nothing left")
+	}
+}
+
+// TestFrameReaderReservesWhatArrives: a peer that claims an 8 MiB frame
+// and sends 100 KiB of it gets about that much reserved, not its claim;
+// a whole large frame reserves its length, no more.
+func TestFrameReaderReservesWhatArrives(t *testing.T) {
+	const claim = 8 << 20
+	for _, tc := range []struct {
+		name      string
+		sent      int
+		maxAsked  int
+		wantWhole bool
+	}{
+		{"claim, then little", 100 << 10, 256 << 10, false},
+		{"the whole frame", claim, claim, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			frame, err := AppendFrame(nil, &pb.Chunk{Text: strings.Repeat("x", claim-8)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, k := binary.Uvarint(frame)
+			sent := min(tc.sent, int(body))
+			fr := NewFrameReader(bytes.NewReader(frame[:k+sent]), 2*claim)
+			asked := 0
+			fr.SetReserve(func(k int) error { asked += k; return nil })
+			var c pb.Chunk
+			err = fr.Read(&c)
+			if tc.wantWhole != (err == nil) {
+				t.Fatalf("read: %v", err)
+			}
+			if asked > min(tc.maxAsked, int(body)) || asked < sent {
+				t.Fatalf("reserved %d bytes for %d sent of a %d-byte frame, want between them and %d", asked, sent, body, tc.maxAsked)
+			}
+		})
 	}
 }

@@ -192,7 +192,7 @@ func (rv *Receiver) HandleStream(s network.Stream) {
 		if err := s.Scope().ReserveMemory(n, network.ReservationPriorityLow); err != nil {
 			return err
 		}
-		reserved = n
+		reserved += n
 		return nil
 	})
 	defer func() { s.Scope().ReleaseMemory(reserved) }()

@@ -55,7 +55,7 @@ func (w *Worker) handleStream(s network.Stream) {
 		if err := s.Scope().ReserveMemory(n, network.ReservationPriorityMedium); err != nil {
 			return err
 		}
-		reserved = n
+		reserved += n
 		return nil
 	})
 	defer func() { s.Scope().ReleaseMemory(reserved) }()
