@@ -192,3 +192,25 @@ func writeBody(w http.ResponseWriter, b []byte) {
 	_, _ = w.Write(b)
 	_ = rc.Flush()
 }
+
+// invalidRequest is the 400 of a request the protocol's rules refuse
+// before it is routed, naming the parameter its message is about, as
+// OpenAI's errors do (param), where the message names one.
+func invalidRequest(pe *protocol.Error) *apiError {
+	return badRequest(requestParam(pe.Message), "invalid_value", "%s.", pe.Message)
+}
+
+// requestParam is the request parameter a protocol validation message is
+// about ("size \"big\" must be ..." is about size), or "".
+func requestParam(msg string) string {
+	switch {
+	case strings.Contains(msg, " query needs a prompt or messages"), strings.HasPrefix(msg, "messages"), strings.HasPrefix(msg, "message "):
+		return "messages"
+	}
+	for _, p := range []string{"tool_choice", "tools", "size", "voice", "format", "temperature", "top_p", "stop", "max_tokens", "seed", "response_format", "model", "input", "prompt"} {
+		if rest, ok := strings.CutPrefix(msg, p); ok && (rest == "" || rest[0] == ' ' || rest[0] == '[' || rest[0] == ':') {
+			return p
+		}
+	}
+	return ""
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -105,4 +106,28 @@ func assertErrorShape(t *testing.T, body []byte, code string) map[string]any {
 		t.Errorf("error code %v, want %q (body %s)", e["code"], code, body)
 	}
 	return e
+}
+
+// TestValidationErrorsNameTheirParameter: a request the protocol's rules
+// refuse gets invalid_value and, where the rule is about one parameter,
+// its name in param, as OpenAI's errors have it.
+func TestValidationErrorsNameTheirParameter(t *testing.T) {
+	sw := newLocalSwarm(t)
+	_, base := startBridge(t, sw)
+	for _, tc := range []struct{ name, path, body, param string }{
+		{"image size", "/v1/images/generations", `{"model":"demo","prompt":"a cat","size":"big"}`, "size"},
+		{"tool_choice naming no tool", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a"}}],"tool_choice":{"type":"function","function":{"name":"b"}}}`, "tool_choice"},
+		{"no content", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":null}]}`, "messages"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, b := postJSON(t, base+tc.path, tc.body, nil)
+			if resp.StatusCode != http.StatusBadRequest {
+				t.Fatalf("status %d: %s", resp.StatusCode, b)
+			}
+			e := assertErrorShape(t, b, "invalid_value")
+			if e["param"] != tc.param {
+				t.Fatalf("param %v, want %q: %s", e["param"], tc.param, b)
+			}
+		})
+	}
 }

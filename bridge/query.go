@@ -140,6 +140,9 @@ func (s *Server) query(ctx context.Context, q *pb.QueryRequest, h router.Handler
 		return nil, err
 	}
 	if err := protocol.ValidateRequest(q); err != nil {
+		if pe := protocol.AsError(err); pe.Code == protocol.CodeBadRequest {
+			return nil, invalidRequest(pe)
+		}
 		return nil, fromProtocol(err, 0)
 	}
 	reqCtx := ctx

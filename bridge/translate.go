@@ -325,7 +325,7 @@ func chatToQuery(req *chatRequest, lim limits) (*pb.QueryRequest, *apiError) {
 	// so that their errors are 400s naming the request, not worker errors.
 	if perr := protocol.ValidateRequest(q); perr != nil {
 		if pe := protocol.AsError(perr); pe.Code == protocol.CodeBadRequest {
-			return nil, badRequest("", "invalid_value", "%s.", pe.Message)
+			return nil, invalidRequest(pe)
 		}
 	}
 	return q, nil
