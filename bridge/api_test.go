@@ -852,6 +852,9 @@ func TestOllamaLoadAndContentType(t *testing.T) {
 		{"chat: curl -d's content type", "/api/chat", "application/x-www-form-urlencoded", `{"model":"demo","stream":false,"messages":[{"role":"user","content":"hi"}]}`, 200, `"done_reason":"stop"`},
 		{"generate: no content type", "/api/generate", "", `{"model":"demo","stream":false,"prompt":"hi"}`, 200, `"done_reason":"stop"`},
 		{"chat: still JSON", "/api/chat", "application/x-www-form-urlencoded", `model=demo`, 400, `error`},
+		{"chat: m:latest is m", "/api/chat", "application/json", `{"model":"demo:latest","stream":false,"messages":[{"role":"user","content":"hi"}]}`, 200, `"done_reason":"stop"`},
+		{"show: m:latest is m", "/api/show", "application/json", `{"model":"demo:latest"}`, 200, `capabilities`},
+		{"chat: another tag is another model", "/api/chat", "application/json", `{"model":"demo:7b","messages":[]}`, 404, `not found`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			resp, b := call(t, http.MethodPost, base+tc.path, tc.ct, []byte(tc.body), nil)

@@ -126,7 +126,8 @@ func (s *Server) handleOllamaShow(w http.ResponseWriter, r *http.Request) {
 		ollamaError(w, err)
 		return
 	}
-	name := cmpOr(req.Model, req.Name)
+	req.Model = s.ollamaName(req.Model)
+	name := s.ollamaName(cmpOr(req.Model, req.Name))
 	for _, m := range s.swarm.Models() {
 		if m.Name == name {
 			writeJSON(w, http.StatusOK, map[string]any{
@@ -499,6 +500,7 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 		ollamaError(w, err)
 		return
 	}
+	req.Model = s.ollamaName(req.Model)
 	if len(req.Messages) == 0 {
 		// Ollama loads the model for an empty conversation (clients send
 		// one to preload it); in a swarm the peers have it loaded.
@@ -557,6 +559,7 @@ func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 		ollamaError(w, err)
 		return
 	}
+	req.Model = s.ollamaName(req.Model)
 	switch {
 	case req.Suffix != "" || req.Template != "" || req.Raw || !isNull(req.Context):
 		ollamaError(w, &apiError{Status: http.StatusBadRequest, Message: "suffix, template, raw and context are not supported by an mtor bridge; use /api/chat"})
@@ -599,6 +602,7 @@ func (s *Server) handleOllamaEmbed(w http.ResponseWriter, r *http.Request) {
 		ollamaError(w, err)
 		return
 	}
+	req.Model = s.ollamaName(req.Model)
 	if req.Dimensions != nil {
 		ollamaError(w, &apiError{Status: http.StatusBadRequest, Message: "dimensions is not supported by an mtor bridge"})
 		return
@@ -640,4 +644,23 @@ func decodeBase64(s string) ([]byte, error) {
 		return base64.StdEncoding.DecodeString(s)
 	}
 	return base64.RawStdEncoding.DecodeString(s)
+}
+
+// ollamaName is the swarm's name for an Ollama model name: Ollama takes
+// "m" and "m:latest" for one model, so a client may send either whatever
+// the worker announced.
+func (s *Server) ollamaName(name string) string {
+	if _, ok := s.model(name); ok || name == "" {
+		return name
+	}
+	if base, ok := strings.CutSuffix(name, ":latest"); ok {
+		if _, ok := s.model(base); ok {
+			return base
+		}
+	} else if !strings.Contains(name, ":") {
+		if _, ok := s.model(name + ":latest"); ok {
+			return name + ":latest"
+		}
+	}
+	return name
 }
