@@ -508,7 +508,8 @@ func TestFakeProgressIsAStall(t *testing.T) {
 }
 
 // answersWith stands in for a worker that answers every query with ev
-// (one that does not fit the query) and a Done.
+// (one that does not fit the query) and a Done; a nil ev sends a Done
+// alone, with no Accepted.
 func answersWith(t *testing.T, ev *pb.Event) host.Host {
 	h := testHost(t)
 	h.SetStreamHandler(testProto, func(s network.Stream) {
@@ -518,9 +519,11 @@ func answersWith(t *testing.T, ev *pb.Event) host.Host {
 			s.Reset()
 			return
 		}
-		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
-		_ = protocol.WriteFrame(s, ev)
-		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{FinishReason: protocol.FinishStop}}})
+		if ev != nil {
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+			_ = protocol.WriteFrame(s, ev)
+		}
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{FinishReason: protocol.FinishStop, Usage: &pb.Usage{CompletionTokens: 7}}}})
 	})
 	return h
 }
@@ -537,6 +540,7 @@ func TestEventsThatDoNotFitTheQueryAreViolations(t *testing.T) {
 		{"tool call never offered", &pb.Event{Kind: &pb.Event_ToolCall{ToolCall: &pb.ToolCallDelta{Index: 63, Id: "c", Name: "rm_rf", Arguments: `{"path":"/"}`}}}},
 		{"media to a chat", &pb.Event{Kind: &pb.Event_Media{Media: &pb.Media{Mime: "image/png", Data: []byte{1}}}}},
 		{"a vector to a chat", &pb.Event{Kind: &pb.Event_Embedding{Embedding: &pb.Embedding{Vector: []float32{1}}}}},
+		{"a Done before Accepted", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			liar := answersWith(t, tc.ev)

@@ -1639,6 +1639,16 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		if err == nil {
 			err = protocol.ValidateEventFor(req, &ev)
 		}
+		if err == nil && !accepted {
+			// The stream's grammar: Error, or Accepted before anything
+			// else (docs/protocol.md §7). A Done first is an answer
+			// claimed without one.
+			switch ev.GetKind().(type) {
+			case *pb.Event_Accepted, *pb.Event_Error:
+			default:
+				err = fmt.Errorf("%T before Accepted", ev.GetKind())
+			}
+		}
 		if err != nil {
 			_ = s.Reset()
 			return nil, peerFailure{failInvalid, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent an invalid event: %v", ShortID(p), err)}
