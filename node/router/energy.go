@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -121,8 +123,11 @@ func (r *Router) byEnergy(ranked []scored, model string, t pb.QueryType, slack f
 	for n < len(ranked) && !ranked[n].full && ranked[n].score <= limit {
 		n++
 	}
+	measured := r.measuredJPT(ranked[:n], model)
 	jpt := func(s scored) float32 {
-		return modelInfo(s.Announce, model, t).GetJoulesPerToken()
+		// The more of what the worker announces and what its answers
+		// here reported: announcing less than it reports gains nothing.
+		return max(modelInfo(s.Announce, model, t).GetJoulesPerToken(), measured[s.Peer])
 	}
 	if i := r.energyProbe(ranked[:n], model, jpt); i >= 0 {
 		c := ranked[i]
@@ -179,4 +184,43 @@ func (r *Router) energyProbe(within []scored, model string, jpt func(scored) flo
 		return i
 	}
 	return -1
+}
+
+// noteEnergy folds the joules per token of done, an answer of p for
+// model, into what this router has seen of p.
+func (r *Router) noteEnergy(p peer.ID, model string, done *pb.Done) {
+	tokens := done.GetUsage().GetCompletionTokens()
+	if done.GetEnergyMj() == 0 || tokens == 0 {
+		return
+	}
+	j := float32(float64(done.GetEnergyMj()) / 1000 / float64(tokens))
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.state(p)
+	if st.jpt == nil {
+		st.jpt = map[string]float32{}
+	}
+	old, ok := st.jpt[model]
+	switch {
+	case !ok && len(st.jpt) >= maxModelTrackers:
+		return
+	case !ok:
+		st.jpt[model] = j
+	default:
+		st.jpt[model] = float32(ewma(float64(old), float64(j)))
+	}
+}
+
+// measuredJPT is the joules per token this router has seen from each of
+// cands for model (0: none).
+func (r *Router) measuredJPT(cands []scored, model string) map[peer.ID]float32 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := make(map[peer.ID]float32, len(cands))
+	for _, c := range cands {
+		if st := r.peers[c.Peer]; st != nil {
+			m[c.Peer] = st.jpt[model]
+		}
+	}
+	return m
 }

@@ -88,6 +88,30 @@ func TestEnergyPreferenceOrder(t *testing.T) {
 	}
 }
 
+// TestAnnouncingLessEnergyThanReportedGainsNothing: a worker that
+// announces a tiny joules per token but reports much more in its answers
+// is ranked by what it reports.
+func TestAnnouncingLessEnergyThanReportedGainsNothing(t *testing.T) {
+	h := testHost(t)
+	table := staticTable{cand("liar", 0, 4, 100, 0, jpt(1e-30)), cand("honest", 0, 4, 100, 10*time.Millisecond, jpt(1))}
+	r := New(h, "/test", table)
+	order := func() string {
+		ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+		r.byEnergy(ranked, "m", pb.QueryType_QUERY_TYPE_CHAT, 1.5)
+		return string(ranked[0].Peer)
+	}
+	if got := order(); got != "liar" {
+		t.Fatalf("first %s before any answer, want the liar (its announcement is all there is)", got)
+	}
+	// Its answers report 50 J a token (1 000 J for 20 tokens).
+	for range 3 {
+		r.noteEnergy(peer.ID("liar"), "m", &pb.Done{Usage: &pb.Usage{CompletionTokens: 20}, EnergyMj: 1_000_000})
+	}
+	if got := order(); got != "honest" {
+		t.Fatalf("first %s after the liar's answers reported 50 J a token, want the honest worker", got)
+	}
+}
+
 // TestEnergyProbe: a worker with a GPU and no joules per token for the
 // model is probed once per EnergyProbeEvery, again after that, and again
 // at once after it restarts (a new process has measured nothing); once it

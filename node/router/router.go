@@ -162,6 +162,10 @@ type peerState struct {
 	// peer to measure a model it announces no joules per token for
 	// (energy.go), by model.
 	energyProbed map[string]time.Time
+	// jpt is the joules per token of the peer's answers by model, EWMA,
+	// from their Done: a worker announcing less than it reports in its
+	// answers is ranked by the more (energy.go).
+	jpt map[string]float32
 }
 
 // unreachableLocked reports whether c is still unreachable: it failed a
@@ -1336,6 +1340,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		r.measurer.Measured(p, measured)
 	}
 	_ = r.settle(check, p, local, req, done)
+	r.noteEnergy(p, req.GetModel(), done)
 	if first.IsZero() {
 		first = end
 	}
