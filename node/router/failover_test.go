@@ -17,6 +17,7 @@ import (
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 
 	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/node/worker"
@@ -35,8 +36,15 @@ func demoWorker(t *testing.T, label string, delay time.Duration) host.Host {
 // demoWorkerOn is demoWorker listening on listen.
 func demoWorkerOn(t *testing.T, listen, label string, delay time.Duration) host.Host {
 	t.Helper()
+	return backendWorkerOn(t, listen, demo.New(label, demo.WithDelay(delay)))
+}
+
+// backendWorkerOn is a real worker serving b on its own host, listening
+// on listen.
+func backendWorkerOn(t *testing.T, listen string, b backend.Backend, opts ...worker.Option) host.Host {
+	t.Helper()
 	h := testHostOn(t, listen)
-	w := worker.New([]backend.Backend{demo.New(label, demo.WithDelay(delay))})
+	w := worker.New([]backend.Backend{b}, opts...)
 	w.Refresh(context.Background())
 	h.SetStreamHandler(testProto, w.HandleStream)
 	return h
@@ -107,9 +115,10 @@ func TestContinuesTheAnswerOfAWorkerThatDies(t *testing.T) {
 	}
 }
 
-// acceptThenDie stands in for a worker process that dies right after it
-// accepted a query.
-func acceptThenDie(t *testing.T) host.Host {
+// fakeWorker is a host whose query streams serve answers: it reads each
+// stream's request, resets a stream without one, and hands the rest to
+// answer, the behaviour of the worker it stands in for.
+func fakeWorker(t *testing.T, answer func(s network.Stream, req *pb.QueryRequest)) host.Host {
 	h := testHost(t)
 	h.SetStreamHandler(testProto, func(s network.Stream) {
 		var req pb.QueryRequest
@@ -117,11 +126,19 @@ func acceptThenDie(t *testing.T) host.Host {
 			s.Reset()
 			return
 		}
+		answer(s, &req)
+	})
+	return h
+}
+
+// acceptThenDie stands in for a worker process that dies right after it
+// accepted a query.
+func acceptThenDie(t *testing.T) host.Host {
+	return fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
 		time.Sleep(50 * time.Millisecond)
 		s.Reset()
 	})
-	return h
 }
 
 // TestExhaustedAttemptsSayWhatHappened: when every worker tried dies, the
@@ -148,18 +165,11 @@ func TestExhaustedAttemptsSayWhatHappened(t *testing.T) {
 func acceptThenFreeze(t *testing.T) host.Host {
 	frozen := make(chan struct{})
 	t.Cleanup(func() { close(frozen) })
-	h := testHost(t)
-	h.SetStreamHandler(testProto, func(s network.Stream) {
-		var req pb.QueryRequest
-		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
-			s.Reset()
-			return
-		}
+	return fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
 		<-frozen // the router gives up on it meanwhile
 		s.Reset()
 	})
-	return h
 }
 
 // TestExhaustedAttemptsTellDeathFromSilence: workers that froze are not
@@ -182,31 +192,10 @@ func TestExhaustedAttemptsTellDeathFromSilence(t *testing.T) {
 	}
 }
 
-// slowStart is a backend whose first token takes wait (a model server
-// loading the model, a long prompt on a CPU); the worker heartbeats
-// meanwhile.
-type slowStart struct {
-	backend.Backend
-	wait time.Duration
-}
-
-func (b slowStart) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
-	select {
-	case <-time.After(b.wait):
-	case <-ctx.Done():
-		return backend.Usage{}, ctx.Err()
-	}
-	return b.Backend.Run(ctx, req, out)
-}
-
 // slowStartWorker is a real worker whose backend starts after wait.
 func slowStartWorker(t *testing.T, label string, wait time.Duration) host.Host {
 	t.Helper()
-	h := testHost(t)
-	w := worker.New([]backend.Backend{slowStart{demo.New(label), wait}}, worker.WithHeartbeat(100*time.Millisecond))
-	w.Refresh(context.Background())
-	h.SetStreamHandler(testProto, w.HandleStream)
-	return h
+	return backendWorkerOn(t, "/ip4/127.0.0.1/tcp/0", backendtest.SlowStart{Backend: demo.New(label), Wait: wait}, worker.WithHeartbeat(100*time.Millisecond))
 }
 
 // TestStallBoundOnlyWithAnAlternative: a worker that heartbeats without
@@ -443,13 +432,8 @@ func TestSeekerToldWhenNoWorkerServes(t *testing.T) {
 func fakeProgress(t *testing.T, emptyChunks bool) host.Host {
 	stop := make(chan struct{})
 	t.Cleanup(func() { close(stop) })
-	h := testHost(t)
-	h.SetStreamHandler(testProto, func(s network.Stream) {
+	return fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
 		defer s.Reset()
-		var req pb.QueryRequest
-		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
-			return
-		}
 		pos := uint32(1 << 31)
 		if emptyChunks {
 			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 250}}})
@@ -472,7 +456,19 @@ func fakeProgress(t *testing.T, emptyChunks bool) host.Host {
 			}
 		}
 	})
-	return h
+}
+
+// liarFirst is a router whose table ranks liar first and an honest demo
+// worker second; it returns the router and the honest worker.
+func liarFirst(t *testing.T, liar host.Host, opts ...Option) (*Router, host.Host) {
+	honest := demoWorker(t, "honest", 0)
+	h := testHost(t)
+	connect(t, h, liar, honest)
+	table := staticTable{
+		cand(string(liar.ID()), 0, 4, 100, 0, demoModel),
+		cand(string(honest.ID()), 0, 4, 100, time.Second, demoModel),
+	}
+	return New(h, testProto, table, append([]Option{WithRetryBackoff(time.Millisecond)}, opts...)...), honest
 }
 
 // TestFakeProgressIsAStall: a queue position beyond what the worker
@@ -485,15 +481,7 @@ func TestFakeProgressIsAStall(t *testing.T) {
 		empty bool
 	}{{"queue position counted down from 2^31", false}, {"empty chunks", true}} {
 		t.Run(tc.name, func(t *testing.T) {
-			liar := fakeProgress(t, tc.empty)
-			honest := demoWorker(t, "honest", 0)
-			h := testHost(t)
-			connect(t, h, liar, honest)
-			table := staticTable{
-				cand(string(liar.ID()), 0, 4, 100, 0, demoModel),
-				cand(string(honest.ID()), 0, 4, 100, time.Second, demoModel),
-			}
-			r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(300*time.Millisecond))
+			r, honest := liarFirst(t, fakeProgress(t, tc.empty), WithStallTimeout(300*time.Millisecond))
 			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 			defer cancel()
 			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
@@ -511,21 +499,14 @@ func TestFakeProgressIsAStall(t *testing.T) {
 // (one that does not fit the query) and a Done; a nil ev sends a Done
 // alone, with no Accepted.
 func answersWith(t *testing.T, ev *pb.Event) host.Host {
-	h := testHost(t)
-	h.SetStreamHandler(testProto, func(s network.Stream) {
+	return fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
 		defer s.Close()
-		var req pb.QueryRequest
-		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
-			s.Reset()
-			return
-		}
 		if ev != nil {
 			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
 			_ = protocol.WriteFrame(s, ev)
 		}
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{FinishReason: protocol.FinishStop, Usage: &pb.Usage{CompletionTokens: 7}}}})
 	})
-	return h
 }
 
 // TestEventsThatDoNotFitTheQueryAreViolations: a tool call to a query
@@ -543,15 +524,7 @@ func TestEventsThatDoNotFitTheQueryAreViolations(t *testing.T) {
 		{"a Done before Accepted", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			liar := answersWith(t, tc.ev)
-			honest := demoWorker(t, "honest", 0)
-			h := testHost(t)
-			connect(t, h, liar, honest)
-			table := staticTable{
-				cand(string(liar.ID()), 0, 4, 100, 0, demoModel),
-				cand(string(honest.ID()), 0, 4, 100, time.Second, demoModel),
-			}
-			r := New(h, testProto, table, WithRetryBackoff(time.Millisecond))
+			r, honest := liarFirst(t, answersWith(t, tc.ev))
 			res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(ev *pb.Event) error {
 				if _, ok := ev.GetKind().(*pb.Event_Chunk); !ok && ev != nil {
 					if _, acc := ev.GetKind().(*pb.Event_Accepted); !acc {

@@ -388,16 +388,12 @@ func (b poisoned) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sin
 // clients' queries still reach it and are answered. With a second worker
 // the breaker moves them there.
 func TestOnePromptDoesNotShutAModelForEveryone(t *testing.T) {
-	const proto = "/mtor/test/query"
 	for _, tc := range []struct {
 		name   string
 		second bool
 	}{{"only worker", false}, {"with another worker", true}} {
 		t.Run(tc.name, func(t *testing.T) {
-			bad := testHost(t)
-			w := worker.New([]backend.Backend{poisoned{demo.New("poisoned")}})
-			w.Refresh(context.Background())
-			bad.SetStreamHandler(proto, w.HandleStream)
+			bad := backendWorkerOn(t, "/ip4/127.0.0.1/tcp/0", poisoned{demo.New("poisoned")})
 			h := testHost(t)
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
@@ -405,10 +401,7 @@ func TestOnePromptDoesNotShutAModelForEveryone(t *testing.T) {
 			table := staticTable{cand(string(bad.ID()), 0, 4, 100, 0, demoModel)}
 			hosts := []host.Host{bad}
 			if tc.second {
-				good := testHost(t)
-				gw := worker.New([]backend.Backend{demo.New("good")})
-				gw.Refresh(context.Background())
-				good.SetStreamHandler(proto, gw.HandleStream)
+				good := demoWorker(t, "good", 0)
 				hosts = append(hosts, good)
 				table = append(table, cand(string(good.ID()), 0, 4, 100, time.Second, demoModel))
 			}
@@ -419,7 +412,7 @@ func TestOnePromptDoesNotShutAModelForEveryone(t *testing.T) {
 			}
 			// The worker's own breaker for its backend opens at 3 in a
 			// row; the router's for the model at 1, so that it opens alone.
-			r := New(h, proto, table, WithRetryBackoff(time.Millisecond), WithHealthOptions(health.WithThreshold(1)))
+			r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithHealthOptions(health.WithThreshold(1)))
 			if _, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "poison"}, func(*pb.Event) error { return nil }); err == nil && !tc.second {
 				t.Fatal("the poisoned prompt was answered")
 			}

@@ -6,26 +6,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mtor-swarm/mtor/node/backend"
+	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
-
-// slowStart is the demo backend with a first token that takes a while.
-type slowStart struct {
-	backend.Backend
-	wait time.Duration
-}
-
-func (s slowStart) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
-	select {
-	case <-time.After(s.wait):
-	case <-ctx.Done():
-		return backend.Usage{}, ctx.Err()
-	}
-	return s.Backend.Run(ctx, req, out)
-}
 
 // TestAcceptedDoesNotWaitForOutput: the first Accepted waits for the first
 // output only AcceptedHold; a backend slow to start does not hold it back,
@@ -33,7 +18,7 @@ func (s slowStart) Run(ctx context.Context, req *pb.QueryRequest, out backend.Si
 func TestAcceptedDoesNotWaitForOutput(t *testing.T) {
 	const firstToken = 3 * time.Second
 	wh, ch := loopbackHost(t), loopbackHost(t)
-	w := newWorker(t, slowStart{demo.New("w", demo.WithDelay(0)), firstToken})
+	w := newWorker(t, backendtest.SlowStart{Backend: demo.New("w", demo.WithDelay(0)), Wait: firstToken})
 	wh.SetStreamHandler("/mtor/test/query", w.HandleStream)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

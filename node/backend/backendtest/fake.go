@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -172,4 +173,22 @@ func (j *JSONRecorder) Body() map[string]any {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	return j.body
+}
+
+// SlowStart is a backend whose first token takes Wait: a model server
+// loading the model, or a long prompt on a CPU. A worker heartbeats
+// meanwhile.
+type SlowStart struct {
+	backend.Backend
+	Wait time.Duration
+}
+
+// Run waits Wait (or ctx), then runs the query on the wrapped backend.
+func (s SlowStart) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
+	select {
+	case <-time.After(s.Wait):
+	case <-ctx.Done():
+		return backend.Usage{}, ctx.Err()
+	}
+	return s.Backend.Run(ctx, req, out)
 }
