@@ -400,7 +400,7 @@ type ranking struct {
 // known but none announces every feature of need.
 func (r *Router) rankFor(req *pb.QueryRequest, need []string) (ranking, error) {
 	rk := r.rankNeed(req.GetModel(), req.GetType(), need)
-	if len(rk.ranked) == 0 && rk.lacking {
+	if len(rk.ranked) == 0 && len(rk.lastResort) == 0 && rk.lacking {
 		return rk, featureError(req.GetModel(), need)
 	}
 	return rk, nil
@@ -773,7 +773,9 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 			}
 		}
 		q.attempts++
-		q.alone = !q.hasAlternative(ranked, c)
+		// Alone: nobody else to move to if it stalls, or this is the
+		// last attempt the query may make.
+		q.alone = !q.hasAlternative(ranked, c) || q.failures+1 >= r.maxAttempts
 		res, err := r.attempt(ctx, c, q)
 		if err == nil {
 			res.Attempts = q.attempts
@@ -916,7 +918,13 @@ func (r *Router) nextCandidates(ctx context.Context, q *query, prev []scored, fr
 		if fromDHT {
 			ranked = q.untried(prev)
 		} else {
-			ranked = q.untried(r.rankNeed(q.req.GetModel(), q.req.GetType(), need).ranked)
+			rk := r.rankNeed(q.req.GetModel(), q.req.GetType(), need)
+			ranked = q.untried(rk.ranked)
+			if len(ranked) == 0 {
+				// As for the first attempt: the peers banned from the
+				// model are tried when nothing else is left.
+				ranked = q.untried(rk.lastResort)
+			}
 		}
 		ranked = q.usable(ranked)
 		if len(ranked) > 0 || fromDHT || q.failures == 0 || q.failures >= r.maxAttempts || q.waits >= maxCandidateWaits {
@@ -1599,8 +1607,11 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// chunk, is no progress: a liar could count down from 2^32, or
 	// trickle nothing, to hold a query to its deadline.
 	progress, queuePos := time.Now(), uint32(math.MaxUint32)
-	l := c.Announce.GetLoad()
-	queueMax := min(l.GetMaxQueue(), protocol.MaxAnnSlots) + min(l.GetMaxConcurrency(), protocol.MaxAnnSlots)
+	queueMax := uint32(2 * protocol.MaxAnnSlots) // a candidate from the DHT announced nothing
+	if l := c.Announce.GetLoad(); l != nil {
+		// Its queue may have grown since it announced: twice that.
+		queueMax = 2 * (min(l.GetMaxQueue(), protocol.MaxAnnSlots) + min(l.GetMaxConcurrency(), protocol.MaxAnnSlots))
+	}
 	// moved: progress since the stamp above, stamped at the next read
 	// that waits (events read ahead in one batch cost one clock read, not
 	// one each: it showed in profiles, a read per token).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -502,4 +503,77 @@ func TestQueryDialsDespiteAnotherDialsBackoff(t *testing.T) {
 	if res.Peer != wh.ID() || res.Attempts != 1 {
 		t.Fatalf("answered by %s after %d attempts, want the worker at the first", res.Peer, res.Attempts)
 	}
+}
+
+// brokenFor is a backend whose one model always fails with an error
+// status its server answered.
+type brokenFor struct{ *demo.Backend }
+
+func (brokenFor) Run(context.Context, *pb.QueryRequest, backend.Sink) (backend.Usage, error) {
+	return backend.Usage{}, protocol.Errorf(protocol.CodeBackendError, "backend answered 500: broken")
+}
+
+// TestEveryLastResortIsTried: with every worker of a model banned from it,
+// a query tries them in turn, as it would workers in good standing: the
+// first failing does not end it while another could answer.
+func TestEveryLastResortIsTried(t *testing.T) {
+	a := backendWorkerOn(t, "/ip4/127.0.0.1/tcp/0", brokenFor{demo.New("a")})
+	b := backendWorkerOn(t, "/ip4/127.0.0.1/tcp/0", poisoned{demo.New("b")})
+	h := testHost(t)
+	connect(t, h, a, b)
+	table := staticTable{cand(string(a.ID()), 0, 4, 100, 0, demoModel), cand(string(b.ID()), 0, 4, 100, time.Second, demoModel)}
+	r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithHealthOptions(health.WithThreshold(1)))
+	// Both fail the poisoned prompt: both are banned from the model.
+	if _, err := r.Query(t.Context(), chat("poison"), func(*pb.Event) error { return nil }); err == nil {
+		t.Fatal("the poisoned prompt was answered")
+	}
+	res, err := r.Query(t.Context(), chat("hello"), func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatalf("hello failed although b serves it: %v", err)
+	}
+	if res.Peer != b.ID() || res.Attempts != 2 {
+		t.Fatalf("answered by %s in %d attempts, want b in 2", res.Peer, res.Attempts)
+	}
+}
+
+// TestQueueStepsOfAProviderAreProgress: a worker found through the DHT
+// (no announcement, so no announced queue) that steps forward in its
+// queue within the stall bound is making progress, not stuck.
+func TestQueueStepsOfAProviderAreProgress(t *testing.T) {
+	var tried atomic.Bool
+	queued := fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
+		tried.Store(true)
+		defer s.Close()
+		for pos := uint32(4); ; pos-- {
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: pos, HeartbeatMs: 250}}})
+			if pos == 0 {
+				break
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "queued answer"}}})
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{FinishReason: protocol.FinishStop, Usage: &pb.Usage{CompletionTokens: 2}}}})
+	})
+	other := demoWorker(t, "other", 0)
+	h := testHost(t)
+	connect(t, h, queued, other)
+	r := New(h, testProto, staticTable{}, WithProviders(fixedProviders{{ID: queued.ID(), Addrs: queued.Addrs()}, {ID: other.ID(), Addrs: other.Addrs()}}),
+		WithRetryBackoff(time.Millisecond), WithStallTimeout(400*time.Millisecond))
+	// The router picks among the providers: ask until it has tried the
+	// queued one, which must then answer.
+	for range 20 {
+		tried.Store(false)
+		res, err := r.Query(t.Context(), chat("hi"), func(*pb.Event) error { return nil })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !tried.Load() {
+			continue
+		}
+		if res.Peer != queued.ID() {
+			t.Fatalf("answered by another worker after %d attempts: the queued one, stepping every 250 ms within a 400 ms stall bound, was failed as stuck", res.Attempts)
+		}
+		return
+	}
+	t.Fatal("the queued worker was never tried in 20 queries")
 }
