@@ -87,21 +87,25 @@ func (r *Router) settle(c *receiptCheck, p peer.ID, local bool, req *pb.QueryReq
 	if c == nil || done == nil {
 		return nil
 	}
+	obs := c.observed(req)
+	// The figures reach the client's usage whether or not a receipt
+	// vouches for them: implausible ones are replaced by what was seen.
+	err := receipt.Plausible(done, obs)
 	rc := done.GetReceipt()
-	if rc == nil {
+	switch {
+	case err != nil:
+	case rc == nil:
 		log.Debugw("answer without a receipt", "peer", p)
 		return errNoReceipt
-	}
-	obs := c.observed(req)
-	err := receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local, Observed: obs})
-	if err == nil {
-		err = receipt.Countersign(rc, r.receipts.key)
+	default:
+		err = receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local, Observed: obs})
+		if err == nil {
+			err = receipt.Countersign(rc, r.receipts.key)
+		}
 	}
 	if err != nil {
 		done.Receipt = nil
 		if errors.Is(err, receipt.ErrImplausible) {
-			// Its figures reach the client's usage and the accounting:
-			// keep what was seen, not what the worker claimed.
 			done.Usage = &pb.Usage{PromptTokens: 0, CompletionTokens: uint32(min(obs.Outputs, math.MaxUint32))}
 			done.Timing = &pb.Timing{TotalMs: obs.Ms}
 			done.EnergyMj = 0

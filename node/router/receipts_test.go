@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -184,6 +185,15 @@ func waitFor(t *testing.T, cond func() bool) {
 // worker's breaker counts a violation. Before, the router countersigned
 // them and its ledger credited the worker with days.
 func TestInventedFiguresRefused(t *testing.T) {
+	for _, signed := range []bool{true, false} {
+		t.Run(fmt.Sprintf("receipt %v", signed), func(t *testing.T) { inventedFigures(t, signed) })
+	}
+}
+
+// inventedFigures is TestInventedFiguresRefused with or without a
+// receipt signed over the lies (without one, the figures still reach the
+// client, and are checked all the same).
+func inventedFigures(t *testing.T, signed bool) {
 	wh := testHost(t)
 	wkey := wh.Peerstore().PrivKey(wh.ID())
 	w := worker.New([]backend.Backend{demo.New("liar", demo.WithDelay(0))})
@@ -206,12 +216,15 @@ func TestInventedFiguresRefused(t *testing.T) {
 		done.Usage = &pb.Usage{PromptTokens: 4_000_000_000, CompletionTokens: 4_000_000_000}
 		done.Timing = &pb.Timing{TtftMs: 1, TotalMs: 4_000_000_000}
 		done.EnergyMj = 1 << 62
-		rc := receipt.New(&req, done, out.Sum(), wh.ID(), s.Conn().RemotePeer(), time.Now())
-		if err := receipt.Sign(rc, wkey); err != nil {
-			s.Reset()
-			return
+		done.Receipt = nil
+		if signed {
+			rc := receipt.New(&req, done, out.Sum(), wh.ID(), s.Conn().RemotePeer(), time.Now())
+			if err := receipt.Sign(rc, wkey); err != nil {
+				s.Reset()
+				return
+			}
+			done.Receipt = rc
 		}
-		done.Receipt = rc
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: done}})
 	})
 	r, rled := receiptRouter(t, wh)

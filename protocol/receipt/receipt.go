@@ -54,8 +54,12 @@ var (
 // Bounds of Check on a receipt's figures against what was observed.
 const (
 	// MaxPowerW bounds a worker's draw: energy_mj per total_ms (1 W is
-	// 1 mJ/ms). Eight of today's largest GPUs stay well below it.
+	// 1 mJ/ms), over at least energyFloorMs. Eight of today's largest GPUs
+	// stay well below it.
 	MaxPowerW = 20000
+	// energyFloorMs covers energy meters that move in steps (NVML's, tens
+	// of milliseconds) on answers shorter than a step.
+	energyFloorMs = 1000
 	// msSlack is how far a worker's own clock may run ahead of the
 	// routing node's over one answer.
 	msSlack = 1000
@@ -82,17 +86,26 @@ type Observed struct {
 
 // plausible reports whether the receipt's figures fit o.
 func plausible(r *pb.Receipt, o *Observed) error {
+	return Plausible(&pb.Done{Usage: &pb.Usage{PromptTokens: r.GetPromptTokens(), CompletionTokens: r.GetCompletionTokens()},
+		Timing: &pb.Timing{TtftMs: r.GetTtftMs(), TotalMs: r.GetTotalMs()}, EnergyMj: r.GetEnergyMj()}, o)
+}
+
+// Plausible reports whether the figures of d, an answer's Done, fit what
+// was observed of the answer: a routing node checks them whether or not
+// a receipt came with them, since they reach its client either way.
+func Plausible(d *pb.Done, o *Observed) error {
+	u, tm := d.GetUsage(), d.GetTiming()
 	switch {
-	case uint64(r.GetTotalMs()) > uint64(o.Ms)+msSlack:
-		return fmt.Errorf("%w: %d ms claimed, the answer took %d ms", ErrImplausible, r.GetTotalMs(), o.Ms)
-	case r.GetTtftMs() > r.GetTotalMs():
-		return fmt.Errorf("%w: first output after %d ms of %d", ErrImplausible, r.GetTtftMs(), r.GetTotalMs())
-	case uint64(r.GetCompletionTokens()) > o.OutputBytes+o.Outputs+tokenSlack+uint64(o.Ms)*MaxTokensPerMs:
-		return fmt.Errorf("%w: %d completion tokens in %d bytes of output and %d ms", ErrImplausible, r.GetCompletionTokens(), o.OutputBytes, o.Ms)
-	case uint64(r.GetPromptTokens()) > o.RequestBytes+promptSlack:
-		return fmt.Errorf("%w: %d prompt tokens in a request of %d bytes", ErrImplausible, r.GetPromptTokens(), o.RequestBytes)
-	case r.GetEnergyMj() > (uint64(r.GetTotalMs())+1)*MaxPowerW:
-		return fmt.Errorf("%w: %d mJ in %d ms", ErrImplausible, r.GetEnergyMj(), r.GetTotalMs())
+	case uint64(tm.GetTotalMs()) > uint64(o.Ms)+msSlack:
+		return fmt.Errorf("%w: %d ms claimed, the answer took %d ms", ErrImplausible, tm.GetTotalMs(), o.Ms)
+	case tm.GetTtftMs() > tm.GetTotalMs():
+		return fmt.Errorf("%w: first output after %d ms of %d", ErrImplausible, tm.GetTtftMs(), tm.GetTotalMs())
+	case uint64(u.GetCompletionTokens()) > o.OutputBytes+o.Outputs+tokenSlack+uint64(o.Ms)*MaxTokensPerMs:
+		return fmt.Errorf("%w: %d completion tokens in %d bytes of output and %d ms", ErrImplausible, u.GetCompletionTokens(), o.OutputBytes, o.Ms)
+	case uint64(u.GetPromptTokens()) > o.RequestBytes+promptSlack:
+		return fmt.Errorf("%w: %d prompt tokens in a request of %d bytes", ErrImplausible, u.GetPromptTokens(), o.RequestBytes)
+	case d.GetEnergyMj() > (uint64(tm.GetTotalMs())+energyFloorMs)*MaxPowerW:
+		return fmt.Errorf("%w: %d mJ in %d ms", ErrImplausible, d.GetEnergyMj(), tm.GetTotalMs())
 	}
 	return nil
 }

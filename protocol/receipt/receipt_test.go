@@ -287,7 +287,8 @@ func TestCheckRefusesImplausibleFigures(t *testing.T) {
 		{"hidden thinking at 10 000 tokens a second", func(d *pb.Done, _ *pb.QueryRequest) { d.Usage.CompletionTokens = 5 + 2 + 64 + 500 }, nil},
 		{"more tokens than output and time allow", func(d *pb.Done, _ *pb.QueryRequest) { d.Usage.CompletionTokens = 4_000_000_000 }, ErrImplausible},
 		{"more prompt tokens than the request holds", func(d *pb.Done, _ *pb.QueryRequest) { d.Usage.PromptTokens = 4_000_000_000 }, ErrImplausible},
-		{"20 kW", func(d *pb.Done, _ *pb.QueryRequest) { d.EnergyMj = 41 * MaxPowerW }, nil},
+		{"20 kW", func(d *pb.Done, _ *pb.QueryRequest) { d.EnergyMj = (41 + 1000) * MaxPowerW }, nil},
+		{"a meter's step on a short answer", func(d *pb.Done, _ *pb.QueryRequest) { d.Timing.TtftMs = 2; d.Timing.TotalMs = 3; d.EnergyMj = 112_000 }, nil},
 		{"more energy than any worker draws", func(d *pb.Done, _ *pb.QueryRequest) { d.EnergyMj = 1 << 62 }, ErrImplausible},
 		{"another model than asked", func(d *pb.Done, _ *pb.QueryRequest) { d.Model = "gpt-5-ultra" }, ErrMismatch},
 	} {
