@@ -69,10 +69,9 @@ type Usage struct {
 	FinishReason string
 }
 
-// AnsweredError is a model server's refusal of one query in an answer it
-// sent (an HTTP error status): the server is up, and the query itself
-// (its content, its size) may be the cause, as when one prompt makes it
-// fail. The worker does not count it against the server's health, so
+// AnsweredError is a model server's failure on one query in an answer it
+// sent (HTTP 500): the server is up, and the query itself (its content,
+// its size) may be the cause, as when one prompt makes it fail. The worker does not count it against the server's health, so
 // that one client's queries cannot take a backend out for everyone; the
 // routers judge the pattern (their breaker for the worker's model, which
 // routes around it while another worker serves the model).

@@ -43,7 +43,9 @@ func TestWorkerRefusesWhatItsBackendCannotDo(t *testing.T) {
 		edit     func(*pb.QueryRequest)
 		code     pb.ErrorCode // 0 = answered
 	}{
-		{"plain query, no features", nil, func(*pb.QueryRequest) {}, 0},
+		// The backend calls a tool the query does not offer: its error,
+		// not a tool call a routing node would take for a violation.
+		{"plain query, no features", nil, func(*pb.QueryRequest) {}, protocol.CodeBackendError},
 		{"tools without the feature", nil, func(r *pb.QueryRequest) { r.Tools = tools }, protocol.CodeUnsupported},
 		{"tools with the feature", []string{"tools"}, func(r *pb.QueryRequest) { r.Tools = tools }, 0},
 		{"json_schema with only json_object", []string{"json_object"}, func(r *pb.QueryRequest) {
@@ -63,8 +65,13 @@ func TestWorkerRefusesWhatItsBackendCannotDo(t *testing.T) {
 				if pe := protocol.AsError(err); err == nil || pe.Code != c.code {
 					t.Fatalf("err = %v, want %v", err, c.code)
 				}
-				if len(events) != 0 {
+				if len(events) != 0 && c.code != protocol.CodeBackendError {
 					t.Fatalf("a refused query emitted %v", events)
+				}
+				for _, ev := range events {
+					if ev.GetToolCall() != nil {
+						t.Fatalf("a tool call left the worker: %v", ev)
+					}
 				}
 				return
 			}

@@ -26,7 +26,7 @@ func (f *rawBytes) Kind() string                { return "fake" }
 func (f *rawBytes) Name() string                { return "fake raw bytes" }
 func (f *rawBytes) Probe(context.Context) error { return nil }
 func (f *rawBytes) Models(context.Context) ([]backend.Model, error) {
-	return []backend.Model{{Name: "demo", Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}}}, nil
+	return []backend.Model{{Name: "demo", Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}, Features: []string{protocol.FeatureTools}}}, nil
 }
 func (f *rawBytes) Run(_ context.Context, _ *pb.QueryRequest, out backend.Sink) (backend.Usage, error) {
 	if err := out.Chunk(notUTF8); err != nil {
@@ -74,7 +74,7 @@ func testBackendBytesNotUTF8(t *testing.T, listen string, fail bool) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if err := protocol.WriteFrame(s, req("hi")); err != nil {
+	if err := protocol.WriteFrame(s, withTools(req("hi"))); err != nil {
 		t.Fatal(err)
 	}
 	_ = s.CloseWrite()
@@ -117,4 +117,10 @@ func testBackendBytesNotUTF8(t *testing.T, listen string, fail bool) {
 	} else if last.GetDone() == nil {
 		t.Fatalf("terminal event %v, want Done", last)
 	}
+}
+
+// withTools offers q a tool, so that a tool call may answer it.
+func withTools(q *pb.QueryRequest) *pb.QueryRequest {
+	q.Tools = []*pb.Tool{{Name: "f"}}
+	return q
 }

@@ -635,7 +635,7 @@ func (w *Worker) serve(ctx context.Context, requester peer.ID, req *pb.QueryRequ
 		}
 		return nil
 	}
-	s := &sink{emit: out, ctx: ctx}
+	s := &sink{emit: out, ctx: ctx, tools: len(req.GetTools()) > 0}
 	if reuse {
 		s.chunk = &pb.Chunk{}
 		s.chunkEv = &pb.Event{Kind: &pb.Event_Chunk{Chunk: s.chunk}}
@@ -801,6 +801,7 @@ type sink struct {
 	first     time.Time
 	chunks    uint32
 	toolCalls bool // the backend called a tool
+	tools     bool // the query offers tools: a tool call may answer it
 	// chunkEv, when set, is the event every plain text chunk is sent in,
 	// its Chunk refilled (serve's reuse).
 	chunkEv *pb.Event
@@ -836,6 +837,11 @@ func (s *sink) finishReason(r string) string {
 
 // ToolCall passes a tool-call delta on.
 func (s *sink) ToolCall(d *pb.ToolCallDelta) error {
+	if !s.tools {
+		// Passed on, it would be a protocol violation (a routing node
+		// bans the worker): a model server's error, not the worker's.
+		return protocol.Errorf(protocol.CodeBackendError, "backend made a tool call, but the query offers no tools")
+	}
 	if d.GetIndex() >= protocol.MaxToolCalls {
 		return protocol.Errorf(protocol.CodeTooLarge, "backend made more than %d tool calls", protocol.MaxToolCalls)
 	}

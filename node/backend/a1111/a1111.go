@@ -186,7 +186,7 @@ func (b *Backend) call(ctx context.Context, req *http.Request, wait time.Duratio
 	}
 	defer x.Close()
 	if x.Resp.StatusCode != http.StatusOK {
-		return backend.Answered(x.StatusError())
+		return x.QueryError()
 	}
 	return x.ReadJSON(limit, v)
 }

@@ -120,7 +120,7 @@ func Send(ctx context.Context, client *http.Client, req *http.Request, first, id
 	x.Resp = resp
 	if resp.StatusCode >= 400 && !x.opts.pass[resp.StatusCode] {
 		defer x.Close()
-		return nil, backend.Answered(x.StatusError())
+		return nil, x.QueryError()
 	}
 	return x, nil
 }
@@ -233,6 +233,19 @@ func TransportError(err error) *protocol.Error {
 		return protocol.Errorf(protocol.CodeBackendError, "backend unreachable: host not found")
 	}
 	return protocol.Errorf(protocol.CodeBackendError, "backend connection failed")
+}
+
+// QueryError is StatusError for an answer to a query: a 500, which a
+// server answers when one input makes it fail, is a backend.AnsweredError
+// (it says nothing of the server's health); other statuses say what they
+// say (401 and 403: the worker's credentials; 502 and 504: a gateway
+// before a server that is gone; 503 and 429: busy).
+func (x *Exchange) QueryError() error {
+	pe := x.StatusError()
+	if x.Resp.StatusCode == http.StatusInternalServerError {
+		return backend.Answered(pe)
+	}
+	return pe
 }
 
 // StatusError reads a bounded error body and maps the response's status as

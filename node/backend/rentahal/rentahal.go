@@ -318,7 +318,7 @@ func (b *Backend) post(ctx context.Context, path string, payload []byte) (string
 		_, _ = httputil.ReadAll(x, httputil.MaxErrorBody)
 		return "", status, nil
 	case status != http.StatusOK:
-		return "", 0, backend.Answered(x.StatusError())
+		return "", 0, x.QueryError()
 	}
 	var pr predictResponse
 	if err := x.ReadJSON(MaxResponse, &pr); err != nil {
