@@ -202,8 +202,8 @@ func WithVersion(v string) Option { return func(c *config) error { c.version = v
 // WithMaxConcurrency bounds queries this worker runs at once.
 func WithMaxConcurrency(n int) Option {
 	return func(c *config) error {
-		if n < 1 {
-			return fmt.Errorf("max concurrency %d: must be at least 1", n)
+		if n < 1 || n > protocol.MaxAnnSlots {
+			return fmt.Errorf("max concurrency %d: must be within [1, %d] (what an announcement may carry)", n, protocol.MaxAnnSlots)
 		}
 		c.maxConcurrency = n
 		return nil
@@ -213,8 +213,8 @@ func WithMaxConcurrency(n int) Option {
 // WithMaxQueue bounds queries waiting for a slot.
 func WithMaxQueue(n int) Option {
 	return func(c *config) error {
-		if n < 0 {
-			return fmt.Errorf("max queue %d: must not be negative", n)
+		if n < 0 || n > protocol.MaxAnnSlots {
+			return fmt.Errorf("max queue %d: must be within [0, %d] (what an announcement may carry)", n, protocol.MaxAnnSlots)
 		}
 		c.maxQueue = n
 		return nil

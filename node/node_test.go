@@ -347,3 +347,19 @@ func TestStaleProviderRecordIsUnsupported(t *testing.T) {
 		t.Fatalf("error leaks an address: %v", pe)
 	}
 }
+
+// TestLimitsBeyondAnAnnouncementAreRefused: a concurrency or queue that
+// no announcement may carry (routers would refuse it, and the node would
+// vanish from the swarm without a word) is an error at start.
+func TestLimitsBeyondAnAnnouncementAreRefused(t *testing.T) {
+	for _, opt := range []node.Option{node.WithMaxConcurrency(protocol.MaxAnnSlots + 1), node.WithMaxQueue(protocol.MaxAnnSlots + 1)} {
+		n, err := node.New(t.Context(), node.WithDataDir(t.TempDir()), node.WithListenAddrs("/ip4/127.0.0.1/tcp/0"), node.WithMDNS(false), opt)
+		if err == nil {
+			n.Close()
+			t.Fatal("a node started with limits beyond what it can announce")
+		}
+		if !strings.Contains(err.Error(), "what an announcement may carry") {
+			t.Fatalf("error %v does not say why", err)
+		}
+	}
+}
