@@ -185,6 +185,9 @@ func (c *Client) Query(ctx context.Context, q *QueryRequest, onEvent func(*Event
 		if ctx.Err() != nil {
 			return nil, ctxError(ctx)
 		}
+		if errors.Is(err, bufio.ErrTooLong) {
+			return nil, fmt.Errorf("the node at %s sent an event longer than %d bytes", c.base, maxEventLine)
+		}
 		return nil, fmt.Errorf("the node at %s cut the answer off (it stopped or died mid-answer); the answer is incomplete: %w", c.base, err)
 	}
 	if ctx.Err() != nil {
