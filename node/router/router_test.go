@@ -577,3 +577,22 @@ func TestQueueStepsOfAProviderAreProgress(t *testing.T) {
 	}
 	t.Fatal("the queued worker was never tried in 20 queries")
 }
+
+// TestLastResortWithTheFeature: a tools query whose only worker with
+// tools is banned from the model goes to that worker, not to a feature
+// error because the other worker lacks tools.
+func TestLastResortWithTheFeature(t *testing.T) {
+	tools := func(a *pb.Announce) { a.Models[0].Features = []string{protocol.FeatureTools} }
+	r := New(testHost(t), testProto, staticTable{cand("a", 0, 4, 100, 0, tools), cand("b", 0, 4, 100, 0)}, WithHealthOptions(health.WithThreshold(1)))
+	r.mu.Lock()
+	r.modelTrackerLocked(r.state("a"), "m").Record(health.Failure) // banned from m
+	r.mu.Unlock()
+	req := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "m", Prompt: "x", Tools: []*pb.Tool{{Name: "f"}}}
+	rk, err := r.rankFor(req, protocol.RequiredFeatures(req))
+	if err != nil {
+		t.Fatalf("rank: %v, want the banned worker with tools as the last resort", err)
+	}
+	if len(rk.ranked) != 0 || len(rk.lastResort) != 1 || rk.lastResort[0].Peer != "a" {
+		t.Fatalf("ranked %v, last resort %v; want none, then a", rk.ranked, rk.lastResort)
+	}
+}
