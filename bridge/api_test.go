@@ -863,4 +863,9 @@ func TestOllamaLoadAndContentType(t *testing.T) {
 			}
 		})
 	}
+	// A model that serves vision queries only loads too.
+	_, vbase := startBridge(t, &fakeSwarm{models: []routerModel{{Name: "eyes", Types: []string{"vision"}, Peers: 1}}})
+	if resp, b := postJSON(t, vbase+"/api/chat", `{"model":"eyes","messages":[]}`, nil); resp.StatusCode != 200 || !strings.Contains(string(b), `"done_reason":"load"`) {
+		t.Fatalf("preload of a vision-only model: %d %s", resp.StatusCode, b)
+	}
 }

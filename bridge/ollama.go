@@ -504,7 +504,7 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 	if len(req.Messages) == 0 {
 		// Ollama loads the model for an empty conversation (clients send
 		// one to preload it); in a swarm the peers have it loaded.
-		if aerr := s.ollamaCheck(&pb.QueryRequest{Model: req.Model, Type: pb.QueryType_QUERY_TYPE_CHAT}); aerr != nil {
+		if aerr := s.ollamaKnown(req.Model); aerr != nil {
 			ollamaError(w, aerr)
 			return
 		}
@@ -520,6 +520,16 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.runOllama(w, r, q, req.Stream == nil || *req.Stream, true)
+}
+
+// ollamaKnown is Ollama's 404 for a model the swarm does not serve, for
+// a preload (an empty conversation), which any model answers whatever
+// its types.
+func (s *Server) ollamaKnown(name string) *apiError {
+	if _, ok := s.model(name); !ok {
+		return &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("model '%s' not found", name)}
+	}
+	return nil
 }
 
 // ollamaCheck is the model and feature check in Ollama's words.
@@ -566,7 +576,7 @@ func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 		return
 	case strings.TrimSpace(req.Prompt) == "" && len(req.Images) == 0:
 		// Ollama loads the model for an empty prompt, one it has.
-		if aerr := s.ollamaCheck(&pb.QueryRequest{Model: req.Model, Type: pb.QueryType_QUERY_TYPE_CHAT}); aerr != nil {
+		if aerr := s.ollamaKnown(req.Model); aerr != nil {
 			ollamaError(w, aerr)
 			return
 		}
