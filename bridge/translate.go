@@ -444,6 +444,11 @@ func responseFormat(raw json.RawMessage) (*pb.ResponseFormat, *apiError) {
 		if f.JSONSchema == nil {
 			return nil, badRequest("response_format.json_schema", "missing_required_parameter", "Missing required parameter: 'response_format.json_schema'.")
 		}
+		if f.JSONSchema.Name == "" {
+			// As OpenAI: the name is required (it names the format to
+			// the model).
+			return nil, badRequest("response_format.json_schema.name", "missing_required_parameter", "Missing required parameter: 'response_format.json_schema.name'.")
+		}
 		var obj map[string]any
 		if json.Unmarshal(f.JSONSchema.Schema, &obj) != nil {
 			return nil, badRequest("response_format.json_schema.schema", "invalid_type", "Invalid type for 'response_format.json_schema.schema': expected a JSON Schema object.")

@@ -57,6 +57,7 @@ func TestChatToQueryTools(t *testing.T) {
 		{name: "user with tool calls", body: `{"model":"m","messages":[{"role":"user","content":"x","tool_calls":[{"id":"c","function":{"name":"a","arguments":"{}"}}]}]}`, status: 400, param: "messages[0].tool_calls"},
 		{name: "format unknown", body: `{"model":"m",` + user + `,"response_format":{"type":"yaml"}}`, status: 400, param: "response_format.type"},
 		{name: "schema missing", body: `{"model":"m",` + user + `,"response_format":{"type":"json_schema"}}`, status: 400, param: "response_format.json_schema"},
+		{name: "schema without a name", body: `{"model":"m",` + user + `,"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object"}}}}`, status: 400, param: "response_format.json_schema.name"},
 		{name: "top_logprobs without logprobs", body: `{"model":"m",` + user + `,"top_logprobs":2}`, status: 400, param: "top_logprobs"},
 		{name: "top_logprobs over", body: `{"model":"m",` + user + `,"logprobs":true,"top_logprobs":21}`, status: 400, param: "top_logprobs"},
 		{name: "penalty over", body: `{"model":"m",` + user + `,"presence_penalty":2.5}`, status: 400, param: "presence_penalty"},
