@@ -9,7 +9,6 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -20,7 +19,6 @@ import (
 	pubsubpb "github.com/libp2p/go-libp2p-pubsub/pb"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	ma "github.com/multiformats/go-multiaddr"
@@ -249,57 +247,9 @@ func (p *Peer) BurstFreshKeys(ctx context.Context, victim peer.AddrInfo, n int, 
 	return n, nil
 }
 
-// Behaviour is how a hostile worker answers a query stream.
-type Behaviour int
-
-const (
-	// Stall accepts the query and then sends only heartbeats, forever.
-	Stall Behaviour = iota + 1
-	// Endless accepts and streams chunks without end.
-	Endless
-	// Fail answers every query with a retryable BACKEND_ERROR, for a
-	// model it keeps announcing with full health.
-	Fail
-	// Silent reads the request and never answers at all.
-	Silent
-)
-
 // Serve answers the swarm's query protocol with b until the test ends.
 func (p *Peer) Serve(b Behaviour) {
-	p.H.SetStreamHandler(protocol.QueryProtocol(p.swarm), func(s network.Stream) {
-		defer s.Reset()
-		p.Queries.Add(1)
-		var req pb.QueryRequest
-		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
-			return
-		}
-		write := func(ev *pb.Event) error {
-			_ = s.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			return protocol.WriteFrame(s, ev)
-		}
-		accepted := &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 250}}}
-		switch b {
-		case Silent:
-			_, _ = io.Copy(io.Discard, s)
-			<-p.ctx.Done() // hold the stream open, answering nothing
-		case Stall:
-			for write(accepted) == nil {
-				time.Sleep(200 * time.Millisecond)
-			}
-		case Endless:
-			if write(accepted) != nil {
-				return
-			}
-			chunk := &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "spam spam spam spam "}}}
-			for write(chunk) == nil {
-			}
-		case Fail:
-			_ = write(accepted)
-			_ = write(&pb.Event{Kind: &pb.Event_Error{Error: protocol.Errorf(protocol.CodeBackendError, "backend exploded").Proto()}})
-			_ = s.CloseWrite()
-			_, _ = io.Copy(io.Discard, io.LimitReader(s, 1<<10))
-		}
-	})
+	p.H.SetStreamHandler(protocol.QueryProtocol(p.swarm), Handler(p.ctx, p.H, b, func() { p.Queries.Add(1) }))
 }
 
 // OpenIdleStreams opens up to n streams of proto at victim and sends one
