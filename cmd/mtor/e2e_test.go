@@ -29,8 +29,9 @@ import (
 	"github.com/mtor-swarm/mtor/node/api"
 )
 
-// e2eBin is the mtor binary built once by TestMain.
-var e2eBin string
+// e2eBin is the mtor binary built once by TestMain, and hostileBin the
+// lying worker of the tests (internal/hostilepeer).
+var e2eBin, hostileBin string
 
 func TestMain(m *testing.M) {
 	flag.Parse()
@@ -43,10 +44,13 @@ func TestMain(m *testing.M) {
 		defer os.RemoveAll(dir)
 		if !testing.Short() {
 			e2eBin = filepath.Join(dir, "mtor")
-			build := exec.Command("go", "build", "-o", e2eBin, ".")
-			if out, err := build.CombinedOutput(); err != nil {
-				fmt.Fprintf(os.Stderr, "building mtor for the end-to-end tests: %v\n%s", err, out)
-				return 1
+			hostileBin = filepath.Join(dir, "hostilepeer")
+			for _, b := range [][]string{{e2eBin, "."}, {hostileBin, "./internal/hostilepeer"}} {
+				build := exec.Command("go", "build", "-o", b[0], b[1])
+				if out, err := build.CombinedOutput(); err != nil {
+					fmt.Fprintf(os.Stderr, "building %s for the end-to-end tests: %v\n%s", b[1], err, out)
+					return 1
+				}
 			}
 		}
 		return m.Run()
@@ -71,7 +75,7 @@ type proc struct {
 	stdout bytes.Buffer
 	stderr bytes.Buffer
 	values map[string][]string // "key: value" lines of stdout
-	ready  chan struct{}       // closed at the "join:" line
+	ready  chan struct{}       // closed at the ready line ("join:" for a node)
 	exited chan struct{}       // closed when the process has ended
 	state  *os.ProcessState
 }
@@ -114,8 +118,15 @@ func startNodeLogged(t *testing.T, name string, prefix []string, logLevel string
 // several start at once; waitReady waits for it.
 func launchNode(t *testing.T, name string, prefix []string, logLevel string, args ...string) *proc {
 	t.Helper()
+	return launchProgram(t, name, "join", logLevel, append(append(slices.Clone(prefix), e2eBin, "node"), args...)...)
+}
+
+// launchProgram starts argv as launchNode starts a node: its stdout's
+// "key: value" lines are its values, and readyKey's first line makes it
+// ready.
+func launchProgram(t *testing.T, name, readyKey, logLevel string, argv ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, name: name, values: map[string][]string{}, ready: make(chan struct{}), exited: make(chan struct{})}
-	argv := append(append(slices.Clone(prefix), e2eBin, "node"), args...)
 	p.cmd = exec.Command(argv[0], argv[1:]...)
 	if l := os.Getenv("MTOR_E2E_LOG_LEVEL"); l != "" {
 		logLevel = l // e.g. "error,mtor/router=debug", to see why a test fails
@@ -139,7 +150,7 @@ func launchNode(t *testing.T, name string, prefix []string, logLevel string, arg
 			p.stdout.WriteString(line + "\n")
 			if k, v, ok := strings.Cut(line, ": "); ok {
 				p.values[k] = append(p.values[k], v)
-				if k == "join" {
+				if k == readyKey && len(p.values[k]) == 1 {
 					close(p.ready)
 				}
 			}

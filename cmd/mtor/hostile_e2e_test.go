@@ -1,0 +1,202 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestE2EHostileWorkerProcesses: a bridge and an honest demo worker,
+// real `mtor node` processes, and beside them, one at a time, a lying
+// worker process (internal/hostilepeer) that announces "demo" with
+// perfect health and a 1 ms first token, so that the bridge tries it
+// first. Each lie costs the bridge's clients nothing but time: every
+// chat completion, streamed or whole, gets the honest worker's answer
+// (or, for invented figures, the liar's text with figures the bridge
+// saw, not the liar's), no tool call or image the query never asked for
+// reaches a client, and the liar is soon out of rotation. On TCP and on
+// QUIC.
+func TestE2EHostileWorkerProcesses(t *testing.T) { onEachTransport(t, testE2EHostileWorkerProcesses) }
+
+func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
+	needBinary(t)
+	dir := t.TempDir()
+	br := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), "--no-detect", "--bridge", "127.0.0.1:0")...)
+	join := br.value("join")
+	honest := startNode(t, "honest", tr.nodeArgs(filepath.Join(dir, "honest"), "--backend", "demo", "--join", join)...)
+	waitWorkers(t, br.value("api"), "demo", honest.value("peer"))
+	base := strings.TrimSuffix(br.value("bridge"), "/")
+
+	cases := []struct {
+		behaviour string
+		// most queries the liar may be handed: a stall takes three to
+		// open its breaker, a protocol violation one.
+		most int
+		// whether the liar's own text may reach a client: an answer
+		// whose only lie is its figures is still an answer.
+		liarAnswers bool
+	}{
+		{"fake-queue", 4, false},
+		{"empty-chunks", 4, false},
+		{"tool-call", 2, false},
+		{"media-to-chat", 2, false},
+		{"invented-figures", 2, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.behaviour, func(t *testing.T) {
+			liar := launchProgram(t, tc.behaviour, "peer", "error", hostileBin,
+				"-join", join, "-behaviour", tc.behaviour, "-listen", tr.listen)
+			liar.waitReady()
+			waitWorkers(t, br.value("api"), "demo", liar.value("peer"))
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+			defer cancel()
+			const queries = 8
+			for i := range queries {
+				prompt := fmt.Sprintf("question %d about %s", i, tc.behaviour)
+				a, err := chatCompletion(ctx, base, prompt, i%2 == 0)
+				if err != nil {
+					t.Fatalf("query %d: %v", i, err)
+				}
+				if a.toolCalls != 0 || a.finish != "stop" {
+					t.Fatalf("query %d: %d tool calls, finish %q: %+v", i, a.toolCalls, a.finish, a)
+				}
+				honestText := strings.HasPrefix(a.content, "[demo answer from ") && strings.HasSuffix(a.content, "You said: "+prompt)
+				if !honestText && (!tc.liarAnswers || a.content != "hostile answer ") {
+					t.Fatalf("query %d answered %q", i, a.content)
+				}
+				if a.promptTokens > 1000 || a.completionTokens > 1000 {
+					t.Fatalf("query %d: the client was handed usage %d + %d tokens", i, a.promptTokens, a.completionTokens)
+				}
+			}
+			got := liar.count("query")
+			t.Logf("%s: the liar was handed %d of %d queries", tc.behaviour, got, queries)
+			if got > tc.most {
+				t.Fatalf("the liar was handed %d of %d queries, want at most %d", got, queries, tc.most)
+			}
+			if code, err := liar.signal(syscall.SIGTERM); err != nil || code != 0 {
+				t.Fatalf("hostile peer exit %d, %v:\n%s", code, err, liar.output())
+			}
+		})
+	}
+}
+
+// chatAnswer is what a client made of one chat completion.
+type chatAnswer struct {
+	content                        string
+	toolCalls                      int
+	finish                         string
+	promptTokens, completionTokens uint64
+}
+
+// chatCompletion asks the bridge at base for a chat completion of
+// prompt, streamed (with usage) or whole.
+func chatCompletion(ctx context.Context, base, prompt string, stream bool) (chatAnswer, error) {
+	body, _ := json.Marshal(map[string]any{
+		"model": "demo", "stream": stream,
+		"messages": []map[string]string{{"role": "user", "content": prompt}},
+	})
+	if stream {
+		body, _ = json.Marshal(map[string]any{
+			"model": "demo", "stream": true, "stream_options": map[string]bool{"include_usage": true},
+			"messages": []map[string]string{{"role": "user", "content": prompt}},
+		})
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/chat/completions", bytes.NewReader(body))
+	if err != nil {
+		return chatAnswer{}, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return chatAnswer{}, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return chatAnswer{}, fmt.Errorf("status %d: %s", resp.StatusCode, b)
+	}
+	type usage struct {
+		PromptTokens     uint64 `json:"prompt_tokens"`
+		CompletionTokens uint64 `json:"completion_tokens"`
+	}
+	type message struct {
+		Content   string            `json:"content"`
+		ToolCalls []json.RawMessage `json:"tool_calls"`
+	}
+	var a chatAnswer
+	if !stream {
+		var r struct {
+			Choices []struct {
+				Message      message `json:"message"`
+				FinishReason string  `json:"finish_reason"`
+			} `json:"choices"`
+			Usage usage `json:"usage"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
+			return a, err
+		}
+		if len(r.Choices) != 1 {
+			return a, fmt.Errorf("%d choices", len(r.Choices))
+		}
+		c := r.Choices[0]
+		return chatAnswer{content: c.Message.Content, toolCalls: len(c.Message.ToolCalls), finish: c.FinishReason,
+			promptTokens: r.Usage.PromptTokens, completionTokens: r.Usage.CompletionTokens}, nil
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	var text strings.Builder
+	done := false
+	for sc.Scan() {
+		data, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok {
+			continue
+		}
+		if data == "[DONE]" {
+			done = true
+			break
+		}
+		var ch struct {
+			Choices []struct {
+				Delta        message `json:"delta"`
+				FinishReason *string `json:"finish_reason"`
+			} `json:"choices"`
+			Usage *usage `json:"usage"`
+			Error *struct {
+				Message string `json:"message"`
+			} `json:"error"`
+		}
+		if err := json.Unmarshal([]byte(data), &ch); err != nil {
+			return a, fmt.Errorf("chunk %q: %w", data, err)
+		}
+		if ch.Error != nil {
+			return a, fmt.Errorf("error event: %s", ch.Error.Message)
+		}
+		for _, c := range ch.Choices {
+			text.WriteString(c.Delta.Content)
+			a.toolCalls += len(c.Delta.ToolCalls)
+			if c.FinishReason != nil {
+				a.finish = *c.FinishReason
+			}
+		}
+		if ch.Usage != nil {
+			a.promptTokens, a.completionTokens = ch.Usage.PromptTokens, ch.Usage.CompletionTokens
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return a, err
+	}
+	if !done {
+		return a, fmt.Errorf("stream ended without [DONE]")
+	}
+	a.content = text.String()
+	return a, nil
+}

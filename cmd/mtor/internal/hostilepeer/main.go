@@ -1,0 +1,121 @@
+// Command hostilepeer is a lying mtor worker for end-to-end tests: a
+// separate process that joins a swarm of real `mtor node` processes,
+// announces a model with perfect health and a 1 ms first token (every
+// router's first choice until it learns better) and answers each query
+// the hostile way its -behaviour names (discovery/hostiletest). It
+// prints "peer: ID" once its first announcement is out and "query: N"
+// for each query stream it is handed, and runs until SIGTERM or SIGINT.
+//
+// It is test equipment: it listens on loopback only and is not part of
+// the mtor binary.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/discovery"
+	"github.com/mtor-swarm/mtor/discovery/hostiletest"
+	"github.com/mtor-swarm/mtor/protocol"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "hostilepeer:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	join := flag.String("join", "", "join token or /p2p/ multiaddr of a node of the swarm")
+	model := flag.String("model", "demo", "model to announce")
+	name := flag.String("behaviour", "stall", "how to answer queries (discovery/hostiletest)")
+	listen := flag.String("listen", "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1", "comma-separated loopback listen multiaddrs")
+	every := flag.Duration("every", time.Second, "time between announcements")
+	flag.Parse()
+	b, err := hostiletest.ParseBehaviour(*name)
+	if err != nil {
+		return err
+	}
+	swarm, infos, err := discovery.ParseJoin(*join)
+	if err != nil {
+		return err
+	}
+	if swarm == "" {
+		swarm = protocol.DefaultSwarm
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+
+	h, err := libp2p.New(libp2p.ListenAddrStrings(strings.Split(*listen, ",")...))
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	var queries atomic.Int64
+	h.SetStreamHandler(protocol.QueryProtocol(swarm), hostiletest.Handler(ctx, h, b, func() {
+		fmt.Printf("query: %d\n", queries.Add(1))
+	}))
+	ps, err := pubsub.NewGossipSub(ctx, h, pubsub.WithFloodPublish(true), pubsub.WithMessageSignaturePolicy(pubsub.StrictSign))
+	if err != nil {
+		return err
+	}
+	// A worker announces on the swarm's topic and on its model's; a
+	// router listens on one or the other. Every node is on the presence
+	// topic: a member missing there has a broken gossip link, which its
+	// peers mend by reconnecting.
+	var topics []*pubsub.Topic
+	for _, name := range []string{protocol.AnnounceTopic(swarm), protocol.ModelTopic(swarm, *model), protocol.PresenceTopic(swarm)} {
+		t, err := ps.Join(name)
+		if err != nil {
+			return err
+		}
+		sub, err := t.Subscribe()
+		if err != nil {
+			return err
+		}
+		defer sub.Cancel()
+		topics = append(topics, t)
+	}
+	for _, ai := range infos {
+		if err := h.Connect(ctx, ai); err != nil {
+			return fmt.Errorf("join %s: %w", ai.ID, err)
+		}
+	}
+	seq := uint64(time.Now().UnixMilli()) * 1000
+	announced := false
+	tick := time.NewTicker(*every)
+	defer tick.Stop()
+	for {
+		seq++
+		data, err := proto.Marshal(hostiletest.Announce(*model, seq, h.Addrs()...))
+		if err != nil {
+			return err
+		}
+		for _, t := range topics[:2] {
+			if err := t.Publish(ctx, data); err != nil && ctx.Err() == nil {
+				return err
+			}
+		}
+		if !announced {
+			announced = true
+			fmt.Printf("peer: %s\n", h.ID())
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
