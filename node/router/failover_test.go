@@ -542,3 +542,79 @@ func TestEventsThatDoNotFitTheQueryAreViolations(t *testing.T) {
 		})
 	}
 }
+
+// emptyAnswers stands in for a worker that answers every query at once
+// with nothing: Accepted, then a Done that stops with finish, and no
+// output. It counts the queries it is handed.
+func emptyAnswers(t *testing.T, finish string, handed *atomic.Int64) host.Host {
+	return fakeWorker(t, func(s network.Stream, req *pb.QueryRequest) {
+		defer s.Close()
+		handed.Add(1)
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{Model: req.GetModel(), FinishReason: finish,
+			Usage: &pb.Usage{PromptTokens: 2, CompletionTokens: 3}, Timing: &pb.Timing{TtftMs: 1, TotalMs: 1}}}})
+	})
+}
+
+// TestEmptyAnswers: a worker that answers nothing at once (a liar, or a
+// broken model server) would be the fastest worker of the swarm. Its
+// empty answer fails it for the model while another worker can answer,
+// and that worker answers; the liar is soon out of rotation. Alone, or
+// stopped at its length limit (a reasoning model's hidden thinking),
+// an empty answer is the answer.
+func TestEmptyAnswers(t *testing.T) {
+	chatReq := func() *pb.QueryRequest {
+		return &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}
+	}
+	text := func(b *strings.Builder) Handler {
+		return func(ev *pb.Event) error {
+			if ev == nil {
+				b.Reset()
+			}
+			b.WriteString(ev.GetChunk().GetText())
+			return nil
+		}
+	}
+	t.Run("another worker answers", func(t *testing.T) {
+		var handed atomic.Int64
+		r, honest := liarFirst(t, emptyAnswers(t, protocol.FinishStop, &handed))
+		for i := range 10 {
+			var b strings.Builder
+			res, err := r.Query(t.Context(), chatReq(), text(&b))
+			if err != nil {
+				t.Fatalf("query %d: %v", i, err)
+			}
+			if res.Peer != honest.ID() || b.Len() == 0 {
+				t.Fatalf("query %d answered %q by %s, want the honest worker's text", i, b.String(), res.Peer)
+			}
+		}
+		// Each empty answer fails the liar for the model: 3 ban it.
+		if n := handed.Load(); n > 3 {
+			t.Fatalf("the worker answering nothing was handed %d of 10 queries, want at most 3", n)
+		}
+	})
+	for _, tc := range []struct{ name, finish string }{
+		{"alone", protocol.FinishStop},
+		{"stopped at its length", protocol.FinishLength},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var handed atomic.Int64
+			var r *Router
+			if tc.finish == protocol.FinishLength {
+				r, _ = liarFirst(t, emptyAnswers(t, tc.finish, &handed))
+			} else {
+				h := testHost(t)
+				w := emptyAnswers(t, tc.finish, &handed)
+				connect(t, h, w)
+				r = New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, WithRetryBackoff(time.Millisecond))
+			}
+			res, err := r.Query(t.Context(), chatReq(), func(*pb.Event) error { return nil })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Attempts != 1 || handed.Load() != 1 || res.Done.GetFinishReason() != tc.finish {
+				t.Fatalf("%d attempts, the empty worker handed %d, finish %q: want its empty answer at the first attempt", res.Attempts, handed.Load(), res.Done.GetFinishReason())
+			}
+		})
+	}
+}

@@ -4,6 +4,7 @@
 package router
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -690,7 +691,7 @@ func (r *Router) prepare(ctx context.Context, req *pb.QueryRequest, start time.T
 // is answered BUSY at once. Each next worker is chosen from a fresh
 // ranking without the peers this query already tried (a restarted peer,
 // with a new incarnation, counts as new), after a short back-off.
-func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*Result, error) {
+func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (res *Result, qerr error) {
 	start := time.Now()
 	ctx, cancel, err := r.prepare(ctx, req, start)
 	if err != nil {
@@ -705,6 +706,14 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (*R
 	q := &query{req: req, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
 		continuable: (req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION) &&
 			!protocol.UsesTools(req) && req.GetResponseFormat().GetType() != "json_object" && req.GetResponseFormat().GetType() != "json_schema"}
+	defer func() {
+		// Nobody else did better than an empty answer: it is the answer.
+		if qerr != nil && q.empty != nil && q.gone == nil && ctx.Err() == nil {
+			q.empty.Attempts = q.attempts
+			q.empty.TotalMs = uint32(time.Since(start).Milliseconds())
+			res, qerr = q.empty, nil
+		}
+	}()
 	rk, err := r.rankFor(req, need)
 	if err != nil {
 		return nil, err
@@ -1028,6 +1037,9 @@ type query struct {
 	// alone: no other worker is known to take the query if the current
 	// one stalls; then a stall ends nothing (see stallBound).
 	alone bool
+	// empty: an answer with no output, set aside while another worker
+	// is asked (see emptyAnswer); the answer if none does better.
+	empty *Result
 
 	// What reached the handler so far.
 	out      bool            // any output event
@@ -1330,12 +1342,20 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		done, err = r.remote(ctx, c, req, stall, q.avoid, wrap)
 	}
 	end := time.Now()
+	// An answer with nothing in it, while another worker could answer,
+	// fails this worker for the model: a liar answering nothing at once
+	// would otherwise look like the swarm's fastest worker.
+	var empty error
+	if err == nil && first.IsZero() && !q.alone && emptyAnswer(req, done) {
+		empty = workerError{&protocol.Error{Code: protocol.CodeBackendError, Retryable: true,
+			Message: fmt.Sprintf("worker %s answered nothing", ShortID(p))}}
+	}
 	r.mu.Lock()
 	leaveLocked()
 	measured := 0.0
 	if !expired(ctx) {
 		// A query whose own deadline ran out tells nothing of the peer.
-		r.recordLocked(st, q.req.GetModel(), err, first, start, end)
+		r.recordLocked(st, q.req.GetModel(), cmp.Or(empty, err), first, start, end)
 		if err == nil && !first.IsZero() && !local {
 			measured = st.ttft
 		}
@@ -1356,7 +1376,27 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		// The answer's earlier part came from other workers.
 		done.Usage.CompletionTokens = uint32(min(uint64(done.Usage.CompletionTokens)+uint64(chunksBefore), math.MaxUint32))
 	}
-	return &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds()), name: name}, nil
+	res := &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds()), name: name}
+	if empty != nil {
+		res.Writers = slices.Clone(q.writers)
+		q.empty = res
+		return nil, empty
+	}
+	return res, nil
+}
+
+// emptyAnswer says whether done ends an answer to req that should have
+// had text and had none: a chat or vision query that stopped (not at
+// its length limit, where a reasoning model's hidden thinking may have
+// taken every token) with no output at all.
+func emptyAnswer(req *pb.QueryRequest, done *pb.Done) bool {
+	switch req.GetType() {
+	case pb.QueryType_QUERY_TYPE_CHAT, pb.QueryType_QUERY_TYPE_VISION:
+	default:
+		return false
+	}
+	f := done.GetFinishReason()
+	return f == "" || f == protocol.FinishStop
 }
 
 // workerError is an error the worker itself reported in an Error event:
