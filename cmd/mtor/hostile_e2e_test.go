@@ -38,8 +38,9 @@ func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
 
 	cases := []struct {
 		behaviour string
-		// most queries the liar may be handed: a stall takes three to
-		// open its breaker, a protocol violation one.
+		// most queries the liar may be handed: a stall or an empty
+		// answer takes three to open its breaker, a protocol violation
+		// one.
 		most int
 		// whether the liar's own text may reach a client: an answer
 		// whose only lie is its figures is still an answer.
@@ -50,6 +51,7 @@ func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
 		{"tool-call", 2, false},
 		{"media-to-chat", 2, false},
 		{"invented-figures", 2, true},
+		{"empty-answer", 3, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.behaviour, func(t *testing.T) {

@@ -39,12 +39,14 @@ const (
 	// InventedFigures answers, then ends with a Done, and a receipt
 	// signed over it, claiming 4·10^9 tokens, 4·10^9 ms and 2^62 mJ.
 	InventedFigures
+	// EmptyAnswer answers at once with nothing: Accepted, then a Done.
+	EmptyAnswer
 )
 
 var behaviourNames = map[Behaviour]string{
 	Stall: "stall", Endless: "endless", Fail: "fail", Silent: "silent",
 	FakeQueue: "fake-queue", EmptyChunks: "empty-chunks", ToolCall: "tool-call",
-	MediaToChat: "media-to-chat", InventedFigures: "invented-figures",
+	MediaToChat: "media-to-chat", InventedFigures: "invented-figures", EmptyAnswer: "empty-answer",
 }
 
 func (b Behaviour) String() string {
@@ -129,6 +131,9 @@ func Handler(ctx context.Context, h host.Host, b Behaviour, served func()) netwo
 			}
 			for write(empty) == nil && pace(100*time.Millisecond) {
 			}
+		case EmptyAnswer:
+			clean = write(accepted(0)) == nil && write(&pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{Model: req.GetModel(), FinishReason: protocol.FinishStop,
+				Usage: &pb.Usage{PromptTokens: 1, CompletionTokens: 1}, Timing: &pb.Timing{TtftMs: 1, TotalMs: 1}}}}) == nil
 		case ToolCall, MediaToChat:
 			ev := &pb.Event{Kind: &pb.Event_ToolCall{ToolCall: &pb.ToolCallDelta{Index: 63, Id: "call_1", Name: "rm_rf", Arguments: `{"path":"/"}`}}}
 			if b == MediaToChat {
