@@ -102,9 +102,22 @@ func (fr *FrameReader) Ready() bool {
 	return k > 0 && l <= uint64(n-k)
 }
 
+// ErrBetweenFrames wraps a Read's error (a read deadline's, say) that
+// came before any byte of the next frame: the reader is still in step
+// with the stream, and a caller may Read again.
+var ErrBetweenFrames = errors.New("no frame begun")
+
 // Read reads the next frame into m. It returns io.EOF only on a clean end
-// between frames; a frame cut short is io.ErrUnexpectedEOF.
+// between frames; a frame cut short is io.ErrUnexpectedEOF. An error
+// before the frame's first byte (other than the end) wraps
+// ErrBetweenFrames; after it, the stream is out of step and done with.
 func (fr *FrameReader) Read(m proto.Message) error {
+	if _, err := fr.r.Peek(1); err != nil {
+		if errors.Is(err, io.EOF) {
+			return io.EOF
+		}
+		return fmt.Errorf("%w: %w", ErrBetweenFrames, err)
+	}
 	n, err := varint.ReadUvarint(fr.r)
 	if err != nil {
 		if errors.Is(err, io.EOF) {

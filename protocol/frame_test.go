@@ -5,10 +5,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"runtime"
 	"strings"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
 	"google.golang.org/protobuf/proto"
@@ -399,6 +401,47 @@ func TestFrameReaderReservesWhatArrives(t *testing.T) {
 			}
 			if asked > min(tc.maxAsked, int(body)) || asked < sent {
 				t.Fatalf("reserved %d bytes for %d sent of a %d-byte frame, want between them and %d", asked, sent, body, tc.maxAsked)
+			}
+		})
+	}
+}
+
+// TestReadAfterADeadline: a read deadline that passes before a frame
+// began wraps ErrBetweenFrames, and the next Read gets the frame whole;
+// one that passes inside a frame does not (the reader is out of step).
+func TestReadAfterADeadline(t *testing.T) {
+	frame, err := AppendFrame(nil, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "after the wait"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		early   int // bytes of the frame written before the deadline
+		between bool
+	}{
+		{"before the frame", 0, true},
+		{"inside the frame", 3, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := net.Pipe()
+			defer a.Close()
+			defer b.Close()
+			go func() { _, _ = b.Write(frame[:tc.early]) }()
+			fr := NewFrameReader(a, MaxEventFrame)
+			_ = a.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			var ev pb.Event
+			err := fr.Read(&ev)
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() || errors.Is(err, ErrBetweenFrames) != tc.between {
+				t.Fatalf("read past the deadline: %v; want a timeout, between frames %v", err, tc.between)
+			}
+			if !tc.between {
+				return
+			}
+			go func() { _, _ = b.Write(frame) }()
+			_ = a.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if err := fr.Read(&ev); err != nil || ev.GetChunk().GetText() != "after the wait" {
+				t.Fatalf("read after the deadline: %v, %v", &ev, err)
 			}
 		})
 	}

@@ -242,6 +242,66 @@ func TestStallBoundOnlyWithAnAlternative(t *testing.T) {
 	}
 }
 
+// TestAloneIsAskedWhenTheStallFires: whether another worker could take
+// the query is asked when the stall bound passes, not when the attempt
+// began. A worker that joins while the only one stalls takes the query;
+// when the other worker leaves the table while the first stalls, the
+// query waits for the first, which answers, instead of failing it and
+// starting over.
+func TestAloneIsAskedWhenTheStallFires(t *testing.T) {
+	const stall = 300 * time.Millisecond
+	for _, tr := range transports {
+		for _, tc := range []struct {
+			name         string
+			otherAtFirst bool
+			wantWriter   string
+			wantAttempts int
+		}{
+			{"a worker joins while the only one stalls", false, "quick", 2},
+			{"the other worker leaves while the first stalls", true, "slow", 1},
+		} {
+			t.Run(tr.name+"/"+tc.name, func(t *testing.T) {
+				slow := backendWorkerOn(t, tr.listen, backendtest.SlowStart{Backend: demo.New("slow"), Wait: 6 * stall}, worker.WithHeartbeat(100*time.Millisecond))
+				quick := demoWorkerOn(t, tr.listen, "quick", 0)
+				h := testHostOn(t, tr.listen)
+				connect(t, h, slow, quick)
+				slowC := cand(string(slow.ID()), 0, 4, 100, 0, demoModel)
+				quickC := cand(string(quick.ID()), 0, 4, 100, 500*time.Millisecond, demoModel)
+				table := &mutableTable{}
+				if tc.otherAtFirst {
+					table.set(slowC, quickC)
+				} else {
+					table.set(slowC)
+				}
+				// Half a stall period in, the table changes.
+				time.AfterFunc(stall/2, func() {
+					if tc.otherAtFirst {
+						table.set(slowC)
+					} else {
+						table.set(slowC, quickC)
+					}
+				})
+				r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
+				var text strings.Builder
+				res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
+					func(ev *pb.Event) error {
+						if ev == nil {
+							text.Reset()
+						}
+						text.WriteString(ev.GetChunk().GetText())
+						return nil
+					})
+				if err != nil {
+					t.Fatalf("query failed: %v", err)
+				}
+				if !strings.Contains(text.String(), "[demo answer from "+tc.wantWriter+"]") || res.Attempts != tc.wantAttempts {
+					t.Fatalf("answer %q from %s in %d attempts, want %s's in %d", text.String(), res.Peer, res.Attempts, tc.wantWriter, tc.wantAttempts)
+				}
+			})
+		}
+	}
+}
+
 // TestDeadlineIsTimeoutAndBlamesNobody: a query whose own deadline runs
 // out while a worker is slow to accept ends TIMEOUT, and the worker keeps
 // its health: the deadline was the query's, not the peer's failure.

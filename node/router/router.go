@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"math"
 	mrand "math/rand/v2"
+	"net"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -703,7 +705,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 	// Only text is continued, and a constrained answer (tools, JSON) would
 	// restart its constraint at the seam.
 	need := protocol.RequiredFeatures(req)
-	q := &query{req: req, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
+	q := &query{req: req, need: need, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
 		continuable: (req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION) &&
 			!protocol.UsesTools(req) && req.GetResponseFormat().GetType() != "json_object" && req.GetResponseFormat().GetType() != "json_schema"}
 	defer func() {
@@ -731,6 +733,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
 		fromDHT = len(ranked) > 0
+		q.dht = ranked
 		if !fromDHT {
 			// The look-up may have waited while the model's topic
 			// brought its workers to the table.
@@ -1034,9 +1037,14 @@ type query struct {
 	stale       int     // free retries after a dead connection
 	pathRetries int     // free retries on another path after a relay broke
 	avoid       peer.ID // a relay that broke this query's path: dial around it
-	// alone: no other worker is known to take the query if the current
-	// one stalls; then a stall ends nothing (see stallBound).
+	// alone: no other worker was known to take the query when the
+	// current attempt began (see emptyAnswer; a stall asks again,
+	// othersNow).
 	alone bool
+	need  []string // features the query needs of a worker
+	// dht: the providers the query found in the DHT, when its model had
+	// no worker in the table.
+	dht []scored
 	// empty: an answer with no output, set aside while another worker
 	// is asked (see emptyAnswer); the answer if none does better.
 	empty *Result
@@ -1049,6 +1057,30 @@ type query struct {
 }
 
 func (q *query) started() bool { return q.out }
+
+// othersNow reports whether a worker other than c could take q now: one
+// the query has not tried, in a fresh ranking (workers join and die
+// while a worker stalls), or among the DHT's providers the query began
+// with; and the query has an attempt left for it.
+func (r *Router) othersNow(q *query, c scored) bool {
+	if q.failures+1 >= r.maxAttempts {
+		return false
+	}
+	if q.hasAlternative(q.dht, c) {
+		return true
+	}
+	rk, err := r.rankFor(q.req, q.need)
+	if err != nil {
+		return false
+	}
+	return q.hasAlternative(rk.ranked, c) || q.hasAlternative(rk.lastResort, c)
+}
+
+// isTimeout reports whether err is a read deadline's.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
 
 // hasAlternative reports whether ranked holds a worker other than c that
 // the query has not tried.
@@ -1283,7 +1315,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		// Keep the connection while queries are open on it.
 		r.h.ConnManager().Protect(p, protectTag)
 	}
-	stall := r.stallBound(c, st, q.req, q.alone) // reads st's measures: under the lock
+	stall := r.stallBound(c, st, q.req) // reads st's measures: under the lock
 	r.mu.Unlock()
 	left := false // st.inflight given back
 	leaveLocked := func() {
@@ -1339,7 +1371,8 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 			err = workerError{pe}
 		}
 	} else {
-		done, err = r.remote(ctx, c, req, stall, q.avoid, wrap)
+		alone := func() bool { return !r.othersNow(q, c) }
+		done, err = r.remote(ctx, c, req, stall, alone, q.avoid, wrap)
 	}
 	end := time.Now()
 	// An answer with nothing in it, while another worker could answer,
@@ -1478,15 +1511,13 @@ func (r *Router) modelTrackerLocked(st *peerState, model string) *health.Tracker
 
 // stallBound is how long the worker c may go without progress on req
 // while it heartbeats: 10 × the TTFT expected of it, within bounds; media
-// comes whole, so a longer upper bound for it. 0 is no bound: for the
-// only worker left (alone), whose heartbeats say it lives, giving up
-// would end the query with an error where waiting may bring the answer
-// (a model server loading the model, a long prompt on a CPU); the
-// worker's own bounds on its backend and the query's deadline still hold.
-func (r *Router) stallBound(c scored, st *peerState, req *pb.QueryRequest, alone bool) time.Duration {
-	if alone {
-		return 0
-	}
+// comes whole, so a longer upper bound for it. Past it the query moves on
+// only if another worker could take it then (othersNow): for the only
+// worker left, whose heartbeats say it lives, giving up would end the
+// query with an error where waiting may bring the answer (a model server
+// loading the model, a long prompt on a CPU); the worker's own bounds on
+// its backend and the query's deadline still hold.
+func (r *Router) stallBound(c scored, st *peerState, req *pb.QueryRequest) time.Duration {
 	if r.stall > 0 {
 		return r.stall
 	}
@@ -1550,7 +1581,7 @@ func (r *Router) clearBackoff(p peer.ID) {
 const minHeartbeat = 250 * time.Millisecond
 
 // remote runs the query over a libp2p stream.
-func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, avoid peer.ID, emit func(*pb.Event) error) (*pb.Done, error) {
+func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, alone func() bool, avoid peer.ID, emit func(*pb.Event) error) (*pb.Done, error) {
 	p := c.Peer
 	// Our own queue for a turn to open a stream: neither the dial's nor
 	// the worker's Accepted bound runs meanwhile.
@@ -1680,13 +1711,23 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		}
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
+			if stall > 0 && accepted && !expired(ctx) && !moved && !time.Now().Before(progress.Add(stall)) {
+				if errors.Is(err, protocol.ErrBetweenFrames) && isTimeout(err) && alone() {
+					// Nobody else could take the query now: the
+					// worker, whose heartbeats say it lives, may yet
+					// answer (a model loading, a long prompt on a
+					// CPU). Asked again after the next stall period.
+					log.Debugw("worker stalls, and no other could take the query: waiting on", "peer", p, "stall", stall)
+					progress = time.Now()
+					continue
+				}
+				_ = s.Reset()
+				log.Debugw("worker stalls", "peer", p, "stall", stall)
+				return nil, peerFailure{failStuck, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
+			}
 			_ = s.Reset()
 			if !accepted && remoteLimit(err) {
 				return nil, refusedStream(p)
-			}
-			if stall > 0 && accepted && !expired(ctx) && !moved && !time.Now().Before(progress.Add(stall)) {
-				log.Debugw("worker stalls", "peer", p, "stall", stall)
-				return nil, peerFailure{failStuck, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
 			}
 			return nil, r.streamErr(ctx, s, accepted, err)
 		}
