@@ -194,23 +194,22 @@ func writeBody(w http.ResponseWriter, b []byte) {
 }
 
 // invalidRequest is the 400 of a request the protocol's rules refuse
-// before it is routed, naming the parameter its message is about, as
-// OpenAI's errors do (param), where the message names one.
+// before it is routed, naming the parameter it is about, as OpenAI's
+// errors do (param), where the rule is about one.
 func invalidRequest(pe *protocol.Error) *apiError {
-	return badRequest(requestParam(pe.Message), "invalid_value", "%s.", pe.Message)
+	return badRequest(requestParam(pe.Field), "invalid_value", "%s.", pe.Message)
 }
 
-// requestParam is the request parameter a protocol validation message is
-// about ("size \"big\" must be ..." is about size), or "".
-func requestParam(msg string) string {
-	switch {
-	case strings.Contains(msg, " query needs a prompt or messages"), strings.HasPrefix(msg, "messages"), strings.HasPrefix(msg, "message "):
-		return "messages"
+// requestParam is the OpenAI request parameter of a protocol request
+// field (protocol.Error.Field), or "" for a field no OpenAI request has.
+func requestParam(field string) string {
+	switch field {
+	case "inputs":
+		return "input"
+	case "id", "type", "deadline_unix_ms", "continuation", "priority", "attachments":
+		// The bridge sets these itself, or (attachments) from where
+		// the request's media came; no parameter names them.
+		return ""
 	}
-	for _, p := range []string{"tool_choice", "tools", "size", "voice", "format", "temperature", "top_p", "stop", "max_tokens", "seed", "response_format", "model", "input", "prompt"} {
-		if rest, ok := strings.CutPrefix(msg, p); ok && (rest == "" || rest[0] == ' ' || rest[0] == '[' || rest[0] == ':') {
-			return p
-		}
-	}
-	return ""
+	return field
 }

@@ -118,6 +118,11 @@ func TestValidationErrorsNameTheirParameter(t *testing.T) {
 		{"image size", "/v1/images/generations", `{"model":"demo","prompt":"a cat","size":"big"}`, "size"},
 		{"tool_choice naming no tool", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a"}}],"tool_choice":{"type":"function","function":{"name":"b"}}}`, "tool_choice"},
 		{"no content", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":null}]}`, "messages"},
+		{"frequency_penalty out of range", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"frequency_penalty":5}`, "frequency_penalty"},
+		{"presence_penalty out of range", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"presence_penalty":-3}`, "presence_penalty"},
+		{"top_logprobs over the limit", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":50}`, "top_logprobs"},
+		{"tool name", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"no spaces allowed"}}]}`, "tools"},
+		{"json_schema name", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"no spaces","schema":{}}}}`, "response_format"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			resp, b := postJSON(t, base+tc.path, tc.body, nil)

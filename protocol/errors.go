@@ -15,6 +15,9 @@ type Error struct {
 	Code      pb.ErrorCode
 	Message   string
 	Retryable bool
+	// Field is the request field a BAD_REQUEST of ValidateRequest is
+	// about ("max_tokens"), or "". It is not on the wire.
+	Field string
 }
 
 func (e *Error) Error() string {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"math"
 	"regexp"
+	"strings"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -91,33 +92,42 @@ func RequiredFeatures(r *pb.QueryRequest) []string {
 	return fs
 }
 
+// schemaField is the field a JSON schema named what ("tools[2].parameters",
+// "response_format schema") belongs to.
+func schemaField(what string) string {
+	if strings.HasPrefix(what, "tools") {
+		return "tools"
+	}
+	return "response_format"
+}
+
 // jsonObject checks that s is the JSON text of an object.
 func jsonObject(what, s string) error {
 	if len(s) > MaxSchema {
-		return badRequest("%s is %d bytes, limit %d", what, len(s), MaxSchema)
+		return badField(schemaField(what), "%s is %d bytes, limit %d", what, len(s), MaxSchema)
 	}
 	var v map[string]any
 	if err := json.Unmarshal([]byte(s), &v); err != nil {
-		return badRequest("%s is not a JSON object: %v", what, err)
+		return badField(schemaField(what), "%s is not a JSON object: %v", what, err)
 	}
 	return nil
 }
 
 func validateTools(r *pb.QueryRequest) error {
 	if len(r.GetTools()) > MaxTools {
-		return badRequest("%d tools, limit %d", len(r.GetTools()), MaxTools)
+		return badField("tools", "%d tools, limit %d", len(r.GetTools()), MaxTools)
 	}
 	names := map[string]bool{}
 	for i, t := range r.GetTools() {
 		if !toolNameRe.MatchString(t.GetName()) {
-			return badRequest("tools[%d]: name %q must match %s", i, clip(t.GetName()), toolNameRe)
+			return badField("tools", "tools[%d]: name %q must match %s", i, clip(t.GetName()), toolNameRe)
 		}
 		if names[t.GetName()] {
-			return badRequest("tools[%d]: name %q given twice", i, t.GetName())
+			return badField("tools", "tools[%d]: name %q given twice", i, t.GetName())
 		}
 		names[t.GetName()] = true
 		if len(t.GetDescription()) > MaxToolDesc {
-			return badRequest("tools[%d]: description of %d bytes, limit %d", i, len(t.GetDescription()), MaxToolDesc)
+			return badField("tools", "tools[%d]: description of %d bytes, limit %d", i, len(t.GetDescription()), MaxToolDesc)
 		}
 		if t.GetParameters() != "" {
 			if err := jsonObject("tools["+itoa(i)+"].parameters", t.GetParameters()); err != nil {
@@ -130,45 +140,45 @@ func validateTools(r *pb.QueryRequest) error {
 		case "auto", "none":
 		case "required":
 			if len(r.GetTools()) == 0 {
-				return badRequest("tool_choice required without tools")
+				return badField("tool_choice", "tool_choice required without tools")
 			}
 		case "function":
 			if !names[c.GetName()] {
-				return badRequest("tool_choice names %q, which is not among the tools", clip(c.GetName()))
+				return badField("tool_choice", "tool_choice names %q, which is not among the tools", clip(c.GetName()))
 			}
 		default:
-			return badRequest("tool_choice mode %q (want auto, none, required or function)", clip(c.GetMode()))
+			return badField("tool_choice", "tool_choice mode %q (want auto, none, required or function)", clip(c.GetMode()))
 		}
 		if c.GetMode() != "function" && c.GetName() != "" {
-			return badRequest("tool_choice name is only for mode function")
+			return badField("tool_choice", "tool_choice name is only for mode function")
 		}
 	}
 	for i, m := range r.GetMessages() {
 		if len(m.GetToolCalls()) > 0 && m.GetRole() != "assistant" {
-			return badRequest("messages[%d]: only assistant messages hold tool calls", i)
+			return badField("messages", "messages[%d]: only assistant messages hold tool calls", i)
 		}
 		if len(m.GetToolCalls()) > MaxToolCalls {
-			return badRequest("messages[%d]: %d tool calls, limit %d", i, len(m.GetToolCalls()), MaxToolCalls)
+			return badField("messages", "messages[%d]: %d tool calls, limit %d", i, len(m.GetToolCalls()), MaxToolCalls)
 		}
 		for j, c := range m.GetToolCalls() {
 			if c.GetId() == "" || len(c.GetId()) > MaxToolCallID {
-				return badRequest("messages[%d].tool_calls[%d]: id must be 1-%d bytes", i, j, MaxToolCallID)
+				return badField("messages", "messages[%d].tool_calls[%d]: id must be 1-%d bytes", i, j, MaxToolCallID)
 			}
 			if !toolNameRe.MatchString(c.GetName()) {
-				return badRequest("messages[%d].tool_calls[%d]: invalid name %q", i, j, clip(c.GetName()))
+				return badField("messages", "messages[%d].tool_calls[%d]: invalid name %q", i, j, clip(c.GetName()))
 			}
 			if len(c.GetArguments()) > MaxToolArguments {
-				return badRequest("messages[%d].tool_calls[%d]: arguments of %d bytes, limit %d", i, j, len(c.GetArguments()), MaxToolArguments)
+				return badField("messages", "messages[%d].tool_calls[%d]: arguments of %d bytes, limit %d", i, j, len(c.GetArguments()), MaxToolArguments)
 			}
 		}
 		if m.GetToolCallId() != "" && m.GetRole() != "tool" {
-			return badRequest("messages[%d]: only tool messages answer a tool call", i)
+			return badField("messages", "messages[%d]: only tool messages answer a tool call", i)
 		}
 		if len(m.GetToolCallId()) > MaxToolCallID {
-			return badRequest("messages[%d]: tool_call_id over %d bytes", i, MaxToolCallID)
+			return badField("messages", "messages[%d]: tool_call_id over %d bytes", i, MaxToolCallID)
 		}
 		if m.GetName() != "" && !toolNameRe.MatchString(m.GetName()) {
-			return badRequest("messages[%d]: invalid name %q", i, clip(m.GetName()))
+			return badField("messages", "messages[%d]: invalid name %q", i, clip(m.GetName()))
 		}
 	}
 	return nil
@@ -181,17 +191,17 @@ func validateResponseFormat(f *pb.ResponseFormat) error {
 	switch f.GetType() {
 	case "text", "json_object":
 		if f.GetName() != "" || f.GetSchema() != "" || f.GetStrict() {
-			return badRequest("response_format %s takes no name, schema or strict", f.GetType())
+			return badField("response_format", "response_format %s takes no name, schema or strict", f.GetType())
 		}
 	case "json_schema":
 		if f.GetName() != "" && !formatNameRe.MatchString(f.GetName()) {
-			return badRequest("response_format name %q must match %s", clip(f.GetName()), formatNameRe)
+			return badField("response_format", "response_format name %q must match %s", clip(f.GetName()), formatNameRe)
 		}
 		if err := jsonObject("response_format schema", f.GetSchema()); err != nil {
 			return err
 		}
 	default:
-		return badRequest("response_format type %q (want text, json_object or json_schema)", clip(f.GetType()))
+		return badField("response_format", "response_format type %q (want text, json_object or json_schema)", clip(f.GetType()))
 	}
 	return nil
 }
@@ -201,7 +211,7 @@ func validatePenalty(name string, v *float32) error {
 		return nil
 	}
 	if f := float64(*v); math.IsNaN(f) || f < -MaxPenalty || f > MaxPenalty {
-		return badRequest("%s %v out of range [-%d, %d]", name, *v, MaxPenalty, MaxPenalty)
+		return badField(name, "%s %v out of range [-%d, %d]", name, *v, MaxPenalty, MaxPenalty)
 	}
 	return nil
 }
@@ -214,10 +224,10 @@ func validateSamplingExtras(p *pb.Params) error {
 		return err
 	}
 	if p.GetTopLogprobs() > MaxTopLogprobs {
-		return badRequest("top_logprobs %d over limit %d", p.GetTopLogprobs(), MaxTopLogprobs)
+		return badField("top_logprobs", "top_logprobs %d over limit %d", p.GetTopLogprobs(), MaxTopLogprobs)
 	}
 	if p.GetTopLogprobs() > 0 && !p.GetLogprobs() {
-		return badRequest("top_logprobs needs logprobs")
+		return badField("top_logprobs", "top_logprobs needs logprobs")
 	}
 	return nil
 }

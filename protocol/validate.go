@@ -50,26 +50,43 @@ var sizeRe = regexp.MustCompile(`^[1-9][0-9]{0,3}x[1-9][0-9]{0,3}$`)
 
 func badRequest(format string, args ...any) *Error { return Errorf(CodeBadRequest, format, args...) }
 
+// badField is a BAD_REQUEST about the request's field (its name in
+// docs/protocol.md, top level: "messages", "max_tokens").
+func badField(field, format string, args ...any) *Error {
+	e := badRequest(format, args...)
+	e.Field = field
+	return e
+}
+
+// attachmentField is the field an attachment of where ("messages", or
+// the request's own) belongs to.
+func attachmentField(where string) string {
+	if where == "messages" {
+		return where
+	}
+	return "attachments"
+}
+
 // ValidateModelName checks a model name: 1-128 bytes, no control characters.
 func ValidateModelName(name string) error {
 	if name == "" {
-		return badRequest("model is required")
+		return badField("model", "model is required")
 	}
 	if len(name) > MaxModelName {
-		return badRequest("model name is %d bytes, limit %d", len(name), MaxModelName)
+		return badField("model", "model name is %d bytes, limit %d", len(name), MaxModelName)
 	}
 	if strings.IndexFunc(name, unicode.IsControl) >= 0 {
-		return badRequest("model name contains control characters")
+		return badField("model", "model name contains control characters")
 	}
 	return nil
 }
 
 func validateAttachment(where string, a *pb.Attachment) error {
 	if a.GetMime() == "" || len(a.GetMime()) > MaxMime || strings.ContainsAny(a.GetMime(), " \r\n") {
-		return badRequest("%s: attachment mime %q is invalid", where, a.GetMime())
+		return badField(attachmentField(where), "%s: attachment mime %q is invalid", where, a.GetMime())
 	}
 	if len(a.GetData()) == 0 {
-		return badRequest("%s: attachment of type %s is empty", where, a.GetMime())
+		return badField(attachmentField(where), "%s: attachment of type %s is empty", where, a.GetMime())
 	}
 	return nil
 }
@@ -99,26 +116,26 @@ func ValidateRequest(r *pb.QueryRequest) error {
 		return badRequest("empty request")
 	}
 	if len(r.GetId()) != IDLen {
-		return badRequest("id must be %d bytes, got %d", IDLen, len(r.GetId()))
+		return badField("id", "id must be %d bytes, got %d", IDLen, len(r.GetId()))
 	}
 	t := r.GetType()
 	if t <= pb.QueryType_QUERY_TYPE_UNSPECIFIED || int(t) >= len(typeNames) {
-		return badRequest("unknown query type %d", t)
+		return badField("type", "unknown query type %d", t)
 	}
 	if err := ValidateModelName(r.GetModel()); err != nil {
 		return err
 	}
 	if len(r.GetMessages()) > MaxMessages {
-		return badRequest("%d messages, limit %d", len(r.GetMessages()), MaxMessages)
+		return badField("messages", "%d messages, limit %d", len(r.GetMessages()), MaxMessages)
 	}
 	for i, m := range r.GetMessages() {
 		switch m.GetRole() {
 		case "system", "user", "assistant", "tool":
 		default:
-			return badRequest("messages[%d]: unknown role %q", i, m.GetRole())
+			return badField("messages", "messages[%d]: unknown role %q", i, m.GetRole())
 		}
 		if len(m.GetAttachments()) > MaxAttachments {
-			return badRequest("messages[%d]: %d attachments, limit %d", i, len(m.GetAttachments()), MaxAttachments)
+			return badField("messages", "messages[%d]: %d attachments, limit %d", i, len(m.GetAttachments()), MaxAttachments)
 		}
 		for _, a := range m.GetAttachments() {
 			if err := validateAttachment("messages", a); err != nil {
@@ -127,7 +144,7 @@ func ValidateRequest(r *pb.QueryRequest) error {
 		}
 	}
 	if len(r.GetAttachments()) > MaxAttachments {
-		return badRequest("%d attachments, limit %d", len(r.GetAttachments()), MaxAttachments)
+		return badField("attachments", "%d attachments, limit %d", len(r.GetAttachments()), MaxAttachments)
 	}
 	for _, a := range r.GetAttachments() {
 		if err := validateAttachment("request", a); err != nil {
@@ -135,7 +152,7 @@ func ValidateRequest(r *pb.QueryRequest) error {
 		}
 	}
 	if len(r.GetInputs()) > MaxInputs {
-		return badRequest("%d inputs, limit %d", len(r.GetInputs()), MaxInputs)
+		return badField("inputs", "%d inputs, limit %d", len(r.GetInputs()), MaxInputs)
 	}
 	if err := validateParams(r.GetParams()); err != nil {
 		return err
@@ -147,18 +164,18 @@ func ValidateRequest(r *pb.QueryRequest) error {
 		return err
 	}
 	if r.GetDeadlineUnixMs() < 0 {
-		return badRequest("negative deadline")
+		return badField("deadline_unix_ms", "negative deadline")
 	}
 	if c := r.GetContinuation(); c != "" {
 		if len(c) > MaxContinuation {
-			return badRequest("continuation of %d bytes, limit %d", len(c), MaxContinuation)
+			return badField("continuation", "continuation of %d bytes, limit %d", len(c), MaxContinuation)
 		}
 		if t := r.GetType(); t != pb.QueryType_QUERY_TYPE_CHAT && t != pb.QueryType_QUERY_TYPE_VISION {
-			return badRequest("a %s query cannot be continued", TypeName(t))
+			return badField("continuation", "a %s query cannot be continued", TypeName(t))
 		}
 	}
 	if p := r.GetPriority(); p < -MaxPriority || p > MaxPriority {
-		return badRequest("priority %d out of range [-%d, %d]", p, MaxPriority, MaxPriority)
+		return badField("priority", "priority %d out of range [-%d, %d]", p, MaxPriority, MaxPriority)
 	}
 	return validateInputForType(r)
 }
@@ -181,19 +198,19 @@ func validateInputForType(r *pb.QueryRequest) error {
 	switch r.GetType() {
 	case pb.QueryType_QUERY_TYPE_CHAT, pb.QueryType_QUERY_TYPE_IMAGINE, pb.QueryType_QUERY_TYPE_TTS:
 		if !hasText(r) {
-			return badRequest("%s query needs a prompt or messages", TypeName(r.GetType()))
+			return badField("messages", "%s query needs a prompt or messages", TypeName(r.GetType()))
 		}
 	case pb.QueryType_QUERY_TYPE_VISION:
 		if !hasAttachment(r, "image/") {
-			return badRequest("vision query needs an image attachment")
+			return badField("attachments", "vision query needs an image attachment")
 		}
 	case pb.QueryType_QUERY_TYPE_STT:
 		if !hasAttachment(r, "audio/") && !hasAttachment(r, "video/webm") {
-			return badRequest("stt query needs an audio attachment")
+			return badField("attachments", "stt query needs an audio attachment")
 		}
 	case pb.QueryType_QUERY_TYPE_EMBED:
 		if len(r.GetInputs()) == 0 && strings.TrimSpace(r.GetPrompt()) == "" {
-			return badRequest("embed query needs inputs or a prompt")
+			return badField("inputs", "embed query needs inputs or a prompt")
 		}
 	}
 	return nil
@@ -204,27 +221,27 @@ func validateParams(p *pb.Params) error {
 		return nil
 	}
 	if p.GetMaxTokens() > MaxMaxTokens {
-		return badRequest("max_tokens %d over limit %d", p.GetMaxTokens(), MaxMaxTokens)
+		return badField("max_tokens", "max_tokens %d over limit %d", p.GetMaxTokens(), MaxMaxTokens)
 	}
 	if p.Temperature != nil && (p.GetTemperature() < 0 || p.GetTemperature() > 2 || p.GetTemperature() != p.GetTemperature()) {
-		return badRequest("temperature %v out of range [0, 2]", p.GetTemperature())
+		return badField("temperature", "temperature %v out of range [0, 2]", p.GetTemperature())
 	}
 	if p.TopP != nil && (p.GetTopP() < 0 || p.GetTopP() > 1 || p.GetTopP() != p.GetTopP()) {
-		return badRequest("top_p %v out of range [0, 1]", p.GetTopP())
+		return badField("top_p", "top_p %v out of range [0, 1]", p.GetTopP())
 	}
 	if len(p.GetStop()) > MaxStops {
-		return badRequest("%d stop sequences, limit %d", len(p.GetStop()), MaxStops)
+		return badField("stop", "%d stop sequences, limit %d", len(p.GetStop()), MaxStops)
 	}
 	for _, s := range p.GetStop() {
 		if s == "" || len(s) > MaxStopLen {
-			return badRequest("stop sequence must be 1-%d bytes", MaxStopLen)
+			return badField("stop", "stop sequence must be 1-%d bytes", MaxStopLen)
 		}
 	}
 	if p.GetSize() != "" && !sizeRe.MatchString(p.GetSize()) {
-		return badRequest("size %q must be WIDTHxHEIGHT, each 1-9999", p.GetSize())
+		return badField("size", "size %q must be WIDTHxHEIGHT, each 1-9999", p.GetSize())
 	}
 	if len(p.GetVoice()) > 64 || len(p.GetFormat()) > 32 {
-		return badRequest("voice or format too long")
+		return badField("voice", "voice or format too long")
 	}
 	return validateSamplingExtras(p)
 }

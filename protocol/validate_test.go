@@ -494,3 +494,43 @@ func TestValidateEventFor(t *testing.T) {
 		}
 	}
 }
+
+// TestValidateRequestNamesTheField: a refused request's error names the
+// field it is about (Error.Field), which the bridge turns into OpenAI's
+// param; not found in the message, whose wording may change.
+func TestValidateRequestNamesTheField(t *testing.T) {
+	for _, tc := range []struct {
+		name, field string
+		mutate      func(r *pb.QueryRequest)
+	}{
+		{"no model", "model", func(r *pb.QueryRequest) { r.Model = "" }},
+		{"unknown role", "messages", func(r *pb.QueryRequest) { r.Messages[0].Role = "king" }},
+		{"message attachment", "messages", func(r *pb.QueryRequest) { r.Messages[0].Attachments = []*pb.Attachment{{Mime: "image/png"}} }},
+		{"request attachment", "attachments", func(r *pb.QueryRequest) { r.Attachments = []*pb.Attachment{{Mime: "audio/wav"}} }},
+		{"too many inputs", "inputs", func(r *pb.QueryRequest) { r.Inputs = strs(MaxInputs+1, "x") }},
+		{"too many stops", "stop", func(r *pb.QueryRequest) { r.Params = &pb.Params{Stop: strs(MaxStops+1, "x")} }},
+		{"voice too long", "voice", func(r *pb.QueryRequest) { r.Params = &pb.Params{Voice: strings.Repeat("v", 65)} }},
+		{"frequency_penalty", "frequency_penalty", func(r *pb.QueryRequest) { r.Params = &pb.Params{FrequencyPenalty: f32(3)} }},
+		{"presence_penalty", "presence_penalty", func(r *pb.QueryRequest) { r.Params = &pb.Params{PresencePenalty: f32(-3)} }},
+		{"top_logprobs", "top_logprobs", func(r *pb.QueryRequest) { r.Params = &pb.Params{TopLogprobs: 2} }},
+		{"tool name", "tools", func(r *pb.QueryRequest) { r.Tools = []*pb.Tool{{Name: "a b"}} }},
+		{"tool parameters", "tools", func(r *pb.QueryRequest) { r.Tools = []*pb.Tool{{Name: "a", Parameters: "[1]"}} }},
+		{"tool_choice", "tool_choice", func(r *pb.QueryRequest) { r.ToolChoice = &pb.ToolChoice{Mode: "always"} }},
+		{"response_format", "response_format", func(r *pb.QueryRequest) { r.ResponseFormat = &pb.ResponseFormat{Type: "yaml"} }},
+		{"response_format schema", "response_format", func(r *pb.QueryRequest) {
+			r.ResponseFormat = &pb.ResponseFormat{Type: "json_schema", Name: "s", Schema: "7"}
+		}},
+		{"chat without text", "messages", func(r *pb.QueryRequest) { r.Messages = nil }},
+		{"priority", "priority", func(r *pb.QueryRequest) { r.Priority = MaxPriority + 1 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := validChat()
+			tc.mutate(r)
+			err := ValidateRequest(r)
+			var pe *Error
+			if !errors.As(err, &pe) || pe.Code != CodeBadRequest || pe.Field != tc.field {
+				t.Fatalf("error %v; want a BAD_REQUEST about %q", err, tc.field)
+			}
+		})
+	}
+}
