@@ -302,6 +302,61 @@ func TestAloneIsAskedWhenTheStallFires(t *testing.T) {
 	}
 }
 
+// TestWaitingOnKeepsTheSilenceBound: waiting on a lone stalled worker
+// does not stretch the bound on its silence: a worker that accepts and
+// then falls silent fails as silent, not at the query's deadline.
+func TestWaitingOnKeepsTheSilenceBound(t *testing.T) {
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
+	frozen := fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		<-hold
+		s.Reset()
+	})
+	h := testHost(t)
+	connect(t, h, frozen)
+	r := New(h, testProto, staticTable{cand(string(frozen.ID()), 0, 4, 100, 0, demoModel)},
+		WithRetryBackoff(time.Millisecond), WithStallTimeout(300*time.Millisecond), WithIdleTimeout(time.Second), WithMaxAttempts(1))
+	req := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello",
+		DeadlineUnixMs: time.Now().Add(time.Minute).UnixMilli()}
+	_, err := r.Query(t.Context(), req, func(*pb.Event) error { return nil })
+	if pe := protocol.AsError(err); pe == nil || pe.Code == protocol.CodeTimeout {
+		t.Fatalf("error %v; want the frozen worker failed for its silence, not the query's deadline", err)
+	}
+}
+
+// TestAStallDoesNotMoveToABannedWorker: a worker banned from the model
+// (its breaker for it open) is tried when nothing else is left, but it
+// is no reason to give up a live worker that is slow.
+func TestAStallDoesNotMoveToABannedWorker(t *testing.T) {
+	const stall = 300 * time.Millisecond
+	var handed atomic.Int64
+	banned := emptyAnswers(t, protocol.FinishStop, &handed)
+	slow := slowStartWorker(t, "slow", 5*stall)
+	h := testHost(t)
+	connect(t, h, slow, banned)
+	table := staticTable{cand(string(slow.ID()), 0, 4, 100, 0, demoModel), cand(string(banned.ID()), 0, 4, 100, time.Second, demoModel)}
+	r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
+	r.mu.Lock()
+	mt := r.modelTrackerLocked(r.state(banned.ID()), "demo")
+	for mt.Available() {
+		mt.Record(health.Failure)
+	}
+	r.mu.Unlock()
+	var b strings.Builder
+	res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
+		func(ev *pb.Event) error {
+			b.WriteString(ev.GetChunk().GetText())
+			return nil
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Peer != slow.ID() || res.Attempts != 1 || handed.Load() != 0 || !strings.Contains(b.String(), "[demo answer from slow]") {
+		t.Fatalf("%q from %s in %d attempts, the banned worker handed %d; want the slow worker's answer at once", b.String(), res.Peer, res.Attempts, handed.Load())
+	}
+}
+
 // TestDeadlineIsTimeoutAndBlamesNobody: a query whose own deadline runs
 // out while a worker is slow to accept ends TIMEOUT, and the worker keeps
 // its health: the deadline was the query's, not the peer's failure.
@@ -651,6 +706,55 @@ func TestEmptyAnswers(t *testing.T) {
 		// Each empty answer fails the liar for the model: 3 ban it.
 		if n := handed.Load(); n > 3 {
 			t.Fatalf("the worker answering nothing was handed %d of 10 queries, want at most 3", n)
+		}
+	})
+	t.Run("every worker answers nothing: the second's is the answer", func(t *testing.T) {
+		var first, second atomic.Int64
+		a, b := emptyAnswers(t, protocol.FinishStop, &first), emptyAnswers(t, protocol.FinishStop, &second)
+		h := testHost(t)
+		connect(t, h, a, b)
+		r := New(h, testProto, staticTable{cand(string(a.ID()), 0, 4, 100, 0, demoModel), cand(string(b.ID()), 0, 4, 100, time.Second, demoModel)}, WithRetryBackoff(time.Millisecond))
+		res, err := r.Query(t.Context(), chatReq(), func(*pb.Event) error { return nil })
+		if err != nil || res.Peer != b.ID() || res.Attempts != 2 || first.Load() != 1 || second.Load() != 1 {
+			t.Fatalf("%+v, %v; want the second worker's empty answer at the second attempt", res, err)
+		}
+	})
+	t.Run("a stop sequence may match at once", func(t *testing.T) {
+		var handed atomic.Int64
+		r, _ := liarFirst(t, emptyAnswers(t, protocol.FinishStop, &handed))
+		req := chatReq()
+		req.Params = &pb.Params{Stop: []string{"Hello"}}
+		res, err := r.Query(t.Context(), req, func(*pb.Event) error { return nil })
+		if err != nil || res.Attempts != 1 || handed.Load() != 1 {
+			t.Fatalf("%+v, %v; want the empty answer at the first attempt", res, err)
+		}
+	})
+	t.Run("a later worker's output cut off is not passed off as whole", func(t *testing.T) {
+		var handed atomic.Int64
+		empty := emptyAnswers(t, protocol.FinishStop, &handed)
+		cut := fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "partial"}}})
+			time.Sleep(50 * time.Millisecond)
+			s.Reset()
+		})
+		h := testHost(t)
+		connect(t, h, empty, cut)
+		table := staticTable{cand(string(empty.ID()), 0, 4, 100, 0, demoModel), cand(string(cut.ID()), 0, 4, 100, time.Second, demoModel)}
+		for _, restart := range []bool{false, true} {
+			r := New(h, testProto, table, WithRetryBackoff(time.Millisecond))
+			ctx := t.Context()
+			if restart {
+				ctx = WithRestart(ctx)
+			}
+			var b strings.Builder
+			res, err := r.Query(ctx, chatReq(), text(&b))
+			switch {
+			case !restart && err == nil:
+				t.Fatalf("streamed: %q passed off as a whole answer (%+v)", b.String(), res.Done)
+			case restart && (err != nil || b.Len() != 0 || res.Peer != empty.ID()):
+				t.Fatalf("restartable: %+v, %v, the client holds %q; want the empty answer, the cut output taken back", res, err, b.String())
+			}
 		}
 	})
 	for _, tc := range []struct{ name, finish string }{

@@ -709,12 +709,19 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 		continuable: (req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION) &&
 			!protocol.UsesTools(req) && req.GetResponseFormat().GetType() != "json_object" && req.GetResponseFormat().GetType() != "json_schema"}
 	defer func() {
-		// Nobody else did better than an empty answer: it is the answer.
-		if qerr != nil && q.empty != nil && q.gone == nil && ctx.Err() == nil {
-			q.empty.Attempts = q.attempts
-			q.empty.TotalMs = uint32(time.Since(start).Milliseconds())
-			res, qerr = q.empty, nil
+		// Nobody else did better than an empty answer: it is the answer,
+		// unless a later worker's output reached a client that cannot
+		// take it back, or the client left.
+		if qerr == nil || q.empty == nil || q.gone != nil || errors.Is(ctx.Err(), context.Canceled) {
+			return
 		}
+		if q.started() && (!q.restartable || q.h(nil) != nil) {
+			return
+		}
+		q.settleEmpty()
+		q.empty.Attempts = q.attempts
+		q.empty.TotalMs = uint32(time.Since(start).Milliseconds())
+		res, qerr = q.empty, nil
 	}()
 	rk, err := r.rankFor(req, need)
 	if err != nil {
@@ -733,7 +740,9 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 	if len(ranked) == 0 && !known && r.providers != nil {
 		ranked = r.fromProviders(ctx, req.GetModel())
 		fromDHT = len(ranked) > 0
-		q.dht = ranked
+		if fromDHT {
+			q.dht = slices.Clone(ranked) // later rankings edit ranked in place
+		}
 		if !fromDHT {
 			// The look-up may have waited while the model's topic
 			// brought its workers to the table.
@@ -1046,8 +1055,10 @@ type query struct {
 	// no worker in the table.
 	dht []scored
 	// empty: an answer with no output, set aside while another worker
-	// is asked (see emptyAnswer); the answer if none does better.
-	empty *Result
+	// is asked (see emptyAnswer); the answer if none does better, and
+	// then settled (its receipt, its energy) with settleEmpty.
+	empty       *Result
+	settleEmpty func()
 
 	// What reached the handler so far.
 	out      bool            // any output event
@@ -1059,21 +1070,22 @@ type query struct {
 func (q *query) started() bool { return q.out }
 
 // othersNow reports whether a worker other than c could take q now: one
-// the query has not tried, in a fresh ranking (workers join and die
-// while a worker stalls), or among the DHT's providers the query began
-// with; and the query has an attempt left for it.
+// the query has not tried and can move to (q.usable), in a fresh ranking
+// (workers join and die while a worker stalls), or among the DHT's
+// providers the query began with; and the query has an attempt left for
+// it. A worker banned from the model (a last resort) does not count: a
+// live worker that is slow is a better bet than one that keeps failing.
 func (r *Router) othersNow(q *query, c scored) bool {
 	if q.failures+1 >= r.maxAttempts {
 		return false
 	}
-	if q.hasAlternative(q.dht, c) {
-		return true
+	ranked := q.dht
+	if ranked == nil {
+		ranked = r.rankNeed(q.req.GetModel(), q.req.GetType(), q.need).ranked
 	}
-	rk, err := r.rankFor(q.req, q.need)
-	if err != nil {
-		return false
-	}
-	return q.hasAlternative(rk.ranked, c) || q.hasAlternative(rk.lastResort, c)
+	ranked = q.untried(slices.Clone(ranked))
+	ranked = slices.DeleteFunc(ranked, func(o scored) bool { return o.Peer == c.Peer })
+	return len(q.usable(ranked)) > 0
 }
 
 // isTimeout reports whether err is a read deadline's.
@@ -1379,7 +1391,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	// fails this worker for the model: a liar answering nothing at once
 	// would otherwise look like the swarm's fastest worker.
 	var empty error
-	if err == nil && first.IsZero() && !q.alone && emptyAnswer(req, done) {
+	if err == nil && first.IsZero() && !q.alone && q.empty == nil && q.resumeAt == "" && emptyAnswer(req, done) {
 		empty = workerError{&protocol.Error{Code: protocol.CodeBackendError, Retryable: true,
 			Message: fmt.Sprintf("worker %s answered nothing", ShortID(p))}}
 	}
@@ -1400,8 +1412,13 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	if measured > 0 && r.measurer != nil {
 		r.measurer.Measured(p, measured)
 	}
-	_ = r.settle(check, p, local, req, done)
-	r.noteEnergy(p, req.GetModel(), done)
+	settle := func() {
+		_ = r.settle(check, p, local, req, done)
+		r.noteEnergy(p, req.GetModel(), done)
+	}
+	if empty == nil {
+		settle()
+	}
 	if first.IsZero() {
 		first = end
 	}
@@ -1411,8 +1428,10 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	}
 	res := &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds()), name: name}
 	if empty != nil {
+		// Not countersigned, recorded or counted yet: only if it
+		// becomes the answer.
 		res.Writers = slices.Clone(q.writers)
-		q.empty = res
+		q.empty, q.settleEmpty = res, settle
 		return nil, empty
 	}
 	return res, nil
@@ -1421,11 +1440,18 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 // emptyAnswer says whether done ends an answer to req that should have
 // had text and had none: a chat or vision query that stopped (not at
 // its length limit, where a reasoning model's hidden thinking may have
-// taken every token) with no output at all.
+// taken every token) with no output at all, and had no stop sequence
+// (which may match at once). The caller asks only once per query: a
+// second worker's empty answer too says it is the prompt's, not a
+// worker's, and it is the answer; nor of a continuation, whose first
+// worker may have sent all of it.
 func emptyAnswer(req *pb.QueryRequest, done *pb.Done) bool {
 	switch req.GetType() {
 	case pb.QueryType_QUERY_TYPE_CHAT, pb.QueryType_QUERY_TYPE_VISION:
 	default:
+		return false
+	}
+	if len(req.GetParams().GetStop()) > 0 {
 		return false
 	}
 	f := done.GetFinishReason()
@@ -1687,6 +1713,11 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// that waits (events read ahead in one batch cost one clock read, not
 	// one each: it showed in profiles, a read per token).
 	moved := false
+	// blocked: when the last read that waits began; quiet: when the
+	// silence began that waiting on a stalled worker carries over from
+	// one stall period to the next (zero when not waiting on), so that
+	// waiting on never stretches the silence bound.
+	var blocked, quiet time.Time
 	out := outputBudget{bytes: r.maxOutput, chunks: chunkLimit(req)}
 	for {
 		// A live worker answers Accepted at once and repeats it as a
@@ -1703,7 +1734,8 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			if moved {
 				progress, moved = now, false
 			}
-			rd := earliest(dl, now.Add(wait))
+			blocked = now
+			rd := earliest(dl, cmp.Or(quiet, now).Add(wait))
 			if stall > 0 {
 				rd = earliest(rd, progress.Add(stall))
 			}
@@ -1712,14 +1744,20 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
 			if stall > 0 && accepted && !expired(ctx) && !moved && !time.Now().Before(progress.Add(stall)) {
-				if errors.Is(err, protocol.ErrBetweenFrames) && isTimeout(err) && alone() {
+				silentFrom := cmp.Or(quiet, blocked)
+				if errors.Is(err, protocol.ErrBetweenFrames) && isTimeout(err) && time.Since(silentFrom) < wait && alone() {
 					// Nobody else could take the query now: the
 					// worker, whose heartbeats say it lives, may yet
 					// answer (a model loading, a long prompt on a
 					// CPU). Asked again after the next stall period.
 					log.Debugw("worker stalls, and no other could take the query: waiting on", "peer", p, "stall", stall)
-					progress = time.Now()
+					progress, quiet = time.Now(), silentFrom
 					continue
+				}
+				if time.Since(silentFrom) >= wait {
+					// Silent, not merely stalled: a frozen worker.
+					_ = s.Reset()
+					return nil, r.streamErr(ctx, s, accepted, err)
 				}
 				_ = s.Reset()
 				log.Debugw("worker stalls", "peer", p, "stall", stall)
@@ -1732,6 +1770,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			return nil, r.streamErr(ctx, s, accepted, err)
 		}
 		release() // the worker has taken the stream: the next may open
+		quiet = time.Time{}
 		err := protocol.ValidateEvent(&ev)
 		if err == nil {
 			err = protocol.ValidateEventFor(req, &ev)
