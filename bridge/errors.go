@@ -193,19 +193,26 @@ func writeBody(w http.ResponseWriter, b []byte) {
 	_ = rc.Flush()
 }
 
-// invalidRequest is the 400 of a request the protocol's rules refuse
-// before it is routed, naming the parameter it is about, as OpenAI's
-// errors do (param), where the rule is about one.
-func invalidRequest(pe *protocol.Error) *apiError {
-	return badRequest(requestParam(pe.Field), "invalid_value", "%s.", pe.Message)
+// invalidRequest is the 400 of a request of type t that the protocol's
+// rules refuse before it is routed, naming the parameter it is about, as
+// OpenAI's errors do (param), where the rule is about one.
+func invalidRequest(pe *protocol.Error, t pb.QueryType) *apiError {
+	return badRequest(requestParam(pe.Field, t), "invalid_value", "%s.", pe.Message)
 }
 
 // requestParam is the OpenAI request parameter of a protocol request
-// field (protocol.Error.Field), or "" for a field no OpenAI request has.
-func requestParam(field string) string {
+// field (protocol.Error.Field) in a request of type t, or "" for a field
+// no OpenAI request has.
+func requestParam(field string, t pb.QueryType) string {
 	switch field {
 	case "inputs":
 		return "input"
+	case "prompt":
+		if t == pb.QueryType_QUERY_TYPE_TTS {
+			return "input" // /v1/audio/speech
+		}
+	case "format":
+		return "response_format" // /v1/audio/speech and transcriptions
 	case "id", "type", "deadline_unix_ms", "continuation", "priority", "attachments":
 		// The bridge sets these itself, or (attachments) from where
 		// the request's media came; no parameter names them.

@@ -136,3 +136,26 @@ func TestValidationErrorsNameTheirParameter(t *testing.T) {
 		})
 	}
 }
+
+// TestRequestParam: the protocol's field names become OpenAI's request
+// parameters, which differ by endpoint for some.
+func TestRequestParam(t *testing.T) {
+	for _, tc := range []struct {
+		field string
+		t     pb.QueryType
+		want  string
+	}{
+		{"messages", pb.QueryType_QUERY_TYPE_CHAT, "messages"},
+		{"max_tokens", pb.QueryType_QUERY_TYPE_CHAT, "max_tokens"},
+		{"inputs", pb.QueryType_QUERY_TYPE_EMBED, "input"},
+		{"prompt", pb.QueryType_QUERY_TYPE_IMAGINE, "prompt"},
+		{"prompt", pb.QueryType_QUERY_TYPE_TTS, "input"},
+		{"format", pb.QueryType_QUERY_TYPE_TTS, "response_format"},
+		{"priority", pb.QueryType_QUERY_TYPE_CHAT, ""},
+		{"", pb.QueryType_QUERY_TYPE_CHAT, ""},
+	} {
+		if got := requestParam(tc.field, tc.t); got != tc.want {
+			t.Errorf("requestParam(%q, %s) = %q, want %q", tc.field, tc.t, got, tc.want)
+		}
+	}
+}

@@ -141,7 +141,7 @@ func (s *Server) query(ctx context.Context, q *pb.QueryRequest, h router.Handler
 	}
 	if err := protocol.ValidateRequest(q); err != nil {
 		if pe := protocol.AsError(err); pe.Code == protocol.CodeBadRequest {
-			return nil, invalidRequest(pe)
+			return nil, invalidRequest(pe, q.GetType())
 		}
 		return nil, fromProtocol(err, 0)
 	}

@@ -325,7 +325,7 @@ func chatToQuery(req *chatRequest, lim limits) (*pb.QueryRequest, *apiError) {
 	// so that their errors are 400s naming the request, not worker errors.
 	if perr := protocol.ValidateRequest(q); perr != nil {
 		if pe := protocol.AsError(perr); pe.Code == protocol.CodeBadRequest {
-			return nil, invalidRequest(pe)
+			return nil, invalidRequest(pe, q.GetType())
 		}
 	}
 	return q, nil

@@ -198,7 +198,11 @@ func validateInputForType(r *pb.QueryRequest) error {
 	switch r.GetType() {
 	case pb.QueryType_QUERY_TYPE_CHAT, pb.QueryType_QUERY_TYPE_IMAGINE, pb.QueryType_QUERY_TYPE_TTS:
 		if !hasText(r) {
-			return badField("messages", "%s query needs a prompt or messages", TypeName(r.GetType()))
+			field := "prompt"
+			if r.GetType() == pb.QueryType_QUERY_TYPE_CHAT {
+				field = "messages"
+			}
+			return badField(field, "%s query needs a prompt or messages", TypeName(r.GetType()))
 		}
 	case pb.QueryType_QUERY_TYPE_VISION:
 		if !hasAttachment(r, "image/") {
@@ -240,8 +244,11 @@ func validateParams(p *pb.Params) error {
 	if p.GetSize() != "" && !sizeRe.MatchString(p.GetSize()) {
 		return badField("size", "size %q must be WIDTHxHEIGHT, each 1-9999", p.GetSize())
 	}
-	if len(p.GetVoice()) > 64 || len(p.GetFormat()) > 32 {
+	if len(p.GetVoice()) > 64 {
 		return badField("voice", "voice or format too long")
+	}
+	if len(p.GetFormat()) > 32 {
+		return badField("format", "voice or format too long")
 	}
 	return validateSamplingExtras(p)
 }

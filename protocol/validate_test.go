@@ -510,6 +510,8 @@ func TestValidateRequestNamesTheField(t *testing.T) {
 		{"too many inputs", "inputs", func(r *pb.QueryRequest) { r.Inputs = strs(MaxInputs+1, "x") }},
 		{"too many stops", "stop", func(r *pb.QueryRequest) { r.Params = &pb.Params{Stop: strs(MaxStops+1, "x")} }},
 		{"voice too long", "voice", func(r *pb.QueryRequest) { r.Params = &pb.Params{Voice: strings.Repeat("v", 65)} }},
+		{"format too long", "format", func(r *pb.QueryRequest) { r.Params = &pb.Params{Format: strings.Repeat("f", 33)} }},
+		{"picture without a prompt", "prompt", func(r *pb.QueryRequest) { r.Type, r.Messages = pb.QueryType_QUERY_TYPE_IMAGINE, nil }},
 		{"frequency_penalty", "frequency_penalty", func(r *pb.QueryRequest) { r.Params = &pb.Params{FrequencyPenalty: f32(3)} }},
 		{"presence_penalty", "presence_penalty", func(r *pb.QueryRequest) { r.Params = &pb.Params{PresencePenalty: f32(-3)} }},
 		{"top_logprobs", "top_logprobs", func(r *pb.QueryRequest) { r.Params = &pb.Params{TopLogprobs: 2} }},
