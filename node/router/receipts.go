@@ -36,6 +36,7 @@ func WithReceipts(key crypto.PrivKey, consumed func(*pb.Receipt)) Option {
 type receiptCheck struct {
 	output  *receipt.OutputHash
 	start   time.Time
+	end     time.Time // the Done's arrival; zero: settled as it comes
 	bytes   uint64
 	outputs uint64
 }
@@ -71,7 +72,11 @@ func (c *receiptCheck) add(ev *pb.Event) {
 // observed is what the attempt showed of req's answer, now that its
 // Done has come.
 func (c *receiptCheck) observed(req *pb.QueryRequest) *receipt.Observed {
-	return &receipt.Observed{Ms: uint32(min(time.Since(c.start).Milliseconds(), math.MaxUint32)),
+	end := c.end
+	if end.IsZero() {
+		end = time.Now()
+	}
+	return &receipt.Observed{Ms: uint32(min(end.Sub(c.start).Milliseconds(), math.MaxUint32)),
 		OutputBytes: c.bytes, Outputs: c.outputs, RequestBytes: uint64(proto.Size(req))}
 }
 

@@ -248,3 +248,40 @@ func inventedFigures(t *testing.T, signed bool) {
 		t.Fatalf("worker health %.0f after invented figures, want a violation counted", score)
 	}
 }
+
+// TestAnEmptyAnswerIsSettledOnItsOwnAttempt: an empty answer set aside
+// while another worker tries is held to what its own attempt showed, not
+// to the time the later attempts took: a liar answering nothing at once
+// cannot claim figures that grow with the other workers' time.
+func TestAnEmptyAnswerIsSettledOnItsOwnAttempt(t *testing.T) {
+	liar := fakeWorker(t, func(s network.Stream, req *pb.QueryRequest) {
+		defer s.Close()
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{Model: req.GetModel(), FinishReason: protocol.FinishStop,
+			Usage: &pb.Usage{CompletionTokens: 15000}, Timing: &pb.Timing{TtftMs: 1, TotalMs: 1900}}}})
+	})
+	// Beats for 2 s without a word, then dies: the query's last hope.
+	dying := fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
+		for range 8 {
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 250}}})
+			time.Sleep(250 * time.Millisecond)
+		}
+		s.Reset()
+	})
+	h := testHost(t)
+	connect(t, h, liar, dying)
+	// The liar ranks first (its 1 ms first token), as a liar would.
+	table := staticTable{cand(string(liar.ID()), 0, 4, 100, 0, demoModel), cand(string(dying.ID()), 0, 4, 100, time.Second, demoModel)}
+	r := New(h, testProto, table, WithRetryBackoff(time.Millisecond),
+		WithReceipts(h.Peerstore().PrivKey(h.ID()), func(*pb.Receipt) {}))
+	res, err := r.Query(t.Context(), chat("hello"), func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Peer != liar.ID() {
+		t.Fatalf("answered by %s, want the empty answer set aside", res.Peer)
+	}
+	if u, tm := res.Done.GetUsage(), res.Done.GetTiming(); u.GetCompletionTokens() > 1000 || tm.GetTotalMs() > 1000 {
+		t.Fatalf("the empty answer's claims passed: %d tokens in %d ms", u.GetCompletionTokens(), tm.GetTotalMs())
+	}
+}

@@ -710,15 +710,12 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 			!protocol.UsesTools(req) && req.GetResponseFormat().GetType() != "json_object" && req.GetResponseFormat().GetType() != "json_schema"}
 	defer func() {
 		// Nobody else did better than an empty answer: it is the answer,
-		// unless a later worker's output reached a client that cannot
-		// take it back, or the client left.
-		if qerr == nil || q.empty == nil || q.gone != nil || errors.Is(ctx.Err(), context.Canceled) {
+		// unless a later worker's output reached the client (or was
+		// taken back from it) since, or the client left.
+		if qerr == nil || q.empty == nil || q.outputs != q.emptyAt || q.gone != nil || errors.Is(ctx.Err(), context.Canceled) {
 			return
 		}
-		if q.started() && (!q.restartable || q.h(nil) != nil) {
-			return
-		}
-		q.settleEmpty()
+		q.finishEmpty()
 		q.empty.Attempts = q.attempts
 		q.empty.TotalMs = uint32(time.Since(start).Milliseconds())
 		res, qerr = q.empty, nil
@@ -1055,10 +1052,18 @@ type query struct {
 	// no worker in the table.
 	dht []scored
 	// empty: an answer with no output, set aside while another worker
-	// is asked (see emptyAnswer); the answer if none does better, and
-	// then settled (its receipt, its energy) with settleEmpty.
+	// is asked (see emptyAnswer); the answer if none does better and no
+	// output reached the client since (outputs still emptyAt), and then
+	// settled (its receipt, its energy) with finishEmpty. blameEmpty,
+	// under r.mu, counts it against its worker's model once another
+	// worker answers with output.
 	empty       *Result
-	settleEmpty func()
+	finishEmpty func()
+	blameEmpty  func()
+	emptyAt     uint64
+	// outputs counts the output events passed to the handler, and its
+	// resets: what the client holds changed when it moved.
+	outputs uint64
 
 	// What reached the handler so far.
 	out      bool            // any output event
@@ -1084,7 +1089,14 @@ func (r *Router) othersNow(q *query, c scored) bool {
 		ranked = r.rankNeed(q.req.GetModel(), q.req.GetType(), q.need).ranked
 	}
 	ranked = q.untried(slices.Clone(ranked))
-	ranked = slices.DeleteFunc(ranked, func(o scored) bool { return o.Peer == c.Peer })
+	r.mu.Lock()
+	ranked = slices.DeleteFunc(ranked, func(o scored) bool {
+		// Full, or failing (its breaker open or its one trial taken):
+		// it could not take the query now either.
+		st := r.peers[o.Peer]
+		return o.Peer == c.Peer || o.full || (st != nil && !st.tracker.Available())
+	})
+	r.mu.Unlock()
 	return len(q.usable(ranked)) > 0
 }
 
@@ -1163,6 +1175,7 @@ func (q *query) resume(c scored) error {
 		return nil
 	}
 	// usable let c through: the caller can discard the output.
+	q.outputs++
 	if err := q.h(nil); err != nil {
 		return protocol.Errorf(protocol.CodeCancelled, "client gone: %v", err)
 	}
@@ -1197,12 +1210,14 @@ func (q *query) emit(ev *pb.Event) error {
 		}
 	case *pb.Event_Chunk:
 		q.out = true
+		q.outputs++
 		q.chunks++
 		if q.continuable && q.text.Len() <= protocol.MaxContinuation {
 			q.text.WriteString(k.Chunk.GetText())
 		}
 	default:
 		q.out = true
+		q.outputs++
 		q.continuable = false
 	}
 	return q.h(ev)
@@ -1387,23 +1402,33 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		done, err = r.remote(ctx, c, req, stall, alone, q.avoid, wrap)
 	}
 	end := time.Now()
-	// An answer with nothing in it, while another worker could answer,
-	// fails this worker for the model: a liar answering nothing at once
-	// would otherwise look like the swarm's fastest worker.
+	if check != nil {
+		check.end = end // what the attempt showed, however late it settles
+	}
+	// An answer with nothing in it, while another worker could answer, is
+	// set aside and the query moves on: a liar answering nothing at once
+	// would otherwise look like the swarm's fastest worker. Whether it
+	// counts against the worker (for the model) waits for what the next
+	// one answers: text blames it; nothing, too, says the prompt's
+	// answer is empty, and the second empty answer is the answer.
 	var empty error
-	if err == nil && first.IsZero() && !q.alone && q.empty == nil && q.resumeAt == "" && emptyAnswer(req, done) {
+	if err == nil && first.IsZero() && !q.alone && q.empty == nil && emptyAnswer(req, done) {
 		empty = workerError{&protocol.Error{Code: protocol.CodeBackendError, Retryable: true,
 			Message: fmt.Sprintf("worker %s answered nothing", ShortID(p))}}
 	}
 	r.mu.Lock()
 	leaveLocked()
 	measured := 0.0
-	if !expired(ctx) {
+	if !expired(ctx) && empty == nil {
 		// A query whose own deadline ran out tells nothing of the peer.
-		r.recordLocked(st, q.req.GetModel(), cmp.Or(empty, err), first, start, end)
+		r.recordLocked(st, q.req.GetModel(), err, first, start, end)
 		if err == nil && !first.IsZero() && !local {
 			measured = st.ttft
 		}
+	}
+	if err == nil && empty == nil && !first.IsZero() && q.blameEmpty != nil {
+		q.blameEmpty()
+		q.blameEmpty = nil
 	}
 	r.mu.Unlock()
 	if err != nil {
@@ -1412,46 +1437,42 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	if measured > 0 && r.measurer != nil {
 		r.measurer.Measured(p, measured)
 	}
-	settle := func() {
-		_ = r.settle(check, p, local, req, done)
-		r.noteEnergy(p, req.GetModel(), done)
-	}
-	if empty == nil {
-		settle()
-	}
 	if first.IsZero() {
 		first = end
 	}
-	if q.continued > 0 && done.GetUsage() != nil {
-		// The answer's earlier part came from other workers.
-		done.Usage.CompletionTokens = uint32(min(uint64(done.Usage.CompletionTokens)+uint64(chunksBefore), math.MaxUint32))
-	}
 	res := &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds()), name: name}
+	finish := func() {
+		_ = r.settle(check, p, local, req, done) // before done's usage changes
+		r.noteEnergy(p, req.GetModel(), done)
+		if q.continued > 0 && done.GetUsage() != nil {
+			// The answer's earlier part came from other workers.
+			done.Usage.CompletionTokens = uint32(min(uint64(done.Usage.CompletionTokens)+uint64(chunksBefore), math.MaxUint32))
+		}
+	}
 	if empty != nil {
 		// Not countersigned, recorded or counted yet: only if it
-		// becomes the answer.
+		// becomes the answer, or (blame) when another worker answers.
 		res.Writers = slices.Clone(q.writers)
-		q.empty, q.settleEmpty = res, settle
+		q.empty, q.finishEmpty, q.emptyAt = res, finish, q.outputs
+		model := q.req.GetModel()
+		q.blameEmpty = func() { r.modelTrackerLocked(st, model).Record(health.Failure) }
 		return nil, empty
 	}
+	finish()
 	return res, nil
 }
 
 // emptyAnswer says whether done ends an answer to req that should have
 // had text and had none: a chat or vision query that stopped (not at
 // its length limit, where a reasoning model's hidden thinking may have
-// taken every token) with no output at all, and had no stop sequence
-// (which may match at once). The caller asks only once per query: a
-// second worker's empty answer too says it is the prompt's, not a
-// worker's, and it is the answer; nor of a continuation, whose first
-// worker may have sent all of it.
+// taken every token) with no output at all. Honest ones exist (a stop
+// sequence that matches at once, a continuation whose first worker had
+// sent it all): the caller asks once per query, and a second worker's
+// empty answer is the answer.
 func emptyAnswer(req *pb.QueryRequest, done *pb.Done) bool {
 	switch req.GetType() {
 	case pb.QueryType_QUERY_TYPE_CHAT, pb.QueryType_QUERY_TYPE_VISION:
 	default:
-		return false
-	}
-	if len(req.GetParams().GetStop()) > 0 {
 		return false
 	}
 	f := done.GetFinishReason()
