@@ -212,7 +212,10 @@ func requestParam(field string, t pb.QueryType) string {
 			return "input" // /v1/audio/speech
 		}
 	case "format":
-		return "response_format" // /v1/audio/speech and transcriptions
+		if t == pb.QueryType_QUERY_TYPE_IMAGINE {
+			return "output_format" // /v1/images/generations
+		}
+		return "response_format" // /v1/audio/speech
 	case "id", "type", "deadline_unix_ms", "continuation", "priority", "attachments":
 		// The bridge sets these itself, or (attachments) from where
 		// the request's media came; no parameter names them.

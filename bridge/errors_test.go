@@ -116,6 +116,7 @@ func TestValidationErrorsNameTheirParameter(t *testing.T) {
 	_, base := startBridge(t, sw)
 	for _, tc := range []struct{ name, path, body, param string }{
 		{"image size", "/v1/images/generations", `{"model":"demo","prompt":"a cat","size":"big"}`, "size"},
+		{"image output_format", "/v1/images/generations", `{"model":"demo","prompt":"a cat","output_format":"` + strings.Repeat("f", 40) + `"}`, "output_format"},
 		{"tool_choice naming no tool", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a"}}],"tool_choice":{"type":"function","function":{"name":"b"}}}`, "tool_choice"},
 		{"no content", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":null}]}`, "messages"},
 		{"frequency_penalty out of range", "/v1/chat/completions", `{"model":"demo","messages":[{"role":"user","content":"x"}],"frequency_penalty":5}`, "frequency_penalty"},
@@ -151,6 +152,7 @@ func TestRequestParam(t *testing.T) {
 		{"prompt", pb.QueryType_QUERY_TYPE_IMAGINE, "prompt"},
 		{"prompt", pb.QueryType_QUERY_TYPE_TTS, "input"},
 		{"format", pb.QueryType_QUERY_TYPE_TTS, "response_format"},
+		{"format", pb.QueryType_QUERY_TYPE_IMAGINE, "output_format"},
 		{"priority", pb.QueryType_QUERY_TYPE_CHAT, ""},
 		{"", pb.QueryType_QUERY_TYPE_CHAT, ""},
 	} {

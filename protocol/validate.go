@@ -245,10 +245,10 @@ func validateParams(p *pb.Params) error {
 		return badField("size", "size %q must be WIDTHxHEIGHT, each 1-9999", p.GetSize())
 	}
 	if len(p.GetVoice()) > 64 {
-		return badField("voice", "voice or format too long")
+		return badField("voice", "voice of %d bytes, limit 64", len(p.GetVoice()))
 	}
 	if len(p.GetFormat()) > 32 {
-		return badField("format", "voice or format too long")
+		return badField("format", "format of %d bytes, limit 32", len(p.GetFormat()))
 	}
 	return validateSamplingExtras(p)
 }
