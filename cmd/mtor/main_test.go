@@ -284,7 +284,7 @@ func TestPickModel(t *testing.T) {
 func TestPrintPeers(t *testing.T) {
 	var b bytes.Buffer
 	err := printPeers(&b, []api.Peer{
-		{PeerView: router.PeerView{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}, JoulesPerToken: 0.42}},
+		{PeerView: router.PeerView{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}, JoulesPerToken: 0.42, Breaker: "open"}},
 			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500, Reputation: 25, Distrusted: true,
 			Reachability: "relayed", RelayedVia: []string{"12D3KooWRelay001", "12D3KooWRelay002"}, Path: "direct", HolePunched: true,
 			GPUs: []router.GPUView{{Name: "NVIDIA H100", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 250000}}}},
@@ -306,7 +306,7 @@ func TestPrintPeers(t *testing.T) {
 			t.Errorf("header %q lacks %s", lines[0], want)
 		}
 	}
-	for _, want := range []string{"12D3KooWA", "demo,x (0.42 J/token)", "chat,embed", "1/4 +2 queued", "97 (open)", "25 (distrusted)", "NVIDIA H100 60.0/80.0GiB free 35% 250W", "1.5s"} {
+	for _, want := range []string{"12D3KooWA", "demo,x (0.42 J/token) (open)", "chat,embed", "1/4 +2 queued", "97 (open)", "25 (distrusted)", "NVIDIA H100 60.0/80.0GiB free 35% 250W", "1.5s"} {
 		if !strings.Contains(lines[1], want) {
 			t.Errorf("row %q lacks %q", lines[1], want)
 		}

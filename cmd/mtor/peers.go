@@ -96,6 +96,10 @@ func printPeerTable(w io.Writer, peers []api.Peer) error {
 				// Measured energy, what --prefer-energy routes by.
 				name += fmt.Sprintf(" (%.3g J/token)", m.JoulesPerToken)
 			}
+			if m.Breaker != "" {
+				// Banned from this model here (it kept failing it).
+				name += " (" + m.Breaker + ")"
+			}
 			models = append(models, name)
 			for _, t := range m.Types {
 				if !typeSet[t] {

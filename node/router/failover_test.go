@@ -707,6 +707,12 @@ func TestEmptyAnswers(t *testing.T) {
 		if n := handed.Load(); n > 3 {
 			t.Fatalf("the worker answering nothing was handed %d of 10 queries, want at most 3", n)
 		}
+		// The ban shows in the peer view, per model.
+		for _, v := range r.Peers() {
+			if v.Peer != honest.ID().String() && (len(v.Models) != 1 || v.Models[0].Breaker != "open") {
+				t.Fatalf("the liar's models in the peer view: %+v; want demo's breaker open", v.Models)
+			}
+		}
 	})
 	t.Run("every worker answers nothing: the second's is the answer, and nobody is blamed", func(t *testing.T) {
 		var first, second atomic.Int64

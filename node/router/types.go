@@ -72,6 +72,10 @@ type ModelStat struct {
 	TokensPerSec   float32  `json:"tokens_per_sec,omitempty"`
 	P50TTFTMs      uint32   `json:"p50_ttft_ms,omitempty"`
 	JoulesPerToken float32  `json:"joules_per_token,omitempty"`
+	// Breaker is this node's breaker for the peer and this model, when
+	// not closed: "open" while the peer is banned from the model (it
+	// kept failing it), "half-open" while a trial query is allowed.
+	Breaker string `json:"breaker,omitempty"`
 }
 
 // GPUView is a GPU as a peer announces it.

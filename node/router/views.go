@@ -9,6 +9,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 
+	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -66,11 +67,17 @@ func (r *Router) Peers() []PeerView {
 		v.Path, v.Relay, v.HolePunched, v.Connections = r.path(c.Peer)
 		v.Reachability, v.RelayedVia = Reachability(a.GetAddrs())
 		for _, m := range a.GetModels() {
-			v.Models = append(v.Models, ModelStat{
+			ms := ModelStat{
 				Name: m.GetName(), Types: typeNames(m.GetTypes()), Backend: m.GetBackend(),
 				ContextLength: m.GetContextLength(), TokensPerSec: m.GetTokensPerSec(),
 				P50TTFTMs: m.GetP50TtftMs(), JoulesPerToken: m.GetJoulesPerToken(),
-			})
+			}
+			if mt := st.models[m.GetName()]; mt != nil {
+				if b := mt.State(); b != health.Closed {
+					ms.Breaker = b.String()
+				}
+			}
+			v.Models = append(v.Models, ms)
 		}
 		for _, g := range a.GetGpus() {
 			v.GPUs = append(v.GPUs, GPUView{
