@@ -799,3 +799,50 @@ func TestEmptyAnswers(t *testing.T) {
 		})
 	}
 }
+
+// TestStallEdges: a stall moves on only to a worker that could take the
+// query now, not to one its announcement says is full; and an empty
+// answer set aside is the answer when the query's deadline passes
+// during a later attempt, rather than a TIMEOUT with an answer in hand.
+func TestStallEdges(t *testing.T) {
+	const stall = 300 * time.Millisecond
+	t.Run("the other worker is full", func(t *testing.T) {
+		slow := slowStartWorker(t, "slow", 5*stall)
+		other := demoWorker(t, "other", 0)
+		h := testHost(t)
+		connect(t, h, slow, other)
+		table := staticTable{cand(string(slow.ID()), 0, 4, 100, 0, demoModel), cand(string(other.ID()), 4, 4, 100, 0, demoModel)}
+		r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
+		var b strings.Builder
+		res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
+			func(ev *pb.Event) error {
+				b.WriteString(ev.GetChunk().GetText())
+				return nil
+			})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Attempts != 1 || !strings.Contains(b.String(), "[demo answer from slow]") {
+			t.Fatalf("%q in %d attempts; want the slow worker's answer, waited for", b.String(), res.Attempts)
+		}
+	})
+	t.Run("the deadline passes after an empty answer", func(t *testing.T) {
+		var handed atomic.Int64
+		empty := emptyAnswers(t, protocol.FinishStop, &handed)
+		beating := fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
+			for protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 100}}}) == nil {
+				time.Sleep(100 * time.Millisecond)
+			}
+		})
+		h := testHost(t)
+		connect(t, h, empty, beating)
+		table := staticTable{cand(string(empty.ID()), 0, 4, 100, 0, demoModel), cand(string(beating.ID()), 0, 4, 100, time.Second, demoModel)}
+		r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(time.Minute))
+		req := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello",
+			DeadlineUnixMs: time.Now().Add(time.Second).UnixMilli()}
+		res, err := r.Query(t.Context(), req, func(*pb.Event) error { return nil })
+		if err != nil || res.Peer != empty.ID() {
+			t.Fatalf("%+v, %v; want the empty answer in hand", res, err)
+		}
+	})
+}
