@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/mtor-swarm/mtor/protocol"
 )
 
 // limitBody bounds r's body at max bytes and its reading at timeout, so
@@ -46,8 +48,7 @@ func bodyError(err error, max int64) *apiError {
 	if errors.As(err, &mbe) {
 		return tooLarge("", "Request body is larger than the limit of %d bytes.", max)
 	}
-	var ne interface{ Timeout() bool }
-	if errors.As(err, &ne) && ne.Timeout() {
+	if protocol.IsTimeout(err) {
 		return &apiError{Status: http.StatusRequestTimeout, Type: typeInvalidRequest, Code: "request_timeout", Message: "Reading the request body took too long."}
 	}
 	var oe *net.OpError

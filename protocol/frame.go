@@ -102,6 +102,14 @@ func (fr *FrameReader) Ready() bool {
 	return k > 0 && l <= uint64(n-k)
 }
 
+// IsTimeout reports whether err is a deadline's, on every transport
+// (yamux's deadline error does not wrap os.ErrDeadlineExceeded, QUIC's
+// does; both have Timeout).
+func IsTimeout(err error) bool {
+	var te interface{ Timeout() bool }
+	return errors.As(err, &te) && te.Timeout()
+}
+
 // ErrBetweenFrames wraps a Read's error (a read deadline's, say) that
 // came before any byte of the next frame: the reader is still in step
 // with the stream, and a caller may Read again.

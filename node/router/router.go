@@ -11,8 +11,6 @@ import (
 	"fmt"
 	"math"
 	mrand "math/rand/v2"
-	"net"
-	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -1100,12 +1098,6 @@ func (r *Router) othersNow(q *query, c scored) bool {
 	return len(q.usable(ranked)) > 0
 }
 
-// isTimeout reports whether err is a read deadline's.
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
-}
-
 // hasAlternative reports whether ranked holds a worker other than c that
 // the query has not tried.
 func (q *query) hasAlternative(ranked []scored, c scored) bool {
@@ -1766,7 +1758,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		if err := fr.Read(&ev); err != nil {
 			if stall > 0 && accepted && !expired(ctx) && !moved && !time.Now().Before(progress.Add(stall)) {
 				silentFrom := cmp.Or(quiet, blocked)
-				if errors.Is(err, protocol.ErrBetweenFrames) && isTimeout(err) && time.Since(silentFrom) < wait && alone() {
+				if errors.Is(err, protocol.ErrBetweenFrames) && protocol.IsTimeout(err) && time.Since(silentFrom) < wait && alone() {
 					// Nobody else could take the query now: the
 					// worker, whose heartbeats say it lives, may yet
 					// answer (a model loading, a long prompt on a
@@ -1958,8 +1950,7 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 	}
 	p := s.Conn().RemotePeer()
 	log.Debugw("query stream failed", "peer", p, "accepted", accepted, "err", err)
-	var te interface{ Timeout() bool }
-	silent := errors.As(err, &te) && te.Timeout()
+	silent := protocol.IsTimeout(err)
 	if relayaddr.IsRelayed(s.Conn()) && r.hasOtherPath(s.Conn()) {
 		// The relay (or its connection to either side) may have gone
 		// away, not the worker: try it again over another path — a

@@ -146,17 +146,10 @@ func readError(err error) *protocol.Error {
 		return protocol.Errorf(protocol.CodeTooLarge, "request %v", err)
 	case errors.Is(err, protocol.ErrMalformedFrame):
 		return protocol.Errorf(protocol.CodeBadRequest, "request is not a valid QueryRequest frame: %v", err)
-	case isTimeout(err):
+	case protocol.IsTimeout(err):
 		return protocol.Errorf(protocol.CodeTimeout, "no request within %s", RequestReadTimeout)
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 		return protocol.Errorf(protocol.CodeBadRequest, "stream ended before a complete request")
 	}
 	return protocol.Errorf(protocol.CodeBadRequest, "reading request: %v", err)
-}
-
-// isTimeout matches deadline errors of every transport (yamux's does not
-// wrap os.ErrDeadlineExceeded, QUIC's does).
-func isTimeout(err error) bool {
-	var te interface{ Timeout() bool }
-	return errors.As(err, &te) && te.Timeout()
 }
