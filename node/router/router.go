@@ -789,9 +789,6 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 			}
 		}
 		q.attempts++
-		// Alone: nobody else to move to if it stalls, or this is the
-		// last attempt the query may make.
-		q.alone = !q.hasAlternative(ranked, c) || q.failures+1 >= r.maxAttempts
 		res, err := r.attempt(ctx, c, q)
 		if err == nil {
 			res.Attempts = q.attempts
@@ -1037,15 +1034,11 @@ type query struct {
 	waits       int // for a candidate after all had failed
 	writers     []peer.ID
 	kinds       [numFailKinds]int
-	gone        error   // the handler's refusal: the caller left
-	stale       int     // free retries after a dead connection
-	pathRetries int     // free retries on another path after a relay broke
-	avoid       peer.ID // a relay that broke this query's path: dial around it
-	// alone: no other worker was known to take the query when the
-	// current attempt began (see emptyAnswer; a stall asks again,
-	// othersNow).
-	alone bool
-	need  []string // features the query needs of a worker
+	gone        error    // the handler's refusal: the caller left
+	stale       int      // free retries after a dead connection
+	pathRetries int      // free retries on another path after a relay broke
+	avoid       peer.ID  // a relay that broke this query's path: dial around it
+	need        []string // features the query needs of a worker
 	// dht: the providers the query found in the DHT, when its model had
 	// no worker in the table.
 	dht []scored
@@ -1096,17 +1089,6 @@ func (r *Router) othersNow(q *query, c scored) bool {
 	})
 	r.mu.Unlock()
 	return len(q.usable(ranked)) > 0
-}
-
-// hasAlternative reports whether ranked holds a worker other than c that
-// the query has not tried.
-func (q *query) hasAlternative(ranked []scored, c scored) bool {
-	for _, o := range ranked {
-		if o.Peer != c.Peer && !q.tried[tryKey{o.Peer, o.Announce.GetIncarnation()}] {
-			return true
-		}
-	}
-	return false
 }
 
 // triedPeers lists the peers q tried.
@@ -1404,7 +1386,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	// one answers: text blames it; nothing, too, says the prompt's
 	// answer is empty, and the second empty answer is the answer.
 	var empty error
-	if err == nil && first.IsZero() && !q.alone && q.empty == nil && emptyAnswer(req, done) {
+	if err == nil && first.IsZero() && q.empty == nil && emptyAnswer(req, done) && r.othersNow(q, c) {
 		empty = workerError{&protocol.Error{Code: protocol.CodeBackendError, Retryable: true,
 			Message: fmt.Sprintf("worker %s answered nothing", ShortID(p))}}
 	}
