@@ -198,6 +198,25 @@ func slowStartWorker(t *testing.T, label string, wait time.Duration) host.Host {
 	return backendWorkerOn(t, "/ip4/127.0.0.1/tcp/0", backendtest.SlowStart{Backend: demo.New(label), Wait: wait}, worker.WithHeartbeat(100*time.Millisecond))
 }
 
+// hello is a chat query "hello" to the demo model.
+func hello() *pb.QueryRequest {
+	return &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}
+}
+
+// askText runs req through r and returns the result and the text the
+// client holds at the end (a restart takes back what came before it).
+func askText(ctx context.Context, r *Router, req *pb.QueryRequest) (*Result, string, error) {
+	var b strings.Builder
+	res, err := r.Query(ctx, req, func(ev *pb.Event) error {
+		if ev == nil {
+			b.Reset()
+		}
+		b.WriteString(ev.GetChunk().GetText())
+		return nil
+	})
+	return res, b.String(), err
+}
+
 // TestStallBoundOnlyWithAnAlternative: a worker that heartbeats without
 // output past the stall bound loses the query to another worker when
 // there is one; when it is the only worker, the query waits for it and
@@ -224,19 +243,12 @@ func TestStallBoundOnlyWithAnAlternative(t *testing.T) {
 				table = append(table, cand(string(quick.ID()), 0, 4, 100, 500*time.Millisecond, demoModel))
 			}
 			r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
-			var text strings.Builder
-			res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
-				func(ev *pb.Event) error {
-					if k, ok := ev.GetKind().(*pb.Event_Chunk); ok {
-						text.WriteString(k.Chunk.GetText())
-					}
-					return nil
-				})
+			res, text, err := askText(t.Context(), r, hello())
 			if err != nil {
 				t.Fatalf("query failed: %v", err)
 			}
-			if !strings.Contains(text.String(), "[demo answer from "+tc.wantWriter+"]") {
-				t.Fatalf("answer %q (from %s in %d attempts), want %s's", text.String(), res.Peer, res.Attempts, tc.wantWriter)
+			if !strings.Contains(text, "[demo answer from "+tc.wantWriter+"]") {
+				t.Fatalf("answer %q (from %s in %d attempts), want %s's", text, res.Peer, res.Attempts, tc.wantWriter)
 			}
 		})
 	}
@@ -282,20 +294,12 @@ func TestAloneIsAskedWhenTheStallFires(t *testing.T) {
 					}
 				})
 				r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
-				var text strings.Builder
-				res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
-					func(ev *pb.Event) error {
-						if ev == nil {
-							text.Reset()
-						}
-						text.WriteString(ev.GetChunk().GetText())
-						return nil
-					})
+				res, text, err := askText(t.Context(), r, hello())
 				if err != nil {
 					t.Fatalf("query failed: %v", err)
 				}
-				if !strings.Contains(text.String(), "[demo answer from "+tc.wantWriter+"]") || res.Attempts != tc.wantAttempts {
-					t.Fatalf("answer %q from %s in %d attempts, want %s's in %d", text.String(), res.Peer, res.Attempts, tc.wantWriter, tc.wantAttempts)
+				if !strings.Contains(text, "[demo answer from "+tc.wantWriter+"]") || res.Attempts != tc.wantAttempts {
+					t.Fatalf("answer %q from %s in %d attempts, want %s's in %d", text, res.Peer, res.Attempts, tc.wantWriter, tc.wantAttempts)
 				}
 			})
 		}
@@ -343,17 +347,12 @@ func TestAStallDoesNotMoveToABannedWorker(t *testing.T) {
 		mt.Record(health.Failure)
 	}
 	r.mu.Unlock()
-	var b strings.Builder
-	res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
-		func(ev *pb.Event) error {
-			b.WriteString(ev.GetChunk().GetText())
-			return nil
-		})
+	res, text, err := askText(t.Context(), r, hello())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Peer != slow.ID() || res.Attempts != 1 || handed.Load() != 0 || !strings.Contains(b.String(), "[demo answer from slow]") {
-		t.Fatalf("%q from %s in %d attempts, the banned worker handed %d; want the slow worker's answer at once", b.String(), res.Peer, res.Attempts, handed.Load())
+	if res.Peer != slow.ID() || res.Attempts != 1 || handed.Load() != 0 || !strings.Contains(text, "[demo answer from slow]") {
+		t.Fatalf("%q from %s in %d attempts, the banned worker handed %d; want the slow worker's answer at once", text, res.Peer, res.Attempts, handed.Load())
 	}
 }
 
@@ -678,29 +677,16 @@ func emptyAnswers(t *testing.T, finish string, handed *atomic.Int64) host.Host {
 // stopped at its length limit (a reasoning model's hidden thinking),
 // an empty answer is the answer.
 func TestEmptyAnswers(t *testing.T) {
-	chatReq := func() *pb.QueryRequest {
-		return &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}
-	}
-	text := func(b *strings.Builder) Handler {
-		return func(ev *pb.Event) error {
-			if ev == nil {
-				b.Reset()
-			}
-			b.WriteString(ev.GetChunk().GetText())
-			return nil
-		}
-	}
 	t.Run("another worker answers", func(t *testing.T) {
 		var handed atomic.Int64
 		r, honest := liarFirst(t, emptyAnswers(t, protocol.FinishStop, &handed))
 		for i := range 10 {
-			var b strings.Builder
-			res, err := r.Query(t.Context(), chatReq(), text(&b))
+			res, text, err := askText(t.Context(), r, hello())
 			if err != nil {
 				t.Fatalf("query %d: %v", i, err)
 			}
-			if res.Peer != honest.ID() || b.Len() == 0 {
-				t.Fatalf("query %d answered %q by %s, want the honest worker's text", i, b.String(), res.Peer)
+			if res.Peer != honest.ID() || text == "" {
+				t.Fatalf("query %d answered %q by %s, want the honest worker's text", i, text, res.Peer)
 			}
 		}
 		// Each empty answer fails the liar for the model: 3 ban it.
@@ -723,7 +709,7 @@ func TestEmptyAnswers(t *testing.T) {
 		// A prompt whose honest answer is empty, asked again and again,
 		// must not ban the workers that answer it (3 failures would).
 		for i := range 4 {
-			res, err := r.Query(t.Context(), chatReq(), func(*pb.Event) error { return nil })
+			res, err := r.Query(t.Context(), hello(), func(*pb.Event) error { return nil })
 			if err != nil || res.Attempts != 2 {
 				t.Fatalf("query %d: %+v, %v; want the second worker's empty answer at the second attempt", i, res, err)
 			}
@@ -742,12 +728,11 @@ func TestEmptyAnswers(t *testing.T) {
 	t.Run("a stop sequence does not shelter a liar", func(t *testing.T) {
 		var handed atomic.Int64
 		r, honest := liarFirst(t, emptyAnswers(t, protocol.FinishStop, &handed))
-		req := chatReq()
+		req := hello()
 		req.Params = &pb.Params{Stop: []string{"zzz"}}
-		var b strings.Builder
-		res, err := r.Query(t.Context(), req, text(&b))
-		if err != nil || res.Peer != honest.ID() || b.Len() == 0 {
-			t.Fatalf("%+v, %v, text %q; want the honest worker's answer", res, err, b.String())
+		res, text, err := askText(t.Context(), r, req)
+		if err != nil || res.Peer != honest.ID() || text == "" {
+			t.Fatalf("%+v, %v, text %q; want the honest worker's answer", res, err, text)
 		}
 	})
 	t.Run("a later worker's output cut off is not passed off as whole", func(t *testing.T) {
@@ -768,9 +753,8 @@ func TestEmptyAnswers(t *testing.T) {
 			if restart {
 				ctx = WithRestart(ctx)
 			}
-			var b strings.Builder
-			if res, err := r.Query(ctx, chatReq(), text(&b)); err == nil {
-				t.Fatalf("restartable %v: %q passed off as a whole answer (%+v)", restart, b.String(), res.Done)
+			if res, text, err := askText(ctx, r, hello()); err == nil {
+				t.Fatalf("restartable %v: %q passed off as a whole answer (%+v)", restart, text, res.Done)
 			}
 		}
 	})
@@ -789,7 +773,7 @@ func TestEmptyAnswers(t *testing.T) {
 				connect(t, h, w)
 				r = New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, WithRetryBackoff(time.Millisecond))
 			}
-			res, err := r.Query(t.Context(), chatReq(), func(*pb.Event) error { return nil })
+			res, err := r.Query(t.Context(), hello(), func(*pb.Event) error { return nil })
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -813,17 +797,12 @@ func TestStallEdges(t *testing.T) {
 		connect(t, h, slow, other)
 		table := staticTable{cand(string(slow.ID()), 0, 4, 100, 0, demoModel), cand(string(other.ID()), 4, 4, 100, 0, demoModel)}
 		r := New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
-		var b strings.Builder
-		res, err := r.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"},
-			func(ev *pb.Event) error {
-				b.WriteString(ev.GetChunk().GetText())
-				return nil
-			})
+		res, text, err := askText(t.Context(), r, hello())
 		if err != nil {
 			t.Fatal(err)
 		}
-		if res.Attempts != 1 || !strings.Contains(b.String(), "[demo answer from slow]") {
-			t.Fatalf("%q in %d attempts; want the slow worker's answer, waited for", b.String(), res.Attempts)
+		if res.Attempts != 1 || !strings.Contains(text, "[demo answer from slow]") {
+			t.Fatalf("%q in %d attempts; want the slow worker's answer, waited for", text, res.Attempts)
 		}
 	})
 	t.Run("the deadline passes after an empty answer", func(t *testing.T) {
