@@ -212,63 +212,108 @@ func (s *chaosSwarm) ask(ctx context.Context, hc *http.Client, via string, i int
 // returns the answer's text and, for an answer not streamed, the peer that
 // gave it (X-Mtor-Peer).
 func askOpenAI(ctx context.Context, hc *http.Client, base, prompt string, stream bool) (text, peer string, err error) {
-	body, _ := json.Marshal(map[string]any{"model": "demo", "stream": stream,
-		"messages": []map[string]string{{"role": "user", "content": prompt}}})
+	a, err := chatCompletion(ctx, hc, base, prompt, stream)
+	return a.content, a.peer, err
+}
+
+// chatAnswer is what a client made of one chat completion.
+type chatAnswer struct {
+	content                        string
+	peer                           string // X-Mtor-Peer, of an answer not streamed
+	toolCalls                      int
+	finish                         string
+	promptTokens, completionTokens uint64
+}
+
+// chatCompletion asks the bridge at base a chat completion of prompt for
+// model demo, streamed (with usage) or whole.
+func chatCompletion(ctx context.Context, hc *http.Client, base, prompt string, stream bool) (chatAnswer, error) {
+	q := map[string]any{"model": "demo", "stream": stream,
+		"messages": []map[string]string{{"role": "user", "content": prompt}}}
+	if stream {
+		q["stream_options"] = map[string]bool{"include_usage": true}
+	}
+	body, _ := json.Marshal(q)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/chat/completions", bytes.NewReader(body))
 	if err != nil {
-		return "", "", err
+		return chatAnswer{}, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := hc.Do(req)
 	if err != nil {
-		return "", "", err
+		return chatAnswer{}, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return "", "", fmt.Errorf("HTTP %d: %s", resp.StatusCode, bytes.TrimSpace(b))
+		return chatAnswer{}, fmt.Errorf("HTTP %d: %s", resp.StatusCode, bytes.TrimSpace(b))
 	}
+	type usage struct {
+		PromptTokens     uint64 `json:"prompt_tokens"`
+		CompletionTokens uint64 `json:"completion_tokens"`
+	}
+	type message struct {
+		Content   string            `json:"content"`
+		ToolCalls []json.RawMessage `json:"tool_calls"`
+	}
+	a := chatAnswer{peer: resp.Header.Get("X-Mtor-Peer")}
 	if !stream {
 		var out struct {
 			Choices []struct {
-				Message struct{ Content string }
-			}
+				Message      message `json:"message"`
+				FinishReason string  `json:"finish_reason"`
+			} `json:"choices"`
+			Usage usage `json:"usage"`
 		}
 		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-			return "", "", err
+			return chatAnswer{}, err
 		}
 		if len(out.Choices) != 1 {
-			return "", "", fmt.Errorf("%d choices", len(out.Choices))
+			return chatAnswer{}, fmt.Errorf("%d choices", len(out.Choices))
 		}
-		return out.Choices[0].Message.Content, resp.Header.Get("X-Mtor-Peer"), nil
+		c := out.Choices[0]
+		a.content, a.toolCalls, a.finish = c.Message.Content, len(c.Message.ToolCalls), c.FinishReason
+		a.promptTokens, a.completionTokens = out.Usage.PromptTokens, out.Usage.CompletionTokens
+		return a, nil
 	}
 	var b strings.Builder
 	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
 		data, ok := strings.CutPrefix(sc.Text(), "data: ")
 		if !ok {
 			continue
 		}
 		if data == "[DONE]" {
-			return b.String(), "", nil
+			a.content = b.String()
+			return a, nil
 		}
 		var ev struct {
 			Choices []struct {
-				Delta struct{ Content string }
-			}
-			Error *struct{ Message, Code string }
+				Delta        message `json:"delta"`
+				FinishReason *string `json:"finish_reason"`
+			} `json:"choices"`
+			Usage *usage                          `json:"usage"`
+			Error *struct{ Message, Code string } `json:"error"`
 		}
 		if err := json.Unmarshal([]byte(data), &ev); err != nil {
-			return "", "", fmt.Errorf("bad SSE event %q: %w", data, err)
+			return chatAnswer{}, fmt.Errorf("bad SSE event %q: %w", data, err)
 		}
 		if ev.Error != nil {
-			return "", "", fmt.Errorf("SSE error %s: %s", ev.Error.Code, ev.Error.Message)
+			return chatAnswer{}, fmt.Errorf("SSE error %s: %s", ev.Error.Code, ev.Error.Message)
 		}
 		for _, c := range ev.Choices {
 			b.WriteString(c.Delta.Content)
+			a.toolCalls += len(c.Delta.ToolCalls)
+			if c.FinishReason != nil {
+				a.finish = *c.FinishReason
+			}
+		}
+		if ev.Usage != nil {
+			a.promptTokens, a.completionTokens = ev.Usage.PromptTokens, ev.Usage.CompletionTokens
 		}
 	}
-	return "", "", fmt.Errorf("stream ended without [DONE] after %q: %v", b.String(), sc.Err())
+	return chatAnswer{}, fmt.Errorf("stream ended without [DONE] after %q: %v", b.String(), sc.Err())
 }
 
 func askWebSocket(ctx context.Context, base, prompt string) (string, error) {

@@ -1,12 +1,8 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -64,7 +60,7 @@ func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
 			const queries = 8
 			for i := range queries {
 				prompt := fmt.Sprintf("question %d about %s", i, tc.behaviour)
-				a, err := chatCompletion(ctx, base, prompt, i%2 == 0)
+				a, err := chatCompletion(ctx, http.DefaultClient, base, prompt, i%2 == 0)
 				if err != nil {
 					t.Fatalf("query %d: %v", i, err)
 				}
@@ -91,116 +87,4 @@ func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
 			}
 		})
 	}
-}
-
-// chatAnswer is what a client made of one chat completion.
-type chatAnswer struct {
-	content                        string
-	toolCalls                      int
-	finish                         string
-	promptTokens, completionTokens uint64
-}
-
-// chatCompletion asks the bridge at base for a chat completion of
-// prompt, streamed (with usage) or whole.
-func chatCompletion(ctx context.Context, base, prompt string, stream bool) (chatAnswer, error) {
-	body, _ := json.Marshal(map[string]any{
-		"model": "demo", "stream": stream,
-		"messages": []map[string]string{{"role": "user", "content": prompt}},
-	})
-	if stream {
-		body, _ = json.Marshal(map[string]any{
-			"model": "demo", "stream": true, "stream_options": map[string]bool{"include_usage": true},
-			"messages": []map[string]string{{"role": "user", "content": prompt}},
-		})
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/chat/completions", bytes.NewReader(body))
-	if err != nil {
-		return chatAnswer{}, err
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return chatAnswer{}, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return chatAnswer{}, fmt.Errorf("status %d: %s", resp.StatusCode, b)
-	}
-	type usage struct {
-		PromptTokens     uint64 `json:"prompt_tokens"`
-		CompletionTokens uint64 `json:"completion_tokens"`
-	}
-	type message struct {
-		Content   string            `json:"content"`
-		ToolCalls []json.RawMessage `json:"tool_calls"`
-	}
-	var a chatAnswer
-	if !stream {
-		var r struct {
-			Choices []struct {
-				Message      message `json:"message"`
-				FinishReason string  `json:"finish_reason"`
-			} `json:"choices"`
-			Usage usage `json:"usage"`
-		}
-		if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
-			return a, err
-		}
-		if len(r.Choices) != 1 {
-			return a, fmt.Errorf("%d choices", len(r.Choices))
-		}
-		c := r.Choices[0]
-		return chatAnswer{content: c.Message.Content, toolCalls: len(c.Message.ToolCalls), finish: c.FinishReason,
-			promptTokens: r.Usage.PromptTokens, completionTokens: r.Usage.CompletionTokens}, nil
-	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(nil, 1<<20)
-	var text strings.Builder
-	done := false
-	for sc.Scan() {
-		data, ok := strings.CutPrefix(sc.Text(), "data: ")
-		if !ok {
-			continue
-		}
-		if data == "[DONE]" {
-			done = true
-			break
-		}
-		var ch struct {
-			Choices []struct {
-				Delta        message `json:"delta"`
-				FinishReason *string `json:"finish_reason"`
-			} `json:"choices"`
-			Usage *usage `json:"usage"`
-			Error *struct {
-				Message string `json:"message"`
-			} `json:"error"`
-		}
-		if err := json.Unmarshal([]byte(data), &ch); err != nil {
-			return a, fmt.Errorf("chunk %q: %w", data, err)
-		}
-		if ch.Error != nil {
-			return a, fmt.Errorf("error event: %s", ch.Error.Message)
-		}
-		for _, c := range ch.Choices {
-			text.WriteString(c.Delta.Content)
-			a.toolCalls += len(c.Delta.ToolCalls)
-			if c.FinishReason != nil {
-				a.finish = *c.FinishReason
-			}
-		}
-		if ch.Usage != nil {
-			a.promptTokens, a.completionTokens = ch.Usage.PromptTokens, ch.Usage.CompletionTokens
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return a, err
-	}
-	if !done {
-		return a, fmt.Errorf("stream ended without [DONE]")
-	}
-	a.content = text.String()
-	return a, nil
 }
