@@ -103,8 +103,8 @@ func (r *Router) settle(c *receiptCheck, p peer.ID, local bool, req *pb.QueryReq
 		log.Debugw("answer without a receipt", "peer", p)
 		return errNoReceipt
 	default:
-		// Observed is left out: Plausible above has checked the same
-		// figures against it.
+		// Check compares the receipt's figures with the Done's, which
+		// Plausible above held to what was seen.
 		err = receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local})
 		if err == nil {
 			err = receipt.Countersign(rc, r.receipts.key)
