@@ -1,7 +1,6 @@
 package bridge
 
 import (
-	"math"
 	"net/http"
 	"sync"
 	"time"
@@ -64,7 +63,7 @@ func (b *usageBook) record(client string, res *router.Result) {
 	u.PromptTokens += uint64(d.GetUsage().GetPromptTokens())
 	u.CompletionTokens += uint64(d.GetUsage().GetCompletionTokens())
 	u.Ms += uint64(res.TotalMs)
-	u.EnergyMJ = satAdd(u.EnergyMJ, d.GetEnergyMj()) // a worker's own figure: it may be absurd
+	u.EnergyMJ = ledger.SatAdd(u.EnergyMJ, d.GetEnergyMj()) // a worker's own figure: it may be absurd
 	if len(d.GetReceipt().GetRouterSig()) > 0 {
 		u.Receipts++
 	}
@@ -113,12 +112,4 @@ func (s *Server) ledgerView() *ledgerView {
 	}
 	snap := s.cfg.ledger.Snapshot()
 	return &ledgerView{Total: snap.Total, Peers: snap.Peers[:min(len(snap.Peers), maxLedgerPeers)]}
-}
-
-// satAdd is a + b, or the largest uint64 where that would wrap.
-func satAdd(a, b uint64) uint64 {
-	if a > math.MaxUint64-b {
-		return math.MaxUint64
-	}
-	return a + b
 }

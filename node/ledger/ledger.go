@@ -75,14 +75,16 @@ func (t *Totals) add(r *pb.Receipt) {
 // peer's totals and the ledger's small and wrong; one stuck at the
 // maximum says what happened.
 func (t *Totals) plus(o Totals) {
-	t.Queries = satAdd(t.Queries, o.Queries)
-	t.PromptTokens = satAdd(t.PromptTokens, o.PromptTokens)
-	t.CompletionTokens = satAdd(t.CompletionTokens, o.CompletionTokens)
-	t.Ms = satAdd(t.Ms, o.Ms)
-	t.EnergyMJ = satAdd(t.EnergyMJ, o.EnergyMJ)
+	t.Queries = SatAdd(t.Queries, o.Queries)
+	t.PromptTokens = SatAdd(t.PromptTokens, o.PromptTokens)
+	t.CompletionTokens = SatAdd(t.CompletionTokens, o.CompletionTokens)
+	t.Ms = SatAdd(t.Ms, o.Ms)
+	t.EnergyMJ = SatAdd(t.EnergyMJ, o.EnergyMJ)
 }
 
-func satAdd(a, b uint64) uint64 {
+// SatAdd is a + b, or the largest uint64 where that would wrap: totals of
+// figures that peers report, which may be absurd.
+func SatAdd(a, b uint64) uint64 {
 	if s := a + b; s >= a {
 		return s
 	}
