@@ -1784,6 +1784,12 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			_ = s.Reset()
 			return nil, peerFailure{failInvalid, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent an invalid event: %v", ShortID(p), err)}
 		}
+		if c := ev.GetChunk(); c != nil && c.GetText() == "" && len(c.GetLogprobs()) == 0 {
+			// Nothing: not progress, and not output to pass on (it would
+			// start the answer, and a worker failing after it could no
+			// longer be replaced by a restart).
+			continue
+		}
 		switch k := ev.GetKind().(type) {
 		case *pb.Event_Done:
 			_ = s.Close()
@@ -1796,19 +1802,6 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			beat = time.Duration(k.Accepted.GetHeartbeatMs()) * time.Millisecond
 			if pos := k.Accepted.GetQueuePosition(); pos < queuePos {
 				queuePos, moved = pos, moved || pos <= queueMax
-			}
-		case *pb.Event_Chunk:
-			if k.Chunk.GetText() == "" && len(k.Chunk.GetLogprobs()) == 0 {
-				// Nothing: not progress, and not output to pass on (it
-				// would start the answer, and a worker failing after it
-				// could no longer be replaced by a restart).
-				continue
-			}
-			moved = true
-			if !out.spend(&ev) {
-				_ = s.Reset()
-				log.Debugw("worker floods output", "peer", p)
-				return nil, peerFailure{failFlood, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent more output than the query allows", ShortID(p))}
 			}
 		default:
 			moved = true
