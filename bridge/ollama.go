@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"cmp"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -126,28 +127,24 @@ func (s *Server) handleOllamaShow(w http.ResponseWriter, r *http.Request) {
 		ollamaError(w, err)
 		return
 	}
-	req.Model = s.ollamaName(req.Model)
-	name := s.ollamaName(cmpOr(req.Model, req.Name))
-	for _, m := range s.swarm.Models() {
-		if m.Name == name {
-			writeJSON(w, http.StatusOK, map[string]any{
-				"modelfile": "", "parameters": "", "template": "",
-				"details":      ollamaDetails{Format: "mtor", Families: []string{}},
-				"model_info":   map[string]any{"mtor.peers": m.Peers},
-				"capabilities": ollamaCapabilities(m.Types, m.Features),
-				"modified_at":  s.started,
-			})
-			return
-		}
+	name := s.ollamaName(cmp.Or(req.Model, req.Name))
+	m, ok := s.model(name)
+	if !ok {
+		ollamaError(w, ollamaNotFound(name))
+		return
 	}
-	ollamaError(w, &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("model '%s' not found", name)})
+	writeJSON(w, http.StatusOK, map[string]any{
+		"modelfile": "", "parameters": "", "template": "",
+		"details":      ollamaDetails{Format: "mtor", Families: []string{}},
+		"model_info":   map[string]any{"mtor.peers": m.Peers},
+		"capabilities": ollamaCapabilities(m.Types, m.Features),
+		"modified_at":  s.started,
+	})
 }
 
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
+// ollamaNotFound is Ollama's 404 for a model the swarm does not serve.
+func ollamaNotFound(name string) *apiError {
+	return &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("model '%s' not found", name)}
 }
 
 // ollamaOptions are the model options the swarm can honour; any other
@@ -302,7 +299,7 @@ func (s *Server) ollamaChatQuery(req *ollamaChatRequest) (*pb.QueryRequest, *api
 				args = "{}"
 			}
 			// Ollama's calls have no ids; the protocol needs one per call.
-			pm.ToolCalls = append(pm.ToolCalls, &pb.ToolCall{Id: cmpOr(c.ID, fmt.Sprintf("call_%d_%d", i, j)), Name: c.Function.Name, Arguments: compact(json.RawMessage(args))})
+			pm.ToolCalls = append(pm.ToolCalls, &pb.ToolCall{Id: cmp.Or(c.ID, fmt.Sprintf("call_%d_%d", i, j)), Name: c.Function.Name, Arguments: compact(json.RawMessage(args))})
 		}
 		if len(pm.ToolCalls) > 0 {
 			open = slices.Clone(pm.ToolCalls)
@@ -527,7 +524,7 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 // its types.
 func (s *Server) ollamaKnown(name string) *apiError {
 	if _, ok := s.model(name); !ok {
-		return &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("model '%s' not found", name)}
+		return ollamaNotFound(name)
 	}
 	return nil
 }
@@ -536,7 +533,7 @@ func (s *Server) ollamaKnown(name string) *apiError {
 func (s *Server) ollamaCheck(q *pb.QueryRequest) *apiError {
 	if err := s.checkModel(q.Model, q.Type); err != nil {
 		if err.Status == http.StatusNotFound {
-			return &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("model '%s' not found", q.Model)}
+			return ollamaNotFound(q.Model)
 		}
 		return toOllamaErr(err)
 	}
