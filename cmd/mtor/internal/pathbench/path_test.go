@@ -2,7 +2,9 @@ package pathbench_test
 
 import (
 	"context"
+	"fmt"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -122,5 +124,39 @@ func BenchmarkPath(b *testing.B) {
 			})
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "queries/s")
 		})
+	}
+}
+
+// BenchmarkPathSequential runs streamed queries one at a time, answers of
+// 1, 16 and 64 tokens, directly against the backend and through bridge →
+// worker in this process (no process hand-offs), and reports each row's
+// p50; the swarm row's p50 minus direct's is what the path adds without
+// waking other processes:
+//
+//	go test ./cmd/mtor/internal/pathbench -run '^$' -bench PathSequential -benchtime 3000x
+func BenchmarkPathSequential(b *testing.B) {
+	be, err := pathbench.StartBackend()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer be.Close()
+	swarm := startSwarmPath(b, be.URL())
+	for _, tokens := range []int{1, 16, 64} {
+		for _, p := range []struct{ name, url string }{{"direct", be.URL()}, {"swarm", swarm}} {
+			b.Run(fmt.Sprintf("tokens=%d/%s", tokens, p.name), func(b *testing.B) {
+				cl := pathbench.NewClient(p.url, pathbench.Model, 1, pathbench.WithTokens(tokens))
+				defer cl.Close()
+				totals := make([]time.Duration, 0, b.N)
+				for range b.N {
+					_, total, err := cl.Query(context.Background())
+					if err != nil {
+						b.Fatal(err)
+					}
+					totals = append(totals, total)
+				}
+				slices.Sort(totals)
+				b.ReportMetric(float64(totals[len(totals)/2].Microseconds())/1000, "p50-ms")
+			})
+		}
 	}
 }
