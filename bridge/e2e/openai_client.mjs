@@ -156,7 +156,11 @@ async function abort() {
     assert.ok(err instanceof OpenAI.APIUserAbortError || err.name === "AbortError", `got ${err?.constructor?.name}: ${err}`);
   }
   assert.ok(controller.signal.aborted, "not aborted");
-  assert.ok(!finished && deltas === 2, `the stream went on after the abort: ${deltas} deltas, finished=${finished}`);
+  // Events already read with the one that triggered the abort are still
+  // handed out: a client starved for a moment (CI runs packages side by
+  // side) reads several of the slow model's 30 ms words at once. A stream
+  // the abort did not stop would run on to its 5 000 words.
+  assert.ok(!finished && deltas >= 2 && deltas <= 50, `the stream went on after the abort: ${deltas} deltas, finished=${finished}`);
   ok("abort", { deltas });
 }
 
