@@ -1,0 +1,307 @@
+// Package repunch makes a new hole punch after a punched connection died.
+//
+// libp2p punches a hole (DCUtR) when a relayed connection comes in: the
+// peer that receives the circuit asks the other to dial at once. When the
+// direct connection dies later (a NAT's mapping expired, a home router
+// restarted) while the relayed one lives on — mtor's relays set no limit
+// that would end it — nothing comes in again, and the pair's traffic stays
+// on the relay for good: a volunteer's relay carries every token of it.
+// go-libp2p does not let its caller start a punch (the hole-punch
+// service's DirectConnect is "only exposed for testing"), so the end that
+// dialed the relayed connection replaces it: once no stream that would
+// break runs on it, it closes the peer's relayed connections and dials the
+// peer through the same relay again, and the new circuit makes the peer's
+// libp2p punch anew.
+//
+// Only a peer once reached directly is retried (a pair behind symmetric
+// NATs never punches, and is left alone), first a while after its last
+// direct connection closed, then less and less often (30 s doubling to
+// 30 min), and from the start again once a direct connection is back.
+package repunch
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/relayaddr"
+)
+
+var log = logging.Logger("mtor/repunch")
+
+// Defaults.
+const (
+	// DefaultInterval is how often the connections are looked at.
+	DefaultInterval = 10 * time.Second
+	// DefaultFirst is the wait from a direct connection's loss to the
+	// first new punch: a relayed connection alone may be the fallback of
+	// a moment (a direct one being replaced), and a NAT that dropped a
+	// mapping under load may need a while.
+	DefaultFirst = 30 * time.Second
+	// DefaultMax caps the wait between tries for a pair that no longer
+	// punches (one NAT became symmetric): each try costs the pair a
+	// moment without a connection.
+	DefaultMax = 30 * time.Minute
+	// DefaultDialTimeout bounds the dial through the relay.
+	DefaultDialTimeout = 15 * time.Second
+	// maxPeers bounds the peers remembered as once direct.
+	maxPeers = 4096
+	// maxPerSweep bounds the peers redialed in one sweep.
+	maxPerSweep = 8
+)
+
+// Repuncher replaces a peer's relayed connections to make a new hole punch
+// once the direct connection to it is lost. It is safe for concurrent use.
+type Repuncher struct {
+	h        host.Host
+	safe     func(protocol.ID) bool
+	interval time.Duration
+	first    time.Duration
+	max      time.Duration
+	dialTO   time.Duration
+	now      func() time.Time
+
+	mu    sync.Mutex
+	peers map[peer.ID]*state
+	tries int64
+}
+
+// state is what is known of a peer once reached directly.
+type state struct {
+	seen  time.Time     // last time it had a direct connection
+	next  time.Time     // earliest next try; zero while direct
+	delay time.Duration // wait after the next try
+}
+
+// Option configures a Repuncher.
+type Option func(*Repuncher)
+
+// WithInterval sets how often Run looks at the connections.
+func WithInterval(d time.Duration) Option {
+	return func(r *Repuncher) {
+		if d > 0 {
+			r.interval = d
+		}
+	}
+}
+
+// WithBackoff sets the wait before the first try after a direct
+// connection's loss and the most between later tries.
+func WithBackoff(first, most time.Duration) Option {
+	return func(r *Repuncher) {
+		if first > 0 {
+			r.first = first
+		}
+		if most >= r.first {
+			r.max = most
+		}
+	}
+}
+
+// WithSafe names the protocols whose streams may break with the relayed
+// connection: their owners open them again when the peer reconnects and
+// lose nothing (identify, ping, the DHT, gossipsub on a full reconnect).
+// A connection carrying any other stream (a query, a receipt) is left
+// until it does not.
+func WithSafe(safe func(protocol.ID) bool) Option {
+	return func(r *Repuncher) { r.safe = safe }
+}
+
+// New is a Repuncher of h's connections. Call Attach before h connects to
+// anyone, then Run.
+func New(h host.Host, opts ...Option) *Repuncher {
+	r := &Repuncher{
+		h: h, safe: func(protocol.ID) bool { return false },
+		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout,
+		now: time.Now, peers: map[peer.ID]*state{},
+	}
+	for _, o := range opts {
+		o(r)
+	}
+	return r
+}
+
+// Tries is how many peers' relayed connections were replaced.
+func (r *Repuncher) Tries() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.tries
+}
+
+// Attach follows h's connections.
+func (r *Repuncher) Attach() {
+	r.h.Network().Notify(&network.NotifyBundle{
+		ConnectedF: func(_ network.Network, c network.Conn) {
+			if !relayaddr.IsRelayed(c) {
+				r.direct(c.RemotePeer())
+			}
+		},
+		DisconnectedF: func(_ network.Network, c network.Conn) {
+			if !relayaddr.IsRelayed(c) {
+				r.lost(c.RemotePeer())
+			}
+		},
+	})
+}
+
+// direct notes a direct connection to p: the pair can punch, and its
+// backoff starts over.
+func (r *Repuncher) direct(p peer.ID) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.peers[p]
+	if s == nil {
+		if len(r.peers) >= maxPeers {
+			r.forgetOldest()
+		}
+		s = &state{}
+		r.peers[p] = s
+	}
+	s.seen, s.next, s.delay = r.now(), time.Time{}, r.first
+}
+
+// lost notes that a direct connection to p closed; if it was the last,
+// the first try is due after the first wait.
+func (r *Repuncher) lost(p peer.ID) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if s := r.peers[p]; s != nil {
+		s.seen = r.now()
+		if s.next.IsZero() {
+			s.next = s.seen.Add(s.delay)
+		}
+	}
+}
+
+// forgetOldest drops the peer seen longest ago; r.mu is held.
+func (r *Repuncher) forgetOldest() {
+	var oldest peer.ID
+	var at time.Time
+	for p, s := range r.peers {
+		if oldest == "" || s.seen.Before(at) {
+			oldest, at = p, s.seen
+		}
+	}
+	delete(r.peers, oldest)
+}
+
+// Run looks at the connections every interval until ctx ends.
+func (r *Repuncher) Run(ctx context.Context) {
+	t := time.NewTicker(r.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			r.Sweep(ctx)
+		}
+	}
+}
+
+// candidate is a peer due for a try, with the relayed connections to
+// replace.
+type candidate struct {
+	p     peer.ID
+	conns []network.Conn
+}
+
+// Sweep replaces the relayed connections of the peers due for a new punch
+// and returns how many peers it redialed.
+func (r *Repuncher) Sweep(ctx context.Context) int {
+	now := r.now()
+	var due []candidate
+	r.mu.Lock()
+	for p, s := range r.peers {
+		if !s.next.IsZero() && !now.Before(s.next) {
+			due = append(due, candidate{p: p})
+		}
+	}
+	r.mu.Unlock()
+	n := 0
+	for _, c := range due {
+		if n >= maxPerSweep || ctx.Err() != nil {
+			break
+		}
+		conns, direct, ok := r.replaceable(c.p)
+		if direct {
+			// Another direct connection outlived the one lost, or a
+			// new one came: nothing to do until it goes too.
+			r.direct(c.p)
+			continue
+		}
+		if !ok {
+			continue
+		}
+		c.conns = conns
+		r.mu.Lock()
+		if s := r.peers[c.p]; s != nil && !s.next.IsZero() {
+			s.delay = min(2*s.delay, r.max)
+			s.next = now.Add(s.delay)
+			r.tries++
+		}
+		r.mu.Unlock()
+		r.redial(ctx, c)
+		n++
+	}
+	return n
+}
+
+// replaceable returns p's relayed connections if a new punch should
+// replace them now: every connection to p is relayed (a direct one is
+// back, or being made), at least one was dialed from here (the peer's
+// libp2p punches on an incoming circuit; one that came in from p is p's
+// to replace), and none carries a stream that would break.
+// direct reports a direct connection to p.
+func (r *Repuncher) replaceable(p peer.ID) (conns []network.Conn, direct, ok bool) {
+	conns = r.h.Network().ConnsToPeer(p)
+	if len(conns) == 0 {
+		return nil, false, false // nothing to replace: a query dials it again
+	}
+	outbound := false
+	for _, c := range conns {
+		if !relayaddr.IsRelayed(c) {
+			return nil, true, false
+		}
+		if c.Stat().Direction == network.DirOutbound {
+			outbound = true
+		}
+		for _, s := range c.GetStreams() {
+			if !r.safe(s.Protocol()) {
+				return nil, false, false
+			}
+		}
+	}
+	return conns, false, outbound
+}
+
+// redial closes c's connections and dials its peer through the same
+// relays. A failed dial leaves the peer to whatever dials it next (a
+// query, discovery); the try is counted all the same.
+func (r *Repuncher) redial(ctx context.Context, c candidate) {
+	addrs := make([]ma.Multiaddr, 0, len(c.conns))
+	for _, conn := range c.conns {
+		// An incoming circuit came through a relay of ours, not of the
+		// peer's: only the ones dialed from here lead back to it.
+		if conn.Stat().Direction == network.DirOutbound {
+			addrs = append(addrs, conn.RemoteMultiaddr())
+		}
+	}
+	for _, conn := range c.conns {
+		_ = conn.Close()
+	}
+	dctx, cancel := context.WithTimeout(ctx, r.dialTO)
+	defer cancel()
+	if err := r.h.Connect(dctx, peer.AddrInfo{ID: c.p, Addrs: addrs}); err != nil {
+		log.Infow("redial through the relay for a new hole punch failed", "peer", c.p, "err", err)
+		return
+	}
+	log.Infow("relayed connection replaced for a new hole punch", "peer", c.p, "via", addrs)
+}
