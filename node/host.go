@@ -3,9 +3,11 @@ package node
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/connmgr"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
@@ -233,6 +235,16 @@ func relayResources() relay.Resources {
 // connection left and lose nothing. Gossipsub is not one of them.
 func expendable(swarm string) []libp2pproto.ID {
 	return []libp2pproto.ID{identify.ID, identify.IDPush, ping.ID, protocol.DHTPrefix(swarm) + "/kad/1.0.0"}
+}
+
+// reconnectSafe reports whether a stream of protocol id may break when
+// every connection to its peer closes and one is dialed again
+// (node/repunch): the expendable ones, and gossipsub's, whose router
+// greets a peer that reconnects as a new one and sends its subscriptions
+// again. A query, a receipt or a hole punch under way is not.
+func reconnectSafe(swarm string) func(libp2pproto.ID) bool {
+	safe := append(expendable(swarm), pubsub.GossipSubDefaultProtocols...)
+	return func(id libp2pproto.ID) bool { return slices.Contains(safe, id) }
 }
 
 func newHost(hc hostConfig) (host.Host, error) {

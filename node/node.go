@@ -32,6 +32,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/membership"
 	"github.com/mtor-swarm/mtor/node/receiptback"
+	"github.com/mtor-swarm/mtor/node/repunch"
 	"github.com/mtor-swarm/mtor/node/router"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -412,6 +413,8 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	live := liveness.New(h)
 	undo = append(undo, live.Close)
 	prune := dupconn.New(h, liveness.Probe, append([]dupconn.Option{dupconn.WithExpendable(expendable(cfg.swarm)...)}, cfg.dupOpts...)...)
+	repunches := repunch.New(h, repunch.WithSafe(reconnectSafe(cfg.swarm)))
+	repunches.Attach()
 	relays.probe = live.Suspect
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")
@@ -540,6 +543,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.goRun(func() { watchAddrs(n.ctx, addrSub, ann) })
 	n.goRun(n.probeLoop)
 	n.goRun(func() { prune.Run(n.ctx) })
+	n.goRun(func() { repunches.Run(n.ctx) })
 	if chk != nil {
 		n.goRun(func() { chk.Run(n.ctx, n.router) })
 	}

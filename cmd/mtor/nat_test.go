@@ -250,6 +250,27 @@ func (n *natNet) cutDirect() {
 	n.in("natA", "nft", "insert", "rule", "ip", "filter", "forward_lan", "ip", "saddr", n.ips["natB"], "drop")
 }
 
+// mendDirect deletes cutDirect's rules: the path between the NATs works
+// again, but what crossed it before is gone (the connections on it timed
+// out), as after a NAT's mapping expired or its router restarted.
+func (n *natNet) mendDirect() {
+	n.t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", n.ns["natA"], "nft", "-a", "list", "chain", "ip", "filter", "forward_lan").CombinedOutput()
+	if err != nil {
+		n.t.Fatalf("nft list: %v: %s", err, out)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if !strings.Contains(line, n.ips["natB"]) || !strings.Contains(line, "drop") {
+			continue
+		}
+		_, handle, ok := strings.Cut(line, "# handle ")
+		if !ok {
+			n.t.Fatalf("nft rule without a handle: %q", line)
+		}
+		n.in("natA", "nft", "delete", "rule", "ip", "filter", "forward_lan", "handle", strings.TrimSpace(handle))
+	}
+}
+
 // start runs `mtor node` for role with a data dir of its own.
 func (n *natNet) start(role, dir string, args ...string) *proc {
 	n.t.Helper()
@@ -268,6 +289,11 @@ const natLogLevel = "error,mtor/router=debug,mtor/dupconn=debug,mtor/discovery=i
 // of the redundant-connection pruner (every 15 s) finding the punched
 // connection past its 10 s grace (node/dupconn).
 const natPrunerSpell = 26 * time.Second
+
+// natRepunchWithin bounds the wait for a new hole punch once a dead
+// direct path works again: the first retry comes within a minute
+// (node/repunch).
+const natRepunchWithin = 90 * time.Second
 
 // natTail bounds each node's log in a failure message.
 const natTail = 16 << 10
@@ -359,6 +385,7 @@ type natFigures struct {
 	stream      string
 	relayKill   string
 	reReserve   time.Duration
+	repunch     time.Duration // from the direct path's return to a new hole punch
 	direct      time.Duration // worker start to a direct connection, 0 if none
 }
 
@@ -418,7 +445,7 @@ func TestNATSuite(t *testing.T) {
 		})
 	}
 	var rep strings.Builder
-	fmt.Fprintf(&rep, "| worker NAT / client NAT | first answer | direct after | answered | p50 | path | %s stream | relay killed (or direct path cut) mid-stream | re-reservation after relay restart |\n|---|---|---|---|---|---|---|---|---|\n", natStreamDuration())
+	fmt.Fprintf(&rep, "| worker NAT / client NAT | first answer | direct after | answered | p50 | path | %s stream | relay killed (or direct path cut) mid-stream | re-reservation after relay restart | new hole punch after the direct path's return |\n|---|---|---|---|---|---|---|---|---|---|\n", natStreamDuration())
 	for _, f := range figs {
 		rr := "–"
 		if f.reReserve > 0 {
@@ -428,8 +455,12 @@ func TestNATSuite(t *testing.T) {
 		if f.direct > 0 {
 			dir = f.direct.Round(10 * time.Millisecond).String()
 		}
-		fmt.Fprintf(&rep, "| %s | %s | %s | %d/%d | %s | %s | %s | %s | %s |\n", f.pair, f.firstAnswer.Round(10*time.Millisecond), dir,
-			f.ok, f.total, f.p50.Round(100*time.Microsecond), f.path, f.stream, f.relayKill, rr)
+		rp := "–"
+		if f.repunch > 0 {
+			rp = f.repunch.Round(100 * time.Millisecond).String()
+		}
+		fmt.Fprintf(&rep, "| %s | %s | %s | %d/%d | %s | %s | %s | %s | %s | %s |\n", f.pair, f.firstAnswer.Round(10*time.Millisecond), dir,
+			f.ok, f.total, f.p50.Round(100*time.Microsecond), f.path, f.stream, f.relayKill, rr, rp)
 	}
 	t.Logf("NAT figures:\n%s", rep.String())
 	if out := os.Getenv("MTOR_NAT_REPORT"); out != "" {
@@ -671,11 +702,35 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 			k2, _ := n.path(wid)
 			f.relayKill = fmt.Sprintf("direct path cut: answer complete %s after the cut, now %s", time.Since(cut).Round(100*time.Millisecond), k2)
 		}
+		// Once the dead direct connection is gone, the path between the
+		// NATs works again: the pair punches a new hole instead of
+		// leaving its traffic on the relay for good.
+		for deadline := time.Now().Add(2 * time.Minute); n.peer(wid).Connections > 1; {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the client still holds %d connections to the worker 2 min after the direct path was cut, want the dead one closed\nclient:\n%s", f.pair, n.peer(wid).Connections, client.outputTail(natTail))
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		n.mendDirect()
+		mended := time.Now()
+		for p := n.peer(wid); p.Path != "direct" || !p.HolePunched; p = n.peer(wid) {
+			if time.Since(mended) > natRepunchWithin {
+				t.Errorf("%s: path %q (hole punched %v) %s after the direct path came back, want a new hole punch\nworker:\n%s\nclient:\n%s", f.pair, p.Path, p.HolePunched, natRepunchWithin, worker.outputTail(natTail), client.outputTail(natTail))
+				break
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		if p := n.peer(wid); p.Path == "direct" {
+			f.repunch = time.Since(mended)
+			if out, err := n.query(ctx, 30*time.Second, "after the new hole punch", ""); err != nil || !strings.Contains(out, "after the new hole punch") {
+				t.Errorf("%s: query after the new hole punch: %v %q", f.pair, err, out)
+			}
+		}
 	} else {
 		f.relayKill = "– (direct)"
 	}
-	t.Logf("%s: first answer %s, direct after %s, %d/%d answered, p50 %s, path %s, stream %s, relay kill %s, re-reservation %s",
-		f.pair, f.firstAnswer, f.direct, f.ok, f.total, f.p50, f.path, f.stream, f.relayKill, f.reReserve)
+	t.Logf("%s: first answer %s, direct after %s, %d/%d answered, p50 %s, path %s, stream %s, relay kill %s, re-reservation %s, new hole punch %s",
+		f.pair, f.firstAnswer, f.direct, f.ok, f.total, f.p50, f.path, f.stream, f.relayKill, f.reReserve, f.repunch)
 	return f
 }
 
