@@ -504,16 +504,32 @@ func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64
 		pf := fmt.Sprintf("%s.content[%d]", field, m.Content.badPart)
 		return nil, 0, badRequest(pf, "invalid_type", "Invalid content part '%s': expected an object with a string 'type'.", pf)
 	}
+	// The text parts are joined by "\n"; each image keeps its place
+	// among them as an offset into the joined text (Attachment.at), so
+	// a backend that takes parts (OpenAI's API) gets them in the order
+	// sent. An empty text part is left out: it would put a joiner where
+	// no text is, and a worker could not tell it from one.
 	var texts []string
 	var media int64
+	joined := 0 // bytes of the text so far, joiners included
+	addText := func(s string) {
+		if s == "" {
+			return
+		}
+		if len(texts) > 0 {
+			joined++
+		}
+		texts = append(texts, s)
+		joined += len(s)
+	}
 	for j := range m.Content.parts {
 		p := &m.Content.parts[j]
 		pf := fmt.Sprintf("%s.content[%d]", field, j)
 		switch p.Type {
 		case "text", "input_text":
-			texts = append(texts, p.Text)
+			addText(p.Text)
 		case "refusal":
-			texts = append(texts, p.Refusal)
+			addText(p.Refusal)
 		case "image_url", "input_image":
 			if len(pm.Attachments) >= protocol.MaxAttachments {
 				return nil, 0, badRequest(pf, "invalid_value", "Too many images in '%s': limit %d.", field, protocol.MaxAttachments)
@@ -523,6 +539,7 @@ func translateMessage(i int, m chatMessage, mediaLeft int64) (*pb.Message, int64
 				return nil, 0, err
 			}
 			media += int64(len(att.Data))
+			att.At = proto.Uint32(uint32(joined))
 			pm.Attachments = append(pm.Attachments, att)
 		case "":
 			return nil, 0, badRequest(pf+".type", "missing_required_parameter", "Missing required parameter: '%s.type'.", pf)

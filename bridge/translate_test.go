@@ -3,6 +3,7 @@ package bridge
 import (
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -42,6 +43,23 @@ func TestChatToQuery(t *testing.T) {
 			check: func(t *testing.T, q *pb.QueryRequest) {
 				if q.Messages[0].Content != "a\nb" || q.Type != pb.QueryType_QUERY_TYPE_CHAT {
 					t.Errorf("got %q type %v", q.Messages[0].Content, q.Type)
+				}
+			}},
+		{name: "images keep their place among the text", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":"` + dataURL("image/png", 1) +
+			`"},{"type":"text","text":"ab"},{"type":"text","text":""},{"type":"image_url","image_url":"` + dataURL("image/png", 2) +
+			`"},{"type":"image_url","image_url":"` + dataURL("image/png", 3) + `"},{"type":"text","text":"cd"},{"type":"image_url","image_url":"` + dataURL("image/png", 4) + `"}]}]}`,
+			check: func(t *testing.T, q *pb.QueryRequest) {
+				m := q.Messages[0]
+				var at []uint32
+				for _, a := range m.Attachments {
+					if a.At == nil {
+						t.Fatalf("attachment of %d bytes has no place", len(a.Data))
+					}
+					at = append(at, a.GetAt())
+				}
+				// The empty text part adds no joiner.
+				if m.Content != "ab\ncd" || fmt.Sprint(at) != "[0 2 2 5]" {
+					t.Errorf("content %q, places %v; want \"ab\\ncd\" and [0 2 2 5]", m.Content, at)
 				}
 			}},
 		{name: "image part makes vision", body: `{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"what"},{"type":"image_url","image_url":{"url":"` + dataURL("image/png", 10) + `","detail":"low"}}]}]}`,

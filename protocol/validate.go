@@ -91,6 +91,33 @@ func validateAttachment(where string, a *pb.Attachment) error {
 	return nil
 }
 
+// validatePlaces checks where message i's attachments stand in its
+// content: every one placed or none, in order, within the content.
+func validatePlaces(i int, m *pb.Message) error {
+	atts := m.GetAttachments()
+	if len(atts) == 0 || atts[0].At == nil {
+		for _, a := range atts {
+			if a.At != nil {
+				return badField("messages", "messages[%d]: some attachments have a place (at) and some not", i)
+			}
+		}
+		return nil
+	}
+	last := uint32(0)
+	for j, a := range atts {
+		switch {
+		case a.At == nil:
+			return badField("messages", "messages[%d]: some attachments have a place (at) and some not", i)
+		case a.GetAt() < last:
+			return badField("messages", "messages[%d]: attachment %d stands at %d, before the one ahead of it (%d)", i, j, a.GetAt(), last)
+		case int64(a.GetAt()) > int64(len(m.GetContent())):
+			return badField("messages", "messages[%d]: attachment %d stands at %d, past the content's %d bytes", i, j, a.GetAt(), len(m.GetContent()))
+		}
+		last = a.GetAt()
+	}
+	return nil
+}
+
 // hasAttachment reports whether any attachment (request- or message-level)
 // has a mime type with the given prefix.
 func hasAttachment(r *pb.QueryRequest, prefix string) bool {
@@ -142,11 +169,17 @@ func ValidateRequest(r *pb.QueryRequest) error {
 				return err
 			}
 		}
+		if err := validatePlaces(i, m); err != nil {
+			return err
+		}
 	}
 	if len(r.GetAttachments()) > MaxAttachments {
 		return badField("attachments", "%d attachments, limit %d", len(r.GetAttachments()), MaxAttachments)
 	}
 	for _, a := range r.GetAttachments() {
+		if a.At != nil {
+			return badField("attachments", "request: an attachment's place (at) is for a message's attachments only")
+		}
 		if err := validateAttachment("request", a); err != nil {
 			return err
 		}

@@ -536,3 +536,47 @@ func TestValidateRequestNamesTheField(t *testing.T) {
 		})
 	}
 }
+
+// TestAttachmentPlaces: a message's attachments may say where they stand
+// in its content (Attachment.at): all of them or none, in order, within
+// the content; a request-level attachment has no place.
+func TestAttachmentPlaces(t *testing.T) {
+	at := func(n uint32) *uint32 { return &n }
+	placed := func(place *uint32) *pb.Attachment { a := img(); a.At = place; return a }
+	for _, tc := range []struct {
+		name    string
+		content string
+		atts    []*pb.Attachment
+		request *pb.Attachment
+		ok      bool
+	}{
+		{name: "none placed", content: "ab", atts: []*pb.Attachment{placed(nil), placed(nil)}, ok: true},
+		{name: "before, between, after", content: "ab\ncd", atts: []*pb.Attachment{placed(at(0)), placed(at(2)), placed(at(2)), placed(at(5))}, ok: true},
+		{name: "no content", atts: []*pb.Attachment{placed(at(0))}, ok: true},
+		{name: "past the content", content: "ab", atts: []*pb.Attachment{placed(at(3))}},
+		{name: "out of order", content: "abcd", atts: []*pb.Attachment{placed(at(3)), placed(at(1))}},
+		{name: "placed then not", content: "ab", atts: []*pb.Attachment{placed(at(1)), placed(nil)}},
+		{name: "not then placed", content: "ab", atts: []*pb.Attachment{placed(nil), placed(at(1))}},
+		{name: "request-level placed", content: "ab", request: &pb.Attachment{Mime: "audio/wav", Data: []byte{1}, At: at(0)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := validChat()
+			r.Messages[0].Content, r.Messages[0].Attachments = tc.content, tc.atts
+			r.Messages = append(r.Messages, &pb.Message{Role: "user", Content: "and?"})
+			if tc.request != nil {
+				r.Attachments = []*pb.Attachment{tc.request}
+			}
+			err := ValidateRequest(r)
+			if tc.ok {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			var pe *Error
+			if !errors.As(err, &pe) || pe.Code != CodeBadRequest || (pe.Field != "messages" && pe.Field != "attachments") {
+				t.Fatalf("error %v; want a BAD_REQUEST about the attachments", err)
+			}
+		})
+	}
+}

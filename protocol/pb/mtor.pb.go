@@ -653,9 +653,12 @@ func (x *Message) GetName() string {
 }
 
 type Attachment struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Mime          string                 `protobuf:"bytes,1,opt,name=mime,proto3" json:"mime,omitempty"` // e.g. image/png, audio/webm
-	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Mime  string                 `protobuf:"bytes,1,opt,name=mime,proto3" json:"mime,omitempty"` // e.g. image/png, audio/webm
+	Data  []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// In a Message: where it stands in the content, a byte offset (between
+	// content[:at] and content[at:]); absent = after the text.
+	At            *uint32 `protobuf:"varint,3,opt,name=at,proto3,oneof" json:"at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -702,6 +705,13 @@ func (x *Attachment) GetData() []byte {
 		return x.Data
 	}
 	return nil
+}
+
+func (x *Attachment) GetAt() uint32 {
+	if x != nil && x.At != nil {
+		return *x.At
+	}
+	return 0
 }
 
 type Params struct {
@@ -2452,11 +2462,13 @@ const file_mtor_proto_rawDesc = "" +
 	"tool_calls\x18\x04 \x03(\v2\x11.mtor.v1.ToolCallR\ttoolCalls\x12 \n" +
 	"\ftool_call_id\x18\x05 \x01(\tR\n" +
 	"toolCallId\x12\x12\n" +
-	"\x04name\x18\x06 \x01(\tR\x04name\"4\n" +
+	"\x04name\x18\x06 \x01(\tR\x04name\"P\n" +
 	"\n" +
 	"Attachment\x12\x12\n" +
 	"\x04mime\x18\x01 \x01(\tR\x04mime\x12\x12\n" +
-	"\x04data\x18\x02 \x01(\fR\x04data\"\xc6\x03\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x13\n" +
+	"\x02at\x18\x03 \x01(\rH\x00R\x02at\x88\x01\x01B\x05\n" +
+	"\x03_at\"\xc6\x03\n" +
 	"\x06Params\x12\x1d\n" +
 	"\n" +
 	"max_tokens\x18\x01 \x01(\rR\tmaxTokens\x12%\n" +
@@ -2708,6 +2720,7 @@ func file_mtor_proto_init() {
 	if File_mtor_proto != nil {
 		return
 	}
+	file_mtor_proto_msgTypes[6].OneofWrappers = []any{}
 	file_mtor_proto_msgTypes[7].OneofWrappers = []any{}
 	file_mtor_proto_msgTypes[8].OneofWrappers = []any{
 		(*Event_Accepted)(nil),

@@ -397,16 +397,46 @@ func messages(q *pb.QueryRequest) ([]chatMessage, error) {
 			out = append(out, cm)
 			continue
 		}
-		parts := []contentPart{{Type: "text", Text: m.text}}
-		for _, a := range m.images {
-			if !strings.HasPrefix(a.GetMime(), "image/") {
-				return nil, protocol.Errorf(protocol.CodeBadRequest, "chat takes only image attachments, not %s", a.GetMime())
-			}
-			parts = append(parts, contentPart{Type: "image_url", ImageURL: &imageURL{
-				URL: "data:" + a.GetMime() + ";base64," + base64.StdEncoding.EncodeToString(a.GetData()),
-			}})
+		parts, err := contentParts(m.text, m.images)
+		if err != nil {
+			return nil, err
 		}
 		out = append(out, chatMessage{Role: m.role, Content: parts})
 	}
 	return out, nil
+}
+
+// contentParts lays out a message's text and images as OpenAI's content
+// parts: each image where its Attachment.at puts it in the text (the
+// "\n" that joined the text parts around it left out), or, unplaced,
+// after the text. A text part is never empty.
+func contentParts(text string, images []*pb.Attachment) ([]contentPart, error) {
+	parts := make([]contentPart, 0, 2*len(images)+1)
+	addText := func(s string) {
+		if s != "" {
+			parts = append(parts, contentPart{Type: "text", Text: s})
+		}
+	}
+	from := 0 // text not yet laid out begins here
+	for _, a := range images {
+		if !strings.HasPrefix(a.GetMime(), "image/") {
+			return nil, protocol.Errorf(protocol.CodeBadRequest, "chat takes only image attachments, not %s", a.GetMime())
+		}
+		at := len(text)
+		if a.At != nil {
+			at = min(int(a.GetAt()), len(text)) // validated; kept in range all the same
+		}
+		if at >= from { // not the place of the image before, whose joiner is passed
+			addText(text[from:at])
+			from = at
+			if 0 < at && at < len(text) && text[at] == '\n' {
+				from++ // the joiner between the text before and after
+			}
+		}
+		parts = append(parts, contentPart{Type: "image_url", ImageURL: &imageURL{
+			URL: "data:" + a.GetMime() + ";base64," + base64.StdEncoding.EncodeToString(a.GetData()),
+		}})
+	}
+	addText(text[from:])
+	return parts, nil
 }
