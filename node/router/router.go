@@ -58,6 +58,12 @@ const (
 	minStall      = 10 * time.Second
 	maxStall      = 60 * time.Second
 	maxMediaStall = 5 * time.Minute // an image or a transcription comes whole
+	// queueStalls bounds, in stall periods, how long steps forward in a
+	// worker's queue alone hold a query when another worker could take it
+	// now: a liar announcing thousands of slots could otherwise count
+	// them down, a step a period, to the query's deadline; and a query
+	// waiting that long in one queue is better served by a free worker.
+	queueStalls = 3
 	// maxModelTrackers bounds the per-model health kept of one peer.
 	maxModelTrackers = 64
 	// pruneEvery spaces the pruning of the state of peers gone from the
@@ -1706,8 +1712,10 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	}
 	// moved: progress since the stamp above, stamped at the next read
 	// that waits (events read ahead in one batch cost one clock read, not
-	// one each: it showed in profiles, a read per token).
-	moved := false
+	// one each: it showed in profiles, a read per token). produced and
+	// lastOut are the same for output alone: queue steps without output
+	// hold the query queueStalls periods at most (see queueStalls).
+	moved, produced, lastOut := false, false, time.Now()
 	// blocked: when the last read that waits began; quiet: when the
 	// silence began that waiting on a stalled worker carries over from
 	// one stall period to the next (zero when not waiting on), so that
@@ -1729,24 +1737,37 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			if moved {
 				progress, moved = now, false
 			}
+			if produced {
+				lastOut, produced = now, false
+			}
 			blocked = now
 			rd := earliest(dl, cmp.Or(quiet, now).Add(wait))
 			if stall > 0 {
 				rd = earliest(rd, progress.Add(stall))
+				if accepted {
+					rd = earliest(rd, lastOut.Add(queueStalls*stall))
+				}
 			}
 			_ = s.SetReadDeadline(rd)
 		}
 		var ev pb.Event
 		if err := fr.Read(&ev); err != nil {
-			if stall > 0 && accepted && !expired(ctx) && !moved && !time.Now().Before(progress.Add(stall)) {
+			now := time.Now()
+			stuck := !moved && !now.Before(progress.Add(stall))
+			held := !produced && !now.Before(lastOut.Add(queueStalls*stall))
+			if stall > 0 && accepted && !expired(ctx) && (stuck || held) {
 				silentFrom := cmp.Or(quiet, blocked)
 				if errors.Is(err, protocol.ErrBetweenFrames) && protocol.IsTimeout(err) && time.Since(silentFrom) < wait && alone() {
 					// Nobody else could take the query now: the
 					// worker, whose heartbeats say it lives, may yet
 					// answer (a model loading, a long prompt on a
-					// CPU). Asked again after the next stall period.
-					log.Debugw("worker stalls, and no other could take the query: waiting on", "peer", p, "stall", stall)
-					progress, quiet = time.Now(), silentFrom
+					// CPU, a queue). Asked again after the next
+					// stall period.
+					log.Debugw("worker stalls, and no other could take the query: waiting on", "peer", p, "stall", stall, "queued", !stuck)
+					progress, quiet = now, silentFrom
+					if held {
+						lastOut = now.Add((1 - queueStalls) * stall) // asked again a period on
+					}
 					continue
 				}
 				if time.Since(silentFrom) >= wait {
@@ -1755,6 +1776,10 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 					return nil, r.streamErr(ctx, s, accepted, err)
 				}
 				_ = s.Reset()
+				if !stuck {
+					log.Debugw("worker holds the query in its queue", "peer", p, "stall", stall)
+					return nil, peerFailure{failStuck, protocol.Errorf(protocol.CodeUnavailable, "worker %s kept the query in its queue for %s without output", ShortID(p), (queueStalls * stall).Round(time.Millisecond))}
+				}
 				log.Debugw("worker stalls", "peer", p, "stall", stall)
 				return nil, peerFailure{failStuck, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
 			}
@@ -1804,7 +1829,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 				queuePos, moved = pos, moved || pos <= queueMax
 			}
 		default:
-			moved = true
+			moved, produced = true, true
 			if !out.spend(&ev) {
 				_ = s.Reset()
 				log.Debugw("worker floods output", "peer", p)
