@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
@@ -112,6 +113,8 @@ func validatePlaces(i int, m *pb.Message) error {
 			return badField("messages", "messages[%d]: attachment %d stands at %d, before the one ahead of it (%d)", i, j, a.GetAt(), last)
 		case int64(a.GetAt()) > int64(len(m.GetContent())):
 			return badField("messages", "messages[%d]: attachment %d stands at %d, past the content's %d bytes", i, j, a.GetAt(), len(m.GetContent()))
+		case int(a.GetAt()) < len(m.GetContent()) && !utf8.RuneStart(m.GetContent()[a.GetAt()]):
+			return badField("messages", "messages[%d]: attachment %d stands at %d, inside a UTF-8 character", i, j, a.GetAt())
 		}
 		last = a.GetAt()
 	}

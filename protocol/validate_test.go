@@ -554,6 +554,8 @@ func TestAttachmentPlaces(t *testing.T) {
 		{name: "before, between, after", content: "ab\ncd", atts: []*pb.Attachment{placed(at(0)), placed(at(2)), placed(at(2)), placed(at(5))}, ok: true},
 		{name: "no content", atts: []*pb.Attachment{placed(at(0))}, ok: true},
 		{name: "past the content", content: "ab", atts: []*pb.Attachment{placed(at(3))}},
+		{name: "inside a character", content: "é", atts: []*pb.Attachment{placed(at(1))}},
+		{name: "after a character", content: "é!", atts: []*pb.Attachment{placed(at(2))}, ok: true},
 		{name: "out of order", content: "abcd", atts: []*pb.Attachment{placed(at(3)), placed(at(1))}},
 		{name: "placed then not", content: "ab", atts: []*pb.Attachment{placed(at(1)), placed(nil)}},
 		{name: "not then placed", content: "ab", atts: []*pb.Attachment{placed(nil), placed(at(1))}},
