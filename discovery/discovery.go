@@ -628,10 +628,41 @@ func (d *Discovery) connLoop(sub event.Subscription) {
 			if d.h.Network().Connectedness(ev.Peer) == network.Connected {
 				continue
 			}
-			if d.table.remove(ev.Peer, ReasonDisconnected) {
-				log.Debugw("peer left", "peer", ev.Peer, "reason", ReasonDisconnected)
+			if d.cfg.reconnecting != nil && d.cfg.reconnecting(ev.Peer) {
+				d.goRun(func() { d.leaveUnlessBack(ev.Peer) })
+				continue
 			}
+			d.leave(ev.Peer)
 		}
+	}
+}
+
+// reconnectWait bounds how long a peer being reconnected on purpose keeps
+// its place in the table while not connected (a dial through a relay
+// takes a few round trips; one that fails is bounded well within this).
+const reconnectWait = 30 * time.Second
+
+// leaveUnlessBack removes p once it is no longer being reconnected, if the
+// reconnection did not bring it back.
+func (d *Discovery) leaveUnlessBack(p peer.ID) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for deadline := time.Now().Add(reconnectWait); d.cfg.reconnecting(p) && time.Now().Before(deadline); {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+	if d.h.Network().Connectedness(p) != network.Connected {
+		d.leave(p)
+	}
+}
+
+// leave removes a disconnected peer from the table.
+func (d *Discovery) leave(p peer.ID) {
+	if d.table.remove(p, ReasonDisconnected) {
+		log.Debugw("peer left", "peer", p, "reason", ReasonDisconnected)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -478,5 +479,46 @@ func waitRoutingTables(t *testing.T, ds ...*Discovery) {
 			}
 			time.Sleep(20 * time.Millisecond) // the DHT offers no event for this
 		}
+	}
+}
+
+// TestReconnectingPeerKeepsItsPlace: a peer whose connections this node
+// replaces on purpose (WithReconnecting) keeps its table entry through
+// the disconnection when it is back once the replacing ends, and leaves
+// if it is not.
+func TestReconnectingPeerKeepsItsPlace(t *testing.T) {
+	for _, back := range []bool{true, false} {
+		t.Run(fmt.Sprintf("back %v", back), func(t *testing.T) {
+			ha, hb := newHost(t), newHost(t)
+			var replacing atomic.Bool
+			a := newDiscovery(t, ha, WithAnnounceTTL(protocol.MaxAnnounceTTL))
+			b := newDiscovery(t, hb, WithBootstrap([]peer.AddrInfo{info(ha)}), WithReconnecting(func(p peer.ID) bool { return p == ha.ID() && replacing.Load() }))
+			evB, cancel := b.Table().Subscribe(64)
+			defer cancel()
+			heartbeat(t, a, "m", 300*time.Millisecond)
+			waitEvent(t, evB, "join of a", func(e Event) bool { return e.Kind == Join && e.Peer == ha.ID() })
+			replacing.Store(true)
+			if err := hb.Network().ClosePeer(ha.ID()); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(300 * time.Millisecond) // the disconnection's event is handled
+			if _, ok := b.Table().Get(ha.ID()); !ok {
+				t.Fatal("the peer left the table while being reconnected")
+			}
+			if back {
+				if err := hb.Connect(t.Context(), info(ha)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			replacing.Store(false)
+			time.Sleep(time.Second) // past a look after the replacing ends
+			_, ok := b.Table().Get(ha.ID())
+			if back && !ok {
+				t.Fatal("the peer left the table although it was back")
+			}
+			if !back && ok {
+				t.Fatal("the peer stayed in the table although it did not come back")
+			}
+		})
 	}
 }

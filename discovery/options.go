@@ -118,6 +118,9 @@ type config struct {
 	// suspect probes a connection whose peer's ping failed (see
 	// WithSuspect).
 	suspect func(network.Conn)
+	// reconnecting reports a peer whose connections are being replaced on
+	// purpose (WithReconnecting).
+	reconnecting func(peer.ID) bool
 	// memberProto is a protocol every node of the swarm serves; peers
 	// that speak it have their gossip link watched (rejoin.go).
 	memberProto libp2pproto.ID
@@ -301,6 +304,19 @@ func WithOnTopicPeerJoin(f func(peer.ID)) Option {
 func WithSuspect(f func(network.Conn)) Option {
 	return func(c *config) error {
 		c.suspect = f
+		return nil
+	}
+}
+
+// WithReconnecting names, through f (which must not block), the peers
+// whose connections this node is replacing on purpose (node/repunch
+// closes a peer's relayed connections to dial it again): their
+// disconnection is not their departure. Such a peer leaves the table only
+// if it is still not connected once f no longer names it (at most
+// reconnectWait after the disconnection).
+func WithReconnecting(f func(peer.ID) bool) Option {
+	return func(c *config) error {
+		c.reconnecting = f
 		return nil
 	}
 }
