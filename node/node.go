@@ -462,6 +462,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 			}
 		}),
 		discovery.WithSuspect(live.Suspect),
+		discovery.WithReconnecting(repunches.Reconnecting),
 	}, cfg.discoveryOpts...)
 	if cfg.members != nil {
 		dopts = append(dopts, discovery.WithMembers(cfg.members))

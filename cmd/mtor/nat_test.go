@@ -283,7 +283,7 @@ func (n *natNet) start(role, dir string, args ...string) *proc {
 // punches, dead and redundant connections and repaired gossip links (none
 // of it per token), for a failure message: the suite's rare failures are
 // otherwise unexplained.
-const natLogLevel = "error,mtor/router=debug,mtor/dupconn=debug,mtor/discovery=info,mtor/relay=debug,mtor/liveness=debug,mtor/node=info,mtor/worker=info"
+const natLogLevel = "error,mtor/router=debug,mtor/dupconn=debug,mtor/repunch=info,mtor/discovery=info,mtor/relay=debug,mtor/liveness=debug,mtor/node=info,mtor/worker=info"
 
 // natPrunerSpell is an idle spell after a hole punch that spans a sweep
 // of the redundant-connection pruner (every 15 s) finding the punched

@@ -10,13 +10,16 @@
 // service's DirectConnect is "only exposed for testing"), so the end that
 // dialed the relayed connection replaces it: once no stream that would
 // break runs on it, it closes the peer's relayed connections and dials the
-// peer through the same relay again, and the new circuit makes the peer's
-// libp2p punch anew.
+// peer again (the relays it was reached by among its other addresses), and
+// the new circuit makes the peer's libp2p punch anew. Meanwhile the peer
+// keeps its place in the peer table (Reconnecting).
 //
 // Only a peer once reached directly is retried (a pair behind symmetric
-// NATs never punches, and is left alone), first a while after its last
-// direct connection closed, then less and less often (30 s doubling to
-// 30 min), and from the start again once a direct connection is back.
+// NATs never punches, and is left alone): 30 s after its last direct
+// connection closed, then less and less often, doubling to 30 min. The
+// waits start over only when a direct connection that had lasted
+// (DefaultStable) is lost: a punch whose path dies within minutes is no
+// success.
 package repunch
 
 import (
@@ -66,19 +69,34 @@ type Repuncher struct {
 	first    time.Duration
 	max      time.Duration
 	dialTO   time.Duration
+	stable   time.Duration
 	now      func() time.Time
 
 	mu    sync.Mutex
 	peers map[peer.ID]*state
 	tries int64
+	// redialing: peers whose connections are being replaced, until when
+	// (real time: it covers the disconnection's events, delivered late).
+	redialing map[peer.ID]time.Time
 }
+
+// reconnectLinger is how long after a redial a peer is still reported as
+// being reconnected: libp2p delivers its disconnection events late.
+const reconnectLinger = 2 * time.Second
 
 // state is what is known of a peer once reached directly.
 type state struct {
-	seen  time.Time     // last time it had a direct connection
-	next  time.Time     // earliest next try; zero while direct
-	delay time.Duration // wait after the next try
+	direct int           // direct connections open
+	seen   time.Time     // when one last opened or closed
+	next   time.Time     // earliest next try; zero while direct
+	delay  time.Duration // the wait before the next try
 }
+
+// DefaultStable is how long a direct connection must have lived for its
+// loss to start the waits over: a punch whose path dies within minutes
+// (a NAT that forgets its mappings faster than the connection's
+// keep-alives) is no success, and its pair is tried less and less often.
+const DefaultStable = 5 * time.Minute
 
 // Option configures a Repuncher.
 type Option func(*Repuncher)
@@ -119,8 +137,8 @@ func WithSafe(safe func(protocol.ID) bool) Option {
 func New(h host.Host, opts ...Option) *Repuncher {
 	r := &Repuncher{
 		h: h, safe: func(protocol.ID) bool { return false },
-		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout,
-		now: time.Now, peers: map[peer.ID]*state{},
+		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
+		now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 	}
 	for _, o := range opts {
 		o(r)
@@ -135,6 +153,16 @@ func (r *Repuncher) Tries() int64 {
 	return r.tries
 }
 
+// Reconnecting reports whether p's connections are being replaced, so
+// that its disconnection is not taken for its departure (the peer table
+// would drop it until it announced again; discovery.WithReconnecting).
+func (r *Repuncher) Reconnecting(p peer.ID) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	until, ok := r.redialing[p]
+	return ok && time.Now().Before(until)
+}
+
 // Attach follows h's connections.
 func (r *Repuncher) Attach() {
 	r.h.Network().Notify(&network.NotifyBundle{
@@ -145,51 +173,64 @@ func (r *Repuncher) Attach() {
 		},
 		DisconnectedF: func(_ network.Network, c network.Conn) {
 			if !relayaddr.IsRelayed(c) {
-				r.lost(c.RemotePeer())
+				r.lost(c.RemotePeer(), time.Since(c.Stat().Opened))
 			}
 		},
 	})
 }
 
-// direct notes a direct connection to p: the pair can punch, and its
-// backoff starts over.
+// direct notes a direct connection to p: the pair can punch, and nothing
+// is due while it lasts.
 func (r *Repuncher) direct(p peer.ID) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s := r.peers[p]
 	if s == nil {
 		if len(r.peers) >= maxPeers {
-			r.forgetOldest()
+			r.forgetOne()
 		}
-		s = &state{}
+		s = &state{delay: r.first}
 		r.peers[p] = s
 	}
-	s.seen, s.next, s.delay = r.now(), time.Time{}, r.first
+	s.direct++
+	s.seen, s.next = r.now(), time.Time{}
 }
 
-// lost notes that a direct connection to p closed; if it was the last,
-// the first try is due after the first wait.
-func (r *Repuncher) lost(p peer.ID) {
+// lost notes that a direct connection to p closed after it had lived for
+// lived. When it was the last, a try is due after the wait: the first
+// one if the connection had lasted, else a longer one each time.
+func (r *Repuncher) lost(p peer.ID, lived time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if s := r.peers[p]; s != nil {
-		s.seen = r.now()
-		if s.next.IsZero() {
-			s.next = s.seen.Add(s.delay)
-		}
+	s := r.peers[p]
+	if s == nil {
+		return
+	}
+	s.direct = max(s.direct-1, 0)
+	s.seen = r.now()
+	if lived >= r.stable {
+		s.delay = r.first
+	}
+	if s.direct == 0 {
+		s.next = s.seen.Add(s.delay)
 	}
 }
 
-// forgetOldest drops the peer seen longest ago; r.mu is held.
-func (r *Repuncher) forgetOldest() {
-	var oldest peer.ID
+// forgetOne makes room: it drops, of the peers not reached directly now,
+// the one seen longest ago (a peer connected directly is the one to
+// punch again when its connection dies), else the oldest of all; r.mu is
+// held.
+func (r *Repuncher) forgetOne() {
+	var drop peer.ID
 	var at time.Time
+	idle := false
 	for p, s := range r.peers {
-		if oldest == "" || s.seen.Before(at) {
-			oldest, at = p, s.seen
+		better := drop == "" || (s.direct == 0 && !idle) || (s.direct == 0) == idle && s.seen.Before(at)
+		if better {
+			drop, at, idle = p, s.seen, s.direct == 0
 		}
 	}
-	delete(r.peers, oldest)
+	delete(r.peers, drop)
 }
 
 // Run looks at the connections every interval until ctx ends.
@@ -219,6 +260,11 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 	now := r.now()
 	var due []candidate
 	r.mu.Lock()
+	for p, until := range r.redialing {
+		if time.Since(until) > 0 {
+			delete(r.redialing, p)
+		}
+	}
 	for p, s := range r.peers {
 		if !s.next.IsZero() && !now.Before(s.next) {
 			due = append(due, candidate{p: p})
@@ -232,24 +278,22 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 		}
 		conns, direct, ok := r.replaceable(c.p)
 		if direct {
-			// Another direct connection outlived the one lost, or a
-			// new one came: nothing to do until it goes too.
-			r.direct(c.p)
+			// A direct connection the count missed: nothing to do
+			// until it goes too (its loss makes the next try due).
+			r.mu.Lock()
+			if s := r.peers[c.p]; s != nil {
+				s.next = time.Time{}
+			}
+			r.mu.Unlock()
 			continue
 		}
 		if !ok {
 			continue
 		}
 		c.conns = conns
-		r.mu.Lock()
-		if s := r.peers[c.p]; s != nil && !s.next.IsZero() {
-			s.delay = min(2*s.delay, r.max)
-			s.next = now.Add(s.delay)
-			r.tries++
+		if r.redial(ctx, c) {
+			n++
 		}
-		r.mu.Unlock()
-		r.redial(ctx, c)
-		n++
 	}
 	return n
 }
@@ -273,19 +317,28 @@ func (r *Repuncher) replaceable(p peer.ID) (conns []network.Conn, direct, ok boo
 		if c.Stat().Direction == network.DirOutbound {
 			outbound = true
 		}
-		for _, s := range c.GetStreams() {
-			if !r.safe(s.Protocol()) {
-				return nil, false, false
-			}
+		if !r.idle(c) {
+			return nil, false, false
 		}
 	}
 	return conns, false, outbound
 }
 
-// redial closes c's connections and dials its peer through the same
-// relays. A failed dial leaves the peer to whatever dials it next (a
-// query, discovery); the try is counted all the same.
-func (r *Repuncher) redial(ctx context.Context, c candidate) {
+// idle reports whether every stream on c may break with it.
+func (r *Repuncher) idle(c network.Conn) bool {
+	for _, s := range c.GetStreams() {
+		if !r.safe(s.Protocol()) {
+			return false
+		}
+	}
+	return true
+}
+
+// redial closes c's connections and dials its peer again, through the
+// relays it was reached by among its other addresses, and reports whether
+// it closed them. A failed dial leaves the peer to whatever dials it next
+// (a query, discovery); the try is counted all the same.
+func (r *Repuncher) redial(ctx context.Context, c candidate) bool {
 	addrs := make([]ma.Multiaddr, 0, len(c.conns))
 	for _, conn := range c.conns {
 		// An incoming circuit came through a relay of ours, not of the
@@ -295,13 +348,36 @@ func (r *Repuncher) redial(ctx context.Context, c candidate) {
 		}
 	}
 	for _, conn := range c.conns {
+		// A stream opened since the look is left alone: the next sweep
+		// looks again. One that opens between this look and the close
+		// (or is still on its way from the peer) fails over like any
+		// stream of a lost connection.
+		if !r.idle(conn) {
+			return false
+		}
+	}
+	r.mu.Lock()
+	if s := r.peers[c.p]; s != nil {
+		s.delay = min(2*s.delay, r.max)
+		s.next = r.now().Add(s.delay)
+	}
+	r.tries++
+	r.redialing[c.p] = time.Now().Add(r.dialTO + reconnectLinger)
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		r.redialing[c.p] = time.Now().Add(reconnectLinger)
+		r.mu.Unlock()
+	}()
+	for _, conn := range c.conns {
 		_ = conn.Close()
 	}
 	dctx, cancel := context.WithTimeout(ctx, r.dialTO)
 	defer cancel()
 	if err := r.h.Connect(dctx, peer.AddrInfo{ID: c.p, Addrs: addrs}); err != nil {
-		log.Infow("redial through the relay for a new hole punch failed", "peer", c.p, "err", err)
-		return
+		log.Infow("redial for a new hole punch failed", "peer", c.p, "err", err)
+		return true
 	}
 	log.Infow("relayed connection replaced for a new hole punch", "peer", c.p, "via", addrs)
+	return true
 }

@@ -281,20 +281,38 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 			if got := rp.Tries(); got != 4 {
 				t.Fatalf("%d tries, want 4", got)
 			}
-			// A direct connection back starts the waits over.
-			g.closed.Store(false)
-			dc := direct(t, a, b)
-			clk.add(time.Hour)
-			if n := rp.Sweep(t.Context()); n != 0 {
-				t.Fatalf("redialed %d peers with a direct connection, want 0", n)
-			}
-			g.closed.Store(true)
-			_ = dc.Close()
-			waitLost(t, rp, b.ID())
-			clk.add(firstWait)
-			waitStreams(t, a.Network().ConnsToPeer(b.ID())[0])
-			if n := rp.Sweep(t.Context()); n != 1 {
-				t.Fatalf("redialed %d peers one first wait after the direct connection was lost again, want 1", n)
+			// A direct connection back that dies within minutes (a
+			// punch whose path does not hold) leaves the waits long;
+			// one that lasted starts them over.
+			for _, lasted := range []bool{false, true} {
+				rp.stable = time.Hour
+				if lasted {
+					rp.stable = 0
+				}
+				g.closed.Store(false)
+				dc := direct(t, a, b)
+				clk.add(time.Hour)
+				if n := rp.Sweep(t.Context()); n != 0 {
+					t.Fatalf("redialed %d peers with a direct connection, want 0", n)
+				}
+				g.closed.Store(true)
+				_ = dc.Close()
+				waitLost(t, rp, b.ID())
+				clk.add(firstWait)
+				waitStreams(t, a.Network().ConnsToPeer(b.ID())[0])
+				n := rp.Sweep(t.Context())
+				if lasted && n != 1 {
+					t.Fatalf("redialed %d peers one first wait after a lasting direct connection was lost, want 1", n)
+				}
+				if !lasted {
+					if n != 0 {
+						t.Fatalf("redialed %d peers one first wait after a short-lived direct connection was lost, want 0 (the waits stay long)", n)
+					}
+					clk.add(3 * firstWait) // the most, 4 × the first
+					if n := rp.Sweep(t.Context()); n != 1 {
+						t.Fatalf("redialed %d peers after the longest wait, want 1", n)
+					}
+				}
 			}
 		})
 	}
@@ -376,7 +394,7 @@ func TestTheLastDirectConnectionStartsTheWait(t *testing.T) {
 		t.Fatalf("connections %v, want two direct beside the relayed", a.Network().ConnsToPeer(b.ID()))
 	}
 	_ = d1.Close()
-	waitLost(t, rp, b.ID())
+	waitDirect(t, rp, b.ID(), 1)
 	clk.add(firstWait)
 	if n := rp.Sweep(t.Context()); n != 0 {
 		t.Fatalf("redialed %d peers with a direct connection left, want 0", n)
@@ -391,5 +409,22 @@ func TestTheLastDirectConnectionStartsTheWait(t *testing.T) {
 	clk.add(firstWait)
 	if n := rp.Sweep(t.Context()); n != 1 {
 		t.Fatalf("redialed %d peers a first wait after the last direct connection closed, want 1", n)
+	}
+}
+
+// waitDirect waits until rp counts n direct connections to p.
+func waitDirect(t *testing.T, rp *Repuncher, p peer.ID, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		rp.mu.Lock()
+		s := rp.peers[p]
+		got := s != nil && s.direct == n
+		rp.mu.Unlock()
+		if got {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("direct connections to the peer not counted %d", n)
+		}
 	}
 }
