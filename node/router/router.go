@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	logging "github.com/ipfs/go-log/v2"
@@ -196,6 +197,10 @@ func (st *peerState) model(name string) *health.Tracker { return st.models[name]
 
 // Router routes queries. It is safe for concurrent use.
 type Router struct {
+	// waitedOn counts the stall periods waited on a worker no other
+	// could replace (for tests: each is one period, never a spin).
+	waitedOn atomic.Int64
+
 	h           host.Host
 	proto       libp2pproto.ID
 	table       Table
@@ -975,6 +980,7 @@ const (
 	failInvalid                     // a protocol violation
 	failBackend                     // the worker reported a retryable failure
 	failFlood                       // more output than the query allows
+	failQueued                      // queued without output past queueStalls while another could answer: moved, not blamed
 	numFailKinds
 )
 
@@ -1214,6 +1220,7 @@ func (q *query) summary() string {
 		failInvalid:     "broke the protocol",
 		failBackend:     "had a failing backend",
 		failFlood:       "sent endless output",
+		failQueued:      "kept it queued",
 	}
 	var parts []string
 	for k, n := range q.kinds {
@@ -1507,6 +1514,9 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 		st.tracker.Record(health.Timeout)
 	case failInvalid, failFlood:
 		st.tracker.Record(health.Violation)
+	case failQueued:
+		// A busy worker is not a failing one; its queue steps were
+		// plausible (queueLie), and the query moved on.
 	default:
 		st.tracker.Record(health.Failure)
 	}
@@ -1716,6 +1726,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// lastOut are the same for output alone: queue steps without output
 	// hold the query queueStalls periods at most (see queueStalls).
 	moved, produced, lastOut := false, false, time.Now()
+	var worst uint32 // the furthest back in its queue the worker put the query
 	// blocked: when the last read that waits began; quiet: when the
 	// silence began that waiting on a stalled worker carries over from
 	// one stall period to the next (zero when not waiting on), so that
@@ -1765,6 +1776,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 					// stall period.
 					log.Debugw("worker stalls, and no other could take the query: waiting on", "peer", p, "stall", stall, "queued", !stuck)
 					progress, quiet = now, silentFrom
+					r.waitedOn.Add(1)
 					if held {
 						lastOut = now.Add((1 - queueStalls) * stall) // asked again a period on
 					}
@@ -1777,8 +1789,14 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 				}
 				_ = s.Reset()
 				if !stuck {
-					log.Debugw("worker holds the query in its queue", "peer", p, "stall", stall)
-					return nil, peerFailure{failStuck, protocol.Errorf(protocol.CodeUnavailable, "worker %s kept the query in its queue for %s without output", ShortID(p), (queueStalls * stall).Round(time.Millisecond))}
+					// Moved on; blamed only when the queue was one its
+					// announcement cannot explain.
+					kind := failQueued
+					if queueLie(c, worst) {
+						kind = failStuck
+					}
+					log.Debugw("worker holds the query in its queue", "peer", p, "stall", stall, "position", worst, "blamed", kind == failStuck)
+					return nil, peerFailure{kind, protocol.Errorf(protocol.CodeUnavailable, "worker %s kept the query in its queue for %s or more without output", ShortID(p), (queueStalls * stall).Round(time.Millisecond))}
 				}
 				log.Debugw("worker stalls", "peer", p, "stall", stall)
 				return nil, peerFailure{failStuck, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
@@ -1825,7 +1843,9 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		case *pb.Event_Accepted:
 			accepted = true
 			beat = time.Duration(k.Accepted.GetHeartbeatMs()) * time.Millisecond
-			if pos := k.Accepted.GetQueuePosition(); pos < queuePos {
+			pos := k.Accepted.GetQueuePosition()
+			worst = max(worst, pos)
+			if pos < queuePos {
 				queuePos, moved = pos, moved || pos <= queueMax
 			}
 		default:
@@ -1841,6 +1861,25 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			return nil, err
 		}
 	}
+}
+
+// queueSlack is how many more queries than a worker announced queued
+// may stand ahead of a new one: its announcement is up to a period old,
+// and other routers send it queries meanwhile. A worker's default queue
+// holds 64.
+const queueSlack = 64
+
+// queueLie reports whether a worker put a query at a queue position its
+// announcement cannot explain: more ahead of it than it announced queued,
+// plus as many as it runs at once, plus queueSlack. A liar that announces
+// itself idle to be chosen, then counts a long queue down, is blamed; an
+// honest busy worker is not. One found through the DHT announced nothing.
+func queueLie(c scored, pos uint32) bool {
+	l := c.Announce.GetLoad()
+	if l == nil {
+		return false
+	}
+	return uint64(pos) > uint64(l.GetQueued())+uint64(l.GetMaxConcurrency())+queueSlack
 }
 
 // isRemoteRefusal reports whether a resource-limit error came from the

@@ -636,8 +636,13 @@ func TestQueueStepsAloneHoldAQueryAFewStallPeriods(t *testing.T) {
 					continue
 				}
 				if tc.alone {
-					if res.Peer != queued.ID() {
-						t.Fatalf("answered by %s, want the queued worker, the only one", res.Peer)
+					if res.Peer != queued.ID() || res.Attempts != 1 {
+						t.Fatalf("answered by %s in %d attempts, want the queued worker, the only one, in 1", res.Peer, res.Attempts)
+					}
+					// One wait a period (2.5 s of steps, 400 ms periods),
+					// not a spin on a deadline already past.
+					if n := r.waitedOn.Load(); n > 2*int64(time.Duration(tc.steps)*step/stall)+2 {
+						t.Fatalf("waited on %d times for %d periods", n, time.Duration(tc.steps)*step/stall)
 					}
 					return
 				}
@@ -667,5 +672,34 @@ func TestLastResortWithTheFeature(t *testing.T) {
 	}
 	if len(rk.ranked) != 0 || len(rk.lastResort) != 1 || rk.lastResort[0].Peer != "a" {
 		t.Fatalf("ranked %v, last resort %v; want none, then a", rk.ranked, rk.lastResort)
+	}
+}
+
+// TestQueueLie: a queue position its worker's announcement cannot
+// explain (more ahead than it announced queued, plus its concurrency,
+// plus queueSlack) marks a liar; a busy worker's is plausible, and a
+// worker found through the DHT announced nothing to contradict.
+func TestQueueLie(t *testing.T) {
+	load := func(queued, conc uint32) scored {
+		return scored{Candidate: Candidate{Announce: &pb.Announce{Load: &pb.Load{Queued: queued, MaxConcurrency: conc, MaxQueue: 16384}}}}
+	}
+	for _, tc := range []struct {
+		name string
+		c    scored
+		pos  uint32
+		lie  bool
+	}{
+		{"idle, first in line", load(0, 4), 1, false},
+		{"busy as announced", load(40, 4), 44, false},
+		{"busier than announced, within the slack", load(10, 4), 10 + 4 + queueSlack, false},
+		{"announced idle, 65 536 ahead", load(0, 16384), 65536, true},
+		{"announced idle, past the slack", load(0, 4), 4 + queueSlack + 1, true},
+		{"no announcement", scored{}, 65536, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := queueLie(tc.c, tc.pos); got != tc.lie {
+				t.Fatalf("queueLie at %d = %v, want %v", tc.pos, got, tc.lie)
+			}
+		})
 	}
 }
