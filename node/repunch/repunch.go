@@ -223,11 +223,11 @@ func (r *Repuncher) lost(p peer.ID, lived time.Duration) {
 func (r *Repuncher) forgetOne() {
 	var drop peer.ID
 	var at time.Time
-	idle := false
+	idle := false // whether drop is not reached directly
 	for p, s := range r.peers {
-		better := drop == "" || (s.direct == 0 && !idle) || (s.direct == 0) == idle && s.seen.Before(at)
-		if better {
-			drop, at, idle = p, s.seen, s.direct == 0
+		switch pIdle := s.direct == 0; {
+		case drop == "", pIdle && !idle, pIdle == idle && s.seen.Before(at):
+			drop, at, idle = p, s.seen, pIdle
 		}
 	}
 	delete(r.peers, drop)

@@ -257,6 +257,10 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 			if n != 1 || !rc.IsClosed() {
 				t.Fatalf("redialed %d peers, old relayed connection closed %v; want it replaced", n, rc.IsClosed())
 			}
+			// Its disconnection is not its departure, for a moment.
+			if !rp.Reconnecting(b.ID()) || rp.Reconnecting(r.ID()) {
+				t.Fatalf("reconnecting: peer %v, relay %v; want the peer only", rp.Reconnecting(b.ID()), rp.Reconnecting(r.ID()))
+			}
 			conns := a.Network().ConnsToPeer(b.ID())
 			if len(conns) != 1 || !relayaddr.IsRelayed(conns[0]) || conns[0] == rc {
 				t.Fatalf("connections %v after the try, want one new relayed", conns)
@@ -426,5 +430,40 @@ func waitDirect(t *testing.T, rp *Repuncher, p peer.ID, n int) {
 		if time.Now().After(deadline) {
 			t.Fatalf("direct connections to the peer not counted %d", n)
 		}
+	}
+}
+
+// TestForgetOneKeepsPeersConnectedDirectly: at the bound, the peer let go
+// is, of those not reached directly now, the one seen longest ago; a peer
+// connected directly is the one to punch again when its connection dies.
+func TestForgetOneKeepsPeersConnectedDirectly(t *testing.T) {
+	base := time.Unix(1_800_000_000, 0)
+	for _, tc := range []struct {
+		name  string
+		peers map[peer.ID]*state
+		want  peer.ID // the one let go
+	}{
+		{"the idle one, though seen later", map[peer.ID]*state{
+			"direct-old": {direct: 1, seen: base},
+			"idle-new":   {seen: base.Add(time.Hour)},
+		}, "idle-new"},
+		{"the oldest of the idle ones", map[peer.ID]*state{
+			"idle-old":   {seen: base},
+			"direct-old": {direct: 2, seen: base.Add(-time.Hour)},
+			"idle-new":   {seen: base.Add(time.Hour)},
+		}, "idle-old"},
+		{"all direct: the oldest", map[peer.ID]*state{
+			"direct-old": {direct: 1, seen: base},
+			"direct-new": {direct: 1, seen: base.Add(time.Hour)},
+		}, "direct-old"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &Repuncher{peers: tc.peers}
+			n := len(tc.peers)
+			r.forgetOne()
+			if _, ok := r.peers[tc.want]; ok || len(r.peers) != n-1 {
+				t.Fatalf("left %v, want all but %s", r.peers, tc.want)
+			}
+		})
 	}
 }
