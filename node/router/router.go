@@ -25,6 +25,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peerstore"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
+	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
 	"google.golang.org/protobuf/proto"
 
@@ -1083,9 +1084,52 @@ func (q *query) started() bool { return q.out }
 // providers the query began with; and the query has an attempt left for
 // it. A worker banned from the model (a last resort) does not count: a
 // live worker that is slow is a better bet than one that keeps failing.
-func (r *Router) othersNow(q *query, c scored) bool {
+func (r *Router) othersNow(q *query, c scored) bool { return len(r.others(q, c)) > 0 }
+
+// othersPing bounds the ping (and the dial, if need be) of another worker
+// before a stalled query moves to it, and othersPinged how many are
+// pinged at most.
+const (
+	othersPing   = 2 * time.Second
+	othersPinged = 3
+)
+
+// othersAlive is othersNow for a stall: another worker could take the
+// query, and it answers a ping now. A worker frozen or killed since its
+// last announcement (SIGSTOP, SIGKILL on QUIC, a machine that hangs)
+// still looks available for up to its announcements' TTL (30 s by
+// default); moving a stalled query to it would fail the query where the
+// stalled worker may yet answer. One that does not answer within
+// othersPing, dial included, is passed over (its connections handed to
+// the connection checker): waiting on for another period is the safe
+// mistake, as the stalled worker goes on meanwhile.
+func (r *Router) othersAlive(ctx context.Context, q *query, c scored) bool {
+	for i, o := range r.others(q, c) {
+		if i == othersPinged {
+			return false
+		}
+		pctx, cancel := context.WithTimeout(ctx, othersPing)
+		// Ping closes its channel without a result when pctx ends.
+		res, ok := <-ping.Ping(pctx, r.h, o.Peer)
+		cancel()
+		if ok && res.Error == nil {
+			return true
+		}
+		log.Debugw("another worker did not answer a ping: the stalled query stays", "peer", o.Peer, "err", cmp.Or(res.Error, pctx.Err()))
+		if r.checker != nil {
+			for _, conn := range r.h.Network().ConnsToPeer(o.Peer) {
+				r.checker.Suspect(conn)
+			}
+		}
+	}
+	return false
+}
+
+// others are the workers q could move to from c now: untried, usable,
+// neither full nor failing.
+func (r *Router) others(q *query, c scored) []scored {
 	if q.failures+1 >= r.maxAttempts {
-		return false
+		return nil
 	}
 	ranked := q.dht
 	if ranked == nil {
@@ -1100,7 +1144,7 @@ func (r *Router) othersNow(q *query, c scored) bool {
 		return o.Peer == c.Peer || o.full || (st != nil && !st.tracker.Available())
 	})
 	r.mu.Unlock()
-	return len(q.usable(ranked)) > 0
+	return q.usable(ranked)
 }
 
 // triedPeers lists the peers q tried.
@@ -1385,7 +1429,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 			err = workerError{pe}
 		}
 	} else {
-		alone := func() bool { return !r.othersNow(q, c) }
+		alone := func() bool { return !r.othersAlive(ctx, q, c) }
 		done, err = r.remote(ctx, c, req, stall, alone, q.avoid, wrap)
 	}
 	end := time.Now()
@@ -1775,10 +1819,13 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 					// CPU, a queue). Asked again after the next
 					// stall period.
 					log.Debugw("worker stalls, and no other could take the query: waiting on", "peer", p, "stall", stall, "queued", !stuck)
-					progress, quiet = now, silentFrom
+					// Asking (the others' pings) took a while in which
+					// this stream was not read: not the worker's silence.
+					after := time.Now()
+					progress, quiet = after, silentFrom.Add(after.Sub(now))
 					r.waitedOn.Add(1)
 					if held {
-						lastOut = now.Add((1 - queueStalls) * stall) // asked again a period on
+						lastOut = after.Add((1 - queueStalls) * stall) // asked again a period on
 					}
 					continue
 				}
