@@ -184,7 +184,7 @@ func (c *Checker) Suspect(conn network.Conn) {
 		if err == nil || c.ctx.Err() != nil {
 			return
 		}
-		if refused(err) {
+		if Refused(err) {
 			log.Debugw("probe refused, the connection stays", "peer", conn.RemotePeer(), "addr", addrString(conn.RemoteMultiaddr()), "err", err)
 			return
 		}
@@ -203,12 +203,12 @@ func (c *Checker) Suspect(conn network.Conn) {
 	}()
 }
 
-// refused reports whether a probe failed at a resource limit rather than
+// Refused reports whether a probe failed at a resource limit rather than
 // for want of an answer: the peer reset the stream (so it is alive on this
 // connection; libp2p lets a peer hold 2 inbound pings at once, and a hole
 // punch leaves several connections to probe together), or our own limit
 // kept the stream from opening. Neither says the connection is dead.
-func refused(err error) bool {
+func Refused(err error) bool {
 	var se *network.StreamError
 	return (errors.As(err, &se) && se.Remote) || errors.Is(err, network.ErrResourceLimitExceeded)
 }

@@ -27,9 +27,11 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
+	mss "github.com/multiformats/go-multistream"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -1108,11 +1110,18 @@ func (r *Router) othersAlive(ctx context.Context, q *query, c scored) bool {
 		if i == othersPinged {
 			return false
 		}
+		// Reached as a query would be: its announced addresses, no
+		// dial back-off from an earlier failure.
+		r.ensureAddrs(ctx, o)
+		r.clearBackoff(o.Peer)
 		pctx, cancel := context.WithTimeout(ctx, othersPing)
 		// Ping closes its channel without a result when pctx ends.
 		res, ok := <-ping.Ping(pctx, r.h, o.Peer)
 		cancel()
-		if ok && res.Error == nil {
+		if ctx.Err() != nil {
+			return false // the query ended, not the peer
+		}
+		if ok && (res.Error == nil || pingAnswered(res.Error)) {
 			return true
 		}
 		log.Debugw("another worker did not answer a ping: the stalled query stays", "peer", o.Peer, "err", cmp.Or(res.Error, pctx.Err()))
@@ -1123,6 +1132,16 @@ func (r *Router) othersAlive(ctx context.Context, q *query, c scored) bool {
 		}
 	}
 	return false
+}
+
+// pingAnswered reports whether a failed ping still shows a live peer: it
+// reset the stream or refused the protocol (answering, so alive), or a
+// resource limit kept the stream from opening (libp2p lets a peer hold
+// few pings at once, which queries stalling together share with the
+// connection checks).
+func pingAnswered(err error) bool {
+	var ns mss.ErrNotSupported[libp2pproto.ID]
+	return liveness.Refused(err) || errors.As(err, &ns)
 }
 
 // others are the workers q could move to from c now: untried, usable,
@@ -1774,7 +1793,8 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// blocked: when the last read that waits began; quiet: when the
 	// silence began that waiting on a stalled worker carries over from
 	// one stall period to the next (zero when not waiting on), so that
-	// waiting on never stretches the silence bound.
+	// waiting on stretches the silence bound by no more than the time
+	// spent asking whether another worker could take the query.
 	var blocked, quiet time.Time
 	out := outputBudget{bytes: r.maxOutput, chunks: chunkLimit(req)}
 	for {
@@ -1819,13 +1839,18 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 					// CPU, a queue). Asked again after the next
 					// stall period.
 					log.Debugw("worker stalls, and no other could take the query: waiting on", "peer", p, "stall", stall, "queued", !stuck)
-					// Asking (the others' pings) took a while in which
-					// this stream was not read: not the worker's silence.
+					// Asking (the others' pings, up to 6 s) took a while
+					// in which this stream was not read: the bounds move
+					// on by it, or a read deadline already past would
+					// fail at once on QUIC with events still unread.
 					after := time.Now()
-					progress, quiet = after, silentFrom.Add(after.Sub(now))
+					asked := after.Sub(now)
+					progress, quiet = after, silentFrom.Add(asked)
 					r.waitedOn.Add(1)
 					if held {
 						lastOut = after.Add((1 - queueStalls) * stall) // asked again a period on
+					} else {
+						lastOut = lastOut.Add(asked)
 					}
 					continue
 				}

@@ -3,6 +3,7 @@ package router
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -13,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	mss "github.com/multiformats/go-multistream"
 
 	"github.com/mtor-swarm/mtor/discovery/hostiletest"
 	"github.com/mtor-swarm/mtor/node/backend"
@@ -699,6 +701,28 @@ func TestQueueLie(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := queueLie(tc.c, tc.pos); got != tc.lie {
 				t.Fatalf("queueLie at %d = %v, want %v", tc.pos, got, tc.lie)
+			}
+		})
+	}
+}
+
+// TestPingAnswered: a ping the peer reset or refused, or one a resource
+// limit kept from opening, shows a live peer; a timeout does not.
+func TestPingAnswered(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		err   error
+		alive bool
+	}{
+		{"reset by the peer", &network.StreamError{ErrorCode: 0, Remote: true}, true},
+		{"at a resource limit", fmt.Errorf("open: %w", network.ErrResourceLimitExceeded), true},
+		{"protocol refused", mss.ErrNotSupported[libp2pproto.ID]{Protos: []libp2pproto.ID{"/ipfs/ping/1.0.0"}}, true},
+		{"timed out", context.DeadlineExceeded, false},
+		{"reset here", &network.StreamError{ErrorCode: 0, Remote: false}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := pingAnswered(tc.err); got != tc.alive {
+				t.Fatalf("pingAnswered(%v) = %v, want %v", tc.err, got, tc.alive)
 			}
 		})
 	}
