@@ -6,78 +6,29 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/peerstore"
-	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
-	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
 	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/node/internal/relaytest"
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
-
-// newRelay is a relay without time or data limits on its circuits, as
-// mtor's relays are (node/host.go): its relayed connections are not
-// Limited.
-func newRelay(t *testing.T) host.Host {
-	t.Helper()
-	rc := relay.DefaultResources()
-	rc.Limit = nil
-	h, err := libp2p.New(libp2p.ListenAddrStrings(loopTCP), libp2p.ForceReachabilityPublic(),
-		libp2p.EnableRelayService(relay.WithResources(rc)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
-	return h
-}
 
 // relayed connects a to b through r only, b holding a reservation on r,
 // and returns that connection.
 func relayed(t *testing.T, a, b, r host.Host) network.Conn {
 	t.Helper()
-	ctx := t.Context()
-	ri := peer.AddrInfo{ID: r.ID(), Addrs: r.Addrs()}
-	for _, h := range []host.Host{a, b} {
-		if err := h.Connect(ctx, ri); err != nil {
-			t.Fatal(err)
-		}
-	}
-	reserve(t, b, ri)
-	circuit := ma.StringCast("/p2p/" + r.ID().String() + "/p2p-circuit")
-	if err := a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: []ma.Multiaddr{r.Addrs()[0].Encapsulate(circuit)}}); err != nil {
-		t.Fatal(err)
-	}
-	conns := a.Network().ConnsToPeer(b.ID())
-	if len(conns) != 1 || !relayaddr.IsRelayed(conns[0]) {
+	relaytest.Reserve(t, b, r)
+	c := relaytest.Dial(t, a, b, r)
+	if conns := a.Network().ConnsToPeer(b.ID()); len(conns) != 1 {
 		t.Fatalf("connections %v, want one relayed", conns)
 	}
-	if conns[0].Stat().Limited {
-		t.Fatal("the relayed connection is limited; mtor's relays set no limit")
-	}
-	return conns[0]
-}
-
-// reserve makes h hold a reservation on relay r. The relay service starts
-// once the relay's host sees itself public: a moment after its start.
-func reserve(t *testing.T, h host.Host, r peer.AddrInfo) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		_, err := client.Reserve(t.Context(), h, r)
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("reservation: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	return c
 }
 
 // direct dials b from a over one transport, although a is connected to
@@ -123,7 +74,7 @@ func TestSweepLeavesTheRelayedConnection(t *testing.T) {
 			lo, hi := keys(t)
 			a, b := newHost(t, lo), newHost(t, hi)
 			echo(b)
-			rc := relayed(t, a, b, newRelay(t))
+			rc := relayed(t, a, b, relaytest.New(t))
 			var s network.Stream
 			if tc.queryOn == onRelayed {
 				// Before the direct connection exists: the stream stays
@@ -181,24 +132,14 @@ func TestSweepPrunesRelayedConnectionsAmongThemselves(t *testing.T) {
 	lo, hi := keys(t)
 	a, b := newHost(t, lo), newHost(t, hi)
 	echo(b)
-	rc := relayed(t, a, b, newRelay(t))
+	rc := relayed(t, a, b, relaytest.New(t))
 	s := query(t, a, b.ID())
 	// A second process with b's key reaches a through another relay, on
 	// which a holds a reservation: libp2p would reuse the first relayed
 	// connection for a dial of a's own.
-	r2 := newRelay(t)
-	r2i := peer.AddrInfo{ID: r2.ID(), Addrs: r2.Addrs()}
-	b2 := newHost(t, hi)
-	for _, h := range []host.Host{a, b2} {
-		if err := h.Connect(t.Context(), r2i); err != nil {
-			t.Fatal(err)
-		}
-	}
-	reserve(t, a, r2i)
-	circuit := ma.StringCast("/p2p/" + r2.ID().String() + "/p2p-circuit")
-	if err := b2.Connect(t.Context(), peer.AddrInfo{ID: a.ID(), Addrs: []ma.Multiaddr{r2.Addrs()[0].Encapsulate(circuit)}}); err != nil {
-		t.Fatal(err)
-	}
+	r2 := relaytest.New(t)
+	relaytest.Reserve(t, a, r2)
+	relaytest.Dial(t, newHost(t, hi), a, r2)
 	dc := direct(t, a, b, ma.P_QUIC_V1)
 	if n := len(a.Network().ConnsToPeer(b.ID())); n != 3 {
 		t.Fatalf("%d connections to the peer, want 3", n)

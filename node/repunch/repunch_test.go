@@ -15,12 +15,11 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
-	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
-	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
 	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/node/internal/relaytest"
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
@@ -55,55 +54,6 @@ func newHost(t *testing.T, opts ...libp2p.Option) host.Host {
 	}
 	t.Cleanup(func() { h.Close() })
 	return h
-}
-
-// newRelay is a relay without limits on its circuits, as mtor's are, so
-// its relayed connections are not Limited.
-func newRelay(t *testing.T) host.Host {
-	t.Helper()
-	rc := relay.DefaultResources()
-	rc.Limit = nil
-	return newHost(t, libp2p.ForceReachabilityPublic(), libp2p.EnableRelayService(relay.WithResources(rc)))
-}
-
-// reserve makes h hold a reservation on r; r's relay service starts a
-// moment after its host sees itself public.
-func reserve(t *testing.T, h host.Host, r host.Host) {
-	t.Helper()
-	ri := peer.AddrInfo{ID: r.ID(), Addrs: r.Addrs()}
-	if err := h.Connect(t.Context(), ri); err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if _, err := client.Reserve(t.Context(), h, ri); err == nil {
-			return
-		} else if time.Now().After(deadline) {
-			t.Fatalf("reservation: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// circuit dials to through r from from, and returns the connection.
-func circuit(t *testing.T, from, to, r host.Host) network.Conn {
-	t.Helper()
-	if err := from.Connect(t.Context(), peer.AddrInfo{ID: r.ID(), Addrs: r.Addrs()}); err != nil {
-		t.Fatal(err)
-	}
-	addr := r.Addrs()[0].Encapsulate(ma.StringCast("/p2p/" + r.ID().String() + "/p2p-circuit"))
-	if err := from.Connect(t.Context(), peer.AddrInfo{ID: to.ID(), Addrs: []ma.Multiaddr{addr}}); err != nil {
-		t.Fatal(err)
-	}
-	for _, c := range from.Network().ConnsToPeer(to.ID()) {
-		if relayaddr.IsRelayed(c) {
-			if c.Stat().Limited {
-				t.Fatal("the relayed connection is limited; mtor's relays set no limit")
-			}
-			return c
-		}
-	}
-	t.Fatal("no relayed connection")
-	return nil
 }
 
 // direct dials b from a directly beside the relayed connection, as a hole
@@ -202,15 +152,15 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 			rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 			rp.now = clk.now
 			rp.Attach()
-			r := newRelay(t)
+			r := relaytest.New(t)
 			var rc network.Conn
 			if tc.fromPeer {
-				reserve(t, a, r)
-				circuit(t, b, a, r)
+				relaytest.Reserve(t, a, r)
+				relaytest.Dial(t, b, a, r)
 				rc = a.Network().ConnsToPeer(b.ID())[0]
 			} else {
-				reserve(t, b, r)
-				rc = circuit(t, a, b, r)
+				relaytest.Reserve(t, b, r)
+				rc = relaytest.Dial(t, a, b, r)
 			}
 			waitStreams(t, rc)
 			in := watchInbound(b)
@@ -282,7 +232,10 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 					t.Fatalf("try %d: redialed %d peers after its wait of %s, want 1", i+2, n, wait)
 				}
 			}
-			if got := rp.Tries(); got != 4 {
+			rp.mu.Lock()
+			got := rp.tries
+			rp.mu.Unlock()
+			if got != 4 {
 				t.Fatalf("%d tries, want 4", got)
 			}
 			// A direct connection back that dies within minutes (a
@@ -377,9 +330,9 @@ func TestTheLastDirectConnectionStartsTheWait(t *testing.T) {
 	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 	rp.now = clk.now
 	rp.Attach()
-	r := newRelay(t)
-	reserve(t, b, r)
-	rc := circuit(t, a, b, r)
+	r := relaytest.New(t)
+	relaytest.Reserve(t, b, r)
+	rc := relaytest.Dial(t, a, b, r)
 	waitStreams(t, rc)
 	d1 := direct(t, a, b)
 	// A second direct connection, from a second process with b's key
