@@ -74,7 +74,7 @@ type Repuncher struct {
 
 	mu    sync.Mutex
 	peers map[peer.ID]*state
-	tries int64
+	tries int64 // peers whose relayed connections were replaced
 	// redialing: peers whose connections are being replaced, until when
 	// (real time: it covers the disconnection's events, delivered late).
 	redialing map[peer.ID]time.Time
@@ -100,15 +100,6 @@ const DefaultStable = 5 * time.Minute
 
 // Option configures a Repuncher.
 type Option func(*Repuncher)
-
-// WithInterval sets how often Run looks at the connections.
-func WithInterval(d time.Duration) Option {
-	return func(r *Repuncher) {
-		if d > 0 {
-			r.interval = d
-		}
-	}
-}
 
 // WithBackoff sets the wait before the first try after a direct
 // connection's loss and the most between later tries.
@@ -144,13 +135,6 @@ func New(h host.Host, opts ...Option) *Repuncher {
 		o(r)
 	}
 	return r
-}
-
-// Tries is how many peers' relayed connections were replaced.
-func (r *Repuncher) Tries() int64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.tries
 }
 
 // Reconnecting reports whether p's connections are being replaced, so
