@@ -79,17 +79,27 @@ func (f *fakeVisionServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // server receives the parts in the order the client sent them, the text
 // parts whole (the joiner the swarm's request puts between them left out).
 // Before Attachment.at it got the text parts joined, then every image.
+// On TCP and QUIC.
 func TestOpenAIClientImagesKeepTheirPlace(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts []swarmtest.Option
+	}{{"tcp", nil}, {"quic", []swarmtest.Option{swarmtest.QUIC()}}} {
+		t.Run(tc.name, func(t *testing.T) { testImagesKeepTheirPlace(t, tc.opts...) })
+	}
+}
+
+func testImagesKeepTheirPlace(t *testing.T, opts ...swarmtest.Option) {
 	fake := &fakeVisionServer{}
 	url := serveFake(t, fake)
-	sw := swarmtest.New(t, swarmtest.Workers(1), swarmtest.Clients(1),
+	sw := swarmtest.New(t, append([]swarmtest.Option{swarmtest.Workers(1), swarmtest.Clients(1),
 		swarmtest.Backends(func(int, string) []backend.Backend {
 			b, err := openai.New(url)
 			if err != nil {
 				t.Fatal(err)
 			}
 			return []backend.Backend{b}
-		}))
+		})}, opts...)...)
 	r := sw.Clients[0].Router()
 	for deadline := time.Now().Add(testTimeout); len(r.Models()) < 1; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
