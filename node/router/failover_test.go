@@ -119,7 +119,12 @@ func TestContinuesTheAnswerOfAWorkerThatDies(t *testing.T) {
 // stream's request, resets a stream without one, and hands the rest to
 // answer, the behaviour of the worker it stands in for.
 func fakeWorker(t *testing.T, answer func(s network.Stream, req *pb.QueryRequest)) host.Host {
-	h := testHost(t)
+	return fakeWorkerOn(t, "/ip4/127.0.0.1/tcp/0", answer)
+}
+
+// fakeWorkerOn is fakeWorker listening on listen.
+func fakeWorkerOn(t *testing.T, listen string, answer func(s network.Stream, req *pb.QueryRequest)) host.Host {
+	h := testHostOn(t, listen)
 	h.SetStreamHandler(testProto, func(s network.Stream) {
 		var req pb.QueryRequest
 		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {

@@ -586,75 +586,79 @@ func TestQueueStepsOfAProviderAreProgress(t *testing.T) {
 // liar counting down thousands of positions does, holds a query
 // queueStalls stall periods at most while another worker could take it:
 // the query moves there, not to its deadline. Alone, the same steps hold
-// the query until the queue's answer comes.
+// the query until the queue's answer comes. On TCP and QUIC (whose
+// streams fail a read past its deadline before handing over what was
+// buffered).
 func TestQueueStepsAloneHoldAQueryAFewStallPeriods(t *testing.T) {
 	const stall, step = 400 * time.Millisecond, 100 * time.Millisecond
-	for _, tc := range []struct {
-		name  string
-		alone bool
-		steps uint32 // then it answers
-	}{
-		{name: "another could take it", steps: 30_000},
-		{name: "alone", alone: true, steps: 25},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var tried atomic.Bool
-			queued := fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
-				tried.Store(true)
-				defer s.Close()
-				for pos := tc.steps; ; pos-- {
-					if protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: pos, HeartbeatMs: 100}}}) != nil {
+	for _, tr := range transports {
+		for _, tc := range []struct {
+			name  string
+			alone bool
+			steps uint32 // then it answers
+		}{
+			{name: "another could take it", steps: 30_000},
+			{name: "alone", alone: true, steps: 25},
+		} {
+			t.Run(tr.name+"/"+tc.name, func(t *testing.T) {
+				var tried atomic.Bool
+				queued := fakeWorkerOn(t, tr.listen, func(s network.Stream, _ *pb.QueryRequest) {
+					tried.Store(true)
+					defer s.Close()
+					for pos := tc.steps; ; pos-- {
+						if protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{QueuePosition: pos, HeartbeatMs: 100}}}) != nil {
+							return
+						}
+						if pos == 0 {
+							break
+						}
+						time.Sleep(step)
+					}
+					_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "queued answer"}}})
+					_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{FinishReason: protocol.FinishStop, Usage: &pb.Usage{CompletionTokens: 2}}}})
+				})
+				h := testHostOn(t, tr.listen)
+				providers := fixedProviders{{ID: queued.ID(), Addrs: queued.Addrs()}}
+				if !tc.alone {
+					other := demoWorkerOn(t, tr.listen, "other", 0)
+					connect(t, h, other)
+					providers = append(providers, peer.AddrInfo{ID: other.ID(), Addrs: other.Addrs()})
+				}
+				connect(t, h, queued)
+				r := New(h, testProto, staticTable{}, WithProviders(providers), WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
+				for range 20 {
+					tried.Store(false)
+					// Well short of the 50 min the steps would take.
+					ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+					defer cancel()
+					start := time.Now()
+					res, err := r.Query(ctx, chat("hi"), func(*pb.Event) error { return nil })
+					took := time.Since(start)
+					if err != nil {
+						t.Fatalf("after %s: %v", took, err)
+					}
+					if !tried.Load() {
+						continue
+					}
+					if tc.alone {
+						if res.Peer != queued.ID() || res.Attempts != 1 {
+							t.Fatalf("answered by %s in %d attempts, want the queued worker, the only one, in 1", res.Peer, res.Attempts)
+						}
+						// One wait a period (2.5 s of steps, 400 ms periods),
+						// not a spin on a deadline already past.
+						if n := r.waitedOn.Load(); n > 2*int64(time.Duration(tc.steps)*step/stall)+2 {
+							t.Fatalf("waited on %d times for %d periods", n, time.Duration(tc.steps)*step/stall)
+						}
 						return
 					}
-					if pos == 0 {
-						break
-					}
-					time.Sleep(step)
-				}
-				_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "queued answer"}}})
-				_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{FinishReason: protocol.FinishStop, Usage: &pb.Usage{CompletionTokens: 2}}}})
-			})
-			h := testHost(t)
-			providers := fixedProviders{{ID: queued.ID(), Addrs: queued.Addrs()}}
-			if !tc.alone {
-				other := demoWorker(t, "other", 0)
-				connect(t, h, other)
-				providers = append(providers, peer.AddrInfo{ID: other.ID(), Addrs: other.Addrs()})
-			}
-			connect(t, h, queued)
-			r := New(h, testProto, staticTable{}, WithProviders(providers), WithRetryBackoff(time.Millisecond), WithStallTimeout(stall))
-			for range 20 {
-				tried.Store(false)
-				// Well short of the 50 min the steps would take.
-				ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-				defer cancel()
-				start := time.Now()
-				res, err := r.Query(ctx, chat("hi"), func(*pb.Event) error { return nil })
-				took := time.Since(start)
-				if err != nil {
-					t.Fatalf("after %s: %v", took, err)
-				}
-				if !tried.Load() {
-					continue
-				}
-				if tc.alone {
-					if res.Peer != queued.ID() || res.Attempts != 1 {
-						t.Fatalf("answered by %s in %d attempts, want the queued worker, the only one, in 1", res.Peer, res.Attempts)
-					}
-					// One wait a period (2.5 s of steps, 400 ms periods),
-					// not a spin on a deadline already past.
-					if n := r.waitedOn.Load(); n > 2*int64(time.Duration(tc.steps)*step/stall)+2 {
-						t.Fatalf("waited on %d times for %d periods", n, time.Duration(tc.steps)*step/stall)
+					if res.Peer == queued.ID() || res.Attempts != 2 {
+						t.Fatalf("answered by %s in %d attempts after %s, want the other worker in 2", res.Peer, res.Attempts, took)
 					}
 					return
 				}
-				if res.Peer == queued.ID() || res.Attempts != 2 {
-					t.Fatalf("answered by %s in %d attempts after %s, want the other worker in 2", res.Peer, res.Attempts, took)
-				}
-				return
-			}
-			t.Fatal("the queued worker was never tried in 20 queries")
-		})
+				t.Fatal("the queued worker was never tried in 20 queries")
+			})
+		}
 	}
 }
 
