@@ -68,6 +68,14 @@ const (
 	// them down, a step a period, to the query's deadline; and a query
 	// waiting that long in one queue is better served by a free worker.
 	queueStalls = 3
+	// heldFirst is how long a worker whose queue held a query past
+	// queueStalls (failQueued) counts as full: free workers go first.
+	// Each hold in a row doubles it, to heldMost; an answer ends the
+	// row. A queue that slow will hold the next query too, and a worker
+	// that counts a queue down within what it announced (which
+	// queueLie cannot blame) delays one query per period, not each.
+	heldFirst = time.Minute
+	heldMost  = 16 * time.Minute
 	// maxModelTrackers bounds the per-model health kept of one peer.
 	maxModelTrackers = 64
 	// pruneEvery spaces the pruning of the state of peers gone from the
@@ -177,6 +185,10 @@ type peerState struct {
 	// from their Done: a worker announcing less than it reports in its
 	// answers is ranked by the more (energy.go).
 	jpt map[string]float32
+	// heldUntil: its queue held a query past queueStalls, and until then
+	// it counts as full (heldFirst); holds counts such holds in a row.
+	heldUntil time.Time
+	holds     int
 }
 
 // unreachableLocked reports whether c is still unreachable: it failed a
@@ -431,6 +443,7 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 	// A peer not measured yet is assumed as fast as the measured ones on
 	// average, so that it gets tried instead of losing to them for ever.
 	var prior measures
+	now := time.Now()
 	for _, c := range cands {
 		if st := r.peers[c.Peer]; st != nil {
 			prior.add(st.ttft, st.service)
@@ -460,11 +473,11 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 		if mt := st.model(model); !st.tracker.Available() || (mt != nil && !mt.Available()) || r.distrusted(c.Peer) {
 			rk.unusable = append(rk.unusable, c.Peer)
 			if st.tracker.Available() && !r.distrusted(c.Peer) {
-				rk.lastResort = append(rk.lastResort, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st), lastResort: true})
+				rk.lastResort = append(rk.lastResort, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st, now), lastResort: true})
 			}
 			continue
 		}
-		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st)})
+		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st, now)})
 	}
 	byRank(rk.ranked)
 	byRank(rk.lastResort)
@@ -561,7 +574,10 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 // queue wait from load and concurrency, the measured TTFT, and the RTT.
 // full reports whether c has no free slot, by its announcement or by the
 // queries this router has in flight there.
-func full(c Candidate, st *peerState) bool {
+func full(c Candidate, st *peerState, now time.Time) bool {
+	if now.Before(st.heldUntil) {
+		return true
+	}
 	l := c.Announce.GetLoad()
 	occ := max(int(l.GetInFlight()+l.GetQueued()), st.inflight)
 	return occ >= int(max(l.GetMaxConcurrency(), 1))
@@ -1337,6 +1353,7 @@ func (r *Router) fromProviders(ctx context.Context, model string) []scored {
 		return nil
 	}
 	var out []scored
+	now := time.Now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, ai := range infos {
@@ -1345,14 +1362,18 @@ func (r *Router) fromProviders(ctx context.Context, model string) []scored {
 		}
 		// A provider that failed us lately (its breaker is open) is
 		// most likely a stale record of a dead worker.
-		if st := r.peers[ai.ID]; st != nil && !st.tracker.Available() {
+		st := r.peers[ai.ID]
+		if st != nil && !st.tracker.Available() {
 			continue
 		}
 		if len(ai.Addrs) > 0 {
 			r.h.Peerstore().AddAddrs(ai.ID, ai.Addrs, peerstore.TempAddrTTL)
 		}
-		out = append(out, scored{Candidate: Candidate{Peer: ai.ID}, score: float64(len(out))})
+		// One whose queue held a query lately goes last (heldFirst).
+		held := st != nil && now.Before(st.heldUntil)
+		out = append(out, scored{Candidate: Candidate{Peer: ai.ID}, score: float64(len(out)), full: held})
 	}
+	byRank(out)
 	return out
 }
 
@@ -1549,6 +1570,9 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 		if mt := st.model(model); mt != nil {
 			mt.Record(health.Success)
 		}
+		if !first.IsZero() {
+			st.holds = 0 // it answered: a row of holds ends
+		}
 		return
 	}
 	// A worker's report of a failure (its backend, an internal error, a
@@ -1579,7 +1603,10 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 		st.tracker.Record(health.Violation)
 	case failQueued:
 		// A busy worker is not a failing one; its queue steps were
-		// plausible (queueLie), and the query moved on.
+		// plausible (queueLie), and the query moved on. It counts as
+		// full for a while (heldFirst).
+		st.heldUntil = end.Add(min(heldFirst<<min(st.holds, 10), heldMost))
+		st.holds++
 	default:
 		st.tracker.Record(health.Failure)
 	}

@@ -654,11 +654,78 @@ func TestQueueStepsAloneHoldAQueryAFewStallPeriods(t *testing.T) {
 					if res.Peer == queued.ID() || res.Attempts != 2 {
 						t.Fatalf("answered by %s in %d attempts after %s, want the other worker in 2", res.Peer, res.Attempts, took)
 					}
+					// A queue that held one query holds the next: the
+					// free worker goes first for a while (heldFirst).
+					tried.Store(false)
+					for i := range 10 {
+						res, err := r.Query(ctx, chat("hi"), func(*pb.Event) error { return nil })
+						if err != nil || tried.Load() {
+							t.Fatalf("query %d after the hold: %v, tried the holding worker %v", i, err, tried.Load())
+						}
+						if res.Attempts != 1 {
+							t.Fatalf("query %d after the hold took %d attempts", i, res.Attempts)
+						}
+					}
 					return
 				}
 				t.Fatal("the queued worker was never tried in 20 queries")
 			})
 		}
+	}
+}
+
+// TestHeldQueueCountsAsFull: a worker whose queue held a query past
+// queueStalls (failQueued) counts as full for heldFirst, doubled for
+// each hold in a row up to heldMost; an answer ends the row, and a
+// failure of another kind neither starts nor ends it.
+func TestHeldQueueCountsAsFull(t *testing.T) {
+	held := peerFailure{failQueued, protocol.Errorf(protocol.CodeUnavailable, "held")}
+	stalled := peerFailure{failStalled, protocol.Errorf(protocol.CodeUnavailable, "stalled")}
+	type step struct {
+		err    error
+		output bool          // an answer with output (err nil)
+		want   time.Duration // heldUntil after end; 0: not full
+	}
+	for _, tc := range []struct {
+		name  string
+		steps []step
+	}{
+		{"one hold", []step{{err: held, want: heldFirst}}},
+		{"holds in a row double", []step{{err: held, want: heldFirst}, {err: held, want: 2 * heldFirst}, {err: held, want: 4 * heldFirst}}},
+		{"to a bound", []step{{err: held}, {err: held}, {err: held}, {err: held}, {err: held}, {err: held, want: heldMost}, {err: held, want: heldMost}}},
+		{"an answer ends the row", []step{{err: held}, {err: held}, {output: true, want: 2 * heldFirst}, {err: held, want: heldFirst}}},
+		{"an answer without output does not", []step{{err: held}, {output: false, want: heldFirst}, {err: held, want: 2 * heldFirst}}},
+		{"a stall is not a hold", []step{{err: stalled}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := New(testHost(t), testProto, staticTable{})
+			c := cand("w", 0, 4, 100, 0)
+			end := time.Now()
+			for i, s := range tc.steps {
+				r.mu.Lock()
+				st := r.state(c.Peer)
+				var first time.Time
+				if s.output {
+					first = end
+				}
+				r.recordLocked(st, "m", s.err, first, end.Add(-time.Second), end)
+				got := st.heldUntil.Sub(end)
+				isFull := full(c, st, end)
+				r.mu.Unlock()
+				if s.want != 0 && got != s.want {
+					t.Fatalf("step %d: full for %s, want %s", i, got, s.want)
+				}
+				if s.want == 0 && i == len(tc.steps)-1 && got > 0 {
+					t.Fatalf("step %d: full for %s, want not held", i, got)
+				}
+				if isFull != (got > 0) {
+					t.Fatalf("step %d: full = %v with %s held", i, isFull, got)
+				}
+				if got > 0 && full(c, st, end.Add(got)) {
+					t.Fatalf("step %d: still full when the hold ends", i)
+				}
+			}
+		})
 	}
 }
 
