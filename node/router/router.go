@@ -1000,6 +1000,7 @@ const (
 	failBackend                     // the worker reported a retryable failure
 	failFlood                       // more output than the query allows
 	failQueued                      // queued without output past queueStalls while another could answer: moved, not blamed
+	failQueueLie                    // failQueued, at a queue position its announcement cannot explain (queueLie): blamed
 	numFailKinds
 )
 
@@ -1300,6 +1301,7 @@ func (q *query) summary() string {
 		failBackend:     "had a failing backend",
 		failFlood:       "sent endless output",
 		failQueued:      "kept it queued",
+		failQueueLie:    "kept it queued behind more than they announced",
 	}
 	var parts []string
 	for k, n := range q.kinds {
@@ -1601,10 +1603,13 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 		st.tracker.Record(health.Timeout)
 	case failInvalid, failFlood:
 		st.tracker.Record(health.Violation)
-	case failQueued:
+	case failQueued, failQueueLie:
 		// A busy worker is not a failing one; its queue steps were
-		// plausible (queueLie), and the query moved on. It counts as
-		// full for a while (heldFirst).
+		// plausible (queueLie), and the query moved on. Either counts
+		// as full for a while (heldFirst).
+		if pf.kind == failQueueLie {
+			st.tracker.Record(health.Timeout)
+		}
 		st.heldUntil = end.Add(min(heldFirst<<min(st.holds, 10), heldMost))
 		st.holds++
 	default:
@@ -1892,9 +1897,9 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 					// announcement cannot explain.
 					kind := failQueued
 					if queueLie(c, worst) {
-						kind = failStuck
+						kind = failQueueLie
 					}
-					log.Debugw("worker holds the query in its queue", "peer", p, "stall", stall, "position", worst, "blamed", kind == failStuck)
+					log.Debugw("worker holds the query in its queue", "peer", p, "stall", stall, "position", worst, "blamed", kind == failQueueLie)
 					return nil, peerFailure{kind, protocol.Errorf(protocol.CodeUnavailable, "worker %s kept the query in its queue for %s or more without output", ShortID(p), (queueStalls * stall).Round(time.Millisecond))}
 				}
 				log.Debugw("worker stalls", "peer", p, "stall", stall)

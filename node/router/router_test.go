@@ -675,12 +675,14 @@ func TestQueueStepsAloneHoldAQueryAFewStallPeriods(t *testing.T) {
 }
 
 // TestHeldQueueCountsAsFull: a worker whose queue held a query past
-// queueStalls (failQueued) counts as full for heldFirst, doubled for
-// each hold in a row up to heldMost; an answer ends the row, and a
-// failure of another kind neither starts nor ends it.
+// queueStalls (failQueued, or failQueueLie, which its breaker records
+// too) counts as full for heldFirst, doubled for each hold in a row up
+// to heldMost; an answer ends the row, and a failure of another kind
+// neither starts nor ends it.
 func TestHeldQueueCountsAsFull(t *testing.T) {
 	held := peerFailure{failQueued, protocol.Errorf(protocol.CodeUnavailable, "held")}
 	stalled := peerFailure{failStalled, protocol.Errorf(protocol.CodeUnavailable, "stalled")}
+	lie := peerFailure{failQueueLie, protocol.Errorf(protocol.CodeUnavailable, "lie")}
 	type step struct {
 		err    error
 		output bool          // an answer with output (err nil)
@@ -696,6 +698,7 @@ func TestHeldQueueCountsAsFull(t *testing.T) {
 		{"an answer ends the row", []step{{err: held}, {err: held}, {output: true, want: 2 * heldFirst}, {err: held, want: heldFirst}}},
 		{"an answer without output does not", []step{{err: held}, {output: false, want: heldFirst}, {err: held, want: 2 * heldFirst}}},
 		{"a stall is not a hold", []step{{err: stalled}}},
+		{"a queue lie holds too", []step{{err: lie, want: heldFirst}, {err: held, want: 2 * heldFirst}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := New(testHost(t), testProto, staticTable{})
@@ -711,7 +714,11 @@ func TestHeldQueueCountsAsFull(t *testing.T) {
 				r.recordLocked(st, "m", s.err, first, end.Add(-time.Second), end)
 				got := st.heldUntil.Sub(end)
 				isFull := full(c, st, end)
+				blamed := st.tracker.Score() < 100
 				r.mu.Unlock()
+				if wantBlame := s.err == lie || s.err == stalled; blamed != wantBlame && i == 0 {
+					t.Fatalf("step %d: health %v after %v", i, blamed, s.err)
+				}
 				if s.want != 0 && got != s.want {
 					t.Fatalf("step %d: full for %s, want %s", i, got, s.want)
 				}
