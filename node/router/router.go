@@ -28,6 +28,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
 	mss "github.com/multiformats/go-multistream"
+	"golang.org/x/sync/singleflight"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/node/health"
@@ -246,6 +247,8 @@ type Router struct {
 	// preferEnergy and energySlack: energy.go.
 	preferEnergy bool
 	energySlack  float64
+
+	pings singleflight.Group // answersPing's, by peer
 
 	mu       sync.Mutex
 	peers    map[peer.ID]*peerState
@@ -1127,28 +1130,51 @@ func (r *Router) othersAlive(ctx context.Context, q *query, c scored) bool {
 		if i == othersPinged {
 			return false
 		}
-		// Reached as a query would be: its announced addresses, no
-		// dial back-off from an earlier failure.
-		r.ensureAddrs(ctx, o)
-		r.clearBackoff(o.Peer)
-		pctx, cancel := context.WithTimeout(ctx, othersPing)
-		// Ping closes its channel without a result when pctx ends.
-		res, ok := <-ping.Ping(pctx, r.h, o.Peer)
-		cancel()
+		alive, err := r.answersPing(ctx, o)
 		if ctx.Err() != nil {
 			return false // the query ended, not the peer
 		}
-		if ok && (res.Error == nil || pingAnswered(res.Error)) {
+		if alive {
 			return true
 		}
-		log.Debugw("another worker did not answer a ping: the stalled query stays", "peer", o.Peer, "err", cmp.Or(res.Error, pctx.Err()))
+		log.Debugw("another worker did not answer a ping: the stalled query stays", "peer", o.Peer, "err", err)
+	}
+	return false
+}
+
+// answersPing reports whether o answers a ping within othersPing, dial
+// included. Queries that stall at once share one ping of each peer
+// (libp2p lets a peer hold few pings at once), which does not end with
+// the query that started it. One that does not answer has its
+// connections handed to the connection checker.
+func (r *Router) answersPing(ctx context.Context, o scored) (bool, error) {
+	ch := r.pings.DoChan(string(o.Peer), func() (any, error) {
+		// Detached from the first caller's query: the others wait on it.
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), othersPing)
+		defer cancel()
+		// Reached as a query would be: its announced addresses, no
+		// dial back-off from an earlier failure.
+		r.ensureAddrs(pctx, o)
+		r.clearBackoff(o.Peer)
+		// Ping closes its channel without a result when pctx ends.
+		res, ok := <-ping.Ping(pctx, r.h, o.Peer)
+		if ok && (res.Error == nil || pingAnswered(res.Error)) {
+			return true, nil
+		}
 		if r.checker != nil {
 			for _, conn := range r.h.Network().ConnsToPeer(o.Peer) {
 				r.checker.Suspect(conn)
 			}
 		}
+		return false, cmp.Or(res.Error, pctx.Err())
+	})
+	select {
+	case <-ctx.Done():
+		return false, ctx.Err()
+	case res := <-ch:
+		alive, _ := res.Val.(bool)
+		return alive, res.Err
 	}
-	return false
 }
 
 // pingAnswered reports whether a failed ping still shows a live peer: it

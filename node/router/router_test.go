@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	mss "github.com/multiformats/go-multistream"
 
 	"github.com/mtor-swarm/mtor/discovery/hostiletest"
@@ -803,5 +805,67 @@ func TestPingAnswered(t *testing.T) {
 				t.Fatalf("pingAnswered(%v) = %v, want %v", tc.err, got, tc.alive)
 			}
 		})
+	}
+}
+
+// TestStalledQueriesShareOnePing: queries that stall at once ask whether
+// the same rival lives with one ping, which outlives the query that
+// started it; a rival that never answers fails them all in one ping.
+func TestStalledQueriesShareOnePing(t *testing.T) {
+	const callers = 16
+	for _, tr := range transports {
+		for _, frozen := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/frozen=%v", tr.name, frozen), func(t *testing.T) {
+				h, rival := testHostOn(t, tr.listen), testHostOn(t, tr.listen)
+				var streams atomic.Int32
+				rival.SetStreamHandler(ping.ID, func(s network.Stream) {
+					streams.Add(1)
+					defer s.Close()
+					buf := make([]byte, ping.PingSize)
+					for {
+						if _, err := io.ReadFull(s, buf); err != nil {
+							return
+						}
+						if frozen {
+							continue
+						}
+						time.Sleep(300 * time.Millisecond) // the others ask meanwhile
+						if _, err := s.Write(buf); err != nil {
+							return
+						}
+					}
+				})
+				connect(t, h, rival)
+				r := New(h, testProto, staticTable{})
+				o := scored{Candidate: Candidate{Peer: rival.ID()}}
+				// The first caller's query ends before the answer.
+				first, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+				defer cancel()
+				alive := make(chan bool, callers)
+				for i := range callers {
+					ctx := t.Context()
+					if i == 0 {
+						ctx = first
+					}
+					go func() {
+						ok, _ := r.answersPing(ctx, o)
+						if i > 0 {
+							alive <- ok
+						}
+					}()
+					if i == 0 {
+						time.Sleep(10 * time.Millisecond) // it starts the ping
+					}
+				}
+				for range callers - 1 {
+					if ok := <-alive; ok == frozen {
+						t.Fatalf("answered %v by a rival frozen=%v", ok, frozen)
+					}
+				}
+				if n := streams.Load(); n != 1 {
+					t.Fatalf("%d ping streams for %d stalled queries, want 1", n, callers)
+				}
+			})
+		}
 	}
 }
