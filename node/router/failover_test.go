@@ -416,29 +416,54 @@ func TestLocalStreamLimitIsBusy(t *testing.T) {
 }
 
 // TestRestartedPeerStartsAfresh: a peer whose breaker opened is routable
-// again as soon as it announces a new incarnation (it restarted).
+// again as soon as it announces a new incarnation (it restarted), once
+// a restartForgive: one that restarts again sooner (hostile, announcing
+// a new incarnation at every turn, or crash-looping) stays out.
 func TestRestartedPeerStartsAfresh(t *testing.T) {
 	inc := func(n uint64) func(*pb.Announce) { return func(a *pb.Announce) { a.Incarnation = n } }
 	var table atomic.Pointer[staticTable]
-	old := staticTable{cand("w", 0, 4, 100, 0, inc(1))}
-	table.Store(&old)
+	announce := func(n uint64) { table.Store(&staticTable{cand("w", 0, 4, 100, 0, inc(n))}) }
+	announce(1)
 	r := New(testHost(t), "/test", tableFunc(func() []Candidate { return *table.Load() }))
-	if ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT); len(ranked) != 1 {
+	ranked := func() bool {
+		rk, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+		return len(rk) == 1
+	}
+	if !ranked() {
 		t.Fatal("peer not ranked")
 	}
-	r.mu.Lock()
-	st := r.state("w")
-	for range 5 {
-		r.recordLocked(st, "m", peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
+	fail := func() {
+		r.mu.Lock()
+		st := r.state("w")
+		for range 5 {
+			r.recordLocked(st, "m", peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
+		}
+		r.mu.Unlock()
+		if ranked() {
+			t.Fatal("a peer with an open breaker is still ranked")
+		}
 	}
-	r.mu.Unlock()
-	if ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT); len(ranked) != 0 {
-		t.Fatal("a peer with an open breaker is still ranked")
-	}
-	restarted := staticTable{cand("w", 0, 4, 100, 0, inc(2))}
-	table.Store(&restarted)
-	if ranked, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT); len(ranked) != 1 {
-		t.Fatal("the restarted peer is not ranked again")
+	for i, step := range []struct {
+		name    string
+		since   time.Duration // since the last forgiven restart
+		forgive bool
+	}{
+		{"first restart", 0, true},
+		{"again at once", 0, false},
+		{"again, just short of the spacing", restartForgive - time.Second, false},
+		{"again, after the spacing", restartForgive, true},
+	} {
+		fail()
+		r.mu.Lock()
+		st := r.state("w")
+		if !st.forgivenAt.IsZero() {
+			st.forgivenAt = time.Now().Add(-step.since)
+		}
+		r.mu.Unlock()
+		announce(uint64(i + 2))
+		if got := ranked(); got != step.forgive {
+			t.Fatalf("%s: ranked %v, want %v", step.name, got, step.forgive)
+		}
 	}
 }
 

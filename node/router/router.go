@@ -77,6 +77,8 @@ const (
 	// queueLie cannot blame) delays one query per period, not each.
 	heldFirst = time.Minute
 	heldMost  = 16 * time.Minute
+	// restartForgive spaces the restarts that reset a peer's breaker.
+	restartForgive = time.Minute
 	// maxModelTrackers bounds the per-model health kept of one peer.
 	maxModelTrackers = 64
 	// pruneEvery spaces the pruning of the state of peers gone from the
@@ -190,6 +192,9 @@ type peerState struct {
 	// it counts as full (heldFirst); holds counts such holds in a row.
 	heldUntil time.Time
 	holds     int
+	// forgivenAt: when a restart last reset its breaker
+	// (noteIncarnationLocked).
+	forgivenAt time.Time
 }
 
 // unreachableLocked reports whether c is still unreachable: it failed a
@@ -466,7 +471,7 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 			continue
 		}
 		st := r.state(c.Peer)
-		r.noteIncarnationLocked(c, st)
+		r.noteIncarnationLocked(c, st, now)
 		r.noteAddrsLocked(c, st)
 		if st.unreachableLocked(c) {
 			rk.unreachable++
@@ -549,8 +554,11 @@ func (r *Router) noteAddrsLocked(c Candidate, st *peerState) {
 // noteIncarnationLocked starts afresh with a peer that restarted: the
 // failures of its old process (an open breaker, a dial back-off) say
 // nothing of the new one, and connections opened to the old process are
-// dead, though libp2p may still prefer them.
-func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
+// dead, though libp2p may still prefer them. Its breaker is forgiven
+// once a restartForgive at most: a peer that announces a new
+// incarnation at every turn (hostile, or crash-looping) would otherwise
+// never stay out.
+func (r *Router) noteIncarnationLocked(c Candidate, st *peerState, now time.Time) {
 	inc := c.Announce.GetIncarnation()
 	if inc == 0 || inc == st.incarnation {
 		return
@@ -560,7 +568,12 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 	if !restarted {
 		return
 	}
-	st.tracker = health.New(r.trackerOpts...)
+	if now.Sub(st.forgivenAt) >= restartForgive {
+		st.tracker = health.New(r.trackerOpts...)
+		st.forgivenAt = now
+	} else {
+		log.Debugw("peer restarted again soon: its failures still count", "peer", c.Peer)
+	}
 	st.ttft, st.service = 0, 0
 	st.energyProbed = nil // the new process has measured nothing
 	r.clearBackoff(c.Peer)
