@@ -1652,8 +1652,11 @@ type Receipt struct {
 	TimeUnixMs       int64                  `protobuf:"varint,12,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`   // when the worker signed
 	WorkerSig        []byte                 `protobuf:"bytes,13,opt,name=worker_sig,json=workerSig,proto3" json:"worker_sig,omitempty"`         // by the worker's libp2p identity key
 	RouterSig        []byte                 `protobuf:"bytes,14,opt,name=router_sig,json=routerSig,proto3" json:"router_sig,omitempty"`         // by the requester's libp2p identity key
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The requester's countersignature of a batch of receipts, instead of
+	// router_sig (docs/protocol.md §6.4, receipt protocol 1.1.0).
+	RouterBatch   *BatchSignature `protobuf:"bytes,15,opt,name=router_batch,json=routerBatch,proto3" json:"router_batch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Receipt) Reset() {
@@ -1784,8 +1787,86 @@ func (x *Receipt) GetRouterSig() []byte {
 	return nil
 }
 
+func (x *Receipt) GetRouterBatch() *BatchSignature {
+	if x != nil {
+		return x.RouterBatch
+	}
+	return nil
+}
+
+// BatchSignature countersigns one receipt as a leaf of an RFC 6962
+// Merkle tree of the receipts returned together: sig is over
+// "mtor/receipt/v1/batch\n", the varint size, and the tree's root.
+type BatchSignature struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint32                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"` // this receipt's leaf, 0-based
+	Size          uint32                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`   // leaves in the tree, 1..64
+	Proof         [][]byte               `protobuf:"bytes,3,rep,name=proof,proto3" json:"proof,omitempty"`  // RFC 6962 inclusion proof, leaf to root
+	Sig           []byte                 `protobuf:"bytes,4,opt,name=sig,proto3" json:"sig,omitempty"`      // by the requester's libp2p identity key
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchSignature) Reset() {
+	*x = BatchSignature{}
+	mi := &file_mtor_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchSignature) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchSignature) ProtoMessage() {}
+
+func (x *BatchSignature) ProtoReflect() protoreflect.Message {
+	mi := &file_mtor_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchSignature.ProtoReflect.Descriptor instead.
+func (*BatchSignature) Descriptor() ([]byte, []int) {
+	return file_mtor_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *BatchSignature) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *BatchSignature) GetSize() uint32 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *BatchSignature) GetProof() [][]byte {
+	if x != nil {
+		return x.Proof
+	}
+	return nil
+}
+
+func (x *BatchSignature) GetSig() []byte {
+	if x != nil {
+		return x.Sig
+	}
+	return nil
+}
+
 // ReceiptBatch is the one frame of a receipt stream
-// (/mtor/<swarm>/receipt/1.0.0): countersigned receipts that a routing node
+// (/mtor/<swarm>/receipt/1.1.0 or 1.0.0): countersigned receipts that a routing node
 // returns to the worker that signed them, at most 64 (docs/protocol.md §6.4).
 type ReceiptBatch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1796,7 +1877,7 @@ type ReceiptBatch struct {
 
 func (x *ReceiptBatch) Reset() {
 	*x = ReceiptBatch{}
-	mi := &file_mtor_proto_msgTypes[20]
+	mi := &file_mtor_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1808,7 +1889,7 @@ func (x *ReceiptBatch) String() string {
 func (*ReceiptBatch) ProtoMessage() {}
 
 func (x *ReceiptBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[20]
+	mi := &file_mtor_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1821,7 +1902,7 @@ func (x *ReceiptBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReceiptBatch.ProtoReflect.Descriptor instead.
 func (*ReceiptBatch) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{20}
+	return file_mtor_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ReceiptBatch) GetReceipts() []*Receipt {
@@ -1842,7 +1923,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_mtor_proto_msgTypes[21]
+	mi := &file_mtor_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1854,7 +1935,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[21]
+	mi := &file_mtor_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1867,7 +1948,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{21}
+	return file_mtor_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -1914,7 +1995,7 @@ type Announce struct {
 
 func (x *Announce) Reset() {
 	*x = Announce{}
-	mi := &file_mtor_proto_msgTypes[22]
+	mi := &file_mtor_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1926,7 +2007,7 @@ func (x *Announce) String() string {
 func (*Announce) ProtoMessage() {}
 
 func (x *Announce) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[22]
+	mi := &file_mtor_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1939,7 +2020,7 @@ func (x *Announce) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Announce.ProtoReflect.Descriptor instead.
 func (*Announce) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{22}
+	return file_mtor_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Announce) GetSeq() uint64 {
@@ -2044,7 +2125,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_mtor_proto_msgTypes[23]
+	mi := &file_mtor_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2056,7 +2137,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[23]
+	mi := &file_mtor_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2069,7 +2150,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{23}
+	return file_mtor_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ModelInfo) GetName() string {
@@ -2142,7 +2223,7 @@ type GPU struct {
 
 func (x *GPU) Reset() {
 	*x = GPU{}
-	mi := &file_mtor_proto_msgTypes[24]
+	mi := &file_mtor_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2154,7 +2235,7 @@ func (x *GPU) String() string {
 func (*GPU) ProtoMessage() {}
 
 func (x *GPU) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[24]
+	mi := &file_mtor_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2167,7 +2248,7 @@ func (x *GPU) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GPU.ProtoReflect.Descriptor instead.
 func (*GPU) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{24}
+	return file_mtor_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GPU) GetName() string {
@@ -2224,7 +2305,7 @@ type Load struct {
 
 func (x *Load) Reset() {
 	*x = Load{}
-	mi := &file_mtor_proto_msgTypes[25]
+	mi := &file_mtor_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2236,7 +2317,7 @@ func (x *Load) String() string {
 func (*Load) ProtoMessage() {}
 
 func (x *Load) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[25]
+	mi := &file_mtor_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2249,7 +2330,7 @@ func (x *Load) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Load.ProtoReflect.Descriptor instead.
 func (*Load) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{25}
+	return file_mtor_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Load) GetInFlight() uint32 {
@@ -2294,7 +2375,7 @@ type Catalog struct {
 
 func (x *Catalog) Reset() {
 	*x = Catalog{}
-	mi := &file_mtor_proto_msgTypes[26]
+	mi := &file_mtor_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2306,7 +2387,7 @@ func (x *Catalog) String() string {
 func (*Catalog) ProtoMessage() {}
 
 func (x *Catalog) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[26]
+	mi := &file_mtor_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2319,7 +2400,7 @@ func (x *Catalog) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Catalog.ProtoReflect.Descriptor instead.
 func (*Catalog) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{26}
+	return file_mtor_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Catalog) GetTimeUnixMs() int64 {
@@ -2355,7 +2436,7 @@ type CatalogModel struct {
 
 func (x *CatalogModel) Reset() {
 	*x = CatalogModel{}
-	mi := &file_mtor_proto_msgTypes[27]
+	mi := &file_mtor_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2367,7 +2448,7 @@ func (x *CatalogModel) String() string {
 func (*CatalogModel) ProtoMessage() {}
 
 func (x *CatalogModel) ProtoReflect() protoreflect.Message {
-	mi := &file_mtor_proto_msgTypes[27]
+	mi := &file_mtor_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2380,7 +2461,7 @@ func (x *CatalogModel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CatalogModel.ProtoReflect.Descriptor instead.
 func (*CatalogModel) Descriptor() ([]byte, []int) {
-	return file_mtor_proto_rawDescGZIP(), []int{27}
+	return file_mtor_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CatalogModel) GetName() string {
@@ -2539,7 +2620,7 @@ const file_mtor_proto_rawDesc = "" +
 	"\x0eworker_version\x18\x04 \x01(\tR\rworkerVersion\x12\x14\n" +
 	"\x05model\x18\x05 \x01(\tR\x05model\x12#\n" +
 	"\rfinish_reason\x18\x06 \x01(\tR\ffinishReason\x12*\n" +
-	"\areceipt\x18\a \x01(\v2\x10.mtor.v1.ReceiptR\areceipt\"\xc0\x03\n" +
+	"\areceipt\x18\a \x01(\v2\x10.mtor.v1.ReceiptR\areceipt\"\xfc\x03\n" +
 	"\aReceipt\x12\x19\n" +
 	"\bquery_id\x18\x01 \x01(\fR\aqueryId\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12&\n" +
@@ -2558,7 +2639,13 @@ const file_mtor_proto_rawDesc = "" +
 	"\n" +
 	"worker_sig\x18\r \x01(\fR\tworkerSig\x12\x1d\n" +
 	"\n" +
-	"router_sig\x18\x0e \x01(\fR\trouterSig\"<\n" +
+	"router_sig\x18\x0e \x01(\fR\trouterSig\x12:\n" +
+	"\frouter_batch\x18\x0f \x01(\v2\x17.mtor.v1.BatchSignatureR\vrouterBatch\"b\n" +
+	"\x0eBatchSignature\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\rR\x04size\x12\x14\n" +
+	"\x05proof\x18\x03 \x03(\fR\x05proof\x12\x10\n" +
+	"\x03sig\x18\x04 \x01(\fR\x03sig\"<\n" +
 	"\fReceiptBatch\x12,\n" +
 	"\breceipts\x18\x01 \x03(\v2\x10.mtor.v1.ReceiptR\breceipts\"g\n" +
 	"\x05Error\x12&\n" +
@@ -2644,7 +2731,7 @@ func file_mtor_proto_rawDescGZIP() []byte {
 }
 
 var file_mtor_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_mtor_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_mtor_proto_goTypes = []any{
 	(QueryType)(0),         // 0: mtor.v1.QueryType
 	(ErrorCode)(0),         // 1: mtor.v1.ErrorCode
@@ -2668,14 +2755,15 @@ var file_mtor_proto_goTypes = []any{
 	(*Timing)(nil),         // 19: mtor.v1.Timing
 	(*Done)(nil),           // 20: mtor.v1.Done
 	(*Receipt)(nil),        // 21: mtor.v1.Receipt
-	(*ReceiptBatch)(nil),   // 22: mtor.v1.ReceiptBatch
-	(*Error)(nil),          // 23: mtor.v1.Error
-	(*Announce)(nil),       // 24: mtor.v1.Announce
-	(*ModelInfo)(nil),      // 25: mtor.v1.ModelInfo
-	(*GPU)(nil),            // 26: mtor.v1.GPU
-	(*Load)(nil),           // 27: mtor.v1.Load
-	(*Catalog)(nil),        // 28: mtor.v1.Catalog
-	(*CatalogModel)(nil),   // 29: mtor.v1.CatalogModel
+	(*BatchSignature)(nil), // 22: mtor.v1.BatchSignature
+	(*ReceiptBatch)(nil),   // 23: mtor.v1.ReceiptBatch
+	(*Error)(nil),          // 24: mtor.v1.Error
+	(*Announce)(nil),       // 25: mtor.v1.Announce
+	(*ModelInfo)(nil),      // 26: mtor.v1.ModelInfo
+	(*GPU)(nil),            // 27: mtor.v1.GPU
+	(*Load)(nil),           // 28: mtor.v1.Load
+	(*Catalog)(nil),        // 29: mtor.v1.Catalog
+	(*CatalogModel)(nil),   // 30: mtor.v1.CatalogModel
 }
 var file_mtor_proto_depIdxs = []int32{
 	0,  // 0: mtor.v1.QueryRequest.type:type_name -> mtor.v1.QueryType
@@ -2692,7 +2780,7 @@ var file_mtor_proto_depIdxs = []int32{
 	16, // 11: mtor.v1.Event.media:type_name -> mtor.v1.Media
 	17, // 12: mtor.v1.Event.embedding:type_name -> mtor.v1.Embedding
 	20, // 13: mtor.v1.Event.done:type_name -> mtor.v1.Done
-	23, // 14: mtor.v1.Event.error:type_name -> mtor.v1.Error
+	24, // 14: mtor.v1.Event.error:type_name -> mtor.v1.Error
 	15, // 15: mtor.v1.Event.tool_call:type_name -> mtor.v1.ToolCallDelta
 	13, // 16: mtor.v1.Chunk.logprobs:type_name -> mtor.v1.TokenLogprob
 	14, // 17: mtor.v1.TokenLogprob.top:type_name -> mtor.v1.TopLogprob
@@ -2700,19 +2788,20 @@ var file_mtor_proto_depIdxs = []int32{
 	19, // 19: mtor.v1.Done.timing:type_name -> mtor.v1.Timing
 	21, // 20: mtor.v1.Done.receipt:type_name -> mtor.v1.Receipt
 	0,  // 21: mtor.v1.Receipt.type:type_name -> mtor.v1.QueryType
-	21, // 22: mtor.v1.ReceiptBatch.receipts:type_name -> mtor.v1.Receipt
-	1,  // 23: mtor.v1.Error.code:type_name -> mtor.v1.ErrorCode
-	25, // 24: mtor.v1.Announce.models:type_name -> mtor.v1.ModelInfo
-	26, // 25: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
-	27, // 26: mtor.v1.Announce.load:type_name -> mtor.v1.Load
-	0,  // 27: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
-	29, // 28: mtor.v1.Catalog.models:type_name -> mtor.v1.CatalogModel
-	0,  // 29: mtor.v1.CatalogModel.types:type_name -> mtor.v1.QueryType
-	30, // [30:30] is the sub-list for method output_type
-	30, // [30:30] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	22, // 22: mtor.v1.Receipt.router_batch:type_name -> mtor.v1.BatchSignature
+	21, // 23: mtor.v1.ReceiptBatch.receipts:type_name -> mtor.v1.Receipt
+	1,  // 24: mtor.v1.Error.code:type_name -> mtor.v1.ErrorCode
+	26, // 25: mtor.v1.Announce.models:type_name -> mtor.v1.ModelInfo
+	27, // 26: mtor.v1.Announce.gpus:type_name -> mtor.v1.GPU
+	28, // 27: mtor.v1.Announce.load:type_name -> mtor.v1.Load
+	0,  // 28: mtor.v1.ModelInfo.types:type_name -> mtor.v1.QueryType
+	30, // 29: mtor.v1.Catalog.models:type_name -> mtor.v1.CatalogModel
+	0,  // 30: mtor.v1.CatalogModel.types:type_name -> mtor.v1.QueryType
+	31, // [31:31] is the sub-list for method output_type
+	31, // [31:31] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_mtor_proto_init() }
@@ -2737,7 +2826,7 @@ func file_mtor_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_mtor_proto_rawDesc), len(file_mtor_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   28,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

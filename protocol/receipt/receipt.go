@@ -162,7 +162,7 @@ func New(req *pb.QueryRequest, done *pb.Done, output []byte, worker, requester p
 
 // Sign adds the worker's signature with key.
 func Sign(r *pb.Receipt, key crypto.PrivKey) error {
-	r.WorkerSig, r.RouterSig = nil, nil
+	r.WorkerSig, r.RouterSig, r.RouterBatch = nil, nil, nil
 	b, err := SigningBytes(r, false)
 	if err != nil {
 		return err
@@ -176,7 +176,7 @@ func Sign(r *pb.Receipt, key crypto.PrivKey) error {
 // Countersign adds the routing node's signature with key; call it only
 // after Check passed.
 func Countersign(r *pb.Receipt, key crypto.PrivKey) error {
-	r.RouterSig = nil
+	r.RouterSig, r.RouterBatch = nil, nil
 	b, err := SigningBytes(r, true)
 	if err != nil {
 		return err
@@ -239,16 +239,34 @@ func Check(r *pb.Receipt, e Expect) error {
 
 // Verify checks both signatures of a countersigned receipt, as anyone
 // holding it can (a ledger reloaded from disk, an auditor): the worker's
-// with the key of r.worker, the router's with the key of r.requester.
+// with the key of r.worker, the router's (alone, or of its batch) with
+// the key of r.requester.
 func Verify(r *pb.Receipt) error {
 	if err := wellFormed(r); err != nil {
 		return err
 	}
-	if len(r.GetRouterSig()) == 0 {
+	if !countersigned(r) {
 		return ErrNoRouterSig
 	}
 	if err := verifySig(r, false); err != nil {
 		return err
+	}
+	return verifyRouter(r)
+}
+
+// countersigned reports whether r carries a countersignature, alone or
+// of a batch.
+func countersigned(r *pb.Receipt) bool {
+	return len(r.GetRouterSig()) > 0 || r.GetRouterBatch() != nil
+}
+
+// Countersigned reports whether r carries a countersignature, alone or
+// of a batch; Verify says whether it holds.
+func Countersigned(r *pb.Receipt) bool { return countersigned(r) }
+
+func verifyRouter(r *pb.Receipt) error {
+	if r.GetRouterBatch() != nil {
+		return verifyBatch(r)
 	}
 	return verifySig(r, true)
 }
@@ -261,10 +279,10 @@ func VerifyRouter(r *pb.Receipt) error {
 	if err := wellFormed(r); err != nil {
 		return err
 	}
-	if len(r.GetRouterSig()) == 0 {
+	if !countersigned(r) {
 		return ErrNoRouterSig
 	}
-	return verifySig(r, true)
+	return verifyRouter(r)
 }
 
 // VerifyWorker checks the worker's signature alone, for a receipt whose
@@ -289,6 +307,10 @@ func wellFormed(r *pb.Receipt) error {
 		return fmt.Errorf("%w: peer id size", ErrMalformed)
 	case len(r.GetWorkerSig()) == 0 || len(r.GetWorkerSig()) > maxSig || len(r.GetRouterSig()) > maxSig:
 		return fmt.Errorf("%w: signature size", ErrMalformed)
+	case len(r.GetRouterSig()) > 0 && r.GetRouterBatch() != nil:
+		return fmt.Errorf("%w: countersigned alone and in a batch", ErrMalformed)
+	case len(r.GetRouterBatch().GetSig()) > maxSig:
+		return fmt.Errorf("%w: batch signature size", ErrMalformed)
 	}
 	if err := protocol.ValidateModelName(r.GetModel()); err != nil {
 		return fmt.Errorf("%w: %w", ErrMalformed, err)
@@ -311,6 +333,12 @@ func verifySig(r *pb.Receipt, router bool) error {
 	if err != nil {
 		return err
 	}
+	return verifyBy(signer, b, sig, who)
+}
+
+// verifyBy checks sig over b by signer (a binary peer ID), who the
+// signer is to the receipt.
+func verifyBy(signer, b, sig []byte, who string) error {
 	var ok bool
 	if exp := signerKeys.get(signer); exp != nil {
 		ok = verifyExpanded(exp, b, sig)
