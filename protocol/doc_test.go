@@ -178,7 +178,7 @@ func TestDocLimits(t *testing.T) {
 	}
 	for _, id := range []string{string(QueryProtocol(DefaultSwarm)), string(QueryProtocol("lab")), AnnounceTopic(DefaultSwarm),
 		RelayTopic(DefaultSwarm), RelayKey(DefaultSwarm),
-		string(ReceiptProtocol(DefaultSwarm)), string(ReceiptProtocol("lab")),
+		string(ReceiptProtocol(DefaultSwarm)), string(ReceiptProtocol("lab")), string(ReceiptBatchProtocol(DefaultSwarm)), string(ReceiptBatchProtocol("lab")),
 		string(DHTPrefix(DefaultSwarm)) + "/kad/1.0.0"} {
 		if !strings.Contains(doc, "`"+id+"`") {
 			t.Errorf("doc does not name %q", id)

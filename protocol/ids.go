@@ -51,6 +51,18 @@ func ReceiptProtocol(swarm string) protocol.ID {
 	return protocol.ID("/mtor/" + swarm + "/receipt/" + Version)
 }
 
+// ReceiptBatchProtocol is the receipt protocol whose receipts may be
+// countersigned in a batch (Receipt.router_batch): version 1.1.0 of
+// ReceiptProtocol, which a worker that does not speak it is sent instead.
+func ReceiptBatchProtocol(swarm string) protocol.ID {
+	if swarm == "" || swarm == DefaultSwarm {
+		return "/mtor/receipt/" + receiptBatchVersion
+	}
+	return protocol.ID("/mtor/" + swarm + "/receipt/" + receiptBatchVersion)
+}
+
+const receiptBatchVersion = "1.1.0"
+
 // AnnounceTopic is the gossipsub topic on which workers announce.
 func AnnounceTopic(swarm string) string {
 	if swarm == "" {

@@ -1,7 +1,10 @@
 // Package receiptback returns countersigned receipts to the workers that
 // signed them (docs/protocol.md §6.4, "Returning the countersignature"),
 // so that a worker's ledger holds what it served with both signatures.
-// The exchange is best effort: bounded, batched, never on a query's path.
+// Receipts that come checked but not yet countersigned are countersigned
+// here, a batch with one signature (receipt protocol 1.1.0), or one by
+// one for a worker that speaks only 1.0.0. The exchange is best effort:
+// bounded, batched, never on a query's path.
 package receiptback
 
 import (
@@ -11,6 +14,7 @@ import (
 	"time"
 
 	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -33,10 +37,14 @@ const (
 	maxStreams    = 4    // receipt streams open at once
 )
 
-// Sender gathers countersigned receipts per worker and sends them back.
+// Sender gathers receipts per worker, countersigns those that need it
+// and sends them back.
 type Sender struct {
 	h       host.Host
 	proto   libp2pproto.ID
+	batch   libp2pproto.ID    // the 1.1.0 protocol; "" for none
+	key     crypto.PrivKey    // countersigns the receipts that come without
+	signed  func(*pb.Receipt) // each receipt countersigned here, once
 	flush   time.Duration
 	in      chan *pb.Receipt
 	dropped atomic.Uint64
@@ -55,6 +63,17 @@ func WithFlushInterval(d time.Duration) Option {
 	}
 }
 
+// WithBatches has the Sender countersign the receipts it gets without a
+// countersignature, with key (this node's identity key): those for one
+// worker with one signature when the worker speaks batchProto
+// (protocol.ReceiptBatchProtocol), or when it cannot be reached, and one
+// by one for a worker that speaks only the Sender's other protocol.
+// signed gets each receipt once it is countersigned (the ledger), sent
+// or not: one that finds no room waiting is countersigned at once.
+func WithBatches(batchProto libp2pproto.ID, key crypto.PrivKey, signed func(*pb.Receipt)) Option {
+	return func(s *Sender) { s.batch, s.key, s.signed = batchProto, key, signed }
+}
+
 // NewSender sends over h with the receipt protocol proto
 // (protocol.ReceiptProtocol). Run must be running for anything to leave.
 func NewSender(h host.Host, proto libp2pproto.ID, opts ...Option) *Sender {
@@ -66,12 +85,56 @@ func NewSender(h host.Host, proto libp2pproto.ID, opts ...Option) *Sender {
 }
 
 // Add queues r for the worker that signed it. It never blocks: with no
-// room, r is dropped (and counted).
+// room, r is dropped (and counted), countersigned first if need be.
 func (s *Sender) Add(r *pb.Receipt) {
 	select {
 	case s.in <- r:
 	default:
-		s.dropped.Add(1)
+		s.drop([]*pb.Receipt{r})
+	}
+}
+
+// drop gives up sending rs; those still to countersign are, in one batch,
+// so that the ledger has them all the same.
+func (s *Sender) drop(rs []*pb.Receipt) {
+	s.dropped.Add(uint64(len(rs)))
+	s.countersign(rs, true)
+}
+
+// countersign countersigns the receipts of rs that come without a
+// countersignature: with one signature (batch) or one each, and passes
+// each to signed. A receipt that fails is logged and left unsigned.
+func (s *Sender) countersign(rs []*pb.Receipt, batch bool) {
+	if s.key == nil {
+		return
+	}
+	var todo []*pb.Receipt
+	for _, r := range rs {
+		if !receipt.Countersigned(r) {
+			todo = append(todo, r)
+		}
+	}
+	if len(todo) == 0 {
+		return
+	}
+	if batch {
+		if err := receipt.CountersignBatch(todo, s.key); err != nil {
+			log.Warnw("countersigning a batch of receipts failed", "receipts", len(todo), "err", err)
+			return
+		}
+	} else {
+		for _, r := range todo {
+			if err := receipt.Countersign(r, s.key); err != nil {
+				log.Warnw("countersigning a receipt failed", "err", err)
+			}
+		}
+	}
+	if s.signed != nil {
+		for _, r := range todo {
+			if receipt.Countersigned(r) {
+				s.signed(r)
+			}
+		}
 	}
 }
 
@@ -90,6 +153,17 @@ func (s *Sender) Run(ctx context.Context) {
 	// receipts beyond maxWaiting held are dropped.
 	batches := map[peer.ID][]*pb.Receipt{}
 	held := 0
+	defer func() {
+		// Stopping: what waits is countersigned (the ledger has it),
+		// not sent.
+		for _, b := range batches {
+			for len(b) > 0 {
+				n := min(len(b), protocol.MaxReceiptBatch)
+				s.drop(b[:n])
+				b = b[n:]
+			}
+		}
+	}()
 	send := func(p peer.ID) bool {
 		select {
 		case sem <- struct{}{}:
@@ -126,7 +200,7 @@ func (s *Sender) Run(ctx context.Context) {
 			return
 		case r := <-s.in:
 			if held >= maxWaiting {
-				s.dropped.Add(1)
+				s.drop([]*pb.Receipt{r})
 				continue
 			}
 			p := peer.ID(r.GetWorker())
@@ -147,11 +221,17 @@ func (s *Sender) Run(ctx context.Context) {
 
 // send writes one batch to p on a connection that already exists: a
 // worker that just answered is connected, and one that is gone is not
-// worth a dial.
+// worth a dial. The receipts are countersigned once the protocol is
+// known, whether the stream opened or not.
 func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) error {
 	ctx, cancel := context.WithTimeout(ctx, StreamTimeout)
 	defer cancel()
-	st, err := s.h.NewStream(network.WithAllowLimitedConn(network.WithNoDial(ctx, "receipts"), "receipts"), p, s.proto)
+	protos := []libp2pproto.ID{s.proto}
+	if s.batch != "" {
+		protos = []libp2pproto.ID{s.batch, s.proto}
+	}
+	st, err := s.h.NewStream(network.WithAllowLimitedConn(network.WithNoDial(ctx, "receipts"), "receipts"), p, protos...)
+	s.countersign(b, err != nil || (s.batch != "" && st.Protocol() == s.batch))
 	if err != nil {
 		return err
 	}
@@ -240,8 +320,9 @@ func (rv *Receiver) check(from peer.ID, r *pb.Receipt) error {
 		return errNotServed{}
 	}
 	// Field for field the receipt this node signed, and so its worker
-	// signature is good; only the countersignature is left to check.
-	mine.RouterSig = r.GetRouterSig()
+	// signature is good; only the countersignature is left to check
+	// (a batch's: one signature check for the whole batch).
+	mine.RouterSig, mine.RouterBatch = r.GetRouterSig(), r.GetRouterBatch()
 	if !proto.Equal(mine, r) {
 		return errNotSigned{}
 	}

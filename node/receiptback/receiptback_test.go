@@ -1,7 +1,9 @@
 package receiptback
 
 import (
+	"bytes"
 	"context"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -23,8 +25,9 @@ import (
 )
 
 const (
-	queryProto   = "/mtor/test/query"
-	receiptProto = "/mtor/test/receipt"
+	queryProto        = "/mtor/test/query"
+	receiptProto      = "/mtor/test/receipt/1.0.0"
+	receiptBatchProto = "/mtor/test/receipt/1.1.0"
 )
 
 func newHost(t *testing.T) host.Host {
@@ -51,11 +54,21 @@ type pair struct {
 	sender  *Sender
 	consume []*pb.Receipt
 	hold    bool // keep countersigned receipts instead of returning them
+	pairOpts
+	mu     sync.Mutex
+	signed []*pb.Receipt // countersigned by the sender (WithBatches)
 }
 
-func newPair(t *testing.T) *pair {
+// pairOpts: later, the router leaves countersigning to the sender
+// (router.CountersignLater, WithBatches); old, the worker speaks only
+// receipt protocol 1.0.0.
+type pairOpts struct{ later, old bool }
+
+func newPair(t *testing.T) *pair { return newPairWith(t, pairOpts{}) }
+
+func newPairWith(t *testing.T, o pairOpts) *pair {
 	t.Helper()
-	p := &pair{w: newHost(t), r: newHost(t)}
+	p := &pair{w: newHost(t), r: newHost(t), pairOpts: o}
 	var err error
 	if p.wled, err = ledger.Open("", p.w.ID()); err != nil {
 		t.Fatal(err)
@@ -65,11 +78,20 @@ func newPair(t *testing.T) *pair {
 		worker.WithOnServed(func(r *pb.Receipt) { p.wled.Record(ledger.Served, r) }))
 	wk.Refresh(context.Background())
 	p.w.SetStreamHandler(queryProto, wk.HandleStream)
-	p.w.SetStreamHandler(receiptProto, NewReceiver(p.w.ID(), p.wled.Pending, p.wled.Countersigned).HandleStream)
+	take := NewReceiver(p.w.ID(), p.wled.Pending, p.wled.Countersigned).HandleStream
+	p.w.SetStreamHandler(receiptProto, take)
+	if !o.old {
+		p.w.SetStreamHandler(receiptBatchProto, take)
+	}
 	if err := p.r.Connect(context.Background(), peer.AddrInfo{ID: p.w.ID(), Addrs: p.w.Addrs()}); err != nil {
 		t.Fatal(err)
 	}
-	p.sender = NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond))
+	rkey := p.r.Peerstore().PrivKey(p.r.ID())
+	p.sender = NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond), WithBatches(receiptBatchProto, rkey, func(r *pb.Receipt) {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		p.signed = append(p.signed, proto.CloneOf(r))
+	}))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { p.sender.Run(ctx); close(done) }()
@@ -77,10 +99,10 @@ func newPair(t *testing.T) *pair {
 	a := &pb.Announce{Health: 100, Load: &pb.Load{MaxConcurrency: 4},
 		Models: []*pb.ModelInfo{{Name: "demo", Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}}}}
 	p.router = router.New(p.r, queryProto, table{{Peer: p.w.ID(), Announce: a}},
-		router.WithReceipts(p.r.Peerstore().PrivKey(p.r.ID()), func(rc *pb.Receipt) {
+		router.WithReceipts(rkey, func(rc *pb.Receipt) {
 			p.consume = append(p.consume, proto.CloneOf(rc))
 			if !p.hold {
-				p.sender.Add(rc)
+				p.sender.Add(proto.CloneOf(rc)) // as node does: the Done keeps its own
 			}
 		}))
 	return p
@@ -88,8 +110,12 @@ func newPair(t *testing.T) *pair {
 
 func (p *pair) ask(t *testing.T, n int) {
 	t.Helper()
+	ctx := t.Context()
+	if p.later {
+		ctx = router.CountersignLater(ctx)
+	}
 	for range n {
-		_, err := p.router.Query(t.Context(), &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "settle up"},
+		_, err := p.router.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "settle up"},
 			func(*pb.Event) error { return nil })
 		if err != nil {
 			t.Fatal(err)
@@ -151,6 +177,11 @@ func TestForeignReceiptsIgnored(t *testing.T) {
 	forged.CompletionTokens++ // neither signature covers this any more
 	badSig := proto.CloneOf(honest)
 	badSig.RouterSig[0] ^= 1 // the figures the worker signed, a broken countersignature
+	badBatch := proto.CloneOf(honest)
+	if err := receipt.CountersignBatch([]*pb.Receipt{badBatch, proto.CloneOf(p.consume[0])}, p.r.Peerstore().PrivKey(p.r.ID())); err != nil {
+		t.Fatal(err)
+	}
+	badBatch.RouterBatch.Proof[0][0] ^= 1 // a proof that leads to another root
 	tests := []struct {
 		name  string
 		from  func() host.Host
@@ -159,6 +190,7 @@ func TestForeignReceiptsIgnored(t *testing.T) {
 		{"another node returns it", func() host.Host { return newHost(t) }, []*pb.Receipt{honest}},
 		{"forged figures", func() host.Host { return p.r }, []*pb.Receipt{forged}},
 		{"bad countersignature", func() host.Host { return p.r }, []*pb.Receipt{badSig}},
+		{"bad batch proof", func() host.Host { return p.r }, []*pb.Receipt{badBatch}},
 		{"the first one again", func() host.Host { return p.r }, []*pb.Receipt{p.consume[0]}},
 		{"oversized batch", func() host.Host { return p.r }, func() []*pb.Receipt {
 			b := make([]*pb.Receipt, protocol.MaxReceiptBatch+1)
@@ -230,5 +262,112 @@ func TestMoreWorkersThanStreams(t *testing.T) {
 	waitFor(t, "every receipt sent", func() bool { sent, _ := s.Stats(); return int64(sent) == want })
 	if _, dropped := s.Stats(); dropped != 0 || got.Load() != want {
 		t.Fatalf("%d dropped, %d of %d received", dropped, got.Load(), want)
+	}
+}
+
+// TestBatchCountersignedReceipts: receipts the router left unsigned
+// (router.CountersignLater) are countersigned by the sender, with one
+// signature for the batch to a worker that speaks 1.1.0 and one each to
+// a worker that speaks only 1.0.0; either worker takes them, and the
+// routing node's ledger (signed) gets each once, verified.
+func TestBatchCountersignedReceipts(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		old  bool
+	}{{"batch", false}, {"old worker, one by one", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPairWith(t, pairOpts{later: true, old: tc.old})
+			p.hold = true
+			p.ask(t, 3)
+			for _, rc := range p.consume {
+				if receipt.Countersigned(rc) {
+					t.Fatal("the router countersigned a receipt marked for later")
+				}
+				if err := receipt.VerifyWorker(rc); err != nil {
+					t.Fatalf("the worker's receipt: %v", err)
+				}
+				p.sender.Add(proto.CloneOf(rc))
+			}
+			waitFor(t, "3 countersigned receipts back at the worker", func() bool { return countersigned(p.wled) == 3 })
+			var sigs [][]byte
+			for _, rc := range p.wled.Snapshot().Recent {
+				var r pb.Receipt
+				if err := proto.Unmarshal(rc.Receipt, &r); err != nil {
+					t.Fatal(err)
+				}
+				if err := receipt.Verify(&r); err != nil {
+					t.Fatalf("worker's copy of a served receipt: %v", err)
+				}
+				if (r.GetRouterBatch() != nil) == tc.old {
+					t.Fatalf("countersigned in a batch %v for a worker speaking 1.1.0 %v", r.GetRouterBatch() != nil, !tc.old)
+				}
+				sigs = append(sigs, cmpOr(r.GetRouterBatch().GetSig(), r.GetRouterSig()))
+			}
+			if same := bytes.Equal(sigs[0], sigs[1]) && bytes.Equal(sigs[1], sigs[2]); same == tc.old {
+				t.Fatalf("one signature for the three: %v", same)
+			}
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if len(p.signed) != 3 {
+				t.Fatalf("the router's ledger got %d receipts, want 3", len(p.signed))
+			}
+			for _, r := range p.signed {
+				if err := receipt.Verify(r); err != nil {
+					t.Fatalf("the router's copy: %v", err)
+				}
+			}
+		})
+	}
+}
+
+func cmpOr(a, b []byte) []byte {
+	if len(a) > 0 {
+		return a
+	}
+	return b
+}
+
+// TestUnsentReceiptsStillCountersigned: receipts for a worker that is gone
+// (no stream opens), and those waiting when the sender stops, are
+// countersigned all the same: the routing node's ledger has them.
+func TestUnsentReceiptsStillCountersigned(t *testing.T) {
+	for _, stop := range []bool{false, true} {
+		t.Run(map[bool]string{false: "worker gone", true: "sender stopped"}[stop], func(t *testing.T) {
+			p := newPairWith(t, pairOpts{later: true})
+			p.hold = true
+			p.ask(t, 3)
+			s := p.sender
+			if stop {
+				// A sender that never flushes, stopped with them waiting.
+				s = NewSender(p.r, receiptProto, WithFlushInterval(time.Hour), WithBatches(receiptBatchProto, p.r.Peerstore().PrivKey(p.r.ID()), p.sender.signed))
+				ctx, cancel := context.WithCancel(t.Context())
+				done := make(chan struct{})
+				go func() { s.Run(ctx); close(done) }()
+				for _, rc := range p.consume {
+					s.Add(proto.CloneOf(rc))
+				}
+				waitFor(t, "the receipts taken in", func() bool { return len(s.in) == 0 })
+				cancel()
+				<-done
+			} else {
+				if err := p.w.Close(); err != nil {
+					t.Fatal(err)
+				}
+				for _, rc := range p.consume {
+					s.Add(proto.CloneOf(rc))
+				}
+				waitFor(t, "3 receipts dropped", func() bool { _, d := s.Stats(); return d == 3 })
+			}
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if len(p.signed) != 3 {
+				t.Fatalf("the router's ledger got %d receipts, want 3", len(p.signed))
+			}
+			for _, r := range p.signed {
+				if err := receipt.Verify(r); err != nil {
+					t.Fatalf("the router's copy: %v", err)
+				}
+			}
+		})
 	}
 }

@@ -1546,7 +1546,8 @@ type Done struct {
 	FinishReason string `protobuf:"bytes,6,opt,name=finish_reason,json=finishReason,proto3" json:"finish_reason,omitempty"`
 	// The worker's signed account of this answer (workers before this
 	// field send none). The routing node checks it and adds its own
-	// signature before it passes Done on; docs/protocol.md §Receipts.
+	// signature before it passes Done on, or later in a batch when it
+	// passes the receipt to no one; docs/protocol.md §Receipts.
 	Receipt       *Receipt `protobuf:"bytes,7,opt,name=receipt,proto3" json:"receipt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1633,7 +1634,8 @@ func (x *Done) GetReceipt() *Receipt {
 
 // Receipt is a signed account of one answer. worker_sig is over
 // "mtor/receipt/v1/worker\n" and the canonical encoding of fields 1-12;
-// router_sig over "mtor/receipt/v1/router\n" and that of fields 1-13.
+// router_sig over "mtor/receipt/v1/router\n" and that of fields 1-13,
+// or router_batch over a Merkle tree whose leaves are those bytes.
 // Canonical: fields in field-number order, fields holding their zero value
 // omitted, no unknown fields (docs/protocol.md §6.4).
 type Receipt struct {
