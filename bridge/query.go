@@ -152,7 +152,9 @@ func (s *Server) query(ctx context.Context, q *pb.QueryRequest, h router.Handler
 		q.DeadlineUnixMs = dl.UnixMilli()
 	}
 	start := time.Now()
-	res, err := s.swarm.Query(ctx, q, h)
+	// No HTTP answer carries its receipt: its countersignature can wait
+	// for the batch that returns it to its worker.
+	res, err := s.swarm.Query(router.CountersignLater(ctx), q, h)
 	if err != nil {
 		ae := fromProtocol(err, s.cfg.retryAfter)
 		if errors.Is(context.Cause(reqCtx), errBridgeStopping) {

@@ -64,7 +64,8 @@ func (b *usageBook) record(client string, res *router.Result) {
 	u.CompletionTokens += uint64(d.GetUsage().GetCompletionTokens())
 	u.Ms += uint64(res.TotalMs)
 	u.EnergyMJ = ledger.SatAdd(u.EnergyMJ, d.GetEnergyMj()) // a worker's own figure: it may be absurd
-	if len(d.GetReceipt().GetRouterSig()) > 0 {
+	// Checked; countersigned now or in the batch that returns it.
+	if d.GetReceipt() != nil {
 		u.Receipts++
 	}
 	u.LastUnixMs = time.Now().UnixMilli()

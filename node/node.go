@@ -23,6 +23,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/backend"
@@ -37,6 +38,7 @@ import (
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
+	"github.com/mtor-swarm/mtor/protocol/receipt"
 )
 
 var log = logging.Logger("mtor/node")
@@ -510,15 +512,27 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	n.live = live
 	// Countersigned receipts go to the ledger and back to their workers;
 	// the worker side takes those of answers it served.
-	returns := receiptback.NewSender(h, protocol.ReceiptProtocol(swarm))
-	h.SetStreamHandler(protocol.ReceiptProtocol(swarm), receiptback.NewReceiver(h.ID(), led.Pending, led.Countersigned).HandleStream)
+	// Receipts of queries marked router.CountersignLater come unsigned
+	// and are countersigned by the sender, in batches.
+	returns := receiptback.NewSender(h, protocol.ReceiptProtocol(swarm),
+		receiptback.WithBatches(protocol.ReceiptBatchProtocol(swarm), cfg.key, func(r *pb.Receipt) { led.Record(ledger.Consumed, r) }))
+	takeReceipts := receiptback.NewReceiver(h.ID(), led.Pending, led.Countersigned).HandleStream
+	h.SetStreamHandler(protocol.ReceiptProtocol(swarm), takeReceipts)
+	h.SetStreamHandler(protocol.ReceiptBatchProtocol(swarm), takeReceipts)
 	// The local worker is always there, so that backends a reload adds
 	// are served here too; without models it is never chosen.
 	ropts := []router.Option{router.WithProviders(n.disc), router.WithSeeker(n.disc), router.WithMeasurer(n.disc), router.WithPeerFinder(n.disc.DHT()), router.WithCatalog(catalogAdapter{n.disc}), router.WithConnChecker(n.live), router.WithHolePunches(punches),
 		router.WithLocal(localWorker{n.worker}),
 		router.WithReceipts(cfg.key, func(r *pb.Receipt) {
-			led.Record(ledger.Consumed, r)
+			if receipt.Countersigned(r) {
+				led.Record(ledger.Consumed, r)
+			}
 			if peer.ID(r.GetWorker()) != h.ID() {
+				if !receipt.Countersigned(r) {
+					// The sender countersigns it while the query's
+					// caller may still read the Done it is in.
+					r = proto.CloneOf(r)
+				}
 				returns.Add(r)
 			}
 		})}
@@ -755,6 +769,7 @@ func (n *Node) Close() error {
 		n.cancel()
 		n.h.RemoveStreamHandler(protocol.QueryProtocol(n.cfg.swarm))
 		n.h.RemoveStreamHandler(protocol.ReceiptProtocol(n.cfg.swarm))
+		n.h.RemoveStreamHandler(protocol.ReceiptBatchProtocol(n.cfg.swarm))
 		err := n.disc.Close()
 		n.wg.Wait()
 		n.live.Close()

@@ -74,7 +74,7 @@ func verifyRecent(s *ledger.Snapshot) (both, workerOnly int, err error) {
 		if side.String() != s.Self {
 			return 0, 0, fmt.Errorf("receipt of query %s (%s) does not name this node %s", rc.QueryID, rc.Role, s.Self)
 		}
-		if len(r.GetRouterSig()) == 0 && rc.Role == ledger.Served {
+		if !receipt.Countersigned(&r) && rc.Role == ledger.Served {
 			if err := receipt.VerifyWorker(&r); err != nil {
 				return 0, 0, fmt.Errorf("receipt of query %s: %w", rc.QueryID, err)
 			}

@@ -2,6 +2,8 @@ package main
 
 import (
 	"encoding/json"
+	"io"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -105,6 +107,60 @@ func testE2ELedger(t *testing.T, tr transport) {
 	for _, a := range []string{bootAPI, wAPI} {
 		code, out, stderr := mtor(t, "ledger", "--api", a, "--verify")
 		if code != 0 || !strings.Contains(out, "recent receipts: 1 verified with both signatures, 0 with the worker's only") {
+			t.Fatalf("ledger --verify on %s: exit %d, %s %s", a, code, out, stderr)
+		}
+	}
+
+	// Chat completions through a bridge (the OpenAI-compatible API shows
+	// no receipt): the routing node countersigns their receipts in one
+	// batch as it returns them, and both ledgers hold them verified.
+	br := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), "--no-detect", "--bridge", "127.0.0.1:0", "--join", boot.value("join"))...)
+	brAPI, brID := br.value("api"), br.value("peer")
+	waitWorkers(t, brAPI, "demo", wID)
+	const chats = 3
+	for range chats {
+		resp, err := http.Post(strings.TrimSuffix(br.value("bridge"), "/")+"/v1/chat/completions", "application/json",
+			strings.NewReader(`{"model":"demo","messages":[{"role":"user","content":"count these too"}]}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("chat completion: %d", resp.StatusCode)
+		}
+	}
+	confirmed := func(s ledger.Snapshot, p string) uint64 {
+		for _, e := range s.Peers {
+			if e.Peer == p {
+				return e.ServedCountersigned
+			}
+		}
+		return 0
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for confirmed(ledgerOf(wAPI), brID) != chats || ledgerOf(brAPI).Total.Consumed.Queries != chats {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %d chat completions: worker's ledger %+v, bridge's %+v", chats, ledgerOf(wAPI), ledgerOf(brAPI))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	found := 0
+	for _, rc := range ledgerOf(wAPI).Recent {
+		var r pb.Receipt
+		if proto.Unmarshal(rc.Receipt, &r) != nil || peer.ID(r.GetRequester()).String() != brID {
+			continue
+		}
+		if err := receipt.Verify(&r); err != nil || r.GetRouterBatch() == nil {
+			t.Fatalf("a receipt of a chat completion at the worker: %v, batch %v", err, r.GetRouterBatch())
+		}
+		found++
+	}
+	if found != chats {
+		t.Fatalf("%d receipts of chat completions at the worker, want %d", found, chats)
+	}
+	for _, a := range []string{brAPI, wAPI} {
+		if code, out, stderr := mtor(t, "ledger", "--api", a, "--verify"); code != 0 || !strings.Contains(out, "0 with the worker's only") {
 			t.Fatalf("ledger --verify on %s: exit %d, %s %s", a, code, out, stderr)
 		}
 	}

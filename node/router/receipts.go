@@ -24,7 +24,10 @@ type receipts struct {
 
 // WithReceipts has the router check each answer's receipt against what it
 // received, countersign it with key (this node's identity key) and pass
-// it to consumed. A receipt that fails the check is refused: logged, not
+// it to consumed: without its countersignature for a query marked
+// CountersignLater, and then not at all when the answer came from this
+// node's own worker (nobody else holds it: a node records no answer it
+// gives itself). A receipt that fails the check is refused: logged, not
 // passed on, and a protocol violation of the worker.
 func WithReceipts(key crypto.PrivKey, consumed func(*pb.Receipt)) Option {
 	return func(r *Router) { r.receipts = &receipts{key: key, consumed: consumed} }
@@ -86,9 +89,10 @@ var errNoReceipt = errors.New("no receipt")
 // settle checks the receipt of done, the answer of worker p to req, and
 // countersigns and records it; a refused receipt is removed from done and
 // the worker's breaker records a violation. local is p being this node's
-// own worker, whose receipt was signed in this process with our key. It
+// own worker, whose receipt was signed in this process with our key;
+// later, the countersignature left to receiptback (CountersignLater). It
 // must run before done is changed (a continued answer's usage).
-func (r *Router) settle(c *receiptCheck, p peer.ID, local bool, req *pb.QueryRequest, done *pb.Done) error {
+func (r *Router) settle(c *receiptCheck, p peer.ID, local, later bool, req *pb.QueryRequest, done *pb.Done) error {
 	if c == nil || done == nil {
 		return nil
 	}
@@ -106,7 +110,7 @@ func (r *Router) settle(c *receiptCheck, p peer.ID, local bool, req *pb.QueryReq
 		// Check compares the receipt's figures with the Done's, which
 		// Plausible above held to what was seen.
 		err = receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local})
-		if err == nil {
+		if err == nil && !later {
 			err = receipt.Countersign(rc, r.receipts.key)
 		}
 	}
@@ -125,7 +129,7 @@ func (r *Router) settle(c *receiptCheck, p peer.ID, local bool, req *pb.QueryReq
 		}
 		return err
 	}
-	if r.receipts.consumed != nil {
+	if r.receipts.consumed != nil && !(later && local) {
 		r.receipts.consumed(rc)
 	}
 	return nil

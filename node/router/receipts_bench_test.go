@@ -135,7 +135,7 @@ func BenchmarkSettleParallel(b *testing.B) {
 	b.RunParallel(func(it *testing.PB) {
 		a := <-answers // this goroutine's own: settle countersigns in place
 		for it.Next() {
-			if err := r.settle(a.check, a.p, false, a.req, a.done); err != nil {
+			if err := r.settle(a.check, a.p, false, false, a.req, a.done); err != nil {
 				b.Error(err)
 				return
 			}

@@ -137,32 +137,76 @@ func TestTamperedReceiptRefused(t *testing.T) {
 		}},
 	}
 	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			wh, _ := signingWorker(t, tc.tamper)
-			r, rled := receiptRouter(t, wh)
-			res, err := r.Query(t.Context(), chat("one two"), func(*pb.Event) error { return nil })
-			if err != nil {
-				t.Fatal(err)
-			}
-			if res.Done.GetReceipt() != nil {
-				t.Fatal("a tampered receipt was passed on")
-			}
-			if s := rled.Snapshot(); len(s.Peers) != 0 {
-				t.Fatalf("a tampered receipt was recorded: %+v", s.Peers)
-			}
-			r.mu.Lock()
-			score := r.state(wh.ID()).tracker.Score()
-			r.mu.Unlock()
-			if score >= 100 {
-				t.Fatalf("worker health %.0f after a refused receipt, want a violation counted", score)
-			}
-			// A second violation opens the breaker (threshold 2): the
-			// worker gets no more queries.
-			_, _ = r.Query(t.Context(), chat("again"), func(*pb.Event) error { return nil })
-			if _, err := r.Query(t.Context(), chat("third"), func(*pb.Event) error { return nil }); err == nil {
-				t.Fatal("a worker with two refused receipts still gets queries")
-			}
-		})
+		for _, later := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/later=%v", tc.name, later), func(t *testing.T) { tamperedReceipt(t, tc.tamper, later) })
+		}
+	}
+}
+
+// tamperedReceipt is a case of TestTamperedReceiptRefused; later, the
+// query is marked CountersignLater, which checks the receipt all the same.
+func tamperedReceipt(t *testing.T, tamper func(*pb.Event), later bool) {
+	ctx := t.Context()
+	if later {
+		ctx = CountersignLater(ctx)
+	}
+	wh, _ := signingWorker(t, tamper)
+	r, rled := receiptRouter(t, wh)
+	res, err := r.Query(ctx, chat("one two"), func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Done.GetReceipt() != nil {
+		t.Fatal("a tampered receipt was passed on")
+	}
+	if s := rled.Snapshot(); len(s.Peers) != 0 {
+		t.Fatalf("a tampered receipt was recorded: %+v", s.Peers)
+	}
+	r.mu.Lock()
+	score := r.state(wh.ID()).tracker.Score()
+	r.mu.Unlock()
+	if score >= 100 {
+		t.Fatalf("worker health %.0f after a refused receipt, want a violation counted", score)
+	}
+	// A second violation opens the breaker (threshold 2): the
+	// worker gets no more queries.
+	_, _ = r.Query(ctx, chat("again"), func(*pb.Event) error { return nil })
+	if _, err := r.Query(ctx, chat("third"), func(*pb.Event) error { return nil }); err == nil {
+		t.Fatal("a worker with two refused receipts still gets queries")
+	}
+}
+
+// TestCountersignLater: a query marked CountersignLater gets its checked
+// receipt in Done, and the callback too, without the countersignature
+// (receiptback adds it in a batch); the ledger is the callback's to fill.
+func TestCountersignLater(t *testing.T) {
+	wh, _ := signingWorker(t, nil)
+	h := testHost(t)
+	connect(t, h, wh)
+	var got []*pb.Receipt
+	r := New(h, testProto, staticTable{cand(string(wh.ID()), 0, 4, 100, 0, demoModel)},
+		WithReceipts(h.Peerstore().PrivKey(h.ID()), func(rc *pb.Receipt) { got = append(got, rc) }))
+	res, err := r.Query(CountersignLater(t.Context()), chat("one two three"), func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc := res.Done.GetReceipt()
+	if rc == nil || receipt.Countersigned(rc) {
+		t.Fatalf("receipt %v: want it checked, not countersigned", rc)
+	}
+	if err := receipt.VerifyWorker(rc); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0] != rc {
+		t.Fatalf("the callback got %d receipts", len(got))
+	}
+	// Unmarked, the same router countersigns at once.
+	res, err = r.Query(t.Context(), chat("one two three"), func(*pb.Event) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := receipt.Verify(res.Done.GetReceipt()); err != nil {
+		t.Fatalf("an unmarked query's receipt: %v", err)
 	}
 }
 

@@ -749,7 +749,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 	// Only text is continued, and a constrained answer (tools, JSON) would
 	// restart its constraint at the seam.
 	need := protocol.RequiredFeatures(req)
-	q := &query{req: req, need: need, h: h, restartable: restartable(ctx), tried: map[tryKey]bool{},
+	q := &query{req: req, need: need, h: h, restartable: restartable(ctx), later: countersignLater(ctx), tried: map[tryKey]bool{},
 		continuable: (req.GetType() == pb.QueryType_QUERY_TYPE_CHAT || req.GetType() == pb.QueryType_QUERY_TYPE_VISION) &&
 			!protocol.UsesTools(req) && req.GetResponseFormat().GetType() != "json_object" && req.GetResponseFormat().GetType() != "json_schema"}
 	defer func() {
@@ -1073,6 +1073,7 @@ type query struct {
 	req         *pb.QueryRequest
 	h           Handler
 	restartable bool
+	later       bool // CountersignLater
 	continuable bool // chat or vision: text output a worker may continue
 	tried       map[tryKey]bool
 	attempts    int
@@ -1554,7 +1555,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	}
 	res := &Result{Peer: p, Local: local, Done: done, TTFTMs: uint32(first.Sub(start).Milliseconds()), name: name}
 	finish := func() {
-		_ = r.settle(check, p, local, req, done) // before done's usage changes
+		_ = r.settle(check, p, local, q.later, req, done) // before done's usage changes
 		r.noteEnergy(p, req.GetModel(), done)
 		if q.continued > 0 && done.GetUsage() != nil {
 			// The answer's earlier part came from other workers.
@@ -2228,6 +2229,23 @@ type restartKey struct{}
 // stream already shown to a person) leave it off and get the error.
 func WithRestart(ctx context.Context) context.Context {
 	return context.WithValue(ctx, restartKey{}, true)
+}
+
+type laterKey struct{}
+
+// CountersignLater marks a query whose caller does not pass the
+// receipt of its answer on (an OpenAI-compatible client never sees it):
+// the receipt is checked as always, but reaches Done and the Receipts
+// callback without its countersignature, which receiptback adds with
+// one signature for the receipts it returns together. Callers that
+// hand the receipt to a client (the node API, WebSocket) leave it off.
+func CountersignLater(ctx context.Context) context.Context {
+	return context.WithValue(ctx, laterKey{}, true)
+}
+
+func countersignLater(ctx context.Context) bool {
+	v, _ := ctx.Value(laterKey{}).(bool)
+	return v
 }
 
 func restartable(ctx context.Context) bool {
