@@ -115,12 +115,12 @@ const EnergyProbeEvery = 10 * time.Minute
 // GPU measures nothing and is never probed; one whose GPU has no energy
 // counter costs one query per period.
 func (r *Router) byEnergy(ranked []scored, model string, t pb.QueryType, slack float64) bool {
-	if slack <= 0 || len(ranked) < 2 || ranked[0].full {
+	if slack <= 0 || len(ranked) < 2 || ranked[0].last() {
 		return false
 	}
 	limit := ranked[0].score*slack + energySlackMs
 	n := 0
-	for n < len(ranked) && !ranked[n].full && ranked[n].score <= limit {
+	for n < len(ranked) && !ranked[n].last() && ranked[n].score <= limit {
 		n++
 	}
 	measured := r.measuredJPT(ranked[:n], model)

@@ -459,10 +459,17 @@ func TestRestartedPeerStartsAfresh(t *testing.T) {
 		if !st.forgivenAt.IsZero() {
 			st.forgivenAt = time.Now().Add(-step.since)
 		}
+		st.heldUntil, st.holds = time.Now().Add(time.Hour), 3 // its old queue held a query
 		r.mu.Unlock()
 		announce(uint64(i + 2))
 		if got := ranked(); got != step.forgive {
 			t.Fatalf("%s: ranked %v, want %v", step.name, got, step.forgive)
+		}
+		r.mu.Lock()
+		held := !st.heldUntil.IsZero() || st.holds != 0
+		r.mu.Unlock()
+		if held == step.forgive {
+			t.Fatalf("%s: still held %v after the restart", step.name, held)
 		}
 	}
 }

@@ -389,10 +389,16 @@ type scored struct {
 	Candidate
 	score float64
 	full  bool // no free slot: a query would queue behind unknown work
+	// held: its queue held a query lately (heldFirst); ranked with the
+	// full ones, but a stalled query may still move to it (others).
+	held bool
 	// lastResort: its breaker for the model is open, and no other peer
 	// is left (ranking.lastResort): tried past that breaker.
 	lastResort bool
 }
+
+// last reports whether c goes after the others: full, or held.
+func (c scored) last() bool { return c.full || c.held }
 
 // modelInfo finds the announced model entry serving t.
 func modelInfo(a *pb.Announce, model string, t pb.QueryType) *pb.ModelInfo {
@@ -481,11 +487,11 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 		if mt := st.model(model); !st.tracker.Available() || (mt != nil && !mt.Available()) || r.distrusted(c.Peer) {
 			rk.unusable = append(rk.unusable, c.Peer)
 			if st.tracker.Available() && !r.distrusted(c.Peer) {
-				rk.lastResort = append(rk.lastResort, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st, now), lastResort: true})
+				rk.lastResort = append(rk.lastResort, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st), held: now.Before(st.heldUntil), lastResort: true})
 			}
 			continue
 		}
-		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st, now)})
+		rk.ranked = append(rk.ranked, scored{Candidate: c, score: r.score(c, mi, st, prior), full: full(c, st), held: now.Before(st.heldUntil)})
 	}
 	byRank(rk.ranked)
 	byRank(rk.lastResort)
@@ -497,8 +503,8 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 // cannot see (a long answer in front).
 func byRank(c []scored) {
 	sort.Slice(c, func(i, j int) bool {
-		if c[i].full != c[j].full {
-			return !c[i].full
+		if c[i].last() != c[j].last() {
+			return !c[i].last()
 		}
 		return c[i].score < c[j].score
 	})
@@ -570,6 +576,7 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState, now time.Time
 	}
 	if now.Sub(st.forgivenAt) >= restartForgive {
 		st.tracker = health.New(r.trackerOpts...)
+		st.heldUntil, st.holds = time.Time{}, 0 // its queue is new
 		st.forgivenAt = now
 	} else {
 		log.Debugw("peer restarted again soon: its failures still count", "peer", c.Peer)
@@ -590,10 +597,7 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState, now time.Time
 // queue wait from load and concurrency, the measured TTFT, and the RTT.
 // full reports whether c has no free slot, by its announcement or by the
 // queries this router has in flight there.
-func full(c Candidate, st *peerState, now time.Time) bool {
-	if now.Before(st.heldUntil) {
-		return true
-	}
+func full(c Candidate, st *peerState) bool {
 	l := c.Announce.GetLoad()
 	occ := max(int(l.GetInFlight()+l.GetQueued()), st.inflight)
 	return occ >= int(max(l.GetMaxConcurrency(), 1))
@@ -698,7 +702,7 @@ func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState, prior measu
 func (r *Router) choose(ranked []scored) int {
 	// ClearlyBetter's slack keeps peers a few milliseconds apart (all
 	// fast, on one LAN) in the draw even when one is twice as fast.
-	if len(ranked) < 2 || ranked[1].full != ranked[0].full || protocol.ClearlyBetter(ranked[0].score, ranked[1].score) {
+	if len(ranked) < 2 || ranked[1].last() != ranked[0].last() || protocol.ClearlyBetter(ranked[0].score, ranked[1].score) {
 		return 0
 	}
 	r.mu.Lock()
@@ -773,7 +777,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 	case len(ranked) == 0 && known:
 		// Workers are known but none is usable: find others.
 		r.seek(req.GetModel(), rk.unusable)
-	case len(ranked) > 0 && ranked[0].full:
+	case len(ranked) > 0 && ranked[0].last():
 		// Free slots come first: every worker known is full.
 		r.seek(req.GetModel(), nil)
 	}
@@ -1413,7 +1417,7 @@ func (r *Router) fromProviders(ctx context.Context, model string) []scored {
 		}
 		// One whose queue held a query lately goes last (heldFirst).
 		held := st != nil && now.Before(st.heldUntil)
-		out = append(out, scored{Candidate: Candidate{Peer: ai.ID}, score: float64(len(out)), full: held})
+		out = append(out, scored{Candidate: Candidate{Peer: ai.ID}, score: float64(len(out)), held: held})
 	}
 	byRank(out)
 	return out

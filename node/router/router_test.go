@@ -703,8 +703,9 @@ func TestHeldQueueCountsAsFull(t *testing.T) {
 		{"a queue lie holds too", []step{{err: lie, want: heldFirst}, {err: held, want: 2 * heldFirst}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := New(testHost(t), testProto, staticTable{})
 			c := cand("w", 0, 4, 100, 0)
+			other := cand("x", 0, 4, 100, 0)
+			r := New(testHost(t), testProto, staticTable{c, other})
 			end := time.Now()
 			for i, s := range tc.steps {
 				r.mu.Lock()
@@ -715,7 +716,6 @@ func TestHeldQueueCountsAsFull(t *testing.T) {
 				}
 				r.recordLocked(st, "m", s.err, first, end.Add(-time.Second), end)
 				got := st.heldUntil.Sub(end)
-				isFull := full(c, st, end)
 				blamed := st.tracker.Score() < 100
 				r.mu.Unlock()
 				if wantBlame := s.err == lie || s.err == stalled; blamed != wantBlame && i == 0 {
@@ -727,11 +727,17 @@ func TestHeldQueueCountsAsFull(t *testing.T) {
 				if s.want == 0 && i == len(tc.steps)-1 && got > 0 {
 					t.Fatalf("step %d: full for %s, want not held", i, got)
 				}
-				if isFull != (got > 0) {
-					t.Fatalf("step %d: full = %v with %s held", i, isFull, got)
+				// Held, it ranks after a free worker, but a query
+				// stalled elsewhere may still move to it: its slots
+				// are free.
+				rk := r.rankNeed("m", pb.QueryType_QUERY_TYPE_CHAT, nil)
+				if len(rk.ranked) != 2 || (got > 0 && (rk.ranked[1].Peer != c.Peer || !rk.ranked[1].held)) ||
+					(got <= 0 && (rk.ranked[0].held || rk.ranked[1].held)) {
+					t.Fatalf("step %d: ranked %v, held for %s", i, rk.ranked, got)
 				}
-				if got > 0 && full(c, st, end.Add(got)) {
-					t.Fatalf("step %d: still full when the hold ends", i)
+				q := &query{req: &pb.QueryRequest{Model: "m", Type: pb.QueryType_QUERY_TYPE_CHAT}, tried: map[tryKey]bool{}}
+				if o := r.others(q, scored{Candidate: other}); len(o) != 1 || o[0].Peer != c.Peer {
+					t.Fatalf("step %d: a query stalled on the other worker could move to %v", i, o)
 				}
 			}
 		})
