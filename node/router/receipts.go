@@ -110,6 +110,11 @@ func (r *Router) settle(c *receiptCheck, p peer.ID, local, later bool, req *pb.Q
 		// Check compares the receipt's figures with the Done's, which
 		// Plausible above held to what was seen.
 		err = receipt.Check(rc, receipt.Expect{Request: req, Done: done, Output: c.output.Sum(), Worker: p, Requester: r.h.ID(), SignedHere: local})
+		if err == nil {
+			// Fields no signature covers (a newer worker's) would
+			// ride into the ledger and to the client unchecked.
+			rc.ProtoReflect().SetUnknown(nil)
+		}
 		if err == nil && !later {
 			err = receipt.Countersign(rc, r.receipts.key)
 		}

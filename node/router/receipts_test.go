@@ -135,6 +135,16 @@ func TestTamperedReceiptRefused(t *testing.T) {
 				d.Receipt.Requester = d.Receipt.Worker
 			}
 		}},
+		{"countersigned by the worker", func(ev *pb.Event) {
+			if d := ev.GetDone(); d != nil {
+				d.Receipt.RouterSig = make([]byte, 64)
+			}
+		}},
+		{"batch-countersigned by the worker", func(ev *pb.Event) {
+			if d := ev.GetDone(); d != nil {
+				d.Receipt.RouterBatch = &pb.BatchSignature{Size: 1, Sig: make([]byte, 64)}
+			}
+		}},
 	}
 	for _, tc := range tests {
 		for _, later := range []bool{false, true} {
@@ -180,7 +190,12 @@ func tamperedReceipt(t *testing.T, tamper func(*pb.Event), later bool) {
 // receipt in Done, and the callback too, without the countersignature
 // (receiptback adds it in a batch); the ledger is the callback's to fill.
 func TestCountersignLater(t *testing.T) {
-	wh, _ := signingWorker(t, nil)
+	// A newer worker's fields, which no signature covers, are dropped.
+	wh, _ := signingWorker(t, func(ev *pb.Event) {
+		if d := ev.GetDone(); d != nil {
+			d.Receipt.ProtoReflect().SetUnknown([]byte{0xfa, 0x07, 0x01, 0x00}) // field 127, 1 byte
+		}
+	})
 	h := testHost(t)
 	connect(t, h, wh)
 	var got []*pb.Receipt
@@ -196,6 +211,9 @@ func TestCountersignLater(t *testing.T) {
 	}
 	if err := receipt.VerifyWorker(rc); err != nil {
 		t.Fatal(err)
+	}
+	if u := rc.ProtoReflect().GetUnknown(); len(u) != 0 {
+		t.Fatalf("unknown fields kept: %x", u)
 	}
 	if len(got) != 1 || got[0] != rc {
 		t.Fatalf("the callback got %d receipts", len(got))

@@ -3,6 +3,7 @@ package receipt
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -99,26 +100,32 @@ func TestBatchCountersignatureRefused(t *testing.T) {
 	other, _ := key(t)
 	for _, tc := range []struct {
 		name string
-		edit func(r *pb.Receipt, rs []*pb.Receipt)
+		edit func(r *pb.Receipt, rs []*pb.Receipt, rk crypto.PrivKey)
 		want error
 	}{
-		{"a figure changed", func(r *pb.Receipt, _ []*pb.Receipt) { r.CompletionTokens++ }, ErrBadSig},
-		{"another leaf's place", func(r *pb.Receipt, _ []*pb.Receipt) { r.RouterBatch.Index = 3 }, ErrBadSig},
-		{"a proof hash flipped", func(r *pb.Receipt, _ []*pb.Receipt) { r.RouterBatch.Proof[1][0] ^= 1 }, ErrBadSig},
-		{"a smaller tree", func(r *pb.Receipt, _ []*pb.Receipt) { r.RouterBatch.Size = 4 }, ErrMalformed},
-		{"another tree's signature", func(r *pb.Receipt, rs []*pb.Receipt) {
+		{"a figure changed", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) { r.CompletionTokens++ }, ErrBadSig},
+		{"another leaf's place", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) { r.RouterBatch.Index = 3 }, ErrBadSig},
+		{"a proof hash flipped", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) { r.RouterBatch.Proof[1][0] ^= 1 }, ErrBadSig},
+		{"a smaller tree", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) { r.RouterBatch.Size = 4 }, ErrMalformed},
+		{"another tree's signature", func(r *pb.Receipt, rs []*pb.Receipt, _ crypto.PrivKey) {
 			if err := CountersignBatch(rs[:4], other); err != nil {
 				panic(err)
 			}
 			r.RouterBatch.Sig = rs[0].GetRouterBatch().GetSig()
 		}, ErrBadSig},
-		{"leaf past the tree", func(r *pb.Receipt, _ []*pb.Receipt) { r.RouterBatch.Index = 5 }, ErrMalformed},
-		{"a tree over the bound", func(r *pb.Receipt, _ []*pb.Receipt) { r.RouterBatch.Size = 65 }, ErrMalformed},
-		{"a proof too long", func(r *pb.Receipt, _ []*pb.Receipt) {
+		{"the same key's signature of another tree", func(r *pb.Receipt, rs []*pb.Receipt, rk crypto.PrivKey) {
+			if err := CountersignBatch(rs[:4], rk); err != nil {
+				panic(err)
+			}
+			r.RouterBatch.Sig = rs[0].GetRouterBatch().GetSig()
+		}, ErrBadSig},
+		{"leaf past the tree", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) { r.RouterBatch.Index = 5 }, ErrMalformed},
+		{"a tree over the bound", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) { r.RouterBatch.Size = 65 }, ErrMalformed},
+		{"a proof too long", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) {
 			r.RouterBatch.Proof = append(r.RouterBatch.Proof, make([][]byte, maxProof)...)
 		}, ErrMalformed},
-		{"countersigned twice", func(r *pb.Receipt, _ []*pb.Receipt) { r.RouterSig = r.RouterBatch.Sig }, ErrMalformed},
-		{"no countersignature", func(r *pb.Receipt, _ []*pb.Receipt) { r.RouterBatch = nil }, ErrNoRouterSig},
+		{"countersigned twice", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) { r.RouterSig = r.RouterBatch.Sig }, ErrMalformed},
+		{"no countersignature", func(r *pb.Receipt, _ []*pb.Receipt, _ crypto.PrivKey) { r.RouterBatch = nil }, ErrNoRouterSig},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rs, rk := workerReceipts(t, 5)
@@ -130,14 +137,14 @@ func TestBatchCountersignatureRefused(t *testing.T) {
 			if err := Verify(r); err != nil {
 				t.Fatal(err)
 			}
-			tc.edit(r, rs)
+			tc.edit(r, rs, rk)
 			for range 2 {
 				if err := Verify(r); !errors.Is(err, tc.want) {
 					t.Fatalf("Verify = %v, want %v", err, tc.want)
 				}
 			}
 			// The other receipts of the batch still verify.
-			if tc.name != "another tree's signature" {
+			if !strings.Contains(tc.name, "another tree") {
 				if err := Verify(rs[3]); err != nil {
 					t.Fatalf("another receipt of the batch: %v", err)
 				}
@@ -180,6 +187,51 @@ func BenchmarkCountersign(b *testing.B) {
 				}
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n)/1e3, "µs/receipt")
+		})
+	}
+}
+
+// TestCheckWantsAReceiptAsSent: the routing node refuses a receipt that
+// comes countersigned (a worker's own invention would pass for the
+// routing node's signature in its ledger); and a batch
+// countersignature's proof holds at most 6 hashes of 32 bytes.
+func TestCheckWantsAReceiptAsSent(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		edit  func(r *pb.Receipt)
+		check bool // Check (else Verify of the batch-countersigned receipt)
+	}{
+		{"router_sig from the worker", func(r *pb.Receipt) { r.RouterSig = make([]byte, 64) }, true},
+		{"router_batch from the worker", func(r *pb.Receipt) { r.RouterBatch = &pb.BatchSignature{Size: 1, Sig: make([]byte, 64)} }, true},
+		{"a proof hash of 33 bytes", func(r *pb.Receipt) { r.RouterBatch.Proof[0] = append(r.RouterBatch.Proof[0], 0) }, false},
+		{"a proof of 7 hashes", func(r *pb.Receipt) {
+			r.RouterBatch.Proof = append(r.RouterBatch.Proof, make([][]byte, maxProof+1-len(r.RouterBatch.Proof))...)
+			for i := range r.RouterBatch.Proof {
+				r.RouterBatch.Proof[i] = make([]byte, 32)
+			}
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, e, rk := signed(t)
+			r = asSent(r)
+			if !tc.check {
+				rs := []*pb.Receipt{r, proto.CloneOf(r)}
+				rs[1].TimeUnixMs++
+				if err := CountersignBatch(rs, rk); err != nil {
+					t.Fatal(err)
+				}
+				r = proto.CloneOf(rs[0])
+			}
+			tc.edit(r)
+			var err error
+			if tc.check {
+				err = Check(r, e)
+			} else {
+				err = Verify(r)
+			}
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("got %v, want %v", err, ErrMalformed)
+			}
 		})
 	}
 }

@@ -115,18 +115,18 @@ func TestCachedKeysThroughCheck(t *testing.T) {
 			signerKeys = newKeyCache(tc.size)
 			for i := range 3 * workers {
 				r, e := rs[i%workers], es[i%workers]
-				if err := Check(proto.CloneOf(r), e); err != nil {
+				if err := Check(asSent(r), e); err != nil {
 					t.Fatalf("honest, check %d: %v", i, err)
 				}
 				if err := Verify(proto.CloneOf(r)); err != nil {
 					t.Fatalf("honest, verify %d: %v", i, err)
 				}
-				bad := proto.CloneOf(r)
+				bad := asSent(r)
 				bad.WorkerSig[i] ^= 1
 				if err := Check(bad, e); !errors.Is(err, ErrBadSig) {
 					t.Fatalf("a broken worker signature, check %d: %v", i, err)
 				}
-				forged := proto.CloneOf(r)
+				forged := asSent(r)
 				forged.CompletionTokens++
 				fe := e
 				fe.Done = proto.CloneOf(e.Done)

@@ -209,6 +209,11 @@ func Check(r *pb.Receipt, e Expect) error {
 		return err
 	}
 	switch {
+	case countersigned(r):
+		// Empty as the worker sends it: a countersignature the worker
+		// made up would pass for the routing node's.
+		return fmt.Errorf("%w: countersigned by the worker", ErrMalformed)
+
 	case !bytes.Equal(r.GetQueryId(), e.Request.GetId()):
 		return fmt.Errorf("%w: query id", ErrMismatch)
 	case r.GetType() != e.Request.GetType():
@@ -311,6 +316,13 @@ func wellFormed(r *pb.Receipt) error {
 		return fmt.Errorf("%w: countersigned alone and in a batch", ErrMalformed)
 	case len(r.GetRouterBatch().GetSig()) > maxSig:
 		return fmt.Errorf("%w: batch signature size", ErrMalformed)
+	case len(r.GetRouterBatch().GetProof()) > maxProof:
+		return fmt.Errorf("%w: inclusion proof of %d hashes", ErrMalformed, len(r.GetRouterBatch().GetProof()))
+	}
+	for _, h := range r.GetRouterBatch().GetProof() {
+		if len(h) != sha256.Size {
+			return fmt.Errorf("%w: a proof hash of %d bytes", ErrMalformed, len(h))
+		}
 	}
 	if err := protocol.ValidateModelName(r.GetModel()); err != nil {
 		return fmt.Errorf("%w: %w", ErrMalformed, err)
