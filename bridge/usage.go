@@ -21,7 +21,8 @@ type Ledger interface {
 
 // clientUsage is what one client of the bridge ran through the swarm:
 // the per-user query count, time and cost. Receipts counts the answers
-// that came with a receipt the routing node checked and countersigned.
+// that came with a receipt the routing node checked (countersigned in
+// the batch that returns it to its worker: router.CountersignLater).
 type clientUsage struct {
 	Client           string `json:"client"`
 	Queries          uint64 `json:"queries"`

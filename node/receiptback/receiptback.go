@@ -49,6 +49,10 @@ type Sender struct {
 	in      chan *pb.Receipt
 	dropped atomic.Uint64
 	sent    atomic.Uint64
+	// stopped: Run has ended, and Add countersigns at once; the lock
+	// orders an Add against the last look at in.
+	mu      sync.RWMutex
+	stopped bool
 }
 
 // Option configures a Sender.
@@ -87,11 +91,17 @@ func NewSender(h host.Host, proto libp2pproto.ID, opts ...Option) *Sender {
 // Add queues r for the worker that signed it. It never blocks: with no
 // room, r is dropped (and counted), countersigned first if need be.
 func (s *Sender) Add(r *pb.Receipt) {
-	select {
-	case s.in <- r:
-	default:
-		s.drop([]*pb.Receipt{r})
+	s.mu.RLock()
+	if !s.stopped {
+		select {
+		case s.in <- r:
+			s.mu.RUnlock()
+			return
+		default:
+		}
 	}
+	s.mu.RUnlock()
+	s.drop([]*pb.Receipt{r})
 }
 
 // drop gives up sending rs; those still to countersign are, in one batch,
@@ -155,7 +165,19 @@ func (s *Sender) Run(ctx context.Context) {
 	held := 0
 	defer func() {
 		// Stopping: what waits is countersigned (the ledger has it),
-		// not sent.
+		// not sent; so is what comes later (Add).
+		s.mu.Lock()
+		s.stopped = true
+		s.mu.Unlock()
+		for more := true; more; {
+			select {
+			case r := <-s.in:
+				p := peer.ID(r.GetWorker())
+				batches[p] = append(batches[p], r)
+			default:
+				more = false
+			}
+		}
 		for _, b := range batches {
 			for len(b) > 0 {
 				n := min(len(b), protocol.MaxReceiptBatch)
