@@ -70,7 +70,8 @@ const (
 	// waiting that long in one queue is better served by a free worker.
 	queueStalls = 3
 	// heldFirst is how long a worker whose queue held a query past
-	// queueStalls (failQueued) counts as full: free workers go first.
+	// queueStalls (failQueued) ranks after every free worker (but before
+	// full ones).
 	// Each hold in a row doubles it, to heldMost; an answer ends the
 	// row. A queue that slow will hold the next query too, and a worker
 	// that counts a queue down within what it announced (which
@@ -189,7 +190,8 @@ type peerState struct {
 	// answers is ranked by the more (energy.go).
 	jpt map[string]float32
 	// heldUntil: its queue held a query past queueStalls, and until then
-	// it counts as full (heldFirst); holds counts such holds in a row.
+	// it ranks after the free workers (heldFirst); holds counts such
+	// holds in a row.
 	heldUntil time.Time
 	holds     int
 	// forgivenAt: when a restart last reset its breaker
@@ -400,6 +402,18 @@ type scored struct {
 // last reports whether c goes after the others: full, or held.
 func (c scored) last() bool { return c.full || c.held }
 
+// tier orders candidates: free workers, then held ones (slots free, a
+// slow queue lately), then full ones.
+func (c scored) tier() int {
+	switch {
+	case c.full:
+		return 2
+	case c.held:
+		return 1
+	}
+	return 0
+}
+
 // modelInfo finds the announced model entry serving t.
 func modelInfo(a *pb.Announce, model string, t pb.QueryType) *pb.ModelInfo {
 	for _, m := range a.GetModels() {
@@ -503,8 +517,8 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 // cannot see (a long answer in front).
 func byRank(c []scored) {
 	sort.Slice(c, func(i, j int) bool {
-		if c[i].last() != c[j].last() {
-			return !c[i].last()
+		if c[i].tier() != c[j].tier() {
+			return c[i].tier() < c[j].tier()
 		}
 		return c[i].score < c[j].score
 	})
@@ -576,7 +590,9 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState, now time.Time
 	}
 	if now.Sub(st.forgivenAt) >= restartForgive {
 		st.tracker = health.New(r.trackerOpts...)
-		st.heldUntil, st.holds = time.Time{}, 0 // its queue is new
+		// Its queue is new; a row of holds still counts, or a liar
+		// restarting each minute would never be held longer.
+		st.heldUntil = time.Time{}
 		st.forgivenAt = now
 	} else {
 		log.Debugw("peer restarted again soon: its failures still count", "peer", c.Peer)
@@ -702,7 +718,7 @@ func (r *Router) score(c Candidate, mi *pb.ModelInfo, st *peerState, prior measu
 func (r *Router) choose(ranked []scored) int {
 	// ClearlyBetter's slack keeps peers a few milliseconds apart (all
 	// fast, on one LAN) in the draw even when one is twice as fast.
-	if len(ranked) < 2 || ranked[1].last() != ranked[0].last() || protocol.ClearlyBetter(ranked[0].score, ranked[1].score) {
+	if len(ranked) < 2 || ranked[1].tier() != ranked[0].tier() || protocol.ClearlyBetter(ranked[0].score, ranked[1].score) {
 		return 0
 	}
 	r.mu.Lock()
@@ -1649,8 +1665,8 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 		st.tracker.Record(health.Violation)
 	case failQueued, failQueueLie:
 		// A busy worker is not a failing one; its queue steps were
-		// plausible (queueLie), and the query moved on. Either counts
-		// as full for a while (heldFirst).
+		// plausible (queueLie), and the query moved on. Either ranks
+		// after the free workers for a while (heldFirst).
 		if pf.kind == failQueueLie {
 			st.tracker.Record(health.Timeout)
 		}

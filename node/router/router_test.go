@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -873,5 +874,48 @@ func TestStalledQueriesShareOnePing(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestHeldRanksBetweenFreeAndFull: a held worker (its queue held a query
+// lately, its slots free) goes after a free worker and before a full one
+// that scores better (healthier), and the draw between the two best never picks
+// across the tiers.
+func TestHeldRanksBetweenFreeAndFull(t *testing.T) {
+	free, held, fullW := cand("free", 0, 4, 5, 0), cand("held", 0, 4, 5, 0), cand("full", 4, 4, 100, 0)
+	for _, tc := range []struct {
+		name  string
+		table staticTable
+		want  []peer.ID
+	}{
+		{"all three", staticTable{fullW, held, free}, []peer.ID{"free", "held", "full"}},
+		{"held and full", staticTable{fullW, held}, []peer.ID{"held", "full"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := New(testHost(t), testProto, tc.table)
+			r.mu.Lock()
+			r.state("held").heldUntil = time.Now().Add(time.Minute)
+			r.mu.Unlock()
+			rk := r.rankNeed("m", pb.QueryType_QUERY_TYPE_CHAT, nil)
+			score := map[peer.ID]float64{}
+			for _, c := range rk.ranked {
+				score[c.Peer] = c.score
+			}
+			if score["full"] >= score["held"] {
+				t.Fatalf("the full worker scores %.0f, the held one %.0f: the case shows nothing", score["full"], score["held"])
+			}
+			var got []peer.ID
+			for _, c := range rk.ranked {
+				got = append(got, c.Peer)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("ranked %v, want %v", got, tc.want)
+			}
+			for range 50 {
+				if i := r.choose(rk.ranked); i != 0 {
+					t.Fatalf("chose %s over %s", rk.ranked[i].Peer, rk.ranked[0].Peer)
+				}
+			}
+		})
 	}
 }
