@@ -323,17 +323,24 @@ func TestBatchCountersignedReceipts(t *testing.T) {
 			if same := bytes.Equal(sigs[0], sigs[1]) && bytes.Equal(sigs[1], sigs[2]); same == tc.old {
 				t.Fatalf("one signature for the three: %v", same)
 			}
-			p.mu.Lock()
-			defer p.mu.Unlock()
-			if len(p.signed) != 3 {
-				t.Fatalf("the router's ledger got %d receipts from the sender, want 3", len(p.signed))
-			}
-			for _, r := range p.signed {
-				if err := receipt.Verify(r); err != nil {
-					t.Fatalf("the router's copy: %v", err)
-				}
-			}
+			p.wantSigned(t, 3)
 		})
+	}
+}
+
+// wantSigned checks that the sender countersigned n receipts for the
+// routing node's ledger, each verifying.
+func (p *pair) wantSigned(t *testing.T, n int) {
+	t.Helper()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.signed) != n {
+		t.Fatalf("the router's ledger got %d receipts from the sender, want %d", len(p.signed), n)
+	}
+	for _, r := range p.signed {
+		if err := receipt.Verify(r); err != nil {
+			t.Fatalf("the router's copy: %v", err)
+		}
 	}
 }
 
@@ -376,16 +383,7 @@ func TestUnsentReceiptsStillCountersigned(t *testing.T) {
 				}
 				waitFor(t, "3 receipts dropped", func() bool { _, d := s.Stats(); return d == 3 })
 			}
-			p.mu.Lock()
-			defer p.mu.Unlock()
-			if len(p.signed) != 3 {
-				t.Fatalf("the router's ledger got %d receipts, want 3", len(p.signed))
-			}
-			for _, r := range p.signed {
-				if err := receipt.Verify(r); err != nil {
-					t.Fatalf("the router's copy: %v", err)
-				}
-			}
+			p.wantSigned(t, 3)
 		})
 	}
 }
