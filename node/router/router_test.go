@@ -677,12 +677,13 @@ func TestQueueStepsAloneHoldAQueryAFewStallPeriods(t *testing.T) {
 	}
 }
 
-// TestHeldQueueCountsAsFull: a worker whose queue held a query past
+// TestHeldQueueRanksLast: a worker whose queue held a query past
 // queueStalls (failQueued, or failQueueLie, which its breaker records
-// too) counts as full for heldFirst, doubled for each hold in a row up
-// to heldMost; an answer ends the row, and a failure of another kind
-// neither starts nor ends it.
-func TestHeldQueueCountsAsFull(t *testing.T) {
+// too) ranks after the free workers for heldFirst, doubled for each
+// hold in a row up to heldMost, yet stays a refuge for a stalled query;
+// an answer ends the row, and a failure of another kind neither starts
+// nor ends it.
+func TestHeldQueueRanksLast(t *testing.T) {
 	held := peerFailure{failQueued, protocol.Errorf(protocol.CodeUnavailable, "held")}
 	stalled := peerFailure{failStalled, protocol.Errorf(protocol.CodeUnavailable, "stalled")}
 	lie := peerFailure{failQueueLie, protocol.Errorf(protocol.CodeUnavailable, "lie")}
