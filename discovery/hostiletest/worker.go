@@ -41,12 +41,19 @@ const (
 	InventedFigures
 	// EmptyAnswer answers at once with nothing: Accepted, then a Done.
 	EmptyAnswer
+	// QueueWithin is FakeQueue within what its announcement explains
+	// (no more ahead than its concurrency plus 64): it accepts at queue
+	// position 120 and counts down a step every 300 ms, then heartbeats
+	// at the front, never answering. An honest worker whose queue is
+	// that slow looks the same, so it is moved from, not blamed.
+	QueueWithin
 )
 
 var behaviourNames = map[Behaviour]string{
 	Stall: "stall", Endless: "endless", Fail: "fail", Silent: "silent",
 	FakeQueue: "fake-queue", EmptyChunks: "empty-chunks", ToolCall: "tool-call",
 	MediaToChat: "media-to-chat", InventedFigures: "invented-figures", EmptyAnswer: "empty-answer",
+	QueueWithin: "queue-within",
 }
 
 func (b Behaviour) String() string {
@@ -123,6 +130,11 @@ func Handler(ctx context.Context, h host.Host, b Behaviour, served func()) netwo
 			clean = write(&pb.Event{Kind: &pb.Event_Error{Error: protocol.Errorf(protocol.CodeBackendError, "backend exploded").Proto()}}) == nil
 		case FakeQueue:
 			for pos := uint32(1 << 31); pos > 0 && write(accepted(pos)) == nil && pace(200*time.Millisecond); pos-- {
+			}
+		case QueueWithin:
+			pos := uint32(120)
+			for write(accepted(pos)) == nil && pace(300*time.Millisecond) {
+				pos = max(pos, 1) - 1
 			}
 		case EmptyChunks:
 			empty := &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{}}}
