@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	golog "github.com/ipfs/go-log/v2"
+
 	"github.com/mtor-swarm/mtor/node"
 	"github.com/mtor-swarm/mtor/node/api"
 	"github.com/mtor-swarm/mtor/node/router"
@@ -409,6 +411,13 @@ type ephemeral struct {
 }
 
 func startEphemeral(ctx context.Context, f *queryFlags) (*ephemeral, error) {
+	if os.Getenv("GOLOG_LOG_LEVEL") == "" {
+		// A one-shot command says its own errors in one line; go-libp2p's
+		// swarm may log a listener's close racing its accept loop as an
+		// error ("swarm listener accept error ... listener closed"),
+		// which would print a second, meaningless line.
+		_ = golog.SetLogLevel("swarm2", "fatal")
+	}
 	dir, err := os.MkdirTemp("", "mtor-query-")
 	if err != nil {
 		return nil, fmt.Errorf("temporary node: %w", err)
