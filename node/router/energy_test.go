@@ -149,7 +149,7 @@ func TestEnergyProbe(t *testing.T) {
 				c.Announce = proto.Clone(fresh.Announce).(*pb.Announce)
 				c.Announce.Incarnation = inc
 				r.mu.Lock()
-				r.noteIncarnationLocked(c, r.state("new"), time.Now())
+				r.noteIncarnationLocked(c, r.state("new"))
 				r.mu.Unlock()
 			}
 		}, "new"},

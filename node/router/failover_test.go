@@ -416,9 +416,8 @@ func TestLocalStreamLimitIsBusy(t *testing.T) {
 }
 
 // TestRestartedPeerStartsAfresh: a peer whose breaker opened is routable
-// again as soon as it announces a new incarnation (it restarted), once
-// a restartForgive: one that restarts again sooner (hostile, announcing
-// a new incarnation at every turn, or crash-looping) stays out.
+// again as soon as it announces a new incarnation (it restarted), each
+// time; a hold from its old queue ends, its row of holds does not.
 func TestRestartedPeerStartsAfresh(t *testing.T) {
 	inc := func(n uint64) func(*pb.Announce) { return func(a *pb.Announce) { a.Incarnation = n } }
 	var table atomic.Pointer[staticTable]
@@ -432,44 +431,26 @@ func TestRestartedPeerStartsAfresh(t *testing.T) {
 	if !ranked() {
 		t.Fatal("peer not ranked")
 	}
-	fail := func() {
+	for i := range 3 {
 		r.mu.Lock()
 		st := r.state("w")
 		for range 5 {
 			r.recordLocked(st, "m", peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
 		}
+		st.heldUntil, st.holds = time.Now().Add(time.Hour), 3 // its old queue held a query
 		r.mu.Unlock()
 		if ranked() {
 			t.Fatal("a peer with an open breaker is still ranked")
 		}
-	}
-	for i, step := range []struct {
-		name    string
-		since   time.Duration // since the last forgiven restart
-		forgive bool
-	}{
-		{"first restart", 0, true},
-		{"again at once", 0, false},
-		{"again, just short of the spacing", restartForgive - time.Second, false},
-		{"again, after the spacing", restartForgive, true},
-	} {
-		fail()
-		r.mu.Lock()
-		st := r.state("w")
-		if !st.forgivenAt.IsZero() {
-			st.forgivenAt = time.Now().Add(-step.since)
-		}
-		st.heldUntil, st.holds = time.Now().Add(time.Hour), 3 // its old queue held a query
-		r.mu.Unlock()
 		announce(uint64(i + 2))
-		if got := ranked(); got != step.forgive {
-			t.Fatalf("%s: ranked %v, want %v", step.name, got, step.forgive)
+		if !ranked() {
+			t.Fatalf("restart %d: the restarted peer is not ranked again", i+1)
 		}
 		r.mu.Lock()
 		held, holds := !st.heldUntil.IsZero(), st.holds
 		r.mu.Unlock()
-		if held == step.forgive || holds != 3 {
-			t.Fatalf("%s: held %v after the restart, %d holds in a row (want 3 kept)", step.name, held, holds)
+		if held || holds != 3 {
+			t.Fatalf("restart %d: held %v, %d holds in a row (want none, 3 kept)", i+1, held, holds)
 		}
 	}
 }

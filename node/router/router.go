@@ -78,8 +78,6 @@ const (
 	// queueLie cannot blame) delays one query per period, not each.
 	heldFirst = time.Minute
 	heldMost  = 16 * time.Minute
-	// restartForgive spaces the restarts that reset a peer's breaker.
-	restartForgive = time.Minute
 	// maxModelTrackers bounds the per-model health kept of one peer.
 	maxModelTrackers = 64
 	// pruneEvery spaces the pruning of the state of peers gone from the
@@ -194,9 +192,6 @@ type peerState struct {
 	// holds in a row.
 	heldUntil time.Time
 	holds     int
-	// forgivenAt: when a restart last reset its breaker
-	// (noteIncarnationLocked).
-	forgivenAt time.Time
 }
 
 // unreachableLocked reports whether c is still unreachable: it failed a
@@ -491,7 +486,7 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 			continue
 		}
 		st := r.state(c.Peer)
-		r.noteIncarnationLocked(c, st, now)
+		r.noteIncarnationLocked(c, st)
 		r.noteAddrsLocked(c, st)
 		if st.unreachableLocked(c) {
 			rk.unreachable++
@@ -574,11 +569,8 @@ func (r *Router) noteAddrsLocked(c Candidate, st *peerState) {
 // noteIncarnationLocked starts afresh with a peer that restarted: the
 // failures of its old process (an open breaker, a dial back-off) say
 // nothing of the new one, and connections opened to the old process are
-// dead, though libp2p may still prefer them. Its breaker is forgiven
-// once a restartForgive at most: a peer that announces a new
-// incarnation at every turn (hostile, or crash-looping) would otherwise
-// never stay out.
-func (r *Router) noteIncarnationLocked(c Candidate, st *peerState, now time.Time) {
+// dead, though libp2p may still prefer them.
+func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 	inc := c.Announce.GetIncarnation()
 	if inc == 0 || inc == st.incarnation {
 		return
@@ -588,15 +580,9 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState, now time.Time
 	if !restarted {
 		return
 	}
-	if now.Sub(st.forgivenAt) >= restartForgive {
-		st.tracker = health.New(r.trackerOpts...)
-		// Its queue is new; a row of holds still counts, or a liar
-		// restarting each minute would never be held longer.
-		st.heldUntil = time.Time{}
-		st.forgivenAt = now
-	} else {
-		log.Debugw("peer restarted again soon: its failures still count", "peer", c.Peer)
-	}
+	st.tracker = health.New(r.trackerOpts...)
+	// Its queue is new; a row of holds still counts.
+	st.heldUntil = time.Time{}
 	st.ttft, st.service = 0, 0
 	st.energyProbed = nil // the new process has measured nothing
 	r.clearBackoff(c.Peer)
