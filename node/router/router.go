@@ -394,8 +394,8 @@ type scored struct {
 	lastResort bool
 }
 
-// last reports whether c goes after the others: full, or held.
-func (c scored) last() bool { return c.full || c.held }
+// last reports whether c goes after the free workers: full, or held.
+func (c scored) last() bool { return c.tier() > 0 }
 
 // tier orders candidates: free workers, then held ones (slots free, a
 // slow queue lately), then full ones.
