@@ -209,7 +209,7 @@ func Check(r *pb.Receipt, e Expect) error {
 		return err
 	}
 	switch {
-	case countersigned(r):
+	case Countersigned(r):
 		// Empty as the worker sends it: a countersignature the worker
 		// made up would pass for the routing node's.
 		return fmt.Errorf("%w: countersigned by the worker", ErrMalformed)
@@ -250,7 +250,7 @@ func Verify(r *pb.Receipt) error {
 	if err := wellFormed(r); err != nil {
 		return err
 	}
-	if !countersigned(r) {
+	if !Countersigned(r) {
 		return ErrNoRouterSig
 	}
 	if err := verifySig(r, false); err != nil {
@@ -259,15 +259,11 @@ func Verify(r *pb.Receipt) error {
 	return verifyRouter(r)
 }
 
-// countersigned reports whether r carries a countersignature, alone or
-// of a batch.
-func countersigned(r *pb.Receipt) bool {
-	return len(r.GetRouterSig()) > 0 || r.GetRouterBatch() != nil
-}
-
 // Countersigned reports whether r carries a countersignature, alone or
 // of a batch; Verify says whether it holds.
-func Countersigned(r *pb.Receipt) bool { return countersigned(r) }
+func Countersigned(r *pb.Receipt) bool {
+	return len(r.GetRouterSig()) > 0 || r.GetRouterBatch() != nil
+}
 
 func verifyRouter(r *pb.Receipt) error {
 	if r.GetRouterBatch() != nil {
@@ -284,7 +280,7 @@ func VerifyRouter(r *pb.Receipt) error {
 	if err := wellFormed(r); err != nil {
 		return err
 	}
-	if !countersigned(r) {
+	if !Countersigned(r) {
 		return ErrNoRouterSig
 	}
 	return verifyRouter(r)
