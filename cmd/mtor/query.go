@@ -156,7 +156,7 @@ func runQuery(ctx context.Context, e *env, args []string) error {
 
 	var target querier
 	if len(f.join) > 0 {
-		eph, err := startEphemeral(ctx, &f)
+		eph, err := startEphemeral(ctx, e, &f)
 		if err != nil {
 			return err
 		}
@@ -410,8 +410,8 @@ type ephemeral struct {
 	dir string
 }
 
-func startEphemeral(ctx context.Context, f *queryFlags) (*ephemeral, error) {
-	if os.Getenv("GOLOG_LOG_LEVEL") == "" {
+func startEphemeral(ctx context.Context, e *env, f *queryFlags) (*ephemeral, error) {
+	if e.getenv("GOLOG_LOG_LEVEL") == "" {
 		// A one-shot command says its own errors in one line; go-libp2p's
 		// swarm may log a listener's close racing its accept loop as an
 		// error ("swarm listener accept error ... listener closed"),
