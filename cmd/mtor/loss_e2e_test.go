@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +12,11 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/mtor-swarm/mtor/node/ledger"
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // lossPercent of the packets between the two namespaces are lost, each
@@ -57,9 +64,14 @@ func addLoss(t *testing.T, ns, from string) (dropped func() int) {
 // worker's namespace and the bootstrap's and bridge's, on TCP and on
 // QUIC, a query sent the moment the worker has joined is answered by a
 // bridge without the swarm view (its provider records put and found over
-// the lossy link), and concurrent streamed queries all come back whole.
+// the lossy link), concurrent streamed queries and chat completions all
+// come back whole, and every answer's receipt reaches the worker again,
+// countersigned (the chat completions' in batches), across the same link.
 func TestE2ELossyLink(t *testing.T) {
 	needBinary(t)
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("needs curl to reach a bridge in a network namespace")
+	}
 	for _, tc := range []struct{ name, listen string }{
 		{"tcp", "/ip4/%s/tcp/0"},
 		{"quic", "/ip4/%s/udp/0/quic-v1"},
@@ -73,7 +85,8 @@ func TestE2ELossyLink(t *testing.T) {
 					"--api", "127.0.0.1:0", "--no-mdns"}, extra...)
 			}
 			boot := startNodeIn(t, "bootstrap", inNetns(n.a), args("boot", n.ipA, "--no-detect")...)
-			bridge := startNodeIn(t, "bridge", inNetns(n.a), args("bridge", n.ipA, "--no-detect", "--swarm-view=false", "--join", boot.value("join"))...)
+			bridge := startNodeIn(t, "bridge", inNetns(n.a), args("bridge", n.ipA, "--no-detect", "--swarm-view=false",
+				"--bridge", "127.0.0.1:0", "--join", boot.value("join"))...)
 			started := time.Now()
 			w := startNodeIn(t, "worker", inNetns(n.b), args("worker", n.ipB, "--backend", "demo:delay=20ms", "--join", boot.value("join"))...)
 			t.Cleanup(func() {
@@ -113,11 +126,117 @@ func TestE2ELossyLink(t *testing.T) {
 					t.Fatalf("query %d: answer not whole: %q", i, r.text)
 				}
 			}
+
+			// Chat completions (no client sees their receipts) are
+			// countersigned in batches as their receipts go back to the
+			// worker; the node API's came countersigned. Every receipt
+			// crosses the lossy link back, and both ledgers verify.
+			const chats = 6
+			chatErrs := make([]error, chats)
+			for i := range chats {
+				wg.Go(func() { chatErrs[i] = chatIn(t, n.a, bridge.value("bridge"), prompt(i)) })
+			}
+			wg.Wait()
+			for i, err := range chatErrs {
+				if err != nil {
+					t.Fatalf("chat completion %d over the lossy link: %v", i, err)
+				}
+			}
+			brID, all := bridge.value("peer"), uint64(1+queries+chats)
+			var confirmed uint64
+			var wl ledger.Snapshot
+			for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+				confirmed, wl = 0, ledgerIn(t, n.b, w.value("api"))
+				for _, e := range wl.Peers {
+					if e.Peer == brID {
+						confirmed = e.ServedCountersigned
+					}
+				}
+				if confirmed == all || time.Now().After(deadline) {
+					break
+				}
+			}
+			if confirmed != all {
+				t.Fatalf("%d of %d receipts came back countersigned to the worker across the lossy link", confirmed, all)
+			}
+			batched := 0
+			for _, rc := range wl.Recent {
+				var r pb.Receipt
+				if err := proto.Unmarshal(rc.Receipt, &r); err != nil {
+					t.Fatal(err)
+				}
+				if r.GetRouterBatch() != nil {
+					batched++
+				}
+			}
+			if batched != chats {
+				t.Fatalf("%d receipts at the worker countersigned in a batch, want the %d chat completions'", batched, chats)
+			}
+			if got := ledgerIn(t, n.a, bridge.value("api")).Total.Consumed.Queries; got != all {
+				t.Fatalf("the bridge's ledger holds %d answers, want %d", got, all)
+			}
+			for _, c := range []struct{ ns, api string }{{n.a, bridge.value("api")}, {n.b, w.value("api")}} {
+				if code, out, stderr := mtorIn(t, c.ns, "ledger", "--api", c.api, "--verify"); code != 0 || !strings.Contains(out, "0 with the worker's only") {
+					t.Fatalf("ledger --verify: exit %d, %s %s", code, out, stderr)
+				}
+			}
 			d := toA() + toB()
 			if d == 0 {
 				t.Fatal("no packet was dropped: the test tested nothing")
 			}
-			t.Logf("%s: worker joined in %s; first query and %d streamed answers whole; %d packets dropped", tc.name, joinedIn.Round(time.Millisecond), queries, d)
+			t.Logf("%s: worker joined in %s; first query, %d streamed answers and %d chat completions whole, %d receipts countersigned back; %d packets dropped",
+				tc.name, joinedIn.Round(time.Millisecond), queries, chats, all, d)
 		})
 	}
+}
+
+// chatIn posts one chat completion to the bridge at url from inside the
+// namespace ns (curl: the bridge listens on that namespace's loopback)
+// and wants the demo's whole answer.
+func chatIn(t *testing.T, ns, url, prompt string) error {
+	t.Helper()
+	body, err := json.Marshal(map[string]any{"model": "demo", "messages": []map[string]string{{"role": "user", "content": prompt}}})
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(t.Context(), "ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "60",
+		"-H", "Content-Type: application/json", "--data-binary", "@-", "-w", "\n%{http_code}",
+		strings.TrimSuffix(url, "/")+"/v1/chat/completions")
+	cmd.Stdin = bytes.NewReader(body)
+	out, err := cmd.Output()
+	if err != nil {
+		return fmt.Errorf("curl: %w", err)
+	}
+	i := bytes.LastIndexByte(out, '\n')
+	if i < 0 || string(out[i+1:]) != "200" {
+		return fmt.Errorf("not 200: %s", out)
+	}
+	var c struct {
+		Choices []struct {
+			Message struct {
+				Content string `json:"content"`
+			} `json:"message"`
+		} `json:"choices"`
+	}
+	if err := json.Unmarshal(out[:i], &c); err != nil || len(c.Choices) != 1 {
+		return fmt.Errorf("not a chat completion (%v): %s", err, out)
+	}
+	if a := c.Choices[0].Message.Content; strings.Count(a, "[demo answer") != 1 || !strings.HasSuffix(a, strings.TrimSpace(prompt)) {
+		return fmt.Errorf("answer not whole: %q", a)
+	}
+	return nil
+}
+
+// ledgerIn is the ledger of the node whose API is api, in the namespace ns.
+func ledgerIn(t *testing.T, ns, api string) ledger.Snapshot {
+	t.Helper()
+	code, stdout, stderr := mtorIn(t, ns, "ledger", "--api", api, "--json")
+	if code != 0 {
+		t.Fatalf("ledger --json: exit %d: %s", code, stderr)
+	}
+	var s ledger.Snapshot
+	if err := json.Unmarshal([]byte(stdout), &s); err != nil {
+		t.Fatalf("ledger --json: %v: %s", err, stdout)
+	}
+	return s
 }
