@@ -9,6 +9,9 @@ package receiptback
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +22,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
+	mss "github.com/multiformats/go-multistream"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/protocol"
@@ -155,13 +159,16 @@ func (s *Sender) Stats() (sent, dropped uint64) { return s.sent.Load(), s.droppe
 // dropped.
 func (s *Sender) Run(ctx context.Context) {
 	var wg sync.WaitGroup
-	defer wg.Wait()
 	sem := make(chan struct{}, maxStreams)
 	// Receipts wait per worker until a stream is free: one tick opens at
 	// most maxStreams, and the rest wait for the next (a router that
 	// countersigned for many workers in one period loses none); only
-	// receipts beyond maxWaiting held are dropped.
+	// receipts beyond maxWaiting held are dropped. A batch whose stream
+	// failed while its worker stayed connected waits in again for one
+	// more try (a stream refused for a moment, a connection replaced).
 	batches := map[peer.ID][]*pb.Receipt{}
+	again := map[peer.ID][]*pb.Receipt{}
+	failed := make(chan failure, maxStreams)
 	held := 0
 	defer func() {
 		// Stopping: what waits is countersigned (the ledger has it),
@@ -178,39 +185,55 @@ func (s *Sender) Run(ctx context.Context) {
 				more = false
 			}
 		}
-		for _, b := range batches {
-			for len(b) > 0 {
-				n := min(len(b), protocol.MaxReceiptBatch)
-				s.drop(b[:n])
-				b = b[n:]
+		wg.Wait()
+		close(failed)
+		for f := range failed {
+			again[f.p] = append(again[f.p], f.b...)
+		}
+		for _, m := range []map[peer.ID][]*pb.Receipt{batches, again} {
+			for _, b := range m {
+				for len(b) > 0 {
+					n := min(len(b), protocol.MaxReceiptBatch)
+					s.drop(b[:n])
+					b = b[n:]
+				}
 			}
 		}
 	}()
-	send := func(p peer.ID) bool {
+	send := func(from map[peer.ID][]*pb.Receipt, p peer.ID, last bool) bool {
 		select {
 		case sem <- struct{}{}:
 		default:
 			return false
 		}
-		all := batches[p]
+		all := from[p]
 		n := min(len(all), protocol.MaxReceiptBatch)
 		b := all[:n:n]
 		if n == len(all) {
-			delete(batches, p)
+			delete(from, p)
 		} else {
-			batches[p] = all[n:]
+			from[p] = all[n:]
 		}
 		held -= n
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			if err := s.send(ctx, p, b); err != nil {
-				s.dropped.Add(uint64(len(b)))
-				log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "err", err)
+			err := s.send(ctx, p, b)
+			if err == nil {
+				s.sent.Add(uint64(len(b)))
 				return
 			}
-			s.sent.Add(uint64(len(b)))
+			log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", !last, "err", err)
+			if last || !worthAnotherTry(err) || ctx.Err() != nil || s.h.Network().Connectedness(p) != network.Connected {
+				s.dropped.Add(uint64(len(b)))
+				return
+			}
+			select {
+			case failed <- failure{p, b}:
+			default: // the loop is behind, or stopping: no second try
+				s.dropped.Add(uint64(len(b)))
+			}
 		}()
 		return true
 	}
@@ -229,11 +252,24 @@ func (s *Sender) Run(ctx context.Context) {
 			batches[p] = append(batches[p], r)
 			held++
 			if len(batches[p]) >= protocol.MaxReceiptBatch {
-				send(p)
+				send(batches, p, false)
 			}
+		case f := <-failed:
+			if held+len(f.b) > maxWaiting {
+				s.dropped.Add(uint64(len(f.b)))
+				continue
+			}
+			again[f.p] = append(again[f.p], f.b...)
+			held += len(f.b)
 		case <-t.C:
+			// Second tries first: they have waited a period already.
+			for p := range again {
+				if !send(again, p, true) {
+					break
+				}
+			}
 			for p := range batches {
-				if !send(p) {
+				if !send(batches, p, false) {
 					break
 				}
 			}
@@ -241,10 +277,26 @@ func (s *Sender) Run(ctx context.Context) {
 	}
 }
 
+// failure is a batch whose stream failed, for another try.
+type failure struct {
+	p peer.ID
+	b []*pb.Receipt
+}
+
+// worthAnotherTry reports whether a batch whose stream failed with err
+// may go through on a second one: not when the worker does not speak
+// the receipt protocol.
+func worthAnotherTry(err error) bool {
+	var ns mss.ErrNotSupported[libp2pproto.ID]
+	return !errors.As(err, &ns)
+}
+
 // send writes one batch to p on a connection that already exists: a
 // worker that just answered is connected, and one that is gone is not
 // worth a dial. The receipts are countersigned once the protocol is
-// known, whether the stream opened or not.
+// known, whether the stream opened or not. The worker closes the stream
+// once it has read the batch: that close, which a reset or a silence
+// of 5 s is not, says the batch arrived.
 func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) error {
 	ctx, cancel := context.WithTimeout(ctx, StreamTimeout)
 	defer cancel()
@@ -257,10 +309,20 @@ func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) error {
 	if err != nil {
 		return err
 	}
+	defer context.AfterFunc(ctx, func() { _ = st.Reset() })()
 	_ = st.SetDeadline(time.Now().Add(StreamTimeout))
 	if err := protocol.WriteFrame(st, &pb.ReceiptBatch{Receipts: b}); err != nil {
 		_ = st.Reset()
 		return err
+	}
+	if err := st.CloseWrite(); err != nil {
+		_ = st.Reset()
+		return err
+	}
+	// The worker sends nothing back: its close is the end of the stream.
+	if n, err := st.Read(make([]byte, 1)); n > 0 || !errors.Is(err, io.EOF) {
+		_ = st.Reset()
+		return fmt.Errorf("the worker did not take the batch: %d bytes, %w", n, err)
 	}
 	return st.Close()
 }

@@ -387,3 +387,70 @@ func TestUnsentReceiptsStillCountersigned(t *testing.T) {
 		})
 	}
 }
+
+// TestFailedBatchTriedOnceMore: a worker that reads a batch and resets
+// the stream instead of taking it (a limit hit, a connection replaced)
+// gets the batch again at the next flush, and takes it then; one that
+// always does gets two tries, and the receipts are counted dropped.
+func TestFailedBatchTriedOnceMore(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		resets int64 // streams the worker reads and resets before taking any
+		later  bool
+	}{
+		{"one reset, countersigned at once", 1, false},
+		{"one reset, countersigned in a batch", 1, true},
+		{"always reset", 1 << 30, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPairWith(t, pairOpts{later: tc.later})
+			take := NewReceiver(p.w.ID(), p.wled.Pending, p.wled.Countersigned).HandleStream
+			var streams, refused atomic.Int64 // streams; receipts in those reset
+			p.w.SetStreamHandler(receiptBatchProto, func(s network.Stream) {
+				if streams.Add(1) <= tc.resets {
+					var b pb.ReceiptBatch
+					_ = protocol.NewFrameReader(s, protocol.MaxReceiptFrame).Read(&b)
+					refused.Add(int64(len(b.GetReceipts())))
+					_ = s.Reset()
+					return
+				}
+				take(s)
+			})
+			p.ask(t, 3)
+			if tc.resets == 1 {
+				waitFor(t, "3 countersigned receipts back after a reset", func() bool { return countersigned(p.wled) == 3 })
+				if sent, dropped := p.sender.Stats(); sent != 3 || dropped != 0 || streams.Load() < 2 || refused.Load() == 0 {
+					t.Fatalf("sender: %d sent, %d dropped, in %d streams (%d receipts refused)", sent, dropped, streams.Load(), refused.Load())
+				}
+				return
+			}
+			waitFor(t, "3 receipts dropped after two tries", func() bool { _, d := p.sender.Stats(); return d == 3 })
+			time.Sleep(300 * time.Millisecond) // no third try comes
+			if sent, _ := p.sender.Stats(); sent != 0 || refused.Load() != 6 || countersigned(p.wled) != 0 {
+				t.Fatalf("sender: %d sent; the worker refused %d receipts in %d streams (want each twice) and took %d",
+					sent, refused.Load(), streams.Load(), countersigned(p.wled))
+			}
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if len(p.signed) != 3 { // the ledger has them all the same
+				t.Fatalf("%d receipts countersigned for the ledger, want 3", len(p.signed))
+			}
+		})
+	}
+}
+
+// TestNoSecondTryWithoutTheProtocol: a worker that speaks no receipt
+// protocol refuses the stream; that refusal is not worth another try.
+func TestNoSecondTryWithoutTheProtocol(t *testing.T) {
+	r, w := newHost(t), newHost(t)
+	if err := r.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: w.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	err := NewSender(r, receiptProto).send(t.Context(), w.ID(), []*pb.Receipt{{Worker: []byte(w.ID())}})
+	if err == nil || worthAnotherTry(err) {
+		t.Fatalf("send to a worker without the protocol: %v, another try %v", err, err != nil && worthAnotherTry(err))
+	}
+	if !worthAnotherTry(network.ErrReset) {
+		t.Fatal("a reset stream is worth another try")
+	}
+}
