@@ -185,6 +185,14 @@ func (t *Tracker) Allow() bool {
 	return false
 }
 
+// Clean reports whether nothing stands against the peer: full score, no
+// failure since its last success, breaker closed.
+func (t *Tracker) Clean() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.score >= maxScore && t.fails == 0 && t.stateLocked() == Closed
+}
+
 // Available is Allow without taking the half-open trial slot: whether a
 // call could go ahead. Used when ranking candidates.
 func (t *Tracker) Available() bool {

@@ -1,7 +1,9 @@
 package router
 
 import (
+	"cmp"
 	"context"
+	"io"
 	"slices"
 	"strings"
 	"sync"
@@ -15,11 +17,13 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -454,6 +458,83 @@ func TestRestartedPeerStartsAfresh(t *testing.T) {
 		}
 	}
 }
+
+// TestClaimedRestartIsTested: a peer with an open breaker announces a
+// new incarnation. If a connection it held well before (the old
+// process's) still answers a ping, no restart happened and the breaker
+// stands. If that connection is silent (a killed process whose QUIC
+// connection lingers; here a ping handler that never echoes), the
+// breaker is cleared once the ping times out; if the only connection is
+// recent (it may be the new process's), at once.
+func TestClaimedRestartIsTested(t *testing.T) {
+	for _, tr := range transports {
+		for _, tc := range []struct {
+			name   string
+			silent bool          // the old connection never echoes a ping
+			seen   time.Duration // the old process's last announcement, after the connection opened
+			within time.Duration // routable again within; 0: never
+		}{
+			{"old connection answers", false, 10 * time.Second, 0},
+			{"old connection silent", true, 10 * time.Second, liveness.DefaultTimeout + time.Second},
+			{"connection too recent to be the old process's", false, 0, time.Nanosecond},
+		} {
+			t.Run(tr.name+"/"+tc.name, func(t *testing.T) {
+				h, w := testHostOn(t, tr.listen), testHostOn(t, tr.listen)
+				if tc.silent {
+					w.SetStreamHandler(ping.ID, func(s network.Stream) { _, _ = io.Copy(io.Discard, s) })
+				}
+				connect(t, h, w)
+				seen := time.Now().Add(tc.seen)
+				announce := func(n uint64) []Candidate {
+					c := cand(string(w.ID()), 0, 4, 100, 0, func(a *pb.Announce) { a.Incarnation = n })
+					c.Received = seen
+					return []Candidate{c}
+				}
+				var table atomic.Pointer[[]Candidate]
+				table.Store(ptr(announce(1)))
+				r := New(h, testProto, tableFunc(func() []Candidate { return *table.Load() }))
+				ranked := func() bool {
+					rk, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+					return len(rk) == 1
+				}
+				if !ranked() {
+					t.Fatal("peer not ranked")
+				}
+				r.mu.Lock()
+				st := r.state(w.ID())
+				for range 5 {
+					r.recordLocked(st, "m", peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
+				}
+				r.mu.Unlock()
+				if ranked() {
+					t.Fatal("a peer with an open breaker is still ranked")
+				}
+				seen = time.Now()
+				table.Store(ptr(announce(2)))
+				start := time.Now()
+				wait := cmp.Or(tc.within, liveness.DefaultTimeout+time.Second)
+				for !ranked() && time.Since(start) < wait {
+					time.Sleep(10 * time.Millisecond)
+				}
+				back := ranked()
+				if tc.within == 0 {
+					if back {
+						t.Fatalf("routable again %s after claiming a restart, though its old connection answers", time.Since(start))
+					}
+					return
+				}
+				if !back {
+					t.Fatalf("not routable within %s of its restart", tc.within)
+				}
+				if tc.silent && time.Since(start) < 500*time.Millisecond {
+					t.Fatalf("routable again %s after claiming a restart, before its old connection was found silent", time.Since(start))
+				}
+			})
+		}
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
 
 type tableFunc func() []Candidate
 

@@ -164,11 +164,13 @@ type Suspecter interface {
 // peerState is what this router has observed of one worker.
 type peerState struct {
 	incarnation uint64 // of the process these figures are about
-	inflight    int
-	name        string // the peer ID in text, encoded once (Result.PeerString)
-	tracker     *health.Tracker
-	ttft        float64 // EWMA, ms, as seen from here (network included)
-	service     float64 // EWMA, ms, total time of a query
+	// incSeen is when the latest announcement of that incarnation came.
+	incSeen  time.Time
+	inflight int
+	name     string // the peer ID in text, encoded once (Result.PeerString)
+	tracker  *health.Tracker
+	ttft     float64 // EWMA, ms, as seen from here (network included)
+	service  float64 // EWMA, ms, total time of a query
 	// A peer that could not be dialled is "not reachable yet" (behind NAT
 	// before its relay reservation, say), not failing: it is left out
 	// until it announces again or announces other addresses, and its
@@ -568,21 +570,26 @@ func (r *Router) noteAddrsLocked(c Candidate, st *peerState) {
 
 // noteIncarnationLocked starts afresh with a peer that restarted: the
 // failures of its old process (an open breaker, a dial back-off) say
-// nothing of the new one, and connections opened to the old process are
+// nothing of the new one (the breaker's once the claim holds:
+// forgiveRestartLocked), and connections opened to the old process are
 // dead, though libp2p may still prefer them.
 func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 	inc := c.Announce.GetIncarnation()
-	if inc == 0 || inc == st.incarnation {
+	if inc == 0 {
 		return
 	}
-	restarted := st.incarnation != 0
-	st.incarnation = inc
+	if inc == st.incarnation {
+		if c.Received.After(st.incSeen) {
+			st.incSeen = c.Received
+		}
+		return
+	}
+	restarted, seen := st.incarnation != 0, st.incSeen
+	st.incarnation, st.incSeen = inc, c.Received
 	if !restarted {
 		return
 	}
-	st.tracker = health.New(r.trackerOpts...)
-	// Its queue is new; a row of holds still counts.
-	st.heldUntil = time.Time{}
+	r.forgiveRestartLocked(c.Peer, st, inc, seen)
 	st.ttft, st.service = 0, 0
 	st.energyProbed = nil // the new process has measured nothing
 	r.clearBackoff(c.Peer)
@@ -592,6 +599,75 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 		}
 	}
 	log.Debugw("peer restarted", "peer", c.Peer)
+}
+
+// restartMargin: a connection opened this long before the old process's
+// last announcement arrived was the old process's, not its successor's
+// (an announcement crosses the swarm in well under a second, and a new
+// process needs about that to start).
+const restartMargin = 5 * time.Second
+
+// forgiveRestartLocked clears the failures of a peer's old process, its
+// breaker and its hold (its queue is new; a row of holds still counts),
+// once its word that it restarted holds. A restarted process
+// (incarnation is random per process start) cannot answer on a
+// connection its predecessor held. So when such connections are left,
+// they are pinged first, and the failures are cleared only if none
+// answers: a SIGKILLed process's QUIC connection lingers silent, and is
+// found so within the probe's timeout (liveness.DefaultTimeout at most),
+// while a peer that claims a restart at every announcement to clear its
+// breaker answers on its old connection and keeps its failures. With
+// none left (a TCP connection closes with its process) the failures go
+// at once. What this cannot see is a peer that drops its connections to
+// this node before each such announcement.
+func (r *Router) forgiveRestartLocked(p peer.ID, st *peerState, inc uint64, seen time.Time) {
+	if st.tracker.Clean() && !time.Now().Before(st.heldUntil) {
+		return // nothing to forgive
+	}
+	forgive := func(st *peerState) {
+		st.tracker = health.New(r.trackerOpts...)
+		st.heldUntil = time.Time{}
+	}
+	var old []network.Conn
+	for _, conn := range r.h.Network().ConnsToPeer(p) {
+		if conn.Stat().Opened.Before(seen.Add(-restartMargin)) {
+			old = append(old, conn)
+		}
+	}
+	if len(old) == 0 {
+		forgive(st)
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), liveness.DefaultTimeout)
+		defer cancel()
+		answered := make(chan bool, len(old))
+		for _, conn := range old {
+			go func() { answered <- oldProcessAnswers(liveness.Probe(ctx, conn)) }()
+		}
+		alive := false
+		for range old {
+			alive = <-answered || alive
+		}
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if st := r.peers[p]; st != nil && st.incarnation == inc {
+			if alive {
+				log.Infow("a peer announced a restart, but its connection from before answers: its failures stand", "peer", p)
+				return
+			}
+			forgive(st)
+		}
+	}()
+}
+
+// oldProcessAnswers reports whether a probe's outcome shows a live peer
+// at the other end: the echo, a reset by the peer, or its refusal of
+// the protocol. A limit of this node's own shows nothing.
+func oldProcessAnswers(err error) bool {
+	var se *network.StreamError
+	var ns mss.ErrNotSupported[libp2pproto.ID]
+	return err == nil || errors.As(err, &se) && se.Remote || errors.As(err, &ns)
 }
 
 // score is the expected time to first token in ms, divided by health and
