@@ -91,3 +91,57 @@ func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
 		})
 	}
 }
+
+// TestE2EHostileRestartClaims: a worker process that breaks the protocol
+// (a tool call no query offered: its breaker opens at once) and claims a
+// restart in each announcement, a new incarnation every second, while it
+// keeps its connection to the bridge. A restart would clear its breaker;
+// the bridge pings the connection the old process held, the same process
+// answers, and its failures stand. Beside a real bridge and an honest
+// worker, on TCP and QUIC: 20 chat completions half a second apart, all
+// answered by the honest worker; the liar is handed the first and the
+// one trial its breaker allows after 5 s: 2 (8 and 9 when every claim
+// cleared its breaker).
+func TestE2EHostileRestartClaims(t *testing.T) { onEachTransport(t, testE2EHostileRestartClaims) }
+
+func testE2EHostileRestartClaims(t *testing.T, tr transport) {
+	needBinary(t)
+	dir := t.TempDir()
+	br := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), "--no-detect", "--bridge", "127.0.0.1:0")...)
+	join := br.value("join")
+	honest := startNode(t, "honest", tr.nodeArgs(filepath.Join(dir, "honest"), "--backend", "demo", "--join", join)...)
+	waitWorkers(t, br.value("api"), "demo", honest.value("peer"))
+	base := strings.TrimSuffix(br.value("bridge"), "/")
+	liar := launchProgram(t, "restarts", "peer", "error", hostileBin,
+		"-join", join, "-behaviour", "tool-call", "-restarts", "-listen", tr.listen)
+	liar.waitReady()
+	waitWorkers(t, br.value("api"), "demo", liar.value("peer"))
+	// Its connection must be older than the margin by which the bridge
+	// tells the old process's connections from a new one's (5 s before
+	// the old incarnation's last announcement).
+	time.Sleep(7 * time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	const queries = 20
+	for i := range queries {
+		prompt := fmt.Sprintf("question %d for a restarting liar", i)
+		a, err := chatCompletion(ctx, http.DefaultClient, base, prompt, i%2 == 0)
+		if err != nil {
+			t.Fatalf("query %d: %v", i, err)
+		}
+		if a.toolCalls != 0 || a.finish != "stop" || !strings.HasSuffix(a.content, "You said: "+prompt) {
+			t.Fatalf("query %d: %+v", i, a)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	// The first query opens its breaker; 5 s later one trial may go
+	// (half-open), and it fails; the next trial is 10 s later.
+	got := liar.count("query")
+	t.Logf("a liar claiming a restart every second was handed %d of %d queries over %d s", got, queries, queries/2)
+	if got < 1 || got > 3 {
+		t.Fatalf("the liar was handed %d of %d queries, want 1 to 3", got, queries)
+	}
+	if code, err := liar.signal(syscall.SIGTERM); err != nil || code != 0 {
+		t.Fatalf("hostile peer exit %d, %v:\n%s", code, err, liar.output())
+	}
+}

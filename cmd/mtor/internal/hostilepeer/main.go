@@ -5,6 +5,8 @@
 // the hostile way its -behaviour names (discovery/hostiletest). It
 // prints "peer: ID" once its first announcement is out and "query: N"
 // for each query stream it is handed, and runs until SIGTERM or SIGINT.
+// With -restarts, each announcement claims a restart (a new incarnation)
+// that never happened.
 //
 // It is test equipment: it listens on loopback only and is not part of
 // the mtor binary.
@@ -43,6 +45,7 @@ func run() error {
 	name := flag.String("behaviour", "stall", "how to answer queries (discovery/hostiletest)")
 	listen := flag.String("listen", "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1", "comma-separated loopback listen multiaddrs")
 	every := flag.Duration("every", time.Second, "time between announcements")
+	restarts := flag.Bool("restarts", false, "announce a new incarnation each time: claim a restart it never made")
 	flag.Parse()
 	b, err := hostiletest.ParseBehaviour(*name)
 	if err != nil {
@@ -99,7 +102,11 @@ func run() error {
 	defer tick.Stop()
 	for {
 		seq++
-		data, err := proto.Marshal(hostiletest.Announce(*model, seq, h.Addrs()...))
+		a := hostiletest.Announce(*model, seq, h.Addrs()...)
+		if *restarts {
+			a.Incarnation = seq // a new one each time, never 0
+		}
+		data, err := proto.Marshal(a)
 		if err != nil {
 			return err
 		}
