@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,9 +51,11 @@ type Sender struct {
 	key     crypto.PrivKey    // countersigns the receipts that come without
 	signed  func(*pb.Receipt) // each receipt countersigned here, once
 	flush   time.Duration
+	timeout time.Duration // one stream's
 	in      chan *pb.Receipt
 	dropped atomic.Uint64
 	sent    atomic.Uint64
+	retried atomic.Uint64 // batches tried a second time
 	// stopped: Run has ended, and Add countersigns at once; the lock
 	// orders an Add against the last look at in.
 	mu      sync.RWMutex
@@ -71,6 +74,15 @@ func WithFlushInterval(d time.Duration) Option {
 	}
 }
 
+// WithStreamTimeout bounds each stream (StreamTimeout by default).
+func WithStreamTimeout(d time.Duration) Option {
+	return func(s *Sender) {
+		if d > 0 {
+			s.timeout = d
+		}
+	}
+}
+
 // WithBatches has the Sender countersign the receipts it gets without a
 // countersignature, with key (this node's identity key): those for one
 // worker with one signature when the worker speaks batchProto
@@ -85,7 +97,7 @@ func WithBatches(batchProto libp2pproto.ID, key crypto.PrivKey, signed func(*pb.
 // NewSender sends over h with the receipt protocol proto
 // (protocol.ReceiptProtocol). Run must be running for anything to leave.
 func NewSender(h host.Host, proto libp2pproto.ID, opts ...Option) *Sender {
-	s := &Sender{h: h, proto: proto, flush: DefaultFlushInterval, in: make(chan *pb.Receipt, maxWaiting)}
+	s := &Sender{h: h, proto: proto, flush: DefaultFlushInterval, timeout: StreamTimeout, in: make(chan *pb.Receipt, maxWaiting)}
 	for _, o := range opts {
 		o(s)
 	}
@@ -155,6 +167,9 @@ func (s *Sender) countersign(rs []*pb.Receipt, batch bool) {
 // Stats reports the receipts sent and dropped so far.
 func (s *Sender) Stats() (sent, dropped uint64) { return s.sent.Load(), s.dropped.Load() }
 
+// Retried reports how many batches were sent a second time.
+func (s *Sender) Retried() uint64 { return s.retried.Load() }
+
 // Run sends batches until ctx ends; receipts still waiting then are
 // dropped.
 func (s *Sender) Run(ctx context.Context) {
@@ -164,8 +179,9 @@ func (s *Sender) Run(ctx context.Context) {
 	// most maxStreams, and the rest wait for the next (a router that
 	// countersigned for many workers in one period loses none); only
 	// receipts beyond maxWaiting held are dropped. A batch whose stream
-	// failed while its worker stayed connected waits in again for one
-	// more try (a stream refused for a moment, a connection replaced).
+	// opened and then failed while its worker stayed connected waits in
+	// again for one more try (a stream reset at a limit for a moment, a
+	// connection replaced under it).
 	batches := map[peer.ID][]*pb.Receipt{}
 	again := map[peer.ID][]*pb.Receipt{}
 	failed := make(chan failure, maxStreams)
@@ -219,21 +235,24 @@ func (s *Sender) Run(ctx context.Context) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			err := s.send(ctx, p, b)
+			if last {
+				s.retried.Add(1)
+			}
+			opened, err := s.send(ctx, p, b)
 			if err == nil {
 				s.sent.Add(uint64(len(b)))
 				return
 			}
-			log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", !last, "err", err)
-			if last || !worthAnotherTry(err) || ctx.Err() != nil || s.h.Network().Connectedness(p) != network.Connected {
-				s.dropped.Add(uint64(len(b)))
-				return
+			again := !last && opened && worthAnotherTry(err) && ctx.Err() == nil && connected(s.h.Network().Connectedness(p))
+			log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", again, "err", err)
+			if again {
+				select {
+				case failed <- failure{p, b}:
+					return
+				default: // the loop is behind, or stopping: no second try
+				}
 			}
-			select {
-			case failed <- failure{p, b}:
-			default: // the loop is behind, or stopping: no second try
-				s.dropped.Add(uint64(len(b)))
-			}
+			s.dropped.Add(uint64(len(b)))
 		}()
 		return true
 	}
@@ -284,21 +303,39 @@ type failure struct {
 }
 
 // worthAnotherTry reports whether a batch whose stream failed with err
-// may go through on a second one: not when the worker does not speak
-// the receipt protocol.
+// may go through on a second one: not when the worker refused the
+// protocol (at once, or resetting a stream opened on what its
+// announced protocols promised), and not when it let the stream time
+// out (a second wait would hold a stream the other workers' receipts
+// need).
 func worthAnotherTry(err error) bool {
 	var ns mss.ErrNotSupported[libp2pproto.ID]
-	return !errors.As(err, &ns)
+	var se *network.StreamError
+	var ne net.Error
+	switch {
+	case errors.As(err, &ns), errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamProtocolNegotiationFailed:
+		return false
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return false
+	}
+	return true
+}
+
+// connected: the worker is still reached, directly or through a relay.
+func connected(c network.Connectedness) bool {
+	return c == network.Connected || c == network.Limited
 }
 
 // send writes one batch to p on a connection that already exists: a
 // worker that just answered is connected, and one that is gone is not
 // worth a dial. The receipts are countersigned once the protocol is
-// known, whether the stream opened or not. The worker closes the stream
-// once it has read the batch: that close, which a reset or a silence
-// of 5 s is not, says the batch arrived.
-func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) error {
-	ctx, cancel := context.WithTimeout(ctx, StreamTimeout)
+// known, whether the stream opened or not (then in one batch, for the
+// ledger: such a batch is not tried again). The worker closes the
+// stream once it has taken the batch: that close, which a reset or a
+// silence of the stream timeout is not, says the batch arrived. opened
+// reports whether the stream opened.
+func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) (opened bool, err error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	protos := []libp2pproto.ID{s.proto}
 	if s.batch != "" {
@@ -307,24 +344,29 @@ func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) error {
 	st, err := s.h.NewStream(network.WithAllowLimitedConn(network.WithNoDial(ctx, "receipts"), "receipts"), p, protos...)
 	s.countersign(b, err != nil || (s.batch != "" && st.Protocol() == s.batch))
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer context.AfterFunc(ctx, func() { _ = st.Reset() })()
-	_ = st.SetDeadline(time.Now().Add(StreamTimeout))
-	if err := protocol.WriteFrame(st, &pb.ReceiptBatch{Receipts: b}); err != nil {
+	_ = st.SetDeadline(time.Now().Add(s.timeout))
+	fail := func(err error) (bool, error) {
 		_ = st.Reset()
-		return err
+		if e := ctx.Err(); e != nil { // the reset above may be the timeout's
+			err = fmt.Errorf("%w: %w", e, err)
+		}
+		return true, err
+	}
+	if err := protocol.WriteFrame(st, &pb.ReceiptBatch{Receipts: b}); err != nil {
+		return fail(err)
 	}
 	if err := st.CloseWrite(); err != nil {
-		_ = st.Reset()
-		return err
+		return fail(err)
 	}
 	// The worker sends nothing back: its close is the end of the stream.
 	if n, err := st.Read(make([]byte, 1)); n > 0 || !errors.Is(err, io.EOF) {
-		_ = st.Reset()
-		return fmt.Errorf("the worker did not take the batch: %d bytes, %w", n, err)
+		return fail(fmt.Errorf("the worker did not take the batch: %d bytes, %w", n, err))
 	}
-	return st.Close()
+	_ = st.Close() // taken: what the close says no longer matters
+	return true, nil
 }
 
 // Receiver is the worker side: it takes the countersigned receipts of

@@ -3,6 +3,7 @@ package receiptback
 import (
 	"bytes"
 	"context"
+	"io"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -148,6 +149,8 @@ func TestReturnsCountersignedReceipts(t *testing.T) {
 	p := newPair(t)
 	p.ask(t, 3)
 	waitFor(t, "3 countersigned receipts back at the worker", func() bool { return countersigned(p.wled) == 3 })
+	// Counted sent once the worker's close came back, after it took them.
+	waitFor(t, "3 receipts counted sent", func() bool { sent, _ := p.sender.Stats(); return sent == 3 })
 	for _, rc := range p.wled.Snapshot().Recent {
 		var r pb.Receipt
 		if err := proto.Unmarshal(rc.Receipt, &r); err != nil {
@@ -207,10 +210,12 @@ func TestForeignReceiptsIgnored(t *testing.T) {
 				t.Fatal(err)
 			}
 			s := NewSender(h, receiptProto)
-			// The worker resets the stream of an oversized batch, which
-			// the sender may or may not see before its Close.
-			if err := s.send(t.Context(), p.w.ID(), tc.batch); err != nil && len(tc.batch) <= protocol.MaxReceiptBatch {
-				t.Fatal(err)
+			// The worker closes the stream of a batch it read, taken or
+			// not, and resets that of an oversized one: the sender, which
+			// waits for the close, sees which.
+			_, err := s.send(t.Context(), p.w.ID(), tc.batch)
+			if oversized := len(tc.batch) > protocol.MaxReceiptBatch; (err != nil) != oversized {
+				t.Fatalf("send of %d receipts: %v", len(tc.batch), err)
 			}
 			// The worker handles a stream at once; give it the time a
 			// loaded machine needs, then check nothing was taken.
@@ -419,7 +424,8 @@ func TestFailedBatchTriedOnceMore(t *testing.T) {
 			p.ask(t, 3)
 			if tc.resets == 1 {
 				waitFor(t, "3 countersigned receipts back after a reset", func() bool { return countersigned(p.wled) == 3 })
-				if sent, dropped := p.sender.Stats(); sent != 3 || dropped != 0 || streams.Load() < 2 || refused.Load() == 0 {
+				waitFor(t, "3 receipts counted sent", func() bool { sent, _ := p.sender.Stats(); return sent == 3 })
+				if sent, dropped := p.sender.Stats(); sent != 3 || dropped != 0 || streams.Load() < 2 || refused.Load() == 0 || p.sender.Retried() == 0 {
 					t.Fatalf("sender: %d sent, %d dropped, in %d streams (%d receipts refused)", sent, dropped, streams.Load(), refused.Load())
 				}
 				return
@@ -439,18 +445,46 @@ func TestFailedBatchTriedOnceMore(t *testing.T) {
 	}
 }
 
-// TestNoSecondTryWithoutTheProtocol: a worker that speaks no receipt
-// protocol refuses the stream; that refusal is not worth another try.
-func TestNoSecondTryWithoutTheProtocol(t *testing.T) {
-	r, w := newHost(t), newHost(t)
-	if err := r.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: w.Addrs()}); err != nil {
-		t.Fatal(err)
-	}
-	err := NewSender(r, receiptProto).send(t.Context(), w.ID(), []*pb.Receipt{{Worker: []byte(w.ID())}})
-	if err == nil || worthAnotherTry(err) {
-		t.Fatalf("send to a worker without the protocol: %v, another try %v", err, err != nil && worthAnotherTry(err))
-	}
-	if !worthAnotherTry(network.ErrReset) {
-		t.Fatal("a reset stream is worth another try")
+// TestNoSecondTry: a batch is not tried again when the worker refuses
+// the protocol, at once or on a stream opened on what its protocols
+// promised (lazily), nor when it lets the stream time out: the batch is
+// dropped after one stream. A worker that closes the stream takes it.
+func TestNoSecondTry(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		handler network.StreamHandler // on the batch protocol; nil: none
+		promise bool                  // the sender's peerstore says the worker speaks it
+		sent    bool
+	}{
+		{"refused", nil, false, false},
+		{"refused after a lazy open", nil, true, false},
+		{"never closed", func(s network.Stream) { _, _ = io.Copy(io.Discard, s) }, false, false},
+		{"taken", func(s network.Stream) { _, _ = io.Copy(io.Discard, s); _ = s.Close() }, false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, w := newHost(t), newHost(t)
+			if tc.handler != nil {
+				w.SetStreamHandler(receiptBatchProto, tc.handler)
+			}
+			if err := r.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: w.Addrs()}); err != nil {
+				t.Fatal(err)
+			}
+			if tc.promise {
+				if err := r.Peerstore().AddProtocols(w.ID(), receiptBatchProto); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond), WithStreamTimeout(300*time.Millisecond))
+			ctx, cancel := context.WithCancel(t.Context())
+			done := make(chan struct{})
+			go func() { s.Run(ctx); close(done) }()
+			defer func() { cancel(); <-done }()
+			s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{1}})
+			waitFor(t, "the receipt sent or dropped", func() bool { sent, dropped := s.Stats(); return sent+dropped == 1 })
+			time.Sleep(200 * time.Millisecond) // a second try would come within a few flushes
+			if sent, dropped := s.Stats(); (sent == 1) != tc.sent || sent+dropped != 1 || s.Retried() != 0 {
+				t.Fatalf("sent %d, dropped %d, retried %d batches", sent, dropped, s.Retried())
+			}
+		})
 	}
 }
