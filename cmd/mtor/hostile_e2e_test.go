@@ -92,19 +92,26 @@ func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
 	}
 }
 
-// TestE2EHostileRestartClaims: a worker process that breaks the protocol
-// (a tool call no query offered: its breaker opens at once) and claims a
-// restart in each announcement, a new incarnation every second, while it
-// keeps its connection to the bridge. A restart would clear its breaker;
-// the bridge pings the connection the old process held, the same process
-// answers, and its failures stand. Beside a real bridge and an honest
-// worker, on TCP and QUIC: 20 chat completions half a second apart, all
-// answered by the honest worker; the liar is handed the first and the
-// one trial its breaker allows after 5 s: 2 (8 and 9 when every claim
-// cleared its breaker).
-func TestE2EHostileRestartClaims(t *testing.T) { onEachTransport(t, testE2EHostileRestartClaims) }
+// TestE2EHostileFreshStartClaims: a worker process that breaks the
+// protocol (a tool call no query offered: its breaker opens at once) and
+// claims a fresh start in each announcement, one a second, while it keeps
+// its connection to the bridge: a restart (a new incarnation), or a move
+// (new addresses). Either would clear its breaker; the bridge has the
+// connection the old process held probed, the same process answers, and
+// its failures stand. Beside a real bridge and an honest worker, on TCP
+// and QUIC: 20 chat completions half a second apart, all answered by the
+// honest worker; the liar is handed the first and the one trial its
+// breaker allows after 5 s: 2 (7 to 9 when every claim cleared its
+// breaker).
+func TestE2EHostileFreshStartClaims(t *testing.T) {
+	onEachTransport(t, func(t *testing.T, tr transport) {
+		for _, claim := range []string{"-restarts", "-moves"} {
+			t.Run(claim[1:], func(t *testing.T) { testE2EHostileFreshStartClaims(t, tr, claim) })
+		}
+	})
+}
 
-func testE2EHostileRestartClaims(t *testing.T, tr transport) {
+func testE2EHostileFreshStartClaims(t *testing.T, tr transport, claim string) {
 	needBinary(t)
 	dir := t.TempDir()
 	br := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), "--no-detect", "--bridge", "127.0.0.1:0")...)
@@ -112,19 +119,19 @@ func testE2EHostileRestartClaims(t *testing.T, tr transport) {
 	honest := startNode(t, "honest", tr.nodeArgs(filepath.Join(dir, "honest"), "--backend", "demo", "--join", join)...)
 	waitWorkers(t, br.value("api"), "demo", honest.value("peer"))
 	base := strings.TrimSuffix(br.value("bridge"), "/")
-	liar := launchProgram(t, "restarts", "peer", "error", hostileBin,
-		"-join", join, "-behaviour", "tool-call", "-restarts", "-listen", tr.listen)
+	liar := launchProgram(t, claim[1:], "peer", "error", hostileBin,
+		"-join", join, "-behaviour", "tool-call", claim, "-listen", tr.listen)
 	liar.waitReady()
 	waitWorkers(t, br.value("api"), "demo", liar.value("peer"))
 	// Its connection must be older than the margin by which the bridge
 	// tells the old process's connections from a new one's (5 s before
-	// the old incarnation's last announcement).
+	// the announcement before the claim).
 	time.Sleep(7 * time.Second)
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 	const queries = 20
 	for i := range queries {
-		prompt := fmt.Sprintf("question %d for a restarting liar", i)
+		prompt := fmt.Sprintf("question %d for a liar claiming fresh starts", i)
 		a, err := chatCompletion(ctx, http.DefaultClient, base, prompt, i%2 == 0)
 		if err != nil {
 			t.Fatalf("query %d: %v", i, err)
@@ -134,10 +141,8 @@ func testE2EHostileRestartClaims(t *testing.T, tr transport) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	// The first query opens its breaker; 5 s later one trial may go
-	// (half-open), and it fails; the next trial is 10 s later.
 	got := liar.count("query")
-	t.Logf("a liar claiming a restart every second was handed %d of %d queries over %d s", got, queries, queries/2)
+	t.Logf("a liar claiming a fresh start (%s) every second was handed %d of %d queries over %d s", claim, got, queries, queries/2)
 	if got < 1 || got > 3 {
 		t.Fatalf("the liar was handed %d of %d queries, want 1 to 3", got, queries)
 	}

@@ -18,6 +18,7 @@ import (
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
+	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/backendtest"
@@ -459,24 +460,30 @@ func TestRestartedPeerStartsAfresh(t *testing.T) {
 	}
 }
 
-// TestClaimedRestartIsTested: a peer with an open breaker announces a
-// new incarnation. If a connection it held well before (the old
-// process's) still answers a ping, no restart happened and the breaker
-// stands. If that connection is silent (a killed process whose QUIC
-// connection lingers; here a ping handler that never echoes), the
-// breaker is cleared once the ping times out; if the only connection is
-// recent (it may be the new process's), at once.
-func TestClaimedRestartIsTested(t *testing.T) {
+// TestClaimedFreshStartIsTested: a peer with an open breaker announces
+// a new incarnation (a restart) or new addresses. If a connection it held
+// well before (the old process's, or its old network's) still answers a
+// ping, no fresh start happened and the breaker stands. If that
+// connection is silent (a killed process whose QUIC connection lingers;
+// here a ping handler that never echoes), the connection checker closes
+// it and the breaker is cleared; if the only connection is recent (it
+// may be the new process's), at once.
+func TestClaimedFreshStartIsTested(t *testing.T) {
+	restart := func(a *pb.Announce) { a.Incarnation = 2 }
+	move := func(a *pb.Announce) { a.Addrs = [][]byte{ma.StringCast("/ip4/10.9.8.7/tcp/4001").Bytes()} }
 	for _, tr := range transports {
 		for _, tc := range []struct {
 			name   string
+			claim  func(*pb.Announce)
 			silent bool          // the old connection never echoes a ping
-			seen   time.Duration // the old process's last announcement, after the connection opened
+			seen   time.Duration // the previous announcement, after the connection opened
 			within time.Duration // routable again within; 0: never
 		}{
-			{"old connection answers", false, 10 * time.Second, 0},
-			{"old connection silent", true, 10 * time.Second, liveness.DefaultTimeout + time.Second},
-			{"connection too recent to be the old process's", false, 0, time.Nanosecond},
+			{"restart, old connection answers", restart, false, 10 * time.Second, 0},
+			{"new addresses, old connection answers", move, false, 10 * time.Second, 0},
+			{"restart, old connection silent", restart, true, 10 * time.Second, forgiveAfter + time.Second},
+			{"new addresses, old connection silent", move, true, 10 * time.Second, forgiveAfter + time.Second},
+			{"restart, connection too recent to be the old process's", restart, false, 0, time.Nanosecond},
 		} {
 			t.Run(tr.name+"/"+tc.name, func(t *testing.T) {
 				h, w := testHostOn(t, tr.listen), testHostOn(t, tr.listen)
@@ -485,14 +492,19 @@ func TestClaimedRestartIsTested(t *testing.T) {
 				}
 				connect(t, h, w)
 				seen := time.Now().Add(tc.seen)
-				announce := func(n uint64) []Candidate {
-					c := cand(string(w.ID()), 0, 4, 100, 0, func(a *pb.Announce) { a.Incarnation = n })
+				announce := func(claim func(*pb.Announce)) []Candidate {
+					c := cand(string(w.ID()), 0, 4, 100, 0, func(a *pb.Announce) {
+						a.Incarnation = 1
+						a.Addrs = [][]byte{w.Addrs()[0].Bytes()}
+					}, claim)
 					c.Received = seen
 					return []Candidate{c}
 				}
 				var table atomic.Pointer[[]Candidate]
-				table.Store(ptr(announce(1)))
-				r := New(h, testProto, tableFunc(func() []Candidate { return *table.Load() }))
+				table.Store(ptr(announce(func(*pb.Announce) {})))
+				live := liveness.New(h)
+				t.Cleanup(live.Close)
+				r := New(h, testProto, tableFunc(func() []Candidate { return *table.Load() }), WithConnChecker(live))
 				ranked := func() bool {
 					rk, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
 					return len(rk) == 1
@@ -510,24 +522,24 @@ func TestClaimedRestartIsTested(t *testing.T) {
 					t.Fatal("a peer with an open breaker is still ranked")
 				}
 				seen = time.Now()
-				table.Store(ptr(announce(2)))
+				table.Store(ptr(announce(tc.claim)))
 				start := time.Now()
-				wait := cmp.Or(tc.within, liveness.DefaultTimeout+time.Second)
+				wait := cmp.Or(tc.within, forgiveAfter+time.Second)
 				for !ranked() && time.Since(start) < wait {
 					time.Sleep(10 * time.Millisecond)
 				}
 				back := ranked()
 				if tc.within == 0 {
 					if back {
-						t.Fatalf("routable again %s after claiming a restart, though its old connection answers", time.Since(start))
+						t.Fatalf("routable again %s after its claim, though its old connection answers", time.Since(start))
 					}
 					return
 				}
 				if !back {
-					t.Fatalf("not routable within %s of its restart", tc.within)
+					t.Fatalf("not routable within %s of its claim", tc.within)
 				}
 				if tc.silent && time.Since(start) < 500*time.Millisecond {
-					t.Fatalf("routable again %s after claiming a restart, before its old connection was found silent", time.Since(start))
+					t.Fatalf("routable again %s after its claim, before its old connection was found silent", time.Since(start))
 				}
 			})
 		}

@@ -164,13 +164,18 @@ type Suspecter interface {
 // peerState is what this router has observed of one worker.
 type peerState struct {
 	incarnation uint64 // of the process these figures are about
-	// incSeen is when the latest announcement of that incarnation came.
-	incSeen  time.Time
-	inflight int
-	name     string // the peer ID in text, encoded once (Result.PeerString)
-	tracker  *health.Tracker
-	ttft     float64 // EWMA, ms, as seen from here (network included)
-	service  float64 // EWMA, ms, total time of a query
+	// seen is when the latest of its announcements that this router
+	// ranked came (Candidate.Received).
+	seen time.Time
+	// forgiving: a new incarnation or new addresses asked to clear its
+	// breaker (forgiveBreaker) or its hold (forgiveHold), and the verdict
+	// on its old connections is due (forgiveLocked).
+	forgiving, forgiveBreaker, forgiveHold bool
+	inflight                               int
+	name                                   string // the peer ID in text, encoded once (Result.PeerString)
+	tracker                                *health.Tracker
+	ttft                                   float64 // EWMA, ms, as seen from here (network included)
+	service                                float64 // EWMA, ms, total time of a query
 	// A peer that could not be dialled is "not reachable yet" (behind NAT
 	// before its relay reservation, say), not failing: it is left out
 	// until it announces again or announces other addresses, and its
@@ -488,8 +493,7 @@ func (r *Router) rankNeed(model string, t pb.QueryType, need []string) (rk ranki
 			continue
 		}
 		st := r.state(c.Peer)
-		r.noteIncarnationLocked(c, st)
-		r.noteAddrsLocked(c, st)
+		r.noteChangesLocked(c, st)
 		if st.unreachableLocked(c) {
 			rk.unreachable++
 			rk.unusable = append(rk.unusable, c.Peer)
@@ -548,48 +552,56 @@ func featureError(model string, need []string) *FeatureError {
 		"no peer serving model %q supports %s", model, strings.Join(need, " and "))}
 }
 
+// noteChangesLocked notes what c, the latest announcement of st's peer
+// that this router ranks, changes: a new incarnation (a restart) or new
+// addresses each make a fresh start, and clear the peer's failures once
+// its old connections prove it (forgiveLocked).
+func (r *Router) noteChangesLocked(c Candidate, st *peerState) {
+	seen := st.seen
+	if c.Received.After(st.seen) {
+		st.seen = c.Received
+	}
+	restarted := r.noteIncarnationLocked(c, st)
+	moved := r.noteAddrsLocked(c, st)
+	if restarted || moved {
+		r.forgiveLocked(c.Peer, st, seen, restarted)
+	}
+}
+
 // noteAddrsLocked starts afresh with a peer that announces new addresses
-// (a relayed one once it holds a reservation, a new public one): failures
-// to reach it by the old ones say nothing of the new.
-func (r *Router) noteAddrsLocked(c Candidate, st *peerState) {
+// (after the first it announced): it may be reached now where it was
+// not, so its unreachable mark and dial back-off go. It reports whether
+// the addresses changed.
+func (r *Router) noteAddrsLocked(c Candidate, st *peerState) bool {
 	key := addrsKey(c.Announce)
 	if key == st.addrsKey {
-		return
+		return false
 	}
 	changed := st.addrsKey != ""
 	st.addrsKey = key
 	if !changed {
-		return
+		return false
 	}
 	st.unreachableAt = time.Time{}
-	if !st.tracker.Available() {
-		st.tracker = health.New(r.trackerOpts...)
-	}
 	r.clearBackoff(c.Peer)
+	return true
 }
 
 // noteIncarnationLocked starts afresh with a peer that restarted: the
-// failures of its old process (an open breaker, a dial back-off) say
-// nothing of the new one (the breaker's once the claim holds:
-// forgiveRestartLocked), and connections opened to the old process are
-// dead, though libp2p may still prefer them.
-func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
+// figures and dial back-off of its old process say nothing of the new
+// one (nor its failures, once the restart is proven: forgiveLocked), and
+// connections opened to the old process are dead, though libp2p may
+// still prefer them. It reports whether the peer restarted.
+func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) bool {
 	inc := c.Announce.GetIncarnation()
-	if inc == 0 {
-		return
+	if inc == 0 || inc == st.incarnation {
+		return false
 	}
-	if inc == st.incarnation {
-		if c.Received.After(st.incSeen) {
-			st.incSeen = c.Received
-		}
-		return
-	}
-	restarted, seen := st.incarnation != 0, st.incSeen
-	st.incarnation, st.incSeen = inc, c.Received
+	restarted := st.incarnation != 0
+	st.incarnation = inc
 	if !restarted {
-		return
+		return false
 	}
-	r.forgiveRestartLocked(c.Peer, st, inc, seen)
 	st.ttft, st.service = 0, 0
 	st.energyProbed = nil // the new process has measured nothing
 	r.clearBackoff(c.Peer)
@@ -599,34 +611,51 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) {
 		}
 	}
 	log.Debugw("peer restarted", "peer", c.Peer)
+	return true
 }
 
-// restartMargin: a connection opened this long before the old process's
-// last announcement arrived was the old process's, not its successor's
-// (an announcement crosses the swarm in well under a second, and a new
-// process needs about that to start).
+// restartMargin: a connection opened this long before the peer's
+// previous announcement arrived is one its old process (or its old
+// network) held, not its successor's: an announcement crosses the swarm
+// in well under a second, and a new process needs about that to start.
 const restartMargin = 5 * time.Second
 
-// forgiveRestartLocked clears the failures of a peer's old process, its
-// breaker and its hold (its queue is new; a row of holds still counts),
-// once its word that it restarted holds. A restarted process
-// (incarnation is random per process start) cannot answer on a
-// connection its predecessor held. So when such connections are left,
-// they are pinged first, and the failures are cleared only if none
-// answers: a SIGKILLed process's QUIC connection lingers silent, and is
-// found so within the probe's timeout (liveness.DefaultTimeout at most),
-// while a peer that claims a restart at every announcement to clear its
-// breaker answers on its old connection and keeps its failures. With
-// none left (a TCP connection closes with its process) the failures go
-// at once. What this cannot see is a peer that drops its connections to
-// this node before each such announcement.
-func (r *Router) forgiveRestartLocked(p peer.ID, st *peerState, inc uint64, seen time.Time) {
-	if st.tracker.Clean() && !time.Now().Before(st.heldUntil) {
+// forgiveAfter is when the connection checker's probes of a peer's old
+// connections (liveness.DefaultTimeout at most) have had their say.
+const forgiveAfter = liveness.DefaultTimeout + 500*time.Millisecond
+
+// forgiveLocked clears a peer's failures after a fresh start (restarted:
+// a new incarnation; else new addresses), once the fresh start is proven:
+// its breaker (on new addresses only when open) and, on a restart, its
+// hold (its queue is new; a row of holds still counts). seen is when its
+// announcement before this one came.
+//
+// A restarted process (incarnation is random per process start) cannot
+// answer on a connection its predecessor held, nor a peer that moved on
+// one of its old network's. So the connections the peer held well
+// before seen are probed (the connection checker, which closes those
+// that do not answer), and the failures are cleared once none of them
+// is left: a SIGKILLed process's QUIC connection lingers silent and is
+// closed within the probe's timeout, a TCP connection closes with its
+// process, and with none left the failures go at once. A peer that
+// claims a restart or new addresses at every announcement to clear its
+// breaker, and keeps its connection, answers there and keeps its
+// failures. What this cannot see is a peer that drops its connections
+// to this node (or lets the checker close them) before each claim.
+func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restarted bool) {
+	st.forgiveBreaker = st.forgiveBreaker || !st.tracker.Clean() && (restarted || !st.tracker.Available())
+	st.forgiveHold = st.forgiveHold || restarted && time.Now().Before(st.heldUntil)
+	if !st.forgiveBreaker && !st.forgiveHold {
 		return // nothing to forgive
 	}
 	forgive := func(st *peerState) {
-		st.tracker = health.New(r.trackerOpts...)
-		st.heldUntil = time.Time{}
+		if st.forgiveBreaker {
+			st.tracker = health.New(r.trackerOpts...)
+		}
+		if st.forgiveHold {
+			st.heldUntil = time.Time{}
+		}
+		st.forgiveBreaker, st.forgiveHold = false, false
 	}
 	var old []network.Conn
 	for _, conn := range r.h.Network().ConnsToPeer(p) {
@@ -634,40 +663,33 @@ func (r *Router) forgiveRestartLocked(p peer.ID, st *peerState, inc uint64, seen
 			old = append(old, conn)
 		}
 	}
-	if len(old) == 0 {
+	if len(old) == 0 || r.checker == nil {
 		forgive(st)
 		return
 	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), liveness.DefaultTimeout)
-		defer cancel()
-		answered := make(chan bool, len(old))
-		for _, conn := range old {
-			go func() { answered <- oldProcessAnswers(liveness.Probe(ctx, conn)) }()
-		}
-		alive := false
-		for range old {
-			alive = <-answered || alive
-		}
+	for _, conn := range old {
+		r.checker.Suspect(conn)
+	}
+	if st.forgiving {
+		return // a verdict is due already: one at a time per peer
+	}
+	st.forgiving = true
+	time.AfterFunc(forgiveAfter, func() {
 		r.mu.Lock()
 		defer r.mu.Unlock()
-		if st := r.peers[p]; st != nil && st.incarnation == inc {
-			if alive {
-				log.Infow("a peer announced a restart, but its connection from before answers: its failures stand", "peer", p)
+		if r.peers[p] != st {
+			return // forgotten meanwhile
+		}
+		st.forgiving = false
+		for _, conn := range old {
+			if !conn.IsClosed() {
+				st.forgiveBreaker, st.forgiveHold = false, false
+				log.Infow("a peer claimed a fresh start, but its old connection answers: its failures stand", "peer", p)
 				return
 			}
-			forgive(st)
 		}
-	}()
-}
-
-// oldProcessAnswers reports whether a probe's outcome shows a live peer
-// at the other end: the echo, a reset by the peer, or its refusal of
-// the protocol. A limit of this node's own shows nothing.
-func oldProcessAnswers(err error) bool {
-	var se *network.StreamError
-	var ns mss.ErrNotSupported[libp2pproto.ID]
-	return err == nil || errors.As(err, &se) && se.Remote || errors.As(err, &ns)
+		forgive(st)
+	})
 }
 
 // score is the expected time to first token in ms, divided by health and

@@ -6,7 +6,7 @@
 // prints "peer: ID" once its first announcement is out and "query: N"
 // for each query stream it is handed, and runs until SIGTERM or SIGINT.
 // With -restarts, each announcement claims a restart (a new incarnation)
-// that never happened.
+// that never happened; with -moves, new addresses.
 //
 // It is test equipment: it listens on loopback only and is not part of
 // the mtor binary.
@@ -25,6 +25,7 @@ import (
 
 	"github.com/libp2p/go-libp2p"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	ma "github.com/multiformats/go-multiaddr"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mtor-swarm/mtor/discovery"
@@ -46,6 +47,7 @@ func run() error {
 	listen := flag.String("listen", "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1", "comma-separated loopback listen multiaddrs")
 	every := flag.Duration("every", time.Second, "time between announcements")
 	restarts := flag.Bool("restarts", false, "announce a new incarnation each time: claim a restart it never made")
+	moves := flag.Bool("moves", false, "announce a new loopback address each time: claim a move it never made")
 	flag.Parse()
 	b, err := hostiletest.ParseBehaviour(*name)
 	if err != nil {
@@ -105,6 +107,9 @@ func run() error {
 		a := hostiletest.Announce(*model, seq, h.Addrs()...)
 		if *restarts {
 			a.Incarnation = seq // a new one each time, never 0
+		}
+		if *moves { // a closed loopback port, another each time
+			a.Addrs = append(a.Addrs, ma.StringCast(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", 40000+seq%1000)).Bytes())
 		}
 		data, err := proto.Marshal(a)
 		if err != nil {
