@@ -24,6 +24,7 @@ import (
 	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
 	mss "github.com/multiformats/go-multistream"
@@ -60,19 +61,70 @@ func Probe(ctx context.Context, conn network.Conn) error {
 	if err := mss.SelectProtoOrFail(ping.ID, s); err != nil {
 		return fmt.Errorf("negotiate ping: %w", err)
 	}
+	// The peer chose the protocol: its process answered on conn, whatever
+	// comes of the echo.
 	out := make([]byte, pingSize)
 	_, _ = rand.Read(out)
 	if _, err := s.Write(out); err != nil {
-		return fmt.Errorf("send ping: %w", err)
+		return fmt.Errorf("%w: send ping: %w", ErrNoEcho, err)
 	}
 	in := make([]byte, pingSize)
 	if _, err := io.ReadFull(s, in); err != nil {
-		return fmt.Errorf("read pong: %w", err)
+		return fmt.Errorf("%w: read pong: %w", ErrNoEcho, err)
 	}
 	if !bytes.Equal(in, out) {
-		return fmt.Errorf("pong differs from ping")
+		return fmt.Errorf("%w: pong differs from ping", ErrNoEcho)
 	}
 	return nil
+}
+
+// ErrNoEcho is a probe the peer negotiated and then did not echo.
+var ErrNoEcho = errors.New("ping negotiated, no echo")
+
+// Outcome is what a probe of a connection says of the process at its
+// other end (Check).
+type Outcome int
+
+const (
+	// Unknown: no probe ran, or it says nothing (this node's own limit,
+	// the checker closing).
+	Unknown Outcome = iota
+	// Alive: the process answered on the connection: the echo, its
+	// choice of the protocol (ErrNoEcho) or its refusal, or its reset of
+	// the probe's stream while the connection stays. A frozen or dead
+	// process does none of these. (The checker still closes a connection
+	// whose peer does not echo: it is no use for queries either.)
+	Alive
+	// Dead: nothing answered; the connection is closed.
+	Dead
+)
+
+func (o Outcome) String() string {
+	switch o {
+	case Alive:
+		return "alive"
+	case Dead:
+		return "dead"
+	}
+	return "unknown"
+}
+
+// outcome classifies a probe of conn that ended with err.
+func outcome(conn network.Conn, err error) Outcome {
+	var se *network.StreamError
+	var ns mss.ErrNotSupported[protocol.ID]
+	var nss mss.ErrNotSupported[string] // Probe's (ping.ID is untyped)
+	switch {
+	case err == nil, errors.Is(err, ErrNoEcho), errors.As(err, &ns), errors.As(err, &nss):
+		return Alive
+	case errors.As(err, &se) && se.Remote && !conn.IsClosed():
+		// A relay that drops a circuit resets it too, but the relayed
+		// connection closes with it.
+		return Alive
+	case errors.Is(err, network.ErrResourceLimitExceeded):
+		return Unknown
+	}
+	return Dead
 }
 
 // Checker probes suspect connections in the background and closes those
@@ -86,9 +138,9 @@ type Checker struct {
 	wg      sync.WaitGroup
 
 	mu      sync.Mutex
-	running map[network.Conn]bool
-	dead    map[network.Conn]time.Time // closed by us, lately
-	closed  int                        // connections closed, for tests and logs
+	running map[network.Conn][]func(Outcome) // probes under way, and who waits on each
+	dead    map[network.Conn]time.Time       // closed by us, lately
+	closed  int                              // connections closed, for tests and logs
 }
 
 // deadMemory is how long the checker remembers a connection it closed.
@@ -110,7 +162,7 @@ func WithTimeout(d time.Duration) Option {
 // peer connects while older connections to it exist, those are probed,
 // since a peer that restarted cannot be on them any more. Close stops it.
 func New(h host.Host, opts ...Option) *Checker {
-	c := &Checker{h: h, timeout: DefaultTimeout, sem: make(chan struct{}, maxProbes), running: map[network.Conn]bool{}, dead: map[network.Conn]time.Time{}}
+	c := &Checker{h: h, timeout: DefaultTimeout, sem: make(chan struct{}, maxProbes), running: map[network.Conn][]func(Outcome){}, dead: map[network.Conn]time.Time{}}
 	for _, o := range opts {
 		o(c)
 	}
@@ -152,12 +204,32 @@ func (c *Checker) connected(_ network.Network, conn network.Conn) {
 // Suspect probes conn in the background and closes it if the peer does
 // not answer within the timeout. Repeated calls for a connection already
 // being probed, and calls beyond the concurrency bound, are dropped.
-func (c *Checker) Suspect(conn network.Conn) {
-	if conn == nil || conn.IsClosed() || c.ctx.Err() != nil {
+func (c *Checker) Suspect(conn network.Conn) { c.Check(conn, nil) }
+
+// Check is Suspect, and then calls done (if not nil, and never before
+// Check returns) with what the probe says of the peer's process: that of
+// the probe already under way for conn if one is, Dead for a connection
+// already closed, Unknown when no probe can run (the concurrency bound,
+// the checker closing).
+func (c *Checker) Check(conn network.Conn, done func(Outcome)) {
+	tell := func(o Outcome) {
+		if done != nil {
+			go done(o)
+		}
+	}
+	switch {
+	case conn == nil || c.ctx.Err() != nil:
+		tell(Unknown)
+		return
+	case conn.IsClosed():
+		tell(Dead)
 		return
 	}
 	c.mu.Lock()
-	if c.running[conn] {
+	if waiting, ok := c.running[conn]; ok {
+		if done != nil {
+			c.running[conn] = append(waiting, done)
+		}
 		c.mu.Unlock()
 		return
 	}
@@ -165,23 +237,36 @@ func (c *Checker) Suspect(conn network.Conn) {
 	case c.sem <- struct{}{}:
 	default:
 		c.mu.Unlock()
+		tell(Unknown)
 		return
 	}
-	c.running[conn] = true
+	c.running[conn] = nil
+	if done != nil {
+		c.running[conn] = []func(Outcome){done}
+	}
 	c.wg.Add(1)
 	c.mu.Unlock()
 	go func() {
+		found := Unknown
 		defer func() {
 			<-c.sem
 			c.mu.Lock()
+			waiting := c.running[conn]
 			delete(c.running, conn)
 			c.mu.Unlock()
+			for _, w := range waiting {
+				w(found)
+			}
 			c.wg.Done()
 		}()
 		ctx, cancel := context.WithTimeout(c.ctx, c.probeTimeout(conn))
 		err := Probe(ctx, conn)
 		cancel()
-		if err == nil || c.ctx.Err() != nil {
+		if c.ctx.Err() != nil {
+			return
+		}
+		found = outcome(conn, err)
+		if err == nil {
 			return
 		}
 		if Refused(err) {

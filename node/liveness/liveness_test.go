@@ -3,6 +3,7 @@ package liveness
 import (
 	"context"
 	"errors"
+	"io"
 	"testing"
 	"time"
 
@@ -215,4 +216,65 @@ func testProbeOverALimitedRelayedConnection(t *testing.T, listen string) {
 	if err := Probe(pctx, conns[0]); err != nil {
 		t.Fatalf("probe over a live limited connection: %v", err)
 	}
+}
+
+// TestCheckTellsWhoAnswered, on both default transports: Check reports
+// Alive for a peer that echoes, one that negotiates ping and never
+// echoes, one that refuses the protocol and one that resets the stream
+// (the last three are alive though no use for a ping); Unknown when our
+// own limit keeps the probe from running; Dead for a peer that is gone.
+func TestCheckTellsWhoAnswered(t *testing.T) {
+	for _, listen := range []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"} {
+		for _, tc := range []struct {
+			name   string
+			peer   func(b host.Host)
+			ours   []libp2p.Option
+			want   Outcome
+			closed bool // the checker closes the connection
+		}{
+			{"echoes", func(host.Host) {}, nil, Alive, false},
+			{"negotiates, never echoes", func(b host.Host) {
+				b.SetStreamHandler(ping.ID, func(s network.Stream) { _, _ = io.Copy(io.Discard, s) })
+			}, nil, Alive, true},
+			{"refuses the protocol", func(b host.Host) { b.RemoveStreamHandler(ping.ID) }, nil, Alive, true},
+			{"resets", func(b host.Host) {
+				b.SetStreamHandler(ping.ID, func(s network.Stream) { _ = s.ResetWithError(network.StreamResourceLimitExceeded) })
+			}, nil, Alive, false},
+			{"our limit", func(host.Host) {}, []libp2p.Option{blockOutboundStreams(t)}, Unknown, false},
+			{"gone", func(b host.Host) { _ = b.Close() }, nil, Dead, true},
+		} {
+			t.Run(listen+"/"+tc.name, func(t *testing.T) {
+				a, b := newHost(t, listen, tc.ours...), newHost(t, listen)
+				c, conn := checked(t, a, b)
+				tc.peer(b)
+				got := make(chan Outcome, 2)
+				c.Check(conn, func(o Outcome) { got <- o })
+				c.Check(conn, func(o Outcome) { got <- o }) // joins the probe under way
+				for range 2 {
+					select {
+					case o := <-got:
+						if o != tc.want {
+							t.Fatalf("outcome %s, want %s", o, tc.want)
+						}
+					case <-time.After(5 * time.Second):
+						t.Fatal("no outcome within 5 s")
+					}
+				}
+				time.Sleep(100 * time.Millisecond)
+				if conn.IsClosed() != tc.closed {
+					t.Fatalf("connection closed %v, want %v", conn.IsClosed(), tc.closed)
+				}
+			})
+		}
+	}
+}
+
+// blockOutboundStreams is a resource manager that opens no stream.
+func blockOutboundStreams(t *testing.T) libp2p.Option {
+	limits := rcmgr.PartialLimitConfig{PeerDefault: rcmgr.ResourceLimits{StreamsOutbound: rcmgr.BlockAllLimit}}
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.Build(rcmgr.DefaultLimits.AutoScale())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return libp2p.ResourceManager(rm)
 }

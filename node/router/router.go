@@ -157,12 +157,16 @@ type Local interface {
 // if its peer is gone (liveness.Checker).
 type Suspecter interface {
 	Suspect(network.Conn)
+	// Check is Suspect, then done with what the probe says of the
+	// process at the other end (never before Check returns).
+	Check(conn network.Conn, done func(liveness.Outcome))
 	// Dead reports whether it closed conn because its peer was gone.
 	Dead(network.Conn) bool
 }
 
 // peerState is what this router has observed of one worker.
 type peerState struct {
+	id          peer.ID
 	incarnation uint64 // of the process these figures are about
 	// seen is when the latest of its announcements that this router
 	// ranked came (Candidate.Received).
@@ -171,11 +175,18 @@ type peerState struct {
 	// breaker (forgiveBreaker) or its hold (forgiveHold), and the verdict
 	// on its old connections is due (forgiveLocked).
 	forgiving, forgiveBreaker, forgiveHold bool
-	inflight                               int
-	name                                   string // the peer ID in text, encoded once (Result.PeerString)
-	tracker                                *health.Tracker
-	ttft                                   float64 // EWMA, ms, as seen from here (network included)
-	service                                float64 // EWMA, ms, total time of a query
+	// refutedUntil: a connection from before such a claim answered, so
+	// until then its claims clear nothing.
+	refutedUntil time.Time
+	// failConns are its connections when it last failed (a peer's own
+	// failure, recordLocked): a claim of a fresh start is tested on them
+	// too, however recent.
+	failConns []network.Conn
+	inflight  int
+	name      string // the peer ID in text, encoded once (Result.PeerString)
+	tracker   *health.Tracker
+	ttft      float64 // EWMA, ms, as seen from here (network included)
+	service   float64 // EWMA, ms, total time of a query
 	// A peer that could not be dialled is "not reachable yet" (behind NAT
 	// before its relay reservation, say), not failing: it is left out
 	// until it announces again or announces other addresses, and its
@@ -382,7 +393,7 @@ func binaryU64(b []byte) uint64 {
 func (r *Router) state(p peer.ID) *peerState {
 	st := r.peers[p]
 	if st == nil {
-		st = &peerState{tracker: health.New(r.trackerOpts...)}
+		st = &peerState{id: p, tracker: health.New(r.trackerOpts...)}
 		r.peers[p] = st
 	}
 	return st
@@ -620,9 +631,9 @@ func (r *Router) noteIncarnationLocked(c Candidate, st *peerState) bool {
 // in well under a second, and a new process needs about that to start.
 const restartMargin = 5 * time.Second
 
-// forgiveAfter is when the connection checker's probes of a peer's old
-// connections (liveness.DefaultTimeout at most) have had their say.
-const forgiveAfter = liveness.DefaultTimeout + 500*time.Millisecond
+// refuteFor is how long the claims of a peer caught claiming a fresh
+// start it never made clear nothing.
+const refuteFor = 10 * time.Minute
 
 // forgiveLocked clears a peer's failures after a fresh start (restarted:
 // a new incarnation; else new addresses), once the fresh start is proven:
@@ -633,63 +644,98 @@ const forgiveAfter = liveness.DefaultTimeout + 500*time.Millisecond
 // A restarted process (incarnation is random per process start) cannot
 // answer on a connection its predecessor held, nor a peer that moved on
 // one of its old network's. So the connections the peer held well
-// before seen are probed (the connection checker, which closes those
-// that do not answer), and the failures are cleared once none of them
-// is left: a SIGKILLed process's QUIC connection lingers silent and is
-// closed within the probe's timeout, a TCP connection closes with its
-// process, and with none left the failures go at once. A peer that
-// claims a restart or new addresses at every announcement to clear its
-// breaker, and keeps its connection, answers there and keeps its
-// failures. What this cannot see is a peer that drops its connections
-// to this node (or lets the checker close them) before each claim.
+// before seen, and those it held when it last failed, are probed (the
+// connection checker, which closes those that do not answer), and the
+// failures are cleared only if nothing answers on them. A SIGKILLed
+// process's QUIC connection lingers silent and is found dead within the
+// probe's timeout; a TCP connection closes with its process, and with
+// none left the failures go at once. A peer that claims a fresh start to
+// clear its breaker, and is heard on such a connection (an echo, or its
+// refusal of the ping), keeps its failures, and its claims clear nothing
+// for refuteFor. A probe that cannot run (this node's own limits) is
+// tried again twice, a second apart; then the failures stand. What this
+// cannot see is a peer that drops its connections to this node before
+// each claim, and comes back on a new one.
 func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restarted bool) {
 	st.forgiveBreaker = st.forgiveBreaker || !st.tracker.Clean() && (restarted || !st.tracker.Available())
 	st.forgiveHold = st.forgiveHold || restarted && time.Now().Before(st.heldUntil)
-	if !st.forgiveBreaker && !st.forgiveHold {
+	switch {
+	case !st.forgiveBreaker && !st.forgiveHold:
 		return // nothing to forgive
-	}
-	forgive := func(st *peerState) {
-		if st.forgiveBreaker {
-			st.tracker = health.New(r.trackerOpts...)
-		}
-		if st.forgiveHold {
-			st.heldUntil = time.Time{}
-		}
+	case time.Now().Before(st.refutedUntil):
 		st.forgiveBreaker, st.forgiveHold = false, false
+		return
+	case st.forgiving:
+		return // a verdict is due already: one at a time per peer
 	}
 	var old []network.Conn
 	for _, conn := range r.h.Network().ConnsToPeer(p) {
-		if conn.Stat().Opened.Before(seen.Add(-restartMargin)) {
+		if conn.Stat().Opened.Before(seen.Add(-restartMargin)) || slices.Contains(st.failConns, conn) {
 			old = append(old, conn)
 		}
 	}
 	if len(old) == 0 || r.checker == nil {
-		forgive(st)
+		r.forgiveNowLocked(st)
 		return
 	}
-	for _, conn := range old {
-		r.checker.Suspect(conn)
-	}
-	if st.forgiving {
-		return // a verdict is due already: one at a time per peer
-	}
 	st.forgiving = true
-	time.AfterFunc(forgiveAfter, func() {
+	go func() {
+		verdict := liveness.Unknown
+		for try := 0; try < 3 && verdict == liveness.Unknown; try++ {
+			if try > 0 {
+				time.Sleep(time.Second)
+			}
+			verdict = r.heard(old)
+		}
 		r.mu.Lock()
 		defer r.mu.Unlock()
 		if r.peers[p] != st {
 			return // forgotten meanwhile
 		}
 		st.forgiving = false
-		for _, conn := range old {
-			if !conn.IsClosed() {
-				st.forgiveBreaker, st.forgiveHold = false, false
-				log.Infow("a peer claimed a fresh start, but its old connection answers: its failures stand", "peer", p)
-				return
+		switch verdict {
+		case liveness.Dead:
+			r.forgiveNowLocked(st)
+		case liveness.Alive:
+			st.refutedUntil = time.Now().Add(refuteFor)
+			log.Infow("a peer claimed a fresh start, but answers on a connection from before: its failures stand", "peer", p, "restarted", restarted)
+			fallthrough
+		default:
+			st.forgiveBreaker, st.forgiveHold = false, false
+		}
+	}()
+}
+
+// heard probes conns: Alive if the process at the other end of one of
+// them answered, Dead if none did, Unknown if a probe could not say.
+func (r *Router) heard(conns []network.Conn) liveness.Outcome {
+	got := make(chan liveness.Outcome, len(conns))
+	for _, conn := range conns {
+		r.checker.Check(conn, func(o liveness.Outcome) { got <- o })
+	}
+	verdict := liveness.Dead
+	for range conns {
+		switch <-got {
+		case liveness.Alive:
+			verdict = liveness.Alive
+		case liveness.Unknown:
+			if verdict == liveness.Dead {
+				verdict = liveness.Unknown
 			}
 		}
-		forgive(st)
-	})
+	}
+	return verdict
+}
+
+// forgiveNowLocked clears what forgiveLocked was asked to.
+func (r *Router) forgiveNowLocked(st *peerState) {
+	if st.forgiveBreaker {
+		st.tracker = health.New(r.trackerOpts...)
+	}
+	if st.forgiveHold {
+		st.heldUntil = time.Time{}
+	}
+	st.forgiveBreaker, st.forgiveHold = false, false
 }
 
 // score is the expected time to first token in ms, divided by health and
@@ -1743,6 +1789,10 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 	switch pf.kind {
 	case failUnreachable:
 		st.unreachableAt = end
+		return
+	}
+	st.failConns = r.h.Network().ConnsToPeer(st.id)
+	switch pf.kind {
 	case failSilent, failDied, failStalled, failStuck:
 		st.tracker.Record(health.Timeout)
 	case failInvalid, failFlood:
