@@ -140,7 +140,11 @@ type Checker struct {
 	mu      sync.Mutex
 	running map[network.Conn][]func(Outcome) // probes under way, and who waits on each
 	dead    map[network.Conn]time.Time       // closed by us, lately
-	closed  int                              // connections closed, for tests and logs
+	// heard: connections whose peer a probe heard lately (Alive), kept
+	// after the checker closed them for not echoing, so that a later
+	// Check still says who was there.
+	heard  map[network.Conn]time.Time
+	closed int // connections closed, for tests and logs
 }
 
 // deadMemory is how long the checker remembers a connection it closed.
@@ -162,7 +166,7 @@ func WithTimeout(d time.Duration) Option {
 // peer connects while older connections to it exist, those are probed,
 // since a peer that restarted cannot be on them any more. Close stops it.
 func New(h host.Host, opts ...Option) *Checker {
-	c := &Checker{h: h, timeout: DefaultTimeout, sem: make(chan struct{}, maxProbes), running: map[network.Conn][]func(Outcome){}, dead: map[network.Conn]time.Time{}}
+	c := &Checker{h: h, timeout: DefaultTimeout, sem: make(chan struct{}, maxProbes), running: map[network.Conn][]func(Outcome){}, dead: map[network.Conn]time.Time{}, heard: map[network.Conn]time.Time{}}
 	for _, o := range opts {
 		o(c)
 	}
@@ -222,7 +226,14 @@ func (c *Checker) Check(conn network.Conn, done func(Outcome)) {
 		tell(Unknown)
 		return
 	case conn.IsClosed():
-		tell(Dead)
+		c.mu.Lock()
+		_, heard := c.heard[conn]
+		c.mu.Unlock()
+		if heard {
+			tell(Alive)
+		} else {
+			tell(Dead)
+		}
 		return
 	}
 	c.mu.Lock()
@@ -266,6 +277,11 @@ func (c *Checker) Check(conn network.Conn, done func(Outcome)) {
 			return
 		}
 		found = outcome(conn, err)
+		if found == Alive {
+			c.mu.Lock()
+			remember(c.heard, conn)
+			c.mu.Unlock()
+		}
 		if err == nil {
 			return
 		}
@@ -275,17 +291,30 @@ func (c *Checker) Check(conn network.Conn, done func(Outcome)) {
 		}
 		log.Debugw("closing a connection whose peer does not answer", "peer", conn.RemotePeer(), "addr", addrString(conn.RemoteMultiaddr()), "err", err)
 		c.mu.Lock()
-		now := time.Now()
-		for k, t := range c.dead {
-			if now.Sub(t) > deadMemory {
-				delete(c.dead, k)
-			}
-		}
-		c.dead[conn] = now
+		remember(c.dead, conn)
 		c.closed++
 		c.mu.Unlock()
 		_ = conn.Close()
 	}()
+}
+
+// maxMemory bounds dead and heard: a probe runs in well under a second,
+// 32 at once at most.
+const maxMemory = 4096
+
+// remember adds conn to m, first dropping the entries older than
+// deadMemory (all of them, past maxMemory).
+func remember(m map[network.Conn]time.Time, conn network.Conn) {
+	now := time.Now()
+	for k, t := range m {
+		if now.Sub(t) > deadMemory {
+			delete(m, k)
+		}
+	}
+	if len(m) >= maxMemory {
+		clear(m)
+	}
+	m[conn] = now
 }
 
 // Refused reports whether a probe failed at a resource limit rather than

@@ -178,15 +178,15 @@ type peerState struct {
 	// refutedUntil: a connection from before such a claim answered, so
 	// until then its claims clear nothing.
 	refutedUntil time.Time
-	// failConns are its connections when it last failed (a peer's own
-	// failure, recordLocked): a claim of a fresh start is tested on them
-	// too, however recent.
-	failConns []network.Conn
-	inflight  int
-	name      string // the peer ID in text, encoded once (Result.PeerString)
-	tracker   *health.Tracker
-	ttft      float64 // EWMA, ms, as seen from here (network included)
-	service   float64 // EWMA, ms, total time of a query
+	// failConn is the connection it last failed on (a peer's own failure,
+	// recordLocked): a claim of a fresh start is tested on it too, however
+	// recent. An answer ends it.
+	failConn network.Conn
+	inflight int
+	name     string // the peer ID in text, encoded once (Result.PeerString)
+	tracker  *health.Tracker
+	ttft     float64 // EWMA, ms, as seen from here (network included)
+	service  float64 // EWMA, ms, total time of a query
 	// A peer that could not be dialled is "not reachable yet" (behind NAT
 	// before its relay reservation, say), not failing: it is left out
 	// until it announces again or announces other addresses, and its
@@ -256,6 +256,7 @@ type Router struct {
 	checker     Suspecter
 	punches     HolePunches
 	trackerOpts []health.Option
+	margin      time.Duration // restartMargin; shorter in tests
 	maxOutput   int
 	stall       time.Duration // fixed stall bound; 0 = from the expected TTFT
 	receipts    *receipts     // nil: receipts are passed on unchecked
@@ -371,6 +372,7 @@ func New(h host.Host, proto libp2pproto.ID, table Table, opts ...Option) *Router
 		send:        protocol.RequestTimeout,
 		pace:        newPacer(DefaultOpensPerPeer, DefaultOpenQueuePerPeer),
 		dial:        DialTimeout,
+		margin:      restartMargin,
 		retryBase:   DefaultRetryBase,
 		maxOutput:   DefaultMaxOutput,
 		peers:       map[peer.ID]*peerState{},
@@ -644,18 +646,21 @@ const refuteFor = 10 * time.Minute
 // A restarted process (incarnation is random per process start) cannot
 // answer on a connection its predecessor held, nor a peer that moved on
 // one of its old network's. So the connections the peer held well
-// before seen, and those it held when it last failed, are probed (the
-// connection checker, which closes those that do not answer), and the
-// failures are cleared only if nothing answers on them. A SIGKILLed
-// process's QUIC connection lingers silent and is found dead within the
-// probe's timeout; a TCP connection closes with its process, and with
-// none left the failures go at once. A peer that claims a fresh start to
-// clear its breaker, and is heard on such a connection (an echo, or its
-// refusal of the ping), keeps its failures, and its claims clear nothing
-// for refuteFor. A probe that cannot run (this node's own limits) is
-// tried again twice, a second apart; then the failures stand. What this
-// cannot see is a peer that drops its connections to this node before
-// each claim, and comes back on a new one.
+// before seen, and the one it last failed on, are probed (the connection
+// checker, which closes those that do not answer), and the failures are
+// cleared only if nothing answers on them. A SIGKILLed process's QUIC
+// connection lingers silent and is found dead within the probe's
+// timeout; a TCP connection closes with its process, and with none left
+// the failures go at once. A peer that claims a fresh start to clear its
+// breaker, and is heard there (an echo, or its refusal of the ping),
+// keeps its failures; one that claims a restart and is heard on a
+// connection from well before its previous announcement is lying, and
+// its claims clear nothing for refuteFor (new addresses may be honest
+// while the old ones still work: a relayed address gained, a port
+// mapped). A probe that cannot run (this node's own limits) is tried
+// twice more, a second apart; then the failures stand. What this cannot
+// see is a peer that drops its connections to this node before each
+// claim, and comes back on a new one.
 func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restarted bool) {
 	st.forgiveBreaker = st.forgiveBreaker || !st.tracker.Clean() && (restarted || !st.tracker.Available())
 	st.forgiveHold = st.forgiveHold || restarted && time.Now().Before(st.heldUntil)
@@ -668,11 +673,19 @@ func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restart
 	case st.forgiving:
 		return // a verdict is due already: one at a time per peer
 	}
+	// The connections from before the claim: those held well before the
+	// previous announcement, then the one it failed on (which may be a
+	// new process's, if it failed before its announcement was ranked: an
+	// answer there keeps the failures but proves no lie).
 	var old []network.Conn
 	for _, conn := range r.h.Network().ConnsToPeer(p) {
-		if conn.Stat().Opened.Before(seen.Add(-restartMargin)) || slices.Contains(st.failConns, conn) {
+		if conn.Stat().Opened.Before(seen.Add(-r.margin)) {
 			old = append(old, conn)
 		}
+	}
+	margin := len(old)
+	if fc := st.failConn; fc != nil && !fc.IsClosed() && !slices.Contains(old, fc) {
+		old = append(old, fc)
 	}
 	if len(old) == 0 || r.checker == nil {
 		r.forgiveNowLocked(st)
@@ -680,12 +693,14 @@ func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restart
 	}
 	st.forgiving = true
 	go func() {
-		verdict := liveness.Unknown
-		for try := 0; try < 3 && verdict == liveness.Unknown; try++ {
+		var heard []liveness.Outcome
+		for try := 0; try < 3; try++ {
 			if try > 0 {
 				time.Sleep(time.Second)
 			}
-			verdict = r.heard(old)
+			if heard = r.heard(old); !slices.Contains(heard, liveness.Unknown) || slices.Contains(heard, liveness.Alive) {
+				break
+			}
 		}
 		r.mu.Lock()
 		defer r.mu.Unlock()
@@ -693,42 +708,44 @@ func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restart
 			return // forgotten meanwhile
 		}
 		st.forgiving = false
-		switch verdict {
-		case liveness.Dead:
-			r.forgiveNowLocked(st)
-		case liveness.Alive:
+		switch {
+		case slices.Contains(heard[:margin], liveness.Alive) && restarted:
+			// A process that says it is new answered where its
+			// predecessor was: a lie (an address change may be honest:
+			// a relayed address gained, a port mapped).
 			st.refutedUntil = time.Now().Add(refuteFor)
-			log.Infow("a peer claimed a fresh start, but answers on a connection from before: its failures stand", "peer", p, "restarted", restarted)
-			fallthrough
+			log.Infow("a peer announced a restart, but answers on a connection from before: its failures stand", "peer", p)
+		case slices.Contains(heard, liveness.Alive), slices.Contains(heard, liveness.Unknown):
+			log.Debugw("a peer's fresh start is not proven: its failures stand", "peer", p, "outcomes", heard)
 		default:
-			st.forgiveBreaker, st.forgiveHold = false, false
+			r.forgiveNowLocked(st)
+			return
 		}
+		st.forgiveBreaker, st.forgiveHold = false, false
 	}()
 }
 
-// heard probes conns: Alive if the process at the other end of one of
-// them answered, Dead if none did, Unknown if a probe could not say.
-func (r *Router) heard(conns []network.Conn) liveness.Outcome {
-	got := make(chan liveness.Outcome, len(conns))
-	for _, conn := range conns {
-		r.checker.Check(conn, func(o liveness.Outcome) { got <- o })
+// heard probes conns and says what each probe heard (liveness.Check).
+func (r *Router) heard(conns []network.Conn) []liveness.Outcome {
+	type result struct {
+		i int
+		o liveness.Outcome
 	}
-	verdict := liveness.Dead
+	got := make(chan result, len(conns))
+	for i, conn := range conns {
+		r.checker.Check(conn, func(o liveness.Outcome) { got <- result{i, o} })
+	}
+	out := make([]liveness.Outcome, len(conns))
 	for range conns {
-		switch <-got {
-		case liveness.Alive:
-			verdict = liveness.Alive
-		case liveness.Unknown:
-			if verdict == liveness.Dead {
-				verdict = liveness.Unknown
-			}
-		}
+		res := <-got
+		out[res.i] = res.o
 	}
-	return verdict
+	return out
 }
 
 // forgiveNowLocked clears what forgiveLocked was asked to.
 func (r *Router) forgiveNowLocked(st *peerState) {
+	st.failConn = nil
 	if st.forgiveBreaker {
 		st.tracker = health.New(r.trackerOpts...)
 	}
@@ -1175,6 +1192,7 @@ const (
 type peerFailure struct {
 	kind failKind
 	err  *protocol.Error
+	conn network.Conn // the connection it ran on, once a stream opened
 }
 
 func (e peerFailure) Error() string { return e.err.Error() }
@@ -1765,6 +1783,7 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 		if !first.IsZero() {
 			st.holds = 0 // it answered: a row of holds ends
 		}
+		st.failConn = nil
 		return
 	}
 	// A worker's report of a failure (its backend, an internal error, a
@@ -1791,7 +1810,9 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 		st.unreachableAt = end
 		return
 	}
-	st.failConns = r.h.Network().ConnsToPeer(st.id)
+	if pf.conn != nil {
+		st.failConn = pf.conn
+	}
 	switch pf.kind {
 	case failSilent, failDied, failStalled, failStuck:
 		st.tracker.Record(health.Timeout)
@@ -1907,7 +1928,7 @@ func (r *Router) clearBackoff(p peer.ID) {
 const minHeartbeat = 250 * time.Millisecond
 
 // remote runs the query over a libp2p stream.
-func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, alone func() bool, avoid peer.ID, emit func(*pb.Event) error) (*pb.Done, error) {
+func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, stall time.Duration, alone func() bool, avoid peer.ID, emit func(*pb.Event) error) (done *pb.Done, err error) {
 	p := c.Peer
 	// Our own queue for a turn to open a stream: neither the dial's nor
 	// the worker's Accepted bound runs meanwhile.
@@ -1966,8 +1987,15 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		// Transport errors name addresses; they go to the log, not to
 		// whoever asked (who may be a browser behind a bridge).
 		log.Debugw("open stream", "peer", p, "err", err)
-		return nil, peerFailure{failUnreachable, protocol.Errorf(protocol.CodeUnavailable, "worker %s could not be reached", ShortID(p))}
+		return nil, peerFailure{kind: failUnreachable, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s could not be reached", ShortID(p))}
 	}
+	defer func() {
+		// A failure of the peer's names the connection it ran on.
+		if pf, ok := err.(peerFailure); ok {
+			pf.conn = s.Conn()
+			err = pf
+		}
+	}()
 	// Cancelling the query resets the stream, which the worker sees at once.
 	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
 	defer stop()
@@ -2094,10 +2122,10 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 						kind = failQueueLie
 					}
 					log.Debugw("worker holds the query in its queue", "peer", p, "stall", stall, "position", worst, "blamed", kind == failQueueLie)
-					return nil, peerFailure{kind, protocol.Errorf(protocol.CodeUnavailable, "worker %s kept the query in its queue for %s or more without output", ShortID(p), (queueStalls * stall).Round(time.Millisecond))}
+					return nil, peerFailure{kind: kind, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s kept the query in its queue for %s or more without output", ShortID(p), (queueStalls * stall).Round(time.Millisecond))}
 				}
 				log.Debugw("worker stalls", "peer", p, "stall", stall)
-				return nil, peerFailure{failStuck, protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
+				return nil, peerFailure{kind: failStuck, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
 			}
 			_ = s.Reset()
 			if !accepted && remoteLimit(err) {
@@ -2123,7 +2151,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		}
 		if err != nil {
 			_ = s.Reset()
-			return nil, peerFailure{failInvalid, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent an invalid event: %v", ShortID(p), err)}
+			return nil, peerFailure{kind: failInvalid, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s sent an invalid event: %v", ShortID(p), err)}
 		}
 		if c := ev.GetChunk(); c != nil && c.GetText() == "" && len(c.GetLogprobs()) == 0 {
 			// Nothing: not progress, and not output to pass on (it would
@@ -2151,7 +2179,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			if !out.spend(&ev) {
 				_ = s.Reset()
 				log.Debugw("worker floods output", "peer", p)
-				return nil, peerFailure{failFlood, protocol.Errorf(protocol.CodeUnavailable, "worker %s sent more output than the query allows", ShortID(p))}
+				return nil, peerFailure{kind: failFlood, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s sent more output than the query allows", ShortID(p))}
 			}
 		}
 		if err := emit(&ev); err != nil {
@@ -2327,11 +2355,11 @@ func (r *Router) streamErr(ctx context.Context, s network.Stream, accepted bool,
 	}
 	switch {
 	case !accepted && silent:
-		return peerFailure{failSilent, protocol.Errorf(protocol.CodeUnavailable, "worker %s did not answer", ShortID(p))}
+		return peerFailure{kind: failSilent, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s did not answer", ShortID(p))}
 	case silent:
-		return peerFailure{failStalled, protocol.Errorf(protocol.CodeUnavailable, "worker %s went silent while answering", ShortID(p))}
+		return peerFailure{kind: failStalled, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s went silent while answering", ShortID(p))}
 	}
-	return peerFailure{failDied, protocol.Errorf(protocol.CodeUnavailable, "worker %s died while answering", ShortID(p))}
+	return peerFailure{kind: failDied, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s died while answering", ShortID(p))}
 }
 
 // hasRelayedConn reports whether the peer of broken has an open relayed

@@ -684,9 +684,9 @@ func TestQueueStepsAloneHoldAQueryAFewStallPeriods(t *testing.T) {
 // an answer ends the row, and a failure of another kind neither starts
 // nor ends it.
 func TestHeldQueueRanksLast(t *testing.T) {
-	held := peerFailure{failQueued, protocol.Errorf(protocol.CodeUnavailable, "held")}
-	stalled := peerFailure{failStalled, protocol.Errorf(protocol.CodeUnavailable, "stalled")}
-	lie := peerFailure{failQueueLie, protocol.Errorf(protocol.CodeUnavailable, "lie")}
+	held := peerFailure{kind: failQueued, err: protocol.Errorf(protocol.CodeUnavailable, "held")}
+	stalled := peerFailure{kind: failStalled, err: protocol.Errorf(protocol.CodeUnavailable, "stalled")}
+	lie := peerFailure{kind: failQueueLie, err: protocol.Errorf(protocol.CodeUnavailable, "lie")}
 	type step struct {
 		err    error
 		output bool          // an answer with output (err nil)
