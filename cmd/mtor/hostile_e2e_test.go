@@ -23,14 +23,22 @@ import (
 // QUIC.
 func TestE2EHostileWorkerProcesses(t *testing.T) { onEachTransport(t, testE2EHostileWorkerProcesses) }
 
-func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
+// bridgeAndHonestWorker starts a bridge node and an honest demo worker
+// joined to it, and returns the bridge, its join address and its
+// OpenAI-compatible API's base URL.
+func bridgeAndHonestWorker(t *testing.T, tr transport) (br *proc, join, base string) {
+	t.Helper()
 	needBinary(t)
 	dir := t.TempDir()
-	br := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), "--no-detect", "--bridge", "127.0.0.1:0")...)
-	join := br.value("join")
+	br = startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), "--no-detect", "--bridge", "127.0.0.1:0")...)
+	join = br.value("join")
 	honest := startNode(t, "honest", tr.nodeArgs(filepath.Join(dir, "honest"), "--backend", "demo", "--join", join)...)
 	waitWorkers(t, br.value("api"), "demo", honest.value("peer"))
-	base := strings.TrimSuffix(br.value("bridge"), "/")
+	return br, join, strings.TrimSuffix(br.value("bridge"), "/")
+}
+
+func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
+	br, join, base := bridgeAndHonestWorker(t, tr)
 
 	cases := []struct {
 		behaviour string
@@ -112,13 +120,7 @@ func TestE2EHostileFreshStartClaims(t *testing.T) {
 }
 
 func testE2EHostileFreshStartClaims(t *testing.T, tr transport, claim string) {
-	needBinary(t)
-	dir := t.TempDir()
-	br := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"), "--no-detect", "--bridge", "127.0.0.1:0")...)
-	join := br.value("join")
-	honest := startNode(t, "honest", tr.nodeArgs(filepath.Join(dir, "honest"), "--backend", "demo", "--join", join)...)
-	waitWorkers(t, br.value("api"), "demo", honest.value("peer"))
-	base := strings.TrimSuffix(br.value("bridge"), "/")
+	br, join, base := bridgeAndHonestWorker(t, tr)
 	liar := launchProgram(t, claim[1:], "peer", "error", hostileBin,
 		"-join", join, "-behaviour", "tool-call", claim, "-listen", tr.listen)
 	liar.waitReady()

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"io"
 	"net/http"
 	"path/filepath"
@@ -56,15 +55,7 @@ func testE2ELedger(t *testing.T, tr transport) {
 
 	ledgerOf := func(apiAddr string) ledger.Snapshot {
 		t.Helper()
-		code, stdout, stderr := mtor(t, "ledger", "--api", apiAddr, "--json")
-		if code != 0 {
-			t.Fatalf("ledger --json: exit %d: %s", code, stderr)
-		}
-		var s ledger.Snapshot
-		if err := json.Unmarshal([]byte(stdout), &s); err != nil {
-			t.Fatalf("ledger --json: %v: %s", err, stdout)
-		}
-		return s
+		return ledgerFrom(t)(mtor(t, "ledger", "--api", apiAddr, "--json"))
 	}
 	tokens := uint64(rc.GetPromptTokens() + rc.GetCompletionTokens())
 	bl := ledgerOf(bootAPI)

@@ -230,13 +230,20 @@ func chatIn(t *testing.T, ns, url, prompt string) error {
 // ledgerIn is the ledger of the node whose API is api, in the namespace ns.
 func ledgerIn(t *testing.T, ns, api string) ledger.Snapshot {
 	t.Helper()
-	code, stdout, stderr := mtorIn(t, ns, "ledger", "--api", api, "--json")
-	if code != 0 {
-		t.Fatalf("ledger --json: exit %d: %s", code, stderr)
+	return ledgerFrom(t)(mtorIn(t, ns, "ledger", "--api", api, "--json"))
+}
+
+// ledgerFrom reads the output of `mtor ledger --json`.
+func ledgerFrom(t *testing.T) func(code int, stdout, stderr string) ledger.Snapshot {
+	return func(code int, stdout, stderr string) ledger.Snapshot {
+		t.Helper()
+		if code != 0 {
+			t.Fatalf("ledger --json: exit %d: %s", code, stderr)
+		}
+		var s ledger.Snapshot
+		if err := json.Unmarshal([]byte(stdout), &s); err != nil {
+			t.Fatalf("ledger --json: %v: %s", err, stdout)
+		}
+		return s
 	}
-	var s ledger.Snapshot
-	if err := json.Unmarshal([]byte(stdout), &s); err != nil {
-		t.Fatalf("ledger --json: %v: %s", err, stdout)
-	}
-	return s
 }
