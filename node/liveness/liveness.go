@@ -109,13 +109,23 @@ func (o Outcome) String() string {
 	return "unknown"
 }
 
+// RefusedProtocol reports whether err is a peer's refusal of the
+// protocol a stream asked for: its "na" to the negotiation, or its reset
+// of a stream opened on what its announced protocols promised (a lazy
+// negotiation). Only a live process refuses.
+func RefusedProtocol(err error) bool {
+	var ns mss.ErrNotSupported[protocol.ID]
+	var nss mss.ErrNotSupported[string] // Probe's (ping.ID is untyped)
+	var se *network.StreamError
+	return errors.As(err, &ns) || errors.As(err, &nss) ||
+		errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamProtocolNegotiationFailed
+}
+
 // outcome classifies a probe of conn that ended with err.
 func outcome(conn network.Conn, err error) Outcome {
 	var se *network.StreamError
-	var ns mss.ErrNotSupported[protocol.ID]
-	var nss mss.ErrNotSupported[string] // Probe's (ping.ID is untyped)
 	switch {
-	case err == nil, errors.Is(err, ErrNoEcho), errors.As(err, &ns), errors.As(err, &nss):
+	case err == nil, errors.Is(err, ErrNoEcho), RefusedProtocol(err):
 		return Alive
 	case errors.As(err, &se) && se.Remote && !conn.IsClosed():
 		// A relay that drops a circuit resets it too, but the relayed

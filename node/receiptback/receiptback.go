@@ -23,9 +23,9 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
-	mss "github.com/multiformats/go-multistream"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
 	"github.com/mtor-swarm/mtor/protocol/receipt"
@@ -309,16 +309,8 @@ type failure struct {
 // out (a second wait would hold a stream the other workers' receipts
 // need).
 func worthAnotherTry(err error) bool {
-	var ns mss.ErrNotSupported[libp2pproto.ID]
-	var se *network.StreamError
 	var ne net.Error
-	switch {
-	case errors.As(err, &ns), errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamProtocolNegotiationFailed:
-		return false
-	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
-		return false
-	}
-	return true
+	return !liveness.RefusedProtocol(err) && !errors.Is(err, context.DeadlineExceeded) && !(errors.As(err, &ne) && ne.Timeout())
 }
 
 // connected: the worker is still reached, directly or through a relay.

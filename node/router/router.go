@@ -27,7 +27,6 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
-	mss "github.com/multiformats/go-multistream"
 	"golang.org/x/sync/singleflight"
 	"google.golang.org/protobuf/proto"
 
@@ -166,7 +165,6 @@ type Suspecter interface {
 
 // peerState is what this router has observed of one worker.
 type peerState struct {
-	id          peer.ID
 	incarnation uint64 // of the process these figures are about
 	// seen is when the latest of its announcements that this router
 	// ranked came (Candidate.Received).
@@ -395,7 +393,7 @@ func binaryU64(b []byte) uint64 {
 func (r *Router) state(p peer.ID) *peerState {
 	st := r.peers[p]
 	if st == nil {
-		st = &peerState{id: p, tracker: health.New(r.trackerOpts...)}
+		st = &peerState{tracker: health.New(r.trackerOpts...)}
 		r.peers[p] = st
 	}
 	return st
@@ -1365,8 +1363,7 @@ func (r *Router) answersPing(ctx context.Context, o scored) (bool, error) {
 // few pings at once, which queries stalling together share with the
 // connection checks).
 func pingAnswered(err error) bool {
-	var ns mss.ErrNotSupported[libp2pproto.ID]
-	return liveness.Refused(err) || errors.As(err, &ns)
+	return liveness.Refused(err) || liveness.RefusedProtocol(err)
 }
 
 // others are the workers q could move to from c now: untried, usable,
@@ -1805,8 +1802,7 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 	if !errors.As(err, &pf) {
 		return
 	}
-	switch pf.kind {
-	case failUnreachable:
+	if pf.kind == failUnreachable {
 		st.unreachableAt = end
 		return
 	}
