@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"slices"
@@ -1040,4 +1041,99 @@ func TestStallEdges(t *testing.T) {
 			t.Fatalf("%+v, %v; want the empty answer in hand", res, err)
 		}
 	})
+}
+
+// TestWaitsForItsOnlyWorkerToRestart: the only worker of a model dies
+// mid-answer and its process starts again (same key, new incarnation),
+// announcing itself a while later: 1.2 s here, about what a process
+// restarted at once needs to start, join and announce. The query waits for
+// it and the new process continues the answer. With no restart, or with
+// too little of the query's deadline left to wait in, the query ends
+// UNAVAILABLE, naming the death, before its deadline.
+func TestWaitsForItsOnlyWorkerToRestart(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		restart  bool
+		deadline time.Duration // of the query; 0: none
+		answered bool
+	}{
+		{"restarted", true, 0, true},
+		{"gone for good", false, 0, false},
+		{"restarted, too late for the deadline", true, 2 * time.Second, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key, _, err := crypto.GenerateEd25519Key(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			workerOn := func() host.Host {
+				w := testHostOn(t, "/ip4/127.0.0.1/tcp/0", libp2p.Identity(key))
+				wk := worker.New([]backend.Backend{demo.New("w", demo.WithDelay(30*time.Millisecond))})
+				wk.Refresh(t.Context())
+				w.SetStreamHandler(testProto, wk.HandleStream)
+				return w
+			}
+			first := workerOn()
+			h := testHost(t)
+			connect(t, h, first)
+			announce := func(inc uint64) *[]Candidate {
+				return ptr([]Candidate{cand(string(first.ID()), 0, 4, 100, 0, demoModel, canCont,
+					func(a *pb.Announce) { a.Incarnation = inc })})
+			}
+			var table atomic.Pointer[[]Candidate]
+			table.Store(announce(1))
+			r := New(h, testProto, tableFunc(func() []Candidate { return *table.Load() }))
+			ctx := t.Context()
+			if tc.deadline > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, tc.deadline)
+				defer cancel()
+			}
+			var text strings.Builder
+			chunks := 0
+			var died time.Time
+			// The restart's goroutine ends before the test does.
+			var restarting sync.WaitGroup
+			defer restarting.Wait()
+			start := time.Now()
+			_, err = r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "tell me the whole story"},
+				func(ev *pb.Event) error {
+					if c := ev.GetChunk(); c != nil {
+						text.WriteString(c.GetText())
+						if chunks++; chunks == 5 {
+							died = time.Now()
+							restarting.Go(func() {
+								_ = first.Close()
+								if !tc.restart {
+									return
+								}
+								time.Sleep(1200 * time.Millisecond)
+								again := workerOn()
+								connect(t, h, again)
+								table.Store(announce(2))
+							})
+						}
+					}
+					return nil
+				})
+			took := time.Since(start)
+			if !tc.answered {
+				var pe *protocol.Error
+				if !errors.As(err, &pe) || pe.Code != protocol.CodeUnavailable || !strings.Contains(pe.Message, "died") {
+					t.Fatalf("after %s: %v, want UNAVAILABLE naming the death", took, err)
+				}
+				if tc.deadline > 0 && took >= tc.deadline {
+					t.Fatalf("the error came after the deadline (%s)", took)
+				}
+				t.Logf("%s after the death: %v", time.Since(died).Round(time.Millisecond), err)
+				return
+			}
+			if err != nil {
+				t.Fatalf("%s after the death: %v", time.Since(died).Round(time.Millisecond), err)
+			}
+			if want := "[demo answer from w] You said: tell me the whole story"; text.String() != want {
+				t.Fatalf("answer %q, want %q", text.String(), want)
+			}
+		})
+	}
 }

@@ -1119,24 +1119,40 @@ func withCandidate(ranked, extra []scored) []scored {
 	return ranked
 }
 
-// maxCandidateWaits bounds how often a query waits for a fresh candidate
-// once every known one has failed it.
-const maxCandidateWaits = 3
+// When every known candidate has failed a query, it waits for a fresh
+// one: maxCandidateWaits back-offs (about 0.2 to 0.35 s) after failures
+// a restart does not mend (a backend's error, a protocol violation), and
+// up to freshWait in all once a worker died, went silent or could not be
+// reached: a worker process restarted at once (systemd's default delay
+// is 100 ms) is routable about 0.6 s after its start
+// (docs/benchmarks.md), and a few seconds before UNAVAILABLE cost a
+// caller little next to an answer lost when its only worker crashed.
+const (
+	maxCandidateWaits = 3
+	freshWait         = 3 * time.Second
+)
 
-// backoff waits before the n-th retry (n ≥ 1): 50 ms doubling up to
-// 800 ms, with jitter. It reports false if ctx ended first.
+// backoff waits before the n-th retry (n ≥ 1): backoffFor(n). It reports
+// false if ctx ended first.
 func (r *Router) backoff(ctx context.Context, n int) bool {
+	return sleepCtx(ctx, r.backoffFor(n))
+}
+
+// backoffFor is the wait before the n-th retry (n ≥ 1): 50 ms doubling up
+// to 800 ms, with jitter.
+func (r *Router) backoffFor(n int) time.Duration {
 	d := r.retryBase << min(n-1, 4)
 	r.mu.Lock()
-	d = d/2 + time.Duration(r.rng.Int64N(int64(d/2)+1))
-	r.mu.Unlock()
-	return sleepCtx(ctx, d)
+	defer r.mu.Unlock()
+	return d/2 + time.Duration(r.rng.Int64N(int64(d/2)+1))
 }
 
 // nextCandidates ranks the candidates q has not tried yet (from prev when
 // they came from the DHT). When every candidate failed it waits, backing
-// off, for a restarted worker to announce itself, at most
-// maxCandidateWaits times a query; ok is false when ctx ended meanwhile.
+// off, for a restarted worker to announce itself (maxCandidateWaits,
+// freshWait), never into the last second before the query's deadline,
+// which is left for the error to reach the caller. ok is false when ctx
+// ended meanwhile.
 func (r *Router) nextCandidates(ctx context.Context, q *query, prev []scored, fromDHT bool, need []string) (ranked []scored, ok bool) {
 	for {
 		if fromDHT {
@@ -1151,11 +1167,16 @@ func (r *Router) nextCandidates(ctx context.Context, q *query, prev []scored, fr
 			}
 		}
 		ranked = q.usable(ranked)
-		if len(ranked) > 0 || fromDHT || q.failures == 0 || q.failures >= r.maxAttempts || q.waits >= maxCandidateWaits {
+		if len(ranked) > 0 || fromDHT || q.failures == 0 || q.failures >= r.maxAttempts || q.waited >= freshWait || q.waits >= maxCandidateWaits && !q.lostWorker() {
+			return ranked, true
+		}
+		d := min(r.backoffFor(q.waits+1), freshWait-q.waited)
+		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < d+time.Second {
 			return ranked, true
 		}
 		q.waits++
-		if !r.backoff(ctx, q.waits) {
+		q.waited += d
+		if !sleepCtx(ctx, d) {
 			return nil, false
 		}
 	}
@@ -1246,7 +1267,8 @@ type query struct {
 	failures    int
 	busy        int
 	continued   int
-	waits       int // for a candidate after all had failed
+	waits       int           // for a candidate after all had failed
+	waited      time.Duration // in those waits
 	writers     []peer.ID
 	kinds       [numFailKinds]int
 	gone        error    // the handler's refusal: the caller left
@@ -1276,6 +1298,12 @@ type query struct {
 	text     strings.Builder // Chunk text, while continuable
 	chunks   uint32
 	resumeAt string // the continuation sent with the current attempt
+}
+
+// lostWorker reports whether a worker the query tried died, went silent
+// or could not be reached: a process that may be starting again.
+func (q *query) lostWorker() bool {
+	return q.kinds[failDied]+q.kinds[failStalled]+q.kinds[failSilent]+q.kinds[failUnreachable] > 0
 }
 
 func (q *query) started() bool { return q.out }
