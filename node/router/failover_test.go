@@ -442,7 +442,7 @@ func TestRestartedPeerStartsAfresh(t *testing.T) {
 		r.mu.Lock()
 		st := r.state("w")
 		for range 5 {
-			r.recordLocked(st, "m", peerFailure{kind: failDied, err: protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
+			r.recordLocked(st, (*table.Load())[0], "m", peerFailure{kind: failDied, err: protocol.Errorf(protocol.CodeUnavailable, "died")}, time.Time{}, time.Now(), time.Now())
 		}
 		st.heldUntil, st.holds = time.Now().Add(time.Hour), 3 // its old queue held a query
 		r.mu.Unlock()
@@ -548,7 +548,7 @@ func TestClaimedFreshStartIsTested(t *testing.T) {
 				r.mu.Lock()
 				st := r.state(w.ID())
 				for range 5 { // it fails on the connection it has
-					r.recordLocked(st, "m", peerFailure{kind: failDied, err: protocol.Errorf(protocol.CodeUnavailable, "died"),
+					r.recordLocked(st, (*table.Load())[0], "m", peerFailure{kind: failDied, err: protocol.Errorf(protocol.CodeUnavailable, "died"),
 						conn: h.Network().ConnsToPeer(w.ID())[0]}, time.Time{}, time.Now(), time.Now())
 				}
 				r.mu.Unlock()
@@ -594,6 +594,88 @@ func TestClaimedFreshStartIsTested(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestOldProcessFailsAfterItsRestart: a query the old process of a
+// worker held fails after the worker's restart was ranked (a killed
+// process's QUIC connection lingers silent until a probe closes it,
+// seconds after its successor announced itself). Those failures are the
+// old process's: they are cleared once nothing answers on the connection
+// they came on, and the new process stays routable. A liar claiming the
+// restart while it answers there keeps them, and so does a new process
+// that fails itself.
+func TestOldProcessFailsAfterItsRestart(t *testing.T) {
+	const margin = 300 * time.Millisecond
+	for _, tc := range []struct {
+		name     string
+		silent   bool   // the old process is gone: its connection silent
+		failedOn uint64 // the incarnation the failing attempt was ranked on
+		routable bool
+	}{
+		{"the old process's connection silent", true, 1, true},
+		{"the old process answers there", false, 1, false},
+		{"the new process fails", true, 2, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key, _, err := crypto.GenerateEd25519Key(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			h, w := testHostOn(t, "/ip4/127.0.0.1/udp/0/quic-v1"), testHostOn(t, "/ip4/127.0.0.1/udp/0/quic-v1", libp2p.Identity(key))
+			proxy := newUDPProxy(t, w.Addrs()[0])
+			if err := h.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: []ma.Multiaddr{proxy.addr}}); err != nil {
+				t.Fatal(err)
+			}
+			old := h.Network().ConnsToPeer(w.ID())[0]
+			time.Sleep(2 * margin)
+			announce := func(inc uint64) Candidate {
+				c := cand(string(w.ID()), 0, 4, 100, 0, func(a *pb.Announce) {
+					a.Incarnation = inc
+					a.Addrs = [][]byte{w.Addrs()[0].Bytes()}
+				})
+				c.Received = time.Now()
+				return c
+			}
+			var table atomic.Pointer[[]Candidate]
+			table.Store(ptr([]Candidate{announce(1)}))
+			live := liveness.New(h, liveness.WithTimeout(500*time.Millisecond))
+			t.Cleanup(live.Close)
+			r := New(h, testProto, tableFunc(func() []Candidate { return *table.Load() }), WithConnChecker(live),
+				WithHealthOptions(health.WithCooldown(time.Hour, time.Hour)))
+			r.margin = margin
+			ranked := func() bool {
+				rk, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+				return len(rk) == 1
+			}
+			if !ranked() {
+				t.Fatal("peer not ranked")
+			}
+			if tc.silent {
+				proxy.freeze() // the old process is killed
+			}
+			// The restart is ranked while its breaker is clean: nothing
+			// to forgive yet.
+			table.Store(ptr([]Candidate{announce(2)}))
+			if !ranked() {
+				t.Fatal("the restarted peer is not ranked")
+			}
+			r.mu.Lock()
+			st := r.state(w.ID())
+			failed := announce(tc.failedOn)
+			for range 5 {
+				r.recordLocked(st, failed, "m", peerFailure{kind: failStalled, err: protocol.Errorf(protocol.CodeUnavailable, "stalled"), conn: old},
+					time.Time{}, time.Now(), time.Now())
+			}
+			r.mu.Unlock()
+			routable := false
+			for start := time.Now(); time.Since(start) < 1500*time.Millisecond && !routable; time.Sleep(10 * time.Millisecond) {
+				routable = ranked()
+			}
+			if routable != tc.routable {
+				t.Fatalf("routable after its old process's failures: %v, want %v", routable, tc.routable)
+			}
+		})
 	}
 }
 

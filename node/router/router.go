@@ -176,6 +176,10 @@ type peerState struct {
 	// refutedUntil: a connection from before such a claim answered, so
 	// until then its claims clear nothing.
 	refutedUntil time.Time
+	// restartSeen is what seen was when the peer last claimed a restart:
+	// a failure of a query its old process held, recorded after the
+	// claim, is tested on the same connections (oldFailureLocked).
+	restartSeen time.Time
 	// failConn is the connection it last failed on (a peer's own failure,
 	// recordLocked): a claim of a fresh start is tested on it too, however
 	// recent. An answer ends it.
@@ -574,6 +578,9 @@ func (r *Router) noteChangesLocked(c Candidate, st *peerState) {
 	}
 	restarted := r.noteIncarnationLocked(c, st)
 	moved := r.noteAddrsLocked(c, st)
+	if restarted {
+		st.restartSeen = seen
+	}
 	if restarted || moved {
 		r.forgiveLocked(c.Peer, st, seen, restarted)
 	}
@@ -721,6 +728,18 @@ func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restart
 		}
 		st.forgiveBreaker, st.forgiveHold = false, false
 	}()
+}
+
+// oldFailureLocked: a query that p's process of incarnation inc held
+// failed (recordLocked) after p claimed a restart (a QUIC connection of
+// a killed process is found dead seconds after its successor announced
+// itself). The failure is its old process's: it is cleared as the
+// claim's own were, once nothing answers on the old connections
+// (forgiveLocked).
+func (r *Router) oldFailureLocked(p peer.ID, st *peerState, inc uint64) {
+	if inc != 0 && st.incarnation != 0 && inc != st.incarnation {
+		r.forgiveLocked(p, st, st.restartSeen, true)
+	}
 }
 
 // heard probes conns and says what each probe heard (liveness.Check).
@@ -1727,7 +1746,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	measured := 0.0
 	if !expired(ctx) && empty == nil {
 		// A query whose own deadline ran out tells nothing of the peer.
-		r.recordLocked(st, q.req.GetModel(), err, first, start, end)
+		r.recordLocked(st, c.Candidate, q.req.GetModel(), err, first, start, end)
 		if err == nil && !first.IsZero() && !local {
 			measured = st.ttft
 		}
@@ -1793,7 +1812,10 @@ type workerError struct{ err *protocol.Error }
 func (e workerError) Error() string { return e.err.Error() }
 func (e workerError) Unwrap() error { return e.err }
 
-func (r *Router) recordLocked(st *peerState, model string, err error, first, start, end time.Time) {
+// recordLocked records what an attempt showed of st's peer: c is the
+// announcement the attempt was ranked on (its incarnation, the process
+// that was asked).
+func (r *Router) recordLocked(st *peerState, c Candidate, model string, err error, first, start, end time.Time) {
 	if err == nil {
 		// In fractions of a millisecond: a worker on a LAN answers within
 		// one, and a whole 0 would read as no measurement.
@@ -1854,6 +1876,7 @@ func (r *Router) recordLocked(st *peerState, model string, err error, first, sta
 	default:
 		st.tracker.Record(health.Failure)
 	}
+	r.oldFailureLocked(c.Peer, st, c.Announce.GetIncarnation())
 }
 
 // modelTrackerLocked returns the health of a peer's model, made on first

@@ -716,7 +716,7 @@ func TestHeldQueueRanksLast(t *testing.T) {
 				if s.output {
 					first = end
 				}
-				r.recordLocked(st, "m", s.err, first, end.Add(-time.Second), end)
+				r.recordLocked(st, c, "m", s.err, first, end.Add(-time.Second), end)
 				got := st.heldUntil.Sub(end)
 				blamed := st.tracker.Score() < 100
 				r.mu.Unlock()
