@@ -532,16 +532,7 @@ func TestClaimedFreshStartIsTested(t *testing.T) {
 				}
 				var table atomic.Pointer[[]Candidate]
 				table.Store(ptr(announce(func(*pb.Announce) {})))
-				live := liveness.New(h, liveness.WithTimeout(500*time.Millisecond))
-				t.Cleanup(live.Close)
-				// A ban that outlasts the test: no half-open trial.
-				r := New(h, testProto, tableFunc(func() []Candidate { return *table.Load() }), WithConnChecker(live),
-					WithHealthOptions(health.WithCooldown(time.Hour, time.Hour)))
-				r.margin = margin
-				ranked := func() bool {
-					rk, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
-					return len(rk) == 1
-				}
+				r, ranked := probingRouter(t, h, &table, margin)
 				if !ranked() {
 					t.Fatal("peer not ranked")
 				}
@@ -639,15 +630,7 @@ func TestOldProcessFailsAfterItsRestart(t *testing.T) {
 			}
 			var table atomic.Pointer[[]Candidate]
 			table.Store(ptr([]Candidate{announce(1)}))
-			live := liveness.New(h, liveness.WithTimeout(500*time.Millisecond))
-			t.Cleanup(live.Close)
-			r := New(h, testProto, tableFunc(func() []Candidate { return *table.Load() }), WithConnChecker(live),
-				WithHealthOptions(health.WithCooldown(time.Hour, time.Hour)))
-			r.margin = margin
-			ranked := func() bool {
-				rk, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
-				return len(rk) == 1
-			}
+			r, ranked := probingRouter(t, h, &table, margin)
 			if !ranked() {
 				t.Fatal("peer not ranked")
 			}
@@ -676,6 +659,23 @@ func TestOldProcessFailsAfterItsRestart(t *testing.T) {
 				t.Fatalf("routable after its old process's failures: %v, want %v", routable, tc.routable)
 			}
 		})
+	}
+}
+
+// probingRouter is a router on h over the candidates in table, with a
+// connection checker whose probes time out in 500 ms, the given restart
+// margin, and bans that outlast a test (no half-open trial). ranked
+// reports whether its one candidate is ranked for model "m".
+func probingRouter(t *testing.T, h host.Host, table *atomic.Pointer[[]Candidate], margin time.Duration) (r *Router, ranked func() bool) {
+	t.Helper()
+	live := liveness.New(h, liveness.WithTimeout(500*time.Millisecond))
+	t.Cleanup(live.Close)
+	r = New(h, testProto, tableFunc(func() []Candidate { return *table.Load() }), WithConnChecker(live),
+		WithHealthOptions(health.WithCooldown(time.Hour, time.Hour)))
+	r.margin = margin
+	return r, func() bool {
+		rk, _ := r.rank("m", pb.QueryType_QUERY_TYPE_CHAT)
+		return len(rk) == 1
 	}
 }
 
