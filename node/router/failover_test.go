@@ -646,10 +646,13 @@ func TestOldProcessFailsAfterItsRestart(t *testing.T) {
 			r.mu.Lock()
 			st := r.state(w.ID())
 			failed := announce(tc.failedOn)
-			for range 5 {
-				r.recordLocked(st, failed, "m", peerFailure{kind: failStalled, err: protocol.Errorf(protocol.CodeUnavailable, "stalled"), conn: old},
-					time.Time{}, time.Now(), time.Now())
+			fail := func(conn network.Conn) {
+				for range 5 {
+					r.recordLocked(st, failed, "m", peerFailure{kind: failStalled, err: protocol.Errorf(protocol.CodeUnavailable, "stalled"), conn: conn},
+						time.Time{}, time.Now(), time.Now())
+				}
 			}
+			fail(old)
 			r.mu.Unlock()
 			routable := false
 			for start := time.Now(); time.Since(start) < 1500*time.Millisecond && !routable; time.Sleep(10 * time.Millisecond) {
@@ -1215,6 +1218,51 @@ func TestWaitsForItsOnlyWorkerToRestart(t *testing.T) {
 			}
 			if want := "[demo answer from w] You said: tell me the whole story"; text.String() != want {
 				t.Fatalf("answer %q, want %q", text.String(), want)
+			}
+		})
+	}
+}
+
+// TestFreshWaitOnlyForAQueryThatCanMove: once every candidate has failed
+// a query, it waits for a restarted worker only when another worker could
+// still take it; and up to 3 s only after a worker died, three back-offs
+// after other failures.
+func TestFreshWaitOnlyForAQueryThatCanMove(t *testing.T) {
+	for _, tc := range []struct {
+		name                     string
+		started, restartable     bool
+		continuable              bool
+		textLen                  int
+		died                     bool
+		wantNoWait, wantFullWait bool
+	}{
+		{name: "nothing said yet, a worker died", died: true, wantFullWait: true},
+		{name: "said, continuable, a worker died", started: true, continuable: true, textLen: 10, died: true, wantFullWait: true},
+		{name: "said, cannot move on", started: true, textLen: 10, died: true, wantNoWait: true},
+		{name: "said too much to continue", started: true, continuable: true, textLen: protocol.MaxContinuation + 1, died: true, wantNoWait: true},
+		{name: "nothing said yet, a backend failed", died: false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := New(testHost(t), testProto, staticTable{cand("w", 0, 4, 100, 0)})
+			q := &query{req: &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "m"}, tried: map[tryKey]bool{{"w", 0}: true},
+				failures: 1, out: tc.started, restartable: tc.restartable, continuable: tc.continuable}
+			q.text.WriteString(strings.Repeat("x", tc.textLen))
+			if tc.died {
+				q.kinds[failDied]++
+			} else {
+				q.kinds[failBackend]++
+			}
+			ranked, ok := r.nextCandidates(t.Context(), q, nil, false, nil)
+			if !ok || len(ranked) != 0 {
+				t.Fatalf("ranked %d, ok %v: want none, true", len(ranked), ok)
+			}
+			switch {
+			case tc.wantNoWait && q.waits != 0:
+				t.Fatalf("waited %d times (%s) for a worker that could not take the query", q.waits, q.waited)
+			case tc.wantFullWait && q.waited != freshWait:
+				t.Fatalf("waited %s in %d back-offs, want %s", q.waited, q.waits, freshWait)
+			case !tc.wantNoWait && !tc.wantFullWait && q.waits != maxCandidateWaits:
+				t.Fatalf("waited %d times, want %d", q.waits, maxCandidateWaits)
 			}
 		})
 	}

@@ -1186,7 +1186,8 @@ func (r *Router) nextCandidates(ctx context.Context, q *query, prev []scored, fr
 			}
 		}
 		ranked = q.usable(ranked)
-		if len(ranked) > 0 || fromDHT || q.failures == 0 || q.failures >= r.maxAttempts || q.waited >= freshWait || q.waits >= maxCandidateWaits && !q.lostWorker() {
+		if len(ranked) > 0 || fromDHT || q.failures == 0 || q.failures >= r.maxAttempts || !q.movable() ||
+			q.waited >= freshWait || q.waits >= maxCandidateWaits && !q.lostWorker() {
 			return ranked, true
 		}
 		d := min(r.backoffFor(q.waits+1), freshWait-q.waited)
@@ -1451,6 +1452,19 @@ func (q *query) untried(ranked []scored) []scored {
 	})
 }
 
+// movable reports whether another worker may still take q: nothing of
+// it reached the caller yet, or the caller takes a restart, or its text
+// so far can be continued.
+func (q *query) movable() bool {
+	return !q.started() || q.restartable || q.textContinuable()
+}
+
+// textContinuable reports whether q's answer so far can be continued by a
+// worker that announces the continue feature.
+func (q *query) textContinuable() bool {
+	return q.continuable && q.text.Len() <= protocol.MaxContinuation
+}
+
 // usable keeps, once output has reached the handler, the workers that can
 // take the answer over: any of them if the caller can discard what it got
 // (those that can continue it first), else only those that can continue.
@@ -1458,10 +1472,10 @@ func (q *query) usable(ranked []scored) []scored {
 	if !q.started() {
 		return ranked
 	}
-	canGo := q.continuable && q.text.Len() <= protocol.MaxContinuation
-	if !canGo && !q.restartable {
+	if !q.movable() {
 		return nil
 	}
+	canGo := q.textContinuable()
 	cont := func(c scored) bool { return canGo && canContinue(c, q.req) }
 	if !q.restartable {
 		return slices.DeleteFunc(ranked, func(c scored) bool { return !cont(c) })
@@ -1488,7 +1502,7 @@ func canContinue(c scored, req *pb.QueryRequest) bool {
 // resume prepares the next attempt after output reached the handler:
 // continue the answer on c where it can, else start it over.
 func (q *query) resume(c scored) error {
-	if q.continuable && q.text.Len() <= protocol.MaxContinuation && canContinue(c, q.req) {
+	if q.textContinuable() && canContinue(c, q.req) {
 		q.resumeAt = q.req.GetContinuation() + q.text.String()
 		return nil
 	}
