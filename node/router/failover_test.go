@@ -602,11 +602,15 @@ func TestOldProcessFailsAfterItsRestart(t *testing.T) {
 		name     string
 		silent   bool   // the old process is gone: its connection silent
 		failedOn uint64 // the incarnation the failing attempt was ranked on
+		// then, while the silent connection is probed, it fails again,
+		// on a connection that answers
+		again    bool
 		routable bool
 	}{
-		{"the old process's connection silent", true, 1, true},
-		{"the old process answers there", false, 1, false},
-		{"the new process fails", true, 2, false},
+		{"the old process's connection silent", true, 1, false, true},
+		{"the old process answers there", false, 1, false, false},
+		{"the new process fails", true, 2, false, false},
+		{"fails again on a live connection during the probe", true, 1, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			key, _, err := crypto.GenerateEd25519Key(nil)
@@ -654,6 +658,26 @@ func TestOldProcessFailsAfterItsRestart(t *testing.T) {
 			}
 			fail(old)
 			r.mu.Unlock()
+			if tc.again {
+				// Another process with its key (it answers probes).
+				w2 := testHostOn(t, "/ip4/127.0.0.1/udp/0/quic-v1", libp2p.Identity(key))
+				connect(t, w2, h)
+				var conn network.Conn
+				for _, c := range h.Network().ConnsToPeer(w.ID()) {
+					if c != old {
+						conn = c
+					}
+				}
+				if conn == nil {
+					t.Fatal("no second connection")
+				}
+				r.mu.Lock()
+				if !st.forgiving {
+					t.Fatal("no verdict pending on the silent connection")
+				}
+				fail(conn)
+				r.mu.Unlock()
+			}
 			routable := false
 			for start := time.Now(); time.Since(start) < 1500*time.Millisecond && !routable; time.Sleep(10 * time.Millisecond) {
 				routable = ranked()

@@ -697,6 +697,7 @@ func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restart
 		return
 	}
 	st.forgiving = true
+	failedOn := st.failConn
 	go func() {
 		var heard []liveness.Outcome
 		for try := 0; try < 3; try++ {
@@ -722,6 +723,11 @@ func (r *Router) forgiveLocked(p peer.ID, st *peerState, seen time.Time, restart
 			log.Infow("a peer announced a restart, but answers on a connection from before: its failures stand", "peer", p)
 		case slices.Contains(heard, liveness.Alive), slices.Contains(heard, liveness.Unknown):
 			log.Debugw("a peer's fresh start is not proven: its failures stand", "peer", p, "outcomes", heard)
+		case st.failConn != failedOn && st.failConn != nil && !st.failConn.IsClosed() && !slices.Contains(old, st.failConn):
+			// It failed again meanwhile, on a connection not probed
+			// yet: that one is probed before anything is cleared.
+			r.forgiveLocked(p, st, seen, restarted)
+			return
 		default:
 			r.forgiveNowLocked(st)
 			return
