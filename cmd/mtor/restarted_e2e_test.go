@@ -80,10 +80,17 @@ func testWorkerRestartedMidAnswer(t *testing.T, tr transport) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	found := false
 	for _, p := range peers {
-		if p.Peer == id && p.Breaker != "closed" {
-			t.Fatalf("the restarted worker's breaker is %s, local health %.0f", p.Breaker, p.LocalHealth)
+		if p.Peer == id {
+			found = true
+			if p.Breaker != "closed" {
+				t.Fatalf("the restarted worker's breaker is %s, local health %.0f", p.Breaker, p.LocalHealth)
+			}
 		}
+	}
+	if !found {
+		t.Fatal("the bridge does not list the restarted worker")
 	}
 	prompt := "question after the crash"
 	a, err := chatCompletion(ctx, http.DefaultClient, base, prompt, false)
