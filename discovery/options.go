@@ -121,6 +121,10 @@ type config struct {
 	// reconnecting reports a peer whose connections are being replaced on
 	// purpose (WithReconnecting).
 	reconnecting func(peer.ID) bool
+	// busy reports a peer this node's queries are in flight with
+	// (WithBusy); busyMax bounds a repair's wait for them (rejoinBusyMax).
+	busy    func(peer.ID) bool
+	busyMax time.Duration
 	// memberProto is a protocol every node of the swarm serves; peers
 	// that speak it have their gossip link watched (rejoin.go).
 	memberProto libp2pproto.ID
@@ -162,6 +166,7 @@ func defaults() config {
 		redialEvery:   redialEvery,
 		catalogEvery:  DefaultCatalogEvery,
 		catalogRead:   true,
+		busyMax:       rejoinBusyMax,
 	}
 }
 
@@ -317,6 +322,17 @@ func WithSuspect(f func(network.Conn)) Option {
 func WithReconnecting(f func(peer.ID) bool) Option {
 	return func(c *config) error {
 		c.reconnecting = f
+		return nil
+	}
+}
+
+// WithBusy names, through f (which must not block), the peers this
+// node has queries in flight with. A gossip-link repair (rejoin.go), which
+// closes all of a peer's connections and the query streams on them, waits
+// while f names the peer, 30 s at most.
+func WithBusy(f func(peer.ID) bool) Option {
+	return func(c *config) error {
+		c.busy = f
 		return nil
 	}
 }

@@ -29,7 +29,9 @@ import (
 // connected peer whose identify failed (a loaded machine: the exchange
 // has 5 s): gossipsub adds peers only on identify, so that link carries
 // no gossip either way, and without its protocols we cannot tell it is a
-// member.
+// member. Closing the connections ends the query streams on them, so a
+// repair waits while this node has queries in flight with the peer
+// (WithBusy), rejoinBusyMax at most.
 const (
 	rejoinCheckInterval = time.Second
 	// rejoinGrace is how long a new connection has to show the peer in
@@ -48,6 +50,13 @@ const (
 	// maxUnidentified bounds the connected peers whose identify failed
 	// that wait for a repair.
 	maxUnidentified = 1024
+	// rejoinBusyMax bounds how long a repair waits for the queries this
+	// node has in flight with the peer (WithBusy): they would die with
+	// its connections, and they are often on a connection that works (a
+	// restarted worker's new one, while gossipsub still lacks its hello).
+	// Past it the repair goes ahead: a link broken for good keeps the
+	// peer's gossip away.
+	rejoinBusyMax = 30 * time.Second
 	// maxRepairs bounds the repairs under way at once; the others wait
 	// for a later check. After a stall (a loaded machine, identify
 	// failing on hundreds of connections at once) a node with many
@@ -77,6 +86,9 @@ func (d *Discovery) rejoinLoop() {
 	}
 	unidentified := map[peer.ID]bool{}
 	last := map[peer.ID]time.Time{}
+	// busySince: when a broken link's repair first waited for the
+	// peer's queries; only peers whose repair is waiting.
+	busySince := map[peer.ID]time.Time{}
 	repairs := make(chan struct{}, maxRepairs)
 	repair := d.rejoin
 	if d.cfg.repair != nil {
@@ -108,9 +120,21 @@ func (d *Discovery) rejoinLoop() {
 				delete(unidentified, p) // gone, or identified since
 			}
 		}
+		waiting := busySince
+		busySince = map[peer.ID]time.Time{}
 		for _, p := range d.h.Network().Peers() {
 			if inTopic[p] || !last[p].IsZero() || !(d.member(p) || unidentified[p]) || !settled(d.h.Network().ConnsToPeer(p), now) {
 				continue
+			}
+			if d.cfg.busy != nil && d.cfg.busy(p) {
+				since, ok := waiting[p]
+				if !ok {
+					since = now
+				}
+				if now.Sub(since) < d.cfg.busyMax {
+					busySince[p] = since
+					continue
+				}
 			}
 			select {
 			case repairs <- struct{}{}:

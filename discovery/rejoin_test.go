@@ -3,6 +3,7 @@ package discovery
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -165,5 +166,58 @@ func testRepairDialsAgain(t *testing.T, listen string) {
 			t.Fatalf("not connected again %s after the repair (dials refused: %d)", bound, g.Refused())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A repair, which closes the peer's connections and the query streams on
+// them, waits while this node has queries in flight with the peer
+// (WithBusy), and goes ahead once they end, or once it has waited
+// busyMax. The peers are real hosts that speak the member protocol but
+// run no gossipsub: each one's link reads broken once it has settled.
+func TestRepairWaitsForQueriesInFlight(t *testing.T) {
+	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
+	for _, tc := range []struct {
+		name       string
+		busyFor    time.Duration // how long the peer has queries in flight
+		busyMax    time.Duration
+		wantBefore time.Duration // no repair before, after the link settled
+		wantBy     time.Duration // a repair by then
+	}{
+		{"the queries end", 4 * time.Second, time.Minute, 3 * time.Second, 8 * time.Second},
+		{"they outlast the wait", time.Hour, 4 * time.Second, 3 * time.Second, 8 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var busyUntil atomic.Int64 // unix ns
+			repaired := make(chan time.Time, 1)
+			h := newHost(t)
+			newDiscovery(t, h, WithMemberProtocol(member), WithBusy(func(peer.ID) bool { return time.Now().UnixNano() < busyUntil.Load() }),
+				func(c *config) error {
+					c.busyMax = tc.busyMax
+					c.repair = func(peer.ID) {
+						select {
+						case repaired <- time.Now():
+						default:
+						}
+					}
+					return nil
+				})
+			b := newHost(t)
+			b.SetStreamHandler(member, func(s network.Stream) { _ = s.Reset() })
+			start := time.Now()
+			busyUntil.Store(start.Add(rejoinGrace + tc.busyFor).UnixNano())
+			if err := h.Connect(t.Context(), info(b)); err != nil {
+				t.Fatal(err)
+			}
+			settled := start.Add(rejoinGrace)
+			select {
+			case at := <-repaired:
+				if at.Before(settled.Add(tc.wantBefore)) {
+					t.Fatalf("repaired %s after the link settled, while queries were in flight", at.Sub(settled).Round(time.Millisecond))
+				}
+				t.Logf("repaired %s after the link settled", at.Sub(settled).Round(time.Millisecond))
+			case <-time.After(rejoinGrace + tc.wantBy):
+				t.Fatalf("no repair %s after the link settled", tc.wantBy)
+			}
+		})
 	}
 }

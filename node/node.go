@@ -465,6 +465,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		}),
 		discovery.WithSuspect(live.Suspect),
 		discovery.WithReconnecting(repunches.Reconnecting),
+		discovery.WithBusy(func(p peer.ID) bool { return h.ConnManager().IsProtected(p, router.InFlightTag) }),
 	}, cfg.discoveryOpts...)
 	if cfg.members != nil {
 		dopts = append(dopts, discovery.WithMembers(cfg.members))

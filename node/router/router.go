@@ -52,7 +52,10 @@ const (
 	// DefaultRetryBase is the first back-off after a peer failed a query.
 	DefaultRetryBase = 50 * time.Millisecond
 	providerWait     = 5 * time.Second
-	protectTag       = "mtor-query"
+	// InFlightTag is the connection manager's tag under which the router
+	// protects the connections of a peer while it has queries in flight
+	// there.
+	InFlightTag = "mtor-query"
 	// DefaultMaxOutput bounds the output of one query (text, media and
 	// embeddings, in bytes): a worker sending more is flooding.
 	DefaultMaxOutput = 32 << 20
@@ -1685,7 +1688,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	name := st.name
 	if st.inflight == 1 {
 		// Keep the connection while queries are open on it.
-		r.h.ConnManager().Protect(p, protectTag)
+		r.h.ConnManager().Protect(p, InFlightTag)
 	}
 	stall := r.stallBound(c, st, q.req) // reads st's measures: under the lock
 	r.mu.Unlock()
@@ -1694,7 +1697,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		left = true
 		st.inflight--
 		if st.inflight == 0 {
-			r.h.ConnManager().Unprotect(p, protectTag)
+			r.h.ConnManager().Unprotect(p, InFlightTag)
 		}
 	}
 	defer func() {

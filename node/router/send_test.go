@@ -100,8 +100,8 @@ func testPanickingHandlerLeavesNothing(t *testing.T, listen string) {
 	r.mu.Lock()
 	inflight := r.peers[live.ID()].inflight
 	r.mu.Unlock()
-	if inflight != 0 || h.ConnManager().IsProtected(live.ID(), protectTag) {
-		t.Fatalf("after the panic: %d in flight, protected %v; want none", inflight, h.ConnManager().IsProtected(live.ID(), protectTag))
+	if inflight != 0 || h.ConnManager().IsProtected(live.ID(), InFlightTag) {
+		t.Fatalf("after the panic: %d in flight, protected %v; want none", inflight, h.ConnManager().IsProtected(live.ID(), InFlightTag))
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
