@@ -51,7 +51,7 @@ const (
 	// that wait for a repair.
 	maxUnidentified = 1024
 	// rejoinBusyMax bounds how long a repair waits for the queries this
-	// node has in flight with the peer (WithBusy): they would die with
+	// node has in flight with the peer, either way (WithBusy): they would die with
 	// its connections, and they are often on a connection that works (a
 	// restarted worker's new one, while gossipsub still lacks its hello).
 	// Past it the repair goes ahead: a link broken for good keeps the
@@ -131,8 +131,10 @@ func (d *Discovery) rejoinLoop() {
 				if !ok {
 					since = now
 				}
+				// Kept past busyMax too: a repair put off for want of
+				// a slot does not wait all over again.
+				busySince[p] = since
 				if now.Sub(since) < d.cfg.busyMax {
-					busySince[p] = since
 					continue
 				}
 			}
