@@ -450,6 +450,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 	undo = append(undo, func() { reachSub.Close() })
 
+	served := newBusyPeers() // the worker's streams, by peer
 	dopts := append([]discovery.Option{
 		discovery.WithSwarm(swarm),
 		discovery.WithBootstrap(boot),
@@ -465,7 +466,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		}),
 		discovery.WithSuspect(live.Suspect),
 		discovery.WithReconnecting(repunches.Reconnecting),
-		discovery.WithBusy(func(p peer.ID) bool { return h.ConnManager().IsProtected(p, router.InFlightTag) }),
+		discovery.WithBusy(func(p peer.ID) bool { return h.ConnManager().IsProtected(p, router.InFlightTag) || served.has(p) }),
 	}, cfg.discoveryOpts...)
 	if cfg.members != nil {
 		dopts = append(dopts, discovery.WithMembers(cfg.members))
@@ -486,6 +487,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 		worker.WithMaxConcurrency(cfg.maxConcurrency),
 		worker.WithMaxQueue(cfg.maxQueue),
 		worker.WithVersion(cfg.version),
+		worker.WithServing(served.add),
 		worker.WithOnChange(func() {
 			if a := n.announcer(); a != nil {
 				a.changed()

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/ledger"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -150,5 +152,50 @@ func waitUntil(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 20 s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestServingTellsEachStream: WithServing hears +1 from a peer as its
+// query stream starts and -1 once it has been answered, so that the
+// node's gossip-link repair can wait for it.
+func TestServingTellsEachStream(t *testing.T) {
+	var (
+		mu    sync.Mutex
+		count = map[peer.ID]int{}
+		most  int
+	)
+	wh := loopbackHost(t)
+	w := New([]backend.Backend{demo.New("w", demo.WithDelay(50*time.Millisecond))}, WithServing(func(p peer.ID, d int) {
+		mu.Lock()
+		defer mu.Unlock()
+		count[p] += d
+		most = max(most, count[p])
+	}))
+	w.Refresh(t.Context())
+	wh.SetStreamHandler("/mtor/test/query", w.HandleStream)
+	ch := loopbackHost(t)
+	if err := ch.Connect(t.Context(), peer.AddrInfo{ID: wh.ID(), Addrs: wh.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	var asked sync.WaitGroup
+	for i := range 3 {
+		asked.Go(func() {
+			if err := query(t.Context(), ch, wh.ID(), fmt.Sprintf("question %d", i)); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	asked.Wait()
+	// The stream's end is told after its Done reached the client.
+	for start := time.Now(); ; time.Sleep(10 * time.Millisecond) {
+		mu.Lock()
+		n, m := count[ch.ID()], most
+		mu.Unlock()
+		if n == 0 && m == 3 {
+			return
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("%d streams told as open after all were answered, at most %d at once; want 0 and 3", n, m)
+		}
 	}
 }

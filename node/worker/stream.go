@@ -35,6 +35,11 @@ const (
 func (w *Worker) HandleStream(s network.Stream) { w.streams.Go(func() { w.handleStream(s) }) }
 
 func (w *Worker) handleStream(s network.Stream) {
+	if w.serving != nil {
+		p := s.Conn().RemotePeer()
+		w.serving(p, 1)
+		defer w.serving(p, -1)
+	}
 	if err := s.Scope().ReserveMemory(64<<10, network.ReservationPriorityAlways); err != nil {
 		log.Debugw("refusing stream: resource limit", "peer", s.Conn().RemotePeer(), "err", err)
 		_ = s.SetWriteDeadline(time.Now().Add(time.Second))

@@ -90,6 +90,7 @@ type Worker struct {
 	self      peer.ID
 	onServed  func(*pb.Receipt)
 	balanceOf func(peer.ID) int64 // nil: no preference for contributors
+	serving   func(peer.ID, int)  // WithServing
 
 	draining atomic.Bool
 	inflight atomic.Int64 // queries not yet fully answered, streams included
@@ -167,6 +168,12 @@ func WithOnServed(f func(*pb.Receipt)) Option { return func(w *Worker) { w.onSer
 func WithPreferContributors(balance func(peer.ID) int64) Option {
 	return func(w *Worker) { w.balanceOf = balance }
 }
+
+// WithServing has f told of each query stream from a peer as it starts
+// (+1) and as it ends (-1): the node's gossip-link repair, which closes a
+// peer's connections, waits for them (discovery.WithBusy). f must not
+// block.
+func WithServing(f func(p peer.ID, delta int)) Option { return func(w *Worker) { w.serving = f } }
 
 // WithOnChange is called (without locks held) when load or models change,
 // so the announcer can publish promptly.
