@@ -122,7 +122,8 @@ type config struct {
 	// purpose (WithReconnecting).
 	reconnecting func(peer.ID) bool
 	// busy reports a peer this node has queries in flight with, either
-	// way (WithBusy); busyMax bounds a repair's wait for them (rejoinBusyMax).
+	// way (WithBusy); busyMax bounds a repair's wait for them
+	// (rejoinBusyMax).
 	busy    func(peer.ID) bool
 	busyMax time.Duration
 	// memberProto is a protocol every node of the swarm serves; peers
@@ -326,10 +327,10 @@ func WithReconnecting(f func(peer.ID) bool) Option {
 	}
 }
 
-// WithBusy names, through f (which must not block), the peers this
-// node has queries in flight with, either way. A gossip-link repair (rejoin.go), which
-// closes all of a peer's connections and the query streams on them, waits
-// while f names the peer, 30 s at most.
+// WithBusy names, through f (which must not block), the peers this node
+// has queries in flight with, either way. A gossip-link repair
+// (rejoin.go), which closes all of a peer's connections and the query
+// streams on them, waits while f names the peer, 30 s at most.
 func WithBusy(f func(peer.ID) bool) Option {
 	return func(c *config) error {
 		c.busy = f

@@ -51,11 +51,11 @@ const (
 	// that wait for a repair.
 	maxUnidentified = 1024
 	// rejoinBusyMax bounds how long a repair waits for the queries this
-	// node has in flight with the peer, either way (WithBusy): they would die with
-	// its connections, and they are often on a connection that works (a
-	// restarted worker's new one, while gossipsub still lacks its hello).
-	// Past it the repair goes ahead: a link broken for good keeps the
-	// peer's gossip away.
+	// node has in flight with the peer, either way (WithBusy): they would
+	// die with its connections, and they are often on a connection that
+	// works (a restarted worker's new one, while gossipsub still lacks
+	// its hello). Past it the repair goes ahead: a link broken for good
+	// keeps the peer's gossip away.
 	rejoinBusyMax = 30 * time.Second
 	// maxRepairs bounds the repairs under way at once; the others wait
 	// for a later check. After a stall (a loaded machine, identify

@@ -50,7 +50,11 @@ func demoWorkerOn(t *testing.T, listen, label string, delay time.Duration) host.
 // on listen.
 func backendWorkerOn(t *testing.T, listen string, b backend.Backend, opts ...worker.Option) host.Host {
 	t.Helper()
-	h := testHostOn(t, listen)
+	return serveBackend(testHostOn(t, listen), b, opts...)
+}
+
+// serveBackend makes h a real worker serving b.
+func serveBackend(h host.Host, b backend.Backend, opts ...worker.Option) host.Host {
 	w := worker.New([]backend.Backend{b}, opts...)
 	w.Refresh(context.Background())
 	h.SetStreamHandler(testProto, w.HandleStream)
@@ -1176,11 +1180,7 @@ func TestWaitsForItsOnlyWorkerToRestart(t *testing.T) {
 				t.Fatal(err)
 			}
 			workerOn := func() host.Host {
-				w := testHostOn(t, "/ip4/127.0.0.1/tcp/0", libp2p.Identity(key))
-				wk := worker.New([]backend.Backend{demo.New("w", demo.WithDelay(30*time.Millisecond))})
-				wk.Refresh(t.Context())
-				w.SetStreamHandler(testProto, wk.HandleStream)
-				return w
+				return serveBackend(testHostOn(t, "/ip4/127.0.0.1/tcp/0", libp2p.Identity(key)), demo.New("w", demo.WithDelay(30*time.Millisecond)))
 			}
 			first := workerOn()
 			h := testHost(t)
