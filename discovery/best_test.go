@@ -207,6 +207,11 @@ func drainingAnnounce(model string) *pb.Announce {
 // dials the third, which announces to it and replaces a draining one: it
 // becomes routable, long before the drained ones' entries would expire.
 func TestSeekWorkersWhenKeptUnusable(t *testing.T) {
+	// Once on CI the third never reached the router's table in 60 s
+	// (it takes under a second here, also under load): the package's
+	// output, shown when it fails, then holds the look-ups, dials and
+	// repairs, and the state below.
+	debugLogs(t)
 	hosts := make([]host.Host, 5)
 	for i := range hosts {
 		hosts[i] = newHost(t)
@@ -224,6 +229,15 @@ func TestSeekWorkersWhenKeptUnusable(t *testing.T) {
 	// was just before.
 	noRedialWait := func(c *config) error { c.redialEvery = 0; return nil }
 	router := newDiscovery(t, hosts[4], boot, WithSwarmView(false), WithMaxPerModel(2), noRedialWait)
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		r, w := hosts[4], hosts[3].ID()
+		t.Logf("router and third worker: %s on %d connection(s); router among the third's peers of topic a (those it publishes to): %v; third among the router's presence peers: %v; look-ups %d",
+			r.Network().Connectedness(w), len(r.Network().ConnsToPeer(w)), slices.Contains(topicPeers(workers[2], "a"), r.ID()),
+			slices.Contains(router.presence.ListPeers(), w), router.lookups.Load())
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
 	defer cancel()
 	waitRoutingTables(t, append([]*Discovery{view, router}, workers...)...)
@@ -297,6 +311,16 @@ func TestSeekWorkersWhenKeptUnusable(t *testing.T) {
 
 // SeekWorkers is rate-limited per model as Watch's look-ups are: a router
 // that finds no usable worker on every query does not look up on each.
+// topicPeers lists the peers d's gossipsub knows to read model's topic.
+func topicPeers(d *Discovery, model string) []peer.ID {
+	d.topics.mu.Lock()
+	defer d.topics.mu.Unlock()
+	if mt := d.topics.models[model]; mt != nil && mt.topic != nil {
+		return mt.topic.ListPeers()
+	}
+	return nil
+}
+
 func TestSeekWorkersRateLimited(t *testing.T) {
 	d := newDiscovery(t, newHost(t), WithSwarmView(false))
 	d.SeekWorkers("m", nil)

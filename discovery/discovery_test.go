@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p"
 	dht "github.com/libp2p/go-libp2p-kad-dht"
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
@@ -23,6 +24,17 @@ import (
 const waitLimit = 60 * time.Second
 
 const testSwarm = "disc-test"
+
+// debugLogs has the package log at debug level for the rest of t: go test
+// shows a package's output only when it fails, so a rare failure comes
+// with the discovery's own account of it, and a pass costs nothing.
+func debugLogs(t *testing.T) {
+	t.Helper()
+	if err := logging.SetLogLevel("mtor/discovery", "debug"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = logging.SetLogLevel("mtor/discovery", "error") })
+}
 
 var (
 	tcpAndQUIC = []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"}

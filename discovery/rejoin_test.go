@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	logging "github.com/ipfs/go-log/v2"
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -118,10 +117,7 @@ func testRepairDialsAgain(t *testing.T, listen string) {
 	// The repair's dials and their errors go to the package's output,
 	// which go test shows when the package fails: on CI its QUIC case
 	// once gave up after all its dials, for a reason not yet found.
-	if err := logging.SetLogLevel("mtor/discovery", "debug"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = logging.SetLogLevel("mtor/discovery", "error") })
+	debugLogs(t)
 	h := newHostOn(t, []string{listen})
 	g := &hostiletest.Refuser{}
 	b, err := libp2p.New(libp2p.ListenAddrStrings(listen), libp2p.ConnectionGater(g))
