@@ -167,6 +167,7 @@ func launchProgram(t *testing.T, name, readyKey, logLevel string, argv ...string
 		close(p.exited)
 	}()
 	t.Cleanup(func() {
+		defer p.keepLog()
 		select {
 		case <-p.exited:
 			return
@@ -181,6 +182,21 @@ func launchProgram(t *testing.T, name, readyKey, logLevel string, argv ...string
 		}
 	})
 	return p
+}
+
+// keepLog writes a failed test's process output whole to the folder
+// MTOR_E2E_LOG_DIR names, when it names one: a failure message keeps only
+// a tail, and a rare failure's cause is often further back.
+func (p *proc) keepLog() {
+	dir := os.Getenv("MTOR_E2E_LOG_DIR")
+	if dir == "" || !p.t.Failed() {
+		return
+	}
+	name := strings.NewReplacer("/", "_", " ", "_").Replace(p.t.Name() + "-" + p.name)
+	path := filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano()))
+	if err := os.WriteFile(path, []byte(p.output()), 0o644); err != nil {
+		p.t.Logf("keep %s's log: %v", p.name, err)
+	}
 }
 
 // waitReady waits for the node's join line.
