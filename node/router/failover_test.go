@@ -19,6 +19,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 
@@ -1276,7 +1277,7 @@ func TestFreshWaitOnlyForAQueryThatCanMove(t *testing.T) {
 			} else {
 				q.kinds[failBackend]++
 			}
-			ranked, ok := r.nextCandidates(t.Context(), q, nil, false, nil)
+			ranked, ok := r.nextCandidates(t.Context(), q, nil, false, nil, false)
 			if !ok || len(ranked) != 0 {
 				t.Fatalf("ranked %d, ok %v: want none, true", len(ranked), ok)
 			}
@@ -1287,6 +1288,97 @@ func TestFreshWaitOnlyForAQueryThatCanMove(t *testing.T) {
 				t.Fatalf("waited %s in %d back-offs, want %s", q.waited, q.waits, freshWait)
 			case !tc.wantNoWait && !tc.wantFullWait && q.waits != maxCandidateWaits:
 				t.Fatalf("waited %d times, want %d", q.waits, maxCandidateWaits)
+			}
+		})
+	}
+}
+
+// silentOnce stands in for a worker on a link that holds a stream's
+// frames for seconds (TCP backing off a segment lost again and again):
+// it accepts the first `silent` queries and then sends nothing on them
+// (no heartbeat either), and answers the rest. Its host answers pings
+// unless frozen, which stands in for a frozen process (SIGSTOP): its
+// pings go unanswered too. It counts the queries it is handed.
+func silentOnce(t *testing.T, silent int64, frozen bool, handed *atomic.Int64) host.Host {
+	stop := make(chan struct{})
+	t.Cleanup(func() { close(stop) })
+	h := fakeWorker(t, func(s network.Stream, req *pb.QueryRequest) {
+		n := handed.Add(1)
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		if n <= silent {
+			<-stop
+			s.Reset()
+			return
+		}
+		defer s.Close()
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "whole"}}})
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{Model: req.GetModel(), FinishReason: protocol.FinishStop,
+			Usage: &pb.Usage{PromptTokens: 1, CompletionTokens: 1}}}})
+	})
+	if frozen {
+		h.SetStreamHandler(ping.ID, func(s network.Stream) {
+			<-stop
+			s.Reset()
+		})
+	}
+	return h
+}
+
+// TestSilentButAliveWorkerAskedAgain: a worker that falls silent on a
+// query past the silence bound, and that no other worker could replace,
+// is asked again once if it answers a ping: its process and connection
+// live, and a lossy link held the stream. A frozen one (no ping answered)
+// is not, one silent twice is not asked a third time, and one with
+// another worker to replace it is not pinged: the other answers.
+func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		silent   int64
+		frozen   bool
+		other    bool
+		handed   int64 // queries the silent worker was handed
+		attempts int   // 0: the query fails
+	}{
+		{name: "alive, alone: asked again", silent: 1, handed: 2, attempts: 2},
+		{name: "frozen, alone: not asked again", silent: 1, frozen: true, handed: 1},
+		{name: "silent twice: not asked a third time", silent: 2, handed: 2},
+		{name: "another worker takes it", silent: 1, other: true, handed: 1, attempts: 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var handed atomic.Int64
+			w := silentOnce(t, tc.silent, tc.frozen, &handed)
+			opts := []Option{WithIdleTimeout(300 * time.Millisecond), WithRetryBackoff(time.Millisecond)}
+			var r *Router
+			var honest host.Host
+			if tc.other {
+				r, honest = liarFirst(t, w, opts...)
+			} else {
+				h := testHost(t)
+				connect(t, h, w)
+				r = New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, opts...)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+			defer cancel()
+			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+			if got := handed.Load(); got != tc.handed {
+				t.Errorf("the silent worker was handed %d queries, want %d", got, tc.handed)
+			}
+			if tc.attempts == 0 {
+				pe := protocol.AsError(err)
+				if pe == nil || pe.Code != protocol.CodeUnavailable || !strings.Contains(pe.Message, "went silent while answering") {
+					t.Fatalf("error %v, want UNAVAILABLE: went silent", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := w.ID()
+			if tc.other {
+				want = honest.ID()
+			}
+			if res.Peer != want || res.Attempts != tc.attempts {
+				t.Fatalf("answered by %s in %d attempts, want %s in %d", res.Peer, res.Attempts, want, tc.attempts)
 			}
 		})
 	}

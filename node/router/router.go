@@ -1001,11 +1001,11 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 
 	slack := r.energySlackFor(ctx)
 	var lastErr *protocol.Error
-	var again *scored // the worker whose path broke: tried again on another
+	var again *scored // tried again: its path broke, or it fell silent yet answers pings
 	for first := true; ; first = false {
 		if !first {
 			var ok bool
-			if ranked, ok = r.nextCandidates(ctx, q, ranked, fromDHT, need); !ok {
+			if ranked, ok = r.nextCandidates(ctx, q, ranked, fromDHT, need, again != nil); !ok {
 				break
 			}
 			if again != nil {
@@ -1086,6 +1086,11 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 		case errors.As(err, &pf):
 			q.failures++
 			q.kinds[pf.kind]++
+			if r.silentButAlive(ctx, q, c, pf.kind) {
+				q.silentRetries++
+				delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
+				again = &c
+			}
 		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable), errors.As(err, &pf0):
 			q.busy++
 		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
@@ -1176,12 +1181,12 @@ func (r *Router) backoffFor(n int) time.Duration {
 }
 
 // nextCandidates ranks the candidates q has not tried yet (from prev when
-// they came from the DHT). When every candidate failed it waits, backing
-// off, for a restarted worker to announce itself (maxCandidateWaits,
-// freshWait), never into the last second before the query's deadline,
-// which is left for the error to reach the caller. ok is false when ctx
-// ended meanwhile.
-func (r *Router) nextCandidates(ctx context.Context, q *query, prev []scored, fromDHT bool, need []string) (ranked []scored, ok bool) {
+// they came from the DHT). When every candidate failed, and no worker is
+// to be tried again (retry), it waits, backing off, for a restarted
+// worker to announce itself (maxCandidateWaits, freshWait), never into
+// the last second before the query's deadline, which is left for the
+// error to reach the caller. ok is false when ctx ended meanwhile.
+func (r *Router) nextCandidates(ctx context.Context, q *query, prev []scored, fromDHT bool, need []string, retry bool) (ranked []scored, ok bool) {
 	for {
 		if fromDHT {
 			ranked = q.untried(prev)
@@ -1195,7 +1200,7 @@ func (r *Router) nextCandidates(ctx context.Context, q *query, prev []scored, fr
 			}
 		}
 		ranked = q.usable(ranked)
-		if len(ranked) > 0 || fromDHT || q.failures == 0 || q.failures >= r.maxAttempts || !q.movable() ||
+		if len(ranked) > 0 || retry || fromDHT || q.failures == 0 || q.failures >= r.maxAttempts || !q.movable() ||
 			q.waited >= freshWait || q.waits >= maxCandidateWaits && !q.lostWorker() {
 			return ranked, true
 		}
@@ -1277,6 +1282,29 @@ const (
 // was reached through a dead connection.
 const maxStaleRetries = 3
 
+// maxSilentRetries bounds the retries of one query on the worker that
+// fell silent on it (silentButAlive).
+const maxSilentRetries = 1
+
+// silentButAlive reports whether the query should go back to c, which
+// fell silent on it (kind: failStalled or failSilent): no other worker
+// could take it, c could, and c answers a ping now. A stream can fall
+// silent past the silence bound on a live connection: TCP backs off
+// each retransmission of a segment lost again (0.2, 0.4, 0.8, 1.6 s),
+// so a lossy link holds a stream's heartbeats for seconds while the
+// process and its connection live. A frozen or vanished worker answers no
+// ping and is not asked again; a live one that falls silent again is
+// not either.
+func (r *Router) silentButAlive(ctx context.Context, q *query, c scored, kind failKind) bool {
+	if kind != failStalled && kind != failSilent || q.silentRetries >= maxSilentRetries ||
+		q.failures >= r.maxAttempts || len(q.usable([]scored{c})) == 0 || r.othersNow(q, c) {
+		return false
+	}
+	alive, err := r.answersPing(ctx, c)
+	log.Debugw("a worker fell silent on the query, and no other can take it: pinged", "peer", c.Peer, "alive", alive, "err", err)
+	return alive
+}
+
 // localBusy is a limit of this node (its resource manager refused a
 // stream): backpressure, not the peer's fault.
 type localBusy struct{ err *protocol.Error }
@@ -1300,11 +1328,14 @@ type query struct {
 	waited      time.Duration // in those waits
 	writers     []peer.ID
 	kinds       [numFailKinds]int
-	gone        error    // the handler's refusal: the caller left
-	stale       int      // free retries after a dead connection
-	pathRetries int      // free retries on another path after a relay broke
-	avoid       peer.ID  // a relay that broke this query's path: dial around it
-	need        []string // features the query needs of a worker
+	gone        error // the handler's refusal: the caller left
+	stale       int   // free retries after a dead connection
+	// silentRetries: retries on the worker that fell silent on the
+	// query, as no other could take it (silentButAlive).
+	silentRetries int
+	pathRetries   int      // free retries on another path after a relay broke
+	avoid         peer.ID  // a relay that broke this query's path: dial around it
+	need          []string // features the query needs of a worker
 	// dht: the providers the query found in the DHT, when its model had
 	// no worker in the table.
 	dht []scored
