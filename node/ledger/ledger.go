@@ -301,9 +301,16 @@ func (l *Ledger) Record(role Role, r *pb.Receipt) {
 	l.dirty = true
 }
 
+// addPendingLocked makes r the receipt of its query that awaits a
+// countersignature. A query served again replaces the one before: a
+// router asks a worker again only after the attempt before failed
+// (silence on a lossy link: docs/architecture.md), so the first answer's
+// Done never reached it and only the new one can come back countersigned.
 func (l *Ledger) addPendingLocked(r *pb.Receipt) {
 	id := string(r.GetQueryId())
-	if _, dup := l.pending[id]; dup {
+	if e, dup := l.pending[id]; dup {
+		l.order.Remove(e)
+		l.pending[id] = l.order.PushBack(r)
 		return
 	}
 	if l.order.Len() >= maxPending {
@@ -352,12 +359,15 @@ func (l *Ledger) Countersigned(r *pb.Receipt) error {
 	if e := l.peers[peer.ID(r.GetRequester())]; e != nil {
 		e.ServedCountersigned++
 	}
+	// The newest served copy of the query is this one: one served before
+	// it (the query asked again) keeps its own receipt.
 	qid := hex.EncodeToString(r.GetQueryId())
-	for i := range l.recent {
+	for i := len(l.recent) - 1; i >= 0; i-- {
 		if l.recent[i].Role == Served && l.recent[i].QueryID == qid {
 			if raw, err := proto.Marshal(r); err == nil {
 				l.recent[i].Receipt = raw
 			}
+			break
 		}
 	}
 	l.dirty = true
