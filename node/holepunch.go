@@ -54,8 +54,15 @@ func newPunchLog() *punchLog {
 func (l *punchLog) attach(h host.Host) {
 	l.hv.Store(&h)
 	h.Network().Notify(&network.NotifyBundle{
-		ConnectedF:    func(_ network.Network, c network.Conn) { l.connected(c) },
-		DisconnectedF: func(_ network.Network, c network.Conn) { l.forget(c.ID()) },
+		ConnectedF: func(_ network.Network, c network.Conn) { l.connected(c) },
+		DisconnectedF: func(_ network.Network, c network.Conn) {
+			if l.forget(c.ID()) {
+				// The pair is back on its relay until the next punch
+				// (node/repunch): why the punch did not last is the
+				// NATs' or the path's, and the lifetime says which.
+				log.Infow("hole-punched connection closed", "peer", c.RemotePeer(), "lived", time.Since(c.Stat().Opened).Round(time.Millisecond), "transport", c.ConnState().Transport)
+			}
+		},
 	})
 }
 
@@ -170,16 +177,18 @@ func (l *punchLog) add(id string, p peer.ID) {
 	}
 }
 
-func (l *punchLog) forget(id string) {
+// forget drops connection id and reports whether a punch had made it.
+func (l *punchLog) forget(id string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if _, ok := l.conns[id]; !ok {
-		return
+		return false
 	}
 	delete(l.conns, id)
 	if len(l.order) > 2*len(l.conns)+64 {
 		l.compactLocked()
 	}
+	return true
 }
 
 // compactLocked drops forgotten IDs from order.
