@@ -1383,3 +1383,48 @@ func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
 		})
 	}
 }
+
+// TestSilentButAliveWorkerAskedAgainPastItsBreaker: a link dark for a
+// moment silences every stream on it at once. Three queries fall silent
+// on the only worker together, their failures open its breaker (3 in a
+// row), and each is still asked again, since the worker answers a ping:
+// all three are answered, and the answers close the breaker.
+func TestSilentButAliveWorkerAskedAgainPastItsBreaker(t *testing.T) {
+	var handed atomic.Int64
+	w := silentOnce(t, 3, false, &handed)
+	h := testHost(t)
+	connect(t, h, w)
+	r := New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)},
+		WithIdleTimeout(300*time.Millisecond), WithRetryBackoff(time.Millisecond))
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, 3)
+	for i := range errs {
+		wg.Go(func() {
+			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+			if err == nil && res.Attempts != 2 {
+				err = fmt.Errorf("answered in %d attempts, want 2", res.Attempts)
+			}
+			errs[i] = err
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("query %d: %v", i, err)
+		}
+	}
+	if got := handed.Load(); got != 6 {
+		t.Errorf("the worker was handed %d queries, want 6 (3, silent, and 3 again)", got)
+	}
+	breaker := "not listed"
+	for _, v := range r.Peers() {
+		if v.Peer == w.ID().String() {
+			breaker = v.Breaker
+		}
+	}
+	if breaker != "closed" {
+		t.Errorf("breaker %s after the answers, want closed", breaker)
+	}
+}

@@ -417,6 +417,11 @@ type scored struct {
 	// lastResort: its breaker for the model is open, and no other peer
 	// is left (ranking.lastResort): tried past that breaker.
 	lastResort bool
+	// alive: it fell silent on the query, then answered a ping
+	// (silentButAlive): asked again past its breaker, which the same
+	// silence on its other streams may have opened (a link dark for a
+	// moment fails every stream on it at once).
+	alive bool
 }
 
 // last reports whether c goes after the free workers: full, or held.
@@ -1089,6 +1094,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 			if r.silentButAlive(ctx, q, c, pf.kind) {
 				q.silentRetries++
 				delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
+				c.alive = true
 				again = &c
 			}
 		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable), errors.As(err, &pf0):
@@ -1707,7 +1713,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	p := c.Peer
 	r.mu.Lock()
 	st := r.state(p)
-	if mt := st.model(q.req.GetModel()); (mt != nil && !c.lastResort && !mt.Allow()) || !st.tracker.Allow() {
+	if mt := st.model(q.req.GetModel()); (mt != nil && !c.lastResort && !mt.Allow()) || (!c.alive && !st.tracker.Allow()) {
 		// Another query holds the half-open trial: skip, at no cost.
 		r.mu.Unlock()
 		return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s is failing (circuit open)", ShortID(p))}
