@@ -60,6 +60,7 @@ type Tracker struct {
 	openedAt  time.Time
 	cooldown  time.Duration
 	trialOut  bool // a half-open trial is in flight
+	violated  bool // a violation since the last success
 	trialAt   time.Time
 	threshold int
 	base      time.Duration
@@ -99,14 +100,14 @@ func (t *Tracker) Record(o Outcome) {
 	switch o {
 	case Success:
 		t.score += stepSuccess
-		t.fails = 0
+		t.fails, t.violated = 0, false
 		if t.state != Closed {
 			t.state, t.cooldown = Closed, t.base
 		}
 		t.trialOut = false
 	case Slow:
 		t.score += stepSlow
-		t.fails = 0
+		t.fails, t.violated = 0, false
 		if t.state != Closed {
 			t.state, t.cooldown = Closed, t.base
 		}
@@ -114,6 +115,7 @@ func (t *Tracker) Record(o Outcome) {
 	case Violation:
 		t.score += stepViolate
 		t.fails++
+		t.violated = true
 		if t.state != Closed {
 			t.cooldown = min(t.cooldown*2, t.max)
 		}
@@ -191,6 +193,15 @@ func (t *Tracker) Clean() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.score >= maxScore && t.fails == 0 && t.stateLocked() == Closed
+}
+
+// Violated reports whether the peer broke the protocol since its last
+// success: a breaker opened by a violation is a ban, not a failure a
+// caller may look past.
+func (t *Tracker) Violated() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.violated
 }
 
 // Available is Allow without taking the half-open trial slot: whether a

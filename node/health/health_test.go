@@ -129,3 +129,31 @@ func TestViolationBansWithBackoff(t *testing.T) {
 		t.Fatal("second ban longer than twice the first")
 	}
 }
+
+// TestViolated: a violation stands until a success or a slow answer; a
+// failure neither sets nor clears it.
+func TestViolated(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		seq  []Outcome
+		want bool
+	}{
+		{"nothing", nil, false},
+		{"failures", []Outcome{Failure, Timeout, Failure}, false},
+		{"a violation", []Outcome{Violation}, true},
+		{"a violation, then failures", []Outcome{Violation, Failure, Timeout}, true},
+		{"a violation, then a success", []Outcome{Violation, Success}, false},
+		{"a violation, then a slow answer", []Outcome{Violation, Slow}, false},
+		{"a success, then a violation", []Outcome{Success, Violation}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := New()
+			for _, o := range tc.seq {
+				tr.Record(o)
+			}
+			if got := tr.Violated(); got != tc.want {
+				t.Fatalf("Violated() = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

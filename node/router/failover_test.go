@@ -1,9 +1,11 @@
 package router
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"slices"
 	"strings"
@@ -178,15 +180,21 @@ func TestExhaustedAttemptsSayWhatHappened(t *testing.T) {
 }
 
 // acceptThenFreeze stands in for a worker process frozen (SIGSTOP) right
-// after it accepted a query: its stream stays open and silent.
+// after it accepted a query: its stream stays open and silent, and so do
+// its pings.
 func acceptThenFreeze(t *testing.T) host.Host {
 	frozen := make(chan struct{})
 	t.Cleanup(func() { close(frozen) })
-	return fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
+	h := fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
 		<-frozen // the router gives up on it meanwhile
 		s.Reset()
 	})
+	h.SetStreamHandler(ping.ID, func(s network.Stream) {
+		<-frozen
+		s.Reset()
+	})
+	return h
 }
 
 // TestExhaustedAttemptsTellDeathFromSilence: workers that froze are not
@@ -1296,10 +1304,11 @@ func TestFreshWaitOnlyForAQueryThatCanMove(t *testing.T) {
 // silentOnce stands in for a worker on a link that holds a stream's
 // frames for seconds (TCP backing off a segment lost again and again):
 // it accepts the first `silent` queries and then sends nothing on them
-// (no heartbeat either), and answers the rest. Its host answers pings
-// unless frozen, which stands in for a frozen process (SIGSTOP): its
-// pings go unanswered too. It counts the queries it is handed.
-func silentOnce(t *testing.T, silent int64, frozen bool, handed *atomic.Int64) host.Host {
+// (no heartbeat either), and answers the rest. Its host answers pings,
+// counted in pinged, unless frozen, which stands in for a frozen process
+// (SIGSTOP): its pings go unanswered too. It counts the queries it is
+// handed.
+func silentOnce(t *testing.T, silent int64, frozen bool, handed, pinged *atomic.Int64) host.Host {
 	stop := make(chan struct{})
 	t.Cleanup(func() { close(stop) })
 	h := fakeWorker(t, func(s network.Stream, req *pb.QueryRequest) {
@@ -1315,12 +1324,25 @@ func silentOnce(t *testing.T, silent int64, frozen bool, handed *atomic.Int64) h
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{Model: req.GetModel(), FinishReason: protocol.FinishStop,
 			Usage: &pb.Usage{PromptTokens: 1, CompletionTokens: 1}}}})
 	})
-	if frozen {
-		h.SetStreamHandler(ping.ID, func(s network.Stream) {
+	h.SetStreamHandler(ping.ID, func(s network.Stream) {
+		pinged.Add(1)
+		if frozen {
 			<-stop
 			s.Reset()
-		})
-	}
+			return
+		}
+		// libp2p's ping: 32 bytes echoed, as often as asked.
+		defer s.Close()
+		buf := make([]byte, ping.PingSize)
+		for {
+			if _, err := io.ReadFull(s, buf); err != nil {
+				return
+			}
+			if _, err := s.Write(buf); err != nil {
+				return
+			}
+		}
+	})
 	return h
 }
 
@@ -1328,25 +1350,33 @@ func silentOnce(t *testing.T, silent int64, frozen bool, handed *atomic.Int64) h
 // query past the silence bound, and that no other worker could replace,
 // is asked again once if it answers a ping: its process and connection
 // live, and a lossy link held the stream. A frozen one (no ping answered)
-// is not, one silent twice is not asked a third time, and one with
-// another worker to replace it is not pinged: the other answers.
+// is not, one silent twice is not asked a third time, one that broke the
+// protocol meanwhile is not (a ban), nor is one when less than a second
+// is left before the query's deadline (the caller gets UNAVAILABLE, not
+// TIMEOUT); and one with another worker to replace it is not pinged:
+// the other answers.
 func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		silent   int64
 		frozen   bool
 		other    bool
-		handed   int64 // queries the silent worker was handed
-		attempts int   // 0: the query fails
+		violate  bool          // a violation is recorded while it is silent
+		deadline time.Duration // of the query; 20 s if zero
+		handed   int64         // queries the silent worker was handed
+		pinged   bool          // whether it was pinged
+		attempts int           // 0: the query fails
 	}{
-		{name: "alive, alone: asked again", silent: 1, handed: 2, attempts: 2},
-		{name: "frozen, alone: not asked again", silent: 1, frozen: true, handed: 1},
-		{name: "silent twice: not asked a third time", silent: 2, handed: 2},
+		{name: "alive, alone: asked again", silent: 1, handed: 2, pinged: true, attempts: 2},
+		{name: "frozen, alone: not asked again", silent: 1, frozen: true, handed: 1, pinged: true},
+		{name: "silent twice: not asked a third time", silent: 2, handed: 2, pinged: true},
+		{name: "banned meanwhile: not asked again", silent: 1, violate: true, handed: 1},
+		{name: "under a second left: not asked again", silent: 1, deadline: 1200 * time.Millisecond, handed: 1},
 		{name: "another worker takes it", silent: 1, other: true, handed: 1, attempts: 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var handed atomic.Int64
-			w := silentOnce(t, tc.silent, tc.frozen, &handed)
+			var handed, pinged atomic.Int64
+			w := silentOnce(t, tc.silent, tc.frozen, &handed, &pinged)
 			opts := []Option{WithIdleTimeout(300 * time.Millisecond), WithRetryBackoff(time.Millisecond)}
 			var r *Router
 			var honest host.Host
@@ -1357,16 +1387,30 @@ func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
 				connect(t, h, w)
 				r = New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, opts...)
 			}
-			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+			if tc.violate {
+				go func() {
+					for handed.Load() == 0 {
+						time.Sleep(time.Millisecond)
+					}
+					r.mu.Lock()
+					r.state(w.ID()).tracker.Record(health.Violation) // on another stream
+					r.mu.Unlock()
+				}()
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), cmp.Or(tc.deadline, 20*time.Second))
 			defer cancel()
 			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
 			if got := handed.Load(); got != tc.handed {
 				t.Errorf("the silent worker was handed %d queries, want %d", got, tc.handed)
 			}
+			if got := pinged.Load() > 0; got != tc.pinged {
+				t.Errorf("the silent worker pinged: %v, want %v", got, tc.pinged)
+			}
 			if tc.attempts == 0 {
 				pe := protocol.AsError(err)
-				if pe == nil || pe.Code != protocol.CodeUnavailable || !strings.Contains(pe.Message, "went silent while answering") {
-					t.Fatalf("error %v, want UNAVAILABLE: went silent", err)
+				// One worker, however often it was asked.
+				if pe == nil || pe.Code != protocol.CodeUnavailable || pe.Message != "1 worker went silent while answering" {
+					t.Fatalf("error %v, want UNAVAILABLE: 1 worker went silent while answering", err)
 				}
 				return
 			}
@@ -1390,8 +1434,8 @@ func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
 // row), and each is still asked again, since the worker answers a ping:
 // all three are answered, and the answers close the breaker.
 func TestSilentButAliveWorkerAskedAgainPastItsBreaker(t *testing.T) {
-	var handed atomic.Int64
-	w := silentOnce(t, 3, false, &handed)
+	var handed, pinged atomic.Int64
+	w := silentOnce(t, 3, false, &handed, &pinged)
 	h := testHost(t)
 	connect(t, h, w)
 	r := New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)},
@@ -1426,5 +1470,39 @@ func TestSilentButAliveWorkerAskedAgainPastItsBreaker(t *testing.T) {
 	}
 	if breaker != "closed" {
 		t.Errorf("breaker %s after the answers, want closed", breaker)
+	}
+}
+
+// TestWithAgain: the worker to be tried again replaces the same process's
+// entry in a fresh ranking (which lacks its alive mark), is added when the
+// ranking lacks it, and leaves a newer process of the peer as ranked.
+func TestWithAgain(t *testing.T) {
+	entry := func(id string, incarnation uint64, alive bool) scored {
+		c := scored{Candidate: cand(id, 0, 4, 100, 0), alive: alive}
+		c.Announce.Incarnation = incarnation
+		return c
+	}
+	again := entry("w", 1, true)
+	for _, tc := range []struct {
+		name   string
+		ranked []scored
+		want   []scored
+	}{
+		{"not ranked: added last", []scored{entry("o", 1, false)}, []scored{entry("o", 1, false), again}},
+		{"ranked without its mark: replaced in place", []scored{entry("w", 1, false), entry("o", 1, false)}, []scored{again, entry("o", 1, false)}},
+		{"a newer process ranked: kept", []scored{entry("o", 1, false), entry("w", 2, false)}, []scored{entry("o", 1, false), entry("w", 2, false)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := withAgain(tc.ranked, []scored{again})
+			if len(got) != len(tc.want) {
+				t.Fatalf("%d candidates, want %d", len(got), len(tc.want))
+			}
+			for i := range got {
+				if got[i].Peer != tc.want[i].Peer || got[i].alive != tc.want[i].alive || got[i].Announce.GetIncarnation() != tc.want[i].Announce.GetIncarnation() {
+					t.Fatalf("candidate %d: %s incarnation %d alive %v, want %s incarnation %d alive %v", i,
+						got[i].Peer, got[i].Announce.GetIncarnation(), got[i].alive, tc.want[i].Peer, tc.want[i].Announce.GetIncarnation(), tc.want[i].alive)
+				}
+			}
+		})
 	}
 }

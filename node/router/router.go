@@ -1014,7 +1014,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 				break
 			}
 			if again != nil {
-				ranked = withCandidate(ranked, q.usable([]scored{*again}))
+				ranked = withAgain(ranked, q.usable([]scored{*again}))
 				again = nil
 			}
 		}
@@ -1090,9 +1090,15 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 			return nil, lastErr
 		case errors.As(err, &pf):
 			q.failures++
+			if c.alive {
+				// The worker asked again failed again: one worker, its
+				// failure counted once, as its last.
+				q.kinds[q.silentKind]--
+			}
 			q.kinds[pf.kind]++
 			if r.silentButAlive(ctx, q, c, pf.kind) {
 				q.silentRetries++
+				q.silentKind = pf.kind
 				delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
 				c.alive = true
 				again = &c
@@ -1148,11 +1154,18 @@ func (r *Router) seek(model string, unusable []peer.ID) {
 	}
 }
 
-// withCandidate adds the candidates of extra that ranked lacks.
-func withCandidate(ranked, extra []scored) []scored {
-	for _, c := range extra {
-		if !slices.ContainsFunc(ranked, func(o scored) bool { return o.Peer == c.Peer }) {
+// withAgain puts the candidates of again, to be tried again, into
+// ranked: in place of the same process's own entry where ranked has one
+// (from a fresh ranking, or the DHT's list), which lacks what again says
+// of the retry (alive), else after the others. A newer process of the
+// peer, ranked afresh, stays as it is.
+func withAgain(ranked, again []scored) []scored {
+	for _, c := range again {
+		switch i := slices.IndexFunc(ranked, func(o scored) bool { return o.Peer == c.Peer }); {
+		case i < 0:
 			ranked = append(ranked, c)
+		case ranked[i].Announce.GetIncarnation() == c.Announce.GetIncarnation():
+			ranked[i] = c
 		}
 	}
 	return ranked
@@ -1301,14 +1314,35 @@ const maxSilentRetries = 1
 // process and its connection live. A frozen or vanished worker answers no
 // ping and is not asked again; a live one that falls silent again is
 // not either.
+//
+// It is asked past its breaker (scored.alive), which the same silence on
+// its other streams may have opened, but not past a ban: a violation, or
+// a spot check's distrust. Nor into the last second before the query's
+// deadline, which is left for the error to reach the caller.
 func (r *Router) silentButAlive(ctx context.Context, q *query, c scored, kind failKind) bool {
 	if kind != failStalled && kind != failSilent || q.silentRetries >= maxSilentRetries ||
-		q.failures >= r.maxAttempts || len(q.usable([]scored{c})) == 0 || r.othersNow(q, c) {
+		q.failures >= r.maxAttempts || len(q.usable([]scored{c})) == 0 || r.othersNow(q, c) ||
+		r.distrusted(c.Peer) || r.violated(c.Peer) || !timeLeft(ctx) {
 		return false
 	}
 	alive, err := r.answersPing(ctx, c)
 	log.Debugw("a worker fell silent on the query, and no other can take it: pinged", "peer", c.Peer, "alive", alive, "err", err)
-	return alive
+	return alive && timeLeft(ctx)
+}
+
+// violated reports whether p broke the protocol since its last success.
+func (r *Router) violated(p peer.ID) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.peers[p]
+	return st != nil && st.tracker.Violated()
+}
+
+// timeLeft reports whether more than a second is left before ctx's
+// deadline, if it has one.
+func timeLeft(ctx context.Context) bool {
+	dl, ok := ctx.Deadline()
+	return !ok || time.Until(dl) > time.Second
 }
 
 // localBusy is a limit of this node (its resource manager refused a
@@ -1337,8 +1371,10 @@ type query struct {
 	gone        error // the handler's refusal: the caller left
 	stale       int   // free retries after a dead connection
 	// silentRetries: retries on the worker that fell silent on the
-	// query, as no other could take it (silentButAlive).
+	// query, as no other could take it (silentButAlive); silentKind, how
+	// it fell silent.
 	silentRetries int
+	silentKind    failKind
 	pathRetries   int      // free retries on another path after a relay broke
 	avoid         peer.ID  // a relay that broke this query's path: dial around it
 	need          []string // features the query needs of a worker
