@@ -147,9 +147,11 @@ type Ledger struct {
 	dropped uint64
 	dirty   bool
 	// pending are served receipts whose countersignature has not come
-	// back, by query id, each an element of order (their arrival, oldest
-	// first, for eviction): taking one back unlinks it, with no search.
-	pending map[string]*list.Element // of order, holding its *pb.Receipt
+	// back, by query id and worker signature (a query asked again of this
+	// node is served twice, each answer with its receipt), each an element
+	// of order (their arrival, oldest first, for eviction): taking one
+	// back unlinks it, with no search.
+	pending map[pendingKey]*list.Element // of order, holding its *pb.Receipt
 	order   *list.List
 }
 
@@ -199,7 +201,7 @@ var ErrCorrupt = errors.New("ledger file corrupt")
 // empty, with a warning: losing the account must not stop the node.
 func Open(dir string, self peer.ID, opts ...Option) (*Ledger, error) {
 	l := &Ledger{self: self, maxPeers: DefaultMaxPeers, maxRecent: DefaultMaxRecent,
-		flushEvery: DefaultFlushInterval, peers: map[peer.ID]*Entry{}, pending: map[string]*list.Element{}, order: list.New()}
+		flushEvery: DefaultFlushInterval, peers: map[peer.ID]*Entry{}, pending: map[pendingKey]*list.Element{}, order: list.New()}
 	for _, o := range opts {
 		o(l)
 	}
@@ -301,37 +303,40 @@ func (l *Ledger) Record(role Role, r *pb.Receipt) {
 	l.dirty = true
 }
 
-// addPendingLocked makes r the receipt of its query that awaits a
-// countersignature. A query served again replaces the one before: a
-// router asks a worker again only after the attempt before failed
-// (silence on a lossy link: docs/architecture.md), so the first answer's
-// Done never reached it and only the new one can come back countersigned.
+// pendingKey is a served receipt awaiting its countersignature: its
+// query, and its worker signature, which tells apart two answers to one
+// query (a router asks a worker again after the first fell silent on a
+// lossy link, docs/architecture.md: the first's Done may never reach it).
+type pendingKey struct{ id, sig string }
+
+func keyOf(r *pb.Receipt) pendingKey {
+	return pendingKey{string(r.GetQueryId()), string(r.GetWorkerSig())}
+}
+
 func (l *Ledger) addPendingLocked(r *pb.Receipt) {
-	id := string(r.GetQueryId())
-	if e, dup := l.pending[id]; dup {
-		l.order.Remove(e)
-		l.pending[id] = l.order.PushBack(r)
+	k := keyOf(r)
+	if _, dup := l.pending[k]; dup {
 		return
 	}
 	if l.order.Len() >= maxPending {
 		oldest := l.order.Front()
-		delete(l.pending, string(l.order.Remove(oldest).(*pb.Receipt).GetQueryId()))
+		delete(l.pending, keyOf(l.order.Remove(oldest).(*pb.Receipt)))
 	}
-	l.pending[id] = l.order.PushBack(r)
+	l.pending[k] = l.order.PushBack(r)
 }
 
 // ErrNotPending is returned by Countersigned for a receipt this node did
 // not serve, or whose countersignature already came (or came too late).
 var ErrNotPending = errors.New("no served receipt awaits this countersignature")
 
-// Pending is a copy of the served receipt of query id that awaits its
-// countersignature, or nil. The receipt exchange checks a returned
-// receipt against it: this node signed it, so only the countersignature
-// needs checking.
-func (l *Ledger) Pending(id []byte) *pb.Receipt {
+// Pending is a copy of the served receipt of query id with worker
+// signature sig that awaits its countersignature, or nil. The receipt
+// exchange checks a returned receipt against it: this node signed it, so
+// only the countersignature needs checking.
+func (l *Ledger) Pending(id, sig []byte) *pb.Receipt {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e := l.pending[string(id)]
+	e := l.pending[pendingKey{string(id), string(sig)}]
 	if e == nil {
 		return nil
 	}
@@ -344,31 +349,36 @@ func (l *Ledger) Pending(id []byte) *pb.Receipt {
 // verified by the caller (receipt.Verify). The peer's
 // ServedCountersigned grows by one and the recent copy is replaced.
 func (l *Ledger) Countersigned(r *pb.Receipt) error {
-	id := string(r.GetQueryId())
+	k := keyOf(r)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e := l.pending[id]
+	e := l.pending[k]
 	if e == nil {
 		return ErrNotPending
 	}
-	if mine := e.Value.(*pb.Receipt); !bytes.Equal(mine.GetWorkerSig(), r.GetWorkerSig()) || !bytes.Equal(mine.GetRequester(), r.GetRequester()) {
+	if mine := e.Value.(*pb.Receipt); !bytes.Equal(mine.GetRequester(), r.GetRequester()) {
 		return ErrNotPending
 	}
-	delete(l.pending, id)
+	delete(l.pending, k)
 	l.order.Remove(e)
 	if e := l.peers[peer.ID(r.GetRequester())]; e != nil {
 		e.ServedCountersigned++
 	}
-	// The newest served copy of the query is this one: one served before
-	// it (the query asked again) keeps its own receipt.
+	// The recent copy of this answer, not of another answer to the same
+	// query (one asked again): the one with the same worker signature.
 	qid := hex.EncodeToString(r.GetQueryId())
 	for i := len(l.recent) - 1; i >= 0; i-- {
-		if l.recent[i].Role == Served && l.recent[i].QueryID == qid {
-			if raw, err := proto.Marshal(r); err == nil {
-				l.recent[i].Receipt = raw
-			}
-			break
+		if l.recent[i].Role != Served || l.recent[i].QueryID != qid {
+			continue
 		}
+		var kept pb.Receipt
+		if proto.Unmarshal(l.recent[i].Receipt, &kept) != nil || !bytes.Equal(kept.GetWorkerSig(), r.GetWorkerSig()) {
+			continue
+		}
+		if raw, err := proto.Marshal(r); err == nil {
+			l.recent[i].Receipt = raw
+		}
+		break
 	}
 	l.dirty = true
 	return nil

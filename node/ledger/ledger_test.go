@@ -241,7 +241,7 @@ func TestPendingEvictsOldestAwaiting(t *testing.T) {
 	for i := maxPending; i < maxPending+maxPending/2-1; i++ {
 		serve(i) // fills the set without evicting
 	}
-	pending := func(i int) bool { return l.Pending(receiptOf(i).GetQueryId()) != nil }
+	pending := func(i int) bool { r := receiptOf(i); return l.Pending(r.GetQueryId(), r.GetWorkerSig()) != nil }
 	if len(l.pending) != maxPending || !pending(maxPending/2) || !pending(0) {
 		t.Fatalf("%d pending; %d pending %v, 0 again %v", len(l.pending), maxPending/2, pending(maxPending/2), pending(0))
 	}
@@ -349,50 +349,54 @@ func TestTotalsSaturate(t *testing.T) {
 	}
 }
 
-// TestServedAgainAwaitsTheNewReceipt: a worker asked the same query again
-// (its first answer's stream fell silent at the router) signs a second
-// receipt for it; that one is what comes back countersigned, and the
-// first no longer awaits. Both answers stay counted as served, each
+// TestServedTwiceEachAwaits: a worker asked the same query again (its
+// first answer's stream fell silent at the router) signs a second receipt
+// for it. Each awaits its own countersignature, by its worker signature:
+// the second comes back and is taken, whichever was recorded last, and
+// the first still awaits. Both answers stay counted as served, each
 // recent copy with its own receipt.
-func TestServedAgainAwaitsTheNewReceipt(t *testing.T) {
-	self, a := newID(t), newID(t)
-	l, err := Open("", self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := rcpt(self, a, 4, 100, 0)
-	first.QueryId[0], first.WorkerSig = 7, []byte("first-sig")
-	again := proto.CloneOf(first)
-	again.TotalMs, again.WorkerSig = 120, []byte("second-sig")
-	l.Record(Served, first)
-	l.Record(Served, again)
-	back := func(r *pb.Receipt) *pb.Receipt {
-		r = proto.CloneOf(r)
-		r.RouterSig = []byte("router-sig")
-		return r
-	}
-	if p := l.Pending(first.GetQueryId()); p == nil || string(p.GetWorkerSig()) != "second-sig" {
-		t.Fatalf("pending %v, want the second receipt", p)
-	}
-	if err := l.Countersigned(back(first)); !errors.Is(err, ErrNotPending) {
-		t.Fatalf("the first receipt countersigned: %v, want ErrNotPending", err)
-	}
-	if err := l.Countersigned(back(again)); err != nil {
-		t.Fatalf("the second receipt countersigned: %v", err)
-	}
-	s := l.Snapshot()
-	if s.Peers[0].Served.Queries != 2 || s.Peers[0].ServedCountersigned != 1 || len(l.pending) != 0 || l.order.Len() != 0 {
-		t.Fatalf("served %d, countersigned %d, %d pending (order %d); want 2, 1, 0", s.Peers[0].Served.Queries, s.Peers[0].ServedCountersigned, len(l.pending), l.order.Len())
-	}
-	bySig := map[string]string{} // worker signature -> router signature, of each recent copy
-	for _, rc := range s.Recent {
-		var r pb.Receipt
-		if err := proto.Unmarshal(rc.Receipt, &r); err != nil {
-			t.Fatal(err)
-		}
-		bySig[string(r.GetWorkerSig())] = string(r.GetRouterSig())
-	}
-	if first, ok := bySig["first-sig"]; len(s.Recent) != 2 || !ok || first != "" || bySig["second-sig"] != "router-sig" {
-		t.Fatalf("recent copies %v (worker signature: router signature), want the first as served and the second countersigned", bySig)
+func TestServedTwiceEachAwaits(t *testing.T) {
+	for _, order := range []string{"first recorded first", "second recorded first"} {
+		t.Run(order, func(t *testing.T) {
+			self, a := newID(t), newID(t)
+			l, err := Open("", self)
+			if err != nil {
+				t.Fatal(err)
+			}
+			first := rcpt(self, a, 4, 100, 0)
+			first.QueryId[0], first.WorkerSig = 7, []byte("first-sig")
+			again := proto.CloneOf(first)
+			again.TotalMs, again.WorkerSig = 120, []byte("second-sig")
+			if order == "first recorded first" {
+				l.Record(Served, first)
+				l.Record(Served, again)
+			} else {
+				l.Record(Served, again)
+				l.Record(Served, first)
+			}
+			back := proto.CloneOf(again)
+			back.RouterSig = []byte("router-sig")
+			if err := l.Countersigned(back); err != nil {
+				t.Fatalf("the second receipt countersigned: %v", err)
+			}
+			if p := l.Pending(first.GetQueryId(), first.GetWorkerSig()); p == nil || l.Pending(again.GetQueryId(), again.GetWorkerSig()) != nil {
+				t.Fatalf("pending first %v, second %v: want the first only", p, l.Pending(again.GetQueryId(), again.GetWorkerSig()))
+			}
+			s := l.Snapshot()
+			if s.Peers[0].Served.Queries != 2 || s.Peers[0].ServedCountersigned != 1 || len(l.pending) != 1 || l.order.Len() != 1 {
+				t.Fatalf("served %d, countersigned %d, %d pending (order %d); want 2, 1, 1", s.Peers[0].Served.Queries, s.Peers[0].ServedCountersigned, len(l.pending), l.order.Len())
+			}
+			bySig := map[string]string{} // worker signature -> router signature, of each recent copy
+			for _, rc := range s.Recent {
+				var r pb.Receipt
+				if err := proto.Unmarshal(rc.Receipt, &r); err != nil {
+					t.Fatal(err)
+				}
+				bySig[string(r.GetWorkerSig())] = string(r.GetRouterSig())
+			}
+			if f, ok := bySig["first-sig"]; len(s.Recent) != 2 || !ok || f != "" || bySig["second-sig"] != "router-sig" {
+				t.Fatalf("recent copies %v (worker signature: router signature), want the first as served and the second countersigned", bySig)
+			}
+		})
 	}
 }

@@ -365,19 +365,20 @@ func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) (opened b
 // answers this node served.
 type Receiver struct {
 	self    peer.ID
-	pending func(queryID []byte) *pb.Receipt
+	pending func(queryID, workerSig []byte) *pb.Receipt
 	take    func(*pb.Receipt) error
 }
 
 // NewReceiver passes each returned receipt of an answer this node served
 // to take (ledger.Countersigned). pending (ledger.Pending) gives the
-// receipt this node signed for a query, awaiting its countersignature:
-// a returned receipt must carry the same worker signature and name self
+// receipt this node signed for a query with a worker signature (two for
+// a query served twice), awaiting its countersignature: a returned
+// receipt must carry the same worker signature and name self
 // as worker and the stream's peer as requester, and its
 // countersignature must verify over the receipt this node signed. What
 // take gets is that receipt with the countersignature: the worker's
 // signature is this node's own and is not checked again.
-func NewReceiver(self peer.ID, pending func(queryID []byte) *pb.Receipt, take func(*pb.Receipt) error) *Receiver {
+func NewReceiver(self peer.ID, pending func(queryID, workerSig []byte) *pb.Receipt, take func(*pb.Receipt) error) *Receiver {
 	return &Receiver{self: self, pending: pending, take: take}
 }
 
@@ -433,7 +434,7 @@ func (rv *Receiver) check(from peer.ID, r *pb.Receipt) error {
 	if peer.ID(r.GetWorker()) != rv.self || peer.ID(r.GetRequester()) != from {
 		return errForeign{}
 	}
-	mine := rv.pending(r.GetQueryId())
+	mine := rv.pending(r.GetQueryId(), r.GetWorkerSig())
 	if mine == nil {
 		return errNotServed{}
 	}
