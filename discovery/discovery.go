@@ -364,8 +364,9 @@ func (d *Discovery) ProvideRelay(ctx context.Context) error {
 // the swarm view starts watching model: the router asks for providers when
 // its table has no worker of the model, which is when it needs them.
 //
-// For learnWindow after the watch starts, a look-up that finds nothing
-// is tried again until ctx ends: the model's workers may have started
+// For learnWindow after the watch starts (learnWindowListed for a model
+// the swarm's catalogue lists), a look-up that finds nothing is tried
+// again until ctx ends: the model's workers may have started
 // just now, their provider records not yet put. It ends early, with
 // nothing, once the model's topic has brought a worker to the table,
 // where the caller finds it.
@@ -377,7 +378,11 @@ func (d *Discovery) FindProviders(ctx context.Context, model string, limit int) 
 	wait := learnRetryMin
 	for {
 		ais, err := d.findProviders(ctx, model, limit)
-		if len(ais) > 0 || err != nil || since.IsZero() || time.Since(since) >= learnWindow || d.tableServes(model) {
+		window := learnWindow
+		if _, listed := d.CatalogModel(model); listed {
+			window = learnWindowListed
+		}
+		if len(ais) > 0 || err != nil || since.IsZero() || time.Since(since) >= window || d.tableServes(model) {
 			return ais, err
 		}
 		select {

@@ -9,6 +9,8 @@ import (
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
 // A DHT operation issued while the node's only connections are still
@@ -141,4 +143,45 @@ func addrIDs(ais []peer.AddrInfo) []peer.ID {
 		ids = append(ids, ai.ID)
 	}
 	return ids
+}
+
+// A model the swarm's catalogue lists has workers: a node without the
+// swarm view that finds no provider record of it keeps looking for
+// learnWindowListed, not learnWindow, so the worker whose record comes
+// after learnWindow (its join crossed a lossy link) is found.
+func TestFindProvidersOfAListedModel(t *testing.T) {
+	hosts := make([]host.Host, 3)
+	for i := range hosts {
+		hosts[i] = newHost(t)
+	}
+	boot := WithBootstrap([]peer.AddrInfo{info(hosts[0])})
+	view := newDiscovery(t, hosts[0])
+	late := newDiscovery(t, hosts[1], boot, WithSwarmView(false))
+	bridge := newDiscovery(t, hosts[2], boot, WithSwarmView(false))
+	waitRoutingTables(t, view, late, bridge)
+	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
+	defer cancel()
+	// A view node's catalogue lists the model (stored as the catalogue
+	// topic would: its author is no node here, so no real catalogue
+	// replaces it).
+	now := bridge.cfg.now()
+	bridge.cat.store(peer.ID("a view node"), &pb.Catalog{TimeUnixMs: now.UnixMilli(), TtlMs: 60_000,
+		Models: []*pb.CatalogModel{{Name: "listed", Types: []pb.QueryType{pb.QueryType_QUERY_TYPE_CHAT}, Workers: 1}}}, now)
+	if _, ok := bridge.CatalogModel("listed"); !ok {
+		t.Fatal("the catalogue does not list the model")
+	}
+	go func() {
+		time.Sleep(learnWindow + time.Second)
+		if err := late.Provide(ctx, "listed"); err != nil {
+			t.Errorf("provide: %v", err)
+		}
+	}()
+	start := time.Now()
+	got, err := bridge.FindProviders(ctx, "listed", 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ids := addrIDs(got); !slices.Equal(ids, []peer.ID{hosts[1].ID()}) {
+		t.Fatalf("found %v after %s, want the worker whose record came %s after the look-up began (%s)", ids, time.Since(start).Round(time.Millisecond), learnWindow+time.Second, hosts[1].ID())
+	}
 }

@@ -56,6 +56,11 @@ const (
 	// model's workers may have just started (their records not yet put)
 	// and their announcements are on their way down the model's topic.
 	learnWindow = 5 * time.Second
+	// learnWindowListed is learnWindow for a model the swarm's catalogue
+	// lists: its workers exist, and the first of them to put its record
+	// may be joining over a slow or lossy link (a lost SYN costs 1 s, two
+	// cost 3 s).
+	learnWindowListed = 15 * time.Second
 	// routingWait bounds the wait of a DHT operation for the routing
 	// table's first peer while connections are being identified.
 	routingWait = 5 * time.Second

@@ -51,7 +51,11 @@ const (
 	AcceptTimeout = 2500 * time.Millisecond
 	// DefaultRetryBase is the first back-off after a peer failed a query.
 	DefaultRetryBase = 50 * time.Millisecond
-	providerWait     = 5 * time.Second
+	// providerWait bounds the DHT look-up of a model the table has no
+	// worker of; providerWaitListed, of one the swarm's catalogue lists
+	// (its workers exist: the first may be joining over a slow link).
+	providerWait       = 5 * time.Second
+	providerWaitListed = 15 * time.Second
 	// InFlightTag is the connection manager's tag under which the router
 	// protects the connections of a peer while it has queries in flight
 	// there.
@@ -977,7 +981,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 	}
 	fromDHT := false
 	if len(ranked) == 0 && !known && r.providers != nil {
-		ranked = r.fromProviders(ctx, req.GetModel())
+		ranked = r.fromProviders(ctx, req.GetModel(), req.GetType())
 		fromDHT = len(ranked) > 0
 		if fromDHT {
 			q.dht = slices.Clone(ranked) // later rankings edit ranked in place
@@ -1000,6 +1004,11 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 		}
 		if known {
 			return nil, protocol.Errorf(protocol.CodeUnsupported, "no available peer serves model %q for %s right now (all draining or failing)", req.GetModel(), protocol.TypeName(req.GetType()))
+		}
+		if r.listed(req.GetModel(), req.GetType()) {
+			// Its workers exist, yet none was found or reached in time:
+			// worth asking again, unlike a model nobody serves.
+			return nil, protocol.Errorf(protocol.CodeUnavailable, "the swarm's catalogue lists model %q, but none of its workers could be found yet; retry shortly", req.GetModel())
 		}
 		return nil, protocol.Errorf(protocol.CodeUnsupported, "no peer in the swarm serves model %q for %s", req.GetModel(), protocol.TypeName(req.GetType()))
 	}
@@ -1692,12 +1701,37 @@ func (q *query) peerFailures() int {
 	return n
 }
 
+// listed reports whether the swarm's catalogue (WithCatalog) lists model
+// for queries of type t.
+func (r *Router) listed(model string, t pb.QueryType) bool {
+	if r.catalog == nil {
+		return false
+	}
+	v, ok := r.catalog.CatalogModel(model)
+	return ok && slices.Contains(v.Types, protocol.TypeName(t))
+}
+
+// findProviders looks model's providers up for wait at most.
+func (r *Router) findProviders(ctx context.Context, model string, wait time.Duration) ([]peer.AddrInfo, error) {
+	pctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	return r.providers.FindProviders(pctx, model, 8)
+}
+
 // fromProviders turns DHT providers of a model into candidates with
 // default figures; the first attempt will tell whether they serve it.
-func (r *Router) fromProviders(ctx context.Context, model string) []scored {
-	pctx, cancel := context.WithTimeout(ctx, providerWait)
-	defer cancel()
-	infos, err := r.providers.FindProviders(pctx, model, 8)
+func (r *Router) fromProviders(ctx context.Context, model string, t pb.QueryType) []scored {
+	start := time.Now()
+	wait := providerWait
+	if r.listed(model, t) {
+		wait = providerWaitListed
+	}
+	infos, err := r.findProviders(ctx, model, wait)
+	if len(infos) == 0 && wait == providerWait && ctx.Err() == nil && r.listed(model, t) {
+		// The catalogue came to list the model meanwhile (a worker that
+		// just joined, announced to the swarm's view nodes first).
+		infos, err = r.findProviders(ctx, model, providerWaitListed-time.Since(start))
+	}
 	if err != nil {
 		log.Debugw("provider lookup failed", "model", model, "err", err)
 		return nil
