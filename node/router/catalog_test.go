@@ -110,7 +110,8 @@ func TestProviderWaitForAListedModel(t *testing.T) {
 		{"listed: its late record is waited for", chat, providerWait + time.Second, 30 * time.Second, 0, ""},
 		{"not listed: nobody serves it", nil, providerWait + time.Second, 30 * time.Second, protocol.CodeUnsupported, "no peer in the swarm serves model"},
 		{"listed for another type: nobody serves it", embed, providerWait + time.Second, 30 * time.Second, protocol.CodeUnsupported, "no peer in the swarm serves model"},
-		{"listed, never found: retry", chat, 0, 3 * time.Second, protocol.CodeUnavailable, "the swarm's catalogue lists model"},
+		{"listed, never found: retry", chat, 0, 30 * time.Second, protocol.CodeUnavailable, "the swarm's catalogue lists model"},
+		{"listed, never found before the deadline: retry", chat, 0, 3 * time.Second, protocol.CodeUnavailable, "the swarm's catalogue lists model"},
 		{"listed while looked up: its late record is waited for", &laterCatalog{at: time.Now().Add(2 * time.Second), c: chat}, providerWait + 2*time.Second, 30 * time.Second, 0, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -136,6 +137,10 @@ func TestProviderWaitForAListedModel(t *testing.T) {
 			pe := protocol.AsError(err)
 			if pe == nil || pe.Code != tc.code || !strings.Contains(pe.Message, tc.says) {
 				t.Fatalf("error %v, want %s: %s", err, tc.code, tc.says)
+			}
+			// Within its bound, not at the query's deadline.
+			if dl, _ := ctx.Deadline(); tc.deadline > providerWaitListed && !time.Now().Before(dl) {
+				t.Fatalf("the look-up ran to the query's deadline (%s)", tc.deadline)
 			}
 		})
 	}

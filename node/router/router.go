@@ -1727,9 +1727,10 @@ func (r *Router) fromProviders(ctx context.Context, model string, t pb.QueryType
 		wait = providerWaitListed
 	}
 	infos, err := r.findProviders(ctx, model, wait)
-	if len(infos) == 0 && wait == providerWait && ctx.Err() == nil && r.listed(model, t) {
+	if len(infos) == 0 && wait == providerWait && ctx.Err() == nil && r.listed(model, t) && !r.rankNeed(model, t, nil).known {
 		// The catalogue came to list the model meanwhile (a worker that
-		// just joined, announced to the swarm's view nodes first).
+		// just joined, announced to the swarm's view nodes first), and
+		// the model's topic has not brought a worker to the table.
 		infos, err = r.findProviders(ctx, model, providerWaitListed-time.Since(start))
 	}
 	if err != nil {
