@@ -129,10 +129,11 @@ func fromProtocol(err error, retryAfter time.Duration) *apiError {
 	case pb.ErrorCode_ERROR_CODE_BACKEND_ERROR:
 		return &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "backend_error", Message: msg}
 	case pb.ErrorCode_ERROR_CODE_UNAVAILABLE:
-		// The workers tried died or could not be reached: no backend
-		// failed, and a retry soon may find live ones.
+		// The workers tried died or could not be reached, or none of a
+		// model the swarm lists could be found yet: no backend failed,
+		// and a retry soon may find live ones.
 		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: "workers_unavailable", RetryAfter: retryAfter,
-			Message: "The workers tried could not finish this query. (" + msg + ")"}
+			Message: "No worker could finish this query now; retry shortly. (" + msg + ")"}
 	}
 	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "internal_error", Message: msg}
 }

@@ -99,7 +99,8 @@ func TestE2ELossyLink(t *testing.T) {
 
 			// The worker's own join crosses the lossy link: a lost SYN
 			// costs a second, two cost three, and the bridge waits 5 s for
-			// a model's first provider (docs/architecture.md). The query
+			// a model's first provider, 15 s once the swarm's catalogue
+			// lists it (docs/architecture.md). The query
 			// goes as soon as the worker says it joined, which is when its
 			// operator would send one; its provider record is put after.
 			w.waitOutput("joined: ", time.Minute)
