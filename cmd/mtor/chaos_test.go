@@ -648,18 +648,7 @@ func TestE2EFrozenOrUnpluggedWorkerQueriesMove(t *testing.T) {
 			live := startNodeIn(t, "live", inNetns(n.a), common("live", n.ipA, "--backend", "demo:delay=100ms", "--join", bridge.value("join"))...)
 			victim := startNodeIn(t, "victim", inNetns(n.b), common("victim", n.ipB, "--backend", "demo:delay=100ms", "--join", bridge.value("join"))...)
 			api := bridge.value("api")
-			// The API is on the bridge namespace's loopback: ask from there.
-			deadline := time.Now().Add(60 * time.Second)
-			for {
-				code, stdout, _ := mtorIn(t, n.a, "peers", "--api", api, "--json")
-				if code == 0 && strings.Contains(stdout, live.value("peer")) && strings.Contains(stdout, victim.value("peer")) {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("workers not in the bridge's table after 60 s: %s", stdout)
-				}
-				time.Sleep(200 * time.Millisecond)
-			}
+			waitPeersIn(t, n.a, api, live.value("peer"), victim.value("peer"))
 
 			const queries = 8
 			prompt := func(i int) string {
@@ -708,6 +697,22 @@ func TestE2EFrozenOrUnpluggedWorkerQueriesMove(t *testing.T) {
 				t.Errorf("a query paused %s before moving, want about 3 s", worst)
 			}
 		})
+	}
+}
+
+// waitPeersIn waits, 60 s at most, until the node whose API is api, on
+// the loopback of namespace ns (asked from there), lists every one of
+// peers.
+func waitPeersIn(t *testing.T, ns, api string, peers ...string) {
+	t.Helper()
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		code, stdout, _ := mtorIn(t, ns, "peers", "--api", api, "--json")
+		if code == 0 && !slices.ContainsFunc(peers, func(p string) bool { return !strings.Contains(stdout, p) }) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("peers %v not all in the table of the node at %s after 60 s: %s", peers, api, stdout)
+		}
 	}
 }
 

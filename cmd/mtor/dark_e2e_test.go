@@ -81,15 +81,7 @@ func TestE2ELoneWorkerLinkDarkForAMoment(t *testing.T) {
 				}
 			})
 			api := bridge.value("api")
-			for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
-				code, stdout, _ := mtorIn(t, n.a, "peers", "--api", api, "--json")
-				if code == 0 && strings.Contains(stdout, w.value("peer")) {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("worker not in the bridge's table after 60 s: %s", stdout)
-				}
-			}
+			waitPeersIn(t, n.a, api, w.value("peer"))
 
 			const queries = 3
 			prompt := func(i int) string {
