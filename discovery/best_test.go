@@ -10,6 +10,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -207,28 +208,35 @@ func drainingAnnounce(model string) *pb.Announce {
 // dials the third, which announces to it and replaces a draining one: it
 // becomes routable, long before the drained ones' entries would expire.
 func TestSeekWorkersWhenKeptUnusable(t *testing.T) {
-	// Once on CI the third never reached the router's table in 60 s
-	// (it takes under a second here, also under load): the package's
-	// output, shown when it fails, then holds the look-ups, dials and
-	// repairs, and the state below.
+	// Twice on CI the third never reached the router's table in 60 s
+	// (it takes under a second here, also under load). The second time
+	// the state below showed the router connected to the third and
+	// reading its gossip, but the third not knowing that the router
+	// reads topic a: gossipsub had dropped the router's subscriptions
+	// when the closed connection's writer died, after the new
+	// connection's hello (see rejoin.go). Nodes repair that link; so the
+	// discoveries here serve the member protocol, as a node's do.
 	debugLogs(t)
+	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
 	hosts := make([]host.Host, 5)
 	for i := range hosts {
 		hosts[i] = newHost(t)
+		hosts[i].SetStreamHandler(member, func(s network.Stream) { _ = s.Reset() })
 	}
 	boot := WithBootstrap([]peer.AddrInfo{info(hosts[0])})
+	asNode := WithMemberProtocol(member)
 	// Entries outlive the test unless replaced or disconnected.
 	long := WithAnnounceTTL(protocol.MaxAnnounceTTL)
-	view := newDiscovery(t, hosts[0])
+	view := newDiscovery(t, hosts[0], asNode)
 	workers := []*Discovery{
-		newDiscovery(t, hosts[1], boot, long, WithSwarmView(false)),
-		newDiscovery(t, hosts[2], boot, long, WithSwarmView(false)),
-		newDiscovery(t, hosts[3], boot, long, WithSwarmView(false)),
+		newDiscovery(t, hosts[1], boot, asNode, long, WithSwarmView(false)),
+		newDiscovery(t, hosts[2], boot, asNode, long, WithSwarmView(false)),
+		newDiscovery(t, hosts[3], boot, asNode, long, WithSwarmView(false)),
 	}
 	// No wait between look-ups: the first one, which found the first two,
 	// was just before.
 	noRedialWait := func(c *config) error { c.redialEvery = 0; return nil }
-	router := newDiscovery(t, hosts[4], boot, WithSwarmView(false), WithMaxPerModel(2), noRedialWait)
+	router := newDiscovery(t, hosts[4], boot, asNode, WithSwarmView(false), WithMaxPerModel(2), noRedialWait)
 	t.Cleanup(func() {
 		if !t.Failed() {
 			return

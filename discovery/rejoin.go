@@ -20,6 +20,12 @@ import (
 // nothing, so it never learns that we subscribe to the announce topic,
 // and its announcements — published only to known topic peers — never
 // reach us: a healthy worker, connected to us, is missing from our table.
+// A peer that drops one connection and dials a new one at once does the
+// same to us, one time in about 40 on loopback: its new connection's
+// hello (its subscriptions) can cross before our gossipsub has handled
+// the old connection's writer dying, and that handling then forgets all
+// the peer's subscriptions, while the new connection stays up. The peer
+// reads our gossip; we send it none of the topics it reads.
 //
 // So every node checks its connected swarm members: one connected for a
 // while that is not among the peers of the presence topic (which every node
