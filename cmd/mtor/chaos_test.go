@@ -535,6 +535,21 @@ func TestE2EShutdownHandsQueriesBack(t *testing.T) {
 	}
 }
 
+// nftLoad loads rules (nft -f syntax) into network namespace ns and
+// returns nft's output when it fails: the e2e tests' one way to shape,
+// drop or translate the packets of namespaces they made.
+func nftLoad(ns, rules string) ([]byte, error) {
+	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	return cmd.CombinedOutput()
+}
+
+// nftInputTable is an nftables table named name whose input chain, at
+// priority prio, holds the one rule given.
+func nftInputTable(name string, prio int, rule string) string {
+	return fmt.Sprintf("table inet %s {\n\tchain in {\n\t\ttype filter hook input priority %d;\n\t\t%s\n\t}\n}\n", name, prio, rule)
+}
+
 // netnsPair is two network namespaces joined by a veth pair and to
 // nothing else: A at 10.232.N.1, B at 10.232.N.2.
 type netnsPair struct {

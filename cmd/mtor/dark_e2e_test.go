@@ -20,16 +20,7 @@ import (
 func darken(t *testing.T, n netnsPair) (light func()) {
 	t.Helper()
 	for _, side := range []struct{ ns, from string }{{n.a, n.ipB}, {n.b, n.ipA}} {
-		rules := fmt.Sprintf(`table inet mtordark {
-	chain in {
-		type filter hook input priority -10;
-		ip saddr %s drop
-	}
-}
-`, side.from)
-		cmd := exec.Command("ip", "netns", "exec", side.ns, "nft", "-f", "-")
-		cmd.Stdin = strings.NewReader(rules)
-		if out, err := cmd.CombinedOutput(); err != nil {
+		if out, err := nftLoad(side.ns, nftInputTable("mtordark", -10, "ip saddr "+side.from+" drop")); err != nil {
 			t.Fatalf("nft: %v: %s", err, out)
 		}
 	}

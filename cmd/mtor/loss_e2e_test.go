@@ -33,16 +33,8 @@ func addLoss(t *testing.T, ns, from string) (dropped func() int) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Skip("needs nftables (nft) to lose packets")
 	}
-	rules := fmt.Sprintf(`table inet mtorloss {
-	chain in {
-		type filter hook input priority 0;
-		ip saddr %s numgen random mod 100 < %d counter drop
-	}
-}
-`, from, lossPercent)
-	cmd := exec.Command("ip", "netns", "exec", ns, "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(rules)
-	if out, err := cmd.CombinedOutput(); err != nil {
+	rule := fmt.Sprintf("ip saddr %s numgen random mod 100 < %d counter drop", from, lossPercent)
+	if out, err := nftLoad(ns, nftInputTable("mtorloss", 0, rule)); err != nil {
 		t.Fatalf("nft: %v: %s", err, out)
 	}
 	counter := regexp.MustCompile(`counter packets (\d+)`)

@@ -229,9 +229,7 @@ table ip filter {
 		rules += fmt.Sprintf("add rule ip nat pre iifname \"wan\" tcp dport %s dnat to %s:%s\n", natListenPort, n.ips[host], natListenPort)
 		rules += fmt.Sprintf("add rule ip nat pre iifname \"wan\" udp dport %s dnat to %s:%s\n", natListenPort, n.ips[host], natListenPort)
 	}
-	cmd := exec.Command("ip", "netns", "exec", n.ns[router], "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(rules)
-	if out, err := cmd.CombinedOutput(); err != nil {
+	if out, err := nftLoad(n.ns[router], rules); err != nil {
 		if strings.Contains(string(out), "not supported") || strings.Contains(string(out), "No such file") {
 			n.t.Skipf("the kernel lacks nftables NAT: %v: %s", err, out)
 		}
