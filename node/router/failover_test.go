@@ -1259,7 +1259,8 @@ func TestWaitsForItsOnlyWorkerToRestart(t *testing.T) {
 // TestFreshWaitOnlyForAQueryThatCanMove: once every candidate has failed
 // a query, it waits for a restarted worker only when another worker could
 // still take it; and up to 3 s only after a worker died, three back-offs
-// after other failures.
+// after other failures. A worker to be asked again (a silent one that
+// answers pings, or one on another path) is asked with no such wait.
 func TestFreshWaitOnlyForAQueryThatCanMove(t *testing.T) {
 	for _, tc := range []struct {
 		name                     string
@@ -1267,9 +1268,12 @@ func TestFreshWaitOnlyForAQueryThatCanMove(t *testing.T) {
 		continuable              bool
 		textLen                  int
 		died                     bool
+		retry                    bool
 		wantNoWait, wantFullWait bool
 	}{
 		{name: "nothing said yet, a worker died", died: true, wantFullWait: true},
+		{name: "nothing said yet, a worker died, it is asked again", died: true, retry: true, wantNoWait: true},
+		{name: "nothing said yet, a backend failed, it is asked again", retry: true, wantNoWait: true},
 		{name: "said, continuable, a worker died", started: true, continuable: true, textLen: 10, died: true, wantFullWait: true},
 		{name: "said, cannot move on", started: true, textLen: 10, died: true, wantNoWait: true},
 		{name: "said too much to continue", started: true, continuable: true, textLen: protocol.MaxContinuation + 1, died: true, wantNoWait: true},
@@ -1285,7 +1289,7 @@ func TestFreshWaitOnlyForAQueryThatCanMove(t *testing.T) {
 			} else {
 				q.kinds[failBackend]++
 			}
-			ranked, ok := r.nextCandidates(t.Context(), q, nil, false, nil, false)
+			ranked, ok := r.nextCandidates(t.Context(), q, nil, false, nil, tc.retry)
 			if !ok || len(ranked) != 0 {
 				t.Fatalf("ranked %d, ok %v: want none, true", len(ranked), ok)
 			}
@@ -1307,8 +1311,8 @@ func TestFreshWaitOnlyForAQueryThatCanMove(t *testing.T) {
 // (no heartbeat either), and answers the rest. Its host answers pings,
 // counted in pinged, unless frozen, which stands in for a frozen process
 // (SIGSTOP): its pings go unanswered too. It counts the queries it is
-// handed.
-func silentOnce(t *testing.T, silent int64, frozen bool, handed, pinged *atomic.Int64) host.Host {
+// handed. With failing, its backend fails the rest instead.
+func silentOnce(t *testing.T, silent int64, frozen, failing bool, handed, pinged *atomic.Int64) host.Host {
 	stop := make(chan struct{})
 	t.Cleanup(func() { close(stop) })
 	h := fakeWorker(t, func(s network.Stream, req *pb.QueryRequest) {
@@ -1320,6 +1324,10 @@ func silentOnce(t *testing.T, silent int64, frozen bool, handed, pinged *atomic.
 			return
 		}
 		defer s.Close()
+		if failing {
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Error{Error: protocol.Errorf(protocol.CodeBackendError, "model crashed").Proto()}})
+			return
+		}
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "whole"}}})
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Done{Done: &pb.Done{Model: req.GetModel(), FinishReason: protocol.FinishStop,
 			Usage: &pb.Usage{PromptTokens: 1, CompletionTokens: 1}}}})
@@ -1360,12 +1368,15 @@ func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
 		name     string
 		silent   int64
 		frozen   bool
+		failing  bool // its backend fails the query asked again
 		other    bool
 		violate  bool          // a violation is recorded while it is silent
 		deadline time.Duration // of the query; 20 s if zero
 		handed   int64         // queries the silent worker was handed
 		pinged   bool          // whether it was pinged
 		attempts int           // 0: the query fails
+		code     pb.ErrorCode  // the error's when it fails; UNAVAILABLE if 0
+		err      string        // its message; the silence if empty
 	}{
 		{name: "alive, alone: asked again", silent: 1, handed: 2, pinged: true, attempts: 2},
 		{name: "frozen, alone: not asked again", silent: 1, frozen: true, handed: 1, pinged: true},
@@ -1373,10 +1384,14 @@ func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
 		{name: "banned meanwhile: not asked again", silent: 1, violate: true, handed: 1},
 		{name: "under a second left: not asked again", silent: 1, deadline: 1200 * time.Millisecond, handed: 1},
 		{name: "another worker takes it", silent: 1, other: true, handed: 1, attempts: 2},
+		// The silence is taken back: the worker's own report is the
+		// query's error, as when a worker's backend fails at once.
+		{name: "asked again, its backend fails: its error, not the silence", silent: 1, failing: true, handed: 2, pinged: true,
+			code: protocol.CodeBackendError, err: "model crashed"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var handed, pinged atomic.Int64
-			w := silentOnce(t, tc.silent, tc.frozen, &handed, &pinged)
+			w := silentOnce(t, tc.silent, tc.frozen, tc.failing, &handed, &pinged)
 			opts := []Option{WithIdleTimeout(300 * time.Millisecond), WithRetryBackoff(time.Millisecond)}
 			var r *Router
 			var honest host.Host
@@ -1409,8 +1424,9 @@ func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
 			if tc.attempts == 0 {
 				pe := protocol.AsError(err)
 				// One worker, however often it was asked.
-				if pe == nil || pe.Code != protocol.CodeUnavailable || pe.Message != "1 worker went silent while answering" {
-					t.Fatalf("error %v, want UNAVAILABLE: 1 worker went silent while answering", err)
+				code, want := cmp.Or(tc.code, protocol.CodeUnavailable), cmp.Or(tc.err, "1 worker went silent while answering")
+				if pe == nil || pe.Code != code || pe.Message != want {
+					t.Fatalf("error %v, want %s: %s", err, protocol.CodeName(code), want)
 				}
 				return
 			}
@@ -1435,7 +1451,7 @@ func TestSilentButAliveWorkerAskedAgain(t *testing.T) {
 // all three are answered, and the answers close the breaker.
 func TestSilentButAliveWorkerAskedAgainPastItsBreaker(t *testing.T) {
 	var handed, pinged atomic.Int64
-	w := silentOnce(t, 3, false, &handed, &pinged)
+	w := silentOnce(t, 3, false, false, &handed, &pinged)
 	h := testHost(t)
 	connect(t, h, w)
 	r := New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)},

@@ -1079,6 +1079,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 			}
 		case errors.As(err, &pl):
 			q.failures++
+			q.lastOf(c)
 			switch {
 			case pl.accepted:
 				q.kinds[failDied]++
@@ -1092,6 +1093,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
 		case errors.As(err, &sc):
 			q.failures++
+			q.lastOf(c)
 			q.kinds[failDied]++
 		case errors.As(err, &lb):
 			// Backpressure of this node: another peer would need the
@@ -1099,26 +1101,24 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 			return nil, lastErr
 		case errors.As(err, &pf):
 			q.failures++
-			if c.alive {
-				// The worker asked again failed again: one worker, its
-				// failure counted once, as its last.
-				q.kinds[q.silentKind]--
-			}
+			q.lastOf(c)
 			q.kinds[pf.kind]++
 			if r.silentButAlive(ctx, q, c, pf.kind) {
 				q.silentRetries++
-				q.silentKind = pf.kind
+				q.silentKind, q.silentCounted = pf.kind, true
 				delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
 				c.alive = true
 				again = &c
 			}
 		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable), errors.As(err, &pf0):
+			q.lastOf(c)
 			q.busy++
 		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
 			// Our table was stale (the model left that worker), or it
 			// cannot continue: another candidate may still serve it.
 		case lastErr.Retryable:
 			q.failures++
+			q.lastOf(c)
 			q.kinds[failBackend]++
 		default:
 			return nil, lastErr
@@ -1381,9 +1381,10 @@ type query struct {
 	stale       int   // free retries after a dead connection
 	// silentRetries: retries on the worker that fell silent on the
 	// query, as no other could take it (silentButAlive); silentKind, how
-	// it fell silent.
+	// it fell silent, counted in kinds while silentCounted.
 	silentRetries int
 	silentKind    failKind
+	silentCounted bool
 	pathRetries   int      // free retries on another path after a relay broke
 	avoid         peer.ID  // a relay that broke this query's path: dial around it
 	need          []string // features the query needs of a worker
@@ -1644,6 +1645,16 @@ func (q *query) emit(ev *pb.Event) error {
 		q.continuable = false
 	}
 	return q.h(ev)
+}
+
+// lastOf takes back the silence of a worker asked again (c.alive) once
+// the retry fails, whatever the way: the summary counts one worker once,
+// by its last failure.
+func (q *query) lastOf(c scored) {
+	if c.alive && q.silentCounted {
+		q.kinds[q.silentKind]--
+		q.silentCounted = false
+	}
 }
 
 // summary says what happened to a query whose attempts ran out.
