@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -305,12 +304,13 @@ type failure struct {
 // worthAnotherTry reports whether a batch whose stream failed with err
 // may go through on a second one: not when the worker refused the
 // protocol (at once, or resetting a stream opened on what its
-// announced protocols promised), and not when it let the stream time
-// out (a second wait would hold a stream the other workers' receipts
-// need).
+// announced protocols promised). A stream the worker let time out is
+// tried again: a process paused for a few seconds (a laptop's lid, a
+// SIGSTOP) takes the second, while on QUIC the first one's reset had
+// thrown away what it carried. The second wait holds one of the
+// maxStreams for the stream timeout at most, once per batch.
 func worthAnotherTry(err error) bool {
-	var ne net.Error
-	return !liveness.RefusedProtocol(err) && !errors.Is(err, context.DeadlineExceeded) && !(errors.As(err, &ne) && ne.Timeout())
+	return !liveness.RefusedProtocol(err)
 }
 
 // connected: the worker is still reached, directly or through a relay.

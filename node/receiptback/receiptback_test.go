@@ -445,21 +445,24 @@ func TestFailedBatchTriedOnceMore(t *testing.T) {
 	}
 }
 
-// TestNoSecondTry: a batch is not tried again when the worker refuses
+// TestWhenASecondTry: a batch is not tried again when the worker refuses
 // the protocol, at once or on a stream opened on what its protocols
-// promised (lazily), nor when it lets the stream time out: the batch is
-// dropped after one stream. A worker that closes the stream takes it.
-func TestNoSecondTry(t *testing.T) {
+// promised (lazily): the batch is dropped after one stream. One the
+// worker lets time out (a process paused, a laptop asleep for a moment)
+// is tried once more, then dropped. A worker that closes the stream
+// takes it.
+func TestWhenASecondTry(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		handler network.StreamHandler // on the batch protocol; nil: none
 		promise bool                  // the sender's peerstore says the worker speaks it
 		sent    bool
+		retried uint64
 	}{
-		{"refused", nil, false, false},
-		{"refused after a lazy open", nil, true, false},
-		{"never closed", func(s network.Stream) { _, _ = io.Copy(io.Discard, s) }, false, false},
-		{"taken", func(s network.Stream) { _, _ = io.Copy(io.Discard, s); _ = s.Close() }, false, true},
+		{"refused", nil, false, false, 0},
+		{"refused after a lazy open", nil, true, false, 0},
+		{"never closed", func(s network.Stream) { _, _ = io.Copy(io.Discard, s) }, false, false, 1},
+		{"taken", func(s network.Stream) { _, _ = io.Copy(io.Discard, s); _ = s.Close() }, false, true, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, w := newHost(t), newHost(t)
@@ -482,8 +485,8 @@ func TestNoSecondTry(t *testing.T) {
 			s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{1}})
 			waitFor(t, "the receipt sent or dropped", func() bool { sent, dropped := s.Stats(); return sent+dropped == 1 })
 			time.Sleep(200 * time.Millisecond) // a second try would come within a few flushes
-			if sent, dropped := s.Stats(); (sent == 1) != tc.sent || sent+dropped != 1 || s.Retried() != 0 {
-				t.Fatalf("sent %d, dropped %d, retried %d batches", sent, dropped, s.Retried())
+			if sent, dropped := s.Stats(); (sent == 1) != tc.sent || sent+dropped != 1 || s.Retried() != tc.retried {
+				t.Fatalf("sent %d, dropped %d, retried %d batches, want %d", sent, dropped, s.Retried(), tc.retried)
 			}
 		})
 	}
