@@ -27,6 +27,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/node/internal/atomicfile"
 	"github.com/mtor-swarm/mtor/protocol/pb"
+	"github.com/mtor-swarm/mtor/protocol/receipt"
 )
 
 var log = logging.Logger("mtor/ledger")
@@ -257,6 +258,17 @@ func (l *Ledger) load() error {
 	}
 	if len(l.recent) > l.maxRecent {
 		l.recent = l.recent[len(l.recent)-l.maxRecent:]
+	}
+	// Served receipts whose countersignature had not come back when the
+	// last process stopped await it again: a router returns a batch to a
+	// worker that restarted (receiptback keeps it a while for a worker
+	// away), and the new process takes what the old one signed.
+	for _, rc := range l.recent {
+		var r pb.Receipt
+		if rc.Role != Served || proto.Unmarshal(rc.Receipt, &r) != nil || receipt.Countersigned(&r) {
+			continue
+		}
+		l.addPendingLocked(&r)
 	}
 	return nil
 }

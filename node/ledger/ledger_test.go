@@ -400,3 +400,51 @@ func TestServedTwiceEachAwaits(t *testing.T) {
 		})
 	}
 }
+
+// TestPendingAfterRestart: the served receipts still awaiting their
+// countersignature when the node stopped await it in the next process,
+// which takes it; those that had come back, and the consumed ones, do
+// not.
+func TestPendingAfterRestart(t *testing.T) {
+	dir := t.TempDir()
+	self, a := newID(t), newID(t)
+	l, err := Open(dir, self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waiting, back, consumed := rcpt(self, a, 4, 100, 0), rcpt(self, a, 5, 100, 0), rcpt(a, self, 6, 100, 0)
+	waiting.QueryId[0], back.QueryId[0], consumed.QueryId[0] = 1, 2, 3
+	waiting.WorkerSig, back.WorkerSig, consumed.WorkerSig = []byte("w1"), []byte("w2"), []byte("w3")
+	l.Record(Served, waiting)
+	l.Record(Served, back)
+	l.Record(Consumed, consumed)
+	cs := proto.CloneOf(back)
+	cs.RouterSig = []byte("router-sig")
+	if err := l.Countersigned(cs); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	again, err := Open(dir, self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*pb.Receipt{back, consumed} {
+		if again.Pending(r.GetQueryId(), r.GetWorkerSig()) != nil {
+			t.Fatalf("receipt %x awaits a countersignature after the restart", r.GetQueryId())
+		}
+	}
+	if again.Pending(waiting.GetQueryId(), waiting.GetWorkerSig()) == nil {
+		t.Fatal("the served receipt still waiting does not await its countersignature after the restart")
+	}
+	cw := proto.CloneOf(waiting)
+	cw.RouterSig = []byte("router-sig")
+	if err := again.Countersigned(cw); err != nil {
+		t.Fatalf("the countersignature that came after the restart: %v", err)
+	}
+	if got := again.Snapshot().Peers[0].ServedCountersigned; got != 2 {
+		t.Fatalf("%d served answers countersigned, want 2", got)
+	}
+}
