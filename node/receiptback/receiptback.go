@@ -39,6 +39,11 @@ const (
 	StreamTimeout = 5 * time.Second
 	maxWaiting    = 1024 // receipts queued for sending
 	maxStreams    = 4    // receipt streams open at once
+	// AwayFor is how long a batch waits for its worker to be connected
+	// again when it was not at the batch's turn: a volunteer's network
+	// that dropped and came back (the same process still awaits the
+	// receipts), or a restart (the ledger's file keeps what it signed).
+	AwayFor = 30 * time.Second
 )
 
 // Sender gathers receipts per worker, countersigns those that need it
@@ -51,6 +56,7 @@ type Sender struct {
 	signed  func(*pb.Receipt) // each receipt countersigned here, once
 	flush   time.Duration
 	timeout time.Duration // one stream's
+	awayFor time.Duration // a batch's wait for its worker to be back
 	in      chan *pb.Receipt
 	dropped atomic.Uint64
 	sent    atomic.Uint64
@@ -69,6 +75,16 @@ func WithFlushInterval(d time.Duration) Option {
 	return func(s *Sender) {
 		if d > 0 {
 			s.flush = d
+		}
+	}
+}
+
+// WithAwayFor bounds how long a batch waits for a worker that was not
+// connected at its turn (AwayFor by default).
+func WithAwayFor(d time.Duration) Option {
+	return func(s *Sender) {
+		if d > 0 {
+			s.awayFor = d
 		}
 	}
 }
@@ -96,7 +112,7 @@ func WithBatches(batchProto libp2pproto.ID, key crypto.PrivKey, signed func(*pb.
 // NewSender sends over h with the receipt protocol proto
 // (protocol.ReceiptProtocol). Run must be running for anything to leave.
 func NewSender(h host.Host, proto libp2pproto.ID, opts ...Option) *Sender {
-	s := &Sender{h: h, proto: proto, flush: DefaultFlushInterval, timeout: StreamTimeout, in: make(chan *pb.Receipt, maxWaiting)}
+	s := &Sender{h: h, proto: proto, flush: DefaultFlushInterval, timeout: StreamTimeout, awayFor: AwayFor, in: make(chan *pb.Receipt, maxWaiting)}
 	for _, o := range opts {
 		o(s)
 	}
@@ -180,9 +196,12 @@ func (s *Sender) Run(ctx context.Context) {
 	// receipts beyond maxWaiting held are dropped. A batch whose stream
 	// opened and then failed while its worker stayed connected waits in
 	// again for one more try (a stream reset at a limit for a moment, a
-	// connection replaced under it).
+	// connection replaced under it). One whose worker was not connected
+	// at its turn waits in away for the worker to be back, AwayFor at
+	// most, and then goes as a last try.
 	batches := map[peer.ID][]*pb.Receipt{}
 	again := map[peer.ID][]*pb.Receipt{}
+	away := map[peer.ID]*awayBatch{}
 	failed := make(chan failure, maxStreams)
 	held := 0
 	defer func() {
@@ -204,6 +223,9 @@ func (s *Sender) Run(ctx context.Context) {
 		close(failed)
 		for f := range failed {
 			again[f.p] = append(again[f.p], f.b...)
+		}
+		for p, a := range away {
+			again[p] = append(again[p], a.b...)
 		}
 		for _, m := range []map[peer.ID][]*pb.Receipt{batches, again} {
 			for _, b := range m {
@@ -242,11 +264,13 @@ func (s *Sender) Run(ctx context.Context) {
 				s.sent.Add(uint64(len(b)))
 				return
 			}
-			again := !last && opened && worthAnotherTry(err) && ctx.Err() == nil && connected(s.h.Network().Connectedness(p))
-			log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", again, "err", err)
-			if again {
+			worth := !last && worthAnotherTry(err) && ctx.Err() == nil
+			on := connected(s.h.Network().Connectedness(p))
+			again, gone := worth && opened && on, worth && !on
+			log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", again, "away", gone, "err", err)
+			if again || gone {
 				select {
-				case failed <- failure{p, b}:
+				case failed <- failure{p, b, gone}:
 					return
 				default: // the loop is behind, or stopping: no second try
 				}
@@ -277,9 +301,33 @@ func (s *Sender) Run(ctx context.Context) {
 				s.dropped.Add(uint64(len(f.b)))
 				continue
 			}
-			again[f.p] = append(again[f.p], f.b...)
 			held += len(f.b)
+			if f.away {
+				a := away[f.p]
+				if a == nil {
+					a = &awayBatch{until: time.Now().Add(s.awayFor)}
+					away[f.p] = a
+				}
+				a.b = append(a.b, f.b...)
+				continue
+			}
+			again[f.p] = append(again[f.p], f.b...)
 		case <-t.C:
+			// A worker back in time has its batches go as second
+			// tries; the others' wait ends at their bound.
+			now := time.Now()
+			for p, a := range away {
+				switch {
+				case connected(s.h.Network().Connectedness(p)):
+					again[p] = append(again[p], a.b...)
+				case now.After(a.until):
+					s.dropped.Add(uint64(len(a.b)))
+					held -= len(a.b)
+				default:
+					continue
+				}
+				delete(away, p)
+			}
 			// Second tries first: they have waited a period already.
 			for p := range again {
 				if !send(again, p, true) {
@@ -295,10 +343,19 @@ func (s *Sender) Run(ctx context.Context) {
 	}
 }
 
-// failure is a batch whose stream failed, for another try.
+// failure is a batch whose stream failed, for another try; away, at
+// once or once its worker is connected again.
 type failure struct {
-	p peer.ID
-	b []*pb.Receipt
+	p    peer.ID
+	b    []*pb.Receipt
+	away bool
+}
+
+// awayBatch is what waits for a worker that was not connected at its
+// batch's turn, until its bound.
+type awayBatch struct {
+	b     []*pb.Receipt
+	until time.Time
 }
 
 // worthAnotherTry reports whether a batch whose stream failed with err

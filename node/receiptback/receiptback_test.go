@@ -88,7 +88,7 @@ func newPairWith(t *testing.T, o pairOpts) *pair {
 		t.Fatal(err)
 	}
 	rkey := p.r.Peerstore().PrivKey(p.r.ID())
-	p.sender = NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond), WithBatches(receiptBatchProto, rkey, func(r *pb.Receipt) {
+	p.sender = NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond), WithAwayFor(time.Second), WithBatches(receiptBatchProto, rkey, func(r *pb.Receipt) {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		p.signed = append(p.signed, proto.CloneOf(r))
@@ -357,8 +357,9 @@ func cmpOr(a, b []byte) []byte {
 }
 
 // TestUnsentReceiptsStillCountersigned: receipts for a worker that is gone
-// (no stream opens), and those waiting when the sender stops, are
-// countersigned all the same: the routing node's ledger has them.
+// (no stream opens, and it is not back within the sender's AwayFor), and
+// those waiting when the sender stops, are countersigned all the same:
+// the routing node's ledger has them.
 func TestUnsentReceiptsStillCountersigned(t *testing.T) {
 	for _, stop := range []bool{false, true} {
 		t.Run(map[bool]string{false: "worker gone", true: "sender stopped"}[stop], func(t *testing.T) {
@@ -391,6 +392,33 @@ func TestUnsentReceiptsStillCountersigned(t *testing.T) {
 			p.wantSigned(t, 3)
 		})
 	}
+}
+
+// TestBatchWaitsForAWorkerBack: receipts for a worker not connected at
+// their turn (restarting) wait for it, and go once it is connected
+// again: its ledger takes them all.
+func TestBatchWaitsForAWorkerBack(t *testing.T) {
+	p := newPairWith(t, pairOpts{later: true})
+	p.hold = true
+	p.ask(t, 3)
+	if err := p.r.Network().ClosePeer(p.w.ID()); err != nil {
+		t.Fatal(err)
+	}
+	for _, rc := range p.consume {
+		p.sender.Add(proto.CloneOf(rc))
+	}
+	time.Sleep(300 * time.Millisecond) // several flushes while it is away
+	if sent, dropped := p.sender.Stats(); sent != 0 || dropped != 0 {
+		t.Fatalf("while the worker was away: %d sent, %d dropped", sent, dropped)
+	}
+	if err := p.r.Connect(t.Context(), peer.AddrInfo{ID: p.w.ID(), Addrs: p.w.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "3 countersigned receipts back once the worker is", func() bool { return countersigned(p.wled) == 3 })
+	if sent, dropped := p.sender.Stats(); sent != 3 || dropped != 0 {
+		t.Fatalf("sender: %d sent, %d dropped", sent, dropped)
+	}
+	p.wantSigned(t, 3)
 }
 
 // TestFailedBatchTriedOnceMore: a worker that reads a batch and resets
