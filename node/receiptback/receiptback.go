@@ -275,7 +275,7 @@ func (s *Sender) Run(ctx context.Context) {
 				default: // the loop is behind, or stopping: no second try
 				}
 			}
-			s.dropped.Add(uint64(len(b)))
+			s.drop(b)
 		}()
 		return true
 	}
@@ -298,7 +298,7 @@ func (s *Sender) Run(ctx context.Context) {
 			}
 		case f := <-failed:
 			if held+len(f.b) > maxWaiting {
-				s.dropped.Add(uint64(len(f.b)))
+				s.drop(f.b)
 				continue
 			}
 			held += len(f.b)
@@ -321,7 +321,7 @@ func (s *Sender) Run(ctx context.Context) {
 				case connected(s.h.Network().Connectedness(p)):
 					again[p] = append(again[p], a.b...)
 				case now.After(a.until):
-					s.dropped.Add(uint64(len(a.b)))
+					s.drop(a.b)
 					held -= len(a.b)
 				default:
 					continue
@@ -378,8 +378,9 @@ func connected(c network.Connectedness) bool {
 // send writes one batch to p on a connection that already exists: a
 // worker that just answered is connected, and one that is gone is not
 // worth a dial. The receipts are countersigned once the protocol is
-// known, whether the stream opened or not (then in one batch, for the
-// ledger: such a batch is not tried again). The worker closes the
+// known; a batch whose stream did not open stays as it was until it is
+// tried again (its worker back, and perhaps speaking only 1.0.0) or
+// dropped (drop countersigns it then, for the ledger). The worker closes the
 // stream once it has taken the batch: that close, which a reset or a
 // silence of the stream timeout is not, says the batch arrived. opened
 // reports whether the stream opened.
@@ -391,10 +392,10 @@ func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) (opened b
 		protos = []libp2pproto.ID{s.batch, s.proto}
 	}
 	st, err := s.h.NewStream(network.WithAllowLimitedConn(network.WithNoDial(ctx, "receipts"), "receipts"), p, protos...)
-	s.countersign(b, err != nil || (s.batch != "" && st.Protocol() == s.batch))
 	if err != nil {
 		return false, err
 	}
+	s.countersign(b, s.batch != "" && st.Protocol() == s.batch)
 	defer context.AfterFunc(ctx, func() { _ = st.Reset() })()
 	_ = st.SetDeadline(time.Now().Add(s.timeout))
 	fail := func(err error) (bool, error) {

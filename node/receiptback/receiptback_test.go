@@ -395,30 +395,44 @@ func TestUnsentReceiptsStillCountersigned(t *testing.T) {
 }
 
 // TestBatchWaitsForAWorkerBack: receipts for a worker not connected at
-// their turn (restarting) wait for it, and go once it is connected
-// again: its ledger takes them all.
+// their turn (its network dropped, or it restarts) wait for it, and go
+// once it is connected again: its ledger takes them all, countersigned
+// as it can check them (one by one for a worker that speaks only 1.0.0).
 func TestBatchWaitsForAWorkerBack(t *testing.T) {
-	p := newPairWith(t, pairOpts{later: true})
-	p.hold = true
-	p.ask(t, 3)
-	if err := p.r.Network().ClosePeer(p.w.ID()); err != nil {
-		t.Fatal(err)
+	for _, old := range []bool{false, true} {
+		t.Run(map[bool]string{false: "1.1.0", true: "1.0.0"}[old], func(t *testing.T) {
+			p := newPairWith(t, pairOpts{later: true, old: old})
+			p.hold = true
+			p.ask(t, 3)
+			if err := p.r.Network().ClosePeer(p.w.ID()); err != nil {
+				t.Fatal(err)
+			}
+			for _, rc := range p.consume {
+				p.sender.Add(proto.CloneOf(rc))
+			}
+			time.Sleep(300 * time.Millisecond) // several flushes while it is away
+			if sent, dropped := p.sender.Stats(); sent != 0 || dropped != 0 {
+				t.Fatalf("while the worker was away: %d sent, %d dropped", sent, dropped)
+			}
+			if err := p.r.Connect(t.Context(), peer.AddrInfo{ID: p.w.ID(), Addrs: p.w.Addrs()}); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "3 countersigned receipts back once the worker is", func() bool { return countersigned(p.wled) == 3 })
+			if sent, dropped := p.sender.Stats(); sent != 3 || dropped != 0 {
+				t.Fatalf("sender: %d sent, %d dropped", sent, dropped)
+			}
+			for _, rc := range p.wled.Snapshot().Recent {
+				var r pb.Receipt
+				if err := proto.Unmarshal(rc.Receipt, &r); err != nil {
+					t.Fatal(err)
+				}
+				if (r.GetRouterBatch() != nil) == old {
+					t.Fatalf("countersigned in a batch %v for a worker speaking 1.1.0 %v", r.GetRouterBatch() != nil, !old)
+				}
+			}
+			p.wantSigned(t, 3)
+		})
 	}
-	for _, rc := range p.consume {
-		p.sender.Add(proto.CloneOf(rc))
-	}
-	time.Sleep(300 * time.Millisecond) // several flushes while it is away
-	if sent, dropped := p.sender.Stats(); sent != 0 || dropped != 0 {
-		t.Fatalf("while the worker was away: %d sent, %d dropped", sent, dropped)
-	}
-	if err := p.r.Connect(t.Context(), peer.AddrInfo{ID: p.w.ID(), Addrs: p.w.Addrs()}); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "3 countersigned receipts back once the worker is", func() bool { return countersigned(p.wled) == 3 })
-	if sent, dropped := p.sender.Stats(); sent != 3 || dropped != 0 {
-		t.Fatalf("sender: %d sent, %d dropped", sent, dropped)
-	}
-	p.wantSigned(t, 3)
 }
 
 // TestFailedBatchTriedOnceMore: a worker that reads a batch and resets
