@@ -25,7 +25,7 @@ import (
 // hello (its subscriptions) can cross before our gossipsub has handled
 // the old connection's writer dying, and that handling then forgets all
 // the peer's subscriptions, while the new connection stays up. The peer
-// reads our gossip; we send it none of the topics it reads.
+// still subscribes to its topics; we send it nothing on them.
 //
 // So every node checks its connected swarm members: one connected for a
 // while that is not among the peers of the presence topic (which every node

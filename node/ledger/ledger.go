@@ -265,7 +265,7 @@ func (l *Ledger) load() error {
 	// away), and the new process takes what the old one signed.
 	for _, rc := range l.recent {
 		var r pb.Receipt
-		if rc.Role != Served || proto.Unmarshal(rc.Receipt, &r) != nil || receipt.Countersigned(&r) {
+		if rc.Role != Served || len(rc.Receipt) == 0 || proto.Unmarshal(rc.Receipt, &r) != nil || receipt.Countersigned(&r) {
 			continue
 		}
 		l.addPendingLocked(&r)
