@@ -1091,6 +1091,11 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 		case errors.As(err, &sc) && q.stale < maxStaleRetries:
 			q.stale++
 			delete(q.tried, tryKey{c.Peer, c.Announce.GetIncarnation()})
+			if c.alive {
+				// Asked again past its breaker: so it is on the new
+				// connection.
+				again = &c
+			}
 		case errors.As(err, &sc):
 			q.failures++
 			q.lastOf(c)
@@ -1111,7 +1116,9 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 				again = &c
 			}
 		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable), errors.As(err, &pf0):
-			q.lastOf(c)
+			if !errors.As(err, &pf0) {
+				q.lastOf(c) // the worker's own answer, not our pacing's
+			}
 			q.busy++
 		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
 			// Our table was stale (the model left that worker), or it
