@@ -10,7 +10,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
-	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 
 	"github.com/mtor-swarm/mtor/protocol"
 	"github.com/mtor-swarm/mtor/protocol/pb"
@@ -217,14 +216,13 @@ func TestSeekWorkersWhenKeptUnusable(t *testing.T) {
 	// connection's hello (see rejoin.go). Nodes repair that link; so the
 	// discoveries here serve the member protocol, as a node's do.
 	debugLogs(t)
-	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
 	hosts := make([]host.Host, 5)
 	for i := range hosts {
 		hosts[i] = newHost(t)
-		hosts[i].SetStreamHandler(member, func(s network.Stream) { _ = s.Reset() })
+		serveMember(hosts[i])
 	}
 	boot := WithBootstrap([]peer.AddrInfo{info(hosts[0])})
-	asNode := WithMemberProtocol(member)
+	asNode := WithMemberProtocol(testMember)
 	// Entries outlive the test unless replaced or disconnected.
 	long := WithAnnounceTTL(protocol.MaxAnnounceTTL)
 	view := newDiscovery(t, hosts[0], asNode)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
@@ -15,13 +16,22 @@ import (
 	"github.com/mtor-swarm/mtor/discovery/hostiletest"
 )
 
+// testMember stands for the query protocol every node serves
+// (WithMemberProtocol).
+const testMember = libp2pproto.ID("/mtor/test/query/1.0.0")
+
+// serveMember has h serve testMember, as a node serves its query
+// protocol: its peers take it for a swarm member.
+func serveMember(h host.Host) {
+	h.SetStreamHandler(testMember, func(s network.Stream) { _ = s.Reset() })
+}
+
 // At most maxRepairs gossip-link repairs run at once; the other broken
 // links wait for later checks, and each is repaired in the end. The peers
 // are real hosts that speak the member protocol but run no gossipsub, so
 // each one's link reads broken once its connection has settled; the
 // repair itself is replaced by one that holds until the test lets it go.
 func TestRepairsBounded(t *testing.T) {
-	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
 	const peers = 3 * maxRepairs
 	var (
 		mu       sync.Mutex
@@ -32,7 +42,7 @@ func TestRepairsBounded(t *testing.T) {
 		started  = make(chan struct{}, peers)
 	)
 	h := newHost(t)
-	newDiscovery(t, h, WithMemberProtocol(member), func(c *config) error {
+	newDiscovery(t, h, WithMemberProtocol(testMember), func(c *config) error {
 		c.repair = func(p peer.ID) {
 			mu.Lock()
 			running++
@@ -56,7 +66,7 @@ func TestRepairsBounded(t *testing.T) {
 	defer cancel()
 	for range peers {
 		b := newHost(t)
-		b.SetStreamHandler(member, func(s network.Stream) { _ = s.Reset() })
+		serveMember(b)
 		if err := h.Connect(ctx, info(b)); err != nil {
 			t.Fatal(err)
 		}
@@ -113,7 +123,6 @@ func TestRepairDialsAgain(t *testing.T) {
 }
 
 func testRepairDialsAgain(t *testing.T, listen string) {
-	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
 	// The repair's dials and their errors go to the package's output,
 	// which go test shows when the package fails: on CI its QUIC case
 	// once gave up after all its dials, for a reason not yet found.
@@ -125,7 +134,7 @@ func testRepairDialsAgain(t *testing.T, listen string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = b.Close() })
-	b.SetStreamHandler(member, func(s network.Stream) { _ = s.Reset() })
+	serveMember(b)
 	// Armed when the repair closes the connection: its next dial is
 	// refused.
 	closed := make(chan struct{}, 1)
@@ -136,7 +145,7 @@ func testRepairDialsAgain(t *testing.T, listen string) {
 		default:
 		}
 	}})
-	newDiscovery(t, h, WithMemberProtocol(member))
+	newDiscovery(t, h, WithMemberProtocol(testMember))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := h.Connect(ctx, info(b)); err != nil {
@@ -171,7 +180,6 @@ func testRepairDialsAgain(t *testing.T, listen string) {
 // busyMax. The peers are real hosts that speak the member protocol but
 // run no gossipsub: each one's link reads broken once it has settled.
 func TestRepairWaitsForQueriesInFlight(t *testing.T) {
-	const member = libp2pproto.ID("/mtor/test/query/1.0.0")
 	for _, tc := range []struct {
 		name       string
 		busyFor    time.Duration // how long the peer has queries in flight
@@ -186,7 +194,7 @@ func TestRepairWaitsForQueriesInFlight(t *testing.T) {
 			var busyUntil atomic.Int64 // unix ns
 			repaired := make(chan time.Time, 1)
 			h := newHost(t)
-			newDiscovery(t, h, WithMemberProtocol(member), WithBusy(func(peer.ID) bool { return time.Now().UnixNano() < busyUntil.Load() }),
+			newDiscovery(t, h, WithMemberProtocol(testMember), WithBusy(func(peer.ID) bool { return time.Now().UnixNano() < busyUntil.Load() }),
 				func(c *config) error {
 					c.busyMax = tc.busyMax
 					c.repair = func(peer.ID) {
@@ -198,7 +206,7 @@ func TestRepairWaitsForQueriesInFlight(t *testing.T) {
 					return nil
 				})
 			b := newHost(t)
-			b.SetStreamHandler(member, func(s network.Stream) { _ = s.Reset() })
+			serveMember(b)
 			start := time.Now()
 			busyUntil.Store(start.Add(rejoinGrace + tc.busyFor).UnixNano())
 			if err := h.Connect(t.Context(), info(b)); err != nil {
