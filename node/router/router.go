@@ -1115,10 +1115,11 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 				c.alive = true
 				again = &c
 			}
-		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable), errors.As(err, &pf0):
-			if !errors.As(err, &pf0) {
-				q.lastOf(c) // the worker's own answer, not our pacing's
-			}
+		case errors.As(err, &pf0):
+			// Our pacing's refusal: the worker was not asked.
+			q.busy++
+		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable):
+			q.lastOf(c)
 			q.busy++
 		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
 			// Our table was stale (the model left that worker), or it
