@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -27,8 +28,11 @@ func TestE2EReceiptsBackAfterAWorkerPause(t *testing.T) {
 }
 
 // receiptRetried is the bridge's debug line for a receipt stream that
-// failed and whose batch goes again.
-const receiptRetried = `"again": true`
+// failed and whose batch goes again; receiptFailed, for any that failed.
+const (
+	receiptRetried = `"again": true`
+	receiptFailed  = "returning receipts failed"
+)
 
 func testE2EReceiptsBackAfterAWorkerPause(t *testing.T, tr transport) {
 	needBinary(t)
@@ -71,7 +75,7 @@ func testE2EReceiptsBackAfterAWorkerPause(t *testing.T, tr transport) {
 			t.Fatal(err)
 		}
 		resumed = true
-		wantReceiptsBack(t, brAPI, brID, wAPI, wID, round*chats)
+		wantReceiptsBack(t, onHost(t), onHost(t), brAPI, brID, wAPI, wID, round*chats)
 		switch {
 		case !seesRetries:
 			t.Log("MTOR_E2E_LOG_LEVEL hides the bridge's receipt retries: whether the worker stopped before the receipts left is not checked")
@@ -116,14 +120,29 @@ func askChats(t *testing.T, url string, round, n int) {
 	}
 }
 
-// wantReceiptsBack waits up to 30 s for the worker's ledger to hold n
+// nodeCLI runs a client command (`mtor ARGS`) where a node's API is
+// reached: on this host, or in the node's network namespace.
+type nodeCLI func(args ...string) (code int, stdout, stderr string)
+
+// onHost runs client commands on this host.
+func onHost(t *testing.T) nodeCLI {
+	return func(args ...string) (int, string, string) { t.Helper(); return mtor(t, args...) }
+}
+
+// inNamespace runs client commands in the network namespace ns.
+func inNamespace(t *testing.T, ns string) nodeCLI {
+	return func(args ...string) (int, string, string) { t.Helper(); return mtorIn(t, ns, args...) }
+}
+
+// wantReceiptsBack waits up to 45 s for the worker's ledger to hold n
 // answers served to the bridge, each countersigned once, and checks the
-// bridge's ledger and both ledgers' receipts.
-func wantReceiptsBack(t *testing.T, brAPI, brID, wAPI, wID string, n int) {
+// bridge's ledger and both ledgers' receipts. brCLI and wCLI reach the
+// bridge's API brAPI and the worker's wAPI.
+func wantReceiptsBack(t *testing.T, brCLI, wCLI nodeCLI, brAPI, brID, wAPI, wID string, n int) {
 	t.Helper()
-	ledgerOf := func(apiAddr string) ledger.Snapshot {
+	ledgerOf := func(cli nodeCLI, apiAddr string) ledger.Snapshot {
 		t.Helper()
-		return ledgerFrom(t)(mtor(t, "ledger", "--api", apiAddr, "--json"))
+		return ledgerFrom(t)(cli("ledger", "--api", apiAddr, "--json"))
 	}
 	of := func(s ledger.Snapshot, p string) (e ledger.Entry) {
 		for _, e := range s.Peers {
@@ -134,22 +153,103 @@ func wantReceiptsBack(t *testing.T, brAPI, brID, wAPI, wID string, n int) {
 		return e
 	}
 	var wl ledger.Snapshot
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
-		wl = ledgerOf(wAPI)
+	for deadline := time.Now().Add(45 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		wl = ledgerOf(wCLI, wAPI)
 		if of(wl, brID).ServedCountersigned == uint64(n) || time.Now().After(deadline) {
 			break
 		}
 	}
 	if e := of(wl, brID); e.ServedCountersigned != uint64(n) || e.Served.Queries != uint64(n) {
-		t.Fatalf("after the pause the worker's ledger holds %d answers for the bridge, %d countersigned; want %d and %d",
+		t.Fatalf("the worker's ledger holds %d answers for the bridge, %d countersigned; want %d and %d",
 			e.Served.Queries, e.ServedCountersigned, n, n)
 	}
-	if got := of(ledgerOf(brAPI), wID).Consumed.Queries; got != uint64(n) {
+	if got := of(ledgerOf(brCLI, brAPI), wID).Consumed.Queries; got != uint64(n) {
 		t.Fatalf("the bridge's ledger holds %d answers of the worker, want %d", got, n)
 	}
-	for _, a := range []string{brAPI, wAPI} {
-		if code, out, stderr := mtor(t, "ledger", "--api", a, "--verify"); code != 0 || !strings.Contains(out, fmt.Sprintf("recent receipts: %d verified with both signatures, 0 with the worker's only", n)) {
-			t.Fatalf("ledger --verify on %s: exit %d, %s %s", a, code, out, stderr)
+	for _, c := range []struct {
+		cli nodeCLI
+		api string
+	}{{brCLI, brAPI}, {wCLI, wAPI}} {
+		if code, out, stderr := c.cli("ledger", "--api", c.api, "--verify"); code != 0 || !strings.Contains(out, fmt.Sprintf("recent receipts: %d verified with both signatures, 0 with the worker's only", n)) {
+			t.Fatalf("ledger --verify on %s: exit %d, %s %s", c.api, code, out, stderr)
 		}
+	}
+}
+
+// TestE2EReceiptsBackAfterADarkLink: a worker answers three queries, and
+// its link goes dark (every packet dropped both ways: no reset, no FIN)
+// for 14 s before the bridge returns their countersigned receipts: past
+// two receipt streams' bounds (5 s each), and long enough that either
+// side may close the connection as dead. Once the link is back, each
+// receipt is in the worker's ledger once, countersigned, and both ledgers
+// verify: Wi-Fi that roamed, or an uplink saturated for a moment, costs
+// a volunteer no credit. Before, a batch had two tries: on QUIC, whose
+// reset of a stream throws away what it carried, the receipts were lost.
+// On TCP and on QUIC, real processes in two network namespaces.
+func TestE2EReceiptsBackAfterADarkLink(t *testing.T) {
+	needBinary(t)
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs nftables (nft) to darken a link")
+	}
+	for _, tc := range []struct{ name, listen string }{
+		{"tcp", "/ip4/%s/tcp/0"},
+		{"quic", "/ip4/%s/udp/0/quic-v1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := newNetnsPair(t)
+			dir := t.TempDir()
+			args := func(name, ip string, extra ...string) []string {
+				return append([]string{"--data-dir", filepath.Join(dir, name), "--listen", fmt.Sprintf(tc.listen, ip),
+					"--api", "127.0.0.1:0", "--no-mdns", "--announce-interval", "1s"}, extra...)
+			}
+			br := startNodeLogged(t, "bridge", inNetns(n.a), "error,mtor/receiptback=debug", args("bridge", n.ipA, "--no-detect")...)
+			w := startNodeIn(t, "worker", inNetns(n.b), args("worker", n.ipB, "--backend", "demo", "--join", br.value("join"))...)
+			seesRetries := os.Getenv("MTOR_E2E_LOG_LEVEL") == "" || strings.Contains(os.Getenv("MTOR_E2E_LOG_LEVEL"), "mtor/receiptback=debug")
+			t.Cleanup(func() {
+				if t.Failed() {
+					for _, p := range []*proc{br, w} {
+						t.Logf("%s:\n%s", p.name, p.outputTail(8000))
+					}
+				}
+			})
+			brAPI, wAPI, brID, wID := br.value("api"), w.value("api"), br.value("peer"), w.value("peer")
+			waitPeersIn(t, n.a, brAPI, wID)
+
+			const queries = 3
+			for round := 1; ; round++ {
+				results := make([]streamedQuery, queries)
+				var wg sync.WaitGroup
+				for i := range queries {
+					wg.Go(func() {
+						results[i] = runStreamedQuery(t.Context(), n.a, brAPI, fmt.Sprintf("dark receipts %d.%d", round, i))
+					})
+				}
+				wg.Wait()
+				for i, r := range results {
+					if r.err != nil || !strings.HasSuffix(r.text, fmt.Sprintf("dark receipts %d.%d", round, i)) {
+						t.Fatalf("round %d, query %d: %q, %v", round, i, r.text, r.err)
+					}
+				}
+				before := strings.Count(br.output(), receiptFailed)
+				light := darken(t, n)
+				time.Sleep(14 * time.Second)
+				light()
+				began := time.Now()
+				wantReceiptsBack(t, inNamespace(t, n.a), inNamespace(t, n.b), brAPI, brID, wAPI, wID, round*queries)
+				failed := strings.Count(br.output(), receiptFailed) - before
+				switch {
+				case !seesRetries:
+					t.Log("MTOR_E2E_LOG_LEVEL hides the bridge's receipt retries: whether the link went dark before the receipts left is not checked")
+					return
+				case failed > 0:
+					t.Logf("round %d: %d receipt streams failed while the link was dark; the receipts were back %s after it came back",
+						round, failed, time.Since(began).Round(100*time.Millisecond))
+					return
+				case round == 3:
+					t.Fatal("in 3 rounds the receipts never left while the link was dark")
+				}
+				t.Logf("round %d: the receipts left before the link went dark; once more", round)
+			}
+		})
 	}
 }

@@ -39,28 +39,29 @@ const (
 	StreamTimeout = 5 * time.Second
 	maxWaiting    = 1024 // receipts queued for sending
 	maxStreams    = 4    // receipt streams open at once
-	// AwayFor is how long a batch waits for its worker to be connected
-	// again when it was not at the batch's turn: a volunteer's network
-	// that dropped and came back (the same process still awaits the
-	// receipts), or a restart (the ledger's file keeps what it signed).
-	AwayFor = 30 * time.Second
+	// RetryFor is how long a batch whose stream failed is tried again
+	// (and waits for its worker to be connected again): a volunteer's
+	// process paused, its link dark for a moment, its network dropped
+	// and back (the same process still awaits the receipts), or a
+	// restart (the ledger's file keeps what it signed).
+	RetryFor = 30 * time.Second
 )
 
 // Sender gathers receipts per worker, countersigns those that need it
 // and sends them back.
 type Sender struct {
-	h       host.Host
-	proto   libp2pproto.ID
-	batch   libp2pproto.ID    // the 1.1.0 protocol; "" for none
-	key     crypto.PrivKey    // countersigns the receipts that come without
-	signed  func(*pb.Receipt) // each receipt countersigned here, once
-	flush   time.Duration
-	timeout time.Duration // one stream's
-	awayFor time.Duration // a batch's wait for its worker to be back
-	in      chan *pb.Receipt
-	dropped atomic.Uint64
-	sent    atomic.Uint64
-	retried atomic.Uint64 // batches tried a second time
+	h        host.Host
+	proto    libp2pproto.ID
+	batch    libp2pproto.ID    // the 1.1.0 protocol; "" for none
+	key      crypto.PrivKey    // countersigns the receipts that come without
+	signed   func(*pb.Receipt) // each receipt countersigned here, once
+	flush    time.Duration
+	timeout  time.Duration // one stream's
+	retryFor time.Duration // how long a failed batch is tried again
+	in       chan *pb.Receipt
+	dropped  atomic.Uint64
+	sent     atomic.Uint64
+	retried  atomic.Uint64 // streams that were a batch's later tries
 	// stopped: Run has ended, and Add countersigns at once; the lock
 	// orders an Add against the last look at in.
 	mu      sync.RWMutex
@@ -79,12 +80,12 @@ func WithFlushInterval(d time.Duration) Option {
 	}
 }
 
-// WithAwayFor bounds how long a batch waits for a worker that was not
-// connected at its turn (AwayFor by default).
-func WithAwayFor(d time.Duration) Option {
+// WithRetryFor bounds how long a batch whose stream failed is tried
+// again, from its first failure (RetryFor by default).
+func WithRetryFor(d time.Duration) Option {
 	return func(s *Sender) {
 		if d > 0 {
-			s.awayFor = d
+			s.retryFor = d
 		}
 	}
 }
@@ -112,7 +113,7 @@ func WithBatches(batchProto libp2pproto.ID, key crypto.PrivKey, signed func(*pb.
 // NewSender sends over h with the receipt protocol proto
 // (protocol.ReceiptProtocol). Run must be running for anything to leave.
 func NewSender(h host.Host, proto libp2pproto.ID, opts ...Option) *Sender {
-	s := &Sender{h: h, proto: proto, flush: DefaultFlushInterval, timeout: StreamTimeout, awayFor: AwayFor, in: make(chan *pb.Receipt, maxWaiting)}
+	s := &Sender{h: h, proto: proto, flush: DefaultFlushInterval, timeout: StreamTimeout, retryFor: RetryFor, in: make(chan *pb.Receipt, maxWaiting)}
 	for _, o := range opts {
 		o(s)
 	}
@@ -182,7 +183,7 @@ func (s *Sender) countersign(rs []*pb.Receipt, batch bool) {
 // Stats reports the receipts sent and dropped so far.
 func (s *Sender) Stats() (sent, dropped uint64) { return s.sent.Load(), s.dropped.Load() }
 
-// Retried reports how many batches were sent a second time.
+// Retried reports how many streams were a batch's later tries.
 func (s *Sender) Retried() uint64 { return s.retried.Load() }
 
 // Run sends batches until ctx ends; receipts still waiting then are
@@ -194,14 +195,16 @@ func (s *Sender) Run(ctx context.Context) {
 	// most maxStreams, and the rest wait for the next (a router that
 	// countersigned for many workers in one period loses none); only
 	// receipts beyond maxWaiting held are dropped. A batch whose stream
-	// opened and then failed while its worker stayed connected waits in
-	// again for one more try (a stream reset at a limit for a moment, a
-	// connection replaced under it). One whose worker was not connected
-	// at its turn waits in away for the worker to be back, AwayFor at
-	// most, and then goes as a last try.
+	// failed in any way but the worker refusing the protocol waits in
+	// retry and goes again, while its worker is connected, each try later
+	// after the last failure (backoff), until RetryFor after its first
+	// failure; past that it has one more try if its worker is connected,
+	// and is dropped if not. So receipts outlast a worker paused a moment
+	// (SIGSTOP, a laptop's lid), a link dark for seconds under a live
+	// connection, and a network that dropped and came back: the same
+	// process awaits them, and a restarted one finds them in its ledger.
 	batches := map[peer.ID][]*pb.Receipt{}
-	again := map[peer.ID][]*pb.Receipt{}
-	away := map[peer.ID]*awayBatch{}
+	retry := map[peer.ID]*retrying{}
 	failed := make(chan failure, maxStreams)
 	held := 0
 	defer func() {
@@ -222,62 +225,68 @@ func (s *Sender) Run(ctx context.Context) {
 		wg.Wait()
 		close(failed)
 		for f := range failed {
-			again[f.p] = append(again[f.p], f.b...)
+			batches[f.p] = append(batches[f.p], f.b...)
 		}
-		for p, a := range away {
-			again[p] = append(again[p], a.b...)
+		for p, r := range retry {
+			batches[p] = append(batches[p], r.b...)
 		}
-		for _, m := range []map[peer.ID][]*pb.Receipt{batches, again} {
-			for _, b := range m {
-				for len(b) > 0 {
-					n := min(len(b), protocol.MaxReceiptBatch)
-					s.drop(b[:n])
-					b = b[n:]
-				}
+		for _, b := range batches {
+			for len(b) > 0 {
+				n := min(len(b), protocol.MaxReceiptBatch)
+				s.drop(b[:n])
+				b = b[n:]
 			}
 		}
 	}()
-	send := func(from map[peer.ID][]*pb.Receipt, p peer.ID, last bool) bool {
-		select {
-		case sem <- struct{}{}:
-		default:
-			return false
-		}
-		all := from[p]
-		n := min(len(all), protocol.MaxReceiptBatch)
-		b := all[:n:n]
-		if n == len(all) {
-			delete(from, p)
-		} else {
-			from[p] = all[n:]
-		}
+	// next takes the first MaxReceiptBatch receipts of *all.
+	next := func(all *[]*pb.Receipt) []*pb.Receipt {
+		n := min(len(*all), protocol.MaxReceiptBatch)
+		b := (*all)[:n:n]
+		*all = (*all)[n:]
 		held -= n
+		return b
+	}
+	// try sends b to p from a goroutine of its own, once a stream is
+	// free (free), with the batch's history st (zero: a first try).
+	try := func(p peer.ID, b []*pb.Receipt, st tries, last bool) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			if last {
+			if st.n > 0 {
 				s.retried.Add(1)
 			}
-			opened, err := s.send(ctx, p, b)
+			err := s.send(ctx, p, b)
 			if err == nil {
 				s.sent.Add(uint64(len(b)))
 				return
 			}
 			worth := !last && worthAnotherTry(err) && ctx.Err() == nil
-			on := connected(s.h.Network().Connectedness(p))
-			again, gone := worth && opened && on, worth && !on
-			log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", again, "away", gone, "err", err)
-			if again || gone {
+			log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", worth, "tries", st.n+1,
+				"connected", connected(s.h.Network().Connectedness(p)), "err", err)
+			if worth {
+				now := time.Now()
+				if st.n == 0 {
+					st.until = now.Add(s.retryFor)
+				}
+				st.n++
+				st.after = now.Add(s.backoff(st.n))
 				select {
-				case failed <- failure{p, b, gone}:
+				case failed <- failure{p, b, st}:
 					return
-				default: // the loop is behind, or stopping: no second try
+				default: // the loop is behind, or stopping: no other try
 				}
 			}
 			s.drop(b)
 		}()
-		return true
+	}
+	free := func() bool {
+		select {
+		case sem <- struct{}{}:
+			return true
+		default:
+			return false
+		}
 	}
 	t := time.NewTicker(s.flush)
 	defer t.Stop()
@@ -293,8 +302,10 @@ func (s *Sender) Run(ctx context.Context) {
 			p := peer.ID(r.GetWorker())
 			batches[p] = append(batches[p], r)
 			held++
-			if len(batches[p]) >= protocol.MaxReceiptBatch {
-				send(batches, p, false)
+			if len(batches[p]) >= protocol.MaxReceiptBatch && free() {
+				all := batches[p]
+				try(p, next(&all), tries{}, false)
+				batches[p] = all
 			}
 		case f := <-failed:
 			if held+len(f.b) > maxWaiting {
@@ -302,70 +313,102 @@ func (s *Sender) Run(ctx context.Context) {
 				continue
 			}
 			held += len(f.b)
-			if f.away {
-				a := away[f.p]
-				if a == nil {
-					a = &awayBatch{until: time.Now().Add(s.awayFor)}
-					away[f.p] = a
-				}
-				a.b = append(a.b, f.b...)
-				continue
+			r := retry[f.p]
+			if r == nil {
+				r = &retrying{st: f.st}
+				retry[f.p] = r
+			} else {
+				r.st = r.st.merge(f.st)
 			}
-			again[f.p] = append(again[f.p], f.b...)
+			r.b = append(r.b, f.b...)
 		case <-t.C:
-			// A worker back in time has its batches go as second
-			// tries; the others' wait ends at their bound.
+			// Batches that failed first: they have waited already.
 			now := time.Now()
-			for p, a := range away {
+		retries:
+			for p, r := range retry {
+				last := !now.Before(r.st.until)
 				switch {
-				case connected(s.h.Network().Connectedness(p)):
-					again[p] = append(again[p], a.b...)
-				case now.After(a.until):
-					s.drop(a.b)
-					held -= len(a.b)
+				case now.Before(r.st.after):
+				case !connected(s.h.Network().Connectedness(p)):
+					if last { // away past its bound
+						held -= len(r.b)
+						s.drop(r.b)
+						delete(retry, p)
+					}
+				case !free():
+					break retries
 				default:
-					continue
-				}
-				delete(away, p)
-			}
-			// Second tries first: they have waited a period already.
-			for p := range again {
-				if !send(again, p, true) {
-					break
+					try(p, next(&r.b), r.st, last)
+					if len(r.b) == 0 {
+						delete(retry, p)
+					}
 				}
 			}
-			for p := range batches {
-				if !send(batches, p, false) {
+			for p, all := range batches {
+				if !free() {
 					break
+				}
+				try(p, next(&all), tries{}, false)
+				if len(all) == 0 {
+					delete(batches, p)
+				} else {
+					batches[p] = all
 				}
 			}
 		}
 	}
 }
 
-// failure is a batch whose stream failed, for another try; away, at
-// once or once its worker is connected again.
-type failure struct {
-	p    peer.ID
-	b    []*pb.Receipt
-	away bool
+// tries is a batch's history of failed streams.
+type tries struct {
+	n     int       // streams that failed
+	until time.Time // RetryFor after the first failure: then a last try
+	after time.Time // no try before: the backoff after the last failure
 }
 
-// awayBatch is what waits for a worker that was not connected at its
-// batch's turn, until its bound.
-type awayBatch struct {
-	b     []*pb.Receipt
-	until time.Time
+// merge is the history of two batches for one worker waiting together:
+// neither waits less than it would have alone.
+func (a tries) merge(b tries) tries {
+	if b.n > a.n {
+		a.n = b.n
+	}
+	if b.until.After(a.until) {
+		a.until = b.until
+	}
+	if b.after.After(a.after) {
+		a.after = b.after
+	}
+	return a
+}
+
+// backoff is the wait before a batch's next try after its nth failure:
+// one flush, doubling, at most a stream's bound. A worker that keeps
+// resetting the stream is asked about ten times in RetryFor; one whose
+// link is dark is tried again about once per stream timeout.
+func (s *Sender) backoff(n int) time.Duration {
+	return min(s.flush<<min(n-1, 16), s.timeout)
+}
+
+// failure is a batch whose stream failed, for another try.
+type failure struct {
+	p  peer.ID
+	b  []*pb.Receipt
+	st tries
+}
+
+// retrying is what waits for another try, for one worker.
+type retrying struct {
+	b  []*pb.Receipt
+	st tries
 }
 
 // worthAnotherTry reports whether a batch whose stream failed with err
-// may go through on a second one: not when the worker refused the
-// protocol (at once, or resetting a stream opened on what its
-// announced protocols promised). A stream the worker let time out is
-// tried again: a process paused for a few seconds (a laptop's lid, a
-// SIGSTOP) takes the second, while on QUIC the first one's reset had
-// thrown away what it carried. The second wait holds one of the
-// maxStreams for the stream timeout at most, once per batch.
+// may go through on another: not when the worker refused the protocol
+// (at once, or resetting a stream opened on what its announced protocols
+// promised). A stream the worker let time out is tried again: a process
+// paused for a few seconds (a laptop's lid, a SIGSTOP) or a link dark
+// under a live connection takes a later one, while on QUIC the first
+// one's reset had thrown away what it carried.
 func worthAnotherTry(err error) bool {
 	return !liveness.RefusedProtocol(err)
 }
@@ -382,9 +425,8 @@ func connected(c network.Connectedness) bool {
 // tried again (its worker back, and perhaps speaking only 1.0.0) or
 // dropped (drop countersigns it then, for the ledger). The worker closes the
 // stream once it has taken the batch: that close, which a reset or a
-// silence of the stream timeout is not, says the batch arrived. opened
-// reports whether the stream opened.
-func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) (opened bool, err error) {
+// silence of the stream timeout is not, says the batch arrived.
+func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	protos := []libp2pproto.ID{s.proto}
@@ -393,17 +435,17 @@ func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) (opened b
 	}
 	st, err := s.h.NewStream(network.WithAllowLimitedConn(network.WithNoDial(ctx, "receipts"), "receipts"), p, protos...)
 	if err != nil {
-		return false, err
+		return err
 	}
 	s.countersign(b, s.batch != "" && st.Protocol() == s.batch)
 	defer context.AfterFunc(ctx, func() { _ = st.Reset() })()
 	_ = st.SetDeadline(time.Now().Add(s.timeout))
-	fail := func(err error) (bool, error) {
+	fail := func(err error) error {
 		_ = st.Reset()
 		if e := ctx.Err(); e != nil { // the reset above may be the timeout's
 			err = fmt.Errorf("%w: %w", e, err)
 		}
-		return true, err
+		return err
 	}
 	if err := protocol.WriteFrame(st, &pb.ReceiptBatch{Receipts: b}); err != nil {
 		return fail(err)
@@ -416,7 +458,7 @@ func (s *Sender) send(ctx context.Context, p peer.ID, b []*pb.Receipt) (opened b
 		return fail(fmt.Errorf("the worker did not take the batch: %d bytes, %w", n, err))
 	}
 	_ = st.Close() // taken: what the close says no longer matters
-	return true, nil
+	return nil
 }
 
 // Receiver is the worker side: it takes the countersigned receipts of

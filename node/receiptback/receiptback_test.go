@@ -88,7 +88,7 @@ func newPairWith(t *testing.T, o pairOpts) *pair {
 		t.Fatal(err)
 	}
 	rkey := p.r.Peerstore().PrivKey(p.r.ID())
-	p.sender = NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond), WithAwayFor(time.Second), WithBatches(receiptBatchProto, rkey, func(r *pb.Receipt) {
+	p.sender = NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond), WithRetryFor(time.Second), WithBatches(receiptBatchProto, rkey, func(r *pb.Receipt) {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		p.signed = append(p.signed, proto.CloneOf(r))
@@ -213,7 +213,7 @@ func TestForeignReceiptsIgnored(t *testing.T) {
 			// The worker closes the stream of a batch it read, taken or
 			// not, and resets that of an oversized one: the sender, which
 			// waits for the close, sees which.
-			_, err := s.send(t.Context(), p.w.ID(), tc.batch)
+			err := s.send(t.Context(), p.w.ID(), tc.batch)
 			if oversized := len(tc.batch) > protocol.MaxReceiptBatch; (err != nil) != oversized {
 				t.Fatalf("send of %d receipts: %v", len(tc.batch), err)
 			}
@@ -357,7 +357,7 @@ func cmpOr(a, b []byte) []byte {
 }
 
 // TestUnsentReceiptsStillCountersigned: receipts for a worker that is gone
-// (no stream opens, and it is not back within the sender's AwayFor), and
+// (no stream opens, and it is not back within the sender's RetryFor), and
 // those waiting when the sender stops, are countersigned all the same:
 // the routing node's ledger has them.
 func TestUnsentReceiptsStillCountersigned(t *testing.T) {
@@ -435,11 +435,12 @@ func TestBatchWaitsForAWorkerBack(t *testing.T) {
 	}
 }
 
-// TestFailedBatchTriedOnceMore: a worker that reads a batch and resets
-// the stream instead of taking it (a limit hit, a connection replaced)
-// gets the batch again at the next flush, and takes it then; one that
-// always does gets two tries, and the receipts are counted dropped.
-func TestFailedBatchTriedOnceMore(t *testing.T) {
+// TestFailedBatchTriedAgain: a worker that reads a batch and resets the
+// stream instead of taking it (a limit hit, a connection replaced) gets
+// the batch again after a backoff, and takes it then; one that always
+// does gets a bounded number of tries, each later than the last, until
+// the sender's RetryFor has passed, and the receipts are counted dropped.
+func TestFailedBatchTriedAgain(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		resets int64 // streams the worker reads and resets before taking any
@@ -463,6 +464,7 @@ func TestFailedBatchTriedOnceMore(t *testing.T) {
 				}
 				take(s)
 			})
+			start := time.Now()
 			p.ask(t, 3)
 			if tc.resets == 1 {
 				waitFor(t, "3 countersigned receipts back after a reset", func() bool { return countersigned(p.wled) == 3 })
@@ -472,11 +474,19 @@ func TestFailedBatchTriedOnceMore(t *testing.T) {
 				}
 				return
 			}
-			waitFor(t, "3 receipts dropped after two tries", func() bool { _, d := p.sender.Stats(); return d == 3 })
-			time.Sleep(300 * time.Millisecond) // no third try comes
-			if sent, _ := p.sender.Stats(); sent != 0 || refused.Load() != 6 || countersigned(p.wled) != 0 {
-				t.Fatalf("sender: %d sent; the worker refused %d receipts in %d streams (want each twice) and took %d",
-					sent, refused.Load(), streams.Load(), countersigned(p.wled))
+			waitFor(t, "3 receipts dropped after the tries", func() bool { _, d := p.sender.Stats(); return d == 3 })
+			took := time.Since(start)
+			time.Sleep(300 * time.Millisecond) // no other try comes
+			// RetryFor is 1 s and the flush 50 ms: tries about 50, 100,
+			// 200, 400 and 800 ms apart, then one past the second.
+			n := streams.Load()
+			if sent, _ := p.sender.Stats(); sent != 0 || refused.Load() != 3*n || countersigned(p.wled) != 0 {
+				t.Fatalf("sender: %d sent; the worker refused %d receipts in %d streams (want 3 each) and took %d",
+					sent, refused.Load(), n, countersigned(p.wled))
+			}
+			if n < 4 || n > 8 || took < time.Second || p.sender.Retried() != uint64(n-1) {
+				t.Fatalf("%d tries in %s (%d counted later tries): want 4 to 8 within the sender's RetryFor of 1 s and one past it",
+					n, took.Round(time.Millisecond), p.sender.Retried())
 			}
 			p.mu.Lock()
 			defer p.mu.Unlock()
@@ -487,24 +497,64 @@ func TestFailedBatchTriedOnceMore(t *testing.T) {
 	}
 }
 
-// TestWhenASecondTry: a batch is not tried again when the worker refuses
+// TestBatchOutlastsADarkLink: a worker whose connection stays up but
+// which takes no batch for several stream timeouts (its link dark, its
+// process paused) gets the batch once it takes streams again, within the
+// sender's RetryFor: before, a batch had two tries and was dropped.
+func TestBatchOutlastsADarkLink(t *testing.T) {
+	p := newPairWith(t, pairOpts{later: true})
+	take := NewReceiver(p.w.ID(), p.wled.Pending, p.wled.Countersigned).HandleStream
+	var dark atomic.Bool
+	var unanswered atomic.Int64
+	dark.Store(true)
+	p.w.SetStreamHandler(receiptBatchProto, func(s network.Stream) {
+		if dark.Load() {
+			unanswered.Add(1)
+			_, _ = io.Copy(io.Discard, s) // read, never closed: the sender's timeout ends it
+			return
+		}
+		take(s)
+	})
+	s := NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond), WithStreamTimeout(200*time.Millisecond),
+		WithRetryFor(3*time.Second), WithBatches(receiptBatchProto, p.r.Peerstore().PrivKey(p.r.ID()), nil))
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	p.hold = true
+	p.ask(t, 3)
+	for _, rc := range p.consume {
+		s.Add(proto.CloneOf(rc))
+	}
+	waitFor(t, "three streams let time out", func() bool { return unanswered.Load() >= 3 })
+	if sent, dropped := s.Stats(); sent != 0 || dropped != 0 {
+		t.Fatalf("while the link was dark: %d sent, %d dropped", sent, dropped)
+	}
+	dark.Store(false)
+	waitFor(t, "3 countersigned receipts back once the link is", func() bool { return countersigned(p.wled) == 3 })
+	if sent, dropped := s.Stats(); sent != 3 || dropped != 0 || s.Retried() < 3 {
+		t.Fatalf("sender: %d sent, %d dropped, %d later tries", sent, dropped, s.Retried())
+	}
+}
+
+// TestWhenTriedAgain: a batch is not tried again when the worker refuses
 // the protocol, at once or on a stream opened on what its protocols
 // promised (lazily): the batch is dropped after one stream. One the
 // worker lets time out (a process paused, a laptop asleep for a moment)
-// is tried once more, then dropped. A worker that closes the stream
-// takes it.
-func TestWhenASecondTry(t *testing.T) {
+// is tried again until the sender's RetryFor, then dropped. A worker
+// that closes the stream takes it.
+func TestWhenTriedAgain(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		handler network.StreamHandler // on the batch protocol; nil: none
 		promise bool                  // the sender's peerstore says the worker speaks it
 		sent    bool
-		retried uint64
+		again   bool // tried again
 	}{
-		{"refused", nil, false, false, 0},
-		{"refused after a lazy open", nil, true, false, 0},
-		{"never closed", func(s network.Stream) { _, _ = io.Copy(io.Discard, s) }, false, false, 1},
-		{"taken", func(s network.Stream) { _, _ = io.Copy(io.Discard, s); _ = s.Close() }, false, true, 0},
+		{"refused", nil, false, false, false},
+		{"refused after a lazy open", nil, true, false, false},
+		{"never closed", func(s network.Stream) { _, _ = io.Copy(io.Discard, s) }, false, false, true},
+		{"taken", func(s network.Stream) { _, _ = io.Copy(io.Discard, s); _ = s.Close() }, false, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, w := newHost(t), newHost(t)
@@ -519,16 +569,17 @@ func TestWhenASecondTry(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			s := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond), WithStreamTimeout(300*time.Millisecond))
+			s := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond), WithStreamTimeout(300*time.Millisecond), WithRetryFor(time.Second))
 			ctx, cancel := context.WithCancel(t.Context())
 			done := make(chan struct{})
 			go func() { s.Run(ctx); close(done) }()
 			defer func() { cancel(); <-done }()
 			s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{1}})
 			waitFor(t, "the receipt sent or dropped", func() bool { sent, dropped := s.Stats(); return sent+dropped == 1 })
-			time.Sleep(200 * time.Millisecond) // a second try would come within a few flushes
-			if sent, dropped := s.Stats(); (sent == 1) != tc.sent || sent+dropped != 1 || s.Retried() != tc.retried {
-				t.Fatalf("sent %d, dropped %d, retried %d batches, want %d", sent, dropped, s.Retried(), tc.retried)
+			retried := s.Retried()
+			time.Sleep(200 * time.Millisecond) // another try would come within a few flushes
+			if sent, dropped := s.Stats(); (sent == 1) != tc.sent || sent+dropped != 1 || (retried > 0) != tc.again || s.Retried() != retried {
+				t.Fatalf("sent %d, dropped %d, %d later tries (then %d), want later tries %v", sent, dropped, retried, s.Retried(), tc.again)
 			}
 		})
 	}
