@@ -1489,6 +1489,167 @@ func TestSilentButAliveWorkerAskedAgainPastItsBreaker(t *testing.T) {
 	}
 }
 
+// TestAskedAgainThroughARestart: three queries fall silent on the only
+// worker together (its breaker opens), it answers a ping, and each is
+// asked again past its breaker; then its process dies (its QUIC
+// connection goes silent, nothing resets it) and a new process with its
+// key connects. The connection checker closes the old connection as
+// dead, which breaks the three retries: each is asked again, past the
+// breaker still, and the new process answers all three. Without that
+// third try the open breaker left no worker, and the queries failed.
+func TestAskedAgainThroughARestart(t *testing.T) {
+	key, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const quic = "/ip4/127.0.0.1/udp/0/quic-v1"
+	h := testHostOn(t, quic)
+	var handed, pinged atomic.Int64
+	stop := make(chan struct{})
+	t.Cleanup(func() { close(stop) })
+	var proxy *udpProxy
+	var restart sync.Once
+	restarted := make(chan host.Host, 1)
+	old := testHostOn(t, quic, libp2p.Identity(key))
+	old.SetStreamHandler(testProto, func(s network.Stream) {
+		var req pb.QueryRequest
+		if err := protocol.NewFrameReader(s, protocol.MaxRequestFrame).Read(&req); err != nil {
+			s.Reset()
+			return
+		}
+		if n := handed.Add(1); n <= 3 {
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		} else if n == 6 {
+			// All three asked again: the process dies now, and its
+			// successor comes.
+			restart.Do(func() {
+				proxy.freeze()
+				go func() {
+					w := serveBackend(testHostOn(t, quic, libp2p.Identity(key)), demo.New("new", demo.WithDelay(0)))
+					if err := w.Connect(context.Background(), peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}); err != nil {
+						t.Error(err)
+					}
+					restarted <- w
+				}()
+			})
+		}
+		<-stop
+		s.Reset()
+	})
+	old.SetStreamHandler(ping.ID, func(s network.Stream) {
+		pinged.Add(1)
+		defer s.Close()
+		buf := make([]byte, ping.PingSize)
+		for {
+			if _, err := io.ReadFull(s, buf); err != nil {
+				return
+			}
+			if _, err := s.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	proxy = newUDPProxy(t, old.Addrs()[0])
+	if err := h.Connect(t.Context(), peer.AddrInfo{ID: old.ID(), Addrs: []ma.Multiaddr{proxy.addr}}); err != nil {
+		t.Fatal(err)
+	}
+	live := liveness.New(h, liveness.WithTimeout(100*time.Millisecond))
+	t.Cleanup(live.Close)
+	r := New(h, testProto, staticTable{cand(string(old.ID()), 0, 4, 100, 0, demoModel)}, WithConnChecker(live),
+		WithIdleTimeout(time.Second), WithRetryBackoff(time.Millisecond))
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, 3)
+	for i := range errs {
+		wg.Go(func() {
+			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+			if err == nil && res.Attempts != 3 {
+				err = fmt.Errorf("answered in %d attempts, want 3 (silent, the dead connection, the new process)", res.Attempts)
+			}
+			errs[i] = err
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("query %d: %v", i, err)
+		}
+	}
+	if got := handed.Load(); got != 6 || pinged.Load() == 0 {
+		t.Errorf("the old process was handed %d queries and pinged %d times, want the 3 and each again, after a ping", got, pinged.Load())
+	}
+	select {
+	case <-restarted:
+	default:
+		t.Fatal("no new process")
+	}
+	if live.Closed() == 0 {
+		t.Error("the old process's connection was not closed as dead")
+	}
+}
+
+// TestAskedAgainButPacedOut: a query falls silent on the only worker,
+// which answers a ping; meanwhile another query took the one stream open
+// this node's pacing allows that worker, with none let wait. The retry is
+// refused here, so the worker was never asked again: its silence stays
+// in the query's error, beside the refusal.
+func TestAskedAgainButPacedOut(t *testing.T) {
+	var handed, pings atomic.Int64
+	stop := make(chan struct{})
+	other, otherArrived := make(chan struct{}), make(chan struct{})
+	w := fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
+		if handed.Add(1) == 2 {
+			close(otherArrived)
+		}
+		<-stop // silent: not even Accepted
+		s.Reset()
+	})
+	w.SetStreamHandler(ping.ID, func(s network.Stream) {
+		if pings.Add(1) == 1 {
+			// The first query's ping: the other query comes now, and
+			// takes the free turn before the ping is answered.
+			close(other)
+			<-otherArrived
+		}
+		defer s.Close()
+		buf := make([]byte, ping.PingSize)
+		for {
+			if _, err := io.ReadFull(s, buf); err != nil {
+				return
+			}
+			if _, err := s.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	h := testHost(t)
+	t.Cleanup(func() { close(stop) }) // before the hosts close
+	connect(t, h, w)
+	r := New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, WithOpenPacing(1, 0),
+		WithAcceptTimeout(300*time.Millisecond), WithIdleTimeout(300*time.Millisecond), WithRetryBackoff(time.Millisecond))
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	ask := func() error {
+		_, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+		return err
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		<-other
+		_ = ask()
+	})
+	err := ask()
+	pe := protocol.AsError(err)
+	if want := "1 worker did not answer, 1 busy or shutting down"; pe == nil || pe.Code != protocol.CodeUnavailable || pe.Message != want {
+		t.Fatalf("error %v, want UNAVAILABLE: %s", err, want)
+	}
+	if pings.Load() == 0 {
+		t.Fatal("the silent worker was not pinged")
+	}
+}
+
 // TestWithAgain: the worker to be tried again replaces the same process's
 // entry in a fresh ranking (which lacks its alive mark), is added when the
 // ranking lacks it, and leaves a newer process of the peer as ranked.
