@@ -39,6 +39,8 @@ const (
 	StreamTimeout = 5 * time.Second
 	maxWaiting    = 1024 // receipts queued for sending
 	maxStreams    = 4    // receipt streams open at once
+	// maxRetryStreams of them may be later tries of failed batches.
+	maxRetryStreams = maxStreams / 2
 	// RetryFor is how long a batch whose stream failed is tried again
 	// (and waits for its worker to be connected again): a volunteer's
 	// process paused, its link dark for a moment, its network dropped
@@ -190,7 +192,6 @@ func (s *Sender) Retried() uint64 { return s.retried.Load() }
 // dropped.
 func (s *Sender) Run(ctx context.Context) {
 	var wg sync.WaitGroup
-	sem := make(chan struct{}, maxStreams)
 	// Receipts wait per worker until a stream is free: one tick opens at
 	// most maxStreams, and the rest wait for the next (a router that
 	// countersigned for many workers in one period loses none); only
@@ -203,9 +204,14 @@ func (s *Sender) Run(ctx context.Context) {
 	// (SIGSTOP, a laptop's lid), a link dark for seconds under a live
 	// connection, and a network that dropped and came back: the same
 	// process awaits them, and a restarted one finds them in its ledger.
+	// Later tries hold at most maxRetryStreams of the streams, one per
+	// worker, so that workers gone dark do not keep the others' first
+	// tries waiting.
 	batches := map[peer.ID][]*pb.Receipt{}
 	retry := map[peer.ID]*retrying{}
-	failed := make(chan failure, maxStreams)
+	finished := make(chan outcome, maxStreams)
+	streams, retries := 0, 0
+	busy := map[peer.ID]bool{} // a later try to the worker in flight
 	held := 0
 	defer func() {
 		// Stopping: what waits is countersigned (the ledger has it),
@@ -223,9 +229,9 @@ func (s *Sender) Run(ctx context.Context) {
 			}
 		}
 		wg.Wait()
-		close(failed)
-		for f := range failed {
-			batches[f.p] = append(batches[f.p], f.b...)
+		close(finished)
+		for o := range finished {
+			batches[o.p] = append(batches[o.p], o.b...)
 		}
 		for p, r := range retry {
 			batches[p] = append(batches[p], r.b...)
@@ -246,47 +252,42 @@ func (s *Sender) Run(ctx context.Context) {
 		held -= n
 		return b
 	}
-	// try sends b to p from a goroutine of its own, once a stream is
-	// free (free), with the batch's history st (zero: a first try).
+	// try sends b to p from a goroutine of its own, with the batch's
+	// history st (zero: a first try); the loop hears how it ended.
 	try := func(p peer.ID, b []*pb.Receipt, st tries, last bool) {
+		streams++
+		later := st.n > 0
+		if later {
+			retries++
+			busy[p] = true
+			s.retried.Add(1)
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-sem }()
-			if st.n > 0 {
-				s.retried.Add(1)
-			}
-			err := s.send(ctx, p, b)
-			if err == nil {
+			o := outcome{p: p, later: later}
+			if err := s.send(ctx, p, b); err == nil {
 				s.sent.Add(uint64(len(b)))
-				return
-			}
-			worth := !last && worthAnotherTry(err) && ctx.Err() == nil
-			log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", worth, "tries", st.n+1,
-				"connected", connected(s.h.Network().Connectedness(p)), "err", err)
-			if worth {
+			} else if last || !worthAnotherTry(err) || ctx.Err() != nil {
+				log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", false, "tries", st.n+1, "err", err)
+				s.drop(b)
+			} else {
+				log.Debugw("returning receipts failed", "peer", p, "receipts", len(b), "again", true, "tries", st.n+1,
+					"connected", connected(s.h.Network().Connectedness(p)), "err", err)
 				now := time.Now()
 				if st.n == 0 {
 					st.until = now.Add(s.retryFor)
 				}
 				st.n++
 				st.after = now.Add(s.backoff(st.n))
-				select {
-				case failed <- failure{p, b, st}:
-					return
-				default: // the loop is behind, or stopping: no other try
-				}
+				o.b, o.st = b, st
 			}
-			s.drop(b)
+			select {
+			case finished <- o:
+			case <-ctx.Done(): // the loop is stopping: it drops what waits
+				s.drop(o.b)
+			}
 		}()
-	}
-	free := func() bool {
-		select {
-		case sem <- struct{}{}:
-			return true
-		default:
-			return false
-		}
 	}
 	t := time.NewTicker(s.flush)
 	defer t.Stop()
@@ -302,42 +303,50 @@ func (s *Sender) Run(ctx context.Context) {
 			p := peer.ID(r.GetWorker())
 			batches[p] = append(batches[p], r)
 			held++
-			if len(batches[p]) >= protocol.MaxReceiptBatch && free() {
-				all := batches[p]
+			if all := batches[p]; len(all) >= protocol.MaxReceiptBatch && streams < maxStreams {
 				try(p, next(&all), tries{}, false)
-				batches[p] = all
+				if len(all) == 0 {
+					delete(batches, p)
+				} else {
+					batches[p] = all
+				}
 			}
-		case f := <-failed:
-			if held+len(f.b) > maxWaiting {
-				s.drop(f.b)
+		case o := <-finished:
+			streams--
+			if o.later {
+				retries--
+				delete(busy, o.p)
+			}
+			if len(o.b) == 0 {
 				continue
 			}
-			held += len(f.b)
-			r := retry[f.p]
-			if r == nil {
-				r = &retrying{st: f.st}
-				retry[f.p] = r
-			} else {
-				r.st = r.st.merge(f.st)
+			if held+len(o.b) > maxWaiting {
+				s.drop(o.b)
+				continue
 			}
-			r.b = append(r.b, f.b...)
+			held += len(o.b)
+			r := retry[o.p]
+			if r == nil {
+				r = &retrying{st: o.st}
+				retry[o.p] = r
+			} else {
+				r.st = r.st.merge(o.st)
+			}
+			r.b = append(r.b, o.b...)
 		case <-t.C:
 			// Batches that failed first: they have waited already.
 			now := time.Now()
-		retries:
 			for p, r := range retry {
 				last := !now.Before(r.st.until)
 				switch {
-				case now.Before(r.st.after):
+				case busy[p] || now.Before(r.st.after):
 				case !connected(s.h.Network().Connectedness(p)):
 					if last { // away past its bound
 						held -= len(r.b)
 						s.drop(r.b)
 						delete(retry, p)
 					}
-				case !free():
-					break retries
-				default:
+				case streams < maxStreams && retries < maxRetryStreams:
 					try(p, next(&r.b), r.st, last)
 					if len(r.b) == 0 {
 						delete(retry, p)
@@ -345,7 +354,7 @@ func (s *Sender) Run(ctx context.Context) {
 				}
 			}
 			for p, all := range batches {
-				if !free() {
+				if streams >= maxStreams {
 					break
 				}
 				try(p, next(&all), tries{}, false)
@@ -367,12 +376,12 @@ type tries struct {
 }
 
 // merge is the history of two batches for one worker waiting together:
-// neither waits less than it would have alone.
+// tried as often as the more tried, not before either's backoff ends,
+// and within the older one's bound, so that batches failing one after
+// the other do not keep the first ones waiting past theirs.
 func (a tries) merge(b tries) tries {
-	if b.n > a.n {
-		a.n = b.n
-	}
-	if b.until.After(a.until) {
+	a.n = max(a.n, b.n)
+	if b.until.Before(a.until) {
 		a.until = b.until
 	}
 	if b.after.After(a.after) {
@@ -382,18 +391,22 @@ func (a tries) merge(b tries) tries {
 }
 
 // backoff is the wait before a batch's next try after its nth failure:
-// one flush, doubling, at most a stream's bound. A worker that keeps
+// one flush, doubling, at most a stream's bound (tries go at flushes, so
+// each wait ends at the first flush after it). A worker that keeps
 // resetting the stream is asked about ten times in RetryFor; one whose
-// link is dark is tried again about once per stream timeout.
+// link is dark, every 6 to 10 s (its own 5 s of stream timeout, then the
+// wait).
 func (s *Sender) backoff(n int) time.Duration {
 	return min(s.flush<<min(n-1, 16), s.timeout)
 }
 
-// failure is a batch whose stream failed, for another try.
-type failure struct {
-	p  peer.ID
-	b  []*pb.Receipt
-	st tries
+// outcome is how a try ended: b, the batch to try again (with its
+// history st), nil when it was taken or dropped.
+type outcome struct {
+	p     peer.ID
+	b     []*pb.Receipt
+	st    tries
+	later bool // a later try
 }
 
 // retrying is what waits for another try, for one worker.

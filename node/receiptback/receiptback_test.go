@@ -464,8 +464,14 @@ func TestFailedBatchTriedAgain(t *testing.T) {
 				}
 				take(s)
 			})
-			start := time.Now()
+			// The three receipts go as one batch: asked with the sender
+			// held, then handed to it together.
+			p.hold = true
 			p.ask(t, 3)
+			start := time.Now()
+			for _, rc := range p.consume {
+				p.sender.Add(proto.CloneOf(rc))
+			}
 			if tc.resets == 1 {
 				waitFor(t, "3 countersigned receipts back after a reset", func() bool { return countersigned(p.wled) == 3 })
 				waitFor(t, "3 receipts counted sent", func() bool { sent, _ := p.sender.Stats(); return sent == 3 })
@@ -534,6 +540,125 @@ func TestBatchOutlastsADarkLink(t *testing.T) {
 	waitFor(t, "3 countersigned receipts back once the link is", func() bool { return countersigned(p.wled) == 3 })
 	if sent, dropped := s.Stats(); sent != 3 || dropped != 0 || s.Retried() < 3 {
 		t.Fatalf("sender: %d sent, %d dropped, %d later tries", sent, dropped, s.Retried())
+	}
+}
+
+// TestRetriesKeepTheOldestBound: receipts for a worker that resets
+// every stream, coming one after the other, wait together for other
+// tries; the newer ones do not keep the oldest waiting past its bound
+// (RetryFor after its first failure): the first are dropped within a
+// second or two, not kept for as long as new ones come.
+func TestRetriesKeepTheOldestBound(t *testing.T) {
+	r, w := newHost(t), newHost(t)
+	w.SetStreamHandler(receiptBatchProto, func(s network.Stream) {
+		var b pb.ReceiptBatch
+		_ = protocol.NewFrameReader(s, protocol.MaxReceiptFrame).Read(&b)
+		_ = s.Reset()
+	})
+	if err := r.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: w.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	s := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond), WithStreamTimeout(300*time.Millisecond), WithRetryFor(500*time.Millisecond))
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	start := time.Now()
+	var firstDropped time.Duration
+	for i := 0; time.Since(start) < 4*time.Second; i++ {
+		s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{byte(i)}})
+		time.Sleep(100 * time.Millisecond)
+		if _, dropped := s.Stats(); dropped > 0 && firstDropped == 0 {
+			firstDropped = time.Since(start)
+		}
+	}
+	// The first receipt fails at once, is tried about 6 times in its
+	// 0.5 s, and once more at the backoff's next end (at most 0.3 s).
+	if firstDropped == 0 || firstDropped > 2*time.Second {
+		t.Fatalf("the first receipts dropped %s after the first was added (0: none in 4 s), want within 2 s: newer ones kept them waiting", firstDropped)
+	}
+}
+
+// TestFullBatchGoesAtOnce: MaxReceiptBatch receipts for one worker go
+// in one stream at once, without waiting for the flush, and no empty
+// batch follows.
+func TestFullBatchGoesAtOnce(t *testing.T) {
+	r, w := newHost(t), newHost(t)
+	var mu sync.Mutex
+	var sizes []int
+	w.SetStreamHandler(receiptBatchProto, func(s network.Stream) {
+		var b pb.ReceiptBatch
+		_ = protocol.NewFrameReader(s, protocol.MaxReceiptFrame).Read(&b)
+		mu.Lock()
+		sizes = append(sizes, len(b.GetReceipts()))
+		mu.Unlock()
+		_ = s.Close()
+	})
+	if err := r.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: w.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	s := NewSender(r, receiptBatchProto, WithFlushInterval(time.Hour))
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	for i := range protocol.MaxReceiptBatch {
+		s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{byte(i)}})
+	}
+	waitFor(t, "the full batch taken", func() bool { sent, _ := s.Stats(); return sent == protocol.MaxReceiptBatch })
+	// A flush now would send what is left for the worker: nothing.
+	s2 := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond))
+	ctx2, cancel2 := context.WithCancel(t.Context())
+	done2 := make(chan struct{})
+	go func() { s2.Run(ctx2); close(done2) }()
+	defer func() { cancel2(); <-done2 }()
+	for i := range protocol.MaxReceiptBatch {
+		s2.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{byte(i)}})
+	}
+	waitFor(t, "the second full batch taken", func() bool { sent, _ := s2.Stats(); return sent == protocol.MaxReceiptBatch })
+	time.Sleep(200 * time.Millisecond) // ten flushes
+	mu.Lock()
+	defer mu.Unlock()
+	if len(sizes) != 2 || sizes[0] != protocol.MaxReceiptBatch || sizes[1] != protocol.MaxReceiptBatch {
+		t.Fatalf("batches of %v receipts, want two of %d", sizes, protocol.MaxReceiptBatch)
+	}
+}
+
+// TestOneLaterTryAtATime: a worker gone dark (its streams never
+// closed) with more receipts than one batch holds has them tried again
+// one batch at a time: its later tries hold one stream, not all of them.
+func TestOneLaterTryAtATime(t *testing.T) {
+	r, w := newHost(t), newHost(t)
+	var open, most, streams, begun atomic.Int64
+	begun.Store(time.Now().UnixNano())
+	w.SetStreamHandler(receiptBatchProto, func(s network.Stream) {
+		streams.Add(1)
+		n := open.Add(1)
+		defer open.Add(-1)
+		if time.Since(time.Unix(0, begun.Load())) > 400*time.Millisecond { // past the first tries
+			for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+			}
+		}
+		// Read, never closed: the sender's timeout (200 ms) ends it;
+		// counted open for most of that.
+		_, _ = io.Copy(io.Discard, s)
+		time.Sleep(150 * time.Millisecond)
+	})
+	if err := r.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: w.Addrs()}); err != nil {
+		t.Fatal(err)
+	}
+	s := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond), WithStreamTimeout(200*time.Millisecond), WithRetryFor(5*time.Second))
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	begun.Store(time.Now().UnixNano())
+	for i := range 3 * protocol.MaxReceiptBatch {
+		s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{byte(i), byte(i >> 8)}})
+	}
+	time.Sleep(2 * time.Second)
+	if m := most.Load(); m != 1 || streams.Load() < 6 {
+		t.Fatalf("at most %d streams open at once to the dark worker during its later tries (%d in all), want 1", m, streams.Load())
 	}
 }
 
