@@ -924,6 +924,70 @@ func liarFirst(t *testing.T, liar host.Host, opts ...Option) (*Router, host.Host
 	return New(h, testProto, table, append([]Option{WithRetryBackoff(time.Millisecond)}, opts...)...), honest
 }
 
+// aheadClock stands in for a worker whose clock runs minutes ahead of
+// the router's (a real worker checks deadline_unix_ms against its own
+// clock): it takes every query for expired and answers TIMEOUT at once.
+func aheadClock(t *testing.T, handed *atomic.Int64) host.Host {
+	return fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
+		handed.Add(1)
+		defer s.Close()
+		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Error{Error: protocol.Errorf(protocol.CodeTimeout, "deadline passed before the query started").Proto()}})
+	})
+}
+
+// TestEarlyTimeoutMovesOn: a worker's TIMEOUT while the query has 2 s
+// or more left by the router's clock is that worker's failure (its clock
+// ahead, or a lie): the query moves to another worker, or ends
+// UNAVAILABLE naming it when there is none. Near the deadline, a TIMEOUT
+// is the query's own and ends it as before.
+func TestEarlyTimeoutMovesOn(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		other    bool
+		deadline time.Duration
+		code     pb.ErrorCode // 0: answered by the other worker
+		message  string
+	}{
+		{name: "another worker answers", other: true, deadline: 10 * time.Second},
+		{name: "alone", deadline: 10 * time.Second, code: protocol.CodeUnavailable,
+			message: "1 worker timed out long before the deadline"},
+		{name: "near the deadline: the query's own", other: true, deadline: 1500 * time.Millisecond, code: protocol.CodeTimeout,
+			message: "deadline passed before the query started"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var handed atomic.Int64
+			w := aheadClock(t, &handed)
+			var r *Router
+			var honest host.Host
+			if tc.other {
+				r, honest = liarFirst(t, w)
+			} else {
+				h := testHost(t)
+				connect(t, h, w)
+				r = New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, WithRetryBackoff(time.Millisecond))
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), tc.deadline)
+			defer cancel()
+			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+			if handed.Load() != 1 {
+				t.Fatalf("the worker with the clock ahead was handed %d queries, want 1", handed.Load())
+			}
+			if tc.code != 0 {
+				if pe := protocol.AsError(err); pe == nil || pe.Code != tc.code || pe.Message != tc.message {
+					t.Fatalf("error %v, want %s: %s", err, protocol.CodeName(tc.code), tc.message)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Peer != honest.ID() || res.Attempts != 2 {
+				t.Fatalf("answered by %s in %d attempts, want the other worker in 2", res.Peer, res.Attempts)
+			}
+		})
+	}
+}
+
 // TestFakeProgressIsAStall: a queue position beyond what the worker
 // announced it queues, counting down, or empty chunks, are no progress:
 // the stall bound moves the query to an honest worker instead of leaving

@@ -1121,6 +1121,10 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 		case errors.As(err, &we) && (we.err.Code == protocol.CodeBusy || we.err.Code == protocol.CodeUnavailable):
 			q.lastOf(c)
 			q.busy++
+		case errors.As(err, &we) && we.early:
+			q.failures++
+			q.lastOf(c)
+			q.kinds[failEarlyTimeout]++
 		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
 			// Our table was stale (the model left that worker), or it
 			// cannot continue: another candidate may still serve it.
@@ -1263,16 +1267,17 @@ type tryKey struct {
 type failKind int
 
 const (
-	failUnreachable failKind = iota // no stream could be opened
-	failSilent                      // no Accepted within the bound
-	failDied                        // the stream broke after Accepted
-	failStalled                     // the stream went silent after Accepted (frozen, or its network lost)
-	failStuck                       // heartbeats after Accepted, but no progress within the stall bound
-	failInvalid                     // a protocol violation
-	failBackend                     // the worker reported a retryable failure
-	failFlood                       // more output than the query allows
-	failQueued                      // queued without output past queueStalls while another could answer: moved, not blamed
-	failQueueLie                    // failQueued, at a queue position its announcement cannot explain (queueLie): blamed
+	failUnreachable  failKind = iota // no stream could be opened
+	failSilent                       // no Accepted within the bound
+	failDied                         // the stream broke after Accepted
+	failStalled                      // the stream went silent after Accepted (frozen, or its network lost)
+	failStuck                        // heartbeats after Accepted, but no progress within the stall bound
+	failInvalid                      // a protocol violation
+	failBackend                      // the worker reported a retryable failure
+	failFlood                        // more output than the query allows
+	failQueued                       // queued without output past queueStalls while another could answer: moved, not blamed
+	failQueueLie                     // failQueued, at a queue position its announcement cannot explain (queueLie): blamed
+	failEarlyTimeout                 // TIMEOUT while the query had earlyTimeout or more left here (workerError.early)
 	numFailKinds
 )
 
@@ -1668,16 +1673,17 @@ func (q *query) lastOf(c scored) {
 // summary says what happened to a query whose attempts ran out.
 func (q *query) summary() string {
 	names := [numFailKinds]string{
-		failUnreachable: "could not be reached",
-		failSilent:      "did not answer",
-		failDied:        "died while answering",
-		failStalled:     "went silent while answering",
-		failStuck:       "made no progress",
-		failInvalid:     "broke the protocol",
-		failBackend:     "had a failing backend",
-		failFlood:       "sent endless output",
-		failQueued:      "kept it queued",
-		failQueueLie:    "kept it queued behind more than they announced",
+		failUnreachable:  "could not be reached",
+		failSilent:       "did not answer",
+		failDied:         "died while answering",
+		failStalled:      "went silent while answering",
+		failStuck:        "made no progress",
+		failInvalid:      "broke the protocol",
+		failBackend:      "had a failing backend",
+		failFlood:        "sent endless output",
+		failQueued:       "kept it queued",
+		failQueueLie:     "kept it queued behind more than they announced",
+		failEarlyTimeout: "timed out long before the deadline",
 	}
 	var parts []string
 	for k, n := range q.kinds {
@@ -1781,6 +1787,29 @@ func (r *Router) fromProviders(ctx context.Context, model string, t pb.QueryType
 	return out
 }
 
+// earlyTimeout is how much of a query's time must be left, by this
+// node's clock, for a worker's TIMEOUT to be the worker's failure: the
+// deadline a worker enforces is wall-clock time (docs/protocol.md §8),
+// so a worker whose clock runs ahead of this node's by more than the
+// time left takes the query for expired at once; a worker's backend may
+// time out on its own too. Such a query moves on to another worker, as
+// after a failing backend, and it counts against the worker's model.
+const earlyTimeout = 2 * time.Second
+
+// timeoutEarly reports whether pe is a TIMEOUT that came while earlyTimeout
+// or more of ctx's time was left, and how much was.
+func timeoutEarly(ctx context.Context, pe *protocol.Error) (left time.Duration, early bool) {
+	if pe == nil || pe.Code != protocol.CodeTimeout {
+		return 0, false
+	}
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return 0, false
+	}
+	left = time.Until(dl)
+	return left, left >= earlyTimeout
+}
+
 // expired reports whether ctx ended or its deadline passed: a read
 // deadline set to the query's deadline can fire before ctx's own timer.
 func expired(ctx context.Context) bool {
@@ -1806,7 +1835,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	if mt := st.model(q.req.GetModel()); (mt != nil && !c.lastResort && !mt.Allow()) || (!c.alive && !st.tracker.Allow()) {
 		// Another query holds the half-open trial: skip, at no cost.
 		r.mu.Unlock()
-		return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s is failing (circuit open)", ShortID(p))}
+		return nil, workerError{err: protocol.Errorf(protocol.CodeUnavailable, "worker %s is failing (circuit open)", ShortID(p))}
 	}
 	st.inflight++
 	if st.name == "" {
@@ -1870,7 +1899,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		done, err = r.local.Serve(ctx, req, wrap)
 		var pe *protocol.Error
 		if errors.As(err, &pe) {
-			err = workerError{pe}
+			err = workerError{err: pe}
 		}
 	} else {
 		alone := func() bool { return !r.othersAlive(ctx, q, c) }
@@ -1888,7 +1917,7 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	// answer is empty, and the second empty answer is the answer.
 	var empty error
 	if err == nil && first.IsZero() && q.empty == nil && emptyAnswer(req, done) && r.othersNow(q, c) {
-		empty = workerError{&protocol.Error{Code: protocol.CodeBackendError, Retryable: true,
+		empty = workerError{err: &protocol.Error{Code: protocol.CodeBackendError, Retryable: true,
 			Message: fmt.Sprintf("worker %s answered nothing", ShortID(p))}}
 	}
 	r.mu.Lock()
@@ -1957,7 +1986,13 @@ func emptyAnswer(req *pb.QueryRequest, done *pb.Done) bool {
 // workerError is an error the worker itself reported in an Error event:
 // the peer is alive and answering; what failed is its backend or the
 // request, which the worker's own health and breaker account for.
-type workerError struct{ err *protocol.Error }
+type workerError struct {
+	err *protocol.Error
+	// early: a TIMEOUT while earlyTimeout or more of the query's time
+	// was left (timeoutEarly): its clock ahead, its backend's own
+	// timeout, or a lie; another worker may answer.
+	early bool
+}
 
 func (e workerError) Error() string { return e.err.Error() }
 func (e workerError) Unwrap() error { return e.err }
@@ -1990,8 +2025,8 @@ func (r *Router) recordLocked(st *peerState, c Candidate, model string, err erro
 	// announces is banned from it.
 	var we workerError
 	if errors.As(err, &we) {
-		switch we.err.Code {
-		case protocol.CodeBackendError, protocol.CodeInternal, protocol.CodeUnsupported:
+		switch {
+		case we.early, we.err.Code == protocol.CodeBackendError, we.err.Code == protocol.CodeInternal, we.err.Code == protocol.CodeUnsupported:
 			r.modelTrackerLocked(st, model).Record(health.Failure)
 		}
 		return
@@ -2140,7 +2175,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			// The opens ahead of this one failed (a frozen worker): move
 			// on at no cost rather than wait out the Accepted bound again.
 			release()
-			return nil, workerError{protocol.Errorf(protocol.CodeUnavailable, "worker %s failed while this query waited to reach it", ShortID(p))}
+			return nil, workerError{err: protocol.Errorf(protocol.CodeUnavailable, "worker %s failed while this query waited to reach it", ShortID(p))}
 		}
 	}
 	defer release()
@@ -2362,7 +2397,12 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 			return k.Done, nil
 		case *pb.Event_Error:
 			_ = s.Close()
-			return nil, workerError{protocol.FromProto(k.Error)}
+			pe := protocol.FromProto(k.Error)
+			if left, early := timeoutEarly(ctx, pe); early {
+				log.Debugw("worker timed out with time left", "peer", p, "left", left, "err", pe)
+				return nil, workerError{err: pe, early: true}
+			}
+			return nil, workerError{err: pe}
 		case *pb.Event_Accepted:
 			accepted = true
 			beat = time.Duration(k.Accepted.GetHeartbeatMs()) * time.Millisecond
@@ -2429,7 +2469,7 @@ func remoteLimit(err error) bool {
 // refusedStream is a worker's refusal of a stream at its limits: it is
 // busy, not failing.
 func refusedStream(p peer.ID) error {
-	return workerError{protocol.Errorf(protocol.CodeBusy, "worker %s refused the stream: it holds as many as it allows", ShortID(p))}
+	return workerError{err: protocol.Errorf(protocol.CodeBusy, "worker %s refused the stream: it holds as many as it allows", ShortID(p))}
 }
 
 // ensureAddrs gives the peerstore addresses for c when we are not
