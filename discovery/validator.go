@@ -32,6 +32,7 @@ type announceValidator struct {
 	mu      sync.Mutex
 	lastSeq *lru.Cache[peer.ID, uint64]
 	buckets *lru.Cache[peer.ID, bucket]
+	clock   clockWatch
 }
 
 // bucket is a token bucket: tokens at time at.
@@ -90,11 +91,16 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 		return pubsub.ValidationReject, nil, fmt.Errorf("malformed announce: %w", err)
 	}
 	now := v.now()
+	dated := time.UnixMilli(a.GetTimeUnixMs())
 	if err := protocol.ValidateAnnounce(a, now); err != nil {
+		if off := dated.Sub(now); off > protocol.MaxClockSkew {
+			v.offClock(author, off, now)
+		}
 		return pubsub.ValidationReject, nil, fmt.Errorf("invalid announce: %w", err)
 	}
 	ttl := time.Duration(a.GetTtlMs()) * time.Millisecond
-	if expiry := time.UnixMilli(a.GetTimeUnixMs()).Add(ttl + protocol.MaxClockSkew); expiry.Before(now) {
+	if expiry := dated.Add(ttl + protocol.MaxClockSkew); expiry.Before(now) {
+		v.offClock(author, dated.Sub(now), now)
 		return pubsub.ValidationIgnore, nil, fmt.Errorf("announce expired %s ago", now.Sub(expiry).Round(time.Millisecond))
 	}
 	v.mu.Lock()
@@ -115,6 +121,20 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 	}
 	v.lastSeq.Add(author, a.GetSeq())
 	return pubsub.ValidationAccept, a, nil
+}
+
+// offClock notes an announcement of author dated off from this clock
+// and outside the window, and warns when several authors are.
+func (v *announceValidator) offClock(author peer.ID, off time.Duration, now time.Time) {
+	if warn, n, median := v.clock.note(author, off, now); warn {
+		way := "behind"
+		if median > 0 {
+			way = "ahead of"
+		}
+		log.Warnw(fmt.Sprintf("announcements of %d peers within a minute were dated about %s %s this machine's clock: is its clock right (NTP)? "+
+			"Peers ignore announcements dated more than %s ahead of their clocks, or expired, so a node whose clock is off is not routed to",
+			n, median.Abs().Round(time.Second), way, protocol.MaxClockSkew), "peers", n, "median_offset", median.Round(time.Millisecond).String())
+	}
 }
 
 // validate is the pubsub.ValidatorEx. The author is the signed From field,
