@@ -5,7 +5,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -187,59 +186,44 @@ func wantReceiptsBack(t *testing.T, brCLI, wCLI nodeCLI, brAPI, brID, wAPI, wID 
 // reset of a stream throws away what it carried, the receipts were lost.
 // On TCP and on QUIC, real processes in two network namespaces.
 func TestE2EReceiptsBackAfterADarkLink(t *testing.T) {
-	needBinary(t)
-	if _, err := exec.LookPath("nft"); err != nil {
-		t.Skip("needs nftables (nft) to darken a link")
-	}
-	for _, tc := range []struct{ name, listen string }{
-		{"tcp", "/ip4/%s/tcp/0"},
-		{"quic", "/ip4/%s/udp/0/quic-v1"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			n := newNetnsPair(t)
-			dir := t.TempDir()
-			args := func(name, ip string, extra ...string) []string {
-				return append([]string{"--data-dir", filepath.Join(dir, name), "--listen", fmt.Sprintf(tc.listen, ip),
-					"--api", "127.0.0.1:0", "--no-mdns", "--announce-interval", "1s"}, extra...)
-			}
-			br := startNodeLogged(t, "bridge", inNetns(n.a), "error,mtor/receiptback=debug", args("bridge", n.ipA, "--no-detect")...)
-			w := startNodeIn(t, "worker", inNetns(n.b), args("worker", n.ipB, "--backend", "demo", "--join", br.value("join"))...)
-			seesRetries := os.Getenv("MTOR_E2E_LOG_LEVEL") == "" || strings.Contains(os.Getenv("MTOR_E2E_LOG_LEVEL"), "mtor/receiptback=debug")
-			t.Cleanup(func() {
-				if t.Failed() {
-					for _, p := range []*proc{br, w} {
-						t.Logf("%s:\n%s", p.name, p.outputTail(8000))
-					}
+	onEachDarkableLink(t, func(t *testing.T, n netnsPair, args netnsArgs) {
+		br := startNodeLogged(t, "bridge", inNetns(n.a), "error,mtor/receiptback=debug", args("bridge", n.ipA, "--no-detect")...)
+		w := startNodeIn(t, "worker", inNetns(n.b), args("worker", n.ipB, "--backend", "demo", "--join", br.value("join"))...)
+		seesRetries := os.Getenv("MTOR_E2E_LOG_LEVEL") == "" || strings.Contains(os.Getenv("MTOR_E2E_LOG_LEVEL"), "mtor/receiptback=debug")
+		t.Cleanup(func() {
+			if t.Failed() {
+				for _, p := range []*proc{br, w} {
+					t.Logf("%s:\n%s", p.name, p.outputTail(8000))
 				}
-			})
-			brAPI, wAPI, brID, wID := br.value("api"), w.value("api"), br.value("peer"), w.value("peer")
-			waitPeersIn(t, n.a, brAPI, wID)
-
-			const queries = 3
-			for round := 1; ; round++ {
-				askIn(t, n.a, brAPI, fmt.Sprintf("dark receipts %d", round), queries)
-				before := strings.Count(br.output(), receiptFailed)
-				light := darken(t, n)
-				time.Sleep(14 * time.Second)
-				light()
-				began := time.Now()
-				wantReceiptsBack(t, inNamespace(t, n.a), inNamespace(t, n.b), brAPI, brID, wAPI, wID, round*queries)
-				failed := strings.Count(br.output(), receiptFailed) - before
-				switch {
-				case !seesRetries:
-					t.Log("MTOR_E2E_LOG_LEVEL hides the bridge's receipt retries: whether the link went dark before the receipts left is not checked")
-					return
-				case failed > 0:
-					t.Logf("round %d: %d receipt streams failed while the link was dark; the receipts were back %s after it came back",
-						round, failed, time.Since(began).Round(100*time.Millisecond))
-					return
-				case round == 3:
-					t.Fatal("in 3 rounds the receipts never left while the link was dark")
-				}
-				t.Logf("round %d: the receipts left before the link went dark; once more", round)
 			}
 		})
-	}
+		brAPI, wAPI, brID, wID := br.value("api"), w.value("api"), br.value("peer"), w.value("peer")
+		waitPeersIn(t, n.a, brAPI, wID)
+
+		const queries = 3
+		for round := 1; ; round++ {
+			askIn(t, n.a, brAPI, fmt.Sprintf("dark receipts %d", round), queries)
+			before := strings.Count(br.output(), receiptFailed)
+			light := darken(t, n)
+			time.Sleep(14 * time.Second)
+			light()
+			began := time.Now()
+			wantReceiptsBack(t, inNamespace(t, n.a), inNamespace(t, n.b), brAPI, brID, wAPI, wID, round*queries)
+			failed := strings.Count(br.output(), receiptFailed) - before
+			switch {
+			case !seesRetries:
+				t.Log("MTOR_E2E_LOG_LEVEL hides the bridge's receipt retries: whether the link went dark before the receipts left is not checked")
+				return
+			case failed > 0:
+				t.Logf("round %d: %d receipt streams failed while the link was dark; the receipts were back %s after it came back",
+					round, failed, time.Since(began).Round(100*time.Millisecond))
+				return
+			case round == 3:
+				t.Fatal("in 3 rounds the receipts never left while the link was dark")
+			}
+			t.Logf("round %d: the receipts left before the link went dark; once more", round)
+		}
+	})
 }
 
 // askIn asks the node whose API is api, in namespace ns, n streamed
@@ -270,67 +254,52 @@ func askIn(t *testing.T, ns, api, prefix string, n int) {
 // its last answers. On TCP and on QUIC, real processes in two network
 // namespaces.
 func TestE2EReceiptsBackToARestartedWorker(t *testing.T) {
-	needBinary(t)
-	if _, err := exec.LookPath("nft"); err != nil {
-		t.Skip("needs nftables (nft) to darken a link")
-	}
-	for _, tc := range []struct{ name, listen string }{
-		{"tcp", "/ip4/%s/tcp/0"},
-		{"quic", "/ip4/%s/udp/0/quic-v1"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			n := newNetnsPair(t)
-			dir := t.TempDir()
-			args := func(name, ip string, extra ...string) []string {
-				return append([]string{"--data-dir", filepath.Join(dir, name), "--listen", fmt.Sprintf(tc.listen, ip),
-					"--api", "127.0.0.1:0", "--no-mdns", "--announce-interval", "1s"}, extra...)
-			}
-			br := startNodeLogged(t, "bridge", inNetns(n.a), "error,mtor/receiptback=debug", args("bridge", n.ipA, "--no-detect")...)
-			workerArgs := args("worker", n.ipB, "--backend", "demo", "--join", br.value("join"))
-			w := startNodeIn(t, "worker", inNetns(n.b), workerArgs...)
-			seesRetries := os.Getenv("MTOR_E2E_LOG_LEVEL") == "" || strings.Contains(os.Getenv("MTOR_E2E_LOG_LEVEL"), "mtor/receiptback=debug")
-			procs := []*proc{br, w}
-			t.Cleanup(func() {
-				if t.Failed() {
-					for _, p := range procs {
-						t.Logf("%s:\n%s", p.name, p.outputTail(8000))
-					}
+	onEachDarkableLink(t, func(t *testing.T, n netnsPair, args netnsArgs) {
+		br := startNodeLogged(t, "bridge", inNetns(n.a), "error,mtor/receiptback=debug", args("bridge", n.ipA, "--no-detect")...)
+		workerArgs := args("worker", n.ipB, "--backend", "demo", "--join", br.value("join"))
+		w := startNodeIn(t, "worker", inNetns(n.b), workerArgs...)
+		seesRetries := os.Getenv("MTOR_E2E_LOG_LEVEL") == "" || strings.Contains(os.Getenv("MTOR_E2E_LOG_LEVEL"), "mtor/receiptback=debug")
+		procs := []*proc{br, w}
+		t.Cleanup(func() {
+			if t.Failed() {
+				for _, p := range procs {
+					t.Logf("%s:\n%s", p.name, p.outputTail(8000))
 				}
-			})
-			brAPI, brID, wID := br.value("api"), br.value("peer"), w.value("peer")
-			waitPeersIn(t, n.a, brAPI, wID)
-
-			const queries = 3
-			for round := 1; ; round++ {
-				askIn(t, n.a, brAPI, fmt.Sprintf("restart receipts %d", round), queries)
-				before := strings.Count(br.output(), receiptFailed)
-				light := darken(t, n)
-				time.Sleep(7 * time.Second) // past the worker's ledger write
-				if _, err := w.signal(syscall.SIGKILL); err != nil {
-					t.Fatal(err)
-				}
-				light()
-				w = startNodeIn(t, fmt.Sprintf("worker again %d", round), inNetns(n.b), workerArgs...)
-				procs = append(procs, w)
-				if w.value("peer") != wID {
-					t.Fatal("the restarted worker has another peer ID")
-				}
-				began := time.Now()
-				wantReceiptsBack(t, inNamespace(t, n.a), inNamespace(t, n.b), brAPI, brID, w.value("api"), wID, round*queries)
-				failed := strings.Count(br.output(), receiptFailed) - before
-				switch {
-				case !seesRetries:
-					t.Log("MTOR_E2E_LOG_LEVEL hides the bridge's receipt retries: whether the link went dark before the receipts left is not checked")
-					return
-				case failed > 0:
-					t.Logf("round %d: %d receipt streams failed; the receipts reached the new process %s after it started",
-						round, failed, time.Since(began).Round(100*time.Millisecond))
-					return
-				case round == 3:
-					t.Fatal("in 3 rounds the receipts never left while the link was dark")
-				}
-				t.Logf("round %d: the receipts left before the link went dark; once more", round)
 			}
 		})
-	}
+		brAPI, brID, wID := br.value("api"), br.value("peer"), w.value("peer")
+		waitPeersIn(t, n.a, brAPI, wID)
+
+		const queries = 3
+		for round := 1; ; round++ {
+			askIn(t, n.a, brAPI, fmt.Sprintf("restart receipts %d", round), queries)
+			before := strings.Count(br.output(), receiptFailed)
+			light := darken(t, n)
+			time.Sleep(7 * time.Second) // past the worker's ledger write
+			if _, err := w.signal(syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			light()
+			w = startNodeIn(t, fmt.Sprintf("worker again %d", round), inNetns(n.b), workerArgs...)
+			procs = append(procs, w)
+			if w.value("peer") != wID {
+				t.Fatal("the restarted worker has another peer ID")
+			}
+			began := time.Now()
+			wantReceiptsBack(t, inNamespace(t, n.a), inNamespace(t, n.b), brAPI, brID, w.value("api"), wID, round*queries)
+			failed := strings.Count(br.output(), receiptFailed) - before
+			switch {
+			case !seesRetries:
+				t.Log("MTOR_E2E_LOG_LEVEL hides the bridge's receipt retries: whether the link went dark before the receipts left is not checked")
+				return
+			case failed > 0:
+				t.Logf("round %d: %d receipt streams failed; the receipts reached the new process %s after it started",
+					round, failed, time.Since(began).Round(100*time.Millisecond))
+				return
+			case round == 3:
+				t.Fatal("in 3 rounds the receipts never left while the link was dark")
+			}
+			t.Logf("round %d: the receipts left before the link went dark; once more", round)
+		}
+	})
 }

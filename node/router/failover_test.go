@@ -1403,17 +1403,7 @@ func silentOnce(t *testing.T, silent int64, frozen, failing bool, handed, pinged
 			s.Reset()
 			return
 		}
-		// libp2p's ping: 32 bytes echoed, as often as asked.
-		defer s.Close()
-		buf := make([]byte, ping.PingSize)
-		for {
-			if _, err := io.ReadFull(s, buf); err != nil {
-				return
-			}
-			if _, err := s.Write(buf); err != nil {
-				return
-			}
-		}
+		echoPings(s)
 	})
 	return h
 }
@@ -1520,25 +1510,7 @@ func TestSilentButAliveWorkerAskedAgainPastItsBreaker(t *testing.T) {
 	connect(t, h, w)
 	r := New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)},
 		WithIdleTimeout(300*time.Millisecond), WithRetryBackoff(time.Millisecond))
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	var wg sync.WaitGroup
-	errs := make([]error, 3)
-	for i := range errs {
-		wg.Go(func() {
-			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
-			if err == nil && res.Attempts != 2 {
-				err = fmt.Errorf("answered in %d attempts, want 2", res.Attempts)
-			}
-			errs[i] = err
-		})
-	}
-	wg.Wait()
-	for i, err := range errs {
-		if err != nil {
-			t.Errorf("query %d: %v", i, err)
-		}
-	}
+	askTogether(t, r, 3, 2, "")
 	if got := handed.Load(); got != 6 {
 		t.Errorf("the worker was handed %d queries, want 6 (3, silent, and 3 again)", got)
 	}
@@ -1602,16 +1574,7 @@ func TestAskedAgainThroughARestart(t *testing.T) {
 	})
 	old.SetStreamHandler(ping.ID, func(s network.Stream) {
 		pinged.Add(1)
-		defer s.Close()
-		buf := make([]byte, ping.PingSize)
-		for {
-			if _, err := io.ReadFull(s, buf); err != nil {
-				return
-			}
-			if _, err := s.Write(buf); err != nil {
-				return
-			}
-		}
+		echoPings(s)
 	})
 	proxy = newUDPProxy(t, old.Addrs()[0])
 	if err := h.Connect(t.Context(), peer.AddrInfo{ID: old.ID(), Addrs: []ma.Multiaddr{proxy.addr}}); err != nil {
@@ -1621,25 +1584,7 @@ func TestAskedAgainThroughARestart(t *testing.T) {
 	t.Cleanup(live.Close)
 	r := New(h, testProto, staticTable{cand(string(old.ID()), 0, 4, 100, 0, demoModel)}, WithConnChecker(live),
 		WithIdleTimeout(time.Second), WithRetryBackoff(time.Millisecond))
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	var wg sync.WaitGroup
-	errs := make([]error, 3)
-	for i := range errs {
-		wg.Go(func() {
-			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
-			if err == nil && res.Attempts != 3 {
-				err = fmt.Errorf("answered in %d attempts, want 3 (silent, the dead connection, the new process)", res.Attempts)
-			}
-			errs[i] = err
-		})
-	}
-	wg.Wait()
-	for i, err := range errs {
-		if err != nil {
-			t.Errorf("query %d: %v", i, err)
-		}
-	}
+	askTogether(t, r, 3, 3, " (silent, the dead connection, the new process)")
 	if got := handed.Load(); got != 6 || pinged.Load() == 0 {
 		t.Errorf("the old process was handed %d queries and pinged %d times, want the 3 and each again, after a ping", got, pinged.Load())
 	}
@@ -1676,16 +1621,7 @@ func TestAskedAgainButPacedOut(t *testing.T) {
 			close(other)
 			<-otherArrived
 		}
-		defer s.Close()
-		buf := make([]byte, ping.PingSize)
-		for {
-			if _, err := io.ReadFull(s, buf); err != nil {
-				return
-			}
-			if _, err := s.Write(buf); err != nil {
-				return
-			}
-		}
+		echoPings(s)
 	})
 	h := testHost(t)
 	t.Cleanup(func() { close(stop) }) // before the hosts close
@@ -1711,6 +1647,46 @@ func TestAskedAgainButPacedOut(t *testing.T) {
 	}
 	if pings.Load() == 0 {
 		t.Fatal("the silent worker was not pinged")
+	}
+}
+
+// askTogether asks r n chat queries of model "demo" at once, within 20
+// s, and wants each answered in the given attempts (why says which).
+func askTogether(t *testing.T, r *Router, n, attempts int, why string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range errs {
+		wg.Go(func() {
+			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+			if err == nil && res.Attempts != attempts {
+				err = fmt.Errorf("answered in %d attempts, want %d%s", res.Attempts, attempts, why)
+			}
+			errs[i] = err
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("query %d: %v", i, err)
+		}
+	}
+}
+
+// echoPings answers libp2p's ping on s: 32 bytes echoed, as often as
+// asked.
+func echoPings(s network.Stream) {
+	defer s.Close()
+	buf := make([]byte, ping.PingSize)
+	for {
+		if _, err := io.ReadFull(s, buf); err != nil {
+			return
+		}
+		if _, err := s.Write(buf); err != nil {
+			return
+		}
 	}
 }
 
