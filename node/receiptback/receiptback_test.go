@@ -124,6 +124,14 @@ func (p *pair) ask(t *testing.T, n int) {
 	}
 }
 
+// runSender runs s until the test ends.
+func runSender(t *testing.T, s *Sender) {
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
@@ -254,10 +262,7 @@ func TestMoreWorkersThanStreams(t *testing.T) {
 		ws = append(ws, w.ID())
 	}
 	s := NewSender(r, receiptProto, WithFlushInterval(50*time.Millisecond))
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	runSender(t, s)
 	for _, w := range ws {
 		for i := range 3 {
 			s.Add(&pb.Receipt{Worker: []byte(w), QueryId: []byte{byte(i)}})
@@ -523,10 +528,7 @@ func TestBatchOutlastsADarkLink(t *testing.T) {
 	})
 	s := NewSender(p.r, receiptProto, WithFlushInterval(50*time.Millisecond), WithStreamTimeout(200*time.Millisecond),
 		WithRetryFor(3*time.Second), WithBatches(receiptBatchProto, p.r.Peerstore().PrivKey(p.r.ID()), nil))
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	runSender(t, s)
 	p.hold = true
 	p.ask(t, 3)
 	for _, rc := range p.consume {
@@ -559,10 +561,7 @@ func TestRetriesKeepTheOldestBound(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond), WithStreamTimeout(300*time.Millisecond), WithRetryFor(500*time.Millisecond))
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	runSender(t, s)
 	start := time.Now()
 	var firstDropped time.Duration
 	for i := 0; time.Since(start) < 4*time.Second; i++ {
@@ -598,20 +597,14 @@ func TestFullBatchGoesAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := NewSender(r, receiptBatchProto, WithFlushInterval(time.Hour))
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	runSender(t, s)
 	for i := range protocol.MaxReceiptBatch {
 		s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{byte(i)}})
 	}
 	waitFor(t, "the full batch taken", func() bool { sent, _ := s.Stats(); return sent == protocol.MaxReceiptBatch })
 	// A flush now would send what is left for the worker: nothing.
 	s2 := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond))
-	ctx2, cancel2 := context.WithCancel(t.Context())
-	done2 := make(chan struct{})
-	go func() { s2.Run(ctx2); close(done2) }()
-	defer func() { cancel2(); <-done2 }()
+	runSender(t, s2)
 	for i := range protocol.MaxReceiptBatch {
 		s2.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{byte(i)}})
 	}
@@ -648,10 +641,7 @@ func TestOneLaterTryAtATime(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond), WithStreamTimeout(200*time.Millisecond), WithRetryFor(5*time.Second))
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	runSender(t, s)
 	begun.Store(time.Now().UnixNano())
 	for i := range 3 * protocol.MaxReceiptBatch {
 		s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{byte(i), byte(i >> 8)}})
@@ -695,10 +685,7 @@ func TestWhenTriedAgain(t *testing.T) {
 				}
 			}
 			s := NewSender(r, receiptBatchProto, WithFlushInterval(20*time.Millisecond), WithStreamTimeout(300*time.Millisecond), WithRetryFor(time.Second))
-			ctx, cancel := context.WithCancel(t.Context())
-			done := make(chan struct{})
-			go func() { s.Run(ctx); close(done) }()
-			defer func() { cancel(); <-done }()
+			runSender(t, s)
 			s.Add(&pb.Receipt{Worker: []byte(w.ID()), QueryId: []byte{1}})
 			waitFor(t, "the receipt sent or dropped", func() bool { sent, dropped := s.Stats(); return sent+dropped == 1 })
 			retried := s.Retried()
