@@ -53,20 +53,44 @@ func TestClockWatch(t *testing.T) {
 	}
 }
 
-// TestValidatorNoticesAClockBehind: announcements of three peers dated
-// two minutes ahead of this node's clock (its clock behind theirs) are
-// rejected, and the validator's clock watch has warned.
-func TestValidatorNoticesAClockBehind(t *testing.T) {
+// TestValidatorNoticesAClockOff: three peers' announcements dated two
+// minutes ahead of this node's clock (refused: its clock is behind), or
+// 45 s behind it (accepted, but the peers refuse this node's: its clock
+// is ahead), make the validator's clock watch warn; the same peers'
+// announcements replayed minutes later (a stale seq) do not.
+func TestValidatorNoticesAClockOff(t *testing.T) {
 	now := time.Unix(1_700_000_000, 0)
-	v := newAnnounceValidator(16, func() time.Time { return now })
-	for i := range 3 {
-		author := testPeerID(t)
-		res, _, err := v.check(author, author, marshal(t, validAnnounce(now.Add(2*time.Minute), uint64(i+1))))
-		if res != pubsub.ValidationReject || err == nil {
-			t.Fatalf("announcement dated 2 min ahead: %v, %v; want rejected", res, err)
-		}
-	}
-	if v.clock.warned.IsZero() {
-		t.Fatal("no warning after three peers' announcements dated 2 min ahead")
+	for _, tc := range []struct {
+		name   string
+		dated  time.Duration // from now
+		replay bool          // each announcement accepted first, at its date
+		want   pubsub.ValidationResult
+		warn   bool
+	}{
+		{"dated 2 min ahead", 2 * time.Minute, false, pubsub.ValidationReject, true},
+		{"dated 45 s behind", -45 * time.Second, false, pubsub.ValidationAccept, true},
+		{"replayed 3 min later", -3 * time.Minute, true, pubsub.ValidationIgnore, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clock := now
+			v := newAnnounceValidator(16, func() time.Time { return clock })
+			for i := range 3 {
+				author := testPeerID(t)
+				data := marshal(t, validAnnounce(now.Add(tc.dated), uint64(i+1)))
+				if tc.replay {
+					clock = now.Add(tc.dated)
+					if res, _, err := v.check(author, author, data); res != pubsub.ValidationAccept {
+						t.Fatalf("the announcement at its date: %v, %v", res, err)
+					}
+					clock = now
+				}
+				if res, _, err := v.check(author, author, data); res != tc.want {
+					t.Fatalf("announcement %d: %v (%v), want %v", i, res, err, tc.want)
+				}
+			}
+			if warned := !v.clock.warned.IsZero(); warned != tc.warn {
+				t.Fatalf("warned %v, want %v", warned, tc.warn)
+			}
+		})
 	}
 }

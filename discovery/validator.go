@@ -92,20 +92,29 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 	}
 	now := v.now()
 	dated := time.UnixMilli(a.GetTimeUnixMs())
+	// Dated more than the skew allowed from this clock, either way: ahead,
+	// this node refuses it; behind, the author refuses this node's own
+	// (or it expired). Either says one of the two clocks is off.
+	off := dated.Sub(now)
+	skewed := off > protocol.MaxClockSkew || off < -protocol.MaxClockSkew
 	if err := protocol.ValidateAnnounce(a, now); err != nil {
-		if off := dated.Sub(now); off > protocol.MaxClockSkew {
+		if off > protocol.MaxClockSkew {
 			v.offClock(author, off, now)
 		}
 		return pubsub.ValidationReject, nil, fmt.Errorf("invalid announce: %w", err)
 	}
-	ttl := time.Duration(a.GetTtlMs()) * time.Millisecond
-	if expiry := dated.Add(ttl + protocol.MaxClockSkew); expiry.Before(now) {
-		v.offClock(author, dated.Sub(now), now)
-		return pubsub.ValidationIgnore, nil, fmt.Errorf("announce expired %s ago", now.Sub(expiry).Round(time.Millisecond))
-	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if last, ok := v.lastSeq.Get(author); ok && a.GetSeq() <= last {
+	last, seen := v.lastSeq.Get(author)
+	replayed := seen && a.GetSeq() <= last
+	if skewed && !replayed { // a replay's date says nothing of the clocks
+		v.offClock(author, off, now)
+	}
+	ttl := time.Duration(a.GetTtlMs()) * time.Millisecond
+	if expiry := dated.Add(ttl + protocol.MaxClockSkew); expiry.Before(now) {
+		return pubsub.ValidationIgnore, nil, fmt.Errorf("announce expired %s ago", now.Sub(expiry).Round(time.Millisecond))
+	}
+	if replayed {
 		return pubsub.ValidationIgnore, nil, fmt.Errorf("stale announce seq %d, have %d", a.GetSeq(), last)
 	}
 	if !v.takeLocked(author, now) {
@@ -123,17 +132,20 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 	return pubsub.ValidationAccept, a, nil
 }
 
-// offClock notes an announcement of author dated off from this clock
-// and outside the window, and warns when several authors are.
+// offClock notes an announcement of author dated more than the skew
+// allowed off this clock, and warns when several authors are.
 func (v *announceValidator) offClock(author peer.ID, off time.Duration, now time.Time) {
 	if warn, n, median := v.clock.note(author, off, now); warn {
-		way := "behind"
+		// Ahead of this clock: this node refuses the swarm's
+		// announcements and sees no workers. Behind it: the swarm
+		// refuses this node's, and routes nothing to it.
+		way, effect := "behind", "its peers ignore this node's announcements and route no queries to it"
 		if median > 0 {
-			way = "ahead of"
+			way, effect = "ahead of", "this node ignores its peers' announcements and sees none of their workers"
 		}
 		log.Warnw(fmt.Sprintf("announcements of %d peers within a minute were dated about %s %s this machine's clock: is its clock right (NTP)? "+
-			"Peers ignore announcements dated more than %s ahead of their clocks, or expired, so a node whose clock is off is not routed to",
-			n, median.Abs().Round(time.Second), way, protocol.MaxClockSkew), "peers", n, "median_offset", median.Round(time.Millisecond).String())
+			"Nodes ignore announcements dated more than %s ahead of their clocks, so %s",
+			n, median.Abs().Round(time.Second), way, protocol.MaxClockSkew, effect), "peers", n, "median_offset", median.Round(time.Millisecond).String())
 	}
 }
 

@@ -13,28 +13,31 @@ import (
 
 // Field limits enforced by validation. docs/protocol.md lists the same.
 const (
-	IDLen           = 16
-	MaxModelName    = 128
-	MaxMessages     = 256
-	MaxAttachments  = 8
-	MaxMime         = 128
-	MaxStops        = 8
-	MaxStopLen      = 64
-	MaxMaxTokens    = 1 << 20
-	MaxInputs       = 256
-	MaxPriority     = 10
-	MaxAnnModels    = 256
-	MaxAnnGPUs      = 16
-	MaxAnnRoles     = 8
-	MaxVersionLen   = 64
-	MinAnnounceTTL  = time.Second
-	MaxAnnounceTTL  = 10 * time.Minute
-	MaxClockSkew    = 30 * time.Second
-	MaxEmbeddingDim = 1 << 16
-	MaxAnnAddrs     = 16
-	MaxAddrLen      = 256
-	MaxFeatures     = 16
-	MaxFeatureLen   = 32
+	IDLen          = 16
+	MaxModelName   = 128
+	MaxMessages    = 256
+	MaxAttachments = 8
+	MaxMime        = 128
+	MaxStops       = 8
+	MaxStopLen     = 64
+	MaxMaxTokens   = 1 << 20
+	MaxInputs      = 256
+	MaxPriority    = 10
+	MaxAnnModels   = 256
+	MaxAnnGPUs     = 16
+	MaxAnnRoles    = 8
+	MaxVersionLen  = 64
+	MinAnnounceTTL = time.Second
+	MaxAnnounceTTL = 10 * time.Minute
+	MaxClockSkew   = 30 * time.Second
+	// MaxQueryDeadline is the longest a worker lets a query run from
+	// when it read the request, whatever its deadline_unix_ms (§8).
+	MaxQueryDeadline = 10 * time.Minute
+	MaxEmbeddingDim  = 1 << 16
+	MaxAnnAddrs      = 16
+	MaxAddrLen       = 256
+	MaxFeatures      = 16
+	MaxFeatureLen    = 32
 	// MaxAnnSlots bounds a worker's announced concurrency and queue (and
 	// what it reports in them): a router sums them for admission and
 	// takes queue positions below them as progress.

@@ -927,10 +927,16 @@ func liarFirst(t *testing.T, liar host.Host, opts ...Option) (*Router, host.Host
 // aheadClock stands in for a worker whose clock runs minutes ahead of
 // the router's (a real worker checks deadline_unix_ms against its own
 // clock): it takes every query for expired and answers TIMEOUT at once.
-func aheadClock(t *testing.T, handed *atomic.Int64) host.Host {
+// With said, it first streams some of the answer: a clock a little ahead
+// stops a query while it runs.
+func aheadClock(t *testing.T, handed *atomic.Int64, said bool) host.Host {
 	return fakeWorker(t, func(s network.Stream, _ *pb.QueryRequest) {
 		handed.Add(1)
 		defer s.Close()
+		if said {
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+			_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "so far"}}})
+		}
 		_ = protocol.WriteFrame(s, &pb.Event{Kind: &pb.Event_Error{Error: protocol.Errorf(protocol.CodeTimeout, "deadline passed before the query started").Proto()}})
 	})
 }
@@ -939,11 +945,14 @@ func aheadClock(t *testing.T, handed *atomic.Int64) host.Host {
 // or more left by the router's clock is that worker's failure (its clock
 // ahead, or a lie): the query moves to another worker, or ends
 // UNAVAILABLE naming it when there is none. Near the deadline, a TIMEOUT
-// is the query's own and ends it as before.
+// is the query's own and ends it as before; so is one after output with
+// less than the announcements' clock skew (30 s) left, where the client
+// keeps what it read.
 func TestEarlyTimeoutMovesOn(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		other    bool
+		said     bool // the worker streams some of the answer first
 		deadline time.Duration
 		code     pb.ErrorCode // 0: answered by the other worker
 		message  string
@@ -953,10 +962,13 @@ func TestEarlyTimeoutMovesOn(t *testing.T) {
 			message: "1 worker timed out long before the deadline"},
 		{name: "near the deadline: the query's own", other: true, deadline: 1500 * time.Millisecond, code: protocol.CodeTimeout,
 			message: "deadline passed before the query started"},
+		{name: "after output, 10 s left: the query's own", other: true, said: true, deadline: 10 * time.Second, code: protocol.CodeTimeout,
+			message: "deadline passed before the query started"},
+		{name: "after output, a minute left: another worker answers", other: true, said: true, deadline: time.Minute},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var handed atomic.Int64
-			w := aheadClock(t, &handed)
+			w := aheadClock(t, &handed, tc.said)
 			var r *Router
 			var honest host.Host
 			if tc.other {
@@ -966,7 +978,9 @@ func TestEarlyTimeoutMovesOn(t *testing.T) {
 				connect(t, h, w)
 				r = New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, WithRetryBackoff(time.Millisecond))
 			}
-			ctx, cancel := context.WithTimeout(t.Context(), tc.deadline)
+			// May start again elsewhere after output, as the bridge's
+			// APIs allow.
+			ctx, cancel := context.WithTimeout(WithRestart(t.Context()), tc.deadline)
 			defer cancel()
 			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
 			if handed.Load() != 1 {
@@ -983,6 +997,37 @@ func TestEarlyTimeoutMovesOn(t *testing.T) {
 			}
 			if res.Peer != honest.ID() || res.Attempts != 2 {
 				t.Fatalf("answered by %s in %d attempts, want the other worker in 2", res.Peer, res.Attempts)
+			}
+		})
+	}
+}
+
+// TestTimeoutEarlyWithinTheWorkersCut: a worker lets a query run 10 min
+// from its request at most (protocol.MaxQueryDeadline), whatever its
+// deadline: its TIMEOUT at that cut is not early, though the query's own
+// deadline is further.
+func TestTimeoutEarlyWithinTheWorkersCut(t *testing.T) {
+	timeout := protocol.Errorf(protocol.CodeTimeout, "deadline exceeded while running the backend")
+	for _, tc := range []struct {
+		name     string
+		deadline time.Duration // of the query, from now
+		sentAgo  time.Duration
+		answered bool
+		err      *protocol.Error
+		early    bool
+	}{
+		{"at once, a minute left", time.Minute, 0, false, timeout, true},
+		{"at the worker's cut, the query's deadline an hour away", time.Hour, protocol.MaxQueryDeadline - time.Second, false, timeout, false},
+		{"before the worker's cut", time.Hour, protocol.MaxQueryDeadline - time.Minute, false, timeout, true},
+		{"after output, 20 s left", 20 * time.Second, 0, true, timeout, false},
+		{"after output, a minute left", time.Minute, 0, true, timeout, true},
+		{"not a TIMEOUT", time.Minute, 0, false, protocol.Errorf(protocol.CodeBackendError, "x"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), tc.deadline)
+			defer cancel()
+			if _, early := timeoutEarly(ctx, tc.err, time.Now().Add(-tc.sentAgo), tc.answered); early != tc.early {
+				t.Fatalf("early %v, want %v", early, tc.early)
 			}
 		})
 	}

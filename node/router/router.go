@@ -1790,15 +1790,21 @@ func (r *Router) fromProviders(ctx context.Context, model string, t pb.QueryType
 // earlyTimeout is how much of a query's time must be left, by this
 // node's clock, for a worker's TIMEOUT to be the worker's failure: the
 // deadline a worker enforces is wall-clock time (docs/protocol.md §8),
-// so a worker whose clock runs ahead of this node's by more than the
-// time left takes the query for expired at once; a worker's backend may
-// time out on its own too. Such a query moves on to another worker, as
-// after a failing backend, and it counts against the worker's model.
+// so a worker whose clock runs ahead of this node's stops queries early
+// by as much (at once when it is further ahead than the time left); a
+// worker's backend may time out on its own too. Such a query moves on to
+// another worker when one can take it, as after a failing backend, and
+// it counts against the worker's model. Once the attempt has sent
+// output, only a TIMEOUT with more than the skew announcements allow
+// (protocol.MaxClockSkew) left is: short of it, moving on would restart
+// an answer the client has partly read, for a few seconds' gain.
 const earlyTimeout = 2 * time.Second
 
-// timeoutEarly reports whether pe is a TIMEOUT that came while earlyTimeout
-// or more of ctx's time was left, and how much was.
-func timeoutEarly(ctx context.Context, pe *protocol.Error) (left time.Duration, early bool) {
+// timeoutEarly reports whether pe is a TIMEOUT that came early (see
+// earlyTimeout), and how much of the query's time was left: from ctx's
+// deadline, or from the 10 min a worker allows from its request
+// (protocol.MaxQueryDeadline; sent: when it was written), the sooner.
+func timeoutEarly(ctx context.Context, pe *protocol.Error, sent time.Time, answered bool) (left time.Duration, early bool) {
 	if pe == nil || pe.Code != protocol.CodeTimeout {
 		return 0, false
 	}
@@ -1806,7 +1812,13 @@ func timeoutEarly(ctx context.Context, pe *protocol.Error) (left time.Duration, 
 	if !ok {
 		return 0, false
 	}
+	if cut := sent.Add(protocol.MaxQueryDeadline); cut.Before(dl) {
+		dl = cut
+	}
 	left = time.Until(dl)
+	if answered {
+		return left, left > protocol.MaxClockSkew
+	}
 	return left, left >= earlyTimeout
 }
 
@@ -2245,6 +2257,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// request not whole after protocol.RequestTimeout, so a write that
 	// takes longer is to a silent worker, and the query moves on.
 	_ = s.SetWriteDeadline(earliest(dl, time.Now().Add(max(acceptWait, r.send))))
+	sent := time.Now() // the worker's 10 min count from about here (timeoutEarly)
 	if err := protocol.WriteFrame(s, req); err != nil {
 		_ = s.Reset()
 		if errors.Is(err, protocol.ErrEncode) {
@@ -2275,7 +2288,8 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 	// lastOut are the same for output alone: queue steps without output
 	// hold the query queueStalls periods at most (see queueStalls).
 	moved, produced, lastOut := false, false, time.Now()
-	var worst uint32 // the furthest back in its queue the worker put the query
+	answered := false // output came on this attempt
+	var worst uint32  // the furthest back in its queue the worker put the query
 	// blocked: when the last read that waits began; quiet: when the
 	// silence began that waiting on a stalled worker carries over from
 	// one stall period to the next (zero when not waiting on), so that
@@ -2398,7 +2412,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		case *pb.Event_Error:
 			_ = s.Close()
 			pe := protocol.FromProto(k.Error)
-			if left, early := timeoutEarly(ctx, pe); early {
+			if left, early := timeoutEarly(ctx, pe, sent, answered); early {
 				log.Debugw("worker timed out with time left", "peer", p, "left", left, "err", pe)
 				return nil, workerError{err: pe, early: true}
 			}
@@ -2412,7 +2426,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 				queuePos, moved = pos, moved || pos <= queueMax
 			}
 		default:
-			moved, produced = true, true
+			moved, produced, answered = true, true, true
 			if !out.spend(&ev) {
 				_ = s.Reset()
 				log.Debugw("worker floods output", "peer", p)

@@ -34,7 +34,7 @@ const (
 	DefaultMaxConcurrency = 4
 	DefaultMaxQueue       = 64
 	DefaultDeadline       = 120 * time.Second
-	MaxDeadline           = 10 * time.Minute
+	MaxDeadline           = protocol.MaxQueryDeadline
 )
 
 // EnergyMeter measures the GPU energy of one query: Begin starts a
