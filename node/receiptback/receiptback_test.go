@@ -423,6 +423,8 @@ func TestBatchWaitsForAWorkerBack(t *testing.T) {
 				t.Fatal(err)
 			}
 			waitFor(t, "3 countersigned receipts back once the worker is", func() bool { return countersigned(p.wled) == 3 })
+			// Counted sent once the worker's close came back, after it took them.
+			waitFor(t, "3 receipts counted sent", func() bool { sent, _ := p.sender.Stats(); return sent == 3 })
 			if sent, dropped := p.sender.Stats(); sent != 3 || dropped != 0 {
 				t.Fatalf("sender: %d sent, %d dropped", sent, dropped)
 			}
@@ -540,6 +542,7 @@ func TestBatchOutlastsADarkLink(t *testing.T) {
 	}
 	dark.Store(false)
 	waitFor(t, "3 countersigned receipts back once the link is", func() bool { return countersigned(p.wled) == 3 })
+	waitFor(t, "3 receipts counted sent", func() bool { sent, _ := s.Stats(); return sent == 3 })
 	if sent, dropped := s.Stats(); sent != 3 || dropped != 0 || s.Retried() < 3 {
 		t.Fatalf("sender: %d sent, %d dropped, %d later tries", sent, dropped, s.Retried())
 	}
