@@ -93,10 +93,10 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 	now := v.now()
 	dated := time.UnixMilli(a.GetTimeUnixMs())
 	// Dated more than the skew allowed from this clock, either way: ahead,
-	// this node refuses it; behind, the author refuses this node's own
-	// (or it expired). Either says one of the two clocks is off.
+	// this node refuses it (ValidateAnnounce, noted below); behind, the
+	// author refuses this node's own (or it expired). Either says one of
+	// the two clocks is off.
 	off := dated.Sub(now)
-	skewed := off > protocol.MaxClockSkew || off < -protocol.MaxClockSkew
 	if err := protocol.ValidateAnnounce(a, now); err != nil {
 		if off > protocol.MaxClockSkew {
 			v.offClock(author, off, now)
@@ -107,7 +107,7 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 	defer v.mu.Unlock()
 	last, seen := v.lastSeq.Get(author)
 	replayed := seen && a.GetSeq() <= last
-	if skewed && !replayed { // a replay's date says nothing of the clocks
+	if off < -protocol.MaxClockSkew && !replayed { // a replay's date says nothing of the clocks
 		v.offClock(author, off, now)
 	}
 	ttl := time.Duration(a.GetTtlMs()) * time.Millisecond

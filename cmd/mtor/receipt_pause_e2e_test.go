@@ -42,7 +42,7 @@ func testE2EReceiptsBackAfterAWorkerPause(t *testing.T, tr transport) {
 	// again: what shows that the worker stopped before the receipts left.
 	br := startNodeLogged(t, "bridge", nil, "error,mtor/receiptback=debug",
 		tr.nodeArgs(filepath.Join(dir, "bridge"), "--no-detect", "--bridge", "127.0.0.1:0", "--join", boot.value("join"))...)
-	seesRetries := os.Getenv("MTOR_E2E_LOG_LEVEL") == "" || strings.Contains(os.Getenv("MTOR_E2E_LOG_LEVEL"), "mtor/receiptback=debug")
+	seesRetries := receiptRetriesLogged()
 	wAPI, wID, brAPI, brID := w.value("api"), w.value("peer"), br.value("api"), br.value("peer")
 	waitWorkers(t, brAPI, "demo", wID)
 	t.Cleanup(func() {
@@ -189,14 +189,8 @@ func TestE2EReceiptsBackAfterADarkLink(t *testing.T) {
 	onEachDarkableLink(t, func(t *testing.T, n netnsPair, args netnsArgs) {
 		br := startNodeLogged(t, "bridge", inNetns(n.a), "error,mtor/receiptback=debug", args("bridge", n.ipA, "--no-detect")...)
 		w := startNodeIn(t, "worker", inNetns(n.b), args("worker", n.ipB, "--backend", "demo", "--join", br.value("join"))...)
-		seesRetries := os.Getenv("MTOR_E2E_LOG_LEVEL") == "" || strings.Contains(os.Getenv("MTOR_E2E_LOG_LEVEL"), "mtor/receiptback=debug")
-		t.Cleanup(func() {
-			if t.Failed() {
-				for _, p := range []*proc{br, w} {
-					t.Logf("%s:\n%s", p.name, p.outputTail(8000))
-				}
-			}
-		})
+		seesRetries := receiptRetriesLogged()
+		tailsOnFailure(t, func() []*proc { return []*proc{br, w} })
 		brAPI, wAPI, brID, wID := br.value("api"), w.value("api"), br.value("peer"), w.value("peer")
 		waitPeersIn(t, n.a, brAPI, wID)
 
@@ -249,15 +243,9 @@ func TestE2EReceiptsBackToARestartedWorker(t *testing.T) {
 		br := startNodeLogged(t, "bridge", inNetns(n.a), "error,mtor/receiptback=debug", args("bridge", n.ipA, "--no-detect")...)
 		workerArgs := args("worker", n.ipB, "--backend", "demo", "--join", br.value("join"))
 		w := startNodeIn(t, "worker", inNetns(n.b), workerArgs...)
-		seesRetries := os.Getenv("MTOR_E2E_LOG_LEVEL") == "" || strings.Contains(os.Getenv("MTOR_E2E_LOG_LEVEL"), "mtor/receiptback=debug")
+		seesRetries := receiptRetriesLogged()
 		procs := []*proc{br, w}
-		t.Cleanup(func() {
-			if t.Failed() {
-				for _, p := range procs {
-					t.Logf("%s:\n%s", p.name, p.outputTail(8000))
-				}
-			}
-		})
+		tailsOnFailure(t, func() []*proc { return procs })
 		brAPI, brID, wID := br.value("api"), br.value("peer"), w.value("peer")
 		waitPeersIn(t, n.a, brAPI, wID)
 
@@ -305,4 +293,23 @@ func darkRoundDone(t *testing.T, round, failed int, seesRetries bool, back strin
 	}
 	t.Logf("round %d: the receipts left before the link went dark; once more", round)
 	return false
+}
+
+// receiptRetriesLogged reports whether the bridge's debug lines on
+// receipt streams reach its output: MTOR_E2E_LOG_LEVEL may hide them.
+func receiptRetriesLogged() bool {
+	lvl := os.Getenv("MTOR_E2E_LOG_LEVEL")
+	return lvl == "" || strings.Contains(lvl, "mtor/receiptback=debug")
+}
+
+// tailsOnFailure logs the end of each process's output if the test
+// fails; procs is asked then, so processes started later are included.
+func tailsOnFailure(t *testing.T, procs func() []*proc) {
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, p := range procs() {
+				t.Logf("%s:\n%s", p.name, p.outputTail(8000))
+			}
+		}
+	})
 }
