@@ -242,10 +242,21 @@ func (c *catalog) check(author, from peer.ID, data []byte, now time.Time) (pubsu
 	if err := proto.Unmarshal(data, cat); err != nil {
 		return pubsub.ValidationReject, nil, fmt.Errorf("malformed catalog: %w", err)
 	}
-	if err := protocol.ValidateCatalog(cat, now); err != nil {
+	sent := time.UnixMilli(cat.GetTimeUnixMs())
+	// Dated too far ahead: refused without a penalty, and judged
+	// otherwise as if the clocks agreed, as an announcement is
+	// (announceValidator.check).
+	ahead := sent.Sub(now) > protocol.MaxClockSkew
+	judgeAt := now
+	if ahead {
+		judgeAt = sent
+	}
+	if err := protocol.ValidateCatalog(cat, judgeAt); err != nil {
 		return pubsub.ValidationReject, nil, fmt.Errorf("invalid catalog: %w", err)
 	}
-	sent := time.UnixMilli(cat.GetTimeUnixMs())
+	if ahead {
+		return pubsub.ValidationIgnore, nil, fmt.Errorf("catalog %w: %s ahead of this clock", errFuture, sent.Sub(now).Round(time.Millisecond))
+	}
 	ttl := time.Duration(cat.GetTtlMs()) * time.Millisecond
 	if expiry := sent.Add(ttl + protocol.MaxClockSkew); expiry.Before(now) {
 		return pubsub.ValidationIgnore, nil, fmt.Errorf("catalog expired %s ago", now.Sub(expiry).Round(time.Millisecond))

@@ -444,11 +444,16 @@ func TestValidatorOnTheWire(t *testing.T) {
 	send(marshal(t, validAnnounce(now, 5)))
 	waitEvent(t, ev, "join of the rogue", func(e Event) bool { return e.Kind == Join && e.Peer == hr.ID() })
 
-	// Two rejects (score -40, above the graylist), an ignore, then a newer
-	// valid one. Had the future-dated one (seq 1000) been accepted, seq 6
-	// would be stale and never show.
+	// Two rejects (score -40, above the graylist), two ignores, then a
+	// newer valid one. A date an hour ahead is ignored (this clock may be
+	// the one behind); with an invalid field as well it is rejected. Had
+	// either future-dated one (seq 1000, 1001) been accepted, seq 6 would
+	// be stale and never show.
 	send([]byte("not a protobuf \xff\xff\xff"))
 	send(marshal(t, validAnnounce(now.Add(time.Hour), 1000)))
+	badTTL := validAnnounce(now.Add(time.Hour), 1001)
+	badTTL.TtlMs = 1
+	send(marshal(t, badTTL))
 	send(marshal(t, validAnnounce(now, 3)))
 	send(marshal(t, validAnnounce(now, 6)))
 	waitEvent(t, ev, "update of the rogue", func(e Event) bool { return e.Kind == Update && e.Peer == hr.ID() })

@@ -16,9 +16,10 @@
 // Announcements. Workers publish a pb.Announce on the gossipsub topic
 // /mtor/<swarm>/announce/1. Messages must be signed (StrictSign), which
 // binds each announcement to its author's peer ID. The topic validator
-// rejects (and peer scoring penalises) malformed, oversized, future-dated
-// or otherwise invalid announcements, and ignores (no penalty) a seq not
-// newer than the last accepted from that author, or one already expired.
+// rejects (and peer scoring penalises) malformed, oversized or otherwise
+// invalid announcements, and ignores (no penalty) a seq not newer than the
+// last accepted from that author, one already expired, or one dated more
+// than the allowed skew ahead (this node's clock may be the one behind).
 // Seqs start from the clock (ms*1000) so that a restarted node is newer
 // than its previous life. Own announcements are flood-published: they are
 // small, and flooding does not lose those sent before the mesh forms.

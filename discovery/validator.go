@@ -73,12 +73,12 @@ func (v *announceValidator) takeLocked(author peer.ID, now time.Time) bool {
 
 // check judges one announcement from author delivered by from. Reject
 // (from penalised) is for what no honest peer sends: bytes that are not an
-// Announce, an oversized one, a future date, an invalid field, or an
-// author announcing too often straight to us. Ignore (no penalty) is for
-// what an honest peer can cause: a stale seq, an announcement that
-// expired in transit, too frequent announcements of someone else that it
-// forwarded, or one the table has no room for. The error says why, for
-// logs and tests.
+// Announce, an oversized one, an invalid field, or an author announcing
+// too often straight to us. Ignore (no penalty) is for what an honest peer
+// can cause: a date too far ahead of this clock (this clock may be the one
+// behind), a stale seq, an announcement that expired in transit, too
+// frequent announcements of someone else that it forwarded, or one the
+// table has no room for. The error says why, for logs and tests.
 func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.ValidationResult, *pb.Announce, error) {
 	if author == "" {
 		return pubsub.ValidationReject, nil, fmt.Errorf("announce without an author")
@@ -93,15 +93,26 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 	now := v.now()
 	dated := time.UnixMilli(a.GetTimeUnixMs())
 	// Dated more than the skew allowed from this clock, either way: ahead,
-	// this node refuses it (ValidateAnnounce, noted below); behind, the
-	// author refuses this node's own (or it expired). Either says one of
-	// the two clocks is off.
+	// this node refuses it; behind, the author refuses this node's own (or
+	// it expired). Either says one of the two clocks is off.
 	off := dated.Sub(now)
-	if err := protocol.ValidateAnnounce(a, now); err != nil {
-		if off > protocol.MaxClockSkew {
-			v.offClock(author, off, now)
-		}
+	ahead := off > protocol.MaxClockSkew
+	judgeAt := now
+	if ahead {
+		// The rest of it is judged as if the clocks agreed: what is
+		// invalid at any date is still Reject.
+		judgeAt = dated
+	}
+	if err := protocol.ValidateAnnounce(a, judgeAt); err != nil {
 		return pubsub.ValidationReject, nil, fmt.Errorf("invalid announce: %w", err)
+	}
+	if ahead {
+		// Refused, not penalised: this node cannot tell whose clock is
+		// wrong, and a node whose own clock is behind would otherwise
+		// graylist every honest peer, cutting itself off from the gossip
+		// that carries its own announcements out.
+		v.offClock(author, off, now)
+		return pubsub.ValidationIgnore, nil, fmt.Errorf("%w: %s ahead of this clock", errFuture, off.Round(time.Millisecond))
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -189,6 +200,7 @@ func (d *Discovery) validate(ctx context.Context, from peer.ID, msg *pubsub.Mess
 // Reasons of the validator, for errors.Is in tests.
 var (
 	errTooFrequent = errors.New("announcing too often")
+	errFuture      = errors.New("dated in the future")
 	errNoRoom      = errors.New("no room: quarantine full for the forwarding peer, or enough workers of its models kept")
 )
 

@@ -71,7 +71,9 @@ func TestValidatorCheck(t *testing.T) {
 		{name: "no author", data: mod(func(*pb.Announce) {}), want: pubsub.ValidationReject, wantErr: "author"},
 		{name: "garbage", author: true, data: func(*testing.T) []byte { return []byte{0xff, 0xff, 0xff, 0x01, 0x02} }, want: pubsub.ValidationReject, wantErr: "malformed"},
 		{name: "oversized", author: true, data: mod(manyModels), want: pubsub.ValidationReject, wantErr: "limit"},
-		{name: "future dated", author: true, data: mod(func(a *pb.Announce) { a.TimeUnixMs = now.Add(time.Hour).UnixMilli() }), want: pubsub.ValidationReject, wantErr: "future"},
+		// This clock may be the one behind: refused, not penalised.
+		{name: "future dated", author: true, data: mod(func(a *pb.Announce) { a.TimeUnixMs = now.Add(time.Hour).UnixMilli() }), want: pubsub.ValidationIgnore, wantErr: "future"},
+		{name: "future dated, seq zero", author: true, data: mod(func(a *pb.Announce) { a.TimeUnixMs, a.Seq = now.Add(time.Hour).UnixMilli(), 0 }), want: pubsub.ValidationReject, wantErr: "seq"},
 		{name: "seq zero", author: true, data: mod(func(a *pb.Announce) { a.Seq = 0 }), want: pubsub.ValidationReject, wantErr: "seq"},
 		{name: "ttl too long", author: true, data: mod(func(a *pb.Announce) { a.TtlMs = uint32(time.Hour / time.Millisecond) }), want: pubsub.ValidationReject, wantErr: "ttl"},
 		{name: "unknown query type", author: true, data: mod(func(a *pb.Announce) { a.Models[0].Types = []pb.QueryType{99} }), want: pubsub.ValidationReject, wantErr: "type"},
