@@ -14,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	libp2pproto "github.com/libp2p/go-libp2p/core/protocol"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
 	basicconnmgr "github.com/libp2p/go-libp2p/p2p/net/connmgr"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
@@ -26,6 +27,7 @@ import (
 	"github.com/libp2p/go-libp2p/x/rate"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/node/coalesce"
 	"github.com/mtor-swarm/mtor/node/membership"
 	"github.com/mtor-swarm/mtor/protocol"
 	"go.uber.org/fx"
@@ -273,6 +275,10 @@ func newHost(hc hostConfig) (host.Host, error) {
 		libp2p.ListenAddrStrings(hc.listen...),
 		libp2p.Transport(tcp.NewTCPTransport),
 		libp2p.Transport(quic.NewTransport),
+		// yamux (TCP and relayed connections) writes each frame by
+		// itself; frames that queue while a write is under way go
+		// together (node/coalesce). QUIC packs its own.
+		libp2p.Muxer(yamux.ID, coalesce.Muxer(yamux.DefaultTransport)),
 		libp2p.Security(noise.ID, noise.New),
 		libp2p.Security(libp2ptls.ID, libp2ptls.New),
 		libp2p.ResourceManager(rm),
