@@ -21,8 +21,10 @@ import (
 )
 
 // MaxPending bounds the bytes a connection holds not yet written: a writer
-// blocks beyond it, which keeps yamux's back-pressure on a slow peer.
-const MaxPending = 256 << 10
+// blocks beyond it, which keeps yamux's back-pressure on a slow peer, and
+// a thousand peers that read nothing hold at most 64 MiB here. It is one
+// Noise message's worth: more in one write would gain nothing.
+const MaxPending = 64 << 10
 
 // keepBuffer is the largest buffer kept for the next batch: a rare big
 // batch is left to the garbage collector rather than held by every idle
