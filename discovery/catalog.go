@@ -255,6 +255,15 @@ func (c *catalog) check(author, from peer.ID, data []byte, now time.Time) (pubsu
 		return pubsub.ValidationReject, nil, fmt.Errorf("invalid catalog: %w", err)
 	}
 	if ahead {
+		// Its author delivering it pays from its allowance (announceValidator.check).
+		if from == author {
+			c.mu.Lock()
+			ok := c.takeLocked(author, now)
+			c.mu.Unlock()
+			if !ok {
+				return pubsub.ValidationReject, nil, errTooFrequent
+			}
+		}
 		return pubsub.ValidationIgnore, nil, fmt.Errorf("catalog %w: %s ahead of this clock", errFuture, sent.Sub(now).Round(time.Millisecond))
 	}
 	ttl := time.Duration(cat.GetTtlMs()) * time.Millisecond

@@ -5,7 +5,9 @@ import (
 	"testing"
 	"time"
 
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"google.golang.org/protobuf/proto"
 )
 
 // skewedClock is a node's clock, off this machine's by an offset the test
@@ -72,5 +74,67 @@ func TestClockBehindPenalisesNoOne(t *testing.T) {
 	waitTable(t, w, "its peers' workers once its clock is right", func(es []Entry) bool { return has(es, ha.ID()) && has(es, hb.ID()) })
 	if took := time.Since(fixed); took > 5*time.Second {
 		t.Fatalf("its peers' workers took %s to show once its clock was right: it had penalised them", took)
+	}
+}
+
+// Announcements and catalogues dated ahead are ignored, but an author that
+// delivers them itself still pays for each from its allowance: beyond it
+// they are rejected (penalised), as its flood of valid ones would be. A
+// forwarder relaying them spends nothing of the author's allowance and is
+// never penalised.
+func TestFutureDatedStillPaysItsAllowance(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	ahead := now.Add(time.Hour)
+	const sent = 3 * DefaultAnnounceBurst
+	for _, tc := range []struct {
+		name      string
+		forwarded bool
+		catalog   bool
+	}{
+		{"announce, from its author", false, false},
+		{"announce, forwarded", true, false},
+		{"catalog, from its author", false, true},
+		{"catalog, forwarded", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			author := testPeerID(t)
+			from := author
+			if tc.forwarded {
+				from = testPeerID(t)
+			}
+			v := newAnnounceValidator(16, func() time.Time { return now })
+			cat := newCatalog(testCatalogEvery)
+			burst := DefaultAnnounceBurst
+			if tc.catalog {
+				burst = catalogBurst
+			}
+			var ignored, rejected int
+			for i := range sent {
+				var res pubsub.ValidationResult
+				if tc.catalog {
+					c := validCatalog("m")
+					c.TimeUnixMs = ahead.Add(time.Duration(i) * time.Millisecond).UnixMilli()
+					data, _ := proto.Marshal(c)
+					res, _, _ = cat.check(author, from, data, now)
+				} else {
+					res, _, _ = v.check(author, from, marshal(t, validAnnounce(ahead, uint64(i+1))))
+				}
+				switch res {
+				case pubsub.ValidationIgnore:
+					ignored++
+				case pubsub.ValidationReject:
+					rejected++
+				default:
+					t.Fatalf("message %d accepted", i)
+				}
+			}
+			want := sent
+			if !tc.forwarded {
+				want = burst
+			}
+			if ignored != want || rejected != sent-want {
+				t.Fatalf("%d ignored and %d rejected of %d, want %d ignored", ignored, rejected, sent, want)
+			}
+		})
 	}
 }

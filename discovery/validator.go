@@ -110,8 +110,19 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 		// Refused, not penalised: this node cannot tell whose clock is
 		// wrong, and a node whose own clock is behind would otherwise
 		// graylist every honest peer, cutting itself off from the gossip
-		// that carries its own announcements out.
+		// that carries its own announcements out. An author delivering
+		// them itself still pays for each from its allowance, so that it
+		// cannot send them without end at no cost; a forwarder does not
+		// spend the author's.
 		v.offClock(author, off, now)
+		if from == author {
+			v.mu.Lock()
+			ok := v.takeLocked(author, now)
+			v.mu.Unlock()
+			if !ok {
+				return pubsub.ValidationReject, nil, errTooFrequent
+			}
+		}
 		return pubsub.ValidationIgnore, nil, fmt.Errorf("%w: %s ahead of this clock", errFuture, off.Round(time.Millisecond))
 	}
 	v.mu.Lock()

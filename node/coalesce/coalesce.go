@@ -8,7 +8,8 @@
 //
 // No frame waits for company: a write starts a flusher at once when none
 // is running, and only the frames written while the flusher is busy go
-// out together, in the next call. An idle connection holds no goroutine.
+// out together, in the next call. An idle connection holds no goroutine
+// and no buffer.
 package coalesce
 
 import (
@@ -20,16 +21,13 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 )
 
-// MaxPending bounds the bytes a connection holds not yet written: a writer
-// blocks beyond it, which keeps yamux's back-pressure on a slow peer, and
-// a thousand peers that read nothing hold at most 64 MiB here. It is one
-// Noise message's worth: more in one write would gain nothing.
-const MaxPending = 64 << 10
-
-// keepBuffer is the largest buffer kept for the next batch: a rare big
-// batch is left to the garbage collector rather than held by every idle
-// connection.
-const keepBuffer = 16 << 10
+// MaxPending bounds the bytes a connection holds queued: a writer blocks
+// beyond it, which keeps yamux's back-pressure on a slow peer. With the
+// batch being written, a connection holds at most twice this (one frame
+// larger than it, at most 64 KiB, goes alone), so a thousand peers that
+// read nothing hold at most 64 MiB here; and a full batch fits one Noise
+// message (65 519 bytes).
+const MaxPending = 32 << 10
 
 // closeFlushLimit bounds how long Close waits for the frames still pending
 // (yamux's last frames: a GoAway, the last FINs) to be written.
@@ -49,15 +47,21 @@ func (m muxer) NewConn(c net.Conn, isServer bool, scope network.PeerScope) (netw
 }
 
 // Conn is a net.Conn whose writes are queued and written by a flusher
-// goroutine; reads, addresses and deadlines are the underlying
-// connection's (a write deadline bounds the flusher's writes).
+// goroutine; reads and addresses are the underlying connection's. A write
+// deadline applies to the frames queued while it is set: a batch is
+// written under the deadline of its oldest frame, so that a caller that
+// keeps writing (and moving its deadline on) cannot keep a stuck write
+// alive.
 type Conn struct {
 	net.Conn
 
 	mu       sync.Mutex
 	cond     sync.Cond // a batch taken (room), a flush ended
 	pending  []byte    // written by the caller, not yet to the connection
-	spare    []byte    // the last batch's buffer, for the next one
+	spare    []byte    // the last batch's buffer, for the next one while busy
+	deadline time.Time // the write deadline set last
+	oldest   time.Time // the deadline in force when pending's first frame came
+	applied  time.Time // the write deadline the underlying connection has
 	err      error     // the first failed write: every later Write returns it
 	closed   bool
 	flushing bool // a flusher runs
@@ -85,6 +89,9 @@ func (c *Conn) Write(p []byte) (int, error) {
 	case c.closed:
 		return 0, ErrClosed
 	}
+	if len(c.pending) == 0 {
+		c.oldest = c.deadline
+	}
 	c.pending = append(c.pending, p...)
 	if !c.flushing {
 		c.flushing = true
@@ -93,40 +100,75 @@ func (c *Conn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// SetWriteDeadline sets the deadline of the frames written from now on.
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	c.mu.Lock()
+	c.deadline = t
+	c.mu.Unlock()
+	return nil
+}
+
+// SetDeadline sets the read deadline of the connection and the write
+// deadline of the frames written from now on.
+func (c *Conn) SetDeadline(t time.Time) error {
+	_ = c.SetWriteDeadline(t)
+	return c.Conn.SetReadDeadline(t)
+}
+
 // flush writes what is pending, all of it in one call each time round,
 // until nothing is left.
 func (c *Conn) flush() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	for len(c.pending) > 0 && c.err == nil {
-		batch := c.pending
+	var err error
+	for len(c.pending) > 0 {
+		batch, by := c.pending, c.oldest
 		c.pending, c.spare = c.spare[:0], nil
-		c.cond.Broadcast() // room for blocked writers
-		c.mu.Unlock()
-		_, err := c.Conn.Write(batch)
-		c.mu.Lock()
-		if cap(batch) <= keepBuffer {
-			c.spare = batch[:0]
+		c.oldest = c.deadline
+		c.cond.Broadcast()                     // room for blocked writers
+		if !by.Equal(c.applied) && !c.closed { // Close set its own
+			c.applied = by
+			if err = c.Conn.SetWriteDeadline(by); err != nil {
+				break
+			}
 		}
+		c.mu.Unlock()
+		_, err = c.Conn.Write(batch)
+		c.mu.Lock()
+		c.spare = batch[:0]
 		if err != nil {
-			// Nothing written after a lost frame could be read: end the
-			// connection, so that its reader stops too.
-			c.err, c.pending = err, nil
-			_ = c.Conn.Close()
+			break
 		}
 	}
+	if err != nil && c.err == nil {
+		c.err = err
+	}
+	failed := err != nil
+	if failed {
+		c.pending = nil
+	}
+	c.spare = nil // an idle connection holds no buffer
 	c.flushing = false
 	c.cond.Broadcast()
+	c.mu.Unlock()
+	if failed {
+		// Nothing written after a lost frame could be read: end the
+		// connection, so that its reader stops too.
+		_ = c.Conn.Close()
+	}
 }
 
-// Close waits for what is pending to be written (at most closeFlushLimit)
-// and closes the connection.
+// Close waits for what is pending to be written, for at most
+// closeFlushLimit, and closes the connection.
 func (c *Conn) Close() error {
 	c.mu.Lock()
 	c.closed = true
 	c.cond.Broadcast() // writers waiting for room give up
 	if c.flushing {
-		_ = c.Conn.SetWriteDeadline(time.Now().Add(closeFlushLimit))
+		c.applied = time.Now().Add(closeFlushLimit)
+		_ = c.Conn.SetWriteDeadline(c.applied)
+		// A connection that ignores deadlines is closed all the same.
+		stop := time.AfterFunc(closeFlushLimit, func() { _ = c.Conn.Close() })
+		defer stop.Stop()
 	}
 	for c.flushing {
 		c.cond.Wait()
