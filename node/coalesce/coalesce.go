@@ -29,6 +29,22 @@ import (
 // message (65 519 bytes).
 const MaxPending = 32 << 10
 
+// buffers holds the batch buffers of connections that went idle, for the
+// next burst of any connection: an idle connection keeps none, and a busy
+// one does not grow a new one for every burst.
+var buffers = sync.Pool{New: func() any { return new([]byte) }}
+
+// keepBuffer is the largest buffer put back for reuse.
+const keepBuffer = 2 * MaxPending
+
+func getBuffer() []byte { return (*buffers.Get().(*[]byte))[:0] }
+
+func putBuffer(b []byte) {
+	if b != nil && cap(b) <= keepBuffer {
+		buffers.Put(&b)
+	}
+}
+
 // closeFlushLimit bounds how long Close waits for the frames still pending
 // (yamux's last frames: a GoAway, the last FINs) to be written.
 const closeFlushLimit = 250 * time.Millisecond
@@ -58,7 +74,7 @@ type Conn struct {
 	mu       sync.Mutex
 	cond     sync.Cond // a batch taken (room), a flush ended
 	pending  []byte    // written by the caller, not yet to the connection
-	spare    []byte    // the last batch's buffer, for the next one while busy
+	spare    []byte    // the last batch's buffer, for the next batch while busy
 	deadline time.Time // the write deadline set last
 	oldest   time.Time // the deadline in force when pending's first frame came
 	applied  time.Time // the write deadline the underlying connection has
@@ -91,6 +107,9 @@ func (c *Conn) Write(p []byte) (int, error) {
 	}
 	if len(c.pending) == 0 {
 		c.oldest = c.deadline
+		if c.pending == nil {
+			c.pending = getBuffer()
+		}
 	}
 	c.pending = append(c.pending, p...)
 	if !c.flushing {
@@ -143,10 +162,12 @@ func (c *Conn) flush() {
 		c.err = err
 	}
 	failed := err != nil
-	if failed {
+	if failed || len(c.pending) == 0 {
+		putBuffer(c.pending)
 		c.pending = nil
 	}
-	c.spare = nil // an idle connection holds no buffer
+	putBuffer(c.spare) // an idle connection holds no buffer
+	c.spare = nil
 	c.flushing = false
 	c.cond.Broadcast()
 	c.mu.Unlock()
