@@ -67,7 +67,8 @@ func (m muxer) NewConn(c net.Conn, isServer bool, scope network.PeerScope) (netw
 // deadline applies to the frames queued while it is set: a batch is
 // written under the deadline of its oldest frame, so that a caller that
 // keeps writing (and moving its deadline on) cannot keep a stuck write
-// alive.
+// alive. A deadline already past does not interrupt a write under way:
+// yamux stops a connection by closing it, not by such a deadline.
 type Conn struct {
 	net.Conn
 
@@ -104,6 +105,8 @@ func (c *Conn) Write(p []byte) (int, error) {
 		return 0, c.err
 	case c.closed:
 		return 0, ErrClosed
+	case len(p) == 0:
+		return 0, nil
 	}
 	if len(c.pending) == 0 {
 		c.oldest = c.deadline

@@ -380,3 +380,20 @@ func TestStreamsOverACoalescedConnection(t *testing.T) {
 		t.Fatalf("%d writes for %d frames: nothing went together", writes, frames)
 	}
 }
+
+// An empty write queues nothing and starts no flusher.
+func TestEmptyWrite(t *testing.T) {
+	a, b := net.Pipe()
+	defer b.Close()
+	c := New(a)
+	defer c.Close()
+	if n, err := c.Write(nil); n != 0 || err != nil {
+		t.Fatalf("Write(nil) = %d, %v", n, err)
+	}
+	c.mu.Lock()
+	flushing, queued := c.flushing, len(c.pending)
+	c.mu.Unlock()
+	if flushing || queued != 0 {
+		t.Fatalf("after an empty write: flushing %v, %d bytes queued", flushing, queued)
+	}
+}
