@@ -246,25 +246,17 @@ func (c *catalog) check(author, from peer.ID, data []byte, now time.Time) (pubsu
 	// Dated too far ahead: refused without a penalty, and judged
 	// otherwise as if the clocks agreed, as an announcement is
 	// (announceValidator.check).
-	ahead := sent.Sub(now) > protocol.MaxClockSkew
-	judgeAt := now
-	if ahead {
-		judgeAt = sent
-	}
+	judgeAt, ahead := aheadOf(sent, now)
 	if err := protocol.ValidateCatalog(cat, judgeAt); err != nil {
 		return pubsub.ValidationReject, nil, fmt.Errorf("invalid catalog: %w", err)
 	}
 	if ahead {
-		// Its author delivering it pays from its allowance (announceValidator.check).
-		if from == author {
+		res, err := refuseAhead(author, from, func() bool {
 			c.mu.Lock()
-			ok := c.takeLocked(author, now)
-			c.mu.Unlock()
-			if !ok {
-				return pubsub.ValidationReject, nil, errTooFrequent
-			}
-		}
-		return pubsub.ValidationIgnore, nil, fmt.Errorf("catalog %w: %s ahead of this clock", errFuture, sent.Sub(now).Round(time.Millisecond))
+			defer c.mu.Unlock()
+			return c.takeLocked(author, now)
+		}, fmt.Errorf("catalog %w: %s ahead of this clock", errFuture, sent.Sub(now).Round(time.Millisecond)))
+		return res, nil, err
 	}
 	ttl := time.Duration(cat.GetTtlMs()) * time.Millisecond
 	if expiry := sent.Add(ttl + protocol.MaxClockSkew); expiry.Before(now) {

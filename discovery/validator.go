@@ -96,13 +96,7 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 	// this node refuses it; behind, the author refuses this node's own (or
 	// it expired). Either says one of the two clocks is off.
 	off := dated.Sub(now)
-	ahead := off > protocol.MaxClockSkew
-	judgeAt := now
-	if ahead {
-		// The rest of it is judged as if the clocks agreed: what is
-		// invalid at any date is still Reject.
-		judgeAt = dated
-	}
+	judgeAt, ahead := aheadOf(dated, now)
 	if err := protocol.ValidateAnnounce(a, judgeAt); err != nil {
 		return pubsub.ValidationReject, nil, fmt.Errorf("invalid announce: %w", err)
 	}
@@ -115,15 +109,12 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 		// cannot send them without end at no cost; a forwarder does not
 		// spend the author's.
 		v.offClock(author, off, now)
-		if from == author {
+		res, err := refuseAhead(author, from, func() bool {
 			v.mu.Lock()
-			ok := v.takeLocked(author, now)
-			v.mu.Unlock()
-			if !ok {
-				return pubsub.ValidationReject, nil, errTooFrequent
-			}
-		}
-		return pubsub.ValidationIgnore, nil, fmt.Errorf("%w: %s ahead of this clock", errFuture, off.Round(time.Millisecond))
+			defer v.mu.Unlock()
+			return v.takeLocked(author, now)
+		}, fmt.Errorf("%w: %s ahead of this clock", errFuture, off.Round(time.Millisecond)))
+		return res, nil, err
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -152,6 +143,26 @@ func (v *announceValidator) check(author, from peer.ID, data []byte) (pubsub.Val
 	}
 	v.lastSeq.Add(author, a.GetSeq())
 	return pubsub.ValidationAccept, a, nil
+}
+
+// aheadOf reports whether a message dated at dated is further ahead of now
+// than the skew allowed, and the time to judge the rest of it at: its own
+// date then, so that what is invalid at any date is still Reject.
+func aheadOf(dated, now time.Time) (judgeAt time.Time, ahead bool) {
+	if dated.Sub(now) > protocol.MaxClockSkew {
+		return dated, true
+	}
+	return now, false
+}
+
+// refuseAhead is the verdict on a valid message dated too far ahead:
+// Ignore (why), but Reject when its author delivered it itself and take,
+// which spends one of the author's tokens, finds none left.
+func refuseAhead(author, from peer.ID, take func() bool, why error) (pubsub.ValidationResult, error) {
+	if from == author && !take() {
+		return pubsub.ValidationReject, errTooFrequent
+	}
+	return pubsub.ValidationIgnore, why
 }
 
 // offClock notes an announcement of author dated more than the skew
