@@ -59,6 +59,9 @@ func testE2EHostileWorkerProcesses(t *testing.T, tr transport) {
 		// Moved from after 3 stall periods (30 s), not blamed, then
 		// ranked after the honest worker (a slow queue): one query.
 		{"queue-within", 1, false},
+		// Its clock ahead: a TIMEOUT at once, long before the
+		// deadline, counts against its model like a failing backend.
+		{"early-timeout", 3, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.behaviour, func(t *testing.T) {

@@ -47,13 +47,18 @@ const (
 	// at the front, never answering. An honest worker whose queue is
 	// that slow looks the same, so it is moved from, not blamed.
 	QueueWithin
+	// EarlyTimeout accepts and at once answers TIMEOUT, as a worker
+	// whose clock runs minutes ahead of the router's does (the query's
+	// deadline has passed by its clock), or one whose backend times out
+	// at once.
+	EarlyTimeout
 )
 
 var behaviourNames = map[Behaviour]string{
 	Stall: "stall", Endless: "endless", Fail: "fail", Silent: "silent",
 	FakeQueue: "fake-queue", EmptyChunks: "empty-chunks", ToolCall: "tool-call",
 	MediaToChat: "media-to-chat", InventedFigures: "invented-figures", EmptyAnswer: "empty-answer",
-	QueueWithin: "queue-within",
+	QueueWithin: "queue-within", EarlyTimeout: "early-timeout",
 }
 
 func (b Behaviour) String() string {
@@ -128,6 +133,9 @@ func Handler(ctx context.Context, h host.Host, b Behaviour, served func()) netwo
 		case Fail:
 			_ = write(accepted(0))
 			clean = write(&pb.Event{Kind: &pb.Event_Error{Error: protocol.Errorf(protocol.CodeBackendError, "backend exploded").Proto()}}) == nil
+		case EarlyTimeout:
+			_ = write(accepted(0))
+			clean = write(&pb.Event{Kind: &pb.Event_Error{Error: protocol.Errorf(protocol.CodeTimeout, "deadline passed before the query started").Proto()}}) == nil
 		case FakeQueue:
 			for pos := uint32(1 << 31); pos > 0 && write(accepted(pos)) == nil && pace(200*time.Millisecond); pos-- {
 			}
