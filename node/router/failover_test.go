@@ -941,13 +941,31 @@ func aheadClock(t *testing.T, handed *atomic.Int64, said bool) host.Host {
 	})
 }
 
+// timesOutAtOnce stands in for a node's own worker whose backend times
+// out at once (a gateway's 504): it answers TIMEOUT, after some of the
+// answer with said.
+type timesOutAtOnce struct {
+	handed *atomic.Int64
+	said   bool
+}
+
+func (l timesOutAtOnce) Serve(_ context.Context, _ *pb.QueryRequest, emit func(*pb.Event) error) (*pb.Done, error) {
+	l.handed.Add(1)
+	if l.said {
+		_ = emit(&pb.Event{Kind: &pb.Event_Accepted{Accepted: &pb.Accepted{HeartbeatMs: 1000}}})
+		_ = emit(&pb.Event{Kind: &pb.Event_Chunk{Chunk: &pb.Chunk{Text: "so far"}}})
+	}
+	return nil, protocol.Errorf(protocol.CodeTimeout, "deadline passed before the query started")
+}
+
 // TestEarlyTimeoutMovesOn: a worker's TIMEOUT while the query has 2 s
 // or more left by the router's clock is that worker's failure (its clock
 // ahead, or a lie): the query moves to another worker, or ends
 // UNAVAILABLE naming it when there is none. Near the deadline, a TIMEOUT
 // is the query's own and ends it as before; so is one after output with
 // less than the announcements' clock skew (30 s) left, where the client
-// keeps what it read.
+// keeps what it read. The same holds for the node's own worker (own),
+// asked without a stream, whose early TIMEOUT is its backend's.
 func TestEarlyTimeoutMovesOn(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
@@ -966,39 +984,54 @@ func TestEarlyTimeoutMovesOn(t *testing.T) {
 			message: "deadline passed before the query started"},
 		{name: "after output, a minute left: another worker answers", other: true, said: true, deadline: time.Minute},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var handed atomic.Int64
-			w := aheadClock(t, &handed, tc.said)
-			var r *Router
-			var honest host.Host
-			if tc.other {
-				r, honest = liarFirst(t, w)
-			} else {
-				h := testHost(t)
-				connect(t, h, w)
-				r = New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, WithRetryBackoff(time.Millisecond))
+		for _, own := range []bool{false, true} {
+			name := tc.name
+			if own {
+				name = "own worker, " + name
 			}
-			// May start again elsewhere after output, as the bridge's
-			// APIs allow.
-			ctx, cancel := context.WithTimeout(WithRestart(t.Context()), tc.deadline)
-			defer cancel()
-			res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
-			if handed.Load() != 1 {
-				t.Fatalf("the worker with the clock ahead was handed %d queries, want 1", handed.Load())
-			}
-			if tc.code != 0 {
-				if pe := protocol.AsError(err); pe == nil || pe.Code != tc.code || pe.Message != tc.message {
-					t.Fatalf("error %v, want %s: %s", err, protocol.CodeName(tc.code), tc.message)
+			t.Run(name, func(t *testing.T) {
+				var handed atomic.Int64
+				var r *Router
+				var honest host.Host
+				switch {
+				case own:
+					h := testHost(t)
+					table := staticTable{cand(string(h.ID()), 0, 4, 100, 0, demoModel)}
+					if tc.other {
+						honest = demoWorker(t, "honest", 0)
+						connect(t, h, honest)
+						table = append(table, cand(string(honest.ID()), 0, 4, 100, time.Second, demoModel))
+					}
+					r = New(h, testProto, table, WithRetryBackoff(time.Millisecond), WithLocal(timesOutAtOnce{&handed, tc.said}))
+				case tc.other:
+					r, honest = liarFirst(t, aheadClock(t, &handed, tc.said))
+				default:
+					h, w := testHost(t), aheadClock(t, &handed, tc.said)
+					connect(t, h, w)
+					r = New(h, testProto, staticTable{cand(string(w.ID()), 0, 4, 100, 0, demoModel)}, WithRetryBackoff(time.Millisecond))
 				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if res.Peer != honest.ID() || res.Attempts != 2 {
-				t.Fatalf("answered by %s in %d attempts, want the other worker in 2", res.Peer, res.Attempts)
-			}
-		})
+				// May start again elsewhere after output, as the bridge's
+				// APIs allow.
+				ctx, cancel := context.WithTimeout(WithRestart(t.Context()), tc.deadline)
+				defer cancel()
+				res, err := r.Query(ctx, &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: "demo", Prompt: "hello"}, func(*pb.Event) error { return nil })
+				if handed.Load() != 1 {
+					t.Fatalf("the worker that timed out was handed %d queries, want 1", handed.Load())
+				}
+				if tc.code != 0 {
+					if pe := protocol.AsError(err); pe == nil || pe.Code != tc.code || pe.Message != tc.message {
+						t.Fatalf("error %v, want %s: %s", err, protocol.CodeName(tc.code), tc.message)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				if res.Peer != honest.ID() || res.Attempts != 2 {
+					t.Fatalf("answered by %s in %d attempts, want the other worker in 2", res.Peer, res.Attempts)
+				}
+			})
+		}
 	}
 }
 

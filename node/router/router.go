@@ -1884,14 +1884,8 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 	var first time.Time
 	chunksBefore := q.chunks
 	check := r.newReceiptCheck()
-	said := false // output passed on: the remote path's answered
 	wrap := func(ev *pb.Event) error {
 		check.add(ev)
-		switch ev.GetKind().(type) {
-		case *pb.Event_Accepted, *pb.Event_Error, *pb.Event_Done:
-		default:
-			said = true
-		}
 		if _, acc := ev.GetKind().(*pb.Event_Accepted); !acc && first.IsZero() {
 			first = time.Now()
 			if _, failed := ev.GetKind().(*pb.Event_Error); !failed {
@@ -1918,13 +1912,16 @@ func (r *Router) attempt(ctx context.Context, c scored, q *query) (*Result, erro
 		var pe *protocol.Error
 		if errors.As(err, &pe) {
 			// Our own worker shares our clock, so its TIMEOUT with time
-			// left is its backend's own (a gateway's 504, a client
+			// left is its backend's own (a gateway's 504, a transport
 			// timeout): another worker may answer, as for a remote one.
-			left, early := timeoutEarly(ctx, pe, start, said)
-			if early {
-				log.Debugw("own worker timed out with time left", "left", left, "err", pe)
+			// Errors and Done are returned, not emitted: first is the
+			// remote path's answered.
+			we := workerError{err: pe}
+			if rest, early := timeoutEarly(ctx, pe, start, !first.IsZero()); early {
+				log.Debugw("own worker timed out with time left", "left", rest, "err", pe)
+				we.early = true
 			}
-			err = workerError{err: pe, early: early}
+			err = we
 		}
 	} else {
 		alone := func() bool { return !r.othersAlive(ctx, q, c) }
