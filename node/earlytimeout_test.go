@@ -40,10 +40,11 @@ func gatewayTimeout(t *testing.T) (url string, hits *atomic.Int64) {
 // backend's own (here a gateway's 504): the query moves on to another
 // worker as it does from a remote worker's, or ends UNAVAILABLE naming
 // the early timeout when there is none. Near the deadline the TIMEOUT
-// is the query's own, as before. (The rule after output is the remote
-// path's, TestEarlyTimeoutMovesOn in node/router: a model server cannot
-// answer 504 once it streams, and a stream that stalls is a
-// BACKEND_ERROR, which moves on anyway.)
+// is the query's own, as before (a guard: it passes without the rule
+// too). The rule after output is tested in node/router
+// (TestEarlyTimeoutMovesOn, own worker): a model server cannot answer 504
+// once it streams, and a stream that stalls is a BACKEND_ERROR, which
+// moves on anyway.
 func TestOwnWorkerTimingOutEarlyMovesOn(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
@@ -86,6 +87,9 @@ func TestOwnWorkerTimingOutEarlyMovesOn(t *testing.T) {
 						t.Fatalf("error %v (text %q), want %s: …%s…", err, text, protocol.CodeName(tc.code), tc.message)
 					}
 					break
+				}
+				if tc.workers == 1 {
+					t.Fatalf("query %d did not reach the own worker's backend: %v", i, err)
 				}
 				if err != nil || p != s.Workers[1].ID() || !strings.Contains(text, "weather") {
 					t.Fatalf("query %d: answered by %s (own %s) with %q, %v; want the other worker (own worker asked %d times)", i, p, own.ID(), text, err, hits.Load())

@@ -50,7 +50,8 @@ func joinHostile(t *testing.T, ctx context.Context, s *swarmtest.Swarm, victim *
 }
 
 // Workers that accept and stall, stream without end, fail a model they
-// announce, or never answer: the router demotes them within a few
+// announce, never answer, or answer TIMEOUT at once (a clock ahead): the
+// router demotes them within a few
 // queries and every query is answered by an honest worker.
 func TestHostileWorkers(t *testing.T) {
 	cases := []struct {
@@ -61,6 +62,7 @@ func TestHostileWorkers(t *testing.T) {
 		{"endless output", hostiletest.Endless},
 		{"errors for its model", hostiletest.Fail},
 		{"silent", hostiletest.Silent},
+		{"timeouts at once", hostiletest.EarlyTimeout},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
