@@ -39,7 +39,7 @@ func gatewayTimeout(t *testing.T) (url string, hits *atomic.Int64) {
 // clock, so its TIMEOUT long before the query's deadline is its
 // backend's own (here a gateway's 504): the query moves on to another
 // worker as it does from a remote worker's, or ends UNAVAILABLE naming
-// the early timeout when there is none. Near the deadline the TIMEOUT
+// the early timeout, with the backend's words, when there is none. Near the deadline the TIMEOUT
 // is the query's own, as before (a guard: it passes without the rule
 // too). The rule after output is tested in node/router
 // (TestEarlyTimeoutMovesOn, own worker): a model server cannot answer 504
@@ -55,7 +55,7 @@ func TestOwnWorkerTimingOutEarlyMovesOn(t *testing.T) {
 	}{
 		{name: "another worker answers", workers: 2, deadline: 30 * time.Second},
 		{name: "alone", workers: 1, deadline: 30 * time.Second, code: protocol.CodeUnavailable,
-			message: "1 worker timed out long before the deadline"},
+			message: "1 worker timed out long before the deadline (backend answered 504: upstream timed out)"},
 		{name: "near the deadline: the query's own", workers: 1, deadline: 1500 * time.Millisecond, code: protocol.CodeTimeout,
 			message: "upstream timed out"},
 	} {

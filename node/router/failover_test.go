@@ -977,7 +977,7 @@ func TestEarlyTimeoutMovesOn(t *testing.T) {
 	}{
 		{name: "another worker answers", other: true, deadline: 10 * time.Second},
 		{name: "alone", deadline: 10 * time.Second, code: protocol.CodeUnavailable,
-			message: "1 worker timed out long before the deadline"},
+			message: "1 worker timed out long before the deadline (deadline passed before the query started)"},
 		{name: "near the deadline: the query's own", other: true, deadline: 1500 * time.Millisecond, code: protocol.CodeTimeout,
 			message: "deadline passed before the query started"},
 		{name: "after output, 10 s left: the query's own", other: true, said: true, deadline: 10 * time.Second, code: protocol.CodeTimeout,

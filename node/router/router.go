@@ -30,6 +30,7 @@ import (
 	"golang.org/x/sync/singleflight"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/mtor-swarm/mtor/node/backend/httputil"
 	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/relayaddr"
@@ -1125,6 +1126,7 @@ func (r *Router) Query(ctx context.Context, req *pb.QueryRequest, h Handler) (re
 			q.failures++
 			q.lastOf(c)
 			q.kinds[failEarlyTimeout]++
+			q.earlyWhy = we.err.Message
 		case errors.As(err, &we) && we.err.Code == protocol.CodeUnsupported:
 			// Our table was stale (the model left that worker), or it
 			// cannot continue: another candidate may still serve it.
@@ -1398,9 +1400,12 @@ type query struct {
 	silentRetries int
 	silentKind    failKind
 	silentCounted bool
-	pathRetries   int      // free retries on another path after a relay broke
-	avoid         peer.ID  // a relay that broke this query's path: dial around it
-	need          []string // features the query needs of a worker
+	// earlyWhy: what the last worker that timed out early said (its
+	// backend's 504, say), for the summary: the operator's clue.
+	earlyWhy    string
+	pathRetries int      // free retries on another path after a relay broke
+	avoid       peer.ID  // a relay that broke this query's path: dial around it
+	need        []string // features the query needs of a worker
 	// dht: the providers the query found in the DHT, when its model had
 	// no worker in the table.
 	dht []scored
@@ -1694,7 +1699,12 @@ func (q *query) summary() string {
 		if n == 1 {
 			w = "worker"
 		}
-		parts = append(parts, fmt.Sprintf("%d %s %s", n, w, names[k]))
+		part := fmt.Sprintf("%d %s %s", n, w, names[k])
+		if failKind(k) == failEarlyTimeout && q.earlyWhy != "" {
+			// A worker's words, for a client to read: cleaned, bounded.
+			part += fmt.Sprintf(" (%s)", httputil.Clean(q.earlyWhy, 200))
+		}
+		parts = append(parts, part)
 	}
 	if q.busy > 0 {
 		parts = append(parts, fmt.Sprintf("%d busy or shutting down", q.busy))
