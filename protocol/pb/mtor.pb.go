@@ -178,7 +178,8 @@ type QueryRequest struct {
 	Continuation string `protobuf:"bytes,11,opt,name=continuation,proto3" json:"continuation,omitempty"`
 	// Functions the model may call (feature "tools"). A worker whose model
 	// does not announce "tools" refuses a query with tools, tool_choice, a
-	// tool message or an assistant message holding tool calls (UNSUPPORTED).
+	// tool message with a tool_call_id or an assistant message holding tool
+	// calls (UNSUPPORTED).
 	Tools      []*Tool     `protobuf:"bytes,12,rep,name=tools,proto3" json:"tools,omitempty"`
 	ToolChoice *ToolChoice `protobuf:"bytes,13,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"` // absent = auto when tools are given
 	// Constrains the answer to JSON (feature "json_object" or
@@ -319,7 +320,7 @@ func (x *QueryRequest) GetResponseFormat() *ResponseFormat {
 // Tool is a function the model may ask the client to call.
 type Tool struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"` // ^[A-Za-z0-9_.-]{1,64}$
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"` // ^[A-Za-z0-9_.:-]{1,64}$
 	Description   string                 `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
 	Parameters    string                 `protobuf:"bytes,3,opt,name=parameters,proto3" json:"parameters,omitempty"` // JSON Schema of the arguments, as JSON text (an object)
 	Strict        bool                   `protobuf:"varint,4,opt,name=strict,proto3" json:"strict,omitempty"`        // ask the backend to follow the schema exactly
