@@ -32,6 +32,7 @@ const DefaultModel = "demo"
 type Backend struct {
 	label string // who answers, usually the short peer ID
 	delay time.Duration
+	first time.Duration // before the first token: a model's prefill
 	model string
 }
 
@@ -40,6 +41,10 @@ type Option func(*Backend)
 
 // WithDelay sets the pause between tokens (0 for benchmarks).
 func WithDelay(d time.Duration) Option { return func(b *Backend) { b.delay = d } }
+
+// WithFirst sets the pause before the first token, as a model's prompt
+// processing takes (0, the default, for none).
+func WithFirst(d time.Duration) Option { return func(b *Backend) { b.first = d } }
 
 // WithModel sets the served model name.
 func WithModel(name string) Option { return func(b *Backend) { b.model = name } }
@@ -54,7 +59,8 @@ func New(label string, opts ...Option) *Backend {
 }
 
 // ParseOptions parses the part of a --backend spec after "demo:", a comma
-// separated list of key=value: delay=DURATION (or milliseconds), model=NAME.
+// separated list of key=value: delay=DURATION (or milliseconds) between
+// tokens, first=DURATION (or milliseconds) before the first, model=NAME.
 func ParseOptions(s string) ([]Option, error) {
 	var opts []Option
 	if s == "" {
@@ -66,26 +72,30 @@ func ParseOptions(s string) ([]Option, error) {
 			return nil, fmt.Errorf("demo option %q: want key=value", kv)
 		}
 		switch k {
-		case "delay":
+		case "delay", "first":
 			d, err := time.ParseDuration(v)
 			if err != nil {
 				ms, err2 := strconv.Atoi(v)
 				if err2 != nil || ms < 0 {
-					return nil, fmt.Errorf("demo delay %q: %w", v, err)
+					return nil, fmt.Errorf("demo %s %q: %w", k, v, err)
 				}
 				d = time.Duration(ms) * time.Millisecond
 			}
 			if d < 0 || d > time.Minute {
-				return nil, fmt.Errorf("demo delay %s out of range [0, 1m]", d)
+				return nil, fmt.Errorf("demo %s %s out of range [0, 1m]", k, d)
 			}
-			opts = append(opts, WithDelay(d))
+			if k == "first" {
+				opts = append(opts, WithFirst(d))
+			} else {
+				opts = append(opts, WithDelay(d))
+			}
 		case "model":
 			if err := protocol.ValidateModelName(v); err != nil {
 				return nil, fmt.Errorf("demo model: %w", err)
 			}
 			opts = append(opts, WithModel(v))
 		default:
-			return nil, fmt.Errorf("unknown demo option %q (want delay or model)", k)
+			return nil, fmt.Errorf("unknown demo option %q (want delay, first or model)", k)
 		}
 	}
 	return opts, nil
@@ -140,12 +150,16 @@ func (b *Backend) Run(ctx context.Context, req *pb.QueryRequest, out backend.Sin
 	}
 	var t *time.Timer
 	for i, w := range words {
-		if b.delay > 0 && i > 0 {
+		pause := b.delay
+		if i == 0 {
+			pause = b.first
+		}
+		if pause > 0 {
 			if t == nil {
-				t = time.NewTimer(b.delay)
+				t = time.NewTimer(pause)
 				defer t.Stop()
 			} else {
-				t.Reset(b.delay)
+				t.Reset(pause)
 			}
 			select {
 			case <-ctx.Done():

@@ -84,15 +84,19 @@ func TestParseOptions(t *testing.T) {
 		in      string
 		wantErr bool
 		delay   time.Duration
+		first   time.Duration
 	}{
-		{"", false, DefaultDelay},
-		{"delay=0", false, 0},
-		{"delay=25", false, 25 * time.Millisecond},
-		{"delay=2ms,model=tiny", false, 2 * time.Millisecond},
-		{"delay=2m", true, 0},
-		{"delay=x", true, 0},
-		{"speed=1", true, 0},
-		{"delay", true, 0},
+		{"", false, DefaultDelay, 0},
+		{"delay=0", false, 0, 0},
+		{"delay=25", false, 25 * time.Millisecond, 0},
+		{"delay=2ms,model=tiny", false, 2 * time.Millisecond, 0},
+		{"delay=2ms,first=80ms", false, 2 * time.Millisecond, 80 * time.Millisecond},
+		{"first=40", false, DefaultDelay, 40 * time.Millisecond},
+		{"delay=2m", true, 0, 0},
+		{"delay=x", true, 0, 0},
+		{"first=-1", true, 0, 0},
+		{"speed=1", true, 0, 0},
+		{"delay", true, 0, 0},
 	}
 	for _, tc := range tests {
 		opts, err := ParseOptions(tc.in)
@@ -100,8 +104,8 @@ func TestParseOptions(t *testing.T) {
 			t.Fatalf("%q: err %v", tc.in, err)
 		}
 		if err == nil {
-			if b := New("p", opts...); b.delay != tc.delay {
-				t.Fatalf("%q: delay %s, want %s", tc.in, b.delay, tc.delay)
+			if b := New("p", opts...); b.delay != tc.delay || b.first != tc.first {
+				t.Fatalf("%q: delay %s and first %s, want %s and %s", tc.in, b.delay, b.first, tc.delay, tc.first)
 			}
 		}
 	}
@@ -137,5 +141,34 @@ func TestSeededAnswersAgreeAcrossWorkers(t *testing.T) {
 				t.Fatalf("worker a %q, worker b %q; want %q, same=%v", ta, tb, tc.want, tc.same)
 			}
 		})
+	}
+}
+
+// firstAt notes when the first chunk came.
+type firstAt struct {
+	collect
+	at time.Time
+}
+
+func (f *firstAt) Chunk(s string) error {
+	if f.at.IsZero() {
+		f.at = time.Now()
+	}
+	return f.collect.Chunk(s)
+}
+
+// TestFirstPause: first= holds the first token back, as a model's prompt
+// processing does.
+func TestFirstPause(t *testing.T) {
+	const first = 80 * time.Millisecond
+	b := New("p", WithDelay(0), WithFirst(first))
+	var f firstAt
+	start := time.Now()
+	req := &pb.QueryRequest{Type: pb.QueryType_QUERY_TYPE_CHAT, Model: DefaultModel, Prompt: "hello"}
+	if _, err := b.Run(context.Background(), req, &f); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.at.Sub(start); got < first {
+		t.Fatalf("first=%s: first token after %s", first, got)
 	}
 }
