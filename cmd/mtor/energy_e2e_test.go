@@ -22,11 +22,16 @@ import (
 // header, then `mtor query --prefer energy` through the node's control
 // API and with a temporary node of its own (--join); the bridge node
 // itself ranks by latency. A 400 W worker is measured
-// first; a 40 W one joins. The next query preferring energy goes to the
-// newcomer, which has a GPU and no figure yet (the probe), and once both
-// figures are in the view every such query goes to the frugal one.
-// Without the probe the measured worker would take every query and the
-// newcomer never be measured.
+// first; a 40 W one, four times slower to its first token (80 ms against
+// 20), joins. The
+// next query preferring energy goes to the newcomer, which has a GPU and
+// no figure yet (the probe), and once both figures are in the view every
+// such query goes to the frugal one. Without the probe the measured
+// worker would take every query and the newcomer never be measured. The
+// newcomer is within the bridge's --energy-slack of 10 (given without
+// --prefer-energy: it is the slack of the queries that ask for energy)
+// but not within the default 1.5, which a temporary node of the CLI uses:
+// its query goes to the fast worker.
 func TestE2EEnergyPreferenceMeasuresNewcomers(t *testing.T) {
 	onEachTransport(t, testE2EEnergyPreferenceMeasuresNewcomers)
 }
@@ -36,12 +41,12 @@ func testE2EEnergyPreferenceMeasuresNewcomers(t *testing.T, tr transport) {
 	lib := fakeNVML(t)
 	dir := t.TempDir()
 	bridge := startNode(t, "bridge", tr.nodeArgs(filepath.Join(dir, "bridge"),
-		"--bridge", "127.0.0.1:0", "--energy-slack", "3")...)
+		"--bridge", "127.0.0.1:0", "--energy-slack", "10")...)
 	base := strings.TrimSuffix(bridge.value("bridge"), "/")
 	apiAddr := bridge.value("api")
-	gpuWorker := func(name string, watts int) *proc {
+	gpuWorker := func(name string, watts int, first string) *proc {
 		p := startNodeIn(t, name, []string{"env", "LD_LIBRARY_PATH=" + lib, "FAKE_GPU_WATTS=" + strconv.Itoa(watts)},
-			tr.nodeArgs(filepath.Join(dir, name), "--backend", "demo:delay=10ms", "--join", bridge.value("join"))...)
+			tr.nodeArgs(filepath.Join(dir, name), "--backend", "demo:delay=10ms,first="+first, "--join", bridge.value("join"))...)
 		if g := p.value("gpu"); !strings.Contains(g, "FAKE GPU for tests") {
 			t.Fatalf("worker %s sees no fake GPU: gpu: %s", name, g)
 		}
@@ -90,7 +95,7 @@ func testE2EEnergyPreferenceMeasuresNewcomers(t *testing.T, tr transport) {
 		return demoJoules(p)
 	}
 
-	hot := gpuWorker("hot", 400)
+	hot := gpuWorker("hot", 400, "20ms")
 	for i := range 3 {
 		if p := ask(); p != hot.value("peer") {
 			t.Fatalf("query %d went to %s, the only worker is %s", i, p, hot.value("peer"))
@@ -98,7 +103,7 @@ func testE2EEnergyPreferenceMeasuresNewcomers(t *testing.T, tr transport) {
 	}
 	jHot := joules(hot)
 
-	cool := gpuWorker("cool", 40)
+	cool := gpuWorker("cool", 40, "80ms")
 	if p := ask(); p != cool.value("peer") {
 		t.Fatalf("the first query after the 40 W worker joined went to %s, not to it (%s) to measure it", p, cool.value("peer"))
 	}
@@ -118,8 +123,13 @@ func testE2EEnergyPreferenceMeasuresNewcomers(t *testing.T, tr transport) {
 	}
 	// Through the node's control API, and through a temporary node of the
 	// CLI's own (--join), whose router knows the workers only from their
-	// announcements.
+	// announcements and takes the default slack (1.5): the frugal worker
+	// is too slow for it.
 	for i, via := range [][]string{{"--api", apiAddr}, {"--api", apiAddr}, {"--join", bridge.value("join")}} {
+		want := cool
+		if via[0] == "--join" {
+			want = hot
+		}
 		args := append(append([]string{"query"}, via...), "--prefer", "energy", "--json", "which of you is frugal?")
 		code, stdout, stderr := mtor(t, args...)
 		var out struct {
@@ -128,8 +138,8 @@ func testE2EEnergyPreferenceMeasuresNewcomers(t *testing.T, tr transport) {
 		if code != 0 || json.Unmarshal([]byte(stdout), &out) != nil {
 			t.Fatalf("mtor query --prefer energy: exit %d: %s %s", code, stdout, stderr)
 		}
-		if out.Peer != cool.value("peer") {
-			t.Fatalf("mtor query %v --prefer energy (%d) went to %s, not to the frugal worker %s", via, i, out.Peer, cool.value("peer"))
+		if out.Peer != want.value("peer") {
+			t.Fatalf("mtor query %v --prefer energy (%d) went to %s, not to the %s worker %s", via, i, out.Peer, want.name, want.value("peer"))
 		}
 	}
 	t.Logf("%s", fmt.Sprintf("joules per token in the bridge's view: 400 W worker %.3f, 40 W worker %.3f", jHot, jCool))

@@ -131,7 +131,7 @@ func nodeFlagSet(e *env, f *nodeFlags) *flag.FlagSet {
 	fs.BoolVar(&f.verify, "verify", false, "run a spot check every --canary-interval whatever this node's own traffic (a volunteer verifier)")
 	fs.BoolVar(&f.preferContrib, "prefer-contributors", false, "when queries queue for this worker, serve first the peers that did more work for this node than it did for them (see mtor ledger)")
 	fs.BoolVar(&f.preferEnergy, "prefer-energy", false, "route each query to the worker with the lowest measured joules per token among those within --energy-slack of the best expected latency (a query's own preference overrides: X-Mtor-Prefer, or prefer in POST /v1/query, mtor query and WebSocket queries)")
-	fs.Float64Var(&f.energySlack, "energy-slack", router.DefaultEnergySlack, "with energy preferred: how many times the best expected latency a worker may take and still be chosen for its energy (> 1)")
+	fs.Float64Var(&f.energySlack, "energy-slack", router.DefaultEnergySlack, "with energy preferred (--prefer-energy, or a query's own preference): how many times the best expected latency, plus 10 ms, a worker may take and still be chosen for its energy (> 1)")
 	fs.IntVar(&f.openPacing, "open-pacing", router.DefaultOpensPerPeer, "query streams this node may be opening to one worker at once (opened, no Accepted yet); the others wait their turn")
 	fs.IntVar(&f.openQueue, "open-queue", router.DefaultOpenQueuePerPeer, "queries that may wait for such a turn, per worker; more are refused with BUSY at once")
 	fs.DurationVar(&f.catalogEvery, "catalog-every", discovery.DefaultCatalogEvery, "period of the swarm's model catalogue, which nodes with the swarm view publish and nodes without it read (0: off)")
@@ -556,10 +556,9 @@ func (f *nodeFlags) options(backends []backend.Backend) []node.Option {
 	if f.verify {
 		opts = append(opts, node.WithVerify())
 	}
-	if f.preferEnergy {
-		opts = append(opts, node.WithRouterOptions(router.WithPreferEnergy(true, f.energySlack)))
-	}
-	opts = append(opts, node.WithRouterOptions(router.WithOpenPacing(f.openPacing, f.openQueue)),
+	// The slack also applies to the queries that ask for energy
+	// themselves, whatever the node's default preference.
+	opts = append(opts, node.WithRouterOptions(router.WithPreferEnergy(f.preferEnergy, f.energySlack), router.WithOpenPacing(f.openPacing, f.openQueue)),
 		node.WithDiscoveryOptions(discovery.WithCatalog(f.catalogEvery)))
 	return opts
 }
