@@ -70,8 +70,9 @@ func EnergyPreferenceOf(ctx context.Context) EnergyPreference {
 	return p
 }
 
-// WithPreferEnergy makes energy the router's default preference, with the
-// given latency slack (≤ 1: DefaultEnergySlack).
+// WithPreferEnergy makes energy the router's default preference when on;
+// slack (≤ 1: DefaultEnergySlack) is the latency slack of every query that
+// prefers energy, by that default or by its own (WithEnergyPreference).
 func WithPreferEnergy(on bool, slack float64) Option {
 	return func(r *Router) {
 		r.preferEnergy = on
