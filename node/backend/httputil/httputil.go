@@ -17,8 +17,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	logging "github.com/ipfs/go-log/v2"
 
@@ -373,32 +371,11 @@ func member(raw json.RawMessage) string {
 	return ""
 }
 
-// Clean makes backend text safe to show a client: valid UTF-8, control
-// characters (a terminal's escape sequences) and runs of white space as one
-// space, trimmed, at most n bytes.
-func Clean(s string, n int) string {
-	s = strings.ToValidUTF8(s, "\uFFFD")
-	s = strings.Map(func(r rune) rune {
-		if unicode.IsControl(r) {
-			return ' '
-		}
-		return r
-	}, s)
-	return Clip(strings.Join(strings.Fields(s), " "), n)
-}
+// Clean makes backend text safe to show a client (protocol.CleanText).
+func Clean(s string, n int) string { return protocol.CleanText(s, n) }
 
-// Clip shortens s to at most n bytes of valid UTF-8.
-func Clip(s string, n int) string {
-	s = strings.ToValidUTF8(s, "\uFFFD")
-	if len(s) <= n {
-		return s
-	}
-	cut := n
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut] + "…"
-}
+// Clip shortens s to at most n bytes of valid UTF-8 (protocol.ClipText).
+func Clip(s string, n int) string { return protocol.ClipText(s, n) }
 
 // ReadJSON decodes one JSON value of at most max bytes from r. A body over
 // the limit or not valid JSON is a BACKEND_ERROR; read failures are mapped
