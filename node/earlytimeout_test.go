@@ -55,7 +55,7 @@ func TestOwnWorkerTimingOutEarlyMovesOn(t *testing.T) {
 	}{
 		{name: "another worker answers", workers: 2, deadline: 30 * time.Second},
 		{name: "alone", workers: 1, deadline: 30 * time.Second, code: protocol.CodeUnavailable,
-			message: "1 worker timed out long before the deadline (backend answered 504: upstream timed out)"},
+			message: "1 worker timed out long before the deadline (last: backend answered 504: upstream timed out)"},
 		{name: "near the deadline: the query's own", workers: 1, deadline: 1500 * time.Millisecond, code: protocol.CodeTimeout,
 			message: "upstream timed out"},
 	} {

@@ -977,7 +977,7 @@ func TestEarlyTimeoutMovesOn(t *testing.T) {
 	}{
 		{name: "another worker answers", other: true, deadline: 10 * time.Second},
 		{name: "alone", deadline: 10 * time.Second, code: protocol.CodeUnavailable,
-			message: "1 worker timed out long before the deadline (deadline passed before the query started)"},
+			message: "1 worker timed out long before the deadline (last: deadline passed before the query started)"},
 		{name: "near the deadline: the query's own", other: true, deadline: 1500 * time.Millisecond, code: protocol.CodeTimeout,
 			message: "deadline passed before the query started"},
 		{name: "after output, 10 s left: the query's own", other: true, said: true, deadline: 10 * time.Second, code: protocol.CodeTimeout,
@@ -1032,6 +1032,23 @@ func TestEarlyTimeoutMovesOn(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestSummaryCleansTheWorkersWords: the words of a worker that timed out
+// early reach the client in the query's summary with no control
+// characters (a terminal's escape sequences) and at most maxWhy bytes.
+func TestSummaryCleansTheWorkersWords(t *testing.T) {
+	q := &query{earlyWhy: "\x1b[2J\x1b[31mowned\r\n" + strings.Repeat("ü", 300)}
+	q.kinds[failEarlyTimeout] = 2
+	got := q.summary()
+	const want = "2 workers timed out long before the deadline (last: [2J [31mowned ü"
+	if !strings.HasPrefix(got, want) || strings.ContainsFunc(got, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+		t.Fatalf("summary %q, want it to start %q, with no control character", got, want)
+	}
+	why := strings.TrimSuffix(strings.TrimPrefix(got, "2 workers timed out long before the deadline (last: "), ")")
+	if len(why) > maxWhy+len("…") || !strings.HasSuffix(why, "…") {
+		t.Fatalf("the worker's words, %d bytes, not cut to %d: %q", len(why), maxWhy, why)
 	}
 }
 

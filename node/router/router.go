@@ -30,7 +30,6 @@ import (
 	"golang.org/x/sync/singleflight"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/mtor-swarm/mtor/node/backend/httputil"
 	"github.com/mtor-swarm/mtor/node/health"
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/relayaddr"
@@ -1702,7 +1701,7 @@ func (q *query) summary() string {
 		part := fmt.Sprintf("%d %s %s", n, w, names[k])
 		if failKind(k) == failEarlyTimeout && q.earlyWhy != "" {
 			// A worker's words, for a client to read: cleaned, bounded.
-			part += fmt.Sprintf(" (%s)", httputil.Clean(q.earlyWhy, 200))
+			part += fmt.Sprintf(" (last: %s)", protocol.CleanText(q.earlyWhy, maxWhy))
 		}
 		parts = append(parts, part)
 	}
@@ -1809,6 +1808,9 @@ func (r *Router) fromProviders(ctx context.Context, model string, t pb.QueryType
 // (protocol.MaxClockSkew) left is: short of it, moving on would restart
 // an answer the client has partly read, for a few seconds' gain.
 const earlyTimeout = 2 * time.Second
+
+// maxWhy bounds the worker's words a query's summary carries (earlyWhy).
+const maxWhy = 200
 
 // timeoutEarly reports whether pe is a TIMEOUT that came early (see
 // earlyTimeout), and how much of the query's time was left: from ctx's
