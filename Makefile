@@ -11,8 +11,8 @@ CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 export CGO_CFLAGS
 # cmd/mtor, the longest package, takes about 20 min on the 2-core CI
 # machine (19 min 45 s on 2026-12-04); a stuck test still ends CI inside its
-# 40 min. The race step after it (RACE_PKGS) takes about 2 min, its tests
-# under 30 s each; a stuck one ends at 3 min.
+# 40 min. The race step after it (RACE_PKGS) takes about 2 min, each
+# package's tests under 30 s; a package whose tests stick ends at 3 min.
 TEST_TIMEOUT ?= 32m
 TEST_FLAGS   ?=
 FUZZTIME     ?= 15s

@@ -60,7 +60,8 @@ var (
 )
 
 // UsesTools reports whether r carries anything of tool calling: tools, a
-// tool choice, a tool message or an assistant message with tool calls.
+// tool choice, a tool message with a tool_call_id or an assistant message
+// with tool calls.
 func UsesTools(r *pb.QueryRequest) bool {
 	if len(r.GetTools()) > 0 || r.GetToolChoice() != nil {
 		return true
