@@ -147,6 +147,7 @@ func TestDocLimits(t *testing.T) {
 		{"MaxAnnModels", MaxAnnModels},
 		{"MaxAnnGPUs", MaxAnnGPUs},
 		{"MaxAnnRoles", MaxAnnRoles},
+		{"MaxAnnSlots", MaxAnnSlots},
 		{"MaxVersionLen", MaxVersionLen},
 		{"MinAnnounceTTL", MinAnnounceTTL.Milliseconds()},
 		{"MaxAnnounceTTL", MaxAnnounceTTL.Milliseconds()},
@@ -190,8 +191,18 @@ func TestDocLimits(t *testing.T) {
 		}
 	}
 	for c, name := range pb.ErrorCode_name {
-		if c != 0 && !strings.Contains(doc, fmt.Sprintf("| %d | `%s` |", c, CodeName(pb.ErrorCode(c)))) {
+		if c == 0 {
+			continue
+		}
+		code := pb.ErrorCode(c)
+		// The row's last column says whether Errorf makes it retryable.
+		row := regexp.MustCompile(fmt.Sprintf("(?m)^\\| %d \\| `%s` \\| .* \\| (yes|no) \\|$", c, regexp.QuoteMeta(CodeName(code)))).FindStringSubmatch(doc)
+		if row == nil {
 			t.Errorf("doc lacks the error code row for %s", name)
+			continue
+		}
+		if want := map[bool]string{true: "yes", false: "no"}[Errorf(code, "").Retryable]; row[1] != want {
+			t.Errorf("doc says %s is retryable %q, the code %q", name, row[1], want)
 		}
 	}
 }
