@@ -266,7 +266,8 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connection manager: %w", err)
 	}
-	var punchOpts []holepunch.Option
+	// Both ends of a punch dial one transport (punchfilter.go).
+	punchOpts := []holepunch.Option{holepunch.WithAddrFilter(newPunchFilter())}
 	if hc.punches != nil {
 		punchOpts = append(punchOpts, holepunch.WithTracer(hc.punches))
 	}
