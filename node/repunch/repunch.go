@@ -19,7 +19,9 @@
 // connection closed, then less and less often, doubling to 30 min. The
 // waits start over only when a direct connection that had lasted
 // (DefaultStable) is lost: a punch whose path dies within minutes is no
-// success.
+// success. A direct connection that dies within seconds of opening
+// (DefaultYoung) died in its punch, not by its path: the pair is tried
+// again soon (DefaultQuick), twice at most before the waits go on.
 package repunch
 
 import (
@@ -58,6 +60,16 @@ const (
 	maxPeers = 4096
 	// maxPerSweep bounds the peers redialed in one sweep.
 	maxPerSweep = 8
+	// DefaultYoung is the most a direct connection may have lived for
+	// its loss to be its punch's failure: both ends of a punch keeping
+	// different connections (each closes the one the other kept) or a
+	// NAT refusing the pair a moment after letting it through.
+	DefaultYoung = 5 * time.Second
+	// DefaultQuick is the wait before a new punch after such a loss:
+	// the race that lost it goes the other way as often as not.
+	DefaultQuick = 5 * time.Second
+	// maxQuick bounds the quick tries in a row; then the waits go on.
+	maxQuick = 2
 )
 
 // Repuncher replaces a peer's relayed connections to make a new hole punch
@@ -70,6 +82,8 @@ type Repuncher struct {
 	max      time.Duration
 	dialTO   time.Duration
 	stable   time.Duration
+	young    time.Duration
+	quick    time.Duration
 	now      func() time.Time
 
 	mu    sync.Mutex
@@ -90,6 +104,9 @@ type state struct {
 	seen   time.Time     // when one last opened or closed
 	next   time.Time     // earliest next try; zero while direct
 	delay  time.Duration // the wait before the next try
+	quick  int           // quick tries in a row since a direct connection lasted
+	// quickTry: the try due is a quick one, which leaves delay as it is.
+	quickTry bool
 }
 
 // DefaultStable is how long a direct connection must have lived for its
@@ -129,6 +146,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 	r := &Repuncher{
 		h: h, safe: func(protocol.ID) bool { return false },
 		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
+		young: DefaultYoung, quick: DefaultQuick,
 		now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 	}
 	for _, o := range opts {
@@ -182,7 +200,8 @@ func (r *Repuncher) direct(p peer.ID) {
 
 // lost notes that a direct connection to p closed after it had lived for
 // lived. When it was the last, a try is due after the wait: the first
-// one if the connection had lasted, else a longer one each time.
+// one if the connection had lasted, else a longer one each time, and a
+// quick one if it died in its punch.
 func (r *Repuncher) lost(p peer.ID, lived time.Duration) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -193,10 +212,15 @@ func (r *Repuncher) lost(p peer.ID, lived time.Duration) {
 	s.direct = max(s.direct-1, 0)
 	s.seen = r.now()
 	if lived >= r.stable {
-		s.delay = r.first
+		s.delay, s.quick = r.first, 0
 	}
-	if s.direct == 0 {
-		s.next = s.seen.Add(s.delay)
+	if s.direct > 0 {
+		return
+	}
+	s.next, s.quickTry = s.seen.Add(s.delay), false
+	if lived < r.young && s.quick < maxQuick {
+		s.quick++
+		s.next, s.quickTry = s.seen.Add(r.quick), true
 	}
 }
 
@@ -342,8 +366,10 @@ func (r *Repuncher) redial(ctx context.Context, c candidate) bool {
 	}
 	r.mu.Lock()
 	if s := r.peers[c.p]; s != nil {
-		s.delay = min(2*s.delay, r.max)
-		s.next = r.now().Add(s.delay)
+		if !s.quickTry {
+			s.delay = min(2*s.delay, r.max)
+		}
+		s.next, s.quickTry = r.now().Add(s.delay), false
 	}
 	r.tries++
 	r.redialing[c.p] = time.Now().Add(r.dialTO + reconnectLinger)

@@ -151,6 +151,7 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 			clk := &clock{t: time.Unix(1_800_000_000, 0)}
 			rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 			rp.now = clk.now
+			rp.young = 0 // a test's direct connections close at once: see TestDeathInThePunchIsTriedSoon
 			rp.Attach()
 			r := relaytest.New(t)
 			var rc network.Conn
@@ -315,6 +316,54 @@ func waitLost(t *testing.T, rp *Repuncher, p peer.ID) {
 	}
 }
 
+// A direct connection that dies at once died in its punch (both ends
+// kept different connections): the pair is tried again after the quick
+// wait, twice, and then after the waits that run on; quick tries do not
+// lengthen them.
+func TestDeathInThePunchIsTriedSoon(t *testing.T) {
+	g := &natGater{}
+	a, b := newHost(t, libp2p.ConnectionGater(g)), newHost(t)
+	g.peer.Store(b.ID())
+	clk := &clock{t: time.Unix(1_800_000_000, 0)}
+	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
+	rp.now = clk.now
+	rp.Attach()
+	r := relaytest.New(t)
+	relaytest.Reserve(t, b, r)
+	waitStreams(t, relaytest.Dial(t, a, b, r))
+	// dies opens a direct connection and closes it at once.
+	dies := func() {
+		t.Helper()
+		g.closed.Store(false)
+		dc := direct(t, a, b)
+		g.closed.Store(true)
+		_ = dc.Close()
+		waitLost(t, rp, b.ID())
+	}
+	sweepAfter := func(wait time.Duration, want int, what string) {
+		t.Helper()
+		clk.add(wait)
+		waitStreams(t, a.Network().ConnsToPeer(b.ID())[0])
+		if n := rp.Sweep(t.Context()); n != want {
+			t.Fatalf("%s: redialed %d peers, want %d", what, n, want)
+		}
+	}
+	for i := 1; i <= maxQuick; i++ {
+		dies()
+		sweepAfter(DefaultQuick-time.Second, 0, fmt.Sprintf("quick try %d, a second early", i))
+		sweepAfter(time.Second, 1, fmt.Sprintf("quick try %d", i))
+	}
+	// A third death at once: the waits go on, from the first (the quick
+	// tries did not double it).
+	dies()
+	sweepAfter(DefaultQuick, 0, "after two quick tries, the quick wait")
+	sweepAfter(firstWait-DefaultQuick, 1, "the first wait")
+	// A direct connection that lasted sets the quick tries free again.
+	rp.stable = 0
+	dies()
+	sweepAfter(DefaultQuick, 1, "a quick try after a lasting connection")
+}
+
 // TestTheLastDirectConnectionStartsTheWait: of two direct connections,
 // one closes; the other outlives the first wait, so nothing is due; when
 // it closes too, the first wait runs from then, not from the first loss.
@@ -329,6 +378,7 @@ func TestTheLastDirectConnectionStartsTheWait(t *testing.T) {
 	clk := &clock{t: time.Unix(1_800_000_000, 0)}
 	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 	rp.now = clk.now
+	rp.young = 0
 	rp.Attach()
 	r := relaytest.New(t)
 	relaytest.Reserve(t, b, r)
