@@ -3,9 +3,13 @@ package node
 import (
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 func maddrs(t *testing.T, ss ...string) []ma.Multiaddr {
@@ -29,73 +33,138 @@ func addrStrings(as []ma.Multiaddr) []string {
 	return out
 }
 
-// Both ends of a punch, each with its filter, exchange their addresses as
-// DCUtR does (each sends its own, then reads the other's) and must dial
-// the same transport: QUIC alone when both sent QUIC, else everything.
-func TestPunchFilterBothEndsDialOneTransport(t *testing.T) {
-	const (
-		aTCP  = "/ip4/11.3.0.1/tcp/4001"
-		aQUIC = "/ip4/11.3.0.1/udp/4001/quic-v1"
-		bTCP  = "/ip4/11.4.0.1/tcp/4001"
-		bQUIC = "/ip4/11.4.0.1/udp/4001/quic-v1"
-		bWT   = "/ip4/11.4.0.1/udp/4002/quic-v1/webtransport"
-		// What a responding end's libp2p hands its filter holds its
-		// relayed addresses too; the other end drops them unfiltered.
-		bRelayQUIC = "/ip4/11.1.0.1/udp/4001/quic-v1/p2p/12D3KooWMwApsJZTvFSUamaiQQW8KpqSbt2KSpDUCVRrFTLvbTSV/p2p-circuit"
-	)
+func direct(as []ma.Multiaddr) []ma.Multiaddr {
+	return slices.DeleteFunc(slices.Clone(as), relayaddr.IsCircuit)
+}
+
+// punchExchange plays one punch between the initiator i and the
+// responder r as go-libp2p v0.51 does (holepuncher.go, svc.go): the
+// initiator drops its relayed addresses before its filter sees them, the
+// responder hands its filter all of its own; each end drops the relayed
+// ones it receives before its filter sees them. It returns what each end
+// dials.
+func punchExchange(fi, fr *punchFilter, i, r peer.ID, iOwn, rOwn []ma.Multiaddr) (iDials, rDials []ma.Multiaddr) {
+	iSent := fi.FilterLocal(r, direct(iOwn))
+	rSent := fr.FilterLocal(i, rOwn)
+	rDials = fr.FilterRemote(i, direct(iSent))
+	iDials = fi.FilterRemote(r, direct(rSent))
+	return iDials, rDials
+}
+
+const (
+	aTCP   = "/ip4/11.3.0.1/tcp/4001"
+	aQUIC  = "/ip4/11.3.0.1/udp/4001/quic-v1"
+	aTCP6  = "/ip6/2001:db8::a/tcp/4001"
+	aQUIC6 = "/ip6/2001:db8::a/udp/4001/quic-v1"
+	bTCP   = "/ip4/11.4.0.1/tcp/4001"
+	bQUIC  = "/ip4/11.4.0.1/udp/4001/quic-v1"
+	bTCP6  = "/ip6/2001:db8::b/tcp/4001"
+	bQUIC6 = "/ip6/2001:db8::b/udp/4001/quic-v1"
+	bWT    = "/ip4/11.4.0.1/udp/4002/quic-v1/webtransport"
+	// A relay's address of b's: b's libp2p hands b's filter these too.
+	bRelayQUIC = "/ip4/11.1.0.1/udp/4001/quic-v1/p2p/12D3KooWMwApsJZTvFSUamaiQQW8KpqSbt2KSpDUCVRrFTLvbTSV/p2p-circuit"
+	bRelayTCP  = "/ip4/11.1.0.1/tcp/4001/p2p/12D3KooWMwApsJZTvFSUamaiQQW8KpqSbt2KSpDUCVRrFTLvbTSV/p2p-circuit"
+)
+
+// Both ends of a punch dial one kind of address, the same: the first of
+// QUIC/IPv4, QUIC/IPv6, TCP/IPv4, TCP/IPv6 that both sent, else all.
+func TestPunchFilterBothEndsDialOneKind(t *testing.T) {
 	pa, pb := peer.ID("a"), peer.ID("b")
 	for _, tc := range []struct {
-		name         string
-		a, b         []string
-		aDials       []string // what a dials of b's
-		bDials       []string // what b dials of a's
-		skipLocalOfA bool     // a's CONNECT went out before the filter saw it
+		name   string
+		a, b   []string
+		aDials []string // what a dials of b's
+		bDials []string // what b dials of a's
 	}{
-		{"both QUIC: QUIC alone", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, []string{bQUIC}, []string{aQUIC}, false},
-		{"one end without QUIC: all", []string{aTCP}, []string{bTCP, bQUIC}, []string{bTCP, bQUIC}, []string{aTCP}, false},
-		{"the other end without QUIC: all", []string{aTCP, aQUIC}, []string{bTCP}, []string{bTCP}, []string{aTCP, aQUIC}, false},
-		{"neither: all", []string{aTCP}, []string{bTCP}, []string{bTCP}, []string{aTCP}, false},
-		{"a relay's QUIC address is not ours", []string{aTCP, aQUIC}, []string{bRelayQUIC, bTCP}, []string{bRelayQUIC, bTCP}, []string{aTCP, aQUIC}, false},
-		{"WebTransport is not plain QUIC", []string{aTCP, aQUIC}, []string{bTCP, bWT}, []string{bTCP, bWT}, []string{aTCP, aQUIC}, false},
-		{"nothing known of what a sent: a dials all", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, []string{bTCP, bQUIC}, []string{aQUIC}, true},
+		{"both QUIC: QUIC alone", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, []string{bQUIC}, []string{aQUIC}},
+		{"one end without UDP: TCP", []string{aTCP}, []string{bTCP, bQUIC}, []string{bTCP}, []string{aTCP}},
+		{"the other end without UDP: TCP", []string{aTCP, aQUIC}, []string{bTCP}, []string{bTCP}, []string{aTCP}},
+		{"dual stack: QUIC over IPv4 alone", []string{aTCP, aQUIC, aTCP6, aQUIC6}, []string{bQUIC6, bTCP, bQUIC, bTCP6}, []string{bQUIC}, []string{aQUIC}},
+		{"IPv6 in common only", []string{aQUIC6, aTCP}, []string{bQUIC6, bQUIC}, []string{bQUIC6}, []string{aQUIC6}},
+		{"nothing in common: all", []string{aQUIC}, []string{bTCP6}, []string{bTCP6}, []string{aQUIC}},
+		{"a relay's QUIC address is no QUIC of b's", []string{aTCP, aQUIC}, []string{bRelayQUIC, bRelayTCP, bTCP}, []string{bTCP}, []string{aTCP}},
+		{"WebTransport is not plain QUIC", []string{aTCP, aQUIC}, []string{bTCP, bWT}, []string{bTCP}, []string{aTCP}},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
+		// Either end may be the one that initiates.
+		for _, aStarts := range []bool{true, false} {
 			fa, fb := newPunchFilter(), newPunchFilter()
-			aSent, bSent := maddrs(t, tc.a...), maddrs(t, tc.b...)
-			if !tc.skipLocalOfA {
-				if got := fa.FilterLocal(pb, aSent); !slices.Equal(addrStrings(got), tc.a) {
-					t.Fatalf("a sends %v, want all of its addresses %v", addrStrings(got), tc.a)
-				}
+			var aDials, bDials []ma.Multiaddr
+			if aStarts {
+				aDials, bDials = punchExchange(fa, fb, pa, pb, maddrs(t, tc.a...), maddrs(t, tc.b...))
+			} else {
+				bDials, aDials = punchExchange(fb, fa, pb, pa, maddrs(t, tc.b...), maddrs(t, tc.a...))
 			}
-			if got := fb.FilterLocal(pa, bSent); !slices.Equal(addrStrings(got), tc.b) {
-				t.Fatalf("b sends %v, want all of its addresses %v", addrStrings(got), tc.b)
+			if got := addrStrings(aDials); !slices.Equal(got, tc.aDials) {
+				t.Errorf("%s (a starts %v): a dials %v, want %v", tc.name, aStarts, got, tc.aDials)
 			}
-			if got := addrStrings(fa.FilterRemote(pb, bSent)); !slices.Equal(got, tc.aDials) {
-				t.Errorf("a dials %v, want %v", got, tc.aDials)
+			if got := addrStrings(bDials); !slices.Equal(got, tc.bDials) {
+				t.Errorf("%s (a starts %v): b dials %v, want %v", tc.name, aStarts, got, tc.bDials)
 			}
-			if got := addrStrings(fb.FilterRemote(pa, aSent)); !slices.Equal(got, tc.bDials) {
-				t.Errorf("b dials %v, want %v", got, tc.bDials)
-			}
-			// The note is used once: a CONNECT read without one sent
-			// (no FilterLocal) dials all.
-			if got := addrStrings(fa.FilterRemote(pb, bSent)); !slices.Equal(got, tc.b) {
-				t.Errorf("a second FilterRemote dials %v, want all %v", got, tc.b)
-			}
-		})
+		}
 	}
 }
 
-// The notes of punches that never read the peer's CONNECT stay bounded.
-func TestPunchFilterBounded(t *testing.T) {
-	f := newPunchFilter()
-	addrs := maddrs(t, "/ip4/11.3.0.1/udp/4001/quic-v1")
-	for i := range 3 * maxPunched {
-		f.FilterLocal(peer.ID(rune(i)), addrs)
+// Punches in both directions at once (each end holds a circuit the other
+// dialed) share one note per peer and still agree; a CONNECT read with no
+// note of what we sent (or a stale one) dials all.
+func TestPunchFilterNotes(t *testing.T) {
+	pa, pb := peer.ID("a"), peer.ID("b")
+	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bRelayQUIC, bTCP, bQUIC)
+	fa, fb := newPunchFilter(), newPunchFilter()
+	// a initiates to b while b initiates to a: both FilterLocal calls
+	// of each end come before both FilterRemote calls.
+	aSent1, bSent1 := fa.FilterLocal(pb, a), fb.FilterLocal(pa, direct(b))
+	aSent2, bSent2 := fa.FilterLocal(pb, a), fb.FilterLocal(pa, b)
+	for i, got := range [][]ma.Multiaddr{
+		fa.FilterRemote(pb, direct(bSent1)), fa.FilterRemote(pb, direct(bSent2)),
+	} {
+		if s := addrStrings(got); !slices.Equal(s, []string{bQUIC}) {
+			t.Errorf("a's punch %d dials %v, want QUIC alone", i+1, s)
+		}
 	}
-	f.mu.Lock()
-	n := len(f.sent)
-	f.mu.Unlock()
-	if n > maxPunched {
-		t.Fatalf("%d notes kept, want at most %d", n, maxPunched)
+	for i, got := range [][]ma.Multiaddr{fb.FilterRemote(pa, aSent1), fb.FilterRemote(pa, aSent2)} {
+		if s := addrStrings(got); !slices.Equal(s, []string{aQUIC}) {
+			t.Errorf("b's punch %d dials %v, want QUIC alone", i+1, s)
+		}
+	}
+
+	clk := time.Unix(1_800_000_000, 0)
+	f := newPunchFilter()
+	f.now = func() time.Time { return clk }
+	if got := f.FilterRemote(pb, maddrs(t, bTCP, bQUIC)); len(got) != 2 {
+		t.Errorf("with no note, %v dialed, want all", addrStrings(got))
+	}
+	f.FilterLocal(pb, a)
+	clk = clk.Add(holepunch.StreamTimeout + time.Second)
+	if got := f.FilterRemote(pb, maddrs(t, bTCP, bQUIC)); len(got) != 2 {
+		t.Errorf("with a stale note, %v dialed, want all", addrStrings(got))
+	}
+}
+
+// The notes stay bounded: past the bound, stale notes go, and a punch
+// with a new peer while the bound is full of fresh ones dials all.
+func TestPunchFilterBounded(t *testing.T) {
+	clk := time.Unix(1_800_000_000, 0)
+	f := newPunchFilter()
+	f.now = func() time.Time { return clk }
+	f.bound = 8
+	a := maddrs(t, aTCP, aQUIC)
+	b := maddrs(t, bTCP, bQUIC)
+	for i := range 3 * f.bound {
+		f.FilterLocal(peer.ID(rune('A'+i)), a)
+	}
+	if n := len(f.sent); n > f.bound {
+		t.Fatalf("%d notes kept, want at most %d", n, f.bound)
+	}
+	if got := f.FilterRemote(peer.ID(rune('A'+2*f.bound)), b); len(got) != 2 {
+		t.Errorf("a peer past the bound dials %v, want all", addrStrings(got))
+	}
+	clk = clk.Add(holepunch.StreamTimeout + time.Second)
+	f.FilterLocal("new", a)
+	if n := len(f.sent); n != 1 {
+		t.Fatalf("%d notes kept after the others went stale, want 1", n)
+	}
+	if got := addrStrings(f.FilterRemote("new", b)); !slices.Equal(got, []string{bQUIC}) {
+		t.Errorf("the new peer dials %v, want QUIC alone", got)
 	}
 }

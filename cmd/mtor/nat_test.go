@@ -312,7 +312,7 @@ const natPrunerSpell = 26 * time.Second
 // one that died within 5 s of opening). Twice on CI the first new punch
 // made direct connections that were gone within 2 ms: the two ends had
 // kept different ones, QUIC and TCP, and each closed the other's; both
-// ends now dial one transport (node/punchfilter.go).
+// ends now dial one kind of address (node/punchfilter.go).
 const natRepunchWithin = 150 * time.Second
 
 // natTail bounds each node's log in a failure message.

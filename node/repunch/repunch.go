@@ -104,7 +104,7 @@ type state struct {
 	seen   time.Time     // when one last opened or closed
 	next   time.Time     // earliest next try; zero while direct
 	delay  time.Duration // the wait before the next try
-	quick  int           // quick tries in a row since a direct connection lasted
+	quick  int           // quick tries in a row since a direct connection outlived its punch
 	// quickTry: the try due is a quick one, which leaves delay as it is.
 	quickTry bool
 }
@@ -212,7 +212,10 @@ func (r *Repuncher) lost(p peer.ID, lived time.Duration) {
 	s.direct = max(s.direct-1, 0)
 	s.seen = r.now()
 	if lived >= r.stable {
-		s.delay, s.quick = r.first, 0
+		s.delay = r.first
+	}
+	if lived >= r.young {
+		s.quick = 0 // a death by the path ends the row of quick tries
 	}
 	if s.direct > 0 {
 		return

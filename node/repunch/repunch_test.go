@@ -358,10 +358,14 @@ func TestDeathInThePunchIsTriedSoon(t *testing.T) {
 	dies()
 	sweepAfter(DefaultQuick, 0, "after two quick tries, the quick wait")
 	sweepAfter(firstWait-DefaultQuick, 1, "the first wait")
-	// A direct connection that lasted sets the quick tries free again.
-	rp.stable = 0
+	// A direct connection that outlived its punch ends the row: the next
+	// one to die at once is tried soon again. Its own loss is the path's
+	// (the waits, not a quick try).
+	rp.direct(b.ID())
+	rp.lost(b.ID(), DefaultYoung)
+	sweepAfter(DefaultQuick, 0, "a connection that lived the young bound, the quick wait")
 	dies()
-	sweepAfter(DefaultQuick, 1, "a quick try after a lasting connection")
+	sweepAfter(DefaultQuick, 1, "a quick try after a connection that outlived its punch")
 }
 
 // TestTheLastDirectConnectionStartsTheWait: of two direct connections,
