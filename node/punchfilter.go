@@ -1,11 +1,9 @@
 package node
 
 import (
-	"sync"
-	"time"
+	"sync/atomic"
 
 	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/relayaddr"
@@ -30,55 +28,28 @@ import (
 // fail at our NAT (we send nothing to meet them) or land in our
 // listener, and an accepted connection is never closed so.
 type punchFilter struct {
-	mu    sync.Mutex
-	sent  map[peer.ID]punchNote
-	now   func() time.Time
-	bound int
+	// sent is the kinds of the direct addresses we last sent in a punch
+	// (none before the first: then all are dialed). libp2p hands
+	// FilterLocal our hole-punch addresses whatever the peer, so one
+	// value serves every punch, in either direction, with no note per
+	// peer to bound.
+	sent atomic.Uint32
 }
 
-// punchNote is what we last sent a peer in a punch: the kinds of our
-// direct addresses in it, and when.
-type punchNote struct {
-	kinds addrKinds
-	at    time.Time
-}
+func newPunchFilter() *punchFilter { return &punchFilter{} }
 
-func newPunchFilter() *punchFilter {
-	return &punchFilter{sent: map[peer.ID]punchNote{}, now: time.Now, bound: maxPunched}
-}
-
-// FilterLocal notes the kinds of the addresses we send p; they all go, so
-// that p can decide as we do. A note is overwritten, not consumed: punches
-// with p in both directions at once send the same addresses.
-func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	now := f.now()
-	if _, ok := f.sent[p]; !ok && len(f.sent) >= f.bound {
-		for q, n := range f.sent {
-			if now.Sub(n.at) > holepunch.StreamTimeout {
-				delete(f.sent, q)
-			}
-		}
-		if len(f.sent) >= f.bound {
-			return addrs // past the bound of punches under way: this one dials all
-		}
-	}
-	f.sent[p] = punchNote{kinds: kindsOf(addrs), at: now}
+// FilterLocal notes the kinds of the addresses we send; they all go, so
+// that the peer can decide as we do.
+func (f *punchFilter) FilterLocal(_ peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
+	f.sent.Store(uint32(kindsOf(addrs)))
 	return addrs
 }
 
-// FilterRemote keeps p's addresses of the first kind both ends sent.
-// libp2p calls it after FilterLocal on the same stream, at either end,
-// within the stream's deadline.
-func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
-	f.mu.Lock()
-	n, ok := f.sent[p]
-	f.mu.Unlock()
-	if !ok || f.now().Sub(n.at) > holepunch.StreamTimeout {
-		return addrs
-	}
-	common := n.kinds & kindsOf(addrs)
+// FilterRemote keeps the peer's addresses of the first kind both ends
+// sent. libp2p calls it after FilterLocal on the same stream, at either
+// end.
+func (f *punchFilter) FilterRemote(_ peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
+	common := addrKinds(f.sent.Load()) & kindsOf(addrs)
 	if common == 0 {
 		return addrs
 	}

@@ -3,10 +3,8 @@ package node
 import (
 	"slices"
 	"testing"
-	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/relayaddr"
@@ -105,12 +103,15 @@ func TestPunchFilterBothEndsDialOneKind(t *testing.T) {
 }
 
 // Punches in both directions at once (each end holds a circuit the other
-// dialed) share one note per peer and still agree; a CONNECT read with no
-// note of what we sent (or a stale one) dials all.
-func TestPunchFilterNotes(t *testing.T) {
+// dialed) interleave their calls and still agree; a CONNECT read before
+// we sent any dials all.
+func TestPunchFilterBothDirectionsAtOnce(t *testing.T) {
 	pa, pb := peer.ID("a"), peer.ID("b")
 	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bRelayQUIC, bTCP, bQUIC)
 	fa, fb := newPunchFilter(), newPunchFilter()
+	if got := fa.FilterRemote(pb, direct(b)); len(got) != 2 {
+		t.Errorf("before any FilterLocal, %v dialed, want all", addrStrings(got))
+	}
 	// a initiates to b while b initiates to a: both FilterLocal calls
 	// of each end come before both FilterRemote calls.
 	aSent1, bSent1 := fa.FilterLocal(pb, a), fb.FilterLocal(pa, direct(b))
@@ -126,45 +127,5 @@ func TestPunchFilterNotes(t *testing.T) {
 		if s := addrStrings(got); !slices.Equal(s, []string{aQUIC}) {
 			t.Errorf("b's punch %d dials %v, want QUIC alone", i+1, s)
 		}
-	}
-
-	clk := time.Unix(1_800_000_000, 0)
-	f := newPunchFilter()
-	f.now = func() time.Time { return clk }
-	if got := f.FilterRemote(pb, maddrs(t, bTCP, bQUIC)); len(got) != 2 {
-		t.Errorf("with no note, %v dialed, want all", addrStrings(got))
-	}
-	f.FilterLocal(pb, a)
-	clk = clk.Add(holepunch.StreamTimeout + time.Second)
-	if got := f.FilterRemote(pb, maddrs(t, bTCP, bQUIC)); len(got) != 2 {
-		t.Errorf("with a stale note, %v dialed, want all", addrStrings(got))
-	}
-}
-
-// The notes stay bounded: past the bound, stale notes go, and a punch
-// with a new peer while the bound is full of fresh ones dials all.
-func TestPunchFilterBounded(t *testing.T) {
-	clk := time.Unix(1_800_000_000, 0)
-	f := newPunchFilter()
-	f.now = func() time.Time { return clk }
-	f.bound = 8
-	a := maddrs(t, aTCP, aQUIC)
-	b := maddrs(t, bTCP, bQUIC)
-	for i := range 3 * f.bound {
-		f.FilterLocal(peer.ID(rune('A'+i)), a)
-	}
-	if n := len(f.sent); n > f.bound {
-		t.Fatalf("%d notes kept, want at most %d", n, f.bound)
-	}
-	if got := f.FilterRemote(peer.ID(rune('A'+2*f.bound)), b); len(got) != 2 {
-		t.Errorf("a peer past the bound dials %v, want all", addrStrings(got))
-	}
-	clk = clk.Add(holepunch.StreamTimeout + time.Second)
-	f.FilterLocal("new", a)
-	if n := len(f.sent); n != 1 {
-		t.Fatalf("%d notes kept after the others went stale, want 1", n)
-	}
-	if got := addrStrings(f.FilterRemote("new", b)); !slices.Equal(got, []string{bQUIC}) {
-		t.Errorf("the new peer dials %v, want QUIC alone", got)
 	}
 }
