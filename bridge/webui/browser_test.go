@@ -203,13 +203,13 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 	})()`, worker.String(), short))
 	// It says how the worker is reached (loopback only here: "LAN only")
 	// and how the bridge is connected to it: the bridge queried it, so
-	// directly.
+	// directly, over the swarm's TCP.
 	reach := run(t, ctx, "reading the reach cell", chromedp.Evaluate[string](fmt.Sprintf(`(() => {
 		const c = document.querySelector('#peers tbody tr[data-peer=%q] td.reach');
 		return c ? c.dataset.reachability + "|" + c.dataset.path + "|" + c.textContent : "";
 	})()`, worker.String())))
-	if reach != "private|direct|LAN onlydirect" {
-		t.Errorf("reach cell %q, want private|direct|LAN onlydirect", reach)
+	if reach != "private|direct|LAN onlydirect (tcp)" {
+		t.Errorf("reach cell %q, want private|direct|LAN onlydirect (tcp)", reach)
 	}
 	answers := run(t, ctx, "reading the answers list", chromedp.Evaluate[string](`document.getElementById('answers').textContent`))
 	if !strings.Contains(answers, short) || !strings.Contains(answers, question[:20]) {

@@ -286,11 +286,11 @@ func TestPrintPeers(t *testing.T) {
 	err := printPeers(&b, []api.Peer{
 		{PeerView: router.PeerView{Peer: "12D3KooWA", Models: []router.ModelStat{{Name: "demo", Types: []string{"chat", "embed"}}, {Name: "x", Types: []string{"chat"}, JoulesPerToken: 0.42, Breaker: "open"}},
 			InFlight: 1, MaxConcurrency: 4, Queued: 2, Health: 97, Breaker: "open", AgeMs: 1500, Reputation: 25, Distrusted: true,
-			Reachability: "relayed", RelayedVia: []string{"12D3KooWRelay001", "12D3KooWRelay002"}, Path: "direct", HolePunched: true,
+			Reachability: "relayed", RelayedVia: []string{"12D3KooWRelay001", "12D3KooWRelay002"}, Path: "direct", Transports: []string{"quic-v1"}, HolePunched: true,
 			GPUs: []router.GPUView{{Name: "NVIDIA H100", VRAMTotal: 80 << 30, VRAMFree: 60 << 30, UtilPercent: 35, PowerMW: 250000}}}},
 		{PeerView: router.PeerView{Peer: "12D3KooWB", Self: true},
 			Backends: []node.BackendState{{Name: "ollama http://127.0.0.1:1", State: node.BackendDown, Detail: "unreachable (connection refused)"}}},
-		{PeerView: router.PeerView{Peer: "12D3KooWC", Roles: []string{"relay"}, Reachability: "public", Path: "direct"}, Relay: true},
+		{PeerView: router.PeerView{Peer: "12D3KooWC", Roles: []string{"relay"}, Reachability: "public", Path: "direct", Transports: []string{"quic-v1", "tcp"}}, Relay: true},
 		{PeerView: router.PeerView{Peer: "12D3KooWD", Models: []router.ModelStat{{Name: "demo"}}, MaxConcurrency: 1,
 			Reachability: "relayed", RelayedVia: []string{"12D3KooWRelay001"}, Path: "relayed", Relay: "12D3KooWRelay001"}},
 	})
@@ -311,10 +311,10 @@ func TestPrintPeers(t *testing.T) {
 			t.Errorf("row %q lacks %q", lines[1], want)
 		}
 	}
-	if !strings.Contains(lines[1], "relayed via Relay001,Relay002") || !strings.Contains(lines[1], "direct (hole punch)") {
+	if !strings.Contains(lines[1], "relayed via Relay001,Relay002") || !strings.Contains(lines[1], "direct (hole punch, quic-v1)") {
 		t.Errorf("row %q lacks its reachability and hole-punched path", lines[1])
 	}
-	for i, want := range map[int]string{2: "12D3KooWB (self)", 3: "12D3KooWC (relay) - - - - - public direct",
+	for i, want := range map[int]string{2: "12D3KooWB (self)", 3: "12D3KooWC (relay) - - - - - public direct (quic-v1, tcp)",
 		4: "relayed via Relay001 relayed via Relay001",
 		5: "this node's backend: ollama http://127.0.0.1:1 unreachable (connection refused)"} {
 		if !strings.Contains(strings.Join(strings.Fields(lines[i]), " "), want) {

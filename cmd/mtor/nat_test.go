@@ -416,6 +416,17 @@ func punchable(wk, ck natKind) bool {
 	return wk == natForwarded || (wk != natSymmetric && ck != natSymmetric)
 }
 
+// punchTransport is the transport both ends of a hole punch dial
+// (node/punchfilter.go): QUIC where both sides' networks pass UDP, else
+// TCP. Ends that dialled both could each keep a different connection and
+// close the other's, leaving none.
+func punchTransport(wk, ck natKind) string {
+	if wk == natUDPBlocked || ck == natUDPBlocked {
+		return "tcp"
+	}
+	return "quic-v1"
+}
+
 func natStreamDuration() time.Duration {
 	if s := os.Getenv("MTOR_NAT_STREAM"); s != "" {
 		if d, err := time.ParseDuration(s); err == nil && d > 0 {
@@ -578,6 +589,9 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 				if !ok {
 					t.Errorf("%s: hole_punched %v in the client's view of the worker, worker's /v1/id paths %+v (%v), want both hole-punched", f.pair, n.peer(wid).HolePunched, paths, err)
 				}
+				if want, got := punchTransport(wk, ck), n.peer(wid).Transports; !slices.Equal(got, []string{want}) {
+					t.Errorf("%s: the punched connection's transports %q, want %s alone", f.pair, got, want)
+				}
 			} else if p := n.peer(wid); p.HolePunched {
 				t.Errorf("%s: hole_punched in the client's view of a port-forwarded worker, want a plain direct connection", f.pair)
 			}
@@ -596,10 +610,7 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 						f.pair, natPrunerSpell, p.Path, p.HolePunched, p.Connections)
 				}
 			}
-			f.path = "direct"
-			if p := n.peer(wid); p.HolePunched {
-				f.path = "direct (hole punch)"
-			}
+			f.path = pathOf(n.peer(wid).PeerView)
 		}
 	}
 	if f.path == "" {
@@ -745,6 +756,9 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 		}
 		if p := n.peer(wid); p.Path == "direct" {
 			f.repunch = time.Since(mended)
+			if want := punchTransport(wk, ck); !slices.Equal(p.Transports, []string{want}) {
+				t.Errorf("%s: the new punched connection's transports %q, want %s alone", f.pair, p.Transports, want)
+			}
 			if out, err := n.query(ctx, 30*time.Second, "after the new hole punch", ""); err != nil || !strings.Contains(out, "after the new hole punch") {
 				t.Errorf("%s: query after the new hole punch: %v %q", f.pair, err, out)
 			}

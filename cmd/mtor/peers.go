@@ -144,15 +144,24 @@ func reach(p router.PeerView) string {
 }
 
 // pathOf is how this node is connected to the peer: direct, direct after
-// a hole punch, or relayed through which relay; "-" when not connected.
+// a hole punch (with the direct connections' transports), or relayed
+// through which relay; "-" when not connected.
 func pathOf(p router.PeerView) string {
 	switch {
 	case p.Self:
 		return "-"
 	case p.Unreachable:
 		return "unreachable"
-	case p.Path == "direct" && p.HolePunched:
-		return "direct (hole punch)"
+	case p.Path == "direct":
+		var notes []string
+		if p.HolePunched {
+			notes = append(notes, "hole punch")
+		}
+		notes = append(notes, p.Transports...)
+		if len(notes) == 0 {
+			return "direct"
+		}
+		return "direct (" + strings.Join(notes, ", ") + ")"
 	case p.Path == "relayed":
 		return "relayed via " + shortPeer(p.Relay)
 	}

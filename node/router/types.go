@@ -113,10 +113,14 @@ type PeerView struct {
 	// connected. HolePunched marks a direct connection that a hole punch
 	// (DCUtR) made out of a relayed one. Unreachable is set while the
 	// peer could not be dialled and has not announced since.
-	Path        string `json:"path,omitempty"`
-	Relay       string `json:"path_relay,omitempty"`
-	HolePunched bool   `json:"hole_punched,omitempty"`
-	Unreachable bool   `json:"unreachable,omitempty"`
+	// Transports are those of the direct connections ("quic-v1", "tcp"),
+	// sorted: which one a hole punch chose, and both while a connection
+	// of each kind is open.
+	Path        string   `json:"path,omitempty"`
+	Relay       string   `json:"path_relay,omitempty"`
+	Transports  []string `json:"path_transports,omitempty"`
+	HolePunched bool     `json:"hole_punched,omitempty"`
+	Unreachable bool     `json:"unreachable,omitempty"`
 	// Connections counts this node's connections to the peer: more than
 	// one while it is reached twice (two that crossed, before
 	// node/dupconn closes one, or a relayed one kept beside a direct one).

@@ -64,7 +64,7 @@ func (r *Router) Peers() []PeerView {
 			Reputation:     r.reputation(c.Peer),
 			Distrusted:     r.distrusted(c.Peer),
 		}
-		v.Path, v.Relay, v.HolePunched, v.Connections = r.path(c.Peer)
+		v.Path, v.Relay, v.Transports, v.HolePunched, v.Connections = r.path(c.Peer)
 		v.Reachability, v.RelayedVia = Reachability(a.GetAddrs())
 		for _, m := range a.GetModels() {
 			ms := ModelStat{
@@ -191,17 +191,20 @@ func typeNames(ts []pb.QueryType) []string {
 
 // path is how this node is connected to p: the connection libp2p would
 // choose (a direct one before a relayed one), the relay of a relayed one,
-// whether a direct one was made by a hole punch, and how many connections
-// it has to p.
-func (r *Router) path(p peer.ID) (kind, relay string, punched bool, conns int) {
+// the transports of the direct ones, whether a direct one was made by a
+// hole punch, and how many connections it has to p.
+func (r *Router) path(p peer.ID) (kind, relay string, transports []string, punched bool, conns int) {
 	if p == r.h.ID() {
-		return "", "", false, 0
+		return "", "", nil, false, 0
 	}
 	cs := r.h.Network().ConnsToPeer(p)
 	for _, c := range cs {
 		if !relayaddr.IsRelayed(c) {
 			if kind != "direct" {
 				kind, relay = "direct", ""
+			}
+			if t := c.ConnState().Transport; t != "" && !slices.Contains(transports, t) {
+				transports = append(transports, t)
 			}
 			punched = punched || (r.punches != nil && r.punches.HolePunched(c))
 			continue
@@ -214,7 +217,8 @@ func (r *Router) path(p peer.ID) (kind, relay string, punched bool, conns int) {
 			relay = rp
 		}
 	}
-	return kind, relay, punched, len(cs)
+	slices.Sort(transports)
+	return kind, relay, transports, punched, len(cs)
 }
 
 // Reachability is how others reach a peer that announces addrs (binary

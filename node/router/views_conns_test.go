@@ -2,6 +2,7 @@ package router
 
 import (
 	"crypto/rand"
+	"slices"
 	"testing"
 
 	"github.com/libp2p/go-libp2p"
@@ -12,8 +13,8 @@ import (
 
 // TestPeersCountConnections: a peer reached over two connections (here
 // two hosts sharing one key, one dialled over QUIC, one dialling in over
-// TCP) is listed with both, one after the other closes, and none once it
-// is gone.
+// TCP) is listed with both and both transports, one after the other
+// closes, and none once it is gone.
 func TestPeersCountConnections(t *testing.T) {
 	h := testHostOn(t, "/ip4/127.0.0.1/tcp/0", libp2p.ListenAddrStrings("/ip4/127.0.0.1/udp/0/quic-v1"))
 	key, _, err := crypto.GenerateEd25519Key(rand.Reader)
@@ -44,19 +45,20 @@ func TestPeersCountConnections(t *testing.T) {
 		return ps[0]
 	}
 	for _, tc := range []struct {
-		name  string
-		close func()
-		conns int
-		path  string
+		name       string
+		close      func()
+		conns      int
+		path       string
+		transports []string
 	}{
-		{"both", func() {}, 2, "direct"},
-		{"one closed", func() { _ = w2.Close() }, 1, "direct"},
-		{"none", func() { _ = w1.Close() }, 0, ""},
+		{"both", func() {}, 2, "direct", []string{"quic-v1", "tcp"}},
+		{"one closed", func() { _ = w2.Close() }, 1, "direct", []string{"quic-v1"}},
+		{"none", func() { _ = w1.Close() }, 0, "", nil},
 	} {
 		tc.close()
 		waitUntil(t, func() bool { return len(h.Network().ConnsToPeer(w1.ID())) == tc.conns })
-		if v := view(); v.Connections != tc.conns || v.Path != tc.path {
-			t.Errorf("%s: connections %d, path %q; want %d, %q", tc.name, v.Connections, v.Path, tc.conns, tc.path)
+		if v := view(); v.Connections != tc.conns || v.Path != tc.path || !slices.Equal(v.Transports, tc.transports) {
+			t.Errorf("%s: connections %d, path %q, transports %q; want %d, %q, %q", tc.name, v.Connections, v.Path, v.Transports, tc.conns, tc.path, tc.transports)
 		}
 	}
 }

@@ -542,7 +542,11 @@
     let path;
     if (p.self) path = "this node";
     else if (p.unreachable) path = "unreachable";
-    else if (p.path === "direct") path = p.hole_punched ? "direct after hole punch" : "direct";
+    else if (p.path === "direct") {
+      path = p.hole_punched ? "direct after hole punch" : "direct";
+      // the transport of the direct connection: which one a hole punch chose
+      if (Array.isArray(p.path_transports) && p.path_transports.length) path += " (" + p.path_transports.join(", ") + ")";
+    }
     else if (p.path === "relayed") path = "relayed via " + shortPeer(p.path_relay);
     else path = "not connected";
     const td = h("td", { className: "reach" }, h("div", null, reach));
