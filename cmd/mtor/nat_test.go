@@ -560,7 +560,7 @@ func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
 			if time.Since(start) > 45*time.Second {
 				var peers json.RawMessage
 				_ = n.get("client", "/v1/peers", &peers)
-				t.Errorf("%s: path %q 45 s after the worker's start, want direct (hole punch)\nclient's peers: %s\nworker:\n%s\nclient:\n%s", f.pair, kind, peers, worker.output(), client.output())
+				t.Errorf("%s: path %q 45 s after the worker's start, want direct\nclient's peers: %s\nworker:\n%s\nclient:\n%s", f.pair, kind, peers, worker.output(), client.output())
 				break
 			}
 			if kind == "" {

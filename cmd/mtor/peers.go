@@ -143,9 +143,9 @@ func reach(p router.PeerView) string {
 	return orDash(p.Reachability)
 }
 
-// pathOf is how this node is connected to the peer: direct, direct after
-// a hole punch (with the direct connections' transports), or relayed
-// through which relay; "-" when not connected.
+// pathOf is how this node is connected to the peer: direct (after a hole
+// punch or not, with the transports of the direct connections), or
+// relayed through which relay; "-" when not connected.
 func pathOf(p router.PeerView) string {
 	switch {
 	case p.Self:
