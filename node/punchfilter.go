@@ -1,7 +1,9 @@
 package node
 
 import (
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
@@ -27,29 +29,108 @@ import (
 // dialed together. A peer without this rule dials all; its other dials
 // fail at our NAT (we send nothing to meet them) or land in our
 // listener, and an accepted connection is never closed so.
+//
+// One kind per punch would leave a pair relayed whose NATs open TCP
+// holes but not UDP ones (a NAT that maps each UDP destination to a new
+// port, and TCP not). libp2p tries a punch up to three times, each with
+// a new exchange. On every second try of a punch (exchanges with the
+// peer moments apart, punchSeries) an end sends only its TCP addresses
+// when the try before, where both sent all, picked another kind and both
+// have TCP: the pair tries QUIC, then TCP, then QUIC. Both ends judge
+// from what both sent the try before, so they agree; and where they
+// counted tries differently, the kind is still the first of what both
+// sent, so an end that sends TCP alone makes it TCP at both.
 type punchFilter struct {
-	// sent is the kinds of the direct addresses we last sent in a punch
-	// (none before the first: then all are dialed). libp2p hands
-	// FilterLocal our hole-punch addresses whatever the peer, so one
-	// value serves every punch, in either direction, with no note per
-	// peer to bound.
-	sent atomic.Uint32
+	now func() time.Time
+	// all is the kinds of the direct addresses we sent in full (none
+	// before the first punch: then all are dialed): what we sent to a
+	// peer we have no note of (the notes were full).
+	all atomic.Uint32
+
+	mu    sync.Mutex
+	tries map[peer.ID]punchNote // bounded by maxPunchNotes
 }
 
-func newPunchFilter() *punchFilter { return &punchFilter{} }
+// punchNote is our last punch exchange with a peer.
+type punchNote struct {
+	n    int       // the try of its series, from 0
+	last time.Time // when we sent our addresses
+	sent addrKinds // the kinds we sent
+	peer addrKinds // the kinds it sent
+}
 
-// FilterLocal notes the kinds of the addresses we send; they all go, so
-// that the peer can decide as we do.
-func (f *punchFilter) FilterLocal(_ peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
-	f.sent.Store(uint32(kindsOf(addrs)))
-	return addrs
+const (
+	// punchSeries: an exchange within this of the last one with the
+	// peer is the next try of the same punch (libp2p's tries follow
+	// each other within its 10 s dial timeout); after it, a new punch
+	// starts again with QUIC.
+	punchSeries = 30 * time.Second
+	// punchAtOnce: exchanges this close are one try, punched in both
+	// directions at once (each end holds a circuit the other dialed),
+	// so that both send the same.
+	punchAtOnce = time.Second
+	// maxPunchNotes bounds the peers noted; past it, notes older than
+	// punchSeries go, and a peer still without room is sent all.
+	maxPunchNotes = 1024
+)
+
+func newPunchFilter() *punchFilter {
+	return &punchFilter{now: time.Now, tries: make(map[peer.ID]punchNote)}
+}
+
+// FilterLocal picks the addresses we send to p: all of them, or on
+// every second try of a punch our TCP ones alone (tcpTurn).
+func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
+	all := kindsOf(addrs)
+	f.all.Store(uint32(all))
+	now := f.now()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	t, ok := f.tries[p]
+	switch {
+	case !ok || now.Sub(t.last) > punchSeries:
+		t = punchNote{}
+	case now.Sub(t.last) >= punchAtOnce:
+		t.n++
+	}
+	t.last = now
+	out := addrs
+	if t.n%2 == 1 && tcpTurn(all, t.peer) {
+		out = make([]ma.Multiaddr, 0, len(addrs))
+		for _, a := range addrs {
+			if kindOf(a)&(kindTCP4|kindTCP6) != 0 {
+				out = append(out, a)
+			}
+		}
+	}
+	t.sent = kindsOf(out)
+	if !ok && len(f.tries) >= maxPunchNotes {
+		for q, old := range f.tries {
+			if now.Sub(old.last) > punchSeries {
+				delete(f.tries, q)
+			}
+		}
+		if len(f.tries) >= maxPunchNotes {
+			return addrs // no note: sent in full, as all says
+		}
+	}
+	f.tries[p] = t
+	return out
 }
 
 // FilterRemote keeps the peer's addresses of the first kind both ends
 // sent. libp2p calls it after FilterLocal on the same stream, at either
 // end.
-func (f *punchFilter) FilterRemote(_ peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
-	common := addrKinds(f.sent.Load()) & kindsOf(addrs)
+func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
+	sent := addrKinds(f.all.Load())
+	f.mu.Lock()
+	if t, ok := f.tries[p]; ok {
+		sent = t.sent
+		t.peer = kindsOf(addrs)
+		f.tries[p] = t
+	}
+	f.mu.Unlock()
+	common := sent & kindsOf(addrs)
 	if common == 0 {
 		return addrs
 	}
@@ -61,6 +142,15 @@ func (f *punchFilter) FilterRemote(_ peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 		}
 	}
 	return out
+}
+
+// tcpTurn reports whether a try sends TCP alone: both ends have TCP,
+// and the first kind both had the try before (ours, and peer, what the
+// peer sent then) was another.
+func tcpTurn(ours, peer addrKinds) bool {
+	const tcp = kindTCP4 | kindTCP6
+	common := ours & peer
+	return common&tcp != 0 && common&-common&tcp == 0
 }
 
 // addrKinds is a set of address kinds, each a bit in order of preference.

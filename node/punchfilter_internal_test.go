@@ -1,8 +1,10 @@
 package node
 
 import (
+	"fmt"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
@@ -127,5 +129,113 @@ func TestPunchFilterBothDirectionsAtOnce(t *testing.T) {
 		if s := addrStrings(got); !slices.Equal(s, []string{aQUIC}) {
 			t.Errorf("b's punch %d dials %v, want QUIC alone", i+1, s)
 		}
+	}
+}
+
+// clock is a settable time for the filters' notes.
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time         { return c.t }
+func (c *clock) add(d time.Duration)    { c.t = c.t.Add(d) }
+func (c *clock) filter() *punchFilter   { f := newPunchFilter(); f.now = c.now; return f }
+func onlyOf(as []ma.Multiaddr) []string { return addrStrings(as) }
+
+// libp2p tries a punch up to three times: the pair tries QUIC, then TCP,
+// then QUIC, so that NATs that open TCP holes and not UDP ones still
+// punch; a punch long after the last starts with QUIC again. The ends
+// agree whatever each counted, and an end without TCP sends QUIC at
+// every try.
+func TestPunchFilterTriesAlternate(t *testing.T) {
+	pa, pb := peer.ID("a"), peer.ID("b")
+	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bRelayQUIC, bRelayTCP, bTCP, bQUIC)
+	type try struct {
+		after          time.Duration // since the try before
+		aDials, bDials []string
+	}
+	quic, tcp := try{aDials: []string{bQUIC}, bDials: []string{aQUIC}}, try{aDials: []string{bTCP}, bDials: []string{aTCP}}
+	at := func(d time.Duration, t try) try { t.after = d; return t }
+	for _, tc := range []struct {
+		name  string
+		a, b  []ma.Multiaddr
+		aOnly bool // a alone noted a try with b 5 s before the first
+		tries []try
+	}{
+		{"three tries, then a new punch", a, b, false, []try{quic, at(10*time.Second, tcp), at(10*time.Second, quic), at(31*time.Second, quic), at(10*time.Second, tcp)}},
+		{"the ends counted differently", a, b, true, []try{quic, at(10*time.Second, tcp), at(10*time.Second, quic)}},
+		{"no QUIC in common", maddrs(t, aTCP, aQUIC6), b, false, []try{tcp, at(10*time.Second, tcp), at(10*time.Second, tcp)}},
+		{"an end without TCP", maddrs(t, aQUIC), b, false, []try{quic, at(10*time.Second, quic), at(10*time.Second, quic)}},
+	} {
+		for _, aStarts := range []bool{true, false} {
+			c := &clock{t: time.Unix(1e9, 0)}
+			fa, fb := c.filter(), c.filter()
+			if tc.aOnly {
+				_ = fa.FilterLocal(pb, tc.a)
+				c.add(5 * time.Second)
+			}
+			for i, want := range tc.tries {
+				c.add(want.after)
+				var aDials, bDials []ma.Multiaddr
+				if aStarts {
+					aDials, bDials = punchExchange(fa, fb, pa, pb, tc.a, tc.b)
+				} else {
+					bDials, aDials = punchExchange(fb, fa, pb, pa, tc.b, tc.a)
+				}
+				if got := onlyOf(aDials); !slices.Equal(got, want.aDials) {
+					t.Errorf("%s (a starts %v), try %d: a dials %v, want %v", tc.name, aStarts, i+1, got, want.aDials)
+				}
+				if got := onlyOf(bDials); !slices.Equal(got, want.bDials) {
+					t.Errorf("%s (a starts %v), try %d: b dials %v, want %v", tc.name, aStarts, i+1, got, want.bDials)
+				}
+			}
+		}
+	}
+}
+
+// The second try punched in both directions at once is one try at each
+// end: both send TCP alone.
+func TestPunchFilterSecondTryBothDirections(t *testing.T) {
+	pa, pb := peer.ID("a"), peer.ID("b")
+	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bRelayQUIC, bTCP, bQUIC)
+	c := &clock{t: time.Unix(1e9, 0)}
+	fa, fb := c.filter(), c.filter()
+	punchExchange(fa, fb, pa, pb, a, b)
+	c.add(10 * time.Second)
+	aSent1, bSent1 := fa.FilterLocal(pb, a), fb.FilterLocal(pa, direct(b))
+	c.add(200 * time.Millisecond)
+	aSent2, bSent2 := fa.FilterLocal(pb, a), fb.FilterLocal(pa, b)
+	for i, got := range [][]ma.Multiaddr{fa.FilterRemote(pb, direct(bSent1)), fa.FilterRemote(pb, direct(bSent2)),
+		fb.FilterRemote(pa, aSent1), fb.FilterRemote(pa, aSent2)} {
+		want := []string{bTCP}
+		if i >= 2 {
+			want = []string{aTCP}
+		}
+		if s := onlyOf(got); !slices.Equal(s, want) {
+			t.Errorf("dial %d: %v, want %v", i+1, s, want)
+		}
+	}
+}
+
+// The notes are bounded: with maxPunchNotes peers punched within the
+// series, another is sent all and left unnoted; once they are older, a
+// new one prunes them.
+func TestPunchFilterNotesBounded(t *testing.T) {
+	a := maddrs(t, aTCP, aQUIC)
+	c := &clock{t: time.Unix(1e9, 0)}
+	f := c.filter()
+	for i := range maxPunchNotes {
+		f.FilterLocal(peer.ID(fmt.Sprint("p", i)), a)
+	}
+	c.add(2 * time.Second)
+	f.FilterLocal(peer.ID("p0"), a) // p0 punched again: its note the newest
+	if got := onlyOf(f.FilterLocal(peer.ID("new"), a)); len(got) != 2 || len(f.tries) != maxPunchNotes {
+		t.Errorf("past the bound: sent %v, %d notes; want all sent and %d notes", got, len(f.tries), maxPunchNotes)
+	}
+	if got := onlyOf(f.FilterRemote(peer.ID("new"), maddrs(t, bTCP, bQUIC))); !slices.Equal(got, []string{bQUIC}) {
+		t.Errorf("unnoted peer dials %v, want QUIC as for all sent", got)
+	}
+	c.add(punchSeries)
+	f.FilterLocal(peer.ID("newer"), a)
+	if len(f.tries) != 2 { // p0's, 30 s old exactly, and newer's
+		t.Errorf("%d notes after the series passed, want 2", len(f.tries))
 	}
 }

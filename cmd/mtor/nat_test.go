@@ -21,7 +21,11 @@ package main
 //   - restricted: Linux masquerading: endpoint-independent mapping,
 //     address-and-port-dependent filtering (a port-restricted cone);
 //   - symmetric: masquerading with fully-random ports (a new mapping per
-//     destination).
+//     destination);
+//   - udp-blocked: restricted, and the LAN may send no UDP (a network that
+//     allows only TCP);
+//   - udp-symmetric: symmetric for UDP, restricted for TCP (NATs often
+//     treat the two apart): a QUIC punch cannot open, a TCP one can.
 //
 // The NAT'd workers run on a pure worker's defaults, without the swarm
 // view: they learn of no relay from the swarm topic, and must find the
@@ -82,6 +86,10 @@ const (
 	// natUDPBlocked is a restricted NAT whose network lets no UDP out
 	// (a firewall that allows only TCP): no QUIC, so a punch is TCP's.
 	natUDPBlocked natKind = "udp-blocked"
+	// natUDPSymmetric maps each UDP destination to a new port and TCP
+	// as restricted does: a punch opens over TCP only, at its second
+	// try (node/punchfilter.go), after QUIC's fails.
+	natUDPSymmetric natKind = "udp-symmetric"
 )
 
 // natNet is one topology: namespaces, links and NAT rules.
@@ -209,8 +217,11 @@ func (n *natNet) lan(router, host, net string) {
 // is host.
 func (n *natNet) nat(router, host string, k natKind) {
 	masq := "masquerade"
-	if k == natSymmetric {
+	switch k {
+	case natSymmetric:
 		masq = "masquerade fully-random"
+	case natUDPSymmetric:
+		masq = `meta l4proto udp masquerade fully-random; oifname "wan" masquerade`
 	}
 	blockUDP := ""
 	if k == natUDPBlocked {
@@ -411,17 +422,18 @@ type natFigures struct {
 
 // punchable reports whether the worker/client NAT pair lets a direct
 // connection through: hole punching works unless a side maps a new port
-// per destination (symmetric); a forwarded worker is dialled directly.
+// per destination for TCP and UDP (symmetric); a forwarded worker is
+// dialled directly.
 func punchable(wk, ck natKind) bool {
 	return wk == natForwarded || (wk != natSymmetric && ck != natSymmetric)
 }
 
 // punchTransport is the transport both ends of a hole punch dial
-// (node/punchfilter.go): QUIC where both sides' networks pass UDP, else
-// TCP. Ends that dialled both could each keep a different connection and
-// close the other's, leaving none.
+// (node/punchfilter.go): QUIC where both sides' networks pass UDP and
+// their NATs keep a UDP mapping, else TCP. Ends that dialled both could
+// each keep a different connection and close the other's, leaving none.
 func punchTransport(wk, ck natKind) string {
-	if wk == natUDPBlocked || ck == natUDPBlocked {
+	if udp := []natKind{natUDPBlocked, natUDPSymmetric}; slices.Contains(udp, wk) || slices.Contains(udp, ck) {
 		return "tcp"
 	}
 	return "quic-v1"
@@ -455,6 +467,8 @@ func TestNATSuite(t *testing.T) {
 		// Both ends dial one transport in a punch (node/punchfilter.go):
 		// TCP when one end has no QUIC.
 		{natRestricted, natUDPBlocked},
+		// QUIC's punch fails, TCP's opens at the second try.
+		{natRestricted, natUDPSymmetric},
 		{natRestricted, natSymmetric},
 		{natSymmetric, natRestricted},
 	}
