@@ -57,6 +57,7 @@ type punchNote struct {
 	last time.Time // when we sent our addresses
 	sent addrKinds // the kinds we sent
 	peer addrKinds // the kinds it sent
+	tcp  bool      // this try is TCP's turn (tcpTurn)
 }
 
 const (
@@ -92,10 +93,13 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 		t = punchNote{}
 	case now.Sub(t.last) >= punchAtOnce:
 		t.n++
+		t.tcp = t.n%2 == 1 && tcpTurn(all, t.peer)
 	}
+	// else the same try, punched in the other direction at once: the
+	// same turn, whatever its other exchange has read since.
 	t.last = now
 	out := addrs
-	if t.n%2 == 1 && tcpTurn(all, t.peer) {
+	if t.tcp {
 		out = make([]ma.Multiaddr, 0, len(addrs))
 		for _, a := range addrs {
 			if kindOf(a)&(kindTCP4|kindTCP6) != 0 {

@@ -239,3 +239,23 @@ func TestPunchFilterNotesBounded(t *testing.T) {
 		t.Errorf("%d notes after the series passed, want 2", len(f.tries))
 	}
 }
+
+// Within one try an end sends the same to both exchanges, also when the
+// first one's CONNECT from the peer (TCP alone) came in between.
+func TestPunchFilterOneTurnPerTry(t *testing.T) {
+	pa, pb := peer.ID("a"), peer.ID("b")
+	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bTCP, bQUIC)
+	c := &clock{t: time.Unix(1e9, 0)}
+	fa, fb := c.filter(), c.filter()
+	punchExchange(fa, fb, pa, pb, a, b)
+	c.add(10 * time.Second)
+	aSent1 := fa.FilterLocal(pb, a)
+	fa.FilterRemote(pb, maddrs(t, bTCP))
+	c.add(300 * time.Millisecond)
+	aSent2 := fa.FilterLocal(pb, a)
+	for i, got := range [][]ma.Multiaddr{aSent1, aSent2} {
+		if s := onlyOf(got); !slices.Equal(s, []string{aTCP}) {
+			t.Errorf("exchange %d of the second try sends %v, want TCP alone", i+1, s)
+		}
+	}
+}
