@@ -267,7 +267,8 @@ func newHost(hc hostConfig) (host.Host, error) {
 		return nil, fmt.Errorf("connection manager: %w", err)
 	}
 	// Both ends of a punch dial one transport (punchfilter.go).
-	punchOpts := []holepunch.Option{holepunch.WithAddrFilter(newPunchFilter())}
+	punchFilter := newPunchFilter()
+	punchOpts := []holepunch.Option{holepunch.WithAddrFilter(punchFilter)}
 	if hc.punches != nil {
 		punchOpts = append(punchOpts, holepunch.WithTracer(hc.punches))
 	}
@@ -322,5 +323,6 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start libp2p host: %w", err)
 	}
+	punchFilter.setNetwork(h.Network())
 	return h, nil
 }

@@ -5,6 +5,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 
@@ -33,13 +34,20 @@ import (
 // One kind per punch would leave a pair relayed whose NATs open TCP
 // holes but not UDP ones (a NAT that maps each UDP destination to a new
 // port, and TCP not). libp2p tries a punch up to three times, each with
-// a new exchange. On every second try of a punch (exchanges with the
-// peer moments apart, punchSeries) an end sends only its TCP addresses
-// when the try before, where both sent all, picked another kind and both
-// have TCP: the pair tries QUIC, then TCP, then QUIC. Both ends judge
-// from what both sent the try before, so they agree; and where they
-// counted tries differently, the kind is still the first of what both
-// sent, so an end that sends TCP alone makes it TCP at both.
+// a new exchange. So an end counts its exchanges with a peer (those
+// within punchSeries of the one before; under punchAtOnce apart, one
+// try) and on every second one sends only its TCP addresses when the
+// exchange before picked another kind and both have TCP (tcpTurn): a
+// pair tries QUIC, then TCP, then QUIC. Where the ends counted
+// differently, the kind is still the first of what both sent, so an end
+// that sends TCP alone makes it TCP at both.
+//
+// That holds while an end has one exchange with the peer at a time, so
+// that FilterRemote, which libp2p hands only the peer, reads what this
+// exchange sent. A pair that punches in both directions (each end holds
+// a relayed connection the other dialed) can have two at once, from
+// different tries; its ends send all at every try, as before the turns,
+// and both punches pick the same kind.
 type punchFilter struct {
 	now func() time.Time
 	// all is the kinds of the direct addresses we sent in full (none
@@ -49,6 +57,37 @@ type punchFilter struct {
 
 	mu    sync.Mutex
 	tries map[peer.ID]punchNote // bounded by maxPunchNotes
+
+	// conns lists the host's connections to a peer (nil until the host
+	// is up: then no turns).
+	conns atomic.Pointer[func(peer.ID) []network.Conn]
+}
+
+// setNetwork gives the filter the host's connections, to tell a pair
+// that punches in both directions.
+func (f *punchFilter) setNetwork(n network.Network) {
+	conns := n.ConnsToPeer
+	f.conns.Store(&conns)
+}
+
+// bothWays reports whether we hold relayed connections to p in both
+// directions, or cannot tell: libp2p punches on each inbound one.
+func (f *punchFilter) bothWays(p peer.ID) bool {
+	conns := f.conns.Load()
+	if conns == nil {
+		return true
+	}
+	var in, out bool
+	for _, c := range (*conns)(p) {
+		if relayaddr.IsRelayed(c) {
+			if c.Stat().Direction == network.DirInbound {
+				in = true
+			} else {
+				out = true
+			}
+		}
+	}
+	return in && out
 }
 
 // punchNote is our last punch exchange with a peer.
@@ -93,7 +132,7 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 		t = punchNote{}
 	case now.Sub(t.last) >= punchAtOnce:
 		t.n++
-		t.tcp = t.n%2 == 1 && tcpTurn(all, t.peer)
+		t.tcp = t.n%2 == 1 && tcpTurn(all, t.peer) && !f.bothWays(p)
 	}
 	// else the same try, punched in the other direction at once: the
 	// same turn, whatever its other exchange has read since.

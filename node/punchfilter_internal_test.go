@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 
@@ -135,9 +136,30 @@ func TestPunchFilterBothDirectionsAtOnce(t *testing.T) {
 // clock is a settable time for the filters' notes.
 type clock struct{ t time.Time }
 
-func (c *clock) now() time.Time         { return c.t }
-func (c *clock) add(d time.Duration)    { c.t = c.t.Add(d) }
-func (c *clock) filter() *punchFilter   { f := newPunchFilter(); f.now = c.now; return f }
+func (c *clock) now() time.Time      { return c.t }
+func (c *clock) add(d time.Duration) { c.t = c.t.Add(d) }
+
+// filter is a filter on c's time whose host holds conns (a relayed
+// connection in one direction, or none: turns are taken).
+func (c *clock) filter(conns ...network.Conn) *punchFilter {
+	f := newPunchFilter()
+	f.now = c.now
+	list := func(peer.ID) []network.Conn { return conns }
+	f.conns.Store(&list)
+	return f
+}
+
+// relayedConn is a relayed connection in one direction, as the filter
+// reads it.
+type relayedConn struct {
+	network.Conn
+	dir network.Direction
+}
+
+func (c relayedConn) RemoteMultiaddr() ma.Multiaddr { return ma.StringCast(bRelayTCP) }
+func (c relayedConn) Stat() network.ConnStats {
+	return network.ConnStats{Stats: network.Stats{Direction: c.dir}}
+}
 func onlyOf(as []ma.Multiaddr) []string { return addrStrings(as) }
 
 // libp2p tries a punch up to three times: the pair tries QUIC, then TCP,
@@ -167,7 +189,12 @@ func TestPunchFilterTriesAlternate(t *testing.T) {
 	} {
 		for _, aStarts := range []bool{true, false} {
 			c := &clock{t: time.Unix(1e9, 0)}
-			fa, fb := c.filter(), c.filter()
+			// The initiator holds the relayed connection the other dialed.
+			in, out := relayedConn{dir: network.DirInbound}, relayedConn{dir: network.DirOutbound}
+			fa, fb := c.filter(out), c.filter(in)
+			if aStarts {
+				fa, fb = c.filter(in), c.filter(out)
+			}
 			if tc.aOnly {
 				_ = fa.FilterLocal(pb, tc.a)
 				c.add(5 * time.Second)
@@ -191,26 +218,51 @@ func TestPunchFilterTriesAlternate(t *testing.T) {
 	}
 }
 
-// The second try punched in both directions at once is one try at each
-// end: both send TCP alone.
-func TestPunchFilterSecondTryBothDirections(t *testing.T) {
+// A pair that punches in both directions (relayed connections both
+// ways) takes no turns: exchanges of different tries can be under way
+// at once, in libp2p's order (the initiator's FilterRemote a relay's
+// round trip after its FilterLocal, the responder's two calls back to
+// back), and both punches must pick the same kind. A filter that cannot
+// tell (no host yet) takes none either.
+func TestPunchFilterBothWaysTakesNoTurns(t *testing.T) {
 	pa, pb := peer.ID("a"), peer.ID("b")
 	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bRelayQUIC, bTCP, bQUIC)
-	c := &clock{t: time.Unix(1e9, 0)}
-	fa, fb := c.filter(), c.filter()
-	punchExchange(fa, fb, pa, pb, a, b)
-	c.add(10 * time.Second)
-	aSent1, bSent1 := fa.FilterLocal(pb, a), fb.FilterLocal(pa, direct(b))
-	c.add(200 * time.Millisecond)
-	aSent2, bSent2 := fa.FilterLocal(pb, a), fb.FilterLocal(pa, b)
-	for i, got := range [][]ma.Multiaddr{fa.FilterRemote(pb, direct(bSent1)), fa.FilterRemote(pb, direct(bSent2)),
-		fb.FilterRemote(pa, aSent1), fb.FilterRemote(pa, aSent2)} {
-		want := []string{bTCP}
-		if i >= 2 {
-			want = []string{aTCP}
-		}
-		if s := onlyOf(got); !slices.Equal(s, want) {
-			t.Errorf("dial %d: %v, want %v", i+1, s, want)
+	both := []network.Conn{relayedConn{dir: network.DirInbound}, relayedConn{dir: network.DirOutbound}}
+	noHost := func(c *clock) *punchFilter { f := newPunchFilter(); f.now = c.now; return f }
+	for _, tc := range []struct {
+		name  string
+		build func(c *clock) *punchFilter
+	}{
+		{"both ways", func(c *clock) *punchFilter { return c.filter(both...) }},
+		{"no host", noHost},
+	} {
+		for _, offset := range []time.Duration{0, 300 * time.Millisecond, 1100 * time.Millisecond, 2500 * time.Millisecond} {
+			c := &clock{t: time.Unix(1e9, 0)}
+			fa, fb := tc.build(c), tc.build(c)
+			for try := range 3 {
+				// a initiates to b; offset later, b initiates to a; the
+				// relay's round trip is 3 s.
+				aSent := fa.FilterLocal(pb, direct(a))
+				c.add(offset)
+				bSent := fb.FilterLocal(pa, direct(b))
+				aSent2 := fa.FilterLocal(pb, a)
+				aDials2 := fa.FilterRemote(pb, direct(bSent))
+				bSent1 := fb.FilterLocal(pa, b)
+				bDials1 := fb.FilterRemote(pa, aSent)
+				c.add(3 * time.Second)
+				aDials1 := fa.FilterRemote(pb, direct(bSent1))
+				bDials2 := fb.FilterRemote(pa, aSent2)
+				for i, got := range [][]ma.Multiaddr{aDials1, aDials2, bDials1, bDials2} {
+					want := []string{bQUIC}
+					if i >= 2 {
+						want = []string{aQUIC}
+					}
+					if s := onlyOf(got); !slices.Equal(s, want) {
+						t.Errorf("%s, offset %s, try %d, dial %d: %v, want %v", tc.name, offset, try+1, i+1, s, want)
+					}
+				}
+				c.add(10 * time.Second)
+			}
 		}
 	}
 }
@@ -246,7 +298,7 @@ func TestPunchFilterOneTurnPerTry(t *testing.T) {
 	pa, pb := peer.ID("a"), peer.ID("b")
 	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bTCP, bQUIC)
 	c := &clock{t: time.Unix(1e9, 0)}
-	fa, fb := c.filter(), c.filter()
+	fa, fb := c.filter(relayedConn{dir: network.DirInbound}), c.filter(relayedConn{dir: network.DirOutbound})
 	punchExchange(fa, fb, pa, pb, a, b)
 	c.add(10 * time.Second)
 	aSent1 := fa.FilterLocal(pb, a)

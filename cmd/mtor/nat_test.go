@@ -87,8 +87,8 @@ const (
 	// (a firewall that allows only TCP): no QUIC, so a punch is TCP's.
 	natUDPBlocked natKind = "udp-blocked"
 	// natUDPSymmetric maps each UDP destination to a new port and TCP
-	// as restricted does: a punch opens over TCP only, at its second
-	// try (node/punchfilter.go), after QUIC's fails.
+	// as restricted does: a punch opens over TCP only, at libp2p's
+	// second try (node/punchfilter.go), after QUIC's fails.
 	natUDPSymmetric natKind = "udp-symmetric"
 )
 
