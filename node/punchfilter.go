@@ -35,19 +35,19 @@ import (
 // holes but not UDP ones (a NAT that maps each UDP destination to a new
 // port, and TCP not). libp2p tries a punch up to three times, each with
 // a new exchange. So an end counts its exchanges with a peer (those
-// within punchSeries of the one before; under punchAtOnce apart, one
+// within punchSeries of the one before; under punchSameTry apart, one
 // try) and on every second one sends only its TCP addresses when the
 // exchange before picked another kind and both have TCP (tcpTurn): a
 // pair tries QUIC, then TCP, then QUIC. Where the ends counted
 // differently, the kind is still the first of what both sent, so an end
 // that sends TCP alone makes it TCP at both.
 //
-// That holds while an end has one exchange with the peer at a time, so
-// that FilterRemote, which libp2p hands only the peer, reads what this
-// exchange sent. A pair that punches in both directions (each end holds
-// a relayed connection the other dialed) can have two at once, from
-// different tries; its ends send all at every try, as before the turns,
-// and both punches pick the same kind.
+// That needs FilterRemote, which libp2p hands only the peer, to read
+// back what this exchange sent. A pair that punches in both directions
+// (each end holds a relayed connection the other dialed) can have two
+// exchanges at once: those within punchSameTry of each other are one
+// try and send the same, and while an end holds relayed connections
+// both ways it takes no new turn, so that both punches pick one kind.
 type punchFilter struct {
 	now func() time.Time
 	// all is the kinds of the direct addresses we sent in full (none
@@ -105,10 +105,14 @@ const (
 	// each other within its 10 s dial timeout); after it, a new punch
 	// starts again with QUIC.
 	punchSeries = 30 * time.Second
-	// punchAtOnce: exchanges this close are one try, punched in both
-	// directions at once (each end holds a circuit the other dialed),
-	// so that both send the same.
-	punchAtOnce = time.Second
+	// punchSameTry: exchanges this close are one try and send the
+	// same: the other direction's exchange while one is under way (an
+	// end that comes to hold relayed connections both ways, whose old
+	// turn must not change what the exchange under way reads back). A
+	// try lasts longer: a failed QUIC dial ends at quic-go's 5 s
+	// handshake timeout, a TCP one at libp2p's 10 s, and the next try
+	// follows at once.
+	punchSameTry = 4 * time.Second
 	// maxPunchNotes bounds the peers noted; past it, notes older than
 	// punchSeries go, and a peer still without room is sent all.
 	maxPunchNotes = 1024
@@ -130,7 +134,7 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 	switch {
 	case !ok || now.Sub(t.last) > punchSeries:
 		t = punchNote{}
-	case now.Sub(t.last) >= punchAtOnce:
+	case now.Sub(t.last) >= punchSameTry:
 		t.n++
 		t.tcp = t.n%2 == 1 && tcpTurn(all, t.peer) && !f.bothWays(p)
 	}

@@ -311,3 +311,52 @@ func TestPunchFilterOneTurnPerTry(t *testing.T) {
 		}
 	}
 }
+
+// An end that comes to hold relayed connections both ways while an
+// exchange is under way (here b's second try, TCP's turn, with a relay
+// round trip of 3 s, and a that counted one exchange more) sends the
+// other direction's exchange what it sent in that try, so that the one
+// under way reads back what it sent: both ends dial the same kind.
+func TestPunchFilterTurnKeptWhenBothWaysBegins(t *testing.T) {
+	pa, pb := peer.ID("a"), peer.ID("b")
+	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bRelayQUIC, bTCP, bQUIC)
+	c := &clock{t: time.Unix(1e9, 0)}
+	aConns := []network.Conn{relayedConn{dir: network.DirOutbound}}
+	bConns := []network.Conn{relayedConn{dir: network.DirInbound}}
+	filter := func(conns *[]network.Conn) *punchFilter {
+		f := newPunchFilter()
+		f.now = c.now
+		list := func(peer.ID) []network.Conn { return *conns }
+		f.conns.Store(&list)
+		return f
+	}
+	fa, fb := filter(&aConns), filter(&bConns)
+	_ = fa.FilterLocal(pb, a) // an exchange b never saw
+	c.add(5 * time.Second)
+	punchExchange(fb, fa, pb, pa, b, a) // b's first try
+	c.add(10 * time.Second)
+	bSent := fb.FilterLocal(pa, direct(b)) // b's second try, TCP's turn
+	aSent := fa.FilterLocal(pb, a)
+	aDials := fa.FilterRemote(pb, direct(bSent))
+	// b dials a through the relay: a initiates the other way.
+	aConns = append(aConns, relayedConn{dir: network.DirInbound})
+	bConns = append(bConns, relayedConn{dir: network.DirOutbound})
+	c.add(1500 * time.Millisecond)
+	aSent2 := fa.FilterLocal(pb, direct(a))
+	bSent2 := fb.FilterLocal(pa, b)
+	bDials2 := fb.FilterRemote(pa, aSent2)
+	c.add(1500 * time.Millisecond)
+	bDials := fb.FilterRemote(pa, direct(aSent))
+	aDials2 := fa.FilterRemote(pb, direct(bSent2))
+	for _, d := range []struct {
+		name      string
+		got, want []ma.Multiaddr
+	}{
+		{"a in b's try", aDials, maddrs(t, bTCP)}, {"b in b's try", bDials, maddrs(t, aTCP)},
+		{"a in a's try", aDials2, maddrs(t, bTCP)}, {"b in a's try", bDials2, maddrs(t, aTCP)},
+	} {
+		if got, want := onlyOf(d.got), onlyOf(d.want); !slices.Equal(got, want) {
+			t.Errorf("%s dials %v, want %v", d.name, got, want)
+		}
+	}
+}
