@@ -34,13 +34,12 @@ import (
 // One kind per punch would leave a pair relayed whose NATs open TCP
 // holes but not UDP ones (a NAT that maps each UDP destination to a new
 // port, and TCP not). libp2p tries a punch up to three times, each with
-// a new exchange. So an end counts its exchanges with a peer (those
-// within punchSeries of the one before; under punchSameTry apart, one
-// try) and on every second one sends only its TCP addresses when the
-// exchange before picked another kind and both have TCP (tcpTurn): a
-// pair tries QUIC, then TCP, then QUIC. Where the ends counted
-// differently, the kind is still the first of what both sent, so an end
-// that sends TCP alone makes it TCP at both.
+// a new exchange. So on a punch's next try (an exchange with the peer
+// punchSameTry to punchSeries after the one before) an end sends only
+// its TCP addresses when the try before picked another kind and both
+// have TCP (tcpTurn): a pair tries QUIC, then TCP, then QUIC. Where the
+// ends judged differently, the kind is still the first of what both
+// sent, so an end that sends TCP alone makes it TCP at both.
 //
 // That needs FilterRemote, which libp2p hands only the peer, to read
 // back what this exchange sent. A pair that punches in both directions
@@ -92,7 +91,6 @@ func (f *punchFilter) bothWays(p peer.ID) bool {
 
 // punchNote is our last punch exchange with a peer.
 type punchNote struct {
-	n    int       // the try of its series, from 0
 	last time.Time // when we sent our addresses
 	sent addrKinds // the kinds we sent
 	peer addrKinds // the kinds it sent
@@ -109,9 +107,10 @@ const (
 	// same: the other direction's exchange while one is under way (an
 	// end that comes to hold relayed connections both ways, whose old
 	// turn must not change what the exchange under way reads back). A
-	// try lasts longer: a failed QUIC dial ends at quic-go's 5 s
-	// handshake timeout, a TCP one at libp2p's 10 s, and the next try
-	// follows at once.
+	// try lasts longer: its failed dial ends at go-libp2p's 5 s (the
+	// QUIC hole punch's and the TCP connect timeout), and the next try
+	// follows a relay's round trip and a half later. A dial that fails
+	// at once makes the next exchange the same try: no turn, no harm.
 	punchSameTry = 4 * time.Second
 	// maxPunchNotes bounds the peers noted; past it, notes older than
 	// punchSeries go, and a peer still without room is sent all.
@@ -122,8 +121,8 @@ func newPunchFilter() *punchFilter {
 	return &punchFilter{now: time.Now, tries: make(map[peer.ID]punchNote)}
 }
 
-// FilterLocal picks the addresses we send to p: all of them, or on
-// every second try of a punch our TCP ones alone (tcpTurn).
+// FilterLocal picks the addresses we send to p: all of them, or on a
+// try after one that picked QUIC our TCP ones alone (tcpTurn).
 func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
 	all := kindsOf(addrs)
 	f.all.Store(uint32(all))
@@ -135,8 +134,7 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 	case !ok || now.Sub(t.last) > punchSeries:
 		t = punchNote{}
 	case now.Sub(t.last) >= punchSameTry:
-		t.n++
-		t.tcp = t.n%2 == 1 && tcpTurn(all, t.peer) && !f.bothWays(p)
+		t.tcp = tcpTurn(all, t.peer) && !f.bothWays(p)
 	}
 	// else the same try, punched in the other direction at once: the
 	// same turn, whatever its other exchange has read since.
