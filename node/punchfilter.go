@@ -100,7 +100,7 @@ type punchNote struct {
 const (
 	// punchSeries: an exchange within this of the last one with the
 	// peer is the next try of the same punch (libp2p's tries follow
-	// each other within its 10 s dial timeout); after it, a new punch
+	// each other about 5 s apart, punchSameTry); after it, a new punch
 	// starts again with QUIC.
 	punchSeries = 30 * time.Second
 	// punchSameTry: exchanges this close are one try and send the
@@ -141,12 +141,7 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 	t.last = now
 	out := addrs
 	if t.tcp {
-		out = make([]ma.Multiaddr, 0, len(addrs))
-		for _, a := range addrs {
-			if kindOf(a)&(kindTCP4|kindTCP6) != 0 {
-				out = append(out, a)
-			}
-		}
+		out = ofKinds(addrs, kindTCP4|kindTCP6)
 	}
 	t.sent = kindsOf(out)
 	if !ok && len(f.tries) >= maxPunchNotes {
@@ -179,10 +174,14 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 	if common == 0 {
 		return addrs
 	}
-	pick := common & -common // the first kind, in addrKind's order
+	return ofKinds(addrs, common&-common) // the first kind, in addrKind's order
+}
+
+// ofKinds is the addresses of addrs of the kinds in k.
+func ofKinds(addrs []ma.Multiaddr, k addrKinds) []ma.Multiaddr {
 	out := make([]ma.Multiaddr, 0, len(addrs))
 	for _, a := range addrs {
-		if kindOf(a) == pick {
+		if kindOf(a)&k != 0 {
 			out = append(out, a)
 		}
 	}
