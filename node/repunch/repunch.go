@@ -1,4 +1,5 @@
-// Package repunch makes a new hole punch after a punched connection died.
+// Package repunch makes a new hole punch after a punched connection died,
+// or after a punch that failed from the start.
 //
 // libp2p punches a hole (DCUtR) when a relayed connection comes in: the
 // peer that receives the circuit asks the other to dial at once. When the
@@ -14,14 +15,21 @@
 // the new circuit makes the peer's libp2p punch anew. Meanwhile the peer
 // keeps its place in the peer table (Reconnecting).
 //
-// Only a peer once reached directly is retried (a pair behind symmetric
-// NATs never punches, and is left alone): 30 s after its last direct
+// A peer once reached directly is retried 30 s after its last direct
 // connection closed, then less and less often, doubling to 30 min. The
 // waits start over only when a direct connection that had lasted
 // (DefaultStable) is lost: a punch whose path dies within minutes is no
 // success. A direct connection that dies within seconds of opening
 // (DefaultYoung) died in its punch, not by its path: the pair is tried
 // again soon (DefaultQuick), twice at most before the waits go on.
+//
+// A peer never reached directly is retried too, once a sweep has seen it
+// reached only through relays for DefaultUnpunched, then doubling to 30
+// min: libp2p tries a punch three times within seconds, and a burst of
+// loss or a NAT busy for that moment would otherwise leave the pair
+// relayed for as long as its circuit lives. A pair that cannot punch (a
+// symmetric NAT) pays a moment without a connection at each try, at most
+// one every 30 min once the waits have grown.
 package repunch
 
 import (
@@ -70,6 +78,10 @@ const (
 	DefaultQuick = 5 * time.Second
 	// maxQuick bounds the quick tries in a row; then the waits go on.
 	maxQuick = 2
+	// DefaultUnpunched is the wait from a sweep's first sight of a peer
+	// reached only through relays, never directly, to its first new
+	// punch: libp2p's own three tries are over by then.
+	DefaultUnpunched = time.Minute
 )
 
 // Repuncher replaces a peer's relayed connections to make a new hole punch
@@ -84,7 +96,9 @@ type Repuncher struct {
 	stable   time.Duration
 	young    time.Duration
 	quick    time.Duration
-	now      func() time.Time
+	// unpunched: the first wait of a peer never reached directly.
+	unpunched time.Duration
+	now       func() time.Time
 
 	mu    sync.Mutex
 	peers map[peer.ID]*state
@@ -98,7 +112,8 @@ type Repuncher struct {
 // being reconnected: libp2p delivers its disconnection events late.
 const reconnectLinger = 2 * time.Second
 
-// state is what is known of a peer once reached directly.
+// state is what is known of a peer once reached directly, or reached
+// through relays alone since a sweep first saw it.
 type state struct {
 	direct int           // direct connections open
 	seen   time.Time     // when one last opened or closed
@@ -131,6 +146,18 @@ func WithBackoff(first, most time.Duration) Option {
 	}
 }
 
+// WithUnpunched sets the wait before the first try for a peer never
+// reached directly, from the sweep that first finds it reached only
+// through relays; the waits after it double to the most WithBackoff
+// sets.
+func WithUnpunched(wait time.Duration) Option {
+	return func(r *Repuncher) {
+		if wait > 0 {
+			r.unpunched = wait
+		}
+	}
+}
+
 // WithSafe names the protocols whose streams may break with the relayed
 // connection: their owners open them again when the peer reconnects and
 // lose nothing (identify, ping, the DHT, gossipsub on a full reconnect).
@@ -146,7 +173,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 	r := &Repuncher{
 		h: h, safe: func(protocol.ID) bool { return false },
 		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
-		young: DefaultYoung, quick: DefaultQuick,
+		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched,
 		now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 	}
 	for _, o := range opts {
@@ -258,6 +285,26 @@ func (r *Repuncher) Run(ctx context.Context) {
 	}
 }
 
+// noteUnpunched starts the waits of the peers of conns reached through a
+// relay dialed from here and never directly (libp2p's punch failed, or
+// none was made): the first try is due r.unpunched from now. r.mu is
+// held.
+func (r *Repuncher) noteUnpunched(conns []network.Conn, now time.Time) {
+	for _, c := range conns {
+		p := c.RemotePeer()
+		if !relayaddr.IsRelayed(c) || c.Stat().Direction != network.DirOutbound || r.peers[p] != nil {
+			continue
+		}
+		if len(r.peers) >= maxPeers {
+			r.forgetOne()
+		}
+		// A direct connection to p would have made its state on
+		// opening; one opening now does so in a moment, and the sweep
+		// that finds it due checks again (replaceable).
+		r.peers[p] = &state{delay: r.unpunched, seen: now, next: now.Add(r.unpunched)}
+	}
+}
+
 // candidate is a peer due for a try, with the relayed connections to
 // replace.
 type candidate struct {
@@ -270,12 +317,14 @@ type candidate struct {
 func (r *Repuncher) Sweep(ctx context.Context) int {
 	now := r.now()
 	var due []candidate
+	conns := r.h.Network().Conns()
 	r.mu.Lock()
 	for p, until := range r.redialing {
 		if time.Since(until) > 0 {
 			delete(r.redialing, p)
 		}
 	}
+	r.noteUnpunched(conns, now)
 	for p, s := range r.peers {
 		if !s.next.IsZero() && !now.Before(s.next) {
 			due = append(due, candidate{p: p})

@@ -119,13 +119,12 @@ func safe(id protocol.ID) bool { return id == ping.ID || id == identify.ID || id
 // dies, the end that dialed the circuit closes it a while later and dials
 // the peer through the relay again, so that a new circuit comes in to the
 // peer (whose libp2p then punches anew); then less often. A query on the
-// relayed connection holds the replacement off until it ends. A peer
-// never reached directly, a circuit the peer dialed, and a direct
-// connection that is still there are left alone.
+// relayed connection holds the replacement off until it ends. A circuit
+// the peer dialed and a direct connection that is still there are left
+// alone. (A peer never reached directly: TestNeverDirectIsTriedAgain.)
 func TestReplacesTheRelayedConnection(t *testing.T) {
 	cases := []struct {
 		name     string
-		never    bool // never reached directly
 		fromPeer bool // the peer dialed the circuit
 		keep     bool // the direct connection stays
 		query    bool // a query runs on the relayed connection
@@ -133,7 +132,6 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 	}{
 		{name: "after the direct one died", replaced: true},
 		{name: "once a query on it ended", query: true, replaced: true},
-		{name: "never direct", never: true},
 		{name: "the peer dialed the circuit", fromPeer: true},
 		{name: "a direct one still there", keep: true},
 	}
@@ -173,13 +171,11 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 				}
 				q = s
 			}
-			if !tc.never {
-				dc := direct(t, a, b)
-				if !tc.keep {
-					g.closed.Store(true) // the NAT's mapping dies with it
-					_ = dc.Close()
-					waitLost(t, rp, b.ID())
-				}
+			dc := direct(t, a, b)
+			if !tc.keep {
+				g.closed.Store(true) // the NAT's mapping dies with it
+				_ = dc.Close()
+				waitLost(t, rp, b.ID())
 			}
 			// Before the first wait, nothing.
 			clk.add(firstWait - time.Second)
@@ -313,6 +309,78 @@ func waitLost(t *testing.T, rp *Repuncher, p peer.ID) {
 		if time.Now().After(deadline) {
 			t.Fatal("the direct connection's close was not noted")
 		}
+	}
+}
+
+// TestNeverDirectIsTriedAgain: a peer behind a NAT reached through a
+// relay, whose punch failed (no direct connection ever opened). The end
+// that dialed the circuit replaces it once the unpunched wait has passed
+// since a sweep first saw the peer so, then after twice the wait, then
+// the most; once a punch succeeds, nothing is due while it lasts. A
+// circuit the peer dialed is the peer's to replace.
+func TestNeverDirectIsTriedAgain(t *testing.T) {
+	const unpunched = 2 * time.Minute
+	for _, fromPeer := range []bool{false, true} {
+		t.Run(fmt.Sprintf("the peer dialed the circuit %v", fromPeer), func(t *testing.T) {
+			g := &natGater{}
+			a, b := newHost(t, libp2p.ConnectionGater(g)), newHost(t)
+			g.peer.Store(b.ID())
+			g.closed.Store(true) // a punch would fail
+			clk := &clock{t: time.Unix(1_800_000_000, 0)}
+			rp := New(a, WithSafe(safe), WithBackoff(firstWait, 2*unpunched), WithUnpunched(unpunched))
+			rp.now = clk.now
+			rp.Attach()
+			r := relaytest.New(t)
+			var rc network.Conn
+			if fromPeer {
+				relaytest.Reserve(t, a, r)
+				relaytest.Dial(t, b, a, r)
+				rc = a.Network().ConnsToPeer(b.ID())[0]
+			} else {
+				relaytest.Reserve(t, b, r)
+				rc = relaytest.Dial(t, a, b, r)
+			}
+			waitStreams(t, rc)
+			in := watchInbound(b)
+			sweepAfter := func(wait time.Duration, want int, what string) {
+				t.Helper()
+				clk.add(wait)
+				waitStreams(t, a.Network().ConnsToPeer(b.ID())[0])
+				if n := rp.Sweep(t.Context()); n != want {
+					t.Fatalf("%s: redialed %d peers, want %d", what, n, want)
+				}
+			}
+			sweepAfter(0, 0, "the first sight")
+			sweepAfter(unpunched-time.Second, 0, "a second before the unpunched wait")
+			if fromPeer {
+				sweepAfter(time.Hour, 0, "an hour on, a circuit the peer dialed")
+				rp.mu.Lock()
+				defer rp.mu.Unlock()
+				if rp.peers[b.ID()] != nil {
+					t.Fatal("a peer reached only through a circuit it dialed is remembered, want it left to the peer")
+				}
+				return
+			}
+			sweepAfter(time.Second, 1, "the unpunched wait")
+			if !rc.IsClosed() {
+				t.Fatal("the relayed connection is still open after the try, want it replaced")
+			}
+			for deadline := time.Now().Add(5 * time.Second); in.count() == 0; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("no new circuit came in to the peer: its libp2p has nothing to punch on")
+				}
+			}
+			sweepAfter(2*unpunched-time.Second, 0, "a second before twice the wait")
+			sweepAfter(time.Second, 1, "twice the wait")
+			sweepAfter(2*unpunched, 1, "the most")
+			// The punch succeeds: nothing is due while it lasts.
+			g.closed.Store(false)
+			direct(t, a, b)
+			clk.add(time.Hour)
+			if n := rp.Sweep(t.Context()); n != 0 {
+				t.Fatalf("redialed %d peers with a direct connection, want 0", n)
+			}
+		})
 	}
 }
 
