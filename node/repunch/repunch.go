@@ -25,15 +25,25 @@
 //
 // A peer never reached directly is retried too, once a sweep has seen it
 // reached only through relays for DefaultUnpunched, then doubling to 30
-// min: libp2p tries a punch three times within seconds, and a burst of
-// loss or a NAT busy for that moment would otherwise leave the pair
-// relayed for as long as its circuit lives. A pair that cannot punch (a
-// symmetric NAT) pays a moment without a connection at each try, at most
-// one every 30 min once the waits have grown.
+// min: libp2p tries a punch three times within about 15 s of a circuit
+// and never again on it, and a burst of loss or a NAT busy for that
+// moment would otherwise leave the pair relayed for as long as its
+// circuit lives. Only a pair that can punch at all is tried: both ends
+// serve the hole-punch protocol (libp2p's service serves it once it has
+// found a public address). A pair that still cannot punch (a symmetric
+// NAT) pays a moment without a connection at each try, at most one every
+// 30 min once the waits have grown.
+//
+// A peer due for a try that has no circuit dialed from here waits for
+// one, and a circuit that comes then gets the wait anew: libp2p punches
+// on every new circuit, and closing one in its punch would spoil that
+// punch. A pair with circuits both ways is the lower peer ID's to try, so
+// that two punches do not cross.
 package repunch
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"time"
 
@@ -42,6 +52,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/relayaddr"
@@ -64,7 +75,7 @@ const (
 	DefaultMax = 30 * time.Minute
 	// DefaultDialTimeout bounds the dial through the relay.
 	DefaultDialTimeout = 15 * time.Second
-	// maxPeers bounds the peers remembered as once direct.
+	// maxPeers bounds the peers remembered.
 	maxPeers = 4096
 	// maxPerSweep bounds the peers redialed in one sweep.
 	maxPerSweep = 8
@@ -80,12 +91,14 @@ const (
 	maxQuick = 2
 	// DefaultUnpunched is the wait from a sweep's first sight of a peer
 	// reached only through relays, never directly, to its first new
-	// punch: libp2p's own three tries are over by then.
+	// punch (and from a new circuit's sight to the next try of a peer
+	// that waited for one): libp2p's own three tries are over by then.
 	DefaultUnpunched = time.Minute
 )
 
 // Repuncher replaces a peer's relayed connections to make a new hole punch
-// once the direct connection to it is lost. It is safe for concurrent use.
+// once the direct connection to it is lost, or when the punch on its
+// circuit failed. It is safe for concurrent use.
 type Repuncher struct {
 	h        host.Host
 	safe     func(protocol.ID) bool
@@ -120,6 +133,8 @@ type state struct {
 	next   time.Time     // earliest next try; zero while direct
 	delay  time.Duration // the wait before the next try
 	quick  int           // quick tries in a row since a direct connection outlived its punch
+	// never: not reached directly yet; its waits start at unpunched.
+	never bool
 	// quickTry: the try due is a quick one, which leaves delay as it is.
 	quickTry bool
 }
@@ -221,6 +236,11 @@ func (r *Repuncher) direct(p peer.ID) {
 		s = &state{delay: r.first}
 		r.peers[p] = s
 	}
+	if s.never {
+		// Punched at last: its losses get the waits of a pair that
+		// punches.
+		s.never, s.delay = false, r.first
+	}
 	s.direct++
 	s.seen, s.next = r.now(), time.Time{}
 }
@@ -285,24 +305,46 @@ func (r *Repuncher) Run(ctx context.Context) {
 	}
 }
 
-// noteUnpunched starts the waits of the peers of conns reached through a
-// relay dialed from here and never directly (libp2p's punch failed, or
-// none was made): the first try is due r.unpunched from now. r.mu is
-// held.
-func (r *Repuncher) noteUnpunched(conns []network.Conn, now time.Time) {
+// noteCircuits looks at the circuits dialed from here (in conns) to peers
+// with no direct connection. A peer that waited for one (due, with none)
+// gets its wait anew. A peer unknown so far was never reached directly:
+// libp2p's punch failed, or none was made; if the pair can punch, its
+// first try is due r.unpunched from now. r.mu is held.
+func (r *Repuncher) noteCircuits(conns []network.Conn, now time.Time) {
+	serves := slices.Contains(r.h.Mux().Protocols(), holepunch.Protocol)
+	direct := map[peer.ID]bool{}
+	for _, c := range conns {
+		if !relayaddr.IsRelayed(c) {
+			direct[c.RemotePeer()] = true
+		}
+	}
 	for _, c := range conns {
 		p := c.RemotePeer()
-		if !relayaddr.IsRelayed(c) || c.Stat().Direction != network.DirOutbound || r.peers[p] != nil {
+		if !relayaddr.IsRelayed(c) || c.Stat().Direction != network.DirOutbound || direct[p] {
+			continue
+		}
+		if s := r.peers[p]; s != nil {
+			if s.direct == 0 && s.next.IsZero() {
+				s.next = now.Add(s.delay)
+			}
+			continue
+		}
+		if !serves || !r.punches(p) {
 			continue
 		}
 		if len(r.peers) >= maxPeers {
 			r.forgetOne()
 		}
-		// A direct connection to p would have made its state on
-		// opening; one opening now does so in a moment, and the sweep
-		// that finds it due checks again (replaceable).
-		r.peers[p] = &state{delay: r.unpunched, seen: now, next: now.Add(r.unpunched)}
+		r.peers[p] = &state{delay: r.unpunched, seen: now, next: now.Add(r.unpunched), never: true}
 	}
+}
+
+// punches reports whether p serves the hole-punch protocol: its libp2p
+// punches on the circuit (and reaches this host's hole-punch service for
+// it, which the caller checks).
+func (r *Repuncher) punches(p peer.ID) bool {
+	ok, err := r.h.Peerstore().SupportsProtocols(p, holepunch.Protocol)
+	return err == nil && len(ok) > 0
 }
 
 // candidate is a peer due for a try, with the relayed connections to
@@ -324,7 +366,7 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 			delete(r.redialing, p)
 		}
 	}
-	r.noteUnpunched(conns, now)
+	r.noteCircuits(conns, now)
 	for p, s := range r.peers {
 		if !s.next.IsZero() && !now.Before(s.next) {
 			due = append(due, candidate{p: p})
@@ -336,18 +378,20 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 		if n >= maxPerSweep || ctx.Err() != nil {
 			break
 		}
-		conns, direct, ok := r.replaceable(c.p)
-		if direct {
+		conns, v := r.replaceable(c.p)
+		switch v {
+		case hasDirect, noCircuit:
 			// A direct connection the count missed: nothing to do
 			// until it goes too (its loss makes the next try due).
+			// No circuit: the wait starts anew when one comes
+			// (noteCircuits), after libp2p's punch on it.
 			r.mu.Lock()
 			if s := r.peers[c.p]; s != nil {
 				s.next = time.Time{}
 			}
 			r.mu.Unlock()
 			continue
-		}
-		if !ok {
+		case notNow:
 			continue
 		}
 		c.conns = conns
@@ -358,30 +402,41 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 	return n
 }
 
-// replaceable returns p's relayed connections if a new punch should
-// replace them now: every connection to p is relayed (a direct one is
-// back, or being made), at least one was dialed from here (the peer's
-// libp2p punches on an incoming circuit; one that came in from p is p's
-// to replace), and none carries a stream that would break.
-// direct reports a direct connection to p.
-func (r *Repuncher) replaceable(p peer.ID) (conns []network.Conn, direct, ok bool) {
-	conns = r.h.Network().ConnsToPeer(p)
-	if len(conns) == 0 {
-		return nil, false, false // nothing to replace: a query dials it again
-	}
-	outbound := false
+// verdict is what a sweep may do with a peer due for a try.
+type verdict int
+
+const (
+	replace   verdict = iota // replace its connections now
+	hasDirect                // a direct connection is back, or being made
+	noCircuit                // no circuit dialed from here: the peer's libp2p punches on an incoming one, so one that came in from p is p's to replace
+	notNow                   // a stream that would break, or the peer's turn
+)
+
+// replaceable returns p's relayed connections and whether a new punch
+// should replace them now: every connection to p is relayed, at least one
+// was dialed from here, none carries a stream that would break, and, with
+// circuits both ways, this host's peer ID is the lower.
+func (r *Repuncher) replaceable(p peer.ID) ([]network.Conn, verdict) {
+	conns := r.h.Network().ConnsToPeer(p)
+	outbound, inbound, idle := false, false, true
 	for _, c := range conns {
 		if !relayaddr.IsRelayed(c) {
-			return nil, true, false
+			return nil, hasDirect
 		}
 		if c.Stat().Direction == network.DirOutbound {
 			outbound = true
+		} else {
+			inbound = true
 		}
-		if !r.idle(c) {
-			return nil, false, false
-		}
+		idle = idle && r.idle(c)
 	}
-	return conns, false, outbound
+	switch {
+	case !outbound:
+		return nil, noCircuit
+	case !idle, inbound && r.h.ID() > p:
+		return nil, notNow
+	}
+	return conns, replace
 }
 
 // idle reports whether every stream on c may break with it.

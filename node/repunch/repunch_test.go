@@ -3,6 +3,7 @@ package repunch
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
@@ -316,50 +318,103 @@ func waitLost(t *testing.T, rp *Repuncher, p peer.ID) {
 // relay, whose punch failed (no direct connection ever opened). The end
 // that dialed the circuit replaces it once the unpunched wait has passed
 // since a sweep first saw the peer so, then after twice the wait, then
-// the most; once a punch succeeds, nothing is due while it lasts. A
-// circuit the peer dialed is the peer's to replace.
+// the most; once a punch succeeds, nothing is due while it lasts and its
+// losses get the waits of a pair that punches. Left alone: a circuit the
+// peer dialed, a pair of which an end serves no hole punching, and, with circuits
+// both ways, the end with the higher peer ID. A peer due with no circuit
+// waits for one and gives libp2p's punch on it the wait anew.
 func TestNeverDirectIsTriedAgain(t *testing.T) {
 	const unpunched = 2 * time.Minute
-	for _, fromPeer := range []bool{false, true} {
-		t.Run(fmt.Sprintf("the peer dialed the circuit %v", fromPeer), func(t *testing.T) {
+	cases := []struct {
+		name     string
+		fromPeer bool // the peer dialed the circuit
+		bothWays bool // and one was dialed from here too
+		lower    bool // this end's peer ID is the lower (with bothWays)
+		noPunch  bool // the peer serves no hole punching
+		noServe  bool // this end serves none
+		gone     bool // the circuit is gone when the try is due
+		tried    bool
+	}{
+		{name: "a circuit dialed from here", tried: true},
+		{name: "the peer dialed the circuit", fromPeer: true},
+		{name: "the peer serves no hole punching", noPunch: true},
+		{name: "this end serves no hole punching", noServe: true},
+		{name: "circuits both ways, this end the lower", bothWays: true, lower: true, tried: true},
+		{name: "circuits both ways, the peer the lower", bothWays: true},
+		{name: "the circuit gone when due", gone: true, tried: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
 			g := &natGater{}
-			a, b := newHost(t, libp2p.ConnectionGater(g)), newHost(t)
+			a := newHost(t, libp2p.ConnectionGater(g))
+			// b is behind a NAT too: its dials of a's own addresses
+			// (learnt by identify) fail.
+			gb := &natGater{}
+			gb.peer.Store(a.ID())
+			gb.closed.Store(true)
+			b := newHostOrdered(t, a.ID(), !tc.bothWays || tc.lower, libp2p.ConnectionGater(gb))
 			g.peer.Store(b.ID())
 			g.closed.Store(true) // a punch would fail
+			if !tc.noServe {
+				servePunch(a)
+			}
+			if !tc.noPunch {
+				servePunch(b)
+			}
 			clk := &clock{t: time.Unix(1_800_000_000, 0)}
-			rp := New(a, WithSafe(safe), WithBackoff(firstWait, 2*unpunched), WithUnpunched(unpunched))
+			rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*unpunched), WithUnpunched(unpunched))
 			rp.now = clk.now
 			rp.Attach()
 			r := relaytest.New(t)
+			relaytest.Reserve(t, b, r)
 			var rc network.Conn
-			if fromPeer {
+			switch {
+			case tc.bothWays:
+				relaytest.Reserve(t, a, r)
+				rc = dialBothWays(t, a, b, r)
+			case tc.fromPeer:
 				relaytest.Reserve(t, a, r)
 				relaytest.Dial(t, b, a, r)
-				rc = a.Network().ConnsToPeer(b.ID())[0]
-			} else {
-				relaytest.Reserve(t, b, r)
+			default:
 				rc = relaytest.Dial(t, a, b, r)
 			}
-			waitStreams(t, rc)
+			waitIdentified(t, a, b.ID())
 			in := watchInbound(b)
 			sweepAfter := func(wait time.Duration, want int, what string) {
 				t.Helper()
 				clk.add(wait)
-				waitStreams(t, a.Network().ConnsToPeer(b.ID())[0])
+				for _, c := range a.Network().ConnsToPeer(b.ID()) {
+					waitStreams(t, c)
+				}
 				if n := rp.Sweep(t.Context()); n != want {
 					t.Fatalf("%s: redialed %d peers, want %d", what, n, want)
 				}
 			}
 			sweepAfter(0, 0, "the first sight")
 			sweepAfter(unpunched-time.Second, 0, "a second before the unpunched wait")
-			if fromPeer {
-				sweepAfter(time.Hour, 0, "an hour on, a circuit the peer dialed")
-				rp.mu.Lock()
-				defer rp.mu.Unlock()
-				if rp.peers[b.ID()] != nil {
-					t.Fatal("a peer reached only through a circuit it dialed is remembered, want it left to the peer")
+			if !tc.tried {
+				sweepAfter(time.Hour, 0, "an hour on")
+				if !tc.bothWays {
+					rp.mu.Lock()
+					defer rp.mu.Unlock()
+					if rp.peers[b.ID()] != nil {
+						t.Fatal("the peer is remembered, want it left alone")
+					}
 				}
 				return
+			}
+			if tc.gone {
+				for _, c := range a.Network().ConnsToPeer(b.ID()) {
+					_ = c.Close()
+				}
+				sweepAfter(time.Second, 0, "due, with no circuit")
+				// An hour on a query dials it again; libp2p punches on
+				// the new circuit, which a try now would spoil.
+				clk.add(time.Hour)
+				rc = relaytest.Dial(t, a, b, r)
+				waitStreams(t, rc)
+				sweepAfter(0, 0, "the new circuit's first sight")
+				sweepAfter(unpunched-time.Second, 0, "a second before the wait anew")
 			}
 			sweepAfter(time.Second, 1, "the unpunched wait")
 			if !rc.IsClosed() {
@@ -370,17 +425,112 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 					t.Fatal("no new circuit came in to the peer: its libp2p has nothing to punch on")
 				}
 			}
+			if tc.gone || tc.bothWays {
+				return
+			}
 			sweepAfter(2*unpunched-time.Second, 0, "a second before twice the wait")
 			sweepAfter(time.Second, 1, "twice the wait")
-			sweepAfter(2*unpunched, 1, "the most")
-			// The punch succeeds: nothing is due while it lasts.
+			sweepAfter(4*unpunched-time.Second, 0, "a second before four times the wait")
+			sweepAfter(time.Second, 1, "four times the wait, the most")
+			sweepAfter(4*unpunched, 1, "the most again")
+			// The punch succeeds: nothing is due while it lasts, and
+			// its loss gets the first wait of a pair that punches.
 			g.closed.Store(false)
-			direct(t, a, b)
-			clk.add(time.Hour)
-			if n := rp.Sweep(t.Context()); n != 0 {
-				t.Fatalf("redialed %d peers with a direct connection, want 0", n)
+			dc := direct(t, a, b)
+			rp.mu.Lock()
+			st := *rp.peers[b.ID()]
+			rp.mu.Unlock()
+			if !st.next.IsZero() || st.never || st.delay != firstWait {
+				t.Fatalf("state with a direct connection: next %v, never %v, delay %s; want nothing due and the first wait", st.next, st.never, st.delay)
 			}
+			g.closed.Store(true)
+			rp.young = 0 // not a death in its punch: see TestDeathInThePunchIsTriedSoon
+			_ = dc.Close()
+			waitLost(t, rp, b.ID())
+			sweepAfter(firstWait-time.Second, 0, "a second before the first wait after the punched connection's loss")
+			sweepAfter(time.Second, 1, "the first wait after the punched connection's loss")
 		})
+	}
+}
+
+// dialBothWays makes a circuit from a to b and one from b to a, both
+// through r, as two peers dialing each other at once do (a dial of a peer
+// already connected reuses its connection), and returns a's.
+func dialBothWays(t *testing.T, a, b, r host.Host) network.Conn {
+	t.Helper()
+	for _, h := range []host.Host{a, b} {
+		if err := h.Connect(t.Context(), peer.AddrInfo{ID: r.ID(), Addrs: r.Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 50 {
+		var wg sync.WaitGroup
+		for _, d := range [][2]host.Host{{a, b}, {b, a}} {
+			wg.Go(func() {
+				_ = d[0].Connect(t.Context(), peer.AddrInfo{ID: d[1].ID(), Addrs: []ma.Multiaddr{relaytest.Circuit(r)}})
+			})
+		}
+		wg.Wait()
+		var out network.Conn
+		in := false
+		for _, c := range a.Network().ConnsToPeer(b.ID()) {
+			if c.Stat().Direction == network.DirOutbound {
+				out = c
+			} else {
+				in = true
+			}
+		}
+		if out != nil && in {
+			return out
+		}
+		for _, c := range a.Network().ConnsToPeer(b.ID()) {
+			_ = c.Close()
+		}
+		for deadline := time.Now().Add(5 * time.Second); len(b.Network().ConnsToPeer(a.ID())) > 0; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("b still connected to a after a closed their connections")
+			}
+		}
+	}
+	t.Fatal("no circuits both ways after 50 pairs of dials at once")
+	return nil
+}
+
+// newHostOrdered is a host whose peer ID is above other's, or below it.
+func newHostOrdered(t *testing.T, other peer.ID, above bool, opts ...libp2p.Option) host.Host {
+	t.Helper()
+	for {
+		k, _, err := crypto.GenerateEd25519Key(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, err := peer.IDFromPrivateKey(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if (id > other) == above {
+			return newHost(t, append(opts, libp2p.Identity(k))...)
+		}
+	}
+}
+
+// servePunch makes h serve the hole-punch protocol, as libp2p's service
+// does once it has found a public address (a test's hosts have none).
+func servePunch(h host.Host) {
+	h.SetStreamHandler(holepunch.Protocol, func(s network.Stream) { _ = s.Reset() })
+}
+
+// waitIdentified waits until h knows whether p serves hole punching:
+// identify has run on the connection p dialed.
+func waitIdentified(t *testing.T, h host.Host, p peer.ID) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if ps, err := h.Peerstore().GetProtocols(p); err == nil && slices.Contains(ps, identify.ID) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("identify did not run")
+		}
 	}
 }
 
