@@ -144,15 +144,29 @@ func ask(t *testing.T, ctx context.Context, prompt string, n int) {
 			!document.querySelector('.msg.assistant[data-state="waiting"], .msg.assistant[data-state="streaming"]')`, n))
 }
 
+// On the swarm's two transports: the bridge reaches the worker over TCP,
+// or over QUIC as two default nodes do.
 func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
+	for _, tc := range []struct {
+		name, transport string
+		opts            []swarmtest.Option
+	}{
+		{"tcp", "tcp", nil},
+		{"quic", "quic-v1", []swarmtest.Option{swarmtest.QUIC()}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testBrowserChatStreams(t, tc.transport, tc.opts...) })
+	}
+}
+
+func testBrowserChatStreams(t *testing.T, transport string, opts ...swarmtest.Option) {
 	// A real swarm on loopback: the page's bridge runs on a node without
 	// backends, the answers come over libp2p from a demo worker whose
 	// words are 40 ms apart, so that streaming is visible.
 	var running, stopped atomic.Int64
-	sw := swarmtest.New(t, swarmtest.Workers(1), swarmtest.Clients(1),
+	sw := swarmtest.New(t, append([]swarmtest.Option{swarmtest.Workers(1), swarmtest.Clients(1),
 		swarmtest.Backends(func(_ int, label string) []backend.Backend {
 			return []backend.Backend{wstest.Observed{Backend: demo.New(label, demo.WithDelay(40*time.Millisecond)), Running: &running, Stopped: &stopped}}
-		}))
+		})}, opts...)...)
 	worker := sw.Workers[0].ID()
 	client := sw.Clients[0]
 	url := bridge(t, client.Router(), client.ID().String())
@@ -203,13 +217,13 @@ func TestBrowserChatStreamsShowsSwarmAndRendersAnswersAsText(t *testing.T) {
 	})()`, worker.String(), short))
 	// It says how the worker is reached (loopback only here: "LAN only")
 	// and how the bridge is connected to it: the bridge queried it, so
-	// directly, over the swarm's TCP.
+	// directly, over the swarm's transport.
 	reach := run(t, ctx, "reading the reach cell", chromedp.Evaluate[string](fmt.Sprintf(`(() => {
 		const c = document.querySelector('#peers tbody tr[data-peer=%q] td.reach');
 		return c ? c.dataset.reachability + "|" + c.dataset.path + "|" + c.textContent : "";
 	})()`, worker.String())))
-	if reach != "private|direct|LAN onlydirect (tcp)" {
-		t.Errorf("reach cell %q, want private|direct|LAN onlydirect (tcp)", reach)
+	if want := "private|direct|LAN onlydirect (" + transport + ")"; reach != want {
+		t.Errorf("reach cell %q, want %s", reach, want)
 	}
 	answers := run(t, ctx, "reading the answers list", chromedp.Evaluate[string](`document.getElementById('answers').textContent`))
 	if !strings.Contains(answers, short) || !strings.Contains(answers, question[:20]) {
