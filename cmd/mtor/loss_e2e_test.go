@@ -37,20 +37,26 @@ func addLoss(t *testing.T, ns, from string) (dropped func() int) {
 	if out, err := nftLoad(ns, nftInputTable("mtorloss", 0, rule)); err != nil {
 		t.Fatalf("nft: %v: %s", err, out)
 	}
-	counter := regexp.MustCompile(`counter packets (\d+)`)
-	return func() int {
-		out, err := exec.Command("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "mtorloss").CombinedOutput()
-		if err != nil {
-			t.Fatalf("nft list: %v: %s", err, out)
-		}
-		total := 0
-		for _, m := range counter.FindAllStringSubmatch(string(out), -1) {
-			n, _ := strconv.Atoi(m[1])
-			total += n
-		}
-		return total
-	}
+	return func() int { return nftCounted(t, ns, "table", "inet", "mtorloss") }
 }
+
+// nftCounted sums the packet counters of what `nft list what...` lists in
+// the namespace ns.
+func nftCounted(t *testing.T, ns string, what ...string) int {
+	t.Helper()
+	out, err := exec.Command("ip", append([]string{"netns", "exec", ns, "nft", "list"}, what...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list: %v: %s", err, out)
+	}
+	total := 0
+	for _, m := range nftCounter.FindAllStringSubmatch(string(out), -1) {
+		n, _ := strconv.Atoi(m[1])
+		total += n
+	}
+	return total
+}
+
+var nftCounter = regexp.MustCompile(`counter packets (\d+)`)
 
 // TestE2ELossyLink: with 10 % of the packets lost each way between a
 // worker's namespace and the bootstrap's and bridge's, on TCP and on

@@ -50,8 +50,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -265,6 +267,19 @@ func (n *natNet) cutDirect() {
 	n.t.Helper()
 	n.in("natA", "nft", "insert", "rule", "ip", "filter", "forward_lan", "ip", "daddr", n.ips["natB"], "drop")
 	n.in("natA", "nft", "insert", "rule", "ip", "filter", "forward_lan", "ip", "saddr", n.ips["natB"], "drop")
+}
+
+// lossDirect makes NAT A lose percent of the packets between the two NAT
+// routers' public addresses, each way (a lossy path between the
+// volunteers; the relays' paths lose nothing), and returns how many it
+// lost so far. mendDirect takes the loss away too.
+func (n *natNet) lossDirect(percent int) (dropped func() int) {
+	n.t.Helper()
+	for _, dir := range []string{"daddr", "saddr"} {
+		n.in("natA", "nft", "insert", "rule", "ip", "filter", "forward_lan", "ip", dir, n.ips["natB"],
+			"numgen", "random", "mod", "100", "<", strconv.Itoa(percent), "counter", "drop")
+	}
+	return func() int { return nftCounted(n.t, n.ns["natA"], "chain", "ip", "filter", "forward_lan") }
 }
 
 // mendDirect deletes cutDirect's rules: the path between the NATs works
@@ -855,6 +870,78 @@ func TestNATFailedPunchIsTriedAgain(t *testing.T) {
 	}
 	t.Logf("%s: first answer %s (relayed), path mended %s after the start, direct (hole punch) %s after the start",
 		pair, first.Round(10*time.Millisecond), mended.Sub(start).Round(100*time.Millisecond), time.Since(start).Round(100*time.Millisecond))
+}
+
+// TestNATLossyPunch: two volunteers behind port-restricted NATs whose
+// path to each other loses 10 % of its packets each way (their paths to
+// the relays lose none). The pair punches a hole all the same (libp2p's
+// tries, or node/repunch's if those all fail), and queries and a stream
+// over the punched, lossy path all come back whole. MTOR_NAT_LOSS sets
+// the share lost, in percent (default 10).
+func TestNATLossyPunch(t *testing.T) {
+	needNAT(t)
+	loss := lossPercent
+	if s := os.Getenv("MTOR_NAT_LOSS"); s != "" {
+		if v, err := strconv.Atoi(s); err != nil || v < 0 || v > 99 {
+			t.Fatalf("MTOR_NAT_LOSS=%q: want 0..99", s)
+		} else {
+			loss = v
+		}
+	}
+	n := newNATNet(t, natRestricted, natRestricted)
+	d, join, _, client := n.startAround()
+	dropped := n.lossDirect(loss)
+	start := time.Now()
+	worker := n.start("worker", d("worker"), "--backend", "demo:delay=2ms", "--join", join)
+	wid := worker.value("peer")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	pair := fmt.Sprintf("restricted / restricted, %d %% lost between them", loss)
+	first := n.firstAnswer(ctx, pair, start, worker)
+	// A punch whose tries all failed is tried again 60 to 80 s after its
+	// circuit opened (TestNATFailedPunchIsTriedAgain).
+	const within = 120 * time.Second
+	for p := n.peer(wid); p.Path != "direct" || !p.HolePunched; p = n.peer(wid) {
+		if time.Since(start) > first+within {
+			t.Fatalf("path %q (hole punched %v) %s after the first answer, want a hole punch through the loss\nworker:\n%s\nclient:\n%s",
+				p.Path, p.HolePunched, within, worker.outputTail(natTail), client.outputTail(natTail))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	punched := time.Since(start)
+	const queries = 20
+	var answered atomic.Int64
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 5)
+	for i := range queries {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			want := fmt.Sprintf("lossy direct %d", i)
+			if out, err := n.query(ctx, time.Minute, want, ""); err != nil || !strings.Contains(out, want) {
+				t.Errorf("query %d over the punched lossy path: %v %q", i, err, out)
+			} else {
+				answered.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	prompt := streamPrompt(2000)
+	ss := time.Now()
+	if out, err := n.query(ctx, 2*time.Minute, "-", prompt); err != nil || !strings.HasSuffix(strings.TrimSpace(out), prompt) {
+		t.Errorf("stream over the punched lossy path: %v (%d of %d bytes)", err, len(out), len(prompt))
+	}
+	streamed := time.Since(ss)
+	if p := n.peer(wid); p.Path != "direct" {
+		t.Errorf("path %q after the queries, want direct", p.Path)
+	}
+	by := "libp2p's own tries"
+	if strings.Contains(client.output()+worker.output(), "relayed connection replaced for a new hole punch") {
+		by = "a replaced circuit"
+	}
+	t.Logf("%s: first answer %s, direct (hole punch, %s) %s after the start, by %s; %d/%d queries answered; %d KiB streamed in %s; %d packets lost",
+		pair, first.Round(10*time.Millisecond), strings.Join(n.peer(wid).Transports, ","), punched.Round(10*time.Millisecond), by,
+		answered.Load(), queries, len(prompt)>>10, streamed.Round(100*time.Millisecond), dropped())
 }
 
 // TestNATCarrierGrade: a dozen volunteers behind one public IPv4 address
