@@ -8,6 +8,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
@@ -47,6 +48,12 @@ import (
 // exchanges at once: those within punchSameTry of each other are one
 // try and send the same, and while an end holds relayed connections
 // both ways it takes no new turn, so that both punches pick one kind.
+//
+// The peer's addresses are what this host dials at once, so FilterRemote
+// keeps only public ones, at most maxPunchAddrs: libp2p's hole-punch
+// service sends its public addresses alone, and a stranger this host
+// dialed through a relay could otherwise aim its dials at the
+// volunteer's LAN, hundreds to a message, a message to a stream.
 type punchFilter struct {
 	now func() time.Time
 	// all is the kinds of the direct addresses we sent in full (none
@@ -162,6 +169,7 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 // sent. libp2p calls it after FilterLocal on the same stream, at either
 // end.
 func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
+	addrs = punchable(addrs)
 	sent := addrKinds(f.all.Load())
 	f.mu.Lock()
 	if t, ok := f.tries[p]; ok {
@@ -175,6 +183,26 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 		return addrs
 	}
 	return ofKinds(addrs, common&-common) // the first kind, in addrKind's order
+}
+
+// maxPunchAddrs bounds the peer's addresses a punch dials: an honest
+// peer sends a few (its public addresses, of up to four kinds, as its
+// NAT maps them).
+const maxPunchAddrs = 8
+
+// punchable is the public addresses of addrs, the first maxPunchAddrs of
+// them.
+func punchable(addrs []ma.Multiaddr) []ma.Multiaddr {
+	out := make([]ma.Multiaddr, 0, min(len(addrs), maxPunchAddrs))
+	for _, a := range addrs {
+		if len(out) == maxPunchAddrs {
+			break
+		}
+		if manet.IsPublicAddr(a) {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // ofKinds is the addresses of addrs of the kinds in k.

@@ -52,15 +52,18 @@ func punchExchange(fi, fr *punchFilter, i, r peer.ID, iOwn, rOwn []ma.Multiaddr)
 	return iDials, rDials
 }
 
+// Public addresses (the filter keeps no others), never dialed: 11.0.0.0/8
+// as in the NAT suite, and for IPv6 a global unicast prefix (2001:db8::/32,
+// the documentation prefix, is not public).
 const (
 	aTCP   = "/ip4/11.3.0.1/tcp/4001"
 	aQUIC  = "/ip4/11.3.0.1/udp/4001/quic-v1"
-	aTCP6  = "/ip6/2001:db8::a/tcp/4001"
-	aQUIC6 = "/ip6/2001:db8::a/udp/4001/quic-v1"
+	aTCP6  = "/ip6/2a01:4f8::a/tcp/4001"
+	aQUIC6 = "/ip6/2a01:4f8::a/udp/4001/quic-v1"
 	bTCP   = "/ip4/11.4.0.1/tcp/4001"
 	bQUIC  = "/ip4/11.4.0.1/udp/4001/quic-v1"
-	bTCP6  = "/ip6/2001:db8::b/tcp/4001"
-	bQUIC6 = "/ip6/2001:db8::b/udp/4001/quic-v1"
+	bTCP6  = "/ip6/2a01:4f8::b/tcp/4001"
+	bQUIC6 = "/ip6/2a01:4f8::b/udp/4001/quic-v1"
 	bWT    = "/ip4/11.4.0.1/udp/4002/quic-v1/webtransport"
 	// A relay's address of b's: b's libp2p hands b's filter these too.
 	bRelayQUIC = "/ip4/11.1.0.1/udp/4001/quic-v1/p2p/12D3KooWMwApsJZTvFSUamaiQQW8KpqSbt2KSpDUCVRrFTLvbTSV/p2p-circuit"

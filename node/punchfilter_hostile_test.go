@@ -1,0 +1,205 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/control"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
+	holepb "github.com/libp2p/go-libp2p/p2p/protocol/holepunch/pb"
+	"github.com/libp2p/go-msgio/pbio"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
+
+	"github.com/mtor-swarm/mtor/node/internal/relaytest"
+)
+
+// The peer's addresses a punch dials are public ones, at most
+// maxPunchAddrs, whatever the peer sent.
+func TestPunchFilterKeepsPublicAddressesBounded(t *testing.T) {
+	many := make([]string, 0, 100)
+	for i := range 100 {
+		many = append(many, fmt.Sprintf("/ip4/11.4.%d.1/udp/4001/quic-v1", i))
+	}
+	cases := []struct {
+		name string
+		in   []string
+		want []string
+	}{
+		{"LAN, loopback, link-local, unique-local and documentation addresses",
+			[]string{"/ip4/192.168.1.20/tcp/22", "/ip4/10.0.0.1/udp/4001/quic-v1", "/ip4/127.0.0.1/tcp/5050",
+				"/ip4/169.254.1.1/tcp/80", "/ip6/fd00::1/tcp/4001", "/ip6/::1/tcp/4001", "/ip6/2001:db8::1/tcp/4001",
+				"/ip4/100.64.0.1/tcp/4001"},
+			nil},
+		{"public ones among them", []string{"/ip4/192.168.1.20/tcp/22", bQUIC, "/ip4/127.0.0.1/tcp/5050", bTCP},
+			[]string{bQUIC, bTCP}},
+		{"a hundred public ones", many, many[:maxPunchAddrs]},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := addrStrings(newPunchFilter().FilterRemote(peer.ID("b"), maddrs(t, tc.in...)))
+			if !slices.Equal(got, tc.want) && (len(got) != 0 || len(tc.want) != 0) {
+				t.Fatalf("dials %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+// loopbackOnly refuses every dial but to loopback addresses (relayed ones
+// through a relay on loopback included).
+type loopbackOnly struct{}
+
+func (loopbackOnly) InterceptPeerDial(peer.ID) bool                   { return true }
+func (loopbackOnly) InterceptAddrDial(_ peer.ID, a ma.Multiaddr) bool { return manet.IsIPLoopback(a) }
+func (loopbackOnly) InterceptAccept(network.ConnMultiaddrs) bool      { return true }
+func (loopbackOnly) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
+	return true
+}
+func (loopbackOnly) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) { return true, 0 }
+
+// punchStarts records the addresses each hole punch of a host dials.
+type punchStarts struct {
+	mu    sync.Mutex
+	addrs [][]string
+}
+
+func (p *punchStarts) Trace(evt *holepunch.Event) {
+	if e, ok := evt.Evt.(*holepunch.StartHolePunchEvt); ok {
+		p.mu.Lock()
+		p.addrs = append(p.addrs, e.RemoteAddrs)
+		p.mu.Unlock()
+	}
+}
+
+func (p *punchStarts) all() [][]string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.addrs)
+}
+
+// TestHostileHolePunchConnect: a stranger that a node dialed through a
+// relay answers with hole-punch CONNECT messages of its own making, as
+// go-libp2p's responder takes them from any peer on a circuit it dialed.
+// One names a hundred addresses of the node's LAN (here loopback: a
+// listener that counts who comes): the node refuses the punch and dials
+// none. One names a hundred public addresses: the node punches to the
+// first maxPunchAddrs alone. Before the filter kept public addresses
+// alone, the first made the node connect to the listener.
+func TestHostileHolePunchConnect(t *testing.T) {
+	lan, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lan.Close() })
+	var came atomic.Int64
+	go func() {
+		for {
+			c, err := lan.Accept()
+			if err != nil {
+				return
+			}
+			came.Add(1)
+			c.Close()
+		}
+	}()
+
+	// The node: hole punching with mtor's filter, and a public address
+	// announced so that libp2p's service serves punches (loopback is
+	// not public). Neither host dials anything but loopback: the public
+	// addresses here are never reached.
+	starts := &punchStarts{}
+	announced := ma.StringCast("/ip4/11.9.9.9/tcp/4001")
+	node, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(loopbackOnly{}),
+		libp2p.AddrsFactory(func(as []ma.Multiaddr) []ma.Multiaddr { return append(as, announced) }),
+		libp2p.EnableHolePunching(holepunch.WithAddrFilter(newPunchFilter()), holepunch.WithTracer(starts)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { node.Close() })
+	stranger, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(loopbackOnly{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stranger.Close() })
+	r := relaytest.New(t)
+	relaytest.Reserve(t, stranger, r)
+	relaytest.Dial(t, node, stranger, r)
+	for deadline := time.Now().Add(10 * time.Second); !slices.Contains(node.Mux().Protocols(), holepunch.Protocol); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the node's hole-punch service never served punches")
+		}
+	}
+
+	// connect sends CONNECT with addrs on a new hole-punch stream to the
+	// node, over the circuit, and reports whether the node answered
+	// (then it is sent SYNC, and it dials what its filter kept).
+	connect := func(addrs []ma.Multiaddr) bool {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(network.WithAllowLimitedConn(t.Context(), "test"), 10*time.Second)
+		defer cancel()
+		s, err := stranger.NewStream(ctx, node.ID(), holepunch.Protocol)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		_ = s.SetDeadline(time.Now().Add(10 * time.Second))
+		w, rd := pbio.NewDelimitedWriter(s), pbio.NewDelimitedReader(s, 4096)
+		msg := &holepb.HolePunch{Type: holepb.HolePunch_CONNECT.Enum()}
+		for _, a := range addrs {
+			msg.ObsAddrs = append(msg.ObsAddrs, a.Bytes())
+		}
+		if err := w.WriteMsg(msg); err != nil {
+			t.Fatal(err)
+		}
+		msg.Reset()
+		if err := rd.ReadMsg(msg); err != nil {
+			return false // refused: the stream is reset
+		}
+		if err := w.WriteMsg(&holepb.HolePunch{Type: holepb.HolePunch_SYNC.Enum()}); err != nil {
+			t.Fatal(err)
+		}
+		return true
+	}
+
+	lanAddr, err := manet.FromNetAddr(lan.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := make([]ma.Multiaddr, 100)
+	for i := range local {
+		local[i] = lanAddr
+	}
+	if connect(local) {
+		t.Error("the node answered a CONNECT naming only LAN addresses, want it refused")
+	}
+	public := make([]ma.Multiaddr, 100)
+	for i := range public {
+		public[i] = ma.StringCast(fmt.Sprintf("/ip4/11.5.%d.1/tcp/4001", i))
+	}
+	if !connect(public) {
+		t.Fatal("the node refused a CONNECT naming public addresses: the test reaches no punch")
+	}
+	var punched [][]string
+	for deadline := time.Now().Add(5 * time.Second); len(punched) == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no hole punch started after the public CONNECT")
+		}
+		punched = starts.all()
+	}
+	time.Sleep(500 * time.Millisecond) // time for a dial of the listener, had there been one
+	if n := came.Load(); n != 0 {
+		t.Errorf("the LAN listener saw %d connections from the node, want none", n)
+	}
+	if len(punched) != 1 || !slices.Equal(punched[0], addrStrings(public[:maxPunchAddrs])) {
+		t.Errorf("punches dialed %v, want one, to the first %d public addresses", punched, maxPunchAddrs)
+	}
+}
