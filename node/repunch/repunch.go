@@ -51,6 +51,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	ma "github.com/multiformats/go-multiaddr"
@@ -91,8 +92,8 @@ const (
 	maxQuick = 2
 	// DefaultUnpunched is the wait from a sweep's first sight of a peer
 	// reached only through relays, never directly, to its first new
-	// punch (and from a new circuit's sight to the next try of a peer
-	// that waited for one): libp2p's own three tries are over by then.
+	// punch: libp2p's own three tries are over by then. (A peer that
+	// waited for a circuit waits its current wait from the sight of one.)
 	DefaultUnpunched = time.Minute
 )
 
@@ -387,7 +388,7 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 			// (noteCircuits), after libp2p's punch on it.
 			r.mu.Lock()
 			if s := r.peers[c.p]; s != nil {
-				s.next = time.Time{}
+				s.next, s.quickTry = time.Time{}, false
 			}
 			r.mu.Unlock()
 			continue
@@ -489,6 +490,10 @@ func (r *Repuncher) redial(ctx context.Context, c candidate) bool {
 	for _, conn := range c.conns {
 		_ = conn.Close()
 	}
+	// Kept longer than Connect's own (TempAddrTTL): identify, on the
+	// close above, expires the peer's temporary addresses, and could
+	// take these with them before the dial.
+	r.h.Peerstore().AddAddrs(c.p, addrs, peerstore.RecentlyConnectedAddrTTL)
 	dctx, cancel := context.WithTimeout(ctx, r.dialTO)
 	defer cancel()
 	if err := r.h.Connect(dctx, peer.AddrInfo{ID: c.p, Addrs: addrs}); err != nil {
