@@ -37,8 +37,10 @@
 // A peer due for a try that has no circuit dialed from here waits for
 // one, and a circuit that comes then gets the wait anew: libp2p punches
 // on every new circuit, and closing one in its punch would spoil that
-// punch. A pair with circuits both ways is the lower peer ID's to try, so
-// that two punches do not cross.
+// punch. For the same reason no circuit younger than DefaultFresh is
+// replaced. A pair with circuits both ways is the lower peer ID's to try,
+// so that two punches do not cross; the higher tries a wait later if the
+// lower has not (an older mtor, or a node that forgot the peer).
 package repunch
 
 import (
@@ -95,6 +97,11 @@ const (
 	// punch: libp2p's own three tries are over by then. (A peer that
 	// waited for a circuit waits its current wait from the sight of one.)
 	DefaultUnpunched = time.Minute
+	// DefaultFresh is the least age of a circuit to be replaced: libp2p
+	// punches on a new circuit within about 15 s of its opening (three
+	// tries), and a circuit a query dialed just before a try was due
+	// would otherwise be closed in the middle of that punch.
+	DefaultFresh = 20 * time.Second
 )
 
 // Repuncher replaces a peer's relayed connections to make a new hole punch
@@ -112,7 +119,9 @@ type Repuncher struct {
 	quick    time.Duration
 	// unpunched: the first wait of a peer never reached directly.
 	unpunched time.Duration
-	now       func() time.Time
+	// fresh: the least age (real time) of a circuit to be replaced.
+	fresh time.Duration
+	now   func() time.Time
 
 	mu    sync.Mutex
 	peers map[peer.ID]*state
@@ -138,6 +147,12 @@ type state struct {
 	never bool
 	// quickTry: the try due is a quick one, which leaves delay as it is.
 	quickTry bool
+	// yielded: a try was due with circuits both ways and the peer's ID
+	// the lower, and was left to the peer for a wait; the next is made.
+	yielded bool
+	// punched: when (real time) a direct connection last opened. A
+	// circuit older than that is done with its punch, however young.
+	punched time.Time
 }
 
 // DefaultStable is how long a direct connection must have lived for its
@@ -189,7 +204,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 	r := &Repuncher{
 		h: h, safe: func(protocol.ID) bool { return false },
 		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
-		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched,
+		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, fresh: DefaultFresh,
 		now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 	}
 	for _, o := range opts {
@@ -243,7 +258,7 @@ func (r *Repuncher) direct(p peer.ID) {
 		s.never, s.delay = false, r.first
 	}
 	s.direct++
-	s.seen, s.next = r.now(), time.Time{}
+	s.seen, s.next, s.yielded, s.punched = r.now(), time.Time{}, false, time.Now()
 }
 
 // lost notes that a direct connection to p closed after it had lived for
@@ -353,6 +368,8 @@ func (r *Repuncher) punches(p peer.ID) bool {
 type candidate struct {
 	p     peer.ID
 	conns []network.Conn
+	// punched: when a direct connection to p last opened.
+	punched time.Time
 }
 
 // Sweep replaces the relayed connections of the peers due for a new punch
@@ -370,7 +387,7 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 	r.noteCircuits(conns, now)
 	for p, s := range r.peers {
 		if !s.next.IsZero() && !now.Before(s.next) {
-			due = append(due, candidate{p: p})
+			due = append(due, candidate{p: p, punched: s.punched})
 		}
 	}
 	r.mu.Unlock()
@@ -379,7 +396,7 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 		if n >= maxPerSweep || ctx.Err() != nil {
 			break
 		}
-		conns, v := r.replaceable(c.p)
+		conns, v := r.replaceable(c.p, c.punched)
 		switch v {
 		case hasDirect, noCircuit:
 			// A direct connection the count missed: nothing to do
@@ -388,12 +405,25 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 			// (noteCircuits), after libp2p's punch on it.
 			r.mu.Lock()
 			if s := r.peers[c.p]; s != nil {
-				s.next, s.quickTry = time.Time{}, false
+				s.next, s.quickTry, s.yielded = time.Time{}, false, false
 			}
 			r.mu.Unlock()
 			continue
 		case notNow:
 			continue
+		case peersTurn:
+			// The peer's to try; if it has not a wait later (it
+			// would have closed these circuits), this end does.
+			r.mu.Lock()
+			s := r.peers[c.p]
+			wait := s != nil && !s.yielded
+			if wait {
+				s.yielded, s.next = true, now.Add(s.delay)
+			}
+			r.mu.Unlock()
+			if wait {
+				continue
+			}
 		}
 		c.conns = conns
 		if r.redial(ctx, c) {
@@ -410,16 +440,19 @@ const (
 	replace   verdict = iota // replace its connections now
 	hasDirect                // a direct connection is back, or being made
 	noCircuit                // no circuit dialed from here: the peer's libp2p punches on an incoming one, so one that came in from p is p's to replace
-	notNow                   // a stream that would break, or the peer's turn
+	notNow                   // a stream that would break, or a circuit in its punch
+	peersTurn                // circuits both ways, and the peer's ID is the lower
 )
 
 // replaceable returns p's relayed connections and whether a new punch
 // should replace them now: every connection to p is relayed, at least one
-// was dialed from here, none carries a stream that would break, and, with
-// circuits both ways, this host's peer ID is the lower.
-func (r *Repuncher) replaceable(p peer.ID) ([]network.Conn, verdict) {
+// was dialed from here, none carries a stream that would break or is in
+// its punch still (young, and opened since the last direct connection to
+// p, at punched), and, with circuits both ways, this host's peer ID is
+// the lower (else the peer's turn comes first).
+func (r *Repuncher) replaceable(p peer.ID, punched time.Time) ([]network.Conn, verdict) {
 	conns := r.h.Network().ConnsToPeer(p)
-	outbound, inbound, idle := false, false, true
+	outbound, inbound, idle, fresh := false, false, true, false
 	for _, c := range conns {
 		if !relayaddr.IsRelayed(c) {
 			return nil, hasDirect
@@ -430,12 +463,16 @@ func (r *Repuncher) replaceable(p peer.ID) ([]network.Conn, verdict) {
 			inbound = true
 		}
 		idle = idle && r.idle(c)
+		opened := c.Stat().Opened
+		fresh = fresh || time.Since(opened) < r.fresh && opened.After(punched)
 	}
 	switch {
 	case !outbound:
 		return nil, noCircuit
-	case !idle, inbound && r.h.ID() > p:
+	case !idle, fresh:
 		return nil, notNow
+	case inbound && r.h.ID() > p:
+		return conns, peersTurn
 	}
 	return conns, replace
 }
@@ -477,7 +514,7 @@ func (r *Repuncher) redial(ctx context.Context, c candidate) bool {
 		if !s.quickTry {
 			s.delay = min(2*s.delay, r.max)
 		}
-		s.next, s.quickTry = r.now().Add(s.delay), false
+		s.next, s.quickTry, s.yielded = r.now().Add(s.delay), false, false
 	}
 	r.tries++
 	r.redialing[c.p] = time.Now().Add(r.dialTO + reconnectLinger)

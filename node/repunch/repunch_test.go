@@ -151,6 +151,7 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 			clk := &clock{t: time.Unix(1_800_000_000, 0)}
 			rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 			rp.now = clk.now
+			rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 			rp.young = 0 // a test's direct connections close at once: see TestDeathInThePunchIsTriedSoon
 			rp.Attach()
 			r := relaytest.New(t)
@@ -226,7 +227,7 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 					t.Fatalf("try %d: redialed %d peers before its wait of %s", i+2, n, wait)
 				}
 				clk.add(time.Second)
-				waitStreams(t, a.Network().ConnsToPeer(b.ID())[0])
+				quiet(t, a, b)
 				if n := rp.Sweep(t.Context()); n != 1 {
 					t.Fatalf("try %d: redialed %d peers after its wait of %s, want 1", i+2, n, wait)
 				}
@@ -255,7 +256,7 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 				_ = dc.Close()
 				waitLost(t, rp, b.ID())
 				clk.add(firstWait)
-				waitStreams(t, a.Network().ConnsToPeer(b.ID())[0])
+				quiet(t, a, b)
 				n := rp.Sweep(t.Context())
 				if lasted && n != 1 {
 					t.Fatalf("redialed %d peers one first wait after a lasting direct connection was lost, want 1", n)
@@ -271,6 +272,19 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// quiet waits until a's connections to b carry only streams a reconnect
+// may break, b's identify on them included: b opens its stream a moment
+// after a new circuit comes in, and it would hold a try off.
+func quiet(t *testing.T, a, b host.Host) {
+	t.Helper()
+	for _, c := range b.Network().ConnsToPeer(a.ID()) {
+		<-b.(interface{ IDService() identify.IDService }).IDService().IdentifyWait(c)
+	}
+	for _, c := range a.Network().ConnsToPeer(b.ID()) {
+		waitStreams(t, c)
 	}
 }
 
@@ -320,9 +334,11 @@ func waitLost(t *testing.T, rp *Repuncher, p peer.ID) {
 // since a sweep first saw the peer so, then after twice the wait, then
 // the most; once a punch succeeds, nothing is due while it lasts and its
 // losses get the waits of a pair that punches. Left alone: a circuit the
-// peer dialed, a pair of which an end serves no hole punching, and, with circuits
-// both ways, the end with the higher peer ID. A peer due with no circuit
-// waits for one and gives libp2p's punch on it the wait anew.
+// peer dialed and a pair of which an end serves no hole punching. With
+// circuits both ways the end with the lower peer ID tries; the higher
+// leaves its due try to the peer for a wait, then makes it. A peer due
+// with no circuit waits for one and gives libp2p's punch on it the wait
+// anew.
 func TestNeverDirectIsTriedAgain(t *testing.T) {
 	const unpunched = 2 * time.Minute
 	cases := []struct {
@@ -334,13 +350,14 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 		noServe  bool // this end serves none
 		gone     bool // the circuit is gone when the try is due
 		tried    bool
+		yields   bool // the first due try is left to the peer
 	}{
 		{name: "a circuit dialed from here", tried: true},
 		{name: "the peer dialed the circuit", fromPeer: true},
 		{name: "the peer serves no hole punching", noPunch: true},
 		{name: "this end serves no hole punching", noServe: true},
 		{name: "circuits both ways, this end the lower", bothWays: true, lower: true, tried: true},
-		{name: "circuits both ways, the peer the lower", bothWays: true},
+		{name: "circuits both ways, the peer the lower", bothWays: true, yields: true, tried: true},
 		{name: "the circuit gone when due", gone: true, tried: true},
 	}
 	for _, tc := range cases {
@@ -364,6 +381,7 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 			clk := &clock{t: time.Unix(1_800_000_000, 0)}
 			rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*unpunched), WithUnpunched(unpunched))
 			rp.now = clk.now
+			rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 			rp.Attach()
 			r := relaytest.New(t)
 			relaytest.Reserve(t, b, r)
@@ -383,14 +401,7 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 			sweepAfter := func(wait time.Duration, want int, what string) {
 				t.Helper()
 				clk.add(wait)
-				// b's identify on a new circuit opens a stream a moment
-				// later, which would hold the try off.
-				for _, c := range b.Network().ConnsToPeer(a.ID()) {
-					<-b.(interface{ IDService() identify.IDService }).IDService().IdentifyWait(c)
-				}
-				for _, c := range a.Network().ConnsToPeer(b.ID()) {
-					waitStreams(t, c)
-				}
+				quiet(t, a, b)
 				if n := rp.Sweep(t.Context()); n != want {
 					t.Fatalf("%s: redialed %d peers, want %d", what, n, want)
 				}
@@ -421,7 +432,16 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 				sweepAfter(0, 0, "the new circuit's first sight")
 				sweepAfter(unpunched-time.Second, 0, "a second before the wait anew")
 			}
-			sweepAfter(time.Second, 1, "the unpunched wait")
+			if tc.yields {
+				sweepAfter(time.Second, 0, "the unpunched wait, the peer's turn")
+				if rc.IsClosed() {
+					t.Fatal("the relayed connection closed on the peer's turn")
+				}
+				sweepAfter(unpunched-time.Second, 0, "a second before a wait more")
+				sweepAfter(time.Second, 1, "a wait more, the peer having made no try")
+			} else {
+				sweepAfter(time.Second, 1, "the unpunched wait")
+			}
 			if !rc.IsClosed() {
 				t.Fatal("the relayed connection is still open after the try, want it replaced")
 			}
@@ -550,6 +570,7 @@ func TestDeathInThePunchIsTriedSoon(t *testing.T) {
 	clk := &clock{t: time.Unix(1_800_000_000, 0)}
 	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 	rp.now = clk.now
+	rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 	rp.Attach()
 	r := relaytest.New(t)
 	relaytest.Reserve(t, b, r)
@@ -566,7 +587,7 @@ func TestDeathInThePunchIsTriedSoon(t *testing.T) {
 	sweepAfter := func(wait time.Duration, want int, what string) {
 		t.Helper()
 		clk.add(wait)
-		waitStreams(t, a.Network().ConnsToPeer(b.ID())[0])
+		quiet(t, a, b)
 		if n := rp.Sweep(t.Context()); n != want {
 			t.Fatalf("%s: redialed %d peers, want %d", what, n, want)
 		}
@@ -605,6 +626,7 @@ func TestTheLastDirectConnectionStartsTheWait(t *testing.T) {
 	clk := &clock{t: time.Unix(1_800_000_000, 0)}
 	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 	rp.now = clk.now
+	rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 	rp.young = 0
 	rp.Attach()
 	r := relaytest.New(t)
@@ -705,6 +727,7 @@ func TestParkedQuickTryIsNotQuick(t *testing.T) {
 	clk := &clock{t: time.Unix(1_800_000_000, 0)}
 	rp := New(newHost(t), WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 	rp.now = clk.now
+	rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 	p := peer.ID("a peer with no connection")
 	rp.direct(p)
 	rp.lost(p, 0) // died in its punch: a quick try is due
@@ -717,5 +740,87 @@ func TestParkedQuickTryIsNotQuick(t *testing.T) {
 	rp.mu.Unlock()
 	if !s.next.IsZero() || s.quickTry {
 		t.Fatalf("after a sweep with no circuit: next %v, quick try %v; want waiting for a circuit, not quick", s.next, s.quickTry)
+	}
+}
+
+// TestFreshCircuitIsLeftToItsPunch: a direct connection is lost, and a
+// query dials the peer through its relay a moment before the try is due.
+// libp2p punches on that new circuit in its first seconds, so the try
+// waits until the circuit is DefaultFresh old (here a few seconds), then
+// replaces it. A young circuit whose punch made a direct connection
+// (which died at once) is done with its punch: its quick try is made.
+func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
+	const fresh = 5 * time.Second
+	g := &natGater{}
+	a, b := newHost(t, libp2p.ConnectionGater(g)), newHost(t)
+	g.peer.Store(b.ID())
+	clk := &clock{t: time.Unix(1_800_000_000, 0)}
+	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
+	rp.now = clk.now
+	rp.fresh = fresh
+	rp.young = 0 // the direct connection's loss is its path's
+	rp.Attach()
+	r := relaytest.New(t)
+	relaytest.Reserve(t, b, r)
+	_ = direct(t, a, b).Close()
+	g.closed.Store(true)
+	waitLost(t, rp, b.ID())
+	clk.add(firstWait - time.Second)
+	rc := relaytest.Dial(t, a, b, r)
+	quiet(t, a, b)
+	clk.add(time.Second)
+	if age := time.Since(rc.Stat().Opened); age >= fresh {
+		t.Fatalf("the circuit is %s old before the sweep, want under %s", age, fresh)
+	}
+	if n := rp.Sweep(t.Context()); n != 0 || rc.IsClosed() {
+		t.Fatalf("due, with a circuit in its punch: redialed %d peers (circuit closed: %v), want it left alone", n, rc.IsClosed())
+	}
+	rp.mu.Lock()
+	due := !rp.peers[b.ID()].next.IsZero()
+	rp.mu.Unlock()
+	if !due {
+		t.Fatal("the try is no longer due after it was held off, want it kept")
+	}
+	time.Sleep(fresh - time.Since(rc.Stat().Opened))
+	quiet(t, a, b)
+	if n := rp.Sweep(t.Context()); n != 1 || !rc.IsClosed() {
+		t.Fatalf("the circuit past its punch: redialed %d peers (circuit closed: %v), want it replaced", n, rc.IsClosed())
+	}
+
+	// The punch on the new circuit opens a direct connection that dies at
+	// once (each end kept a different one): that circuit's punch is
+	// over, and the quick try does not wait for the circuit's age.
+	var nc network.Conn
+	for _, c := range a.Network().ConnsToPeer(b.ID()) {
+		if relayaddr.IsRelayed(c) && c.Stat().Direction == network.DirOutbound {
+			nc = c
+		}
+	}
+	if nc == nil { // the redial's dial failed
+		nc = relaytest.Dial(t, a, b, r)
+	}
+	g.closed.Store(false)
+	dc := direct(t, a, b)
+	g.closed.Store(true)
+	rp.young = DefaultYoung
+	_ = dc.Close()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		rp.mu.Lock()
+		quick := rp.peers[b.ID()].quickTry
+		rp.mu.Unlock()
+		if quick {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the direct connection's death in its punch was not noted")
+		}
+	}
+	clk.add(DefaultQuick)
+	quiet(t, a, b)
+	if age := time.Since(nc.Stat().Opened); age >= fresh {
+		t.Fatalf("the new circuit is %s old before the sweep, want under %s", age, fresh)
+	}
+	if n := rp.Sweep(t.Context()); n != 1 || !nc.IsClosed() {
+		t.Fatalf("a quick try on a young circuit punched already: redialed %d peers (circuit closed: %v), want it replaced", n, nc.IsClosed())
 	}
 }
