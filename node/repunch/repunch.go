@@ -25,8 +25,8 @@
 //
 // A peer never reached directly is retried too, once a sweep has seen it
 // reached only through relays for DefaultUnpunched, then doubling to 30
-// min: libp2p tries a punch three times within about 15 s of a circuit
-// and never again on it, and a burst of loss or a NAT busy for that
+// min: libp2p punches on a circuit (a direct dial, then three tries)
+// within about 20 s of its opening, at worst 45 s, and never again on it, and a burst of loss or a NAT busy for that
 // moment would otherwise leave the pair relayed for as long as its
 // circuit lives. Only a pair that can punch at all is tried: both ends
 // serve the hole-punch protocol (libp2p's service serves it once it has
@@ -38,9 +38,10 @@
 // one, and a circuit that comes then gets the wait anew: libp2p punches
 // on every new circuit, and closing one in its punch would spoil that
 // punch. For the same reason no circuit younger than DefaultFresh is
-// replaced. A pair with circuits both ways is the lower peer ID's to try,
-// so that two punches do not cross; the higher tries a wait later if the
-// lower has not (an older mtor, or a node that forgot the peer).
+// replaced, unless a direct connection opened since it did (its punch is
+// over). A pair with circuits both ways is the lower peer ID's to try, so
+// that two punches do not cross; the higher tries a wait later if the
+// lower has not (an older mtor).
 package repunch
 
 import (
@@ -98,10 +99,11 @@ const (
 	// waited for a circuit waits its current wait from the sight of one.)
 	DefaultUnpunched = time.Minute
 	// DefaultFresh is the least age of a circuit to be replaced: libp2p
-	// punches on a new circuit within about 15 s of its opening (three
-	// tries), and a circuit a query dialed just before a try was due
-	// would otherwise be closed in the middle of that punch.
-	DefaultFresh = 20 * time.Second
+	// punches on a new circuit after its opening (a direct dial and three
+	// tries, each up to 10 s: about 20 s when they fail, at worst 45 s),
+	// and a circuit a query dialed just before a try was due would
+	// otherwise be closed in the middle of that punch.
+	DefaultFresh = 45 * time.Second
 )
 
 // Repuncher replaces a peer's relayed connections to make a new hole punch
@@ -416,9 +418,13 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 			// would have closed these circuits), this end does.
 			r.mu.Lock()
 			s := r.peers[c.p]
-			wait := s != nil && !s.yielded
+			if s == nil || s.direct > 0 || s.next.IsZero() {
+				r.mu.Unlock()
+				continue // forgotten, or direct since the look
+			}
+			wait := !s.yielded
 			if wait {
-				s.yielded, s.next = true, now.Add(s.delay)
+				s.yielded, s.next = true, now.Add(r.yieldFor(s))
 			}
 			r.mu.Unlock()
 			if wait {
@@ -431,6 +437,15 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 		}
 	}
 	return n
+}
+
+// yieldFor is how long the end with the higher peer ID leaves a try due
+// to its peer: a wait, or for a quick try two of the peer's sweeps.
+func (r *Repuncher) yieldFor(s *state) time.Duration {
+	if s.quickTry {
+		return max(r.quick, 2*r.interval)
+	}
+	return s.delay
 }
 
 // verdict is what a sweep may do with a peer due for a try.

@@ -351,6 +351,7 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 		gone     bool // the circuit is gone when the try is due
 		tried    bool
 		yields   bool // the first due try is left to the peer
+		peerTry  bool // which makes it, while this end waits
 	}{
 		{name: "a circuit dialed from here", tried: true},
 		{name: "the peer dialed the circuit", fromPeer: true},
@@ -358,6 +359,7 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 		{name: "this end serves no hole punching", noServe: true},
 		{name: "circuits both ways, this end the lower", bothWays: true, lower: true, tried: true},
 		{name: "circuits both ways, the peer the lower", bothWays: true, yields: true, tried: true},
+		{name: "circuits both ways, the peer the lower tries", bothWays: true, yields: true, peerTry: true},
 		{name: "the circuit gone when due", gone: true, tried: true},
 	}
 	for _, tc := range cases {
@@ -408,7 +410,7 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 			}
 			sweepAfter(0, 0, "the first sight")
 			sweepAfter(unpunched-time.Second, 0, "a second before the unpunched wait")
-			if !tc.tried {
+			if !tc.tried && !tc.yields {
 				sweepAfter(time.Hour, 0, "an hour on")
 				if !tc.bothWays {
 					rp.mu.Lock()
@@ -436,6 +438,27 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 				sweepAfter(time.Second, 0, "the unpunched wait, the peer's turn")
 				if rc.IsClosed() {
 					t.Fatal("the relayed connection closed on the peer's turn")
+				}
+				if tc.peerTry {
+					// b closes its connections to a and dials a new
+					// circuit, on which a's libp2p punches: a is left
+					// with an incoming circuit, b's to replace.
+					for _, c := range b.Network().ConnsToPeer(a.ID()) {
+						_ = c.Close()
+					}
+					for deadline := time.Now().Add(5 * time.Second); len(a.Network().ConnsToPeer(b.ID())) > 0; time.Sleep(5 * time.Millisecond) {
+						if time.Now().After(deadline) {
+							t.Fatal("a still connected to b after b closed their connections")
+						}
+					}
+					relaytest.Dial(t, b, a, r)
+					sweepAfter(unpunched, 0, "a wait more, the peer having tried")
+					rp.mu.Lock()
+					defer rp.mu.Unlock()
+					if s := rp.peers[b.ID()]; s == nil || !s.next.IsZero() {
+						t.Fatalf("state after the peer's try: %+v, want waiting for a circuit from here", s)
+					}
+					return
 				}
 				sweepAfter(unpunched-time.Second, 0, "a second before a wait more")
 				sweepAfter(time.Second, 1, "a wait more, the peer having made no try")
@@ -746,18 +769,16 @@ func TestParkedQuickTryIsNotQuick(t *testing.T) {
 // TestFreshCircuitIsLeftToItsPunch: a direct connection is lost, and a
 // query dials the peer through its relay a moment before the try is due.
 // libp2p punches on that new circuit in its first seconds, so the try
-// waits until the circuit is DefaultFresh old (here a few seconds), then
-// replaces it. A young circuit whose punch made a direct connection
-// (which died at once) is done with its punch: its quick try is made.
+// waits until the circuit is DefaultFresh old, then replaces it. A young
+// circuit whose punch made a direct connection (which died at once) is
+// done with its punch: its quick try is made.
 func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
-	const fresh = 5 * time.Second
 	g := &natGater{}
 	a, b := newHost(t, libp2p.ConnectionGater(g)), newHost(t)
 	g.peer.Store(b.ID())
 	clk := &clock{t: time.Unix(1_800_000_000, 0)}
 	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 	rp.now = clk.now
-	rp.fresh = fresh
 	rp.young = 0 // the direct connection's loss is its path's
 	rp.Attach()
 	r := relaytest.New(t)
@@ -769,8 +790,8 @@ func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
 	rc := relaytest.Dial(t, a, b, r)
 	quiet(t, a, b)
 	clk.add(time.Second)
-	if age := time.Since(rc.Stat().Opened); age >= fresh {
-		t.Fatalf("the circuit is %s old before the sweep, want under %s", age, fresh)
+	if age := time.Since(rc.Stat().Opened); age >= rp.fresh {
+		t.Fatalf("the circuit is %s old, want under the default %s", age, rp.fresh)
 	}
 	if n := rp.Sweep(t.Context()); n != 0 || rc.IsClosed() {
 		t.Fatalf("due, with a circuit in its punch: redialed %d peers (circuit closed: %v), want it left alone", n, rc.IsClosed())
@@ -781,7 +802,7 @@ func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
 	if !due {
 		t.Fatal("the try is no longer due after it was held off, want it kept")
 	}
-	time.Sleep(fresh - time.Since(rc.Stat().Opened))
+	rp.fresh = 0 // the circuit's age reached
 	quiet(t, a, b)
 	if n := rp.Sweep(t.Context()); n != 1 || !rc.IsClosed() {
 		t.Fatalf("the circuit past its punch: redialed %d peers (circuit closed: %v), want it replaced", n, rc.IsClosed())
@@ -790,6 +811,7 @@ func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
 	// The punch on the new circuit opens a direct connection that dies at
 	// once (each end kept a different one): that circuit's punch is
 	// over, and the quick try does not wait for the circuit's age.
+	rp.fresh = time.Hour
 	var nc network.Conn
 	for _, c := range a.Network().ConnsToPeer(b.ID()) {
 		if relayaddr.IsRelayed(c) && c.Stat().Direction == network.DirOutbound {
@@ -817,10 +839,25 @@ func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
 	}
 	clk.add(DefaultQuick)
 	quiet(t, a, b)
-	if age := time.Since(nc.Stat().Opened); age >= fresh {
-		t.Fatalf("the new circuit is %s old before the sweep, want under %s", age, fresh)
-	}
 	if n := rp.Sweep(t.Context()); n != 1 || !nc.IsClosed() {
 		t.Fatalf("a quick try on a young circuit punched already: redialed %d peers (circuit closed: %v), want it replaced", n, nc.IsClosed())
+	}
+}
+
+// The end with the higher peer ID leaves a due try to its peer for a
+// wait; a quick try, for two of the peer's sweeps.
+func TestYieldFor(t *testing.T) {
+	rp := New(newHost(t), WithBackoff(firstWait, 4*firstWait))
+	for _, tc := range []struct {
+		name string
+		s    state
+		want time.Duration
+	}{
+		{"a try after a wait", state{delay: 2 * firstWait}, 2 * firstWait},
+		{"a quick try", state{delay: 2 * firstWait, quickTry: true}, 2 * DefaultInterval},
+	} {
+		if got := rp.yieldFor(&tc.s); got != tc.want {
+			t.Errorf("%s: yields %s, want %s", tc.name, got, tc.want)
+		}
 	}
 }
