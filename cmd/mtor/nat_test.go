@@ -819,10 +819,17 @@ func (n *natNet) firstAnswer(ctx context.Context, pair string, start time.Time, 
 // that moment). libp2p tries three times within seconds and never again
 // on that circuit; once the path is back, the client replaces the circuit
 // (node/repunch, a minute after it first saw the worker reached only
-// through relays) and the pair punches: the worker ends direct.
+// through relays) and the pair punches: the worker ends direct. Over
+// QUIC, and over TCP where the client's network lets no UDP out.
 func TestNATFailedPunchIsTriedAgain(t *testing.T) {
 	needNAT(t)
-	n := newNATNet(t, natRestricted, natRestricted)
+	for _, p := range [][2]natKind{{natRestricted, natRestricted}, {natRestricted, natUDPBlocked}} {
+		t.Run(string(p[0])+"/"+string(p[1]), func(t *testing.T) { testNATFailedPunchIsTriedAgain(t, p[0], p[1]) })
+	}
+}
+
+func testNATFailedPunchIsTriedAgain(t *testing.T, wk, ck natKind) {
+	n := newNATNet(t, wk, ck)
 	d, join, _, client := n.startAround()
 	n.cutDirect()
 	start := time.Now()
@@ -830,7 +837,7 @@ func TestNATFailedPunchIsTriedAgain(t *testing.T) {
 	wid := worker.value("peer")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	pair := "restricted / restricted, the path cut at the start"
+	pair := fmt.Sprintf("%s / %s, the path cut at the start", wk, ck)
 	first := n.firstAnswer(ctx, pair, start, worker)
 	answered := start.Add(first)
 	// libp2p's three tries of the first punch on the circuit that the
@@ -862,8 +869,8 @@ func TestNATFailedPunchIsTriedAgain(t *testing.T) {
 	if !strings.Contains(client.output(), replaced) && !strings.Contains(worker.output(), replaced) {
 		t.Errorf("the pair is direct, but neither end replaced its circuit\nworker:\n%s\nclient:\n%s", worker.outputTail(natTail), client.outputTail(natTail))
 	}
-	if p := n.peer(wid); !slices.Equal(p.Transports, []string{"quic-v1"}) {
-		t.Errorf("the punched connection's transports %q, want quic-v1 alone", p.Transports)
+	if p, want := n.peer(wid), punchTransport(wk, ck); !slices.Equal(p.Transports, []string{want}) {
+		t.Errorf("the punched connection's transports %q, want %s alone", p.Transports, want)
 	}
 	if out, err := n.query(ctx, 30*time.Second, "after the later punch", ""); err != nil || !strings.Contains(out, "after the later punch") {
 		t.Errorf("query after the later punch: %v %q", err, out)
