@@ -49,6 +49,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -1076,4 +1077,86 @@ func (n *natNet) streamDuring(ctx context.Context, delay time.Duration, disrupt 
 	time.Sleep(3 * time.Second)
 	disrupt()
 	return prompt, <-done
+}
+
+// TestNATHostilePunchConnect: a stranger behind NAT A (a separate
+// process, internal/hostilepeer) announces a worker reached only through
+// a relay. When the client, a real `mtor node` behind NAT B, dials it
+// there to route a query, the stranger answers the circuit with hole-punch
+// CONNECT messages of its own making, as go-libp2p's responder takes them
+// from any peer on a circuit it dialed: first 100 addresses of the
+// client's own LAN (its NAT router's among them), then those again with
+// 100 public addresses after them. The client refuses the first, punches
+// to at most 8 public addresses of the second, and sends nothing to its
+// LAN: nftables in its namespace records every address it sends to.
+func TestNATHostilePunchConnect(t *testing.T) {
+	needNAT(t)
+	n := newNATNet(t, natRestricted, natRestricted)
+	_, join, relays, client := n.startAround()
+	// Sets of the addresses the client sends packets to, on its LAN and
+	// in the public range the stranger names.
+	const table = "mtorhostile"
+	n.in("client", "nft", "add", "table", "ip", table)
+	n.in("client", "nft", "add", "chain", "ip", table, "out", "{ type filter hook output priority 0 ; }")
+	for set, dst := range map[string]string{"lan": "10.2.0.0/24", "pub": "11.9.0.0/16"} {
+		n.in("client", "nft", "add", "set", "ip", table, set, "{ type ipv4_addr ; flags dynamic ; }")
+		n.in("client", "nft", "add", "rule", "ip", table, "out", "ip", "daddr", dst, "add", "@"+set, "{ ip daddr }")
+	}
+	sentTo := func(set string) []string {
+		t.Helper()
+		out, err := exec.Command("ip", "netns", "exec", n.ns["client"], "nft", "list", "set", "ip", table, set).CombinedOutput()
+		if err != nil {
+			t.Fatalf("nft list set %s: %v\n%s", set, err, out)
+		}
+		return regexp.MustCompile(`\d+\.\d+\.\d+\.\d+`).FindAllString(string(out), -1)
+	}
+
+	var lan, public []string
+	for i := range 100 {
+		lan = append(lan, fmt.Sprintf("/ip4/10.2.0.%d/tcp/%d", 1+i, 80+i%2*8000)) // its router's web page, …
+		public = append(public, fmt.Sprintf("/ip4/11.9.%d.1/tcp/4001", i))
+	}
+	var circuits []string
+	for _, r := range []string{"r1", "r2"} {
+		circuits = append(circuits, "/ip4/"+n.ips[r]+"/tcp/"+natListenPort+"/p2p/"+relays[r].value("peer"))
+	}
+	stranger := launchProgram(t, "stranger", "peer", "error", append(n.prefix("worker"), hostileBin,
+		"-join", join, "-behaviour", "fail", "-listen", "/ip4/0.0.0.0/tcp/0",
+		"-relay", strings.Join(circuits, ","),
+		"-punch", strings.Join(lan, ",")+";"+strings.Join(append(lan, public...), ","))...)
+	stranger.waitReady()
+	sid := stranger.value("peer")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for deadline := time.Now().Add(30 * time.Second); n.peer(sid).Peer == ""; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the client never listed the stranger\nstranger:\n%s", stranger.output())
+		}
+	}
+	if got := sentTo("lan"); len(got) != 0 {
+		t.Fatalf("the client sent to its LAN before any punch: %v", got)
+	}
+	// The query fails (the stranger answers every query with an error);
+	// routing it dials the stranger through its relay.
+	_, _ = n.query(ctx, 10*time.Second, "dial the stranger", "")
+	for deadline := time.Now().Add(time.Minute); stranger.count("connect") < 2; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the stranger sent its two CONNECTs within a minute of the query: %d\nstranger:\n%s\nclient:\n%s",
+				stranger.count("connect"), stranger.output(), client.outputTail(natTail))
+		}
+	}
+	time.Sleep(2 * time.Second) // the punch's dials, had any gone to the LAN
+	stranger.mu.Lock()
+	answers := slices.Clone(stranger.values["connect"])
+	stranger.mu.Unlock()
+	if !slices.Equal(answers, []string{"refused", "answered"}) {
+		t.Errorf("the client's answers to the CONNECTs %q, want the LAN-only one refused and the other answered", answers)
+	}
+	if got := sentTo("lan"); len(got) != 0 {
+		t.Errorf("the client sent packets to %d addresses of its LAN named by a stranger: %v", len(got), got)
+	}
+	if got := sentTo("pub"); len(got) == 0 || len(got) > 8 {
+		t.Errorf("the client punched to %d of the stranger's public addresses %v, want 1 to 8", len(got), got)
+	}
+	t.Logf("the client's answers to the stranger's CONNECTs %q; it sent to %d LAN and %d of 100 public addresses", answers, len(sentTo("lan")), len(sentTo("pub")))
 }

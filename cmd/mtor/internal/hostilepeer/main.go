@@ -6,10 +6,13 @@
 // prints "peer: ID" once its first announcement is out and "query: N"
 // for each query stream it is handed, and runs until SIGTERM or SIGINT.
 // With -restarts, each announcement claims a restart (a new incarnation)
-// that never happened; with -moves, new addresses.
+// that never happened; with -moves, new addresses. With -relay, it
+// reserves on relays and announces only its circuits through them (a
+// volunteer behind NAT); with -punch, it answers each circuit dialed to
+// it with hole-punch CONNECT messages naming the addresses it likes.
 //
-// It is test equipment: it listens on loopback only and is not part of
-// the mtor binary.
+// It is test equipment: it listens on loopback, or in a test's network
+// namespace, and is not part of the mtor binary.
 package main
 
 import (
@@ -44,10 +47,12 @@ func run() error {
 	join := flag.String("join", "", "join token or /p2p/ multiaddr of a node of the swarm")
 	model := flag.String("model", "demo", "model to announce")
 	name := flag.String("behaviour", "stall", "how to answer queries (discovery/hostiletest)")
-	listen := flag.String("listen", "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1", "comma-separated loopback listen multiaddrs")
+	listen := flag.String("listen", "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1", "comma-separated listen multiaddrs (loopback, or in a test's network namespace)")
 	every := flag.Duration("every", time.Second, "time between announcements")
 	restarts := flag.Bool("restarts", false, "announce a new incarnation each time: claim a restart it never made")
 	moves := flag.Bool("moves", false, "announce a new loopback address each time: claim a move it never made")
+	relays := flag.String("relay", "", "comma-separated /p2p/ multiaddrs of relays to reserve on; only the circuits through them are announced")
+	punch := flag.String("punch", "", "semicolon-separated lists of comma-separated multiaddrs: one hole-punch CONNECT of each list on every circuit dialed to it")
 	flag.Parse()
 	b, err := hostiletest.ParseBehaviour(*name)
 	if err != nil {
@@ -98,13 +103,26 @@ func run() error {
 			return fmt.Errorf("join %s: %w", ai.ID, err)
 		}
 	}
+	if *punch != "" {
+		if err := punchOnCircuits(ctx, h, strings.Split(*punch, ";")); err != nil {
+			return err
+		}
+	}
+	addrs := h.Addrs
+	if *relays != "" {
+		circuits, err := reserve(ctx, h, *relays)
+		if err != nil {
+			return err
+		}
+		addrs = func() []ma.Multiaddr { return circuits }
+	}
 	seq := uint64(time.Now().UnixMilli()) * 1000
 	announced := false
 	tick := time.NewTicker(*every)
 	defer tick.Stop()
 	for {
 		seq++
-		a := hostiletest.Announce(*model, seq, h.Addrs()...)
+		a := hostiletest.Announce(*model, seq, addrs()...)
 		if *restarts {
 			a.Incarnation = seq // a new one each time, never 0
 		}

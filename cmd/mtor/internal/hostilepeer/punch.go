@@ -1,0 +1,118 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
+	holepb "github.com/libp2p/go-libp2p/p2p/protocol/holepunch/pb"
+	"github.com/libp2p/go-msgio/pbio"
+	ma "github.com/multiformats/go-multiaddr"
+)
+
+// reserve takes a reservation on each relay (comma-separated /p2p/
+// multiaddrs) and returns the circuit addresses that reach this host
+// through them: a volunteer behind NAT announces these.
+func reserve(ctx context.Context, h host.Host, relays string) ([]ma.Multiaddr, error) {
+	var circuits []ma.Multiaddr
+	for _, s := range strings.Split(relays, ",") {
+		ai, err := peer.AddrInfoFromString(s)
+		if err != nil {
+			return nil, fmt.Errorf("relay %q: %w", s, err)
+		}
+		rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		if err := h.Connect(rctx, *ai); err != nil {
+			cancel()
+			return nil, fmt.Errorf("relay %s: %w", ai.ID, err)
+		}
+		_, err = client.Reserve(rctx, h, *ai)
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("reservation on %s: %w", ai.ID, err)
+		}
+		for _, a := range ai.Addrs {
+			circuits = append(circuits, a.Encapsulate(ma.StringCast("/p2p/"+ai.ID.String()+"/p2p-circuit")))
+		}
+	}
+	return circuits, nil
+}
+
+// punchOnCircuits answers each circuit dialed to this host with hole-punch
+// CONNECT messages of its own making, one per list in connects (each a
+// comma-separated multiaddr list), as the end that receives a circuit
+// starts a punch: go-libp2p's responder dials the addresses it keeps of
+// them. It prints "connect: answered" or "connect: refused" for each.
+func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error {
+	var msgs []*holepb.HolePunch
+	for _, list := range connects {
+		msg := &holepb.HolePunch{Type: holepb.HolePunch_CONNECT.Enum()}
+		for _, s := range strings.Split(list, ",") {
+			a, err := ma.NewMultiaddr(s)
+			if err != nil {
+				return fmt.Errorf("punch address %q: %w", s, err)
+			}
+			msg.ObsAddrs = append(msg.ObsAddrs, a.Bytes())
+		}
+		msgs = append(msgs, msg)
+	}
+	h.Network().Notify(&network.NotifyBundle{ConnectedF: func(_ network.Network, c network.Conn) {
+		if c.Stat().Direction != network.DirInbound || !c.Stat().Limited && !isCircuit(c.RemoteMultiaddr()) {
+			return
+		}
+		go func() {
+			for _, m := range msgs {
+				if ctx.Err() != nil {
+					return
+				}
+				if connect(ctx, h, c.RemotePeer(), m) {
+					fmt.Println("connect: answered")
+				} else {
+					fmt.Println("connect: refused")
+				}
+			}
+		}()
+	}})
+	return nil
+}
+
+func isCircuit(a ma.Multiaddr) bool {
+	_, err := a.ValueForProtocol(ma.P_CIRCUIT)
+	return err == nil
+}
+
+// connect sends msg on a new hole-punch stream to p over its circuit and
+// reports whether p answered (it is sent SYNC then, and dials). The
+// peer's hole-punch service serves once it has found a public address:
+// the stream is tried again for a while until it does.
+func connect(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch) bool {
+	var s network.Stream
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
+		sctx, cancel := context.WithTimeout(network.WithAllowLimitedConn(ctx, "hostile punch"), 10*time.Second)
+		var err error
+		s, err = h.NewStream(sctx, p, holepunch.Protocol)
+		cancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+	}
+	defer s.Close()
+	_ = s.SetDeadline(time.Now().Add(10 * time.Second))
+	w, rd := pbio.NewDelimitedWriter(s), pbio.NewDelimitedReader(s, 4096)
+	if err := w.WriteMsg(msg); err != nil {
+		return false
+	}
+	var reply holepb.HolePunch
+	if err := rd.ReadMsg(&reply); err != nil {
+		return false // refused: the stream is reset
+	}
+	return w.WriteMsg(&holepb.HolePunch{Type: holepb.HolePunch_SYNC.Enum()}) == nil
+}
