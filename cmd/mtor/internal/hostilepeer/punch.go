@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
@@ -43,11 +44,13 @@ func reserve(ctx context.Context, h host.Host, relays string) ([]ma.Multiaddr, e
 	return circuits, nil
 }
 
-// punchOnCircuits answers each circuit dialed to this host with hole-punch
-// CONNECT messages of its own making, one per list in connects (each a
-// comma-separated multiaddr list), as the end that receives a circuit
-// starts a punch: go-libp2p's responder dials the addresses it keeps of
-// them. It prints "connect: answered" or "connect: refused" for each.
+// punchOnCircuits answers the first circuit dialed to this host with
+// hole-punch CONNECT messages of its own making, one per list in connects
+// (each a comma-separated multiaddr list), as the end that receives a
+// circuit starts a punch: go-libp2p's responder dials the addresses it
+// keeps of them. It prints "connect: PEER answered" or "connect: PEER
+// refused" for each. (The first circuit only: a dial through two relays
+// at once may open two.)
 func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error {
 	var msgs []*holepb.HolePunch
 	for _, list := range connects {
@@ -61,22 +64,25 @@ func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error 
 		}
 		msgs = append(msgs, msg)
 	}
+	var once sync.Once
 	h.Network().Notify(&network.NotifyBundle{ConnectedF: func(_ network.Network, c network.Conn) {
 		if c.Stat().Direction != network.DirInbound || !c.Stat().Limited && !isCircuit(c.RemoteMultiaddr()) {
 			return
 		}
-		go func() {
-			for _, m := range msgs {
-				if ctx.Err() != nil {
-					return
+		once.Do(func() {
+			go func() {
+				for _, m := range msgs {
+					if ctx.Err() != nil {
+						return
+					}
+					verdict := "refused"
+					if connect(ctx, h, c.RemotePeer(), m) {
+						verdict = "answered"
+					}
+					fmt.Printf("connect: %s %s\n", c.RemotePeer(), verdict)
 				}
-				if connect(ctx, h, c.RemotePeer(), m) {
-					fmt.Println("connect: answered")
-				} else {
-					fmt.Println("connect: refused")
-				}
-			}
-		}()
+			}()
+		})
 	}})
 	return nil
 }
