@@ -582,17 +582,25 @@ func waitIdentified(t *testing.T, h host.Host, p peer.ID) {
 	}
 }
 
-// A direct connection that dies at once died in its punch (both ends
-// kept different connections): the pair is tried again after the quick
-// wait, twice, and then after the waits that run on; quick tries do not
-// lengthen them.
-func TestDeathInThePunchIsTriedSoon(t *testing.T) {
+// behindNAT is a host a, a peer b behind the NAT g stands in for, and a's
+// Repuncher on a settable clock, not attached yet.
+func behindNAT(t *testing.T) (*natGater, host.Host, host.Host, *clock, *Repuncher) {
+	t.Helper()
 	g := &natGater{}
 	a, b := newHost(t, libp2p.ConnectionGater(g)), newHost(t)
 	g.peer.Store(b.ID())
 	clk := &clock{t: time.Unix(1_800_000_000, 0)}
 	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
 	rp.now = clk.now
+	return g, a, b, clk, rp
+}
+
+// A direct connection that dies at once died in its punch (both ends
+// kept different connections): the pair is tried again after the quick
+// wait, twice, and then after the waits that run on; quick tries do not
+// lengthen them.
+func TestDeathInThePunchIsTriedSoon(t *testing.T) {
+	g, a, b, clk, rp := behindNAT(t)
 	rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 	rp.Attach()
 	r := relaytest.New(t)
@@ -773,12 +781,7 @@ func TestParkedQuickTryIsNotQuick(t *testing.T) {
 // circuit whose punch made a direct connection (which died at once) is
 // done with its punch: its quick try is made.
 func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
-	g := &natGater{}
-	a, b := newHost(t, libp2p.ConnectionGater(g)), newHost(t)
-	g.peer.Store(b.ID())
-	clk := &clock{t: time.Unix(1_800_000_000, 0)}
-	rp := New(a, WithSafe(safe), WithBackoff(firstWait, 4*firstWait))
-	rp.now = clk.now
+	g, a, b, clk, rp := behindNAT(t)
 	rp.young = 0 // the direct connection's loss is its path's
 	rp.Attach()
 	r := relaytest.New(t)
