@@ -468,12 +468,6 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 			if !rc.IsClosed() {
 				t.Fatal("the relayed connection is still open after the try, want it replaced")
 			}
-			if tc.bothWays {
-				// Its circuits both ways closed, the redial seldom (about
-				// 1 in 300 runs here) finds the peer's circuit address
-				// gone from the peerstore; the rule is the try itself.
-				return
-			}
 			for deadline := time.Now().Add(5 * time.Second); in.count() == 0; time.Sleep(20 * time.Millisecond) {
 				if time.Now().After(deadline) {
 					t.Fatal("no new circuit came in to the peer: its libp2p has nothing to punch on")
