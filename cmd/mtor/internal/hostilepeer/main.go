@@ -8,8 +8,8 @@
 // With -restarts, each announcement claims a restart (a new incarnation)
 // that never happened; with -moves, new addresses. With -relay, it
 // reserves on relays and announces only its circuits through them (a
-// volunteer behind NAT); with -punch, it answers each circuit dialed to
-// it with hole-punch CONNECT messages naming the addresses it likes.
+// volunteer behind NAT); with -punch, it answers the first circuit dialed
+// to it with hole-punch CONNECT messages naming the addresses it likes.
 //
 // It is test equipment: it listens on loopback, or in a test's network
 // namespace, and is not part of the mtor binary.
@@ -52,7 +52,7 @@ func run() error {
 	restarts := flag.Bool("restarts", false, "announce a new incarnation each time: claim a restart it never made")
 	moves := flag.Bool("moves", false, "announce a new loopback address each time: claim a move it never made")
 	relays := flag.String("relay", "", "comma-separated /p2p/ multiaddrs of relays to reserve on; only the circuits through them are announced")
-	punch := flag.String("punch", "", "semicolon-separated lists of comma-separated multiaddrs: one hole-punch CONNECT of each list on every circuit dialed to it")
+	punch := flag.String("punch", "", "semicolon-separated lists of comma-separated multiaddrs: one hole-punch CONNECT of each list on the first circuit dialed to it")
 	flag.Parse()
 	b, err := hostiletest.ParseBehaviour(*name)
 	if err != nil {

@@ -15,6 +15,8 @@ import (
 	holepb "github.com/libp2p/go-libp2p/p2p/protocol/holepunch/pb"
 	"github.com/libp2p/go-msgio/pbio"
 	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 // reserve takes a reservation on each relay (comma-separated /p2p/
@@ -66,7 +68,7 @@ func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error 
 	}
 	var once sync.Once
 	h.Network().Notify(&network.NotifyBundle{ConnectedF: func(_ network.Network, c network.Conn) {
-		if c.Stat().Direction != network.DirInbound || !c.Stat().Limited && !isCircuit(c.RemoteMultiaddr()) {
+		if c.Stat().Direction != network.DirInbound || !relayaddr.IsRelayed(c) {
 			return
 		}
 		once.Do(func() {
@@ -87,18 +89,13 @@ func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error 
 	return nil
 }
 
-func isCircuit(a ma.Multiaddr) bool {
-	_, err := a.ValueForProtocol(ma.P_CIRCUIT)
-	return err == nil
-}
-
 // connect sends msg on a new hole-punch stream to p over its circuit and
 // reports whether p answered (it is sent SYNC then, and dials). The
 // peer's hole-punch service serves once it has found a public address:
 // the stream is tried again for a while until it does.
 func connect(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch) bool {
 	var s network.Stream
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
+	for deadline := time.Now().Add(30 * time.Second); ; {
 		sctx, cancel := context.WithTimeout(network.WithAllowLimitedConn(ctx, "hostile punch"), 10*time.Second)
 		var err error
 		s, err = h.NewStream(sctx, p, holepunch.Protocol)
@@ -106,8 +103,13 @@ func connect(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch)
 		if err == nil {
 			break
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
+		if time.Now().After(deadline) {
 			return false
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(time.Second):
 		}
 	}
 	defer s.Close()
