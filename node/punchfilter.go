@@ -9,6 +9,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
+	"golang.org/x/time/rate"
 
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
@@ -53,7 +54,13 @@ import (
 // keeps only public ones, at most maxPunchAddrs: libp2p's hole-punch
 // service sends its public addresses alone, and a stranger this host
 // dialed through a relay could otherwise aim its dials at the
-// volunteer's LAN, hundreds to a message, a message to a stream.
+// volunteer's LAN, hundreds to a message, a message to a stream. And it
+// keeps none, so that the punch is refused, past a budget of punches: per
+// peer (punchesPerPeer at once, one more each punchPeerEvery) and for all
+// peers together (punchesAll, one more each punchAllEvery). Otherwise a
+// stranger, a message to a stream, a stream to a round trip, would make
+// this host dial maxPunchAddrs public addresses of its choosing each
+// round trip: a reflector aimed at a third party.
 type punchFilter struct {
 	now func() time.Time
 	// all is the kinds of the direct addresses we sent in full (none
@@ -61,8 +68,9 @@ type punchFilter struct {
 	// peer we have no note of (the notes were full).
 	all atomic.Uint32
 
-	mu    sync.Mutex
-	tries map[peer.ID]punchNote // bounded by maxPunchNotes
+	mu     sync.Mutex
+	tries  map[peer.ID]punchNote // bounded by maxPunchNotes
+	budget *rate.Limiter         // the punches of all peers
 
 	// conns lists the host's connections to a peer (nil until the host
 	// is up: then no turns).
@@ -102,6 +110,9 @@ type punchNote struct {
 	sent addrKinds // the kinds we sent
 	peer addrKinds // the kinds it sent
 	tcp  bool      // this try is TCP's turn (tcpTurn)
+	// budget is the peer's punches (nil until its first): kept across
+	// series, dropped with the note once full again (punchForget).
+	budget *rate.Limiter
 }
 
 const (
@@ -122,10 +133,27 @@ const (
 	// maxPunchNotes bounds the peers noted; past it, notes older than
 	// punchSeries go, and a peer still without room is sent all.
 	maxPunchNotes = 1024
+
+	// Punch budgets. An honest pair spends at most 3 tries a direction
+	// (libp2p's), both directions at once, and a circuit of node/repunch
+	// after a death 5 s later: up to 9 exchanges in half a minute, then
+	// a few a minute at most. Each punch the budget refuses leaves the
+	// pair on its relay until node/repunch's next try.
+	punchesPerPeer = 8
+	punchPeerEvery = 10 * time.Second
+	// For all peers: a node that many volunteers behind NAT reach at once
+	// punches 128 of them at once and the rest at 4 a second; strangers
+	// with many identities buy 32 dials a second in all.
+	punchesAll    = 128
+	punchAllEvery = 250 * time.Millisecond
+	// punchForget: a note this old goes when the notes are full; by then
+	// its peer's budget is full again, so forgetting it loses nothing.
+	punchForget = punchesPerPeer * punchPeerEvery
 )
 
 func newPunchFilter() *punchFilter {
-	return &punchFilter{now: time.Now, tries: make(map[peer.ID]punchNote)}
+	return &punchFilter{now: time.Now, tries: make(map[peer.ID]punchNote),
+		budget: rate.NewLimiter(rate.Every(punchAllEvery), punchesAll)}
 }
 
 // FilterLocal picks the addresses we send to p: all of them, or on a
@@ -139,7 +167,7 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 	t, ok := f.tries[p]
 	switch {
 	case !ok || now.Sub(t.last) > punchSeries:
-		t = punchNote{}
+		t = punchNote{budget: t.budget}
 	case now.Sub(t.last) >= punchSameTry:
 		t.tcp = tcpTurn(all, t.peer) && !f.bothWays(p)
 	}
@@ -153,7 +181,7 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 	t.sent = kindsOf(out)
 	if !ok && len(f.tries) >= maxPunchNotes {
 		for q, old := range f.tries {
-			if now.Sub(old.last) > punchSeries {
+			if now.Sub(old.last) > punchForget {
 				delete(f.tries, q)
 			}
 		}
@@ -166,18 +194,37 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 }
 
 // FilterRemote keeps the peer's addresses of the first kind both ends
-// sent. libp2p calls it after FilterLocal on the same stream, at either
-// end.
+// sent, none past the punch budgets. libp2p calls it after FilterLocal on
+// the same stream, at either end, and refuses the punch when it keeps
+// none.
 func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
 	addrs = punchable(addrs)
+	if len(addrs) == 0 {
+		return nil // refused, and nothing to dial: no budget spent
+	}
 	sent := addrKinds(f.all.Load())
+	now := f.now()
 	f.mu.Lock()
-	if t, ok := f.tries[p]; ok {
-		sent = t.sent
-		t.peer = kindsOf(addrs)
+	t, ok := f.tries[p]
+	if ok && t.budget == nil {
+		t.budget = rate.NewLimiter(rate.Every(punchPeerEvery), punchesPerPeer)
+	}
+	// A peer without a note (the notes are full) has the budget of all
+	// alone.
+	peerOK := !ok || t.budget.AllowN(now, 1)
+	allOK := peerOK && f.budget.AllowN(now, 1)
+	if ok {
+		if allOK {
+			sent = t.sent
+			t.peer = kindsOf(addrs)
+		}
 		f.tries[p] = t
 	}
 	f.mu.Unlock()
+	if !allOK {
+		log.Debugw("hole punch refused: past the punch budget", "peer", p, "peer's own", !peerOK)
+		return nil
+	}
 	common := sent & kindsOf(addrs)
 	if common == 0 {
 		return addrs

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"slices"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/control"
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
@@ -21,6 +23,7 @@ import (
 	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/node/internal/relaytest"
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 // The peer's addresses a punch dials are public ones, at most
@@ -66,6 +69,17 @@ func (loopbackOnly) InterceptSecured(network.Direction, peer.ID, network.ConnMul
 }
 func (loopbackOnly) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) { return true, 0 }
 
+// relayedOnly is loopbackOnly that takes no direct connection from peer
+// p: p reaches it through a relay alone, as a peer behind NAT.
+type relayedOnly struct {
+	loopbackOnly
+	p peer.ID
+}
+
+func (g relayedOnly) InterceptSecured(_ network.Direction, p peer.ID, a network.ConnMultiaddrs) bool {
+	return p != g.p || relayaddr.IsCircuit(a.RemoteMultiaddr())
+}
+
 // punchStarts records the addresses each hole punch of a host dials.
 type punchStarts struct {
 	mu    sync.Mutex
@@ -93,7 +107,8 @@ func (p *punchStarts) all() [][]string {
 // listener that counts who comes): the node refuses the punch and dials
 // none. One names a hundred public addresses: the node punches to the
 // first maxPunchAddrs alone. Before the filter kept public addresses
-// alone, the first made the node connect to the listener.
+// alone, the first made the node connect to the listener. Many more, a
+// stream each, are answered up to the peer's punch budget alone.
 func TestHostileHolePunchConnect(t *testing.T) {
 	lan, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -125,7 +140,10 @@ func TestHostileHolePunchConnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { node.Close() })
-	stranger, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(loopbackOnly{}))
+	// The stranger takes no direct connection from the node (its punch
+	// would otherwise reach the stranger's loopback listener, and the
+	// next CONNECT come on that connection, which libp2p refuses).
+	stranger, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(relayedOnly{p: node.ID()}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,32 +162,21 @@ func TestHostileHolePunchConnect(t *testing.T) {
 	// (then it is sent SYNC, and it dials what its filter kept).
 	connect := func(addrs []ma.Multiaddr) bool {
 		t.Helper()
-		ctx, cancel := context.WithTimeout(network.WithAllowLimitedConn(t.Context(), "test"), 10*time.Second)
-		defer cancel()
-		s, err := stranger.NewStream(ctx, node.ID(), holepunch.Protocol)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer s.Close()
-		_ = s.SetDeadline(time.Now().Add(10 * time.Second))
-		w, rd := pbio.NewDelimitedWriter(s), pbio.NewDelimitedReader(s, 4096)
 		msg := &holepb.HolePunch{Type: holepb.HolePunch_CONNECT.Enum()}
 		for _, a := range addrs {
 			msg.ObsAddrs = append(msg.ObsAddrs, a.Bytes())
 		}
-		if err := w.WriteMsg(msg); err != nil {
-			t.Fatal(err)
+		// libp2p serves 2 hole-punch streams of a peer at a time, each
+		// until its punch ends: one refused for that is sent again.
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			answered, err := connectOnce(t, stranger, node.ID(), msg)
+			var serr *network.StreamError
+			if errors.As(err, &serr) && serr.Remote && serr.ErrorCode == network.StreamResourceLimitExceeded && time.Now().Before(deadline) {
+				continue
+			}
+			return answered
 		}
-		msg.Reset()
-		if err := rd.ReadMsg(msg); err != nil {
-			return false // refused: the stream is reset
-		}
-		if err := w.WriteMsg(&holepb.HolePunch{Type: holepb.HolePunch_SYNC.Enum()}); err != nil {
-			t.Fatal(err)
-		}
-		return true
 	}
-
 	lanAddr, err := manet.FromNetAddr(lan.Addr())
 	if err != nil {
 		t.Fatal(err)
@@ -202,4 +209,50 @@ func TestHostileHolePunchConnect(t *testing.T) {
 	if len(punched) != 1 || !slices.Equal(punched[0], addrStrings(public[:maxPunchAddrs])) {
 		t.Errorf("punches dialed %v, want one, to the first %d public addresses", punched, maxPunchAddrs)
 	}
+
+	// A flood of them, a stream each: the node answers what is left of
+	// the peer's budget and refuses the rest, dialing nothing for them.
+	const flood = 3 * punchesPerPeer
+	start, answered := time.Now(), 0
+	for range flood {
+		if connect(public) {
+			answered++
+		}
+	}
+	// One more each punchPeerEvery the flood took (none on a quick run).
+	refill := int(time.Since(start) / punchPeerEvery)
+	if want := punchesPerPeer - 1; answered < want || answered > want+refill {
+		t.Errorf("the node answered %d of %d CONNECTs sent at once, want %d (the budget's %d less the one above, %d refilled)", answered, flood, want, punchesPerPeer, refill)
+	}
+	time.Sleep(500 * time.Millisecond) // the last punch's start
+	if n := len(starts.all()); n != 1+answered {
+		t.Errorf("%d punches started, want one per CONNECT answered (%d)", n, 1+answered)
+	}
+}
+
+// connectOnce sends msg, a CONNECT, on a new hole-punch stream from h to
+// p, and reports whether p answered (then it is sent SYNC, and it dials
+// what its filter kept) and, when it did not, how the stream ended.
+func connectOnce(t *testing.T, h host.Host, p peer.ID, msg *holepb.HolePunch) (bool, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(network.WithAllowLimitedConn(t.Context(), "test"), 10*time.Second)
+	defer cancel()
+	s, err := h.NewStream(ctx, p, holepunch.Protocol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	_ = s.SetDeadline(time.Now().Add(10 * time.Second))
+	w, rd := pbio.NewDelimitedWriter(s), pbio.NewDelimitedReader(s, 4096)
+	if err := w.WriteMsg(msg); err != nil {
+		return false, err
+	}
+	var reply holepb.HolePunch
+	if err := rd.ReadMsg(&reply); err != nil {
+		return false, err // refused: the stream is reset
+	}
+	if err := w.WriteMsg(&holepb.HolePunch{Type: holepb.HolePunch_SYNC.Enum()}); err != nil {
+		t.Fatal(err)
+	}
+	return true, nil
 }

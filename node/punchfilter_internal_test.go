@@ -274,9 +274,9 @@ func TestPunchFilterBothWaysTakesNoTurns(t *testing.T) {
 	}
 }
 
-// The notes are bounded: with maxPunchNotes peers punched within the
-// series, another is sent all and left unnoted; once they are older, a
-// new one prunes them.
+// The notes are bounded: with maxPunchNotes peers punched within
+// punchForget, another is sent all and left unnoted; once they are older,
+// a new one prunes them.
 func TestPunchFilterNotesBounded(t *testing.T) {
 	a := maddrs(t, aTCP, aQUIC)
 	c := &clock{t: time.Unix(1e9, 0)}
@@ -292,10 +292,10 @@ func TestPunchFilterNotesBounded(t *testing.T) {
 	if got := onlyOf(f.FilterRemote(peer.ID("new"), maddrs(t, bTCP, bQUIC))); !slices.Equal(got, []string{bQUIC}) {
 		t.Errorf("unnoted peer dials %v, want QUIC as for all sent", got)
 	}
-	c.add(punchSeries)
+	c.add(punchForget)
 	f.FilterLocal(peer.ID("newer"), a)
-	if len(f.tries) != 2 { // p0's, 30 s old exactly, and newer's
-		t.Errorf("%d notes after the series passed, want 2", len(f.tries))
+	if len(f.tries) != 2 { // p0's, punchForget old exactly, and newer's
+		t.Errorf("%d notes once punchForget passed, want 2", len(f.tries))
 	}
 }
 
@@ -365,5 +365,120 @@ func TestPunchFilterTurnKeptWhenBothWaysBegins(t *testing.T) {
 		if got, want := onlyOf(d.got), onlyOf(d.want); !slices.Equal(got, want) {
 			t.Errorf("%s dials %v, want %v", d.name, got, want)
 		}
+	}
+}
+
+// Punches past a peer's budget, or past that of all peers, are refused
+// (FilterRemote keeps nothing): a stranger cannot make the node dial
+// without end, a message to a stream. An honest pair's punches fit.
+func TestPunchFilterBudgets(t *testing.T) {
+	pub := maddrs(t, bTCP, bQUIC)
+	lan := maddrs(t, "/ip4/192.168.1.1/tcp/80", "/ip4/127.0.0.1/tcp/4001")
+	own := maddrs(t, aTCP, aQUIC)
+	// punch is one exchange with p as libp2p runs it at either end:
+	// FilterLocal, then FilterRemote; it reports whether p is answered.
+	punch := func(f *punchFilter, p peer.ID, addrs []ma.Multiaddr) bool {
+		f.FilterLocal(p, own)
+		return len(f.FilterRemote(p, addrs)) > 0
+	}
+	// punches makes n exchanges with p at once and counts those answered.
+	punches := func(f *punchFilter, p peer.ID, n int) int {
+		answered := 0
+		for range n {
+			if punch(f, p, pub) {
+				answered++
+			}
+		}
+		return answered
+	}
+	p, q := peer.ID("p"), peer.ID("q")
+	for _, tc := range []struct {
+		name string
+		run  func(t *testing.T, c *clock, f *punchFilter)
+	}{
+		{"a peer's budget, then one more each punchPeerEvery", func(t *testing.T, c *clock, f *punchFilter) {
+			if n := punches(f, p, 20); n != punchesPerPeer {
+				t.Errorf("%d of 20 punches at once answered, want %d", n, punchesPerPeer)
+			}
+			if !punch(f, q, pub) {
+				t.Error("another peer was refused: its budget is its own")
+			}
+			c.add(punchPeerEvery)
+			if n := punches(f, p, 5); n != 1 {
+				t.Errorf("%d of 5 punches answered %v later, want 1", n, punchPeerEvery)
+			}
+			c.add(punchForget)
+			if n := punches(f, p, 20); n != punchesPerPeer {
+				t.Errorf("%d of 20 punches answered once the budget refilled, want %d", n, punchesPerPeer)
+			}
+		}},
+		{"an honest pair: three tries each way, a new circuit's after a death", func(t *testing.T, c *clock, f *punchFilter) {
+			for i := range 9 {
+				if !punch(f, p, pub) {
+					t.Fatalf("exchange %d of an honest pair refused", i+1)
+				}
+				c.add(3 * time.Second)
+			}
+		}},
+		{"the budget outlives a series", func(t *testing.T, c *clock, f *punchFilter) {
+			punches(f, p, punchesPerPeer)
+			c.add(punchSeries + punchPeerEvery/2) // a new series: the note starts again
+			if n, want := punches(f, p, 20), int((punchSeries+punchPeerEvery/2)/punchPeerEvery); n != want {
+				t.Errorf("%d punches answered in the next series, want %d", n, want)
+			}
+		}},
+		{"nothing to dial spends nothing", func(t *testing.T, c *clock, f *punchFilter) {
+			for range 50 {
+				if punch(f, p, lan) {
+					t.Fatal("a CONNECT naming no public address was answered")
+				}
+			}
+			if n := punches(f, p, 20); n != punchesPerPeer {
+				t.Errorf("%d punches answered after refused LAN ones, want %d", n, punchesPerPeer)
+			}
+		}},
+		{"all peers' budget", func(t *testing.T, c *clock, f *punchFilter) {
+			answered := 0
+			for i := range punchesAll + 10 {
+				if punch(f, peer.ID(fmt.Sprint("sybil", i)), pub) {
+					answered++
+				}
+			}
+			if answered != punchesAll {
+				t.Errorf("%d of %d peers' punches answered, want %d", answered, punchesAll+10, punchesAll)
+			}
+			if punch(f, p, pub) {
+				t.Error("a new peer was answered past all peers' budget")
+			}
+			c.add(punchAllEvery)
+			if !punch(f, p, pub) || punch(f, q, pub) {
+				t.Errorf("want one punch more after %v", punchAllEvery)
+			}
+		}},
+		{"a peer refused its own spends nothing of all peers'", func(t *testing.T, c *clock, f *punchFilter) {
+			punches(f, p, punchesPerPeer+500)
+			answered := 0
+			for i := range punchesAll {
+				if punch(f, peer.ID(fmt.Sprint("other", i)), pub) {
+					answered++
+				}
+			}
+			if want := punchesAll - punchesPerPeer; answered != want {
+				t.Errorf("%d other peers answered, want %d", answered, want)
+			}
+		}},
+		{"a peer without a note has all peers' budget alone", func(t *testing.T, c *clock, f *punchFilter) {
+			for i := range maxPunchNotes {
+				f.FilterLocal(peer.ID(fmt.Sprint("noted", i)), own)
+			}
+			if n := punches(f, p, punchesAll+10); n != punchesAll {
+				t.Errorf("an unnoted peer got %d punches, want all peers' %d", n, punchesAll)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &clock{t: time.Unix(1e9, 0)}
+			tc.run(t, c, c.filter())
+		})
 	}
 }

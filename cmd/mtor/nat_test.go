@@ -1086,8 +1086,10 @@ func (n *natNet) streamDuring(ctx context.Context, delay time.Duration, disrupt 
 // CONNECT messages of its own making, as go-libp2p's responder takes them
 // from any peer on a circuit it dialed: first 100 addresses of the
 // client's own LAN (its NAT router's among them), then those again with
-// 100 public addresses after them. The client refuses the first, punches
-// to at most 8 public addresses of the second, and sends nothing to its
+// 100 public addresses after them, then 24 naming 8 public addresses
+// each at once. The client refuses the first, punches to at most 8
+// public addresses of the second, answers the flood up to its budget of
+// punches for one peer and refuses the rest, and sends nothing to its
 // LAN: nftables in its namespace records the addresses it sends to on its
 // LAN and in the stranger's public range.
 func TestNATHostilePunchConnect(t *testing.T) {
@@ -1122,6 +1124,17 @@ func TestNATHostilePunchConnect(t *testing.T) {
 		lan = append(lan, fmt.Sprintf("/ip4/10.2.0.%d/tcp/%d", 1+i, 80+i%2*8000)) // its router's web page, …
 		public = append(public, fmt.Sprintf("/ip4/11.9.%d.1/tcp/4001", i))
 	}
+	// Then a flood: three budgets' worth of CONNECTs, each naming 8
+	// public addresses of its own.
+	const flood = 24
+	var floods []string
+	for i := range flood {
+		var list []string
+		for j := range 8 {
+			list = append(list, fmt.Sprintf("/ip4/11.9.%d.%d/tcp/4001", 100+i, 1+j))
+		}
+		floods = append(floods, strings.Join(list, ","))
+	}
 	var circuits []string
 	for _, r := range []string{"r1", "r2"} {
 		circuits = append(circuits, "/ip4/"+n.ips[r]+"/tcp/"+natListenPort+"/p2p/"+relays[r].value("peer"))
@@ -1129,7 +1142,7 @@ func TestNATHostilePunchConnect(t *testing.T) {
 	stranger := launchProgram(t, "stranger", "peer", "error", append(n.prefix("worker"), hostileBin,
 		"-join", join, "-behaviour", "fail", "-listen", "/ip4/0.0.0.0/tcp/0",
 		"-relay", strings.Join(circuits, ","),
-		"-punch", strings.Join(lan, ",")+";"+strings.Join(append(lan, public...), ","))...)
+		"-punch", strings.Join(lan, ",")+";"+strings.Join(append(lan, public...), ",")+";"+strings.Join(floods, ";"))...)
 	stranger.waitReady()
 	sid := stranger.value("peer")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -1146,24 +1159,55 @@ func TestNATHostilePunchConnect(t *testing.T) {
 	// routing it dials the stranger through its relay.
 	_, _ = n.query(ctx, 10*time.Second, "dial the stranger", "")
 	cid := client.value("peer")
-	for deadline := time.Now().Add(time.Minute); stranger.count("connect") < 2; time.Sleep(200 * time.Millisecond) {
+	var floodStart time.Time
+	for deadline := time.Now().Add(time.Minute); stranger.count("connect") < 2+flood; time.Sleep(100 * time.Millisecond) {
+		if floodStart.IsZero() && stranger.count("connect") >= 2 {
+			floodStart = time.Now()
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the stranger sent its two CONNECTs within a minute of the query: %d\nstranger:\n%s\nclient:\n%s",
-				stranger.count("connect"), stranger.output(), client.outputTail(natTail))
+			t.Fatalf("the stranger sent its %d CONNECTs within a minute of the query: %d\nstranger:\n%s\nclient:\n%s",
+				2+flood, stranger.count("connect"), stranger.output(), client.outputTail(natTail))
 		}
 	}
+	took := time.Since(floodStart)
 	time.Sleep(2 * time.Second) // the punch's dials, refused at once; a LAN's would be on their way
 	stranger.mu.Lock()
 	answers := slices.Clone(stranger.values["connect"])
 	stranger.mu.Unlock()
-	if !slices.Equal(answers, []string{cid + " refused", cid + " answered"}) {
-		t.Errorf("the client's answers to the CONNECTs %q, want the LAN-only one refused and the other answered", answers)
+	if !slices.Equal(answers[:2], []string{cid + " refused", cid + " answered"}) {
+		t.Errorf("the client's answers to the first CONNECTs %q, want the LAN-only one refused and the other answered", answers[:2])
 	}
 	if got := sentTo("lan"); len(got) != 0 {
 		t.Errorf("the client sent packets to %d addresses of its LAN named by a stranger: %v", len(got), got)
 	}
-	if got := sentTo("pub"); len(got) == 0 || len(got) > 8 {
-		t.Errorf("the client punched to %d of the stranger's public addresses %v, want 1 to 8", len(got), got)
+	pub := sentTo("pub")
+	sent := func(third int) bool { // to an address of the CONNECT in 11.9.third.0/24
+		return slices.ContainsFunc(pub, func(a string) bool { return strings.HasPrefix(a, fmt.Sprintf("11.9.%d.", third)) })
 	}
-	t.Logf("the client's answers to the stranger's CONNECTs %q; it sent to %d LAN and %d of 100 public addresses", answers, len(sentTo("lan")), len(sentTo("pub")))
+	var first int
+	for i := range 100 {
+		if sent(i) {
+			first++
+		}
+	}
+	if first == 0 || first > 8 {
+		t.Errorf("the client punched to %d of the 100 public addresses of the second CONNECT, want 1 to 8", first)
+	}
+	// The flood: what is left of the peer's punch budget (the node's 8,
+	// less the second CONNECT's; one more each 10 s the flood took) is
+	// answered and punched; the rest is refused and dials nothing.
+	answered := 0
+	for i, a := range answers[2:] {
+		switch {
+		case a == cid+" answered":
+			answered++
+		case sent(100 + i):
+			t.Errorf("the client refused the flood's CONNECT %d, yet sent to its addresses", i+1)
+		}
+	}
+	if want, refill := 7, int(took/(10*time.Second)); answered < want || answered > want+refill {
+		t.Errorf("the client answered %d of the flood's %d CONNECTs, want %d (its budget of 8 less the second CONNECT's, %d refilled in %v)", answered, flood, want, refill, took)
+	}
+	t.Logf("the client's answers to the stranger's CONNECTs %s; it sent to %d LAN and %d public addresses, %d of the second CONNECT's 100; it answered %d of the flood's %d, sent in %v",
+		strings.ReplaceAll(strings.Join(answers, " "), cid+" ", ""), len(sentTo("lan")), len(pub), first, answered, flood, took.Round(time.Millisecond))
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -78,7 +79,7 @@ func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error 
 						return
 					}
 					verdict := "refused"
-					if connect(ctx, h, c.RemotePeer(), m) {
+					if connectAgain(ctx, h, c.RemotePeer(), m) {
 						verdict = "answered"
 					}
 					fmt.Printf("connect: %s %s\n", c.RemotePeer(), verdict)
@@ -89,11 +90,31 @@ func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error 
 	return nil
 }
 
+// connectAgain is connect, sent again while p refuses the stream for
+// its limit of hole-punch streams at a time (libp2p's 2 a peer, each
+// until its punch ends): a stranger would, and so each of its messages
+// meets p's own verdict.
+func connectAgain(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch) bool {
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		answered, err := connect(ctx, h, p, msg)
+		var serr *network.StreamError
+		if !errors.As(err, &serr) || !serr.Remote || serr.ErrorCode != network.StreamResourceLimitExceeded || time.Now().After(deadline) {
+			return answered
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 // connect sends msg on a new hole-punch stream to p over its circuit and
-// reports whether p answered (it is sent SYNC then, and dials). The
-// peer's hole-punch service serves once it has found a public address:
-// the stream is tried again for a while until it does.
-func connect(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch) bool {
+// reports whether p answered (it is sent SYNC then, and dials), and if
+// not, how the stream ended. The peer's hole-punch service serves once
+// it has found a public address: the stream is tried again for a while
+// until it does.
+func connect(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch) (bool, error) {
 	var s network.Stream
 	for deadline := time.Now().Add(30 * time.Second); ; {
 		sctx, cancel := context.WithTimeout(network.WithAllowLimitedConn(ctx, "hostile punch"), 10*time.Second)
@@ -104,11 +125,11 @@ func connect(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch)
 			break
 		}
 		if time.Now().After(deadline) {
-			return false
+			return false, err
 		}
 		select {
 		case <-ctx.Done():
-			return false
+			return false, ctx.Err()
 		case <-time.After(time.Second):
 		}
 	}
@@ -116,11 +137,12 @@ func connect(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch)
 	_ = s.SetDeadline(time.Now().Add(10 * time.Second))
 	w, rd := pbio.NewDelimitedWriter(s), pbio.NewDelimitedReader(s, 4096)
 	if err := w.WriteMsg(msg); err != nil {
-		return false
+		return false, err
 	}
 	var reply holepb.HolePunch
 	if err := rd.ReadMsg(&reply); err != nil {
-		return false // refused: the stream is reset
+		return false, err // refused: the stream is reset
 	}
-	return w.WriteMsg(&holepb.HolePunch{Type: holepb.HolePunch_SYNC.Enum()}) == nil
+	err := w.WriteMsg(&holepb.HolePunch{Type: holepb.HolePunch_SYNC.Enum()})
+	return err == nil, err
 }
