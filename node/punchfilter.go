@@ -1,6 +1,7 @@
 package node
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -75,13 +76,19 @@ type punchFilter struct {
 	// conns lists the host's connections to a peer (nil until the host
 	// is up: then no turns).
 	conns atomic.Pointer[func(peer.ID) []network.Conn]
+	// listens lists the host's listen addresses (nil until the host is
+	// up: then no guessed TCP address).
+	listens atomic.Pointer[func() []ma.Multiaddr]
 }
 
 // setNetwork gives the filter the host's connections, to tell a pair
-// that punches in both directions.
+// that punches in both directions, and its listeners, for the TCP
+// address it guesses (withTCPGuess).
 func (f *punchFilter) setNetwork(n network.Network) {
 	conns := n.ConnsToPeer
 	f.conns.Store(&conns)
+	listens := n.ListenAddresses
+	f.listens.Store(&listens)
 }
 
 // bothWays reports whether we hold relayed connections to p in both
@@ -159,6 +166,7 @@ func newPunchFilter() *punchFilter {
 // FilterLocal picks the addresses we send to p: all of them, or on a
 // try after one that picked QUIC our TCP ones alone (tcpTurn).
 func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiaddr {
+	addrs = f.withTCPGuess(addrs)
 	all := kindsOf(addrs)
 	f.all.Store(uint32(all))
 	now := f.now()
@@ -230,6 +238,62 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 		return addrs
 	}
 	return ofKinds(addrs, common&-common) // the first kind, in addrKind's order
+}
+
+// withTCPGuess adds to addrs, the addresses a punch sends, a guess of our
+// public TCP address when libp2p knows none: the public IPv4 address of
+// our QUIC one with our TCP listener's port.
+//
+// libp2p knows a public address only as other peers observe it on a
+// live connection of that transport, and between mtor nodes every
+// connection is QUIC (the dial ranker's first choice), unless a join
+// address named TCP alone. A node behind NAT then sends QUIC addresses
+// alone, and a peer whose network lets no UDP out (TCP alone) can never
+// punch with it: each end dials the other's, and the node's NAT drops
+// the peer's SYNs, which never came. A NAT that keeps a connection's
+// source port (Linux's masquerade, most home routers) maps our TCP
+// listener's port (libp2p dials from it) to the same port: the guess is
+// right, and a pair that has QUIC in common still dials QUIC alone. Where
+// it is wrong, the peer's dial fails, as it would have without it.
+func (f *punchFilter) withTCPGuess(addrs []ma.Multiaddr) []ma.Multiaddr {
+	listens := f.listens.Load()
+	if listens == nil {
+		return addrs
+	}
+	var ips []string
+	for _, a := range addrs {
+		if !manet.IsPublicAddr(a) {
+			continue
+		}
+		switch kindOf(a) {
+		case kindTCP4:
+			return addrs // known
+		case kindQUIC4:
+			if ip, err := a.ValueForProtocol(ma.P_IP4); err == nil && !slices.Contains(ips, ip) {
+				ips = append(ips, ip)
+			}
+		}
+	}
+	port := ""
+	for _, l := range (*listens)() {
+		if kindOf(l) != kindTCP4 || len(l) != 2 {
+			continue // not plain TCP over IPv4 (a WebSocket's, say)
+		}
+		if v, err := l.ValueForProtocol(ma.P_TCP); err == nil && v != "0" {
+			port = v
+			break
+		}
+	}
+	if port == "" || len(ips) == 0 {
+		return addrs
+	}
+	out := slices.Clip(addrs)
+	for _, ip := range ips {
+		if a, err := ma.NewMultiaddr("/ip4/" + ip + "/tcp/" + port); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // maxPunchAddrs bounds the peer's addresses a punch dials: an honest

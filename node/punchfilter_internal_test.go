@@ -482,3 +482,69 @@ func TestPunchFilterBudgets(t *testing.T) {
 		})
 	}
 }
+
+// An end that knows no public TCP address of its own (every connection it
+// has is QUIC) sends a guess, its QUIC address's IP with its TCP
+// listener's port, so that a peer with TCP alone can punch with it; a
+// pair with QUIC in common still dials QUIC alone.
+func TestPunchFilterGuessesTCP(t *testing.T) {
+	const (
+		lanTCP  = "/ip4/10.1.0.2/tcp/4001"
+		lanQUIC = "/ip4/10.1.0.2/udp/4001/quic-v1"
+		guess   = "/ip4/11.3.0.1/tcp/4001"
+	)
+	listening := func(ls ...string) func(c *clock) *punchFilter {
+		return func(c *clock) *punchFilter {
+			f := c.filter()
+			as := maddrs(t, ls...)
+			list := func() []ma.Multiaddr { return as }
+			f.listens.Store(&list)
+			return f
+		}
+	}
+	tcpAndQUIC := listening("/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1")
+	for _, tc := range []struct {
+		name   string
+		filter func(c *clock) *punchFilter
+		own    []string // what libp2p hands FilterLocal
+		want   []string // what it sends
+	}{
+		{"QUIC observed alone: the guess", tcpAndQUIC, []string{lanTCP, lanQUIC, aQUIC}, []string{lanTCP, lanQUIC, aQUIC, guess}},
+		{"TCP observed too: no guess", tcpAndQUIC, []string{lanTCP, aTCP, aQUIC}, []string{lanTCP, aTCP, aQUIC}},
+		{"no public address: no guess", tcpAndQUIC, []string{lanTCP, lanQUIC}, []string{lanTCP, lanQUIC}},
+		{"no TCP listener: no guess", listening("/ip4/0.0.0.0/udp/4001/quic-v1"), []string{lanQUIC, aQUIC}, []string{lanQUIC, aQUIC}},
+		{"a WebSocket listener is not TCP's", listening("/ip4/0.0.0.0/tcp/4002/ws", "/ip4/0.0.0.0/udp/4001/quic-v1"), []string{aQUIC}, []string{aQUIC}},
+		{"no host yet: no guess", func(c *clock) *punchFilter { return c.filter() }, []string{aQUIC}, []string{aQUIC}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &clock{t: time.Unix(1e9, 0)}
+			if got := onlyOf(tc.filter(c).FilterLocal(peer.ID("p"), maddrs(t, tc.own...))); !slices.Equal(got, tc.want) {
+				t.Errorf("sent %v, want %v", got, tc.want)
+			}
+		})
+	}
+
+	// The pair: the guessing end a, QUIC and the guess; the peer b, TCP
+	// alone. Both dial TCP: b the guess, a b's address. With QUIC at b
+	// too, both dial QUIC.
+	for _, tc := range []struct {
+		name           string
+		b              []string
+		aDials, bDials []string
+	}{
+		{"peer with TCP alone", []string{bTCP}, []string{bTCP}, []string{guess}},
+		{"peer with QUIC too", []string{bTCP, bQUIC}, []string{bQUIC}, []string{aQUIC}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &clock{t: time.Unix(1e9, 0)}
+			fa, fb := tcpAndQUIC(c), c.filter()
+			aDials, bDials := punchExchange(fa, fb, "a", "b", maddrs(t, lanTCP, lanQUIC, aQUIC), maddrs(t, tc.b...))
+			if got := onlyOf(aDials); !slices.Equal(got, tc.aDials) {
+				t.Errorf("a dials %v, want %v", got, tc.aDials)
+			}
+			if got := onlyOf(bDials); !slices.Equal(got, tc.bDials) {
+				t.Errorf("b dials %v, want %v", got, tc.bDials)
+			}
+		})
+	}
+}
