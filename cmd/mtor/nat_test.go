@@ -59,6 +59,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/api"
 )
 
@@ -102,6 +106,11 @@ type natNet struct {
 	ns    map[string]string // role -> namespace name
 	ips   map[string]string // role -> its address
 	links int               // veth pairs made, for their names
+	// tokenJoin: the nodes join with a token naming the bootstrap's QUIC
+	// and TCP addresses (joinToken), as volunteers do, rather than its
+	// TCP address alone, which gives each node a TCP connection and so
+	// its public TCP address.
+	tokenJoin bool
 }
 
 const (
@@ -315,7 +324,9 @@ func (n *natNet) start(role, dir string, args ...string) *proc {
 	// unexplained.
 	if dir := os.Getenv("MTOR_NAT_DUMP"); dir != "" {
 		n.t.Cleanup(func() {
-			_ = os.WriteFile(filepath.Join(dir, strings.ReplaceAll(n.t.Name(), "/", "_")+"-"+role+".log"), []byte(pr.output()), 0o644)
+			// The PID tells a role's processes apart (a worker restarted).
+			name := fmt.Sprintf("%s-%s-%d.log", strings.ReplaceAll(n.t.Name(), "/", "_"), role, pr.cmd.Process.Pid)
+			_ = os.WriteFile(filepath.Join(dir, name), []byte(pr.output()), 0o644)
 		})
 	}
 	return pr
@@ -789,11 +800,31 @@ func (n *natNet) startAround() (d func(role string) string, join string, relays 
 	d = func(role string) string { return filepath.Join(dir, role) }
 	boot := n.start("boot", d("boot"), "--no-detect", "--reachability", "public")
 	join = "/ip4/" + n.ips["boot"] + "/tcp/" + natListenPort + "/p2p/" + boot.value("peer")
+	if n.tokenJoin {
+		join = n.joinToken(boot)
+	}
 	relays = map[string]*proc{}
 	for _, r := range []string{"r1", "r2"} {
 		relays[r] = n.start(r, d(r), "--no-detect", "--relay", "--join", join)
 	}
 	return d, join, relays, n.start("client", d("client"), "--no-detect", "--join", join)
+}
+
+// joinToken is a join token naming the bootstrap's public TCP and QUIC
+// addresses, as one a volunteer is given: a node dials QUIC first, and so
+// knows its public TCP address only if a peer observed it on a TCP
+// connection (node/punchfilter.go, withTCPGuess).
+func (n *natNet) joinToken(boot *proc) string {
+	n.t.Helper()
+	id, err := peer.Decode(boot.value("peer"))
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	ip := n.ips["boot"]
+	return discovery.EncodeJoinToken("", []peer.AddrInfo{{ID: id, Addrs: []ma.Multiaddr{
+		ma.StringCast("/ip4/" + ip + "/udp/" + natListenPort + "/quic-v1"),
+		ma.StringCast("/ip4/" + ip + "/tcp/" + natListenPort),
+	}}})
 }
 
 // firstAnswer asks the client until the worker started at start answers,
