@@ -189,7 +189,10 @@ func (f *punchFilter) FilterLocal(p peer.ID, addrs []ma.Multiaddr) []ma.Multiadd
 	t.sent = kindsOf(out)
 	if !ok && len(f.tries) >= maxPunchNotes {
 		for q, old := range f.tries {
-			if now.Sub(old.last) > punchForget {
+			// A spend can come up to a stream's time after last (the
+			// peer's CONNECT read after FilterLocal): a budget not full
+			// again is kept.
+			if now.Sub(old.last) > punchForget && (old.budget == nil || old.budget.TokensAt(now) >= punchesPerPeer) {
 				delete(f.tries, q)
 			}
 		}
@@ -218,11 +221,13 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 		t.budget = rate.NewLimiter(rate.Every(punchPeerEvery), punchesPerPeer)
 	}
 	// A peer without a note (the notes are full) has the budget of all
-	// alone.
-	peerOK := !ok || t.budget.AllowN(now, 1)
+	// alone. A punch refused by the budget of all spends none of the
+	// peer's own.
+	peerOK := !ok || t.budget.TokensAt(now) >= 1
 	allOK := peerOK && f.budget.AllowN(now, 1)
 	if ok {
 		if allOK {
+			t.budget.AllowN(now, 1)
 			sent = t.sent
 			t.peer = kindsOf(addrs)
 		}
@@ -253,14 +258,16 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 // the peer's SYNs, which never came. A NAT that keeps a connection's
 // source port (Linux's masquerade, most home routers) maps our TCP
 // listener's port (libp2p dials from it) to the same port: the guess is
-// right, and a pair that has QUIC in common still dials QUIC alone. Where
-// it is wrong, the peer's dial fails, as it would have without it.
+// right. A pair that has QUIC in common still dials QUIC at a punch's
+// first try; its TCP turn at the next (FilterLocal) now dials the guess.
+// Where the guess is wrong, the peer's dial fails, as it would have
+// without it.
 func (f *punchFilter) withTCPGuess(addrs []ma.Multiaddr) []ma.Multiaddr {
 	listens := f.listens.Load()
 	if listens == nil {
 		return addrs
 	}
-	var ips []string
+	quic := false
 	for _, a := range addrs {
 		if !manet.IsPublicAddr(a) {
 			continue
@@ -269,28 +276,38 @@ func (f *punchFilter) withTCPGuess(addrs []ma.Multiaddr) []ma.Multiaddr {
 		case kindTCP4:
 			return addrs // known
 		case kindQUIC4:
-			if ip, err := a.ValueForProtocol(ma.P_IP4); err == nil && !slices.Contains(ips, ip) {
-				ips = append(ips, ip)
-			}
+			quic = true
 		}
 	}
 	port := ""
 	for _, l := range (*listens)() {
-		if kindOf(l) != kindTCP4 || len(l) != 2 {
-			continue // not plain TCP over IPv4 (a WebSocket's, say)
+		if kindOf(l) != kindTCP4 || len(l) != 2 || manet.IsIPLoopback(l) {
+			continue // not plain TCP over IPv4 (a WebSocket's, say), or not reached from outside
 		}
 		if v, err := l.ValueForProtocol(ma.P_TCP); err == nil && v != "0" {
 			port = v
 			break
 		}
 	}
-	if port == "" || len(ips) == 0 {
+	if port == "" || !quic {
 		return addrs
 	}
-	out := slices.Clip(addrs)
-	for _, ip := range ips {
-		if a, err := ma.NewMultiaddr("/ip4/" + ip + "/tcp/" + port); err == nil {
-			out = append(out, a)
+	// Each guess right after its QUIC address: the peer keeps only the
+	// first maxPunchAddrs public addresses it is sent.
+	out := make([]ma.Multiaddr, 0, len(addrs)+1)
+	var guessed []string
+	for _, a := range addrs {
+		out = append(out, a)
+		if !manet.IsPublicAddr(a) || kindOf(a) != kindQUIC4 {
+			continue
+		}
+		ip, err := a.ValueForProtocol(ma.P_IP4)
+		if err != nil || slices.Contains(guessed, ip) {
+			continue
+		}
+		guessed = append(guessed, ip)
+		if g, err := ma.NewMultiaddr("/ip4/" + ip + "/tcp/" + port); err == nil {
+			out = append(out, g)
 		}
 	}
 	return out

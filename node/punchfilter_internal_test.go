@@ -467,6 +467,33 @@ func TestPunchFilterBudgets(t *testing.T) {
 				t.Errorf("%d other peers answered, want %d", answered, want)
 			}
 		}},
+		{"a punch refused by all peers' budget spends none of the peer's", func(t *testing.T, c *clock, f *punchFilter) {
+			for i := range punchesAll {
+				punch(f, peer.ID(fmt.Sprint("sybil", i)), pub)
+			}
+			if n := punches(f, p, punchesPerPeer); n != 0 {
+				t.Fatalf("%d punches answered past all peers' budget", n)
+			}
+			c.add(punchesPerPeer * punchAllEvery) // all peers' budget: room for p's 8 again
+			if n := punches(f, p, 20); n != punchesPerPeer {
+				t.Errorf("%d punches answered once all peers' budget refilled, want the peer's %d", n, punchesPerPeer)
+			}
+		}},
+		{"a note whose budget is not full again is kept", func(t *testing.T, c *clock, f *punchFilter) {
+			f.FilterLocal(p, own)
+			c.add(59 * time.Second) // the peer's CONNECT, read a stream's time later
+			for range punchesPerPeer {
+				f.FilterRemote(p, pub)
+			}
+			for i := range maxPunchNotes - 1 {
+				f.FilterLocal(peer.ID(fmt.Sprint("noted", i)), own)
+			}
+			c.add(punchForget - 59*time.Second + time.Second) // p's note punchForget old, its budget not full
+			f.FilterLocal(peer.ID("new"), own)
+			if _, ok := f.tries[p]; !ok {
+				t.Error("the note of a peer whose budget is still spent was dropped: its punches would start again from a full budget")
+			}
+		}},
 		{"a peer without a note has all peers' budget alone", func(t *testing.T, c *clock, f *punchFilter) {
 			for i := range maxPunchNotes {
 				f.FilterLocal(peer.ID(fmt.Sprint("noted", i)), own)
@@ -489,9 +516,11 @@ func TestPunchFilterBudgets(t *testing.T) {
 // pair with QUIC in common still dials QUIC alone.
 func TestPunchFilterGuessesTCP(t *testing.T) {
 	const (
-		lanTCP  = "/ip4/10.1.0.2/tcp/4001"
+		lanTCP  = "/ip4/10.1.0.2/tcp/4002"
 		lanQUIC = "/ip4/10.1.0.2/udp/4001/quic-v1"
-		guess   = "/ip4/11.3.0.1/tcp/4001"
+		guess   = "/ip4/11.3.0.1/tcp/4002" // the TCP listener's port, not QUIC's
+		other   = "/ip4/11.5.0.1/udp/4001/quic-v1"
+		guess2  = "/ip4/11.5.0.1/tcp/4002"
 	)
 	listening := func(ls ...string) func(c *clock) *punchFilter {
 		return func(c *clock) *punchFilter {
@@ -502,7 +531,7 @@ func TestPunchFilterGuessesTCP(t *testing.T) {
 			return f
 		}
 	}
-	tcpAndQUIC := listening("/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1")
+	tcpAndQUIC := listening("/ip4/0.0.0.0/tcp/4002", "/ip4/0.0.0.0/udp/4001/quic-v1")
 	for _, tc := range []struct {
 		name   string
 		filter func(c *clock) *punchFilter
@@ -510,6 +539,10 @@ func TestPunchFilterGuessesTCP(t *testing.T) {
 		want   []string // what it sends
 	}{
 		{"QUIC observed alone: the guess", tcpAndQUIC, []string{lanTCP, lanQUIC, aQUIC}, []string{lanTCP, lanQUIC, aQUIC, guess}},
+		{"each guess after its QUIC address", tcpAndQUIC, []string{aQUIC, other, aQUIC6, bRelayTCP}, []string{aQUIC, guess, other, guess2, aQUIC6, bRelayTCP}},
+		{"a loopback listener's port is not the one", listening("/ip4/127.0.0.1/tcp/5000", "/ip4/0.0.0.0/tcp/4002"), []string{aQUIC}, []string{aQUIC, guess}},
+		{"QUIC over IPv6 alone: no guess", tcpAndQUIC, []string{lanTCP, aQUIC6}, []string{lanTCP, aQUIC6}},
+		{"TCP over IPv6 known, not over IPv4: the guess", tcpAndQUIC, []string{aTCP6, aQUIC}, []string{aTCP6, aQUIC, guess}},
 		{"TCP observed too: no guess", tcpAndQUIC, []string{lanTCP, aTCP, aQUIC}, []string{lanTCP, aTCP, aQUIC}},
 		{"no public address: no guess", tcpAndQUIC, []string{lanTCP, lanQUIC}, []string{lanTCP, lanQUIC}},
 		{"no TCP listener: no guess", listening("/ip4/0.0.0.0/udp/4001/quic-v1"), []string{lanQUIC, aQUIC}, []string{lanQUIC, aQUIC}},
