@@ -79,8 +79,11 @@ func testNATWorkerComesBack(t *testing.T, wk, ck natKind) {
 				}
 			}
 			if how != "" {
-				if want := punchTransport(wk, ck); !slices.Equal(p.Transports, []string{want}) {
-					t.Errorf("%s: the direct connection's transports %q, want %s alone", what, p.Transports, want)
+				// One transport: the pair's kind at a punch's first try, or
+				// TCP at its next (a failed QUIC try turns to TCP, the
+				// guessed address where the worker knows none).
+				if want := punchTransport(wk, ck); !slices.Equal(p.Transports, []string{want}) && !slices.Equal(p.Transports, []string{"tcp"}) {
+					t.Errorf("%s: the direct connection's transports %q, want %s or tcp alone", what, p.Transports, want)
 				}
 				return time.Since(since), how
 			}
