@@ -34,6 +34,16 @@
 // NAT) pays a moment without a connection at each try, at most one every
 // 30 min once the waits have grown.
 //
+// libp2p's hole-punch service starts only once its host has found a
+// public address, a moment after the host starts: a circuit that opens
+// before, at either end, is never punched (no punch is made on it, nor
+// will be; go-libp2p v0.51, holepunch.Service). A volunteer's node that
+// restarts is dialed through its relays at once by the peers that were
+// routing to it, so this is the common case, not a rare one. When a peer
+// begins to serve the protocol (its identify push), or this host does,
+// the circuits dialed from here before that are tried at once (a second
+// later, DefaultSettle), not after a wait.
+//
 // A peer due for a try that has no circuit dialed from here waits for
 // one, and a circuit that comes then gets the wait anew: libp2p punches
 // on every new circuit, and closing one in its punch would spoil that
@@ -51,11 +61,13 @@ import (
 	"time"
 
 	logging "github.com/ipfs/go-log/v2"
+	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	ma "github.com/multiformats/go-multiaddr"
 
@@ -104,6 +116,10 @@ const (
 	// and a circuit a query dialed just before a try was due would
 	// otherwise be closed in the middle of that punch.
 	DefaultFresh = 45 * time.Second
+	// DefaultSettle is the wait from an end's beginning to serve the
+	// hole-punch protocol to the try it makes due: the peer's service
+	// announces the protocol a moment before it follows new circuits.
+	DefaultSettle = time.Second
 )
 
 // Repuncher replaces a peer's relayed connections to make a new hole punch
@@ -123,11 +139,17 @@ type Repuncher struct {
 	unpunched time.Duration
 	// fresh: the least age (real time) of a circuit to be replaced.
 	fresh time.Duration
-	now   func() time.Time
+	// settle: the wait from a hole-punch service's start to the try.
+	settle time.Duration
+	now    func() time.Time
 
 	mu    sync.Mutex
 	peers map[peer.ID]*state
 	tries int64 // peers whose relayed connections were replaced
+	// ready: when (real time) this host began to serve the hole-punch
+	// protocol, if Run saw it begin; no circuit opened before was
+	// punched.
+	ready time.Time
 	// redialing: peers whose connections are being replaced, until when
 	// (real time: it covers the disconnection's events, delivered late).
 	redialing map[peer.ID]time.Time
@@ -155,6 +177,9 @@ type state struct {
 	// punched: when (real time) a direct connection last opened. A
 	// circuit older than that is done with its punch, however young.
 	punched time.Time
+	// ready: when (real time) the peer was seen to begin serving the
+	// hole-punch protocol. A circuit older than that was never punched.
+	ready time.Time
 }
 
 // DefaultStable is how long a direct connection must have lived for its
@@ -207,7 +232,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 		h: h, safe: func(protocol.ID) bool { return false },
 		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
 		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, fresh: DefaultFresh,
-		now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
+		settle: DefaultSettle, now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 	}
 	for _, o := range opts {
 		o(r)
@@ -309,18 +334,105 @@ func (r *Repuncher) forgetOne() {
 	delete(r.peers, drop)
 }
 
-// Run looks at the connections every interval until ctx ends.
+// Run looks at the connections every interval, and a moment after an end
+// begins to serve the hole-punch protocol, until ctx ends.
 func (r *Repuncher) Run(ctx context.Context) {
 	t := time.NewTicker(r.interval)
 	defer t.Stop()
+	soon := time.NewTimer(time.Hour)
+	soon.Stop()
+	var events <-chan any
+	sub, err := r.h.EventBus().Subscribe([]any{new(event.EvtPeerProtocolsUpdated), new(event.EvtLocalProtocolsUpdated)},
+		eventbus.BufSize(64), eventbus.Name("mtor/repunch"))
+	if err != nil {
+		log.Warnw("no hole-punch service starts followed: the circuits opened before wait for the sweeps", "err", err)
+	} else {
+		defer sub.Close()
+		events = sub.Out()
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 			r.Sweep(ctx)
+		case <-soon.C:
+			r.Sweep(ctx)
+		case e := <-events:
+			if r.served(e) > 0 {
+				soon.Reset(r.settle)
+			}
 		}
 	}
+}
+
+// served takes an identify push or a change of this host's protocols and,
+// when the peer or this host began to serve the hole-punch protocol,
+// makes a try due for each peer then reached only through circuits
+// dialed from here; it returns how many.
+func (r *Repuncher) served(e any) int {
+	var ps []peer.ID
+	local := false
+	switch e := e.(type) {
+	case event.EvtPeerProtocolsUpdated:
+		ps = []peer.ID{e.Peer}
+		if !slices.Contains(e.Added, holepunch.Protocol) {
+			return 0
+		}
+	case event.EvtLocalProtocolsUpdated:
+		ps, local = r.h.Network().Peers(), true
+		if !slices.Contains(e.Added, holepunch.Protocol) {
+			return 0
+		}
+	default:
+		return 0
+	}
+	ready := time.Now()
+	if !slices.Contains(r.h.Mux().Protocols(), holepunch.Protocol) {
+		return 0 // a peer's circuit reaches no service of ours yet
+	}
+	ps = slices.DeleteFunc(ps, func(p peer.ID) bool { return !r.circuitsOnly(p) || !r.punches(p) })
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if local {
+		r.ready = ready
+	}
+	now, began := r.now(), "the peer"
+	if local {
+		began = "this host"
+	}
+	for _, p := range ps {
+		s := r.peers[p]
+		if s == nil {
+			if len(r.peers) >= maxPeers {
+				r.forgetOne()
+			}
+			s = &state{delay: r.unpunched, seen: now, never: true}
+			r.peers[p] = s
+		}
+		if !local {
+			s.ready = ready
+		}
+		// Its circuits were not punched: a try at once, which leaves
+		// the waits as they are. (A direct connection opened since
+		// the look makes the sweep pass it by.)
+		s.next, s.quickTry, s.yielded = now, true, false
+		log.Debugw("circuits opened before both ends served hole punching: a try at once", "peer", p, "began", began)
+	}
+	return len(ps)
+}
+
+// circuitsOnly reports whether every connection to p is relayed and one
+// of them was dialed from here: a peer this end may redial.
+func (r *Repuncher) circuitsOnly(p peer.ID) bool {
+	outbound := false
+	for _, c := range r.h.Network().ConnsToPeer(p) {
+		if !relayaddr.IsRelayed(c) {
+			return false
+		}
+		outbound = outbound || c.Stat().Direction == network.DirOutbound
+	}
+	return outbound
 }
 
 // noteCircuits looks at the circuits dialed from here (in conns) to peers
@@ -372,6 +484,8 @@ type candidate struct {
 	conns []network.Conn
 	// punched: when a direct connection to p last opened.
 	punched time.Time
+	// ready: when p or this host began to serve the hole-punch protocol.
+	ready time.Time
 }
 
 // Sweep replaces the relayed connections of the peers due for a new punch
@@ -389,7 +503,11 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 	r.noteCircuits(conns, now)
 	for p, s := range r.peers {
 		if !s.next.IsZero() && !now.Before(s.next) {
-			due = append(due, candidate{p: p, punched: s.punched})
+			ready := s.ready
+			if r.ready.After(ready) {
+				ready = r.ready
+			}
+			due = append(due, candidate{p: p, punched: s.punched, ready: ready})
 		}
 	}
 	r.mu.Unlock()
@@ -398,7 +516,7 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 		if n >= maxPerSweep || ctx.Err() != nil {
 			break
 		}
-		conns, v := r.replaceable(c.p, c.punched)
+		conns, v := r.replaceable(c.p, c.punched, c.ready)
 		switch v {
 		case hasDirect, noCircuit:
 			// A direct connection the count missed: nothing to do
@@ -463,9 +581,10 @@ const (
 // should replace them now: every connection to p is relayed, at least one
 // was dialed from here, none carries a stream that would break or is in
 // its punch still (young, and opened since the last direct connection to
-// p, at punched), and, with circuits both ways, this host's peer ID is
-// the lower (else the peer's turn comes first).
-func (r *Repuncher) replaceable(p peer.ID, punched time.Time) ([]network.Conn, verdict) {
+// p, at punched, and since both ends served the hole-punch protocol, at
+// ready), and, with circuits both ways, this host's peer ID is the lower
+// (else the peer's turn comes first).
+func (r *Repuncher) replaceable(p peer.ID, punched, ready time.Time) ([]network.Conn, verdict) {
 	conns := r.h.Network().ConnsToPeer(p)
 	outbound, inbound, idle, fresh := false, false, true, false
 	for _, c := range conns {
@@ -479,7 +598,7 @@ func (r *Repuncher) replaceable(p peer.ID, punched time.Time) ([]network.Conn, v
 		}
 		idle = idle && r.idle(c)
 		opened := c.Stat().Opened
-		fresh = fresh || time.Since(opened) < r.fresh && opened.After(punched)
+		fresh = fresh || time.Since(opened) < r.fresh && opened.After(punched) && opened.After(ready)
 	}
 	switch {
 	case !outbound:

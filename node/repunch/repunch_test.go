@@ -12,6 +12,7 @@ import (
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -856,5 +857,107 @@ func TestYieldFor(t *testing.T) {
 		if got := rp.yieldFor(&tc.s); got != tc.want {
 			t.Errorf("%s: yields %s, want %s", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestUnpunchedCircuitIsTriedWhenServed: libp2p's hole-punch service
+// starts only once its host has found a public address, so a circuit
+// that opens before, at either end (a volunteer's node restarting is
+// dialed through its relays at once), is never punched. When the peer
+// begins to serve the protocol (its identify push) or this host does, the
+// circuits dialed from here are replaced a moment later, however young;
+// a circuit the peer dialed, or a peer reached directly too, is left
+// alone.
+func TestUnpunchedCircuitIsTriedWhenServed(t *testing.T) {
+	cases := []struct {
+		name     string
+		late     string // the end that begins to serve: "peer" or "here"
+		fromPeer bool   // the peer dialed the circuit
+		direct   bool   // a direct connection beside the circuit
+		replaced bool
+	}{
+		{name: "the peer begins to serve", late: "peer", replaced: true},
+		{name: "this host begins to serve", late: "here", replaced: true},
+		{name: "the peer begins to serve, its own circuit", late: "peer", fromPeer: true},
+		{name: "this host begins to serve, the peer's circuit", late: "here", fromPeer: true},
+		{name: "the peer begins to serve, reached directly too", late: "peer", direct: true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			g, a, b, _, rp := behindNAT(t)
+			rp.settle = 50 * time.Millisecond
+			rp.Attach()
+			early := a
+			if tc.late == "here" {
+				early = b
+			}
+			servePunch(early)
+			r := relaytest.New(t)
+			relaytest.Reserve(t, b, r)
+			var rc network.Conn
+			if tc.fromPeer {
+				relaytest.Reserve(t, a, r)
+				relaytest.Dial(t, b, a, r)
+			} else {
+				rc = relaytest.Dial(t, a, b, r)
+			}
+			if tc.direct {
+				direct(t, a, b)
+			}
+			g.closed.Store(true)
+			waitIdentified(t, a, b.ID())
+			waitIdentified(t, b, a.ID())
+			quiet(t, a, b)
+			in := watchInbound(b)
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			go rp.Run(ctx)
+			late := b
+			if tc.late == "here" {
+				late = a
+			}
+			servePunch(late)
+			if !tc.replaced {
+				// The push reached a; then Run's handling of it is
+				// what a direct call does.
+				for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+					if ok, _ := a.Peerstore().SupportsProtocols(b.ID(), holepunch.Protocol); len(ok) > 0 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("a did not learn that b serves hole punching")
+					}
+				}
+				cancel()
+				var e any = event.EvtPeerProtocolsUpdated{Peer: b.ID(), Added: []protocol.ID{holepunch.Protocol}}
+				if tc.late == "here" {
+					e = event.EvtLocalProtocolsUpdated{Added: []protocol.ID{holepunch.Protocol}}
+				}
+				if n := rp.served(e); n != 0 {
+					t.Fatalf("made %d tries due, want none", n)
+				}
+				time.Sleep(4 * rp.settle)
+				if n := rp.Sweep(t.Context()); n != 0 {
+					t.Fatalf("redialed %d peers, want none", n)
+				}
+				return
+			}
+			for deadline := time.Now().Add(5 * time.Second); !rc.IsClosed() || in.count() == 0; time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("the circuit opened before %s served hole punching: closed %v, %d new circuits at the peer; want it replaced", tc.late, rc.IsClosed(), in.count())
+				}
+			}
+			if age := time.Since(rc.Stat().Opened); age >= rp.fresh {
+				t.Fatalf("the circuit was %s old, want under %s (a fresh circuit replaced for being unpunched)", age, rp.fresh)
+			}
+			// The new circuit is punched (both ends serve): it is left
+			// to its punch, and the waits are as they were.
+			rp.mu.Lock()
+			s := *rp.peers[b.ID()]
+			rp.mu.Unlock()
+			if s.quickTry || s.delay != rp.unpunched {
+				t.Fatalf("after the try: quick %v, wait %s; want a wait of %s, not lengthened", s.quickTry, s.delay, rp.unpunched)
+			}
+		})
 	}
 }
