@@ -417,6 +417,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	prune := dupconn.New(h, liveness.Probe, append([]dupconn.Option{dupconn.WithExpendable(expendable(cfg.swarm)...)}, cfg.dupOpts...)...)
 	repunches := repunch.New(h, repunch.WithSafe(reconnectSafe(cfg.swarm)))
 	repunches.Attach()
+	undo = append(undo, repunches.Close)
 	relays.probe = live.Suspect
 	for _, ai := range boot {
 		h.ConnManager().Protect(ai.ID, "mtor-bootstrap")

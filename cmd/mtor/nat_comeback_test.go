@@ -36,11 +36,12 @@ func TestNATWorkerComesBack(t *testing.T) {
 	quicAndTCPPairs(t, testNATWorkerComesBack)
 }
 
-// comebackDirectWithin bounds the wait for a new direct connection: over
-// TCP the first punch after a restart can fail (the client's dial leaves
-// from a random port when a socket holds its listener's address pair:
-// docs/benchmarks.md), and node/repunch's tries come 60 to 80 s after the
-// circuit, then 2 min later.
+// comebackDirectWithin bounds the wait for a new direct connection. The
+// restarted worker is punched within seconds (node/repunch replaces the
+// circuits that reached it before its hole-punch service started), but a
+// punch that fails leaves the pair to node/repunch's later tries, 60 to
+// 80 s after the circuit, then 2 min later; over TCP one was once seen
+// to fail with the client's dial from a random port (docs/benchmarks.md).
 const comebackDirectWithin = 4 * time.Minute
 
 func testNATWorkerComesBack(t *testing.T, wk, ck natKind) {

@@ -41,8 +41,11 @@
 // restarts is dialed through its relays at once by the peers that were
 // routing to it, so this is the common case, not a rare one. When a peer
 // begins to serve the protocol (its identify push), or this host does,
-// the circuits dialed from here before that are tried at once (a second
-// later, DefaultSettle), not after a wait.
+// the circuits dialed from here before that are tried at once (within
+// DefaultSettle), not after a wait. (A circuit opened a moment before this
+// host began may yet be in the peer's punch: its punch stream holds the
+// try off, and a punch that is past its exchange goes on without the
+// circuit.)
 //
 // A peer due for a try that has no circuit dialed from here waits for
 // one, and a circuit that comes then gets the wait anew: libp2p punches
@@ -147,9 +150,18 @@ type Repuncher struct {
 	peers map[peer.ID]*state
 	tries int64 // peers whose relayed connections were replaced
 	// ready: when (real time) this host began to serve the hole-punch
-	// protocol, if Run saw it begin; no circuit opened before was
+	// protocol, if it began after Attach; no circuit opened before was
 	// punched.
 	ready time.Time
+	// serving: this host serves the hole-punch protocol (seen at Attach
+	// or since), so that the event bus's replay of its start on
+	// subscription is not taken for a new one.
+	serving bool
+	// sub follows the protocols of the peers and this host (Attach);
+	// kick wakes Run when a try is due at once.
+	sub       event.Subscription
+	kick      chan struct{}
+	closeOnce sync.Once
 	// redialing: peers whose connections are being replaced, until when
 	// (real time: it covers the disconnection's events, delivered late).
 	redialing map[peer.ID]time.Time
@@ -233,6 +245,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
 		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, fresh: DefaultFresh,
 		settle: DefaultSettle, now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
+		kick: make(chan struct{}, 1),
 	}
 	for _, o := range opts {
 		o(r)
@@ -250,8 +263,20 @@ func (r *Repuncher) Reconnecting(p peer.ID) bool {
 	return ok && time.Now().Before(until)
 }
 
-// Attach follows h's connections.
+// Attach follows h's connections, and the start of the hole-punch
+// protocol at either end. Run's end, or Close, stops the latter.
 func (r *Repuncher) Attach() {
+	r.mu.Lock()
+	r.serving = slices.Contains(r.h.Mux().Protocols(), holepunch.Protocol)
+	r.mu.Unlock()
+	sub, err := r.h.EventBus().Subscribe([]any{new(event.EvtPeerProtocolsUpdated), new(event.EvtLocalProtocolsUpdated)},
+		eventbus.BufSize(64), eventbus.Name("mtor/repunch"))
+	if err != nil {
+		log.Warnw("hole-punch service starts not followed: circuits opened before one wait for the sweeps", "err", err)
+	} else {
+		r.sub = sub
+		go r.follow(sub)
+	}
 	r.h.Network().Notify(&network.NotifyBundle{
 		ConnectedF: func(_ network.Network, c network.Conn) {
 			if !relayaddr.IsRelayed(c) {
@@ -337,19 +362,11 @@ func (r *Repuncher) forgetOne() {
 // Run looks at the connections every interval, and a moment after an end
 // begins to serve the hole-punch protocol, until ctx ends.
 func (r *Repuncher) Run(ctx context.Context) {
+	defer r.Close()
 	t := time.NewTicker(r.interval)
 	defer t.Stop()
 	soon := time.NewTimer(time.Hour)
 	soon.Stop()
-	var events <-chan any
-	sub, err := r.h.EventBus().Subscribe([]any{new(event.EvtPeerProtocolsUpdated), new(event.EvtLocalProtocolsUpdated)},
-		eventbus.BufSize(64), eventbus.Name("mtor/repunch"))
-	if err != nil {
-		log.Warnw("no hole-punch service starts followed: the circuits opened before wait for the sweeps", "err", err)
-	} else {
-		defer sub.Close()
-		events = sub.Out()
-	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -358,9 +375,31 @@ func (r *Repuncher) Run(ctx context.Context) {
 			r.Sweep(ctx)
 		case <-soon.C:
 			r.Sweep(ctx)
-		case e := <-events:
-			if r.served(e) > 0 {
-				soon.Reset(r.settle)
+		case <-r.kick:
+			soon.Reset(r.settle)
+		}
+	}
+}
+
+// Close stops following the protocols' starts.
+func (r *Repuncher) Close() {
+	r.closeOnce.Do(func() {
+		if r.sub != nil {
+			_ = r.sub.Close()
+		}
+	})
+}
+
+// follow takes the protocol events until sub closes. It only marks the
+// peers due and wakes Run: a sweep's redials take seconds, and the event
+// bus blocks an emitter (identify, a SetStreamHandler) while its
+// subscriber's buffer is full.
+func (r *Repuncher) follow(sub event.Subscription) {
+	for e := range sub.Out() {
+		if r.served(e) > 0 {
+			select {
+			case r.kick <- struct{}{}:
+			default:
 			}
 		}
 	}
@@ -380,10 +419,17 @@ func (r *Repuncher) served(e any) int {
 			return 0
 		}
 	case event.EvtLocalProtocolsUpdated:
-		ps, local = r.h.Network().Peers(), true
 		if !slices.Contains(e.Added, holepunch.Protocol) {
 			return 0
 		}
+		r.mu.Lock()
+		seen := r.serving
+		r.serving = true
+		r.mu.Unlock()
+		if seen {
+			return 0 // the replay, on subscription, of a start before Attach
+		}
+		ps, local = r.h.Network().Peers(), true
 	default:
 		return 0
 	}

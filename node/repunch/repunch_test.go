@@ -12,7 +12,6 @@ import (
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/crypto"
-	"github.com/libp2p/go-libp2p/core/event"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -155,6 +154,7 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 			rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 			rp.young = 0 // a test's direct connections close at once: see TestDeathInThePunchIsTriedSoon
 			rp.Attach()
+			t.Cleanup(rp.Close)
 			r := relaytest.New(t)
 			var rc network.Conn
 			if tc.fromPeer {
@@ -386,6 +386,7 @@ func TestNeverDirectIsTriedAgain(t *testing.T) {
 			rp.now = clk.now
 			rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 			rp.Attach()
+			t.Cleanup(rp.Close)
 			r := relaytest.New(t)
 			relaytest.Reserve(t, b, r)
 			var rc network.Conn
@@ -598,6 +599,7 @@ func TestDeathInThePunchIsTriedSoon(t *testing.T) {
 	g, a, b, clk, rp := behindNAT(t)
 	rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 	rp.Attach()
+	t.Cleanup(rp.Close)
 	r := relaytest.New(t)
 	relaytest.Reserve(t, b, r)
 	waitStreams(t, relaytest.Dial(t, a, b, r))
@@ -655,6 +657,7 @@ func TestTheLastDirectConnectionStartsTheWait(t *testing.T) {
 	rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 	rp.young = 0
 	rp.Attach()
+	t.Cleanup(rp.Close)
 	r := relaytest.New(t)
 	relaytest.Reserve(t, b, r)
 	rc := relaytest.Dial(t, a, b, r)
@@ -779,6 +782,7 @@ func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
 	g, a, b, clk, rp := behindNAT(t)
 	rp.young = 0 // the direct connection's loss is its path's
 	rp.Attach()
+	t.Cleanup(rp.Close)
 	r := relaytest.New(t)
 	relaytest.Reserve(t, b, r)
 	_ = direct(t, a, b).Close()
@@ -866,12 +870,13 @@ func TestYieldFor(t *testing.T) {
 // dialed through its relays at once), is never punched. When the peer
 // begins to serve the protocol (its identify push) or this host does, the
 // circuits dialed from here are replaced a moment later, however young;
-// a circuit the peer dialed, or a peer reached directly too, is left
-// alone.
+// a circuit the peer dialed, a peer reached directly too, and a pair of
+// which this end serves no hole punching are left alone.
 func TestUnpunchedCircuitIsTriedWhenServed(t *testing.T) {
 	cases := []struct {
 		name     string
 		late     string // the end that begins to serve: "peer" or "here"
+		never    bool   // the other end never serves
 		fromPeer bool   // the peer dialed the circuit
 		direct   bool   // a direct connection beside the circuit
 		replaced bool
@@ -881,17 +886,22 @@ func TestUnpunchedCircuitIsTriedWhenServed(t *testing.T) {
 		{name: "the peer begins to serve, its own circuit", late: "peer", fromPeer: true},
 		{name: "this host begins to serve, the peer's circuit", late: "here", fromPeer: true},
 		{name: "the peer begins to serve, reached directly too", late: "peer", direct: true},
+		{name: "this host begins to serve, reached directly too", late: "here", direct: true},
+		{name: "the peer begins to serve, this host never", late: "peer", never: true},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			g, a, b, _, rp := behindNAT(t)
 			rp.settle = 50 * time.Millisecond
-			rp.Attach()
-			early := a
+			early, late := a, b
 			if tc.late == "here" {
-				early = b
+				early, late = b, a
 			}
-			servePunch(early)
+			if !tc.never {
+				servePunch(early) // before Attach: no start of its own seen
+			}
+			rp.Attach()
+			t.Cleanup(rp.Close)
 			r := relaytest.New(t)
 			relaytest.Reserve(t, b, r)
 			var rc network.Conn
@@ -909,17 +919,11 @@ func TestUnpunchedCircuitIsTriedWhenServed(t *testing.T) {
 			waitIdentified(t, b, a.ID())
 			quiet(t, a, b)
 			in := watchInbound(b)
-			ctx, cancel := context.WithCancel(t.Context())
-			defer cancel()
-			go rp.Run(ctx)
-			late := b
-			if tc.late == "here" {
-				late = a
-			}
+			go rp.Run(t.Context())
 			servePunch(late)
 			if !tc.replaced {
-				// The push reached a; then Run's handling of it is
-				// what a direct call does.
+				// The push has reached a (or a serves): Run had it a
+				// moment later.
 				for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 					if ok, _ := a.Peerstore().SupportsProtocols(b.ID(), holepunch.Protocol); len(ok) > 0 {
 						break
@@ -928,17 +932,12 @@ func TestUnpunchedCircuitIsTriedWhenServed(t *testing.T) {
 						t.Fatal("a did not learn that b serves hole punching")
 					}
 				}
-				cancel()
-				var e any = event.EvtPeerProtocolsUpdated{Peer: b.ID(), Added: []protocol.ID{holepunch.Protocol}}
-				if tc.late == "here" {
-					e = event.EvtLocalProtocolsUpdated{Added: []protocol.ID{holepunch.Protocol}}
-				}
-				if n := rp.served(e); n != 0 {
-					t.Fatalf("made %d tries due, want none", n)
-				}
-				time.Sleep(4 * rp.settle)
-				if n := rp.Sweep(t.Context()); n != 0 {
-					t.Fatalf("redialed %d peers, want none", n)
+				time.Sleep(10 * rp.settle)
+				rp.mu.Lock()
+				tries, due := rp.tries, rp.peers[b.ID()] != nil && !rp.peers[b.ID()].next.IsZero()
+				rp.mu.Unlock()
+				if tries != 0 || due || in.count() != 0 || rc != nil && rc.IsClosed() {
+					t.Fatalf("redialed %d peers, a try due %v, %d new circuits at the peer; want it left alone", tries, due, in.count())
 				}
 				return
 			}
@@ -951,12 +950,16 @@ func TestUnpunchedCircuitIsTriedWhenServed(t *testing.T) {
 				t.Fatalf("the circuit was %s old, want under %s (a fresh circuit replaced for being unpunched)", age, rp.fresh)
 			}
 			// The new circuit is punched (both ends serve): it is left
-			// to its punch, and the waits are as they were.
+			// to its punch, and the waits are as they were. Only the
+			// end that began has a start of its own.
 			rp.mu.Lock()
-			s := *rp.peers[b.ID()]
+			s, here := *rp.peers[b.ID()], rp.ready
 			rp.mu.Unlock()
 			if s.quickTry || s.delay != rp.unpunched {
 				t.Fatalf("after the try: quick %v, wait %s; want a wait of %s, not lengthened", s.quickTry, s.delay, rp.unpunched)
+			}
+			if (tc.late == "here") == here.IsZero() || (tc.late == "peer") == s.ready.IsZero() {
+				t.Fatalf("this host's start %v, the peer's %v; want only the %s's", here, s.ready, tc.late)
 			}
 		})
 	}
