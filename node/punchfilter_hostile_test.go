@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"slices"
@@ -17,12 +16,11 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
-	holepb "github.com/libp2p/go-libp2p/p2p/protocol/holepunch/pb"
-	"github.com/libp2p/go-msgio/pbio"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/node/internal/relaytest"
+	"github.com/mtor-swarm/mtor/node/punchtest"
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
@@ -100,6 +98,47 @@ func (p *punchStarts) all() [][]string {
 	return slices.Clone(p.addrs)
 }
 
+// hostileTarget is a node with hole punching and mtor's filter, and a
+// public address announced so that libp2p's service serves punches
+// (loopback is not public), with a record of the punches it starts. It
+// dials nothing but loopback: the public addresses here are never
+// reached.
+func hostileTarget(t *testing.T) (host.Host, *punchStarts) {
+	t.Helper()
+	starts := &punchStarts{}
+	announced := ma.StringCast("/ip4/11.9.9.9/tcp/4001")
+	node, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(loopbackOnly{}),
+		libp2p.AddrsFactory(func(as []ma.Multiaddr) []ma.Multiaddr { return append(as, announced) }),
+		libp2p.EnableHolePunching(holepunch.WithAddrFilter(newPunchFilter()), holepunch.WithTracer(starts)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { node.Close() })
+	for deadline := time.Now().Add(10 * time.Second); !slices.Contains(node.Mux().Protocols(), holepunch.Protocol); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the node's hole-punch service never served punches")
+		}
+	}
+	return node, starts
+}
+
+// newStranger is a peer with a reservation on relay r, which node dials
+// through r: the stranger may send node hole-punch messages. It takes no
+// direct connection from the node (the node's punch would otherwise
+// reach the stranger's loopback listener, and the next CONNECT come on
+// that connection, which libp2p refuses).
+func newStranger(t *testing.T, node, r host.Host) host.Host {
+	t.Helper()
+	stranger, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(relayedOnly{p: node.ID()}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stranger.Close() })
+	relaytest.Reserve(t, stranger, r)
+	relaytest.Dial(t, node, stranger, r)
+	return stranger
+}
+
 // TestHostileHolePunchConnect: a stranger that a node dialed through a
 // relay answers with hole-punch CONNECT messages of its own making, as
 // go-libp2p's responder takes them from any peer on a circuit it dialed.
@@ -127,55 +166,18 @@ func TestHostileHolePunchConnect(t *testing.T) {
 		}
 	}()
 
-	// The node: hole punching with mtor's filter, and a public address
-	// announced so that libp2p's service serves punches (loopback is
-	// not public). Neither host dials anything but loopback: the public
-	// addresses here are never reached.
-	starts := &punchStarts{}
-	announced := ma.StringCast("/ip4/11.9.9.9/tcp/4001")
-	node, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(loopbackOnly{}),
-		libp2p.AddrsFactory(func(as []ma.Multiaddr) []ma.Multiaddr { return append(as, announced) }),
-		libp2p.EnableHolePunching(holepunch.WithAddrFilter(newPunchFilter()), holepunch.WithTracer(starts)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { node.Close() })
-	// The stranger takes no direct connection from the node (its punch
-	// would otherwise reach the stranger's loopback listener, and the
-	// next CONNECT come on that connection, which libp2p refuses).
-	stranger, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ConnectionGater(relayedOnly{p: node.ID()}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { stranger.Close() })
-	r := relaytest.New(t)
-	relaytest.Reserve(t, stranger, r)
-	relaytest.Dial(t, node, stranger, r)
-	for deadline := time.Now().Add(10 * time.Second); !slices.Contains(node.Mux().Protocols(), holepunch.Protocol); time.Sleep(50 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the node's hole-punch service never served punches")
-		}
-	}
+	node, starts := hostileTarget(t)
+	stranger := newStranger(t, node, relaytest.New(t))
 
 	// connect sends CONNECT with addrs on a new hole-punch stream to the
 	// node, over the circuit, and reports whether the node answered
-	// (then it is sent SYNC, and it dials what its filter kept).
+	// (then it is sent SYNC, and it dials what its filter kept). A stream
+	// refused for libp2p's limit of 2 at a time is sent again.
 	connect := func(addrs []ma.Multiaddr) bool {
 		t.Helper()
-		msg := &holepb.HolePunch{Type: holepb.HolePunch_CONNECT.Enum()}
-		for _, a := range addrs {
-			msg.ObsAddrs = append(msg.ObsAddrs, a.Bytes())
-		}
-		// libp2p serves 2 hole-punch streams of a peer at a time, each
-		// until its punch ends: one refused for that is sent again.
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-			answered, err := connectOnce(t, stranger, node.ID(), msg)
-			var serr *network.StreamError
-			if errors.As(err, &serr) && serr.Remote && serr.ErrorCode == network.StreamResourceLimitExceeded && time.Now().Before(deadline) {
-				continue
-			}
-			return answered
-		}
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
+		return punchtest.ConnectAgain(ctx, stranger, node.ID(), punchtest.ConnectMsg(addrs...), 10*time.Second)
 	}
 	lanAddr, err := manet.FromNetAddr(lan.Addr())
 	if err != nil {
@@ -235,31 +237,4 @@ func TestHostileHolePunchConnect(t *testing.T) {
 	if n := len(starts.all()); n != 1+answered {
 		t.Errorf("%d punches started, want one per CONNECT answered (%d)", n, 1+answered)
 	}
-}
-
-// connectOnce sends msg, a CONNECT, on a new hole-punch stream from h to
-// p, and reports whether p answered (then it is sent SYNC, and it dials
-// what its filter kept) and, when it did not, how the stream ended.
-func connectOnce(t *testing.T, h host.Host, p peer.ID, msg *holepb.HolePunch) (bool, error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(network.WithAllowLimitedConn(t.Context(), "test"), 10*time.Second)
-	defer cancel()
-	s, err := h.NewStream(ctx, p, holepunch.Protocol)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	_ = s.SetDeadline(time.Now().Add(10 * time.Second))
-	w, rd := pbio.NewDelimitedWriter(s), pbio.NewDelimitedReader(s, 4096)
-	if err := w.WriteMsg(msg); err != nil {
-		return false, err
-	}
-	var reply holepb.HolePunch
-	if err := rd.ReadMsg(&reply); err != nil {
-		return false, err // refused: the stream is reset
-	}
-	if err := w.WriteMsg(&holepb.HolePunch{Type: holepb.HolePunch_SYNC.Enum()}); err != nil {
-		t.Fatal(err)
-	}
-	return true, nil
 }
