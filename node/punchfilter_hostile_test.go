@@ -238,3 +238,57 @@ func TestHostileHolePunchConnect(t *testing.T) {
 		t.Errorf("%d punches started, want one per CONNECT answered (%d)", n, 1+answered)
 	}
 }
+
+// TestHostilePunchesOfManyPeers: strangers enough that their own budgets
+// together pass the budget of all peers each send as many CONNECTs as
+// their own budget allows, all at once. The node answers the budget of
+// all (and what refills of it meanwhile), not the sum of theirs, and
+// starts a punch for each answer alone.
+func TestHostilePunchesOfManyPeers(t *testing.T) {
+	const strangers, perRelay = 24, 8 // a relay reserves for 8 peers of an IP address
+	if strangers*punchesPerPeer <= punchesAll {
+		t.Fatalf("%d strangers' budgets of %d are within the budget of all, %d: the test reaches no limit", strangers, punchesPerPeer, punchesAll)
+	}
+	node, starts := hostileTarget(t)
+	var r host.Host
+	peers := make([]host.Host, strangers)
+	for i := range peers {
+		if i%perRelay == 0 {
+			r = relaytest.New(t)
+		}
+		peers[i] = newStranger(t, node, r)
+	}
+	public := make([]ma.Multiaddr, maxPunchAddrs)
+	for i := range public {
+		public[i] = ma.StringCast(fmt.Sprintf("/ip4/11.6.%d.1/tcp/4001", i))
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	var answered atomic.Int64
+	var wg sync.WaitGroup
+	spent := time.Now() // the budget of all refills from here
+	for _, p := range peers {
+		wg.Go(func() {
+			for range punchesPerPeer {
+				if punchtest.ConnectAgain(ctx, p, node.ID(), punchtest.ConnectMsg(public...), 10*time.Second) {
+					answered.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	took := time.Since(spent)
+	refill := int64(took / punchAllEvery)
+	t.Logf("the node answered %d of %d CONNECTs from %d peers in %s", answered.Load(), strangers*punchesPerPeer, strangers, took.Round(time.Millisecond))
+	if n := answered.Load(); n < punchesAll || n > punchesAll+refill {
+		t.Errorf("the node answered %d of %d CONNECTs from %d peers in %s, want %d (the budget of all) and at most %d refilled",
+			n, strangers*punchesPerPeer, strangers, took.Round(time.Millisecond), punchesAll, refill)
+	}
+	for deadline := time.Now().Add(10 * time.Second); int64(len(starts.all())) < answered.Load() && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(starts.all()); int64(n) != answered.Load() {
+		t.Errorf("%d punches started, want one per CONNECT answered (%d)", n, answered.Load())
+	}
+}
