@@ -267,16 +267,9 @@ func (f *punchFilter) withTCPGuess(addrs []ma.Multiaddr) []ma.Multiaddr {
 	if listens == nil {
 		return addrs
 	}
-	quic := false
 	for _, a := range addrs {
-		if !manet.IsPublicAddr(a) {
-			continue
-		}
-		switch kindOf(a) {
-		case kindTCP4:
+		if kindOf(a) == kindTCP4 && manet.IsPublicAddr(a) {
 			return addrs // known
-		case kindQUIC4:
-			quic = true
 		}
 	}
 	port := ""
@@ -289,7 +282,7 @@ func (f *punchFilter) withTCPGuess(addrs []ma.Multiaddr) []ma.Multiaddr {
 			break
 		}
 	}
-	if port == "" || !quic {
+	if port == "" {
 		return addrs
 	}
 	// Each guess right after its QUIC address: the peer keeps only the
@@ -309,6 +302,9 @@ func (f *punchFilter) withTCPGuess(addrs []ma.Multiaddr) []ma.Multiaddr {
 		if g, err := ma.NewMultiaddr("/ip4/" + ip + "/tcp/" + port); err == nil {
 			out = append(out, g)
 		}
+	}
+	if len(guessed) == 0 {
+		return addrs // no public QUIC address over IPv4 to guess from
 	}
 	return out
 }
