@@ -29,6 +29,7 @@ import (
 
 	"github.com/mtor-swarm/mtor/node/coalesce"
 	"github.com/mtor-swarm/mtor/node/membership"
+	"github.com/mtor-swarm/mtor/node/tcpdial"
 	"github.com/mtor-swarm/mtor/protocol"
 	"go.uber.org/fx"
 )
@@ -268,6 +269,9 @@ func newHost(hc hostConfig) (host.Host, error) {
 	}
 	// Both ends of a punch dial one transport (punchfilter.go).
 	punchFilter := newPunchFilter()
+	// TCP dials leave from the listen port, and a punch's refused dial is
+	// tried again from it rather than from a random port (node/tcpdial).
+	tcpDialer := tcpdial.New()
 	punchOpts := []holepunch.Option{holepunch.WithAddrFilter(punchFilter)}
 	if hc.punches != nil {
 		punchOpts = append(punchOpts, holepunch.WithTracer(hc.punches))
@@ -275,7 +279,7 @@ func newHost(hc hostConfig) (host.Host, error) {
 	opts := []libp2p.Option{
 		libp2p.Identity(hc.key),
 		libp2p.ListenAddrStrings(hc.listen...),
-		libp2p.Transport(tcp.NewTCPTransport),
+		libp2p.Transport(tcp.NewTCPTransport, tcp.WithDialerForAddr(tcpDialer.ForAddr)),
 		libp2p.Transport(quic.NewTransport),
 		// yamux (TCP and relayed connections) writes each frame by
 		// itself; frames that queue while a write is under way go
@@ -324,5 +328,6 @@ func newHost(hc hostConfig) (host.Host, error) {
 		return nil, fmt.Errorf("start libp2p host: %w", err)
 	}
 	punchFilter.setNetwork(h.Network())
+	tcpDialer.Attach(h.Network())
 	return h, nil
 }
