@@ -9,10 +9,11 @@ package main
 // addresses are public-looking because libp2p hole-punches only with
 // addresses manet.IsPublicAddr accepts (100.64.0.0/10 and 10/8 are not).
 //
-// Each router drops unsolicited packets to itself from the outside, as a
-// home router does: answering them (a TCP reset, an ICMP port unreachable)
-// would end a hole punch's first SYN or datagram before the other side's
-// mapping exists, and would take that port's conntrack tuple.
+// Each router but the rejecting kind's drops unsolicited packets to
+// itself from the outside, as many home routers do; answering them (a TCP
+// reset, an ICMP port unreachable), as OpenWrt's does, ends a hole punch's
+// SYN that arrives before the other side's mapping exists, and the
+// rejecting kind checks that a punch survives it (node/tcpdial).
 //
 // NAT kinds, built with nftables in the router's namespace:
 //   - forwarded: port-restricted masquerading plus a port forward of the
@@ -25,7 +26,8 @@ package main
 //   - udp-blocked: restricted, and the LAN may send no UDP (a network that
 //     allows only TCP);
 //   - udp-symmetric: symmetric for UDP, restricted for TCP (NATs often
-//     treat the two apart): a QUIC punch cannot open, a TCP one can.
+//     treat the two apart): a QUIC punch cannot open, a TCP one can;
+//   - rejecting: udp-blocked, and the router answers what it drops.
 //
 // The NAT'd workers run on a pure worker's defaults, without the swarm
 // view: they learn of no relay from the swarm topic, and must find the
@@ -97,6 +99,12 @@ const (
 	// as restricted does: a punch opens over TCP only, at libp2p's
 	// second try (node/punchfilter.go), after QUIC's fails.
 	natUDPSymmetric natKind = "udp-symmetric"
+	// natRejecting is udp-blocked with a router that answers unsolicited
+	// packets, as OpenWrt's default firewall does on its WAN side: a
+	// TCP reset for a SYN, an ICMP port unreachable for the rest. A hole
+	// punch's SYN that reaches it before the SYN of the host behind it
+	// went out is refused, not dropped.
+	natRejecting natKind = "rejecting"
 )
 
 // natNet is one topology: namespaces, links and NAT rules.
@@ -235,9 +243,12 @@ func (n *natNet) nat(router, host string, k natKind) {
 	case natUDPSymmetric:
 		masq = `meta l4proto udp masquerade fully-random; oifname "wan" masquerade`
 	}
-	blockUDP := ""
-	if k == natUDPBlocked {
+	blockUDP, unsolicited := "", "drop"
+	if k == natUDPBlocked || k == natRejecting {
 		blockUDP = "meta l4proto udp drop"
+	}
+	if k == natRejecting {
+		unsolicited = "meta l4proto tcp reject with tcp reset; iifname \"wan\" reject"
 	}
 	rules := fmt.Sprintf(`table ip nat {
 	chain post { type nat hook postrouting priority srcnat; policy accept; oifname "wan" %s; }
@@ -246,7 +257,7 @@ func (n *natNet) nat(router, host string, k natKind) {
 table ip filter {
 	chain input_wan { type filter hook input priority filter; policy accept;
 		iifname "wan" ct state established,related accept
-		iifname "wan" drop
+		iifname "wan" %s
 	}
 	chain forward_lan { type filter hook forward priority filter; policy drop;
 		%s
@@ -255,7 +266,7 @@ table ip filter {
 		ct status dnat accept
 	}
 }
-`, masq, blockUDP)
+`, masq, unsolicited, blockUDP)
 	if k == natForwarded {
 		rules += fmt.Sprintf("add rule ip nat pre iifname \"wan\" tcp dport %s dnat to %s:%s\n", natListenPort, n.ips[host], natListenPort)
 		rules += fmt.Sprintf("add rule ip nat pre iifname \"wan\" udp dport %s dnat to %s:%s\n", natListenPort, n.ips[host], natListenPort)
@@ -460,7 +471,7 @@ func punchable(wk, ck natKind) bool {
 // their NATs keep a UDP mapping, else TCP. Ends that dialled both could
 // each keep a different connection and close the other's, leaving none.
 func punchTransport(wk, ck natKind) string {
-	if udp := []natKind{natUDPBlocked, natUDPSymmetric}; slices.Contains(udp, wk) || slices.Contains(udp, ck) {
+	if udp := []natKind{natUDPBlocked, natUDPSymmetric, natRejecting}; slices.Contains(udp, wk) || slices.Contains(udp, ck) {
 		return "tcp"
 	}
 	return "quic-v1"
@@ -496,6 +507,10 @@ func TestNATSuite(t *testing.T) {
 		{natRestricted, natUDPBlocked},
 		// QUIC's punch fails, TCP's opens at the second try.
 		{natRestricted, natUDPSymmetric},
+		// TCP alone, and the worker's router answers a SYN that comes
+		// before the worker's own: the client's dial is refused and
+		// tried again from its listen port (node/tcpdial).
+		{natRejecting, natRestricted},
 		{natRestricted, natSymmetric},
 		{natSymmetric, natRestricted},
 	}
