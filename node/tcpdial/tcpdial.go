@@ -18,11 +18,11 @@
 //     one. Where both NATs answer, each SYN can close the other's way in
 //     turn, and the punch opens only if two SYNs cross on the way.
 //
-// A random port is used only where the listener's port cannot be bound
-// for the destination (a connection or TIME-WAIT of the same
-// four-tuple), and for a dial outside a punch that failed for a reason a
-// random port might not meet; a refusal or an unreachable network is
-// returned as it is.
+// Outside a punch a random port is used where the listener's port cannot
+// be bound for the destination (a connection or TIME-WAIT of the same
+// four-tuple) and after an error a random port might not meet; a refusal
+// or an unreachable network is returned as it is. In a punch a random
+// port is never used: no NAT maps it for the punch.
 package tcpdial
 
 import (
@@ -77,6 +77,8 @@ type Dialer struct {
 	// reuse reports whether the transport listens with SO_REUSEPORT: the
 	// listener's port can be bound for a dial only then.
 	reuse bool
+	// onRefused, for tests, hears of each refused punch dial it retries.
+	onRefused func(tries int)
 }
 
 // Option configures a Dialer.
@@ -138,6 +140,12 @@ func (d *Dialer) DialContext(ctx context.Context, netw, address string) (net.Con
 		}
 		switch classify(err) {
 		case portBusy:
+			if punch {
+				// A connection of this four-tuple exists (the far
+				// host's SYN may have reached the listener): a random
+				// port would only send a SYN no NAT maps for the punch.
+				return nil, err
+			}
 			log.Debugw("listen port busy for this destination; dialing from a random port", "to", address, "from", laddr, "err", err)
 			var plain net.Dialer
 			return plain.DialContext(ctx, netw, address)
@@ -146,7 +154,10 @@ func (d *Dialer) DialContext(ctx context.Context, netw, address string) (net.Con
 				return nil, err
 			}
 			if tries >= punchTries {
-				return nil, fmt.Errorf("%w (hole punch dial from %s, %d tries)", err, laddr, tries)
+				return nil, fmt.Errorf("%w (hole punch, %d dials from %s)", err, tries, laddr)
+			}
+			if d.onRefused != nil {
+				d.onRefused(tries)
 			}
 			// The far NAT answered before the far host's SYN opened it.
 			log.Debugw("hole punch dial refused; trying the same port again", "to", address, "from", laddr, "err", err, "try", tries)
@@ -154,7 +165,7 @@ func (d *Dialer) DialContext(ctx context.Context, netw, address string) (net.Con
 			select {
 			case <-ctx.Done():
 				t.Stop()
-				return nil, fmt.Errorf("%w (hole punch dial from %s, %d tries)", err, laddr, tries)
+				return nil, fmt.Errorf("%w (hole punch, %d dials from %s)", err, tries, laddr)
 			case <-t.C:
 			}
 			pause = min(2*pause, max(d.pause, maxRetryPause))

@@ -69,20 +69,23 @@ func punchCtx(ctx context.Context) context.Context {
 }
 
 // A hole punch's SYN refused by the far side (its NAT answered before its
-// host's SYN opened it) is sent again from the listen port until the
-// far side takes it; go-libp2p's own dialer would dial once more from a
-// random port, which no NAT maps as the punch needs.
+// host's SYN opened it) is sent again from the listen port, and connects
+// once the far side takes it; go-libp2p's own dialer would dial once more
+// from a random port, which no NAT maps as the punch needs.
 func TestPunchDialRetriesRefusalFromListenPort(t *testing.T) {
 	home, _ := listenReuse(t, "127.0.0.1:0")
 	d := attached(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", home.Port))
 	far := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-
-	opened := make(chan (<-chan net.Conn), 1)
-	go func() {
-		time.Sleep(150 * time.Millisecond) // a refusal or two first
-		_, acc := listenReuse(t, far)
-		opened <- acc
-	}()
+	// The far side listens once the first dial was refused: the next
+	// try, a pause later, finds it.
+	var refused int
+	var acc <-chan net.Conn
+	d.onRefused = func(tries int) {
+		refused = tries
+		if acc == nil {
+			_, acc = listenReuse(t, far)
+		}
+	}
 	ctx, cancel := context.WithTimeout(punchCtx(context.Background()), 5*time.Second)
 	defer cancel()
 	c, err := d.DialContext(ctx, "tcp4", far)
@@ -90,10 +93,12 @@ func TestPunchDialRetriesRefusalFromListenPort(t *testing.T) {
 		t.Fatalf("punch dial: %v, want it connected once the far side listens", err)
 	}
 	defer c.Close()
+	if refused != 1 {
+		t.Errorf("%d refused dials before the one that connected, want 1", refused)
+	}
 	if got := c.LocalAddr().(*net.TCPAddr).Port; got != home.Port {
 		t.Errorf("punch dial left from port %d, want the listen port %d", got, home.Port)
 	}
-	acc := <-opened
 	select {
 	case in := <-acc:
 		if got := in.RemoteAddr().(*net.TCPAddr).Port; got != home.Port {
@@ -104,21 +109,22 @@ func TestPunchDialRetriesRefusalFromListenPort(t *testing.T) {
 	}
 }
 
-// Outside a punch a refusal is the answer: returned at once, and not
-// dialed again from another port.
+// Outside a punch a refusal is the answer: returned as the listen port's
+// dial met it, not dialed again from that port or another.
 func TestOrdinaryDialRefusedIsReturned(t *testing.T) {
 	home, _ := listenReuse(t, "127.0.0.1:0")
 	d := attached(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", home.Port))
-	far := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	d.onRefused = func(int) { t.Error("an ordinary dial's refusal was retried") }
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	start := time.Now()
-	_, err := d.DialContext(ctx, "tcp4", far)
+	_, err := d.DialContext(ctx, "tcp4", fmt.Sprintf("127.0.0.1:%d", freePort(t)))
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Fatalf("dial: %v, want connection refused", err)
 	}
-	if waited := time.Since(start); waited >= DefaultRetryPause {
-		t.Errorf("a refused ordinary dial took %s, want no retry", waited)
+	// A dial from a random port names no source; the listen port's does.
+	var oe *net.OpError
+	if !errors.As(err, &oe) || oe.Source == nil || oe.Source.(*net.TCPAddr).Port != home.Port {
+		t.Errorf("the refusal %v is not the listen port's (%d) dial's, want no redial from another port", err, home.Port)
 	}
 }
 
@@ -143,7 +149,7 @@ func TestPunchDialRefusedEndsAfterItsTries(t *testing.T) {
 	}
 	var tries int
 	msg := err.Error()
-	if _, serr := fmt.Sscanf(msg[strings.LastIndex(msg, ", ")+2:], "%d tries)", &tries); serr != nil {
+	if _, serr := fmt.Sscanf(msg[strings.LastIndex(msg, "(hole punch, "):], "(hole punch, %d dials", &tries); serr != nil {
 		t.Fatalf("no count of tries in %q: %v", msg, serr)
 	}
 	if tries != punchTries {
@@ -156,28 +162,37 @@ func TestPunchDialRefusedEndsAfterItsTries(t *testing.T) {
 }
 
 // When the listen port cannot be bound for the destination (a connection
-// of the same four-tuple exists), the dial leaves from a random port.
-func TestBusyFourTupleFallsBackToRandomPort(t *testing.T) {
+// of the same four-tuple exists), an ordinary dial leaves from a random
+// port; a punch's ends there, since no NAT maps a random port for it.
+func TestBusyFourTuple(t *testing.T) {
 	home, _ := listenReuse(t, "127.0.0.1:0")
 	d := attached(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", home.Port))
-	for _, ctx := range []context.Context{context.Background(), punchCtx(context.Background())} {
+	for _, punch := range []bool{false, true} {
 		far, _ := listenReuse(t, "127.0.0.1:0") // a four-tuple of its own (the last one's is in TIME-WAIT)
-		first, err := d.DialContext(ctx, "tcp4", far.String())
+		first, err := d.DialContext(context.Background(), "tcp4", far.String())
 		if err != nil {
 			t.Fatal(err)
 		}
 		if got := first.LocalAddr().(*net.TCPAddr).Port; got != home.Port {
 			t.Fatalf("first dial from port %d, want the listen port %d", got, home.Port)
 		}
-		second, err := d.DialContext(ctx, "tcp4", far.String())
-		if err != nil {
-			t.Fatalf("second dial while the first is open: %v, want one from a random port", err)
+		ctx := context.Background()
+		if punch {
+			ctx = punchCtx(ctx)
 		}
-		if got := second.LocalAddr().(*net.TCPAddr).Port; got == home.Port {
-			t.Errorf("second dial from the listen port %d, want a random one", got)
+		second, err := d.DialContext(ctx, "tcp4", far.String())
+		switch {
+		case punch && !errors.Is(err, syscall.EADDRNOTAVAIL):
+			t.Errorf("punch dial while a connection of its four-tuple is open: %v, want address not available", err)
+		case !punch && err != nil:
+			t.Errorf("dial while a connection of its four-tuple is open: %v, want one from a random port", err)
+		case !punch && second.LocalAddr().(*net.TCPAddr).Port == home.Port:
+			t.Errorf("second dial from the listen port %d, want a random one", home.Port)
+		}
+		if second != nil {
+			second.Close()
 		}
 		first.Close()
-		second.Close()
 	}
 }
 
