@@ -12,8 +12,8 @@ export CGO_CFLAGS
 # cmd/mtor, the longest package, took about 33 min on the 2-core CI
 # machine with its NAT tests (2026-12-06); these (10 to 14 min) mostly wait
 # (a punch's minute, a relayed stream's 15 s), so they run in a go test
-# of their own beside the rest (NAT_TESTS): 26 min for the rest, 29 min
-# in all (2026-12-07). TEST_FLAGS go to both runs, so a -run or -skip
+# of their own beside the rest (NAT_TESTS): 27 min for the rest, 32 min
+# for all of .ci/run (2026-12-07). TEST_FLAGS go to both runs, so a -run or -skip
 # there replaces the split's (a TestNAT* of another package would be
 # skipped: keep the name for cmd/mtor's). A stuck test still ends CI
 # inside its 40 min. The race step after it (RACE_PKGS) takes about
