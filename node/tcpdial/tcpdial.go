@@ -13,7 +13,7 @@
 //     went out, and that NAT answers it with a reset or an ICMP error
 //     instead of dropping it, as OpenWrt's default firewall does.
 //   - Here a hole punch's refused dial is tried again from the same port
-//     (WithRetryPause, doubling, punchTries in all, within the punch's
+//     (retryPause, doubling, punchTries in all, within the punch's
 //     deadline): by then the far host's SYN has opened its NAT for this
 //     one. Where both NATs answer, each SYN can close the other's way in
 //     turn, and the punch opens only if two SYNs cross on the way.
@@ -47,15 +47,12 @@ import (
 
 var log = logging.Logger("mtor/tcpdial")
 
-// DefaultRetryPause is the wait before a hole punch's refused dial is
-// tried again: well under the second after which the far host sends its
-// SYN again, so that the retry reaches the far NAT while that host's SYN
-// keeps it open. The pause doubles with each refusal, to maxRetryPause,
-// for punchTries in all: a punch names addresses a stranger may have
-// chosen.
-const DefaultRetryPause = 100 * time.Millisecond
-
-const maxRetryPause = time.Second
+// retryPause is the wait before a hole punch's refused dial is tried
+// again: well under the second after which the far host sends its SYN
+// again, so that the retry reaches the far NAT while that host's SYN
+// keeps it open. The pause doubles with each refusal, for punchTries in
+// all: a punch names addresses a stranger may have chosen.
+const retryPause = 100 * time.Millisecond
 
 // punchTries bounds a punch's dials from the listen port to one address:
 // the far host's SYN, if it comes, opens its NAT within a round trip of
@@ -81,29 +78,9 @@ type Dialer struct {
 	onRefused func(tries int)
 }
 
-// Option configures a Dialer.
-type Option func(*Dialer)
-
-// WithRetryPause sets the wait between a hole punch's dials refused by
-// the far side (DefaultRetryPause).
-func WithRetryPause(d time.Duration) Option {
-	return func(x *Dialer) {
-		if d > 0 {
-			x.pause = d
-		}
-	}
-}
-
-// withReuse overrides whether the listeners use SO_REUSEPORT, for tests.
-func withReuse(on bool) Option { return func(x *Dialer) { x.reuse = on } }
-
 // New returns a dialer that dials from a random port until Attach.
-func New(opts ...Option) *Dialer {
-	d := &Dialer{pause: DefaultRetryPause, route: preferredSource, reuse: tcpreuse.ReuseportIsAvailable()}
-	for _, o := range opts {
-		o(d)
-	}
-	return d
+func New() *Dialer {
+	return &Dialer{pause: retryPause, route: preferredSource, reuse: tcpreuse.ReuseportIsAvailable()}
 }
 
 // Attach makes the dialer dial from the ports of n's TCP listeners.
@@ -124,8 +101,7 @@ func (d *Dialer) DialContext(ctx context.Context, netw, address string) (net.Con
 	}
 	laddr := d.source(raddr)
 	if laddr == nil {
-		var plain net.Dialer
-		return plain.DialContext(ctx, netw, address)
+		return fromRandomPort(ctx, netw, address)
 	}
 	punch, _, _ := network.GetSimultaneousConnect(ctx)
 	pause := d.pause
@@ -147,8 +123,7 @@ func (d *Dialer) DialContext(ctx context.Context, netw, address string) (net.Con
 				return nil, err
 			}
 			log.Debugw("listen port busy for this destination; dialing from a random port", "to", address, "from", laddr, "err", err)
-			var plain net.Dialer
-			return plain.DialContext(ctx, netw, address)
+			return fromRandomPort(ctx, netw, address)
 		case answered:
 			if !punch || ctx.Err() != nil {
 				return nil, err
@@ -168,7 +143,7 @@ func (d *Dialer) DialContext(ctx context.Context, netw, address string) (net.Con
 				return nil, fmt.Errorf("%w (hole punch, %d dials from %s)", err, tries, laddr)
 			case <-t.C:
 			}
-			pause = min(2*pause, max(d.pause, maxRetryPause))
+			pause *= 2
 		case final:
 			return nil, err
 		default: // unknown: a random port may not meet it
@@ -176,10 +151,14 @@ func (d *Dialer) DialContext(ctx context.Context, netw, address string) (net.Con
 				return nil, err
 			}
 			log.Debugw("dial from the listen port failed; dialing from a random port", "to", address, "from", laddr, "err", err)
-			var plain net.Dialer
-			return plain.DialContext(ctx, netw, address)
+			return fromRandomPort(ctx, netw, address)
 		}
 	}
+}
+
+func fromRandomPort(ctx context.Context, netw, address string) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, netw, address)
 }
 
 type failure int

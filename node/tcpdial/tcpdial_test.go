@@ -52,7 +52,8 @@ func freePort(t *testing.T) int {
 
 // attached is a dialer that dials from the listen addresses given.
 func attached(addrs ...string) *Dialer {
-	d := New(withReuse(true))
+	d := New()
+	d.reuse = true
 	f := func() []ma.Multiaddr {
 		var out []ma.Multiaddr
 		for _, a := range addrs {
