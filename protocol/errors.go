@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/libp2p/go-libp2p/core/network"
+
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -105,3 +107,12 @@ const (
 	CodeInternal     = pb.ErrorCode_ERROR_CODE_INTERNAL
 	CodeUnavailable  = pb.ErrorCode_ERROR_CODE_UNAVAILABLE
 )
+
+// RefusedAtLimit reports whether err is a stream the peer reset at one of
+// its limits (libp2p's StreamResourceLimitExceeded: its resource manager's,
+// or a worker's or hole-punch service's streams at a time): the peer is
+// busy, not failing, and a new stream may be taken later.
+func RefusedAtLimit(err error) bool {
+	var se *network.StreamError
+	return errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamResourceLimitExceeded
+}

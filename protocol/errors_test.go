@@ -7,6 +7,8 @@ import (
 	"io"
 	"testing"
 
+	"github.com/libp2p/go-libp2p/core/network"
+
 	"github.com/mtor-swarm/mtor/protocol/pb"
 )
 
@@ -151,5 +153,25 @@ func TestAsError(t *testing.T) {
 	}
 	if AsError(busy) != busy {
 		t.Error("AsError copied a typed error instead of returning it")
+	}
+}
+
+func TestRefusedAtLimit(t *testing.T) {
+	limit := &network.StreamError{ErrorCode: network.StreamResourceLimitExceeded, Remote: true}
+	for _, tc := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"the peer's reset at its limit", limit, true},
+		{"wrapped", fmt.Errorf("open stream: %w", limit), true},
+		{"this end's own reset", &network.StreamError{ErrorCode: network.StreamResourceLimitExceeded}, false},
+		{"another code", &network.StreamError{ErrorCode: network.StreamProtocolViolation, Remote: true}, false},
+		{"another error", errors.New("connection closed"), false},
+		{"none", nil, false},
+	} {
+		if got := RefusedAtLimit(tc.err); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }

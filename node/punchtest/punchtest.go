@@ -5,7 +5,6 @@ package punchtest
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -16,6 +15,8 @@ import (
 	holepb "github.com/libp2p/go-libp2p/p2p/protocol/holepunch/pb"
 	"github.com/libp2p/go-msgio/pbio"
 	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/protocol"
 )
 
 // exchangeTimeout bounds one CONNECT exchange; streamRetry is the wait
@@ -79,7 +80,7 @@ func Connect(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch)
 func ConnectAgain(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HolePunch, wait time.Duration) bool {
 	for deadline := time.Now().Add(wait); ; {
 		answered, err := Connect(ctx, h, p, msg)
-		if !IsRemoteLimit(err) || time.Now().After(deadline) {
+		if !protocol.RefusedAtLimit(err) || time.Now().After(deadline) {
 			return answered
 		}
 		select {
@@ -88,11 +89,4 @@ func ConnectAgain(ctx context.Context, h host.Host, p peer.ID, msg *holepb.HoleP
 		case <-time.After(limitRetry):
 		}
 	}
-}
-
-// IsRemoteLimit reports whether err is a stream the peer reset for a
-// resource limit.
-func IsRemoteLimit(err error) bool {
-	var se *network.StreamError
-	return errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamResourceLimitExceeded
 }

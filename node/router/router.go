@@ -2247,7 +2247,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 		if errors.Is(err, network.ErrResourceLimitExceeded) && !isRemoteRefusal(err) {
 			return nil, localBusy{protocol.Errorf(protocol.CodeBusy, "this node has too many queries open; try again shortly")}
 		}
-		if remoteLimit(err) {
+		if protocol.RefusedAtLimit(err) {
 			return nil, refusedStream(p)
 		}
 		// Transport errors name addresses; they go to the log, not to
@@ -2396,7 +2396,7 @@ func (r *Router) remote(ctx context.Context, c scored, req *pb.QueryRequest, sta
 				return nil, peerFailure{kind: failStuck, err: protocol.Errorf(protocol.CodeUnavailable, "worker %s made no progress for %s", ShortID(p), stall.Round(time.Millisecond))}
 			}
 			_ = s.Reset()
-			if !accepted && remoteLimit(err) {
+			if !accepted && protocol.RefusedAtLimit(err) {
 				return nil, refusedStream(p)
 			}
 			return nil, r.streamErr(ctx, s, accepted, err)
@@ -2493,13 +2493,6 @@ func (r *Router) breaker(p peer.ID) health.BreakerState {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.state(p).tracker.State()
-}
-
-// remoteLimit reports whether the worker reset the stream at one of its
-// resource manager's limits (streams of this node, or in all).
-func remoteLimit(err error) bool {
-	var se *network.StreamError
-	return errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamResourceLimitExceeded
 }
 
 // refusedStream is a worker's refusal of a stream at its limits: it is

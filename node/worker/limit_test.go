@@ -2,7 +2,6 @@ package worker
 
 import (
 	"context"
-	"errors"
 	"testing"
 	"time"
 
@@ -42,30 +41,26 @@ func testRefusalAtResourceLimitIsBusy(t *testing.T, listen string) {
 	if err := ch.Connect(ctx, peer.AddrInfo{ID: wh.ID(), Addrs: wh.Addrs()}); err != nil {
 		t.Fatal(err)
 	}
-	limitReset := func(err error) bool {
-		var se *network.StreamError
-		return errors.As(err, &se) && se.Remote && se.ErrorCode == network.StreamResourceLimitExceeded
-	}
 	// Several tries: the BUSY frame and the reset race, and each outcome
 	// must be a busy one. The reset can even come while the client is
 	// still negotiating the protocol (when it does so eagerly), so the
 	// open itself may carry it; the router reads it there too.
 	for i := range 10 {
 		s, err := ch.NewStream(ctx, wh.ID(), "/mtor/test/query")
-		if limitReset(err) {
+		if protocol.RefusedAtLimit(err) {
 			continue
 		}
 		if err != nil {
 			t.Fatalf("try %d: open: %v, want a stream or a reset with code %#x", i, err, network.StreamResourceLimitExceeded)
 		}
-		if err := protocol.WriteFrame(s, req("hello")); err != nil && !limitReset(err) {
+		if err := protocol.WriteFrame(s, req("hello")); err != nil && !protocol.RefusedAtLimit(err) {
 			t.Fatalf("try %d: write: %v", i, err)
 		}
 		var ev pb.Event
 		err = protocol.NewFrameReader(s, protocol.MaxEventFrame).Read(&ev)
 		switch {
 		case err == nil && ev.GetError().GetCode() == pb.ErrorCode_ERROR_CODE_BUSY:
-		case limitReset(err):
+		case protocol.RefusedAtLimit(err):
 		default:
 			t.Fatalf("try %d: read %v (event %v), want BUSY or a reset with code %#x", i, err, &ev, network.StreamResourceLimitExceeded)
 		}
