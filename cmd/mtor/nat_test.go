@@ -64,6 +64,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/cmd/mtor/internal/tapwire"
 	"github.com/mtor-swarm/mtor/discovery"
 	"github.com/mtor-swarm/mtor/node/api"
 )
@@ -119,6 +120,12 @@ type natNet struct {
 	// TCP address alone, which gives each node a TCP connection and so
 	// its public TCP address.
 	tokenJoin bool
+	// delay is each NAT router's latency to the public segment, one
+	// way: a delayed cable (tapwire) instead of a veth pair, so the
+	// two volunteers are 2×delay apart and each 1×delay from the
+	// public nodes. A veth pair has none, which no path between two
+	// volunteers has.
+	delay time.Duration
 }
 
 const (
@@ -153,12 +160,17 @@ func (n *natNet) in(role string, args ...string) {
 
 // newNATNet builds the topology with worker behind NAT a and client
 // behind NAT b.
-func newNATNet(t *testing.T, a, b natKind) *natNet {
+func newNATNet(t *testing.T, a, b natKind) *natNet { return newNATNetDelayed(t, a, b, 0) }
+
+// newNATNetDelayed is newNATNet with each NAT router delay (one way)
+// from the public segment.
+func newNATNetDelayed(t *testing.T, a, b natKind, delay time.Duration) *natNet {
 	t.Helper()
 	n := newNetns(t, map[string]string{
 		"boot": "11.0.0.1", "r1": "11.1.0.1", "r2": "11.2.0.1", "natA": "11.3.0.1", "natB": "11.4.0.1",
 		"worker": "10.1.0.2", "client": "10.2.0.2",
 	})
+	n.delay = delay
 	for _, r := range []string{"boot", "r1", "r2", "natA", "natB"} {
 		n.public(r)
 	}
@@ -217,7 +229,16 @@ func (n *natNet) link(a, ifa, b, ifb string) {
 // address.
 func (n *natNet) public(role string) {
 	n.t.Helper()
-	n.link(role, "wan", "sw", "p"+role)
+	if n.delay > 0 && strings.HasPrefix(role, "nat") {
+		w, err := tapwire.New(n.ns[role], "wan", n.ns["sw"], "p"+role, n.delay)
+		if err != nil {
+			n.t.Fatalf("a delayed link for %s: %v", role, err)
+		}
+		// Before the namespaces go (cleanups run last first).
+		n.t.Cleanup(func() { _ = w.Close() })
+	} else {
+		n.link(role, "wan", "sw", "p"+role)
+	}
 	n.in("sw", "ip", "link", "set", "p"+role, "master", "br0")
 	n.in(role, "ip", "addr", "add", n.ips[role]+"/8", "dev", "wan")
 }
@@ -497,40 +518,111 @@ func streamPrompt(words int) string {
 	return strings.TrimSpace(b.String())
 }
 
+// natPair is one case of the suite: the worker's NAT, the client's, and
+// each NAT router's latency to the public segment (0: none).
+type natPair struct {
+	w, c  natKind
+	delay time.Duration
+}
+
+// String is the pair as MTOR_NAT_PAIRS names it: worker/client[@delay].
+func (p natPair) String() string {
+	s := string(p.w) + "/" + string(p.c)
+	if p.delay > 0 {
+		s += "@" + p.delay.String()
+	}
+	return s
+}
+
+// parseNATPairs reads MTOR_NAT_PAIRS: pairs separated by commas, each
+// worker/client with an optional @delay (a Go duration).
+func parseNATPairs(s string) ([]natPair, error) {
+	var out []natPair
+	for _, f := range strings.Split(s, ",") {
+		f, d, delayed := strings.Cut(strings.TrimSpace(f), "@")
+		a, b, ok := strings.Cut(f, "/")
+		if !ok || a == "" || b == "" {
+			return nil, fmt.Errorf("MTOR_NAT_PAIRS: %q is not worker/client[@delay]", f)
+		}
+		p := natPair{w: natKind(a), c: natKind(b)}
+		if delayed {
+			var err error
+			if p.delay, err = time.ParseDuration(d); err != nil || p.delay <= 0 {
+				return nil, fmt.Errorf("MTOR_NAT_PAIRS: the delay of %q: want a positive duration, got %q", f, d)
+			}
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+func TestParseNATPairs(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want []natPair
+		err  bool
+	}{
+		{in: "restricted/symmetric", want: []natPair{{w: natRestricted, c: natSymmetric}}},
+		{in: "rejecting/rejecting@20ms, forwarded/restricted", want: []natPair{
+			{w: natRejecting, c: natRejecting, delay: 20 * time.Millisecond},
+			{w: natForwarded, c: natRestricted},
+		}},
+		{in: "restricted", err: true},
+		{in: "restricted/", err: true},
+		{in: "restricted/restricted@", err: true},
+		{in: "restricted/restricted@fast", err: true},
+		{in: "restricted/restricted@-5ms", err: true},
+	} {
+		got, err := parseNATPairs(c.in)
+		if (err != nil) != c.err || !slices.Equal(got, c.want) {
+			t.Errorf("parseNATPairs(%q) = %v, %v; want %v (error %v)", c.in, got, err, c.want, c.err)
+		}
+		for _, p := range got {
+			if again, err := parseNATPairs(p.String()); err != nil || len(again) != 1 || again[0] != p {
+				t.Errorf("%v does not read back from its String %q: %v, %v", p, p.String(), again, err)
+			}
+		}
+	}
+}
+
 func TestNATSuite(t *testing.T) {
 	needNAT(t)
-	pairs := [][2]natKind{
-		{natForwarded, natRestricted},
-		{natRestricted, natRestricted},
+	pairs := []natPair{
+		{w: natForwarded, c: natRestricted},
+		{w: natRestricted, c: natRestricted},
 		// Both ends dial one transport in a punch (node/punchfilter.go):
 		// TCP when one end has no QUIC.
-		{natRestricted, natUDPBlocked},
+		{w: natRestricted, c: natUDPBlocked},
 		// QUIC's punch fails, TCP's opens at the second try.
-		{natRestricted, natUDPSymmetric},
+		{w: natRestricted, c: natUDPSymmetric},
 		// TCP alone, and the worker's router answers a SYN that comes
 		// before the worker's own: the client's dial is refused and
 		// tried again from its listen port (node/tcpdial).
-		{natRejecting, natRestricted},
-		{natRestricted, natSymmetric},
-		{natSymmetric, natRestricted},
+		{w: natRejecting, c: natRestricted},
+		// Both routers answer: a SYN passes a router only once the SYN
+		// of the host behind it went out, so the two must cross in
+		// flight. DCUtR starts both dials at about the same moment; on a
+		// path of a real one's latency they cross, on a veth pair's
+		// (none) they do not (tapwire).
+		{w: natRejecting, c: natRejecting, delay: 20 * time.Millisecond},
+		{w: natRestricted, c: natSymmetric},
+		{w: natSymmetric, c: natRestricted},
 	}
 	if s := os.Getenv("MTOR_NAT_PAIRS"); s != "" {
-		pairs = nil
-		for _, p := range strings.Split(s, ",") {
-			a, b, _ := strings.Cut(p, "/")
-			pairs = append(pairs, [2]natKind{natKind(a), natKind(b)})
+		var err error
+		if pairs, err = parseNATPairs(s); err != nil {
+			t.Fatal(err)
 		}
 	}
 	var figs []natFigures
 	restarted := false
 	for _, p := range pairs {
-		name := string(p[0]) + "/" + string(p[1])
 		// The relay restart (1 h lock-out) is checked on the first
 		// relayed pair only: it takes a while and is the same each time.
-		restart := !restarted && !punchable(p[0], p[1])
+		restart := !restarted && !punchable(p.w, p.c)
 		restarted = restarted || restart
-		t.Run(strings.ReplaceAll(name, "/", "-"), func(t *testing.T) {
-			f := runNATPair(t, p[0], p[1], restart)
+		t.Run(strings.NewReplacer("/", "-", "@", "-").Replace(p.String()), func(t *testing.T) {
+			f := runNATPair(t, p, restart)
 			figs = append(figs, f)
 		})
 	}
@@ -562,12 +654,16 @@ func TestNATSuite(t *testing.T) {
 // view; the others run on a pure worker's default, without it.
 func withSwarmView(wk natKind) bool { return wk == natForwarded }
 
-func runNATPair(t *testing.T, wk, ck natKind, restart bool) natFigures {
+func runNATPair(t *testing.T, p natPair, restart bool) natFigures {
+	wk, ck := p.w, p.c
 	f := natFigures{pair: string(wk) + " / " + string(ck), total: 50}
+	if p.delay > 0 {
+		f.pair += fmt.Sprintf(" (%v each way between a router and the public nodes)", p.delay)
+	}
 	if withSwarmView(wk) {
 		f.pair += " (worker with the swarm view)"
 	}
-	n := newNATNet(t, wk, ck)
+	n := newNATNetDelayed(t, wk, ck, p.delay)
 	d, join, relays, client := n.startAround()
 
 	long := natStreamDuration()
