@@ -337,16 +337,37 @@ func Refused(err error) bool {
 	return (errors.As(err, &se) && se.Remote) || errors.Is(err, network.ErrResourceLimitExceeded)
 }
 
-// probeTimeout is the timeout, or less for a peer whose round trips are
-// known to be short: a probe takes two of them, and a dead connection
-// found sooner moves its queries sooner.
+// probeTimeout is the timeout for a probe of conn: the checker's, less for
+// a peer whose round trips are known to be short (a dead connection found
+// sooner moves its queries sooner), more for one whose round trips are
+// known to be long.
 func (c *Checker) probeTimeout(conn network.Conn) time.Duration {
-	rtt := c.h.Peerstore().LatencyEWMA(conn.RemotePeer())
-	if rtt <= 0 {
-		return c.timeout
-	}
-	return min(c.timeout, max(minTimeout, 6*rtt))
+	return probeTimeoutFor(c.timeout, c.h.Peerstore().LatencyEWMA(conn.RemotePeer()))
 }
+
+// probeTimeoutFor is probeTimeout for the checker's timeout limit and a
+// peer's smoothed round trip rtt (0: not known). A probe takes two round
+// trips (the protocol's negotiation, then the echo), so a peer a second
+// away (a satellite link, a relay on another continent, an uplink full of
+// tokens) needs more than the 2 s that a nearer one never does: it gets
+// slowProbeRTTs of its round trips, room for a round trip grown since
+// it was measured. Without that its live connections were closed as
+// dead.
+func probeTimeoutFor(limit, rtt time.Duration) time.Duration {
+	if rtt <= 0 {
+		return limit
+	}
+	return max(min(limit, max(minTimeout, 6*rtt)), min(slowProbeRTTs*rtt, maxTimeout))
+}
+
+const (
+	// slowProbeRTTs is the least timeout of a probe, in the peer's round
+	// trips.
+	slowProbeRTTs = 4
+	// maxTimeout bounds that least timeout: a peer that delays its pongs
+	// to seconds does not hold a dead connection open longer than this.
+	maxTimeout = 15 * time.Second
+)
 
 // minTimeout is the shortest probe timeout, for peers on a LAN: a busy
 // but live process still answers a ping well within it.

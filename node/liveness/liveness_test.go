@@ -3,6 +3,7 @@ package liveness
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"testing"
 	"time"
@@ -277,4 +278,80 @@ func blockOutboundStreams(t *testing.T) libp2p.Option {
 		t.Fatal(err)
 	}
 	return libp2p.ResourceManager(rm)
+}
+
+func TestProbeTimeoutFollowsTheRoundTrip(t *testing.T) {
+	for _, c := range []struct {
+		name       string
+		limit, rtt time.Duration
+		want       time.Duration
+	}{
+		{"round trip not known", DefaultTimeout, 0, DefaultTimeout},
+		{"a LAN", DefaultTimeout, time.Millisecond, minTimeout},
+		{"a continent away", DefaultTimeout, 100 * time.Millisecond, minTimeout},
+		{"across the world", DefaultTimeout, 250 * time.Millisecond, 1500 * time.Millisecond},
+		{"the limit", DefaultTimeout, 450 * time.Millisecond, DefaultTimeout},
+		// Two round trips of 600 ms fit in 2 s, with little room.
+		{"a satellite", DefaultTimeout, 600 * time.Millisecond, 2400 * time.Millisecond},
+		{"a relayed satellite", DefaultTimeout, 1200 * time.Millisecond, 4800 * time.Millisecond},
+		{"pongs held back for seconds", DefaultTimeout, 10 * time.Second, maxTimeout},
+		{"a short limit, near", 300 * time.Millisecond, time.Millisecond, 300 * time.Millisecond},
+		{"a short limit, far", 300 * time.Millisecond, 200 * time.Millisecond, 800 * time.Millisecond},
+	} {
+		if got := probeTimeoutFor(c.limit, c.rtt); got != c.want {
+			t.Errorf("%s: probeTimeoutFor(%v, %v) = %v, want %v", c.name, c.limit, c.rtt, got, c.want)
+		}
+	}
+}
+
+// TestFarPeerIsGivenItsRoundTrips: a peer a second away (its round trip
+// as the peerstore knows it) whose echo comes 2.5 s after the ping, two
+// of its round trips and a moment, is alive and keeps its connection,
+// where the default 2 s timeout closed it; a near peer with the same slow
+// echo is still closed at the default timeout. Over TCP and QUIC.
+func TestFarPeerIsGivenItsRoundTrips(t *testing.T) {
+	const echoAfter = 2500 * time.Millisecond
+	for _, listen := range []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"} {
+		for _, tc := range []struct {
+			rtt    time.Duration
+			closed bool
+		}{
+			{time.Second, false},
+			{10 * time.Millisecond, true},
+		} {
+			t.Run(fmt.Sprintf("%s/rtt %v", listen, tc.rtt), func(t *testing.T) {
+				t.Parallel()
+				a, b := newHost(t, listen), newHost(t, listen)
+				b.SetStreamHandler(ping.ID, func(s network.Stream) {
+					defer s.Close()
+					buf := make([]byte, pingSize)
+					if _, err := io.ReadFull(s, buf); err != nil {
+						return
+					}
+					time.Sleep(echoAfter)
+					_, _ = s.Write(buf)
+				})
+				if err := a.Connect(t.Context(), peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()}); err != nil {
+					t.Fatal(err)
+				}
+				conn := onlyConn(t, a, b.ID())
+				a.Peerstore().RecordLatency(b.ID(), tc.rtt)
+				c := New(a) // the default timeout
+				t.Cleanup(c.Close)
+				got := make(chan Outcome, 1)
+				c.Check(conn, func(o Outcome) { got <- o })
+				select {
+				case o := <-got:
+					if o != Alive {
+						t.Fatalf("outcome %v, want alive", o)
+					}
+				case <-time.After(10 * time.Second):
+					t.Fatal("no outcome in 10 s")
+				}
+				if conn.IsClosed() != tc.closed || (c.Closed() == 1) != tc.closed {
+					t.Fatalf("connection closed %v (checker's count %d), want %v", conn.IsClosed(), c.Closed(), tc.closed)
+				}
+			})
+		}
+	}
 }
