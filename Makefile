@@ -34,7 +34,7 @@ all: build
 help:
 	@echo "make build   build $(BIN)"
 	@echo "make test    run the whole test suite (needs Go, Node.js/npm, chromium)"
-	@echo "make test-nat  the NAT suite in network namespaces (root, nftables) with a 150 s stream, a punch that failed at first (QUIC and TCP), a lossy path, routers 20 ms from the public nodes, a stranger's hole-punch messages, and 12 workers behind one NAT"
+	@echo "make test-nat  the NAT suite in network namespaces (root, nftables) with a 150 s stream, a punch that failed at first (QUIC and TCP), a lossy path, routers 20 and 250 ms from the public nodes, a stranger's hole-punch messages, and 12 workers behind one NAT"
 	@echo "make demo    start a loopback swarm: a bootstrap node, two demo workers, a bridge"
 	@echo "make bench   the swarm paths vs direct, Go proxy and nginx: latency, throughput, CPU per token (docs/benchmarks.md)"
 	@echo "make bench-swarm  10-, 25- and 50-process swarms: join and death times, idle gossip, RSS, CPU (docs/benchmarks.md)"

@@ -571,6 +571,11 @@ func TestParseNATPairs(t *testing.T) {
 		{in: "restricted/symmetric", want: []natPair{{w: natRestricted, c: natSymmetric}}},
 		{in: "rejecting/rejecting@20ms, forwarded/restricted", want: []natPair{
 			{w: natRejecting, c: natRejecting, delay: 20 * time.Millisecond},
+		// Round trips of a second (a satellite link; through a relay,
+		// a far one): a probe of a live connection must wait for them
+		// (node/liveness), or the circuits and the punched connection
+		// are closed as dead and the stream breaks.
+		{w: natRestricted, c: natRestricted, delay: 250 * time.Millisecond},
 			{w: natForwarded, c: natRestricted},
 		}},
 		{in: "restricted", err: true},
@@ -611,6 +616,11 @@ func TestNATSuite(t *testing.T) {
 		// path of a real one's latency they cross, on a veth pair's
 		// (none) they do not (tapwire).
 		{w: natRejecting, c: natRejecting, delay: 20 * time.Millisecond},
+		// Round trips of a second (a satellite link; through a relay,
+		// a far one): a probe of a live connection must wait for them
+		// (node/liveness), or the circuits and the punched connection
+		// are closed as dead and the stream breaks.
+		{w: natRestricted, c: natRestricted, delay: 250 * time.Millisecond},
 		{w: natRestricted, c: natSymmetric},
 		{w: natSymmetric, c: natRestricted},
 	}
