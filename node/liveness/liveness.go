@@ -34,8 +34,9 @@ var log = logging.Logger("mtor/liveness")
 
 // Defaults.
 const (
-	// DefaultTimeout bounds one probe: a live peer on the far side of the
-	// world answers a ping in well under a second.
+	// DefaultTimeout bounds a probe's negotiation of the protocol, a
+	// round trip: a live peer on the far side of the world answers in
+	// well under a second. The echo may get more (echoDeadline).
 	DefaultTimeout = 2 * time.Second
 	// maxProbes bounds probes running at once.
 	maxProbes = 32
@@ -43,8 +44,14 @@ const (
 )
 
 // Probe sends one ping over conn itself (not over whichever connection
-// the host would pick) and waits for its echo.
-func Probe(ctx context.Context, conn network.Conn) error {
+// the host would pick) and waits for its echo, within ctx.
+func Probe(ctx context.Context, conn network.Conn) error { return probe(ctx, conn, 0) }
+
+// probe is Probe with the protocol's negotiation bounded by base (0: by
+// ctx alone) and the echo given what is left of base or twice the time
+// the negotiation took, whichever ends later (echoDeadline), within ctx.
+func probe(ctx context.Context, conn network.Conn, base time.Duration) error {
+	start := time.Now()
 	// A relayed connection with limits (another swarm's relay) is alive
 	// too: probe it rather than take it for dead.
 	s, err := conn.NewStream(network.WithAllowLimitedConn(ctx, "liveness"))
@@ -52,7 +59,13 @@ func Probe(ctx context.Context, conn network.Conn) error {
 		return fmt.Errorf("open probe stream: %w", err)
 	}
 	defer s.Reset()
-	if dl, ok := ctx.Deadline(); ok {
+	// The stream's reads heed its deadline, not ctx: ctx's end (a
+	// checker closing) ends them too.
+	stop := context.AfterFunc(ctx, func() { _ = s.Reset() })
+	defer stop()
+	if base > 0 {
+		_ = s.SetDeadline(start.Add(base))
+	} else if dl, ok := ctx.Deadline(); ok {
 		_ = s.SetDeadline(dl)
 	}
 	if err := s.SetProtocol(ping.ID); err != nil {
@@ -60,6 +73,9 @@ func Probe(ctx context.Context, conn network.Conn) error {
 	}
 	if err := mss.SelectProtoOrFail(ping.ID, s); err != nil {
 		return fmt.Errorf("negotiate ping: %w", err)
+	}
+	if base > 0 {
+		_ = s.SetDeadline(echoDeadline(start, time.Now(), base))
 	}
 	// The peer chose the protocol: its process answered on conn, whatever
 	// comes of the echo.
@@ -76,6 +92,25 @@ func Probe(ctx context.Context, conn network.Conn) error {
 		return fmt.Errorf("%w: pong differs from ping", ErrNoEcho)
 	}
 	return nil
+}
+
+// echoDeadline is when a probe that began at start and whose negotiation
+// ended at negotiated stops waiting for the echo: what is left of base,
+// or twice the negotiation's time from its end, whichever is later. The
+// negotiation was a round trip of this very path and the echo is one
+// more: a path a second long (a satellite link, a far relay) needs more
+// than a 2 s base leaves, where a peer's smoothed round trip, one figure
+// for all its paths and set by its own pongs, is no measure of it. At
+// most 3 × base from start, since the negotiation ends within base.
+func echoDeadline(start, negotiated time.Time, base time.Duration) time.Time {
+	return later(start.Add(base), negotiated.Add(2*negotiated.Sub(start)))
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // ErrNoEcho is a probe the peer negotiated and then did not echo.
@@ -163,7 +198,7 @@ const deadMemory = time.Minute
 // Option configures a Checker.
 type Option func(*Checker)
 
-// WithTimeout bounds each probe.
+// WithTimeout sets DefaultTimeout's bound.
 func WithTimeout(d time.Duration) Option {
 	return func(c *Checker) {
 		if d > 0 {
@@ -280,8 +315,9 @@ func (c *Checker) Check(conn network.Conn, done func(Outcome)) {
 			}
 			c.wg.Done()
 		}()
-		ctx, cancel := context.WithTimeout(c.ctx, c.probeTimeout(conn))
-		err := Probe(ctx, conn)
+		base := c.probeTimeout(conn)
+		ctx, cancel := context.WithTimeout(c.ctx, 3*base) // echoDeadline's bound
+		err := probe(ctx, conn, base)
 		cancel()
 		if c.ctx.Err() != nil {
 			return
@@ -308,7 +344,7 @@ func (c *Checker) Check(conn network.Conn, done func(Outcome)) {
 	}()
 }
 
-// maxMemory bounds dead and heard: a probe runs in well under a second,
+// maxMemory bounds dead and heard: a probe runs in seconds at most,
 // 32 at once at most.
 const maxMemory = 4096
 
@@ -337,37 +373,16 @@ func Refused(err error) bool {
 	return (errors.As(err, &se) && se.Remote) || errors.Is(err, network.ErrResourceLimitExceeded)
 }
 
-// probeTimeout is the timeout for a probe of conn: the checker's, less for
-// a peer whose round trips are known to be short (a dead connection found
-// sooner moves its queries sooner), more for one whose round trips are
-// known to be long.
+// probeTimeout is the base of a probe of conn (probe): the checker's
+// timeout, or less for a peer whose round trips are known to be short: a
+// dead connection found sooner moves its queries sooner.
 func (c *Checker) probeTimeout(conn network.Conn) time.Duration {
-	return probeTimeoutFor(c.timeout, c.h.Peerstore().LatencyEWMA(conn.RemotePeer()))
-}
-
-// probeTimeoutFor is probeTimeout for the checker's timeout limit and a
-// peer's smoothed round trip rtt (0: not known). A probe takes two round
-// trips (the protocol's negotiation, then the echo), so a peer a second
-// away (a satellite link, a relay on another continent, an uplink full of
-// tokens) needs more than the 2 s that a nearer one never does: it gets
-// slowProbeRTTs of its round trips, room for a round trip grown since
-// it was measured. Without that its live connections were closed as
-// dead.
-func probeTimeoutFor(limit, rtt time.Duration) time.Duration {
+	rtt := c.h.Peerstore().LatencyEWMA(conn.RemotePeer())
 	if rtt <= 0 {
-		return limit
+		return c.timeout
 	}
-	return max(min(limit, max(minTimeout, 6*rtt)), min(slowProbeRTTs*rtt, maxTimeout))
+	return min(c.timeout, max(minTimeout, 6*rtt))
 }
-
-const (
-	// slowProbeRTTs is the least timeout of a probe, in the peer's round
-	// trips.
-	slowProbeRTTs = 4
-	// maxTimeout bounds that least timeout: a peer that delays its pongs
-	// to seconds does not hold a dead connection open longer than this.
-	maxTimeout = 15 * time.Second
-)
 
 // minTimeout is the shortest probe timeout, for peers on a LAN: a busy
 // but live process still answers a ping well within it.
