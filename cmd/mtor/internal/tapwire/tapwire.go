@@ -32,6 +32,9 @@ const frameMax = 1 << 16
 type Wire struct {
 	a, b    *os.File
 	delay   time.Duration
+	done    chan struct{} // closed by Close: queued frames are dropped
+	close   sync.Once
+	closeEr error
 	wg      sync.WaitGroup
 	mu      sync.Mutex
 	dropped int
@@ -51,19 +54,23 @@ func New(nsA, ifA, nsB, ifB string, delay time.Duration) (*Wire, error) {
 		a.Close()
 		return nil, err
 	}
-	w := &Wire{a: a, b: b, delay: delay}
+	w := &Wire{a: a, b: b, delay: delay, done: make(chan struct{})}
 	w.wg.Add(2)
 	go w.pipe(a, b)
 	go w.pipe(b, a)
 	return w, nil
 }
 
-// Close ends the copying and removes both devices (a TAP device without
-// TUNSETPERSIST goes with its last descriptor).
+// Close ends the copying, drops the frames in flight and removes both
+// devices (a TAP device without TUNSETPERSIST goes with its last
+// descriptor). Later calls return the first one's error.
 func (w *Wire) Close() error {
-	errA, errB := w.a.Close(), w.b.Close()
-	w.wg.Wait()
-	return errors.Join(errA, errB)
+	w.close.Do(func() {
+		close(w.done)
+		w.closeEr = errors.Join(w.a.Close(), w.b.Close())
+		w.wg.Wait()
+	})
+	return w.closeEr
 }
 
 // Counts reports the frames copied and those dropped because a
@@ -89,7 +96,13 @@ func (w *Wire) pipe(src, dst *os.File) {
 		defer close(done)
 		for f := range q {
 			if d := time.Until(f.due); d > 0 {
-				time.Sleep(d)
+				t := time.NewTimer(d)
+				select {
+				case <-t.C:
+				case <-w.done:
+					t.Stop()
+					continue // drain the queue, write nothing
+				}
 			}
 			// A write fails only once the device is gone (Close).
 			if _, err := dst.Write(f.b); err == nil {
@@ -132,6 +145,11 @@ func openTAP(ns, name string) (*os.File, error) {
 		f, err = createTAP(name)
 		return err
 	})
+	if err != nil && f != nil {
+		// Made, but the thread could not go back: not handed out.
+		f.Close()
+		return nil, err
+	}
 	return f, err
 }
 
@@ -186,9 +204,14 @@ func createTAP(name string) (*os.File, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("tapwire: %s: %w", name, err)
 	}
-	req.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI)
+	// IFF_TUN_EXCL: a device of that name already there is an error,
+	// not one to attach to (and leave behind on Close).
+	req.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_TUN_EXCL)
 	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, req); err != nil {
 		unix.Close(fd)
+		if errors.Is(err, unix.EBUSY) {
+			return nil, fmt.Errorf("tapwire: create %s: a device of that name exists: %w", name, err)
+		}
 		return nil, fmt.Errorf("tapwire: create %s: %w", name, err)
 	}
 	if err := setUp(name); err != nil {

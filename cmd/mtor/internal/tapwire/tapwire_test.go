@@ -146,13 +146,33 @@ func TestCloseRemovesTheDevices(t *testing.T) {
 		t.Fatal(err)
 	}
 	ip(t, "-n", nsB, "link", "show", "tapb")
+	start := time.Now()
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
+	if err := w.Close(); err != nil {
+		t.Fatalf("a second Close: %v", err)
+	}
+	t.Logf("Close took %v", time.Since(start))
 	for _, c := range [][2]string{{nsA, "tapa"}, {nsB, "tapb"}} {
 		if out, err := exec.Command("ip", "-n", c[0], "link", "show", c[1]).CombinedOutput(); err == nil {
 			t.Fatalf("%s still in %s after Close: %s", c[1], c[0], out)
 		}
+	}
+}
+
+func TestNewRefusesADeviceOfTheSameName(t *testing.T) {
+	nsA, nsB := twoNamespaces(t)
+	ip(t, "-n", nsA, "tuntap", "add", "dev", "tapa", "mode", "tap")
+	if w, err := New(nsA, "tapa", nsB, "tapb", 0); err == nil {
+		w.Close()
+		t.Fatal("a wire onto a TAP device that was already there")
+	} else {
+		t.Log(err)
+	}
+	ip(t, "-n", nsA, "link", "show", "tapa") // still the one made above
+	if out, err := exec.Command("ip", "-n", nsB, "link", "show", "tapb").CombinedOutput(); err == nil {
+		t.Fatalf("tapb left behind after a failed New: %s", out)
 	}
 }
 
