@@ -10,7 +10,8 @@ LDFLAGS   := -X main.version=$(VERSION)
 CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 export CGO_CFLAGS
 # cmd/mtor, the longest package, took about 33 min on the 2-core CI
-# machine with its NAT tests (2026-12-06); these (10 to 14 min) mostly wait
+# machine with its NAT tests (2026-12-06); these (14 to 18 min since the
+# pairs at 20 and 250 ms of latency, 2026-12-07) mostly wait
 # (a punch's minute, a relayed stream's 15 s), so they run in a go test
 # of their own beside the rest (NAT_TESTS): 27 min for the rest, 32 min
 # for all of .ci/run (2026-12-07). TEST_FLAGS go to both runs, so a -run or -skip
