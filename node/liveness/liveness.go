@@ -28,6 +28,8 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
 	mss "github.com/multiformats/go-multistream"
+
+	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
 var log = logging.Logger("mtor/liveness")
@@ -52,9 +54,17 @@ func Probe(ctx context.Context, conn network.Conn) error { return probe(ctx, con
 // the negotiation took, whichever ends later (echoDeadline), within ctx.
 func probe(ctx context.Context, conn network.Conn, base time.Duration) error {
 	start := time.Now()
+	octx := ctx
+	if base > 0 {
+		// The stream's opening is part of the negotiation: a frozen
+		// peer's muxer may never let it open.
+		var cancel context.CancelFunc
+		octx, cancel = context.WithDeadline(ctx, start.Add(base))
+		defer cancel()
+	}
 	// A relayed connection with limits (another swarm's relay) is alive
 	// too: probe it rather than take it for dead.
-	s, err := conn.NewStream(network.WithAllowLimitedConn(ctx, "liveness"))
+	s, err := conn.NewStream(network.WithAllowLimitedConn(octx, "liveness"))
 	if err != nil {
 		return fmt.Errorf("open probe stream: %w", err)
 	}
@@ -75,7 +85,11 @@ func probe(ctx context.Context, conn network.Conn, base time.Duration) error {
 		return fmt.Errorf("negotiate ping: %w", err)
 	}
 	if base > 0 {
-		_ = s.SetDeadline(echoDeadline(start, time.Now(), base))
+		dl := echoDeadline(start, time.Now(), base)
+		if end, ok := ctx.Deadline(); ok && end.Before(dl) {
+			dl = end
+		}
+		_ = s.SetDeadline(dl)
 	}
 	// The peer chose the protocol: its process answered on conn, whatever
 	// comes of the echo.
@@ -198,7 +212,7 @@ const deadMemory = time.Minute
 // Option configures a Checker.
 type Option func(*Checker)
 
-// WithTimeout sets DefaultTimeout's bound.
+// WithTimeout replaces DefaultTimeout.
 func WithTimeout(d time.Duration) Option {
 	return func(c *Checker) {
 		if d > 0 {
@@ -375,10 +389,12 @@ func Refused(err error) bool {
 
 // probeTimeout is the base of a probe of conn (probe): the checker's
 // timeout, or less for a peer whose round trips are known to be short: a
-// dead connection found sooner moves its queries sooner.
+// dead connection found sooner moves its queries sooner. Not less for a
+// relayed connection: the peer's smoothed round trip is one figure for
+// all its paths, and a direct one beside the circuit sets it.
 func (c *Checker) probeTimeout(conn network.Conn) time.Duration {
 	rtt := c.h.Peerstore().LatencyEWMA(conn.RemotePeer())
-	if rtt <= 0 {
+	if rtt <= 0 || relayaddr.IsRelayed(conn) {
 		return c.timeout
 	}
 	return min(c.timeout, max(minTimeout, 6*rtt))
