@@ -80,6 +80,11 @@ func TestLeanWorkerTrimKeepsItsPeers(t *testing.T) {
 	})
 
 	const crowd = connHighLean + 20
+	// The manager's own trim may run while the crowd connects (it looks
+	// every 10 s, and this loop can take that long on a loaded machine):
+	// what counts is that the crowd passed the bound, and what the trims
+	// leave.
+	peak := 0
 	for i := range crowd {
 		h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.ResourceManager(&network.NullResourceManager{}))
 		if err != nil {
@@ -89,10 +94,11 @@ func TestLeanWorkerTrimKeepsItsPeers(t *testing.T) {
 		if err := h.Connect(t.Context(), peer.AddrInfo{ID: wk.ID(), Addrs: wk.h.Addrs()}); err != nil {
 			t.Fatalf("stranger %d: %v", i, err)
 		}
+		peak = max(peak, len(wk.h.Network().Peers()))
 	}
 	before := len(wk.h.Network().Peers())
-	if before <= connHighLean {
-		t.Fatalf("%d peers connected, want more than %d", before, connHighLean)
+	if peak <= connHighLean {
+		t.Fatalf("at most %d peers connected, want more than %d", peak, connHighLean)
 	}
 	// The manager trims the connections it knows, and learns each one
 	// after the swarm: one it has not seen yet would survive the trim.
@@ -106,7 +112,7 @@ func TestLeanWorkerTrimKeepsItsPeers(t *testing.T) {
 	time.Sleep(10 * time.Millisecond) // past the grace period
 	wk.h.ConnManager().TrimOpenConns(t.Context())
 	after := len(wk.h.Network().Peers())
-	t.Logf("peers connected: %d before the trim, %d after", before, after)
+	t.Logf("peers connected: %d at most, %d before the trim, %d after", peak, before, after)
 	// Protected peers are not counted against the low watermark.
 	if after > connLowLean+3 {
 		t.Fatalf("%d peers connected after the trim, want about %d", after, connLowLean)
