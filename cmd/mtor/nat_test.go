@@ -1024,9 +1024,9 @@ func testNATFailedPunchIsTriedAgain(t *testing.T, wk, ck natKind) {
 	// 10 s of its opening; the try is due a minute later, at a sweep (one
 	// more if a stream held the circuit then), and the punch's tries take
 	// up to 15 s. A punch over TCP can fail again (seen in CI, cause not
-	// known: docs/benchmarks.md): room for the next try, 2 min after
-	// that one.
-	const within = 4 * time.Minute
+	// known: docs/benchmarks.md), and twice (CI of d8616d9, the tries 2
+	// min apart): room for the third try, 4 min after the second.
+	const within = 8 * time.Minute
 	for p := n.peer(wid); p.Path != "direct" || !p.HolePunched; p = n.peer(wid) {
 		if time.Since(answered) > within {
 			t.Fatalf("path %q (hole punched %v) %s after the first answer, %s after the direct path came back; want a new punch\nworker:\n%s\nclient:\n%s",
