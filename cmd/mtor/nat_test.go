@@ -1004,7 +1004,11 @@ func testNATFailedPunchIsTriedAgain(t *testing.T, wk, ck natKind) {
 	start := time.Now()
 	worker := n.start("worker", d("worker"), "--backend", "demo", "--join", join)
 	wid := worker.value("peer")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	// The first answer (15 s), libp2p's tries (20 s), the query while cut
+	// (30 s), the wait for the new punch (8 min below) and the query
+	// after it (30 s): the CI of b06c75d saw the punch at 7.5 min and its
+	// query fail on a context that had only 5 min.
+	ctx, cancel := context.WithTimeout(context.Background(), 11*time.Minute)
 	defer cancel()
 	pair := fmt.Sprintf("%s / %s, the path cut at the start", wk, ck)
 	first := n.firstAnswer(ctx, pair, start, worker)
