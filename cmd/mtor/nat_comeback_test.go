@@ -39,9 +39,9 @@ func TestNATWorkerComesBack(t *testing.T) {
 // comebackDirectWithin bounds the wait for a new direct connection. The
 // restarted worker is punched within seconds (node/repunch replaces the
 // circuits that reached it before its hole-punch service started), but a
-// punch that fails leaves the pair to node/repunch's later tries, 60 to
-// 80 s after the circuit, then 2 min later; over TCP one was once seen
-// to fail with the client's dial from a random port (docs/benchmarks.md).
+// punch that fails leaves the pair to node/repunch's later tries, 150 to
+// 160 s after the circuit (node/repunch.DefaultUnpunched), then 5 min
+// later.
 const comebackDirectWithin = 4 * time.Minute
 
 func testNATWorkerComesBack(t *testing.T, wk, ck natKind) {

@@ -21,14 +21,18 @@
 // (DefaultStable) is lost: a punch whose path dies within minutes is no
 // success. A direct connection that dies within seconds of opening
 // (DefaultYoung) died in its punch, not by its path: the pair is tried
-// again soon (DefaultQuick), twice at most before the waits go on.
+// again soon (DefaultQuick), twice at most before the waits go on. A try
+// that made no direct connection is followed by none for DefaultStale:
+// the NAT routers' connection tracking remembers a failed TCP punch for
+// 2 min, and spoils a new one meanwhile.
 //
 // A peer never reached directly is retried too, once a sweep has seen it
-// reached only through relays for DefaultUnpunched, then doubling to 30
-// min: libp2p punches on a circuit (a direct dial, then three tries)
-// within about 20 s of its opening, at worst 45 s, and never again on it, and a burst of loss or a NAT busy for that
-// moment would otherwise leave the pair relayed for as long as its
-// circuit lives. Only a pair that can punch at all is tried: both ends
+// reached only through relays for DefaultUnpunched (2.5 min, past the
+// routers' memory of libp2p's failed punch), then doubling to 30 min:
+// libp2p punches on a circuit (a direct dial, then three tries) within
+// about 20 s of its opening, at worst 45 s, and never again on it, and a
+// burst of loss or a NAT busy for that moment would otherwise leave the
+// pair relayed for as long as its circuit lives. Only a pair that can punch at all is tried: both ends
 // serve the hole-punch protocol (libp2p's service serves it once it has
 // found a public address). A pair that still cannot punch (a symmetric
 // NAT) pays a moment without a connection at each try, at most one every
@@ -110,9 +114,26 @@ const (
 	maxQuick = 2
 	// DefaultUnpunched is the wait from a sweep's first sight of a peer
 	// reached only through relays, never directly, to its first new
-	// punch: libp2p's own three tries are over by then. (A peer that
-	// waited for a circuit waits its current wait from the sight of one.)
-	DefaultUnpunched = time.Minute
+	// punch: libp2p's own three tries are over by then, and what they
+	// left in the routers has expired (DefaultStale). (A peer that
+	// waited for a circuit waits its current wait from the sight of
+	// one.)
+	DefaultUnpunched = DefaultStale
+	// DefaultStale is the least wait from a punch that may have failed
+	// (a try of ours, or libp2p's on a circuit that came) to the next
+	// try. A TCP punch that failed leaves its SYN's entry in each NAT
+	// router's connection tracking, kept for 2 min after the last SYN
+	// (Linux's nf_conntrack_tcp_timeout_syn_sent and _syn_sent2, which
+	// OpenWrt and most home routers keep). A new punch within that time
+	// fails whenever the far end's SYN reaches a router first: the entry
+	// takes it for a simultaneous open, then holds the host's answer,
+	// which starts a new sequence, out of its window; the router neither
+	// translates nor lets it through, and the pair stays relayed. Seen in
+	// the NAT suite: tries a minute or two after a failed punch failed
+	// about one time in two, while the router counted the answers
+	// invalid. The try's dial through a relay (up to 15 s) and libp2p's
+	// tries (about 15 s) come before the 2 min; the rest is margin.
+	DefaultStale = 150 * time.Second
 	// DefaultFresh is the least age of a circuit to be replaced: libp2p
 	// punches on a new circuit after its opening (a direct dial and three
 	// tries, each up to 10 s: about 20 s when they fail, at worst 45 s),
@@ -140,6 +161,8 @@ type Repuncher struct {
 	quick    time.Duration
 	// unpunched: the first wait of a peer never reached directly.
 	unpunched time.Duration
+	// stale: the least wait from a punch that may have failed to a try.
+	stale time.Duration
 	// fresh: the least age (real time) of a circuit to be replaced.
 	fresh time.Duration
 	// settle: the wait from a hole-punch service's start to the try.
@@ -243,7 +266,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 	r := &Repuncher{
 		h: h, safe: func(protocol.ID) bool { return false },
 		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
-		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, fresh: DefaultFresh,
+		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, stale: DefaultStale, fresh: DefaultFresh,
 		settle: DefaultSettle, now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 		kick: make(chan struct{}, 1),
 	}
@@ -501,7 +524,8 @@ func (r *Repuncher) noteCircuits(conns []network.Conn, now time.Time) {
 		}
 		if s := r.peers[p]; s != nil {
 			if s.direct == 0 && s.next.IsZero() {
-				s.next = now.Add(s.delay)
+				// libp2p punched on the circuit at its opening.
+				s.next = now.Add(max(s.delay, r.stale))
 			}
 			continue
 		}
@@ -694,7 +718,9 @@ func (r *Repuncher) redial(ctx context.Context, c candidate) bool {
 		if !s.quickTry {
 			s.delay = min(2*s.delay, r.max)
 		}
-		s.next, s.quickTry, s.yielded = r.now().Add(s.delay), false, false
+		// Should this try fail, the routers' memory of it must expire
+		// first (DefaultStale); a success makes nothing due.
+		s.next, s.quickTry, s.yielded = r.now().Add(max(s.delay, r.stale)), false, false
 	}
 	r.tries++
 	r.redialing[c.p] = time.Now().Add(r.dialTO + reconnectLinger)

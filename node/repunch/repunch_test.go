@@ -153,6 +153,7 @@ func TestReplacesTheRelayedConnection(t *testing.T) {
 			rp.now = clk.now
 			rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 			rp.young = 0 // a test's direct connections close at once: see TestDeathInThePunchIsTriedSoon
+			rp.stale = 0 // the waits alone: TestNoTryWhileRoutersRememberAFailedPunch
 			rp.Attach()
 			t.Cleanup(rp.Close)
 			r := relaytest.New(t)
@@ -341,7 +342,7 @@ func waitLost(t *testing.T, rp *Repuncher, p peer.ID) {
 // with no circuit waits for one and gives libp2p's punch on it the wait
 // anew.
 func TestNeverDirectIsTriedAgain(t *testing.T) {
-	const unpunched = 2 * time.Minute
+	const unpunched = 3 * time.Minute // above DefaultStale: the waits alone
 	cases := []struct {
 		name     string
 		fromPeer bool // the peer dialed the circuit
@@ -694,6 +695,60 @@ func TestTheLastDirectConnectionStartsTheWait(t *testing.T) {
 	clk.add(firstWait)
 	if n := rp.Sweep(t.Context()); n != 1 {
 		t.Fatalf("redialed %d peers a first wait after the last direct connection closed, want 1", n)
+	}
+}
+
+// TestNoTryWhileRoutersRememberAFailedPunch: a punch that failed is
+// remembered by the NAT routers for a while (DefaultStale), and a try
+// meanwhile would fail by it; so none comes sooner, where the wait would
+// be shorter: after a try that made no direct connection, and after a
+// circuit that came while a try was due (libp2p punched on it).
+func TestNoTryWhileRoutersRememberAFailedPunch(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		circuitCame bool
+	}{
+		{name: "after a try"},
+		{name: "after a circuit came while due", circuitCame: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g, a, b, clk, rp := behindNAT(t)
+			rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
+			rp.young = 0 // a test's direct connections close at once: see TestDeathInThePunchIsTriedSoon
+			rp.Attach()
+			t.Cleanup(rp.Close)
+			r := relaytest.New(t)
+			relaytest.Reserve(t, b, r)
+			waitStreams(t, relaytest.Dial(t, a, b, r))
+			dc := direct(t, a, b)
+			g.closed.Store(true) // the punches fail from now on
+			_ = dc.Close()
+			waitLost(t, rp, b.ID())
+			sweepAfter := func(wait time.Duration, want int, what string) {
+				t.Helper()
+				clk.add(wait)
+				quiet(t, a, b)
+				if n := rp.Sweep(t.Context()); n != want {
+					t.Fatalf("%s: redialed %d peers, want %d", what, n, want)
+				}
+			}
+			if tc.circuitCame {
+				for _, c := range a.Network().ConnsToPeer(b.ID()) {
+					_ = c.Close()
+				}
+				sweepAfter(firstWait, 0, "due, with no circuit")
+				waitStreams(t, relaytest.Dial(t, a, b, r))
+				sweepAfter(0, 0, "the new circuit's first sight")
+			} else {
+				sweepAfter(firstWait, 1, "the first wait")
+			}
+			// The wait due now is shorter (the first, or twice it).
+			if w := 2 * firstWait; w >= DefaultStale {
+				t.Fatalf("the test's wait %s is no shorter than DefaultStale %s", w, DefaultStale)
+			}
+			sweepAfter(DefaultStale-time.Second, 0, "a second before the routers forgot")
+			sweepAfter(time.Second, 1, "once the routers forgot")
+		})
 	}
 }
 
