@@ -237,8 +237,14 @@ func (n *natNet) public(role string) {
 		if err != nil {
 			n.t.Fatalf("a delayed link for %s: %v", role, err)
 		}
-		// Before the namespaces go (cleanups run last first).
-		n.t.Cleanup(func() { _ = w.Close() })
+		// Before the namespaces go (cleanups run last first). A cable
+		// cut mid-test (a device that failed) fails the test: its
+		// network was not the one it meant.
+		n.t.Cleanup(func() {
+			if err := w.Close(); err != nil {
+				n.t.Errorf("the delayed link for %s: %v", role, err)
+			}
+		})
 	} else {
 		n.link(role, "wan", "sw", "p"+role)
 	}

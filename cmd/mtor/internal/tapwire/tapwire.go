@@ -39,6 +39,9 @@ type Wire struct {
 	mu      sync.Mutex
 	dropped int
 	copied  int
+	// ioErrs: reads that failed before Close, each of which ended its
+	// direction, and each direction's first failed write (at most 4).
+	ioErrs []error
 }
 
 // New creates TAP device ifA in namespace nsA and ifB in nsB (names as
@@ -63,14 +66,32 @@ func New(nsA, ifA, nsB, ifB string, delay time.Duration) (*Wire, error) {
 
 // Close ends the copying, drops the frames in flight and removes both
 // devices (a TAP device without TUNSETPERSIST goes with its last
-// descriptor). Later calls return the first one's error.
+// descriptor). Its error includes a read or write that failed before it,
+// which had cut a direction: a test that used the cable learns that its
+// network was not what it built. Later calls return the first one's
+// error.
 func (w *Wire) Close() error {
 	w.close.Do(func() {
 		close(w.done)
-		w.closeEr = errors.Join(w.a.Close(), w.b.Close())
+		err := errors.Join(w.a.Close(), w.b.Close())
 		w.wg.Wait()
+		w.mu.Lock()
+		w.closeEr = errors.Join(append(w.ioErrs, err)...)
+		w.mu.Unlock()
 	})
 	return w.closeEr
+}
+
+// failed notes err, of a read or write, unless Close caused it.
+func (w *Wire) failed(err error) {
+	select {
+	case <-w.done:
+		return
+	default:
+	}
+	w.mu.Lock()
+	w.ioErrs = append(w.ioErrs, err)
+	w.mu.Unlock()
 }
 
 // Counts reports the frames copied and those dropped because a
@@ -94,6 +115,7 @@ func (w *Wire) pipe(src, dst *os.File) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		writeFailed := false
 		for f := range q {
 			if d := time.Until(f.due); d > 0 {
 				t := time.NewTimer(d)
@@ -104,8 +126,12 @@ func (w *Wire) pipe(src, dst *os.File) {
 					continue // drain the queue, write nothing
 				}
 			}
-			// A write fails only once the device is gone (Close).
-			if _, err := dst.Write(f.b); err == nil {
+			if _, err := dst.Write(f.b); err != nil {
+				if !writeFailed {
+					writeFailed = true
+					w.failed(fmt.Errorf("tapwire: write to %s: %w", dst.Name(), err))
+				}
+			} else {
 				w.count(&w.copied)
 			}
 		}
@@ -114,6 +140,7 @@ func (w *Wire) pipe(src, dst *os.File) {
 	for {
 		n, err := src.Read(buf)
 		if err != nil {
+			w.failed(fmt.Errorf("tapwire: read from %s: %w", src.Name(), err))
 			break
 		}
 		f := frame{due: time.Now().Add(w.delay), b: append([]byte(nil), buf[:n]...)}

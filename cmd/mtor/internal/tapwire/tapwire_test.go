@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strings"
 	"testing"
 	"time"
 )
@@ -159,6 +160,25 @@ func TestCloseRemovesTheDevices(t *testing.T) {
 			t.Fatalf("%s still in %s after Close: %s", c[1], c[0], out)
 		}
 	}
+}
+
+// TestCloseReportsACutDirection: a direction that ended before Close (its
+// device failed) is reported by Close, and by a second Close.
+func TestCloseReportsACutDirection(t *testing.T) {
+	nsA, nsB := twoNamespaces(t)
+	w, err := New(nsA, "tapa", nsB, "tapb", time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = w.a.Close() // as if the device failed: a's reads end
+	err = w.Close()
+	if err == nil || !strings.Contains(err.Error(), "tapwire: read from") {
+		t.Fatalf("Close after a direction was cut: %v, want its read's error", err)
+	}
+	if err2 := w.Close(); err2 == nil || err2.Error() != err.Error() {
+		t.Fatalf("a second Close: %v, want %v", err2, err)
+	}
+	t.Log(err)
 }
 
 func TestNewRefusesADeviceOfTheSameName(t *testing.T) {
