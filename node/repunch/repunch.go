@@ -16,27 +16,24 @@
 // keeps its place in the peer table (Reconnecting).
 //
 // A peer once reached directly is retried 30 s after its last direct
-// connection closed, then less and less often, doubling to 30 min. The
-// waits start over only when a direct connection that had lasted
-// (DefaultStable) is lost: a punch whose path dies within minutes is no
-// success. A direct connection that dies within seconds of opening
+// connection closed, then less and less often (3 min at the least after
+// a failed try: DefaultFresh), doubling to 30 min. The waits start over
+// only when a direct connection that had lasted (DefaultStable) is lost:
+// a punch whose path dies within minutes is no success. A direct connection that dies within seconds of opening
 // (DefaultYoung) died in its punch, not by its path: the pair is tried
-// again soon (DefaultQuick), twice at most before the waits go on. A try
-// that made no direct connection is followed by none for DefaultStale:
-// the NAT routers' connection tracking remembers a failed TCP punch for
-// 2 min, and spoils a new one meanwhile.
+// again soon (DefaultQuick), twice at most before the waits go on.
 //
 // A peer never reached directly is retried too, once a sweep has seen it
-// reached only through relays for DefaultUnpunched (2.5 min, past the
-// routers' memory of libp2p's failed punch), then doubling to 30 min:
-// libp2p punches on a circuit (a direct dial, then three tries) within
-// about 20 s of its opening, at worst 45 s, and never again on it, and a
-// burst of loss or a NAT busy for that moment would otherwise leave the
-// pair relayed for as long as its circuit lives. Only a pair that can punch at all is tried: both ends
-// serve the hole-punch protocol (libp2p's service serves it once it has
-// found a public address). A pair that still cannot punch (a symmetric
-// NAT) pays a moment without a connection at each try, at most one every
-// 30 min once the waits have grown.
+// reached only through relays for DefaultUnpunched and its circuit is
+// DefaultFresh old, then doubling to 30 min: libp2p punches on a circuit
+// (a direct dial, then three tries) within about 20 s of its opening, at
+// worst 45 s, and never again on it, and a burst of loss or a NAT busy
+// for that moment would otherwise leave the pair relayed for as long as
+// its circuit lives. Only a pair that can punch at all is tried: both
+// ends serve the hole-punch protocol (libp2p's service serves it once it
+// has found a public address). A pair that still cannot punch (a
+// symmetric NAT) pays a moment without a connection at each try, at most
+// one every 30 min once the waits have grown.
 //
 // libp2p's hole-punch service starts only once its host has found a
 // public address, a moment after the host starts: a circuit that opens
@@ -54,9 +51,12 @@
 // A peer due for a try that has no circuit dialed from here waits for
 // one, and a circuit that comes then gets the wait anew: libp2p punches
 // on every new circuit, and closing one in its punch would spoil that
-// punch. For the same reason no circuit younger than DefaultFresh is
-// replaced, unless a direct connection opened since it did (its punch is
-// over). A pair with circuits both ways is the lower peer ID's to try, so
+// punch. Nor is a circuit replaced before it is DefaultFresh old (3 min),
+// unless a direct connection opened since it did (its punch is over):
+// its punch, if it failed, is remembered by the NAT routers for 2 min
+// and spoils a new one meanwhile (DefaultFresh). That holds for the
+// circuit each try dials too, so tries that fail come 3 min apart at
+// the least. A pair with circuits both ways is the lower peer ID's to try, so
 // that two punches do not cross; the higher tries a wait later if the
 // lower has not (an older mtor).
 package repunch
@@ -114,32 +114,31 @@ const (
 	maxQuick = 2
 	// DefaultUnpunched is the wait from a sweep's first sight of a peer
 	// reached only through relays, never directly, to its first new
-	// punch: libp2p's own three tries are over by then, and what they
-	// left in the routers has expired (DefaultStale). (A peer that
-	// waited for a circuit waits its current wait from the sight of
-	// one.)
-	DefaultUnpunched = DefaultStale
-	// DefaultStale is the least wait from a punch that may have failed
-	// (a try of ours, or libp2p's on a circuit that came) to the next
-	// try. A TCP punch that failed leaves its SYN's entry in each NAT
-	// router's connection tracking, kept for 2 min after the last SYN
-	// (Linux's nf_conntrack_tcp_timeout_syn_sent and _syn_sent2, which
-	// OpenWrt and most home routers keep). A new punch within that time
-	// fails whenever the far end's SYN reaches a router first: the entry
-	// takes it for a simultaneous open, then holds the host's answer,
-	// which starts a new sequence, out of its window; the router neither
-	// translates nor lets it through, and the pair stays relayed. Seen in
-	// the NAT suite: tries a minute or two after a failed punch failed
-	// about one time in two, while the router counted the answers
-	// invalid. The try's dial through a relay (up to 15 s) and libp2p's
-	// tries (about 15 s) come before the 2 min; the rest is margin.
-	DefaultStale = 150 * time.Second
-	// DefaultFresh is the least age of a circuit to be replaced: libp2p
-	// punches on a new circuit after its opening (a direct dial and three
-	// tries, each up to 10 s: about 20 s when they fail, at worst 45 s),
-	// and a circuit a query dialed just before a try was due would
-	// otherwise be closed in the middle of that punch.
-	DefaultFresh = 45 * time.Second
+	// punch: libp2p's own three tries are over by then (and the circuit
+	// must be DefaultFresh old too). (A peer that waited for a circuit
+	// waits its current wait from the sight of one.)
+	DefaultUnpunched = time.Minute
+	// DefaultFresh is the least age of a circuit to be replaced, once
+	// libp2p punched on it. libp2p punches on a new circuit after its
+	// opening (a direct dial and three tries, each up to 10 s: about 20
+	// s when they fail, at worst 45 s), and a circuit a query dialed
+	// just before a try was due would otherwise be closed in the middle
+	// of that punch. And a TCP punch that failed stays in each NAT
+	// router's connection tracking for 2 min after its last SYN (Linux's
+	// nf_conntrack_tcp_timeout_syn_sent, and the SYN_SENT2 state's
+	// built-in 2 min; OpenWrt and most home routers keep both): a new
+	// punch meanwhile fails whenever the far end's SYN reaches a router
+	// first. The entry takes that SYN for a simultaneous open, then
+	// holds the host's SYN-ACK, which starts a new sequence, out of its
+	// window: the router marks it invalid and does not translate it
+	// (seen in the NAT suite: sent out from the host's private address,
+	// and dropped at the far NAT; a router that drops invalid packets,
+	// as OpenWrt's firewall does, drops it at once). Tries a minute after
+	// a failed punch, then 2 min apart, failed so about one time in two
+	// over TCP. UDP's tracking keeps no sequence: QUIC punches are not
+	// spoiled, but wait the same (which transport a punch will take is
+	// not known before it).
+	DefaultFresh = 3 * time.Minute
 	// DefaultSettle is the wait from an end's beginning to serve the
 	// hole-punch protocol to the try it makes due: the peer's service
 	// announces the protocol a moment before it follows new circuits.
@@ -161,8 +160,6 @@ type Repuncher struct {
 	quick    time.Duration
 	// unpunched: the first wait of a peer never reached directly.
 	unpunched time.Duration
-	// stale: the least wait from a punch that may have failed to a try.
-	stale time.Duration
 	// fresh: the least age (real time) of a circuit to be replaced.
 	fresh time.Duration
 	// settle: the wait from a hole-punch service's start to the try.
@@ -266,7 +263,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 	r := &Repuncher{
 		h: h, safe: func(protocol.ID) bool { return false },
 		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
-		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, stale: DefaultStale, fresh: DefaultFresh,
+		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, fresh: DefaultFresh,
 		settle: DefaultSettle, now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 		kick: make(chan struct{}, 1),
 	}
@@ -524,8 +521,7 @@ func (r *Repuncher) noteCircuits(conns []network.Conn, now time.Time) {
 		}
 		if s := r.peers[p]; s != nil {
 			if s.direct == 0 && s.next.IsZero() {
-				// libp2p punched on the circuit at its opening.
-				s.next = now.Add(max(s.delay, r.stale))
+				s.next = now.Add(s.delay)
 			}
 			continue
 		}
@@ -718,9 +714,7 @@ func (r *Repuncher) redial(ctx context.Context, c candidate) bool {
 		if !s.quickTry {
 			s.delay = min(2*s.delay, r.max)
 		}
-		// Should this try fail, the routers' memory of it must expire
-		// first (DefaultStale); a success makes nothing due.
-		s.next, s.quickTry, s.yielded = r.now().Add(max(s.delay, r.stale)), false, false
+		s.next, s.quickTry, s.yielded = r.now().Add(s.delay), false, false
 	}
 	r.tries++
 	r.redialing[c.p] = time.Now().Add(r.dialTO + reconnectLinger)
