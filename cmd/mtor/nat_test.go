@@ -1040,6 +1040,12 @@ func testNATFailedPunchIsTriedAgain(t *testing.T, wk, ck natKind) {
 	if p := n.peer(wid); p.Path != "relayed" {
 		t.Fatalf("path %q with the direct path cut, want relayed\nclient:\n%s", p.Path, client.outputTail(natTail))
 	}
+	// A try may come before the path is back: at once, for a circuit
+	// opened before the worker served hole punching (its libp2p would
+	// not punch on it). Those are not counted below.
+	const replaced = "relayed connection replaced for a new hole punch"
+	tries := func() int { return strings.Count(client.output(), replaced) + strings.Count(worker.output(), replaced) }
+	triedBefore := tries()
 	n.mendDirect()
 	mended := time.Now()
 	for p := n.peer(wid); p.Path != "direct" || !p.HolePunched; p = n.peer(wid) {
@@ -1051,10 +1057,9 @@ func testNATFailedPunchIsTriedAgain(t *testing.T, wk, ck natKind) {
 	}
 	// By a new circuit, not by a late try of libp2p's own: the client's,
 	// or the worker's if it dialed one too and its peer ID is the lower;
-	// and by the first.
-	const replaced = "relayed connection replaced for a new hole punch"
-	if tries := strings.Count(client.output(), replaced) + strings.Count(worker.output(), replaced); tries != 1 {
-		t.Errorf("the pair is direct after %d tries of node/repunch, want the first\nworker:\n%s\nclient:\n%s", tries, worker.outputTail(natTail), client.outputTail(natTail))
+	// and by the first since the path came back.
+	if n := tries() - triedBefore; n != 1 {
+		t.Errorf("the pair is direct after %d tries of node/repunch since the path came back, want the first\nworker:\n%s\nclient:\n%s", n, worker.outputTail(natTail), client.outputTail(natTail))
 	}
 	if p, want := n.peer(wid), punchTransport(wk, ck); !slices.Equal(p.Transports, []string{want}) {
 		t.Errorf("the punched connection's transports %q, want %s alone", p.Transports, want)
