@@ -1058,8 +1058,8 @@ func testNATFailedPunchIsTriedAgain(t *testing.T, wk, ck natKind) {
 	// By a new circuit, not by a late try of libp2p's own: the client's,
 	// or the worker's if it dialed one too and its peer ID is the lower;
 	// and by the first since the path came back.
-	if n := tries() - triedBefore; n != 1 {
-		t.Errorf("the pair is direct after %d tries of node/repunch since the path came back, want the first\nworker:\n%s\nclient:\n%s", n, worker.outputTail(natTail), client.outputTail(natTail))
+	if since := tries() - triedBefore; since != 1 {
+		t.Errorf("the pair is direct after %d tries of node/repunch since the path came back, want the first\nworker:\n%s\nclient:\n%s", since, worker.outputTail(natTail), client.outputTail(natTail))
 	}
 	if p, want := n.peer(wid), punchTransport(wk, ck); !slices.Equal(p.Transports, []string{want}) {
 		t.Errorf("the punched connection's transports %q, want %s alone", p.Transports, want)
