@@ -591,6 +591,20 @@ func behindNAT(t *testing.T) (*natGater, host.Host, host.Host, *clock, *Repunche
 	return g, a, b, clk, rp
 }
 
+// attachedWithCircuit attaches rp (a's) and dials b from a through a new
+// relay that b holds a reservation on; it returns the relay and the
+// circuit, once identify is done with it.
+func attachedWithCircuit(t *testing.T, rp *Repuncher, a, b host.Host) (host.Host, network.Conn) {
+	t.Helper()
+	rp.Attach()
+	t.Cleanup(rp.Close)
+	r := relaytest.New(t)
+	relaytest.Reserve(t, b, r)
+	rc := relaytest.Dial(t, a, b, r)
+	waitStreams(t, rc)
+	return r, rc
+}
+
 // A direct connection that dies at once died in its punch (both ends
 // kept different connections): the pair is tried again after the quick
 // wait, twice, and then after the waits that run on; quick tries do not
@@ -656,12 +670,7 @@ func TestTheLastDirectConnectionStartsTheWait(t *testing.T) {
 	rp.now = clk.now
 	rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
 	rp.young = 0
-	rp.Attach()
-	t.Cleanup(rp.Close)
-	r := relaytest.New(t)
-	relaytest.Reserve(t, b, r)
-	rc := relaytest.Dial(t, a, b, r)
-	waitStreams(t, rc)
+	attachedWithCircuit(t, rp, a, b)
 	d1 := direct(t, a, b)
 	// A second direct connection, from a second process with b's key
 	// (libp2p would reuse the first for a dial of b's own).
@@ -861,12 +870,7 @@ func TestNoTryWhileRoutersRememberAFailedPunch(t *testing.T) {
 	}
 	g, a, b, clk, rp := behindNAT(t)
 	rp.young = 0 // the direct connection's loss is its path's
-	rp.Attach()
-	t.Cleanup(rp.Close)
-	r := relaytest.New(t)
-	relaytest.Reserve(t, b, r)
-	old := relaytest.Dial(t, a, b, r)
-	waitStreams(t, old)
+	_, old := attachedWithCircuit(t, rp, a, b)
 	dc := direct(t, a, b)
 	g.closed.Store(true) // punches fail from now on
 	_ = dc.Close()
