@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
 	"testing"
 	"time"
 
@@ -17,6 +16,8 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/mtor-swarm/mtor/node/internal/netproxy"
 )
 
 func newHost(t *testing.T, listen string, opts ...libp2p.Option) host.Host {
@@ -303,87 +304,38 @@ func TestEchoDeadline(t *testing.T) {
 	}
 }
 
-// delayProxy forwards TCP connections to target on loopback, every byte
-// oneWay late each way: a long path between two real hosts.
-func delayProxy(t *testing.T, target string, oneWay time.Duration) string {
-	t.Helper()
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			in, err := l.Accept()
-			if err != nil {
-				return
-			}
-			out, err := net.Dial("tcp4", target)
-			if err != nil {
-				in.Close()
-				continue
-			}
-			t.Cleanup(func() { in.Close(); out.Close() })
-			go delayCopy(out, in, oneWay)
-			go delayCopy(in, out, oneWay)
-		}
-	}()
-	return l.Addr().String()
-}
-
-// delayCopy copies src to dst, each chunk oneWay after it was read.
-func delayCopy(dst, src net.Conn, oneWay time.Duration) {
-	type chunk struct {
-		due time.Time
-		b   []byte
-	}
-	q := make(chan chunk, 1024)
-	go func() {
-		defer dst.Close()
-		for c := range q {
-			time.Sleep(time.Until(c.due))
-			if _, err := dst.Write(c.b); err != nil {
-				return
-			}
-		}
-	}()
-	defer close(q)
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			q <- chunk{time.Now().Add(oneWay), append([]byte(nil), buf[:n]...)}
-		}
-		if err != nil {
-			return
-		}
-	}
-}
-
 // TestFarPeerKeepsItsConnection: a live peer on a path of 1.2 s round
-// trips (a relayed satellite link; real hosts, TCP through a proxy that
-// delays every byte) needs 2.4 s for a probe, negotiation and echo,
-// more than the 2 s default: its connection stays. The probe's echo
-// had no more than the 2 s before, and the connection was closed.
+// trips (a relayed satellite link; real hosts, through a proxy that
+// delays every byte or datagram) needs 2.4 s for a probe, negotiation
+// and echo, more than the 2 s default: its connection stays. The probe's
+// echo had no more than the 2 s before, and the connection was closed.
+// Over TCP and QUIC.
 func TestFarPeerKeepsItsConnection(t *testing.T) {
-	a, b := newHost(t, "/ip4/127.0.0.1/tcp/0"), newHost(t, "/ip4/127.0.0.1/tcp/0")
-	var bAddr string
-	for _, addr := range b.Addrs() {
-		if ip, err := addr.ValueForProtocol(ma.P_IP4); err == nil && ip == "127.0.0.1" {
-			port, _ := addr.ValueForProtocol(ma.P_TCP)
-			bAddr = "127.0.0.1:" + port
-		}
+	const oneWay = 600 * time.Millisecond
+	for _, tc := range []struct {
+		listen string
+		proxy  func(t testing.TB, target ma.Multiaddr) ma.Multiaddr
+	}{
+		{"/ip4/127.0.0.1/tcp/0", func(t testing.TB, target ma.Multiaddr) ma.Multiaddr {
+			return netproxy.TCP(t, target, oneWay)
+		}},
+		{"/ip4/127.0.0.1/udp/0/quic-v1", func(t testing.TB, target ma.Multiaddr) ma.Multiaddr {
+			return netproxy.NewUDP(t, target, oneWay).Addr
+		}},
+	} {
+		t.Run(tc.listen, func(t *testing.T) {
+			t.Parallel()
+			a, b := newHost(t, tc.listen), newHost(t, tc.listen)
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			if err := a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: []ma.Multiaddr{tc.proxy(t, b.Addrs()[0])}}); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			checkedAliveAndKept(t, a, onlyConn(t, a, b.ID()))
+			t.Logf("probe over 1.2 s round trips: %v", time.Since(start).Round(10*time.Millisecond))
+		})
 	}
-	proxy := delayProxy(t, bAddr, 600*time.Millisecond)
-	host, port, _ := net.SplitHostPort(proxy)
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	if err := a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: []ma.Multiaddr{ma.StringCast("/ip4/" + host + "/tcp/" + port)}}); err != nil {
-		t.Fatal(err)
-	}
-	start := time.Now()
-	checkedAliveAndKept(t, a, onlyConn(t, a, b.ID()))
-	t.Logf("probe over 1.2 s round trips: %v", time.Since(start).Round(10*time.Millisecond))
 }
 
 // checkedAliveAndKept checks conn of h with a checker of the default

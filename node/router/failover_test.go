@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -23,12 +22,12 @@ import (
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 	ma "github.com/multiformats/go-multiaddr"
-	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/node/backend"
 	"github.com/mtor-swarm/mtor/node/backend/backendtest"
 	"github.com/mtor-swarm/mtor/node/backend/demo"
 	"github.com/mtor-swarm/mtor/node/health"
+	"github.com/mtor-swarm/mtor/node/internal/netproxy"
 	"github.com/mtor-swarm/mtor/node/liveness"
 	"github.com/mtor-swarm/mtor/node/worker"
 	"github.com/mtor-swarm/mtor/protocol"
@@ -523,10 +522,10 @@ func TestClaimedFreshStartIsTested(t *testing.T) {
 					t.Fatal(err)
 				}
 				h, w := testHostOn(t, tr.listen), testHostOn(t, tr.listen, libp2p.Identity(key))
-				var proxy *udpProxy
+				var proxy *netproxy.UDP
 				if tc.old == silent {
-					proxy = newUDPProxy(t, w.Addrs()[0])
-					if err := h.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: []ma.Multiaddr{proxy.addr}}); err != nil {
+					proxy = netproxy.NewUDP(t, w.Addrs()[0], 0)
+					if err := h.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: []ma.Multiaddr{proxy.Addr}}); err != nil {
 						t.Fatal(err)
 					}
 				} else {
@@ -571,7 +570,7 @@ func TestClaimedFreshStartIsTested(t *testing.T) {
 				case gone:
 					newProcess()
 				case silent:
-					proxy.freeze()
+					proxy.Freeze()
 				}
 				// Whether the claim clears the breaker: the verdict comes
 				// within the probe's timeout (500 ms).
@@ -631,8 +630,8 @@ func TestOldProcessFailsAfterItsRestart(t *testing.T) {
 				t.Fatal(err)
 			}
 			h, w := testHostOn(t, "/ip4/127.0.0.1/udp/0/quic-v1"), testHostOn(t, "/ip4/127.0.0.1/udp/0/quic-v1", libp2p.Identity(key))
-			proxy := newUDPProxy(t, w.Addrs()[0])
-			if err := h.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: []ma.Multiaddr{proxy.addr}}); err != nil {
+			proxy := netproxy.NewUDP(t, w.Addrs()[0], 0)
+			if err := h.Connect(t.Context(), peer.AddrInfo{ID: w.ID(), Addrs: []ma.Multiaddr{proxy.Addr}}); err != nil {
 				t.Fatal(err)
 			}
 			old := h.Network().ConnsToPeer(w.ID())[0]
@@ -652,7 +651,7 @@ func TestOldProcessFailsAfterItsRestart(t *testing.T) {
 				t.Fatal("peer not ranked")
 			}
 			if tc.silent {
-				proxy.freeze() // the old process is killed
+				proxy.Freeze() // the old process is killed
 			}
 			// The restart is ranked while its breaker is clean: nothing
 			// to forgive yet.
@@ -718,61 +717,6 @@ func probingRouter(t *testing.T, h host.Host, table *atomic.Pointer[[]Candidate]
 		return len(rk) == 1
 	}
 }
-
-// udpProxy forwards UDP datagrams between one client and a server until
-// frozen: then it drops them all, as a killed process's host would (no
-// reset, no close: the QUIC connection lingers).
-type udpProxy struct {
-	addr   ma.Multiaddr // its QUIC address
-	frozen atomic.Bool
-}
-
-func newUDPProxy(t *testing.T, server ma.Multiaddr) *udpProxy {
-	t.Helper()
-	srvAddr, err := manet.ToNetAddr(server.Decapsulate(ma.StringCast("/quic-v1")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	front, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	back, err := net.DialUDP("udp4", nil, srvAddr.(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { front.Close(); back.Close() })
-	p := &udpProxy{addr: ma.StringCast(fmt.Sprintf("/ip4/127.0.0.1/udp/%d/quic-v1", front.LocalAddr().(*net.UDPAddr).Port))}
-	var client atomic.Pointer[net.UDPAddr]
-	go func() {
-		buf := make([]byte, 65536)
-		for {
-			n, from, err := front.ReadFromUDP(buf)
-			if err != nil {
-				return
-			}
-			client.Store(from)
-			if !p.frozen.Load() {
-				_, _ = back.Write(buf[:n])
-			}
-		}
-	}()
-	go func() {
-		buf := make([]byte, 65536)
-		for {
-			n, err := back.Read(buf)
-			if err != nil {
-				return
-			}
-			if c := client.Load(); c != nil && !p.frozen.Load() {
-				_, _ = front.WriteToUDP(buf[:n], c)
-			}
-		}
-	}()
-	return p
-}
-
-func (p *udpProxy) freeze() { p.frozen.Store(true) }
 
 func ptr[T any](v T) *T { return &v }
 
@@ -1638,7 +1582,7 @@ func TestAskedAgainThroughARestart(t *testing.T) {
 	var handed, pinged atomic.Int64
 	stop := make(chan struct{})
 	t.Cleanup(func() { close(stop) })
-	var proxy *udpProxy
+	var proxy *netproxy.UDP
 	var restart sync.Once
 	restarted := make(chan host.Host, 1)
 	old := testHostOn(t, quic, libp2p.Identity(key))
@@ -1654,7 +1598,7 @@ func TestAskedAgainThroughARestart(t *testing.T) {
 			// All three asked again: the process dies now, and its
 			// successor comes.
 			restart.Do(func() {
-				proxy.freeze()
+				proxy.Freeze()
 				go func() {
 					w := serveBackend(testHostOn(t, quic, libp2p.Identity(key)), demo.New("new", demo.WithDelay(0)))
 					if err := w.Connect(context.Background(), peer.AddrInfo{ID: h.ID(), Addrs: h.Addrs()}); err != nil {
@@ -1671,8 +1615,8 @@ func TestAskedAgainThroughARestart(t *testing.T) {
 		pinged.Add(1)
 		echoPings(s)
 	})
-	proxy = newUDPProxy(t, old.Addrs()[0])
-	if err := h.Connect(t.Context(), peer.AddrInfo{ID: old.ID(), Addrs: []ma.Multiaddr{proxy.addr}}); err != nil {
+	proxy = netproxy.NewUDP(t, old.Addrs()[0], 0)
+	if err := h.Connect(t.Context(), peer.AddrInfo{ID: old.ID(), Addrs: []ma.Multiaddr{proxy.Addr}}); err != nil {
 		t.Fatal(err)
 	}
 	live := liveness.New(h, liveness.WithTimeout(100*time.Millisecond))
