@@ -85,11 +85,8 @@ func probe(ctx context.Context, conn network.Conn, base time.Duration) error {
 		return fmt.Errorf("negotiate ping: %w", err)
 	}
 	if base > 0 {
-		dl := echoDeadline(start, time.Now(), base)
-		if end, ok := ctx.Deadline(); ok && end.Before(dl) {
-			dl = end
-		}
-		_ = s.SetDeadline(dl)
+		// ctx's end, if sooner, resets the stream (above).
+		_ = s.SetDeadline(echoDeadline(start, time.Now(), base))
 	}
 	// The peer chose the protocol: its process answered on conn, whatever
 	// comes of the echo.
@@ -117,14 +114,11 @@ func probe(ctx context.Context, conn network.Conn, base time.Duration) error {
 // for all its paths and set by its own pongs, is no measure of it. At
 // most 3 × base from start, since the negotiation ends within base.
 func echoDeadline(start, negotiated time.Time, base time.Duration) time.Time {
-	return later(start.Add(base), negotiated.Add(2*negotiated.Sub(start)))
-}
-
-func later(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
+	dl := negotiated.Add(2 * negotiated.Sub(start))
+	if left := start.Add(base); left.After(dl) {
+		return left
 	}
-	return b
+	return dl
 }
 
 // ErrNoEcho is a probe the peer negotiated and then did not echo.
