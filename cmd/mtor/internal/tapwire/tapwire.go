@@ -116,13 +116,16 @@ func (w *Wire) pipe(src, dst *os.File) {
 	go func() {
 		defer close(done)
 		writeFailed := false
+		// One timer for every frame (Reset leaves no stale fire since
+		// Go 1.23).
+		t := time.NewTimer(time.Hour)
+		defer t.Stop()
 		for f := range q {
 			if d := time.Until(f.due); d > 0 {
-				t := time.NewTimer(d)
+				t.Reset(d)
 				select {
 				case <-t.C:
 				case <-w.done:
-					t.Stop()
 					continue // drain the queue, write nothing
 				}
 			}
