@@ -990,8 +990,9 @@ func (n *natNet) firstAnswer(ctx context.Context, pair string, start time.Time, 
 // that moment). libp2p tries three times within seconds and never again
 // on that circuit; once the path is back, the client replaces the circuit
 // (node/repunch, once the circuit is 3 min old and the routers have
-// forgotten the failed punch) and the pair punches at that first try: the worker ends direct. Over QUIC, and over
-// TCP where the client's network lets no UDP out.
+// forgotten the failed punch) and the pair punches at that first try:
+// the worker ends direct. Over QUIC, and over TCP where the client's
+// network lets no UDP out.
 func TestNATFailedPunchIsTriedAgain(t *testing.T) {
 	needNAT(t)
 	quicAndTCPPairs(t, testNATFailedPunchIsTriedAgain)
@@ -1006,11 +1007,11 @@ func quicAndTCPPairs(t *testing.T, test func(t *testing.T, wk, ck natKind)) {
 }
 
 // repunchWithin bounds how long after the first answer the pair whose
-// first punch failed must be direct: the client's sweep (every 10 s)
-// sees the relayed connection within 10 s of its opening; the try is due
-// once the circuit, opened just before the first answer, is 3 min old
-// (node/repunch.DefaultFresh), at a sweep (one more if a stream held the
-// circuit then), and the punch's tries take up to 15 s. Before that
+// first punch failed must be direct: the try is due once the circuit,
+// opened just before the first answer, is 3 min old
+// (node/repunch.DefaultFresh), at the client's next sweep (every 10 s;
+// one more if a stream held the circuit then), and the punch's tries
+// take up to 15 s. Before that
 // outlasted the routers' memory of the failed punch, a try a minute after
 // it failed about one time in two over TCP, twice in a row in the CI of
 // d8616d9.

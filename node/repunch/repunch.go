@@ -19,9 +19,10 @@
 // connection closed, then less and less often (3 min at the least after
 // a failed try: DefaultFresh), doubling to 30 min. The waits start over
 // only when a direct connection that had lasted (DefaultStable) is lost:
-// a punch whose path dies within minutes is no success. A direct connection that dies within seconds of opening
-// (DefaultYoung) died in its punch, not by its path: the pair is tried
-// again soon (DefaultQuick), twice at most before the waits go on.
+// a punch whose path dies within minutes is no success. A direct
+// connection that dies within seconds of opening (DefaultYoung) died in
+// its punch, not by its path: the pair is tried again soon
+// (DefaultQuick), twice at most before the waits go on.
 //
 // A peer never reached directly is retried too, once a sweep has seen it
 // reached only through relays for DefaultUnpunched and its circuit is
@@ -56,9 +57,9 @@
 // its punch, if it failed, is remembered by the NAT routers for 2 min
 // and spoils a new one meanwhile (DefaultFresh). That holds for the
 // circuit each try dials too, so tries that fail come 3 min apart at
-// the least. A pair with circuits both ways is the lower peer ID's to try, so
-// that two punches do not cross; the higher tries a wait later if the
-// lower has not (an older mtor).
+// the least. A pair with circuits both ways is the lower peer ID's to
+// try, so that two punches do not cross; the higher tries a wait later
+// if the lower has not (an older mtor).
 package repunch
 
 import (

@@ -592,9 +592,9 @@ func behindNAT(t *testing.T) (*natGater, host.Host, host.Host, *clock, *Repunche
 }
 
 // attachedWithCircuit attaches rp (a's) and dials b from a through a new
-// relay that b holds a reservation on; it returns the relay and the
-// circuit, once identify is done with it.
-func attachedWithCircuit(t *testing.T, rp *Repuncher, a, b host.Host) (host.Host, network.Conn) {
+// relay that b holds a reservation on; it returns the circuit, once
+// identify is done with it.
+func attachedWithCircuit(t *testing.T, rp *Repuncher, a, b host.Host) network.Conn {
 	t.Helper()
 	rp.Attach()
 	t.Cleanup(rp.Close)
@@ -602,7 +602,17 @@ func attachedWithCircuit(t *testing.T, rp *Repuncher, a, b host.Host) (host.Host
 	relaytest.Reserve(t, b, r)
 	rc := relaytest.Dial(t, a, b, r)
 	waitStreams(t, rc)
-	return r, rc
+	return rc
+}
+
+// outboundCircuit is a's circuit to b dialed from a, or nil.
+func outboundCircuit(a host.Host, b peer.ID) network.Conn {
+	for _, c := range a.Network().ConnsToPeer(b) {
+		if relayaddr.IsRelayed(c) && c.Stat().Direction == network.DirOutbound {
+			return c
+		}
+	}
+	return nil
 }
 
 // A direct connection that dies at once died in its punch (both ends
@@ -612,11 +622,7 @@ func attachedWithCircuit(t *testing.T, rp *Repuncher, a, b host.Host) (host.Host
 func TestDeathInThePunchIsTriedSoon(t *testing.T) {
 	g, a, b, clk, rp := behindNAT(t)
 	rp.fresh = 0 // the circuits are seconds old: TestFreshCircuitIsLeftToItsPunch
-	rp.Attach()
-	t.Cleanup(rp.Close)
-	r := relaytest.New(t)
-	relaytest.Reserve(t, b, r)
-	waitStreams(t, relaytest.Dial(t, a, b, r))
+	attachedWithCircuit(t, rp, a, b)
 	// dies opens a direct connection and closes it at once.
 	dies := func() {
 		t.Helper()
@@ -823,12 +829,7 @@ func TestFreshCircuitIsLeftToItsPunch(t *testing.T) {
 	// once (each end kept a different one): that circuit's punch is
 	// over, and the quick try does not wait for the circuit's age.
 	rp.fresh = time.Hour
-	var nc network.Conn
-	for _, c := range a.Network().ConnsToPeer(b.ID()) {
-		if relayaddr.IsRelayed(c) && c.Stat().Direction == network.DirOutbound {
-			nc = c
-		}
-	}
+	nc := outboundCircuit(a, b.ID())
 	if nc == nil { // the redial's dial failed
 		nc = relaytest.Dial(t, a, b, r)
 	}
@@ -870,7 +871,7 @@ func TestNoTryWhileRoutersRememberAFailedPunch(t *testing.T) {
 	}
 	g, a, b, clk, rp := behindNAT(t)
 	rp.young = 0 // the direct connection's loss is its path's
-	_, old := attachedWithCircuit(t, rp, a, b)
+	old := attachedWithCircuit(t, rp, a, b)
 	dc := direct(t, a, b)
 	g.closed.Store(true) // punches fail from now on
 	_ = dc.Close()
@@ -880,12 +881,7 @@ func TestNoTryWhileRoutersRememberAFailedPunch(t *testing.T) {
 	if n := rp.Sweep(t.Context()); n != 1 || !old.IsClosed() {
 		t.Fatalf("the first wait: redialed %d peers (old circuit closed: %v), want it replaced", n, old.IsClosed())
 	}
-	var nc network.Conn
-	for _, c := range a.Network().ConnsToPeer(b.ID()) {
-		if relayaddr.IsRelayed(c) && c.Stat().Direction == network.DirOutbound {
-			nc = c
-		}
-	}
+	nc := outboundCircuit(a, b.ID())
 	if nc == nil {
 		t.Fatal("the try dialed no new circuit")
 	}
