@@ -39,6 +39,9 @@ type punchLog struct {
 	order []string           // insertion order, for the bound
 	tries map[peer.ID]punchTry
 	now   func() time.Time
+	// also is told every event too, once attach sets it: node/repunch
+	// holds its tries off while the routers remember a failed punch.
+	also atomic.Pointer[holepunch.EventTracer]
 }
 
 // punchTry is a hole punch with a peer: when it started (less
@@ -50,9 +53,11 @@ func newPunchLog() *punchLog {
 	return &punchLog{conns: map[string]peer.ID{}, tries: map[peer.ID]punchTry{}, now: time.Now}
 }
 
-// attach starts following h's connections; call once h exists.
-func (l *punchLog) attach(h host.Host) {
+// attach starts following h's connections, and hands every hole-punch
+// event on to also; call once h exists.
+func (l *punchLog) attach(h host.Host, also holepunch.EventTracer) {
 	l.hv.Store(&h)
+	l.also.Store(&also)
 	h.Network().Notify(&network.NotifyBundle{
 		ConnectedF: func(_ network.Network, c network.Conn) { l.connected(c) },
 		DisconnectedF: func(_ network.Network, c network.Conn) {
@@ -75,6 +80,9 @@ func (l *punchLog) attach(h host.Host) {
 // punchGrace after it ended, counts as punched too, not only the ones
 // standing when our own attempt reports success.
 func (l *punchLog) Trace(evt *holepunch.Event) {
+	if also := l.also.Load(); also != nil && *also != nil {
+		(*also).Trace(evt)
+	}
 	switch e := evt.Evt.(type) {
 	case *holepunch.StartHolePunchEvt:
 		l.started(evt.Remote)

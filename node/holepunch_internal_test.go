@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -29,7 +30,8 @@ func loopbackHost(t *testing.T) host.Host {
 func TestPunchLogFollowsConnections(t *testing.T) {
 	a, b, c := loopbackHost(t), loopbackHost(t), loopbackHost(t)
 	l := newPunchLog()
-	l.attach(a)
+	also := &tracerLog{}
+	l.attach(a, also)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for _, h := range []host.Host{b, c} {
@@ -57,6 +59,10 @@ func TestPunchLogFollowsConnections(t *testing.T) {
 	} {
 		if tc.evt != nil {
 			l.Trace(tc.evt)
+			// node/repunch is told every event too.
+			if got := also.last(); got != tc.evt {
+				t.Errorf("%s: the tracer attached beside was told %v, want the event", tc.name, got)
+			}
 		}
 		if got := l.HolePunched(conn(tc.peer)); got != tc.punched {
 			t.Errorf("%s: HolePunched = %v, want %v", tc.name, got, tc.punched)
@@ -77,6 +83,24 @@ func TestPunchLogFollowsConnections(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// tracerLog is a holepunch.EventTracer that keeps the last event.
+type tracerLog struct {
+	mu  sync.Mutex
+	evt *holepunch.Event
+}
+
+func (l *tracerLog) Trace(evt *holepunch.Event) {
+	l.mu.Lock()
+	l.evt = evt
+	l.mu.Unlock()
+}
+
+func (l *tracerLog) last() *holepunch.Event {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.evt
 }
 
 // Either side's dial of a punch may make the connection: one that opens
@@ -133,7 +157,7 @@ func TestPunchLogCountsEitherSidesDial(t *testing.T) {
 			l := newPunchLog()
 			var shift time.Duration
 			l.now = func() time.Time { return time.Now().Add(shift) }
-			l.attach(a)
+			l.attach(a, nil)
 			for _, s := range tc.steps {
 				switch s.do {
 				case connect:

@@ -410,12 +410,12 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	}
 	undo = append(undo, func() { h.Close() })
 	relays.hv.Store(h)
-	punches.attach(h)
+	repunches := repunch.New(h, repunch.WithSafe(reconnectSafe(cfg.swarm)))
+	punches.attach(h, repunches)
 	// Before discovery: its failed pings hand connections to it.
 	live := liveness.New(h)
 	undo = append(undo, live.Close)
 	prune := dupconn.New(h, liveness.Probe, append([]dupconn.Option{dupconn.WithExpendable(expendable(cfg.swarm)...)}, cfg.dupOpts...)...)
-	repunches := repunch.New(h, repunch.WithSafe(reconnectSafe(cfg.swarm)))
 	repunches.Attach()
 	undo = append(undo, repunches.Close)
 	relays.probe = live.Suspect

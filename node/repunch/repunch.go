@@ -57,7 +57,11 @@
 // its punch, if it failed, is remembered by the NAT routers for 2 min
 // and spoils a new one meanwhile (DefaultFresh). That holds for the
 // circuit each try dials too, so tries that fail come 3 min apart at
-// the least. A pair with circuits both ways is the lower peer ID's to
+// the least. Nor does a try come within DefaultRemembered of a punch with
+// the peer that failed, at either end (libp2p's hole-punch tracer tells
+// both, Trace): the circuit's age does not tell that when the failed
+// punch's circuit is gone, as when the peer restarted since and the
+// circuit dialed before it served is tried at once. A pair with circuits both ways is the lower peer ID's to
 // try, so that two punches do not cross; the higher tries a wait later
 // if the lower has not (an older mtor).
 package repunch
@@ -144,6 +148,13 @@ const (
 	// hole-punch protocol to the try it makes due: the peer's service
 	// announces the protocol a moment before it follows new circuits.
 	DefaultSettle = time.Second
+	// DefaultRemembered is the least wait from the end of a punch that
+	// failed, at either end, to a try with that peer: the routers keep
+	// its last SYN's entry 2 min (DefaultFresh says why that spoils a
+	// new punch), and a margin. It holds where the circuit's age does
+	// not tell: a try at once for a circuit that was never punched, when
+	// the failed punch was on a circuit gone since (the peer restarted).
+	DefaultRemembered = 2*time.Minute + 15*time.Second
 )
 
 // Repuncher replaces a peer's relayed connections to make a new hole punch
@@ -186,6 +197,11 @@ type Repuncher struct {
 	// redialing: peers whose connections are being replaced, until when
 	// (real time: it covers the disconnection's events, delivered late).
 	redialing map[peer.ID]time.Time
+	// remembered: the least wait from a failed punch to a try.
+	remembered time.Duration
+	// failed: when the last punch with a peer failed, for peers whose
+	// failure the routers may still hold (Trace); at most maxPeers.
+	failed map[peer.ID]time.Time
 }
 
 // reconnectLinger is how long after a redial a peer is still reported as
@@ -266,7 +282,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 		interval: DefaultInterval, first: DefaultFirst, max: DefaultMax, dialTO: DefaultDialTimeout, stable: DefaultStable,
 		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, fresh: DefaultFresh,
 		settle: DefaultSettle, now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
-		kick: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), remembered: DefaultRemembered, failed: map[peer.ID]time.Time{},
 	}
 	for _, o := range opts {
 		o(r)
@@ -282,6 +298,39 @@ func (r *Repuncher) Reconnecting(p peer.ID) bool {
 	defer r.mu.Unlock()
 	until, ok := r.redialing[p]
 	return ok && time.Now().Before(until)
+}
+
+// Trace takes libp2p's hole-punch events (a holepunch.EventTracer, handed
+// on by the node): a punch with a peer that failed, at either end, holds
+// the tries with that peer off for DefaultRemembered; one that made a
+// direct connection ends that.
+func (r *Repuncher) Trace(evt *holepunch.Event) {
+	e, ok := evt.Evt.(*holepunch.EndHolePunchEvt)
+	if !ok {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e.Success {
+		delete(r.failed, evt.Remote)
+		return
+	}
+	if _, ok := r.failed[evt.Remote]; !ok && len(r.failed) >= maxPeers {
+		r.forgetFailed()
+	}
+	r.failed[evt.Remote] = r.now()
+}
+
+// forgetFailed makes room in r.failed: it drops the oldest failure (the
+// ones the routers have forgotten go at each sweep); r.mu is held.
+func (r *Repuncher) forgetFailed() {
+	var oldest peer.ID
+	for p, at := range r.failed {
+		if oldest == "" || at.Before(r.failed[oldest]) {
+			oldest = p
+		}
+	}
+	delete(r.failed, oldest)
 }
 
 // Attach follows h's connections, and the start of the hole-punch
@@ -332,6 +381,7 @@ func (r *Repuncher) direct(p peer.ID) {
 	}
 	s.direct++
 	s.seen, s.next, s.yielded, s.punched = r.now(), time.Time{}, false, time.Now()
+	delete(r.failed, p) // the path is open
 }
 
 // lost notes that a direct connection to p closed after it had lived for
@@ -553,6 +603,9 @@ type candidate struct {
 	punched time.Time
 	// ready: when p or this host began to serve the hole-punch protocol.
 	ready time.Time
+	// failed: when the last punch with p failed, if the routers may
+	// still hold it.
+	failed time.Time
 }
 
 // Sweep replaces the relayed connections of the peers due for a new punch
@@ -567,6 +620,11 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 			delete(r.redialing, p)
 		}
 	}
+	for p, at := range r.failed {
+		if now.Sub(at) >= r.remembered {
+			delete(r.failed, p)
+		}
+	}
 	r.noteCircuits(conns, now)
 	for p, s := range r.peers {
 		if !s.next.IsZero() && !now.Before(s.next) {
@@ -574,7 +632,7 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 			if r.ready.After(ready) {
 				ready = r.ready
 			}
-			due = append(due, candidate{p: p, punched: s.punched, ready: ready})
+			due = append(due, candidate{p: p, punched: s.punched, ready: ready, failed: r.failed[p]})
 		}
 	}
 	r.mu.Unlock()
@@ -582,6 +640,12 @@ func (r *Repuncher) Sweep(ctx context.Context) int {
 	for _, c := range due {
 		if n >= maxPerSweep || ctx.Err() != nil {
 			break
+		}
+		if !c.failed.IsZero() {
+			// The routers may still hold that punch, and would spoil
+			// this one: the try stays due for a later sweep.
+			log.Debugw("a try waits: a punch with the peer failed lately", "peer", c.p, "failed", c.failed, "until", c.failed.Add(r.remembered))
+			continue
 		}
 		conns, v := r.replaceable(c.p, c.punched, c.ready)
 		switch v {

@@ -1018,3 +1018,103 @@ func TestUnpunchedCircuitIsTriedWhenServed(t *testing.T) {
 		})
 	}
 }
+
+// A punch with the peer that failed lately, on a circuit gone since (the
+// peer restarted), is remembered by the NAT routers for 2 min after its
+// last SYN and would spoil a new one: the try at once for a circuit
+// opened before the peer served hole punching waits until
+// DefaultRemembered has passed since the failure. A failure long past, or
+// one a successful punch followed, holds nothing off.
+func TestNoTryWhileAFailedPunchIsRemembered(t *testing.T) {
+	if least := 2 * time.Minute; DefaultRemembered <= least {
+		t.Fatalf("DefaultRemembered %s: a try could come while the routers remember the failed punch, want over %s", DefaultRemembered, least)
+	}
+	failed := &holepunch.Event{Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "all retries failed"}}
+	succeeded := &holepunch.Event{Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Success: true}}
+	cases := []struct {
+		name   string
+		events []*holepunch.Event
+		since  time.Duration // from the last event to the peer's start
+		held   bool
+	}{
+		{name: "a punch failed just before", events: []*holepunch.Event{failed}, held: true},
+		{name: "a punch failed a while before", events: []*holepunch.Event{failed}, since: DefaultRemembered - time.Second, held: true},
+		{name: "a punch failed long before", events: []*holepunch.Event{failed}, since: DefaultRemembered},
+		{name: "a punch failed, then one succeeded", events: []*holepunch.Event{failed, succeeded}},
+		{name: "no punch", events: nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			g, a, b, clk, rp := behindNAT(t)
+			servePunch(a)
+			rp.Attach()
+			t.Cleanup(rp.Close)
+			r := relaytest.New(t)
+			relaytest.Reserve(t, b, r)
+			rc := relaytest.Dial(t, a, b, r)
+			g.closed.Store(true)
+			waitIdentified(t, a, b.ID())
+			waitIdentified(t, b, a.ID())
+			for _, e := range tc.events {
+				e.Remote = b.ID()
+				rp.Trace(e)
+			}
+			clk.add(tc.since)
+			servePunch(b) // the restarted peer begins to serve: a try at once
+			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				rp.mu.Lock()
+				s := rp.peers[b.ID()]
+				due := s != nil && !s.next.IsZero()
+				rp.mu.Unlock()
+				if due {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("no try due after the peer began to serve hole punching")
+				}
+			}
+			quiet(t, a, b)
+			n := rp.Sweep(t.Context())
+			if !tc.held {
+				if n != 1 || !rc.IsClosed() {
+					t.Fatalf("redialed %d peers (circuit closed: %v), want the circuit replaced at once", n, rc.IsClosed())
+				}
+				return
+			}
+			if n != 0 || rc.IsClosed() {
+				t.Fatalf("redialed %d peers (circuit closed: %v), want the try held off while the routers remember the failed punch", n, rc.IsClosed())
+			}
+			clk.add(DefaultRemembered - tc.since) // the failure's end, DefaultRemembered ago
+			quiet(t, a, b)
+			if n := rp.Sweep(t.Context()); n != 1 || !rc.IsClosed() {
+				t.Fatalf("DefaultRemembered after the failed punch: redialed %d peers (circuit closed: %v), want it replaced", n, rc.IsClosed())
+			}
+		})
+	}
+}
+
+// A direct connection ends what a failed punch held off (the path is
+// open), and the failures remembered are bounded.
+func TestFailedPunchesForgotten(t *testing.T) {
+	_, a, b, _, rp := behindNAT(t)
+	rp.Attach()
+	t.Cleanup(rp.Close)
+	rp.Trace(&holepunch.Event{Remote: b.ID(), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "timeout"}})
+	direct(t, a, b)
+	waitDirect(t, rp, b.ID(), 1)
+	rp.mu.Lock()
+	_, held := rp.failed[b.ID()]
+	rp.mu.Unlock()
+	if held {
+		t.Fatal("a direct connection opened, the failed punch still holds tries off")
+	}
+	for i := range maxPeers + 10 {
+		rp.Trace(&holepunch.Event{Remote: peer.ID(fmt.Sprint(i)), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{}})
+	}
+	rp.mu.Lock()
+	n := len(rp.failed)
+	rp.mu.Unlock()
+	if n != maxPeers {
+		t.Fatalf("%d failed punches remembered, want at most %d", n, maxPeers)
+	}
+}
