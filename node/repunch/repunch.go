@@ -303,15 +303,17 @@ func (r *Repuncher) Reconnecting(p peer.ID) bool {
 // Trace takes libp2p's hole-punch events (a holepunch.EventTracer, handed
 // on by the node): a punch with a peer that failed, at either end, holds
 // the tries with that peer off for DefaultRemembered; one that made a
-// direct connection ends that.
+// direct connection ends that. So does a failure of one end's dial while
+// the other's made a direct connection: the path is open.
 func (r *Repuncher) Trace(evt *holepunch.Event) {
 	e, ok := evt.Evt.(*holepunch.EndHolePunchEvt)
 	if !ok {
 		return
 	}
+	open := e.Success || slices.ContainsFunc(r.h.Network().ConnsToPeer(evt.Remote), func(c network.Conn) bool { return !relayaddr.IsRelayed(c) })
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if e.Success {
+	if open {
 		delete(r.failed, evt.Remote)
 		return
 	}

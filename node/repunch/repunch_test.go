@@ -1094,7 +1094,8 @@ func TestNoTryWhileAFailedPunchIsRemembered(t *testing.T) {
 }
 
 // A direct connection ends what a failed punch held off (the path is
-// open), and the failures remembered are bounded.
+// open), and a failure beside one holds nothing off; the failures
+// remembered are bounded.
 func TestFailedPunchesForgotten(t *testing.T) {
 	_, a, b, _, rp := behindNAT(t)
 	rp.Attach()
@@ -1107,6 +1108,14 @@ func TestFailedPunchesForgotten(t *testing.T) {
 	rp.mu.Unlock()
 	if held {
 		t.Fatal("a direct connection opened, the failed punch still holds tries off")
+	}
+	// One end's dial failed while the other's made the connection.
+	rp.Trace(&holepunch.Event{Remote: b.ID(), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "dial backoff"}})
+	rp.mu.Lock()
+	_, held = rp.failed[b.ID()]
+	rp.mu.Unlock()
+	if held {
+		t.Fatal("a punch failed beside a direct connection: it holds tries off")
 	}
 	for i := range maxPeers + 10 {
 		rp.Trace(&holepunch.Event{Remote: peer.ID(fmt.Sprint(i)), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{}})
