@@ -6,6 +6,7 @@ package netproxy
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -55,11 +56,12 @@ func TCP(t testing.TB, target ma.Multiaddr, oneWay time.Duration) ma.Multiaddr {
 	})
 	go func() {
 		for {
-			in, err := l.Accept()
+			a, err := l.Accept()
 			if err != nil {
 				return
 			}
-			out, err := net.Dial("tcp4", to.String())
+			in := a.(*net.TCPConn)
+			out, err := net.DialTCP("tcp4", nil, to.(*net.TCPAddr))
 			if err != nil {
 				in.Close()
 				continue
@@ -67,37 +69,61 @@ func TCP(t testing.TB, target ma.Multiaddr, oneWay time.Duration) ma.Multiaddr {
 			mu.Lock()
 			open = append(open, in, out)
 			mu.Unlock()
-			go copyLate(out, in, oneWay)
-			go copyLate(in, out, oneWay)
+			go func() {
+				var wg sync.WaitGroup
+				wg.Add(2)
+				go func() { defer wg.Done(); copyLate(out, in, oneWay) }()
+				go func() { defer wg.Done(); copyLate(in, out, oneWay) }()
+				wg.Wait()
+				in.Close()
+				out.Close()
+			}()
 		}
 	}()
 	return ma.Join(ma.StringCast(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", l.Addr().(*net.TCPAddr).Port)), tail)
 }
 
-// copyLate copies src to dst, each chunk oneWay after it was read.
-func copyLate(dst, src net.Conn, oneWay time.Duration) {
+// copyLate copies src to dst, each chunk oneWay after it was read, until
+// src ends; then dst's way ends too: a half close after src's (EOF), so
+// that the other way's bytes still in flight arrive, else a close. A
+// failed write ends the copy.
+func copyLate(dst, src *net.TCPConn, oneWay time.Duration) {
 	type chunk struct {
 		due time.Time
 		b   []byte
 	}
 	q := make(chan chunk, maxQueued)
+	done := make(chan struct{})
+	var eof bool // set before q closes
 	go func() {
-		defer dst.Close()
+		defer close(done)
 		for c := range q {
 			time.Sleep(time.Until(c.due))
 			if _, err := dst.Write(c.b); err != nil {
+				_ = dst.Close()
 				return
 			}
 		}
+		if eof {
+			_ = dst.CloseWrite()
+		} else {
+			_ = dst.Close()
+		}
 	}()
-	defer close(q)
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
-			q <- chunk{time.Now().Add(oneWay), append([]byte(nil), buf[:n]...)}
+			select {
+			case q <- chunk{time.Now().Add(oneWay), append([]byte(nil), buf[:n]...)}:
+			case <-done:
+				return // dst failed
+			}
 		}
 		if err != nil {
+			eof = err == io.EOF
+			close(q)
+			<-done
 			return
 		}
 	}
