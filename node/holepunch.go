@@ -90,7 +90,8 @@ func (l *punchLog) Trace(evt *holepunch.Event) {
 		if e.Success {
 			log.Infow("hole punch: direct connection", "peer", evt.Remote, "after", e.EllapsedTime)
 		} else {
-			log.Debugw("hole punch failed", "peer", evt.Remote, "after", e.EllapsedTime, "err", e.Error)
+			// Info: the pair stays relayed until node/repunch tries again.
+			log.Infow("hole punch failed", "peer", evt.Remote, "after", e.EllapsedTime, "err", e.Error)
 		}
 		l.ended(evt.Remote, e.Success)
 	case *holepunch.ProtocolErrorEvt:
