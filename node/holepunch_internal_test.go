@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -199,5 +200,24 @@ func TestPunchLogBounded(t *testing.T) {
 	}
 	if _, ok := l.conns["a"+time.Duration(0).String()]; ok {
 		t.Error("the oldest entry is still there")
+	}
+}
+
+// A node hands libp2p's hole-punch events (its punch log is the tracer
+// its host was built with) on to its repuncher, which holds its tries off
+// after a failed punch.
+func TestNodeTellsRepuncherOfPunches(t *testing.T) {
+	key, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := New(context.Background(), WithIdentity(key), WithMDNS(false), WithListenAddrs("/ip4/127.0.0.1/tcp/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	also := n.punch.also.Load()
+	if also == nil || *also != holepunch.EventTracer(n.repunch) {
+		t.Fatalf("the punch log hands its events to %v, want the node's repuncher", also)
 	}
 }

@@ -305,8 +305,10 @@ type Node struct {
 	ann    atomic.Pointer[announcer] // set once discovery and worker exist
 	relays *relayKeeper
 	punch  *punchLog
-	live   *liveness.Checker
-	prune  *dupconn.Pruner
+	// repunch makes new hole punches; it is told of every punch too.
+	repunch *repunch.Repuncher
+	live    *liveness.Checker
+	prune   *dupconn.Pruner
 	// bmu guards roles and watched, which a reload (SetBackends) changes,
 	// and lets one reload run at a time.
 	bmu   sync.Mutex
@@ -426,7 +428,7 @@ func New(ctx context.Context, opts ...Option) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open the ledger: %w", err)
 	}
-	n := &Node{cfg: cfg, h: h, relays: relays, punch: punches, lock: lock, roles: roles, ledger: led, prune: prune}
+	n := &Node{cfg: cfg, h: h, relays: relays, punch: punches, repunch: repunches, lock: lock, roles: roles, ledger: led, prune: prune}
 	n.st.joined, n.st.joinFailed = make(chan struct{}), make(chan struct{})
 	// A node given its own token (a restart script) has no one to join.
 	n.joinPeers = slices.DeleteFunc(slices.Clone(boot), func(ai peer.AddrInfo) bool { return ai.ID == h.ID() })

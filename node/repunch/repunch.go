@@ -61,8 +61,10 @@
 // the peer that failed, at either end (libp2p's hole-punch tracer tells
 // both, Trace): the circuit's age does not tell that when the failed
 // punch's circuit is gone, as when the peer restarted since and the
-// circuit dialed before it served is tried at once. A pair with circuits both ways is the lower peer ID's to
-// try, so that two punches do not cross; the higher tries a wait later
+// circuit dialed before it served is tried at once. (The restarted end
+// remembers nothing of its predecessor's punches: its own try may come
+// within that time, and fail.) A pair with circuits both ways is the
+// lower peer ID's to try, so that two punches do not cross; the higher tries a wait later
 // if the lower has not (an older mtor).
 package repunch
 
@@ -302,25 +304,38 @@ func (r *Repuncher) Reconnecting(p peer.ID) bool {
 
 // Trace takes libp2p's hole-punch events (a holepunch.EventTracer, handed
 // on by the node): a punch with a peer that failed, at either end, holds
-// the tries with that peer off for DefaultRemembered; one that made a
-// direct connection ends that. So does a failure of one end's dial while
-// the other's made a direct connection: the path is open.
+// the tries with that peer off for DefaultRemembered, and so does a
+// failed direct dial (the initiator's, before its punch: its SYNs leave
+// the same entries). One that made a direct connection ends that, and so
+// does a failure of one end's dial while the other's made one, however
+// short it lived: the path is open.
 func (r *Repuncher) Trace(evt *holepunch.Event) {
-	e, ok := evt.Evt.(*holepunch.EndHolePunchEvt)
-	if !ok {
+	var ok bool
+	var took time.Duration
+	switch e := evt.Evt.(type) {
+	case *holepunch.EndHolePunchEvt:
+		ok, took = e.Success, e.EllapsedTime
+	case *holepunch.DirectDialEvt:
+		ok, took = e.Success, e.EllapsedTime
+	default:
 		return
 	}
-	open := e.Success || slices.ContainsFunc(r.h.Network().ConnsToPeer(evt.Remote), func(c network.Conn) bool { return !relayaddr.IsRelayed(c) })
+	// A second's margin: the peer's dial starts when our SYNC reaches it,
+	// which may be before our own attempt's clock.
+	began := time.Now().Add(-took - time.Second)
+	p := evt.Remote
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if open {
-		delete(r.failed, evt.Remote)
+	// A direct connection that opened since (direct, told synchronously
+	// by the swarm) has set punched.
+	if s := r.peers[p]; ok || s != nil && !s.punched.Before(began) {
+		delete(r.failed, p)
 		return
 	}
-	if _, ok := r.failed[evt.Remote]; !ok && len(r.failed) >= maxPeers {
+	if _, ok := r.failed[p]; !ok && len(r.failed) >= maxPeers {
 		r.forgetFailed()
 	}
-	r.failed[evt.Remote] = r.now()
+	r.failed[p] = r.now()
 }
 
 // forgetFailed makes room in r.failed: it drops the oldest failure (the

@@ -1093,37 +1093,88 @@ func TestNoTryWhileAFailedPunchIsRemembered(t *testing.T) {
 	}
 }
 
-// A direct connection ends what a failed punch held off (the path is
-// open), and a failure beside one holds nothing off; the failures
-// remembered are bounded.
+// What counts as a failed punch: a punch or the direct dial before it
+// that failed, unless a direct connection opened since it began (the
+// other end's dial made it), open still or not; a direct connection
+// older than the punch says nothing of it. A direct connection opening
+// later ends what a failure held off. The failures remembered are
+// bounded.
 func TestFailedPunchesForgotten(t *testing.T) {
-	_, a, b, _, rp := behindNAT(t)
-	rp.Attach()
-	t.Cleanup(rp.Close)
-	rp.Trace(&holepunch.Event{Remote: b.ID(), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "timeout"}})
-	direct(t, a, b)
-	waitDirect(t, rp, b.ID(), 1)
-	rp.mu.Lock()
-	_, held := rp.failed[b.ID()]
-	rp.mu.Unlock()
-	if held {
-		t.Fatal("a direct connection opened, the failed punch still holds tries off")
+	failed := func(took time.Duration) *holepunch.Event {
+		return &holepunch.Event{Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "all dials failed", EllapsedTime: took}}
 	}
-	// One end's dial failed while the other's made the connection.
-	rp.Trace(&holepunch.Event{Remote: b.ID(), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "dial backoff"}})
-	rp.mu.Lock()
-	_, held = rp.failed[b.ID()]
-	rp.mu.Unlock()
-	if held {
-		t.Fatal("a punch failed beside a direct connection: it holds tries off")
+	dialFailed := &holepunch.Event{Type: holepunch.DirectDialEvtT, Evt: &holepunch.DirectDialEvt{Error: "dial timeout", EllapsedTime: 5 * time.Second}}
+	cases := []struct {
+		name string
+		// before runs with the hosts connected through a circuit alone,
+		// before the event.
+		before func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher)
+		evt    *holepunch.Event
+		after  func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher)
+		held   bool
+	}{
+		{name: "a failed punch", evt: failed(5 * time.Second), held: true},
+		{name: "a failed direct dial", evt: dialFailed, held: true},
+		{name: "a failed punch, a direct connection since it began", evt: failed(5 * time.Second),
+			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+				g.closed.Store(false)
+				direct(t, a, b)
+				waitDirect(t, rp, b.ID(), 1)
+			}},
+		{name: "a failed punch, a direct connection since it began that died", evt: failed(5 * time.Second),
+			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+				g.closed.Store(false)
+				dc := direct(t, a, b)
+				waitDirect(t, rp, b.ID(), 1)
+				_ = dc.Close()
+				waitLost(t, rp, b.ID())
+			}},
+		{name: "a failed punch beside an older direct connection", evt: failed(0), held: true,
+			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+				g.closed.Store(false)
+				direct(t, a, b)
+				waitDirect(t, rp, b.ID(), 1)
+				time.Sleep(1100 * time.Millisecond) // older than the punch's start and its margin
+			}},
+		{name: "a failed punch, then a direct connection", evt: failed(5 * time.Second),
+			after: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+				g.closed.Store(false)
+				direct(t, a, b)
+				waitDirect(t, rp, b.ID(), 1)
+			}},
 	}
-	for i := range maxPeers + 10 {
-		rp.Trace(&holepunch.Event{Remote: peer.ID(fmt.Sprint(i)), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{}})
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			g, a, b, _, rp := behindNAT(t)
+			attachedWithCircuit(t, rp, a, b)
+			g.closed.Store(true)
+			if tc.before != nil {
+				tc.before(t, g, a, b, rp)
+			}
+			evt := *tc.evt
+			evt.Remote = b.ID()
+			rp.Trace(&evt)
+			if tc.after != nil {
+				tc.after(t, g, a, b, rp)
+			}
+			rp.mu.Lock()
+			_, held := rp.failed[b.ID()]
+			rp.mu.Unlock()
+			if held != tc.held {
+				t.Fatalf("tries held off: %v, want %v", held, tc.held)
+			}
+		})
 	}
-	rp.mu.Lock()
-	n := len(rp.failed)
-	rp.mu.Unlock()
-	if n != maxPeers {
-		t.Fatalf("%d failed punches remembered, want at most %d", n, maxPeers)
-	}
+	t.Run("bounded", func(t *testing.T) {
+		rp := New(newHost(t))
+		for i := range maxPeers + 10 {
+			rp.Trace(&holepunch.Event{Remote: peer.ID(fmt.Sprint(i)), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{}})
+		}
+		rp.mu.Lock()
+		n := len(rp.failed)
+		rp.mu.Unlock()
+		if n != maxPeers {
+			t.Fatalf("%d failed punches remembered, want at most %d", n, maxPeers)
+		}
+	})
 }

@@ -101,6 +101,7 @@ func copyLate(dst, src *net.TCPConn, oneWay time.Duration) {
 			time.Sleep(time.Until(c.due))
 			if _, err := dst.Write(c.b); err != nil {
 				_ = dst.Close()
+				_ = src.CloseRead() // wakes the reader below
 				return
 			}
 		}

@@ -148,11 +148,12 @@ func TestUDPCarriesDatagramsLateUntilFrozen(t *testing.T) {
 			t.Fatalf("echoed %q, want %q", buf[:n], msg)
 		}
 	}
-	// One in flight when the proxy freezes is dropped on its way back.
+	// One in flight when the proxy freezes, past the server (which
+	// answered it) and on its way back, is dropped.
 	if _, err := c.Write([]byte("in flight")); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(oneWay / 2)
+	time.Sleep(oneWay * 3 / 2)
 	p.Freeze()
 	if _, err := c.Write([]byte("after")); err != nil {
 		t.Fatal(err)
