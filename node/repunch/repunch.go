@@ -204,6 +204,9 @@ type Repuncher struct {
 	// failed: when the last punch with a peer failed, for peers whose
 	// failure the routers may still hold (Trace); at most maxPeers.
 	failed map[peer.ID]time.Time
+	// punching: the punches under way, and whether this end dials TCP
+	// in them; at most maxPeers.
+	punching map[peer.ID]bool
 }
 
 // reconnectLinger is how long after a redial a peer is still reported as
@@ -285,6 +288,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, fresh: DefaultFresh,
 		settle: DefaultSettle, now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 		kick: make(chan struct{}, 1), remembered: DefaultRemembered, failed: map[peer.ID]time.Time{},
+		punching: map[peer.ID]bool{},
 	}
 	for _, o := range opts {
 		o(r)
@@ -304,17 +308,41 @@ func (r *Repuncher) Reconnecting(p peer.ID) bool {
 
 // Trace takes libp2p's hole-punch events (a holepunch.EventTracer, handed
 // on by the node): a punch with a peer that failed, at either end, holds
-// the tries with that peer off for DefaultRemembered, and so does a
-// failed direct dial (the initiator's, before its punch: its SYNs leave
-// the same entries). One that made a direct connection ends that, and so
+// the tries with that peer off for DefaultRemembered if it dialed TCP (or
+// its start went unseen), and so does a failed direct dial (the
+// initiator's, before its punch, to every kind of address: its SYNs
+// leave the same entries). One that made a direct connection ends that, and so
 // does a failure of one end's dial while the other's made one, however
 // short it lived: the path is open.
 func (r *Repuncher) Trace(evt *holepunch.Event) {
 	var ok bool
 	var took time.Duration
+	p := evt.Remote
 	switch e := evt.Evt.(type) {
+	case *holepunch.StartHolePunchEvt:
+		// The addresses this end dials (the punch filter's): the other
+		// end dials ours of the same kind.
+		tcp := slices.ContainsFunc(e.RemoteAddrs, func(a string) bool {
+			m, err := ma.NewMultiaddr(a)
+			return err == nil && slices.ContainsFunc(m, func(c ma.Component) bool { return c.Code() == ma.P_TCP })
+		})
+		r.mu.Lock()
+		if _, ok := r.punching[p]; ok || len(r.punching) < maxPeers {
+			r.punching[p] = tcp
+		}
+		r.mu.Unlock()
+		return
 	case *holepunch.EndHolePunchEvt:
 		ok, took = e.Success, e.EllapsedTime
+		r.mu.Lock()
+		tcp, seen := r.punching[p]
+		delete(r.punching, p)
+		r.mu.Unlock()
+		if !ok && seen && !tcp {
+			// UDP's tracking keeps no sequence: a failed QUIC punch
+			// spoils none after it.
+			return
+		}
 	case *holepunch.DirectDialEvt:
 		ok, took = e.Success, e.EllapsedTime
 	default:
@@ -323,7 +351,6 @@ func (r *Repuncher) Trace(evt *holepunch.Event) {
 	// A second's margin: the peer's dial starts when our SYNC reaches it,
 	// which may be before our own attempt's clock.
 	began := time.Now().Add(-took - time.Second)
-	p := evt.Remote
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	// A direct connection that opened since (direct, told synchronously

@@ -1093,9 +1093,10 @@ func TestNoTryWhileAFailedPunchIsRemembered(t *testing.T) {
 	}
 }
 
-// What counts as a failed punch: a punch or the direct dial before it
-// that failed, unless a direct connection opened since it began (the
-// other end's dial made it), open still or not; a direct connection
+// What counts as a failed punch: a punch that dialed TCP (or whose start
+// went unseen), or the direct dial before it, that failed, unless a
+// direct connection opened since it began (the other end's dial made
+// it), open still or not; a QUIC punch that failed spoils none after it; a direct connection
 // older than the punch says nothing of it. A direct connection opening
 // later ends what a failure held off. The failures remembered are
 // bounded.
@@ -1104,6 +1105,12 @@ func TestFailedPunchesForgotten(t *testing.T) {
 		return &holepunch.Event{Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "all dials failed", EllapsedTime: took}}
 	}
 	dialFailed := &holepunch.Event{Type: holepunch.DirectDialEvtT, Evt: &holepunch.DirectDialEvt{Error: "dial timeout", EllapsedTime: 5 * time.Second}}
+	// started is the start of a punch in which this end dials addrs.
+	started := func(addrs ...string) func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+		return func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+			rp.Trace(&holepunch.Event{Remote: b.ID(), Type: holepunch.StartHolePunchEvtT, Evt: &holepunch.StartHolePunchEvt{RemoteAddrs: addrs}})
+		}
+	}
 	cases := []struct {
 		name string
 		// before runs with the hosts connected through a circuit alone,
@@ -1113,7 +1120,13 @@ func TestFailedPunchesForgotten(t *testing.T) {
 		after  func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher)
 		held   bool
 	}{
-		{name: "a failed punch", evt: failed(5 * time.Second), held: true},
+		{name: "a failed punch, its start unseen", evt: failed(5 * time.Second), held: true},
+		{name: "a failed punch that dialed TCP", evt: failed(5 * time.Second), held: true,
+			before: started("/ip4/11.4.0.1/tcp/4001")},
+		{name: "a failed punch that dialed QUIC and TCP", evt: failed(5 * time.Second), held: true,
+			before: started("/ip4/11.4.0.1/udp/4001/quic-v1", "/ip4/11.4.0.1/tcp/4001")},
+		{name: "a failed punch that dialed QUIC alone", evt: failed(5 * time.Second),
+			before: started("/ip4/11.4.0.1/udp/4001/quic-v1", "/ip6/2001:db8::1/udp/4001/quic-v1")},
 		{name: "a failed direct dial", evt: dialFailed, held: true},
 		{name: "a failed punch, a direct connection since it began", evt: failed(5 * time.Second),
 			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
