@@ -58,8 +58,8 @@
 // and spoils a new one meanwhile (DefaultFresh). That holds for the
 // circuit each try dials too, so tries that fail come 3 min apart at
 // the least. Nor does a try come within DefaultRemembered of a punch with
-// the peer that failed, at either end (libp2p's hole-punch tracer tells
-// both, Trace): the circuit's age does not tell that when the failed
+// the peer that failed having dialed TCP, at either end (libp2p's
+// hole-punch tracer tells both, Trace): the circuit's age does not tell that when the failed
 // punch's circuit is gone, as when the peer restarted since and the
 // circuit dialed before it served is tried at once. (The restarted end
 // remembers nothing of its predecessor's punches: its own try may come
@@ -151,7 +151,7 @@ const (
 	// announces the protocol a moment before it follows new circuits.
 	DefaultSettle = time.Second
 	// DefaultRemembered is the least wait from the end of a punch that
-	// failed, at either end, to a try with that peer: the routers keep
+	// failed over TCP, at either end, to a try with that peer: the routers keep
 	// its last SYN's entry 2 min (DefaultFresh says why that spoils a
 	// new punch), and a margin. It holds where the circuit's age does
 	// not tell: a try at once for a circuit that was never punched, when
