@@ -84,6 +84,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
@@ -204,9 +205,20 @@ type Repuncher struct {
 	// failed: when the last punch with a peer failed, for peers whose
 	// failure the routers may still hold (Trace); at most maxPeers.
 	failed map[peer.ID]time.Time
-	// punching: the punches under way, and whether this end dials TCP
-	// in them; at most maxPeers.
-	punching map[peer.ID]bool
+	// punching: the punches under way; at most maxPeers.
+	punching map[peer.ID]punch
+}
+
+// punch is a peer's hole-punch attempts under way at this end: how many,
+// and whether one of them dials TCP.
+type punch struct {
+	n   int
+	tcp bool
+}
+
+// isTCP reports whether a is a TCP address (a WebSocket's too).
+func isTCP(a ma.Multiaddr) bool {
+	return slices.ContainsFunc(a, func(c ma.Component) bool { return c.Code() == ma.P_TCP })
 }
 
 // reconnectLinger is how long after a redial a peer is still reported as
@@ -288,7 +300,7 @@ func New(h host.Host, opts ...Option) *Repuncher {
 		young: DefaultYoung, quick: DefaultQuick, unpunched: DefaultUnpunched, fresh: DefaultFresh,
 		settle: DefaultSettle, now: time.Now, peers: map[peer.ID]*state{}, redialing: map[peer.ID]time.Time{},
 		kick: make(chan struct{}, 1), remembered: DefaultRemembered, failed: map[peer.ID]time.Time{},
-		punching: map[peer.ID]bool{},
+		punching: map[peer.ID]punch{},
 	}
 	for _, o := range opts {
 		o(r)
@@ -309,36 +321,44 @@ func (r *Repuncher) Reconnecting(p peer.ID) bool {
 // Trace takes libp2p's hole-punch events (a holepunch.EventTracer, handed
 // on by the node): a punch with a peer that failed, at either end, holds
 // the tries with that peer off for DefaultRemembered if it dialed TCP (or
-// its start went unseen), and so does a failed direct dial (the
-// initiator's, before its punch, to every kind of address: its SYNs
-// leave the same entries). One that made a direct connection ends that, and so
-// does a failure of one end's dial while the other's made one, however
-// short it lived: the path is open.
+// its start went unseen), and so does a failed direct dial (made by the
+// end the circuit came in to, before its punch, to every address: its
+// SYNs leave the same entries). One that made a direct connection ends
+// that, and so does a failure of one end's dial while the other's made
+// one, however short it lived: the path is open.
 func (r *Repuncher) Trace(evt *holepunch.Event) {
 	var ok bool
 	var took time.Duration
 	p := evt.Remote
 	switch e := evt.Evt.(type) {
 	case *holepunch.StartHolePunchEvt:
-		// The addresses this end dials (the punch filter's): the other
-		// end dials ours of the same kind.
+		// What this end dials: the punch's addresses (the punch
+		// filter's), and every other address of the peer's it holds
+		// (libp2p's Connect dials them all), of which a public TCP one
+		// shares the punch's four-tuple.
 		tcp := slices.ContainsFunc(e.RemoteAddrs, func(a string) bool {
 			m, err := ma.NewMultiaddr(a)
-			return err == nil && slices.ContainsFunc(m, func(c ma.Component) bool { return c.Code() == ma.P_TCP })
-		})
+			return err != nil || isTCP(m) // unreadable: on the safe side
+		}) || slices.ContainsFunc(r.h.Peerstore().Addrs(p), func(a ma.Multiaddr) bool { return isTCP(a) && manet.IsPublicAddr(a) })
 		r.mu.Lock()
-		if _, ok := r.punching[p]; ok || len(r.punching) < maxPeers {
-			r.punching[p] = tcp
+		if pu, ok := r.punching[p]; ok || len(r.punching) < maxPeers {
+			// Attempts may overlap (circuits both ways): one TCP dial
+			// among them makes the lot TCP's.
+			r.punching[p] = punch{n: pu.n + 1, tcp: pu.tcp || tcp}
 		}
 		r.mu.Unlock()
 		return
 	case *holepunch.EndHolePunchEvt:
 		ok, took = e.Success, e.EllapsedTime
 		r.mu.Lock()
-		tcp, seen := r.punching[p]
-		delete(r.punching, p)
+		pu, seen := r.punching[p]
+		if pu.n--; pu.n > 0 {
+			r.punching[p] = pu
+		} else {
+			delete(r.punching, p)
+		}
 		r.mu.Unlock()
-		if !ok && seen && !tcp {
+		if !ok && seen && !pu.tcp {
 			// UDP's tracking keeps no sequence: a failed QUIC punch
 			// spoils none after it.
 			return

@@ -1127,12 +1127,38 @@ func TestFailedPunchesForgotten(t *testing.T) {
 			before: started("/ip4/11.4.0.1/udp/4001/quic-v1", "/ip4/11.4.0.1/tcp/4001")},
 		{name: "a failed punch that dialed QUIC alone", evt: failed(5 * time.Second),
 			before: started("/ip4/11.4.0.1/udp/4001/quic-v1", "/ip6/2001:db8::1/udp/4001/quic-v1")},
+		// libp2p's Connect dials every address it holds, the punch's
+		// and the rest.
+		{name: "a failed QUIC punch to a peer whose public TCP address this end holds", evt: failed(5 * time.Second), held: true,
+			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+				a.Peerstore().AddAddr(b.ID(), ma.StringCast("/ip4/11.4.0.1/tcp/4001"), time.Hour)
+				started("/ip4/11.4.0.1/udp/4001/quic-v1")(t, g, a, b, rp)
+			}},
+		{name: "two QUIC attempts at once, both failed", evt: failed(5 * time.Second),
+			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+				started("/ip4/11.4.0.1/udp/4001/quic-v1")(t, g, a, b, rp)
+				started("/ip4/11.4.0.1/udp/4001/quic-v1")(t, g, a, b, rp)
+				rp.Trace(&holepunch.Event{Remote: b.ID(), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "timeout"}})
+			}},
+		{name: "a TCP attempt and a QUIC one at once, the QUIC one failed last", evt: failed(5 * time.Second), held: true,
+			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+				started("/ip4/11.4.0.1/tcp/4001")(t, g, a, b, rp)
+				started("/ip4/11.4.0.1/udp/4001/quic-v1")(t, g, a, b, rp)
+				rp.Trace(&holepunch.Event{Remote: b.ID(), Type: holepunch.EndHolePunchEvtT, Evt: &holepunch.EndHolePunchEvt{Error: "timeout"}})
+			}},
 		{name: "a failed direct dial", evt: dialFailed, held: true},
 		{name: "a failed punch, a direct connection since it began", evt: failed(5 * time.Second),
 			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
 				g.closed.Store(false)
 				direct(t, a, b)
 				waitDirect(t, rp, b.ID(), 1)
+			}},
+		{name: "a failed punch, a direct connection since it began, seconds before it ended", evt: failed(5 * time.Second),
+			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
+				g.closed.Store(false)
+				direct(t, a, b)
+				waitDirect(t, rp, b.ID(), 1)
+				time.Sleep(1500 * time.Millisecond) // past the start's margin, within the punch
 			}},
 		{name: "a failed punch, a direct connection since it began that died", evt: failed(5 * time.Second),
 			before: func(t *testing.T, g *natGater, a, b host.Host, rp *Repuncher) {
