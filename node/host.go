@@ -89,6 +89,7 @@ type hostConfig struct {
 	punches      holepunch.EventTracer               // told of hole punches; nil for none
 	lean         bool                                // the lean watermarks: no swarm view, no relay service
 	grace        time.Duration                       // the trim spares younger connections; 0: connGracePeriod
+	filter       *punchFilter                        // the punches' filter and gate; nil: a new one
 }
 
 // Query streams of one peer. A bridge carrying many users is one peer
@@ -268,7 +269,10 @@ func newHost(hc hostConfig) (host.Host, error) {
 		return nil, fmt.Errorf("connection manager: %w", err)
 	}
 	// Both ends of a punch dial one transport (punchfilter.go).
-	punchFilter := newPunchFilter()
+	punchFilter := hc.filter
+	if punchFilter == nil {
+		punchFilter = newPunchFilter()
+	}
 	// TCP dials leave from the listen port, and a punch's refused dial is
 	// tried again from it rather than from a random port (node/tcpdial).
 	tcpDialer := tcpdial.New()
@@ -307,9 +311,7 @@ func newHost(hc hostConfig) (host.Host, error) {
 	if hc.addrs != nil {
 		opts = append(opts, libp2p.AddrsFactory(hc.addrs))
 	}
-	if hc.gater != nil {
-		opts = append(opts, libp2p.ConnectionGater(hc.gater))
-	}
+	opts = append(opts, libp2p.ConnectionGater(punchGate{next: hc.gater, f: punchFilter}))
 	reach := hc.reachability
 	if hc.relay {
 		// libp2p starts the relay service only on hosts it believes

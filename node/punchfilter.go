@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/connmgr"
+	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
@@ -15,7 +17,9 @@ import (
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
-// punchFilter makes both ends of a hole punch dial one kind of address.
+// punchFilter makes both ends of a hole punch dial one kind of address:
+// it picks what each end sends and dials, and punchGate keeps the
+// punch's dials to that kind.
 //
 // In a punch (DCUtR) each end dials every address the other sent, TCP
 // and QUIC, IPv4 and IPv6, at once, and libp2p closes a dial that
@@ -117,6 +121,10 @@ type punchNote struct {
 	sent addrKinds // the kinds we sent
 	peer addrKinds // the kinds it sent
 	tcp  bool      // this try is TCP's turn (tcpTurn)
+	// dial is the one kind this try dials, 0 for all, until dialUntil
+	// (allowsDial).
+	dial      addrKinds
+	dialUntil time.Time
 	// budget is the peer's punches (nil until its first): kept across
 	// series, dropped with the note once full again (punchForget).
 	budget *rate.Limiter
@@ -230,6 +238,8 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 			t.budget.AllowN(now, 1)
 			sent = t.sent
 			t.peer = kindsOf(addrs)
+			common := sent & t.peer
+			t.dial, t.dialUntil = common&-common, now.Add(punchDialWindow)
 		}
 		f.tries[p] = t
 	}
@@ -243,6 +253,62 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 		return addrs
 	}
 	return ofKinds(addrs, common&-common) // the first kind, in addrKind's order
+}
+
+// punchDialWindow is how long after an exchange its punch's dials may
+// come: the initiator's half a round trip later, and a dial fails at
+// go-libp2p's 5 s.
+const punchDialWindow = 10 * time.Second
+
+// allowsDial reports whether a dial to p's address a may go ahead: not,
+// within punchDialWindow of an exchange that kept one kind of the peer's
+// addresses, for an address of another kind. libp2p's Connect in a punch
+// dials every address of the peer the peerstore holds, not only the
+// punch's (swarm.addrsForDial, at once for a punch): the peer's public
+// addresses that identify gave, an earlier try's. Two kinds dialed at
+// once can lose the pair both connections (above), and a TCP dial in a
+// QUIC try leaves the NAT routers an entry that spoils a TCP try for 2
+// min (node/repunch).
+func (f *punchFilter) allowsDial(p peer.ID, a ma.Multiaddr) bool {
+	k := kindOf(a)
+	if k == 0 {
+		return true // a relay's, or a kind the filter does not pick
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	t, ok := f.tries[p]
+	return !ok || t.dial == 0 || f.now().After(t.dialUntil) || k&t.dial != 0
+}
+
+// punchGate is the host's connection gater: a closed swarm's (next, nil
+// for none), with the punch filter's rule on a punch's dials
+// (allowsDial).
+type punchGate struct {
+	next connmgr.ConnectionGater
+	f    *punchFilter
+}
+
+func (g punchGate) InterceptPeerDial(p peer.ID) bool {
+	return g.next == nil || g.next.InterceptPeerDial(p)
+}
+
+func (g punchGate) InterceptAddrDial(p peer.ID, a ma.Multiaddr) bool {
+	return g.f.allowsDial(p, a) && (g.next == nil || g.next.InterceptAddrDial(p, a))
+}
+
+func (g punchGate) InterceptAccept(c network.ConnMultiaddrs) bool {
+	return g.next == nil || g.next.InterceptAccept(c)
+}
+
+func (g punchGate) InterceptSecured(d network.Direction, p peer.ID, c network.ConnMultiaddrs) bool {
+	return g.next == nil || g.next.InterceptSecured(d, p, c)
+}
+
+func (g punchGate) InterceptUpgraded(c network.Conn) (bool, control.DisconnectReason) {
+	if g.next == nil {
+		return true, 0
+	}
+	return g.next.InterceptUpgraded(c)
 }
 
 // withTCPGuess adds to addrs, the addresses a punch sends, a guess of our

@@ -1,13 +1,18 @@
 package node
 
 import (
+	"context"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/control"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/relayaddr"
@@ -580,4 +585,92 @@ func TestPunchFilterGuessesTCP(t *testing.T) {
 			}
 		})
 	}
+}
+
+// libp2p's Connect in a punch dials every address of the peer it holds,
+// not only the punch's: within punchDialWindow of an exchange that kept
+// one kind, the gate refuses the peer's addresses of other kinds; not a
+// relay's, nor another peer's, nor after the window, nor when the
+// exchange kept all.
+func TestPunchGateKeepsThePunchToOneKind(t *testing.T) {
+	pa, pb, pc := peer.ID("a"), peer.ID("b"), peer.ID("c")
+	for _, tc := range []struct {
+		name    string
+		a, b    []string
+		peer    peer.ID
+		dial    string
+		later   time.Duration
+		allowed bool
+	}{
+		{"QUIC kept: the peer's QUIC address", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pb, bQUIC, 0, true},
+		{"QUIC kept: the peer's TCP address", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pb, bTCP, 0, false},
+		{"QUIC kept: the peer's QUIC address over IPv6", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pb, bQUIC6, 0, false},
+		{"QUIC kept: the peer's relay address", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pb, bRelayTCP, 0, true},
+		{"QUIC kept: another peer's TCP address", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pc, bTCP, 0, true},
+		{"QUIC kept: the peer's TCP address after the window", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pb, bTCP, punchDialWindow + time.Second, true},
+		{"TCP kept: the peer's QUIC address", []string{aTCP}, []string{bTCP, bQUIC}, pb, bQUIC, 0, false},
+		{"TCP kept: the peer's TCP address", []string{aTCP}, []string{bTCP, bQUIC}, pb, bTCP, 0, true},
+		{"nothing in common, all kept", []string{aQUIC}, []string{bTCP6}, pb, bTCP, 0, true},
+	} {
+		c := &clock{t: time.Unix(1_800_000_000, 0)}
+		fa, fb := c.filter(), c.filter()
+		punchExchange(fa, fb, pa, pb, maddrs(t, tc.a...), maddrs(t, tc.b...))
+		c.add(tc.later)
+		g := punchGate{f: fa}
+		if got := g.InterceptAddrDial(tc.peer, maddrs(t, tc.dial)[0]); got != tc.allowed {
+			t.Errorf("%s: dial allowed %v, want %v", tc.name, got, tc.allowed)
+		}
+	}
+}
+
+// The gate is the node's host's (newHost): a dial of a punch's peer's
+// other kind fails at the swarm, on real hosts, and a closed swarm's
+// gater still has its say.
+func TestPunchGateOnAHost(t *testing.T) {
+	b := loopbackHost(t)
+	f := newPunchFilter()
+	deny := &countingGater{}
+	key, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := newHost(hostConfig{key: key, listen: []string{"/ip4/127.0.0.1/tcp/0"}, gater: deny, filter: f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	// A punch with b that kept QUIC (as the exchange above leaves it).
+	f.tries[b.ID()] = punchNote{dial: kindQUIC4, dialUntil: time.Now().Add(time.Minute)}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	info := peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()} // TCP over loopback: its kind, TCP/IPv4
+	if err := a.Connect(ctx, info); err == nil {
+		t.Fatal("a TCP dial within a QUIC punch's window connected")
+	}
+	f.mu.Lock()
+	delete(f.tries, b.ID())
+	f.mu.Unlock()
+	a.Network().(*swarm.Swarm).Backoff().Clear(b.ID()) // the refused dial's
+	if err := a.Connect(ctx, info); err != nil {
+		t.Fatalf("with no punch under way: %v", err)
+	}
+	if deny.asked.Load() == 0 {
+		t.Error("the closed swarm's gater was not asked")
+	}
+}
+
+// countingGater allows all and counts the address dials it is asked about.
+type countingGater struct{ asked atomic.Int64 }
+
+func (g *countingGater) InterceptPeerDial(peer.ID) bool { return true }
+func (g *countingGater) InterceptAddrDial(peer.ID, ma.Multiaddr) bool {
+	g.asked.Add(1)
+	return true
+}
+func (g *countingGater) InterceptAccept(network.ConnMultiaddrs) bool { return true }
+func (g *countingGater) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
+	return true
+}
+func (g *countingGater) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
+	return true, 0
 }
