@@ -239,7 +239,13 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 			sent = t.sent
 			t.peer = kindsOf(addrs)
 			common := sent & t.peer
-			t.dial, t.dialUntil = common&-common, now.Add(punchDialWindow)
+			kind := common & -common
+			if kind != 0 && t.dial != 0 && now.Before(t.dialUntil.Add(punchSameTry-punchDialWindow)) {
+				// The same try punched the other way at once: what
+				// either exchange kept may be dialed (0, all, stays).
+				kind |= t.dial
+			}
+			t.dial, t.dialUntil = kind, now.Add(punchDialWindow)
 		}
 		f.tries[p] = t
 	}
@@ -255,17 +261,21 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 	return ofKinds(addrs, common&-common) // the first kind, in addrKind's order
 }
 
-// punchDialWindow is how long after an exchange its punch's dials may
-// come: the initiator's half a round trip later, and a dial fails at
-// go-libp2p's 5 s.
+// punchDialWindow is how long after an exchange the peer's dials are
+// kept to its kind. The punch's own Connect reaches the gate half a
+// round trip to a round trip after the exchange (the gate is asked once
+// per dial request); the rest of the window keeps other Connects to the
+// peer meanwhile (a query's, node/repunch's), which join the punch's
+// dial, from adding other kinds.
 const punchDialWindow = 10 * time.Second
 
 // allowsDial reports whether a dial to p's address a may go ahead: not,
 // within punchDialWindow of an exchange that kept one kind of the peer's
-// addresses, for an address of another kind. libp2p's Connect in a punch
-// dials every address of the peer the peerstore holds, not only the
-// punch's (swarm.addrsForDial, at once for a punch): the peer's public
-// addresses that identify gave, an earlier try's. Two kinds dialed at
+// addresses, for a direct address of another kind, by any dial of this
+// host's. libp2p's Connect in a punch dials every address of the peer
+// the peerstore holds, not only the punch's (swarm.addrsForDial, at once
+// for a punch): the addresses identify gave, public and private, and an
+// earlier try's. Two kinds dialed at
 // once can lose the pair both connections (above), and a TCP dial in a
 // QUIC try leaves the NAT routers an entry that spoils a TCP try for 2
 // min (node/repunch).

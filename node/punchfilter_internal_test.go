@@ -12,7 +12,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/relayaddr"
@@ -629,18 +628,20 @@ func TestPunchGateKeepsThePunchToOneKind(t *testing.T) {
 func TestPunchGateOnAHost(t *testing.T) {
 	b := loopbackHost(t)
 	f := newPunchFilter()
-	deny := &countingGater{}
+	inner := &countingGater{}
 	key, _, err := crypto.GenerateEd25519Key(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := newHost(hostConfig{key: key, listen: []string{"/ip4/127.0.0.1/tcp/0"}, gater: deny, filter: f})
+	a, err := newHost(hostConfig{key: key, listen: []string{"/ip4/127.0.0.1/tcp/0"}, gater: inner, filter: f})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = a.Close() })
 	// A punch with b that kept QUIC (as the exchange above leaves it).
+	f.mu.Lock()
 	f.tries[b.ID()] = punchNote{dial: kindQUIC4, dialUntil: time.Now().Add(time.Minute)}
+	f.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	info := peer.AddrInfo{ID: b.ID(), Addrs: b.Addrs()} // TCP over loopback: its kind, TCP/IPv4
@@ -650,11 +651,10 @@ func TestPunchGateOnAHost(t *testing.T) {
 	f.mu.Lock()
 	delete(f.tries, b.ID())
 	f.mu.Unlock()
-	a.Network().(*swarm.Swarm).Backoff().Clear(b.ID()) // the refused dial's
 	if err := a.Connect(ctx, info); err != nil {
 		t.Fatalf("with no punch under way: %v", err)
 	}
-	if deny.asked.Load() == 0 {
+	if inner.asked.Load() == 0 {
 		t.Error("the closed swarm's gater was not asked")
 	}
 }
@@ -673,4 +673,42 @@ func (g *countingGater) InterceptSecured(network.Direction, peer.ID, network.Con
 }
 func (g *countingGater) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) {
 	return true, 0
+}
+
+// The gate follows the try, at both ends: QUIC at the first, TCP alone
+// at the TCP turn. Two exchanges of one try (both directions at once)
+// that kept different kinds let either be dialed.
+func TestPunchGateFollowsTheTry(t *testing.T) {
+	pa, pb := peer.ID("a"), peer.ID("b")
+	c := &clock{t: time.Unix(1_800_000_000, 0)}
+	fa, fb := c.filter(), c.filter()
+	a, b := maddrs(t, aTCP, aQUIC), maddrs(t, bTCP, bQUIC)
+	check := func(what string, f *punchFilter, p peer.ID, addr string, want bool) {
+		t.Helper()
+		if got := (punchGate{f: f}).InterceptAddrDial(p, maddrs(t, addr)[0]); got != want {
+			t.Errorf("%s: a dial to %s allowed %v, want %v", what, addr, got, want)
+		}
+	}
+	punchExchange(fa, fb, pa, pb, a, b)
+	check("the first try, a", fa, pb, bQUIC, true)
+	check("the first try, a", fa, pb, bTCP, false)
+	check("the first try, b", fb, pa, aQUIC, true)
+	check("the first try, b", fb, pa, aTCP, false)
+	c.add(5 * time.Second)
+	punchExchange(fa, fb, pa, pb, a, b)
+	check("the TCP turn, a", fa, pb, bTCP, true)
+	check("the TCP turn, a", fa, pb, bQUIC, false)
+	check("the TCP turn, b", fb, pa, aTCP, true)
+	check("the TCP turn, b", fb, pa, aQUIC, false)
+
+	c.add(time.Minute) // a new series
+	punchExchange(fa, fb, pa, pb, a, b)
+	check("a new series, a", fa, pb, bTCP, false)
+	c.add(time.Second)
+	// The other direction's exchange of the same try, whose peer sent
+	// TCP alone.
+	fa.FilterLocal(pb, a)
+	fa.FilterRemote(pb, maddrs(t, bTCP))
+	check("one try both ways, a", fa, pb, bTCP, true)
+	check("one try both ways, a", fa, pb, bQUIC, true)
 }

@@ -335,7 +335,10 @@ func (r *Repuncher) Trace(evt *holepunch.Event) {
 		// What this end dials: the punch's addresses (the punch
 		// filter's), and every other address of the peer's it holds
 		// (libp2p's Connect dials them all), of which a public TCP one
-		// shares the punch's four-tuple.
+		// shares the punch's four-tuple. The node's punch gate keeps
+		// those to the punch's kind where its filter noted the
+		// exchange; not always, so to be safe a held public TCP
+		// address counts.
 		tcp := slices.ContainsFunc(e.RemoteAddrs, func(a string) bool {
 			m, err := ma.NewMultiaddr(a)
 			return err != nil || isTCP(m) // unreadable: on the safe side
