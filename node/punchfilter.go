@@ -2,6 +2,7 @@ package node
 
 import (
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,7 +20,7 @@ import (
 
 // punchFilter makes both ends of a hole punch dial one kind of address:
 // it picks what each end sends and dials, and punchGate keeps the
-// punch's dials to that kind.
+// punch's dials to those addresses.
 //
 // In a punch (DCUtR) each end dials every address the other sent, TCP
 // and QUIC, IPv4 and IPv6, at once, and libp2p closes a dial that
@@ -121,9 +122,10 @@ type punchNote struct {
 	sent addrKinds // the kinds we sent
 	peer addrKinds // the kinds it sent
 	tcp  bool      // this try is TCP's turn (tcpTurn)
-	// dial is the one kind this try dials, 0 for all, until dialUntil
-	// (allowsDial).
-	dial      addrKinds
+	// dial is the addresses (dialKey) this try dials, until dialUntil
+	// (allowsDial): at most maxPunchAddrs, twice that for one try both
+	// ways.
+	dial      []string
 	dialUntil time.Time
 	// budget is the peer's punches (nil until its first): kept across
 	// series, dropped with the note once full again (punchForget).
@@ -233,19 +235,29 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 	// peer's own.
 	peerOK := !ok || t.budget.TokensAt(now) >= 1
 	allOK := peerOK && f.budget.AllowN(now, 1)
+	if ok && allOK {
+		sent = t.sent
+	}
+	var out []ma.Multiaddr
+	if allOK {
+		out = addrs
+		if common := sent & kindsOf(addrs); common != 0 {
+			out = ofKinds(addrs, common&-common) // the first kind, in addrKind's order
+		}
+	}
 	if ok {
 		if allOK {
 			t.budget.AllowN(now, 1)
-			sent = t.sent
 			t.peer = kindsOf(addrs)
-			common := sent & t.peer
-			kind := common & -common
-			if kind != 0 && t.dial != 0 && now.Before(t.dialUntil.Add(punchSameTry-punchDialWindow)) {
-				// The same try punched the other way at once: what
-				// either exchange kept may be dialed (0, all, stays).
-				kind |= t.dial
+			if !now.Before(t.dialUntil.Add(punchSameTry - punchDialWindow)) {
+				t.dial = nil
 			}
-			t.dial, t.dialUntil = kind, now.Add(punchDialWindow)
+			// Within punchSameTry, the same try punched the other way
+			// at once: what either exchange kept may be dialed.
+			for _, a := range out {
+				t.dial = append(t.dial, dialKey(a))
+			}
+			t.dialUntil = now.Add(punchDialWindow)
 		}
 		f.tries[p] = t
 	}
@@ -254,40 +266,46 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 		log.Debugw("hole punch refused: past the punch budget", "peer", p, "peer's own", !peerOK)
 		return nil
 	}
-	common := sent & kindsOf(addrs)
-	if common == 0 {
-		return addrs
-	}
-	return ofKinds(addrs, common&-common) // the first kind, in addrKind's order
+	return out
 }
 
 // punchDialWindow is how long after an exchange the peer's dials are
-// kept to its kind. The punch's own Connect reaches the gate half a
-// round trip to a round trip after the exchange (the gate is asked once
-// per dial request); the rest of the window keeps other Connects to the
-// peer meanwhile (a query's, node/repunch's), which join the punch's
-// dial, from adding other kinds.
+// kept to the addresses it kept. The punch's own Connect reaches the gate
+// half a round trip to a round trip after the exchange (the gate is
+// asked once per dial request); the rest of the window keeps other
+// Connects to the peer meanwhile (a query's, node/repunch's), which
+// join the punch's dial, from adding others.
 const punchDialWindow = 10 * time.Second
 
 // allowsDial reports whether a dial to p's address a may go ahead: not,
-// within punchDialWindow of an exchange that kept one kind of the peer's
-// addresses, for a direct address of another kind, by any dial of this
-// host's. libp2p's Connect in a punch dials every address of the peer
-// the peerstore holds, not only the punch's (swarm.addrsForDial, at once
-// for a punch): the addresses identify gave, public and private, and an
-// earlier try's. Two kinds dialed at
-// once can lose the pair both connections (above), and a TCP dial in a
-// QUIC try leaves the NAT routers an entry that spoils a TCP try for 2
-// min (node/repunch).
+// within punchDialWindow of an exchange with p, for a direct address the
+// exchange did not keep, by any dial of this host's. libp2p's Connect in
+// a punch dials every address of the peer the peerstore holds, not only
+// the punch's (swarm.addrsForDial, all at once for a punch): the
+// addresses identify gave and an earlier try's. Those could be of
+// another kind, and two kinds dialed at once can lose the pair both
+// connections (above), and a TCP dial in a QUIC try leaves the NAT
+// routers an entry that spoils a TCP try for 2 min (node/repunch). And
+// a stranger's identify may list as many public addresses as it likes,
+// which would make each punch it asks for dial them all, past
+// maxPunchAddrs: a reflector.
 func (f *punchFilter) allowsDial(p peer.ID, a ma.Multiaddr) bool {
-	k := kindOf(a)
-	if k == 0 {
+	if kindOf(a) == 0 {
 		return true // a relay's, or a kind the filter does not pick
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	t, ok := f.tries[p]
-	return !ok || t.dial == 0 || f.now().After(t.dialUntil) || k&t.dial != 0
+	return !ok || f.now().After(t.dialUntil) || slices.Contains(t.dial, dialKey(a))
+}
+
+// dialKey is a direct address as the gate compares it: its kind, IP and
+// port (whatever follows, a /p2p/ part, aside).
+func dialKey(a ma.Multiaddr) string {
+	if len(a) < 2 {
+		return a.String()
+	}
+	return a[:2].String() + "/" + strconv.Itoa(int(kindOf(a)))
 }
 
 // punchGate is the host's connection gater: a closed swarm's (next, nil

@@ -4,16 +4,18 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"sync/atomic"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/control"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/mtor-swarm/mtor/node/internal/relaytest"
 	"github.com/mtor-swarm/mtor/node/relayaddr"
 )
 
@@ -587,11 +589,11 @@ func TestPunchFilterGuessesTCP(t *testing.T) {
 }
 
 // libp2p's Connect in a punch dials every address of the peer it holds,
-// not only the punch's: within punchDialWindow of an exchange that kept
-// one kind, the gate refuses the peer's addresses of other kinds; not a
-// relay's, nor another peer's, nor after the window, nor when the
-// exchange kept all.
-func TestPunchGateKeepsThePunchToOneKind(t *testing.T) {
+// not only the punch's: within punchDialWindow of an exchange, the gate
+// refuses the peer's direct addresses the exchange did not keep (of
+// another kind, or others of its kind, as a stranger's identify may
+// list); not a relay's, nor another peer's, nor after the window.
+func TestPunchGateKeepsThePunchToItsAddresses(t *testing.T) {
 	pa, pb, pc := peer.ID("a"), peer.ID("b"), peer.ID("c")
 	for _, tc := range []struct {
 		name    string
@@ -609,7 +611,10 @@ func TestPunchGateKeepsThePunchToOneKind(t *testing.T) {
 		{"QUIC kept: the peer's TCP address after the window", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pb, bTCP, punchDialWindow + time.Second, true},
 		{"TCP kept: the peer's QUIC address", []string{aTCP}, []string{bTCP, bQUIC}, pb, bQUIC, 0, false},
 		{"TCP kept: the peer's TCP address", []string{aTCP}, []string{bTCP, bQUIC}, pb, bTCP, 0, true},
-		{"nothing in common, all kept", []string{aQUIC}, []string{bTCP6}, pb, bTCP, 0, true},
+		{"QUIC kept: another QUIC address of the peer's (its identify's)", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pb, "/ip4/11.9.0.1/udp/4001/quic-v1", 0, false},
+		{"QUIC kept: the peer's QUIC address with its /p2p/ part", []string{aTCP, aQUIC}, []string{bTCP, bQUIC}, pb, bQUIC + "/p2p/12D3KooWMwApsJZTvFSUamaiQQW8KpqSbt2KSpDUCVRrFTLvbTSV", 0, true},
+		{"nothing in common, all kept: the peer's address", []string{aQUIC}, []string{bTCP6}, pb, bTCP6, 0, true},
+		{"nothing in common, all kept: another of the peer's", []string{aQUIC}, []string{bTCP6}, pb, bTCP, 0, false},
 	} {
 		c := &clock{t: time.Unix(1_800_000_000, 0)}
 		fa, fb := c.filter(), c.filter()
@@ -640,7 +645,7 @@ func TestPunchGateOnAHost(t *testing.T) {
 	t.Cleanup(func() { _ = a.Close() })
 	// A punch with b that kept QUIC (as the exchange above leaves it).
 	f.mu.Lock()
-	f.tries[b.ID()] = punchNote{dial: kindQUIC4, dialUntil: time.Now().Add(time.Minute)}
+	f.tries[b.ID()] = punchNote{dial: []string{dialKey(ma.StringCast("/ip4/127.0.0.1/udp/4001/quic-v1"))}, dialUntil: time.Now().Add(time.Minute)}
 	f.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -654,19 +659,35 @@ func TestPunchGateOnAHost(t *testing.T) {
 	if err := a.Connect(ctx, info); err != nil {
 		t.Fatalf("with no punch under way: %v", err)
 	}
-	if inner.asked.Load() == 0 {
+	if len(inner.seen()) == 0 {
 		t.Error("the closed swarm's gater was not asked")
 	}
 }
 
-// countingGater allows all and counts the address dials it is asked about.
-type countingGater struct{ asked atomic.Int64 }
+// countingGater allows all and records the direct addresses of peer of
+// (any peer's, if unset) it is asked to dial.
+type countingGater struct {
+	of    peer.ID
+	mu    sync.Mutex
+	addrs []string
+}
 
 func (g *countingGater) InterceptPeerDial(peer.ID) bool { return true }
-func (g *countingGater) InterceptAddrDial(peer.ID, ma.Multiaddr) bool {
-	g.asked.Add(1)
+func (g *countingGater) InterceptAddrDial(p peer.ID, a ma.Multiaddr) bool {
+	if (g.of == "" || p == g.of) && !relayaddr.IsCircuit(a) {
+		g.mu.Lock()
+		g.addrs = append(g.addrs, a.String())
+		g.mu.Unlock()
+	}
 	return true
 }
+
+func (g *countingGater) seen() []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Clone(g.addrs)
+}
+
 func (g *countingGater) InterceptAccept(network.ConnMultiaddrs) bool { return true }
 func (g *countingGater) InterceptSecured(network.Direction, peer.ID, network.ConnMultiaddrs) bool {
 	return true
@@ -711,4 +732,51 @@ func TestPunchGateFollowsTheTry(t *testing.T) {
 	fa.FilterRemote(pb, maddrs(t, bTCP))
 	check("one try both ways, a", fa, pb, bTCP, true)
 	check("one try both ways, a", fa, pb, bQUIC, true)
+}
+
+// What a stranger's identify lists: libp2p keeps the addresses a peer's
+// identify gives (public ones, over a relay at a public address) and
+// its Connect in a punch dials them all beside the punch's own. On real
+// hosts, b's identify lists two public addresses, one of the punch's
+// kind; a's punch-style
+// Connect within an exchange's window reaches a closed swarm's gater
+// (counted) with the punch's address alone.
+func TestPunchGateStopsIdentifyAddresses(t *testing.T) {
+	// One of the punch's kind, one of another.
+	listed := []ma.Multiaddr{ma.StringCast("/ip4/11.9.250.1/udp/4001/quic-v1"), ma.StringCast("/ip4/11.9.250.2/tcp/4001")}
+	b, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.AddrsFactory(func([]ma.Multiaddr) []ma.Multiaddr { return listed }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	key, _, err := crypto.GenerateEd25519Key(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newPunchFilter()
+	inner := &countingGater{of: b.ID()}
+	a, err := newHost(hostConfig{key: key, listen: []string{"/ip4/127.0.0.1/tcp/0"}, gater: inner, filter: f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	r := relaytest.New(t)
+	relaytest.Reserve(t, b, r)
+	relaytest.Dial(t, a, b, r)
+	for deadline := time.Now().Add(5 * time.Second); len(a.Peerstore().Addrs(b.ID())) < 2; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("a holds %v for b, want what b's identify listed", a.Peerstore().Addrs(b.ID()))
+		}
+	}
+	punch := ma.StringCast("/ip4/11.4.0.1/udp/4001/quic-v1")
+	f.mu.Lock()
+	f.tries[b.ID()] = punchNote{dial: []string{dialKey(punch)}, dialUntil: time.Now().Add(time.Minute)}
+	f.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second) // the gate is asked at once
+	defer cancel()
+	ctx = network.WithSimultaneousConnect(network.WithForceDirectDial(ctx, "hole-punching"), true, "hole-punching")
+	_ = a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: []ma.Multiaddr{punch}}) // nobody at the punch's address
+	if got := inner.seen(); !slices.Equal(got, []string{punch.String()}) {
+		t.Fatalf("the punch dialed %v, want the punch's address alone", got)
+	}
 }

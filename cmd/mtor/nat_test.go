@@ -1352,8 +1352,15 @@ func TestNATHostilePunchConnect(t *testing.T) {
 	for _, r := range []string{"r1", "r2"} {
 		circuits = append(circuits, "/ip4/"+n.ips[r]+"/tcp/"+natListenPort+"/p2p/"+relays[r].value("peer"))
 	}
+	// Its identify lists 20 more public addresses as its own: libp2p's
+	// Connect in a punch dials every address of the peer it holds, which
+	// the punch filter's bound alone would not stop (node's punchGate).
+	var listed []string
+	for i := range 20 {
+		listed = append(listed, fmt.Sprintf("/ip4/11.9.250.%d/tcp/4001", 1+i))
+	}
 	stranger := launchProgram(t, "stranger", "peer", "error", append(n.prefix("worker"), hostileBin,
-		"-join", join, "-behaviour", "fail", "-listen", "/ip4/0.0.0.0/tcp/0",
+		"-join", join, "-behaviour", "fail", "-listen", "/ip4/0.0.0.0/tcp/0", "-identify", strings.Join(listed, ","),
 		"-relay", strings.Join(circuits, ","),
 		"-punch", strings.Join(lan, ",")+";"+strings.Join(append(lan, public...), ",")+";"+strings.Join(floods, ";"))...)
 	stranger.waitReady()
@@ -1410,6 +1417,9 @@ func TestNATHostilePunchConnect(t *testing.T) {
 	}
 	if first == 0 || first > 8 {
 		t.Errorf("the client punched to %d of the 100 public addresses of the second CONNECT, want 1 to 8", first)
+	}
+	if got := slices.DeleteFunc(slices.Clone(pub), func(a string) bool { return !strings.HasPrefix(a, "11.9.250.") }); len(got) != 0 {
+		t.Errorf("the client sent to %d of the 20 addresses the stranger's identify listed, none named in a CONNECT: %v", len(got), got)
 	}
 	// The flood: what is left of the peer's punch budget (the node's 8,
 	// less the second CONNECT's; one more each 10 s the flood took: the

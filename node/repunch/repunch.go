@@ -336,7 +336,7 @@ func (r *Repuncher) Trace(evt *holepunch.Event) {
 		// filter's), and every other address of the peer's it holds
 		// (libp2p's Connect dials them all), of which a public TCP one
 		// shares the punch's four-tuple. The node's punch gate keeps
-		// those to the punch's kind where its filter noted the
+		// those to the punch's own where its filter noted the
 		// exchange; not always, so to be safe a held public TCP
 		// address counts.
 		tcp := slices.ContainsFunc(e.RemoteAddrs, func(a string) bool {

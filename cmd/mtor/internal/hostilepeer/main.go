@@ -53,6 +53,7 @@ func run() error {
 	moves := flag.Bool("moves", false, "announce a new loopback address each time: claim a move it never made")
 	relays := flag.String("relay", "", "comma-separated /p2p/ multiaddrs of relays to reserve on; only the circuits through them are announced")
 	punch := flag.String("punch", "", "semicolon-separated lists of comma-separated multiaddrs: one hole-punch CONNECT of each list on the first circuit dialed to it")
+	identify := flag.String("identify", "", "comma-separated multiaddrs that identify lists as its own, instead of its listen addresses")
 	flag.Parse()
 	b, err := hostiletest.ParseBehaviour(*name)
 	if err != nil {
@@ -68,7 +69,19 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 
-	h, err := libp2p.New(libp2p.ListenAddrStrings(strings.Split(*listen, ",")...))
+	opts := []libp2p.Option{libp2p.ListenAddrStrings(strings.Split(*listen, ",")...)}
+	if *identify != "" {
+		var listed []ma.Multiaddr
+		for _, s := range strings.Split(*identify, ",") {
+			a, err := ma.NewMultiaddr(s)
+			if err != nil {
+				return fmt.Errorf("-identify: %w", err)
+			}
+			listed = append(listed, a)
+		}
+		opts = append(opts, libp2p.AddrsFactory(func([]ma.Multiaddr) []ma.Multiaddr { return listed }))
+	}
+	h, err := libp2p.New(opts...)
 	if err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/client"
 	holepb "github.com/libp2p/go-libp2p/p2p/protocol/holepunch/pb"
+	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/mtor-swarm/mtor/node/punchtest"
@@ -72,6 +73,19 @@ func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error 
 		}
 		once.Do(func() {
 			go func() {
+				// A patient stranger: its identify has reached the node
+				// first (the node asks on each new connection, as this
+				// host does, so once this host's own is done a second
+				// more), so that the node holds the addresses identify
+				// listed when it punches.
+				if ids, ok := h.(interface{ IDService() identify.IDService }); ok {
+					select {
+					case <-ids.IDService().IdentifyWait(c):
+					case <-ctx.Done():
+						return
+					}
+					time.Sleep(time.Second)
+				}
 				for _, m := range msgs {
 					if ctx.Err() != nil {
 						return
