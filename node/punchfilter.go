@@ -77,6 +77,10 @@ type punchFilter struct {
 	mu     sync.Mutex
 	tries  map[peer.ID]punchNote // bounded by maxPunchNotes
 	budget *rate.Limiter         // the punches of all peers
+	// gates: what each punch of the last punchDialWindow dials
+	// (allowsDial), for every peer punched, noted or not; bounded by
+	// maxPunchNotes, which the budget of all peers keeps far off.
+	gates map[peer.ID]punchGateNote
 
 	// conns lists the host's connections to a peer (nil until the host
 	// is up: then no turns).
@@ -122,11 +126,6 @@ type punchNote struct {
 	sent addrKinds // the kinds we sent
 	peer addrKinds // the kinds it sent
 	tcp  bool      // this try is TCP's turn (tcpTurn)
-	// dial is the addresses (dialKey) this try dials, until dialUntil
-	// (allowsDial): at most maxPunchAddrs, twice that for one try both
-	// ways.
-	dial      []string
-	dialUntil time.Time
 	// budget is the peer's punches (nil until its first): kept across
 	// series, dropped with the note once full again (punchForget).
 	budget *rate.Limiter
@@ -169,7 +168,7 @@ const (
 )
 
 func newPunchFilter() *punchFilter {
-	return &punchFilter{now: time.Now, tries: make(map[peer.ID]punchNote),
+	return &punchFilter{now: time.Now, tries: make(map[peer.ID]punchNote), gates: make(map[peer.ID]punchGateNote),
 		budget: rate.NewLimiter(rate.Every(punchAllEvery), punchesAll)}
 }
 
@@ -249,24 +248,56 @@ func (f *punchFilter) FilterRemote(p peer.ID, addrs []ma.Multiaddr) []ma.Multiad
 		if allOK {
 			t.budget.AllowN(now, 1)
 			t.peer = kindsOf(addrs)
-			if !now.Before(t.dialUntil.Add(punchSameTry - punchDialWindow)) {
-				t.dial = nil
-			}
-			// Within punchSameTry, the same try punched the other way
-			// at once: what either exchange kept may be dialed.
-			for _, a := range out {
-				t.dial = append(t.dial, dialKey(a))
-			}
-			t.dialUntil = now.Add(punchDialWindow)
 		}
 		f.tries[p] = t
 	}
+	gated := allOK && f.gate(p, out, now)
 	f.mu.Unlock()
-	if !allOK {
+	switch {
+	case !allOK:
 		log.Debugw("hole punch refused: past the punch budget", "peer", p, "peer's own", !peerOK)
+		return nil
+	case !gated:
+		log.Debugw("hole punch refused: too many punches under way to keep their dials to their addresses", "peer", p)
 		return nil
 	}
 	return out
+}
+
+// punchGateNote is what a peer's punch dials (dialKey), until until: the
+// addresses of its last exchange, at at, and those of the one before it
+// if that was the same try (both ways at once, under punchSameTry
+// apart): at most 2 × maxPunchAddrs.
+type punchGateNote struct {
+	cur, prev []string
+	at, until time.Time
+}
+
+// gate notes that p's punch dials out, and reports whether it could;
+// f.mu is held.
+func (f *punchFilter) gate(p peer.ID, out []ma.Multiaddr, now time.Time) bool {
+	g, had := f.gates[p]
+	if !had && len(f.gates) >= maxPunchNotes {
+		for q, old := range f.gates {
+			if now.After(old.until) {
+				delete(f.gates, q)
+			}
+		}
+		if len(f.gates) >= maxPunchNotes {
+			return false
+		}
+	}
+	g.prev = nil
+	if had && now.Before(g.at.Add(punchSameTry)) {
+		g.prev = g.cur
+	}
+	g.cur = make([]string, 0, len(out))
+	for _, a := range out {
+		g.cur = append(g.cur, dialKey(a))
+	}
+	g.at, g.until = now, now.Add(punchDialWindow)
+	f.gates[p] = g
+	return true
 }
 
 // punchDialWindow is how long after an exchange the peer's dials are
@@ -295,8 +326,12 @@ func (f *punchFilter) allowsDial(p peer.ID, a ma.Multiaddr) bool {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	t, ok := f.tries[p]
-	return !ok || f.now().After(t.dialUntil) || slices.Contains(t.dial, dialKey(a))
+	g, ok := f.gates[p]
+	if !ok || f.now().After(g.until) {
+		return true
+	}
+	k := dialKey(a)
+	return slices.Contains(g.cur, k) || slices.Contains(g.prev, k)
 }
 
 // dialKey is a direct address as the gate compares it: its kind, IP and
@@ -408,15 +443,17 @@ func (f *punchFilter) withTCPGuess(addrs []ma.Multiaddr) []ma.Multiaddr {
 // NAT maps them).
 const maxPunchAddrs = 8
 
-// punchable is the public addresses of addrs, the first maxPunchAddrs of
-// them.
+// punchable is the public IP addresses of addrs of the kinds the filter
+// picks among (kindOf), the first maxPunchAddrs of them.
 func punchable(addrs []ma.Multiaddr) []ma.Multiaddr {
 	out := make([]ma.Multiaddr, 0, min(len(addrs), maxPunchAddrs))
 	for _, a := range addrs {
 		if len(out) == maxPunchAddrs {
 			break
 		}
-		if manet.IsPublicAddr(a) {
+		// An IP literal: a DNS name would be resolved after the
+		// filter, to as many addresses as it lists.
+		if manet.IsPublicAddr(a) && kindOf(a) != 0 {
 			out = append(out, a)
 		}
 	}

@@ -643,9 +643,9 @@ func TestPunchGateOnAHost(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = a.Close() })
-	// A punch with b that kept QUIC (as the exchange above leaves it).
+	// A punch with b that kept a QUIC address alone.
 	f.mu.Lock()
-	f.tries[b.ID()] = punchNote{dial: []string{dialKey(ma.StringCast("/ip4/127.0.0.1/udp/4001/quic-v1"))}, dialUntil: time.Now().Add(time.Minute)}
+	f.gates[b.ID()] = punchGateNote{cur: []string{dialKey(ma.StringCast("/ip4/127.0.0.1/udp/4001/quic-v1"))}, until: time.Now().Add(time.Minute)}
 	f.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -654,7 +654,7 @@ func TestPunchGateOnAHost(t *testing.T) {
 		t.Fatal("a TCP dial within a QUIC punch's window connected")
 	}
 	f.mu.Lock()
-	delete(f.tries, b.ID())
+	delete(f.gates, b.ID())
 	f.mu.Unlock()
 	if err := a.Connect(ctx, info); err != nil {
 		t.Fatalf("with no punch under way: %v", err)
@@ -763,14 +763,18 @@ func TestPunchGateStopsIdentifyAddresses(t *testing.T) {
 	r := relaytest.New(t)
 	relaytest.Reserve(t, b, r)
 	relaytest.Dial(t, a, b, r)
-	for deadline := time.Now().Add(5 * time.Second); len(a.Peerstore().Addrs(b.ID())) < 2; time.Sleep(10 * time.Millisecond) {
+	holds := func() bool {
+		as := a.Peerstore().Addrs(b.ID())
+		return slices.ContainsFunc(as, listed[0].Equal) && slices.ContainsFunc(as, listed[1].Equal)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !holds(); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("a holds %v for b, want what b's identify listed", a.Peerstore().Addrs(b.ID()))
 		}
 	}
 	punch := ma.StringCast("/ip4/11.4.0.1/udp/4001/quic-v1")
 	f.mu.Lock()
-	f.tries[b.ID()] = punchNote{dial: []string{dialKey(punch)}, dialUntil: time.Now().Add(time.Minute)}
+	f.gates[b.ID()] = punchGateNote{cur: []string{dialKey(punch)}, until: time.Now().Add(time.Minute)}
 	f.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second) // the gate is asked at once
 	defer cancel()
@@ -778,5 +782,44 @@ func TestPunchGateStopsIdentifyAddresses(t *testing.T) {
 	_ = a.Connect(ctx, peer.AddrInfo{ID: b.ID(), Addrs: []ma.Multiaddr{punch}}) // nobody at the punch's address
 	if got := inner.seen(); !slices.Equal(got, []string{punch.String()}) {
 		t.Fatalf("the punch dialed %v, want the punch's address alone", got)
+	}
+}
+
+// The gate's notes are bounded: a try's two exchanges both ways let both
+// through, not a chain of them; a peer's note lives punchDialWindow; when
+// the notes are all in use a punch is refused rather than left ungated;
+// a DNS name is no punch address (it would be resolved past the bound).
+func TestPunchGateNotesBounded(t *testing.T) {
+	pb := peer.ID("b")
+	c := &clock{t: time.Unix(1_800_000_000, 0)}
+	f := c.filter()
+	a := maddrs(t, aTCP, aQUIC)
+	// A chain of exchanges under punchSameTry apart, each naming other
+	// addresses: the last two's pass, the first's not.
+	for i := range 3 {
+		f.FilterLocal(pb, a)
+		f.FilterRemote(pb, maddrs(t, fmt.Sprintf("/ip4/11.4.0.%d/udp/4001/quic-v1", 1+i)))
+		c.add(time.Second)
+	}
+	for i, want := range []bool{false, true, true} {
+		if got := f.allowsDial(pb, maddrs(t, fmt.Sprintf("/ip4/11.4.0.%d/udp/4001/quic-v1", 1+i))[0]); got != want {
+			t.Errorf("exchange %d's address allowed %v, want %v", i+1, got, want)
+		}
+	}
+	// Every note in use: a new peer's punch is refused.
+	for i := range maxPunchNotes - 1 {
+		f.gates[peer.ID(fmt.Sprint("p", i))] = punchGateNote{until: c.now().Add(time.Minute)}
+	}
+	f.FilterLocal("new", a)
+	if got := f.FilterRemote("new", maddrs(t, bQUIC)); got != nil {
+		t.Errorf("with every gate note in use, the punch dials %v, want it refused", addrStrings(got))
+	}
+	c.add(time.Minute + time.Second) // the notes' windows over
+	f.FilterLocal("new", a)
+	if got := f.FilterRemote("new", maddrs(t, bQUIC)); len(got) != 1 {
+		t.Errorf("once the notes' windows passed, the punch dials %v, want %s", addrStrings(got), bQUIC)
+	}
+	if got := punchable(maddrs(t, "/dns4/example.com/tcp/4001", bTCP)); len(got) != 1 || got[0].String() != bTCP {
+		t.Errorf("punchable kept %v, want the IP address alone", addrStrings(got))
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -78,14 +79,17 @@ func punchOnCircuits(ctx context.Context, h host.Host, connects []string) error 
 				// host does, so once this host's own is done a second
 				// more), so that the node holds the addresses identify
 				// listed when it punches.
-				if ids, ok := h.(interface{ IDService() identify.IDService }); ok {
-					select {
-					case <-ids.IDService().IdentifyWait(c):
-					case <-ctx.Done():
-						return
-					}
-					time.Sleep(time.Second)
+				ids, ok := h.(interface{ IDService() identify.IDService })
+				if !ok {
+					fmt.Fprintln(os.Stderr, "punch: the host has no identify service to wait for")
+					os.Exit(1)
 				}
+				select {
+				case <-ids.IDService().IdentifyWait(c):
+				case <-ctx.Done():
+					return
+				}
+				time.Sleep(time.Second)
 				for _, m := range msgs {
 					if ctx.Err() != nil {
 						return
