@@ -315,6 +315,13 @@ func waitStreams(t *testing.T, c network.Conn) {
 // closed (libp2p tells it a moment after the close).
 func waitLost(t *testing.T, rp *Repuncher, p peer.ID) {
 	t.Helper()
+	waitDue(t, rp, p, "the direct connection's close was not noted")
+}
+
+// waitDue waits until a try with p is due at rp, and fails with why
+// after 5 s.
+func waitDue(t *testing.T, rp *Repuncher, p peer.ID, why string) {
+	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		rp.mu.Lock()
 		s := rp.peers[p]
@@ -324,7 +331,7 @@ func waitLost(t *testing.T, rp *Repuncher, p peer.ID) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the direct connection's close was not noted")
+			t.Fatal(why)
 		}
 	}
 }
@@ -1061,18 +1068,7 @@ func TestNoTryWhileAFailedPunchIsRemembered(t *testing.T) {
 			}
 			clk.add(tc.since)
 			servePunch(b) // the restarted peer begins to serve: a try at once
-			for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-				rp.mu.Lock()
-				s := rp.peers[b.ID()]
-				due := s != nil && !s.next.IsZero()
-				rp.mu.Unlock()
-				if due {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatal("no try due after the peer began to serve hole punching")
-				}
-			}
+			waitDue(t, rp, b.ID(), "no try due after the peer began to serve hole punching")
 			quiet(t, a, b)
 			n := rp.Sweep(t.Context())
 			if !tc.held {
